@@ -1,0 +1,130 @@
+"""Length-prefixed msgpack frames, sans-IO.
+
+Theory of operation
+-------------------
+A frame is a 4-byte big-endian unsigned length ``n`` followed by ``n`` bytes
+holding exactly one msgpack map.  ``FrameDecoder.feed`` takes whatever bytes
+the transport read; ``next_message`` returns one decoded map or ``None`` when
+the buffer does not hold a whole frame yet.  The length is checked as soon as
+its 4 bytes arrive, so a peer can never make us buffer more than one frame
+cap plus one transport read.  Anything that is not a single well-formed map
+raises ``RemoteProtocolError`` and the decoder refuses further input: after a
+framing error the byte stream is unsynchronized and the connection must close.
+
+Timestamps travel as the msgpack Timestamp extension (type -1) and decode to
+aware UTC ``datetime``; every other extension type is refused.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from .errors import FRAME_TOO_LARGE, PROTOCOL, LocalProtocolError, RemoteProtocolError
+
+__all__ = ["DEFAULT_MAX_FRAME", "FrameDecoder", "FrameEncoder", "decode_body"]
+
+DEFAULT_MAX_FRAME = 1 << 20
+_HEADER = struct.Struct(">I")
+# Nesting limit: msgpack's own stack limit (1024) applies too; this keeps
+# hostile inputs cheap and our handlers' recursion safe.
+_UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of URFA")
+
+
+def decode_body(body: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
+    """Decode one frame body; only ``RemoteProtocolError`` escapes."""
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            timestamp=3,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            max_str_len=max_frame,
+            max_bin_len=max_frame,
+            max_array_len=max_frame,
+            max_map_len=max_frame,
+            max_ext_len=16,
+        )
+    except _UNPACK_ERRORS as exc:
+        raise RemoteProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+    except RecursionError:
+        raise RemoteProtocolError("frame nested too deeply") from None
+    if type(obj) is not dict:
+        raise RemoteProtocolError("frame is not a msgpack map")
+    return obj
+
+
+class FrameDecoder:
+    """Bytes in, maps out.  Raises ``RemoteProtocolError`` on any bad frame."""
+
+    __slots__ = ("max_frame", "_buf", "_pos", "_broken")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (bounded by cap + one read)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        if self._broken:
+            raise RemoteProtocolError("input after a framing error")
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_message(self) -> dict[str, Any] | None:
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < 4:
+            return None
+        (n,) = _HEADER.unpack_from(buf, pos)
+        if n > self.max_frame:
+            self._broken = True
+            raise RemoteProtocolError(f"frame of {n} bytes over the cap of {self.max_frame}", FRAME_TOO_LARGE)
+        end = pos + 4 + n
+        if len(buf) < end:
+            return None
+        self._pos = end
+        with memoryview(buf) as view:
+            body = view[pos + 4 : end]
+            try:
+                return decode_body(body, self.max_frame)
+            except RemoteProtocolError:
+                self._broken = True
+                raise
+            finally:
+                body.release()
+
+
+class FrameEncoder:
+    """Maps out as frame bytes.  Raises ``LocalProtocolError`` if unencodable."""
+
+    __slots__ = ("max_frame", "_packer")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._packer = msgpack.Packer(use_bin_type=True, datetime=True, autoreset=True)
+
+    def encode(self, message: dict[str, Any]) -> bytes:
+        try:
+            body = self._packer.pack(message)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._packer.reset()
+            raise LocalProtocolError(f"cannot encode message: {exc}") from None
+        if len(body) > self.max_frame:
+            raise LocalProtocolError(f"message of {len(body)} bytes over the frame cap {self.max_frame}")
+        return _HEADER.pack(len(body)) + body
+
