@@ -1,0 +1,128 @@
+"""``billcore``: the server and its operations.
+
+    billcore serve [-c FILE]          run the supervisor and every process
+    billcore migrate [-c FILE]        apply pending schema migrations
+    billcore config example|check     print the documented config / check one
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .config import Config, ConfigError, example_config, load_config
+from .log import setup_logging
+
+__all__ = ["main", "with_database"]
+
+CommandFn = Callable[[argparse.Namespace, Config], int]
+COMMANDS: dict[str, CommandFn] = {}
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return args.config or os.environ.get("BILLCORE_CONFIG") or None
+
+
+async def with_database(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work(conn)`` on the configured database, starting the embedded
+    one (or attaching to a running one) when no DSN is set."""
+    import asyncpg
+
+    from .db.embedded import EmbeddedPostgres
+    from .db.pool import DatabaseUnavailable, open_pool
+
+    embedded = None
+    dsn = config.database.dsn
+    if not dsn:
+        embedded = EmbeddedPostgres(config.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    try:
+        try:
+            pool = await open_pool(dsn, config.database, deadline=config.database.connect_timeout)
+        except DatabaseUnavailable as exc:
+            print(f"billcore: {exc}", file=sys.stderr)
+            return 1
+        try:
+            async with pool.acquire() as conn:
+                result: int = await work(conn)
+                return result
+        finally:
+            await pool.close()
+    except asyncpg.PostgresError as exc:
+        print(f"billcore: database error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from .supervisor import serve
+
+    return serve(config)
+
+
+def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    from .db.migrate import MigrationError, migrate
+
+    async def work(conn: Any) -> int:
+        try:
+            applied = await migrate(conn)
+        except MigrationError as exc:
+            print(f"billcore: {exc}", file=sys.stderr)
+            return 1
+        if applied:
+            for m in applied:
+                print(f"applied {m.version:04d}_{m.name}")
+        else:
+            print("database is up to date")
+        return 0
+
+    return asyncio.run(with_database(config, work))
+
+
+def cmd_config(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "example":
+        sys.stdout.write(example_config())
+    else:
+        print(f"{config.source or 'defaults'}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="billcore", description="billcore ISP billing core")
+    parser.add_argument("-c", "--config", help="TOML config file (default: $BILLCORE_CONFIG, else built-in defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run billcore: supervisor, core and enabled edges")
+    sub.add_parser("migrate", help="apply pending schema migrations")
+    p = sub.add_parser("config", help="print the documented example config, or check one")
+    p.add_argument("action", choices=["example", "check"])
+    COMMANDS.update(serve=cmd_serve, migrate=cmd_migrate, config=cmd_config)
+    for extend in _EXTENSIONS:
+        extend(sub, COMMANDS)
+    return parser
+
+
+# Subsystems add their commands here: fn(subparsers, commands) registers
+# parsers and puts the command's function under its name in ``commands``.
+_EXTENSIONS: list[Callable[[Any, dict[str, CommandFn]], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        print(f"billcore: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("cli" if args.command != "serve" else "supervisor", config.core.log_level)
+    return COMMANDS[args.command](args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

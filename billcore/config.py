@@ -1,0 +1,208 @@
+"""Configuration: one TOML file, every key with a default and a one-line doc.
+
+Theory of operation
+-------------------
+Each ``[section]`` of the file is a frozen dataclass below; every field has a
+default and a ``doc`` in its metadata.  ``load_config`` refuses unknown
+sections, unknown keys and wrong types with a ``ConfigError`` that names the
+key (``urfa.port: expected an integer, got 'abc'``), so a typo fails at start
+instead of being silently ignored.  ``example_config()`` renders the
+documented example (docs/billcore.example.toml is generated from it and a
+test keeps the two equal).  No file at all is a valid configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+__all__ = ["Config", "ConfigError", "load_config", "example_config"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSection:
+    data_dir: str = _f("var", "Directory for the embedded database, journals, sockets and state (relative to the working directory).")
+    log_level: str = _f("info", "Log level of every process: debug, info, warning or error.")
+    timezone: str = _f("UTC", "The operator's time zone: day and month boundaries and time ranges are evaluated in it.")
+    secret_key_file: str = _f("", "File holding the 32-byte key that encrypts recoverable secrets at rest (empty: <data_dir>/secret.key, created on first start).")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSection:
+    dsn: str = _f("", "PostgreSQL DSN; empty starts an embedded PostgreSQL in <data_dir>/pg.")
+    pool_min: int = _f(2, "Connections the core keeps open at least.")
+    pool_max: int = _f(10, "Connections the core opens at most.")
+    connect_timeout: float = _f(10.0, "Seconds to wait for one connection attempt.")
+    retry_max_backoff: float = _f(15.0, "Longest pause, in seconds, between attempts while the database is unreachable at start.")
+    command_timeout: float = _f(60.0, "Seconds a single statement may run before it is cancelled.")
+
+
+@dataclass(frozen=True, slots=True)
+class URFASection:
+    host: str = _f("127.0.0.1", "Address the URFA TCP listener binds (0.0.0.0 or :: to face a network).")
+    port: int = _f(11758, "URFA TCP port.")
+    unix_socket: str = _f("", "URFA Unix socket path (empty: <data_dir>/urfa.sock; 'off' disables it).")
+    tls_cert: str = _f("", "PEM certificate of the TCP listener; with tls_key enables TLS.")
+    tls_key: str = _f("", "PEM private key of the TCP listener.")
+    session_timeout: int = _f(1800, "Seconds a session may stay idle before it is deleted.")
+    max_frame: int = _f(1048576, "Largest frame, in bytes, the server accepts; a larger one closes the connection.")
+    max_inflight: int = _f(64, "Calls one connection may have in flight; more get the 'busy' error.")
+    handshake_timeout: float = _f(10.0, "Seconds a new connection has to finish logging in.")
+    login_failures_per_minute: int = _f(10, "Failed logins allowed per source IP and per login each minute.")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    enabled: bool = _f(True, "Serve Prometheus metrics of every process on one HTTP endpoint.")
+    host: str = _f("127.0.0.1", "Address of the metrics endpoint.")
+    port: int = _f(9758, "Port of the metrics endpoint (path /metrics).")
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSection:
+    restart_backoff_initial: float = _f(0.2, "Seconds before the first restart of a child that died.")
+    restart_backoff_max: float = _f(30.0, "Longest pause between restarts of a child that keeps dying.")
+    stable_after: float = _f(30.0, "A child that ran this many seconds counts as healthy again (backoff resets).")
+    stop_timeout: float = _f(8.0, "Seconds children get to flush and exit after SIGTERM before they are killed.")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    core: CoreSection = field(default_factory=CoreSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    urfa: URFASection = field(default_factory=URFASection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    source: str = ""  # the file it was read from ("" = defaults)
+
+    # -- derived paths ----------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.core.data_dir).absolute()
+
+    @property
+    def urfa_socket(self) -> Path | None:
+        if self.urfa.unix_socket == "off":
+            return None
+        return Path(self.urfa.unix_socket) if self.urfa.unix_socket else self.data_dir / "urfa.sock"
+
+
+SECTIONS: dict[str, type] = {
+    name: hint for name, hint in get_type_hints(Config).items() if name != "source"
+}
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_value(key: str, typ: type, value: Any) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {_TYPE_WORDS[int]}, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{key}: expected {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "") -> Config:
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        section_type = SECTIONS.get(name)
+        if section_type is None:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a [{name}] table")
+        hints = get_type_hints(section_type)
+        known = {f.name for f in fields(section_type)}
+        values: dict[str, Any] = {}
+        for key, v in value.items():
+            if key not in known:
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            values[key] = _check_value(f"{name}.{key}", hints[key], v)
+        kwargs[name] = section_type(**values)
+    config = Config(**kwargs, source=source)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value!r}")
+
+    for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port)):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{key}: not a TCP port: {port}")
+    if config.core.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"core.log_level: one of debug, info, warning, error; got {config.core.log_level!r}")
+    if bool(config.urfa.tls_cert) != bool(config.urfa.tls_key):
+        raise ConfigError("urfa.tls_cert and urfa.tls_key go together")
+    positive("urfa.session_timeout", config.urfa.session_timeout)
+    positive("urfa.max_frame", config.urfa.max_frame)
+    positive("urfa.max_inflight", config.urfa.max_inflight)
+    positive("database.pool_max", config.database.pool_max)
+    if config.database.pool_min > config.database.pool_max:
+        raise ConfigError("database.pool_min: larger than database.pool_max")
+    try:
+        import zoneinfo
+
+        zoneinfo.ZoneInfo(config.core.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"core.timezone: unknown time zone {config.core.timezone!r}") from exc
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and check the file; ``None`` means all defaults."""
+    if path is None:
+        return config_from_dict({})
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return config_from_dict(data, source=str(p.absolute()))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def example_config() -> str:
+    """The documented example: every section, key, default and its doc."""
+    lines = [
+        "# billcore configuration. Every key is optional; shown here with its default.",
+        "# Generated from billcore/config.py (billcore config example).",
+    ]
+    for name, section_type in SECTIONS.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        for f in fields(section_type):
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {_toml_value(f.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy with some keys of some sections changed (for tests and the CLI)."""
+    changes = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(config, **changes)

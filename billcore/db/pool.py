@@ -1,0 +1,78 @@
+"""Opening the database: retry with backoff while it is unreachable.
+
+A database that is down when billcore starts is an operational state, not a
+bug: we log one clear line per attempt (where, why, when the next try is)
+and keep trying with exponential backoff, instead of dying with a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from ..config import DatabaseSection
+
+__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable"]
+
+log = logging.getLogger(__name__)
+
+_UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
+                asyncpg.TooManyConnectionsError, asyncpg.InvalidCatalogNameError)
+
+
+class DatabaseUnavailable(Exception):
+    """The database did not answer within the allowed attempts."""
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points, without its password."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or ""
+    if not host and "host=" in parts.query:
+        host = parts.query.split("host=", 1)[1].split("&", 1)[0]
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host or 'localhost'}{port}{parts.path}"
+
+
+async def open_pool(
+    dsn: str,
+    section: DatabaseSection,
+    *,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> asyncpg.Pool:
+    """Create the pool, retrying while the server is unreachable.
+
+    ``deadline`` (seconds) bounds the whole wait; ``None`` waits for ever.
+    """
+    start = clock()
+    delay = 0.25
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=section.pool_min,
+                max_size=section.pool_max,
+                timeout=section.connect_timeout,
+                command_timeout=section.command_timeout,
+            )
+            if attempt > 1:
+                log.info("database reachable again", extra={"db": describe_dsn(dsn), "attempts": attempt})
+            return pool
+        except _UNREACHABLE as exc:
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            if deadline is not None and clock() - start + delay > deadline:
+                raise DatabaseUnavailable(f"database {describe_dsn(dsn)} unreachable: {reason}") from exc
+            log.warning(
+                "database unreachable, retrying",
+                extra={"db": describe_dsn(dsn), "reason": reason, "retry_in": round(delay, 2), "attempt": attempt},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, section.retry_max_backoff)

@@ -1,0 +1,166 @@
+"""The plugin API: the only surface a plugin's code is given.
+
+A plugin package defines ``setup(api)`` (plain or ``async``) and may define
+``teardown()`` (plain or ``async``).  During ``setup`` it declares what it
+adds through the ``PluginAPI`` it receives; nothing takes effect until
+``setup`` returns, and then everything takes effect at once (calls in the
+registry, hooks on the bus, scheduled tasks started).  After that the API is
+sealed: registering more raises.  A plugin imports nothing from the core but
+this module (for ``Refused``, the event names and the types below).
+
+``PLUGIN_API_VERSION`` is the version of this surface; a manifest's ``api``
+must equal the version the core serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from ..calls import ALL_KINDS, CallSpec, Handler
+from .bundle import PluginBundle
+from .db import PluginDB
+from .errors import PluginError, Refused
+from .hooks import (
+    ACCOUNT_BLOCKED,
+    ACCOUNT_CHARGED,
+    ACCOUNT_UNBLOCKED,
+    BATCH_RATED,
+    EVENTS,
+    PAYMENT_ADDED,
+    PERIOD_CLOSED,
+    SESSION_STARTED,
+    SESSION_STOPPED,
+    HookHandler,
+)
+from .manifest import Manifest
+
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "PluginAPI",
+    "BillingFacade",
+    "Refused",
+    "ScheduledTask",
+    "PAYMENT_ADDED", "ACCOUNT_CHARGED", "BATCH_RATED", "ACCOUNT_BLOCKED",
+    "ACCOUNT_UNBLOCKED", "PERIOD_CLOSED", "SESSION_STARTED", "SESSION_STOPPED", "EVENTS",
+]
+
+PLUGIN_API_VERSION = 1
+MIN_INTERVAL = 0.01
+
+
+class BillingFacade(Protocol):
+    """What the core offers plugins for money (``api.billing``; may be None).
+
+    ``add_payment`` credits ``amount`` micro-units and is idempotent per
+    ``external_id``: calling it again with the same id books nothing new and
+    returns the first payment's id.
+    """
+
+    async def add_payment(self, account_id: int, amount: int, external_id: str,
+                          method: str, comment: str) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledTask:
+    interval: float
+    fn: Callable[[], Awaitable[None]]
+    name: str
+
+
+class PluginAPI:
+    """Handed to ``setup(api)``; see docs/plugins.md for the author's view."""
+
+    __slots__ = ("name", "version", "config", "db", "billing", "log",
+                 "_manifest", "_bundle", "_calls", "_hooks", "_tasks", "_sealed")
+
+    def __init__(self, manifest: Manifest, bundle: PluginBundle, config: Mapping[str, Any],
+                 db: PluginDB | None, billing: BillingFacade | None, log: logging.Logger) -> None:
+        self.name = manifest.name
+        self.version = manifest.version
+        self.config: Mapping[str, Any] = MappingProxyType(dict(config))
+        self.db = db
+        self.billing = billing
+        self.log = log
+        self._manifest = manifest
+        self._bundle = bundle
+        self._calls: list[CallSpec] = []
+        self._hooks: list[tuple[str, HookHandler]] = []
+        self._tasks: list[ScheduledTask] = []
+        self._sealed = False
+
+    def _check_open(self) -> None:
+        if self._sealed:
+            raise PluginError(f"{self.name}: register calls, hooks and tasks during setup() only")
+
+    def register_call(self, name: str, handler: Handler, *, args: Mapping[str, str] | None = None,
+                      right: str | None = None, kinds: frozenset[str] = ALL_KINDS,
+                      doc: str | None = None, result: str = "any", streaming: bool = False) -> None:
+        """Add a URFA function ``name`` (declared in the manifest's ``calls``).
+
+        ``handler`` is ``async def handler(ctx, **args)``; ``args`` maps each
+        argument to a schema type word (``int``, ``money``, ``str``, …, a
+        trailing ``?`` for optional); ``right`` is what a session must hold.
+        """
+        self._check_open()
+        if name not in self._manifest.calls:
+            raise PluginError(f"{self.name}: call {name!r} is not declared in plugin.toml")
+        if any(c.name == name for c in self._calls):
+            raise PluginError(f"{self.name}: call {name!r} registered twice")
+        if not inspect.iscoroutinefunction(handler):
+            raise PluginError(f"{self.name}: handler of {name} must be an async function")
+        if not kinds or not kinds <= ALL_KINDS:
+            raise PluginError(f"{self.name}: kinds of {name} must be a subset of {sorted(ALL_KINDS)}")
+        self._calls.append(CallSpec(
+            name=name, handler=handler, right=right, kinds=frozenset(kinds), module=self.name,
+            args=MappingProxyType(dict(args or {})), result=result,
+            doc=doc if doc is not None else inspect.getdoc(handler) or "", streaming=streaming))
+
+    def on(self, event: str, handler: HookHandler) -> None:
+        """Call ``await handler(payload)`` after the core commits ``event``."""
+        self._check_open()
+        if event not in EVENTS:
+            raise PluginError(f"{self.name}: unknown event {event!r}")
+        if event not in self._manifest.hooks:
+            raise PluginError(f"{self.name}: hook {event!r} is not declared in plugin.toml")
+        if not inspect.iscoroutinefunction(handler):
+            raise PluginError(f"{self.name}: hook for {event} must be an async function")
+        self._hooks.append((event, handler))
+
+    def schedule(self, interval_seconds: float, coro_fn: Callable[[], Awaitable[None]], *,
+                 name: str | None = None) -> None:
+        """Run ``await coro_fn()`` every ``interval_seconds`` until the plugin is unloaded.
+
+        A run that raises is logged; the next run still happens.
+        """
+        self._check_open()
+        if not interval_seconds >= MIN_INTERVAL:
+            raise PluginError(f"{self.name}: interval must be at least {MIN_INTERVAL}s")
+        if not callable(coro_fn):
+            raise PluginError(f"{self.name}: scheduled task is not callable")
+        self._tasks.append(ScheduledTask(float(interval_seconds), coro_fn,
+                                         name or getattr(coro_fn, "__name__", "task")))
+
+    def resource(self, path: str) -> bytes:
+        """A data file shipped in the plugin (verified bytes, e.g. ``"templates/mail.txt"``)."""
+        try:
+            return self._bundle.files[path]
+        except KeyError:
+            raise PluginError(f"{self.name}: no file {path!r} in the plugin") from None
+
+
+async def run_every(task: ScheduledTask, log: logging.Logger) -> None:
+    """The body of a scheduled task: sleep, run, log failures, repeat."""
+    while True:
+        await asyncio.sleep(task.interval)
+        try:
+            await task.fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a failing run must not end the schedule
+            log.exception("scheduled task failed", extra={"task": task.name})

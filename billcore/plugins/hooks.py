@@ -1,0 +1,133 @@
+"""Event hooks: the core fires events, plugins' handlers react.
+
+Theory of operation
+-------------------
+The core calls ``await bus.fire(EVENT, payload)`` after it has *committed*
+the change the event describes (a payment, a block, a rated batch, …), so a
+hook never sees a change that is later rolled back, and a hook can never
+undo or delay the core's commit.
+
+Handlers run one after another in subscription order, each under a timeout.
+A handler that raises or times out is logged with its owner and counted; the
+remaining handlers still run and ``fire`` never raises because of a handler.
+Each handler gets a read-only view of the payload, so one plugin cannot
+change what the next one sees.  A handler unsubscribed while an event is
+being delivered (its plugin was torn down) is skipped.
+
+Payload shapes (all money in integer micro-units) are the contract with
+plugin authors and are documented in docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import PluginError
+
+__all__ = [
+    "PAYMENT_ADDED",
+    "ACCOUNT_CHARGED",
+    "BATCH_RATED",
+    "ACCOUNT_BLOCKED",
+    "ACCOUNT_UNBLOCKED",
+    "PERIOD_CLOSED",
+    "SESSION_STARTED",
+    "SESSION_STOPPED",
+    "EVENTS",
+    "HookBus",
+    "HookHandler",
+    "FireResult",
+]
+
+PAYMENT_ADDED = "payment.added"
+"""{account_id, amount, balance, external_id, method}"""
+ACCOUNT_CHARGED = "account.charged"
+"""{account_id, amount, balance, reason} — one charge (periodic, one-off)."""
+BATCH_RATED = "batch.rated"
+"""{batch_id, charges: [{account_id, amount, balance}, …]} — traffic rated."""
+ACCOUNT_BLOCKED = "account.blocked"
+"""{account_id, balance, reason}"""
+ACCOUNT_UNBLOCKED = "account.unblocked"
+"""{account_id, balance}"""
+PERIOD_CLOSED = "period.closed"
+"""{period_start, period_end} — unix seconds; periodic charges are booked."""
+SESSION_STARTED = "session.started"
+"""{account_id, session_id, ip} — a subscriber's network session began."""
+SESSION_STOPPED = "session.stopped"
+"""{account_id, session_id, ip, bytes_in, bytes_out}"""
+
+EVENTS: frozenset[str] = frozenset({
+    PAYMENT_ADDED, ACCOUNT_CHARGED, BATCH_RATED, ACCOUNT_BLOCKED,
+    ACCOUNT_UNBLOCKED, PERIOD_CLOSED, SESSION_STARTED, SESSION_STOPPED,
+})
+
+HookHandler = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FireResult:
+    """What happened to one event: how many handlers ran, which owners failed."""
+
+    event: str
+    delivered: int
+    failed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Subscription:
+    event: str
+    handler: HookHandler
+    owner: str
+
+
+@dataclass(slots=True)
+class HookBus:
+    """Event name → handlers, fired by the core."""
+
+    timeout: float = 5.0
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("billcore.plugins.hooks"))
+    _subs: dict[str, list[_Subscription]] = field(default_factory=dict)
+
+    def subscribe(self, event: str, handler: HookHandler, owner: str) -> None:
+        if event not in EVENTS:
+            raise PluginError(f"unknown event {event!r}; known: {', '.join(sorted(EVENTS))}")
+        if not callable(handler):
+            raise PluginError(f"hook for {event} is not callable")
+        self._subs.setdefault(event, []).append(_Subscription(event, handler, owner))
+
+    def unsubscribe_owner(self, owner: str) -> int:
+        """Remove every handler of ``owner``; return how many were removed."""
+        removed = 0
+        for event, subs in list(self._subs.items()):
+            kept = [s for s in subs if s.owner != owner]
+            removed += len(subs) - len(kept)
+            self._subs[event] = kept
+        return removed
+
+    def owners(self, event: str) -> list[str]:
+        return [s.owner for s in self._subs.get(event, ())]
+
+    async def fire(self, event: str, payload: Mapping[str, Any]) -> FireResult:
+        if event not in EVENTS:
+            raise PluginError(f"unknown event {event!r}")
+        view = MappingProxyType(dict(payload))
+        delivered = 0
+        failed: list[str] = []
+        for sub in tuple(self._subs.get(event, ())):
+            if sub not in self._subs.get(event, ()):
+                continue  # unsubscribed while this event was being delivered
+            delivered += 1
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await sub.handler(view)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - containing plugin failures is this bus's job
+                failed.append(sub.owner)
+                self.log.exception("hook failed", extra={"event": event, "plugin": sub.owner})
+        return FireResult(event, delivered, tuple(failed))

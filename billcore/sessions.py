@@ -1,0 +1,240 @@
+"""URFA sessions and the login rate limiter, pure (``now`` is passed in).
+
+Theory of operation
+-------------------
+A session is created by a successful login.  It has a 128-bit random SID,
+the principal that logged in, the client address it is bound to, and the
+call table snapshot taken at login.  Every use *touches* it; a session idle
+for ``timeout`` seconds is removed by ``expire(now)``.  Removing a session
+closes its call table, so unloaded modules can be torn down.
+
+The table is an ordered dict kept in last-touched order, so ``expire``
+looks only at the sessions it removes plus one.
+
+Only ``system`` sessions keep a *resume key* (derived during login, see
+``urfa.scram.resume_key``) and may be resumed from a new connection, from
+the same address, by proving knowledge of it over a fresh server nonce.
+Any failed resume deletes the SID: a guessed or stolen SID is good for one
+try at most.
+
+``proxied`` sessions are subscriber sessions that a system session (the web
+office) opened on the subscriber's behalf; they are bound to the
+subscriber's declared address and belong to no connection.
+
+``LoginLimiter`` counts failed logins per key (source address, login) in a
+sliding window; both the number of keys and the failures kept per key are
+bounded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from billcore.calls import CallTable
+from urfa.scram import Verifier, resume_proof
+
+__all__ = [
+    "Principal", "Session", "SessionTable", "SessionError", "NoSession",
+    "ResumeRefused", "TooManySessions", "LoginLimiter", "address_key",
+]
+
+SID_BYTES = 16
+
+
+class SessionError(Exception):
+    """Root of the session table's errors."""
+
+
+class NoSession(SessionError):
+    """Unknown or expired SID, or used from another address."""
+
+
+class ResumeRefused(SessionError):
+    """A resume attempt failed; the SID (if it existed) has been deleted."""
+
+
+class TooManySessions(SessionError):
+    """The table is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who logged in: what the auth backend returns for a (kind, login)."""
+
+    kind: str
+    login: str
+    id: int
+    rights: frozenset[str]
+    verifier: Verifier
+
+
+class Session:
+    """One logged-in session.  Mutable: ``last_seen`` moves, topics change."""
+
+    __slots__ = (
+        "sid", "principal", "ip", "table", "created", "last_seen",
+        "resume_key", "proxied", "topics", "owner",
+    )
+
+    def __init__(
+        self, sid: bytes, principal: Principal, ip: str, table: CallTable, now: float,
+        resume_key: bytes | None, proxied: bool,
+    ) -> None:
+        self.sid = sid
+        self.principal = principal
+        self.ip = ip
+        self.table = table
+        self.created = now
+        self.last_seen = now
+        self.resume_key = resume_key
+        self.proxied = proxied
+        self.topics: set[str] = set()
+        self.owner: Any = None   # the transport-side object serving it, if any
+
+    @property
+    def kind(self) -> str:
+        return self.principal.kind
+
+    def __repr__(self) -> str:
+        return f"<Session {self.sid.hex()[:8]} {self.kind}:{self.principal.login} @{self.ip}>"
+
+
+class SessionTable:
+    """SID → Session, with idle expiry and resume."""
+
+    def __init__(self, timeout: float = 1800.0, max_sessions: int = 100_000) -> None:
+        self.timeout = timeout
+        self.max_sessions = max_sessions
+        self._by_sid: OrderedDict[bytes, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_sid)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._by_sid.values()))
+
+    def create(
+        self, principal: Principal, ip: str, table: CallTable, now: float, *,
+        resume_key: bytes | None = None, proxied: bool = False,
+    ) -> Session:
+        if len(self._by_sid) >= self.max_sessions:
+            self.expire(now)
+            if len(self._by_sid) >= self.max_sessions:
+                table.close()
+                raise TooManySessions(f"{self.max_sessions} sessions open")
+        if resume_key is not None and principal.kind != "system":
+            raise ValueError("only system sessions may be resumed")
+        sid = secrets.token_bytes(SID_BYTES)
+        session = Session(sid, principal, ip, table, now, resume_key, proxied)
+        self._by_sid[sid] = session
+        return session
+
+    def get(self, sid: bytes) -> Session | None:
+        return self._by_sid.get(sid)
+
+    def touch(self, session: Session, now: float) -> None:
+        session.last_seen = now
+        self._by_sid.move_to_end(session.sid)
+
+    def lookup(self, sid: bytes, ip: str, now: float) -> Session:
+        """The live session ``sid`` used from ``ip``, touched; else ``NoSession``."""
+        session = self._by_sid.get(sid)
+        if session is None or now - session.last_seen >= self.timeout:
+            if session is not None:
+                self.end(sid)
+            raise NoSession("unknown or expired session")
+        if session.ip != ip:
+            raise NoSession("session used from another address")
+        self.touch(session, now)
+        return session
+
+    def end(self, sid: bytes) -> Session | None:
+        """Remove a session and close its call table (idempotent)."""
+        session = self._by_sid.pop(sid, None)
+        if session is not None:
+            session.table.close()
+        return session
+
+    def expire(self, now: float) -> list[Session]:
+        """Remove every session idle for ``timeout`` or longer."""
+        gone = []
+        while self._by_sid:
+            sid, session = next(iter(self._by_sid.items()))
+            if now - session.last_seen < self.timeout:
+                break
+            self.end(sid)
+            gone.append(session)
+        return gone
+
+    def resume(self, sid: bytes, ip: str, snonce: bytes, cnonce: bytes, proof: bytes, now: float) -> Session:
+        """Check a resume proof; on any failure delete the SID and raise."""
+        session = self._by_sid.get(sid)
+        if session is None:
+            raise ResumeRefused("unknown session")
+        expected = (
+            resume_proof(session.resume_key, snonce, cnonce, sid) if session.resume_key is not None
+            else secrets.token_bytes(32)
+        )
+        ok = hmac.compare_digest(expected, proof)
+        reason = (
+            "expired" if now - session.last_seen >= self.timeout
+            else "not resumable" if session.resume_key is None or session.proxied
+            else "another address" if session.ip != ip
+            else "" if ok else "bad proof"
+        )
+        if reason:
+            self.end(sid)
+            raise ResumeRefused(reason)
+        self.touch(session, now)
+        return session
+
+
+def address_key(ip: str) -> str:
+    """The unit rate limits count by: an IPv4 address or an IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip[:64]
+    if addr.version == 6 and addr.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr.ipv4_mapped or addr) if addr.version == 6 else str(addr)
+
+
+class LoginLimiter:
+    """At most ``max_failures`` failed logins per key per ``window`` seconds."""
+
+    def __init__(self, max_failures: int = 5, window: float = 300.0, max_keys: int = 100_000) -> None:
+        if max_failures < 1:
+            raise ValueError("max_failures must be positive")
+        self.max_failures = max_failures
+        self.window = window
+        self.max_keys = max_keys
+        self._fails: OrderedDict[Hashable, deque[float]] = OrderedDict()
+
+    def blocked(self, keys: Iterable[Hashable], now: float) -> bool:
+        for key in keys:
+            times = self._fails.get(key)
+            if times is not None and len(times) >= self.max_failures and now - times[0] < self.window:
+                return True
+        return False
+
+    def record_failure(self, keys: Iterable[Hashable], now: float) -> None:
+        for key in keys:
+            times = self._fails.get(key)
+            if times is None:
+                times = self._fails[key] = deque(maxlen=self.max_failures)
+                while len(self._fails) > self.max_keys:
+                    self._fails.popitem(last=False)
+            else:
+                self._fails.move_to_end(key)
+            times.append(now)
+
+    def record_success(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self._fails.pop(key, None)

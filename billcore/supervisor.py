@@ -1,0 +1,186 @@
+"""The supervisor: the composition root of ``billcore serve``.
+
+Theory of operation
+-------------------
+It reads the config, starts the embedded PostgreSQL when no DSN is given,
+and spawns each child (the core, and the edges as they are enabled) as its
+own OS process: ``python -m billcore.proc ROLE``.  A child that dies is
+logged and restarted after a backoff that doubles while it keeps dying and
+resets once it has run ``stable_after`` seconds.  SIGTERM or SIGINT sends
+SIGTERM to every child, gives them ``stop_timeout`` seconds to flush and
+exit, kills what is left, stops the embedded database and returns 0.
+
+Children get ``PR_SET_PDEATHSIG`` so that a supervisor killed with SIGKILL
+does not leave orphans holding the ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .db.embedded import EmbeddedPostgres
+from .proc import ENV_CONFIG, ENV_DSN, ENV_INDEX
+
+__all__ = ["Supervisor", "ChildSpec", "prepare_metrics_dir", "children_for"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_metrics_dir(data_dir: Path) -> Path:
+    """Empty the multiprocess metrics directory and point every process at it
+    (before prometheus_client is imported anywhere)."""
+    path = data_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    role: str
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}[{self.index}]" if self.index else self.role
+
+
+def children_for(config: Config) -> list[ChildSpec]:
+    return [ChildSpec("core")]
+
+
+def _set_pdeathsig() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Child:
+    def __init__(self, spec: ChildSpec, initial_backoff: float) -> None:
+        self.spec = spec
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.backoff = initial_backoff
+        self.restarts = 0
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.section = config.supervisor
+        self._stopping = asyncio.Event()
+        self._children: list[_Child] = []
+        self._embedded: EmbeddedPostgres | None = None
+        self.dsn = config.database.dsn
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_metrics_dir(data_dir)
+        from . import metrics  # after PROMETHEUS_MULTIPROC_DIR is set
+
+        self._metrics = metrics
+        if not self.dsn:
+            self._embedded = EmbeddedPostgres(data_dir)
+            try:
+                self.dsn = await asyncio.to_thread(self._embedded.start)
+            except Exception as exc:  # pgserver raises plain exceptions
+                log.error("embedded postgresql failed to start", extra={"reason": str(exc)})
+                return 1
+        try:
+            self._children = [_Child(s, self.section.restart_backoff_initial) for s in children_for(self.config)]
+            watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
+            log.info("supervisor started", extra={"children": ",".join(c.spec.name for c in self._children)})
+            await self._stopping.wait()
+            log.info("stopping children")
+            await self._stop_children()
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        finally:
+            if self._embedded is not None:
+                await asyncio.to_thread(self._embedded.stop)
+        log.info("supervisor stopped")
+        return 0
+
+    def _env(self, spec: ChildSpec) -> dict[str, str]:
+        env = dict(os.environ)
+        env[ENV_CONFIG] = self.config.source
+        env[ENV_DSN] = self.dsn
+        env[ENV_INDEX] = str(spec.index)
+        return env
+
+    async def _spawn(self, child: _Child) -> None:
+        child.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "billcore.proc", child.spec.role,
+            env=self._env(child.spec),
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_set_pdeathsig,
+        )
+        child.started_at = time.monotonic()
+        log.info("child started", extra={"child": child.spec.name, "child_pid": child.proc.pid})
+
+    async def _watch(self, child: _Child) -> None:
+        while not self._stopping.is_set():
+            await self._spawn(child)
+            assert child.proc is not None
+            code = await child.proc.wait()
+            self._metrics.mark_dead(child.proc.pid)
+            if self._stopping.is_set():
+                return
+            ran = time.monotonic() - child.started_at
+            if ran >= self.section.stable_after:
+                child.backoff = self.section.restart_backoff_initial
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log.warning(
+                "child died, restarting",
+                extra={"child": child.spec.name, "child_pid": child.proc.pid, "how": how,
+                       "ran_s": round(ran, 1), "restart_in": child.backoff},
+            )
+            child.restarts += 1
+            self._metrics.RESTARTS.labels(child.spec.role).inc()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=child.backoff)
+            child.backoff = min(child.backoff * 2, self.section.restart_backoff_max)
+
+    async def _stop_children(self) -> None:
+        live = [c.proc for c in self._children if c.proc is not None and c.proc.returncode is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        if not live:
+            return
+        _, pending = await asyncio.wait(
+            [asyncio.create_task(p.wait()) for p in live], timeout=self.section.stop_timeout
+        )
+        for proc in live:
+            if proc.returncode is None:
+                log.warning("child did not stop in time, killing", extra={"child_pid": proc.pid})
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+
+
+def serve(config: Config) -> int:
+    import uvloop
+
+    return uvloop.run(Supervisor(config).run())

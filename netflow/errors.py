@@ -1,0 +1,49 @@
+"""Errors of the NetFlow subsystem.
+
+Every failure that the netflow package raises is a `NetflowError`. Decoders of
+outside bytes raise only `DecodeError` (the exporter sent something we cannot
+read) or its subclasses; the batch decoders never raise for bad input at all,
+they count it. `JournalError` covers the on-disk packet journal, and
+`ClassifierError` a snapshot that breaks the classifier's invariants (which is
+our own side's mistake, not the exporter's).
+"""
+
+from __future__ import annotations
+
+
+class NetflowError(Exception):
+    """Root of every error raised by the netflow package."""
+
+
+class DecodeError(NetflowError):
+    """An exporter sent bytes that are not a valid v5/v9/IPFIX message."""
+
+
+class UnsupportedVersion(DecodeError):
+    """The version field names a format we do not decode."""
+
+
+class TemplateError(DecodeError):
+    """A template or options template record is malformed or over a limit."""
+
+
+class MissingTemplate(DecodeError):
+    """Data arrived for a template we have not (or no longer) learned."""
+
+    def __init__(self, exporter: str, domain: int, template_id: int) -> None:
+        super().__init__(f"no template {template_id} for {exporter} domain {domain}")
+        self.exporter = exporter
+        self.domain = domain
+        self.template_id = template_id
+
+
+class JournalError(NetflowError):
+    """The packet journal cannot be written or read as promised."""
+
+
+class JournalCorrupt(JournalError):
+    """A record that is not the torn tail of the last segment fails its CRC."""
+
+
+class ClassifierError(NetflowError):
+    """A classifier snapshot violates its invariants (e.g. overlapping bindings)."""

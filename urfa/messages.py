@@ -1,0 +1,268 @@
+"""URFA messages: one frozen dataclass per wire message type.
+
+Theory of operation
+-------------------
+Every frame holds one msgpack map whose key ``"t"`` names the message type;
+the other keys are that type's fields (short names, listed in
+docs/protocol.md §4).  ``parse`` turns a decoded map into a message after
+checking each field's type and bounds, ignoring keys it does not know, and
+raises ``RemoteProtocolError`` for anything else.  ``to_wire`` is the
+inverse.  Byte fields (nonces, proofs, SIDs) have fixed sizes; strings and
+call ids are bounded so nothing a peer sends can grow without limit here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RemoteProtocolError
+
+__all__ = [
+    "PROTO_VERSIONS", "Message", "Hello", "Login", "Challenge", "Proof", "Resume",
+    "Welcome", "Call", "Cancel", "Ping", "Pong", "Result", "Chunk", "Error",
+    "Event", "Bye", "parse", "to_wire", "MAX_CALL_ID",
+]
+
+PROTO_VERSIONS: tuple[int, ...] = (1,)
+MAX_CALL_ID = (1 << 63) - 1
+MAX_NAME = 256        # logins, kinds, function names, topics, codes
+MAX_TEXT = 4096       # human messages
+_SID = 16
+_NONCE = 16
+_MAC = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    nonce: bytes
+    proto: tuple[int, ...] = PROTO_VERSIONS
+    server: str = "billcore"
+    max_frame: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    kind: str
+    login: str
+    cnonce: bytes
+    proto: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    salt: bytes
+    iterations: int
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    sid: bytes
+    cnonce: bytes
+    proof: bytes
+    proto: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    sid: bytes
+    signature: bytes
+    kind: str
+    login: str
+    timeout: int
+    proto: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    id: int
+    fn: str
+    args: dict[str, Any] = field(default_factory=dict)
+    as_sid: bytes | None = None
+    as_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    id: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    id: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A call ended with an error; the connection stays open."""
+
+    id: int
+    code: str
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    topic: str
+    payload: Any
+    dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """The sender closes the connection, saying why."""
+
+    code: str
+    message: str = ""
+
+
+Message = (
+    Hello | Login | Challenge | Proof | Resume | Welcome | Call | Cancel | Ping
+    | Pong | Result | Chunk | Error | Event | Bye
+)
+
+
+# -- field checkers -----------------------------------------------------
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"bad or missing field {what}")
+
+
+def _str(m: dict[str, Any], key: str, limit: int = MAX_NAME, optional: bool = False) -> Any:
+    v = m.get(key)
+    if v is None and optional:
+        return None
+    if type(v) is not str or len(v) > limit:
+        raise _bad(key)
+    return v
+
+
+def _bin(m: dict[str, Any], key: str, size: int, optional: bool = False) -> Any:
+    v = m.get(key)
+    if v is None and optional:
+        return None
+    if type(v) is not bytes or len(v) != size:
+        raise _bad(key)
+    return v
+
+
+def _int(m: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_CALL_ID, default: int | None = None) -> int:
+    v = m.get(key, default)
+    if type(v) is not int or not lo <= v <= hi:
+        raise _bad(key)
+    return v
+
+
+def _parse_call(m: dict[str, Any]) -> Call:
+    args = m.get("args", {})
+    if type(args) is not dict:
+        raise _bad("args")
+    return Call(_int(m, "id"), _str(m, "fn"), args, _bin(m, "as", _SID, True), _str(m, "ip", 64, True))
+
+
+def _parse_hello(m: dict[str, Any]) -> Hello:
+    proto = m.get("proto")
+    if type(proto) is not list or not 0 < len(proto) <= 16 or any(type(p) is not int for p in proto):
+        raise _bad("proto")
+    return Hello(_bin(m, "nonce", _NONCE), tuple(proto), _str(m, "server"), _int(m, "max_frame", 1024, 1 << 31))
+
+
+def _parse_challenge(m: dict[str, Any]) -> Challenge:
+    salt = m.get("salt")
+    if type(salt) is not bytes or not 8 <= len(salt) <= 64:
+        raise _bad("salt")
+    return Challenge(salt, _int(m, "iter", 1, 1 << 31))
+
+
+_PARSERS: dict[str, Any] = {
+    "call": _parse_call,
+    "result": lambda m: Result(_int(m, "id"), m.get("value")),
+    "error": lambda m: Error(_int(m, "id"), _str(m, "code"), _str(m, "msg", MAX_TEXT, True) or ""),
+    "chunk": lambda m: Chunk(_int(m, "id"), m.get("data")),
+    "cancel": lambda m: Cancel(_int(m, "id")),
+    "ping": lambda m: Ping(_int(m, "id")),
+    "pong": lambda m: Pong(_int(m, "id")),
+    "event": lambda m: Event(_str(m, "topic"), m.get("payload"), _int(m, "dropped", default=0)),
+    "hello": _parse_hello,
+    "login": lambda m: Login(_str(m, "kind"), _str(m, "login"), _bin(m, "cnonce", _NONCE), _int(m, "proto", 0, 1 << 16)),
+    "challenge": _parse_challenge,
+    "proof": lambda m: Proof(_bin(m, "proof", _MAC)),
+    "resume": lambda m: Resume(_bin(m, "sid", _SID), _bin(m, "cnonce", _NONCE), _bin(m, "proof", _MAC), _int(m, "proto", 0, 1 << 16)),
+    "welcome": lambda m: Welcome(
+        _bin(m, "sid", _SID), _bin(m, "sig", _MAC), _str(m, "kind"), _str(m, "login"),
+        _int(m, "timeout"), _int(m, "proto", 0, 1 << 16),
+    ),
+    "bye": lambda m: Bye(_str(m, "code"), _str(m, "msg", MAX_TEXT, True) or ""),
+}
+
+
+def parse(m: dict[str, Any]) -> Message:
+    """A decoded frame map → a message; ``RemoteProtocolError`` if malformed."""
+    parser = _PARSERS.get(m.get("t"))  # type: ignore[arg-type]
+    if parser is None:
+        raise RemoteProtocolError(f"unknown message type {str(m.get('t'))[:40]!r}")
+    return parser(m)  # type: ignore[no-any-return]
+
+
+def to_wire(msg: Message) -> dict[str, Any]:
+    """A message → the map that goes in a frame."""
+    match msg:
+        case Result(id, value):
+            return {"t": "result", "id": id, "value": value}
+        case Call(id, fn, args, as_sid, as_ip):
+            m: dict[str, Any] = {"t": "call", "id": id, "fn": fn, "args": args}
+            if as_sid is not None:
+                m["as"] = as_sid
+                m["ip"] = as_ip
+            return m
+        case Error(id, code, message):
+            return {"t": "error", "id": id, "code": code, "msg": message}
+        case Chunk(id, data):
+            return {"t": "chunk", "id": id, "data": data}
+        case Event(topic, payload, dropped):
+            return {"t": "event", "topic": topic, "payload": payload, "dropped": dropped}
+        case Cancel(id):
+            return {"t": "cancel", "id": id}
+        case Ping(id):
+            return {"t": "ping", "id": id}
+        case Pong(id):
+            return {"t": "pong", "id": id}
+        case Hello(nonce, proto, server, max_frame):
+            return {"t": "hello", "proto": list(proto), "nonce": nonce, "server": server, "max_frame": max_frame}
+        case Login(kind, login, cnonce, proto):
+            return {"t": "login", "proto": proto, "kind": kind, "login": login, "cnonce": cnonce}
+        case Challenge(salt, iterations):
+            return {"t": "challenge", "salt": salt, "iter": iterations}
+        case Proof(proof):
+            return {"t": "proof", "proof": proof}
+        case Resume(sid, cnonce, proof, proto):
+            return {"t": "resume", "proto": proto, "sid": sid, "cnonce": cnonce, "proof": proof}
+        case Welcome(sid, signature, kind, login, timeout, proto):
+            return {
+                "t": "welcome", "proto": proto, "sid": sid, "sig": signature,
+                "kind": kind, "login": login, "timeout": timeout,
+            }
+        case Bye(code, message):
+            return {"t": "bye", "code": code, "msg": message}
+    raise TypeError(f"not a URFA message: {msg!r}")
