@@ -1,0 +1,43 @@
+"""What the core's call modules get: the shared parts, passed explicitly.
+
+Every built-in call module exposes ``calls(core: CoreContext) ->
+list[CallSpec]``; the core builds one ``CoreContext`` at start and registers
+each module's calls.  Handlers reach the database, publish events and fire
+plugin hooks only through it, so a test can build one around a real test
+database without starting the whole core.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from .config import Config
+
+__all__ = ["CoreContext", "utcnow"]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+async def _no_hook(event: str, payload: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class CoreContext:
+    pool: asyncpg.Pool
+    config: Config
+    # publish(topic, payload): push an event to subscribed URFA sessions
+    publish: Callable[[str, dict[str, Any]], None] = lambda topic, payload: None
+    # fire(event, payload): run plugin hooks; a failing hook never raises here
+    fire: Callable[[str, dict[str, Any]], Awaitable[None]] = _no_hook
+    # the clock; tests move it
+    now: Callable[[], dt.datetime] = utcnow
+    # anything a later subsystem hangs on the core (radius NAS cache, …)
+    extras: dict[str, Any] = field(default_factory=dict)
