@@ -1,0 +1,517 @@
+"""Rating: traffic and session time in, ledger entries and new counters out.
+
+Theory of operation
+-------------------
+Usage is charged on *cumulative counters*, one per ``CounterKey`` =
+(account, service, traffic class, time range, accounting-period start).  A
+``Meter`` turns a counter's total into the amount owed for it:
+
+    charged(total) = floor(Σ_tiers segment_bytes × price),  segments of max(0, total − prepaid)
+
+The sum is exact (one common denominator, one ``floor_div``).  A batch that
+moves a counter from ``old`` to ``new`` charges ``charged(new) − charged(old)``.
+Those differences telescope, so the charges for a period add up to
+``charged(final total)`` however the traffic was cut into batches: no drift,
+and ``charged`` is monotone, so no batch ever has a negative charge.
+
+Tier borders count bytes *beyond the prepaid volume* ("the first 10 GB over
+the prepaid amount at 0.50/GB, the rest at 0.30/GB").  Prepaid and tiers are
+per counter, i.e. per (class, time range) rule of the tariff: a tariff whose
+rule for a class has no time range (``ANY_RANGE``) shares one prepaid volume
+across all time ranges.  Counters are per service, so a new tariff (a new
+service link) starts with its own prepaid volume.
+
+Resolution, done here so every caller resolves the same way:
+
+* a ``TrafficUsage`` is assigned to the accounting period and time range of
+  its timestamp ``at`` (the worker's aggregation bucket, so the bucket width is
+  the time-range resolution);
+* a ``SessionUsage`` (RADIUS time) is cut at accounting-period boundaries and
+  time-range changes to the exact second, each piece on its own counter, with
+  prices per hour (``Price(micro, HOUR)``);
+* the service is ``usage.service_id`` or else the account's only linked
+  service of the matching kind.
+
+Rules (what a user notices):
+
+* **unlimited** accounts: counters advance, the charge is 0 and no entry is
+  written.  If the flag is removed mid-period, only later traffic is charged,
+  but it is rated at the tier position the whole period's traffic reached.
+* **blocked** accounts: usage still counts and is charged: traffic that reached
+  us was delivered.  Blocking is an access decision, not a rating one.
+* Usage that cannot be rated (unknown account, no matching service or rule,
+  timestamp in the future) is *returned* in ``rejected``, never dropped, so the
+  caller can keep it for re-rating.  Malformed input (negative bytes, naive
+  datetimes) raises ``UsageError``: it is a bug upstream.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone, tzinfo
+from typing import Final
+
+from billcore.billing.errors import InvariantViolation, TariffError, UsageError
+from billcore.billing.money import MAX_QUANTITY, Price, check_amount, floor_div
+from billcore.billing.periods import (
+    Period,
+    PeriodicService,
+    ServiceLink,
+    PeriodSpec,
+    period_containing,
+    period_fee,
+)
+from billcore.billing.timeranges import TimeRange, select, split
+
+__all__ = [
+    "ANY_RANGE",
+    "AccountPlan",
+    "CounterKey",
+    "LedgerEntry",
+    "MAX_BATCH",
+    "Meter",
+    "MeterRule",
+    "Preview",
+    "PreviewLine",
+    "RatingBook",
+    "RatingResult",
+    "Rejected",
+    "ServiceKind",
+    "ServiceTariff",
+    "SessionUsage",
+    "TIME_CLASS",
+    "Tier",
+    "TrafficUsage",
+    "preview",
+    "rate",
+]
+
+ANY_RANGE: Final = 0
+"""Time-range id of a rule (and its counters) that applies in every time range."""
+TIME_CLASS: Final = -1
+"""Traffic-class id used by the counters of time-based services."""
+MAX_TIERS: Final = 16
+MAX_RULES: Final = 4_096
+MAX_BATCH: Final = 1_000_000
+MAX_SESSION: Final = timedelta(days=366)
+CLOCK_SKEW: Final = timedelta(minutes=5)
+"""Usage stamped later than ``now + CLOCK_SKEW`` is rejected as 'future'."""
+
+_ONE_SECOND: Final = timedelta(seconds=1)
+
+
+class ServiceKind(enum.Enum):
+    TRAFFIC = "traffic"
+    TIME = "time"
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """From ``start`` units beyond the prepaid volume on, ``price`` applies."""
+
+    start: int
+    price: Price
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """Prepaid volume plus tiered prices; ``charged(total)`` is exact and monotone."""
+
+    prepaid: int
+    tiers: tuple[Tier, ...]
+    _scale: int = field(init=False, repr=False, compare=False)
+    _weights: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if type(self.prepaid) is not int or not 0 <= self.prepaid <= MAX_QUANTITY:
+            raise TariffError(f"prepaid must be an int in 0..{MAX_QUANTITY}")
+        if not 1 <= len(self.tiers) <= MAX_TIERS:
+            raise TariffError(f"a meter has 1..{MAX_TIERS} tiers")
+        starts = [tier.start for tier in self.tiers]
+        if starts[0] != 0 or any(type(s) is not int for s in starts):
+            raise TariffError("the first tier starts at 0 and borders are ints")
+        if any(b <= a for a, b in zip(starts, starts[1:])):
+            raise TariffError(f"tier borders must increase strictly: {starts}")
+        scale = math.lcm(*(tier.price.unit_size for tier in self.tiers))
+        weights = tuple(t.price.micro_per_unit * (scale // t.price.unit_size) for t in self.tiers)
+        object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_weights", weights)
+
+    @classmethod
+    def flat(cls, price: Price, prepaid: int = 0) -> Meter:
+        return cls(prepaid, (Tier(0, price),))
+
+    def charged(self, total: int) -> int:
+        """Amount owed for a cumulative ``total``: floor of the exact tiered sum."""
+        if type(total) is not int or not 0 <= total <= MAX_QUANTITY:
+            raise UsageError(f"counter total must be an int in 0..{MAX_QUANTITY}, got {total!r}")
+        billable = total - self.prepaid
+        if billable <= 0:
+            return 0
+        tiers, weights = self.tiers, self._weights
+        numerator = 0
+        for i in range(len(tiers)):  # bounded by MAX_TIERS
+            start = tiers[i].start
+            if billable <= start:
+                break
+            end = tiers[i + 1].start if i + 1 < len(tiers) else billable
+            numerator += (min(billable, end) - start) * weights[i]
+        return check_amount(floor_div(numerator, self._scale))
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRule:
+    """The meter for ``klass`` in time range ``range_id`` (``ANY_RANGE``: every range)."""
+
+    klass: int
+    range_id: int
+    meter: Meter
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ServiceTariff:
+    """A metered service: rules looked up by (class, range), then (class, ANY_RANGE)."""
+
+    service_id: int
+    kind: ServiceKind
+    rules: tuple[MeterRule, ...]
+    _lookup: dict[tuple[int, int], Meter] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.rules) > MAX_RULES:
+            raise TariffError(f"at most {MAX_RULES} rules per service")
+        lookup: dict[tuple[int, int], Meter] = {}
+        for rule in self.rules:
+            if self.kind is ServiceKind.TIME and rule.klass != TIME_CLASS:
+                raise TariffError("rules of a time service use klass=TIME_CLASS")
+            if (rule.klass, rule.range_id) in lookup:
+                raise TariffError(f"duplicate rule for {(rule.klass, rule.range_id)}")
+            lookup[(rule.klass, rule.range_id)] = rule.meter
+        object.__setattr__(self, "_lookup", lookup)
+
+    def meter_for(self, klass: int, range_id: int) -> tuple[int, Meter] | None:
+        """(counter range id, meter) for usage of ``klass`` in ``range_id``, or None."""
+        meter = self._lookup.get((klass, range_id))
+        if meter is not None:
+            return range_id, meter
+        meter = self._lookup.get((klass, ANY_RANGE))
+        return None if meter is None else (ANY_RANGE, meter)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPlan:
+    """What rating needs of an account: its accounting period, services and flags."""
+
+    account_id: int
+    period: PeriodSpec
+    service_ids: tuple[int, ...]
+    unlimited: bool = False
+    blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RatingBook:
+    """The tariffs side of rating: zone, time ranges, metered services, accounts."""
+
+    tz: tzinfo
+    timeranges: tuple[TimeRange, ...]
+    services: Mapping[int, ServiceTariff]
+    accounts: Mapping[int, AccountPlan]
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficUsage:
+    """``bytes`` of class ``klass`` for an account, stamped ``at`` (its bucket start)."""
+
+    account_id: int
+    klass: int
+    at: datetime
+    bytes: int
+    service_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUsage:
+    """``seconds`` of session time from ``start`` (whole seconds) for an account."""
+
+    account_id: int
+    start: datetime
+    seconds: int
+    service_id: int | None = None
+
+
+Usage = TrafficUsage | SessionUsage
+
+
+@dataclass(frozen=True, slots=True)
+class CounterKey:
+    """One cumulative counter (bytes or seconds)."""
+
+    account_id: int
+    service_id: int
+    klass: int
+    range_id: int
+    period_start: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A charge of ``amount`` micro-units (> 0), moving ``key`` from before to after.
+
+    (key, counter_before) is the idempotency reference: the booking side stores
+    ``counter_after`` with a compare-and-set on ``counter_before``.
+    """
+
+    account_id: int
+    amount: int
+    kind: ServiceKind
+    key: CounterKey
+    counter_before: int
+    counter_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    usage: Usage
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RatingResult:
+    """Entries to book, new values of every touched counter, usage that was not rated."""
+
+    entries: tuple[LedgerEntry, ...]
+    counters: Mapping[CounterKey, int]
+    rejected: tuple[Rejected, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(entry.amount for entry in self.entries)
+
+
+def _aware_utc(instant: datetime, what: str) -> datetime:
+    if not isinstance(instant, datetime) or instant.utcoffset() is None:
+        raise UsageError(f"{what} must be an aware datetime")
+    return instant.astimezone(timezone.utc)
+
+
+def _check_quantity(value: int, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_QUANTITY:
+        raise UsageError(f"{what} must be an int in 0..{MAX_QUANTITY}, got {value!r}")
+    return value
+
+
+class _Resolver:
+    """Per-call caches of the pure lookups rating repeats for every aggregate."""
+
+    def __init__(self, book: RatingBook) -> None:
+        self.book = book
+        self._periods: dict[tuple[PeriodSpec, datetime], Period] = {}
+        self._ranges: dict[datetime, int] = {}
+
+    def period(self, spec: PeriodSpec, at: datetime) -> Period:
+        found = self._periods.get((spec, at))
+        if found is None:
+            found = period_containing(spec, at, self.book.tz)
+            self._periods[(spec, at)] = found
+        return found
+
+    def range_id(self, at: datetime) -> int:
+        found = self._ranges.get(at)
+        if found is None:
+            chosen = select(self.book.timeranges, at, self.book.tz)
+            found = ANY_RANGE if chosen is None else chosen.range_id
+            self._ranges[at] = found
+        return found
+
+    def service(self, plan: AccountPlan, wanted: int | None, kind: ServiceKind) -> ServiceTariff | str:
+        services = self.book.services
+        if wanted is not None:
+            tariff = services.get(wanted)
+            ok = tariff is not None and wanted in plan.service_ids and tariff.kind is kind
+            return tariff if tariff is not None and ok else "no_service"
+        matches = [services[s] for s in plan.service_ids if s in services and services[s].kind is kind]
+        if len(matches) != 1:
+            return "no_service" if not matches else "ambiguous_service"
+        return matches[0]
+
+
+def _session_pieces(
+    usage: SessionUsage, plan: AccountPlan, tariff: ServiceTariff, resolver: _Resolver
+) -> list[tuple[CounterKey, int, Meter]] | str:
+    start = usage.start.astimezone(timezone.utc)
+    end = start + timedelta(seconds=usage.seconds)
+    pieces: list[tuple[CounterKey, int, Meter]] = []
+    cursor = start
+    for _ in range(MAX_SESSION.days + 2):  # at most one accounting period per day
+        if cursor >= end:
+            break
+        period = resolver.period(plan.period, cursor)
+        piece_end = min(period.end, end)
+        for piece in split(resolver.book.timeranges, cursor, piece_end, resolver.book.tz):
+            found = tariff.meter_for(TIME_CLASS, piece.range_id)
+            if found is None:
+                return "no_rate"
+            key = CounterKey(plan.account_id, tariff.service_id, TIME_CLASS, found[0], period.start)
+            pieces.append((key, piece.seconds, found[1]))
+        cursor = piece_end
+    if sum(seconds for _, seconds, _ in pieces) != usage.seconds:
+        raise InvariantViolation("session pieces do not add up to the session")
+    return pieces
+
+
+def rate(
+    batch: Sequence[Usage],
+    counters: Mapping[CounterKey, int],
+    tariffs: RatingBook,
+    now: datetime,
+) -> RatingResult:
+    """Rate ``batch`` against the current ``counters`` (absent key = 0) at ``now``."""
+    now = _aware_utc(now, "now")
+    if len(batch) > MAX_BATCH:
+        raise UsageError(f"at most {MAX_BATCH} usage records per batch")
+    resolver = _Resolver(tariffs)
+    deltas: dict[CounterKey, list[int]] = {}  # key -> [quantity], meter/plan kept aside
+    meters: dict[CounterKey, tuple[Meter, AccountPlan, ServiceKind]] = {}
+    rejected: list[Rejected] = []
+    latest = now + CLOCK_SKEW
+    for usage in batch:
+        plan = tariffs.accounts.get(usage.account_id)
+        if isinstance(usage, TrafficUsage):
+            quantity = _check_quantity(usage.bytes, "bytes")
+            at = _aware_utc(usage.at, "at")
+            if plan is None or at > latest:
+                rejected.append(Rejected(usage, "unknown_account" if plan is None else "future"))
+                continue
+            tariff = resolver.service(plan, usage.service_id, ServiceKind.TRAFFIC)
+            if isinstance(tariff, str):
+                rejected.append(Rejected(usage, tariff))
+                continue
+            found = tariff.meter_for(usage.klass, resolver.range_id(at))
+            if found is None:
+                rejected.append(Rejected(usage, "no_rate"))
+                continue
+            period = resolver.period(plan.period, at)
+            key = CounterKey(plan.account_id, tariff.service_id, usage.klass, found[0], period.start)
+            pieces = [(key, quantity, found[1])]
+        elif isinstance(usage, SessionUsage):
+            quantity = _check_quantity(usage.seconds, "seconds")
+            start = _aware_utc(usage.start, "start")
+            if start.microsecond or timedelta(seconds=quantity) > MAX_SESSION:
+                raise UsageError("a session piece starts on a whole second and is at most a year")
+            if plan is None or start + timedelta(seconds=quantity) > latest:
+                rejected.append(Rejected(usage, "unknown_account" if plan is None else "future"))
+                continue
+            tariff = resolver.service(plan, usage.service_id, ServiceKind.TIME)
+            if isinstance(tariff, str):
+                rejected.append(Rejected(usage, tariff))
+                continue
+            split_pieces = _session_pieces(usage, plan, tariff, resolver)
+            if isinstance(split_pieces, str):
+                rejected.append(Rejected(usage, split_pieces))
+                continue
+            pieces = split_pieces
+        else:
+            raise UsageError(f"not a usage record: {type(usage).__name__}")
+        for key, amount, meter in pieces:
+            slot = deltas.get(key)
+            if slot is None:
+                deltas[key] = [amount]
+                meters[key] = (meter, plan, tariff.kind)
+            else:
+                slot[0] += amount
+    return _book(deltas, meters, counters, rejected)
+
+
+def _book(
+    deltas: Mapping[CounterKey, list[int]],
+    meters: Mapping[CounterKey, tuple[Meter, AccountPlan, ServiceKind]],
+    counters: Mapping[CounterKey, int],
+    rejected: list[Rejected],
+) -> RatingResult:
+    entries: list[LedgerEntry] = []
+    new_counters: dict[CounterKey, int] = {}
+    for key, (delta,) in deltas.items():
+        meter, plan, kind = meters[key]
+        before = _check_quantity(counters.get(key, 0), "counter")
+        after = _check_quantity(before + delta, "counter after usage")
+        new_counters[key] = after
+        if plan.unlimited:
+            continue
+        amount = meter.charged(after) - meter.charged(before)
+        if amount < 0:
+            raise InvariantViolation(f"negative charge {amount} for {key}")
+        if amount:
+            entries.append(LedgerEntry(key.account_id, check_amount(amount), kind, key, before, after))
+    return RatingResult(tuple(entries), new_counters, tuple(rejected))
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewLine:
+    """One line of a period preview: a counter's charge or a periodic fee."""
+
+    service_id: int
+    kind: str  # "traffic", "time" or "periodic"
+    klass: int | None
+    range_id: int | None
+    quantity: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """What the account owes for the accounting period holding ``now``."""
+
+    account_id: int
+    period: Period
+    lines: tuple[PreviewLine, ...]
+    total: int
+
+
+def preview(
+    account_id: int,
+    book: RatingBook,
+    counters: Mapping[CounterKey, int],
+    periodic: Mapping[int, PeriodicService],
+    links: Sequence[ServiceLink],
+    now: datetime,
+) -> Preview:
+    """Usage so far this period (at current tariffs) plus the period's periodic fees.
+
+    Metered lines rate the period's counters as they stand; periodic lines are
+    each service's fee for its period holding ``now``, prorated over the known
+    links (open links run to the period end, scheduled changes included).
+    Unlimited accounts show their usage with amount 0.
+    """
+    now = _aware_utc(now, "now")
+    plan = book.accounts.get(account_id)
+    if plan is None:
+        raise UsageError(f"unknown account {account_id}")
+    period = period_containing(plan.period, now, book.tz)
+    lines: list[PreviewLine] = []
+    for key, total in counters.items():
+        if key.account_id != account_id or key.period_start != period.start:
+            continue
+        tariff = book.services.get(key.service_id)
+        found = None if tariff is None else tariff.meter_for(key.klass, key.range_id)
+        if tariff is None or found is None:
+            raise UsageError(f"counter {key} has no rule in the current tariffs")
+        amount = 0 if plan.unlimited else found[1].charged(_check_quantity(total, "counter"))
+        is_time = tariff.kind is ServiceKind.TIME
+        lines.append(PreviewLine(key.service_id, tariff.kind.value, None if is_time else key.klass,
+                                 key.range_id, total, amount))
+    mine: dict[int, list[ServiceLink]] = {}
+    for link in links:
+        if link.account_id == account_id and link.service_id in periodic:
+            mine.setdefault(link.service_id, []).append(link)
+    for service_id, service_links in sorted(mine.items()):
+        service = periodic[service_id]
+        service_period = period_containing(service.spec, now, book.tz)
+        amount = period_fee(service, service_period, service_links)
+        lines.append(PreviewLine(service_id, "periodic", None, None, service_period.seconds, amount))
+    total = check_amount(sum(line.amount for line in lines))
+    return Preview(account_id, period, tuple(lines), total)
+
