@@ -27,11 +27,10 @@ from __future__ import annotations
 import struct
 
 from netflow.errors import DecodeError, TemplateError
-from netflow.flows import EXPORTER_KEYS
+from netflow.flows import EXPORTER_KEYS, SequenceGap
 from netflow.templates import (
     VARIABLE_LENGTH,
     CompiledTemplate,
-    DomainState,
     FieldSpec,
     RecordCollector,
     SequenceTracker,
@@ -52,8 +51,8 @@ def walk_ipfix(
     tracker: SequenceTracker | None,
     collector: RecordCollector,
     now: float,
-) -> tuple[int, list[int]]:
-    """Walk one IPFIX message; returns (domain, offsets of sets missing a template)."""
+) -> tuple[list[int], SequenceGap | None]:
+    """Walk one IPFIX message; returns (offsets of sets missing a template, gap)."""
     version, end, export_s, sequence, domain = _header(payload)
     data_sets: list[tuple[int, int, int]] = []
     pos = HEADER.size
@@ -76,9 +75,10 @@ def walk_ipfix(
     local = RecordCollector()
     missing, records = _data_sets(payload, data_sets, exporter, domain, export_s, cache, local)
     collector.merge(local)
+    gap = None
     if tracker is not None:
-        tracker.observe(exporter, domain, 10, sequence, None if missing else records)
-    return domain, missing
+        gap = tracker.observe(exporter, domain, 10, sequence, None if missing else records)
+    return missing, gap
 
 
 def resume_ipfix(

@@ -23,7 +23,7 @@ import struct
 import numpy as np
 
 from netflow.errors import DecodeError, TemplateError
-from netflow.flows import EXPORTER_KEYS
+from netflow.flows import EXPORTER_KEYS, SequenceGap
 from netflow.templates import (
     IE_PACKET_INTERVAL,
     IE_PACKET_SPACE,
@@ -53,8 +53,8 @@ def walk_v9(
     tracker: SequenceTracker | None,
     collector: RecordCollector,
     now: float,
-) -> tuple[int, list[int]]:
-    """Walk one v9 packet; returns (source id, offsets of sets missing a template)."""
+) -> tuple[list[int], SequenceGap | None]:
+    """Walk one v9 packet; returns (offsets of sets missing a template, gap)."""
     if len(payload) < HEADER.size:
         raise DecodeError(f"v9 packet of {len(payload)} bytes is shorter than its header")
     version, _count, uptime, secs, sequence, source_id = HEADER.unpack_from(payload)
@@ -82,9 +82,8 @@ def walk_v9(
     local = RecordCollector()
     missing = data_sets_into(payload, data_sets, exporter, source_id, cache, state, ctx, local)
     collector.merge(local)
-    if tracker is not None:
-        tracker.observe(exporter, source_id, 9, sequence, 1)
-    return source_id, missing
+    gap = tracker.observe(exporter, source_id, 9, sequence, 1) if tracker else None
+    return missing, gap
 
 
 def data_sets_into(
