@@ -14,8 +14,8 @@ optional installation id — and the signer's key id.  The Ed25519 signature
 covers a second domain tag and the msgpack encoding of all of those, so the
 terms cannot be edited (an expiry pushed back) without the private key.
 
-Trust is a directory of public keys, one file per key, each holding the
-64-hex-digit key (``#`` comments allowed).  A key's id is derived from the
+Trust is a directory of public keys, one ``*.pub`` file per key, each
+holding the 64-hex-digit key (``#`` comments allowed).  A key's id is derived from the
 key itself (``ed25519:`` + 16 hex digits of its SHA-256), never taken from a
 file name.  ``verify_bundle`` checks, in this order, and refuses with its own
 error class: licence present, key known, signature valid, files unchanged,
@@ -171,7 +171,7 @@ class Keyring:
         if not root.is_dir():
             raise PluginError(f"plugin key directory {root} does not exist")
         for path in sorted(root.iterdir()):
-            if not path.is_file() or path.name.startswith("."):
+            if not path.is_file() or path.name.startswith(".") or path.suffix != ".pub":
                 continue
             if len(keys) >= MAX_KEYS:
                 raise PluginError(f"more than {MAX_KEYS} keys in {root}")

@@ -1,0 +1,54 @@
+"""URFA calls that manage plugins: ``plugins.list``, ``plugins.load``, ``plugins.unload``.
+
+The core registers ``plugin_calls(manager)`` like any built-in module.
+``plugins.load`` takes a path on the core's machine; when ``plugin_dir`` is
+given it takes only a plain file or folder name inside that directory, so an
+administrator's session cannot point the core at arbitrary paths.  The
+licence check still applies either way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..calls import CallSpec
+from .errors import PluginError
+from .loader import PluginManager
+
+__all__ = ["plugin_calls"]
+
+ADMIN_KINDS = frozenset({"admin", "system"})
+
+
+def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] | None = None,
+                 clock: Callable[[], float] = time.time) -> list[CallSpec]:
+    async def plugins_list(ctx: Any) -> list[dict[str, Any]]:
+        """Every plugin this core knows: version, state, signer, licence, symbols."""
+        return manager.list()
+
+    async def plugins_load(ctx: Any, path: str) -> dict[str, Any]:
+        """Verify and load a signed plugin (directory or archive) at run time."""
+        target: Path = Path(path)
+        if plugin_dir is not None:
+            if not path or "/" in path or os.sep in path or path in (".", ".."):
+                raise PluginError("plugins.load takes a plain name inside the plugin directory")
+            target = Path(plugin_dir) / path
+        return await manager.load(target, clock())
+
+    async def plugins_unload(ctx: Any, name: str) -> dict[str, Any]:
+        """Delete a plugin's functions now; it is torn down when no session uses them."""
+        deleted = manager.unload(name)
+        return {"name": name, "deleted": deleted, "state": (manager.get(name) or {}).get("state")}
+
+    return [
+        CallSpec("plugins.list", plugins_list, right="plugins.read", kinds=ADMIN_KINDS,
+                 result="list", doc=plugins_list.__doc__ or ""),
+        CallSpec("plugins.load", plugins_load, right="plugins.manage", kinds=ADMIN_KINDS,
+                 args={"path": "str"}, result="map", doc=plugins_load.__doc__ or ""),
+        CallSpec("plugins.unload", plugins_unload, right="plugins.manage", kinds=ADMIN_KINDS,
+                 args={"name": "str"}, result="map", doc=plugins_unload.__doc__ or ""),
+    ]
