@@ -3,6 +3,8 @@
     billcore serve [-c FILE]          run the supervisor and every process
     billcore migrate [-c FILE]        apply pending schema migrations
     billcore config example|check     print the documented config / check one
+    billcore admin create LOGIN       bootstrap an administrator
+    billcore system create LOGIN      a service login (remote collector…)
 """
 
 from __future__ import annotations
@@ -85,6 +87,71 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(with_database(config, work))
 
 
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_env:
+        value = os.environ.get(args.password_env)
+        if not value:
+            print(f"billcore: environment variable {args.password_env} is empty or unset", file=sys.stderr)
+            return None
+        return value
+    import getpass
+
+    first = getpass.getpass("password: ")
+    if first != getpass.getpass("again: "):
+        print("billcore: the passwords differ", file=sys.stderr)
+        return None
+    return first
+
+
+def cmd_admin(args: argparse.Namespace, config: Config) -> int:
+    from .principals import create_admin
+
+    password = _password(args)
+    if not password:
+        return 2
+    if len(password) < 8:
+        print("billcore: a password has at least 8 characters", file=sys.stderr)
+        return 2
+
+    async def work(conn: Any) -> int:
+        import asyncpg
+
+        from .db.migrate import migrate
+
+        await migrate(conn)
+        try:
+            admin_id = await create_admin(conn, args.login, password, args.group or ["superusers"], args.full_name)
+        except ValueError as exc:
+            print(f"billcore: {exc}", file=sys.stderr)
+            return 1
+        except asyncpg.UniqueViolationError:
+            print(f"billcore: an administrator named {args.login!r} exists already", file=sys.stderr)
+            return 1
+        print(f"administrator {args.login} created (id {admin_id}, groups: {', '.join(args.group or ['superusers'])})")
+        return 0
+
+    return asyncio.run(with_database(config, work))
+
+
+def cmd_system(args: argparse.Namespace, config: Config) -> int:
+    from .principals import create_system_login
+
+    password = _password(args)
+    if not password:
+        return 2
+
+    async def work(conn: Any) -> int:
+        from .db.migrate import migrate
+
+        await migrate(conn)
+        rights = [r for r in args.rights.split(",") if r]
+        login_id = await create_system_login(conn, args.login, password, rights)
+        print(f"system login {args.login} ready (id {login_id}, rights: {', '.join(rights) or 'none'})")
+        return 0
+
+    return asyncio.run(with_database(config, work))
+
+
 def cmd_config(args: argparse.Namespace, config: Config) -> int:
     if args.action == "example":
         sys.stdout.write(example_config())
@@ -101,7 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending schema migrations")
     p = sub.add_parser("config", help="print the documented example config, or check one")
     p.add_argument("action", choices=["example", "check"])
-    COMMANDS.update(serve=cmd_serve, migrate=cmd_migrate, config=cmd_config)
+    p = sub.add_parser("admin", help="manage administrators")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("login")
+    p.add_argument("--group", action="append", help="admin group (repeatable; default: superusers)")
+    p.add_argument("--full-name", default="")
+    p.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable instead of prompting")
+    p = sub.add_parser("system", help="manage system logins (services such as a remote NetFlow collector)")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("login")
+    p.add_argument("--rights", default="", help="comma-separated rights, e.g. netflow.*,events.subscribe")
+    p.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable instead of prompting")
+    COMMANDS.update(serve=cmd_serve, migrate=cmd_migrate, config=cmd_config, admin=cmd_admin, system=cmd_system)
     for extend in _EXTENSIONS:
         extend(sub, COMMANDS)
     return parser

@@ -1,0 +1,157 @@
+"""Who may log in, as stored in PostgreSQL (schema/0001_principals.sql).
+
+``DatabaseAuth.find_principal(kind, login)`` is the URFA server's auth
+backend: an administrator's rights are the union of their groups' rights, a
+system login's rights are its own, and a subscriber gets the fixed ``me.*``
+right (what a subscriber may do is decided by the call table, which only
+holds ``kinds={"user"}`` calls for them).  Disabled or deleted principals
+are not found, exactly like unknown ones.
+
+The edges (radius, netflow, portal) log in as system principals.  On a
+single machine the core provisions them itself: ``ensure_service_login``
+keeps a random password per role in ``<data_dir>/system/<role>.password``
+(mode 0600) and its verifier in ``system_logins``; the edge reads the same
+file.  A remote collector gets a login made with ``billcore system create``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import asyncpg
+
+from urfa.scram import Verifier, make_verifier
+
+from .sessions import Principal
+
+__all__ = [
+    "DatabaseAuth", "SERVICE_RIGHTS", "USER_RIGHTS", "create_admin", "create_system_login",
+    "ensure_service_login", "service_password_file", "set_user_password",
+]
+
+USER_RIGHTS = frozenset({"me.*"})
+
+# What each edge's system login may do.
+SERVICE_RIGHTS: dict[str, frozenset[str]] = {
+    "radius": frozenset({"radius.*", "events.subscribe"}),
+    "netflow": frozenset({"netflow.*", "events.subscribe"}),
+    "portal": frozenset({"session.proxy"}),
+}
+
+
+def _verifier(row: asyncpg.Record) -> Verifier:
+    return Verifier(
+        bytes(row["scram_salt"]), row["scram_iterations"],
+        bytes(row["scram_stored_key"]), bytes(row["scram_server_key"]),
+    )
+
+
+class DatabaseAuth:
+    """The URFA auth backend over the principal tables."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def find_principal(self, kind: str, login: str) -> Principal | None:
+        if kind == "admin":
+            row = await self.pool.fetchrow(
+                """SELECT a.*, coalesce(array_agg(DISTINCT r) FILTER (WHERE r IS NOT NULL), '{}') AS rights
+                     FROM admins a
+                     LEFT JOIN admin_group_members m ON m.admin_id = a.id
+                     LEFT JOIN admin_groups g ON g.id = m.group_id
+                     LEFT JOIN LATERAL unnest(g.rights) r ON true
+                    WHERE a.login = $1 AND NOT a.disabled
+                    GROUP BY a.id""",
+                login,
+            )
+            if row is None:
+                return None
+            return Principal("admin", login, row["id"], frozenset(row["rights"]), _verifier(row))
+        if kind == "system":
+            row = await self.pool.fetchrow(
+                "SELECT * FROM system_logins WHERE login = $1 AND NOT disabled", login
+            )
+            if row is None:
+                return None
+            return Principal("system", login, row["id"], frozenset(row["rights"]), _verifier(row))
+        if kind == "user":
+            row = await self.pool.fetchrow(
+                "SELECT * FROM users WHERE login = $1 AND deleted_at IS NULL", login
+            )
+            if row is None:
+                return None
+            return Principal("user", login, row["id"], USER_RIGHTS, _verifier(row))
+        return None
+
+
+async def create_admin(
+    conn: asyncpg.Connection, login: str, password: str, groups: list[str], full_name: str = ""
+) -> int:
+    v = make_verifier(password)
+    async with conn.transaction():
+        known = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM admin_groups")}
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise ValueError(f"unknown admin group(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        admin_id: int = await conn.fetchval(
+            """INSERT INTO admins(login, full_name, scram_salt, scram_iterations, scram_stored_key, scram_server_key)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
+            login, full_name, v.salt, v.iterations, v.stored_key, v.server_key,
+        )
+        for g in groups:
+            await conn.execute(
+                "INSERT INTO admin_group_members(admin_id, group_id) VALUES ($1, $2)", admin_id, known[g]
+            )
+    return admin_id
+
+
+async def create_system_login(
+    conn: asyncpg.Connection, login: str, password: str, rights: frozenset[str] | list[str]
+) -> int:
+    """Create or replace a system login (its password and rights)."""
+    v = make_verifier(password)
+    login_id: int = await conn.fetchval(
+        """INSERT INTO system_logins(login, rights, scram_salt, scram_iterations, scram_stored_key, scram_server_key)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (login) DO UPDATE SET rights = EXCLUDED.rights, scram_salt = EXCLUDED.scram_salt,
+               scram_iterations = EXCLUDED.scram_iterations, scram_stored_key = EXCLUDED.scram_stored_key,
+               scram_server_key = EXCLUDED.scram_server_key, disabled = false
+           RETURNING id""",
+        login, sorted(rights), v.salt, v.iterations, v.stored_key, v.server_key,
+    )
+    return login_id
+
+
+async def set_user_password(conn: asyncpg.Connection, user_id: int, password: str) -> None:
+    v = make_verifier(password)
+    await conn.execute(
+        """UPDATE users SET scram_salt=$2, scram_iterations=$3, scram_stored_key=$4, scram_server_key=$5
+            WHERE id = $1""",
+        user_id, v.salt, v.iterations, v.stored_key, v.server_key,
+    )
+
+
+def service_password_file(data_dir: Path, role: str) -> Path:
+    return data_dir / "system" / f"{role}.password"
+
+
+def read_or_make_password(path: Path) -> str:
+    """The password in ``path``; a new random one (file mode 0600) if absent."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+async def ensure_service_login(conn: asyncpg.Connection, data_dir: Path, role: str) -> None:
+    """Make the system login ``role`` match the password file the edge reads."""
+    password = read_or_make_password(service_password_file(data_dir, role))
+    await create_system_login(conn, role, password, SERVICE_RIGHTS[role])
