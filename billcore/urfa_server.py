@@ -1,0 +1,641 @@
+"""The URFA service: the call registry, the session table and logins, on the wire.
+
+Theory of operation
+-------------------
+``URFAService`` is the application behind ``urfa.server``'s channels.  Per
+connection it keeps a ``_Link``: the login in progress, the session once
+logged in, the call tasks in flight and the event queue.
+
+Login is SCRAM-SHA-256 (``urfa.scram``).  The auth backend is asked for the
+principal; an unknown login, or one of another kind, gets a fake verifier
+derived from ``config.secret`` so its challenge looks like a real one and
+the failure is the same ``auth_failed``.  Failures count against the source
+address and the login (``LoginLimiter``); over the limit a login is
+refused with ``rate_limited`` before any lookup.
+
+A call is looked up in the session's own call table (snapshot at login),
+its arguments checked against the symbol's schema, and its handler run as a
+task holding the symbol's module (``registry.in_flight``).  Replies go out
+as they finish, in any order.  ``CallFailed`` from a handler becomes an
+error reply with its code; any other exception is logged and answered
+``internal`` with no detail.
+
+A system session with right ``session.proxy`` may open subscriber sessions
+(``session.proxy_login``/``session.proxy_proof``, relaying the subscriber's
+SCRAM exchange) and call *as* them, declaring the subscriber's address; such
+calls are checked against that subscriber session's table and address.
+
+Events: ``publish(topic, payload)`` appends to each subscribed connection's
+bounded queue (oldest dropped and counted); a pump per connection writes
+them, waiting for the socket to drain, so a slow reader only loses events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import ssl as ssl_module
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from billcore.calls import CallRegistry, CallSpec, NotInTable, Symbol, SymbolDeleted, allows
+from billcore.sessions import (
+    LoginLimiter, NoSession, Principal, ResumeRefused, Session, SessionTable,
+    TooManySessions, address_key,
+)
+from urfa import errors as E
+from urfa import scram
+from urfa.errors import CallFailed, LocalProtocolError
+from urfa.messages import (
+    Bye, Call, Cancel, Challenge, Chunk, Error, Event, Login, Message, Ping, Pong,
+    Proof, Result, Resume, Welcome,
+)
+from urfa.server import DEFAULT_PORT, ServerChannel, ServerLimits, serve
+
+__all__ = [
+    "AuthBackend", "CallContext", "Principal", "URFAConfig", "URFAService", "DEFAULT_PORT",
+]
+
+log = logging.getLogger("billcore.urfa")
+KINDS = ("system", "admin", "user")
+PROXY_RIGHT = "session.proxy"
+MAX_TOPICS = 64
+
+
+class AuthBackend(Protocol):
+    async def find_principal(self, kind: str, login: str) -> Principal | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class URFAConfig:
+    session_timeout: float = 1800.0
+    handshake_timeout: float = 10.0
+    max_frame: int = 1 << 20
+    max_inflight: int = 64
+    max_sessions: int = 100_000
+    event_queue: int = 1024
+    login_failures: int = 5          # per address and per login ...
+    login_window: float = 300.0      # ... in this many seconds
+    secret: bytes | None = None      # keeps fake salts stable; set it from a file in production
+    mock_iterations: int = scram.DEFAULT_ITERATIONS
+    sweep_interval: float = 5.0
+    lookup_timeout: float = 5.0
+    server_name: str = "billcore"
+
+
+class CallContext:
+    """What a handler gets as its first argument."""
+
+    __slots__ = ("service", "session", "principal", "ip", "call_id", "proxy", "_link", "_streaming")
+
+    def __init__(self, service: URFAService, session: Session, call_id: int,
+                 link: _Link | None, proxy: Principal | None, streaming: bool) -> None:
+        self.service = service
+        self.session = session
+        self.principal: Principal = session.principal
+        self.ip: str = session.ip
+        self.call_id = call_id
+        self.proxy = proxy            # the system principal acting for a proxied session
+        self._link = link
+        self._streaming = streaming
+
+    @property
+    def sid(self) -> bytes:
+        return self.session.sid
+
+    async def stream(self, chunk: Any) -> None:
+        """Send one chunk of a streaming call's result; waits for the socket."""
+        if not self._streaming:
+            raise LocalProtocolError("stream() in a call not declared streaming")
+        link = self._link
+        if link is None or not link.channel.send(Chunk(self.call_id, chunk)):
+            raise asyncio.CancelledError()
+        await link.channel.drain()
+
+    def publish(self, topic: str, payload: Any) -> int:
+        return self.service.publish(topic, payload)
+
+
+class _Link:
+    """Per-connection state of the service."""
+
+    __slots__ = ("channel", "ip", "login", "session", "tasks", "events", "dropped", "wake", "pump")
+
+    def __init__(self, channel: ServerChannel) -> None:
+        self.channel = channel
+        self.ip = channel.peer_ip
+        self.login: _PendingLogin | None = None
+        self.session: Session | None = None
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.events: deque[tuple[str, Any]] = deque()
+        self.dropped = 0
+        self.wake: asyncio.Event | None = None
+        self.pump: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class _PendingLogin:
+    kind: str
+    login: str
+    cnonce: bytes
+    snonce: bytes
+    ip: str
+    principal: Principal | None
+    verifier: scram.Verifier
+    expires: float = 0.0
+
+    def auth_message(self) -> bytes:
+        v = self.verifier
+        return scram.auth_message(self.kind, self.login, self.cnonce, self.snonce, v.salt, v.iterations)
+
+
+_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: type(v) is int,
+    "money": lambda v: type(v) is int,
+    "str": lambda v: type(v) is str,
+    "bool": lambda v: type(v) is bool,
+    "bytes": lambda v: type(v) is bytes,
+    "list": lambda v: type(v) is list,
+    "map": lambda v: type(v) is dict,
+    "time": lambda v: type(v) is datetime,
+    "ip": lambda v: type(v) is str and _is_ip(v),
+    "any": lambda v: True,
+}
+
+
+def _is_ip(v: str) -> bool:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
+
+
+def check_args(spec: CallSpec, args: dict[str, Any]) -> str | None:
+    """Why ``args`` do not fit ``spec.args``, or ``None`` if they do."""
+    schema = spec.args
+    for name, value in args.items():
+        word = schema.get(name)
+        if word is None:
+            return f"unknown argument {name!r}"
+        if value is None and word.endswith("?"):
+            continue
+        check = _TYPE_CHECKS.get(word.rstrip("?"))
+        if check is not None and not check(value):
+            return f"argument {name!r} must be {word.rstrip('?')}"
+    if len(args) < len(schema):
+        for name, word in schema.items():
+            if name not in args and not word.endswith("?"):
+                return f"missing argument {name!r}"
+    return None
+
+
+class URFAService:
+    """URFA server application: logins, sessions, calls, events."""
+
+    def __init__(
+        self, registry: CallRegistry, auth: AuthBackend, config: URFAConfig = URFAConfig(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.config = config
+        self.clock = clock
+        self.secret = config.secret if config.secret is not None else secrets.token_bytes(32)
+        self.sessions = SessionTable(config.session_timeout, config.max_sessions)
+        self.limiter = LoginLimiter(config.login_failures, config.login_window)
+        self.limits = ServerLimits(
+            max_frame=config.max_frame, handshake_timeout=config.handshake_timeout,
+            max_inflight=config.max_inflight, server_name=config.server_name,
+        )
+        self._links: set[_Link] = set()
+        self._subscribers: dict[str, set[_Link]] = {}
+        self._proxy_logins: OrderedDict[bytes, _PendingLogin] = OrderedDict()
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        registry.register_all(builtin_specs())
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self, tcp: tuple[str, int] | None = None, unix: str | None = None,
+                    ssl: ssl_module.SSLContext | None = None) -> None:
+        self._servers = await serve(self, self.limits, tcp=tcp, unix=unix, ssl=ssl)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    @property
+    def sockets(self) -> list[Any]:
+        return [s for srv in self._servers for s in (srv.sockets or ())]
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for link in list(self._links):
+            link.channel.close(E.SHUTDOWN, "server stopping")
+            self._drop_link(link)
+        for srv in self._servers:
+            await srv.wait_closed()
+        for session in list(self.sessions):
+            self.sessions.end(session.sid)
+        self._servers = []
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            self.sweep()
+
+    def sweep(self, now: float | None = None) -> list[Session]:
+        """Expire idle sessions (closing their connections) and stale proxy logins."""
+        now = self.clock() if now is None else now
+        gone = self.sessions.expire(now)
+        for session in gone:
+            link = session.owner
+            if isinstance(link, _Link):
+                link.session = None
+                link.channel.close(E.EXPIRED, "session idle too long")
+        while self._proxy_logins:
+            handle, pending = next(iter(self._proxy_logins.items()))
+            if pending.expires > now:
+                break
+            del self._proxy_logins[handle]
+        return gone
+
+    # -- ServerApp -------------------------------------------------------
+    def on_open(self, channel: ServerChannel) -> None:
+        link = _Link(channel)
+        channel.state = link
+        self._links.add(link)
+
+    def on_close(self, channel: ServerChannel) -> None:
+        link = channel.state
+        if isinstance(link, _Link):
+            self._drop_link(link)
+
+    def _drop_link(self, link: _Link) -> None:
+        self._links.discard(link)
+        for task in list(link.tasks.values()):
+            task.cancel()
+        if link.pump is not None:
+            link.pump.cancel()
+        session, link.session = link.session, None
+        if session is None:
+            return
+        self._unsubscribe_all(link, session)
+        if session.owner is link:
+            session.owner = None
+            if session.kind != "system":
+                self.sessions.end(session.sid)   # admin/user sessions die with their connection
+
+    def on_message(self, channel: ServerChannel, msg: Message) -> None:
+        link: _Link = channel.state  # type: ignore[assignment]
+        t = type(msg)
+        if t is Call:
+            self._on_call(link, msg)  # type: ignore[arg-type]
+        elif t is Cancel:
+            task = link.tasks.get(msg.id)  # type: ignore[union-attr]
+            if task is not None:
+                task.cancel()
+        elif t is Ping:
+            channel.send(Pong(msg.id))  # type: ignore[union-attr]
+        elif t is Login:
+            self._spawn(self._on_login(link, msg))  # type: ignore[arg-type]
+        elif t is Proof:
+            self._on_proof(link, msg)  # type: ignore[arg-type]
+        elif t is Resume:
+            self._on_resume(link, msg)  # type: ignore[arg-type]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- login -----------------------------------------------------------
+    def _limit_keys(self, ip: str, kind: str, login: str) -> tuple[tuple[str, str], ...]:
+        return (("ip", address_key(ip)), ("login", f"{kind}:{login}"))
+
+    async def begin_login(self, kind: str, login: str, cnonce: bytes, snonce: bytes, ip: str) -> _PendingLogin:
+        """Look the principal up; unknown ones get a deterministic fake verifier."""
+        now = self.clock()
+        if self.limiter.blocked(self._limit_keys(ip, kind, login), now):
+            raise CallFailed(E.RATE_LIMITED, "too many failed logins; wait and retry")
+        principal = None
+        if kind in KINDS:
+            try:
+                principal = await asyncio.wait_for(self.auth.find_principal(kind, login), self.config.lookup_timeout)
+            except asyncio.TimeoutError:
+                log.warning("auth backend timed out looking up %s:%s", kind, login)
+        if principal is not None and (principal.kind != kind or principal.login != login):
+            principal = None
+        verifier = principal.verifier if principal is not None else scram.fake_verifier(
+            self.secret, scram.scram_username(kind, login), self.config.mock_iterations)
+        return _PendingLogin(kind, login, cnonce, snonce, ip, principal, verifier,
+                             now + self.config.handshake_timeout)
+
+    def finish_login(self, pending: _PendingLogin, proof: bytes, *, proxied: bool = False) -> tuple[Session, bytes]:
+        """Check the proof; the new session and the ServerSignature, or ``CallFailed``."""
+        now = self.clock()
+        am = pending.auth_message()
+        client_key = scram.recover_client_key(pending.verifier, am, proof)
+        keys = self._limit_keys(pending.ip, pending.kind, pending.login)
+        if client_key is None or pending.principal is None:
+            self.limiter.record_failure(keys, now)
+            raise CallFailed(E.AUTH_FAILED, "login failed")
+        self.limiter.record_success(keys[1:])
+        principal = pending.principal
+        table = self.registry.snapshot(principal.kind, principal.rights)
+        rkey = scram.resume_key(client_key, am) if principal.kind == "system" and not proxied else None
+        try:
+            session = self.sessions.create(principal, pending.ip, table, now, resume_key=rkey, proxied=proxied)
+        except TooManySessions:
+            raise CallFailed(E.BUSY, "session table full") from None
+        return session, scram.server_signature(pending.verifier.server_key, am)
+
+    async def _on_login(self, link: _Link, msg: Login) -> None:
+        try:
+            pending = await self.begin_login(msg.kind, msg.login, msg.cnonce, link.channel.nonce, link.ip)
+        except CallFailed as exc:
+            link.channel.close(exc.code, exc.message)
+            return
+        link.login = pending
+        link.channel.send(Challenge(pending.verifier.salt, pending.verifier.iterations))
+
+    def _on_proof(self, link: _Link, msg: Proof) -> None:
+        pending, link.login = link.login, None
+        if pending is None:   # the state machine only lets a proof follow our challenge
+            link.channel.close(E.PROTOCOL, "proof without login")
+            return
+        try:
+            session, signature = self.finish_login(pending, msg.proof)
+        except CallFailed as exc:
+            link.channel.close(exc.code, exc.message)
+            return
+        self._attach(link, session)
+        link.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
+                                  int(self.config.session_timeout)))
+
+    def _on_resume(self, link: _Link, msg: Resume) -> None:
+        now = self.clock()
+        keys = (("ip", address_key(link.ip)),)
+        if self.limiter.blocked(keys, now):
+            link.channel.close(E.RATE_LIMITED, "too many failed attempts; wait and retry")
+            return
+        try:
+            session = self.sessions.resume(msg.sid, link.ip, link.channel.nonce, msg.cnonce, msg.proof, now)
+        except ResumeRefused as exc:
+            self.limiter.record_failure(keys, now)
+            log.info("resume refused from %s: %s", link.ip, exc)
+            link.channel.close(E.RESUME_FAILED, "resume refused; log in again")
+            return
+        old = session.owner
+        if isinstance(old, _Link) and old is not link:
+            old.session = None
+            self._unsubscribe_all(old, session)
+            old.channel.close(E.LOGGED_OUT, "session resumed on another connection")
+        self._attach(link, session)
+        assert session.resume_key is not None
+        sig = scram.resume_signature(session.resume_key, link.channel.nonce, msg.cnonce, msg.sid)
+        link.channel.send(Welcome(session.sid, sig, session.kind, session.principal.login,
+                                  int(self.config.session_timeout)))
+
+    def _attach(self, link: _Link, session: Session) -> None:
+        link.session = session
+        session.owner = link
+        for topic in session.topics:
+            self._subscribers.setdefault(topic, set()).add(link)
+
+    # -- proxy logins (called by the builtin handlers) -------------------
+    def add_proxy_login(self, pending: _PendingLogin) -> bytes:
+        handle = secrets.token_bytes(16)
+        self._proxy_logins[handle] = pending
+        while len(self._proxy_logins) > self.config.max_sessions // 10 + 16:
+            self._proxy_logins.popitem(last=False)
+        return handle
+
+    def take_proxy_login(self, handle: bytes) -> _PendingLogin | None:
+        pending = self._proxy_logins.pop(handle, None)
+        if pending is not None and pending.expires <= self.clock():
+            return None
+        return pending
+
+    # -- calls -----------------------------------------------------------
+    def _on_call(self, link: _Link, call: Call) -> None:
+        session = link.session
+        channel = link.channel
+        if session is None:   # logged out or expired, connection closing
+            channel.send(Error(call.id, E.NO_SESSION, "session ended"))
+            return
+        now = self.clock()
+        proxy: Principal | None = None
+        if call.as_sid is not None:
+            if session.kind != "system" or not allows(session.principal.rights, PROXY_RIGHT):
+                channel.send(Error(call.id, E.FORBIDDEN, "this session may not act for others"))
+                return
+            self.sessions.touch(session, now)
+            try:
+                target = self.sessions.lookup(call.as_sid, call.as_ip or "", now)
+            except NoSession as exc:
+                channel.send(Error(call.id, E.NO_SESSION, str(exc)))
+                return
+            if not target.proxied:
+                channel.send(Error(call.id, E.NO_SESSION, "not a proxied session"))
+                return
+            proxy = session.principal
+            session = target
+        else:
+            self.sessions.touch(session, now)
+        try:
+            symbol = session.table.lookup(call.fn)
+        except NotInTable:
+            channel.send(Error(call.id, E.NOT_IN_TABLE, f"{call.fn} is not in this session; log in again"))
+            return
+        except SymbolDeleted:
+            channel.send(Error(call.id, E.DELETED, f"{call.fn} was unloaded"))
+            return
+        spec = symbol.spec
+        problem = check_args(spec, call.args)
+        if problem is not None:
+            channel.send(Error(call.id, E.BAD_ARGS, problem))
+            return
+        ctx = CallContext(self, session, call.id, link, proxy, spec.streaming)
+        link.tasks[call.id] = asyncio.get_running_loop().create_task(self._run(link, ctx, symbol, call))
+
+    async def _run(self, link: _Link, ctx: CallContext, symbol: Symbol, call: Call) -> None:
+        channel = link.channel
+        try:
+            with self.registry.in_flight(symbol):
+                value = await symbol.spec.handler(ctx, **call.args)
+            try:
+                channel.send(Result(call.id, value))
+            except LocalProtocolError as exc:
+                log.error("result of %s cannot be sent: %s", call.fn, exc)
+                channel.send(Error(call.id, E.INTERNAL, "result could not be encoded"))
+        except CallFailed as exc:
+            channel.send(Error(call.id, exc.code, exc.message))
+        except asyncio.CancelledError:
+            channel.send(Error(call.id, E.CANCELLED, "cancelled"))
+        except Exception:  # the boundary: anything unexpected becomes `internal`, logged here
+            log.exception("call %s failed", call.fn)
+            channel.send(Error(call.id, E.INTERNAL, "internal error"))
+        finally:
+            link.tasks.pop(call.id, None)
+
+    # -- sessions ending -------------------------------------------------
+    def logout(self, session: Session) -> None:
+        """End a session; its own connection (if any) closes after the reply."""
+        self.sessions.end(session.sid)
+        link = session.owner
+        session.owner = None
+        if isinstance(link, _Link) and link.session is session:
+            link.session = None
+            self._unsubscribe_all(link, session)
+            asyncio.get_running_loop().call_soon(link.channel.close, E.LOGGED_OUT, "logged out")
+
+    # -- events ----------------------------------------------------------
+    def subscribe(self, session: Session, topics: list[str]) -> list[str]:
+        link = session.owner
+        if not isinstance(link, _Link):
+            raise CallFailed(E.FORBIDDEN, "only a session with its own connection may subscribe")
+        for topic in topics:
+            if type(topic) is not str or not topic or len(topic) > 256:
+                raise CallFailed(E.BAD_ARGS, "topics are non-empty strings")
+        if len(session.topics | set(topics)) > MAX_TOPICS:
+            raise CallFailed(E.BAD_ARGS, f"at most {MAX_TOPICS} topics per session")
+        session.topics.update(topics)
+        for topic in topics:
+            self._subscribers.setdefault(topic, set()).add(link)
+        if link.pump is None:
+            link.wake = asyncio.Event()
+            link.pump = asyncio.get_running_loop().create_task(self._pump(link))
+        return sorted(session.topics)
+
+    def unsubscribe(self, session: Session, topics: list[str]) -> list[str]:
+        link = session.owner
+        for topic in topics:
+            session.topics.discard(topic)
+            subs = self._subscribers.get(topic)
+            if subs is not None and isinstance(link, _Link):
+                subs.discard(link)
+                if not subs:
+                    del self._subscribers[topic]
+        return sorted(session.topics)
+
+    def _unsubscribe_all(self, link: _Link, session: Session) -> None:
+        for topic in session.topics:
+            subs = self._subscribers.get(topic)
+            if subs is not None:
+                subs.discard(link)
+                if not subs:
+                    del self._subscribers[topic]
+
+    def publish(self, topic: str, payload: Any) -> int:
+        """Queue an event for every subscribed connection; returns how many."""
+        subs = self._subscribers.get(topic)
+        if not subs:
+            return 0
+        cap = self.config.event_queue
+        for link in subs:
+            if len(link.events) >= cap:
+                link.events.popleft()
+                link.dropped += 1
+            link.events.append((topic, payload))
+            if link.wake is not None:
+                link.wake.set()
+        return len(subs)
+
+    async def _pump(self, link: _Link) -> None:
+        assert link.wake is not None
+        channel = link.channel
+        while not channel.closed:
+            await link.wake.wait()
+            link.wake.clear()
+            while link.events and not channel.closed:
+                topic, payload = link.events.popleft()
+                dropped, link.dropped = link.dropped, 0
+                try:
+                    channel.send(Event(topic, payload, dropped))
+                except LocalProtocolError as exc:
+                    log.error("event on %s cannot be sent: %s", topic, exc)
+                await channel.drain()
+
+
+# -- builtin calls ---------------------------------------------------------
+async def _sys_ping(ctx: CallContext) -> str:
+    return "pong"
+
+
+async def _sys_time(ctx: CallContext) -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
+    p = ctx.principal
+    return {
+        "kind": p.kind, "login": p.login, "id": p.id, "rights": sorted(p.rights),
+        "ip": ctx.ip, "sid": ctx.sid, "proxied": ctx.session.proxied,
+    }
+
+
+async def _sys_calls(ctx: CallContext) -> list[dict[str, Any]]:
+    return ctx.session.table.describe()
+
+
+async def _session_logout(ctx: CallContext) -> bool:
+    ctx.service.logout(ctx.session)
+    return True
+
+
+async def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+    return ctx.service.subscribe(ctx.session, topics)
+
+
+async def _events_unsubscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+    return ctx.service.unsubscribe(ctx.session, topics)
+
+
+async def _proxy_login(ctx: CallContext, login: str, cnonce: bytes, ip: str) -> dict[str, Any]:
+    if len(cnonce) != scram.NONCE_BYTES:
+        raise CallFailed(E.BAD_ARGS, f"cnonce must be {scram.NONCE_BYTES} bytes")
+    snonce = secrets.token_bytes(scram.NONCE_BYTES)
+    pending = await ctx.service.begin_login("user", login, cnonce, snonce, ip)
+    handle = ctx.service.add_proxy_login(pending)
+    return {"handle": handle, "nonce": snonce, "salt": pending.verifier.salt, "iter": pending.verifier.iterations}
+
+
+async def _proxy_proof(ctx: CallContext, handle: bytes, proof: bytes) -> dict[str, Any]:
+    pending = ctx.service.take_proxy_login(handle)
+    if pending is None:
+        raise CallFailed(E.AUTH_FAILED, "login failed")
+    session, signature = ctx.service.finish_login(pending, proof, proxied=True)
+    return {"sid": session.sid, "sig": signature, "timeout": int(ctx.service.config.session_timeout)}
+
+
+def builtin_specs() -> list[CallSpec]:
+    """The calls every session may have (``module="builtin"``)."""
+    system = frozenset({"system"})
+    return [
+        CallSpec("sys.ping", _sys_ping, result="str", doc="Answers \"pong\"."),
+        CallSpec("sys.time", _sys_time, result="time", doc="The server's current time (UTC)."),
+        CallSpec("sys.whoami", _sys_whoami, result="map",
+                 doc="kind, login, id, rights, ip, sid and proxied flag of the calling session."),
+        CallSpec("sys.calls", _sys_calls, result="list",
+                 doc="This session's call table: name, args, result, right, kinds, module, doc, streaming, deleted."),
+        CallSpec("session.logout", _session_logout, result="bool",
+                 doc="End the session; its own connection then closes with bye logged_out."),
+        CallSpec("events.subscribe", _events_subscribe, args={"topics": "list"}, result="list",
+                 doc="Add topics; returns all topics now subscribed. Events arrive as event frames."),
+        CallSpec("events.unsubscribe", _events_unsubscribe, args={"topics": "list"}, result="list",
+                 doc="Remove topics; returns the topics still subscribed."),
+        CallSpec("session.proxy_login", _proxy_login, right=PROXY_RIGHT, kinds=system,
+                 args={"login": "str", "cnonce": "bytes", "ip": "ip"}, result="map",
+                 doc="Start a subscriber's login on their behalf: returns handle, nonce, salt, iter."),
+        CallSpec("session.proxy_proof", _proxy_proof, right=PROXY_RIGHT, kinds=system,
+                 args={"handle": "bytes", "proof": "bytes"}, result="map",
+                 doc="Finish a proxied login with the subscriber's ClientProof: returns sid, sig, timeout."),
+    ]

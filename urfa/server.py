@@ -1,0 +1,202 @@
+"""asyncio server transport for URFA: sockets on one side, an app on the other.
+
+Theory of operation
+-------------------
+``serve`` listens on TCP (optionally TLS) and/or a Unix socket.  Each
+accepted connection gets a ``ServerChannel``: an ``asyncio.Protocol`` that
+owns one sans-IO ``Connection`` (server role), sends the hello at once, arms
+the handshake deadline, and hands every decoded message to the application
+(``ServerApp.on_message``).  The app answers with ``channel.send(msg)``;
+outgoing frames are coalesced and written once per loop iteration.
+
+Everything read is bounded: the frame cap and decoder bound buffered input,
+the connection caps calls in flight, and reading pauses while our write
+buffer is over its high-water mark (a peer that does not read its answers
+stops being read).  On any protocol error the channel sends a ``bye`` with
+the error code and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl as ssl_module
+from dataclasses import dataclass
+from typing import Protocol
+
+from .connection import Closed, Connection, Role, State
+from .errors import LocalProtocolError, RemoteProtocolError
+from .framing import DEFAULT_MAX_FRAME
+from .messages import Bye, Hello, Message
+
+__all__ = ["DEFAULT_PORT", "ServerLimits", "ServerApp", "ServerChannel", "serve"]
+
+DEFAULT_PORT = 11758
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    handshake_timeout: float = 10.0
+    max_inflight: int = 64
+    write_high_water: int = 1 << 20
+    server_name: str = "billcore"
+
+
+class ServerApp(Protocol):
+    def on_open(self, channel: ServerChannel) -> None: ...
+    def on_message(self, channel: ServerChannel, msg: Message) -> None: ...
+    def on_close(self, channel: ServerChannel) -> None: ...
+
+
+class ServerChannel(asyncio.Protocol):
+    """One accepted connection."""
+
+    def __init__(self, app: ServerApp, limits: ServerLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.conn = Connection(
+            Role.SERVER, self.loop.time(), max_frame=limits.max_frame,
+            handshake_timeout=limits.handshake_timeout, max_inflight=limits.max_inflight,
+        )
+        self.nonce = secrets.token_bytes(16)
+        self.peer_ip = ""
+        self.state: object = None   # the app's per-connection state
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio callbacks -----------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else "unix"
+        self.conn.send(Hello(self.nonce, server=self.limits.server_name, max_frame=self.limits.max_frame))
+        self._flush()
+        self._timer = self.loop.call_at(self.conn.deadline or self.loop.time(), self._on_timer)
+        self.app.on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        try:
+            conn.receive_data(data)
+            while not self.closed:
+                msg = conn.next_event()
+                if msg is None:
+                    break
+                if isinstance(msg, Closed):
+                    self.close()
+                    break
+                self.app.on_message(self, msg)
+                if type(msg) is Bye:
+                    self.close()
+        except RemoteProtocolError as exc:
+            conn.fail(exc)
+            self.close()
+            return
+        if conn.state is State.OPEN and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule_flush()
+
+    def eof_received(self) -> bool | None:
+        self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._can_write.set()
+        self.closed = True
+        self.app.on_close(self)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- for the app -----------------------------------------------------
+    def send(self, msg: Message) -> bool:
+        """Queue a message; False if the connection is already closing."""
+        if self.closed or self.conn.state in (State.CLOSED, State.ERROR):
+            return False
+        self.conn.send(msg)
+        self._schedule_flush()
+        return True
+
+    def close(self, code: str | None = None, message: str = "") -> None:
+        """Close, telling the peer why with a bye when ``code`` is given."""
+        if self.closed:
+            return
+        if code is not None:
+            try:
+                self.conn.send(Bye(code, message))
+            except LocalProtocolError:
+                pass  # already in ERROR/CLOSED: the bye (if any) is queued
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def drain(self) -> None:
+        """Wait while our write buffer is over its high-water mark."""
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+
+    # -- internals -------------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+        if self.conn.state is State.ERROR and not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.conn.handle_timer(self.loop.time()):
+            self.close()
+
+
+async def serve(
+    app: ServerApp,
+    limits: ServerLimits = ServerLimits(),
+    *,
+    tcp: tuple[str, int] | None = None,
+    unix: str | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+) -> list[asyncio.Server]:
+    """Start listening; returns the servers (close them to stop accepting)."""
+    loop = asyncio.get_running_loop()
+    servers = []
+    if tcp is not None:
+        host, port = tcp
+        servers.append(await loop.create_server(
+            lambda: ServerChannel(app, limits), host, port, ssl=ssl,
+            ssl_handshake_timeout=limits.handshake_timeout if ssl else None,
+            reuse_address=True,
+        ))
+    if unix is not None:
+        servers.append(await loop.create_unix_server(lambda: ServerChannel(app, limits), unix))
+    if not servers:
+        raise ValueError("give tcp=(host, port) and/or unix=path")
+    return servers
