@@ -278,8 +278,14 @@ def _intervals(links: Sequence[ServiceLink], period: Period, now: datetime) -> l
 
 
 def period_fee(service: PeriodicService, period: Period, links: Sequence[ServiceLink]) -> int:
-    """What the links owe for the whole ``period``, scheduled changes included."""
-    return prorate(service.fee, period, _intervals(links, period, period.end))
+    """What one account's links to ``service`` owe for all of ``period``, scheduled changes included.
+
+    Links to other services are ignored; links of several accounts are refused.
+    """
+    mine = [link for link in links if link.service_id == service.service_id]
+    if len({link.account_id for link in mine}) > 1:
+        raise PeriodError("period_fee prorates the links of one account")
+    return prorate(service.fee, period, _intervals(mine, period, period.end))
 
 
 def _target(
