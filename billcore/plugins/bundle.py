@@ -150,7 +150,7 @@ def _read_zip(data: bytes) -> dict[str, bytes]:
             if info.is_dir():
                 continue
             mode = info.external_attr >> 16
-            if mode and not stat.S_ISREG(mode):
+            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # type bits absent: a plain file
                 raise BundleError(f"{info.filename}: only regular files are allowed in a plugin")
             if info.file_size > MAX_FILE_BYTES:
                 raise BundleError(f"{info.filename}: larger than {MAX_FILE_BYTES} bytes")
