@@ -1,0 +1,269 @@
+"""The append-only packet journal: what a worker received, before decoding.
+
+Theory of operation: every datagram is appended to the current segment file
+as one record
+
+    u32 body length | u32 crc32(body) | body
+    body = u64 receive time ns | u16 port | u8 address length (4/16) | u8 0
+           | address | payload
+
+and `append` returns the journal offset just past the record: a global byte
+offset over all segments, which is the worker's watermark. Committing
+watermark W with the core means "every record ending at or below W is
+charged"; a restarted worker replays from W with `JournalReader(dir, W)`.
+
+Segments are named after the global offset of their first byte, so a
+watermark maps to a file and a position by name alone. A segment rotates when
+it reaches `segment_bytes`. `flush()` writes and fsyncs; the caller decides
+how often (each batch), trading durability against fsync cost.
+
+A crash can tear the last record of the last segment (partly written or
+never fsynced). Opening a `Journal` truncates such a tail; a `JournalReader`
+stops before it. A bad record anywhere else is corruption and raises.
+
+`drop_below(W)` deletes segments that lie wholly below a committed watermark
+(list them first with `segments_below` to roll them into raw storage);
+`size` and `over_limit` account the bytes on disk against `max_bytes`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from netflow.errors import JournalCorrupt, JournalError
+from netflow.flows import Datagram
+
+SUFFIX = ".nfj"
+FRAME = struct.Struct(">II")
+META = struct.Struct(">QHBB")
+MAX_PAYLOAD = 65535
+MAX_BODY = META.size + 16 + MAX_PAYLOAD
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    offset: int  # where the record starts
+    end: int  # the watermark that covers it
+    datagram: Datagram
+
+
+def segment_name(base: int) -> str:
+    return f"{base:020d}{SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    out = []
+    for path in directory.iterdir():
+        if path.suffix == SUFFIX and path.stem.isdigit() and len(path.stem) == 20:
+            out.append((int(path.stem), path))
+    return sorted(out)
+
+
+def encode_record(received_ns: int, exporter: str, port: int, payload: bytes) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise JournalError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    addr = _packed(exporter)
+    body = META.pack(received_ns, port, len(addr), 0) + addr + payload
+    return FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+@lru_cache(maxsize=4096)
+def _packed(exporter: str) -> bytes:
+    try:
+        return ipaddress.ip_address(exporter).packed
+    except ValueError as exc:
+        raise JournalError(f"not an exporter address: {exporter!r}") from exc
+
+
+def decode_body(body: bytes) -> Datagram:
+    received_ns, port, addr_len, _ = META.unpack_from(body)
+    if addr_len not in (4, 16) or len(body) < META.size + addr_len:
+        raise JournalCorrupt("journal record has a bad address length")
+    addr = body[META.size : META.size + addr_len]
+    exporter = str(ipaddress.ip_address(addr))
+    return Datagram(exporter, body[META.size + addr_len :], port, received_ns)
+
+
+def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
+    """Records of one segment's bytes; stops silently at a torn or bad record.
+
+    The caller decides whether stopping early was a torn tail or corruption
+    by comparing the last `end` with the segment's length.
+    """
+    pos = 0
+    while len(data) - pos >= FRAME.size:
+        length, crc = FRAME.unpack_from(data, pos)
+        start = pos + FRAME.size
+        if length < META.size + 4 or length > MAX_BODY or start + length > len(data):
+            return
+        body = data[start : start + length]
+        if zlib.crc32(body) != crc:
+            return
+        end = start + length
+        yield JournalRecord(base + pos, base + end, decode_body(body))
+        pos = end
+
+
+class Journal:
+    """Writer side. One process owns a journal directory."""
+
+    def __init__(self, directory: str | Path, segment_bytes: int = 64 << 20, max_bytes: int = 16 << 30) -> None:
+        if segment_bytes < 1 << 16:
+            raise JournalError("segments must hold at least one maximum datagram")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        segments = list_segments(self.directory)
+        self._closed_bytes = sum(p.stat().st_size for _, p in segments[:-1])
+        if segments:
+            base, path = segments[-1]
+            self.torn_bytes = self._recover(base, path)
+        else:
+            base = 0
+            self.torn_bytes = 0
+            self._create(base)
+        self._base = base
+        self._file = open(self.directory / segment_name(base), "ab")
+        self._position = self._file.tell()
+        self._dirty = False
+
+    @staticmethod
+    def _recover(base: int, path: Path) -> int:
+        """Cut a torn tail off the last segment; return how many bytes went."""
+        data = path.read_bytes()
+        good = 0
+        for record in scan_segment(data, base):
+            good = record.end - base
+        if good < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+        return len(data) - good
+
+    def _create(self, base: int) -> None:
+        path = self.directory / segment_name(base)
+        with open(path, "xb") as f:
+            os.fsync(f.fileno())
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @property
+    def offset(self) -> int:
+        """The watermark just past the last appended record."""
+        return self._base + self._position
+
+    @property
+    def size(self) -> int:
+        return self._closed_bytes + self._position
+
+    @property
+    def over_limit(self) -> bool:
+        return self.size > self.max_bytes
+
+    def append(self, received_ns: int, exporter: str, port: int, payload: bytes) -> int:
+        """Append one datagram; returns its watermark. Not durable until `flush`."""
+        record = encode_record(received_ns, exporter, port, payload)
+        if self._position and self._position + len(record) > self.segment_bytes:
+            self._rotate()
+        self._file.write(record)
+        self._position += len(record)
+        self._dirty = True
+        return self._base + self._position
+
+    def append_datagram(self, datagram: Datagram) -> int:
+        return self.append(datagram.received_ns, datagram.exporter, datagram.port, datagram.payload)
+
+    def flush(self) -> None:
+        """Write out and fsync everything appended so far."""
+        if self._dirty:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._dirty = False
+
+    def _rotate(self) -> None:
+        self.flush()
+        self._file.close()
+        self._closed_bytes += self._position
+        self._base += self._position
+        self._position = 0
+        self._create(self._base)
+        self._file = open(self.directory / segment_name(self._base), "ab")
+
+    def segments_below(self, watermark: int) -> list[Path]:
+        """Closed segments whose every record ends at or below `watermark`."""
+        segments = list_segments(self.directory)
+        out = []
+        for (base, path), (next_base, _) in zip(segments, segments[1:]):
+            if next_base <= watermark and base != self._base:
+                out.append(path)
+        return out
+
+    def drop_below(self, watermark: int) -> list[Path]:
+        """Delete the segments `segments_below` names; returns their paths."""
+        if watermark > self.offset:
+            raise JournalError(f"watermark {watermark} is beyond the journal end {self.offset}")
+        dropped = self.segments_below(watermark)
+        for path in dropped:
+            self._closed_bytes -= path.stat().st_size
+            path.unlink()
+        return dropped
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JournalReader:
+    """Replays records from a watermark to the end of what is on disk.
+
+    Reads one segment into memory at a time, so memory is bounded by the
+    writer's `segment_bytes`.
+    """
+
+    def __init__(self, directory: str | Path, start: int = 0) -> None:
+        self.directory = Path(directory)
+        self.start = start
+        self.torn_bytes = 0
+
+    def __iter__(self) -> Iterator[JournalRecord]:
+        segments = list_segments(self.directory)
+        if not segments:
+            if self.start:
+                raise JournalError(f"journal is empty but replay starts at {self.start}")
+            return
+        if self.start < segments[0][0]:
+            raise JournalError(f"watermark {self.start} is below the oldest segment {segments[0][0]}")
+        for n, (base, path) in enumerate(segments):
+            next_base = segments[n + 1][0] if n + 1 < len(segments) else None
+            if next_base is not None and next_base <= self.start:
+                continue
+            data = path.read_bytes()
+            skip = max(0, self.start - base)
+            if skip > len(data):
+                raise JournalError(f"watermark {self.start} is past the end of {path.name}")
+            end = base + skip
+            for record in scan_segment(data[skip:], base + skip):
+                end = record.end
+                yield record
+            if end < base + len(data):
+                if next_base is not None:
+                    raise JournalCorrupt(f"bad record at offset {end} in {path.name}")
+                self.torn_bytes = base + len(data) - end
