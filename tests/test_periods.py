@@ -32,8 +32,9 @@ UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def local(*args: int) -> datetime:
-    return datetime(*args, tzinfo=BERLIN).astimezone(UTC)
+def local(year: int, month: int, day: int, hour: int = 0) -> datetime:
+    """A Berlin wall-clock time, as the UTC instant it names."""
+    return datetime(year, month, day, hour, tzinfo=BERLIN).astimezone(UTC)
 
 
 def starts(spec: PeriodSpec, first: datetime, count: int) -> list[date]:

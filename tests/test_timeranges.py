@@ -23,8 +23,8 @@ WORKDAY = TimeRange(2, 5, (Window(WEEKDAYS, 8 * 60, 20 * 60),))
 HOLIDAY = TimeRange(3, 50, dates=frozenset({date(2024, 5, 1)}))
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def chosen(ranges: tuple[TimeRange, ...], instant: datetime, tz: ZoneInfo = BERLIN) -> int:
