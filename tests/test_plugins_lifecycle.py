@@ -274,3 +274,18 @@ async def test_plugin_calls_manage_plugins_over_urfa(env: Env) -> None:
     assert "plugins.load" not in env.registry.snapshot("user", ALL).names()
     reader.close()
     admin.close()
+
+
+async def test_two_concurrent_loads_of_one_plugin_load_it_once(env: Env) -> None:
+    d = env.plugin("twice", calls=["twice.x"], init="""\
+        async def x(ctx):
+            return 1
+        async def setup(api):
+            import asyncio
+            await asyncio.sleep(0.02)
+            api.register_call("twice.x", x)
+        """)
+    results = await asyncio.gather(env.manager.load(d, NOW), env.manager.load(d, NOW),
+                                   return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["PluginStateError", "dict"]
+    assert env.manager.get("twice")["state"] == "loaded"  # type: ignore[index]

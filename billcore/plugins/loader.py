@@ -102,6 +102,7 @@ class PluginManager:
         self.log = log or logging.getLogger("billcore.plugins")
         self._plugins: dict[str, _Plugin] = {}
         self._finishing: set[asyncio.Future[Any]] = set()
+        self._loading: set[str] = set()
         self._chained: Callable[[str], None] | None = registry.on_module_idle
         registry.on_module_idle = self._on_module_idle
 
@@ -177,6 +178,17 @@ class PluginManager:
         """Verify and start the plugin at ``path`` (directory or archive); return its ``list()`` record."""
         bundle = await asyncio.to_thread(read_bundle, path)
         manifest, licence = self._verify(bundle, now)
+        name = manifest.name
+        if name in self._loading:
+            raise PluginStateError(f"{name} is being loaded already")
+        self._loading.add(name)
+        try:
+            return await self._load_verified(bundle, manifest, licence, config)
+        finally:
+            self._loading.discard(name)
+
+    async def _load_verified(self, bundle: PluginBundle, manifest: Manifest, licence: Licence,
+                             config: Mapping[str, Any] | None) -> dict[str, Any]:
         name = manifest.name
         # Recorded before any plugin code runs: a version that crashes the
         # core during setup still cannot be rolled back to an older one.
