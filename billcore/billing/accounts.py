@@ -1,0 +1,248 @@
+"""Subscribers (users) and their accounts.
+
+Theory of operation
+-------------------
+A user logs in with a SCRAM verifier (never a password) and owns accounts;
+``create_user`` also opens the *basic* account (a partial unique index
+keeps one per user).  Deleting a user is a soft delete (``deleted_at``): the
+ledger must keep referring to its accounts.
+
+Account settings that change the debt rule — credit and the unlimited flag —
+lock the account and re-sync its system block in the same transaction, and
+return the block change for the caller to publish after commit.  Every
+write returns ``(before, after)`` snapshots for the audit log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from billcore.billing.blocks import BlockChange, sync_system_block
+from billcore.billing.errors import InvariantViolation
+from billcore.billing.ledger import lock_accounts, utcnow
+from billcore.billing.ledger_errors import (
+    AmountError, InvalidValue, LoginTaken, UnknownAccount, UnknownUser,
+)
+from billcore.billing.money import MAX_AMOUNT
+from urfa.scram import Verifier
+
+__all__ = [
+    "USER_FIELDS",
+    "AccountChange",
+    "create_user",
+    "edit_user",
+    "delete_user",
+    "get_user",
+    "search_users",
+    "set_verifier",
+    "create_account",
+    "get_account",
+    "user_accounts",
+    "edit_account",
+]
+
+USER_FIELDS = ("full_name", "email", "phone", "address", "external_id")
+MAX_FIELD = 1000
+MAX_CREDIT = 10**13
+MAX_PAGE = 1000
+_LOGIN = re.compile(r"[A-Za-z0-9_.@+-]{1,128}", re.ASCII)
+_USER_COLS = "id, login, full_name, email, phone, address, external_id, created_at, deleted_at"
+_ACCOUNT_COLS = "id, user_id, is_basic, balance, credit, vat_bp, unlimited, status, created_at"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountChange:
+    before: dict[str, Any]
+    after: dict[str, Any]
+    block_changes: tuple[BlockChange, ...]
+
+
+def check_login(login: object) -> str:
+    if type(login) is not str or not _LOGIN.fullmatch(login):
+        raise InvalidValue("login: 1..128 characters of letters, digits and _ . @ + -")
+    return login
+
+
+def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    for name, value in fields.items():
+        if name not in USER_FIELDS:
+            raise InvalidValue(f"unknown user field {name!r} (known: {', '.join(USER_FIELDS)})")
+        if name == "external_id" and value is None:
+            continue
+        if type(value) is not str or len(value) > MAX_FIELD:
+            raise InvalidValue(f"{name} must be a string of at most {MAX_FIELD} characters")
+    return fields
+
+
+def check_page(limit: object, offset: object) -> tuple[int, int]:
+    if type(limit) is not int or not 1 <= limit <= MAX_PAGE:
+        raise InvalidValue(f"limit must be an int in 1..{MAX_PAGE}")
+    if type(offset) is not int or not 0 <= offset <= 10**9:
+        raise InvalidValue("offset must be a non-negative int")
+    return limit, offset
+
+
+def _check_credit(credit: object) -> int:
+    if type(credit) is not int or not 0 <= credit <= MAX_CREDIT:
+        raise AmountError(f"credit must be int micro-units in 0..{MAX_CREDIT}")
+    return credit
+
+
+def _check_vat(vat_bp: object) -> int:
+    if type(vat_bp) is not int or not 0 <= vat_bp <= 10_000:
+        raise InvalidValue("vat_bp must be an int of basis points in 0..10000")
+    return vat_bp
+
+
+async def create_user(conn: asyncpg.Connection, login: str, verifier: Verifier,
+                      **fields: Any) -> dict[str, Any]:
+    """Create a user and its basic account; returns the user with ``basic_account_id``."""
+    check_login(login)
+    _check_fields(fields)
+    try:
+        async with conn.transaction():
+            cols = list(fields)
+            row = await conn.fetchrow(
+                f"INSERT INTO users(login, scram_salt, scram_iterations, scram_stored_key,"
+                f" scram_server_key{''.join(', ' + c for c in cols)})"
+                f" VALUES ($1, $2, $3, $4, $5{''.join(f', ${i + 6}' for i in range(len(cols)))})"
+                f" RETURNING {_USER_COLS}",
+                login, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
+                *fields.values())
+            acc = await conn.fetchval(
+                "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", row["id"])
+    except asyncpg.UniqueViolationError as exc:
+        raise LoginTaken(f"login or external id already taken ({exc.constraint_name})") from None
+    return {**dict(row), "basic_account_id": acc}
+
+
+async def get_user(conn: asyncpg.Connection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
+    if type(user_id) is not int:
+        raise InvalidValue("user id must be an int")
+    row = await conn.fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
+    if row is None or (row["deleted_at"] is not None and not include_deleted):
+        raise UnknownUser(f"user {user_id} does not exist")
+    return dict(row)
+
+
+async def edit_user(conn: asyncpg.Connection, user_id: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Change contact fields; returns (before, after)."""
+    _check_fields(fields)
+    if not fields:
+        raise InvalidValue("nothing to change")
+    try:
+        async with conn.transaction():
+            before = await conn.fetchrow(
+                f"SELECT {_USER_COLS} FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", user_id)
+            if before is None:
+                raise UnknownUser(f"user {user_id} does not exist")
+            sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(fields))
+            after = await conn.fetchrow(
+                f"UPDATE users SET {sets} WHERE id = $1 RETURNING {_USER_COLS}", user_id, *fields.values())
+    except asyncpg.UniqueViolationError:
+        raise LoginTaken("external id already taken") from None
+    return dict(before), dict(after)
+
+
+async def set_verifier(conn: asyncpg.Connection, user_id: int, verifier: Verifier) -> None:
+    """Store a new SCRAM verifier (password change)."""
+    done = await conn.fetchval(
+        "UPDATE users SET scram_salt = $2, scram_iterations = $3, scram_stored_key = $4,"
+        " scram_server_key = $5 WHERE id = $1 AND deleted_at IS NULL RETURNING id",
+        user_id, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key)
+    if done is None:
+        raise UnknownUser(f"user {user_id} does not exist")
+
+
+async def delete_user(conn: asyncpg.Connection, user_id: int, *, now: dt.datetime | None = None,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Soft delete; returns (before, after).  Deleting twice is ``UnknownUser``."""
+    async with conn.transaction():
+        before = await get_user(conn, user_id)
+        after = await conn.fetchrow(
+            f"UPDATE users SET deleted_at = $2 WHERE id = $1 RETURNING {_USER_COLS}",
+            user_id, now or utcnow())
+    return before, dict(after)
+
+
+async def search_users(conn: asyncpg.Connection, text: str = "", *, limit: int = 50, offset: int = 0,
+                       include_deleted: bool = False) -> dict[str, Any]:
+    """Users whose login, name, e-mail, phone, address or external id contains
+    ``text`` (case-insensitive); ``{"total", "users"}``, ordered by id."""
+    if type(text) is not str or len(text) > 200:
+        raise InvalidValue("search text must be a string of at most 200 characters")
+    check_page(limit, offset)
+    pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    where = ("($1 = '%%' OR login ILIKE $1 OR full_name ILIKE $1 OR email ILIKE $1 OR phone ILIKE $1"
+             " OR address ILIKE $1 OR coalesce(external_id, '') ILIKE $1)"
+             " AND ($2::bool OR deleted_at IS NULL)")
+    total = await conn.fetchval(f"SELECT count(*) FROM users WHERE {where}", pattern, include_deleted)
+    rows = await conn.fetch(
+        f"SELECT {_USER_COLS} FROM users WHERE {where} ORDER BY id LIMIT $3 OFFSET $4",
+        pattern, include_deleted, limit, offset)
+    return {"total": total, "users": [dict(r) for r in rows]}
+
+
+async def create_account(conn: asyncpg.Connection, user_id: int, *, credit: int = 0, vat_bp: int = 0,
+                         unlimited: bool = False) -> dict[str, Any]:
+    """Open a further (non-basic) account for a live user."""
+    _check_credit(credit)
+    _check_vat(vat_bp)
+    if type(unlimited) is not bool:
+        raise InvalidValue("unlimited must be a bool")
+    async with conn.transaction():
+        await get_user(conn, user_id)
+        row = await conn.fetchrow(
+            f"INSERT INTO accounts(user_id, credit, vat_bp, unlimited) VALUES ($1, $2, $3, $4)"
+            f" RETURNING {_ACCOUNT_COLS}", user_id, credit, vat_bp, unlimited)
+    return dict(row)
+
+
+async def get_account(conn: asyncpg.Connection, account_id: int) -> dict[str, Any]:
+    if type(account_id) is not int:
+        raise InvalidValue("account id must be an int")
+    row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = $1", account_id)
+    if row is None:
+        raise UnknownAccount(f"account {account_id} does not exist")
+    return dict(row)
+
+
+async def user_accounts(conn: asyncpg.Connection, user_id: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE user_id = $1 ORDER BY id", user_id)
+    return [dict(r) for r in rows]
+
+
+async def edit_account(conn: asyncpg.Connection, account_id: int, *, actor: str,
+                       now: dt.datetime | None = None, credit: int | None = None,
+                       vat_bp: int | None = None, unlimited: bool | None = None) -> AccountChange:
+    """Change credit, VAT rate or the unlimited flag; re-syncs the system block."""
+    changes: dict[str, Any] = {}
+    if credit is not None:
+        changes["credit"] = _check_credit(credit)
+    if vat_bp is not None:
+        changes["vat_bp"] = _check_vat(vat_bp)
+    if unlimited is not None:
+        if type(unlimited) is not bool:
+            raise InvalidValue("unlimited must be a bool")
+        changes["unlimited"] = unlimited
+    if not changes:
+        raise InvalidValue("nothing to change")
+    if type(account_id) is not int:
+        raise InvalidValue("account id must be an int")
+    async with conn.transaction():
+        await lock_accounts(conn, [account_id])
+        before = await get_account(conn, account_id)
+        sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(changes))
+        after = await conn.fetchrow(
+            f"UPDATE accounts SET {sets} WHERE id = $1 RETURNING {_ACCOUNT_COLS}",
+            account_id, *changes.values())
+        if after["balance"] != before["balance"] or not -MAX_AMOUNT <= after["balance"] <= MAX_AMOUNT:
+            raise InvariantViolation("editing settings changed the balance")
+        change = await sync_system_block(conn, account_id, actor=actor, now=now or utcnow())
+    return AccountChange(before, dict(after), (change,) if change else ())

@@ -1,0 +1,167 @@
+"""Account blocks: administrative, user and system.
+
+Theory of operation
+-------------------
+A block is a row in ``blocks``; it is *active* while ``lifted_at`` is NULL,
+and a partial unique index allows one active block of each kind per
+account.  An account with any active block is blocked (RADIUS refuses it).
+
+* ``admin``  — set and lifted by an operator.
+* ``user``   — the subscriber's own "internet off" switch.
+* ``system`` — automatic, for debt.  Never set or lifted by hand: only
+  ``sync_system_block`` touches it, and only it.
+
+The debt rule (``in_debt``): an account that is not unlimited is in debt
+when ``balance < -(credit + active promised credit)``.  ``sync_system_block``
+makes the system block agree with that rule and returns what it changed;
+every ledger posting and every credit/unlimited/promised change calls it
+with the account row locked (``FOR UPDATE``), so two transactions never race
+on the same block.  Setting or lifting returns a ``BlockChange``; callers
+publish it after their transaction commits (``BlockChange.event()``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from billcore.billing.errors import InvariantViolation
+from billcore.billing.ledger_errors import BlockRefused, InvalidValue, UnknownAccount
+
+__all__ = [
+    "BLOCK_KINDS",
+    "MANUAL_KINDS",
+    "BlockChange",
+    "active_promised",
+    "in_debt",
+    "lift_block",
+    "list_blocks",
+    "set_block",
+    "sync_system_block",
+]
+
+BLOCK_KINDS = frozenset({"admin", "user", "system"})
+MANUAL_KINDS = frozenset({"admin", "user"})
+MAX_REASON = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class BlockChange:
+    """One block set or lifted: what RADIUS and plugins hear about."""
+
+    account_id: int
+    kind: str
+    action: str          # "set" | "lifted"
+    block_id: int
+    reason: str
+    at: dt.datetime
+    by: str
+
+    def event(self) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id, "kind": self.kind, "action": self.action,
+            "block_id": self.block_id, "reason": self.reason, "at": self.at, "by": self.by,
+        }
+
+
+def in_debt(balance: int, credit: int, promised: int, unlimited: bool) -> bool:
+    """THE automatic-blocking rule."""
+    return not unlimited and balance < -(credit + promised)
+
+
+async def active_promised(conn: asyncpg.Connection, account_id: int, now: dt.datetime) -> int:
+    """Sum of the account's promised credit that is open and not yet expired."""
+    value = await conn.fetchval(
+        "SELECT coalesce(sum(amount), 0)::bigint FROM promised_payments"
+        " WHERE account_id = $1 AND closed_at IS NULL AND expires_at > $2",
+        account_id, now)
+    return int(value)
+
+
+def _check_kind(kind: object, allowed: frozenset[str]) -> str:
+    if type(kind) is not str or kind not in allowed:
+        raise BlockRefused(f"block kind must be one of {sorted(allowed)}, got {kind!r}")
+    return kind
+
+
+def _check_reason(reason: object) -> str:
+    if type(reason) is not str or len(reason) > MAX_REASON:
+        raise InvalidValue(f"reason must be a string of at most {MAX_REASON} characters")
+    return reason
+
+
+async def _lock_account(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "SELECT id, balance, credit, unlimited FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+    if row is None:
+        raise UnknownAccount(f"account {account_id} does not exist")
+    return row
+
+
+async def _insert(conn: asyncpg.Connection, account_id: int, kind: str, reason: str,
+                  by: str, now: dt.datetime) -> BlockChange | None:
+    block_id = await conn.fetchval(
+        "INSERT INTO blocks(account_id, kind, reason, set_at, set_by) VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (account_id, kind) WHERE lifted_at IS NULL DO NOTHING RETURNING id",
+        account_id, kind, reason, now, by)
+    if block_id is None:
+        return None
+    return BlockChange(account_id, kind, "set", block_id, reason, now, by)
+
+
+async def _lift(conn: asyncpg.Connection, account_id: int, kind: str, by: str,
+                now: dt.datetime) -> BlockChange | None:
+    row = await conn.fetchrow(
+        "UPDATE blocks SET lifted_at = $3, lifted_by = $4"
+        " WHERE account_id = $1 AND kind = $2 AND lifted_at IS NULL RETURNING id, reason",
+        account_id, kind, now, by)
+    if row is None:
+        return None
+    return BlockChange(account_id, kind, "lifted", row["id"], row["reason"], now, by)
+
+
+async def set_block(conn: asyncpg.Connection, account_id: int, kind: str, *, actor: str,
+                    reason: str = "", now: dt.datetime) -> BlockChange | None:
+    """Set an ``admin`` or ``user`` block; ``None`` if one was already active."""
+    _check_kind(kind, MANUAL_KINDS)
+    _check_reason(reason)
+    async with conn.transaction():
+        await _lock_account(conn, account_id)
+        return await _insert(conn, account_id, kind, reason, actor, now)
+
+
+async def lift_block(conn: asyncpg.Connection, account_id: int, kind: str, *, actor: str,
+                     now: dt.datetime) -> BlockChange | None:
+    """Lift the active ``admin`` or ``user`` block; ``None`` if there was none."""
+    _check_kind(kind, MANUAL_KINDS)
+    async with conn.transaction():
+        await _lock_account(conn, account_id)
+        return await _lift(conn, account_id, kind, actor, now)
+
+
+async def sync_system_block(conn: asyncpg.Connection, account_id: int, *, actor: str,
+                            now: dt.datetime) -> BlockChange | None:
+    """Make the system block agree with the debt rule.  The caller holds the
+    account's row lock (this re-locks it, which is free) inside its transaction."""
+    if not conn.is_in_transaction():
+        raise InvariantViolation("sync_system_block must run inside the caller's transaction")
+    acc = await _lock_account(conn, account_id)
+    promised = await active_promised(conn, account_id, now)
+    debt = in_debt(acc["balance"], acc["credit"], promised, acc["unlimited"])
+    if debt:
+        reason = f"balance {acc['balance']} below -(credit {acc['credit']} + promised {promised})"
+        return await _insert(conn, account_id, "system", reason, actor, now)
+    return await _lift(conn, account_id, "system", actor, now)
+
+
+async def list_blocks(conn: asyncpg.Connection, account_ids: list[int], *,
+                      active_only: bool = False, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, account_id, kind, reason, set_at, set_by, lifted_at, lifted_by FROM blocks"
+        " WHERE account_id = ANY($1::bigint[]) AND ($2::bool IS FALSE OR lifted_at IS NULL)"
+        " ORDER BY id DESC LIMIT $3 OFFSET $4",
+        account_ids, active_only, limit, offset)
+    return [dict(r) for r in rows]
