@@ -144,7 +144,7 @@ class PluginAPI:
         if not callable(coro_fn):
             raise PluginError(f"{self.name}: scheduled task is not callable")
         self._tasks.append(ScheduledTask(float(interval_seconds), coro_fn,
-                                         name or getattr(coro_fn, "__name__", "task")))
+                                         name or str(getattr(coro_fn, "__name__", "task"))))
 
     def resource(self, path: str) -> bytes:
         """A data file shipped in the plugin (verified bytes, e.g. ``"templates/mail.txt"``)."""

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 
 from .errors import PluginDatabaseError
 
@@ -48,7 +48,7 @@ class PluginConnection:
         self._conn = conn
 
     async def execute(self, sql: str, *args: Any) -> str:
-        return await self._conn.execute(sql, *args)
+        return str(await self._conn.execute(sql, *args))
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._conn.fetch(sql, *args)]

@@ -24,7 +24,7 @@ import importlib.util
 import linecache
 import sys
 from collections.abc import Mapping, Sequence
-from types import ModuleType
+from types import CodeType, ModuleType
 
 __all__ = ["SourceImporter"]
 
@@ -81,7 +81,7 @@ class SourceImporter(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
         rel, source = self._lookup(fullname)
         return importlib.util.decode_source(source)
 
-    def get_code(self, fullname: str):  # type: ignore[override]
+    def get_code(self, fullname: str) -> CodeType:
         rel, source = self._lookup(fullname)
         filename = self._filename(rel)
         text = importlib.util.decode_source(source)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import nacl.exceptions
 import nacl.signing
 
@@ -97,15 +97,15 @@ class Licence:
     def signed_message(self) -> bytes:
         terms = [LICENCE_FORMAT, self.plugin, self.version, self.key_id, self.digest,
                  self.not_before, self.not_after, self.installation_id]
-        return LICENCE_DOMAIN + msgpack.packb(terms, use_bin_type=True)
+        return LICENCE_DOMAIN + bytes(msgpack.packb(terms, use_bin_type=True))
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb({
+        return bytes(msgpack.packb({
             "format": LICENCE_FORMAT, "plugin": self.plugin, "version": self.version,
             "key_id": self.key_id, "digest": self.digest, "not_before": self.not_before,
             "not_after": self.not_after, "installation_id": self.installation_id,
             "signature": self.signature,
-        }, use_bin_type=True)
+        }, use_bin_type=True))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Licence:
