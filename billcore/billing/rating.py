@@ -304,47 +304,77 @@ def _check_quantity(value: int, what: str) -> int:
     return value
 
 
+_Key = tuple[int, int, int, int, datetime]
+"""CounterKey's fields as a plain tuple, for the hot loop."""
+
+
 class _Resolver:
-    """Per-call caches of the pure lookups rating repeats for every aggregate."""
+    """Per-call caches of the pure lookups that rating repeats for every aggregate.
+
+    A batch has few distinct bucket timestamps and each account many
+    aggregates, so resolving once per distinct input is most of the speed.
+    Periods are cached by the spec's identity: equal specs that are distinct
+    objects only miss the cache, they never share a wrong entry.
+    """
 
     def __init__(self, book: RatingBook) -> None:
         self.book = book
-        self._periods: dict[tuple[PeriodSpec, datetime], Period] = {}
-        self._ranges: dict[datetime, int] = {}
+        self._periods: dict[tuple[int, datetime], Period] = {}
+        self._instants: dict[datetime, tuple[datetime, int]] = {}
+        self._routes: dict[tuple[int, int | None, bool], tuple[AccountPlan, ServiceTariff] | str] = {}
 
     def period(self, spec: PeriodSpec, at: datetime) -> Period:
-        found = self._periods.get((spec, at))
+        found = self._periods.get((id(spec), at))
         if found is None:
             found = period_containing(spec, at, self.book.tz)
-            self._periods[(spec, at)] = found
+            self._periods[(id(spec), at)] = found
         return found
 
-    def range_id(self, at: datetime) -> int:
-        found = self._ranges.get(at)
+    def instant(self, at: datetime) -> tuple[datetime, int]:
+        """(UTC instant, selected range id or ANY_RANGE) of a usage timestamp."""
+        found = self._instants.get(at)
         if found is None:
-            chosen = select(self.book.timeranges, at, self.book.tz)
-            found = ANY_RANGE if chosen is None else chosen.range_id
-            self._ranges[at] = found
+            utc = _aware_utc(at, "at")
+            chosen = select(self.book.timeranges, utc, self.book.tz)
+            found = (utc, ANY_RANGE if chosen is None else chosen.range_id)
+            self._instants[at] = found
         return found
 
-    def service(self, plan: AccountPlan, wanted: int | None, kind: ServiceKind) -> ServiceTariff | str:
+    def route(
+        self, account_id: int, wanted: int | None, kind: ServiceKind
+    ) -> tuple[AccountPlan, ServiceTariff] | str:
+        """The account's plan and metered service for usage of ``kind``, or a reject reason."""
+        cache_key = (account_id, wanted, kind is ServiceKind.TRAFFIC)  # Enum.__hash__ is slow
+        found = self._routes.get(cache_key)
+        if found is None:
+            found = self._route(account_id, wanted, kind)
+            self._routes[cache_key] = found
+        return found
+
+    def _route(
+        self, account_id: int, wanted: int | None, kind: ServiceKind
+    ) -> tuple[AccountPlan, ServiceTariff] | str:
+        plan = self.book.accounts.get(account_id)
+        if plan is None:
+            return "unknown_account"
         services = self.book.services
         if wanted is not None:
             tariff = services.get(wanted)
-            ok = tariff is not None and wanted in plan.service_ids and tariff.kind is kind
-            return tariff if tariff is not None and ok else "no_service"
+            if tariff is None or wanted not in plan.service_ids or tariff.kind is not kind:
+                return "no_service"
+            return plan, tariff
         matches = [services[s] for s in plan.service_ids if s in services and services[s].kind is kind]
         if len(matches) != 1:
             return "no_service" if not matches else "ambiguous_service"
-        return matches[0]
+        return plan, matches[0]
 
 
 def _session_pieces(
     usage: SessionUsage, plan: AccountPlan, tariff: ServiceTariff, resolver: _Resolver
-) -> list[tuple[CounterKey, int, Meter]] | str:
+) -> list[tuple[_Key, int, Meter]] | str:
     start = usage.start.astimezone(timezone.utc)
     end = start + timedelta(seconds=usage.seconds)
-    pieces: list[tuple[CounterKey, int, Meter]] = []
+    pieces: list[tuple[_Key, int, Meter]] = []
     cursor = start
     for _ in range(MAX_SESSION.days + 2):  # at most one accounting period per day
         if cursor >= end:
@@ -355,7 +385,7 @@ def _session_pieces(
             found = tariff.meter_for(TIME_CLASS, piece.range_id)
             if found is None:
                 return "no_rate"
-            key = CounterKey(plan.account_id, tariff.service_id, TIME_CLASS, found[0], period.start)
+            key = (plan.account_id, tariff.service_id, TIME_CLASS, found[0], period.start)
             pieces.append((key, piece.seconds, found[1]))
         cursor = piece_end
     if sum(seconds for _, seconds, _ in pieces) != usage.seconds:
@@ -374,41 +404,38 @@ def rate(
     if len(batch) > MAX_BATCH:
         raise UsageError(f"at most {MAX_BATCH} usage records per batch")
     resolver = _Resolver(tariffs)
-    deltas: dict[CounterKey, list[int]] = {}  # key -> [quantity], meter/plan kept aside
-    meters: dict[CounterKey, tuple[Meter, AccountPlan, ServiceKind]] = {}
+    # Keyed by plain tuples (C-level hash and eq); CounterKeys are built once per key.
+    deltas: dict[_Key, int] = {}
+    meters: dict[_Key, tuple[Meter, AccountPlan, ServiceKind]] = {}
     rejected: list[Rejected] = []
     latest = now + CLOCK_SKEW
+    traffic, time = ServiceKind.TRAFFIC, ServiceKind.TIME
     for usage in batch:
-        plan = tariffs.accounts.get(usage.account_id)
         if isinstance(usage, TrafficUsage):
             quantity = _check_quantity(usage.bytes, "bytes")
-            at = _aware_utc(usage.at, "at")
-            if plan is None or at > latest:
-                rejected.append(Rejected(usage, "unknown_account" if plan is None else "future"))
+            at, range_id = resolver.instant(usage.at)
+            route = resolver.route(usage.account_id, usage.service_id, traffic)
+            if isinstance(route, str) or at > latest:
+                rejected.append(Rejected(usage, route if isinstance(route, str) else "future"))
                 continue
-            tariff = resolver.service(plan, usage.service_id, ServiceKind.TRAFFIC)
-            if isinstance(tariff, str):
-                rejected.append(Rejected(usage, tariff))
-                continue
-            found = tariff.meter_for(usage.klass, resolver.range_id(at))
+            plan, tariff = route
+            found = tariff.meter_for(usage.klass, range_id)
             if found is None:
                 rejected.append(Rejected(usage, "no_rate"))
                 continue
             period = resolver.period(plan.period, at)
-            key = CounterKey(plan.account_id, tariff.service_id, usage.klass, found[0], period.start)
+            key = (plan.account_id, tariff.service_id, usage.klass, found[0], period.start)
             pieces = [(key, quantity, found[1])]
         elif isinstance(usage, SessionUsage):
             quantity = _check_quantity(usage.seconds, "seconds")
             start = _aware_utc(usage.start, "start")
             if start.microsecond or timedelta(seconds=quantity) > MAX_SESSION:
                 raise UsageError("a session piece starts on a whole second and is at most a year")
-            if plan is None or start + timedelta(seconds=quantity) > latest:
-                rejected.append(Rejected(usage, "unknown_account" if plan is None else "future"))
+            route = resolver.route(usage.account_id, usage.service_id, time)
+            if isinstance(route, str) or start + timedelta(seconds=quantity) > latest:
+                rejected.append(Rejected(usage, route if isinstance(route, str) else "future"))
                 continue
-            tariff = resolver.service(plan, usage.service_id, ServiceKind.TIME)
-            if isinstance(tariff, str):
-                rejected.append(Rejected(usage, tariff))
-                continue
+            plan, tariff = route
             split_pieces = _session_pieces(usage, plan, tariff, resolver)
             if isinstance(split_pieces, str):
                 rejected.append(Rejected(usage, split_pieces))
@@ -417,25 +444,26 @@ def rate(
         else:
             raise UsageError(f"not a usage record: {type(usage).__name__}")
         for key, amount, meter in pieces:
-            slot = deltas.get(key)
-            if slot is None:
-                deltas[key] = [amount]
+            total = deltas.get(key)
+            if total is None:
+                deltas[key] = amount
                 meters[key] = (meter, plan, tariff.kind)
             else:
-                slot[0] += amount
+                deltas[key] = total + amount
     return _book(deltas, meters, counters, rejected)
 
 
 def _book(
-    deltas: Mapping[CounterKey, list[int]],
-    meters: Mapping[CounterKey, tuple[Meter, AccountPlan, ServiceKind]],
+    deltas: Mapping[_Key, int],
+    meters: Mapping[_Key, tuple[Meter, AccountPlan, ServiceKind]],
     counters: Mapping[CounterKey, int],
     rejected: list[Rejected],
 ) -> RatingResult:
     entries: list[LedgerEntry] = []
     new_counters: dict[CounterKey, int] = {}
-    for key, (delta,) in deltas.items():
-        meter, plan, kind = meters[key]
+    for raw_key, delta in deltas.items():
+        meter, plan, kind = meters[raw_key]
+        key = CounterKey(*raw_key)
         before = _check_quantity(counters.get(key, 0), "counter")
         after = _check_quantity(before + delta, "counter after usage")
         new_counters[key] = after
