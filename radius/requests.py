@@ -1,0 +1,139 @@
+"""Turn a checked RADIUS request into the plain record a URFA call carries.
+
+Pure: raw packet bytes in, dicts of str/int/bytes out.  The core never sees
+RADIUS attributes, only these named fields, so the wire format stays at the
+edge.  PAP passwords are unhidden here (the core compares cleartexts); CHAP
+travels as (id, challenge, response) because only the core has the
+cleartext to compute MD5(id + password + challenge).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+from .auth import MalformedPacket, pap_unhide
+
+__all__ = ["raw_attributes", "auth_request", "accounting_record", "STATUS_NAMES"]
+
+STATUS_NAMES = {1: "start", 2: "stop", 3: "interim", 7: "on", 8: "off"}
+
+# attribute codes (RFC 2865, 2866, 2869)
+USER_NAME, USER_PASSWORD, CHAP_PASSWORD, NAS_IP, NAS_PORT = 1, 2, 3, 4, 5
+SERVICE_TYPE, FRAMED_PROTOCOL, FRAMED_IP = 6, 7, 8
+CALLED_STATION, CALLING_STATION, NAS_IDENTIFIER = 30, 31, 32
+STATUS_TYPE, DELAY_TIME, IN_OCTETS, OUT_OCTETS, SESSION_ID = 40, 41, 42, 43, 44
+SESSION_TIME, IN_PACKETS, OUT_PACKETS, TERMINATE_CAUSE, MULTI_SESSION = 46, 47, 48, 49, 50
+IN_GIGAWORDS, OUT_GIGAWORDS, EVENT_TIMESTAMP = 52, 53, 55
+CHAP_CHALLENGE, NAS_PORT_ID = 60, 87
+
+
+def raw_attributes(packet: bytes) -> dict[int, list[bytes]]:
+    """Attribute code → raw values, in order (framing already checked by
+    ``auth.parse_header``; vendor attributes stay under 26)."""
+    out: dict[int, list[bytes]] = {}
+    pos, end = 20, len(packet)
+    while pos < end:
+        code, length = packet[pos], packet[pos + 1]
+        out.setdefault(code, []).append(packet[pos + 2 : pos + length])
+        pos += length
+    return out
+
+
+def _text(attrs: dict[int, list[bytes]], code: int) -> str | None:
+    values = attrs.get(code)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _int(attrs: dict[int, list[bytes]], code: int) -> int | None:
+    values = attrs.get(code)
+    if not values:
+        return None
+    if len(values[0]) != 4:
+        raise MalformedPacket(f"attribute {code} is not a 4-octet integer")
+    return int(struct.unpack("!I", values[0])[0])
+
+
+def _ip(attrs: dict[int, list[bytes]], code: int) -> str | None:
+    values = attrs.get(code)
+    if not values:
+        return None
+    if len(values[0]) != 4:
+        raise MalformedPacket(f"attribute {code} is not an IPv4 address")
+    return str(ipaddress.IPv4Address(values[0]))
+
+
+def _common(attrs: dict[int, list[bytes]], nas_address: str) -> dict[str, Any]:
+    return {
+        "nas": nas_address,
+        "login": _text(attrs, USER_NAME),
+        "nas_ip": _ip(attrs, NAS_IP),
+        "nas_identifier": _text(attrs, NAS_IDENTIFIER),
+        "nas_port": _int(attrs, NAS_PORT),
+        "nas_port_id": _text(attrs, NAS_PORT_ID),
+        "calling_station_id": _text(attrs, CALLING_STATION),
+        "called_station_id": _text(attrs, CALLED_STATION),
+    }
+
+
+def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address: str) -> dict[str, Any]:
+    """The fields of an Access-Request for ``radius.authorize``.
+
+    Exactly one of ``password`` (PAP, cleartext) or ``chap`` is present;
+    a request with neither is passed on with ``method = "none"`` and the
+    core rejects it."""
+    attrs = raw_attributes(packet)
+    rec = _common(attrs, nas_address)
+    rec["service_type"] = _int(attrs, SERVICE_TYPE)
+    rec["framed_protocol"] = _int(attrs, FRAMED_PROTOCOL)
+    if USER_PASSWORD in attrs:
+        rec["method"] = "pap"
+        rec["password"] = pap_unhide(attrs[USER_PASSWORD][0], secret, authenticator)
+    elif CHAP_PASSWORD in attrs:
+        value = attrs[CHAP_PASSWORD][0]
+        if len(value) != 17:
+            raise MalformedPacket("CHAP-Password is not 17 octets")
+        challenge = attrs[CHAP_CHALLENGE][0] if CHAP_CHALLENGE in attrs else authenticator
+        rec["method"] = "chap"
+        rec["chap"] = {"id": value[0], "challenge": challenge, "response": value[1:]}
+    else:
+        rec["method"] = "none"
+    return rec
+
+
+def _counter(attrs: dict[int, list[bytes]], low: int, high: int) -> int | None:
+    lo = _int(attrs, low)
+    if lo is None:
+        return None
+    return ((_int(attrs, high) or 0) << 32) | lo
+
+
+def accounting_record(packet: bytes, nas_address: str, now: float) -> dict[str, Any]:
+    """The fields of an Accounting-Request for ``radius.accounting``.
+
+    Octet counters are 64-bit (Gigawords, RFC 2869 s.5.1).  ``event_time``
+    is Event-Timestamp, or ``now`` minus Acct-Delay-Time (RFC 2866 s.5.2)."""
+    attrs = raw_attributes(packet)
+    status = _int(attrs, STATUS_TYPE)
+    if status is None:
+        raise MalformedPacket("Accounting-Request without Acct-Status-Type")
+    rec = _common(attrs, nas_address)
+    stamp = _int(attrs, EVENT_TIMESTAMP)
+    event_time = float(stamp) if stamp is not None else now - (_int(attrs, DELAY_TIME) or 0)
+    rec.update(
+        status=STATUS_NAMES.get(status, str(status)),
+        session_id=_text(attrs, SESSION_ID),
+        multi_session_id=_text(attrs, MULTI_SESSION),
+        framed_ip=_ip(attrs, FRAMED_IP),
+        session_time=_int(attrs, SESSION_TIME),
+        input_octets=_counter(attrs, IN_OCTETS, IN_GIGAWORDS),
+        output_octets=_counter(attrs, OUT_OCTETS, OUT_GIGAWORDS),
+        input_packets=_int(attrs, IN_PACKETS),
+        output_packets=_int(attrs, OUT_PACKETS),
+        terminate_cause=_int(attrs, TERMINATE_CAUSE),
+        event_time=event_time,
+    )
+    if rec["status"] in ("start", "stop", "interim") and not rec["session_id"]:
+        raise MalformedPacket("Accounting-Request without Acct-Session-Id")
+    return rec

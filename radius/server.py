@@ -1,0 +1,405 @@
+"""The RADIUS server process: NAS datagrams in, core decisions out.
+
+Theory of operation
+-------------------
+pyrad gives us the dictionary and the reply codec (Response Authenticator,
+Message-Authenticator as the first attribute, Proxy-State handling).  The
+transport is ours, on purpose:
+
+* pyrad's ``ServerAsync`` binds with SO_REUSEPORT, so a second instance on
+  the same port silently takes half the traffic.  ``bind_udp`` binds without
+  SO_REUSEPORT/SO_REUSEADDR: a port already taken — by anyone, with or
+  without reuse — fails start with ``PortInUse`` naming the port.
+* pyrad's handlers are plain methods.  ``datagram_received`` here is plain
+  too, and does only cheap, bounded work: size and framing check, NAS
+  lookup, authenticator check (before any decoding), duplicate check
+  (``DedupCache``), then it starts one asyncio task per new request.  At most
+  ``max_inflight`` tasks run; a request over the cap is dropped and counted
+  (the NAS retransmits).
+* Status-Server (RFC 5997) is answered at once on both ports, never cached.
+* Every decision is the ``Decider``'s (the core, over URFA).  When it is
+  unreachable or slow, nothing is sent: the NAS retries or fails over, and
+  the dedup entry is dropped so the retry is decided afresh (accounting is
+  idempotent in the core).
+
+Every drop is counted in ``billcore_radius_dropped{reason}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+from pyrad.dictionary import Dictionary
+from pyrad.packet import AccessAccept, AccessReject, AccountingResponse, AcctPacket, AuthPacket
+
+from .auth import (
+    ACCESS_REQUEST,
+    ACCOUNTING_REQUEST,
+    MAX_PACKET,
+    STATUS_SERVER,
+    Header,
+    MalformedPacket,
+    message_authenticator_ok,
+    parse_header,
+    request_authenticator_ok,
+)
+from .dedup import DedupCache, DedupKey, Verdict
+from .requests import accounting_record, auth_request, raw_attributes
+
+__all__ = [
+    "Nas",
+    "NasTable",
+    "Decision",
+    "Decider",
+    "DecisionUnavailable",
+    "PortInUse",
+    "RadiusServer",
+    "bind_udp",
+    "load_dictionary",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+DICTIONARY_DIR = Path(__file__).parent / "dictionaries"
+
+REQUESTS = Counter("billcore_radius_requests", "RADIUS requests accepted for processing, by kind", ["kind"])
+DROPPED = Counter("billcore_radius_dropped", "RADIUS datagrams dropped without an answer, by reason", ["reason"])
+DUPLICATES = Counter("billcore_radius_duplicates", "Retransmissions answered from the duplicate cache")
+REPLIES = Counter("billcore_radius_replies", "RADIUS replies sent, by code", ["code"])
+INFLIGHT = Gauge("billcore_radius_inflight", "RADIUS requests being decided", multiprocess_mode="livesum")
+
+_REPLY_NAMES = {AccessAccept: "access_accept", AccessReject: "access_reject", AccountingResponse: "accounting_response"}
+
+
+class RadiusError(Exception):
+    """Root of the radius package's own errors."""
+
+
+class PortInUse(RadiusError):
+    """Another process (maybe another billcore radius) holds the port."""
+
+
+class DecisionUnavailable(RadiusError):
+    """The core could not be asked (down, reconnecting, timed out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Nas:
+    """A NAS device as the core describes it in ``radius.nas_list``."""
+
+    address: str
+    secret: bytes
+    name: str = ""
+    require_message_authenticator: bool = False
+    coa_port: int = 3799
+    disconnect_mode: str = "disconnect"  # or "coa": move to a blocked profile
+    blocked_profile: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_wire(cls, rec: dict[str, Any]) -> Nas:
+        secret = rec["secret"]
+        return cls(
+            address=str(ipaddress.ip_address(rec["address"])),
+            secret=secret.encode() if isinstance(secret, str) else bytes(secret),
+            name=rec.get("name", ""),
+            require_message_authenticator=bool(rec.get("require_message_authenticator", False)),
+            coa_port=int(rec.get("coa_port", 3799)),
+            disconnect_mode=rec.get("disconnect_mode", "disconnect"),
+            blocked_profile=tuple((str(k), v) for k, v in rec.get("blocked_profile", ())),
+        )
+
+
+class NasTable:
+    """Source address → Nas; replaced whole when the core's list changes."""
+
+    def __init__(self, entries: Iterable[Nas] = ()) -> None:
+        self._by_addr: dict[str, Nas] = {}
+        self.replace(entries)
+
+    def replace(self, entries: Iterable[Nas]) -> None:
+        self._by_addr = {n.address: n for n in entries}
+
+    def get(self, address: str) -> Nas | None:
+        nas = self._by_addr.get(address)
+        if nas is None and address.startswith("::ffff:"):
+            nas = self._by_addr.get(address[7:])
+        return nas
+
+    def __len__(self) -> int:
+        return len(self._by_addr)
+
+    def __iter__(self) -> Any:
+        return iter(self._by_addr.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    accept: bool
+    # reply attributes as (dictionary name, value), e.g. ("Framed-IP-Address", "10.0.0.5")
+    reply: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_wire(cls, rec: dict[str, Any]) -> Decision:
+        return cls(bool(rec["accept"]), tuple((str(k), v) for k, v in rec.get("reply", ())))
+
+
+class Decider(Protocol):
+    async def authorize(self, nas: Nas, request: dict[str, Any]) -> Decision: ...
+
+    async def account(self, nas: Nas, record: dict[str, Any]) -> None: ...
+
+
+def load_dictionary() -> Dictionary:
+    return Dictionary(str(DICTIONARY_DIR / "dictionary"))
+
+
+def bind_udp(host: str, port: int, rcvbuf: int = 4 << 20) -> socket.socket:
+    """A UDP socket bound *exclusively*: no SO_REUSEPORT, no SO_REUSEADDR."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        except OSError:
+            pass
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"UDP {host}:{port} is already in use (another RADIUS server, or a second billcore radius?);"
+                " refusing to share it"
+            ) from exc
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, server: RadiusServer, kind: str) -> None:
+        self.server = server
+        self.kind = kind  # "auth" or "acct"
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.server.receive(self, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.warning("radius %s socket error: %s", self.kind, exc)
+
+    def send(self, data: bytes, addr: tuple[Any, ...], code: int) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+            REPLIES.labels(_REPLY_NAMES.get(code, str(code))).inc()
+
+
+@dataclass
+class RadiusServer:
+    decider: Decider
+    nas_table: NasTable
+    dictionary: Dictionary = field(default_factory=load_dictionary)
+    dedup: DedupCache = field(default_factory=DedupCache)
+    max_inflight: int = 1024
+    decision_timeout: float = 5.0
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    inflight: int = 0
+    _endpoints: list[_Endpoint] = field(default_factory=list)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    # -- transport ----------------------------------------------------------
+    async def listen(self, host: str, auth_port: int, acct_port: int) -> tuple[int, int]:
+        """Bind both ports (0 = any free port); return the bound ports."""
+        loop = asyncio.get_running_loop()
+        socks = [bind_udp(host, auth_port)]
+        try:
+            socks.append(bind_udp(host, acct_port))
+        except Exception:
+            socks[0].close()
+            raise
+        ports = []
+        for sock, kind in zip(socks, ("auth", "acct")):
+            endpoint = _Endpoint(self, kind)
+            await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)
+            self._endpoints.append(endpoint)
+            ports.append(sock.getsockname()[1])
+        return ports[0], ports[1]
+
+    async def close(self, grace: float = 5.0) -> None:
+        for endpoint in self._endpoints:
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+        self._endpoints.clear()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+
+    # -- the datagram path (plain, bounded) ---------------------------------
+    def receive(self, endpoint: _Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) > MAX_PACKET:
+            DROPPED.labels("malformed").inc()
+            return
+        nas = self.nas_table.get(addr[0])
+        if nas is None:
+            DROPPED.labels("unknown_nas").inc()
+            return
+        try:
+            header, packet = parse_header(data)
+        except MalformedPacket:
+            DROPPED.labels("malformed").inc()
+            return
+        code = header.code
+        allowed = (ACCESS_REQUEST, STATUS_SERVER) if endpoint.kind == "auth" else (ACCOUNTING_REQUEST, STATUS_SERVER)
+        if code not in allowed:
+            DROPPED.labels("wrong_code").inc()
+            return
+        reason = self._authenticity(nas, header, packet)
+        if reason:
+            DROPPED.labels(reason).inc()
+            return
+        if code == STATUS_SERVER:
+            REQUESTS.labels("status").inc()
+            self._status_reply(endpoint, nas, header, packet, addr)
+            return
+        key: DedupKey = (addr[0], addr[1], code, header.id, header.authenticator)
+        verdict = self.dedup.lookup(key, self.clock())
+        if verdict is Verdict.IN_PROGRESS:
+            DROPPED.labels("duplicate_in_progress").inc()
+            return
+        if isinstance(verdict, bytes):
+            DUPLICATES.inc()
+            endpoint.send(verdict, addr, verdict[0])
+            return
+        if self.inflight >= self.max_inflight:
+            DROPPED.labels("overload").inc()
+            return
+        self.dedup.begin(key, self.clock())
+        self.inflight += 1
+        INFLIGHT.inc()
+        if code == ACCESS_REQUEST:
+            REQUESTS.labels("access").inc()
+            coro = self._decide_auth(endpoint, nas, header, packet, key, addr)
+        else:
+            REQUESTS.labels("accounting").inc()
+            coro = self._decide_acct(endpoint, nas, header, packet, key, addr)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.inflight -= 1
+        INFLIGHT.dec()
+
+    @staticmethod
+    def _authenticity(nas: Nas, header: Header, packet: bytes) -> str:
+        """'' when the packet proves the NAS's secret, else the drop reason."""
+        has_ma = header.ma_offset >= 0
+        if has_ma and not message_authenticator_ok(header, packet, nas.secret):
+            return "bad_message_authenticator"
+        if header.code == ACCOUNTING_REQUEST:
+            return "" if request_authenticator_ok(header, packet, nas.secret) else "bad_authenticator"
+        if header.code == STATUS_SERVER and not has_ma:
+            return "missing_message_authenticator"  # RFC 5997 s.3: MUST
+        if not has_ma and nas.require_message_authenticator:
+            return "missing_message_authenticator"
+        return ""
+
+    # -- decisions (tasks) ---------------------------------------------------
+    async def _decide_auth(
+        self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]
+    ) -> None:
+        try:
+            request = auth_request(packet, header.authenticator, nas.secret, nas.address)
+            decision = await asyncio.wait_for(self.decider.authorize(nas, request), self.decision_timeout)
+            reply = self._auth_reply(nas, header, packet, decision)
+        except BaseException as exc:
+            self._failed(key, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.dedup.finish(key, reply, self.clock())
+        endpoint.send(reply, addr, reply[0])
+
+    async def _decide_acct(
+        self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]
+    ) -> None:
+        try:
+            record = accounting_record(packet, nas.address, self.wall_clock())
+            await asyncio.wait_for(self.decider.account(nas, record), self.decision_timeout)
+            reply_packet = AcctPacket(
+                AccountingResponse, header.id, nas.secret, header.authenticator, dict=self.dictionary
+            )
+            self._copy_proxy_state(reply_packet, packet)
+            reply = reply_packet.ReplyPacket()
+        except BaseException as exc:
+            self._failed(key, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.dedup.finish(key, reply, self.clock())
+        endpoint.send(reply, addr, AccountingResponse)
+
+    def _failed(self, key: DedupKey, exc: BaseException) -> None:
+        self.dedup.abandon(key)
+        if isinstance(exc, MalformedPacket):
+            DROPPED.labels("malformed").inc()
+        elif isinstance(exc, (asyncio.TimeoutError, DecisionUnavailable)):
+            DROPPED.labels("core_unavailable").inc()
+        elif isinstance(exc, asyncio.CancelledError):
+            DROPPED.labels("shutdown").inc()
+        else:
+            DROPPED.labels("error").inc()
+            log.error("radius request failed: %r", exc, exc_info=exc)
+
+    def _auth_reply(self, nas: Nas, header: Header, packet: bytes, decision: Decision) -> bytes:
+        reply = AuthPacket(
+            AccessAccept if decision.accept else AccessReject,
+            header.id,
+            nas.secret,
+            header.authenticator,
+            dict=self.dictionary,
+            message_authenticator=True,  # BlastRADIUS: always sign, first attribute
+        )
+        for name, value in decision.reply:
+            try:
+                reply.AddAttribute(name, value)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("reply attribute %s=%r skipped: %s", name, value, exc)
+        self._copy_proxy_state(reply, packet)
+        return bytes(reply.ReplyPacket())
+
+    def _status_reply(self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
+        cls = AuthPacket if endpoint.kind == "auth" else AcctPacket
+        code = AccessAccept if endpoint.kind == "auth" else AccountingResponse
+        reply = cls(code, header.id, nas.secret, header.authenticator, dict=self.dictionary, message_authenticator=True)
+        reply._request_code = STATUS_SERVER  # RFC 5997 s.3: HMAC over the request's authenticator
+        self._copy_proxy_state(reply, packet)
+        endpoint.send(bytes(reply.ReplyPacket()), addr, code)
+
+    @staticmethod
+    def _copy_proxy_state(reply: Any, packet: bytes) -> None:
+        for value in raw_attributes(packet).get(33, ()):  # RFC 2865 s.5.33: unmodified, in order
+            reply.AddAttribute("Proxy-State", value)
+
+
+async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
+    """The ``radius`` role: serve NAS devices, asking the core over URFA."""
+    from .process import run_process
+
+    await run_process(config, stop)
