@@ -1,0 +1,617 @@
+"""Tariffs in PostgreSQL: load them into the pure rating types, save them back.
+
+Theory of operation
+-------------------
+Schema 0003 holds the tariff model; this module is the only code that maps
+its rows to ``billcore.billing.rating`` / ``periods`` / ``timeranges`` values
+and back.  Loading is per call and by account set (``load_book``), so the
+same code serves one usage batch, a 10 000-account periodic batch, and a
+preview.
+
+Identifiers in the rating types are the database ids: a traffic class id is
+``klass``, a time-range id is ``range_id`` (0 = any range), time services use
+``TIME_CLASS`` (−1), exactly the values stored in ``usage_counters``.
+
+Service links: an account's tariff history (``account_tariffs``) times the
+tariff's services gives ``ServiceLink(account, service, valid_from,
+valid_to)``.  Rating uses the services of the links that overlap the
+batch's time span; the scheduler uses every link that overlaps the periods
+it settles.
+
+Writes validate by building the pure value first (a bad tier schedule fails
+as ``TariffError`` before SQL), and map constraint violations to
+``TariffConflict`` (overlapping binding or tariff link, a name taken, a row
+still in use).  Every write that changes what the NetFlow classifier sees
+bumps ``classifier_version`` (a statement trigger), read by
+``classifier_snapshot``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime, timezone, tzinfo
+from typing import Any, ClassVar, Final
+
+import asyncpg
+
+from billcore.billing.errors import TariffError
+from billcore.billing.money import MAX_AMOUNT, MAX_QUANTITY, Price
+from billcore.billing.periods import (
+    ChargeMode, PeriodicService, PeriodKind, PeriodSpec, ServiceLink, next_boundary,
+)
+from billcore.billing.rating import (
+    ANY_RANGE, TIME_CLASS, AccountPlan, CounterKey, Meter, MeterRule, RatingBook,
+    ServiceKind, ServiceTariff, Tier,
+)
+from billcore.billing.timeranges import TimeRange, Window
+
+__all__ = [
+    "DEFAULT_ACCOUNT_PERIOD",
+    "SERVICE_KINDS",
+    "TariffConflict",
+    "TariffNotFound",
+    "account_links",
+    "add_binding",
+    "add_rule",
+    "classifier_snapshot",
+    "classifier_version",
+    "create_class",
+    "create_service",
+    "create_tariff",
+    "create_time_range",
+    "delete_rule",
+    "end_binding",
+    "link_tariff",
+    "list_bindings",
+    "list_classes",
+    "list_services",
+    "list_tariffs",
+    "list_time_ranges",
+    "load_book",
+    "load_links",
+    "load_periodic",
+    "load_plans",
+    "set_rate",
+    "set_tariff_services",
+    "tariff_history",
+]
+
+DEFAULT_ACCOUNT_PERIOD: Final = PeriodSpec(PeriodKind.MONTHLY, date(2000, 1, 1))
+"""An account without an ``account_periods`` row: calendar months."""
+SERVICE_KINDS: Final = frozenset({"once", "periodic", "traffic", "time"})
+MAX_NAME: Final = 128
+MAX_LIST: Final = 100_000
+MAX_WINDOWS: Final = 64
+MAX_DATES: Final = 1_024
+
+
+class TariffNotFound(TariffError, LookupError):
+    """No such service, tariff, class, rule, time range, binding or account."""
+
+    code: ClassVar[str] = "tariffs.unknown"
+
+
+class TariffConflict(TariffError):
+    """The change contradicts existing rows: overlap, a name taken, a row in use."""
+
+    code: ClassVar[str] = "tariffs.conflict"
+
+
+def _utc(value: datetime, what: str) -> datetime:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise TariffError(f"{what} must be an aware datetime")
+    return value.astimezone(timezone.utc)
+
+
+def _name(value: object) -> str:
+    if type(value) is not str or not 1 <= len(value) <= MAX_NAME:
+        raise TariffError(f"a name is a string of 1..{MAX_NAME} characters")
+    return value
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int = MAX_QUANTITY) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise TariffError(f"{what} must be an int in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def period_spec(kind: str, days: int, anchor: date) -> PeriodSpec:
+    try:
+        return PeriodSpec(PeriodKind(kind), anchor, days)
+    except ValueError as exc:
+        raise TariffError(f"bad period: {exc}") from exc
+
+
+class _Conflicts:
+    """Turn constraint violations into ``TariffConflict`` with a readable message."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, asyncpg.ExclusionViolationError):
+            raise TariffConflict(f"{self.what} overlaps an existing one in time") from exc
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            raise TariffConflict(f"{self.what}: name or key already taken") from exc
+        if isinstance(exc, asyncpg.ForeignKeyViolationError):
+            raise TariffConflict(f"{self.what}: refers to a missing row or is still in use") from exc
+        if isinstance(exc, asyncpg.CheckViolationError):
+            raise TariffError(f"{self.what}: {exc.message}") from exc
+        return False
+
+
+# -- loading ----------------------------------------------------------------
+
+async def load_timeranges(conn: asyncpg.Connection) -> tuple[TimeRange, ...]:
+    rows = await conn.fetch(
+        "SELECT r.id, r.priority,"
+        " coalesce((SELECT array_agg(array[w.weekdays, w.start_minute, w.end_minute] ORDER BY w.id)"
+        "   FROM time_range_windows w WHERE w.range_id = r.id), '{}') AS windows,"
+        " coalesce((SELECT array_agg(d.day ORDER BY d.day) FROM time_range_dates d"
+        "   WHERE d.range_id = r.id), '{}') AS dates"
+        " FROM time_ranges r ORDER BY r.id")
+    out = []
+    for r in rows:
+        windows = tuple(
+            Window(frozenset(i for i in range(7) if w[0] >> i & 1), w[1], w[2]) for w in r["windows"])
+        out.append(TimeRange(r["id"], r["priority"], windows, frozenset(r["dates"])))
+    return tuple(out)
+
+
+def _meter(prepaid: int, unit_size: int, starts: Sequence[int], prices: Sequence[int]) -> Meter:
+    return Meter(prepaid, tuple(Tier(s, Price(p, unit_size)) for s, p in zip(starts, prices)))
+
+
+async def load_metered(conn: asyncpg.Connection,
+                       service_ids: Iterable[int] | None = None) -> dict[int, ServiceTariff]:
+    """Traffic and time services with their rates."""
+    ids = None if service_ids is None else sorted(set(service_ids))
+    rows = await conn.fetch(
+        "SELECT s.id, s.kind, r.class_id, r.range_id, r.prepaid, r.unit_size, r.tier_starts,"
+        " r.tier_prices FROM services s LEFT JOIN service_rates r ON r.service_id = s.id"
+        " WHERE s.kind IN ('traffic', 'time') AND ($1::bigint[] IS NULL OR s.id = ANY($1))"
+        " ORDER BY s.id, r.id", ids)
+    kinds: dict[int, ServiceKind] = {}
+    rules: dict[int, list[MeterRule]] = {}
+    for r in rows:
+        kind = ServiceKind(r["kind"])
+        kinds[r["id"]] = kind
+        rules.setdefault(r["id"], [])
+        if r["unit_size"] is None:
+            continue  # a service without rates yet
+        klass = TIME_CLASS if kind is ServiceKind.TIME else r["class_id"]
+        if klass is None:
+            raise TariffError(f"traffic service {r['id']} has a rate without a class")
+        meter = _meter(r["prepaid"], r["unit_size"], r["tier_starts"], r["tier_prices"])
+        rules[r["id"]].append(MeterRule(klass, r["range_id"] or ANY_RANGE, meter))
+    return {sid: ServiceTariff(sid, kinds[sid], tuple(rules[sid])) for sid in kinds}
+
+
+async def load_periodic(conn: asyncpg.Connection) -> dict[int, PeriodicService]:
+    rows = await conn.fetch(
+        "SELECT id, fee, period_kind, period_days, period_anchor, charge_mode FROM services"
+        " WHERE kind = 'periodic' ORDER BY id")
+    return {
+        r["id"]: PeriodicService(
+            r["id"], r["fee"], period_spec(r["period_kind"], r["period_days"], r["period_anchor"]),
+            ChargeMode(r["charge_mode"]))
+        for r in rows
+    }
+
+
+async def load_links(conn: asyncpg.Connection, account_ids: Sequence[int] | None,
+                     since: datetime, until: datetime, *,
+                     kinds: Sequence[str] = ("once", "periodic", "traffic", "time"),
+                     ) -> list[ServiceLink]:
+    """Service links overlapping ``[since, until]`` of the given accounts (None: all)."""
+    rows = await conn.fetch(
+        "SELECT t.account_id, ts.service_id, t.valid_from, t.valid_to FROM account_tariffs t"
+        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
+        " JOIN services s ON s.id = ts.service_id"
+        " WHERE ($1::bigint[] IS NULL OR t.account_id = ANY($1)) AND s.kind = ANY($4::text[])"
+        " AND t.valid_from <= $3 AND (t.valid_to IS NULL OR t.valid_to > $2)"
+        " ORDER BY t.account_id, ts.service_id, t.valid_from",
+        None if account_ids is None else list(account_ids), since, until, list(kinds))
+    return [ServiceLink(r["account_id"], r["service_id"], r["valid_from"], r["valid_to"]) for r in rows]
+
+
+async def load_plans(conn: asyncpg.Connection, account_ids: Sequence[int], links: Sequence[ServiceLink],
+                     now: datetime) -> dict[int, AccountPlan]:
+    """Accounting period, flags and linked services of each known account."""
+    rows = await conn.fetch(
+        "SELECT a.id, a.unlimited, p.period_kind, p.period_days, p.period_anchor,"
+        " EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = a.id AND b.lifted_at IS NULL) AS blocked"
+        " FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id"
+        " WHERE a.id = ANY($1::bigint[])", list(account_ids))
+    services: dict[int, set[int]] = {}
+    for link in links:
+        services.setdefault(link.account_id, set()).add(link.service_id)
+    plans = {}
+    for r in rows:
+        spec = DEFAULT_ACCOUNT_PERIOD if r["period_kind"] is None else period_spec(
+            r["period_kind"], r["period_days"], r["period_anchor"])
+        plans[r["id"]] = AccountPlan(r["id"], spec, tuple(sorted(services.get(r["id"], ()))),
+                                     unlimited=r["unlimited"], blocked=r["blocked"])
+    return plans
+
+
+async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz: tzinfo,
+                    since: datetime, until: datetime) -> RatingBook:
+    """Everything ``rate``/``preview`` need for these accounts over ``[since, until]``."""
+    links = await load_links(conn, account_ids, since, until, kinds=("traffic", "time"))
+    plans = await load_plans(conn, account_ids, links, until)
+    services = await load_metered(conn, {link.service_id for link in links})
+    return RatingBook(tz, await load_timeranges(conn), services, plans)
+
+
+async def load_counters(conn: asyncpg.Connection, keys: Iterable[CounterKey], *,
+                        lock: bool = False) -> dict[CounterKey, tuple[int, int]]:
+    """(quantity, charged) of the existing counters among ``keys``, locked in key order if asked."""
+    ordered = sorted(set(keys), key=lambda k: (k.account_id, k.service_id, k.klass, k.range_id,
+                                               k.period_start))
+    if not ordered:
+        return {}
+    rows = await conn.fetch(
+        "SELECT c.account_id, c.service_id, c.class_id, c.range_id, c.period_start, c.quantity,"
+        " c.charged FROM usage_counters c JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[],"
+        " $4::bigint[], $5::timestamptz[]) AS k(a, s, c, r, p)"
+        " ON (c.account_id, c.service_id, c.class_id, c.range_id, c.period_start) = (k.a, k.s, k.c, k.r, k.p)"
+        " ORDER BY 1, 2, 3, 4, 5" + (" FOR UPDATE OF c" if lock else ""),
+        [k.account_id for k in ordered], [k.service_id for k in ordered], [k.klass for k in ordered],
+        [k.range_id for k in ordered], [k.period_start for k in ordered])
+    return {
+        CounterKey(r["account_id"], r["service_id"], r["class_id"], r["range_id"], r["period_start"]):
+            (r["quantity"], r["charged"])
+        for r in rows
+    }
+
+
+# -- services and tariffs ---------------------------------------------------
+
+async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee: int = 0,
+                         period: Mapping[str, Any] | None = None, charge_mode: str | None = None,
+                         session_limit: int | None = None, max_sessions: int | None = None,
+                         comment: str = "") -> int:
+    """A service; ``period`` = {"kind", "anchor" (date), "days"} for periodic ones."""
+    _name(name)
+    if kind not in SERVICE_KINDS:
+        raise TariffError(f"service kind must be one of {sorted(SERVICE_KINDS)}")
+    _int(fee, "fee", 0, MAX_AMOUNT)
+    p_kind = p_anchor = None
+    p_days = 0
+    if kind == "periodic":
+        if period is None or charge_mode is None:
+            raise TariffError("a periodic service needs a period and a charge mode")
+        spec = period_spec(period.get("kind", ""), period.get("days", 0), period.get("anchor"))  # type: ignore[arg-type]
+        ChargeMode(charge_mode)  # ValueError below
+        p_kind, p_days, p_anchor = spec.kind.value, spec.days, spec.anchor
+    elif period is not None or charge_mode is not None:
+        raise TariffError("only periodic services have a period and a charge mode")
+    with _Conflicts("service"):
+        return int(await conn.fetchval(
+            "INSERT INTO services(name, kind, fee, period_kind, period_days, period_anchor,"
+            " charge_mode, session_limit, max_sessions, comment)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment))
+
+
+async def list_services(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT s.*, coalesce((SELECT jsonb_agg(jsonb_build_object('class_id', r.class_id,"
+        " 'range_id', r.range_id, 'prepaid', r.prepaid, 'unit_size', r.unit_size,"
+        " 'tier_starts', r.tier_starts, 'tier_prices', r.tier_prices) ORDER BY r.id)"
+        " FROM service_rates r WHERE r.service_id = s.id), '[]')::text AS rates"
+        " FROM services s ORDER BY s.id LIMIT $1", MAX_LIST)
+    return [{**dict(r), "rates": json.loads(r["rates"])} for r in rows]
+
+
+async def delete_service(conn: asyncpg.Connection, service_id: int) -> None:
+    with _Conflicts("service"):
+        if await conn.execute("DELETE FROM services WHERE id = $1", service_id) == "DELETE 0":
+            raise TariffNotFound(f"service {service_id} does not exist")
+
+
+async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int | None,
+                   range_id: int | None, prepaid: int, unit_size: int,
+                   tiers: Sequence[tuple[int, int]]) -> None:
+    """Set the price of a traffic class (or of time, class None) in a range (None: any)."""
+    starts = [_int(s, "tier start") for s, _ in tiers]
+    prices = [_int(p, "tier price", 0, MAX_AMOUNT) for _, p in tiers]
+    _meter(_int(prepaid, "prepaid"), _int(unit_size, "unit_size", 1), starts, prices)  # validates
+    kind = await conn.fetchval("SELECT kind FROM services WHERE id = $1", service_id)
+    if kind is None:
+        raise TariffNotFound(f"service {service_id} does not exist")
+    if kind not in ("traffic", "time") or (kind == "traffic") != (class_id is not None):
+        raise TariffError("traffic services price a class; time services price time (class None)")
+    async with conn.transaction():
+        await conn.execute(
+            "DELETE FROM service_rates WHERE service_id = $1 AND coalesce(class_id, -1) = $2"
+            " AND coalesce(range_id, 0) = $3", service_id, class_id or -1, range_id or 0)
+        with _Conflicts("rate"):
+            await conn.execute(
+                "INSERT INTO service_rates(service_id, class_id, range_id, prepaid, unit_size,"
+                " tier_starts, tier_prices) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                service_id, class_id, range_id, prepaid, unit_size, starts, prices)
+
+
+async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequence[int],
+                        comment: str = "") -> int:
+    async with conn.transaction():
+        with _Conflicts("tariff"):
+            tariff_id = int(await conn.fetchval(
+                "INSERT INTO tariffs(name, comment) VALUES ($1, $2) RETURNING id", _name(name), comment))
+        await set_tariff_services(conn, tariff_id, service_ids)
+    return tariff_id
+
+
+async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_ids: Sequence[int]) -> None:
+    """Replace the tariff's services (effective for every link, past periods are settled)."""
+    async with conn.transaction():
+        if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1 FOR UPDATE", tariff_id) is None:
+            raise TariffNotFound(f"tariff {tariff_id} does not exist")
+        await conn.execute("DELETE FROM tariff_services WHERE tariff_id = $1", tariff_id)
+        with _Conflicts("tariff service"):
+            await conn.execute(
+                "INSERT INTO tariff_services(tariff_id, service_id) SELECT $1, unnest($2::bigint[])",
+                tariff_id, sorted(set(service_ids)))
+
+
+async def list_tariffs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT t.id, t.name, t.comment, coalesce(array_agg(ts.service_id ORDER BY ts.service_id)"
+        " FILTER (WHERE ts.service_id IS NOT NULL), '{}') AS service_ids"
+        " FROM tariffs t LEFT JOIN tariff_services ts ON ts.tariff_id = t.id"
+        " GROUP BY t.id ORDER BY t.id LIMIT $1", MAX_LIST)
+    return [dict(r) for r in rows]
+
+
+async def delete_tariff(conn: asyncpg.Connection, tariff_id: int) -> None:
+    with _Conflicts("tariff"):
+        if await conn.execute("DELETE FROM tariffs WHERE id = $1", tariff_id) == "DELETE 0":
+            raise TariffNotFound(f"tariff {tariff_id} does not exist")
+
+
+# -- account links ----------------------------------------------------------
+
+async def account_period(conn: asyncpg.Connection, account_id: int) -> PeriodSpec:
+    row = await conn.fetchrow(
+        "SELECT period_kind, period_days, period_anchor FROM account_periods WHERE account_id = $1",
+        account_id)
+    if row is None:
+        return DEFAULT_ACCOUNT_PERIOD
+    return period_spec(row["period_kind"], row["period_days"], row["period_anchor"])
+
+
+async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int | None, *,
+                      now: datetime, tz: tzinfo, start: str = "now", actor: str) -> dict[str, Any]:
+    """Switch the account to ``tariff_id`` (None: no tariff) from now or its next period.
+
+    The link in force at the switch instant is closed there; a link that
+    would start after the switch (a scheduled change) is replaced.  History
+    rows are never deleted except such not-yet-started ones.
+    """
+    now = _utc(now, "now")
+    if start not in ("now", "next_period"):
+        raise TariffError("start is 'now' or 'next_period'")
+    async with conn.transaction():
+        if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id) is None:
+            raise TariffNotFound(f"account {account_id} does not exist")
+        at = now if start == "now" else next_boundary(await account_period(conn, account_id), now, tz)
+        await conn.execute("DELETE FROM account_tariffs WHERE account_id = $1 AND valid_from >= $2",
+                           account_id, at)
+        await conn.execute(
+            "UPDATE account_tariffs SET valid_to = $2 WHERE account_id = $1 AND valid_from < $2"
+            " AND (valid_to IS NULL OR valid_to > $2)", account_id, at)
+        link_id = None
+        if tariff_id is not None:
+            with _Conflicts("tariff link"):
+                link_id = await conn.fetchval(
+                    "INSERT INTO account_tariffs(account_id, tariff_id, valid_from, created_at, created_by)"
+                    " VALUES ($1, $2, $3, $4, $5) RETURNING id", account_id, tariff_id, at, now, actor)
+    return {"account_id": account_id, "tariff_id": tariff_id, "link_id": link_id, "valid_from": at}
+
+
+async def tariff_history(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT t.id, t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, t.created_at,"
+        " t.created_by FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
+        " WHERE t.account_id = $1 ORDER BY t.valid_from", account_id)
+    return [dict(r) for r in rows]
+
+
+async def account_links(conn: asyncpg.Connection, account_id: int, now: datetime) -> list[dict[str, Any]]:
+    """The tariff in force at ``now`` with its services (empty list: none)."""
+    rows = await conn.fetch(
+        "SELECT t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, s.id AS service_id,"
+        " s.name AS service, s.kind, s.fee FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
+        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services s ON s.id = ts.service_id"
+        " WHERE t.account_id = $1 AND t.valid_from <= $2 AND (t.valid_to IS NULL OR t.valid_to > $2)"
+        " ORDER BY s.id", account_id, _utc(now, "now"))
+    return [dict(r) for r in rows]
+
+
+# -- traffic classes and time ranges ---------------------------------------
+
+async def create_class(conn: asyncpg.Connection, name: str, position: int = 0, comment: str = "") -> int:
+    with _Conflicts("traffic class"):
+        return int(await conn.fetchval(
+            "INSERT INTO traffic_classes(name, position, comment) VALUES ($1, $2, $3) RETURNING id",
+            _name(name), _int(position, "position", -2**31, 2**31 - 1), comment))
+
+
+async def delete_class(conn: asyncpg.Connection, class_id: int) -> None:
+    with _Conflicts("traffic class"):
+        if await conn.execute("DELETE FROM traffic_classes WHERE id = $1", class_id) == "DELETE 0":
+            raise TariffNotFound(f"traffic class {class_id} does not exist")
+
+
+def _net(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise TariffError(f"not a network prefix: {value!r}") from exc
+
+
+def _ports(value: Sequence[int] | None) -> asyncpg.Range | None:
+    if value is None:
+        return None
+    if len(value) != 2 or not 0 <= value[0] <= value[1] <= 65535:
+        raise TariffError("ports are [first, last] within 0..65535")
+    return asyncpg.Range(value[0], value[1], upper_inc=True)
+
+
+async def add_rule(conn: asyncpg.Connection, class_id: int, *, position: int = 0, skip: bool = False,
+                   local_net: str | None = None, remote_net: str | None = None,
+                   local_ports: Sequence[int] | None = None, remote_ports: Sequence[int] | None = None,
+                   protocol: int | None = None, exporter: str | None = None,
+                   iface: int | None = None) -> int:
+    if exporter is not None:
+        try:
+            exporter = str(ipaddress.ip_address(exporter))
+        except ValueError as exc:
+            raise TariffError(f"exporter must be an IP address: {exporter!r}") from exc
+    with _Conflicts("traffic class rule"):
+        return int(await conn.fetchval(
+            "INSERT INTO traffic_class_rules(class_id, position, skip, local_net, remote_net,"
+            " local_ports, remote_ports, protocol, exporter, iface)"
+            " VALUES ($1, $2, $3, $4::cidr, $5::cidr, $6, $7, $8, $9::inet, $10) RETURNING id",
+            class_id, position, skip, _net(local_net), _net(remote_net), _ports(local_ports),
+            _ports(remote_ports), protocol, exporter, iface))
+
+
+async def delete_rule(conn: asyncpg.Connection, rule_id: int) -> None:
+    if await conn.execute("DELETE FROM traffic_class_rules WHERE id = $1", rule_id) == "DELETE 0":
+        raise TariffNotFound(f"rule {rule_id} does not exist")
+
+
+def _range_list(r: asyncpg.Range | None) -> list[int] | None:
+    if r is None or r.isempty:
+        return None
+    lo = r.lower if r.lower_inc else r.lower + 1
+    hi = r.upper if r.upper_inc else r.upper - 1
+    return [lo, hi]
+
+
+async def list_classes(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Classes in match order, each with its rules in match order (plain, msgpack-able)."""
+    classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id")
+    rules = await conn.fetch(
+        "SELECT id, class_id, position, skip, local_net::text, remote_net::text, local_ports,"
+        " remote_ports, protocol, host(exporter) AS exporter, iface FROM traffic_class_rules"
+        " ORDER BY class_id, position, id")
+    by_class: dict[int, list[dict[str, Any]]] = {}
+    for r in rules:
+        by_class.setdefault(r["class_id"], []).append({
+            "id": r["id"], "position": r["position"], "skip": r["skip"],
+            "local_net": r["local_net"], "remote_net": r["remote_net"],
+            "local_ports": _range_list(r["local_ports"]), "remote_ports": _range_list(r["remote_ports"]),
+            "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"],
+        })
+    return [{**dict(c), "rules": by_class.get(c["id"], [])} for c in classes]
+
+
+async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: int = 0,
+                            windows: Sequence[Mapping[str, Any]] = (),
+                            dates: Sequence[date] = ()) -> int:
+    """``windows``: [{"weekdays": [0..6], "start_minute", "end_minute"}], 0 = Monday."""
+    if len(windows) > MAX_WINDOWS or len(dates) > MAX_DATES:
+        raise TariffError("too many windows or dates")
+    parsed = [Window(frozenset(w["weekdays"]), w["start_minute"], w["end_minute"]) for w in windows]
+    TimeRange(1, priority, tuple(parsed), frozenset(dates))  # validates
+    async with conn.transaction():
+        with _Conflicts("time range"):
+            range_id = int(await conn.fetchval(
+                "INSERT INTO time_ranges(name, priority) VALUES ($1, $2) RETURNING id", _name(name), priority))
+        await conn.executemany(
+            "INSERT INTO time_range_windows(range_id, weekdays, start_minute, end_minute) VALUES ($1, $2, $3, $4)",
+            [(range_id, sum(1 << d for d in w.weekdays), w.start_minute, w.end_minute) for w in parsed])
+        await conn.executemany("INSERT INTO time_range_dates(range_id, day) VALUES ($1, $2)",
+                               [(range_id, d) for d in sorted(set(dates))])
+    return range_id
+
+
+async def list_time_ranges(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM time_ranges")}
+    return [{
+        "id": tr.range_id, "name": names[tr.range_id], "priority": tr.priority,
+        "windows": [{"weekdays": sorted(w.weekdays), "start_minute": w.start_minute,
+                     "end_minute": w.end_minute} for w in tr.windows],
+        "dates": sorted(tr.dates),
+    } for tr in await load_timeranges(conn)]
+
+
+async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
+    with _Conflicts("time range"):
+        if await conn.execute("DELETE FROM time_ranges WHERE id = $1", range_id) == "DELETE 0":
+            raise TariffNotFound(f"time range {range_id} does not exist")
+
+
+# -- IP bindings and the classifier snapshot --------------------------------
+
+async def add_binding(conn: asyncpg.Connection, account_id: int, prefix: str, *, kind: str = "static",
+                      source: str = "admin", session_ref: str | None = None,
+                      valid_from: datetime, valid_to: datetime | None = None) -> int:
+    """Bind a prefix to an account; ``TariffConflict`` if it overlaps another binding in time."""
+    if kind not in ("static", "dynamic"):
+        raise TariffError("binding kind is 'static' or 'dynamic'")
+    with _Conflicts("ip binding"):
+        return int(await conn.fetchval(
+            "INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from, valid_to)"
+            " VALUES ($1, $2::cidr, $3, $4, $5, $6, $7) RETURNING id",
+            account_id, _net(prefix), kind, source, session_ref, _utc(valid_from, "valid_from"),
+            None if valid_to is None else _utc(valid_to, "valid_to")))
+
+
+async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -> None:
+    """Close an open binding at ``at`` (a binding that had not started yet is deleted)."""
+    at = _utc(at, "at")
+    async with conn.transaction():
+        if await conn.execute("DELETE FROM ip_bindings WHERE id = $1 AND valid_from >= $2",
+                              binding_id, at) != "DELETE 0":
+            return
+        status = await conn.execute(
+            "UPDATE ip_bindings SET valid_to = $2 WHERE id = $1 AND (valid_to IS NULL OR valid_to > $2)",
+            binding_id, at)
+        if status == "UPDATE 0" and await conn.fetchval(
+                "SELECT 1 FROM ip_bindings WHERE id = $1", binding_id) is None:
+            raise TariffNotFound(f"ip binding {binding_id} does not exist")
+
+
+async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None, *,
+                        at: datetime | None = None) -> list[dict[str, Any]]:
+    """Bindings (of one account, or all), valid at ``at`` if given; plain values."""
+    rows = await conn.fetch(
+        "SELECT id, account_id, prefix::text AS prefix, kind, source, session_ref, valid_from, valid_to"
+        " FROM ip_bindings WHERE ($1::bigint IS NULL OR account_id = $1)"
+        " AND ($2::timestamptz IS NULL OR (valid_from <= $2 AND (valid_to IS NULL OR valid_to > $2)))"
+        " ORDER BY id LIMIT $3", account_id, at, MAX_LIST * 10)
+    return [dict(r) for r in rows]
+
+
+async def classifier_version(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT version FROM classifier_version"))
+
+
+async def classifier_snapshot(conn: asyncpg.Connection, now: datetime) -> dict[str, Any]:
+    """What a NetFlow worker needs to classify: bindings valid now or later, rules, version.
+
+    Read in one REPEATABLE READ snapshot so the version matches the rows.
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        version = await classifier_version(conn)
+        bindings = await conn.fetch(
+            "SELECT account_id, prefix::text AS prefix, valid_from, valid_to FROM ip_bindings"
+            " WHERE valid_to IS NULL OR valid_to > $1 ORDER BY prefix, valid_from", _utc(now, "now"))
+        classes = await list_classes(conn)
+    return {
+        "version": version,
+        "bindings": [[b["prefix"], b["account_id"], b["valid_from"], b["valid_to"]] for b in bindings],
+        "classes": classes,
+    }
