@@ -410,11 +410,18 @@ def rate(
     rejected: list[Rejected] = []
     latest = now + CLOCK_SKEW
     traffic, time = ServiceKind.TRAFFIC, ServiceKind.TIME
+    instants, routes = resolver._instants, resolver._routes
     for usage in batch:
         if isinstance(usage, TrafficUsage):
-            quantity = _check_quantity(usage.bytes, "bytes")
-            at, range_id = resolver.instant(usage.at)
-            route = resolver.route(usage.account_id, usage.service_id, traffic)
+            quantity = usage.bytes
+            if type(quantity) is not int or not 0 <= quantity <= MAX_QUANTITY:
+                _check_quantity(quantity, "bytes")  # raises with the message
+            # the resolver's caches, inlined: this branch runs once per aggregate
+            instant = instants.get(usage.at)
+            at, range_id = instant if instant is not None else resolver.instant(usage.at)
+            route = routes.get((usage.account_id, usage.service_id, True))
+            if route is None:
+                route = resolver.route(usage.account_id, usage.service_id, traffic)
             if isinstance(route, str) or at > latest:
                 rejected.append(Rejected(usage, route if isinstance(route, str) else "future"))
                 continue
