@@ -1,0 +1,475 @@
+"""The core side of RADIUS: the URFA calls the radius process (and admins)
+make, and the decisions behind them.
+
+Theory of operation
+-------------------
+The radius process is an edge: it turns datagrams into ``radius.authorize``
+and ``radius.accounting`` calls and sends back what these return.  Every
+rule lives here, next to the database:
+
+* **authorize** — the account's service link by login; the password is
+  decrypted (SecretBox, key file outside the database) and compared (PAP)
+  or used to compute MD5(id + password + challenge) (CHAP).  Rejected when
+  the link is disabled, the account has any active block, the account is at
+  its simultaneous-session limit, or a time-based link's money left buys no
+  second.  Accepted with Framed-IP-Address (static, or a lease from the
+  link's pool: one row per address, so no two links collide),
+  Session-Timeout (money left ÷ price, capped by the link's session limit),
+  Acct-Interim-Interval and the rate limit (Mikrotik-Rate-Limit,
+  Cisco-AVPair).
+* **accounting** — Start creates the active session and binds its framed IP
+  to the account in ``ip_bindings`` (NetFlow reads them); Interim/Stop
+  update the counters (64-bit) and charge time-based links on the
+  cumulative Acct-Session-Time: target = floor(seconds × price / 3600),
+  booked = target − already charged, under the session's row lock and with
+  the ledger idempotency key ``radius:<session pk>:<session time>`` — a
+  retransmission books nothing.  Stop, Accounting-On/Off and the stale
+  sweep end sessions, bindings and leases.
+
+Every handler does its work in one transaction; block changes caused by a
+charge are published on the ``blocks`` topic after it commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nacl.exceptions
+import nacl.secret
+import nacl.utils
+
+from urfa.errors import BAD_ARGS, CallFailed
+
+from .billing.ledger import Entry, post_charges
+from .calls import CallSpec
+from .config import Config
+from .context import CoreContext
+
+__all__ = [
+    "SecretStore",
+    "authorize",
+    "account",
+    "close_stale",
+    "nas_list",
+    "add_nas",
+    "add_pool",
+    "add_link",
+    "account_sessions",
+    "calls",
+]
+
+log = logging.getLogger(__name__)
+
+SYSTEM = frozenset({"system"})
+ADMIN = frozenset({"admin", "system"})
+ACTOR = "radius"
+
+
+class SecretStore:
+    """Encrypts recoverable secrets with a key kept in a 0600 file."""
+
+    def __init__(self, key: bytes) -> None:
+        self._box = nacl.secret.SecretBox(key)
+
+    @classmethod
+    def from_config(cls, config: Config) -> SecretStore:
+        path = Path(config.core.secret_key_file) if config.core.secret_key_file else config.data_dir / "secret.key"
+        return cls(cls.load_or_create_key(path))
+
+    @staticmethod
+    def load_or_create_key(path: Path) -> bytes:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            key = path.read_bytes()
+            if len(key) != nacl.secret.SecretBox.KEY_SIZE:
+                raise ValueError(f"{path}: a secret key file holds exactly 32 bytes") from None
+            return key
+        key = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+
+    def seal(self, secret: bytes) -> bytes:
+        return bytes(self._box.encrypt(secret))
+
+    def open(self, sealed: bytes) -> bytes:
+        try:
+            return bytes(self._box.decrypt(bytes(sealed)))
+        except nacl.exceptions.CryptoError as exc:
+            raise ValueError("a stored secret does not open with this key (wrong core.secret_key_file?)") from exc
+
+
+# -- admin: NAS devices, pools, links ------------------------------------------
+
+
+async def add_nas(conn: asyncpg.Connection, store: SecretStore, *, name: str, address: str, secret: str,
+                  require_message_authenticator: bool = True, coa_port: int = 3799,
+                  disconnect_mode: str = "disconnect", blocked_profile: list[list[Any]] | None = None) -> int:
+    if not secret:
+        raise CallFailed(BAD_ARGS, "a NAS needs a shared secret")
+    return int(await conn.fetchval(
+        "INSERT INTO radius_nas(name, address, secret_enc, require_message_authenticator, coa_port,"
+        " disconnect_mode, blocked_profile) VALUES ($1, $2::inet, $3, $4, $5, $6, $7::jsonb) RETURNING id",
+        name, address, store.seal(secret.encode()), require_message_authenticator, coa_port,
+        disconnect_mode, json.dumps(blocked_profile or [])))
+
+
+async def nas_list(conn: asyncpg.Connection, store: SecretStore, *, with_secrets: bool) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT *, host(address) AS host FROM radius_nas ORDER BY id")
+    out = []
+    for r in rows:
+        rec = {
+            "id": r["id"], "name": r["name"], "address": r["host"],
+            "require_message_authenticator": r["require_message_authenticator"], "coa_port": r["coa_port"],
+            "disconnect_mode": r["disconnect_mode"], "blocked_profile": json.loads(r["blocked_profile"]),
+        }
+        if with_secrets:
+            rec["secret"] = store.open(r["secret_enc"])
+        out.append(rec)
+    return out
+
+
+async def add_pool(conn: asyncpg.Connection, *, name: str, first: str, last: str) -> int:
+    return int(await conn.fetchval(
+        "INSERT INTO radius_pools(name, first, last) VALUES ($1, $2::inet, $3::inet) RETURNING id", name, first, last))
+
+
+async def add_link(conn: asyncpg.Connection, store: SecretStore, *, account_id: int, login: str, password: str,
+                   static_ip: str | None = None, pool: str | None = None, max_sessions: int = 1,
+                   price_per_hour: int = 0, session_limit: int | None = None, interim_interval: int = 300,
+                   rate_limit: str = "", cisco_avpairs: list[str] | None = None) -> int:
+    pool_id = None
+    if pool is not None:
+        pool_id = await conn.fetchval("SELECT id FROM radius_pools WHERE name = $1", pool)
+        if pool_id is None:
+            raise CallFailed(BAD_ARGS, f"no IP pool named {pool!r}")
+    return int(await conn.fetchval(
+        "INSERT INTO radius_links(account_id, login, password_enc, static_ip, pool_id, max_sessions,"
+        " price_per_hour, session_limit, interim_interval, rate_limit, cisco_avpairs)"
+        " VALUES ($1, $2, $3, $4::inet, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+        account_id, login, store.seal(password.encode()), static_ip, pool_id, max_sessions, price_per_hour,
+        session_limit, interim_interval, rate_limit, cisco_avpairs or []))
+
+
+# -- authorization --------------------------------------------------------------
+
+
+def _reject(why: str) -> dict[str, Any]:
+    return {"accept": False, "reason": why, "reply": [["Reply-Message", why]]}
+
+
+def _password_ok(req: dict[str, Any], password: bytes) -> bool:
+    if req.get("method") == "pap":
+        return hmac.compare_digest(bytes(req.get("password") or b""), password)
+    if req.get("method") == "chap":
+        chap = req.get("chap") or {}
+        # RFC 1994: MD5(Identifier + secret + Challenge)
+        expected = hashlib.md5(bytes([int(chap["id"]) & 0xFF]) + password + bytes(chap["challenge"])).digest()
+        return hmac.compare_digest(expected, bytes(chap["response"]))
+    return False
+
+
+async def _lease(conn: asyncpg.Connection, link: asyncpg.Record, now: dt.datetime, hold: dt.timedelta) -> str | None:
+    """A pool address for the link: its current lease, else the lowest free one."""
+    held = await conn.fetchval("SELECT host(address) FROM radius_leases WHERE link_id = $1 AND pool_id = $2",
+                               link["id"], link["pool_id"])
+    if held is not None:
+        await conn.execute("UPDATE radius_leases SET expires_at = $2 WHERE address = $1::inet AND expires_at IS NOT NULL",
+                           held, now + hold)
+        return str(held)
+    return await conn.fetchval(
+        "WITH p AS (SELECT first, last FROM radius_pools WHERE id = $1),"
+        " cand AS (SELECT p.first + g AS a FROM p, generate_series(0, p.last - p.first) AS g"
+        "   WHERE NOT EXISTS (SELECT 1 FROM radius_leases l WHERE l.address = p.first + g"
+        "                     AND (l.expires_at IS NULL OR l.expires_at > $3))"
+        "     AND NOT EXISTS (SELECT 1 FROM ip_bindings b WHERE b.prefix >>= p.first + g"
+        "                     AND b.valid_from <= $3 AND (b.valid_to IS NULL OR b.valid_to > $3))"
+        "   ORDER BY g LIMIT 1)"
+        " INSERT INTO radius_leases(address, pool_id, link_id, expires_at) SELECT a, $1, $2, $4 FROM cand"
+        " ON CONFLICT (address) DO UPDATE SET link_id = EXCLUDED.link_id, expires_at = EXCLUDED.expires_at"
+        "   WHERE radius_leases.expires_at IS NOT NULL AND radius_leases.expires_at <= $3"
+        " RETURNING host(address)",
+        link["pool_id"], link["id"], now, now + hold)
+
+
+async def authorize(conn: asyncpg.Connection, store: SecretStore, req: dict[str, Any], now: dt.datetime,
+                    lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> dict[str, Any]:
+    """Decide an Access-Request (see the module comment).  Runs in a transaction."""
+    login = req.get("login")
+    if not login:
+        return _reject("no login")
+    link = await conn.fetchrow(
+        "SELECT l.*, a.balance, a.credit, a.unlimited, a.status FROM radius_links l"
+        " JOIN accounts a ON a.id = l.account_id WHERE l.login = $1 FOR UPDATE OF l", login)
+    if link is None or not _password_ok(req, store.open(link["password_enc"])):
+        return _reject("wrong login or password")
+    if link["disabled"] or link["status"] != "active":
+        return _reject("service disabled")
+    if await conn.fetchval("SELECT 1 FROM blocks WHERE account_id = $1 AND lifted_at IS NULL LIMIT 1",
+                           link["account_id"]):
+        return _reject("account blocked")
+    active = await conn.fetchval("SELECT count(*) FROM radius_sessions WHERE link_id = $1 AND ended_at IS NULL",
+                                 link["id"])
+    if active >= link["max_sessions"]:
+        return _reject("too many sessions")
+    reply: list[list[Any]] = []
+    timeout = link["session_limit"]
+    if link["price_per_hour"] > 0 and not link["unlimited"]:
+        money_left = int(link["balance"]) + int(link["credit"])
+        seconds = money_left * 3600 // int(link["price_per_hour"]) if money_left > 0 else 0
+        if seconds <= 0:
+            return _reject("no money left for time")
+        timeout = min(seconds, timeout) if timeout else seconds
+    if link["static_ip"] is not None:
+        reply.append(["Framed-IP-Address", str(ipaddress.ip_interface(str(link["static_ip"])).ip)])
+    elif link["pool_id"] is not None:
+        address = await _lease(conn, link, now, lease_hold)
+        if address is None:
+            return _reject("IP pool exhausted")
+        reply.append(["Framed-IP-Address", address])
+    if timeout:
+        reply.append(["Session-Timeout", min(int(timeout), 2**32 - 1)])
+    reply.append(["Acct-Interim-Interval", link["interim_interval"]])
+    if link["rate_limit"]:
+        reply.append(["Mikrotik-Rate-Limit", link["rate_limit"]])
+    for pair in link["cisco_avpairs"]:
+        reply.append(["Cisco-AVPair", pair])
+    return {"accept": True, "account_id": link["account_id"], "reply": reply}
+
+
+# -- accounting ------------------------------------------------------------------
+
+
+def _session_ref(nas_id: int, session_id: str) -> str:
+    return f"radius:{nas_id}:{session_id}"
+
+
+async def _end_sessions(conn: asyncpg.Connection, rows: list[asyncpg.Record], at: dt.datetime, reason: str) -> None:
+    for s in rows:
+        end = max(at, s["started_at"] + dt.timedelta(microseconds=1))
+        await conn.execute("UPDATE radius_sessions SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
+                           s["id"], end, reason)
+        await conn.execute("UPDATE ip_bindings SET valid_to = $2 WHERE session_ref = $1 AND valid_to IS NULL",
+                           _session_ref(s["nas_id"], s["session_id"]), end)
+        if s["framed_ip"] is not None:
+            await conn.execute("DELETE FROM radius_leases WHERE address = $1 AND link_id = $2", s["framed_ip"], s["link_id"])
+
+
+async def _charge_time(conn: asyncpg.Connection, s: asyncpg.Record, price: int, session_time: int,
+                       now: dt.datetime) -> list[dict[str, Any]]:
+    """Book the time charge up to ``session_time``; return block events."""
+    if price <= 0 or session_time <= 0:
+        return []
+    target = session_time * price // 3600
+    amount = target - int(s["charged"])
+    if amount <= 0:
+        return []
+    key = f"radius:{s['id']}:{session_time}"
+    result = await post_charges(conn, [Entry(s["account_id"], -amount, "charge", key, f"time {s['session_id']}")],
+                                actor=ACTOR, now=now)
+    assert int(s["charged"]) + amount == target, "time charge must land exactly on the target"
+    await conn.execute("UPDATE radius_sessions SET charged = $2 WHERE id = $1", s["id"], target)
+    await conn.execute(
+        "INSERT INTO radius_time_charges(session_pk, session_time, account_id, amount, ledger_id, at)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        s["id"], session_time, s["account_id"], amount, result.posted[0].ledger_id if result.posted else None, now)
+    return [c.event() for c in result.block_changes]
+
+
+async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """Apply one Accounting-Request.  Idempotent: the same request twice
+    changes nothing the second time.  Runs in a transaction."""
+    nas = await conn.fetchrow("SELECT id FROM radius_nas WHERE address = $1::inet", req["nas"])
+    if nas is None:
+        raise CallFailed(BAD_ARGS, f"unknown NAS {req['nas']}")
+    nas_id = nas["id"]
+    status = req["status"]
+    at = dt.datetime.fromtimestamp(float(req.get("event_time") or now.timestamp()), dt.timezone.utc)
+    if status in ("on", "off"):
+        rows = await conn.fetch("SELECT * FROM radius_sessions WHERE nas_id = $1 AND ended_at IS NULL FOR UPDATE", nas_id)
+        await _end_sessions(conn, rows, at, f"accounting-{status}")
+        return {"closed": len(rows), "events": []}
+    if status not in ("start", "interim", "stop"):
+        return {"ignored": status, "events": []}
+    session_id = req["session_id"]
+    s = await conn.fetchrow("SELECT * FROM radius_sessions WHERE nas_id = $1 AND session_id = $2 FOR UPDATE",
+                            nas_id, session_id)
+    if s is None:
+        link = await conn.fetchrow("SELECT id, account_id, login FROM radius_links WHERE login = $1", req.get("login") or "")
+        if link is None:
+            log.warning("accounting for unknown login %r from NAS %s ignored", req.get("login"), req["nas"])
+            return {"ignored": "unknown login", "events": []}
+        started = at - dt.timedelta(seconds=int(req.get("session_time") or 0))
+        s = await conn.fetchrow(
+            "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
+            " calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
+            " RETURNING *",
+            nas_id, session_id, link["account_id"], link["id"], link["login"], req.get("framed_ip"),
+            req.get("nas_port_id"), req.get("calling_station_id"), started, now)
+        if req.get("framed_ip"):
+            await _bind_ip(conn, s, started)
+    if s["ended_at"] is not None:
+        return {"session": s["id"], "ended": True, "events": []}  # a late or repeated Stop
+    events: list[dict[str, Any]] = []
+    session_time = int(req.get("session_time") or 0)
+    if status in ("interim", "stop") and session_time >= int(s["session_time"]):
+        await conn.execute(
+            "UPDATE radius_sessions SET session_time = $2, input_octets = greatest(input_octets, $3),"
+            " output_octets = greatest(output_octets, $4), updated_at = $5 WHERE id = $1",
+            s["id"], session_time, int(req.get("input_octets") or 0), int(req.get("output_octets") or 0), now)
+        price = await conn.fetchval("SELECT price_per_hour FROM radius_links WHERE id = $1", s["link_id"])
+        events = await _charge_time(conn, s, int(price), session_time, now)
+    if status == "stop":
+        s = await conn.fetchrow("SELECT * FROM radius_sessions WHERE id = $1", s["id"])
+        await _end_sessions(conn, [s], at, f"stop:{req.get('terminate_cause') or 0}")
+    return {"session": s["id"], "events": events}
+
+
+async def _bind_ip(conn: asyncpg.Connection, s: asyncpg.Record, at: dt.datetime) -> None:
+    ip = s["framed_ip"]
+    await conn.execute("UPDATE radius_leases SET expires_at = NULL WHERE address = $1 AND link_id = $2", ip, s["link_id"])
+    covering = await conn.fetchrow(
+        "SELECT account_id FROM ip_bindings WHERE prefix >>= $1::inet AND valid_from <= $2"
+        " AND (valid_to IS NULL OR valid_to > $2)", ip, at)
+    if covering is not None:
+        if covering["account_id"] != s["account_id"]:
+            log.error("framed IP %s of session %s is bound to account %s, not %s: not rebinding",
+                      ip, s["session_id"], covering["account_id"], s["account_id"])
+        return
+    await conn.execute(
+        "INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
+        " VALUES ($1, set_masklen($2::inet, 32)::cidr, 'dynamic', 'radius', $3, $4)",
+        s["account_id"], ip, _session_ref(s["nas_id"], s["session_id"]), at)
+
+
+async def close_stale(conn: asyncpg.Connection, now: dt.datetime, timeout: dt.timedelta) -> int:
+    """End sessions whose NAS sent nothing for ``timeout``; free their leases."""
+    rows = await conn.fetch("SELECT * FROM radius_sessions WHERE ended_at IS NULL AND updated_at < $1 FOR UPDATE",
+                            now - timeout)
+    for s in rows:
+        await _end_sessions(conn, [s], s["updated_at"], "stale")
+    await conn.execute("DELETE FROM radius_leases WHERE expires_at IS NOT NULL AND expires_at <= $1", now)
+    return len(rows)
+
+
+async def account_sessions(conn: asyncpg.Connection, store: SecretStore, account_id: int | None = None,
+                           session_pk: int | None = None) -> list[dict[str, Any]]:
+    """Active sessions (of one account, or one session) with what a
+    Disconnect/CoA to their NAS needs."""
+    rows = await conn.fetch(
+        "SELECT s.id, s.session_id, s.login, host(s.framed_ip) AS framed_ip, s.account_id, s.started_at,"
+        " s.session_time, s.input_octets, s.output_octets, host(n.address) AS nas_ip, n.coa_port,"
+        " n.disconnect_mode, n.blocked_profile FROM radius_sessions s JOIN radius_nas n ON n.id = s.nas_id"
+        " WHERE s.ended_at IS NULL AND ($1::bigint IS NULL OR s.account_id = $1)"
+        " AND ($2::bigint IS NULL OR s.id = $2) ORDER BY s.id", account_id, session_pk)
+    return [{**dict(r), "blocked_profile": json.loads(r["blocked_profile"])} for r in rows]
+
+
+# -- URFA registration -------------------------------------------------------------
+
+
+def calls(core: CoreContext) -> list[CallSpec]:
+    store: SecretStore = core.extras.get("secret_store") or SecretStore.from_config(core.config)
+    core.extras["secret_store"] = store
+    pool = core.pool
+
+    def publish_events(events: list[dict[str, Any]]) -> None:
+        for e in events:
+            core.publish("blocks", e)
+
+    async def h_authorize(ctx: Any, request: dict[str, Any]) -> dict[str, Any]:
+        async with pool.acquire() as conn, conn.transaction():
+            return await authorize(conn, store, request, core.now())
+
+    async def h_accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
+        async with pool.acquire() as conn, conn.transaction():
+            result = await account(conn, record, core.now())
+        publish_events(result.pop("events", []))
+        return result
+
+    async def h_nas_list(ctx: Any) -> list[dict[str, Any]]:
+        async with pool.acquire() as conn:
+            return await nas_list(conn, store, with_secrets=True)
+
+    async def h_nas_show(ctx: Any) -> list[dict[str, Any]]:
+        async with pool.acquire() as conn:
+            return await nas_list(conn, store, with_secrets=False)
+
+    async def h_nas_add(ctx: Any, **args: Any) -> int:
+        async with pool.acquire() as conn:
+            nas_id = await add_nas(conn, store, **args)
+        core.publish("radius.nas", {"changed": nas_id})
+        return nas_id
+
+    async def h_nas_delete(ctx: Any, id: int) -> bool:
+        async with pool.acquire() as conn:
+            done = await conn.execute("DELETE FROM radius_nas WHERE id = $1", id) != "DELETE 0"
+        core.publish("radius.nas", {"deleted": id})
+        return done
+
+    async def h_pool_add(ctx: Any, **args: Any) -> int:
+        async with pool.acquire() as conn:
+            return await add_pool(conn, **args)
+
+    async def h_link_add(ctx: Any, **args: Any) -> int:
+        async with pool.acquire() as conn:
+            return await add_link(conn, store, **args)
+
+    async def h_sessions(ctx: Any, account_id: int | None = None) -> list[dict[str, Any]]:
+        async with pool.acquire() as conn:
+            return await account_sessions(conn, store, account_id)
+
+    async def h_close_stale(ctx: Any, timeout: int) -> int:
+        async with pool.acquire() as conn, conn.transaction():
+            return await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
+
+    async def h_disconnect(ctx: Any, session: int) -> dict[str, Any]:
+        async with pool.acquire() as conn:
+            found = await account_sessions(conn, store, None, session)
+        if not found:
+            raise CallFailed(BAD_ARGS, f"no active session {session}")
+        core.publish("radius.disconnect", {"sessions": found})
+        return {"requested": True, "session": found[0]["id"]}
+
+    return [
+        CallSpec("radius.authorize", h_authorize, right="radius.serve", kinds=SYSTEM, args={"request": "map"},
+                 result="map", doc="Decide an Access-Request: {accept, reply: [[attribute, value]…]}."),
+        CallSpec("radius.accounting", h_accounting, right="radius.serve", kinds=SYSTEM, args={"record": "map"},
+                 result="map", doc="Apply an Accounting-Request (idempotent)."),
+        CallSpec("radius.nas_list", h_nas_list, right="radius.serve", kinds=SYSTEM, result="list",
+                 doc="NAS devices with their shared secrets (for the radius process)."),
+        CallSpec("radius.close_stale", h_close_stale, right="radius.serve", kinds=SYSTEM, args={"timeout": "int"},
+                 result="int", doc="End sessions silent for `timeout` seconds; return how many."),
+        CallSpec("radius.nas_show", h_nas_show, right="radius.read", kinds=ADMIN, result="list",
+                 doc="NAS devices, without secrets."),
+        CallSpec("radius.nas_add", h_nas_add, right="radius.nas", kinds=ADMIN,
+                 args={"name": "str", "address": "ip", "secret": "str", "require_message_authenticator": "bool?",
+                       "coa_port": "int?", "disconnect_mode": "str?", "blocked_profile": "list?"},
+                 result="int", doc="Add a NAS device; returns its id."),
+        CallSpec("radius.nas_delete", h_nas_delete, right="radius.nas", kinds=ADMIN, args={"id": "int"},
+                 result="bool", doc="Delete a NAS device and its sessions."),
+        CallSpec("radius.pool_add", h_pool_add, right="radius.pools", kinds=ADMIN,
+                 args={"name": "str", "first": "ip", "last": "ip"}, result="int", doc="Add an IPv4 pool."),
+        CallSpec("radius.link_add", h_link_add, right="radius.links", kinds=ADMIN,
+                 args={"account_id": "int", "login": "str", "password": "str", "static_ip": "ip?", "pool": "str?",
+                       "max_sessions": "int?", "price_per_hour": "money?", "session_limit": "int?",
+                       "interim_interval": "int?", "rate_limit": "str?", "cisco_avpairs": "list?"},
+                 result="int", doc="Give an account a RADIUS login (password stored encrypted)."),
+        CallSpec("radius.sessions", h_sessions, right="radius.read", kinds=ADMIN, args={"account_id": "int?"},
+                 result="list", doc="Active sessions, of one account or all."),
+        CallSpec("radius.disconnect", h_disconnect, right="radius.disconnect", kinds=ADMIN, args={"session": "int"},
+                 result="map", doc="Ask the radius process to disconnect an active session."),
+    ]

@@ -1,0 +1,178 @@
+"""The core side of RADIUS against a real PostgreSQL: authorization rules,
+pools, accounting, time charges exactly once, IP bindings, stale sessions,
+encrypted secrets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from billcore.radius_calls import (
+    SecretStore,
+    account,
+    account_sessions,
+    add_link,
+    add_nas,
+    add_pool,
+    authorize,
+    close_stale,
+    nas_list,
+)
+
+T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+NAS = "10.0.0.1"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SecretStore:
+    return SecretStore(SecretStore.load_or_create_key(tmp_path / "secret.key"))
+
+
+async def make_account(conn: asyncpg.Connection, login: str, balance: int = 0, credit: int = 0) -> int:
+    uid = await conn.fetchval(
+        "INSERT INTO users(login, scram_salt, scram_iterations, scram_stored_key, scram_server_key)"
+        " VALUES ($1, '\\x00', 4096, '\\x00', '\\x00') RETURNING id", login)
+    return int(await conn.fetchval(
+        "INSERT INTO accounts(user_id, balance, credit) VALUES ($1, $2, $3) RETURNING id", uid, balance, credit))
+
+
+async def auth(conn: asyncpg.Connection, store: SecretStore, login: str, password: bytes, now: dt.datetime = T0) -> dict:
+    async with conn.transaction():
+        return await authorize(conn, store, {"nas": NAS, "login": login, "method": "pap", "password": password}, now)
+
+
+async def acct(conn: asyncpg.Connection, status: str, sid: str, login: str = "alice", **kw: object) -> dict:
+    rec = {"nas": NAS, "status": status, "session_id": sid, "login": login,
+           "event_time": kw.pop("at", T0).timestamp(), **kw}  # type: ignore[union-attr]
+    async with conn.transaction():
+        return await account(conn, rec, T0)
+
+
+async def test_secret_key_file_is_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    key = SecretStore.load_or_create_key(path)
+    assert len(key) == 32 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert SecretStore.load_or_create_key(path) == key
+    sealed = SecretStore(key).seal(b"pw")
+    assert b"pw" not in sealed and SecretStore(key).open(sealed) == b"pw"
+    with pytest.raises(ValueError):
+        SecretStore(os.urandom(32)).open(sealed)
+
+
+async def test_nas_secrets_encrypted_at_rest(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="s3cret-nas", coa_port=1700)
+        raw = await conn.fetchval("SELECT secret_enc FROM radius_nas")
+        assert b"s3cret-nas" not in raw
+        [full] = await nas_list(conn, store, with_secrets=True)
+        assert full["secret"] == b"s3cret-nas" and full["address"] == NAS and full["coa_port"] == 1700
+        [public] = await nas_list(conn, store, with_secrets=False)
+        assert "secret" not in public
+
+
+async def test_pap_chap_blocks_and_session_limit(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        acc = await make_account(conn, "u1", balance=1000)
+        await add_link(conn, store, account_id=acc, login="alice", password="wonder", static_ip="10.5.0.9",
+                       rate_limit="10M/10M", cisco_avpairs=["ip:sub-qos-policy-in=10M"])
+        assert b"wonder" not in await conn.fetchval("SELECT password_enc FROM radius_links")
+        ok = await auth(conn, store, "alice", b"wonder")
+        assert ok["accept"] and ["Framed-IP-Address", "10.5.0.9"] in ok["reply"]
+        assert ["Mikrotik-Rate-Limit", "10M/10M"] in ok["reply"] and ["Cisco-AVPair", "ip:sub-qos-policy-in=10M"] in ok["reply"]
+        assert not (await auth(conn, store, "alice", b"wrong"))["accept"]
+        assert not (await auth(conn, store, "nobody", b"wonder"))["accept"]
+        challenge = os.urandom(16)
+        chap = {"id": 3, "challenge": challenge, "response": hashlib.md5(b"\x03wonder" + challenge).digest()}
+        async with conn.transaction():
+            assert (await authorize(conn, store, {"nas": NAS, "login": "alice", "method": "chap", "chap": chap}, T0))["accept"]
+        # one session allowed: a second is refused while the first is active
+        await acct(conn, "start", "S1", framed_ip="10.5.0.9")
+        assert (await auth(conn, store, "alice", b"wonder"))["reason"] == "too many sessions"
+        await acct(conn, "stop", "S1", session_time=10)
+        assert (await auth(conn, store, "alice", b"wonder"))["accept"]
+        # any block refuses
+        await conn.execute("INSERT INTO blocks(account_id, kind, set_at, set_by) VALUES ($1, 'admin', now(), 't')", acc)
+        assert (await auth(conn, store, "alice", b"wonder"))["reason"] == "account blocked"
+
+
+async def test_pool_addresses_never_collide_and_are_sticky(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        await add_pool(conn, name="p", first="10.8.0.1", last="10.8.0.2")
+        for i in range(3):
+            acc = await make_account(conn, f"u{i}")
+            await add_link(conn, store, account_id=acc, login=f"l{i}", password="pw", pool="p")
+        a0 = await auth(conn, store, "l0", b"pw")
+        a1 = await auth(conn, store, "l1", b"pw")
+        ips = [dict(map(tuple, a["reply"]))["Framed-IP-Address"] for a in (a0, a1)]  # type: ignore[arg-type]
+        assert sorted(ips) == ["10.8.0.1", "10.8.0.2"]
+        assert (await auth(conn, store, "l2", b"pw"))["reason"] == "IP pool exhausted"
+        again = await auth(conn, store, "l0", b"pw")
+        assert dict(map(tuple, again["reply"]))["Framed-IP-Address"] == ips[0]  # type: ignore[arg-type]
+        # an unused lease expires and goes to someone else
+        late = T0 + dt.timedelta(minutes=10)
+        assert (await auth(conn, store, "l2", b"pw", now=late))["accept"]
+
+
+async def test_start_binds_ip_stop_unbinds(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        acc = await make_account(conn, "u1")
+        await add_link(conn, store, account_id=acc, login="alice", password="pw")
+        await acct(conn, "start", "S1", framed_ip="10.7.0.5")
+        await acct(conn, "start", "S1", framed_ip="10.7.0.5")  # retransmitted Start
+        rows = await conn.fetch("SELECT account_id, host(prefix) AS ip, valid_to FROM ip_bindings")
+        assert [(r["account_id"], r["ip"], r["valid_to"]) for r in rows] == [(acc, "10.7.0.5", None)]
+        [active] = await account_sessions(conn, store, acc)
+        assert active["session_id"] == "S1" and active["nas_ip"] == NAS
+        await acct(conn, "interim", "S1", session_time=60, input_octets=5 * 2**32 + 7, output_octets=9)
+        assert await conn.fetchval("SELECT input_octets FROM radius_sessions") == 5 * 2**32 + 7
+        await acct(conn, "stop", "S1", session_time=120, at=T0 + dt.timedelta(minutes=2))
+        assert await conn.fetchval("SELECT valid_to FROM ip_bindings") == T0 + dt.timedelta(minutes=2)
+        assert await account_sessions(conn, store, acc) == []
+
+
+async def test_time_charged_exactly_once_per_counter_value(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        acc = await make_account(conn, "u1", balance=10_000_000)  # 10 units
+        await add_link(conn, store, account_id=acc, login="alice", password="pw", price_per_hour=3_600_000_000)  # 1 unit a second
+        ok = await auth(conn, store, "alice", b"pw")
+        assert dict(map(tuple, ok["reply"]))["Session-Timeout"] == 10  # type: ignore[arg-type]
+        await acct(conn, "start", "S1")
+        for t in (3, 3, 5, 4, 5):  # retransmission, then an out-of-order older interim
+            await acct(conn, "interim", "S1", session_time=t)
+        await acct(conn, "stop", "S1", session_time=7)
+        await acct(conn, "stop", "S1", session_time=7)  # retransmitted Stop
+        assert await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", acc) == 10_000_000 - 7_000_000
+        assert await conn.fetchval("SELECT sum(amount) FROM ledger WHERE account_id = $1", acc) == -7_000_000
+        assert await conn.fetchval("SELECT count(*) FROM radius_time_charges") == 3
+        await acct(conn, "start", "S2")
+        await acct(conn, "stop", "S2", session_time=3)
+        # balance 0 now: no time left, refused
+        assert (await auth(conn, store, "alice", b"pw"))["reason"] in ("no money left for time", "account blocked")
+
+
+async def test_accounting_on_and_stale_sweep_close_sessions(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        acc = await make_account(conn, "u1")
+        await add_link(conn, store, account_id=acc, login="alice", password="pw", max_sessions=5)
+        await acct(conn, "start", "S1", framed_ip="10.7.0.1")
+        await acct(conn, "start", "S2", framed_ip="10.7.0.2")
+        async with conn.transaction():
+            out = await account(conn, {"nas": NAS, "status": "on", "event_time": (T0 + dt.timedelta(hours=1)).timestamp()}, T0)
+        assert out["closed"] == 2
+        assert await conn.fetchval("SELECT count(*) FROM ip_bindings WHERE valid_to IS NULL") == 0
+        await acct(conn, "start", "S3")
+        async with conn.transaction():
+            assert await close_stale(conn, T0 + dt.timedelta(minutes=5), dt.timedelta(minutes=10)) == 0
+            assert await close_stale(conn, T0 + dt.timedelta(minutes=11), dt.timedelta(minutes=10)) == 1
+        assert await conn.fetchval("SELECT end_reason FROM radius_sessions WHERE session_id = 'S3'") == "stale"
