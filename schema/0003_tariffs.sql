@@ -220,6 +220,7 @@ CREATE TABLE periodic_charges (
     period_start  timestamptz NOT NULL,
     period_end    timestamptz NOT NULL,
     charged       bigint NOT NULL,
+    revision      integer NOT NULL CHECK (revision > 0),  -- bookings so far; part of the ledger key
     updated_at    timestamptz NOT NULL,
     PRIMARY KEY (account_id, service_id, period_start),
     CHECK (period_end > period_start)

@@ -1,0 +1,285 @@
+"""Periodic charge runs: fees at period boundaries, once-off fees, period close.
+
+Theory of operation
+-------------------
+``run_due(pool, now)`` is called by the core's timer (and by tests with a
+moved clock).  A run settles every account with a tariff link that overlaps
+``[since, now]``, where ``since`` is the previous *finished* run's ``now``
+(``periodic_runs``; the first run ever uses ``now``).  Accounts go in id
+order, ``batch_size`` per transaction.  Each transaction:
+
+1. loads the batch's service links and the cumulative amounts already
+   booked per (account, service, period) from ``periodic_charges``, locked;
+2. computes the charges due with the pure ``periods.due_charges`` (exact
+   proration by seconds: a tariff change mid-period is old part + new part);
+3. books them through the ledger's ``post_charges`` (one row per charge;
+   a negative ``amount`` there is a charge, a refund is positive), which
+   locks the accounts and applies automatic blocks, and stores the new
+   cumulative amounts (``revision`` + 1, part of the ledger key);
+4. books once-off services whose link has started (``once_charges``);
+5. closes the accounting periods of the batch's accounts that ended in
+   ``(since, now]`` with one ``period_summaries`` row each.
+
+Idempotency: everything a batch books is keyed — (account, service,
+period) with a compare-and-set through the locked ``periodic_charges`` row,
+(account, service, link) for once-off fees, (account, period) for
+summaries.  A core that dies between batches has committed whole batches
+only; the next ``run_due`` with the same or a later ``now`` recomputes
+the targets, finds the finished accounts settled, and books the rest.
+``since`` only moves when a run finishes, so nothing is skipped.
+
+Most accounts of one tariff have identical link shapes, so the batch
+computes ``due_charges`` once per distinct (service, link intervals,
+amounts already booked) signature and copies the result to each account:
+the pure function does not depend on the account id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
+from typing import Any, Final
+
+import asyncpg
+
+from billcore.billing.errors import InvariantViolation, PeriodError
+from billcore.billing.ledger import Entry, post_charges
+from billcore.billing.money import MAX_AMOUNT
+from billcore.billing.periods import (
+    PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
+)
+from billcore.billing.tariffs import DEFAULT_ACCOUNT_PERIOD, load_links, load_periodic, period_spec
+
+__all__ = ["DEFAULT_BATCH", "MAX_BATCH", "RunProgress", "RunResult", "run_due"]
+
+DEFAULT_BATCH: Final = 5_000
+MAX_BATCH: Final = 50_000
+MAX_ACCOUNTS: Final = 100_000_000
+_ACTOR: Final = "periodic"
+
+
+@dataclass(frozen=True, slots=True)
+class RunProgress:
+    """Reported after every committed batch."""
+
+    accounts_done: int
+    accounts_total: int
+    batches: int
+    charges: int
+    amount: int           # net micro-units charged so far (refunds subtract)
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    since: datetime
+    now: datetime
+    accounts: int
+    batches: int
+    charges: int
+    amount: int
+    once_charges: int
+    periods_closed: int
+    block_changes: tuple[Any, ...]
+
+
+def _utc(value: datetime, what: str) -> datetime:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise PeriodError(f"{what} must be an aware datetime")
+    return value.astimezone(timezone.utc)
+
+
+def periodic_key(charge: PeriodicCharge, revision: int) -> str:
+    k = charge.key
+    return f"periodic:{k.account_id}:{k.service_id}:{int(k.period_start.timestamp())}:r{revision}"
+
+
+def _due_by_signature(services: Mapping[int, PeriodicService], links: Sequence[ServiceLink],
+                      booked: Mapping[PeriodicKey, int], now: datetime, since: datetime,
+                      tz: tzinfo) -> list[PeriodicCharge]:
+    """``due_charges`` over many accounts, computed once per distinct link shape."""
+    groups: dict[tuple[int, int], list[ServiceLink]] = {}
+    for link in links:
+        groups.setdefault((link.account_id, link.service_id), []).append(link)
+    by_account_service: dict[tuple[int, int], dict[datetime, int]] = {}
+    for key, amount in booked.items():
+        by_account_service.setdefault((key.account_id, key.service_id), {})[key.period_start] = amount
+    memo: dict[tuple[Any, ...], list[PeriodicCharge]] = {}
+    out: list[PeriodicCharge] = []
+    for (account_id, service_id), group in sorted(groups.items()):
+        done = by_account_service.get((account_id, service_id), {})
+        signature = (service_id, tuple((l.active_from, l.active_until) for l in group),
+                     tuple(sorted(done.items())))
+        template = memo.get(signature)
+        if template is None:
+            shape = [ServiceLink(0, service_id, l.active_from, l.active_until) for l in group]
+            last = {PeriodicKey(0, service_id, start): amount for start, amount in done.items()}
+            template = due_charges(services, shape, last, now, since=since, tz=tz)
+            memo[signature] = template
+        for c in template:
+            out.append(PeriodicCharge(PeriodicKey(account_id, service_id, c.key.period_start),
+                                      c.period_end, c.previous, c.cumulative, c.amount))
+    return out
+
+
+async def _run_state(conn: asyncpg.Connection, name: str) -> datetime | None:
+    return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
+
+
+async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mapping[int, PeriodicService],
+                 since: datetime, now: datetime, horizon: datetime, tz: tzinfo,
+                 ) -> tuple[int, int, int, int, tuple[Any, ...]]:
+    """One transaction's work; returns (charges, amount, once, closed, block changes)."""
+    links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
+    rows = await conn.fetch(
+        "SELECT account_id, service_id, period_start, charged, revision FROM periodic_charges"
+        " WHERE account_id = ANY($1::bigint[]) AND period_start >= $2"
+        " ORDER BY account_id, service_id, period_start FOR UPDATE", accounts, horizon)
+    booked = {PeriodicKey(r["account_id"], r["service_id"], r["period_start"]): r["charged"] for r in rows}
+    revisions = {PeriodicKey(r["account_id"], r["service_id"], r["period_start"]): r["revision"] for r in rows}
+    charges = _due_by_signature(services, links, booked, now, since, tz)
+
+    entries: list[Entry] = []
+    for c in charges:
+        if c.previous != booked.get(c.key, 0) or c.cumulative - c.previous != c.amount:
+            raise InvariantViolation(f"periodic charge {c} does not continue the booked amount")
+        if not 0 <= c.cumulative <= MAX_AMOUNT:
+            raise InvariantViolation(f"cumulative periodic amount {c.cumulative} out of range")
+        revision = revisions.get(c.key, 0) + 1
+        entries.append(Entry(c.key.account_id, -c.amount, "periodic", periodic_key(c, revision),
+                             reference=f"service {c.key.service_id} period {c.key.period_start.isoformat()}"))
+    if charges:
+        status = await conn.execute(
+            "INSERT INTO periodic_charges AS p (account_id, service_id, period_start, period_end,"
+            " charged, revision, updated_at)"
+            " SELECT a, s, ps, pe, c, 1, $6 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[],"
+            " $4::timestamptz[], $5::bigint[]) AS t(a, s, ps, pe, c)"
+            " ON CONFLICT (account_id, service_id, period_start) DO UPDATE"
+            " SET charged = EXCLUDED.charged, revision = p.revision + 1, updated_at = EXCLUDED.updated_at",
+            [c.key.account_id for c in charges], [c.key.service_id for c in charges],
+            [c.key.period_start for c in charges], [c.period_end for c in charges],
+            [c.cumulative for c in charges], now)
+        if status != f"INSERT 0 {len(charges)}":
+            raise InvariantViolation(f"periodic_charges wrote {status}, expected {len(charges)} rows")
+
+    once = await conn.fetch(
+        "INSERT INTO once_charges(account_id, service_id, link_id, amount, charged_at)"
+        " SELECT t.account_id, s.id, t.id, s.fee, $2 FROM account_tariffs t"
+        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
+        " JOIN services s ON s.id = ts.service_id AND s.kind = 'once' AND s.fee > 0"
+        " WHERE t.account_id = ANY($1::bigint[]) AND t.valid_from <= $2"
+        " ORDER BY t.account_id, s.id, t.id"
+        " ON CONFLICT DO NOTHING RETURNING account_id, service_id, link_id, amount", accounts, now)
+    for r in once:
+        entries.append(Entry(r["account_id"], -r["amount"], "charge",
+                             f"once:{r['account_id']}:{r['service_id']}:{r['link_id']}",
+                             reference=f"service {r['service_id']}"))
+
+    changes: tuple[Any, ...] = ()
+    if entries:
+        posted = await post_charges(conn, entries, actor=_ACTOR, now=now)
+        if posted.skipped:
+            raise InvariantViolation(f"periodic keys already booked: {posted.skipped[:3]}")
+        changes = tuple(posted.block_changes)
+    closed = await _close_periods(conn, accounts, since, now, tz)
+    amount = sum(c.amount for c in charges) + sum(r["amount"] for r in once)
+    return len(charges), amount, len(once), closed, changes
+
+
+async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: datetime,
+                         now: datetime, tz: tzinfo) -> int:
+    """Summaries for the accounting periods that ended in ``(since, now]``."""
+    rows = await conn.fetch(
+        "SELECT a.id, p.period_kind, p.period_days, p.period_anchor FROM accounts a"
+        " LEFT JOIN account_periods p ON p.account_id = a.id WHERE a.id = ANY($1::bigint[])", accounts)
+    cache: dict[Any, list[tuple[datetime, datetime]]] = {}
+    ids, starts, ends = [], [], []
+    for r in rows:
+        spec = DEFAULT_ACCOUNT_PERIOD if r["period_kind"] is None else period_spec(
+            r["period_kind"], r["period_days"], r["period_anchor"])
+        ended = cache.get(spec)
+        if ended is None:
+            ended = []
+            period = period_containing(spec, since, tz)
+            for _ in range(1_000):  # bounded like due_charges
+                if period.end > now:
+                    break
+                if period.end > since:
+                    ended.append((period.start, period.end))
+                period = period_containing(spec, period.end, tz)
+            cache[spec] = ended
+        for start, end in ended:
+            ids.append(r["id"])
+            starts.append(start)
+            ends.append(end)
+    if not ids:
+        return 0
+    status = await conn.execute(
+        "INSERT INTO period_summaries(account_id, period_start, period_end, traffic_bytes,"
+        " session_seconds, usage_amount, periodic_amount, closed_at)"
+        " SELECT k.a, k.s, k.e,"
+        " coalesce((SELECT sum(quantity) FROM usage_counters c WHERE c.account_id = k.a"
+        "   AND c.period_start = k.s AND c.class_id <> -1), 0),"
+        " coalesce((SELECT sum(quantity) FROM usage_counters c WHERE c.account_id = k.a"
+        "   AND c.period_start = k.s AND c.class_id = -1), 0),"
+        " coalesce((SELECT sum(charged) FROM usage_counters c WHERE c.account_id = k.a"
+        "   AND c.period_start = k.s), 0),"
+        " coalesce((SELECT sum(charged) FROM periodic_charges c WHERE c.account_id = k.a"
+        "   AND c.period_start >= k.s AND c.period_start < k.e), 0), $4"
+        " FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[]) AS k(a, s, e)"
+        " ON CONFLICT DO NOTHING", ids, starts, ends, now)
+    return int(status.split()[-1])
+
+
+async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.utc,
+                  batch_size: int = DEFAULT_BATCH, name: str = "periodic",
+                  progress: Callable[[RunProgress], None] | None = None) -> RunResult:
+    """Charge everything due at ``now``; safe to call again after a crash at any point.
+
+    ``progress`` is called after each committed batch; an exception it raises
+    stops the run there (committed batches stay; the next call finishes).
+    """
+    now = _utc(now, "now")
+    if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH:
+        raise PeriodError(f"batch_size must be in 1..{MAX_BATCH}")
+    async with pool.acquire() as conn:
+        last = await _run_state(conn, name)
+        since = now if last is None or last > now else last
+        services = await load_periodic(conn)
+        # links are needed from the start of the earliest period holding `since`
+        horizon = min((period_containing(s.spec, since, tz).start for s in services.values()),
+                      default=since)
+        horizon = min(horizon, period_containing(DEFAULT_ACCOUNT_PERIOD, since, tz).start)
+        total = int(await conn.fetchval(
+            "SELECT count(DISTINCT account_id) FROM account_tariffs"
+            " WHERE valid_from <= $2 AND (valid_to IS NULL OR valid_to > $1)", horizon, now))
+        if total > MAX_ACCOUNTS:
+            raise PeriodError(f"more than {MAX_ACCOUNTS} accounts in one run")
+        done = batches = charges = amount = once = closed = 0
+        changes: list[Any] = []
+        after = 0
+        for _ in range(total // batch_size + 2):  # keyset pages; +2: the last, partial, page and the empty one
+            accounts = [r[0] for r in await conn.fetch(
+                "SELECT DISTINCT account_id FROM account_tariffs WHERE account_id > $1"
+                " AND valid_from <= $3 AND (valid_to IS NULL OR valid_to > $2)"
+                " ORDER BY account_id LIMIT $4", after, horizon, now, batch_size)]
+            if not accounts:
+                break
+            async with conn.transaction():
+                n, a, o, c, bc = await _batch(conn, accounts, services, since, now, horizon, tz)
+            after = accounts[-1]
+            done += len(accounts)
+            batches += 1
+            charges, amount, once, closed = charges + n, amount + a, once + o, closed + c
+            changes.extend(bc)
+            if progress is not None:
+                progress(RunProgress(done, total, batches, charges, amount))
+        else:
+            raise InvariantViolation("periodic run did not reach the last account page")
+        await conn.execute(
+            "INSERT INTO periodic_runs(name, last_now, finished_at, accounts, charges, amount)"
+            " VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET last_now ="
+            " greatest(periodic_runs.last_now, EXCLUDED.last_now), finished_at = EXCLUDED.finished_at,"
+            " accounts = EXCLUDED.accounts, charges = EXCLUDED.charges, amount = EXCLUDED.amount",
+            name, now, done, charges, amount)
+    return RunResult(since, now, done, batches, charges, amount, once, closed, tuple(changes))
