@@ -72,8 +72,9 @@ class ServerChannel(asyncio.Protocol):
 
     # -- asyncio callbacks -----------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: check the duck
+        assert hasattr(transport, "write") and hasattr(transport, "set_write_buffer_limits")
+        self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else "unix"
