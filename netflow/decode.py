@@ -16,7 +16,6 @@ template. Nothing downstream depends on order.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 
 import numpy as np
@@ -35,7 +34,6 @@ from netflow.flows import (
 from netflow.templates import RecordCollector, SequenceTracker, TemplateCache
 
 MAX_DATAGRAM = 65535
-_VERSION = struct.Struct(">H")
 
 
 def decode_batch(
@@ -49,33 +47,34 @@ def decode_batch(
     pending: list[Pending] = []
     gaps: list[SequenceGap] = []
     collector = RecordCollector()
-    v5_parts: list[memoryview | bytes] = []
-    v5_meta: list[tuple[int, int, int, int, int, int, int]] = []
+    v5_payloads: list[bytes] = []
+    v5_exporters: list[int] = []
+    v5_index: list[int] = []
+    exporters: dict[str, int] = {}
     packets = 0
     missing_sets = 0
     for index, dg in enumerate(datagrams):
         packets += 1
         payload = dg.payload
+        if len(payload) > MAX_DATAGRAM or len(payload) < 2:
+            malformed.append(Malformed(index, f"datagram of {len(payload)} bytes"))
+            continue
+        if payload[0] == 0 and payload[1] == 5:
+            exp = exporters.get(dg.exporter)
+            if exp is None:
+                exp = exporters[dg.exporter] = len(exporters)
+            v5_payloads.append(payload)
+            v5_exporters.append(exp)
+            v5_index.append(index)
+            continue
+        version = payload[0] << 8 | payload[1]
         try:
-            if len(payload) > MAX_DATAGRAM:
-                raise DecodeError(f"datagram of {len(payload)} bytes exceeds {MAX_DATAGRAM}")
-            if len(payload) < 2:
-                raise DecodeError("datagram too short for a version field")
-            version = _VERSION.unpack_from(payload)[0]
-            if version == 5:
-                count, uptime, export_ms, seq, engine, sampling, records = v5.split_v5(payload)
-                hi, lo = EXPORTER_KEYS.get(dg.exporter)
-                v5_parts.append(records)
-                v5_meta.append((count, hi, lo, uptime, export_ms, engine, sampling))
-                gap = tracker.observe(dg.exporter, engine, 5, seq, count) if tracker else None
-                missing: list[int] = []
+            if version == 9:
+                missing, gap = v9.walk_v9(dg.exporter, payload, cache, tracker, collector, now)
+            elif version == 10:
+                missing, gap = ipfix.walk_ipfix(dg.exporter, payload, cache, tracker, collector, now)
             else:
-                if version == 9:
-                    missing, gap = v9.walk_v9(dg.exporter, payload, cache, tracker, collector, now)
-                elif version == 10:
-                    missing, gap = ipfix.walk_ipfix(dg.exporter, payload, cache, tracker, collector, now)
-                else:
-                    raise DecodeError(f"unsupported NetFlow version {version}")
+                raise DecodeError(f"unsupported NetFlow version {version}")
         except DecodeError as exc:
             malformed.append(Malformed(index, str(exc)))
             continue
@@ -85,10 +84,39 @@ def decode_batch(
             missing_sets += len(missing)
             pending.append(Pending(index, dg, tuple(missing)))
     parts = collector.finish()
-    if v5_parts:
-        parts.insert(0, _v5_flows(v5_parts, v5_meta))
-    flows = np.concatenate(parts) if parts else np.zeros(0, dtype=FLOW_DTYPE)
+    if v5_payloads:
+        parts.insert(0, _v5(v5_payloads, v5_exporters, v5_index, exporters, tracker, malformed, gaps))
+        malformed.sort(key=lambda m: m.index)
+    flows = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype=FLOW_DTYPE)
     return DecodeResult(flows, packets, tuple(malformed), tuple(pending), missing_sets, tuple(gaps))
+
+
+def _v5(
+    payloads: list[bytes],
+    exporter_ids: list[int],
+    indices: list[int],
+    exporters: dict[str, int],
+    tracker: SequenceTracker | None,
+    malformed: list[Malformed],
+    gaps: list[SequenceGap],
+) -> np.ndarray:
+    names = list(exporters)
+    pairs = np.array([EXPORTER_KEYS.get(name) for name in names], dtype=np.uint64).reshape(-1, 2)
+    ids = np.array(exporter_ids, dtype=np.int64)
+    batch = v5.decode_v5_batch(payloads, pairs[ids, 0], pairs[ids, 1])
+    malformed.extend(Malformed(indices[k], reason) for k, reason in batch.bad)
+    if tracker is not None and len(batch.headers):
+        h = batch.headers
+        engine = (h["engine_type"].astype(np.int64) << 8) | h["engine_id"]
+        streams, which = np.unique((ids[batch.packet_positions] << 16) | engine, return_inverse=True)
+        for n, stream in enumerate(streams):
+            mask = which == n
+            gaps.extend(
+                tracker.observe_many(
+                    names[int(stream) >> 16], int(stream) & 0xFFFF, 5, h["sequence"][mask], h["count"][mask]
+                )
+            )
+    return batch.flows
 
 
 def decode_pending(pending: Iterable[Pending], cache: TemplateCache) -> DecodeResult:
@@ -102,7 +130,7 @@ def decode_pending(pending: Iterable[Pending], cache: TemplateCache) -> DecodeRe
         packets += 1
         payload = item.datagram.payload
         try:
-            version = _VERSION.unpack_from(payload)[0] if len(payload) >= 2 else 0
+            version = payload[0] << 8 | payload[1] if len(payload) >= 2 else 0
             if version == 9:
                 left = v9.resume_v9(item.datagram.exporter, payload, item.set_offsets, cache, collector)
             elif version == 10:
@@ -118,18 +146,4 @@ def decode_pending(pending: Iterable[Pending], cache: TemplateCache) -> DecodeRe
     parts = collector.finish()
     flows = np.concatenate(parts) if parts else np.zeros(0, dtype=FLOW_DTYPE)
     return DecodeResult(flows, packets, tuple(malformed), tuple(still), missing_sets, ())
-
-
-def _v5_flows(parts: list[memoryview | bytes], meta: list[tuple[int, ...]]) -> np.ndarray:
-    cols = np.array(meta, dtype=np.uint64).T
-    return v5.records_to_flows(
-        b"".join(parts),
-        cols[0].astype(np.int64),
-        cols[1],
-        cols[2],
-        cols[3].astype(np.uint32),
-        cols[4].astype(np.int64),
-        cols[5].astype(np.uint32),
-        cols[6].astype(np.uint32),
-    )
 

@@ -30,6 +30,7 @@ from netflow.errors import DecodeError, TemplateError
 from netflow.flows import EXPORTER_KEYS, SequenceGap
 from netflow.templates import (
     VARIABLE_LENGTH,
+    Chunk,
     CompiledTemplate,
     FieldSpec,
     RecordCollector,
@@ -72,9 +73,10 @@ def walk_ipfix(
         pos += length
     if pos != end:
         raise DecodeError("IPFIX message length does not end on a set boundary")
-    local = RecordCollector()
+    local: list[Chunk] = []
     missing, records = _data_sets(payload, data_sets, exporter, domain, export_s, cache, local)
-    collector.merge(local)
+    for chunk in local:
+        collector.add(*chunk)
     gap = None
     if tracker is not None:
         gap = tracker.observe(exporter, domain, 10, sequence, None if missing else records)
@@ -91,9 +93,10 @@ def resume_ipfix(
     """Decode only the data sets at `offsets`; returns those still missing."""
     _version, end, export_s, _sequence, domain = _header(payload)
     data_sets = pending_sets(payload[:end], offsets, HEADER.size)
-    local = RecordCollector()
+    local: list[Chunk] = []
     missing, _ = _data_sets(payload, data_sets, exporter, domain, export_s, cache, local)
-    collector.merge(local)
+    for chunk in local:
+        collector.add(*chunk)
     return missing
 
 
@@ -115,7 +118,7 @@ def _data_sets(
     domain: int,
     export_s: int,
     cache: TemplateCache,
-    collector: RecordCollector,
+    out: list[Chunk],
 ) -> tuple[list[int], int]:
     missing: list[int] = []
     records = 0
@@ -142,7 +145,7 @@ def _data_sets(
             apply_options(compiled, bytes(rows), count, exporter, domain, cache)
             continue
         ctx = (hi, lo, domain, 0, export_s * 1000, state.sampling, state.init_ms)
-        collector.add(compiled, state, rows, count, ctx)
+        out.append((compiled, state, rows, count, ctx))
     return missing, records
 
 

@@ -433,6 +433,32 @@ class SequenceTracker:
             self.lost += lost
         return SequenceGap(exporter, domain, version, expected, sequence, lost)
 
+    def observe_many(
+        self, exporter: str, domain: int, version: int, sequences: np.ndarray, advances: np.ndarray
+    ) -> list[SequenceGap]:
+        """`observe` for consecutive packets of one stream, vectorized."""
+        if not len(sequences):
+            return []
+        seq = sequences.astype(np.int64)
+        chained = (seq[:-1] + advances[:-1].astype(np.int64)) & 0xFFFF_FFFF
+        gaps = []
+        first = self.observe(exporter, domain, version, int(seq[0]), int(advances[0]))
+        if first is not None:
+            gaps.append(first)
+        key = (exporter, domain, version)
+        for k in np.flatnonzero(chained != seq[1:]):
+            self._next[key] = int(chained[k])
+            gap = self.observe(exporter, domain, version, int(seq[k + 1]), int(advances[k + 1]))
+            if gap is not None:
+                gaps.append(gap)
+        # observe() only ran at gaps: move the expectation to the batch's end
+        self._next[key] = int((seq[-1] + int(advances[-1])) & 0xFFFF_FFFF)
+        return gaps
+
+
+Chunk = tuple["CompiledTemplate", "DomainState", "bytes | memoryview", int, tuple[int, int, int, int, int, int, int]]
+"""Arguments of one `RecordCollector.add`: records of one data set, not yet decoded."""
+
 
 class RecordCollector:
     """Gathers data records of one batch per compiled template.
@@ -463,15 +489,6 @@ class RecordCollector:
             group = self._groups[id(compiled)] = (compiled, state, [])
         group[2].append((rows, count, *ctx))
         self.records += count
-
-    def merge(self, other: RecordCollector) -> None:
-        for key, (compiled, state, chunks) in other._groups.items():
-            mine = self._groups.get(key)
-            if mine is None:
-                self._groups[key] = (compiled, state, list(chunks))
-            else:
-                mine[2].extend(chunks)
-        self.records += other.records
 
     def finish(self) -> list[np.ndarray]:
         out = []

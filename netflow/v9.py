@@ -32,6 +32,7 @@ from netflow.templates import (
     IE_SAMPLING_INTERVAL,
     IE_SELECTOR_ID,
     IE_SYSTEM_INIT_MS,
+    Chunk,
     CompiledTemplate,
     DomainState,
     FieldSpec,
@@ -79,9 +80,10 @@ def walk_v9(
     hi, lo = EXPORTER_KEYS.get(exporter)
     state = cache.domain(exporter, source_id)
     ctx = (hi, lo, source_id, uptime, secs * 1000, 0, 0)
-    local = RecordCollector()
+    local: list[Chunk] = []
     missing = data_sets_into(payload, data_sets, exporter, source_id, cache, state, ctx, local)
-    collector.merge(local)
+    for chunk in local:
+        collector.add(*chunk)
     gap = tracker.observe(exporter, source_id, 9, sequence, 1) if tracker else None
     return missing, gap
 
@@ -94,9 +96,9 @@ def data_sets_into(
     cache: TemplateCache,
     state: DomainState,
     ctx: tuple[int, int, int, int, int, int, int],
-    collector: RecordCollector,
+    out: list[Chunk],
 ) -> list[int]:
-    """Slice fixed-width data sets into `collector`; return offsets of missing ones."""
+    """Slice fixed-width data sets into `out`; return offsets of missing ones."""
     missing = []
     view = memoryview(payload)
     for pos, set_id, length in data_sets:
@@ -113,7 +115,7 @@ def data_sets_into(
             apply_options(compiled, payload[start : start + count * size], count, exporter, domain, cache)
             continue
         sampled = ctx[:5] + (state.sampling, state.init_ms)
-        collector.add(compiled, state, view[start : start + count * size], count, sampled)
+        out.append((compiled, state, view[start : start + count * size], count, sampled))
     return missing
 
 
@@ -207,11 +209,12 @@ def resume_v9(
     data_sets = pending_sets(payload, offsets, HEADER.size)
     hi, lo = EXPORTER_KEYS.get(exporter)
     state = cache.domain(exporter, source_id)
-    local = RecordCollector()
+    local: list[Chunk] = []
     missing = data_sets_into(
         payload, data_sets, exporter, source_id, cache, state, (hi, lo, source_id, uptime, secs * 1000, 0, 0), local
     )
-    collector.merge(local)
+    for chunk in local:
+        collector.add(*chunk)
     return missing
 
 

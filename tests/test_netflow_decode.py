@@ -261,3 +261,22 @@ def test_single_packet_decoder_raises_only_its_own_errors() -> None:
         decode_v5_packet(b"\x00\x05" + b"\x00" * 10)
     with pytest.raises(NetflowError):
         decode_v5_packet(build_v9([], CLOCK)[0])
+
+
+def test_v5_gaps_per_exporter_and_engine_in_one_batch() -> None:
+    a = build_v5(v4_flows(150), CLOCK, flow_sequence=0, engine_id=1)  # 5 packets of 30
+    b = build_v5(v4_flows(60), CLOCK, flow_sequence=7, engine_id=2)  # 2 packets
+    batch = grams([a[0], a[2]]) + grams([b[0]], "192.0.2.2") + grams([a[3], a[4]]) + grams([b[1]], "192.0.2.2")
+    bad_nsecs = bytearray(a[1])
+    bad_nsecs[12:16] = (2_000_000_000).to_bytes(4, "big")
+    batch.append(Datagram(EXPORTER, bytes(bad_nsecs)))
+    tracker = SequenceTracker()
+    result = decode_batch(batch, TemplateCache(), tracker, now=0)
+    assert [m.index for m in result.malformed] == [6]
+    assert [(g.exporter, g.domain, g.expected, g.received, g.lost) for g in result.gaps] == [
+        (EXPORTER, 1, 30, 60, 30)
+    ]
+    assert len(result.flows) == 4 * 30 + 60
+    # the tracker carries on into the next batch
+    late = decode_batch(grams(build_v5(v4_flows(1), CLOCK, flow_sequence=151, engine_id=1)), TemplateCache(), tracker, 0)
+    assert [(g.expected, g.lost) for g in late.gaps] == [(150, 1)]
