@@ -1,0 +1,91 @@
+"""Built-in URFA call modules for the money side: users, accounts, blocks,
+payments, audit, and the subscriber's own ``me.*`` calls.
+
+Theory of operation
+-------------------
+Each module exposes ``calls(core: CoreContext) -> list[CallSpec]``; the
+handlers close over ``core`` and get the URFA ``CallContext`` (principal and
+client address) as their first argument.  The pieces shared by every
+handler live here:
+
+* ``handler(fn)`` — the boundary: a ``BillingError`` becomes
+  ``CallFailed(code, message)`` (codes from ``ledger_errors``/``errors``),
+  so a refused operation answers with a clear code and, because it was
+  raised inside the transaction, books nothing.
+* ``who(ctx)`` — the audit identity (kind, id, login, ip).
+* ``announce(core, changes)`` — after COMMIT, publish every block change on
+  topic ``"blocks"`` and fire the ``block_changed`` hook.  Never before the
+  commit: a rolled-back block must not be announced.
+* argument checks shared by the modules (``need_int``, ``page``).
+
+``money_calls(core)`` returns every call of this package, for the core to
+register.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from billcore.billing.audit import Who
+from billcore.billing.blocks import BlockChange
+from billcore.billing.errors import BillingError
+from billcore.billing.ledger_errors import InvalidValue
+from billcore.context import CoreContext
+from billcore.calls import CallSpec
+from urfa.errors import CallFailed
+
+__all__ = ["ADMIN", "ADMIN_SYSTEM", "USER", "announce", "handler", "money_calls", "need_int",
+           "page", "who", "MAX_ID"]
+
+ADMIN = frozenset({"admin"})
+ADMIN_SYSTEM = frozenset({"admin", "system"})
+USER = frozenset({"user"})
+MAX_ID = 2**63 - 1
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handler(fn: F) -> F:
+    """Turn billing errors into ``CallFailed`` with their stable code."""
+
+    @functools.wraps(fn)
+    async def wrapped(ctx: Any, **args: Any) -> Any:
+        try:
+            return await fn(ctx, **args)
+        except BillingError as exc:
+            raise CallFailed(exc.code, str(exc)) from None
+
+    return wrapped  # type: ignore[return-value]
+
+
+def who(ctx: Any) -> Who:
+    p = ctx.principal
+    return Who(p.kind, p.id, p.login, str(getattr(ctx, "ip", "") or ""))
+
+
+async def announce(core: CoreContext, changes: Iterable[BlockChange]) -> None:
+    for change in changes:
+        event = change.event()
+        core.publish("blocks", event)
+        await core.fire("block_changed", event)
+
+
+def need_int(name: str, value: object, lo: int = 1, hi: int = MAX_ID) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise InvalidValue(f"{name} must be an int in {lo}..{hi}")
+    return value
+
+
+def page(limit: object, offset: object, max_limit: int = 1000) -> tuple[int, int]:
+    limit = 100 if limit is None else limit
+    offset = 0 if offset is None else offset
+    return need_int("limit", limit, 1, max_limit), need_int("offset", offset, 0, 10**9)
+
+
+def money_calls(core: CoreContext) -> list[CallSpec]:
+    """Every call module of this package."""
+    from billcore.api import accounts, me, payments, users
+
+    return [*users.calls(core), *accounts.calls(core), *payments.calls(core), *me.calls(core)]

@@ -1,0 +1,154 @@
+"""The subscriber's own calls: ``me.*`` (kinds ``{"user"}``).
+
+Theory of operation
+-------------------
+A subscriber session's principal id IS the user id; no call takes a user
+id.  Calls that name an account (``account_id``) first check that it
+belongs to the principal (``_own``) and answer ``accounts.unknown`` for any
+other — the same answer as for an account that does not exist, so a
+subscriber cannot even probe for other accounts.  Calls without one act on
+every account of the principal (lists) or on the basic account (actions).
+
+Calls: me.accounts, me.blocks, me.payments, me.history, me.block
+(the user's own "internet off" switch), me.promised, me.password.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from billcore.api import USER, announce, handler, need_int, page, who
+from billcore.api.accounts import account_view
+from billcore.api.users import check_password
+from billcore.billing import accounts, audit, blocks, payments
+from billcore.billing.ledger import ledger_history
+from billcore.billing.ledger_errors import InvalidValue, UnknownAccount, UnknownUser
+from billcore.calls import CallSpec
+from billcore.context import CoreContext
+from urfa.scram import client_keys, make_verifier
+
+__all__ = ["calls"]
+
+
+async def _own(conn: Any, user_id: int, account_id: int | None) -> list[int]:
+    """The principal's account ids; with ``account_id``, just that one if it is theirs."""
+    rows = await conn.fetch(
+        "SELECT a.id, a.is_basic FROM accounts a JOIN users u ON u.id = a.user_id"
+        " WHERE a.user_id = $1 AND u.deleted_at IS NULL ORDER BY a.is_basic DESC, a.id", user_id)
+    ids = [r["id"] for r in rows]
+    if not ids:
+        raise UnknownUser("this user no longer exists")
+    if account_id is None:
+        return ids
+    need_int("account_id", account_id)
+    if account_id not in ids:
+        raise UnknownAccount(f"account {account_id} does not exist")
+    return [account_id]
+
+
+def calls(core: CoreContext) -> list[CallSpec]:
+    def uid(ctx: Any) -> int:
+        if ctx.principal.kind != "user":     # the call table already ensures it; belt and braces
+            raise InvalidValue("me.* calls are for subscriber sessions")
+        return int(ctx.principal.id)
+
+    @handler
+    async def me_accounts(ctx: Any) -> list[dict[str, Any]]:
+        """My accounts: balance, credit, blocks, promised credit."""
+        async with core.pool.acquire() as conn:
+            return [await account_view(conn, a, core.now()) for a in await _own(conn, uid(ctx), None)]
+
+    @handler
+    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False) -> list[dict[str, Any]]:
+        """Blocks of my accounts, newest first."""
+        async with core.pool.acquire() as conn:
+            ids = await _own(conn, uid(ctx), account_id)
+            return await blocks.list_blocks(conn, ids, active_only=bool(active_only))
+
+    @handler
+    async def me_payments(ctx: Any, account_id: int | None = None, limit: int = 50,
+                          offset: int = 0) -> list[dict[str, Any]]:
+        """My payments, newest first."""
+        limit, offset = page(limit, offset, 200)
+        async with core.pool.acquire() as conn:
+            ids = await _own(conn, uid(ctx), account_id)
+            rows = await payments.list_payments(conn, ids, limit=limit, offset=offset)
+        keep = ("id", "account_id", "amount", "method", "created_at", "cancelled_at")
+        return [{k: r[k] for k in keep} for r in rows]
+
+    @handler
+    async def me_history(ctx: Any, account_id: int | None = None, limit: int = 50,
+                         offset: int = 0) -> list[dict[str, Any]]:
+        """My balance history (ledger rows), newest first."""
+        limit, offset = page(limit, offset, 200)
+        async with core.pool.acquire() as conn:
+            ids = await _own(conn, uid(ctx), account_id)
+            rows = await ledger_history(conn, ids, limit=limit, offset=offset)
+        keep = ("id", "account_id", "amount", "balance_after", "kind", "created_at")
+        return [{k: r[k] for k in keep} for r in rows]
+
+    @handler
+    async def me_block(ctx: Any, on: bool, account_id: int | None = None) -> dict[str, Any]:
+        """Switch my own block ("internet off") on or off."""
+        if type(on) is not bool:
+            raise InvalidValue("on must be a bool")
+        now = core.now()
+        async with core.pool.acquire() as conn:
+            acc = (await _own(conn, uid(ctx), account_id))[0]
+            async with conn.transaction():
+                if on:
+                    change = await blocks.set_block(conn, acc, "user", actor=who(ctx).actor,
+                                                    reason="by the subscriber", now=now)
+                else:
+                    change = await blocks.lift_block(conn, acc, "user", actor=who(ctx).actor, now=now)
+                if change is not None:
+                    await audit.record(conn, who(ctx), "me.block", f"account:{acc}",
+                                       after=change.event(), now=now)
+        await announce(core, [change] if change else [])
+        return {"account_id": acc, "blocked": on, "changed": change is not None}
+
+    @handler
+    async def me_promised(ctx: Any, account_id: int | None = None) -> dict[str, Any]:
+        """Take this month's promised payment (temporary credit)."""
+        now = core.now()
+        rule = core.extras.get("promised_rule", payments.DEFAULT_PROMISED)
+        async with core.pool.acquire() as conn:
+            acc = (await _own(conn, uid(ctx), account_id))[0]
+            async with conn.transaction():
+                r = await payments.take_promised(conn, acc, actor=who(ctx).actor, rule=rule, now=now)
+                await audit.record(conn, who(ctx), "me.promised", f"account:{acc}",
+                                   after={"promised_id": r.promised_id, "amount": r.amount,
+                                          "expires_at": r.expires_at}, now=now)
+        await announce(core, r.block_changes)
+        return {"account_id": acc, "amount": r.amount, "expires_at": r.expires_at}
+
+    @handler
+    async def me_password(ctx: Any, old_password: str, new_password: str) -> bool:
+        """Change my password; the old one must be given."""
+        if type(old_password) is not str:
+            raise InvalidValue("old_password must be a string")
+        v = ctx.principal.verifier
+        old_key = client_keys(old_password, v.salt, v.iterations).stored_key
+        if not hmac.compare_digest(old_key, v.stored_key):
+            raise InvalidValue("the old password is wrong")
+        verifier = make_verifier(check_password(new_password))
+        async with core.pool.acquire() as conn, conn.transaction():
+            await accounts.set_verifier(conn, uid(ctx), verifier)
+            await audit.record(conn, who(ctx), "me.password", f"user:{uid(ctx)}",
+                               after={"password": "changed"}, now=core.now())
+        return True
+
+    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map") -> CallSpec:
+        return CallSpec(name, fn, right=None, kinds=USER, module="builtin", args=args, result=result,
+                        doc=fn.__doc__ or "")
+
+    return [
+        spec("me.accounts", me_accounts, {}, "list"),
+        spec("me.blocks", me_blocks, {"account_id": "int?", "active_only": "bool?"}, "list"),
+        spec("me.payments", me_payments, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
+        spec("me.history", me_history, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
+        spec("me.block", me_block, {"on": "bool", "account_id": "int?"}),
+        spec("me.promised", me_promised, {"account_id": "int?"}),
+        spec("me.password", me_password, {"old_password": "str", "new_password": "str"}, "bool"),
+    ]

@@ -1,0 +1,81 @@
+"""Admin (and service) calls on payments: ``payments.add/cancel/list``.
+
+Rights: ``payments.add``, ``payments.cancel``, ``payments.read`` — the
+``cashiers`` group's ``payments.*`` grants all three.  ``payments.add`` with
+an ``external_id`` is safe to retry: the answer carries the first payment's
+id and ``created: false``.  Amounts are int micro-units, positive and at
+most ``billcore.billing.payments.MAX_PAYMENT`` (a correction may be
+negative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page, who
+from billcore.billing import accounts, audit, payments
+from billcore.calls import CallSpec
+from billcore.context import CoreContext
+
+__all__ = ["calls"]
+
+
+def calls(core: CoreContext) -> list[CallSpec]:
+    @handler
+    async def payments_add(ctx: Any, account_id: int, amount: int, method: str,
+                           external_id: str | None = None, comment: str = "") -> dict[str, Any]:
+        """Book a payment; idempotent by external_id.  Returns {payment_id, created, balance}."""
+        need_int("account_id", account_id)
+        now = core.now()
+        async with core.pool.acquire() as conn:
+            async with conn.transaction():
+                r = await payments.add_payment(conn, account_id=account_id, amount=amount, method=method,
+                                               actor=who(ctx).actor, external_id=external_id,
+                                               comment=comment or "", now=now)
+                if r.created:
+                    await audit.record(conn, who(ctx), "payments.add", f"account:{account_id}",
+                                       before=None, after={"payment_id": r.payment_id, "amount": amount,
+                                                           "method": method, "external_id": external_id,
+                                                           "balance": r.balance}, now=now)
+        await announce(core, r.block_changes)
+        return {"payment_id": r.payment_id, "ledger_id": r.ledger_id, "created": r.created,
+                "balance": r.balance}
+
+    @handler
+    async def payments_cancel(ctx: Any, payment_id: int, reason: str = "") -> dict[str, Any]:
+        """Reverse a payment exactly (a reversal row); cancelling twice is a no-op."""
+        need_int("payment_id", payment_id)
+        now = core.now()
+        async with core.pool.acquire() as conn:
+            async with conn.transaction():
+                r = await payments.cancel_payment(conn, payment_id, actor=who(ctx).actor,
+                                                  reason=reason or "", now=now)
+                if r.created:
+                    await audit.record(conn, who(ctx), "payments.cancel", f"payment:{payment_id}",
+                                       before={"cancelled": False},
+                                       after={"cancelled": True, "reason": reason or "",
+                                              "reversal_ledger_id": r.ledger_id, "balance": r.balance},
+                                       now=now)
+        await announce(core, r.block_changes)
+        return {"payment_id": payment_id, "ledger_id": r.ledger_id, "created": r.created,
+                "balance": r.balance}
+
+    @handler
+    async def payments_list(ctx: Any, account_id: int, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Payments of an account, newest first, with their cancellation."""
+        need_int("account_id", account_id)
+        limit, offset = page(limit, offset)
+        async with core.pool.acquire() as conn:
+            await accounts.get_account(conn, account_id)
+            return await payments.list_payments(conn, [account_id], limit=limit, offset=offset)
+
+    return [
+        CallSpec("payments.add", payments_add, right="payments.add", kinds=ADMIN_SYSTEM,
+                 args={"account_id": "int", "amount": "money", "method": "str", "external_id": "str?",
+                       "comment": "str?"}, result="map", doc=payments_add.__doc__ or ""),
+        CallSpec("payments.cancel", payments_cancel, right="payments.cancel", kinds=ADMIN,
+                 args={"payment_id": "int", "reason": "str?"}, result="map", doc=payments_cancel.__doc__ or ""),
+        CallSpec("payments.list", payments_list, right="payments.read", kinds=ADMIN_SYSTEM,
+                 args={"account_id": "int", "limit": "int?", "offset": "int?"}, result="list",
+                 doc=payments_list.__doc__ or ""),
+    ]
