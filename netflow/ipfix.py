@@ -133,6 +133,7 @@ def _data_sets(
             missing.append(pos)
             continue
         start, stop = pos + SET_HEADER.size, pos + length
+        rows: bytes | memoryview
         if compiled.variable:
             rows, count = pack_variable(compiled, payload, start, stop)
         else:

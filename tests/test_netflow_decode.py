@@ -280,3 +280,35 @@ def test_v5_gaps_per_exporter_and_engine_in_one_batch() -> None:
     # the tracker carries on into the next batch
     late = decode_batch(grams(build_v5(v4_flows(1), CLOCK, flow_sequence=151, engine_id=1)), TemplateCache(), tracker, 0)
     assert [(g.expected, g.lost) for g in late.gaps] == [(150, 1)]
+
+
+def test_ipfix_uptime_times_use_system_init_from_options_and_sampler_ids() -> None:
+    init_ms = CLOCK.export_ms - 7_200_000
+    # options template 400: scope observationDomainId, systemInitTimeMilliseconds,
+    # samplerId 48 with its samplerRandomInterval 50
+    opt_tmpl = struct.pack(">HHH", 400, 4, 1) + struct.pack(">HHHHHHHH", 149, 4, 160, 8, 48, 1, 50, 4)
+    opt_data = struct.pack(">IQBI", 0, init_ms, 7, 250) + b"\x00\x00\x00"
+    # data template 401: src, dst, octets, flowStartSysUpTime 22, flowEndSysUpTime 21, samplerId
+    fields = ((8, 4), (12, 4), (1, 8), (22, 4), (21, 4), (48, 1))
+    tmpl = struct.pack(">HH", 401, len(fields)) + b"".join(struct.pack(">HH", *f) for f in fields)
+    record = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack(">QIIB", 4242, 1_000, 61_000, 7)
+    sets = (struct.pack(">HH", 3, 4 + len(opt_tmpl) + 2) + opt_tmpl + b"\0\0"
+            + struct.pack(">HH", 2, 4 + len(tmpl)) + tmpl
+            + struct.pack(">HH", 400, 4 + len(opt_data)) + opt_data
+            + struct.pack(">HH", 401, 4 + len(record) + 3) + record + b"\0\0\0")
+    message = struct.pack(">HHIII", 10, 16 + len(sets), CLOCK.export_ms // 1000, 0, 5) + sets
+    result = decode_batch(grams([message]), TemplateCache(), SequenceTracker(), now=0)
+    assert result.malformed == ()
+    (flow,) = result.flows
+    assert (int(flow["first_ms"]), int(flow["last_ms"])) == (init_ms + 1_000, init_ms + 61_000)
+    assert int(flow["bytes"]) == 4242 and int(flow["sampling"]) == 250
+
+
+def test_template_snapshot_lets_another_worker_decode() -> None:
+    first = TemplateCache()
+    decode_batch(grams(build_ipfix([], 1_700_000_000, domain=3)), first, None, now=10)
+    second = TemplateCache()
+    for exporter, domain, record, seen in first.snapshot():
+        second.learn(exporter, domain, record, seen)
+    data = build_ipfix(v4_flows(4), 1_700_000_000, domain=3, with_templates=False)
+    assert len(decode_batch(grams(data), second, None, now=11).flows) == 4
