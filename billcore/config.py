@@ -79,18 +79,64 @@ class SupervisorSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PeriodicSection:
+    enabled: bool = _f(True, "Run the periodic-charge scheduler in the core.")
+    interval: float = _f(60.0, "Seconds between checks for due periodic charges.")
+    batch_size: int = _f(5000, "Accounts charged per transaction in a periodic run.")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginsSection:
+    key_dir: str = _f("", "Directory of trusted Ed25519 public keys, one file per key (empty: <data_dir>/plugin-keys).")
+    dir: str = _f("", "Directory that plugins.load names refer to (empty: <data_dir>/plugins).")
+    load: tuple = _f((), "Plugins (names inside dir) to load at start, in order.")
+    installation_id: str = _f("", "This installation's id; a licence bound to another installation is refused.")
+
+
+@dataclass(frozen=True, slots=True)
+class RadiusSection:
+    enabled: bool = _f(False, "Run the RADIUS server process (a URFA client of the core).")
+    host: str = _f("0.0.0.0", "Address the RADIUS authentication and accounting sockets bind.")
+    auth_port: int = _f(1812, "Access-Request and Status-Server port.")
+    acct_port: int = _f(1813, "Accounting-Request port.")
+    max_inflight: int = _f(1024, "Requests being decided at once; more are dropped and counted.")
+    decision_timeout: float = _f(3.0, "Seconds to wait for the core before leaving a request unanswered (the NAS retries).")
+    dedup_ttl: float = _f(30.0, "Seconds a reply stays in the duplicate-request cache (RFC 5080).")
+    dedup_max: int = _f(65536, "Most entries in the duplicate-request cache.")
+    stale_timeout: int = _f(0, "Seconds of NAS silence before an accounting session is closed (0: 3 hours).")
+    stale_check: float = _f(60.0, "Seconds between sweeps for stale sessions.")
+    coa_timeout: float = _f(2.0, "Seconds to wait for each Disconnect/CoA answer from a NAS.")
+    coa_retries: int = _f(2, "Retransmissions of a Disconnect/CoA request.")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
     urfa: URFASection = field(default_factory=URFASection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    periodic: PeriodicSection = field(default_factory=PeriodicSection)
+    plugins: PluginsSection = field(default_factory=PluginsSection)
+    radius: RadiusSection = field(default_factory=RadiusSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
     @property
     def data_dir(self) -> Path:
         return Path(self.core.data_dir).absolute()
+
+    @property
+    def plugin_key_dir(self) -> Path:
+        return Path(self.plugins.key_dir) if self.plugins.key_dir else self.data_dir / "plugin-keys"
+
+    @property
+    def plugin_dir(self) -> Path:
+        return Path(self.plugins.dir) if self.plugins.dir else self.data_dir / "plugins"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return Path(self.core.secret_key_file) if self.core.secret_key_file else self.data_dir / "secret.key"
 
     @property
     def urfa_socket(self) -> Path | None:
@@ -103,7 +149,7 @@ SECTIONS: dict[str, type] = {
     name: hint for name, hint in get_type_hints(Config).items() if name != "source"
 }
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list of strings"}
 
 
 def _check_value(key: str, typ: type, value: Any) -> Any:
@@ -111,6 +157,10 @@ def _check_value(key: str, typ: type, value: Any) -> Any:
         return float(value)
     if typ is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {_TYPE_WORDS[int]}, got {value!r}")
+    if typ is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected {_TYPE_WORDS[tuple]}, got {value!r}")
+        return tuple(value)
     if not isinstance(value, typ):
         raise ConfigError(f"{key}: expected {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
     return value
@@ -142,7 +192,8 @@ def _validate(config: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
 
-    for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port)):
+    for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
+                      ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
@@ -153,6 +204,8 @@ def _validate(config: Config) -> None:
     positive("urfa.max_frame", config.urfa.max_frame)
     positive("urfa.max_inflight", config.urfa.max_inflight)
     positive("database.pool_max", config.database.pool_max)
+    positive("periodic.interval", config.periodic.interval)
+    positive("periodic.batch_size", config.periodic.batch_size)
     if config.database.pool_min > config.database.pool_max:
         raise ConfigError("database.pool_min: larger than database.pool_max")
     try:
@@ -180,6 +233,8 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

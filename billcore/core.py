@@ -1,27 +1,77 @@
 """The core process: the only writer of billing state.
 
 Start-up: open the pool (waiting while the database is unreachable), apply
-pending migrations, build the call registry, serve URFA and metrics.  Stop:
-close the listeners, let calls in flight finish, close the pool.
+pending migrations, provision the edges' system logins, build the call
+registry from every built-in call module, load the configured plugins, serve
+URFA (TCP, optional TLS, and a Unix socket) and metrics, and run the
+periodic-charge scheduler.  Stop: close the listeners, stop the scheduler
+between batches, tear plugins down, close the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import ssl
+import time
+import zoneinfo
+from typing import Any
 
 import asyncpg
 
 from . import metrics
-from .calls import CallRegistry
+from .calls import CallRegistry, CallSpec
 from .config import Config
+from .context import CoreContext, utcnow
 from .db.migrate import migrate
 from .db.pool import describe_dsn, open_pool
+from .principals import DatabaseAuth, ensure_service_login
+from .urfa_server import URFAConfig, URFAService
 
-__all__ = ["run"]
+__all__ = ["run", "build_calls", "urfa_config"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("billcore.core")
+
+
+def urfa_config(config: Config, secret: bytes) -> URFAConfig:
+    u = config.urfa
+    return URFAConfig(
+        session_timeout=float(u.session_timeout),
+        handshake_timeout=u.handshake_timeout,
+        max_frame=u.max_frame,
+        max_inflight=u.max_inflight,
+        login_failures=u.login_failures_per_minute,
+        login_window=60.0,
+        # fake salts for unknown logins must stay the same across restarts,
+        # or a login that exists would be told apart by its stable salt
+        secret=hmac.new(secret, b"billcore urfa mock salts", hashlib.sha256).digest(),
+    )
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.urfa.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.urfa.tls_cert, config.urfa.tls_key)
+    return ctx
+
+
+def build_calls(core: CoreContext) -> list[CallSpec]:
+    """Every built-in call module's calls."""
+    from .api import money_calls
+    from .radius_calls import calls as radius_calls
+
+    return [*money_calls(core), *radius_calls(core)]
+
+
+def edge_roles(config: Config) -> list[str]:
+    from .supervisor import children_for
+
+    return sorted({c.role for c in children_for(config)} - {"core"})
 
 
 async def _watch_pool(pool: asyncpg.Pool) -> None:
@@ -31,24 +81,118 @@ async def _watch_pool(pool: asyncpg.Pool) -> None:
         await asyncio.sleep(5)
 
 
+async def _periodic(core: CoreContext) -> None:
+    from .api import announce
+    from .billing.scheduler import run_due
+
+    tz = zoneinfo.ZoneInfo(core.config.core.timezone)
+    section = core.config.periodic
+    while True:
+        try:
+            result = await run_due(core.pool, core.now(), tz=tz, batch_size=section.batch_size)
+            await announce(core, result.block_changes)
+            if result.charges:
+                log.info("periodic run", extra={"accounts": result.accounts, "charges": result.charges,
+                                                "amount": result.amount, "periods_closed": result.periods_closed})
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("periodic run failed, will retry", extra={"reason": f"{type(exc).__name__}: {exc}"})
+        await asyncio.sleep(section.interval)
+
+
 async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None:
     metrics.PROCESS_UP.labels("core").set(1)
     pool = await _open(config, dsn, stop)
     if pool is None:
         return
+    tasks: list[asyncio.Task[Any]] = []
+    service: URFAService | None = None
+    plugins: Any = None
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
+            for role in edge_roles(config):
+                await ensure_service_login(conn, config.data_dir, role)
+
+        from .radius_calls import SecretStore
+
+        secret_store = SecretStore.from_config(config)
+        key = SecretStore.load_or_create_key(config.secret_key_path)
         registry = CallRegistry()
+        service = URFAService(registry, auth=DatabaseAuth(pool), config=urfa_config(config, key))
+        core = CoreContext(pool=pool, config=config, publish=service.publish, now=utcnow)
+        core.extras["secret_store"] = secret_store
+        plugins = await _start_plugins(core, registry)
+        registry.register_all(build_calls(core))
+
+        sock = config.urfa_socket
+        if sock is not None:
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            sock.unlink(missing_ok=True)
+        await service.start(
+            tcp=(config.urfa.host, config.urfa.port),
+            unix=str(sock) if sock is not None else None,
+            ssl=tls_context(config),
+        )
+        if sock is not None:
+            sock.chmod(0o660)
         if config.metrics.enabled:
             metrics.serve(config.metrics.host, config.metrics.port)
-        watcher = asyncio.create_task(_watch_pool(pool))
-        log.info("core serving", extra={"db": describe_dsn(dsn), "calls": len(registry.symbols())})
+        tasks.append(asyncio.create_task(_watch_pool(pool)))
+        if config.periodic.enabled:
+            tasks.append(asyncio.create_task(_periodic(core)))
+        log.info(
+            "core serving",
+            extra={"db": describe_dsn(dsn), "urfa": f"{config.urfa.host}:{config.urfa.port}",
+                   "tls": bool(config.urfa.tls_cert), "unix": str(sock or "off"),
+                   "calls": len(registry.symbols())},
+        )
         await stop.wait()
-        watcher.cancel()
     finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if service is not None:
+            await service.stop()
+        if plugins is not None:
+            await plugins.close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(pool.close(), timeout=5)
+
+
+async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
+    """The plugin manager, its admin calls, and the plugins named in config."""
+    from .billing.payments import add_payment
+    from .plugins import HookBus, PluginManager
+    from .plugins.admin_calls import plugin_calls
+    from .plugins.api import PLUGIN_API_VERSION
+
+    config = core.config
+
+    class Billing:
+        async def add_payment(self, account_id: int, amount: int, external_id: str,
+                              method: str, comment: str) -> int:
+            async with core.pool.acquire() as conn:
+                result = await add_payment(conn, account_id=account_id, amount=amount, method=method,
+                                           actor="plugin", external_id=external_id, comment=comment)
+            return int(result.payment_id)
+
+    bus = HookBus()
+    config.plugin_key_dir.mkdir(parents=True, exist_ok=True)
+    manager = PluginManager(
+        registry, bus, config.plugin_key_dir, config.data_dir / "plugin-state", PLUGIN_API_VERSION,
+        config.plugins.installation_id or None, core.pool, billing=Billing(),
+    )
+
+    async def fire(event: str, payload: dict[str, Any]) -> None:
+        await bus.fire(event, payload)
+
+    core.fire = fire
+    core.extras["plugins"] = manager
+    registry.register_all(plugin_calls(manager, plugin_dir=config.plugin_dir))
+    for name in config.plugins.load:
+        record = await manager.load(config.plugin_dir / name, time.time())
+        log.info("plugin loaded", extra={"plugin": record.get("name"), "version": record.get("version")})
+    return manager
 
 
 async def _open(config: Config, dsn: str, stop: asyncio.Event) -> asyncpg.Pool | None:

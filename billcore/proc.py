@@ -24,6 +24,7 @@ __all__ = ["ROLES", "main"]
 
 ROLES: dict[str, str] = {
     "core": "billcore.core:run",
+    "radius": "radius.server:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"

@@ -58,7 +58,11 @@ class ChildSpec:
 
 
 def children_for(config: Config) -> list[ChildSpec]:
-    return [ChildSpec("core")]
+    """The processes this config asks for; the core first."""
+    children = [ChildSpec("core")]
+    if config.radius.enabled:
+        children.append(ChildSpec("radius"))
+    return children
 
 
 def _set_pdeathsig() -> None:
@@ -105,6 +109,11 @@ class Supervisor:
             except Exception as exc:  # pgserver raises plain exceptions
                 log.error("embedded postgresql failed to start", extra={"reason": str(exc)})
                 return 1
+        from .principals import read_or_make_password, service_password_file
+
+        for spec in children_for(self.config):
+            if spec.role != "core":  # the core sets each edge's verifier from this file
+                read_or_make_password(service_password_file(data_dir, spec.role))
         try:
             self._children = [_Child(s, self.section.restart_backoff_initial) for s in children_for(self.config)]
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]

@@ -29,7 +29,7 @@ def test_kill_9_core_is_restarted_within_3s_and_sigterm_exits_0(tmp_path: Path, 
         killed_at = time.monotonic()
         new_core = bc.child_pid("core", after=mark)
         assert new_core != core
-        while not _serving(bc.metrics_port):
+        while not _serving(bc.urfa_port):
             assert time.monotonic() - killed_at < 3.0, "core not serving again within 3 s"
             time.sleep(0.02)
         assert time.monotonic() - killed_at < 3.0
