@@ -36,6 +36,7 @@ the pure function does not depend on the account id.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
@@ -232,16 +233,20 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
 
 
 async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.utc,
-                  batch_size: int = DEFAULT_BATCH, name: str = "periodic",
+                  batch_size: int = DEFAULT_BATCH, workers: int = 1, name: str = "periodic",
                   progress: Callable[[RunProgress], None] | None = None) -> RunResult:
     """Charge everything due at ``now``; safe to call again after a crash at any point.
 
+    ``workers`` batches run at once, each on its own pooled connection (their
+    account sets are disjoint, and every writer locks accounts in id order).
     ``progress`` is called after each committed batch; an exception it raises
     stops the run there (committed batches stay; the next call finishes).
     """
     now = _utc(now, "now")
     if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH:
         raise PeriodError(f"batch_size must be in 1..{MAX_BATCH}")
+    if type(workers) is not int or not 1 <= workers <= 16:
+        raise PeriodError("workers must be in 1..16")
     async with pool.acquire() as conn:
         last = await _run_state(conn, name)
         since = now if last is None or last > now else last
@@ -255,31 +260,57 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
             " WHERE valid_from <= $2 AND (valid_to IS NULL OR valid_to > $1)", horizon, now))
         if total > MAX_ACCOUNTS:
             raise PeriodError(f"more than {MAX_ACCOUNTS} accounts in one run")
-        done = batches = charges = amount = once = closed = 0
+        tally = {"done": 0, "batches": 0, "charges": 0, "amount": 0, "once": 0, "closed": 0}
         changes: list[Any] = []
-        after = 0
-        for _ in range(total // batch_size + 2):  # keyset pages; +2: the last, partial, page and the empty one
-            accounts = [r[0] for r in await conn.fetch(
-                "SELECT DISTINCT account_id FROM account_tariffs WHERE account_id > $1"
-                " AND valid_from <= $3 AND (valid_to IS NULL OR valid_to > $2)"
-                " ORDER BY account_id LIMIT $4", after, horizon, now, batch_size)]
-            if not accounts:
-                break
-            async with conn.transaction():
-                n, a, o, c, bc = await _batch(conn, accounts, services, since, now, horizon, tz)
-            after = accounts[-1]
-            done += len(accounts)
-            batches += 1
-            charges, amount, once, closed = charges + n, amount + a, once + o, closed + c
-            changes.extend(bc)
-            if progress is not None:
-                progress(RunProgress(done, total, batches, charges, amount))
-        else:
-            raise InvariantViolation("periodic run did not reach the last account page")
+        queue: asyncio.Queue[list[int] | None] = asyncio.Queue(maxsize=workers)
+
+        async def work() -> None:
+            async with pool.acquire() as wconn:
+                for _ in range(total // batch_size + 2):  # bounded by the number of pages
+                    accounts = await queue.get()
+                    if accounts is None:
+                        return
+                    async with wconn.transaction():
+                        n, a, o, c, bc = await _batch(wconn, accounts, services, since, now, horizon, tz)
+                    tally["done"] += len(accounts)
+                    tally["batches"] += 1
+                    tally["charges"] += n
+                    tally["amount"] += a
+                    tally["once"] += o
+                    tally["closed"] += c
+                    changes.extend(bc)
+                    if progress is not None:
+                        progress(RunProgress(tally["done"], total, tally["batches"], tally["charges"],
+                                             tally["amount"]))
+
+        async def feed() -> None:
+            after = 0
+            for _ in range(total // batch_size + 2):  # keyset pages; +2: the partial and the empty one
+                accounts = [r[0] for r in await conn.fetch(
+                    "SELECT DISTINCT account_id FROM account_tariffs WHERE account_id > $1"
+                    " AND valid_from <= $3 AND (valid_to IS NULL OR valid_to > $2)"
+                    " ORDER BY account_id LIMIT $4", after, horizon, now, batch_size)]
+                if not accounts:
+                    break
+                await queue.put(accounts)
+                after = accounts[-1]
+            else:
+                raise InvariantViolation("periodic run did not reach the last account page")
+            for _ in range(workers):
+                await queue.put(None)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(feed())
+                for _ in range(workers):
+                    group.create_task(work())
+        except BaseExceptionGroup as failed:  # the first cause; the other tasks were cancelled
+            raise failed.exceptions[0] from None
         await conn.execute(
             "INSERT INTO periodic_runs(name, last_now, finished_at, accounts, charges, amount)"
             " VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET last_now ="
             " greatest(periodic_runs.last_now, EXCLUDED.last_now), finished_at = EXCLUDED.finished_at,"
             " accounts = EXCLUDED.accounts, charges = EXCLUDED.charges, amount = EXCLUDED.amount",
-            name, now, done, charges, amount)
-    return RunResult(since, now, done, batches, charges, amount, once, closed, tuple(changes))
+            name, now, tally["done"], tally["charges"], tally["amount"])
+    return RunResult(since, now, tally["done"], tally["batches"], tally["charges"], tally["amount"],
+                     tally["once"], tally["closed"], tuple(changes))

@@ -1,0 +1,196 @@
+"""A monthly charge run over N accounts: billcore's run_due vs the set-based SQL floor.
+
+Both sides start from copies of one database (N accounts on one tariff with
+a monthly fee, charged at period start) and charge the month that begins at
+``now``:
+
+* billcore — ``billcore.billing.scheduler.run_due`` (batches of accounts, the
+  pure proration per distinct link shape, ``post_charges`` with idempotency
+  keys, ``periodic_charges`` bookkeeping, block sync, period close);
+* floor — one hand-written statement: ``INSERT INTO ledger … SELECT`` joined
+  with the balance ``UPDATE`` (no idempotency record, no blocks).
+
+Both must end with the same total of balances.  Usage::
+
+    python benchmarks/periodic_run.py [--accounts N] [--batch B] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from billcore.billing.scheduler import RunProgress, run_due  # noqa: E402
+from billcore.db.migrate import migrate  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+UTC = dt.timezone.utc
+NOW = dt.datetime(2024, 4, 1, 0, 5, tzinfo=UTC)
+FEE = 25_990_000  # 25.99 a month
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def dsn_for(dsn: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+async def build_base(server: str, n: int) -> None:
+    admin = await asyncpg.connect(server)
+    await admin.execute("DROP DATABASE IF EXISTS bench_base")
+    await admin.execute("CREATE DATABASE bench_base")
+    await admin.close()
+    conn = await asyncpg.connect(dsn_for(server, "bench_base"))
+    await migrate(conn)
+    await conn.execute(
+        "INSERT INTO users(login, scram_salt, scram_iterations, scram_stored_key, scram_server_key)"
+        " SELECT 'u' || g, '\\x00', 4096, '\\x00', '\\x00' FROM generate_series(1, $1) g", n)
+    await conn.execute("INSERT INTO accounts(user_id, credit) SELECT id, 10^12 FROM users ORDER BY id")
+    service = await conn.fetchval(
+        "INSERT INTO services(name, kind, fee, period_kind, period_anchor, charge_mode)"
+        " VALUES ('monthly', 'periodic', $1, 'monthly', '2024-01-01', 'start') RETURNING id", FEE)
+    tariff = await conn.fetchval("INSERT INTO tariffs(name) VALUES ('home') RETURNING id")
+    await conn.execute("INSERT INTO tariff_services VALUES ($1, $2)", tariff, service)
+    await conn.execute(
+        "INSERT INTO account_tariffs(account_id, tariff_id, valid_from, created_at, created_by)"
+        " SELECT id, $1, '2024-01-01', now(), 'bench' FROM accounts", tariff)
+    await conn.execute("VACUUM ANALYZE")
+    await conn.close()
+
+
+async def copy_db(server: str, name: str) -> str:
+    admin = await asyncpg.connect(server)
+    await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+    await admin.execute(f"CREATE DATABASE {name} TEMPLATE bench_base")
+    await admin.close()
+    return dsn_for(server, name)
+
+
+FLOOR_SQL = """
+WITH due AS (
+    SELECT t.account_id, s.id AS service_id, s.fee FROM account_tariffs t
+    JOIN tariff_services ts ON ts.tariff_id = t.tariff_id
+    JOIN services s ON s.id = ts.service_id AND s.kind = 'periodic'
+    WHERE t.valid_from <= $1 AND (t.valid_to IS NULL OR t.valid_to > $1)
+), ins AS (
+    INSERT INTO ledger(account_id, amount, balance_after, kind, idem_key, actor, created_at)
+    SELECT d.account_id, -d.fee, a.balance - d.fee, 'periodic',
+           'floor:' || d.account_id || ':' || d.service_id || ':' || extract(epoch FROM $2::timestamptz),
+           'floor', $1
+    FROM due d JOIN accounts a ON a.id = d.account_id
+    RETURNING account_id, amount
+)
+UPDATE accounts a SET balance = a.balance + i.amount FROM ins i WHERE a.id = i.account_id
+"""
+
+
+async def run_floor(dsn: str) -> tuple[float, int]:
+    conn = await asyncpg.connect(dsn)
+    start = time.perf_counter()
+    await conn.execute(FLOOR_SQL, NOW, dt.datetime(2024, 4, 1, tzinfo=UTC))
+    elapsed = time.perf_counter() - start
+    total = int(await conn.fetchval("SELECT sum(balance) FROM accounts"))
+    await conn.close()
+    return elapsed, total
+
+
+async def run_billcore(dsn: str, n: int, batch: int, workers: int) -> tuple[float, int, int]:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=workers + 1)
+    last = [0.0]
+
+    def progress(p: RunProgress) -> None:
+        t = time.perf_counter()
+        if t - last[0] >= 1.0 or p.accounts_done == p.accounts_total:
+            last[0] = t
+            print(f"  billcore: {p.accounts_done:>9,}/{p.accounts_total:,} accounts,"
+                  f" {p.charges:,} charges, batch {p.batches}", flush=True)
+
+    start = time.perf_counter()
+    result = await run_due(pool, NOW, batch_size=batch, workers=workers, progress=progress)
+    elapsed = time.perf_counter() - start
+    total = int(await pool.fetchval("SELECT sum(balance) FROM accounts"))
+    await pool.close()
+    if result.charges != n:
+        raise SystemExit(f"billcore charged {result.charges} accounts, expected {n}")
+    return elapsed, total, result.charges
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--accounts", type=int, default=1_000_000)
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=2, help="batches in flight at once")
+    ap.add_argument("--tiny", action="store_true", help="~1,000 accounts (CI)")
+    args = ap.parse_args()
+    n = 1_000 if args.tiny else args.accounts
+    tmp = Path(tempfile.mkdtemp(prefix="billcore-bench-"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+        server = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+    try:
+        uri = server.get_uri()
+        print(f"building {n:,} accounts ...", flush=True)
+        t0 = time.perf_counter()
+        await build_base(uri, n)
+        print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
+        floor_s, floor_total = await run_floor(await copy_db(uri, "bench_floor"))
+        print(f"  floor: {floor_s:.2f} s", flush=True)
+        core_s, core_total, charges = await run_billcore(await copy_db(uri, "bench_core"), n, args.batch, args.workers)
+        if core_total != floor_total or floor_total != -FEE * n:
+            raise SystemExit(f"totals differ: billcore {core_total}, floor {floor_total}, expected {-FEE * n}")
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = core_s / floor_s
+    row = {
+        "benchmark": "periodic_run", "accounts": n, "batch": args.batch, "workers": args.workers,
+        "billcore_seconds": round(core_s, 3), "floor_seconds": round(floor_s, 3),
+        "ratio": round(ratio, 2), "billcore_accounts_per_s": round(n / core_s),
+        "floor_accounts_per_s": round(n / floor_s), "target_ratio": 2.0,
+        "machine": {"platform": platform.platform(), "cpu": cpu_name(), "nproc": os.cpu_count(),
+                    "python": platform.python_version()},
+        "date": dt.datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    table = (
+        "| accounts | billcore s | floor s | ratio (target ≤ 2) | billcore accounts/s | floor accounts/s |\n"
+        "|---:|---:|---:|---:|---:|---:|\n"
+        f"| {n:,} | {core_s:.2f} | {floor_s:.2f} | {ratio:.2f} | {n / core_s:,.0f} | {n / floor_s:,.0f} |\n")
+    print(table)
+    if not args.tiny:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "periodic_run.json").write_text(json.dumps(row, indent=2) + "\n")
+        m = row["machine"]
+        (RESULTS / "periodic_run.md").write_text(
+            "# periodic_run: monthly charge run, billcore vs set-based SQL floor\n\n"
+            f"{row['date']} · {m['platform']} · {m['cpu']} · nproc {m['nproc']} · Python {m['python']}\n\n"
+            f"batch size {args.batch:,} accounts per transaction, {args.workers} batches in flight; embedded PostgreSQL (pgserver)\n\n"
+            + table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
