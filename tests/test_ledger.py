@@ -194,3 +194,20 @@ async def test_verify_names_the_corrupted_account(pool: asyncpg.Pool) -> None:
         checks = {(p.check, p.account_id) for p in await verify(conn, T0)}
         assert {("balance", a), ("chain", a), ("trigger", None), ("payment", a)} <= checks
         assert all(acc != b for _, acc in checks)
+
+
+async def test_verify_sees_a_system_block_that_disagrees_with_the_balance(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        a = await new_account(conn, "a")
+        b = await new_account(conn, "b")
+        async with conn.transaction():
+            await post_charges(conn, [Entry(a, -1, "charge", "a1"), Entry(b, -1, "charge", "b1")],
+                               actor="r", now=T0)
+        assert await verify(conn, T0) == []
+        # someone lifts a's debt block by hand with SQL
+        await conn.execute("UPDATE blocks SET lifted_at = $2, lifted_by = 'sql' WHERE account_id = $1", a, T0)
+        problems = await verify(conn, T0)
+        assert [(p.check, p.account_id) for p in problems] == [("system_block", a)]
+        assert "no system block" in problems[0].detail
+        await conn.execute("UPDATE accounts SET credit = 5 WHERE id = $1", b)   # behind the ledger's back
+        assert {(p.check, p.account_id) for p in await verify(conn, T0)} == {("system_block", a), ("system_block", b)}

@@ -21,12 +21,14 @@ from billcore.billing import accounts, blocks, payments
 from billcore.billing.blocks import in_debt
 from billcore.billing.errors import BillingError
 from billcore.billing.ledger import Entry, post_charges
+from billcore.billing.ledger_errors import PromisedRefused
 from billcore.billing.verify import verify
 from urfa.scram import make_verifier
 
 T0 = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
 VERIFIER = make_verifier("pw", iterations=4096)
 N_ACCOUNTS = 3
+PROMISED = payments.PromisedRule(amount=20_000_000, duration=dt.timedelta(days=3))
 _seq = itertools.count()
 
 amounts = st.integers(min_value=1, max_value=50_000_000)
@@ -38,6 +40,8 @@ ops = st.one_of(
     st.tuples(st.just("credit"), acc_idx, st.integers(0, 30_000_000)),
     st.tuples(st.just("block"), acc_idx, st.sampled_from(["admin", "user"]), st.booleans()),
     st.tuples(st.just("replay"), st.integers(0, 20)),
+    st.tuples(st.just("promised"), acc_idx),
+    st.tuples(st.just("expire"),),
     st.tuples(st.just("bad"), acc_idx, st.sampled_from(
         ["unknown_account", "absurd", "negative", "conflict", "batch_conflict", "overflow"])),
 )
@@ -56,6 +60,13 @@ class Model:
     by_external: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     charges: dict[str, tuple[int, int]] = field(default_factory=dict)
     done: list[tuple] = field(default_factory=list)
+    promised: dict[int, int] = field(default_factory=dict)      # open promised credit
+    promised_taken: set[int] = field(default_factory=set)       # taken this month
+
+    def posted(self, acc: int) -> None:
+        """A ledger row was posted: a balance >= 0 covers the promised credit."""
+        if self.balance[acc] >= 0:
+            self.promised[acc] = 0
 
 
 async def fresh_accounts(conn: asyncpg.Connection, n: int) -> list[int]:
@@ -93,6 +104,7 @@ async def apply(conn: asyncpg.Connection, m: Model, op: tuple) -> None:
         else:
             assert r.created
             m.balance[acc] += amount
+            m.posted(acc)
             m.payments.append((r.payment_id, acc, amount))
             if external is not None:
                 m.by_external[external] = (r.payment_id, acc, amount)
@@ -108,6 +120,7 @@ async def apply(conn: asyncpg.Connection, m: Model, op: tuple) -> None:
         else:
             m.charges[key] = (acc, -amount)
             m.balance[acc] -= amount
+            m.posted(acc)
     elif kind == "cancel":
         if not m.payments:
             return
@@ -118,6 +131,7 @@ async def apply(conn: asyncpg.Connection, m: Model, op: tuple) -> None:
         if pid not in m.cancelled:
             m.cancelled.add(pid)
             m.balance[acc] -= amount
+            m.posted(acc)
             assert r.balance == before - amount
         # a cancelled payment's rows sum to exactly zero
         assert await conn.fetchval(
@@ -131,6 +145,24 @@ async def apply(conn: asyncpg.Connection, m: Model, op: tuple) -> None:
         _, i, bkind, on = op
         fn = blocks.set_block if on else blocks.lift_block
         await fn(conn, m.ids[i], bkind, actor="prop", now=T0)
+    elif kind == "promised":
+        acc = m.ids[op[1]]
+        if acc in m.promised_taken:
+            before = await snapshot(conn, m.ids)
+            try:
+                await payments.take_promised(conn, acc, actor="prop", rule=PROMISED, now=T0)
+            except PromisedRefused:
+                pass
+            else:
+                raise AssertionError("a second promised payment in one month was granted")
+            assert await snapshot(conn, m.ids) == before
+            return
+        await payments.take_promised(conn, acc, actor="prop", rule=PROMISED, now=T0)
+        m.promised_taken.add(acc)
+        m.promised[acc] = PROMISED.amount
+    elif kind == "expire":
+        await payments.expire_promised(conn, T0 + PROMISED.duration)
+        m.promised = dict.fromkeys(m.ids, 0)
     elif kind == "replay":
         # anything carrying an idempotency key (an external id, a ledger key, the
         # payment id of a cancel) replays at any later time; setting a credit or
@@ -174,6 +206,7 @@ async def failing(conn: asyncpg.Connection, m: Model, i: int, how: str) -> None:
                 m.by_external[ext] = (r.payment_id, m.ids[0], 7)
                 m.payments.append((r.payment_id, m.ids[0], 7))
                 m.balance[m.ids[0]] += 7
+                m.posted(m.ids[0])
                 before = await snapshot(conn, m.ids)
             await payments.add_payment(conn, account_id=acc, amount=8, method="bank",
                                        actor="prop", external_id=ext, now=T0)
@@ -184,6 +217,7 @@ async def failing(conn: asyncpg.Connection, m: Model, i: int, how: str) -> None:
                     await post_charges(conn, [Entry(m.ids[0], -3, "charge", key)], actor="prop", now=T0)
                 m.charges[key] = (m.ids[0], -3)
                 m.balance[m.ids[0]] -= 3
+                m.posted(m.ids[0])
                 before = await snapshot(conn, m.ids)
             async with conn.transaction():   # a good entry first: it must not survive either
                 await post_charges(conn, [Entry(acc, -1, "charge", f"{m.prefix}-g{next(_seq)}"),
@@ -208,7 +242,7 @@ async def check(conn: asyncpg.Connection, m: Model) -> None:
         assert credit == m.credit[acc]
         system = await conn.fetchval(
             "SELECT count(*) FROM blocks WHERE account_id = $1 AND kind = 'system' AND lifted_at IS NULL", acc)
-        assert bool(system) == in_debt(balance, credit, 0, False)
+        assert bool(system) == in_debt(balance, credit, m.promised.get(acc, 0), False)
 
 
 @SETTINGS
