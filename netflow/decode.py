@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from netflow import ipfix, v5, v9
-from netflow.errors import DecodeError
+from netflow.errors import DecodeError, UnsupportedVersion
 from netflow.flows import (
     EXPORTER_KEYS,
     FLOW_DTYPE,
@@ -74,7 +74,7 @@ def decode_batch(
             elif version == 10:
                 missing, gap = ipfix.walk_ipfix(dg.exporter, payload, cache, tracker, collector, now)
             else:
-                raise DecodeError(f"unsupported NetFlow version {version}")
+                raise UnsupportedVersion(f"unsupported NetFlow version {version}")
         except DecodeError as exc:
             malformed.append(Malformed(index, str(exc)))
             continue

@@ -6,6 +6,9 @@ read) or its subclasses; the batch decoders never raise for bad input at all,
 they count it. `JournalError` covers the on-disk packet journal, and
 `ClassifierError` a snapshot that breaks the classifier's invariants (which is
 our own side's mistake, not the exporter's).
+
+Data that arrives before its template is not an error: it is normal on UDP
+and is returned as `flows.Pending`, to be decoded once the template arrives.
 """
 
 from __future__ import annotations
@@ -25,16 +28,6 @@ class UnsupportedVersion(DecodeError):
 
 class TemplateError(DecodeError):
     """A template or options template record is malformed or over a limit."""
-
-
-class MissingTemplate(DecodeError):
-    """Data arrived for a template we have not (or no longer) learned."""
-
-    def __init__(self, exporter: str, domain: int, template_id: int) -> None:
-        super().__init__(f"no template {template_id} for {exporter} domain {domain}")
-        self.exporter = exporter
-        self.domain = domain
-        self.template_id = template_id
 
 
 class JournalError(NetflowError):
