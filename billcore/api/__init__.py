@@ -69,7 +69,8 @@ async def announce(core: CoreContext, changes: Iterable[BlockChange]) -> None:
     for change in changes:
         event = change.event()
         core.publish("blocks", event)
-        await core.fire("block_changed", event)
+        # plugin hooks speak of accounts: blocked, or unblocked (see billcore.plugins.hooks)
+        await core.fire("account.blocked" if change.action == "set" else "account.unblocked", event)
 
 
 def need_int(name: str, value: object, lo: int = 1, hi: int = MAX_ID) -> int:
