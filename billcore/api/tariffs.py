@@ -1,0 +1,291 @@
+"""URFA calls for the tariff model, and the NetFlow classifier snapshot.
+
+Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
+``tariffs.write`` for changes:
+
+  services.list, services.add, services.delete, services.set_rate,
+  tariffs.list, tariffs.add, tariffs.set_services, tariffs.delete,
+  tariffs.link (account ↔ tariff, from now or the next period), tariffs.history,
+  classes.list, classes.add, classes.delete, classes.add_rule, classes.delete_rule,
+  timeranges.list, timeranges.add, timeranges.delete,
+  bindings.list, bindings.add, bindings.end
+
+System call (kinds ``{"system"}``, right ``netflow.read``): ``netflow.snapshot``
+— ``{"version": int, "bindings": [[prefix, account_id, valid_from_epoch,
+valid_to_epoch|None], …], "classes": [{"id", "name", "position", "rules":
+[{"id", "position", "skip", "local_net", "remote_net", "local_ports",
+"remote_ports", "protocol", "exporter", "iface"}, …]}, …]}`` with classes and
+rules in match order.  Every write that changes bindings, classes or rules
+publishes ``("classifier", {"version": v})`` after its commit.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from typing import Any
+
+from billcore.api import ADMIN, handler, need_int
+from billcore.billing import tariffs as T
+from billcore.billing.errors import TariffError
+from billcore.calls import CallSpec
+from billcore.context import CoreContext
+
+__all__ = ["calls", "plain"]
+
+SYSTEM = frozenset({"system"})
+
+
+def plain(value: Any) -> Any:
+    """Rows to msgpack-able values: dates become ISO strings, the rest passes."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _date(value: object, what: str) -> date:
+    if type(value) is not str:
+        raise TariffError(f"{what} must be an ISO date string")
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise TariffError(f"{what}: {exc}") from exc
+
+
+def _epoch(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def calls(core: CoreContext) -> list[CallSpec]:
+    tz = timezone.utc
+    try:
+        from zoneinfo import ZoneInfo
+        tz = ZoneInfo(core.config.core.timezone)  # type: ignore[assignment]
+    except Exception:  # noqa: BLE001 - a config without a zone keeps UTC
+        pass
+
+    async def changed_classifier() -> None:
+        async with core.pool.acquire() as conn:
+            core.publish("classifier", {"version": await T.classifier_version(conn)})
+
+    @handler
+    async def services_list(ctx: Any) -> list[dict[str, Any]]:
+        """Every service with its rates."""
+        async with core.pool.acquire() as conn:
+            return plain(await T.list_services(conn))
+
+    @handler
+    async def services_add(ctx: Any, name: str, kind: str, fee: int | None = None,
+                           period: dict[str, Any] | None = None, charge_mode: str | None = None,
+                           session_limit: int | None = None, max_sessions: int | None = None,
+                           comment: str | None = None) -> dict[str, Any]:
+        """Add a service; periodic ones take period {"kind", "anchor": "YYYY-MM-DD", "days"}."""
+        if period is not None:
+            period = {**period, "anchor": _date(period.get("anchor"), "period.anchor")}
+        async with core.pool.acquire() as conn:
+            sid = await T.create_service(conn, name, kind, fee=fee or 0, period=period,
+                                         charge_mode=charge_mode, session_limit=session_limit,
+                                         max_sessions=max_sessions, comment=comment or "")
+        return {"id": sid}
+
+    @handler
+    async def services_delete(ctx: Any, service_id: int) -> dict[str, Any]:
+        """Delete a service no tariff or counter uses."""
+        async with core.pool.acquire() as conn:
+            await T.delete_service(conn, need_int("service_id", service_id))
+        return {"id": service_id}
+
+    @handler
+    async def services_set_rate(ctx: Any, service_id: int, unit_size: int, tiers: list[list[int]],
+                                class_id: int | None = None, range_id: int | None = None,
+                                prepaid: int | None = None) -> dict[str, Any]:
+        """Price of a class (traffic) or of time (class_id None) in a range (None: any).
+
+        tiers = [[start, micro_per_unit], …] with start in units beyond the prepaid volume."""
+        parsed = [(t[0], t[1]) for t in tiers if isinstance(t, list) and len(t) == 2]
+        if len(parsed) != len(tiers):
+            raise TariffError("tiers are [start, price] pairs")
+        async with core.pool.acquire() as conn:
+            await T.set_rate(conn, service_id, class_id=class_id, range_id=range_id,
+                             prepaid=prepaid or 0, unit_size=unit_size, tiers=parsed)
+        return {"service_id": service_id}
+
+    @handler
+    async def tariffs_list(ctx: Any) -> list[dict[str, Any]]:
+        """Every tariff with its service ids."""
+        async with core.pool.acquire() as conn:
+            return plain(await T.list_tariffs(conn))
+
+    @handler
+    async def tariffs_add(ctx: Any, name: str, service_ids: list[int], comment: str | None = None) -> dict[str, Any]:
+        """Add a tariff bundling services."""
+        async with core.pool.acquire() as conn:
+            return {"id": await T.create_tariff(conn, name, service_ids, comment or "")}
+
+    @handler
+    async def tariffs_set_services(ctx: Any, tariff_id: int, service_ids: list[int]) -> dict[str, Any]:
+        """Replace a tariff's services."""
+        async with core.pool.acquire() as conn:
+            await T.set_tariff_services(conn, tariff_id, service_ids)
+        return {"id": tariff_id}
+
+    @handler
+    async def tariffs_delete(ctx: Any, tariff_id: int) -> dict[str, Any]:
+        """Delete a tariff no account was ever linked to."""
+        async with core.pool.acquire() as conn:
+            await T.delete_tariff(conn, tariff_id)
+        return {"id": tariff_id}
+
+    @handler
+    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None,
+                           start: str | None = None) -> dict[str, Any]:
+        """Put an account on a tariff (None: none) from "now" or its "next_period"."""
+        async with core.pool.acquire() as conn:
+            return await T.link_tariff(conn, need_int("account_id", account_id), tariff_id,
+                                       now=core.now(), tz=tz, start=start or "now",
+                                       actor=f"{ctx.principal.kind}:{ctx.principal.login}")
+
+    @handler
+    async def tariffs_history(ctx: Any, account_id: int) -> list[dict[str, Any]]:
+        """An account's tariff links, oldest first."""
+        async with core.pool.acquire() as conn:
+            return plain(await T.tariff_history(conn, need_int("account_id", account_id)))
+
+    @handler
+    async def classes_list(ctx: Any) -> list[dict[str, Any]]:
+        """Traffic classes and their rules, in match order."""
+        async with core.pool.acquire() as conn:
+            return await T.list_classes(conn)
+
+    @handler
+    async def classes_add(ctx: Any, name: str, position: int | None = None, comment: str | None = None) -> dict[str, Any]:
+        """Add a traffic class."""
+        async with core.pool.acquire() as conn:
+            cid = await T.create_class(conn, name, position or 0, comment or "")
+        await changed_classifier()
+        return {"id": cid}
+
+    @handler
+    async def classes_delete(ctx: Any, class_id: int) -> dict[str, Any]:
+        """Delete a traffic class (and its rules) that no rate uses."""
+        async with core.pool.acquire() as conn:
+            await T.delete_class(conn, class_id)
+        await changed_classifier()
+        return {"id": class_id}
+
+    @handler
+    async def classes_add_rule(ctx: Any, class_id: int, **rule: Any) -> dict[str, Any]:
+        """Add a rule: position, skip, local_net, remote_net, local_ports/remote_ports [a, b],
+        protocol, exporter, iface (absent: any)."""
+        async with core.pool.acquire() as conn:
+            rid = await T.add_rule(conn, class_id, **{k: v for k, v in rule.items() if v is not None})
+        await changed_classifier()
+        return {"id": rid}
+
+    @handler
+    async def classes_delete_rule(ctx: Any, rule_id: int) -> dict[str, Any]:
+        """Delete a rule."""
+        async with core.pool.acquire() as conn:
+            await T.delete_rule(conn, rule_id)
+        await changed_classifier()
+        return {"id": rule_id}
+
+    @handler
+    async def timeranges_list(ctx: Any) -> list[dict[str, Any]]:
+        """Time ranges with their windows (weekday 0 = Monday) and dates."""
+        async with core.pool.acquire() as conn:
+            return plain(await T.list_time_ranges(conn))
+
+    @handler
+    async def timeranges_add(ctx: Any, name: str, priority: int | None = None,
+                             windows: list[dict[str, Any]] | None = None,
+                             dates: list[str] | None = None) -> dict[str, Any]:
+        """Add a time range: windows [{"weekdays", "start_minute", "end_minute"}], dates ["YYYY-MM-DD"]."""
+        async with core.pool.acquire() as conn:
+            rid = await T.create_time_range(conn, name, priority=priority or 0, windows=windows or [],
+                                            dates=[_date(d, "date") for d in dates or []])
+        return {"id": rid}
+
+    @handler
+    async def timeranges_delete(ctx: Any, range_id: int) -> dict[str, Any]:
+        """Delete a time range no rate uses."""
+        async with core.pool.acquire() as conn:
+            await T.delete_time_range(conn, range_id)
+        return {"id": range_id}
+
+    @handler
+    async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None) -> list[dict[str, Any]]:
+        """IP bindings (of an account), valid at ``at`` if given."""
+        async with core.pool.acquire() as conn:
+            return await T.list_bindings(conn, account_id, at=at)
+
+    @handler
+    async def bindings_add(ctx: Any, account_id: int, prefix: str, kind: str | None = None,
+                           valid_from: datetime | None = None, valid_to: datetime | None = None,
+                           source: str | None = None, session_ref: str | None = None) -> dict[str, Any]:
+        """Bind a prefix to an account from ``valid_from`` (default now); no overlaps in time."""
+        async with core.pool.acquire() as conn:
+            bid = await T.add_binding(conn, need_int("account_id", account_id), prefix,
+                                      kind=kind or "static", source=source or "admin",
+                                      session_ref=session_ref, valid_from=valid_from or core.now(),
+                                      valid_to=valid_to)
+        await changed_classifier()
+        return {"id": bid}
+
+    @handler
+    async def bindings_end(ctx: Any, binding_id: int, at: datetime | None = None) -> dict[str, Any]:
+        """End a binding at ``at`` (default now)."""
+        async with core.pool.acquire() as conn:
+            await T.end_binding(conn, need_int("binding_id", binding_id), at or core.now())
+        await changed_classifier()
+        return {"id": binding_id}
+
+    @handler
+    async def netflow_snapshot(ctx: Any) -> dict[str, Any]:
+        """Bindings valid now or later and the class rules, with the classifier version."""
+        async with core.pool.acquire() as conn:
+            snap = await T.classifier_snapshot(conn, core.now())
+        snap["bindings"] = [[p, a, _epoch(f), _epoch(t)] for p, a, f, t in snap["bindings"]]
+        return snap
+
+    R, W = "tariffs.read", "tariffs.write"
+    rule_args = {"class_id": "int", "position": "int?", "skip": "bool?", "local_net": "str?",
+                 "remote_net": "str?", "local_ports": "list?", "remote_ports": "list?",
+                 "protocol": "int?", "exporter": "str?", "iface": "int?"}
+    table: list[tuple[str, Any, str, dict[str, str]]] = [
+        ("services.list", services_list, R, {}),
+        ("services.add", services_add, W, {"name": "str", "kind": "str", "fee": "money?", "period": "map?",
+                                           "charge_mode": "str?", "session_limit": "int?",
+                                           "max_sessions": "int?", "comment": "str?"}),
+        ("services.delete", services_delete, W, {"service_id": "int"}),
+        ("services.set_rate", services_set_rate, W, {"service_id": "int", "unit_size": "int", "tiers": "list",
+                                                     "class_id": "int?", "range_id": "int?", "prepaid": "int?"}),
+        ("tariffs.list", tariffs_list, R, {}),
+        ("tariffs.add", tariffs_add, W, {"name": "str", "service_ids": "list", "comment": "str?"}),
+        ("tariffs.set_services", tariffs_set_services, W, {"tariff_id": "int", "service_ids": "list"}),
+        ("tariffs.delete", tariffs_delete, W, {"tariff_id": "int"}),
+        ("tariffs.link", tariffs_link, W, {"account_id": "int", "tariff_id": "int?", "start": "str?"}),
+        ("tariffs.history", tariffs_history, R, {"account_id": "int"}),
+        ("classes.list", classes_list, R, {}),
+        ("classes.add", classes_add, W, {"name": "str", "position": "int?", "comment": "str?"}),
+        ("classes.delete", classes_delete, W, {"class_id": "int"}),
+        ("classes.add_rule", classes_add_rule, W, rule_args),
+        ("classes.delete_rule", classes_delete_rule, W, {"rule_id": "int"}),
+        ("timeranges.list", timeranges_list, R, {}),
+        ("timeranges.add", timeranges_add, W, {"name": "str", "priority": "int?", "windows": "list?",
+                                               "dates": "list?"}),
+        ("timeranges.delete", timeranges_delete, W, {"range_id": "int"}),
+        ("bindings.list", bindings_list, R, {"account_id": "int?", "at": "time?"}),
+        ("bindings.add", bindings_add, W, {"account_id": "int", "prefix": "str", "kind": "str?",
+                                           "valid_from": "time?", "valid_to": "time?", "source": "str?",
+                                           "session_ref": "str?"}),
+        ("bindings.end", bindings_end, W, {"binding_id": "int", "at": "time?"}),
+    ]
+    specs = [CallSpec(name, fn, right=right, kinds=ADMIN, args=args, doc=fn.__doc__ or "")
+             for name, fn, right, args in table]
+    specs.append(CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM,
+                          result="map", doc=netflow_snapshot.__doc__ or ""))
+    return specs
