@@ -14,6 +14,7 @@ test keeps the two equal).  No file at all is a valid configuration.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -110,6 +111,27 @@ class RadiusSection:
 
 
 @dataclass(frozen=True, slots=True)
+class NetflowSection:
+    enabled: bool = _f(False, "Run the NetFlow collector workers (URFA clients of the core).")
+    host: str = _f("0.0.0.0", "Address the NetFlow UDP port binds.")
+    port: int = _f(2055, "NetFlow/IPFIX UDP port, shared by every worker (SO_REUSEPORT).")
+    workers: int = _f(0, "Worker processes (0: one per CPU core).")
+    rcvbuf: int = _f(67108864, "Socket receive buffer asked for, in bytes (granted size is logged and exported).")
+    exporters: tuple = _f(("127.0.0.1", "::1"), "Exporter addresses or prefixes accepted; packets from others are dropped and counted.")
+    sampling: tuple = _f((), "Configured sampling per exporter, 'ADDRESS=N' (1-in-N); overrides what the exporter declares.")
+    journal_dir: str = _f("", "Directory of the workers' packet journals (empty: <data_dir>/netflow/journal).")
+    journal_max_bytes: int = _f(17179869184, "Journal size per worker above which a loud alarm is raised (nothing is dropped).")
+    segment_bytes: int = _f(67108864, "Size of one journal segment file.")
+    fsync_interval: float = _f(0.2, "Seconds between journal fsyncs (a batch of packets per fsync).")
+    ship_interval: float = _f(1.0, "Seconds between aggregate batches shipped to the core.")
+    raw_dir: str = _f("", "Directory of hourly Parquet files of raw flows (empty: <data_dir>/netflow/raw).")
+    raw_retention_days: int = _f(90, "Days raw flow files are kept (0: for ever).")
+    core_address: str = _f("", "URFA address 'host:port' of the core for a remote collector (empty: the local Unix socket).")
+    login: str = _f("netflow", "System login the workers use.")
+    password_file: str = _f("", "File with the system login's password (empty: <data_dir>/system/netflow.password).")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -119,6 +141,7 @@ class Config:
     periodic: PeriodicSection = field(default_factory=PeriodicSection)
     plugins: PluginsSection = field(default_factory=PluginsSection)
     radius: RadiusSection = field(default_factory=RadiusSection)
+    netflow: NetflowSection = field(default_factory=NetflowSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -137,6 +160,10 @@ class Config:
     @property
     def secret_key_path(self) -> Path:
         return Path(self.core.secret_key_file) if self.core.secret_key_file else self.data_dir / "secret.key"
+
+    @property
+    def netflow_workers(self) -> int:
+        return self.netflow.workers or os.cpu_count() or 1
 
     @property
     def urfa_socket(self) -> Path | None:
@@ -193,7 +220,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
 
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
-                      ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port)):
+                      ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),
+                      ("netflow.port", config.netflow.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
@@ -205,6 +233,22 @@ def _validate(config: Config) -> None:
     positive("urfa.max_inflight", config.urfa.max_inflight)
     positive("database.pool_max", config.database.pool_max)
     positive("periodic.interval", config.periodic.interval)
+    if config.netflow.workers < 0:
+        raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
+    for text in config.netflow.exporters:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"netflow.exporters: not an address or prefix: {text!r}") from None
+    for text in config.netflow.sampling:
+        addr, sep, n = text.rpartition("=")
+        try:
+            ipaddress.ip_address(addr)
+            ok = sep == "=" and int(n) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"netflow.sampling: expected 'ADDRESS=N' with N >= 1, got {text!r}")
     positive("periodic.batch_size", config.periodic.batch_size)
     if config.database.pool_min > config.database.pool_max:
         raise ConfigError("database.pool_min: larger than database.pool_max")

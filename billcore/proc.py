@@ -25,6 +25,7 @@ __all__ = ["ROLES", "main"]
 ROLES: dict[str, str] = {
     "core": "billcore.core:run",
     "radius": "radius.server:run",
+    "netflow": "netflow.worker:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"

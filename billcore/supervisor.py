@@ -62,6 +62,8 @@ def children_for(config: Config) -> list[ChildSpec]:
     children = [ChildSpec("core")]
     if config.radius.enabled:
         children.append(ChildSpec("radius"))
+    if config.netflow.enabled:
+        children.extend(ChildSpec("netflow", i) for i in range(config.netflow_workers))
     return children
 
 
@@ -111,9 +113,9 @@ class Supervisor:
                 return 1
         from .principals import read_or_make_password, service_password_file
 
-        for spec in children_for(self.config):
-            if spec.role != "core":  # the core sets each edge's verifier from this file
-                read_or_make_password(service_password_file(data_dir, spec.role))
+        for role in {spec.role for spec in children_for(self.config)} - {"core"}:
+            # the core sets each edge's verifier from this file
+            read_or_make_password(service_password_file(data_dir, role))
         try:
             self._children = [_Child(s, self.section.restart_backoff_initial) for s in children_for(self.config)]
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]

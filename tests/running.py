@@ -37,6 +37,9 @@ class BillcoreProcess:
             "database": {"dsn": dsn},
             "urfa": {"port": self.urfa_port},
             "metrics": {"port": self.metrics_port},
+            # edges stay off unless a test asks for them (their ports are shared)
+            "radius": {"enabled": False},
+            "netflow": {"enabled": False},
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)
