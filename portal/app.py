@@ -1,0 +1,451 @@
+"""The subscriber's virtual office: a small server-rendered aiohttp app.
+
+Theory of operation
+-------------------
+The office has no database and no state of its own beyond one signing key:
+a browser's only credential is the core SID in an HttpOnly, SameSite=Strict
+(and, outside plain-HTTP tests, Secure) cookie.  Every page is a few URFA
+calls made *as* that SID from the browser's address (``CoreLink.call``), so
+what a subscriber can see is exactly what the core's subscriber call table
+allows: an ``account_id`` in the URL is handed to the core, which refuses
+one that is not the subscriber's (``accounts.unknown`` → 404 page).
+
+One middleware (``_guard``) owns the cross-cutting rules, so no route can
+forget them:
+
+* every POST carries a CSRF token bound to the SID (the login form: to a
+  random pre-session cookie), else 403;
+* each request is bounded in body size (``client_max_size``) and time;
+* the core being down or slow → a friendly 503 page; the subscriber's core
+  session gone (logout elsewhere, idle timeout, core restart) → back to the
+  login form with "log in again"; anything unexpected → a plain 500 page
+  (the traceback goes to the log, never to the browser);
+* security headers on every answer (CSP without inline script, no framing,
+  no caching of personal pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import secrets
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+
+from . import render
+from .core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
+from .guard import LoginLimiter, csrf_ok, csrf_token
+from .i18n import LANGUAGES, Translator, pick_language
+from .settings import PortalSection, PortalSettings, read_or_make_secret
+
+__all__ = ["build_app", "run", "serve", "SID_COOKIE"]
+
+log = logging.getLogger("portal")
+
+HERE = Path(__file__).parent
+SID_COOKIE = "billcore_sid"
+PRE_COOKIE = "billcore_pre"
+LANG_COOKIE = "billcore_lang"
+MESSAGES = frozenset({"off", "on", "promised", "password"})
+LOGIN_MESSAGES = frozenset({"expired", "out"})
+
+LINK: web.AppKey[CoreLink] = web.AppKey("link", CoreLink)
+SECTION: web.AppKey[PortalSection] = web.AppKey("section", PortalSection)
+STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+)
+_env.filters.update(money=render.money, bytes=render.human_bytes, when=render.when, duration=render.duration)
+
+
+class PageError(Exception):
+    """Answer with the error page ``key`` and HTTP ``status``."""
+
+    def __init__(self, status: int, key: str, **values: Any) -> None:
+        super().__init__(key)
+        self.status = status
+        self.key = key
+        self.values = values
+
+
+# -- request helpers ----------------------------------------------------------
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str | None, max_len: int = 64) -> bytes | None:
+    if not text or len(text) > max_len * 2:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return raw if 0 < len(raw) <= max_len else None
+
+
+def client_ip(request: web.Request) -> str:
+    if request.app[SECTION].trust_forwarded:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        if forwarded:
+            return forwarded.split(",")[-1].strip()
+    return request.remote or "0.0.0.0"
+
+
+def sid_of(request: web.Request) -> bytes | None:
+    return _unb64(request.cookies.get(SID_COOKIE))
+
+
+def translator(request: web.Request) -> Translator:
+    t: Translator | None = request.get("t")
+    if t is None:
+        lang = pick_language(request.headers.get("Accept-Language", ""), request.cookies.get(LANG_COOKIE),
+                             request.app[SECTION].language)
+        t = request["t"] = Translator(lang)
+    return t
+
+
+def page(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
+    t = translator(request)
+    sid = request.get("sid")
+    values.setdefault("csrf", csrf_token(request.app[STATE]["key"], sid) if sid else "")
+    html = _env.get_template(template).render(
+        t=t, lang=t.lang, languages=LANGUAGES, path=request.path, logged_in=sid is not None, **values)
+    return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+
+def _account_arg(request: web.Request) -> dict[str, Any]:
+    raw = request.query.get("account_id") or request.get("form", {}).get("account_id")
+    if not raw:
+        return {}
+    if not raw.isdigit() or len(raw) > 18:
+        raise PageError(404, "error.404")
+    return {"account_id": int(raw)}
+
+
+async def ask(request: web.Request, fn: str, **args: Any) -> Any:
+    """Call ``fn`` as the browser's subscriber session."""
+    sid = request.get("sid")
+    if sid is None:
+        raise SessionGone("no cookie")
+    try:
+        return await request.app[LINK].call(sid, client_ip(request), fn, args)
+    except Refused as exc:
+        if exc.code in ("accounts.unknown", "users.unknown"):
+            raise PageError(404, "error.404") from None
+        if exc.code in ("not_in_table", "deleted", "forbidden"):
+            raise PageError(403, "error.403", code=exc.code) from None
+        raise PageError(409, "error.refused", reason=exc.message or exc.code) from None
+
+
+async def ask_optional(request: web.Request, fn: str, **args: Any) -> Any:
+    """Like ``ask``, but None when this core does not offer ``fn`` (an older core)."""
+    try:
+        return await ask(request, fn, **args)
+    except PageError as exc:
+        if exc.values.get("code") in ("not_in_table", "deleted"):
+            return None
+        raise
+
+
+def redirect(location: str, **query: Any) -> web.HTTPSeeOther:
+    q = {k: v for k, v in query.items() if v is not None}
+    return web.HTTPSeeOther(location + ("?" + urlencode(q) if q else ""))
+
+
+def _internet_state(blocks: list[str]) -> str:
+    if not blocks:
+        return "on"
+    return "off" if set(blocks) == {"user"} else "blocked"
+
+
+# -- middleware ------------------------------------------------------------------
+
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self';"
+                               " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    section = request.app[SECTION]
+    request["sid"] = sid_of(request)
+    try:
+        response = await asyncio.wait_for(_checked(request, handler), section.request_timeout)
+    except web.HTTPRedirection as exc:
+        response = exc
+    except SessionGone:
+        response = redirect("/login", m="expired")
+        response.del_cookie(SID_COOKIE, path="/")
+    except PageError as exc:
+        values = {k: v for k, v in exc.values.items() if k != "code"}
+        response = page(request, "error.html", exc.status, message=translator(request)(exc.key, **values))
+    except CoreDown as exc:
+        log.warning("core unavailable: %s", exc)
+        response = page(request, "error.html", 503, message=translator(request)("error.503"))
+        response.headers["Retry-After"] = "30"
+    except asyncio.TimeoutError:
+        log.warning("request timed out: %s %s", request.method, request.path)
+        response = page(request, "error.html", 503, message=translator(request)("error.503"))
+    except web.HTTPRequestEntityTooLarge:
+        response = page(request, "error.html", 413, message=translator(request)("error.413"))
+    except web.HTTPNotFound:
+        response = page(request, "error.html", 404, message=translator(request)("error.404"))
+    except web.HTTPMethodNotAllowed:
+        response = page(request, "error.html", 405, message=translator(request)("error.403"))
+    except web.HTTPException as exc:
+        response = exc
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        response = page(request, "error.html", 500, message=translator(request)("error.500"))
+    for k, v in _HEADERS.items():
+        response.headers.setdefault(k, v)
+    return response
+
+
+async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.method == "POST":
+        form = await request.post()
+        request["form"] = {k: v for k, v in form.items() if isinstance(v, str)}
+        key = request.app[STATE]["key"]
+        if request.path == "/login":
+            ok = csrf_ok(key, _unb64(request.cookies.get(PRE_COOKIE)), form.get("csrf"), "login")
+        else:
+            ok = csrf_ok(key, request["sid"], form.get("csrf"))
+        if not ok:
+            raise PageError(403, "error.csrf")
+    return await handler(request)  # type: ignore[no-any-return]
+
+
+# -- pages -----------------------------------------------------------------------------
+
+async def login_form(request: web.Request, status: int = 200, error: str = "") -> web.Response:
+    pre = _unb64(request.cookies.get(PRE_COOKIE))
+    fresh = pre is None
+    if fresh:
+        pre = secrets.token_bytes(16)
+    message = request.query.get("m", "")
+    t = translator(request)
+    resp = page(request, "login.html", status, csrf=csrf_token(request.app[STATE]["key"], pre, "login"),
+                error=error, notice=t("login." + message) if message in LOGIN_MESSAGES else "",
+                login_value=request.get("form", {}).get("login", "")[:64])
+    if fresh:
+        resp.set_cookie(PRE_COOKIE, _b64(pre), httponly=True, samesite="Strict", path="/",
+                        secure=request.app[SECTION].cookie_secure)
+    return resp
+
+
+async def login_get(request: web.Request) -> web.StreamResponse:
+    if request["sid"] is not None and "m" not in request.query:
+        raise redirect("/")
+    return await login_form(request)
+
+
+async def login_post(request: web.Request) -> web.StreamResponse:
+    form = request["form"]
+    ip = client_ip(request)
+    limiter: LoginLimiter = request.app[STATE]["limiter"]
+    t = translator(request)
+    if limiter.blocked(ip, time.monotonic()):
+        return await login_form(request, 429, t("login.limited"))
+    login, password = form.get("login", "").strip(), form.get("password", "")
+    if not login or not password or len(login) > 128 or len(password) > 1024:
+        limiter.failed(ip, time.monotonic())
+        return await login_form(request, 401, t("login.wrong"))
+    try:
+        info = await request.app[LINK].proxy_login(login, password, ip)
+    except BadLogin as exc:
+        limiter.failed(ip, time.monotonic())
+        key = "login.limited" if exc.code == "rate_limited" else "login.wrong"
+        return await login_form(request, 429 if exc.code == "rate_limited" else 401, t(key))
+    except Refused:
+        limiter.failed(ip, time.monotonic())
+        return await login_form(request, 401, t("login.wrong"))
+    limiter.succeeded(ip)
+    resp = redirect("/")
+    resp.set_cookie(SID_COOKIE, _b64(info.sid), httponly=True, samesite="Strict", path="/",
+                    secure=request.app[SECTION].cookie_secure)
+    log.info("subscriber logged in", extra={"login": login, "ip": ip})
+    return resp
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    sid = request["sid"]
+    if sid is not None:
+        await request.app[LINK].logout(sid, client_ip(request))
+    resp = redirect("/login", m="out")
+    resp.del_cookie(SID_COOKIE, path="/")
+    return resp
+
+
+async def overview(request: web.Request) -> web.StreamResponse:
+    which = _account_arg(request)
+    accounts, tariff = await asyncio.gather(ask(request, "me.accounts"),
+                                            ask_optional(request, "me.tariff", **which))
+    if not accounts:
+        raise PageError(404, "error.404")
+    wanted = which.get("account_id", tariff["account_id"] if tariff else accounts[0]["id"])
+    account = next((a for a in accounts if a["id"] == wanted), None)
+    if account is None:      # the core answered for it, so it is ours; a race with a deletion
+        raise PageError(404, "error.404")
+    t = translator(request)
+    message = request.query.get("m", "")
+    notice = {"off": t("internet.changed_off"), "on": t("internet.changed_on"),
+              "promised": t("promised.taken"), "password": t("password.changed")}.get(message, "")
+    return page(request, "overview.html", accounts=accounts, account=account, tariff=tariff,
+                internet=_internet_state(account["blocks"]), notice=notice,
+                available=account["balance"] + account["credit"] + account["promised"])
+
+
+async def internet(request: web.Request) -> web.StreamResponse:
+    form = request["form"]
+    action = form.get("action")
+    if action not in ("off", "on"):
+        raise PageError(400, "error.403")
+    which = _account_arg(request)
+    result = await ask(request, "me.block", on=action == "off", **which)
+    raise redirect("/", account_id=result["account_id"] if which else None, m=action)
+
+
+async def promised(request: web.Request) -> web.StreamResponse:
+    which = _account_arg(request)
+    result = await ask(request, "me.promised", **which)
+    raise redirect("/", account_id=result["account_id"] if which else None, m="promised")
+
+
+async def traffic(request: web.Request) -> web.StreamResponse:
+    which = _account_arg(request)
+    raw = request.query.get("days", "31")
+    days = int(raw) if raw.isdigit() and 1 <= int(raw) <= 366 else 31
+    data = await ask_optional(request, "me.traffic", days=days, **which)
+    t = translator(request)
+    chart = table = None
+    if data is not None:
+        chart = render.traffic_chart(data, t("traffic.title"))
+        table = render.traffic_table(data)
+    return page(request, "traffic.html", days=days, chart=chart, table=table, which=which,
+                choices=(7, 31, 92))
+
+
+async def history(request: web.Request) -> web.StreamResponse:
+    which = _account_arg(request)
+    charges, payments = await asyncio.gather(ask(request, "me.history", limit=100, **which),
+                                             ask(request, "me.payments", limit=100, **which))
+    return page(request, "history.html", charges=charges, payments=payments)
+
+
+async def sessions(request: web.Request) -> web.StreamResponse:
+    which = _account_arg(request)
+    rows = await ask_optional(request, "me.sessions", limit=100, **which)
+    return page(request, "sessions.html", rows=rows)
+
+
+async def password_get(request: web.Request) -> web.StreamResponse:
+    if request["sid"] is None:
+        raise SessionGone("no cookie")
+    return page(request, "password.html", error="")
+
+
+async def password_post(request: web.Request) -> web.StreamResponse:
+    form = request["form"]
+    t = translator(request)
+    if form.get("new_password", "") != form.get("again", ""):
+        return page(request, "password.html", 400, error=t("password.differ"))
+    try:
+        await ask(request, "me.password", old_password=form.get("old_password", ""),
+                  new_password=form.get("new_password", ""))
+    except PageError as exc:
+        if exc.status != 409:
+            raise
+        return page(request, "password.html", 400, error=t("password.refused", **exc.values))
+    raise redirect("/", m="password")
+
+
+async def language(request: web.Request) -> web.StreamResponse:
+    lang = request.match_info["lang"]
+    if lang not in LANGUAGES:
+        raise PageError(404, "error.404")
+    back = request.query.get("next", "/")
+    if not back.startswith("/") or back.startswith("//") or "\\" in back or len(back) > 512:
+        back = "/"
+    resp = web.HTTPSeeOther(back)
+    resp.set_cookie(LANG_COOKIE, lang, samesite="Strict", path="/", max_age=365 * 86400,
+                    secure=request.app[SECTION].cookie_secure)
+    raise resp
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="ok\n")
+
+
+def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Application:
+    app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
+    app[SECTION] = section
+    app[LINK] = link
+    app[STATE] = {"key": key, "limiter": LoginLimiter(section.login_failures_per_minute)}
+    app.router.add_get("/login", login_get)
+    app.router.add_post("/login", login_post)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/", overview)
+    app.router.add_post("/internet", internet)
+    app.router.add_post("/promised", promised)
+    app.router.add_get("/traffic", traffic)
+    app.router.add_get("/history", history)
+    app.router.add_get("/sessions", sessions)
+    app.router.add_get("/password", password_get)
+    app.router.add_post("/password", password_post)
+    app.router.add_get("/lang/{lang}", language)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_static("/static", HERE / "static", append_version=True)
+    return app
+
+
+def tls_context(section: PortalSection) -> ssl.SSLContext | None:
+    if not section.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(section.tls_cert, section.tls_key)
+    return ctx
+
+
+async def serve(section: PortalSection, link: CoreLink, key: bytes) -> web.AppRunner:
+    """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
+    runner = web.AppRunner(build_app(section, link, key), access_log=None, handler_cancellation=True,
+                           keepalive_timeout=15.0, max_line_size=8190, max_field_size=8190)
+    await runner.setup()
+    site = web.TCPSite(runner, section.host, section.port, ssl_context=tls_context(section),
+                       shutdown_timeout=2.0, backlog=512)
+    await site.start()
+    return runner
+
+
+async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
+    """The ``portal`` role (``dsn`` is unused: the office has no database access)."""
+    settings = PortalSettings.from_config(config)
+    link = CoreLink.for_endpoint(
+        host=settings.core_host, port=settings.core_port, unix=settings.core_unix, login=settings.login,
+        password=lambda: settings.password_file.read_text().strip(), timeout=settings.section.core_timeout)
+    runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file))
+    s = settings.section
+    log.info("portal serving", extra={"http": f"{s.host}:{s.port}", "tls": bool(s.tls_cert)})
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await link.close()

@@ -1,0 +1,119 @@
+"""How numbers look in the office, and the traffic chart as inline SVG.
+
+Money arrives as integer micro-units and is shown with two decimals,
+truncated toward zero (``money``: the one place display rounding happens);
+bytes in binary units with one decimal, computed in integers.  The chart is
+drawn here, server-side, as a stacked bar per day and a colour per traffic
+class, so it needs no script and no CDN and prints as it looks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict
+from html import escape
+from typing import Any
+
+__all__ = ["money", "human_bytes", "when", "duration", "traffic_chart", "traffic_table", "PALETTE"]
+
+MICRO = 1_000_000
+PALETTE = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096")
+
+
+def money(micro: int) -> str:
+    """12345678 → '12.34' (truncated toward zero, as the ledger never rounds up)."""
+    sign = "-" if micro < 0 else ""
+    units, cents = divmod(abs(int(micro)) // 10_000, 100)
+    return f"{sign}{units:,}.{cents:02d}".replace(",", "\u202f")
+
+
+def human_bytes(n: int) -> str:
+    n = int(n)
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            tenths = n * 10 // size
+            return f"{tenths // 10}.{tenths % 10} {unit}"
+    return f"{n} B"
+
+
+def when(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return "" if value is None else str(value)
+
+
+def duration(seconds: int) -> str:
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _days(first: str, last: str) -> list[str]:
+    a, b = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+    return [(a + dt.timedelta(days=i)).isoformat() for i in range((b - a).days + 1)]
+
+
+def _classes(rows: list[dict[str, Any]]) -> OrderedDict[int, str]:
+    out: OrderedDict[int, str] = OrderedDict()
+    for r in sorted(rows, key=lambda r: r["class_id"]):
+        out.setdefault(r["class_id"], str(r["class"]))
+    return out
+
+
+def traffic_table(traffic: dict[str, Any]) -> dict[str, Any]:
+    """Rows per day (only days with traffic) and totals per class."""
+    rows = traffic["rows"]
+    classes = _classes(rows)
+    by_day: OrderedDict[str, dict[int, tuple[int, int]]] = OrderedDict()
+    for r in rows:
+        by_day.setdefault(r["day"], {})[r["class_id"]] = (int(r["bytes"]), int(r["amount"]))
+    totals = {c: (sum(d.get(c, (0, 0))[0] for d in by_day.values()),
+                  sum(d.get(c, (0, 0))[1] for d in by_day.values())) for c in classes}
+    return {"classes": classes, "days": by_day, "totals": totals,
+            "total_bytes": sum(b for b, _ in totals.values()),
+            "total_amount": sum(a for _, a in totals.values())}
+
+
+def traffic_chart(traffic: dict[str, Any], title: str = "") -> str:
+    """An accessible SVG: one stacked bar per day, ``<title>`` tooltips, a legend."""
+    rows = traffic["rows"]
+    days = _days(traffic["first"], traffic["last"])[-366:]
+    classes = _classes(rows)
+    colour = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(classes)}
+    per_day: dict[str, dict[int, int]] = {}
+    for r in rows:
+        per_day.setdefault(r["day"], {})[r["class_id"]] = int(r["bytes"])
+    peak = max((sum(v.values()) for v in per_day.values()), default=0)
+    width, height, left, top, bottom = 720, 260, 64, 12, 36
+    plot_w, plot_h = width - left - 8, height - top - bottom
+    step = plot_w / max(1, len(days))
+    bar_w = max(1.0, step * 0.7)
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height + 22 * ((len(classes) + 3) // 4)}" '
+             f'role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">']
+    for i in range(5):  # grid lines with labels
+        y = top + plot_h - plot_h * i / 4
+        label = human_bytes(peak * i // 4) if peak else "0"
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 8}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{escape(label)}</text>')
+    for i, day in enumerate(days):
+        x = left + i * step + (step - bar_w) / 2
+        y = top + plot_h
+        for c in classes:
+            q = per_day.get(day, {}).get(c, 0)
+            if not q or not peak:
+                continue
+            h = plot_h * q / peak
+            y -= h
+            tip = f"{day} · {classes[c]}: {human_bytes(q)}"
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{max(h, 0.5):.1f}" '
+                         f'fill="{colour[c]}" data-day="{day}" data-class="{escape(classes[c])}">'
+                         f'<title>{escape(tip)}</title></rect>')
+        if len(days) <= 14 or i % max(1, len(days) // 7) == 0 or i == len(days) - 1:
+            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
+                         f'class="axis">{day[5:]}</text>')
+    for i, (c, name) in enumerate(classes.items()):
+        lx, ly = left + (i % 4) * 160, height + 6 + 22 * (i // 4)
+        parts.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{colour[c]}"/>'
+                     f'<text x="{lx + 18}" y="{ly + 11}" class="legend">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
