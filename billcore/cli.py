@@ -3,6 +3,7 @@
     billcore serve [-c FILE]          run the supervisor and every process
     billcore migrate [-c FILE]        apply pending schema migrations
     billcore config example|check     print the documented config / check one
+    billcore verify                   check every ledger invariant (cron-friendly)
     billcore admin create LOGIN       bootstrap an administrator
     billcore system create LOGIN      a service login (remote collector…)
 """
@@ -152,6 +153,22 @@ def cmd_system(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(with_database(config, work))
 
 
+def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    """Exit 0 when every invariant holds; 1 and one line per problem when not."""
+    from .billing.verify import verify
+
+    async def work(conn: Any) -> int:
+        problems = await verify(conn)
+        for problem in problems:
+            print(f"PROBLEM {problem}")
+        if args.quiet and not problems:
+            return 0
+        print(f"verify: {len(problems)} problem(s)" if problems else "verify: ok, every invariant holds")
+        return 1 if problems else 0
+
+    return asyncio.run(with_database(config, work))
+
+
 def cmd_config(args: argparse.Namespace, config: Config) -> int:
     if args.action == "example":
         sys.stdout.write(example_config())
@@ -168,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending schema migrations")
     p = sub.add_parser("config", help="print the documented example config, or check one")
     p.add_argument("action", choices=["example", "check"])
+    p = sub.add_parser("verify", help="check every ledger invariant; non-zero exit names the broken accounts")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when all is well (for cron)")
     p = sub.add_parser("admin", help="manage administrators")
     p.add_argument("action", choices=["create"])
     p.add_argument("login")
@@ -179,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("login")
     p.add_argument("--rights", default="", help="comma-separated rights, e.g. netflow.*,events.subscribe")
     p.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable instead of prompting")
-    COMMANDS.update(serve=cmd_serve, migrate=cmd_migrate, config=cmd_config, admin=cmd_admin, system=cmd_system)
+    COMMANDS.update(serve=cmd_serve, migrate=cmd_migrate, config=cmd_config, admin=cmd_admin, system=cmd_system,
+                    verify=cmd_verify)
     for extend in _EXTENSIONS:
         extend(sub, COMMANDS)
     return parser

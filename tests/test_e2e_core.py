@@ -94,3 +94,28 @@ def test_billctl_as_an_operator_uses_it(core: BillcoreProcess) -> None:
     assert bad.returncode == 2 and "amount: not a valid money" in bad.stderr
     listing = billctl(core, "calls")
     assert "payments.add" in listing.stdout and "account_id:int" in listing.stdout
+
+
+def test_billcore_verify_names_a_broken_account(core: BillcoreProcess, db_dsn: str) -> None:
+    made = billctl(core, "--json", "call", "users.create", "login=dave", "password=dave-password")
+    account_id = json.loads(made.stdout)["basic_account_id"]
+    assert billctl(core, "pay", str(account_id), "5.00").returncode == 0
+    ok = billcore_cli(core.config_path, "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "every invariant holds" in ok.stdout
+
+    import asyncio
+
+    import asyncpg
+
+    async def corrupt() -> None:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            await conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", account_id)
+        finally:
+            await conn.close()
+
+    asyncio.run(corrupt())
+    bad = billcore_cli(core.config_path, "verify")
+    assert bad.returncode == 1
+    assert f"account {account_id}" in bad.stdout
