@@ -32,6 +32,7 @@ charge are published on the ``blocks`` topic after it commits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -39,6 +40,7 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,15 @@ __all__ = [
     "add_nas",
     "add_pool",
     "add_link",
+    "edit_nas",
+    "delete_nas",
+    "edit_pool",
+    "delete_pool",
+    "pool_list",
+    "edit_link",
+    "delete_link",
+    "link_list",
+    "authorize_many",
     "account_sessions",
     "calls",
 ]
@@ -142,26 +153,158 @@ async def nas_list(conn: asyncpg.Connection, store: SecretStore, *, with_secrets
     return out
 
 
+async def edit_nas(conn: asyncpg.Connection, store: SecretStore, nas_id: int, **changes: Any) -> bool:
+    """Change the given fields of a NAS (the secret is sealed again)."""
+    sets: dict[str, Any] = {}
+    for name, value in changes.items():
+        if value is None:
+            continue
+        if name == "secret":
+            if not value:
+                raise CallFailed(BAD_ARGS, "a NAS needs a shared secret")
+            sets["secret_enc"] = store.seal(str(value).encode())
+        elif name == "blocked_profile":
+            sets["blocked_profile"] = json.dumps(value)
+        elif name in _NAS_FIELDS:
+            sets[name] = value
+        else:
+            raise CallFailed(BAD_ARGS, f"a NAS has no field {name!r}")
+    return await _update(conn, "radius_nas", nas_id, sets, _NAS_CASTS)
+
+
+_NAS_FIELDS = frozenset({"name", "address", "require_message_authenticator", "coa_port", "disconnect_mode"})
+_NAS_CASTS = {"address": "::inet", "blocked_profile": "::jsonb"}
+_LINK_FIELDS = frozenset({"login", "static_ip", "max_sessions", "price_per_hour", "session_limit",
+                          "interim_interval", "rate_limit", "cisco_avpairs", "disabled"})
+_LINK_CASTS = {"static_ip": "::inet"}
+_POOL_CASTS = {"first": "::inet", "last": "::inet"}
+
+
+async def _update(conn: asyncpg.Connection, table: str, row_id: int, sets: dict[str, Any],
+                  casts: dict[str, str]) -> bool:
+    """UPDATE one row by id with the given column values (names are ours, never the caller's)."""
+    if not sets:
+        return bool(await conn.fetchval(f"SELECT true FROM {table} WHERE id = $1", row_id))
+    cols = ", ".join(f"{c} = ${i + 2}{casts.get(c, '')}" for i, c in enumerate(sets))
+    return await conn.execute(f"UPDATE {table} SET {cols} WHERE id = $1", row_id, *sets.values()) != "UPDATE 0"
+
+
+async def delete_nas(conn: asyncpg.Connection, nas_id: int, now: dt.datetime, force: bool = False) -> bool:
+    """Delete a NAS and its session history.  Refused while it has active
+    sessions, unless ``force``: then they are ended first (bindings, leases)."""
+    active = await conn.fetch("SELECT * FROM radius_sessions WHERE nas_id = $1 AND ended_at IS NULL FOR UPDATE",
+                              nas_id)
+    if active and not force:
+        raise CallFailed(BAD_ARGS, f"NAS {nas_id} has {len(active)} active session(s); pass force to end them")
+    await _end_sessions(conn, list(active), now, "nas-deleted")
+    return await conn.execute("DELETE FROM radius_nas WHERE id = $1", nas_id) != "DELETE 0"
+
+
 async def add_pool(conn: asyncpg.Connection, *, name: str, first: str, last: str) -> int:
     return int(await conn.fetchval(
         "INSERT INTO radius_pools(name, first, last) VALUES ($1, $2::inet, $3::inet) RETURNING id", name, first, last))
+
+
+async def edit_pool(conn: asyncpg.Connection, pool_id: int, *, name: str | None = None, first: str | None = None,
+                    last: str | None = None) -> bool:
+    """Rename or resize a pool; leases outside the new range are refused."""
+    sets = {k: v for k, v in (("name", name), ("first", first), ("last", last)) if v is not None}
+    done = await _update(conn, "radius_pools", pool_id, sets, _POOL_CASTS)
+    outside = await conn.fetchval(
+        "SELECT count(*) FROM radius_leases l JOIN radius_pools p ON p.id = l.pool_id"
+        " WHERE p.id = $1 AND (l.address < p.first OR l.address > p.last)", pool_id)
+    if outside:
+        raise CallFailed(BAD_ARGS, f"{outside} leased address(es) would fall outside the pool")
+    return done
+
+
+async def delete_pool(conn: asyncpg.Connection, pool_id: int) -> bool:
+    users = await conn.fetchval("SELECT count(*) FROM radius_links WHERE pool_id = $1", pool_id)
+    if users:
+        raise CallFailed(BAD_ARGS, f"pool {pool_id} is used by {users} link(s)")
+    return await conn.execute("DELETE FROM radius_pools WHERE id = $1", pool_id) != "DELETE 0"
+
+
+async def pool_list(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT p.id, p.name, host(p.first) AS first, host(p.last) AS last, p.last - p.first + 1 AS size,"
+        " (SELECT count(*) FROM radius_leases l WHERE l.pool_id = p.id) AS leased FROM radius_pools p ORDER BY id")
+    return [dict(r) for r in rows]
 
 
 async def add_link(conn: asyncpg.Connection, store: SecretStore, *, account_id: int, login: str, password: str,
                    static_ip: str | None = None, pool: str | None = None, max_sessions: int = 1,
                    price_per_hour: int = 0, session_limit: int | None = None, interim_interval: int = 300,
                    rate_limit: str = "", cisco_avpairs: list[str] | None = None) -> int:
-    pool_id = None
-    if pool is not None:
-        pool_id = await conn.fetchval("SELECT id FROM radius_pools WHERE name = $1", pool)
-        if pool_id is None:
-            raise CallFailed(BAD_ARGS, f"no IP pool named {pool!r}")
+    pool_id = await _pool_id(conn, pool) if pool is not None else None
     return int(await conn.fetchval(
         "INSERT INTO radius_links(account_id, login, password_enc, static_ip, pool_id, max_sessions,"
         " price_per_hour, session_limit, interim_interval, rate_limit, cisco_avpairs)"
         " VALUES ($1, $2, $3, $4::inet, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
         account_id, login, store.seal(password.encode()), static_ip, pool_id, max_sessions, price_per_hour,
         session_limit, interim_interval, rate_limit, cisco_avpairs or []))
+
+
+async def _pool_id(conn: asyncpg.Connection, name: str) -> int:
+    pool_id = await conn.fetchval("SELECT id FROM radius_pools WHERE name = $1", name)
+    if pool_id is None:
+        raise CallFailed(BAD_ARGS, f"no IP pool named {name!r}")
+    return int(pool_id)
+
+
+async def edit_link(conn: asyncpg.Connection, store: SecretStore, link_id: int, **changes: Any) -> bool:
+    """Change the given fields of a link.  ``password`` is sealed again;
+    ``pool`` names a pool ("" for none) and clears a static IP, a
+    ``static_ip`` ("" for none) clears the pool; ``session_limit`` 0 removes the limit."""
+    sets: dict[str, Any] = {}
+    for name, value in changes.items():
+        if value is None:
+            continue
+        if name == "password":
+            sets["password_enc"] = store.seal(str(value).encode())
+        elif name == "pool":
+            sets["pool_id"] = await _pool_id(conn, value) if value else None
+            if value:
+                sets["static_ip"] = None
+        elif name == "static_ip":
+            sets["static_ip"] = value or None
+            if value:
+                sets["pool_id"] = None
+        elif name == "session_limit":
+            sets["session_limit"] = value or None
+        elif name in _LINK_FIELDS:
+            sets[name] = value
+        else:
+            raise CallFailed(BAD_ARGS, f"a link has no field {name!r}")
+    done = await _update(conn, "radius_links", link_id, sets, _LINK_CASTS)
+    if "pool_id" in sets:  # leases of the old pool go; active sessions keep their address until they end
+        await conn.execute("DELETE FROM radius_leases WHERE link_id = $1 AND expires_at IS NOT NULL"
+                           " AND pool_id IS DISTINCT FROM $2", link_id, sets["pool_id"])
+    return done
+
+
+async def delete_link(conn: asyncpg.Connection, link_id: int, now: dt.datetime, force: bool = False) -> bool:
+    """Delete a link, its leases and session history.  Refused while it has
+    active sessions, unless ``force``: then they are ended first.  Time
+    charges already booked stay in the ledger."""
+    active = await conn.fetch("SELECT * FROM radius_sessions WHERE link_id = $1 AND ended_at IS NULL FOR UPDATE",
+                              link_id)
+    if active and not force:
+        raise CallFailed(BAD_ARGS, f"link {link_id} has {len(active)} active session(s); pass force to end them")
+    await _end_sessions(conn, list(active), now, "link-deleted")
+    return await conn.execute("DELETE FROM radius_links WHERE id = $1", link_id) != "DELETE 0"
+
+
+async def link_list(conn: asyncpg.Connection, account_id: int | None = None, login: str | None = None
+                    ) -> list[dict[str, Any]]:
+    """Links (without passwords), of one account, one login, or all."""
+    rows = await conn.fetch(
+        "SELECT l.id, l.account_id, l.login, host(l.static_ip) AS static_ip, p.name AS pool, l.max_sessions,"
+        " l.price_per_hour, l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs, l.disabled"
+        " FROM radius_links l LEFT JOIN radius_pools p ON p.id = l.pool_id"
+        " WHERE ($1::bigint IS NULL OR l.account_id = $1) AND ($2::text IS NULL OR l.login = $2) ORDER BY l.id",
+        account_id, login)
+    return [dict(r) for r in rows]
 
 
 # -- authorization --------------------------------------------------------------
@@ -205,40 +348,46 @@ async def _lease(conn: asyncpg.Connection, link: asyncpg.Record, now: dt.datetim
         link["pool_id"], link["id"], now, now + hold)
 
 
-async def authorize(conn: asyncpg.Connection, store: SecretStore, req: dict[str, Any], now: dt.datetime,
-                    lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> dict[str, Any]:
-    """Decide an Access-Request (see the module comment).  Runs in a transaction."""
-    login = req.get("login")
-    if not login:
-        return _reject("no login")
-    link = await conn.fetchrow(
-        "SELECT l.*, a.balance, a.credit, a.unlimited, a.status FROM radius_links l"
-        " JOIN accounts a ON a.id = l.account_id WHERE l.login = $1 FOR UPDATE OF l", login)
+_LINKS_BY_LOGIN = (
+    "SELECT l.id, l.account_id, l.login, l.password_enc, host(l.static_ip) AS static_ip, l.pool_id,"
+    " l.max_sessions, l.price_per_hour, l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs,"
+    " l.disabled, a.balance, a.credit, a.unlimited, a.status,"
+    " EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = l.account_id AND b.lifted_at IS NULL) AS blocked,"
+    " (SELECT count(*) FROM radius_sessions s WHERE s.link_id = l.id AND s.ended_at IS NULL) AS active"
+    " FROM radius_links l JOIN accounts a ON a.id = l.account_id WHERE l.login = ANY($1::text[])")
+
+
+def _decide(req: dict[str, Any], link: asyncpg.Record | None, store: SecretStore) -> dict[str, Any] | None:
+    """Every rule that needs no further query; None: accepted but needs a pool lease."""
     if link is None or not _password_ok(req, store.open(link["password_enc"])):
         return _reject("wrong login or password")
     if link["disabled"] or link["status"] != "active":
         return _reject("service disabled")
-    if await conn.fetchval("SELECT 1 FROM blocks WHERE account_id = $1 AND lifted_at IS NULL LIMIT 1",
-                           link["account_id"]):
+    if link["blocked"]:
         return _reject("account blocked")
-    active = await conn.fetchval("SELECT count(*) FROM radius_sessions WHERE link_id = $1 AND ended_at IS NULL",
-                                 link["id"])
-    if active >= link["max_sessions"]:
+    if link["active"] >= link["max_sessions"]:
         return _reject("too many sessions")
+    if _time_left(link) == 0:
+        return _reject("no money left for time")
+    return None
+
+
+def _time_left(link: asyncpg.Record) -> int | None:
+    """Seconds the money left buys on a time-based link; None: not time-based."""
+    if link["price_per_hour"] <= 0 or link["unlimited"]:
+        return None
+    money_left = int(link["balance"]) + int(link["credit"])
+    return money_left * 3600 // int(link["price_per_hour"]) if money_left > 0 else 0
+
+
+def _accept(link: asyncpg.Record, address: str | None) -> dict[str, Any]:
     reply: list[list[Any]] = []
     timeout = link["session_limit"]
-    if link["price_per_hour"] > 0 and not link["unlimited"]:
-        money_left = int(link["balance"]) + int(link["credit"])
-        seconds = money_left * 3600 // int(link["price_per_hour"]) if money_left > 0 else 0
-        if seconds <= 0:
-            return _reject("no money left for time")
+    seconds = _time_left(link)
+    if seconds is not None:
+        assert seconds > 0, "a time-based link with no time left is refused before"
         timeout = min(seconds, timeout) if timeout else seconds
-    if link["static_ip"] is not None:
-        reply.append(["Framed-IP-Address", str(ipaddress.ip_interface(str(link["static_ip"])).ip)])
-    elif link["pool_id"] is not None:
-        address = await _lease(conn, link, now, lease_hold)
-        if address is None:
-            return _reject("IP pool exhausted")
+    if address is not None:
         reply.append(["Framed-IP-Address", address])
     if timeout:
         reply.append(["Session-Timeout", min(int(timeout), 2**32 - 1)])
@@ -248,6 +397,48 @@ async def authorize(conn: asyncpg.Connection, store: SecretStore, req: dict[str,
     for pair in link["cisco_avpairs"]:
         reply.append(["Cisco-AVPair", pair])
     return {"accept": True, "account_id": link["account_id"], "reply": reply}
+
+
+async def authorize_many(conn: asyncpg.Connection, store: SecretStore, requests: list[dict[str, Any]],
+                         now: dt.datetime, lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> list[dict[str, Any]]:
+    """Decide a batch of Access-Requests (see the module comment), in order.
+
+    One query reads every link of the batch with its account, block flag and
+    active-session count; only pool links need more: each takes its lease
+    under its link's row lock (a savepoint, so one failure stays its own)."""
+    logins = sorted({r["login"] for r in requests if isinstance(r.get("login"), str) and r["login"]})
+    links = {r["login"]: r for r in await conn.fetch(_LINKS_BY_LOGIN, logins)} if logins else {}
+    out: list[dict[str, Any]] = []
+    for req in requests:
+        login = req.get("login")
+        if not login or not isinstance(login, str):
+            out.append(_reject("no login"))
+            continue
+        link = links.get(login)
+        refused = _decide(req, link, store)
+        if refused is not None:
+            out.append(refused)
+            continue
+        assert link is not None
+        if link["static_ip"] is not None:
+            address: str | None = link["static_ip"]
+        elif link["pool_id"] is not None:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM radius_links WHERE id = $1 FOR UPDATE", link["id"])
+                address = await _lease(conn, link, now, lease_hold)
+            if address is None:
+                out.append(_reject("IP pool exhausted"))
+                continue
+        else:
+            address = None
+        out.append(_accept(link, address))
+    return out
+
+
+async def authorize(conn: asyncpg.Connection, store: SecretStore, req: dict[str, Any], now: dt.datetime,
+                    lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> dict[str, Any]:
+    """Decide one Access-Request."""
+    return (await authorize_many(conn, store, [req], now, lease_hold))[0]
 
 
 # -- accounting ------------------------------------------------------------------
@@ -381,7 +572,13 @@ async def account_sessions(conn: asyncpg.Connection, store: SecretStore, account
 # -- URFA registration -------------------------------------------------------------
 
 
+MAX_BATCH = 1024
+
+
 def calls(core: CoreContext) -> list[CallSpec]:
+    from .api import who
+    from .billing import audit
+
     store: SecretStore = core.extras.get("secret_store") or SecretStore.from_config(core.config)
     core.extras["secret_store"] = store
     pool = core.pool
@@ -390,9 +587,29 @@ def calls(core: CoreContext) -> list[CallSpec]:
         for e in events:
             core.publish("blocks", e)
 
+    @contextlib.asynccontextmanager
+    async def admin_tx(ctx: Any, action: str, obj: str, after: Any) -> AsyncIterator[asyncpg.Connection]:
+        """One transaction for an admin write and its audit row; database
+        refusals (duplicate name, bad range) answer ``bad_args``."""
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+                await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+            raise CallFailed(BAD_ARGS, f"{action}: {exc}") from None
+
+    def redacted(args: dict[str, Any]) -> dict[str, Any]:
+        return {k: ("<changed>" if k in ("secret", "password") else v) for k, v in args.items() if v is not None}
+
     async def h_authorize(ctx: Any, request: dict[str, Any]) -> dict[str, Any]:
-        async with pool.acquire() as conn, conn.transaction():
-            return await authorize(conn, store, request, core.now())
+        async with pool.acquire() as conn:
+            return (await authorize_many(conn, store, [request], core.now()))[0]
+
+    async def h_authorize_many(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not 1 <= len(requests) <= MAX_BATCH or not all(isinstance(r, dict) for r in requests):
+            raise CallFailed(BAD_ARGS, f"requests: a list of 1..{MAX_BATCH} maps")
+        async with pool.acquire() as conn:
+            return await authorize_many(conn, store, requests, core.now())
 
     async def h_accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
         async with pool.acquire() as conn, conn.transaction():
@@ -409,24 +626,54 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await nas_list(conn, store, with_secrets=False)
 
     async def h_nas_add(ctx: Any, **args: Any) -> int:
-        async with pool.acquire() as conn:
+        async with admin_tx(ctx, "radius.nas_add", f"nas:{args.get('name')}", redacted(args)) as conn:
             nas_id = await add_nas(conn, store, **args)
         core.publish("radius.nas", {"changed": nas_id})
         return nas_id
 
-    async def h_nas_delete(ctx: Any, id: int) -> bool:
-        async with pool.acquire() as conn:
-            done = await conn.execute("DELETE FROM radius_nas WHERE id = $1", id) != "DELETE 0"
+    async def h_nas_edit(ctx: Any, id: int, **args: Any) -> bool:
+        async with admin_tx(ctx, "radius.nas_edit", f"nas:{id}", redacted(args)) as conn:
+            done = await edit_nas(conn, store, id, **args)
+        core.publish("radius.nas", {"changed": id})
+        return done
+
+    async def h_nas_delete(ctx: Any, id: int, force: bool = False) -> bool:
+        async with admin_tx(ctx, "radius.nas_delete", f"nas:{id}", {"force": bool(force)}) as conn:
+            done = await delete_nas(conn, id, core.now(), bool(force))
         core.publish("radius.nas", {"deleted": id})
         return done
 
     async def h_pool_add(ctx: Any, **args: Any) -> int:
-        async with pool.acquire() as conn:
+        async with admin_tx(ctx, "radius.pool_add", f"pool:{args.get('name')}", args) as conn:
             return await add_pool(conn, **args)
 
-    async def h_link_add(ctx: Any, **args: Any) -> int:
+    async def h_pool_edit(ctx: Any, id: int, **args: Any) -> bool:
+        async with admin_tx(ctx, "radius.pool_edit", f"pool:{id}", redacted(args)) as conn:
+            return await edit_pool(conn, id, **args)
+
+    async def h_pool_delete(ctx: Any, id: int) -> bool:
+        async with admin_tx(ctx, "radius.pool_delete", f"pool:{id}", None) as conn:
+            return await delete_pool(conn, id)
+
+    async def h_pool_list(ctx: Any) -> list[dict[str, Any]]:
         async with pool.acquire() as conn:
+            return await pool_list(conn)
+
+    async def h_link_add(ctx: Any, **args: Any) -> int:
+        async with admin_tx(ctx, "radius.link_add", f"account:{args.get('account_id')}", redacted(args)) as conn:
             return await add_link(conn, store, **args)
+
+    async def h_link_edit(ctx: Any, id: int, **args: Any) -> bool:
+        async with admin_tx(ctx, "radius.link_edit", f"radius_link:{id}", redacted(args)) as conn:
+            return await edit_link(conn, store, id, **args)
+
+    async def h_link_delete(ctx: Any, id: int, force: bool = False) -> bool:
+        async with admin_tx(ctx, "radius.link_delete", f"radius_link:{id}", {"force": bool(force)}) as conn:
+            return await delete_link(conn, id, core.now(), bool(force))
+
+    async def h_link_list(ctx: Any, account_id: int | None = None, login: str | None = None) -> list[dict[str, Any]]:
+        async with pool.acquire() as conn:
+            return await link_list(conn, account_id, login)
 
     async def h_sessions(ctx: Any, account_id: int | None = None) -> list[dict[str, Any]]:
         async with pool.acquire() as conn:
@@ -444,9 +691,16 @@ def calls(core: CoreContext) -> list[CallSpec]:
         core.publish("radius.disconnect", {"sessions": found})
         return {"requested": True, "session": found[0]["id"]}
 
+    nas_fields = {"name": "str?", "address": "ip?", "secret": "str?", "require_message_authenticator": "bool?",
+                  "coa_port": "int?", "disconnect_mode": "str?", "blocked_profile": "list?"}
+    link_fields = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?", "price_per_hour": "money?",
+                   "session_limit": "int?", "interim_interval": "int?", "rate_limit": "str?", "cisco_avpairs": "list?"}
     return [
         CallSpec("radius.authorize", h_authorize, right="radius.serve", kinds=SYSTEM, args={"request": "map"},
                  result="map", doc="Decide an Access-Request: {accept, reply: [[attribute, value]…]}."),
+        CallSpec("radius.authorize_many", h_authorize_many, right="radius.serve", kinds=SYSTEM,
+                 args={"requests": "list"}, result="list",
+                 doc=f"Decide up to {MAX_BATCH} Access-Requests at once; the decisions in the same order."),
         CallSpec("radius.accounting", h_accounting, right="radius.serve", kinds=SYSTEM, args={"record": "map"},
                  result="map", doc="Apply an Accounting-Request (idempotent)."),
         CallSpec("radius.nas_list", h_nas_list, right="radius.serve", kinds=SYSTEM, result="list",
@@ -456,18 +710,33 @@ def calls(core: CoreContext) -> list[CallSpec]:
         CallSpec("radius.nas_show", h_nas_show, right="radius.read", kinds=ADMIN, result="list",
                  doc="NAS devices, without secrets."),
         CallSpec("radius.nas_add", h_nas_add, right="radius.nas", kinds=ADMIN,
-                 args={"name": "str", "address": "ip", "secret": "str", "require_message_authenticator": "bool?",
-                       "coa_port": "int?", "disconnect_mode": "str?", "blocked_profile": "list?"},
+                 args={**nas_fields, "name": "str", "address": "ip", "secret": "str"},
                  result="int", doc="Add a NAS device; returns its id."),
-        CallSpec("radius.nas_delete", h_nas_delete, right="radius.nas", kinds=ADMIN, args={"id": "int"},
-                 result="bool", doc="Delete a NAS device and its sessions."),
+        CallSpec("radius.nas_edit", h_nas_edit, right="radius.nas", kinds=ADMIN, args={"id": "int", **nas_fields},
+                 result="bool", doc="Change fields of a NAS device (the radius process reloads its table)."),
+        CallSpec("radius.nas_delete", h_nas_delete, right="radius.nas", kinds=ADMIN, args={"id": "int", "force": "bool?"},
+                 result="bool", doc="Delete a NAS device and its session history (force: end its active sessions)."),
         CallSpec("radius.pool_add", h_pool_add, right="radius.pools", kinds=ADMIN,
                  args={"name": "str", "first": "ip", "last": "ip"}, result="int", doc="Add an IPv4 pool."),
+        CallSpec("radius.pool_edit", h_pool_edit, right="radius.pools", kinds=ADMIN,
+                 args={"id": "int", "name": "str?", "first": "ip?", "last": "ip?"}, result="bool",
+                 doc="Rename or resize a pool (refused if a lease would fall outside)."),
+        CallSpec("radius.pool_delete", h_pool_delete, right="radius.pools", kinds=ADMIN, args={"id": "int"},
+                 result="bool", doc="Delete a pool no link uses."),
+        CallSpec("radius.pool_list", h_pool_list, right="radius.read", kinds=ADMIN, result="list",
+                 doc="Pools with their size and leased count."),
         CallSpec("radius.link_add", h_link_add, right="radius.links", kinds=ADMIN,
-                 args={"account_id": "int", "login": "str", "password": "str", "static_ip": "ip?", "pool": "str?",
-                       "max_sessions": "int?", "price_per_hour": "money?", "session_limit": "int?",
-                       "interim_interval": "int?", "rate_limit": "str?", "cisco_avpairs": "list?"},
+                 args={"account_id": "int", "login": "str", "password": "str", **link_fields},
                  result="int", doc="Give an account a RADIUS login (password stored encrypted)."),
+        CallSpec("radius.link_edit", h_link_edit, right="radius.links", kinds=ADMIN,
+                 args={"id": "int", "login": "str?", "password": "str?", "disabled": "bool?", **link_fields},
+                 result="bool", doc="Change fields of a RADIUS login (pool \"\" or static_ip \"\" removes it)."),
+        CallSpec("radius.link_delete", h_link_delete, right="radius.links", kinds=ADMIN,
+                 args={"id": "int", "force": "bool?"}, result="bool",
+                 doc="Delete a RADIUS login and its session history (force: end its active sessions)."),
+        CallSpec("radius.link_list", h_link_list, right="radius.read", kinds=ADMIN,
+                 args={"account_id": "int?", "login": "str?"}, result="list",
+                 doc="RADIUS logins (without passwords), of one account, one login, or all."),
         CallSpec("radius.sessions", h_sessions, right="radius.read", kinds=ADMIN, args={"account_id": "int?"},
                  result="list", doc="Active sessions, of one account or all."),
         CallSpec("radius.disconnect", h_disconnect, right="radius.disconnect", kinds=ADMIN, args={"session": "int"},

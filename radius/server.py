@@ -33,14 +33,14 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 from pyrad.dictionary import Dictionary
-from pyrad.packet import AccessAccept, AccessReject, AccountingResponse, AcctPacket, AuthPacket
+from pyrad.packet import AccessAccept, AccessReject, AccountingResponse
 
 from .auth import (
     ACCESS_REQUEST,
@@ -54,6 +54,7 @@ from .auth import (
     request_authenticator_ok,
 )
 from .dedup import DedupCache, DedupKey, Verdict
+from .replies import BadAttribute, ReplyEncoder, finish_reply
 from .requests import accounting_record, auth_request, raw_attributes
 
 __all__ = [
@@ -123,12 +124,15 @@ class Nas:
 class NasTable:
     """Source address → Nas; replaced whole when the core's list changes."""
 
-    def __init__(self, entries: Iterable[Nas] = ()) -> None:
+    def __init__(self, entries: Iterable[Nas] | None = None) -> None:
         self._by_addr: dict[str, Nas] = {}
-        self.replace(entries)
+        self.loaded = False  # False until the core's list came once: drops are "core_unavailable"
+        if entries is not None:
+            self.replace(entries)
 
     def replace(self, entries: Iterable[Nas]) -> None:
         self._by_addr = {n.address: n for n in entries}
+        self.loaded = True
 
     def get(self, address: str) -> Nas | None:
         nas = self._by_addr.get(address)
@@ -155,9 +159,13 @@ class Decision:
 
 
 class Decider(Protocol):
-    async def authorize(self, nas: Nas, request: dict[str, Any]) -> Decision: ...
+    """Where decisions come from.  ``authorize`` may be a coroutine function
+    or return a future (the batching URFA decider does); either may raise
+    ``DecisionUnavailable``."""
 
-    async def account(self, nas: Nas, record: dict[str, Any]) -> None: ...
+    def authorize(self, nas: Nas, request: dict[str, Any]) -> Awaitable[Decision]: ...
+
+    def account(self, nas: Nas, record: dict[str, Any]) -> Awaitable[None]: ...
 
 
 def load_dictionary() -> Dictionary:
@@ -220,8 +228,13 @@ class RadiusServer:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     inflight: int = 0
+    encoder: ReplyEncoder | None = None
     _endpoints: list[_Endpoint] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.encoder is None:
+            self.encoder = ReplyEncoder(self.dictionary)
 
     # -- transport ----------------------------------------------------------
     async def listen(self, host: str, auth_port: int, acct_port: int) -> tuple[int, int]:
@@ -246,8 +259,8 @@ class RadiusServer:
             if endpoint.transport is not None:
                 endpoint.transport.close()
         self._endpoints.clear()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=grace)
 
     # -- the datagram path (plain, bounded) ---------------------------------
     def receive(self, endpoint: _Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -256,7 +269,7 @@ class RadiusServer:
             return
         nas = self.nas_table.get(addr[0])
         if nas is None:
-            DROPPED.labels("unknown_nas").inc()
+            DROPPED.labels("unknown_nas" if self.nas_table.loaded else "core_unavailable").inc()
             return
         try:
             header, packet = parse_header(data)
@@ -288,23 +301,57 @@ class RadiusServer:
         if self.inflight >= self.max_inflight:
             DROPPED.labels("overload").inc()
             return
+        try:
+            if code == ACCESS_REQUEST:
+                REQUESTS.labels("access").inc()
+                awaitable = self.decider.authorize(nas, auth_request(packet, header.authenticator, nas.secret,
+                                                                     nas.address))
+            else:
+                REQUESTS.labels("accounting").inc()
+                awaitable = self.decider.account(nas, accounting_record(packet, nas.address, self.wall_clock()))
+        except (MalformedPacket, DecisionUnavailable) as exc:
+            self._count_failure(exc)
+            return
+        loop = asyncio.get_running_loop()
+        fut = asyncio.ensure_future(awaitable)
         self.dedup.begin(key, self.clock())
         self.inflight += 1
         INFLIGHT.inc()
-        if code == ACCESS_REQUEST:
-            REQUESTS.labels("access").inc()
-            coro = self._decide_auth(endpoint, nas, header, packet, key, addr)
-        else:
-            REQUESTS.labels("accounting").inc()
-            coro = self._decide_acct(endpoint, nas, header, packet, key, addr)
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._pending.add(fut)
+        timer = loop.call_later(self.decision_timeout, fut.cancel)
+        fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr))
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle, endpoint: _Endpoint, nas: Nas,
+                 header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]) -> None:
+        timer.cancel()
+        self._pending.discard(fut)
         self.inflight -= 1
         INFLIGHT.dec()
+        try:
+            if fut.cancelled():
+                raise asyncio.TimeoutError()
+            result = fut.result()
+            if header.code == ACCESS_REQUEST:
+                reply = self._auth_reply(nas, header, packet, result)
+            else:
+                reply = finish_reply(AccountingResponse, header.id, header.authenticator, nas.secret,
+                                     self._proxy_states(packet), message_authenticator=False)
+        except Exception as exc:
+            self.dedup.abandon(key)
+            self._count_failure(exc)
+            return
+        self.dedup.finish(key, reply, self.clock())
+        endpoint.send(reply, addr, reply[0])
+
+    @staticmethod
+    def _count_failure(exc: BaseException) -> None:
+        if isinstance(exc, MalformedPacket):
+            DROPPED.labels("malformed").inc()
+        elif isinstance(exc, (asyncio.TimeoutError, DecisionUnavailable)):
+            DROPPED.labels("core_unavailable").inc()
+        else:
+            DROPPED.labels("error").inc()
+            log.error("radius request failed: %r", exc, exc_info=exc)
 
     @staticmethod
     def _authenticity(nas: Nas, header: Header, packet: bytes) -> str:
@@ -320,82 +367,27 @@ class RadiusServer:
             return "missing_message_authenticator"
         return ""
 
-    # -- decisions (tasks) ---------------------------------------------------
-    async def _decide_auth(
-        self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]
-    ) -> None:
-        try:
-            request = auth_request(packet, header.authenticator, nas.secret, nas.address)
-            decision = await asyncio.wait_for(self.decider.authorize(nas, request), self.decision_timeout)
-            reply = self._auth_reply(nas, header, packet, decision)
-        except BaseException as exc:
-            self._failed(key, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        self.dedup.finish(key, reply, self.clock())
-        endpoint.send(reply, addr, reply[0])
-
-    async def _decide_acct(
-        self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]
-    ) -> None:
-        try:
-            record = accounting_record(packet, nas.address, self.wall_clock())
-            await asyncio.wait_for(self.decider.account(nas, record), self.decision_timeout)
-            reply_packet = AcctPacket(
-                AccountingResponse, header.id, nas.secret, header.authenticator, dict=self.dictionary
-            )
-            self._copy_proxy_state(reply_packet, packet)
-            reply = reply_packet.ReplyPacket()
-        except BaseException as exc:
-            self._failed(key, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        self.dedup.finish(key, reply, self.clock())
-        endpoint.send(reply, addr, AccountingResponse)
-
-    def _failed(self, key: DedupKey, exc: BaseException) -> None:
-        self.dedup.abandon(key)
-        if isinstance(exc, MalformedPacket):
-            DROPPED.labels("malformed").inc()
-        elif isinstance(exc, (asyncio.TimeoutError, DecisionUnavailable)):
-            DROPPED.labels("core_unavailable").inc()
-        elif isinstance(exc, asyncio.CancelledError):
-            DROPPED.labels("shutdown").inc()
-        else:
-            DROPPED.labels("error").inc()
-            log.error("radius request failed: %r", exc, exc_info=exc)
-
+    # -- replies -------------------------------------------------------------
     def _auth_reply(self, nas: Nas, header: Header, packet: bytes, decision: Decision) -> bytes:
-        reply = AuthPacket(
-            AccessAccept if decision.accept else AccessReject,
-            header.id,
-            nas.secret,
-            header.authenticator,
-            dict=self.dictionary,
-            message_authenticator=True,  # BlastRADIUS: always sign, first attribute
-        )
-        for name, value in decision.reply:
-            try:
-                reply.AddAttribute(name, value)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning("reply attribute %s=%r skipped: %s", name, value, exc)
-        self._copy_proxy_state(reply, packet)
-        return bytes(reply.ReplyPacket())
+        assert self.encoder is not None
+        attrs, skipped = self.encoder.attributes(decision.reply)
+        for name, exc in skipped:
+            log.warning("reply attribute %s skipped: %s", name, exc)
+        return finish_reply(AccessAccept if decision.accept else AccessReject, header.id, header.authenticator,
+                            nas.secret, attrs + self._proxy_states(packet))
 
     def _status_reply(self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
-        cls = AuthPacket if endpoint.kind == "auth" else AcctPacket
         code = AccessAccept if endpoint.kind == "auth" else AccountingResponse
-        reply = cls(code, header.id, nas.secret, header.authenticator, dict=self.dictionary, message_authenticator=True)
-        reply._request_code = STATUS_SERVER  # RFC 5997 s.3: HMAC over the request's authenticator
-        self._copy_proxy_state(reply, packet)
-        endpoint.send(bytes(reply.ReplyPacket()), addr, code)
+        # RFC 5997 s.3: signed with a Message-Authenticator over the request's authenticator
+        reply = finish_reply(code, header.id, header.authenticator, nas.secret, self._proxy_states(packet))
+        endpoint.send(reply, addr, code)
 
     @staticmethod
-    def _copy_proxy_state(reply: Any, packet: bytes) -> None:
-        for value in raw_attributes(packet).get(33, ()):  # RFC 2865 s.5.33: unmodified, in order
-            reply.AddAttribute("Proxy-State", value)
+    def _proxy_states(packet: bytes) -> bytes:
+        """Proxy-State attributes of the request, unmodified and in order (RFC 2865 s.5.33)."""
+        if b"\x21" not in packet[20:]:
+            return b""
+        return b"".join(bytes((33, len(v) + 2)) + v for v in raw_attributes(packet).get(33, ()))
 
 
 async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:

@@ -82,6 +82,8 @@ CREATE TABLE radius_sessions (
 );
 CREATE INDEX radius_sessions_active ON radius_sessions(account_id) WHERE ended_at IS NULL;
 CREATE INDEX radius_sessions_stale ON radius_sessions(updated_at) WHERE ended_at IS NULL;
+-- authorization counts a link's active sessions
+CREATE INDEX radius_sessions_link_active ON radius_sessions(link_id) WHERE ended_at IS NULL;
 
 -- One row per time charge booked: (session, Acct-Session-Time it was booked
 -- at).  With the ledger's idempotency key it makes a retransmitted or
