@@ -68,6 +68,7 @@ class _Endpoint:
     server_hostname: str | None
     timeout: float
     max_frame: int
+    local_addr: tuple[str, int] | None = None
 
 
 class PendingCall:
@@ -170,7 +171,7 @@ class Client:
         else:
             await asyncio.wait_for(self._loop.create_connection(
                 lambda: _Protocol(self), ep.host, ep.port, ssl=ep.ssl,
-                server_hostname=ep.server_hostname if ep.ssl else None), ep.timeout)
+                server_hostname=ep.server_hostname if ep.ssl else None, local_addr=ep.local_addr), ep.timeout)
         msg = await self._expect(Hello)
         assert isinstance(msg, Hello)
         if 1 not in msg.proto:
@@ -431,8 +432,9 @@ async def connect(
     host: str | None = "127.0.0.1", port: int = DEFAULT_PORT, *, unix: str | None = None,
     ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
     timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME, event_queue: int = 1024,
+    local_addr: tuple[str, int] | None = None,
 ) -> Client:
     """Open a connection and wait for the server's hello."""
-    client = Client(_Endpoint(host, port, unix, ssl, server_hostname, timeout, max_frame), event_queue)
+    client = Client(_Endpoint(host, port, unix, ssl, server_hostname, timeout, max_frame, local_addr), event_queue)
     await client._open()
     return client

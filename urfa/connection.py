@@ -29,7 +29,6 @@ reaches the application.
 from __future__ import annotations
 
 import enum
-from collections import deque
 from typing import Any
 
 from .errors import (
@@ -109,7 +108,6 @@ class Connection:
         self._encoder = FrameEncoder(max_frame)
         self._out: list[bytes] = []
         self._eof = False
-        self._pending: deque[Message] = deque()
 
     # -- time ------------------------------------------------------------
     def handle_timer(self, now: float) -> bool:
@@ -138,12 +136,8 @@ class Connection:
 
         Raises ``RemoteProtocolError`` (state becomes ERROR) on bad input.
         """
-        if self._pending:
-            return self._pending.popleft()
-        if self.state is State.ERROR:
+        if self.state in _DONE:
             return None
-        if self.state is State.CLOSED:
-            return Closed() if self._eof else None
         try:
             while True:
                 raw = self._decoder.next_message()
