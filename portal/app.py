@@ -33,6 +33,7 @@ import logging
 import secrets
 import ssl
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -293,22 +294,46 @@ async def logout(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _tariff_view(entry: dict[str, Any] | None, class_names: dict[int, str]) -> dict[str, Any] | None:
+    """``me.tariff``'s entry for one account, with names on the prepaid rows."""
+    if entry is None:
+        return None
+    services = {s["id"]: s for s in entry.get("services", [])}
+    prepaid = []
+    for p in entry.get("prepaid", []):
+        service = services.get(p["service_id"], {})
+        total, left = int(p["prepaid"]), int(p["prepaid_left"])
+        class_id = p.get("class_id", -1)
+        prepaid.append({
+            "name": class_names.get(class_id, service.get("name", "")) if class_id != -1 else service.get("name", ""),
+            "kind": service.get("kind", "traffic" if class_id != -1 else "time"),
+            "prepaid": total, "left": left, "used": max(0, total - left),
+        })
+    return {**entry, "prepaid": prepaid}
+
+
+async def _class_names(request: web.Request) -> dict[int, str]:
+    rows = await ask_optional(request, "me.classes")
+    return {r["id"]: r["name"] for r in rows or []}
+
+
 async def overview(request: web.Request) -> web.StreamResponse:
     which = _account_arg(request)
-    accounts, tariff = await asyncio.gather(ask(request, "me.accounts"),
-                                            ask_optional(request, "me.tariff", **which))
+    accounts, tariffs, names = await asyncio.gather(
+        ask(request, "me.accounts"), ask_optional(request, "me.tariff", **which), _class_names(request))
     if not accounts:
         raise PageError(404, "error.404")
-    wanted = which.get("account_id", tariff["account_id"] if tariff else accounts[0]["id"])
+    wanted = which.get("account_id", accounts[0]["id"])
     account = next((a for a in accounts if a["id"] == wanted), None)
     if account is None:      # the core answered for it, so it is ours; a race with a deletion
         raise PageError(404, "error.404")
+    entry = next((e for e in tariffs or [] if e["account_id"] == wanted), None)
     t = translator(request)
     message = request.query.get("m", "")
     notice = {"off": t("internet.changed_off"), "on": t("internet.changed_on"),
               "promised": t("promised.taken"), "password": t("password.changed")}.get(message, "")
-    return page(request, "overview.html", accounts=accounts, account=account, tariff=tariff,
-                internet=_internet_state(account["blocks"]), notice=notice,
+    return page(request, "overview.html", accounts=accounts, account=account,
+                tariff=_tariff_view(entry, names), internet=_internet_state(account["blocks"]), notice=notice,
                 available=account["balance"] + account["credit"] + account["promised"])
 
 
@@ -332,12 +357,27 @@ async def traffic(request: web.Request) -> web.StreamResponse:
     which = _account_arg(request)
     raw = request.query.get("days", "31")
     days = int(raw) if raw.isdigit() and 1 <= int(raw) <= 366 else 31
-    data = await ask_optional(request, "me.traffic", days=days, **which)
-    t = translator(request)
+    if not which:   # me.traffic without an account mixes them all: show the basic one
+        accounts = await ask(request, "me.accounts")
+        if not accounts:
+            raise PageError(404, "error.404")
+        which = {"account_id": accounts[0]["id"]}
+    # usage days are the operator's local days: ask one day either side of UTC "today"
+    today = datetime.now(timezone.utc).date()
+    first = today - timedelta(days=days - 1)
+    data, names = await asyncio.gather(
+        ask_optional(request, "me.traffic", since=(first - timedelta(days=1)).isoformat(),
+                     until=(today + timedelta(days=2)).isoformat(), **which),
+        _class_names(request))
     chart = table = None
     if data is not None:
-        chart = render.traffic_chart(data, t("traffic.title"))
-        table = render.traffic_table(data)
+        rows = [{"day": str(r["day"]), "class_id": r["class_id"], "class": names.get(r["class_id"], f"#{r['class_id']}"),
+                 "bytes": int(r["quantity"]), "amount": int(r["amount"])} for r in data if r["class_id"] != -1]
+        last = max([today.isoformat(), *(r["day"] for r in rows)])
+        rows = [r for r in rows if first.isoformat() <= r["day"] <= last]
+        shaped = {"first": first.isoformat(), "last": last, "rows": rows}
+        chart = render.traffic_chart(shaped, translator(request)("traffic.title"))
+        table = render.traffic_table(shaped)
     return page(request, "traffic.html", days=days, chart=chart, table=table, which=which,
                 choices=(7, 31, 92))
 
