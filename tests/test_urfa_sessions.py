@@ -1,0 +1,123 @@
+"""Session table and login limiter: pure, driven by a clock we pass in."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from billcore.calls import CallRegistry, CallSpec
+from billcore.sessions import (
+    LoginLimiter, NoSession, Principal, ResumeRefused, SessionTable, address_key,
+)
+from urfa import scram
+
+
+async def _noop(ctx: object) -> None:
+    return None
+
+
+def principal(kind: str) -> Principal:
+    return Principal(kind, f"{kind}1", 1, frozenset(), scram.make_verifier("x", iterations=4096))
+
+
+def table_and_registry() -> tuple[SessionTable, CallRegistry]:
+    reg = CallRegistry()
+    reg.register(CallSpec("m.f", _noop, module="m"))
+    return SessionTable(timeout=60.0), reg
+
+
+def test_lookup_checks_address_and_touches() -> None:
+    t, reg = table_and_registry()
+    s = t.create(principal("user"), "10.0.0.1", reg.snapshot("user", frozenset()), now=0.0)
+    assert len(s.sid) == 16
+    assert t.lookup(s.sid, "10.0.0.1", now=50.0) is s
+    with pytest.raises(NoSession):
+        t.lookup(s.sid, "10.0.0.2", now=51.0)
+    assert t.lookup(s.sid, "10.0.0.1", now=100.0) is s    # touched at 50, idle 50 < 60
+    with pytest.raises(NoSession):
+        t.lookup(secrets.token_bytes(16), "10.0.0.1", now=100.0)
+
+
+def test_expiry_by_driven_clock_closes_call_tables() -> None:
+    t, reg = table_and_registry()
+    a = t.create(principal("admin"), "1.1.1.1", reg.snapshot("admin", frozenset()), now=0.0)
+    b = t.create(principal("admin"), "1.1.1.1", reg.snapshot("admin", frozenset()), now=30.0)
+    assert reg.module_refs("m") == 2
+    assert t.expire(59.9) == []
+    assert t.expire(60.0) == [a] and len(t) == 1 and reg.module_refs("m") == 1
+    t.touch(b, 80.0)
+    assert t.expire(139.0) == [] and t.expire(140.0) == [b]
+    assert reg.module_refs("m") == 0
+
+
+def _system_session(t: SessionTable, reg: CallRegistry) -> tuple[bytes, bytes]:
+    rkey = secrets.token_bytes(32)
+    s = t.create(principal("system"), "10.0.0.9", reg.snapshot("system", frozenset()), now=0.0, resume_key=rkey)
+    return s.sid, rkey
+
+
+def test_resume_with_right_proof_from_same_address() -> None:
+    t, reg = table_and_registry()
+    sid, rkey = _system_session(t, reg)
+    sn, cn = secrets.token_bytes(16), secrets.token_bytes(16)
+    s = t.resume(sid, "10.0.0.9", sn, cn, scram.resume_proof(rkey, sn, cn, sid), now=10.0)
+    assert s.sid == sid and s.last_seen == 10.0
+
+
+@pytest.mark.parametrize("case", ["other_ip", "bad_proof", "expired", "replayed_nonce"])
+def test_any_failed_resume_deletes_the_sid(case: str) -> None:
+    t, reg = table_and_registry()
+    sid, rkey = _system_session(t, reg)
+    sn, cn = secrets.token_bytes(16), secrets.token_bytes(16)
+    proof = scram.resume_proof(rkey, sn, cn, sid)
+    ip, now, nonce = "10.0.0.9", 10.0, sn
+    if case == "other_ip":
+        ip = "10.0.0.10"
+    elif case == "bad_proof":
+        proof = bytes(32)
+    elif case == "expired":
+        now = 61.0
+    else:
+        nonce = secrets.token_bytes(16)   # a proof recorded under an old server nonce
+    with pytest.raises(ResumeRefused):
+        t.resume(sid, ip, nonce, cn, proof, now)
+    assert t.get(sid) is None
+    with pytest.raises(ResumeRefused):   # even the right proof is now useless
+        t.resume(sid, "10.0.0.9", sn, cn, scram.resume_proof(rkey, sn, cn, sid), 11.0)
+
+
+def test_admin_sessions_cannot_be_resumed_or_given_a_resume_key() -> None:
+    t, reg = table_and_registry()
+    s = t.create(principal("admin"), "1.1.1.1", reg.snapshot("admin", frozenset()), now=0.0)
+    with pytest.raises(ResumeRefused):
+        t.resume(s.sid, "1.1.1.1", bytes(16), bytes(16), bytes(32), 1.0)
+    assert t.get(s.sid) is None
+    with pytest.raises(ValueError):
+        t.create(principal("admin"), "1.1.1.1", reg.snapshot("admin", frozenset()), 0.0, resume_key=b"k" * 32)
+
+
+def test_limiter_counts_per_key_in_a_window() -> None:
+    lim = LoginLimiter(max_failures=3, window=60.0)
+    ip, login = ("ip", "1.2.3.4"), ("login", "admin:alice")
+    for i in range(3):
+        assert not lim.blocked([ip, login], now=float(i))
+        lim.record_failure([ip, login], now=float(i))
+    assert lim.blocked([ip], 3.0) and lim.blocked([login], 3.0)
+    assert not lim.blocked([("ip", "5.6.7.8")], 3.0)
+    assert not lim.blocked([ip], 60.0)          # the oldest failure left the window
+    lim.record_success([login])
+    assert not lim.blocked([login], 3.0)
+
+
+def test_limiter_memory_is_bounded() -> None:
+    lim = LoginLimiter(max_failures=2, window=60.0, max_keys=100)
+    for i in range(1000):
+        lim.record_failure([("ip", str(i))], 0.0)
+        lim.record_failure([("ip", str(i))], 0.0)
+    assert len(lim._fails) == 100
+
+
+def test_ipv6_addresses_are_limited_per_64() -> None:
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff") == "2001:db8::/64"
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
