@@ -122,17 +122,24 @@ class Stream:
 
 
 class _Protocol(asyncio.Protocol):
+    """Forwards to the client while it is the client's current connection;
+    a connection replaced by ``resume`` must not touch the new one's state."""
+
     def __init__(self, client: Client) -> None:
         self.client = client
+        client._protocol = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = transport  # type: ignore[assignment]
+        if self.client._protocol is self:
+            self.client._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.client._data_received(data)
+        if self.client._protocol is self:
+            self.client._data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._connection_lost(exc)
+        if self.client._protocol is self:
+            self.client._connection_lost(exc)
 
 
 class Client:
@@ -150,6 +157,7 @@ class Client:
         self._event_wake = asyncio.Event()
         self._handshake: asyncio.Future[Message] | None = None
         self._transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None
         self._conn: Connection | None = None
         self._paused = False
         self._bye: Bye | None = None
@@ -286,6 +294,9 @@ class Client:
     async def close(self) -> None:
         if self._transport is not None and not self.closed:
             self._transport.close()
+            self._connection_lost(None)    # fail what is pending now, not later
+        self._protocol = None
+        self._transport = None
         self.closed = True
 
     async def __aenter__(self) -> Client:
