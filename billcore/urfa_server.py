@@ -407,8 +407,15 @@ class URFAService:
     def _attach(self, link: _Link, session: Session) -> None:
         link.session = session
         session.owner = link
-        for topic in session.topics:
+        for topic in session.topics:   # a resumed system session keeps its subscriptions
             self._subscribers.setdefault(topic, set()).add(link)
+        if session.topics:
+            self._ensure_pump(link)
+
+    def _ensure_pump(self, link: _Link) -> None:
+        if link.pump is None:
+            link.wake = asyncio.Event()
+            link.pump = asyncio.get_running_loop().create_task(self._pump(link))
 
     # -- proxy logins (called by the builtin handlers) -------------------
     def add_proxy_login(self, pending: _PendingLogin) -> bytes:
@@ -510,9 +517,7 @@ class URFAService:
         session.topics.update(topics)
         for topic in topics:
             self._subscribers.setdefault(topic, set()).add(link)
-        if link.pump is None:
-            link.wake = asyncio.Event()
-            link.pump = asyncio.get_running_loop().create_task(self._pump(link))
+        self._ensure_pump(link)
         return sorted(session.topics)
 
     def unsubscribe(self, session: Session, topics: list[str]) -> list[str]:

@@ -309,6 +309,11 @@ async def test_events_bounded_with_drop_count() -> None:
         assert await c.unsubscribe("nas.coa") == ["acct.balance"]
         assert svc.publish("nas.coa", 1) == 0
         await c.close()
+        await asyncio.sleep(0.05)
+        await c.resume()                        # subscriptions survive a resume
+        assert svc.publish("acct.balance", "after") == 1
+        assert (await c.next_event(2)).payload == "after"
+        await c.close()
 
 
 async def test_logout_closes_and_dropped_admin_connection_ends_session() -> None:
