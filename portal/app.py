@@ -61,6 +61,9 @@ LOGIN_MESSAGES = frozenset({"expired", "out"})
 LINK: web.AppKey[CoreLink] = web.AppKey("link", CoreLink)
 SECTION: web.AppKey[PortalSection] = web.AppKey("section", PortalSection)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
+SID: web.RequestKey[bytes | None] = web.RequestKey("sid", object)  # type: ignore[arg-type]
+FORM: web.RequestKey[dict[str, str]] = web.RequestKey("form", dict)
+TR: web.RequestKey[Translator] = web.RequestKey("t", Translator)
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
@@ -108,17 +111,17 @@ def sid_of(request: web.Request) -> bytes | None:
 
 
 def translator(request: web.Request) -> Translator:
-    t: Translator | None = request.get("t")
+    t = request.get(TR)
     if t is None:
         lang = pick_language(request.headers.get("Accept-Language", ""), request.cookies.get(LANG_COOKIE),
                              request.app[SECTION].language)
-        t = request["t"] = Translator(lang)
+        t = request[TR] = Translator(lang)
     return t
 
 
 def page(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
     t = translator(request)
-    sid = request.get("sid")
+    sid = request.get(SID)
     values.setdefault("csrf", csrf_token(request.app[STATE]["key"], sid) if sid else "")
     html = _env.get_template(template).render(
         t=t, lang=t.lang, languages=LANGUAGES, path=request.path, logged_in=sid is not None, **values)
@@ -126,7 +129,7 @@ def page(request: web.Request, template: str, status: int = 200, **values: Any) 
 
 
 def _account_arg(request: web.Request) -> dict[str, Any]:
-    raw = request.query.get("account_id") or request.get("form", {}).get("account_id")
+    raw = request.query.get("account_id") or request.get(FORM, {}).get("account_id")
     if not raw:
         return {}
     if not raw.isdigit() or len(raw) > 18:
@@ -136,7 +139,7 @@ def _account_arg(request: web.Request) -> dict[str, Any]:
 
 async def ask(request: web.Request, fn: str, **args: Any) -> Any:
     """Call ``fn`` as the browser's subscriber session."""
-    sid = request.get("sid")
+    sid = request.get(SID)
     if sid is None:
         raise SessionGone("no cookie")
     try:
@@ -159,9 +162,9 @@ async def ask_optional(request: web.Request, fn: str, **args: Any) -> Any:
         raise
 
 
-def redirect(location: str, **query: Any) -> web.HTTPSeeOther:
+def redirect(location: str, **query: Any) -> web.Response:
     q = {k: v for k, v in query.items() if v is not None}
-    return web.HTTPSeeOther(location + ("?" + urlencode(q) if q else ""))
+    return web.Response(status=303, headers={"Location": location + ("?" + urlencode(q) if q else "")})
 
 
 def _internet_state(blocks: list[str]) -> str:
@@ -185,11 +188,9 @@ _HEADERS = {
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     section = request.app[SECTION]
-    request["sid"] = sid_of(request)
+    request[SID] = sid_of(request)
     try:
         response = await asyncio.wait_for(_checked(request, handler), section.request_timeout)
-    except web.HTTPRedirection as exc:
-        response = exc
     except SessionGone:
         response = redirect("/login", m="expired")
         response.del_cookie(SID_COOKIE, path="/")
@@ -210,7 +211,7 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPMethodNotAllowed:
         response = page(request, "error.html", 405, message=translator(request)("error.403"))
     except web.HTTPException as exc:
-        response = exc
+        response = web.Response(status=exc.status, text=exc.text, headers=exc.headers)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         response = page(request, "error.html", 500, message=translator(request)("error.500"))
@@ -222,12 +223,12 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
 async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.method == "POST":
         form = await request.post()
-        request["form"] = {k: v for k, v in form.items() if isinstance(v, str)}
+        request[FORM] = {k: v for k, v in form.items() if isinstance(v, str)}
         key = request.app[STATE]["key"]
         if request.path == "/login":
             ok = csrf_ok(key, _unb64(request.cookies.get(PRE_COOKIE)), form.get("csrf"), "login")
         else:
-            ok = csrf_ok(key, request["sid"], form.get("csrf"))
+            ok = csrf_ok(key, request[SID], form.get("csrf"))
         if not ok:
             raise PageError(403, "error.csrf")
     return await handler(request)  # type: ignore[no-any-return]
@@ -244,7 +245,7 @@ async def login_form(request: web.Request, status: int = 200, error: str = "") -
     t = translator(request)
     resp = page(request, "login.html", status, csrf=csrf_token(request.app[STATE]["key"], pre, "login"),
                 error=error, notice=t("login." + message) if message in LOGIN_MESSAGES else "",
-                login_value=request.get("form", {}).get("login", "")[:64])
+                login_value=request.get(FORM, {}).get("login", "")[:64])
     if fresh:
         resp.set_cookie(PRE_COOKIE, _b64(pre), httponly=True, samesite="Strict", path="/",
                         secure=request.app[SECTION].cookie_secure)
@@ -252,13 +253,13 @@ async def login_form(request: web.Request, status: int = 200, error: str = "") -
 
 
 async def login_get(request: web.Request) -> web.StreamResponse:
-    if request["sid"] is not None and "m" not in request.query:
-        raise redirect("/")
+    if request[SID] is not None and "m" not in request.query:
+        return redirect("/")
     return await login_form(request)
 
 
 async def login_post(request: web.Request) -> web.StreamResponse:
-    form = request["form"]
+    form = request[FORM]
     ip = client_ip(request)
     limiter: LoginLimiter = request.app[STATE]["limiter"]
     t = translator(request)
@@ -286,7 +287,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    sid = request["sid"]
+    sid = request[SID]
     if sid is not None:
         await request.app[LINK].logout(sid, client_ip(request))
     resp = redirect("/login", m="out")
@@ -338,19 +339,19 @@ async def overview(request: web.Request) -> web.StreamResponse:
 
 
 async def internet(request: web.Request) -> web.StreamResponse:
-    form = request["form"]
+    form = request[FORM]
     action = form.get("action")
     if action not in ("off", "on"):
         raise PageError(400, "error.403")
     which = _account_arg(request)
     result = await ask(request, "me.block", on=action == "off", **which)
-    raise redirect("/", account_id=result["account_id"] if which else None, m=action)
+    return redirect("/", account_id=result["account_id"] if which else None, m=action)
 
 
 async def promised(request: web.Request) -> web.StreamResponse:
     which = _account_arg(request)
     result = await ask(request, "me.promised", **which)
-    raise redirect("/", account_id=result["account_id"] if which else None, m="promised")
+    return redirect("/", account_id=result["account_id"] if which else None, m="promised")
 
 
 async def traffic(request: web.Request) -> web.StreamResponse:
@@ -396,13 +397,13 @@ async def sessions(request: web.Request) -> web.StreamResponse:
 
 
 async def password_get(request: web.Request) -> web.StreamResponse:
-    if request["sid"] is None:
+    if request[SID] is None:
         raise SessionGone("no cookie")
     return page(request, "password.html", error="")
 
 
 async def password_post(request: web.Request) -> web.StreamResponse:
-    form = request["form"]
+    form = request[FORM]
     t = translator(request)
     if form.get("new_password", "") != form.get("again", ""):
         return page(request, "password.html", 400, error=t("password.differ"))
@@ -413,7 +414,7 @@ async def password_post(request: web.Request) -> web.StreamResponse:
         if exc.status != 409:
             raise
         return page(request, "password.html", 400, error=t("password.refused", **exc.values))
-    raise redirect("/", m="password")
+    return redirect("/", m="password")
 
 
 async def language(request: web.Request) -> web.StreamResponse:
@@ -423,10 +424,10 @@ async def language(request: web.Request) -> web.StreamResponse:
     back = request.query.get("next", "/")
     if not back.startswith("/") or back.startswith("//") or "\\" in back or len(back) > 512:
         back = "/"
-    resp = web.HTTPSeeOther(back)
+    resp = redirect(back)
     resp.set_cookie(LANG_COOKIE, lang, samesite="Strict", path="/", max_age=365 * 86400,
                     secure=request.app[SECTION].cookie_secure)
-    raise resp
+    return resp
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -467,10 +468,11 @@ def tls_context(section: PortalSection) -> ssl.SSLContext | None:
 async def serve(section: PortalSection, link: CoreLink, key: bytes) -> web.AppRunner:
     """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
     runner = web.AppRunner(build_app(section, link, key), access_log=None, handler_cancellation=True,
-                           keepalive_timeout=15.0, max_line_size=8190, max_field_size=8190)
+                           keepalive_timeout=15.0, max_line_size=8190, max_field_size=8190,
+                           shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, section.host, section.port, ssl_context=tls_context(section),
-                       shutdown_timeout=2.0, backlog=512)
+                       backlog=512)
     await site.start()
     return runner
 
