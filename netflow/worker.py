@@ -1,0 +1,814 @@
+"""The NetFlow worker process: receive → journal → decode → classify → ship.
+
+Theory of operation
+-------------------
+Two loops share one process and meet only at the journal:
+
+* the **receiver** (a thread) reads the UDP socket, drops packets of
+  unknown exporters (counted), appends every other packet to the worker's
+  journal, and fsyncs every ``fsync_interval``; after each fsync it
+  publishes the *durable offset*.  It never waits for anything else, so a
+  slow core or database only makes the journal grow.
+* the **shipper** (the asyncio loop) reads the journal from where it stopped
+  up to the durable offset (`JournalTail`), decodes, classifies and
+  aggregates a batch (`BatchDecoder`), and sends the aggregates to the core
+  in one ``netflow.submit`` call carrying the journal offset that ends the
+  batch.  The core commits charges and that watermark in one transaction.
+
+Exactly once.  The decoder has state: v9/IPFIX templates, sampling,
+sequence counters, and data sets still waiting for their template
+(`Pending`).  Before a batch ending at W is shipped, that state is written to
+a checkpoint file named W (`Checkpoints`).  A restarted worker asks the core
+for its watermark W, loads checkpoint W and replays the journal from W: the
+decoder is in exactly the state it had when W was shipped, so the replay
+decodes exactly what the crashed run would have, and the pending data sets
+below W (not yet charged) come back with the checkpoint.  So the watermark
+may pass a pending packet without losing it: its sets are charged in the
+batch where its template arrives, and that batch's watermark is what says
+so.  A batch that the core already committed (its end ≤ W) is never shipped
+again; batches are cut at W during replay so that none straddles it.
+
+Raw flows.  Every shipped batch's classified legs go to a `RawWriter`
+(``rawstore``), which writes hourly Parquet part files named after the
+journal range they cover.  The journal is trimmed only below both the
+committed watermark and the raw store's watermark, and replay starts from
+the lower of the two, so raw storage is exact across crashes too.
+
+Bounded.  A batch holds at most ``batch_packets`` packets; aggregates are
+at most ``MAX_ROWS`` rows per call (a batch that would produce more is
+redone with fewer packets from the same checkpoint); pending packets are
+capped and expire after ``PENDING_TTL`` seconds of exporter time (counted as
+missing-template drops).  The journal has no cap: over
+``journal_max_bytes`` a loud alarm is logged and exported, nothing dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import pickle
+import select
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from netflow.classifier import Aggregates, Binding, Classifier, Snapshot, TrafficRule, aggregate
+from netflow.decode import decode_batch, decode_pending
+from netflow.flows import FLOW_DTYPE, Pending, addr_to_pair
+from netflow.journal import Journal, JournalRecord, list_segments, scan_segment
+from netflow.rawstore import RawWriter, legs_table
+from netflow.templates import SequenceTracker, TemplateCache
+from urfa.errors import CallFailed, ConnectionLost
+
+__all__ = ["WorkerSettings", "Receiver", "JournalTail", "BatchDecoder", "Checkpoints", "CoreLink",
+           "Worker", "open_socket", "kernel_drops", "run", "snapshot_from_wire", "encode_aggregates"]
+
+log = logging.getLogger("netflow.worker")
+
+MAX_ROWS = 12_000          # aggregate rows per netflow.submit (8 int64 columns stay < 1 MB)
+PENDING_TTL = 3600.0       # seconds of exporter time a data set may wait for its template
+MAX_PENDING = 65_536       # packets waiting for templates, per worker
+CHECKPOINTS_KEPT = 64
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+RECEIVED = Counter("netflow_packets_received", "Packets journaled by the worker", ["worker"])
+RECEIVED_BYTES = Counter("netflow_bytes_received", "UDP payload bytes journaled", ["worker"])
+DROPS = Counter("netflow_drops", "Packets or flows lost or refused, by reason "
+                "(kernel: receive buffer overflow; exporter: unknown exporter; undecodable; "
+                "missing_template: data sets whose template never came; sequence_gap: flows/packets "
+                "the exporter numbered but we never received)", ["worker", "reason"])
+FLOWS = Counter("netflow_flows_decoded", "Flow records decoded", ["worker"])
+SHIPPED = Counter("netflow_batches_shipped", "Batches the core committed", ["worker"])
+UNBILLED = Counter("netflow_unbilled_bytes", "Bytes of legs with no account or no class (kept in raw storage)",
+                   ["worker"])
+RCVBUF = Gauge("netflow_rcvbuf_bytes", "Socket receive buffer the kernel granted", ["worker"],
+               multiprocess_mode="livemax")
+JOURNAL_BYTES = Gauge("netflow_journal_bytes", "Bytes of journal on disk", ["worker"], multiprocess_mode="livemax")
+JOURNAL_LAG = Gauge("netflow_journal_lag_bytes", "Journal bytes received but not yet committed by the core",
+                    ["worker"], multiprocess_mode="livemax")
+JOURNAL_ALARM = Gauge("netflow_journal_over_limit", "1 while the journal exceeds journal_max_bytes", ["worker"],
+                      multiprocess_mode="livemax")
+CORE_CONNECTED = Gauge("netflow_core_connected", "1 while the worker holds a session with the core", ["worker"],
+                       multiprocess_mode="livemax")
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    worker_id: str
+    host: str
+    port: int
+    journal_dir: Path
+    raw_dir: Path | None
+    exporters: tuple[str, ...] = ("127.0.0.1", "::1")
+    sampling: tuple[str, ...] = ()
+    rcvbuf: int = 64 << 20
+    journal_max_bytes: int = 16 << 30
+    segment_bytes: int = 64 << 20
+    fsync_interval: float = 0.2
+    ship_interval: float = 1.0
+    raw_retention_days: int = 90
+    raw_flush_rows: int = 2_000_000
+    raw_flush_interval: float = 60.0
+    batch_packets: int = 20_000
+
+    @classmethod
+    def from_config(cls, config: Any, index: int, worker_id: str | None = None) -> WorkerSettings:
+        n = config.netflow
+        base = Path(n.journal_dir) if n.journal_dir else config.data_dir / "netflow" / "journal"
+        wid = worker_id if worker_id is not None else str(index)
+        return cls(
+            worker_id=wid, host=n.host, port=n.port, journal_dir=base / wid,
+            raw_dir=Path(n.raw_dir) if n.raw_dir else config.data_dir / "netflow" / "raw",
+            exporters=tuple(n.exporters), sampling=tuple(n.sampling), rcvbuf=n.rcvbuf,
+            journal_max_bytes=n.journal_max_bytes, segment_bytes=n.segment_bytes,
+            fsync_interval=n.fsync_interval, ship_interval=n.ship_interval,
+            raw_retention_days=n.raw_retention_days,
+        )
+
+    @property
+    def source(self) -> str:
+        """The usage source name the core keeps this worker's watermark under."""
+        return f"netflow:{self.worker_id}"
+
+
+class ExporterFilter:
+    """Configured exporter prefixes; answers per address, memoized (bounded)."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self._nets = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+        self._memo: dict[str, bool] = {}
+
+    def allowed(self, addr: str) -> bool:
+        ok = self._memo.get(addr)
+        if ok is None:
+            try:
+                ip = ipaddress.ip_address(addr.split("%")[0])
+            except ValueError:
+                return False
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            ok = any(ip in net for net in self._nets)
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            self._memo[addr] = ok
+        return ok
+
+
+def parse_sampling(entries: tuple[str, ...]) -> dict[tuple[int, int], int]:
+    """'ADDR=N' config entries -> {exporter (hi, lo): N}."""
+    out = {}
+    for text in entries:
+        addr, _, n = text.rpartition("=")
+        out[addr_to_pair(addr)] = int(n)
+    return out
+
+
+# ---------------------------------------------------------------- socket and receiver
+
+
+def open_socket(host: str, port: int, rcvbuf: int) -> tuple[socket.socket, int]:
+    """A UDP socket sharing ``port`` (SO_REUSEPORT) with the buffer the kernel grants."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)  # root: past rmem_max
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on this socket (receive buffer full), from /proc."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for name in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(name) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 13 and parts[9] == inode:
+                        return int(parts[-1])
+        except OSError:
+            continue
+    return None
+
+
+class Receiver(threading.Thread):
+    """Reads the socket and journals every accepted packet; fsyncs in batches.
+
+    The only writer of the journal. `durable` is the offset up to which the
+    journal is on disk; `trim(w)` asks it to delete segments below ``w``.
+    """
+
+    def __init__(self, sock: socket.socket, journal: Journal, exporters: ExporterFilter,
+                 fsync_interval: float, worker: str, wake: Callable[[], None] = lambda: None) -> None:
+        super().__init__(name=f"netflow-recv-{worker}", daemon=True)
+        self.sock = sock
+        self.journal = journal
+        self.exporters = exporters
+        self.fsync_interval = fsync_interval
+        self.durable = journal.offset
+        self.packets = 0
+        self.unknown = 0
+        self.error: BaseException | None = None
+        self._wake = wake
+        self._stop_flag = threading.Event()
+        self._trim_to = -1
+        self._lock = threading.Lock()
+        self._received = RECEIVED.labels(worker)
+        self._received_bytes = RECEIVED_BYTES.labels(worker)
+        self._unknown = DROPS.labels(worker, "exporter")
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+
+    def trim(self, watermark: int) -> None:
+        with self._lock:
+            self._trim_to = max(self._trim_to, watermark)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported to the shipper, which stops the worker
+            self.error = exc
+            log.exception("receiver failed")
+        finally:
+            with contextlib.suppress(Exception):
+                self._sync()
+
+    def _loop(self) -> None:
+        sock, journal, allowed = self.sock, self.journal, self.exporters.allowed
+        recvfrom, append, now_ns, monotonic = sock.recvfrom, journal.append, time.time_ns, time.monotonic
+        next_sync = monotonic() + self.fsync_interval
+        packets = nbytes = 0
+        while not self._stop_flag.is_set():
+            # drain what is queued (one syscall per packet under load), then wait briefly
+            drained = False
+            for _ in range(4096):
+                try:
+                    payload, addr = recvfrom(65535)
+                except BlockingIOError:
+                    drained = True
+                    break
+                except InterruptedError:
+                    continue
+                host = addr[0]
+                if not allowed(host):
+                    self.unknown += 1
+                    self._unknown.inc()
+                    continue
+                append(now_ns(), host, addr[1], payload)
+                packets += 1
+                nbytes += len(payload)
+            now = monotonic()
+            if now >= next_sync or packets >= 100_000:
+                self.packets += packets
+                self._received.inc(packets)
+                self._received_bytes.inc(nbytes)
+                packets = nbytes = 0
+                self._sync()
+                next_sync = now + self.fsync_interval
+            if drained:
+                select.select([sock], [], [], max(0.001, min(0.05, next_sync - now)))
+        self.packets += packets
+        self._received.inc(packets)
+        self._received_bytes.inc(nbytes)
+
+    def _sync(self) -> None:
+        journal = self.journal
+        with self._lock:
+            journal.flush()
+            moved = journal.offset != self.durable
+            self.durable = journal.offset
+            if self._trim_to > 0:
+                journal.drop_below(min(self._trim_to, journal.offset))
+                self._trim_to = -1
+        if moved:
+            self._wake()
+
+    def journal_size(self) -> int:
+        with self._lock:
+            return self.journal.size
+
+
+# ---------------------------------------------------------------- journal tail
+
+
+class JournalTail:
+    """Incremental reader of a journal that is being written: [position, limit)."""
+
+    def __init__(self, directory: Path, position: int) -> None:
+        self.directory = directory
+        self.position = position
+
+    def read(self, limit: int, max_records: int) -> list[JournalRecord]:
+        out: list[JournalRecord] = []
+        while self.position < limit and len(out) < max_records:
+            segments = list_segments(self.directory)
+            seg = None
+            for n, (base, path) in enumerate(segments):
+                nxt = segments[n + 1][0] if n + 1 < len(segments) else None
+                if base <= self.position and (nxt is None or self.position < nxt):
+                    seg = (base, path, nxt)
+                    break
+            if seg is None:
+                raise RuntimeError(f"journal offset {self.position} is in no segment of {self.directory}")
+            base, path, nxt = seg
+            end = min(limit, nxt) if nxt is not None else limit
+            if self.position == end:
+                break
+            with open(path, "rb") as f:
+                f.seek(self.position - base)
+                data = f.read(end - self.position)
+            got = 0
+            for record in scan_segment(data, self.position):
+                out.append(record)
+                got = record.end
+                if len(out) >= max_records:
+                    break
+            if got == 0:
+                raise RuntimeError(f"journal record at {self.position} in {path.name} does not scan")
+            self.position = got
+        return out
+
+    def rewind(self, position: int) -> None:
+        self.position = position
+
+
+# ---------------------------------------------------------------- decoding with state
+
+
+@dataclass
+class DecoderState:
+    cache: TemplateCache = field(default_factory=TemplateCache)
+    tracker: SequenceTracker = field(default_factory=SequenceTracker)
+    pending: list[Pending] = field(default_factory=list)  # Pending.index = journal offset of the packet
+
+    def dumps(self) -> bytes:
+        return pickle.dumps((self.cache, self.tracker, self.pending), protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def loads(cls, data: bytes) -> DecoderState:
+        # our own file, written by this worker (never bytes from outside)
+        cache, tracker, pending = pickle.loads(data)  # noqa: S301
+        return cls(cache, tracker, pending)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    packets: int
+    flows: int
+    undecodable: int
+    missing_template: int
+    sequence_lost: int
+
+
+class BatchDecoder:
+    """Decodes batches of journal records, carrying templates and pending sets."""
+
+    def __init__(self, state: DecoderState, sampling: dict[tuple[int, int], int]) -> None:
+        self.state = state
+        self.sampling = sampling
+
+    def decode(self, records: list[JournalRecord]) -> tuple[np.ndarray, BatchStats]:
+        st = self.state
+        if not records:
+            return np.zeros(0, FLOW_DTYPE), BatchStats(0, 0, 0, 0, 0)
+        now = records[-1].datagram.received_ns / 1e9
+        result = decode_batch([r.datagram for r in records], st.cache, st.tracker, now)
+        parts = [result.flows]
+        fresh = [Pending(records[p.index].offset, p.datagram, p.set_offsets) for p in result.pending]
+        old = st.pending
+        expired = 0
+        if old:
+            again = decode_pending(old, st.cache)
+            parts.append(again.flows)
+            old = list(again.pending)
+            horizon = now - PENDING_TTL
+            kept = [p for p in old if p.datagram.received_ns / 1e9 >= horizon]
+            expired += sum(len(p.set_offsets) for p in old) - sum(len(p.set_offsets) for p in kept)
+            old = kept
+        if fresh:
+            # templates that came later in this same batch
+            again = decode_pending(fresh, st.cache)
+            parts.append(again.flows)
+            fresh = list(again.pending)
+        pending = old + fresh
+        if len(pending) > MAX_PENDING:
+            expired += sum(len(p.set_offsets) for p in pending[:-MAX_PENDING])
+            pending = pending[-MAX_PENDING:]
+        st.pending = pending
+        flows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        for (hi, lo), n in self.sampling.items():
+            flows["sampling"][(flows["exporter_hi"] == hi) & (flows["exporter_lo"] == lo)] = n
+        lost = sum(g.lost for g in result.gaps if g.lost > 0)
+        return flows, BatchStats(result.packets, len(flows), len(result.malformed), expired, lost)
+
+
+class Checkpoints:
+    """Decoder state as of a watermark, one file per watermark (written before shipping it)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, watermark: int) -> Path:
+        return self.directory / f"{watermark:020d}.ckpt"
+
+    def save(self, watermark: int, data: bytes) -> None:
+        path = self._path(watermark)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, watermark: int) -> bytes | None:
+        try:
+            return self._path(watermark).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def marks(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.directory.glob("*.ckpt") if p.stem.isdigit())
+
+    def prune(self, keep_from: int) -> None:
+        """Delete checkpoints below ``keep_from`` (it stays), leaving at least a few."""
+        marks = self.marks()
+        for mark in marks[:-CHECKPOINTS_KEPT]:
+            if mark < keep_from:
+                self._path(mark).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the core's side, over URFA
+
+
+def snapshot_from_wire(snap: dict[str, Any]) -> Snapshot:
+    """``netflow.snapshot``'s answer -> classifier `Snapshot` (classes and rules in match order).
+
+    A rule's ``iface`` matches the input or the output interface: it becomes
+    two consecutive rules of the same class. Flows no rule matches get class
+    0, which is never charged (they are kept in raw storage).
+    """
+    bindings = tuple(
+        Binding(prefix, int(account), int(since) * 1000 if since else 0,
+                None if until is None else int(until) * 1000)
+        for prefix, account, since, until in snap.get("bindings", [])
+    )
+    rules: list[TrafficRule] = []
+    for klass in snap.get("classes", []):
+        for r in klass.get("rules", []):
+            common: dict[str, Any] = {
+                "class_id": int(klass["id"]), "skip": bool(r.get("skip")),
+                "local": (r["local_net"],) if r.get("local_net") else (),
+                "remote": (r["remote_net"],) if r.get("remote_net") else (),
+                "local_ports": (tuple(r["local_ports"]),) if r.get("local_ports") else (),
+                "remote_ports": (tuple(r["remote_ports"]),) if r.get("remote_ports") else (),
+                "protocols": (int(r["protocol"]),) if r.get("protocol") is not None else (),
+                "exporters": (r["exporter"],) if r.get("exporter") else (),
+            }
+            if r.get("iface") is not None:
+                rules.append(TrafficRule(**common, input_if=(int(r["iface"]),)))
+                rules.append(TrafficRule(**common, output_if=(int(r["iface"]),)))
+            else:
+                rules.append(TrafficRule(**common))
+    return Snapshot(bindings, tuple(rules), 0)
+
+
+AGG_COLUMNS = ("account", "klass", "direction", "hour_ms", "bytes", "packets", "flows")
+
+
+def encode_aggregates(agg: Aggregates) -> dict[str, bytes]:
+    """Billable rows (account > 0, class > 0) as little-endian int64 columns."""
+    keep = (agg.account > 0) & (agg.klass > 0)
+    return {name: np.ascontiguousarray(getattr(agg, name)[keep], dtype="<i8").tobytes() for name in AGG_COLUMNS}
+
+
+class CoreLink:
+    """The worker's session with the core: (re)login with backoff, calls, classifier events.
+
+    A call that fails because the connection dropped is retried on a new
+    session; that is safe for every call the worker makes (``netflow.submit``
+    is idempotent by its watermark). Calls give up only once ``stop`` is set.
+    """
+
+    def __init__(self, open_session: Callable[[], Awaitable[Any]], worker: str) -> None:
+        self._open = open_session
+        self.client: Any = None
+        self.snapshot_stale = True
+        self._connected = CORE_CONNECTED.labels(worker)
+        self._events: asyncio.Task[None] | None = None
+
+    async def session(self, stop: asyncio.Event) -> Any:
+        delay = 0.1
+        while self.client is None or self.client.closed:
+            self._connected.set(0)
+            try:
+                client = await self._open()
+                await client.subscribe("classifier")
+            except Exception as exc:  # noqa: BLE001 - unreachable, restarting or refusing: retry
+                log.warning("core unreachable; the journal keeps everything",
+                            extra={"reason": f"{type(exc).__name__}: {exc}"})
+                if stop.is_set():
+                    raise CoreUnavailable("stopping while the core is unreachable") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 3.0)
+                continue
+            self.client = client
+            self.snapshot_stale = True  # events may have been missed while away
+            self._connected.set(1)
+            if self._events is not None:
+                self._events.cancel()
+            self._events = asyncio.create_task(self._pump(client))
+        return self.client
+
+    async def _pump(self, client: Any) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                event = await client.next_event()
+                if event.topic == "classifier":
+                    self.snapshot_stale = True
+
+    async def call(self, fn: str, args: dict[str, Any], stop: asyncio.Event, timeout: float = 300.0) -> Any:
+        delay = 0.1
+        while True:
+            client = await self.session(stop)
+            try:
+                return await client.call(fn, args, timeout=timeout)
+            except (ConnectionLost, OSError, asyncio.TimeoutError) as exc:
+                log.warning("core call interrupted; retrying", extra={"fn": fn, "reason": f"{type(exc).__name__}: {exc}"})
+                with contextlib.suppress(Exception):
+                    await client.close()
+                self.client = None
+            except CallFailed as exc:
+                if exc.code in ("not_in_table", "bad_args", "forbidden", "deleted"):
+                    raise
+                # the core could not commit (database down, restarting): the journal waits
+                log.error("core refused a call; retrying", extra={"fn": fn, "code": exc.code, "reason": str(exc)})
+            if stop.is_set():
+                raise CoreUnavailable(f"stopping before {fn} succeeded")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+    async def close(self) -> None:
+        if self._events is not None:
+            self._events.cancel()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+        self._connected.set(0)
+
+
+class CoreUnavailable(Exception):
+    """The worker is stopping and the core did not answer; the journal keeps the rest."""
+
+
+# ---------------------------------------------------------------- the worker
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, open_session: Callable[[], Awaitable[Any]]) -> None:
+        self.s = settings
+        self.link = CoreLink(open_session, settings.worker_id)
+        self.classifier: Classifier | None = None
+        self.classifier_version: int | None = None
+        self.committed = -1
+        self.sent_batches = 0
+        self.granted_rcvbuf = 0
+        w = settings.worker_id
+        self._m = {
+            "flows": FLOWS.labels(w), "shipped": SHIPPED.labels(w), "unbilled": UNBILLED.labels(w),
+            "undecodable": DROPS.labels(w, "undecodable"), "missing": DROPS.labels(w, "missing_template"),
+            "gap": DROPS.labels(w, "sequence_gap"), "kernel": DROPS.labels(w, "kernel"),
+            "journal": JOURNAL_BYTES.labels(w), "lag": JOURNAL_LAG.labels(w), "alarm": JOURNAL_ALARM.labels(w),
+            "rcvbuf": RCVBUF.labels(w),
+        }
+        self._kernel_seen = 0
+        self._alarmed = False
+
+    async def refresh_classifier(self, stop: asyncio.Event) -> None:
+        self.link.snapshot_stale = False
+        snap = await self.link.call("netflow.snapshot", {}, stop)
+        version = snap.get("version")
+        self.classifier = Classifier(snapshot_from_wire(snap))
+        if version != self.classifier_version:
+            log.info("classifier loaded", extra={"version": version, "bindings": len(snap.get("bindings", []))})
+        self.classifier_version = version
+
+    # -- one batch ------------------------------------------------------------
+    def _prepare(self, decoder: BatchDecoder, tail: JournalTail, limit: int, max_packets: int
+                 ) -> tuple[list[JournalRecord], np.ndarray, Aggregates, Any, BatchStats]:
+        """Decode and aggregate the next batch; too many rows → fewer packets from the same state."""
+        assert self.classifier is not None
+        start = tail.position
+        saved = decoder.state.dumps()
+        while True:
+            records = tail.read(limit, max_packets)
+            flows, stats = decoder.decode(records)
+            legs = self.classifier.classify(flows)
+            agg = aggregate(flows, legs)
+            billable = int(((agg.account > 0) & (agg.klass > 0)).sum())
+            if billable <= MAX_ROWS or len(records) <= 1:
+                break
+            decoder.state = DecoderState.loads(saved)
+            tail.rewind(start)
+            max_packets = max(1, len(records) // 2)
+        if billable > MAX_ROWS:
+            raise RuntimeError(f"one packet makes {billable} aggregate rows, over {MAX_ROWS}")
+        return records, flows, agg, legs, stats
+
+    def _count(self, stats: BatchStats, agg: Aggregates) -> None:
+        m = self._m
+        m["flows"].inc(stats.flows)
+        if stats.undecodable:
+            m["undecodable"].inc(stats.undecodable)
+        if stats.missing_template:
+            m["missing"].inc(stats.missing_template)
+        if stats.sequence_lost:
+            m["gap"].inc(stats.sequence_lost)
+        unbilled = (agg.account <= 0) | (agg.klass <= 0)
+        if unbilled.any():
+            m["unbilled"].inc(int(agg.bytes[unbilled].sum()))
+
+    async def serve(self, stop: asyncio.Event, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        s = self.s
+        journal = Journal(s.journal_dir, s.segment_bytes, s.journal_max_bytes)
+        checkpoints = Checkpoints(s.journal_dir / "checkpoints")
+        raw = RawWriter(s.raw_dir, s.worker_id, s.raw_retention_days, s.raw_flush_rows, s.raw_flush_interval) \
+            if s.raw_dir is not None else None
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        sock, self.granted_rcvbuf = open_socket(s.host, s.port, s.rcvbuf)
+        self._m["rcvbuf"].set(self.granted_rcvbuf)
+        receiver = Receiver(sock, journal, ExporterFilter(s.exporters), s.fsync_interval, s.worker_id,
+                            wake=lambda: loop.call_soon_threadsafe(wake.set))
+        receiver.start()
+        try:
+            self.committed = int(await self.link.call("netflow.watermark", {"worker": s.worker_id}, stop))
+            await self.refresh_classifier(stop)
+            oldest = list_segments(s.journal_dir)[0][0]
+            start = max(self.committed, 0)
+            raw_mark = raw.watermark() if raw is not None else None
+            if raw is not None and (raw_mark or 0) < start:
+                start = raw_mark or 0
+            start = max(start, oldest)
+            state_bytes = checkpoints.load(start) if start > 0 else None
+            if start > 0 and state_bytes is None:
+                log.error("no decoder checkpoint at the replay start; templates and pending sets start empty",
+                          extra={"watermark": start})
+            decoder = BatchDecoder(DecoderState.loads(state_bytes) if state_bytes else DecoderState(),
+                                   parse_sampling(s.sampling))
+            tail = JournalTail(s.journal_dir, start)
+            info = {"worker": s.worker_id, "port": s.port, "rcvbuf": self.granted_rcvbuf,
+                    "committed": self.committed, "replay_from": start, "replay_bytes": receiver.durable - start}
+            log.info("netflow serving", extra=info)
+            if ready is not None:
+                ready(info)
+            last_ship = loop.time()
+            while True:
+                if receiver.error is not None:
+                    raise RuntimeError("receiver thread died") from receiver.error
+                durable = receiver.durable
+                self._watch(receiver, sock, durable)
+                if self.link.snapshot_stale:
+                    await self.refresh_classifier(stop)
+                if tail.position >= durable:
+                    if stop.is_set():
+                        break
+                    wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=min(1.0, s.ship_interval))
+                    continue
+                # ship every ship_interval, at once when far behind or stopping
+                behind = durable - tail.position > (4 << 20) or tail.position < self.committed
+                wait = s.ship_interval - (loop.time() - last_ship)
+                if wait > 0 and not behind and not stop.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=wait)
+                    continue
+                # replayed batches never straddle the committed watermark
+                limit = durable if tail.position >= self.committed else min(durable, self.committed)
+                records, flows, agg, legs, stats = self._prepare(decoder, tail, limit, s.batch_packets)
+                first, end = records[0].offset, records[-1].end
+                checkpoints.save(end, decoder.state.dumps())
+                self._count(stats, agg)
+                if end > self.committed:
+                    try:
+                        result = await self.link.call(
+                            "netflow.submit", {"worker": s.worker_id, "watermark": end, **encode_aggregates(agg)}, stop)
+                    except CoreUnavailable:
+                        log.warning("stopping with uncommitted journal; it is replayed at the next start",
+                                    extra={"from": first})
+                        break
+                    self.committed = max(self.committed, int(result["watermark"]))
+                    self._m["shipped"].inc()
+                    self.sent_batches += 1
+                last_ship = loop.time()
+                if raw is not None:
+                    raw.add(legs_table(flows, legs), first, end)
+                    if raw.due(loop.time()) or stop.is_set():
+                        await asyncio.to_thread(raw.flush, loop.time())
+                self._trim(receiver, checkpoints, raw)
+            if raw is not None and raw.rows:
+                await asyncio.to_thread(raw.flush, loop.time())
+                self._trim(receiver, checkpoints, raw)
+        except CoreUnavailable:
+            log.warning("stopped before the core answered")
+        finally:
+            receiver.stop()
+            receiver.join(timeout=5)
+            sock.close()
+            with contextlib.suppress(Exception):
+                journal.close()
+            await self.link.close()
+
+    def _trim(self, receiver: Receiver, checkpoints: Checkpoints, raw: RawWriter | None) -> None:
+        safe = self.committed
+        if raw is not None:
+            mark = raw.watermark()
+            safe = min(safe, mark if mark is not None else 0)
+        if safe > 0:
+            receiver.trim(safe)
+            checkpoints.prune(safe)
+
+    def _watch(self, receiver: Receiver, sock: socket.socket, durable: int) -> None:
+        m = self._m
+        size = receiver.journal_size()
+        m["journal"].set(size)
+        m["lag"].set(max(0, durable - max(self.committed, 0)))
+        over = size > self.s.journal_max_bytes
+        m["alarm"].set(1 if over else 0)
+        if over and not self._alarmed:
+            log.error("JOURNAL OVER LIMIT: the core is not keeping up; nothing is dropped but the disk is filling",
+                      extra={"journal_bytes": size, "limit": self.s.journal_max_bytes})
+        self._alarmed = over
+        drops = kernel_drops(sock)
+        if drops is not None and drops > self._kernel_seen:
+            m["kernel"].inc(drops - self._kernel_seen)
+            if self._kernel_seen == 0 or drops - self._kernel_seen > 0:
+                log.warning("kernel dropped packets (receive buffer full)",
+                            extra={"dropped": drops - self._kernel_seen, "total": drops})
+            self._kernel_seen = drops
+
+
+# ---------------------------------------------------------------- process entry
+
+
+def local_session_opener(config: Any, login: str, password: str) -> Callable[[], Awaitable[Any]]:
+    from urfa.client import connect
+
+    async def open_session() -> Any:
+        address = config.netflow.core_address
+        sock = config.urfa_socket
+        if address:
+            host, _, port = address.rpartition(":")
+            client = await connect(host.strip("[]"), int(port), timeout=10.0)
+        elif sock is not None:
+            client = await connect(unix=str(sock), timeout=10.0)
+        else:
+            client = await connect(config.urfa.host, config.urfa.port, timeout=10.0)
+        try:
+            await client.login("system", login, password)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    return open_session
+
+
+def read_password(config: Any) -> str:
+    from billcore.principals import service_password_file  # the shared file convention
+
+    path = Path(config.netflow.password_file) if config.netflow.password_file else \
+        service_password_file(config.data_dir, "netflow")
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the core writes it at its first start
+    return path.read_text().strip()
+
+
+async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
+    """The supervisor's ``netflow`` role: worker ``index`` of ``config.netflow_workers``."""
+    settings = WorkerSettings.from_config(config, index)
+    password = await asyncio.to_thread(read_password, config)
+    worker = Worker(settings, local_session_opener(config, config.netflow.login, password))
+    await worker.serve(stop)
