@@ -466,7 +466,7 @@ class URFAService:
             channel.send(Error(call.id, E.DELETED, f"{call.fn} was unloaded"))
             return
         spec = symbol.spec
-        problem = check_args(spec, call.args)
+        problem = check_args(spec, call.args) if (call.args or spec.args) else None
         if problem is not None:
             channel.send(Error(call.id, E.BAD_ARGS, problem))
             return

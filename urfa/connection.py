@@ -83,6 +83,9 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     **{(st, r, Bye): State.CLOSED for st in State if st not in (State.CLOSED, State.ERROR) for r in Role},
 }
 _DONE = (State.CLOSED, State.ERROR)
+# The same table keyed by plain strings: enum hashing is Python code in 3.11
+# and this lookup runs for every message.
+_FAST: dict[tuple[str, str, type], State] = {(s.value, r.value, t): n for (s, r, t), n in TRANSITIONS.items()}
 
 
 class Connection:
@@ -182,7 +185,7 @@ class Connection:
         """Apply the table; False when the machine answered ``msg`` itself."""
         t = type(msg)
         local = sender is self.role
-        nxt = TRANSITIONS.get((self.state, sender, t))
+        nxt = _FAST.get((self.state._value_, sender._value_, t))  # _value_: plain attribute, no property call
         if nxt is None:
             what = f"{t.__name__.lower()} in state {self.state.value}"
             if local:
