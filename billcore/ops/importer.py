@@ -1,0 +1,724 @@
+"""``billcore import``: subscribers, accounts, opening balances, tariffs,
+tariff links and static IPs from another billing system (docs/import.md).
+
+Theory of operation
+-------------------
+1. *Parse* the CSV or JSON file into ``Subscriber`` values, collecting
+   every problem with its place (``line 12: balance: not a money string``,
+   ``subscribers[3]: …`` for JSON) instead of stopping at the first.
+2. *Check against the database*: tariffs named must exist (or be defined in
+   the JSON file), logins already present are skipped (so re-running an
+   import is a no-op), external ids and IPs must not collide with existing
+   rows.  Any error: ``ImportFailed`` with every line, nothing written.
+3. *Verifiers*: cleartext passwords become SCRAM verifiers at the normal
+   iteration count, computed in a process pool across cores (PBKDF2 is
+   the slow part by far); ``SCRAM-SHA-256$…`` verifiers are taken as they
+   are; an empty password gets a verifier no password matches.
+4. *Write*, in one transaction, with COPY: users, accounts (with their
+   opening balance), one ledger row per non-zero balance (kind
+   ``correction``, idempotency key ``import:opening:<login>:<n>``: the
+   unique index makes a second booking impossible), system blocks for the
+   accounts the debt rule blocks, tariff links and IP bindings, one audit
+   row.  The accounts are new, so the ledger's per-account work (locking,
+   promised payments) has nothing to do; the invariants it would keep are
+   asserted set-wise before commit (balance = ledger sum, system block
+   exactly when in debt) and a broken one rolls everything back.
+
+``--dry-run`` does steps 1–2, then rehearses step 4 (with placeholder
+verifiers) inside a transaction that is rolled back, so what the database
+would refuse is found too.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import ipaddress
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+
+from billcore.billing.accounts import MAX_CREDIT, MAX_FIELD, check_login
+from billcore.billing.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
+from billcore.billing.ledger_errors import InvalidValue
+from billcore.billing.money import parse_money
+from urfa.scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, SALT_BYTES, Verifier, make_verifier
+
+__all__ = [
+    "CSV_COLUMNS",
+    "ACTOR",
+    "ImportFailed",
+    "ImportReport",
+    "Progress",
+    "Subscriber",
+    "AccountSpec",
+    "import_file",
+    "parse_csv",
+    "parse_json",
+]
+
+CSV_COLUMNS = ("login", "password", "full_name", "email", "phone", "address", "external_id",
+               "balance", "credit", "tariff", "ips")
+_CONTACT = ("full_name", "email", "phone", "address", "external_id")
+_ACCOUNT_KEYS = ("balance", "credit", "tariff", "ips")
+JSON_FORMAT = "billcore-import/1"
+ACTOR = "import"
+MAX_ROWS = 5_000_000
+MAX_ERRORS = 10_000
+MAX_ACCOUNTS_PER_SUBSCRIBER = 100
+MAX_IPS_PER_ACCOUNT = 1024
+COPY_CHUNK = 10_000
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ImportFailed(Exception):
+    """The file cannot be imported; ``errors`` names every place and problem."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__(f"{len(errors)} error(s)")
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    balance: int
+    credit: int
+    tariff: str | None
+    ips: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    where: str                      # "line 12" or "subscribers[3]"
+    login: str
+    password: str                   # cleartext, a SCRAM-SHA-256$ verifier, or ""
+    contact: dict[str, str | None]
+    accounts: tuple[AccountSpec, ...]
+
+
+@dataclass(slots=True)
+class Parsed:
+    subscribers: list[Subscriber] = field(default_factory=list)
+    services: list[tuple[str, dict[str, Any]]] = field(default_factory=list)   # (where, definition)
+    tariffs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def error(self, where: str, message: str) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(f"{where}: {message}")
+        elif len(self.errors) == MAX_ERRORS:
+            self.errors.append("… more errors not shown")
+
+
+@dataclass(slots=True)
+class ImportReport:
+    dry_run: bool
+    subscribers: int = 0
+    accounts: int = 0
+    opening_entries: int = 0
+    opening_total: int = 0
+    blocked: int = 0
+    links: int = 0
+    ips: int = 0
+    services_created: int = 0
+    tariffs_created: int = 0
+    skipped: list[str] = field(default_factory=list)     # logins already in the database
+    verifiers_computed: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        from billcore.billing.money import format_money
+
+        head = "dry run, nothing written: would import" if self.dry_run else "imported"
+        lines = [f"{head} {self.subscribers} subscriber(s), {self.accounts} account(s),"
+                 f" {self.opening_entries} opening balance(s) totalling {format_money(self.opening_total)},"
+                 f" {self.links} tariff link(s), {self.ips} IP binding(s),"
+                 f" {self.services_created} service(s) and {self.tariffs_created} tariff(s) created,"
+                 f" {self.blocked} account(s) blocked for debt; {self.seconds:.1f} s"]
+        if self.skipped:
+            shown = ", ".join(self.skipped[:10]) + (" …" if len(self.skipped) > 10 else "")
+            lines.append(f"skipped {len(self.skipped)} login(s) already in the database: {shown}")
+        return "\n".join(lines)
+
+
+# -- parsing (pure) ---------------------------------------------------------
+
+def _money(parsed: Parsed, where: str, name: str, value: object, *, minimum: int | None = None,
+           maximum: int | None = None) -> int:
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        parsed.error(where, f"{name}: money is a decimal string such as \"12.50\", got {value!r}")
+        return 0
+    try:
+        amount = parse_money(value.strip())
+    except (MoneyFormatError, MoneyRangeError) as exc:
+        parsed.error(where, f"{name}: {exc}")
+        return 0
+    if minimum is not None and amount < minimum or maximum is not None and amount > maximum:
+        parsed.error(where, f"{name}: {value} is outside {minimum}..{maximum} micro-units")
+        return 0
+    return amount
+
+
+def _ips(parsed: Parsed, where: str, value: object) -> tuple[IPNetwork, ...]:
+    if value is None or value == "":
+        return ()
+    items: list[object]
+    if isinstance(value, str):
+        items = [p for p in value.replace(",", " ").replace(";", " ").split() if p]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        parsed.error(where, f"ips: a list of addresses or prefixes, got {value!r}")
+        return ()
+    if len(items) > MAX_IPS_PER_ACCOUNT:
+        parsed.error(where, f"ips: more than {MAX_IPS_PER_ACCOUNT} per account")
+        return ()
+    out: list[IPNetwork] = []
+    for item in items:
+        if not isinstance(item, str):
+            parsed.error(where, f"ips: not an address or prefix: {item!r}")
+            continue
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            parsed.error(where, f"ips: bad IP {item!r}: {exc}")
+    return tuple(out)
+
+
+def _text(parsed: Parsed, where: str, name: str, value: object) -> str | None:
+    if value is None or value == "":
+        return None if name == "external_id" else ""
+    if not isinstance(value, str) or len(value) > MAX_FIELD:
+        parsed.error(where, f"{name}: a string of at most {MAX_FIELD} characters")
+        return ""
+    return value
+
+
+def _account(parsed: Parsed, where: str, data: dict[str, Any]) -> AccountSpec:
+    tariff = data.get("tariff")
+    if tariff is not None and not isinstance(tariff, str):
+        parsed.error(where, f"tariff: a tariff name, got {tariff!r}")
+        tariff = None
+    return AccountSpec(
+        balance=_money(parsed, where, "balance", data.get("balance")),
+        credit=_money(parsed, where, "credit", data.get("credit"), minimum=0, maximum=MAX_CREDIT),
+        tariff=tariff.strip() or None if tariff else None,
+        ips=_ips(parsed, where, data.get("ips")),
+    )
+
+
+def _subscriber(parsed: Parsed, where: str, data: dict[str, Any], accounts: list[dict[str, Any]]) -> None:
+    login = data.get("login")
+    try:
+        check_login(login)
+    except InvalidValue as exc:
+        parsed.error(where, f"login {login!r}: {exc}")
+        return
+    password = data.get("password") or ""
+    if not isinstance(password, str):
+        parsed.error(where, "password: a string")
+        password = ""
+    if password.startswith("SCRAM-SHA-256$"):
+        problem = _verifier_problem(password)
+        if problem:
+            parsed.error(where, f"password: {problem}")
+    if not accounts or len(accounts) > MAX_ACCOUNTS_PER_SUBSCRIBER:
+        parsed.error(where, f"accounts: 1..{MAX_ACCOUNTS_PER_SUBSCRIBER} per subscriber")
+        return
+    contact = {name: _text(parsed, where, name, data.get(name)) for name in _CONTACT}
+    parsed.subscribers.append(Subscriber(where, login, password, contact,  # type: ignore[arg-type]
+                                         tuple(_account(parsed, where, a) for a in accounts)))
+
+
+def _verifier_problem(text: str) -> str | None:
+    try:
+        v = Verifier.from_text(text)
+    except ValueError as exc:
+        return str(exc)
+    if not MIN_ITERATIONS <= v.iterations <= MAX_ITERATIONS:
+        return f"verifier iterations {v.iterations} outside {MIN_ITERATIONS}..{MAX_ITERATIONS}"
+    if not v.salt or len(v.stored_key) != 32 or len(v.server_key) != 32:
+        return "verifier has an empty salt or keys that are not 32 bytes"
+    return None
+
+
+def parse_csv(text: str) -> Parsed:
+    """Subscribers from CSV with a header row of ``CSV_COLUMNS`` (any order, any subset with login)."""
+    parsed = Parsed()
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        parsed.error("line 1", "empty file: a header row is needed")
+        return parsed
+    except csv.Error as exc:
+        parsed.error("line 1", f"not CSV: {exc}")
+        return parsed
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown:
+        parsed.error("line 1", f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(CSV_COLUMNS)}")
+    if "login" not in header:
+        parsed.error("line 1", "the login column is required")
+    if len(set(header)) != len(header):
+        parsed.error("line 1", "a column appears twice")
+    if parsed.errors:
+        return parsed
+    rows = 0
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            parsed.error(f"line {start}", f"not CSV: {exc}")
+            break
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        rows += 1
+        if rows > MAX_ROWS:
+            parsed.error(f"line {start}", f"more than {MAX_ROWS} rows")
+            break
+        where = f"line {start}"
+        if len(row) != len(header):
+            parsed.error(where, f"{len(row)} fields, the header has {len(header)}")
+            continue
+        data = dict(zip(header, row, strict=True))
+        _subscriber(parsed, where, data, [{k: data.get(k) for k in _ACCOUNT_KEYS}])
+    return parsed
+
+
+def parse_json(text: str) -> Parsed:
+    """The JSON export: ``{"format", "services", "tariffs", "subscribers"}`` (docs/import.md)."""
+    parsed = Parsed()
+    try:
+        # floats stay their decimal text: money never passes through a float
+        data = json.loads(text, parse_float=str)
+    except json.JSONDecodeError as exc:
+        parsed.error(f"line {exc.lineno}", f"not JSON: {exc.msg}")
+        return parsed
+    if not isinstance(data, dict):
+        parsed.error("top level", "an object with format, services, tariffs and subscribers")
+        return parsed
+    if data.get("format", JSON_FORMAT) != JSON_FORMAT:
+        parsed.error("format", f"expected {JSON_FORMAT!r}, got {data.get('format')!r}")
+    unknown = set(data) - {"format", "services", "tariffs", "subscribers"}
+    if unknown:
+        parsed.error("top level", f"unknown key(s) {sorted(unknown)}")
+    for key, target in (("services", parsed.services), ("tariffs", parsed.tariffs)):
+        items = data.get(key, [])
+        if not isinstance(items, list):
+            parsed.error(key, "a list")
+            continue
+        for i, item in enumerate(items):
+            where = f"{key}[{i}]"
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                parsed.error(where, "an object with a name")
+                continue
+            target.append((where, item))
+    subscribers = data.get("subscribers", [])
+    if not isinstance(subscribers, list) or len(subscribers) > MAX_ROWS:
+        parsed.error("subscribers", f"a list of at most {MAX_ROWS} objects")
+        return parsed
+    allowed = {"login", "password", *_CONTACT, *_ACCOUNT_KEYS, "accounts"}
+    for i, item in enumerate(subscribers):
+        where = f"subscribers[{i}]"
+        if not isinstance(item, dict):
+            parsed.error(where, "an object")
+            continue
+        if isinstance(item.get("login"), str):
+            where += f" ({item['login']})"
+        extra = set(item) - allowed
+        if extra:
+            parsed.error(where, f"unknown key(s) {sorted(extra)}")
+            continue
+        accounts = item.get("accounts")
+        if accounts is None:
+            accounts = [{k: item.get(k) for k in _ACCOUNT_KEYS}]
+        elif any(k in item for k in _ACCOUNT_KEYS) or not isinstance(accounts, list) \
+                or not all(isinstance(a, dict) and set(a) <= set(_ACCOUNT_KEYS) for a in accounts):
+            parsed.error(where, f"accounts: a list of objects with {', '.join(_ACCOUNT_KEYS)}"
+                                " (and then no account keys on the subscriber itself)")
+            continue
+        _subscriber(parsed, where, item, accounts)
+    return parsed
+
+
+def check_file(parsed: Parsed) -> None:
+    """Problems between rows: duplicate logins and external ids, overlapping IPs."""
+    seen: dict[str, str] = {}
+    external: dict[str, str] = {}
+    for s in parsed.subscribers:
+        first = seen.setdefault(s.login, s.where)
+        if first != s.where:
+            parsed.error(s.where, f"duplicate login {s.login!r} (first at {first})")
+        ext = s.contact.get("external_id")
+        if ext:
+            first = external.setdefault(ext, s.where)
+            if first != s.where:
+                parsed.error(s.where, f"duplicate external_id {ext!r} (first at {first})")
+    for problem in overlapping(
+            (net, s.where) for s in parsed.subscribers for a in s.accounts for net in a.ips):
+        parsed.error(*problem)
+
+
+def overlapping(items: Iterable[tuple[IPNetwork, str]]) -> list[tuple[str, str]]:
+    """(where, message) for every prefix that overlaps an earlier one.  Two
+    prefixes overlap only when one contains the other, so a sweep over
+    prefixes sorted by start address finds every overlap."""
+    ordered = sorted(items, key=lambda t: (t[0].version, int(t[0].network_address), t[0].prefixlen))
+    problems: list[tuple[str, str]] = []
+    holder: tuple[IPNetwork, str] | None = None
+    for net, where in ordered:
+        if holder is not None and holder[0].version == net.version \
+                and int(net.network_address) <= int(holder[0].broadcast_address):
+            problems.append((where, f"IP {net} overlaps {holder[0]} ({holder[1]})"))
+            if int(net.broadcast_address) <= int(holder[0].broadcast_address):
+                continue
+        holder = (net, where)
+    return problems
+
+
+# -- progress ---------------------------------------------------------------
+
+class Progress:
+    """One progress line on a terminal (redrawn in place), else a plain
+    line every ``interval`` seconds: rate and ETA either way."""
+
+    def __init__(self, stream: IO[str] | None, label: str, total: int, *, interval: float = 5.0,
+                 clock: Any = time.monotonic) -> None:
+        self.stream, self.label, self.total, self.clock = stream, label, max(total, 0), clock
+        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.interval = 0.1 if self.tty else interval
+        self.done = 0
+        self.started = self.last = clock()
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = "--:--" if left == float("inf") else f"{int(left) // 60}:{int(left) % 60:02d}"
+        pct = 100 * self.done / self.total if self.total else 100.0
+        bar = ""
+        if self.tty:
+            filled = int(24 * pct / 100)
+            bar = "[" + "#" * filled + "-" * (24 - filled) + "] "
+        return f"{self.label} {bar}{self.done:,}/{self.total:,} ({pct:.0f}%) {rate:,.0f}/s ETA {eta}"
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if self.stream is not None and now - self.last >= self.interval:
+            self.last = now
+            self._write(self.line())
+
+    def finish(self) -> None:
+        if self.stream is None:
+            return
+        elapsed = self.clock() - self.started
+        self._write(f"{self.label} {self.done:,}/{self.total:,} done in {elapsed:.1f} s", end=True)
+
+    def _write(self, text: str, end: bool = False) -> None:
+        assert self.stream is not None
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if end else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+# -- verifiers --------------------------------------------------------------
+
+def locked_verifier() -> Verifier:
+    """A verifier no password matches (random keys): the login exists but
+    cannot log in until an administrator sets a password."""
+    return Verifier(secrets.token_bytes(SALT_BYTES), DEFAULT_ITERATIONS,
+                    secrets.token_bytes(32), secrets.token_bytes(32))
+
+
+def _make(password: str) -> tuple[bytes, int, bytes, bytes]:
+    v = make_verifier(password)
+    return v.salt, v.iterations, v.stored_key, v.server_key
+
+
+def compute_verifiers(passwords: Sequence[str], *, workers: int, progress: Progress | None) -> list[Verifier]:
+    """SCRAM verifiers for cleartext passwords, across ``workers`` processes."""
+    if len(passwords) < 64 or workers == 1:
+        out = []
+        for p in passwords:
+            out.append(make_verifier(p))
+            if progress:
+                progress.advance()
+        return out
+    import multiprocessing
+
+    chunk = max(1, min(256, len(passwords) // (workers * 8)))
+    # spawn: the importer runs threads (asyncio, pgserver), and fork with threads can deadlock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result = []
+        for fields in pool.map(_make, passwords, chunksize=chunk):
+            result.append(Verifier(*fields))
+            if progress:
+                progress.advance()
+    return result
+
+
+# -- the database part ------------------------------------------------------
+
+async def _db_checks(conn: asyncpg.Connection, parsed: Parsed, now: dt.datetime,
+                     report: ImportReport) -> tuple[list[Subscriber], dict[str, int]]:
+    logins = [s.login for s in parsed.subscribers]
+    existing = {r["login"] for r in await conn.fetch(
+        "SELECT login FROM users WHERE login = ANY($1::text[])", logins)}
+    todo = [s for s in parsed.subscribers if s.login not in existing]
+    report.skipped = [s.login for s in parsed.subscribers if s.login in existing]
+
+    ext = [s.contact["external_id"] for s in todo if s.contact.get("external_id")]
+    taken = {r["external_id"] for r in await conn.fetch(
+        "SELECT external_id FROM users WHERE external_id = ANY($1::text[])", ext)}
+    for s in todo:
+        if s.contact.get("external_id") in taken:
+            parsed.error(s.where, f"external_id {s.contact['external_id']!r} belongs to a user in the database")
+
+    tariffs = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM tariffs")}
+    defined = {t["name"] for _, t in parsed.tariffs}
+    for s in todo:
+        for a in s.accounts:
+            if a.tariff is not None and a.tariff not in tariffs and a.tariff not in defined:
+                parsed.error(s.where, f"unknown tariff {a.tariff!r}")
+    services = {r["name"] for r in await conn.fetch("SELECT name FROM services")}
+    service_names = services | {d["name"] for _, d in parsed.services}
+    for where, t in parsed.tariffs:
+        names = t.get("services", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            parsed.error(where, "services: a list of service names")
+            continue
+        for name in names:
+            if name not in service_names:
+                parsed.error(where, f"unknown service {name!r}")
+
+    nets = [(net, s.where) for s in todo for a in s.accounts for net in a.ips]
+    if nets:
+        clash = await conn.fetch(
+            "SELECT p.i, b.prefix::text AS prefix, b.account_id FROM unnest($1::cidr[]) WITH ORDINALITY AS p(net, i)"
+            " JOIN ip_bindings b ON b.prefix && p.net AND (b.valid_to IS NULL OR b.valid_to > $2)",
+            [n for n, _ in nets], now)
+        for r in clash:
+            net, where = nets[r["i"] - 1]
+            parsed.error(where, f"IP {net} overlaps {r['prefix']} bound to account {r['account_id']}")
+    return todo, tariffs
+
+
+async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]],
+                progress: Progress | None) -> None:
+    for start in range(0, len(records), COPY_CHUNK):
+        chunk = records[start:start + COPY_CHUNK]
+        await conn.copy_records_to_table(table, columns=list(columns), records=chunk)
+        if progress:
+            progress.advance(len(chunk))
+
+
+async def _ids(conn: asyncpg.Connection, sequence: str, n: int) -> list[int]:
+    if n == 0:
+        return []
+    rows = await conn.fetch("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)", sequence, n)
+    return [r["id"] for r in rows]
+
+
+async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: ImportReport,
+                            tariffs: dict[str, int]) -> None:
+    from datetime import date
+
+    from billcore.billing import tariffs as T
+
+    services = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM services")}
+    errors: list[str] = []
+    for where, d in parsed.services:
+        if d["name"] in services:
+            continue
+        try:
+            period = d.get("period")
+            if isinstance(period, dict) and isinstance(period.get("anchor"), str):
+                period = {**period, "anchor": date.fromisoformat(period["anchor"])}
+            fee = parse_money(str(d.get("fee", "0")))
+            async with conn.transaction():
+                services[d["name"]] = await T.create_service(
+                    conn, d["name"], str(d.get("kind")), fee=fee, period=period,
+                    charge_mode=d.get("charge_mode"), comment=str(d.get("comment", "")))
+            report.services_created += 1
+        except (TariffError, ValueError, TypeError, asyncpg.DataError) as exc:
+            errors.append(f"{where}: {exc}")
+    for where, t in parsed.tariffs:
+        if t["name"] in tariffs:
+            continue
+        try:
+            async with conn.transaction():
+                tariffs[t["name"]] = await T.create_tariff(
+                    conn, t["name"], [services[n] for n in t.get("services", [])], str(t.get("comment", "")))
+            report.tariffs_created += 1
+        except (TariffError, KeyError) as exc:
+            errors.append(f"{where}: {exc}")
+    if errors:
+        raise ImportFailed(errors)
+
+
+async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: list[Verifier],
+                 tariffs: dict[str, int], now: dt.datetime, report: ImportReport, source: str,
+                 progress_stream: IO[str] | None) -> None:
+    n_accounts = sum(len(s.accounts) for s in todo)
+    user_ids = await _ids(conn, "users_id_seq", len(todo))
+    account_ids = await _ids(conn, "accounts_id_seq", n_accounts)
+    users: list[tuple[Any, ...]] = []
+    accounts: list[tuple[Any, ...]] = []
+    ledger: list[tuple[Any, ...]] = []
+    links: list[tuple[Any, ...]] = []
+    bindings: list[tuple[Any, ...]] = []
+    next_account = iter(account_ids)
+    for s, uid, v in zip(todo, user_ids, verifiers, strict=True):
+        c = s.contact
+        users.append((uid, s.login, c["full_name"], c["email"], c["phone"], c["address"], c["external_id"],
+                      v.salt, v.iterations, v.stored_key, v.server_key, now))
+        for n, a in enumerate(s.accounts):
+            aid = next(next_account)
+            accounts.append((aid, uid, n == 0, a.balance, a.credit, now))
+            if a.balance:
+                ledger.append((aid, a.balance, a.balance, "correction", "opening balance (import)",
+                               f"import:opening:{s.login}:{n}", ACTOR, now))
+                report.opening_total += a.balance
+            if a.tariff is not None:
+                links.append((aid, tariffs[a.tariff], now, now, ACTOR))
+            bindings.extend((aid, net, "static", ACTOR, now) for net in a.ips)
+    total = len(users) + len(accounts) + len(ledger) + len(links) + len(bindings)
+    progress = Progress(progress_stream, "writing", total)
+    await _copy(conn, "users", ("id", "login", "full_name", "email", "phone", "address", "external_id",
+                                "scram_salt", "scram_iterations", "scram_stored_key", "scram_server_key",
+                                "created_at"), users, progress)
+    await _copy(conn, "accounts", ("id", "user_id", "is_basic", "balance", "credit", "created_at"),
+                accounts, progress)
+    await _copy(conn, "ledger", ("account_id", "amount", "balance_after", "kind", "reference", "idem_key",
+                                 "actor", "created_at"), ledger, progress)
+    await _copy(conn, "account_tariffs", ("account_id", "tariff_id", "valid_from", "created_at", "created_by"),
+                links, progress)
+    await _copy(conn, "ip_bindings", ("account_id", "prefix", "kind", "source", "valid_from"), bindings, progress)
+    progress.finish()
+    blocked = await conn.fetchval(
+        "WITH b AS (INSERT INTO blocks(account_id, kind, reason, set_at, set_by)"
+        " SELECT id, 'system', 'balance ' || balance || ' below -(credit ' || credit || ' + promised 0)', $2, $3"
+        " FROM accounts WHERE id = ANY($1::bigint[]) AND NOT unlimited AND balance < -credit RETURNING 1)"
+        " SELECT count(*) FROM b", account_ids, now, ACTOR)
+    await _assert_invariants(conn, account_ids)
+    await conn.execute(
+        "INSERT INTO audit_log(at, principal_kind, principal_id, principal_login, ip, action, object, after)"
+        " VALUES ($1, 'system', 0, $2, '', 'import', $3, $4::jsonb)", now, ACTOR, f"import:{source}",
+        json.dumps({"subscribers": len(users), "accounts": len(accounts), "opening_entries": len(ledger),
+                    "opening_total": report.opening_total, "links": len(links), "ips": len(bindings)}))
+    report.subscribers, report.accounts, report.opening_entries = len(users), len(accounts), len(ledger)
+    report.links, report.ips, report.blocked = len(links), len(bindings), int(blocked)
+
+
+async def _assert_invariants(conn: asyncpg.Connection, account_ids: list[int]) -> None:
+    """What post_charges and sync_system_block guarantee, checked set-wise."""
+    bad = await conn.fetchval(
+        "SELECT count(*) FROM accounts a LEFT JOIN (SELECT account_id, sum(amount) AS s FROM ledger"
+        " WHERE account_id = ANY($1::bigint[]) GROUP BY account_id) l ON l.account_id = a.id"
+        " WHERE a.id = ANY($1::bigint[]) AND a.balance <> coalesce(l.s, 0)", account_ids)
+    if bad:
+        raise InvariantViolation(f"{bad} imported account(s) whose balance is not their ledger sum")
+    bad = await conn.fetchval(
+        "SELECT count(*) FROM accounts a LEFT JOIN blocks b ON b.account_id = a.id AND b.kind = 'system'"
+        " AND b.lifted_at IS NULL WHERE a.id = ANY($1::bigint[])"
+        " AND (NOT a.unlimited AND a.balance < -a.credit) <> (b.id IS NOT NULL)", account_ids)
+    if bad:
+        raise InvariantViolation(f"{bad} imported account(s) whose system block disagrees with the debt rule")
+
+
+class _Rehearsal(Exception):
+    """Raised to roll back a dry run's rehearsal."""
+
+
+def _detect(path: Path, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    return "json" if path.suffix.lower() == ".json" else "csv"
+
+
+async def import_file(conn: asyncpg.Connection, path: Path, *, fmt: str | None = None, dry_run: bool = False,
+                      workers: int = 0, progress_stream: IO[str] | None = None,
+                      now: dt.datetime | None = None) -> ImportReport:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImportFailed([f"{path}: not UTF-8 ({exc})"]) from None
+    return await import_text(conn, text, fmt=_detect(path, fmt), source=path.name, dry_run=dry_run,
+                             workers=workers, progress_stream=progress_stream, now=now)
+
+
+async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: str = "stdin",
+                      dry_run: bool = False, workers: int = 0, progress_stream: IO[str] | None = None,
+                      now: dt.datetime | None = None) -> ImportReport:
+    """Validate and import; ``ImportFailed`` (nothing written) on any error."""
+    started = time.monotonic()
+    now = now or dt.datetime.now(dt.timezone.utc)
+    report = ImportReport(dry_run=dry_run)
+    parsed = parse_json(text) if fmt == "json" else parse_csv(text)
+    check_file(parsed)
+    if parsed.errors:
+        raise ImportFailed(parsed.errors)
+    todo, tariffs = await _db_checks(conn, parsed, now, report)
+    if parsed.errors:
+        raise ImportFailed(parsed.errors)
+
+    clear = [s.password for s in todo if s.password and not s.password.startswith("SCRAM-SHA-256$")]
+    if dry_run:
+        verifiers = [locked_verifier() for _ in todo]
+    else:
+        progress = Progress(progress_stream, "passwords", len(clear))
+        computed = iter(compute_verifiers(clear, workers=workers or os.cpu_count() or 1,
+                                          progress=progress if clear else None))
+        if clear:
+            progress.finish()
+        report.verifiers_computed = len(clear)
+        verifiers = [
+            Verifier.from_text(s.password) if s.password.startswith("SCRAM-SHA-256$")
+            else next(computed) if s.password else locked_verifier()
+            for s in todo]
+    try:
+        async with conn.transaction():
+            await _create_catalogue(conn, parsed, report, tariffs)
+            await _write(conn, todo, verifiers, tariffs, now, report, source, progress_stream)
+            if dry_run:
+                raise _Rehearsal
+    except _Rehearsal:
+        pass
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise ImportFailed([f"the database refused the import: {exc}"]) from None
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def iter_csv_rows(subscribers: Iterable[dict[str, str]]) -> Iterator[str]:
+    """CSV text lines for rows keyed by ``CSV_COLUMNS`` (the benchmark's and tests' writer)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    yield out.getvalue()
+    for row in subscribers:
+        out.seek(0)
+        out.truncate()
+        writer.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        yield out.getvalue()
