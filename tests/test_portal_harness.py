@@ -317,3 +317,48 @@ async def test_core_link_reconnects_after_a_core_restart(live_core: LiveCore) ->
     assert (await link.call(again.sid, "192.0.2.10", "me.accounts"))[0]["balance"] == 7 * UNIT
     assert link.reconnects >= 1
     await link.close()
+
+
+async def test_portal_role_entry_point_serves_and_stops(live_core: LiveCore, tmp_path: Path) -> None:
+    """``portal.app:run(config, dsn, index, stop)`` as the supervisor calls it:
+    its section, the core's address and the password file come from the config."""
+    import types
+
+    import aiohttp
+
+    from portal.app import run
+    from portal.settings import PortalSettings
+
+    data_dir = tmp_path / "data"
+    (data_dir / "system").mkdir(parents=True)
+    (data_dir / "system" / "portal.password").write_text(PORTAL_PASSWORD + "\n")
+    port = free_port()
+    config = types.SimpleNamespace(
+        portal=dataclasses.replace(PortalSection(), enabled=True, port=port, cookie_secure=False),
+        data_dir=data_dir, urfa_socket=None, urfa=types.SimpleNamespace(host="0.0.0.0", port=live_core.port))
+    settings = PortalSettings.from_config(config)
+    assert (settings.core_host, settings.core_port) == ("127.0.0.1", live_core.port)
+    assert settings.secret_file == data_dir / "system" / "portal.secret"
+
+    admin = await live_core.admin()
+    await seed_subscriber(admin, "erin", "erin-password", balance=2 * UNIT)
+    await admin.close()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(config, "", 0, stop))
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        for _ in range(100):
+            try:
+                async with http.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        async with http.get(url + "/login") as r:
+            import re
+            token = re.search(r'name="csrf" value="([0-9a-f]{64})"', await r.text()).group(1)  # type: ignore[union-attr]
+        async with http.post(url + "/login", data={"csrf": token, "login": "erin", "password": "erin-password"}) as r:
+            assert r.status == 200 and 'id="balance">2.00<' in await r.text()
+    assert (data_dir / "system" / "portal.secret").stat().st_mode & 0o777 == 0o600
+    stop.set()
+    await asyncio.wait_for(task, 10)
