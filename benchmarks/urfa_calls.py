@@ -241,7 +241,7 @@ def main() -> None:
         for p in (urfa_proc, echo_proc):
             p.kill()
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-               "nproc": os.cpu_count()}
+               "nproc": os.cpu_count(), "loadavg_1m_after": round(os.getloadavg()[0], 2)}
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
               "call": "sys.ping", "calls_per_case": total, "tiny": opts.tiny, "rows": rows}
     header = "| sessions | window | URFA calls/s | p50 µs | p99 µs | echo calls/s | p50 µs | p99 µs | URFA/echo |"
@@ -253,7 +253,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     md = (f"# URFA calls: `sys.ping` vs bare msgpack echo\n\n{result['date']} · {machine['cpu']} · "
-          f"nproc {machine['nproc']} · {machine['platform']} · Python {machine['python']}\n\n"
+          f"nproc {machine['nproc']} · load avg {machine['loadavg_1m_after']} · {machine['platform']} · Python {machine['python']}\n\n"
           f"Each server in its own uvloop process; load generator in one uvloop process; "
           f"TCP loopback; {total:,} calls per case; `window` = calls in flight per session.\n\n{table}\n")
     if not opts.tiny or opts.out != ap.get_default("out"):
