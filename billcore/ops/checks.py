@@ -1,0 +1,142 @@
+"""Operator checks that ``billcore verify`` runs beside the ledger's own.
+
+* ``ip_overlap``     no two IP bindings overlap in address and time (the
+                     exclusion constraint should make it impossible: this
+                     also reports the constraint missing)
+* ``counters``       per account, the usage counters' ``charged`` equals
+                     the usage charges in the ledger (rows keyed ``usage:…``
+                     net of their reversals): counters and money agree
+* ``watermark``      every ingest watermark is a sane offset, and — with a
+                     state file — none went backwards since the previous
+                     run, and none disappeared (a worker would replay its
+                     whole journal against a restored older database)
+
+Each returns ``billcore.billing.verify.Problem`` values; an empty list is a
+clean bill.  Queries run in the caller's snapshot when it has a
+transaction open, else in one REPEATABLE READ snapshot of their own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import asyncpg
+
+from billcore.billing.verify import Problem
+
+__all__ = ["extra_checks", "WATERMARK_STATE"]
+
+WATERMARK_STATE = "verify-watermarks.json"
+_FUTURE_SLACK = dt.timedelta(minutes=5)
+_MAX_REPORTED = 1000
+
+_IP_OVERLAP = """
+SELECT a.id AS a_id, a.account_id AS a_account, a.prefix::text AS a_prefix,
+       b.id AS b_id, b.account_id AS b_account, b.prefix::text AS b_prefix
+FROM ip_bindings a JOIN ip_bindings b
+  ON a.id < b.id AND a.prefix && b.prefix
+ AND tstzrange(a.valid_from, a.valid_to) && tstzrange(b.valid_from, b.valid_to)
+ORDER BY a.id, b.id LIMIT $1"""
+
+_EXCLUSION = """
+SELECT count(*) FROM pg_constraint
+WHERE conrelid = 'ip_bindings'::regclass AND contype = 'x' AND convalidated"""
+
+_COUNTERS = """
+WITH counted AS (
+    SELECT account_id, sum(charged) AS charged FROM usage_counters GROUP BY account_id
+), booked AS (
+    SELECT l.account_id, -sum(l.amount) AS charged FROM ledger l
+    WHERE l.idem_key LIKE 'usage:%'
+       OR l.reverses IN (SELECT id FROM ledger WHERE idem_key LIKE 'usage:%')
+    GROUP BY l.account_id
+)
+SELECT coalesce(c.account_id, b.account_id) AS account_id,
+       coalesce(c.charged, 0) AS counted, coalesce(b.charged, 0) AS booked
+FROM counted c FULL JOIN booked b ON b.account_id = c.account_id
+WHERE coalesce(c.charged, 0) <> coalesce(b.charged, 0)
+ORDER BY 1 LIMIT $1"""
+
+
+async def _ip_overlap(conn: asyncpg.Connection) -> list[Problem]:
+    problems = []
+    if not await conn.fetchval(_EXCLUSION):
+        problems.append(Problem("ip_overlap", None, "the no-overlap exclusion constraint on ip_bindings is missing"))
+    for r in await conn.fetch(_IP_OVERLAP, _MAX_REPORTED):
+        problems.append(Problem("ip_overlap", r["a_account"],
+                                f"binding {r['a_id']} ({r['a_prefix']}) overlaps binding {r['b_id']}"
+                                f" ({r['b_prefix']}, account {r['b_account']}) in time"))
+    return problems
+
+
+async def _counters(conn: asyncpg.Connection) -> list[Problem]:
+    return [Problem("counters", r["account_id"],
+                    f"usage counters say {r['counted']} charged, the ledger has {r['booked']}")
+            for r in await conn.fetch(_COUNTERS, _MAX_REPORTED)]
+
+
+def _read_state(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _write_state(path: Path, state: dict[str, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+async def _watermarks(conn: asyncpg.Connection, now: dt.datetime, state_file: Path | None) -> list[Problem]:
+    from billcore.billing.usage import NO_WATERMARK
+
+    rows = await conn.fetch("SELECT source, watermark, updated_at FROM ingest_watermarks ORDER BY source")
+    problems = []
+    current: dict[str, int] = {}
+    for r in rows:
+        current[r["source"]] = r["watermark"]
+        if r["watermark"] < NO_WATERMARK:
+            problems.append(Problem("watermark", None, f"{r['source']}: watermark {r['watermark']} is negative"))
+        if r["updated_at"] > now + _FUTURE_SLACK:
+            problems.append(Problem("watermark", None,
+                                    f"{r['source']}: updated at {r['updated_at'].isoformat()}, in the future"))
+    if state_file is None:
+        return problems
+    seen = _read_state(state_file)
+    for source, previous in sorted(seen.items()):
+        if source not in current:
+            problems.append(Problem("watermark", None,
+                                    f"{source}: watermark row disappeared (was {previous})"))
+        elif current[source] < previous:
+            problems.append(Problem("watermark", None,
+                                    f"{source}: watermark went backwards, {previous} -> {current[source]}"
+                                    " (a restored older database? the journal replays from here)"))
+    # remember the highest value seen, so a regression keeps being reported until it is resolved
+    merged = {**current, **{s: max(v, current.get(s, v)) for s, v in seen.items()}}
+    _write_state(state_file, merged)
+    return problems
+
+
+async def _run(conn: asyncpg.Connection, now: dt.datetime, state_file: Path | None) -> list[Problem]:
+    return [*await _ip_overlap(conn), *await _counters(conn), *await _watermarks(conn, now, state_file)]
+
+
+async def extra_checks(conn: asyncpg.Connection, *, state_file: Path | None = None,
+                       now: dt.datetime | None = None) -> list[Problem]:
+    """The operator checks; ``state_file`` keeps the last watermarks seen
+    (``<data_dir>/verify-watermarks.json`` from ``billcore verify``)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if conn.is_in_transaction():
+        return await _run(conn, now, state_file)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _run(conn, now, state_file)
