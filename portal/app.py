@@ -237,10 +237,9 @@ async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
 # -- pages -----------------------------------------------------------------------------
 
 async def login_form(request: web.Request, status: int = 200, error: str = "") -> web.Response:
-    pre = _unb64(request.cookies.get(PRE_COOKIE))
-    fresh = pre is None
-    if fresh:
-        pre = secrets.token_bytes(16)
+    known = _unb64(request.cookies.get(PRE_COOKIE))
+    fresh = known is None
+    pre = secrets.token_bytes(16) if known is None else known
     message = request.query.get("m", "")
     t = translator(request)
     resp = page(request, "login.html", status, csrf=csrf_token(request.app[STATE]["key"], pre, "login"),

@@ -219,7 +219,7 @@ class Translator:
 def pick_language(accept_language: str, chosen: str | None, default: str = "en") -> str:
     """The chosen language if we have it, else the browser's best one we have."""
     if chosen in CATALOGS:
-        return chosen  # type: ignore[return-value]
+        return chosen
     best, best_q = None, 0.0
     for part in accept_language[:512].split(",")[:32]:
         tag, _, params = part.strip().partition(";")
