@@ -14,8 +14,9 @@ handler live here:
   raised inside the transaction, books nothing.
 * ``who(ctx)`` — the audit identity (kind, id, login, ip).
 * ``announce(core, changes)`` — after COMMIT, publish every block change on
-  topic ``"blocks"`` and fire the ``block_changed`` hook.  Never before the
-  commit: a rolled-back block must not be announced.
+  topic ``"blocks"`` and fire the plugin hook ``account.blocked`` or
+  ``account.unblocked``.  Never before the commit: a rolled-back block must
+  not be announced.
 * argument checks shared by the modules (``need_int``, ``page``).
 
 ``money_calls(core)`` returns every call of this package, for the core to

@@ -128,12 +128,17 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """Change my password; the old one must be given."""
         if type(old_password) is not str:
             raise InvalidValue("old_password must be a string")
-        v = ctx.principal.verifier
-        old_key = client_keys(old_password, v.salt, v.iterations).stored_key
-        if not hmac.compare_digest(old_key, v.stored_key):
-            raise InvalidValue("the old password is wrong")
         verifier = make_verifier(check_password(new_password))
         async with core.pool.acquire() as conn, conn.transaction():
+            # the stored verifier, not the session's copy: another session may have changed it
+            row = await conn.fetchrow(
+                "SELECT scram_salt, scram_iterations, scram_stored_key FROM users"
+                " WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", uid(ctx))
+            if row is None:
+                raise UnknownUser("this user no longer exists")
+            old_key = client_keys(old_password, bytes(row["scram_salt"]), row["scram_iterations"]).stored_key
+            if not hmac.compare_digest(old_key, bytes(row["scram_stored_key"])):
+                raise InvalidValue("the old password is wrong")
             await accounts.set_verifier(conn, uid(ctx), verifier)
             await audit.record(conn, who(ctx), "me.password", f"user:{uid(ctx)}",
                                after={"password": "changed"}, now=core.now())
