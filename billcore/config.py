@@ -132,6 +132,23 @@ class NetflowSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PortalSection:
+    enabled: bool = _f(False, "Run the subscribers' web office (a URFA client of the core, no database access).")
+    host: str = _f("127.0.0.1", "Address the web office binds (0.0.0.0 or :: to face a network).")
+    port: int = _f(8080, "HTTP(S) port of the web office.")
+    tls_cert: str = _f("", "PEM certificate; with tls_key the office speaks HTTPS.")
+    tls_key: str = _f("", "PEM private key of the office's certificate.")
+    language: str = _f("en", "Language when the browser asks for none we have: en or ru.")
+    cookie_secure: bool = _f(True, "Send the session cookie only over HTTPS (turn off only for plain-HTTP tests).")
+    trust_forwarded: bool = _f(False, "Take the browser's address from X-Forwarded-For (only behind your own reverse proxy).")
+    login_failures_per_minute: int = _f(5, "Failed logins allowed per browser address each minute; more get HTTP 429.")
+    max_body: int = _f(16384, "Largest request body, in bytes; a larger one gets HTTP 413.")
+    request_timeout: float = _f(15.0, "Seconds one request may take, core calls included; then HTTP 503.")
+    core_timeout: float = _f(5.0, "Seconds to wait for the core to answer one call or to connect.")
+    secret_file: str = _f("", "File with the key that signs CSRF tokens (empty: <data_dir>/system/portal.secret, created on first start).")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -142,6 +159,7 @@ class Config:
     plugins: PluginsSection = field(default_factory=PluginsSection)
     radius: RadiusSection = field(default_factory=RadiusSection)
     netflow: NetflowSection = field(default_factory=NetflowSection)
+    portal: PortalSection = field(default_factory=PortalSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -221,7 +239,7 @@ def _validate(config: Config) -> None:
 
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
                       ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),
-                      ("netflow.port", config.netflow.port)):
+                      ("netflow.port", config.netflow.port), ("portal.port", config.portal.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
@@ -233,6 +251,10 @@ def _validate(config: Config) -> None:
     positive("urfa.max_inflight", config.urfa.max_inflight)
     positive("database.pool_max", config.database.pool_max)
     positive("periodic.interval", config.periodic.interval)
+    if config.portal.language not in ("en", "ru"):
+        raise ConfigError(f"portal.language: en or ru, got {config.portal.language!r}")
+    if bool(config.portal.tls_cert) != bool(config.portal.tls_key):
+        raise ConfigError("portal.tls_cert and portal.tls_key go together")
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:

@@ -26,6 +26,7 @@ ROLES: dict[str, str] = {
     "core": "billcore.core:run",
     "radius": "radius.server:run",
     "netflow": "netflow.worker:run",
+    "portal": "portal.app:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"

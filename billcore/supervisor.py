@@ -62,6 +62,8 @@ def children_for(config: Config) -> list[ChildSpec]:
     children = [ChildSpec("core")]
     if config.radius.enabled:
         children.append(ChildSpec("radius"))
+    if config.portal.enabled:
+        children.append(ChildSpec("portal"))
     if config.netflow.enabled:
         children.extend(ChildSpec("netflow", i) for i in range(config.netflow_workers))
     return children

@@ -1,43 +1,22 @@
 """The ``[portal]`` config section and how the portal finds the core.
 
-``PortalSection`` is written in the style of ``billcore.config`` (frozen
-dataclass, every field a default and a one-line doc) so that the integrator
-can move it there as is.  ``PortalSettings.from_config`` reads
-``config.portal`` when the loaded config has that section, else the
-defaults, and adds what comes from the rest of the config: where the core
-listens and where the portal's system password file is.
+``PortalSection`` lives with every other section in ``billcore.config``
+(plain configuration, no database code).  ``PortalSettings.from_config``
+adds what comes from the rest of the config: where the core listens and
+where the portal's system password file is.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from billcore.config import PortalSection
+
 __all__ = ["PortalSection", "PortalSettings", "read_or_make_secret"]
-
-
-def _f(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
-
-
-@dataclass(frozen=True, slots=True)
-class PortalSection:
-    enabled: bool = _f(False, "Run the subscribers' web office (a URFA client of the core, no database access).")
-    host: str = _f("127.0.0.1", "Address the web office binds (0.0.0.0 or :: to face a network).")
-    port: int = _f(8080, "HTTP(S) port of the web office.")
-    tls_cert: str = _f("", "PEM certificate; with tls_key the office speaks HTTPS.")
-    tls_key: str = _f("", "PEM private key of the office's certificate.")
-    language: str = _f("en", "Language when the browser asks for none we have: en or ru.")
-    cookie_secure: bool = _f(True, "Send the session cookie only over HTTPS (turn off only for plain-HTTP tests).")
-    trust_forwarded: bool = _f(False, "Take the browser's address from X-Forwarded-For (only behind your own reverse proxy).")
-    login_failures_per_minute: int = _f(5, "Failed logins allowed per browser address each minute; more get HTTP 429.")
-    max_body: int = _f(16384, "Largest request body, in bytes; a larger one gets HTTP 413.")
-    request_timeout: float = _f(15.0, "Seconds one request may take, core calls included; then HTTP 503.")
-    core_timeout: float = _f(5.0, "Seconds to wait for the core to answer one call or to connect.")
-    secret_file: str = _f("", "File with the key that signs CSRF tokens (empty: <data_dir>/system/portal.secret, created on first start).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +31,7 @@ class PortalSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> PortalSettings:
-        section = getattr(config, "portal", None)
-        if not isinstance(section, PortalSection):
-            # the integrator's copy of the section lives in billcore.config: take its fields
-            values = {f.name: getattr(section, f.name) for f in fields(PortalSection) if hasattr(section, f.name)}
-            section = PortalSection(**values)
+        section: PortalSection = config.portal
         data_dir = Path(config.data_dir)
         sock = config.urfa_socket
         return cls(

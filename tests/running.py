@@ -40,6 +40,7 @@ class BillcoreProcess:
             # edges stay off unless a test asks for them (their ports are shared)
             "radius": {"enabled": False},
             "netflow": {"enabled": False},
+            "portal": {"enabled": False},
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)

@@ -148,8 +148,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                     "SELECT r.service_id, coalesce(r.class_id, -1) AS class_id, r.range_id, r.prepaid,"
                     " greatest(0, r.prepaid - coalesce((SELECT sum(c.quantity) FROM usage_counters c"
                     "  WHERE c.account_id = $1 AND c.service_id = r.service_id AND c.period_start = $2"
-                    "  AND c.class_id = coalesce(r.class_id, -1) AND c.range_id = coalesce(r.range_id, 0)), 0))"
-                    "  AS prepaid_left"
+                    "  AND c.class_id = coalesce(r.class_id, -1) AND c.range_id = coalesce(r.range_id, 0)), 0))::bigint"
+                    "  AS prepaid_left"  # sum(bigint) is numeric: a Decimal cannot cross the wire
                     " FROM service_rates r WHERE r.prepaid > 0 AND r.service_id = ANY($3::bigint[])",
                     acc, period.start, [s["service_id"] for s in await T.account_links(conn, acc, now)])
                 links = await T.account_links(conn, acc, now)
