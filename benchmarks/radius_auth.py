@@ -278,7 +278,7 @@ def freeradius_dir(tmp: Path, port: int, users: int, sql_conninfo: str | None, p
     site = dst / "sites-enabled" / "default"
     text = (dst / "sites-available" / "default").read_text()
     site.unlink()
-    ports = iter([port, free_udp_port(), 0, 0])
+    ports = iter([port, free_udp_port(), free_udp_port(), free_udp_port()])  # IPv4 and ::1 auth, acct
     text = "\n".join((line.replace("port = 0", f"port = {next(ports)}") if line.strip() == "port = 0" else line)
                      for line in text.splitlines())
     text = text.replace("ipv6addr = ::", "ipv6addr = ::1")

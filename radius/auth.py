@@ -150,14 +150,16 @@ def response_ok(response: bytes, request_auth: bytes, secret: bytes) -> bool:
 
 
 def _pap_blocks(secret: bytes, authenticator: bytes, data: bytes, hiding: bool) -> bytes:
-    out = bytearray()
+    out = []
     prev = authenticator
+    md5 = hashlib.md5
     for i in range(0, len(data), 16):
-        pad = hashlib.md5(secret + prev).digest()
-        block = bytes(a ^ b for a, b in zip(data[i : i + 16], pad))
-        out += block
-        prev = block if hiding else data[i : i + 16]
-    return bytes(out)
+        chunk = data[i : i + 16]
+        # XOR as one big-integer operation: a per-byte loop costs ten times more
+        block = (int.from_bytes(chunk, "big") ^ int.from_bytes(md5(secret + prev).digest(), "big")).to_bytes(16, "big")
+        out.append(block)
+        prev = block if hiding else chunk
+    return b"".join(out)
 
 
 def pap_hide(password: bytes, secret: bytes, authenticator: bytes) -> bytes:

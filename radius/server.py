@@ -78,9 +78,14 @@ REQUESTS = Counter("billcore_radius_requests", "RADIUS requests accepted for pro
 DROPPED = Counter("billcore_radius_dropped", "RADIUS datagrams dropped without an answer, by reason", ["reason"])
 DUPLICATES = Counter("billcore_radius_duplicates", "Retransmissions answered from the duplicate cache")
 REPLIES = Counter("billcore_radius_replies", "RADIUS replies sent, by code", ["code"])
-INFLIGHT = Gauge("billcore_radius_inflight", "RADIUS requests being decided", multiprocess_mode="livesum")
+INFLIGHT = Gauge("billcore_radius_inflight", "RADIUS requests being decided (sampled each second)",
+                 multiprocess_mode="livesum")
 
 _REPLY_NAMES = {AccessAccept: "access_accept", AccessReject: "access_reject", AccountingResponse: "accounting_response"}
+# label children bound once: in multiprocess mode every ``labels()`` and ``inc()`` costs
+_REPLIED = {code: REPLIES.labels(name) for code, name in _REPLY_NAMES.items()}
+_ACCESS = REQUESTS.labels("access")
+_ACCOUNTING = REQUESTS.labels("accounting")
 
 
 class RadiusError(Exception):
@@ -155,7 +160,9 @@ class Decision:
 
     @classmethod
     def from_wire(cls, rec: dict[str, Any]) -> Decision:
-        return cls(bool(rec["accept"]), tuple((str(k), v) for k, v in rec.get("reply", ())))
+        # the pairs stay as they came ([name, value] lists): the reply encoder
+        # checks each name and value, so no per-pair copy here
+        return cls(rec["accept"] is True, rec.get("reply") or ())
 
 
 class Decider(Protocol):
@@ -214,7 +221,8 @@ class _Endpoint(asyncio.DatagramProtocol):
     def send(self, data: bytes, addr: tuple[Any, ...], code: int) -> None:
         if self.transport is not None:
             self.transport.sendto(data, addr)
-            REPLIES.labels(_REPLY_NAMES.get(code, str(code))).inc()
+            counter = _REPLIED.get(code)
+            (counter if counter is not None else REPLIES.labels(str(code))).inc()
 
 
 @dataclass
@@ -231,6 +239,7 @@ class RadiusServer:
     encoder: ReplyEncoder | None = None
     _endpoints: list[_Endpoint] = field(default_factory=list)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    _sampler: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         if self.encoder is None:
@@ -252,9 +261,18 @@ class RadiusServer:
             await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)
             self._endpoints.append(endpoint)
             ports.append(sock.getsockname()[1])
+        self._sampler = loop.create_task(self._sample_inflight())
         return ports[0], ports[1]
 
+    async def _sample_inflight(self) -> None:
+        """The in-flight gauge, sampled: a multiprocess gauge write per request costs too much."""
+        while True:
+            INFLIGHT.set(self.inflight)
+            await asyncio.sleep(1.0)
+
     async def close(self, grace: float = 5.0) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         for endpoint in self._endpoints:
             if endpoint.transport is not None:
                 endpoint.transport.close()
@@ -303,11 +321,11 @@ class RadiusServer:
             return
         try:
             if code == ACCESS_REQUEST:
-                REQUESTS.labels("access").inc()
+                _ACCESS.inc()
                 awaitable = self.decider.authorize(nas, auth_request(packet, header.authenticator, nas.secret,
                                                                      nas.address))
             else:
-                REQUESTS.labels("accounting").inc()
+                _ACCOUNTING.inc()
                 awaitable = self.decider.account(nas, accounting_record(packet, nas.address, self.wall_clock()))
         except (MalformedPacket, DecisionUnavailable) as exc:
             self._count_failure(exc)
@@ -316,7 +334,6 @@ class RadiusServer:
         fut = asyncio.ensure_future(awaitable)
         self.dedup.begin(key, self.clock())
         self.inflight += 1
-        INFLIGHT.inc()
         self._pending.add(fut)
         timer = loop.call_later(self.decision_timeout, fut.cancel)
         fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr))
@@ -326,7 +343,6 @@ class RadiusServer:
         timer.cancel()
         self._pending.discard(fut)
         self.inflight -= 1
-        INFLIGHT.dec()
         try:
             if fut.cancelled():
                 raise asyncio.TimeoutError()

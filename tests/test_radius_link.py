@@ -1,0 +1,143 @@
+"""The radius process's link to the core, against the real URFA service on
+a real socket (an in-memory principal store stands in for the database):
+waiting for a core that is not up yet, batching Access-Requests, failing
+fast while down, resuming the same session after a drop (subscriptions
+kept), and logging in again when the core restarted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from billcore.calls import CallRegistry, CallSpec
+from billcore.urfa_server import Principal, URFAConfig, URFAService
+from radius.process import CONNECTS, CoreLink, UrfaDecider
+from radius.server import DecisionUnavailable, Nas
+from tests.conftest import free_port
+from urfa import scram
+from urfa.client import Client, connect
+from urfa.messages import Event
+
+PASSWORD = "radius-system-pw"
+NAS = Nas("127.0.0.1", b"s")
+
+
+class OneLogin:
+    def __init__(self) -> None:
+        self.principal = Principal("system", "radius", 1, frozenset({"radius.*", "events.subscribe"}),
+                                   scram.make_verifier(PASSWORD, iterations=4096))
+
+    async def find_principal(self, kind: str, login: str) -> Principal | None:
+        return self.principal if (kind, login) == ("system", "radius") else None
+
+
+class Core:
+    """A stand-in core: the real URFA service with two radius calls."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.batches: list[int] = []
+        self.service: URFAService | None = None
+
+    async def start(self) -> None:
+        async def authorize_many(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            self.batches.append(len(requests))
+            return [{"accept": r["login"] == "alice", "reply": [["Session-Timeout", 60]]} for r in requests]
+
+        async def nas_list(ctx: Any) -> list[dict[str, Any]]:
+            return [{"address": "127.0.0.1", "secret": b"s"}]
+
+        registry = CallRegistry()
+        registry.register_all([
+            CallSpec("radius.authorize_many", authorize_many, right="radius.serve", args={"requests": "list"}),
+            CallSpec("radius.nas_list", nas_list, right="radius.serve"),
+        ])
+        self.service = URFAService(registry, OneLogin(), URFAConfig(secret=b"k" * 32))
+        await self.service.start(tcp=("127.0.0.1", self.port))
+
+    async def stop(self) -> None:
+        assert self.service is not None
+        await self.service.stop()
+
+
+class Harness:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.events: list[Event] = []
+        self.connected = 0
+        self.link = CoreLink(self.open, self.on_connected, lambda c, e: self.events.append(e), backoff=(0.05, 0.2))
+
+    async def open(self) -> Client:
+        client = await connect("127.0.0.1", self.port, timeout=2.0)
+        await client.login("system", "radius", PASSWORD)
+        return client
+
+    async def on_connected(self, client: Client) -> None:
+        await client.subscribe("blocks")
+        self.connected += 1
+
+
+async def wait_for(check: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def connects(how: str) -> float:
+    return CONNECTS.labels(how)._value.get()
+
+
+async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again() -> None:
+    port = free_port()
+    h = Harness(port)
+    decider = UrfaDecider(h.link, timeout=2.0)
+    runner = asyncio.create_task(h.link.run())
+    core = Core(port)
+    try:
+        # the core is not up yet: the link keeps trying, decisions fail at once
+        await asyncio.sleep(0.3)
+        assert not h.link.up.is_set()
+        try:
+            decider.authorize(NAS, {"login": "alice"})
+            raise AssertionError("a decision while the core is down must fail fast")
+        except DecisionUnavailable:
+            pass
+        await core.start()
+        await wait_for(h.link.up.is_set)
+
+        # many requests of one loop turn go as one batch, answered in order
+        logins = ["alice" if i % 3 else "mallory" for i in range(100)]
+        decisions = await asyncio.gather(*(decider.authorize(NAS, {"login": x}) for x in logins))
+        assert [d.accept for d in decisions] == [x == "alice" for x in logins]
+        assert core.batches == [100]
+
+        # a dropped connection: the same session is resumed, with its subscription
+        assert h.link.client is not None and h.link.client.info is not None
+        sid = h.link.client.info.sid
+        resumed = connects("resume")
+        h.link.client._transport.abort()  # type: ignore[union-attr]
+        await wait_for(lambda: connects("resume") == resumed + 1 and h.link.up.is_set())
+        assert h.link.client.info.sid == sid
+        assert core.service is not None
+        core.service.publish("blocks", {"action": "set", "account_id": 7})
+        await wait_for(lambda: len(h.events) == 1)
+        assert h.events[0].payload["account_id"] == 7
+        assert (await decider.authorize(NAS, {"login": "alice"})).accept
+
+        # the core restarts: it knows no old session, so the link logs in afresh
+        logins_before = connects("login")
+        await core.stop()
+        await wait_for(lambda: not h.link.up.is_set())
+        core = Core(port)
+        await core.start()
+        await wait_for(lambda: connects("login") == logins_before + 1 and h.link.up.is_set())
+        assert h.link.client.info.sid != sid
+        assert h.connected == 3  # first login, resume, fresh login: subscribed each time
+        assert (await decider.authorize(NAS, {"login": "alice"})).accept
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        if h.link.client is not None:
+            await h.link.client.close()
+        await core.stop()
