@@ -66,3 +66,22 @@ def test_new_refuses_a_bad_name_or_an_existing_folder(tmp_path: Path, capsys: py
     assert 'name = "mine"' in (tmp_path / "mine" / "plugin.toml").read_text()
     assert '"mine.hello"' in (tmp_path / "mine" / "plugin.toml").read_text()
     assert main(["plugin", "new", "mine", "--dest", str(tmp_path)]) == 1
+
+
+def test_core_cli_dispatch_uses_the_configured_key_directory(tmp_path: Path) -> None:
+    from billcore.config import load_config
+
+    keys = tmp_path / "keys"
+    assert main(["plugin", "keygen", "--out", str(keys)]) == 0
+    d = write_plugin(tmp_path, "acme")
+    assert main(["plugin", "sign", str(d), "--key", str(keys / "plugin-signing.key"),
+                 "--installation-id", "site-7"]) == 0
+    cfg = tmp_path / "billcore.toml"
+    cfg.write_text(f'[plugins]\nkey_dir = "{keys}"\ninstallation_id = "site-7"\n')
+    config = load_config(cfg)
+    commands: dict[str, object] = {}
+    parser = argparse.ArgumentParser(prog="billcore")
+    add_commands(parser.add_subparsers(dest="command", required=True), commands)  # type: ignore[arg-type]
+    args = parser.parse_args(["plugin", "verify", str(d)])
+    assert commands["plugin"](args, config) == 0  # type: ignore[operator]
+    assert main(["plugin", "verify", str(d)]) == 1  # no config: --keydir is needed

@@ -1,8 +1,11 @@
 """``billcore plugin keygen | sign | verify | new`` — tools for plugin authors.
 
-The core CLI calls ``add_commands(subparsers)``; each command sets
-``args.func`` to a function ``(args) -> int`` (the exit status).  Refusals
-print one line with the reason and exit 1.
+``add_commands(subparsers)`` adds the ``plugin`` parser; each command sets
+``args.func`` to a function ``(args) -> int`` (the exit status).  The core
+CLI passes its ``commands`` table too (``billcore.cli._EXTENSIONS``): then
+``plugin`` is dispatched as ``commands["plugin"](args, config)``, and
+``verify`` defaults to the configured key directory and installation id.
+Refusals print one line with the reason and exit 1.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .api import PLUGIN_API_VERSION
 from .bundle import LICENCE_FILE, MANIFEST_FILE, read_bundle
@@ -69,6 +73,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.keydir is None:
+        raise PluginError("give --keydir, the directory of trusted public keys")
     bundle = read_bundle(args.plugin)
     now = time.time() if args.at is None else args.at
     licence = verify_bundle(bundle, Keyring.from_dir(args.keydir), now, args.installation_id)
@@ -116,7 +122,19 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _from_config(args: argparse.Namespace, config: Any) -> int:
+    """Entry from the core CLI: fill what the operator's config knows."""
+    if getattr(args, "keydir", "") is None:
+        args.keydir = getattr(config, "plugin_key_dir", None)
+    if getattr(args, "installation_id", "") is None and args.plugin_command == "verify":
+        args.installation_id = getattr(getattr(config, "plugins", None), "installation_id", None) or None
+    return int(args.func(args))
+
+
+def add_commands(subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+                 commands: dict[str, Callable[[argparse.Namespace, Any], int]] | None = None) -> None:
+    if commands is not None:
+        commands["plugin"] = _from_config
     plugin = subparsers.add_parser("plugin", help="create, sign and verify plugins")
     sub = plugin.add_subparsers(dest="plugin_command", required=True)
 
@@ -135,7 +153,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
     p = sub.add_parser("verify", help="check a plugin as the core would, without running it")
     p.add_argument("plugin", help="plugin directory or archive")
-    p.add_argument("--keydir", required=True, help="directory of trusted public keys")
+    p.add_argument("--keydir", help="directory of trusted public keys (default: the core's)")
     p.add_argument("--installation-id", help="this installation's id")
     p.add_argument("--api", type=int, default=PLUGIN_API_VERSION, help="plugin API version served")
     p.add_argument("--at", type=_timestamp, help="check validity at this ISO date instead of now")
