@@ -207,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subsystems add their commands here: fn(subparsers, commands) registers
 # parsers and puts the command's function under its name in ``commands``.
-_EXTENSIONS: list[Callable[[Any, dict[str, CommandFn]], None]] = []
+def _plugin_commands(sub: Any, commands: dict[str, CommandFn]) -> None:
+    from .plugins.cli import add_commands
+
+    add_commands(sub, commands)
+
+
+_EXTENSIONS: list[Callable[[Any, dict[str, CommandFn]], None]] = [_plugin_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

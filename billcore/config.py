@@ -88,7 +88,7 @@ class PeriodicSection:
 
 @dataclass(frozen=True, slots=True)
 class PluginsSection:
-    key_dir: str = _f("", "Directory of trusted Ed25519 public keys, one file per key (empty: <data_dir>/plugin-keys).")
+    key_dir: str = _f("", "Directory of trusted Ed25519 public keys, one NAME.pub file per key (empty: <data_dir>/plugin-keys).")
     dir: str = _f("", "Directory that plugins.load names refer to (empty: <data_dir>/plugins).")
     load: tuple = _f((), "Plugins (names inside dir) to load at start, in order.")
     installation_id: str = _f("", "This installation's id; a licence bound to another installation is refused.")

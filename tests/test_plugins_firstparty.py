@@ -9,6 +9,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from urfa.errors import CallFailed
+
 from billcore.calls import CallRegistry
 from billcore.plugins import errors
 from billcore.plugins.cli import main as plugin_cli
@@ -99,9 +101,9 @@ async def test_voucher_redeemed_twice_credits_once(env: Env) -> None:
     assert await env.billing.balance(10) == 5_000_000
     assert await env.pool.fetchval("SELECT count(*) FROM test_plugin_payments") == 1
 
-    with pytest.raises(errors.Refused, match="already redeemed"):
+    with pytest.raises(CallFailed, match="plugin.refused: voucher already redeemed"):
         await env.call("vouchers.redeem", code=code, account_id=11)
-    with pytest.raises(errors.Refused, match="unknown voucher"):
+    with pytest.raises(CallFailed, match="plugin.refused: unknown voucher"):
         await env.call("vouchers.redeem", code="2345-6789-ABCD-EFGH", account_id=10)
     assert await env.billing.balance(11) == 0
     redeemed = await env.call("vouchers.list", status="redeemed")

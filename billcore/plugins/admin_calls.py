@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calls import CallSpec
-from .errors import PluginError
+from .errors import PluginError, wire_errors
 from .loader import PluginManager
 
 __all__ = ["plugin_calls"]
@@ -44,6 +44,8 @@ def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] |
         deleted = manager.unload(name)
         return {"name": name, "deleted": deleted, "state": (manager.get(name) or {}).get("state")}
 
+    plugins_load = wire_errors(plugins_load)
+    plugins_unload = wire_errors(plugins_unload)
     return [
         CallSpec("plugins.list", plugins_list, right="plugins.read", kinds=ADMIN_KINDS,
                  result="list", doc=plugins_list.__doc__ or ""),

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from ..calls import ALL_KINDS, CallSpec, Handler
 from .bundle import PluginBundle
 from .db import PluginDB
-from .errors import PluginError, Refused
+from .errors import PluginError, Refused, wire_errors
 from .hooks import (
     ACCOUNT_BLOCKED,
     ACCOUNT_CHARGED,
@@ -117,7 +117,7 @@ class PluginAPI:
         if not kinds or not kinds <= ALL_KINDS:
             raise PluginError(f"{self.name}: kinds of {name} must be a subset of {sorted(ALL_KINDS)}")
         self._calls.append(CallSpec(
-            name=name, handler=handler, right=right, kinds=frozenset(kinds), module=self.name,
+            name=name, handler=wire_errors(handler), right=right, kinds=frozenset(kinds), module=self.name,
             args=MappingProxyType(dict(args or {})), result=result,
             doc=doc if doc is not None else inspect.getdoc(handler) or "", streaming=streaming))
 

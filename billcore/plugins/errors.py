@@ -9,7 +9,10 @@ was.  Errors raised by plugin code itself during ``setup`` are wrapped in
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "wire_errors",
     "PluginError",
     "BundleError",
     "ManifestError",
@@ -119,3 +122,21 @@ class Refused(PluginError):
     """Raised by plugin handlers to refuse a call with a message meant for the caller."""
 
     code = "plugin.refused"
+
+
+def wire_errors(handler: Any) -> Any:
+    """Wrap a URFA handler so a ``PluginError`` answers with its own stable
+    code (``plugin.refused``, ``plugin.bad_signature``…) instead of the
+    generic internal error; anything else propagates unchanged."""
+    import functools
+
+    from urfa.errors import CallFailed
+
+    @functools.wraps(handler)
+    async def wrapped(ctx: Any, **args: Any) -> Any:
+        try:
+            return await handler(ctx, **args)
+        except PluginError as exc:
+            raise CallFailed(exc.code, str(exc)) from exc
+
+    return wrapped
