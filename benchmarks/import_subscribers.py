@@ -99,6 +99,9 @@ async def fresh_db(server: str, name: str) -> str:
     return dsn
 
 
+PHASES: dict[str, float] = {}
+
+
 async def run_billcore(dsn: str, path: Path) -> tuple[float, int]:
     conn = await asyncpg.connect(dsn)
     start = time.perf_counter()
@@ -106,7 +109,8 @@ async def run_billcore(dsn: str, path: Path) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     total = int(await conn.fetchval("SELECT sum(balance) FROM accounts"))
     await conn.close()
-    print(f"  billcore: {report.summary()}", flush=True)
+    PHASES.update({k: round(v, 2) for k, v in report.phases.items()})
+    print(f"  billcore: {report.summary()}; phases {PHASES}", flush=True)
     return elapsed, total
 
 
@@ -193,7 +197,8 @@ async def main() -> None:
         "billcore_subscribers_per_s": round(n / core_s), "floor_subscribers_per_s": round(n / floor_s),
         "target_seconds_for_100k": 60.0,
         "cleartext_sample": sample, "cleartext_verifiers_per_s": round(rate, 1),
-        "cleartext_extra_seconds_for_n": round(n / rate, 1),
+        "cleartext_extra_seconds_for_n": round(n / rate, 1), "billcore_phases_seconds": PHASES,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "machine": {"platform": platform.platform(), "cpu": cpu_name(), "nproc": os.cpu_count(),
                     "python": platform.python_version()},
         "date": dt.datetime.now(UTC).isoformat(timespec="seconds"),
@@ -202,6 +207,9 @@ async def main() -> None:
         "| subscribers | billcore s | floor (COPY) s | ratio | billcore subscribers/s | floor subscribers/s |\n"
         "|---:|---:|---:|---:|---:|---:|\n"
         f"| {n:,} | {core_s:.2f} | {floor_s:.2f} | {ratio:.2f} | {n / core_s:,.0f} | {n / floor_s:,.0f} |\n\n"
+        f"billcore phases (s): {', '.join(f'{k} {v:.2f}' for k, v in PHASES.items())}."
+        f" Load average after the run: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        " (the machine is shared; the floor suffers the same load).\n\n"
         f"Cleartext passwords: {rate:,.1f} SCRAM verifiers/s (100,000 PBKDF2 iterations, {os.cpu_count()}"
         f" processes, sample of {sample:,}) — {n / rate:,.0f} s more for {n:,} cleartext passwords.\n")
     print(table)

@@ -134,6 +134,7 @@ class ImportReport:
     skipped: list[str] = field(default_factory=list)     # logins already in the database
     verifiers_computed: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)   # seconds per phase
 
     def summary(self) -> str:
         from billcore.billing.money import format_money
@@ -679,9 +680,12 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
     check_file(parsed)
     if parsed.errors:
         raise ImportFailed(parsed.errors)
+    report.phases["parse"] = time.monotonic() - started
     todo, tariffs = await _db_checks(conn, parsed, now, report)
     if parsed.errors:
         raise ImportFailed(parsed.errors)
+    report.phases["check"] = time.monotonic() - started - report.phases["parse"]
+    mark = time.monotonic()
 
     clear = [s.password for s in todo if s.password and not s.password.startswith("SCRAM-SHA-256$")]
     if dry_run:
@@ -697,6 +701,8 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
             Verifier.from_text(s.password) if s.password.startswith("SCRAM-SHA-256$")
             else next(computed) if s.password else locked_verifier()
             for s in todo]
+    report.phases["passwords"] = time.monotonic() - mark
+    mark = time.monotonic()
     try:
         async with conn.transaction():
             await _create_catalogue(conn, parsed, report, tariffs)
@@ -707,6 +713,7 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
         pass
     except asyncpg.IntegrityConstraintViolationError as exc:
         raise ImportFailed([f"the database refused the import: {exc}"]) from None
+    report.phases["write"] = time.monotonic() - mark
     report.seconds = time.monotonic() - started
     return report
 
