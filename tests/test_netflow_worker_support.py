@@ -87,10 +87,12 @@ async def charged(dsn: str) -> tuple[dict[int, int], dict[int, int]]:
     """Per account: bytes in the usage counters, and micro-units charged in the ledger."""
     conn = await asyncpg.connect(dsn)
     try:
+        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         counters = {r[0]: int(r[1]) for r in await conn.fetch(
             "SELECT account_id, sum(quantity) FROM usage_counters GROUP BY 1")}
         ledger = {r[0]: -int(r[1]) for r in await conn.fetch(
             "SELECT account_id, sum(amount) FROM ledger WHERE kind = 'traffic' GROUP BY 1")}
+        await conn.execute("COMMIT")
         return counters, ledger
     finally:
         await conn.close()
