@@ -64,10 +64,10 @@ def test_periodic_progress_metrics_follow_a_run() -> None:
     assert value("billcore_periodic_runs_total", {"outcome": "error"}) >= 1
 
 
-def test_call_and_radius_latency() -> None:
+def test_call_counts_and_latency() -> None:
     before = value("billcore_urfa_calls_total", {"fn": "users.get", "code": "ok"})
     M.observe_call("users.get", "ok", 0.003)
     assert value("billcore_urfa_calls_total", {"fn": "users.get", "code": "ok"}) - before == 1
     assert value("billcore_urfa_call_seconds_bucket", {"fn": "users.get", "le": "0.005"}) >= 1
-    M.observe_radius("auth", "accept", 0.02)
-    assert value("billcore_radius_decision_seconds_count", {"kind": "auth", "result": "accept"}) >= 1
+    M.observe_call("users.get", "bad_args", 0.0001)
+    assert value("billcore_urfa_calls_total", {"fn": "users.get", "code": "bad_args"}) >= 1

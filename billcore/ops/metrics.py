@@ -1,6 +1,7 @@
-"""Metrics the operations issue asks for that the processes did not export
-yet: URFA calls by function and error code with latency, RADIUS decision
-latency by result, and periodic-run progress.
+"""Metrics the operations issue asks for that the core did not export yet:
+URFA calls by function and error code with latency, and periodic-run
+progress.  (RADIUS decision latency belongs in ``radius/server.py``: the
+radius package must not import billcore; docs/operations.md names it.)
 
 They live in the same multiprocess registry as ``billcore.metrics`` (import
 this module after ``PROMETHEUS_MULTIPROC_DIR`` is set, as for that one), so
@@ -18,10 +19,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from billcore.billing.scheduler import RunProgress, RunResult
 
 __all__ = [
-    "URFA_CALLS", "URFA_CALL_SECONDS", "RADIUS_DECISION_SECONDS",
+    "URFA_CALLS", "URFA_CALL_SECONDS",
     "PERIODIC_ACCOUNTS_DONE", "PERIODIC_ACCOUNTS_TOTAL", "PERIODIC_CHARGES", "PERIODIC_AMOUNT",
     "PERIODIC_RUNS", "PERIODIC_LAST_SUCCESS",
-    "observe_call", "observe_radius", "periodic_progress", "periodic_finished", "periodic_failed",
+    "observe_call", "periodic_progress", "periodic_finished", "periodic_failed",
 ]
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -30,9 +31,6 @@ URFA_CALLS = Counter("billcore_urfa_calls", "URFA calls answered, by function an
                      ["fn", "code"])
 URFA_CALL_SECONDS = Histogram("billcore_urfa_call_seconds", "Time from a URFA call's arrival to its answer, by function",
                               ["fn"], buckets=_LATENCY)
-RADIUS_DECISION_SECONDS = Histogram(
-    "billcore_radius_decision_seconds", "Time from a RADIUS request to its reply, by kind and result",
-    ["kind", "result"], buckets=_LATENCY)
 
 PERIODIC_ACCOUNTS_DONE = Gauge("billcore_periodic_accounts_done", "Accounts settled so far in the current periodic run",
                                multiprocess_mode="livemostrecent")
@@ -52,10 +50,6 @@ _run_state = {"charges": 0}   # charges counted so far in the current run
 def observe_call(fn: str, code: str, seconds: float) -> None:
     URFA_CALLS.labels(fn, code).inc()
     URFA_CALL_SECONDS.labels(fn).observe(seconds)
-
-
-def observe_radius(kind: str, result: str, seconds: float) -> None:
-    RADIUS_DECISION_SECONDS.labels(kind, result).observe(seconds)
 
 
 def periodic_progress(p: RunProgress) -> None:
