@@ -14,11 +14,21 @@ address and the login (``LoginLimiter``); over the limit a login is
 refused with ``rate_limited`` before any lookup.
 
 A call is looked up in the session's own call table (snapshot at login),
-its arguments checked against the symbol's schema, and its handler run as a
-task holding the symbol's module (``registry.in_flight``).  Replies go out
-as they finish, in any order.  ``CallFailed`` from a handler becomes an
-error reply with its code; any other exception is logged and answered
+its arguments checked against the symbol's schema, and its handler run
+holding the symbol's module (``registry.in_flight``).  Replies go out as
+they finish, in any order.  ``CallFailed`` from a handler becomes an error
+reply with its code; any other exception is logged and answered
 ``internal`` with no detail.
+
+Most handlers run as a task each.  A handler marked ``runs_inline`` (the
+in-memory builtins, ``sys.ping`` first) is started right in the socket
+callback: if it finishes without suspending, its reply joins the same write
+as the other replies to that read, and no task is ever made; if it does
+suspend, the started coroutine is handed to a task (``_continue``) and goes
+on exactly as if it had been one from the start (cancel, in-flight count).
+Python 3.11 has no eager tasks, so such a handler has no current task
+before its first suspension: it must not use ``asyncio.timeout`` or
+anything else that needs ``asyncio.current_task()`` (asyncpg does).
 
 A system session with right ``session.proxy`` may open subscriber sessions
 (``session.proxy_login``/``session.proxy_proof``, relaying the subscriber's
@@ -38,8 +48,9 @@ import logging
 import secrets
 import ssl as ssl_module
 import time
+import types
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -53,19 +64,59 @@ from urfa import errors as E
 from urfa import scram
 from urfa.errors import CallFailed, LocalProtocolError
 from urfa.messages import (
-    Bye, Call, Cancel, Challenge, Chunk, Error, Event, Login, Message, Ping, Pong,
-    Proof, Result, Resume, Welcome,
+    Call, Cancel, Challenge, Chunk, Event, Login, Message, Ping, Pong, Proof, Resume, Welcome,
 )
 from urfa.server import DEFAULT_PORT, ServerChannel, ServerLimits, serve
 
 __all__ = [
     "AuthBackend", "CallContext", "Principal", "URFAConfig", "URFAService", "DEFAULT_PORT",
+    "check_args", "runs_inline",
 ]
 
 log = logging.getLogger("billcore.urfa")
 KINDS = ("system", "admin", "user")
 PROXY_RIGHT = "session.proxy"
 MAX_TOPICS = 64
+
+
+_INLINE = "__urfa_runs_inline__"
+_H = Callable[..., Coroutine[Any, Any, Any]]
+
+
+def runs_inline(handler: _H) -> _H:
+    """Mark a handler that may start outside any task (see the module notes).
+
+    For handlers answering from memory; never for ones that reach the
+    database or use ``asyncio.timeout`` before their first ``await``.
+    """
+    setattr(handler, _INLINE, True)
+    return handler
+
+
+@types.coroutine
+def _continue(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    """Drive ``coro`` on from its first suspension (which yielded ``yielded``).
+
+    Wrapped in a task this is the task the coroutine would have been: the
+    task waits on what the coroutine yields, and sends or throws (cancel)
+    into it exactly as into its own coroutine.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: B902 - cancellation and the like, passed on as they are
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration:
+                return
 
 
 class AuthBackend(Protocol):
@@ -220,6 +271,7 @@ class URFAService:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        from billcore.urfa_builtins import builtin_specs   # they use this module's API
         registry.register_all(builtin_specs())
 
     # -- lifecycle -------------------------------------------------------
@@ -435,23 +487,24 @@ class URFAService:
     def _on_call(self, link: _Link, call: Call) -> None:
         session = link.session
         channel = link.channel
+        call_id = call.id
         if session is None:   # logged out or expired, connection closing
-            channel.send(Error(call.id, E.NO_SESSION, "session ended"))
+            channel.send_error(call_id, E.NO_SESSION, "session ended")
             return
         now = self.clock()
         proxy: Principal | None = None
         if call.as_sid is not None:
             if session.kind != "system" or not allows(session.principal.rights, PROXY_RIGHT):
-                channel.send(Error(call.id, E.FORBIDDEN, "this session may not act for others"))
+                channel.send_error(call_id, E.FORBIDDEN, "this session may not act for others")
                 return
             self.sessions.touch(session, now)
             try:
                 target = self.sessions.lookup(call.as_sid, call.as_ip or "", now)
             except NoSession as exc:
-                channel.send(Error(call.id, E.NO_SESSION, str(exc)))
+                channel.send_error(call_id, E.NO_SESSION, str(exc))
                 return
             if not target.proxied:
-                channel.send(Error(call.id, E.NO_SESSION, "not a proxied session"))
+                channel.send_error(call_id, E.NO_SESSION, "not a proxied session")
                 return
             proxy = session.principal
             session = target
@@ -460,38 +513,50 @@ class URFAService:
         try:
             symbol = session.table.lookup(call.fn)
         except NotInTable:
-            channel.send(Error(call.id, E.NOT_IN_TABLE, f"{call.fn} is not in this session; log in again"))
+            channel.send_error(call_id, E.NOT_IN_TABLE, f"{call.fn} is not in this session; log in again")
             return
         except SymbolDeleted:
-            channel.send(Error(call.id, E.DELETED, f"{call.fn} was unloaded"))
+            channel.send_error(call_id, E.DELETED, f"{call.fn} was unloaded")
             return
         spec = symbol.spec
-        problem = check_args(spec, call.args) if (call.args or spec.args) else None
-        if problem is not None:
-            channel.send(Error(call.id, E.BAD_ARGS, problem))
-            return
-        ctx = CallContext(self, session, call.id, link, proxy, spec.streaming)
-        link.tasks[call.id] = asyncio.get_running_loop().create_task(self._run(link, ctx, symbol, call))
+        args = call.args
+        if args or spec.args:
+            problem = check_args(spec, args)
+            if problem is not None:
+                channel.send_error(call_id, E.BAD_ARGS, problem)
+                return
+        ctx = CallContext(self, session, call_id, link, proxy, spec.streaming)
+        coro = self._run(link, ctx, symbol, call_id, args)
+        if getattr(spec.handler, _INLINE, False):
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                return   # answered already: no task, no loop round trip
+            task = asyncio.get_running_loop().create_task(_continue(coro, yielded))
+        else:
+            task = asyncio.get_running_loop().create_task(coro)
+        link.tasks[call_id] = task
 
-    async def _run(self, link: _Link, ctx: CallContext, symbol: Symbol, call: Call) -> None:
+    async def _run(self, link: _Link, ctx: CallContext, symbol: Symbol, call_id: int, args: dict[str, Any]) -> None:
         channel = link.channel
+        spec = symbol.spec
         try:
             with self.registry.in_flight(symbol):
-                value = await symbol.spec.handler(ctx, **call.args)
+                value = await spec.handler(ctx, **args)
             try:
-                channel.send(Result(call.id, value))
+                channel.send_result(call_id, value)
             except LocalProtocolError as exc:
-                log.error("result of %s cannot be sent: %s", call.fn, exc)
-                channel.send(Error(call.id, E.INTERNAL, "result could not be encoded"))
+                log.error("result of %s cannot be sent: %s", spec.name, exc)
+                channel.send_error(call_id, E.INTERNAL, "result could not be encoded")
         except CallFailed as exc:
-            channel.send(Error(call.id, exc.code, exc.message))
+            channel.send_error(call_id, exc.code, exc.message)
         except asyncio.CancelledError:
-            channel.send(Error(call.id, E.CANCELLED, "cancelled"))
+            channel.send_error(call_id, E.CANCELLED, "cancelled")
         except Exception:  # the boundary: anything unexpected becomes `internal`, logged here
-            log.exception("call %s failed", call.fn)
-            channel.send(Error(call.id, E.INTERNAL, "internal error"))
+            log.exception("call %s failed", spec.name)
+            channel.send_error(call_id, E.INTERNAL, "internal error")
         finally:
-            link.tasks.pop(call.id, None)
+            link.tasks.pop(call_id, None)
 
     # -- sessions ending -------------------------------------------------
     def logout(self, session: Session) -> None:
@@ -568,79 +633,3 @@ class URFAService:
                 except LocalProtocolError as exc:
                     log.error("event on %s cannot be sent: %s", topic, exc)
                 await channel.drain()
-
-
-# -- builtin calls ---------------------------------------------------------
-async def _sys_ping(ctx: CallContext) -> str:
-    return "pong"
-
-
-async def _sys_time(ctx: CallContext) -> datetime:
-    return datetime.now(timezone.utc)
-
-
-async def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
-    p = ctx.principal
-    return {
-        "kind": p.kind, "login": p.login, "id": p.id, "rights": sorted(p.rights),
-        "ip": ctx.ip, "sid": ctx.sid, "proxied": ctx.session.proxied,
-    }
-
-
-async def _sys_calls(ctx: CallContext) -> list[dict[str, Any]]:
-    return ctx.session.table.describe()
-
-
-async def _session_logout(ctx: CallContext) -> bool:
-    ctx.service.logout(ctx.session)
-    return True
-
-
-async def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
-    return ctx.service.subscribe(ctx.session, topics)
-
-
-async def _events_unsubscribe(ctx: CallContext, topics: list[str]) -> list[str]:
-    return ctx.service.unsubscribe(ctx.session, topics)
-
-
-async def _proxy_login(ctx: CallContext, login: str, cnonce: bytes, ip: str) -> dict[str, Any]:
-    if len(cnonce) != scram.NONCE_BYTES:
-        raise CallFailed(E.BAD_ARGS, f"cnonce must be {scram.NONCE_BYTES} bytes")
-    snonce = secrets.token_bytes(scram.NONCE_BYTES)
-    pending = await ctx.service.begin_login("user", login, cnonce, snonce, ip)
-    handle = ctx.service.add_proxy_login(pending)
-    return {"handle": handle, "nonce": snonce, "salt": pending.verifier.salt, "iter": pending.verifier.iterations}
-
-
-async def _proxy_proof(ctx: CallContext, handle: bytes, proof: bytes) -> dict[str, Any]:
-    pending = ctx.service.take_proxy_login(handle)
-    if pending is None:
-        raise CallFailed(E.AUTH_FAILED, "login failed")
-    session, signature = ctx.service.finish_login(pending, proof, proxied=True)
-    return {"sid": session.sid, "sig": signature, "timeout": int(ctx.service.config.session_timeout)}
-
-
-def builtin_specs() -> list[CallSpec]:
-    """The calls every session may have (``module="builtin"``)."""
-    system = frozenset({"system"})
-    return [
-        CallSpec("sys.ping", _sys_ping, result="str", doc="Answers \"pong\"."),
-        CallSpec("sys.time", _sys_time, result="time", doc="The server's current time (UTC)."),
-        CallSpec("sys.whoami", _sys_whoami, result="map",
-                 doc="kind, login, id, rights, ip, sid and proxied flag of the calling session."),
-        CallSpec("sys.calls", _sys_calls, result="list",
-                 doc="This session's call table: name, args, result, right, kinds, module, doc, streaming, deleted."),
-        CallSpec("session.logout", _session_logout, result="bool",
-                 doc="End the session; its own connection then closes with bye logged_out."),
-        CallSpec("events.subscribe", _events_subscribe, args={"topics": "list"}, result="list",
-                 doc="Add topics; returns all topics now subscribed. Events arrive as event frames."),
-        CallSpec("events.unsubscribe", _events_unsubscribe, args={"topics": "list"}, result="list",
-                 doc="Remove topics; returns the topics still subscribed."),
-        CallSpec("session.proxy_login", _proxy_login, right=PROXY_RIGHT, kinds=system,
-                 args={"login": "str", "cnonce": "bytes", "ip": "ip"}, result="map",
-                 doc="Start a subscriber's login on their behalf: returns handle, nonce, salt, iter."),
-        CallSpec("session.proxy_proof", _proxy_proof, right=PROXY_RIGHT, kinds=system,
-                 args={"handle": "bytes", "proof": "bytes"}, result="map",
-                 doc="Finish a proxied login with the subscriber's ClientProof: returns sid, sig, timeout."),
-    ]

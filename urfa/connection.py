@@ -83,9 +83,13 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     **{(st, r, Bye): State.CLOSED for st in State if st not in (State.CLOSED, State.ERROR) for r in Role},
 }
 _DONE = (State.CLOSED, State.ERROR)
-# The same table keyed by plain strings: enum hashing is Python code in 3.11
-# and this lookup runs for every message.
-_FAST: dict[tuple[str, str, type], State] = {(s.value, r.value, t): n for (s, r, t), n in TRANSITIONS.items()}
+# The same table split per (state, sender): each connection keeps the two
+# dicts of its current state, so checking a message is one dict lookup by
+# its class (enum members hash in Python code, classes in C).
+_NEXT: dict[tuple[State, Role], dict[type, State]] = {(st, r): {} for st in State for r in Role}
+for (_st, _r, _t), _n in TRANSITIONS.items():
+    _NEXT[(_st, _r)][_t] = _n
+del _st, _r, _t, _n
 
 
 class Connection:
@@ -101,21 +105,34 @@ class Connection:
         max_inflight: int = 64,
     ) -> None:
         self.role = role
-        self.state = State.HELLO
         self.deadline: float | None = now + handshake_timeout
         self.max_inflight = max_inflight
         self.inflight: set[int] = set()   # server role: call ids not yet answered
         self.error: RemoteProtocolError | None = None
         self._peer = C if role is S else S
+        self._server = role is S
         self._decoder = FrameDecoder(max_frame)
         self._encoder = FrameEncoder(max_frame)
         self._out: list[bytes] = []
         self._eof = False
+        self._state = State.HELLO
+        self._rx: dict[type, State] = _NEXT[(State.HELLO, self._peer)]
+        self._tx: dict[type, State] = _NEXT[(State.HELLO, role)]
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self._rx = _NEXT[(state, self._peer)]
+        self._tx = _NEXT[(state, self.role)]
 
     # -- time ------------------------------------------------------------
     def handle_timer(self, now: float) -> bool:
         """Enforce the handshake deadline; True if it expired just now."""
-        if self.deadline is None or now < self.deadline or self.state in _DONE:
+        if self.deadline is None or now < self.deadline or self._state in _DONE:
             return False
         self.fail(RemoteProtocolError("handshake not finished in time", TIMEOUT))
         return True
@@ -123,7 +140,7 @@ class Connection:
     # -- bytes in, messages out ------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Give the machine bytes read from the peer; ``b""`` means EOF."""
-        if self.state in _DONE:
+        if self._state in _DONE:
             return
         if not data:
             self._eof = True
@@ -139,17 +156,24 @@ class Connection:
 
         Raises ``RemoteProtocolError`` (state becomes ERROR) on bad input.
         """
-        if self.state in _DONE:
+        if self._state in _DONE:
             return None
+        next_message = self._decoder.next_message
         try:
             while True:
-                raw = self._decoder.next_message()
+                raw = next_message()
                 if raw is None:
                     if self._eof:
                         self.state = State.CLOSED
                         return Closed()
                     return None
                 msg = parse(raw)
+                t = type(msg)
+                if t is Call and self._server and self._state is State.OPEN:
+                    # The hot path, equal to ``_advance`` for a call in OPEN.
+                    if self._admit_call(msg):  # type: ignore[arg-type]
+                        return msg
+                    continue
                 if self._advance(self._peer, msg):
                     return msg
         except RemoteProtocolError as exc:
@@ -166,9 +190,23 @@ class Connection:
         self._advance(self.role, msg)
         self._out.append(self._encoder.encode(to_wire(msg)))
 
+    def send_result(self, call_id: int, value: Any) -> None:
+        """``send(Result(call_id, value))`` without building the message."""
+        if Result not in self._tx:
+            raise LocalProtocolError(f"cannot send result in state {self._state.value}")
+        self.inflight.discard(call_id)
+        self._out.append(self._encoder.encode({"t": "result", "id": call_id, "value": value}))
+
+    def send_error(self, call_id: int, code: str, message: str) -> None:
+        """``send(Error(call_id, code, message))`` without building the message."""
+        if Error not in self._tx:
+            raise LocalProtocolError(f"cannot send error in state {self._state.value}")
+        self.inflight.discard(call_id)
+        self._out.append(self._encoder.encode({"t": "error", "id": call_id, "code": code, "msg": message}))
+
     def fail(self, exc: RemoteProtocolError) -> None:
         """Enter ERROR and (if we still can) tell the peer why, in a bye."""
-        if self.state is State.CLOSED:
+        if self._state is State.CLOSED:
             return
         self._to_error(exc)
         self._out.append(self._encoder.encode(to_wire(Bye(exc.code, str(exc)))))
@@ -185,13 +223,13 @@ class Connection:
         """Apply the table; False when the machine answered ``msg`` itself."""
         t = type(msg)
         local = sender is self.role
-        nxt = _FAST.get((self.state._value_, sender._value_, t))  # _value_: plain attribute, no property call
+        nxt = (self._tx if local else self._rx).get(t)
         if nxt is None:
-            what = f"{t.__name__.lower()} in state {self.state.value}"
+            what = f"{t.__name__.lower()} in state {self._state.value}"
             if local:
                 raise LocalProtocolError(f"cannot send {what}")
             raise RemoteProtocolError(f"peer sent {what}")
-        if self.role is S:
+        if self._server:
             if t is Call and not local:
                 if not self._admit_call(msg):  # type: ignore[arg-type]
                     return False
@@ -202,17 +240,20 @@ class Connection:
             if local:
                 raise LocalProtocolError(text)
             raise RemoteProtocolError(text, VERSION)
-        if nxt is State.OPEN:
-            self.deadline = None
-        self.state = nxt
+        if nxt is not self._state:
+            if nxt is State.OPEN:
+                self.deadline = None
+            self.state = nxt
         return True
 
     def _admit_call(self, call: Call) -> bool:
-        if call.id in self.inflight:
+        inflight = self.inflight
+        if call.id in inflight:
             raise RemoteProtocolError(f"call id {call.id} is already in flight")
-        if len(self.inflight) >= self.max_inflight:
+        if len(inflight) >= self.max_inflight:
             # Answered here: the application never sees it, the peer learns at once.
-            self._out.append(self._encoder.encode(to_wire(Error(call.id, BUSY, "too many calls in flight"))))
+            self._out.append(self._encoder.encode(
+                {"t": "error", "id": call.id, "code": BUSY, "msg": "too many calls in flight"}))
             return False
-        self.inflight.add(call.id)
+        inflight.add(call.id)
         return True

@@ -24,9 +24,13 @@ import msgpack
 
 from .errors import FRAME_TOO_LARGE, PROTOCOL, LocalProtocolError, RemoteProtocolError
 
-__all__ = ["DEFAULT_MAX_FRAME", "FrameDecoder", "FrameEncoder", "decode_body"]
+__all__ = ["DEFAULT_MAX_FRAME", "MAX_FEED", "FrameDecoder", "FrameEncoder", "decode_body"]
 
 DEFAULT_MAX_FRAME = 1 << 20
+# Most bytes one ``feed`` may add beyond a frame cap.  A transport read is
+# far smaller (uvloop reads 256 KiB); a peer that sends more than this ahead
+# of what we decoded is refused rather than buffered.
+MAX_FEED = 1 << 20
 _HEADER = struct.Struct(">I")
 # Nesting limit: msgpack's own stack limit (1024) applies too; this keeps
 # hostile inputs cheap and our handlers' recursion safe.
@@ -62,51 +66,83 @@ def decode_body(body: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) ->
 
 
 class FrameDecoder:
-    """Bytes in, maps out.  Raises ``RemoteProtocolError`` on any bad frame."""
+    """Bytes in, maps out.  Raises ``RemoteProtocolError`` on any bad frame.
 
-    __slots__ = ("max_frame", "_buf", "_pos", "_broken")
+    One ``msgpack.Unpacker`` per connection is fed everything the transport
+    reads; frame bodies are decoded straight out of its buffer (no slicing, no
+    per-frame unpacker set-up), and ``tell()`` proves that each body held
+    exactly one object of exactly the announced length.
+    """
+
+    __slots__ = ("max_frame", "_unpacker", "_fed", "_need", "_broken")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray()
-        self._pos = 0
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            timestamp=3,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            max_buffer_size=max_frame + 4 + MAX_FEED,
+            max_str_len=max_frame,
+            max_bin_len=max_frame,
+            max_array_len=max_frame,
+            max_map_len=max_frame,
+            max_ext_len=16,
+        )
+        self._fed = 0          # bytes fed so far; minus tell() = bytes not yet decoded
+        self._need = -1        # body length of the frame whose header we consumed
         self._broken = False
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded (bounded by cap + one read)."""
-        return len(self._buf) - self._pos
+        return self._fed - self._unpacker.tell() + (4 if self._need >= 0 else 0)
 
     def feed(self, data: bytes) -> None:
         if self._broken:
             raise RemoteProtocolError("input after a framing error")
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            self._broken = True
+            raise RemoteProtocolError("input buffer over its cap (peer does not wait for answers)") from None
+        self._fed += len(data)
 
     def next_message(self) -> dict[str, Any] | None:
-        buf = self._buf
-        pos = self._pos
-        if len(buf) - pos < 4:
+        if self._broken:
             return None
-        (n,) = _HEADER.unpack_from(buf, pos)
-        if n > self.max_frame:
-            self._broken = True
-            raise RemoteProtocolError(f"frame of {n} bytes over the cap of {self.max_frame}", FRAME_TOO_LARGE)
-        end = pos + 4 + n
-        if len(buf) < end:
-            return None
-        self._pos = end
-        with memoryview(buf) as view:
-            body = view[pos + 4 : end]
-            try:
-                return decode_body(body, self.max_frame)
-            except RemoteProtocolError:
+        unpacker = self._unpacker
+        n = self._need
+        if n < 0:
+            if self._fed - unpacker.tell() < 4:
+                return None
+            n = int.from_bytes(unpacker.read_bytes(4), "big")
+            if n > self.max_frame:
                 self._broken = True
-                raise
-            finally:
-                body.release()
+                raise RemoteProtocolError(f"frame of {n} bytes over the cap of {self.max_frame}", FRAME_TOO_LARGE)
+            self._need = n
+        start = unpacker.tell()
+        if self._fed - start < n:
+            return None
+        self._need = -1
+        try:
+            obj = unpacker.unpack()
+        except msgpack.OutOfData:   # the whole body is here: it is truncated msgpack
+            obj = None
+        except _UNPACK_ERRORS as exc:
+            self._broken = True
+            raise RemoteProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+        except RecursionError:
+            self._broken = True
+            raise RemoteProtocolError("frame nested too deeply") from None
+        if unpacker.tell() - start != n:
+            self._broken = True
+            raise RemoteProtocolError("frame body is not exactly one msgpack object")
+        if type(obj) is not dict:
+            self._broken = True
+            raise RemoteProtocolError("frame is not a msgpack map")
+        return obj
 
 
 class FrameEncoder:

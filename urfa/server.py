@@ -6,8 +6,11 @@ Theory of operation
 accepted connection gets a ``ServerChannel``: an ``asyncio.Protocol`` that
 owns one sans-IO ``Connection`` (server role), sends the hello at once, arms
 the handshake deadline, and hands every decoded message to the application
-(``ServerApp.on_message``).  The app answers with ``channel.send(msg)``;
-outgoing frames are coalesced and written once per loop iteration.
+(``ServerApp.on_message``).  The app answers with ``channel.send(msg)``
+(or ``send_result``/``send_error``, which skip building the message).
+Outgoing frames are coalesced: whatever the app sends while a read is
+being dispatched goes out in one write at the end of that read; what it
+sends later (from tasks) goes out in one write per loop iteration.
 
 Everything read is bounded: the frame cap and decoder bound buffered input,
 the connection caps calls in flight, and reading pauses while our write
@@ -22,7 +25,7 @@ import asyncio
 import secrets
 import ssl as ssl_module
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .connection import Closed, Connection, Role, State
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -32,6 +35,7 @@ from .messages import Bye, Hello, Message
 __all__ = ["DEFAULT_PORT", "ServerLimits", "ServerApp", "ServerChannel", "serve"]
 
 DEFAULT_PORT = 11758
+_DONE = (State.CLOSED, State.ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,26 +89,30 @@ class ServerChannel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
+        on_message = self.app.on_message
+        # Nothing sent while we dispatch this read schedules a flush: the
+        # ``finally`` below writes it all at once.
+        self._flush_scheduled = True
         try:
             conn.receive_data(data)
             while not self.closed:
                 msg = conn.next_event()
                 if msg is None:
                     break
-                if isinstance(msg, Closed):
+                if type(msg) is Closed:
                     self.close()
                     break
-                self.app.on_message(self, msg)
+                on_message(self, msg)   # type: ignore[arg-type]
                 if type(msg) is Bye:
                     self.close()
         except RemoteProtocolError as exc:
             conn.fail(exc)
             self.close()
-            return
-        if conn.state is State.OPEN and self._timer is not None:
+        finally:
+            self._flush()
+        if self._timer is not None and conn.state is State.OPEN:
             self._timer.cancel()
             self._timer = None
-        self._schedule_flush()
 
     def eof_received(self) -> bool | None:
         self.close()
@@ -131,10 +139,28 @@ class ServerChannel(asyncio.Protocol):
     # -- for the app -----------------------------------------------------
     def send(self, msg: Message) -> bool:
         """Queue a message; False if the connection is already closing."""
-        if self.closed or self.conn.state in (State.CLOSED, State.ERROR):
+        if self.closed or self.conn.state in _DONE:
             return False
         self.conn.send(msg)
         self._schedule_flush()
+        return True
+
+    def send_result(self, call_id: int, value: Any) -> bool:
+        """Queue ``Result(call_id, value)``; False if the connection is closing."""
+        if self.closed or self.conn.state in _DONE:
+            return False
+        self.conn.send_result(call_id, value)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+        return True
+
+    def send_error(self, call_id: int, code: str, message: str) -> bool:
+        """Queue ``Error(call_id, code, message)``; False if the connection is closing."""
+        if self.closed or self.conn.state in _DONE:
+            return False
+        self.conn.send_error(call_id, code, message)
+        if not self._flush_scheduled:
+            self._schedule_flush()
         return True
 
     def close(self, code: str | None = None, message: str = "") -> None:

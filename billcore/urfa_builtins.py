@@ -1,0 +1,104 @@
+"""The built-in URFA calls every session may have: ``sys.*``, ``session.*``, ``events.*``.
+
+They live in the core's own module ``builtin`` (never unloaded).  The ones
+that only read or change in-memory state are marked ``runs_inline``: the
+service runs them straight from the socket callback and answers in the same
+write, without a task per call (see ``billcore.urfa_server``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from billcore.calls import CallSpec
+from billcore.urfa_server import PROXY_RIGHT, CallContext, runs_inline
+from urfa import errors as E
+from urfa import scram
+from urfa.errors import CallFailed
+
+__all__ = ["builtin_specs"]
+
+
+@runs_inline
+async def _sys_ping(ctx: CallContext) -> str:
+    return "pong"
+
+
+@runs_inline
+async def _sys_time(ctx: CallContext) -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@runs_inline
+async def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
+    p = ctx.principal
+    return {
+        "kind": p.kind, "login": p.login, "id": p.id, "rights": sorted(p.rights),
+        "ip": ctx.ip, "sid": ctx.sid, "proxied": ctx.session.proxied,
+    }
+
+
+@runs_inline
+async def _sys_calls(ctx: CallContext) -> list[dict[str, Any]]:
+    return ctx.session.table.describe()
+
+
+@runs_inline
+async def _session_logout(ctx: CallContext) -> bool:
+    ctx.service.logout(ctx.session)
+    return True
+
+
+@runs_inline
+async def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+    return ctx.service.subscribe(ctx.session, topics)
+
+
+@runs_inline
+async def _events_unsubscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+    return ctx.service.unsubscribe(ctx.session, topics)
+
+
+# The proxy calls ask the auth backend (the database): they run as tasks.
+async def _proxy_login(ctx: CallContext, login: str, cnonce: bytes, ip: str) -> dict[str, Any]:
+    if len(cnonce) != scram.NONCE_BYTES:
+        raise CallFailed(E.BAD_ARGS, f"cnonce must be {scram.NONCE_BYTES} bytes")
+    snonce = secrets.token_bytes(scram.NONCE_BYTES)
+    pending = await ctx.service.begin_login("user", login, cnonce, snonce, ip)
+    handle = ctx.service.add_proxy_login(pending)
+    return {"handle": handle, "nonce": snonce, "salt": pending.verifier.salt, "iter": pending.verifier.iterations}
+
+
+async def _proxy_proof(ctx: CallContext, handle: bytes, proof: bytes) -> dict[str, Any]:
+    pending = ctx.service.take_proxy_login(handle)
+    if pending is None:
+        raise CallFailed(E.AUTH_FAILED, "login failed")
+    session, signature = ctx.service.finish_login(pending, proof, proxied=True)
+    return {"sid": session.sid, "sig": signature, "timeout": int(ctx.service.config.session_timeout)}
+
+
+def builtin_specs() -> list[CallSpec]:
+    """The calls every session may have (``module="builtin"``)."""
+    system = frozenset({"system"})
+    return [
+        CallSpec("sys.ping", _sys_ping, result="str", doc="Answers \"pong\"."),
+        CallSpec("sys.time", _sys_time, result="time", doc="The server's current time (UTC)."),
+        CallSpec("sys.whoami", _sys_whoami, result="map",
+                 doc="kind, login, id, rights, ip, sid and proxied flag of the calling session."),
+        CallSpec("sys.calls", _sys_calls, result="list",
+                 doc="This session's call table: name, args, result, right, kinds, module, doc, streaming, deleted."),
+        CallSpec("session.logout", _session_logout, result="bool",
+                 doc="End the session; its own connection then closes with bye logged_out."),
+        CallSpec("events.subscribe", _events_subscribe, args={"topics": "list"}, result="list",
+                 doc="Add topics; returns all topics now subscribed. Events arrive as event frames."),
+        CallSpec("events.unsubscribe", _events_unsubscribe, args={"topics": "list"}, result="list",
+                 doc="Remove topics; returns the topics still subscribed."),
+        CallSpec("session.proxy_login", _proxy_login, right=PROXY_RIGHT, kinds=system,
+                 args={"login": "str", "cnonce": "bytes", "ip": "ip"}, result="map",
+                 doc="Start a subscriber's login on their behalf: returns handle, nonce, salt, iter."),
+        CallSpec("session.proxy_proof", _proxy_proof, right=PROXY_RIGHT, kinds=system,
+                 args={"handle": "bytes", "proof": "bytes"}, result="map",
+                 doc="Finish a proxied login with the subscriber's ClientProof: returns sid, sig, timeout."),
+    ]
