@@ -121,10 +121,14 @@ async def apply(conn: asyncpg.Connection, m: Model, op: tuple) -> None:
             m.charges[key] = (acc, -amount)
             m.balance[acc] -= amount
             m.posted(acc)
-    elif kind == "cancel":
+    elif kind in ("cancel", "cancel_pid"):
         if not m.payments:
             return
-        pid, acc, amount = m.payments[op[1] % len(m.payments)]
+        if kind == "cancel":      # pick by position now; remember the payment id for replays
+            pid, acc, amount = m.payments[op[1] % len(m.payments)]
+            op = ("cancel_pid", pid)
+        else:
+            pid, acc, amount = next(p for p in m.payments if p[0] == op[1])
         before = await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", acc)
         r = await payments.cancel_payment(conn, pid, actor="prop", now=T0)
         assert r.created == (pid not in m.cancelled)
@@ -167,7 +171,7 @@ async def apply(conn: asyncpg.Connection, m: Model, op: tuple) -> None:
         # anything carrying an idempotency key (an external id, a ledger key, the
         # payment id of a cancel) replays at any later time; setting a credit or
         # a block replays as the very next operation
-        replayable = [d for d in m.done if d[0] in ("charge", "cancel")
+        replayable = [d for d in m.done if d[0] in ("charge", "cancel_pid")
                       or (d[0] == "pay" and d[3] is not None)]
         if m.done and m.done[-1][0] in ("credit", "block"):
             replayable.append(m.done[-1])
