@@ -358,7 +358,11 @@ def bench_freeradius(args: argparse.Namespace, tmp: Path, label: str, conninfo: 
         return run_target(label, port, args, 60_000)
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 # -- report --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ charge are published on the ``blocks`` topic after it commits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -435,6 +436,38 @@ async def authorize_many(conn: asyncpg.Connection, store: SecretStore, requests:
     return out
 
 
+class Authorizer:
+    """Decides batches one after the other on a connection it keeps while
+    batches are waiting: under load that saves the pool's per-release reset
+    round trip, and a queue of batches needs no more than one connection
+    (each batch is one query).  Idle, the connection goes back to the pool."""
+
+    def __init__(self, pool: asyncpg.Pool, store: SecretStore) -> None:
+        self._pool = pool
+        self._store = store
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._conn: asyncpg.Connection | None = None
+
+    async def decide(self, requests: list[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
+        self._waiting += 1
+        async with self._lock:
+            self._waiting -= 1
+            if self._conn is None:
+                self._conn = await self._pool.acquire()
+            conn = self._conn
+            try:
+                return await authorize_many(conn, self._store, requests, now)
+            except BaseException:
+                self._conn = None  # a failed connection is not kept
+                await self._pool.release(conn)
+                raise
+            finally:
+                if self._conn is not None and self._waiting == 0:
+                    self._conn = None
+                    await self._pool.release(conn)
+
+
 async def authorize(conn: asyncpg.Connection, store: SecretStore, req: dict[str, Any], now: dt.datetime,
                     lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> dict[str, Any]:
     """Decide one Access-Request."""
@@ -605,11 +638,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with pool.acquire() as conn:
             return (await authorize_many(conn, store, [request], core.now()))[0]
 
+    authorizer = Authorizer(pool, store)
+
     async def h_authorize_many(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not 1 <= len(requests) <= MAX_BATCH or not all(isinstance(r, dict) for r in requests):
             raise CallFailed(BAD_ARGS, f"requests: a list of 1..{MAX_BATCH} maps")
-        async with pool.acquire() as conn:
-            return await authorize_many(conn, store, requests, core.now())
+        return await authorizer.decide(requests, core.now())
 
     async def h_accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
         async with pool.acquire() as conn, conn.transaction():

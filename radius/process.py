@@ -160,14 +160,19 @@ class CoreLink:
 
 
 class UrfaDecider:
-    """Access-Requests in batches (``radius.authorize_many``), accounting one by one."""
+    """Access-Requests in batches (``radius.authorize_many``), accounting one by one.
+
+    ``bounded``: every call carries the decision timeout, so the server sets
+    no timer of its own per request."""
+
+    bounded = True
 
     def __init__(self, link: CoreLink, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16) -> None:
         self.link = link
         self.timeout = timeout
         self.max_batch = max_batch
         self.max_batches = max_batches
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[Decision]]] = []
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[Decision], float]] = []
         self._flushing = False
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,7 +183,7 @@ class UrfaDecider:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         fut: asyncio.Future[Decision] = loop.create_future()
-        self._queue.append((request, fut))
+        self._queue.append((request, fut, loop.time()))
         if not self._flushing:
             self._flushing = True
             loop.call_soon(self._flush)
@@ -186,23 +191,35 @@ class UrfaDecider:
 
     def _flush(self) -> None:
         self._flushing = False
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
+        if self._queue and self._queue[0][2] < loop.time() - self.timeout:
+            # waited a whole timeout for a free batch slot: the NAS has retried by now
+            stale = DecisionUnavailable("no answer from the core in time")
+            fresh = []
+            for entry in self._queue:
+                if entry[2] < loop.time() - self.timeout:
+                    if not entry[1].done():
+                        entry[1].set_exception(stale)
+                else:
+                    fresh.append(entry)
+            self._queue = fresh
         while self._queue and self._inflight < self.max_batches:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             self._inflight += 1
-            self._loop.create_task(self._send(batch))
+            loop.create_task(self._send(batch))
 
-    async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future[Decision]]]) -> None:
+    async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future[Decision], float]]) -> None:
         try:
-            answers = await self.link.call("radius.authorize_many", {"requests": [r for r, _ in batch]},
+            answers = await self.link.call("radius.authorize_many", {"requests": [e[0] for e in batch]},
                                            timeout=self.timeout)
             if not isinstance(answers, list) or len(answers) != len(batch):
                 raise RadiusError(f"radius.authorize_many answered {len(answers)} for {len(batch)}")
-            for (_, fut), answer in zip(batch, answers):
+            for (_, fut, _t), answer in zip(batch, answers):
                 if not fut.done():
                     fut.set_result(Decision.from_wire(answer))
         except BaseException as exc:
-            for _, fut in batch:
+            for _, fut, _t in batch:
                 if not fut.done():
                     fut.set_exception(exc if isinstance(exc, Exception) else DecisionUnavailable("cancelled"))
             if not isinstance(exc, Exception):

@@ -335,12 +335,14 @@ class RadiusServer:
         self.dedup.begin(key, self.clock())
         self.inflight += 1
         self._pending.add(fut)
-        timer = loop.call_later(self.decision_timeout, fut.cancel)
+        # a decider that bounds its own calls (``bounded``) needs no timer per request
+        timer = None if getattr(self.decider, "bounded", False) else loop.call_later(self.decision_timeout, fut.cancel)
         fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr))
 
-    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle, endpoint: _Endpoint, nas: Nas,
+    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: _Endpoint, nas: Nas,
                  header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]) -> None:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         self._pending.discard(fut)
         self.inflight -= 1
         try:

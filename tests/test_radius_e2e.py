@@ -106,7 +106,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         s.links["bob"] = await admin.call("radius.link_add", {
             "account_id": s.accounts["bob"], "login": "bob", "password": "builder", "pool": "dyn"})
         # the radius process reloads its NAS table on the radius.nas event
-        await wait_until(lambda: radclient_ok(s, "auth", 'User-Name = "alice", User-Password = "wonderland"'))
+        await wait_until(lambda: radclient_ok(s, "auth", 'User-Name = "alice", User-Password = "wonderland"'),
+                         timeout=30)
         yield s
         await admin.close()
     finally:
@@ -115,8 +116,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         await _drop_db(pg_server_dsn, db)
 
 
-async def radclient(port: int, command: str, attrs: str, secret: str = SECRET, timeout: float = 1.0,
-                    retries: int = 1) -> tuple[int, str]:
+async def radclient(port: int, command: str, attrs: str, secret: str = SECRET, timeout: float = 2.0,
+                    retries: int = 2) -> tuple[int, str]:
     assert RADCLIENT is not None
     proc = await asyncio.create_subprocess_exec(
         RADCLIENT, "-x", "-t", str(timeout), "-r", str(retries), f"127.0.0.1:{port}", command, secret,
