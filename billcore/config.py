@@ -80,6 +80,12 @@ class SupervisorSection:
 
 
 @dataclass(frozen=True, slots=True)
+class BillingSection:
+    promised_amount: str = _f("100.00", "Credit a subscriber may take once a month as a promised payment (currency units).")
+    promised_days: int = _f(5, "Days a promised payment lasts before it expires by itself.")
+
+
+@dataclass(frozen=True, slots=True)
 class PeriodicSection:
     enabled: bool = _f(True, "Run the periodic-charge scheduler in the core.")
     interval: float = _f(60.0, "Seconds between checks for due periodic charges.")
@@ -155,6 +161,7 @@ class Config:
     urfa: URFASection = field(default_factory=URFASection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    billing: BillingSection = field(default_factory=BillingSection)
     periodic: PeriodicSection = field(default_factory=PeriodicSection)
     plugins: PluginsSection = field(default_factory=PluginsSection)
     radius: RadiusSection = field(default_factory=RadiusSection)
@@ -251,6 +258,14 @@ def _validate(config: Config) -> None:
     positive("urfa.max_inflight", config.urfa.max_inflight)
     positive("database.pool_max", config.database.pool_max)
     positive("periodic.interval", config.periodic.interval)
+    positive("billing.promised_days", config.billing.promised_days)
+    try:
+        from .billing.money import parse_money
+
+        if parse_money(config.billing.promised_amount) <= 0:
+            raise ValueError("not positive")
+    except ValueError as exc:  # MoneyFormatError and MoneyRangeError are ValueErrors
+        raise ConfigError(f"billing.promised_amount: a positive amount like '100.00': {exc}") from None
     if config.portal.language not in ("en", "ru"):
         raise ConfigError(f"portal.language: en or ru, got {config.portal.language!r}")
     if bool(config.portal.tls_cert) != bool(config.portal.tls_key):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import hmac
 import logging
@@ -23,6 +24,8 @@ from typing import Any
 import asyncpg
 
 from . import metrics
+from .billing.money import parse_money
+from .billing.payments import PromisedRule
 from .calls import CallRegistry, CallSpec
 from .config import Config
 from .context import CoreContext, utcnow
@@ -86,12 +89,15 @@ async def _watch_pool(pool: asyncpg.Pool) -> None:
 
 async def _periodic(core: CoreContext) -> None:
     from .api import announce
+    from .billing.payments import expire_promised
     from .billing.scheduler import run_due
 
     tz = zoneinfo.ZoneInfo(core.config.core.timezone)
     section = core.config.periodic
     while True:
         try:
+            async with core.pool.acquire() as conn:
+                await announce(core, await expire_promised(conn, core.now()))
             result = await run_due(core.pool, core.now(), tz=tz, batch_size=section.batch_size)
             await announce(core, result.block_changes)
             if result.charges:
@@ -124,6 +130,10 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         service = URFAService(registry, auth=DatabaseAuth(pool), config=urfa_config(config, key))
         core = CoreContext(pool=pool, config=config, publish=service.publish, now=utcnow)
         core.extras["secret_store"] = secret_store
+        core.extras["promised_rule"] = PromisedRule(
+            amount=parse_money(config.billing.promised_amount),
+            duration=datetime.timedelta(days=config.billing.promised_days),
+        )
         plugins = await _start_plugins(core, registry)
         registry.register_all(build_calls(core))
 

@@ -37,6 +37,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                        before=None, after={"payment_id": r.payment_id, "amount": amount,
                                                            "method": method, "external_id": external_id,
                                                            "balance": r.balance}, now=now)
+        if r.created:
+            await core.fire("payment.added", {"account_id": account_id, "amount": amount, "balance": r.balance,
+                                              "external_id": external_id, "method": method})
         await announce(core, r.block_changes)
         return {"payment_id": r.payment_id, "ledger_id": r.ledger_id, "created": r.created,
                 "balance": r.balance}
