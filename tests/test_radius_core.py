@@ -21,6 +21,7 @@ from billcore.radius_calls import (
     add_nas,
     add_pool,
     authorize,
+    authorize_many,
     close_stale,
     nas_list,
 )
@@ -176,3 +177,26 @@ async def test_accounting_on_and_stale_sweep_close_sessions(pool: asyncpg.Pool, 
             assert await close_stale(conn, T0 + dt.timedelta(minutes=5), dt.timedelta(minutes=10)) == 0
             assert await close_stale(conn, T0 + dt.timedelta(minutes=11), dt.timedelta(minutes=10)) == 1
         assert await conn.fetchval("SELECT end_reason FROM radius_sessions WHERE session_id = 'S3'") == "stale"
+
+
+async def test_a_batch_is_decided_in_order_with_one_lease_per_link(pool: asyncpg.Pool, store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        await add_pool(conn, name="p", first="10.8.0.1", last="10.8.0.9")
+        blocked = await make_account(conn, "blocked")
+        await conn.execute("INSERT INTO blocks(account_id, kind, set_at, set_by) VALUES ($1, 'admin', now(), 't')",
+                           blocked)
+        await add_link(conn, store, account_id=blocked, login="b", password="pw")
+        for login in ("p1", "p2"):
+            await add_link(conn, store, account_id=await make_account(conn, login), login=login, password="pw",
+                           pool="p")
+        req = [{"nas": NAS, "login": login, "method": "pap", "password": pw}
+               for login, pw in (("p1", b"pw"), ("b", b"pw"), ("nobody", b"pw"), ("p2", b"pw"), ("p1", b"pw"),
+                                 ("p2", b"wrong"))]
+        req.insert(2, {"nas": NAS, "method": "pap", "password": b"pw"})  # no login at all
+        out = await authorize_many(conn, store, req, T0)
+    assert [o["accept"] for o in out] == [True, False, False, False, True, True, False]
+    assert [o.get("reason") for o in out if not o["accept"]] == [
+        "account blocked", "no login", "wrong login or password", "wrong login or password"]
+    ip = [dict(map(tuple, out[i]["reply"]))["Framed-IP-Address"] for i in (0, 4, 5)]  # type: ignore[arg-type]
+    assert ip[0] != ip[1] and ip[0] == ip[2]  # p1 twice in one batch: the same lease

@@ -227,3 +227,35 @@ def test_hmac_used_is_md5_over_zeroed_attribute() -> None:
     zeroed = packet[: header.ma_offset] + b"\0" * 16 + packet[header.ma_offset + 16 :]
     assert hmac.new(SECRET, zeroed, hashlib.md5).digest() == packet[header.ma_offset : header.ma_offset + 16]
     assert struct.unpack("!H", packet[2:4])[0] == len(packet)
+
+
+def test_fast_reply_decodes_in_pyrad_and_proves_the_secret() -> None:
+    from pyrad.packet import AccessAccept, Packet
+
+    from radius.auth import parse_header as parse
+    from radius.replies import BadAttribute, ReplyEncoder, finish_reply
+
+    d = load_dictionary()
+    enc = ReplyEncoder(d)
+    req_auth = os.urandom(16)
+    attrs, skipped = enc.attributes([
+        ["Framed-IP-Address", "10.1.2.3"], ["Session-Timeout", 3600], ["Service-Type", "Framed-User"],
+        ["Mikrotik-Rate-Limit", "10M/20M"], ["Cisco-AVPair", "ip:addr-pool=x"], ["Reply-Message", "hi"],
+        ["No-Such-Attribute", 1], ["Session-Timeout", "soon"],
+    ])
+    assert [name for name, _ in skipped] == ["No-Such-Attribute", "Session-Timeout"]
+    reply = finish_reply(AccessAccept, 7, req_auth, b"s3cret", attrs)
+    # the Message-Authenticator comes first and proves the secret, like the response authenticator
+    assert reply[20:22] == b"\x50\x12"
+    header, packet = parse(reply)
+    assert message_authenticator_ok(header, packet, b"s3cret", req_auth)
+    assert not message_authenticator_ok(header, packet, b"other", req_auth)
+    assert response_ok(reply, req_auth, b"s3cret") and not response_ok(reply, req_auth, b"other")
+    pkt = Packet(dict=d, packet=reply, secret=b"s3cret")
+    assert pkt.code == AccessAccept and pkt.id == 7
+    assert pkt["Framed-IP-Address"] == ["10.1.2.3"] and pkt["Session-Timeout"] == [3600]
+    assert pkt["Service-Type"] == ["Framed-User"] and pkt["Mikrotik-Rate-Limit"] == ["10M/20M"]
+    assert pkt["Cisco-AVPair"] == ["ip:addr-pool=x"] and pkt["Reply-Message"] == ["hi"]
+    # one attribute never takes more than its 253 octets
+    with pytest.raises(BadAttribute):
+        enc.attribute("Reply-Message", "x" * 300)
