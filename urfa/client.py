@@ -177,8 +177,9 @@ class Client:
         if ep.unix is not None:
             await asyncio.wait_for(self._loop.create_unix_connection(lambda: _Protocol(self), ep.unix), ep.timeout)
         else:
+            # host None is getaddrinfo's local host, as it always was
             await asyncio.wait_for(self._loop.create_connection(
-                lambda: _Protocol(self), ep.host, ep.port, ssl=ep.ssl,
+                lambda: _Protocol(self), ep.host, ep.port, ssl=ep.ssl,  # type: ignore[arg-type]
                 server_hostname=ep.server_hostname if ep.ssl else None, local_addr=ep.local_addr), ep.timeout)
         msg = await self._expect(Hello)
         assert isinstance(msg, Hello)
@@ -395,7 +396,12 @@ class Client:
         p = self.start_call(fn, args, as_sid=as_sid, as_ip=as_ip, streaming=True)
         s = Stream(self, p)
         self._streams[p.id] = s
-        p.future.add_done_callback(lambda _f: self._streams.pop(p.id, None) and s._wake.set())
+
+        def finished(_f: asyncio.Future[Any]) -> None:
+            if self._streams.pop(p.id, None) is not None:
+                s._wake.set()
+
+        p.future.add_done_callback(finished)
         return s
 
     def cancel(self, call: PendingCall | Stream | int) -> None:

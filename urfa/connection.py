@@ -230,13 +230,13 @@ class Connection:
                 raise LocalProtocolError(f"cannot send {what}")
             raise RemoteProtocolError(f"peer sent {what}")
         if self._server:
-            if t is Call and not local:
-                if not self._admit_call(msg):  # type: ignore[arg-type]
+            if isinstance(msg, Call) and not local:
+                if not self._admit_call(msg):
                     return False
-            elif (t is Result or t is Error) and local:
-                self.inflight.discard(msg.id)  # type: ignore[union-attr]
-        if (t is Login or t is Resume) and msg.proto not in PROTO_VERSIONS:  # type: ignore[union-attr]
-            text = f"protocol version {msg.proto} not supported"  # type: ignore[union-attr]
+            elif isinstance(msg, (Result, Error)) and local:
+                self.inflight.discard(msg.id)
+        if isinstance(msg, (Login, Resume)) and msg.proto not in PROTO_VERSIONS:
+            text = f"protocol version {msg.proto} not supported"
             if local:
                 raise LocalProtocolError(text)
             raise RemoteProtocolError(text, VERSION)

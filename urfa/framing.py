@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]   # no stubs published
 
 from .errors import FRAME_TOO_LARGE, PROTOCOL, LocalProtocolError, RemoteProtocolError
 
@@ -97,7 +97,8 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded (bounded by cap + one read)."""
-        return self._fed - self._unpacker.tell() + (4 if self._need >= 0 else 0)
+        consumed: int = self._unpacker.tell()
+        return self._fed - consumed + (4 if self._need >= 0 else 0)
 
     def feed(self, data: bytes) -> None:
         if self._broken:
@@ -156,7 +157,7 @@ class FrameEncoder:
 
     def encode(self, message: dict[str, Any]) -> bytes:
         try:
-            body = self._packer.pack(message)
+            body: bytes = self._packer.pack(message)
         except (TypeError, ValueError, OverflowError) as exc:
             self._packer.reset()
             raise LocalProtocolError(f"cannot encode message: {exc}") from None

@@ -13,6 +13,7 @@ call ids are bounded so nothing a peer sends can grow without limit here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -126,22 +127,26 @@ class Event(NamedTuple):
     dropped: int = 0
 
 
-def _strict_eq(self: tuple[Any, ...], other: object) -> bool:
-    return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+_tuple_eq: Callable[[Any, object], bool] = tuple.__eq__
+_tuple_hash: Callable[[Any], int] = tuple.__hash__
 
 
-def _strict_ne(self: tuple[Any, ...], other: object) -> bool:
+def _strict_eq(self: Any, other: object) -> bool:
+    return type(self) is type(other) and _tuple_eq(self, other)
+
+
+def _strict_ne(self: Any, other: object) -> bool:
     return not _strict_eq(self, other)
 
 
-def _strict_hash(self: tuple[Any, ...]) -> int:
-    return hash((type(self).__name__, tuple.__hash__(self)))
+def _strict_hash(self: Any) -> int:
+    return hash((type(self).__name__, _tuple_hash(self)))
 
 
 for _cls in (Call, Cancel, Ping, Pong, Result, Chunk, Error, Event):
-    _cls.__eq__ = _strict_eq  # type: ignore[assignment,method-assign]
-    _cls.__ne__ = _strict_ne  # type: ignore[assignment,method-assign]
-    _cls.__hash__ = _strict_hash  # type: ignore[assignment,method-assign]
+    _cls.__eq__ = _strict_eq  # type: ignore[method-assign]
+    _cls.__ne__ = _strict_ne  # type: ignore[method-assign]
+    _cls.__hash__ = _strict_hash  # type: ignore[method-assign]
 del _cls
 
 
