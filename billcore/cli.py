@@ -156,9 +156,11 @@ def cmd_system(args: argparse.Namespace, config: Config) -> int:
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     """Exit 0 when every invariant holds; 1 and one line per problem when not."""
     from .billing.verify import verify
+    from .ops.checks import WATERMARK_STATE, extra_checks
 
     async def work(conn: Any) -> int:
-        problems = await verify(conn)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            problems = await verify(conn) + await extra_checks(conn, state_file=config.data_dir / WATERMARK_STATE)
         for problem in problems:
             print(f"PROBLEM {problem}")
         if args.quiet and not problems:
@@ -213,7 +215,13 @@ def _plugin_commands(sub: Any, commands: dict[str, CommandFn]) -> None:
     add_commands(sub, commands)
 
 
-_EXTENSIONS: list[Callable[[Any, dict[str, CommandFn]], None]] = [_plugin_commands]
+def _ops_commands(sub: Any, commands: dict[str, CommandFn]) -> None:
+    from .ops.cli import add_commands
+
+    add_commands(sub, commands)
+
+
+_EXTENSIONS: list[Callable[[Any, dict[str, CommandFn]], None]] = [_plugin_commands, _ops_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 __all__ = ["Config", "ConfigError", "load_config", "example_config"]
 
@@ -96,7 +96,7 @@ class PeriodicSection:
 class PluginsSection:
     key_dir: str = _f("", "Directory of trusted Ed25519 public keys, one NAME.pub file per key (empty: <data_dir>/plugin-keys).")
     dir: str = _f("", "Directory that plugins.load names refer to (empty: <data_dir>/plugins).")
-    load: tuple = _f((), "Plugins (names inside dir) to load at start, in order.")
+    load: tuple[str, ...] = _f((), "Plugins (names inside dir) to load at start, in order.")
     installation_id: str = _f("", "This installation's id; a licence bound to another installation is refused.")
 
 
@@ -123,8 +123,8 @@ class NetflowSection:
     port: int = _f(2055, "NetFlow/IPFIX UDP port, shared by every worker (SO_REUSEPORT).")
     workers: int = _f(0, "Worker processes (0: one per CPU core).")
     rcvbuf: int = _f(67108864, "Socket receive buffer asked for, in bytes (granted size is logged and exported).")
-    exporters: tuple = _f(("127.0.0.1", "::1"), "Exporter addresses or prefixes accepted; packets from others are dropped and counted.")
-    sampling: tuple = _f((), "Configured sampling per exporter, 'ADDRESS=N' (1-in-N); overrides what the exporter declares.")
+    exporters: tuple[str, ...] = _f(("127.0.0.1", "::1"), "Exporter addresses or prefixes accepted; packets from others are dropped and counted.")
+    sampling: tuple[str, ...] = _f((), "Configured sampling per exporter, 'ADDRESS=N' (1-in-N); overrides what the exporter declares.")
     journal_dir: str = _f("", "Directory of the workers' packet journals (empty: <data_dir>/netflow/journal).")
     journal_max_bytes: int = _f(17179869184, "Journal size per worker above which a loud alarm is raised (nothing is dropped).")
     segment_bytes: int = _f(67108864, "Size of one journal segment file.")
@@ -204,7 +204,8 @@ SECTIONS: dict[str, type] = {
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list of strings"}
 
 
-def _check_value(key: str, typ: type, value: Any) -> Any:
+def _check_value(key: str, hint: Any, value: Any) -> Any:
+    typ = get_origin(hint) or hint  # tuple[str, ...] → tuple
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, bool):

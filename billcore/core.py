@@ -91,6 +91,7 @@ async def _periodic(core: CoreContext) -> None:
     from .api import announce
     from .billing.payments import expire_promised
     from .billing.scheduler import run_due
+    from .ops import metrics as ops_metrics
 
     tz = zoneinfo.ZoneInfo(core.config.core.timezone)
     section = core.config.periodic
@@ -98,12 +99,15 @@ async def _periodic(core: CoreContext) -> None:
         try:
             async with core.pool.acquire() as conn:
                 await announce(core, await expire_promised(conn, core.now()))
-            result = await run_due(core.pool, core.now(), tz=tz, batch_size=section.batch_size)
+            result = await run_due(core.pool, core.now(), tz=tz, batch_size=section.batch_size,
+                                   progress=ops_metrics.periodic_progress)
+            ops_metrics.periodic_finished(result)
             await announce(core, result.block_changes)
             if result.charges:
                 log.info("periodic run", extra={"accounts": result.accounts, "charges": result.charges,
                                                 "amount": result.amount, "periods_closed": result.periods_closed})
         except (asyncpg.PostgresError, OSError) as exc:
+            ops_metrics.periodic_failed()
             log.warning("periodic run failed, will retry", extra={"reason": f"{type(exc).__name__}: {exc}"})
         await asyncio.sleep(section.interval)
 
