@@ -102,7 +102,7 @@ def parse_header(data: bytes) -> tuple[Header, bytes]:
 
 def _ma_digest(packet: bytes, ma_offset: int, secret: bytes, authenticator: bytes) -> bytes:
     zeroed = packet[:4] + authenticator + packet[20:ma_offset] + b"\x00" * 16 + packet[ma_offset + 16 :]
-    return hmac.new(secret, zeroed, hashlib.md5).digest()
+    return hmac.digest(secret, zeroed, "md5")  # the one-shot C path: no HMAC object
 
 
 def message_authenticator_ok(

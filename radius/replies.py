@@ -49,7 +49,7 @@ def finish_reply(code: int, ident: int, request_auth: bytes, secret: bytes, attr
     if message_authenticator:
         length = 38 + len(attrs)
         head = struct.pack("!BBH", code, ident, length)
-        ma = hmac.new(secret, head + request_auth + _MA_PLACEHOLDER + attrs, _MD5).digest()
+        ma = hmac.digest(secret, head + request_auth + _MA_PLACEHOLDER + attrs, "md5")
         body = b"\x50\x12" + ma + attrs
     else:
         length = 20 + len(attrs)

@@ -221,8 +221,8 @@ class _Endpoint(asyncio.DatagramProtocol):
     def send(self, data: bytes, addr: tuple[Any, ...], code: int) -> None:
         if self.transport is not None:
             self.transport.sendto(data, addr)
-            counter = _REPLIED.get(code)
-            (counter if counter is not None else REPLIES.labels(str(code))).inc()
+            tally = self.server.tally
+            tally[code] = tally.get(code, 0) + 1
 
 
 @dataclass
@@ -240,6 +240,10 @@ class RadiusServer:
     _endpoints: list[_Endpoint] = field(default_factory=list)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
     _sampler: asyncio.Task[None] | None = None
+    # requests (by request code) and replies (by reply code) counted here and
+    # added to the Prometheus counters by ``flush_metrics`` each second: a
+    # multiprocess counter costs an mmap write per increment
+    tally: dict[int, int] = field(default_factory=lambda: {ACCESS_REQUEST: 0, ACCOUNTING_REQUEST: 0})
 
     def __post_init__(self) -> None:
         if self.encoder is None:
@@ -265,10 +269,24 @@ class RadiusServer:
         return ports[0], ports[1]
 
     async def _sample_inflight(self) -> None:
-        """The in-flight gauge, sampled: a multiprocess gauge write per request costs too much."""
         while True:
-            INFLIGHT.set(self.inflight)
+            self.flush_metrics()
             await asyncio.sleep(1.0)
+
+    def flush_metrics(self) -> None:
+        """Publish the tallies and the in-flight gauge (sampled, not per request)."""
+        INFLIGHT.set(self.inflight)
+        tally, self.tally = self.tally, {ACCESS_REQUEST: 0, ACCOUNTING_REQUEST: 0}
+        for code, n in tally.items():
+            if not n:
+                continue
+            if code == ACCESS_REQUEST:
+                _ACCESS.inc(n)
+            elif code == ACCOUNTING_REQUEST:
+                _ACCOUNTING.inc(n)
+            else:
+                counter = _REPLIED.get(code)
+                (counter if counter is not None else REPLIES.labels(str(code))).inc(n)
 
     async def close(self, grace: float = 5.0) -> None:
         if self._sampler is not None:
@@ -279,6 +297,7 @@ class RadiusServer:
         self._endpoints.clear()
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=grace)
+        self.flush_metrics()
 
     # -- the datagram path (plain, bounded) ---------------------------------
     def receive(self, endpoint: _Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -321,11 +340,11 @@ class RadiusServer:
             return
         try:
             if code == ACCESS_REQUEST:
-                _ACCESS.inc()
+                self.tally[ACCESS_REQUEST] += 1
                 awaitable = self.decider.authorize(nas, auth_request(packet, header.authenticator, nas.secret,
                                                                      nas.address))
             else:
-                _ACCOUNTING.inc()
+                self.tally[ACCOUNTING_REQUEST] += 1
                 awaitable = self.decider.account(nas, accounting_record(packet, nas.address, self.wall_clock()))
         except (MalformedPacket, DecisionUnavailable) as exc:
             self._count_failure(exc)
