@@ -43,6 +43,7 @@ them, waiting for the socket to drain, so a slow reader only loses events.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import secrets
@@ -53,9 +54,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from billcore.calls import CallRegistry, CallSpec, NotInTable, Symbol, SymbolDeleted, allows
+from billcore.calls import CallRegistry, CallSpec, NotInTable, SymbolDeleted, allows
 from billcore.sessions import (
     LoginLimiter, NoSession, Principal, ResumeRefused, Session, SessionTable,
     TooManySessions, address_key,
@@ -87,14 +88,19 @@ def runs_inline(handler: _H) -> _H:
     """Mark a handler that may start outside any task (see the module notes).
 
     For handlers answering from memory; never for ones that reach the
-    database or use ``asyncio.timeout`` before their first ``await``.
+    database or use ``asyncio.timeout`` before their first ``await``.  Its
+    module is referenced (``registry.in_flight``) only once it suspends:
+    until then nothing else runs, so nothing can unload the module, except
+    the handler itself, which therefore must not unload its own module.
     """
+    if not inspect.iscoroutinefunction(handler):
+        raise TypeError(f"runs_inline needs an async def function, not {handler!r}")
     setattr(handler, _INLINE, True)
     return handler
 
 
 @types.coroutine
-def _continue(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+def _continue(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
     """Drive ``coro`` on from its first suspension (which yielded ``yielded``).
 
     Wrapped in a task this is the task the coroutine would have been: the
@@ -110,13 +116,13 @@ def _continue(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, A
         except BaseException as exc:  # noqa: B902 - cancellation and the like, passed on as they are
             try:
                 yielded = coro.throw(exc)
-            except StopIteration:
-                return
+            except StopIteration as done:
+                return done.value
         else:
             try:
                 yielded = coro.send(sent)
-            except StopIteration:
-                return
+            except StopIteration as done:
+                return done.value
 
 
 class AuthBackend(Protocol):
@@ -526,37 +532,58 @@ class URFAService:
                 channel.send_error(call_id, E.BAD_ARGS, problem)
                 return
         ctx = CallContext(self, session, call_id, link, proxy, spec.streaming)
-        coro = self._run(link, ctx, symbol, call_id, args)
-        if getattr(spec.handler, _INLINE, False):
+        handler = spec.handler
+        started: Coroutine[Any, Any, Any] | None = None
+        if getattr(handler, _INLINE, False):
+            coro = cast(Coroutine[Any, Any, Any], handler(ctx, **args))   # runs_inline checked it
             try:
                 yielded = coro.send(None)
-            except StopIteration:
-                return   # answered already: no task, no loop round trip
-            task = asyncio.get_running_loop().create_task(_continue(coro, yielded))
-        else:
-            task = asyncio.get_running_loop().create_task(coro)
-        link.tasks[call_id] = task
+            except StopIteration as done:   # answered at once: no task, no module reference needed
+                self._send_value(channel, call_id, spec, done.value)
+                return
+            except (Exception, asyncio.CancelledError) as exc:
+                self._send_failure(channel, call_id, spec, exc)
+                return
+            started = _continue(coro, yielded)
+        # The call holds its module from now (not from its task's first step)
+        # until it ends, so an unload in between waits for it.
+        guard = self.registry.in_flight(symbol)
+        guard.__enter__()
+        link.tasks[call_id] = asyncio.get_running_loop().create_task(
+            self._finish(link, guard, ctx, spec, args, started))
 
-    async def _run(self, link: _Link, ctx: CallContext, symbol: Symbol, call_id: int, args: dict[str, Any]) -> None:
+    async def _finish(self, link: _Link, guard: Any, ctx: CallContext, spec: CallSpec,
+                      args: dict[str, Any], started: Coroutine[Any, Any, Any] | None) -> None:
         channel = link.channel
-        spec = symbol.spec
+        call_id = ctx.call_id
         try:
-            with self.registry.in_flight(symbol):
-                value = await spec.handler(ctx, **args)
-            try:
-                channel.send_result(call_id, value)
-            except LocalProtocolError as exc:
-                log.error("result of %s cannot be sent: %s", spec.name, exc)
-                channel.send_error(call_id, E.INTERNAL, "result could not be encoded")
-        except CallFailed as exc:
-            channel.send_error(call_id, exc.code, exc.message)
-        except asyncio.CancelledError:
-            channel.send_error(call_id, E.CANCELLED, "cancelled")
-        except Exception:  # the boundary: anything unexpected becomes `internal`, logged here
-            log.exception("call %s failed", spec.name)
-            channel.send_error(call_id, E.INTERNAL, "internal error")
+            value = await (started if started is not None else spec.handler(ctx, **args))
+        except (Exception, asyncio.CancelledError) as exc:
+            guard.__exit__(None, None, None)
+            self._send_failure(channel, call_id, spec, exc)
+        else:
+            guard.__exit__(None, None, None)
+            self._send_value(channel, call_id, spec, value)
         finally:
             link.tasks.pop(call_id, None)
+
+    @staticmethod
+    def _send_value(channel: ServerChannel, call_id: int, spec: CallSpec, value: Any) -> None:
+        try:
+            channel.send_result(call_id, value)
+        except LocalProtocolError as exc:
+            log.error("result of %s cannot be sent: %s", spec.name, exc)
+            channel.send_error(call_id, E.INTERNAL, "result could not be encoded")
+
+    @staticmethod
+    def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> None:
+        if isinstance(exc, CallFailed):
+            channel.send_error(call_id, exc.code, exc.message)
+        elif isinstance(exc, asyncio.CancelledError):
+            channel.send_error(call_id, E.CANCELLED, "cancelled")
+        else:   # the boundary: anything unexpected becomes `internal`, logged here
+            log.error("call %s failed", spec.name, exc_info=exc)
+            channel.send_error(call_id, E.INTERNAL, "internal error")
 
     # -- sessions ending -------------------------------------------------
     def logout(self, session: Session) -> None:

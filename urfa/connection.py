@@ -37,7 +37,7 @@ from .errors import (
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameEncoder
 from .messages import (
     PROTO_VERSIONS, Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login,
-    Message, Ping, Pong, Proof, Result, Resume, Welcome, parse, to_wire,
+    Message, Ping, Pong, Proof, Result, Resume, Welcome, parse, parse_call, to_wire,
 )
 
 __all__ = ["Role", "State", "Connection", "Closed", "TRANSITIONS"]
@@ -116,6 +116,7 @@ class Connection:
         self._out: list[bytes] = []
         self._eof = False
         self._state = State.HELLO
+        self._takes_calls = False
         self._rx: dict[type, State] = _NEXT[(State.HELLO, self._peer)]
         self._tx: dict[type, State] = _NEXT[(State.HELLO, role)]
 
@@ -126,6 +127,7 @@ class Connection:
     @state.setter
     def state(self, state: State) -> None:
         self._state = state
+        self._takes_calls = self._server and Call in _NEXT[(state, self._peer)]
         self._rx = _NEXT[(state, self._peer)]
         self._tx = _NEXT[(state, self.role)]
 
@@ -167,13 +169,13 @@ class Connection:
                         self.state = State.CLOSED
                         return Closed()
                     return None
-                msg = parse(raw)
-                t = type(msg)
-                if t is Call and self._server and self._state is State.OPEN:
-                    # The hot path, equal to ``_advance`` for a call in OPEN.
-                    if self._admit_call(msg):  # type: ignore[arg-type]
-                        return msg
+                if self._takes_calls and raw.get("t") == "call":
+                    # The hot path: what ``_advance`` does for a call in OPEN.
+                    call = parse_call(raw)
+                    if self._admit_call(call):
+                        return call
                     continue
+                msg = parse(raw)
                 if self._advance(self._peer, msg):
                     return msg
         except RemoteProtocolError as exc:

@@ -22,7 +22,7 @@ from .errors import RemoteProtocolError
 __all__ = [
     "PROTO_VERSIONS", "Message", "Hello", "Login", "Challenge", "Proof", "Resume",
     "Welcome", "Call", "Cancel", "Ping", "Pong", "Result", "Chunk", "Error",
-    "Event", "Bye", "parse", "to_wire", "MAX_CALL_ID",
+    "Event", "Bye", "parse", "parse_call", "to_wire", "MAX_CALL_ID",
 ]
 
 PROTO_VERSIONS: tuple[int, ...] = (1,)
@@ -197,8 +197,8 @@ def _int(m: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_CALL_ID, defaul
     return v
 
 
-def _parse_call(m: dict[str, Any]) -> Call:
-    # The hottest parser: one per call the server receives, so checks are inline.
+def parse_call(m: dict[str, Any]) -> Call:
+    """``parse`` for a map whose ``t`` is ``"call"``: the server's hot path, checks inline."""
     call_id = m.get("id")
     fn = m.get("fn")
     args = m.get("args", {})
@@ -228,7 +228,7 @@ def _parse_challenge(m: dict[str, Any]) -> Challenge:
 
 
 _PARSERS: dict[str, Any] = {
-    "call": _parse_call,
+    "call": parse_call,
     "result": lambda m: Result(_int(m, "id"), m.get("value")),
     "error": lambda m: Error(_int(m, "id"), _str(m, "code"), _str(m, "msg", MAX_TEXT, True) or ""),
     "chunk": lambda m: Chunk(_int(m, "id"), m.get("data")),
