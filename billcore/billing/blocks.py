@@ -16,13 +16,16 @@ when ``balance < -(credit + active promised credit)``.  ``sync_system_block``
 makes the system block agree with that rule and returns what it changed;
 every ledger posting and every credit/unlimited/promised change calls it
 with the account row locked (``FOR UPDATE``), so two transactions never race
-on the same block.  Setting or lifting returns a ``BlockChange``; callers
+on the same block.  ``sync_system_blocks`` does the same for a whole batch
+of accounts in three statements (read with promised credit, set, lift); the
+one-account form is that with a list of one.  Setting or lifting returns a ``BlockChange``; callers
 publish it after their transaction commits (``BlockChange.event()``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,7 @@ __all__ = [
     "list_blocks",
     "set_block",
     "sync_system_block",
+    "sync_system_blocks",
 ]
 
 BLOCK_KINDS = frozenset({"admin", "user", "system"})
@@ -142,19 +146,78 @@ async def lift_block(conn: asyncpg.Connection, account_id: int, kind: str, *, ac
         return await _lift(conn, account_id, kind, actor, now)
 
 
+MAX_SYNC = 100_000   # accounts per set-based sync: the ledger's batch limit
+
+
+async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int], *, actor: str,
+                             now: dt.datetime, expected_balances: Mapping[int, int] | None = None,
+                             ) -> list[BlockChange]:
+    """Make the system blocks of many accounts agree with the debt rule, in a
+    constant number of statements.  The caller holds the accounts' row locks
+    (this re-locks them in id order, which is free) inside its transaction.
+
+    Returns one change per account that changed, in ascending account id —
+    the order the one-account-at-a-time loop produced.  With
+    ``expected_balances`` it also checks the balances it read against the
+    caller's (the after-the-read check of a posting).
+    """
+    if not conn.is_in_transaction():
+        raise InvariantViolation("sync_system_blocks must run inside the caller's transaction")
+    ids = sorted(set(account_ids))
+    if not ids:
+        return []
+    if len(ids) > MAX_SYNC:
+        raise InvalidValue(f"at most {MAX_SYNC} accounts per block sync, got {len(ids)}")
+    rows = await conn.fetch(
+        "SELECT a.id, a.balance, a.credit, a.unlimited, (SELECT coalesce(sum(p.amount), 0)::bigint"
+        " FROM promised_payments p WHERE p.account_id = a.id AND p.closed_at IS NULL"
+        " AND p.expires_at > $2) AS promised"
+        " FROM accounts a WHERE a.id = ANY($1::bigint[]) ORDER BY a.id FOR UPDATE OF a", ids, now)
+    if len(rows) != len(ids):
+        found = {r["id"] for r in rows}
+        raise UnknownAccount(f"account {next(i for i in ids if i not in found)} does not exist")
+    debtors: list[int] = []
+    reasons: list[str] = []
+    clear: list[int] = []
+    for r in rows:
+        if expected_balances is not None and r["balance"] != expected_balances[r["id"]]:
+            raise InvariantViolation(
+                f"account {r['id']}: balance {r['balance']} read back, expected {expected_balances[r['id']]}")
+        if in_debt(r["balance"], r["credit"], r["promised"], r["unlimited"]):
+            debtors.append(r["id"])
+            reasons.append(f"balance {r['balance']} below -(credit {r['credit']} + promised {r['promised']})")
+        else:
+            clear.append(r["id"])
+    changes: dict[int, BlockChange] = {}
+    if debtors:
+        # ORDER BY n: block ids are drawn in ascending account order, as before.
+        for b in await conn.fetch(
+                "INSERT INTO blocks(account_id, kind, reason, set_at, set_by)"
+                " SELECT a, 'system', r, $3, $4 FROM unnest($1::bigint[], $2::text[])"
+                " WITH ORDINALITY AS t(a, r, n) ORDER BY n"
+                " ON CONFLICT (account_id, kind) WHERE lifted_at IS NULL DO NOTHING"
+                " RETURNING id, account_id, reason", debtors, reasons, now, actor):
+            changes[b["account_id"]] = BlockChange(b["account_id"], "system", "set", b["id"], b["reason"],
+                                                   now, actor)
+    if clear:
+        for b in await conn.fetch(
+                "UPDATE blocks SET lifted_at = $2, lifted_by = $3 WHERE account_id = ANY($1::bigint[])"
+                " AND kind = 'system' AND lifted_at IS NULL RETURNING id, account_id, reason",
+                clear, now, actor):
+            if b["account_id"] in changes:
+                raise InvariantViolation(f"account {b['account_id']}: two system-block changes in one sync")
+            changes[b["account_id"]] = BlockChange(b["account_id"], "system", "lifted", b["id"], b["reason"],
+                                                   now, actor)
+    return [changes[i] for i in sorted(changes)]
+
+
 async def sync_system_block(conn: asyncpg.Connection, account_id: int, *, actor: str,
                             now: dt.datetime) -> BlockChange | None:
-    """Make the system block agree with the debt rule.  The caller holds the
-    account's row lock (this re-locks it, which is free) inside its transaction."""
-    if not conn.is_in_transaction():
-        raise InvariantViolation("sync_system_block must run inside the caller's transaction")
-    acc = await _lock_account(conn, account_id)
-    promised = await active_promised(conn, account_id, now)
-    debt = in_debt(acc["balance"], acc["credit"], promised, acc["unlimited"])
-    if debt:
-        reason = f"balance {acc['balance']} below -(credit {acc['credit']} + promised {promised})"
-        return await _insert(conn, account_id, "system", reason, actor, now)
-    return await _lift(conn, account_id, "system", actor, now)
+    """``sync_system_blocks`` for one account: its change, or ``None``."""
+    changes = await sync_system_blocks(conn, [account_id], actor=actor, now=now)
+    if len(changes) > 1:
+        raise InvariantViolation(f"account {account_id}: more than one system-block change")
+    return changes[0] if changes else None
 
 
 async def list_blocks(conn: asyncpg.Connection, account_ids: list[int], *,

@@ -15,8 +15,14 @@ moves.  Inside the CALLER's transaction it:
    account or amount it is an ``IdempotencyConflict`` and nothing is booked;
 4. inserts the new rows with their running ``balance_after`` and updates
    ``accounts.balance`` by the same sums, asserting old + sum == new;
-5. re-syncs the system block of each touched account (``blocks``) and
-   closes promised payments that a non-negative balance has covered.
+5. closes promised payments that a non-negative balance has covered and
+   re-syncs the system blocks of the touched accounts (``blocks``).
+
+Every step is one set-based statement over the whole batch (arrays through
+``unnest``), so a batch of N entries costs a constant number of round trips,
+not O(N): lock, key lookup, insert, balance update, promised close, block
+read, block set, block lift.  Running balances are computed here in Python
+integers; the sums are checked before the write and after the read.
 
 It returns a ``PostResult`` with the rows posted, the keys skipped, the
 final balances and the block changes; the caller publishes the block
@@ -37,7 +43,7 @@ from typing import Any
 
 import asyncpg
 
-from billcore.billing.blocks import BlockChange, sync_system_block
+from billcore.billing.blocks import BlockChange, sync_system_blocks
 from billcore.billing.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, UnknownAccount,
@@ -173,6 +179,7 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
         after_col.append(running[e.account_id])
 
     posted: list[Posted] = []
+    changes: list[BlockChange] = []
     if fresh:
         rows = await conn.fetch(
             "INSERT INTO ledger(account_id, amount, balance_after, kind, reference, idem_key,"
@@ -189,29 +196,38 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
             raise InvariantViolation("ledger insert returned a different number of rows")
         for e in fresh:
             r = by_key[e.idem_key]
+            if r["account_id"] != e.account_id or r["amount"] != e.amount:
+                raise InvariantViolation(f"ledger row for key {e.idem_key!r} came back different")
             posted.append(Posted(r["id"], r["account_id"], r["amount"], r["balance_after"], e.idem_key))
         changed = sorted({p.account_id for p in posted})
+        deltas = [running[i] - before[i] for i in changed]
+        # before the write: the rows we book and the balance moves are the same money
+        if sum(p.amount for p in posted) != sum(deltas) or sum(e.amount for e in fresh) != sum(deltas):
+            raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
         updated = await conn.fetch(
             "UPDATE accounts SET balance = accounts.balance + d.delta"
             " FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta)"
             " WHERE accounts.id = d.id RETURNING accounts.id, accounts.balance",
-            changed, [running[i] - before[i] for i in changed])
+            changed, deltas)
         for r in updated:
             if r["balance"] != running[r["id"]]:
                 raise InvariantViolation(
                     f"account {r['id']}: balance {r['balance']} after posting, expected {running[r['id']]}")
         if len(updated) != len(changed):
             raise InvariantViolation("not every changed account was updated")
+        # after the read: what the database now holds moved by exactly what we booked
+        if sum(int(r["balance"]) - before[r["id"]] for r in updated) != sum(p.amount for p in posted):
+            raise InvariantViolation("balance changes read back do not sum to the posted amounts")
 
-    changes: list[BlockChange] = []
-    for account_id in sorted({p.account_id for p in posted}):
-        if running[account_id] >= 0:
+        # promised credit that a non-negative balance has covered closes; then the
+        # system blocks of every account that moved follow the debt rule
+        covered = [i for i in changed if running[i] >= 0]
+        if covered:
             await conn.execute(
                 "UPDATE promised_payments SET closed_at = $2, closed_why = 'covered'"
-                " WHERE account_id = $1 AND closed_at IS NULL", account_id, now)
-        change = await sync_system_block(conn, account_id, actor=actor, now=now)
-        if change is not None:
-            changes.append(change)
+                " WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL", covered, now)
+        changes = await sync_system_blocks(
+            conn, changed, actor=actor, now=now, expected_balances={i: running[i] for i in changed})
     return PostResult(tuple(posted), tuple(skipped), running, tuple(changes))
 
 
