@@ -110,9 +110,10 @@ class ReplyEncoder:
 
     def _encode(self, name: str, value: Any) -> bytes:
         code, vendor, vtype, dtype, values = self._kind(name)
+        raw: bytes
         try:
             if values is not None and isinstance(value, str) and values.HasForward(value):
-                raw = values.GetForward(value)
+                raw = bytes(values.GetForward(value))
             elif dtype == "string":
                 raw = value.encode() if isinstance(value, str) else bytes(value)
             elif dtype == "octets":
@@ -122,7 +123,7 @@ class ReplyEncoder:
             elif dtype == "ipaddr":
                 raw = ipaddress.IPv4Address(value).packed
             else:
-                raw = tools.EncodeAttr(dtype, value)
+                raw = bytes(tools.EncodeAttr(dtype, value))
         except (ValueError, TypeError, struct.error, ipaddress.AddressValueError) as exc:
             raise BadAttribute(f"{name}: {value!r} is not a valid {dtype}: {exc}") from None
         if not raw or len(raw) > 253 - (6 + 2 if vendor else 0):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -262,7 +263,7 @@ class RadiusServer:
         ports = []
         for sock, kind in zip(socks, ("auth", "acct")):
             endpoint = _Endpoint(self, kind)
-            await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)
+            await loop.create_datagram_endpoint(functools.partial(_same, endpoint), sock=sock)
             self._endpoints.append(endpoint)
             ports.append(sock.getsockname()[1])
         self._sampler = loop.create_task(self._sample_inflight())
@@ -338,6 +339,7 @@ class RadiusServer:
         if self.inflight >= self.max_inflight:
             DROPPED.labels("overload").inc()
             return
+        awaitable: Awaitable[Any]
         try:
             if code == ACCESS_REQUEST:
                 self.tally[ACCESS_REQUEST] += 1
@@ -425,6 +427,10 @@ class RadiusServer:
         if b"\x21" not in packet[20:]:
             return b""
         return b"".join(bytes((33, len(v) + 2)) + v for v in raw_attributes(packet).get(33, ()))
+
+
+def _same(endpoint: _Endpoint) -> _Endpoint:
+    return endpoint
 
 
 async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
