@@ -132,6 +132,8 @@ class NetflowSection:
     ship_interval: float = _f(1.0, "Seconds between aggregate batches shipped to the core.")
     raw_dir: str = _f("", "Directory of hourly Parquet files of raw flows (empty: <data_dir>/netflow/raw).")
     raw_retention_days: int = _f(90, "Days raw flow files are kept (0: for ever).")
+    raw_flush_rows: int = _f(2000000, "Raw flow rows buffered per worker before a Parquet file is written.")
+    raw_flush_interval: float = _f(60.0, "Longest seconds raw flow rows wait before they are written to Parquet.")
     core_address: str = _f("", "URFA address 'host:port' of the core for a remote collector (empty: the local Unix socket).")
     login: str = _f("netflow", "System login the workers use.")
     password_file: str = _f("", "File with the system login's password (empty: <data_dir>/system/netflow.password).")

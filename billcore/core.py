@@ -65,12 +65,12 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 def build_calls(core: CoreContext) -> list[CallSpec]:
     """Every built-in call module's calls."""
-    from .api import money_calls, portal_calls, reports, tariffs
+    from .api import money_calls, netflow_calls, portal_calls, reports, tariffs
     from .radius_calls import calls as radius_calls
 
     return [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
-        *portal_calls.calls(core), *radius_calls(core),
+        *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core),
     ]
 
 
