@@ -539,7 +539,10 @@ class URFAService:
             try:
                 yielded = coro.send(None)
             except StopIteration as done:   # answered at once: no task, no module reference needed
-                self._send_value(channel, call_id, spec, done.value)
+                try:
+                    channel.send_result(call_id, done.value)
+                except LocalProtocolError as exc:
+                    self._unencodable(channel, call_id, spec, exc)
                 return
             except (Exception, asyncio.CancelledError) as exc:
                 self._send_failure(channel, call_id, spec, exc)
@@ -563,17 +566,17 @@ class URFAService:
             self._send_failure(channel, call_id, spec, exc)
         else:
             guard.__exit__(None, None, None)
-            self._send_value(channel, call_id, spec, value)
+            try:
+                channel.send_result(call_id, value)
+            except LocalProtocolError as exc:
+                self._unencodable(channel, call_id, spec, exc)
         finally:
             link.tasks.pop(call_id, None)
 
     @staticmethod
-    def _send_value(channel: ServerChannel, call_id: int, spec: CallSpec, value: Any) -> None:
-        try:
-            channel.send_result(call_id, value)
-        except LocalProtocolError as exc:
-            log.error("result of %s cannot be sent: %s", spec.name, exc)
-            channel.send_error(call_id, E.INTERNAL, "result could not be encoded")
+    def _unencodable(channel: ServerChannel, call_id: int, spec: CallSpec, exc: LocalProtocolError) -> None:
+        log.error("result of %s cannot be sent: %s", spec.name, exc)
+        channel.send_error(call_id, E.INTERNAL, "result could not be encoded")
 
     @staticmethod
     def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> None:

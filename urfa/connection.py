@@ -172,8 +172,11 @@ class Connection:
                 if self._takes_calls and raw.get("t") == "call":
                     # The hot path: what ``_advance`` does for a call in OPEN.
                     call = parse_call(raw)
-                    if self._admit_call(call):
+                    inflight = self.inflight
+                    if call.id not in inflight and len(inflight) < self.max_inflight:
+                        inflight.add(call.id)
                         return call
+                    self._admit_call(call)   # raises, or answers busy
                     continue
                 msg = parse(raw)
                 if self._advance(self._peer, msg):
@@ -192,19 +195,28 @@ class Connection:
         self._advance(self.role, msg)
         self._out.append(self._encoder.encode(to_wire(msg)))
 
-    def send_result(self, call_id: int, value: Any) -> None:
-        """``send(Result(call_id, value))`` without building the message."""
+    def send_result(self, call_id: int, value: Any) -> bool:
+        """``send(Result(call_id, value))`` without building the message.
+
+        False (nothing queued) once the connection is CLOSED or in ERROR.
+        """
         if Result not in self._tx:
+            if self._state in _DONE:
+                return False
             raise LocalProtocolError(f"cannot send result in state {self._state.value}")
         self.inflight.discard(call_id)
         self._out.append(self._encoder.encode({"t": "result", "id": call_id, "value": value}))
+        return True
 
-    def send_error(self, call_id: int, code: str, message: str) -> None:
-        """``send(Error(call_id, code, message))`` without building the message."""
+    def send_error(self, call_id: int, code: str, message: str) -> bool:
+        """``send(Error(call_id, code, message))``, as ``send_result``."""
         if Error not in self._tx:
+            if self._state in _DONE:
+                return False
             raise LocalProtocolError(f"cannot send error in state {self._state.value}")
         self.inflight.discard(call_id)
         self._out.append(self._encoder.encode({"t": "error", "id": call_id, "code": code, "msg": message}))
+        return True
 
     def fail(self, exc: RemoteProtocolError) -> None:
         """Enter ERROR and (if we still can) tell the peer why, in a bye."""

@@ -147,18 +147,16 @@ class ServerChannel(asyncio.Protocol):
 
     def send_result(self, call_id: int, value: Any) -> bool:
         """Queue ``Result(call_id, value)``; False if the connection is closing."""
-        if self.closed or self.conn.state in _DONE:
+        if self.closed or not self.conn.send_result(call_id, value):
             return False
-        self.conn.send_result(call_id, value)
         if not self._flush_scheduled:
             self._schedule_flush()
         return True
 
     def send_error(self, call_id: int, code: str, message: str) -> bool:
         """Queue ``Error(call_id, code, message)``; False if the connection is closing."""
-        if self.closed or self.conn.state in _DONE:
+        if self.closed or not self.conn.send_error(call_id, code, message):
             return False
-        self.conn.send_error(call_id, code, message)
         if not self._flush_scheduled:
             self._schedule_flush()
         return True
