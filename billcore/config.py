@@ -98,6 +98,7 @@ class PluginsSection:
     dir: str = _f("", "Directory that plugins.load names refer to (empty: <data_dir>/plugins).")
     load: tuple[str, ...] = _f((), "Plugins (names inside dir) to load at start, in order.")
     installation_id: str = _f("", "This installation's id; a licence bound to another installation is refused.")
+    config_dir: str = _f("", "Directory of operators' plugin settings, NAME.toml per plugin, over the plugin's defaults (empty: <data_dir>/plugin-config).")
 
 
 @dataclass(frozen=True, slots=True)
