@@ -123,7 +123,10 @@ def _json_default(value: Any) -> Any:
 async def _session(args: argparse.Namespace) -> Client:
     password = os.environ.get("BILLCTL_PASSWORD")
     if password is None:
-        password = await asyncio.to_thread(getpass.getpass, f"{args.kind} {args.login} password: ")
+        try:
+            password = await asyncio.to_thread(getpass.getpass, f"{args.kind} {args.login} password: ")
+        except EOFError:
+            raise UsageError("no password given: type it, or set BILLCTL_PASSWORD") from None
     context = None
     if args.tls:
         context = ssl.create_default_context(cafile=args.cafile)

@@ -97,8 +97,13 @@ def _password(args: argparse.Namespace) -> str | None:
         return value
     import getpass
 
-    first = getpass.getpass("password: ")
-    if first != getpass.getpass("again: "):
+    try:
+        first = getpass.getpass("password: ")
+        second = getpass.getpass("again: ")
+    except (EOFError, KeyboardInterrupt):
+        print("\nbillcore: no password given (or use --password-env VAR)", file=sys.stderr)
+        return None
+    if first != second:
         print("billcore: the passwords differ", file=sys.stderr)
         return None
     return first

@@ -41,9 +41,9 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.cleanup()
+            self._server.cleanup()  # stops the server when we were its last user
             self._server = None
-            log.info("embedded postgresql stopped")
+            log.info("embedded postgresql released")
 
 
 def pg_binaries() -> Path | None:
