@@ -1,9 +1,10 @@
 """The built-in URFA calls every session may have: ``sys.*``, ``session.*``, ``events.*``.
 
 They live in the core's own module ``builtin`` (never unloaded).  The ones
-that only read or change in-memory state are marked ``runs_inline``: the
-service runs them straight from the socket callback and answers in the same
-write, without a task per call (see ``billcore.urfa_server``).
+that only read or change in-memory state are plain functions wrapped by
+``runs_inline``: the service calls them straight from the socket callback
+and answers in the same write, without a task per call (see
+``billcore.urfa_server``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ __all__ = ["builtin_specs"]
 
 
 @runs_inline
-async def _sys_ping(ctx: CallContext) -> str:
+def _sys_ping(ctx: CallContext) -> str:
     return "pong"
 
 
 @runs_inline
-async def _sys_time(ctx: CallContext) -> datetime:
+def _sys_time(ctx: CallContext) -> datetime:
     return datetime.now(timezone.utc)
 
 
 @runs_inline
-async def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
+def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
     p = ctx.principal
     return {
         "kind": p.kind, "login": p.login, "id": p.id, "rights": sorted(p.rights),
@@ -41,23 +42,23 @@ async def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
 
 
 @runs_inline
-async def _sys_calls(ctx: CallContext) -> list[dict[str, Any]]:
+def _sys_calls(ctx: CallContext) -> list[dict[str, Any]]:
     return ctx.session.table.describe()
 
 
 @runs_inline
-async def _session_logout(ctx: CallContext) -> bool:
+def _session_logout(ctx: CallContext) -> bool:
     ctx.service.logout(ctx.session)
     return True
 
 
 @runs_inline
-async def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
     return ctx.service.subscribe(ctx.session, topics)
 
 
 @runs_inline
-async def _events_unsubscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+def _events_unsubscribe(ctx: CallContext, topics: list[str]) -> list[str]:
     return ctx.service.unsubscribe(ctx.session, topics)
 
 

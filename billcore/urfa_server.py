@@ -20,15 +20,15 @@ they finish, in any order.  ``CallFailed`` from a handler becomes an error
 reply with its code; any other exception is logged and answered
 ``internal`` with no detail.
 
-Most handlers run as a task each.  A handler marked ``runs_inline`` (the
-in-memory builtins, ``sys.ping`` first) is started right in the socket
-callback: if it finishes without suspending, its reply joins the same write
-as the other replies to that read, and no task is ever made; if it does
-suspend, the started coroutine is handed to a task (``_continue``) and goes
-on exactly as if it had been one from the start (cancel, in-flight count).
-Python 3.11 has no eager tasks, so such a handler has no current task
-before its first suspension: it must not use ``asyncio.timeout`` or
-anything else that needs ``asyncio.current_task()`` (asyncpg does).
+Handlers are coroutines and each call runs as a task, holding its module
+from the moment it is admitted.  A handler that never waits for anything
+(the in-memory builtins, ``sys.ping`` first) can instead be a plain
+function wrapped by ``runs_inline``: the service calls it right in the
+socket callback, and its reply joins the same write as the other replies to
+that read, with no task, coroutine or loop round trip.  (Starting *any*
+coroutine eagerly and making a task only if it suspends would need Python
+3.12's eager tasks: on 3.11 a handler started outside a task has no
+``asyncio.current_task()``, which ``asyncio.timeout`` and asyncpg need.)
 
 A system session with right ``session.proxy`` may open subscriber sessions
 (``session.proxy_login``/``session.proxy_proof``, relaying the subscriber's
@@ -43,20 +43,20 @@ them, waiting for the socket to drain, so a slow reader only loses events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import ipaddress
 import logging
 import secrets
 import ssl as ssl_module
 import time
-import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from billcore.calls import CallRegistry, CallSpec, NotInTable, SymbolDeleted, allows
+from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
 from billcore.sessions import (
     LoginLimiter, NoSession, Principal, ResumeRefused, Session, SessionTable,
     TooManySessions, address_key,
@@ -81,48 +81,25 @@ MAX_TOPICS = 64
 
 
 _INLINE = "__urfa_runs_inline__"
-_H = Callable[..., Coroutine[Any, Any, Any]]
 
 
-def runs_inline(handler: _H) -> _H:
-    """Mark a handler that may start outside any task (see the module notes).
+def runs_inline(fn: Callable[..., Any]) -> Handler:
+    """Make a call handler of a plain function that answers without waiting.
 
-    For handlers answering from memory; never for ones that reach the
-    database or use ``asyncio.timeout`` before their first ``await``.  Its
-    module is referenced (``registry.in_flight``) only once it suspends:
-    until then nothing else runs, so nothing can unload the module, except
-    the handler itself, which therefore must not unload its own module.
+    The service calls ``fn(ctx, **args)`` straight from the socket callback
+    (see the module notes); anyone else gets an ordinary async handler.
+    ``fn`` runs to its end before anything else can, so it holds no module
+    reference: it must not unload its own module.
     """
-    if not inspect.iscoroutinefunction(handler):
-        raise TypeError(f"runs_inline needs an async def function, not {handler!r}")
-    setattr(handler, _INLINE, True)
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"runs_inline takes a plain function, not the coroutine function {fn!r}")
+
+    @functools.wraps(fn)
+    async def handler(ctx: Any, **args: Any) -> Any:
+        return fn(ctx, **args)
+
+    setattr(handler, _INLINE, fn)
     return handler
-
-
-@types.coroutine
-def _continue(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Drive ``coro`` on from its first suspension (which yielded ``yielded``).
-
-    Wrapped in a task this is the task the coroutine would have been: the
-    task waits on what the coroutine yields, and sends or throws (cancel)
-    into it exactly as into its own coroutine.
-    """
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # noqa: B902 - cancellation and the like, passed on as they are
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as done:
-                return done.value
 
 
 class AuthBackend(Protocol):
@@ -532,35 +509,29 @@ class URFAService:
                 channel.send_error(call_id, E.BAD_ARGS, problem)
                 return
         ctx = CallContext(self, session, call_id, link, proxy, spec.streaming)
-        handler = spec.handler
-        started: Coroutine[Any, Any, Any] | None = None
-        if getattr(handler, _INLINE, False):
-            coro = cast(Coroutine[Any, Any, Any], handler(ctx, **args))   # runs_inline checked it
+        inline = getattr(spec.handler, _INLINE, None)
+        if inline is not None:
             try:
-                yielded = coro.send(None)
-            except StopIteration as done:   # answered at once: no task, no module reference needed
-                try:
-                    channel.send_result(call_id, done.value)
-                except LocalProtocolError as exc:
-                    self._unencodable(channel, call_id, spec, exc)
-                return
+                value = inline(ctx, **args)
             except (Exception, asyncio.CancelledError) as exc:
                 self._send_failure(channel, call_id, spec, exc)
                 return
-            started = _continue(coro, yielded)
+            try:
+                channel.send_result(call_id, value)
+            except LocalProtocolError as exc:
+                self._unencodable(channel, call_id, spec, exc)
+            return
         # The call holds its module from now (not from its task's first step)
         # until it ends, so an unload in between waits for it.
         guard = self.registry.in_flight(symbol)
         guard.__enter__()
-        link.tasks[call_id] = asyncio.get_running_loop().create_task(
-            self._finish(link, guard, ctx, spec, args, started))
+        link.tasks[call_id] = asyncio.get_running_loop().create_task(self._finish(link, guard, ctx, spec, args))
 
-    async def _finish(self, link: _Link, guard: Any, ctx: CallContext, spec: CallSpec,
-                      args: dict[str, Any], started: Coroutine[Any, Any, Any] | None) -> None:
+    async def _finish(self, link: _Link, guard: Any, ctx: CallContext, spec: CallSpec, args: dict[str, Any]) -> None:
         channel = link.channel
         call_id = ctx.call_id
         try:
-            value = await (started if started is not None else spec.handler(ctx, **args))
+            value = await spec.handler(ctx, **args)
         except (Exception, asyncio.CancelledError) as exc:
             guard.__exit__(None, None, None)
             self._send_failure(channel, call_id, spec, exc)

@@ -1,8 +1,8 @@
-"""Handlers marked ``runs_inline``: started in the socket callback, a task only if they suspend.
+"""Handlers made with ``runs_inline``: plain functions answered in the socket callback.
 
 A client must not be able to tell an inline handler from a task: results,
-errors, cancel, the in-flight cap and the module reference all behave the
-same whether the handler finished at once or suspended half-way.
+errors, the in-flight cap and ordering with task handlers behave the same.
+The service makes no task and takes no module reference for them.
 """
 
 from __future__ import annotations
@@ -21,42 +21,46 @@ from urfa.errors import CallFailed
 from .test_urfa_harness import ITER, MemoryAuth
 
 GATE: dict[str, asyncio.Event] = {}
+SEEN: list[Any] = []
 
 
 def inline_registry() -> CallRegistry:
     reg = CallRegistry()
 
     @runs_inline
-    async def now(ctx: Any, x: Any) -> Any:
+    def now(ctx: Any, x: Any) -> Any:
+        SEEN.append(asyncio.current_task())
         return x
 
     @runs_inline
-    async def later(ctx: Any, gate: str) -> str:
-        # No task exists yet when this starts; after the await it runs in one.
-        before = asyncio.current_task()
-        await GATE.setdefault(gate, asyncio.Event()).wait()
-        return f"{gate}:{before is None}:{asyncio.current_task() is not None}"
+    def refuse(ctx: Any, code: str) -> None:
+        raise CallFailed(code, "as asked")
 
     @runs_inline
-    async def refuse(ctx: Any, when: str) -> None:
-        if when == "late":
-            await asyncio.sleep(0)
-        raise CallFailed("t.refused", when)
-
-    @runs_inline
-    async def crash(ctx: Any) -> None:
+    def crash(ctx: Any) -> None:
         raise KeyError("internal detail")
+
+    @runs_inline
+    def unencodable(ctx: Any) -> Any:
+        return object()
+
+    async def later(ctx: Any, gate: str) -> str:
+        await GATE.setdefault(gate, asyncio.Event()).wait()
+        return gate
 
     reg.register_all([
         CallSpec("i.now", now, args={"x": "any"}, module="mod_i"),
-        CallSpec("i.later", later, args={"gate": "str"}, module="mod_i"),
-        CallSpec("i.refuse", refuse, args={"when": "str"}, module="mod_i"),
+        CallSpec("i.refuse", refuse, args={"code": "str"}, module="mod_i"),
         CallSpec("i.crash", crash, module="mod_i"),
+        CallSpec("i.unencodable", unencodable, module="mod_i"),
+        CallSpec("i.later", later, args={"gate": "str"}, module="mod_i"),
     ])
     return reg
 
 
 async def _service(max_inflight: int = 64) -> tuple[URFAService, uc.Client]:
+    GATE.clear()
+    SEEN.clear()
     auth = MemoryAuth()
     auth.add("system", "svc", "svc-pw")
     svc = URFAService(inline_registry(), auth,
@@ -67,45 +71,70 @@ async def _service(max_inflight: int = 64) -> tuple[URFAService, uc.Client]:
     return svc, c
 
 
+def test_runs_inline_refuses_coroutine_functions_and_stays_awaitable() -> None:
+    async def coro(ctx: Any) -> None:
+        return None
+
+    with pytest.raises(TypeError):
+        runs_inline(coro)
+    handler = runs_inline(lambda ctx, x: x + 1)
+    assert asyncio.run(handler(None, x=1)) == 2   # what plugins and tests see: an async handler
+
+
 async def test_inline_results_and_errors_match_task_handlers() -> None:
-    GATE.clear()
     svc, c = await _service()
     try:
         got = await asyncio.gather(*(c.call("i.now", {"x": i}) for i in range(200)))
-        assert got == list(range(200))
-        for when in ("early", "late"):
-            with pytest.raises(CallFailed) as exc:
-                await c.call("i.refuse", {"when": when})
-            assert (exc.value.code, exc.value.message) == ("t.refused", when)
+        assert got == list(range(200)) and SEEN == [None] * 200   # no task was made for them
         with pytest.raises(CallFailed) as exc:
-            await c.call("i.crash")
-        assert exc.value.code == E.INTERNAL and "detail" not in exc.value.message
+            await c.call("i.refuse", {"code": "t.refused"})
+        assert (exc.value.code, exc.value.message) == ("t.refused", "as asked")
+        for fn in ("i.crash", "i.unencodable"):
+            with pytest.raises(CallFailed) as exc:
+                await c.call(fn)
+            assert exc.value.code == E.INTERNAL and "detail" not in exc.value.message
         assert await c.call("sys.ping") == "pong"
+        assert svc.registry.module_refs("mod_i") == 1      # only the session's table
     finally:
         await c.close()
         await svc.stop()
 
 
-async def test_suspended_inline_call_finishes_in_a_task_and_holds_its_module() -> None:
-    GATE.clear()
+async def test_inline_replies_overtake_a_running_task_call() -> None:
     svc, c = await _service()
     try:
-        p = c.start_call("i.later", {"gate": "a"})
+        slow = c.start_call("i.later", {"gate": "a"})
         await asyncio.sleep(0.05)
-        assert svc.registry.module_refs("mod_i") >= 2   # the session's table + the call
-        link = next(iter(svc._links))
-        assert len(link.tasks) == 1
+        assert svc.registry.module_refs("mod_i") == 2      # the table + the call in its task
+        assert await c.call("i.now", {"x": "fast"}) == "fast"
+        assert not slow.future.done()
         GATE["a"].set()
-        assert await p == "a:True:True"
+        assert await slow == "a"
         await asyncio.sleep(0.01)
-        assert not link.tasks and svc.registry.module_refs("mod_i") == 1
+        assert svc.registry.module_refs("mod_i") == 1
     finally:
         await c.close()
         await svc.stop()
 
 
-async def test_cancel_reaches_a_suspended_inline_call() -> None:
-    GATE.clear()
+async def test_inflight_cap_counts_task_calls_and_inline_calls_free_their_slot_at_once() -> None:
+    svc, c = await _service(max_inflight=2)
+    try:
+        # Each inline call is over before the next frame is read: many fit under a cap of 2.
+        assert await asyncio.gather(*(c.call("i.now", {"x": i}) for i in range(50))) == list(range(50))
+        held = [c.start_call("i.later", {"gate": "b"}) for _ in range(2)]
+        with pytest.raises(CallFailed) as exc:
+            await c.call("i.now", {"x": 1})
+        assert exc.value.code == E.BUSY
+        GATE["b"].set()
+        assert await asyncio.gather(*(h.future for h in held)) == ["b", "b"]
+        assert await c.call("i.now", {"x": 7}) == 7
+    finally:
+        await c.close()
+        await svc.stop()
+
+
+async def test_cancel_and_connection_drop_release_task_calls() -> None:
     svc, c = await _service()
     try:
         p = c.start_call("i.later", {"gate": "never"})
@@ -114,37 +143,7 @@ async def test_cancel_reaches_a_suspended_inline_call() -> None:
         with pytest.raises(CallFailed) as exc:
             await p
         assert exc.value.code == E.CANCELLED
-        await asyncio.sleep(0.01)
-        assert svc.registry.module_refs("mod_i") == 1
-    finally:
-        await c.close()
-        await svc.stop()
-
-
-async def test_inflight_cap_counts_suspended_inline_calls_and_frees_finished_ones() -> None:
-    GATE.clear()
-    svc, c = await _service(max_inflight=2)
-    try:
-        # Calls that finish at once free their slot at once: many fit under a cap of 2.
-        assert await asyncio.gather(*(c.call("i.now", {"x": i}) for i in range(50))) == list(range(50))
-        held = [c.start_call("i.later", {"gate": "b"}) for _ in range(2)]
-        over = c.start_call("i.now", {"x": 1})
-        with pytest.raises(CallFailed) as exc:
-            await over
-        assert exc.value.code == E.BUSY
-        GATE["b"].set()
-        assert await asyncio.gather(*(h.future for h in held)) == ["b:True:True"] * 2
-        assert await c.call("i.now", {"x": 7}) == 7
-    finally:
-        await c.close()
-        await svc.stop()
-
-
-async def test_connection_drop_cancels_suspended_inline_calls() -> None:
-    GATE.clear()
-    svc, c = await _service()
-    try:
-        c.start_call("i.later", {"gate": "c"})
+        c.start_call("i.later", {"gate": "never"})
         await asyncio.sleep(0.05)
         assert svc.registry.module_refs("mod_i") == 2
         await c.close()
