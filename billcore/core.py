@@ -178,6 +178,8 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
 
 async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     """The plugin manager, its admin calls, and the plugins named in config."""
+    from pathlib import Path
+
     from .billing.payments import add_payment
     from .plugins import HookBus, PluginManager
     from .plugins.admin_calls import plugin_calls
@@ -193,14 +195,29 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
                                            actor="plugin", external_id=external_id, comment=comment)
             return int(result.payment_id)
 
+        async def accounts_of(self, user_id: int) -> list[int]:
+            rows = await core.pool.fetch("SELECT id FROM accounts WHERE user_id = $1 ORDER BY id", user_id)
+            return [int(r["id"]) for r in rows]
+
     bus = HookBus()
     config.plugin_key_dir.mkdir(parents=True, exist_ok=True)
+    config_dir = Path(config.plugins.config_dir) if config.plugins.config_dir else config.data_dir / "plugin-config"
     manager = PluginManager(
         registry, bus, config.plugin_key_dir, config.data_dir / "plugin-state", PLUGIN_API_VERSION,
-        config.plugins.installation_id or None, core.pool, billing=Billing(),
+        config.plugins.installation_id or None, core.pool, billing=Billing(), config_dir=config_dir,
     )
 
     async def fire(event: str, payload: dict[str, Any]) -> None:
+        if event in ("account.blocked", "account.unblocked") and "balance" not in payload:
+            # The documented block payload carries the balance; the core's
+            # block change does not, so it is read here (after the commit).
+            try:
+                balance = await core.pool.fetchval("SELECT balance FROM accounts WHERE id = $1",
+                                                   payload["account_id"])
+            except (asyncpg.PostgresError, OSError):  # a hook's extra must not fail the core's call
+                log.warning("block event without balance", extra={"account_id": payload["account_id"]})
+            else:
+                payload = {**payload, "balance": None if balance is None else int(balance)}
         await bus.fire(event, payload)
 
     core.fire = fire

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from ..calls import ALL_KINDS, CallSpec, Handler
+from ..calls import ALL_KINDS, CallSpec, Handler, allows
 from .bundle import PluginBundle
 from .db import PluginDB
 from .errors import PluginError, Refused, wire_errors
@@ -59,11 +60,17 @@ class BillingFacade(Protocol):
 
     ``add_payment`` credits ``amount`` micro-units and is idempotent per
     ``external_id``: calling it again with the same id books nothing new and
-    returns the first payment's id.
+    returns the first payment's id.  ``accounts_of`` is the one read a
+    plugin gets outside its own schema: which accounts a subscriber owns,
+    so a call open to subscribers can bind them to their own accounts.
     """
 
     async def add_payment(self, account_id: int, amount: int, external_id: str,
                           method: str, comment: str) -> int: ...
+
+    async def accounts_of(self, user_id: int) -> list[int]:
+        """Ids of the accounts subscriber ``user_id`` owns (read-only)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +83,16 @@ class ScheduledTask:
 class PluginAPI:
     """Handed to ``setup(api)``; see docs/plugins.md for the author's view."""
 
-    __slots__ = ("name", "version", "config", "db", "billing", "log",
+    __slots__ = ("name", "version", "config", "db", "billing", "log", "now",
                  "_manifest", "_bundle", "_calls", "_hooks", "_tasks", "_sealed")
 
     def __init__(self, manifest: Manifest, bundle: PluginBundle, config: Mapping[str, Any],
-                 db: PluginDB | None, billing: BillingFacade | None, log: logging.Logger) -> None:
+                 db: PluginDB | None, billing: BillingFacade | None, log: logging.Logger,
+                 clock: Callable[[], float] = time.time) -> None:
         self.name = manifest.name
+        # The core's clock (unix seconds): rate limits and expiry read it, so
+        # tests drive time instead of sleeping.
+        self.now: Callable[[], float] = clock
         self.version = manifest.version
         self.config: Mapping[str, Any] = MappingProxyType(dict(config))
         self.db = db
@@ -145,6 +156,28 @@ class PluginAPI:
             raise PluginError(f"{self.name}: scheduled task is not callable")
         self._tasks.append(ScheduledTask(float(interval_seconds), coro_fn,
                                          name or str(getattr(coro_fn, "__name__", "task"))))
+
+    # -- who is calling ----------------------------------------------------------
+    @staticmethod
+    def has_right(principal: Any, right: str) -> bool:
+        """True when ``principal`` (``ctx.principal``) holds ``right`` (wildcards as in the core)."""
+        return allows(frozenset(getattr(principal, "rights", ())), right)
+
+    async def accounts_of(self, principal: Any) -> list[int]:
+        """The ids of the accounts a subscriber (``ctx.principal`` of kind ``user``) owns.
+
+        Empty for any other kind of principal: an administrator owns no
+        accounts, and a check built on this fails closed for them.
+        """
+        if getattr(principal, "kind", None) != "user":
+            return []
+        if self.billing is None:
+            raise PluginError(f"{self.name}: this core gives plugins no account access")
+        return [int(a) for a in await self.billing.accounts_of(int(principal.id))]
+
+    async def owns(self, principal: Any, account_id: int) -> bool:
+        """True when subscriber ``principal`` owns account ``account_id``."""
+        return account_id in await self.accounts_of(principal)
 
     def resource(self, path: str) -> bytes:
         """A data file shipped in the plugin (verified bytes, e.g. ``"templates/mail.txt"``)."""

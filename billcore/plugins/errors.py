@@ -28,6 +28,7 @@ __all__ = [
     "PermanentPlugin",
     "PluginSetupError",
     "PluginDatabaseError",
+    "PluginConfigError",
     "Refused",
 ]
 
@@ -116,6 +117,12 @@ class PluginDatabaseError(PluginError):
     """The plugin's database facade or migrations failed."""
 
     code = "plugin.database"
+
+
+class PluginConfigError(PluginError):
+    """The operator's settings for a plugin name an unknown key or have a wrong type."""
+
+    code = "plugin.config"
 
 
 class Refused(PluginError):

@@ -7,8 +7,11 @@ refuses it — before a single line of its code runs — unless: the licence
 verifies against a trusted key over exactly those bytes, is valid at ``now``
 and for this installation; the manifest agrees with the licence; the API
 version is the one this core serves; the version is not older than the
-highest version of that plugin ever loaded here (no rollback, kept in
-``<statedir>/plugin-versions.json``); its calls do not clash.  Only then is
+highest version of that plugin ever loaded here (no rollback: versions.py,
+in the ``plugin_versions`` table when the manager has a database, else in
+``<statedir>/plugin-versions.json``); its calls do not clash; the operator's
+settings (``<config_dir>/<name>.toml``) name only keys the manifest's
+``[config]`` declares, with the defaults' types (settings.py).  Only then is
 the version recorded, its migrations run, its package imported from memory
 (importer.py) and ``setup(api)`` called.  What setup declared takes effect
 together afterwards, so a failing setup leaves nothing behind.
@@ -28,10 +31,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import json
 import logging
 import os
-import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +52,19 @@ from .errors import (
     PluginError,
     PluginSetupError,
     PluginStateError,
-    RollbackRefused,
 )
 from .hooks import HookBus
 from .importer import SourceImporter
-from .manifest import Manifest, parse_manifest, parse_version
+from .manifest import Manifest, parse_manifest
+from .settings import settings_for
 from .signing import Keyring, Licence, verify_bundle
+from .versions import STATE_FILE, DatabaseVersions, FileVersions, VersionRecord, refuse_rollback
 
 __all__ = ["PluginManager", "LOADED", "PENDING_UNLOAD", "UNLOADED", "STATE_FILE"]
 
 LOADED = "loaded"
 PENDING_UNLOAD = "pending-unload"
 UNLOADED = "unloaded"
-STATE_FILE = "plugin-versions.json"
 
 
 @dataclass(slots=True)
@@ -87,7 +89,8 @@ class PluginManager:
     def __init__(self, registry: CallRegistry, bus: HookBus, keydir: str | os.PathLike[str],
                  statedir: str | os.PathLike[str], api_version: int, installation_id: str | None,
                  db_pool: Any = None, *, billing: BillingFacade | None = None,
-                 configs: Mapping[str, Mapping[str, Any]] | None = None,
+                 config_dir: str | os.PathLike[str] | None = None,
+                 clock: Callable[[], float] = time.time,
                  setup_timeout: float = 30.0, log: logging.Logger | None = None) -> None:
         self.registry = registry
         self.bus = bus
@@ -97,7 +100,10 @@ class PluginManager:
         self.installation_id = installation_id
         self.db_pool = db_pool
         self.billing = billing
-        self.configs = dict(configs or {})
+        self.config_dir = Path(config_dir) if config_dir is not None else None
+        self.clock = clock
+        self.versions: VersionRecord = (DatabaseVersions(db_pool, self.statedir) if db_pool is not None
+                                        else FileVersions(self.statedir))
         self.setup_timeout = setup_timeout
         self.log = log or logging.getLogger("billcore.plugins")
         self._plugins: dict[str, _Plugin] = {}
@@ -105,43 +111,6 @@ class PluginManager:
         self._loading: set[str] = set()
         self._chained: Callable[[str], None] | None = registry.on_module_idle
         registry.on_module_idle = self._on_module_idle
-
-    # -- the no-rollback record ---------------------------------------------
-    def _recorded_versions(self) -> dict[str, str]:
-        path = self.statedir / STATE_FILE
-        try:
-            data = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            # Failing closed: without the record, rollback protection is gone.
-            raise PluginError(f"{path}: cannot read the plugin version record: {e}") from e
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise PluginError(f"{path}: malformed plugin version record")
-        return data
-
-    def _record_version(self, name: str, version: str) -> None:
-        versions = self._recorded_versions()
-        old = versions.get(name)
-        if old is not None and parse_version(old) >= parse_version(version):
-            return
-        versions[name] = version
-        self.statedir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.statedir, prefix=".plugin-versions.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(versions, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.statedir / STATE_FILE)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        dirfd = os.open(self.statedir, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
 
     # -- load ------------------------------------------------------------------
     def _verify(self, bundle: PluginBundle, now: float) -> tuple[Manifest, Licence]:
@@ -154,10 +123,6 @@ class PluginManager:
             raise ApiVersionMismatch(f"{manifest.name} {manifest.version} needs plugin API "
                                      f"{manifest.api}; this core serves {self.api_version}")
         self._check_free(manifest)
-        recorded = self._recorded_versions().get(manifest.name)
-        if recorded is not None and manifest.version_key < parse_version(recorded):
-            raise RollbackRefused(f"{manifest.name} {manifest.version} is older than {recorded}, "
-                                  "already loaded here; rollback is refused")
         if _migrations(bundle) and self.db_pool is None:
             raise PluginDatabaseError(f"{manifest.name} has migrations but the core gave it no database")
         return manifest, licence
@@ -183,23 +148,24 @@ class PluginManager:
             raise PluginStateError(f"{name} is being loaded already")
         self._loading.add(name)
         try:
-            return await self._load_verified(bundle, manifest, licence, config)
+            refuse_rollback(name, manifest.version, await self.versions.get(name))
+            settings = settings_for(name, manifest.config, self.config_dir, config)
+            return await self._load_verified(bundle, manifest, licence, settings)
         finally:
             self._loading.discard(name)
 
     async def _load_verified(self, bundle: PluginBundle, manifest: Manifest, licence: Licence,
-                             config: Mapping[str, Any] | None) -> dict[str, Any]:
+                             settings: Mapping[str, Any]) -> dict[str, Any]:
         name = manifest.name
         # Recorded before any plugin code runs: a version that crashes the
         # core during setup still cannot be rolled back to an older one.
-        self._record_version(name, manifest.version)
+        await self.versions.record(name, manifest.version, licence.key_id)
         db = None
         if self.db_pool is not None:
             await run_migrations(self.db_pool, schema_of(name), _migrations(bundle))
             db = PluginDB(self.db_pool, schema_of(name))
-        settings = {**manifest.config, **(config if config is not None else self.configs.get(name, {}))}
         log = logging.getLogger(f"billcore.plugin.{name}")
-        api = PluginAPI(manifest, bundle, settings, db, self.billing, log)
+        api = PluginAPI(manifest, bundle, settings, db, self.billing, log, self.clock)
         importer = SourceImporter(manifest.module_name, bundle.files, f"{name} {manifest.version}")
         try:
             importer.install()
