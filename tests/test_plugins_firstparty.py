@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from urfa.errors import CallFailed
 
-from billcore.calls import CallRegistry
+from billcore.calls import CallRegistry, NotInTable
 from billcore.plugins import errors
 from billcore.plugins.cli import main as plugin_cli
 from billcore.plugins.hooks import (
@@ -23,10 +25,9 @@ from billcore.plugins.hooks import (
 )
 from billcore.plugins.loader import PluginManager
 
-from .test_plugins_support import DevKey, TableBilling, copy_first_party
+from .test_plugins_support import DevKey, TableBilling, caller, copy_first_party, subscriber
 
 NOW = 1_800_000_000.0
-ADMIN = frozenset({"*"})
 
 
 @dataclass
@@ -38,13 +39,16 @@ class Env:
     registry: CallRegistry
     bus: HookBus
     manager: PluginManager
+    now: float = NOW
 
-    async def call(self, symbol_name: str, /, **args: object) -> object:
-        table = self.registry.snapshot("admin", ADMIN)
+    async def call(self, symbol_name: str, /, ctx: Any = None, **args: object) -> Any:
+        """Call through a session's call table, as the URFA server does (default: an admin with "*")."""
+        ctx = ctx or caller()
+        table = self.registry.snapshot(ctx.principal.kind, ctx.principal.rights)
         try:
             symbol = table.lookup(symbol_name)
             with self.registry.in_flight(symbol):
-                return await symbol.spec.handler(None, **args)
+                return await symbol.spec.handler(ctx, **args)
         finally:
             table.close()
 
@@ -58,9 +62,10 @@ class Env:
 def make_env(tmp: Path, pool: asyncpg.Pool, billing: TableBilling) -> Env:
     key = DevKey(tmp / "keys")
     registry, bus = CallRegistry(), HookBus()
-    manager = PluginManager(registry, bus, tmp / "keys", tmp / "state", 1, "inst-1", pool,
-                            billing=billing)
-    return Env(tmp, key, pool, billing, registry, bus, manager)
+    env = Env(tmp, key, pool, billing, registry, bus, None)  # type: ignore[arg-type]
+    env.manager = PluginManager(registry, bus, tmp / "keys", tmp / "state", 1, "inst-1", pool,
+                                billing=billing, clock=lambda: env.now)
+    return env
 
 
 @pytest.fixture
@@ -194,3 +199,96 @@ async def test_new_plugin_from_the_example_signs_verifies_and_runs(env: Env) -> 
     await env.bus.fire(PAYMENT_ADDED, {"account_id": 4, "amount": 9, "balance": 9,
                                        "external_id": "bank-1", "method": "bank"})
     assert await env.pool.fetchval("SELECT amount FROM plugin_demo.seen_payments") == 9
+
+
+async def test_subscriber_redeems_only_onto_own_accounts(env: Env) -> None:
+    await env.load_first_party("vouchers")
+    alice, (alice_basic, alice_extra) = await subscriber(env.pool, "alice", accounts=2)
+    bob, (bob_basic,) = await subscriber(env.pool, "bob")
+    cards = await env.call("vouchers.generate", count=2, amount=1_000_000)
+    as_alice = caller("user", alice)
+
+    # A subscriber's session sees redeem, and nothing of the administration.
+    with pytest.raises(NotInTable):
+        await env.call("vouchers.generate", as_alice, count=1, amount=1)
+    with pytest.raises(CallFailed, match="plugin.refused: not your account"):
+        await env.call("vouchers.redeem", as_alice, code=cards[0]["code"], account_id=bob_basic)
+    assert await env.billing.balance(bob_basic) == 0
+    assert [v["status"] for v in await env.call("vouchers.list")] == ["new", "new"]
+
+    done = await env.call("vouchers.redeem", as_alice, code=cards[0]["code"], account_id=alice_extra)
+    assert done["account_id"] == alice_extra and done["repeated"] is False
+    assert await env.billing.balance(alice_extra) == 1_000_000
+    # Bob cannot take over Alice's voucher onto his own account either.
+    with pytest.raises(CallFailed, match="voucher already redeemed"):
+        await env.call("vouchers.redeem", caller("user", bob), code=cards[0]["code"], account_id=bob_basic)
+
+    # Administrators redeem onto any account, but only with the right.
+    clerk = caller("admin", 7, frozenset({"vouchers.read"}))
+    with pytest.raises(CallFailed, match="needs the right vouchers.redeem"):
+        await env.call("vouchers.redeem", clerk, code=cards[1]["code"], account_id=bob_basic)
+    cashier = caller("admin", 8, frozenset({"vouchers.*"}))
+    await env.call("vouchers.redeem", cashier, code=cards[1]["code"], account_id=bob_basic)
+    assert await env.billing.balance(bob_basic) == 1_000_000
+    assert await env.billing.balance(alice_basic) == 0
+
+
+async def test_failed_redeems_are_limited_per_caller(env: Env) -> None:
+    await env.load_first_party("vouchers")
+    alice, (alice_acc,) = await subscriber(env.pool, "alice")
+    bob, (bob_acc,) = await subscriber(env.pool, "bob")
+    good = await env.call("vouchers.generate", count=2, amount=250_000)
+    as_alice, as_bob = caller("user", alice), caller("user", bob)
+
+    guesses = ["2345-6789-ABCD-EFG" + c for c in "HJKMN"]
+    for code in guesses:  # one a second
+        with pytest.raises(CallFailed, match="unknown voucher code"):
+            await env.call("vouchers.redeem", as_alice, code=code, account_id=alice_acc)
+        env.now += 1
+    # Over the limit even a right code is refused: a hit must not show.
+    with pytest.raises(CallFailed, match="too many failed redeems; try again in 596 s"):
+        await env.call("vouchers.redeem", as_alice, code=good[0]["code"], account_id=alice_acc)
+    assert await env.billing.balance(alice_acc) == 0
+    # Another subscriber is not affected.
+    await env.call("vouchers.redeem", as_bob, code=good[1]["code"], account_id=bob_acc)
+
+    env.now = NOW + 599
+    with pytest.raises(CallFailed, match="try again in 2 s"):
+        await env.call("vouchers.redeem", as_alice, code=good[0]["code"], account_id=alice_acc)
+    env.now += 1  # the first failure leaves the 600 s window
+    await env.call("vouchers.redeem", as_alice, code=good[0]["code"], account_id=alice_acc)
+    assert await env.billing.balance(alice_acc) == 250_000
+    # A success does not count: with four failures in the window, one more guess is allowed ...
+    with pytest.raises(CallFailed, match="unknown voucher code"):
+        await env.call("vouchers.redeem", as_alice, code=guesses[0], account_id=alice_acc)
+    # ... and then the window is full again.
+    with pytest.raises(CallFailed, match="too many failed redeems"):
+        await env.call("vouchers.redeem", as_alice, code=guesses[1], account_id=alice_acc)
+
+
+async def test_concurrent_guesses_cannot_pass_the_limit(env: Env) -> None:
+    await env.load_first_party("vouchers")
+    mallory, (acc,) = await subscriber(env.pool, "mallory")
+    ctx = caller("user", mallory)
+    codes = [f"2345-6789-ABCD-{a}{b}{c}{d}" for a, b, c, d in
+             ["EFGH", "EFGJ", "EFGK", "EFGM", "EFGN", "EFGP", "EFGQ", "EFGR", "EFGS", "EFGT", "EFGU", "EFGV"]]
+    results = await asyncio.gather(
+        *(env.call("vouchers.redeem", ctx, code=c, account_id=acc) for c in codes), return_exceptions=True)
+    messages = sorted(str(r) for r in results)
+    assert sum("unknown voucher code" in m for m in messages) == 5
+    assert sum("too many failed redeems" in m for m in messages) == 7
+
+
+def test_failure_limit_window_and_bound() -> None:
+    from plugins.vouchers.limits import FailureLimit
+
+    limit = FailureLimit(max_failures=2, window=10.0, max_keys=2)
+    assert limit.begin("a", 0.0) and limit.begin("a", 1.0)
+    assert not limit.begin("a", 9.9) and limit.retry_after("a", 9.9) == pytest.approx(0.1)
+    assert limit.begin("a", 10.0)            # the attempt at 0.0 left the window
+    limit.succeeded("a", 10.0)               # ... and a success gives its slot back
+    assert limit.begin("a", 10.5)
+    assert not limit.begin("a", 10.6)
+    # Only max_keys callers are remembered; the least recently seen goes first.
+    assert limit.begin("b", 11.0) and limit.begin("c", 11.0)
+    assert limit.begin("a", 10.7) and limit.begin("a", 10.8)

@@ -7,15 +7,42 @@ import shutil
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import nacl.signing
+
+from urfa.scram import make_verifier
+
+from billcore.billing.accounts import create_account, create_user
+from billcore.principals import USER_RIGHTS
+from billcore.sessions import Principal
 
 from billcore.plugins.bundle import LICENCE_FILE, read_bundle
 from billcore.plugins.manifest import parse_manifest
 from billcore.plugins.signing import sign_files
 
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+_VERIFIER = make_verifier("unused", iterations=4096)
+
+
+def caller(kind: str = "admin", principal_id: int = 1,
+           rights: frozenset[str] | None = None) -> SimpleNamespace:
+    """A call context as the URFA server hands it to a handler: the session's principal and address."""
+    if rights is None:
+        rights = USER_RIGHTS if kind == "user" else frozenset({"*"})
+    return SimpleNamespace(principal=Principal(kind, f"{kind}{principal_id}", principal_id, rights, _VERIFIER),
+                           ip="192.0.2.7")
+
+
+async def subscriber(pool: asyncpg.Pool, login: str, accounts: int = 1) -> tuple[int, list[int]]:
+    """A real subscriber with ``accounts`` accounts (the first is the basic one): (user id, account ids)."""
+    async with pool.acquire() as conn:
+        user = await create_user(conn, login, _VERIFIER)
+        ids = [int(user["basic_account_id"])]
+        for _ in range(accounts - 1):
+            ids.append(int((await create_account(conn, int(user["id"])))["id"]))
+    return int(user["id"]), ids
 
 
 class DevKey:
@@ -81,7 +108,8 @@ def copy_first_party(name: str, dest: Path) -> Path:
 
 
 class TableBilling:
-    """A small real ``BillingFacade``: payments in a table, idempotent per external id."""
+    """A small real ``BillingFacade``: payments in a table, idempotent per external id;
+    ownership read from the core's ``accounts`` table, as the core does."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -104,6 +132,10 @@ class TableBilling:
                 pid = await conn.fetchval(
                     "SELECT id FROM test_plugin_payments WHERE external_id = $1", external_id)
         return int(pid)
+
+    async def accounts_of(self, user_id: int) -> list[int]:
+        rows = await self.pool.fetch("SELECT id FROM accounts WHERE user_id = $1 ORDER BY id", user_id)
+        return [int(r["id"]) for r in rows]
 
     async def balance(self, account_id: int) -> int:
         return int(await self.pool.fetchval(

@@ -8,6 +8,13 @@ repeated redeem by the same account returns the first result and credits
 only if the earlier attempt never got to ``credited_at``; the core's
 ``add_payment`` is itself idempotent per external id, so that retry cannot
 book twice either.
+
+Who may redeem: an administrator or system login holding the right
+``vouchers.redeem``, onto any account; a subscriber (``user`` session), only
+onto an account they own.  Failed redeems are limited per caller
+(``max_failures`` in ``failure_window`` seconds, see limits.py) so codes
+cannot be enumerated; the limit lives in memory and starts afresh when the
+core restarts.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 from billcore.plugins.api import PluginAPI, Refused
 
 from .codes import code_hash, new_code, normalize
+from .limits import FailureLimit
 
 ADMIN = frozenset({"admin", "system"})
 
@@ -27,6 +35,7 @@ def setup(api: PluginAPI) -> None:
         raise Refused("the vouchers plugin needs a database")
     max_batch = int(api.config["max_batch"])
     method = str(api.config["payment_method"])
+    limit = FailureLimit(int(api.config["max_failures"]), float(api.config["failure_window"]))
 
     async def generate(ctx: Any, count: int, amount: int, batch: str = "",
                        valid_days: int | None = None) -> list[dict[str, Any]]:
@@ -67,9 +76,35 @@ def setup(api: PluginAPI) -> None:
             " ORDER BY serial LIMIT $4", after, batch, status, limit)
 
     async def redeem(ctx: Any, code: str, account_id: int) -> dict[str, Any]:
-        """Credit the voucher's amount to ``account_id``; repeating it credits nothing more."""
+        """Credit the voucher's amount to ``account_id``; repeating it credits nothing more.
+
+        Subscribers redeem onto their own accounts only; administrators need
+        the right ``vouchers.redeem``.  Too many failed redeems by one caller
+        are refused for a while.
+        """
+        principal = ctx.principal
+        if principal.kind != "user" and not api.has_right(principal, "vouchers.redeem"):
+            raise Refused("redeeming vouchers needs the right vouchers.redeem")
+        caller = (principal.kind, principal.id)
+        started = api.now()
+        if not limit.begin(caller, started):
+            wait = limit.retry_after(caller, started)
+            raise Refused(f"too many failed redeems; try again in {int(wait) + 1} s")
+        try:
+            result = await attempt(principal, code, account_id)
+        except Refused:
+            raise  # a failure: its slot stays taken
+        except BaseException:
+            limit.succeeded(caller, started)  # the core's fault, not a guess
+            raise
+        limit.succeeded(caller, started)
+        return result
+
+    async def attempt(principal: Any, code: str, account_id: int) -> dict[str, Any]:
         if api.billing is None:
             raise Refused("payments are not available to plugins in this core")
+        if principal.kind == "user" and not await api.owns(principal, account_id):
+            raise Refused("not your account")
         normalized = normalize(code)
         if normalized is None:
             raise Refused("not a voucher code")
@@ -106,5 +141,6 @@ def setup(api: PluginAPI) -> None:
     api.register_call("vouchers.list", list_, right="vouchers.read", kinds=ADMIN,
                       args={"batch": "str?", "status": "str?", "after": "int?", "limit": "int?"},
                       result="list")
-    api.register_call("vouchers.redeem", redeem, right="vouchers.redeem",
+    # right=None: subscribers hold no plugin rights; redeem checks who calls.
+    api.register_call("vouchers.redeem", redeem, right=None,
                       args={"code": "str", "account_id": "int"}, result="map")
