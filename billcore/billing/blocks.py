@@ -172,7 +172,8 @@ async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int
         "SELECT a.id, a.balance, a.credit, a.unlimited, (SELECT coalesce(sum(p.amount), 0)::bigint"
         " FROM promised_payments p WHERE p.account_id = a.id AND p.closed_at IS NULL"
         " AND p.expires_at > $2) AS promised"
-        " FROM accounts a WHERE a.id = ANY($1::bigint[]) ORDER BY a.id FOR UPDATE OF a", ids, now)
+        " FROM accounts a WHERE a.id = ANY($1::bigint[]) AND a.id BETWEEN $3 AND $4"
+        " ORDER BY a.id FOR UPDATE OF a", ids, now, ids[0], ids[-1])
     if len(rows) != len(ids):
         found = {r["id"] for r in rows}
         raise UnknownAccount(f"account {next(i for i in ids if i not in found)} does not exist")

@@ -126,9 +126,15 @@ def _check_entry(e: object) -> Entry:
 async def lock_accounts(conn: asyncpg.Connection, account_ids: Iterable[int]) -> dict[int, asyncpg.Record]:
     """Lock accounts in ascending id order; raise ``UnknownAccount`` for a missing one."""
     ids = sorted(set(account_ids))
+    if not ids:
+        return {}
+    # The BETWEEN bounds are redundant for correctness; they let the planner
+    # use an index range scan where ``= ANY`` alone of a large batch would
+    # make it scan the whole table (batches are mostly id ranges).
     rows = await conn.fetch(
         "SELECT id, user_id, balance, credit, unlimited, status FROM accounts"
-        " WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", ids)
+        " WHERE id = ANY($1::bigint[]) AND id BETWEEN $2 AND $3 ORDER BY id FOR UPDATE",
+        ids, ids[0], ids[-1])
     found = {r["id"]: r for r in rows}
     missing = [i for i in ids if i not in found]
     if missing:
@@ -207,8 +213,9 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
         updated = await conn.fetch(
             "UPDATE accounts SET balance = accounts.balance + d.delta"
             " FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta)"
-            " WHERE accounts.id = d.id RETURNING accounts.id, accounts.balance",
-            changed, deltas)
+            " WHERE accounts.id = d.id AND accounts.id BETWEEN $3 AND $4"
+            " RETURNING accounts.id, accounts.balance",
+            changed, deltas, changed[0], changed[-1])
         for r in updated:
             if r["balance"] != running[r["id"]]:
                 raise InvariantViolation(

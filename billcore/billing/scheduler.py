@@ -131,6 +131,12 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
                  since: datetime, now: datetime, horizon: datetime, tz: tzinfo,
                  ) -> tuple[int, int, int, int, tuple[Any, ...]]:
     """One transaction's work; returns (charges, amount, once, closed, block changes)."""
+    # Every statement below filters by this batch's account array.  After five
+    # executions PostgreSQL may switch a prepared statement to a generic plan,
+    # which cannot use the account index through ``$1 IS NULL OR id = ANY($1)``
+    # (tariffs.load_links): at 200,000 accounts that was a scan per batch and
+    # most of the run.  Custom plans cost a few ms of planning per batch.
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
     rows = await conn.fetch(
         "SELECT account_id, service_id, period_start, charged, revision FROM periodic_charges"
@@ -149,19 +155,38 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
         revision = revisions.get(c.key, 0) + 1
         entries.append(Entry(c.key.account_id, -c.amount, "periodic", periodic_key(c, revision),
                              reference=f"service {c.key.service_id} period {c.key.period_start.isoformat()}"))
-    if charges:
+    # New keys are a plain INSERT (no speculative insertion per row); keys we
+    # hold locked since the SELECT above are an UPDATE that checks the old
+    # amount and revision (compare-and-set).  A key that appeared in between
+    # can only come from a second run racing this one: refused, nothing booked.
+    new = [c for c in charges if c.key not in revisions]
+    old = [c for c in charges if c.key in revisions]
+    if new:
+        try:
+            status = await conn.execute(
+                "INSERT INTO periodic_charges(account_id, service_id, period_start, period_end,"
+                " charged, revision, updated_at)"
+                " SELECT a, s, ps, pe, c, 1, $6 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[],"
+                " $4::timestamptz[], $5::bigint[]) AS t(a, s, ps, pe, c)",
+                [c.key.account_id for c in new], [c.key.service_id for c in new],
+                [c.key.period_start for c in new], [c.period_end for c in new],
+                [c.cumulative for c in new], now)
+        except asyncpg.UniqueViolationError as exc:
+            raise InvariantViolation(f"periodic charges booked by another run at once: {exc}") from None
+        if status != f"INSERT 0 {len(new)}":
+            raise InvariantViolation(f"periodic_charges wrote {status}, expected {len(new)} rows")
+    if old:
         status = await conn.execute(
-            "INSERT INTO periodic_charges AS p (account_id, service_id, period_start, period_end,"
-            " charged, revision, updated_at)"
-            " SELECT a, s, ps, pe, c, 1, $6 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[],"
-            " $4::timestamptz[], $5::bigint[]) AS t(a, s, ps, pe, c)"
-            " ON CONFLICT (account_id, service_id, period_start) DO UPDATE"
-            " SET charged = EXCLUDED.charged, revision = p.revision + 1, updated_at = EXCLUDED.updated_at",
-            [c.key.account_id for c in charges], [c.key.service_id for c in charges],
-            [c.key.period_start for c in charges], [c.period_end for c in charges],
-            [c.cumulative for c in charges], now)
-        if status != f"INSERT 0 {len(charges)}":
-            raise InvariantViolation(f"periodic_charges wrote {status}, expected {len(charges)} rows")
+            "UPDATE periodic_charges p SET charged = t.c, revision = p.revision + 1, updated_at = $7"
+            " FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], $5::bigint[],"
+            " $6::int[]) AS t(a, s, ps, c, was, rev)"
+            " WHERE p.account_id = t.a AND p.service_id = t.s AND p.period_start = t.ps"
+            " AND p.charged = t.was AND p.revision = t.rev",
+            [c.key.account_id for c in old], [c.key.service_id for c in old],
+            [c.key.period_start for c in old], [c.cumulative for c in old],
+            [c.previous for c in old], [revisions[c.key] for c in old], now)
+        if status != f"UPDATE {len(old)}":
+            raise InvariantViolation(f"periodic_charges updated {status}, expected {len(old)} rows")
 
     once = await conn.fetch(
         "INSERT INTO once_charges(account_id, service_id, link_id, amount, charged_at)"
