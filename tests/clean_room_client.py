@@ -125,7 +125,7 @@ def resume_signature(resume_key: bytes, snonce: bytes, cnonce: bytes, sid: bytes
 # --- frames (§2) -----------------------------------------------------------
 
 def encode(msg: dict[str, Any]) -> bytes:
-    body = msgpack.packb(msg, use_bin_type=True, datetime=True)
+    body: bytes = msgpack.packb(msg, use_bin_type=True, datetime=True)
     return struct.pack(">I", len(body)) + body
 
 
