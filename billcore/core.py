@@ -180,6 +180,7 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     """The plugin manager, its admin calls, and the plugins named in config."""
     from pathlib import Path
 
+    from .api import announce
     from .billing.payments import add_payment
     from .plugins import HookBus, PluginManager
     from .plugins.admin_calls import plugin_calls
@@ -192,7 +193,14 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
                               method: str, comment: str) -> int:
             async with core.pool.acquire() as conn:
                 result = await add_payment(conn, account_id=account_id, amount=amount, method=method,
-                                           actor="plugin", external_id=external_id, comment=comment)
+                                           actor="plugin", external_id=external_id, comment=comment,
+                                           now=core.now())
+            # As for payments.add: hooks hear of it, and a lifted block reaches RADIUS.
+            if result.created:
+                await core.fire("payment.added", {"account_id": account_id, "amount": amount,
+                                                  "balance": result.balance, "external_id": external_id,
+                                                  "method": method})
+            await announce(core, result.block_changes)
             return int(result.payment_id)
 
         async def accounts_of(self, user_id: int) -> list[int]:

@@ -1,0 +1,103 @@
+"""The core's side of plugins (``billcore.core._start_plugins``) on a real database:
+operators' settings from the config directory, subscribers' ownership, real
+payments, and the block events' balance."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from urfa.errors import CallFailed
+
+from billcore.calls import CallRegistry
+from billcore.config import config_from_dict
+from billcore.context import CoreContext
+from billcore.core import _start_plugins
+from billcore.plugins.loader import PluginManager
+
+from .test_plugins_support import DevKey, caller, copy_first_party, subscriber
+
+
+@dataclass
+class Core:
+    core: CoreContext
+    registry: CallRegistry
+    manager: PluginManager
+    published: list[tuple[str, dict[str, Any]]]
+
+    async def call(self, ctx: Any, name: str, /, **args: object) -> Any:
+        table = self.registry.snapshot(ctx.principal.kind, ctx.principal.rights)
+        try:
+            symbol = table.lookup(name)
+            with self.registry.in_flight(symbol):
+                return await symbol.spec.handler(ctx, **args)
+        finally:
+            table.close()
+
+
+@pytest.fixture
+async def core(tmp_path: Path, pool: asyncpg.Pool) -> AsyncIterator[Core]:
+    data = tmp_path / "data"
+    key = DevKey(data / "plugin-keys")
+    for name in ("vouchers", "lowbalance"):
+        key.sign(copy_first_party(name, data / "plugins"))
+    (data / "plugin-config").mkdir(parents=True)
+    (data / "plugin-config" / "vouchers.toml").write_text("max_failures = 2\n")
+    (data / "plugin-config" / "lowbalance.toml").write_text("threshold = 5_000_000\n")
+    config = config_from_dict({"core": {"data_dir": str(data)},
+                               "plugins": {"load": ["vouchers", "lowbalance"]}})
+    published: list[tuple[str, dict[str, Any]]] = []
+    ctx = CoreContext(pool, config, publish=lambda topic, payload: published.append((topic, payload)))
+    registry = CallRegistry()
+    manager = await _start_plugins(ctx, registry)
+    yield Core(ctx, registry, manager, published)
+    await manager.close()
+
+
+async def balance(pool: asyncpg.Pool, account_id: int) -> int:
+    return int(await pool.fetchval("SELECT balance FROM accounts WHERE id = $1", account_id))
+
+
+async def test_subscriber_redeems_onto_own_account_through_the_core(core: Core, pool: asyncpg.Pool) -> None:
+    admin = caller("admin", 1)
+    assert {p["name"]: p["version"] for p in await core.call(admin, "plugins.list")} == {
+        "lowbalance": "1.0.0", "vouchers": "1.1.0"}
+    assert await pool.fetchval("SELECT count(*) FROM plugin_versions") == 2
+    alice, (alice_acc,) = await subscriber(pool, "alice")
+    bob, (bob_acc,) = await subscriber(pool, "bob")
+    [card] = await core.call(admin, "vouchers.generate", count=1, amount=1_500_000)
+
+    as_alice = caller("user", alice)
+    with pytest.raises(CallFailed, match="not your account"):
+        await core.call(as_alice, "vouchers.redeem", code=card["code"], account_id=bob_acc)
+    done = await core.call(as_alice, "vouchers.redeem", code=card["code"], account_id=alice_acc)
+    # A real payment in the ledger, and the hooks heard of it.
+    assert await balance(pool, alice_acc) == 1_500_000
+    assert await pool.fetchval("SELECT method FROM payments WHERE id = $1", done["payment_id"]) == "voucher"
+    [notice] = await core.call(admin, "lowbalance.pending")
+    assert (notice["account_id"], notice["balance"], notice["reason"]) == (alice_acc, 1_500_000, "payment")
+    assert await balance(pool, bob_acc) == 0
+
+    # vouchers.toml set max_failures = 2: the third failure in a row is refused as such.
+    as_bob = caller("user", bob)
+    for _ in range(2):
+        with pytest.raises(CallFailed, match="unknown voucher code"):
+            await core.call(as_bob, "vouchers.redeem", code="2345-6789-ABCD-EFGH", account_id=bob_acc)
+    with pytest.raises(CallFailed, match="too many failed redeems"):
+        await core.call(as_bob, "vouchers.redeem", code="2345-6789-ABCD-EFGH", account_id=bob_acc)
+
+
+async def test_block_events_reach_hooks_with_the_balance(core: Core, pool: asyncpg.Pool) -> None:
+    _, (acc,) = await subscriber(pool, "carol")
+    # What billcore.api.announce fires today (BlockChange.event()): no balance of its own.
+    await core.core.fire("account.blocked", {"account_id": acc, "kind": "system", "action": "set",
+                                             "block_id": 1, "reason": "debt",
+                                             "at": dt.datetime.now(dt.timezone.utc), "by": "system"})
+    [notice] = await core.call(caller("admin", 1), "lowbalance.pending")
+    assert (notice["account_id"], notice["balance"], notice["reason"]) == (acc, 0, "blocked")
