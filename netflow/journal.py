@@ -15,7 +15,8 @@ charged"; a restarted worker replays from W with `JournalReader(dir, W)`.
 Segments are named after the global offset of their first byte, so a
 watermark maps to a file and a position by name alone. A segment rotates when
 it reaches `segment_bytes`. `flush()` writes and fsyncs; the caller decides
-how often (each batch), trading durability against fsync cost.
+how often (each batch), trading durability against fsync cost; `flush_buffer()`
+only writes through to the kernel (survives a process kill, not a power loss).
 
 A crash can tear the last record of the last segment (partly written or
 never fsynced). Opening a `Journal` truncates such a tail; a `JournalReader`
@@ -184,6 +185,14 @@ class Journal:
 
     def append_datagram(self, datagram: Datagram) -> int:
         return self.append(datagram.received_ns, datagram.exporter, datagram.port, datagram.payload)
+
+    def flush_buffer(self) -> None:
+        """Hand everything appended so far to the kernel, without fsync.
+
+        After this a ``kill -9`` of the process loses nothing appended (the page
+        cache outlives the process); only a power loss can, until `flush`.
+        """
+        self._file.flush()
 
     def flush(self) -> None:
         """Write out and fsync everything appended so far."""

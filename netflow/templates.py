@@ -45,6 +45,7 @@ IE_SAMPLING_INTERVAL, IE_SAMPLER_ID, IE_SAMPLER_RANDOM_INTERVAL = 34, 48, 50
 IE_START_S, IE_END_S, IE_START_MS, IE_END_MS = 150, 151, 152, 153
 IE_START_DELTA_US, IE_END_DELTA_US = 158, 159
 IE_SYSTEM_INIT_MS = 160
+UPTIME_SKEW_MS = 3_600_000  # how far after the export time a sysUpTime-stamped flow may end
 IE_SELECTOR_ID, IE_PACKET_INTERVAL, IE_PACKET_SPACE = 302, 305, 306
 
 
@@ -183,7 +184,12 @@ class CompiledTemplate:
                 init = self.uint(raw, IE_SYSTEM_INIT_MS)
                 base = init.astype(np.int64) if init is not None else ctx.init_ms.astype(np.int64)
                 known = base > 0
-                out[target] = np.where(known, base + col.astype(np.int64), export_ms)
+                # the uptime is an unsigned32: it wraps every 49.7 days, and softflowd reading a
+                # pcap sends packets older than its start as negative (wrapped) values. Take the
+                # time congruent to init + uptime mod 2^32 that lies within [49.7 days, 1 hour)
+                # before the export time.
+                age = (export_ms - base - col.astype(np.int64) + UPTIME_SKEW_MS) % (1 << 32) - UPTIME_SKEW_MS
+                out[target] = np.where(known, export_ms - age, export_ms)
                 continue
             col = self.uint(raw, delta_ie)
             if col is not None:

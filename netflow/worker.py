@@ -135,7 +135,8 @@ class WorkerSettings:
             exporters=tuple(n.exporters), sampling=tuple(n.sampling), rcvbuf=n.rcvbuf,
             journal_max_bytes=n.journal_max_bytes, segment_bytes=n.segment_bytes,
             fsync_interval=n.fsync_interval, ship_interval=n.ship_interval,
-            raw_retention_days=n.raw_retention_days,
+            raw_retention_days=n.raw_retention_days, raw_flush_rows=n.raw_flush_rows,
+            raw_flush_interval=n.raw_flush_interval,
         )
 
     @property
@@ -257,7 +258,7 @@ class Receiver(threading.Thread):
         sock, journal, allowed = self.sock, self.journal, self.exporters.allowed
         recvfrom, append, now_ns, monotonic = sock.recvfrom, journal.append, time.time_ns, time.monotonic
         next_sync = monotonic() + self.fsync_interval
-        write_through = lambda: journal._file.flush()  # noqa: E731,SLF001 - no public unsynced flush yet; the file changes at rotation
+        write_through = journal.flush_buffer
         packets = nbytes = 0
         while not self._stop_flag.is_set():
             # drain what is queued (one syscall per packet under load), then wait briefly

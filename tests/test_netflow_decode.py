@@ -304,6 +304,28 @@ def test_ipfix_uptime_times_use_system_init_from_options_and_sampler_ids() -> No
     assert int(flow["bytes"]) == 4242 and int(flow["sampling"]) == 250
 
 
+@pytest.mark.parametrize("first_uptime, expect_offset", [
+    ((1 << 32) - 300_000, -300_000),  # softflowd -r: a packet 5 min before its start, wrapped negative
+    (5_000, 5_000),  # an ordinary uptime
+])
+def test_ipfix_uptime_is_taken_modulo_2_32_near_the_export_time(first_uptime: int, expect_offset: int) -> None:
+    init_ms = CLOCK.export_ms - 10_000
+    opt_tmpl = struct.pack(">HHH", 400, 2, 1) + struct.pack(">HHHH", 149, 4, 160, 8)
+    opt_data = struct.pack(">IQ", 0, init_ms)
+    fields = ((8, 4), (12, 4), (1, 8), (22, 4), (21, 4))
+    tmpl = struct.pack(">HH", 401, len(fields)) + b"".join(struct.pack(">HH", *f) for f in fields)
+    record = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack(">QII", 99, first_uptime, (first_uptime + 500) % (1 << 32))
+    sets = (struct.pack(">HH", 3, 4 + len(opt_tmpl)) + opt_tmpl
+            + struct.pack(">HH", 2, 4 + len(tmpl)) + tmpl
+            + struct.pack(">HH", 400, 4 + len(opt_data)) + opt_data
+            + struct.pack(">HH", 401, 4 + len(record)) + record)
+    message = struct.pack(">HHIII", 10, 16 + len(sets), CLOCK.export_ms // 1000, 0, 5) + sets
+    result = decode_batch(grams([message]), TemplateCache(), SequenceTracker(), now=0)
+    (flow,) = result.flows
+    assert int(flow["first_ms"]) == init_ms + expect_offset
+    assert int(flow["last_ms"]) == init_ms + expect_offset + 500
+
+
 def test_template_snapshot_lets_another_worker_decode() -> None:
     first = TemplateCache()
     decode_batch(grams(build_ipfix([], 1_700_000_000, domain=3)), first, None, now=10)

@@ -146,6 +146,32 @@ async def test_concurrent_commits_of_one_source_charge_once(pool: asyncpg.Pool) 
         assert await balance(conn, account) == -cost(3_000)
 
 
+async def test_sources_creating_the_same_counters_at_once_add_up(pool: asyncpg.Pool) -> None:
+    """Two or more sources (two workers) whose first batches create the same counters at
+    the same time: the counter holds the sum and the ledger the meter's price of the sum."""
+    async with pool.acquire() as conn:
+        s = await setup_traffic(conn, accounts=24)
+    sources, rounds = 4, 3
+    per_round = len(s["accounts"]) // rounds
+
+    async def send(source: int, accounts: list[int]) -> None:
+        batch = [TrafficUsage(a, s["inet"], NOW, 1_000 + 700 * source) for a in accounts]
+        async with pool.acquire() as c:
+            res = await commit_usage(c, f"netflow:{source}", 1 + accounts[0], batch, NOW)
+        assert not res.duplicate and res.rejected == ()
+
+    for r in range(rounds):  # each round creates fresh counters from every source at once
+        accounts = s["accounts"][r * per_round:(r + 1) * per_round]
+        await asyncio.gather(*(send(k, accounts) for k in range(sources)))
+    total = sum(1_000 + 700 * k for k in range(sources))
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT account_id, quantity, charged FROM usage_counters ORDER BY 1")
+        assert [(r["account_id"], r["quantity"], r["charged"]) for r in rows] == \
+            [(a, total, cost(total)) for a in s["accounts"]]
+        for account in s["accounts"]:
+            assert await balance(conn, account) == -cost(total)
+
+
 quantities = st.lists(st.integers(0, 4 * BORDER), min_size=1, max_size=12)
 
 

@@ -86,10 +86,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         pass
     section = core.config.netflow
     raw_dir = Path(section.raw_dir) if section.raw_dir else core.config.data_dir / "netflow" / "raw"
-    # commit_usage locks existing counters FOR UPDATE, but two sources creating the same
-    # counter at once both insert and the second overwrites the first's quantity (the
-    # ledger keeps both charges): until that is fixed there, one submit commits at a time
-    commit_lock = asyncio.Lock()
 
     @handler
     async def netflow_submit(ctx: Any, worker: str, watermark: int, **columns: Any) -> dict[str, Any]:
@@ -104,7 +100,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             totals[key] = totals.get(key, 0) + nbytes
         usage = [TrafficUsage(a, k, datetime.fromtimestamp(h // 1000, timezone.utc), b)
                  for (a, k, h), b in sorted(totals.items())]
-        async with commit_lock, core.pool.acquire() as conn:
+        async with core.pool.acquire() as conn:
             result = await commit_usage(conn, source, watermark, usage, core.now(), tz=tz, actor=source)
         await announce(core, result.block_changes)  # type: ignore[arg-type]
         rejected_bytes = sum(getattr(r.usage, "bytes", 0) for r in result.rejected)

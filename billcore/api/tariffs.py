@@ -11,6 +11,7 @@ Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
   bindings.list, bindings.add, bindings.end
 
 System call (kinds ``{"system"}``, right ``netflow.read``): ``netflow.snapshot``
+(bindings valid at any time in the last ``SNAPSHOT_HISTORY`` or later)
 — ``{"version": int, "bindings": [[prefix, account_id, valid_from_epoch,
 valid_to_epoch|None], …], "classes": [{"id", "name", "position", "rules":
 [{"id", "position", "skip", "local_net", "remote_net", "local_ports",
@@ -21,7 +22,7 @@ publishes ``("classifier", {"version": v})`` after its commit.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from billcore.api import ADMIN, handler, need_int
@@ -29,6 +30,9 @@ from billcore.billing import tariffs as T
 from billcore.billing.errors import TariffError
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
+
+SNAPSHOT_HISTORY = timedelta(days=7)
+"""How far back ``netflow.snapshot`` keeps ended bindings (journal replay, late flows)."""
 
 __all__ = ["calls", "plain"]
 
@@ -245,9 +249,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def netflow_snapshot(ctx: Any) -> dict[str, Any]:
-        """Bindings valid now or later and the class rules, with the classifier version."""
+        """Bindings valid during the last SNAPSHOT_HISTORY or later, and the class rules, with
+        the classifier version.  Ended bindings stay in for a while because a worker replays
+        its journal after a restart and exporters report flows late: such flows belong to the
+        account that held the address at the flow's time (the classifier checks validity)."""
         async with core.pool.acquire() as conn:
-            snap = await T.classifier_snapshot(conn, core.now())
+            snap = await T.classifier_snapshot(conn, core.now() - SNAPSHOT_HISTORY)
         snap["bindings"] = [[p, a, _epoch(f), _epoch(t)] for p, a, f, t in snap["bindings"]]
         return snap
 

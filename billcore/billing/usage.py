@@ -12,8 +12,10 @@ transaction:
    already charged: nothing else happens (``CommitResult.duplicate``);
 2. load the tariffs of the batch's accounts (``tariffs.load_book``) and rate
    once without counters to learn which counters the batch touches;
-3. lock those counters (``SELECT … FOR UPDATE``, key order) and rate again
-   against their real values (the pure ``rating.rate``);
+3. create the missing ones at zero (``INSERT … ON CONFLICT DO NOTHING``, so
+   a concurrent creator is waited for, not overwritten), lock them all
+   (``SELECT … FOR UPDATE``, key order) and rate again against their real
+   values (the pure ``rating.rate``);
 4. write the new counters, the per-day totals, and post the charges through
    the ledger's ``post_charges`` (which locks the accounts in id order and
    applies automatic blocks) with idempotency keys derived from
@@ -52,7 +54,7 @@ record on that counter (the days of one hourly batch are one or two).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
 from typing import Final
@@ -149,6 +151,28 @@ def _daily(usage: Sequence[Usage], result: RatingResult, tz: tzinfo,
     return days
 
 
+async def _create_counters(conn: asyncpg.Connection, keys: Iterable[CounterKey], now: datetime) -> None:
+    """Make every counter of ``keys`` exist (zero) so that ``FOR UPDATE`` can lock it.
+
+    Without this, two sources creating the same counter at once both find no
+    row to lock, both insert, and the second's quantity overwrites the first's
+    while the ledger keeps both charges.  ``ON CONFLICT DO NOTHING`` waits for
+    a concurrent inserter to finish, so afterwards the row is there to lock.
+    Keys go in lock order, like ``load_counters``, so two batches cannot deadlock.
+    """
+    ordered = sorted(set(keys), key=lambda k: (k.account_id, k.service_id, k.klass, k.range_id, k.period_start))
+    if not ordered:
+        return
+    await conn.execute(
+        "INSERT INTO usage_counters (account_id, service_id, class_id, range_id, period_start,"
+        " quantity, charged, updated_at)"
+        " SELECT a, s, c, r, p, 0, 0, $6::timestamptz FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
+        " $4::bigint[], $5::timestamptz[]) WITH ORDINALITY AS k(a, s, c, r, p, n) ORDER BY n"
+        " ON CONFLICT (account_id, service_id, class_id, range_id, period_start) DO NOTHING",
+        [k.account_id for k in ordered], [k.service_id for k in ordered], [k.klass for k in ordered],
+        [k.range_id for k in ordered], [k.period_start for k in ordered], now)
+
+
 async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
                        usage: Sequence[Usage], now: datetime, *, tz: tzinfo = timezone.utc,
                        actor: str = "rating") -> CommitResult:
@@ -174,6 +198,7 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
         since, until = _span(usage, now)
         book = await load_book(conn, accounts, tz=tz, since=since, until=until)
         probe = rate(usage, {}, book, now)
+        await _create_counters(conn, probe.counters.keys(), now)
         stored = await load_counters(conn, probe.counters.keys(), lock=True)
         result = rate(usage, {k: q for k, (q, _) in stored.items()}, book, now)
         if result.counters.keys() != probe.counters.keys():
