@@ -31,7 +31,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     @handler
     async def users_create(ctx: Any, login: str, password: str, full_name: str = "", email: str = "",
                            phone: str = "", address: str = "", external_id: str | None = None) -> dict[str, Any]:
-        """Create a subscriber and its basic account; returns the user."""
+        """Create a subscriber (password: 8 to 1024 characters) and its basic account; returns the user with basic_account_id."""
         accounts.check_login(login)
         verifier = make_verifier(check_password(password))
         fields: dict[str, Any] = {"full_name": full_name or "", "email": email or "",
