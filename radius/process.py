@@ -24,7 +24,9 @@ Decisions: ``UrfaDecider`` gathers the Access-Requests of one loop turn
 into one ``radius.authorize_many`` call (at most ``max_batch`` each, at most
 ``max_batches`` calls in flight — the core caps calls per connection; while
 all are in flight the next batch grows).  Accounting stays one call per
-request: it is rarer and each one is its own transaction in the core.
+request — it is rarer and each one is its own transaction in the core — with
+at most ``max_accounting`` in flight (a storm of Starts after a NAS reboot
+waits its turn, within the decision timeout, instead of meeting "busy").
 
 Events: a ``blocks`` event with action ``set`` → ``radius.sessions`` for the
 account → Disconnect-Request, or a CoA to the NAS's blocked profile;
@@ -167,8 +169,12 @@ class UrfaDecider:
 
     bounded = True
 
-    def __init__(self, link: CoreLink, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16) -> None:
+    def __init__(self, link: CoreLink, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16,
+                 max_accounting: int = 32) -> None:
         self.link = link
+        # the core answers "busy" past its per-connection cap (urfa.max_inflight, 64 by default):
+        # batches, accounting calls and the event handlers' calls stay under it together
+        self._accounting = asyncio.Semaphore(max_accounting)
         self.timeout = timeout
         self.max_batch = max_batch
         self.max_batches = max_batches
@@ -230,7 +236,11 @@ class UrfaDecider:
                 self._flush()
 
     async def account(self, nas: Nas, record: dict[str, Any]) -> None:
-        await self.link.call("radius.accounting", {"record": record}, timeout=self.timeout)
+        if not self.link.up.is_set():
+            raise DecisionUnavailable("not connected to the core")
+        async with asyncio.timeout(self.timeout):
+            async with self._accounting:
+                await self.link.call("radius.accounting", {"record": record})
 
 
 async def open_session(config: Any) -> Client:

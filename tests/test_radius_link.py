@@ -141,3 +141,38 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again() -> No
         if h.link.client is not None:
             await h.link.client.close()
         await core.stop()
+
+
+async def test_accounting_calls_stay_under_the_cores_cap() -> None:
+    """A burst of accounting requests never has more than ``max_accounting``
+    calls in flight on the connection; the rest wait their turn."""
+    port = free_port()
+    h = Harness(port)
+    running = 0
+    peak = 0
+
+    async def accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return {"session": record["session_id"]}
+
+    core = Core(port)
+    await core.start()
+    assert core.service is not None
+    core.service.registry.register_all([CallSpec("radius.accounting", accounting, right="radius.serve",
+                                                 args={"record": "map"})])
+    runner = asyncio.create_task(h.link.run())
+    try:
+        await wait_for(h.link.up.is_set)
+        decider = UrfaDecider(h.link, timeout=5.0, max_accounting=4)
+        await asyncio.gather(*(decider.account(NAS, {"session_id": str(i)}) for i in range(40)))
+        assert peak == 4
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        if h.link.client is not None:
+            await h.link.client.close()
+        await core.stop()
