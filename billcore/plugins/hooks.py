@@ -45,15 +45,15 @@ __all__ = [
 ]
 
 PAYMENT_ADDED = "payment.added"
-"""{account_id, amount, balance, external_id, method}"""
+"""{account_id, amount, balance, external_id, method} — fired today (payments.add, api.billing)."""
 ACCOUNT_CHARGED = "account.charged"
 """{account_id, amount, balance, reason} — one charge (periodic, one-off)."""
 BATCH_RATED = "batch.rated"
 """{batch_id, charges: [{account_id, amount, balance}, …]} — traffic rated."""
 ACCOUNT_BLOCKED = "account.blocked"
-"""{account_id, balance, reason}"""
+"""{account_id, balance, reason, kind, action="set", block_id, at, by} — fired today."""
 ACCOUNT_UNBLOCKED = "account.unblocked"
-"""{account_id, balance}"""
+"""{account_id, balance, reason, kind, action="lifted", block_id, at, by} — fired today."""
 PERIOD_CLOSED = "period.closed"
 """{period_start, period_end} — unix seconds; periodic charges are booked."""
 SESSION_STARTED = "session.started"
