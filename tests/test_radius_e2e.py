@@ -351,6 +351,27 @@ async def test_nas_edit_secret_and_delete(stack: Stack) -> None:
     await wait_until(lambda: radclient_ok(stack, "auth", 'User-Name = "alice", User-Password = "wonderland"'))
 
 
+async def test_time_charged_into_debt_blocks_and_disconnects(stack: Stack) -> None:
+    acc = stack.accounts["alice"]
+    await acct(stack, "Start", "E2E-DEBT", extra=", Framed-IP-Address = 10.77.1.5")
+    stack.nas.sessions["E2E-DEBT"] = "alice"
+    seen = len(stack.nas.received)
+    # more time than the money left buys: the charge puts the account in debt,
+    # the core sets the automatic block, the radius process disconnects
+    await acct(stack, "Interim-Update", "E2E-DEBT", extra=", Acct-Session-Time = 9000")
+    assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] < 0
+    await wait_until(lambda: _true("E2E-DEBT" not in stack.nas.sessions), timeout=10)
+    assert stack.nas.received[seen][0] == 40
+    rc, out = await radclient(stack.auth_port, "auth", 'User-Name = "alice", User-Password = "wonderland"')
+    assert "Access-Reject" in out, out
+    await acct(stack, "Stop", "E2E-DEBT", extra=", Acct-Session-Time = 9000, Acct-Terminate-Cause = Admin-Reset")
+    # paying lifts the automatic block: accepted again
+    await stack.admin.call("payments.add", {"account_id": acc, "amount": PAID, "method": "cash",
+                                            "external_id": "e2e-alice-2"})
+    rc, out = await radclient(stack.auth_port, "auth", 'User-Name = "alice", User-Password = "wonderland"')
+    assert "Access-Accept" in out, out
+
+
 # -- the radius process survives the core -------------------------------------------
 
 
