@@ -101,3 +101,18 @@ async def test_block_events_reach_hooks_with_the_balance(core: Core, pool: async
                                              "at": dt.datetime.now(dt.timezone.utc), "by": "system"})
     [notice] = await core.call(caller("admin", 1), "lowbalance.pending")
     assert (notice["account_id"], notice["balance"], notice["reason"]) == (acc, 0, "blocked")
+
+
+async def test_a_voucher_that_pays_the_debt_lifts_the_block(core: Core, pool: asyncpg.Pool) -> None:
+    from billcore.billing.payments import add_payment
+
+    dave, (acc,) = await subscriber(pool, "dave")
+    async with pool.acquire() as conn:
+        debt = await add_payment(conn, account_id=acc, amount=-700_000, method="correction", actor="admin:test#1")
+    assert [c.action for c in debt.block_changes] == ["set"]
+    [card] = await core.call(caller("admin", 1), "vouchers.generate", count=1, amount=1_000_000)
+    await core.call(caller("user", dave), "vouchers.redeem", code=card["code"], account_id=acc)
+    assert await balance(pool, acc) == 300_000
+    assert await pool.fetchval("SELECT count(*) FROM blocks WHERE account_id = $1 AND lifted_at IS NULL", acc) == 0
+    # RADIUS hears of the lift through the core's "blocks" topic.
+    assert [(t, p["account_id"], p["action"]) for t, p in core.published] == [("blocks", acc, "lifted")]
