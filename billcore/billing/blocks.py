@@ -38,6 +38,7 @@ __all__ = [
     "BLOCK_KINDS",
     "MANUAL_KINDS",
     "BlockChange",
+    "LockedAccount",
     "active_promised",
     "in_debt",
     "lift_block",
@@ -149,17 +150,31 @@ async def lift_block(conn: asyncpg.Connection, account_id: int, kind: str, *, ac
 MAX_SYNC = 100_000   # accounts per set-based sync: the ledger's batch limit
 
 
+@dataclass(frozen=True, slots=True)
+class LockedAccount:
+    """What the debt rule needs of an account row the caller holds ``FOR UPDATE``."""
+
+    balance: int
+    credit: int
+    unlimited: bool
+
+
 async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int], *, actor: str,
-                             now: dt.datetime, expected_balances: Mapping[int, int] | None = None,
+                             now: dt.datetime, locked: Mapping[int, LockedAccount] | None = None,
                              ) -> list[BlockChange]:
     """Make the system blocks of many accounts agree with the debt rule, in a
-    constant number of statements.  The caller holds the accounts' row locks
-    (this re-locks them in id order, which is free) inside its transaction.
+    constant number of statements, inside the caller's transaction.
+
+    Without ``locked`` it locks and reads the accounts (in id order).  With
+    ``locked`` the caller vouches that it holds these rows ``FOR UPDATE`` and
+    that the values are current (``post_charges`` passes the balances it just
+    wrote and read back), which saves re-reading the batch.  Then one read
+    finds the open promised credit and the active system blocks — the only
+    accounts that can need more than nothing — and at most one INSERT sets
+    and one UPDATE lifts.
 
     Returns one change per account that changed, in ascending account id —
-    the order the one-account-at-a-time loop produced.  With
-    ``expected_balances`` it also checks the balances it read against the
-    caller's (the after-the-read check of a posting).
+    the order the one-account-at-a-time loop produced.
     """
     if not conn.is_in_transaction():
         raise InvariantViolation("sync_system_blocks must run inside the caller's transaction")
@@ -168,27 +183,35 @@ async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int
         return []
     if len(ids) > MAX_SYNC:
         raise InvalidValue(f"at most {MAX_SYNC} accounts per block sync, got {len(ids)}")
-    rows = await conn.fetch(
-        "SELECT a.id, a.balance, a.credit, a.unlimited, (SELECT coalesce(sum(p.amount), 0)::bigint"
-        " FROM promised_payments p WHERE p.account_id = a.id AND p.closed_at IS NULL"
-        " AND p.expires_at > $2) AS promised"
-        " FROM accounts a WHERE a.id = ANY($1::bigint[]) AND a.id BETWEEN $3 AND $4"
-        " ORDER BY a.id FOR UPDATE OF a", ids, now, ids[0], ids[-1])
-    if len(rows) != len(ids):
-        found = {r["id"] for r in rows}
-        raise UnknownAccount(f"account {next(i for i in ids if i not in found)} does not exist")
+    if locked is None:
+        rows = await conn.fetch(
+            "SELECT id, balance, credit, unlimited FROM accounts WHERE id = ANY($1::bigint[])"
+            " AND id BETWEEN $2 AND $3 ORDER BY id FOR UPDATE", ids, ids[0], ids[-1])
+        locked = {r["id"]: LockedAccount(r["balance"], r["credit"], r["unlimited"]) for r in rows}
+    missing = [i for i in ids if i not in locked]
+    if missing:
+        raise UnknownAccount(f"account {missing[0]} does not exist")
+    # Both sides filter on partial/unique indexes by account: a probe per id,
+    # and only accounts with promised credit or a system block come back.
+    extra = {r["account_id"]: (int(r["promised"]), r["blocked"]) for r in await conn.fetch(
+        "SELECT account_id, coalesce(sum(amount), 0)::bigint AS promised, bool_or(blocked) AS blocked"
+        " FROM (SELECT account_id, amount, false AS blocked FROM promised_payments"
+        "       WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL AND expires_at > $2"
+        "       UNION ALL SELECT account_id, 0, true FROM blocks"
+        "       WHERE account_id = ANY($1::bigint[]) AND kind = 'system' AND lifted_at IS NULL) x"
+        " GROUP BY account_id", ids, now)}
     debtors: list[int] = []
     reasons: list[str] = []
     clear: list[int] = []
-    for r in rows:
-        if expected_balances is not None and r["balance"] != expected_balances[r["id"]]:
-            raise InvariantViolation(
-                f"account {r['id']}: balance {r['balance']} read back, expected {expected_balances[r['id']]}")
-        if in_debt(r["balance"], r["credit"], r["promised"], r["unlimited"]):
-            debtors.append(r["id"])
-            reasons.append(f"balance {r['balance']} below -(credit {r['credit']} + promised {r['promised']})")
-        else:
-            clear.append(r["id"])
+    for i in ids:
+        acc = locked[i]
+        promised, blocked = extra.get(i, (0, False))
+        if in_debt(acc.balance, acc.credit, promised, acc.unlimited):
+            if not blocked:
+                debtors.append(i)
+                reasons.append(f"balance {acc.balance} below -(credit {acc.credit} + promised {promised})")
+        elif blocked:
+            clear.append(i)
     changes: dict[int, BlockChange] = {}
     if debtors:
         # ORDER BY n: block ids are drawn in ascending account order, as before.
@@ -209,6 +232,12 @@ async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int
                 raise InvariantViolation(f"account {b['account_id']}: two system-block changes in one sync")
             changes[b["account_id"]] = BlockChange(b["account_id"], "system", "lifted", b["id"], b["reason"],
                                                    now, actor)
+    # We hold every row lock, and only this function touches system blocks:
+    # what we read is what we changed.
+    if len(changes) != len(debtors) + len(clear):
+        raise InvariantViolation(
+            f"system blocks moved under the account locks: {len(changes)} changes,"
+            f" expected {len(debtors)} set + {len(clear)} lifted")
     return [changes[i] for i in sorted(changes)]
 
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import asyncpg
 
-from billcore.billing.blocks import BlockChange, sync_system_blocks
+from billcore.billing.blocks import BlockChange, LockedAccount, sync_system_blocks
 from billcore.billing.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, UnknownAccount,
@@ -233,8 +233,8 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
             await conn.execute(
                 "UPDATE promised_payments SET closed_at = $2, closed_why = 'covered'"
                 " WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL", covered, now)
-        changes = await sync_system_blocks(
-            conn, changed, actor=actor, now=now, expected_balances={i: running[i] for i in changed})
+        changes = await sync_system_blocks(conn, changed, actor=actor, now=now, locked={
+            i: LockedAccount(running[i], accounts[i]["credit"], accounts[i]["unlimited"]) for i in changed})
     return PostResult(tuple(posted), tuple(skipped), running, tuple(changes))
 
 
