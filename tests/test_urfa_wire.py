@@ -299,6 +299,34 @@ def test_transition_table_has_one_entry_per_legal_step() -> None:
     assert all(n is State.CLOSED for (s, r, t), n in TRANSITIONS.items() if t is Bye)
 
 
+def test_an_idle_connection_costs_little_memory() -> None:
+    # msgpack's defaults would reserve 1 MiB (unpacker) + 256 KiB (packer) per connection.
+    tracemalloc.start()
+    try:
+        conns = [Connection(Role.SERVER, 0.0) for _ in range(200)]
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(conns) == 200 and used / 200 < 128 * 1024
+
+
+def test_pipelined_frames_larger_than_one_feed_cap_still_decode() -> None:
+    # The decoder's buffer cap bounds *undecoded* bytes: a reader that decodes
+    # as it goes may receive any amount.
+    conn = Connection(Role.SERVER, 0.0, max_frame=4096)
+    conn.send(Hello(SNONCE))
+    conn.state = State.OPEN
+    frame = FrameEncoder().encode(to_wire(Call(1, "t.echo", {"x": "y" * 3000})))
+    got = 0
+    for i in range(1000):
+        conn.receive_data(frame[:-1] if i == 0 else frame[-1:] + frame[:-1])
+        while (ev := conn.next_event()) is not None:
+            assert isinstance(ev, Call)
+            conn.send_result(ev.id, None)
+            got += 1
+    assert got == 999 and conn.data_to_send()
+
+
 # -- fuzz -----------------------------------------------------------------
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=8))

@@ -31,6 +31,7 @@ DEFAULT_MAX_FRAME = 1 << 20
 # far smaller (uvloop reads 256 KiB); a peer that sends more than this ahead
 # of what we decoded is refused rather than buffered.
 MAX_FEED = 1 << 20
+_INITIAL_BUFFER = 16 * 1024   # per connection; grows with what is actually in flight
 _HEADER = struct.Struct(">I")
 # Nesting limit: msgpack's own stack limit (1024) applies too; this keeps
 # hostile inputs cheap and our handlers' recursion safe.
@@ -84,6 +85,7 @@ class FrameDecoder:
             strict_map_key=True,
             ext_hook=_refuse_ext,
             max_buffer_size=max_frame + 4 + MAX_FEED,
+            read_size=min(max_frame + 4 + MAX_FEED, _INITIAL_BUFFER),   # msgpack would allocate 1 MiB up front
             max_str_len=max_frame,
             max_bin_len=max_frame,
             max_array_len=max_frame,
@@ -153,7 +155,8 @@ class FrameEncoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
-        self._packer = msgpack.Packer(use_bin_type=True, datetime=True, autoreset=True)
+        self._packer = msgpack.Packer(use_bin_type=True, datetime=True, autoreset=True,
+                                      buf_size=_INITIAL_BUFFER)   # msgpack's default: 256 KiB each
 
     def encode(self, message: dict[str, Any]) -> bytes:
         try:
