@@ -113,7 +113,6 @@ async def _periodic(core: CoreContext) -> None:
 
 
 async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None:
-    metrics.PROCESS_UP.labels("core").set(1)
     pool = await _open(config, dsn, stop)
     if pool is None:
         return

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     index = int(os.environ.get(ENV_INDEX, "0"))
 
     async def runner() -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from .metrics import PROCESS_UP  # the launcher reports every role, edges included
+
+            PROCESS_UP.labels(role).set(1)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

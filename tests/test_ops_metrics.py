@@ -34,6 +34,7 @@ def test_every_process_reports_through_the_core_endpoint(tmp_path: Path, db_dsn:
             time.sleep(0.2)
         # written by two different processes (core, radius child), served by one
         assert 'billcore_process_up{role="core"} 1.0' in text           # the core
+        assert 'billcore_process_up{role="radius"} 1.0' in text         # every role, edges too
         assert "billcore_radius_core_connected 1.0" in text, text       # the radius child's own gauge
         assert 'billcore_radius_core_connects_total{how=' in text       # and its counter
         assert "billcore_db_pool_size" in text                          # the core's pool watcher
