@@ -522,27 +522,34 @@ class URFAService:
                 self._unencodable(channel, call_id, spec, exc)
             return
         # The call holds its module from now (not from its task's first step)
-        # until it ends, so an unload in between waits for it.
+        # until it ends, so an unload in between waits for it.  The bookkeeping
+        # is a done callback: it also runs for a task cancelled before it
+        # started (a cancel in the same read as its call), whose coroutine
+        # never runs at all.
         guard = self.registry.in_flight(symbol)
         guard.__enter__()
-        link.tasks[call_id] = asyncio.get_running_loop().create_task(self._finish(link, guard, ctx, spec, args))
+        task = asyncio.get_running_loop().create_task(self._finish(channel, ctx, spec, args))
+        link.tasks[call_id] = task
+        task.add_done_callback(functools.partial(self._call_done, link, guard, call_id))
 
-    async def _finish(self, link: _Link, guard: Any, ctx: CallContext, spec: CallSpec, args: dict[str, Any]) -> None:
-        channel = link.channel
-        call_id = ctx.call_id
+    async def _finish(self, channel: ServerChannel, ctx: CallContext, spec: CallSpec, args: dict[str, Any]) -> None:
         try:
             value = await spec.handler(ctx, **args)
         except (Exception, asyncio.CancelledError) as exc:
-            guard.__exit__(None, None, None)
-            self._send_failure(channel, call_id, spec, exc)
-        else:
-            guard.__exit__(None, None, None)
-            try:
-                channel.send_result(call_id, value)
-            except LocalProtocolError as exc:
-                self._unencodable(channel, call_id, spec, exc)
-        finally:
-            link.tasks.pop(call_id, None)
+            self._send_failure(channel, ctx.call_id, spec, exc)
+            return
+        try:
+            channel.send_result(ctx.call_id, value)
+        except LocalProtocolError as exc:
+            self._unencodable(channel, ctx.call_id, spec, exc)
+
+    @staticmethod
+    def _call_done(link: _Link, guard: Any, call_id: int, task: asyncio.Task[None]) -> None:
+        guard.__exit__(None, None, None)
+        if link.tasks.get(call_id) is task:
+            del link.tasks[call_id]
+        if task.cancelled():   # cancelled before its first step: nothing answered yet
+            link.channel.send_error(call_id, E.CANCELLED, "cancelled")
 
     @staticmethod
     def _unencodable(channel: ServerChannel, call_id: int, spec: CallSpec, exc: LocalProtocolError) -> None:

@@ -155,3 +155,20 @@ async def test_cancel_and_connection_drop_release_task_calls() -> None:
         assert svc.registry.module_refs("mod_i") == 1 and not svc._links
     finally:
         await svc.stop()
+
+
+async def test_cancel_in_the_same_read_as_its_call_is_answered_and_frees_the_slot() -> None:
+    svc, c = await _service(max_inflight=1)
+    try:
+        for _ in range(20):
+            p = c.start_call("i.later", {"gate": "never"})
+            c.cancel(p)               # both frames leave in one write
+            with pytest.raises(CallFailed) as exc:
+                await asyncio.wait_for(p.future, 2.0)
+            assert exc.value.code == E.CANCELLED
+        assert await c.call("i.now", {"x": 1}) == 1    # the one slot is free again
+        await asyncio.sleep(0.01)
+        assert svc.registry.module_refs("mod_i") == 1 and not next(iter(svc._links)).tasks
+    finally:
+        await c.close()
+        await svc.stop()
