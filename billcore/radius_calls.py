@@ -529,6 +529,7 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
     if status not in ("start", "interim", "stop"):
         return {"ignored": status, "events": []}
     session_id = req["session_id"]
+    hooks: list[tuple[str, dict[str, Any]]] = []
     s = await conn.fetchrow("SELECT * FROM radius_sessions WHERE nas_id = $1 AND session_id = $2 FOR UPDATE",
                             nas_id, session_id)
     if s is None:
@@ -545,6 +546,8 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
             req.get("nas_port_id"), req.get("calling_station_id"), started, now)
         if req.get("framed_ip"):
             await _bind_ip(conn, s, started)
+        hooks.append(("session.started", {"account_id": s["account_id"], "session_id": session_id,
+                                          "ip": req.get("framed_ip")}))
     if s["ended_at"] is not None:
         return {"session": s["id"], "ended": True, "events": []}  # a late or repeated Stop
     events: list[dict[str, Any]] = []
@@ -559,7 +562,14 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
     if status == "stop":
         s = await conn.fetchrow("SELECT * FROM radius_sessions WHERE id = $1", s["id"])
         await _end_sessions(conn, [s], at, f"stop:{req.get('terminate_cause') or 0}")
-    return {"session": s["id"], "events": events}
+        ip = s["framed_ip"]
+        hooks.append(("session.stopped", {"account_id": s["account_id"], "session_id": session_id,
+                                          "ip": str(ip) if ip is not None else None, "bytes_in": int(s["input_octets"]),
+                                          "bytes_out": int(s["output_octets"])}))
+    result = {"session": s["id"], "events": events}
+    if hooks:
+        result["hooks"] = hooks  # plugin events, fired by the caller after the commit
+    return result
 
 
 async def _bind_ip(conn: asyncpg.Connection, s: asyncpg.Record, at: dt.datetime) -> None:
@@ -649,6 +659,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with pool.acquire() as conn, conn.transaction():
             result = await account(conn, record, core.now())
         publish_events(result.pop("events", []))
+        for event, payload in result.pop("hooks", []):
+            await core.fire(event, payload)
         return result
 
     async def h_nas_list(ctx: Any) -> list[dict[str, Any]]:

@@ -127,15 +127,20 @@ async def test_start_binds_ip_stop_unbinds(pool: asyncpg.Pool, store: SecretStor
         await add_nas(conn, store, name="mt1", address=NAS, secret="x")
         acc = await make_account(conn, "u1")
         await add_link(conn, store, account_id=acc, login="alice", password="pw")
-        await acct(conn, "start", "S1", framed_ip="10.7.0.5")
-        await acct(conn, "start", "S1", framed_ip="10.7.0.5")  # retransmitted Start
+        first = await acct(conn, "start", "S1", framed_ip="10.7.0.5")
+        again = await acct(conn, "start", "S1", framed_ip="10.7.0.5")  # retransmitted Start
+        # plugins hear of the session once, not of its retransmission
+        assert first["hooks"] == [("session.started", {"account_id": acc, "session_id": "S1", "ip": "10.7.0.5"})]
+        assert "hooks" not in again
         rows = await conn.fetch("SELECT account_id, host(prefix) AS ip, valid_to FROM ip_bindings")
         assert [(r["account_id"], r["ip"], r["valid_to"]) for r in rows] == [(acc, "10.7.0.5", None)]
         [active] = await account_sessions(conn, store, acc)
         assert active["session_id"] == "S1" and active["nas_ip"] == NAS
         await acct(conn, "interim", "S1", session_time=60, input_octets=5 * 2**32 + 7, output_octets=9)
         assert await conn.fetchval("SELECT input_octets FROM radius_sessions") == 5 * 2**32 + 7
-        await acct(conn, "stop", "S1", session_time=120, at=T0 + dt.timedelta(minutes=2))
+        stop = await acct(conn, "stop", "S1", session_time=120, at=T0 + dt.timedelta(minutes=2))
+        assert stop["hooks"] == [("session.stopped", {"account_id": acc, "session_id": "S1", "ip": "10.7.0.5",
+                                                      "bytes_in": 5 * 2**32 + 7, "bytes_out": 9})]
         assert await conn.fetchval("SELECT valid_to FROM ip_bindings") == T0 + dt.timedelta(minutes=2)
         assert await account_sessions(conn, store, acc) == []
 
