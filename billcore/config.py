@@ -103,7 +103,7 @@ class PluginsSection:
 
 @dataclass(frozen=True, slots=True)
 class RadiusSection:
-    enabled: bool = _f(False, "Run the RADIUS server process (a URFA client of the core).")
+    enabled: bool = _f(True, "Run the RADIUS server process (a URFA client of the core).")
     host: str = _f("0.0.0.0", "Address the RADIUS authentication and accounting sockets bind.")
     auth_port: int = _f(1812, "Access-Request and Status-Server port.")
     acct_port: int = _f(1813, "Accounting-Request port.")
@@ -119,7 +119,7 @@ class RadiusSection:
 
 @dataclass(frozen=True, slots=True)
 class NetflowSection:
-    enabled: bool = _f(False, "Run the NetFlow collector workers (URFA clients of the core).")
+    enabled: bool = _f(True, "Run the NetFlow collector workers (URFA clients of the core).")
     host: str = _f("0.0.0.0", "Address the NetFlow UDP port binds.")
     port: int = _f(2055, "NetFlow/IPFIX UDP port, shared by every worker (SO_REUSEPORT).")
     workers: int = _f(0, "Worker processes (0: one per CPU core).")
@@ -142,7 +142,7 @@ class NetflowSection:
 
 @dataclass(frozen=True, slots=True)
 class PortalSection:
-    enabled: bool = _f(False, "Run the subscribers' web office (a URFA client of the core, no database access).")
+    enabled: bool = _f(True, "Run the subscribers' web office (a URFA client of the core, no database access).")
     host: str = _f("127.0.0.1", "Address the web office binds (0.0.0.0 or :: to face a network).")
     port: int = _f(8080, "HTTP(S) port of the web office.")
     tls_cert: str = _f("", "PEM certificate; with tls_key the office speaks HTTPS.")
