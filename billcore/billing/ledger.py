@@ -193,18 +193,23 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
             " SELECT a, m, b, k, r, i, v, $8, $9 FROM unnest($1::bigint[], $2::bigint[],"
             " $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[])"
             " WITH ORDINALITY AS t(a, m, b, k, r, i, v, n) ORDER BY n"
-            " RETURNING id, account_id, amount, balance_after, idem_key",
+            " RETURNING id, account_id, amount, balance_after",
             [e.account_id for e in fresh], [e.amount for e in fresh], after_col,
             [e.kind for e in fresh], [e.reference for e in fresh], [e.idem_key for e in fresh],
             [e.reverses for e in fresh], actor, now)
-        by_key = {r["idem_key"]: r for r in rows}
-        if len(by_key) != len(fresh):
+        # Rows come back in insert order (ORDER BY n), ids ascending.  Matching
+        # by position is checked: every row must carry its entry's account,
+        # amount and running balance (unique per account, as amounts are
+        # non-zero), and ids must rise — a swap cannot pass unnoticed.
+        if len(rows) != len(fresh):
             raise InvariantViolation("ledger insert returned a different number of rows")
-        for e in fresh:
-            r = by_key[e.idem_key]
-            if r["account_id"] != e.account_id or r["amount"] != e.amount:
+        last_id = 0
+        for e, after, r in zip(fresh, after_col, rows):
+            if (r["account_id"], r["amount"], r["balance_after"]) != (e.account_id, e.amount, after) \
+                    or r["id"] <= last_id:
                 raise InvariantViolation(f"ledger row for key {e.idem_key!r} came back different")
-            posted.append(Posted(r["id"], r["account_id"], r["amount"], r["balance_after"], e.idem_key))
+            last_id = r["id"]
+            posted.append(Posted(r["id"], e.account_id, e.amount, after, e.idem_key))
         changed = sorted({p.account_id for p in posted})
         deltas = [running[i] - before[i] for i in changed]
         # before the write: the rows we book and the balance moves are the same money
