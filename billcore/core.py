@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import hmac
@@ -30,7 +31,7 @@ from .calls import CallRegistry, CallSpec
 from .config import Config
 from .context import CoreContext, utcnow
 from .db.migrate import migrate
-from .db.pool import describe_dsn, open_pool
+from .db.pool import describe_dsn, guard_database, open_pool
 from .principals import DatabaseAuth, ensure_service_login
 from .urfa_server import URFAConfig, URFAService
 
@@ -68,10 +69,11 @@ def build_calls(core: CoreContext) -> list[CallSpec]:
     from .api import money_calls, netflow_calls, portal_calls, reports, tariffs
     from .radius_calls import calls as radius_calls
 
-    return [
+    specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core),
     ]
+    return [dataclasses.replace(s, handler=guard_database(s.handler)) for s in specs]
 
 
 def edge_roles(config: Config) -> list[str]:

@@ -49,6 +49,19 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class _ReasonNotTraceback(logging.Filter):
+    """asyncpg's pool logs a full traceback each time it fails to reconnect
+    while the database is down: an expected state, one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.reason = f"{type(exc).__name__}: {exc}"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(role: str, level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(role))
@@ -56,6 +69,8 @@ def setup_logging(role: str, level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    logging.getLogger("asyncpg").addFilter(_ReasonNotTraceback())
+    logging.getLogger("asyncpg.pool").addFilter(_ReasonNotTraceback())
     # pgserver narrates every pg_ctl call at INFO; we log the outcome ourselves
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 

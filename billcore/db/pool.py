@@ -8,16 +8,18 @@ and keep trying with exponential backoff, instead of dying with a traceback.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from ..config import DatabaseSection
 
-__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable"]
+__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "guard_database"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,42 @@ _UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
 
 class DatabaseUnavailable(Exception):
     """The database did not answer within the allowed attempts."""
+
+
+# What a call sees when the database went away under it (connection lost,
+# server shutting down or restarting, statement timed out, pool closed).
+_GONE = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, asyncpg.InterfaceError)
+DB_UNAVAILABLE = "core.db_unavailable"
+
+
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    """An OSError or timeout counts only when asyncpg raised it (a refused or
+    vanished socket), not when a handler's own file or network I/O did."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("asyncpg"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a URFA handler: a database that went away answers the call with
+    ``core.db_unavailable`` (retry later) instead of an internal error.  The
+    transaction it was in rolled back, so nothing was half done."""
+    from urfa.errors import CallFailed
+
+    @functools.wraps(handler)
+    async def guarded(ctx: Any, **args: Any) -> Any:
+        try:
+            return await handler(ctx, **args)
+        except (*_GONE, OSError) as exc:
+            if isinstance(exc, OSError) and not _raised_in_asyncpg(exc):
+                raise
+            log.warning("database unavailable during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
+
+    return guarded
 
 
 def describe_dsn(dsn: str) -> str:
