@@ -331,9 +331,7 @@ class URFAService:
     def on_message(self, channel: ServerChannel, msg: Message) -> None:
         link: _Link = channel.state  # type: ignore[assignment]
         t = type(msg)
-        if t is Call:
-            self._on_call(link, msg)  # type: ignore[arg-type]
-        elif t is Cancel:
+        if t is Cancel:
             task = link.tasks.get(msg.id)  # type: ignore[union-attr]
             if task is not None:
                 task.cancel()
@@ -467,9 +465,9 @@ class URFAService:
         return pending
 
     # -- calls -----------------------------------------------------------
-    def _on_call(self, link: _Link, call: Call) -> None:
+    def on_call(self, channel: ServerChannel, call: Call) -> None:
+        link: _Link = channel.state  # type: ignore[assignment]
         session = link.session
-        channel = link.channel
         call_id = call.id
         if session is None:   # logged out or expired, connection closing
             channel.send_error(call_id, E.NO_SESSION, "session ended")

@@ -75,7 +75,7 @@ class FrameDecoder:
     exactly one object of exactly the announced length.
     """
 
-    __slots__ = ("max_frame", "_unpacker", "_fed", "_need", "_broken")
+    __slots__ = ("max_frame", "_unpacker", "_fed", "_pos", "_need", "_broken")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
@@ -92,15 +92,15 @@ class FrameDecoder:
             max_map_len=max_frame,
             max_ext_len=16,
         )
-        self._fed = 0          # bytes fed so far; minus tell() = bytes not yet decoded
+        self._fed = 0          # bytes fed so far
+        self._pos = 0          # bytes consumed so far (the unpacker's tell())
         self._need = -1        # body length of the frame whose header we consumed
         self._broken = False
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded (bounded by cap + one read)."""
-        consumed: int = self._unpacker.tell()
-        return self._fed - consumed + (4 if self._need >= 0 else 0)
+        return self._fed - self._pos + (4 if self._need >= 0 else 0)
 
     def feed(self, data: bytes) -> None:
         if self._broken:
@@ -117,15 +117,17 @@ class FrameDecoder:
             return None
         unpacker = self._unpacker
         n = self._need
+        start = self._pos
         if n < 0:
-            if self._fed - unpacker.tell() < 4:
+            if self._fed - start < 4:
                 return None
             n = int.from_bytes(unpacker.read_bytes(4), "big")
+            start += 4
+            self._pos = start
             if n > self.max_frame:
                 self._broken = True
                 raise RemoteProtocolError(f"frame of {n} bytes over the cap of {self.max_frame}", FRAME_TOO_LARGE)
             self._need = n
-        start = unpacker.tell()
         if self._fed - start < n:
             return None
         self._need = -1
@@ -139,7 +141,9 @@ class FrameDecoder:
         except RecursionError:
             self._broken = True
             raise RemoteProtocolError("frame nested too deeply") from None
-        if unpacker.tell() - start != n:
+        end: int = unpacker.tell()
+        self._pos = end
+        if end - start != n:
             self._broken = True
             raise RemoteProtocolError("frame body is not exactly one msgpack object")
         if type(obj) is not dict:

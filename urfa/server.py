@@ -6,9 +6,9 @@ Theory of operation
 accepted connection gets a ``ServerChannel``: an ``asyncio.Protocol`` that
 owns one sans-IO ``Connection`` (server role), sends the hello at once, arms
 the handshake deadline, and hands every decoded message to the application
-(``ServerApp.on_message``).  The app answers with ``channel.send(msg)``
-(or ``send_result``/``send_error``, which skip building the message).
-Outgoing frames are coalesced: whatever the app sends while a read is
+(``ServerApp.on_call`` for calls, ``on_message`` for the rest).  The app
+answers with ``channel.send(msg)`` (or ``send_result``/``send_error``, which
+skip building the message).  Outgoing frames are coalesced: whatever the app sends while a read is
 being dispatched goes out in one write at the end of that read; what it
 sends later (from tasks) goes out in one write per loop iteration.
 
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from .connection import Closed, Connection, Role, State
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import DEFAULT_MAX_FRAME
-from .messages import Bye, Hello, Message
+from .messages import Bye, Call, Hello, Message
 
 __all__ = ["DEFAULT_PORT", "ServerLimits", "ServerApp", "ServerChannel", "serve"]
 
@@ -49,7 +49,8 @@ class ServerLimits:
 
 class ServerApp(Protocol):
     def on_open(self, channel: ServerChannel) -> None: ...
-    def on_message(self, channel: ServerChannel, msg: Message) -> None: ...
+    def on_call(self, channel: ServerChannel, call: Call) -> None: ...        # the hot path
+    def on_message(self, channel: ServerChannel, msg: Message) -> None: ...   # every other message
     def on_close(self, channel: ServerChannel) -> None: ...
 
 
@@ -89,7 +90,7 @@ class ServerChannel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        on_message = self.app.on_message
+        app = self.app
         # Nothing sent while we dispatch this read schedules a flush: the
         # ``finally`` below writes it all at once.
         self._flush_scheduled = True
@@ -99,12 +100,16 @@ class ServerChannel(asyncio.Protocol):
                 msg = conn.next_event()
                 if msg is None:
                     break
-                if type(msg) is Closed:
+                t = type(msg)
+                if t is Call:
+                    app.on_call(self, msg)   # type: ignore[arg-type]
+                elif t is Closed:
                     self.close()
                     break
-                on_message(self, msg)   # type: ignore[arg-type]
-                if type(msg) is Bye:
-                    self.close()
+                else:
+                    app.on_message(self, msg)   # type: ignore[arg-type]
+                    if t is Bye:
+                        self.close()
         except RemoteProtocolError as exc:
             conn.fail(exc)
             self.close()
