@@ -61,11 +61,12 @@ RAW_DTYPE = np.dtype([
 def legs_table(flows: np.ndarray, legs: Legs) -> np.ndarray:
     """One RAW_DTYPE row per leg."""
     out = np.empty(len(legs.flow), dtype=RAW_DTYPE)
-    src = flows[legs.flow]
+    index = legs.flow
     for name in RAW_DTYPE.names:
         if name in ("account", "klass", "direction"):
             continue
-        out[name] = src[name]
+        # gather per column: indexing the structured array first copies every field of every flow
+        out[name] = np.ascontiguousarray(flows[name]).take(index)
     out["account"] = legs.account
     out["klass"] = legs.klass
     out["direction"] = legs.direction
