@@ -133,6 +133,9 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         key = SecretStore.load_or_create_key(config.secret_key_path)
         registry = CallRegistry()
         service = URFAService(registry, auth=DatabaseAuth(pool), config=urfa_config(config, key))
+        from .ops.metrics import observe_call
+
+        service.observe = observe_call
         core = CoreContext(pool=pool, config=config, publish=service.publish, now=utcnow)
         core.extras["secret_store"] = secret_store
         core.extras["promised_rule"] = PromisedRule(

@@ -254,6 +254,8 @@ class URFAService:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # observe(fn, code, seconds) after each call run as a task (metrics)
+        self.observe: Callable[[str, str, float], None] | None = None
         from billcore.urfa_builtins import builtin_specs   # they use this module's API
         registry.register_all(builtin_specs())
 
@@ -531,11 +533,19 @@ class URFAService:
         task.add_done_callback(functools.partial(self._call_done, link, guard, call_id))
 
     async def _finish(self, channel: ServerChannel, ctx: CallContext, spec: CallSpec, args: dict[str, Any]) -> None:
+        started = time.monotonic()
+        code = "ok"
         try:
             value = await spec.handler(ctx, **args)
         except (Exception, asyncio.CancelledError) as exc:
+            code = exc.code if isinstance(exc, CallFailed) else (
+                E.CANCELLED if isinstance(exc, asyncio.CancelledError) else E.INTERNAL)
             self._send_failure(channel, ctx.call_id, spec, exc)
             return
+        finally:
+            # only names found in a call table reach here: labels stay bounded
+            if self.observe is not None:
+                self.observe(spec.name, code, time.monotonic() - started)
         try:
             channel.send_result(ctx.call_id, value)
         except LocalProtocolError as exc:

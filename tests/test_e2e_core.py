@@ -80,6 +80,12 @@ async def test_subscribers_see_only_their_own_money(core: BillcoreProcess) -> No
     for c in (admin, alice):
         await c.close()
 
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{core.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'billcore_urfa_calls_total{code="ok",fn="users.create"} 2.0' in text, "calls counted by function and code"
+    assert 'billcore_urfa_calls_total{code="accounts.unknown",fn="me.history"} 1.0' in text, "refusals by code"
+
 
 def test_billctl_as_an_operator_uses_it(core: BillcoreProcess) -> None:
     made = billctl(core, "--json", "call", "users.create", "login=carol", "password=carol-password")
