@@ -42,6 +42,7 @@ import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _machine import cpu_model as cpu_name  # noqa: E402
 
 from billcore.db.migrate import migrate  # noqa: E402
 from billcore.ops.importer import (  # noqa: E402
@@ -54,14 +55,6 @@ UTC = dt.timezone.utc
 NOW = dt.datetime(2024, 5, 1, tzinfo=UTC)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def dsn_for(dsn: str, name: str) -> str:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _machine import cpu_model  # noqa: E402
 
 from netflow.decode import decode_batch  # noqa: E402
 from netflow.exporter import ExportClock, FlowSpec, build_ipfix, build_v5, build_v9  # noqa: E402
@@ -110,14 +111,6 @@ def best_rate(fn, flows: int, seconds: float) -> tuple[float, int]:
     return best, runs
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

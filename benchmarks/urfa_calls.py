@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _machine import cpu_model  # noqa: E402
 
 import msgpack  # noqa: E402
 import uvloop  # noqa: E402
@@ -310,14 +311,6 @@ def run_case(pipes: list[Any], loader_pids: list[int], server_pid: int, port: in
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
