@@ -10,21 +10,32 @@ rule lives here, next to the database:
 * **authorize** — the account's service link by login; the password is
   decrypted (SecretBox, key file outside the database) and compared (PAP)
   or used to compute MD5(id + password + challenge) (CHAP).  Rejected when
-  the link is disabled, the account has any active block, the account is at
-  its simultaneous-session limit, or a time-based link's money left buys no
-  second.  Accepted with Framed-IP-Address (static, or a lease from the
-  link's pool: one row per address, so no two links collide),
-  Session-Timeout (money left ÷ price, capped by the link's session limit),
-  Acct-Interim-Interval and the rate limit (Mikrotik-Rate-Limit,
-  Cisco-AVPair).
+  the link is disabled, the account has any active block, the link is at
+  its simultaneous-session limit or the account at its time service's
+  ``max_sessions``, or the money left buys no second of time.  Accepted
+  with Framed-IP-Address (static, or a lease from the link's pool: one row
+  per address, so no two links collide), Session-Timeout, Acct-Interim-
+  Interval and the rate limit (Mikrotik-Rate-Limit, Cisco-AVPair).
+* **time** — an account whose tariff (in force now) has a time service is
+  time-based; its prices live in the tariff engine (``service_rates`` per
+  time range, prepaid time, tiers, accounting periods).  Session-Timeout is
+  what the money left (balance + credit + open promised credit; other
+  active sessions are not reserved) buys from now on, walking forward
+  through time ranges and periods exactly as rating will charge it
+  (``seconds_affordable``), capped by the link's and the service's
+  ``session_limit`` and by ``MAX_TIME_HORIZON``.
 * **accounting** — Start creates the active session and binds its framed IP
   to the account in ``ip_bindings`` (NetFlow reads them); Interim/Stop
-  update the counters (64-bit) and charge time-based links on the
-  cumulative Acct-Session-Time: target = floor(seconds × price / 3600),
-  booked = target − already charged, under the session's row lock and with
-  the ledger idempotency key ``radius:<session pk>:<session time>`` — a
-  retransmission books nothing.  Stop, Accounting-On/Off and the stale
-  sweep end sessions, bindings and leases.
+  update the counters (64-bit) and commit the session's new seconds with
+  ``commit_usage``: source ``radius:<nas id>:<Acct-Session-Id>``, watermark
+  = Acct-Session-Time, usage = the piece of the session between the last
+  committed session time and this one, cut by tariff links (each piece on
+  its time service) and then by rating at time-range and period borders.
+  A retransmitted or older Interim is at or below the watermark: nothing
+  is charged.  Usage rating cannot place (no rate for a range, a NAS clock
+  ahead of ours) is not committed at all — the watermark stays, so the
+  next Interim/Stop charges those seconds once the cause is fixed.  Stop,
+  Accounting-On/Off and the stale sweep end sessions, bindings and leases.
 
 Every handler does its work in one transaction; block changes caused by a
 charge are published on the ``blocks`` topic after it commits.
@@ -41,9 +52,10 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import zoneinfo
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import nacl.exceptions
@@ -52,7 +64,11 @@ import nacl.utils
 
 from urfa.errors import BAD_ARGS, CallFailed
 
-from .billing.ledger import Entry, post_charges
+from .billing.periods import period_containing
+from .billing.rating import TIME_CLASS, AccountPlan, CounterKey, RatingBook, ServiceTariff, SessionUsage
+from .billing.tariffs import load_book
+from .billing.timeranges import select, split
+from .billing.usage import MAX_SOURCE, commit_usage, watermark
 from .calls import CallSpec
 from .config import Config
 from .context import CoreContext
@@ -77,6 +93,9 @@ __all__ = [
     "authorize_many",
     "account_sessions",
     "calls",
+    "seconds_affordable",
+    "usage_source",
+    "MAX_TIME_HORIZON",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,7 +194,7 @@ async def edit_nas(conn: asyncpg.Connection, store: SecretStore, nas_id: int, **
 
 _NAS_FIELDS = frozenset({"name", "address", "require_message_authenticator", "coa_port", "disconnect_mode"})
 _NAS_CASTS = {"address": "::inet", "blocked_profile": "::jsonb"}
-_LINK_FIELDS = frozenset({"login", "static_ip", "max_sessions", "price_per_hour", "session_limit",
+_LINK_FIELDS = frozenset({"login", "static_ip", "max_sessions", "session_limit",
                           "interim_interval", "rate_limit", "cisco_avpairs", "disabled"})
 _LINK_CASTS = {"static_ip": "::inet"}
 _POOL_CASTS = {"first": "::inet", "last": "::inet"}
@@ -198,6 +217,8 @@ async def delete_nas(conn: asyncpg.Connection, nas_id: int, now: dt.datetime, fo
     if active and not force:
         raise CallFailed(BAD_ARGS, f"NAS {nas_id} has {len(active)} active session(s); pass force to end them")
     await _end_sessions(conn, list(active), now, "nas-deleted")
+    # NAS ids are never reused: the time watermarks of its sessions are dead
+    await conn.execute("DELETE FROM ingest_watermarks WHERE starts_with(source, $1)", f"radius:{nas_id}:")
     return await conn.execute("DELETE FROM radius_nas WHERE id = $1", nas_id) != "DELETE 0"
 
 
@@ -235,14 +256,16 @@ async def pool_list(conn: asyncpg.Connection) -> list[dict[str, Any]]:
 
 async def add_link(conn: asyncpg.Connection, store: SecretStore, *, account_id: int, login: str, password: str,
                    static_ip: str | None = None, pool: str | None = None, max_sessions: int = 1,
-                   price_per_hour: int = 0, session_limit: int | None = None, interim_interval: int = 300,
+                   session_limit: int | None = None, interim_interval: int = 300,
                    rate_limit: str = "", cisco_avpairs: list[str] | None = None) -> int:
+    """An account's RADIUS login.  Time is priced by the account's tariff
+    (a time service), not by the link."""
     pool_id = await _pool_id(conn, pool) if pool is not None else None
     return int(await conn.fetchval(
         "INSERT INTO radius_links(account_id, login, password_enc, static_ip, pool_id, max_sessions,"
-        " price_per_hour, session_limit, interim_interval, rate_limit, cisco_avpairs)"
-        " VALUES ($1, $2, $3, $4::inet, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
-        account_id, login, store.seal(password.encode()), static_ip, pool_id, max_sessions, price_per_hour,
+        " session_limit, interim_interval, rate_limit, cisco_avpairs)"
+        " VALUES ($1, $2, $3, $4::inet, $5, $6, $7, $8, $9, $10) RETURNING id",
+        account_id, login, store.seal(password.encode()), static_ip, pool_id, max_sessions,
         session_limit, interim_interval, rate_limit, cisco_avpairs or []))
 
 
@@ -287,7 +310,9 @@ async def edit_link(conn: asyncpg.Connection, store: SecretStore, link_id: int, 
 async def delete_link(conn: asyncpg.Connection, link_id: int, now: dt.datetime, force: bool = False) -> bool:
     """Delete a link, its leases and session history.  Refused while it has
     active sessions, unless ``force``: then they are ended first.  Time
-    charges already booked stay in the ledger."""
+    charges already booked stay in the ledger, and so do the sessions' time
+    watermarks: a late Interim of a deleted session, should the login come
+    back, is never charged twice."""
     active = await conn.fetch("SELECT * FROM radius_sessions WHERE link_id = $1 AND ended_at IS NULL FOR UPDATE",
                               link_id)
     if active and not force:
@@ -301,7 +326,7 @@ async def link_list(conn: asyncpg.Connection, account_id: int | None = None, log
     """Links (without passwords), of one account, one login, or all."""
     rows = await conn.fetch(
         "SELECT l.id, l.account_id, l.login, host(l.static_ip) AS static_ip, p.name AS pool, l.max_sessions,"
-        " l.price_per_hour, l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs, l.disabled"
+        " l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs, l.disabled"
         " FROM radius_links l LEFT JOIN radius_pools p ON p.id = l.pool_id"
         " WHERE ($1::bigint IS NULL OR l.account_id = $1) AND ($2::text IS NULL OR l.login = $2) ORDER BY l.id",
         account_id, login)
@@ -351,15 +376,157 @@ async def _lease(conn: asyncpg.Connection, link: asyncpg.Record, now: dt.datetim
 
 _LINKS_BY_LOGIN = (
     "SELECT l.id, l.account_id, l.login, l.password_enc, host(l.static_ip) AS static_ip, l.pool_id,"
-    " l.max_sessions, l.price_per_hour, l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs,"
+    " l.max_sessions, l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs,"
     " l.disabled, a.balance, a.credit, a.unlimited, a.status,"
     " EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = l.account_id AND b.lifted_at IS NULL) AS blocked,"
-    " (SELECT count(*) FROM radius_sessions s WHERE s.link_id = l.id AND s.ended_at IS NULL) AS active"
-    " FROM radius_links l JOIN accounts a ON a.id = l.account_id WHERE l.login = ANY($1::text[])")
+    " (SELECT count(*) FROM radius_sessions s WHERE s.link_id = l.id AND s.ended_at IS NULL) AS active,"
+    " tv.services AS time_services, tv.max_sessions AS time_max_sessions, tv.session_limit AS time_session_limit"
+    " FROM radius_links l JOIN accounts a ON a.id = l.account_id"
+    # the time services of the tariff in force now (normally none or one)
+    " LEFT JOIN LATERAL (SELECT array_agg(sv.id ORDER BY sv.id) AS services, min(sv.max_sessions) AS max_sessions,"
+    "   min(sv.session_limit) AS session_limit FROM account_tariffs t"
+    "   JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services sv ON sv.id = ts.service_id"
+    "   WHERE t.account_id = l.account_id AND sv.kind = 'time' AND t.valid_from <= $2"
+    "   AND (t.valid_to IS NULL OR t.valid_to > $2)) tv ON true"
+    " WHERE l.login = ANY($1::text[])")
+
+_TIME_ACCOUNTS = (
+    "SELECT a.id, (SELECT count(*) FROM radius_sessions s WHERE s.account_id = a.id AND s.ended_at IS NULL) AS active,"
+    " (SELECT coalesce(sum(p.amount), 0)::bigint FROM promised_payments p WHERE p.account_id = a.id"
+    "   AND p.closed_at IS NULL AND p.expires_at > $2) AS promised"
+    " FROM unnest($1::bigint[]) AS a(id)")
+
+MAX_TIME_HORIZON: Final = 7 * 86_400
+"""Longest Session-Timeout that money alone gives (seconds): the forward walk
+through time ranges stays short, and a richer subscriber is re-authorized
+(and re-priced) once a week."""
+_MAX_CHUNKS: Final = MAX_TIME_HORIZON // 86_400 + 3
+"""Accounting periods the walk may cross: a period is at least a (23-hour) day."""
+_ONE_SECOND: Final = dt.timedelta(seconds=1)
+
+
+def seconds_affordable(money: int, now: dt.datetime, horizon: int, book: RatingBook, plan: AccountPlan,
+                       service: ServiceTariff, counters: Mapping[CounterKey, int]) -> int:
+    """Whole seconds from ``now`` that ``money`` (micro-units) pays for on the
+    time service ``service``, at most ``horizon``.
+
+    Walks forward piece by piece — ``split`` at time-range borders (DST
+    included) inside each accounting period — and prices each piece the way
+    rating will charge it: on the cumulative counter of its (range, period),
+    starting from ``counters`` (absent: 0), so prepaid time, tiers and the
+    floor are the same as the charge.  A piece the money covers is bought
+    whole; inside the first one it does not cover, the last affordable second
+    is found by bisection (``Meter.charged`` is monotone).  A time range
+    without a price ends the walk: time there cannot be sold.  Pure.
+    """
+    if type(money) is not int or type(horizon) is not int or not 0 <= horizon <= MAX_TIME_HORIZON:
+        raise ValueError(f"money is int micro-units and horizon an int in 0..{MAX_TIME_HORIZON}")
+    money = max(0, money)
+    cursor = now.astimezone(dt.timezone.utc).replace(microsecond=0)
+    end = cursor + dt.timedelta(seconds=horizon)
+    used: dict[CounterKey, int] = {}
+    bought = 0
+    for _ in range(_MAX_CHUNKS):
+        if cursor >= end:
+            return bought
+        period = period_containing(plan.period, cursor, book.tz)
+        chunk_end = min(period.end, end)
+        for piece in split(book.timeranges, cursor, chunk_end, book.tz):
+            found = service.meter_for(TIME_CLASS, piece.range_id)
+            if found is None:
+                return bought
+            range_id, meter = found
+            key = CounterKey(plan.account_id, service.service_id, TIME_CLASS, range_id, period.start)
+            before = counters.get(key, 0) + used.get(key, 0)
+            base = meter.charged(before)
+            whole = meter.charged(before + piece.seconds) - base
+            if whole <= money:
+                money -= whole
+                used[key] = used.get(key, 0) + piece.seconds
+                bought += piece.seconds
+                continue
+            low, high = 0, piece.seconds  # charged(before + low) - base <= money < … + high
+            for _ in range(64):
+                if high - low <= 1:
+                    break
+                middle = (low + high) // 2
+                if meter.charged(before + middle) - base <= money:
+                    low = middle
+                else:
+                    high = middle
+            assert meter.charged(before + low) - base <= money, "bisection left the affordable side"
+            return bought + low
+        cursor = chunk_end
+    raise AssertionError("the walk crossed more accounting periods than the horizon holds")
+
+
+class _TimeVerdict:
+    """An account's time decision for one batch: seconds to allow (None: not
+    limited by money) or the reason to refuse."""
+
+    __slots__ = ("seconds", "refusal", "account_active")
+
+    def __init__(self, seconds: int | None, refusal: str | None, account_active: int) -> None:
+        self.seconds = seconds
+        self.refusal = refusal
+        self.account_active = account_active
+
+
+def _time_horizon(link: asyncpg.Record) -> int:
+    limits = [v for v in (link["session_limit"], link["time_session_limit"]) if v]
+    return min([MAX_TIME_HORIZON, *limits])
+
+
+async def _time_verdicts(conn: asyncpg.Connection, links: Sequence[asyncpg.Record], now: dt.datetime,
+                         tz: dt.tzinfo) -> dict[int, _TimeVerdict]:
+    """Decide time for the accounts of ``links`` that have a time service now
+    (a few queries for the whole batch)."""
+    by_account = {link["account_id"]: link for link in links if link["time_services"]}
+    if not by_account:
+        return {}
+    ids = sorted(by_account)
+    extra = {r["id"]: r for r in await conn.fetch(_TIME_ACCOUNTS, ids, now)}
+    book = await load_book(conn, ids, tz=tz, since=now, until=now)
+    starts = {}
+    for acc in ids:
+        plan = book.accounts.get(acc)
+        if plan is not None:
+            starts[acc] = period_containing(plan.period, now, tz).start
+    counters: dict[CounterKey, int] = {}
+    if starts:
+        for r in await conn.fetch(
+                "SELECT account_id, service_id, range_id, period_start, quantity FROM usage_counters"
+                " WHERE account_id = ANY($1::bigint[]) AND class_id = $2 AND period_start >= $3",
+                ids, TIME_CLASS, min(starts.values())):
+            counters[CounterKey(r["account_id"], r["service_id"], TIME_CLASS, r["range_id"], r["period_start"])] = \
+                int(r["quantity"])
+    current = select(book.timeranges, now, tz)
+    verdicts: dict[int, _TimeVerdict] = {}
+    for acc, link in by_account.items():
+        active = int(extra[acc]["active"])
+        services = list(link["time_services"])
+        plan = book.accounts.get(acc)
+        service = book.services.get(services[0])
+        if len(services) > 1 or plan is None or service is None:
+            log.error("account %s: its tariff has %d time services; time cannot be priced", acc, len(services))
+            verdicts[acc] = _TimeVerdict(None, "tariff has several time services", active)
+            continue
+        if link["unlimited"]:
+            verdicts[acc] = _TimeVerdict(None, None, active)
+            continue
+        money = int(link["balance"]) + int(link["credit"]) + int(extra[acc]["promised"])
+        seconds = seconds_affordable(money, now, _time_horizon(link), book, plan, service, counters)
+        if seconds > 0:
+            verdicts[acc] = _TimeVerdict(seconds, None, active)
+        elif service.meter_for(TIME_CLASS, 0 if current is None else current.range_id) is None:
+            verdicts[acc] = _TimeVerdict(None, "no time price now", active)
+        else:
+            verdicts[acc] = _TimeVerdict(None, "no money left for time", active)
+    return verdicts
 
 
 def _decide(req: dict[str, Any], link: asyncpg.Record | None, store: SecretStore) -> dict[str, Any] | None:
-    """Every rule that needs no further query; None: accepted but needs a pool lease."""
+    """Every rule that needs no further query; None: not refused (yet)."""
     if link is None or not _password_ok(req, store.open(link["password_enc"])):
         return _reject("wrong login or password")
     if link["disabled"] or link["status"] != "active":
@@ -368,30 +535,31 @@ def _decide(req: dict[str, Any], link: asyncpg.Record | None, store: SecretStore
         return _reject("account blocked")
     if link["active"] >= link["max_sessions"]:
         return _reject("too many sessions")
-    if _time_left(link) == 0:
-        return _reject("no money left for time")
     return None
 
 
-def _time_left(link: asyncpg.Record) -> int | None:
-    """Seconds the money left buys on a time-based link; None: not time-based."""
-    if link["price_per_hour"] <= 0 or link["unlimited"]:
+def _decide_time(link: asyncpg.Record, verdict: _TimeVerdict | None) -> dict[str, Any] | None:
+    """The time service's rules: its max_sessions (over all the account's
+    sessions) and the money left."""
+    if verdict is None:
         return None
-    money_left = int(link["balance"]) + int(link["credit"])
-    return money_left * 3600 // int(link["price_per_hour"]) if money_left > 0 else 0
+    if link["time_max_sessions"] is not None and verdict.account_active >= link["time_max_sessions"]:
+        return _reject("too many sessions")
+    if verdict.refusal is not None:
+        return _reject(verdict.refusal)
+    return None
 
 
-def _accept(link: asyncpg.Record, address: str | None) -> dict[str, Any]:
+def _accept(link: asyncpg.Record, address: str | None, verdict: _TimeVerdict | None) -> dict[str, Any]:
     reply: list[list[Any]] = []
-    timeout = link["session_limit"]
-    seconds = _time_left(link)
-    if seconds is not None:
-        assert seconds > 0, "a time-based link with no time left is refused before"
-        timeout = min(seconds, timeout) if timeout else seconds
+    limits = [v for v in (link["session_limit"], link["time_session_limit"] if verdict else None) if v]
+    if verdict is not None and verdict.seconds is not None:
+        assert verdict.seconds > 0, "a time-based account with no time left is refused before"
+        limits.append(verdict.seconds)
     if address is not None:
         reply.append(["Framed-IP-Address", address])
-    if timeout:
-        reply.append(["Session-Timeout", min(int(timeout), 2**32 - 1)])
+    if limits:
+        reply.append(["Session-Timeout", min(min(limits), 2**32 - 1)])
     reply.append(["Acct-Interim-Interval", link["interim_interval"]])
     if link["rate_limit"]:
         reply.append(["Mikrotik-Rate-Limit", link["rate_limit"]])
@@ -401,26 +569,38 @@ def _accept(link: asyncpg.Record, address: str | None) -> dict[str, Any]:
 
 
 async def authorize_many(conn: asyncpg.Connection, store: SecretStore, requests: list[dict[str, Any]],
-                         now: dt.datetime, lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> list[dict[str, Any]]:
+                         now: dt.datetime, lease_hold: dt.timedelta = dt.timedelta(seconds=120), *,
+                         tz: dt.tzinfo = dt.timezone.utc) -> list[dict[str, Any]]:
     """Decide a batch of Access-Requests (see the module comment), in order.
 
-    One query reads every link of the batch with its account, block flag and
-    active-session count; only pool links need more: each takes its lease
-    under its link's row lock (a savepoint, so one failure stays its own)."""
+    One query reads every link of the batch with its account, block flag,
+    active-session count and the time services in force; accounts with a
+    time service need a few more queries for the whole batch (sessions,
+    promised credit, tariff book, counters), and pool links each take their
+    lease under their link's row lock (a savepoint, so one failure stays its
+    own).  ``tz`` is the operator's zone (time ranges, periods)."""
     logins = sorted({r["login"] for r in requests if isinstance(r.get("login"), str) and r["login"]})
-    links = {r["login"]: r for r in await conn.fetch(_LINKS_BY_LOGIN, logins)} if logins else {}
-    out: list[dict[str, Any]] = []
+    links = {r["login"]: r for r in await conn.fetch(_LINKS_BY_LOGIN, logins, now)} if logins else {}
+    # per request: its refusal, or the link that passed the rules needing no further query
+    first: list[dict[str, Any] | asyncpg.Record] = []
     for req in requests:
         login = req.get("login")
-        if not login or not isinstance(login, str):
-            out.append(_reject("no login"))
+        link = links.get(login) if isinstance(login, str) and login else None
+        refused = _reject("no login") if not login or not isinstance(login, str) else _decide(req, link, store)
+        first.append(refused if refused is not None else link)
+    passed = [x for x in first if not isinstance(x, dict)]
+    verdicts = await _time_verdicts(conn, passed, now, tz) if passed else {}
+    out: list[dict[str, Any]] = []
+    for item in first:
+        if isinstance(item, dict):
+            out.append(item)
             continue
-        link = links.get(login)
-        refused = _decide(req, link, store)
+        link = item
+        verdict = verdicts.get(link["account_id"])
+        refused = _decide_time(link, verdict)
         if refused is not None:
             out.append(refused)
             continue
-        assert link is not None
         if link["static_ip"] is not None:
             address: str | None = link["static_ip"]
         elif link["pool_id"] is not None:
@@ -432,7 +612,7 @@ async def authorize_many(conn: asyncpg.Connection, store: SecretStore, requests:
                 continue
         else:
             address = None
-        out.append(_accept(link, address))
+        out.append(_accept(link, address, verdict))
     return out
 
 
@@ -442,9 +622,10 @@ class Authorizer:
     round trip, and a queue of batches needs no more than one connection
     (each batch is one query).  Idle, the connection goes back to the pool."""
 
-    def __init__(self, pool: asyncpg.Pool, store: SecretStore) -> None:
+    def __init__(self, pool: asyncpg.Pool, store: SecretStore, tz: dt.tzinfo = dt.timezone.utc) -> None:
         self._pool = pool
         self._store = store
+        self._tz = tz
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._conn: asyncpg.Connection | None = None
@@ -457,7 +638,7 @@ class Authorizer:
                 self._conn = await self._pool.acquire()
             conn = self._conn
             try:
-                return await authorize_many(conn, self._store, requests, now)
+                return await authorize_many(conn, self._store, requests, now, tz=self._tz)
             except BaseException:
                 self._conn = None  # a failed connection is not kept
                 await self._pool.release(conn)
@@ -469,9 +650,10 @@ class Authorizer:
 
 
 async def authorize(conn: asyncpg.Connection, store: SecretStore, req: dict[str, Any], now: dt.datetime,
-                    lease_hold: dt.timedelta = dt.timedelta(seconds=120)) -> dict[str, Any]:
+                    lease_hold: dt.timedelta = dt.timedelta(seconds=120), *,
+                    tz: dt.tzinfo = dt.timezone.utc) -> dict[str, Any]:
     """Decide one Access-Request."""
-    return (await authorize_many(conn, store, [req], now, lease_hold))[0]
+    return (await authorize_many(conn, store, [req], now, lease_hold, tz=tz))[0]
 
 
 # -- accounting ------------------------------------------------------------------
@@ -492,30 +674,73 @@ async def _end_sessions(conn: asyncpg.Connection, rows: list[asyncpg.Record], at
             await conn.execute("DELETE FROM radius_leases WHERE address = $1 AND link_id = $2", s["framed_ip"], s["link_id"])
 
 
-async def _charge_time(conn: asyncpg.Connection, s: asyncpg.Record, price: int, session_time: int,
-                       now: dt.datetime) -> list[dict[str, Any]]:
-    """Book the time charge up to ``session_time``; return block events."""
-    if price <= 0 or session_time <= 0:
-        return []
-    target = session_time * price // 3600
-    amount = target - int(s["charged"])
-    if amount <= 0:
-        return []
-    key = f"radius:{s['id']}:{session_time}"
-    result = await post_charges(conn, [Entry(s["account_id"], -amount, "charge", key, f"time {s['session_id']}")],
-                                actor=ACTOR, now=now)
-    assert int(s["charged"]) + amount == target, "time charge must land exactly on the target"
-    await conn.execute("UPDATE radius_sessions SET charged = $2 WHERE id = $1", s["id"], target)
-    await conn.execute(
-        "INSERT INTO radius_time_charges(session_pk, session_time, account_id, amount, ledger_id, at)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        s["id"], session_time, s["account_id"], amount, result.posted[0].ledger_id if result.posted else None, now)
-    return [c.event() for c in result.block_changes]
+def usage_source(nas_id: int, session_id: str) -> str:
+    """The ``commit_usage`` source of a session: ``radius:<nas id>:<Acct-Session-Id>``
+    (a session id too long for a source is replaced by its SHA-256)."""
+    source = f"radius:{nas_id}:{session_id}"
+    if len(source) <= MAX_SOURCE:
+        return source
+    return f"radius:{nas_id}:sha256:{hashlib.sha256(session_id.encode()).hexdigest()}"
 
 
-async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+async def _time_usage(conn: asyncpg.Connection, account_id: int, start: dt.datetime,
+                      end: dt.datetime) -> list[SessionUsage]:
+    """``[start, end)`` of a session cut by the account's tariff links: one
+    piece per link with a time service, on that service (a tariff with
+    several time services: no service, which rating refuses).  Time outside
+    every such link is not time-charged.  Link borders round down to whole
+    seconds (rating's resolution; the session start does too), the same way
+    for the link that ends and the one that starts there."""
+    rows = await conn.fetch(
+        "SELECT t.valid_from, t.valid_to, array_agg(sv.id ORDER BY sv.id) AS services FROM account_tariffs t"
+        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services sv ON sv.id = ts.service_id"
+        " WHERE t.account_id = $1 AND sv.kind = 'time' AND t.valid_from < $3"
+        " AND (t.valid_to IS NULL OR t.valid_to > $2) GROUP BY t.id ORDER BY t.valid_from", account_id, start, end)
+    usage = []
+    for r in rows:
+        piece_start = max(start, r["valid_from"].replace(microsecond=0))
+        piece_end = end if r["valid_to"] is None else min(end, r["valid_to"].replace(microsecond=0))
+        if piece_end > piece_start:
+            service = r["services"][0] if len(r["services"]) == 1 else None
+            usage.append(SessionUsage(account_id, piece_start, (piece_end - piece_start) // _ONE_SECOND, service))
+    return usage
+
+
+class _Unrated(Exception):
+    """Rating could not place part of a session's time: nothing is committed."""
+
+
+async def _charge_time(conn: asyncpg.Connection, s: asyncpg.Record, session_time: int, now: dt.datetime,
+                       tz: dt.tzinfo) -> list[dict[str, Any]]:
+    """Commit the session's time up to ``session_time`` through the tariff
+    engine, exactly once per counter value; return block events."""
+    source = usage_source(s["nas_id"], s["session_id"])
+    done = max(await watermark(conn, source), 0)
+    if session_time <= done:
+        return []  # a retransmission, or an older Interim arriving late
+    start = s["started_at"].replace(microsecond=0) + dt.timedelta(seconds=done)
+    usage = await _time_usage(conn, s["account_id"], start, start + dt.timedelta(seconds=session_time - done))
+    if not usage:
+        return []  # no time service during these seconds: not time-charged
+    try:
+        async with conn.transaction():  # a savepoint: an unrated piece undoes the whole commit
+            result = await commit_usage(conn, source, session_time, usage, now, tz=tz, actor=ACTOR)
+            if result.rejected:
+                raise _Unrated(", ".join(sorted({r.reason for r in result.rejected})))
+    except _Unrated as exc:
+        log.error("session %s of account %s: %d s not charged yet (%s); retried with the next record",
+                  s["session_id"], s["account_id"], session_time - done, exc)
+        return []
+    if result.charged:
+        await conn.execute("UPDATE radius_sessions SET charged = charged + $2 WHERE id = $1", s["id"], result.charged)
+    return [c.event() for c in result.block_changes]  # type: ignore[attr-defined]
+
+
+async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetime, *,
+                  tz: dt.tzinfo = dt.timezone.utc) -> dict[str, Any]:
     """Apply one Accounting-Request.  Idempotent: the same request twice
-    changes nothing the second time.  Runs in a transaction."""
+    changes nothing the second time.  Runs in a transaction; ``tz`` is the
+    operator's zone (time ranges, periods)."""
     nas = await conn.fetchrow("SELECT id FROM radius_nas WHERE address = $1::inet", req["nas"])
     if nas is None:
         raise CallFailed(BAD_ARGS, f"unknown NAS {req['nas']}")
@@ -537,7 +762,8 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
         if link is None:
             log.warning("accounting for unknown login %r from NAS %s ignored", req.get("login"), req["nas"])
             return {"ignored": "unknown login", "events": []}
-        started = at - dt.timedelta(seconds=int(req.get("session_time") or 0))
+        # whole seconds: the session's time is rated from its start second by second
+        started = (at - dt.timedelta(seconds=int(req.get("session_time") or 0))).replace(microsecond=0)
         s = await conn.fetchrow(
             "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
             " calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
@@ -557,8 +783,7 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
             "UPDATE radius_sessions SET session_time = $2, input_octets = greatest(input_octets, $3),"
             " output_octets = greatest(output_octets, $4), updated_at = $5 WHERE id = $1",
             s["id"], session_time, int(req.get("input_octets") or 0), int(req.get("output_octets") or 0), now)
-        price = await conn.fetchval("SELECT price_per_hour FROM radius_links WHERE id = $1", s["link_id"])
-        events = await _charge_time(conn, s, int(price), session_time, now)
+        events = await _charge_time(conn, s, session_time, now, tz)
     if status == "stop":
         s = await conn.fetchrow("SELECT * FROM radius_sessions WHERE id = $1", s["id"])
         await _end_sessions(conn, [s], at, f"stop:{req.get('terminate_cause') or 0}")
@@ -573,20 +798,26 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
 
 
 async def _bind_ip(conn: asyncpg.Connection, s: asyncpg.Record, at: dt.datetime) -> None:
+    """Bind the session's framed IP to its account from ``at`` on.  A Start
+    that arrives late (Acct-Delay-Time) may find the address bound after
+    ``at`` by sessions that have ended since: the binding then starts where
+    the last of them ended, as bindings never overlap.  An address bound
+    without end is left alone (the same account: already bound; another:
+    logged, not rebound)."""
     ip = s["framed_ip"]
     await conn.execute("UPDATE radius_leases SET expires_at = NULL WHERE address = $1 AND link_id = $2", ip, s["link_id"])
-    covering = await conn.fetchrow(
-        "SELECT account_id FROM ip_bindings WHERE prefix >>= $1::inet AND valid_from <= $2"
-        " AND (valid_to IS NULL OR valid_to > $2)", ip, at)
-    if covering is not None:
-        if covering["account_id"] != s["account_id"]:
+    later = await conn.fetch(
+        "SELECT account_id, valid_to FROM ip_bindings WHERE prefix >>= $1::inet"
+        " AND (valid_to IS NULL OR valid_to > $2) ORDER BY valid_to DESC NULLS FIRST", ip, at)
+    if later and later[0]["valid_to"] is None:
+        if later[0]["account_id"] != s["account_id"]:
             log.error("framed IP %s of session %s is bound to account %s, not %s: not rebinding",
-                      ip, s["session_id"], covering["account_id"], s["account_id"])
+                      ip, s["session_id"], later[0]["account_id"], s["account_id"])
         return
     await conn.execute(
         "INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
         " VALUES ($1, set_masklen($2::inet, 32)::cidr, 'dynamic', 'radius', $3, $4)",
-        s["account_id"], ip, _session_ref(s["nas_id"], s["session_id"]), at)
+        s["account_id"], ip, _session_ref(s["nas_id"], s["session_id"]), later[0]["valid_to"] if later else at)
 
 
 async def close_stale(conn: asyncpg.Connection, now: dt.datetime, timeout: dt.timedelta) -> int:
@@ -622,6 +853,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     from .api import who
     from .billing import audit
 
+    tz = zoneinfo.ZoneInfo(core.config.core.timezone)
     store: SecretStore = core.extras.get("secret_store") or SecretStore.from_config(core.config)
     core.extras["secret_store"] = store
     pool = core.pool
@@ -646,9 +878,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     async def h_authorize(ctx: Any, request: dict[str, Any]) -> dict[str, Any]:
         async with pool.acquire() as conn:
-            return (await authorize_many(conn, store, [request], core.now()))[0]
+            return (await authorize_many(conn, store, [request], core.now(), tz=tz))[0]
 
-    authorizer = Authorizer(pool, store)
+    authorizer = Authorizer(pool, store, tz)
 
     async def h_authorize_many(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not 1 <= len(requests) <= MAX_BATCH or not all(isinstance(r, dict) for r in requests):
@@ -657,7 +889,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     async def h_accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
         async with pool.acquire() as conn, conn.transaction():
-            result = await account(conn, record, core.now())
+            result = await account(conn, record, core.now(), tz=tz)
         publish_events(result.pop("events", []))
         for event, payload in result.pop("hooks", []):
             await core.fire(event, payload)
@@ -739,7 +971,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     nas_fields = {"name": "str?", "address": "ip?", "secret": "str?", "require_message_authenticator": "bool?",
                   "coa_port": "int?", "disconnect_mode": "str?", "blocked_profile": "list?"}
-    link_fields = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?", "price_per_hour": "money?",
+    link_fields = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?",
                    "session_limit": "int?", "interim_interval": "int?", "rate_limit": "str?", "cisco_avpairs": "list?"}
     return [
         CallSpec("radius.authorize", h_authorize, right="radius.serve", kinds=SYSTEM, args={"request": "map"},

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from billcore.billing.tariffs import create_service, create_tariff, link_tariff, set_rate
 from billcore.radius_calls import (
     SecretStore,
     account,
@@ -145,11 +146,22 @@ async def test_start_binds_ip_stop_unbinds(pool: asyncpg.Pool, store: SecretStor
         assert await account_sessions(conn, store, acc) == []
 
 
+async def time_tariff(conn: asyncpg.Connection, account_id: int, price_per_hour: int) -> int:
+    """Put the account on a tariff with one time service at a flat price; its id."""
+    service = await create_service(conn, f"time-{account_id}", "time")
+    await set_rate(conn, service, class_id=None, range_id=None, prepaid=0, unit_size=3600,
+                   tiers=[(0, price_per_hour)])
+    tariff = await create_tariff(conn, f"dialup-{account_id}", [service])
+    await link_tariff(conn, account_id, tariff, now=T0 - dt.timedelta(days=1), tz=dt.timezone.utc, actor="t")
+    return service
+
+
 async def test_time_charged_exactly_once_per_counter_value(pool: asyncpg.Pool, store: SecretStore) -> None:
     async with pool.acquire() as conn:
         await add_nas(conn, store, name="mt1", address=NAS, secret="x")
         acc = await make_account(conn, "u1", balance=10_000_000)  # 10 units
-        await add_link(conn, store, account_id=acc, login="alice", password="pw", price_per_hour=3_600_000_000)  # 1 unit a second
+        await add_link(conn, store, account_id=acc, login="alice", password="pw")
+        await time_tariff(conn, acc, 3_600_000_000)  # 1 unit a second
         ok = await auth(conn, store, "alice", b"pw")
         assert dict(map(tuple, ok["reply"]))["Session-Timeout"] == 10  # type: ignore[arg-type]
         await acct(conn, "start", "S1")
@@ -159,11 +171,13 @@ async def test_time_charged_exactly_once_per_counter_value(pool: asyncpg.Pool, s
         await acct(conn, "stop", "S1", session_time=7)  # retransmitted Stop
         assert await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", acc) == 10_000_000 - 7_000_000
         assert await conn.fetchval("SELECT sum(amount) FROM ledger WHERE account_id = $1", acc) == -7_000_000
-        assert await conn.fetchval("SELECT count(*) FROM radius_time_charges") == 3
+        # one ledger row per new counter value: 3, 5, 7
+        assert await conn.fetchval("SELECT count(*) FROM ledger WHERE account_id = $1 AND amount < 0", acc) == 3
+        assert await conn.fetchval("SELECT charged FROM radius_sessions WHERE session_id = 'S1'") == 7_000_000
         await acct(conn, "start", "S2")
         await acct(conn, "stop", "S2", session_time=3)
         # balance 0 now: no time left, refused
-        assert (await auth(conn, store, "alice", b"pw"))["reason"] in ("no money left for time", "account blocked")
+        assert (await auth(conn, store, "alice", b"pw"))["reason"] == "no money left for time"
 
 
 async def test_accounting_on_and_stale_sweep_close_sessions(pool: asyncpg.Pool, store: SecretStore) -> None:

@@ -100,8 +100,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         s.accounts["alice"] = await subscriber(admin, "alice", PAID)
         s.links["alice"] = await admin.call("radius.link_add", {
             "account_id": s.accounts["alice"], "login": "alice", "password": "wonderland",
-            "static_ip": "10.77.1.5", "price_per_hour": PRICE_PER_HOUR, "rate_limit": "10M/20M",
+            "static_ip": "10.77.1.5", "rate_limit": "10M/20M",
             "cisco_avpairs": ["ip:sub-qos-policy-in=10M"], "interim_interval": 60, "max_sessions": 2})
+        await time_tariff(admin, s.accounts["alice"])
         s.accounts["bob"] = await subscriber(admin, "bob", 0)
         s.links["bob"] = await admin.call("radius.link_add", {
             "account_id": s.accounts["bob"], "login": "bob", "password": "builder", "pool": "dyn"})
@@ -114,6 +115,16 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         sim.close()
         bc.__exit__(None, None, None)
         await _drop_db(pg_server_dsn, db)
+
+
+async def time_tariff(admin: Client, account_id: int) -> None:
+    """Alice's time is priced by her tariff: one time service at PRICE_PER_HOUR
+    in every time range, all set up over the admin's URFA calls."""
+    service = (await admin.call("services.add", {"name": "e2e-dialup-time", "kind": "time"}))["id"]
+    await admin.call("services.set_rate", {"service_id": service, "unit_size": 3600,
+                                           "tiers": [[0, PRICE_PER_HOUR]]})
+    tariff = (await admin.call("tariffs.add", {"name": "e2e-dialup", "service_ids": [service]}))["id"]
+    await admin.call("tariffs.link", {"account_id": account_id, "tariff_id": tariff})
 
 
 async def radclient(port: int, command: str, attrs: str, secret: str = SECRET, timeout: float = 2.0,
@@ -185,7 +196,7 @@ async def test_chap_accept_gets_a_pool_address_and_wrong_chap_is_rejected(stack:
     assert rc == 0 and "Access-Accept" in out, out
     m = re.search(r"Framed-IP-Address = (10\.77\.0\.\d+)", out)
     assert m and 10 <= int(m.group(1).rsplit(".", 1)[1]) <= 20, out
-    assert "Session-Timeout" not in out  # bob's link is not time-based
+    assert "Session-Timeout" not in out  # bob's tariff has no time service
     # the same link asks again: the same lease
     rc, again = await radclient(stack.auth_port, "auth", 'User-Name = "bob", CHAP-Password = "builder"')
     assert f"Framed-IP-Address = {m.group(1)}" in again, again
@@ -353,18 +364,27 @@ async def test_nas_edit_secret_and_delete(stack: Stack) -> None:
 
 async def test_time_charged_into_debt_blocks_and_disconnects(stack: Stack) -> None:
     acc = stack.accounts["alice"]
+    # leave alice 100 s of money (a correction), then report 200 s: an Interim
+    # can only report time that has passed (rating refuses usage more than
+    # five minutes ahead of the core's clock)
+    balance = (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"]
+    await stack.admin.call("payments.add", {"account_id": acc, "amount": 100_000 - balance, "method": "correction",
+                                            "external_id": "e2e-alice-drain"})
+    rc, out = await radclient(stack.auth_port, "auth", 'User-Name = "alice", User-Password = "wonderland"')
+    assert "Access-Accept" in out and "Session-Timeout = 100" in out, out
     await acct(stack, "Start", "E2E-DEBT", extra=", Framed-IP-Address = 10.77.1.5")
     stack.nas.sessions["E2E-DEBT"] = "alice"
     seen = len(stack.nas.received)
     # more time than the money left buys: the charge puts the account in debt,
     # the core sets the automatic block, the radius process disconnects
-    await acct(stack, "Interim-Update", "E2E-DEBT", extra=", Acct-Session-Time = 9000")
+    await acct(stack, "Interim-Update", "E2E-DEBT", extra=", Acct-Session-Time = 200")
     assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] < 0
     await wait_until(lambda: _true("E2E-DEBT" not in stack.nas.sessions), timeout=10)
     assert stack.nas.received[seen][0] == 40
     rc, out = await radclient(stack.auth_port, "auth", 'User-Name = "alice", User-Password = "wonderland"')
     assert "Access-Reject" in out, out
-    await acct(stack, "Stop", "E2E-DEBT", extra=", Acct-Session-Time = 9000, Acct-Terminate-Cause = Admin-Reset")
+    assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] == -100_000
+    await acct(stack, "Stop", "E2E-DEBT", extra=", Acct-Session-Time = 200, Acct-Terminate-Cause = Admin-Reset")
     # paying lifts the automatic block: accepted again
     await stack.admin.call("payments.add", {"account_id": acc, "amount": PAID, "method": "cash",
                                             "external_id": "e2e-alice-2"})
