@@ -30,6 +30,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -40,6 +41,7 @@ from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import render
 from .core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
@@ -128,13 +130,22 @@ def page(request: web.Request, template: str, status: int = 200, **values: Any) 
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
 
+def _ascii_int(raw: str, max_digits: int) -> int | None:
+    """``raw`` as an int when it is 1..max_digits ASCII digits, else None.
+    (``str.isdigit`` also accepts '²' or '١', which ``int`` refuses or reads.)"""
+    if not raw or len(raw) > max_digits or not raw.isascii() or not raw.isdecimal():
+        return None
+    return int(raw)
+
+
 def _account_arg(request: web.Request) -> dict[str, Any]:
     raw = request.query.get("account_id") or request.get(FORM, {}).get("account_id")
     if not raw:
         return {}
-    if not raw.isdigit() or len(raw) > 18:
+    account_id = _ascii_int(raw, 18)
+    if account_id is None:
         raise PageError(404, "error.404")
-    return {"account_id": int(raw)}
+    return {"account_id": account_id}
 
 
 async def ask(request: web.Request, fn: str, **args: Any) -> Any:
@@ -162,6 +173,17 @@ async def ask_optional(request: web.Request, fn: str, **args: Any) -> Any:
         raise
 
 
+# A path of this office: "/" then URL-safe characters only.  Browsers drop tabs
+# and newlines from a Location ("/\t/evil" becomes "//evil", another host) and
+# read "\\" as "/", so anything but these characters is refused outright.
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,511}")
+
+
+def local_path(wanted: str) -> str:
+    """``wanted`` when it is a path on this site, else "/" (no open redirect)."""
+    return wanted if _LOCAL_PATH.fullmatch(wanted) else "/"
+
+
 def redirect(location: str, **query: Any) -> web.Response:
     q = {k: v for k, v in query.items() if v is not None}
     return web.Response(status=303, headers={"Location": location + ("?" + urlencode(q) if q else "")})
@@ -182,7 +204,13 @@ _HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
 }
+# Sent only when the office is reached over HTTPS (its own TLS, or a TLS proxy
+# in front: ``cookie_secure``); over plain HTTP a browser ignores it anyway.
+_HSTS = ("Strict-Transport-Security", "max-age=31536000")
 
 
 @web.middleware
@@ -217,6 +245,8 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         response = page(request, "error.html", 500, message=translator(request)("error.500"))
     for k, v in _HEADERS.items():
         response.headers.setdefault(k, v)
+    if section.cookie_secure or section.tls_cert:
+        response.headers.setdefault(*_HSTS)
     return response
 
 
@@ -278,6 +308,12 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         limiter.failed(ip, time.monotonic())
         return await login_form(request, 401, t("login.wrong"))
     limiter.succeeded(ip)
+    old = request[SID]
+    if old is not None and old != info.sid:   # a second login in this browser: end the first session
+        try:
+            await request.app[LINK].logout(old, ip)
+        except (CoreDown, Refused):
+            pass
     resp = redirect("/")
     resp.set_cookie(SID_COOKIE, _b64(info.sid), httponly=True, samesite="Strict", path="/",
                     secure=request.app[SECTION].cookie_secure)
@@ -355,8 +391,8 @@ async def promised(request: web.Request) -> web.StreamResponse:
 
 async def traffic(request: web.Request) -> web.StreamResponse:
     which = _account_arg(request)
-    raw = request.query.get("days", "31")
-    days = int(raw) if raw.isdigit() and 1 <= int(raw) <= 366 else 31
+    asked = _ascii_int(request.query.get("days", ""), 3)
+    days = asked if asked is not None and 1 <= asked <= 366 else 31
     if not which:   # me.traffic without an account mixes them all: show the basic one
         accounts = await ask(request, "me.accounts")
         if not accounts:
@@ -420,11 +456,8 @@ async def language(request: web.Request) -> web.StreamResponse:
     lang = request.match_info["lang"]
     if lang not in LANGUAGES:
         raise PageError(404, "error.404")
-    back = request.query.get("next", "/")
-    if not back.startswith("/") or back.startswith("//") or "\\" in back or len(back) > 512:
-        back = "/"
-    resp = redirect(back)
-    resp.set_cookie(LANG_COOKIE, lang, samesite="Strict", path="/", max_age=365 * 86400,
+    resp = redirect(local_path(request.query.get("next", "/")))
+    resp.set_cookie(LANG_COOKIE, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400,
                     secure=request.app[SECTION].cookie_secure)
     return resp
 
@@ -464,11 +497,36 @@ def tls_context(section: PortalSection) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(section: PortalSection, link: CoreLink, key: bytes) -> web.AppRunner:
-    """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
+class _ClientErrorsInOneLine(logging.Filter):
+    """aiohttp logs a malformed request (a header over the cap, bad framing)
+    as ERROR with a traceback: a log any client can flood.  It is the
+    client's mistake, answered with a 400: keep one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed request refused: %s", (str(exc.message)[:120],)
+        return True
+
+
+_http_log = logging.getLogger("portal.http")
+_http_log.addFilter(_ClientErrorsInOneLine())
+
+
+async def serve(section: PortalSection, link: CoreLink, key: bytes,
+                keepalive_timeout: float = 15.0) -> web.AppRunner:
+    """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it).
+
+    ``keepalive_timeout`` also bounds a connection that has not finished sending
+    its first request's headers (aiohttp arms it when the connection opens), so
+    a slowloris client holds a connection at most that long.
+    """
     runner = web.AppRunner(build_app(section, link, key), access_log=None, handler_cancellation=True,
-                           keepalive_timeout=15.0, max_line_size=8190, max_field_size=8190,
-                           shutdown_timeout=2.0)
+                           keepalive_timeout=keepalive_timeout, max_line_size=8190, max_field_size=8190,
+                           shutdown_timeout=2.0, logger=_http_log)
     await runner.setup()
     site = web.TCPSite(runner, section.host, section.port, ssl_context=tls_context(section),
                        backlog=512)
