@@ -90,6 +90,9 @@ async def copy_db(server: str, name: str) -> str:
     admin = await asyncpg.connect(server)
     await admin.execute(f"DROP DATABASE IF EXISTS {name}")
     await admin.execute(f"CREATE DATABASE {name} TEMPLATE bench_base")
+    # Both sides start from a clean buffer pool: without this, the side that
+    # runs second pays for writing out the first side's dirty pages.
+    await admin.execute("CHECKPOINT")
     await admin.close()
     return dsn_for(server, name)
 
@@ -112,18 +115,47 @@ UPDATE accounts a SET balance = a.balance + i.amount FROM ins i WHERE a.id = i.a
 """
 
 
-async def run_floor(dsn: str) -> tuple[float, int]:
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a local process (the embedded server's backends)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def backends_cpu(conn: asyncpg.Connection) -> dict[int, float]:
+    """CPU so far of every client backend of this database.  Wall time on a
+    shared box moves with the neighbours' load; CPU seconds move much less."""
+    pids = await conn.fetchval(
+        "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND backend_type = 'client backend'")
+    return {pid: process_cpu(pid) for pid in pids or []}
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(after.values()) - sum(v for pid, v in before.items() if pid in after)
+
+
+async def run_floor(dsn: str) -> tuple[float, int, float, float]:
+    """Returns (wall s, total balance, server CPU s, client CPU s)."""
     conn = await asyncpg.connect(dsn)
+    cpu0, client0 = await backends_cpu(conn), time.process_time()
     start = time.perf_counter()
     await conn.execute(FLOOR_SQL, NOW, dt.datetime(2024, 4, 1, tzinfo=UTC))
     elapsed = time.perf_counter() - start
+    server_cpu, client_cpu = cpu_used(cpu0, await backends_cpu(conn)), time.process_time() - client0
     total = int(await conn.fetchval("SELECT sum(balance) FROM accounts"))
     await conn.close()
-    return elapsed, total
+    return elapsed, total, server_cpu, client_cpu
 
 
-async def run_billcore(dsn: str, n: int, batch: int, workers: int) -> tuple[float, int, int]:
+async def run_billcore(dsn: str, n: int, batch: int, workers: int) -> tuple[float, int, float, float]:
+    """Returns (wall s, total balance, server CPU s, client CPU s)."""
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=workers + 1)
+    async with pool.acquire() as conn:
+        cpu0 = await backends_cpu(conn)
+    client0 = time.process_time()
     last = [0.0]
 
     def progress(p: RunProgress) -> None:
@@ -136,11 +168,14 @@ async def run_billcore(dsn: str, n: int, batch: int, workers: int) -> tuple[floa
     start = time.perf_counter()
     result = await run_due(pool, NOW, batch_size=batch, workers=workers, progress=progress)
     elapsed = time.perf_counter() - start
+    client_cpu = time.process_time() - client0
+    async with pool.acquire() as conn:
+        server_cpu = cpu_used(cpu0, await backends_cpu(conn))
     total = int(await pool.fetchval("SELECT sum(balance) FROM accounts"))
     await pool.close()
     if result.charges != n:
         raise SystemExit(f"billcore charged {result.charges} accounts, expected {n}")
-    return elapsed, total, result.charges
+    return elapsed, total, server_cpu, client_cpu
 
 
 async def main() -> None:
@@ -168,16 +203,21 @@ async def main() -> None:
         print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
         floors: list[float] = []
         cores: list[float] = []
+        floor_cpu: list[tuple[float, float]] = []
+        core_cpu: list[tuple[float, float]] = []
         for i in range(max(1, args.repeat)):
-            floor_s, floor_total = await run_floor(await copy_db(uri, "bench_floor"))
-            print(f"  floor: {floor_s:.2f} s", flush=True)
-            core_s, core_total, charges = await run_billcore(
+            floor_s, floor_total, f_server, f_client = await run_floor(await copy_db(uri, "bench_floor"))
+            print(f"  floor: {floor_s:.2f} s (server CPU {f_server:.2f} s)", flush=True)
+            core_s, core_total, c_server, c_client = await run_billcore(
                 await copy_db(uri, "bench_core"), n, args.batch, args.workers)
-            print(f"  billcore: {core_s:.2f} s (pair {i + 1}: ratio {core_s / floor_s:.2f})", flush=True)
+            print(f"  billcore: {core_s:.2f} s (server CPU {c_server:.2f} s, client CPU {c_client:.2f} s;"
+                  f" pair {i + 1}: ratio {core_s / floor_s:.2f})", flush=True)
             if core_total != floor_total or floor_total != -FEE * n:
                 raise SystemExit(f"totals differ: billcore {core_total}, floor {floor_total}, expected {-FEE * n}")
             floors.append(floor_s)
             cores.append(core_s)
+            floor_cpu.append((f_server, f_client))
+            core_cpu.append((c_server, c_client))
     finally:
         server.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,6 +229,9 @@ async def main() -> None:
         "billcore_seconds": round(core_s, 3), "floor_seconds": round(floor_s, 3),
         "ratio": round(ratio, 2), "billcore_accounts_per_s": round(n / core_s),
         "floor_accounts_per_s": round(n / floor_s), "target_ratio": 2.0,
+        "billcore_server_cpu_s": round(statistics.median(c[0] for c in core_cpu), 3),
+        "billcore_client_cpu_s": round(statistics.median(c[1] for c in core_cpu), 3),
+        "floor_server_cpu_s": round(statistics.median(c[0] for c in floor_cpu), 3),
         "note": args.note, "repeat": len(cores), "billcore_runs": [round(x, 3) for x in cores], "floor_runs": [round(x, 3) for x in floors],
         "machine": {"platform": platform.platform(), "cpu": cpu_name(), "nproc": os.cpu_count(),
                     "python": platform.python_version()},
@@ -220,15 +263,17 @@ def save(row: dict[str, object]) -> None:
         "The floor is one hand-written statement: ledger INSERT joined with the balance UPDATE, no",
         "idempotency record, no block sync.  billcore also writes `periodic_charges` (the per-period",
         "compare-and-set record), locks the accounts, checks idempotency keys and syncs system blocks.\n",
-        "| date (UTC) | accounts | batch × workers | pairs | billcore s | floor s | ratio (target ≤ 2) | load avg before → after | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| date (UTC) | accounts | batch × workers | pairs | billcore s | floor s | ratio (target ≤ 2) | CPU s: billcore server + client / floor server | load avg before → after | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     lines.insert(4, "With more than one pair, the seconds are medians and each pair's times are in the JSON.\n")
     for r in [row, *history]:
         la = r.get("load_average_before"), r.get("load_average_after")
         load = " → ".join(f"{x[0]:.2f}" for x in la if x) or "not recorded"
+        cpu = (f"{r['billcore_server_cpu_s']:.2f} + {r['billcore_client_cpu_s']:.2f} / {r['floor_server_cpu_s']:.2f}"
+               if "floor_server_cpu_s" in r else "not recorded")
         lines.append(f"| {r['date']} | {r['accounts']:,} | {r['batch']:,} × {r['workers']} | {r.get('repeat', 1)} |"
-                     f" {r['billcore_seconds']:.2f} | {r['floor_seconds']:.2f} | {r['ratio']:.2f} | {load} |"
+                     f" {r['billcore_seconds']:.2f} | {r['floor_seconds']:.2f} | {r['ratio']:.2f} | {cpu} | {load} |"
                      f" {r.get('note', '')} |")
     m = row["machine"]
     assert isinstance(m, dict)

@@ -37,7 +37,8 @@ the pure function does not depend on the account id.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from typing import Any, Final
@@ -45,7 +46,7 @@ from typing import Any, Final
 import asyncpg
 
 from billcore.billing.errors import InvariantViolation, PeriodError
-from billcore.billing.ledger import Entry, post_charges
+from billcore.billing.ledger import Entry, lock_accounts, post_charges
 from billcore.billing.money import MAX_AMOUNT
 from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
@@ -127,17 +128,34 @@ async def _run_state(conn: asyncpg.Connection, name: str) -> datetime | None:
     return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
 
 
+@asynccontextmanager
+async def _custom_plans(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Plan each statement inside for its actual parameters.
+
+    After five executions PostgreSQL may switch a prepared statement to a
+    generic plan, which cannot use the account index through
+    ``$1 IS NULL OR account_id = ANY($1)`` (``tariffs.load_links``): at
+    200,000 accounts that was a table scan per batch and most of the run.
+    Only around that call: for the whole transaction it would also re-plan
+    every foreign-key check of the bulk inserts, one per row.
+    """
+    old = await conn.fetchval("SELECT current_setting('plan_cache_mode')")
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    yield   # an exception aborts the transaction, and the LOCAL setting with it
+    await conn.execute("SELECT set_config('plan_cache_mode', $1, true)", old)
+
+
 async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mapping[int, PeriodicService],
                  since: datetime, now: datetime, horizon: datetime, tz: tzinfo,
                  ) -> tuple[int, int, int, int, tuple[Any, ...]]:
     """One transaction's work; returns (charges, amount, once, closed, block changes)."""
-    # Every statement below filters by this batch's account array.  After five
-    # executions PostgreSQL may switch a prepared statement to a generic plan,
-    # which cannot use the account index through ``$1 IS NULL OR id = ANY($1)``
-    # (tariffs.load_links): at 200,000 accounts that was a scan per batch and
-    # most of the run.  Custom plans cost a few ms of planning per batch.
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-    links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
+    # Lock the batch's accounts first, in id order, as every writer does.  The
+    # foreign-key checks of the rows written below then find the lock already
+    # held; otherwise each would take (and WAL-log) a KEY SHARE lock per
+    # account that post_charges upgrades a moment later.
+    await lock_accounts(conn, accounts)
+    async with _custom_plans(conn):
+        links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
     rows = await conn.fetch(
         "SELECT account_id, service_id, period_start, charged, revision FROM periodic_charges"
         " WHERE account_id = ANY($1::bigint[]) AND period_start >= $2"
