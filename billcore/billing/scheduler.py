@@ -46,7 +46,7 @@ from typing import Any, Final
 import asyncpg
 
 from billcore.billing.errors import InvariantViolation, PeriodError
-from billcore.billing.ledger import Entry, lock_accounts, post_charges
+from billcore.billing.ledger import Entry, post_charges
 from billcore.billing.money import MAX_AMOUNT
 from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
@@ -111,7 +111,7 @@ def _due_by_signature(services: Mapping[int, PeriodicService], links: Sequence[S
     for (account_id, service_id), group in sorted(groups.items()):
         done = by_account_service.get((account_id, service_id), {})
         signature = (service_id, tuple((l.active_from, l.active_until) for l in group),
-                     tuple(sorted(done.items())))
+                     tuple(sorted(done.items())) if done else ())
         template = memo.get(signature)
         if template is None:
             shape = [ServiceLink(0, service_id, l.active_from, l.active_until) for l in group]
@@ -151,9 +151,14 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
     """One transaction's work; returns (charges, amount, once, closed, block changes)."""
     # Lock the batch's accounts first, in id order, as every writer does.  The
     # foreign-key checks of the rows written below then find the lock already
-    # held; otherwise each would take (and WAL-log) a KEY SHARE lock per
-    # account that post_charges upgrades a moment later.
-    await lock_accounts(conn, accounts)
+    # held instead of taking a KEY SHARE lock per row that post_charges
+    # upgrades a moment later.  No rows come back: post_charges reads them.
+    ids = sorted(set(accounts))
+    status = await conn.execute(
+        "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) AND id BETWEEN $2 AND $3"
+        " ORDER BY id FOR UPDATE", ids, ids[0], ids[-1])
+    if status != f"SELECT {len(ids)}":
+        raise InvariantViolation(f"periodic batch: locked {status}, expected {len(ids)} accounts")
     async with _custom_plans(conn):
         links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
     rows = await conn.fetch(
