@@ -396,3 +396,25 @@ async def test_one_subscriber_cannot_fill_the_session_table(db_dsn: str, tmp_pat
     finally:
         await service.stop()
         await pool.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "billcore/urfa_server.py _on_login catches only CallFailed: a login name with a NUL makes the auth "
+    "lookup raise asyncpg CharacterNotInRepertoireError in the spawned task, so the client gets no answer "
+    "and waits for the handshake timeout (and the failure is not counted); owner: core — treat a login "
+    "the database cannot hold as unknown (fake challenge), or refuse NUL in Login.login (urfa/messages.py)"))
+async def test_a_nul_in_the_login_name_gets_a_prompt_answer(core: dict[str, Any]) -> None:
+    c = await Raw.open(core["port"], "127.0.0.10")
+    c.send({"t": "login", "proto": 1, "kind": "user", "login": "al\0ice", "cnonce": secrets.token_bytes(16)})
+    msg = await c.read(timeout=HANDSHAKE + 2)
+    assert msg["t"] == "challenge" or (msg["t"] == "bye" and msg["code"] in ("auth_failed", "protocol")), msg
+    await c.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "billcore/api/users.py users.search (and other text arguments passed to SQL): a NUL in a str argument "
+    "is answered 'internal' (asyncpg CharacterNotInRepertoireError) instead of a clear billing.invalid; "
+    "owner: core — refuse NUL in str arguments once, in check_args (billcore/calls.py)"))
+async def test_a_nul_in_a_text_argument_is_a_clear_error(core: dict[str, Any]) -> None:
+    answer = await core["admin"].call("users.search", {"text": "a\0b"})
+    assert code(answer) in ("bad_args", "billing.invalid"), answer
