@@ -125,16 +125,24 @@ def _check_entry(e: object) -> Entry:
 
 async def lock_accounts(conn: asyncpg.Connection, account_ids: Iterable[int]) -> dict[int, asyncpg.Record]:
     """Lock accounts in ascending id order; raise ``UnknownAccount`` for a missing one."""
+    return await _lock(conn, account_ids, "id, user_id, balance, credit, unlimited, status")
+
+
+_LOCK_SQL = {
+    cols: f"SELECT {cols} FROM accounts WHERE id = ANY($1::bigint[]) AND id BETWEEN $2 AND $3"
+          " ORDER BY id FOR UPDATE"
+    for cols in ("id, user_id, balance, credit, unlimited, status", "id, balance, credit, unlimited")
+}
+
+
+async def _lock(conn: asyncpg.Connection, account_ids: Iterable[int], cols: str) -> dict[int, asyncpg.Record]:
     ids = sorted(set(account_ids))
     if not ids:
         return {}
     # The BETWEEN bounds are redundant for correctness; they let the planner
     # use an index range scan where ``= ANY`` alone of a large batch would
     # make it scan the whole table (batches are mostly id ranges).
-    rows = await conn.fetch(
-        "SELECT id, user_id, balance, credit, unlimited, status FROM accounts"
-        " WHERE id = ANY($1::bigint[]) AND id BETWEEN $2 AND $3 ORDER BY id FOR UPDATE",
-        ids, ids[0], ids[-1])
+    rows = await conn.fetch(_LOCK_SQL[cols], ids, ids[0], ids[-1])
     found = {r["id"]: r for r in rows}
     missing = [i for i in ids if i not in found]
     if missing:
@@ -157,7 +165,7 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
     if len(set(keys)) != len(keys):
         raise IdempotencyConflict("the same idempotency key appears twice in one batch")
 
-    accounts = await lock_accounts(conn, (e.account_id for e in checked))
+    accounts = await _lock(conn, (e.account_id for e in checked), "id, balance, credit, unlimited")
     existing = {
         r["idem_key"]: r for r in await conn.fetch(
             "SELECT idem_key, account_id, amount FROM ledger WHERE idem_key = ANY($1::text[])", keys)

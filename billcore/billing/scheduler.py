@@ -8,14 +8,16 @@ moved clock).  A run settles every account with a tariff link that overlaps
 (``periodic_runs``; the first run ever uses ``now``).  Accounts go in id
 order, ``batch_size`` per transaction.  Each transaction:
 
-1. loads the batch's service links and the cumulative amounts already
-   booked per (account, service, period) from ``periodic_charges``, locked;
+1. locks the batch's accounts (id order), then loads their service links
+   and the cumulative amounts already booked per (account, service,
+   period) from ``periodic_charges``, locked;
 2. computes the charges due with the pure ``periods.due_charges`` (exact
    proration by seconds: a tariff change mid-period is old part + new part);
 3. books them through the ledger's ``post_charges`` (one row per charge;
    a negative ``amount`` there is a charge, a refund is positive), which
-   locks the accounts and applies automatic blocks, and stores the new
-   cumulative amounts (``revision`` + 1, part of the ledger key);
+   applies automatic blocks in a constant number of statements, and stores
+   the new cumulative amounts (``revision`` + 1, part of the ledger key;
+   new keys inserted, booked ones compare-and-set);
 4. books once-off services whose link has started (``once_charges``);
 5. closes the accounting periods of the batch's accounts that ended in
    ``(since, now]`` with one ``period_summaries`` row each.
@@ -93,7 +95,11 @@ def _utc(value: datetime, what: str) -> datetime:
 
 def periodic_key(charge: PeriodicCharge, revision: int) -> str:
     k = charge.key
-    return f"periodic:{k.account_id}:{k.service_id}:{int(k.period_start.timestamp())}:r{revision}"
+    return _periodic_key(k.account_id, k.service_id, int(k.period_start.timestamp()), revision)
+
+
+def _periodic_key(account_id: int, service_id: int, period_start_ts: int, revision: int) -> str:
+    return f"periodic:{account_id}:{service_id}:{period_start_ts}:r{revision}"
 
 
 def _due_by_signature(services: Mapping[int, PeriodicService], links: Sequence[ServiceLink],
@@ -170,14 +176,20 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
     charges = _due_by_signature(services, links, booked, now, since, tz)
 
     entries: list[Entry] = []
+    references: dict[tuple[int, datetime], tuple[str, int]] = {}   # a few distinct per batch
     for c in charges:
         if c.previous != booked.get(c.key, 0) or c.cumulative - c.previous != c.amount:
             raise InvariantViolation(f"periodic charge {c} does not continue the booked amount")
         if not 0 <= c.cumulative <= MAX_AMOUNT:
             raise InvariantViolation(f"cumulative periodic amount {c.cumulative} out of range")
         revision = revisions.get(c.key, 0) + 1
-        entries.append(Entry(c.key.account_id, -c.amount, "periodic", periodic_key(c, revision),
-                             reference=f"service {c.key.service_id} period {c.key.period_start.isoformat()}"))
+        k = c.key
+        ref = references.get((k.service_id, k.period_start))
+        if ref is None:
+            ref = (f"service {k.service_id} period {k.period_start.isoformat()}", int(k.period_start.timestamp()))
+            references[(k.service_id, k.period_start)] = ref
+        entries.append(Entry(k.account_id, -c.amount, "periodic",
+                             _periodic_key(k.account_id, k.service_id, ref[1], revision), reference=ref[0]))
     # New keys are a plain INSERT (no speculative insertion per row); keys we
     # hold locked since the SELECT above are an UPDATE that checks the old
     # amount and revision (compare-and-set).  A key that appeared in between
@@ -238,9 +250,14 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
 async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: datetime,
                          now: datetime, tz: tzinfo) -> int:
     """Summaries for the accounting periods that ended in ``(since, now]``."""
+    # One row per distinct period spec (most accounts share the default),
+    # carrying its accounts as an array: no record per account.
     rows = await conn.fetch(
-        "SELECT a.id, p.period_kind, p.period_days, p.period_anchor FROM accounts a"
-        " LEFT JOIN account_periods p ON p.account_id = a.id WHERE a.id = ANY($1::bigint[])", accounts)
+        "SELECT p.period_kind, p.period_days, p.period_anchor, array_agg(a.id ORDER BY a.id) AS ids"
+        " FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id"
+        " WHERE a.id = ANY($1::bigint[]) GROUP BY 1, 2, 3", accounts)
+    if sum(len(r["ids"]) for r in rows) != len(set(accounts)):
+        raise InvariantViolation("period close: accounts and their period specs do not match")
     cache: dict[Any, list[tuple[datetime, datetime]]] = {}
     ids, starts, ends = [], [], []
     for r in rows:
@@ -258,9 +275,9 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
                 period = period_containing(spec, period.end, tz)
             cache[spec] = ended
         for start, end in ended:
-            ids.append(r["id"])
-            starts.append(start)
-            ends.append(end)
+            ids.extend(r["ids"])
+            starts.extend([start] * len(r["ids"]))
+            ends.extend([end] * len(r["ids"]))
     if not ids:
         return 0
     status = await conn.execute(
