@@ -89,6 +89,28 @@ async def _watch_pool(pool: asyncpg.Pool) -> None:
         await asyncio.sleep(5)
 
 
+async def _relay_classifier(dsn: str, service: URFAService, pool: asyncpg.Pool) -> None:
+    """Bindings, classes or rules changed (any code path: the trigger
+    NOTIFYs at commit): tell the NetFlow workers to reload their snapshot."""
+    from .db.notify import relay_notifications
+
+    def publish(payload: str | None) -> None:
+        if payload is not None:
+            service.publish("classifier", {"version": int(payload)})
+        else:  # (re)connected: we may have missed changes; the version is cheap to read
+            asyncio.get_running_loop().create_task(_publish_current(pool, service))
+
+    await relay_notifications(dsn, "billcore_classifier", publish)
+
+
+async def _publish_current(pool: asyncpg.Pool, service: URFAService) -> None:
+    try:
+        version = await pool.fetchval("SELECT version FROM classifier_version")
+    except (asyncpg.PostgresError, OSError):
+        return
+    service.publish("classifier", {"version": int(version)})
+
+
 async def _periodic(core: CoreContext) -> None:
     from .api import announce
     from .billing.payments import expire_promised
@@ -159,6 +181,7 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         if config.metrics.enabled:
             metrics.serve(config.metrics.host, config.metrics.port)
         tasks.append(asyncio.create_task(_watch_pool(pool)))
+        tasks.append(asyncio.create_task(_relay_classifier(dsn, service, pool)))
         if config.periodic.enabled:
             tasks.append(asyncio.create_task(_periodic(core)))
         log.info(

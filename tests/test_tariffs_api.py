@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -52,6 +53,12 @@ async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
     await fn["tariffs.link"](admin, account_id=account, tariff_id=tariff)
     assert [h["tariff_id"] for h in await fn["tariffs.history"](admin, account_id=account)] == [tariff]
 
+    heard: list[str] = []
+    listener = await pool.acquire()
+    def hear(*args: Any) -> None:
+        heard.append(args[-1])
+
+    await listener.add_listener("billcore_classifier", hear)
     await fn["bindings.add"](admin, account_id=account, prefix="192.0.2.0/28")
     with pytest.raises(CallFailed) as overlap:
         await fn["bindings.add"](admin, account_id=account, prefix="192.0.2.8/29")
@@ -60,7 +67,14 @@ async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
     assert snap["bindings"] == [["192.0.2.0/28", account, int(NOW.timestamp()), None]]
     assert [r["skip"] for r in snap["classes"][0]["rules"]] == [True, False]
     assert snap["classes"][0]["rules"][1]["remote_ports"] == [80, 443]
-    assert events and events[-1] == ("classifier", {"version": snap["version"]})
+    # the change was announced at commit with the version the snapshot carries
+    for _ in range(50):
+        if heard:
+            break
+        await asyncio.sleep(0.02)
+    assert heard and int(heard[-1]) == snap["version"]
+    await listener.remove_listener("billcore_classifier", hear)
+    await pool.release(listener)
 
     async with pool.acquire() as conn:
         await commit_usage(conn, "w", 1, [TrafficUsage(account, inet, NOW - timedelta(hours=2), 3_000_000)], NOW)

@@ -16,8 +16,10 @@ System call (kinds ``{"system"}``, right ``netflow.read``): ``netflow.snapshot``
 valid_to_epoch|None], …], "classes": [{"id", "name", "position", "rules":
 [{"id", "position", "skip", "local_net", "remote_net", "local_ports",
 "remote_ports", "protocol", "exporter", "iface"}, …]}, …]}`` with classes and
-rules in match order.  Every write that changes bindings, classes or rules
-publishes ``("classifier", {"version": v})`` after its commit.
+rules in match order.  Every change to bindings, classes or rules — from
+these calls, RADIUS accounting or anywhere else — NOTIFYs at commit (a
+trigger, schema 0008) and the core publishes ``("classifier", {"version":
+v})`` to the workers.
 """
 
 from __future__ import annotations
@@ -70,10 +72,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         tz = ZoneInfo(core.config.core.timezone)  # type: ignore[assignment]
     except Exception:  # noqa: BLE001 - a config without a zone keeps UTC
         pass
-
-    async def changed_classifier() -> None:
-        async with core.pool.acquire() as conn:
-            core.publish("classifier", {"version": await T.classifier_version(conn)})
 
     @handler
     async def services_list(ctx: Any) -> list[dict[str, Any]]:
@@ -169,7 +167,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """Add a traffic class."""
         async with core.pool.acquire() as conn:
             cid = await T.create_class(conn, name, position or 0, comment or "")
-        await changed_classifier()
         return {"id": cid}
 
     @handler
@@ -177,7 +174,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """Delete a traffic class (and its rules) that no rate uses."""
         async with core.pool.acquire() as conn:
             await T.delete_class(conn, class_id)
-        await changed_classifier()
         return {"id": class_id}
 
     @handler
@@ -186,7 +182,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         protocol, exporter, iface (absent: any)."""
         async with core.pool.acquire() as conn:
             rid = await T.add_rule(conn, class_id, **{k: v for k, v in rule.items() if v is not None})
-        await changed_classifier()
         return {"id": rid}
 
     @handler
@@ -194,7 +189,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """Delete a rule."""
         async with core.pool.acquire() as conn:
             await T.delete_rule(conn, rule_id)
-        await changed_classifier()
         return {"id": rule_id}
 
     @handler
@@ -236,7 +230,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                       kind=kind or "static", source=source or "admin",
                                       session_ref=session_ref, valid_from=valid_from or core.now(),
                                       valid_to=valid_to)
-        await changed_classifier()
         return {"id": bid}
 
     @handler
@@ -244,7 +237,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """End a binding at ``at`` (default now)."""
         async with core.pool.acquire() as conn:
             await T.end_binding(conn, need_int("binding_id", binding_id), at or core.now())
-        await changed_classifier()
         return {"id": binding_id}
 
     @handler
