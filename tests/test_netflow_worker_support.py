@@ -1,16 +1,12 @@
 """Shared pieces of the NetFlow end-to-end tests (no tests of its own).
 
-`NetflowCore` is a real ``billcore serve`` (supervisor, core, N netflow
-workers) on a test database. Until the core registers the ``tariffs`` and
-``netflow`` call modules itself, a ``sitecustomize`` on the children's path
-adds the missing ones to ``billcore.core.build_calls`` (only names not yet
-registered, so it turns into a no-op once the core registers them).
+``netflow_core`` is a real ``billcore serve`` (supervisor, core, N netflow
+workers) on a test database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from datetime import datetime, timedelta, timezone
@@ -26,30 +22,9 @@ from tests.running import BillcoreProcess
 UTC = timezone.utc
 PRICE = 1  # micro-units per byte: charged money equals bytes
 
-SITECUSTOMIZE = '''
-import os
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    import billcore.core as _core
-    _orig = _core.build_calls
-
-    def build_calls(core):
-        specs = _orig(core)
-        names = {s.name for s in specs}
-        from billcore.api import netflow_calls, tariffs
-        for module in (tariffs, netflow_calls):
-            specs += [s for s in module.calls(core) if s.name not in names]
-        return specs
-
-    _core.build_calls = build_calls
-'''
 
 
 def netflow_core(tmp_path: Path, dsn: str, **netflow: Any) -> BillcoreProcess:
-    hook = tmp_path / "hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    root = str(Path(__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook), root])
     port = netflow.pop("port", None) or free_port(socket.SOCK_DGRAM)
     settings = {"enabled": True, "host": "127.0.0.1", "port": port, "workers": 2, "fsync_interval": 0.05,
                 "ship_interval": 0.2, "segment_bytes": 1 << 20, **netflow}
