@@ -75,11 +75,12 @@ async def test_commit_charges_and_advances_watermark(pool: asyncpg.Pool) -> None
         assert not res.duplicate and res.watermark == 10 and res.rejected == ()
         assert res.charged == cost(4_000) == 6_000
         assert await balance(conn, account) == -6_000
+        assert res.charges == ((account, 6_000, -6_000),), "what the batch.rated hook reports"
         assert await watermark(conn, "w1") == 10
         # the same batch again, and an older one: nothing changes
         for mark in (10, 3):
             again = await commit_usage(conn, "w1", mark, batch, NOW)
-            assert again.duplicate and again.charged == 0 and again.watermark == 10
+            assert again.duplicate and again.charged == 0 and again.watermark == 10 and again.charges == ()
         assert await balance(conn, account) == -6_000
         rows = await conn.fetch("SELECT class_id, quantity, charged FROM usage_counters ORDER BY class_id")
         assert [tuple(r) for r in rows] == [(s["inet"], 4_000, 6_000), (s["local"], 10 * GB, 0)]

@@ -103,6 +103,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with core.pool.acquire() as conn:
             result = await commit_usage(conn, source, watermark, usage, core.now(), tz=tz, actor=source)
         await announce(core, result.block_changes)  # type: ignore[arg-type]
+        if result.charges:
+            await core.fire("batch.rated", {"batch_id": f"{source}@{result.watermark}", "charges": [
+                {"account_id": a, "amount": amount, "balance": balance} for a, amount, balance in result.charges]})
         rejected_bytes = sum(getattr(r.usage, "bytes", 0) for r in result.rejected)
         if result.rejected:
             log.warning("netflow usage rejected by rating", extra={

@@ -92,6 +92,8 @@ class CommitResult:
     counters: int             # counters written
     rejected: tuple[Rejected, ...]
     block_changes: tuple[object, ...] = ()   # ledger BlockChange values, to publish after commit
+    # per account charged: (account_id, micro-units charged, balance after), for the batch.rated hook
+    charges: tuple[tuple[int, int, int], ...] = ()
 
 
 def _check_source(source: object) -> str:
@@ -244,6 +246,7 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
             for e in result.entries
         ]
         block_changes: tuple[object, ...] = ()
+        charges: tuple[tuple[int, int, int], ...] = ()
         if entries:
             posted = await post_charges(conn, entries, actor=actor, now=now)
             if posted.skipped:
@@ -251,6 +254,10 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
                 # watermark was committed, which the locked row just denied
                 raise InvariantViolation(f"usage keys already booked: {posted.skipped[:3]}")
             block_changes = tuple(posted.block_changes)
+            per_account: dict[int, int] = {}
+            for p in posted.posted:
+                per_account[p.account_id] = per_account.get(p.account_id, 0) - p.amount
+            charges = tuple((a, amount, posted.balances[a]) for a, amount in sorted(per_account.items()))
         status = await conn.execute(
             "UPDATE ingest_watermarks SET watermark = $2, updated_at = $3 WHERE source = $1 AND watermark = $4",
             source, watermark, now, committed)
@@ -258,4 +265,4 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
             raise InvariantViolation(f"watermark of {source} moved under its row lock")
     total = result.total
     return CommitResult(source, watermark, False, total, len(entries), len(keys), result.rejected,
-                        block_changes)
+                        block_changes, charges)
