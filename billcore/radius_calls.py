@@ -340,6 +340,31 @@ def _reject(why: str) -> dict[str, Any]:
     return {"accept": False, "reason": why, "reply": [["Reply-Message", why]]}
 
 
+MAX_LOGIN: Final = 253  # the longest User-Name an attribute can carry
+
+
+def _malformed(req: dict[str, Any]) -> str | None:
+    """Why this request cannot be decided, checked before the batch's query
+    so one bad request is refused alone instead of failing its batch (a NUL
+    in a login makes PostgreSQL refuse the whole query); None: well formed."""
+    login = req.get("login")
+    if not isinstance(login, str) or not login:
+        return "no login"
+    if "\0" in login or len(login) > MAX_LOGIN:
+        return "malformed login"
+    method = req.get("method")
+    if method == "pap":
+        if not isinstance(req.get("password"), bytes):
+            return "malformed password"
+    elif method == "chap":
+        chap = req.get("chap")
+        if not (isinstance(chap, dict) and isinstance(chap.get("id"), int)
+                and isinstance(chap.get("challenge"), bytes) and len(chap["challenge"]) >= 5
+                and isinstance(chap.get("response"), bytes) and len(chap["response"]) == 16):
+            return "malformed CHAP"
+    return None
+
+
 def _password_ok(req: dict[str, Any], password: bytes) -> bool:
     if req.get("method") == "pap":
         return hmac.compare_digest(bytes(req.get("password") or b""), password)
@@ -578,16 +603,16 @@ async def authorize_many(conn: asyncpg.Connection, store: SecretStore, requests:
     time service need a few more queries for the whole batch (sessions,
     promised credit, tariff book, counters), and pool links each take their
     lease under their link's row lock (a savepoint, so one failure stays its
-    own).  ``tz`` is the operator's zone (time ranges, periods)."""
-    logins = sorted({r["login"] for r in requests if isinstance(r.get("login"), str) and r["login"]})
+    own).  A malformed request (``_malformed``) is rejected alone, before
+    the query.  ``tz`` is the operator's zone (time ranges, periods)."""
+    malformed = [_malformed(r) for r in requests]
+    logins = sorted({r["login"] for r, bad in zip(requests, malformed) if bad is None})
     links = {r["login"]: r for r in await conn.fetch(_LINKS_BY_LOGIN, logins, now)} if logins else {}
     # per request: its refusal, or the link that passed the rules needing no further query
     first: list[dict[str, Any] | asyncpg.Record] = []
-    for req in requests:
-        login = req.get("login")
-        link = links.get(login) if isinstance(login, str) and login else None
-        refused = _reject("no login") if not login or not isinstance(login, str) else _decide(req, link, store)
-        first.append(refused if refused is not None else link)
+    for req, bad in zip(requests, malformed):
+        refused = _reject(bad) if bad is not None else _decide(req, links.get(req["login"]), store)
+        first.append(refused if refused is not None else links[req["login"]])
     passed = [x for x in first if not isinstance(x, dict)]
     verdicts = await _time_verdicts(conn, passed, now, tz) if passed else {}
     out: list[dict[str, Any]] = []

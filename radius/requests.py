@@ -15,7 +15,7 @@ from typing import Any
 
 from .auth import MalformedPacket, pap_unhide
 
-__all__ = ["raw_attributes", "auth_request", "accounting_record", "STATUS_NAMES"]
+__all__ = ["raw_attributes", "auth_request", "accounting_record", "BadUserName", "STATUS_NAMES"]
 
 STATUS_NAMES = {1: "start", 2: "stop", 3: "interim", 7: "on", 8: "off"}
 
@@ -27,6 +27,23 @@ STATUS_TYPE, DELAY_TIME, IN_OCTETS, OUT_OCTETS, SESSION_ID = 40, 41, 42, 43, 44
 SESSION_TIME, IN_PACKETS, OUT_PACKETS, TERMINATE_CAUSE, MULTI_SESSION = 46, 47, 48, 49, 50
 IN_GIGAWORDS, OUT_GIGAWORDS, EVENT_TIMESTAMP = 52, 53, 55
 CHAP_CHALLENGE, NAS_PORT_ID = 60, 87
+
+
+class BadUserName(MalformedPacket):
+    """An Access-Request whose User-Name no login can ever be: a NUL octet
+    (PostgreSQL text cannot hold one) or not UTF-8.  The server answers it
+    Access-Reject itself, without asking the core: a silent drop would make
+    the NAS retry and, after a few, mark this server dead for everyone, and
+    a subscriber chooses what goes into User-Name."""
+
+
+def _user_name(value: bytes) -> str:
+    if b"\0" in value:
+        raise BadUserName("User-Name contains a NUL octet")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadUserName("User-Name is not UTF-8") from None
 
 
 def raw_attributes(packet: bytes) -> dict[int, list[bytes]]:
@@ -43,7 +60,11 @@ def raw_attributes(packet: bytes) -> dict[int, list[bytes]]:
 
 def _text(attrs: dict[int, list[bytes]], code: int) -> str | None:
     values = attrs.get(code)
-    return values[0].decode("utf-8", "replace") if values else None
+    if not values:
+        return None
+    if b"\0" in values[0]:  # the core stores these as PostgreSQL text, which has no NUL
+        raise MalformedPacket(f"attribute {code} contains a NUL octet")
+    return values[0].decode("utf-8", "replace")
 
 
 def _int(attrs: dict[int, list[bytes]], code: int) -> int | None:
@@ -87,7 +108,9 @@ def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address
 
     Exactly one of ``password`` (PAP, cleartext) or ``chap`` is present;
     a request with neither is passed on with ``method = "none"`` and the
-    core rejects it.  Absent attributes are left out.  One pass over the
+    core rejects it.  Absent attributes are left out.  A User-Name with a NUL
+    octet or not UTF-8 raises ``BadUserName``; a CHAP-Challenge shorter than
+    5 octets (RFC 2865 s.5.40) raises ``MalformedPacket``.  One pass over the
     attributes (the hot path: every Access-Request comes here); the first
     value of an attribute counts."""
     rec: dict[str, Any] = {"nas": nas_address}
@@ -100,7 +123,7 @@ def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address
         name = _AUTH_TEXT.get(code)
         if name is not None:
             if name not in rec:
-                rec[name] = value.decode("utf-8", "replace")
+                rec[name] = _user_name(value) if code == USER_NAME else value.decode("utf-8", "replace")
         elif code == USER_PASSWORD:
             password = password if password is not None else value
         elif code == CHAP_PASSWORD:
@@ -121,6 +144,10 @@ def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address
     elif chap is not None:
         if len(chap) != 17:
             raise MalformedPacket("CHAP-Password is not 17 octets")
+        if challenge is not None and len(challenge) < 5:
+            # an empty or short challenge makes the response (nearly) a fixed
+            # MD5(id + password): replayable
+            raise MalformedPacket("CHAP-Challenge shorter than 5 octets")
         rec["method"] = "chap"
         rec["chap"] = {"id": chap[0], "challenge": challenge if challenge is not None else authenticator,
                        "response": chap[1:]}

@@ -56,7 +56,7 @@ from .auth import (
 )
 from .dedup import DedupCache, DedupKey, Verdict
 from .replies import BadAttribute, ReplyEncoder, finish_reply
-from .requests import accounting_record, auth_request, raw_attributes
+from .requests import BadUserName, accounting_record, auth_request, raw_attributes
 
 __all__ = [
     "Nas",
@@ -78,6 +78,8 @@ DICTIONARY_DIR = Path(__file__).parent / "dictionaries"
 REQUESTS = Counter("billcore_radius_requests", "RADIUS requests accepted for processing, by kind", ["kind"])
 DROPPED = Counter("billcore_radius_dropped", "RADIUS datagrams dropped without an answer, by reason", ["reason"])
 DUPLICATES = Counter("billcore_radius_duplicates", "Retransmissions answered from the duplicate cache")
+REFUSED = Counter("billcore_radius_refused", "Access-Requests rejected here without asking the core, by reason",
+                  ["reason"])
 REPLIES = Counter("billcore_radius_replies", "RADIUS replies sent, by code", ["code"])
 INFLIGHT = Gauge("billcore_radius_inflight", "RADIUS requests being decided (sampled each second)",
                  multiprocess_mode="livesum")
@@ -164,6 +166,9 @@ class Decision:
         # the pairs stay as they came ([name, value] lists): the reply encoder
         # checks each name and value, so no per-pair copy here
         return cls(rec["accept"] is True, rec.get("reply") or ())
+
+
+_BAD_USER_NAME = Decision(False, (("Reply-Message", "wrong login or password"),))
 
 
 class Decider(Protocol):
@@ -348,6 +353,15 @@ class RadiusServer:
             else:
                 self.tally[ACCOUNTING_REQUEST] += 1
                 awaitable = self.decider.account(nas, accounting_record(packet, nas.address, self.wall_clock()))
+        except BadUserName:
+            # no login can match: answer Reject here (a drop would make the NAS
+            # retry and mark this server dead), and keep it off the core's batch
+            REFUSED.labels("bad_user_name").inc()
+            reply = self._auth_reply(nas, header, packet, _BAD_USER_NAME)
+            self.dedup.begin(key, self.clock())
+            self.dedup.finish(key, reply, self.clock())
+            endpoint.send(reply, addr, reply[0])
+            return
         except (MalformedPacket, DecisionUnavailable) as exc:
             self._count_failure(exc)
             return

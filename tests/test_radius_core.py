@@ -219,3 +219,20 @@ async def test_a_batch_is_decided_in_order_with_one_lease_per_link(pool: asyncpg
         "account blocked", "no login", "wrong login or password", "wrong login or password"]
     ip = [dict(map(tuple, out[i]["reply"]))["Framed-IP-Address"] for i in (0, 4, 5)]  # type: ignore[arg-type]
     assert ip[0] != ip[1] and ip[0] == ip[2]  # p1 twice in one batch: the same lease
+
+
+async def test_a_malformed_request_is_rejected_alone_and_the_batch_decided(pool: asyncpg.Pool,
+                                                                           store: SecretStore) -> None:
+    async with pool.acquire() as conn:
+        await add_link(conn, store, account_id=await make_account(conn, "alice"), login="alice", password="pw")
+        good = {"nas": NAS, "login": "alice", "method": "pap", "password": b"pw"}
+        chap = {"id": 7, "challenge": b"", "response": hashlib.md5(b"\x07pw").digest()}
+        bad = [{**good, "login": "al\0ice"},                     # PostgreSQL text has no NUL
+               {**good, "login": "a" * 300},
+               {**good, "password": "pw"},                       # not bytes
+               {"nas": NAS, "login": "alice", "method": "chap", "chap": chap},   # empty challenge
+               {"nas": NAS, "login": "alice", "method": "chap", "chap": "x"}]
+        out = await authorize_many(conn, store, [good, *bad, good], T0)
+    assert [o["accept"] for o in out] == [True, False, False, False, False, False, True]
+    assert [o["reason"] for o in out[1:-1]] == [
+        "malformed login", "malformed login", "malformed password", "malformed CHAP", "malformed CHAP"]

@@ -25,7 +25,7 @@ from radius.auth import (
     response_ok,
 )
 from radius.dedup import DedupCache, Verdict
-from radius.requests import accounting_record, auth_request
+from radius.requests import BadUserName, accounting_record, auth_request
 from radius.server import load_dictionary
 
 SECRET = b"testing123"
@@ -183,6 +183,25 @@ def test_auth_request_pap_and_chap_fields() -> None:
     rec = auth_request(packet, header.authenticator, SECRET, "10.0.0.1")
     assert rec["method"] == "chap"
     assert chap_ok(bytes([rec["chap"]["id"]]) + rec["chap"]["response"], b"pw", rec["chap"]["challenge"])
+
+
+def _raw_request(attrs: bytes) -> bytes:
+    return bytes([1, 5]) + (20 + len(attrs)).to_bytes(2, "big") + b"a" * 16 + attrs
+
+
+def test_a_user_name_no_login_can_be_and_a_short_chap_challenge_are_refused() -> None:
+    pap = bytes([2, 18]) + b"p" * 16
+    for name in (b"al\0ice", b"\xff\xfealice"):
+        packet = _raw_request(bytes([1, len(name) + 2]) + name + pap)
+        with pytest.raises(BadUserName):
+            auth_request(packet, b"a" * 16, SECRET, "10.0.0.1")
+    chap = bytes([3, 19, 9]) + b"r" * 16
+    for challenge in (b"", b"abcd"):
+        packet = _raw_request(b"\x01\x07alice" + chap + bytes([60, len(challenge) + 2]) + challenge)
+        with pytest.raises(MalformedPacket, match="CHAP-Challenge"):
+            auth_request(packet, b"a" * 16, SECRET, "10.0.0.1")
+    packet = _raw_request(b"\x01\x07alice" + chap + bytes([60, 7]) + b"abcde")
+    assert auth_request(packet, b"a" * 16, SECRET, "10.0.0.1")["chap"]["challenge"] == b"abcde"
 
 
 def test_accounting_record_gigawords_and_event_time() -> None:
