@@ -35,7 +35,7 @@ from typing import Any
 
 import asyncpg
 
-from billcore.billing.blocks import BlockChange, sync_system_block
+from billcore.billing.blocks import BlockChange, sync_system_block, sync_system_blocks
 from billcore.billing.ledger import Entry, lock_accounts, post_charges, utcnow
 from billcore.billing.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
@@ -241,12 +241,7 @@ async def expire_promised(conn: asyncpg.Connection, now: dt.datetime) -> list[Bl
             "UPDATE promised_payments SET closed_at = $2, closed_why = 'expired'"
             " WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL AND expires_at <= $2",
             ids, now)
-        changes = []
-        for account_id in sorted(ids):
-            change = await sync_system_block(conn, account_id, actor="system:promised", now=now)
-            if change is not None:
-                changes.append(change)
-        return changes
+        return await sync_system_blocks(conn, sorted(ids), actor="system:promised", now=now)
 
 
 async def list_payments(conn: asyncpg.Connection, account_ids: list[int], *, limit: int = 100,

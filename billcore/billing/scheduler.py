@@ -39,8 +39,7 @@ the pure function does not depend on the account id.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from typing import Any, Final
@@ -134,23 +133,6 @@ async def _run_state(conn: asyncpg.Connection, name: str) -> datetime | None:
     return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
 
 
-@asynccontextmanager
-async def _custom_plans(conn: asyncpg.Connection) -> AsyncIterator[None]:
-    """Plan each statement inside for its actual parameters.
-
-    After five executions PostgreSQL may switch a prepared statement to a
-    generic plan, which cannot use the account index through
-    ``$1 IS NULL OR account_id = ANY($1)`` (``tariffs.load_links``): at
-    200,000 accounts that was a table scan per batch and most of the run.
-    Only around that call: for the whole transaction it would also re-plan
-    every foreign-key check of the bulk inserts, one per row.
-    """
-    old = await conn.fetchval("SELECT current_setting('plan_cache_mode')")
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-    yield   # an exception aborts the transaction, and the LOCAL setting with it
-    await conn.execute("SELECT set_config('plan_cache_mode', $1, true)", old)
-
-
 async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mapping[int, PeriodicService],
                  since: datetime, now: datetime, horizon: datetime, tz: tzinfo,
                  ) -> tuple[int, int, int, int, tuple[Any, ...]]:
@@ -165,8 +147,7 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
         " ORDER BY id FOR UPDATE", ids, ids[0], ids[-1])
     if status != f"SELECT {len(ids)}":
         raise InvariantViolation(f"periodic batch: locked {status}, expected {len(ids)} accounts")
-    async with _custom_plans(conn):
-        links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
+    links = await load_links(conn, accounts, horizon, now, kinds=("periodic",))
     rows = await conn.fetch(
         "SELECT account_id, service_id, period_start, charged, revision FROM periodic_charges"
         " WHERE account_id = ANY($1::bigint[]) AND period_start >= $2"

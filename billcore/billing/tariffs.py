@@ -209,14 +209,19 @@ async def load_links(conn: asyncpg.Connection, account_ids: Sequence[int] | None
                      kinds: Sequence[str] = ("once", "periodic", "traffic", "time"),
                      ) -> list[ServiceLink]:
     """Service links overlapping ``[since, until]`` of the given accounts (None: all)."""
-    rows = await conn.fetch(
-        "SELECT t.account_id, ts.service_id, t.valid_from, t.valid_to FROM account_tariffs t"
-        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
-        " JOIN services s ON s.id = ts.service_id"
-        " WHERE ($1::bigint[] IS NULL OR t.account_id = ANY($1)) AND s.kind = ANY($4::text[])"
-        " AND t.valid_from <= $3 AND (t.valid_to IS NULL OR t.valid_to > $2)"
-        " ORDER BY t.account_id, ts.service_id, t.valid_from",
-        None if account_ids is None else list(account_ids), since, until, list(kinds))
+    # Two statements, not one with "$1 IS NULL OR account_id = ANY($1)": after
+    # five runs PostgreSQL may cache a generic plan for a prepared statement,
+    # and no generic plan of that OR can use the account index.
+    select = ("SELECT t.account_id, ts.service_id, t.valid_from, t.valid_to FROM account_tariffs t"
+              " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
+              " JOIN services s ON s.id = ts.service_id"
+              " WHERE s.kind = ANY($3::text[]) AND t.valid_from <= $2 AND (t.valid_to IS NULL OR t.valid_to > $1)")
+    order = " ORDER BY t.account_id, ts.service_id, t.valid_from"
+    if account_ids is None:
+        rows = await conn.fetch(select + order, since, until, list(kinds))
+    else:
+        rows = await conn.fetch(select + " AND t.account_id = ANY($4::bigint[])" + order,
+                                since, until, list(kinds), list(account_ids))
     return [ServiceLink(r["account_id"], r["service_id"], r["valid_from"], r["valid_to"]) for r in rows]
 
 
