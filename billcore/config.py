@@ -62,6 +62,7 @@ class URFASection:
     max_inflight: int = _f(64, "Calls one connection may have in flight; more get the 'busy' error.")
     handshake_timeout: float = _f(10.0, "Seconds a new connection has to finish logging in.")
     login_failures_per_minute: int = _f(10, "Failed logins allowed per source IP and per login each minute.")
+    max_connections_per_ip: int = _f(64, "Open TCP connections allowed per source address (IPv6: per /64); more get 'rate_limited' (0: no cap).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +261,8 @@ def _validate(config: Config) -> None:
     positive("urfa.session_timeout", config.urfa.session_timeout)
     positive("urfa.max_frame", config.urfa.max_frame)
     positive("urfa.max_inflight", config.urfa.max_inflight)
+    if config.urfa.max_connections_per_ip < 0:
+        raise ConfigError(f"urfa.max_connections_per_ip: 0 (no cap) or more, got {config.urfa.max_connections_per_ip!r}")
     positive("database.pool_max", config.database.pool_max)
     positive("periodic.interval", config.periodic.interval)
     positive("billing.promised_days", config.billing.promised_days)

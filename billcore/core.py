@@ -47,6 +47,7 @@ def urfa_config(config: Config, secret: bytes) -> URFAConfig:
         handshake_timeout=u.handshake_timeout,
         max_frame=u.max_frame,
         max_inflight=u.max_inflight,
+        max_connections_per_ip=u.max_connections_per_ip,
         login_failures=u.login_failures_per_minute,
         login_window=60.0,
         # fake salts for unknown logins must stay the same across restarts,

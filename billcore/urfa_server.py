@@ -121,6 +121,7 @@ class URFAConfig:
     sweep_interval: float = 5.0
     lookup_timeout: float = 5.0
     server_name: str = "billcore"
+    max_connections_per_ip: int = 64  # open connections per address (IPv6: per /64); 0: no cap
 
 
 class CallContext:
@@ -192,7 +193,7 @@ class _PendingLogin:
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": lambda v: type(v) is int,
     "money": lambda v: type(v) is int,
-    "str": lambda v: type(v) is str,
+    "str": lambda v: type(v) is str and "\0" not in v,   # PostgreSQL text cannot hold NUL
     "bool": lambda v: type(v) is bool,
     "bytes": lambda v: type(v) is bytes,
     "list": lambda v: type(v) is list,
@@ -222,6 +223,8 @@ def check_args(spec: CallSpec, args: dict[str, Any]) -> str | None:
             continue
         check = _TYPE_CHECKS.get(word.rstrip("?"))
         if check is not None and not check(value):
+            if type(value) is str and "\0" in value:
+                return f"argument {name!r}: text must not contain NUL"
             return f"argument {name!r} must be {word.rstrip('?')}"
     if len(args) < len(schema):
         for name, word in schema.items():
@@ -247,6 +250,7 @@ class URFAService:
         self.limits = ServerLimits(
             max_frame=config.max_frame, handshake_timeout=config.handshake_timeout,
             max_inflight=config.max_inflight, server_name=config.server_name,
+            max_connections_per_ip=config.max_connections_per_ip,
         )
         self._links: set[_Link] = set()
         self._subscribers: dict[str, set[_Link]] = {}
@@ -361,7 +365,8 @@ class URFAService:
         if self.limiter.blocked(self._limit_keys(ip, kind, login), now):
             raise CallFailed(E.RATE_LIMITED, "too many failed logins; wait and retry")
         principal = None
-        if kind in KINDS:
+        # a NUL cannot be in any login (PostgreSQL text): unknown, without asking
+        if kind in KINDS and "\0" not in login:
             try:
                 principal = await asyncio.wait_for(self.auth.find_principal(kind, login), self.config.lookup_timeout)
             except asyncio.TimeoutError:

@@ -17,6 +17,7 @@ from urfa import scram
 from urfa.connection import Closed, Connection, Role, State, TRANSITIONS
 from urfa.errors import LocalProtocolError, RemoteProtocolError
 from urfa.framing import FrameDecoder, FrameEncoder
+from urfa.server import ConnectionCounter, address_key
 from urfa.messages import (
     Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login, Ping, Pong, Proof,
     Result, Resume, Welcome, parse, to_wire,
@@ -165,10 +166,28 @@ def test_every_message_round_trips_and_unknown_keys_are_ignored() -> None:
     {"t": "nope"}, {"t": "call", "id": -1, "fn": "x"}, {"t": "call", "id": 1, "fn": "x", "args": []},
     {"t": "call", "id": 1, "fn": "x" * 300}, {"t": "proof", "proof": b"short"}, {"t": "call", "id": True, "fn": "x"},
     {"t": "login", "kind": "admin", "login": "a", "cnonce": b"x" * 16, "proto": "1"},
+    {"t": "login", "kind": "user", "login": "al\0ice", "cnonce": b"x" * 16, "proto": 1},   # no database text
+    {"t": "login", "kind": "user", "login": "a" * 257, "cnonce": b"x" * 16, "proto": 1},
 ])
 def test_malformed_messages_are_refused(wire: dict) -> None:
     with pytest.raises(RemoteProtocolError):
         parse(wire)
+
+
+def test_connections_are_counted_per_address_and_ipv6_per_64() -> None:
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    counter = ConnectionCounter(2)
+    assert counter.take("a") and counter.take("a") and not counter.take("a") and counter.take("b")
+    counter.give_back("a")
+    assert counter.take("a") and not counter.take("a")
+    for _ in range(3):
+        counter.give_back("a")
+        counter.give_back("b")
+    assert len(counter) == 0                        # only addresses with a connection open are kept
+    assert all(ConnectionCounter(0).take("a") for _ in range(1000))   # 0: no cap
 
 
 # -- the state machine, two endpoints joined in memory --------------------

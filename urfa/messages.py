@@ -181,6 +181,15 @@ def _str(m: dict[str, Any], key: str, limit: int = MAX_NAME, optional: bool = Fa
     return v
 
 
+def _login_name(m: dict[str, Any]) -> Any:
+    """A login name: ≤ MAX_NAME characters and no NUL (no database text can
+    hold one), refused here, before any lookup."""
+    v = _str(m, "login")
+    if "\0" in v:
+        raise _bad("login")
+    return v
+
+
 def _bin(m: dict[str, Any], key: str, size: int, optional: bool = False) -> Any:
     v = m.get(key)
     if v is None and optional:
@@ -237,7 +246,7 @@ _PARSERS: dict[str, Any] = {
     "pong": lambda m: Pong(_int(m, "id")),
     "event": lambda m: Event(_str(m, "topic"), m.get("payload"), _int(m, "dropped", default=0)),
     "hello": _parse_hello,
-    "login": lambda m: Login(_str(m, "kind"), _str(m, "login"), _bin(m, "cnonce", _NONCE), _int(m, "proto", 0, 1 << 16)),
+    "login": lambda m: Login(_str(m, "kind"), _login_name(m), _bin(m, "cnonce", _NONCE), _int(m, "proto", 0, 1 << 16)),
     "challenge": _parse_challenge,
     "proof": lambda m: Proof(_bin(m, "proof", _MAC)),
     "resume": lambda m: Resume(_bin(m, "sid", _SID), _bin(m, "cnonce", _NONCE), _bin(m, "proof", _MAC), _int(m, "proto", 0, 1 << 16)),

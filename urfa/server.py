@@ -17,22 +17,29 @@ the connection caps calls in flight, and reading pauses while our write
 buffer is over its high-water mark (a peer that does not read its answers
 stops being read).  On any protocol error the channel sends a ``bye`` with
 the error code and closes.
+
+Connections are counted per source address (an IPv4 address, an IPv6 /64):
+one over ``max_connections_per_ip`` gets ``bye rate_limited`` instead of the
+hello and is closed, so one host cannot hold thousands of sockets open for
+the handshake time each.  The Unix socket is not counted (its file
+permissions are its gate, and every local edge shares its "address").
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import ssl as ssl_module
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .connection import Closed, Connection, Role, State
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import RATE_LIMITED, LocalProtocolError, RemoteProtocolError
 from .framing import DEFAULT_MAX_FRAME
 from .messages import Bye, Call, Hello, Message
 
-__all__ = ["DEFAULT_PORT", "ServerLimits", "ServerApp", "ServerChannel", "serve"]
+__all__ = ["DEFAULT_PORT", "ServerLimits", "ServerApp", "ServerChannel", "ConnectionCounter", "address_key", "serve"]
 
 DEFAULT_PORT = 11758
 _DONE = (State.CLOSED, State.ERROR)
@@ -45,6 +52,48 @@ class ServerLimits:
     max_inflight: int = 64
     write_high_water: int = 1 << 20
     server_name: str = "billcore"
+    max_connections_per_ip: int = 64    # open connections per address_key; 0: no cap
+
+
+def address_key(ip: str) -> str:
+    """The unit connections are counted by: an IPv4 address or an IPv6 /64
+    (one subscriber line usually gets a whole /64).  billcore.sessions has
+    the same rule for login limits; urfa/ imports only stdlib and msgpack."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip[:64]
+    if addr.version == 6:
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+class ConnectionCounter:
+    """Open connections per address key, at most ``limit`` each (0: no cap).
+    Holds only keys with a connection open, so it is bounded by the sockets."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def take(self, key: str) -> bool:
+        n = self._open.get(key, 0)
+        if self.limit and n >= self.limit:
+            return False
+        self._open[key] = n + 1
+        return True
+
+    def give_back(self, key: str) -> None:
+        n = self._open.get(key, 0) - 1
+        if n > 0:
+            self._open[key] = n
+        else:
+            self._open.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 class ServerApp(Protocol):
@@ -57,9 +106,12 @@ class ServerApp(Protocol):
 class ServerChannel(asyncio.Protocol):
     """One accepted connection."""
 
-    def __init__(self, app: ServerApp, limits: ServerLimits) -> None:
+    def __init__(self, app: ServerApp, limits: ServerLimits, counter: ConnectionCounter | None = None) -> None:
         self.app = app
         self.limits = limits
+        self._counter = counter
+        self._counted = ""    # the address key this connection holds in the counter
+        self._refused = False  # over the per-address cap: the app never sees it
         self.loop = asyncio.get_running_loop()
         self.conn = Connection(
             Role.SERVER, self.loop.time(), max_frame=limits.max_frame,
@@ -83,6 +135,13 @@ class ServerChannel(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else "unix"
+        if self._counter is not None and self.peer_ip != "unix":
+            key = address_key(self.peer_ip)
+            if not self._counter.take(key):
+                self._refused = True
+                self.close(RATE_LIMITED, "too many connections from this address")
+                return
+            self._counted = key
         self.conn.send(Hello(self.nonce, server=self.limits.server_name, max_frame=self.limits.max_frame))
         self._flush()
         self._timer = self.loop.call_at(self.conn.deadline or self.loop.time(), self._on_timer)
@@ -129,7 +188,12 @@ class ServerChannel(asyncio.Protocol):
             self._timer = None
         self._can_write.set()
         self.closed = True
-        self.app.on_close(self)
+        if self._counted:
+            assert self._counter is not None
+            self._counter.give_back(self._counted)
+            self._counted = ""
+        if not self._refused:
+            self.app.on_close(self)
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -218,10 +282,11 @@ async def serve(
     """Start listening; returns the servers (close them to stop accepting)."""
     loop = asyncio.get_running_loop()
     servers = []
+    counter = ConnectionCounter(limits.max_connections_per_ip)
     if tcp is not None:
         host, port = tcp
         servers.append(await loop.create_server(
-            lambda: ServerChannel(app, limits), host, port, ssl=ssl,
+            lambda: ServerChannel(app, limits, counter), host, port, ssl=ssl,
             ssl_handshake_timeout=limits.handshake_timeout if ssl else None,
             reuse_address=True,
         ))
