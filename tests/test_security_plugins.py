@@ -176,12 +176,27 @@ def test_core_namespaces_are_reserved(name: str) -> None:
         parse_manifest(doc.encode())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "billcore/plugins/manifest.py RESERVED_NAMES lacks namespaces the core's own calls use "
-    "(me, session, events, blocks, audit, reports, classes): a plugin named 'me' may add "
-    "'me.<x>' calls that subscribers see beside the core's; owner: plugins"))
 @pytest.mark.parametrize("name", ["me", "session", "events", "blocks", "audit", "reports", "classes"])
 def test_every_core_call_namespace_is_reserved(name: str) -> None:
+    # a plugin named "me" would add "me.*" calls that subscribers see
     doc = f'name = "{name}"\nversion = "1.0.0"\napi = 1\ncalls = ["{name}.x"]\n'
     with pytest.raises(ManifestError, match="reserved"):
         parse_manifest(doc.encode())
+
+
+def test_the_reserved_names_cover_every_namespace_the_core_registers(tmp_path: Path) -> None:
+    import dataclasses
+
+    from billcore.config import Config, CoreSection
+    from billcore.context import CoreContext
+    from billcore.core import build_calls
+    from billcore.plugins.admin_calls import plugin_calls
+    from billcore.plugins.manifest import RESERVED_NAMES
+    from billcore.urfa_builtins import builtin_specs
+    from tests.test_portal_harness import all_calls
+
+    core = CoreContext(None, dataclasses.replace(Config(), core=CoreSection(data_dir=str(tmp_path))))  # type: ignore[arg-type]
+    specs = [*build_calls(core), *all_calls(core), *builtin_specs(), *plugin_calls(None)]  # type: ignore[arg-type]
+    prefixes = {spec.name.split(".")[0] for spec in specs}
+    assert {"me", "session", "sys", "users", "radius", "netflow", "plugins"} <= prefixes
+    assert prefixes <= RESERVED_NAMES, sorted(prefixes - RESERVED_NAMES)

@@ -34,11 +34,18 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 CALL_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
-# Namespaces of the core's own calls and modules: a plugin may not take them.
+# Namespaces of the core's own calls, modules and roles: a plugin may not
+# take them (a plugin named "me" would add "me.*" calls subscribers see).
+# Every prefix the core registers must be here; tests/test_security_plugins.py
+# checks that against build_calls, builtin_specs and plugin_calls.
 RESERVED_NAMES = frozenset({
-    "builtin", "sys", "plugins", "plugin", "core", "accounts", "payments",
-    "tariffs", "services", "sessions", "users", "admins", "radius", "netflow",
-    "urfa", "ledger", "billing", "periodic",
+    # call prefixes of the core
+    "sys", "session", "events", "me", "users", "accounts", "payments", "blocks",
+    "audit", "reports", "tariffs", "services", "timeranges", "classes",
+    "bindings", "radius", "netflow", "plugins",
+    # modules, roles and words a reader would take for the core's
+    "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
+    "periodic", "portal", "supervisor", "metrics",
 })
 
 _KEYS = {"name", "version", "api", "permanent", "description", "calls", "hooks", "config"}
