@@ -63,6 +63,8 @@ class URFASection:
     handshake_timeout: float = _f(10.0, "Seconds a new connection has to finish logging in.")
     login_failures_per_minute: int = _f(10, "Failed logins allowed per source IP and per login each minute.")
     max_connections_per_ip: int = _f(64, "Open TCP connections allowed per source address (IPv6: per /64); more get 'rate_limited' (0: no cap).")
+    max_sessions_per_login: int = _f(16, "Live sessions one admin or subscriber may hold; a new login ends the oldest.")
+    max_sessions_per_system: int = _f(256, "Live sessions one system login (an edge service) may hold; a new login ends the oldest.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +263,8 @@ def _validate(config: Config) -> None:
     positive("urfa.session_timeout", config.urfa.session_timeout)
     positive("urfa.max_frame", config.urfa.max_frame)
     positive("urfa.max_inflight", config.urfa.max_inflight)
+    positive("urfa.max_sessions_per_login", config.urfa.max_sessions_per_login)
+    positive("urfa.max_sessions_per_system", config.urfa.max_sessions_per_system)
     if config.urfa.max_connections_per_ip < 0:
         raise ConfigError(f"urfa.max_connections_per_ip: 0 (no cap) or more, got {config.urfa.max_connections_per_ip!r}")
     positive("database.pool_max", config.database.pool_max)

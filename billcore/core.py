@@ -48,6 +48,8 @@ def urfa_config(config: Config, secret: bytes) -> URFAConfig:
         max_frame=u.max_frame,
         max_inflight=u.max_inflight,
         max_connections_per_ip=u.max_connections_per_ip,
+        max_sessions_per_login=u.max_sessions_per_login,
+        max_sessions_per_system=u.max_sessions_per_system,
         login_failures=u.login_failures_per_minute,
         login_window=60.0,
         # fake salts for unknown logins must stay the same across restarts,

@@ -21,6 +21,12 @@ try at most.
 office) opened on the subscriber's behalf; they are bound to the
 subscriber's declared address and belong to no connection.
 
+Each principal (kind and id) may hold at most ``max_per_login`` live
+sessions (``max_per_system`` for system principals, whose edges run many
+processes); ``make_room`` ends its oldest ones before a new login, so one
+subscriber logging in again and again through the office cannot fill the
+table and lock everybody else out.
+
 ``LoginLimiter`` counts failed logins per key (source address, login) in a
 sliding window; both the number of keys and the failures kept per key are
 bounded.
@@ -106,12 +112,38 @@ class Session:
 
 
 class SessionTable:
-    """SID → Session, with idle expiry and resume."""
+    """SID → Session, with idle expiry, resume and a cap per principal."""
 
-    def __init__(self, timeout: float = 1800.0, max_sessions: int = 100_000) -> None:
+    def __init__(self, timeout: float = 1800.0, max_sessions: int = 100_000, *,
+                 max_per_login: int = 16, max_per_system: int = 256) -> None:
+        if max_per_login < 1 or max_per_system < 1:
+            raise ValueError("the per-principal session caps must be positive")
         self.timeout = timeout
         self.max_sessions = max_sessions
+        self.max_per_login = max_per_login
+        self.max_per_system = max_per_system
         self._by_sid: OrderedDict[bytes, Session] = OrderedDict()
+        # (kind, principal id) → its SIDs, oldest first
+        self._by_principal: dict[tuple[str, int], OrderedDict[bytes, None]] = {}
+
+    def cap(self, principal: Principal) -> int:
+        return self.max_per_system if principal.kind == "system" else self.max_per_login
+
+    def of(self, principal: Principal) -> list[Session]:
+        """The principal's live sessions, oldest first."""
+        sids = self._by_principal.get((principal.kind, principal.id))
+        return [self._by_sid[sid] for sid in sids] if sids else []
+
+    def make_room(self, principal: Principal) -> list[Session]:
+        """End the principal's oldest sessions so that one more fits under
+        its cap; the ended sessions (their connections are the caller's)."""
+        sids = self._by_principal.get((principal.kind, principal.id))
+        ended: list[Session] = []
+        while sids and len(sids) >= self.cap(principal):
+            session = self.end(next(iter(sids)))
+            assert session is not None
+            ended.append(session)
+        return ended
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -130,9 +162,15 @@ class SessionTable:
                 raise TooManySessions(f"{self.max_sessions} sessions open")
         if resume_key is not None and principal.kind != "system":
             raise ValueError("only system sessions may be resumed")
+        key = (principal.kind, principal.id)
+        sids = self._by_principal.setdefault(key, OrderedDict())
+        if len(sids) >= self.cap(principal):
+            table.close()
+            raise TooManySessions(f"{principal.kind}:{principal.login} holds {len(sids)} sessions; make_room first")
         sid = secrets.token_bytes(SID_BYTES)
         session = Session(sid, principal, ip, table, now, resume_key, proxied)
         self._by_sid[sid] = session
+        sids[sid] = None
         return session
 
     def get(self, sid: bytes) -> Session | None:
@@ -159,6 +197,11 @@ class SessionTable:
         session = self._by_sid.pop(sid, None)
         if session is not None:
             session.table.close()
+            key = (session.principal.kind, session.principal.id)
+            sids = self._by_principal[key]
+            del sids[sid]
+            if not sids:
+                del self._by_principal[key]
         return session
 
     def expire(self, now: float) -> list[Session]:

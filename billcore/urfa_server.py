@@ -122,6 +122,8 @@ class URFAConfig:
     lookup_timeout: float = 5.0
     server_name: str = "billcore"
     max_connections_per_ip: int = 64  # open connections per address (IPv6: per /64); 0: no cap
+    max_sessions_per_login: int = 16     # live sessions per admin or subscriber; a new login ends the oldest
+    max_sessions_per_system: int = 256   # the same for a system principal (every edge process logs in)
 
 
 class CallContext:
@@ -245,7 +247,9 @@ class URFAService:
         self.config = config
         self.clock = clock
         self.secret = config.secret if config.secret is not None else secrets.token_bytes(32)
-        self.sessions = SessionTable(config.session_timeout, config.max_sessions)
+        self.sessions = SessionTable(config.session_timeout, config.max_sessions,
+                                     max_per_login=config.max_sessions_per_login,
+                                     max_per_system=config.max_sessions_per_system)
         self.limiter = LoginLimiter(config.login_failures, config.login_window)
         self.limits = ServerLimits(
             max_frame=config.max_frame, handshake_timeout=config.handshake_timeout,
@@ -391,6 +395,10 @@ class URFAService:
         principal = pending.principal
         table = self.registry.snapshot(principal.kind, principal.rights)
         rkey = scram.resume_key(client_key, am) if principal.kind == "system" and not proxied else None
+        for old in self.sessions.make_room(principal):   # at its cap: the oldest session ends
+            log.info("session of %s:%s ended: over %d sessions", principal.kind, principal.login,
+                     self.sessions.cap(principal))
+            self._close_owner(old, "too many sessions for this login; the oldest ended")
         try:
             session = self.sessions.create(principal, pending.ip, table, now, resume_key=rkey, proxied=proxied)
         except TooManySessions:
@@ -583,12 +591,17 @@ class URFAService:
     def logout(self, session: Session) -> None:
         """End a session; its own connection (if any) closes after the reply."""
         self.sessions.end(session.sid)
+        self._close_owner(session, "logged out")
+
+    def _close_owner(self, session: Session, why: str) -> None:
+        """A session has ended: its own connection (if any) gets bye
+        ``logged_out`` (after any reply being sent now)."""
         link = session.owner
         session.owner = None
         if isinstance(link, _Link) and link.session is session:
             link.session = None
             self._unsubscribe_all(link, session)
-            asyncio.get_running_loop().call_soon(link.channel.close, E.LOGGED_OUT, "logged out")
+            asyncio.get_running_loop().call_soon(link.channel.close, E.LOGGED_OUT, why)
 
     # -- events ----------------------------------------------------------
     def subscribe(self, session: Session, topics: list[str]) -> list[str]:

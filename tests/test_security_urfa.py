@@ -362,11 +362,6 @@ async def test_one_address_cannot_hold_hundreds_of_connections(core: dict[str, A
     again.writer.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "billcore/urfa_server.py + billcore/sessions.py: proxied subscriber sessions outlive their connection "
-    "and nothing caps them per principal, so one subscriber logging in again and again (through the office, "
-    "which limits only failures) fills SessionTable(max_sessions) and then every new login — admins', "
-    "the edges' — is refused 'busy'; owner: core — cap live sessions per principal (end the oldest)"))
 async def test_one_subscriber_cannot_fill_the_session_table(db_dsn: str, tmp_path: Path) -> None:
     import asyncpg
 
@@ -374,6 +369,7 @@ async def test_one_subscriber_cannot_fill_the_session_table(db_dsn: str, tmp_pat
     from billcore.principals import DatabaseAuth
     from billcore.urfa_server import URFAConfig, URFAService
     from tests.test_portal_harness import LiveCore, all_calls
+    from portal.core_link import SessionGone
     from urfa import client as uc
 
     pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
@@ -389,11 +385,18 @@ async def test_one_subscriber_cannot_fill_the_session_table(db_dsn: str, tmp_pat
         await admin.call("users.create", {"login": "alice", "password": "alice-password"})
         await admin.close()
         office = live.link()
+        sids = []
         for _ in range(40):                           # she logs in again and again
             try:
-                await office.proxy_login("alice", "alice-password", "192.0.2.10")
+                sids.append((await office.proxy_login("alice", "alice-password", "192.0.2.10")).sid)
             except Exception:
                 break
+        assert len(sids) == 40                        # every login succeeds ...
+        live_sids = [x.sid for x in service.sessions if x.principal.login == "alice"]
+        assert live_sids == sids[-16:]                # ... ending her oldest sessions beyond the cap
+        with pytest.raises(SessionGone):              # the office shows its login form again
+            await office.call(sids[0], "192.0.2.10", "sys.whoami")
+        assert (await office.call(sids[-1], "192.0.2.10", "sys.whoami"))["login"] == "alice"
         await office.close()
         again = await live.admin()                    # an administrator must still get in
         await again.close()

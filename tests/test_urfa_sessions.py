@@ -8,7 +8,7 @@ import pytest
 
 from billcore.calls import CallRegistry, CallSpec
 from billcore.sessions import (
-    LoginLimiter, NoSession, Principal, ResumeRefused, SessionTable, address_key,
+    LoginLimiter, NoSession, Principal, ResumeRefused, SessionTable, TooManySessions, address_key,
 )
 from urfa import scram
 
@@ -49,6 +49,31 @@ def test_expiry_by_driven_clock_closes_call_tables() -> None:
     t.touch(b, 80.0)
     assert t.expire(139.0) == [] and t.expire(140.0) == [b]
     assert reg.module_refs("m") == 0
+
+
+def test_each_principal_holds_at_most_its_cap_the_oldest_ending_first() -> None:
+    reg = CallRegistry()
+    reg.register(CallSpec("m.f", _noop, module="m"))
+    t = SessionTable(timeout=60.0, max_per_login=3, max_per_system=5)
+    alice, bob = principal("user"), Principal("user", "bob", 2, frozenset(), principal("user").verifier)
+    made = []
+    for i in range(3):
+        assert t.make_room(alice) == []
+        made.append(t.create(alice, "10.0.0.1", reg.snapshot("user", frozenset()), now=float(i)))
+    with pytest.raises(TooManySessions):          # the table keeps the cap even if a caller forgets
+        t.create(alice, "10.0.0.1", reg.snapshot("user", frozenset()), now=3.0)
+    b = t.create(bob, "10.0.0.2", reg.snapshot("user", frozenset()), now=3.0)    # others are not affected
+    assert t.make_room(alice) == [made[0]]
+    made.append(t.create(alice, "10.0.0.1", reg.snapshot("user", frozenset()), now=4.0))
+    assert t.of(alice) == made[1:] and t.of(bob) == [b] and len(t) == 4
+    assert reg.module_refs("m") == 4               # the ended session's call table was closed
+    t.end(made[2].sid)                             # an ended session frees its place
+    assert t.make_room(alice) == [] and t.of(alice) == [made[1], made[3]]
+    system = principal("system")                   # system principals have their own, larger cap
+    for i in range(5):
+        t.create(system, "10.0.0.9", reg.snapshot("system", frozenset()), now=5.0)
+    assert len(t.make_room(system)) == 1
+    assert t.expire(1000.0) and t.of(alice) == t.of(system) == []
 
 
 def _system_session(t: SessionTable, reg: CallRegistry) -> tuple[bytes, bytes]:
