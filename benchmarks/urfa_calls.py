@@ -103,7 +103,9 @@ def run_urfa_server(port: int, ready: Any) -> None:
             return Principal(kind, login, 1, frozenset(), self.verifier) if kind == "system" else None
 
     async def main() -> None:
-        svc = URFAService(CallRegistry(), Auth(), URFAConfig(max_inflight=1024, mock_iterations=ITER))
+        # every loader connection comes from 127.0.0.1: no per-address cap
+        config = URFAConfig(max_inflight=1024, mock_iterations=ITER, max_connections_per_ip=0)
+        svc = URFAService(CallRegistry(), Auth(), config)
         await svc.start(tcp=("127.0.0.1", port))
         ready.set()
         await asyncio.Event().wait()
