@@ -17,6 +17,7 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -193,6 +194,11 @@ class Config:
         return Path(self.core.secret_key_file) if self.core.secret_key_file else self.data_dir / "secret.key"
 
     @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        """The operator's time zone (checked when the config was loaded)."""
+        return zoneinfo.ZoneInfo(self.core.timezone)
+
+    @property
     def netflow_workers(self) -> int:
         return self.netflow.workers or os.cpu_count() or 1
 
@@ -301,8 +307,6 @@ def _validate(config: Config) -> None:
     if config.database.pool_min > config.database.pool_max:
         raise ConfigError("database.pool_min: larger than database.pool_max")
     try:
-        import zoneinfo
-
         zoneinfo.ZoneInfo(config.core.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigError(f"core.timezone: unknown time zone {config.core.timezone!r}") from exc

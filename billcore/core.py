@@ -19,7 +19,6 @@ import hmac
 import logging
 import ssl
 import time
-import zoneinfo
 from typing import Any
 
 import asyncpg
@@ -120,7 +119,7 @@ async def _periodic(core: CoreContext) -> None:
     from .billing.scheduler import run_due
     from .ops import metrics as ops_metrics
 
-    tz = zoneinfo.ZoneInfo(core.config.core.timezone)
+    tz = core.config.zone
     section = core.config.periodic
     while True:
         try:

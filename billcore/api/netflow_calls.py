@@ -78,12 +78,7 @@ def _worker(worker: object) -> str:
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    tz: Any = timezone.utc
-    try:
-        from zoneinfo import ZoneInfo
-        tz = ZoneInfo(core.config.core.timezone)
-    except Exception:  # noqa: BLE001 - a config without a zone keeps UTC
-        pass
+    tz = core.config.zone
     section = core.config.netflow
     raw_dir = Path(section.raw_dir) if section.raw_dir else core.config.data_dir / "netflow" / "raw"
 

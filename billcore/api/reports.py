@@ -20,7 +20,7 @@ and ``me.traffic`` (per day and class).
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from billcore.api import ADMIN, USER, handler, need_int
@@ -62,12 +62,7 @@ async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) ->
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    tz: Any = timezone.utc
-    try:
-        from zoneinfo import ZoneInfo
-        tz = ZoneInfo(core.config.core.timezone)
-    except Exception:  # noqa: BLE001 - a config without a zone keeps UTC
-        pass
+    tz = core.config.zone
 
     async def stream_rows(ctx: Any, sql: str, *args: Any) -> dict[str, Any]:
         sent = 0

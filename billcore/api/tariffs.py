@@ -24,7 +24,7 @@ v})`` to the workers.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from billcore.api import ADMIN, handler, need_int
@@ -66,12 +66,7 @@ def _epoch(value: datetime | None) -> int | None:
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    tz = timezone.utc
-    try:
-        from zoneinfo import ZoneInfo
-        tz = ZoneInfo(core.config.core.timezone)  # type: ignore[assignment]
-    except Exception:  # noqa: BLE001 - a config without a zone keeps UTC
-        pass
+    tz = core.config.zone
 
     @handler
     async def services_list(ctx: Any) -> list[dict[str, Any]]:
