@@ -153,7 +153,7 @@ def main() -> None:
         "nproc": os.cpu_count(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "numpy": __import__("numpy").__version__,
     }
-    header = f"| format | flows/batch | billcore flows/s | naive struct flows/s | speedup |\n|---|---:|---:|---:|---:|"
+    header = "| format | flows/batch | billcore flows/s | naive struct flows/s | speedup |\n|---|---:|---:|---:|---:|"
     lines = [header] + [
         f"| {r['format']} | {r['flows']:,} | {r['billcore_flows_per_s']:,} | {r['naive_struct_flows_per_s']:,} "
         f"| {r['speedup']}x |" for r in rows

@@ -48,7 +48,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]   # no stubs published
 
-from .errors import FRAME_TOO_LARGE, PROTOCOL, LocalProtocolError, RemoteProtocolError
+from .errors import FRAME_TOO_LARGE, LocalProtocolError, RemoteProtocolError
 
 __all__ = ["DEFAULT_MAX_FRAME", "MAX_FEED", "FrameDecoder", "FrameEncoder", "decode_body"]
 
