@@ -113,29 +113,53 @@ async def _publish_current(pool: asyncpg.Pool, service: URFAService) -> None:
     service.publish("classifier", {"version": int(version)})
 
 
-async def _periodic(core: CoreContext) -> None:
+def _listened(core: CoreContext, event: str) -> bool:
+    bus = core.extras.get("hooks")
+    return bus is not None and bool(bus.owners(event))
+
+
+async def periodic_once(core: CoreContext) -> Any:
+    """One scheduler pass: expire promised payments, run due charges, tell hooks and RADIUS."""
     from .api import announce
     from .billing.payments import expire_promised
-    from .billing.scheduler import run_due
+    from .billing.scheduler import ChargeBooked, run_due
     from .ops import metrics as ops_metrics
 
-    tz = core.config.zone
-    section = core.config.periodic
+    async with core.pool.acquire() as conn:
+        await announce(core, await expire_promised(conn, core.now()))
+
+    async def charged(rows: list[ChargeBooked]) -> None:
+        for r in rows:
+            await core.fire("account.charged", {"account_id": r.account_id, "amount": r.amount,
+                                                "balance": r.balance, "reason": r.reason})
+
+    # Per-row payloads cost a 1M-account run real time: built only when a
+    # plugin listens (checked per run: plugins load and unload at run time).
+    result = await run_due(core.pool, core.now(), tz=core.config.zone,
+                           batch_size=core.config.periodic.batch_size,
+                           progress=ops_metrics.periodic_progress,
+                           on_charges=charged if _listened(core, "account.charged") else None)
+    ops_metrics.periodic_finished(result)
+    await announce(core, result.block_changes)
+    for start, end in result.closed_periods:
+        await core.fire("period.closed", {"period_start": int(start.timestamp()),
+                                          "period_end": int(end.timestamp())})
+    if result.charges:
+        log.info("periodic run", extra={"accounts": result.accounts, "charges": result.charges,
+                                        "amount": result.amount, "periods_closed": result.periods_closed})
+    return result
+
+
+async def _periodic(core: CoreContext) -> None:
+    from .ops import metrics as ops_metrics
+
     while True:
         try:
-            async with core.pool.acquire() as conn:
-                await announce(core, await expire_promised(conn, core.now()))
-            result = await run_due(core.pool, core.now(), tz=tz, batch_size=section.batch_size,
-                                   progress=ops_metrics.periodic_progress)
-            ops_metrics.periodic_finished(result)
-            await announce(core, result.block_changes)
-            if result.charges:
-                log.info("periodic run", extra={"accounts": result.accounts, "charges": result.charges,
-                                                "amount": result.amount, "periods_closed": result.periods_closed})
+            await periodic_once(core)
         except (asyncpg.PostgresError, OSError) as exc:
             ops_metrics.periodic_failed()
             log.warning("periodic run failed, will retry", extra={"reason": f"{type(exc).__name__}: {exc}"})
-        await asyncio.sleep(section.interval)
+        await asyncio.sleep(core.config.periodic.interval)
 
 
 async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None:
@@ -259,6 +283,7 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
 
     core.fire = fire
     core.extras["plugins"] = manager
+    core.extras["hooks"] = bus
     registry.register_all(plugin_calls(manager, plugin_dir=config.plugin_dir))
     for name in config.plugins.load:
         record = await manager.load(config.plugin_dir / name, time.time())

@@ -22,6 +22,12 @@ order, ``batch_size`` per transaction.  Each transaction:
 5. closes the accounting periods of the batch's accounts that ended in
    ``(since, now]`` with one ``period_summaries`` row each.
 
+After each commit an optional ``on_charges`` callback gets what the batch
+booked, one ``ChargeBooked`` per ledger row, for the core's
+``account.charged`` hook.  It is built only when a callback is given, so a
+run nobody listens to pays nothing for it.  The distinct periods closed are
+in ``RunResult.closed_periods`` (for ``period.closed``).
+
 Idempotency: everything a batch books is keyed — (account, service,
 period) with a compare-and-set through the locked ``periodic_charges`` row,
 (account, service, link) for once-off fees, (account, period) for
@@ -39,7 +45,7 @@ the pure function does not depend on the account id.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from typing import Any, Final
@@ -47,14 +53,14 @@ from typing import Any, Final
 import asyncpg
 
 from billcore.billing.errors import InvariantViolation, PeriodError
-from billcore.billing.ledger import Entry, post_charges
+from billcore.billing.ledger import Entry, Posted, post_charges
 from billcore.billing.money import MAX_AMOUNT
 from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
 )
 from billcore.billing.tariffs import DEFAULT_ACCOUNT_PERIOD, load_links, load_periodic, period_spec
 
-__all__ = ["DEFAULT_BATCH", "MAX_BATCH", "RunProgress", "RunResult", "run_due"]
+__all__ = ["DEFAULT_BATCH", "MAX_BATCH", "ChargeBooked", "RunProgress", "RunResult", "run_due"]
 
 DEFAULT_BATCH: Final = 5_000
 MAX_BATCH: Final = 50_000
@@ -74,6 +80,16 @@ class RunProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class ChargeBooked:
+    """One ledger row a run booked, as the ``account.charged`` hook reports it."""
+
+    account_id: int
+    amount: int           # positive: charged; negative: a refund
+    balance: int          # the account's balance just after this row
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     since: datetime
     now: datetime
@@ -84,6 +100,7 @@ class RunResult:
     once_charges: int
     periods_closed: int
     block_changes: tuple[Any, ...]
+    closed_periods: tuple[tuple[datetime, datetime], ...] = ()   # distinct (start, end), sorted
 
 
 def _utc(value: datetime, what: str) -> datetime:
@@ -133,10 +150,33 @@ async def _run_state(conn: asyncpg.Connection, name: str) -> datetime | None:
     return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
 
 
+@dataclass(slots=True)
+class _BatchResult:
+    charges: int
+    amount: int
+    once: int
+    closed: int
+    block_changes: tuple[Any, ...]
+    closed_periods: set[tuple[datetime, datetime]]
+    booked: list[ChargeBooked] | None   # only when the run reports charges
+
+
+def _booked(entries: Sequence[Entry], posted: Sequence[Posted]) -> list[ChargeBooked]:
+    if len(entries) != len(posted):
+        raise InvariantViolation("periodic batch: posted rows do not match the entries")
+    out = []
+    for e, p in zip(entries, posted):
+        if (p.idem_key, p.account_id, p.amount) != (e.idem_key, e.account_id, e.amount):
+            raise InvariantViolation(f"periodic batch: posted row {p.idem_key!r} is not its entry's")
+        what = "periodic" if e.kind == "periodic" else "once"
+        out.append(ChargeBooked(p.account_id, -p.amount, p.balance_after, f"{what}: {e.reference}"))
+    return out
+
+
 async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mapping[int, PeriodicService],
-                 since: datetime, now: datetime, horizon: datetime, tz: tzinfo,
-                 ) -> tuple[int, int, int, int, tuple[Any, ...]]:
-    """One transaction's work; returns (charges, amount, once, closed, block changes)."""
+                 since: datetime, now: datetime, horizon: datetime, tz: tzinfo, *, report: bool,
+                 ) -> _BatchResult:
+    """One transaction's work."""
     # Lock the batch's accounts first, in id order, as every writer does.  The
     # foreign-key checks of the rows written below then find the lock already
     # held instead of taking a KEY SHARE lock per row that post_charges
@@ -218,19 +258,26 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
                              reference=f"service {r['service_id']}"))
 
     changes: tuple[Any, ...] = ()
+    booked_now: list[ChargeBooked] | None = [] if report else None
     if entries:
         posted = await post_charges(conn, entries, actor=_ACTOR, now=now)
         if posted.skipped:
             raise InvariantViolation(f"periodic keys already booked: {posted.skipped[:3]}")
         changes = tuple(posted.block_changes)
-    closed = await _close_periods(conn, accounts, since, now, tz)
+        if report:
+            booked_now = _booked(entries, posted.posted)
+    closed, periods = await _close_periods(conn, accounts, since, now, tz)
     amount = sum(c.amount for c in charges) + sum(r["amount"] for r in once)
-    return len(charges), amount, len(once), closed, changes
+    return _BatchResult(len(charges), amount, len(once), closed, changes, periods, booked_now)
 
 
 async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: datetime,
-                         now: datetime, tz: tzinfo) -> int:
-    """Summaries for the accounting periods that ended in ``(since, now]``."""
+                         now: datetime, tz: tzinfo) -> tuple[int, set[tuple[datetime, datetime]]]:
+    """Summaries for the accounting periods that ended in ``(since, now]``.
+
+    Returns the rows written and the distinct periods that ended (written
+    now or by an earlier, interrupted run).
+    """
     # One row per distinct period spec (most accounts share the default),
     # carrying its accounts as an array: no record per account.
     rows = await conn.fetch(
@@ -240,6 +287,7 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
     if sum(len(r["ids"]) for r in rows) != len(set(accounts)):
         raise InvariantViolation("period close: accounts and their period specs do not match")
     cache: dict[Any, list[tuple[datetime, datetime]]] = {}
+    periods: set[tuple[datetime, datetime]] = set()
     ids, starts, ends = [], [], []
     for r in rows:
         spec = DEFAULT_ACCOUNT_PERIOD if r["period_kind"] is None else period_spec(
@@ -255,12 +303,13 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
                     ended.append((period.start, period.end))
                 period = period_containing(spec, period.end, tz)
             cache[spec] = ended
+        periods.update(ended)
         for start, end in ended:
             ids.extend(r["ids"])
             starts.extend([start] * len(r["ids"]))
             ends.extend([end] * len(r["ids"]))
     if not ids:
-        return 0
+        return 0, periods
     status = await conn.execute(
         "INSERT INTO period_summaries(account_id, period_start, period_end, traffic_bytes,"
         " session_seconds, usage_amount, periodic_amount, closed_at)"
@@ -275,18 +324,23 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
         "   AND c.period_start >= k.s AND c.period_start < k.e), 0), $4"
         " FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[]) AS k(a, s, e)"
         " ON CONFLICT DO NOTHING", ids, starts, ends, now)
-    return int(status.split()[-1])
+    return int(status.split()[-1]), periods
 
 
 async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.utc,
                   batch_size: int = DEFAULT_BATCH, workers: int = 1, name: str = "periodic",
-                  progress: Callable[[RunProgress], None] | None = None) -> RunResult:
+                  progress: Callable[[RunProgress], None] | None = None,
+                  on_charges: Callable[[list[ChargeBooked]], Awaitable[None]] | None = None,
+                  ) -> RunResult:
     """Charge everything due at ``now``; safe to call again after a crash at any point.
 
     ``workers`` batches run at once, each on its own pooled connection (their
     account sets are disjoint, and every writer locks accounts in id order).
     ``progress`` is called after each committed batch; an exception it raises
     stops the run there (committed batches stay; the next call finishes).
+    ``on_charges`` is awaited after each committed batch that booked
+    something, with its ledger rows in booking order; an exception it raises
+    stops the run the same way.
     """
     now = _utc(now, "now")
     if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH:
@@ -308,6 +362,7 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
             raise PeriodError(f"more than {MAX_ACCOUNTS} accounts in one run")
         tally = {"done": 0, "batches": 0, "charges": 0, "amount": 0, "once": 0, "closed": 0}
         changes: list[Any] = []
+        periods: set[tuple[datetime, datetime]] = set()
         queue: asyncio.Queue[list[int] | None] = asyncio.Queue(maxsize=workers)
 
         async def work() -> None:
@@ -317,14 +372,18 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
                     if accounts is None:
                         return
                     async with wconn.transaction():
-                        n, a, o, c, bc = await _batch(wconn, accounts, services, since, now, horizon, tz)
+                        b = await _batch(wconn, accounts, services, since, now, horizon, tz,
+                                         report=on_charges is not None)
                     tally["done"] += len(accounts)
                     tally["batches"] += 1
-                    tally["charges"] += n
-                    tally["amount"] += a
-                    tally["once"] += o
-                    tally["closed"] += c
-                    changes.extend(bc)
+                    tally["charges"] += b.charges
+                    tally["amount"] += b.amount
+                    tally["once"] += b.once
+                    tally["closed"] += b.closed
+                    changes.extend(b.block_changes)
+                    periods.update(b.closed_periods)
+                    if on_charges is not None and b.booked:
+                        await on_charges(b.booked)
                     if progress is not None:
                         progress(RunProgress(tally["done"], total, tally["batches"], tally["charges"],
                                              tally["amount"]))
@@ -359,4 +418,4 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
             " accounts = EXCLUDED.accounts, charges = EXCLUDED.charges, amount = EXCLUDED.amount",
             name, now, tally["done"], tally["charges"], tally["amount"])
     return RunResult(since, now, tally["done"], tally["batches"], tally["charges"], tally["amount"],
-                     tally["once"], tally["closed"], tuple(changes))
+                     tally["once"], tally["closed"], tuple(changes), tuple(sorted(periods)))
