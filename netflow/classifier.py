@@ -313,40 +313,59 @@ class Classifier:
         outbound = np.concatenate(
             [np.ones(len(out_idx), bool), np.zeros(len(in_idx), bool), np.zeros(len(none_idx), bool)]
         )
-        legs_flows = flows[flow]
-        local_hi = np.where(outbound, legs_flows["src_hi"], legs_flows["dst_hi"])
-        local_lo = np.where(outbound, legs_flows["src_lo"], legs_flows["dst_lo"])
-        remote_hi = np.where(outbound, legs_flows["dst_hi"], legs_flows["src_hi"])
-        remote_lo = np.where(outbound, legs_flows["dst_lo"], legs_flows["src_lo"])
-        local_port = np.where(outbound, legs_flows["src_port"], legs_flows["dst_port"])
-        remote_port = np.where(outbound, legs_flows["dst_port"], legs_flows["src_port"])
         klass = np.full(len(flow), self.default_class, dtype=np.int32)
         undecided = account > 0
         klass[~undecided] = 0
+        if self.rules and undecided.any():
+            self._apply_rules(flows, flow, outbound, klass, undecided)
+        direction = outbound.astype(np.uint8)
+        return Legs(flow, account, klass, direction, at.take(flow).astype(np.int64, copy=False))
+
+    def _apply_rules(self, flows: np.ndarray, flow: np.ndarray, outbound: np.ndarray, klass: np.ndarray,
+                     undecided: np.ndarray) -> None:
+        """First matching rule sets `klass` of each undecided leg.
+
+        A leg's columns are gathered from `flows` only when a rule asks for
+        them (gathering whole structured rows copied every field of every flow).
+        """
+        columns: dict[str, np.ndarray] = {}
+
+        def col(name: str) -> np.ndarray:
+            got = columns.get(name)
+            if got is None:
+                got = columns[name] = flows[name].take(flow)
+            return got
+
+        def side(local: bool, src: str, dst: str) -> np.ndarray:
+            key = f"{'local' if local else 'remote'}:{src}"
+            got = columns.get(key)
+            if got is None:
+                a, b = (src, dst) if local else (dst, src)
+                got = columns[key] = np.where(outbound, col(a), col(b))
+            return got
+
         for rule in self.rules:
             if not undecided.any():
                 break
             m = undecided.copy()
             if rule.protocols is not None:
-                m &= np.isin(legs_flows["proto"], rule.protocols)
+                m &= np.isin(col("proto"), rule.protocols)
             if rule.input_if is not None:
-                m &= np.isin(legs_flows["input_if"], rule.input_if)
+                m &= np.isin(col("input_if"), rule.input_if)
             if rule.output_if is not None:
-                m &= np.isin(legs_flows["output_if"], rule.output_if)
+                m &= np.isin(col("output_if"), rule.output_if)
             if rule.local_ports:
-                m &= _in_ports(local_port, rule.local_ports)
+                m &= _in_ports(side(True, "src_port", "dst_port"), rule.local_ports)
             if rule.remote_ports:
-                m &= _in_ports(remote_port, rule.remote_ports)
+                m &= _in_ports(side(False, "src_port", "dst_port"), rule.remote_ports)
             if rule.local is not None:
-                m &= rule.local.contains(local_hi, local_lo)
+                m &= rule.local.contains(side(True, "src_hi", "dst_hi"), side(True, "src_lo", "dst_lo"))
             if rule.remote is not None:
-                m &= rule.remote.contains(remote_hi, remote_lo)
+                m &= rule.remote.contains(side(False, "src_hi", "dst_hi"), side(False, "src_lo", "dst_lo"))
             if rule.exporters is not None:
-                m &= rule.exporters.contains(legs_flows["exporter_hi"], legs_flows["exporter_lo"])
+                m &= rule.exporters.contains(col("exporter_hi"), col("exporter_lo"))
             klass[m] = rule.class_id
             undecided &= ~m
-        direction = outbound.astype(np.uint8)
-        return Legs(flow, account, klass, direction, at[flow].astype(np.int64))
 
 
 def _in_ports(ports: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -385,13 +404,15 @@ def aggregate(
     out unless `include_skipped`.
     """
     keep = np.ones(len(legs.flow), dtype=bool) if include_skipped else legs.klass != SKIP
-    src = flows[legs.flow[keep]]
-    scale = src["sampling"].astype(_U64) if apply_sampling else np.ones(len(src), dtype=_U64)
+    index = legs.flow[keep]
+    # gather the three columns needed, not whole structured rows
+    raw_bytes, raw_packets = flows["bytes"].take(index), flows["packets"].take(index)
+    scale = flows["sampling"].take(index).astype(_U64) if apply_sampling else np.ones(len(index), dtype=_U64)
     scale = np.maximum(scale, _U64(1))
     with np.errstate(over="ignore"):
-        nbytes = src["bytes"] * scale
-        npackets = src["packets"] * scale
-    sane = (src["bytes"] <= _U64(MAX_FLOW_BYTES)) & (scale <= _U64(1 << 32))
+        nbytes = raw_bytes * scale
+        npackets = raw_packets * scale
+    sane = (raw_bytes <= _U64(MAX_FLOW_BYTES)) & (scale <= _U64(1 << 32))
     sane &= (nbytes <= _U64(MAX_FLOW_BYTES)) & (npackets <= _U64(MAX_FLOW_BYTES))
     implausible = int((~sane).sum())
     account = legs.account[keep][sane]

@@ -101,18 +101,31 @@ def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
 
     The caller decides whether stopping early was a torn tail or corruption
     by comparing the last `end` with the segment's length.
+
+    One pass over one buffer: the CRC is taken over a view (no copy of the
+    body), only the payload is copied out, and exporter addresses are parsed
+    once per distinct address (this loop was a third of a replay's CPU).
     """
+    view = memoryview(data)
+    size = len(data)
+    frame, meta = FRAME.unpack_from, META.unpack_from
+    crc32 = zlib.crc32
+    fsize, msize, min_body = FRAME.size, META.size, META.size + 4
     pos = 0
-    while len(data) - pos >= FRAME.size:
-        length, crc = FRAME.unpack_from(data, pos)
-        start = pos + FRAME.size
-        if length < META.size + 4 or length > MAX_BODY or start + length > len(data):
-            return
-        body = data[start : start + length]
-        if zlib.crc32(body) != crc:
-            return
+    while size - pos >= fsize:
+        length, crc = frame(data, pos)
+        start = pos + fsize
         end = start + length
-        yield JournalRecord(base + pos, base + end, decode_body(body))
+        if length < min_body or length > MAX_BODY or end > size:
+            return
+        if crc32(view[start:end]) != crc:
+            return
+        received_ns, port, addr_len, _ = meta(data, start)
+        at = start + msize
+        if addr_len not in (4, 16) or length < msize + addr_len:
+            raise JournalCorrupt("journal record has a bad address length")
+        exporter = _unpacked(data[at : at + addr_len])
+        yield JournalRecord(base + pos, base + end, Datagram(exporter, data[at + addr_len : end], port, received_ns))
         pos = end
 
 

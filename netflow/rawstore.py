@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from netflow.classifier import Legs
 from netflow.flows import pair_to_addr
 
-__all__ = ["RAW_DTYPE", "RawWriter", "legs_table", "read_account", "hour_dir", "apply_retention"]
+__all__ = ["RAW_DTYPE", "RawWriter", "legs_columns", "legs_table", "read_account", "hour_dir", "apply_retention"]
 
 HOUR_MS = 3_600_000
 
@@ -58,18 +58,30 @@ RAW_DTYPE = np.dtype([
 ])
 
 
-def legs_table(flows: np.ndarray, legs: Legs) -> np.ndarray:
-    """One RAW_DTYPE row per leg."""
-    out = np.empty(len(legs.flow), dtype=RAW_DTYPE)
-    index = legs.flow
+_LEG_FIELDS = ("account", "klass", "direction")
+
+
+def legs_columns(flows: np.ndarray, legs: Legs) -> dict[str, np.ndarray]:
+    """RAW_DTYPE columns of the legs, one contiguous array each.
+
+    Gathered column by column straight from the flow array: indexing the
+    structured array first would copy every field of every flow, and a
+    structured row array would be copied again into columns for Parquet.
+    """
+    out = {}
     for name in RAW_DTYPE.names:
-        if name in ("account", "klass", "direction"):
-            continue
-        # gather per column: indexing the structured array first copies every field of every flow
-        out[name] = np.ascontiguousarray(flows[name]).take(index)
-    out["account"] = legs.account
-    out["klass"] = legs.klass
-    out["direction"] = legs.direction
+        if name in _LEG_FIELDS:
+            out[name] = getattr(legs, name).astype(RAW_DTYPE[name], copy=False)
+        else:
+            out[name] = flows[name].take(legs.flow)
+    return out
+
+
+def legs_table(flows: np.ndarray, legs: Legs) -> np.ndarray:
+    """One RAW_DTYPE row per leg (tests, tools; the writer keeps columns)."""
+    out = np.empty(len(legs.flow), dtype=RAW_DTYPE)
+    for name, col in legs_columns(flows, legs).items():
+        out[name] = col
     return out
 
 
@@ -118,7 +130,7 @@ class RawWriter:
         self.flush_interval = flush_interval
         self._marks = self.root / "_marks"
         self._marks.mkdir(parents=True, exist_ok=True)
-        self._parts: list[np.ndarray] = []
+        self._parts: list[np.ndarray | tuple[np.ndarray, Legs]] = []
         self.rows = 0
         self._from: int | None = None
         self._to = 0
@@ -142,12 +154,37 @@ class RawWriter:
                 path.unlink()
 
     def add(self, rows: np.ndarray, first: int, end: int, now: float | None = None) -> None:
+        """Add RAW_DTYPE rows covering journal range [first, end)."""
+        self._add(rows, len(rows), first, end, now)
+
+    def add_legs(self, flows: np.ndarray, legs: Legs, first: int, end: int, now: float | None = None) -> None:
+        """Add a batch's legs; their rows are built only when `flush` writes them."""
+        self._add((flows, legs), len(legs.flow), first, end, now)
+
+    def _add(self, part: np.ndarray | tuple[np.ndarray, Legs], rows: int, first: int, end: int,
+             now: float | None) -> None:
         if self._from is None:
             self._from = first
             self._since = time.monotonic() if now is None else now
-        self._parts.append(rows)
-        self.rows += len(rows)
+        self._parts.append(part)
+        self.rows += rows
         self._to = end
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        """All buffered legs as columns, stably ordered by hour of first_ms."""
+        pieces = []
+        for part in self._parts:
+            if isinstance(part, tuple):
+                flows, legs = part
+                pieces.append(legs_columns(flows, legs))
+            else:
+                pieces.append({n: np.ascontiguousarray(part[n]) for n in RAW_DTYPE.names})
+        cols = pieces[0] if len(pieces) == 1 else {n: np.concatenate([p[n] for p in pieces]) for n in RAW_DTYPE.names}
+        hours = cols["first_ms"] // HOUR_MS
+        if len(hours) and hours.min() != hours.max():
+            order = np.argsort(hours, kind="stable")
+            cols = {n: c.take(order) for n, c in cols.items()}
+        return cols
 
     def due(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
@@ -156,16 +193,13 @@ class RawWriter:
     def flush(self, now: float | None = None) -> None:
         if self._from is None:
             return
-        rows = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
         name = f"w{self.worker}-{self._from:020d}-{self._to:020d}.parquet"
-        if len(rows):
-            hours = rows["first_ms"] // HOUR_MS
-            order = np.argsort(hours, kind="stable")
-            rows, hours = rows[order], hours[order]
+        if self.rows:
+            cols = self._columns()
+            hours = cols["first_ms"] // HOUR_MS
             cuts = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1], True])
             for a, b in zip(cuts[:-1], cuts[1:]):
-                part = rows[a:b]
-                table = pa.table({n: part[n] for n in RAW_DTYPE.names})
+                table = pa.table({n: c[a:b] for n, c in cols.items()})
                 folder = hour_dir(self.root, int(hours[a]) * HOUR_MS)
                 folder.mkdir(parents=True, exist_ok=True)
                 _fsync_write(folder / name, lambda p, t=table: pq.write_table(t, p, compression="zstd"))

@@ -66,7 +66,7 @@ from netflow.classifier import Aggregates, Binding, Classifier, Snapshot, Traffi
 from netflow.decode import decode_batch, decode_pending
 from netflow.flows import FLOW_DTYPE, Pending, addr_to_pair
 from netflow.journal import Journal, JournalRecord, list_segments, scan_segment
-from netflow.rawstore import RawWriter, legs_table
+from netflow.rawstore import RawWriter
 from netflow.templates import SequenceTracker, TemplateCache
 from urfa.errors import CallFailed, ConnectionLost
 
@@ -728,7 +728,7 @@ class Worker:
                     self.sent_batches += 1
                 last_ship = loop.time()
                 if raw is not None:
-                    raw.add(legs_table(flows, legs), first, end)
+                    raw.add_legs(flows, legs, first, end)
                     if raw.due(loop.time()) or stop.is_set():
                         await asyncio.to_thread(raw.flush, loop.time())
                 self._trim(receiver, checkpoints, raw)
