@@ -22,12 +22,17 @@ transport is ours, on purpose:
   the dedup entry is dropped so the retry is decided afresh (accounting is
   idempotent in the core).
 
-Every drop is counted in ``billcore_radius_dropped{reason}``.
+Every drop is counted in ``billcore_radius_dropped{reason}``.  Every request
+handed to the decider ends in ``billcore_radius_decisions{kind,outcome}`` and
+its time from acceptance to reply (or to giving up) in
+``billcore_radius_decision_seconds{kind}``; both are tallied in memory and
+flushed each second, like the request and reply counters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import functools
 import ipaddress
@@ -39,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccessAccept, AccessReject, AccountingResponse
 
@@ -81,6 +86,15 @@ DUPLICATES = Counter("billcore_radius_duplicates", "Retransmissions answered fro
 REFUSED = Counter("billcore_radius_refused", "Access-Requests rejected here without asking the core, by reason",
                   ["reason"])
 REPLIES = Counter("billcore_radius_replies", "RADIUS replies sent, by code", ["code"])
+DECISIONS = Counter("billcore_radius_decisions", "RADIUS requests the core was asked to decide, by kind"
+                    " (auth, acct) and outcome (accept, reject, recorded; unavailable, malformed, error:"
+                    " no reply)", ["kind", "outcome"])
+# a NAS gives up on a server after a few seconds: the buckets resolve the
+# sub-millisecond batches and end at the decision timeout
+DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DECISION_SECONDS = Histogram("billcore_radius_decision_seconds", "Seconds from accepting a RADIUS request"
+                             " to its reply (or to giving it up), by kind (auth, acct)", ["kind"],
+                             buckets=DECISION_BUCKETS)
 INFLIGHT = Gauge("billcore_radius_inflight", "RADIUS requests being decided (sampled each second)",
                  multiprocess_mode="livesum")
 
@@ -89,6 +103,44 @@ _REPLY_NAMES = {AccessAccept: "access_accept", AccessReject: "access_reject", Ac
 _REPLIED = {code: REPLIES.labels(name) for code, name in _REPLY_NAMES.items()}
 _ACCESS = REQUESTS.labels("access")
 _ACCOUNTING = REQUESTS.labels("accounting")
+# bound at import, so the histogram is on the endpoint (at zero) before the first request
+_DECISION_SECONDS = {kind: DECISION_SECONDS.labels(kind) for kind in ("auth", "acct")}
+
+
+@dataclass(slots=True)
+class DecisionTally:
+    """Decision times and outcomes since the last flush, for one kind.
+
+    A multiprocess histogram costs two mmap writes per observation; here a
+    decision costs a bisect and two additions, and ``flush`` writes each
+    non-empty bucket once.
+    """
+
+    kind: str
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DECISION_BUCKETS) + 1))
+    total: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, seconds: float, outcome: str) -> None:
+        self.counts[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1   # le: bound is inclusive
+        self.total += seconds
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def flush(self) -> None:
+        if not any(self.counts):
+            return
+        # Histogram.observe adds to _sum and to the first bucket whose bound
+        # holds the value (+Inf last); this adds n observations the same way.
+        child = _DECISION_SECONDS[self.kind]
+        child._sum.inc(self.total)
+        for i, n in enumerate(self.counts):
+            if n:
+                child._buckets[i].inc(n)
+        for outcome, n in self.outcomes.items():
+            DECISIONS.labels(self.kind, outcome).inc(n)
+        self.counts = [0] * len(self.counts)
+        self.total = 0.0
+        self.outcomes = {}
 
 
 class RadiusError(Exception):
@@ -250,6 +302,8 @@ class RadiusServer:
     # added to the Prometheus counters by ``flush_metrics`` each second: a
     # multiprocess counter costs an mmap write per increment
     tally: dict[int, int] = field(default_factory=lambda: {ACCESS_REQUEST: 0, ACCOUNTING_REQUEST: 0})
+    decisions: dict[int, DecisionTally] = field(default_factory=lambda: {
+        ACCESS_REQUEST: DecisionTally("auth"), ACCOUNTING_REQUEST: DecisionTally("acct")})
 
     def __post_init__(self) -> None:
         if self.encoder is None:
@@ -293,6 +347,8 @@ class RadiusServer:
             else:
                 counter = _REPLIED.get(code)
                 (counter if counter is not None else REPLIES.labels(str(code))).inc(n)
+        for decided in self.decisions.values():
+            decided.flush()
 
     async def close(self, grace: float = 5.0) -> None:
         if self._sampler is not None:
@@ -367,15 +423,16 @@ class RadiusServer:
             return
         loop = asyncio.get_running_loop()
         fut = asyncio.ensure_future(awaitable)
-        self.dedup.begin(key, self.clock())
+        started = self.clock()
+        self.dedup.begin(key, started)
         self.inflight += 1
         self._pending.add(fut)
         # a decider that bounds its own calls (``bounded``) needs no timer per request
         timer = None if getattr(self.decider, "bounded", False) else loop.call_later(self.decision_timeout, fut.cancel)
-        fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr))
+        fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr, started))
 
     def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: _Endpoint, nas: Nas,
-                 header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...]) -> None:
+                 header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...], started: float) -> None:
         if timer is not None:
             timer.cancel()
         self._pending.discard(fut)
@@ -386,15 +443,20 @@ class RadiusServer:
             result = fut.result()
             if header.code == ACCESS_REQUEST:
                 reply = self._auth_reply(nas, header, packet, result)
+                outcome = "accept" if reply[0] == AccessAccept else "reject"
             else:
                 reply = finish_reply(AccountingResponse, header.id, header.authenticator, nas.secret,
                                      self._proxy_states(packet), message_authenticator=False)
+                outcome = "recorded"
         except Exception as exc:
             self.dedup.abandon(key)
             self._count_failure(exc)
+            self.decisions[header.code].observe(self.clock() - started, _failure_outcome(exc))
             return
-        self.dedup.finish(key, reply, self.clock())
+        now = self.clock()
+        self.dedup.finish(key, reply, now)
         endpoint.send(reply, addr, reply[0])
+        self.decisions[header.code].observe(now - started, outcome)
 
     @staticmethod
     def _count_failure(exc: BaseException) -> None:
@@ -441,6 +503,14 @@ class RadiusServer:
         if b"\x21" not in packet[20:]:
             return b""
         return b"".join(bytes((33, len(v) + 2)) + v for v in raw_attributes(packet).get(33, ()))
+
+
+def _failure_outcome(exc: BaseException) -> str:
+    if isinstance(exc, MalformedPacket):
+        return "malformed"
+    if isinstance(exc, (asyncio.TimeoutError, DecisionUnavailable)):
+        return "unavailable"
+    return "error"
 
 
 def _same(endpoint: _Endpoint) -> _Endpoint:

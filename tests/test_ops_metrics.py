@@ -37,6 +37,8 @@ def test_every_process_reports_through_the_core_endpoint(tmp_path: Path, db_dsn:
         assert 'billcore_process_up{role="radius"} 1.0' in text         # every role, edges too
         assert "billcore_radius_core_connected 1.0" in text, text       # the radius child's own gauge
         assert 'billcore_radius_core_connects_total{how=' in text       # and its counter
+        assert 'billcore_radius_decision_seconds_bucket{kind="auth",le="0.005"}' in text   # decision latency
+        assert 'billcore_radius_decision_seconds_count{kind="acct"}' in text
         assert "billcore_db_pool_size" in text                          # the core's pool watcher
         assert bc.stop() == 0
 

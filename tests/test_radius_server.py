@@ -148,6 +148,34 @@ async def test_accounting_with_wrong_secret_is_dropped_and_counted(running: Runn
     assert counter("billcore_radius_dropped_total", reason="bad_authenticator") >= before + 1
 
 
+async def test_decision_latency_and_outcomes_are_measured_per_kind() -> None:
+    r = await start(TableDecider({"alice": b"wonderland"}, delay=0.3))
+    try:
+        before = {(kind, le): counter("billcore_radius_decision_seconds_bucket", kind=kind, le=le)
+                  for kind in ("auth", "acct") for le in ("0.25", "0.5", "+Inf")}
+        sums = {kind: counter("billcore_radius_decision_seconds_sum", kind=kind) for kind in ("auth", "acct")}
+        outcomes = {(k, o): counter("billcore_radius_decisions_total", kind=k, outcome=o)
+                    for k, o in (("auth", "accept"), ("auth", "reject"), ("acct", "recorded"))}
+        rc, out = await radclient(r.auth_port, "auth", 'User-Name = "alice", User-Password = "wonderland"')
+        assert "Access-Accept" in out, out
+        rc, out = await radclient(r.auth_port, "auth", 'User-Name = "alice", User-Password = "nope"')
+        assert "Access-Reject" in out, out
+        rc, out = await radclient(r.acct_port, "acct", 'Acct-Status-Type = Start, Acct-Session-Id = "m1",'
+                                                         ' User-Name = "alice"')
+        assert "Accounting-Response" in out, out
+        r.server.flush_metrics()
+        # each decision took the decider's 0.3 s: over 0.25, within 0.5
+        for kind, n in (("auth", 2), ("acct", 1)):
+            assert counter("billcore_radius_decision_seconds_bucket", kind=kind, le="0.25") == before[kind, "0.25"]
+            assert counter("billcore_radius_decision_seconds_bucket", kind=kind, le="0.5") == before[kind, "0.5"] + n
+            assert counter("billcore_radius_decision_seconds_bucket", kind=kind, le="+Inf") == before[kind, "+Inf"] + n
+            assert 0.3 * n <= counter("billcore_radius_decision_seconds_sum", kind=kind) - sums[kind] < 0.5 * n
+        for (kind, outcome), was in outcomes.items():
+            assert counter("billcore_radius_decisions_total", kind=kind, outcome=outcome) == was + 1
+    finally:
+        await r.server.close()
+
+
 async def test_status_server_on_both_ports(running: Running) -> None:
     for port in (running.auth_port, running.acct_port):
         rc, out = await radclient(port, "status", 'Message-Authenticator = 0x00')
