@@ -14,14 +14,15 @@ moves.  Inside the CALLER's transaction it:
    with the same account and amount is *skipped* (a retry); with a different
    account or amount it is an ``IdempotencyConflict`` and nothing is booked;
 4. inserts the new rows with their running ``balance_after`` and updates
-   ``accounts.balance`` by the same sums, asserting old + sum == new;
+   ``accounts.balance`` by the same sums — one statement, two data-modifying
+   CTEs — asserting old + sum == new;
 5. closes promised payments that a non-negative balance has covered and
    re-syncs the system blocks of the touched accounts (``blocks``).
 
 Every step is one set-based statement over the whole batch (arrays through
 ``unnest``), so a batch of N entries costs a constant number of round trips,
-not O(N): lock, key lookup, insert, balance update, promised close, block
-read, block set, block lift.  Running balances are computed here in Python
+not O(N): lock, key lookup, insert with balance update, promised close,
+block read, block set, block lift.  Running balances are computed here in Python
 integers; the sums are checked before the write and after the read.
 
 It returns a ``PostResult`` with the rows posted, the keys skipped, the
@@ -150,6 +151,26 @@ async def _lock(conn: asyncpg.Connection, account_ids: Iterable[int], cols: str)
     return found
 
 
+# The ledger rows and the balance moves in one statement (one round trip, one
+# plan): both CTEs run against the accounts this transaction holds locked.
+# Ledger rows come back with ledger = true, balance = balance_after.
+_POST_SQL = (
+    "WITH ins AS ("
+    " INSERT INTO ledger(account_id, amount, balance_after, kind, reference, idem_key, reverses, actor,"
+    " created_at)"
+    " SELECT a, m, b, k, r, i, v, $8, $9 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
+    " $4::text[], $5::text[], $6::text[], $7::bigint[]) WITH ORDINALITY AS t(a, m, b, k, r, i, v, n)"
+    " ORDER BY n RETURNING id, account_id, amount, balance_after),"
+    " upd AS ("
+    " UPDATE accounts SET balance = accounts.balance + d.delta"
+    " FROM unnest($10::bigint[], $11::bigint[]) AS d(id, delta)"
+    " WHERE accounts.id = d.id AND accounts.id BETWEEN $12 AND $13"
+    " RETURNING accounts.id, accounts.balance)"
+    " SELECT true AS ledger, id, account_id, amount, balance_after AS balance FROM ins"
+    " UNION ALL SELECT false, id, NULL, NULL, balance FROM upd"
+)
+
+
 async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, actor: str,
                        now: dt.datetime | None = None) -> PostResult:
     """Post many ledger rows to many accounts inside the caller's transaction."""
@@ -195,45 +216,35 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
     posted: list[Posted] = []
     changes: list[BlockChange] = []
     if fresh:
-        rows = await conn.fetch(
-            "INSERT INTO ledger(account_id, amount, balance_after, kind, reference, idem_key,"
-            " reverses, actor, created_at)"
-            " SELECT a, m, b, k, r, i, v, $8, $9 FROM unnest($1::bigint[], $2::bigint[],"
-            " $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[])"
-            " WITH ORDINALITY AS t(a, m, b, k, r, i, v, n) ORDER BY n"
-            " RETURNING id, account_id, amount, balance_after",
-            [e.account_id for e in fresh], [e.amount for e in fresh], after_col,
-            [e.kind for e in fresh], [e.reference for e in fresh], [e.idem_key for e in fresh],
-            [e.reverses for e in fresh], actor, now)
-        # Rows come back in insert order (ORDER BY n), ids ascending.  Matching
-        # by position is checked: every row must carry its entry's account,
-        # amount and running balance (unique per account, as amounts are
-        # non-zero), and ids must rise — a swap cannot pass unnoticed.
-        if len(rows) != len(fresh):
-            raise InvariantViolation("ledger insert returned a different number of rows")
-        last_id = 0
-        for e, after, r in zip(fresh, after_col, rows):
-            if (r["account_id"], r["amount"], r["balance_after"]) != (e.account_id, e.amount, after) \
-                    or r["id"] <= last_id:
-                raise InvariantViolation(f"ledger row for key {e.idem_key!r} came back different")
-            last_id = r["id"]
-            posted.append(Posted(r["id"], e.account_id, e.amount, after, e.idem_key))
-        changed = sorted({p.account_id for p in posted})
+        changed = sorted({e.account_id for e in fresh})
         deltas = [running[i] - before[i] for i in changed]
         # before the write: the rows we book and the balance moves are the same money
-        if sum(p.amount for p in posted) != sum(deltas) or sum(e.amount for e in fresh) != sum(deltas):
+        if sum(e.amount for e in fresh) != sum(deltas):
             raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
-        updated = await conn.fetch(
-            "UPDATE accounts SET balance = accounts.balance + d.delta"
-            " FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta)"
-            " WHERE accounts.id = d.id AND accounts.id BETWEEN $3 AND $4"
-            " RETURNING accounts.id, accounts.balance",
-            changed, deltas, changed[0], changed[-1])
+        rows = await conn.fetch(
+            _POST_SQL,
+            [e.account_id for e in fresh], [e.amount for e in fresh], after_col,
+            [e.kind for e in fresh], [e.reference for e in fresh], [e.idem_key for e in fresh],
+            [e.reverses for e in fresh], actor, now, changed, deltas, changed[0], changed[-1])
+        inserted = sorted((r for r in rows if r["ledger"]), key=lambda r: r["id"])
+        updated = [r for r in rows if not r["ledger"]]
+        # Ids are drawn in insert order (ORDER BY n), so the k-th smallest id
+        # is the k-th entry's row.  Every row must carry its entry's account,
+        # amount and running balance (unique per account, as amounts are
+        # non-zero): a swap cannot pass unnoticed.
+        if len(inserted) != len(fresh):
+            raise InvariantViolation("ledger insert returned a different number of rows")
+        for e, after, r in zip(fresh, after_col, inserted):
+            if (r["account_id"], r["amount"], r["balance"]) != (e.account_id, e.amount, after):
+                raise InvariantViolation(f"ledger row for key {e.idem_key!r} came back different")
+            posted.append(Posted(r["id"], e.account_id, e.amount, after, e.idem_key))
+        if sum(p.amount for p in posted) != sum(deltas):
+            raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
         for r in updated:
             if r["balance"] != running[r["id"]]:
                 raise InvariantViolation(
                     f"account {r['id']}: balance {r['balance']} after posting, expected {running[r['id']]}")
-        if len(updated) != len(changed):
+        if len(updated) != len(changed) or len({r["id"] for r in updated}) != len(changed):
             raise InvariantViolation("not every changed account was updated")
         # after the read: what the database now holds moved by exactly what we booked
         if sum(int(r["balance"]) - before[r["id"]] for r in updated) != sum(p.amount for p in posted):
