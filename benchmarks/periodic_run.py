@@ -38,6 +38,7 @@ import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _machine import cpu_model  # noqa: E402
 
 from billcore.billing.scheduler import RunProgress, run_due  # noqa: E402
 from billcore.db.migrate import migrate  # noqa: E402
@@ -47,15 +48,6 @@ UTC = dt.timezone.utc
 NOW = dt.datetime(2024, 4, 1, 0, 5, tzinfo=UTC)
 FEE = 25_990_000  # 25.99 a month
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def dsn_for(dsn: str, name: str) -> str:
@@ -233,7 +225,7 @@ async def main() -> None:
         "billcore_client_cpu_s": round(statistics.median(c[1] for c in core_cpu), 3),
         "floor_server_cpu_s": round(statistics.median(c[0] for c in floor_cpu), 3),
         "note": args.note, "repeat": len(cores), "billcore_runs": [round(x, 3) for x in cores], "floor_runs": [round(x, 3) for x in floors],
-        "machine": {"platform": platform.platform(), "cpu": cpu_name(), "nproc": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "nproc": os.cpu_count(),
                     "python": platform.python_version()},
         "load_average_before": load_before, "load_average_after": load_after,
         "date": dt.datetime.now(UTC).isoformat(timespec="seconds"),
