@@ -177,8 +177,8 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
 
         from .radius_calls import SecretStore
 
-        secret_store = SecretStore.from_config(config)
-        key = SecretStore.load_or_create_key(config.secret_key_path)
+        key = SecretStore.load_or_create_key(config.secret_key_path)  # read once: RADIUS secrets and URFA mock salts
+        secret_store = SecretStore(key)
         registry = CallRegistry()
         service = URFAService(registry, auth=DatabaseAuth(pool), config=urfa_config(config, key))
         from .ops.metrics import observe_call

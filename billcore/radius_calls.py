@@ -112,8 +112,7 @@ class SecretStore:
 
     @classmethod
     def from_config(cls, config: Config) -> SecretStore:
-        path = Path(config.core.secret_key_file) if config.core.secret_key_file else config.data_dir / "secret.key"
-        return cls(cls.load_or_create_key(path))
+        return cls(cls.load_or_create_key(config.secret_key_path))
 
     @staticmethod
     def load_or_create_key(path: Path) -> bytes:

@@ -186,14 +186,20 @@ class Keyring:
         return sorted(self._keys)
 
 
-def parse_public_key(data: bytes, where: str = "public key") -> nacl.signing.VerifyKey:
-    lines = [ln.split(b"#", 1)[0].strip() for ln in data.splitlines()]
-    words = [ln for ln in lines if ln]
+def _key_bytes(data: bytes) -> bytes:
+    """The 32 bytes of a key file: one line of 64 hex digits (``#`` comments
+    and blank lines allowed); ``b""`` when the file is not that."""
+    words = [w for w in (ln.split(b"#", 1)[0].strip() for ln in data.splitlines()) if w]
     try:
         raw = bytes.fromhex(words[0].decode("ascii")) if len(words) == 1 else b""
     except (ValueError, UnicodeDecodeError):
-        raw = b""
-    if len(raw) != 32:
+        return b""
+    return raw if len(raw) == 32 else b""
+
+
+def parse_public_key(data: bytes, where: str = "public key") -> nacl.signing.VerifyKey:
+    raw = _key_bytes(data)
+    if not raw:
         raise PluginError(f"{where}: expected one line of 64 hex digits (an Ed25519 public key)")
     return nacl.signing.VerifyKey(raw)
 
@@ -240,13 +246,7 @@ def generate_keypair(private_path: str | os.PathLike[str], public_path: str | os
 
 
 def load_signing_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
-    data = Path(path).read_bytes()
-    words = [ln.split(b"#", 1)[0].strip() for ln in data.splitlines()]
-    words = [w for w in words if w]
-    try:
-        raw = bytes.fromhex(words[0].decode("ascii")) if len(words) == 1 else b""
-    except (ValueError, UnicodeDecodeError):
-        raw = b""
-    if len(raw) != 32:
+    raw = _key_bytes(Path(path).read_bytes())
+    if not raw:
         raise PluginError(f"{path}: not a billcore plugin signing key")
     return nacl.signing.SigningKey(raw)
