@@ -52,6 +52,13 @@ async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
     tariff = (await fn["tariffs.add"](admin, name="home", service_ids=[svc, fee]))["id"]
     await fn["tariffs.link"](admin, account_id=account, tariff_id=tariff)
     assert [h["tariff_id"] for h in await fn["tariffs.history"](admin, account_id=account)] == [tariff]
+    async with pool.acquire() as conn:  # every catalogue change is in the audit log, reads are not
+        logged = await conn.fetch("SELECT action, principal_login, after FROM audit_log ORDER BY id")
+    assert [r["action"] for r in logged] == ["classes.add", "classes.add_rule", "classes.add_rule",
+                                             "services.add", "services.set_rate", "services.add",
+                                             "tariffs.add", "tariffs.link"]
+    assert all(r["principal_login"] == "admin1" for r in logged)
+    assert '"name": "home"' in [r["after"] for r in logged if r["action"] == "tariffs.add"][0]
 
     heard: list[str] = []
     listener = await pool.acquire()

@@ -24,10 +24,12 @@ v})`` to the workers.
 
 from __future__ import annotations
 
+import functools
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from billcore.api import ADMIN, handler, need_int
+from billcore.api import ADMIN, handler, need_int, who
+from billcore.billing import audit
 from billcore.billing import tariffs as T
 from billcore.billing.errors import TariffError
 from billcore.calls import CallSpec
@@ -278,7 +280,20 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                            "session_ref": "str?"}),
         ("bindings.end", bindings_end, W, {"binding_id": "int", "at": "time?"}),
     ]
-    specs = [CallSpec(name, fn, right=right, kinds=ADMIN, args=args, doc=fn.__doc__ or "")
+    def audited(name: str, fn: Any) -> Any:
+        """A catalogue change is recorded in the audit log (who, from where,
+        the arguments and the result), just after its own commit."""
+        @functools.wraps(fn)
+        async def wrapped(ctx: Any, **args: Any) -> Any:
+            result = await fn(ctx, **args)
+            async with core.pool.acquire() as conn:
+                await audit.record(conn, who(ctx), name, name.split(".")[0], before=None,
+                                   after={"args": args, "result": result}, now=core.now())
+            return result
+        return wrapped
+
+    specs = [CallSpec(name, audited(name, fn) if right == W else fn, right=right, kinds=ADMIN, args=args,
+                      doc=fn.__doc__ or "")
              for name, fn, right, args in table]
     specs.append(CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM,
                           result="map", doc=netflow_snapshot.__doc__ or ""))
