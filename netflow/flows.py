@@ -20,6 +20,7 @@ into money decides whether to scale.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +121,63 @@ class Datagram:
     payload: bytes
     port: int = 0
     received_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Packets:
+    """A batch of datagrams in receive order: one payload buffer and per-packet arrays.
+
+    This is how the worker reads its journal and how `decode.decode_packets`
+    takes its input, so that per-packet work is numpy over the batch (header
+    fields gathered from ``data`` at ``starts``) rather than a Python object
+    per datagram. `offsets` are the journal offsets of the records the
+    packets came from (informational: pending sets remember them).
+    """
+
+    data: bytes
+    starts: np.ndarray  # int64 offset of each payload in `data`
+    lengths: np.ndarray  # int64
+    exporter_no: np.ndarray  # int64 index into `exporters`
+    exporters: tuple[str, ...]
+    ports: np.ndarray  # int64
+    received_ns: np.ndarray  # int64
+    offsets: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def payload(self, k: int) -> bytes:
+        start = int(self.starts[k])
+        return self.data[start:start + int(self.lengths[k])]
+
+    def datagram(self, k: int) -> Datagram:
+        return Datagram(self.exporters[int(self.exporter_no[k])], self.payload(k), int(self.ports[k]),
+                        int(self.received_ns[k]))
+
+    @classmethod
+    def empty(cls) -> Packets:
+        none = np.zeros(0, dtype=np.int64)
+        return cls(b"", none, none, none, (), none, none, none)
+
+    @classmethod
+    def from_datagrams(cls, datagrams: Iterable[Datagram], offsets: Iterable[int] | None = None) -> Packets:
+        grams = list(datagrams)
+        names: dict[str, int] = {}
+        numbers = [names.setdefault(d.exporter, len(names)) for d in grams]
+        lengths = np.array([len(d.payload) for d in grams], dtype=np.int64)
+        starts = np.zeros(len(grams), dtype=np.int64)
+        if len(grams):
+            np.cumsum(lengths[:-1], out=starts[1:])
+        return cls(
+            data=b"".join(d.payload for d in grams),
+            starts=starts,
+            lengths=lengths,
+            exporter_no=np.array(numbers, dtype=np.int64),
+            exporters=tuple(names),
+            ports=np.array([d.port for d in grams], dtype=np.int64),
+            received_ns=np.array([d.received_ns for d in grams], dtype=np.int64),
+            offsets=np.array(list(offsets) if offsets is not None else [0] * len(grams), dtype=np.int64),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,27 @@
 """The append-only packet journal: what a worker received, before decoding.
 
-Theory of operation: every datagram is appended to the current segment file
-as one record
+Theory of operation: datagrams are appended to the current segment file as
+records
 
     u32 body length | u32 crc32(body) | body
+
+of two kinds. A *datagram* record (kind 0, `append`) holds one datagram:
+
     body = u64 receive time ns | u16 port | u8 address length (4/16) | u8 0
            | address | payload
 
-and `append` returns the journal offset just past the record: a global byte
+A *block* record (kind 1, `append_block`; what the worker's receiver writes)
+holds up to 65535 datagrams received together, so the CRC, the header and the
+write are paid per block, not per packet, and the reader finds every packet
+with one `np.frombuffer` of the index:
+
+    body = u64 receive time ns | u16 packets | u8 exporters | u8 1
+           | exporters x (u8 address length (4/16) | address)
+           | packets x (u16 payload length | u16 port | u8 exporter number)
+           | payloads, concatenated
+
+The packets of a block share its receive time (the first packet's).
+`append*` returns the journal offset just past the record: a global byte
 offset over all segments, which is the worker's watermark. Committing
 watermark W with the core means "every record ending at or below W is
 charged"; a restarted worker replays from W with `JournalReader(dir, W)`.
@@ -38,14 +52,21 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from netflow.errors import JournalCorrupt, JournalError
-from netflow.flows import Datagram
+from netflow.flows import Datagram, Packets
 
 SUFFIX = ".nfj"
 FRAME = struct.Struct(">II")
 META = struct.Struct(">QHBB")
+KIND_DATAGRAM, KIND_BLOCK = 0, 1
+INDEX_DTYPE = np.dtype([("length", ">u2"), ("port", ">u2"), ("exporter", "u1")])
 MAX_PAYLOAD = 65535
-MAX_BODY = META.size + 16 + MAX_PAYLOAD
+MAX_BLOCK_EXPORTERS = 255
+MAX_BLOCK_PACKETS = 65535
+MAX_BLOCK_PAYLOAD = 1 << 22
+MAX_BODY = META.size + MAX_BLOCK_EXPORTERS * 17 + MAX_BLOCK_PACKETS * INDEX_DTYPE.itemsize + MAX_BLOCK_PAYLOAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +96,19 @@ def encode_record(received_ns: int, exporter: str, port: int, payload: bytes) ->
     return FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
+def block_head(received_ns: int, exporters: list[bytes], index: bytes, count: int) -> bytes:
+    """Body of a block record up to its payloads (see the module docstring)."""
+    if not 0 < count <= MAX_BLOCK_PACKETS or len(exporters) > MAX_BLOCK_EXPORTERS:
+        raise JournalError(f"a block holds 1..{MAX_BLOCK_PACKETS} packets of <= {MAX_BLOCK_EXPORTERS} exporters")
+    table = b"".join(bytes([len(a)]) + a for a in exporters)
+    return META.pack(received_ns, count, len(exporters), KIND_BLOCK) + table + index
+
+
+def packed_address(exporter: str) -> bytes:
+    """An exporter's address as a block's exporter table stores it (4 or 16 bytes)."""
+    return _packed(exporter)
+
+
 @lru_cache(maxsize=4096)
 def _packed(exporter: str) -> bytes:
     try:
@@ -96,21 +130,31 @@ def _unpacked(addr: bytes) -> str:
     return str(ipaddress.ip_address(addr))  # per record this was a third of a replay's cost
 
 
-def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One journal record, parsed but not split into `Datagram` objects."""
+
+    offset: int
+    end: int
+    received_ns: int
+    exporters: tuple[str, ...]
+    index: np.ndarray  # INDEX_DTYPE, one row per packet
+    payload: memoryview  # the packets' payloads, concatenated
+
+
+def scan_records(data: bytes, base: int) -> Iterator[RawRecord]:
     """Records of one segment's bytes; stops silently at a torn or bad record.
 
     The caller decides whether stopping early was a torn tail or corruption
-    by comparing the last `end` with the segment's length.
-
-    One pass over one buffer: the CRC is taken over a view (no copy of the
-    body), only the payload is copied out, and exporter addresses are parsed
-    once per distinct address (this loop was a third of a replay's CPU).
+    by comparing the last `end` with the segment's length. The CRC is taken
+    over a view (no copy); payloads stay views of ``data``.
     """
     view = memoryview(data)
     size = len(data)
     frame, meta = FRAME.unpack_from, META.unpack_from
     crc32 = zlib.crc32
     fsize, msize, min_body = FRAME.size, META.size, META.size + 4
+    isize = INDEX_DTYPE.itemsize
     pos = 0
     while size - pos >= fsize:
         length, crc = frame(data, pos)
@@ -120,13 +164,76 @@ def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
             return
         if crc32(view[start:end]) != crc:
             return
-        received_ns, port, addr_len, _ = meta(data, start)
+        received_ns, port, addr_len, kind = meta(data, start)
         at = start + msize
-        if addr_len not in (4, 16) or length < msize + addr_len:
-            raise JournalCorrupt("journal record has a bad address length")
-        exporter = _unpacked(data[at : at + addr_len])
-        yield JournalRecord(base + pos, base + end, Datagram(exporter, data[at + addr_len : end], port, received_ns))
+        if kind == KIND_DATAGRAM:
+            if addr_len not in (4, 16) or length < msize + addr_len:
+                raise JournalCorrupt("journal record has a bad address length")
+            index = np.zeros(1, INDEX_DTYPE)
+            index["length"] = end - at - addr_len
+            index["port"] = port
+            yield RawRecord(base + pos, base + end, received_ns, (_unpacked(data[at:at + addr_len]),), index,
+                            view[at + addr_len:end])
+        elif kind == KIND_BLOCK:
+            exporters = []
+            for _ in range(addr_len):
+                n = data[at] if at < end else 0
+                if n not in (4, 16) or at + 1 + n > end:
+                    raise JournalCorrupt("journal block has a bad exporter table")
+                exporters.append(_unpacked(data[at + 1:at + 1 + n]))
+                at += 1 + n
+            if port == 0 or at + port * isize > end:
+                raise JournalCorrupt("journal block has a bad packet index")
+            index = np.frombuffer(data, INDEX_DTYPE, port, at)
+            at += port * isize
+            if int(index["length"].sum(dtype=np.int64)) != end - at or int(index["exporter"].max()) >= addr_len:
+                raise JournalCorrupt("journal block index does not match its payloads")
+            yield RawRecord(base + pos, base + end, received_ns, tuple(exporters), index, view[at:end])
+        else:
+            raise JournalCorrupt(f"journal record of unknown kind {kind}")
         pos = end
+
+
+def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
+    """`scan_records`, one `JournalRecord` per datagram (tests, tools).
+
+    Every datagram of a block has the block's offset and end: a watermark
+    covers whole records.
+    """
+    for record in scan_records(data, base):
+        pos = 0
+        for length, port, number in record.index.tolist():
+            payload = bytes(record.payload[pos:pos + length])
+            pos += length
+            yield JournalRecord(record.offset, record.end,
+                                Datagram(record.exporters[number], payload, port, record.received_ns))
+
+
+def records_to_packets(records: list[RawRecord]) -> Packets:
+    """The datagrams of consecutive records as one `Packets` batch (one copy of the payloads)."""
+    if not records:
+        return Packets.empty()
+    names: dict[str, int] = {}
+    numbers, counts, offsets = [], [], []
+    for r in records:
+        remap = np.array([names.setdefault(e, len(names)) for e in r.exporters], dtype=np.int64)
+        numbers.append(remap[r.index["exporter"]])
+        counts.append(len(r.index))
+        offsets.append(r.offset)
+    lengths = np.concatenate([r.index["length"] for r in records]).astype(np.int64)
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    count = np.array(counts, dtype=np.int64)
+    return Packets(
+        data=b"".join(r.payload for r in records),
+        starts=starts,
+        lengths=lengths,
+        exporter_no=np.concatenate(numbers),
+        exporters=tuple(names),
+        ports=np.concatenate([r.index["port"] for r in records]).astype(np.int64),
+        received_ns=np.repeat(np.array([r.received_ns for r in records], dtype=np.int64), count),
+        offsets=np.repeat(np.array(offsets, dtype=np.int64), count),
+    )
 
 
 class Journal:
@@ -158,7 +265,7 @@ class Journal:
         """Cut a torn tail off the last segment; return how many bytes went."""
         data = path.read_bytes()
         good = 0
-        for record in scan_segment(data, base):
+        for record in scan_records(data, base):
             good = record.end - base
         if good < len(data):
             with open(path, "r+b") as f:
@@ -197,6 +304,28 @@ class Journal:
             self._rotate()
         self._file.write(record)
         self._position += len(record)
+        self._dirty = True
+        return self._base + self._position
+
+    def append_block(self, received_ns: int, exporters: list[bytes], index: bytes, count: int,
+                     payload: bytes | bytearray | memoryview) -> int:
+        """Append a block of ``count`` datagrams and write it through to the kernel.
+
+        ``exporters`` are packed addresses (`packed_address`), ``index`` is
+        ``count`` rows of `INDEX_DTYPE` whose lengths add up to ``len(payload)``.
+        """
+        if len(payload) > MAX_BLOCK_PAYLOAD:
+            raise JournalError(f"block payload of {len(payload)} bytes exceeds {MAX_BLOCK_PAYLOAD}")
+        head = block_head(received_ns, exporters, index, count)
+        size = FRAME.size + len(head) + len(payload)
+        if self._position and self._position + size > self.segment_bytes:
+            self._rotate()
+        write = self._file.write
+        write(FRAME.pack(len(head) + len(payload), zlib.crc32(payload, zlib.crc32(head))))
+        write(head)
+        write(payload)
+        self._file.flush()
+        self._position += size
         self._dirty = True
         return self._base + self._position
 

@@ -25,6 +25,7 @@ exporter's sequence counter and reports gaps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -472,13 +473,25 @@ class RecordCollector:
     Walking a packet only slices bytes and notes its header values; all
     decoding happens in `finish`, one `np.frombuffer` per template per batch,
     which is what makes v9/IPFIX decoding cost per batch rather than per set.
+    `add` takes one data set (the walkers); `add_many` takes the joined
+    records of many sets with per-set arrays (the batch fast path).
     """
 
     __slots__ = ("_groups", "records")
 
     def __init__(self) -> None:
-        self._groups: dict[int, tuple[CompiledTemplate, DomainState, list[tuple[object, ...]]]] = {}
+        # keyed by (template, domain): compiled templates are shared between exporters, but a
+        # domain's sampler map (applied in `finish`) is its own
+        self._groups: dict[tuple[int, int], tuple[CompiledTemplate, DomainState, list[tuple[object, ...]],
+                                      list[tuple[bytes, np.ndarray, tuple[np.ndarray, ...]]]]] = {}
         self.records = 0
+
+    def _group(self, compiled: CompiledTemplate, state: DomainState) -> tuple[Any, ...]:
+        key = (id(compiled), id(state))
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = (compiled, state, [], [])
+        return group
 
     def add(
         self,
@@ -490,19 +503,31 @@ class RecordCollector:
     ) -> None:
         """`rows` holds `count` records laid out as `compiled.dtype`; `ctx` is
         (exporter_hi, exporter_lo, domain, uptime_ms, export_ms, sampling, init_ms)."""
-        group = self._groups.get(id(compiled))
-        if group is None:
-            group = self._groups[id(compiled)] = (compiled, state, [])
-        group[2].append((rows, count, *ctx))
+        self._group(compiled, state)[2].append((rows, count, *ctx))
         self.records += count
+
+    def add_many(
+        self,
+        compiled: CompiledTemplate,
+        state: DomainState,
+        rows: bytes,
+        counts: np.ndarray,
+        ctx: tuple[np.ndarray, ...],
+    ) -> None:
+        """`add` for many sets at once: `rows` joined, `counts` and the 7 `ctx` columns per set."""
+        self._group(compiled, state)[3].append((rows, counts, ctx))
+        self.records += int(counts.sum())
 
     def finish(self) -> list[np.ndarray]:
         out = []
-        for compiled, state, chunks in self._groups.values():
-            data = b"".join(c[0] for c in chunks)  # type: ignore[misc]
-            counts = np.array([c[1] for c in chunks], dtype=np.int64)
+        for compiled, state, chunks, many in self._groups.values():
+            data = b"".join([c[0] for c in chunks] + [m[0] for m in many])  # type: ignore[misc]
+            counts = np.concatenate([np.array([c[1] for c in chunks], dtype=np.int64)]
+                                    + [m[1].astype(np.int64) for m in many])
             raw = np.frombuffer(data, dtype=compiled.dtype, count=int(counts.sum()))
-            cols = [np.repeat(np.array([c[k] for c in chunks], dtype=np.uint64), counts) for k in range(2, 9)]
+            cols = [np.repeat(np.concatenate([np.array([c[k] for c in chunks], dtype=np.uint64)]
+                                             + [m[2][k - 2].astype(np.uint64) for m in many]), counts)
+                    for k in range(2, 9)]
             ctx = Context(*cols)
             out.append(compiled.to_flows(raw, ctx, state.samplers))
         return out

@@ -136,39 +136,57 @@ HEADER_DTYPE = np.dtype(
 @dataclass(frozen=True, slots=True)
 class V5Batch:
     flows: np.ndarray
-    bad: list[tuple[int, str]]  # (position in the input list, reason)
+    bad: list[tuple[int, str]]  # (position in the input arrays, reason)
     packet_positions: np.ndarray  # positions of the decoded packets, in order
     headers: np.ndarray  # HEADER_DTYPE row per decoded packet
 
 
-def decode_v5_batch(payloads: list[bytes], exporter_hi: np.ndarray, exporter_lo: np.ndarray) -> V5Batch:
-    """Decode many v5 packets: Python touches each packet once (length checks),
-    numpy decodes headers and records in bulk. `exporter_*` are per packet."""
-    heads: list[bytes] = []
-    parts: list[bytes] = []
-    keep: list[int] = []
+def gather(u8: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
+    """``size`` bytes at each of ``starts`` as an (n, size) uint8 array (one fancy index)."""
+    return u8[starts[:, None] + np.arange(size, dtype=np.int64)]
+
+
+def decode_v5_packets(
+    data: bytes, starts: np.ndarray, lengths: np.ndarray, exporter_hi: np.ndarray, exporter_lo: np.ndarray
+) -> V5Batch:
+    """Decode many v5 packets that lie in one buffer at ``starts``; the other arrays are per packet.
+
+    Headers are validated and decoded for the whole batch at once (one fancy
+    index gathers them); Python only slices each packet's records for the
+    join that `records_to_flows` decodes.
+    """
+    u8 = np.frombuffer(data, dtype=np.uint8)
+    n = len(starts)
     bad: list[tuple[int, str]] = []
-    for k, p in enumerate(payloads):
-        n = len(p)
-        count = (p[2] << 8 | p[3]) if n >= HEADER_SIZE else 0
-        if n < HEADER_SIZE or p[0] != 0 or p[1] != 5:
-            bad.append((k, "not a v5 packet (short or wrong version)"))
-        elif not 1 <= count <= MAX_RECORDS or n < HEADER_SIZE + count * RECORD_SIZE:
-            bad.append((k, f"v5 count {count} does not fit a {n}-byte packet"))
-        else:
-            heads.append(p[:HEADER_SIZE])
-            parts.append(p[HEADER_SIZE : HEADER_SIZE + count * RECORD_SIZE])
-            keep.append(k)
-    positions = np.array(keep, dtype=np.int64)
-    headers = np.frombuffer(b"".join(heads), dtype=HEADER_DTYPE)
-    records = b"".join(parts)
-    counts = headers["count"].astype(np.int64)
-    valid = headers["nsecs"] < 1_000_000_000
-    if not valid.all():
-        bad.extend((int(positions[k]), "v5 unix_nsecs is not below one second") for k in np.flatnonzero(~valid))
-        raw = np.frombuffer(records, dtype=RECORD_DTYPE)[np.repeat(valid, counts)]
-        records, headers, positions, counts = raw.tobytes(), headers[valid], positions[valid], counts[valid]
+    big = lengths >= HEADER_SIZE
+    head = np.zeros(n, dtype=np.int64)
+    if big.any():
+        at = starts[big]
+        head[big] = (u8[at].astype(np.int64) << 24) | (u8[at + 1].astype(np.int64) << 16) \
+            | (u8[at + 2].astype(np.int64) << 8) | u8[at + 3]
+    version, count = head >> 16, head & 0xFFFF
+    wrong = ~big | (version != 5)
+    misfit = ~wrong & ((count < 1) | (count > MAX_RECORDS) | (lengths < HEADER_SIZE + count * RECORD_SIZE))
+    bad.extend((int(k), "not a v5 packet (short or wrong version)") for k in np.flatnonzero(wrong))
+    bad.extend((int(k), f"v5 count {int(count[k])} does not fit a {int(lengths[k])}-byte packet")
+               for k in np.flatnonzero(misfit))
+    keep = ~wrong & ~misfit
+    if len(u8):
+        headers = np.ascontiguousarray(gather(u8, starts[keep], HEADER_SIZE)).view(HEADER_DTYPE).reshape(-1)
+    else:
+        headers = np.zeros(0, dtype=HEADER_DTYPE)
+    late = headers["nsecs"] >= 1_000_000_000
+    if late.any():
+        bad.extend((int(k), "v5 unix_nsecs is not below one second") for k in np.flatnonzero(keep)[late])
+        keep[np.flatnonzero(keep)[late]] = False
+        headers = headers[~late]
+    if bad:
         bad.sort()
+    positions = np.flatnonzero(keep)
+    counts = count[keep]
+    first = (starts[keep] + HEADER_SIZE).tolist()
+    view = memoryview(data)
+    records = b"".join([view[a:a + c * RECORD_SIZE] for a, c in zip(first, counts.tolist())])
     interval = headers["sampling"] & 0x3FFF
     flows = records_to_flows(
         records,
@@ -181,6 +199,15 @@ def decode_v5_batch(payloads: list[bytes], exporter_hi: np.ndarray, exporter_lo:
         np.where(interval == 0, 1, interval).astype(np.uint32),
     )
     return V5Batch(flows, bad, positions, headers)
+
+
+def decode_v5_batch(payloads: list[bytes], exporter_hi: np.ndarray, exporter_lo: np.ndarray) -> V5Batch:
+    """`decode_v5_packets` over a list of payloads (tests, tools)."""
+    lengths = np.array([len(p) for p in payloads], dtype=np.int64)
+    starts = np.zeros(len(payloads), dtype=np.int64)
+    if len(payloads):
+        np.cumsum(lengths[:-1], out=starts[1:])
+    return decode_v5_packets(b"".join(payloads), starts, lengths, exporter_hi, exporter_lo)
 
 
 def decode_v5_packet(payload: bytes, exporter_hi: int = 0, exporter_lo: int = 0) -> np.ndarray:
