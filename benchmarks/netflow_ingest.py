@@ -445,22 +445,32 @@ def versions_of_peers() -> dict[str, str]:
 
 
 def offline_profile(version: int, flows_wanted: int, tmp: Path) -> dict[str, Any]:
-    """CPU of the worker path per million flows, stage by stage, on an offline replay of a journal
-    (one process, no sockets, no core): read → decode → classify → aggregate → raw legs → Parquet."""
+    """CPU of the worker path per million flows, stage by stage, in one process with no core:
+    receive → journal (a real `Receiver` on a loopback socket, fed by a sender process at a rate it
+    keeps up with; CPU of this process while it runs), then read → decode → classify → aggregate →
+    raw legs → Parquet over the journal it wrote."""
     from netflow.classifier import Binding, Classifier, Snapshot, TrafficRule, aggregate
     from netflow.journal import Journal
     from netflow.rawstore import RawWriter
-    from netflow.worker import BatchDecoder, DecoderState, JournalTail
+    from netflow.worker import BatchDecoder, DecoderState, ExporterFilter, JournalTail, Receiver, open_socket
 
-    replay = build_replay(version, int(time.time() * 1000) - 300_000, 2)
+    replay = build_replay(version, int(time.time() * 1000) - 300_000, 1)
+    per_packet = sum(replay[0][1]) / len(replay[0][0])
     journal = Journal(tmp / f"journal-v{version}")
-    flows = 0
-    now = time.time_ns()
-    while flows < flows_wanted:
-        for packets, counts, _ in replay:
-            for packet, count in zip(packets, counts):
-                journal.append(now, "127.0.0.1", 4000, packet)
-                flows += count
+    sock, _ = open_socket("127.0.0.1", 0, 256 << 20)
+    receiver = Receiver(sock, journal, ExporterFilter(("127.0.0.1/32",)), 0.2, "profile")
+    receiver.start()
+    pps = 20_000.0
+    seconds = flows_wanted / per_packet / pps
+    t0 = time.process_time()
+    sent = send_step(sock.getsockname()[1], replay, pps * per_packet, seconds)
+    deadline = time.monotonic() + 30
+    while receiver.packets < sent["packets"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    receive_cpu = time.process_time() - t0
+    receiver.stop()
+    receiver.join()
+    sock.close()
     journal.close()
     end = journal.offset
     bindings = tuple(Binding(f"{a}/32", n + 1) for n, a in enumerate(ADDRESSES))
@@ -468,24 +478,27 @@ def offline_profile(version: int, flows_wanted: int, tmp: Path) -> dict[str, Any
     decoder = BatchDecoder(DecoderState(), {})
     tail = JournalTail(journal.directory, 0)
     raw = RawWriter(tmp / f"raw-v{version}", "0")
-    took = dict.fromkeys(("journal read", "decode", "classify", "aggregate", "raw legs", "parquet"), 0.0)
+    took = dict.fromkeys(("receive+journal", "journal read", "decode", "classify", "aggregate", "raw legs",
+                          "parquet"), 0.0)
+    took["receive+journal"] = receive_cpu
     n = charged = 0
     while tail.position < end:
         t0 = time.process_time()
-        records = tail.read(end, 20_000)
+        first = tail.position
+        packets = tail.read(end, 8_000)  # about what a worker reads per batch at 1M flows/s
         t1 = time.process_time()
-        flow_array, _ = decoder.decode(records)
+        flow_array, _ = decoder.decode(packets)
         t2 = time.process_time()
         legs = classifier.classify(flow_array)
         t3 = time.process_time()
         agg = aggregate(flow_array, legs)
         t4 = time.process_time()
-        raw.add_legs(flow_array, legs, records[0].offset, records[-1].end)
+        raw.add_legs(flow_array, legs, first, tail.position)
         t5 = time.process_time()
         if raw.due():
             raw.flush()
         t6 = time.process_time()
-        for k, d in zip(took, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        for k, d in zip(list(took)[1:], (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
             took[k] += d
         n += len(flow_array)
         charged += int(agg.bytes.sum())
@@ -494,7 +507,7 @@ def offline_profile(version: int, flows_wanted: int, tmp: Path) -> dict[str, Any
     took["parquet"] += time.process_time() - t0
     per = {k: round(v / (n / 1e6), 3) for k, v in took.items()}
     per["total"] = round(sum(took.values()) / (n / 1e6), 3)
-    return {"flows": n, "charged_bytes": charged, "cpu_s_per_mflow": per}
+    return {"flows": n, "sent_flows": sent["flows"], "charged_bytes": charged, "cpu_s_per_mflow": per}
 
 
 def run_steps(targets: list[Any], versions: list[int], rates: list[float], seconds: float, senders: int, at: int,

@@ -140,6 +140,7 @@ class RawRecord:
     exporters: tuple[str, ...]
     index: np.ndarray  # INDEX_DTYPE, one row per packet
     payload: memoryview  # the packets' payloads, concatenated
+    payload_at: int  # where `payload` starts in the buffer that was scanned
 
 
 def scan_records(data: bytes, base: int) -> Iterator[RawRecord]:
@@ -173,7 +174,7 @@ def scan_records(data: bytes, base: int) -> Iterator[RawRecord]:
             index["length"] = end - at - addr_len
             index["port"] = port
             yield RawRecord(base + pos, base + end, received_ns, (_unpacked(data[at:at + addr_len]),), index,
-                            view[at + addr_len:end])
+                            view[at + addr_len:end], at + addr_len)
         elif kind == KIND_BLOCK:
             exporters = []
             for _ in range(addr_len):
@@ -188,7 +189,7 @@ def scan_records(data: bytes, base: int) -> Iterator[RawRecord]:
             at += port * isize
             if int(index["length"].sum(dtype=np.int64)) != end - at or int(index["exporter"].max()) >= addr_len:
                 raise JournalCorrupt("journal block index does not match its payloads")
-            yield RawRecord(base + pos, base + end, received_ns, tuple(exporters), index, view[at:end])
+            yield RawRecord(base + pos, base + end, received_ns, tuple(exporters), index, view[at:end], at)
         else:
             raise JournalCorrupt(f"journal record of unknown kind {kind}")
         pos = end
@@ -209,8 +210,12 @@ def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
                                 Datagram(record.exporters[number], payload, port, record.received_ns))
 
 
-def records_to_packets(records: list[RawRecord]) -> Packets:
-    """The datagrams of consecutive records as one `Packets` batch (one copy of the payloads)."""
+def records_to_packets(records: list[RawRecord], scanned: bytes | None = None) -> Packets:
+    """The datagrams of consecutive records as one `Packets` batch.
+
+    With ``scanned``, the buffer every record was scanned from, the batch
+    points into it (no copy); otherwise the payloads are joined.
+    """
     if not records:
         return Packets.empty()
     names: dict[str, int] = {}
@@ -221,11 +226,16 @@ def records_to_packets(records: list[RawRecord]) -> Packets:
         counts.append(len(r.index))
         offsets.append(r.offset)
     lengths = np.concatenate([r.index["length"] for r in records]).astype(np.int64)
+    count = np.array(counts, dtype=np.int64)
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    count = np.array(counts, dtype=np.int64)
+    if scanned is not None:
+        # from joined-payload coordinates to the scanned buffer's: shift each record's packets
+        first = np.r_[0, np.cumsum(count)[:-1]]
+        shift = np.array([r.payload_at for r in records], dtype=np.int64) - starts[first]
+        starts += np.repeat(shift, count)
     return Packets(
-        data=b"".join(r.payload for r in records),
+        data=scanned if scanned is not None else b"".join(r.payload for r in records),
         starts=starts,
         lengths=lengths,
         exporter_no=np.concatenate(numbers),

@@ -112,6 +112,15 @@ class CompiledTemplate:
             acc = (acc << np.uint64(8)) | col[:, k].astype(np.uint64)
         return acc
 
+    def _column(self, raw: np.ndarray, ie: int) -> np.ndarray | None:
+        """Element `ie` as an unsigned column, without a copy when it is 1, 2, 4 or 8 bytes wide."""
+        pos = self.index.get(ie)
+        if pos is None or self.names[pos] is None:
+            return None
+        if self.record.fields[pos].length in (1, 2, 4, 8):
+            return raw[self.names[pos]]
+        return self.uint(raw, ie)
+
     def to_flows(
         self, raw: np.ndarray, ctx: Context, samplers: dict[int, int] | None = None
     ) -> np.ndarray:
@@ -127,14 +136,15 @@ class CompiledTemplate:
         out["domain"] = ctx.domain
         for target, ies in _COUNTERS:
             for ie in ies:
-                col = self.uint(raw, ie)
+                col = self._column(raw, ie)
                 if col is not None:
                     out[target] = col
                     break
         for target, ie in _SMALL:
-            col = self.uint(raw, ie)
+            col = self._column(raw, ie)
             if col is not None:
-                out[target] = col & np.uint64(_MASKS[target])
+                # integer assignment keeps the low bits, as `& _MASKS[target]` would
+                out[target] = col
         self._addresses(raw, out)
         self._times(raw, ctx, out)
         self._sampling(raw, ctx, out, samplers or {})

@@ -131,7 +131,7 @@ class WorkerSettings:
     raw_retention_days: int = 90
     raw_flush_rows: int = 2_000_000
     raw_flush_interval: float = 60.0
-    batch_packets: int = 20_000
+    batch_packets: int = 8_000
 
     @classmethod
     def from_config(cls, config: Any, index: int, worker_id: str | None = None) -> WorkerSettings:
@@ -224,6 +224,7 @@ MAX_DATAGRAM = 65535
 BLOCK_PACKETS = 128  # datagrams per journal block at most (3840 v5 flows: far below MAX_ROWS legs)
 BLOCK_BYTES = 128 << 10  # payload bytes per block at most (the last datagram may cross it)
 LINGER = 0.002  # seconds a partly filled block waits for more datagrams
+READ_BYTES = 16 << 20  # journal bytes the shipper reads at a time
 
 
 class _Block:
@@ -402,37 +403,45 @@ class JournalTail:
         self.position = position
 
     def read(self, limit: int, max_packets: int) -> Packets:
-        """Whole records from `position` (which moves past them) holding about ``max_packets`` datagrams."""
-        out: list[Any] = []
-        packets = 0
-        while self.position < limit and packets < max_packets:
-            segments = list_segments(self.directory)
-            seg = None
-            for n, (base, path) in enumerate(segments):
-                nxt = segments[n + 1][0] if n + 1 < len(segments) else None
-                if base <= self.position and (nxt is None or self.position < nxt):
-                    seg = (base, path, nxt)
-                    break
-            if seg is None:
-                raise RuntimeError(f"journal offset {self.position} is in no segment of {self.directory}")
-            base, path, nxt = seg
-            end = min(limit, nxt) if nxt is not None else limit
-            if self.position == end:
+        """Whole records from `position` (which moves past them) holding about ``max_packets`` datagrams.
+
+        Reads at most `READ_BYTES` at a time (more only for a record larger
+        than that), never across a segment end, so a batch is one read
+        buffer and its packets point into it.
+        """
+        if self.position >= limit:
+            return Packets.empty()
+        segments = list_segments(self.directory)
+        seg = None
+        for n, (base, path) in enumerate(segments):
+            nxt = segments[n + 1][0] if n + 1 < len(segments) else None
+            if base <= self.position and (nxt is None or self.position < nxt):
+                seg = (base, path, nxt)
                 break
+        if seg is None:
+            raise RuntimeError(f"journal offset {self.position} is in no segment of {self.directory}")
+        base, path, nxt = seg
+        end = min(limit, nxt) if nxt is not None else limit
+        size = READ_BYTES
+        while True:
+            want = min(size, end - self.position)
             with open(path, "rb") as f:
                 f.seek(self.position - base)
-                data = f.read(end - self.position)
-            got = 0
+                data = f.read(want)
+            out = []
+            packets = 0
             for record in scan_records(data, self.position):
                 out.append(record)
-                got = record.end
                 packets += len(record.index)
                 if packets >= max_packets:
                     break
-            if got == 0:
-                raise RuntimeError(f"journal record at {self.position} in {path.name} does not scan")
-            self.position = got
-        return records_to_packets(out)
+            if out or want >= end - self.position:
+                break
+            size *= 4  # one record larger than the read
+        if not out:
+            raise RuntimeError(f"journal record at {self.position} in {path.name} does not scan")
+        self.position = out[-1].end
+        return records_to_packets(out, data)
 
     def rewind(self, position: int) -> None:
         self.position = position
