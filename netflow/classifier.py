@@ -1,22 +1,33 @@
 """Classification: which account a flow belongs to, and which traffic class.
 
 Theory of operation. A `Snapshot` (IP bindings and ordered traffic-class
-rules, as the core loaded them) compiles once into sorted interval arrays;
-then every batch is classified with `np.searchsorted`, never a per-flow loop.
+rules, as the core loaded them) compiles once into sorted interval arrays and
+lookup tables; then every batch is classified with vectorized gathers and
+`np.searchsorted`, never a per-flow loop.
 
 Addresses are the 128-bit values of `flows.py` (v4 mapped into v6), so a
-prefix is an interval [start, end]. `RangeSet.lookup` finds the interval that
-holds each address: v4-mapped queries use a uint64 search on the low half,
-others compare 16-byte big-endian keys (numpy's fixed-width bytes compare as
-unsigned, which is numeric order).
+prefix is an interval [start, end]. `RangeSet` finds the interval that holds
+each address by binary search: addresses with hi == 0 (v4-mapped among them)
+search the low halves (uint64), others the high halves (uint64), and only
+where several ranges start in the address's /64 does it compare 16-byte
+big-endian keys (numpy's fixed-width bytes compare as unsigned, which is
+numeric order). The binding segments also get a DIR-16-16 direct table for
+the v4-mapped block (`_V4Table`): the upper 16 bits of the v4 address pick
+"no segment", "one segment for the whole /16" or a block of 65536 cells, one
+per lower 16 bits; two gathers instead of a binary search. At most
+`V4_TABLE_BLOCKS` /16s get a block (64 MB); addresses in the others, and
+every address outside the v4-mapped block, take the binary search.
 
 Bindings: an address range belongs to at most one account at any instant.
 Distinct binding prefixes must be disjoint (no nesting: a /32 inside a bound
 /24 is refused, since "which one wins" is a policy the core must decide
 before it gets here), and the time windows [valid_from, valid_to) of
-bindings of the same prefix must not overlap. Lookup: range -> segment,
-then one `searchsorted` over keys `segment << 42 | valid_from_ms`.
-The flow's `first_ms` picks the binding in force.
+bindings of the same prefix must not overlap. Lookup: range -> segment. A
+segment holds its latest window (a static binding, or the current RADIUS
+session) and its account directly; only a flow older than that window, in a
+segment that has earlier windows, takes one more `searchsorted` over the keys
+`segment << 42 | valid_from_ms` of those. The flow's `first_ms` picks the
+binding in force.
 
 Direction: a flow whose source is bound is outbound for that account; whose
 destination is bound, inbound. A flow between two bound addresses is two
@@ -26,7 +37,15 @@ gives the class, a matching `skip` rule gives SKIP (not charged), and no
 match gives the default class.
 
 `aggregate` sums the legs per (account, class, direction, hour) exactly, in
-uint64 (never float): sort a packed key, `np.add.reduceat`.
+uint64 (never float), into rows ordered by that key. Each leg gets a group
+number whose bit fields are the account (or its rank) and the ranks of the
+class and hour among those present. A batch has few groups (hundreds of
+accounts over an hour or two): each possible group gets a cell and
+`np.add.at` sums into it. When they are many, `group << position bits |
+position` is sorted (a plain sort is several times cheaper than an argsort)
+and runs are summed with `np.add.reduceat`. Values beyond what the group
+number packs fall back to a stable argsort of one packed key; all three give
+the same rows.
 """
 
 from __future__ import annotations
@@ -86,9 +105,14 @@ def _s16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 class RangeSet:
-    """Disjoint inclusive 128-bit intervals, each tagged with a value."""
+    """Disjoint inclusive 128-bit intervals, each tagged with a value.
 
-    def __init__(self, ranges: list[tuple[int, int]], values: list[int] | None = None) -> None:
+    `direct=True` adds a `_V4Table` for the v4-mapped block (up to ~64 MB:
+    meant for the binding segments, not for every rule's address list).
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]], values: list[int] | None = None,
+                 direct: bool = False) -> None:
         order = sorted(range(len(ranges)), key=lambda k: ranges[k])
         self.starts = [ranges[k][0] for k in order]
         self.ends = [ranges[k][1] for k in order]
@@ -96,18 +120,24 @@ class RangeSet:
         for k in range(1, len(order)):
             if self.starts[k] <= self.ends[k - 1]:
                 raise ClassifierError("ranges overlap")
-        hi = np.array([s >> 64 for s in self.starts], dtype=_U64)
-        lo = np.array([s & _MASK64 for s in self.starts], dtype=_U64)
-        self._start16 = _s16(hi, lo)
-        self._end16 = _s16(
-            np.array([e >> 64 for e in self.ends], dtype=_U64),
-            np.array([e & _MASK64 for e in self.ends], dtype=_U64),
-        )
+        # index len(ranges) is "no range": its value is -1
+        self._values = np.append(self.values, np.int64(-1))
+        self._start_hi = np.array([s >> 64 for s in self.starts], dtype=_U64)
+        self._start_lo = np.array([s & _MASK64 for s in self.starts], dtype=_U64)
+        self._end_hi = np.array([e >> 64 for e in self.ends], dtype=_U64)
+        self._end_lo = np.array([e & _MASK64 for e in self.ends], dtype=_U64)
+        # ranges that start in the same /64 (above the v4-mapped one) need 16-byte keys to tell apart
+        above = self._start_hi[self._start_hi != 0]
+        self._shared_hi = bool((above[1:] == above[:-1]).any())
+        self._start16 = _s16(self._start_hi, self._start_lo)
+        self._end16 = _s16(self._end_hi, self._end_lo)
         # the part of each range inside hi == 0, where v4-mapped addresses live
         low = [(k, s, min(e, _MASK64)) for k, (s, e) in enumerate(zip(self.starts, self.ends)) if s <= _MASK64]
-        self._low_index = np.array([k for k, _, _ in low], dtype=np.int64)
+        self._low_index = np.array([k for k, _, _ in low], dtype=np.intp)
         self._low_start = np.array([s for _, s, _ in low], dtype=_U64)
         self._low_end = np.array([e for _, _, e in low], dtype=_U64)
+        self._v4 = _V4Table.build(self._low_start, self._low_end, self._low_index, len(self.starts)) \
+            if direct else None
 
     @classmethod
     def union(cls, prefixes: tuple[str, ...]) -> RangeSet:
@@ -120,34 +150,147 @@ class RangeSet:
                 merged.append([start, end])
         return cls([(s, e) for s, e in merged])
 
-    def lookup(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        """Value of the range holding each address, or -1."""
-        out = np.full(len(hi), -1, dtype=np.int64)
-        if not self.starts or not len(hi):
+    def index(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """Position (in sorted order) of the range holding each address; len(ranges) if none."""
+        table = self._v4
+        if table is None or not len(hi):
+            return self._search(hi, lo)
+        lo = np.ascontiguousarray(lo)  # one strided pass over the flow records, not one per step
+        found = table.lookup(lo)  # nonsense for addresses outside the v4-mapped block: redone below
+        redo = (lo >> 32) != 0xFFFF
+        redo |= hi != 0
+        if table.searched:
+            redo |= found == table.search
+        if redo.any():
+            at = np.flatnonzero(redo)
+            found[at] = self._search(hi.take(at), lo.take(at))
+        return found
+
+    def _search(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        n = len(self.starts)
+        out = np.full(len(hi), n, dtype=np.intp)
+        if not n or not len(hi):
             return out
         low = hi == 0
-        if low.any():
+        if low.any() and len(self._low_start):
             q = lo[low]
             k = np.searchsorted(self._low_start, q, side="right") - 1
             kc = np.maximum(k, 0)
-            ok = (k >= 0) & (q <= self._low_end[kc]) if len(self._low_start) else np.zeros(len(q), bool)
-            found = np.full(len(q), -1, dtype=np.int64)
-            if len(self._low_start):
-                found[ok] = self.values[self._low_index[kc[ok]]]
-            out[low] = found
-        high = ~low
-        if high.any():
-            q16 = _s16(hi[high], lo[high])
-            k = np.searchsorted(self._start16, q16, side="right") - 1
-            kc = np.maximum(k, 0)
-            ok = (k >= 0) & (q16 <= self._end16[kc])
-            found = np.full(len(q16), -1, dtype=np.int64)
-            found[ok] = self.values[kc[ok]]
-            out[high] = found
+            ok = (k >= 0) & (q <= self._low_end[kc])
+            out[low] = np.where(ok, self._low_index.take(kc), n)
+        high = np.flatnonzero(~low)
+        if len(high):
+            out[high] = self._search_high(hi.take(high), lo.take(high))
         return out
 
+    def _search_high(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """`_search` for addresses with hi != 0: a uint64 search on the high halves.
+
+        The candidate is the last range starting at or before the address: the
+        last one whose start's high half is <= hi, or the one before it when
+        that one starts later in the address's own /64.
+        """
+        n = len(self.starts)
+        r = np.searchsorted(self._start_hi, hi, side="right")
+        last = np.maximum(r - 1, 0)
+        same = self._start_hi.take(last) == hi
+        k = r - 1 - (same & (lo < self._start_lo.take(last)))
+        kc = np.maximum(k, 0)
+        end_hi = self._end_hi.take(kc)
+        ok = (k >= 0) & ((hi < end_hi) | ((hi == end_hi) & (lo <= self._end_lo.take(kc))))
+        out = np.where(ok, kc, n)
+        if self._shared_hi:
+            twice = np.flatnonzero(same & (r >= 2) & (self._start_hi.take(np.maximum(r - 2, 0)) == hi))
+            if len(twice):
+                q16 = _s16(hi.take(twice), lo.take(twice))
+                k = np.searchsorted(self._start16, q16, side="right") - 1
+                kc = np.maximum(k, 0)
+                out[twice] = np.where((k >= 0) & (q16 <= self._end16[kc]), kc, n)
+        return out
+
+    def lookup(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """Value of the range holding each address, or -1."""
+        return self._values.take(self.index(hi, lo))
+
     def contains(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        return self.lookup(hi, lo) >= 0
+        return self.index(hi, lo) < len(self.starts)
+
+
+V4_TABLE_BLOCKS = 256  # /16s with a block of their own: 256 x 65536 int32 cells = 64 MB at most
+
+
+class _V4Table:
+    """DIR-16-16 direct lookup of the ranges that meet the v4-mapped block.
+
+    `top[a >> 16]` packs `cell_base << 16 | mask` for each /16 of the v4
+    address a; the answer is `cells[cell_base + (a & mask)]`. mask is 0 for a
+    /16 with one answer throughout (no range, one range covering it all, or
+    `search`), 0xFFFF for a /16 with a block of its own. A cell holds a range
+    position, `none` (no range) or `search` (this /16 did not get a block:
+    ask the binary search).
+    """
+
+    def __init__(self, top: np.ndarray, cells: np.ndarray, search: int, searched: bool) -> None:
+        self.top, self.cells, self.search, self.searched = top, cells, search, searched
+
+    @classmethod
+    def build(cls, low_start: np.ndarray, low_end: np.ndarray, low_index: np.ndarray, n: int) -> _V4Table | None:
+        """Table of the ranges (sorted positions `low_index`, of n) that meet the block; None if none do."""
+        assert n + 1 < 1 << 31
+        none, search = n, n + 1
+        meets = (low_end >= _U64(_MAPPED_START)) & (low_start <= _U64(_MAPPED_END))
+        if not meets.any():
+            return None
+        # the pieces of ranges inside the block, as 32-bit v4 offsets [first, last]
+        first = (np.maximum(low_start[meets], _U64(_MAPPED_START)) - _U64(_MAPPED_START)).astype(np.int64)
+        last = (np.minimum(low_end[meets], _U64(_MAPPED_END)) - _U64(_MAPPED_START)).astype(np.int64)
+        which = low_index[meets]
+        sixteens = np.arange(1 << 16, dtype=np.int64) << 16
+        j = np.searchsorted(last, sixteens, side="left")  # first piece ending in or after each /16
+        count = np.searchsorted(first, sixteens | 0xFFFF, side="right") - j  # pieces meeting each /16
+        jc = np.minimum(j, len(first) - 1)
+        whole = (first[jc] <= sixteens) & (last[jc] >= (sixteens | 0xFFFF))  # one piece covers it
+        partial = np.flatnonzero((count > 0) & ~whole)
+        if len(partial) > V4_TABLE_BLOCKS:
+            busiest = np.argsort(-count[partial], kind="stable")[:V4_TABLE_BLOCKS]
+            blocks = np.sort(partial[busiest])
+        else:
+            blocks = partial
+        wholes = np.flatnonzero(whole)
+        base = np.zeros(1 << 16, dtype=np.int64)  # cell 0: none
+        base[partial] = 1  # cell 1: search (the blocks overwrite theirs below)
+        base[wholes] = 2 + np.arange(len(wholes))
+        offset = 2 + len(wholes)
+        base[blocks] = offset + (np.arange(len(blocks), dtype=np.int64) << 16)
+        mask = np.zeros(1 << 16, dtype=np.int64)
+        mask[blocks] = 0xFFFF
+        # each block's cells, painted as runs: gap (none), piece, gap, piece, ..., gap
+        per = count[blocks]
+        piece = np.repeat(j[blocks] - (np.cumsum(per) - per), per) + np.arange(per.sum())
+        owner = np.repeat(np.arange(len(blocks), dtype=np.int64) << 16, per)
+        origin = np.repeat(sixteens[blocks], per)
+        run_first = owner + np.maximum(first[piece] - origin, 0)
+        run_end = owner + np.minimum(last[piece] - origin, 0xFFFF) + 1
+        lengths = np.empty(2 * len(piece) + 1, dtype=np.int64)
+        lengths[0:-1:2] = run_first - np.r_[np.int64(0), run_end[:-1]]
+        lengths[1::2] = run_end - run_first
+        lengths[-1] = (len(blocks) << 16) - (run_end[-1] if len(piece) else 0)
+        values = np.full(len(lengths), none, dtype=np.int32)
+        values[1::2] = which[piece]
+        cells = np.concatenate([
+            np.array([none, search], dtype=np.int32),
+            which[jc[wholes]].astype(np.int32),
+            np.repeat(values, lengths),
+        ])
+        assert len(cells) == offset + (len(blocks) << 16)
+        return cls((base << 16) | mask, cells, search, len(blocks) < len(partial))
+
+    def lookup(self, lo: np.ndarray) -> np.ndarray:
+        """Cell of each v4-mapped low half (any other value gives some in-bounds cell)."""
+        a = lo.view(np.int64)
+        entry = self.top.take((a >> 16) & 0xFFFF)
+        cell: np.ndarray = self.cells.take((entry >> 16) + (a & entry & 0xFFFF))
+        return cell
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,19 +383,35 @@ class Classifier:
             by_range.setdefault(prefix_range(b.prefix), []).append(b)
         ranges = sorted(by_range)
         try:
-            self.segments = RangeSet(ranges)
+            self.segments = RangeSet(ranges, direct=True)
         except ClassifierError as exc:
             raise ClassifierError("binding prefixes overlap (nested or duplicate ranges)") from exc
+        assert (self.segments.values == np.arange(len(ranges))).all()  # sorted ranges: position = segment
+        # per segment, plus a last entry for "no segment" (account 0, an empty window): the
+        # latest window, which holds nearly every live flow; earlier windows of the same
+        # segment (an address that had other sessions lately) are searched by key
+        seg_account, seg_from, seg_to, seg_earlier = [], [], [], []
         keys, to_ms, accounts = [], [], []
         for seg, rng in enumerate(ranges):
             windows = sorted(by_range[rng], key=lambda b: b.valid_from_ms)
             for prev, nxt in zip(windows, windows[1:]):
                 if prev.valid_to_ms is None or prev.valid_to_ms > nxt.valid_from_ms:
                     raise ClassifierError(f"bindings of {nxt.prefix} overlap in time")
-            for b in windows:
+            latest = windows[-1]
+            seg_account.append(latest.account)
+            seg_from.append(latest.valid_from_ms)
+            seg_to.append(TIME_LIMIT + 1 if latest.valid_to_ms is None else latest.valid_to_ms)
+            seg_earlier.append(len(windows) > 1)
+            for b in windows[:-1]:
                 keys.append((seg << TIME_BITS) | b.valid_from_ms)
-                to_ms.append(TIME_LIMIT + 1 if b.valid_to_ms is None else b.valid_to_ms)
+                to_ms.append(b.valid_to_ms)
                 accounts.append(b.account)
+        self._seg_account = np.array(seg_account + [0], dtype=np.int64)
+        self._seg_from = np.array(seg_from + [0], dtype=np.int64)
+        self._seg_to = np.array(seg_to + [0], dtype=np.int64)
+        self._seg_earlier = np.array(seg_earlier + [False], dtype=bool)
+        # every binding is [0, forever): the flow time does not matter
+        self._timeless = not keys and not any(seg_from) and all(t == TIME_LIMIT + 1 for t in seg_to)
         self._keys = np.array(keys, dtype=_U64)
         self._to_ms = np.array(to_ms, dtype=np.int64)
         self._accounts = np.array(accounts, dtype=np.int64)
@@ -284,41 +443,48 @@ class Classifier:
 
     def accounts(self, hi: np.ndarray, lo: np.ndarray, at_ms: np.ndarray) -> np.ndarray:
         """Account bound to each address at each time (0 = none)."""
-        seg = self.segments.lookup(hi, lo)
-        out = np.zeros(len(hi), dtype=np.int64)
-        hit = seg >= 0
-        if not hit.any():
+        seg = self.segments.index(hi, lo)
+        out = self._seg_account.take(seg)
+        if self._timeless:
             return out
-        t = np.clip(at_ms[hit], 0, TIME_LIMIT)
-        key = (seg[hit].astype(_U64) << _U64(TIME_BITS)) | t.astype(_U64)
-        k = np.searchsorted(self._keys, key, side="right") - 1
-        kc = np.maximum(k, 0)
-        ok = (k >= 0) & ((self._keys[kc] >> _U64(TIME_BITS)) == seg[hit].astype(_U64)) & (t < self._to_ms[kc])
-        found = np.zeros(len(t), dtype=np.int64)
-        found[ok] = self._accounts[kc[ok]]
-        out[hit] = found
+        t = np.clip(at_ms, 0, TIME_LIMIT)
+        since = self._seg_from.take(seg)
+        out *= (t >= since) & (t < self._seg_to.take(seg))
+        if not len(self._keys):
+            return out
+        earlier = np.flatnonzero((t < since) & self._seg_earlier.take(seg))
+        if len(earlier):
+            t = t.take(earlier)
+            seg64 = seg.take(earlier).astype(_U64)
+            key = (seg64 << _U64(TIME_BITS)) | t.astype(_U64)
+            k = np.searchsorted(self._keys, key, side="right") - 1
+            kc = np.maximum(k, 0)
+            ok = (k >= 0) & ((self._keys[kc] >> _U64(TIME_BITS)) == seg64) & (t < self._to_ms[kc])
+            out[earlier] = np.where(ok, self._accounts.take(kc), 0)
         return out
 
     def classify(self, flows: np.ndarray, time_field: str = "first_ms") -> Legs:
-        at = flows[time_field]
+        at = np.ascontiguousarray(flows[time_field])
         src = self.accounts(flows["src_hi"], flows["src_lo"], at)
         dst = self.accounts(flows["dst_hi"], flows["dst_lo"], at)
         out_idx = np.flatnonzero(src > 0)
         in_idx = np.flatnonzero(dst > 0)
-        none_idx = np.flatnonzero((src == 0) & (dst == 0))
+        none_idx = np.flatnonzero((src | dst) == 0)
+        n_out, bound = len(out_idx), len(out_idx) + len(in_idx)
         flow = np.concatenate([out_idx, in_idx, none_idx])
         if len(flow) > MAX_LEGS:
             raise ClassifierError(f"batch of {len(flow)} legs exceeds {MAX_LEGS}")
-        account = np.concatenate([src[out_idx], dst[in_idx], np.zeros(len(none_idx), np.int64)])
-        outbound = np.concatenate(
-            [np.ones(len(out_idx), bool), np.zeros(len(in_idx), bool), np.zeros(len(none_idx), bool)]
-        )
-        klass = np.full(len(flow), self.default_class, dtype=np.int32)
-        undecided = account > 0
-        klass[~undecided] = 0
-        if self.rules and undecided.any():
-            self._apply_rules(flows, flow, outbound, klass, undecided)
-        direction = outbound.astype(np.uint8)
+        account = np.zeros(len(flow), dtype=np.int64)
+        src.take(out_idx, out=account[:n_out])
+        dst.take(in_idx, out=account[n_out:bound])
+        direction = np.zeros(len(flow), dtype=np.uint8)
+        direction[:n_out] = OUTBOUND
+        klass = np.zeros(len(flow), dtype=np.int32)
+        klass[:bound] = self.default_class
+        if self.rules and bound:
+            undecided = np.zeros(len(flow), dtype=bool)
+            undecided[:bound] = True
+            self._apply_rules(flows, flow, direction.view(bool), klass, undecided)
         return Legs(flow, account, klass, direction, at.take(flow).astype(np.int64, copy=False))
 
     def _apply_rules(self, flows: np.ndarray, flow: np.ndarray, outbound: np.ndarray, klass: np.ndarray,
@@ -364,7 +530,7 @@ class Classifier:
                 m &= rule.remote.contains(side(False, "src_hi", "dst_hi"), side(False, "src_lo", "dst_lo"))
             if rule.exporters is not None:
                 m &= rule.exporters.contains(col("exporter_hi"), col("exporter_lo"))
-            klass[m] = rule.class_id
+            np.copyto(klass, rule.class_id, where=m)
             undecided &= ~m
 
 
@@ -401,25 +567,117 @@ def aggregate(
     Buckets start at multiples of `hour_ms` since the epoch, by the leg's
     `at_ms`. With `apply_sampling`, counters are multiplied by the flow's
     1-in-N interval (an estimate of the real traffic). SKIP legs are left
-    out unless `include_skipped`.
+    out unless `include_skipped`. Rows come out ordered by (account, class,
+    direction, bucket).
     """
-    keep = np.ones(len(legs.flow), dtype=bool) if include_skipped else legs.klass != SKIP
-    index = legs.flow[keep]
+    index, account, klass, direction, at_ms = legs.flow, legs.account, legs.klass, legs.direction, legs.at_ms
+    if not include_skipped:
+        keep = klass != SKIP
+        if not keep.all():
+            index, account, klass, direction, at_ms = (x[keep] for x in (index, account, klass, direction, at_ms))
     # gather the three columns needed, not whole structured rows
     raw_bytes, raw_packets = flows["bytes"].take(index), flows["packets"].take(index)
-    scale = flows["sampling"].take(index).astype(_U64) if apply_sampling else np.ones(len(index), dtype=_U64)
-    scale = np.maximum(scale, _U64(1))
-    with np.errstate(over="ignore"):
-        nbytes = raw_bytes * scale
-        npackets = raw_packets * scale
-    sane = (raw_bytes <= _U64(MAX_FLOW_BYTES)) & (scale <= _U64(1 << 32))
-    sane &= (nbytes <= _U64(MAX_FLOW_BYTES)) & (npackets <= _U64(MAX_FLOW_BYTES))
-    implausible = int((~sane).sum())
-    account = legs.account[keep][sane]
-    klass = legs.klass[keep][sane].astype(np.int64)
-    direction = legs.direction[keep][sane].astype(np.int64)
-    bucket = legs.at_ms[keep][sane] // hour_ms
-    nbytes, npackets = nbytes[sane], npackets[sane]
+    if apply_sampling:
+        # `sampling` is a uint32 column: the scale never exceeds 2**32
+        scale = np.maximum(flows["sampling"].take(index), 1).astype(_U64)
+        with np.errstate(over="ignore"):
+            nbytes = raw_bytes * scale
+            npackets = raw_packets * scale
+        sane = (raw_bytes <= _U64(MAX_FLOW_BYTES)) & (nbytes <= _U64(MAX_FLOW_BYTES))
+    else:
+        nbytes, npackets = raw_bytes, raw_packets
+        sane = nbytes <= _U64(MAX_FLOW_BYTES)
+    sane &= npackets <= _U64(MAX_FLOW_BYTES)
+    implausible = len(sane) - int(np.count_nonzero(sane))
+    if implausible:
+        account, klass, direction, at_ms, nbytes, npackets = (
+            x[sane] for x in (account, klass, direction, at_ms, nbytes, npackets))
+    if not len(account):
+        empty = np.zeros(0, dtype=np.int64)
+        return Aggregates(empty, empty, empty, empty, empty.astype(_U64), empty.astype(_U64), empty, implausible)
+    bucket = at_ms // hour_ms
+    sums = _group_sums(account, klass, direction, bucket, nbytes, npackets)
+    if sums is None:
+        sums = _sum_sorted(account, klass, direction, bucket, nbytes, npackets)
+    acc, cls, dirs, hours, sums_b, sums_p, counts = sums
+    assert int(counts.sum()) == len(account) and int(sums_b.sum()) == int(nbytes.sum())
+    return Aggregates(acc, cls, dirs, hours * hour_ms, sums_b, sums_p, counts, implausible)
+
+
+_Sums = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_DENSE_ACCOUNTS = 1 << 22  # account ids below this are renumbered through a presence array (4 MB)
+_DENSE_CELLS = 1 << 20  # at most this many group cells (24 MB), and 4 per leg (+ 65536)
+
+
+def _renumber(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, each value's rank among them) for values in [0, size)."""
+    seen = np.zeros(size, dtype=bool)
+    seen[values] = True
+    distinct = np.flatnonzero(seen)
+    rank = np.empty(size, dtype=np.intp)
+    rank[distinct] = np.arange(len(distinct))
+    return distinct, rank.take(values)
+
+
+def _group_sums(account: np.ndarray, klass: np.ndarray, direction: np.ndarray, bucket: np.ndarray,
+                nbytes: np.ndarray, npackets: np.ndarray) -> _Sums | None:
+    """Sums per group number, ascending; None when a column's range does not fit.
+
+    The group number orders legs by (account, class, direction, bucket): bit
+    fields of the account id (or its rank), the rank of the class and of the
+    bucket among those present, and the direction.
+    When the possible groups are few (a batch holds a few hundred accounts over
+    an hour or two), each gets a uint64 cell and `np.add.at` sums into it;
+    otherwise `(group << position bits) | position` is sorted (a plain sort,
+    several times cheaper than an argsort) and runs are summed with
+    `np.add.reduceat`. Each summand is at most MAX_FLOW_BYTES = 2**40 and a
+    batch has at most MAX_LEGS = 2**23 legs, so no uint64 sum can wrap.
+    """
+    n = len(account)
+    low = int(bucket.min())
+    span = int(bucket.max()) - low + 1
+    amax = int(account.max())
+    if (int(account.min()) < 0 or int(klass.min()) < SKIP or int(klass.max()) >= 0xFFFF
+            or int(direction.max()) > 1 or span >= 1 << 15):
+        return None  # outside the ranges `_sum_sorted` packs without collisions: it decides
+    classes, cls = _renumber(klass.astype(np.intp) - SKIP, int(klass.max()) - SKIP + 1)
+    hours, hour = _renumber(bucket - low, span)
+    hour_bits = (len(hours) - 1).bit_length()
+    tail_bits = (len(classes) - 1).bit_length() + 1 + hour_bits  # class rank, direction, hour rank
+    accounts, acc = _renumber(account, amax + 1) if amax < _DENSE_ACCOUNTS else (None, account)
+    size = (amax + 1 if accounts is None else len(accounts)) << tail_bits
+    shift = n.bit_length()  # bits of a leg's position
+    dense = accounts is not None and size <= min(4 * n + (1 << 16), _DENSE_CELLS)
+    if not dense and size > 1 << (63 - shift):
+        return None
+    group = (acc << tail_bits) | (cls << (hour_bits + 1)) | (direction.astype(np.intp) << hour_bits) | hour
+    if dense:
+        counts = np.bincount(group, minlength=size)
+        present = np.flatnonzero(counts)
+        sums_b = np.zeros(size, dtype=_U64)
+        np.add.at(sums_b, group, nbytes)
+        sums_p = np.zeros(size, dtype=_U64)
+        np.add.at(sums_p, group, npackets)
+        counts, sums_b, sums_p = counts.take(present), sums_b.take(present), sums_p.take(present)
+    else:
+        packed = np.sort((group << shift) | np.arange(n))
+        order = packed & ((1 << shift) - 1)
+        group = packed >> shift
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        present = group.take(starts)
+        sums_b = np.add.reduceat(nbytes.take(order), starts)
+        sums_p = np.add.reduceat(npackets.take(order), starts)
+        counts = np.diff(np.r_[starts, n])
+    a = present >> tail_bits
+    k = (present & ((1 << tail_bits) - 1)) >> (hour_bits + 1)
+    return (a if accounts is None else accounts.take(a), classes.take(k) + SKIP, (present >> hour_bits) & 1,
+            hours.take(present & ((1 << hour_bits) - 1)) + low, sums_b, sums_p, counts)
+
+
+def _sum_sorted(account: np.ndarray, klass: np.ndarray, direction: np.ndarray, bucket: np.ndarray,
+                nbytes: np.ndarray, npackets: np.ndarray) -> _Sums:
+    """Sums by a stable argsort of one packed key: any value range, several times slower."""
+    klass = klass.astype(np.int64)
     hours, hour_idx = np.unique(bucket, return_inverse=True)
     if len(hours) >= 1 << 15:
         raise ClassifierError("a batch spans more than 32767 buckets")
@@ -427,18 +685,8 @@ def aggregate(
     key = (key << _U64(15)) | hour_idx.astype(_U64)
     order = np.argsort(key, kind="stable")
     key = key[order]
-    if not len(key):
-        empty = np.zeros(0, dtype=np.int64)
-        return Aggregates(empty, empty, empty, empty, empty.astype(_U64), empty.astype(_U64), empty, implausible)
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     first = order[starts]
-    return Aggregates(
-        account=account[first],
-        klass=klass[first],
-        direction=direction[first],
-        hour_ms=hours[hour_idx[first]] * hour_ms,
-        bytes=np.add.reduceat(nbytes[order], starts),
-        packets=np.add.reduceat(npackets[order], starts),
-        flows=np.diff(np.r_[starts, len(key)]),
-        implausible=implausible,
-    )
+    return (account[first], klass[first], direction[first].astype(np.int64), hours[hour_idx[first]],
+            np.add.reduceat(nbytes[order], starts), np.add.reduceat(npackets[order], starts),
+            np.diff(np.r_[starts, len(key)]))
