@@ -580,14 +580,15 @@ def aggregate(
     if apply_sampling:
         # `sampling` is a uint32 column: the scale never exceeds 2**32
         scale = np.maximum(flows["sampling"].take(index), 1).astype(_U64)
-        with np.errstate(over="ignore"):
+        # checked before multiplying: a product past 2**64 would wrap to a small, "sane" number
+        limit = _U64(MAX_FLOW_BYTES) // scale
+        sane = (raw_bytes <= limit) & (raw_packets <= limit)
+        with np.errstate(over="ignore"):  # the insane rows may wrap; they are dropped below
             nbytes = raw_bytes * scale
             npackets = raw_packets * scale
-        sane = (raw_bytes <= _U64(MAX_FLOW_BYTES)) & (nbytes <= _U64(MAX_FLOW_BYTES))
     else:
         nbytes, npackets = raw_bytes, raw_packets
-        sane = nbytes <= _U64(MAX_FLOW_BYTES)
-    sane &= npackets <= _U64(MAX_FLOW_BYTES)
+        sane = (nbytes <= _U64(MAX_FLOW_BYTES)) & (npackets <= _U64(MAX_FLOW_BYTES))
     implausible = len(sane) - int(np.count_nonzero(sane))
     if implausible:
         account, klass, direction, at_ms, nbytes, npackets = (
@@ -676,17 +677,21 @@ def _group_sums(account: np.ndarray, klass: np.ndarray, direction: np.ndarray, b
 
 def _sum_sorted(account: np.ndarray, klass: np.ndarray, direction: np.ndarray, bucket: np.ndarray,
                 nbytes: np.ndarray, npackets: np.ndarray) -> _Sums:
-    """Sums by a stable argsort of one packed key: any value range, several times slower."""
+    """Sums by a lexicographic sort of the four key columns: any value range, several times slower.
+
+    No packed key, so nothing can collide: class ids of any size, and a batch
+    whose flows claim thousands of different hours (a broken exporter clock)
+    is summed like any other instead of stopping the worker.
+    """
     klass = klass.astype(np.int64)
-    hours, hour_idx = np.unique(bucket, return_inverse=True)
-    if len(hours) >= 1 << 15:
-        raise ClassifierError("a batch spans more than 32767 buckets")
-    key = (((account.astype(_U64) << _U64(16)) | (klass + 1).astype(_U64)) << _U64(1)) | direction.astype(_U64)
-    key = (key << _U64(15)) | hour_idx.astype(_U64)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    first = order[starts]
-    return (account[first], klass[first], direction[first].astype(np.int64), hours[hour_idx[first]],
-            np.add.reduceat(nbytes[order], starts), np.add.reduceat(npackets[order], starts),
-            np.diff(np.r_[starts, len(key)]))
+    direction = direction.astype(np.int64)
+    order = np.lexsort((bucket, direction, klass, account))
+    columns = [c.take(order) for c in (account, klass, direction, bucket)]
+    change = np.zeros(len(order), dtype=bool)
+    change[0] = True
+    for c in columns:
+        change[1:] |= c[1:] != c[:-1]
+    starts = np.flatnonzero(change)
+    acc, cls, dirs, hours = (c.take(starts) for c in columns)
+    return (acc, cls, dirs, hours, np.add.reduceat(nbytes.take(order), starts),
+            np.add.reduceat(npackets.take(order), starts), np.diff(np.r_[starts, len(order)]))

@@ -531,7 +531,8 @@ class RecordCollector:
     def finish(self) -> list[np.ndarray]:
         out = []
         for compiled, state, chunks, many in self._groups.values():
-            data = b"".join([c[0] for c in chunks] + [m[0] for m in many])  # type: ignore[misc]
+            pieces: list[Any] = [c[0] for c in chunks] + [m[0] for m in many]
+            data = b"".join(pieces)
             counts = np.concatenate([np.array([c[1] for c in chunks], dtype=np.int64)]
                                     + [m[1].astype(np.int64) for m in many])
             raw = np.frombuffer(data, dtype=compiled.dtype, count=int(counts.sum()))

@@ -796,7 +796,7 @@ class Worker:
                         await asyncio.wait_for(wake.wait(), timeout=min(1.0, s.ship_interval))
                     continue
                 # ship every ship_interval, at once when far behind or stopping
-                behind = durable - tail.position > (4 << 20) or tail.position < self.committed
+                behind = durable - tail.position > READ_BYTES // 2 or tail.position < self.committed
                 wait = s.ship_interval - (loop.time() - last_ship)
                 if wait > 0 and not behind and not stop.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):

@@ -228,42 +228,42 @@ class Reference:
 
 def ref_aggregate(flows: np.ndarray, legs: Legs, hour_ms: int = HOUR_MS, apply_sampling: bool = True,
                   include_skipped: bool = False) -> Aggregates:
+    """The plain way: filter, then one stable sort by the key columns and sums of runs.
+
+    Two deliberate differences from the code this replaced: the sanity check
+    happens before multiplying by the sampling interval (a product past 2**64
+    wrapped to a small number and was charged), and the key is four columns,
+    not one packed uint64 (class ids >= 65535 collided with the direction bit,
+    and more than 32767 hours in a batch stopped the worker).
+    """
     keep = np.ones(len(legs.flow), dtype=bool) if include_skipped else legs.klass != SKIP
     index = legs.flow[keep]
     raw_bytes, raw_packets = flows["bytes"].take(index), flows["packets"].take(index)
     scale = flows["sampling"].take(index).astype(_U64) if apply_sampling else np.ones(len(index), dtype=_U64)
     scale = np.maximum(scale, _U64(1))
-    with np.errstate(over="ignore"):
-        nbytes = raw_bytes * scale
-        npackets = raw_packets * scale
-    sane = (raw_bytes <= _U64(MAX_FLOW_BYTES)) & (scale <= _U64(1 << 32))
-    sane &= (nbytes <= _U64(MAX_FLOW_BYTES)) & (npackets <= _U64(MAX_FLOW_BYTES))
+    sane = (raw_bytes <= _U64(MAX_FLOW_BYTES) // scale) & (raw_packets <= _U64(MAX_FLOW_BYTES) // scale)
     implausible = int((~sane).sum())
     account = legs.account[keep][sane]
     klass = legs.klass[keep][sane].astype(np.int64)
     direction = legs.direction[keep][sane].astype(np.int64)
     bucket = legs.at_ms[keep][sane] // hour_ms
-    nbytes, npackets = nbytes[sane], npackets[sane]
-    hours, hour_idx = np.unique(bucket, return_inverse=True)
-    if len(hours) >= 1 << 15:
-        raise ClassifierError("a batch spans more than 32767 buckets")
-    key = (((account.astype(_U64) << _U64(16)) | (klass + 1).astype(_U64)) << _U64(1)) | direction.astype(_U64)
-    key = (key << _U64(15)) | hour_idx.astype(_U64)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    if not len(key):
+    nbytes, npackets = raw_bytes[sane] * scale[sane], raw_packets[sane] * scale[sane]
+    if not len(account):
         empty = np.zeros(0, dtype=np.int64)
         return Aggregates(empty, empty, empty, empty, empty.astype(_U64), empty.astype(_U64), empty, implausible)
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    first = order[starts]
+    rows = sorted(zip(account.tolist(), klass.tolist(), direction.tolist(), bucket.tolist(), range(len(account))))
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for a, k, d, b, n in rows:
+        groups.setdefault((a, k, d, b), []).append(n)
+    keys = list(groups)
     return Aggregates(
-        account=account[first],
-        klass=klass[first],
-        direction=direction[first],
-        hour_ms=hours[hour_idx[first]] * hour_ms,
-        bytes=np.add.reduceat(nbytes[order], starts),
-        packets=np.add.reduceat(npackets[order], starts),
-        flows=np.diff(np.r_[starts, len(key)]),
+        account=np.array([k[0] for k in keys], dtype=np.int64),
+        klass=np.array([k[1] for k in keys], dtype=np.int64),
+        direction=np.array([k[2] for k in keys], dtype=np.int64),
+        hour_ms=np.array([k[3] for k in keys], dtype=np.int64) * hour_ms,
+        bytes=np.array([sum(int(nbytes[n]) for n in g) for g in groups.values()], dtype=_U64),
+        packets=np.array([sum(int(npackets[n]) for n in g) for g in groups.values()], dtype=_U64),
+        flows=np.array([len(g) for g in groups.values()], dtype=np.int64),
         implausible=implausible,
     )
 
@@ -590,3 +590,20 @@ def test_aggregate_rows_are_ordered_by_account_class_direction_hour() -> None:
     assert key == sorted(key) and len(set(key)) == len(key)
     assert int(agg.bytes.sum()) == int(flows["bytes"].sum())
     same_aggregates(agg, ref_aggregate(flows, legs))
+
+
+def test_garbage_counters_and_clocks_cannot_wrap_collide_or_stop_the_worker() -> None:
+    """A sampled counter whose product passes 2**64 is implausible (it used to wrap to a small
+    charge); class ids past 65535 and a batch over 40,000 different hours aggregate exactly."""
+    n = 40_000
+    flows = np.zeros(n, dtype=FLOW_DTYPE)
+    flows["bytes"], flows["packets"], flows["sampling"] = 1000, 1, 1
+    flows["bytes"][0] = (1 << 63) + 7  # times 2 wraps to 14 bytes
+    flows["sampling"][0] = 2
+    at = np.arange(n, dtype=np.int64) * HOUR_MS  # a broken exporter clock: every flow another hour
+    legs = Legs(np.arange(n), np.full(n, 5), np.where(np.arange(n) % 2, 70_000, 1).astype(np.int32),
+                np.zeros(n, dtype=np.uint8), at)
+    agg = aggregate(flows, legs)
+    assert agg.implausible == 1
+    assert len(agg.account) == n - 1 and set(agg.klass.tolist()) == {1, 70_000}
+    assert int(agg.bytes.sum()) == 1000 * (n - 1) and agg.flows.tolist() == [1] * (n - 1)
