@@ -172,7 +172,7 @@ def test_old_files_and_new_files_are_read_together(tmp_path: Path) -> None:
 
 
 def test_duckdb_reads_the_store_as_one_table(tmp_path: Path) -> None:
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb  # a test dependency (pyproject [test]): a real reader of the files
     flows = make_flows(4000, seed=31, hours=(0, 1))
     legs = make_legs(flows, 32)
     w = RawWriter(tmp_path, "1", row_group_rows=1000)
