@@ -34,9 +34,10 @@ journal range they cover.  The journal is trimmed only below both the
 committed watermark and the raw store's watermark, and replay starts from
 the lower of the two, so raw storage is exact across crashes too.
 
-Bounded.  A batch holds at most ``batch_packets`` packets; aggregates are
-at most ``MAX_ROWS`` rows per call (a batch that would produce more is
-redone with fewer packets from the same checkpoint); pending packets are
+Bounded.  A batch holds at most ``batch_packets`` packets, decoded in
+chunks of `CHUNK_PACKETS` whose aggregates are merged; aggregates are at
+most ``MAX_ROWS`` rows per call (a chunk that would produce more is redone
+with fewer packets from the same state, or left for the next batch); pending packets are
 capped and expire after ``PENDING_TTL`` seconds of exporter time (counted as
 missing-template drops).  The journal has no cap: over
 ``journal_max_bytes`` a loud alarm is logged and exported, nothing dropped.
@@ -131,7 +132,7 @@ class WorkerSettings:
     raw_retention_days: int = 90
     raw_flush_rows: int = 2_000_000
     raw_flush_interval: float = 60.0
-    batch_packets: int = 8_000
+    batch_packets: int = 20_000
 
     @classmethod
     def from_config(cls, config: Any, index: int, worker_id: str | None = None) -> WorkerSettings:
@@ -224,7 +225,9 @@ MAX_DATAGRAM = 65535
 BLOCK_PACKETS = 128  # datagrams per journal block at most (3840 v5 flows: far below MAX_ROWS legs)
 BLOCK_BYTES = 128 << 10  # payload bytes per block at most (the last datagram may cross it)
 LINGER = 0.002  # seconds a partly filled block waits for more datagrams
-READ_BYTES = 16 << 20  # journal bytes the shipper reads at a time
+READ_BYTES = 8 << 20  # journal bytes the shipper reads at a time
+CHUNK_PACKETS = 4_000  # packets decoded at a time: arrays stay small enough to be reused, not faulted in
+BEHIND_BYTES = 32 << 20  # journal waiting beyond this is shipped at once rather than at ship_interval
 
 
 class _Block:
@@ -594,6 +597,27 @@ def snapshot_from_wire(snap: dict[str, Any]) -> Snapshot:
 AGG_COLUMNS = ("account", "klass", "direction", "hour_ms", "bytes", "packets", "flows")
 
 
+def billable_rows(agg: Aggregates) -> int:
+    return int(np.count_nonzero((agg.account > 0) & (agg.klass > 0)))
+
+
+def merge_aggregates(a: Aggregates, b: Aggregates) -> Aggregates:
+    """The sums of two batches' aggregates, per (account, class, direction, hour), exact."""
+    cols = {name: np.concatenate([getattr(a, name), getattr(b, name)]) for name in AGG_COLUMNS}
+    order = np.lexsort((cols["hour_ms"], cols["direction"], cols["klass"], cols["account"]))
+    keys = [cols[n].take(order) for n in ("account", "klass", "direction", "hour_ms")]
+    change = np.zeros(len(order), dtype=bool)
+    if len(order):
+        change[0] = True
+    for k in keys:
+        change[1:] |= k[1:] != k[:-1]
+    starts = np.flatnonzero(change)
+    return Aggregates(*(k.take(starts) for k in keys),
+                      *(np.add.reduceat(cols[n].take(order), starts) if len(order) else cols[n]
+                        for n in ("bytes", "packets", "flows")),
+                      implausible=a.implausible + b.implausible)
+
+
 def encode_aggregates(agg: Aggregates) -> dict[str, bytes]:
     """Billable rows (account > 0, class > 0) as little-endian int64 columns."""
     keep = (agg.account > 0) & (agg.klass > 0)
@@ -712,18 +736,17 @@ class Worker:
         self.classifier_version = version
 
     # -- one batch ------------------------------------------------------------
-    def _prepare(self, decoder: BatchDecoder, tail: JournalTail, limit: int, max_packets: int
+    def _prepare(self, decoder: BatchDecoder, tail: JournalTail, limit: int, max_packets: int, saved: bytes
                  ) -> tuple[Packets, np.ndarray, Aggregates, Any, BatchStats]:
-        """Decode and aggregate the next batch; too many rows → fewer packets from the same state."""
+        """Decode and aggregate the next chunk; too many rows → fewer packets from the same state."""
         assert self.classifier is not None
         start = tail.position
-        saved = decoder.state.dumps()
         while True:
             records = tail.read(limit, max_packets)
             flows, stats = decoder.decode(records)
             legs = self.classifier.classify(flows)
             agg = aggregate(flows, legs)
-            billable = int(((agg.account > 0) & (agg.klass > 0)).sum())
+            billable = billable_rows(agg)
             if billable <= MAX_ROWS or len(np.unique(records.offsets)) <= 1:
                 break
             decoder.state = DecoderState.loads(saved)
@@ -732,6 +755,35 @@ class Worker:
         if billable > MAX_ROWS:
             raise RuntimeError(f"one journal record makes {billable} aggregate rows, over {MAX_ROWS}")
         return records, flows, agg, legs, stats
+
+    def _batch(self, decoder: BatchDecoder, tail: JournalTail, limit: int
+               ) -> tuple[list[tuple[int, int, np.ndarray, Any]], Aggregates]:
+        """Decode chunks of `CHUNK_PACKETS` up to ``batch_packets`` (or ``limit``) into one batch.
+
+        Small chunks keep the worker's arrays small (CPU per flow rises with
+        arrays past glibc's mmap threshold); one batch of many chunks keeps
+        the core's work per flow small (its cost is per call and per account
+        touched). A chunk that would take the merged aggregates past
+        MAX_ROWS is undone (decoder state and tail) and left for the next batch.
+        """
+        chunks: list[tuple[int, int, np.ndarray, Any]] = []
+        merged: Aggregates | None = None
+        packets = 0
+        while tail.position < limit and packets < self.s.batch_packets:
+            start = tail.position
+            saved = decoder.state.dumps()
+            records, flows, agg, legs, stats = self._prepare(decoder, tail, limit, CHUNK_PACKETS, saved)
+            combined = agg if merged is None else merge_aggregates(merged, agg)
+            if merged is not None and billable_rows(combined) > MAX_ROWS:
+                decoder.state = DecoderState.loads(saved)
+                tail.rewind(start)
+                break
+            merged = combined
+            self._count(stats, agg)
+            chunks.append((start, tail.position, flows, legs))
+            packets += len(records)
+        assert merged is not None, "a batch starts below the limit"
+        return chunks, merged
 
     def _count(self, stats: BatchStats, agg: Aggregates) -> None:
         m = self._m
@@ -796,7 +848,7 @@ class Worker:
                         await asyncio.wait_for(wake.wait(), timeout=min(1.0, s.ship_interval))
                     continue
                 # ship every ship_interval, at once when far behind or stopping
-                behind = durable - tail.position > READ_BYTES // 2 or tail.position < self.committed
+                behind = durable - tail.position > BEHIND_BYTES or tail.position < self.committed
                 wait = s.ship_interval - (loop.time() - last_ship)
                 if wait > 0 and not behind and not stop.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -804,11 +856,10 @@ class Worker:
                     continue
                 # replayed batches never straddle the committed watermark
                 limit = durable if tail.position >= self.committed else min(durable, self.committed)
-                batch_start = tail.position
-                records, flows, agg, legs, stats = self._prepare(decoder, tail, limit, s.batch_packets)
-                first, end = batch_start, tail.position
+                first = tail.position
+                chunks, agg = self._batch(decoder, tail, limit)
+                end = tail.position
                 checkpoints.save(end, decoder.state.dumps())
-                self._count(stats, agg)
                 if end > self.committed:
                     try:
                         result = await self.link.call(
@@ -822,7 +873,9 @@ class Worker:
                     self.sent_batches += 1
                 last_ship = loop.time()
                 if raw is not None:
-                    raw.add_legs(flows, legs, first, end)
+                    # only once the core has the batch: the raw store's mark never passes the committed one
+                    for a, b, flows, legs in chunks:
+                        raw.add_legs(flows, legs, a, b)
                     if raw.due(loop.time()) or stop.is_set():
                         await asyncio.to_thread(raw.flush, loop.time())
                 self._trim(receiver, checkpoints, raw)

@@ -122,3 +122,32 @@ def test_decoder_state_round_trips_templates_and_pending() -> None:
     assert len(again.cache) == len(state.cache) == 2
     res = decode_batch([Datagram("127.0.0.1", packets[1])], again.cache, again.tracker, 0.0)
     assert len(res.flows) == 24 and not res.pending
+
+
+def test_merged_chunk_aggregates_equal_one_aggregate_of_the_whole_batch() -> None:
+    """The shipper decodes a batch in chunks and merges their aggregates: exactly the sums of one pass."""
+    import numpy as np
+
+    from netflow.classifier import Binding, Classifier, Snapshot, TrafficRule, aggregate
+    from netflow.flows import FLOW_DTYPE, V4_MAPPED
+    from netflow.worker import AGG_COLUMNS, merge_aggregates
+
+    rng = np.random.default_rng(5)
+    n = 30_000
+    flows = np.zeros(n, dtype=FLOW_DTYPE)
+    flows["src_lo"] = V4_MAPPED | (0x0A000000 + rng.integers(1, 300, n)).astype(np.uint64)
+    flows["dst_lo"] = V4_MAPPED | (0xCB007100 + rng.integers(1, 9, n)).astype(np.uint64)
+    flows["first_ms"] = 1_700_000_000_000 + rng.integers(0, 3 * 3_600_000, n)
+    flows["bytes"] = rng.integers(0, 1 << 40, n, dtype=np.uint64)
+    flows["packets"], flows["sampling"] = rng.integers(1, 1000, n, dtype=np.uint64), rng.integers(1, 3, n)
+    classifier = Classifier(Snapshot(tuple(Binding(f"10.0.{k // 256}.{k % 256}/32", k) for k in range(1, 300)),
+                                     (TrafficRule(7, remote=("203.0.113.0/28",)), TrafficRule(9)), 0))
+    whole = aggregate(flows, classifier.classify(flows))
+    merged = None
+    for a, b in ((0, 7000), (7000, 7001), (7001, 20_000), (20_000, n)):
+        part = aggregate(flows[a:b], classifier.classify(flows[a:b]))
+        merged = part if merged is None else merge_aggregates(merged, part)
+    assert merged is not None
+    for name in AGG_COLUMNS:
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
+    assert merged.implausible == whole.implausible
