@@ -551,10 +551,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="small steps (CI), under a minute")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per burst step")
-    ap.add_argument("--rates", default="250000,500000,1000000,1500000,2000000,3000000,4000000",
+    ap.add_argument("--rates", default="500000,1000000,2000000,3000000,4000000",
                     help="burst flows/s steps, ascending")
     ap.add_argument("--sustained-seconds", type=float, default=20.0, help="seconds per sustained step")
-    ap.add_argument("--sustained-rates", default="250000,400000,500000,600000,750000,1000000,1250000",
+    ap.add_argument("--sustained-rates", default="500000,1000000,1500000,2000000,2500000,3000000",
                     help="sustained flows/s steps, ascending")
     ap.add_argument("--senders", type=int, default=2)
     ap.add_argument("--targets", default="billcore,nfcapd,nfacctd", help="burst targets")
