@@ -1,7 +1,10 @@
 """Flows decoded per core-second: billcore's vectorized decoders vs a naive loop.
 
 Both sides decode the same in-memory batch of datagrams built by
-`netflow.exporter`, in one process on one core (no sockets). The baseline is
+`netflow.exporter`, in one process on one core (no sockets); billcore gets
+them as the worker's journal reader does (`Packets`: one buffer and
+per-packet arrays, built outside the timing), the baseline as a list of
+payloads. The baseline is
 what a straightforward collector does: `struct.unpack_from` per record, a
 Python object per flow. For v9/IPFIX the baseline is given the template
 layout up front (no template parsing at all), which flatters it.
@@ -26,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import cpu_model  # noqa: E402
 
-from netflow.decode import decode_batch  # noqa: E402
+from netflow.decode import decode_batch, decode_packets  # noqa: E402
 from netflow.exporter import ExportClock, FlowSpec, build_ipfix, build_v5, build_v9  # noqa: E402
-from netflow.flows import Datagram  # noqa: E402
+from netflow.flows import Datagram, Packets  # noqa: E402
 from netflow.templates import SequenceTracker, TemplateCache  # noqa: E402
 
 CLOCK = ExportClock(boot_ms=1_700_000_000_000, export_ms=1_700_000_600_000)
@@ -137,9 +140,11 @@ def main() -> None:
         grams = [Datagram(exporter, p) for p in payloads]
         cache = TemplateCache()
         decode_batch(grams[:1], cache, None, now=0)  # templates learned, as in steady state
+        # the worker's input: one buffer and per-packet arrays, as its journal reader gives them
+        packets = Packets.from_datagrams(grams)
 
-        def ours(grams: list[Datagram] = grams, cache: TemplateCache = cache) -> int:
-            return len(decode_batch(grams, cache, SequenceTracker(), now=0).flows)
+        def ours(packets: Packets = packets, cache: TemplateCache = cache) -> int:
+            return len(decode_packets(packets, cache, SequenceTracker(), now=0).flows)
 
         vec, vec_runs = best_rate(ours, n, seconds)
         base, base_runs = best_rate(lambda p=payloads, f=naive[name]: f(p), n, seconds)
@@ -168,7 +173,8 @@ def main() -> None:
     (RESULTS / "netflow_decode.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=2) + "\n")
     (RESULTS / "netflow_decode.md").write_text(
         "# NetFlow decoding, flows per core-second\n\n"
-        "One process, one core, in-memory datagrams from `netflow.exporter`; best of repeated runs, "
+        "One process, one core, in-memory datagrams from `netflow.exporter` (billcore: as `Packets`, the "
+        "worker's journal batch); best of repeated runs, "
         "measured in process CPU time (the machine is shared). "
         "Baseline: `struct.unpack_from` per record with the template layout hard-coded.\n\n"
         f"{table}\n\nMachine: {machine['cpu']}, {machine['nproc']} cpus, {machine['platform']}, "
