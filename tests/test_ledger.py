@@ -8,9 +8,9 @@ import asyncpg
 import pytest
 
 from billcore.billing import accounts, blocks, payments
-from billcore.billing.ledger import Entry, post_charges
+from billcore.billing.ledger import Entry, post_batch, post_charges
 from billcore.billing.ledger_errors import (
-    AmountError, IdempotencyConflict, NotInTransaction, PaymentConflict, PromisedRefused,
+    AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, PaymentConflict, PromisedRefused,
     UnknownAccount, UnknownPayment,
 )
 from billcore.billing.verify import verify
@@ -84,6 +84,74 @@ async def test_post_charges_needs_a_transaction_and_skips_posted_keys(pool: asyn
             async with conn.transaction():
                 await post_charges(conn, [Entry(a, 10**18, "charge", "x3")], actor="rating", now=T0)
         assert (await state(conn, a))[:2] == (-8, -8)
+
+
+async def test_post_batch_books_what_post_charges_books(pool: asyncpg.Pool) -> None:
+    """The same rows (mixed kinds and references, two rows on one account, one account
+    pushed into debt) posted as Entries and as columns: the same ledger rows, balances
+    and block changes."""
+    async with pool.acquire() as conn:
+        rows = [(0, -7, "traffic", "usage w@1"), (1, -5, "charge", "usage w@1"), (0, -3, "traffic", "other"),
+                (2, -11 * UNIT, "traffic", "usage w@1")]
+        booked = []
+        for way in ("entries", "columns"):
+            ids = [await new_account(conn, f"{way}{i}", credit=10 * UNIT) for i in range(3)]
+            keys = [f"{way}-{n}" for n in range(len(rows))]
+            async with conn.transaction():
+                if way == "entries":
+                    r = await post_charges(conn, [Entry(ids[i], m, k, key, reference=ref)
+                                                  for (i, m, k, ref), key in zip(rows, keys)], actor="t", now=T0)
+                    balances, changes = r.balances, r.block_changes
+                    assert [p.ledger_id for p in r.posted] == sorted(p.ledger_id for p in r.posted)
+                else:
+                    b = await post_batch(conn, [ids[i] for i, *_ in rows], [m for _, m, _, _ in rows],
+                                         [k for _, _, k, _ in rows], keys, reference="usage w@1", actor="t", now=T0)
+                    balances, changes = b.balances, b.block_changes
+                    assert list(b.ledger_ids) == sorted(b.ledger_ids) and len(b.ledger_ids) == len(rows)
+            ledger = [(ids.index(r["account_id"]), r["amount"], r["kind"], r["balance_after"], r["actor"])
+                      for r in await conn.fetch("SELECT * FROM ledger WHERE idem_key = ANY($1) ORDER BY id", keys)]
+            booked.append((ledger, [balances[i] for i in ids],
+                           [(ids.index(c.account_id), c.kind, c.action) for c in changes]))
+        assert booked[0] == booked[1]
+        assert booked[0][1] == [-10, -5, -11 * UNIT] and booked[0][2] == [(2, "system", "set")]
+        assert await conn.fetchval("SELECT count(*) FROM ledger WHERE reference = 'other'") == 1  # entries' own
+        assert await verify(conn, T0) == []
+
+
+async def test_post_batch_checks_every_row_and_a_taken_key_books_nothing(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        a = await new_account(conn, "a", credit=UNIT)
+
+        async def post(accounts: list[object], amounts: list[object], kinds: list[object],
+                       keys: list[object], reference: object = "") -> None:
+            async with conn.transaction():
+                await post_batch(conn, accounts, amounts, kinds, keys,  # type: ignore[arg-type]
+                                 reference=reference, actor="t", now=T0)  # type: ignore[arg-type]
+
+        with pytest.raises(NotInTransaction):
+            await post_batch(conn, [a], [-1], ["charge"], ["k"], reference="", actor="t", now=T0)
+        for accounts_, amounts, kinds, keys, error in [
+                ([a, 0], [-1, -1], ["charge"] * 2, ["k1", "k2"], InvalidValue),
+                ([a, True], [-1, -1], ["charge"] * 2, ["k1", "k2"], InvalidValue),
+                ([a, a], [-1, 0], ["charge"] * 2, ["k1", "k2"], AmountError),
+                ([a, a], [-1, 1.5], ["charge"] * 2, ["k1", "k2"], AmountError),
+                ([a], [10**18], ["charge"], ["k1"], AmountError),
+                ([a, a], [-1, -1], ["charge", "gift"], ["k1", "k2"], InvalidValue),
+                ([a, a], [-1, -1], ["charge"] * 2, ["k1", ""], InvalidValue),
+                ([a], [-1], ["charge"], ["k" * 257], InvalidValue),
+                ([a, a], [-1, -1], ["charge"] * 2, ["k1", None], InvalidValue),
+                ([a, a], [-1], ["charge"] * 2, ["k1", "k2"], InvalidValue),
+                ([a, a], [-1, -1], ["charge"] * 2, ["k1", "k1"], IdempotencyConflict),
+                ([a, 999_999], [-1, -1], ["charge"] * 2, ["k1", "k2"], UnknownAccount)]:
+            with pytest.raises(error):
+                await post(accounts_, amounts, kinds, keys)
+        with pytest.raises(InvalidValue):
+            await post([a], [-1], ["charge"], ["k1"], reference="r" * 1001)
+        await post([a], [-5], ["charge"], ["taken"])
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await post([a, a], [-1, -2], ["charge"] * 2, ["fresh", "taken"])
+        assert await state(conn, a) == (-5, -5, set())
+        assert await verify(conn, T0) == []
 
 
 async def test_ledger_rows_cannot_be_updated_or_deleted(pool: asyncpg.Pool) -> None:

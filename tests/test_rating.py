@@ -36,6 +36,8 @@ from billcore.billing.rating import (
     Usage,
     preview,
     rate,
+    resolve,
+    settle,
 )
 from billcore.billing.timeranges import TimeRange, Window
 
@@ -220,6 +222,36 @@ def test_traffic_charge_is_split_invariant(meter: Meter, parts: list[int]) -> No
         counters.update(result.counters)
     whole = rate([TrafficUsage(7, INTERNET, noon(2), sum(parts))], {}, rating, NOW)
     assert charged == whole.total == meter.charged(sum(parts)) == reference_charge(meter, sum(parts))
+
+
+usages = st.lists(st.one_of(
+    st.builds(TrafficUsage, st.sampled_from([7, 8, 9]), st.sampled_from([INTERNET, LOCAL, 99]),
+              st.builds(lambda h: APRIL + timedelta(hours=h), st.integers(-30 * 24, 31 * 24)),
+              st.integers(0, 50 * GB)),
+    st.builds(SessionUsage, st.just(7),
+              st.builds(lambda s: APRIL + timedelta(seconds=s), st.integers(-86400, 30 * 86400)),
+              st.integers(0, 30 * HOUR)),
+), max_size=25)
+
+
+@settings(deadline=None, max_examples=200)
+@given(usages, st.dictionaries(st.integers(0, 5), st.integers(0, 40 * GB), max_size=6), st.booleans(),
+       meters)
+def test_resolve_then_settle_is_rate(batch: list[Usage], stored: dict[int, int], unlimited: bool,
+                                     meter: Meter) -> None:
+    """The database path (resolve once, lock, settle) books exactly what ``rate`` books:
+    the same entries in the same order, the same counters, the same rejects."""
+    rating = book(unlimited=unlimited, meter=meter)
+    resolved = resolve(batch, rating, NOW)
+    keys = sorted(resolved.deltas)
+    counters = {CounterKey(*keys[i]): q for i, q in stored.items() if i < len(keys)}
+    result = rate(batch, counters, rating, NOW)
+    moves = settle(resolved, {(k.account_id, k.service_id, k.klass, k.range_id, k.period_start): q
+                              for k, q in counters.items()})
+    assert [(CounterKey(*k), after) for k, _, after, _, _ in moves] == list(result.counters.items())
+    assert [(m[0][0], m[3], m[4], CounterKey(*m[0]), m[1], m[2]) for m in moves if m[3]] == \
+        [(e.account_id, e.amount, e.kind, e.key, e.counter_before, e.counter_after) for e in result.entries]
+    assert resolved.rejected == result.rejected
 
 
 @given(meters, st.integers(0, 10**13), st.integers(0, 10**13))

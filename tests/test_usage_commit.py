@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from billcore.billing import accounts
 from billcore.billing import tariffs as T
+from billcore.billing.errors import InvariantViolation
 from billcore.billing.money import GB
-from billcore.billing.rating import SessionUsage, TrafficUsage
-from billcore.billing.usage import NO_WATERMARK, commit_usage, watermark
+from billcore.billing.rating import CounterKey, SessionUsage, TrafficUsage, rate
+from billcore.billing.usage import NO_WATERMARK, commit_usage, usage_key, watermark
 
 UTC = timezone.utc
 NOW = datetime(2024, 3, 20, 12, tzinfo=UTC)
@@ -220,3 +223,100 @@ async def test_prepaid_and_tier_borders_exactly(pool: asyncpg.Pool, total: int) 
                 PREPAID + BORDER: 2 * BORDER, PREPAID + BORDER + 1: 2 * BORDER,
                 PREPAID + BORDER + 3: 2 * BORDER + 1}
     assert cost(total) == expected[total]
+
+
+async def test_commit_books_what_rate_books(pool: asyncpg.Pool) -> None:
+    """commit_usage resolves once and rates against the locked counters: its ledger rows
+    (order, keys, references, running balances), counters and daily totals are exactly
+    what the pure ``rate`` gives for the same batch, batch after batch."""
+    tz = ZoneInfo("Europe/Berlin")
+    async with pool.acquire() as conn:
+        s = await setup_traffic(conn, accounts=4)
+        await accounts.edit_account(conn, s["accounts"][3], actor="test", unlimited=True)
+        midnight = datetime(2024, 3, 19, 23, tzinfo=UTC)  # 00:00 Berlin: batches cross a local day
+        usage = [TrafficUsage(a, klass, midnight + timedelta(hours=h), 700 * (a + h + 3) + 3 * klass)
+                 for a in s["accounts"] for klass in (s["inet"], s["local"]) for h in (-2, -1, 0, 1)]
+        usage.append(TrafficUsage(s["accounts"][0], s["inet"] + 1000, midnight, 5))  # no rate
+        batches = [usage[i::3] for i in range(3)]
+        for mark, batch in enumerate(batches, start=1):
+            since = min(u.at for u in batch)
+            book = await T.load_book(conn, sorted({u.account_id for u in batch}), tz=tz, since=since, until=NOW)
+            stored = {CounterKey(r["account_id"], r["service_id"], r["class_id"], r["range_id"], r["period_start"]):
+                      r["quantity"] for r in await conn.fetch("SELECT * FROM usage_counters")}
+            expected = rate(batch, stored, book, NOW)
+            balances = {r["id"]: r["balance"] for r in await conn.fetch("SELECT id, balance FROM accounts")}
+            last = await conn.fetchval("SELECT coalesce(max(id), 0) FROM ledger")
+
+            res = await commit_usage(conn, "w", mark, batch, NOW, tz=tz, actor="netflow:w")
+
+            rows = [tuple(r) for r in await conn.fetch(
+                "SELECT account_id, amount, kind, idem_key, reference, balance_after, actor FROM ledger"
+                " WHERE id > $1 ORDER BY id", last)]
+            want = []
+            for e in expected.entries:
+                balances[e.account_id] -= e.amount
+                want.append((e.account_id, -e.amount, "traffic", usage_key("w", mark, e.key), f"usage w@{mark}",
+                             balances[e.account_id], "netflow:w"))
+            assert rows == want
+            assert (res.charged, res.entries, res.counters, res.rejected) == \
+                (expected.total, len(expected.entries), len(expected.counters), expected.rejected)
+            counters = {CounterKey(r["account_id"], r["service_id"], r["class_id"], r["range_id"], r["period_start"]):
+                        r["quantity"] for r in await conn.fetch("SELECT * FROM usage_counters")}
+            assert counters == {**stored, **expected.counters}
+        daily = await conn.fetch("SELECT account_id, class_id, sum(quantity) q, sum(amount) m FROM usage_daily"
+                                 " GROUP BY 1, 2 ORDER BY 1, 2")
+        rated = [u for u in usage if u.klass != s["inet"] + 1000]
+        assert {(r["account_id"], r["class_id"]): r["q"] for r in daily} == {
+            (a, k): sum(u.bytes for u in rated if (u.account_id, u.klass) == (a, k))
+            for a in s["accounts"] for k in (s["inet"], s["local"])}
+        assert sum(r["m"] for r in daily) == -await conn.fetchval("SELECT sum(amount) FROM ledger")
+        assert len(await conn.fetch("SELECT DISTINCT day FROM usage_daily")) == 2
+
+
+async def test_a_change_between_batches_is_rated_by_the_next_batch(pool: asyncpg.Pool) -> None:
+    """Every batch reads the tariffs anew: the unlimited flag, a new price and a tariff
+    switch made between two batches apply to the very next one."""
+    async with pool.acquire() as conn:
+        s = await setup_traffic(conn)
+        account = s["accounts"][0]
+        hour = NOW - timedelta(hours=2)
+
+        async def send(mark: int, nbytes: int, at: datetime = hour) -> int:
+            res = await commit_usage(conn, "w", mark, [TrafficUsage(account, s["inet"], at, nbytes)], NOW)
+            assert res.rejected == ()
+            return res.charged
+
+        assert await send(1, 3_000) == cost(3_000)
+        await accounts.edit_account(conn, account, actor="test", unlimited=True)
+        assert await send(2, 1_000) == 0                       # counted, not charged
+        await accounts.edit_account(conn, account, actor="test", unlimited=False)
+        assert await send(3, 1_000) == cost(5_000) - cost(4_000)
+        await T.set_rate(conn, s["service"], class_id=s["inet"], range_id=None, prepaid=0, unit_size=1,
+                         tiers=[(0, 10)])                         # 10 micro per byte from now on
+        assert await send(4, 100) == 10 * 5_100 - 10 * 5_000    # the counter, priced by the new meter
+        cheap = await T.create_service(conn, "cheap", "traffic")
+        await T.set_rate(conn, cheap, class_id=s["inet"], range_id=None, prepaid=0, unit_size=1, tiers=[(0, 1)])
+        switch = NOW - timedelta(minutes=90)
+        await T.link_tariff(conn, account, await T.create_tariff(conn, "cheap", [cheap]), now=switch, tz=UTC,
+                            actor="test")
+        assert await send(5, 200, at=NOW - timedelta(minutes=30)) == 200  # the new service's own counter
+        rows = await conn.fetch("SELECT service_id, quantity FROM usage_counters ORDER BY service_id")
+        assert [tuple(r) for r in rows] == [(s["service"], 5_100), (cheap, 200)]
+
+
+async def test_usage_keys_booked_under_a_lowered_watermark_stop_the_batch(pool: asyncpg.Pool) -> None:
+    """Usage keys name (source, watermark): if they are in the ledger although the committed
+    watermark is below (an operator lowered it by hand), the batch books nothing."""
+    async with pool.acquire() as conn:
+        s = await setup_traffic(conn)
+        account = s["accounts"][0]
+        batch = [TrafficUsage(account, s["inet"], NOW - timedelta(hours=1), 4_000)]
+        await commit_usage(conn, "w", 10, batch, NOW)
+        await conn.execute("UPDATE ingest_watermarks SET watermark = 5 WHERE source = 'w'")
+        before = await conn.fetch("SELECT * FROM usage_counters")
+        with pytest.raises(InvariantViolation, match="already booked"):
+            await commit_usage(conn, "w", 10, batch, NOW)
+        assert await watermark(conn, "w") == 5
+        assert await balance(conn, account) == -cost(4_000)
+        assert await conn.fetch("SELECT * FROM usage_counters") == before
+        assert await conn.fetchval("SELECT count(*) FROM ledger") == 1

@@ -87,14 +87,21 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """Rate one batch of a worker's aggregates and commit it with the worker's journal watermark."""
         source = "netflow:" + _worker(worker)
         cols = decode_columns(columns)
+        accounts, klasses, hours, sizes = cols["account"], cols["klass"], cols["hour_ms"], cols["bytes"]
+        if accounts and (min(accounts) <= 0 or min(klasses) <= 0 or min(sizes) < 0 or min(hours) < 0):
+            bad = next(i for i in range(len(accounts))
+                       if accounts[i] <= 0 or klasses[i] <= 0 or sizes[i] < 0 or hours[i] < 0)
+            raise UsageError(f"bad aggregate row: account {accounts[bad]}, class {klasses[bad]}, bytes {sizes[bad]}")
         totals: dict[tuple[int, int, int], int] = {}
-        for account, klass, hour, nbytes in zip(cols["account"], cols["klass"], cols["hour_ms"], cols["bytes"]):
-            if account <= 0 or klass <= 0 or nbytes < 0 or hour < 0:
-                raise UsageError(f"bad aggregate row: account {account}, class {klass}, bytes {nbytes}")
-            key = (account, klass, hour)
+        for key, nbytes in zip(zip(accounts, klasses, hours), sizes):  # direction is not a rating dimension
             totals[key] = totals.get(key, 0) + nbytes
-        usage = [TrafficUsage(a, k, datetime.fromtimestamp(h // 1000, timezone.utc), b)
-                 for (a, k, h), b in sorted(totals.items())]
+        stamps: dict[int, datetime] = {}  # one per hour bucket, shared by its rows
+        usage = []
+        for (a, k, h), b in sorted(totals.items()):
+            at = stamps.get(h)
+            if at is None:
+                at = stamps[h] = datetime.fromtimestamp(h // 1000, timezone.utc)
+            usage.append(TrafficUsage(a, k, at, b))
         async with core.pool.acquire() as conn:
             result = await commit_usage(conn, source, watermark, usage, core.now(), tz=tz, actor=source)
         await announce(core, result.block_changes)  # type: ignore[arg-type]

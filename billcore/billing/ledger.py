@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 ``post_charges(conn, entries, actor=..., now=...)`` is the one way money
-moves.  Inside the CALLER's transaction it:
+moves (``post_batch``, below, is the same posting fed columns).  Inside the
+CALLER's transaction it:
 
 1. validates every entry (int amounts, non-zero, within ±MAX_AMOUNT, a known
    kind, an idempotency key, no key twice in one batch);
@@ -29,6 +30,10 @@ It returns a ``PostResult`` with the rows posted, the keys skipped, the
 final balances and the block changes; the caller publishes the block
 changes after its commit.  An exception anywhere leaves the caller's
 transaction to roll back: a failed posting books nothing.
+
+``post_batch`` is the same posting for rows given as columns whose keys the
+caller knows to be new (a usage batch above its committed watermark): no
+step 3, no ``Entry``/``Posted`` object per row, the same checks per row.
 
 Two writers racing on the same *new* key for different accounts both pass
 step 3; the UNIQUE index makes the second insert fail, so its transaction
@@ -56,8 +61,10 @@ __all__ = [
     "MAX_BATCH",
     "Entry",
     "Posted",
+    "PostedBatch",
     "PostResult",
     "lock_accounts",
+    "post_batch",
     "post_charges",
     "ledger_history",
     "utcnow",
@@ -104,24 +111,42 @@ class PostResult:
     block_changes: tuple[BlockChange, ...]
 
 
+def _check_row(account_id: object, amount: object, kind: object, idem_key: object) -> None:
+    """The rules every posted row follows, an ``Entry`` or a row of ``post_batch``'s columns."""
+    if type(account_id) is not int or account_id <= 0:
+        raise InvalidValue(f"account id must be a positive int, got {account_id!r}")
+    if type(amount) is not int:
+        raise AmountError(f"amount must be int micro-units, got {type(amount).__name__}")
+    if amount == 0 or not -MAX_AMOUNT <= amount <= MAX_AMOUNT:
+        raise AmountError(f"amount must be non-zero and within ±{MAX_AMOUNT}, got {amount}")
+    if kind not in ENTRY_KINDS:
+        raise InvalidValue(f"unknown ledger kind {kind!r}")
+    if type(idem_key) is not str or not 1 <= len(idem_key) <= MAX_KEY:
+        raise InvalidValue(f"idempotency key must be a string of 1..{MAX_KEY} characters")
+
+
+def _check_reference(reference: object) -> None:
+    if type(reference) is not str or len(reference) > MAX_REFERENCE:
+        raise InvalidValue(f"reference must be a string of at most {MAX_REFERENCE} characters")
+
+
 def _check_entry(e: object) -> Entry:
     if not isinstance(e, Entry):
         raise InvalidValue(f"expected an Entry, got {type(e).__name__}")
-    if type(e.account_id) is not int or e.account_id <= 0:
-        raise InvalidValue(f"account id must be a positive int, got {e.account_id!r}")
-    if type(e.amount) is not int:
-        raise AmountError(f"amount must be int micro-units, got {type(e.amount).__name__}")
-    if e.amount == 0 or not -MAX_AMOUNT <= e.amount <= MAX_AMOUNT:
-        raise AmountError(f"amount must be non-zero and within ±{MAX_AMOUNT}, got {e.amount}")
-    if e.kind not in ENTRY_KINDS:
-        raise InvalidValue(f"unknown ledger kind {e.kind!r}")
-    if type(e.idem_key) is not str or not 1 <= len(e.idem_key) <= MAX_KEY:
-        raise InvalidValue(f"idempotency key must be a string of 1..{MAX_KEY} characters")
-    if type(e.reference) is not str or len(e.reference) > MAX_REFERENCE:
-        raise InvalidValue(f"reference must be a string of at most {MAX_REFERENCE} characters")
+    _check_row(e.account_id, e.amount, e.kind, e.idem_key)
+    _check_reference(e.reference)
     if e.reverses is not None and (type(e.reverses) is not int or e.reverses <= 0):
         raise InvalidValue("reverses must be a ledger id")
     return e
+
+
+def _check_call(conn: asyncpg.Connection, actor: object, rows: int) -> None:
+    if not conn.is_in_transaction():
+        raise NotInTransaction("post_charges runs inside the caller's transaction")
+    if type(actor) is not str or not actor:
+        raise InvalidValue("actor must be a non-empty string")
+    if rows > MAX_BATCH:
+        raise InvalidValue(f"at most {MAX_BATCH} entries per batch, got {rows}")
 
 
 async def lock_accounts(conn: asyncpg.Connection, account_ids: Iterable[int]) -> dict[int, asyncpg.Record]:
@@ -153,40 +178,53 @@ async def _lock(conn: asyncpg.Connection, account_ids: Iterable[int], cols: str)
 
 # The ledger rows and the balance moves in one statement (one round trip, one
 # plan): both CTEs run against the accounts this transaction holds locked.
-# Ledger rows come back with ledger = true, balance = balance_after.
+# What they wrote comes back as one row of arrays, checked as whole lists:
+# the ledger rows' id, account, amount and balance_after in id order, then
+# the accounts' id and balance in id order.  Kinds and references repeat
+# across a batch: $4 and $5 hold each distinct one once, $14 and $15 every
+# row's 1-based index into them (NULL for the whole column when there is
+# only one; unnest pads a NULL array with NULLs): encoding the same text for
+# every row was a good part of the client's CPU for a usage batch.
 _POST_SQL = (
     "WITH ins AS ("
     " INSERT INTO ledger(account_id, amount, balance_after, kind, reference, idem_key, reverses, actor,"
     " created_at)"
-    " SELECT a, m, b, k, r, i, v, $8, $9 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
-    " $4::text[], $5::text[], $6::text[], $7::bigint[]) WITH ORDINALITY AS t(a, m, b, k, r, i, v, n)"
+    " SELECT a, m, b, ($4::text[])[coalesce(tk, 1)], ($5::text[])[coalesce(tr, 1)], i, v, $8, $9"
+    " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $14::int[], $15::int[], $6::text[], $7::bigint[])"
+    " WITH ORDINALITY AS t(a, m, b, tk, tr, i, v, n)"
     " ORDER BY n RETURNING id, account_id, amount, balance_after),"
     " upd AS ("
     " UPDATE accounts SET balance = accounts.balance + d.delta"
     " FROM unnest($10::bigint[], $11::bigint[]) AS d(id, delta)"
     " WHERE accounts.id = d.id AND accounts.id BETWEEN $12 AND $13"
     " RETURNING accounts.id, accounts.balance)"
-    " SELECT true AS ledger, id, account_id, amount, balance_after AS balance FROM ins"
-    " UNION ALL SELECT false, id, NULL, NULL, balance FROM upd"
+    " SELECT l.*, u.* FROM (SELECT array_agg(id ORDER BY id), array_agg(account_id ORDER BY id),"
+    " array_agg(amount ORDER BY id), array_agg(balance_after ORDER BY id) FROM ins) l,"
+    " (SELECT array_agg(id ORDER BY id), array_agg(balance ORDER BY id) FROM upd) u"
 )
+
+
+def _distinct(values: list[str]) -> tuple[list[str], list[int] | None]:
+    """(each distinct value once, every value's 1-based index into them or None
+    when there is only one): ``_POST_SQL``'s $4 and $14, $5 and $15."""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) == 1:
+        return distinct, None
+    at = {value: i for i, value in enumerate(distinct, 1)}
+    return distinct, [at[value] for value in values]
 
 
 async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, actor: str,
                        now: dt.datetime | None = None) -> PostResult:
     """Post many ledger rows to many accounts inside the caller's transaction."""
-    if not conn.is_in_transaction():
-        raise NotInTransaction("post_charges runs inside the caller's transaction")
-    if type(actor) is not str or not actor:
-        raise InvalidValue("actor must be a non-empty string")
-    if len(entries) > MAX_BATCH:
-        raise InvalidValue(f"at most {MAX_BATCH} entries per batch, got {len(entries)}")
+    _check_call(conn, actor, len(entries))
     now = now or utcnow()
     checked = [_check_entry(e) for e in entries]
     keys = [e.idem_key for e in checked]
     if len(set(keys)) != len(keys):
         raise IdempotencyConflict("the same idempotency key appears twice in one batch")
 
-    accounts = await _lock(conn, (e.account_id for e in checked), "id, balance, credit, unlimited")
+    accounts = await _lock(conn, [e.account_id for e in checked], "id, balance, credit, unlimited")
     existing = {
         r["idem_key"]: r for r in await conn.fetch(
             "SELECT idem_key, account_id, amount FROM ledger WHERE idem_key = ANY($1::text[])", keys)
@@ -204,62 +242,112 @@ async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, ac
                 f"key {e.idem_key!r} was posted as {old['amount']} to account {old['account_id']},"
                 f" now {e.amount} to account {e.account_id}")
 
+    ids, after_col, running, changes = await _post(
+        conn, accounts, [e.account_id for e in fresh], [e.amount for e in fresh], [e.kind for e in fresh],
+        [e.reference for e in fresh], [e.idem_key for e in fresh], [e.reverses for e in fresh], actor, now)
+    posted = tuple(Posted(i, e.account_id, e.amount, after, e.idem_key)
+                   for i, e, after in zip(ids, fresh, after_col))
+    return PostResult(posted, tuple(skipped), running, tuple(changes))
+
+
+@dataclass(frozen=True, slots=True)
+class PostedBatch:
+    """What ``post_batch`` booked."""
+
+    ledger_ids: tuple[int, ...]              # the new rows' ids, in the order of the columns
+    balances: Mapping[int, int]              # account id → balance after, every account of the batch
+    block_changes: tuple[BlockChange, ...]
+
+
+async def post_batch(conn: asyncpg.Connection, account_ids: Sequence[int], amounts: Sequence[int],
+                     kinds: Sequence[str], idem_keys: Sequence[str], *, reference: str, actor: str,
+                     now: dt.datetime) -> PostedBatch:
+    """``post_charges`` of rows given as columns, for a caller whose keys are all new.
+
+    The caller vouches that no key of ``idem_keys`` is in the ledger yet (usage
+    keys name a watermark above the committed one, whose row the caller holds
+    locked), so step 3's lookup is skipped: a key that is there all the same
+    fails the insert on the UNIQUE index (``asyncpg.UniqueViolationError``) and
+    nothing is booked.  Every row is checked by the rules of an ``Entry``;
+    locking, the balance checks and blocks are ``post_charges``' own.  No
+    object per row: a usage batch posts hundreds of rows many times a second.
+    """
+    _check_call(conn, actor, len(account_ids))
+    _check_reference(reference)
+    if not len(amounts) == len(kinds) == len(idem_keys) == len(account_ids):
+        raise InvalidValue("post_batch columns differ in length")
+    for account_id, amount, kind, idem_key in zip(account_ids, amounts, kinds, idem_keys):
+        _check_row(account_id, amount, kind, idem_key)
+    if len(set(idem_keys)) != len(idem_keys):
+        raise IdempotencyConflict("the same idempotency key appears twice in one batch")
+    accounts = await _lock(conn, account_ids, "id, balance, credit, unlimited")
+    ids, _, running, changes = await _post(
+        conn, accounts, list(account_ids), list(amounts), list(kinds), [reference] * len(account_ids),
+        list(idem_keys), None, actor, now)
+    return PostedBatch(tuple(ids), running, tuple(changes))
+
+
+async def _post(conn: asyncpg.Connection, accounts: Mapping[int, asyncpg.Record], account_col: list[int],
+                amount_col: list[int], kinds: list[str], references: list[str], keys: list[str],
+                reverses: list[int | None] | None, actor: str, now: dt.datetime,
+                ) -> tuple[list[int], list[int], dict[int, int], list[BlockChange]]:
+    """Steps 4 and 5 for checked rows of locked ``accounts``: (ledger ids, balance after each
+    row, balance of every locked account, block changes).  ``reverses`` None: none reverses."""
     before = {i: int(r["balance"]) for i, r in accounts.items()}
     running = dict(before)
     after_col: list[int] = []
-    for e in fresh:
-        running[e.account_id] += e.amount
-        if not -MAX_AMOUNT <= running[e.account_id] <= MAX_AMOUNT:
-            raise AmountError(f"account {e.account_id} balance would leave ±{MAX_AMOUNT}")
-        after_col.append(running[e.account_id])
+    for account_id, amount in zip(account_col, amount_col):
+        balance = running[account_id] + amount
+        if not -MAX_AMOUNT <= balance <= MAX_AMOUNT:
+            raise AmountError(f"account {account_id} balance would leave ±{MAX_AMOUNT}")
+        running[account_id] = balance
+        after_col.append(balance)
+    if not account_col:
+        return [], [], running, []
 
-    posted: list[Posted] = []
-    changes: list[BlockChange] = []
-    if fresh:
-        changed = sorted({e.account_id for e in fresh})
-        deltas = [running[i] - before[i] for i in changed]
-        # before the write: the rows we book and the balance moves are the same money
-        if sum(e.amount for e in fresh) != sum(deltas):
-            raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
-        rows = await conn.fetch(
-            _POST_SQL,
-            [e.account_id for e in fresh], [e.amount for e in fresh], after_col,
-            [e.kind for e in fresh], [e.reference for e in fresh], [e.idem_key for e in fresh],
-            [e.reverses for e in fresh], actor, now, changed, deltas, changed[0], changed[-1])
-        inserted = sorted((r for r in rows if r["ledger"]), key=lambda r: r["id"])
-        updated = [r for r in rows if not r["ledger"]]
-        # Ids are drawn in insert order (ORDER BY n), so the k-th smallest id
-        # is the k-th entry's row.  Every row must carry its entry's account,
-        # amount and running balance (unique per account, as amounts are
-        # non-zero): a swap cannot pass unnoticed.
-        if len(inserted) != len(fresh):
-            raise InvariantViolation("ledger insert returned a different number of rows")
-        for e, after, r in zip(fresh, after_col, inserted):
-            if (r["account_id"], r["amount"], r["balance"]) != (e.account_id, e.amount, after):
-                raise InvariantViolation(f"ledger row for key {e.idem_key!r} came back different")
-            posted.append(Posted(r["id"], e.account_id, e.amount, after, e.idem_key))
-        if sum(p.amount for p in posted) != sum(deltas):
-            raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
-        for r in updated:
-            if r["balance"] != running[r["id"]]:
-                raise InvariantViolation(
-                    f"account {r['id']}: balance {r['balance']} after posting, expected {running[r['id']]}")
-        if len(updated) != len(changed) or len({r["id"] for r in updated}) != len(changed):
-            raise InvariantViolation("not every changed account was updated")
-        # after the read: what the database now holds moved by exactly what we booked
-        if sum(int(r["balance"]) - before[r["id"]] for r in updated) != sum(p.amount for p in posted):
-            raise InvariantViolation("balance changes read back do not sum to the posted amounts")
+    changed = sorted(set(account_col))
+    deltas = [running[i] - before[i] for i in changed]
+    total = sum(amount_col)
+    # before the write: the rows we book and the balance moves are the same money
+    if total != sum(deltas):
+        raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
+    kind_set, kind_index = _distinct(kinds)
+    reference_set, reference_index = _distinct(references)
+    ids, accounts_back, amounts_back, balances_back, updated_ids, updated_balances = await conn.fetchrow(
+        _POST_SQL, account_col, amount_col, after_col, kind_set, reference_set, keys,
+        reverses if reverses is not None and any(r is not None for r in reverses) else None,
+        actor, now, changed, deltas, changed[0], changed[-1], kind_index, reference_index)
+    # Ids are drawn in insert order (ORDER BY n), so the k-th smallest id
+    # is the k-th row's.  Every row must carry its account, amount and
+    # running balance (unique per account, as amounts are non-zero): a swap
+    # cannot pass unnoticed.
+    if ids is None or len(ids) != len(account_col):
+        raise InvariantViolation("ledger insert returned a different number of rows")
+    if accounts_back != account_col or amounts_back != amount_col or balances_back != after_col:
+        raise InvariantViolation("ledger rows came back different from the rows posted")
+    if sum(amounts_back) != sum(deltas):
+        raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
+    updated = dict(zip(updated_ids or (), updated_balances or ()))
+    for account_id, balance in updated.items():
+        if balance != running[account_id]:
+            raise InvariantViolation(
+                f"account {account_id}: balance {balance} after posting, expected {running[account_id]}")
+    if len(updated) != len(changed) or len(updated_ids or ()) != len(changed):
+        raise InvariantViolation("not every changed account was updated")
+    # after the read: what the database now holds moved by exactly what we booked
+    if sum(int(b) - before[i] for i, b in updated.items()) != total:
+        raise InvariantViolation("balance changes read back do not sum to the posted amounts")
 
-        # promised credit that a non-negative balance has covered closes; then the
-        # system blocks of every account that moved follow the debt rule
-        covered = [i for i in changed if running[i] >= 0]
-        if covered:
-            await conn.execute(
-                "UPDATE promised_payments SET closed_at = $2, closed_why = 'covered'"
-                " WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL", covered, now)
-        changes = await sync_system_blocks(conn, changed, actor=actor, now=now, locked={
-            i: LockedAccount(running[i], accounts[i]["credit"], accounts[i]["unlimited"]) for i in changed})
-    return PostResult(tuple(posted), tuple(skipped), running, tuple(changes))
+    # promised credit that a non-negative balance has covered closes; then the
+    # system blocks of every account that moved follow the debt rule
+    covered = [i for i in changed if running[i] >= 0]
+    if covered:
+        await conn.execute(
+            "UPDATE promised_payments SET closed_at = $2, closed_why = 'covered'"
+            " WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL", covered, now)
+    changes = await sync_system_blocks(conn, changed, actor=actor, now=now, locked={
+        i: LockedAccount(running[i], accounts[i]["credit"], accounts[i]["unlimited"]) for i in changed})
+    return ids, after_col, running, changes
 
 
 async def ledger_history(conn: asyncpg.Connection, account_ids: Sequence[int], *,

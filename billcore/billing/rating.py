@@ -70,15 +70,18 @@ __all__ = [
     "ANY_RANGE",
     "AccountPlan",
     "CounterKey",
+    "CounterTuple",
     "LedgerEntry",
     "MAX_BATCH",
     "Meter",
     "MeterRule",
+    "Move",
     "Preview",
     "PreviewLine",
     "RatingBook",
     "RatingResult",
     "Rejected",
+    "Resolved",
     "ServiceKind",
     "ServiceTariff",
     "SessionUsage",
@@ -87,6 +90,8 @@ __all__ = [
     "TrafficUsage",
     "preview",
     "rate",
+    "resolve",
+    "settle",
 ]
 
 ANY_RANGE: Final = 0
@@ -124,6 +129,8 @@ class Meter:
     tiers: tuple[Tier, ...]
     _scale: int = field(init=False, repr=False, compare=False)
     _weights: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # (start, next tier's start or None, weight) per tier: charged's loop, precomputed
+    _segments: tuple[tuple[int, int | None, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.prepaid) is not int or not 0 <= self.prepaid <= MAX_QUANTITY:
@@ -139,6 +146,8 @@ class Meter:
         weights = tuple(t.price.micro_per_unit * (scale // t.price.unit_size) for t in self.tiers)
         object.__setattr__(self, "_scale", scale)
         object.__setattr__(self, "_weights", weights)
+        ends = (*starts[1:], None)
+        object.__setattr__(self, "_segments", tuple(zip(starts, ends, weights)))
 
     @classmethod
     def flat(cls, price: Price, prepaid: int = 0) -> Meter:
@@ -151,14 +160,11 @@ class Meter:
         billable = total - self.prepaid
         if billable <= 0:
             return 0
-        tiers, weights = self.tiers, self._weights
         numerator = 0
-        for i in range(len(tiers)):  # bounded by MAX_TIERS
-            start = tiers[i].start
+        for start, end, weight in self._segments:  # bounded by MAX_TIERS
             if billable <= start:
                 break
-            end = tiers[i + 1].start if i + 1 < len(tiers) else billable
-            numerator += (min(billable, end) - start) * weights[i]
+            numerator += ((billable if end is None or billable < end else end) - start) * weight
         return check_amount(floor_div(numerator, self._scale))
 
 
@@ -304,8 +310,9 @@ def _check_quantity(value: int, what: str) -> int:
     return value
 
 
-_Key = tuple[int, int, int, int, datetime]
-"""CounterKey's fields as a plain tuple, for the hot loop."""
+CounterTuple = tuple[int, int, int, int, datetime]
+"""A ``CounterKey``'s fields as a plain tuple: C-level hash, eq and order (key
+order is the counters' lock order), for the hot loops."""
 
 
 class _Resolver:
@@ -371,10 +378,10 @@ class _Resolver:
 
 def _session_pieces(
     usage: SessionUsage, plan: AccountPlan, tariff: ServiceTariff, resolver: _Resolver
-) -> list[tuple[_Key, int, Meter]] | str:
+) -> list[tuple[CounterTuple, int, Meter]] | str:
     start = usage.start.astimezone(timezone.utc)
     end = start + timedelta(seconds=usage.seconds)
-    pieces: list[tuple[_Key, int, Meter]] = []
+    pieces: list[tuple[CounterTuple, int, Meter]] = []
     cursor = start
     for _ in range(MAX_SESSION.days + 2):  # at most one accounting period per day
         if cursor >= end:
@@ -393,6 +400,22 @@ def _session_pieces(
     return pieces
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Resolved:
+    """A batch resolved to the counters it moves, before their values are known.
+
+    ``deltas`` maps each counter the batch touches (its ``CounterTuple``) to
+    the quantity the batch adds, in order of first appearance.  ``rate`` is
+    ``resolve`` then the booking half; the database path (``usage``) resolves
+    once, locks exactly ``sorted(deltas)`` and ``settle``s against what it
+    read, instead of rating twice.
+    """
+
+    deltas: Mapping[CounterTuple, int]
+    meters: Mapping[CounterTuple, tuple[Meter, AccountPlan, ServiceKind]]
+    rejected: tuple[Rejected, ...]
+
+
 def rate(
     batch: Sequence[Usage],
     counters: Mapping[CounterKey, int],
@@ -400,13 +423,64 @@ def rate(
     now: datetime,
 ) -> RatingResult:
     """Rate ``batch`` against the current ``counters`` (absent key = 0) at ``now``."""
+    resolved = resolve(batch, tariffs, now)
+    entries: list[LedgerEntry] = []
+    new_counters: dict[CounterKey, int] = {}
+    meters = resolved.meters
+    for raw_key, delta in resolved.deltas.items():
+        meter, plan, kind = meters[raw_key]
+        key = CounterKey(*raw_key)
+        before = counters.get(key, 0)
+        after, amount = _move(meter, plan, before, delta, key)
+        new_counters[key] = after
+        if amount:
+            entries.append(LedgerEntry(key.account_id, amount, kind, key, before, after))
+    return RatingResult(tuple(entries), new_counters, resolved.rejected)
+
+
+Move = tuple[CounterTuple, int, int, int, ServiceKind]
+"""(key, before, after, amount, kind) of one counter: ``settle``'s rows."""
+
+
+def settle(resolved: Resolved, counters: Mapping[CounterTuple, int]) -> list[Move]:
+    """``rate``'s booking half over plain keys, for the database path.
+
+    One ``Move`` per counter of ``resolved.deltas``, in its order, against
+    ``counters`` (absent key = 0): ``amount`` is what ``rate`` books as the
+    counter's ``LedgerEntry`` (0: no entry), ``after`` its new value.  No
+    ``CounterKey``/``LedgerEntry`` objects: this runs per usage batch.
+    """
+    meters = resolved.meters
+    moves: list[Move] = []
+    for key, delta in resolved.deltas.items():
+        meter, plan, kind = meters[key]
+        before = counters.get(key, 0)
+        after, amount = _move(meter, plan, before, delta, key)
+        moves.append((key, before, after, amount, kind))
+    return moves
+
+
+def _move(meter: Meter, plan: AccountPlan, before: int, delta: int, key: object) -> tuple[int, int]:
+    """(after, amount owed) of a counter moving from ``before`` by ``delta``: the one booking rule."""
+    _check_quantity(before, "counter")
+    after = _check_quantity(before + delta, "counter after usage")
+    if plan.unlimited:
+        return after, 0
+    amount = meter.charged(after) - meter.charged(before)
+    if amount < 0:
+        raise InvariantViolation(f"negative charge {amount} for {key}")
+    return after, check_amount(amount)
+
+
+def resolve(batch: Sequence[Usage], tariffs: RatingBook, now: datetime) -> Resolved:
+    """Which counters ``batch`` moves at ``now``, by how much, and what cannot be rated."""
     now = _aware_utc(now, "now")
     if len(batch) > MAX_BATCH:
         raise UsageError(f"at most {MAX_BATCH} usage records per batch")
     resolver = _Resolver(tariffs)
     # Keyed by plain tuples (C-level hash and eq); CounterKeys are built once per key.
-    deltas: dict[_Key, int] = {}
-    meters: dict[_Key, tuple[Meter, AccountPlan, ServiceKind]] = {}
+    deltas: dict[CounterTuple, int] = {}
+    meters: dict[CounterTuple, tuple[Meter, AccountPlan, ServiceKind]] = {}
     rejected: list[Rejected] = []
     latest = now + CLOCK_SKEW
     traffic, time = ServiceKind.TRAFFIC, ServiceKind.TIME
@@ -432,24 +506,28 @@ def rate(
                 continue
             period = resolver.period(plan.period, at)
             key = (plan.account_id, tariff.service_id, usage.klass, found[0], period.start)
-            pieces = [(key, quantity, found[1])]
-        elif isinstance(usage, SessionUsage):
-            quantity = _check_quantity(usage.seconds, "seconds")
-            start = _aware_utc(usage.start, "start")
-            if start.microsecond or timedelta(seconds=quantity) > MAX_SESSION:
-                raise UsageError("a session piece starts on a whole second and is at most a year")
-            route = resolver.route(usage.account_id, usage.service_id, time)
-            if isinstance(route, str) or start + timedelta(seconds=quantity) > latest:
-                rejected.append(Rejected(usage, route if isinstance(route, str) else "future"))
-                continue
-            plan, tariff = route
-            split_pieces = _session_pieces(usage, plan, tariff, resolver)
-            if isinstance(split_pieces, str):
-                rejected.append(Rejected(usage, split_pieces))
-                continue
-            pieces = split_pieces
-        else:
+            total = deltas.get(key)
+            if total is None:
+                deltas[key] = quantity
+                meters[key] = (found[1], plan, tariff.kind)
+            else:
+                deltas[key] = total + quantity
+            continue
+        if not isinstance(usage, SessionUsage):
             raise UsageError(f"not a usage record: {type(usage).__name__}")
+        quantity = _check_quantity(usage.seconds, "seconds")
+        start = _aware_utc(usage.start, "start")
+        if start.microsecond or timedelta(seconds=quantity) > MAX_SESSION:
+            raise UsageError("a session piece starts on a whole second and is at most a year")
+        route = resolver.route(usage.account_id, usage.service_id, time)
+        if isinstance(route, str) or start + timedelta(seconds=quantity) > latest:
+            rejected.append(Rejected(usage, route if isinstance(route, str) else "future"))
+            continue
+        plan, tariff = route
+        pieces = _session_pieces(usage, plan, tariff, resolver)
+        if isinstance(pieces, str):
+            rejected.append(Rejected(usage, pieces))
+            continue
         for key, amount, meter in pieces:
             total = deltas.get(key)
             if total is None:
@@ -457,31 +535,7 @@ def rate(
                 meters[key] = (meter, plan, tariff.kind)
             else:
                 deltas[key] = total + amount
-    return _book(deltas, meters, counters, rejected)
-
-
-def _book(
-    deltas: Mapping[_Key, int],
-    meters: Mapping[_Key, tuple[Meter, AccountPlan, ServiceKind]],
-    counters: Mapping[CounterKey, int],
-    rejected: list[Rejected],
-) -> RatingResult:
-    entries: list[LedgerEntry] = []
-    new_counters: dict[CounterKey, int] = {}
-    for raw_key, delta in deltas.items():
-        meter, plan, kind = meters[raw_key]
-        key = CounterKey(*raw_key)
-        before = _check_quantity(counters.get(key, 0), "counter")
-        after = _check_quantity(before + delta, "counter after usage")
-        new_counters[key] = after
-        if plan.unlimited:
-            continue
-        amount = meter.charged(after) - meter.charged(before)
-        if amount < 0:
-            raise InvariantViolation(f"negative charge {amount} for {key}")
-        if amount:
-            entries.append(LedgerEntry(key.account_id, check_amount(amount), kind, key, before, after))
-    return RatingResult(tuple(entries), new_counters, tuple(rejected))
+    return Resolved(deltas, meters, tuple(rejected))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ bumps ``classifier_version`` (a statement trigger), read by
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +43,7 @@ from billcore.billing.periods import (
     ChargeMode, PeriodicService, PeriodKind, PeriodSpec, ServiceLink, next_boundary,
 )
 from billcore.billing.rating import (
-    ANY_RANGE, TIME_CLASS, AccountPlan, CounterKey, Meter, MeterRule, RatingBook,
+    ANY_RANGE, TIME_CLASS, AccountPlan, Meter, MeterRule, RatingBook,
     ServiceKind, ServiceTariff, Tier,
 )
 from billcore.billing.timeranges import TimeRange, Window
@@ -72,7 +73,6 @@ __all__ = [
     "load_book",
     "load_links",
     "load_periodic",
-    "load_plans",
     "set_rate",
     "set_tariff_services",
     "tariff_history",
@@ -225,55 +225,52 @@ async def load_links(conn: asyncpg.Connection, account_ids: Sequence[int] | None
     return [ServiceLink(r["account_id"], r["service_id"], r["valid_from"], r["valid_to"]) for r in rows]
 
 
-async def load_plans(conn: asyncpg.Connection, account_ids: Sequence[int], links: Sequence[ServiceLink],
-                     now: datetime) -> dict[int, AccountPlan]:
-    """Accounting period, flags and linked services of each known account."""
-    rows = await conn.fetch(
-        "SELECT a.id, a.unlimited, p.period_kind, p.period_days, p.period_anchor,"
-        " EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = a.id AND b.lifted_at IS NULL) AS blocked"
-        " FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id"
-        " WHERE a.id = ANY($1::bigint[])", list(account_ids))
-    services: dict[int, set[int]] = {}
-    for link in links:
-        services.setdefault(link.account_id, set()).add(link.service_id)
-    plans = {}
-    for r in rows:
-        spec = DEFAULT_ACCOUNT_PERIOD if r["period_kind"] is None else period_spec(
-            r["period_kind"], r["period_days"], r["period_anchor"])
-        plans[r["id"]] = AccountPlan(r["id"], spec, tuple(sorted(services.get(r["id"], ()))),
-                                     unlimited=r["unlimited"], blocked=r["blocked"])
-    return plans
+@functools.lru_cache(maxsize=1 << 15)
+def _plan(account_id: int, unlimited: bool, blocked: bool, kind: str | None, days: Any, anchor: Any,
+          service_ids: tuple[int, ...]) -> AccountPlan:
+    """The ``AccountPlan`` of these column values (``kind`` None: no ``account_periods`` row).
+
+    Memoized: a plan is an immutable value of exactly these arguments, which
+    every caller has just read from the database, so a hit is the object this
+    call would build; it is built once instead of for every usage batch.
+    """
+    spec = DEFAULT_ACCOUNT_PERIOD if kind is None else period_spec(kind, days, anchor)
+    return AccountPlan(account_id, spec, service_ids, unlimited=unlimited, blocked=blocked)
 
 
 async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz: tzinfo,
                     since: datetime, until: datetime) -> RatingBook:
-    """Everything ``rate``/``preview`` need for these accounts over ``[since, until]``."""
-    links = await load_links(conn, account_ids, since, until, kinds=("traffic", "time"))
-    plans = await load_plans(conn, account_ids, links, until)
-    services = await load_metered(conn, {link.service_id for link in links})
-    return RatingBook(tz, await load_timeranges(conn), services, plans)
+    """Everything ``rate``/``preview`` need for these accounts over ``[since, until]``.
 
-
-async def load_counters(conn: asyncpg.Connection, keys: Iterable[CounterKey], *,
-                        lock: bool = False) -> dict[CounterKey, tuple[int, int]]:
-    """(quantity, charged) of the existing counters among ``keys``, locked in key order if asked."""
-    ordered = sorted(set(keys), key=lambda k: (k.account_id, k.service_id, k.klass, k.range_id,
-                                               k.period_start))
-    if not ordered:
-        return {}
+    An account's plan carries the traffic and time services of its tariff
+    links overlapping the span (``load_links``' selection, read as bare
+    (account, service) pairs: this runs for every usage batch); accounts that
+    do not exist are left out.  Accounts and links come in one statement of
+    two branches (a link row has NULL flags), each planned as on its own.
+    """
     rows = await conn.fetch(
-        "SELECT c.account_id, c.service_id, c.class_id, c.range_id, c.period_start, c.quantity,"
-        " c.charged FROM usage_counters c JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[],"
-        " $4::bigint[], $5::timestamptz[]) AS k(a, s, c, r, p)"
-        " ON (c.account_id, c.service_id, c.class_id, c.range_id, c.period_start) = (k.a, k.s, k.c, k.r, k.p)"
-        " ORDER BY 1, 2, 3, 4, 5" + (" FOR UPDATE OF c" if lock else ""),
-        [k.account_id for k in ordered], [k.service_id for k in ordered], [k.klass for k in ordered],
-        [k.range_id for k in ordered], [k.period_start for k in ordered])
-    return {
-        CounterKey(r["account_id"], r["service_id"], r["class_id"], r["range_id"], r["period_start"]):
-            (r["quantity"], r["charged"])
-        for r in rows
-    }
+        "SELECT a.id, a.unlimited, p.period_kind, p.period_days, p.period_anchor,"
+        " EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = a.id AND b.lifted_at IS NULL) AS blocked,"
+        " NULL::bigint AS service_id FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id"
+        " WHERE a.id = ANY($1::bigint[])"
+        " UNION ALL SELECT t.account_id, NULL, NULL, NULL, NULL, NULL, ts.service_id FROM account_tariffs t"
+        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services s ON s.id = ts.service_id"
+        " WHERE s.kind IN ('traffic', 'time') AND t.valid_from <= $3 AND (t.valid_to IS NULL OR t.valid_to > $2)"
+        " AND t.account_id = ANY($1::bigint[])", list(account_ids), since, until)
+    accounts = []
+    linked: dict[int, set[int]] = {}
+    for row in rows:
+        if row[1] is None:  # accounts.unlimited is NOT NULL: a link row
+            linked.setdefault(row[0], set()).add(row[6])
+        else:
+            accounts.append(row)
+    plans = {}
+    for account_id, unlimited, kind, days, anchor, blocked, _ in accounts:
+        services = linked.get(account_id, ())
+        plans[account_id] = _plan(account_id, unlimited, blocked, kind, days, anchor,
+                                  tuple(sorted(services)) if len(services) > 1 else tuple(services))
+    metered = await load_metered(conn, {s for services in linked.values() for s in services})
+    return RatingBook(tz, await load_timeranges(conn), metered, plans)
 
 
 # -- services and tariffs ---------------------------------------------------

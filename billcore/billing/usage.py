@@ -10,16 +10,17 @@ transaction:
 1. lock the source's row in ``ingest_watermarks`` (created at −1 on first
    use); if the batch's watermark is ``<=`` the committed one the batch was
    already charged: nothing else happens (``CommitResult.duplicate``);
-2. load the tariffs of the batch's accounts (``tariffs.load_book``) and rate
-   once without counters to learn which counters the batch touches;
-3. create the missing ones at zero (``INSERT … ON CONFLICT DO NOTHING``, so
-   a concurrent creator is waited for, not overwritten), lock them all
-   (``SELECT … FOR UPDATE``, key order) and rate again against their real
-   values (the pure ``rating.rate``);
+2. load the tariffs of the batch's accounts (``tariffs.load_book``) and
+   resolve the batch to the counters it moves (``rating.resolve``: no
+   counter values needed yet);
+3. create the missing counters at zero (``INSERT … ON CONFLICT DO NOTHING``,
+   so a concurrent creator is waited for, not overwritten), lock them all
+   (``SELECT … FOR UPDATE``, key order) and rate once against their locked
+   values (``rating.settle``, the second half of the pure ``rate``);
 4. write the new counters, the per-day totals, and post the charges through
-   the ledger's ``post_charges`` (which locks the accounts in id order and
+   the ledger's ``post_batch`` (which locks the accounts in id order and
    applies automatic blocks) with idempotency keys derived from
-   (source, watermark, counter key);
+   (source, watermark, counter key), which no committed batch can have used;
 5. advance the watermark.
 
 An exception anywhere rolls all of it back.  A restarted source asks
@@ -54,7 +55,7 @@ record on that counter (the days of one hourly batch are one or two).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
 from typing import Final
@@ -62,13 +63,13 @@ from typing import Final
 import asyncpg
 
 from billcore.billing.errors import InvariantViolation, UsageError
-from billcore.billing.ledger import Entry, post_charges
+from billcore.billing.ledger import post_batch
 from billcore.billing.money import MAX_AMOUNT
 from billcore.billing.rating import (
-    MAX_BATCH, TIME_CLASS, CounterKey, RatingResult, Rejected, ServiceKind, SessionUsage,
-    TrafficUsage, rate,
+    MAX_BATCH, TIME_CLASS, CounterKey, CounterTuple, Move, Rejected, ServiceKind, SessionUsage,
+    TrafficUsage, resolve, settle,
 )
-from billcore.billing.tariffs import load_book, load_counters
+from billcore.billing.tariffs import load_book
 
 __all__ = ["CommitResult", "MAX_SOURCE", "NO_WATERMARK", "commit_usage", "usage_key", "watermark"]
 
@@ -104,11 +105,22 @@ def _check_source(source: object) -> str:
 
 def usage_key(source: str, mark: int, key: CounterKey) -> str:
     """The ledger idempotency key of one counter's charge in one batch."""
-    epoch = int(key.period_start.timestamp())
-    text = f"usage:{source}:{mark}:{key.account_id}:{key.service_id}:{key.klass}:{key.range_id}:{epoch}"
-    if len(text) <= _MAX_IDEM:
-        return text
-    return "usage:sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return _usage_keys(source, mark, [(key.account_id, key.service_id, key.klass, key.range_id,
+                                       key.period_start)])[0]
+
+
+def _usage_keys(source: str, mark: int, keys: Sequence[CounterTuple]) -> list[str]:
+    """``usage_key`` of many counters of one batch (period epochs computed once each)."""
+    prefix = f"usage:{source}:{mark}:"
+    epochs: dict[datetime, int] = {}
+    out = []
+    for account, service, klass, range_id, start in keys:
+        epoch = epochs.get(start)
+        if epoch is None:
+            epoch = epochs[start] = int(start.timestamp())
+        text = f"{prefix}{account}:{service}:{klass}:{range_id}:{epoch}"
+        out.append(text if len(text) <= _MAX_IDEM else "usage:sha256:" + hashlib.sha256(text.encode()).hexdigest())
+    return out
 
 
 async def watermark(conn: asyncpg.Connection, source: str) -> int:
@@ -120,59 +132,105 @@ async def watermark(conn: asyncpg.Connection, source: str) -> int:
 
 def _span(usage: Sequence[Usage], now: datetime) -> tuple[datetime, datetime]:
     earliest = now
+    seen: set[datetime] = set()  # a batch has few distinct stamps (one per hour bucket)
     for u in usage:  # bounded by MAX_BATCH
         at = u.at if isinstance(u, TrafficUsage) else u.start
-        if not isinstance(at, datetime) or at.utcoffset() is None:
+        if not isinstance(at, datetime):
             raise UsageError("usage timestamps must be aware datetimes")
+        if at in seen:
+            continue
+        if at.utcoffset() is None:
+            raise UsageError("usage timestamps must be aware datetimes")
+        seen.add(at)
         earliest = min(earliest, at.astimezone(timezone.utc))
     return earliest, now
 
 
-def _daily(usage: Sequence[Usage], result: RatingResult, tz: tzinfo,
+def _daily(usage: Sequence[Usage], rejected: Sequence[Rejected], moves: Sequence[Move], tz: tzinfo,
            ) -> dict[tuple[int, date, int], list[int]]:
     """(account, local day, class) -> [quantity, amount] of the rated records."""
-    rejected = {id(r.usage) for r in result.rejected}
+    skip = {id(r.usage) for r in rejected}
     days: dict[tuple[int, date, int], list[int]] = {}
     latest: dict[tuple[int, int], tuple[datetime, date]] = {}
+    local: dict[datetime, date] = {}
     for u in usage:
-        if id(u) in rejected:
+        if skip and id(u) in skip:
             continue
         if isinstance(u, TrafficUsage):
             at, klass, quantity = u.at, u.klass, u.bytes
         else:
             at, klass, quantity = u.start, TIME_CLASS, u.seconds
-        day = at.astimezone(tz).date()
-        slot = days.setdefault((u.account_id, day, klass), [0, 0])
-        slot[0] += quantity
+        day = local.get(at)
+        if day is None:
+            day = local[at] = at.astimezone(tz).date()
+        slot = days.get((u.account_id, day, klass))
+        if slot is None:
+            days[(u.account_id, day, klass)] = [quantity, 0]
+        else:
+            slot[0] += quantity
         seen = latest.get((u.account_id, klass))
         if seen is None or at > seen[0]:
             latest[(u.account_id, klass)] = (at, day)
-    for entry in result.entries:
-        _, day = latest[(entry.account_id, entry.key.klass)]
-        days.setdefault((entry.account_id, day, entry.key.klass), [0, 0])[1] += entry.amount
+    for key, _, _, amount, _ in moves:
+        if amount:
+            account, klass = key[0], key[2]
+            _, day = latest[(account, klass)]
+            days.setdefault((account, day, klass), [0, 0])[1] += amount
     return days
 
 
-async def _create_counters(conn: asyncpg.Connection, keys: Iterable[CounterKey], now: datetime) -> None:
-    """Make every counter of ``keys`` exist (zero) so that ``FOR UPDATE`` can lock it.
+# Counter keys travel as columns: the account id and, per key, the 1-based
+# index ``t`` of its (service, class, range, period start) among the few
+# distinct ones of the batch, which travel once each.  A timestamp per key
+# would cost the core more CPU than the rest of the statement: asyncpg
+# encodes every datetime in Python.
+_KEYS = "unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS k(a, t, n)"
+_TAIL = "($3::bigint[])[k.t], ($4::bigint[])[k.t], ($5::bigint[])[k.t], ($6::timestamptz[])[k.t]"
 
-    Without this, two sources creating the same counter at once both find no
-    row to lock, both insert, and the second's quantity overwrites the first's
-    while the ledger keeps both charges.  ``ON CONFLICT DO NOTHING`` waits for
-    a concurrent inserter to finish, so afterwards the row is there to lock.
-    Keys go in lock order, like ``load_counters``, so two batches cannot deadlock.
+
+def _key_columns(keys: Sequence[CounterTuple]) -> tuple[list[int], list[int], list[int], list[int],
+                                                          list[int], list[datetime]]:
+    """The parameters $1..$6 of ``_KEYS``/``_TAIL`` for ``keys``, in their order."""
+    tails: dict[tuple[int, int, int, datetime], int] = {}
+    index = [tails.setdefault(k[1:], len(tails) + 1) for k in keys]
+    return ([k[0] for k in keys], index, [t[0] for t in tails], [t[1] for t in tails],
+            [t[2] for t in tails], [t[3] for t in tails])
+
+
+async def _lock_counters(conn: asyncpg.Connection, keys: Sequence[CounterTuple],
+                         columns: tuple[list[int], list[int], list[int], list[int], list[int], list[datetime]],
+                         now: datetime) -> tuple[list[int], list[int]]:
+    """Create the missing counters of ``keys`` (sorted; ``columns`` = ``_key_columns(keys)``)
+    at zero, lock them all, read them.
+
+    Returns (quantities, charged), aligned with ``keys``.
+
+    The create comes first: without it, two sources creating the same counter
+    at once both find no row to lock, both insert, and the second's quantity
+    overwrites the first's while the ledger keeps both charges.  ``ON CONFLICT
+    DO NOTHING`` waits for a concurrent inserter to finish, so afterwards the
+    row is there to lock.  Both statements go in key order (``ORDER BY n`` of
+    the sorted keys), so two batches cannot deadlock.
     """
-    ordered = sorted(set(keys), key=lambda k: (k.account_id, k.service_id, k.klass, k.range_id, k.period_start))
-    if not ordered:
-        return
+    if not keys:
+        return [], []
     await conn.execute(
         "INSERT INTO usage_counters (account_id, service_id, class_id, range_id, period_start,"
-        " quantity, charged, updated_at)"
-        " SELECT a, s, c, r, p, 0, 0, $6::timestamptz FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
-        " $4::bigint[], $5::timestamptz[]) WITH ORDINALITY AS k(a, s, c, r, p, n) ORDER BY n"
-        " ON CONFLICT (account_id, service_id, class_id, range_id, period_start) DO NOTHING",
-        [k.account_id for k in ordered], [k.service_id for k in ordered], [k.klass for k in ordered],
-        [k.range_id for k in ordered], [k.period_start for k in ordered], now)
+        f" quantity, charged, updated_at) SELECT k.a, {_TAIL}, 0, 0, $7::timestamptz FROM {_KEYS}"
+        " ORDER BY k.n ON CONFLICT (account_id, service_id, class_id, range_id, period_start) DO NOTHING",
+        *columns, now)
+    rows = await conn.fetch(
+        f"SELECT k.n, c.quantity, c.charged FROM {_KEYS} JOIN usage_counters c"
+        f" ON (c.account_id, c.service_id, c.class_id, c.range_id, c.period_start) = (k.a, {_TAIL})"
+        " ORDER BY k.n FOR UPDATE OF c", *columns)
+    if len(rows) != len(keys):
+        raise InvariantViolation(f"locked {len(rows)} of {len(keys)} usage counters after creating them")
+    quantities = [0] * len(keys)
+    charged = [0] * len(keys)
+    for n, quantity, amount in rows:
+        quantities[n - 1] = quantity
+        charged[n - 1] = amount
+    return quantities, charged
 
 
 async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
@@ -188,81 +246,87 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
         raise UsageError("now must be an aware datetime")
     now = now.astimezone(timezone.utc)
     async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO ingest_watermarks(source, watermark, updated_at) VALUES ($1, $2, $3)"
-            " ON CONFLICT (source) DO NOTHING", source, NO_WATERMARK, now)
-        committed = int(await conn.fetchval(
-            "SELECT watermark FROM ingest_watermarks WHERE source = $1 FOR UPDATE", source))
+        found = await conn.fetchval("SELECT watermark FROM ingest_watermarks WHERE source = $1 FOR UPDATE", source)
+        if found is None:  # first batch of this source
+            await conn.execute(
+                "INSERT INTO ingest_watermarks(source, watermark, updated_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (source) DO NOTHING", source, NO_WATERMARK, now)
+            found = await conn.fetchval(
+                "SELECT watermark FROM ingest_watermarks WHERE source = $1 FOR UPDATE", source)
+        committed = int(found)
         if watermark <= committed:
             return CommitResult(source, committed, True, 0, 0, 0, ())
 
         accounts = sorted({u.account_id for u in usage})
         since, until = _span(usage, now)
         book = await load_book(conn, accounts, tz=tz, since=since, until=until)
-        probe = rate(usage, {}, book, now)
-        await _create_counters(conn, probe.counters.keys(), now)
-        stored = await load_counters(conn, probe.counters.keys(), lock=True)
-        result = rate(usage, {k: q for k, (q, _) in stored.items()}, book, now)
-        if result.counters.keys() != probe.counters.keys():
-            raise InvariantViolation("rating touched other counters on the second pass")
+        resolved = resolve(usage, book, now)
+        keys = sorted(resolved.deltas)  # tuple order is the lock order
+        columns = _key_columns(keys)
+        before_q, before_c = await _lock_counters(conn, keys, columns, now)
+        moves = settle(resolved, dict(zip(keys, before_q)))  # in the batch's order
 
-        charge = {e.key: e.amount for e in result.entries}
-        keys = sorted(result.counters, key=lambda k: (k.account_id, k.service_id, k.klass,
-                                                      k.range_id, k.period_start))
+        moved = {m[0]: m for m in moves}
+        if len(moved) != len(keys):
+            raise InvariantViolation("rating moved other counters than the ones it resolved")
         quantities, charged = [], []
-        for key in keys:
-            before_q, before_c = stored.get(key, (0, 0))
-            after_q = result.counters[key]
-            after_c = before_c + charge.get(key, 0)
-            if after_q < before_q or not 0 <= after_c <= MAX_AMOUNT:
-                raise InvariantViolation(f"counter {key} would move {before_q}->{after_q}, {before_c}->{after_c}")
-            quantities.append(after_q)
-            charged.append(after_c)
+        for key, old_q, old_c in zip(keys, before_q, before_c):
+            _, rated_q, new_q, amount, _ = moved[key]
+            new_c = old_c + amount
+            if rated_q != old_q or new_q < old_q or not 0 <= new_c <= MAX_AMOUNT:
+                raise InvariantViolation(f"counter {key} would move {old_q}->{new_q}, {old_c}->{new_c}")
+            quantities.append(new_q)
+            charged.append(new_c)
         if keys:
-            await conn.execute(
-                "INSERT INTO usage_counters AS c (account_id, service_id, class_id, range_id,"
-                " period_start, quantity, charged, updated_at)"
-                " SELECT *, $8::timestamptz FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
-                " $4::bigint[], $5::timestamptz[], $6::bigint[], $7::bigint[])"
-                " ON CONFLICT (account_id, service_id, class_id, range_id, period_start) DO UPDATE"
-                " SET quantity = EXCLUDED.quantity, charged = EXCLUDED.charged, updated_at = EXCLUDED.updated_at",
-                [k.account_id for k in keys], [k.service_id for k in keys], [k.klass for k in keys],
-                [k.range_id for k in keys], [k.period_start for k in keys], quantities, charged, now)
+            # every row exists and is locked (``_lock_counters``): a plain UPDATE
+            status = await conn.execute(
+                "UPDATE usage_counters c SET quantity = k.q, charged = k.c, updated_at = $9::timestamptz"
+                " FROM unnest($1::bigint[], $2::int[], $7::bigint[], $8::bigint[]) WITH ORDINALITY AS k(a, t, q, c, n)"
+                f" WHERE (c.account_id, c.service_id, c.class_id, c.range_id, c.period_start) = (k.a, {_TAIL})",
+                *columns, quantities, charged, now)
+            if status != f"UPDATE {len(keys)}":
+                raise InvariantViolation(f"{status} of {len(keys)} locked usage counters")
 
-        days = _daily(usage, result, tz)
+        days = _daily(usage, resolved.rejected, moves, tz)
         if days:
             ordered = sorted(days)
+            totals = [days[k] for k in ordered]
+            tails: dict[tuple[date, int], int] = {}
+            index = [tails.setdefault(k[1:], len(tails) + 1) for k in ordered]
             await conn.execute(
                 "INSERT INTO usage_daily AS d (account_id, day, class_id, quantity, amount)"
-                " SELECT * FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[])"
-                " ON CONFLICT (account_id, day, class_id) DO UPDATE"
+                " SELECT k.a, ($3::date[])[k.t], ($4::bigint[])[k.t], k.q, k.m"
+                " FROM unnest($1::bigint[], $2::int[], $5::bigint[], $6::bigint[]) WITH ORDINALITY AS k(a, t, q, m, n)"
+                " ORDER BY k.n ON CONFLICT (account_id, day, class_id) DO UPDATE"
                 " SET quantity = d.quantity + EXCLUDED.quantity, amount = d.amount + EXCLUDED.amount",
-                [k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered],
-                [days[k][0] for k in ordered], [days[k][1] for k in ordered])
+                [k[0] for k in ordered], index, [t[0] for t in tails], [t[1] for t in tails],
+                [t[0] for t in totals], [t[1] for t in totals])
 
-        entries = [
-            Entry(e.account_id, -e.amount, "traffic" if e.kind is ServiceKind.TRAFFIC else "charge",
-                  usage_key(source, watermark, e.key), reference=f"usage {source}@{watermark}")
-            for e in result.entries
-        ]
+        charging = [m for m in moves if m[3]]  # a ledger row each, in the batch's order
         block_changes: tuple[object, ...] = ()
         charges: tuple[tuple[int, int, int], ...] = ()
-        if entries:
-            posted = await post_charges(conn, entries, actor=actor, now=now)
-            if posted.skipped:
-                # a key is (source, watermark, counter): it can only exist if this
-                # watermark was committed, which the locked row just denied
-                raise InvariantViolation(f"usage keys already booked: {posted.skipped[:3]}")
+        if charging:
+            account_col = [key[0] for key, *_ in charging]
+            amount_col = [-amount for _, _, _, amount, _ in charging]
+            kinds = ["traffic" if kind is ServiceKind.TRAFFIC else "charge" for *_, kind in charging]
+            # a key is (source, watermark, counter): it can only exist if this
+            # watermark was committed, which the locked row just denied
+            try:
+                posted = await post_batch(
+                    conn, account_col, amount_col, kinds, _usage_keys(source, watermark, [m[0] for m in charging]),
+                    reference=f"usage {source}@{watermark}", actor=actor, now=now)
+            except asyncpg.UniqueViolationError as exc:
+                raise InvariantViolation(f"usage keys already booked: {exc.detail or exc}") from exc
             block_changes = tuple(posted.block_changes)
             per_account: dict[int, int] = {}
-            for p in posted.posted:
-                per_account[p.account_id] = per_account.get(p.account_id, 0) - p.amount
+            for account_id, amount in zip(account_col, amount_col):
+                per_account[account_id] = per_account.get(account_id, 0) - amount
             charges = tuple((a, amount, posted.balances[a]) for a, amount in sorted(per_account.items()))
         status = await conn.execute(
             "UPDATE ingest_watermarks SET watermark = $2, updated_at = $3 WHERE source = $1 AND watermark = $4",
             source, watermark, now, committed)
         if status != "UPDATE 1":
             raise InvariantViolation(f"watermark of {source} moved under its row lock")
-    total = result.total
-    return CommitResult(source, watermark, False, total, len(entries), len(keys), result.rejected,
+    total = sum(m[3] for m in charging)
+    return CommitResult(source, watermark, False, total, len(charging), len(keys), resolved.rejected,
                         block_changes, charges)
