@@ -210,12 +210,9 @@ def scan_segment(data: bytes, base: int) -> Iterator[JournalRecord]:
                                 Datagram(record.exporters[number], payload, port, record.received_ns))
 
 
-def records_to_packets(records: list[RawRecord], scanned: bytes | None = None) -> Packets:
-    """The datagrams of consecutive records as one `Packets` batch.
-
-    With ``scanned``, the buffer every record was scanned from, the batch
-    points into it (no copy); otherwise the payloads are joined.
-    """
+def records_to_packets(records: list[RawRecord], scanned: bytes) -> Packets:
+    """The datagrams of consecutive records as one `Packets` batch pointing into ``scanned``,
+    the buffer every record was scanned from (no copy)."""
     if not records:
         return Packets.empty()
     names: dict[str, int] = {}
@@ -229,13 +226,12 @@ def records_to_packets(records: list[RawRecord], scanned: bytes | None = None) -
     count = np.array(counts, dtype=np.int64)
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    if scanned is not None:
-        # from joined-payload coordinates to the scanned buffer's: shift each record's packets
-        first = np.r_[0, np.cumsum(count)[:-1]]
-        shift = np.array([r.payload_at for r in records], dtype=np.int64) - starts[first]
-        starts += np.repeat(shift, count)
+    # from joined-payload coordinates to the scanned buffer's: shift each record's packets
+    first = np.r_[0, np.cumsum(count)[:-1]]
+    shift = np.array([r.payload_at for r in records], dtype=np.int64) - starts[first]
+    starts += np.repeat(shift, count)
     return Packets(
-        data=scanned if scanned is not None else b"".join(r.payload for r in records),
+        data=scanned,
         starts=starts,
         lengths=lengths,
         exporter_no=np.concatenate(numbers),

@@ -1,11 +1,13 @@
 """NetFlow v5: fixed 24-byte header, up to 30 fixed 48-byte records.
 
-Theory of operation: `split_v5` validates one packet's header in Python (a
-few hundred nanoseconds) and returns the header values and the slice of
-record bytes. `records_to_flows` then decodes the records of a whole batch
-with one `np.frombuffer` over a big-endian structured dtype and converts the
+Theory of operation: `decode_v5_packets` takes a batch as one buffer and
+the packets' start offsets, validates every header at once (one fancy index
+gathers them into `HEADER_DTYPE` rows), and joins the packets' record bytes.
+`records_to_flows` then decodes the records of the whole batch with one
+`np.frombuffer` over a big-endian structured dtype and converts the
 sysUpTime-relative First/Last to epoch milliseconds with the header values
 repeated per record. The per-flow cost is a few numpy column copies.
+`split_v5` / `decode_v5_packet` do the same for one packet (tests, tools).
 """
 
 from __future__ import annotations
@@ -199,15 +201,6 @@ def decode_v5_packets(
         np.where(interval == 0, 1, interval).astype(np.uint32),
     )
     return V5Batch(flows, bad, positions, headers)
-
-
-def decode_v5_batch(payloads: list[bytes], exporter_hi: np.ndarray, exporter_lo: np.ndarray) -> V5Batch:
-    """`decode_v5_packets` over a list of payloads (tests, tools)."""
-    lengths = np.array([len(p) for p in payloads], dtype=np.int64)
-    starts = np.zeros(len(payloads), dtype=np.int64)
-    if len(payloads):
-        np.cumsum(lengths[:-1], out=starts[1:])
-    return decode_v5_packets(b"".join(payloads), starts, lengths, exporter_hi, exporter_lo)
 
 
 def decode_v5_packet(payload: bytes, exporter_hi: int = 0, exporter_lo: int = 0) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Reference decoder: the packet-by-packet walk that `netflow.decode.decode_packets` must equal.
 
-Kept verbatim (apart from this docstring) from before the batch fast paths, so
-`tests/test_netflow_decode_fastpath.py` can compare the two on random traffic.
+Kept verbatim from before the batch fast paths (with the v5 batch decoder of
+that time as `_old_v5_batch`), so `tests/test_netflow_decode_fastpath.py` can
+compare the two on random traffic. `decode_pending` did not change and is
+re-exported from `netflow.decode`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from netflow.flows import (
     Pending,
     SequenceGap,
 )
+from netflow.decode import decode_pending  # noqa: F401 - unchanged by the fast paths; the test calls it from here
 from netflow.templates import RecordCollector, SequenceTracker, TemplateCache
 
 MAX_DATAGRAM = 65535  # noqa: this module is the reference, not used by the worker
@@ -106,35 +109,6 @@ def _v5(
                 )
             )
     return batch.flows
-
-
-def decode_pending(pending: Iterable[Pending], cache: TemplateCache) -> DecodeResult:
-    """Decode the sets that waited for templates; still-missing ones stay pending."""
-    collector = RecordCollector()
-    still: list[Pending] = []
-    malformed: list[Malformed] = []
-    missing_sets = 0
-    packets = 0
-    for item in pending:
-        packets += 1
-        payload = item.datagram.payload
-        try:
-            version = payload[0] << 8 | payload[1] if len(payload) >= 2 else 0
-            if version == 9:
-                left = v9.resume_v9(item.datagram.exporter, payload, item.set_offsets, cache, collector)
-            elif version == 10:
-                left = ipfix.resume_ipfix(item.datagram.exporter, payload, item.set_offsets, cache, collector)
-            else:
-                raise DecodeError(f"version {version} has no templates to wait for")
-        except DecodeError as exc:
-            malformed.append(Malformed(item.index, str(exc)))
-            continue
-        if left:
-            missing_sets += len(left)
-            still.append(Pending(item.index, item.datagram, tuple(left)))
-    parts = collector.finish()
-    flows = np.concatenate(parts) if parts else np.zeros(0, dtype=FLOW_DTYPE)
-    return DecodeResult(flows, packets, tuple(malformed), tuple(still), missing_sets, ())
 
 
 def _old_v5_batch(payloads: list[bytes], exporter_hi: np.ndarray, exporter_lo: np.ndarray) -> v5.V5Batch:
