@@ -6,12 +6,19 @@
     billctl users [TEXT]                  search subscribers
     billctl account ID                    one account with its balance and blocks
     billctl block ID [--reason …] / unblock ID
-    billctl verify                        the ledger invariants, as the core sees them
+    billctl promised ACCOUNT [--amount 50.00] [--days 5]   grant this month's promised payment
+    billctl periodic-run                  run the periodic charges due now (progress on stderr)
 
 Arguments are converted by the function's own schema (``sys.calls``): a
 ``money`` argument takes ``12.50`` (decimal currency) and sends integer
 micro-units, ``int``/``bool`` are parsed strictly, ``list``/``map`` take
-JSON.  Output is a human table by default and JSON with ``--json``.
+JSON.  Output is a human table by default, JSON with ``--json`` and CSV
+with ``--csv``.  Money in the output is known from the function's declared
+result fields (``sys.calls`` ``fields``), never from a key's name, and shown
+by the one money formatter (``format_money``); ``--json`` keeps the wire's
+integer micro-units.  A streaming function (``reports.traffic``…) prints
+every row as it arrives: a table, one JSON object per line (``--json``) or
+CSV rows; its summary (``rows N``) goes to stderr.
 The password comes from ``$BILLCTL_PASSWORD`` or a prompt; it never crosses
 the wire (SCRAM).
 """
@@ -20,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import getpass
 import json
 import os
 import ssl
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
 
 from urfa.client import Client, connect
 from urfa.errors import CallFailed, LoginFailed, URFAError
@@ -35,9 +43,9 @@ from urfa.errors import CallFailed, LoginFailed, URFAError
 from .billing.money import format_money, parse_money
 from .billing.errors import BillingError
 
-__all__ = ["main", "convert_args", "render"]
+__all__ = ["main", "convert_args", "render", "show_money"]
 
-MONEY_KEYS = ("amount", "balance", "credit", "fee", "price", "total", "promised")
+_TABLE_SAMPLE = 200       # streamed rows looked at to size the table's columns
 
 
 class UsageError(Exception):
@@ -82,9 +90,22 @@ def convert_args(pairs: Sequence[str], schema: dict[str, str] | None) -> dict[st
     return args
 
 
-def _cell(key: str, value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and key.split("_")[-1] in MONEY_KEYS:
-        return format_money(value)
+def money_fields(fields: Mapping[str, str]) -> frozenset[str]:
+    """The (dotted) names a call's description declares as money."""
+    return frozenset(k for k, v in fields.items() if v.rstrip("?") == "money")
+
+
+def show_money(value: Any, money: frozenset[str], prefix: str = "") -> Any:
+    """``value`` with every declared money field formatted for people (the rest untouched)."""
+    if isinstance(value, dict):
+        return {k: format_money(v) if prefix + k in money and type(v) is int
+                else show_money(v, money, prefix + k + ".") for k, v in value.items()}
+    if isinstance(value, list):
+        return [show_money(v, money, prefix) for v in value]
+    return value
+
+
+def _cell(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.isoformat(timespec="seconds")
     if isinstance(value, bytes):
@@ -100,16 +121,92 @@ def render(result: Any) -> str:
         keys: list[str] = []
         for r in result:
             keys.extend(k for k in r if k not in keys)
-        rows = [[_cell(k, r.get(k)) for k in keys] for r in result]
-        widths = [min(40, max(len(k), *(len(row[i]) for row in rows))) for i, k in enumerate(keys)]
-        line = lambda cells: "  ".join(c[:40].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+        rows = [[_cell(r.get(k)) for k in keys] for r in result]
+        widths = _widths(keys, rows)
+        return "\n".join([_line(keys, widths), _line(["-" * w for w in widths], widths),
+                          *(_line(r, widths) for r in rows)])
     if isinstance(result, dict):
         width = max((len(k) for k in result), default=0)
-        return "\n".join(f"{k.ljust(width)}  {_cell(k, v)}" for k, v in result.items())
+        return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in result.items())
     if isinstance(result, list):
-        return "\n".join(_cell("", v) for v in result) or "(none)"
-    return _cell("", result)
+        return "\n".join(_cell(v) for v in result) or "(none)"
+    return _cell(result)
+
+
+def _widths(keys: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    return [min(40, max(len(k), *(len(row[i]) for row in rows))) for i, k in enumerate(keys)]
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c[:40].ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+class RowPrinter:
+    """Prints a stream's rows as they arrive: a table, JSON lines or CSV.
+
+    A row is a list (its columns named by the call's declared ``fields``) or
+    a map.  The table sizes its columns from the first rows and prints the
+    rest as they come, so a report of millions of rows needs no memory."""
+
+    def __init__(self, columns: Sequence[str], money: frozenset[str], fmt: str, out: TextIO) -> None:
+        self.columns = list(columns)
+        self.money = money
+        self.fmt = fmt
+        self.out = out
+        self.rows = 0
+        self._pending: list[dict[str, Any]] = []
+        self._widths: list[int] | None = None
+        self._csv: Any = None
+
+    def _named(self, row: Any) -> dict[str, Any]:
+        if isinstance(row, dict):
+            for k in row:
+                if k not in self.columns and self._widths is None and self._csv is None:
+                    self.columns.append(k)
+            return row
+        if isinstance(row, (list, tuple)):
+            while len(self.columns) < len(row):   # undeclared columns still print, numbered
+                self.columns.append(f"col{len(self.columns) + 1}")
+            return dict(zip(self.columns, row))
+        return {"value": row}
+
+    def add(self, row: Any) -> None:
+        named = self._named(row)
+        self.rows += 1
+        if self.fmt == "json":
+            self.out.write(json.dumps(named, default=_json_default) + "\n")
+            return
+        shown = show_money(named, self.money)
+        if self.fmt == "csv":
+            if self._csv is None:
+                self._csv = csv.writer(self.out, lineterminator="\n")
+                self._csv.writerow(self.columns)
+            self._csv.writerow([_cell(shown.get(k)) for k in self.columns])
+            return
+        if self._widths is None:
+            self._pending.append(shown)
+            if len(self._pending) >= _TABLE_SAMPLE:
+                self._flush_table()
+            return
+        self.out.write(_line([_cell(shown.get(k)) for k in self.columns], self._widths) + "\n")
+
+    def _flush_table(self) -> None:
+        for r in self._pending:
+            self._named(r)   # maps may add columns until the header is out
+        cells = [[_cell(r.get(k)) for k in self.columns] for r in self._pending]
+        self._widths = _widths(self.columns, cells) if cells else [len(k) for k in self.columns]
+        self.out.write(_line(self.columns, self._widths) + "\n")
+        self.out.write(_line(["-" * w for w in self._widths], self._widths) + "\n")
+        for r in cells:
+            self.out.write(_line(r, self._widths) + "\n")
+        self._pending = []
+
+    def finish(self) -> None:
+        if self.fmt == "table" and self._widths is None and (self._pending or self.columns):
+            self._flush_table()
+        elif self.fmt == "csv" and self._csv is None and self.columns:
+            csv.writer(self.out, lineterminator="\n").writerow(self.columns)
+        self.out.flush()
 
 
 def _json_default(value: Any) -> Any:
@@ -142,14 +239,71 @@ async def _session(args: argparse.Namespace) -> Client:
     return client
 
 
-async def _schema(client: Client, fn: str) -> dict[str, str] | None:
+class Described:
+    """What ``sys.calls`` says about one function (empty when the core does not say)."""
+
+    def __init__(self, entry: Mapping[str, Any] | None) -> None:
+        self.known = entry is not None
+        entry = entry or {}
+        self.args: dict[str, str] | None = dict(entry["args"]) if "args" in entry else None
+        self.fields: dict[str, str] = dict(entry.get("fields") or {})
+        self.streaming = bool(entry.get("streaming"))
+        self.money = money_fields(self.fields)
+
+    @property
+    def columns(self) -> list[str]:
+        return [k for k in self.fields if "." not in k]
+
+
+async def _describe(client: Client, fn: str) -> Described:
     for c in await client.call("sys.calls"):
         if c["name"] == fn:
-            return dict(c["args"])
-    return None
+            return Described(c)
+    return Described(None)
 
 
-async def _run(args: argparse.Namespace) -> Any:
+def _out_format(args: argparse.Namespace) -> str:
+    return "json" if args.json else "csv" if args.csv else "table"
+
+
+async def _stream(client: Client, fn: str, call_args: dict[str, Any], d: Described,
+                  args: argparse.Namespace, progress: Callable[[Any], None] | None = None) -> Any:
+    """Print every streamed row as it arrives; return the call's result (its summary)."""
+    printer = RowPrinter(d.columns, d.money, _out_format(args), sys.stdout)
+    stream = client.stream(fn, call_args)
+    async for chunk in stream:
+        if progress is not None:
+            progress(chunk)
+            continue
+        for row in chunk if isinstance(chunk, list) else [chunk]:
+            printer.add(row)
+    if progress is None:
+        printer.finish()
+    return stream.result
+
+
+def _account_view(result: dict[str, Any]) -> dict[str, Any]:
+    """``accounts.get`` for a person: the blocks are part of the state, not a footnote."""
+    from .tray import internet_state
+
+    blocks = list(result.get("blocks") or [])
+    view = dict(result)
+    state = internet_state(blocks)
+    view["status"] = f"{result.get('status')}, internet {state}"
+    return view
+
+
+def _periodic_progress(chunk: Any) -> None:
+    if isinstance(chunk, dict):
+        total = chunk.get("accounts_total") or 0
+        done = chunk.get("accounts_done") or 0
+        share = f" ({100 * done // total}%)" if total else ""
+        print(f"periodic: {done}/{total} accounts{share}, {chunk.get('charges', 0)} charge(s),"
+              f" {format_money(int(chunk.get('amount') or 0))} booked", file=sys.stderr, flush=True)
+
+
+async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
+    """The command's result and the description of the function that made it."""
     client = await _session(args)
     try:
         if args.command == "calls":
@@ -157,27 +311,56 @@ async def _run(args: argparse.Namespace) -> Any:
                 {"name": c["name"], "args": ", ".join(f"{k}:{v}" for k, v in c["args"].items()),
                  "right": c["right"] or "", "doc": c["doc"].split("\n")[0]}
                 for c in await client.call("sys.calls")
-            ]
+            ], Described(None)
+        fn, call_args = _request(args)
+        d = await _describe(client, fn)
         if args.command == "call":
-            schema = await _schema(client, args.fn)
-            return await client.call(args.fn, convert_args(args.args, schema))
-        if args.command == "pay":
-            call = {"account_id": int(args.account), "amount": _convert("amount", "money", args.amount),
-                    "method": args.method, "comment": args.comment}
-            if args.external_id:
-                call["external_id"] = args.external_id
-            return await client.call("payments.add", call)
-        if args.command == "users":
-            return await client.call("users.search", {"text": args.text, "limit": args.limit})
-        if args.command == "account":
-            return await client.call("accounts.get", {"account_id": int(args.id)})
-        if args.command == "block":
-            return await client.call("blocks.set", {"account_id": int(args.id), "reason": args.reason})
-        if args.command == "unblock":
-            return await client.call("blocks.lift", {"account_id": int(args.id)})
-        raise UsageError(f"unknown command {args.command}")
+            call_args = convert_args(args.args, d.args)
+        if d.streaming:
+            return await _stream(client, fn, call_args, d, args,
+                                 _periodic_progress if args.command == "periodic-run" else None), d
+        result = await client.call(fn, call_args)
+        if args.command == "account" and isinstance(result, dict) and _out_format(args) == "table":
+            result = _account_view(result)
+        return result, d
     finally:
         await client.close()
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The function and arguments a command asks for (``call``'s arguments are typed later)."""
+    if args.command == "call":
+        return args.fn, {}
+    if args.command == "pay":
+        call = {"account_id": _int("account", args.account), "amount": _convert("amount", "money", args.amount),
+                "method": args.method, "comment": args.comment}
+        if args.external_id:
+            call["external_id"] = args.external_id
+        return "payments.add", call
+    if args.command == "users":
+        return "users.search", {"text": args.text, "limit": args.limit}
+    if args.command == "account":
+        return "accounts.get", {"account_id": _int("account", args.id)}
+    if args.command == "block":
+        return "blocks.set", {"account_id": _int("account", args.id), "reason": args.reason}
+    if args.command == "unblock":
+        return "blocks.lift", {"account_id": _int("account", args.id)}
+    if args.command == "promised":
+        call = {"account_id": _int("account", args.account)}
+        if args.amount is not None:
+            call["amount"] = _convert("amount", "money", args.amount)
+        if args.days is not None:
+            call["days"] = args.days
+        if args.reason:
+            call["reason"] = args.reason
+        return "payments.promised", call
+    if args.command == "periodic-run":
+        return "periodic.run", {}
+    raise UsageError(f"unknown command {args.command}")
+
+
+def _int(name: str, text: str) -> int:
+    return int(_convert(name, "int", text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--login", default=env("BILLCTL_LOGIN", "admin"))
     p.add_argument("--kind", default=env("BILLCTL_KIND", "admin"), choices=["admin", "system", "user"])
     p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--json", action="store_true", help="JSON output for scripts")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help="JSON for scripts (money as integer micro-units; streamed rows: one object per line)")
+    fmt.add_argument("--csv", action="store_true", help="CSV (a header, then one line per row)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("calls", help="the functions this session may call")
     c = sub.add_parser("call", help="call any function: billctl call payments.add account_id=1 amount=10.00")
@@ -213,13 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reason", default="")
     c = sub.add_parser("unblock", help="lift the administrative block")
     c.add_argument("id")
+    c = sub.add_parser("promised", help="grant an account this month's promised payment")
+    c.add_argument("account")
+    c.add_argument("--amount", help="in currency units (default: the configured promised amount)")
+    c.add_argument("--days", type=int, help="days until it expires (default: the configured duration)")
+    c.add_argument("--reason", default="", help="recorded in the audit log")
+    sub.add_parser("periodic-run", help="run the periodic charges due now (what the scheduler would do)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = asyncio.run(_run(args))
+        result, described = asyncio.run(_run(args))
     except UsageError as exc:
         print(f"billctl: {exc}", file=sys.stderr)
         return 2
@@ -232,11 +424,28 @@ def main(argv: list[str] | None = None) -> int:
     except (URFAError, OSError) as exc:
         print(f"billctl: cannot talk to the core: {exc}", file=sys.stderr)
         return 4
-    if args.json:
+    if described.streaming and args.command != "periodic-run":
+        # the rows are out already; the summary (rows N) is for the person, not the pipe
+        summary = show_money(result, described.money)
+        print(render(summary) if isinstance(summary, dict) else _cell(summary), file=sys.stderr)
+    elif args.json:
         print(json.dumps(result, default=_json_default, indent=2))
+    elif args.csv:
+        _print_csv(show_money(result, described.money))
     else:
-        print(render(result))
+        print(render(show_money(result, described.money)))
     return 0
+
+
+def _print_csv(result: Any) -> None:
+    rows = result if isinstance(result, list) else [result]
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in (row if isinstance(row, dict) else {"value": row}) if k not in keys)
+    printer = RowPrinter(keys, frozenset(), "csv", sys.stdout)
+    for row in rows:
+        printer.add(row if isinstance(row, dict) else {"value": row})
+    printer.finish()
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ class CallSpec:
     ``time``, ``bytes``, ``list``, ``map``, ``any``); a trailing ``?`` marks
     an optional argument.  ``right`` is the right a session must hold
     (``None``: any session of an allowed kind).
+
+    ``fields`` describes the result with the same type words: a map's keys,
+    the keys of each map of a list, or — for a streaming call — the columns
+    of each streamed row, in order.  A dotted name (``lines.amount``) is a
+    field of a nested map or list.  Every money field is declared here as
+    ``money``: clients format money from this declaration, never by guessing
+    from a key's name.
     """
 
     name: str
@@ -72,6 +79,7 @@ class CallSpec:
     result: str = "any"
     doc: str = ""
     streaming: bool = False
+    fields: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """The introspection record `sys.calls` returns for this symbol."""
@@ -84,6 +92,7 @@ class CallSpec:
             "module": self.module,
             "doc": self.doc,
             "streaming": self.streaming,
+            "fields": dict(self.fields),
         }
 
 

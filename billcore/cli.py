@@ -6,6 +6,7 @@
     billcore verify                   check every ledger invariant (cron-friendly)
     billcore admin create LOGIN       bootstrap an administrator
     billcore system create LOGIN      a service login (remote collector…)
+    billcore periodic run-now         run the periodic charges due now (idempotent, with progress)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from .config import Config, ConfigError, example_config, load_config
 from .log import setup_logging
 
-__all__ = ["main", "with_database"]
+__all__ = ["main", "with_database", "with_pool"]
 
 CommandFn = Callable[[argparse.Namespace, Config], int]
 COMMANDS: dict[str, CommandFn] = {}
@@ -33,6 +34,17 @@ def _config_path(args: argparse.Namespace) -> str | None:
 async def with_database(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
     """Run ``work(conn)`` on the configured database, starting the embedded
     one (or attaching to a running one) when no DSN is set."""
+
+    async def one(pool: Any) -> int:
+        async with pool.acquire() as conn:
+            result: int = await work(conn)
+            return result
+
+    return await with_pool(config, one)
+
+
+async def with_pool(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    """``with_database`` for work that needs several connections: ``work(pool)``."""
     import asyncpg
 
     from .db.embedded import EmbeddedPostgres
@@ -50,9 +62,8 @@ async def with_database(config: Config, work: Callable[[Any], Awaitable[int]]) -
             print(f"billcore: {exc}", file=sys.stderr)
             return 1
         try:
-            async with pool.acquire() as conn:
-                result: int = await work(conn)
-                return result
+            result: int = await work(pool)
+            return result
         finally:
             await pool.close()
     except asyncpg.PostgresError as exc:
@@ -176,6 +187,38 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     return asyncio.run(with_database(config, work))
 
 
+def cmd_periodic(args: argparse.Namespace, config: Config) -> int:
+    """``periodic run-now``: the scheduler's own pass (``billcore.core.periodic_once``), now."""
+    from .api.periodic import summary
+    from .billing.money import format_money
+    from .context import CoreContext
+    from .core import periodic_once
+
+    def progress(p: Any) -> None:
+        share = f" ({100 * p.accounts_done // p.accounts_total}%)" if p.accounts_total else ""
+        print(f"periodic: {p.accounts_done}/{p.accounts_total} accounts{share}, {p.charges} charge(s),"
+              f" {format_money(p.amount)} booked", file=sys.stderr, flush=True)
+
+    def waiting() -> None:
+        print("periodic: another run holds the lock (the core's scheduler?); waiting for it to finish",
+              file=sys.stderr, flush=True)
+
+    async def work(pool: Any) -> int:
+        core = CoreContext(pool=pool, config=config)
+        done = summary(await periodic_once(core, progress=progress, waiting=waiting))
+        print(f"periodic run done: {done['accounts']} account(s), {done['charges']} charge(s),"
+              f" {format_money(done['amount'])} booked, {done['periods_closed']} period(s) closed"
+              + ("" if done["charges"] else " (nothing was due)"))
+        if done["blocks_changed"]:
+            # no URFA here: RADIUS refuses blocked accounts at their next request, but sessions
+            # already online are not disconnected; `billctl periodic-run` runs it in the core
+            print(f"{done['blocks_changed']} block change(s): sessions online stay until their next"
+                  " RADIUS request (run `billctl periodic-run` to have the core disconnect them at once)")
+        return 0
+
+    return asyncio.run(with_pool(config, work))
+
+
 def cmd_config(args: argparse.Namespace, config: Config) -> int:
     if args.action == "example":
         sys.stdout.write(example_config())
@@ -205,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("login")
     p.add_argument("--rights", default="", help="comma-separated rights, e.g. netflow.*,events.subscribe")
     p.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable instead of prompting")
+    p = sub.add_parser("periodic", help="periodic charges")
+    p.add_argument("action", choices=["run-now"], help="run-now: charge what is due now, as the scheduler"
+                   " would (idempotent: what is booked is never booked twice)")
+    COMMANDS.update(periodic=cmd_periodic)
     COMMANDS.update(serve=cmd_serve, migrate=cmd_migrate, config=cmd_config, admin=cmd_admin, system=cmd_system,
                     verify=cmd_verify)
     for extend in _EXTENSIONS:

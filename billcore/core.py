@@ -68,12 +68,12 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 def build_calls(core: CoreContext) -> list[CallSpec]:
     """Every built-in call module's calls."""
-    from .api import money_calls, netflow_calls, portal_calls, reports, tariffs
+    from .api import money_calls, netflow_calls, periodic, portal_calls, reports, tariffs
     from .radius_calls import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
-        *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core),
+        *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
     ]
     return [dataclasses.replace(s, handler=guard_database(s.handler)) for s in specs]
 
@@ -118,12 +118,28 @@ def _listened(core: CoreContext, event: str) -> bool:
     return bus is not None and bool(bus.owners(event))
 
 
-async def periodic_once(core: CoreContext) -> Any:
-    """One scheduler pass: expire promised payments, run due charges, tell hooks and RADIUS."""
+async def periodic_once(core: CoreContext, progress: Any = None, waiting: Any = None) -> Any:
+    """One scheduler pass: expire promised payments, run due charges, tell hooks and RADIUS.
+
+    The scheduler, ``periodic.run`` and ``billcore periodic run-now`` all come
+    here, one at a time (``periodic_lock``); ``progress(RunProgress)`` hears of
+    every committed batch, ``waiting()`` that another run holds the lock."""
+    from .api.periodic import periodic_lock
+
+    async with periodic_lock(core.pool, waiting):
+        return await _periodic_pass(core, progress)
+
+
+async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
     from .api import announce
     from .billing.payments import expire_promised
-    from .billing.scheduler import ChargeBooked, run_due
+    from .billing.scheduler import ChargeBooked, RunProgress, run_due
     from .ops import metrics as ops_metrics
+
+    def report(p: RunProgress) -> None:
+        ops_metrics.periodic_progress(p)
+        if progress is not None:
+            progress(p)
 
     async with core.pool.acquire() as conn:
         await announce(core, await expire_promised(conn, core.now()))
@@ -137,7 +153,7 @@ async def periodic_once(core: CoreContext) -> Any:
     # plugin listens (checked per run: plugins load and unload at run time).
     result = await run_due(core.pool, core.now(), tz=core.config.zone,
                            batch_size=core.config.periodic.batch_size,
-                           progress=ops_metrics.periodic_progress,
+                           progress=report,
                            on_charges=charged if _listened(core, "account.charged") else None)
     ops_metrics.periodic_finished(result)
     await announce(core, result.block_changes)

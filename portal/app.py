@@ -220,8 +220,11 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response = await asyncio.wait_for(_checked(request, handler), section.request_timeout)
     except SessionGone:
-        response = redirect("/login", m="expired")
-        response.del_cookie(SID_COOKIE, path="/")
+        if request[SID] is None:     # never logged in (a first visit): a plain login page
+            response = redirect("/login")
+        else:                        # a session that existed has ended: say so
+            response = redirect("/login", m="expired")
+            response.del_cookie(SID_COOKIE, path="/")
     except PageError as exc:
         values = {k: v for k, v in exc.values.items() if k != "code"}
         response = page(request, "error.html", exc.status, message=translator(request)(exc.key, **values))

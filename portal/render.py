@@ -1,8 +1,8 @@
 """How numbers look in the office, and the traffic chart as inline SVG.
 
-Money arrives as integer micro-units and is shown with two decimals,
-truncated toward zero (``money``: the one place display rounding happens);
-bytes in binary units with one decimal, computed in integers.  The chart is
+Money arrives as integer micro-units and is shown by billcore's one money
+formatter (``billcore.billing.money.format_money``, pure, no I/O): two
+decimals, more only when the amount has them, thousands grouped; bytes in binary units with one decimal, computed in integers.  The chart is
 drawn here, server-side, as a stacked bar per day and a colour per traffic
 class, so it needs no script and no CDN and prints as it looks.
 """
@@ -14,17 +14,16 @@ from collections import OrderedDict
 from html import escape
 from typing import Any
 
+from billcore.billing.money import format_money
+
 __all__ = ["money", "human_bytes", "when", "duration", "traffic_chart", "traffic_table", "PALETTE"]
 
-MICRO = 1_000_000
 PALETTE = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096")
 
 
 def money(micro: int) -> str:
-    """12345678 → '12.34' (truncated toward zero, as the ledger never rounds up)."""
-    sign = "-" if micro < 0 else ""
-    units, cents = divmod(abs(int(micro)) // 10_000, 100)
-    return f"{sign}{units:,}.{cents:02d}".replace(",", "\u202f")
+    """12_500_000 → '12.50'; 12_345_678 → '12.345678' (the office shows what the ledger holds)."""
+    return format_money(int(micro), group="\u202f")
 
 
 def human_bytes(n: int) -> str:

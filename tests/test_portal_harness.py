@@ -206,11 +206,15 @@ class LiveOffice:
 
 # -- the office's pure parts ----------------------------------------------------
 
-def test_money_is_truncated_toward_zero_and_grouped() -> None:
-    assert render.money(12_345_678) == "12.34"
-    assert render.money(-1_999_999) == "-1.99"
+def test_money_is_the_one_format_grouped() -> None:
+    # the same digits billctl and the tray show (billcore.billing.money.format_money), never
+    # rounded: a subscriber who owes 1.999999 does not read 1.99
+    assert render.money(12_500_000) == "12.50"
+    assert render.money(12_345_678) == "12.345678"
+    assert render.money(-1_999_999) == "-1.999999"
     assert render.money(0) == "0.00"
     assert render.money(1_234_567 * UNIT) == "1\u202f234\u202f567.00"
+    assert render.money(10**24) == "1\u202f000\u202f000\u202f000\u202f000\u202f000\u202f000.00"  # past MAX_AMOUNT
 
 
 def test_bytes_and_durations() -> None:

@@ -36,7 +36,7 @@ from typing import Any
 from . import scram
 from .connection import Closed, Connection, Role
 from .errors import (
-    AUTH_FAILED, CallFailed, ConnectionLost, LoginFailed, RemoteProtocolError,
+    AUTH_FAILED, CallFailed, ConnectionLost, LocalProtocolError, LoginFailed, RemoteProtocolError,
 )
 from .framing import DEFAULT_MAX_FRAME
 from .messages import (
@@ -237,7 +237,13 @@ class Client:
                 p.future.set_exception(CallFailed(msg.code, msg.message))  # type: ignore[union-attr]
         elif t is Chunk:
             p = self._pending.get(msg.id)  # type: ignore[union-attr]
-            if p is not None and p.chunks is not None:
+            if p is not None and p.chunks is None:
+                # a streaming function read with call(): its rows would be dropped without a word
+                if not p.future.done():
+                    p.future.set_exception(LocalProtocolError(
+                        f"{p.fn} streams its rows: read it with Client.stream, not Client.call"))
+                    self.cancel(p.id)
+            elif p is not None and p.chunks is not None:
                 p.chunks.append(msg.data)  # type: ignore[union-attr]
                 stream = self._streams.get(msg.id)  # type: ignore[union-attr]
                 if stream is not None:

@@ -18,20 +18,26 @@ import datetime as dt
 from typing import Any
 
 from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page, who
-from billcore.billing import accounts, audit, blocks
+from billcore.billing import accounts, audit, blocks, payments
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
 
-__all__ = ["calls", "account_view"]
+__all__ = ["ACCOUNT_FIELDS", "LEDGER_FIELDS", "calls", "account_view"]
+
+# the money in an account view and in a ledger row, as sys.calls declares it
+ACCOUNT_FIELDS = {"balance": "money", "credit": "money", "promised": "money", "promised_taken": "bool"}
+LEDGER_FIELDS = {"amount": "money", "balance_after": "money"}
 
 
 async def account_view(conn: Any, account_id: int, now: dt.datetime) -> dict[str, Any]:
-    """An account with its active blocks and open promised credit."""
+    """An account with its active blocks, open promised credit and whether
+    this month's promised payment is used up (``promised_taken``)."""
     acc = await accounts.get_account(conn, account_id)
     acc["blocks"] = [b["kind"] for b in await blocks.list_blocks(conn, [account_id], active_only=True)]
     acc["promised"] = await blocks.active_promised(conn, account_id, now)
+    acc["promised_taken"] = await payments.promised_taken(conn, account_id, now)
     return acc
 
 
@@ -140,20 +146,23 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                      until=until, limit=limit, offset=offset)
 
     def spec(name: str, fn: Any, right: str, args: dict[str, str], result: str = "map",
-             kinds: frozenset[str] = ADMIN) -> CallSpec:
-        return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "")
+             kinds: frozenset[str] = ADMIN, fields: dict[str, str] | None = None) -> CallSpec:
+        return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "",
+                        fields=fields or {})
 
     page_args = {"limit": "int?", "offset": "int?"}
     return [
         spec("accounts.create", accounts_create, "accounts.write",
-             {"user_id": "int", "credit": "money?", "vat_bp": "int?", "unlimited": "bool?"}),
-        spec("accounts.get", accounts_get, "accounts.read", {"account_id": "int"}, kinds=ADMIN_SYSTEM),
+             {"user_id": "int", "credit": "money?", "vat_bp": "int?", "unlimited": "bool?"}, fields=ACCOUNT_FIELDS),
+        spec("accounts.get", accounts_get, "accounts.read", {"account_id": "int"}, kinds=ADMIN_SYSTEM,
+             fields=ACCOUNT_FIELDS),
         spec("accounts.edit", accounts_edit, "accounts.write",
-             {"account_id": "int", "credit": "money?", "vat_bp": "int?", "unlimited": "bool?"}),
+             {"account_id": "int", "credit": "money?", "vat_bp": "int?", "unlimited": "bool?"}, fields=ACCOUNT_FIELDS),
         spec("accounts.set_credit", accounts_set_credit, "accounts.credit",
-             {"account_id": "int", "credit": "money"}),
+             {"account_id": "int", "credit": "money"}, fields=ACCOUNT_FIELDS),
         spec("accounts.history", accounts_history, "accounts.read",
-             {"account_id": "int", **page_args, "since": "time?", "until": "time?"}, result="list"),
+             {"account_id": "int", **page_args, "since": "time?", "until": "time?"}, result="list",
+             fields=LEDGER_FIELDS),
         spec("blocks.set", blocks_set, "blocks.write", {"account_id": "int", "reason": "str?", "kind": "str?"}),
         spec("blocks.lift", blocks_lift, "blocks.write", {"account_id": "int", "kind": "str?"}),
         spec("blocks.list", blocks_list, "blocks.read",

@@ -19,7 +19,7 @@ import hmac
 from typing import Any
 
 from billcore.api import USER, announce, handler, need_int, page, who
-from billcore.api.accounts import account_view
+from billcore.api.accounts import ACCOUNT_FIELDS, LEDGER_FIELDS, account_view
 from billcore.api.users import check_password
 from billcore.billing import accounts, audit, blocks, payments
 from billcore.billing.ledger import ledger_history
@@ -144,16 +144,19 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                after={"password": "changed"}, now=core.now())
         return True
 
-    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map") -> CallSpec:
+    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map",
+             fields: dict[str, str] | None = None) -> CallSpec:
         return CallSpec(name, fn, right=None, kinds=USER, module="builtin", args=args, result=result,
-                        doc=fn.__doc__ or "")
+                        doc=fn.__doc__ or "", fields=fields or {})
 
     return [
-        spec("me.accounts", me_accounts, {}, "list"),
+        spec("me.accounts", me_accounts, {}, "list", ACCOUNT_FIELDS),
         spec("me.blocks", me_blocks, {"account_id": "int?", "active_only": "bool?"}, "list"),
-        spec("me.payments", me_payments, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
-        spec("me.history", me_history, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
+        spec("me.payments", me_payments, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list",
+             {"amount": "money"}),
+        spec("me.history", me_history, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list",
+             LEDGER_FIELDS),
         spec("me.block", me_block, {"on": "bool", "account_id": "int?"}),
-        spec("me.promised", me_promised, {"account_id": "int?"}),
+        spec("me.promised", me_promised, {"account_id": "int?"}, fields={"amount": "money"}),
         spec("me.password", me_password, {"old_password": "str", "new_password": "str"}, "bool"),
     ]

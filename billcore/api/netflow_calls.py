@@ -49,6 +49,10 @@ MAX_ROWS: Final = 20_000
 MAX_RAW_ROWS: Final = 5_000_000
 MAX_RAW_WINDOW: Final = timedelta(days=31)
 COLUMNS: Final = ("account", "klass", "direction", "hour_ms", "bytes", "packets", "flows")
+# netflow.raw's streamed rows, column by column (netflow.rawstore.read_account's order)
+RAW_FIELDS: Final = {"first_ms": "int", "last_ms": "int", "direction": "int", "class_id": "int", "src": "ip",
+                     "dst": "ip", "src_port": "int", "dst_port": "int", "proto": "int", "bytes": "int",
+                     "packets": "int", "sampling": "int", "exporter": "ip"}
 SYSTEM: Final = frozenset({"system"})
 _WORKER = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
@@ -147,10 +151,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
     return [
         CallSpec("netflow.submit", netflow_submit, right="netflow.submit", kinds=SYSTEM,
                  args={"worker": "str", "watermark": "int", **cols}, result="map",
-                 doc=netflow_submit.__doc__ or ""),
+                 doc=netflow_submit.__doc__ or "", fields={"charged": "money", "rejected_bytes": "int"}),
         CallSpec("netflow.watermark", netflow_watermark, right="netflow.watermark", kinds=SYSTEM,
                  args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or ""),
         CallSpec("netflow.raw", netflow_raw, right="netflow.read", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "since": "time", "until": "time"}, result="map",
-                 doc=netflow_raw.__doc__ or "", streaming=True),
+                 doc=netflow_raw.__doc__ or "", streaming=True, fields=RAW_FIELDS),
     ]

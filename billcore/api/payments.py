@@ -1,7 +1,11 @@
 """Admin (and service) calls on payments: ``payments.add/cancel/list``.
 
-Rights: ``payments.add``, ``payments.cancel``, ``payments.read`` — the
-``cashiers`` group's ``payments.*`` grants all three.  ``payments.add`` with
+Rights: ``payments.add``, ``payments.cancel``, ``payments.read``,
+``payments.promised`` — the ``cashiers`` group's ``payments.*`` grants them
+all.  ``payments.promised`` grants an account this month's promised payment
+on the subscriber's behalf (the same once-a-month rule as ``me.promised``;
+amount and duration default to ``[billing]``'s), audited like every admin
+write.  ``payments.add`` with
 an ``external_id`` is safe to retry: the answer carries the first payment's
 id and ``created: false``.  Amounts are int micro-units, positive and at
 most ``billcore.billing.payments.MAX_PAYMENT`` (a correction may be
@@ -10,14 +14,19 @@ negative).
 
 from __future__ import annotations
 
+import datetime as dt
+import dataclasses
 from typing import Any
 
 from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page, who
 from billcore.billing import accounts, audit, payments
+from billcore.billing.ledger_errors import InvalidValue
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
 
 __all__ = ["calls"]
+
+MAX_PROMISED_DAYS = 31
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
@@ -72,13 +81,47 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await accounts.get_account(conn, account_id)
             return await payments.list_payments(conn, [account_id], limit=limit, offset=offset)
 
+    @handler
+    async def payments_promised(ctx: Any, account_id: int, amount: int | None = None, days: int | None = None,
+                                reason: str = "") -> dict[str, Any]:
+        """Grant this month's promised payment (temporary credit) to an account; once per month."""
+        need_int("account_id", account_id)
+        rule = core.extras.get("promised_rule", payments.DEFAULT_PROMISED)
+        if amount is not None:
+            if type(amount) is int and amount < 0:
+                raise InvalidValue("a promised payment is positive")
+            payments.check_payment_amount(amount, "promised")
+            rule = dataclasses.replace(rule, amount=amount)
+        if days is not None:
+            if type(days) is not int or not 1 <= days <= MAX_PROMISED_DAYS:
+                raise InvalidValue(f"days must be within 1..{MAX_PROMISED_DAYS}")
+            rule = dataclasses.replace(rule, duration=dt.timedelta(days=days))
+        if type(reason) is not str or len(reason) > 1000:
+            raise InvalidValue("reason is a string of at most 1000 characters")
+        now = core.now()
+        async with core.pool.acquire() as conn:
+            async with conn.transaction():
+                await accounts.get_account(conn, account_id)
+                r = await payments.take_promised(conn, account_id, actor=who(ctx).actor, rule=rule, now=now)
+                await audit.record(conn, who(ctx), "payments.promised", f"account:{account_id}", before=None,
+                                   after={"promised_id": r.promised_id, "amount": r.amount,
+                                          "expires_at": r.expires_at, "reason": reason}, now=now)
+        await announce(core, r.block_changes)
+        return {"account_id": account_id, "promised_id": r.promised_id, "amount": r.amount,
+                "expires_at": r.expires_at}
+
     return [
+        CallSpec("payments.promised", payments_promised, right="payments.promised", kinds=ADMIN,
+                 args={"account_id": "int", "amount": "money?", "days": "int?", "reason": "str?"}, result="map",
+                 doc=payments_promised.__doc__ or "", fields={"amount": "money", "expires_at": "time"}),
         CallSpec("payments.add", payments_add, right="payments.add", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "amount": "money", "method": "str", "external_id": "str?",
-                       "comment": "str?"}, result="map", doc=payments_add.__doc__ or ""),
+                       "comment": "str?"}, result="map", doc=payments_add.__doc__ or "",
+                 fields={"balance": "money"}),
         CallSpec("payments.cancel", payments_cancel, right="payments.cancel", kinds=ADMIN,
-                 args={"payment_id": "int", "reason": "str?"}, result="map", doc=payments_cancel.__doc__ or ""),
+                 args={"payment_id": "int", "reason": "str?"}, result="map", doc=payments_cancel.__doc__ or "",
+                 fields={"balance": "money"}),
         CallSpec("payments.list", payments_list, right="payments.read", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "limit": "int?", "offset": "int?"}, result="list",
-                 doc=payments_list.__doc__ or ""),
+                 doc=payments_list.__doc__ or "", fields={"amount": "money"}),
     ]

@@ -292,8 +292,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return result
         return wrapped
 
+    money = {"services.list": {"fee": "money"}}
     specs = [CallSpec(name, audited(name, fn) if right == W else fn, right=right, kinds=ADMIN, args=args,
-                      doc=fn.__doc__ or "")
+                      doc=fn.__doc__ or "", fields=money.get(name, {}))
              for name, fn, right, args in table]
     specs.append(CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM,
                           result="map", doc=netflow_snapshot.__doc__ or ""))

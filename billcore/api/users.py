@@ -96,17 +96,20 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return True
 
     def spec(name: str, fn: Any, right: str, args: dict[str, str], result: str = "map",
-             kinds: frozenset[str] = ADMIN) -> CallSpec:
-        return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "")
+             kinds: frozenset[str] = ADMIN, fields: dict[str, str] | None = None) -> CallSpec:
+        return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "",
+                        fields=fields or {})
 
     return [
         spec("users.create", users_create, "users.write",
              {"login": "str", "password": "str", "full_name": "str?", "email": "str?", "phone": "str?",
               "address": "str?", "external_id": "str?"}),
-        spec("users.get", users_get, "users.read", {"user_id": "int"}, kinds=ADMIN_SYSTEM),
+        spec("users.get", users_get, "users.read", {"user_id": "int"}, kinds=ADMIN_SYSTEM,
+             fields={"accounts": "list", "accounts.balance": "money", "accounts.credit": "money"}),
         spec("users.edit", users_edit, "users.write", {"user_id": "int", "fields": "map"}),
         spec("users.search", users_search, "users.read",
-             {"text": "str?", "limit": "int?", "offset": "int?", "include_deleted": "bool?"}, kinds=ADMIN_SYSTEM),
+             {"text": "str?", "limit": "int?", "offset": "int?", "include_deleted": "bool?"}, kinds=ADMIN_SYSTEM,
+             fields={"total": "int", "users": "list"}),
         spec("users.delete", users_delete, "users.write", {"user_id": "int"}),
         spec("users.set_password", users_set_password, "users.write",
              {"user_id": "int", "password": "str"}, result="bool"),

@@ -28,7 +28,7 @@ from billcore.billing.ledger import lock_accounts, utcnow
 from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, LoginTaken, UnknownAccount, UnknownUser,
 )
-from billcore.billing.money import MAX_AMOUNT
+from billcore.billing.money import MAX_AMOUNT, format_money
 from urfa.scram import Verifier
 
 __all__ = [
@@ -89,7 +89,7 @@ def check_page(limit: object, offset: object) -> tuple[int, int]:
 
 def _check_credit(credit: object) -> int:
     if type(credit) is not int or not 0 <= credit <= MAX_CREDIT:
-        raise AmountError(f"credit must be int micro-units in 0..{MAX_CREDIT}")
+        raise AmountError(f"credit must be an amount within 0..{format_money(MAX_CREDIT)}")
     return credit
 
 

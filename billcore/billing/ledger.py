@@ -54,7 +54,7 @@ from billcore.billing.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, UnknownAccount,
 )
-from billcore.billing.money import MAX_AMOUNT
+from billcore.billing.money import MAX_AMOUNT, format_money
 
 __all__ = [
     "ENTRY_KINDS",
@@ -118,7 +118,8 @@ def _check_row(account_id: object, amount: object, kind: object, idem_key: objec
     if type(amount) is not int:
         raise AmountError(f"amount must be int micro-units, got {type(amount).__name__}")
     if amount == 0 or not -MAX_AMOUNT <= amount <= MAX_AMOUNT:
-        raise AmountError(f"amount must be non-zero and within ±{MAX_AMOUNT}, got {amount}")
+        raise AmountError(f"amount must be non-zero and within ±{format_money(MAX_AMOUNT)},"
+                          f" got {format_money(amount)}")
     if kind not in ENTRY_KINDS:
         raise InvalidValue(f"unknown ledger kind {kind!r}")
     if type(idem_key) is not str or not 1 <= len(idem_key) <= MAX_KEY:
@@ -299,7 +300,7 @@ async def _post(conn: asyncpg.Connection, accounts: Mapping[int, asyncpg.Record]
     for account_id, amount in zip(account_col, amount_col):
         balance = running[account_id] + amount
         if not -MAX_AMOUNT <= balance <= MAX_AMOUNT:
-            raise AmountError(f"account {account_id} balance would leave ±{MAX_AMOUNT}")
+            raise AmountError(f"account {account_id} balance would leave ±{format_money(MAX_AMOUNT)}")
         running[account_id] = balance
         after_col.append(balance)
     if not account_col:

@@ -11,7 +11,16 @@ and far above any real balance).
 Strings are parsed strictly: ASCII digits, an optional leading ``-``, at most
 six decimals, no exponent, no spaces, no ``+``, no thousands separators, and
 never a ``float`` (``parse_money(0.1)`` raises; the float has already lost the
-cent).  ``format_money`` is the inverse: ``parse_money(format_money(x)) == x``.
+cent).  ``format_money`` is the inverse: ``parse_money(format_money(x)) == x``
+for every amount within range.
+
+``format_money`` is also THE way an amount is shown to a person — billctl,
+the tray, the web office, error messages, import summaries: two decimals by
+default, and the currency's own precision (down to the micro-unit) only
+where the amount has it, so a display never rounds and never disagrees with
+the ledger.  It formats any ``int`` however large (a sum of many balances
+may pass ``MAX_AMOUNT``; a display must not fail on it), and takes an
+optional thousands separator for pages meant for reading.
 
 A price is a ratio of integers: ``Price(micro_per_unit, unit_size)`` charges
 ``micro_per_unit`` micro-units for every ``unit_size`` base units (bytes for
@@ -43,6 +52,7 @@ __all__ = [
     "MB",
     "MIB",
     "MICRO",
+    "DISPLAY_DECIMALS",
     "Price",
     "check_amount",
     "floor_div",
@@ -67,6 +77,8 @@ GIB: Final = 1 << 30
 HOUR: Final = 3_600
 
 _DECIMALS: Final = 6
+DISPLAY_DECIMALS: Final = 2
+"""Decimals every displayed amount shows at least (the currency's minor unit)."""
 _MAX_INTEGER_DIGITS: Final = 12  # 10¹² − 1 units is the largest whole part below MAX_AMOUNT
 _MONEY_RE: Final = re.compile(r"(-?)(0|[1-9][0-9]{0,11})(?:\.([0-9]{1,6}))?", re.ASCII)
 
@@ -85,7 +97,7 @@ def check_amount(amount: int) -> int:
     if type(amount) is not int:  # rejects bool and float alike
         raise MoneyFormatError(f"amount must be int micro-units, got {type(amount).__name__}")
     if not -MAX_AMOUNT <= amount <= MAX_AMOUNT:
-        raise MoneyRangeError(f"amount {amount} outside ±{MAX_AMOUNT} micro-units")
+        raise MoneyRangeError(f"amount {format_money(amount)} is outside ±{format_money(MAX_AMOUNT)}")
     return amount
 
 
@@ -104,15 +116,37 @@ def parse_money(text: str) -> int:
     return check_amount(-micro if sign else micro)
 
 
-def format_money(amount: int, *, min_decimals: int = 2) -> str:
-    """Format micro-units as a decimal string, trailing zeros trimmed to ``min_decimals``."""
-    check_amount(amount)
+def format_money(amount: int, *, min_decimals: int = DISPLAY_DECIMALS, group: str = "") -> str:
+    """Micro-units as a person reads them: ``12_500_000`` → ``"12.50"``, ``1`` → ``"0.000001"``.
+
+    At least ``min_decimals`` decimals, more only when the amount has them
+    (exact: nothing is rounded away).  ``group`` separates thousands of the
+    whole part (the office uses a narrow no-break space).  Any int is
+    formatted, whatever its size; only a non-int (a float, a bool) raises.
+    """
+    if type(amount) is not int:
+        raise MoneyFormatError(f"amount must be int micro-units, got {type(amount).__name__}")
     if not 0 <= min_decimals <= _DECIMALS:
         raise ValueError(f"min_decimals must be within 0..{_DECIMALS}")
     whole, frac = divmod(abs(amount), MICRO)
     digits = f"{frac:06d}".rstrip("0").ljust(min_decimals, "0")
     sign = "-" if amount < 0 else ""
-    return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
+    units = _decimal_digits(whole)
+    if group:
+        head = len(units) % 3 or 3
+        units = group.join([units[:head], *(units[i:i + 3] for i in range(head, len(units), 3))])
+    return f"{sign}{units}.{digits}" if digits else f"{sign}{units}"
+
+
+def _decimal_digits(n: int) -> str:
+    """``str(n)`` for n ≥ 0 without CPython's 4300-digit conversion limit (a display never raises)."""
+    parts = []
+    for _ in range(n.bit_length() // 59 + 1):  # 10¹⁸ > 2⁵⁹: one 18-digit part per 59 bits, at most
+        if n < 10**18:
+            break
+        n, low = divmod(n, 10**18)
+        parts.append(f"{low:018d}")
+    return str(n) + "".join(reversed(parts))
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from billcore.billing.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, PaymentConflict, PromisedRefused, UnknownPayment,
 )
+from billcore.billing.money import format_money
 
 __all__ = [
     "METHODS",
@@ -53,6 +54,7 @@ __all__ = [
     "add_payment",
     "cancel_payment",
     "take_promised",
+    "promised_taken",
     "expire_promised",
     "list_payments",
 ]
@@ -102,7 +104,8 @@ def check_payment_amount(amount: object, method: str) -> int:
     if type(amount) is not int:
         raise AmountError(f"amount must be int micro-units, got {type(amount).__name__}")
     if amount == 0 or abs(amount) > MAX_PAYMENT:
-        raise AmountError(f"amount must be non-zero and at most {MAX_PAYMENT} micro-units, got {amount}")
+        raise AmountError(f"amount must be non-zero and at most {format_money(MAX_PAYMENT)},"
+                          f" got {format_money(amount)}")
     if amount < 0 and method != "correction":
         raise AmountError("only a correction may be negative")
     return amount
@@ -225,6 +228,13 @@ async def take_promised(conn: asyncpg.Connection, account_id: int, *, actor: str
             raise PromisedRefused("a promised payment was already taken this month")
         change = await sync_system_block(conn, account_id, actor=actor, now=now)
         return PromisedResult(promised_id, rule.amount, expires, (change,) if change else ())
+
+
+async def promised_taken(conn: asyncpg.Connection, account_id: int, now: dt.datetime) -> bool:
+    """True when this month's promised payment of the account has been taken (by anyone)."""
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM promised_payments WHERE account_id = $1 AND period = $2)",
+        account_id, _month(now)))
 
 
 async def expire_promised(conn: asyncpg.Connection, now: dt.datetime) -> list[BlockChange]:

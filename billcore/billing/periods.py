@@ -45,7 +45,7 @@ from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from typing import Final
 
 from billcore.billing.errors import InvariantViolation, PeriodError
-from billcore.billing.money import check_amount, floor_div
+from billcore.billing.money import check_amount, floor_div, format_money
 
 __all__ = [
     "ChargeMode",
@@ -213,7 +213,7 @@ def prorate(fee: int, period: Period, active_intervals: Iterable[Interval]) -> i
     for start, end in _clip_merge(period, active_intervals):
         total += cumulative_fee(fee, period, end) - cumulative_fee(fee, period, start)
     if not min(0, fee) <= total <= max(0, fee):
-        raise InvariantViolation(f"prorated {total} outside 0..{fee}")
+        raise InvariantViolation(f"prorated {format_money(total)} outside 0..{format_money(fee)}")
     return check_amount(total)
 
 

@@ -55,7 +55,7 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Final
 
 from billcore.billing.errors import InvariantViolation, TariffError, UsageError
-from billcore.billing.money import MAX_QUANTITY, Price, check_amount, floor_div
+from billcore.billing.money import MAX_QUANTITY, Price, check_amount, floor_div, format_money
 from billcore.billing.periods import (
     Period,
     PeriodicService,
@@ -468,7 +468,7 @@ def _move(meter: Meter, plan: AccountPlan, before: int, delta: int, key: object)
         return after, 0
     amount = meter.charged(after) - meter.charged(before)
     if amount < 0:
-        raise InvariantViolation(f"negative charge {amount} for {key}")
+        raise InvariantViolation(f"negative charge {format_money(amount)} for {key}")
     return after, check_amount(amount)
 
 

@@ -24,7 +24,7 @@ from .api import PLUGIN_API_VERSION
 from .bundle import LICENCE_FILE, MANIFEST_FILE, read_bundle
 from .errors import PluginError
 from .manifest import check_name, parse_manifest
-from .signing import Keyring, generate_keypair, load_signing_key, sign_files, verify_bundle
+from .signing import Keyring, generate_keypair, load_signing_key, sign_files, utc_text, verify_bundle
 
 __all__ = ["add_commands", "main"]
 
@@ -85,7 +85,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if manifest.api != args.api:
         raise PluginError(f"plugin needs API {manifest.api}; checking against {args.api}")
     print(f"ok: {manifest.name} {manifest.version} signed by {licence.key_id}, "
-          f"valid {licence.not_before or '-'}..{licence.not_after or '-'}, "
+          f"valid {utc_text(licence.not_before)}..{utc_text(licence.not_after)}, "
           f"installation {licence.installation_id or 'any'}")
     return 0
 

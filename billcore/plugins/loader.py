@@ -140,7 +140,20 @@ class PluginManager:
 
     async def load(self, path: str | os.PathLike[str], now: float, *,
                    config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Verify and start the plugin at ``path`` (directory or archive); return its ``list()`` record."""
+        """Verify and start the plugin at ``path`` (directory or archive); return its ``list()`` record.
+
+        A refusal is logged with its reason and code (a warning), whoever
+        asked — config at start or ``plugins.load`` — then raised."""
+        try:
+            return await self._load(path, now, config)
+        except Exception as exc:
+            self.log.warning("plugin refused", extra={
+                "path": str(path), "code": getattr(exc, "code", "plugin.error"),
+                "reason": str(exc) or type(exc).__name__})
+            raise
+
+    async def _load(self, path: str | os.PathLike[str], now: float,
+                    config: Mapping[str, Any] | None) -> dict[str, Any]:
         bundle = await asyncio.to_thread(read_bundle, path)
         manifest, licence = self._verify(bundle, now)
         name = manifest.name

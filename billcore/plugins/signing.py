@@ -25,6 +25,7 @@ licence in its validity window, installation id.  No plugin code runs here.
 from __future__ import annotations
 
 import hashlib
+import datetime as dt
 import hmac
 import os
 import struct
@@ -54,6 +55,7 @@ __all__ = [
     "files_digest",
     "key_id_of",
     "sign_files",
+    "utc_text",
     "verify_bundle",
     "generate_keypair",
     "load_signing_key",
@@ -204,6 +206,16 @@ def parse_public_key(data: bytes, where: str = "public key") -> nacl.signing.Ver
     return nacl.signing.VerifyKey(raw)
 
 
+def utc_text(seconds: float | None) -> str:
+    """Unix seconds as a person reads them: ``2027-01-01T00:00:00Z`` ("-" for none)."""
+    if seconds is None:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(int(seconds), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):   # beyond year 9999: still say something true
+        return f"{int(seconds)} (unix seconds)"
+
+
 def verify_bundle(bundle: PluginBundle, keyring: Keyring, now: float,
                   installation_id: str | None) -> Licence:
     """Check the licence of ``bundle``; return it, or raise why it is refused."""
@@ -221,9 +233,11 @@ def verify_bundle(bundle: PluginBundle, keyring: Keyring, now: float,
     if not hmac.compare_digest(files_digest(bundle.signed_files()), lic.digest):
         raise BadSignature(f"{bundle.source}: files differ from what {lic.key_id} signed")
     if lic.not_before is not None and now < lic.not_before:
-        raise LicenceNotYetValid(f"{bundle.source}: licence valid from {lic.not_before}, now is {int(now)}")
+        raise LicenceNotYetValid(f"{bundle.source}: licence valid from {utc_text(lic.not_before)},"
+                                 f" now is {utc_text(now)}")
     if lic.not_after is not None and now >= lic.not_after:
-        raise LicenceExpired(f"{bundle.source}: licence expired at {lic.not_after}, now is {int(now)}")
+        raise LicenceExpired(f"{bundle.source}: licence expired at {utc_text(lic.not_after)},"
+                             f" now is {utc_text(now)}")
     if lic.installation_id is not None and (
         installation_id is None
         or not hmac.compare_digest(lic.installation_id.encode(), installation_id.encode())
