@@ -269,3 +269,34 @@ def test_periodic_run_now_is_the_scheduler_and_idempotent(books: tuple[BillcoreP
     assert (booked["n"], booked["s"]) == (1, parse_money("300"))
     audit = db_rows(db_dsn, "SELECT count(*) AS n FROM audit_log WHERE action = 'periodic.run'")
     assert audit[0]["n"] == 1
+
+
+def test_billctl_prints_every_raw_flow(books: tuple[BillcoreProcess, dict[str, object]]) -> None:
+    from netflow.rawstore import HOUR_MS, RawWriter, read_account
+    from tests.test_netflow_rawstore_speed import HOUR0, make_flows, make_legs
+
+    bc, _ = books
+    raw = bc.workdir / "var" / "netflow" / "raw"          # [netflow] raw_dir's default under data_dir
+    flows = make_flows(4000, seed=5, hours=(0, 1))
+    legs = make_legs(flows, 6)
+    legs.account[::3] = 77                                # one busy account: a third of the legs
+    writer = RawWriter(raw, "1")
+    writer.add_legs(flows, legs, 0, 9)
+    writer.flush()
+    account = 77
+    truth = [row for chunk in read_account(raw, account, HOUR0, HOUR0 + 2 * HOUR_MS) for row in chunk]
+    assert len(truth) > 1000                              # more than one chunk of 1 000 rows
+
+    def iso(ms: int) -> str:
+        return datetime.fromtimestamp(ms // 1000, UTC).isoformat()
+
+    window = [f"account_id={account}", f"since={iso(HOUR0)}", f"until={iso(HOUR0 + 2 * HOUR_MS)}"]
+    lines = run_billctl(bc, "--json", "call", "netflow.raw", *window)
+    assert lines.returncode == 0, lines.stderr
+    got = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [list(r.values()) for r in got] == truth
+    assert list(got[0]) == ["first_ms", "last_ms", "direction", "class_id", "src", "dst", "src_port", "dst_port",
+                            "proto", "bytes", "packets", "sampling", "exporter"]
+    table = run_billctl(bc, "call", "netflow.raw", *window)
+    assert table.returncode == 0 and len(table.stdout.splitlines()) == len(truth) + 2
+    assert re.search(rf"rows\s+{len(truth)}\b", table.stderr)

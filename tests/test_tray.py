@@ -130,3 +130,14 @@ def test_watch_must_be_sane() -> None:
     assert main(["x", "--watch", "0.2"]) == 2
     with pytest.raises(SystemExit):
         main(["x", "--off", "--on"])
+
+
+def test_render_shows_a_sum_past_the_amount_range() -> None:
+    # balance, credit and promised credit are each in range; their sum need not be, and a
+    # display must show it rather than fail (one money formatter: billcore.billing.money)
+    from billcore.billing.money import MAX_AMOUNT
+
+    accounts = [{"id": 4, "balance": MAX_AMOUNT, "credit": MAX_AMOUNT, "promised": MAX_AMOUNT, "blocks": []}]
+    text = render_status("erin", accounts, [], dt.datetime(2024, 7, 1, 12, tzinfo=dt.timezone.utc))
+    assert ("  balance   999999999999.999999  (credit 999999999999.999999, available 2999999999999.999997)"
+            in text.splitlines())
