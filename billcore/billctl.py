@@ -197,8 +197,8 @@ class RowPrinter:
         self._widths = _widths(self.columns, cells) if cells else [len(k) for k in self.columns]
         self.out.write(_line(self.columns, self._widths) + "\n")
         self.out.write(_line(["-" * w for w in self._widths], self._widths) + "\n")
-        for r in cells:
-            self.out.write(_line(r, self._widths) + "\n")
+        for row in cells:
+            self.out.write(_line(row, self._widths) + "\n")
         self._pending = []
 
     def finish(self) -> None:
