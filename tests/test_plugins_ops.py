@@ -58,3 +58,20 @@ def test_verify_prints_the_licence_window_as_dates(tmp_path: Path, capsys: pytes
     assert main(["plugin", "verify", str(d), "--keydir", str(keys), "--at", "2029-06-01"]) == 0
     out = capsys.readouterr().out
     assert "valid -..2030-01-01T00:00:00Z" in out, out
+
+
+async def test_plugins_list_gives_licence_times_as_times(tmp_path: Path) -> None:
+    import datetime as dt
+
+    key = DevKey(tmp_path / "keys")
+    manager = PluginManager(CallRegistry(), HookBus(timeout=0.5), tmp_path / "keys", tmp_path / "state", 1, None)
+    try:
+        d = write_plugin(tmp_path, "timed")
+        key.sign(d, not_after=int(NOW) + 86_400)
+        await manager.load(d, NOW)
+        (entry,) = manager.list()
+        # a time value on the wire (billctl shows 2027-01-16T08:00:00+00:00), not 1800086400
+        assert entry["licence"]["not_after"] == dt.datetime(2027, 1, 16, 8, tzinfo=dt.timezone.utc)
+        assert entry["licence"]["not_before"] is None
+    finally:
+        await manager.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import sys
 import tarfile
@@ -129,7 +130,8 @@ async def test_expired_and_not_yet_valid_licences_are_refused(env: Env) -> None:
     env.key.sign(d, not_before=int(NOW) + 60)
     await refused(env, d, errors.LicenceNotYetValid)
     env.key.sign(d, not_before=int(NOW) - 60, not_after=int(NOW) + 60)
-    assert (await env.manager.load(d, NOW))["licence"]["not_after"] == int(NOW) + 60
+    expires = dt.datetime.fromtimestamp(int(NOW) + 60, dt.timezone.utc)      # a time on the wire, not seconds
+    assert (await env.manager.load(d, NOW))["licence"]["not_after"] == expires
 
 
 async def test_licence_for_another_installation_is_refused(env: Env) -> None:

@@ -46,11 +46,12 @@ def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] |
 
     plugins_load = wire_errors(plugins_load)
     plugins_unload = wire_errors(plugins_unload)
+    licence = {"licence": "map", "licence.not_before": "time", "licence.not_after": "time"}
     return [
         CallSpec("plugins.list", plugins_list, right="plugins.read", kinds=ADMIN_KINDS,
-                 result="list", doc=plugins_list.__doc__ or ""),
+                 result="list", doc=plugins_list.__doc__ or "", fields=licence),
         CallSpec("plugins.load", plugins_load, right="plugins.manage", kinds=ADMIN_KINDS,
-                 args={"path": "str"}, result="map", doc=plugins_load.__doc__ or ""),
+                 args={"path": "str"}, result="map", doc=plugins_load.__doc__ or "", fields=licence),
         CallSpec("plugins.unload", plugins_unload, right="plugins.manage", kinds=ADMIN_KINDS,
                  args={"name": "str"}, result="map", doc=plugins_unload.__doc__ or ""),
     ]

@@ -29,6 +29,7 @@ States: loaded → pending-unload → unloaded (→ loaded again on a new load).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib
 import inspect
 import logging
@@ -78,6 +79,15 @@ class _Plugin:
     symbols: tuple[str, ...]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     state: str = LOADED
+
+
+def _validity(licence: Licence) -> dict[str, Any]:
+    """The licence terms as the wire shows them: times are ``time`` values (UTC), not Unix seconds."""
+    out = licence.validity()
+    for key in ("not_before", "not_after"):
+        if out[key] is not None:
+            out[key] = dt.datetime.fromtimestamp(out[key], dt.timezone.utc)
+    return out
 
 
 def _migrations(bundle: PluginBundle) -> list[tuple[str, bytes]]:
@@ -304,7 +314,7 @@ class PluginManager:
         return {
             "name": m.name, "version": m.version, "permanent": m.permanent, "state": plugin.state,
             "description": m.description, "api": m.api, "source": plugin.source,
-            "signer": plugin.licence.key_id, "licence": plugin.licence.validity(),
+            "signer": plugin.licence.key_id, "licence": _validity(plugin.licence),
             "symbols": list(plugin.symbols), "hooks": list(m.hooks),
         }
 
