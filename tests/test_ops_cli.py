@@ -300,3 +300,28 @@ def test_billctl_prints_every_raw_flow(books: tuple[BillcoreProcess, dict[str, o
     table = run_billctl(bc, "call", "netflow.raw", *window)
     assert table.returncode == 0 and len(table.stdout.splitlines()) == len(truth) + 2
     assert re.search(rf"rows\s+{len(truth)}\b", table.stderr)
+
+
+def test_client_call_refuses_to_drop_streamed_rows(books: tuple[BillcoreProcess, dict[str, object]]) -> None:
+    # the cause of billctl's "rows 9" and nothing else: Client.call read a streaming function and
+    # threw its chunks away.  Now it fails loudly, and the connection stays usable.
+    from urfa.client import connect
+    from urfa.errors import LocalProtocolError
+
+    bc, seeded = books
+
+    async def go() -> None:
+        client = await connect("127.0.0.1", bc.urfa_port)
+        try:
+            await client.login("admin", "root", ADMIN_PW)
+            window = {"since": str(seeded["since"]), "until": str(seeded["until"])}
+            with pytest.raises(LocalProtocolError, match="reports.traffic streams its rows"):
+                await client.call("reports.traffic", window, timeout=30)
+            assert await client.call("sys.ping", timeout=10) == "pong"
+            stream = client.stream("reports.traffic", window)
+            rows = [row async for chunk in stream for row in chunk]
+            assert len(rows) == 9 and stream.result["rows"] == 9
+        finally:
+            await client.close()
+
+    asyncio.run(go())
