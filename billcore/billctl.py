@@ -243,7 +243,6 @@ class Described:
     """What ``sys.calls`` says about one function (empty when the core does not say)."""
 
     def __init__(self, entry: Mapping[str, Any] | None) -> None:
-        self.known = entry is not None
         entry = entry or {}
         self.args: dict[str, str] | None = dict(entry["args"]) if "args" in entry else None
         self.fields: dict[str, str] = dict(entry.get("fields") or {})
@@ -272,11 +271,11 @@ async def _stream(client: Client, fn: str, call_args: dict[str, Any], d: Describ
     printer = RowPrinter(d.columns, d.money, _out_format(args), sys.stdout)
     stream = client.stream(fn, call_args)
     async for chunk in stream:
-        if progress is not None:
-            progress(chunk)
-            continue
         for row in chunk if isinstance(chunk, list) else [chunk]:
-            printer.add(row)
+            if progress is not None:
+                progress(row)
+            else:
+                printer.add(row)
     if progress is None:
         printer.finish()
     return stream.result
@@ -293,13 +292,17 @@ def _account_view(result: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def periodic_progress_text(p: Mapping[str, Any]) -> str:
+    """One periodic run's progress (``RunProgress`` as a map) for a person; billcore's CLI says it the same way."""
+    total, done = int(p.get("accounts_total") or 0), int(p.get("accounts_done") or 0)
+    share = f" ({100 * done // total}%)" if total else ""
+    return (f"periodic: {done}/{total} accounts{share}, {p.get('charges', 0)} charge(s),"
+            f" {format_money(int(p.get('amount') or 0))} booked")
+
+
 def _periodic_progress(chunk: Any) -> None:
     if isinstance(chunk, dict):
-        total = chunk.get("accounts_total") or 0
-        done = chunk.get("accounts_done") or 0
-        share = f" ({100 * done // total}%)" if total else ""
-        print(f"periodic: {done}/{total} accounts{share}, {chunk.get('charges', 0)} charge(s),"
-              f" {format_money(int(chunk.get('amount') or 0))} booked", file=sys.stderr, flush=True)
+        print(periodic_progress_text(chunk), file=sys.stderr, flush=True)
 
 
 async def _run(args: argparse.Namespace) -> tuple[Any, Described]:

@@ -189,15 +189,16 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_periodic(args: argparse.Namespace, config: Config) -> int:
     """``periodic run-now``: the scheduler's own pass (``billcore.core.periodic_once``), now."""
+    import dataclasses
+
     from .api.periodic import summary
+    from .billctl import periodic_progress_text
     from .billing.money import format_money
     from .context import CoreContext
     from .core import periodic_once
 
     def progress(p: Any) -> None:
-        share = f" ({100 * p.accounts_done // p.accounts_total}%)" if p.accounts_total else ""
-        print(f"periodic: {p.accounts_done}/{p.accounts_total} accounts{share}, {p.charges} charge(s),"
-              f" {format_money(p.amount)} booked", file=sys.stderr, flush=True)
+        print(periodic_progress_text(dataclasses.asdict(p)), file=sys.stderr, flush=True)
 
     def waiting() -> None:
         print("periodic: another run holds the lock (the core's scheduler?); waiting for it to finish",

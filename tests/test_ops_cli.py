@@ -265,6 +265,7 @@ def test_periodic_run_now_is_the_scheduler_and_idempotent(books: tuple[BillcoreP
     through_core = run_billctl(bc, "periodic-run")
     assert through_core.returncode == 0, through_core.stderr
     assert re.search(r"^charges\s+0$", through_core.stdout, re.M), through_core.stdout
+    assert re.search(r"periodic: (\d+)/\1 accounts \(100%\), 0 charge\(s\), 0\.00 booked", through_core.stderr)
     booked = db_rows(db_dsn, fee)[0]
     assert (booked["n"], booked["s"]) == (1, parse_money("300"))
     audit = db_rows(db_dsn, "SELECT count(*) AS n FROM audit_log WHERE action = 'periodic.run'")
