@@ -205,8 +205,15 @@ def cmd_periodic(args: argparse.Namespace, config: Config) -> int:
               file=sys.stderr, flush=True)
 
     async def work(pool: Any) -> int:
+        import getpass
+
+        from .billing.audit import Who, record
+
         core = CoreContext(pool=pool, config=config)
         done = summary(await periodic_once(core, progress=progress, waiting=waiting))
+        async with pool.acquire() as conn:   # audited as the URFA call is: who ran it, from the shell
+            await record(conn, Who("cli", 0, getpass.getuser(), "local"), "periodic.run", "periodic",
+                         after=done, now=core.now())
         print(f"periodic run done: {done['accounts']} account(s), {done['charges']} charge(s),"
               f" {format_money(done['amount'])} booked, {done['periods_closed']} period(s) closed"
               + ("" if done["charges"] else " (nothing was due)"))

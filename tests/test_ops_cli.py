@@ -268,8 +268,11 @@ def test_periodic_run_now_is_the_scheduler_and_idempotent(books: tuple[BillcoreP
     assert re.search(r"periodic: (\d+)/\1 accounts \(100%\), 0 charge\(s\), 0\.00 booked", through_core.stderr)
     booked = db_rows(db_dsn, fee)[0]
     assert (booked["n"], booked["s"]) == (1, parse_money("300"))
-    audit = db_rows(db_dsn, "SELECT count(*) AS n FROM audit_log WHERE action = 'periodic.run'")
-    assert audit[0]["n"] == 1
+    audit = db_rows(db_dsn, "SELECT principal_kind, principal_login, after FROM audit_log"
+                            " WHERE action = 'periodic.run' ORDER BY id")
+    assert [(a["principal_kind"], json.loads(a["after"])["charges"]) for a in audit] == [
+        ("cli", 1), ("cli", 0), ("admin", 0)]
+    assert audit[2]["principal_login"] == "root"
 
 
 def test_billctl_prints_every_raw_flow(books: tuple[BillcoreProcess, dict[str, object]]) -> None:
