@@ -75,3 +75,25 @@ async def test_plugins_list_gives_licence_times_as_times(tmp_path: Path) -> None
         assert entry["licence"]["not_before"] is None
     finally:
         await manager.close()
+
+
+async def test_a_plugin_declares_its_money_fields(tmp_path: Path) -> None:
+    key = DevKey(tmp_path / "keys")
+    registry = CallRegistry()
+    manager = PluginManager(registry, HookBus(timeout=0.5), tmp_path / "keys", tmp_path / "state", 1, None)
+    try:
+        d = write_plugin(tmp_path, "till", calls=["till.float"], init='''\
+            async def float_(ctx):
+                return {"count": 3, "amount": 12_500_000}
+
+            def setup(api):
+                api.register_call("till.float", float_, result="map",
+                                  fields={"count": "int", "amount": "money"})
+            ''')
+        key.sign(d)
+        await manager.load(d, NOW)
+        described = registry.snapshot("admin", frozenset({"*"})).describe()
+        (till,) = [c for c in described if c["name"] == "till.float"]
+        assert till["fields"] == {"count": "int", "amount": "money"}   # what billctl formats money from
+    finally:
+        await manager.close()

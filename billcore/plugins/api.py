@@ -111,12 +111,16 @@ class PluginAPI:
 
     def register_call(self, name: str, handler: Handler, *, args: Mapping[str, str] | None = None,
                       right: str | None = None, kinds: frozenset[str] = ALL_KINDS,
-                      doc: str | None = None, result: str = "any", streaming: bool = False) -> None:
+                      doc: str | None = None, result: str = "any", streaming: bool = False,
+                      fields: Mapping[str, str] | None = None) -> None:
         """Add a URFA function ``name`` (declared in the manifest's ``calls``).
 
         ``handler`` is ``async def handler(ctx, **args)``; ``args`` maps each
         argument to a schema type word (``int``, ``money``, ``str``, …, a
         trailing ``?`` for optional); ``right`` is what a session must hold.
+        ``fields`` types the result's fields the same way (``sys.calls``
+        ``fields``): declare every money field ``money`` so that clients show
+        it as money.
         """
         self._check_open()
         if name not in self._manifest.calls:
@@ -130,7 +134,8 @@ class PluginAPI:
         self._calls.append(CallSpec(
             name=name, handler=wire_errors(handler), right=right, kinds=frozenset(kinds), module=self.name,
             args=MappingProxyType(dict(args or {})), result=result,
-            doc=doc if doc is not None else inspect.getdoc(handler) or "", streaming=streaming))
+            doc=doc if doc is not None else inspect.getdoc(handler) or "", streaming=streaming,
+            fields=MappingProxyType(dict(fields or {}))))
 
     def on(self, event: str, handler: HookHandler) -> None:
         """Call ``await handler(payload)`` after the core commits ``event``."""

@@ -71,6 +71,6 @@ def setup(api: PluginAPI) -> None:
     api.on(BATCH_RATED, on_batch)
     api.on(ACCOUNT_BLOCKED, on_block)
     api.register_call("lowbalance.pending", pending, right="lowbalance.read", kinds=ADMIN,
-                      args={"limit": "int?"}, result="list")
+                      args={"limit": "int?"}, result="list", fields={"balance": "money", "threshold": "money"})
     api.register_call("lowbalance.mark_sent", mark_sent, right="lowbalance.manage", kinds=ADMIN,
                       args={"ids": "list"}, result="int")

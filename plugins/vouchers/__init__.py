@@ -137,10 +137,10 @@ def setup(api: PluginAPI) -> None:
 
     api.register_call("vouchers.generate", generate, right="vouchers.manage", kinds=ADMIN,
                       args={"count": "int", "amount": "money", "batch": "str?", "valid_days": "int?"},
-                      result="list")
+                      result="list", fields={"amount": "money"})
     api.register_call("vouchers.list", list_, right="vouchers.read", kinds=ADMIN,
                       args={"batch": "str?", "status": "str?", "after": "int?", "limit": "int?"},
-                      result="list")
+                      result="list", fields={"amount": "money"})
     # right=None: subscribers hold no plugin rights; redeem checks who calls.
     api.register_call("vouchers.redeem", redeem, right=None,
-                      args={"code": "str", "account_id": "int"}, result="map")
+                      args={"code": "str", "account_id": "int"}, result="map", fields={"amount": "money"})
