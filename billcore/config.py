@@ -45,7 +45,7 @@ class CoreSection:
 class DatabaseSection:
     dsn: str = _f("", "PostgreSQL DSN; empty starts an embedded PostgreSQL in <data_dir>/pg.")
     pool_min: int = _f(2, "Connections the core keeps open at least.")
-    pool_max: int = _f(10, "Connections the core opens at most.")
+    pool_max: int = _f(10, "Connections the core opens at most (at least 3: a periodic run holds three).")
     connect_timeout: float = _f(10.0, "Seconds to wait for one connection attempt.")
     retry_max_backoff: float = _f(15.0, "Longest pause, in seconds, between attempts while the database is unreachable at start.")
     command_timeout: float = _f(60.0, "Seconds a single statement may run before it is cancelled.")
@@ -273,7 +273,9 @@ def _validate(config: Config) -> None:
     positive("urfa.max_sessions_per_system", config.urfa.max_sessions_per_system)
     if config.urfa.max_connections_per_ip < 0:
         raise ConfigError(f"urfa.max_connections_per_ip: 0 (no cap) or more, got {config.urfa.max_connections_per_ip!r}")
-    positive("database.pool_max", config.database.pool_max)
+    if type(config.database.pool_max) is not int or config.database.pool_max < 3:
+        # a periodic run holds three: its lock, its page reader and one batch writer
+        raise ConfigError(f"database.pool_max: at least 3, got {config.database.pool_max!r}")
     positive("periodic.interval", config.periodic.interval)
     positive("billing.promised_days", config.billing.promised_days)
     try:

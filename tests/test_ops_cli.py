@@ -329,3 +329,14 @@ def test_client_call_refuses_to_drop_streamed_rows(books: tuple[BillcoreProcess,
             await client.close()
 
     asyncio.run(go())
+
+
+def test_a_pool_too_small_for_a_periodic_run_is_refused_at_start(tmp_path: Path) -> None:
+    # the scheduler, periodic.run and run-now hold three connections at once; a pool of two
+    # would wait for ever instead of charging
+    from billcore.config import ConfigError, load_config
+
+    path = tmp_path / "billcore.toml"
+    path.write_text("[database]\npool_min = 1\npool_max = 2\n")
+    with pytest.raises(ConfigError, match="database.pool_max: at least 3"):
+        load_config(str(path))

@@ -41,7 +41,8 @@ RUN_FIELDS: Final = {"accounts": "int", "batches": "int", "charges": "int", "amo
 @contextlib.asynccontextmanager
 async def periodic_lock(pool: Any, waiting: Callable[[], None] | None = None) -> AsyncIterator[None]:
     """Hold the periodic-run lock (one pooled connection) for the ``with`` body;
-    ``waiting()`` is called once when another run holds it and we wait."""
+    ``waiting()`` is called once when another run holds it and we wait.  With
+    the run's own two connections that is three (``[database] pool_max`` ≥ 3)."""
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PERIODIC_LOCK):
             if waiting is not None:
