@@ -67,3 +67,17 @@ def test_import_backup_restore_round(ops_commands: None, db_dsn: str, empty_db_d
     capsys.readouterr()
     assert cli.main(["-c", str(target), "verify"]) == 0
     assert "verify: ok" in capsys.readouterr().out
+
+
+def test_import_of_huge_opening_balances_exits_0(ops_commands: None, db_dsn: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Balances whose sum passes one amount's range: committed, summarised, exit 0 (was a traceback, exit 1)."""
+    src = config_for(tmp_path, db_dsn)
+    data = tmp_path / "rich.csv"
+    data.write_text("login,balance\nr1,999999999999.5\nr2,999999999999.5\n")
+    assert cli.main(["-c", str(src), "import", str(data), "--dry-run"]) == 0
+    assert "totalling 1999999999999.00," in capsys.readouterr().out
+    assert cli.main(["-c", str(src), "import", str(data)]) == 0
+    out = capsys.readouterr()
+    assert "imported 2 subscriber(s), 2 account(s), 2 opening balance(s) totalling 1999999999999.00," in out.out
+    assert "Traceback" not in out.err

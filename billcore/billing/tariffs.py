@@ -278,8 +278,9 @@ async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz:
 async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee: int = 0,
                          period: Mapping[str, Any] | None = None, charge_mode: str | None = None,
                          session_limit: int | None = None, max_sessions: int | None = None,
-                         comment: str = "") -> int:
-    """A service; ``period`` = {"kind", "anchor" (date), "days"} for periodic ones."""
+                         comment: str = "", row_id: int | None = None) -> int:
+    """A service; ``period`` = {"kind", "anchor" (date), "days"} for periodic ones. ``row_id``: the id to
+    use instead of the next of the sequence (a rehearsal that is rolled back must not consume ids)."""
     _name(name)
     if kind not in SERVICE_KINDS:
         raise TariffError(f"service kind must be one of {sorted(SERVICE_KINDS)}")
@@ -296,10 +297,11 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
         raise TariffError("only periodic services have a period and a charge mode")
     with _Conflicts("service"):
         return int(await conn.fetchval(
-            "INSERT INTO services(name, kind, fee, period_kind, period_days, period_anchor,"
+            "INSERT INTO services(id, name, kind, fee, period_kind, period_days, period_anchor,"
             " charge_mode, session_limit, max_sessions, comment)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-            name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment))
+            " VALUES (coalesce($11::bigint, nextval('services_id_seq')), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            " RETURNING id",
+            name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment, row_id))
 
 
 async def list_services(conn: asyncpg.Connection) -> list[dict[str, Any]]:
@@ -342,11 +344,13 @@ async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int |
 
 
 async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequence[int],
-                        comment: str = "") -> int:
+                        comment: str = "", row_id: int | None = None) -> int:
+    """``row_id`` as in `create_service`."""
     async with conn.transaction():
         with _Conflicts("tariff"):
             tariff_id = int(await conn.fetchval(
-                "INSERT INTO tariffs(name, comment) VALUES ($1, $2) RETURNING id", _name(name), comment))
+                "INSERT INTO tariffs(id, name, comment) VALUES (coalesce($3::bigint, nextval('tariffs_id_seq')),"
+                " $1, $2) RETURNING id", _name(name), comment, row_id))
         await set_tariff_services(conn, tariff_id, service_ids)
     return tariff_id
 
