@@ -8,8 +8,9 @@ Admin calls (kinds ``{"admin"}``, right ``reports.read``):
 * ``reports.charges`` (streaming) — per (service, period start): accounts and
   the amount booked, from ``periodic_charges`` and ``usage_counters``; chunks
   of ``[service_id, period_start, accounts, amount]``.
-* ``reports.revenue`` — per tariff, the periodic and usage amounts of
-  periods starting in ``[since, until)`` (links in force at the period start).
+* ``reports.revenue`` — per tariff, what was charged for periods starting in
+  ``[since, until)`` (once-off fees: booked in it), open periods included,
+  split into *final* and *provisional* amounts (see `REVENUE_SQL`).
 * ``reports.preview`` — what an account pays this accounting period so far
   (the pure ``rating.preview``: usage at current tariffs + periodic fees).
 
@@ -38,6 +39,82 @@ __all__ = ["account_preview", "calls"]
 CHUNK: Final = 1_000
 MAX_ROWS: Final = 10_000_000
 _WIDE: Final = timedelta(days=400)
+
+
+# Revenue in one statement, set-wise over every charge of the range.
+#
+# A charge is one row of periodic_charges (a service period), usage_counters
+# (an account's accounting period, cumulative) or once_charges.  It belongs to
+# the tariff of the account's link that includes its service and was in force
+# during its period -- the latest such link, so that a tariff change in the
+# middle of a period does not count a charge twice, and a link made in the
+# middle of the period (a new subscriber, the open month) counts at all.
+#
+# Final: the figure can no longer change.  A periodic charge is final once its
+# period has ended and a scheduler run has gone past that end; usage once the
+# account's accounting period is closed (its period_summaries row exists);
+# a once-off fee is booked once and is final at once.  Everything else is
+# provisional: the open period's charges so far.
+#
+# GROUPING SETS give the per-tariff account counts (distinct over kinds) and
+# the grand totals from the same scan.
+REVENUE_SQL: Final = """
+WITH run AS (SELECT coalesce(max(last_now), '-infinity'::timestamptz) AS at FROM periodic_runs),
+c AS (
+    SELECT p.account_id, p.service_id, p.period_start AS since, p.period_end AS until, NULL::bigint AS link_id,
+           'periodic' AS kind, p.charged AS amount, p.period_end <= run.at AS final
+      FROM periodic_charges p, run WHERE p.period_start >= $1 AND p.period_start < $2 AND p.charged <> 0
+    UNION ALL
+    SELECT u.account_id, u.service_id, u.period_start, coalesce(s.period_end, $3), NULL,
+           'usage', u.charged, s.account_id IS NOT NULL
+      FROM usage_counters u LEFT JOIN period_summaries s ON s.account_id = u.account_id
+           AND s.period_start = u.period_start
+     WHERE u.period_start >= $1 AND u.period_start < $2 AND u.charged <> 0
+    UNION ALL
+    SELECT o.account_id, o.service_id, o.charged_at, o.charged_at, o.link_id, 'once', o.amount, true
+      FROM once_charges o WHERE o.charged_at >= $1 AND o.charged_at < $2 AND o.amount <> 0
+)
+SELECT f.id AS tariff_id, f.name, c.kind, c.final, sum(c.amount) AS amount,
+       count(DISTINCT c.account_id) AS accounts,
+       GROUPING(c.kind, c.final) = 3 AS tariff_total, GROUPING(f.id, f.name) = 3 AS grand_total
+  FROM c
+  LEFT JOIN LATERAL (
+       SELECT t.tariff_id FROM account_tariffs t
+         JOIN tariff_services ts ON ts.tariff_id = t.tariff_id AND ts.service_id = c.service_id
+        WHERE t.account_id = c.account_id
+          AND (t.id = c.link_id OR c.link_id IS NULL AND t.valid_from <= greatest(c.since, c.until - interval '1 microsecond')
+               AND (t.valid_to IS NULL OR t.valid_to > c.since))
+        ORDER BY t.valid_from DESC LIMIT 1) l ON true
+  LEFT JOIN tariffs f ON f.id = l.tariff_id
+ GROUP BY GROUPING SETS ((f.id, f.name, c.kind, c.final), (f.id, f.name), ())
+"""
+
+_KINDS: Final = ("periodic", "usage", "once")
+
+
+def revenue_result(rows: list[Any]) -> dict[str, Any]:
+    """The rows of `REVENUE_SQL` as the call's answer: per tariff (``tariff_id`` None: charges of a
+    service no link of the account included, e.g. a link deleted since), final and provisional amounts
+    per kind, and the totals. Sums stay Python ints: they are exact however large."""
+    empty = {"final": 0, "provisional": 0, "amount": 0, "accounts": 0, **{k: 0 for k in _KINDS}}
+    tariffs: dict[Any, dict[str, Any]] = {}
+    total = dict(empty)
+    for r in rows:
+        amount = int(r["amount"])
+        if r["grand_total"]:
+            total.update(amount=amount, accounts=r["accounts"])
+            continue
+        entry = tariffs.setdefault(r["tariff_id"], {"tariff_id": r["tariff_id"], "name": r["name"], **empty})
+        if r["tariff_total"]:
+            entry.update(amount=amount, accounts=r["accounts"])
+            continue
+        for target in (entry, total):
+            target["final" if r["final"] else "provisional"] += amount
+            target[r["kind"]] += amount
+    ordered = sorted(tariffs.values(), key=lambda t: (t["tariff_id"] is None, t["tariff_id"] or 0))
+    for entry in (*ordered, total):
+        assert entry["final"] + entry["provisional"] == entry["amount"] == sum(entry[k] for k in _KINDS), entry
+    return {"tariffs": ordered, "total": total}
 
 
 async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) -> dict[str, Any]:
@@ -99,21 +176,15 @@ def calls(core: CoreContext) -> list[CallSpec]:
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
-    async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> list[dict[str, Any]]:
-        """Amounts per tariff for periods starting in [since, until)."""
-        async with core.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT f.id AS tariff_id, f.name, sum(c.charged)::bigint AS amount,"
-                " count(DISTINCT c.account_id) AS accounts FROM ("
-                " SELECT account_id, service_id, period_start, charged FROM periodic_charges"
-                " UNION ALL SELECT account_id, service_id, period_start, charged FROM usage_counters) c"
-                " JOIN account_tariffs t ON t.account_id = c.account_id AND t.valid_from <= c.period_start"
-                "  AND (t.valid_to IS NULL OR t.valid_to > c.period_start)"
-                " JOIN tariffs f ON f.id = t.tariff_id"
-                " JOIN tariff_services ts ON ts.tariff_id = f.id AND ts.service_id = c.service_id"
-                " WHERE c.period_start >= $1 AND c.period_start < $2 GROUP BY f.id ORDER BY f.id",
-                since, until)
-        return [dict(r) for r in rows]
+    async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> dict[str, Any]:
+        """Revenue per tariff for the periods that start in [since, until), open periods included. Each
+        tariff and the total give amount = final + provisional = periodic + usage + once, and accounts.
+        Final figures can no longer change (closed periods); provisional ones are the open periods'
+        charges so far."""
+        if not since < until:
+            raise TariffError("since must be before until")
+        async with core.pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
+            return revenue_result(await conn.fetch(REVENUE_SQL, since, until, core.now()))
 
     @handler
     async def reports_preview(ctx: Any, account_id: int) -> dict[str, Any]:
