@@ -102,7 +102,9 @@ def render(result: Any) -> str:
             keys.extend(k for k in r if k not in keys)
         rows = [[_cell(k, r.get(k)) for k in keys] for r in result]
         widths = [min(40, max(len(k), *(len(row[i]) for row in rows))) for i, k in enumerate(keys)]
-        line = lambda cells: "  ".join(c[:40].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        # the last column is not cut: nothing follows it, and it is where long text (a call's doc) sits
+        widths[-1] = max(len(keys[-1]), *(len(row[-1]) for row in rows))
+        line = lambda cells: "  ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(r) for r in rows)])
     if isinstance(result, dict):
         width = max((len(k) for k in result), default=0)

@@ -46,7 +46,7 @@ from billcore.billing.rating import (
     ANY_RANGE, TIME_CLASS, AccountPlan, Meter, MeterRule, RatingBook,
     ServiceKind, ServiceTariff, Tier,
 )
-from billcore.billing.timeranges import TimeRange, Window
+from billcore.billing.timeranges import TimeRange, Window, window_from_spec
 
 __all__ = [
     "DEFAULT_ACCOUNT_PERIOD",
@@ -526,10 +526,11 @@ async def list_classes(conn: asyncpg.Connection) -> list[dict[str, Any]]:
 async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: int = 0,
                             windows: Sequence[Mapping[str, Any]] = (),
                             dates: Sequence[date] = ()) -> int:
-    """``windows``: [{"weekdays": [0..6], "start_minute", "end_minute"}], 0 = Monday."""
+    """``windows``: [{"days": "mon-fri", "time": "08:00-24:00"}] or [{"weekdays": [0..6], "start_minute",
+    "end_minute"}], 0 = Monday (`timeranges.window_from_spec`)."""
     if len(windows) > MAX_WINDOWS or len(dates) > MAX_DATES:
         raise TariffError("too many windows or dates")
-    parsed = [Window(frozenset(w["weekdays"]), w["start_minute"], w["end_minute"]) for w in windows]
+    parsed = [window_from_spec(w) for w in windows]
     TimeRange(1, priority, tuple(parsed), frozenset(dates))  # validates
     async with conn.transaction():
         with _Conflicts("time range"):
