@@ -64,9 +64,9 @@ async def test_open_month_is_provisional_closed_month_final(pool: asyncpg.Pool) 
                                           for acc in (old, new, moved)], NOW)
     await run_due(pool, NOW)                                 # new's April fee, prorated
 
-    march = await fn["reports.revenue"](admin, since=MAR, until=APR)
-    april = await fn["reports.revenue"](admin, since=APR, until=MAY)
-    both = await fn["reports.revenue"](admin, since=MAR, until=MAY)
+    # rows by tariff name, the "(total)" row last
+    march, april, both = [{r["name"]: r for r in await fn["reports.revenue"](admin, since=a, until=b)}
+                          for a, b in ((MAR, APR), (APR, MAY), (MAR, MAY))]
     async with pool.acquire() as conn:
         booked_march = await ledger_charges(conn, MAR, APR)
         booked_all = await ledger_charges(conn, MAR, MAY)
@@ -76,29 +76,32 @@ async def test_open_month_is_provisional_closed_month_final(pool: asyncpg.Pool) 
         fee_march = await conn.fetchval("SELECT sum(charged) FROM periodic_charges WHERE period_start = $1", MAR)
 
     # March is closed: all of it final (old's prorated March fee was booked on April 1, for March)
-    assert march["total"]["provisional"] == 0
-    assert march["total"]["final"] == march["total"]["amount"] == 2 * 300 + fee_march > booked_march > 0
-    assert march["total"]["usage"] == 2 * 300 and march["total"]["periodic"] == fee_march
-    (home_march,) = march["tariffs"]
-    assert (home_march["name"], home_march["accounts"]) == ("home", 2)
+    total = march.pop("(total)")
+    assert total["provisional_amount"] == 0
+    assert total["final_amount"] == total["amount"] == 2 * 300 + fee_march > booked_march > 0
+    assert total["usage_amount"] == 2 * 300 and total["periodic_amount"] == fee_march
+    assert list(march) == ["home"] and march["home"]["accounts"] == 2 and march["home"]["amount"] == total["amount"]
 
     # April is open: its charges so far are there, provisional; the new subscriber counts
-    by_name = {t["name"]: t for t in april["tariffs"]}
+    by_name = dict(april)
+    april_total = by_name.pop("(total)")
     assert set(by_name) == {"home", "gold"}
-    assert april["total"]["final"] == 0
-    assert by_name["home"]["usage"] == 2 * 500           # old and new
+    assert april_total["final_amount"] == 0
+    assert by_name["home"]["usage_amount"] == 2 * 500           # old and new
     assert by_name["home"]["accounts"] == 3              # and moved, by its April fee
-    assert by_name["home"]["periodic"] == 10_000_000 + fee_new + fee_moved
+    assert by_name["home"]["periodic_amount"] == 10_000_000 + fee_new + fee_moved
     assert 0 < fee_new < 10_000_000 and 0 < fee_moved < fee_new
     # moved changed tariff on April 3: its April traffic is gold's, counted once; its April fee (for the
     # two days on home, the rest refunded) stays home's
-    assert (by_name["gold"]["usage"], by_name["gold"]["periodic"], by_name["gold"]["accounts"]) == (500, 0, 1)
-    assert april["total"]["provisional"] == april["total"]["amount"]
+    assert (by_name["gold"]["usage_amount"], by_name["gold"]["periodic_amount"], by_name["gold"]["accounts"]) == (500, 0, 1)
+    assert april_total["provisional_amount"] == april_total["amount"] == \
+        by_name["home"]["amount"] + by_name["gold"]["amount"]
 
     # any range: the two months together are the sum of each; and the ledger agrees to the micro-unit
-    assert both["total"]["amount"] == march["total"]["amount"] + april["total"]["amount"] == booked_all
-    assert (both["total"]["final"], both["total"]["provisional"]) == (march["total"]["final"],
-                                                                       april["total"]["provisional"])
+    both_total = both["(total)"]
+    assert both_total["amount"] == total["amount"] + april_total["amount"] == booked_all
+    assert (both_total["final_amount"], both_total["provisional_amount"]) == (total["final_amount"],
+                                                                              april_total["provisional_amount"])
     with pytest.raises(CallFailed):
         await fn["reports.revenue"](admin, since=APR, until=APR)
 
@@ -131,10 +134,12 @@ async def test_revenue_is_one_statement_fast_on_many_accounts(pool: asyncpg.Pool
     core = CoreContext(pool, Config(), now=lambda: NOW)
     fn = {s.name: s.handler for s in reports.calls(core)}
     started = time.perf_counter()
-    result: dict[str, Any] = await fn["reports.revenue"](Ctx("admin", 1), since=APR, until=MAY)
+    result: list[dict[str, Any]] = await fn["reports.revenue"](Ctx("admin", 1), since=APR, until=MAY)
     seconds = time.perf_counter() - started
     usage = sum(i % 1000 for i in range(1, n + 1))
-    assert result["total"] == {"final": 0, "provisional": usage + n * 900_000, "amount": usage + n * 900_000,
-                               "accounts": n, "periodic": n * 900_000, "usage": usage, "once": 0}
+    assert result[-1] == {"tariff_id": None, "name": "(total)", "final_amount": 0,
+                          "provisional_amount": usage + n * 900_000, "amount": usage + n * 900_000, "accounts": n,
+                          "periodic_amount": n * 900_000, "usage_amount": usage, "once_amount": 0}
+    assert result[0]["name"] == "home" and result[0]["amount"] == result[-1]["amount"]
     print(f"reports.revenue over {n} accounts ({2 * n} charges): {seconds:.2f} s")
     assert seconds < 20

@@ -10,7 +10,8 @@ Admin calls (kinds ``{"admin"}``, right ``reports.read``):
   of ``[service_id, period_start, accounts, amount]``.
 * ``reports.revenue`` — per tariff, what was charged for periods starting in
   ``[since, until)`` (once-off fees: booked in it), open periods included,
-  split into *final* and *provisional* amounts (see `REVENUE_SQL`).
+  split into *final* and *provisional* amounts (see `REVENUE_SQL`), and a
+  ``(total)`` row.
 * ``reports.preview`` — what an account pays this accounting period so far
   (the pure ``rating.preview``: usage at current tariffs + periodic fees).
 
@@ -90,31 +91,39 @@ SELECT f.id AS tariff_id, f.name, c.kind, c.final, sum(c.amount) AS amount,
 """
 
 _KINDS: Final = ("periodic", "usage", "once")
+TOTAL: Final = "(total)"
+NO_TARIFF: Final = "(no tariff)"
 
 
-def revenue_result(rows: list[Any]) -> dict[str, Any]:
-    """The rows of `REVENUE_SQL` as the call's answer: per tariff (``tariff_id`` None: charges of a
-    service no link of the account included, e.g. a link deleted since), final and provisional amounts
-    per kind, and the totals. Sums stay Python ints: they are exact however large."""
-    empty = {"final": 0, "provisional": 0, "amount": 0, "accounts": 0, **{k: 0 for k in _KINDS}}
+def revenue_result(rows: list[Any]) -> list[dict[str, Any]]:
+    """The rows of `REVENUE_SQL` as the call's answer: one row per tariff, then a ``(total)`` row
+    (tariff_id None). ``(no tariff)``: charges of a service no link of the account includes any more.
+    Amount keys end in ``_amount``/``amount`` so billctl shows them as money; sums stay Python ints,
+    exact however large."""
+    def empty(tariff_id: Any, name: str) -> dict[str, Any]:
+        return {"tariff_id": tariff_id, "name": name, "accounts": 0, "final_amount": 0, "provisional_amount": 0,
+                "amount": 0, **{f"{k}_amount": 0 for k in _KINDS}}
+
     tariffs: dict[Any, dict[str, Any]] = {}
-    total = dict(empty)
+    total = empty(None, TOTAL)
     for r in rows:
         amount = int(r["amount"])
         if r["grand_total"]:
             total.update(amount=amount, accounts=r["accounts"])
             continue
-        entry = tariffs.setdefault(r["tariff_id"], {"tariff_id": r["tariff_id"], "name": r["name"], **empty})
+        entry = tariffs.setdefault(r["tariff_id"], empty(r["tariff_id"], r["name"] or NO_TARIFF))
         if r["tariff_total"]:
             entry.update(amount=amount, accounts=r["accounts"])
             continue
         for target in (entry, total):
-            target["final" if r["final"] else "provisional"] += amount
-            target[r["kind"]] += amount
-    ordered = sorted(tariffs.values(), key=lambda t: (t["tariff_id"] is None, t["tariff_id"] or 0))
-    for entry in (*ordered, total):
-        assert entry["final"] + entry["provisional"] == entry["amount"] == sum(entry[k] for k in _KINDS), entry
-    return {"tariffs": ordered, "total": total}
+            target["final_amount" if r["final"] else "provisional_amount"] += amount
+            target[f"{r['kind']}_amount"] += amount
+    out = [*sorted(tariffs.values(), key=lambda t: (t["tariff_id"] is None, t["tariff_id"] or 0)), total]
+    for entry in out:
+        # every charge is final or provisional, and of one kind: the three views add up to the same sum
+        assert entry["final_amount"] + entry["provisional_amount"] == entry["amount"] \
+            == sum(entry[f"{k}_amount"] for k in _KINDS), entry
+    return out
 
 
 async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) -> dict[str, Any]:
@@ -176,11 +185,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
-    async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> dict[str, Any]:
-        """Revenue per tariff for the periods that start in [since, until), open periods included. Each
-        tariff and the total give amount = final + provisional = periodic + usage + once, and accounts.
-        Final figures can no longer change (closed periods); provisional ones are the open periods'
-        charges so far."""
+    async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> list[dict[str, Any]]:
+        """Revenue per tariff, then a (total) row, for the periods that start in [since, until), open
+        periods included: amount = final_amount + provisional_amount = periodic_amount + usage_amount +
+        once_amount, and accounts. Final amounts can no longer change (closed periods); provisional ones
+        are the open periods' charges so far."""
         if not since < until:
             raise TariffError("since must be before until")
         async with core.pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):

@@ -105,8 +105,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                 prepaid: int | None = None) -> dict[str, Any]:
         """Set the price of a traffic class (class_id) or of session time (no class_id), in a time range
         (range_id) or in any range (no range_id). Tiers are [[start, price], …]: price in micro-units per
-        unit_size bytes or seconds, from start units beyond the prepaid volume (prepaid, in bytes or seconds,
-        is free); the first tier starts at 0 (docs/tariffs.md)."""
+        unit_size bytes or seconds, from start bytes or seconds beyond the prepaid volume (prepaid, in bytes
+        or seconds, is free); the first tier starts at 0 (docs/tariffs.md)."""
         parsed = [(t[0], t[1]) for t in tiers if isinstance(t, list) and len(t) == 2]
         if len(parsed) != len(tiers):
             raise TariffError("tiers are [start, price] pairs")
@@ -142,7 +142,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": tariff_id}
 
     @handler
-    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None,
+    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None = None,
                            start: str | None = None) -> dict[str, Any]:
         """Put an account on a tariff (no tariff_id: on none), from now (start "now", the default) or from
         its next accounting period (start "next_period"); periodic fees are prorated to the second."""
