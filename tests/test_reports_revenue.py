@@ -106,6 +106,30 @@ async def test_open_month_is_provisional_closed_month_final(pool: asyncpg.Pool) 
         await fn["reports.revenue"](admin, since=APR, until=APR)
 
 
+async def test_once_off_fees_are_revenue_and_charges(pool: asyncpg.Pool) -> None:
+    """A connection fee is booked once: final at once, in the revenue of the range it was booked in and
+    in reports.charges (which left once-off fees out)."""
+    core = CoreContext(pool, Config(), now=lambda: NOW)
+    fn = {s.name: s.handler for s in reports.calls(core)}
+    async with pool.acquire() as conn:
+        (acc,) = await make_accounts(conn, 1)
+        setup = await T.create_service(conn, "connection", "once", fee=25_000_000)
+        tariff = await T.create_tariff(conn, "with setup", [setup])
+        await run_due(pool, APR + timedelta(days=1))
+        await T.link_tariff(conn, acc, tariff, now=APR + timedelta(days=5), tz=UTC, actor="t")
+    await run_due(pool, NOW)
+    async with pool.acquire() as conn:
+        assert await ledger_charges(conn, APR, MAY) == 0    # a once-off fee is booked as a charge, not periodic
+        booked = -await conn.fetchval("SELECT sum(amount) FROM ledger WHERE account_id = $1", acc)
+    assert booked == 25_000_000
+    rows = {r["name"]: r for r in await fn["reports.revenue"](Ctx("admin", 1), since=APR, until=MAY)}
+    assert rows["with setup"]["once_amount"] == rows["with setup"]["final_amount"] == 25_000_000
+    assert rows["(total)"]["amount"] == 25_000_000 and rows["(total)"]["provisional_amount"] == 0
+    admin = Ctx("admin", 1)
+    result = await fn["reports.charges"](admin, since=APR, until=MAY)
+    assert result["rows"] == 1 and admin.chunks[0][0][0] == setup and admin.chunks[0][0][2:] == [1, 25_000_000]
+
+
 async def test_revenue_is_one_statement_fast_on_many_accounts(pool: asyncpg.Pool) -> None:
     """50 000 accounts with usage and a fee: one set-wise statement, whatever the account count."""
     n = 50_000

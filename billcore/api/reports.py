@@ -6,8 +6,9 @@ Admin calls (kinds ``{"admin"}``, right ``reports.read``):
   and amount, from ``usage_daily``; chunks of up to 1 000 rows
   ``[account_id, class_id, "YYYY-MM-DD", quantity, amount]``; result: row count.
 * ``reports.charges`` (streaming) — per (service, period start): accounts and
-  the amount booked, from ``periodic_charges`` and ``usage_counters``; chunks
-  of ``[service_id, period_start, accounts, amount]``.
+  the amount booked, from ``periodic_charges``, ``usage_counters`` and
+  ``once_charges`` (a once-off fee's "period start" is when it was booked);
+  chunks of ``[service_id, period_start, accounts, amount]``.
 * ``reports.revenue`` — per tariff, what was charged for periods starting in
   ``[since, until)`` (once-off fees: booked in it), open periods included,
   split into *final* and *provisional* amounts (see `REVENUE_SQL`), and a
@@ -177,11 +178,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def reports_charges(ctx: Any, since: datetime, until: datetime) -> dict[str, Any]:
-        """Charges per service and period start in [since, until); streamed."""
+        """Charges per service and period start in [since, until), once-off fees by the time they were
+        booked; streamed."""
         return await stream_rows(
             ctx, "SELECT service_id, period_start, count(DISTINCT account_id), sum(charged)::bigint FROM ("
             " SELECT service_id, period_start, account_id, charged FROM periodic_charges"
-            " UNION ALL SELECT service_id, period_start, account_id, charged FROM usage_counters) c"
+            " UNION ALL SELECT service_id, period_start, account_id, charged FROM usage_counters"
+            " UNION ALL SELECT service_id, charged_at, account_id, amount FROM once_charges) c"
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
