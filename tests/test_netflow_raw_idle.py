@@ -69,12 +69,14 @@ async def test_idle_worker_writes_parquet_after_the_interval(tmp_path: Path, db_
         want = expected_bytes(flows, accounts)
         assert await wait_charged(db_dsn, want, timeout=60) == want
         charged_at = time.monotonic()
-        while not finished(raw) and time.monotonic() - charged_at < 15:
+        while not finished(raw) and time.monotonic() - charged_at < 20:
             await asyncio.sleep(0.1)
         files = finished(raw)
         waited = time.monotonic() - charged_at
         assert files, "no Parquet file while the collector is idle"
-        assert waited < 5, f"the raw window was written {waited:.1f} s after the batch, interval 1 s"
+        print(f"idle collector: Parquet written {waited:.2f} s after the batch was charged (interval 1 s)")
+        # the window is 1 s and the idle loop ticks every second; the rest is slack for a loaded machine
+        assert waited < 10, f"the raw window was written {waited:.1f} s after the batch, interval 1 s"
         per_account: dict[int, int] = {}
         for path in files:
             t = pq.read_table(path)
