@@ -123,6 +123,8 @@ def render(result: Any) -> str:
             keys.extend(k for k in r if k not in keys)
         rows = [[_cell(r.get(k)) for k in keys] for r in result]
         widths = _widths(keys, rows)
+        # the last column is not cut: nothing follows it, and it is where long text (a call's doc) sits
+        widths[-1] = max(len(keys[-1]), *(len(row[-1]) for row in rows))
         return "\n".join([_line(keys, widths), _line(["-" * w for w in widths], widths),
                           *(_line(r, widths) for r in rows)])
     if isinstance(result, dict):
@@ -138,7 +140,10 @@ def _widths(keys: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
 
 
 def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(c[:40].ljust(w) for c, w in zip(cells, widths)).rstrip()
+    # every column but the last is cut to its width; the last has nothing after it to push aside
+    last = len(widths) - 1
+    return "  ".join((c if i == last else c[:w]).ljust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
 
 class RowPrinter:

@@ -20,6 +20,7 @@ flight, holds a reference.  ``CallRegistry`` counts them per module and calls
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "SymbolDeleted",
     "NotInTable",
     "Symbol",
+    "clean_doc",
 ]
 
 ALL_KINDS: frozenset[str] = frozenset({"system", "admin", "user"})
@@ -50,6 +52,16 @@ class NotInTable(CallError):
 
 class SymbolDeleted(CallError):
     """The function's module was unloaded after the session was created."""
+
+
+def clean_doc(text: str) -> str:
+    """A call's doc as ``sys.calls`` gives it: the docstring's paragraphs, each on one line.
+
+    Docs are mostly docstrings, wrapped at the source's line width and indented. Passed on raw, a
+    client that shows a doc's first line (billctl, a GUI's tooltip) cut it mid-sentence at the wrap
+    (``classes.add_rule`` ended "…[a, b],"); joined here, the first line is a whole paragraph."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,9 @@ class CallSpec:
     doc: str = ""
     streaming: bool = False
     fields: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "doc", clean_doc(self.doc))
 
     def describe(self) -> dict[str, Any]:
         """The introspection record `sys.calls` returns for this symbol."""

@@ -87,7 +87,7 @@ def builtin_specs() -> list[CallSpec]:
         CallSpec("sys.ping", _sys_ping, result="str", doc="Answers \"pong\"."),
         CallSpec("sys.time", _sys_time, result="time", doc="The server's current time (UTC)."),
         CallSpec("sys.whoami", _sys_whoami, result="map",
-                 doc="kind, login, id, rights, ip, sid and proxied flag of the calling session."),
+                 doc="The calling session: kind, login, id, rights, ip, sid and proxied flag."),
         CallSpec("sys.calls", _sys_calls, result="list",
                  doc="This session's call table: name, args, result, right, kinds, module, doc, streaming, deleted."),
         CallSpec("session.logout", _session_logout, result="bool",

@@ -29,6 +29,11 @@ deletes them at start, the worker replays the journal from the mark (the
 journal is never trimmed above it), and they are written again. So every
 leg is in exactly one file.
 
+Both promises on time — a window is flushed `flush_interval` after its
+first leg, retention runs hourly — hold on an idle collector too: the worker
+calls `tick` whenever it has nothing to read, so neither waits for the next
+packet (which may never come: an exporter taken away, a quiet night).
+
 A flush window has one part file per hour. An exporter with a broken clock
 can spread one batch over many hours, so at most `MAX_OPEN_HOURS` part files
 take rows as they come; the rows of any further hour are written and closed
@@ -388,7 +393,20 @@ class RawWriter:
         return self._from is not None and (self._overflow or self.rows >= self.flush_rows
                                            or now - self._since >= self.flush_interval)
 
-    def flush(self, now: float | None = None) -> None:
+    def tick_due(self, now: float | None = None, wall: float | None = None) -> bool:
+        """Whether `tick` has work: a window whose time is up, or retention not run for an hour."""
+        wall = time.time() if wall is None else wall
+        return self.due(now) or (self.retention_days > 0 and wall - self._retention_at > 3600)
+
+    def tick(self, now: float | None = None, wall: float | None = None) -> None:
+        """The timer of an idle collector: flush a window whose time is up (retention follows a flush),
+        else apply retention if it has not run for an hour."""
+        if self.due(now):
+            self.flush(now, wall)
+        else:
+            self._retain(time.time() if wall is None else wall)
+
+    def flush(self, now: float | None = None, wall: float | None = None) -> None:
         """Close and rename the window's part files, then move the watermark to the window's end."""
         self._usable()
         if self._from is None:
@@ -410,7 +428,9 @@ class RawWriter:
             self._fail(exc)
             raise
         self._reset()
-        wall = time.time()
+        self._retain(time.time() if wall is None else wall)
+
+    def _retain(self, wall: float) -> None:
         if wall - self._retention_at > 3600:
             apply_retention(self.root, self.retention_days, wall)
             self._retention_at = wall

@@ -841,6 +841,10 @@ class Worker:
                 if self.link.snapshot_stale:
                     await self.refresh_classifier(stop)
                 if tail.position >= durable:
+                    if raw is not None and raw.tick_due(loop.time()):
+                        # raw_flush_interval and retention hold when no packet comes to trigger them
+                        await asyncio.to_thread(raw.tick, loop.time())
+                        self._trim(receiver, checkpoints, raw)
                     if stop.is_set():
                         break
                     wake.clear()
@@ -875,7 +879,7 @@ class Worker:
                 if raw is not None:
                     # only once the core has the batch: the raw store's mark never passes the committed one
                     for a, b, flows, legs in chunks:
-                        raw.add_legs(flows, legs, a, b)
+                        raw.add_legs(flows, legs, a, b, loop.time())  # due() is asked on the same clock
                     if raw.due(loop.time()) or stop.is_set():
                         await asyncio.to_thread(raw.flush, loop.time())
                 self._trim(receiver, checkpoints, raw)

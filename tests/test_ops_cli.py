@@ -340,3 +340,17 @@ def test_a_pool_too_small_for_a_periodic_run_is_refused_at_start(tmp_path: Path)
     path.write_text("[database]\npool_min = 1\npool_max = 2\n")
     with pytest.raises(ConfigError, match="database.pool_max: at least 3"):
         load_config(str(path))
+
+
+def test_import_of_huge_opening_balances_exits_0(ops_commands: None, db_dsn: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Balances whose sum passes one amount's range: committed, summarised, exit 0 (was a traceback, exit 1)."""
+    src = config_for(tmp_path, db_dsn)
+    data = tmp_path / "rich.csv"
+    data.write_text("login,balance\nr1,999999999999.5\nr2,999999999999.5\n")
+    assert cli.main(["-c", str(src), "import", str(data), "--dry-run"]) == 0
+    assert "totalling 1999999999999.00," in capsys.readouterr().out
+    assert cli.main(["-c", str(src), "import", str(data)]) == 0
+    out = capsys.readouterr()
+    assert "imported 2 subscriber(s), 2 account(s), 2 opening balance(s) totalling 1999999999999.00," in out.out
+    assert "Traceback" not in out.err

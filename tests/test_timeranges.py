@@ -146,7 +146,9 @@ def test_invalid_definitions_and_inputs_are_refused() -> None:
     with pytest.raises(TimeRangeError):
         Window(frozenset({7}), 0, 60)
     with pytest.raises(TimeRangeError):
-        Window(EVERY_DAY, 0, 1440)
+        Window(EVERY_DAY, 0, 1441)          # 1440 is 24:00, the end of the day; nothing later
+    with pytest.raises(TimeRangeError):
+        Window(EVERY_DAY, 1440, 60)         # a window starts at 23:59 at the latest
     with pytest.raises(TimeRangeError):
         TimeRange(0, 1, (Window(EVERY_DAY, 0, 60),))
     with pytest.raises(TimeRangeError):
@@ -201,3 +203,49 @@ def test_split_pieces_agree_with_select_and_cover_exactly(
                       piece.end - timedelta(seconds=1)):
             assert chosen(ranges, probe, tz) == piece.range_id
     assert cursor == end
+
+
+# -- as an operator writes windows -------------------------------------------
+
+from billcore.billing.timeranges import parse_days, parse_span, window_from_spec  # noqa: E402
+
+
+def test_a_day_window_can_end_at_24_00() -> None:
+    """"08:00-24:00" is 16 hours, up to midnight; minute 1440 is accepted and means that midnight."""
+    day = TimeRange(9, 1, (window_from_spec({"days": "all", "time": "08:00-24:00"}),))
+    # Tuesday 2024-01-09 in Berlin (UTC+1)
+    assert chosen((day,), utc(2024, 1, 9, 6, 59)) == 0      # 07:59 local
+    assert chosen((day,), utc(2024, 1, 9, 7, 0)) == 9       # 08:00
+    assert chosen((day,), utc(2024, 1, 9, 22, 59)) == 9     # 23:59
+    assert chosen((day,), utc(2024, 1, 9, 23, 0)) == 0      # 00:00 Wednesday
+    stored = TimeRange(9, 1, (Window(EVERY_DAY, 8 * 60, 1440),))
+    pieces = split((stored,), utc(2024, 1, 8, 23), utc(2024, 1, 9, 23), BERLIN)
+    assert [(p.range_id, p.seconds) for p in pieces] == [(0, 8 * 3600), (9, 16 * 3600)]
+    whole = TimeRange(8, 1, (window_from_spec({"days": "sat,sun", "time": "00:00-24:00"}),))
+    assert chosen((whole,), utc(2024, 1, 13, 0, 0)) == 8 and chosen((whole,), utc(2024, 1, 14, 22, 59)) == 8
+    assert chosen((whole,), utc(2024, 1, 14, 23, 0)) == 0   # Monday 00:00
+
+
+def test_window_text_forms() -> None:
+    assert parse_span("23:00-07:00") == (1380, 420)
+    assert parse_span("8:30-24:00") == (510, 1440)
+    assert parse_days("mon-fri") == WEEKDAYS and parse_days("sat-mon") == {5, 6, 0}
+    assert parse_days("Mon, wed-thu") == {0, 2, 3} and parse_days([6]) == {6} and parse_days("all") == EVERY_DAY
+    assert window_from_spec({"weekdays": [0], "start_minute": 0, "end_minute": 1440}) == Window(frozenset({0}), 0, 0)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"days": "mon-fri", "time": "08:00-24:01"}, "within 00:00..24:00"),
+    ({"days": "mon-fri", "time": "24:00-08:00"}, "23:59 at the latest"),
+    ({"days": "mon-fri", "time": "8-20"}, "HH:MM"),
+    ({"days": "mon-fry", "time": "08:00-20:00"}, "unknown day"),
+    ({"days": "mon-fri"}, "needs time"),
+    ({"time": "08:00-20:00"}, "names its days once"),
+    ({"days": "all", "time": "08:00-20:00", "colour": 1}, "unknown window key"),
+    ({"weekdays": [0, 7], "start_minute": 0, "end_minute": 60}, r"0 \(Monday\) \.\. 6"),
+    ({"weekdays": [0], "start_minute": 0, "end_minute": 1441}, "0..1440"),
+    ("08:00-20:00", "a window is a map"),
+])
+def test_bad_windows_say_what_is_wrong(spec: object, message: str) -> None:
+    with pytest.raises(TimeRangeError, match=message):
+        window_from_spec(spec)

@@ -6,10 +6,13 @@ Admin calls (kinds ``{"admin"}``, right ``reports.read``):
   and amount, from ``usage_daily``; chunks of up to 1 000 rows
   ``[account_id, class_id, "YYYY-MM-DD", quantity, amount]``; result: row count.
 * ``reports.charges`` (streaming) — per (service, period start): accounts and
-  the amount booked, from ``periodic_charges`` and ``usage_counters``; chunks
-  of ``[service_id, period_start, accounts, amount]``.
-* ``reports.revenue`` — per tariff, the periodic and usage amounts of
-  periods starting in ``[since, until)`` (links in force at the period start).
+  the amount booked, from ``periodic_charges``, ``usage_counters`` and
+  ``once_charges`` (a once-off fee's "period start" is when it was booked);
+  chunks of ``[service_id, period_start, accounts, amount]``.
+* ``reports.revenue`` — per tariff, what was charged for periods starting in
+  ``[since, until)`` (once-off fees: booked in it), open periods included,
+  split into *final* and *provisional* amounts (see `REVENUE_SQL`), and a
+  ``(total)`` row.
 * ``reports.preview`` — what an account pays this accounting period so far
   (the pure ``rating.preview``: usage at current tariffs + periodic fees).
 
@@ -38,6 +41,90 @@ __all__ = ["account_preview", "calls"]
 CHUNK: Final = 1_000
 MAX_ROWS: Final = 10_000_000
 _WIDE: Final = timedelta(days=400)
+
+
+# Revenue in one statement, set-wise over every charge of the range.
+#
+# A charge is one row of periodic_charges (a service period), usage_counters
+# (an account's accounting period, cumulative) or once_charges.  It belongs to
+# the tariff of the account's link that includes its service and was in force
+# during its period -- the latest such link, so that a tariff change in the
+# middle of a period does not count a charge twice, and a link made in the
+# middle of the period (a new subscriber, the open month) counts at all.
+#
+# Final: the figure can no longer change.  A periodic charge is final once its
+# period has ended and a scheduler run has gone past that end; usage once the
+# account's accounting period is closed (its period_summaries row exists);
+# a once-off fee is booked once and is final at once.  Everything else is
+# provisional: the open period's charges so far.
+#
+# GROUPING SETS give the per-tariff account counts (distinct over kinds) and
+# the grand totals from the same scan.
+REVENUE_SQL: Final = """
+WITH run AS (SELECT coalesce(max(last_now), '-infinity'::timestamptz) AS at FROM periodic_runs),
+c AS (
+    SELECT p.account_id, p.service_id, p.period_start AS since, p.period_end AS until, NULL::bigint AS link_id,
+           'periodic' AS kind, p.charged AS amount, p.period_end <= run.at AS final
+      FROM periodic_charges p, run WHERE p.period_start >= $1 AND p.period_start < $2 AND p.charged <> 0
+    UNION ALL
+    SELECT u.account_id, u.service_id, u.period_start, coalesce(s.period_end, $3), NULL,
+           'usage', u.charged, s.account_id IS NOT NULL
+      FROM usage_counters u LEFT JOIN period_summaries s ON s.account_id = u.account_id
+           AND s.period_start = u.period_start
+     WHERE u.period_start >= $1 AND u.period_start < $2 AND u.charged <> 0
+    UNION ALL
+    SELECT o.account_id, o.service_id, o.charged_at, o.charged_at, o.link_id, 'once', o.amount, true
+      FROM once_charges o WHERE o.charged_at >= $1 AND o.charged_at < $2 AND o.amount <> 0
+)
+SELECT f.id AS tariff_id, f.name, c.kind, c.final, sum(c.amount) AS amount,
+       count(DISTINCT c.account_id) AS accounts,
+       GROUPING(c.kind, c.final) = 3 AS tariff_total, GROUPING(f.id, f.name) = 3 AS grand_total
+  FROM c
+  LEFT JOIN LATERAL (
+       SELECT t.tariff_id FROM account_tariffs t
+         JOIN tariff_services ts ON ts.tariff_id = t.tariff_id AND ts.service_id = c.service_id
+        WHERE t.account_id = c.account_id
+          AND (t.id = c.link_id OR c.link_id IS NULL AND t.valid_from <= greatest(c.since, c.until - interval '1 microsecond')
+               AND (t.valid_to IS NULL OR t.valid_to > c.since))
+        ORDER BY t.valid_from DESC LIMIT 1) l ON true
+  LEFT JOIN tariffs f ON f.id = l.tariff_id
+ GROUP BY GROUPING SETS ((f.id, f.name, c.kind, c.final), (f.id, f.name), ())
+"""
+
+_KINDS: Final = ("periodic", "usage", "once")
+TOTAL: Final = "(total)"
+NO_TARIFF: Final = "(no tariff)"
+
+
+def revenue_result(rows: list[Any]) -> list[dict[str, Any]]:
+    """The rows of `REVENUE_SQL` as the call's answer: one row per tariff, then a ``(total)`` row
+    (tariff_id None). ``(no tariff)``: charges of a service no link of the account includes any more.
+    Every amount is declared as money in the call's ``fields``; sums stay Python ints, exact however
+    large."""
+    def empty(tariff_id: Any, name: str) -> dict[str, Any]:
+        return {"tariff_id": tariff_id, "name": name, "accounts": 0, "final_amount": 0, "provisional_amount": 0,
+                "amount": 0, **{f"{k}_amount": 0 for k in _KINDS}}
+
+    tariffs: dict[Any, dict[str, Any]] = {}
+    total = empty(None, TOTAL)
+    for r in rows:
+        amount = int(r["amount"])
+        if r["grand_total"]:
+            total.update(amount=amount, accounts=r["accounts"])
+            continue
+        entry = tariffs.setdefault(r["tariff_id"], empty(r["tariff_id"], r["name"] or NO_TARIFF))
+        if r["tariff_total"]:
+            entry.update(amount=amount, accounts=r["accounts"])
+            continue
+        for target in (entry, total):
+            target["final_amount" if r["final"] else "provisional_amount"] += amount
+            target[f"{r['kind']}_amount"] += amount
+    out = [*sorted(tariffs.values(), key=lambda t: (t["tariff_id"] is None, t["tariff_id"] or 0)), total]
+    for entry in out:
+        # every charge is final or provisional, and of one kind: the three views add up to the same sum
+        assert entry["final_amount"] + entry["provisional_amount"] == entry["amount"] \
+            == sum(entry[f"{k}_amount"] for k in _KINDS), entry
+    return out
 
 
 async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) -> dict[str, Any]:
@@ -91,29 +178,25 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def reports_charges(ctx: Any, since: datetime, until: datetime) -> dict[str, Any]:
-        """Charges per service and period start in [since, until); streamed."""
+        """Charges per service and period start in [since, until), once-off fees by the time they were
+        booked; streamed."""
         return await stream_rows(
             ctx, "SELECT service_id, period_start, count(DISTINCT account_id), sum(charged)::bigint FROM ("
             " SELECT service_id, period_start, account_id, charged FROM periodic_charges"
-            " UNION ALL SELECT service_id, period_start, account_id, charged FROM usage_counters) c"
+            " UNION ALL SELECT service_id, period_start, account_id, charged FROM usage_counters"
+            " UNION ALL SELECT service_id, charged_at, account_id, amount FROM once_charges) c"
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
     async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> list[dict[str, Any]]:
-        """Amounts per tariff for periods starting in [since, until)."""
-        async with core.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT f.id AS tariff_id, f.name, sum(c.charged)::bigint AS amount,"
-                " count(DISTINCT c.account_id) AS accounts FROM ("
-                " SELECT account_id, service_id, period_start, charged FROM periodic_charges"
-                " UNION ALL SELECT account_id, service_id, period_start, charged FROM usage_counters) c"
-                " JOIN account_tariffs t ON t.account_id = c.account_id AND t.valid_from <= c.period_start"
-                "  AND (t.valid_to IS NULL OR t.valid_to > c.period_start)"
-                " JOIN tariffs f ON f.id = t.tariff_id"
-                " JOIN tariff_services ts ON ts.tariff_id = f.id AND ts.service_id = c.service_id"
-                " WHERE c.period_start >= $1 AND c.period_start < $2 GROUP BY f.id ORDER BY f.id",
-                since, until)
-        return [dict(r) for r in rows]
+        """Revenue per tariff, then a (total) row, for the periods that start in [since, until), open
+        periods included: amount = final_amount + provisional_amount = periodic_amount + usage_amount +
+        once_amount, and accounts. Final amounts can no longer change (closed periods); provisional ones
+        are the open periods' charges so far."""
+        if not since < until:
+            raise TariffError("since must be before until")
+        async with core.pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
+            return revenue_result(await conn.fetch(REVENUE_SQL, since, until, core.now()))
 
     @handler
     async def reports_preview(ctx: Any, account_id: int) -> dict[str, Any]:
@@ -181,7 +264,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                        "amount": "money"}),
         CallSpec("reports.revenue", reports_revenue, right="reports.read", kinds=ADMIN, result="list",
                  args={"since": "time", "until": "time"}, doc=reports_revenue.__doc__ or "",
-                 fields={"tariff_id": "int", "name": "str", "amount": "money", "accounts": "int"}),
+                 fields={"tariff_id": "int", "name": "str", "accounts": "int", "final_amount": "money",
+                         "provisional_amount": "money", "amount": "money",
+                         **{f"{k}_amount": "money" for k in _KINDS}}),
         CallSpec("reports.preview", reports_preview, right="reports.read", kinds=ADMIN, result="map",
                  args={"account_id": "int"}, doc=reports_preview.__doc__ or "",
                  fields={"total": "money", "lines": "list", "lines.amount": "money"}),

@@ -81,7 +81,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
                            period: dict[str, Any] | None = None, charge_mode: str | None = None,
                            session_limit: int | None = None, max_sessions: int | None = None,
                            comment: str | None = None) -> dict[str, Any]:
-        """Add a service; periodic ones take period {"kind", "anchor": "YYYY-MM-DD", "days"}."""
+        """Add a service of kind once, periodic, traffic or time; fee is money (a periodic or once-off fee).
+        A periodic service takes period {"kind": daily, weekly, monthly, yearly or custom, "anchor":
+        "YYYY-MM-DD", "days": N for custom} and charge_mode start, end or daily (docs/tariffs.md)."""
         if period is not None:
             period = {**period, "anchor": _date(period.get("anchor"), "period.anchor")}
         async with core.pool.acquire() as conn:
@@ -101,9 +103,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
     async def services_set_rate(ctx: Any, service_id: int, unit_size: int, tiers: list[list[int]],
                                 class_id: int | None = None, range_id: int | None = None,
                                 prepaid: int | None = None) -> dict[str, Any]:
-        """Price of a class (traffic) or of time (class_id None) in a range (None: any).
-
-        tiers = [[start, micro_per_unit], …] with start in units beyond the prepaid volume."""
+        """Set the price of a traffic class (class_id) or of session time (no class_id), in a time range
+        (range_id) or in any range (no range_id). Tiers are [[start, price], …]: price in micro-units per
+        unit_size bytes or seconds, from start bytes or seconds beyond the prepaid volume (prepaid, in bytes
+        or seconds, is free); the first tier starts at 0 (docs/tariffs.md)."""
         parsed = [(t[0], t[1]) for t in tiers if isinstance(t, list) and len(t) == 2]
         if len(parsed) != len(tiers):
             raise TariffError("tiers are [start, price] pairs")
@@ -120,7 +123,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def tariffs_add(ctx: Any, name: str, service_ids: list[int], comment: str | None = None) -> dict[str, Any]:
-        """Add a tariff bundling services."""
+        """Add a tariff: a name and the services it bundles (service_ids)."""
         async with core.pool.acquire() as conn:
             return {"id": await T.create_tariff(conn, name, service_ids, comment or "")}
 
@@ -139,9 +142,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": tariff_id}
 
     @handler
-    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None,
+    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None = None,
                            start: str | None = None) -> dict[str, Any]:
-        """Put an account on a tariff (None: none) from "now" or its "next_period"."""
+        """Put an account on a tariff (no tariff_id: on none), from now (start "now", the default) or from
+        its next accounting period (start "next_period"); periodic fees are prorated to the second."""
         async with core.pool.acquire() as conn:
             return await T.link_tariff(conn, need_int("account_id", account_id), tariff_id,
                                        now=core.now(), tz=tz, start=start or "now",
@@ -161,7 +165,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def classes_add(ctx: Any, name: str, position: int | None = None, comment: str | None = None) -> dict[str, Any]:
-        """Add a traffic class."""
+        """Add a traffic class; position orders classes for matching (lower first)."""
         async with core.pool.acquire() as conn:
             cid = await T.create_class(conn, name, position or 0, comment or "")
         return {"id": cid}
@@ -175,8 +179,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def classes_add_rule(ctx: Any, class_id: int, **rule: Any) -> dict[str, Any]:
-        """Add a rule: position, skip, local_net, remote_net, local_ports/remote_ports [a, b],
-        protocol, exporter, iface (absent: any)."""
+        """Add a rule: a leg of a flow belongs to the class of the first rule it matches (classes in
+        position order, then their rules in position order). local_net and remote_net (prefixes),
+        local_ports and remote_ports ([first, last]), protocol (6 TCP, 17 UDP), exporter (address) and iface
+        (interface index) must all match; an absent one matches anything. A skip rule's legs are not
+        charged (docs/tariffs.md)."""
         async with core.pool.acquire() as conn:
             rid = await T.add_rule(conn, class_id, **{k: v for k, v in rule.items() if v is not None})
         return {"id": rid}
@@ -198,7 +205,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
     async def timeranges_add(ctx: Any, name: str, priority: int | None = None,
                              windows: list[dict[str, Any]] | None = None,
                              dates: list[str] | None = None) -> dict[str, Any]:
-        """Add a time range: windows [{"weekdays", "start_minute", "end_minute"}], dates ["YYYY-MM-DD"]."""
+        """Add a time range: windows such as [{"days": "mon-fri", "time": "08:00-24:00"}] on the core's
+        time zone (a time ending at or before its start crosses midnight), whole dates ["YYYY-MM-DD"]
+        such as holidays, and a priority (the highest matching range wins) (docs/tariffs.md)."""
         async with core.pool.acquire() as conn:
             rid = await T.create_time_range(conn, name, priority=priority or 0, windows=windows or [],
                                             dates=[_date(d, "date") for d in dates or []])
@@ -213,7 +222,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None) -> list[dict[str, Any]]:
-        """IP bindings (of an account), valid at ``at`` if given."""
+        """IP bindings, of one account if account_id is given, valid at the instant at if given."""
         async with core.pool.acquire() as conn:
             return await T.list_bindings(conn, account_id, at=at)
 
@@ -221,7 +230,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
     async def bindings_add(ctx: Any, account_id: int, prefix: str, kind: str | None = None,
                            valid_from: datetime | None = None, valid_to: datetime | None = None,
                            source: str | None = None, session_ref: str | None = None) -> dict[str, Any]:
-        """Bind a prefix to an account from ``valid_from`` (default now); no overlaps in time."""
+        """Bind a prefix to an account from valid_from (default now) to valid_to (default open); two
+        bindings of overlapping prefixes never overlap in time."""
         async with core.pool.acquire() as conn:
             bid = await T.add_binding(conn, need_int("account_id", account_id), prefix,
                                       kind=kind or "static", source=source or "admin",
@@ -231,7 +241,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def bindings_end(ctx: Any, binding_id: int, at: datetime | None = None) -> dict[str, Any]:
-        """End a binding at ``at`` (default now)."""
+        """End a binding at the instant at (default now)."""
         async with core.pool.acquire() as conn:
             await T.end_binding(conn, need_int("binding_id", binding_id), at or core.now())
         return {"id": binding_id}

@@ -46,7 +46,7 @@ from billcore.billing.rating import (
     ANY_RANGE, TIME_CLASS, AccountPlan, Meter, MeterRule, RatingBook,
     ServiceKind, ServiceTariff, Tier,
 )
-from billcore.billing.timeranges import TimeRange, Window
+from billcore.billing.timeranges import TimeRange, Window, window_from_spec
 
 __all__ = [
     "DEFAULT_ACCOUNT_PERIOD",
@@ -278,8 +278,9 @@ async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz:
 async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee: int = 0,
                          period: Mapping[str, Any] | None = None, charge_mode: str | None = None,
                          session_limit: int | None = None, max_sessions: int | None = None,
-                         comment: str = "") -> int:
-    """A service; ``period`` = {"kind", "anchor" (date), "days"} for periodic ones."""
+                         comment: str = "", row_id: int | None = None) -> int:
+    """A service; ``period`` = {"kind", "anchor" (date), "days"} for periodic ones. ``row_id``: the id to
+    use instead of the next of the sequence (a rehearsal that is rolled back must not consume ids)."""
     _name(name)
     if kind not in SERVICE_KINDS:
         raise TariffError(f"service kind must be one of {sorted(SERVICE_KINDS)}")
@@ -296,10 +297,11 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
         raise TariffError("only periodic services have a period and a charge mode")
     with _Conflicts("service"):
         return int(await conn.fetchval(
-            "INSERT INTO services(name, kind, fee, period_kind, period_days, period_anchor,"
+            "INSERT INTO services(id, name, kind, fee, period_kind, period_days, period_anchor,"
             " charge_mode, session_limit, max_sessions, comment)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-            name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment))
+            " VALUES (coalesce($11::bigint, nextval('services_id_seq')), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            " RETURNING id",
+            name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment, row_id))
 
 
 async def list_services(conn: asyncpg.Connection) -> list[dict[str, Any]]:
@@ -342,11 +344,13 @@ async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int |
 
 
 async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequence[int],
-                        comment: str = "") -> int:
+                        comment: str = "", row_id: int | None = None) -> int:
+    """``row_id`` as in `create_service`."""
     async with conn.transaction():
         with _Conflicts("tariff"):
             tariff_id = int(await conn.fetchval(
-                "INSERT INTO tariffs(name, comment) VALUES ($1, $2) RETURNING id", _name(name), comment))
+                "INSERT INTO tariffs(id, name, comment) VALUES (coalesce($3::bigint, nextval('tariffs_id_seq')),"
+                " $1, $2) RETURNING id", _name(name), comment, row_id))
         await set_tariff_services(conn, tariff_id, service_ids)
     return tariff_id
 
@@ -522,10 +526,11 @@ async def list_classes(conn: asyncpg.Connection) -> list[dict[str, Any]]:
 async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: int = 0,
                             windows: Sequence[Mapping[str, Any]] = (),
                             dates: Sequence[date] = ()) -> int:
-    """``windows``: [{"weekdays": [0..6], "start_minute", "end_minute"}], 0 = Monday."""
+    """``windows``: [{"days": "mon-fri", "time": "08:00-24:00"}] or [{"weekdays": [0..6], "start_minute",
+    "end_minute"}], 0 = Monday (`timeranges.window_from_spec`)."""
     if len(windows) > MAX_WINDOWS or len(dates) > MAX_DATES:
         raise TariffError("too many windows or dates")
-    parsed = [Window(frozenset(w["weekdays"]), w["start_minute"], w["end_minute"]) for w in windows]
+    parsed = [window_from_spec(w) for w in windows]
     TimeRange(1, priority, tuple(parsed), frozenset(dates))  # validates
     async with conn.transaction():
         with _Conflicts("time range"):

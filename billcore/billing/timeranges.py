@@ -10,6 +10,15 @@ range of highest priority (ties: lowest ``range_id``), or ``None``.
 A window ``[start_minute, end_minute)`` belongs to the weekday it *starts*
 on.  ``start > end`` crosses midnight: "Fri 23:00–07:00" covers Friday 23:00
 to Saturday 07:00.  ``start == end`` is a full 24 hours from ``start``.
+An end of 24:00 (minute 1440), as an operator writes a day window
+"08:00-24:00", is midnight at the end of the day: it is kept as minute 0,
+which the crossing rule already reads as "until midnight", so "08:00-24:00"
+is 16 hours and "00:00-24:00" the whole day.
+
+Operators write windows as text: ``window_from_spec`` takes
+``{"days": "mon-fri", "time": "08:00-24:00"}`` as well as the stored form
+``{"weekdays": [0, 1, 2, 3, 4], "start_minute": 480, "end_minute": 1440}``
+and says in words what is wrong with a bad one.
 
 Everything is decided on the wall clock, so DST needs no special case in
 ``select``: in Europe/Berlin the night window 23:00–07:00 lasts 7 real hours
@@ -38,11 +47,15 @@ __all__ = [
     "TimeRange",
     "TimeRangePiece",
     "Window",
+    "parse_days",
+    "parse_span",
     "select",
     "split",
+    "window_from_spec",
 ]
 
 MINUTES_PER_DAY: Final = 1_440
+DAY_NAMES: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_RANGES: Final = 256
 MAX_WINDOWS: Final = 64
 MAX_DATES: Final = 1_024
@@ -69,9 +82,13 @@ class Window:
     def __post_init__(self) -> None:
         if not self.weekdays or not self.weekdays <= frozenset(range(7)):
             raise TimeRangeError(f"weekdays must be a non-empty subset of 0..6: {self.weekdays}")
-        for minute in (self.start_minute, self.end_minute):
-            if type(minute) is not int or not 0 <= minute < MINUTES_PER_DAY:
-                raise TimeRangeError(f"minute of day must be an int in 0..1439, got {minute!r}")
+        if type(self.start_minute) is not int or not 0 <= self.start_minute < MINUTES_PER_DAY:
+            raise TimeRangeError(f"start minute of day must be an int in 0..1439, got {self.start_minute!r}")
+        if type(self.end_minute) is not int or not 0 <= self.end_minute <= MINUTES_PER_DAY:
+            raise TimeRangeError(f"end minute of day must be an int in 0..1440 (24:00), got {self.end_minute!r}")
+        if self.end_minute == MINUTES_PER_DAY:
+            # 24:00 is the midnight that ends the day: minute 0 of the next, which start > end reads as such
+            object.__setattr__(self, "end_minute", 0)
 
     def contains(self, weekday: int, minute: int) -> bool:
         """Whether local (weekday, minute-of-day) lies in this window."""
@@ -82,6 +99,72 @@ class Window:
         if weekday in self.weekdays and minute >= self.start_minute:
             return True
         return previous_day in self.weekdays and minute < self.end_minute
+
+
+def _minute(text: str, what: str) -> int:
+    hours, sep, minutes = text.strip().partition(":")
+    if not sep or not hours.isdigit() or not minutes.isdigit() or len(minutes) != 2 or len(hours) > 2:
+        raise TimeRangeError(f"{what} must be HH:MM, got {text.strip()!r}")
+    minute = int(hours) * 60 + int(minutes)
+    if int(minutes) > 59 or minute > MINUTES_PER_DAY:
+        raise TimeRangeError(f"{what} must be within 00:00..24:00, got {text.strip()!r}")
+    return minute
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    """``"08:00-24:00"`` → (480, 1440): start and end minute of day; an end at or before the start
+    crosses midnight (``"23:00-07:00"``), and an end equal to the start is a whole day."""
+    if type(text) is not str or text.count("-") != 1:
+        raise TimeRangeError(f"a time span is HH:MM-HH:MM, e.g. 08:00-24:00, got {text!r}")
+    start, end = text.split("-")
+    first = _minute(start, "a span's start")
+    if first == MINUTES_PER_DAY:
+        raise TimeRangeError("a span starts at 23:59 at the latest (24:00 is the next day's 00:00)")
+    return first, _minute(end, "a span's end")
+
+
+def parse_days(value: object) -> frozenset[int]:
+    """Weekdays (0 = Monday) from ``[0, 4]``, ``"mon-fri"``, ``"sat,sun"``, ``"mon,wed-fri"`` or ``"all"``."""
+    if isinstance(value, (list, tuple)):
+        if not all(type(d) is int and 0 <= d <= 6 for d in value) or not value:
+            raise TimeRangeError(f"weekdays are numbers 0 (Monday) .. 6 (Sunday), got {value!r}")
+        return frozenset(value)
+    if type(value) is not str or not value.strip():
+        raise TimeRangeError(f"days are names such as \"mon-fri\" or \"sat,sun\", got {value!r}")
+    if value.strip().lower() in ("all", "daily", "every day"):
+        return frozenset(range(7))
+    days: set[int] = set()
+    for part in value.lower().replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if first not in DAY_NAMES or (last and last not in DAY_NAMES):
+            raise TimeRangeError(f"unknown day in {value!r}: days are {', '.join(DAY_NAMES)}")
+        a, b = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
+        # "sat-mon" wraps over the week's end
+        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    return frozenset(days)
+
+
+def window_from_spec(spec: object) -> Window:
+    """A window from ``{"days": "mon-fri", "time": "08:00-24:00"}`` or the stored form ``{"weekdays",
+    "start_minute", "end_minute"}`` (either key of each pair)."""
+    if not isinstance(spec, dict):
+        raise TimeRangeError(f"a window is a map such as {{\"days\": \"mon-fri\", \"time\": \"08:00-20:00\"}}, "
+                             f"got {spec!r}")
+    unknown = set(spec) - {"days", "weekdays", "time", "start_minute", "end_minute"}
+    if unknown:
+        raise TimeRangeError(f"unknown window key(s) {sorted(unknown)}: use days and time")
+    if ("days" in spec) == ("weekdays" in spec):
+        raise TimeRangeError("a window names its days once: days (\"mon-fri\") or weekdays ([0, 4])")
+    weekdays = parse_days(spec["days"] if "days" in spec else spec["weekdays"])
+    if "time" in spec:
+        if "start_minute" in spec or "end_minute" in spec:
+            raise TimeRangeError("a window has time or start_minute/end_minute, not both")
+        start, end = parse_span(spec["time"])
+    elif "start_minute" in spec and "end_minute" in spec:
+        start, end = spec["start_minute"], spec["end_minute"]
+    else:
+        raise TimeRangeError("a window needs time (\"08:00-20:00\") or start_minute and end_minute")
+    return Window(weekdays, start, end)
 
 
 @dataclass(frozen=True, slots=True)

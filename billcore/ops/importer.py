@@ -24,9 +24,16 @@ Theory of operation
    asserted set-wise before commit (balance = ledger sum, system block
    exactly when in debt) and a broken one rolls everything back.
 
-``--dry-run`` does steps 1–2, then rehearses step 4 (with placeholder
-verifiers) inside a transaction that is rolled back, so what the database
-would refuse is found too.
+Steps 1–2 and the catalogue part of step 4 run to the end whatever they
+find, so one pass lists every error (sorted by place); only then does the
+import stop.  ``--dry-run`` does steps 1–2, then rehearses step 4 (with
+placeholder verifiers) inside a transaction that is rolled back, so what the
+database would refuse is found too.  Sequences are not transactional, so
+the rehearsal takes no id from them: its rows carry negative ids, which no
+real row has, and a real import after a dry run starts where it would have.
+
+The summary's total is a sum of amounts, each within ``MAX_AMOUNT``; the sum
+need not be, so it is formatted without the single-amount range check.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import asyncpg
 from billcore.billing.accounts import MAX_CREDIT, MAX_FIELD, check_login
 from billcore.billing.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.billing.money import parse_money
+from billcore.billing.money import MICRO, format_money, parse_money
 from urfa.scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, SALT_BYTES, Verifier, make_verifier
 
 __all__ = [
@@ -137,11 +144,9 @@ class ImportReport:
     phases: dict[str, float] = field(default_factory=dict)   # seconds per phase
 
     def summary(self) -> str:
-        from billcore.billing.money import format_money
-
         head = "dry run, nothing written: would import" if self.dry_run else "imported"
         lines = [f"{head} {self.subscribers} subscriber(s), {self.accounts} account(s),"
-                 f" {self.opening_entries} opening balance(s) totalling {format_money(self.opening_total)},"
+                 f" {self.opening_entries} opening balance(s) totalling {format_sum(self.opening_total)},"
                  f" {self.links} tariff link(s), {self.ips} IP binding(s),"
                  f" {self.services_created} service(s) and {self.tariffs_created} tariff(s) created,"
                  f" {self.blocked} account(s) blocked for debt; {self.seconds:.1f} s"]
@@ -149,6 +154,29 @@ class ImportReport:
             shown = ", ".join(self.skipped[:10]) + (" …" if len(self.skipped) > 10 else "")
             lines.append(f"skipped {len(self.skipped)} login(s) already in the database: {shown}")
         return "\n".join(lines)
+
+
+def format_sum(total: int) -> str:
+    """A sum of money amounts as a decimal string, however large: a sum of amounts that each fit the
+    ledger's range may not fit it itself, and a summary must never fail on it."""
+    whole, frac = divmod(abs(total), MICRO)
+    # the fraction is a valid amount, so format_money spells its decimals; the whole part is any int
+    return f"{'-' if total < 0 else ''}{whole}{format_money(frac)[1:]}"
+
+
+def _place(error: str) -> tuple[int, int]:
+    """Sort key of an error line: file-wide places first, then by line or element number."""
+    head = error.split(":", 1)[0]
+    for rank, prefix in ((1, "line "), (2, "services["), (3, "tariffs["), (4, "subscribers[")):
+        if head.startswith(prefix):
+            digits = head[len(prefix):].split("]", 1)[0].split(" ", 1)[0]
+            return (rank, int(digits) if digits.isdigit() else 0)
+    return (9, 0) if error.startswith("…") else (0, 0)
+
+
+def sorted_errors(errors: Sequence[str]) -> list[str]:
+    """Errors in the order of their places in the file (stable within one place)."""
+    return sorted(errors, key=_place)
 
 
 # -- parsing (pure) ---------------------------------------------------------
@@ -533,21 +561,25 @@ async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], re
             progress.advance(len(chunk))
 
 
-async def _ids(conn: asyncpg.Connection, sequence: str, n: int) -> list[int]:
+async def _ids(conn: asyncpg.Connection, sequence: str, n: int, rehearsal: bool) -> list[int]:
+    """``n`` ids for new rows; a rehearsal's are negative and leave the sequence alone."""
     if n == 0:
         return []
+    if rehearsal:
+        return list(range(-1, -n - 1, -1))
     rows = await conn.fetch("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)", sequence, n)
     return [r["id"] for r in rows]
 
 
 async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: ImportReport,
-                            tariffs: dict[str, int]) -> None:
+                            tariffs: dict[str, int], rehearsal: bool) -> None:
+    """Create the file's services and tariffs; every problem goes to ``parsed.errors``."""
     from datetime import date
 
     from billcore.billing import tariffs as T
 
     services = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM services")}
-    errors: list[str] = []
+    fake = iter(range(-1, -len(parsed.services) - len(parsed.tariffs) - 1, -1))  # a rehearsal's ids
     for where, d in parsed.services:
         if d["name"] in services:
             continue
@@ -559,30 +591,33 @@ async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: Im
             async with conn.transaction():
                 services[d["name"]] = await T.create_service(
                     conn, d["name"], str(d.get("kind")), fee=fee, period=period,
-                    charge_mode=d.get("charge_mode"), comment=str(d.get("comment", "")))
+                    charge_mode=d.get("charge_mode"), comment=str(d.get("comment", "")),
+                    row_id=next(fake) if rehearsal else None)
             report.services_created += 1
         except (TariffError, ValueError, TypeError, asyncpg.DataError) as exc:
-            errors.append(f"{where}: {exc}")
+            parsed.error(where, str(exc))
     for where, t in parsed.tariffs:
         if t["name"] in tariffs:
             continue
         try:
             async with conn.transaction():
                 tariffs[t["name"]] = await T.create_tariff(
-                    conn, t["name"], [services[n] for n in t.get("services", [])], str(t.get("comment", "")))
+                    conn, t["name"], [services[n] for n in t.get("services", [])], str(t.get("comment", "")),
+                    row_id=next(fake) if rehearsal else None)
             report.tariffs_created += 1
-        except (TariffError, KeyError) as exc:
-            errors.append(f"{where}: {exc}")
-    if errors:
-        raise ImportFailed(errors)
+        except (KeyError, TypeError):
+            pass  # services that failed above, are unknown or are not a list: reported already
+        except TariffError as exc:
+            parsed.error(where, str(exc))
 
 
 async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: list[Verifier],
                  tariffs: dict[str, int], now: dt.datetime, report: ImportReport, source: str,
                  progress_stream: IO[str] | None) -> None:
+    rehearsal = report.dry_run
     n_accounts = sum(len(s.accounts) for s in todo)
-    user_ids = await _ids(conn, "users_id_seq", len(todo))
-    account_ids = await _ids(conn, "accounts_id_seq", n_accounts)
+    user_ids = await _ids(conn, "users_id_seq", len(todo), rehearsal)
+    account_ids = await _ids(conn, "accounts_id_seq", n_accounts, rehearsal)
     users: list[tuple[Any, ...]] = []
     accounts: list[tuple[Any, ...]] = []
     ledger: list[tuple[Any, ...]] = []
@@ -603,6 +638,10 @@ async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: li
             if a.tariff is not None:
                 links.append((aid, tariffs[a.tariff], now, now, ACTOR))
             bindings.extend((aid, net, "static", ACTOR, now) for net in a.ips)
+    # every row gets its id here, so that a rehearsal takes none from the sequences
+    for table, rows in (("ledger", ledger), ("account_tariffs", links), ("ip_bindings", bindings)):
+        ids = await _ids(conn, f"{table}_id_seq", len(rows), rehearsal)
+        rows[:] = [(i, *row) for i, row in zip(ids, rows, strict=True)]
     total = len(users) + len(accounts) + len(ledger) + len(links) + len(bindings)
     progress = Progress(progress_stream, "writing", total)
     await _copy(conn, "users", ("id", "login", "full_name", "email", "phone", "address", "external_id",
@@ -610,23 +649,27 @@ async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: li
                                 "created_at"), users, progress)
     await _copy(conn, "accounts", ("id", "user_id", "is_basic", "balance", "credit", "created_at"),
                 accounts, progress)
-    await _copy(conn, "ledger", ("account_id", "amount", "balance_after", "kind", "reference", "idem_key",
+    await _copy(conn, "ledger", ("id", "account_id", "amount", "balance_after", "kind", "reference", "idem_key",
                                  "actor", "created_at"), ledger, progress)
-    await _copy(conn, "account_tariffs", ("account_id", "tariff_id", "valid_from", "created_at", "created_by"),
+    await _copy(conn, "account_tariffs", ("id", "account_id", "tariff_id", "valid_from", "created_at", "created_by"),
                 links, progress)
-    await _copy(conn, "ip_bindings", ("account_id", "prefix", "kind", "source", "valid_from"), bindings, progress)
+    await _copy(conn, "ip_bindings", ("id", "account_id", "prefix", "kind", "source", "valid_from"), bindings, progress)
     progress.finish()
+    # the debt rule of the ledger (new accounts are never unlimited); _assert_invariants checks it in SQL
+    debtors = [a[0] for a in accounts if a[3] < -a[4]]
     blocked = await conn.fetchval(
-        "WITH b AS (INSERT INTO blocks(account_id, kind, reason, set_at, set_by)"
-        " SELECT id, 'system', 'balance ' || balance || ' below -(credit ' || credit || ' + promised 0)', $2, $3"
-        " FROM accounts WHERE id = ANY($1::bigint[]) AND NOT unlimited AND balance < -credit RETURNING 1)"
-        " SELECT count(*) FROM b", account_ids, now, ACTOR)
+        "WITH b AS (INSERT INTO blocks(id, account_id, kind, reason, set_at, set_by)"
+        " SELECT d.id, a.id, 'system', 'balance ' || a.balance || ' below -(credit ' || a.credit"
+        " || ' + promised 0)', $3, $4 FROM unnest($1::bigint[], $2::bigint[]) AS d(id, account_id)"
+        " JOIN accounts a ON a.id = d.account_id RETURNING 1)"
+        " SELECT count(*) FROM b", await _ids(conn, "blocks_id_seq", len(debtors), rehearsal), debtors, now, ACTOR)
     await _assert_invariants(conn, account_ids)
+    audit_id, = await _ids(conn, "audit_log_id_seq", 1, rehearsal)
     await conn.execute(
-        "INSERT INTO audit_log(at, principal_kind, principal_id, principal_login, ip, action, object, after)"
-        " VALUES ($1, 'system', 0, $2, '', 'import', $3, $4::jsonb)", now, ACTOR, f"import:{source}",
+        "INSERT INTO audit_log(id, at, principal_kind, principal_id, principal_login, ip, action, object, after)"
+        " VALUES ($5, $1, 'system', 0, $2, '', 'import', $3, $4::jsonb)", now, ACTOR, f"import:{source}",
         json.dumps({"subscribers": len(users), "accounts": len(accounts), "opening_entries": len(ledger),
-                    "opening_total": report.opening_total, "links": len(links), "ips": len(bindings)}))
+                    "opening_total": report.opening_total, "links": len(links), "ips": len(bindings)}), audit_id)
     report.subscribers, report.accounts, report.opening_entries = len(users), len(accounts), len(ledger)
     report.links, report.ips, report.blocked = len(links), len(bindings), int(blocked)
 
@@ -678,12 +721,21 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
     report = ImportReport(dry_run=dry_run)
     parsed = parse_json(text) if fmt == "json" else parse_csv(text)
     check_file(parsed)
-    if parsed.errors:
-        raise ImportFailed(parsed.errors)
     report.phases["parse"] = time.monotonic() - started
+    # the rows that parsed are checked against the database even when others did not: one pass
+    # lists every error
     todo, tariffs = await _db_checks(conn, parsed, now, report)
     if parsed.errors:
-        raise ImportFailed(parsed.errors)
+        # the catalogue's own problems too, in a rehearsal that takes no ids; nothing more can be
+        # rehearsed (the rows with errors would only add the database's view of the same errors)
+        with_catalogue = dict(tariffs)
+        try:
+            async with conn.transaction():
+                await _create_catalogue(conn, parsed, ImportReport(dry_run=True), with_catalogue, rehearsal=True)
+                raise _Rehearsal
+        except _Rehearsal:
+            pass
+        raise ImportFailed(sorted_errors(parsed.errors))
     report.phases["check"] = time.monotonic() - started - report.phases["parse"]
     mark = time.monotonic()
 
@@ -705,12 +757,15 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
     mark = time.monotonic()
     try:
         async with conn.transaction():
-            await _create_catalogue(conn, parsed, report, tariffs)
+            await _create_catalogue(conn, parsed, report, tariffs, rehearsal=dry_run)
+            if parsed.errors:
+                raise _Rehearsal
             await _write(conn, todo, verifiers, tariffs, now, report, source, progress_stream)
             if dry_run:
                 raise _Rehearsal
     except _Rehearsal:
-        pass
+        if parsed.errors:
+            raise ImportFailed(sorted_errors(parsed.errors)) from None
     except asyncpg.IntegrityConstraintViolationError as exc:
         raise ImportFailed([f"the database refused the import: {exc}"]) from None
     report.phases["write"] = time.monotonic() - mark
