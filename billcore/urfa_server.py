@@ -9,9 +9,15 @@ logged in, the call tasks in flight and the event queue.
 Login is SCRAM-SHA-256 (``urfa.scram``).  The auth backend is asked for the
 principal; an unknown login, or one of another kind, gets a fake verifier
 derived from ``config.secret`` so its challenge looks like a real one and
-the failure is the same ``auth_failed``.  Failures count against the source
-address and the login (``LoginLimiter``); over the limit a login is
-refused with ``rate_limited`` before any lookup.
+the failure is the same ``auth_failed``.  Attempts count against the source
+address and the login (``LoginLimiter``) from the moment they are admitted,
+so logins in flight count too; over the limit a login is refused with
+``rate_limited`` before any lookup.  A backend that cannot answer (its
+database is down) gets the login a prompt bye ``core.db_unavailable``.
+
+Sessions end only through ``SessionTable.end``, whose hook
+(``_session_ended``) closes the session's connection with a bye (``expired``
+or ``logged_out``), whatever ended it.
 
 A call is looked up in the session's own call table (snapshot at login),
 its arguments checked against the symbol's schema, and its handler run
@@ -57,9 +63,10 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
+from billcore.db.pool import DB_UNAVAILABLE
 from billcore.sessions import (
-    LoginLimiter, NoSession, Principal, ResumeRefused, Session, SessionTable,
-    TooManySessions, address_key,
+    ENDED_LOGGED_OUT, Attempt, AuthUnavailable, LoginLimiter, NoSession, Principal, ResumeRefused,
+    Session, SessionTable, TooManySessions, address_key,
 )
 from urfa import errors as E
 from urfa import scram
@@ -103,6 +110,7 @@ def runs_inline(fn: Callable[..., Any]) -> Handler:
 
 
 class AuthBackend(Protocol):
+    # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
 
 
@@ -186,6 +194,7 @@ class _PendingLogin:
     principal: Principal | None
     verifier: scram.Verifier
     expires: float = 0.0
+    attempt: Attempt | None = None   # what the limiter counts until the proof is checked
 
     def auth_message(self) -> bytes:
         v = self.verifier
@@ -249,7 +258,8 @@ class URFAService:
         self.secret = config.secret if config.secret is not None else secrets.token_bytes(32)
         self.sessions = SessionTable(config.session_timeout, config.max_sessions,
                                      max_per_login=config.max_sessions_per_login,
-                                     max_per_system=config.max_sessions_per_system)
+                                     max_per_system=config.max_sessions_per_system,
+                                     on_end=self._session_ended)
         self.limiter = LoginLimiter(config.login_failures, config.login_window)
         self.limits = ServerLimits(
             max_frame=config.max_frame, handshake_timeout=config.handshake_timeout,
@@ -297,19 +307,15 @@ class URFAService:
             self.sweep()
 
     def sweep(self, now: float | None = None) -> list[Session]:
-        """Expire idle sessions (closing their connections) and stale proxy logins."""
+        """Expire idle sessions (their connections get bye ``expired``) and stale proxy logins."""
         now = self.clock() if now is None else now
         gone = self.sessions.expire(now)
-        for session in gone:
-            link = session.owner
-            if isinstance(link, _Link):
-                link.session = None
-                link.channel.close(E.EXPIRED, "session idle too long")
         while self._proxy_logins:
             handle, pending = next(iter(self._proxy_logins.items()))
             if pending.expires > now:
                 break
             del self._proxy_logins[handle]
+            self._abandon(pending)
         return gone
 
     # -- ServerApp -------------------------------------------------------
@@ -325,6 +331,9 @@ class URFAService:
 
     def _drop_link(self, link: _Link) -> None:
         self._links.discard(link)
+        if link.login is not None:   # closed between challenge and proof: no guess was checked
+            self._abandon(link.login)
+            link.login = None
         for task in list(link.tasks.values()):
             task.cancel()
         if link.pump is not None:
@@ -364,41 +373,53 @@ class URFAService:
         return (("ip", address_key(ip)), ("login", f"{kind}:{login}"))
 
     async def begin_login(self, kind: str, login: str, cnonce: bytes, snonce: bytes, ip: str) -> _PendingLogin:
-        """Look the principal up; unknown ones get a deterministic fake verifier."""
+        """Admit the attempt (it counts from now) and look the principal up;
+        unknown ones get a deterministic fake verifier."""
         now = self.clock()
-        if self.limiter.blocked(self._limit_keys(ip, kind, login), now):
+        attempt = self.limiter.begin(self._limit_keys(ip, kind, login), now)
+        if attempt is None:
             raise CallFailed(E.RATE_LIMITED, "too many failed logins; wait and retry")
         principal = None
         # a NUL cannot be in any login (PostgreSQL text): unknown, without asking
         if kind in KINDS and "\0" not in login:
             try:
                 principal = await asyncio.wait_for(self.auth.find_principal(kind, login), self.config.lookup_timeout)
-            except asyncio.TimeoutError:
-                log.warning("auth backend timed out looking up %s:%s", kind, login)
+            except (AuthUnavailable, asyncio.TimeoutError) as exc:
+                self.limiter.abandon(attempt)   # no proof will be checked
+                log.warning("login of %s:%s refused: the auth backend cannot answer (%s)",
+                            kind, login, "timed out" if isinstance(exc, asyncio.TimeoutError) else exc)
+                raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+            except BaseException:
+                self.limiter.abandon(attempt)
+                raise
         if principal is not None and (principal.kind != kind or principal.login != login):
             principal = None
         verifier = principal.verifier if principal is not None else scram.fake_verifier(
             self.secret, scram.scram_username(kind, login), self.config.mock_iterations)
         return _PendingLogin(kind, login, cnonce, snonce, ip, principal, verifier,
-                             now + self.config.handshake_timeout)
+                             now + self.config.handshake_timeout, attempt)
+
+    def _abandon(self, pending: _PendingLogin) -> None:
+        if pending.attempt is not None:
+            self.limiter.abandon(pending.attempt)
 
     def finish_login(self, pending: _PendingLogin, proof: bytes, *, proxied: bool = False) -> tuple[Session, bytes]:
         """Check the proof; the new session and the ServerSignature, or ``CallFailed``."""
         now = self.clock()
         am = pending.auth_message()
         client_key = scram.recover_client_key(pending.verifier, am, proof)
-        keys = self._limit_keys(pending.ip, pending.kind, pending.login)
+        attempt = pending.attempt
+        assert attempt is not None, "a pending login comes from begin_login"
         if client_key is None or pending.principal is None:
-            self.limiter.record_failure(keys, now)
+            self.limiter.failed(attempt)
             raise CallFailed(E.AUTH_FAILED, "login failed")
-        self.limiter.record_success(keys[1:])
+        self.limiter.succeeded(attempt, clear=attempt.keys[1:])   # a success clears the login's count
         principal = pending.principal
         table = self.registry.snapshot(principal.kind, principal.rights)
         rkey = scram.resume_key(client_key, am) if principal.kind == "system" and not proxied else None
-        for old in self.sessions.make_room(principal):   # at its cap: the oldest session ends
+        for _old in self.sessions.make_room(principal):   # at its cap: the oldest ends (bye logged_out)
             log.info("session of %s:%s ended: over %d sessions", principal.kind, principal.login,
                      self.sessions.cap(principal))
-            self._close_owner(old, "too many sessions for this login; the oldest ended")
         try:
             session = self.sessions.create(principal, pending.ip, table, now, resume_key=rkey, proxied=proxied)
         except TooManySessions:
@@ -406,10 +427,19 @@ class URFAService:
         return session, scram.server_signature(pending.verifier.server_key, am)
 
     async def _on_login(self, link: _Link, msg: Login) -> None:
+        # A task nobody awaits: every outcome is answered here, none escapes
+        # as "Task exception was never retrieved".
         try:
             pending = await self.begin_login(msg.kind, msg.login, msg.cnonce, link.channel.nonce, link.ip)
         except CallFailed as exc:
             link.channel.close(exc.code, exc.message)
+            return
+        except Exception:   # the boundary: an auth backend's bug is logged, answered `internal`
+            log.exception("login of %s:%s failed unexpectedly", msg.kind, msg.login)
+            link.channel.close(E.INTERNAL, "internal error")
+            return
+        if link.channel.closed:   # gone (or timed out) while we looked: no proof will come
+            self._abandon(pending)
             return
         link.login = pending
         link.channel.send(Challenge(pending.verifier.salt, pending.verifier.iterations))
@@ -430,17 +460,18 @@ class URFAService:
 
     def _on_resume(self, link: _Link, msg: Resume) -> None:
         now = self.clock()
-        keys = (("ip", address_key(link.ip)),)
-        if self.limiter.blocked(keys, now):
+        attempt = self.limiter.begin((("ip", address_key(link.ip)),), now)
+        if attempt is None:
             link.channel.close(E.RATE_LIMITED, "too many failed attempts; wait and retry")
             return
         try:
             session = self.sessions.resume(msg.sid, link.ip, link.channel.nonce, msg.cnonce, msg.proof, now)
         except ResumeRefused as exc:
-            self.limiter.record_failure(keys, now)
+            self.limiter.failed(attempt)
             log.info("resume refused from %s: %s", link.ip, exc)
             link.channel.close(E.RESUME_FAILED, "resume refused; log in again")
             return
+        self.limiter.succeeded(attempt)
         old = session.owner
         if isinstance(old, _Link) and old is not link:
             old.session = None
@@ -470,12 +501,13 @@ class URFAService:
         handle = secrets.token_bytes(16)
         self._proxy_logins[handle] = pending
         while len(self._proxy_logins) > self.config.max_sessions // 10 + 16:
-            self._proxy_logins.popitem(last=False)
+            self._abandon(self._proxy_logins.popitem(last=False)[1])
         return handle
 
     def take_proxy_login(self, handle: bytes) -> _PendingLogin | None:
         pending = self._proxy_logins.pop(handle, None)
         if pending is not None and pending.expires <= self.clock():
+            self._abandon(pending)
             return None
         return pending
 
@@ -590,18 +622,26 @@ class URFAService:
     # -- sessions ending -------------------------------------------------
     def logout(self, session: Session) -> None:
         """End a session; its own connection (if any) closes after the reply."""
-        self.sessions.end(session.sid)
-        self._close_owner(session, "logged out")
+        self.sessions.end(session.sid, ENDED_LOGGED_OUT, "logged out")
 
-    def _close_owner(self, session: Session, why: str) -> None:
-        """A session has ended: its own connection (if any) gets bye
-        ``logged_out`` (after any reply being sent now)."""
+    def end_sessions_of(self, kind: str, principal_id: int, why: str) -> int:
+        """End every session of a principal that was deleted or disabled;
+        their connections get bye ``logged_out``.  How many ended."""
+        return len(self.sessions.end_principal(kind, principal_id, why))
+
+    def _session_ended(self, session: Session, code: str, why: str) -> None:
+        """``SessionTable.on_end``: whatever ended a session, the connection
+        holding it gets a bye saying why (after any reply being sent now,
+        such as ``session.logout``'s own answer)."""
         link = session.owner
         session.owner = None
         if isinstance(link, _Link) and link.session is session:
             link.session = None
             self._unsubscribe_all(link, session)
-            asyncio.get_running_loop().call_soon(link.channel.close, E.LOGGED_OUT, why)
+            try:
+                asyncio.get_running_loop().call_soon(link.channel.close, code, why)
+            except RuntimeError:   # no loop running (a test driving the table by hand)
+                link.channel.close(code, why)
 
     # -- events ----------------------------------------------------------
     def subscribe(self, session: Session, topics: list[str]) -> list[str]:
