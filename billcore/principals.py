@@ -63,6 +63,16 @@ class DatabaseAuth:
         except (*DATABASE_GONE, OSError) as exc:   # only asyncpg does I/O here
             raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
 
+    async def accounts_of(self, user_id: int) -> frozenset[int]:
+        """A subscriber's account ids (what their event subscriptions may see)."""
+        try:
+            rows = await self.pool.fetch(
+                "SELECT a.id FROM accounts a JOIN users u ON u.id = a.user_id"
+                " WHERE a.user_id = $1 AND u.deleted_at IS NULL", user_id)
+        except (*DATABASE_GONE, OSError) as exc:
+            raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
+        return frozenset(int(r["id"]) for r in rows)
+
     async def _find(self, kind: str, login: str) -> Principal | None:
         if kind == "admin":
             row = await self.pool.fetchrow(

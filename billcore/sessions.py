@@ -112,7 +112,7 @@ class Session:
 
     __slots__ = (
         "sid", "principal", "ip", "table", "created", "last_seen",
-        "resume_key", "proxied", "topics", "owner",
+        "resume_key", "proxied", "topics", "accounts", "owner",
     )
 
     def __init__(
@@ -128,6 +128,7 @@ class Session:
         self.resume_key = resume_key
         self.proxied = proxied
         self.topics: set[str] = set()
+        self.accounts: frozenset[int] = frozenset()   # a subscriber's, read when they subscribe
         self.owner: Any = None   # the transport-side object serving it, if any
 
     @property

@@ -44,6 +44,9 @@ calls are checked against that subscriber session's table and address.
 Events: ``publish(topic, payload)`` appends to each subscribed connection's
 bounded queue (oldest dropped and counted); a pump per connection writes
 them, waiting for the socket to drain, so a slow reader only loses events.
+Who may subscribe to a topic, and what a subscriber's session gets of its
+events (its own accounts', through a view), is ``billcore.topics``' table:
+checked at subscribe and again at delivery.
 """
 
 from __future__ import annotations
@@ -57,13 +60,14 @@ import secrets
 import ssl as ssl_module
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
 from billcore.db.pool import DB_UNAVAILABLE
+from billcore.topics import TOPICS, Topic, may_subscribe
 from billcore.sessions import (
     ENDED_LOGGED_OUT, Attempt, AuthUnavailable, LoginLimiter, NoSession, Principal, ResumeRefused,
     Session, SessionTable, TooManySessions, address_key,
@@ -112,6 +116,8 @@ def runs_inline(fn: Callable[..., Any]) -> Handler:
 class AuthBackend(Protocol):
     # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
+    # a subscriber's account ids (a backend without it: subscribers see no account's events)
+    async def accounts_of(self, user_id: int) -> frozenset[int]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +255,10 @@ class URFAService:
 
     def __init__(
         self, registry: CallRegistry, auth: AuthBackend, config: URFAConfig = URFAConfig(),
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, topics: Mapping[str, Topic] = TOPICS,
     ) -> None:
         self.registry = registry
+        self.topics = topics
         self.auth = auth
         self.config = config
         self.clock = clock
@@ -268,6 +275,7 @@ class URFAService:
         )
         self._links: set[_Link] = set()
         self._subscribers: dict[str, set[_Link]] = {}
+        self._unknown_topics: set[str] = set()   # published without a rule: said once each
         self._proxy_logins: OrderedDict[bytes, _PendingLogin] = OrderedDict()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -644,20 +652,40 @@ class URFAService:
                 link.channel.close(code, why)
 
     # -- events ----------------------------------------------------------
-    def subscribe(self, session: Session, topics: list[str]) -> list[str]:
+    async def subscribe(self, session: Session, topics: list[str]) -> list[str]:
         link = session.owner
-        if not isinstance(link, _Link):
+        if not isinstance(link, _Link) or session.proxied:
             raise CallFailed(E.FORBIDDEN, "only a session with its own connection may subscribe")
         for topic in topics:
             if type(topic) is not str or not topic or len(topic) > 256:
                 raise CallFailed(E.BAD_ARGS, "topics are non-empty strings")
+        for topic in topics:
+            rule = self.topics.get(topic)
+            if rule is None:
+                raise CallFailed(E.BAD_ARGS, f"unknown topic {topic!r}")
+            if not may_subscribe(rule, session.kind, session.principal.rights, session.proxied):
+                raise CallFailed(E.FORBIDDEN, f"this session may not read topic {topic!r}")
         if len(session.topics | set(topics)) > MAX_TOPICS:
             raise CallFailed(E.BAD_ARGS, f"at most {MAX_TOPICS} topics per session")
+        if session.kind == "user" and topics:
+            session.accounts = await self._accounts_of(session.principal.id)
+            if link.session is not session:   # ended while we read
+                raise CallFailed(E.NO_SESSION, "session ended")
         session.topics.update(topics)
         for topic in topics:
             self._subscribers.setdefault(topic, set()).add(link)
         self._ensure_pump(link)
         return sorted(session.topics)
+
+    async def _accounts_of(self, user_id: int) -> frozenset[int]:
+        find = getattr(self.auth, "accounts_of", None)
+        if find is None:
+            return frozenset()
+        try:
+            accounts: frozenset[int] = await asyncio.wait_for(find(user_id), self.config.lookup_timeout)
+        except (AuthUnavailable, asyncio.TimeoutError):
+            raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+        return accounts
 
     def unsubscribe(self, session: Session, topics: list[str]) -> list[str]:
         link = session.owner
@@ -679,19 +707,37 @@ class URFAService:
                     del self._subscribers[topic]
 
     def publish(self, topic: str, payload: Any) -> int:
-        """Queue an event for every subscribed connection; returns how many."""
+        """Queue an event for every connection whose session subscribed and
+        may see it (``billcore.topics``); returns how many."""
+        rule = self.topics.get(topic)
+        if rule is None:   # nobody can have subscribed; a developer must write its rule
+            if topic not in self._unknown_topics and len(self._unknown_topics) < 1000:
+                self._unknown_topics.add(topic)
+                log.error("event topic %r has no rule in billcore.topics: delivered to nobody", topic)
+            return 0
         subs = self._subscribers.get(topic)
         if not subs:
             return 0
         cap = self.config.event_queue
+        sent = 0
         for link in subs:
+            session = link.session
+            if session is None:
+                continue
+            event = payload
+            if session.kind == "user":   # only its own accounts', through the subscriber's view
+                view = rule.for_subscriber
+                if view is None or not isinstance(payload, Mapping) or payload.get("account_id") not in session.accounts:
+                    continue
+                event = view(payload)
             if len(link.events) >= cap:
                 link.events.popleft()
                 link.dropped += 1
-            link.events.append((topic, payload))
+            link.events.append((topic, event))
             if link.wake is not None:
                 link.wake.set()
-        return len(subs)
+            sent += 1
+        return sent
 
     async def _pump(self, link: _Link) -> None:
         assert link.wake is not None
