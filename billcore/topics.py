@@ -64,9 +64,9 @@ TOPICS: dict[str, Topic] = {t.name: t for t in (
           doc="a block set or lifted: account_id, kind, action, block_id, reason, at, by"),
     Topic("classifier", ("netflow.submit", "netflow.read"),
           doc="IP bindings, traffic classes or rules changed: version (NetFlow workers reload)"),
-    Topic("radius.nas", ("radius.serve", "radius.nas"),
+    Topic("radius.nas", ("radius.serve", "radius.read"),
           doc="a NAS was added, changed or deleted: changed or deleted (its id)"),
-    Topic("radius.disconnect", ("radius.serve", "radius.disconnect"),
+    Topic("radius.disconnect", ("radius.serve", "radius.read"),
           doc="an operator asked to disconnect RADIUS sessions: sessions (their rows, with NAS and address)"),
 )}
 
