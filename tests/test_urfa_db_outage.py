@@ -18,7 +18,7 @@ from tests.running import BillcoreProcess
 from tests.test_e2e_core import billcore_cli
 from tests.test_security_urfa import Raw, code
 from urfa.client import connect
-from urfa.errors import LoginFailed
+from urfa.errors import CallFailed, LoginFailed
 
 UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
 
@@ -31,8 +31,12 @@ async def test_logins_during_an_outage_get_a_prompt_db_unavailable(tmp_path: Pat
             bc.child_pid("core")
             assert billcore_cli(bc.config_path, "admin", "create", "root", "--password-env", "PW",
                                 env={"PW": "admin-password"}).returncode == 0
+            assert billcore_cli(bc.config_path, "system", "create", "office", "--rights", "session.proxy",
+                                "--password-env", "PW", env={"PW": "office-password"}).returncode == 0
             admin = await Raw.open(bc.urfa_port, "127.0.0.1")
             await admin.login("admin", "root", "admin-password")
+            office = await connect("127.0.0.1", bc.urfa_port)
+            await office.login("system", "office", "office-password")
 
             await asyncio.to_thread(db.stop)
             for attempt in range(12):       # more than the login limit: an outage is not a failed guess
@@ -51,6 +55,12 @@ async def test_logins_during_an_outage_get_a_prompt_db_unavailable(tmp_path: Pat
                 await client.login("admin", "root", "admin-password")
             assert refused.value.code == "core.db_unavailable"
             await client.close()
+            # the office's proxied logins: the same code, as a call error, promptly
+            started = time.monotonic()
+            with pytest.raises(CallFailed) as failed:
+                await office.proxy_login("alice", "alice-password", "192.0.2.1")
+            assert failed.value.code == "core.db_unavailable" and time.monotonic() - started < 1.0
+            await office.close()
             # a session that was open before: calls fail cleanly, the connection stays
             assert code(await admin.call("users.search", {})) == "core.db_unavailable"
             assert code(await admin.call("sys.ping")) == "ok"
