@@ -377,8 +377,15 @@ class URFAService:
         task.add_done_callback(self._background.discard)
 
     # -- login -----------------------------------------------------------
+    @staticmethod
+    def _address_keys(ip: str) -> tuple[tuple[str, str], ...]:
+        # The Unix socket is every local edge's one "address", gated by its
+        # file permissions (urfa.server does not count its connections either):
+        # attempts over it count per login only.
+        return () if ip == "unix" else (("ip", address_key(ip)),)
+
     def _limit_keys(self, ip: str, kind: str, login: str) -> tuple[tuple[str, str], ...]:
-        return (("ip", address_key(ip)), ("login", f"{kind}:{login}"))
+        return (*self._address_keys(ip), ("login", f"{kind}:{login}"))
 
     async def begin_login(self, kind: str, login: str, cnonce: bytes, snonce: bytes, ip: str) -> _PendingLogin:
         """Admit the attempt (it counts from now) and look the principal up;
@@ -386,7 +393,7 @@ class URFAService:
         now = self.clock()
         attempt = self.limiter.begin(self._limit_keys(ip, kind, login), now)
         if attempt is None:
-            raise CallFailed(E.RATE_LIMITED, "too many failed logins; wait and retry")
+            raise CallFailed(E.RATE_LIMITED, "too many login attempts; wait and retry")
         principal = None
         # a NUL cannot be in any login (PostgreSQL text): unknown, without asking
         if kind in KINDS and "\0" not in login:
@@ -421,7 +428,8 @@ class URFAService:
         if client_key is None or pending.principal is None:
             self.limiter.failed(attempt)
             raise CallFailed(E.AUTH_FAILED, "login failed")
-        self.limiter.succeeded(attempt, clear=attempt.keys[1:])   # a success clears the login's count
+        # a success clears the login's count of failures (not the address's)
+        self.limiter.succeeded(attempt, clear=[k for k in attempt.keys if k[0] == "login"])
         principal = pending.principal
         table = self.registry.snapshot(principal.kind, principal.rights)
         rkey = scram.resume_key(client_key, am) if principal.kind == "system" and not proxied else None
@@ -468,7 +476,7 @@ class URFAService:
 
     def _on_resume(self, link: _Link, msg: Resume) -> None:
         now = self.clock()
-        attempt = self.limiter.begin((("ip", address_key(link.ip)),), now)
+        attempt = self.limiter.begin(self._address_keys(link.ip), now)
         if attempt is None:
             link.channel.close(E.RATE_LIMITED, "too many failed attempts; wait and retry")
             return

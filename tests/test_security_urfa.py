@@ -472,6 +472,7 @@ async def test_parallel_logins_cannot_pass_the_rate_limit(core: dict[str, Any]) 
     # per login: 200 guesses against one admin from 200 addresses at once
     sources = [f"127.0.3.{i}" for i in range(1, 201)]
     seen = await guess_in_parallel(port, sources, [("admin", "victim")] * 200)
+    print(f"200 parallel guesses against one admin from 200 addresses: {seen}")
     assert seen.get("auth_failed", 0) <= 10 and sum(seen.values()) == 200, seen
     assert seen["rate_limited"] >= 190, seen
     late = await Raw.open(port, "127.0.3.201")             # even the right password waits now
@@ -479,6 +480,7 @@ async def test_parallel_logins_cannot_pass_the_rate_limit(core: dict[str, Any]) 
     assert await late.bye() == "rate_limited"
     # per address: 64 connections (the per-address cap) from one address, each a different login
     seen = await guess_in_parallel(port, ["127.0.4.1"] * 64, [("user", f"nobody{i}") for i in range(64)])
+    print(f"64 parallel guesses from one address: {seen}")
     assert seen.get("auth_failed", 0) <= 10 and sum(seen.values()) == 64, seen
     # and through the office: proxied logins for one subscriber, all started before any proof
     made = await core["admin"].call("users.create", {"login": "carol", "password": "carol-password"})
@@ -492,6 +494,7 @@ async def test_parallel_logins_cannot_pass_the_rate_limit(core: dict[str, Any]) 
     proofs = await office.calls([("session.proxy_proof", {"handle": h, "proof": secrets.token_bytes(32)})
                                  for h in handles])
     assert [code(p) for p in proofs] == ["auth_failed"] * len(handles)
+    print(f"50 parallel proxied logins for one subscriber: {len(handles)} challenged, {len(proofs)} proofs checked")
     await office.close()
     await still_serving(port, "127.0.4.3")
 
@@ -540,3 +543,23 @@ async def test_a_deleted_subscriber_loses_their_open_session(core: dict[str, Any
     assert code(gone) == "ok", gone
     before, bye = await read_until_bye(dave)
     assert bye == "logged_out" and before == [], (before, bye)
+
+
+async def test_local_services_logging_in_at_once_over_the_unix_socket_all_get_in(tmp_path: Path) -> None:
+    """Attempts in flight count, but the Unix socket (every local edge's one
+    "address") counts per login only: 16 services starting together, more
+    than the login limit, all log in at once."""
+    from tests.test_urfa_harness import running_service
+    from urfa import client as uc
+    from billcore.urfa_server import URFAConfig
+
+    path = str(tmp_path / "urfa.sock")
+    async with running_service(URFAConfig(secret=b"k" * 32, mock_iterations=4096, login_failures=5),
+                               unix=path) as (svc, auth, _):
+        for i in range(16):
+            auth.add("system", f"worker{i}", "worker-pw")
+        clients = await asyncio.gather(*(uc.connect(unix=path) for _ in range(16)))
+        infos = await asyncio.gather(*(c.login("system", f"worker{i}", "worker-pw") for i, c in enumerate(clients)))
+        assert [i.kind for i in infos] == ["system"] * 16
+        for c in clients:
+            await c.close()
