@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from billcore.calls import CallTable
+from urfa.errors import EXPIRED, LOGGED_OUT
 from urfa.scram import Verifier, resume_proof
 
 __all__ = [
@@ -87,10 +88,9 @@ class AuthUnavailable(SessionError):
     """The auth backend cannot answer now (its database is down)."""
 
 
-# The bye code a session's connection gets when the session ends (urfa.errors'
-# codes; repeated here because this module speaks of sessions, not frames).
-ENDED_EXPIRED = "expired"        # idle too long, or deleted by a failed resume
-ENDED_LOGGED_OUT = "logged_out"  # logged out, ended by a newer login, principal gone
+# The bye code a session's connection gets when the session ends.
+ENDED_EXPIRED = EXPIRED          # idle too long, or deleted by a failed resume
+ENDED_LOGGED_OUT = LOGGED_OUT    # logged out, ended by a newer login, principal gone
 
 # on_end(session, code, why): a session has just left the table
 EndHook = Callable[["Session", str, str], None]

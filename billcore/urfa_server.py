@@ -67,11 +67,11 @@ from typing import Any, Protocol
 
 from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
 from billcore.db.pool import DB_UNAVAILABLE
-from billcore.topics import TOPICS, Topic, may_subscribe
 from billcore.sessions import (
     ENDED_LOGGED_OUT, Attempt, AuthUnavailable, LoginLimiter, NoSession, Principal, ResumeRefused,
     Session, SessionTable, TooManySessions, address_key,
 )
+from billcore.topics import TOPICS, Topic, may_subscribe
 from urfa import errors as E
 from urfa import scram
 from urfa.errors import CallFailed, LocalProtocolError
