@@ -30,7 +30,7 @@ from .calls import CallRegistry, CallSpec
 from .config import Config
 from .context import CoreContext, utcnow
 from .db.migrate import migrate
-from .db.pool import describe_dsn, guard_database, open_pool
+from .db.pool import DATABASE_GONE, describe_dsn, guard_database, open_pool
 from .principals import DatabaseAuth, ensure_service_login
 from .urfa_server import URFAConfig, URFAService
 
@@ -108,7 +108,7 @@ async def _relay_classifier(dsn: str, service: URFAService, pool: asyncpg.Pool) 
 async def _publish_current(pool: asyncpg.Pool, service: URFAService) -> None:
     try:
         version = await pool.fetchval("SELECT version FROM classifier_version")
-    except (asyncpg.PostgresError, OSError):
+    except (asyncpg.PostgresError, *DATABASE_GONE, OSError):   # a task nobody awaits: nothing may escape
         return
     service.publish("classifier", {"version": int(version)})
 

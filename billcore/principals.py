@@ -24,7 +24,8 @@ import asyncpg
 
 from urfa.scram import Verifier, make_verifier
 
-from .sessions import Principal
+from .db.pool import DATABASE_GONE
+from .sessions import AuthUnavailable, Principal
 
 __all__ = [
     "DatabaseAuth", "SERVICE_RIGHTS", "USER_RIGHTS", "create_admin", "create_system_login",
@@ -55,6 +56,24 @@ class DatabaseAuth:
         self.pool = pool
 
     async def find_principal(self, kind: str, login: str) -> Principal | None:
+        """The enabled principal, ``None``, or ``AuthUnavailable`` while the
+        database is down (the login is then answered at once, not timed out)."""
+        try:
+            return await self._find(kind, login)
+        except (*DATABASE_GONE, OSError) as exc:   # only asyncpg does I/O here
+            raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def accounts_of(self, user_id: int) -> frozenset[int]:
+        """A subscriber's account ids (what their event subscriptions may see)."""
+        try:
+            rows = await self.pool.fetch(
+                "SELECT a.id FROM accounts a JOIN users u ON u.id = a.user_id"
+                " WHERE a.user_id = $1 AND u.deleted_at IS NULL", user_id)
+        except (*DATABASE_GONE, OSError) as exc:
+            raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
+        return frozenset(int(r["id"]) for r in rows)
+
+    async def _find(self, kind: str, login: str) -> Principal | None:
         if kind == "admin":
             row = await self.pool.fetchrow(
                 """SELECT a.*, coalesce(array_agg(DISTINCT r) FILTER (WHERE r IS NOT NULL), '{}') AS rights

@@ -27,9 +27,22 @@ processes); ``make_room`` ends its oldest ones before a new login, so one
 subscriber logging in again and again through the office cannot fill the
 table and lock everybody else out.
 
-``LoginLimiter`` counts failed logins per key (source address, login) in a
-sliding window; both the number of keys and the failures kept per key are
-bounded.
+``LoginLimiter`` counts login attempts per key (source address, login) in a
+sliding window.  An attempt counts from the moment it is admitted (before
+the principal is looked up and the challenge sent), not when its proof
+fails: otherwise N connections that all send ``login`` before any proof is
+checked all pass the check, and N guesses get checked however small the
+limit.  A successful attempt stops counting; so does one abandoned before
+its proof (the connection closed, the lookup failed): its guess was never
+checked.  So whatever the concurrency, at most ``max_failures`` proofs per
+key are checked and fail in any ``window``.  Both the number of keys and
+the attempts kept per key are bounded.
+
+Every way a session ends goes through ``SessionTable.end``, which calls
+the table's ``on_end(session, code, why)``: the service closes the
+session's connection there with a bye, so no deletion path (idle expiry,
+a failed resume, logout, a newer login over the cap, the principal
+deleted) can leave a connection holding a session the table no longer has.
 """
 
 from __future__ import annotations
@@ -38,16 +51,18 @@ import hmac
 import ipaddress
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from billcore.calls import CallTable
+from urfa.errors import EXPIRED, LOGGED_OUT
 from urfa.scram import Verifier, resume_proof
 
 __all__ = [
     "Principal", "Session", "SessionTable", "SessionError", "NoSession",
-    "ResumeRefused", "TooManySessions", "LoginLimiter", "address_key",
+    "ResumeRefused", "TooManySessions", "LoginLimiter", "Attempt", "AuthUnavailable", "address_key",
+    "ENDED_EXPIRED", "ENDED_LOGGED_OUT",
 ]
 
 SID_BYTES = 16
@@ -69,6 +84,18 @@ class TooManySessions(SessionError):
     """The table is full."""
 
 
+class AuthUnavailable(SessionError):
+    """The auth backend cannot answer now (its database is down)."""
+
+
+# The bye code a session's connection gets when the session ends.
+ENDED_EXPIRED = EXPIRED          # idle too long, or deleted by a failed resume
+ENDED_LOGGED_OUT = LOGGED_OUT    # logged out, ended by a newer login, principal gone
+
+# on_end(session, code, why): a session has just left the table
+EndHook = Callable[["Session", str, str], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who logged in: what the auth backend returns for a (kind, login)."""
@@ -85,7 +112,7 @@ class Session:
 
     __slots__ = (
         "sid", "principal", "ip", "table", "created", "last_seen",
-        "resume_key", "proxied", "topics", "owner",
+        "resume_key", "proxied", "topics", "accounts", "owner",
     )
 
     def __init__(
@@ -101,6 +128,7 @@ class Session:
         self.resume_key = resume_key
         self.proxied = proxied
         self.topics: set[str] = set()
+        self.accounts: frozenset[int] = frozenset()   # a subscriber's, read when they subscribe
         self.owner: Any = None   # the transport-side object serving it, if any
 
     @property
@@ -115,9 +143,11 @@ class SessionTable:
     """SID → Session, with idle expiry, resume and a cap per principal."""
 
     def __init__(self, timeout: float = 1800.0, max_sessions: int = 100_000, *,
-                 max_per_login: int = 16, max_per_system: int = 256) -> None:
+                 max_per_login: int = 16, max_per_system: int = 256,
+                 on_end: EndHook | None = None) -> None:
         if max_per_login < 1 or max_per_system < 1:
             raise ValueError("the per-principal session caps must be positive")
+        self.on_end = on_end
         self.timeout = timeout
         self.max_sessions = max_sessions
         self.max_per_login = max_per_login
@@ -140,7 +170,8 @@ class SessionTable:
         sids = self._by_principal.get((principal.kind, principal.id))
         ended: list[Session] = []
         while sids and len(sids) >= self.cap(principal):
-            session = self.end(next(iter(sids)))
+            session = self.end(next(iter(sids)), ENDED_LOGGED_OUT,
+                               "too many sessions for this login; the oldest ended")
             assert session is not None
             ended.append(session)
         return ended
@@ -185,15 +216,16 @@ class SessionTable:
         session = self._by_sid.get(sid)
         if session is None or now - session.last_seen >= self.timeout:
             if session is not None:
-                self.end(sid)
+                self.end(sid, ENDED_EXPIRED, "session idle too long")
             raise NoSession("unknown or expired session")
         if session.ip != ip:
             raise NoSession("session used from another address")
         self.touch(session, now)
         return session
 
-    def end(self, sid: bytes) -> Session | None:
-        """Remove a session and close its call table (idempotent)."""
+    def end(self, sid: bytes, code: str = ENDED_LOGGED_OUT, why: str = "session ended") -> Session | None:
+        """Remove a session, close its call table and tell ``on_end`` (whose
+        connection then gets bye ``code``); idempotent."""
         session = self._by_sid.pop(sid, None)
         if session is not None:
             session.table.close()
@@ -202,7 +234,14 @@ class SessionTable:
             del sids[sid]
             if not sids:
                 del self._by_principal[key]
+            if self.on_end is not None:
+                self.on_end(session, code, why)
         return session
+
+    def end_principal(self, kind: str, principal_id: int, why: str) -> list[Session]:
+        """End every session of one principal (deleted or disabled)."""
+        sids = list(self._by_principal.get((kind, principal_id), ()))
+        return [s for s in (self.end(sid, ENDED_LOGGED_OUT, why) for sid in sids) if s is not None]
 
     def expire(self, now: float) -> list[Session]:
         """Remove every session idle for ``timeout`` or longer."""
@@ -211,7 +250,7 @@ class SessionTable:
             sid, session = next(iter(self._by_sid.items()))
             if now - session.last_seen < self.timeout:
                 break
-            self.end(sid)
+            self.end(sid, ENDED_EXPIRED, "session idle too long")
             gone.append(session)
         return gone
 
@@ -232,7 +271,8 @@ class SessionTable:
             else "" if ok else "bad proof"
         )
         if reason:
-            self.end(sid)
+            # a live connection holding it hears why it lost its session
+            self.end(sid, ENDED_EXPIRED, "session deleted by a failed resume; log in again")
             raise ResumeRefused(reason)
         self.touch(session, now)
         return session
@@ -249,8 +289,20 @@ def address_key(ip: str) -> str:
     return str(addr.ipv4_mapped or addr) if addr.version == 6 else str(addr)
 
 
+class Attempt:
+    """One login (or resume) attempt admitted by ``LoginLimiter.begin``."""
+
+    __slots__ = ("keys", "at", "pending")
+
+    def __init__(self, keys: tuple[Hashable, ...], at: float) -> None:
+        self.keys = keys
+        self.at = at
+        self.pending = True   # admitted, its proof not yet checked
+
+
 class LoginLimiter:
-    """At most ``max_failures`` failed logins per key per ``window`` seconds."""
+    """At most ``max_failures`` unsuccessful attempts per key per ``window``
+    seconds, attempts in flight included (see the module notes)."""
 
     def __init__(self, max_failures: int = 5, window: float = 300.0, max_keys: int = 100_000) -> None:
         if max_failures < 1:
@@ -258,26 +310,67 @@ class LoginLimiter:
         self.max_failures = max_failures
         self.window = window
         self.max_keys = max_keys
-        self._fails: OrderedDict[Hashable, deque[float]] = OrderedDict()
+        self._seen: OrderedDict[Hashable, deque[Attempt]] = OrderedDict()
+
+    def _live(self, key: Hashable, now: float) -> deque[Attempt] | None:
+        """The key's attempts still inside the window (older ones dropped)."""
+        attempts = self._seen.get(key)
+        if attempts is None:
+            return None
+        while attempts and now - attempts[0].at >= self.window:
+            attempts.popleft()
+        if not attempts:
+            del self._seen[key]
+            return None
+        return attempts
 
     def blocked(self, keys: Iterable[Hashable], now: float) -> bool:
         for key in keys:
-            times = self._fails.get(key)
-            if times is not None and len(times) >= self.max_failures and now - times[0] < self.window:
+            attempts = self._live(key, now)
+            if attempts is not None and len(attempts) >= self.max_failures:
                 return True
         return False
 
-    def record_failure(self, keys: Iterable[Hashable], now: float) -> None:
+    def begin(self, keys: Iterable[Hashable], now: float) -> Attempt | None:
+        """Admit one attempt (it counts at once), or ``None``: over the limit."""
+        keys = tuple(keys)
+        if self.blocked(keys, now):
+            return None
+        attempt = Attempt(keys, now)
         for key in keys:
-            times = self._fails.get(key)
-            if times is None:
-                times = self._fails[key] = deque(maxlen=self.max_failures)
-                while len(self._fails) > self.max_keys:
-                    self._fails.popitem(last=False)
+            attempts = self._seen.get(key)
+            if attempts is None:
+                attempts = self._seen[key] = deque()
+                while len(self._seen) > self.max_keys:
+                    self._seen.popitem(last=False)
             else:
-                self._fails.move_to_end(key)
-            times.append(now)
+                self._seen.move_to_end(key)
+            attempts.append(attempt)
+        return attempt
 
-    def record_success(self, keys: Iterable[Hashable]) -> None:
-        for key in keys:
-            self._fails.pop(key, None)
+    def failed(self, attempt: Attempt) -> None:
+        """Its proof was checked and wrong: it keeps counting for the window."""
+        attempt.pending = False
+
+    def abandon(self, attempt: Attempt) -> None:
+        """It ended before any proof was checked: it stops counting."""
+        if attempt.pending:
+            attempt.pending = False
+            self._forget(attempt, ())
+
+    def succeeded(self, attempt: Attempt, clear: Iterable[Hashable] = ()) -> None:
+        """It logged in: it stops counting, and so do the earlier failures
+        under the keys in ``clear`` (attempts still in flight keep counting)."""
+        attempt.pending = False
+        self._forget(attempt, tuple(clear))
+
+    def _forget(self, attempt: Attempt, clear: tuple[Hashable, ...]) -> None:
+        for key in attempt.keys:
+            attempts = self._seen.get(key)
+            if attempts is None:
+                continue
+            kept = [a for a in attempts if a is not attempt and (key not in clear or a.pending)]
+            if kept:
+                self._seen[key] = deque(kept)
+            else:
+                del self._seen[key]

@@ -52,9 +52,9 @@ def _session_logout(ctx: CallContext) -> bool:
     return True
 
 
-@runs_inline
-def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
-    return ctx.service.subscribe(ctx.session, topics)
+# A task: a subscriber's subscription reads their account ids.
+async def _events_subscribe(ctx: CallContext, topics: list[str]) -> list[str]:
+    return await ctx.service.subscribe(ctx.session, topics)
 
 
 @runs_inline
@@ -93,7 +93,9 @@ def builtin_specs() -> list[CallSpec]:
         CallSpec("session.logout", _session_logout, result="bool",
                  doc="End the session; its own connection then closes with bye logged_out."),
         CallSpec("events.subscribe", _events_subscribe, args={"topics": "list"}, result="list",
-                 doc="Add topics; returns all topics now subscribed. Events arrive as event frames."),
+                 doc="Add topics; returns all topics now subscribed. Events arrive as event frames."
+                     " Who may read which topic: docs/protocol.md section 9 (unknown topic: bad_args;"
+                     " not allowed for this session: forbidden)."),
         CallSpec("events.unsubscribe", _events_unsubscribe, args={"topics": "list"}, result="list",
                  doc="Remove topics; returns the topics still subscribed."),
         CallSpec("session.proxy_login", _proxy_login, right=PROXY_RIGHT, kinds=system,

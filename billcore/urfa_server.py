@@ -9,9 +9,15 @@ logged in, the call tasks in flight and the event queue.
 Login is SCRAM-SHA-256 (``urfa.scram``).  The auth backend is asked for the
 principal; an unknown login, or one of another kind, gets a fake verifier
 derived from ``config.secret`` so its challenge looks like a real one and
-the failure is the same ``auth_failed``.  Failures count against the source
-address and the login (``LoginLimiter``); over the limit a login is
-refused with ``rate_limited`` before any lookup.
+the failure is the same ``auth_failed``.  Attempts count against the source
+address and the login (``LoginLimiter``) from the moment they are admitted,
+so logins in flight count too; over the limit a login is refused with
+``rate_limited`` before any lookup.  A backend that cannot answer (its
+database is down) gets the login a prompt bye ``core.db_unavailable``.
+
+Sessions end only through ``SessionTable.end``, whose hook
+(``_session_ended``) closes the session's connection with a bye (``expired``
+or ``logged_out``), whatever ended it.
 
 A call is looked up in the session's own call table (snapshot at login),
 its arguments checked against the symbol's schema, and its handler run
@@ -38,6 +44,9 @@ calls are checked against that subscriber session's table and address.
 Events: ``publish(topic, payload)`` appends to each subscribed connection's
 bounded queue (oldest dropped and counted); a pump per connection writes
 them, waiting for the socket to drain, so a slow reader only loses events.
+Who may subscribe to a topic, and what a subscriber's session gets of its
+events (its own accounts', through a view), is ``billcore.topics``' table:
+checked at subscribe and again at delivery.
 """
 
 from __future__ import annotations
@@ -51,16 +60,18 @@ import secrets
 import ssl as ssl_module
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
+from billcore.db.pool import DB_UNAVAILABLE
 from billcore.sessions import (
-    LoginLimiter, NoSession, Principal, ResumeRefused, Session, SessionTable,
-    TooManySessions, address_key,
+    ENDED_LOGGED_OUT, Attempt, AuthUnavailable, LoginLimiter, NoSession, Principal, ResumeRefused,
+    Session, SessionTable, TooManySessions, address_key,
 )
+from billcore.topics import TOPICS, Topic, may_subscribe
 from urfa import errors as E
 from urfa import scram
 from urfa.errors import CallFailed, LocalProtocolError
@@ -103,7 +114,10 @@ def runs_inline(fn: Callable[..., Any]) -> Handler:
 
 
 class AuthBackend(Protocol):
+    # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
+    # a subscriber's account ids (a backend without it: subscribers see no account's events)
+    async def accounts_of(self, user_id: int) -> frozenset[int]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +200,7 @@ class _PendingLogin:
     principal: Principal | None
     verifier: scram.Verifier
     expires: float = 0.0
+    attempt: Attempt | None = None   # what the limiter counts until the proof is checked
 
     def auth_message(self) -> bytes:
         v = self.verifier
@@ -240,16 +255,18 @@ class URFAService:
 
     def __init__(
         self, registry: CallRegistry, auth: AuthBackend, config: URFAConfig = URFAConfig(),
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, topics: Mapping[str, Topic] = TOPICS,
     ) -> None:
         self.registry = registry
+        self.topics = topics
         self.auth = auth
         self.config = config
         self.clock = clock
         self.secret = config.secret if config.secret is not None else secrets.token_bytes(32)
         self.sessions = SessionTable(config.session_timeout, config.max_sessions,
                                      max_per_login=config.max_sessions_per_login,
-                                     max_per_system=config.max_sessions_per_system)
+                                     max_per_system=config.max_sessions_per_system,
+                                     on_end=self._session_ended)
         self.limiter = LoginLimiter(config.login_failures, config.login_window)
         self.limits = ServerLimits(
             max_frame=config.max_frame, handshake_timeout=config.handshake_timeout,
@@ -258,6 +275,7 @@ class URFAService:
         )
         self._links: set[_Link] = set()
         self._subscribers: dict[str, set[_Link]] = {}
+        self._unknown_topics: set[str] = set()   # published without a rule: said once each
         self._proxy_logins: OrderedDict[bytes, _PendingLogin] = OrderedDict()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -297,19 +315,15 @@ class URFAService:
             self.sweep()
 
     def sweep(self, now: float | None = None) -> list[Session]:
-        """Expire idle sessions (closing their connections) and stale proxy logins."""
+        """Expire idle sessions (their connections get bye ``expired``) and stale proxy logins."""
         now = self.clock() if now is None else now
         gone = self.sessions.expire(now)
-        for session in gone:
-            link = session.owner
-            if isinstance(link, _Link):
-                link.session = None
-                link.channel.close(E.EXPIRED, "session idle too long")
         while self._proxy_logins:
             handle, pending = next(iter(self._proxy_logins.items()))
             if pending.expires > now:
                 break
             del self._proxy_logins[handle]
+            self._abandon(pending)
         return gone
 
     # -- ServerApp -------------------------------------------------------
@@ -325,6 +339,9 @@ class URFAService:
 
     def _drop_link(self, link: _Link) -> None:
         self._links.discard(link)
+        if link.login is not None:   # closed between challenge and proof: no guess was checked
+            self._abandon(link.login)
+            link.login = None
         for task in list(link.tasks.values()):
             task.cancel()
         if link.pump is not None:
@@ -360,45 +377,65 @@ class URFAService:
         task.add_done_callback(self._background.discard)
 
     # -- login -----------------------------------------------------------
+    @staticmethod
+    def _address_keys(ip: str) -> tuple[tuple[str, str], ...]:
+        # The Unix socket is every local edge's one "address", gated by its
+        # file permissions (urfa.server does not count its connections either):
+        # attempts over it count per login only.
+        return () if ip == "unix" else (("ip", address_key(ip)),)
+
     def _limit_keys(self, ip: str, kind: str, login: str) -> tuple[tuple[str, str], ...]:
-        return (("ip", address_key(ip)), ("login", f"{kind}:{login}"))
+        return (*self._address_keys(ip), ("login", f"{kind}:{login}"))
 
     async def begin_login(self, kind: str, login: str, cnonce: bytes, snonce: bytes, ip: str) -> _PendingLogin:
-        """Look the principal up; unknown ones get a deterministic fake verifier."""
+        """Admit the attempt (it counts from now) and look the principal up;
+        unknown ones get a deterministic fake verifier."""
         now = self.clock()
-        if self.limiter.blocked(self._limit_keys(ip, kind, login), now):
-            raise CallFailed(E.RATE_LIMITED, "too many failed logins; wait and retry")
+        attempt = self.limiter.begin(self._limit_keys(ip, kind, login), now)
+        if attempt is None:
+            raise CallFailed(E.RATE_LIMITED, "too many login attempts; wait and retry")
         principal = None
         # a NUL cannot be in any login (PostgreSQL text): unknown, without asking
         if kind in KINDS and "\0" not in login:
             try:
                 principal = await asyncio.wait_for(self.auth.find_principal(kind, login), self.config.lookup_timeout)
-            except asyncio.TimeoutError:
-                log.warning("auth backend timed out looking up %s:%s", kind, login)
+            except (AuthUnavailable, asyncio.TimeoutError) as exc:
+                self.limiter.abandon(attempt)   # no proof will be checked
+                log.warning("login of %s:%s refused: the auth backend cannot answer (%s)",
+                            kind, login, "timed out" if isinstance(exc, asyncio.TimeoutError) else exc)
+                raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+            except BaseException:
+                self.limiter.abandon(attempt)
+                raise
         if principal is not None and (principal.kind != kind or principal.login != login):
             principal = None
         verifier = principal.verifier if principal is not None else scram.fake_verifier(
             self.secret, scram.scram_username(kind, login), self.config.mock_iterations)
         return _PendingLogin(kind, login, cnonce, snonce, ip, principal, verifier,
-                             now + self.config.handshake_timeout)
+                             now + self.config.handshake_timeout, attempt)
+
+    def _abandon(self, pending: _PendingLogin) -> None:
+        if pending.attempt is not None:
+            self.limiter.abandon(pending.attempt)
 
     def finish_login(self, pending: _PendingLogin, proof: bytes, *, proxied: bool = False) -> tuple[Session, bytes]:
         """Check the proof; the new session and the ServerSignature, or ``CallFailed``."""
         now = self.clock()
         am = pending.auth_message()
         client_key = scram.recover_client_key(pending.verifier, am, proof)
-        keys = self._limit_keys(pending.ip, pending.kind, pending.login)
+        attempt = pending.attempt
+        assert attempt is not None, "a pending login comes from begin_login"
         if client_key is None or pending.principal is None:
-            self.limiter.record_failure(keys, now)
+            self.limiter.failed(attempt)
             raise CallFailed(E.AUTH_FAILED, "login failed")
-        self.limiter.record_success(keys[1:])
+        # a success clears the login's count of failures (not the address's)
+        self.limiter.succeeded(attempt, clear=[k for k in attempt.keys if k[0] == "login"])
         principal = pending.principal
         table = self.registry.snapshot(principal.kind, principal.rights)
         rkey = scram.resume_key(client_key, am) if principal.kind == "system" and not proxied else None
-        for old in self.sessions.make_room(principal):   # at its cap: the oldest session ends
+        for _old in self.sessions.make_room(principal):   # at its cap: the oldest ends (bye logged_out)
             log.info("session of %s:%s ended: over %d sessions", principal.kind, principal.login,
                      self.sessions.cap(principal))
-            self._close_owner(old, "too many sessions for this login; the oldest ended")
         try:
             session = self.sessions.create(principal, pending.ip, table, now, resume_key=rkey, proxied=proxied)
         except TooManySessions:
@@ -406,10 +443,19 @@ class URFAService:
         return session, scram.server_signature(pending.verifier.server_key, am)
 
     async def _on_login(self, link: _Link, msg: Login) -> None:
+        # A task nobody awaits: every outcome is answered here, none escapes
+        # as "Task exception was never retrieved".
         try:
             pending = await self.begin_login(msg.kind, msg.login, msg.cnonce, link.channel.nonce, link.ip)
         except CallFailed as exc:
             link.channel.close(exc.code, exc.message)
+            return
+        except Exception:   # the boundary: an auth backend's bug is logged, answered `internal`
+            log.exception("login of %s:%s failed unexpectedly", msg.kind, msg.login)
+            link.channel.close(E.INTERNAL, "internal error")
+            return
+        if link.channel.closed:   # gone (or timed out) while we looked: no proof will come
+            self._abandon(pending)
             return
         link.login = pending
         link.channel.send(Challenge(pending.verifier.salt, pending.verifier.iterations))
@@ -430,17 +476,18 @@ class URFAService:
 
     def _on_resume(self, link: _Link, msg: Resume) -> None:
         now = self.clock()
-        keys = (("ip", address_key(link.ip)),)
-        if self.limiter.blocked(keys, now):
+        attempt = self.limiter.begin(self._address_keys(link.ip), now)
+        if attempt is None:
             link.channel.close(E.RATE_LIMITED, "too many failed attempts; wait and retry")
             return
         try:
             session = self.sessions.resume(msg.sid, link.ip, link.channel.nonce, msg.cnonce, msg.proof, now)
         except ResumeRefused as exc:
-            self.limiter.record_failure(keys, now)
+            self.limiter.failed(attempt)
             log.info("resume refused from %s: %s", link.ip, exc)
             link.channel.close(E.RESUME_FAILED, "resume refused; log in again")
             return
+        self.limiter.succeeded(attempt)
         old = session.owner
         if isinstance(old, _Link) and old is not link:
             old.session = None
@@ -470,12 +517,13 @@ class URFAService:
         handle = secrets.token_bytes(16)
         self._proxy_logins[handle] = pending
         while len(self._proxy_logins) > self.config.max_sessions // 10 + 16:
-            self._proxy_logins.popitem(last=False)
+            self._abandon(self._proxy_logins.popitem(last=False)[1])
         return handle
 
     def take_proxy_login(self, handle: bytes) -> _PendingLogin | None:
         pending = self._proxy_logins.pop(handle, None)
         if pending is not None and pending.expires <= self.clock():
+            self._abandon(pending)
             return None
         return pending
 
@@ -590,34 +638,62 @@ class URFAService:
     # -- sessions ending -------------------------------------------------
     def logout(self, session: Session) -> None:
         """End a session; its own connection (if any) closes after the reply."""
-        self.sessions.end(session.sid)
-        self._close_owner(session, "logged out")
+        self.sessions.end(session.sid, ENDED_LOGGED_OUT, "logged out")
 
-    def _close_owner(self, session: Session, why: str) -> None:
-        """A session has ended: its own connection (if any) gets bye
-        ``logged_out`` (after any reply being sent now)."""
+    def end_sessions_of(self, kind: str, principal_id: int, why: str) -> int:
+        """End every session of a principal that was deleted or disabled;
+        their connections get bye ``logged_out``.  How many ended."""
+        return len(self.sessions.end_principal(kind, principal_id, why))
+
+    def _session_ended(self, session: Session, code: str, why: str) -> None:
+        """``SessionTable.on_end``: whatever ended a session, the connection
+        holding it gets a bye saying why (after any reply being sent now,
+        such as ``session.logout``'s own answer)."""
         link = session.owner
         session.owner = None
         if isinstance(link, _Link) and link.session is session:
             link.session = None
             self._unsubscribe_all(link, session)
-            asyncio.get_running_loop().call_soon(link.channel.close, E.LOGGED_OUT, why)
+            try:
+                asyncio.get_running_loop().call_soon(link.channel.close, code, why)
+            except RuntimeError:   # no loop running (a test driving the table by hand)
+                link.channel.close(code, why)
 
     # -- events ----------------------------------------------------------
-    def subscribe(self, session: Session, topics: list[str]) -> list[str]:
+    async def subscribe(self, session: Session, topics: list[str]) -> list[str]:
         link = session.owner
-        if not isinstance(link, _Link):
+        if not isinstance(link, _Link) or session.proxied:
             raise CallFailed(E.FORBIDDEN, "only a session with its own connection may subscribe")
         for topic in topics:
             if type(topic) is not str or not topic or len(topic) > 256:
                 raise CallFailed(E.BAD_ARGS, "topics are non-empty strings")
+        for topic in topics:
+            rule = self.topics.get(topic)
+            if rule is None:
+                raise CallFailed(E.BAD_ARGS, f"unknown topic {topic!r}")
+            if not may_subscribe(rule, session.kind, session.principal.rights, session.proxied):
+                raise CallFailed(E.FORBIDDEN, f"this session may not read topic {topic!r}")
         if len(session.topics | set(topics)) > MAX_TOPICS:
             raise CallFailed(E.BAD_ARGS, f"at most {MAX_TOPICS} topics per session")
+        if session.kind == "user" and topics:
+            session.accounts = await self._accounts_of(session.principal.id)
+            if link.session is not session:   # ended while we read
+                raise CallFailed(E.NO_SESSION, "session ended")
         session.topics.update(topics)
         for topic in topics:
             self._subscribers.setdefault(topic, set()).add(link)
         self._ensure_pump(link)
         return sorted(session.topics)
+
+    async def _accounts_of(self, user_id: int) -> frozenset[int]:
+        find = getattr(self.auth, "accounts_of", None)
+        if find is None:
+            return frozenset()
+        try:
+            accounts: frozenset[int] = await asyncio.wait_for(find(user_id), self.config.lookup_timeout)
+        except (AuthUnavailable, asyncio.TimeoutError):
+            raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+        return accounts
 
     def unsubscribe(self, session: Session, topics: list[str]) -> list[str]:
         link = session.owner
@@ -639,19 +715,37 @@ class URFAService:
                     del self._subscribers[topic]
 
     def publish(self, topic: str, payload: Any) -> int:
-        """Queue an event for every subscribed connection; returns how many."""
+        """Queue an event for every connection whose session subscribed and
+        may see it (``billcore.topics``); returns how many."""
+        rule = self.topics.get(topic)
+        if rule is None:   # nobody can have subscribed; a developer must write its rule
+            if topic not in self._unknown_topics and len(self._unknown_topics) < 1000:
+                self._unknown_topics.add(topic)
+                log.error("event topic %r has no rule in billcore.topics: delivered to nobody", topic)
+            return 0
         subs = self._subscribers.get(topic)
         if not subs:
             return 0
         cap = self.config.event_queue
+        sent = 0
         for link in subs:
+            session = link.session
+            if session is None:
+                continue
+            event = payload
+            if session.kind == "user":   # only its own accounts', through the subscriber's view
+                view = rule.for_subscriber
+                if view is None or not isinstance(payload, Mapping) or payload.get("account_id") not in session.accounts:
+                    continue
+                event = view(payload)
             if len(link.events) >= cap:
                 link.events.popleft()
                 link.dropped += 1
-            link.events.append((topic, payload))
+            link.events.append((topic, event))
             if link.wake is not None:
                 link.wake.set()
-        return len(subs)
+            sent += 1
+        return sent
 
     async def _pump(self, link: _Link) -> None:
         assert link.wake is not None

@@ -93,6 +93,18 @@ class Raw:
             if msg.get("id") == call_id:
                 return msg
 
+    async def calls(self, batch: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Send every call before reading any answer; the answers in call order."""
+        ids = [secrets.randbelow(1 << 62) for _ in batch]
+        for call_id, (fn, args) in zip(ids, batch):
+            self.send({"t": "call", "id": call_id, "fn": fn, "args": args})
+        got: dict[int, dict[str, Any]] = {}
+        while len(got) < len(ids):
+            msg = await self.read()
+            if msg.get("id") in ids:
+                got[msg["id"]] = msg
+        return [got[i] for i in ids]
+
     async def close(self) -> None:
         self.writer.close()
         try:
@@ -424,3 +436,130 @@ async def test_a_nul_in_a_text_argument_is_a_clear_error(core: dict[str, Any]) -
                                                        "ip": "192.0.2.1"})
     assert code(answer) == "bad_args", answer
     await office.close()
+
+
+async def guess_in_parallel(port: int, sources: list[str], logins: list[tuple[str, str]]) -> dict[str, int]:
+    """Issue 14 item 1's attack: open every connection, send every ``login``,
+    read every challenge, then send every (wrong) proof.  What each got; the
+    count of ``auth_failed`` is the number of proofs the server checked."""
+    conns = await asyncio.gather(*(Raw.open(port, src) for src in sources))
+    try:
+        for c, (kind, login) in zip(conns, logins):
+            c.send({"t": "login", "proto": 1, "kind": kind, "login": login, "cnonce": secrets.token_bytes(16)})
+        firsts = await asyncio.gather(*(c.read() for c in conns))
+        seen: dict[str, int] = {}
+        challenged = []
+        for c, first in zip(conns, firsts):
+            if first["t"] == "challenge":
+                challenged.append(c)
+            else:
+                assert first["t"] == "bye", first
+                seen[first["code"]] = seen.get(first["code"], 0) + 1
+        for c in challenged:
+            c.send({"t": "proof", "proof": secrets.token_bytes(32)})
+        for got in await asyncio.gather(*(c.bye() for c in challenged)):
+            seen[got] = seen.get(got, 0) + 1
+        return seen
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+
+
+async def test_parallel_logins_cannot_pass_the_rate_limit(core: dict[str, Any]) -> None:
+    """At most the documented number of proofs is checked per minute (10 in
+    this core), per login and per address, however many are in flight."""
+    port = core["port"]
+    cli(core["bc"], "admin", "create", "victim", "--password-env", "PW", env={"PW": "victim-password-9"})
+    # per login: 200 guesses against one admin from 200 addresses at once
+    sources = [f"127.0.3.{i}" for i in range(1, 201)]
+    seen = await guess_in_parallel(port, sources, [("admin", "victim")] * 200)
+    print(f"200 parallel guesses against one admin from 200 addresses: {seen}")
+    assert seen.get("auth_failed", 0) <= 10 and sum(seen.values()) == 200, seen
+    assert seen["rate_limited"] >= 190, seen
+    late = await Raw.open(port, "127.0.3.201")             # even the right password waits now
+    late.send({"t": "login", "proto": 1, "kind": "admin", "login": "victim", "cnonce": secrets.token_bytes(16)})
+    assert await late.bye() == "rate_limited"
+    # per address: 64 connections (the per-address cap) from one address, each a different login
+    seen = await guess_in_parallel(port, ["127.0.4.1"] * 64, [("user", f"nobody{i}") for i in range(64)])
+    print(f"64 parallel guesses from one address: {seen}")
+    assert seen.get("auth_failed", 0) <= 10 and sum(seen.values()) == 64, seen
+    # and through the office: proxied logins for one subscriber, all started before any proof
+    made = await core["admin"].call("users.create", {"login": "carol", "password": "carol-password"})
+    assert code(made) == "ok", made
+    office = await Raw.open(port, "127.0.4.2")
+    await office.login("system", "office", PROXY_PW)
+    starts = await office.calls([("session.proxy_login", {
+        "login": "carol", "cnonce": secrets.token_bytes(16), "ip": f"192.0.2.{i}"}) for i in range(1, 51)])
+    handles = [s["value"]["handle"] for s in starts if code(s) == "ok"]
+    assert len(handles) <= 10 and all(code(s) in ("ok", "rate_limited") for s in starts), starts
+    proofs = await office.calls([("session.proxy_proof", {"handle": h, "proof": secrets.token_bytes(32)})
+                                 for h in handles])
+    assert [code(p) for p in proofs] == ["auth_failed"] * len(handles)
+    print(f"50 parallel proxied logins for one subscriber: {len(handles)} challenged, {len(proofs)} proofs checked")
+    await office.close()
+    await still_serving(port, "127.0.4.3")
+
+
+async def read_until_bye(c: Raw) -> tuple[list[dict[str, Any]], str]:
+    """Everything before the server's bye, and its code (the connection must then close)."""
+    before = []
+    while True:
+        msg = await c.read(5.0)
+        if msg["t"] == "bye":
+            assert await asyncio.wait_for(c.reader.read(), 5.0) == b""
+            return before, str(msg["code"])
+        before.append(msg)
+
+
+async def test_a_failed_resume_ends_a_live_session_with_a_bye(core: dict[str, Any]) -> None:
+    """Issue 14 item 2: B's failed resume of A's SID deletes it (documented);
+    A's connection then hears bye `expired`, and the core logs no traceback."""
+    port, bc = core["port"], core["bc"]
+    mark = len(bc.log())
+    a = await Raw.open(port, "127.0.0.16")
+    await a.login("user", "bob", "bob-password")
+    assert code(await a.call("sys.ping")) == "ok"
+    b = await Raw.open(port, "127.0.0.17")
+    b.send({"t": "resume", "proto": 1, "sid": a.sid, "cnonce": secrets.token_bytes(16),
+            "proof": secrets.token_bytes(32)})
+    assert await b.bye() == "resume_failed"
+    before, bye = await read_until_bye(a)
+    assert bye == "expired", (before, bye)
+    await a.close()
+    await asyncio.sleep(0.2)
+    tail = bc.log()[mark:]
+    assert "Traceback" not in tail and "KeyError" not in tail, tail
+    await still_serving(port, "127.0.0.18")
+
+
+async def test_a_deleted_subscriber_loses_their_open_session(core: dict[str, Any]) -> None:
+    """Deleting a subscriber ends their live sessions: the connection gets bye
+    `logged_out` at once instead of working on until it is closed."""
+    made = await core["admin"].call("users.create", {"login": "dave", "password": "dave-password"})
+    assert code(made) == "ok", made
+    dave = await Raw.open(core["port"], "127.0.0.19")
+    await dave.login("user", "dave", "dave-password")
+    assert code(await dave.call("me.accounts")) == "ok"
+    gone = await core["admin"].call("users.delete", {"user_id": made["value"]["id"]})
+    assert code(gone) == "ok", gone
+    before, bye = await read_until_bye(dave)
+    assert bye == "logged_out" and before == [], (before, bye)
+
+
+async def test_local_services_logging_in_at_once_over_the_unix_socket_all_get_in(tmp_path: Path) -> None:
+    """Attempts in flight count, but the Unix socket (every local edge's one
+    "address") counts per login only: 16 services starting together, more
+    than the login limit, all log in at once."""
+    from tests.test_urfa_harness import running_service
+    from urfa import client as uc
+    from billcore.urfa_server import URFAConfig
+
+    path = str(tmp_path / "urfa.sock")
+    async with running_service(URFAConfig(secret=b"k" * 32, mock_iterations=4096, login_failures=5),
+                               unix=path) as (svc, auth, _):
+        for i in range(16):
+            auth.add("system", f"worker{i}", "worker-pw")
+        clients = await asyncio.gather(*(uc.connect(unix=path) for _ in range(16)))
+        infos = await asyncio.gather(*(c.login("system", f"worker{i}", "worker-pw") for i, c in enumerate(clients)))
+        assert [i.kind for i in infos] == ["system"] * 16
+        for c in clients:
+            await c.close()

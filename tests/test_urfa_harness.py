@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from billcore.calls import CallRegistry, CallSpec
+from billcore.topics import Topic
 from billcore.urfa_server import Principal, URFAConfig, URFAService
 from urfa import client as uc
 from urfa import scram
@@ -90,6 +91,10 @@ def test_registry() -> CallRegistry:
 test_registry.__test__ = False  # type: ignore[attr-defined]
 
 
+# Topics of the harness's own (a system session with right events.test reads them).
+TEST_TOPICS = {name: Topic(name, ("events.test",), doc="a test topic") for name in ("acct.balance", "nas.coa")}
+
+
 @contextlib.asynccontextmanager
 async def running_service(config: URFAConfig | None = None, clock: Any = None,
                           **start: Any) -> AsyncIterator[tuple[URFAService, MemoryAuth, int]]:
@@ -97,9 +102,11 @@ async def running_service(config: URFAConfig | None = None, clock: Any = None,
     auth.add("admin", "alice", "alice-pw", {"adm.*"})
     auth.add("admin", "eve", "eve-pw")
     auth.add("system", "portal", "portal-pw", {"session.proxy"})
-    auth.add("system", "radius", "radius-pw")
+    auth.add("system", "radius", "radius-pw", {"events.test"})
     auth.add("user", "bob", "bob-pw")
-    kw: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    kw: dict[str, Any] = {"topics": TEST_TOPICS}
+    if clock is not None:
+        kw["clock"] = clock
     svc = URFAService(test_registry(), auth, config or URFAConfig(secret=b"k" * 32, mock_iterations=ITER), **kw)
     if not start:
         start = {"tcp": ("127.0.0.1", 0)}

@@ -126,21 +126,45 @@ def test_limiter_counts_per_key_in_a_window() -> None:
     lim = LoginLimiter(max_failures=3, window=60.0)
     ip, login = ("ip", "1.2.3.4"), ("login", "admin:alice")
     for i in range(3):
-        assert not lim.blocked([ip, login], now=float(i))
-        lim.record_failure([ip, login], now=float(i))
+        attempt = lim.begin([ip, login], now=float(i))
+        assert attempt is not None
+        lim.failed(attempt)
     assert lim.blocked([ip], 3.0) and lim.blocked([login], 3.0)
+    assert lim.begin([ip, login], 3.0) is None
     assert not lim.blocked([("ip", "5.6.7.8")], 3.0)
     assert not lim.blocked([ip], 60.0)          # the oldest failure left the window
-    lim.record_success([login])
-    assert not lim.blocked([login], 3.0)
+    ok = lim.begin([("ip", "5.6.7.8"), login], 61.0)
+    assert ok is not None
+    lim.succeeded(ok, clear=[login])            # a success clears the login's failures
+    assert not lim.blocked([login], 61.5)
+
+
+def test_limiter_counts_attempts_in_flight() -> None:
+    """Attempts count from begin(), before any proof fails: N logins sent at
+    once cannot all pass the check (issue 14 item 1)."""
+    lim = LoginLimiter(max_failures=3, window=60.0)
+    login = ("login", "admin:root")
+    admitted = [lim.begin([("ip", f"10.0.0.{i}"), login], 0.0) for i in range(200)]
+    assert sum(a is not None for a in admitted) == 3
+    first = admitted[0]
+    assert first is not None
+    lim.abandon(first)                           # closed before its proof: it stops counting
+    again = lim.begin([("ip", "10.0.0.250"), login], 1.0)
+    assert again is not None
+    assert lim.begin([("ip", "10.0.0.251"), login], 1.0) is None
+    lim.failed(again)
+    lim.abandon(again)                           # a checked proof cannot be taken back
+    assert lim.blocked([login], 2.0)
 
 
 def test_limiter_memory_is_bounded() -> None:
     lim = LoginLimiter(max_failures=2, window=60.0, max_keys=100)
     for i in range(1000):
-        lim.record_failure([("ip", str(i))], 0.0)
-        lim.record_failure([("ip", str(i))], 0.0)
-    assert len(lim._fails) == 100
+        for _ in range(2):
+            attempt = lim.begin([("ip", str(i))], 0.0)
+            assert attempt is not None
+            lim.failed(attempt)
+    assert len(lim._seen) == 100
 
 
 def test_ipv6_addresses_are_limited_per_64() -> None:

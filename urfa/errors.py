@@ -38,7 +38,7 @@ FRAME_TOO_LARGE = "frame_too_large"  # frame over the negotiated cap; closes
 VERSION = "version"                # no common protocol version; closes
 TIMEOUT = "timeout"                # handshake not finished in time; closes
 AUTH_FAILED = "auth_failed"        # wrong login or password (same for unknown logins)
-RATE_LIMITED = "rate_limited"      # too many failed logins (or open connections) from this IP, or for this login
+RATE_LIMITED = "rate_limited"      # too many login attempts (or open connections) from this IP, or for this login
 RESUME_FAILED = "resume_failed"    # resume refused; the SID is gone
 NO_SESSION = "no_session"          # proxied SID unknown, expired or from another IP
 NOT_IN_TABLE = "not_in_table"      # function not in this session's table: log in again
@@ -58,7 +58,7 @@ ERROR_CODES: dict[str, str] = {
     VERSION: "no common protocol version; the connection closes",
     TIMEOUT: "handshake not finished in time; the connection closes",
     AUTH_FAILED: "login refused (wrong login, password or kind)",
-    RATE_LIMITED: "too many failed logins from this address or for this login, or too many connections open from this address",
+    RATE_LIMITED: "too many login attempts from this address or for this login, or too many connections open from this address",
     RESUME_FAILED: "resume refused; the session id no longer exists",
     NO_SESSION: "proxied session unknown, expired, or used from another address",
     NOT_IN_TABLE: "function not in this session's call table; log in again",

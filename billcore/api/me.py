@@ -22,6 +22,7 @@ from billcore.api import USER, announce, handler, need_int, page, who
 from billcore.api.accounts import ACCOUNT_FIELDS, LEDGER_FIELDS, account_view
 from billcore.api.users import check_password
 from billcore.billing import accounts, audit, blocks, payments
+from billcore.topics import subscriber_block
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue, UnknownAccount, UnknownUser
 from billcore.calls import CallSpec
@@ -64,7 +65,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """Blocks of my accounts, newest first."""
         async with core.pool.acquire() as conn:
             ids = await _own(conn, uid(ctx), account_id)
-            return await blocks.list_blocks(conn, ids, active_only=bool(active_only))
+            rows = await blocks.list_blocks(conn, ids, active_only=bool(active_only))
+        return [subscriber_block(r) for r in rows]   # no operator's login or reason text
 
     @handler
     async def me_payments(ctx: Any, account_id: int | None = None, limit: int = 50,

@@ -82,6 +82,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
             before, after = await accounts.delete_user(conn, user_id, now=core.now())
             await audit.record(conn, who(ctx), "users.delete", f"user:{user_id}",
                                before=before, after=after, now=core.now())
+        # who can no longer log in keeps no session either (bye logged_out)
+        service = getattr(ctx, "service", None)
+        if service is not None:
+            service.end_sessions_of("user", user_id, "this subscriber was deleted")
         return after
 
     @handler

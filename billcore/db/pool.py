@@ -19,7 +19,7 @@ import asyncpg
 
 from ..config import DatabaseSection
 
-__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "guard_database"]
+__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "DATABASE_GONE", "guard_database"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class DatabaseUnavailable(Exception):
 # server shutting down or restarting, statement timed out, pool closed).
 _GONE = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, asyncpg.InterfaceError)
 DB_UNAVAILABLE = "core.db_unavailable"
+DATABASE_GONE = _GONE   # for code outside a call handler that must tell "down" from "bug"
 
 
 def _raised_in_asyncpg(exc: BaseException) -> bool:
