@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.billctl import convert_args, render
+from billcore.billctl import convert_args, money_fields, render, show_money
 from billcore.billing.money import parse_money
 from billcore.billing.rating import SessionUsage, TrafficUsage
 from billcore.billing.scheduler import run_due
@@ -159,4 +159,6 @@ async def test_recipe(recipe: Recipe, pool: asyncpg.Pool) -> None:
         await core.step(at, what)
         assert before - await core.balance() == charged, f"{at:%Y-%m-%d %H:%M} {what}"
     for line, shown in recipe.checks:
-        assert render(await core.billctl(line)) == shown.rstrip("\n"), line
+        # as billctl shows it: money from the call's declared result fields
+        money = money_fields(core.specs[shlex.split(line)[2]].fields)
+        assert render(show_money(await core.billctl(line), money)) == shown.rstrip("\n"), line
