@@ -139,7 +139,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": tariff_id}
 
     @handler
-    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None,
+    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None = None,
                            start: str | None = None) -> dict[str, Any]:
         """Put an account on a tariff (None: none) from "now" or its "next_period"."""
         async with core.pool.acquire() as conn:
