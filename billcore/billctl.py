@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, default=_json_default, indent=2))
     else:
         print(render(result))
+    if isinstance(result, dict) and result.get("notice"):   # e.g. radius.nas_add: what the core will drop
+        print(f"billctl: notice: {result['notice']}", file=sys.stderr)
     return 0
 
 

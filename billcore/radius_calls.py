@@ -913,6 +913,10 @@ async def account_sessions(conn: asyncpg.Connection, store: SecretStore, account
 
 
 MAX_BATCH = 1024
+MA_NOTICE = ("require_message_authenticator is on (the default, BlastRADIUS protection): Access-Requests"
+             " from this NAS without a Message-Authenticator attribute are dropped unanswered, and the radius"
+             " log says so once a minute. Configure the NAS to send it; only for a NAS that cannot, use"
+             " radius.nas_edit require_message_authenticator=false.")
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
@@ -971,12 +975,14 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """An optional argument sent as nil means its default."""
         return {k: v for k, v in args.items() if v is not None}
 
-    async def h_nas_add(ctx: Any, **args: Any) -> int:
+    async def h_nas_add(ctx: Any, **args: Any) -> dict[str, Any]:
         args = given(args)
         async with admin_tx(ctx, "radius.nas_add", f"nas:{args.get('name')}", redacted(args)) as conn:
             nas_id = await add_nas(conn, store, **args)
         core.publish("radius.nas", {"changed": nas_id})
-        return nas_id
+        required = args.get("require_message_authenticator", True)
+        return {"id": nas_id, "require_message_authenticator": required,
+                "notice": MA_NOTICE if required else ""}
 
     async def h_nas_edit(ctx: Any, id: int, **args: Any) -> bool:
         async with admin_tx(ctx, "radius.nas_edit", f"nas:{id}", redacted(args)) as conn:
@@ -1061,7 +1067,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                  doc="NAS devices, without secrets."),
         CallSpec("radius.nas_add", h_nas_add, right="radius.nas", kinds=ADMIN,
                  args={**nas_fields, "name": "str", "address": "ip", "secret": "str"},
-                 result="int", doc="Add a NAS device; returns its id."),
+                 result="map", doc="Add a NAS device; returns {id, require_message_authenticator, notice}:"
+                 " notice is non-empty when Access-Requests without Message-Authenticator will be dropped."),
         CallSpec("radius.nas_edit", h_nas_edit, right="radius.nas", kinds=ADMIN, args={"id": "int", **nas_fields},
                  result="bool", doc="Change fields of a NAS device (the radius process reloads its table)."),
         CallSpec("radius.nas_delete", h_nas_delete, right="radius.nas", kinds=ADMIN, args={"id": "int", "force": "bool?"},

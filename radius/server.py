@@ -22,7 +22,10 @@ transport is ours, on purpose:
   the dedup entry is dropped so the retry is decided afresh (accounting is
   idempotent in the core).
 
-Every drop is counted in ``billcore_radius_dropped{reason}``.  Every request
+Every drop is counted in ``billcore_radius_dropped{reason}``; a known NAS's
+request dropped for its authenticity (no Message-Authenticator where it is
+required, a wrong one, a wrong secret) is also said in the log, naming the
+NAS, at most once a minute per NAS and reason (``notices``).  Every request
 handed to the decider ends in ``billcore_radius_decisions{kind,outcome}`` and
 its time from acceptance to reply (or to giving up) in
 ``billcore_radius_decision_seconds{kind}``; both are tallied in memory and
@@ -60,6 +63,7 @@ from .auth import (
     request_authenticator_ok,
 )
 from .dedup import DedupCache, DedupKey, Verdict
+from .notices import DropNotices
 from .replies import BadAttribute, ReplyEncoder, finish_reply
 from .requests import BadUserName, accounting_record, auth_request, raw_attributes
 
@@ -295,6 +299,7 @@ class RadiusServer:
     wall_clock: Callable[[], float] = time.time
     inflight: int = 0
     encoder: ReplyEncoder | None = None
+    notices: DropNotices = field(default_factory=DropNotices)
     _endpoints: list[_Endpoint] = field(default_factory=list)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
     _sampler: asyncio.Task[None] | None = None
@@ -383,6 +388,7 @@ class RadiusServer:
         reason = self._authenticity(nas, header, packet)
         if reason:
             DROPPED.labels(reason).inc()
+            self._notice(nas, reason, code)
             return
         if code == STATUS_SERVER:
             REQUESTS.labels("status").inc()
@@ -457,6 +463,16 @@ class RadiusServer:
         self.dedup.finish(key, reply, now)
         endpoint.send(reply, addr, reply[0])
         self.decisions[header.code].observe(now - started, outcome)
+
+    def _notice(self, nas: Nas, reason: str, code: int) -> None:
+        """Say in the log, rate-limited, why a known NAS gets no answer."""
+        if code == STATUS_SERVER and reason == "missing_message_authenticator":
+            reason = "missing_message_authenticator_status"   # its own advice: RFC 5997, not the NAS setting
+        notice = self.notices.note(nas.address, nas.name, reason, self.clock())
+        if notice is not None:
+            log.warning(notice.text, extra={"nas": notice.nas, "address": notice.address, "reason": notice.reason,
+                                            "dropped": notice.dropped,
+                                            "next_notice_in": round(self.notices.interval)})
 
     @staticmethod
     def _count_failure(exc: BaseException) -> None:

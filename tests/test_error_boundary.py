@@ -294,3 +294,13 @@ async def test_the_reported_cases_answer_their_documented_codes(live: dict[str, 
         got, message = await admin.call(fn, args)
         assert (got, words in message) == (code, True), (fn, args, got, message)
         assert not LEAKS.search(message), (fn, message)
+
+
+def test_every_common_code_is_in_the_documented_table() -> None:
+    from pathlib import Path
+
+    from billcore.wire_errors import WIRE_CODES
+
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("## 10. Error codes", 1)[1].split("## 11.", 1)[0]
+    assert [c for c in WIRE_CODES if f"| `{c}` |" not in section] == []
