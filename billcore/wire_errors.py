@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 
 import asyncpg
-from asyncpg.exceptions import _base as asyncpg_client
 
 from billcore.billing.errors import AlreadyExists, BillingError, InUse, UnknownObject
 from billcore.billing.ledger_errors import InvalidValue
@@ -87,7 +86,7 @@ def _database_refusal(exc: asyncpg.PostgresError) -> CallFailed | None:
         return CallFailed(INVALID, f"a value is required{about}")
     if isinstance(exc, asyncpg.CheckViolationError):
         return CallFailed(INVALID, f"a value is outside its allowed set or range{about}")
-    if isinstance(exc, asyncpg.DataError):   # out of a column's range, malformed text for its type...
+    if isinstance(exc, asyncpg.DataError):   # out of a column's range (asyncpg's own encoding check too)...
         return CallFailed(INVALID, "a value is out of range or malformed for what it names")
     return None
 
@@ -103,8 +102,6 @@ def to_call_failed(exc: BaseException) -> CallFailed | None:
         if mapped is None:
             return None
         failed = mapped
-    elif isinstance(exc, asyncpg_client.DataError):   # asyncpg's own check of an argument it encodes
-        failed = CallFailed(INVALID, "a value is out of range or malformed for what it names")
     else:
         return None
     if len(failed.message) > MAX_TEXT:   # a message longer than this is a malformed frame to the client
