@@ -223,6 +223,7 @@ async def test_every_call_answers_wrong_arguments_with_a_clear_code(live: dict[s
                 code, message = await w.call(entry["name"], args)
                 driven += 1
                 found.extend(f"{w.kind}: {p}" for p in problems(entry["name"], args, code, message))
+    print(f"{driven} calls driven")
     assert driven > 3000       # every call of three tables, dozens of cases each
     found.extend(tracebacks(bc.log()[start:]))
     assert not found, report(found)
