@@ -14,11 +14,13 @@ address and the login (``LoginLimiter``); over the limit a login is
 refused with ``rate_limited`` before any lookup.
 
 A call is looked up in the session's own call table (snapshot at login),
-its arguments checked against the symbol's schema, and its handler run
-holding the symbol's module (``registry.in_flight``).  Replies go out as
-they finish, in any order.  ``CallFailed`` from a handler becomes an error
-reply with its code; any other exception is logged and answered
-``internal`` with no detail.
+its arguments checked against the symbol's schema at every depth
+(``billcore.argcheck``), and its handler run holding the symbol's module
+(``registry.in_flight``).  Replies go out as they finish, in any order.
+``CallFailed``, a ``BillingError`` or a PostgreSQL refusal of the data
+becomes an error reply with its documented code (``billcore.wire_errors``,
+never PostgreSQL's text); any other exception is a bug: logged with its
+traceback and answered ``internal`` with no detail.
 
 Handlers are coroutines and each call runs as a task, holding its module
 from the moment it is admitted.  A handler that never waits for anything
