@@ -1,4 +1,4 @@
-"""Rate-limited log notices for requests a known NAS sends that are dropped.
+"""Rate-limited log notices for RADIUS requests dropped unanswered.
 
 Theory of operation
 -------------------
@@ -7,14 +7,14 @@ or unauthenticated request would help an attacker (BlastRADIUS).  But a
 silent drop of every request of a misconfigured NAS looks, to the operator,
 like a dead billing server.  So each drop of a request from a *known* NAS
 for an authenticity reason (no Message-Authenticator where one is required,
-a wrong one, a wrong Request Authenticator) is reported in the log, naming
-the NAS and saying what to change, at most once per ``interval`` seconds per
-(NAS, reason); the next line says how many were dropped in between.
+a wrong one, a wrong Request Authenticator) — or from an address that is no
+NAS at all — is reported in the log, naming the NAS (or address) and saying
+what to change, at most once per ``interval`` seconds per (address, reason);
+the next line says how many were dropped in between.
 
 Sans-IO: ``note(address, name, reason, now)`` returns the line's fields or
-``None``; the server logs them.  The table is bounded by the NAS addresses
-known during the process's life (only known NAS devices get here) times the
-few reasons.
+``None``; the server logs them.  The table holds at most ``MAX_KEYS``
+(address, reason) pairs: spoofed source addresses cannot grow it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ ADVICE: dict[str, str] = {
     "bad_authenticator": (
         "Accounting-Request with a wrong Request Authenticator dropped: the NAS and billcore do not share"
         " the same secret"),
+    "unknown_nas": (
+        "request from an address that is no NAS dropped: if it is one, add it with radius.nas_add"
+        " (the address its packets come from, after any NAT)"),
 }
+MAX_KEYS = 4096   # unknown addresses can be spoofed at will: the table stays bounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class DropNotices:
         self.interval = interval
         self._last: dict[tuple[str, str], float] = {}
         self._since: dict[tuple[str, str], int] = {}
+        self._swept = float("-inf")
 
     def note(self, address: str, name: str, reason: str, now: float) -> Notice | None:
         """Count one drop; the line to log now, or ``None`` when one was logged lately."""
@@ -59,9 +64,21 @@ class DropNotices:
         if text is None:
             return None
         key = (address, reason)
+        if key not in self._last and len(self._last) >= MAX_KEYS:
+            if now - self._swept >= 1.0:   # a sweep costs MAX_KEYS steps: not once per spoofed packet
+                self._swept = now
+                self._expire(now)
+            if len(self._last) >= MAX_KEYS:   # a flood of new addresses: counted by the metric alone
+                return None
         self._since[key] = self._since.get(key, 0) + 1
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
             return None
         self._last[key] = now
         return Notice(text, name, address, reason, self._since.pop(key))
+
+    def _expire(self, now: float) -> None:
+        """Forget the keys whose last line is older than the interval (their count restarts)."""
+        for key in [k for k, t in self._last.items() if now - t >= self.interval]:
+            del self._last[key]
+            self._since.pop(key, None)

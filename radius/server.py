@@ -24,8 +24,9 @@ transport is ours, on purpose:
 
 Every drop is counted in ``billcore_radius_dropped{reason}``; a known NAS's
 request dropped for its authenticity (no Message-Authenticator where it is
-required, a wrong one, a wrong secret) is also said in the log, naming the
-NAS, at most once a minute per NAS and reason (``notices``).  Every request
+required, a wrong one, a wrong secret), and a request from an address that
+is no NAS, is also said in the log, naming the NAS or address, at most once
+a minute per address and reason (``notices``).  Every request
 handed to the decider ends in ``billcore_radius_decisions{kind,outcome}`` and
 its time from acceptance to reply (or to giving up) in
 ``billcore_radius_decision_seconds{kind}``; both are tallied in memory and
@@ -374,6 +375,8 @@ class RadiusServer:
         nas = self.nas_table.get(addr[0])
         if nas is None:
             DROPPED.labels("unknown_nas" if self.nas_table.loaded else "core_unavailable").inc()
+            if self.nas_table.loaded:
+                self._notice(addr[0], "", "unknown_nas", 0)
             return
         try:
             header, packet = parse_header(data)
@@ -388,7 +391,7 @@ class RadiusServer:
         reason = self._authenticity(nas, header, packet)
         if reason:
             DROPPED.labels(reason).inc()
-            self._notice(nas, reason, code)
+            self._notice(nas.address, nas.name, reason, code)
             return
         if code == STATUS_SERVER:
             REQUESTS.labels("status").inc()
@@ -464,11 +467,11 @@ class RadiusServer:
         endpoint.send(reply, addr, reply[0])
         self.decisions[header.code].observe(now - started, outcome)
 
-    def _notice(self, nas: Nas, reason: str, code: int) -> None:
-        """Say in the log, rate-limited, why a known NAS gets no answer."""
+    def _notice(self, address: str, name: str, reason: str, code: int) -> None:
+        """Say in the log, rate-limited, why a NAS (or an address) gets no answer."""
         if code == STATUS_SERVER and reason == "missing_message_authenticator":
             reason = "missing_message_authenticator_status"   # its own advice: RFC 5997, not the NAS setting
-        notice = self.notices.note(nas.address, nas.name, reason, self.clock())
+        notice = self.notices.note(address, name, reason, self.clock())
         if notice is not None:
             log.warning(notice.text, extra={"nas": notice.nas, "address": notice.address, "reason": notice.reason,
                                             "dropped": notice.dropped,

@@ -23,6 +23,7 @@ import sys
 
 import pytest
 
+from radius.notices import MAX_KEYS, DropNotices
 from radius.server import Nas, NasTable, RadiusServer
 from tests.conftest import TEMPLATE, _create_db, _drop_db, free_port, need_peer, with_database
 from tests.running import BillcoreProcess
@@ -114,3 +115,26 @@ async def test_the_notice_is_rate_limited_and_counts_what_it_held_back(caplog: p
         assert [r.dropped for r in lines()] == [1, 4]  # type: ignore[attr-defined]  # 3 held back, and this one
     finally:
         await server.close()
+
+
+async def test_a_request_from_an_address_that_is_no_nas_is_logged_too(caplog: pytest.LogCaptureFixture) -> None:
+    server = RadiusServer(decider=TableDecider({}), nas_table=NasTable([]))     # loaded, and empty
+    auth_port, _ = await server.listen("127.0.0.1", 0, 0)
+    caplog.set_level(logging.WARNING, logger="radius.server")
+    try:
+        for _ in range(2):
+            await radclient(auth_port, 'User-Name = "alice", User-Password = "wonderland"')
+        found = [r for r in caplog.records if "no NAS" in r.getMessage()]
+        assert [(r.address, r.reason) for r in found] == [("127.0.0.1", "unknown_nas")]  # type: ignore[attr-defined]
+        assert "radius.nas_add" in found[0].getMessage()
+    finally:
+        await server.close()
+
+
+def test_spoofed_addresses_cannot_grow_the_notice_table() -> None:
+    notices = DropNotices(interval=60.0)
+    logged = sum(notices.note(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", "", "unknown_nas", 0.0) is not None
+                 for i in range(3 * MAX_KEYS))
+    assert logged == MAX_KEYS and len(notices._last) == MAX_KEYS and len(notices._since) <= MAX_KEYS
+    assert notices.note("192.0.2.9", "", "unknown_nas", 61.0) is not None      # old entries expire
+    assert len(notices._last) <= MAX_KEYS
