@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_csv(show_money(result, described.money))
     else:
         print(render(show_money(result, described.money)))
+    if isinstance(result, dict) and result.get("notice"):   # e.g. radius.nas_add: what the core will drop
+        print(f"billctl: notice: {result['notice']}", file=sys.stderr)
     return 0
 
 

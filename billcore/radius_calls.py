@@ -48,6 +48,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -61,8 +62,8 @@ import nacl.exceptions
 import nacl.secret
 import nacl.utils
 
-from urfa.errors import BAD_ARGS, CallFailed
-
+from .billing.errors import InUse, UnknownObject
+from .billing.ledger_errors import InvalidValue
 from .billing.periods import period_containing
 from .billing.rating import TIME_CLASS, AccountPlan, CounterKey, RatingBook, ServiceTariff, SessionUsage
 from .billing.tariffs import load_book
@@ -148,7 +149,7 @@ async def add_nas(conn: asyncpg.Connection, store: SecretStore, *, name: str, ad
                   require_message_authenticator: bool = True, coa_port: int = 3799,
                   disconnect_mode: str = "disconnect", blocked_profile: list[list[Any]] | None = None) -> int:
     if not secret:
-        raise CallFailed(BAD_ARGS, "a NAS needs a shared secret")
+        raise InvalidValue("a NAS needs a shared secret")
     return int(await conn.fetchval(
         "INSERT INTO radius_nas(name, address, secret_enc, require_message_authenticator, coa_port,"
         " disconnect_mode, blocked_profile) VALUES ($1, $2::inet, $3, $4, $5, $6, $7::jsonb) RETURNING id",
@@ -179,14 +180,14 @@ async def edit_nas(conn: asyncpg.Connection, store: SecretStore, nas_id: int, **
             continue
         if name == "secret":
             if not value:
-                raise CallFailed(BAD_ARGS, "a NAS needs a shared secret")
+                raise InvalidValue("a NAS needs a shared secret")
             sets["secret_enc"] = store.seal(str(value).encode())
         elif name == "blocked_profile":
             sets["blocked_profile"] = json.dumps(value)
         elif name in _NAS_FIELDS:
             sets[name] = value
         else:
-            raise CallFailed(BAD_ARGS, f"a NAS has no field {name!r}")
+            raise InvalidValue(f"a NAS has no field {name!r}")
     return await _update(conn, "radius_nas", nas_id, sets, _NAS_CASTS)
 
 
@@ -213,7 +214,7 @@ async def delete_nas(conn: asyncpg.Connection, nas_id: int, now: dt.datetime, fo
     active = await conn.fetch("SELECT * FROM radius_sessions WHERE nas_id = $1 AND ended_at IS NULL FOR UPDATE",
                               nas_id)
     if active and not force:
-        raise CallFailed(BAD_ARGS, f"NAS {nas_id} has {len(active)} active session(s); pass force to end them")
+        raise InUse(f"NAS {nas_id} has {len(active)} active session(s); pass force to end them")
     await _end_sessions(conn, list(active), now, "nas-deleted")
     # NAS ids are never reused: the time watermarks of its sessions are dead
     await conn.execute("DELETE FROM ingest_watermarks WHERE starts_with(source, $1)", f"radius:{nas_id}:")
@@ -234,14 +235,14 @@ async def edit_pool(conn: asyncpg.Connection, pool_id: int, *, name: str | None 
         "SELECT count(*) FROM radius_leases l JOIN radius_pools p ON p.id = l.pool_id"
         " WHERE p.id = $1 AND (l.address < p.first OR l.address > p.last)", pool_id)
     if outside:
-        raise CallFailed(BAD_ARGS, f"{outside} leased address(es) would fall outside the pool")
+        raise InUse(f"{outside} leased address(es) would fall outside the pool")
     return done
 
 
 async def delete_pool(conn: asyncpg.Connection, pool_id: int) -> bool:
     users = await conn.fetchval("SELECT count(*) FROM radius_links WHERE pool_id = $1", pool_id)
     if users:
-        raise CallFailed(BAD_ARGS, f"pool {pool_id} is used by {users} link(s)")
+        raise InUse(f"pool {pool_id} is used by {users} link(s)")
     return await conn.execute("DELETE FROM radius_pools WHERE id = $1", pool_id) != "DELETE 0"
 
 
@@ -270,7 +271,7 @@ async def add_link(conn: asyncpg.Connection, store: SecretStore, *, account_id: 
 async def _pool_id(conn: asyncpg.Connection, name: str) -> int:
     pool_id = await conn.fetchval("SELECT id FROM radius_pools WHERE name = $1", name)
     if pool_id is None:
-        raise CallFailed(BAD_ARGS, f"no IP pool named {name!r}")
+        raise UnknownObject(f"no IP pool named {name!r}")
     return int(pool_id)
 
 
@@ -297,7 +298,7 @@ async def edit_link(conn: asyncpg.Connection, store: SecretStore, link_id: int, 
         elif name in _LINK_FIELDS:
             sets[name] = value
         else:
-            raise CallFailed(BAD_ARGS, f"a link has no field {name!r}")
+            raise InvalidValue(f"a link has no field {name!r}")
     done = await _update(conn, "radius_links", link_id, sets, _LINK_CASTS)
     if "pool_id" in sets:  # leases of the old pool go; active sessions keep their address until they end
         await conn.execute("DELETE FROM radius_leases WHERE link_id = $1 AND expires_at IS NOT NULL"
@@ -314,7 +315,7 @@ async def delete_link(conn: asyncpg.Connection, link_id: int, now: dt.datetime, 
     active = await conn.fetch("SELECT * FROM radius_sessions WHERE link_id = $1 AND ended_at IS NULL FOR UPDATE",
                               link_id)
     if active and not force:
-        raise CallFailed(BAD_ARGS, f"link {link_id} has {len(active)} active session(s); pass force to end them")
+        raise InUse(f"link {link_id} has {len(active)} active session(s); pass force to end them")
     await _end_sessions(conn, list(active), now, "link-deleted")
     return await conn.execute("DELETE FROM radius_links WHERE id = $1", link_id) != "DELETE 0"
 
@@ -361,6 +362,47 @@ def _malformed(req: dict[str, Any]) -> str | None:
                 and isinstance(chap.get("response"), bytes) and len(chap["response"]) == 16):
             return "malformed CHAP"
     return None
+
+
+_RECORD_TEXT = ("login", "nas_port_id", "calling_station_id", "multi_session_id")
+_RECORD_COUNTS = ("session_time", "input_octets", "output_octets", "input_packets", "output_packets",
+                  "terminate_cause")
+MAX_EVENT_TIME = 2**40   # seconds since 1970: far beyond any clock, inside a datetime
+
+
+def _check_record(req: dict[str, Any]) -> None:
+    """Refuse an accounting record the radius process could not have built
+    (``radius.requests.accounting_record``) before it reaches a query."""
+    def ip(value: object) -> bool:
+        try:
+            ipaddress.ip_address(value)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return True
+
+    if not isinstance(req.get("nas"), str) or not ip(req["nas"]):
+        raise InvalidValue("record.nas must be the NAS's IP address")
+    if not isinstance(req.get("status"), str) or not 1 <= len(req["status"]) <= 32:
+        raise InvalidValue("record.status must be an accounting status (start, interim, stop, on, off)")
+    session_id = req.get("session_id")
+    if session_id is not None and (not isinstance(session_id, str) or len(session_id) > 253):
+        raise InvalidValue("record.session_id must be text of at most 253 characters")
+    if req["status"] in ("start", "interim", "stop") and not session_id:
+        raise InvalidValue("record.session_id is required for start, interim and stop")
+    for name in _RECORD_TEXT:
+        value = req.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 253):
+            raise InvalidValue(f"record.{name} must be text of at most 253 characters")
+    for name in _RECORD_COUNTS:
+        value = req.get(name)
+        if value is not None and (type(value) is not int or not 0 <= value < 2**63):
+            raise InvalidValue(f"record.{name} must be a non-negative int")
+    event_time = req.get("event_time")
+    if event_time is not None and (type(event_time) not in (int, float) or not 0 <= event_time <= MAX_EVENT_TIME):
+        raise InvalidValue("record.event_time must be seconds since 1970")
+    framed_ip = req.get("framed_ip")
+    if framed_ip is not None and (not isinstance(framed_ip, str) or not ip(framed_ip)):
+        raise InvalidValue("record.framed_ip must be an IP address")
 
 
 def _password_ok(req: dict[str, Any], password: bytes) -> bool:
@@ -764,9 +806,10 @@ async def account(conn: asyncpg.Connection, req: dict[str, Any], now: dt.datetim
     """Apply one Accounting-Request.  Idempotent: the same request twice
     changes nothing the second time.  Runs in a transaction; ``tz`` is the
     operator's zone (time ranges, periods)."""
+    _check_record(req)
     nas = await conn.fetchrow("SELECT id FROM radius_nas WHERE address = $1::inet", req["nas"])
     if nas is None:
-        raise CallFailed(BAD_ARGS, f"unknown NAS {req['nas']}")
+        raise UnknownObject(f"unknown NAS {req['nas']}")
     nas_id = nas["id"]
     status = req["status"]
     at = dt.datetime.fromtimestamp(float(req.get("event_time") or now.timestamp()), dt.timezone.utc)
@@ -870,10 +913,14 @@ async def account_sessions(conn: asyncpg.Connection, store: SecretStore, account
 
 
 MAX_BATCH = 1024
+MA_NOTICE = ("require_message_authenticator is on (the default, BlastRADIUS protection): Access-Requests"
+             " from this NAS without a Message-Authenticator attribute are dropped unanswered, and the radius"
+             " log says so once a minute. Configure the NAS to send it; only for a NAS that cannot, use"
+             " radius.nas_edit require_message_authenticator=false.")
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    from .api import who
+    from .api import need_int, who
     from .billing import audit
 
     tz = zoneinfo.ZoneInfo(core.config.core.timezone)
@@ -887,14 +934,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @contextlib.asynccontextmanager
     async def admin_tx(ctx: Any, action: str, obj: str, after: Any) -> AsyncIterator[asyncpg.Connection]:
-        """One transaction for an admin write and its audit row; database
-        refusals (duplicate name, bad range) answer ``bad_args``."""
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                yield conn
-                await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())
-        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
-            raise CallFailed(BAD_ARGS, f"{action}: {exc}") from None
+        """One transaction for an admin write and its audit row.  A database
+        refusal (duplicate name, bad range) rolls both back and answers its
+        documented code (``billcore.wire_errors``), never PostgreSQL's text."""
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+            await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())
 
     def redacted(args: dict[str, Any]) -> dict[str, Any]:
         return {k: ("<changed>" if k in ("secret", "password") else v) for k, v in args.items() if v is not None}
@@ -907,7 +952,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     async def h_authorize_many(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not 1 <= len(requests) <= MAX_BATCH or not all(isinstance(r, dict) for r in requests):
-            raise CallFailed(BAD_ARGS, f"requests: a list of 1..{MAX_BATCH} maps")
+            raise InvalidValue(f"requests: a list of 1..{MAX_BATCH} maps")
         return await authorizer.decide(requests, core.now())
 
     async def h_accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -926,11 +971,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with pool.acquire() as conn:
             return await nas_list(conn, store, with_secrets=False)
 
-    async def h_nas_add(ctx: Any, **args: Any) -> int:
+    def given(args: dict[str, Any]) -> dict[str, Any]:
+        """An optional argument sent as nil means its default."""
+        return {k: v for k, v in args.items() if v is not None}
+
+    async def h_nas_add(ctx: Any, **args: Any) -> dict[str, Any]:
+        args = given(args)
         async with admin_tx(ctx, "radius.nas_add", f"nas:{args.get('name')}", redacted(args)) as conn:
             nas_id = await add_nas(conn, store, **args)
         core.publish("radius.nas", {"changed": nas_id})
-        return nas_id
+        required = args.get("require_message_authenticator", True)
+        return {"id": nas_id, "require_message_authenticator": required,
+                "notice": MA_NOTICE if required else ""}
 
     async def h_nas_edit(ctx: Any, id: int, **args: Any) -> bool:
         async with admin_tx(ctx, "radius.nas_edit", f"nas:{id}", redacted(args)) as conn:
@@ -945,6 +997,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return done
 
     async def h_pool_add(ctx: Any, **args: Any) -> int:
+        args = given(args)
         async with admin_tx(ctx, "radius.pool_add", f"pool:{args.get('name')}", args) as conn:
             return await add_pool(conn, **args)
 
@@ -961,6 +1014,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await pool_list(conn)
 
     async def h_link_add(ctx: Any, **args: Any) -> int:
+        args = given(args)
         async with admin_tx(ctx, "radius.link_add", f"account:{args.get('account_id')}", redacted(args)) as conn:
             return await add_link(conn, store, **args)
 
@@ -981,6 +1035,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await account_sessions(conn, store, account_id)
 
     async def h_close_stale(ctx: Any, timeout: int) -> int:
+        need_int("timeout", timeout, 1, 10 * 366 * 86400)   # seconds; a timedelta of 2^63 s overflows
         async with pool.acquire() as conn, conn.transaction():
             return await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
 
@@ -988,7 +1043,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with pool.acquire() as conn:
             found = await account_sessions(conn, store, None, session)
         if not found:
-            raise CallFailed(BAD_ARGS, f"no active session {session}")
+            raise UnknownObject(f"no active session {session}")
         core.publish("radius.disconnect", {"sessions": found})
         return {"requested": True, "session": found[0]["id"]}
 
@@ -1012,7 +1067,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                  doc="NAS devices, without secrets."),
         CallSpec("radius.nas_add", h_nas_add, right="radius.nas", kinds=ADMIN,
                  args={**nas_fields, "name": "str", "address": "ip", "secret": "str"},
-                 result="int", doc="Add a NAS device; returns its id."),
+                 result="map", doc="Add a NAS device; returns {id, require_message_authenticator, notice}:"
+                 " notice is non-empty when Access-Requests without Message-Authenticator will be dropped."),
         CallSpec("radius.nas_edit", h_nas_edit, right="radius.nas", kinds=ADMIN, args={"id": "int", **nas_fields},
                  result="bool", doc="Change fields of a NAS device (the radius process reloads its table)."),
         CallSpec("radius.nas_delete", h_nas_delete, right="radius.nas", kinds=ADMIN, args={"id": "int", "force": "bool?"},

@@ -20,11 +20,13 @@ Sessions end only through ``SessionTable.end``, whose hook
 or ``logged_out``), whatever ended it.
 
 A call is looked up in the session's own call table (snapshot at login),
-its arguments checked against the symbol's schema, and its handler run
-holding the symbol's module (``registry.in_flight``).  Replies go out as
-they finish, in any order.  ``CallFailed`` from a handler becomes an error
-reply with its code; any other exception is logged and answered
-``internal`` with no detail.
+its arguments checked against the symbol's schema at every depth
+(``billcore.argcheck``), and its handler run holding the symbol's module
+(``registry.in_flight``).  Replies go out as they finish, in any order.
+``CallFailed``, a ``BillingError`` or a PostgreSQL refusal of the data
+becomes an error reply with its documented code (``billcore.wire_errors``,
+never PostgreSQL's text); any other exception is a bug: logged with its
+traceback and answered ``internal`` with no detail.
 
 Handlers are coroutines and each call runs as a task, holding its module
 from the moment it is admitted.  A handler that never waits for anything
@@ -54,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import ipaddress
 import logging
 import secrets
 import ssl as ssl_module
@@ -62,9 +63,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol
 
+from billcore import argcheck
+from billcore.wire_errors import to_call_failed
 from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
 from billcore.db.pool import DB_UNAVAILABLE
 from billcore.sessions import (
@@ -207,47 +209,9 @@ class _PendingLogin:
         return scram.auth_message(self.kind, self.login, self.cnonce, self.snonce, v.salt, v.iterations)
 
 
-_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "int": lambda v: type(v) is int,
-    "money": lambda v: type(v) is int,
-    "str": lambda v: type(v) is str and "\0" not in v,   # PostgreSQL text cannot hold NUL
-    "bool": lambda v: type(v) is bool,
-    "bytes": lambda v: type(v) is bytes,
-    "list": lambda v: type(v) is list,
-    "map": lambda v: type(v) is dict,
-    "time": lambda v: type(v) is datetime,
-    "ip": lambda v: type(v) is str and _is_ip(v),
-    "any": lambda v: True,
-}
-
-
-def _is_ip(v: str) -> bool:
-    try:
-        ipaddress.ip_address(v)
-    except ValueError:
-        return False
-    return True
-
-
 def check_args(spec: CallSpec, args: dict[str, Any]) -> str | None:
-    """Why ``args`` do not fit ``spec.args``, or ``None`` if they do."""
-    schema = spec.args
-    for name, value in args.items():
-        word = schema.get(name)
-        if word is None:
-            return f"unknown argument {name!r}"
-        if value is None and word.endswith("?"):
-            continue
-        check = _TYPE_CHECKS.get(word.rstrip("?"))
-        if check is not None and not check(value):
-            if type(value) is str and "\0" in value:
-                return f"argument {name!r}: text must not contain NUL"
-            return f"argument {name!r} must be {word.rstrip('?')}"
-    if len(args) < len(schema):
-        for name, word in schema.items():
-            if name not in args and not word.endswith("?"):
-                return f"missing argument {name!r}"
-    return None
+    """Why ``args`` do not fit ``spec.args``, or ``None`` if they do (``billcore.argcheck``)."""
+    return argcheck.check_args(spec.args, args)
 
 
 class URFAService:
@@ -599,9 +563,7 @@ class URFAService:
         try:
             value = await spec.handler(ctx, **args)
         except (Exception, asyncio.CancelledError) as exc:
-            code = exc.code if isinstance(exc, CallFailed) else (
-                E.CANCELLED if isinstance(exc, asyncio.CancelledError) else E.INTERNAL)
-            self._send_failure(channel, ctx.call_id, spec, exc)
+            code = self._send_failure(channel, ctx.call_id, spec, exc)
             return
         finally:
             # only names found in a call table reach here: labels stay bounded
@@ -626,14 +588,19 @@ class URFAService:
         channel.send_error(call_id, E.INTERNAL, "result could not be encoded")
 
     @staticmethod
-    def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> None:
-        if isinstance(exc, CallFailed):
-            channel.send_error(call_id, exc.code, exc.message)
-        elif isinstance(exc, asyncio.CancelledError):
+    def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> str:
+        """Answer a failed call; return the code sent.  Domain and database
+        refusals get their documented code (``billcore.wire_errors``)."""
+        if isinstance(exc, asyncio.CancelledError):
             channel.send_error(call_id, E.CANCELLED, "cancelled")
-        else:   # the boundary: anything unexpected becomes `internal`, logged here
+            return E.CANCELLED
+        failed = to_call_failed(exc)
+        if failed is None:   # the boundary: anything unexpected becomes `internal`, logged here
             log.error("call %s failed", spec.name, exc_info=exc)
             channel.send_error(call_id, E.INTERNAL, "internal error")
+            return E.INTERNAL
+        channel.send_error(call_id, failed.code, failed.message)
+        return failed.code
 
     # -- sessions ending -------------------------------------------------
     def logout(self, session: Session) -> None:
@@ -660,13 +627,17 @@ class URFAService:
                 link.channel.close(code, why)
 
     # -- events ----------------------------------------------------------
+    @staticmethod
+    def _check_topics(topics: list[str]) -> None:
+        for topic in topics:
+            if type(topic) is not str or not topic or len(topic) > 256:
+                raise CallFailed(E.BAD_ARGS, "topics are non-empty strings")
+
     async def subscribe(self, session: Session, topics: list[str]) -> list[str]:
         link = session.owner
         if not isinstance(link, _Link) or session.proxied:
             raise CallFailed(E.FORBIDDEN, "only a session with its own connection may subscribe")
-        for topic in topics:
-            if type(topic) is not str or not topic or len(topic) > 256:
-                raise CallFailed(E.BAD_ARGS, "topics are non-empty strings")
+        self._check_topics(topics)
         for topic in topics:
             rule = self.topics.get(topic)
             if rule is None:
@@ -696,6 +667,7 @@ class URFAService:
         return accounts
 
     def unsubscribe(self, session: Session, topics: list[str]) -> list[str]:
+        self._check_topics(topics)   # a list is not hashable: it would fail in discard()
         link = session.owner
         for topic in topics:
             session.topics.discard(topic)

@@ -22,7 +22,11 @@ transport is ours, on purpose:
   the dedup entry is dropped so the retry is decided afresh (accounting is
   idempotent in the core).
 
-Every drop is counted in ``billcore_radius_dropped{reason}``.  Every request
+Every drop is counted in ``billcore_radius_dropped{reason}``; a known NAS's
+request dropped for its authenticity (no Message-Authenticator where it is
+required, a wrong one, a wrong secret), and a request from an address that
+is no NAS, is also said in the log, naming the NAS or address, at most once
+a minute per address and reason (``notices``).  Every request
 handed to the decider ends in ``billcore_radius_decisions{kind,outcome}`` and
 its time from acceptance to reply (or to giving up) in
 ``billcore_radius_decision_seconds{kind}``; both are tallied in memory and
@@ -60,6 +64,7 @@ from .auth import (
     request_authenticator_ok,
 )
 from .dedup import DedupCache, DedupKey, Verdict
+from .notices import DropNotices
 from .replies import BadAttribute, ReplyEncoder, finish_reply
 from .requests import BadUserName, accounting_record, auth_request, raw_attributes
 
@@ -295,6 +300,7 @@ class RadiusServer:
     wall_clock: Callable[[], float] = time.time
     inflight: int = 0
     encoder: ReplyEncoder | None = None
+    notices: DropNotices = field(default_factory=DropNotices)
     _endpoints: list[_Endpoint] = field(default_factory=list)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
     _sampler: asyncio.Task[None] | None = None
@@ -369,6 +375,8 @@ class RadiusServer:
         nas = self.nas_table.get(addr[0])
         if nas is None:
             DROPPED.labels("unknown_nas" if self.nas_table.loaded else "core_unavailable").inc()
+            if self.nas_table.loaded:
+                self._notice(addr[0], "", "unknown_nas", 0)
             return
         try:
             header, packet = parse_header(data)
@@ -383,6 +391,7 @@ class RadiusServer:
         reason = self._authenticity(nas, header, packet)
         if reason:
             DROPPED.labels(reason).inc()
+            self._notice(nas.address, nas.name, reason, code)
             return
         if code == STATUS_SERVER:
             REQUESTS.labels("status").inc()
@@ -457,6 +466,16 @@ class RadiusServer:
         self.dedup.finish(key, reply, now)
         endpoint.send(reply, addr, reply[0])
         self.decisions[header.code].observe(now - started, outcome)
+
+    def _notice(self, address: str, name: str, reason: str, code: int) -> None:
+        """Say in the log, rate-limited, why a NAS (or an address) gets no answer."""
+        if code == STATUS_SERVER and reason == "missing_message_authenticator":
+            reason = "missing_message_authenticator_status"   # its own advice: RFC 5997, not the NAS setting
+        notice = self.notices.note(address, name, reason, self.clock())
+        if notice is not None:
+            log.warning(notice.text, extra={"nas": notice.nas, "address": notice.address, "reason": notice.reason,
+                                            "dropped": notice.dropped,
+                                            "next_notice_in": round(self.notices.interval)})
 
     @staticmethod
     def _count_failure(exc: BaseException) -> None:

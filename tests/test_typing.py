@@ -17,7 +17,7 @@ STRICT = [
     "billcore/billing/timeranges.py", "billcore/billing/errors.py",
     "netflow/flows.py", "netflow/v5.py", "netflow/v9.py", "netflow/ipfix.py", "netflow/templates.py",
     "netflow/decode.py", "netflow/classifier.py", "netflow/journal.py", "netflow/errors.py",
-    "radius/dedup.py", "radius/auth.py", "billcore/plugins", "portal",
+    "radius/dedup.py", "radius/auth.py", "radius/notices.py", "billcore/argcheck.py", "billcore/plugins", "portal",
 ]
 
 

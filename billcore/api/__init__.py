@@ -8,10 +8,11 @@ handlers close over ``core`` and get the URFA ``CallContext`` (principal and
 client address) as their first argument.  The pieces shared by every
 handler live here:
 
-* ``handler(fn)`` — the boundary: a ``BillingError`` becomes
-  ``CallFailed(code, message)`` (codes from ``ledger_errors``/``errors``),
-  so a refused operation answers with a clear code and, because it was
-  raised inside the transaction, books nothing.
+* ``handler(fn)`` — a ``BillingError`` becomes ``CallFailed(code,
+  message)`` (codes from ``ledger_errors``/``errors``), so a refused
+  operation answers with a clear code and, because it was raised inside the
+  transaction, books nothing.  (The URFA service maps the same errors, and
+  PostgreSQL's refusals, for every call: ``billcore.wire_errors``.)
 * ``who(ctx)`` — the audit identity (kind, id, login, ip).
 * ``announce(core, changes)`` — after COMMIT, publish every block change on
   topic ``"blocks"`` and fire the plugin hook ``account.blocked`` or

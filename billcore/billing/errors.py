@@ -18,7 +18,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "AlreadyExists",
     "BillingError",
+    "InUse",
+    "UnknownObject",
     "InvariantViolation",
     "MoneyFormatError",
     "MoneyRangeError",
@@ -69,6 +72,24 @@ class UsageError(BillingError, ValueError):
     """A usage record or counter handed to rating is malformed (negative bytes, naive time)."""
 
     code: ClassVar[str] = "billing.usage"
+
+
+class AlreadyExists(BillingError):
+    """Another object already has this name, login, address or key."""
+
+    code: ClassVar[str] = "core.already_exists"
+
+
+class InUse(BillingError):
+    """The object is still referred to (active sessions, leases, links): remove those first."""
+
+    code: ClassVar[str] = "core.in_use"
+
+
+class UnknownObject(BillingError, LookupError):
+    """An id or name in the arguments names no existing object."""
+
+    code: ClassVar[str] = "core.unknown"
 
 
 class InvariantViolation(BillingError):

@@ -47,6 +47,7 @@ from billcore.billing.rating import (
     ServiceKind, ServiceTariff, Tier,
 )
 from billcore.billing.timeranges import TimeRange, Window, window_from_spec
+from billcore.wire_errors import constraint_field
 
 __all__ = [
     "DEFAULT_ACCOUNT_PERIOD",
@@ -118,10 +119,24 @@ def _int(value: object, what: str, lo: int = 0, hi: int = MAX_QUANTITY) -> int:
 
 
 def period_spec(kind: str, days: int, anchor: date) -> PeriodSpec:
+    if type(anchor) is not date:
+        raise TariffError("bad period: anchor must be a date")
     try:
         return PeriodSpec(PeriodKind(kind), anchor, days)
     except ValueError as exc:
         raise TariffError(f"bad period: {exc}") from exc
+
+
+def _charge_mode(value: object) -> ChargeMode:
+    try:
+        return ChargeMode(value)
+    except ValueError:
+        raise TariffError(f"charge_mode must be one of {sorted(m.value for m in ChargeMode)}") from None
+
+
+def _about(exc: asyncpg.PostgresError) -> str:
+    field = constraint_field(exc)
+    return f" ({field})" if field else ""
 
 
 class _Conflicts:
@@ -140,8 +155,8 @@ class _Conflicts:
             raise TariffConflict(f"{self.what}: name or key already taken") from exc
         if isinstance(exc, asyncpg.ForeignKeyViolationError):
             raise TariffConflict(f"{self.what}: refers to a missing row or is still in use") from exc
-        if isinstance(exc, asyncpg.CheckViolationError):
-            raise TariffError(f"{self.what}: {exc.message}") from exc
+        if isinstance(exc, asyncpg.CheckViolationError):   # PostgreSQL's text names tables: not for clients
+            raise TariffError(f"{self.what}: a value is outside its allowed range{_about(exc)}") from exc
         return False
 
 
@@ -291,7 +306,7 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
         if period is None or charge_mode is None:
             raise TariffError("a periodic service needs a period and a charge mode")
         spec = period_spec(period.get("kind", ""), period.get("days", 0), period.get("anchor"))  # type: ignore[arg-type]
-        ChargeMode(charge_mode)  # ValueError below
+        _charge_mode(charge_mode)
         p_kind, p_days, p_anchor = spec.kind.value, spec.days, spec.anchor
     elif period is not None or charge_mode is not None:
         raise TariffError("only periodic services have a period and a charge mode")
