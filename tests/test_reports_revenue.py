@@ -130,6 +130,17 @@ async def test_once_off_fees_are_revenue_and_charges(pool: asyncpg.Pool) -> None
     assert result["rows"] == 1 and admin.chunks[0][0][0] == setup and admin.chunks[0][0][2:] == [1, 25_000_000]
 
 
+async def test_a_range_without_charges_is_a_zero_total(pool: asyncpg.Pool) -> None:
+    """No charge in the range (a new system, a range before it began): one (total) row of zeros, not a
+    failure (the grand-total row's sum over no rows is NULL)."""
+    core = CoreContext(pool, Config(), now=lambda: NOW)
+    fn = {s.name: s.handler for s in reports.calls(core)}
+    for since in (datetime(1, 1, 1, tzinfo=UTC), APR):
+        rows = await fn["reports.revenue"](Ctx("admin", 1), since=since, until=MAY)
+        assert [(r["name"], r["amount"], r["final_amount"], r["provisional_amount"]) for r in rows] \
+            == [("(total)", 0, 0, 0)]
+
+
 async def test_revenue_is_one_statement_fast_on_many_accounts(pool: asyncpg.Pool) -> None:
     """50 000 accounts with usage and a fee: one set-wise statement, whatever the account count."""
     n = 50_000

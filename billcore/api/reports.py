@@ -76,7 +76,7 @@ c AS (
     SELECT o.account_id, o.service_id, o.charged_at, o.charged_at, o.link_id, 'once', o.amount, true
       FROM once_charges o WHERE o.charged_at >= $1 AND o.charged_at < $2 AND o.amount <> 0
 )
-SELECT f.id AS tariff_id, f.name, c.kind, c.final, sum(c.amount) AS amount,
+SELECT f.id AS tariff_id, f.name, c.kind, c.final, coalesce(sum(c.amount), 0) AS amount,
        count(DISTINCT c.account_id) AS accounts,
        GROUPING(c.kind, c.final) = 3 AS tariff_total, GROUPING(f.id, f.name) = 3 AS grand_total
   FROM c
