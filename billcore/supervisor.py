@@ -214,6 +214,8 @@ class Supervisor:
                 except EmbeddedStartFailed as exc:
                     log.warning("embedded postgresql did not start, retrying",
                                 extra={"reason": str(exc), "restart_in": backoff})
+                except Exception:  # this watcher must outlive any surprise, or nothing restarts the database
+                    log.exception("embedded postgresql restart failed, retrying", extra={"restart_in": backoff})
             if dsn != self.dsn:  # the children hold the old one; cannot happen with the same data dir
                 log.error("embedded postgresql came back at another address", extra={"dsn": dsn})
             log.info("embedded postgresql restarted",

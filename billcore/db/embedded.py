@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -99,13 +100,21 @@ def live_postmaster(pgdata: Path) -> int | None:
     return pid if _alive(pid) and _is_postgres(pid) else None
 
 
+_handles_guard = threading.Lock()
+
+
 def _handles(pgdata: Path, *, add: int | None = None, remove: int | None = None) -> list[int]:
     """Update pgserver's list of the server's users (under its lock), dropping
     pids that no longer exist; the live users that remain."""
     with _pgserver() as pgserver:
+        import fasteners
         from pgserver.utils import DiskList
 
-        with pgserver.PostgresServer._lock:
+        # pgserver's lock is one file for every pgserver user on the machine;
+        # its lock object is not safe to share between threads, and a file
+        # lock does not exclude two threads of one process: a fresh object,
+        # and a thread lock around it.
+        with _handles_guard, fasteners.InterProcessLock(pgserver.PostgresServer.lock_path):
             handles = DiskList(pgdata / ".handle_pids.json")
             pids = [p for p in handles.get() if p != remove and _alive(p)]
             if add is not None and add not in pids:
@@ -252,6 +261,8 @@ class Postmaster:
             self._ids = await asyncio.to_thread(_prepare, self.pgdata)
         deadline = time.monotonic() + _READY_TIMEOUT
         other = live_postmaster(self.pgdata)
+        if other is not None and self._proc is not None and self._proc.pid == other:
+            return await self._registered()  # ours, started by a try that failed after the spawn
         if other is not None:
             # one still starting becomes ready; one shutting down (told by its
             # supervisor's death) ends

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from asyncpg.exceptions import InternalClientError
 
 from ..config import DatabaseSection
 
@@ -37,7 +38,7 @@ class DatabaseUnavailable(Exception):
 _GONE = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, asyncpg.InterfaceError)
 # What a background task sees when the database goes away: it waits and tries
 # again instead of dying (a dead task would stop its work for good).
-DB_GONE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+DB_GONE = (asyncpg.PostgresError, asyncpg.InterfaceError, InternalClientError, OSError, asyncio.TimeoutError)
 DB_UNAVAILABLE = "core.db_unavailable"
 
 
@@ -67,6 +68,15 @@ def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             log.warning("database unavailable during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
             raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
+        except InternalClientError as exc:
+            # asyncpg trips over its own state when the server dies under a
+            # connection (seen when the pool resets it on release after the
+            # postmaster was killed).  The backend may have committed before it
+            # noticed, so we cannot say "nothing was changed" — but every
+            # billing input carries its idempotency key, so a retry is safe.
+            log.warning("database connection broke during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            raise CallFailed(DB_UNAVAILABLE, "the database connection broke; the call may or may not have been "
+                                             "applied; retry later with the same key") from None
 
     return guarded
 
