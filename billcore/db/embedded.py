@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 _SYSTEM_USER = "pgserver"  # pgserver's convention: PostgreSQL refuses to run as root
 _READY_TIMEOUT = 60.0      # crash recovery after a kill replays WAL before "ready"
 _POLL = 0.05
+_HANDLES = ".handle_pids.json"  # pgserver's list of the server's users
 
 
 class EmbeddedStartFailed(Exception):
@@ -115,7 +116,7 @@ def _handles(pgdata: Path, *, add: int | None = None, remove: int | None = None)
         # lock does not exclude two threads of one process: a fresh object,
         # and a thread lock around it.
         with _handles_guard, fasteners.InterProcessLock(pgserver.PostgresServer.lock_path):
-            handles = DiskList(pgdata / ".handle_pids.json")
+            handles = DiskList(pgdata / _HANDLES)
             pids = [p for p in handles.get() if p != remove and _alive(p)]
             if add is not None and add not in pids:
                 pids.append(add)
@@ -144,7 +145,7 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or attach to) the server and return its DSN."""
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        if self.pgdata.exists():
+        if (self.pgdata / _HANDLES).exists():  # (initdb wants an empty directory)
             _handles(self.pgdata)  # a dead user's pid must not keep the server alive after us
         with _pgserver() as pgserver:
             self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
