@@ -285,6 +285,8 @@ async def test_postmaster_killed_under_load_recovers_by_itself(workdir: Path) ->
     assert restarted != victim
     assert 'msg="embedded postgresql died, restarting"' in log and 'how="signal 9"' in log
     assert 'msg="embedded postgresql restarted"' in log
+    # the classifier relay (NOTIFY) is listening again: binding changes reach the workers
+    assert re.search(r'role=core .*msg="listening for notifications again"', log)
     # charged exactly once: what was sent, every payment once
     assert counters == sent, "NetFlow usage differs from what was sent"
     assert ledger == counters, "ledger and usage counters disagree"

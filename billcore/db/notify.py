@@ -40,6 +40,8 @@ async def relay_notifications(dsn: str, channel: str, on_notify: Callable[[str |
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _c: lost.set())
             await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+            if delay > 0.5:
+                log.info("listening for notifications again", extra={"channel": channel})
             delay = 0.5
             on_notify(None)  # whatever changed while we were not listening
             while not lost.is_set():
@@ -49,8 +51,9 @@ async def relay_notifications(dsn: str, channel: str, on_notify: Callable[[str |
                     await conn.execute("SELECT 1", timeout=keepalive)
             log.warning("notification connection lost; reconnecting", extra={"channel": channel})
         except DB_GONE as exc:
-            log.warning("cannot listen for notifications; retrying",
-                        extra={"channel": channel, "reason": f"{type(exc).__name__}: {exc}", "retry_in": delay})
+            if delay == 0.5:  # once per outage; the core's probe reports the outage itself
+                log.warning("cannot listen for notifications; retrying",
+                            extra={"channel": channel, "reason": f"{type(exc).__name__}: {exc}", "retry_in": delay})
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_backoff)
         finally:

@@ -70,11 +70,15 @@ def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
             raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
         except InternalClientError as exc:
             # asyncpg trips over its own state when the server dies under a
-            # connection (seen when the pool resets it on release after the
-            # postmaster was killed).  The backend may have committed before it
-            # noticed, so we cannot say "nothing was changed" — but every
-            # billing input carries its idempotency key, so a retry is safe.
+            # connection: the pool's reset on release fails.  When the body had
+            # failed first (its error is the context), its transaction rolled
+            # back.  When the body had finished, a backend that outlived its
+            # killed postmaster may have committed: we cannot say "nothing was
+            # changed" — but every billing input carries its idempotency key,
+            # so a retry is safe.
             log.warning("database connection broke during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            if isinstance(exc.__context__, _GONE):
+                raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
             raise CallFailed(DB_UNAVAILABLE, "the database connection broke; the call may or may not have been "
                                              "applied; retry later with the same key") from None
 
