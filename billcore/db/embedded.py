@@ -51,6 +51,7 @@ _SYSTEM_USER = "pgserver"  # pgserver's convention: PostgreSQL refuses to run as
 _READY_TIMEOUT = 60.0      # crash recovery after a kill replays WAL before "ready"
 _POLL = 0.05
 _HANDLES = ".handle_pids.json"  # pgserver's list of the server's users
+_LOCK_WAIT = 3.0
 
 
 class EmbeddedStartFailed(Exception):
@@ -111,17 +112,24 @@ def _handles(pgdata: Path, *, add: int | None = None, remove: int | None = None)
         import fasteners
         from pgserver.utils import DiskList
 
-        # pgserver's lock is one file for every pgserver user on the machine;
-        # its lock object is not safe to share between threads, and a file
-        # lock does not exclude two threads of one process: a fresh object,
-        # and a thread lock around it.
-        with _handles_guard, fasteners.InterProcessLock(pgserver.PostgresServer.lock_path):
-            handles = DiskList(pgdata / _HANDLES)
-            pids = [p for p in handles.get() if p != remove and _alive(p)]
-            if add is not None and add not in pids:
-                pids.append(add)
-            handles.put(pids)
-            return pids
+        # pgserver's lock is one file for every pgserver user on the machine
+        # (held through a whole initdb by any of them); its lock object is not
+        # safe to share between threads, and a file lock does not exclude two
+        # threads of one process: a fresh object, a thread lock around it, and
+        # a bounded wait — a lost update here costs less than a stuck start or stop.
+        lock = fasteners.InterProcessLock(pgserver.PostgresServer.lock_path)
+        with _handles_guard:
+            locked = lock.acquire(timeout=_LOCK_WAIT)
+            try:
+                handles = DiskList(pgdata / _HANDLES)
+                pids = [p for p in handles.get() if p != remove and _alive(p)]
+                if add is not None and add not in pids:
+                    pids.append(add)
+                handles.put(pids)
+                return pids
+            finally:
+                if locked:
+                    lock.release()
 
 
 def _tail(path: Path, lines: int = 3) -> str:
@@ -234,8 +242,13 @@ async def _pid_exit(pid: int) -> None:
         while _alive(pid):
             await asyncio.sleep(0.2)
         return
-    ended = loop.create_future()
-    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:  # the process ended
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await ended
     finally:
