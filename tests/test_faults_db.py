@@ -396,3 +396,18 @@ async def test_external_database_outage_is_reported(workdir: Path) -> None:
         assert_clean_logs(log)
     finally:
         db.stop()
+
+
+def test_database_health_tells_only_changes_with_the_outage_length() -> None:
+    from billcore.db.pool import DatabaseHealth
+
+    heard: list[tuple[bool, float, str]] = []
+    health = DatabaseHealth(lambda up, after, reason: heard.append((up, after, reason)))
+    assert health.up is None  # unknown before the first probe: /ready says no
+    health.observe(True, now=100.0)
+    health.observe(True, now=101.0)
+    health.observe(False, now=102.0, reason="ConnectionRefusedError")
+    health.observe(False, now=103.0, reason="ConnectionRefusedError")
+    health.observe(True, now=107.5)
+    assert heard == [(True, 0.0, ""), (False, 2.0, "ConnectionRefusedError"), (True, 5.5, "")]
+    assert health.up is True and health.since == 107.5

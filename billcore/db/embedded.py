@@ -352,8 +352,10 @@ class Postmaster:
         """Fast shutdown, unless a command-line tool still uses the server
         (the last of them stops it)."""
         pid = self.pid
+        if pid is None:  # never started (initdb failed): nothing registered, nothing to stop
+            return
         others = await asyncio.to_thread(_handles, self.pgdata, remove=os.getpid())
-        if pid is None or not _alive(pid):
+        if not _alive(pid):
             return
         if others:
             log.warning("embedded postgresql left running for its other users", extra={"pids": others})
