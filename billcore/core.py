@@ -247,8 +247,10 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             await service.stop()
         if plugins is not None:
             await plugins.close()
-        with contextlib.suppress(asyncio.TimeoutError):
+        try:
             await asyncio.wait_for(pool.close(), timeout=5)
+        except DB_GONE as exc:  # (timeouts included) the server went first, e.g. with a killed supervisor
+            log.info("database gone before the pool closed", extra={"reason": f"{type(exc).__name__}: {exc}"})
 
 
 async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
