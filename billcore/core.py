@@ -30,7 +30,7 @@ from .calls import CallRegistry, CallSpec
 from .config import Config
 from .context import CoreContext, utcnow
 from .db.migrate import migrate
-from .db.pool import DATABASE_GONE, describe_dsn, guard_database, open_pool
+from .db.pool import DB_GONE, DatabaseHealth, describe_dsn, guard_database, open_pool, watch_database
 from .principals import DatabaseAuth, ensure_service_login
 from .urfa_server import URFAConfig, URFAService
 
@@ -91,16 +91,33 @@ async def _watch_pool(pool: asyncpg.Pool) -> None:
         await asyncio.sleep(5)
 
 
+def _database_health() -> DatabaseHealth:
+    """``billcore_db_up`` and /ready follow the probe; one log line per change."""
+    def changed(up: bool, after: float, reason: str) -> None:
+        metrics.DB_UP.set(1 if up else 0)
+        if up:
+            log.info("database reachable", extra={"after_s": round(after, 2)})
+        else:
+            log.warning("database unreachable; calls answer core.db_unavailable until it is back",
+                        extra={"reason": reason})
+
+    return DatabaseHealth(changed)
+
+
 async def _relay_classifier(dsn: str, service: URFAService, pool: asyncpg.Pool) -> None:
     """Bindings, classes or rules changed (any code path: the trigger
     NOTIFYs at commit): tell the NetFlow workers to reload their snapshot."""
     from .db.notify import relay_notifications
 
+    catching_up: set[asyncio.Task[None]] = set()  # referenced until done, or the loop may drop them
+
     def publish(payload: str | None) -> None:
         if payload is not None:
             service.publish("classifier", {"version": int(payload)})
         else:  # (re)connected: we may have missed changes; the version is cheap to read
-            asyncio.get_running_loop().create_task(_publish_current(pool, service))
+            task = asyncio.get_running_loop().create_task(_publish_current(pool, service))
+            catching_up.add(task)
+            task.add_done_callback(catching_up.discard)
 
     await relay_notifications(dsn, "billcore_classifier", publish)
 
@@ -108,7 +125,7 @@ async def _relay_classifier(dsn: str, service: URFAService, pool: asyncpg.Pool) 
 async def _publish_current(pool: asyncpg.Pool, service: URFAService) -> None:
     try:
         version = await pool.fetchval("SELECT version FROM classifier_version")
-    except (asyncpg.PostgresError, *DATABASE_GONE, OSError):   # a task nobody awaits: nothing may escape
+    except DB_GONE:  # gone again: the relay calls us once more when it reconnects
         return
     service.publish("classifier", {"version": int(version)})
 
@@ -172,7 +189,7 @@ async def _periodic(core: CoreContext) -> None:
     while True:
         try:
             await periodic_once(core)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except DB_GONE as exc:
             ops_metrics.periodic_failed()
             log.warning("periodic run failed, will retry", extra={"reason": f"{type(exc).__name__}: {exc}"})
         await asyncio.sleep(core.config.periodic.interval)
@@ -220,9 +237,14 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         )
         if sock is not None:
             sock.chmod(0o660)
+        health = _database_health()
         if config.metrics.enabled:
-            metrics.serve(config.metrics.host, config.metrics.port)
+            def ready() -> tuple[bool, str]:
+                return (True, "ready") if health.up else (False, "database unavailable")
+
+            metrics.serve(config.metrics.host, config.metrics.port, ready=ready)
         tasks.append(asyncio.create_task(_watch_pool(pool)))
+        tasks.append(asyncio.create_task(watch_database(pool, health)))
         tasks.append(asyncio.create_task(_relay_classifier(dsn, service, pool)))
         if config.periodic.enabled:
             tasks.append(asyncio.create_task(_periodic(core)))
@@ -241,8 +263,10 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             await service.stop()
         if plugins is not None:
             await plugins.close()
-        with contextlib.suppress(asyncio.TimeoutError):
+        try:
             await asyncio.wait_for(pool.close(), timeout=5)
+        except DB_GONE as exc:  # (timeouts included) the server went first, e.g. with a killed supervisor
+            log.info("database gone before the pool closed", extra={"reason": f"{type(exc).__name__}: {exc}"})
 
 
 async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:

@@ -10,6 +10,15 @@ resets once it has run ``stable_after`` seconds.  SIGTERM or SIGINT sends
 SIGTERM to every child, gives them ``stop_timeout`` seconds to flush and
 exit, kills what is left, stops the embedded database and returns 0.
 
+The embedded PostgreSQL is watched like a child (``billcore.db.embedded.
+Postmaster``): when it dies it is restarted with the same backoff, its
+restarts counted as ``billcore_restarts{role="postgresql"}``; the children
+keep running and wait for it (the core answers ``core.db_unavailable`` and
+reports ``billcore_db_up 0`` meanwhile).  One that an earlier supervisor,
+killed with SIGKILL, left running is adopted at start and stopped at the
+end.  An external database is not ours to restart: the core watches it and
+reports it the same way.
+
 Children get ``PR_SET_PDEATHSIG`` so that a supervisor killed with SIGKILL
 does not leave orphans holding the ports.
 """
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .db.embedded import EmbeddedPostgres
+from .db.embedded import EmbeddedStartFailed, Postmaster
 from .proc import ENV_CONFIG, ENV_DSN, ENV_INDEX
 
 __all__ = ["Supervisor", "ChildSpec", "prepare_metrics_dir", "children_for"]
@@ -90,7 +99,7 @@ class Supervisor:
         self.section = config.supervisor
         self._stopping = asyncio.Event()
         self._children: list[_Child] = []
-        self._embedded: EmbeddedPostgres | None = None
+        self._embedded: Postmaster | None = None
         self.dsn = config.database.dsn
 
     def request_stop(self) -> None:
@@ -107,12 +116,15 @@ class Supervisor:
 
         self._metrics = metrics
         if not self.dsn:
-            self._embedded = EmbeddedPostgres(data_dir)
+            self._embedded = Postmaster(data_dir)
             try:
-                self.dsn = await asyncio.to_thread(self._embedded.start)
-            except Exception as exc:  # pgserver raises plain exceptions
+                self.dsn = await self._embedded.start()
+            except Exception as exc:  # pgserver's initdb raises plain exceptions
                 log.error("embedded postgresql failed to start", extra={"reason": str(exc)})
+                await self._embedded.stop()
                 return 1
+            log.info("embedded postgresql ready",
+                     extra={"pgdata": str(self._embedded.pgdata), "postmaster_pid": self._embedded.pid})
         from .principals import read_or_make_password, service_password_file
 
         for role in {spec.role for spec in children_for(self.config)} - {"core"}:
@@ -121,6 +133,8 @@ class Supervisor:
         try:
             self._children = [_Child(s, self.section.restart_backoff_initial) for s in children_for(self.config)]
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
+            if self._embedded is not None:
+                watchers.append(asyncio.create_task(self._watch_database(self._embedded)))
             log.info("supervisor started", extra={"children": ",".join(c.spec.name for c in self._children)})
             await self._stopping.wait()
             log.info("stopping children")
@@ -130,7 +144,7 @@ class Supervisor:
             await asyncio.gather(*watchers, return_exceptions=True)
         finally:
             if self._embedded is not None:
-                await asyncio.to_thread(self._embedded.stop)
+                await self._embedded.stop()
         log.info("supervisor stopped")
         return 0
 
@@ -173,6 +187,39 @@ class Supervisor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=child.backoff)
             child.backoff = min(child.backoff * 2, self.section.restart_backoff_max)
+
+    async def _watch_database(self, pg: Postmaster) -> None:
+        """Restart the embedded PostgreSQL whenever it dies, with the children's backoff."""
+        backoff = self.section.restart_backoff_initial
+        while True:
+            how = await pg.wait_exit()
+            if self._stopping.is_set():
+                return
+            died_at = time.monotonic()
+            ran = died_at - pg.started_at
+            if ran >= self.section.stable_after:
+                backoff = self.section.restart_backoff_initial
+            log.warning("embedded postgresql died, restarting",
+                        extra={"postmaster_pid": pg.pid, "how": how, "ran_s": round(ran, 1), "restart_in": backoff})
+            self._metrics.RESTARTS.labels("postgresql").inc()
+            while True:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+                if self._stopping.is_set():
+                    return
+                backoff = min(backoff * 2, self.section.restart_backoff_max)
+                try:
+                    dsn = await pg.start()
+                    break
+                except EmbeddedStartFailed as exc:
+                    log.warning("embedded postgresql did not start, retrying",
+                                extra={"reason": str(exc), "restart_in": backoff})
+                except Exception:  # this watcher must outlive any surprise, or nothing restarts the database
+                    log.exception("embedded postgresql restart failed, retrying", extra={"restart_in": backoff})
+            if dsn != self.dsn:  # the children hold the old one; cannot happen with the same data dir
+                log.error("embedded postgresql came back at another address", extra={"dsn": dsn})
+            log.info("embedded postgresql restarted",
+                     extra={"postmaster_pid": pg.pid, "down_s": round(time.monotonic() - died_at, 2)})
 
     async def _stop_children(self) -> None:
         live = [c.proc for c in self._children if c.proc is not None and c.proc.returncode is None]

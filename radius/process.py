@@ -57,6 +57,12 @@ __all__ = ["RadiusSettings", "CoreLink", "UrfaDecider", "dynauth_sessions", "run
 
 log = logging.getLogger(__name__)
 
+# The core's code for "the database went away; nothing was changed, retry
+# later" (billcore.db.pool.DB_UNAVAILABLE, spelled here: radius does not
+# import the core).  Like "busy", it is not the NAS's fault: drop and let the
+# NAS retransmit, instead of an error with a traceback per request.
+DB_UNAVAILABLE = "core.db_unavailable"
+
 CONNECTED = Gauge("billcore_radius_core_connected", "1 while the radius process holds a session with the core",
                   multiprocess_mode="livesum")
 CONNECTS = Counter("billcore_radius_core_connects", "Sessions with the core established, by how", ["how"])
@@ -108,7 +114,7 @@ class CoreLink:
         try:
             return await client.call(fn, args, timeout=timeout)
         except CallFailed as exc:
-            if exc.code in (BUSY, SHUTDOWN):
+            if exc.code in (BUSY, SHUTDOWN, DB_UNAVAILABLE):
                 raise DecisionUnavailable(str(exc)) from exc
             raise RadiusError(f"{fn} refused by the core: {exc}") from exc
         except (URFAError, OSError, asyncio.TimeoutError) as exc:

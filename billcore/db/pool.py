@@ -16,10 +16,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from asyncpg.exceptions import InternalClientError
 
 from ..config import DatabaseSection
 
-__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "DATABASE_GONE", "guard_database"]
+__all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "DATABASE_GONE", "guard_database",
+           "DB_GONE", "DatabaseHealth", "watch_database"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ class DatabaseUnavailable(Exception):
 # What a call sees when the database went away under it (connection lost,
 # server shutting down or restarting, statement timed out, pool closed).
 _GONE = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError, asyncpg.InterfaceError)
+# What a background task sees when the database goes away: it waits and tries
+# again instead of dying (a dead task would stop its work for good).
+DB_GONE = (asyncpg.PostgresError, asyncpg.InterfaceError, InternalClientError, OSError, asyncio.TimeoutError)
 DB_UNAVAILABLE = "core.db_unavailable"
 DATABASE_GONE = _GONE   # for code outside a call handler that must tell "down" from "bug"
 
@@ -64,6 +69,19 @@ def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             log.warning("database unavailable during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
             raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
+        except InternalClientError as exc:
+            # asyncpg trips over its own state when the server dies under a
+            # connection: the pool's reset on release fails.  When the body had
+            # failed first (its error is the context), its transaction rolled
+            # back.  When the body had finished, a backend that outlived its
+            # killed postmaster may have committed: we cannot say "nothing was
+            # changed" — but every billing input carries its idempotency key,
+            # so a retry is safe.
+            log.warning("database connection broke during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            if isinstance(exc.__context__, _GONE):
+                raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
+            raise CallFailed(DB_UNAVAILABLE, "the database connection broke; the call may or may not have been "
+                                             "applied; retry later with the same key") from None
 
     return guarded
 
@@ -115,3 +133,37 @@ async def open_pool(
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, section.retry_max_backoff)
+
+
+class DatabaseHealth:
+    """Is the database answering?  Fed one probe result at a time, with ``now``
+    passed in; tells its listener only of changes."""
+
+    def __init__(self, on_change: Callable[[bool, float, str], None]) -> None:
+        self.up: bool | None = None  # unknown until the first probe
+        self.since = 0.0
+        self._on_change = on_change
+
+    def observe(self, ok: bool, now: float, reason: str = "") -> None:
+        if ok == self.up:
+            return
+        was = self.since
+        self.up, self.since = ok, now
+        self._on_change(ok, now - was if was else 0.0, reason)
+
+
+async def watch_database(pool: asyncpg.Pool, health: DatabaseHealth, *, interval: float = 1.0,
+                         timeout: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+    """Probe the database every ``interval`` seconds (``SELECT 1`` through the
+    pool, bounded by ``timeout``) until cancelled.  The pool replaces the
+    connections that died with the server, so the first probe after it comes
+    back succeeds."""
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                await pool.fetchval("SELECT 1")
+        except DB_GONE as exc:
+            health.observe(False, clock(), f"{type(exc).__name__}: {exc}".strip())
+        else:
+            health.observe(True, clock())
+        await asyncio.sleep(interval)
