@@ -8,16 +8,27 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from billcore.api import tariffs
+from billcore.api import netflow_calls, tariffs
+from billcore.api.netflow_calls import snapshot_chunks
 from billcore.config import Config
 from billcore.context import CoreContext
-from netflow.classifier import Classifier
+from netflow.classifier import Classifier, Snapshot
 from netflow.flows import FLOW_DTYPE, addr_to_pair
-from netflow.worker import snapshot_from_wire
+from netflow.snapshot import SnapshotLoader
 from tests.test_tariffs_api import Ctx
 from tests.test_usage_commit import make_accounts
 
 NOW = datetime(2024, 4, 10, 12, tzinfo=timezone.utc)
+
+
+async def snapshot_at(conn: asyncpg.Connection, since: datetime, rows: int = 16_384) -> tuple[Snapshot, int]:
+    """The classifier snapshot as a worker loads it: `snapshot_chunks` fed to a `SnapshotLoader`."""
+    loader = SnapshotLoader()
+    async for chunk in snapshot_chunks(conn, since, rows):
+        if chunk["kind"] == "end":
+            return loader.finish(chunk)
+        loader.feed(chunk)
+    raise AssertionError("no end chunk")
 
 
 def flow_at(src: str, at: datetime) -> Any:
@@ -31,7 +42,7 @@ def flow_at(src: str, at: datetime) -> Any:
 
 async def test_snapshot_holds_bindings_ended_within_the_history_window(pool: asyncpg.Pool) -> None:
     core = CoreContext(pool, Config(), publish=lambda t, p: None, now=lambda: NOW)
-    fn = {s.name: s.handler for s in tariffs.calls(core)}
+    fn = {s.name: s.handler for s in [*tariffs.calls(core), *netflow_calls.calls(core)]}
     admin = Ctx("admin", 1)
     async with pool.acquire() as conn:
         old, new, gone = await make_accounts(conn, 3)
@@ -45,9 +56,14 @@ async def test_snapshot_holds_bindings_ended_within_the_history_window(pool: asy
     g = await fn["bindings.add"](admin, account_id=gone, prefix="192.0.2.9/32", valid_from=NOW - timedelta(days=90))
     await fn["bindings.end"](admin, binding_id=g["id"], at=NOW - timedelta(days=30))
 
-    snap = await fn["netflow.snapshot"](Ctx("system", 1))
-    assert sorted(b[1] for b in snap["bindings"]) == [old, new]
-    classifier = Classifier(snapshot_from_wire(snap))
+    worker = Ctx("system", 1)
+    loader = SnapshotLoader()
+    answer = await fn["netflow.snapshot"](worker)
+    for chunk in worker.chunks:
+        loader.feed(chunk)
+    snapshot, _ = loader.finish(answer)
+    assert sorted(snapshot.bindings.account.tolist()) == [old, new]  # type: ignore[union-attr]
+    classifier = Classifier(snapshot)
     flows = np.concatenate([flow_at("192.0.2.5", moved - timedelta(minutes=5)),  # replayed: before the move
                             flow_at("192.0.2.5", moved + timedelta(minutes=5))])
     legs = classifier.classify(flows)

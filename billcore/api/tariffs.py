@@ -1,4 +1,4 @@
-"""URFA calls for the tariff model, and the NetFlow classifier snapshot.
+"""URFA calls for the tariff model.
 
 Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
 ``tariffs.write`` for changes:
@@ -10,22 +10,14 @@ Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
   timeranges.list, timeranges.add, timeranges.delete,
   bindings.list, bindings.add, bindings.end
 
-System call (kinds ``{"system"}``, right ``netflow.read``): ``netflow.snapshot``
-(bindings valid at any time in the last ``SNAPSHOT_HISTORY`` or later)
-— ``{"version": int, "bindings": [[prefix, account_id, valid_from_epoch,
-valid_to_epoch|None], …], "classes": [{"id", "name", "position", "rules":
-[{"id", "position", "skip", "local_net", "remote_net", "local_ports",
-"remote_ports", "protocol", "exporter", "iface"}, …]}, …]}`` with classes and
-rules in match order.  Every change to bindings, classes or rules — from
-these calls, RADIUS accounting or anywhere else — NOTIFYs at commit (a
-trigger, schema 0008) and the core publishes ``("classifier", {"version":
-v})`` to the workers.
+The NetFlow workers' classifier snapshot (``netflow.snapshot``) lives in
+``billcore.api.netflow_calls``: it is streamed, since it grows with bindings.
 """
 
 from __future__ import annotations
 
 import functools
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 
 from billcore.api import ADMIN, handler, need_int, who
@@ -35,12 +27,7 @@ from billcore.billing.errors import TariffError
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
 
-SNAPSHOT_HISTORY = timedelta(days=7)
-"""How far back ``netflow.snapshot`` keeps ended bindings (journal replay, late flows)."""
-
 __all__ = ["calls", "plain"]
-
-SYSTEM = frozenset({"system"})
 
 
 def plain(value: Any) -> Any:
@@ -61,10 +48,6 @@ def _date(value: object, what: str) -> date:
         return date.fromisoformat(value)
     except ValueError as exc:
         raise TariffError(f"{what}: {exc}") from exc
-
-
-def _epoch(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
@@ -236,17 +219,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await T.end_binding(conn, need_int("binding_id", binding_id), at or core.now())
         return {"id": binding_id}
 
-    @handler
-    async def netflow_snapshot(ctx: Any) -> dict[str, Any]:
-        """Bindings valid during the last SNAPSHOT_HISTORY or later, and the class rules, with
-        the classifier version.  Ended bindings stay in for a while because a worker replays
-        its journal after a restart and exporters report flows late: such flows belong to the
-        account that held the address at the flow's time (the classifier checks validity)."""
-        async with core.pool.acquire() as conn:
-            snap = await T.classifier_snapshot(conn, core.now() - SNAPSHOT_HISTORY)
-        snap["bindings"] = [[p, a, _epoch(f), _epoch(t)] for p, a, f, t in snap["bindings"]]
-        return snap
-
     R, W = "tariffs.read", "tariffs.write"
     rule_args = {"class_id": "int", "position": "int?", "skip": "bool?", "local_net": "str?",
                  "remote_net": "str?", "local_ports": "list?", "remote_ports": "list?",
@@ -295,6 +267,4 @@ def calls(core: CoreContext) -> list[CallSpec]:
     specs = [CallSpec(name, audited(name, fn) if right == W else fn, right=right, kinds=ADMIN, args=args,
                       doc=fn.__doc__ or "")
              for name, fn, right, args in table]
-    specs.append(CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM,
-                          result="map", doc=netflow_snapshot.__doc__ or ""))
     return specs

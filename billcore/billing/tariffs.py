@@ -22,8 +22,8 @@ Writes validate by building the pure value first (a bad tier schedule fails
 as ``TariffError`` before SQL), and map constraint violations to
 ``TariffConflict`` (overlapping binding or tariff link, a name taken, a row
 still in use).  Every write that changes what the NetFlow classifier sees
-bumps ``classifier_version`` (a statement trigger), read by
-``classifier_snapshot``.
+bumps ``classifier_version`` (a statement trigger), read by the
+``netflow.snapshot`` call (``billcore.api.netflow_calls``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ __all__ = [
     "account_links",
     "add_binding",
     "add_rule",
-    "classifier_snapshot",
     "classifier_version",
     "create_class",
     "create_service",
@@ -599,21 +598,3 @@ async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None,
 
 async def classifier_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT version FROM classifier_version"))
-
-
-async def classifier_snapshot(conn: asyncpg.Connection, now: datetime) -> dict[str, Any]:
-    """What a NetFlow worker needs to classify: bindings valid now or later, rules, version.
-
-    Read in one REPEATABLE READ snapshot so the version matches the rows.
-    """
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        version = await classifier_version(conn)
-        bindings = await conn.fetch(
-            "SELECT account_id, prefix::text AS prefix, valid_from, valid_to FROM ip_bindings"
-            " WHERE valid_to IS NULL OR valid_to > $1 ORDER BY prefix, valid_from", _utc(now, "now"))
-        classes = await list_classes(conn)
-    return {
-        "version": version,
-        "bindings": [[b["prefix"], b["account_id"], b["valid_from"], b["valid_to"]] for b in bindings],
-        "classes": classes,
-    }
