@@ -61,6 +61,19 @@ class CallSpec:
     ``time``, ``bytes``, ``list``, ``map``, ``any``); a trailing ``?`` marks
     an optional argument.  ``right`` is the right a session must hold
     (``None``: any session of an allowed kind).
+
+    ``bound`` says how the result stays within one frame however large the
+    data grows (docs/protocol.md, "Results that grow"; every built-in call
+    declares it, tests/test_bounded_results.py checks each):
+
+    * ``"fixed"`` — the size does not grow with subscribers, bindings,
+      sessions, NAS, plugins or history (a record, a scalar, or a list
+      capped by a constant or by the caller's own bounded input);
+    * ``"page:N"`` — a list that takes ``limit`` (1..N, default at most N;
+      more is refused with ``bad_args``) and ``offset``;
+    * ``"stream"`` — a streaming call (``streaming=True``): bounded chunks.
+
+    ``""`` is undeclared (a plugin's call may be).
     """
 
     name: str
@@ -72,6 +85,13 @@ class CallSpec:
     result: str = "any"
     doc: str = ""
     streaming: bool = False
+    bound: str = ""
+
+    @property
+    def page_max(self) -> int | None:
+        """N of a ``"page:N"`` call, else None."""
+        kind, _, n = self.bound.partition(":")
+        return int(n) if kind == "page" and n.isdigit() else None
 
     def describe(self) -> dict[str, Any]:
         """The introspection record `sys.calls` returns for this symbol."""
@@ -84,6 +104,7 @@ class CallSpec:
             "module": self.module,
             "doc": self.doc,
             "streaming": self.streaming,
+            "bound": self.bound,
         }
 
 

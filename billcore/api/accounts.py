@@ -140,8 +140,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                      until=until, limit=limit, offset=offset)
 
     def spec(name: str, fn: Any, right: str, args: dict[str, str], result: str = "map",
-             kinds: frozenset[str] = ADMIN) -> CallSpec:
-        return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "")
+             kinds: frozenset[str] = ADMIN, bound: str = "fixed") -> CallSpec:
+        return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "",
+                        bound=bound)
 
     page_args = {"limit": "int?", "offset": "int?"}
     return [
@@ -153,12 +154,14 @@ def calls(core: CoreContext) -> list[CallSpec]:
         spec("accounts.set_credit", accounts_set_credit, "accounts.credit",
              {"account_id": "int", "credit": "money"}),
         spec("accounts.history", accounts_history, "accounts.read",
-             {"account_id": "int", **page_args, "since": "time?", "until": "time?"}, result="list"),
+             {"account_id": "int", **page_args, "since": "time?", "until": "time?"}, result="list",
+             bound="page:1000"),
         spec("blocks.set", blocks_set, "blocks.write", {"account_id": "int", "reason": "str?", "kind": "str?"}),
         spec("blocks.lift", blocks_lift, "blocks.write", {"account_id": "int", "kind": "str?"}),
         spec("blocks.list", blocks_list, "blocks.read",
-             {"account_id": "int", "active_only": "bool?", **page_args}, result="list", kinds=ADMIN_SYSTEM),
+             {"account_id": "int", "active_only": "bool?", **page_args}, result="list", kinds=ADMIN_SYSTEM,
+             bound="page:1000"),
         spec("audit.query", audit_query, "audit.read",
              {"object": "str?", "action": "str?", "login": "str?", "since": "time?", "until": "time?",
-              **page_args}, result="list"),
+              **page_args}, result="list", bound="page:1000"),
     ]

@@ -54,17 +54,21 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return int(ctx.principal.id)
 
     @handler
-    async def me_accounts(ctx: Any) -> list[dict[str, Any]]:
-        """My accounts: balance, credit, blocks, promised credit."""
+    async def me_accounts(ctx: Any, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """My accounts (basic first): balance, credit, blocks, promised credit."""
+        limit, offset = page(limit, offset, 100)
         async with core.pool.acquire() as conn:
-            return [await account_view(conn, a, core.now()) for a in await _own(conn, uid(ctx), None)]
+            ids = (await _own(conn, uid(ctx), None))[offset:offset + limit]
+            return [await account_view(conn, a, core.now()) for a in ids]
 
     @handler
-    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False) -> list[dict[str, Any]]:
+    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False, limit: int = 100,
+                        offset: int = 0) -> list[dict[str, Any]]:
         """Blocks of my accounts, newest first."""
+        limit, offset = page(limit, offset, 200)
         async with core.pool.acquire() as conn:
             ids = await _own(conn, uid(ctx), account_id)
-            return await blocks.list_blocks(conn, ids, active_only=bool(active_only))
+            return await blocks.list_blocks(conn, ids, active_only=bool(active_only), limit=limit, offset=offset)
 
     @handler
     async def me_payments(ctx: Any, account_id: int | None = None, limit: int = 50,
@@ -144,15 +148,16 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                after={"password": "changed"}, now=core.now())
         return True
 
-    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map") -> CallSpec:
+    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map", bound: str = "fixed") -> CallSpec:
         return CallSpec(name, fn, right=None, kinds=USER, module="builtin", args=args, result=result,
-                        doc=fn.__doc__ or "")
+                        doc=fn.__doc__ or "", bound=bound)
 
+    paged = {"limit": "int?", "offset": "int?"}
     return [
-        spec("me.accounts", me_accounts, {}, "list"),
-        spec("me.blocks", me_blocks, {"account_id": "int?", "active_only": "bool?"}, "list"),
-        spec("me.payments", me_payments, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
-        spec("me.history", me_history, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
+        spec("me.accounts", me_accounts, paged, "list", "page:100"),
+        spec("me.blocks", me_blocks, {"account_id": "int?", "active_only": "bool?", **paged}, "list", "page:200"),
+        spec("me.payments", me_payments, {"account_id": "int?", **paged}, "list", "page:200"),
+        spec("me.history", me_history, {"account_id": "int?", **paged}, "list", "page:200"),
         spec("me.block", me_block, {"on": "bool", "account_id": "int?"}),
         spec("me.promised", me_promised, {"account_id": "int?"}),
         spec("me.password", me_password, {"old_password": "str", "new_password": "str"}, "bool"),

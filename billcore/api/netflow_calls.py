@@ -240,13 +240,14 @@ def calls(core: CoreContext) -> list[CallSpec]:
     cols = {name: "bytes" for name in COLUMNS}
     return [
         CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM, result="map",
-                 doc=netflow_snapshot.__doc__ or "", streaming=True),
+                 doc=netflow_snapshot.__doc__ or "", streaming=True, bound="stream"),
         CallSpec("netflow.submit", netflow_submit, right="netflow.submit", kinds=SYSTEM,
                  args={"worker": "str", "watermark": "int", **cols}, result="map",
-                 doc=netflow_submit.__doc__ or ""),
+                 doc=netflow_submit.__doc__ or "", bound="fixed"),
         CallSpec("netflow.watermark", netflow_watermark, right="netflow.watermark", kinds=SYSTEM,
-                 args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or ""),
+                 args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or "",
+                 bound="fixed"),
         CallSpec("netflow.raw", netflow_raw, right="netflow.read", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "since": "time", "until": "time"}, result="map",
-                 doc=netflow_raw.__doc__ or "", streaming=True),
+                 doc=netflow_raw.__doc__ or "", streaming=True, bound="stream"),
     ]

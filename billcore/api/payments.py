@@ -75,10 +75,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
     return [
         CallSpec("payments.add", payments_add, right="payments.add", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "amount": "money", "method": "str", "external_id": "str?",
-                       "comment": "str?"}, result="map", doc=payments_add.__doc__ or ""),
+                       "comment": "str?"}, result="map", doc=payments_add.__doc__ or "", bound="fixed"),
         CallSpec("payments.cancel", payments_cancel, right="payments.cancel", kinds=ADMIN,
-                 args={"payment_id": "int", "reason": "str?"}, result="map", doc=payments_cancel.__doc__ or ""),
+                 args={"payment_id": "int", "reason": "str?"}, result="map", doc=payments_cancel.__doc__ or "", bound="fixed"),
         CallSpec("payments.list", payments_list, right="payments.read", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "limit": "int?", "offset": "int?"}, result="list",
-                 doc=payments_list.__doc__ or ""),
+                 doc=payments_list.__doc__ or "", bound="page:1000"),
     ]

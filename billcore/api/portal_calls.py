@@ -55,11 +55,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 " LIMIT $2 OFFSET $3", ids, limit, offset)
         return [dict(r) for r in rows]
 
-    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map") -> CallSpec:
+    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map", bound: str = "fixed") -> CallSpec:
         return CallSpec(name, fn, right=None, kinds=USER, module="builtin", args=args, result=result,
-                        doc=fn.__doc__ or "")
+                        doc=fn.__doc__ or "", bound=bound)
 
     return [
-        spec("me.classes", me_classes, {}, "list"),
-        spec("me.sessions", me_sessions, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list"),
+        spec("me.classes", me_classes, {}, "list"),  # at most 1 000 names: a catalogue, not data
+        spec("me.sessions", me_sessions, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list",
+             "page:200"),
     ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from billcore.api import ADMIN, USER, handler, need_int
+from billcore.api import ADMIN, USER, handler, need_int, page
 from billcore.api.tariffs import _date, plain
 from billcore.billing.errors import TariffError
 from billcore.billing import tariffs as T
@@ -99,8 +99,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
-    async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> list[dict[str, Any]]:
-        """Amounts per tariff for periods starting in [since, until)."""
+    async def reports_revenue(ctx: Any, since: datetime, until: datetime, limit: int = 1000,
+                              offset: int = 0) -> list[dict[str, Any]]:
+        """Amounts per tariff for periods starting in [since, until), by tariff id (paged)."""
+        limit, offset = page(limit, offset, 1000)
         async with core.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT f.id AS tariff_id, f.name, sum(c.charged)::bigint AS amount,"
@@ -111,8 +113,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 "  AND (t.valid_to IS NULL OR t.valid_to > c.period_start)"
                 " JOIN tariffs f ON f.id = t.tariff_id"
                 " JOIN tariff_services ts ON ts.tariff_id = f.id AND ts.service_id = c.service_id"
-                " WHERE c.period_start >= $1 AND c.period_start < $2 GROUP BY f.id ORDER BY f.id",
-                since, until)
+                " WHERE c.period_start >= $1 AND c.period_start < $2 GROUP BY f.id ORDER BY f.id LIMIT $3 OFFSET $4",
+                since, until, limit, offset)
         return [dict(r) for r in rows]
 
     @handler
@@ -172,14 +174,19 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     return [
         CallSpec("reports.traffic", reports_traffic, right="reports.read", kinds=ADMIN, streaming=True,
-                 args={"since": "str", "until": "str", "account_id": "int?"}, doc=reports_traffic.__doc__ or ""),
+                 args={"since": "str", "until": "str", "account_id": "int?"}, doc=reports_traffic.__doc__ or "",
+                 bound="stream"),
         CallSpec("reports.charges", reports_charges, right="reports.read", kinds=ADMIN, streaming=True,
-                 args={"since": "time", "until": "time"}, doc=reports_charges.__doc__ or ""),
+                 args={"since": "time", "until": "time"}, doc=reports_charges.__doc__ or "", bound="stream"),
         CallSpec("reports.revenue", reports_revenue, right="reports.read", kinds=ADMIN,
-                 args={"since": "time", "until": "time"}, doc=reports_revenue.__doc__ or ""),
+                 args={"since": "time", "until": "time", "limit": "int?", "offset": "int?"},
+                 doc=reports_revenue.__doc__ or "", bound="page:1000"),
         CallSpec("reports.preview", reports_preview, right="reports.read", kinds=ADMIN,
-                 args={"account_id": "int"}, doc=reports_preview.__doc__ or ""),
-        CallSpec("me.tariff", me_tariff, kinds=USER, args={"account_id": "int?"}, doc=me_tariff.__doc__ or ""),
+                 args={"account_id": "int"}, doc=reports_preview.__doc__ or "", bound="fixed"),
+        # one account's tariff and services; the user's accounts are few (users.get lists 100)
+        CallSpec("me.tariff", me_tariff, kinds=USER, args={"account_id": "int?"}, doc=me_tariff.__doc__ or "",
+                 bound="fixed"),
+        # at most 366 days x classes x the user's accounts
         CallSpec("me.traffic", me_traffic, kinds=USER, args={"since": "str", "until": "str", "account_id": "int?"},
-                 doc=me_traffic.__doc__ or ""),
+                 doc=me_traffic.__doc__ or "", bound="fixed"),
     ]

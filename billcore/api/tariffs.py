@@ -20,7 +20,7 @@ import functools
 from datetime import date, datetime
 from typing import Any
 
-from billcore.api import ADMIN, handler, need_int, who
+from billcore.api import ADMIN, handler, need_int, page, who
 from billcore.billing import audit
 from billcore.billing import tariffs as T
 from billcore.billing.errors import TariffError
@@ -28,6 +28,9 @@ from billcore.calls import CallSpec
 from billcore.context import CoreContext
 
 __all__ = ["calls", "plain"]
+
+PAGE = T.MAX_PAGE
+CLASS_PAGE = 100  # a class carries its rules: fewer per page
 
 
 def plain(value: Any) -> Any:
@@ -54,10 +57,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
     tz = core.config.zone
 
     @handler
-    async def services_list(ctx: Any) -> list[dict[str, Any]]:
-        """Every service with its rates."""
+    async def services_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Services with their rates, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_services(conn))
+            return plain(await T.list_services(conn, limit=limit, offset=offset))
 
     @handler
     async def services_add(ctx: Any, name: str, kind: str, fee: int | None = None,
@@ -96,10 +100,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"service_id": service_id}
 
     @handler
-    async def tariffs_list(ctx: Any) -> list[dict[str, Any]]:
-        """Every tariff with its service ids."""
+    async def tariffs_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Tariffs with their service ids, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_tariffs(conn))
+            return plain(await T.list_tariffs(conn, limit=limit, offset=offset))
 
     @handler
     async def tariffs_add(ctx: Any, name: str, service_ids: list[int], comment: str | None = None) -> dict[str, Any]:
@@ -131,16 +136,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                        actor=f"{ctx.principal.kind}:{ctx.principal.login}")
 
     @handler
-    async def tariffs_history(ctx: Any, account_id: int) -> list[dict[str, Any]]:
-        """An account's tariff links, oldest first."""
+    async def tariffs_history(ctx: Any, account_id: int, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """An account's tariff links, oldest first (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.tariff_history(conn, need_int("account_id", account_id)))
+            return plain(await T.tariff_history(conn, need_int("account_id", account_id), limit=limit, offset=offset))
 
     @handler
-    async def classes_list(ctx: Any) -> list[dict[str, Any]]:
-        """Traffic classes and their rules, in match order."""
+    async def classes_list(ctx: Any, limit: int = CLASS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Traffic classes and their rules, in match order (paged)."""
+        limit, offset = page(limit, offset, CLASS_PAGE)
         async with core.pool.acquire() as conn:
-            return await T.list_classes(conn)
+            return await T.list_classes(conn, limit=limit, offset=offset)
 
     @handler
     async def classes_add(ctx: Any, name: str, position: int | None = None, comment: str | None = None) -> dict[str, Any]:
@@ -172,10 +179,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": rule_id}
 
     @handler
-    async def timeranges_list(ctx: Any) -> list[dict[str, Any]]:
-        """Time ranges with their windows (weekday 0 = Monday) and dates."""
+    async def timeranges_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Time ranges with their windows (weekday 0 = Monday) and dates, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_time_ranges(conn))
+            return plain(await T.list_time_ranges(conn, limit=limit, offset=offset))
 
     @handler
     async def timeranges_add(ctx: Any, name: str, priority: int | None = None,
@@ -195,10 +203,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": range_id}
 
     @handler
-    async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None) -> list[dict[str, Any]]:
-        """IP bindings (of an account), valid at ``at`` if given."""
+    async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None,
+                            limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """IP bindings (of an account), valid at ``at`` if given, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return await T.list_bindings(conn, account_id, at=at)
+            return await T.list_bindings(conn, account_id, at=at, limit=limit, offset=offset)
 
     @handler
     async def bindings_add(ctx: Any, account_id: int, prefix: str, kind: str | None = None,
@@ -220,33 +230,34 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": binding_id}
 
     R, W = "tariffs.read", "tariffs.write"
+    paged = {"limit": "int?", "offset": "int?"}
     rule_args = {"class_id": "int", "position": "int?", "skip": "bool?", "local_net": "str?",
                  "remote_net": "str?", "local_ports": "list?", "remote_ports": "list?",
                  "protocol": "int?", "exporter": "str?", "iface": "int?"}
     table: list[tuple[str, Any, str, dict[str, str]]] = [
-        ("services.list", services_list, R, {}),
+        ("services.list", services_list, R, paged),
         ("services.add", services_add, W, {"name": "str", "kind": "str", "fee": "money?", "period": "map?",
                                            "charge_mode": "str?", "session_limit": "int?",
                                            "max_sessions": "int?", "comment": "str?"}),
         ("services.delete", services_delete, W, {"service_id": "int"}),
         ("services.set_rate", services_set_rate, W, {"service_id": "int", "unit_size": "int", "tiers": "list",
                                                      "class_id": "int?", "range_id": "int?", "prepaid": "int?"}),
-        ("tariffs.list", tariffs_list, R, {}),
+        ("tariffs.list", tariffs_list, R, paged),
         ("tariffs.add", tariffs_add, W, {"name": "str", "service_ids": "list", "comment": "str?"}),
         ("tariffs.set_services", tariffs_set_services, W, {"tariff_id": "int", "service_ids": "list"}),
         ("tariffs.delete", tariffs_delete, W, {"tariff_id": "int"}),
         ("tariffs.link", tariffs_link, W, {"account_id": "int", "tariff_id": "int?", "start": "str?"}),
-        ("tariffs.history", tariffs_history, R, {"account_id": "int"}),
-        ("classes.list", classes_list, R, {}),
+        ("tariffs.history", tariffs_history, R, {"account_id": "int", **paged}),
+        ("classes.list", classes_list, R, paged),
         ("classes.add", classes_add, W, {"name": "str", "position": "int?", "comment": "str?"}),
         ("classes.delete", classes_delete, W, {"class_id": "int"}),
         ("classes.add_rule", classes_add_rule, W, rule_args),
         ("classes.delete_rule", classes_delete_rule, W, {"rule_id": "int"}),
-        ("timeranges.list", timeranges_list, R, {}),
+        ("timeranges.list", timeranges_list, R, paged),
         ("timeranges.add", timeranges_add, W, {"name": "str", "priority": "int?", "windows": "list?",
                                                "dates": "list?"}),
         ("timeranges.delete", timeranges_delete, W, {"range_id": "int"}),
-        ("bindings.list", bindings_list, R, {"account_id": "int?", "at": "time?"}),
+        ("bindings.list", bindings_list, R, {"account_id": "int?", "at": "time?", **paged}),
         ("bindings.add", bindings_add, W, {"account_id": "int", "prefix": "str", "kind": "str?",
                                            "valid_from": "time?", "valid_to": "time?", "source": "str?",
                                            "session_ref": "str?"}),
@@ -264,7 +275,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return result
         return wrapped
 
+    def bound(name: str, args: dict[str, str]) -> str:
+        if "limit" not in args:
+            return "fixed"
+        return f"page:{CLASS_PAGE if name == 'classes.list' else PAGE}"
+
     specs = [CallSpec(name, audited(name, fn) if right == W else fn, right=right, kinds=ADMIN, args=args,
-                      doc=fn.__doc__ or "")
+                      doc=fn.__doc__ or "", bound=bound(name, args))
              for name, fn, right, args in table]
     return specs

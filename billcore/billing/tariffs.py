@@ -81,7 +81,8 @@ DEFAULT_ACCOUNT_PERIOD: Final = PeriodSpec(PeriodKind.MONTHLY, date(2000, 1, 1))
 """An account without an ``account_periods`` row: calendar months."""
 SERVICE_KINDS: Final = frozenset({"once", "periodic", "traffic", "time"})
 MAX_NAME: Final = 128
-MAX_LIST: Final = 100_000
+MAX_PAGE: Final = 1000
+"""Rows per page of a list call at most (the URFA frame is 1 MB; see docs/protocol.md)."""
 MAX_WINDOWS: Final = 64
 MAX_DATES: Final = 1_024
 
@@ -301,13 +302,13 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
             name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment))
 
 
-async def list_services(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_services(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT s.*, coalesce((SELECT jsonb_agg(jsonb_build_object('class_id', r.class_id,"
         " 'range_id', r.range_id, 'prepaid', r.prepaid, 'unit_size', r.unit_size,"
         " 'tier_starts', r.tier_starts, 'tier_prices', r.tier_prices) ORDER BY r.id)"
         " FROM service_rates r WHERE r.service_id = s.id), '[]')::text AS rates"
-        " FROM services s ORDER BY s.id LIMIT $1", MAX_LIST)
+        " FROM services s ORDER BY s.id LIMIT $1 OFFSET $2", limit, offset)
     return [{**dict(r), "rates": json.loads(r["rates"])} for r in rows]
 
 
@@ -362,12 +363,12 @@ async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_
                 tariff_id, sorted(set(service_ids)))
 
 
-async def list_tariffs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_tariffs(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.name, t.comment, coalesce(array_agg(ts.service_id ORDER BY ts.service_id)"
         " FILTER (WHERE ts.service_id IS NOT NULL), '{}') AS service_ids"
         " FROM tariffs t LEFT JOIN tariff_services ts ON ts.tariff_id = t.id"
-        " GROUP BY t.id ORDER BY t.id LIMIT $1", MAX_LIST)
+        " GROUP BY t.id ORDER BY t.id LIMIT $1 OFFSET $2", limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -417,11 +418,12 @@ async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int 
     return {"account_id": account_id, "tariff_id": tariff_id, "link_id": link_id, "valid_from": at}
 
 
-async def tariff_history(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+async def tariff_history(conn: asyncpg.Connection, account_id: int, *, limit: int = MAX_PAGE,
+                         offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, t.created_at,"
         " t.created_by FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
-        " WHERE t.account_id = $1 ORDER BY t.valid_from", account_id)
+        " WHERE t.account_id = $1 ORDER BY t.valid_from LIMIT $2 OFFSET $3", account_id, limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -500,13 +502,15 @@ def _range_list(r: asyncpg.Range | None) -> list[int] | None:
     return [lo, hi]
 
 
-async def list_classes(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+                       ) -> list[dict[str, Any]]:
     """Classes in match order, each with its rules in match order (plain, msgpack-able)."""
-    classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id")
+    classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id"
+                               " LIMIT $1 OFFSET $2", limit, offset)
     rules = await conn.fetch(
         "SELECT id, class_id, position, skip, local_net::text, remote_net::text, local_ports,"
         " remote_ports, protocol, host(exporter) AS exporter, iface FROM traffic_class_rules"
-        " ORDER BY class_id, position, id")
+        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id", [c["id"] for c in classes])
     by_class: dict[int, list[dict[str, Any]]] = {}
     for r in rules:
         by_class.setdefault(r["class_id"], []).append({
@@ -538,14 +542,16 @@ async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: in
     return range_id
 
 
-async def list_time_ranges(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_time_ranges(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+                           ) -> list[dict[str, Any]]:
     names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM time_ranges")}
+    ranges = sorted(await load_timeranges(conn), key=lambda tr: tr.range_id)[offset:offset + limit]
     return [{
         "id": tr.range_id, "name": names[tr.range_id], "priority": tr.priority,
         "windows": [{"weekdays": sorted(w.weekdays), "start_minute": w.start_minute,
                      "end_minute": w.end_minute} for w in tr.windows],
         "dates": sorted(tr.dates),
-    } for tr in await load_timeranges(conn)]
+    } for tr in ranges]
 
 
 async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
@@ -586,13 +592,13 @@ async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -
 
 
 async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None, *,
-                        at: datetime | None = None) -> list[dict[str, Any]]:
+                        at: datetime | None = None, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     """Bindings (of one account, or all), valid at ``at`` if given; plain values."""
     rows = await conn.fetch(
         "SELECT id, account_id, prefix::text AS prefix, kind, source, session_ref, valid_from, valid_to"
         " FROM ip_bindings WHERE ($1::bigint IS NULL OR account_id = $1)"
         " AND ($2::timestamptz IS NULL OR (valid_from <= $2 AND (valid_to IS NULL OR valid_to > $2)))"
-        " ORDER BY id LIMIT $3", account_id, at, MAX_LIST * 10)
+        " ORDER BY id LIMIT $3 OFFSET $4", account_id, at, limit, offset)
     return [dict(r) for r in rows]
 
 
