@@ -142,8 +142,18 @@ async def _session(args: argparse.Namespace) -> Client:
     return client
 
 
+async def _call_table(client: Client) -> list[dict[str, Any]]:
+    """Every entry of ``sys.calls``, page by page (it grows with the plugins' calls)."""
+    table: list[dict[str, Any]] = []
+    while True:
+        page = await client.call("sys.calls", {"offset": len(table)})
+        table.extend(page)
+        if not page:
+            return table
+
+
 async def _schema(client: Client, fn: str) -> dict[str, str] | None:
-    for c in await client.call("sys.calls"):
+    for c in await _call_table(client):
         if c["name"] == fn:
             return dict(c["args"])
     return None
@@ -156,7 +166,7 @@ async def _run(args: argparse.Namespace) -> Any:
             return [
                 {"name": c["name"], "args": ", ".join(f"{k}:{v}" for k, v in c["args"].items()),
                  "right": c["right"] or "", "doc": c["doc"].split("\n")[0]}
-                for c in await client.call("sys.calls")
+                for c in await _call_table(client)
             ]
         if args.command == "call":
             schema = await _schema(client, args.fn)
