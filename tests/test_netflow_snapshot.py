@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+import pytest
 
 from billcore.api import netflow_calls, tariffs
 from billcore.api.netflow_calls import snapshot_chunks
@@ -69,3 +70,51 @@ async def test_snapshot_holds_bindings_ended_within_the_history_window(pool: asy
     legs = classifier.classify(flows)
     owners = {int(legs.account[i]) for i in range(len(legs.account)) if legs.account[i] > 0}
     assert owners == {old, new}
+
+
+def wire_chunk(bindings: list[tuple[str, int, int, int | None]]) -> dict[str, Any]:
+    """A bindings chunk as the core sends it (big-endian columns), built from prefixes in Python."""
+    from netflow.classifier import prefix_range
+
+    address, bits = b"", b""
+    for prefix, _, _, _ in bindings:
+        start, end = prefix_range(prefix)
+        address += start.to_bytes(16, "big")
+        bits += (128 - (end - start + 1).bit_length() + 1).to_bytes(2, "big")
+    return {"kind": "bindings", "n": len(bindings), "address": address, "bits": bits,
+            "account": b"".join(a.to_bytes(8, "big") for _, a, _, _ in bindings),
+            "from_ms": b"".join(f.to_bytes(8, "big") for _, _, f, _ in bindings),
+            "to_ms": b"".join((-1 if t is None else t).to_bytes(8, "big", signed=True) for *_, t in bindings)}
+
+
+def test_wire_columns_classify_like_bindings() -> None:
+    """The streamed columns compile to the classifier the `Binding` objects compile to."""
+    from netflow.classifier import Binding
+    from netflow.errors import ClassifierError
+
+    rows = [("10.0.0.0/24", 5, 0, None), ("10.0.1.7/32", 6, 1_000, 5_000), ("10.0.1.7/32", 7, 5_000, None),
+            ("2001:db8::/64", 8, 0, None), ("2001:db8:0:1::5/128", 9, 0, 10_000)]
+    loader = SnapshotLoader()
+    loader.feed(wire_chunk(rows))
+    snapshot, version = loader.finish({"version": 3, "bindings": len(rows), "rules": 0})
+    wire = Classifier(snapshot)
+    objects = Classifier(Snapshot(tuple(Binding(p, a, f, t) for p, a, f, t in rows), (), 0))
+    rng = np.random.default_rng(1)
+    addrs = ["10.0.0.0", "10.0.0.255", "10.0.1.6", "10.0.1.7", "10.0.1.8", "2001:db8::1", "2001:db8:0:1::5",
+             "2001:db8:0:1::6", "192.0.2.1"]
+    pairs = [addr_to_pair(a) for a in addrs]
+    hi = np.array([p[0] for p in pairs] * 20, dtype=np.uint64)
+    lo = np.array([p[1] for p in pairs] * 20, dtype=np.uint64)
+    at = rng.integers(0, 30_000, len(hi))
+    assert version == 3
+    assert wire.accounts(hi, lo, at).tolist() == objects.accounts(hi, lo, at).tolist()
+    assert wire.accounts(hi, lo, at).any()
+    # a chunk whose prefix has host bits set, or an answer that counts other rows, is refused
+    bad = wire_chunk([("10.0.0.0/24", 5, 0, None)])
+    bad["address"] = (int.from_bytes(bad["address"], "big") | 1).to_bytes(16, "big")
+    with pytest.raises(ClassifierError, match="host bits"):
+        SnapshotLoader().feed(bad)
+    short = SnapshotLoader()
+    short.feed(wire_chunk(rows))
+    with pytest.raises(ClassifierError, match="incomplete"):
+        short.finish({"version": 3, "bindings": len(rows) + 1, "rules": 0})
