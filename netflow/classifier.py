@@ -99,7 +99,8 @@ def prefix_range(prefix: str) -> tuple[int, int]:
 
 def _le128(a_hi: np.ndarray, a_lo: np.ndarray, b_hi: np.ndarray, b_lo: np.ndarray) -> np.ndarray:
     """a <= b for 128-bit values split into uint64 halves, elementwise."""
-    return (a_hi < b_hi) | ((a_hi == b_hi) & (a_lo <= b_lo))
+    le: np.ndarray = (a_hi < b_hi) | ((a_hi == b_hi) & (a_lo <= b_lo))
+    return le
 
 
 def _s16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
