@@ -14,11 +14,12 @@ columns, then the classifier's own), checks that the counts in the answer
 match what arrived (a chunk lost or doubled is a refused snapshot, never a
 silently smaller one) and builds the classifier `Snapshot`.
 
-Consistency across a change made during the load: the worker clears its
-"stale" flag before it asks; a binding change committed after the core's
-database snapshot bumps the version and NOTIFYs at commit, the core publishes
-the ``classifier`` event, and the flag is set again: the worker loads once
-more. A change committed before is in the chunks.
+Consistency across a change made during the load: a binding change
+committed after the core's database snapshot bumps the version past the one
+loaded and NOTIFYs at commit; the core publishes the ``classifier`` event
+with that version, and the worker, seeing a version newer than its own,
+loads once more (`Worker.stale`). A change committed before is in the
+chunks, and its event (however late) asks for no second load.
 """
 
 from __future__ import annotations

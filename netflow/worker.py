@@ -605,6 +605,7 @@ class CoreLink:
         self._open = open_session
         self.client: Any = None
         self.snapshot_stale = True
+        self.seen_version = 0  # the newest classifier version an event announced
         self._connected = CORE_CONNECTED.labels(worker)
         self._events: asyncio.Task[None] | None = None
 
@@ -625,6 +626,7 @@ class CoreLink:
                 continue
             self.client = client
             self.snapshot_stale = True  # events may have been missed while away
+            self.seen_version = 0  # versions are the database's: a restored one may count from lower
             self._connected.set(1)
             if self._events is not None:
                 self._events.cancel()
@@ -636,7 +638,11 @@ class CoreLink:
             while True:
                 event = await client.next_event()
                 if event.topic == "classifier":
-                    self.snapshot_stale = True
+                    version = event.payload.get("version") if isinstance(event.payload, dict) else None
+                    if isinstance(version, int):  # compared with the loaded version: see Worker.stale
+                        self.seen_version = max(self.seen_version, version)
+                    else:
+                        self.snapshot_stale = True
 
     async def call(self, fn: str, args: dict[str, Any], stop: asyncio.Event, timeout: float = 300.0) -> Any:
         return await self._retrying(fn, stop, lambda client: client.call(fn, args, timeout=timeout))
@@ -724,9 +730,11 @@ class Worker:
     async def refresh_classifier(self, stop: asyncio.Event) -> None:
         """Load the streamed snapshot and swap the classifier whole (see `netflow.snapshot`).
 
-        The stale flag is cleared before asking: a change committed after
-        the core's database snapshot sets it again (its NOTIFY comes later),
-        so the next loop loads once more and no change is lost.
+        The stale flag is cleared before asking. A change committed after the
+        core's database snapshot has a newer version than the one loaded (the
+        version row serializes the changes), and its event comes on the session
+        that was subscribed before the load began: `stale` then holds, and the
+        next loop loads once more. No change is lost.
         """
         self.link.snapshot_stale = False
         started = time.monotonic()
@@ -738,6 +746,13 @@ class Worker:
                 "version": version, "bindings": loader.bindings, "chunks": loader.chunks,
                 "seconds": round(time.monotonic() - started, 3), "classifier_bytes": self.classifier.nbytes()})
         self.classifier_version = version
+
+    def stale(self) -> bool:
+        """Reload? After a (re)connect (events may have been missed), or once an event announced a
+        version newer than the one loaded. An event for a change the last load already held (it
+        committed before the core's database snapshot, its NOTIFY came after) costs no second load:
+        at a million bindings that is seconds per change."""
+        return self.link.snapshot_stale or self.link.seen_version > (self.classifier_version or 0)
 
     # -- one batch ------------------------------------------------------------
     def _prepare(self, decoder: BatchDecoder, tail: JournalTail, limit: int, max_packets: int, saved: bytes
@@ -842,7 +857,7 @@ class Worker:
                     raise RuntimeError("receiver thread died") from receiver.error
                 durable = receiver.durable
                 self._watch(receiver, sock, durable)
-                if self.link.snapshot_stale:
+                if self.stale():
                     await self.refresh_classifier(stop)
                 if tail.position >= durable:
                     if stop.is_set():

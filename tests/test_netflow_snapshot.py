@@ -118,3 +118,22 @@ def test_wire_columns_classify_like_bindings() -> None:
     short.feed(wire_chunk(rows))
     with pytest.raises(ClassifierError, match="incomplete"):
         short.finish({"version": 3, "bindings": len(rows) + 1, "rules": 0})
+
+
+def test_worker_reloads_for_a_newer_version_only(tmp_path: Any) -> None:
+    """A load at version 10 holds every change up to 10: an event for 10 (a change committed just
+    before the core's snapshot, announced after) costs no second load; 11 does; so does a reconnect."""
+    from netflow.worker import Worker, WorkerSettings
+
+    async def never() -> Any:
+        raise AssertionError("no session is opened here")
+
+    worker = Worker(WorkerSettings("w", "127.0.0.1", 0, tmp_path, None), never)
+    assert worker.stale()  # nothing loaded yet
+    worker.link.snapshot_stale, worker.classifier_version = False, 10
+    worker.link.seen_version = 10
+    assert not worker.stale()
+    worker.link.seen_version = 11
+    assert worker.stale()
+    worker.link.seen_version, worker.link.snapshot_stale = 0, True  # reconnected: events may be lost
+    assert worker.stale()
