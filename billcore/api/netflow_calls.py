@@ -12,6 +12,13 @@ System calls (kinds ``{"system"}``, rights ``netflow.*``):
   "rejected", "rejected_bytes"}``.  Rejected rows (no tariff, no rate for
   the class) are logged and counted; their flows stay in raw storage.
 * ``netflow.watermark(worker)`` — the committed watermark (−1: never).
+* ``netflow.snapshot()`` (right ``netflow.read``, streaming) — what a worker
+  classifies with: chunks ``{"kind": "bindings", "n", "address", "bits",
+  "account", "from_ms", "to_ms"}`` (big-endian binary columns, at most
+  half a frame each), then ``{"kind": "rules", "rules": [...]}`` in match
+  order; the answer ``{"version", "bindings", "rules"}`` counts what was
+  sent.  One REPEATABLE READ transaction: the version names exactly these
+  rows (see ``netflow.snapshot`` for the loader, docs/netflow.md).
 
 Admin/system call (right ``netflow.read``): ``netflow.raw(account_id,
 since, until)`` streams the account's raw flow legs with ``since <= start <
@@ -29,15 +36,15 @@ import logging
 import re
 import sys
 from array import array
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from billcore.api import ADMIN_SYSTEM, announce, handler, need_int
 from billcore.billing.errors import UsageError
 from billcore.billing.rating import TrafficUsage
-from billcore.billing.tariffs import _range_list as _ports
+from billcore.billing.tariffs import port_range
 from billcore.billing.usage import commit_usage, watermark
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
@@ -150,7 +157,7 @@ async def snapshot_chunks(conn: Any, since: datetime, rows: int = SNAPSHOT_CHUNK
         async for r in conn.cursor(_RULES, prefetch=RULE_CHUNK_ROWS):
             chunk.append({"id": r["id"], "class_id": r["class_id"], "position": r["position"], "skip": r["skip"],
                           "local_net": r["local_net"], "remote_net": r["remote_net"],
-                          "local_ports": _ports(r["local_ports"]), "remote_ports": _ports(r["remote_ports"]),
+                          "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
                           "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"]})
             rules += 1
             if len(chunk) >= RULE_CHUNK_ROWS:

@@ -72,6 +72,7 @@ __all__ = [
     "load_book",
     "load_links",
     "load_periodic",
+    "port_range",
     "set_rate",
     "set_tariff_services",
     "tariff_history",
@@ -494,7 +495,8 @@ async def delete_rule(conn: asyncpg.Connection, rule_id: int) -> None:
         raise TariffNotFound(f"rule {rule_id} does not exist")
 
 
-def _range_list(r: asyncpg.Range | None) -> list[int] | None:
+def port_range(r: asyncpg.Range | None) -> list[int] | None:
+    """A port range column as an inclusive [lo, hi] pair (None: any port)."""
     if r is None or r.isempty:
         return None
     lo = r.lower if r.lower_inc else r.lower + 1
@@ -516,7 +518,7 @@ async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offse
         by_class.setdefault(r["class_id"], []).append({
             "id": r["id"], "position": r["position"], "skip": r["skip"],
             "local_net": r["local_net"], "remote_net": r["remote_net"],
-            "local_ports": _range_list(r["local_ports"]), "remote_ports": _range_list(r["remote_ports"]),
+            "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
             "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"],
         })
     return [{**dict(c), "rules": by_class.get(c["id"], [])} for c in classes]
