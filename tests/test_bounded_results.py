@@ -36,9 +36,11 @@ from billcore.context import CoreContext, utcnow
 from billcore.core import build_calls
 from billcore.plugins import HookBus, PluginManager
 from billcore.plugins.admin_calls import plugin_calls
+from billcore.plugins.errors import PluginError
 from billcore.radius_calls import SecretStore
 from billcore.urfa_builtins import builtin_specs
 from tests.test_netflow_snapshot_scale import bind_many
+from tests.test_plugins_lifecycle import Env, env  # noqa: F401 - the fixture
 from urfa.errors import CallFailed
 from urfa.framing import DEFAULT_MAX_FRAME, FrameEncoder
 from urfa.messages import Chunk, Result, to_wire
@@ -216,3 +218,26 @@ async def test_paged_calls_cap_at_their_max_and_fixed_ones_fit_the_frame(tmp_pat
     assert answer["bindings"] == ROWS and worker.chunks
     for chunk in worker.chunks:
         assert frame_size(Chunk(1, chunk)) <= DEFAULT_MAX_FRAME // 2 + 4096
+
+
+async def test_a_plugin_declares_its_bound_and_a_wrong_one_is_refused(env: Env) -> None:
+    """A plugin's call may declare its bound; one that claims a page without limit/offset is refused."""
+    good = env.plugin("pages", calls=["pages.list"], init="""\
+        async def listing(ctx, limit=10, offset=0):
+            return list(range(offset, offset + limit))
+        def setup(api):
+            api.register_call("pages.list", listing, args={"limit": "int?", "offset": "int?"}, bound="page:10")
+        """)
+    await env.manager.load(good, 0.0)
+    table = env.registry.snapshot("admin", frozenset({"*"}))
+    assert table.lookup("pages.list").spec.page_max == 10
+    assert [c["bound"] for c in table.describe() if c["name"] == "pages.list"] == ["page:10"]
+    table.close()
+    bad = env.plugin("nopage", calls=["nopage.list"], init="""\
+        async def listing(ctx):
+            return []
+        def setup(api):
+            api.register_call("nopage.list", listing, bound="page:10")
+        """)
+    with pytest.raises(PluginError, match="bound of nopage.list"):
+        await env.manager.load(bad, 0.0)
