@@ -93,7 +93,8 @@ SNAPSHOT_HISTORY: Final = timedelta(days=7)
 BINDING_WIRE_BYTES: Final = 42
 """Bytes one binding takes in a snapshot chunk: address 16, bits 2, account 8, from 8, to 8."""
 SNAPSHOT_CHUNK_ROWS: Final = 16_384
-"""Bindings per chunk at the default 1 MB frame (688 KB); fewer when ``[urfa] max_frame`` is smaller."""
+"""Bindings per chunk at most; `snapshot_chunk_rows` keeps a chunk within half a frame (12 483 rows,
+524 KB, at the default 1 MB ``[urfa] max_frame``)."""
 RULE_CHUNK_ROWS: Final = 256
 """Rules per chunk (a rule is at most ~400 bytes of msgpack)."""
 
