@@ -259,8 +259,18 @@ class Described:
         return [k for k in self.fields if "." not in k]
 
 
+async def _call_table(client: Client) -> list[dict[str, Any]]:
+    """Every entry of ``sys.calls``, page by page (it grows with the plugins' calls)."""
+    table: list[dict[str, Any]] = []
+    while True:
+        page = await client.call("sys.calls", {"offset": len(table)})
+        table.extend(page)
+        if not page:
+            return table
+
+
 async def _describe(client: Client, fn: str) -> Described:
-    for c in await client.call("sys.calls"):
+    for c in await _call_table(client):
         if c["name"] == fn:
             return Described(c)
     return Described(None)
@@ -318,7 +328,7 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
             return [
                 {"name": c["name"], "args": ", ".join(f"{k}:{v}" for k, v in c["args"].items()),
                  "right": c["right"] or "", "doc": c["doc"].split("\n")[0]}
-                for c in await client.call("sys.calls")
+                for c in await _call_table(client)
             ], Described(None)
         fn, call_args = _request(args)
         d = await _describe(client, fn)

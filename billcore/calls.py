@@ -80,6 +80,19 @@ class CallSpec:
     field of a nested map or list.  Every money field is declared here as
     ``money``: clients format money from this declaration, never by guessing
     from a key's name.
+
+    ``bound`` says how the result stays within one frame however large the
+    data grows (docs/protocol.md, "Results that grow"; every built-in call
+    declares it, tests/test_bounded_results.py checks each):
+
+    * ``"fixed"`` — the size does not grow with subscribers, bindings,
+      sessions, NAS, plugins or history (a record, a scalar, or a list
+      capped by a constant or by the caller's own bounded input);
+    * ``"page:N"`` — a list that takes ``limit`` (1..N, default at most N;
+      more is refused with ``bad_args``) and ``offset``;
+    * ``"stream"`` — a streaming call (``streaming=True``): bounded chunks.
+
+    ``""`` is undeclared (a plugin's call may be).
     """
 
     name: str
@@ -92,9 +105,16 @@ class CallSpec:
     doc: str = ""
     streaming: bool = False
     fields: Mapping[str, str] = field(default_factory=dict)
+    bound: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "doc", clean_doc(self.doc))
+
+    @property
+    def page_max(self) -> int | None:
+        """N of a ``"page:N"`` call, else None."""
+        kind, _, n = self.bound.partition(":")
+        return int(n) if kind == "page" and n.isdigit() else None
 
     def describe(self) -> dict[str, Any]:
         """The introspection record `sys.calls` returns for this symbol."""
@@ -108,6 +128,7 @@ class CallSpec:
             "doc": self.doc,
             "streaming": self.streaming,
             "fields": dict(self.fields),
+            "bound": self.bound,
         }
 
 

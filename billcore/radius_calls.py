@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -103,6 +104,7 @@ log = logging.getLogger(__name__)
 SYSTEM = frozenset({"system"})
 ADMIN = frozenset({"admin", "system"})
 ACTOR = "radius"
+PAGE: Final = 1000  # rows per page of the list calls (NAS, pools, links, sessions)
 
 
 class SecretStore:
@@ -157,8 +159,10 @@ async def add_nas(conn: asyncpg.Connection, store: SecretStore, *, name: str, ad
         disconnect_mode, json.dumps(blocked_profile or [])))
 
 
-async def nas_list(conn: asyncpg.Connection, store: SecretStore, *, with_secrets: bool) -> list[dict[str, Any]]:
-    rows = await conn.fetch("SELECT *, host(address) AS host FROM radius_nas ORDER BY id")
+async def nas_list(conn: asyncpg.Connection, store: SecretStore, *, with_secrets: bool, limit: int = PAGE,
+                   offset: int = 0) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT *, host(address) AS host FROM radius_nas ORDER BY id LIMIT $1 OFFSET $2",
+                            limit, offset)
     out = []
     for r in rows:
         rec = {
@@ -246,10 +250,11 @@ async def delete_pool(conn: asyncpg.Connection, pool_id: int) -> bool:
     return await conn.execute("DELETE FROM radius_pools WHERE id = $1", pool_id) != "DELETE 0"
 
 
-async def pool_list(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def pool_list(conn: asyncpg.Connection, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT p.id, p.name, host(p.first) AS first, host(p.last) AS last, p.last - p.first + 1 AS size,"
-        " (SELECT count(*) FROM radius_leases l WHERE l.pool_id = p.id) AS leased FROM radius_pools p ORDER BY id")
+        " (SELECT count(*) FROM radius_leases l WHERE l.pool_id = p.id) AS leased FROM radius_pools p ORDER BY id"
+        " LIMIT $1 OFFSET $2", limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -320,15 +325,15 @@ async def delete_link(conn: asyncpg.Connection, link_id: int, now: dt.datetime, 
     return await conn.execute("DELETE FROM radius_links WHERE id = $1", link_id) != "DELETE 0"
 
 
-async def link_list(conn: asyncpg.Connection, account_id: int | None = None, login: str | None = None
-                    ) -> list[dict[str, Any]]:
+async def link_list(conn: asyncpg.Connection, account_id: int | None = None, login: str | None = None,
+                    limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
     """Links (without passwords), of one account, one login, or all."""
     rows = await conn.fetch(
         "SELECT l.id, l.account_id, l.login, host(l.static_ip) AS static_ip, p.name AS pool, l.max_sessions,"
         " l.session_limit, l.interim_interval, l.rate_limit, l.cisco_avpairs, l.disabled"
         " FROM radius_links l LEFT JOIN radius_pools p ON p.id = l.pool_id"
-        " WHERE ($1::bigint IS NULL OR l.account_id = $1) AND ($2::text IS NULL OR l.login = $2) ORDER BY l.id",
-        account_id, login)
+        " WHERE ($1::bigint IS NULL OR l.account_id = $1) AND ($2::text IS NULL OR l.login = $2) ORDER BY l.id"
+        " LIMIT $3 OFFSET $4", account_id, login, limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -897,7 +902,7 @@ async def close_stale(conn: asyncpg.Connection, now: dt.datetime, timeout: dt.ti
 
 
 async def account_sessions(conn: asyncpg.Connection, store: SecretStore, account_id: int | None = None,
-                           session_pk: int | None = None) -> list[dict[str, Any]]:
+                           session_pk: int | None = None, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
     """Active sessions (of one account, or one session) with what a
     Disconnect/CoA to their NAS needs."""
     rows = await conn.fetch(
@@ -905,7 +910,7 @@ async def account_sessions(conn: asyncpg.Connection, store: SecretStore, account
         " s.session_time, s.input_octets, s.output_octets, host(n.address) AS nas_ip, n.coa_port,"
         " n.disconnect_mode, n.blocked_profile FROM radius_sessions s JOIN radius_nas n ON n.id = s.nas_id"
         " WHERE s.ended_at IS NULL AND ($1::bigint IS NULL OR s.account_id = $1)"
-        " AND ($2::bigint IS NULL OR s.id = $2) ORDER BY s.id", account_id, session_pk)
+        " AND ($2::bigint IS NULL OR s.id = $2) ORDER BY s.id LIMIT $3 OFFSET $4", account_id, session_pk, limit, offset)
     return [{**dict(r), "blocked_profile": json.loads(r["blocked_profile"])} for r in rows]
 
 
@@ -920,7 +925,7 @@ MA_NOTICE = ("require_message_authenticator is on (the default, BlastRADIUS prot
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    from .api import need_int, who
+    from .api import handler, need_int, page, who
     from .billing import audit
 
     tz = zoneinfo.ZoneInfo(core.config.core.timezone)
@@ -963,13 +968,17 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await core.fire(event, payload)
         return result
 
-    async def h_nas_list(ctx: Any) -> list[dict[str, Any]]:
+    @handler  # a bad page answers billing.invalid, not internal
+    async def h_nas_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
-            return await nas_list(conn, store, with_secrets=True)
+            return await nas_list(conn, store, with_secrets=True, limit=limit, offset=offset)
 
-    async def h_nas_show(ctx: Any) -> list[dict[str, Any]]:
+    @handler  # a bad page answers billing.invalid, not internal
+    async def h_nas_show(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
-            return await nas_list(conn, store, with_secrets=False)
+            return await nas_list(conn, store, with_secrets=False, limit=limit, offset=offset)
 
     def given(args: dict[str, Any]) -> dict[str, Any]:
         """An optional argument sent as nil means its default."""
@@ -1009,9 +1018,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with admin_tx(ctx, "radius.pool_delete", f"pool:{id}", None) as conn:
             return await delete_pool(conn, id)
 
-    async def h_pool_list(ctx: Any) -> list[dict[str, Any]]:
+    @handler  # a bad page answers billing.invalid, not internal
+    async def h_pool_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
-            return await pool_list(conn)
+            return await pool_list(conn, limit, offset)
 
     async def h_link_add(ctx: Any, **args: Any) -> int:
         args = given(args)
@@ -1026,13 +1037,19 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with admin_tx(ctx, "radius.link_delete", f"radius_link:{id}", {"force": bool(force)}) as conn:
             return await delete_link(conn, id, core.now(), bool(force))
 
-    async def h_link_list(ctx: Any, account_id: int | None = None, login: str | None = None) -> list[dict[str, Any]]:
+    @handler  # a bad page answers billing.invalid, not internal
+    async def h_link_list(ctx: Any, account_id: int | None = None, login: str | None = None, limit: int = PAGE,
+                          offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
-            return await link_list(conn, account_id, login)
+            return await link_list(conn, account_id, login, limit, offset)
 
-    async def h_sessions(ctx: Any, account_id: int | None = None) -> list[dict[str, Any]]:
+    @handler  # a bad page answers billing.invalid, not internal
+    async def h_sessions(ctx: Any, account_id: int | None = None, limit: int = PAGE, offset: int = 0
+                         ) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
-            return await account_sessions(conn, store, account_id)
+            return await account_sessions(conn, store, account_id, limit=limit, offset=offset)
 
     async def h_close_stale(ctx: Any, timeout: int) -> int:
         need_int("timeout", timeout, 1, 10 * 366 * 86400)   # seconds; a timedelta of 2^63 s overflows
@@ -1051,7 +1068,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                   "coa_port": "int?", "disconnect_mode": "str?", "blocked_profile": "list?"}
     link_fields = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?",
                    "session_limit": "int?", "interim_interval": "int?", "rate_limit": "str?", "cisco_avpairs": "list?"}
-    return [
+    specs = [
         CallSpec("radius.authorize", h_authorize, right="radius.serve", kinds=SYSTEM, args={"request": "map"},
                  result="map", doc="Decide an Access-Request: {accept, reply: [[attribute, value]…]}."),
         CallSpec("radius.authorize_many", h_authorize_many, right="radius.serve", kinds=SYSTEM,
@@ -1099,3 +1116,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
         CallSpec("radius.disconnect", h_disconnect, right="radius.disconnect", kinds=ADMIN, args={"session": "int"},
                  result="map", doc="Ask the radius process to disconnect an active session."),
     ]
+    # the lists grow with NAS devices, pools, logins and sessions: paged; the rest is one record
+    # (radius.authorize_many answers as many decisions as it was given, at most MAX_BATCH)
+    paged = {"radius.nas_list", "radius.nas_show", "radius.pool_list", "radius.link_list", "radius.sessions"}
+    return [dataclasses.replace(s, args={**s.args, "limit": "int?", "offset": "int?"}, bound=f"page:{PAGE}")
+            if s.name in paged else dataclasses.replace(s, bound="fixed") for s in specs]

@@ -9,6 +9,7 @@ and answers in the same write, without a task per call (see
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from datetime import datetime, timezone
 from typing import Any
@@ -41,9 +42,14 @@ def _sys_whoami(ctx: CallContext) -> dict[str, Any]:
     }
 
 
+SYS_CALLS_PAGE = 500  # entries of sys.calls per page: it grows with the plugins' calls
+
+
 @runs_inline
-def _sys_calls(ctx: CallContext) -> list[dict[str, Any]]:
-    return ctx.session.table.describe()
+def _sys_calls(ctx: CallContext, limit: int = SYS_CALLS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    if not 1 <= limit <= SYS_CALLS_PAGE or not 0 <= offset:
+        raise CallFailed(E.BAD_ARGS, f"limit must be 1..{SYS_CALLS_PAGE}, offset >= 0")
+    return ctx.session.table.describe()[offset:offset + limit]
 
 
 @runs_inline
@@ -83,13 +89,14 @@ async def _proxy_proof(ctx: CallContext, handle: bytes, proof: bytes) -> dict[st
 def builtin_specs() -> list[CallSpec]:
     """The calls every session may have (``module="builtin"``)."""
     system = frozenset({"system"})
-    return [
+    specs = [
         CallSpec("sys.ping", _sys_ping, result="str", doc="Answers \"pong\"."),
         CallSpec("sys.time", _sys_time, result="time", doc="The server's current time (UTC)."),
         CallSpec("sys.whoami", _sys_whoami, result="map",
                  doc="The calling session: kind, login, id, rights, ip, sid and proxied flag."),
-        CallSpec("sys.calls", _sys_calls, result="list",
-                 doc="This session's call table: name, args, result, right, kinds, module, doc, streaming, deleted."),
+        CallSpec("sys.calls", _sys_calls, result="list", args={"limit": "int?", "offset": "int?"},
+                 doc="This session's call table by name (paged): name, args, result, right, kinds, module, doc, "
+                     "streaming, fields, bound, deleted.", bound=f"page:{SYS_CALLS_PAGE}"),
         CallSpec("session.logout", _session_logout, result="bool",
                  doc="End the session; its own connection then closes with bye logged_out."),
         CallSpec("events.subscribe", _events_subscribe, args={"topics": "list"}, result="list",
@@ -105,3 +112,5 @@ def builtin_specs() -> list[CallSpec]:
                  args={"handle": "bytes", "proof": "bytes"}, result="map",
                  doc="Finish a proxied login with the subscriber's ClientProof: returns sid, sig, timeout."),
     ]
+    # the rest answer one record (events.*: the topics of one session, at most MAX_TOPICS)
+    return [s if s.bound else dataclasses.replace(s, bound="fixed") for s in specs]

@@ -97,6 +97,12 @@ def prefix_range(prefix: str) -> tuple[int, int]:
     return start, end
 
 
+def _le128(a_hi: np.ndarray, a_lo: np.ndarray, b_hi: np.ndarray, b_lo: np.ndarray) -> np.ndarray:
+    """a <= b for 128-bit values split into uint64 halves, elementwise."""
+    le: np.ndarray = (a_hi < b_hi) | ((a_hi == b_hi) & (a_lo <= b_lo))
+    return le
+
+
 def _s16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     keys = np.empty(len(hi), dtype=[("h", ">u8"), ("l", ">u8")])
     keys["h"] = hi
@@ -107,37 +113,65 @@ def _s16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 class RangeSet:
     """Disjoint inclusive 128-bit intervals, each tagged with a value.
 
+    Held as numpy columns only (about 40 bytes per range, plus the direct
+    table), so a million binding segments cost tens of MB, not Python ints.
     `direct=True` adds a `_V4Table` for the v4-mapped block (up to ~64 MB:
     meant for the binding segments, not for every rule's address list).
     """
 
     def __init__(self, ranges: list[tuple[int, int]], values: list[int] | None = None,
                  direct: bool = False) -> None:
-        order = sorted(range(len(ranges)), key=lambda k: ranges[k])
-        self.starts = [ranges[k][0] for k in order]
-        self.ends = [ranges[k][1] for k in order]
-        self.values = np.array([values[k] if values else k for k in order], dtype=np.int64)
-        for k in range(1, len(order)):
-            if self.starts[k] <= self.ends[k - 1]:
-                raise ClassifierError("ranges overlap")
+        self._build(np.array([s >> 64 for s, _ in ranges], dtype=_U64),
+                    np.array([s & _MASK64 for s, _ in ranges], dtype=_U64),
+                    np.array([e >> 64 for _, e in ranges], dtype=_U64),
+                    np.array([e & _MASK64 for _, e in ranges], dtype=_U64),
+                    None if values is None else np.array(values, dtype=np.int64), direct)
+
+    @classmethod
+    def from_columns(cls, start_hi: np.ndarray, start_lo: np.ndarray, end_hi: np.ndarray, end_lo: np.ndarray,
+                     values: np.ndarray | None = None, direct: bool = False) -> RangeSet:
+        """The same set from uint64 columns of the 128-bit starts and inclusive ends (any order)."""
+        self = cls.__new__(cls)
+        self._build(start_hi.astype(_U64, copy=False), start_lo.astype(_U64, copy=False),
+                    end_hi.astype(_U64, copy=False), end_lo.astype(_U64, copy=False), values, direct)
+        return self
+
+    def _build(self, start_hi: np.ndarray, start_lo: np.ndarray, end_hi: np.ndarray, end_lo: np.ndarray,
+               values: np.ndarray | None, direct: bool) -> None:
+        order = np.lexsort((end_lo, end_hi, start_lo, start_hi))  # (start, end) order, as sorted tuples
+        self._n = n = len(order)
+        self._start_hi, self._start_lo = start_hi.take(order), start_lo.take(order)
+        self._end_hi, self._end_lo = end_hi.take(order), end_lo.take(order)
+        self.values = order.astype(np.int64) if values is None else values.astype(np.int64).take(order)
+        if n > 1 and _le128(self._start_hi[1:], self._start_lo[1:], self._end_hi[:-1], self._end_lo[:-1]).any():
+            raise ClassifierError("ranges overlap")
         # index len(ranges) is "no range": its value is -1
         self._values = np.append(self.values, np.int64(-1))
-        self._start_hi = np.array([s >> 64 for s in self.starts], dtype=_U64)
-        self._start_lo = np.array([s & _MASK64 for s in self.starts], dtype=_U64)
-        self._end_hi = np.array([e >> 64 for e in self.ends], dtype=_U64)
-        self._end_lo = np.array([e & _MASK64 for e in self.ends], dtype=_U64)
         # ranges that start in the same /64 (above the v4-mapped one) need 16-byte keys to tell apart
         above = self._start_hi[self._start_hi != 0]
         self._shared_hi = bool((above[1:] == above[:-1]).any())
-        self._start16 = _s16(self._start_hi, self._start_lo)
-        self._end16 = _s16(self._end_hi, self._end_lo)
+        if self._shared_hi:
+            self._start16 = _s16(self._start_hi, self._start_lo)
+            self._end16 = _s16(self._end_hi, self._end_lo)
         # the part of each range inside hi == 0, where v4-mapped addresses live
-        low = [(k, s, min(e, _MASK64)) for k, (s, e) in enumerate(zip(self.starts, self.ends)) if s <= _MASK64]
-        self._low_index = np.array([k for k, _, _ in low], dtype=np.intp)
-        self._low_start = np.array([s for _, s, _ in low], dtype=_U64)
-        self._low_end = np.array([e for _, _, e in low], dtype=_U64)
-        self._v4 = _V4Table.build(self._low_start, self._low_end, self._low_index, len(self.starts)) \
-            if direct else None
+        self._low_index = np.flatnonzero(self._start_hi == 0)
+        self._low_start = self._start_lo.take(self._low_index)
+        self._low_end = np.where(self._end_hi.take(self._low_index) == 0, self._end_lo.take(self._low_index),
+                                 _U64(_MASK64))
+        self._v4 = _V4Table.build(self._low_start, self._low_end, self._low_index, n) if direct else None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def nbytes(self) -> int:
+        """Bytes of numpy memory this set holds (the direct table included)."""
+        arrays = [self._start_hi, self._start_lo, self._end_hi, self._end_lo, self.values, self._values,
+                  self._low_index, self._low_start, self._low_end]
+        if self._shared_hi:
+            arrays += [self._start16, self._end16]
+        if self._v4 is not None:
+            arrays += [self._v4.top, self._v4.cells]
+        return sum(a.nbytes for a in arrays)
 
     @classmethod
     def union(cls, prefixes: tuple[str, ...]) -> RangeSet:
@@ -167,7 +201,7 @@ class RangeSet:
         return found
 
     def _search(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        n = len(self.starts)
+        n = self._n
         out = np.full(len(hi), n, dtype=np.intp)
         if not n or not len(hi):
             return out
@@ -190,7 +224,7 @@ class RangeSet:
         last one whose start's high half is <= hi, or the one before it when
         that one starts later in the address's own /64.
         """
-        n = len(self.starts)
+        n = self._n
         r = np.searchsorted(self._start_hi, hi, side="right")
         last = np.maximum(r - 1, 0)
         same = self._start_hi.take(last) == hi
@@ -213,7 +247,7 @@ class RangeSet:
         return self._values.take(self.index(hi, lo))
 
     def contains(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        return self.index(hi, lo) < len(self.starts)
+        return self.index(hi, lo) < self._n
 
 
 V4_TABLE_BLOCKS = 256  # /16s with a block of their own: 256 x 65536 int32 cells = 64 MB at most
@@ -304,6 +338,88 @@ class Binding:
 
 
 @dataclass(frozen=True, slots=True)
+class BindingColumns:
+    """Bindings as numpy columns: the form a large snapshot travels and compiles in.
+
+    One row per binding, no Python object per row (a `Binding` with its
+    prefix string costs ~200 bytes; a row here 48). Addresses are 128-bit
+    flow-space values split into uint64 halves, `end` inclusive;
+    `valid_to_ms` is `TIME_LIMIT + 1` for "until further notice".
+    """
+
+    start_hi: np.ndarray
+    start_lo: np.ndarray
+    end_hi: np.ndarray
+    end_lo: np.ndarray
+    account: np.ndarray
+    valid_from_ms: np.ndarray
+    valid_to_ms: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.account)
+
+    @classmethod
+    def from_bindings(cls, bindings: tuple[Binding, ...]) -> BindingColumns:
+        ranges = []
+        for b in bindings:
+            if len(prefix_ranges(b.prefix)) != 1:
+                raise ClassifierError(f"binding {b.prefix} would cover every IPv4 address")
+            ranges.append(prefix_range(b.prefix))
+
+        def u64(values: list[int]) -> np.ndarray:
+            return np.array(values, dtype=_U64)
+
+        return cls(u64([s >> 64 for s, _ in ranges]), u64([s & _MASK64 for s, _ in ranges]),
+                   u64([e >> 64 for _, e in ranges]), u64([e & _MASK64 for _, e in ranges]),
+                   np.array([b.account for b in bindings], dtype=np.int64),
+                   np.array([b.valid_from_ms for b in bindings], dtype=np.int64),
+                   np.array([TIME_LIMIT + 1 if b.valid_to_ms is None else b.valid_to_ms for b in bindings],
+                            dtype=np.int64))
+
+    @classmethod
+    def from_prefixes(cls, address: np.ndarray, bits: np.ndarray, account: np.ndarray,
+                      valid_from_ms: np.ndarray, valid_to_ms: np.ndarray) -> BindingColumns:
+        """Rows of (16-byte big-endian flow-space network address, prefix length in flow space 0..128,
+        account, from, to); a v4 /n is ::ffff:a.b.c.d/(96 + n). Host bits must be zero."""
+        if address.dtype != np.dtype("S16") or not len(address) == len(bits) == len(account):
+            raise ClassifierError("binding columns differ in length or type")
+        if len(bits) and (int(bits.min()) < 0 or int(bits.max()) > 128):
+            raise ClassifierError("binding prefix length out of 0..128")
+        halves = address.view(">u8").reshape(-1, 2)
+        start_hi, start_lo = halves[:, 0].astype(_U64), halves[:, 1].astype(_U64)
+        host = 128 - bits.astype(np.int64)  # host bits of each prefix
+        ones = _U64(_MASK64)
+        # 1 << 64 is not a uint64: masks of 64 host bits or more are all-ones by np.where
+        lo_mask = np.where(host >= 64, ones, (_U64(1) << np.minimum(host, 63).astype(_U64)) - _U64(1))
+        hi_mask = np.where(host >= 128, ones, np.where(host > 64, (_U64(1) << np.clip(host - 64, 0, 63).astype(_U64))
+                                                        - _U64(1), _U64(0)))
+        if ((start_hi & hi_mask) | (start_lo & lo_mask)).any():
+            raise ClassifierError("a binding prefix has host bits set")
+        return cls(start_hi, start_lo, start_hi | hi_mask, start_lo | lo_mask, account.astype(np.int64),
+                   valid_from_ms.astype(np.int64), valid_to_ms.astype(np.int64))
+
+    @classmethod
+    def concat(cls, parts: list[BindingColumns]) -> BindingColumns:
+        if not parts:
+            empty, none = np.zeros(0, dtype=_U64), np.zeros(0, dtype=np.int64)
+            return cls(empty, empty, empty, empty, none, none, none)
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__slots__))
+
+    def prefix(self, k: int) -> str:
+        """Row k's prefix as text (for error messages)."""
+        start = int(self.start_hi[k]) << 64 | int(self.start_lo[k])
+        end = int(self.end_hi[k]) << 64 | int(self.end_lo[k])
+        size = end - start + 1
+        bits = 128 - (size.bit_length() - 1)
+        if start & ~0xFFFF_FFFF == V4_MAPPED and bits >= 96:
+            return f"{ipaddress.IPv4Address(start & 0xFFFF_FFFF)}/{bits - 96}"
+        return f"{ipaddress.IPv6Address(start)}/{bits}"
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.__slots__)
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficRule:
     """One rule of the ordered rule list; an empty criterion matches anything.
 
@@ -325,7 +441,7 @@ class TrafficRule:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    bindings: tuple[Binding, ...]
+    bindings: tuple[Binding, ...] | BindingColumns
     rules: tuple[TrafficRule, ...]
     default_class: int
 
@@ -367,54 +483,71 @@ class Classifier:
         if snapshot.default_class < 0:
             raise ClassifierError("default class must be >= 0")
         self.default_class = snapshot.default_class
-        self._compile_bindings(snapshot.bindings)
+        bindings = snapshot.bindings
+        self._compile_bindings(bindings if isinstance(bindings, BindingColumns)
+                               else BindingColumns.from_bindings(bindings))
         self.rules = tuple(self._compile_rule(r) for r in snapshot.rules)
 
-    def _compile_bindings(self, bindings: tuple[Binding, ...]) -> None:
-        by_range: dict[tuple[int, int], list[Binding]] = {}
-        for b in bindings:
-            if not 0 < b.account < 1 << 32:
-                raise ClassifierError(f"binding {b.prefix}: account {b.account} out of range")
-            to = TIME_LIMIT + 1 if b.valid_to_ms is None else b.valid_to_ms
-            if not 0 <= b.valid_from_ms < to <= TIME_LIMIT + 1:
-                raise ClassifierError(f"binding {b.prefix}: empty or out-of-range validity")
-            if len(prefix_ranges(b.prefix)) != 1:
-                raise ClassifierError(f"binding {b.prefix} would cover every IPv4 address")
-            by_range.setdefault(prefix_range(b.prefix), []).append(b)
-        ranges = sorted(by_range)
+    def _compile_bindings(self, cols: BindingColumns) -> None:
+        """Segments (distinct prefixes) with their latest window, and the earlier windows by key.
+
+        Vectorized: one lexsort of the rows by (range, valid_from), so a
+        million bindings compile in about a second with no per-row Python.
+        """
+        n = len(cols)
+        account, since, until = cols.account, cols.valid_from_ms, cols.valid_to_ms
+        bad = np.flatnonzero((account <= 0) | (account >= 1 << 32))
+        if len(bad):
+            k = int(bad[0])
+            raise ClassifierError(f"binding {cols.prefix(k)}: account {int(account[k])} out of range")
+        bad = np.flatnonzero((since < 0) | (since >= until) | (until > TIME_LIMIT + 1))
+        if len(bad):
+            raise ClassifierError(f"binding {cols.prefix(int(bad[0]))}: empty or out-of-range validity")
+        covers = ((cols.start_hi == 0) & (cols.start_lo <= _U64(_MAPPED_START))
+                  & ((cols.end_hi > 0) | (cols.end_lo >= _U64(_MAPPED_END))))
+        covers &= (cols.start_hi != 0) | (cols.start_lo != _U64(_MAPPED_START)) | (cols.end_hi != 0) \
+            | (cols.end_lo != _U64(_MAPPED_END))
+        if covers.any():
+            raise ClassifierError(f"binding {cols.prefix(int(np.flatnonzero(covers)[0]))} would cover every IPv4 address")
+        order = np.lexsort((since, cols.end_lo, cols.end_hi, cols.start_lo, cols.start_hi))
+        s_hi, s_lo, e_hi, e_lo = (x.take(order) for x in (cols.start_hi, cols.start_lo, cols.end_hi, cols.end_lo))
+        account, since, until = account.take(order), since.take(order), until.take(order)
+        new = np.ones(n, dtype=bool)  # first row of a segment (a distinct range)
+        new[1:] = (s_hi[1:] != s_hi[:-1]) | (s_lo[1:] != s_lo[:-1]) | (e_hi[1:] != e_hi[:-1]) | (e_lo[1:] != e_lo[:-1])
+        clash = np.flatnonzero(~new[1:] & (until[:-1] > since[1:]))
+        if len(clash):
+            raise ClassifierError(f"bindings of {cols.prefix(int(order[clash[0] + 1]))} overlap in time")
+        first = np.flatnonzero(new)
         try:
-            self.segments = RangeSet(ranges, direct=True)
+            self.segments = RangeSet.from_columns(s_hi.take(first), s_lo.take(first), e_hi.take(first),
+                                                  e_lo.take(first), direct=True)
         except ClassifierError as exc:
             raise ClassifierError("binding prefixes overlap (nested or duplicate ranges)") from exc
-        assert (self.segments.values == np.arange(len(ranges))).all()  # sorted ranges: position = segment
+        assert (self.segments.values == np.arange(len(first))).all()  # sorted ranges: position = segment
         # per segment, plus a last entry for "no segment" (account 0, an empty window): the
         # latest window, which holds nearly every live flow; earlier windows of the same
         # segment (an address that had other sessions lately) are searched by key
-        seg_account, seg_from, seg_to, seg_earlier = [], [], [], []
-        keys, to_ms, accounts = [], [], []
-        for seg, rng in enumerate(ranges):
-            windows = sorted(by_range[rng], key=lambda b: b.valid_from_ms)
-            for prev, nxt in zip(windows, windows[1:]):
-                if prev.valid_to_ms is None or prev.valid_to_ms > nxt.valid_from_ms:
-                    raise ClassifierError(f"bindings of {nxt.prefix} overlap in time")
-            latest = windows[-1]
-            seg_account.append(latest.account)
-            seg_from.append(latest.valid_from_ms)
-            seg_to.append(TIME_LIMIT + 1 if latest.valid_to_ms is None else latest.valid_to_ms)
-            seg_earlier.append(len(windows) > 1)
-            for b in windows[:-1]:
-                keys.append((seg << TIME_BITS) | b.valid_from_ms)
-                to_ms.append(b.valid_to_ms)
-                accounts.append(b.account)
-        self._seg_account = np.array(seg_account + [0], dtype=np.int64)
-        self._seg_from = np.array(seg_from + [0], dtype=np.int64)
-        self._seg_to = np.array(seg_to + [0], dtype=np.int64)
-        self._seg_earlier = np.array(seg_earlier + [False], dtype=bool)
+        last = np.append(first[1:] - 1, n - 1).astype(np.intp) if n else first
+        self._seg_account = np.append(account.take(last), np.int64(0))
+        self._seg_from = np.append(since.take(last), np.int64(0))
+        self._seg_to = np.append(until.take(last), np.int64(0))
+        self._seg_earlier = np.append(last > first, False)
+        earlier = np.ones(n, dtype=bool)
+        earlier[last] = False
+        segment = (np.cumsum(new) - 1).astype(_U64)
+        # keys ascend: rows are sorted by (segment, valid_from)
+        self._keys = (segment[earlier] << _U64(TIME_BITS)) | since[earlier].astype(_U64)
+        self._to_ms = until[earlier]
+        self._accounts = account[earlier]
         # every binding is [0, forever): the flow time does not matter
-        self._timeless = not keys and not any(seg_from) and all(t == TIME_LIMIT + 1 for t in seg_to)
-        self._keys = np.array(keys, dtype=_U64)
-        self._to_ms = np.array(to_ms, dtype=np.int64)
-        self._accounts = np.array(accounts, dtype=np.int64)
+        self._timeless = not len(self._keys) and not self._seg_from.any() \
+            and bool((self._seg_to[:-1] == TIME_LIMIT + 1).all())
+
+    def nbytes(self) -> int:
+        """Bytes of numpy memory the compiled bindings hold (what grows with them)."""
+        arrays = (self._seg_account, self._seg_from, self._seg_to, self._seg_earlier, self._keys, self._to_ms,
+                  self._accounts)
+        return self.segments.nbytes() + sum(a.nbytes for a in arrays)
 
     @staticmethod
     def _compile_rule(rule: TrafficRule) -> _CompiledRule:

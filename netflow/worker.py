@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from netflow.classifier import Aggregates, Binding, Classifier, Snapshot, TrafficRule, aggregate
+from netflow.classifier import Aggregates, Classifier, aggregate
 from netflow.decode import decode_packets, decode_pending
 from netflow.flows import FLOW_DTYPE, Packets, Pending, addr_to_pair
 from netflow.journal import (
@@ -77,11 +77,12 @@ from netflow.journal import (
     scan_records,
 )
 from netflow.rawstore import RawWriter
+from netflow.snapshot import SnapshotLoader
 from netflow.templates import SequenceTracker, TemplateCache
 from urfa.errors import CallFailed, ConnectionLost
 
 __all__ = ["WorkerSettings", "Receiver", "JournalTail", "BatchDecoder", "Checkpoints", "CoreLink",
-           "Worker", "open_socket", "kernel_drops", "run", "snapshot_from_wire", "encode_aggregates"]
+           "Worker", "open_socket", "kernel_drops", "run", "encode_aggregates"]
 
 log = logging.getLogger("netflow.worker")
 
@@ -562,38 +563,6 @@ class Checkpoints:
 # ---------------------------------------------------------------- the core's side, over URFA
 
 
-def snapshot_from_wire(snap: dict[str, Any]) -> Snapshot:
-    """``netflow.snapshot``'s answer -> classifier `Snapshot` (classes and rules in match order).
-
-    A rule's ``iface`` matches the input or the output interface: it becomes
-    two consecutive rules of the same class. Flows no rule matches get class
-    0, which is never charged (they are kept in raw storage).
-    """
-    bindings = tuple(
-        Binding(prefix, int(account), int(since) * 1000 if since else 0,
-                None if until is None else int(until) * 1000)
-        for prefix, account, since, until in snap.get("bindings", [])
-    )
-    rules: list[TrafficRule] = []
-    for klass in snap.get("classes", []):
-        for r in klass.get("rules", []):
-            common: dict[str, Any] = {
-                "class_id": int(klass["id"]), "skip": bool(r.get("skip")),
-                "local": (r["local_net"],) if r.get("local_net") else (),
-                "remote": (r["remote_net"],) if r.get("remote_net") else (),
-                "local_ports": (tuple(r["local_ports"]),) if r.get("local_ports") else (),
-                "remote_ports": (tuple(r["remote_ports"]),) if r.get("remote_ports") else (),
-                "protocols": (int(r["protocol"]),) if r.get("protocol") is not None else (),
-                "exporters": (r["exporter"],) if r.get("exporter") else (),
-            }
-            if r.get("iface") is not None:
-                rules.append(TrafficRule(**common, input_if=(int(r["iface"]),)))
-                rules.append(TrafficRule(**common, output_if=(int(r["iface"]),)))
-            else:
-                rules.append(TrafficRule(**common))
-    return Snapshot(bindings, tuple(rules), 0)
-
-
 AGG_COLUMNS = ("account", "klass", "direction", "hour_ms", "bytes", "packets", "flows")
 
 
@@ -636,6 +605,7 @@ class CoreLink:
         self._open = open_session
         self.client: Any = None
         self.snapshot_stale = True
+        self.seen_version = 0  # the newest classifier version an event announced
         self._connected = CORE_CONNECTED.labels(worker)
         self._events: asyncio.Task[None] | None = None
 
@@ -656,6 +626,7 @@ class CoreLink:
                 continue
             self.client = client
             self.snapshot_stale = True  # events may have been missed while away
+            self.seen_version = 0  # versions are the database's: a restored one may count from lower
             self._connected.set(1)
             if self._events is not None:
                 self._events.cancel()
@@ -667,14 +638,44 @@ class CoreLink:
             while True:
                 event = await client.next_event()
                 if event.topic == "classifier":
-                    self.snapshot_stale = True
+                    version = event.payload.get("version") if isinstance(event.payload, dict) else None
+                    if isinstance(version, int):  # compared with the loaded version: see Worker.stale
+                        self.seen_version = max(self.seen_version, version)
+                    else:
+                        self.snapshot_stale = True
 
     async def call(self, fn: str, args: dict[str, Any], stop: asyncio.Event, timeout: float = 300.0) -> Any:
+        return await self._retrying(fn, stop, lambda client: client.call(fn, args, timeout=timeout))
+
+    async def load(self, fn: str, stop: asyncio.Event, chunk_timeout: float = 60.0) -> tuple[SnapshotLoader, Any]:
+        """A streaming call's chunks fed to a fresh `SnapshotLoader`, with the call's answer.
+
+        Retried from the start like `call` (a half-loaded stream is thrown
+        away); each chunk must come within ``chunk_timeout`` seconds.
+        """
+        async def attempt(client: Any) -> tuple[SnapshotLoader, Any]:
+            loader = SnapshotLoader()
+            stream = client.stream(fn, {})
+            try:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), chunk_timeout)
+                    except StopAsyncIteration:
+                        return loader, stream.result
+                    loader.feed(chunk)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    client.cancel(stream)
+                raise
+
+        return await self._retrying(fn, stop, attempt)
+
+    async def _retrying(self, fn: str, stop: asyncio.Event, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
         delay = 0.1
         while True:
             client = await self.session(stop)
             try:
-                return await client.call(fn, args, timeout=timeout)
+                return await attempt(client)
             except (ConnectionLost, OSError, asyncio.TimeoutError) as exc:
                 log.warning("core call interrupted; retrying", extra={"fn": fn, "reason": f"{type(exc).__name__}: {exc}"})
                 with contextlib.suppress(Exception):
@@ -727,13 +728,31 @@ class Worker:
         self._alarmed = False
 
     async def refresh_classifier(self, stop: asyncio.Event) -> None:
+        """Load the streamed snapshot and swap the classifier whole (see `netflow.snapshot`).
+
+        The stale flag is cleared before asking. A change committed after the
+        core's database snapshot has a newer version than the one loaded (the
+        version row serializes the changes), and its event comes on the session
+        that was subscribed before the load began: `stale` then holds, and the
+        next loop loads once more. No change is lost.
+        """
         self.link.snapshot_stale = False
-        snap = await self.link.call("netflow.snapshot", {}, stop)
-        version = snap.get("version")
-        self.classifier = Classifier(snapshot_from_wire(snap))
+        started = time.monotonic()
+        loader, answer = await self.link.load("netflow.snapshot", stop)
+        snapshot, version = loader.finish(answer)
+        self.classifier = Classifier(snapshot)
         if version != self.classifier_version:
-            log.info("classifier loaded", extra={"version": version, "bindings": len(snap.get("bindings", []))})
+            log.info("classifier loaded", extra={
+                "version": version, "bindings": loader.bindings, "chunks": loader.chunks,
+                "seconds": round(time.monotonic() - started, 3), "classifier_bytes": self.classifier.nbytes()})
         self.classifier_version = version
+
+    def stale(self) -> bool:
+        """Reload? After a (re)connect (events may have been missed), or once an event announced a
+        version newer than the one loaded. An event for a change the last load already held (it
+        committed before the core's database snapshot, its NOTIFY came after) costs no second load:
+        at a million bindings that is seconds per change."""
+        return self.link.snapshot_stale or self.link.seen_version > (self.classifier_version or 0)
 
     # -- one batch ------------------------------------------------------------
     def _prepare(self, decoder: BatchDecoder, tail: JournalTail, limit: int, max_packets: int, saved: bytes
@@ -838,7 +857,7 @@ class Worker:
                     raise RuntimeError("receiver thread died") from receiver.error
                 durable = receiver.durable
                 self._watch(receiver, sock, durable)
-                if self.link.snapshot_stale:
+                if self.stale():
                     await self.refresh_classifier(stop)
                 if tail.position >= durable:
                     if raw is not None and raw.tick_due(loop.time()):

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 # import the core).  Like "busy", it is not the NAS's fault: drop and let the
 # NAS retransmit, instead of an error with a traceback per request.
 DB_UNAVAILABLE = "core.db_unavailable"
+NAS_PAGE = 1000  # radius.nas_list's page size at most
 
 CONNECTED = Gauge("billcore_radius_core_connected", "1 while the radius process holds a session with the core",
                   multiprocess_mode="livesum")
@@ -266,7 +267,13 @@ async def open_session(config: Any) -> Client:
 
 
 async def _load_nas(client: Client, table: NasTable) -> None:
-    table.replace(Nas.from_wire(r) for r in await client.call("radius.nas_list", {}, timeout=10.0))
+    rows: list[dict[str, Any]] = []
+    while True:  # paged (at most 1 000 a call): a NAS table of any size fits the frame cap
+        page = await client.call("radius.nas_list", {"limit": NAS_PAGE, "offset": len(rows)}, timeout=10.0)
+        rows.extend(page)
+        if len(page) < NAS_PAGE:
+            break
+    table.replace(Nas.from_wire(r) for r in rows)
     log.info("NAS table loaded", extra={"nas": len(table)})
 
 

@@ -31,13 +31,13 @@ from pathlib import Path
 import asyncpg
 import pyarrow.parquet as pq
 
-from billcore.api.tariffs import SNAPSHOT_HISTORY
-from billcore.billing.tariffs import classifier_snapshot
+from billcore.api.netflow_calls import SNAPSHOT_HISTORY
 from netflow.classifier import Classifier, aggregate
 from netflow.exporter import ExportClock, FlowSpec, build_v5, build_v9
 from netflow.journal import JournalReader, list_segments
-from netflow.worker import BatchDecoder, DecoderState, snapshot_from_wire
+from netflow.worker import BatchDecoder, DecoderState
 from tests.running import pid_alive
+from tests.test_netflow_snapshot import snapshot_at
 from tests.test_netflow_worker import bc_port
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts
 
@@ -127,12 +127,10 @@ async def journaled_bytes(dsn: str, keep: Path) -> tuple[dict[int, int], int, in
     the workers do; with the number of packets and flows journaled."""
     conn = await asyncpg.connect(dsn)
     try:
-        snap = await classifier_snapshot(conn, datetime.now(timezone.utc) - SNAPSHOT_HISTORY)
+        snapshot, _ = await snapshot_at(conn, datetime.now(timezone.utc) - SNAPSHOT_HISTORY)
     finally:
         await conn.close()
-    epoch = lambda t: None if t is None else int(t.timestamp())  # noqa: E731
-    snap["bindings"] = [[p, a, epoch(f), epoch(t)] for p, a, f, t in snap["bindings"]]
-    classifier = Classifier(snapshot_from_wire(snap))
+    classifier = Classifier(snapshot)
     per_account: dict[int, int] = {}
     packets = flows_total = 0
     for worker_dir in sorted(p for p in keep.iterdir() if p.is_dir()):

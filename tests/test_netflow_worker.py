@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from netflow.exporter import ExportClock, FlowSpec, build_ipfix, build_v5, build_v9
-from netflow.worker import DecoderState, snapshot_from_wire
+from netflow.snapshot import rules_from_wire
+from netflow.worker import DecoderState
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts, wait_charged
 from urfa.client import connect
 
@@ -96,17 +97,14 @@ def bc_port(bc: object) -> int:
     raise AssertionError("no netflow port in the config")
 
 
-def test_snapshot_from_wire_orders_rules_and_splits_iface() -> None:
-    snap = {"version": 3, "bindings": [["10.0.0.0/24", 5, 1_600_000_000, None]],
-            "classes": [{"id": 2, "rules": [{"skip": False, "local_net": None, "remote_net": "192.0.2.0/24",
-                                              "local_ports": None, "remote_ports": [80, 80], "protocol": 6,
-                                              "exporter": None, "iface": 4}]},
-                        {"id": 1, "rules": [{"skip": False}]}]}
-    s = snapshot_from_wire(snap)
-    assert s.bindings[0].valid_from_ms == 1_600_000_000_000 and s.bindings[0].account == 5
-    assert [r.class_id for r in s.rules] == [2, 2, 1]
-    assert s.rules[0].input_if == (4,) and s.rules[1].output_if == (4,)
-    assert s.rules[0].remote_ports == ((80, 80),) and s.rules[0].protocols == (6,)
+def test_rules_from_wire_keep_order_and_split_iface() -> None:
+    rules = rules_from_wire([{"class_id": 2, "skip": False, "local_net": None, "remote_net": "192.0.2.0/24",
+                              "local_ports": None, "remote_ports": [80, 80], "protocol": 6, "exporter": None,
+                              "iface": 4},
+                             {"class_id": 1, "skip": False}])
+    assert [r.class_id for r in rules] == [2, 2, 1]
+    assert rules[0].input_if == (4,) and rules[1].output_if == (4,)
+    assert rules[0].remote_ports == ((80, 80),) and rules[0].protocols == (6,)
 
 
 def test_decoder_state_round_trips_templates_and_pending() -> None:

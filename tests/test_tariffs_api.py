@@ -10,12 +10,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.api import reports, tariffs
+from billcore.api import netflow_calls, reports, tariffs
 from billcore.billing.periods import Period, prorate
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage
 from billcore.config import Config
 from billcore.context import CoreContext
+from netflow.classifier import BindingColumns
+from netflow.snapshot import SnapshotLoader
 from tests.test_usage_commit import make_accounts
 from urfa.errors import CallFailed
 
@@ -34,7 +36,7 @@ class Ctx:
 async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
     events: list[tuple[str, Any]] = []
     core = CoreContext(pool, Config(), publish=lambda t, p: events.append((t, p)), now=lambda: NOW)
-    fn = {s.name: s.handler for s in [*tariffs.calls(core), *reports.calls(core)]}
+    fn = {s.name: s.handler for s in [*tariffs.calls(core), *reports.calls(core), *netflow_calls.calls(core)]}
     admin = Ctx("admin", 1)
     async with pool.acquire() as conn:
         (account,) = await make_accounts(conn, 1)
@@ -70,10 +72,18 @@ async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
     with pytest.raises(CallFailed) as overlap:
         await fn["bindings.add"](admin, account_id=account, prefix="192.0.2.8/29")
     assert overlap.value.code == "tariffs.conflict"
-    snap = await fn["netflow.snapshot"](Ctx("system", 1))
-    assert snap["bindings"] == [["192.0.2.0/28", account, int(NOW.timestamp()), None]]
-    assert [r["skip"] for r in snap["classes"][0]["rules"]] == [True, False]
-    assert snap["classes"][0]["rules"][1]["remote_ports"] == [80, 443]
+    worker = Ctx("system", 1)
+    snap = await fn["netflow.snapshot"](worker)
+    loader = SnapshotLoader()
+    for chunk in worker.chunks:
+        loader.feed(chunk)
+    loaded, version = loader.finish(snap)
+    bindings = loaded.bindings
+    assert isinstance(bindings, BindingColumns) and version == snap["version"]
+    assert [(bindings.prefix(0), int(bindings.account[0]), int(bindings.valid_from_ms[0]))] == [
+        ("192.0.2.0/28", account, int(NOW.timestamp() * 1000))]
+    rules = [r for c in worker.chunks if c["kind"] == "rules" for r in c["rules"]]
+    assert [r["skip"] for r in rules] == [True, False] and rules[1]["remote_ports"] == [80, 443]
     # the change was announced at commit with the version the snapshot carries
     for _ in range(50):
         if heard:

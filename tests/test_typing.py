@@ -16,7 +16,7 @@ STRICT = [
     "billcore/billing/money.py", "billcore/billing/rating.py", "billcore/billing/periods.py",
     "billcore/billing/timeranges.py", "billcore/billing/errors.py",
     "netflow/flows.py", "netflow/v5.py", "netflow/v9.py", "netflow/ipfix.py", "netflow/templates.py",
-    "netflow/decode.py", "netflow/classifier.py", "netflow/journal.py", "netflow/errors.py",
+    "netflow/decode.py", "netflow/classifier.py", "netflow/snapshot.py", "netflow/journal.py", "netflow/errors.py",
     "radius/dedup.py", "radius/auth.py", "radius/notices.py", "billcore/argcheck.py", "billcore/plugins", "portal",
 ]
 

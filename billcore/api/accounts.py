@@ -146,9 +146,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                      until=until, limit=limit, offset=offset)
 
     def spec(name: str, fn: Any, right: str, args: dict[str, str], result: str = "map",
-             kinds: frozenset[str] = ADMIN, fields: dict[str, str] | None = None) -> CallSpec:
+             kinds: frozenset[str] = ADMIN, bound: str = "fixed", fields: dict[str, str] | None = None) -> CallSpec:
         return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "",
-                        fields=fields or {})
+                        bound=bound, fields=fields or {})
 
     page_args = {"limit": "int?", "offset": "int?"}
     return [
@@ -162,12 +162,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
              {"account_id": "int", "credit": "money"}, fields=ACCOUNT_FIELDS),
         spec("accounts.history", accounts_history, "accounts.read",
              {"account_id": "int", **page_args, "since": "time?", "until": "time?"}, result="list",
-             fields=LEDGER_FIELDS),
+             bound="page:1000", fields=LEDGER_FIELDS),
         spec("blocks.set", blocks_set, "blocks.write", {"account_id": "int", "reason": "str?", "kind": "str?"}),
         spec("blocks.lift", blocks_lift, "blocks.write", {"account_id": "int", "kind": "str?"}),
         spec("blocks.list", blocks_list, "blocks.read",
-             {"account_id": "int", "active_only": "bool?", **page_args}, result="list", kinds=ADMIN_SYSTEM),
+             {"account_id": "int", "active_only": "bool?", **page_args}, result="list", kinds=ADMIN_SYSTEM,
+             bound="page:1000"),
         spec("audit.query", audit_query, "audit.read",
              {"object": "str?", "action": "str?", "login": "str?", "since": "time?", "until": "time?",
-              **page_args}, result="list"),
+              **page_args}, result="list", bound="page:1000"),
     ]

@@ -55,17 +55,21 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return int(ctx.principal.id)
 
     @handler
-    async def me_accounts(ctx: Any) -> list[dict[str, Any]]:
-        """My accounts: balance, credit, blocks, promised credit."""
+    async def me_accounts(ctx: Any, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """My accounts (basic first): balance, credit, blocks, promised credit."""
+        limit, offset = page(limit, offset, 100)
         async with core.pool.acquire() as conn:
-            return [await account_view(conn, a, core.now()) for a in await _own(conn, uid(ctx), None)]
+            ids = (await _own(conn, uid(ctx), None))[offset:offset + limit]
+            return [await account_view(conn, a, core.now()) for a in ids]
 
     @handler
-    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False) -> list[dict[str, Any]]:
+    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False, limit: int = 100,
+                        offset: int = 0) -> list[dict[str, Any]]:
         """Blocks of my accounts, newest first."""
+        limit, offset = page(limit, offset, 200)
         async with core.pool.acquire() as conn:
             ids = await _own(conn, uid(ctx), account_id)
-            rows = await blocks.list_blocks(conn, ids, active_only=bool(active_only))
+            rows = await blocks.list_blocks(conn, ids, active_only=bool(active_only), limit=limit, offset=offset)
         return [subscriber_block(r) for r in rows]   # no operator's login or reason text
 
     @handler
@@ -146,18 +150,17 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                after={"password": "changed"}, now=core.now())
         return True
 
-    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map",
+    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map", bound: str = "fixed",
              fields: dict[str, str] | None = None) -> CallSpec:
         return CallSpec(name, fn, right=None, kinds=USER, module="builtin", args=args, result=result,
-                        doc=fn.__doc__ or "", fields=fields or {})
+                        doc=fn.__doc__ or "", bound=bound, fields=fields or {})
 
+    paged = {"limit": "int?", "offset": "int?"}
     return [
-        spec("me.accounts", me_accounts, {}, "list", ACCOUNT_FIELDS),
-        spec("me.blocks", me_blocks, {"account_id": "int?", "active_only": "bool?"}, "list"),
-        spec("me.payments", me_payments, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list",
-             {"amount": "money"}),
-        spec("me.history", me_history, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list",
-             LEDGER_FIELDS),
+        spec("me.accounts", me_accounts, paged, "list", "page:100", ACCOUNT_FIELDS),
+        spec("me.blocks", me_blocks, {"account_id": "int?", "active_only": "bool?", **paged}, "list", "page:200"),
+        spec("me.payments", me_payments, {"account_id": "int?", **paged}, "list", "page:200", {"amount": "money"}),
+        spec("me.history", me_history, {"account_id": "int?", **paged}, "list", "page:200", LEDGER_FIELDS),
         spec("me.block", me_block, {"on": "bool", "account_id": "int?"}),
         spec("me.promised", me_promised, {"account_id": "int?"}, fields={"amount": "money"}),
         spec("me.password", me_password, {"old_password": "str", "new_password": "str"}, "bool"),

@@ -12,6 +12,13 @@ System calls (kinds ``{"system"}``, rights ``netflow.*``):
   "rejected", "rejected_bytes"}``.  Rejected rows (no tariff, no rate for
   the class) are logged and counted; their flows stay in raw storage.
 * ``netflow.watermark(worker)`` — the committed watermark (−1: never).
+* ``netflow.snapshot()`` (right ``netflow.read``, streaming) — what a worker
+  classifies with: chunks ``{"kind": "bindings", "n", "address", "bits",
+  "account", "from_ms", "to_ms"}`` (big-endian binary columns, at most
+  half a frame each), then ``{"kind": "rules", "rules": [...]}`` in match
+  order; the answer ``{"version", "bindings", "rules"}`` counts what was
+  sent.  One REPEATABLE READ transaction: the version names exactly these
+  rows (see ``netflow.snapshot`` for the loader, docs/netflow.md).
 
 Admin/system call (right ``netflow.read``): ``netflow.raw(account_id,
 since, until)`` streams the account's raw flow legs with ``since <= start <
@@ -29,6 +36,7 @@ import logging
 import re
 import sys
 from array import array
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Final
@@ -36,6 +44,7 @@ from typing import Any, Final
 from billcore.api import ADMIN_SYSTEM, announce, handler, need_int
 from billcore.billing.errors import UsageError
 from billcore.billing.rating import TrafficUsage
+from billcore.billing.tariffs import port_range
 from billcore.billing.usage import commit_usage, watermark
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
@@ -79,6 +88,89 @@ def _worker(worker: object) -> str:
     if not isinstance(worker, str) or not _WORKER.fullmatch(worker):
         raise CallFailed("bad_args", "worker: 1..64 characters of A-Z a-z 0-9 . _ : @ -")
     return worker
+
+
+# ---------------------------------------------------------------- the classifier snapshot, streamed
+
+SNAPSHOT_HISTORY: Final = timedelta(days=7)
+"""How far back ``netflow.snapshot`` keeps ended bindings (journal replay, late flows)."""
+BINDING_WIRE_BYTES: Final = 42
+"""Bytes one binding takes in a snapshot chunk: address 16, bits 2, account 8, from 8, to 8."""
+SNAPSHOT_CHUNK_ROWS: Final = 16_384
+"""Bindings per chunk at most; `snapshot_chunk_rows` keeps a chunk within half a frame (12 483 rows,
+524 KB, at the default 1 MB ``[urfa] max_frame``)."""
+RULE_CHUNK_ROWS: Final = 256
+"""Rules per chunk (a rule is at most ~400 bytes of msgpack)."""
+
+# One chunk of bindings as big-endian binary columns, aggregated by PostgreSQL
+# itself (no Python object per binding on either side). Keyset paging by id
+# inside one REPEATABLE READ transaction: every chunk sees the same snapshot,
+# and the server holds one chunk at a time. A v4 prefix travels in flow space
+# (::ffff:a.b.c.d, length + 96), as the classifier keeps it. The columns stay
+# row-aligned without an ORDER BY per aggregate: one scan feeds each row to
+# every aggregate in turn (five sorts per chunk saved; the row order itself
+# does not matter, the classifier sorts).
+_BINDING_CHUNK = """
+SELECT count(*)::int AS n, max(id) AS last_id,
+       string_agg(CASE WHEN family(prefix) = 4 THEN '\\x00000000000000000000ffff'::bytea ELSE ''::bytea END
+                  || substring(inet_send(prefix) FROM 5), ''::bytea) AS address,
+       string_agg(int2send((masklen(prefix) + CASE WHEN family(prefix) = 4 THEN 96 ELSE 0 END)::int2),
+                  ''::bytea) AS bits,
+       string_agg(int8send(account_id), ''::bytea) AS account,
+       string_agg(int8send(floor(extract(epoch FROM valid_from) * 1000)::bigint), ''::bytea) AS from_ms,
+       string_agg(int8send(coalesce(floor(extract(epoch FROM valid_to) * 1000)::bigint, -1)), ''::bytea) AS to_ms
+FROM (SELECT id, prefix, account_id, valid_from, valid_to FROM ip_bindings
+      WHERE id > $1 AND (valid_to IS NULL OR valid_to > $2) ORDER BY id LIMIT $3) b
+"""
+
+_RULES = """
+SELECT r.id, r.class_id, r.position, r.skip, r.local_net::text AS local_net, r.remote_net::text AS remote_net,
+       r.local_ports, r.remote_ports, r.protocol, host(r.exporter) AS exporter, r.iface
+FROM traffic_class_rules r JOIN traffic_classes c ON c.id = r.class_id
+ORDER BY c.position, c.id, r.position, r.id
+"""
+
+
+def snapshot_chunk_rows(max_frame: int) -> int:
+    """Bindings per chunk so that a chunk stays within half of ``max_frame``."""
+    return max(1, min(SNAPSHOT_CHUNK_ROWS, (max_frame // 2) // BINDING_WIRE_BYTES))
+
+
+async def snapshot_chunks(conn: Any, since: datetime, rows: int = SNAPSHOT_CHUNK_ROWS
+                          ) -> AsyncIterator[dict[str, Any]]:
+    """The classifier snapshot as chunks, then a last ``{"end": …}`` chunk with the version and counts.
+
+    Bindings valid at ``since`` or later (ended ones are kept for journal
+    replays and late flows) and the class rules in match order, all read in
+    one REPEATABLE READ transaction: the version names exactly these rows.
+    A change committed after it bumps the version and NOTIFYs (schema 0008),
+    so the worker, told of the new version, loads again: nothing is lost
+    between "read" and "loaded".
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        version = int(await conn.fetchval("SELECT version FROM classifier_version"))
+        last, bindings = 0, 0
+        while True:
+            r = await conn.fetchrow(_BINDING_CHUNK, last, since, rows)
+            if not r["n"]:
+                break
+            last, bindings = r["last_id"], bindings + r["n"]
+            yield {"kind": "bindings", "n": r["n"], "address": r["address"], "bits": r["bits"],
+                   "account": r["account"], "from_ms": r["from_ms"], "to_ms": r["to_ms"]}
+        rules = 0
+        chunk: list[dict[str, Any]] = []
+        async for r in conn.cursor(_RULES, prefetch=RULE_CHUNK_ROWS):
+            chunk.append({"id": r["id"], "class_id": r["class_id"], "position": r["position"], "skip": r["skip"],
+                          "local_net": r["local_net"], "remote_net": r["remote_net"],
+                          "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
+                          "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"]})
+            rules += 1
+            if len(chunk) >= RULE_CHUNK_ROWS:
+                yield {"kind": "rules", "rules": chunk}
+                chunk = []
+        if chunk:
+            yield {"kind": "rules", "rules": chunk}
+    yield {"kind": "end", "version": version, "bindings": bindings, "rules": rules}
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
@@ -147,14 +239,29 @@ def calls(core: CoreContext) -> list[CallSpec]:
             sent += len(chunk)
         return {"rows": sent, "truncated": sent >= MAX_RAW_ROWS}
 
+    chunk_rows = snapshot_chunk_rows(core.config.urfa.max_frame)
+
+    async def netflow_snapshot(ctx: Any) -> dict[str, Any]:
+        """The classifier snapshot, streamed: chunks of bindings (binary columns) and of rules in
+        match order, all from one database snapshot; the result names its version and counts."""
+        async with core.pool.acquire() as conn:
+            async for chunk in snapshot_chunks(conn, core.now() - SNAPSHOT_HISTORY, chunk_rows):
+                if chunk["kind"] == "end":
+                    return {"version": chunk["version"], "bindings": chunk["bindings"], "rules": chunk["rules"]}
+                await ctx.stream(chunk)
+        raise AssertionError("snapshot_chunks always ends with its end chunk")
+
     cols = {name: "bytes" for name in COLUMNS}
     return [
+        CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM, result="map",
+                 doc=netflow_snapshot.__doc__ or "", streaming=True, bound="stream"),
         CallSpec("netflow.submit", netflow_submit, right="netflow.submit", kinds=SYSTEM,
                  args={"worker": "str", "watermark": "int", **cols}, result="map",
-                 doc=netflow_submit.__doc__ or "", fields={"charged": "money", "rejected_bytes": "int"}),
+                 doc=netflow_submit.__doc__ or "", bound="fixed", fields={"charged": "money", "rejected_bytes": "int"}),
         CallSpec("netflow.watermark", netflow_watermark, right="netflow.watermark", kinds=SYSTEM,
-                 args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or ""),
+                 args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or "",
+                 bound="fixed"),
         CallSpec("netflow.raw", netflow_raw, right="netflow.read", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "since": "time", "until": "time"}, result="map",
-                 doc=netflow_raw.__doc__ or "", streaming=True, fields=RAW_FIELDS),
+                 doc=netflow_raw.__doc__ or "", streaming=True, bound="stream", fields=RAW_FIELDS),
     ]

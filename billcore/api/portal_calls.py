@@ -55,13 +55,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 " LIMIT $2 OFFSET $3", ids, limit, offset)
         return [dict(r) for r in rows]
 
-    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map",
+    def spec(name: str, fn: Any, args: dict[str, str], result: str = "map", bound: str = "fixed",
              fields: dict[str, str] | None = None) -> CallSpec:
         return CallSpec(name, fn, right=None, kinds=USER, module="builtin", args=args, result=result,
-                        doc=fn.__doc__ or "", fields=fields or {})
+                        doc=fn.__doc__ or "", bound=bound, fields=fields or {})
 
     return [
-        spec("me.classes", me_classes, {}, "list"),
+        spec("me.classes", me_classes, {}, "list"),  # at most 1 000 names: a catalogue, not data
         spec("me.sessions", me_sessions, {"account_id": "int?", "limit": "int?", "offset": "int?"}, "list",
-             {"charged": "money"}),
+             "page:200", {"charged": "money"}),
     ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from billcore.api import ADMIN, USER, handler, need_int
+from billcore.api import ADMIN, USER, handler, need_int, page
 from billcore.api.tariffs import _date, plain
 from billcore.billing.errors import TariffError
 from billcore.billing import tariffs as T
@@ -188,15 +188,19 @@ def calls(core: CoreContext) -> list[CallSpec]:
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
-    async def reports_revenue(ctx: Any, since: datetime, until: datetime) -> list[dict[str, Any]]:
+    async def reports_revenue(ctx: Any, since: datetime, until: datetime, limit: int = 1000,
+                              offset: int = 0) -> list[dict[str, Any]]:
         """Revenue per tariff, then a (total) row, for the periods that start in [since, until), open
         periods included: amount = final_amount + provisional_amount = periodic_amount + usage_amount +
         once_amount, and accounts. Final amounts can no longer change (closed periods); provisional ones
-        are the open periods' charges so far."""
+        are the open periods' charges so far. Paged by tariff id; the (total) row is the last row of the
+        last page."""
+        limit, offset = page(limit, offset, 1000)
         if not since < until:
             raise TariffError("since must be before until")
         async with core.pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
-            return revenue_result(await conn.fetch(REVENUE_SQL, since, until, core.now()))
+            rows = revenue_result(await conn.fetch(REVENUE_SQL, since, until, core.now()))
+        return rows[offset:offset + limit]
 
     @handler
     async def reports_preview(ctx: Any, account_id: int) -> dict[str, Any]:
@@ -257,21 +261,25 @@ def calls(core: CoreContext) -> list[CallSpec]:
         CallSpec("reports.traffic", reports_traffic, right="reports.read", kinds=ADMIN, streaming=True,
                  args={"since": "str", "until": "str", "account_id": "int?"}, doc=reports_traffic.__doc__ or "",
                  result="map", fields={"account_id": "int", "class_id": "int", "day": "str", "quantity": "int",
-                                       "amount": "money"}),
+                                       "amount": "money"}, bound="stream"),
         CallSpec("reports.charges", reports_charges, right="reports.read", kinds=ADMIN, streaming=True,
                  args={"since": "time", "until": "time"}, doc=reports_charges.__doc__ or "",
                  result="map", fields={"service_id": "int", "period_start": "time", "accounts": "int",
-                                       "amount": "money"}),
+                                       "amount": "money"}, bound="stream"),
         CallSpec("reports.revenue", reports_revenue, right="reports.read", kinds=ADMIN, result="list",
-                 args={"since": "time", "until": "time"}, doc=reports_revenue.__doc__ or "",
+                 args={"since": "time", "until": "time", "limit": "int?", "offset": "int?"},
+                 doc=reports_revenue.__doc__ or "", bound="page:1000",
                  fields={"tariff_id": "int", "name": "str", "accounts": "int", "final_amount": "money",
                          "provisional_amount": "money", "amount": "money",
                          **{f"{k}_amount": "money" for k in _KINDS}}),
         CallSpec("reports.preview", reports_preview, right="reports.read", kinds=ADMIN, result="map",
                  args={"account_id": "int"}, doc=reports_preview.__doc__ or "",
-                 fields={"total": "money", "lines": "list", "lines.amount": "money"}),
+                 fields={"total": "money", "lines": "list", "lines.amount": "money"}, bound="fixed"),
+        # one account's tariff and services; the user's accounts are few (users.get lists 100)
         CallSpec("me.tariff", me_tariff, kinds=USER, args={"account_id": "int?"}, doc=me_tariff.__doc__ or "",
-                 result="list", fields={"services": "list", "services.fee": "money"}),
+                 result="list", fields={"services": "list", "services.fee": "money"}, bound="fixed"),
+        # at most 366 days x classes x the user's accounts
         CallSpec("me.traffic", me_traffic, kinds=USER, args={"since": "str", "until": "str", "account_id": "int?"},
-                 doc=me_traffic.__doc__ or "", result="list", fields={"quantity": "int", "amount": "money"}),
+                 doc=me_traffic.__doc__ or "", result="list", fields={"quantity": "int", "amount": "money"},
+                 bound="fixed"),
     ]

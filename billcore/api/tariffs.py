@@ -1,4 +1,4 @@
-"""URFA calls for the tariff model, and the NetFlow classifier snapshot.
+"""URFA calls for the tariff model.
 
 Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
 ``tariffs.write`` for changes:
@@ -10,37 +10,27 @@ Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
   timeranges.list, timeranges.add, timeranges.delete,
   bindings.list, bindings.add, bindings.end
 
-System call (kinds ``{"system"}``, right ``netflow.read``): ``netflow.snapshot``
-(bindings valid at any time in the last ``SNAPSHOT_HISTORY`` or later)
-— ``{"version": int, "bindings": [[prefix, account_id, valid_from_epoch,
-valid_to_epoch|None], …], "classes": [{"id", "name", "position", "rules":
-[{"id", "position", "skip", "local_net", "remote_net", "local_ports",
-"remote_ports", "protocol", "exporter", "iface"}, …]}, …]}`` with classes and
-rules in match order.  Every change to bindings, classes or rules — from
-these calls, RADIUS accounting or anywhere else — NOTIFYs at commit (a
-trigger, schema 0008) and the core publishes ``("classifier", {"version":
-v})`` to the workers.
+The NetFlow workers' classifier snapshot (``netflow.snapshot``) lives in
+``billcore.api.netflow_calls``: it is streamed, since it grows with bindings.
 """
 
 from __future__ import annotations
 
 import functools
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 
-from billcore.api import ADMIN, handler, need_int, who
+from billcore.api import ADMIN, handler, need_int, page, who
 from billcore.billing import audit
 from billcore.billing import tariffs as T
 from billcore.billing.errors import TariffError
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
 
-SNAPSHOT_HISTORY = timedelta(days=7)
-"""How far back ``netflow.snapshot`` keeps ended bindings (journal replay, late flows)."""
-
 __all__ = ["calls", "plain"]
 
-SYSTEM = frozenset({"system"})
+PAGE = T.MAX_PAGE
+CLASS_PAGE = 100  # a class carries its rules: fewer per page
 
 
 def plain(value: Any) -> Any:
@@ -63,18 +53,15 @@ def _date(value: object, what: str) -> date:
         raise TariffError(f"{what}: {exc}") from exc
 
 
-def _epoch(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
-
-
 def calls(core: CoreContext) -> list[CallSpec]:
     tz = core.config.zone
 
     @handler
-    async def services_list(ctx: Any) -> list[dict[str, Any]]:
-        """Every service with its rates."""
+    async def services_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Services with their rates, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_services(conn))
+            return plain(await T.list_services(conn, limit=limit, offset=offset))
 
     @handler
     async def services_add(ctx: Any, name: str, kind: str, fee: int | None = None,
@@ -116,10 +103,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"service_id": service_id}
 
     @handler
-    async def tariffs_list(ctx: Any) -> list[dict[str, Any]]:
-        """Every tariff with its service ids."""
+    async def tariffs_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Tariffs with their service ids, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_tariffs(conn))
+            return plain(await T.list_tariffs(conn, limit=limit, offset=offset))
 
     @handler
     async def tariffs_add(ctx: Any, name: str, service_ids: list[int], comment: str | None = None) -> dict[str, Any]:
@@ -152,16 +140,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                        actor=f"{ctx.principal.kind}:{ctx.principal.login}")
 
     @handler
-    async def tariffs_history(ctx: Any, account_id: int) -> list[dict[str, Any]]:
-        """An account's tariff links, oldest first."""
+    async def tariffs_history(ctx: Any, account_id: int, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """An account's tariff links, oldest first (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.tariff_history(conn, need_int("account_id", account_id)))
+            return plain(await T.tariff_history(conn, need_int("account_id", account_id), limit=limit, offset=offset))
 
     @handler
-    async def classes_list(ctx: Any) -> list[dict[str, Any]]:
-        """Traffic classes and their rules, in match order."""
+    async def classes_list(ctx: Any, limit: int = CLASS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Traffic classes and their rules, in match order (paged)."""
+        limit, offset = page(limit, offset, CLASS_PAGE)
         async with core.pool.acquire() as conn:
-            return await T.list_classes(conn)
+            return await T.list_classes(conn, limit=limit, offset=offset)
 
     @handler
     async def classes_add(ctx: Any, name: str, position: int | None = None, comment: str | None = None) -> dict[str, Any]:
@@ -196,10 +186,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": rule_id}
 
     @handler
-    async def timeranges_list(ctx: Any) -> list[dict[str, Any]]:
-        """Time ranges with their windows (weekday 0 = Monday) and dates."""
+    async def timeranges_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """Time ranges with their windows (weekday 0 = Monday) and dates, by id (paged)."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_time_ranges(conn))
+            return plain(await T.list_time_ranges(conn, limit=limit, offset=offset))
 
     @handler
     async def timeranges_add(ctx: Any, name: str, priority: int | None = None,
@@ -221,10 +212,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"id": range_id}
 
     @handler
-    async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None) -> list[dict[str, Any]]:
-        """IP bindings, of one account if account_id is given, valid at the instant at if given."""
+    async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None,
+                            limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """IP bindings, of one account if account_id is given, valid at the instant at if given; by id,
+        paged."""
+        limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return await T.list_bindings(conn, account_id, at=at)
+            return await T.list_bindings(conn, account_id, at=at, limit=limit, offset=offset)
 
     @handler
     async def bindings_add(ctx: Any, account_id: int, prefix: str, kind: str | None = None,
@@ -246,45 +240,35 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await T.end_binding(conn, need_int("binding_id", binding_id), at or core.now())
         return {"id": binding_id}
 
-    @handler
-    async def netflow_snapshot(ctx: Any) -> dict[str, Any]:
-        """Bindings valid during the last SNAPSHOT_HISTORY or later, and the class rules, with
-        the classifier version.  Ended bindings stay in for a while because a worker replays
-        its journal after a restart and exporters report flows late: such flows belong to the
-        account that held the address at the flow's time (the classifier checks validity)."""
-        async with core.pool.acquire() as conn:
-            snap = await T.classifier_snapshot(conn, core.now() - SNAPSHOT_HISTORY)
-        snap["bindings"] = [[p, a, _epoch(f), _epoch(t)] for p, a, f, t in snap["bindings"]]
-        return snap
-
     R, W = "tariffs.read", "tariffs.write"
+    paged = {"limit": "int?", "offset": "int?"}
     rule_args = {"class_id": "int", "position": "int?", "skip": "bool?", "local_net": "str?",
                  "remote_net": "str?", "local_ports": "list?", "remote_ports": "list?",
                  "protocol": "int?", "exporter": "str?", "iface": "int?"}
     table: list[tuple[str, Any, str, dict[str, str]]] = [
-        ("services.list", services_list, R, {}),
+        ("services.list", services_list, R, paged),
         ("services.add", services_add, W, {"name": "str", "kind": "str", "fee": "money?", "period": "map?",
                                            "charge_mode": "str?", "session_limit": "int?",
                                            "max_sessions": "int?", "comment": "str?"}),
         ("services.delete", services_delete, W, {"service_id": "int"}),
         ("services.set_rate", services_set_rate, W, {"service_id": "int", "unit_size": "int", "tiers": "list",
                                                      "class_id": "int?", "range_id": "int?", "prepaid": "int?"}),
-        ("tariffs.list", tariffs_list, R, {}),
+        ("tariffs.list", tariffs_list, R, paged),
         ("tariffs.add", tariffs_add, W, {"name": "str", "service_ids": "list", "comment": "str?"}),
         ("tariffs.set_services", tariffs_set_services, W, {"tariff_id": "int", "service_ids": "list"}),
         ("tariffs.delete", tariffs_delete, W, {"tariff_id": "int"}),
         ("tariffs.link", tariffs_link, W, {"account_id": "int", "tariff_id": "int?", "start": "str?"}),
-        ("tariffs.history", tariffs_history, R, {"account_id": "int"}),
-        ("classes.list", classes_list, R, {}),
+        ("tariffs.history", tariffs_history, R, {"account_id": "int", **paged}),
+        ("classes.list", classes_list, R, paged),
         ("classes.add", classes_add, W, {"name": "str", "position": "int?", "comment": "str?"}),
         ("classes.delete", classes_delete, W, {"class_id": "int"}),
         ("classes.add_rule", classes_add_rule, W, rule_args),
         ("classes.delete_rule", classes_delete_rule, W, {"rule_id": "int"}),
-        ("timeranges.list", timeranges_list, R, {}),
+        ("timeranges.list", timeranges_list, R, paged),
         ("timeranges.add", timeranges_add, W, {"name": "str", "priority": "int?", "windows": "list?",
                                                "dates": "list?"}),
         ("timeranges.delete", timeranges_delete, W, {"range_id": "int"}),
-        ("bindings.list", bindings_list, R, {"account_id": "int?", "at": "time?"}),
+        ("bindings.list", bindings_list, R, {"account_id": "int?", "at": "time?", **paged}),
         ("bindings.add", bindings_add, W, {"account_id": "int", "prefix": "str", "kind": "str?",
                                            "valid_from": "time?", "valid_to": "time?", "source": "str?",
                                            "session_ref": "str?"}),
@@ -302,10 +286,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return result
         return wrapped
 
+    def bound(name: str, args: dict[str, str]) -> str:
+        if "limit" not in args:
+            return "fixed"
+        return f"page:{CLASS_PAGE if name == 'classes.list' else PAGE}"
+
     money = {"services.list": {"fee": "money"}}
     specs = [CallSpec(name, audited(name, fn) if right == W else fn, right=right, kinds=ADMIN, args=args,
-                      doc=fn.__doc__ or "", fields=money.get(name, {}))
+                      doc=fn.__doc__ or "", bound=bound(name, args), fields=money.get(name, {}))
              for name, fn, right, args in table]
-    specs.append(CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM,
-                          result="map", doc=netflow_snapshot.__doc__ or ""))
     return specs

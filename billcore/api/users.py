@@ -19,6 +19,7 @@ from urfa.scram import make_verifier
 __all__ = ["calls", "check_password"]
 
 MAX_PASSWORD = 1024
+MAX_ACCOUNTS = 100  # accounts listed in users.get (accounts_total says how many there are)
 
 
 def check_password(password: object) -> str:
@@ -46,11 +47,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def users_get(ctx: Any, user_id: int) -> dict[str, Any]:
-        """A user with their accounts (deleted users too, marked by deleted_at)."""
+        """A user with their first MAX_ACCOUNTS accounts and accounts_total (deleted users too,
+        marked by deleted_at)."""
         need_int("user_id", user_id)
         async with core.pool.acquire() as conn:
             user = await accounts.get_user(conn, user_id, include_deleted=True)
-            user["accounts"] = await accounts.user_accounts(conn, user_id)
+            user["accounts"] = await accounts.user_accounts(conn, user_id, limit=MAX_ACCOUNTS)
+            user["accounts_total"] = await conn.fetchval("SELECT count(*) FROM accounts WHERE user_id = $1", user_id)
         return user
 
     @handler
@@ -100,9 +103,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return True
 
     def spec(name: str, fn: Any, right: str, args: dict[str, str], result: str = "map",
-             kinds: frozenset[str] = ADMIN, fields: dict[str, str] | None = None) -> CallSpec:
+             kinds: frozenset[str] = ADMIN, bound: str = "fixed", fields: dict[str, str] | None = None) -> CallSpec:
         return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "",
-                        fields=fields or {})
+                        bound=bound, fields=fields or {})
 
     return [
         spec("users.create", users_create, "users.write",
@@ -113,7 +116,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         spec("users.edit", users_edit, "users.write", {"user_id": "int", "fields": "map"}),
         spec("users.search", users_search, "users.read",
              {"text": "str?", "limit": "int?", "offset": "int?", "include_deleted": "bool?"}, kinds=ADMIN_SYSTEM,
-             fields={"total": "int", "users": "list"}),
+             bound="page:1000", fields={"total": "int", "users": "list"}),
         spec("users.delete", users_delete, "users.write", {"user_id": "int"}),
         spec("users.set_password", users_set_password, "users.write",
              {"user_id": "int", "password": "str"}, result="bool"),

@@ -212,9 +212,11 @@ async def get_account(conn: asyncpg.Connection, account_id: int) -> dict[str, An
     return dict(row)
 
 
-async def user_accounts(conn: asyncpg.Connection, user_id: int) -> list[dict[str, Any]]:
+async def user_accounts(conn: asyncpg.Connection, user_id: int, *, limit: int = MAX_PAGE,
+                        offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
-        f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE user_id = $1 ORDER BY id", user_id)
+        f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE user_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
+        user_id, limit, offset)
     return [dict(r) for r in rows]
 
 

@@ -22,8 +22,8 @@ Writes validate by building the pure value first (a bad tier schedule fails
 as ``TariffError`` before SQL), and map constraint violations to
 ``TariffConflict`` (overlapping binding or tariff link, a name taken, a row
 still in use).  Every write that changes what the NetFlow classifier sees
-bumps ``classifier_version`` (a statement trigger), read by
-``classifier_snapshot``.
+bumps ``classifier_version`` (a statement trigger), read by the
+``netflow.snapshot`` call (``billcore.api.netflow_calls``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ __all__ = [
     "account_links",
     "add_binding",
     "add_rule",
-    "classifier_snapshot",
     "classifier_version",
     "create_class",
     "create_service",
@@ -74,6 +73,7 @@ __all__ = [
     "load_book",
     "load_links",
     "load_periodic",
+    "port_range",
     "set_rate",
     "set_tariff_services",
     "tariff_history",
@@ -83,7 +83,8 @@ DEFAULT_ACCOUNT_PERIOD: Final = PeriodSpec(PeriodKind.MONTHLY, date(2000, 1, 1))
 """An account without an ``account_periods`` row: calendar months."""
 SERVICE_KINDS: Final = frozenset({"once", "periodic", "traffic", "time"})
 MAX_NAME: Final = 128
-MAX_LIST: Final = 100_000
+MAX_PAGE: Final = 1000
+"""Rows per page of a list call at most (the URFA frame is 1 MB; see docs/protocol.md)."""
 MAX_WINDOWS: Final = 64
 MAX_DATES: Final = 1_024
 
@@ -319,13 +320,13 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
             name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment, row_id))
 
 
-async def list_services(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_services(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT s.*, coalesce((SELECT jsonb_agg(jsonb_build_object('class_id', r.class_id,"
         " 'range_id', r.range_id, 'prepaid', r.prepaid, 'unit_size', r.unit_size,"
         " 'tier_starts', r.tier_starts, 'tier_prices', r.tier_prices) ORDER BY r.id)"
         " FROM service_rates r WHERE r.service_id = s.id), '[]')::text AS rates"
-        " FROM services s ORDER BY s.id LIMIT $1", MAX_LIST)
+        " FROM services s ORDER BY s.id LIMIT $1 OFFSET $2", limit, offset)
     return [{**dict(r), "rates": json.loads(r["rates"])} for r in rows]
 
 
@@ -382,12 +383,12 @@ async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_
                 tariff_id, sorted(set(service_ids)))
 
 
-async def list_tariffs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_tariffs(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.name, t.comment, coalesce(array_agg(ts.service_id ORDER BY ts.service_id)"
         " FILTER (WHERE ts.service_id IS NOT NULL), '{}') AS service_ids"
         " FROM tariffs t LEFT JOIN tariff_services ts ON ts.tariff_id = t.id"
-        " GROUP BY t.id ORDER BY t.id LIMIT $1", MAX_LIST)
+        " GROUP BY t.id ORDER BY t.id LIMIT $1 OFFSET $2", limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -437,11 +438,12 @@ async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int 
     return {"account_id": account_id, "tariff_id": tariff_id, "link_id": link_id, "valid_from": at}
 
 
-async def tariff_history(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+async def tariff_history(conn: asyncpg.Connection, account_id: int, *, limit: int = MAX_PAGE,
+                         offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, t.created_at,"
         " t.created_by FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
-        " WHERE t.account_id = $1 ORDER BY t.valid_from", account_id)
+        " WHERE t.account_id = $1 ORDER BY t.valid_from LIMIT $2 OFFSET $3", account_id, limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -512,7 +514,8 @@ async def delete_rule(conn: asyncpg.Connection, rule_id: int) -> None:
         raise TariffNotFound(f"rule {rule_id} does not exist")
 
 
-def _range_list(r: asyncpg.Range | None) -> list[int] | None:
+def port_range(r: asyncpg.Range | None) -> list[int] | None:
+    """A port range column as an inclusive [lo, hi] pair (None: any port)."""
     if r is None or r.isempty:
         return None
     lo = r.lower if r.lower_inc else r.lower + 1
@@ -520,19 +523,21 @@ def _range_list(r: asyncpg.Range | None) -> list[int] | None:
     return [lo, hi]
 
 
-async def list_classes(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+                       ) -> list[dict[str, Any]]:
     """Classes in match order, each with its rules in match order (plain, msgpack-able)."""
-    classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id")
+    classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id"
+                               " LIMIT $1 OFFSET $2", limit, offset)
     rules = await conn.fetch(
         "SELECT id, class_id, position, skip, local_net::text, remote_net::text, local_ports,"
         " remote_ports, protocol, host(exporter) AS exporter, iface FROM traffic_class_rules"
-        " ORDER BY class_id, position, id")
+        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id", [c["id"] for c in classes])
     by_class: dict[int, list[dict[str, Any]]] = {}
     for r in rules:
         by_class.setdefault(r["class_id"], []).append({
             "id": r["id"], "position": r["position"], "skip": r["skip"],
             "local_net": r["local_net"], "remote_net": r["remote_net"],
-            "local_ports": _range_list(r["local_ports"]), "remote_ports": _range_list(r["remote_ports"]),
+            "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
             "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"],
         })
     return [{**dict(c), "rules": by_class.get(c["id"], [])} for c in classes]
@@ -559,14 +564,16 @@ async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: in
     return range_id
 
 
-async def list_time_ranges(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def list_time_ranges(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+                           ) -> list[dict[str, Any]]:
     names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM time_ranges")}
+    ranges = sorted(await load_timeranges(conn), key=lambda tr: tr.range_id)[offset:offset + limit]
     return [{
         "id": tr.range_id, "name": names[tr.range_id], "priority": tr.priority,
         "windows": [{"weekdays": sorted(w.weekdays), "start_minute": w.start_minute,
                      "end_minute": w.end_minute} for w in tr.windows],
         "dates": sorted(tr.dates),
-    } for tr in await load_timeranges(conn)]
+    } for tr in ranges]
 
 
 async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
@@ -607,33 +614,15 @@ async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -
 
 
 async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None, *,
-                        at: datetime | None = None) -> list[dict[str, Any]]:
+                        at: datetime | None = None, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     """Bindings (of one account, or all), valid at ``at`` if given; plain values."""
     rows = await conn.fetch(
         "SELECT id, account_id, prefix::text AS prefix, kind, source, session_ref, valid_from, valid_to"
         " FROM ip_bindings WHERE ($1::bigint IS NULL OR account_id = $1)"
         " AND ($2::timestamptz IS NULL OR (valid_from <= $2 AND (valid_to IS NULL OR valid_to > $2)))"
-        " ORDER BY id LIMIT $3", account_id, at, MAX_LIST * 10)
+        " ORDER BY id LIMIT $3 OFFSET $4", account_id, at, limit, offset)
     return [dict(r) for r in rows]
 
 
 async def classifier_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT version FROM classifier_version"))
-
-
-async def classifier_snapshot(conn: asyncpg.Connection, now: datetime) -> dict[str, Any]:
-    """What a NetFlow worker needs to classify: bindings valid now or later, rules, version.
-
-    Read in one REPEATABLE READ snapshot so the version matches the rows.
-    """
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        version = await classifier_version(conn)
-        bindings = await conn.fetch(
-            "SELECT account_id, prefix::text AS prefix, valid_from, valid_to FROM ip_bindings"
-            " WHERE valid_to IS NULL OR valid_to > $1 ORDER BY prefix, valid_from", _utc(now, "now"))
-        classes = await list_classes(conn)
-    return {
-        "version": version,
-        "bindings": [[b["prefix"], b["account_id"], b["valid_from"], b["valid_to"]] for b in bindings],
-        "classes": classes,
-    }

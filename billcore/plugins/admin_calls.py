@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from urfa.errors import BAD_ARGS, CallFailed
+
 from ..calls import CallSpec
 from .errors import PluginError, wire_errors
 from .loader import PluginManager
@@ -22,13 +24,16 @@ from .loader import PluginManager
 __all__ = ["plugin_calls"]
 
 ADMIN_KINDS = frozenset({"admin", "system"})
+PAGE = 100  # plugins per plugins.list page (each carries its symbols)
 
 
 def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] | None = None,
                  clock: Callable[[], float] = time.time) -> list[CallSpec]:
-    async def plugins_list(ctx: Any) -> list[dict[str, Any]]:
-        """Every plugin this core knows: version, state, signer, licence, symbols."""
-        return manager.list()
+    async def plugins_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        """The plugins this core knows, by name (paged): version, state, signer, licence, symbols."""
+        if type(limit) is not int or not 1 <= limit <= PAGE or type(offset) is not int or offset < 0:
+            raise CallFailed(BAD_ARGS, f"limit must be 1..{PAGE}, offset >= 0")
+        return sorted(manager.list(), key=lambda p: str(p.get("name")))[offset:offset + limit]
 
     async def plugins_load(ctx: Any, path: str) -> dict[str, Any]:
         """Verify and load a signed plugin (directory or archive) at run time."""
@@ -49,9 +54,10 @@ def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] |
     licence = {"licence": "map", "licence.not_before": "time", "licence.not_after": "time"}
     return [
         CallSpec("plugins.list", plugins_list, right="plugins.read", kinds=ADMIN_KINDS,
-                 result="list", doc=plugins_list.__doc__ or "", fields=licence),
+                 args={"limit": "int?", "offset": "int?"}, result="list", doc=plugins_list.__doc__ or "",
+                 bound=f"page:{PAGE}", fields=licence),
         CallSpec("plugins.load", plugins_load, right="plugins.manage", kinds=ADMIN_KINDS,
-                 args={"path": "str"}, result="map", doc=plugins_load.__doc__ or "", fields=licence),
+                 args={"path": "str"}, result="map", doc=plugins_load.__doc__ or "", bound="fixed", fields=licence),
         CallSpec("plugins.unload", plugins_unload, right="plugins.manage", kinds=ADMIN_KINDS,
-                 args={"name": "str"}, result="map", doc=plugins_unload.__doc__ or ""),
+                 args={"name": "str"}, result="map", doc=plugins_unload.__doc__ or "", bound="fixed"),
     ]

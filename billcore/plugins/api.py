@@ -112,7 +112,7 @@ class PluginAPI:
     def register_call(self, name: str, handler: Handler, *, args: Mapping[str, str] | None = None,
                       right: str | None = None, kinds: frozenset[str] = ALL_KINDS,
                       doc: str | None = None, result: str = "any", streaming: bool = False,
-                      fields: Mapping[str, str] | None = None) -> None:
+                      fields: Mapping[str, str] | None = None, bound: str = "") -> None:
         """Add a URFA function ``name`` (declared in the manifest's ``calls``).
 
         ``handler`` is ``async def handler(ctx, **args)``; ``args`` maps each
@@ -121,6 +121,9 @@ class PluginAPI:
         ``fields`` types the result's fields the same way (``sys.calls``
         ``fields``): declare every money field ``money`` so that clients show
         it as money.
+        ``bound`` declares how the result stays within one frame (``"fixed"``,
+        ``"page:N"`` with ``limit``/``offset`` arguments, or ``"stream"``;
+        docs/protocol.md, "Results that grow"); ``""`` leaves it undeclared.
         """
         self._check_open()
         if name not in self._manifest.calls:
@@ -131,11 +134,16 @@ class PluginAPI:
             raise PluginError(f"{self.name}: handler of {name} must be an async function")
         if not kinds or not kinds <= ALL_KINDS:
             raise PluginError(f"{self.name}: kinds of {name} must be a subset of {sorted(ALL_KINDS)}")
-        self._calls.append(CallSpec(
+        spec = CallSpec(
             name=name, handler=wire_errors(handler), right=right, kinds=frozenset(kinds), module=self.name,
             args=MappingProxyType(dict(args or {})), result=result,
-            doc=doc if doc is not None else inspect.getdoc(handler) or "", streaming=streaming,
-            fields=MappingProxyType(dict(fields or {}))))
+            doc=doc if doc is not None else inspect.getdoc(handler) or "", streaming=streaming, bound=bound,
+            fields=MappingProxyType(dict(fields or {})))
+        paged = spec.page_max is not None and {"limit", "offset"} <= set(spec.args)
+        if bound not in ("", "fixed") and not paged and not (bound == "stream" and streaming):
+            raise PluginError(f"{self.name}: bound of {name} is \"fixed\", \"page:N\" (with limit and offset "
+                              f"arguments) or \"stream\" (a streaming call)")
+        self._calls.append(spec)
 
     def on(self, event: str, handler: HookHandler) -> None:
         """Call ``await handler(payload)`` after the core commits ``event``."""
