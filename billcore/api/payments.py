@@ -113,7 +113,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     return [
         CallSpec("payments.promised", payments_promised, right="payments.promised", kinds=ADMIN,
                  args={"account_id": "int", "amount": "money?", "days": "int?", "reason": "str?"}, result="map",
-                 doc=payments_promised.__doc__ or "", fields={"amount": "money", "expires_at": "time"}),
+                 doc=payments_promised.__doc__ or "", fields={"amount": "money", "expires_at": "time"}, bound="fixed"),
         CallSpec("payments.add", payments_add, right="payments.add", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "amount": "money", "method": "str", "external_id": "str?",
                        "comment": "str?"}, result="map", doc=payments_add.__doc__ or "", bound="fixed",

@@ -87,4 +87,4 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return result
 
     return [CallSpec("periodic.run", periodic_run, right="periodic.run", kinds=ADMIN, streaming=True,
-                     result="map", fields=RUN_FIELDS, doc=periodic_run.__doc__ or "")]
+                     result="map", fields=RUN_FIELDS, doc=periodic_run.__doc__ or "", bound="stream")]
