@@ -170,6 +170,19 @@ def local(hour: int, minute: int, second: int = 0) -> datetime:
     return datetime(2025, 3, 4, hour, minute, second, tzinfo=UTC)
 
 
+async def session_started_at_ten(conn: asyncpg.Connection, store, d: DrivenClock,  # noqa: F811
+                                 clock: BillingClock) -> tuple[int, datetime]:
+    """Alice on a time tariff (DAY per hour) starts session S1 at 10:00 (a minute after ``d`` reads 9:59)."""
+    await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+    service = await time_service(conn, "dialup", day=DAY, night=None)
+    acc = await subscriber(conn, store, "alice", 10_000_000)
+    await on_tariff(conn, acc, [service], local(0, 0))
+    d.pass_(60)
+    start = local(10, 0)
+    await acct(conn, "start", "S1", start, now=clock.now())
+    return acc, start
+
+
 async def test_radius_session_time_is_charged_exactly_when_the_core_restarts_with_its_clock_behind(
         pool: asyncpg.Pool, store) -> None:  # noqa: F811
     """Interims every 4 minutes; at minute 20 the core's wall clock steps back an hour and the core
@@ -177,13 +190,7 @@ async def test_radius_session_time_is_charged_exactly_when_the_core_restarts_wit
     d = DrivenClock(local(9, 59))
     clock = d.billing()
     async with pool.acquire() as conn:
-        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
-        service = await time_service(conn, "dialup", day=DAY, night=None)
-        acc = await subscriber(conn, store, "alice", 10_000_000)
-        await on_tariff(conn, acc, [service], local(0, 0))
-        d.pass_(60)
-        start = local(10, 0)
-        await acct(conn, "start", "S1", start, now=clock.now())
+        acc, start = await session_started_at_ten(conn, store, d, clock)
         for k in range(1, 13):  # 48 minutes
             d.pass_(240)
             if k == 6:
@@ -202,13 +209,7 @@ async def test_radius_session_time_with_long_interims_under_the_core_billing_clo
     d = DrivenClock(local(9, 59))
     clock = d.billing()
     async with pool.acquire() as conn:
-        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
-        service = await time_service(conn, "dialup", day=DAY, night=None)
-        acc = await subscriber(conn, store, "alice", 10_000_000)
-        await on_tariff(conn, acc, [service], local(0, 0))
-        d.pass_(60)
-        start = local(10, 0)
-        await acct(conn, "start", "S1", start, now=clock.now())
+        acc, start = await session_started_at_ten(conn, store, d, clock)
         d.pass_(600)
         d.step(-HOUR)
         for k in range(1, 5):  # the NAS's clock is right: its Event-Timestamps are real time
