@@ -774,8 +774,9 @@ class CoreLink:
                     await client.close()
                 self.client = None
             except CallFailed as exc:
-                if exc.code in ("not_in_table", "bad_args", "forbidden", "deleted"):
-                    raise
+                if exc.code in ("not_in_table", "bad_args", "forbidden", "deleted",
+                                "billing.epoch_mismatch", "netflow.epoch_conflict"):
+                    raise  # a retry cannot help (an epoch conflict: restart and decide again)
                 # the core could not commit (database down, restarting): the journal waits
                 log.error("core refused a call; retrying", extra={"fn": fn, "code": exc.code, "reason": str(exc)})
             if stop.is_set():
@@ -969,7 +970,18 @@ class Worker:
                       stop: asyncio.Event) -> None:
         """Settle the journal's identity with the core (see the module docstring)."""
         s = self.s
-        mark = await self.link.call("netflow.journal", {"worker": s.worker_id}, stop)
+        try:
+            mark = await self.link.call("netflow.journal", {"worker": s.worker_id}, stop)
+        except CallFailed as exc:
+            if exc.code != "not_in_table":
+                raise
+            # a core from before journal identities: offsets alone keep new traffic above the watermark
+            log.warning("the core knows no journal epochs; journal identity is not checked")
+            committed = int(await self.link.call("netflow.watermark", {"worker": s.worker_id}, stop))
+            if journal_end < committed:
+                receiver.lift(committed)
+            self.committed, self.epoch = committed, None
+            return
         watermark, epoch = int(mark["watermark"]), mark["epoch"]
         plan = plan_resume(journal.identity, journal_end, watermark, epoch)
         raw_mark = raw.watermark() if raw is not None else None
@@ -1066,8 +1078,8 @@ class Worker:
                 if end > self.committed:
                     try:
                         result = await self.link.call(
-                            "netflow.submit", {"worker": s.worker_id, "watermark": end, "epoch": self.epoch,
-                                               **encode_aggregates(agg)}, stop)
+                            "netflow.submit", {"worker": s.worker_id, "watermark": end, **encode_aggregates(agg),
+                                               **({"epoch": self.epoch} if self.epoch else {})}, stop)
                     except CoreUnavailable:
                         log.warning("stopping with uncommitted journal; it is replayed at the next start",
                                     extra={"from": first})
