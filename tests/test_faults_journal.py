@@ -110,6 +110,44 @@ def test_every_segment_gone_means_a_new_identity(tmp_path: Path) -> None:
     again.close()
 
 
+# ---------------------------------------------------------------- the core's side: epochs beside watermarks
+
+
+async def test_epochs_compare_and_set_and_a_stale_epoch_cannot_charge(pool: asyncpg.Pool) -> None:
+    from datetime import datetime, timezone
+
+    from billcore.billing.errors import UsageError
+    from billcore.billing.usage import EpochMismatch, begin_epoch, commit_usage, journal_mark
+
+    now = datetime(2025, 3, 4, 12, tzinfo=timezone.utc)
+    async with pool.acquire() as conn:
+        assert (await journal_mark(conn, "netflow:7")).epoch is None
+        first = await begin_epoch(conn, "netflow:7", "aa11", expect=None, reason="first", journal_end=0, now=now)
+        assert first is not None and (first.watermark, first.epoch) == (-1, "aa11")
+        assert (await commit_usage(conn, "netflow:7", 500, [], now, epoch="aa11")).watermark == 500
+        # the same epoch again (a retried call) answers its mark; a stale expectation loses
+        assert await begin_epoch(conn, "netflow:7", "aa11", expect=None, reason="first", journal_end=0, now=now) \
+            == first.__class__(500, "aa11")
+        assert await begin_epoch(conn, "netflow:7", "bb22", expect="zz99", reason="replaced", journal_end=0,
+                                 now=now) is None
+        moved = await begin_epoch(conn, "netflow:7", "bb22", expect="aa11", reason="replaced", journal_end=0, now=now)
+        assert moved is not None and (moved.watermark, moved.epoch) == (500, "bb22")
+        # a worker still on the old journal cannot charge into the new epoch
+        with pytest.raises(EpochMismatch) as refused:
+            await commit_usage(conn, "netflow:7", 900, [], now, epoch="aa11")
+        assert refused.value.code == "billing.epoch_mismatch"
+        assert (await journal_mark(conn, "netflow:7")).watermark == 500
+        # bad input gets a clear refusal
+        for bad in ({"epoch": "not hex!"}, {"reason": "because"}, {"journal_end": -1}):
+            args = {"epoch": "cc33", "expect": "bb22", "reason": "replaced", "journal_end": 0, **bad}
+            with pytest.raises(UsageError):
+                await begin_epoch(conn, "netflow:7", args["epoch"], expect=args["expect"], reason=args["reason"],
+                                  journal_end=args["journal_end"], now=now)
+        rows = await conn.fetch("SELECT epoch, previous, reason, watermark FROM ingest_epochs"
+                                " WHERE source = 'netflow:7' ORDER BY began_at, reason")
+        assert [tuple(r) for r in rows] == [("aa11", None, "first", -1), ("bb22", "aa11", "replaced", 500)]
+
+
 # ---------------------------------------------------------------- real processes
 
 
@@ -208,11 +246,26 @@ async def test_wiped_and_truncated_journal_under_a_watermark_charge_all_new_traf
     assert epoch2 == epoch1 and mark2 > mark1
     assert metric(phase_metrics[2], "netflow_journal_epochs_total", reason="replaced") is None
 
+    # an upgrade: a database and a journal from before identities are adopted, nothing charged twice
+    (journal_root / "0" / "journal.id").unlink()
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("UPDATE ingest_watermarks SET epoch = NULL")
+        await conn.execute("DELETE FROM ingest_epochs")
+    finally:
+        await conn.close()
+    await phase(5)
+    mark5, epoch5 = await committed(db_dsn)
+    assert epoch5 not in (None, epoch1) and mark5 > mark2
+    assert metric(phase_metrics[5], "netflow_journal_epochs_total", worker="0", reason="adopted") == 1.0
+    assert metric(phase_metrics[5], "netflow_journal_epochs_total", reason="replaced") is None
+    mark2 = mark5
+
     # a wiped journal volume (or journal_dir pointed at a new, empty directory)
     shutil.rmtree(journal_root / "0")
     await phase(3)
     mark3, epoch3 = await committed(db_dsn)
-    assert epoch3 not in (None, epoch1) and mark3 > mark2
+    assert epoch3 not in (None, epoch1, epoch5) and mark3 > mark2
     assert metric(phase_metrics[3], "netflow_journal_epochs_total", worker="0", reason="replaced") == 1.0
     assert re.search(r"JOURNAL IS NOT THE ONE THE WATERMARK COUNTS.*reason=replaced", bc.log())
 
@@ -234,7 +287,7 @@ async def test_wiped_and_truncated_journal_under_a_watermark_charge_all_new_traf
             "SELECT reason FROM ingest_epochs WHERE source = 'netflow:0' ORDER BY began_at")]
     finally:
         await conn.close()
-    assert reasons == ["first", "replaced", "truncated"]
+    assert reasons == ["adopted", "replaced", "truncated"]
 
 
 # ---------------------------------------------------------------- a full journal volume
