@@ -53,9 +53,12 @@ is charged, and a new epoch is recorded with the core
 ``netflow_journal_epochs{reason}``.
 
 A full disk.  A block the journal's volume refuses (ENOSPC) is dropped and
-counted (``netflow_drops{reason="disk_full"}``); the receiver keeps reading the
-socket (so the kernel drops nothing silently), probes the free space every
-`PROBE_INTERVAL` and journals again once `RESUME_FREE` bytes are free.  The
+counted (``netflow_drops{reason="disk_full"}``), and so is every block while
+fewer than `RESERVE_FREE` bytes are free (room for the shipper's checkpoints:
+without them it could not ship, and so trim, what is journaled); the receiver
+keeps reading the socket (so the kernel drops nothing silently), probes the
+free space every `PROBE_INTERVAL` and journals again once `RESUME_FREE` bytes
+are free.  The
 shipper keeps shipping what is journaled (trimming frees space); a checkpoint
 it cannot write is retried, not skipped.  ``netflow_journal_free_bytes`` and
 ``netflow_journal_disk_low`` (free < ``journal_min_free_bytes``) warn before.
@@ -262,8 +265,10 @@ LINGER = 0.002  # seconds a partly filled block waits for more datagrams
 READ_BYTES = 8 << 20  # journal bytes the shipper reads at a time
 CHUNK_PACKETS = 4_000  # packets decoded at a time: arrays stay small enough to be reused, not faulted in
 BEHIND_BYTES = 32 << 20  # journal waiting beyond this is shipped at once rather than at ship_interval
-PROBE_INTERVAL = 0.5  # seconds between free-space probes while the journal's volume is full
-RESUME_FREE = 4 * BLOCK_BYTES  # free bytes that end a disk-full spell (room for a few blocks)
+PROBE_INTERVAL = 0.5  # seconds between the receiver's free-space probes
+RESERVE_FREE = 1 << 20  # below this many free bytes the receiver journals nothing (room for checkpoints)
+RESUME_FREE = RESERVE_FREE + 4 * BLOCK_BYTES  # free bytes that end a disk-full spell
+PROBE_BYTES = RESERVE_FREE // 4  # ... and after this many bytes journaled, so a burst cannot eat the reserve
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -308,6 +313,7 @@ class Receiver(threading.Thread):
         self.refused = 0  # packets dropped because the journal's volume was full
         self.disk_full = False
         self._next_probe = 0.0
+        self._since_probe = 0  # bytes journaled since the last free-space probe
         self.error: BaseException | None = None
         self._wake = wake
         self._stop_flag = threading.Event()
@@ -416,9 +422,26 @@ class Receiver(threading.Thread):
         self._received_bytes.inc(nbytes)
 
     def _write(self, block: _Block, view: memoryview) -> bool:
-        """Journal the block; False if the journal's volume is full (the block is dropped and counted)."""
+        """Journal the block; False if the journal's volume is full (the block is dropped and counted).
+
+        "Full" starts below `RESERVE_FREE` bytes free (probed every
+        `PROBE_INTERVAL` and every `PROBE_BYTES` journaled) or at an ENOSPC, whichever comes first, and ends at
+        `RESUME_FREE`: the reserve is room for the shipper's checkpoints, without
+        which it could not ship (and so trim) what the journal holds.
+        """
         count = len(block.lengths)
-        if self.disk_full and not self._space_again():
+        now = time.monotonic()
+        if now >= self._next_probe or self._since_probe >= PROBE_BYTES:
+            self._next_probe, self._since_probe = now + PROBE_INTERVAL, 0
+            free = self._free()
+            if self.disk_full and free >= RESUME_FREE:
+                log.warning("journal volume has space again: journaling resumed",
+                            extra={"free_bytes": free, "dropped": self.refused})
+                self.disk_full = False
+                self._full.set(0)
+            elif not self.disk_full and free < RESERVE_FREE:
+                self._now_full(f"{free} bytes free, under the reserve of {RESERVE_FREE}")
+        if self.disk_full:
             self._refuse(count)
             return False
         index = np.empty(count, dtype=INDEX_DTYPE)
@@ -432,29 +455,23 @@ class Receiver(threading.Thread):
                 self.journal.append_block(block.received_ns, block.packed, index.tobytes(), count,
                                           view[:block.size])
         except JournalFull as exc:
-            if not self.disk_full:
-                log.error("JOURNAL VOLUME FULL: packets are dropped (counted as disk_full) until space returns; "
-                          "everything journaled is kept and shipped", extra={"reason": str(exc)})
-                self.disk_full = True
-                self._full.set(1)
-                self._next_probe = time.monotonic() + PROBE_INTERVAL
+            self._now_full(str(exc))
             self._refuse(count)
             return False
-        if self.disk_full:
-            log.warning("journal volume has space again: journaling resumed", extra={"dropped": self.refused})
-            self.disk_full = False
-            self._full.set(0)
+        self._since_probe += block.size
         return True
 
-    def _space_again(self) -> bool:
-        now = time.monotonic()
-        if now < self._next_probe:
-            return False
-        self._next_probe = now + PROBE_INTERVAL
+    def _now_full(self, reason: str) -> None:
+        log.error("JOURNAL VOLUME FULL: packets are dropped (counted as disk_full) until space returns; "
+                  "everything journaled is kept and shipped", extra={"reason": reason})
+        self.disk_full = True
+        self._full.set(1)
+
+    def _free(self) -> int:
         try:
-            return self.journal.free_bytes() >= RESUME_FREE
+            return self.journal.free_bytes()
         except OSError:
-            return False
+            return RESUME_FREE  # cannot tell: let the write decide
 
     def _refuse(self, count: int) -> None:
         self.refused += count
@@ -938,7 +955,7 @@ class Worker:
             try:
                 result = fn()
             except OSError as exc:
-                if exc.errno not in DISK_ERRORS and not isinstance(exc, JournalFull):
+                if exc.errno not in DISK_ERRORS:
                     raise
                 if not warned:
                     log.error("JOURNAL VOLUME FULL: cannot write; retrying until space returns",

@@ -157,8 +157,8 @@ async def test_periodic_runs_across_clock_steps_never_refund_double_or_skip(pool
     async with pool.acquire() as conn:
         rows = await ledger_rows(conn, account)
         assert all(amount < 0 for amount in rows), f"a refund was booked: {rows}"
-        april_day_one = cumulative_fee(FEE, Period(datetime(2024, 4, 1, tzinfo=UTC), datetime(2024, 5, 1, tzinfo=UTC), 0),
-                                       datetime(2024, 4, 2, tzinfo=UTC))
+        april = Period(datetime(2024, 4, 1, tzinfo=UTC), datetime(2024, 5, 1, tzinfo=UTC), 0)
+        april_day_one = cumulative_fee(FEE, april, datetime(2024, 4, 2, tzinfo=UTC))
         assert -sum(rows) == FEE + april_day_one
         assert await conn.fetchval("SELECT count(*) FROM period_summaries WHERE account_id = $1", account) == 1
 

@@ -189,7 +189,8 @@ async def wait_ledger(dsn: str, expected: dict[int, int], timeout: float = 60.0)
 
 
 def metrics(bc: object) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{bc.metrics_port}/metrics", timeout=10) as r:  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{bc.metrics_port}/metrics"  # type: ignore[attr-defined]
+    with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode()
 
 
@@ -321,7 +322,7 @@ async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: 
                                                                     tiny_volume: Path) -> None:
     accounts = await setup_accounts(db_dsn, ADDRESSES)
     bc = netflow_core(tmp_path, db_dsn, workers=1, journal_dir=str(tiny_volume), segment_bytes=1 << 16,
-                      journal_min_free_bytes=1 << 20)
+                      journal_min_free_bytes=1_600_000)
     port = bc_port(bc)
     at = recent_ms()
     expected: dict[int, int] = {}
@@ -333,14 +334,15 @@ async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: 
         add(expected, accounts, per_addr)
         assert await wait_ledger(db_dsn, expected) == expected
         text = metrics(bc)
+        assert metric(text, "netflow_journal_disk_low", worker="0") == 0.0
         before = metric(text, "netflow_packets_received_total", worker="0")
         assert before == len(packets)
 
-        # the volume fills (another writer, or the journal itself while the core was away):
-        # every datagram of this burst is 30 flows of one account, FLOW bytes each
-        filler = fill(tiny_volume, 64 << 10)
+        # the volume fills (another writer, or the journal itself while the core was away) during a
+        # burst of 4.4 MB; every datagram of it is 30 flows of one account, FLOW bytes each
+        filler = fill(tiny_volume, 1_200_000)
         flow = 1234
-        burst = build_v5([FlowSpec(ADDRESSES[0], "203.0.113.9", 1000, 443, 6, flow, 3, at, at + 500)] * 30 * 400,
+        burst = build_v5([FlowSpec(ADDRESSES[0], "203.0.113.9", 1000, 443, 6, flow, 3, at, at + 500)] * 30 * 3000,
                          ExportClock(at - 3_600_000, at + 5_000), flow_sequence=5_000_000)
         send(port, burst)
         await asyncio.sleep(1.0)
@@ -349,13 +351,17 @@ async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: 
         journaled = metric(text, "netflow_packets_received_total", worker="0") - before  # type: ignore[operator]
         assert dropped and dropped > 0, "nothing was counted as dropped for a full disk"
         assert journaled + dropped == len(burst), (journaled, dropped, len(burst))
-        print(f"full volume: {len(burst)} datagrams sent, {int(journaled)} journaled, {int(dropped)} dropped as disk_full")
+        print(f"full volume: {len(burst)} datagrams sent, {int(journaled)} journaled, "
+              f"{int(dropped)} dropped as disk_full")
         assert metric(text, "netflow_journal_disk_full", worker="0") == 1.0
         assert metric(text, "netflow_journal_disk_low", worker="0") == 1.0
         free = metric(text, "netflow_journal_free_bytes", worker="0")
-        assert free is not None and free < 1 << 20
-        assert "JOURNAL VOLUME FULL" in bc.log()
+        assert free is not None and free < 1_600_000
+        assert "JOURNAL VOLUME FULL" in bc.log() and "JOURNAL VOLUME LOW" in bc.log()
+        # what was journaled before the volume filled is charged while it is still full
         expected[accounts[ADDRESSES[0]]] += int(journaled) * 30 * flow
+        ledger = await wait_ledger(db_dsn, expected)
+        assert ledger == expected, (sum(ledger.values()), sum(expected.values()))
 
         # space returns: journaling resumes by itself; the worker never restarted
         filler.unlink()
@@ -370,4 +376,4 @@ async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: 
         assert metric(text, "netflow_drops_total", worker="0", reason="disk_full") == dropped
         assert metric(text, "netflow_drops_total", worker="0", reason="kernel") in (None, 0.0)
         assert bc.child_pid("netflow") == worker_pid, "the worker restarted"
-        assert "restarting" not in bc.log() and "resumed" in bc.log()
+        assert "restarting" not in bc.log() and "journaling resumed" in bc.log()
