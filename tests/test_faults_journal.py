@@ -29,10 +29,13 @@ import urllib.request
 from pathlib import Path
 
 import asyncpg
+import numpy as np
 import pytest
 
 from netflow.exporter import ExportClock, FlowSpec, build_v5
-from netflow.journal import Journal, JournalIdentity, JournalReader, list_segments, read_identity
+from netflow.journal import (
+    INDEX_DTYPE, Journal, JournalIdentity, JournalReader, list_segments, packed_address, read_identity,
+)
 from netflow.worker import JournalTail, plan_resume
 from tests.conftest import need_peer
 from tests.test_netflow_worker import bc_port
@@ -316,6 +319,32 @@ def fill(volume: Path, leave: int) -> Path:
     with open(filler, "ab") as f:
         f.write(b"\0" * max(0, free - leave))
     return filler
+
+
+def test_a_full_volume_refuses_whole_records_and_the_journal_stays_readable(tiny_volume: Path) -> None:
+    from netflow.errors import JournalFull
+
+    journal = Journal(tiny_volume / "j", segment_bytes=1 << 16)
+    index = np.zeros(20, INDEX_DTYPE)
+    index["length"] = 1400
+    payload = bytes(range(200)) * 140
+    marks, refused = [], 0
+    for _ in range(400):  # 11 MB into 2 MiB
+        try:
+            marks.append(journal.append_block(1, [packed_address("192.0.2.1")], index.tobytes(), 20, payload))
+        except JournalFull:
+            refused += 1
+    assert marks and refused, (len(marks), refused)
+    assert journal.offset == marks[-1]
+    # no torn record anywhere: every block written is read back whole, nothing else
+    assert [r.end for r in JournalReader(tiny_volume / "j", 0)][::20] == marks
+    # space returns: appends go on right after the last whole record
+    for _, path in list_segments(tiny_volume / "j")[:-1]:
+        path.unlink()
+    after = journal.append_block(2, [packed_address("192.0.2.1")], index.tobytes(), 20, payload)
+    journal.close()
+    tail = [r.end for r in JournalReader(tiny_volume / "j", marks[-1])]
+    assert tail == [after] * 20
 
 
 async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: Path, db_dsn: str,
