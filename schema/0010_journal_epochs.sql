@@ -21,3 +21,13 @@ CREATE TABLE ingest_epochs (
     began_at     timestamptz NOT NULL,
     PRIMARY KEY (source, epoch)
 );
+
+-- Billing time never runs backwards (issue 23): the greatest ``now`` a periodic
+-- run has started with, finished or not.  A run that crashed after booking some
+-- batches at ``now`` has left no ``periodic_runs`` row for it; a rerun under a
+-- clock stepped back must still not compute smaller targets (a refund) than
+-- what those batches booked.
+CREATE TABLE periodic_clock (
+    name      text PRIMARY KEY,
+    high_now  timestamptz NOT NULL
+);

@@ -20,13 +20,14 @@ import datetime as dt
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
+import pytest
 from prometheus_client import REGISTRY
 
 from billcore.billing import tariffs as T
 from billcore.billing.clock import SLEW, BillingClock, clock_floor
 from billcore.billing.periods import Period, cumulative_fee
 from billcore.billing.rating import TrafficUsage
-from billcore.billing.scheduler import run_due
+from billcore.billing.scheduler import RunProgress, run_due
 from billcore.billing.usage import commit_usage
 from billcore.radius_calls import add_nas
 from tests.test_radius_time import (  # noqa: F401 - store is a fixture
@@ -161,6 +162,36 @@ async def test_periodic_runs_across_clock_steps_never_refund_double_or_skip(pool
         april_day_one = cumulative_fee(FEE, april, datetime(2024, 4, 2, tzinfo=UTC))
         assert -sum(rows) == FEE + april_day_one
         assert await conn.fetchval("SELECT count(*) FROM period_summaries WHERE account_id = $1", account) == 1
+
+
+async def test_a_run_that_crashed_then_reruns_under_a_clock_stepped_back_refunds_nothing(
+        pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        service = await T.create_service(conn, "daily", "periodic", fee=FEE,
+                                         period={"kind": "monthly", "anchor": dt.date(2024, 1, 1)},
+                                         charge_mode="daily")
+        tariff = await T.create_tariff(conn, "daily", [service])
+        accounts = await make_accounts(conn, 6)
+        for a in accounts:
+            await T.link_tariff(conn, a, tariff, now=MAR, tz=UTC, actor="t")
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_one(p: RunProgress) -> None:
+        if p.batches == 1:
+            raise Crash()
+
+    with pytest.raises(Crash):  # 2 March 00:30: the first two accounts are charged through 2 March
+        await run_due(pool, MAR + timedelta(days=1, minutes=30), batch_size=2, progress=crash_after_one)
+    rerun = await run_due(pool, MAR + timedelta(days=1, minutes=30) - HOUR, batch_size=2)  # the core restarts
+    assert rerun.amount == 4 * through_day(2)
+    await run_due(pool, MAR + timedelta(days=2, minutes=10), batch_size=2)
+    async with pool.acquire() as conn:
+        for a in accounts:
+            rows = await ledger_rows(conn, a)
+            assert all(amount < 0 for amount in rows), f"a refund was booked: {rows}"
+            assert -sum(rows) == through_day(3)
 
 
 # ---------------------------------------------------------------- RADIUS time

@@ -106,6 +106,6 @@ async def clock_floor(pool: asyncpg.Pool) -> datetime | None:
     """The latest billing time the database holds (a periodic run's, a usage commit's); None: none yet."""
     async with pool.acquire() as conn:
         floor: datetime | None = await conn.fetchval(
-            "SELECT greatest((SELECT max(last_now) FROM periodic_runs),"
+            "SELECT greatest((SELECT max(last_now) FROM periodic_runs), (SELECT max(high_now) FROM periodic_clock),"
             " (SELECT max(updated_at) FROM ingest_watermarks))")
     return floor

@@ -36,8 +36,9 @@ only; the next ``run_due`` with the same or a later ``now`` recomputes
 the targets, finds the finished accounts settled, and books the rest.
 ``since`` only moves when a run finishes, so nothing is skipped.
 
-Clock steps: a run never computes with an earlier ``now`` than the last
-finished run's (``periodic_runs.last_now``).  A wall clock stepped back would
+Clock steps: a run never computes with an earlier ``now`` than any run
+before it, finished (``periodic_runs.last_now``) or not (``periodic_clock``,
+recorded as a run starts).  A wall clock stepped back would
 otherwise make cumulative targets smaller (a refund, charged again once the
 clock is past the old time); clamped, a run behind the last one books
 nothing new and refunds nothing (``RunResult.clock_behind`` says by how much
@@ -359,8 +360,11 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
         raise PeriodError("workers must be in 1..16")
     async with pool.acquire() as conn:
         last = await _run_state(conn, name)
-        if last is not None and last > now:
-            now = last  # a clock stepped back: nothing due is earlier than what the last run settled
+        # a clock stepped back: nothing due is earlier than what any run (finished or not) settled
+        high = await conn.fetchval(
+            "INSERT INTO periodic_clock AS c (name, high_now) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+            " SET high_now = greatest(c.high_now, EXCLUDED.high_now) RETURNING high_now", name, now)
+        now = max(now, high, last or high)
         since = now if last is None else last
         services = await load_periodic(conn)
         # links are needed from the start of the earliest period holding `since`
