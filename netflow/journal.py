@@ -28,9 +28,9 @@ charged"; a restarted worker replays from W with `JournalReader(dir, W)`.
 
 Segments are named after the global offset of their first byte, so a
 watermark maps to a file and a position by name alone. A segment rotates when
-it reaches `segment_bytes`. `flush()` writes and fsyncs; the caller decides
-how often (each batch), trading durability against fsync cost; `flush_buffer()`
-only writes through to the kernel (survives a process kill, not a power loss).
+it reaches `segment_bytes`. Every append is written through to the kernel at
+once (it survives a process kill, not a power loss); `flush()` fsyncs, and the
+caller decides how often (each batch), trading durability against fsync cost.
 
 A crash can tear the last record of the last segment (partly written or
 never fsynced). Opening a `Journal` truncates such a tail; a `JournalReader`
