@@ -132,6 +132,7 @@ class NetflowSection:
     sampling: tuple[str, ...] = _f((), "Configured sampling per exporter, 'ADDRESS=N' (1-in-N); overrides what the exporter declares.")
     journal_dir: str = _f("", "Directory of the workers' packet journals (empty: <data_dir>/netflow/journal).")
     journal_max_bytes: int = _f(17179869184, "Journal size per worker above which a loud alarm is raised (nothing is dropped).")
+    journal_min_free_bytes: int = _f(1073741824, "Free bytes on the journal's volume below which netflow_journal_disk_low warns (a full volume drops packets).")
     segment_bytes: int = _f(67108864, "Size of one journal segment file.")
     fsync_interval: float = _f(0.2, "Seconds between journal fsyncs (a batch of packets per fsync).")
     ship_interval: float = _f(1.0, "Seconds between aggregate batches shipped to the core.")

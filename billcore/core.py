@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 
 from . import metrics
+from .billing.clock import BillingClock, clock_floor
 from .billing.money import parse_money
 from .billing.payments import PromisedRule
 from .calls import CallRegistry, CallSpec
@@ -217,7 +218,8 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         from .ops.metrics import observe_call
 
         service.observe = observe_call
-        core = CoreContext(pool=pool, config=config, publish=service.publish, now=utcnow)
+        # billing time never runs backwards (a stepped wall clock): billcore/billing/clock.py
+        core = CoreContext(pool=pool, config=config, publish=service.publish, now=BillingClock(utcnow, floor=await clock_floor(pool)).now)
         core.extras["secret_store"] = secret_store
         core.extras["promised_rule"] = PromisedRule(
             amount=parse_money(config.billing.promised_amount),

@@ -38,5 +38,9 @@ class JournalCorrupt(JournalError):
     """A record that is not the torn tail of the last segment fails its CRC."""
 
 
+class JournalFull(JournalError):
+    """The journal's volume is full (ENOSPC): the record was not written, and nothing torn is left."""
+
+
 class ClassifierError(NetflowError):
     """A classifier snapshot violates its invariants (e.g. overlapping bindings)."""

@@ -28,9 +28,9 @@ charged"; a restarted worker replays from W with `JournalReader(dir, W)`.
 
 Segments are named after the global offset of their first byte, so a
 watermark maps to a file and a position by name alone. A segment rotates when
-it reaches `segment_bytes`. `flush()` writes and fsyncs; the caller decides
-how often (each batch), trading durability against fsync cost; `flush_buffer()`
-only writes through to the kernel (survives a process kill, not a power loss).
+it reaches `segment_bytes`. Every append is written through to the kernel at
+once (it survives a process kill, not a power loss); `flush()` fsyncs, and the
+caller decides how often (each batch), trading durability against fsync cost.
 
 A crash can tear the last record of the last segment (partly written or
 never fsynced). Opening a `Journal` truncates such a tail; a `JournalReader`
@@ -39,12 +39,31 @@ stops before it. A bad record anywhere else is corruption and raises.
 `drop_below(W)` deletes segments that lie wholly below a committed watermark
 (list them first with `segments_below` to roll them into raw storage);
 `size` and `over_limit` account the bytes on disk against `max_bytes`.
+
+Identity.  A journal directory carries ``journal.id`` (`JournalIdentity`): a
+random *epoch*, written when the journal is created.  The core keeps the epoch
+beside the worker's watermark, so a worker that finds a different journal than
+the one its watermark counts (a wiped disk, a new volume, a moved data dir, a
+journal truncated below the watermark) knows it and says so.  What keeps
+charging exact across such a change is the offset space: a journal never
+reuses offsets at or below the watermark.  `start_run` begins each run in a
+fresh segment, and `lift_run(base)` renames that run's segments so that what
+it received starts at ``base`` (the committed watermark): new traffic always
+ends above the watermark, whatever happened to the files before.
+
+A full disk.  Appends are written with one ``writev`` on an unbuffered file; a
+write that fails (ENOSPC) is cut off again (``ftruncate`` to the last whole
+record) and raises `JournalFull`, so the journal stays whole and the caller
+decides what to drop.  `free_bytes` reports the volume's free space.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import json
 import os
+import secrets
 import struct
 import zlib
 from collections.abc import Iterator
@@ -54,10 +73,12 @@ from pathlib import Path
 
 import numpy as np
 
-from netflow.errors import JournalCorrupt, JournalError
+from netflow.errors import JournalCorrupt, JournalError, JournalFull
 from netflow.flows import Datagram, Packets
 
 SUFFIX = ".nfj"
+IDENTITY_FILE = "journal.id"
+MAX_IDENTITY = 1024  # bytes of journal.id read at most
 FRAME = struct.Struct(">II")
 META = struct.Struct(">QHBB")
 KIND_DATAGRAM, KIND_BLOCK = 0, 1
@@ -74,6 +95,60 @@ class JournalRecord:
     offset: int  # where the record starts
     end: int  # the watermark that covers it
     datagram: Datagram
+
+
+@dataclass(frozen=True, slots=True)
+class JournalIdentity:
+    """Which journal this is: a random epoch, minted when the journal (or a new epoch of it) begins."""
+
+    epoch: str
+
+    @staticmethod
+    def mint() -> JournalIdentity:
+        return JournalIdentity(secrets.token_hex(16))
+
+    def dumps(self) -> bytes:
+        return json.dumps({"epoch": self.epoch}).encode() + b"\n"
+
+    @staticmethod
+    def loads(data: bytes) -> JournalIdentity:
+        try:
+            epoch = json.loads(data)["epoch"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalCorrupt(f"{IDENTITY_FILE} is not a journal identity") from exc
+        if not isinstance(epoch, str) or not 1 <= len(epoch) <= 64 or not epoch.isalnum():
+            raise JournalCorrupt(f"{IDENTITY_FILE} holds a bad epoch")
+        return JournalIdentity(epoch)
+
+
+def read_identity(directory: Path) -> JournalIdentity | None:
+    """The journal's identity; None for a journal written before identities existed."""
+    try:
+        with open(directory / IDENTITY_FILE, "rb") as f:
+            return JournalIdentity.loads(f.read(MAX_IDENTITY))
+    except FileNotFoundError:
+        return None
+
+
+def write_identity(directory: Path, identity: JournalIdentity) -> None:
+    """Replace the identity atomically (written, fsynced, renamed, directory fsynced)."""
+    path = directory / IDENTITY_FILE
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(identity.dumps())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(directory)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so that a create, rename or unlink in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def segment_name(base: int) -> str:
@@ -257,14 +332,22 @@ class Journal:
         if segments:
             base, path = segments[-1]
             self.torn_bytes = self._recover(base, path)
+            self.identity = read_identity(self.directory)  # None: a journal from before identities
+            self.created = False
         else:
+            # a new journal (or every segment gone): a new identity, so that it is never taken
+            # for the journal a committed watermark counts
             base = 0
             self.torn_bytes = 0
             self._create(base)
+            self.identity = JournalIdentity.mint()
+            write_identity(self.directory, self.identity)
+            self.created = True
         self._base = base
-        self._file = open(self.directory / segment_name(base), "ab")
+        self._file = open(self.directory / segment_name(base), "ab", buffering=0)
         self._position = self._file.tell()
         self._dirty = False
+        self.run_base = base  # first offset of what `start_run` began (see `lift_run`)
 
     @staticmethod
     def _recover(base: int, path: Path) -> int:
@@ -284,11 +367,44 @@ class Journal:
         path = self.directory / segment_name(base)
         with open(path, "xb") as f:
             os.fsync(f.fileno())
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(self.directory)
+
+    def start_run(self) -> int:
+        """Begin this process's appends in a fresh segment; returns its base (`run_base`)."""
+        if self._position:
+            self._rotate()
+        self.run_base = self._base
+        return self.run_base
+
+    def lift_run(self, base: int) -> int:
+        """Move what this run appended (every segment from `run_base`) up to start at ``base``.
+
+        Renames segment files, highest first, so that the journal's offsets
+        continue above ``base`` (a committed watermark this journal does not
+        reach). Returns how far the offsets moved.
+        """
+        delta = base - self.run_base
+        if delta <= 0:
+            return 0
+        self.flush()
+        self._file.close()
+        mine = [(b, p) for b, p in list_segments(self.directory) if b >= self.run_base]
+        for b, path in reversed(mine):
+            os.replace(path, self.directory / segment_name(b + delta))
+        fsync_path(self.directory)
+        self._base += delta
+        self.run_base = base
+        self._file = open(self.directory / segment_name(self._base), "ab", buffering=0)
+        return delta
+
+    def set_identity(self, identity: JournalIdentity) -> None:
+        write_identity(self.directory, identity)
+        self.identity = identity
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the journal's volume."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
 
     @property
     def offset(self) -> int:
@@ -306,31 +422,36 @@ class Journal:
     def append(self, received_ns: int, exporter: str, port: int, payload: bytes) -> int:
         """Append one datagram; returns its watermark. Not durable until `flush`."""
         record = encode_record(received_ns, exporter, port, payload)
-        if self._position and self._position + len(record) > self.segment_bytes:
-            self._rotate()
-        self._file.write(record)
-        self._position += len(record)
-        self._dirty = True
-        return self._base + self._position
+        return self._put((record,), len(record))
 
     def append_block(self, received_ns: int, exporters: list[bytes], index: bytes, count: int,
                      payload: bytes | bytearray | memoryview) -> int:
-        """Append a block of ``count`` datagrams and write it through to the kernel.
+        """Append a block of ``count`` datagrams, written through to the kernel.
 
         ``exporters`` are packed addresses (`packed_address`), ``index`` is
         ``count`` rows of `INDEX_DTYPE` whose lengths add up to ``len(payload)``.
+        Raises `JournalFull` (nothing of the block written) when the volume is full.
         """
         if len(payload) > MAX_BLOCK_PAYLOAD:
             raise JournalError(f"block payload of {len(payload)} bytes exceeds {MAX_BLOCK_PAYLOAD}")
         head = block_head(received_ns, exporters, index, count)
-        size = FRAME.size + len(head) + len(payload)
-        if self._position and self._position + size > self.segment_bytes:
-            self._rotate()
-        write = self._file.write
-        write(FRAME.pack(len(head) + len(payload), zlib.crc32(payload, zlib.crc32(head))))
-        write(head)
-        write(payload)
-        self._file.flush()
+        frame = FRAME.pack(len(head) + len(payload), zlib.crc32(payload, zlib.crc32(head)))
+        return self._put((frame, head, payload), FRAME.size + len(head) + len(payload))
+
+    def _put(self, parts: tuple[bytes | bytearray | memoryview, ...], size: int) -> int:
+        """Write one record (its parts) whole, or not at all."""
+        try:
+            if self._position and self._position + size > self.segment_bytes:
+                self._rotate()
+            fd = self._file.fileno()
+            done = os.writev(fd, parts)
+            while done < size:  # a short write: the volume filled up in the middle of the record
+                done += os.write(fd, b"".join(bytes(p) for p in parts)[done:])
+        except OSError as exc:
+            os.ftruncate(self._file.fileno(), self._position)  # cut the partial record off again (frees its blocks)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise JournalFull(f"journal volume full: {exc}") from exc
+            raise
         self._position += size
         self._dirty = True
         return self._base + self._position
@@ -339,28 +460,24 @@ class Journal:
         return self.append(datagram.received_ns, datagram.exporter, datagram.port, datagram.payload)
 
     def flush_buffer(self) -> None:
-        """Hand everything appended so far to the kernel, without fsync.
-
-        After this a ``kill -9`` of the process loses nothing appended (the page
-        cache outlives the process); only a power loss can, until `flush`.
-        """
-        self._file.flush()
+        """Appends are written through at once (a ``kill -9`` loses nothing appended;
+        only a power loss can, until `flush`): nothing to do. Kept for callers."""
 
     def flush(self) -> None:
-        """Write out and fsync everything appended so far."""
+        """Fsync everything appended so far."""
         if self._dirty:
-            self._file.flush()
             os.fsync(self._file.fileno())
             self._dirty = False
 
     def _rotate(self) -> None:
+        base = self._base + self._position
+        self._create(base)  # first: if the volume refuses, the current segment stays open
         self.flush()
         self._file.close()
         self._closed_bytes += self._position
-        self._base += self._position
+        self._base = base
         self._position = 0
-        self._create(self._base)
-        self._file = open(self.directory / segment_name(self._base), "ab")
+        self._file = open(self.directory / segment_name(base), "ab", buffering=0)
 
     def segments_below(self, watermark: int) -> list[Path]:
         """Closed segments whose every record ends at or below `watermark`."""

@@ -80,6 +80,7 @@ import pyarrow.parquet as pq
 from netflow.classifier import Legs
 from netflow.errors import NetflowError
 from netflow.flows import pair_to_addr
+from netflow.journal import fsync_path as _fsync_path
 
 __all__ = ["RAW_DTYPE", "RAW_SCHEMA", "MAX_OPEN_HOURS", "RawStoreError", "RawWriter", "legs_columns", "legs_table",
            "read_account", "hour_dir", "apply_retention"]
@@ -181,14 +182,6 @@ def legs_table(flows: np.ndarray, legs: Legs) -> np.ndarray:
 def hour_dir(root: Path, hour_ms: int) -> Path:
     stamp = datetime.fromtimestamp(hour_ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H")
     return root / f"hour={stamp}"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_write(path: Path, write: Any) -> None:

@@ -41,12 +41,34 @@ with fewer packets from the same state, or left for the next batch); pending pac
 capped and expire after ``PENDING_TTL`` seconds of exporter time (counted as
 missing-template drops).  The journal has no cap: over
 ``journal_max_bytes`` a loud alarm is logged and exported, nothing dropped.
+
+Journal identity.  At start the worker asks the core for its watermark W and
+the epoch of the journal W counts (``netflow.journal``) and compares them with
+the journal it opened (`plan_resume`).  Its own journal, intact: replay from
+W.  Anything else (a wiped or new directory, a journal from elsewhere, its
+own cut below W): the journal's offsets for this run are lifted to start at
+W (`Journal.lift_run`), so everything received from now on ends above W and
+is charged, and a new epoch is recorded with the core
+(``netflow.begin_epoch``), logged as an error and counted in
+``netflow_journal_epochs{reason}``.
+
+A full disk.  A block the journal's volume refuses (ENOSPC) is dropped and
+counted (``netflow_drops{reason="disk_full"}``), and so is every block while
+fewer than `RESERVE_FREE` bytes are free (room for the shipper's checkpoints:
+without them it could not ship, and so trim, what is journaled); the receiver
+keeps reading the socket (so the kernel drops nothing silently), probes the
+free space every `PROBE_INTERVAL` and journals again once `RESUME_FREE` bytes
+are free.  The
+shipper keeps shipping what is journaled (trimming frees space); a checkpoint
+it cannot write is retried, not skipped.  ``netflow_journal_free_bytes`` and
+``netflow_journal_disk_low`` (free < ``journal_min_free_bytes``) warn before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -65,11 +87,13 @@ from prometheus_client import Counter, Gauge
 
 from netflow.classifier import Aggregates, Classifier, aggregate
 from netflow.decode import decode_packets, decode_pending
+from netflow.errors import JournalFull
 from netflow.flows import FLOW_DTYPE, Packets, Pending, addr_to_pair
 from netflow.journal import (
     INDEX_DTYPE,
     MAX_BLOCK_EXPORTERS,
     Journal,
+    JournalIdentity,
     JournalRecord,
     list_segments,
     packed_address,
@@ -82,7 +106,7 @@ from netflow.templates import SequenceTracker, TemplateCache
 from urfa.errors import CallFailed, ConnectionLost
 
 __all__ = ["WorkerSettings", "Receiver", "JournalTail", "BatchDecoder", "Checkpoints", "CoreLink",
-           "Worker", "open_socket", "kernel_drops", "run", "encode_aggregates"]
+           "Worker", "Resume", "plan_resume", "open_socket", "kernel_drops", "run", "encode_aggregates"]
 
 log = logging.getLogger("netflow.worker")
 
@@ -97,7 +121,8 @@ RECEIVED_BYTES = Counter("netflow_bytes_received", "UDP payload bytes journaled"
 DROPS = Counter("netflow_drops", "Packets or flows lost or refused, by reason "
                 "(kernel: receive buffer overflow; exporter: unknown exporter; undecodable; "
                 "missing_template: data sets whose template never came; sequence_gap: flows/packets "
-                "the exporter numbered but we never received)", ["worker", "reason"])
+                "the exporter numbered but we never received; disk_full: the journal's volume refused them)",
+                ["worker", "reason"])
 FLOWS = Counter("netflow_flows_decoded", "Flow records decoded", ["worker"])
 SHIPPED = Counter("netflow_batches_shipped", "Batches the core committed", ["worker"])
 UNBILLED = Counter("netflow_unbilled_bytes", "Bytes of legs with no account or no class (kept in raw storage)",
@@ -109,6 +134,15 @@ JOURNAL_LAG = Gauge("netflow_journal_lag_bytes", "Journal bytes received but not
                     ["worker"], multiprocess_mode="livemax")
 JOURNAL_ALARM = Gauge("netflow_journal_over_limit", "1 while the journal exceeds journal_max_bytes", ["worker"],
                       multiprocess_mode="livemax")
+JOURNAL_FREE = Gauge("netflow_journal_free_bytes", "Free bytes on the journal's volume", ["worker"],
+                     multiprocess_mode="livemin")
+JOURNAL_DISK_LOW = Gauge("netflow_journal_disk_low", "1 while the journal's volume has less than "
+                         "journal_min_free_bytes free", ["worker"], multiprocess_mode="livemax")
+JOURNAL_DISK_FULL = Gauge("netflow_journal_disk_full", "1 while the journal's volume refuses writes "
+                          "(packets are dropped, counted as disk_full)", ["worker"], multiprocess_mode="livemax")
+EPOCHS = Counter("netflow_journal_epochs", "Journal epochs begun, by reason (replaced: the journal is not the one "
+                 "the watermark counts; truncated: it ends below the watermark; first, adopted: routine)",
+                 ["worker", "reason"])
 CORE_CONNECTED = Gauge("netflow_core_connected", "1 while the worker holds a session with the core", ["worker"],
                        multiprocess_mode="livemax")
 
@@ -127,6 +161,7 @@ class WorkerSettings:
     sampling: tuple[str, ...] = ()
     rcvbuf: int = 64 << 20
     journal_max_bytes: int = 16 << 30
+    journal_min_free_bytes: int = 1 << 30
     segment_bytes: int = 64 << 20
     fsync_interval: float = 0.2
     ship_interval: float = 1.0
@@ -144,7 +179,8 @@ class WorkerSettings:
             worker_id=wid, host=n.host, port=n.port, journal_dir=base / wid,
             raw_dir=Path(n.raw_dir) if n.raw_dir else config.data_dir / "netflow" / "raw",
             exporters=tuple(n.exporters), sampling=tuple(n.sampling), rcvbuf=n.rcvbuf,
-            journal_max_bytes=n.journal_max_bytes, segment_bytes=n.segment_bytes,
+            journal_max_bytes=n.journal_max_bytes, journal_min_free_bytes=n.journal_min_free_bytes,
+            segment_bytes=n.segment_bytes,
             fsync_interval=n.fsync_interval, ship_interval=n.ship_interval,
             raw_retention_days=n.raw_retention_days, raw_flush_rows=n.raw_flush_rows,
             raw_flush_interval=n.raw_flush_interval,
@@ -229,6 +265,11 @@ LINGER = 0.002  # seconds a partly filled block waits for more datagrams
 READ_BYTES = 8 << 20  # journal bytes the shipper reads at a time
 CHUNK_PACKETS = 4_000  # packets decoded at a time: arrays stay small enough to be reused, not faulted in
 BEHIND_BYTES = 32 << 20  # journal waiting beyond this is shipped at once rather than at ship_interval
+PROBE_INTERVAL = 0.5  # seconds between the receiver's free-space probes
+RESERVE_FREE = 1 << 20  # below this many free bytes the receiver journals nothing (room for checkpoints)
+RESUME_FREE = RESERVE_FREE + 4 * BLOCK_BYTES  # free bytes that end a disk-full spell
+PROBE_BYTES = RESERVE_FREE // 4  # ... and after this many bytes journaled, so a burst cannot eat the reserve
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class _Block:
@@ -269,6 +310,10 @@ class Receiver(threading.Thread):
         self.durable = journal.offset
         self.packets = 0
         self.unknown = 0
+        self.refused = 0  # packets dropped because the journal's volume was full
+        self.disk_full = False
+        self._next_probe = 0.0
+        self._since_probe = 0  # bytes journaled since the last free-space probe
         self.error: BaseException | None = None
         self._wake = wake
         self._stop_flag = threading.Event()
@@ -277,6 +322,8 @@ class Receiver(threading.Thread):
         self._received = RECEIVED.labels(worker)
         self._received_bytes = RECEIVED_BYTES.labels(worker)
         self._unknown = DROPS.labels(worker, "exporter")
+        self._refused = DROPS.labels(worker, "disk_full")
+        self._full = JOURNAL_DISK_FULL.labels(worker)
 
     def stop(self) -> None:
         self._stop_flag.set()
@@ -284,6 +331,13 @@ class Receiver(threading.Thread):
     def trim(self, watermark: int) -> None:
         with self._lock:
             self._trim_to = max(self._trim_to, watermark)
+
+    def lift(self, base: int) -> int:
+        """`Journal.lift_run` under the journal lock; returns how far the offsets moved."""
+        with self._lock:
+            delta = self.journal.lift_run(base)
+            self.durable += delta
+        return delta
 
     def run(self) -> None:
         try:
@@ -344,9 +398,9 @@ class Receiver(threading.Thread):
             count = len(block.lengths)
             if count and (not drained or count >= BLOCK_PACKETS or block.size >= BLOCK_BYTES
                           or len(block.numbers) >= MAX_BLOCK_EXPORTERS or now - block.opened >= LINGER):
-                self._write(block, view)
-                packets += count
-                nbytes += block.size
+                if self._write(block, view):
+                    packets += count
+                    nbytes += block.size
                 block = _Block()
             if now >= next_sync or packets >= 100_000:
                 self.packets += packets
@@ -360,29 +414,80 @@ class Receiver(threading.Thread):
                     time.sleep(max(0.0, LINGER - (now - block.opened)))
                 else:
                     select.select([sock], [], [], max(0.001, min(0.05, next_sync - now)))
-        if block.lengths:
-            self._write(block, view)
+        if block.lengths and self._write(block, view):
             packets += len(block.lengths)
             nbytes += block.size
         self.packets += packets
         self._received.inc(packets)
         self._received_bytes.inc(nbytes)
 
-    def _write(self, block: _Block, view: memoryview) -> None:
-        index = np.empty(len(block.lengths), dtype=INDEX_DTYPE)
+    def _write(self, block: _Block, view: memoryview) -> bool:
+        """Journal the block; False if the journal's volume is full (the block is dropped and counted).
+
+        "Full" starts below `RESERVE_FREE` bytes free (probed every
+        `PROBE_INTERVAL` and every `PROBE_BYTES` journaled) or at an ENOSPC, whichever comes first, and ends at
+        `RESUME_FREE`: the reserve is room for the shipper's checkpoints, without
+        which it could not ship (and so trim) what the journal holds.
+        """
+        count = len(block.lengths)
+        now = time.monotonic()
+        if now >= self._next_probe or self._since_probe >= PROBE_BYTES:
+            self._next_probe, self._since_probe = now + PROBE_INTERVAL, 0
+            free = self._free()
+            if self.disk_full and free >= RESUME_FREE:
+                log.warning("journal volume has space again: journaling resumed",
+                            extra={"free_bytes": free, "dropped": self.refused})
+                self.disk_full = False
+                self._full.set(0)
+            elif not self.disk_full and free < RESERVE_FREE:
+                self._now_full(f"{free} bytes free, under the reserve of {RESERVE_FREE}")
+        if self.disk_full:
+            self._refuse(count)
+            return False
+        index = np.empty(count, dtype=INDEX_DTYPE)
         index["length"] = block.lengths
         index["port"] = block.ports
         index["exporter"] = block.which
-        with self._lock:
-            # written through at once: a kill -9 then loses only the socket queue and the
-            # block being filled (at most LINGER); fsync, for power loss, runs every fsync_interval
-            self.journal.append_block(block.received_ns, block.packed, index.tobytes(), len(block.lengths),
-                                      view[:block.size])
+        try:
+            with self._lock:
+                # written through at once: a kill -9 then loses only the socket queue and the
+                # block being filled (at most LINGER); fsync, for power loss, runs every fsync_interval
+                self.journal.append_block(block.received_ns, block.packed, index.tobytes(), count,
+                                          view[:block.size])
+        except JournalFull as exc:
+            self._now_full(str(exc))
+            self._refuse(count)
+            return False
+        self._since_probe += block.size
+        return True
+
+    def _now_full(self, reason: str) -> None:
+        log.error("JOURNAL VOLUME FULL: packets are dropped (counted as disk_full) until space returns; "
+                  "everything journaled is kept and shipped", extra={"reason": reason})
+        self.disk_full = True
+        self._full.set(1)
+
+    def _free(self) -> int:
+        try:
+            return self.journal.free_bytes()
+        except OSError:
+            return RESUME_FREE  # cannot tell: let the write decide
+
+    def _refuse(self, count: int) -> None:
+        self.refused += count
+        self._refused.inc(count)
 
     def _sync(self) -> None:
         journal = self.journal
         with self._lock:
-            journal.flush()
+            try:
+                journal.flush()
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    raise
+                # not durable yet: `durable` stays, the next sync tries again
+                log.error("journal fsync refused by a full volume; retrying", extra={"reason": str(exc)})
+                return
             moved = journal.offset != self.durable
             self.durable = journal.offset
             if self._trim_to > 0:
@@ -425,6 +530,10 @@ class JournalTail:
         if seg is None:
             raise RuntimeError(f"journal offset {self.position} is in no segment of {self.directory}")
         base, path, nxt = seg
+        if nxt is not None and self.position - base >= path.stat().st_size:
+            # the gap a lifted run leaves (`Journal.lift_run`): nothing was ever there
+            self.position = min(nxt, limit)
+            return Packets.empty()
         end = min(limit, nxt) if nxt is not None else limit
         size = READ_BYTES
         while True:
@@ -682,8 +791,9 @@ class CoreLink:
                     await client.close()
                 self.client = None
             except CallFailed as exc:
-                if exc.code in ("not_in_table", "bad_args", "forbidden", "deleted"):
-                    raise
+                if exc.code in ("not_in_table", "bad_args", "forbidden", "deleted",
+                                "billing.epoch_mismatch", "netflow.epoch_conflict"):
+                    raise  # a retry cannot help (an epoch conflict: restart and decide again)
                 # the core could not commit (database down, restarting): the journal waits
                 log.error("core refused a call; retrying", extra={"fn": fn, "code": exc.code, "reason": str(exc)})
             if stop.is_set():
@@ -704,6 +814,40 @@ class CoreUnavailable(Exception):
     """The worker is stopping and the core did not answer; the journal keeps the rest."""
 
 
+class StoppedWhileFull(Exception):
+    """The worker was asked to stop while a write it needs was refused by a full volume."""
+
+
+# ---------------------------------------------------------------- journal identity
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a starting worker does about its journal's identity (`plan_resume`)."""
+
+    identity: JournalIdentity  # the journal's identity from now on
+    reason: str | None  # why the core's epoch changes (`EPOCH_REASONS` of billcore.billing.usage); None: it does not
+
+
+def plan_resume(identity: JournalIdentity | None, journal_end: int, watermark: int, epoch: str | None) -> Resume:
+    """Compare the journal a worker opened (its ``identity``, where it ended, ``journal_end``)
+    with what the core counts (``watermark`` of journal ``epoch``).
+
+    Whatever the answer, the worker lifts this run's offsets above ``watermark``
+    when ``journal_end`` is below it; this decides the epoch and the alarm.
+    """
+    if identity is not None and identity.epoch == epoch:
+        if journal_end >= watermark:
+            return Resume(identity, None)  # its own journal, intact: replay from the watermark
+        return Resume(JournalIdentity.mint(), "truncated")
+    if epoch is None and watermark < 0:
+        return Resume(identity or JournalIdentity.mint(), "first")  # nothing was ever counted
+    if epoch is None and identity is None:
+        # a journal and a watermark from before identities: the same one, unless it cannot be
+        return Resume(JournalIdentity.mint(), "adopted" if journal_end >= watermark else "truncated")
+    return Resume(identity or JournalIdentity.mint(), "replaced")
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -714,6 +858,7 @@ class Worker:
         self.classifier: Classifier | None = None
         self.classifier_version: int | None = None
         self.committed = -1
+        self.epoch: str | None = None
         self.sent_batches = 0
         self.granted_rcvbuf = 0
         w = settings.worker_id
@@ -722,10 +867,12 @@ class Worker:
             "undecodable": DROPS.labels(w, "undecodable"), "missing": DROPS.labels(w, "missing_template"),
             "gap": DROPS.labels(w, "sequence_gap"), "kernel": DROPS.labels(w, "kernel"),
             "journal": JOURNAL_BYTES.labels(w), "lag": JOURNAL_LAG.labels(w), "alarm": JOURNAL_ALARM.labels(w),
-            "rcvbuf": RCVBUF.labels(w),
+            "rcvbuf": RCVBUF.labels(w), "free": JOURNAL_FREE.labels(w), "low": JOURNAL_DISK_LOW.labels(w),
+            "full": JOURNAL_DISK_FULL.labels(w),
         }
         self._kernel_seen = 0
         self._alarmed = False
+        self._low = False
 
     async def refresh_classifier(self, stop: asyncio.Event) -> None:
         """Load the streamed snapshot and swap the classifier whole (see `netflow.snapshot`).
@@ -817,10 +964,88 @@ class Worker:
         if unbilled.any():
             m["unbilled"].inc(int(agg.bytes[unbilled].sum()))
 
-    async def serve(self, stop: asyncio.Event, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    async def _on_disk(self, what: str, fn: Callable[[], Any], stop: asyncio.Event) -> Any:
+        """``fn()``, retried while the journal's volume is full (the worker stays up).
+
+        Raises `StoppedWhileFull` if the worker is asked to stop first."""
+        delay, warned = 0.5, False
+        while True:
+            try:
+                result = fn()
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    raise
+                if not warned:
+                    log.error("JOURNAL VOLUME FULL: cannot write; retrying until space returns",
+                              extra={"what": what, "reason": str(exc)})
+                    warned = True
+                self._m["full"].set(1)
+                if stop.is_set():
+                    raise StoppedWhileFull(what) from exc
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if warned:
+                self._m["full"].set(0)
+                log.warning("journal volume has space again", extra={"what": what})
+            return result
+
+    def _open_journal(self) -> tuple[Journal, Checkpoints]:
         s = self.s
         journal = Journal(s.journal_dir, s.segment_bytes, s.journal_max_bytes)
-        checkpoints = Checkpoints(s.journal_dir / "checkpoints")
+        try:
+            journal.start_run()  # this run's receipts begin a segment, so they can be lifted
+            return journal, Checkpoints(s.journal_dir / "checkpoints")
+        except BaseException:
+            journal.close()
+            raise
+
+    async def _resume(self, journal: Journal, receiver: Receiver, journal_end: int, raw: RawWriter | None,
+                      stop: asyncio.Event) -> None:
+        """Settle the journal's identity with the core (see the module docstring)."""
+        s = self.s
+        try:
+            mark = await self.link.call("netflow.journal", {"worker": s.worker_id}, stop)
+        except CallFailed as exc:
+            if exc.code != "not_in_table":
+                raise
+            # a core from before journal identities: offsets alone keep new traffic above the watermark
+            log.warning("the core knows no journal epochs; journal identity is not checked")
+            committed = int(await self.link.call("netflow.watermark", {"worker": s.worker_id}, stop))
+            if journal_end < committed:
+                receiver.lift(committed)
+            self.committed, self.epoch = committed, None
+            return
+        watermark, epoch = int(mark["watermark"]), mark["epoch"]
+        plan = plan_resume(journal.identity, journal_end, watermark, epoch)
+        raw_mark = raw.watermark() if raw is not None else None
+        floor = max(watermark, raw_mark or 0, 0)
+        lifted = receiver.lift(floor) if journal_end < floor else 0
+        if plan.identity != journal.identity:
+            await self._on_disk("journal identity", lambda: journal.set_identity(plan.identity), stop)
+        if plan.reason is not None:
+            answer = await self.link.call("netflow.begin_epoch", {
+                "worker": s.worker_id, "epoch": plan.identity.epoch, "expect": epoch or "",
+                "reason": plan.reason, "journal_end": journal_end}, stop)
+            watermark = int(answer["watermark"])
+            EPOCHS.labels(s.worker_id, plan.reason).inc()
+            alarm = plan.reason in ("replaced", "truncated")
+            (log.error if alarm else log.info)(
+                "JOURNAL IS NOT THE ONE THE WATERMARK COUNTS: new epoch; everything received from now on is charged"
+                if alarm else "journal epoch began",
+                extra={"reason": plan.reason, "epoch": plan.identity.epoch, "previous": epoch,
+                       "watermark": watermark, "journal_end": journal_end, "lifted_by": lifted})
+        self.epoch = plan.identity.epoch
+        self.committed = watermark
+
+    async def serve(self, stop: asyncio.Event, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        s = self.s
+        try:
+            journal, checkpoints = await self._on_disk("journal open", self._open_journal, stop)
+        except StoppedWhileFull:
+            return
+        journal_end = journal.run_base  # where the journal ended before this run received anything
         raw = RawWriter(s.raw_dir, s.worker_id, s.raw_retention_days, s.raw_flush_rows, s.raw_flush_interval) \
             if s.raw_dir is not None else None
         loop = asyncio.get_running_loop()
@@ -831,7 +1056,7 @@ class Worker:
                             wake=lambda: loop.call_soon_threadsafe(wake.set))
         receiver.start()
         try:
-            self.committed = int(await self.link.call("netflow.watermark", {"worker": s.worker_id}, stop))
+            await self._resume(journal, receiver, journal_end, raw, stop)
             await self.refresh_classifier(stop)
             oldest = list_segments(s.journal_dir)[0][0]
             start = max(self.committed, 0)
@@ -882,11 +1107,18 @@ class Worker:
                 first = tail.position
                 chunks, agg = self._batch(decoder, tail, limit)
                 end = tail.position
-                checkpoints.save(end, decoder.state.dumps())
+                state = decoder.state.dumps()
+                try:
+                    await self._on_disk("checkpoint", lambda: checkpoints.save(end, state), stop)
+                except StoppedWhileFull:
+                    log.warning("stopping with uncommitted journal; it is replayed at the next start",
+                                extra={"from": first})
+                    break
                 if end > self.committed:
                     try:
                         result = await self.link.call(
-                            "netflow.submit", {"worker": s.worker_id, "watermark": end, **encode_aggregates(agg)}, stop)
+                            "netflow.submit", {"worker": s.worker_id, "watermark": end, **encode_aggregates(agg),
+                                               **({"epoch": self.epoch} if self.epoch else {})}, stop)
                     except CoreUnavailable:
                         log.warning("stopping with uncommitted journal; it is replayed at the next start",
                                     extra={"from": first})
@@ -907,6 +1139,8 @@ class Worker:
                 self._trim(receiver, checkpoints, raw)
         except CoreUnavailable:
             log.warning("stopped before the core answered")
+        except StoppedWhileFull:
+            log.warning("stopped while the journal volume was full")
         finally:
             receiver.stop()
             receiver.join(timeout=5)
@@ -935,6 +1169,15 @@ class Worker:
             log.error("JOURNAL OVER LIMIT: the core is not keeping up; nothing is dropped but the disk is filling",
                       extra={"journal_bytes": size, "limit": self.s.journal_max_bytes})
         self._alarmed = over
+        with contextlib.suppress(OSError):
+            free = receiver.journal.free_bytes()
+            m["free"].set(free)
+            low = free < self.s.journal_min_free_bytes
+            m["low"].set(1 if low else 0)
+            if low and not self._low:
+                log.error("JOURNAL VOLUME LOW: packets are dropped once it is full",
+                          extra={"free_bytes": free, "threshold": self.s.journal_min_free_bytes})
+            self._low = low
         drops = kernel_drops(sock)
         if drops is not None and drops > self._kernel_seen:
             m["kernel"].inc(drops - self._kernel_seen)

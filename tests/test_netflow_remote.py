@@ -78,9 +78,10 @@ async def test_remote_collector_charges_through_the_core_over_tcp(tmp_path: Path
         marks = {r[0]: r[1] for r in await conn.fetch("SELECT source, watermark FROM ingest_watermarks")}
     finally:
         await conn.close()
-    # both collector workers committed under their own names, and the journal is where they say
-    assert set(marks) <= {"netflow:t-0", "netflow:t-1"} and marks
+    # both collector workers are under their own names (one that got no traffic has only its
+    # journal's epoch, at watermark -1), one at least committed, and the journal is where they say
+    assert set(marks) <= {"netflow:t-0", "netflow:t-1"} and any(m > 0 for m in marks.values())
     for source, mark in marks.items():
-        assert mark > 0 and (tmp_path / "journal" / source.split(":")[1]).is_dir()
+        assert (mark > 0 or mark == -1) and (tmp_path / "journal" / source.split(":")[1]).is_dir()
     assert list((tmp_path / "raw").glob("hour=*/*.parquet")), "raw flows are kept by the collector"
     assert os.path.exists(log_path)

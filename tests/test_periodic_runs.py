@@ -36,7 +36,7 @@ async def balances(conn: asyncpg.Connection) -> dict[int, int]:
 
 
 async def fresh(conn: asyncpg.Connection) -> None:
-    await conn.execute("TRUNCATE periodic_runs, periodic_charges, once_charges, period_summaries,"
+    await conn.execute("TRUNCATE periodic_runs, periodic_clock, periodic_charges, once_charges, period_summaries,"
                        " account_tariffs, blocks, ledger CASCADE")
     await conn.execute("UPDATE accounts SET balance = 0")
 

@@ -11,6 +11,8 @@ System calls (kinds ``{"system"}``, rights ``netflow.*``):
   ignored as a whole.  Answer: ``{"watermark", "duplicate", "charged",
   "rejected", "rejected_bytes"}``.  Rejected rows (no tariff, no rate for
   the class) are logged and counted; their flows stay in raw storage.
+  With ``epoch`` (the worker's journal identity) a batch of another epoch
+  than the worker's current one is refused (``billing.epoch_mismatch``).
 * ``netflow.watermark(worker)`` — the committed watermark (−1: never).
 * ``netflow.snapshot()`` (right ``netflow.read``, streaming) — what a worker
   classifies with: chunks ``{"kind": "bindings", "n", "address", "bits",
@@ -19,6 +21,14 @@ System calls (kinds ``{"system"}``, rights ``netflow.*``):
   order; the answer ``{"version", "bindings", "rules"}`` counts what was
   sent.  One REPEATABLE READ transaction: the version names exactly these
   rows (see ``netflow.snapshot`` for the loader, docs/netflow.md).
+* ``netflow.journal(worker)`` — ``{"watermark", "epoch"}``: the committed
+  watermark and the identity of the journal it counts (nil: none yet).
+* ``netflow.begin_epoch(worker, epoch, expect, reason, journal_end)`` — the
+  worker found another journal than the one its watermark counts (``reason``:
+  ``first``, ``adopted``, ``replaced``, ``truncated``; ``expect`` is the epoch
+  it was told, ``""`` for none): make ``epoch`` current if ``expect`` still is
+  (else ``netflow.epoch_conflict``), recorded in ``ingest_epochs``.  Answer:
+  ``{"watermark", "epoch"}``.
 
 Admin/system call (right ``netflow.read``): ``netflow.raw(account_id,
 since, until)`` streams the account's raw flow legs with ``since <= start <
@@ -45,7 +55,7 @@ from billcore.api import ADMIN_SYSTEM, announce, handler, need_int
 from billcore.billing.errors import UsageError
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.tariffs import port_range
-from billcore.billing.usage import commit_usage, watermark
+from billcore.billing.usage import begin_epoch, commit_usage, journal_mark, watermark
 from billcore.calls import CallSpec
 from billcore.context import CoreContext
 from urfa.errors import CallFailed
@@ -179,7 +189,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
     raw_dir = Path(section.raw_dir) if section.raw_dir else core.config.data_dir / "netflow" / "raw"
 
     @handler
-    async def netflow_submit(ctx: Any, worker: str, watermark: int, **columns: Any) -> dict[str, Any]:
+    async def netflow_submit(ctx: Any, worker: str, watermark: int, epoch: str | None = None,
+                             **columns: Any) -> dict[str, Any]:
         """Rate one batch of a worker's aggregates and commit it with the worker's journal watermark."""
         source = "netflow:" + _worker(worker)
         cols = decode_columns(columns)
@@ -199,7 +210,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 at = stamps[h] = datetime.fromtimestamp(h // 1000, timezone.utc)
             usage.append(TrafficUsage(a, k, at, b))
         async with core.pool.acquire() as conn:
-            result = await commit_usage(conn, source, watermark, usage, core.now(), tz=tz, actor=source)
+            result = await commit_usage(conn, source, watermark, usage, core.now(), tz=tz, actor=source,
+                                        epoch=epoch or None)
         await announce(core, result.block_changes)  # type: ignore[arg-type]
         if result.charges:
             await core.fire("batch.rated", {"batch_id": f"{source}@{result.watermark}", "charges": [
@@ -217,6 +229,29 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """The worker's committed journal watermark (-1: it never committed)."""
         async with core.pool.acquire() as conn:
             return await watermark(conn, "netflow:" + _worker(worker))
+
+    @handler
+    async def netflow_journal(ctx: Any, worker: str) -> dict[str, Any]:
+        """The worker's committed watermark and the epoch of the journal it counts (nil: none yet)."""
+        async with core.pool.acquire() as conn:
+            mark = await journal_mark(conn, "netflow:" + _worker(worker))
+        return {"watermark": mark.watermark, "epoch": mark.epoch}
+
+    @handler
+    async def netflow_begin_epoch(ctx: Any, worker: str, epoch: str, expect: str, reason: str,
+                                  journal_end: int) -> dict[str, Any]:
+        """Make ``epoch`` the worker's journal epoch if ``expect`` ("" = none) still is; logged and recorded."""
+        source = "netflow:" + _worker(worker)
+        async with core.pool.acquire() as conn:
+            mark = await begin_epoch(conn, source, epoch, expect=expect or None, reason=reason,
+                                     journal_end=journal_end, now=core.now())
+        if mark is None:
+            raise CallFailed("netflow.epoch_conflict", f"{source}: the journal epoch is no longer {expect or 'none'}")
+        level = logging.ERROR if reason in ("replaced", "truncated") else logging.INFO
+        log.log(level, "netflow journal epoch began", extra={
+            "source": source, "epoch": epoch, "previous": expect or None, "reason": reason,
+            "watermark": mark.watermark, "journal_end": journal_end})
+        return {"watermark": mark.watermark, "epoch": mark.epoch}
 
     @handler
     async def netflow_raw(ctx: Any, account_id: int, since: datetime, until: datetime) -> dict[str, Any]:
@@ -256,11 +291,15 @@ def calls(core: CoreContext) -> list[CallSpec]:
         CallSpec("netflow.snapshot", netflow_snapshot, right="netflow.read", kinds=SYSTEM, result="map",
                  doc=netflow_snapshot.__doc__ or "", streaming=True, bound="stream"),
         CallSpec("netflow.submit", netflow_submit, right="netflow.submit", kinds=SYSTEM,
-                 args={"worker": "str", "watermark": "int", **cols}, result="map",
+                 args={"worker": "str", "watermark": "int", "epoch": "str?", **cols}, result="map",
                  doc=netflow_submit.__doc__ or "", bound="fixed", fields={"charged": "money", "rejected_bytes": "int"}),
         CallSpec("netflow.watermark", netflow_watermark, right="netflow.watermark", kinds=SYSTEM,
-                 args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or "",
-                 bound="fixed"),
+                 args={"worker": "str"}, result="int", doc=netflow_watermark.__doc__ or "", bound="fixed"),
+        CallSpec("netflow.journal", netflow_journal, right="netflow.watermark", kinds=SYSTEM,
+                 args={"worker": "str"}, result="map", doc=netflow_journal.__doc__ or "", bound="fixed"),
+        CallSpec("netflow.begin_epoch", netflow_begin_epoch, right="netflow.submit", kinds=SYSTEM,
+                 args={"worker": "str", "epoch": "str", "expect": "str", "reason": "str", "journal_end": "int"},
+                 result="map", doc=netflow_begin_epoch.__doc__ or "", bound="fixed"),
         CallSpec("netflow.raw", netflow_raw, right="netflow.read", kinds=ADMIN_SYSTEM,
                  args={"account_id": "int", "since": "time", "until": "time"}, result="map",
                  doc=netflow_raw.__doc__ or "", streaming=True, bound="stream", fields=RAW_FIELDS),

@@ -36,6 +36,16 @@ only; the next ``run_due`` with the same or a later ``now`` recomputes
 the targets, finds the finished accounts settled, and books the rest.
 ``since`` only moves when a run finishes, so nothing is skipped.
 
+Clock steps: a run never computes with an earlier ``now`` than any run
+before it, finished (``periodic_runs.last_now``) or not (``periodic_clock``,
+recorded as a run starts).  A wall clock stepped back would
+otherwise make cumulative targets smaller (a refund, charged again once the
+clock is past the old time); clamped, a run behind the last one books
+nothing new and refunds nothing (``RunResult.clock_behind`` says by how much
+``now`` was behind).  A forward step charges what is due at the stepped time,
+once; when it is corrected, the clamp keeps those charges.  Periods between
+two runs are walked from ``since``, so a step never skips one.
+
 Most accounts of one tariff have identical link shapes, so the batch
 computes ``due_charges`` once per distinct (service, link intervals,
 amounts already booked) signature and copies the result to each account:
@@ -101,6 +111,7 @@ class RunResult:
     periods_closed: int
     block_changes: tuple[Any, ...]
     closed_periods: tuple[tuple[datetime, datetime], ...] = ()   # distinct (start, end), sorted
+    clock_behind: float = 0.0     # seconds the given ``now`` was behind the last run's (a clock stepped back)
 
 
 def _utc(value: datetime, what: str) -> datetime:
@@ -342,14 +353,19 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
     something, with its ledger rows in booking order; an exception it raises
     stops the run the same way.
     """
-    now = _utc(now, "now")
+    wall = now = _utc(now, "now")
     if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH:
         raise PeriodError(f"batch_size must be in 1..{MAX_BATCH}")
     if type(workers) is not int or not 1 <= workers <= 16:
         raise PeriodError("workers must be in 1..16")
     async with pool.acquire() as conn:
         last = await _run_state(conn, name)
-        since = now if last is None or last > now else last
+        # a clock stepped back: nothing due is earlier than what any run (finished or not) settled
+        high = await conn.fetchval(
+            "INSERT INTO periodic_clock AS c (name, high_now) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+            " SET high_now = greatest(c.high_now, EXCLUDED.high_now) RETURNING high_now", name, now)
+        now = max(now, high, last or high)
+        since = now if last is None else last
         services = await load_periodic(conn)
         # links are needed from the start of the earliest period holding `since`
         horizon = min((period_containing(s.spec, since, tz).start for s in services.values()),
@@ -418,4 +434,5 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
             " accounts = EXCLUDED.accounts, charges = EXCLUDED.charges, amount = EXCLUDED.amount",
             name, now, tally["done"], tally["charges"], tally["amount"])
     return RunResult(since, now, tally["done"], tally["batches"], tally["charges"], tally["amount"],
-                     tally["once"], tally["closed"], tuple(changes), tuple(sorted(periods)))
+                     tally["once"], tally["closed"], tuple(changes), tuple(sorted(periods)),
+                     (now - wall).total_seconds())

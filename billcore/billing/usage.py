@@ -47,6 +47,20 @@ no rate for the class, stamped in the future) comes back in
 ``CommitResult.rejected``; the watermark still advances, so the caller owns
 keeping those records (they are never silently dropped here).
 
+Journal epochs.  A NetFlow worker's watermark is an offset in *one* journal;
+the row keeps that journal's identity (``epoch``, schema 0010).  A worker
+that finds another journal (wiped, moved, truncated below the watermark)
+begins a new epoch with ``begin_epoch`` (compare-and-set on the old one,
+recorded in ``ingest_epochs``), and its journal's offsets continue above the
+watermark (``netflow.journal``), so the watermark stays monotone and no
+idempotency key repeats.  ``commit_usage(…, epoch=E)`` refuses a batch of any
+other epoch (``EpochMismatch``): a stale worker cannot charge into the new one.
+
+Billing time never runs backwards per source: ``commit_usage`` uses
+``max(now, the source's last commit time)``, so after a backward step of the
+wall clock usage that was on time is not refused as "future", and counters and
+ledger rows of one source keep their order.
+
 Per-day totals (``usage_daily``) get each record's quantity on its local day;
 a counter's charge in this batch goes to the day of the batch's latest
 record on that counter (the days of one hourly batch are one or two).
@@ -58,7 +72,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
-from typing import Final
+from typing import ClassVar, Final
 
 import asyncpg
 
@@ -71,14 +85,34 @@ from billcore.billing.rating import (
 )
 from billcore.billing.tariffs import load_book
 
-__all__ = ["CommitResult", "MAX_SOURCE", "NO_WATERMARK", "commit_usage", "usage_key", "watermark"]
+__all__ = ["CommitResult", "EPOCH_REASONS", "EpochMismatch", "JournalMark", "MAX_SOURCE", "NO_WATERMARK",
+           "begin_epoch", "commit_usage", "journal_mark", "usage_key", "watermark"]
 
 NO_WATERMARK: Final = -1
 """``watermark()`` of a source that never committed."""
 MAX_SOURCE: Final = 128
 _MAX_IDEM: Final = 256
 
+MAX_EPOCH: Final = 64
+EPOCH_REASONS: Final = ("first", "adopted", "replaced", "truncated")
+"""Why a source begins an epoch: its first journal; a journal from before epochs taken over;
+a journal that is not the counted one (wiped, moved, new); the counted one cut below the watermark."""
+
 Usage = TrafficUsage | SessionUsage
+
+
+class EpochMismatch(UsageError):
+    """A batch of another journal epoch than the source's current one (a stale or second worker)."""
+
+    code: ClassVar[str] = "billing.epoch_mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalMark:
+    """A source's committed watermark and the journal epoch it counts (None: no epoch yet)."""
+
+    watermark: int
+    epoch: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +162,67 @@ async def watermark(conn: asyncpg.Connection, source: str) -> int:
     value = await conn.fetchval("SELECT watermark FROM ingest_watermarks WHERE source = $1",
                                 _check_source(source))
     return NO_WATERMARK if value is None else int(value)
+
+
+def _check_epoch(epoch: object) -> str:
+    if type(epoch) is not str or not 1 <= len(epoch) <= MAX_EPOCH or not epoch.isalnum() or not epoch.isascii():
+        raise UsageError(f"epoch must be 1..{MAX_EPOCH} ASCII letters and digits")
+    return epoch
+
+
+async def journal_mark(conn: asyncpg.Connection, source: str) -> JournalMark:
+    """The source's watermark (``NO_WATERMARK`` if it never committed) and its journal epoch."""
+    row = await conn.fetchrow("SELECT watermark, epoch FROM ingest_watermarks WHERE source = $1",
+                              _check_source(source))
+    return JournalMark(NO_WATERMARK, None) if row is None else JournalMark(int(row[0]), row[1])
+
+
+async def _locked_row(conn: asyncpg.Connection, source: str, now: datetime) -> asyncpg.Record:
+    """The source's watermark row, created at ``NO_WATERMARK`` on first use, locked (inside a transaction)."""
+    query = "SELECT watermark, epoch, updated_at FROM ingest_watermarks WHERE source = $1 FOR UPDATE"
+    row = await conn.fetchrow(query, source)
+    if row is None:  # first batch of this source
+        await conn.execute(
+            "INSERT INTO ingest_watermarks(source, watermark, updated_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (source) DO NOTHING", source, NO_WATERMARK, now)
+        row = await conn.fetchrow(query, source)
+    return row
+
+
+async def begin_epoch(conn: asyncpg.Connection, source: str, epoch: str, *, expect: str | None, reason: str,
+                      journal_end: int, now: datetime) -> JournalMark | None:
+    """Make ``epoch`` the source's journal epoch if it is ``expect`` now; None if it is not.
+
+    Idempotent: a repeated call for the epoch already in place answers its mark.
+    The watermark does not move (the worker's journal continues above it).
+    """
+    _check_source(source)
+    _check_epoch(epoch)
+    if expect is not None:
+        _check_epoch(expect)
+    if reason not in EPOCH_REASONS:
+        raise UsageError(f"reason must be one of {', '.join(EPOCH_REASONS)}")
+    if type(journal_end) is not int or not 0 <= journal_end <= 2**63 - 1:
+        raise UsageError("journal_end must be a non-negative int (a BIGINT)")
+    now = _aware(now)
+    async with conn.transaction():
+        row = await _locked_row(conn, source, now)
+        mark, current = int(row["watermark"]), row["epoch"]
+        if current == epoch:
+            return JournalMark(mark, epoch)
+        if current != expect:
+            return None
+        await conn.execute("UPDATE ingest_watermarks SET epoch = $2 WHERE source = $1", source, epoch)
+        await conn.execute(
+            "INSERT INTO ingest_epochs(source, epoch, previous, reason, watermark, journal_end, began_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)", source, epoch, current, reason, mark, journal_end, now)
+    return JournalMark(mark, epoch)
+
+
+def _aware(now: object) -> datetime:
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise UsageError("now must be an aware datetime")
+    return now.astimezone(timezone.utc)
 
 
 def _span(usage: Sequence[Usage], now: datetime) -> tuple[datetime, datetime]:
@@ -235,27 +330,30 @@ async def _lock_counters(conn: asyncpg.Connection, keys: Sequence[CounterTuple],
 
 async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
                        usage: Sequence[Usage], now: datetime, *, tz: tzinfo = timezone.utc,
-                       actor: str = "rating") -> CommitResult:
-    """Rate ``usage`` and commit charges, counters and ``watermark`` in one transaction."""
+                       actor: str = "rating", epoch: str | None = None) -> CommitResult:
+    """Rate ``usage`` and commit charges, counters and ``watermark`` in one transaction.
+
+    ``epoch``: the journal epoch the watermark belongs to (NetFlow); a batch of
+    another epoch than the source's is refused (`EpochMismatch`), nothing booked.
+    """
     _check_source(source)
     if type(watermark) is not int or not 0 <= watermark <= 2**63 - 1:
         raise UsageError("watermark must be a non-negative int (a BIGINT)")
     if len(usage) > MAX_BATCH:
         raise UsageError(f"at most {MAX_BATCH} usage records per commit")
-    if not isinstance(now, datetime) or now.utcoffset() is None:
-        raise UsageError("now must be an aware datetime")
-    now = now.astimezone(timezone.utc)
+    if epoch is not None:
+        _check_epoch(epoch)
+    now = _aware(now)
     async with conn.transaction():
-        found = await conn.fetchval("SELECT watermark FROM ingest_watermarks WHERE source = $1 FOR UPDATE", source)
-        if found is None:  # first batch of this source
-            await conn.execute(
-                "INSERT INTO ingest_watermarks(source, watermark, updated_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (source) DO NOTHING", source, NO_WATERMARK, now)
-            found = await conn.fetchval(
-                "SELECT watermark FROM ingest_watermarks WHERE source = $1 FOR UPDATE", source)
-        committed = int(found)
+        row = await _locked_row(conn, source, now)
+        committed = int(row["watermark"])
+        if epoch is not None and row["epoch"] != epoch:
+            raise EpochMismatch(f"{source}: batch of journal epoch {epoch}, the source counts {row['epoch']}")
         if watermark <= committed:
             return CommitResult(source, committed, True, 0, 0, 0, ())
+        # billing time never runs backwards per source: a wall clock stepped back
+        # must not refuse as "future" what it accepted a moment ago
+        now = max(now, row["updated_at"])
 
         accounts = sorted({u.account_id for u in usage})
         since, until = _span(usage, now)
