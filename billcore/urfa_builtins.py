@@ -46,7 +46,10 @@ SYS_CALLS_PAGE = 500  # entries of sys.calls per page: it grows with the plugins
 
 
 @runs_inline
-def _sys_calls(ctx: CallContext, limit: int = SYS_CALLS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+def _sys_calls(ctx: CallContext, limit: int | None = None, offset: int | None = None) -> list[dict[str, Any]]:
+    # nil for an optional argument means "not given", as in every other call
+    limit = SYS_CALLS_PAGE if limit is None else limit
+    offset = 0 if offset is None else offset
     if not 1 <= limit <= SYS_CALLS_PAGE or not 0 <= offset:
         raise CallFailed(E.BAD_ARGS, f"limit must be 1..{SYS_CALLS_PAGE}, offset >= 0")
     return ctx.session.table.describe()[offset:offset + limit]
