@@ -46,3 +46,14 @@ $$;
 
 CREATE INDEX users_search_grams ON users
     USING gin (billcore_user_grams(login, full_name, email, phone, address, external_id));
+
+-- Reports by period (reports.charges, reports.revenue) select usage counters
+-- by period start: without an index, every month's report reads every
+-- month's counters.
+CREATE INDEX usage_counters_period ON usage_counters(period_start);
+
+-- reports.traffic selects a range of days from a year of daily usage (365
+-- rows per account: 365 M at a million subscribers).  Rows arrive day by
+-- day, so the table is in day order and a BRIN index — a few pages, not the
+-- gigabytes a B-tree over every row would take — skips all other days.
+CREATE INDEX usage_daily_day ON usage_daily USING brin (day);

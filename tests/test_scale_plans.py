@@ -179,3 +179,20 @@ async def test_verify_reports_progress_and_finds_a_changed_row(subscribers: asyn
     await conn.execute("UPDATE ledger SET amount = 999 WHERE account_id = 5")
     problems = {(p.check, p.account_id) for p in await verify(conn, T0)}
     assert ("chain", 5) in problems and ("balance", 5) in problems and ("trigger", None) in problems
+
+
+async def test_reports_read_only_the_asked_periods(subscribers: asyncpg.Connection) -> None:
+    conn = subscribers
+    await conn.execute(
+        "INSERT INTO usage_daily(account_id, class_id, day, quantity, amount)"
+        " SELECT a.id, 1, d::date, 100, 10 FROM generate_series('2025-01-01'::date, '2025-12-31', '1 day') d,"
+        " (SELECT id FROM accounts LIMIT 100) a ORDER BY d, a.id")
+    await conn.execute("ANALYZE usage_daily")
+    day = dt.date(2025, 6, 1)
+    shown = await plan(conn, "SELECT account_id, class_id, day, quantity, amount FROM usage_daily"
+                             " WHERE day >= $1 AND day < $2 ORDER BY account_id, day, class_id",
+                       day, day + dt.timedelta(days=1))
+    assert "usage_daily_day" in shown, shown
+    shown = await plan(conn, "SELECT service_id, sum(charged) FROM usage_counters"
+                             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1", T0, T0)
+    assert "usage_counters_period" in shown, shown
