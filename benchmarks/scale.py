@@ -167,6 +167,30 @@ async def chunked(conn: asyncpg.Connection, what: str, sql: str, n: int, *args: 
             log(f"  build: {what} {hi:,}/{n:,} ({now - t0:.1f} s)")
 
 
+async def count(conn: asyncpg.Connection, table: str) -> int:
+    return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+
+
+async def catalogue(conn: asyncpg.Connection) -> tuple[int, int, int, int]:
+    """The traffic class, the monthly and traffic services and the tariff (made once)."""
+    internet = await conn.fetchval("SELECT id FROM traffic_classes WHERE name = 'internet'")
+    if internet is not None:
+        return (internet, await conn.fetchval("SELECT id FROM services WHERE name = 'monthly'"),
+                await conn.fetchval("SELECT id FROM services WHERE name = 'traffic'"),
+                await conn.fetchval("SELECT id FROM tariffs WHERE name = 'home'"))
+    internet = await conn.fetchval("INSERT INTO traffic_classes(name) VALUES ('internet') RETURNING id")
+    await conn.execute("INSERT INTO traffic_class_rules(class_id, remote_net) VALUES ($1, '0.0.0.0/0')", internet)
+    fee_service = await conn.fetchval(
+        "INSERT INTO services(name, kind, fee, period_kind, period_anchor, charge_mode)"
+        " VALUES ('monthly', 'periodic', $1, 'monthly', '2000-01-01', 'start') RETURNING id", FEE)
+    traffic = await conn.fetchval("INSERT INTO services(name, kind) VALUES ('traffic', 'traffic') RETURNING id")
+    await conn.execute("INSERT INTO service_rates(service_id, class_id, unit_size, tier_starts, tier_prices)"
+                       " VALUES ($1, $2, 1000000, '{0}', $3)", traffic, internet, [PER_MB])
+    tariff = await conn.fetchval("INSERT INTO tariffs(name) VALUES ('home') RETURNING id")
+    await conn.execute("INSERT INTO tariff_services VALUES ($1, $2), ($1, $3)", tariff, fee_service, traffic)
+    return internet, fee_service, traffic, tariff
+
+
 async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime) -> dict[str, float]:
     """Create the database; returns seconds per stage."""
     from billcore.db.migrate import migrate
@@ -187,49 +211,48 @@ async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime
         await conn.execute("SET maintenance_work_mem = '512MB'")
         # the search index is built once after the load (a bulk GIN build),
         # not row by row: 10x faster
-        search_index = await conn.fetchval("SELECT pg_get_indexdef('users_search_grams'::regclass)")
-        await conn.execute("DROP INDEX users_search_grams")
-        internet = await conn.fetchval("INSERT INTO traffic_classes(name) VALUES ('internet') RETURNING id")
-        await conn.execute("INSERT INTO traffic_class_rules(class_id, remote_net) VALUES ($1, '0.0.0.0/0')", internet)
-        fee_service = await conn.fetchval(
-            "INSERT INTO services(name, kind, fee, period_kind, period_anchor, charge_mode)"
-            " VALUES ('monthly', 'periodic', $1, 'monthly', '2000-01-01', 'start') RETURNING id", FEE)
-        traffic = await conn.fetchval("INSERT INTO services(name, kind) VALUES ('traffic', 'traffic') RETURNING id")
-        await conn.execute("INSERT INTO service_rates(service_id, class_id, unit_size, tier_starts, tier_prices)"
-                           " VALUES ($1, $2, 1000000, '{0}', $3)", traffic, internet, [PER_MB])
-        tariff = await conn.fetchval("INSERT INTO tariffs(name) VALUES ('home') RETURNING id")
-        await conn.execute("INSERT INTO tariff_services VALUES ($1, $2), ($1, $3)", tariff, fee_service, traffic)
+        if await count(conn, "users") < n:
+            search_index = await conn.fetchval("SELECT pg_get_indexdef('users_search_grams'::regclass)")
+            await conn.execute("DROP INDEX users_search_grams")
+        internet, fee_service, traffic, tariff = await catalogue(conn)
         v = make_verifier("bench-user-pw")
-        await chunked(conn, "users", USERS_SQL, n, v.salt, v.iterations, v.stored_key, v.server_key, first)
-        log("  build: the users' search index")
-        await conn.execute(search_index)
-        await chunked(conn, "accounts", ACCOUNTS_SQL, n, months, first)
-        await chunked(conn, "tariff links", TARIFFS_SQL, n, tariff, first)
+        if await count(conn, "users") < n:
+            await chunked(conn, "users", USERS_SQL, n, v.salt, v.iterations, v.stored_key, v.server_key, first)
+            log("  build: the users' search index")
+            await conn.execute(search_index)
+        if await count(conn, "accounts") < n:
+            await chunked(conn, "accounts", ACCOUNTS_SQL, n, months, first)
+        if await count(conn, "account_tariffs") < n:
+            await chunked(conn, "tariff links", TARIFFS_SQL, n, tariff, first)
         stages["users, accounts, tariff links"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        await chunked(conn, "ip bindings", BINDINGS_SQL, nbind, first)
+        if await count(conn, "ip_bindings") < nbind:
+            await chunked(conn, "ip bindings", BINDINGS_SQL, nbind, first)
         stages["ip bindings"] = time.perf_counter() - t
 
         t = time.perf_counter()
         store = SecretStore(key)
-        await conn.execute("INSERT INTO radius_nas(name, address, secret_enc, require_message_authenticator)"
-                           " VALUES ('bench', '127.0.0.1', $1, true)", store.seal(NAS_SECRET))
-        t0 = last = time.perf_counter()
-        for lo in range(0, n, CHUNK):
-            hi = min(n, lo + CHUNK)
-            await conn.copy_records_to_table(
-                "radius_links", columns=["id", "account_id", "login", "password_enc", "interim_interval"],
-                records=[(i + 1, i + 1, login(i), store.seal(password(i).encode()), 300) for i in range(lo, hi)])
-            if time.perf_counter() - last >= 2.0 or hi == n:
-                last = time.perf_counter()
-                log(f"  build: radius logins {hi:,}/{n:,} ({last - t0:.1f} s)")
+        if await count(conn, "radius_links") < n:
+            await conn.execute("INSERT INTO radius_nas(name, address, secret_enc, require_message_authenticator)"
+                               " VALUES ('bench', '127.0.0.1', $1, true)", store.seal(NAS_SECRET))
+            t0 = last = time.perf_counter()
+            for lo in range(0, n, CHUNK):
+                hi = min(n, lo + CHUNK)
+                await conn.copy_records_to_table(
+                    "radius_links", columns=["id", "account_id", "login", "password_enc", "interim_interval"],
+                    records=[(i + 1, i + 1, login(i), store.seal(password(i).encode()), 300) for i in range(lo, hi)])
+                if time.perf_counter() - last >= 2.0 or hi == n:
+                    last = time.perf_counter()
+                    log(f"  build: radius logins {hi:,}/{n:,} ({last - t0:.1f} s)")
         stages["radius logins"] = time.perf_counter() - t
 
         t = time.perf_counter()
         for m in range(months):
             start = month_start(now, months - m)
             base = 3 * n * m
+            if await conn.fetchval("SELECT count(*) FROM ledger WHERE idem_key = $1", f"bench-pay:{start:%Y%m}:0000000"):
+                continue  # a resumed build: this month is in
             log(f"  build: ledger month {m + 1}/{months} ({start:%Y-%m})")
             # the ledger chunks take the 3 kinds of row together: fewer rows per chunk
             await chunked(conn, f"ledger {start:%Y-%m}", LEDGER_SQL, n, base, start, n, FEE, m,
@@ -237,11 +260,16 @@ async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime
             await chunked(conn, f"payments {start:%Y-%m}", PAYMENTS_SQL, n, base, FEE, start)
             await chunked(conn, f"usage counters {start:%Y-%m}", COUNTERS_SQL, n, traffic, internet, start)
         await conn.execute("SELECT setval('ledger_id_seq', $1)", max(1, 3 * n * months))
+        # a build resumed with other --months: the balances follow the ledger
+        await conn.execute("UPDATE accounts SET balance = -$1::bigint * 1000 * ((id - 1) % 97 + 1)"
+                           " WHERE balance <> -$1::bigint * 1000 * ((id - 1) % 97 + 1)", months)
         stages["ledger, payments, counters"] = time.perf_counter() - t
 
         t = time.perf_counter()
         for d in range(args.usage_days):
             day = (now - dt.timedelta(days=args.usage_days - d)).date()
+            if await conn.fetchval("SELECT count(*) FROM usage_daily WHERE account_id = 1 AND day = $1", day):
+                continue
             await chunked(conn, f"usage day {d + 1}/{args.usage_days} {day}", DAILY_SQL, n, internet, day)
         stages["daily usage"] = time.perf_counter() - t
 
@@ -568,8 +596,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         now = dt.datetime.now(UTC)
         conn = await asyncpg.connect(dsn)
+        # complete when the build's last step (statistics) ran: else build, or resume
         built = (await conn.fetchval("SELECT to_regclass('public.users') IS NOT NULL")
-                 and await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"))
+                 and await conn.fetchval("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables"
+                                         " WHERE relname = 'usage_daily'"))
         await conn.close()
         if built:
             log(f"reusing the database in {work}")

@@ -33,10 +33,14 @@ from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["CheckTimer", "MAX_REPORTED", "Problem", "WORK_MEM", "verify"]
+__all__ = ["CHECK_TIMEOUT", "CheckTimer", "MAX_REPORTED", "Problem", "WORK_MEM", "verify"]
 
 # work_mem of a verify transaction (SET LOCAL): the ledger pass sorts every row
 WORK_MEM = "256MB"
+# A check's statement reads the whole ledger: minutes at a hundred million
+# rows.  The pool's command_timeout (60 s, for the serving core) would cancel
+# it halfway, so each check's statement has this limit instead.
+CHECK_TIMEOUT = 6 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +125,7 @@ async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | 
     # sorts and hashes over millions of rows: memory instead of temporary files
     await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
     async with timer("balance and chain"):
-        for r in await conn.fetch(_BALANCE_AND_CHAIN, MAX_REPORTED):
+        for r in await conn.fetch(_BALANCE_AND_CHAIN, MAX_REPORTED, timeout=CHECK_TIMEOUT):
             if r["balance"] is None or r["balance"] != r["total"]:
                 problems.append(Problem("balance", r["id"],
                                         f"balance {r['balance']} but ledger sum {r['total']}"))
@@ -136,7 +140,7 @@ async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | 
         if not present:
             problems.append(Problem("trigger", None, "the ledger append-only trigger is missing or disabled"))
     async with timer("system_block"):
-        for r in await conn.fetch(_SYSTEM_BLOCK, now, MAX_REPORTED):
+        for r in await conn.fetch(_SYSTEM_BLOCK, now, MAX_REPORTED, timeout=CHECK_TIMEOUT):
             if r["debt"]:
                 detail = (f"balance {r['balance']} < -(credit {r['credit']} + promised {r['promised']})"
                           " but no system block")
@@ -144,13 +148,13 @@ async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | 
                 detail = f"system block {r['block_id']} active but the account is not in debt"
             problems.append(Problem("system_block", r["id"], detail))
     async with timer("payment"):
-        for r in await conn.fetch(_PAYMENT, MAX_REPORTED):
+        for r in await conn.fetch(_PAYMENT, MAX_REPORTED, timeout=CHECK_TIMEOUT):
             problems.append(Problem("payment", r["account_id"],
                                     f"payment {r['id']} ({r['amount']}) does not match its ledger rows"
                                     f" (payment row {r['l_account']}/{r['l_amount']},"
                                     f" reversal {r['c_account']}/{r['c_amount']})"))
     async with timer("reversal"):
-        for r in await conn.fetch(_REVERSAL, MAX_REPORTED):
+        for r in await conn.fetch(_REVERSAL, MAX_REPORTED, timeout=CHECK_TIMEOUT):
             problems.append(Problem("reversal", r["account_id"],
                                     f"ledger row {r['id']} ({r['amount']}) does not reverse"
                                     f" {r['o_amount']} exactly"))
