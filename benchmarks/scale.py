@@ -516,8 +516,8 @@ async def serve_steps(steps: Steps, work: Path, dsn: str, args: argparse.Namespa
         failed = steps.results["start-up until the first flow is charged"]
         if "error" in failed:  # say why: the NetFlow worker's or the core's last complaint
             why = [line for line in bc.log().splitlines() if "level=error" in line and "netflow" in line]
-            if why:
-                failed["error"] += "; last NetFlow error: " + why[-1][-300:]
+            if why:  # the core's side (why it refused) and the worker's
+                failed["error"] += "; last NetFlow errors: " + " | ".join(w[-250:] for w in why[-2:])
 
         await steps.run("account card over URFA", lambda: account_card(bc.urfa_port, n))
         await steps.run("RADIUS Access-Request rate",
