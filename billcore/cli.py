@@ -174,9 +174,14 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from .billing.verify import verify
     from .ops.checks import WATERMARK_STATE, extra_checks
 
+    def progress(check: str, seconds: float) -> None:
+        if not args.quiet:  # stderr: the problem lines on stdout stay parseable
+            print(f"verify: {check} checked in {seconds:.1f} s", file=sys.stderr, flush=True)
+
     async def work(conn: Any) -> int:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            problems = await verify(conn) + await extra_checks(conn, state_file=config.data_dir / WATERMARK_STATE)
+            problems = (await verify(conn, progress=progress)
+                        + await extra_checks(conn, state_file=config.data_dir / WATERMARK_STATE, progress=progress))
         for problem in problems:
             print(f"PROBLEM {problem}")
         if args.quiet and not problems:

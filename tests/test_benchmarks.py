@@ -39,13 +39,18 @@ def test_there_are_benchmarks() -> None:
     assert SCRIPTS, "benchmarks/ has no scripts"
 
 
+# scale.py's tiny run is 100,000 subscribers (past the ~38,000-binding cliff
+# the issue found) and fails on any step's timeout; it takes minutes, not seconds
+SLOW = {"scale": 900}
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1000)
 def test_benchmark_runs_tiny(script: Path, keep_results: None) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [sys.executable, str(script), "--tiny"], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=280,
+        capture_output=True, text=True, timeout=SLOW.get(script.stem, 280),
     )
     assert done.returncode == 0, f"{script.name} --tiny failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"{script.name} printed no figure"

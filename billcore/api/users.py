@@ -71,7 +71,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
     @handler
     async def users_search(ctx: Any, text: str = "", limit: int = 50, offset: int = 0,
                            include_deleted: bool = False) -> dict[str, Any]:
-        """Users matching ``text`` anywhere in login/name/contacts: {total, users}."""
+        """Users matching ``text`` anywhere in login/name/contacts, or bound to the IP ``text``:
+        {total, total_capped, users}; total counts up to 10,000 (total_capped: there are more)."""
         limit, offset = page(limit, offset)
         async with core.pool.acquire() as conn:
             return await accounts.search_users(conn, text or "", limit=limit, offset=offset,

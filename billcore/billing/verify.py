@@ -14,16 +14,33 @@ Checks:
 * ``payment``        each payment has its ledger row with the same account
                      and amount; a cancelled one has a reversal of -amount
 * ``reversal``       every reversal row is exactly minus the row it reverses
+
+At a million accounts and a hundred million ledger rows every check must
+stay set-based: ``balance`` and ``chain`` share one sorted pass over the
+ledger (no per-account loop, no per-row subplan), ``payment`` is a hash
+join, ``reversal`` walks only the reversal rows through their index, and
+each reports at most ``MAX_REPORTED`` offences.  docs/scaling.md has the
+measured times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["Problem", "verify"]
+__all__ = ["CHECK_TIMEOUT", "CheckTimer", "MAX_REPORTED", "Problem", "WORK_MEM", "verify"]
+
+# work_mem of a verify transaction (SET LOCAL): the ledger pass sorts every row
+WORK_MEM = "256MB"
+# A check's statement reads the whole ledger: minutes at a hundred million
+# rows.  The pool's command_timeout (60 s, for the serving core) would cancel
+# it halfway, so each check's statement has this limit instead.
+CHECK_TIMEOUT = 6 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,18 +54,32 @@ class Problem:
         return f"{self.check}: {where}: {self.detail}"
 
 
-_BALANCE = """
-SELECT a.id, a.balance, coalesce(s.total, 0) AS total FROM accounts a
-LEFT JOIN (SELECT account_id, sum(amount) AS total FROM ledger GROUP BY account_id) s
-       ON s.account_id = a.id
-WHERE a.balance <> coalesce(s.total, 0) ORDER BY a.id"""
+# One pass over the ledger, in (account, id) order: each row's balance_after
+# must be the previous row's plus its amount (the first row's: its amount),
+# which by induction is the running sum; the per-account total comes out of
+# the same pass.  A sort of the whole ledger is the price (no index order is
+# cheaper: rows of one account are spread over the heap by time), paid once
+# instead of once per check.
+_LEDGER_PASS = """
+SELECT x.account_id, count(*) FILTER (WHERE x.balance_after <> x.prev + x.amount) AS broken,
+       min(x.id) FILTER (WHERE x.balance_after <> x.prev + x.amount) AS first_broken,
+       sum(x.amount) AS total
+FROM (SELECT account_id, id, amount, balance_after,
+             lag(balance_after, 1, 0::bigint) OVER (PARTITION BY account_id ORDER BY id) AS prev
+      FROM ledger) x
+GROUP BY x.account_id
+"""
 
-_CHAIN = """
-SELECT account_id, id, balance_after, running FROM (
-    SELECT account_id, id, balance_after,
-           sum(amount) OVER (PARTITION BY account_id ORDER BY id) AS running
-    FROM ledger) x
-WHERE balance_after <> running ORDER BY account_id, id"""
+_BALANCE_AND_CHAIN = f"""
+WITH pass AS MATERIALIZED ({_LEDGER_PASS})
+SELECT coalesce(a.id, p.account_id) AS id, a.balance, coalesce(p.total, 0) AS total,
+       coalesce(p.broken, 0) AS broken, p.first_broken,
+       (SELECT l.balance_after FROM ledger l WHERE l.id = p.first_broken) AS balance_after,
+       (SELECT sum(l.amount) FROM ledger l WHERE l.account_id = p.account_id AND l.id <= p.first_broken)
+           AS running
+FROM accounts a FULL JOIN pass p ON p.account_id = a.id
+WHERE a.balance IS DISTINCT FROM coalesce(p.total, 0) OR p.broken > 0
+ORDER BY 1 LIMIT $1"""
 
 _SYSTEM_BLOCK = """
 SELECT a.id, a.balance, a.credit, coalesce(p.amount, 0) AS promised, b.id AS block_id,
@@ -58,9 +89,12 @@ LEFT JOIN (SELECT account_id, sum(amount) AS amount FROM promised_payments
            WHERE closed_at IS NULL AND expires_at > $1 GROUP BY account_id) p ON p.account_id = a.id
 LEFT JOIN blocks b ON b.account_id = a.id AND b.kind = 'system' AND b.lifted_at IS NULL
 WHERE (NOT a.unlimited AND a.balance < -(a.credit + coalesce(p.amount, 0))) <> (b.id IS NOT NULL)
-ORDER BY a.id"""
+ORDER BY a.id LIMIT $2"""
 
+# Payments against their ledger rows: a hash join of two scans.  Reversal
+# rows are few; the unique index on ``reverses`` finds them without a scan.
 _PAYMENT = """
+WITH reversed AS MATERIALIZED (SELECT reverses FROM ledger WHERE reverses IS NOT NULL)
 SELECT p.id, p.account_id, p.amount, l.account_id AS l_account, l.amount AS l_amount,
        c.account_id AS c_account, c.amount AS c_amount, c.reverses AS c_reverses
 FROM payments p
@@ -69,51 +103,87 @@ LEFT JOIN ledger c ON c.id = p.cancel_ledger_id
 WHERE l.id IS NULL OR l.account_id <> p.account_id OR l.amount <> p.amount OR l.kind <> 'payment'
    OR (p.cancel_ledger_id IS NOT NULL AND (c.account_id <> p.account_id OR c.amount <> -p.amount
        OR c.reverses IS DISTINCT FROM p.ledger_id))
-   OR (p.cancel_ledger_id IS NULL AND EXISTS (SELECT 1 FROM ledger r WHERE r.reverses = p.ledger_id))
-ORDER BY p.id"""
+   OR (p.cancel_ledger_id IS NULL AND p.ledger_id IN (SELECT reverses FROM reversed))
+ORDER BY p.id LIMIT $1"""
 
 _REVERSAL = """
 SELECT r.id, r.account_id, r.amount, o.account_id AS o_account, o.amount AS o_amount
 FROM ledger r JOIN ledger o ON o.id = r.reverses
-WHERE r.amount <> -o.amount OR r.account_id <> o.account_id ORDER BY r.id"""
+WHERE r.reverses IS NOT NULL AND (r.amount <> -o.amount OR r.account_id <> o.account_id)
+ORDER BY r.id LIMIT $1"""
+
+# Each check reports at most this many offences: a broken invariant is found
+# by the first; a million lines help no operator.
+MAX_REPORTED = 1000
+
+Progress = Callable[[str, float], None]
 
 
-async def _run(conn: asyncpg.Connection, now: dt.datetime) -> list[Problem]:
+async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | None) -> list[Problem]:
     problems: list[Problem] = []
-    for r in await conn.fetch(_BALANCE):
-        problems.append(Problem("balance", r["id"],
-                                f"balance {r['balance']} but ledger sum {r['total']}"))
-    for r in await conn.fetch(_CHAIN):
-        problems.append(Problem("chain", r["account_id"],
-                                f"ledger row {r['id']}: balance_after {r['balance_after']},"
-                                f" running sum {r['running']} (a row was changed)"))
-    present = await conn.fetchval(
-        "SELECT count(*) FROM pg_trigger WHERE tgname = 'ledger_no_update_delete' AND tgenabled <> 'D'")
-    if not present:
-        problems.append(Problem("trigger", None, "the ledger append-only trigger is missing or disabled"))
-    for r in await conn.fetch(_SYSTEM_BLOCK, now):
-        if r["debt"]:
-            detail = (f"balance {r['balance']} < -(credit {r['credit']} + promised {r['promised']})"
-                      " but no system block")
-        else:
-            detail = f"system block {r['block_id']} active but the account is not in debt"
-        problems.append(Problem("system_block", r["id"], detail))
-    for r in await conn.fetch(_PAYMENT):
-        problems.append(Problem("payment", r["account_id"],
-                                f"payment {r['id']} ({r['amount']}) does not match its ledger rows"
-                                f" (payment row {r['l_account']}/{r['l_amount']},"
-                                f" reversal {r['c_account']}/{r['c_amount']})"))
-    for r in await conn.fetch(_REVERSAL):
-        problems.append(Problem("reversal", r["account_id"],
-                                f"ledger row {r['id']} ({r['amount']}) does not reverse"
-                                f" {r['o_amount']} exactly"))
+    timer = CheckTimer(progress)
+    # sorts and hashes over millions of rows: memory instead of temporary files
+    await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+    async with timer("balance and chain"):
+        for r in await conn.fetch(_BALANCE_AND_CHAIN, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            if r["balance"] is None or r["balance"] != r["total"]:
+                problems.append(Problem("balance", r["id"],
+                                        f"balance {r['balance']} but ledger sum {r['total']}"))
+            if r["broken"]:
+                problems.append(Problem("chain", r["id"],
+                                        f"ledger row {r['first_broken']}: balance_after {r['balance_after']},"
+                                        f" running sum {r['running']} (a row was changed;"
+                                        f" {r['broken']} row(s) of this account disagree)"))
+    async with timer("trigger"):
+        present = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'ledger_no_update_delete' AND tgenabled <> 'D'")
+        if not present:
+            problems.append(Problem("trigger", None, "the ledger append-only trigger is missing or disabled"))
+    async with timer("system_block"):
+        for r in await conn.fetch(_SYSTEM_BLOCK, now, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            if r["debt"]:
+                detail = (f"balance {r['balance']} < -(credit {r['credit']} + promised {r['promised']})"
+                          " but no system block")
+            else:
+                detail = f"system block {r['block_id']} active but the account is not in debt"
+            problems.append(Problem("system_block", r["id"], detail))
+    async with timer("payment"):
+        for r in await conn.fetch(_PAYMENT, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("payment", r["account_id"],
+                                    f"payment {r['id']} ({r['amount']}) does not match its ledger rows"
+                                    f" (payment row {r['l_account']}/{r['l_amount']},"
+                                    f" reversal {r['c_account']}/{r['c_amount']})"))
+    async with timer("reversal"):
+        for r in await conn.fetch(_REVERSAL, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("reversal", r["account_id"],
+                                    f"ledger row {r['id']} ({r['amount']}) does not reverse"
+                                    f" {r['o_amount']} exactly"))
     return problems
 
 
-async def verify(conn: asyncpg.Connection, now: dt.datetime | None = None) -> list[Problem]:
-    """Every broken invariant, as ``Problem``s naming the account."""
+async def verify(conn: asyncpg.Connection, now: dt.datetime | None = None, *,
+                 progress: Progress | None = None) -> list[Problem]:
+    """Every broken invariant (at most ``MAX_REPORTED`` per check), as
+    ``Problem``s naming the account; ``progress(check, seconds)`` after each check."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    if conn.is_in_transaction():
-        return await _run(conn, now)
+    if conn.is_in_transaction():  # the caller's snapshot (its work_mem is raised till its end)
+        return await _run(conn, now, progress)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _run(conn, now)
+        return await _run(conn, now, progress)
+
+
+class CheckTimer:
+    """``async with timer(name):`` reports each check's time to ``progress``."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+
+    def __call__(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._timed(name)
+
+    @contextlib.asynccontextmanager
+    async def _timed(self, name: str) -> AsyncIterator[None]:
+        start = time.monotonic()
+        yield
+        if self.progress is not None:
+            self.progress(name, time.monotonic() - start)

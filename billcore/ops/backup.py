@@ -25,7 +25,12 @@ path); docs/operations.md says to keep it separately.
 Restore goes into an empty database.  A database with any table in the
 ``public`` schema is refused unless ``force``; with ``force`` the schema is
 dropped and recreated first.  ``pg_restore --single-transaction
---exit-on-error`` makes a failed restore leave nothing behind.
+--exit-on-error`` makes a failed restore leave nothing behind; an
+``ANALYZE`` after it gives the planner its statistics back.
+
+Both take minutes on a million subscribers (docs/scaling.md); with a
+``progress`` callback the tools run ``--verbose`` and each table and index
+is reported as it is dumped or restored.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import os
 import subprocess
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,14 +130,38 @@ def libpq_target(dsn: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(netloc=netloc)), env
 
 
-def _run(argv: list[str], env: dict[str, str], what: str) -> None:
+Progress = Callable[[str], None]
+_KEPT_OUTPUT = 4000  # of a tool's stderr, for the error message
+
+
+def _run(argv: list[str], env: dict[str, str], what: str, progress: Progress | None = None) -> None:
+    """Run a PostgreSQL tool; with ``progress``, pass ``--verbose`` and hand it
+    each line the tool prints (table by table, index by index)."""
+    if progress is not None:
+        argv = [argv[0], "--verbose", *argv[1:]]
+    deadline = time.monotonic() + _TIMEOUT
     try:
-        proc = subprocess.run(argv, env=env, capture_output=True, timeout=_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as exc:
         raise BackupError(f"{what}: {exc}") from None
-    if proc.returncode != 0:
-        detail = proc.stderr.decode(errors="replace").strip()[-2000:]
-        raise BackupError(f"{what} failed (exit {proc.returncode}): {detail}")
+    tail = b""
+    assert proc.stderr is not None
+    with proc:
+        for raw in proc.stderr:  # the tool's own lines, so the read is bounded by its output
+            tail = (tail + raw)[-_KEPT_OUTPUT:]
+            if progress is not None:
+                progress(raw.decode(errors="replace").rstrip())
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise BackupError(f"{what}: still running after {_TIMEOUT} s, stopped")
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise BackupError(f"{what}: still running after {_TIMEOUT} s, stopped") from None
+    if code != 0:
+        detail = tail.decode(errors="replace").strip()[-2000:]
+        raise BackupError(f"{what} failed (exit {code}): {detail}")
 
 
 async def _schema_version(conn: asyncpg.Connection) -> int:
@@ -149,8 +180,9 @@ async def _watermarks(conn: asyncpg.Connection) -> list[dict[str, Any]]:
 
 
 async def backup(dsn: str, out: Path, *, config_file: Path | None = None,
-                 now: dt.datetime | None = None) -> Manifest:
-    """Write a backup of the database at ``dsn`` (and the config file) to ``out``."""
+                 now: dt.datetime | None = None, progress: Progress | None = None) -> Manifest:
+    """Write a backup of the database at ``dsn`` (and the config file) to ``out``;
+    ``progress`` gets pg_dump's lines as it goes."""
     now = now or dt.datetime.now(dt.timezone.utc)
     pg_dump = _tool("pg_dump")
     target, env = libpq_target(dsn)
@@ -169,7 +201,7 @@ async def backup(dsn: str, out: Path, *, config_file: Path | None = None,
                 # exactly what the manifest was read from
                 await _to_thread(_run, [pg_dump, "-Fc", "--no-owner", "--no-privileges",
                                         f"--snapshot={snapshot}", "-f", str(dump), "-d", target],
-                                 env, "pg_dump")
+                                 env, "pg_dump", progress)
                 manifest = Manifest(BACKUP_FORMAT, billcore_version(), version, now.isoformat(),
                                     database, watermarks, config_file is not None)
                 partial = Path(tmp) / "partial.tar"
@@ -232,8 +264,9 @@ async def user_tables(conn: asyncpg.Connection) -> list[str]:
     return [r["relname"] for r in rows]
 
 
-async def restore(dsn: str, path: Path, *, force: bool = False) -> Manifest:
-    """Restore the backup at ``path`` into the database at ``dsn``."""
+async def restore(dsn: str, path: Path, *, force: bool = False, progress: Progress | None = None) -> Manifest:
+    """Restore the backup at ``path`` into the database at ``dsn``, then
+    gather planner statistics; ``progress`` gets pg_restore's lines."""
     from billcore.db.migrate import discover
 
     manifest = read_manifest(path)
@@ -265,7 +298,16 @@ async def restore(dsn: str, path: Path, *, force: bool = False) -> Manifest:
             raise BackupError(f"{path}: cannot read the dump: {exc}") from None
         await _to_thread(_run, [pg_restore, "--no-owner", "--no-privileges", "--single-transaction",
                                 "--exit-on-error", "-d", target, str(Path(tmp) / DUMP)],
-                         env, "pg_restore")
+                         env, "pg_restore", progress)
+    # a restored database has no planner statistics: until autovacuum gets
+    # to a million-row table, its look-ups may scan it whole
+    if progress is not None:
+        progress("analyzing the restored tables (planner statistics)")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
     return manifest
 
 

@@ -38,6 +38,11 @@ async def database_dsn(config: Config) -> AsyncIterator[str]:
         await asyncio.to_thread(embedded.stop)
 
 
+def _progress(line: str) -> None:
+    """pg_dump's and pg_restore's table-by-table lines, on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _fail(message: str) -> int:
     print(f"billcore: {message}", file=sys.stderr)
     return 1
@@ -55,7 +60,7 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
 
         async with database_dsn(config) as dsn:
             try:
-                manifest = await backup(dsn, out, config_file=config_file, now=now)
+                manifest = await backup(dsn, out, config_file=config_file, now=now, progress=_progress)
             except (BackupError, OSError, asyncpg.PostgresError) as exc:
                 return _fail(f"backup failed: {exc}")
         print(f"backup written to {out} (schema {manifest.schema_version},"
@@ -73,7 +78,7 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
         async with database_dsn(config) as dsn:
             try:
-                manifest = await restore(dsn, Path(args.file), force=args.force)
+                manifest = await restore(dsn, Path(args.file), force=args.force, progress=_progress)
             except (BackupError, OSError, asyncpg.PostgresError) as exc:
                 return _fail(f"restore refused: {exc}" if isinstance(exc, BackupError) else f"restore failed: {exc}")
         print(f"restored {args.file}: schema {manifest.schema_version}, made {manifest.created_at}"
