@@ -19,6 +19,7 @@ import hmac
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -67,8 +68,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_calls(core: CoreContext) -> list[CallSpec]:
-    """Every built-in call module's calls."""
+def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None) -> list[CallSpec]:
+    """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
+    database gone (so monitoring sees an outage shorter than the probe's interval)."""
     from .api import money_calls, netflow_calls, periodic, portal_calls, reports, tariffs
     from .radius_calls import calls as radius_calls
 
@@ -76,7 +78,7 @@ def build_calls(core: CoreContext) -> list[CallSpec]:
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
     ]
-    return [dataclasses.replace(s, handler=guard_database(s.handler)) for s in specs]
+    return [dataclasses.replace(s, handler=guard_database(s.handler, on_gone)) for s in specs]
 
 
 def edge_roles(config: Config) -> list[str]:
@@ -226,7 +228,8 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             duration=datetime.timedelta(days=config.billing.promised_days),
         )
         plugins = await _start_plugins(core, registry)
-        registry.register_all(build_calls(core))
+        health = _database_health()
+        registry.register_all(build_calls(core, lambda reason: health.observe(False, time.monotonic(), reason)))
 
         sock = config.urfa_socket
         if sock is not None:
@@ -239,7 +242,6 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         )
         if sock is not None:
             sock.chmod(0o660)
-        health = _database_health()
         if config.metrics.enabled:
             def ready() -> tuple[bool, str]:
                 return (True, "ready") if health.up else (False, "database unavailable")

@@ -417,3 +417,19 @@ def test_database_health_tells_only_changes_with_the_outage_length() -> None:
     health.observe(True, now=107.5)
     assert heard == [(True, 0.0, ""), (False, 2.0, "ConnectionRefusedError"), (True, 5.5, "")]
     assert health.up is True and health.since == 107.5
+
+
+def test_a_failed_call_marks_the_database_down_until_a_later_probe_answers() -> None:
+    """An outage shorter than the probe's interval (a restarted embedded server) is still seen: a
+    call that met it marks the database down, and only a probe that began after that clears it —
+    not one that was already in flight."""
+    from billcore.db.pool import DatabaseHealth
+
+    heard: list[bool] = []
+    health = DatabaseHealth(lambda up, after, reason: heard.append(up))
+    health.observe(True, now=100.0)
+    health.observe(False, now=100.6, reason="ConnectionDoesNotExistError")  # a call met the outage
+    health.observe(True, now=100.5)   # a probe that began before the failure was seen
+    assert health.up is False
+    health.observe(True, now=101.5)   # the next probe
+    assert heard == [True, False, True]

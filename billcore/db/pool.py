@@ -54,10 +54,13 @@ def _raised_in_asyncpg(exc: BaseException) -> bool:
     return False
 
 
-def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
+def guard_database(handler: Callable[..., Any],
+                   on_gone: Callable[[str], None] | None = None) -> Callable[..., Any]:
     """Wrap a URFA handler: a database that went away answers the call with
     ``core.db_unavailable`` (retry later) instead of an internal error.  The
-    transaction it was in rolled back, so nothing was half done."""
+    transaction it was in rolled back, so nothing was half done.  ``on_gone``
+    hears the reason (the core's health: a restart of the embedded server can
+    be shorter than the probe's interval, and monitoring must still see it)."""
     from urfa.errors import CallFailed
 
     @functools.wraps(handler)
@@ -67,7 +70,10 @@ def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
         except (*_GONE, OSError) as exc:
             if isinstance(exc, OSError) and not _raised_in_asyncpg(exc):
                 raise
-            log.warning("database unavailable during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("database unavailable during a call", extra={"reason": reason})
+            if on_gone is not None:
+                on_gone(reason)
             raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
         except InternalClientError as exc:
             # asyncpg trips over its own state when the server dies under a
@@ -77,7 +83,10 @@ def guard_database(handler: Callable[..., Any]) -> Callable[..., Any]:
             # killed postmaster may have committed: we cannot say "nothing was
             # changed" — but every billing input carries its idempotency key,
             # so a retry is safe.
-            log.warning("database connection broke during a call", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("database connection broke during a call", extra={"reason": reason})
+            if on_gone is not None:
+                on_gone(reason)
             if isinstance(exc.__context__, _GONE):
                 raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; nothing was changed, retry later") from None
             raise CallFailed(DB_UNAVAILABLE, "the database connection broke; the call may or may not have been "
@@ -145,7 +154,10 @@ class DatabaseHealth:
         self._on_change = on_change
 
     def observe(self, ok: bool, now: float, reason: str = "") -> None:
-        if ok == self.up:
+        """``now``: when the observation began (a probe's start).  A probe that
+        began before a failure was seen cannot clear it: the failure stands
+        until a later probe answers."""
+        if ok == self.up or (ok and self.up is False and now < self.since):
             return
         was = self.since
         self.up, self.since = ok, now
@@ -159,11 +171,12 @@ async def watch_database(pool: asyncpg.Pool, health: DatabaseHealth, *, interval
     connections that died with the server, so the first probe after it comes
     back succeeds."""
     while True:
+        started = clock()
         try:
             async with asyncio.timeout(timeout):
                 await pool.fetchval("SELECT 1")
         except DB_GONE as exc:
             health.observe(False, clock(), f"{type(exc).__name__}: {exc}".strip())
         else:
-            health.observe(True, clock())
+            health.observe(True, started)
         await asyncio.sleep(interval)
