@@ -308,8 +308,9 @@ class Steps:
         t = time.perf_counter()
         try:
             out = await asyncio.wait_for(fn(), timeout or self.timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            out = {"error": f"timed out after {timeout or self.timeout:.0f} s"}
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            # an inner limit (one command's) says which; the step's own says nothing
+            out = {"error": str(exc) or f"timed out after {timeout or self.timeout:.0f} s"}
         except Exception as exc:  # a benchmark reports every failure and goes on to the next step
             out = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         out.setdefault("seconds", round(time.perf_counter() - t, 3))
@@ -584,7 +585,9 @@ async def backup_restore(config: Path, work: Path, server_dsn: str, timeout: flo
         await conn.close()
     restore_config = work / "restore.toml"
     restore_config.write_text(config.read_text().replace('dsn = ""', f'dsn = "{dsn_for(server_dsn, "scale_restore")}"'))
-    rc, text, restore_s = await cli(restore_config, "restore", str(out), timeout=timeout)
+    # a restore rebuilds every index (the bindings' GiST exclusion index is most of it: 7-9 min at a
+    # million bindings), so it gets twice a step's time
+    rc, text, restore_s = await cli(restore_config, "restore", str(out), timeout=2 * timeout)
     if rc != 0:
         raise RuntimeError(f"billcore restore exit {rc}: {text[-1500:]}")
     size = out.stat().st_size
@@ -644,7 +647,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         await serve_steps(steps, work, dsn, args)
         await steps.run("monthly periodic run", lambda: monthly_run(dsn, args.subscribers))
         await steps.run("backup and restore", lambda: backup_restore(config, work, dsn, args.step_timeout),
-                        timeout=2 * args.step_timeout + 60)
+                        timeout=3 * args.step_timeout + 60)
     finally:
         await asyncio.to_thread(pg.stop)
     return {"failures": steps.failures, **steps.results}
