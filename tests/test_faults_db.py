@@ -116,6 +116,14 @@ class Scraper(threading.Thread):
             time.sleep(0.1)
 
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the core's first probe has answered (before it, ``billcore_db_up`` is 0: not known up),
+        so that what is recorded next starts from a known state."""
+        deadline = time.monotonic() + timeout
+        while self.get("/ready")[0] != 200:
+            assert time.monotonic() < deadline, "the core never became ready"
+            time.sleep(0.05)
+
     def wait_db_up(self, pattern: list[float], timeout: float = 30.0) -> None:
         """Until the changes of ``billcore_db_up`` seen so far start with ``pattern``."""
         deadline = time.monotonic() + timeout
@@ -236,6 +244,7 @@ async def test_postmaster_killed_under_load_recovers_by_itself(workdir: Path) ->
             "basic_account_id"]
         await admin.call("radius.nas_add", {"name": "nas", "address": "127.0.0.1", "secret": SECRET,
                                             "require_message_authenticator": False})
+        await asyncio.to_thread(scraper.wait_ready)
         scraper.start()
         await asyncio.to_thread(scraper.wait_db_up, [1.0])
 
@@ -354,6 +363,7 @@ def test_postgresql_left_by_a_killed_user_is_adopted_watched_and_stopped(workdir
         bc.wait_for(r'msg="core serving"', timeout=90)
         assert f'msg="adopted a running embedded postgresql (left by an earlier run)" postmaster_pid={orphan}' \
             in bc.log()
+        scraper.wait_ready()
         scraper.start()
         scraper.wait_db_up([1.0])
         # the adopted server is no child of ours: it is watched all the same
@@ -382,6 +392,7 @@ async def test_external_database_outage_is_reported(workdir: Path) -> None:
         scraper = Scraper(bc.metrics_port)
         with bc:
             bc.wait_for(r'msg="core serving"', timeout=60)
+            await asyncio.to_thread(scraper.wait_ready)
             scraper.start()
             await asyncio.to_thread(scraper.wait_db_up, [1.0])
             assert scraper.get("/ready")[0] == 200 and scraper.get("/health")[0] == 200
