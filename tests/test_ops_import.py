@@ -11,8 +11,9 @@ import pytest
 
 from billcore.billing import tariffs as T
 from billcore.billing.verify import verify
+from billcore.billing.money import format_money
 from billcore.ops.importer import (
-    ImportFailed, ImportReport, Progress, format_sum, import_file, import_text, overlapping, parse_csv,
+    ImportFailed, ImportReport, Progress, import_file, import_text, overlapping, parse_csv,
     parse_json,
 )
 from urfa.scram import client_keys, make_verifier
@@ -330,8 +331,8 @@ async def test_opening_balances_past_the_formatters_range(db_dsn: str, tmp_path:
         await conn.close()
 
 
-def test_format_sum_spells_any_total() -> None:
-    assert [format_sum(x) for x in (0, 1, -1, 12_340_000, -5_000_000, 3 * 10**18 + 500_000)] == [
+def test_summary_totals_spell_any_sum() -> None:
+    assert [format_money(x) for x in (0, 1, -1, 12_340_000, -5_000_000, 3 * 10**18 + 500_000)] == [
         "0.00", "0.000001", "-0.000001", "12.34", "-5.00", "3000000000000.50"]
-    assert format_sum(-(10**30)) == "-" + "1" + "0" * 24 + ".00"
+    assert format_money(-(10**30)) == "-" + "1" + "0" * 24 + ".00"
     assert ImportReport(dry_run=False, opening_total=-(4 * 10**18)).summary().count("totalling -4000000000000.00,") == 1

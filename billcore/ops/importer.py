@@ -57,7 +57,7 @@ import asyncpg
 from billcore.billing.accounts import MAX_CREDIT, MAX_FIELD, check_login
 from billcore.billing.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.billing.money import MICRO, format_money, parse_money
+from billcore.billing.money import format_money, parse_money
 from urfa.scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, SALT_BYTES, Verifier, make_verifier
 
 __all__ = [
@@ -146,7 +146,7 @@ class ImportReport:
     def summary(self) -> str:
         head = "dry run, nothing written: would import" if self.dry_run else "imported"
         lines = [f"{head} {self.subscribers} subscriber(s), {self.accounts} account(s),"
-                 f" {self.opening_entries} opening balance(s) totalling {format_sum(self.opening_total)},"
+                 f" {self.opening_entries} opening balance(s) totalling {format_money(self.opening_total)},"
                  f" {self.links} tariff link(s), {self.ips} IP binding(s),"
                  f" {self.services_created} service(s) and {self.tariffs_created} tariff(s) created,"
                  f" {self.blocked} account(s) blocked for debt; {self.seconds:.1f} s"]
@@ -154,14 +154,6 @@ class ImportReport:
             shown = ", ".join(self.skipped[:10]) + (" …" if len(self.skipped) > 10 else "")
             lines.append(f"skipped {len(self.skipped)} login(s) already in the database: {shown}")
         return "\n".join(lines)
-
-
-def format_sum(total: int) -> str:
-    """A sum of money amounts as a decimal string, however large: a sum of amounts that each fit the
-    ledger's range may not fit it itself, and a summary must never fail on it."""
-    whole, frac = divmod(abs(total), MICRO)
-    # the fraction is a valid amount, so format_money spells its decimals; the whole part is any int
-    return f"{'-' if total < 0 else ''}{whole}{format_money(frac)[1:]}"
 
 
 def _place(error: str) -> tuple[int, int]:
