@@ -48,7 +48,7 @@ from billcore.db.migrate import migrate  # noqa: E402
 from billcore.ops.importer import (  # noqa: E402
     Progress, compute_verifiers, import_file, iter_csv_rows,
 )
-from billcore.billing.money import format_money  # noqa: E402
+from billcore.common.money import format_money  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 UTC = dt.timezone.utc
@@ -108,7 +108,7 @@ async def run_billcore(dsn: str, path: Path) -> tuple[float, int]:
 
 
 async def run_floor(dsn: str, rows: list[dict[str, str]]) -> tuple[float, int]:
-    from billcore.billing.money import parse_money
+    from billcore.common.money import parse_money
     from urfa.scram import Verifier
 
     conn = await asyncpg.connect(dsn)

@@ -215,7 +215,7 @@ def run_target(name: str, port: int, args: argparse.Namespace, guess_rate: float
 async def billcore_setup(bc: Any, dsn: str, users: int) -> None:
     import asyncpg
 
-    from billcore.principals import create_admin
+    from billcore.server.principals import create_admin
     from urfa.client import connect
 
     conn = await asyncpg.connect(dsn)

@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from billcore.billing.money import GB, MB, Price  # noqa: E402
+from billcore.common.money import GB, MB, Price  # noqa: E402
 from billcore.billing.periods import PeriodKind, PeriodSpec, period_containing  # noqa: E402
 from billcore.billing.rating import (  # noqa: E402
     ANY_RANGE,

@@ -474,7 +474,7 @@ def radius_rate(port: int, n: int, seconds: float) -> dict[str, Any]:
 
 async def serve_steps(steps: Steps, work: Path, dsn: str, args: argparse.Namespace) -> None:
     """Start ``billcore serve`` (NetFlow + RADIUS on) and measure what needs it running."""
-    from billcore.principals import create_admin
+    from billcore.server.principals import create_admin
     from tests.running import BillcoreProcess
 
     n = args.subscribers

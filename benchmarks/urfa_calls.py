@@ -93,8 +93,8 @@ class _Frames:
 
 # -- servers (child processes) -------------------------------------------
 def run_urfa_server(port: int, ready: Any) -> None:
-    from billcore.calls import CallRegistry
-    from billcore.urfa_server import Principal, URFAConfig, URFAService
+    from billcore.server.calls import CallRegistry
+    from billcore.server.service import Principal, URFAConfig, URFAService
 
     class Auth:
         verifier = scram.make_verifier(PASSWORD, iterations=ITER)

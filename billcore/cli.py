@@ -18,8 +18,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .config import Config, ConfigError, example_config, load_config
-from .log import setup_logging
+from billcore.common.config import Config, ConfigError, example_config, load_config
+from billcore.common.log import setup_logging
 
 __all__ = ["main", "with_database", "with_pool"]
 
@@ -47,8 +47,8 @@ async def with_pool(config: Config, work: Callable[[Any], Awaitable[int]]) -> in
     """``with_database`` for work that needs several connections: ``work(pool)``."""
     import asyncpg
 
-    from .db.embedded import EmbeddedPostgres
-    from .db.pool import DatabaseUnavailable, open_pool
+    from billcore.db.embedded import EmbeddedPostgres
+    from billcore.db.pool import DatabaseUnavailable, open_pool
 
     embedded = None
     dsn = config.database.dsn
@@ -75,13 +75,13 @@ async def with_pool(config: Config, work: Callable[[Any], Awaitable[int]]) -> in
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from .supervisor import serve
+    from billcore.server.supervisor import serve
 
     return serve(config)
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
-    from .db.migrate import MigrationError, migrate
+    from billcore.db.migrate import MigrationError, migrate
 
     async def work(conn: Any) -> int:
         try:
@@ -121,7 +121,7 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def cmd_admin(args: argparse.Namespace, config: Config) -> int:
-    from .principals import create_admin
+    from billcore.server.principals import create_admin
 
     password = _password(args)
     if not password:
@@ -133,7 +133,7 @@ def cmd_admin(args: argparse.Namespace, config: Config) -> int:
     async def work(conn: Any) -> int:
         import asyncpg
 
-        from .db.migrate import migrate
+        from billcore.db.migrate import migrate
 
         await migrate(conn)
         try:
@@ -151,14 +151,14 @@ def cmd_admin(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_system(args: argparse.Namespace, config: Config) -> int:
-    from .principals import create_system_login
+    from billcore.server.principals import create_system_login
 
     password = _password(args)
     if not password:
         return 2
 
     async def work(conn: Any) -> int:
-        from .db.migrate import migrate
+        from billcore.db.migrate import migrate
 
         await migrate(conn)
         rights = [r for r in args.rights.split(",") if r]
@@ -171,8 +171,8 @@ def cmd_system(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     """Exit 0 when every invariant holds; 1 and one line per problem when not."""
-    from .billing.verify import verify
-    from .ops.checks import WATERMARK_STATE, extra_checks
+    from billcore.billing.verify import verify
+    from billcore.ops.checks import WATERMARK_STATE, extra_checks
 
     def progress(check: str, seconds: float) -> None:
         if not args.quiet:  # stderr: the problem lines on stdout stay parseable
@@ -193,14 +193,14 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_periodic(args: argparse.Namespace, config: Config) -> int:
-    """``periodic run-now``: the scheduler's own pass (``billcore.core.periodic_once``), now."""
+    """``periodic run-now``: the scheduler's own pass (``billcore.server.core.periodic_once``), now."""
     import dataclasses
 
-    from .api.periodic import summary
-    from .billctl import periodic_progress_text
-    from .billing.money import format_money
-    from .context import CoreContext
-    from .core import periodic_once
+    from billcore.api.periodic import summary
+    from billcore.clients.billctl import periodic_progress_text
+    from billcore.common.money import format_money
+    from billcore.server.context import CoreContext
+    from billcore.server.core import periodic_once
 
     def progress(p: Any) -> None:
         print(periodic_progress_text(dataclasses.asdict(p)), file=sys.stderr, flush=True)
@@ -212,7 +212,7 @@ def cmd_periodic(args: argparse.Namespace, config: Config) -> int:
     async def work(pool: Any) -> int:
         import getpass
 
-        from .billing.audit import Who, record
+        from billcore.billing.audit import Who, record
 
         core = CoreContext(pool=pool, config=config)
         done = summary(await periodic_once(core, progress=progress, waiting=waiting))
@@ -275,13 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
 # Subsystems add their commands here: fn(subparsers, commands) registers
 # parsers and puts the command's function under its name in ``commands``.
 def _plugin_commands(sub: Any, commands: dict[str, CommandFn]) -> None:
-    from .plugins.cli import add_commands
+    from billcore.plugins.cli import add_commands
 
     add_commands(sub, commands)
 
 
 def _ops_commands(sub: Any, commands: dict[str, CommandFn]) -> None:
-    from .ops.cli import add_commands
+    from billcore.ops.cli import add_commands
 
     add_commands(sub, commands)
 

@@ -63,16 +63,16 @@ import nacl.exceptions
 import nacl.secret
 import nacl.utils
 
-from .billing.errors import InUse, UnknownObject
-from .billing.ledger_errors import InvalidValue
-from .billing.periods import period_containing
-from .billing.rating import TIME_CLASS, AccountPlan, CounterKey, RatingBook, ServiceTariff, SessionUsage
-from .billing.tariffs import load_book
-from .billing.timeranges import select, split
-from .billing.usage import MAX_SOURCE, commit_usage, watermark
-from .calls import CallSpec
-from .config import Config
-from .context import CoreContext
+from billcore.common.errors import InUse, UnknownObject
+from billcore.billing.ledger_errors import InvalidValue
+from billcore.billing.periods import period_containing
+from billcore.billing.rating import TIME_CLASS, AccountPlan, CounterKey, RatingBook, ServiceTariff, SessionUsage
+from billcore.billing.tariffs import load_book
+from billcore.billing.timeranges import select, split
+from billcore.billing.usage import MAX_SOURCE, commit_usage, watermark
+from billcore.server.calls import CallSpec
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
 
 __all__ = [
     "SecretStore",
@@ -925,8 +925,8 @@ MA_NOTICE = ("require_message_authenticator is on (the default, BlastRADIUS prot
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    from .api import handler, need_int, page, who
-    from .billing import audit
+    from billcore.api import handler, need_int, page, who
+    from billcore.billing import audit
 
     tz = zoneinfo.ZoneInfo(core.config.core.timezone)
     store: SecretStore = core.extras.get("secret_store") or SecretStore.from_config(core.config)
@@ -941,7 +941,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     async def admin_tx(ctx: Any, action: str, obj: str, after: Any) -> AsyncIterator[asyncpg.Connection]:
         """One transaction for an admin write and its audit row.  A database
         refusal (duplicate name, bad range) rolls both back and answers its
-        documented code (``billcore.wire_errors``), never PostgreSQL's text."""
+        documented code (``billcore.server.wire_errors``), never PostgreSQL's text."""
         async with pool.acquire() as conn, conn.transaction():
             yield conn
             await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())

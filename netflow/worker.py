@@ -1214,7 +1214,7 @@ def local_session_opener(config: Any, login: str, password: str) -> Callable[[],
 
 
 def read_password(config: Any) -> str:
-    from billcore.principals import service_password_file  # the shared file convention
+    from billcore.common.sysfiles import service_password_file
 
     path = Path(config.netflow.password_file) if config.netflow.password_file else \
         service_password_file(config.data_dir, "netflow")

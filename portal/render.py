@@ -1,7 +1,7 @@
 """How numbers look in the office, and the traffic chart as inline SVG.
 
 Money arrives as integer micro-units and is shown by billcore's one money
-formatter (``billcore.billing.money.format_money``, pure, no I/O): two
+formatter (``billcore.common.money.format_money``, pure, no I/O): two
 decimals, more only when the amount has them, thousands grouped; bytes in binary units with one decimal, computed in integers.  The chart is
 drawn here, server-side, as a stacked bar per day and a colour per traffic
 class, so it needs no script and no CDN and prints as it looks.
@@ -14,7 +14,7 @@ from collections import OrderedDict
 from html import escape
 from typing import Any
 
-from billcore.billing.money import format_money
+from billcore.common.money import format_money
 
 __all__ = ["money", "human_bytes", "when", "duration", "traffic_chart", "traffic_table", "PALETTE"]
 

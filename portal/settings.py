@@ -1,6 +1,6 @@
 """The ``[portal]`` config section and how the portal finds the core.
 
-``PortalSection`` lives with every other section in ``billcore.config``
+``PortalSection`` lives with every other section in ``billcore.common.config``
 (plain configuration, no database code).  ``PortalSettings.from_config``
 adds what comes from the rest of the config: where the core listens and
 where the portal's system password file is.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from billcore.config import PortalSection
+from billcore.common.config import PortalSection
 
 __all__ = ["PortalSection", "PortalSettings", "read_or_make_secret"]
 

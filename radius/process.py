@@ -252,7 +252,7 @@ class UrfaDecider:
 
 async def open_session(config: Any) -> Client:
     """A fresh URFA session as the ``radius`` system principal."""
-    from billcore.principals import service_password_file  # the shared file convention
+    from billcore.common.sysfiles import service_password_file
 
     password = service_password_file(config.data_dir, "radius").read_text().strip()
     sock = config.urfa_socket

@@ -12,12 +12,12 @@ import asyncpg
 import pytest
 
 from billcore.api import money_calls
-from billcore.calls import CallRegistry, NotInTable
-from billcore.config import Config
-from billcore.context import CoreContext
-from billcore.principals import DatabaseAuth, create_admin
-from billcore.sessions import Principal, Session
-from billcore.urfa_server import CallContext, URFAConfig, URFAService, check_args
+from billcore.server.calls import CallRegistry, NotInTable
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
+from billcore.server.principals import DatabaseAuth, create_admin
+from billcore.server.sessions import Principal, Session
+from billcore.server.service import CallContext, URFAConfig, URFAService, check_args
 from urfa import client as uc
 from urfa.errors import CallFailed
 

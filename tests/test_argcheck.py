@@ -1,4 +1,4 @@
-"""billcore.argcheck without a server: what reaches a handler is bounded and
+"""billcore.server.argcheck without a server: what reaches a handler is bounded and
 storable at every depth, and the refusal names the place, not the value."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from billcore.argcheck import MAX_DEPTH, MAX_ITEMS, MAX_TEXT, check_args
+from billcore.server.argcheck import MAX_DEPTH, MAX_ITEMS, MAX_TEXT, check_args
 
 SCHEMA = {"id": "int", "amount": "money?", "name": "str?", "fields": "map?", "ids": "list?", "at": "time?",
           "ip": "ip?", "blob": "bytes?", "anything": "any?"}

@@ -30,15 +30,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.calls import CallRegistry, CallSpec
-from billcore.config import Config
-from billcore.context import CoreContext, utcnow
-from billcore.core import build_calls
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.common.config import Config
+from billcore.server.context import CoreContext, utcnow
+from billcore.server.core import build_calls
 from billcore.plugins import HookBus, PluginManager
 from billcore.plugins.admin_calls import plugin_calls
 from billcore.plugins.errors import PluginError
 from billcore.radius_calls import SecretStore
-from billcore.urfa_builtins import builtin_specs
+from billcore.server.builtin_calls import builtin_specs
 from tests.test_netflow_snapshot_scale import bind_many
 from tests.test_plugins_lifecycle import Env, env  # noqa: F401 - the fixture
 from urfa.errors import CallFailed

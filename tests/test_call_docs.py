@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from billcore.billctl import render
-from billcore.calls import CallSpec, clean_doc
-from billcore.config import Config
-from billcore.context import CoreContext
-from billcore.core import build_calls
+from billcore.clients.billctl import render
+from billcore.server.calls import CallSpec, clean_doc
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
+from billcore.server.core import build_calls
 from billcore.plugins.admin_calls import plugin_calls
 from billcore.plugins.api import PluginAPI
 from billcore.plugins.bundle import read_bundle
@@ -23,7 +23,7 @@ from billcore.plugins.db import PluginDB, schema_of
 from billcore.plugins.manifest import parse_manifest
 from billcore.plugins.settings import settings_for
 from billcore.radius_calls import SecretStore
-from billcore.urfa_builtins import builtin_specs
+from billcore.server.builtin_calls import builtin_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = {"(": ")", "[": "]", "{": "}"}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from billcore.config import ConfigError, config_from_dict, example_config, load_config
+from billcore.common.config import ConfigError, config_from_dict, example_config, load_config
 
 
 def test_no_file_means_defaults() -> None:

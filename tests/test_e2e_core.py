@@ -25,7 +25,7 @@ def billcore_cli(config: Path, *args: str, env: dict[str, str] | None = None) ->
 
 def billctl(bc: BillcoreProcess, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BILLCTL_PASSWORD": "admin-password", "BILLCTL_PORT": str(bc.urfa_port)}
-    return subprocess.run([sys.executable, "-m", "billcore.billctl", "--login", "root", *args],
+    return subprocess.run([sys.executable, "-m", "billcore.clients.billctl", "--login", "root", *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
 

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billcore.principals import create_admin, create_system_login, set_user_password
+from billcore.server.principals import create_admin, create_system_login, set_user_password
 from tests.conftest import TEMPLATE, _create_db, _drop_db, with_database
 from tests.running import BillcoreProcess
 from urfa import client as uc
@@ -300,7 +300,7 @@ async def test_the_reported_cases_answer_their_documented_codes(live: dict[str, 
 def test_every_common_code_is_in_the_documented_table() -> None:
     from pathlib import Path
 
-    from billcore.wire_errors import WIRE_CODES
+    from billcore.server.wire_errors import WIRE_CODES
 
     doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     section = doc.split("## 10. Error codes", 1)[1].split("## 11.", 1)[0]

@@ -119,7 +119,7 @@ def test_every_segment_gone_means_a_new_identity(tmp_path: Path) -> None:
 async def test_epochs_compare_and_set_and_a_stale_epoch_cannot_charge(pool: asyncpg.Pool) -> None:
     from datetime import datetime, timezone
 
-    from billcore.billing.errors import UsageError
+    from billcore.common.errors import UsageError
     from billcore.billing.usage import EpochMismatch, begin_epoch, commit_usage, journal_mark
 
     now = datetime(2025, 3, 4, 12, tzinfo=timezone.utc)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from billcore.billing import accounts, blocks, payments
 from billcore.billing.blocks import in_debt
-from billcore.billing.errors import BillingError
+from billcore.common.errors import BillingError
 from billcore.billing.ledger import Entry, post_charges
 from billcore.billing.ledger_errors import PromisedRefused
 from billcore.billing.verify import verify

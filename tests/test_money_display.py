@@ -1,12 +1,12 @@
-"""The one money formatter (``billcore.billing.money.format_money``) as people see it: billctl,
+"""The one money formatter (``billcore.common.money.format_money``) as people see it: billctl,
 the tray, the office and error messages all show amounts through it."""
 
 from __future__ import annotations
 
 import pytest
 
-from billcore.billing.errors import MoneyFormatError, MoneyRangeError
-from billcore.billing.money import MAX_AMOUNT, MICRO, check_amount, format_money, parse_money
+from billcore.common.errors import MoneyFormatError, MoneyRangeError
+from billcore.common.money import MAX_AMOUNT, MICRO, check_amount, format_money, parse_money
 from portal import render
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncpg
 
-from billcore.principals import SERVICE_RIGHTS, create_system_login
+from billcore.server.principals import SERVICE_RIGHTS, create_system_login
 from netflow.exporter import ExportClock, build_ipfix, build_v5, build_v9
 from tests.conftest import free_port
 from tests.running import BillcoreProcess

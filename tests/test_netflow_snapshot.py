@@ -11,8 +11,8 @@ import pytest
 
 from billcore.api import netflow_calls, tariffs
 from billcore.api.netflow_calls import snapshot_chunks
-from billcore.config import Config
-from billcore.context import CoreContext
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
 from netflow.classifier import Classifier, Snapshot
 from netflow.flows import FLOW_DTYPE, addr_to_pair
 from netflow.snapshot import SnapshotLoader

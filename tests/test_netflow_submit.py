@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from billcore.api.netflow_calls import COLUMNS, calls
-from billcore.config import Config
-from billcore.context import CoreContext
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
 from tests.test_netflow_worker_support import setup_accounts
 from urfa.errors import CallFailed
 

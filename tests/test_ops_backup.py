@@ -13,7 +13,7 @@ import pytest
 
 from billcore.billing import accounts as A
 from billcore.billing import tariffs as T
-from billcore.billing.money import parse_money
+from billcore.common.money import parse_money
 from billcore.billing.payments import add_payment, cancel_payment
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage

@@ -21,7 +21,7 @@ import pytest
 
 from billcore import cli
 from billcore.billing import tariffs as T
-from billcore.billing.money import format_money, parse_money
+from billcore.common.money import format_money, parse_money
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage
 from tests.running import BillcoreProcess
@@ -127,7 +127,7 @@ async def seed_books(dsn: str) -> dict[str, object]:
 
 def run_billctl(bc: BillcoreProcess, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BILLCTL_PASSWORD": ADMIN_PW, "BILLCTL_PORT": str(bc.urfa_port)}
-    return subprocess.run([sys.executable, "-m", "billcore.billctl", "--login", "root", *args],
+    return subprocess.run([sys.executable, "-m", "billcore.clients.billctl", "--login", "root", *args],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -334,7 +334,7 @@ def test_client_call_refuses_to_drop_streamed_rows(books: tuple[BillcoreProcess,
 def test_a_pool_too_small_for_a_periodic_run_is_refused_at_start(tmp_path: Path) -> None:
     # the scheduler, periodic.run and run-now hold three connections at once; a pool of two
     # would wait for ever instead of charging
-    from billcore.config import ConfigError, load_config
+    from billcore.common.config import ConfigError, load_config
 
     path = tmp_path / "billcore.toml"
     path.write_text("[database]\npool_min = 1\npool_max = 2\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from billcore.config import load_config
+from billcore.common.config import load_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -11,7 +11,7 @@ import pytest
 
 from billcore.billing import tariffs as T
 from billcore.billing.verify import verify
-from billcore.billing.money import format_money
+from billcore.common.money import format_money
 from billcore.ops.importer import (
     ImportFailed, ImportReport, Progress, import_file, import_text, overlapping, parse_csv,
     parse_json,

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from billcore.billing.scheduler import RunProgress, RunResult
-from billcore.ops import metrics as M
+from billcore.server import metrics as M
 from tests.conftest import free_port
 from tests.running import BillcoreProcess
 

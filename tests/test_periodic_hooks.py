@@ -14,10 +14,10 @@ from billcore.billing import scheduler
 from billcore.billing import tariffs as T
 from billcore.billing.ledger import Entry, post_charges
 from billcore.billing.periods import Period, cumulative_fee
-from billcore.calls import CallRegistry
-from billcore.config import config_from_dict
-from billcore.context import CoreContext
-from billcore.core import _start_plugins, periodic_once
+from billcore.server.calls import CallRegistry
+from billcore.common.config import config_from_dict
+from billcore.server.context import CoreContext
+from billcore.server.core import _start_plugins, periodic_once
 from tests.test_usage_commit import make_accounts
 
 UTC = timezone.utc

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billcore.billing.errors import PeriodError
-from billcore.billing.money import MAX_AMOUNT, parse_money
+from billcore.common.errors import PeriodError
+from billcore.common.money import MAX_AMOUNT, parse_money
 from billcore.billing.periods import (
     ChargeMode,
     Period,

@@ -69,7 +69,7 @@ def test_new_refuses_a_bad_name_or_an_existing_folder(tmp_path: Path, capsys: py
 
 
 def test_core_cli_dispatch_uses_the_configured_key_directory(tmp_path: Path) -> None:
-    from billcore.config import load_config
+    from billcore.common.config import load_config
 
     keys = tmp_path / "keys"
     assert main(["plugin", "keygen", "--out", str(keys)]) == 0

@@ -1,4 +1,4 @@
-"""The core's side of plugins (``billcore.core._start_plugins``) on a real database:
+"""The core's side of plugins (``billcore.server.core._start_plugins``) on a real database:
 operators' settings from the config directory, subscribers' ownership, real
 payments, and the block events' balance."""
 
@@ -15,10 +15,10 @@ import pytest
 
 from urfa.errors import CallFailed
 
-from billcore.calls import CallRegistry
-from billcore.config import config_from_dict
-from billcore.context import CoreContext
-from billcore.core import _start_plugins
+from billcore.server.calls import CallRegistry
+from billcore.common.config import config_from_dict
+from billcore.server.context import CoreContext
+from billcore.server.core import _start_plugins
 from billcore.plugins.loader import PluginManager
 
 from .test_plugins_support import DevKey, caller, copy_first_party, subscriber

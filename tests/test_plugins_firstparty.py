@@ -13,7 +13,7 @@ import pytest
 
 from urfa.errors import CallFailed
 
-from billcore.calls import CallRegistry, NotInTable
+from billcore.server.calls import CallRegistry, NotInTable
 from billcore.plugins import errors
 from billcore.plugins.cli import main as plugin_cli
 from billcore.plugins.hooks import (

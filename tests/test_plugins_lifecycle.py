@@ -12,7 +12,7 @@ import pytest
 
 from urfa.errors import CallFailed
 
-from billcore.calls import CallRegistry, NotInTable, SymbolDeleted
+from billcore.server.calls import CallRegistry, NotInTable, SymbolDeleted
 from billcore.plugins import errors, plugin_calls
 from billcore.plugins.hooks import PAYMENT_ADDED, HookBus
 from billcore.plugins.loader import PluginManager

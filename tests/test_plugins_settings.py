@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from billcore.calls import CallRegistry
+from billcore.server.calls import CallRegistry
 from billcore.plugins import errors
 from billcore.plugins.hooks import HookBus
 from billcore.plugins.loader import PluginManager

@@ -14,7 +14,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from billcore.calls import CallRegistry
+from billcore.server.calls import CallRegistry
 from billcore.plugins import errors
 from billcore.plugins.bundle import LICENCE_FILE, read_bundle
 from billcore.plugins.hooks import HookBus

@@ -15,8 +15,8 @@ import nacl.signing
 from urfa.scram import make_verifier
 
 from billcore.billing.accounts import create_account, create_user
-from billcore.principals import USER_RIGHTS
-from billcore.sessions import Principal
+from billcore.server.principals import USER_RIGHTS
+from billcore.server.sessions import Principal
 
 from billcore.plugins.bundle import LICENCE_FILE, read_bundle
 from billcore.plugins.manifest import parse_manifest

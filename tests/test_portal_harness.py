@@ -24,12 +24,12 @@ import pytest
 from billcore.api import portal_calls, reports, tariffs
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage
-from billcore.calls import CallRegistry, CallSpec
-from billcore.config import Config, CoreSection
-from billcore.context import CoreContext
-from billcore.core import build_calls
-from billcore.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
-from billcore.urfa_server import URFAConfig, URFAService
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.common.config import Config, CoreSection
+from billcore.server.context import CoreContext
+from billcore.server.core import build_calls
+from billcore.server.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
+from billcore.server.service import URFAConfig, URFAService
 from portal import render
 from portal.app import serve
 from portal.core_link import CoreLink
@@ -207,7 +207,7 @@ class LiveOffice:
 # -- the office's pure parts ----------------------------------------------------
 
 def test_money_is_the_one_format_grouped() -> None:
-    # the same digits billctl and the tray show (billcore.billing.money.format_money), never
+    # the same digits billctl and the tray show (billcore.common.money.format_money), never
     # rounded: a subscriber who owes 1.999999 does not read 1.99
     assert render.money(12_500_000) == "12.50"
     assert render.money(12_345_678) == "12.345678"

@@ -3,7 +3,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from billcore.principals import DatabaseAuth, create_admin, ensure_service_login, service_password_file
+from billcore.common.sysfiles import service_password_file
+from billcore.server.principals import DatabaseAuth, create_admin, ensure_service_login
 from urfa.scram import client_keys
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from billcore.calls import CallRegistry, CallSpec
-from billcore.urfa_server import Principal, URFAConfig, URFAService
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.server.service import Principal, URFAConfig, URFAService
 from radius.process import CONNECTS, CoreLink, UrfaDecider
 from radius.server import DecisionUnavailable, Nas
 from tests.conftest import free_port

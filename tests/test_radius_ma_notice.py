@@ -67,7 +67,7 @@ async def test_billctl_warns_and_the_radius_log_names_the_nas(tmp_path_factory: 
         assert made.returncode == 0, made.stderr
         mark = len(bc.log())
         added = subprocess.run(
-            [sys.executable, "-m", "billcore.billctl", "--port", str(bc.urfa_port), "--login", "root", "call",
+            [sys.executable, "-m", "billcore.clients.billctl", "--port", str(bc.urfa_port), "--login", "root", "call",
              "radius.nas_add", "name=bras-7", "address=127.0.0.1", f"secret={SECRET}"],
             env=env, capture_output=True, text=True, timeout=60)
         assert added.returncode == 0, added.stderr

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billcore.billing.errors import MoneyRangeError, TariffError, UsageError
-from billcore.billing.money import GB, HOUR, MB, Price, parse_money
+from billcore.common.errors import MoneyRangeError, TariffError, UsageError
+from billcore.common.money import GB, HOUR, MB, Price, parse_money
 from billcore.billing.periods import (
     ChargeMode,
     PeriodicService,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billcore.billing.errors import BillingError, MoneyFormatError, MoneyRangeError, TariffError
-from billcore.billing.money import (
+from billcore.common.errors import BillingError, MoneyFormatError, MoneyRangeError, TariffError
+from billcore.common.money import (
     GB,
     HOUR,
     MAX_AMOUNT,

@@ -15,8 +15,8 @@ from billcore.billing import tariffs as T
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.scheduler import run_due
 from billcore.billing.usage import commit_usage
-from billcore.config import Config
-from billcore.context import CoreContext
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
 from tests.test_tariffs_api import Ctx
 from tests.test_usage_commit import make_accounts
 from urfa.errors import CallFailed

@@ -1,5 +1,5 @@
 """Who may read which event topic (issue 14 item 3): every topic of the
-core's table (``billcore.topics.TOPICS``) for every session kind, on a real
+core's table (``billcore.server.topics.TOPICS``) for every session kind, on a real
 URFA server over TCP with the real call modules and the real auth backend.
 
 A session kind that may not read a topic is refused at ``events.subscribe``
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from billcore.calls import allows
-from billcore.principals import create_admin, create_system_login
-from billcore.topics import TOPICS
+from billcore.server.calls import allows
+from billcore.server.principals import create_admin, create_system_login
+from billcore.server.topics import TOPICS
 from tests.test_portal_harness import ADMIN_PASSWORD, LiveCore, live_core  # noqa: F401 (a fixture)
 from urfa import client as uc
 from urfa.errors import CallFailed
@@ -174,7 +174,7 @@ def test_every_published_topic_has_a_rule_and_is_documented() -> None:
         for path in (ROOT / folder).rglob("*.py"):
             published |= set(re.findall(r"publish\(\s*[\"']([^\"']+)[\"']", path.read_text()))
     assert published, "the scan found no publish() at all"
-    assert published <= set(TOPICS), f"topics without a rule in billcore/topics.py: {published - set(TOPICS)}"
+    assert published <= set(TOPICS), f"topics without a rule in billcore/server/topics.py: {published - set(TOPICS)}"
     doc = (ROOT / "docs" / "protocol.md").read_text()
     events = doc[doc.index("## 9. Events"):doc.index("## 10.")]
     for name, topic in TOPICS.items():

@@ -187,12 +187,12 @@ def test_every_core_call_namespace_is_reserved(name: str) -> None:
 def test_the_reserved_names_cover_every_namespace_the_core_registers(tmp_path: Path) -> None:
     import dataclasses
 
-    from billcore.config import Config, CoreSection
-    from billcore.context import CoreContext
-    from billcore.core import build_calls
+    from billcore.common.config import Config, CoreSection
+    from billcore.server.context import CoreContext
+    from billcore.server.core import build_calls
     from billcore.plugins.admin_calls import plugin_calls
     from billcore.plugins.manifest import RESERVED_NAMES
-    from billcore.urfa_builtins import builtin_specs
+    from billcore.server.builtin_calls import builtin_specs
     from tests.test_portal_harness import all_calls
 
     core = CoreContext(None, dataclasses.replace(Config(), core=CoreSection(data_dir=str(tmp_path))))  # type: ignore[arg-type]

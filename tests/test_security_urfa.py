@@ -379,9 +379,9 @@ async def test_one_address_cannot_hold_hundreds_of_connections(core: dict[str, A
 async def test_one_subscriber_cannot_fill_the_session_table(db_dsn: str, tmp_path: Path) -> None:
     import asyncpg
 
-    from billcore.calls import CallRegistry
-    from billcore.principals import DatabaseAuth
-    from billcore.urfa_server import URFAConfig, URFAService
+    from billcore.server.calls import CallRegistry
+    from billcore.server.principals import DatabaseAuth
+    from billcore.server.service import URFAConfig, URFAService
     from tests.test_portal_harness import LiveCore, all_calls
     from portal.core_link import SessionGone
     from urfa import client as uc
@@ -551,7 +551,7 @@ async def test_local_services_logging_in_at_once_over_the_unix_socket_all_get_in
     than the login limit, all log in at once."""
     from tests.test_urfa_harness import running_service
     from urfa import client as uc
-    from billcore.urfa_server import URFAConfig
+    from billcore.server.service import URFAConfig
 
     path = str(tmp_path / "urfa.sock")
     async with running_service(URFAConfig(secret=b"k" * 32, mock_iterations=4096, login_failures=5),

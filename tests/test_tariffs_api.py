@@ -14,8 +14,8 @@ from billcore.api import netflow_calls, reports, tariffs
 from billcore.billing.periods import Period, prorate
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage
-from billcore.config import Config
-from billcore.context import CoreContext
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
 from netflow.classifier import BindingColumns
 from netflow.snapshot import SnapshotLoader
 from tests.test_usage_commit import make_accounts

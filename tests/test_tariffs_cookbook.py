@@ -22,15 +22,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.billctl import convert_args, money_fields, render, show_money
-from billcore.billing.money import parse_money
+from billcore.clients.billctl import convert_args, money_fields, render, show_money
+from billcore.common.money import parse_money
 from billcore.billing.rating import SessionUsage, TrafficUsage
 from billcore.billing.scheduler import run_due
 from billcore.billing.usage import commit_usage
-from billcore.calls import CallSpec
-from billcore.config import Config
-from billcore.context import CoreContext
-from billcore.core import build_calls
+from billcore.server.calls import CallSpec
+from billcore.common.config import Config
+from billcore.server.context import CoreContext
+from billcore.server.core import build_calls
 from billcore.radius_calls import SecretStore
 from tests.test_tariffs_api import Ctx
 

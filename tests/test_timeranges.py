@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billcore.billing.errors import TimeRangeError
+from billcore.common.errors import TimeRangeError
 from billcore.billing.timeranges import TimeRange, TimeRangePiece, Window, select, split
 
 UTC = timezone.utc

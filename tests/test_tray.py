@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from billcore.tray import Tray, build_parser, render_status
+from billcore.clients.tray import Tray, build_parser, render_status
 from tests.running import BillcoreProcess
 from tests.test_portal_harness import (  # noqa: F401  (live_core is a fixture)
     UNIT, LiveCore, live_core, seed_subscriber, seed_tariff, seed_usage,
@@ -89,7 +89,7 @@ def test_render_without_tariff_calls_and_with_blocks() -> None:
 
 def tray_cli(port: int, *argv: str, password: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BILLCORE_TRAY_PASSWORD": password}
-    return subprocess.run([sys.executable, "-m", "billcore.tray", *argv, "--port", str(port)],
+    return subprocess.run([sys.executable, "-m", "billcore.clients.tray", *argv, "--port", str(port)],
                           capture_output=True, text=True, env=env, timeout=60)
 
 
@@ -125,7 +125,7 @@ async def test_tray_command_against_billcore_serve(tmp_path: Path, db_dsn: str) 
 
 
 def test_watch_must_be_sane() -> None:
-    from billcore.tray import main
+    from billcore.clients.tray import main
 
     assert main(["x", "--watch", "0.2"]) == 2
     with pytest.raises(SystemExit):
@@ -134,8 +134,8 @@ def test_watch_must_be_sane() -> None:
 
 def test_render_shows_a_sum_past_the_amount_range() -> None:
     # balance, credit and promised credit are each in range; their sum need not be, and a
-    # display must show it rather than fail (one money formatter: billcore.billing.money)
-    from billcore.billing.money import MAX_AMOUNT
+    # display must show it rather than fail (one money formatter: billcore.common.money)
+    from billcore.common.money import MAX_AMOUNT
 
     accounts = [{"id": 4, "balance": MAX_AMOUNT, "credit": MAX_AMOUNT, "promised": MAX_AMOUNT, "blocks": []}]
     text = render_status("erin", accounts, [], dt.datetime(2024, 7, 1, 12, tzinfo=dt.timezone.utc))

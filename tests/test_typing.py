@@ -12,12 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STRICT = [
     "urfa/framing.py", "urfa/messages.py", "urfa/scram.py", "urfa/connection.py", "urfa/errors.py",
-    "billcore/sessions.py", "billcore/calls.py", "billcore/config.py", "billcore/topics.py",
-    "billcore/billing/money.py", "billcore/billing/rating.py", "billcore/billing/periods.py",
-    "billcore/billing/timeranges.py", "billcore/billing/errors.py",
+    "billcore/server/sessions.py", "billcore/server/calls.py", "billcore/common/config.py", "billcore/server/topics.py",
+    "billcore/common/money.py", "billcore/billing/rating.py", "billcore/billing/periods.py",
+    "billcore/billing/timeranges.py", "billcore/common/errors.py",
     "netflow/flows.py", "netflow/v5.py", "netflow/v9.py", "netflow/ipfix.py", "netflow/templates.py",
     "netflow/decode.py", "netflow/classifier.py", "netflow/snapshot.py", "netflow/journal.py", "netflow/errors.py",
-    "radius/dedup.py", "radius/auth.py", "radius/notices.py", "billcore/argcheck.py", "billcore/plugins", "portal",
+    "radius/dedup.py", "radius/auth.py", "radius/notices.py", "billcore/server/argcheck.py", "billcore/plugins", "portal",
 ]
 
 

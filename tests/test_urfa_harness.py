@@ -12,9 +12,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from billcore.calls import CallRegistry, CallSpec
-from billcore.topics import Topic
-from billcore.urfa_server import Principal, URFAConfig, URFAService
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.server.topics import Topic
+from billcore.server.service import Principal, URFAConfig, URFAService
 from urfa import client as uc
 from urfa import scram
 from urfa.errors import CallFailed

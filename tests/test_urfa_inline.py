@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from billcore.calls import CallRegistry, CallSpec
-from billcore.urfa_server import URFAConfig, URFAService, runs_inline
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.server.service import URFAConfig, URFAService, runs_inline
 from urfa import client as uc
 from urfa import errors as E
 from urfa.errors import CallFailed

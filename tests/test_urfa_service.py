@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from billcore.urfa_server import URFAConfig
+from billcore.server.service import URFAConfig
 from urfa import client as uc
 from urfa import errors as E
 from urfa.errors import CallFailed, ConnectionLost, LoginFailed
@@ -143,7 +143,7 @@ async def test_call_outside_the_table_and_deleted_symbol() -> None:
         alice = await uc.connect("127.0.0.1", port)
         await alice.login("admin", "alice", "alice-pw")
         assert await alice.call("adm.secret") == "admin"
-        from billcore.calls import CallSpec
+        from billcore.server.calls import CallSpec
 
         async def later(ctx: Any) -> str:
             return "new"

@@ -6,8 +6,8 @@ import secrets
 
 import pytest
 
-from billcore.calls import CallRegistry, CallSpec
-from billcore.sessions import (
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.server.sessions import (
     LoginLimiter, NoSession, Principal, ResumeRefused, SessionTable, TooManySessions, address_key,
 )
 from urfa import scram

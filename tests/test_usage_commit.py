@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from billcore.billing import accounts
 from billcore.billing import tariffs as T
-from billcore.billing.errors import InvariantViolation
-from billcore.billing.money import GB
+from billcore.common.errors import InvariantViolation
+from billcore.common.money import GB
 from billcore.billing.rating import CounterKey, SessionUsage, TrafficUsage, rate
 from billcore.billing.usage import NO_WATERMARK, commit_usage, usage_key, watermark
 

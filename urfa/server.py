@@ -57,7 +57,7 @@ class ServerLimits:
 
 def address_key(ip: str) -> str:
     """The unit connections are counted by: an IPv4 address or an IPv6 /64
-    (one subscriber line usually gets a whole /64).  billcore.sessions has
+    (one subscriber line usually gets a whole /64).  billcore.server.sessions has
     the same rule for login limits; urfa/ imports only stdlib and msgpack."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])

@@ -12,7 +12,7 @@ handler live here:
   message)`` (codes from ``ledger_errors``/``errors``), so a refused
   operation answers with a clear code and, because it was raised inside the
   transaction, books nothing.  (The URFA service maps the same errors, and
-  PostgreSQL's refusals, for every call: ``billcore.wire_errors``.)
+  PostgreSQL's refusals, for every call: ``billcore.server.wire_errors``.)
 * ``who(ctx)`` — the audit identity (kind, id, login, ip).
 * ``announce(core, changes)`` — after COMMIT, publish every block change on
   topic ``"blocks"`` and fire the plugin hook ``account.blocked`` or
@@ -32,10 +32,10 @@ from typing import Any, TypeVar
 
 from billcore.billing.audit import Who
 from billcore.billing.blocks import BlockChange
-from billcore.billing.errors import BillingError
+from billcore.common.errors import BillingError
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.context import CoreContext
-from billcore.calls import CallSpec
+from billcore.server.context import CoreContext
+from billcore.server.calls import CallSpec
 from urfa.errors import CallFailed
 
 __all__ = ["ADMIN", "ADMIN_SYSTEM", "USER", "announce", "handler", "money_calls", "need_int",

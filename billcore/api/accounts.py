@@ -21,8 +21,8 @@ from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page,
 from billcore.billing import accounts, audit, blocks, payments
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 
 __all__ = ["ACCOUNT_FIELDS", "LEDGER_FIELDS", "calls", "account_view"]
 

@@ -22,11 +22,11 @@ from billcore.api import USER, announce, handler, need_int, page, who
 from billcore.api.accounts import ACCOUNT_FIELDS, LEDGER_FIELDS, account_view
 from billcore.api.users import check_password
 from billcore.billing import accounts, audit, blocks, payments
-from billcore.topics import subscriber_block
+from billcore.server.topics import subscriber_block
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue, UnknownAccount, UnknownUser
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 from urfa.scram import client_keys, make_verifier
 
 __all__ = ["calls"]

@@ -52,12 +52,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from billcore.api import ADMIN_SYSTEM, announce, handler, need_int
-from billcore.billing.errors import UsageError
+from billcore.common.errors import UsageError
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.tariffs import port_range
 from billcore.billing.usage import begin_epoch, commit_usage, journal_mark, watermark
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 from urfa.errors import CallFailed
 
 __all__ = ["calls", "MAX_ROWS", "COLUMNS", "decode_columns"]

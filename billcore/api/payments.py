@@ -21,8 +21,8 @@ from typing import Any
 from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page, who
 from billcore.billing import accounts, audit, payments
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 
 __all__ = ["calls"]
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The scheduler runs ``billcore.core.periodic_once`` every
+The scheduler runs ``billcore.server.core.periodic_once`` every
 ``[periodic] interval``; an operator who cannot wait (a tariff changed, the
 core was down over midnight) runs the very same pass now, over URFA
 (``periodic.run``, right ``periodic.run``, via ``billctl periodic-run``) or
@@ -27,8 +27,8 @@ from typing import Any, Final
 
 from billcore.api import ADMIN, handler, who
 from billcore.billing import audit
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 
 __all__ = ["PERIODIC_LOCK", "RUN_FIELDS", "calls", "periodic_lock", "summary"]
 
@@ -66,7 +66,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     @handler
     async def periodic_run(ctx: Any) -> dict[str, Any]:
         """Run the periodic charges due now, as the scheduler does (idempotent); streams progress."""
-        from billcore.core import periodic_once
+        from billcore.server.core import periodic_once
 
         progress: asyncio.Queue[Any] = asyncio.Queue()   # one item per committed batch: bounded by the run
         run = asyncio.ensure_future(periodic_once(core, progress=progress.put_nowait))

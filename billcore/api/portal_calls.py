@@ -21,8 +21,8 @@ from typing import Any
 from billcore.api import USER, handler, page
 from billcore.api.me import _own
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 
 __all__ = ["calls"]
 

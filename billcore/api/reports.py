@@ -28,13 +28,13 @@ from typing import Any, Final
 
 from billcore.api import ADMIN, USER, handler, need_int, page
 from billcore.api.tariffs import _date, plain
-from billcore.billing.errors import TariffError
+from billcore.common.errors import TariffError
 from billcore.billing import tariffs as T
 from billcore.billing.ledger_errors import UnknownAccount
 from billcore.billing.periods import period_containing
 from billcore.billing.rating import CounterKey, preview
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 
 __all__ = ["account_preview", "calls"]
 

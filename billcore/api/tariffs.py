@@ -23,9 +23,9 @@ from typing import Any
 from billcore.api import ADMIN, handler, need_int, page, who
 from billcore.billing import audit
 from billcore.billing import tariffs as T
-from billcore.billing.errors import TariffError
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.common.errors import TariffError
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 
 __all__ = ["calls", "plain"]
 

@@ -12,8 +12,8 @@ from typing import Any
 from billcore.api import ADMIN, ADMIN_SYSTEM, handler, need_int, page, who
 from billcore.billing import accounts, audit
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.calls import CallSpec
-from billcore.context import CoreContext
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
 from urfa.scram import make_verifier
 
 __all__ = ["calls", "check_password"]

@@ -24,12 +24,12 @@ from typing import Any
 import asyncpg
 
 from billcore.billing.blocks import BlockChange, sync_system_block
-from billcore.billing.errors import InvariantViolation
+from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger import lock_accounts, utcnow
 from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, LoginTaken, UnknownAccount, UnknownUser,
 )
-from billcore.billing.money import MAX_AMOUNT, format_money
+from billcore.common.money import MAX_AMOUNT, format_money
 from urfa.scram import Verifier
 
 __all__ = [

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 
-from billcore.billing.errors import InvariantViolation
+from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import BlockRefused, InvalidValue, UnknownAccount
 
 __all__ = [

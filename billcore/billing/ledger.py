@@ -50,11 +50,11 @@ from typing import Any
 import asyncpg
 
 from billcore.billing.blocks import BlockChange, LockedAccount, sync_system_blocks
-from billcore.billing.errors import InvariantViolation
+from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, UnknownAccount,
 )
-from billcore.billing.money import MAX_AMOUNT, format_money
+from billcore.common.money import MAX_AMOUNT, format_money
 
 __all__ = [
     "ENTRY_KINDS",

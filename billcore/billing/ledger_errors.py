@@ -1,6 +1,6 @@
 """Errors of the ledger, accounts, payments and blocks.
 
-Every class subclasses ``BillingError`` (``billcore.billing.errors``) and
+Every class subclasses ``BillingError`` (``billcore.common.errors``) and
 carries a stable wire ``code`` (with a dot, so it never collides with a
 URFA protocol code).  The API layer turns any ``BillingError`` into
 ``CallFailed(code, message)``.  Raising one of these inside a transaction
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from billcore.billing.errors import BillingError
+from billcore.common.errors import BillingError
 
 __all__ = [
     "LedgerError",

@@ -37,11 +37,11 @@ import asyncpg
 
 from billcore.billing.blocks import BlockChange, sync_system_block, sync_system_blocks
 from billcore.billing.ledger import Entry, lock_accounts, post_charges, utcnow
-from billcore.billing.errors import InvariantViolation
+from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, PaymentConflict, PromisedRefused, UnknownPayment,
 )
-from billcore.billing.money import format_money
+from billcore.common.money import format_money
 
 __all__ = [
     "METHODS",

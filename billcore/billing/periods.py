@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from typing import Final
 
-from billcore.billing.errors import InvariantViolation, PeriodError
-from billcore.billing.money import check_amount, floor_div, format_money
+from billcore.common.errors import InvariantViolation, PeriodError
+from billcore.common.money import check_amount, floor_div, format_money
 
 __all__ = [
     "ChargeMode",

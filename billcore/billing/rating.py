@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Final
 
-from billcore.billing.errors import InvariantViolation, TariffError, UsageError
-from billcore.billing.money import MAX_QUANTITY, Price, check_amount, floor_div, format_money
+from billcore.common.errors import InvariantViolation, TariffError, UsageError
+from billcore.common.money import MAX_QUANTITY, Price, check_amount, floor_div, format_money
 from billcore.billing.periods import (
     Period,
     PeriodicService,

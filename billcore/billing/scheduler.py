@@ -62,9 +62,9 @@ from typing import Any, Final
 
 import asyncpg
 
-from billcore.billing.errors import InvariantViolation, PeriodError
+from billcore.common.errors import InvariantViolation, PeriodError
 from billcore.billing.ledger import Entry, Posted, post_charges
-from billcore.billing.money import MAX_AMOUNT
+from billcore.common.money import MAX_AMOUNT
 from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
 )

@@ -37,8 +37,8 @@ from typing import Any, ClassVar, Final
 
 import asyncpg
 
-from billcore.billing.errors import TariffError
-from billcore.billing.money import MAX_AMOUNT, MAX_QUANTITY, Price
+from billcore.common.errors import TariffError
+from billcore.common.money import MAX_AMOUNT, MAX_QUANTITY, Price
 from billcore.billing.periods import (
     ChargeMode, PeriodicService, PeriodKind, PeriodSpec, ServiceLink, next_boundary,
 )
@@ -47,7 +47,7 @@ from billcore.billing.rating import (
     ServiceKind, ServiceTariff, Tier,
 )
 from billcore.billing.timeranges import TimeRange, Window, window_from_spec
-from billcore.wire_errors import constraint_field
+from billcore.server.wire_errors import constraint_field
 
 __all__ = [
     "DEFAULT_ACCOUNT_PERIOD",

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from typing import Final
 
-from billcore.billing.errors import InvariantViolation, TimeRangeError
+from billcore.common.errors import InvariantViolation, TimeRangeError
 
 __all__ = [
     "MAX_RANGES",

@@ -76,9 +76,9 @@ from typing import ClassVar, Final
 
 import asyncpg
 
-from billcore.billing.errors import InvariantViolation, UsageError
+from billcore.common.errors import InvariantViolation, UsageError
 from billcore.billing.ledger import post_batch
-from billcore.billing.money import MAX_AMOUNT
+from billcore.common.money import MAX_AMOUNT
 from billcore.billing.rating import (
     MAX_BATCH, TIME_CLASS, CounterKey, CounterTuple, Move, Rejected, ServiceKind, SessionUsage,
     TrafficUsage, resolve, settle,

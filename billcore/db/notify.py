@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from .pool import DB_GONE
+from billcore.db.pool import DB_GONE
 
 __all__ = ["relay_notifications"]
 

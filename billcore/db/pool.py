@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from asyncpg.exceptions import InternalClientError
 
-from ..config import DatabaseSection
+from billcore.common.config import DatabaseSection
 
 __all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "DATABASE_GONE", "guard_database",
            "DB_GONE", "DatabaseHealth", "watch_database"]

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from billcore.config import Config
+from billcore.common.config import Config
 
 __all__ = ["add_commands", "cmd_backup", "cmd_restore", "cmd_import", "database_dsn"]
 
@@ -49,7 +49,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
-    from .backup import BackupError, backup, default_backup_name
+    from billcore.ops.backup import BackupError, backup, default_backup_name
 
     now = dt.datetime.now(dt.timezone.utc)
     out = Path(args.out) if args.out else Path.cwd() / default_backup_name(now)
@@ -71,7 +71,7 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, config: Config) -> int:
-    from .backup import BackupError, restore
+    from billcore.ops.backup import BackupError, restore
 
     async def work() -> int:
         import asyncpg
@@ -92,7 +92,7 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
-    from .importer import ImportFailed, import_file
+    from billcore.ops.importer import ImportFailed, import_file
 
     async def work() -> int:
         import asyncpg

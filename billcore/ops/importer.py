@@ -55,9 +55,9 @@ from typing import IO, Any
 import asyncpg
 
 from billcore.billing.accounts import MAX_CREDIT, MAX_FIELD, check_login
-from billcore.billing.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
+from billcore.common.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
 from billcore.billing.ledger_errors import InvalidValue
-from billcore.billing.money import format_money, parse_money
+from billcore.common.money import format_money, parse_money
 from urfa.scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, SALT_BYTES, Verifier, make_verifier
 
 __all__ = [

@@ -17,9 +17,9 @@ from typing import Any
 
 from urfa.errors import BAD_ARGS, CallFailed
 
-from ..calls import CallSpec
-from .errors import PluginError, wire_errors
-from .loader import PluginManager
+from billcore.server.calls import CallSpec
+from billcore.plugins.errors import PluginError, wire_errors
+from billcore.plugins.loader import PluginManager
 
 __all__ = ["plugin_calls"]
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from ..calls import ALL_KINDS, CallSpec, Handler, allows
-from .bundle import PluginBundle
-from .db import PluginDB
-from .errors import PluginError, Refused, wire_errors
-from .hooks import (
+from billcore.server.calls import ALL_KINDS, CallSpec, Handler, allows
+from billcore.plugins.bundle import PluginBundle
+from billcore.plugins.db import PluginDB
+from billcore.plugins.errors import PluginError, Refused, wire_errors
+from billcore.plugins.hooks import (
     ACCOUNT_BLOCKED,
     ACCOUNT_CHARGED,
     ACCOUNT_UNBLOCKED,
@@ -39,7 +39,7 @@ from .hooks import (
     SESSION_STOPPED,
     HookHandler,
 )
-from .manifest import Manifest
+from billcore.plugins.manifest import Manifest
 
 __all__ = [
     "PLUGIN_API_VERSION",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from .errors import BundleError
+from billcore.plugins.errors import BundleError
 
 __all__ = ["PluginBundle", "read_bundle", "bundle_from_files", "LICENCE_FILE", "MANIFEST_FILE"]
 

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .api import PLUGIN_API_VERSION
-from .bundle import LICENCE_FILE, MANIFEST_FILE, read_bundle
-from .errors import PluginError
-from .manifest import check_name, parse_manifest
-from .signing import Keyring, generate_keypair, load_signing_key, sign_files, utc_text, verify_bundle
+from billcore.plugins.api import PLUGIN_API_VERSION
+from billcore.plugins.bundle import LICENCE_FILE, MANIFEST_FILE, read_bundle
+from billcore.plugins.errors import PluginError
+from billcore.plugins.manifest import check_name, parse_manifest
+from billcore.plugins.signing import Keyring, generate_keypair, load_signing_key, sign_files, utc_text, verify_bundle
 
 __all__ = ["add_commands", "main"]
 

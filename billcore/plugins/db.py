@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .errors import PluginDatabaseError
+from billcore.plugins.errors import PluginDatabaseError
 
 __all__ = ["PluginDB", "run_migrations", "schema_of"]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .errors import PluginError
+from billcore.plugins.errors import PluginError
 
 __all__ = [
     "PAYMENT_ADDED",

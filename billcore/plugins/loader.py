@@ -41,11 +41,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..calls import CallRegistry
-from .api import BillingFacade, PluginAPI, run_every
-from .bundle import MANIFEST_FILE, PluginBundle, read_bundle
-from .db import PluginDB, run_migrations, schema_of
-from .errors import (
+from billcore.server.calls import CallRegistry
+from billcore.plugins.api import BillingFacade, PluginAPI, run_every
+from billcore.plugins.bundle import MANIFEST_FILE, PluginBundle, read_bundle
+from billcore.plugins.db import PluginDB, run_migrations, schema_of
+from billcore.plugins.errors import (
     ApiVersionMismatch,
     ManifestError,
     PermanentPlugin,
@@ -54,12 +54,12 @@ from .errors import (
     PluginSetupError,
     PluginStateError,
 )
-from .hooks import HookBus
-from .importer import SourceImporter
-from .manifest import Manifest, parse_manifest
-from .settings import settings_for
-from .signing import Keyring, Licence, verify_bundle
-from .versions import STATE_FILE, DatabaseVersions, FileVersions, VersionRecord, refuse_rollback
+from billcore.plugins.hooks import HookBus
+from billcore.plugins.importer import SourceImporter
+from billcore.plugins.manifest import Manifest, parse_manifest
+from billcore.plugins.settings import settings_for
+from billcore.plugins.signing import Keyring, Licence, verify_bundle
+from billcore.plugins.versions import STATE_FILE, DatabaseVersions, FileVersions, VersionRecord, refuse_rollback
 
 __all__ = ["PluginManager", "LOADED", "PENDING_UNLOAD", "UNLOADED", "STATE_FILE"]
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ManifestError
-from .hooks import EVENTS
+from billcore.plugins.errors import ManifestError
+from billcore.plugins.hooks import EVENTS
 
 __all__ = ["Manifest", "parse_manifest", "parse_version", "check_name", "RESERVED_NAMES"]
 

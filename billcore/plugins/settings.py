@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import PluginConfigError
+from billcore.plugins.errors import PluginConfigError
 
 __all__ = ["settings_for", "overlay", "MAX_CONFIG_BYTES"]
 

@@ -38,8 +38,8 @@ import msgpack  # type: ignore[import-untyped]
 import nacl.exceptions
 import nacl.signing
 
-from .bundle import LICENCE_FILE, PluginBundle
-from .errors import (
+from billcore.plugins.bundle import LICENCE_FILE, PluginBundle
+from billcore.plugins.errors import (
     BadSignature,
     LicenceExpired,
     LicenceNotYetValid,

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .errors import PluginError, RollbackRefused
-from .manifest import parse_version
+from billcore.plugins.errors import PluginError, RollbackRefused
+from billcore.plugins.manifest import parse_version
 
 __all__ = ["VersionRecord", "FileVersions", "DatabaseVersions", "STATE_FILE", "refuse_rollback"]
 

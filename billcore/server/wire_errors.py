@@ -25,7 +25,7 @@ import re
 
 import asyncpg
 
-from billcore.billing.errors import AlreadyExists, BillingError, InUse, UnknownObject
+from billcore.common.errors import AlreadyExists, BillingError, InUse, UnknownObject
 from billcore.billing.ledger_errors import InvalidValue
 from urfa.errors import CallFailed
 from urfa.messages import MAX_TEXT

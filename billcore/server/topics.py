@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 The core publishes ``(topic, payload)`` to subscribed URFA sessions (see
-``billcore.urfa_server``).  A call table decides who may *call*; this table
+``billcore.server.service``).  A call table decides who may *call*; this table
 decides who may *see* what a topic carries, per session kind:
 
 * an **admin** or **system** session may subscribe when its rights allow
-  one of the topic's ``rights`` (``billcore.calls.allows``: ``*`` and
+  one of the topic's ``rights`` (``billcore.server.calls.allows``: ``*`` and
   ``prefix.*`` count), and then gets every event of the topic as published;
 * a **subscriber** (``user``) session may subscribe only to a topic with a
   ``for_subscriber`` view, and then gets only the events of its own accounts
@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from billcore.calls import allows
+from billcore.server.calls import allows
 
 __all__ = ["Topic", "TOPICS", "subscriber_block", "may_subscribe"]
 

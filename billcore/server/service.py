@@ -21,10 +21,10 @@ or ``logged_out``), whatever ended it.
 
 A call is looked up in the session's own call table (snapshot at login),
 its arguments checked against the symbol's schema at every depth
-(``billcore.argcheck``), and its handler run holding the symbol's module
+(``billcore.server.argcheck``), and its handler run holding the symbol's module
 (``registry.in_flight``).  Replies go out as they finish, in any order.
 ``CallFailed``, a ``BillingError`` or a PostgreSQL refusal of the data
-becomes an error reply with its documented code (``billcore.wire_errors``,
+becomes an error reply with its documented code (``billcore.server.wire_errors``,
 never PostgreSQL's text); any other exception is a bug: logged with its
 traceback and answered ``internal`` with no detail.
 
@@ -47,7 +47,7 @@ Events: ``publish(topic, payload)`` appends to each subscribed connection's
 bounded queue (oldest dropped and counted); a pump per connection writes
 them, waiting for the socket to drain, so a slow reader only loses events.
 Who may subscribe to a topic, and what a subscriber's session gets of its
-events (its own accounts', through a view), is ``billcore.topics``' table:
+events (its own accounts', through a view), is ``billcore.server.topics``' table:
 checked at subscribe and again at delivery.
 """
 
@@ -65,15 +65,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from billcore import argcheck
-from billcore.wire_errors import to_call_failed
-from billcore.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
+from billcore.server import argcheck
+from billcore.server.wire_errors import to_call_failed
+from billcore.server.calls import CallRegistry, CallSpec, Handler, NotInTable, SymbolDeleted, allows
 from billcore.db.pool import DB_UNAVAILABLE
-from billcore.sessions import (
+from billcore.server.sessions import (
     ENDED_LOGGED_OUT, Attempt, AuthUnavailable, LoginLimiter, NoSession, Principal, ResumeRefused,
     Session, SessionTable, TooManySessions, address_key,
 )
-from billcore.topics import TOPICS, Topic, may_subscribe
+from billcore.server.topics import TOPICS, Topic, may_subscribe
 from urfa import errors as E
 from urfa import scram
 from urfa.errors import CallFailed, LocalProtocolError
@@ -210,7 +210,7 @@ class _PendingLogin:
 
 
 def check_args(spec: CallSpec, args: dict[str, Any]) -> str | None:
-    """Why ``args`` do not fit ``spec.args``, or ``None`` if they do (``billcore.argcheck``)."""
+    """Why ``args`` do not fit ``spec.args``, or ``None`` if they do (``billcore.server.argcheck``)."""
     return argcheck.check_args(spec.args, args)
 
 
@@ -246,7 +246,7 @@ class URFAService:
         self._background: set[asyncio.Task[Any]] = set()
         # observe(fn, code, seconds) after each call run as a task (metrics)
         self.observe: Callable[[str, str, float], None] | None = None
-        from billcore.urfa_builtins import builtin_specs   # they use this module's API
+        from billcore.server.builtin_calls import builtin_specs   # they use this module's API
         registry.register_all(builtin_specs())
 
     # -- lifecycle -------------------------------------------------------
@@ -590,7 +590,7 @@ class URFAService:
     @staticmethod
     def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> str:
         """Answer a failed call; return the code sent.  Domain and database
-        refusals get their documented code (``billcore.wire_errors``)."""
+        refusals get their documented code (``billcore.server.wire_errors``)."""
         if isinstance(exc, asyncio.CancelledError):
             channel.send_error(call_id, E.CANCELLED, "cancelled")
             return E.CANCELLED
@@ -688,12 +688,12 @@ class URFAService:
 
     def publish(self, topic: str, payload: Any) -> int:
         """Queue an event for every connection whose session subscribed and
-        may see it (``billcore.topics``); returns how many."""
+        may see it (``billcore.server.topics``); returns how many."""
         rule = self.topics.get(topic)
         if rule is None:   # nobody can have subscribed; a developer must write its rule
             if topic not in self._unknown_topics and len(self._unknown_topics) < 1000:
                 self._unknown_topics.add(topic)
-                log.error("event topic %r has no rule in billcore.topics: delivered to nobody", topic)
+                log.error("event topic %r has no rule in billcore.server.topics: delivered to nobody", topic)
             return 0
         subs = self._subscribers.get(topic)
         if not subs:

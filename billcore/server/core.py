@@ -24,21 +24,21 @@ from typing import Any
 
 import asyncpg
 
-from . import metrics
-from .billing.clock import BillingClock, clock_floor
-from .billing.money import parse_money
-from .billing.payments import PromisedRule
-from .calls import CallRegistry, CallSpec
-from .config import Config
-from .context import CoreContext, utcnow
-from .db.migrate import migrate
-from .db.pool import DB_GONE, DatabaseHealth, describe_dsn, guard_database, open_pool, watch_database
-from .principals import DatabaseAuth, ensure_service_login
-from .urfa_server import URFAConfig, URFAService
+from billcore.server import metrics
+from billcore.billing.clock import BillingClock, clock_floor
+from billcore.common.money import parse_money
+from billcore.billing.payments import PromisedRule
+from billcore.server.calls import CallRegistry, CallSpec
+from billcore.common.config import Config
+from billcore.server.context import CoreContext, utcnow
+from billcore.db.migrate import migrate
+from billcore.db.pool import DB_GONE, DatabaseHealth, describe_dsn, guard_database, open_pool, watch_database
+from billcore.server.principals import DatabaseAuth, ensure_service_login
+from billcore.server.service import URFAConfig, URFAService
 
 __all__ = ["run", "build_calls", "urfa_config"]
 
-log = logging.getLogger("billcore.core")
+log = logging.getLogger("billcore.server.core")
 
 
 def urfa_config(config: Config, secret: bytes) -> URFAConfig:
@@ -71,8 +71,8 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None) -> list[CallSpec]:
     """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
     database gone (so monitoring sees an outage shorter than the probe's interval)."""
-    from .api import money_calls, netflow_calls, periodic, portal_calls, reports, tariffs
-    from .radius_calls import calls as radius_calls
+    from billcore.api import money_calls, netflow_calls, periodic, portal_calls, reports, tariffs
+    from billcore.radius_calls import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
@@ -82,7 +82,7 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
 
 
 def edge_roles(config: Config) -> list[str]:
-    from .supervisor import children_for
+    from billcore.server.supervisor import children_for
 
     return sorted({c.role for c in children_for(config)} - {"core"})
 
@@ -110,7 +110,7 @@ def _database_health() -> DatabaseHealth:
 async def _relay_classifier(dsn: str, service: URFAService, pool: asyncpg.Pool) -> None:
     """Bindings, classes or rules changed (any code path: the trigger
     NOTIFYs at commit): tell the NetFlow workers to reload their snapshot."""
-    from .db.notify import relay_notifications
+    from billcore.db.notify import relay_notifications
 
     catching_up: set[asyncio.Task[None]] = set()  # referenced until done, or the loop may drop them
 
@@ -144,20 +144,19 @@ async def periodic_once(core: CoreContext, progress: Any = None, waiting: Any = 
     The scheduler, ``periodic.run`` and ``billcore periodic run-now`` all come
     here, one at a time (``periodic_lock``); ``progress(RunProgress)`` hears of
     every committed batch, ``waiting()`` that another run holds the lock."""
-    from .api.periodic import periodic_lock
+    from billcore.api.periodic import periodic_lock
 
     async with periodic_lock(core.pool, waiting):
         return await _periodic_pass(core, progress)
 
 
 async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
-    from .api import announce
-    from .billing.payments import expire_promised
-    from .billing.scheduler import ChargeBooked, RunProgress, run_due
-    from .ops import metrics as ops_metrics
+    from billcore.api import announce
+    from billcore.billing.payments import expire_promised
+    from billcore.billing.scheduler import ChargeBooked, RunProgress, run_due
 
     def report(p: RunProgress) -> None:
-        ops_metrics.periodic_progress(p)
+        metrics.periodic_progress(p)
         if progress is not None:
             progress(p)
 
@@ -175,7 +174,7 @@ async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
                            batch_size=core.config.periodic.batch_size,
                            progress=report,
                            on_charges=charged if _listened(core, "account.charged") else None)
-    ops_metrics.periodic_finished(result)
+    metrics.periodic_finished(result)
     await announce(core, result.block_changes)
     for start, end in result.closed_periods:
         await core.fire("period.closed", {"period_start": int(start.timestamp()),
@@ -187,13 +186,12 @@ async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
 
 
 async def _periodic(core: CoreContext) -> None:
-    from .ops import metrics as ops_metrics
 
     while True:
         try:
             await periodic_once(core)
         except DB_GONE as exc:
-            ops_metrics.periodic_failed()
+            metrics.periodic_failed()
             log.warning("periodic run failed, will retry", extra={"reason": f"{type(exc).__name__}: {exc}"})
         await asyncio.sleep(core.config.periodic.interval)
 
@@ -211,13 +209,13 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             for role in edge_roles(config):
                 await ensure_service_login(conn, config.data_dir, role)
 
-        from .radius_calls import SecretStore
+        from billcore.radius_calls import SecretStore
 
         key = SecretStore.load_or_create_key(config.secret_key_path)  # read once: RADIUS secrets and URFA mock salts
         secret_store = SecretStore(key)
         registry = CallRegistry()
         service = URFAService(registry, auth=DatabaseAuth(pool), config=urfa_config(config, key))
-        from .ops.metrics import observe_call
+        from billcore.server.metrics import observe_call
 
         service.observe = observe_call
         # billing time never runs backwards (a stepped wall clock): billcore/billing/clock.py
@@ -277,11 +275,11 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     """The plugin manager, its admin calls, and the plugins named in config."""
     from pathlib import Path
 
-    from .api import announce
-    from .billing.payments import add_payment
-    from .plugins import HookBus, PluginManager
-    from .plugins.admin_calls import plugin_calls
-    from .plugins.api import PLUGIN_API_VERSION
+    from billcore.api import announce
+    from billcore.billing.payments import add_payment
+    from billcore.plugins import HookBus, PluginManager
+    from billcore.plugins.admin_calls import plugin_calls
+    from billcore.plugins.api import PLUGIN_API_VERSION
 
     config = core.config
 

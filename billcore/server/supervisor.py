@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 It reads the config, starts the embedded PostgreSQL when no DSN is given,
 and spawns each child (the core, and the edges as they are enabled) as its
-own OS process: ``python -m billcore.proc ROLE``.  A child that dies is
+own OS process: ``python -m billcore.server.proc ROLE``.  A child that dies is
 logged and restarted after a backoff that doubles while it keeps dying and
 resets once it has run ``stable_after`` seconds.  SIGTERM or SIGINT sends
 SIGTERM to every child, gives them ``stop_timeout`` seconds to flush and
@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
-from .db.embedded import EmbeddedStartFailed, Postmaster
-from .proc import ENV_CONFIG, ENV_DSN, ENV_INDEX
+from billcore.common.config import Config
+from billcore.db.embedded import EmbeddedStartFailed, Postmaster
+from billcore.server.proc import ENV_CONFIG, ENV_DSN, ENV_INDEX
 
 __all__ = ["Supervisor", "ChildSpec", "prepare_metrics_dir", "children_for"]
 
@@ -112,7 +112,7 @@ class Supervisor:
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         prepare_metrics_dir(data_dir)
-        from . import metrics  # after PROMETHEUS_MULTIPROC_DIR is set
+        from billcore.server import metrics  # after PROMETHEUS_MULTIPROC_DIR is set
 
         self._metrics = metrics
         if not self.dsn:
@@ -125,7 +125,7 @@ class Supervisor:
                 return 1
             log.info("embedded postgresql ready",
                      extra={"pgdata": str(self._embedded.pgdata), "postmaster_pid": self._embedded.pid})
-        from .principals import read_or_make_password, service_password_file
+        from billcore.common.sysfiles import read_or_make_password, service_password_file
 
         for role in {spec.role for spec in children_for(self.config)} - {"core"}:
             # the core sets each edge's verifier from this file
@@ -157,7 +157,7 @@ class Supervisor:
 
     async def _spawn(self, child: _Child) -> None:
         child.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "billcore.proc", child.spec.role,
+            sys.executable, "-m", "billcore.server.proc", child.spec.role,
             env=self._env(child.spec),
             stdin=asyncio.subprocess.DEVNULL,
             preexec_fn=_set_pdeathsig,

@@ -280,7 +280,7 @@ def _validate(config: Config) -> None:
     positive("periodic.interval", config.periodic.interval)
     positive("billing.promised_days", config.billing.promised_days)
     try:
-        from .billing.money import parse_money
+        from billcore.common.money import parse_money
 
         if parse_money(config.billing.promised_amount) <= 0:
             raise ValueError("not positive")
@@ -345,7 +345,7 @@ def example_config() -> str:
     """The documented example: every section, key, default and its doc."""
     lines = [
         "# billcore configuration. Every key is optional; shown here with its default.",
-        "# Generated from billcore/config.py (billcore config example).",
+        "# Generated from billcore/common/config.py (billcore config example).",
     ]
     for name, section_type in SECTIONS.items():
         lines.append("")

@@ -40,8 +40,8 @@ from typing import Any, TextIO
 from urfa.client import Client, connect
 from urfa.errors import CallFailed, LoginFailed, URFAError
 
-from .billing.money import format_money, parse_money
-from .billing.errors import BillingError
+from billcore.common.money import format_money, parse_money
+from billcore.common.errors import BillingError
 
 __all__ = ["main", "convert_args", "render", "show_money"]
 
@@ -298,7 +298,7 @@ async def _stream(client: Client, fn: str, call_args: dict[str, Any], d: Describ
 
 def _account_view(result: dict[str, Any]) -> dict[str, Any]:
     """``accounts.get`` for a person: the blocks are part of the state, not a footnote."""
-    from .tray import internet_state
+    from billcore.clients.tray import internet_state
 
     blocks = list(result.get("blocks") or [])
     view = dict(result)

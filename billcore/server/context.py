@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from .config import Config
+from billcore.common.config import Config
 
 __all__ = ["CoreContext", "utcnow"]
 

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from billcore.billing.money import format_money
+from billcore.common.money import format_money
 from urfa import errors as E
 from urfa.client import DEFAULT_PORT, Client, connect
 from urfa.errors import CallFailed, ConnectionLost, LoginFailed, URFAError

@@ -4,7 +4,7 @@ They live in the core's own module ``builtin`` (never unloaded).  The ones
 that only read or change in-memory state are plain functions wrapped by
 ``runs_inline``: the service calls them straight from the socket callback
 and answers in the same write, without a task per call (see
-``billcore.urfa_server``).
+``billcore.server.service``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import secrets
 from datetime import datetime, timezone
 from typing import Any
 
-from billcore.calls import CallSpec
-from billcore.urfa_server import PROXY_RIGHT, CallContext, runs_inline
+from billcore.server.calls import CallSpec
+from billcore.server.service import PROXY_RIGHT, CallContext, runs_inline
 from urfa import errors as E
 from urfa import scram
 from urfa.errors import CallFailed

@@ -1,4 +1,4 @@
-"""Entry point of every child process: ``python -m billcore.proc ROLE``.
+"""Entry point of every child process: ``python -m billcore.server.proc ROLE``.
 
 The supervisor starts each child with the config path, the database DSN and
 the child's index in its environment.  This module sets up logging with the
@@ -17,13 +17,13 @@ import os
 import signal
 import sys
 
-from .config import ConfigError, load_config
-from .log import setup_logging
+from billcore.common.config import ConfigError, load_config
+from billcore.common.log import setup_logging
 
 __all__ = ["ROLES", "main"]
 
 ROLES: dict[str, str] = {
-    "core": "billcore.core:run",
+    "core": "billcore.server.core:run",
     "radius": "radius.server:run",
     "netflow": "netflow.worker:run",
     "portal": "portal.app:run",
@@ -37,7 +37,7 @@ ENV_INDEX = "BILLCORE_INDEX"
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in ROLES:
-        print(f"usage: python -m billcore.proc {{{','.join(ROLES)}}}", file=sys.stderr)
+        print(f"usage: python -m billcore.server.proc {{{','.join(ROLES)}}}", file=sys.stderr)
         return 2
     role = argv[0]
     try:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def runner() -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from .metrics import PROCESS_UP  # the launcher reports every role, edges included
+            from billcore.server.metrics import PROCESS_UP  # the launcher reports every role, edges included
 
             PROCESS_UP.labels(role).set(1)
         stop = asyncio.Event()
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except Exception:
-        logging.getLogger("billcore.proc").exception("%s crashed", role)
+        logging.getLogger("billcore.server.proc").exception("%s crashed", role)
         return 1
-    logging.getLogger("billcore.proc").info("stopped")
+    logging.getLogger("billcore.server.proc").info("stopped")
     return 0
 
 

@@ -55,7 +55,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from billcore.calls import CallTable
+from billcore.server.calls import CallTable
 from urfa.errors import EXPIRED, LOGGED_OUT
 from urfa.scram import Verifier, resume_proof
 

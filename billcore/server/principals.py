@@ -16,20 +16,19 @@ file.  A remote collector gets a login made with ``billcore system create``.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import asyncpg
 
 from urfa.scram import Verifier, make_verifier
 
-from .db.pool import DATABASE_GONE
-from .sessions import AuthUnavailable, Principal
+from billcore.common.sysfiles import read_or_make_password, service_password_file
+from billcore.db.pool import DATABASE_GONE
+from billcore.server.sessions import AuthUnavailable, Principal
 
 __all__ = [
     "DatabaseAuth", "SERVICE_RIGHTS", "USER_RIGHTS", "create_admin", "create_system_login",
-    "ensure_service_login", "service_password_file", "set_user_password",
+    "ensure_service_login", "set_user_password",
 ]
 
 USER_RIGHTS = frozenset({"me.*"})
@@ -150,24 +149,6 @@ async def set_user_password(conn: asyncpg.Connection, user_id: int, password: st
             WHERE id = $1""",
         user_id, v.salt, v.iterations, v.stored_key, v.server_key,
     )
-
-
-def service_password_file(data_dir: Path, role: str) -> Path:
-    return data_dir / "system" / f"{role}.password"
-
-
-def read_or_make_password(path: Path) -> str:
-    """The password in ``path``; a new random one (file mode 0600) if absent."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    password = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
-    return password
 
 
 async def ensure_service_login(conn: asyncpg.Connection, data_dir: Path, role: str) -> None:

@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from billcore.billing.errors import MoneyFormatError, MoneyRangeError, TariffError
+from billcore.common.errors import MoneyFormatError, MoneyRangeError, TariffError
 
 __all__ = [
     "GB",
