@@ -145,7 +145,7 @@ class Dispatcher:
         spec = admitted.symbol.spec
         args = call.args
         chunks = functools.partial(_send_chunk, channel, call_id) if spec.streaming else None
-        ctx = CallContext(admitted.session, call_id, admitted.proxy, chunks)
+        ctx = CallContext(admitted.session, call_id, admitted.proxy, chunks, self.sessions)
         inline = getattr(spec.handler, _INLINE, None)
         if inline is not None:
             try:

@@ -208,8 +208,3 @@ class LoginDesk:
     def logout(self, session: Session) -> None:
         """End a session; its own connection (if any) closes after the reply."""
         self.sessions.end(session.sid, ENDED_LOGGED_OUT, "logged out")
-
-    def end_sessions_of(self, kind: str, principal_id: int, why: str) -> int:
-        """End every session of a principal that was deleted or disabled;
-        their connections get bye ``logged_out``.  How many ended."""
-        return len(self.sessions.end_principal(kind, principal_id, why))

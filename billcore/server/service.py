@@ -120,10 +120,6 @@ class URFAService:
         """Queue an event for the sessions subscribed to ``topic`` that may see it."""
         return self.hub.publish(topic, payload)
 
-    def end_sessions_of(self, kind: str, principal_id: int, why: str) -> int:
-        """End every session of a principal that was deleted or disabled."""
-        return self.desk.end_sessions_of(kind, principal_id, why)
-
     # -- lifecycle -------------------------------------------------------
     async def start(self, tcp: tuple[str, int] | None = None, unix: str | None = None,
                     ssl: ssl_module.SSLContext | None = None) -> None:
