@@ -52,10 +52,11 @@ KINDS = ("system", "admin", "user")
 
 
 class AuthBackend(Protocol):
+    """Who may log in.  A backend may also have ``accounts_of(user_id)``,
+    a subscriber's account ids, for the event hub (``URFAService``)."""
+
     # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
-    # a subscriber's account ids (a backend without it: subscribers see no account's events)
-    async def accounts_of(self, user_id: int) -> frozenset[int]: ...
 
 
 @dataclass(slots=True)
