@@ -188,8 +188,8 @@ def refusal(sessions: SessionTable, session: Session, call: Call, now: float = 1
 def test_admit_checks_the_table_and_the_arguments() -> None:
     reg, sessions = registry(), SessionTable(timeout=60.0)
     admin = open_session(sessions, reg, principal("admin"), "192.0.2.1")
-    admitted = admit(sessions, admin, Call(1, "t.echo", {"x": 1}), now=7.0)
-    assert admitted.session is admin and admitted.proxy is None and admin.last_seen == 7.0
+    session, proxy, symbol = admit(sessions, admin, Call(1, "t.echo", {"x": 1}), now=7.0)
+    assert session is admin and proxy is None and symbol.spec.name == "t.echo" and admin.last_seen == 7.0
     assert refusal(sessions, admin, Call(2, "t.mine", {"x": 1})) == NOT_IN_TABLE    # a subscriber's call
     assert refusal(sessions, admin, Call(3, "t.echo", {"x": "1"})) == BAD_ARGS
     assert refusal(sessions, admin, Call(4, "t.echo", {})) == BAD_ARGS
@@ -204,8 +204,8 @@ def test_admit_lets_only_a_proxy_right_act_for_a_proxied_session_at_its_address(
     alice = open_session(sessions, reg, principal("user", pid=3), "203.0.113.5", proxied=True)
     bob = open_session(sessions, reg, principal("user", pid=4), "203.0.113.6")
 
-    admitted = admit(sessions, office, Call(1, "t.mine", {"x": 1}, alice.sid, "203.0.113.5"), 2.0)
-    assert admitted.session is alice and admitted.proxy == office.principal
+    session, proxy, _symbol = admit(sessions, office, Call(1, "t.mine", {"x": 1}, alice.sid, "203.0.113.5"), 2.0)
+    assert session is alice and proxy == office.principal
     assert refusal(sessions, other, Call(2, "t.mine", {"x": 1}, alice.sid, "203.0.113.5")) == FORBIDDEN
     assert refusal(sessions, office, Call(3, "t.mine", {"x": 1}, alice.sid, "203.0.113.99")) == NO_SESSION
     assert refusal(sessions, office, Call(4, "t.mine", {"x": 1}, bob.sid, "203.0.113.6")) == NO_SESSION

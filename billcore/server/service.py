@@ -93,7 +93,10 @@ class URFAService:
             lookup_timeout=config.lookup_timeout, handshake_timeout=config.handshake_timeout,
             mock_iterations=config.mock_iterations, max_proxy_logins=config.max_sessions // 10 + 16,
         )
-        self.dispatcher = Dispatcher(registry, self.sessions)
+        self.dispatcher = Dispatcher(registry, self.sessions, clock)
+        # ServerApp.on_call, the hot path: the transport calls the dispatcher
+        # straight, one Python call fewer per call
+        self.on_call: Callable[[ServerChannel, Call], None] = self.dispatcher.on_call
         # a backend without accounts_of: subscribers see no account's events
         self.hub = EventHub(topics, getattr(auth, "accounts_of", None), config.event_queue, config.lookup_timeout)
         self.limits = ServerLimits(
@@ -166,9 +169,6 @@ class URFAService:
         link = channel.state
         if isinstance(link, Link):
             self._drop_link(link)
-
-    def on_call(self, channel: ServerChannel, call: Call) -> None:
-        self.dispatcher.on_call(cast(Link, channel.state), call, self.clock())
 
     def on_message(self, channel: ServerChannel, msg: Message) -> None:
         link = cast(Link, channel.state)
