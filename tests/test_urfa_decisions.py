@@ -12,7 +12,7 @@ import pytest
 from billcore.server.calls import CallRegistry, CallSpec
 from billcore.server.dispatcher import PROXY_RIGHT, admit
 from billcore.server.event_hub import MAX_TOPICS, Outbox, check_subscription, delivery
-from billcore.server.login_desk import LoginDesk, PendingLogin
+from billcore.server.login_desk import LoginDesk, PendingLogin, limit_keys
 from billcore.server.login_limiter import LoginLimiter
 from billcore.server.sessions import Principal, Session, SessionTable
 from billcore.server.topics import TOPICS
@@ -105,6 +105,14 @@ async def test_over_the_unix_socket_only_the_login_is_counted() -> None:
     with pytest.raises(CallFailed) as refused:
         await front.begin_login("system", "svc0", nonce(), nonce(), "unix", 0.0)
     assert refused.value.code == RATE_LIMITED
+
+
+def test_login_attempts_count_by_the_same_address_unit_as_connections() -> None:
+    """An IPv6 /64 (one subscriber line), whatever the interface a
+    link-local address came in on: the key urfa.server counts connections by."""
+    assert limit_keys("2001:db8::1", "admin", "root")[0] == limit_keys("2001:db8::ffff", "admin", "root")[0]
+    assert limit_keys("fe80::1%eth0", "user", "a")[0] == limit_keys("fe80::2%eth1", "user", "b")[0]
+    assert limit_keys("unix", "system", "radius") == (("login", "system:radius"),)
 
 
 async def test_an_abandoned_challenge_stops_counting() -> None:
