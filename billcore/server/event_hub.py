@@ -8,9 +8,8 @@ of every link whose session subscribed, and a pump per link writes the
 queue out, waiting for the socket to drain.  Who may subscribe to a topic,
 and what a subscriber's session gets of its events (its own accounts',
 through a view), is ``billcore.server.topics``' table: checked at subscribe
-(``check_subscription``) and again at delivery (``delivery``), so a
-session whose rights or accounts changed cannot keep reading what it no
-longer may.
+(``check_subscription``) and again for every event (``delivery``), so what
+reaches a subscriber is decided per event, not once per subscription.
 
 Each link's queue (``Outbox``) is bounded: when a slow reader lets it fill,
 the oldest event is dropped and counted, and the next event sent says how
