@@ -9,17 +9,21 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from billcore.api.radius import calls
 from billcore.billing.tariffs import create_service, create_tariff, link_tariff, set_rate
+from billcore.common.config import Config
 from billcore.radius.accounting import apply_accounting
 from billcore.radius.authorize import authorize, authorize_many
 from billcore.radius.nas import add_link, add_nas, add_pool, nas_list
 from billcore.radius.records import AccountingResult, Decision, SessionHook, read_access_request, read_accounting_record
 from billcore.radius.secrets import SecretStore
 from billcore.radius.sessions import active_sessions, close_stale
+from billcore.server.context import CoreContext
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 NAS = "10.0.0.1"
@@ -234,3 +238,33 @@ async def test_a_malformed_request_is_rejected_alone_and_the_batch_decided(pool:
     assert [o.accept for o in out] == [True, False, False, False, False, False, True]
     assert [o.reason for o in out[1:-1]] == [
         "malformed login", "malformed login", "malformed password", "malformed CHAP", "malformed CHAP"]
+
+
+async def test_a_block_set_by_a_time_charge_reaches_the_topic_and_the_plugins(pool: asyncpg.Pool,
+                                                                             store: SecretStore) -> None:
+    """A time charge that runs the account out of money blocks it: the
+    ``blocks`` topic and the plugins' ``account.blocked`` hook hear of it, as
+    they do for every other charge (the hook was once left out)."""
+    published: list[tuple[str, dict[str, Any]]] = []
+    fired: list[tuple[str, dict[str, Any]]] = []
+
+    async def fire(event: str, payload: dict[str, Any]) -> None:
+        fired.append((event, payload))
+
+    core = CoreContext(pool, Config(), publish=lambda topic, payload: published.append((topic, payload)),
+                       fire=fire, now=lambda: T0 + dt.timedelta(seconds=20))
+    core.extras["secret_store"] = store
+    handlers = {spec.name: spec.handler for spec in calls(core)}
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        acc = await make_account(conn, "u1", balance=5_000_000)
+        await add_link(conn, store, account_id=acc, login="alice", password="pw")
+        await time_tariff(conn, acc, 3_600_000_000)  # 1 unit a second: 5 s paid, 20 s used
+    record = {"nas": NAS, "session_id": "S1", "login": "alice", "event_time": T0.timestamp()}
+    await handlers["radius.accounting"](None, record={**record, "status": "start"})
+    answer = await handlers["radius.accounting"](None, record={**record, "status": "interim", "session_time": 20})
+    assert set(answer) == {"session"}   # the wire answer: block changes and hooks stay in the core
+    [block] = [payload for topic, payload in published if topic == "blocks"]
+    assert block["account_id"] == acc and block["action"] == "set"
+    assert [event for event, _ in fired] == ["session.started", "account.blocked"]
+    assert fired[1][1]["block_id"] == block["block_id"]
