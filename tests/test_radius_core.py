@@ -268,3 +268,23 @@ async def test_a_block_set_by_a_time_charge_reaches_the_topic_and_the_plugins(po
     assert block["account_id"] == acc and block["action"] == "set"
     assert [event for event, _ in fired] == ["session.started", "account.blocked"]
     assert fired[1][1]["block_id"] == block["block_id"]
+
+
+async def test_a_second_session_of_a_link_gets_its_own_pool_address(pool: asyncpg.Pool, store: SecretStore) -> None:
+    """A link allowed two sessions: the second is not given the address the
+    first one is using (two sessions, one IP: the NAS cannot route both)."""
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        await add_pool(conn, name="p", first="10.8.0.1", last="10.8.0.9")
+        await add_link(conn, store, account_id=await make_account(conn, "u1"), login="alice", password="pw",
+                       pool="p", max_sessions=2)
+        first = (await auth(conn, store, "alice", b"pw")).attribute("Framed-IP-Address")
+        assert (await auth(conn, store, "alice", b"pw")).attribute("Framed-IP-Address") == first  # a NAS's retry
+        await acct(conn, "start", "S1", framed_ip=first)
+        second = (await auth(conn, store, "alice", b"pw")).attribute("Framed-IP-Address")
+        assert second is not None and second != first
+        await acct(conn, "start", "S2", framed_ip=second)
+        await acct(conn, "stop", "S1", session_time=10)
+        # the address S1 gave back is the link's to reuse; S2's stays S2's
+        later = T0 + dt.timedelta(minutes=1)
+        assert (await auth(conn, store, "alice", b"pw", now=later)).attribute("Framed-IP-Address") == first

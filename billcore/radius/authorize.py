@@ -61,12 +61,12 @@ def _password_ok(request: AccessRequest, password: bytes) -> bool:
 
 
 async def _lease(conn: DbConnection, link: LinkState, now: dt.datetime, hold: dt.timedelta) -> str | None:
-    """A pool address for the link: its current lease, else the lowest free one."""
-    held = await conn.fetchval("SELECT host(address) FROM radius_leases WHERE link_id = $1 AND pool_id = $2",
-                               link.id, link.pool_id)
+    """A pool address for the link: a lease it holds that no session is using
+    (expiring: a NAS retrying gets the same address), else the lowest free one."""
+    held = await conn.fetchval("SELECT host(address) FROM radius_leases WHERE link_id = $1 AND pool_id = $2"
+                               " AND expires_at IS NOT NULL ORDER BY address LIMIT 1", link.id, link.pool_id)
     if held is not None:
-        await conn.execute("UPDATE radius_leases SET expires_at = $2 WHERE address = $1::inet AND expires_at IS NOT NULL",
-                           held, now + hold)
+        await conn.execute("UPDATE radius_leases SET expires_at = $2 WHERE address = $1::inet", held, now + hold)
         return str(held)
     address = await conn.fetchval(
         "WITH p AS (SELECT first, last FROM radius_pools WHERE id = $1),"
