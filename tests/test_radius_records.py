@@ -3,6 +3,8 @@ what the URFA boundary turns into records and back must stay the wire it was."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from billcore.billing.ledger_errors import InvalidValue
@@ -13,7 +15,9 @@ from billcore.radius.records import (
     AuthMethod,
     Chap,
     Decision,
+    DisconnectMode,
     Malformed,
+    Nas,
     Refusal,
     read_access_request,
     read_accounting_record,
@@ -58,3 +62,12 @@ def test_accounting_results_answer_one_key_and_keep_hooks_and_blocks_in_the_core
     assert AccountingResult(session=4, ended=True).wire() == {"session": 4, "ended": True}
     assert AccountingResult(closed=2).wire() == {"closed": 2}
     assert AccountingResult(ignored="unknown login").wire() == {"ignored": "unknown login"}
+
+
+def test_a_nas_without_its_secret_has_no_secret_key_and_plain_text_modes() -> None:
+    public = Nas(1, "mt1", "10.0.0.1", True, 3799, DisconnectMode.COA, [["Mikrotik-Group", "blocked"]])
+    assert public.wire() == {"id": 1, "name": "mt1", "address": "10.0.0.1", "require_message_authenticator": True,
+                             "coa_port": 3799, "disconnect_mode": "coa",
+                             "blocked_profile": [["Mikrotik-Group", "blocked"]]}
+    assert type(public.wire()["disconnect_mode"]) is str
+    assert dataclasses.replace(public, secret=b"s").wire()["secret"] == b"s"

@@ -282,8 +282,19 @@ class AccountingResult:
 # -- the admin tables -------------------------------------------------------------
 
 
+class _PlainRow:
+    """A row whose wire map is its fields, enums as their values."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def wire(self) -> dict[str, Any]:
+        values = ((name, getattr(self, name)) for name in self.__dataclass_fields__)
+        return {name: value.value if isinstance(value, enum.Enum) else value for name, value in values}
+
+
 @dataclass(frozen=True, slots=True)
-class Nas:
+class Nas(_PlainRow):
     id: int
     name: str
     address: str
@@ -294,24 +305,10 @@ class Nas:
     secret: bytes | None = None        # only for the radius process
 
     def wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id, "name": self.name, "address": self.address,
-            "require_message_authenticator": self.require_message_authenticator, "coa_port": self.coa_port,
-            "disconnect_mode": self.disconnect_mode.value, "blocked_profile": self.blocked_profile,
-        }
-        if self.secret is not None:
-            out["secret"] = self.secret
+        out = _PlainRow.wire(self)
+        if self.secret is None:
+            del out["secret"]   # not even as nil: the map of an admin's nas_show
         return out
-
-
-class _PlainRow:
-    """A row whose wire map is its fields as they are."""
-
-    __slots__ = ()
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-
-    def wire(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +339,7 @@ class Link(_PlainRow):
 
 
 @dataclass(frozen=True, slots=True)
-class ActiveSession:
+class ActiveSession(_PlainRow):
     """An active session with what a Disconnect/CoA to its NAS needs."""
 
     id: int
@@ -358,13 +355,6 @@ class ActiveSession:
     coa_port: int
     disconnect_mode: DisconnectMode
     blocked_profile: list[list[Any]]
-
-    def wire(self) -> dict[str, Any]:
-        return {"id": self.id, "session_id": self.session_id, "login": self.login, "framed_ip": self.framed_ip,
-                "account_id": self.account_id, "started_at": self.started_at, "session_time": self.session_time,
-                "input_octets": self.input_octets, "output_octets": self.output_octets, "nas_ip": self.nas_ip,
-                "coa_port": self.coa_port, "disconnect_mode": self.disconnect_mode.value,
-                "blocked_profile": self.blocked_profile}
 
 
 @dataclass(frozen=True, slots=True)
