@@ -19,7 +19,7 @@ import asyncpg
 from billcore.db.rows import DbConnection
 from billcore.radius.records import ActiveSession, DisconnectMode, EndReason
 
-__all__ = ["StoredSession", "SESSION_COLUMNS", "PAGE", "end_sessions", "close_stale", "active_sessions",
+__all__ = ["StoredSession", "SESSION_COLUMNS", "PAGE", "end_sessions", "locked_active", "close_stale", "active_sessions",
            "session_ref"]
 
 PAGE: Final = 1000  # rows per page of the list calls (NAS, pools, links, sessions)
