@@ -19,8 +19,8 @@ import asyncpg
 from billcore.db.rows import DbConnection
 from billcore.radius.records import ActiveSession, DisconnectMode, EndReason
 
-__all__ = ["StoredSession", "SESSION_COLUMNS", "PAGE", "end_sessions", "locked_active", "close_stale", "active_sessions",
-           "session_ref"]
+__all__ = ["StoredSession", "SESSION_COLUMNS", "PAGE", "end_sessions", "locked_active", "close_stale",
+           "active_sessions", "session_ref"]
 
 PAGE: Final = 1000  # rows per page of the list calls (NAS, pools, links, sessions)
 
@@ -62,8 +62,8 @@ async def end_sessions(conn: DbConnection, sessions: Iterable[StoredSession], at
     with its binding and lease."""
     for session in sessions:
         end = max(at, session.started_at + dt.timedelta(microseconds=1))
-        await conn.execute("UPDATE radius_sessions SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
-                           session.id, end, reason)
+        await conn.execute("UPDATE radius_sessions SET ended_at = $2, end_reason = $3"
+                           " WHERE id = $1 AND ended_at IS NULL", session.id, end, reason)
         await conn.execute("UPDATE ip_bindings SET valid_to = $2 WHERE session_ref = $1 AND valid_to IS NULL",
                            session_ref(session.nas_id, session.session_id), end)
         if session.framed_ip is not None:
@@ -97,6 +97,7 @@ async def active_sessions(conn: DbConnection, account_id: int | None = None, ses
         " s.session_time, s.input_octets, s.output_octets, host(n.address) AS nas_ip, n.coa_port,"
         " n.disconnect_mode, n.blocked_profile FROM radius_sessions s JOIN radius_nas n ON n.id = s.nas_id"
         " WHERE s.ended_at IS NULL AND ($1::bigint IS NULL OR s.account_id = $1)"
-        " AND ($2::bigint IS NULL OR s.id = $2) ORDER BY s.id LIMIT $3 OFFSET $4", account_id, session_pk, limit, offset)
+        " AND ($2::bigint IS NULL OR s.id = $2) ORDER BY s.id LIMIT $3 OFFSET $4",
+        account_id, session_pk, limit, offset)
     return [ActiveSession(**{**dict(row), "disconnect_mode": DisconnectMode(row["disconnect_mode"]),
                              "blocked_profile": json.loads(row["blocked_profile"])}) for row in rows]
