@@ -193,7 +193,7 @@ async def catalogue(conn: asyncpg.Connection) -> tuple[int, int, int, int]:
 async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime) -> dict[str, float]:
     """Create the database; returns seconds per stage."""
     from billcore.db.migrate import migrate
-    from billcore.radius_calls import SecretStore
+    from billcore.radius.secrets import SecretStore
     from radius_auth import login, password
     from urfa.scram import make_verifier
 
@@ -605,7 +605,7 @@ async def backup_restore(config: Path, work: Path, server_dsn: str, timeout: flo
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from billcore.db.embedded import EmbeddedPostgres
-    from billcore.radius_calls import SecretStore
+    from billcore.radius.secrets import SecretStore
     from tests.running import BillcoreProcess
 
     steps = Steps(args.step_timeout)

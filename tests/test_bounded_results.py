@@ -37,7 +37,7 @@ from billcore.server.core import build_calls
 from billcore.plugins import HookBus, PluginManager
 from billcore.plugins.admin_calls import plugin_calls
 from billcore.plugins.errors import PluginError
-from billcore.radius_calls import SecretStore
+from billcore.radius.secrets import SecretStore
 from billcore.server.builtin_calls import builtin_specs
 from tests.test_netflow_snapshot_scale import bind_many
 from tests.test_plugins_lifecycle import Env, env  # noqa: F401 - the fixture

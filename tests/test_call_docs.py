@@ -22,7 +22,7 @@ from billcore.plugins.bundle import read_bundle
 from billcore.plugins.db import PluginDB, schema_of
 from billcore.plugins.manifest import parse_manifest
 from billcore.plugins.settings import settings_for
-from billcore.radius_calls import SecretStore
+from billcore.radius.secrets import SecretStore
 from billcore.server.builtin_calls import builtin_specs
 
 ROOT = Path(__file__).resolve().parents[1]

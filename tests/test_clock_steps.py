@@ -29,7 +29,7 @@ from billcore.billing.periods import Period, cumulative_fee
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.scheduler import RunProgress, run_due
 from billcore.billing.usage import commit_usage
-from billcore.radius_calls import add_nas
+from billcore.radius.nas import add_nas
 from tests.test_radius_time import (  # noqa: F401 - store is a fixture
     DAY, NAS, acct, balance, on_tariff, store, subscriber, time_service,
 )

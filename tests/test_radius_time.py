@@ -18,14 +18,11 @@ import pytest
 
 from billcore.billing.tariffs import create_service, create_tariff, create_time_range, link_tariff, set_rate
 from billcore.db.migrate import discover, migrate
-from billcore.radius_calls import (
-    SecretStore,
-    account,
-    add_link,
-    add_nas,
-    authorize,
-    usage_source,
-)
+from billcore.radius.accounting import apply_accounting, usage_source
+from billcore.radius.authorize import authorize
+from billcore.radius.nas import add_link, add_nas
+from billcore.radius.records import AccountingResult, Decision, read_access_request, read_accounting_record
+from billcore.radius.secrets import SecretStore
 from tests.test_radius_core import make_account
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -77,24 +74,24 @@ async def subscriber(conn: asyncpg.Connection, store: SecretStore, login: str, b
     return acc
 
 
-async def auth(conn: asyncpg.Connection, store: SecretStore, login: str, now: dt.datetime) -> dict:
+async def auth(conn: asyncpg.Connection, store: SecretStore, login: str, now: dt.datetime) -> Decision:
+    request = read_access_request({"nas": NAS, "login": login, "method": "pap", "password": b"pw"})
     async with conn.transaction():
-        return await authorize(conn, store, {"nas": NAS, "login": login, "method": "pap", "password": b"pw"},
-                               now, tz=TZ)
+        return await authorize(conn, store, request, now, tz=TZ)
 
 
-def timeout(decision: dict) -> int | None:
-    assert decision["accept"], decision
-    return dict(map(tuple, decision["reply"])).get("Session-Timeout")  # type: ignore[arg-type]
+def timeout(decision: Decision) -> int | str | None:
+    assert decision.accept, decision
+    return decision.attribute("Session-Timeout")
 
 
 async def acct(conn: asyncpg.Connection, status: str, sid: str, at: dt.datetime, session_time: int = 0,
-               login: str = "alice", now: dt.datetime | None = None) -> dict:
+               login: str = "alice", now: dt.datetime | None = None) -> AccountingResult:
     """An Accounting-Request stamped ``at`` (Event-Timestamp), handled at ``now`` (default ``at``)."""
     record = {"nas": NAS, "status": status, "session_id": sid, "login": login, "event_time": at.timestamp(),
               "session_time": session_time}
     async with conn.transaction():
-        return await account(conn, record, now or at, tz=TZ)
+        return await apply_accounting(conn, read_accounting_record(record), now or at, tz=TZ)
 
 
 async def balance(conn: asyncpg.Connection, account_id: int) -> int:
@@ -139,7 +136,7 @@ async def test_a_session_across_the_day_night_border_is_charged_exactly_once(
         assert await conn.fetchval("SELECT watermark FROM ingest_watermarks WHERE source = $1",
                                    usage_source(nas_id, "S1")) == 4000
         # the session's own events are kept
-        assert stop["hooks"][0][0] == "session.stopped"
+        assert stop.hooks[0].event == "session.stopped"
         days = await conn.fetch("SELECT quantity FROM usage_daily WHERE account_id = $1 AND class_id = -1", acc)
         assert sum(r["quantity"] for r in days) == 4000
 
@@ -210,11 +207,11 @@ async def test_refused_when_the_money_left_buys_no_time_now(pool: asyncpg.Pool, 
         bob = await subscriber(conn, store, "bob", 20_000_000)
         await on_tariff(conn, bob, [nights_only], local(1, 0))
         refused = await auth(conn, store, "alice", local(3, 21))
-        assert not refused["accept"] and refused["reason"] == "no money left for time"
+        assert not refused.accept and refused.reason == "no money left for time"
         # at night time is free until 06:00; there the money left (none) buys nothing more
         assert timeout(await auth(conn, store, "alice", local(3, 23))) == 7 * 3600
         # no price in the current range: time is not sold now, whatever the balance
-        assert (await auth(conn, store, "bob", local(3, 12)))["reason"] == "no time price now"
+        assert (await auth(conn, store, "bob", local(3, 12))).reason == "no time price now"
         # from 22:00 bob's money (enough for 11 night hours) buys the night up to 06:00
         # only: time in the day range cannot be sold, so the walk ends there
         assert timeout(await auth(conn, store, "bob", local(3, 22))) == 8 * 3600
@@ -229,16 +226,16 @@ async def test_max_sessions_of_the_time_service_counts_every_link(pool: asyncpg.
         await on_tariff(conn, acc, [service], local(1, 0))
         now = local(3, 12)
         await acct(conn, "start", "S1", now)
-        assert (await auth(conn, store, "alice2", now))["accept"]
+        assert (await auth(conn, store, "alice2", now)).accept
         await acct(conn, "start", "S2", now, login="alice2")
         # each link allows 3, the service 2 for the account: the lower wins
-        assert (await auth(conn, store, "alice", now))["reason"] == "too many sessions"
-        assert (await auth(conn, store, "alice2", now))["reason"] == "too many sessions"
+        assert (await auth(conn, store, "alice", now)).reason == "too many sessions"
+        assert (await auth(conn, store, "alice2", now)).reason == "too many sessions"
         await acct(conn, "stop", "S2", local(3, 12, 1), 60, login="alice2")
-        assert (await auth(conn, store, "alice", local(3, 12, 1)))["accept"]
+        assert (await auth(conn, store, "alice", local(3, 12, 1))).accept
         # and the link's own limit when it is the lower one
         await conn.execute("UPDATE radius_links SET max_sessions = 1 WHERE login = 'alice'")
-        assert (await auth(conn, store, "alice", local(3, 12, 1)))["reason"] == "too many sessions"
+        assert (await auth(conn, store, "alice", local(3, 12, 1))).reason == "too many sessions"
 
 
 async def test_time_rating_cannot_place_is_charged_later_not_lost(pool: asyncpg.Pool, store: SecretStore) -> None:

@@ -31,7 +31,7 @@ from billcore.server.calls import CallSpec
 from billcore.common.config import Config
 from billcore.server.context import CoreContext
 from billcore.server.core import build_calls
-from billcore.radius_calls import SecretStore
+from billcore.radius.secrets import SecretStore
 from tests.test_tariffs_api import Ctx
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "tariffs.md"

@@ -72,7 +72,7 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
     database gone (so monitoring sees an outage shorter than the probe's interval)."""
     from billcore.api import money_calls, netflow_calls, periodic, portal_calls, reports, tariffs
-    from billcore.radius_calls import calls as radius_calls
+    from billcore.api.radius import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
@@ -209,7 +209,7 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             for role in edge_roles(config):
                 await ensure_service_login(conn, config.data_dir, role)
 
-        from billcore.radius_calls import SecretStore
+        from billcore.radius.secrets import SecretStore
 
         key = SecretStore.load_or_create_key(config.secret_key_path)  # read once: RADIUS secrets and URFA mock salts
         secret_store = SecretStore(key)

@@ -1,0 +1,264 @@
+"""URFA calls of RADIUS: the radius process's (authorize, accounting, the NAS
+table, the stale sweep) and the operators' (NAS devices, pools, links,
+sessions, disconnect).
+
+System calls (kinds ``{"system"}``, right ``radius.serve``):
+
+* ``radius.authorize(request)`` / ``radius.authorize_many(requests)`` — an
+  Access-Request as ``radius.requests.auth_request`` builds it; answer
+  ``{"accept", "account_id", "reply"}`` or ``{"accept": false, "reason",
+  "reply"}`` with ``reply`` a list of ``[attribute, value]``.
+* ``radius.accounting(record)`` — an Accounting-Request; answer
+  ``{"session"}`` (``"ended": true`` for a session that had ended),
+  ``{"closed"}`` for Accounting-On/Off or ``{"ignored"}``.  Block changes
+  and the ``session.*`` plugin hooks are announced after the commit.
+
+Maps become records (``billcore.radius.records``) here and records maps;
+every rule is in ``billcore.radius``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import zoneinfo
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from billcore.api import announce, handler, need_int, page, who
+from billcore.billing import audit
+from billcore.billing.ledger_errors import InvalidValue
+from billcore.common.errors import UnknownObject
+from billcore.db.rows import DbConnection
+from billcore.radius.accounting import apply_accounting
+from billcore.radius.authorize import Authorizer, authorize
+from billcore.radius.nas import (
+    add_link,
+    add_nas,
+    add_pool,
+    delete_link,
+    delete_nas,
+    delete_pool,
+    edit_link,
+    edit_nas,
+    edit_pool,
+    link_list,
+    nas_list,
+    pool_list,
+)
+from billcore.radius.records import read_access_request, read_accounting_record
+from billcore.radius.secrets import SecretStore
+from billcore.radius.sessions import PAGE, active_sessions, close_stale
+from billcore.server.calls import CallSpec
+from billcore.server.context import CoreContext
+
+__all__ = ["calls", "MAX_BATCH"]
+
+SYSTEM: Final = frozenset({"system"})
+ADMIN: Final = frozenset({"admin", "system"})
+MAX_BATCH: Final = 1024
+MA_NOTICE: Final = (
+    "require_message_authenticator is on (the default, BlastRADIUS protection): Access-Requests"
+    " from this NAS without a Message-Authenticator attribute are dropped unanswered, and the radius"
+    " log says so once a minute. Configure the NAS to send it; only for a NAS that cannot, use"
+    " radius.nas_edit require_message_authenticator=false.")
+_NAS_FIELDS: Final = {"name": "str?", "address": "ip?", "secret": "str?", "require_message_authenticator": "bool?",
+                      "coa_port": "int?", "disconnect_mode": "str?", "blocked_profile": "list?"}
+_LINK_FIELDS: Final = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?", "session_limit": "int?",
+                       "interim_interval": "int?", "rate_limit": "str?", "cisco_avpairs": "list?"}
+# the lists grow with NAS devices, pools, logins and sessions: paged; the rest is one record
+# (radius.authorize_many answers as many decisions as it was given, at most MAX_BATCH)
+_PAGED: Final = frozenset({"radius.nas_list", "radius.nas_show", "radius.pool_list", "radius.link_list",
+                           "radius.sessions"})
+
+
+def _redacted(args: dict[str, Any]) -> dict[str, Any]:
+    """Arguments for the audit row: secrets only as changed."""
+    return {name: ("<changed>" if name in ("secret", "password") else value)
+            for name, value in args.items() if value is not None}
+
+
+def _given(args: dict[str, Any]) -> dict[str, Any]:
+    """An optional argument sent as nil means its default."""
+    return {name: value for name, value in args.items() if value is not None}
+
+
+def calls(core: CoreContext) -> list[CallSpec]:
+    tz = zoneinfo.ZoneInfo(core.config.core.timezone)
+    store: SecretStore = core.extras.get("secret_store") or SecretStore.from_config(core.config)
+    core.extras["secret_store"] = store
+    pool = core.pool
+    authorizer = Authorizer(pool, store, tz)
+
+    @contextlib.asynccontextmanager
+    async def admin_tx(ctx: Any, action: str, obj: str, after: Any) -> AsyncIterator[DbConnection]:
+        """One transaction for an admin write and its audit row.  A database
+        refusal (duplicate name, bad range) rolls both back and answers its
+        documented code (``billcore.server.wire_errors``), never PostgreSQL's text."""
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+            await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())
+
+    async def authorize_one(ctx: Any, request: dict[str, Any]) -> dict[str, Any]:
+        async with pool.acquire() as conn:
+            decision = await authorize(conn, store, read_access_request(request), core.now(), tz=tz)
+        return decision.wire()
+
+    async def authorize_batch(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not 1 <= len(requests) <= MAX_BATCH or not all(isinstance(request, dict) for request in requests):
+            raise InvalidValue(f"requests: a list of 1..{MAX_BATCH} maps")
+        decisions = await authorizer.decide([read_access_request(request) for request in requests], core.now())
+        return [decision.wire() for decision in decisions]
+
+    async def accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
+        accounting_record = read_accounting_record(record)
+        async with pool.acquire() as conn, conn.transaction():
+            result = await apply_accounting(conn, accounting_record, core.now(), tz=tz)
+        await announce(core, result.block_changes)
+        for hook in result.hooks:
+            await core.fire(hook.event, hook.payload)
+        return result.wire()
+
+    @handler  # a bad page answers billing.invalid, not internal
+    async def nas_for_radius(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
+        async with pool.acquire() as conn:
+            return [nas.wire() for nas in await nas_list(conn, store, with_secrets=True, limit=limit, offset=offset)]
+
+    @handler  # a bad page answers billing.invalid, not internal
+    async def nas_show(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
+        async with pool.acquire() as conn:
+            return [nas.wire() for nas in await nas_list(conn, store, with_secrets=False, limit=limit, offset=offset)]
+
+    async def nas_add(ctx: Any, **args: Any) -> dict[str, Any]:
+        args = _given(args)
+        async with admin_tx(ctx, "radius.nas_add", f"nas:{args.get('name')}", _redacted(args)) as conn:
+            nas_id = await add_nas(conn, store, **args)
+        core.publish("radius.nas", {"changed": nas_id})
+        required = args.get("require_message_authenticator", True)
+        return {"id": nas_id, "require_message_authenticator": required, "notice": MA_NOTICE if required else ""}
+
+    async def nas_edit(ctx: Any, id: int, **args: Any) -> bool:
+        async with admin_tx(ctx, "radius.nas_edit", f"nas:{id}", _redacted(args)) as conn:
+            done = await edit_nas(conn, store, id, **args)
+        core.publish("radius.nas", {"changed": id})
+        return done
+
+    async def nas_delete(ctx: Any, id: int, force: bool = False) -> bool:
+        async with admin_tx(ctx, "radius.nas_delete", f"nas:{id}", {"force": bool(force)}) as conn:
+            done = await delete_nas(conn, id, core.now(), bool(force))
+        core.publish("radius.nas", {"deleted": id})
+        return done
+
+    async def pool_add(ctx: Any, **args: Any) -> int:
+        args = _given(args)
+        async with admin_tx(ctx, "radius.pool_add", f"pool:{args.get('name')}", args) as conn:
+            return await add_pool(conn, **args)
+
+    async def pool_edit(ctx: Any, id: int, **args: Any) -> bool:
+        async with admin_tx(ctx, "radius.pool_edit", f"pool:{id}", _redacted(args)) as conn:
+            return await edit_pool(conn, id, **args)
+
+    async def pool_delete(ctx: Any, id: int) -> bool:
+        async with admin_tx(ctx, "radius.pool_delete", f"pool:{id}", None) as conn:
+            return await delete_pool(conn, id)
+
+    @handler  # a bad page answers billing.invalid, not internal
+    async def pools(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
+        async with pool.acquire() as conn:
+            return [ip_pool.wire() for ip_pool in await pool_list(conn, limit, offset)]
+
+    async def link_add(ctx: Any, **args: Any) -> int:
+        args = _given(args)
+        async with admin_tx(ctx, "radius.link_add", f"account:{args.get('account_id')}", _redacted(args)) as conn:
+            return await add_link(conn, store, **args)
+
+    async def link_edit(ctx: Any, id: int, **args: Any) -> bool:
+        async with admin_tx(ctx, "radius.link_edit", f"radius_link:{id}", _redacted(args)) as conn:
+            return await edit_link(conn, store, id, **args)
+
+    async def link_delete(ctx: Any, id: int, force: bool = False) -> bool:
+        async with admin_tx(ctx, "radius.link_delete", f"radius_link:{id}", {"force": bool(force)}) as conn:
+            return await delete_link(conn, id, core.now(), bool(force))
+
+    @handler  # a bad page answers billing.invalid, not internal
+    async def links(ctx: Any, account_id: int | None = None, login: str | None = None, limit: int = PAGE,
+                    offset: int = 0) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
+        async with pool.acquire() as conn:
+            return [link.wire() for link in await link_list(conn, account_id, login, limit, offset)]
+
+    @handler  # a bad page answers billing.invalid, not internal
+    async def sessions(ctx: Any, account_id: int | None = None, limit: int = PAGE, offset: int = 0
+                       ) -> list[dict[str, Any]]:
+        limit, offset = page(limit, offset, PAGE)
+        async with pool.acquire() as conn:
+            return [session.wire() for session in await active_sessions(conn, account_id, limit=limit, offset=offset)]
+
+    async def sweep_stale(ctx: Any, timeout: int) -> int:
+        need_int("timeout", timeout, 1, 10 * 366 * 86400)   # seconds; a timedelta of 2^63 s overflows
+        async with pool.acquire() as conn, conn.transaction():
+            return await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
+
+    async def disconnect(ctx: Any, session: int) -> dict[str, Any]:
+        async with pool.acquire() as conn:
+            found = await active_sessions(conn, None, session)
+        if not found:
+            raise UnknownObject(f"no active session {session}")
+        core.publish("radius.disconnect", {"sessions": [active.wire() for active in found]})
+        return {"requested": True, "session": found[0].id}
+
+    specs = [
+        CallSpec("radius.authorize", authorize_one, right="radius.serve", kinds=SYSTEM, args={"request": "map"},
+                 result="map", doc="Decide an Access-Request: {accept, reply: [[attribute, value]…]}."),
+        CallSpec("radius.authorize_many", authorize_batch, right="radius.serve", kinds=SYSTEM,
+                 args={"requests": "list"}, result="list",
+                 doc=f"Decide up to {MAX_BATCH} Access-Requests at once; the decisions in the same order."),
+        CallSpec("radius.accounting", accounting, right="radius.serve", kinds=SYSTEM, args={"record": "map"},
+                 result="map", doc="Apply an Accounting-Request (idempotent)."),
+        CallSpec("radius.nas_list", nas_for_radius, right="radius.serve", kinds=SYSTEM, result="list",
+                 doc="NAS devices with their shared secrets (for the radius process)."),
+        CallSpec("radius.close_stale", sweep_stale, right="radius.serve", kinds=SYSTEM, args={"timeout": "int"},
+                 result="int", doc="End sessions silent for `timeout` seconds; return how many."),
+        CallSpec("radius.nas_show", nas_show, right="radius.read", kinds=ADMIN, result="list",
+                 doc="NAS devices, without secrets."),
+        CallSpec("radius.nas_add", nas_add, right="radius.nas", kinds=ADMIN,
+                 args={**_NAS_FIELDS, "name": "str", "address": "ip", "secret": "str"},
+                 result="map", doc="Add a NAS device; returns {id, require_message_authenticator, notice}:"
+                 " notice is non-empty when Access-Requests without Message-Authenticator will be dropped."),
+        CallSpec("radius.nas_edit", nas_edit, right="radius.nas", kinds=ADMIN, args={"id": "int", **_NAS_FIELDS},
+                 result="bool", doc="Change fields of a NAS device (the radius process reloads its table)."),
+        CallSpec("radius.nas_delete", nas_delete, right="radius.nas", kinds=ADMIN,
+                 args={"id": "int", "force": "bool?"}, result="bool",
+                 doc="Delete a NAS device and its session history (force: end its active sessions)."),
+        CallSpec("radius.pool_add", pool_add, right="radius.pools", kinds=ADMIN,
+                 args={"name": "str", "first": "ip", "last": "ip"}, result="int", doc="Add an IPv4 pool."),
+        CallSpec("radius.pool_edit", pool_edit, right="radius.pools", kinds=ADMIN,
+                 args={"id": "int", "name": "str?", "first": "ip?", "last": "ip?"}, result="bool",
+                 doc="Rename or resize a pool (refused if a lease would fall outside)."),
+        CallSpec("radius.pool_delete", pool_delete, right="radius.pools", kinds=ADMIN, args={"id": "int"},
+                 result="bool", doc="Delete a pool no link uses."),
+        CallSpec("radius.pool_list", pools, right="radius.read", kinds=ADMIN, result="list",
+                 doc="Pools with their size and leased count."),
+        CallSpec("radius.link_add", link_add, right="radius.links", kinds=ADMIN,
+                 args={"account_id": "int", "login": "str", "password": "str", **_LINK_FIELDS},
+                 result="int", doc="Give an account a RADIUS login (password stored encrypted)."),
+        CallSpec("radius.link_edit", link_edit, right="radius.links", kinds=ADMIN,
+                 args={"id": "int", "login": "str?", "password": "str?", "disabled": "bool?", **_LINK_FIELDS},
+                 result="bool", doc="Change fields of a RADIUS login (pool \"\" or static_ip \"\" removes it)."),
+        CallSpec("radius.link_delete", link_delete, right="radius.links", kinds=ADMIN,
+                 args={"id": "int", "force": "bool?"}, result="bool",
+                 doc="Delete a RADIUS login and its session history (force: end its active sessions)."),
+        CallSpec("radius.link_list", links, right="radius.read", kinds=ADMIN,
+                 args={"account_id": "int?", "login": "str?"}, result="list",
+                 doc="RADIUS logins (without passwords), of one account, one login, or all."),
+        CallSpec("radius.sessions", sessions, right="radius.read", kinds=ADMIN, args={"account_id": "int?"},
+                 result="list", doc="Active sessions, of one account or all."),
+        CallSpec("radius.disconnect", disconnect, right="radius.disconnect", kinds=ADMIN, args={"session": "int"},
+                 result="map", doc="Ask the radius process to disconnect an active session."),
+    ]
+    return [dataclasses.replace(spec, args={**spec.args, "limit": "int?", "offset": "int?"}, bound=f"page:{PAGE}")
+            if spec.name in _PAGED else dataclasses.replace(spec, bound="fixed") for spec in specs]
