@@ -45,14 +45,9 @@ def wait_for(check: Callable[[], Result], timeout: float = DEFAULT_TIMEOUT,
 async def eventually(check: Callable[[], Result], timeout: float = DEFAULT_TIMEOUT,
                      every: float = POLL_EVERY, what: str = "condition") -> Result:
     """Yield to the loop until ``check()`` is truthy and return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise _gave_up(what, timeout, value)
-        await asyncio.sleep(every)
+    async def awaited() -> Result:
+        return check()
+    return await eventually_awaited(awaited, timeout, every, what)
 
 
 async def eventually_awaited(check: Callable[[], Awaitable[Result]], timeout: float = DEFAULT_TIMEOUT,
