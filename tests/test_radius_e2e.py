@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,17 +152,6 @@ async def wait_until(check: Any, timeout: float = 15.0, every: float = 0.2) -> f
     raise AssertionError(f"not true within {timeout}s")
 
 
-def metric(bc: BillcoreProcess, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{bc.metrics_port}/metrics", timeout=5).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
-        if m and (not want or all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items())):
-            total += float(m.group(2))
-    return total
-
-
 async def acct(s: Stack, status: str, session: str, login: str = "alice", extra: str = "") -> str:
     rc, out = await radclient(s.acct_port, "acct", f'User-Name = "{login}", Acct-Session-Id = "{session}",'
                                                    f' Acct-Status-Type = {status}{extra}')
@@ -261,11 +249,11 @@ async def send_from_one_port(port: int, datagrams: list[bytes], gap: float) -> l
 
 
 async def test_a_retransmission_is_answered_from_the_cache(stack: Stack) -> None:
-    before = metric(stack.bc, "billcore_radius_duplicates_total")
+    before = stack.bc.metric("billcore_radius_duplicates_total")
     packet = access_request("bob", "builder")
     replies = await send_from_one_port(stack.auth_port, [packet, packet], gap=1.0)
     assert len(replies) == 2 and replies[0] == replies[1] and replies[0][0] == 2  # the same Access-Accept
-    assert metric(stack.bc, "billcore_radius_duplicates_total") == before + 1
+    assert stack.bc.metric("billcore_radius_duplicates_total") == before + 1
 
 
 # -- admin changes reach the NAS's answers ------------------------------------------
@@ -399,7 +387,7 @@ async def test_radius_recovers_after_the_core_is_killed(stack: Stack) -> None:
     bc = stack.bc
     core_pid = int(bc.wait_for(r'role=core pid=(\d+) .*msg="core serving"').group(1))
     mark = len(bc.log())
-    dropped_before = metric(bc, "billcore_radius_dropped_total", reason="core_unavailable")
+    dropped_before = bc.metric("billcore_radius_dropped_total", reason="core_unavailable")
     os.kill(core_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     await wait_until(lambda: _true(not pid_alive(core_pid)), timeout=5, every=0.05)
@@ -416,7 +404,7 @@ async def test_radius_recovers_after_the_core_is_killed(stack: Stack) -> None:
     new_pid = int(bc.wait_for(r'role=core pid=(\d+) .*msg="core serving"', after=mark).group(1))
     assert new_pid != core_pid
     bc.wait_for(r'role=radius .*msg="core connected"', after=mark)
-    assert metric(bc, "billcore_radius_dropped_total", reason="core_unavailable") > dropped_before
+    assert bc.metric("billcore_radius_dropped_total", reason="core_unavailable") > dropped_before
     # the radius process itself was never restarted
     assert not re.search(r'child died.*child=radius', bc.log()[mark:])
     # accounting works again too, and the admin can reconnect and see it
