@@ -24,6 +24,7 @@ from urfa.messages import Challenge, Login, Proof, Welcome
 
 from .test_urfa_harness import ITER, FakeClock, running_service
 from .waiting import eventually
+from tests.conftest import need_peer
 
 CFG = dict(secret=b"k" * 32, mock_iterations=ITER)
 
@@ -405,8 +406,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
+    need_peer(shutil.which("openssl") is not None, "the openssl CLI (Debian openssl) is not installed")
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
