@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from pyrad.packet import AccessRequest, AuthPacket
 
@@ -50,6 +51,7 @@ class Stack:
     acct_port: int
     nas: NasSimulator
     nas_id: int
+    dsn: str
     accounts: dict[str, int] = field(default_factory=dict)
     links: dict[str, int] = field(default_factory=dict)
 
@@ -94,7 +96,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         nas_id = (await admin.call("radius.nas_add", {"name": "sim", "address": "127.0.0.1", "secret": SECRET,
                                                       "coa_port": nas_port,
                                                       "require_message_authenticator": False}))["id"]
-        s = Stack(bc, admin, auth_port, acct_port, sim, nas_id)
+        s = Stack(bc, admin, auth_port, acct_port, sim, nas_id, with_database(pg_server_dsn, db))
         await admin.call("radius.pool_add", {"name": "dyn", "first": "10.77.0.10", "last": "10.77.0.20"})
         s.accounts["alice"] = await subscriber(admin, "alice", PAID)
         s.links["alice"] = await admin.call("radius.link_add", {
@@ -150,6 +152,22 @@ async def wait_until(check: Any, timeout: float = 15.0, every: float = 0.2) -> f
             return time.monotonic() - start
         await asyncio.sleep(every)
     raise AssertionError(f"not true within {timeout}s")
+
+
+async def ended_session(s: Stack, session_id: str) -> tuple[asyncpg.Record, int]:
+    """The core's row of a session the NAS stopped, and the sum of its time
+    charges in the ledger (booked by commit_usage as ``usage radius:<nas>:<id>@<seconds>``)."""
+    conn = await asyncpg.connect(s.dsn)
+    try:
+        row = await conn.fetchrow("SELECT * FROM radius_sessions WHERE nas_id = $1 AND session_id = $2",
+                                  s.nas_id, session_id)
+        charged = await conn.fetchval(
+            "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'charge' AND reference LIKE $1",
+            f"usage radius:{s.nas_id}:{session_id}@%")
+    finally:
+        await conn.close()
+    assert row is not None, f"no session {session_id} in the core"
+    return row, int(charged)
 
 
 async def acct(s: Stack, status: str, session: str, login: str = "alice", extra: str = "") -> str:
@@ -221,6 +239,10 @@ async def test_accounting_opens_updates_charges_and_closes_the_session(stack: St
     # a Stop sent again (the NAS missed our answer) charges nothing more
     await acct(stack, "Stop", "E2E-1", extra=", Acct-Session-Time = 90, Acct-Terminate-Cause = User-Request")
     assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] == before - 90_000
+    # closed in the core with the NAS's last counters; 90 s at 1 000 micro-units a second in the ledger, once
+    row, charged = await ended_session(stack, "E2E-1")
+    assert row["ended_at"] is not None and row["end_reason"] == "stop:1" and row["session_time"] == 90, dict(row)
+    assert charged == -90 * PRICE_PER_HOUR // 3600 and row["charged"] == 90 * PRICE_PER_HOUR // 3600, dict(row)
 
 
 def access_request(login: str, password: str) -> bytes:
@@ -373,6 +395,10 @@ async def test_time_charged_into_debt_blocks_and_disconnects(stack: Stack) -> No
     assert "Access-Reject" in out, out
     assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] == -100_000
     await acct(stack, "Stop", "E2E-DEBT", extra=", Acct-Session-Time = 200, Acct-Terminate-Cause = Admin-Reset")
+    # the Stop closed the session in the core; its 200 s were charged once, at the Interim
+    row, charged = await ended_session(stack, "E2E-DEBT")
+    assert row["ended_at"] is not None and row["end_reason"] == "stop:6" and row["session_time"] == 200, dict(row)
+    assert charged == -200 * PRICE_PER_HOUR // 3600 and row["charged"] == 200 * PRICE_PER_HOUR // 3600, dict(row)
     # paying lifts the automatic block: accepted again
     await stack.admin.call("payments.add", {"account_id": acc, "amount": PAID, "method": "cash",
                                             "external_id": "e2e-alice-2"})
