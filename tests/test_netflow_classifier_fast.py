@@ -19,6 +19,7 @@ import bisect
 import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ class Reference:
     def __init__(self, snapshot: Snapshot) -> None:
         self.default_class = snapshot.default_class
         by_range: dict[tuple[int, int], list[Binding]] = {}
-        for b in snapshot.bindings:
+        for b in listed(snapshot):
             if not 0 < b.account < 1 << 32:
                 raise ClassifierError("account out of range")
             to = TIME_LIMIT + 1 if b.valid_to_ms is None else b.valid_to_ms
@@ -145,7 +146,7 @@ class Reference:
         self.rules = [self._rule(r) for r in snapshot.rules]
 
     @staticmethod
-    def _rule(rule: TrafficRule) -> dict:
+    def _rule(rule: TrafficRule) -> dict[str, Any]:
         def ints(values: tuple[int, ...]) -> np.ndarray | None:
             return np.array(values, dtype=np.int64) if values else None
 
@@ -300,6 +301,12 @@ def patched(name: str, value: object) -> Iterator[None]:
         setattr(C, name, saved)
 
 
+def listed(snapshot: Snapshot) -> tuple[Binding, ...]:
+    """The snapshots drawn here list their bindings (never the columnar form)."""
+    assert isinstance(snapshot.bindings, tuple)
+    return snapshot.bindings
+
+
 def pair(value: int) -> tuple[int, int]:
     return value >> 64, value & _MASK64
 
@@ -369,7 +376,7 @@ def edge_addresses(snapshot: Snapshot) -> list[int]:
     """Both ends of every bound and rule range, one step outside each, and some fixed points."""
     out = [v4("0.0.0.0"), v4("255.255.255.255"), V4_MAPPED - 1, V4_MAPPED | (1 << 32), 0, 1, _MASK64,
            1 << 64, (1 << 128) - 1, int(ipaddress.IPv6Address("2001:db8::5"))]
-    prefixes_seen = [b.prefix for b in snapshot.bindings]
+    prefixes_seen = [b.prefix for b in listed(snapshot)]
     for r in snapshot.rules:
         prefixes_seen += list(r.local) + list(r.remote)
     for p in prefixes_seen:
@@ -380,14 +387,23 @@ def edge_addresses(snapshot: Snapshot) -> list[int]:
 
 def times(snapshot: Snapshot) -> list[int]:
     out = [-5, 0, T0 - 1, TIME_LIMIT, TIME_LIMIT + 5]
-    for b in snapshot.bindings:
+    for b in listed(snapshot):
         out += [b.valid_from_ms - 1, b.valid_from_ms]
         if b.valid_to_ms is not None:
             out += [b.valid_to_ms - 1, b.valid_to_ms]
     return out
 
 
-def make_flows(draw: st.DrawFn, snapshot: Snapshot, n: int) -> np.ndarray:
+Drawn = TypeVar("Drawn")
+
+
+class Draw(Protocol):
+    """``st.DrawFn`` or ``DataObject.draw``: both draw a value from a strategy."""
+
+    def __call__(self, strategy: st.SearchStrategy[Drawn], /) -> Drawn: ...
+
+
+def make_flows(draw: Draw, snapshot: Snapshot, n: int) -> np.ndarray:
     """Flows mostly aimed at one binding: an edge of its range at an edge of its window."""
     addrs = edge_addresses(snapshot)
     when = times(snapshot)
@@ -412,7 +428,8 @@ def make_flows(draw: st.DrawFn, snapshot: Snapshot, n: int) -> np.ndarray:
         return draw(st.sampled_from(edges))
 
     for i in range(n):
-        b = draw(st.sampled_from(snapshot.bindings)) if snapshot.bindings and draw(st.booleans()) else None
+        aimed = bool(listed(snapshot)) and draw(st.booleans())
+        b = draw(st.sampled_from(listed(snapshot))) if aimed else None
         local = draw(st.sampled_from(["src", "dst"]))
         for side in ("src", "dst", "exporter"):
             flows[i][f"{side}_hi"], flows[i][f"{side}_lo"] = pair(address(b if side == local else None))

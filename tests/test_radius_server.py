@@ -193,6 +193,7 @@ async def test_retransmission_is_answered_from_cache_and_decided_once() -> None:
         before_dup = counter("billcore_radius_duplicates_total")
         before_drop = counter("billcore_radius_dropped_total", reason="duplicate_in_progress")
         need_peer(RADCLIENT is not None, "radclient (Debian freeradius-utils) is not installed")
+        assert RADCLIENT is not None
         proc = await asyncio.create_subprocess_exec(
             RADCLIENT, "-x", "-t", "0.6", "-r", "4", f"127.0.0.1:{r.acct_port}", "acct", SECRET,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
