@@ -259,7 +259,7 @@ async def test_postmaster_killed_under_load_recovers_by_itself(workdir: Path) ->
         radius = asyncio.create_task(radius_load(auth_port, stop_radius, radius_answers))
         payments = asyncio.create_task(pay(admin, account, amounts, gap=0.1))
         flows.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)   # part of the scenario: the fault comes while the load is running
         victim = postmaster_pid(workdir)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
