@@ -51,7 +51,7 @@ class BillcoreProcess:
             lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
         self.config_path = workdir / "billcore.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
-        self.log_path = workdir / "billcore.common.log"
+        self.log_path = workdir / "billcore.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BillcoreProcess:
