@@ -38,6 +38,10 @@ if [ -z "$python" ]; then
 fi
 logs=${FLAKE_LOG_DIR:-$(mktemp -d /tmp/flake-loop.XXXXXX)}
 mkdir -p "$logs"
+# each run's tmp_path root is its own (not the /tmp/pytest-of-<user> that other
+# pytest sessions of the same user clean up); the embedded PostgreSQL runs as
+# the pgserver user, which must reach its data directory below it
+chmod 755 "$logs"
 
 hog_pids=()
 stop_hogs() {
@@ -61,8 +65,9 @@ failed_runs=0
 for run in $(seq "$runs"); do
   log="$logs/run-$run.log"
   started=$(date +%s)
-  "$python" -m pytest -q -p no:cacheprovider -rfE "$@" >"$log" 2>&1
+  "$python" -m pytest -q -p no:cacheprovider -rfE --basetemp="$logs/tmp" "$@" >"$log" 2>&1
   rc=$?
+  rm -rf "$logs/tmp"
   took=$(( $(date +%s) - started ))
   summary=$(grep -E '^=+ .*(passed|failed|error).* =+$|^[0-9]+ (passed|failed)' "$log" | tail -1)
   if [ "$rc" = 0 ]; then
