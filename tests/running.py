@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class BillcoreProcess:
             lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
         self.config_path = workdir / "billcore.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
-        self.log_path = workdir / "billcore.common.log"
+        self.log_path = workdir / "billcore.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BillcoreProcess:
@@ -78,6 +79,18 @@ class BillcoreProcess:
                 break
             time.sleep(0.05)
         raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log()[-4000:]}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``
+        on the metrics endpoint now (0 when there is none)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
+            if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
 
     def child_pid(self, role: str, after: int = 0) -> int:
         m = self.wait_for(rf"role={role} pid=(\d+) .*msg=\"{role} serving\"", after=after)

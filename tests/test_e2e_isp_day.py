@@ -105,7 +105,8 @@ async def test_a_subscribers_day(tmp_path: Path, db_dsn: str) -> None:
         assert "Accounting-Response" in out, out
 
         # the router exports the subscriber's traffic; the address is bound to the account
-        # from the session's start on, so the flows begin after it
+        # from the session's start on, so the flows begin after it (part of the scenario:
+        # the flows' wall-clock timestamps must be later than the session's start)
         await asyncio.sleep(1.0)
         now_ms = int(time.time() * 1000)
         flows = [FlowSpec(ip, REMOTE, 50000 + i, 443, 6, 1_000_000 + 37 * i, 900, now_ms - 300, now_ms)

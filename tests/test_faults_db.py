@@ -38,6 +38,7 @@ from tests.conftest import free_port
 from tests.running import BillcoreProcess, pid_alive
 from tests.test_netflow_kill import sender
 from tests.test_netflow_worker_support import charged, recent_ms, setup_accounts
+from tests.waiting import eventually
 from urfa.client import Client, connect
 from urfa.errors import CallFailed, URFAError
 
@@ -192,10 +193,10 @@ def access_request(login: str) -> bytes:
     return bytes(pkt.RequestPacket())
 
 
-async def radius_load(port: int, stop: asyncio.Event) -> list[float]:
-    """An Access-Request every 0.2 s; when each answer came (monotonic)."""
+async def radius_load(port: int, stop: asyncio.Event, answered: list[float]) -> list[float]:
+    """An Access-Request every 0.2 s; when each answer came (monotonic), appended to
+    ``answered`` as it comes (a test may wait on it) and returned at the end."""
     loop = asyncio.get_running_loop()
-    answered: list[float] = []
 
     class Collect(asyncio.DatagramProtocol):
         def datagram_received(self, data: bytes, addr: object) -> None:
@@ -254,10 +255,11 @@ async def test_postmaster_killed_under_load_recovers_by_itself(workdir: Path) ->
         done = threading.Event()
         flows = threading.Thread(target=sender, args=(nf_port, packets, RATE, done), daemon=True)
         stop_radius = asyncio.Event()
-        radius = asyncio.create_task(radius_load(auth_port, stop_radius))
+        radius_answers: list[float] = []
+        radius = asyncio.create_task(radius_load(auth_port, stop_radius, radius_answers))
         payments = asyncio.create_task(pay(admin, account, amounts, gap=0.1))
         flows.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)   # part of the scenario: the fault comes while the load is running
         victim = postmaster_pid(workdir)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -270,7 +272,8 @@ async def test_postmaster_killed_under_load_recovers_by_itself(workdir: Path) ->
         caught_up = time.monotonic() - killed_at
         await asyncio.to_thread(scraper.wait_db_up, [1.0, 0.0, 1.0])
         bc.wait_for(r'msg="embedded postgresql restarted"', timeout=20)
-        await asyncio.sleep(0.5)  # RADIUS answers again after recovery
+        await eventually(lambda: any(t > killed_at for t in radius_answers),
+                         what="RADIUS answers again after recovery")
         stop_radius.set()
         answered = await radius
         scraper.stop.set()
@@ -398,9 +401,13 @@ async def test_external_database_outage_is_reported(workdir: Path) -> None:
             assert scraper.get("/ready")[0] == 200 and scraper.get("/health")[0] == 200
             await asyncio.to_thread(db.stop)
             bc.wait_for(r'msg="database unreachable; calls answer core.db_unavailable', timeout=15)
-            await asyncio.sleep(0.5)
-            status, body = scraper.get("/ready")
-            assert status == 503 and "database" in body
+
+            def not_ready() -> tuple[int, str] | None:
+                got = scraper.get("/ready")
+                return got if got[0] == 503 else None
+
+            status, body = await eventually(not_ready, what="/ready answering 503")
+            assert "database" in body
             assert scraper.get("/health")[0] == 200, "the core itself is alive"
             await asyncio.to_thread(db.start)
             await asyncio.to_thread(scraper.wait_db_up, [1.0, 0.0, 1.0])

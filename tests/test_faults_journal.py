@@ -40,6 +40,7 @@ from netflow.worker import JournalTail, plan_resume
 from tests.conftest import need_peer
 from tests.test_netflow_worker import bc_port
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts
+from tests.waiting import eventually
 
 ADDRESSES = [f"10.23.0.{i}" for i in range(1, 9)]
 PER_PACKET = 30  # v5 flows per datagram
@@ -374,8 +375,15 @@ async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: 
         burst = build_v5([FlowSpec(ADDRESSES[0], "203.0.113.9", 1000, 443, 6, flow, 3, at, at + 500)] * 30 * 3000,
                          ExportClock(at - 3_600_000, at + 5_000), flow_sequence=5_000_000)
         send(port, burst)
-        await asyncio.sleep(1.0)
-        text = metrics(bc)
+
+        def burst_accounted() -> str | None:
+            # every datagram of the burst either journaled or counted as dropped
+            text = metrics(bc)
+            dropped = metric(text, "netflow_drops_total", worker="0", reason="disk_full") or 0.0
+            journaled = (metric(text, "netflow_packets_received_total", worker="0") or 0.0) - before  # type: ignore[operator]
+            return text if journaled + dropped >= len(burst) else None
+
+        text = await eventually(burst_accounted, what=f"{len(burst)} datagrams journaled or dropped")
         dropped = metric(text, "netflow_drops_total", worker="0", reason="disk_full")
         journaled = metric(text, "netflow_packets_received_total", worker="0") - before  # type: ignore[operator]
         assert dropped and dropped > 0, "nothing was counted as dropped for a full disk"
@@ -394,6 +402,8 @@ async def test_full_journal_volume_drops_counted_and_recovers_exactly(tmp_path: 
 
         # space returns: journaling resumes by itself; the worker never restarted
         filler.unlink()
+        # part of the scenario: the receiver probes free space at most every PROBE_INTERVAL
+        # (0.5 s, netflow.worker) and only on a write; let that interval elapse
         await asyncio.sleep(1.0)
         packets, per_addr = v5_packets(at, 3, 300)
         send(port, packets)

@@ -1,18 +1,25 @@
-"""The fast classifier and aggregate answer exactly what the previous implementation answered.
+"""The fast classifier and aggregate answer exactly what a plain one answers.
 
-`Reference` below is the classifier and aggregate as they were before the
-direct v4 table, the per-segment latest window, the high-half search and the
-dense/positional group sums (binary searches for everything, a stable argsort
-for the sums), kept verbatim as the oracle. Hypothesis draws snapshots (v4
-and v6 prefixes of every length, time windows, nested or overlapping ones
-that must be refused alike) and flows aimed at range and window edges.
+The oracle shares nothing with the code under test's address handling:
+`OracleRanges` builds address sets from `ipaddress` networks and looks each
+address up with Python ints and `bisect` (not the S16 keys, the low/high
+split or the direct v4 table; a rule's prefixes are merged by
+`ipaddress.collapse_addresses`, not by `RangeSet.union`). `Reference` is a
+plain classifier on it (a sorted search for every binding window, rules
+applied in order) and `ref_aggregate` sums groups in a dict, where the code
+has the direct table, the per-segment latest window and dense/positional
+group sums. Hypothesis draws snapshots (v4 and v6 prefixes of every length,
+time windows, nested or overlapping ones that must be refused alike) and
+flows aimed at range and window edges.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pytest
@@ -33,7 +40,6 @@ from netflow.classifier import (
     RangeSet,
     Snapshot,
     TrafficRule,
-    _s16,
     aggregate,
     prefix_range,
     prefix_ranges,
@@ -46,85 +52,84 @@ _MASK64 = (1 << 64) - 1
 T0 = 1_700_000_000_000
 
 
-# ---------------------------------------------------------------- the reference (the code as it was)
+# ---------------------------------------------------------------- the oracle's address sets
 
-class RefRangeSet:
+# Built from `ipaddress` networks and looked up one address at a time with
+# Python ints and `bisect`: nothing of the code under test (its S16 keys, its
+# low/high split, its direct v4 table, its prefix parsing or range merging).
+MAPPED_BLOCK = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def flow_network(prefix: str) -> ipaddress.IPv6Network:
+    """A prefix as a network of the flow address space, where IPv4 is v4-mapped IPv6."""
+    try:
+        net = ipaddress.ip_network(prefix, strict=True)
+    except ValueError as exc:
+        raise ClassifierError(f"bad prefix {prefix!r}") from exc
+    if isinstance(net, ipaddress.IPv4Network):
+        return ipaddress.IPv6Network((int(MAPPED_BLOCK.network_address) + int(net.network_address),
+                                      96 + net.prefixlen))
+    return net
+
+
+def flow_networks(prefix: str) -> list[ipaddress.IPv6Network]:
+    """"Any IPv6" does not mean IPv4: an IPv6 prefix wider than the v4-mapped
+    block leaves the block out (the block written as itself keeps it)."""
+    net = flow_network(prefix)
+    if ":" in prefix and net != MAPPED_BLOCK and net.supernet_of(MAPPED_BLOCK):
+        return list(net.address_exclude(MAPPED_BLOCK))
+    return [net]
+
+
+class OracleRanges:
+    """Disjoint inclusive ranges of the 128-bit flow space; ``lookup`` gives the
+    position (in the list given) of the range holding each address, -1 for none."""
+
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         order = sorted(range(len(ranges)), key=lambda k: ranges[k])
         self.starts = [ranges[k][0] for k in order]
         self.ends = [ranges[k][1] for k in order]
-        self.values = np.array(order, dtype=np.int64)
-        for k in range(1, len(order)):
-            if self.starts[k] <= self.ends[k - 1]:
-                raise ClassifierError("ranges overlap")
-        hi = np.array([s >> 64 for s in self.starts], dtype=_U64)
-        lo = np.array([s & _MASK64 for s in self.starts], dtype=_U64)
-        self._start16 = _s16(hi, lo)
-        self._end16 = _s16(
-            np.array([e >> 64 for e in self.ends], dtype=_U64),
-            np.array([e & _MASK64 for e in self.ends], dtype=_U64),
-        )
-        low = [(k, s, min(e, _MASK64)) for k, (s, e) in enumerate(zip(self.starts, self.ends)) if s <= _MASK64]
-        self._low_index = np.array([k for k, _, _ in low], dtype=np.int64)
-        self._low_start = np.array([s for _, s, _ in low], dtype=_U64)
-        self._low_end = np.array([e for _, _, e in low], dtype=_U64)
+        self.positions = order
+        if any(later <= end for end, later in zip(self.ends, self.starts[1:])):
+            raise ClassifierError("ranges overlap")
 
     @classmethod
-    def union(cls, prefixes: tuple[str, ...]) -> RefRangeSet:
-        merged: list[list[int]] = []
-        for start, end in sorted(r for p in prefixes for r in prefix_ranges(p)):
-            if merged and start <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        return cls([(s, e) for s, e in merged])
+    def of_prefixes(cls, prefixes: tuple[str, ...]) -> OracleRanges:
+        networks = ipaddress.collapse_addresses(n for p in prefixes for n in flow_networks(p))
+        return cls([(int(n.network_address), int(n.broadcast_address)) for n in networks])
 
     def lookup(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        out = np.full(len(hi), -1, dtype=np.int64)
-        if not self.starts or not len(hi):
-            return out
-        low = hi == 0
-        if low.any():
-            q = lo[low]
-            k = np.searchsorted(self._low_start, q, side="right") - 1
-            kc = np.maximum(k, 0)
-            ok = (k >= 0) & (q <= self._low_end[kc]) if len(self._low_start) else np.zeros(len(q), bool)
-            found = np.full(len(q), -1, dtype=np.int64)
-            if len(self._low_start):
-                found[ok] = self.values[self._low_index[kc[ok]]]
-            out[low] = found
-        high = ~low
-        if high.any():
-            q16 = _s16(hi[high], lo[high])
-            k = np.searchsorted(self._start16, q16, side="right") - 1
-            kc = np.maximum(k, 0)
-            ok = (k >= 0) & (q16 <= self._end16[kc])
-            found = np.full(len(q16), -1, dtype=np.int64)
-            found[ok] = self.values[kc[ok]]
-            out[high] = found
-        return out
+        found = []
+        for high, low in zip(hi.tolist(), lo.tolist()):
+            address = high << 64 | low
+            k = bisect.bisect_right(self.starts, address) - 1
+            found.append(self.positions[k] if k >= 0 and address <= self.ends[k] else -1)
+        return np.array(found, dtype=np.int64)
 
     def contains(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         return self.lookup(hi, lo) >= 0
 
 
+# ---------------------------------------------------------------- the reference classifier and aggregate
+
 class Reference:
-    """The previous `Classifier` (bindings, accounts, classify, rules) on `RefRangeSet`."""
+    """The plain `Classifier` (bindings, accounts, classify, rules) on `OracleRanges`."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.default_class = snapshot.default_class
         by_range: dict[tuple[int, int], list[Binding]] = {}
-        for b in snapshot.bindings:
+        for b in listed(snapshot):
             if not 0 < b.account < 1 << 32:
                 raise ClassifierError("account out of range")
             to = TIME_LIMIT + 1 if b.valid_to_ms is None else b.valid_to_ms
             if not 0 <= b.valid_from_ms < to <= TIME_LIMIT + 1:
                 raise ClassifierError("empty or out-of-range validity")
-            if len(prefix_ranges(b.prefix)) != 1:
+            if len(flow_networks(b.prefix)) != 1:
                 raise ClassifierError("would cover every IPv4 address")
-            by_range.setdefault(prefix_range(b.prefix), []).append(b)
+            net = flow_network(b.prefix)
+            by_range.setdefault((int(net.network_address), int(net.broadcast_address)), []).append(b)
         ranges = sorted(by_range)
-        self.segments = RefRangeSet(ranges)
+        self.segments = OracleRanges(ranges)
         keys, to_ms, accounts = [], [], []
         for seg, rng in enumerate(ranges):
             windows = sorted(by_range[rng], key=lambda b: b.valid_from_ms)
@@ -141,19 +146,19 @@ class Reference:
         self.rules = [self._rule(r) for r in snapshot.rules]
 
     @staticmethod
-    def _rule(rule: TrafficRule) -> dict:
+    def _rule(rule: TrafficRule) -> dict[str, Any]:
         def ints(values: tuple[int, ...]) -> np.ndarray | None:
             return np.array(values, dtype=np.int64) if values else None
 
         exporters = tuple(e if "/" in e else f"{e}/{32 if ':' not in e else 128}" for e in rule.exporters)
         return {
             "class_id": SKIP if rule.skip else rule.class_id,
-            "local": RefRangeSet.union(rule.local) if rule.local else None,
-            "remote": RefRangeSet.union(rule.remote) if rule.remote else None,
+            "local": OracleRanges.of_prefixes(rule.local) if rule.local else None,
+            "remote": OracleRanges.of_prefixes(rule.remote) if rule.remote else None,
             "local_ports": rule.local_ports, "remote_ports": rule.remote_ports,
             "protocols": ints(rule.protocols), "input_if": ints(rule.input_if),
             "output_if": ints(rule.output_if),
-            "exporters": RefRangeSet.union(exporters) if exporters else None,
+            "exporters": OracleRanges.of_prefixes(exporters) if exporters else None,
         }
 
     def accounts(self, hi: np.ndarray, lo: np.ndarray, at_ms: np.ndarray) -> np.ndarray:
@@ -296,6 +301,12 @@ def patched(name: str, value: object) -> Iterator[None]:
         setattr(C, name, saved)
 
 
+def listed(snapshot: Snapshot) -> tuple[Binding, ...]:
+    """The snapshots drawn here list their bindings (never the columnar form)."""
+    assert isinstance(snapshot.bindings, tuple)
+    return snapshot.bindings
+
+
 def pair(value: int) -> tuple[int, int]:
     return value >> 64, value & _MASK64
 
@@ -365,7 +376,7 @@ def edge_addresses(snapshot: Snapshot) -> list[int]:
     """Both ends of every bound and rule range, one step outside each, and some fixed points."""
     out = [v4("0.0.0.0"), v4("255.255.255.255"), V4_MAPPED - 1, V4_MAPPED | (1 << 32), 0, 1, _MASK64,
            1 << 64, (1 << 128) - 1, int(ipaddress.IPv6Address("2001:db8::5"))]
-    prefixes_seen = [b.prefix for b in snapshot.bindings]
+    prefixes_seen = [b.prefix for b in listed(snapshot)]
     for r in snapshot.rules:
         prefixes_seen += list(r.local) + list(r.remote)
     for p in prefixes_seen:
@@ -376,14 +387,23 @@ def edge_addresses(snapshot: Snapshot) -> list[int]:
 
 def times(snapshot: Snapshot) -> list[int]:
     out = [-5, 0, T0 - 1, TIME_LIMIT, TIME_LIMIT + 5]
-    for b in snapshot.bindings:
+    for b in listed(snapshot):
         out += [b.valid_from_ms - 1, b.valid_from_ms]
         if b.valid_to_ms is not None:
             out += [b.valid_to_ms - 1, b.valid_to_ms]
     return out
 
 
-def make_flows(draw: st.DrawFn, snapshot: Snapshot, n: int) -> np.ndarray:
+Drawn = TypeVar("Drawn")
+
+
+class Draw(Protocol):
+    """``st.DrawFn`` or ``DataObject.draw``: both draw a value from a strategy."""
+
+    def __call__(self, strategy: st.SearchStrategy[Drawn], /) -> Drawn: ...
+
+
+def make_flows(draw: Draw, snapshot: Snapshot, n: int) -> np.ndarray:
     """Flows mostly aimed at one binding: an edge of its range at an edge of its window."""
     addrs = edge_addresses(snapshot)
     when = times(snapshot)
@@ -408,7 +428,8 @@ def make_flows(draw: st.DrawFn, snapshot: Snapshot, n: int) -> np.ndarray:
         return draw(st.sampled_from(edges))
 
     for i in range(n):
-        b = draw(st.sampled_from(snapshot.bindings)) if snapshot.bindings and draw(st.booleans()) else None
+        aimed = bool(listed(snapshot)) and draw(st.booleans())
+        b = draw(st.sampled_from(listed(snapshot))) if aimed else None
         local = draw(st.sampled_from(["src", "dst"]))
         for side in ("src", "dst", "exporter"):
             flows[i][f"{side}_hi"], flows[i][f"{side}_lo"] = pair(address(b if side == local else None))
@@ -470,7 +491,7 @@ def test_range_lookup_equals_the_reference(data: st.DataObject, ranges: list[tup
     with patched("V4_TABLE_BLOCKS", blocks if blocks < 3 else C.V4_TABLE_BLOCKS):
         direct = RangeSet(ranges, direct=True)
     plain = RangeSet(ranges)
-    ref = RefRangeSet(ranges)
+    ref = OracleRanges(ranges)
     queries = [0, 1, V4_MAPPED - 1, V4_MAPPED, V4_MAPPED | 0xFFFFFFFF, (V4_MAPPED | 0xFFFFFFFF) + 1, _MASK64,
                1 << 64, (1 << 128) - 1]
     for s, e in ranges:

@@ -23,6 +23,7 @@ from netflow.exporter import ExportClock, FlowSpec, build_v5, build_v9
 from tests.conftest import free_port, need_peer
 from tests.test_netflow_worker import bc_port
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts, wait_charged
+from tests.waiting import wait_for
 
 LOCALS = ["10.50.0.1", "10.50.0.2", "10.50.0.3"]
 REMOTE = "198.51.100.77"
@@ -106,6 +107,16 @@ async def test_softflowd_reading_a_pcap(tmp_path: Path, db_dsn: str, version: in
         assert got == want, f"softflowd v{version}: {out}"
 
 
+def udp_rx_queue(port: int) -> int | None:
+    """Bytes waiting in the receive queue of the IPv4 UDP socket bound to
+    ``port`` (/proc/net/udp); None while no socket is bound to it."""
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
 async def test_nfreplay_of_an_nfcapd_capture(tmp_path: Path, db_dsn: str) -> None:
     need_peer(all(shutil.which(t) for t in ("nfcapd", "nfreplay")), "nfdump (nfcapd, nfreplay) is not installed")
     accounts = await setup_accounts(db_dsn, LOCALS)
@@ -122,13 +133,13 @@ async def test_nfreplay_of_an_nfcapd_capture(tmp_path: Path, db_dsn: str) -> Non
     nfcapd = subprocess.Popen(["nfcapd", "-b", "127.0.0.1", "-p", str(capture_port), "-w", str(store), "-t", "3600"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        time.sleep(1.0)
+        wait_for(lambda: udp_rx_queue(capture_port) is not None, what="nfcapd bound its port")
         clock = ExportClock(at - 60_000, at + 1000)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for p in build_v5(flows[:300], clock) + build_v9(flows[300:], clock, source_id=1):
                 s.sendto(p, ("127.0.0.1", capture_port))
-                time.sleep(0.001)
-        time.sleep(1.0)
+                time.sleep(0.001)  # part of the scenario: an exporter's pace, not a burst
+        wait_for(lambda: udp_rx_queue(capture_port) == 0, what="nfcapd read every datagram")
     finally:
         nfcapd.terminate()
         nfcapd.wait(timeout=20)

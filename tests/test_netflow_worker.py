@@ -14,6 +14,7 @@ from netflow.exporter import ExportClock, FlowSpec, build_ipfix, build_v5, build
 from netflow.snapshot import rules_from_wire
 from netflow.worker import DecoderState
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts, wait_charged
+from tests.waiting import eventually
 from urfa.client import connect
 
 ACCOUNTS_V4 = [f"10.20.0.{i}" for i in range(1, 9)]
@@ -71,11 +72,14 @@ async def test_v5_v9_ipfix_are_charged_exactly_and_kept_raw(tmp_path: Path, db_d
         counters, ledger = await charged(db_dsn)
         assert ledger == want  # 1 micro-unit per byte
         # an unknown exporter is refused: nothing more is charged
+        refused_before = bc.metric("netflow_drops_total", reason="exporter")
+        stranger = build_v5(v5[:30], clock)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.2", 0))
-            for p in build_v5(v5[:30], clock):
+            for p in stranger:
                 s.sendto(p, ("127.0.0.1", port))
-        await asyncio.sleep(1.5)
+        await eventually(lambda: bc.metric("netflow_drops_total", reason="exporter") >= refused_before + len(stranger),
+                         what="the stranger's packets counted as refused")
         assert (await charged(db_dsn))[0] == want
     # stopped cleanly: the raw store holds every leg, per account
     raw = tmp_path / "var" / "netflow" / "raw"

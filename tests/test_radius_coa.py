@@ -12,6 +12,7 @@ from radius.coa import CoaTimeout, send_dynauth, session_attributes
 from radius.nas_sim import NasSimulator
 from radius.server import load_dictionary
 from tests.conftest import need_peer
+from tests.waiting import eventually
 
 SECRET = b"nas-secret"
 DICT = load_dictionary()
@@ -60,7 +61,7 @@ async def test_retransmits_the_same_bytes_until_answered(nas: NasSimulator) -> N
         send_dynauth("127.0.0.1", nas.port, SECRET, "disconnect", [("Acct-Session-Id", "S1")], DICT,  # type: ignore[attr-defined]
                      timeout=0.2, retries=5)
     )
-    await asyncio.sleep(0.5)
+    await eventually(lambda: len(nas.packets) >= 3, what="three unanswered sends")
     nas.answer = True
     result = await task
     assert result.acked

@@ -20,12 +20,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from pyrad.packet import AccessRequest, AuthPacket
 
@@ -33,6 +33,8 @@ from radius.nas_sim import NasSimulator
 from radius.server import load_dictionary
 from tests.conftest import TEMPLATE, _create_db, _drop_db, free_port, need_peer, with_database
 from tests.running import BillcoreProcess, pid_alive
+from tests.test_radius_server import exchange
+from tests.waiting import eventually
 from urfa.client import Client, connect
 from urfa.errors import CallFailed
 
@@ -51,6 +53,7 @@ class Stack:
     acct_port: int
     nas: NasSimulator
     nas_id: int
+    dsn: str
     accounts: dict[str, int] = field(default_factory=dict)
     links: dict[str, int] = field(default_factory=dict)
 
@@ -95,7 +98,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         nas_id = (await admin.call("radius.nas_add", {"name": "sim", "address": "127.0.0.1", "secret": SECRET,
                                                       "coa_port": nas_port,
                                                       "require_message_authenticator": False}))["id"]
-        s = Stack(bc, admin, auth_port, acct_port, sim, nas_id)
+        s = Stack(bc, admin, auth_port, acct_port, sim, nas_id, with_database(pg_server_dsn, db))
         await admin.call("radius.pool_add", {"name": "dyn", "first": "10.77.0.10", "last": "10.77.0.20"})
         s.accounts["alice"] = await subscriber(admin, "alice", PAID)
         s.links["alice"] = await admin.call("radius.link_add", {
@@ -153,15 +156,20 @@ async def wait_until(check: Any, timeout: float = 15.0, every: float = 0.2) -> f
     raise AssertionError(f"not true within {timeout}s")
 
 
-def metric(bc: BillcoreProcess, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{bc.metrics_port}/metrics", timeout=5).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
-        if m and (not want or all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items())):
-            total += float(m.group(2))
-    return total
+async def ended_session(s: Stack, session_id: str) -> tuple[asyncpg.Record, int]:
+    """The core's row of a session the NAS stopped, and the sum of its time
+    charges in the ledger (booked by commit_usage as ``usage radius:<nas>:<id>@<seconds>``)."""
+    conn = await asyncpg.connect(s.dsn)
+    try:
+        row = await conn.fetchrow("SELECT * FROM radius_sessions WHERE nas_id = $1 AND session_id = $2",
+                                  s.nas_id, session_id)
+        charged = await conn.fetchval(
+            "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'charge' AND reference LIKE $1",
+            f"usage radius:{s.nas_id}:{session_id}@%")
+    finally:
+        await conn.close()
+    assert row is not None, f"no session {session_id} in the core"
+    return row, int(charged)
 
 
 async def acct(s: Stack, status: str, session: str, login: str = "alice", extra: str = "") -> str:
@@ -233,6 +241,10 @@ async def test_accounting_opens_updates_charges_and_closes_the_session(stack: St
     # a Stop sent again (the NAS missed our answer) charges nothing more
     await acct(stack, "Stop", "E2E-1", extra=", Acct-Session-Time = 90, Acct-Terminate-Cause = User-Request")
     assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] == before - 90_000
+    # closed in the core with the NAS's last counters; 90 s at 1 000 micro-units a second in the ledger, once
+    row, charged = await ended_session(stack, "E2E-1")
+    assert row["ended_at"] is not None and row["end_reason"] == "stop:1" and row["session_time"] == 90, dict(row)
+    assert charged == -90 * PRICE_PER_HOUR // 3600 and row["charged"] == 90 * PRICE_PER_HOUR // 3600, dict(row)
 
 
 def access_request(login: str, password: str) -> bytes:
@@ -242,30 +254,16 @@ def access_request(login: str, password: str) -> bytes:
     return bytes(pkt.RequestPacket())
 
 
-async def send_from_one_port(port: int, datagrams: list[bytes], gap: float) -> list[bytes]:
-    loop = asyncio.get_running_loop()
-    replies: list[bytes] = []
-
-    class Collect(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            replies.append(data)
-
-    transport, _ = await loop.create_datagram_endpoint(Collect, remote_addr=("127.0.0.1", port))
-    try:
-        for d in datagrams:
-            transport.sendto(d)
-            await asyncio.sleep(gap)
-    finally:
-        transport.close()
-    return replies
-
-
 async def test_a_retransmission_is_answered_from_the_cache(stack: Stack) -> None:
-    before = metric(stack.bc, "billcore_radius_duplicates_total")
+    before = stack.bc.metric("billcore_radius_duplicates_total")
     packet = access_request("bob", "builder")
-    replies = await send_from_one_port(stack.auth_port, [packet, packet], gap=1.0)
+    # the copy goes once the first is answered: then it hits the cache, not the request in progress
+    replies = await exchange(stack.auth_port, [packet, packet], expect=2, one_by_one=True)
     assert len(replies) == 2 and replies[0] == replies[1] and replies[0][0] == 2  # the same Access-Accept
-    assert metric(stack.bc, "billcore_radius_duplicates_total") == before + 1
+    # the radius process flushes its counters each second
+    await eventually(lambda: stack.bc.metric("billcore_radius_duplicates_total") >= before + 1,
+                     what="the retransmission counted")
+    assert stack.bc.metric("billcore_radius_duplicates_total") == before + 1
 
 
 # -- admin changes reach the NAS's answers ------------------------------------------
@@ -385,6 +383,10 @@ async def test_time_charged_into_debt_blocks_and_disconnects(stack: Stack) -> No
     assert "Access-Reject" in out, out
     assert (await stack.admin.call("accounts.get", {"account_id": acc}))["balance"] == -100_000
     await acct(stack, "Stop", "E2E-DEBT", extra=", Acct-Session-Time = 200, Acct-Terminate-Cause = Admin-Reset")
+    # the Stop closed the session in the core; its 200 s were charged once, at the Interim
+    row, charged = await ended_session(stack, "E2E-DEBT")
+    assert row["ended_at"] is not None and row["end_reason"] == "stop:6" and row["session_time"] == 200, dict(row)
+    assert charged == -200 * PRICE_PER_HOUR // 3600 and row["charged"] == 200 * PRICE_PER_HOUR // 3600, dict(row)
     # paying lifts the automatic block: accepted again
     await stack.admin.call("payments.add", {"account_id": acc, "amount": PAID, "method": "cash",
                                             "external_id": "e2e-alice-2"})
@@ -399,7 +401,7 @@ async def test_radius_recovers_after_the_core_is_killed(stack: Stack) -> None:
     bc = stack.bc
     core_pid = int(bc.wait_for(r'role=core pid=(\d+) .*msg="core serving"').group(1))
     mark = len(bc.log())
-    dropped_before = metric(bc, "billcore_radius_dropped_total", reason="core_unavailable")
+    dropped_before = bc.metric("billcore_radius_dropped_total", reason="core_unavailable")
     os.kill(core_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     await wait_until(lambda: _true(not pid_alive(core_pid)), timeout=5, every=0.05)
@@ -416,7 +418,8 @@ async def test_radius_recovers_after_the_core_is_killed(stack: Stack) -> None:
     new_pid = int(bc.wait_for(r'role=core pid=(\d+) .*msg="core serving"', after=mark).group(1))
     assert new_pid != core_pid
     bc.wait_for(r'role=radius .*msg="core connected"', after=mark)
-    assert metric(bc, "billcore_radius_dropped_total", reason="core_unavailable") > dropped_before
+    await eventually(lambda: bc.metric("billcore_radius_dropped_total", reason="core_unavailable") > dropped_before,
+                     what="the request left unanswered counted")   # flushed each second
     # the radius process itself was never restarted
     assert not re.search(r'child died.*child=radius', bc.log()[mark:])
     # accounting works again too, and the admin can reconnect and see it

@@ -66,9 +66,11 @@ class Harness:
         self.port = port
         self.events: list[Event] = []
         self.connected = 0
+        self.attempts = 0
         self.link = CoreLink(self.open, self.on_connected, lambda c, e: self.events.append(e), backoff=(0.05, 0.2))
 
     async def open(self) -> Client:
+        self.attempts += 1
         client = await connect("127.0.0.1", self.port, timeout=2.0)
         await client.login("system", "radius", PASSWORD)
         return client
@@ -97,7 +99,7 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again() -> No
     core = Core(port)
     try:
         # the core is not up yet: the link keeps trying, decisions fail at once
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: h.attempts >= 2)   # it tried, failed, and tried again
         assert not h.link.up.is_set()
         try:
             decider.authorize(NAS, {"login": "alice"})

@@ -28,6 +28,7 @@ from radius.server import Nas, NasTable, RadiusServer
 from tests.conftest import TEMPLATE, _create_db, _drop_db, free_port, need_peer, with_database
 from tests.running import BillcoreProcess
 from tests.test_radius_server import TableDecider
+from tests.waiting import eventually
 
 RADCLIENT = shutil.which("radclient")
 SECRET = "ma-notice-secret"
@@ -83,7 +84,9 @@ async def test_billctl_warns_and_the_radius_log_names_the_nas(tmp_path_factory: 
         line = found.group(0)
         assert "nas=bras-7" in line and "address=127.0.0.1" in line and "dropped=1" in line, line
         assert "radius.nas_edit" in line                                              # says what to do
-        await asyncio.sleep(0.5)
+        # all four drops were handled (radclient -r 1: one datagram each) before counting the lines
+        await eventually(lambda: bc.metric("billcore_radius_dropped_total",
+                                           reason="missing_message_authenticator") >= 4, what="four drops counted")
         assert len(notices(bc.log()[mark:])) == 1, notices(bc.log()[mark:])          # 4 drops, 1 line
     finally:
         bc.__exit__(None, None, None)

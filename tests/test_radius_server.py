@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from pyrad.packet import AccessRequest, AuthPacket
 from radius.auth import chap_ok
 from radius.server import Decision, Nas, NasTable, PortInUse, RadiusServer, bind_udp, load_dictionary
 from tests.conftest import need_peer
+from tests.waiting import eventually
 
 SECRET = "testing123"
 RADCLIENT = shutil.which("radclient")
@@ -192,6 +193,7 @@ async def test_retransmission_is_answered_from_cache_and_decided_once() -> None:
         before_dup = counter("billcore_radius_duplicates_total")
         before_drop = counter("billcore_radius_dropped_total", reason="duplicate_in_progress")
         need_peer(RADCLIENT is not None, "radclient (Debian freeradius-utils) is not installed")
+        assert RADCLIENT is not None
         proc = await asyncio.create_subprocess_exec(
             RADCLIENT, "-x", "-t", "0.6", "-r", "4", f"127.0.0.1:{r.acct_port}", "acct", SECRET,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -202,7 +204,7 @@ async def test_retransmission_is_answered_from_cache_and_decided_once() -> None:
         assert counter("billcore_radius_dropped_total", reason="duplicate_in_progress") >= before_drop + 1
         # the later copy of the same bytes gets the cached reply, byte for byte
         sent = raw_access_request("alice", "wonderland")
-        replies = await exchange(r.auth_port, [sent, sent], wait=2.0)
+        replies = await exchange(r.auth_port, [sent, sent], expect=2, one_by_one=True)
         assert len(replies) == 2 and replies[0] == replies[1]
         assert len(r.decider.authorized) == 1
         assert counter("billcore_radius_duplicates_total") >= before_dup + 1
@@ -217,8 +219,12 @@ def raw_access_request(login: str, password: str, secret: bytes = SECRET.encode(
     return bytes(pkt.RequestPacket())
 
 
-async def exchange(port: int, datagrams: list[bytes], wait: float = 1.0, gap: float = 0.0) -> list[bytes]:
-    """Send datagrams from one socket (one source port); collect replies."""
+async def exchange(port: int, datagrams: list[bytes], expect: int, until: Callable[[], bool] = lambda: True,
+                   one_by_one: bool = False, gap: float = 0.0) -> list[bytes]:
+    """Send datagrams from one socket (one source port); collect replies until
+    ``expect`` have come and ``until()`` holds (for a drop: its counter moved,
+    so no reply can follow).  ``one_by_one`` waits for each reply before the
+    next datagram; ``gap`` paces the sends (part of a scenario)."""
     loop = asyncio.get_running_loop()
     replies: list[bytes] = []
 
@@ -230,11 +236,11 @@ async def exchange(port: int, datagrams: list[bytes], wait: float = 1.0, gap: fl
     try:
         for i, d in enumerate(datagrams):
             transport.sendto(d)
-            if i == 0 and len(datagrams) > 1:
-                await asyncio.sleep(wait)  # let the first one be answered
+            if one_by_one:
+                await eventually(lambda: len(replies) > i, what=f"reply {i + 1}")
             elif gap:
                 await asyncio.sleep(gap)
-        await asyncio.sleep(0.3 if len(datagrams) > 1 else wait)
+        await eventually(lambda: len(replies) >= expect and until(), what=f"{expect} replies")
     finally:
         transport.close()
     return replies
@@ -242,18 +248,20 @@ async def exchange(port: int, datagrams: list[bytes], wait: float = 1.0, gap: fl
 
 async def test_wrong_secret_with_message_authenticator_is_dropped(running: Running) -> None:
     before = counter("billcore_radius_dropped_total", reason="bad_message_authenticator")
-    replies = await exchange(running.auth_port, [raw_access_request("alice", "wonderland", secret=b"bad")], wait=0.3)
+    replies = await exchange(running.auth_port, [raw_access_request("alice", "wonderland", secret=b"bad")], expect=0,
+                             until=lambda: counter("billcore_radius_dropped_total",
+                                                   reason="bad_message_authenticator") == before + 1)
     assert replies == [] and running.decider.authorized == []
-    assert counter("billcore_radius_dropped_total", reason="bad_message_authenticator") == before + 1
 
 
 async def test_required_message_authenticator() -> None:
     r = await start(TableDecider({"alice": b"wonderland"}), require_message_authenticator=True)
     try:
         before = counter("billcore_radius_dropped_total", reason="missing_message_authenticator")
-        assert await exchange(r.auth_port, [raw_access_request("alice", "wonderland", ma=False)], wait=0.3) == []
-        assert counter("billcore_radius_dropped_total", reason="missing_message_authenticator") == before + 1
-        replies = await exchange(r.auth_port, [raw_access_request("alice", "wonderland", ma=True)], wait=0.5)
+        assert await exchange(r.auth_port, [raw_access_request("alice", "wonderland", ma=False)], expect=0,
+                              until=lambda: counter("billcore_radius_dropped_total",
+                                                    reason="missing_message_authenticator") == before + 1) == []
+        replies = await exchange(r.auth_port, [raw_access_request("alice", "wonderland", ma=True)], expect=1)
         assert len(replies) == 1 and replies[0][0] == 2  # Access-Accept
     finally:
         await r.server.close()
@@ -265,8 +273,9 @@ async def test_unknown_nas_is_dropped_and_counted() -> None:
     auth_port, _ = await server.listen("127.0.0.1", 0, 0)
     try:
         before = counter("billcore_radius_dropped_total", reason="unknown_nas")
-        assert await exchange(auth_port, [raw_access_request("alice", "wonderland")], wait=0.3) == []
-        assert counter("billcore_radius_dropped_total", reason="unknown_nas") == before + 1
+        assert await exchange(auth_port, [raw_access_request("alice", "wonderland")], expect=0,
+                              until=lambda: counter("billcore_radius_dropped_total",
+                                                    reason="unknown_nas") == before + 1) == []
     finally:
         await server.close()
 
@@ -278,8 +287,9 @@ async def test_requests_over_the_inflight_cap_are_dropped() -> None:
     try:
         before = counter("billcore_radius_dropped_total", reason="overload")
         sends = [raw_access_request("alice", "wonderland") for _ in range(5)]
-        task = asyncio.ensure_future(exchange(auth_port, sends, wait=0.0, gap=0.01))
-        await asyncio.sleep(0.2)
+        task = asyncio.ensure_future(exchange(auth_port, sends, expect=2, gap=0.01))
+        await eventually(lambda: counter("billcore_radius_dropped_total", reason="overload") == before + 3,
+                         what="three requests dropped over the cap")
         assert server.inflight == 2 and len(decider.authorized) == 2
         decider.gate.set()  # type: ignore[union-attr]
         replies = await task

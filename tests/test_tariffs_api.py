@@ -19,6 +19,7 @@ from billcore.server.context import CoreContext
 from netflow.classifier import BindingColumns
 from netflow.snapshot import SnapshotLoader
 from tests.test_usage_commit import make_accounts
+from tests.waiting import eventually
 from urfa.errors import CallFailed
 
 NOW = datetime(2024, 4, 10, 12, tzinfo=timezone.utc)
@@ -85,11 +86,8 @@ async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
     rules = [r for c in worker.chunks if c["kind"] == "rules" for r in c["rules"]]
     assert [r["skip"] for r in rules] == [True, False] and rules[1]["remote_ports"] == [80, 443]
     # the change was announced at commit with the version the snapshot carries
-    for _ in range(50):
-        if heard:
-            break
-        await asyncio.sleep(0.02)
-    assert heard and int(heard[-1]) == snap["version"]
+    await eventually(lambda: heard, what="the classifier NOTIFY")
+    assert int(heard[-1]) == snap["version"]
     await listener.remove_listener("billcore_classifier", hear)
     await pool.release(listener)
 

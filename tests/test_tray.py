@@ -18,6 +18,7 @@ import pytest
 
 from billcore.clients.tray import Tray, build_parser, render_status
 from tests.running import BillcoreProcess
+from tests.waiting import eventually
 from tests.test_portal_harness import (  # noqa: F401  (live_core is a fixture)
     UNIT, LiveCore, live_core, seed_subscriber, seed_tariff, seed_usage,
 )
@@ -61,10 +62,7 @@ async def test_tray_watch_follows_payments_across_a_core_restart(live_core: Live
     out: list[str] = []
     tray = Tray(args("bob", "--watch", "1", "--count", "3", "--json", port=live_core.port), "bob-password", out.append)
     task = asyncio.create_task(tray.run())
-    for _ in range(100):
-        if out:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: out, what="the tray's first line")
     assert json.loads(out[0])["accounts"][0]["balance"] == 10 * UNIT
     await live_core.restart()                          # bob's session is gone with the core's memory
     admin = await live_core.admin()

@@ -66,6 +66,7 @@ async def test_logins_during_an_outage_get_a_prompt_db_unavailable(tmp_path: Pat
             assert code(await admin.call("sys.ping")) == "ok"
 
             await admin.close()
+            # a window for a late "never retrieved" error: nothing to wait for when none comes
             await asyncio.sleep(0.5)
             log = bc.log()
             for text in UNRETRIEVED:

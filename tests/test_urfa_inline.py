@@ -20,6 +20,7 @@ from urfa import errors as E
 from urfa.errors import CallFailed
 
 from .test_urfa_harness import ITER, MemoryAuth
+from .waiting import eventually
 
 GATE: dict[str, asyncio.Event] = {}
 SEEN: list[Any] = []
@@ -105,14 +106,12 @@ async def test_inline_replies_overtake_a_running_task_call() -> None:
     svc, c = await _service()
     try:
         slow = c.start_call("i.later", {"gate": "a"})
-        await asyncio.sleep(0.05)
-        assert svc.registry.module_refs("mod_i") == 2      # the table + the call in its task
+        await eventually(lambda: svc.registry.module_refs("mod_i") == 2, what="the table + the call in its task hold the module")
         assert await c.call("i.now", {"x": "fast"}) == "fast"
         assert not slow.future.done()
         GATE["a"].set()
         assert await slow == "a"
-        await asyncio.sleep(0.01)
-        assert svc.registry.module_refs("mod_i") == 1
+        await eventually(lambda: svc.registry.module_refs("mod_i") == 1, what="the finished call released the module")
     finally:
         await c.close()
         await svc.stop()
@@ -139,19 +138,15 @@ async def test_cancel_and_connection_drop_release_task_calls() -> None:
     svc, c = await _service()
     try:
         p = c.start_call("i.later", {"gate": "never"})
-        await asyncio.sleep(0.05)
+        await eventually(lambda: svc.registry.module_refs("mod_i") == 2, what="the call is running")
         c.cancel(p)
         with pytest.raises(CallFailed) as exc:
             await p
         assert exc.value.code == E.CANCELLED
         c.start_call("i.later", {"gate": "never"})
-        await asyncio.sleep(0.05)
-        assert svc.registry.module_refs("mod_i") == 2
+        await eventually(lambda: svc.registry.module_refs("mod_i") == 2, what="the second call is running")
         await c.close()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if svc.registry.module_refs("mod_i") == 1:
-                break
+        await eventually(lambda: svc.registry.module_refs("mod_i") == 1, what="the dropped connection's call released the module")
         # The call was cancelled; only the (resumable) system session's table remains.
         assert svc.registry.module_refs("mod_i") == 1 and not svc._links
     finally:
@@ -168,8 +163,8 @@ async def test_cancel_in_the_same_read_as_its_call_is_answered_and_frees_the_slo
                 await asyncio.wait_for(p.future, 2.0)
             assert exc.value.code == E.CANCELLED
         assert await c.call("i.now", {"x": 1}) == 1    # the one slot is free again
-        await asyncio.sleep(0.01)
-        assert svc.registry.module_refs("mod_i") == 1 and not next(iter(svc._links)).tasks
+        await eventually(lambda: svc.registry.module_refs("mod_i") == 1, what="the cancelled calls released the module")
+        assert not next(iter(svc._links)).tasks
     finally:
         await c.close()
         await svc.stop()

@@ -23,6 +23,8 @@ from urfa.framing import FrameDecoder, FrameEncoder
 from urfa.messages import Challenge, Login, Proof, Welcome
 
 from .test_urfa_harness import ITER, FakeClock, running_service
+from .waiting import eventually
+from tests.conftest import need_peer
 
 CFG = dict(secret=b"k" * 32, mock_iterations=ITER)
 
@@ -160,8 +162,8 @@ async def test_call_outside_the_table_and_deleted_symbol() -> None:
         assert exc.value.code == E.DELETED
         assert svc.registry.module_refs("plug") == 1         # fresh's table still holds it
         await fresh.close()
-        await asyncio.sleep(0.05)
-        assert svc.registry.module_refs("plug") == 0         # admin session ended with its connection
+        # admin session ended with its connection
+        await eventually(lambda: svc.registry.module_refs("plug") == 0, what="plug's refs back to 0")
         for c in (eve, alice):
             await c.close()
 
@@ -171,6 +173,8 @@ async def test_cancel_streaming_and_busy() -> None:
         c = await uc.connect("127.0.0.1", port)
         await c.login("admin", "alice", "alice-pw")
         p = c.start_call("t.sleep", {"seconds": 30})
+        # part of the scenario, not a wait for a result: give the call a moment to be running
+        # (frames are ordered, so the cancel is answered CANCELLED either way)
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
         c.cancel(p)
@@ -193,8 +197,10 @@ async def test_resume_rules() -> None:
         radius = await uc.connect("127.0.0.1", port)
         info = await radius.login("system", "radius", "radius-pw")
         await radius.close()
-        await asyncio.sleep(0.05)
-        assert svc.sessions.get(info.sid) is not None      # system sessions outlive the connection
+        session = svc.sessions.get(info.sid)
+        assert session is not None
+        await eventually(lambda: session.owner is None, what="the server noticed the close")
+        assert svc.sessions.get(info.sid) is session       # system sessions outlive the connection
         again = await radius.resume()
         assert again.sid == info.sid and await radius.call("sys.ping") == "pong"
         # A resume from another address fails and the SID is gone for everyone.
@@ -309,7 +315,9 @@ async def test_events_bounded_with_drop_count() -> None:
         assert await c.unsubscribe("nas.coa") == ["acct.balance"]
         assert svc.publish("nas.coa", 1) == 0
         await c.close()
-        await asyncio.sleep(0.05)
+        session = svc.sessions.get(c.info.sid)
+        assert session is not None
+        await eventually(lambda: session.owner is None, what="the server noticed the close")
         await c.resume()                        # subscriptions survive a resume
         assert svc.publish("acct.balance", "after") == 1
         assert (await c.next_event(2)).payload == "after"
@@ -321,15 +329,14 @@ async def test_logout_closes_and_dropped_admin_connection_ends_session() -> None
         c = await uc.connect("127.0.0.1", port)
         info = await c.login("admin", "alice", "alice-pw")
         await c.logout()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: c.closed, what="the client closed after logout")
         assert c.closed and c.close_reason is not None and c.close_reason.code == E.LOGGED_OUT
         assert svc.sessions.get(info.sid) is None
         d = await uc.connect("127.0.0.1", port)
         dinfo = await d.login("user", "bob", "bob-pw")
         assert svc.sessions.get(dinfo.sid) is not None
         await d.close()
-        await asyncio.sleep(0.05)
-        assert svc.sessions.get(dinfo.sid) is None
+        await eventually(lambda: svc.sessions.get(dinfo.sid) is None, what="the user session ended")
 
 
 @pytest.mark.parametrize("payload,code", [
@@ -360,7 +367,7 @@ async def test_slow_loris_is_cut_at_the_handshake_deadline() -> None:
                 await raw.w.drain()
             except ConnectionError:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)   # part of the scenario: a slow loris sends a byte at a time
             if raw.r.at_eof() or len(raw.r._buffer):  # type: ignore[attr-defined]
                 break
         bye = await raw.read()
@@ -399,8 +406,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
+    need_peer(shutil.which("openssl") is not None, "the openssl CLI (Debian openssl) is not installed")
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
