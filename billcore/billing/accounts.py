@@ -30,6 +30,7 @@ from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, LoginTaken, UnknownAccount, UnknownUser,
 )
 from billcore.common.money import MAX_AMOUNT, format_money
+from billcore.db.rows import DbConnection
 from urfa.scram import Verifier
 
 __all__ = [
@@ -100,7 +101,7 @@ def _check_vat(vat_bp: object) -> int:
     return vat_bp
 
 
-async def create_user(conn: asyncpg.Connection, login: str, verifier: Verifier,
+async def create_user(conn: DbConnection, login: str, verifier: Verifier,
                       **fields: Any) -> dict[str, Any]:
     """Create a user and its basic account; returns the user with ``basic_account_id``."""
     check_login(login)
@@ -122,7 +123,7 @@ async def create_user(conn: asyncpg.Connection, login: str, verifier: Verifier,
     return {**dict(row), "basic_account_id": acc}
 
 
-async def get_user(conn: asyncpg.Connection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
+async def get_user(conn: DbConnection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
     if type(user_id) is not int:
         raise InvalidValue("user id must be an int")
     row = await conn.fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
@@ -131,7 +132,7 @@ async def get_user(conn: asyncpg.Connection, user_id: int, *, include_deleted: b
     return dict(row)
 
 
-async def edit_user(conn: asyncpg.Connection, user_id: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+async def edit_user(conn: DbConnection, user_id: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Change contact fields; returns (before, after)."""
     _check_fields(fields)
     if not fields:
@@ -150,7 +151,7 @@ async def edit_user(conn: asyncpg.Connection, user_id: int, **fields: Any) -> tu
     return dict(before), dict(after)
 
 
-async def set_verifier(conn: asyncpg.Connection, user_id: int, verifier: Verifier) -> None:
+async def set_verifier(conn: DbConnection, user_id: int, verifier: Verifier) -> None:
     """Store a new SCRAM verifier (password change)."""
     done = await conn.fetchval(
         "UPDATE users SET scram_salt = $2, scram_iterations = $3, scram_stored_key = $4,"
@@ -160,7 +161,7 @@ async def set_verifier(conn: asyncpg.Connection, user_id: int, verifier: Verifie
         raise UnknownUser(f"user {user_id} does not exist")
 
 
-async def delete_user(conn: asyncpg.Connection, user_id: int, *, now: dt.datetime | None = None,
+async def delete_user(conn: DbConnection, user_id: int, *, now: dt.datetime | None = None,
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Soft delete; returns (before, after).  Deleting twice is ``UnknownUser``."""
     async with conn.transaction():
@@ -203,7 +204,7 @@ def search_query(text: str, include_deleted: bool, at_ip: list[int] | None) -> t
     return f"{match} AND {SEARCH_LIVE}", args
 
 
-async def _users_at_ip(conn: asyncpg.Connection, text: str) -> list[int] | None:
+async def _users_at_ip(conn: DbConnection, text: str) -> list[int] | None:
     """Users with a binding holding the address ``text`` (at any time); None if it is no address."""
     try:
         address = ipaddress.ip_address(text.strip())
@@ -214,7 +215,7 @@ async def _users_at_ip(conn: asyncpg.Connection, text: str) -> list[int] | None:
         " WHERE b.prefix >>= $1::inet LIMIT $2", str(address), MAX_COUNTED)]
 
 
-async def search_users(conn: asyncpg.Connection, text: str = "", *, limit: int = 50, offset: int = 0,
+async def search_users(conn: DbConnection, text: str = "", *, limit: int = 50, offset: int = 0,
                        include_deleted: bool = False) -> dict[str, Any]:
     """Users whose login, name, e-mail, phone, address or external id contains
     ``text`` (case-insensitive), or whose IP binding holds it;
@@ -234,7 +235,7 @@ async def search_users(conn: asyncpg.Connection, text: str = "", *, limit: int =
             "users": [dict(r) for r in rows]}
 
 
-async def create_account(conn: asyncpg.Connection, user_id: int, *, credit: int = 0, vat_bp: int = 0,
+async def create_account(conn: DbConnection, user_id: int, *, credit: int = 0, vat_bp: int = 0,
                          unlimited: bool = False) -> dict[str, Any]:
     """Open a further (non-basic) account for a live user."""
     _check_credit(credit)
@@ -249,7 +250,7 @@ async def create_account(conn: asyncpg.Connection, user_id: int, *, credit: int 
     return dict(row)
 
 
-async def get_account(conn: asyncpg.Connection, account_id: int) -> dict[str, Any]:
+async def get_account(conn: DbConnection, account_id: int) -> dict[str, Any]:
     if type(account_id) is not int:
         raise InvalidValue("account id must be an int")
     row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = $1", account_id)
@@ -258,7 +259,7 @@ async def get_account(conn: asyncpg.Connection, account_id: int) -> dict[str, An
     return dict(row)
 
 
-async def user_accounts(conn: asyncpg.Connection, user_id: int, *, limit: int = MAX_PAGE,
+async def user_accounts(conn: DbConnection, user_id: int, *, limit: int = MAX_PAGE,
                         offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE user_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
@@ -266,7 +267,7 @@ async def user_accounts(conn: asyncpg.Connection, user_id: int, *, limit: int = 
     return [dict(r) for r in rows]
 
 
-async def edit_account(conn: asyncpg.Connection, account_id: int, *, actor: str,
+async def edit_account(conn: DbConnection, account_id: int, *, actor: str,
                        now: dt.datetime | None = None, credit: int | None = None,
                        vat_bp: int | None = None, unlimited: bool | None = None) -> AccountChange:
     """Change credit, VAT rate or the unlimited flag; re-syncs the system block."""

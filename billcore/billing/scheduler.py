@@ -69,6 +69,7 @@ from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
 )
 from billcore.billing.tariffs import DEFAULT_ACCOUNT_PERIOD, load_links, load_periodic, period_spec
+from billcore.db.rows import DbConnection
 
 __all__ = ["DEFAULT_BATCH", "MAX_BATCH", "ChargeBooked", "RunProgress", "RunResult", "run_due"]
 
@@ -157,7 +158,7 @@ def _due_by_signature(services: Mapping[int, PeriodicService], links: Sequence[S
     return out
 
 
-async def _run_state(conn: asyncpg.Connection, name: str) -> datetime | None:
+async def _run_state(conn: DbConnection, name: str) -> datetime | None:
     return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
 
 
@@ -184,7 +185,7 @@ def _booked(entries: Sequence[Entry], posted: Sequence[Posted]) -> list[ChargeBo
     return out
 
 
-async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mapping[int, PeriodicService],
+async def _batch(conn: DbConnection, accounts: list[int], services: Mapping[int, PeriodicService],
                  since: datetime, now: datetime, horizon: datetime, tz: tzinfo, *, report: bool,
                  ) -> _BatchResult:
     """One transaction's work."""
@@ -282,7 +283,7 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
     return _BatchResult(len(charges), amount, len(once), closed, changes, periods, booked_now)
 
 
-async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: datetime,
+async def _close_periods(conn: DbConnection, accounts: list[int], since: datetime,
                          now: datetime, tz: tzinfo) -> tuple[int, set[tuple[datetime, datetime]]]:
     """Summaries for the accounting periods that ended in ``(since, now]``.
 

@@ -47,6 +47,7 @@ from billcore.billing.rating import (
     ServiceKind, ServiceTariff, Tier,
 )
 from billcore.billing.timeranges import TimeRange, Window, window_from_spec
+from billcore.db.rows import DbConnection
 from billcore.server.wire_errors import constraint_field
 
 __all__ = [
@@ -163,7 +164,7 @@ class _Conflicts:
 
 # -- loading ----------------------------------------------------------------
 
-async def load_timeranges(conn: asyncpg.Connection) -> tuple[TimeRange, ...]:
+async def load_timeranges(conn: DbConnection) -> tuple[TimeRange, ...]:
     rows = await conn.fetch(
         "SELECT r.id, r.priority,"
         " coalesce((SELECT array_agg(array[w.weekdays, w.start_minute, w.end_minute] ORDER BY w.id)"
@@ -183,7 +184,7 @@ def _meter(prepaid: int, unit_size: int, starts: Sequence[int], prices: Sequence
     return Meter(prepaid, tuple(Tier(s, Price(p, unit_size)) for s, p in zip(starts, prices)))
 
 
-async def load_metered(conn: asyncpg.Connection,
+async def load_metered(conn: DbConnection,
                        service_ids: Iterable[int] | None = None) -> dict[int, ServiceTariff]:
     """Traffic and time services with their rates."""
     ids = None if service_ids is None else sorted(set(service_ids))
@@ -208,7 +209,7 @@ async def load_metered(conn: asyncpg.Connection,
     return {sid: ServiceTariff(sid, kinds[sid], tuple(rules[sid])) for sid in kinds}
 
 
-async def load_periodic(conn: asyncpg.Connection) -> dict[int, PeriodicService]:
+async def load_periodic(conn: DbConnection) -> dict[int, PeriodicService]:
     rows = await conn.fetch(
         "SELECT id, fee, period_kind, period_days, period_anchor, charge_mode FROM services"
         " WHERE kind = 'periodic' ORDER BY id")
@@ -220,7 +221,7 @@ async def load_periodic(conn: asyncpg.Connection) -> dict[int, PeriodicService]:
     }
 
 
-async def load_links(conn: asyncpg.Connection, account_ids: Sequence[int] | None,
+async def load_links(conn: DbConnection, account_ids: Sequence[int] | None,
                      since: datetime, until: datetime, *,
                      kinds: Sequence[str] = ("once", "periodic", "traffic", "time"),
                      ) -> list[ServiceLink]:
@@ -254,7 +255,7 @@ def _plan(account_id: int, unlimited: bool, blocked: bool, kind: str | None, day
     return AccountPlan(account_id, spec, service_ids, unlimited=unlimited, blocked=blocked)
 
 
-async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz: tzinfo,
+async def load_book(conn: DbConnection, account_ids: Sequence[int], *, tz: tzinfo,
                     since: datetime, until: datetime) -> RatingBook:
     """Everything ``rate``/``preview`` need for these accounts over ``[since, until]``.
 
@@ -291,7 +292,7 @@ async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz:
 
 # -- services and tariffs ---------------------------------------------------
 
-async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee: int = 0,
+async def create_service(conn: DbConnection, name: str, kind: str, *, fee: int = 0,
                          period: Mapping[str, Any] | None = None, charge_mode: str | None = None,
                          session_limit: int | None = None, max_sessions: int | None = None,
                          comment: str = "", row_id: int | None = None) -> int:
@@ -320,7 +321,7 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
             name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment, row_id))
 
 
-async def list_services(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+async def list_services(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT s.*, coalesce((SELECT jsonb_agg(jsonb_build_object('class_id', r.class_id,"
         " 'range_id', r.range_id, 'prepaid', r.prepaid, 'unit_size', r.unit_size,"
@@ -330,13 +331,13 @@ async def list_services(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offs
     return [{**dict(r), "rates": json.loads(r["rates"])} for r in rows]
 
 
-async def delete_service(conn: asyncpg.Connection, service_id: int) -> None:
+async def delete_service(conn: DbConnection, service_id: int) -> None:
     with _Conflicts("service"):
         if await conn.execute("DELETE FROM services WHERE id = $1", service_id) == "DELETE 0":
             raise TariffNotFound(f"service {service_id} does not exist")
 
 
-async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int | None,
+async def set_rate(conn: DbConnection, service_id: int, *, class_id: int | None,
                    range_id: int | None, prepaid: int, unit_size: int,
                    tiers: Sequence[tuple[int, int]]) -> None:
     """Set the price of a traffic class (or of time, class None) in a range (None: any)."""
@@ -359,7 +360,7 @@ async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int |
                 service_id, class_id, range_id, prepaid, unit_size, starts, prices)
 
 
-async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequence[int],
+async def create_tariff(conn: DbConnection, name: str, service_ids: Sequence[int],
                         comment: str = "", row_id: int | None = None) -> int:
     """``row_id`` as in `create_service`."""
     async with conn.transaction():
@@ -371,7 +372,7 @@ async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequen
     return tariff_id
 
 
-async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_ids: Sequence[int]) -> None:
+async def set_tariff_services(conn: DbConnection, tariff_id: int, service_ids: Sequence[int]) -> None:
     """Replace the tariff's services (effective for every link, past periods are settled)."""
     async with conn.transaction():
         if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1 FOR UPDATE", tariff_id) is None:
@@ -383,7 +384,7 @@ async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_
                 tariff_id, sorted(set(service_ids)))
 
 
-async def list_tariffs(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+async def list_tariffs(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.name, t.comment, coalesce(array_agg(ts.service_id ORDER BY ts.service_id)"
         " FILTER (WHERE ts.service_id IS NOT NULL), '{}') AS service_ids"
@@ -392,7 +393,7 @@ async def list_tariffs(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offse
     return [dict(r) for r in rows]
 
 
-async def delete_tariff(conn: asyncpg.Connection, tariff_id: int) -> None:
+async def delete_tariff(conn: DbConnection, tariff_id: int) -> None:
     with _Conflicts("tariff"):
         if await conn.execute("DELETE FROM tariffs WHERE id = $1", tariff_id) == "DELETE 0":
             raise TariffNotFound(f"tariff {tariff_id} does not exist")
@@ -400,7 +401,7 @@ async def delete_tariff(conn: asyncpg.Connection, tariff_id: int) -> None:
 
 # -- account links ----------------------------------------------------------
 
-async def account_period(conn: asyncpg.Connection, account_id: int) -> PeriodSpec:
+async def account_period(conn: DbConnection, account_id: int) -> PeriodSpec:
     row = await conn.fetchrow(
         "SELECT period_kind, period_days, period_anchor FROM account_periods WHERE account_id = $1",
         account_id)
@@ -409,7 +410,7 @@ async def account_period(conn: asyncpg.Connection, account_id: int) -> PeriodSpe
     return period_spec(row["period_kind"], row["period_days"], row["period_anchor"])
 
 
-async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int | None, *,
+async def link_tariff(conn: DbConnection, account_id: int, tariff_id: int | None, *,
                       now: datetime, tz: tzinfo, start: str = "now", actor: str) -> dict[str, Any]:
     """Switch the account to ``tariff_id`` (None: no tariff) from now or its next period.
 
@@ -438,7 +439,7 @@ async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int 
     return {"account_id": account_id, "tariff_id": tariff_id, "link_id": link_id, "valid_from": at}
 
 
-async def tariff_history(conn: asyncpg.Connection, account_id: int, *, limit: int = MAX_PAGE,
+async def tariff_history(conn: DbConnection, account_id: int, *, limit: int = MAX_PAGE,
                          offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, t.created_at,"
@@ -447,7 +448,7 @@ async def tariff_history(conn: asyncpg.Connection, account_id: int, *, limit: in
     return [dict(r) for r in rows]
 
 
-async def account_links(conn: asyncpg.Connection, account_id: int, now: datetime) -> list[dict[str, Any]]:
+async def account_links(conn: DbConnection, account_id: int, now: datetime) -> list[dict[str, Any]]:
     """The tariff in force at ``now`` with its services (empty list: none)."""
     rows = await conn.fetch(
         "SELECT t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, s.id AS service_id,"
@@ -460,14 +461,14 @@ async def account_links(conn: asyncpg.Connection, account_id: int, now: datetime
 
 # -- traffic classes and time ranges ---------------------------------------
 
-async def create_class(conn: asyncpg.Connection, name: str, position: int = 0, comment: str = "") -> int:
+async def create_class(conn: DbConnection, name: str, position: int = 0, comment: str = "") -> int:
     with _Conflicts("traffic class"):
         return int(await conn.fetchval(
             "INSERT INTO traffic_classes(name, position, comment) VALUES ($1, $2, $3) RETURNING id",
             _name(name), _int(position, "position", -2**31, 2**31 - 1), comment))
 
 
-async def delete_class(conn: asyncpg.Connection, class_id: int) -> None:
+async def delete_class(conn: DbConnection, class_id: int) -> None:
     with _Conflicts("traffic class"):
         if await conn.execute("DELETE FROM traffic_classes WHERE id = $1", class_id) == "DELETE 0":
             raise TariffNotFound(f"traffic class {class_id} does not exist")
@@ -490,7 +491,7 @@ def _ports(value: Sequence[int] | None) -> asyncpg.Range | None:
     return asyncpg.Range(value[0], value[1], upper_inc=True)
 
 
-async def add_rule(conn: asyncpg.Connection, class_id: int, *, position: int = 0, skip: bool = False,
+async def add_rule(conn: DbConnection, class_id: int, *, position: int = 0, skip: bool = False,
                    local_net: str | None = None, remote_net: str | None = None,
                    local_ports: Sequence[int] | None = None, remote_ports: Sequence[int] | None = None,
                    protocol: int | None = None, exporter: str | None = None,
@@ -509,7 +510,7 @@ async def add_rule(conn: asyncpg.Connection, class_id: int, *, position: int = 0
             _ports(remote_ports), protocol, exporter, iface))
 
 
-async def delete_rule(conn: asyncpg.Connection, rule_id: int) -> None:
+async def delete_rule(conn: DbConnection, rule_id: int) -> None:
     if await conn.execute("DELETE FROM traffic_class_rules WHERE id = $1", rule_id) == "DELETE 0":
         raise TariffNotFound(f"rule {rule_id} does not exist")
 
@@ -523,7 +524,7 @@ def port_range(r: asyncpg.Range | None) -> list[int] | None:
     return [lo, hi]
 
 
-async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+async def list_classes(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0
                        ) -> list[dict[str, Any]]:
     """Classes in match order, each with its rules in match order (plain, msgpack-able)."""
     classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id"
@@ -543,7 +544,7 @@ async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offse
     return [{**dict(c), "rules": by_class.get(c["id"], [])} for c in classes]
 
 
-async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: int = 0,
+async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
                             windows: Sequence[Mapping[str, Any]] = (),
                             dates: Sequence[date] = ()) -> int:
     """``windows``: [{"days": "mon-fri", "time": "08:00-24:00"}] or [{"weekdays": [0..6], "start_minute",
@@ -564,7 +565,7 @@ async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: in
     return range_id
 
 
-async def list_time_ranges(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+async def list_time_ranges(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0
                            ) -> list[dict[str, Any]]:
     names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM time_ranges")}
     ranges = sorted(await load_timeranges(conn), key=lambda tr: tr.range_id)[offset:offset + limit]
@@ -576,7 +577,7 @@ async def list_time_ranges(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, o
     } for tr in ranges]
 
 
-async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
+async def delete_time_range(conn: DbConnection, range_id: int) -> None:
     with _Conflicts("time range"):
         if await conn.execute("DELETE FROM time_ranges WHERE id = $1", range_id) == "DELETE 0":
             raise TariffNotFound(f"time range {range_id} does not exist")
@@ -584,7 +585,7 @@ async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
 
 # -- IP bindings and the classifier snapshot --------------------------------
 
-async def add_binding(conn: asyncpg.Connection, account_id: int, prefix: str, *, kind: str = "static",
+async def add_binding(conn: DbConnection, account_id: int, prefix: str, *, kind: str = "static",
                       source: str = "admin", session_ref: str | None = None,
                       valid_from: datetime, valid_to: datetime | None = None) -> int:
     """Bind a prefix to an account; ``TariffConflict`` if it overlaps another binding in time."""
@@ -598,7 +599,7 @@ async def add_binding(conn: asyncpg.Connection, account_id: int, prefix: str, *,
             None if valid_to is None else _utc(valid_to, "valid_to")))
 
 
-async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -> None:
+async def end_binding(conn: DbConnection, binding_id: int, at: datetime) -> None:
     """Close an open binding at ``at`` (a binding that had not started yet is deleted)."""
     at = _utc(at, "at")
     async with conn.transaction():
@@ -613,7 +614,7 @@ async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -
             raise TariffNotFound(f"ip binding {binding_id} does not exist")
 
 
-async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None, *,
+async def list_bindings(conn: DbConnection, account_id: int | None = None, *,
                         at: datetime | None = None, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     """Bindings (of one account, or all), valid at ``at`` if given; plain values."""
     rows = await conn.fetch(
@@ -624,5 +625,5 @@ async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None,
     return [dict(r) for r in rows]
 
 
-async def classifier_version(conn: asyncpg.Connection) -> int:
+async def classifier_version(conn: DbConnection) -> int:
     return int(await conn.fetchval("SELECT version FROM classifier_version"))

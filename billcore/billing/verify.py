@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import asyncpg
+from billcore.db.rows import DbConnection
 
 __all__ = ["CHECK_TIMEOUT", "CheckTimer", "MAX_REPORTED", "Problem", "WORK_MEM", "verify"]
 
@@ -119,7 +119,7 @@ MAX_REPORTED = 1000
 Progress = Callable[[str, float], None]
 
 
-async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | None) -> list[Problem]:
+async def _run(conn: DbConnection, now: dt.datetime, progress: Progress | None) -> list[Problem]:
     problems: list[Problem] = []
     timer = CheckTimer(progress)
     # sorts and hashes over millions of rows: memory instead of temporary files
@@ -161,7 +161,7 @@ async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | 
     return problems
 
 
-async def verify(conn: asyncpg.Connection, now: dt.datetime | None = None, *,
+async def verify(conn: DbConnection, now: dt.datetime | None = None, *,
                  progress: Progress | None = None) -> list[Problem]:
     """Every broken invariant (at most ``MAX_REPORTED`` per check), as
     ``Problem``s naming the account; ``progress(check, seconds)`` after each check."""

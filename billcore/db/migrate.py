@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+from billcore.db.rows import DbConnection
 
 __all__ = ["Migration", "MigrationError", "discover", "migrate", "applied_versions"]
 
@@ -70,13 +70,13 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def applied_versions(conn: asyncpg.Connection) -> dict[int, str]:
+async def applied_versions(conn: DbConnection) -> dict[int, str]:
     await conn.execute(_BOOKKEEPING)
     rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
     return {r["version"]: r["checksum"] for r in rows}
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[Migration]:
+async def migrate(conn: DbConnection, migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply the pending migrations; return those applied (empty: no-op)."""
     migrations = discover() if migrations is None else migrations
     applied: list[Migration] = []

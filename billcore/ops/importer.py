@@ -58,6 +58,7 @@ from billcore.billing.accounts import MAX_CREDIT, MAX_FIELD, check_login
 from billcore.common.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.common.money import format_money, parse_money
+from billcore.db.rows import DbConnection
 from urfa.scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, SALT_BYTES, Verifier, make_verifier
 
 __all__ = [
@@ -500,7 +501,7 @@ def compute_verifiers(passwords: Sequence[str], *, workers: int, progress: Progr
 
 # -- the database part ------------------------------------------------------
 
-async def _db_checks(conn: asyncpg.Connection, parsed: Parsed, now: dt.datetime,
+async def _db_checks(conn: DbConnection, parsed: Parsed, now: dt.datetime,
                      report: ImportReport) -> tuple[list[Subscriber], dict[str, int]]:
     logins = [s.login for s in parsed.subscribers]
     existing = {r["login"] for r in await conn.fetch(
@@ -544,7 +545,7 @@ async def _db_checks(conn: asyncpg.Connection, parsed: Parsed, now: dt.datetime,
     return todo, tariffs
 
 
-async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]],
+async def _copy(conn: DbConnection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]],
                 progress: Progress | None) -> None:
     for start in range(0, len(records), COPY_CHUNK):
         chunk = records[start:start + COPY_CHUNK]
@@ -553,7 +554,7 @@ async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], re
             progress.advance(len(chunk))
 
 
-async def _ids(conn: asyncpg.Connection, sequence: str, n: int, rehearsal: bool) -> list[int]:
+async def _ids(conn: DbConnection, sequence: str, n: int, rehearsal: bool) -> list[int]:
     """``n`` ids for new rows; a rehearsal's are negative and leave the sequence alone."""
     if n == 0:
         return []
@@ -563,7 +564,7 @@ async def _ids(conn: asyncpg.Connection, sequence: str, n: int, rehearsal: bool)
     return [r["id"] for r in rows]
 
 
-async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: ImportReport,
+async def _create_catalogue(conn: DbConnection, parsed: Parsed, report: ImportReport,
                             tariffs: dict[str, int], rehearsal: bool) -> None:
     """Create the file's services and tariffs; every problem goes to ``parsed.errors``."""
     from datetime import date
@@ -603,7 +604,7 @@ async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: Im
             parsed.error(where, str(exc))
 
 
-async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: list[Verifier],
+async def _write(conn: DbConnection, todo: list[Subscriber], verifiers: list[Verifier],
                  tariffs: dict[str, int], now: dt.datetime, report: ImportReport, source: str,
                  progress_stream: IO[str] | None) -> None:
     rehearsal = report.dry_run
@@ -666,7 +667,7 @@ async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: li
     report.links, report.ips, report.blocked = len(links), len(bindings), int(blocked)
 
 
-async def _assert_invariants(conn: asyncpg.Connection, account_ids: list[int]) -> None:
+async def _assert_invariants(conn: DbConnection, account_ids: list[int]) -> None:
     """What post_charges and sync_system_block guarantee, checked set-wise."""
     bad = await conn.fetchval(
         "SELECT count(*) FROM accounts a LEFT JOIN (SELECT account_id, sum(amount) AS s FROM ledger"
@@ -692,7 +693,7 @@ def _detect(path: Path, fmt: str | None) -> str:
     return "json" if path.suffix.lower() == ".json" else "csv"
 
 
-async def import_file(conn: asyncpg.Connection, path: Path, *, fmt: str | None = None, dry_run: bool = False,
+async def import_file(conn: DbConnection, path: Path, *, fmt: str | None = None, dry_run: bool = False,
                       workers: int = 0, progress_stream: IO[str] | None = None,
                       now: dt.datetime | None = None) -> ImportReport:
     raw = path.read_bytes()
@@ -704,7 +705,7 @@ async def import_file(conn: asyncpg.Connection, path: Path, *, fmt: str | None =
                              workers=workers, progress_stream=progress_stream, now=now)
 
 
-async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: str = "stdin",
+async def import_text(conn: DbConnection, text: str, *, fmt: str, source: str = "stdin",
                       dry_run: bool = False, workers: int = 0, progress_stream: IO[str] | None = None,
                       now: dt.datetime | None = None) -> ImportReport:
     """Validate and import; ``ImportFailed`` (nothing written) on any error."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
+from billcore.db.rows import DbConnection
 from billcore.plugins.errors import PluginDatabaseError
 
 __all__ = ["PluginDB", "run_migrations", "schema_of"]
@@ -44,7 +45,7 @@ class PluginConnection:
 
     __slots__ = ("_conn",)
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: DbConnection) -> None:
         self._conn = conn
 
     async def execute(self, sql: str, *args: Any) -> str:

@@ -24,6 +24,7 @@ from urfa.scram import Verifier, make_verifier
 
 from billcore.common.sysfiles import read_or_make_password, service_password_file
 from billcore.db.pool import DATABASE_GONE
+from billcore.db.rows import DbConnection
 from billcore.server.sessions import AuthUnavailable, Principal
 
 __all__ = [
@@ -105,7 +106,7 @@ class DatabaseAuth:
 
 
 async def create_admin(
-    conn: asyncpg.Connection, login: str, password: str, groups: list[str], full_name: str = ""
+    conn: DbConnection, login: str, password: str, groups: list[str], full_name: str = ""
 ) -> int:
     v = make_verifier(password)
     async with conn.transaction():
@@ -126,7 +127,7 @@ async def create_admin(
 
 
 async def create_system_login(
-    conn: asyncpg.Connection, login: str, password: str, rights: frozenset[str] | list[str]
+    conn: DbConnection, login: str, password: str, rights: frozenset[str] | list[str]
 ) -> int:
     """Create or replace a system login (its password and rights)."""
     v = make_verifier(password)
@@ -142,7 +143,7 @@ async def create_system_login(
     return login_id
 
 
-async def set_user_password(conn: asyncpg.Connection, user_id: int, password: str) -> None:
+async def set_user_password(conn: DbConnection, user_id: int, password: str) -> None:
     v = make_verifier(password)
     await conn.execute(
         """UPDATE users SET scram_salt=$2, scram_iterations=$3, scram_stored_key=$4, scram_server_key=$5
@@ -151,7 +152,7 @@ async def set_user_password(conn: asyncpg.Connection, user_id: int, password: st
     )
 
 
-async def ensure_service_login(conn: asyncpg.Connection, data_dir: Path, role: str) -> None:
+async def ensure_service_login(conn: DbConnection, data_dir: Path, role: str) -> None:
     """Make the system login ``role`` match the password file the edge reads."""
     password = read_or_make_password(service_password_file(data_dir, role))
     await create_system_login(conn, role, password, SERVICE_RIGHTS[role])
