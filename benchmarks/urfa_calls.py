@@ -94,7 +94,8 @@ class _Frames:
 # -- servers (child processes) -------------------------------------------
 def run_urfa_server(port: int, ready: Any) -> None:
     from billcore.server.calls import CallRegistry
-    from billcore.server.service import Principal, URFAConfig, URFAService
+    from billcore.server.service import URFAConfig, URFAService
+    from billcore.server.sessions import Principal
 
     class Auth:
         verifier = scram.make_verifier(PASSWORD, iterations=ITER)

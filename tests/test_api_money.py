@@ -17,7 +17,9 @@ from billcore.common.config import Config
 from billcore.server.context import CoreContext
 from billcore.server.principals import DatabaseAuth, create_admin
 from billcore.server.sessions import Principal, Session
-from billcore.server.service import CallContext, URFAConfig, URFAService, check_args
+from billcore.server.argcheck import check_args
+from billcore.server.call_context import CallContext
+from billcore.server.service import URFAConfig, URFAService
 from urfa import client as uc
 from urfa.errors import CallFailed
 
@@ -51,11 +53,11 @@ class Harness:
     def ctx(self, principal: Principal, ip: str = "192.0.2.7") -> CallContext:
         table = self.registry.snapshot(principal.kind, principal.rights)
         session = Session(b"\x01" * 16, principal, ip, table, 0.0, None, False)
-        return CallContext(None, session, 1, None, None, False)  # type: ignore[arg-type]
+        return CallContext(session, call_id=1)
 
     async def call(self, ctx: CallContext, name: str, **args: Any) -> Any:
         spec = ctx.session.table.lookup(name).spec       # NotInTable: no right or wrong kind
-        problem = check_args(spec, args)
+        problem = check_args(spec.args, args)
         if problem is not None:
             raise CallFailed("bad_args", problem)
         return await spec.handler(ctx, **args)

@@ -105,7 +105,7 @@ def registry_specs(tmp_path: Path, pool: Any = None) -> list[CallSpec]:
     core = CoreContext(pool=pool, config=Config(), publish=lambda t, p: None, now=utcnow)
     core.extras["secret_store"] = SecretStore(b"k" * 32)
     manager = PluginManager(CallRegistry(), HookBus(), tmp_path / "keys", tmp_path / "state", 1, None)
-    return [*build_calls(core), *builtin_specs(), *plugin_calls(manager)]
+    return [*build_calls(core), *builtin_specs(None, None), *plugin_calls(manager)]  # type: ignore[arg-type]
 
 
 def test_every_call_declares_how_its_result_is_bounded(tmp_path: Path) -> None:

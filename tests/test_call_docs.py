@@ -46,7 +46,7 @@ def first_party_plugin_calls() -> list[CallSpec]:
 def every_call() -> list[CallSpec]:
     core = CoreContext(None, Config())  # type: ignore[arg-type]  # no call is made, only described
     core.extras["secret_store"] = SecretStore(secrets.token_bytes(32))
-    return [*builtin_specs(), *build_calls(core), *plugin_calls(None),  # type: ignore[arg-type]
+    return [*builtin_specs(None, None), *build_calls(core), *plugin_calls(None),  # type: ignore[arg-type]
             *first_party_plugin_calls()]
 
 

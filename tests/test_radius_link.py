@@ -10,7 +10,8 @@ import asyncio
 from typing import Any
 
 from billcore.server.calls import CallRegistry, CallSpec
-from billcore.server.service import Principal, URFAConfig, URFAService
+from billcore.server.service import URFAConfig, URFAService
+from billcore.server.sessions import Principal
 from radius.process import CONNECTS, CoreLink, UrfaDecider
 from radius.server import DecisionUnavailable, Nas
 from tests.conftest import free_port

@@ -196,7 +196,7 @@ def test_the_reserved_names_cover_every_namespace_the_core_registers(tmp_path: P
     from tests.test_portal_harness import all_calls
 
     core = CoreContext(None, dataclasses.replace(Config(), core=CoreSection(data_dir=str(tmp_path))))  # type: ignore[arg-type]
-    specs = [*build_calls(core), *all_calls(core), *builtin_specs(), *plugin_calls(None)]  # type: ignore[arg-type]
+    specs = [*build_calls(core), *all_calls(core), *builtin_specs(None, None), *plugin_calls(None)]  # type: ignore[arg-type]
     prefixes = {spec.name.split(".")[0] for spec in specs}
     assert {"me", "session", "sys", "users", "radius", "netflow", "plugins"} <= prefixes
     assert prefixes <= RESERVED_NAMES, sorted(prefixes - RESERVED_NAMES)

@@ -14,7 +14,8 @@ from typing import Any
 
 from billcore.server.calls import CallRegistry, CallSpec
 from billcore.server.topics import Topic
-from billcore.server.service import Principal, URFAConfig, URFAService
+from billcore.server.service import URFAConfig, URFAService
+from billcore.server.sessions import Principal
 from urfa import client as uc
 from urfa import scram
 from urfa.errors import CallFailed

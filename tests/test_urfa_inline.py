@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from billcore.server.calls import CallRegistry, CallSpec
-from billcore.server.service import URFAConfig, URFAService, runs_inline
+from billcore.server.dispatcher import runs_inline
+from billcore.server.service import URFAConfig, URFAService
 from urfa import client as uc
 from urfa import errors as E
 from urfa.errors import CallFailed

@@ -7,9 +7,9 @@ import secrets
 import pytest
 
 from billcore.server.calls import CallRegistry, CallSpec
-from billcore.server.sessions import (
-    LoginLimiter, NoSession, Principal, ResumeRefused, SessionTable, TooManySessions, address_key,
-)
+from billcore.server.login_limiter import LoginLimiter
+from billcore.server.sessions import NoSession, Principal, ResumeRefused, SessionTable, TooManySessions
+from urfa.server import address_key
 from urfa import scram
 
 

@@ -1,4 +1,4 @@
-"""URFA sessions and the login rate limiter, pure (``now`` is passed in).
+"""URFA sessions: the table of who is logged in, pure (``now`` is passed in).
 
 Theory of operation
 -------------------
@@ -27,17 +27,6 @@ processes); ``make_room`` ends its oldest ones before a new login, so one
 subscriber logging in again and again through the office cannot fill the
 table and lock everybody else out.
 
-``LoginLimiter`` counts login attempts per key (source address, login) in a
-sliding window.  An attempt counts from the moment it is admitted (before
-the principal is looked up and the challenge sent), not when its proof
-fails: otherwise N connections that all send ``login`` before any proof is
-checked all pass the check, and N guesses get checked however small the
-limit.  A successful attempt stops counting; so does one abandoned before
-its proof (the connection closed, the lookup failed): its guess was never
-checked.  So whatever the concurrency, at most ``max_failures`` proofs per
-key are checked and fail in any ``window``.  Both the number of keys and
-the attempts kept per key are bounded.
-
 Every way a session ends goes through ``SessionTable.end``, which calls
 the table's ``on_end(session, code, why)``: the service closes the
 session's connection there with a bye, so no deletion path (idle expiry,
@@ -48,12 +37,10 @@ deleted) can leave a connection holding a session the table no longer has.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from billcore.server.calls import CallTable
 from urfa.errors import EXPIRED, LOGGED_OUT
@@ -61,7 +48,7 @@ from urfa.scram import Verifier, resume_proof
 
 __all__ = [
     "Principal", "Session", "SessionTable", "SessionError", "NoSession",
-    "ResumeRefused", "TooManySessions", "LoginLimiter", "Attempt", "AuthUnavailable", "address_key",
+    "ResumeRefused", "TooManySessions", "AuthUnavailable",
     "ENDED_EXPIRED", "ENDED_LOGGED_OUT",
 ]
 
@@ -129,7 +116,7 @@ class Session:
         self.proxied = proxied
         self.topics: set[str] = set()
         self.accounts: frozenset[int] = frozenset()   # a subscriber's, read when they subscribe
-        self.owner: Any = None   # the transport-side object serving it, if any
+        self.owner: object | None = None   # the connection serving it (a Link), if any
 
     @property
     def kind(self) -> str:
@@ -179,7 +166,7 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._by_sid)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Session]:
         return iter(list(self._by_sid.values()))
 
     def create(
@@ -241,7 +228,8 @@ class SessionTable:
     def end_principal(self, kind: str, principal_id: int, why: str) -> list[Session]:
         """End every session of one principal (deleted or disabled)."""
         sids = list(self._by_principal.get((kind, principal_id), ()))
-        return [s for s in (self.end(sid, ENDED_LOGGED_OUT, why) for sid in sids) if s is not None]
+        ended = (self.end(sid, ENDED_LOGGED_OUT, why) for sid in sids)
+        return [session for session in ended if session is not None]
 
     def expire(self, now: float) -> list[Session]:
         """Remove every session idle for ``timeout`` or longer."""
@@ -276,101 +264,3 @@ class SessionTable:
             raise ResumeRefused(reason)
         self.touch(session, now)
         return session
-
-
-def address_key(ip: str) -> str:
-    """The unit rate limits count by: an IPv4 address or an IPv6 /64."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip[:64]
-    if addr.version == 6 and addr.ipv4_mapped is None:
-        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
-    return str(addr.ipv4_mapped or addr) if addr.version == 6 else str(addr)
-
-
-class Attempt:
-    """One login (or resume) attempt admitted by ``LoginLimiter.begin``."""
-
-    __slots__ = ("keys", "at", "pending")
-
-    def __init__(self, keys: tuple[Hashable, ...], at: float) -> None:
-        self.keys = keys
-        self.at = at
-        self.pending = True   # admitted, its proof not yet checked
-
-
-class LoginLimiter:
-    """At most ``max_failures`` unsuccessful attempts per key per ``window``
-    seconds, attempts in flight included (see the module notes)."""
-
-    def __init__(self, max_failures: int = 5, window: float = 300.0, max_keys: int = 100_000) -> None:
-        if max_failures < 1:
-            raise ValueError("max_failures must be positive")
-        self.max_failures = max_failures
-        self.window = window
-        self.max_keys = max_keys
-        self._seen: OrderedDict[Hashable, deque[Attempt]] = OrderedDict()
-
-    def _live(self, key: Hashable, now: float) -> deque[Attempt] | None:
-        """The key's attempts still inside the window (older ones dropped)."""
-        attempts = self._seen.get(key)
-        if attempts is None:
-            return None
-        while attempts and now - attempts[0].at >= self.window:
-            attempts.popleft()
-        if not attempts:
-            del self._seen[key]
-            return None
-        return attempts
-
-    def blocked(self, keys: Iterable[Hashable], now: float) -> bool:
-        for key in keys:
-            attempts = self._live(key, now)
-            if attempts is not None and len(attempts) >= self.max_failures:
-                return True
-        return False
-
-    def begin(self, keys: Iterable[Hashable], now: float) -> Attempt | None:
-        """Admit one attempt (it counts at once), or ``None``: over the limit."""
-        keys = tuple(keys)
-        if self.blocked(keys, now):
-            return None
-        attempt = Attempt(keys, now)
-        for key in keys:
-            attempts = self._seen.get(key)
-            if attempts is None:
-                attempts = self._seen[key] = deque()
-                while len(self._seen) > self.max_keys:
-                    self._seen.popitem(last=False)
-            else:
-                self._seen.move_to_end(key)
-            attempts.append(attempt)
-        return attempt
-
-    def failed(self, attempt: Attempt) -> None:
-        """Its proof was checked and wrong: it keeps counting for the window."""
-        attempt.pending = False
-
-    def abandon(self, attempt: Attempt) -> None:
-        """It ended before any proof was checked: it stops counting."""
-        if attempt.pending:
-            attempt.pending = False
-            self._forget(attempt, ())
-
-    def succeeded(self, attempt: Attempt, clear: Iterable[Hashable] = ()) -> None:
-        """It logged in: it stops counting, and so do the earlier failures
-        under the keys in ``clear`` (attempts still in flight keep counting)."""
-        attempt.pending = False
-        self._forget(attempt, tuple(clear))
-
-    def _forget(self, attempt: Attempt, clear: tuple[Hashable, ...]) -> None:
-        for key in attempt.keys:
-            attempts = self._seen.get(key)
-            if attempts is None:
-                continue
-            kept = [a for a in attempts if a is not attempt and (key not in clear or a.pending)]
-            if kept:
-                self._seen[key] = deque(kept)
-            else:
-                del self._seen[key]

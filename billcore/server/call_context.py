@@ -1,0 +1,69 @@
+"""What a call handler gets as its first argument: ``CallContext``.
+
+Every handler is ``handler(ctx: CallContext, **args)``.  The context says
+who is calling (the session and its principal, kind, rights and address)
+and, for a call declared streaming, lets the handler send chunks before its
+result.  It is frozen: a handler reads it and cannot swap the session it
+runs as.
+
+The core's shared parts (database pool, publish, plugin hooks, clock) are
+not here: call modules get them once, as ``calls(core: CoreContext)``
+(``billcore.server.context``), and their handlers close over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from billcore.server.sessions import Principal, Session
+from urfa.errors import LocalProtocolError
+
+__all__ = ["CallContext", "ChunkSink"]
+
+# send one chunk of a streaming call's result, waiting for the socket to drain;
+# raises asyncio.CancelledError when the connection is gone
+ChunkSink = Callable[[Any], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    # The session the call runs as.  For a call a system session makes *for*
+    # a proxied subscriber session, this is the subscriber's session.
+    session: Session
+    # The call's id on its connection (replies and chunks carry it).
+    call_id: int
+    # The system principal acting for a proxied session, else None.
+    proxy: Principal | None = None
+    # Set for a call declared streaming that came over a connection.
+    chunks: ChunkSink | None = None
+
+    @property
+    def principal(self) -> Principal:
+        return self.session.principal
+
+    @property
+    def kind(self) -> str:
+        """``system``, ``admin`` or ``user``."""
+        return self.session.principal.kind
+
+    @property
+    def rights(self) -> frozenset[str]:
+        return self.session.principal.rights
+
+    @property
+    def ip(self) -> str:
+        """The address the session is bound to (a proxied subscriber's: the
+        address the office declared for them; the Unix socket's: ``unix``)."""
+        return self.session.ip
+
+    @property
+    def sid(self) -> bytes:
+        return self.session.sid
+
+    async def stream(self, chunk: Any) -> None:
+        """Send one chunk of a streaming call's result; waits for the socket."""
+        if self.chunks is None:
+            raise LocalProtocolError("stream() in a call not declared streaming")
+        await self.chunks(chunk)

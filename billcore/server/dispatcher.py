@@ -1,0 +1,218 @@
+"""The call dispatcher: from a ``call`` frame to its reply.
+
+Theory of operation
+-------------------
+A call is admitted (``admit``, pure: ``now`` passed in) when its session
+is live, the function is in that session's own call table (the snapshot
+taken at login) and its arguments fit the symbol's schema at every depth
+(``billcore.server.argcheck``).  A system session with right
+``session.proxy`` may call *as* a proxied subscriber session, declaring the
+subscriber's address; the call is then checked against that session's
+table and address.
+
+An admitted call's handler runs holding the symbol's module
+(``registry.in_flight``), as a task; replies go out as they finish, in any
+order.  A handler that never waits for anything (the in-memory builtins,
+``sys.ping`` first) can instead be a plain function wrapped by
+``runs_inline``: it is called right in the socket callback, and its reply
+joins the same write as the other replies to that read, with no task,
+coroutine or loop round trip.  (Starting *any* coroutine eagerly and making
+a task only if it suspends would need Python 3.12's eager tasks: on 3.11 a
+handler started outside a task has no ``asyncio.current_task()``, which
+``asyncio.timeout`` and asyncpg need.)
+
+The error boundary: ``CallFailed``, a ``BillingError`` or a PostgreSQL
+refusal of the data becomes an error reply with its documented code
+(``billcore.server.wire_errors``, never PostgreSQL's text); any other
+exception is a bug, logged with its traceback and answered ``internal``
+with no detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from billcore.server import argcheck
+from billcore.server.call_context import CallContext
+from billcore.server.calls import CallRegistry, CallSpec, Handler, NotInTable, Symbol, SymbolDeleted, allows
+from billcore.server.link import Link
+from billcore.server.sessions import NoSession, Principal, Session, SessionTable
+from billcore.server.wire_errors import to_call_failed
+from urfa.errors import (
+    BAD_ARGS, CANCELLED, DELETED, FORBIDDEN, INTERNAL, NO_SESSION, NOT_IN_TABLE, CallFailed, LocalProtocolError,
+)
+from urfa.messages import Call, Chunk
+from urfa.server import ServerChannel
+
+__all__ = ["Admitted", "Dispatcher", "PROXY_RIGHT", "admit", "runs_inline"]
+
+log = logging.getLogger("billcore.urfa")
+PROXY_RIGHT = "session.proxy"
+_INLINE = "__urfa_runs_inline__"
+
+# observe(function name, reply code, seconds): after each call run as a task
+Observe = Callable[[str, str, float], None]
+
+
+def runs_inline(fn: Callable[..., Any]) -> Handler:
+    """Make a call handler of a plain function that answers without waiting.
+
+    The dispatcher calls ``fn(ctx, **args)`` straight from the socket
+    callback (see the module notes); anyone else gets an ordinary async
+    handler.  ``fn`` runs to its end before anything else can, so it holds
+    no module reference: it must not unload its own module.
+    """
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"runs_inline takes a plain function, not the coroutine function {fn!r}")
+
+    @functools.wraps(fn)
+    async def handler(ctx: CallContext, **args: Any) -> Any:
+        return fn(ctx, **args)
+
+    setattr(handler, _INLINE, fn)
+    return handler
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    session: Session            # the session the call runs as
+    proxy: Principal | None     # the system principal acting for it, if proxied
+    symbol: Symbol
+
+
+def admit(sessions: SessionTable, session: Session, call: Call, now: float) -> Admitted:
+    """What ``session``'s ``call`` runs as, or ``CallFailed`` saying why it
+    may not run.  Touches the sessions it finds (``SessionTable.touch``)."""
+    proxy: Principal | None = None
+    if call.as_sid is not None:
+        if session.kind != "system" or not allows(session.principal.rights, PROXY_RIGHT):
+            raise CallFailed(FORBIDDEN, "this session may not act for others")
+        sessions.touch(session, now)
+        try:
+            target = sessions.lookup(call.as_sid, call.as_ip or "", now)
+        except NoSession as exc:
+            raise CallFailed(NO_SESSION, str(exc)) from None
+        if not target.proxied:
+            raise CallFailed(NO_SESSION, "not a proxied session")
+        proxy, session = session.principal, target
+    else:
+        sessions.touch(session, now)
+    try:
+        symbol = session.table.lookup(call.fn)
+    except NotInTable:
+        raise CallFailed(NOT_IN_TABLE, f"{call.fn} is not in this session; log in again") from None
+    except SymbolDeleted:
+        raise CallFailed(DELETED, f"{call.fn} was unloaded") from None
+    args_schema = symbol.spec.args
+    if call.args or args_schema:
+        problem = argcheck.check_args(args_schema, call.args)
+        if problem is not None:
+            raise CallFailed(BAD_ARGS, problem)
+    return Admitted(session, proxy, symbol)
+
+
+async def _send_chunk(channel: ServerChannel, call_id: int, chunk: Any) -> None:
+    if not channel.send(Chunk(call_id, chunk)):
+        raise asyncio.CancelledError()   # the connection is gone: end the handler
+    await channel.drain()
+
+
+class Dispatcher:
+    def __init__(self, registry: CallRegistry, sessions: SessionTable) -> None:
+        self.registry = registry
+        self.sessions = sessions
+        self.observe: Observe | None = None   # metrics, set by the core
+
+    def on_call(self, link: Link, call: Call, now: float) -> None:
+        channel = link.channel
+        call_id = call.id
+        session = link.session
+        if session is None:   # logged out or expired, connection closing
+            channel.send_error(call_id, NO_SESSION, "session ended")
+            return
+        try:
+            admitted = admit(self.sessions, session, call, now)
+        except CallFailed as refusal:
+            channel.send_error(call_id, refusal.code, refusal.message)
+            return
+        spec = admitted.symbol.spec
+        args = call.args
+        chunks = functools.partial(_send_chunk, channel, call_id) if spec.streaming else None
+        ctx = CallContext(admitted.session, call_id, admitted.proxy, chunks)
+        inline = getattr(spec.handler, _INLINE, None)
+        if inline is not None:
+            try:
+                value = inline(ctx, **args)
+            except (Exception, asyncio.CancelledError) as exc:
+                self._send_failure(channel, call_id, spec, exc)
+                return
+            self._send_result(channel, call_id, spec, value)
+            return
+        # The call holds its module from now (not from its task's first step)
+        # until it ends, so an unload in between waits for it.  The bookkeeping
+        # is a done callback: it also runs for a task cancelled before it
+        # started (a cancel in the same read as its call), whose coroutine
+        # never runs at all.
+        guard = self.registry.in_flight(admitted.symbol)
+        guard.__enter__()
+        task = asyncio.get_running_loop().create_task(self._finish(channel, ctx, spec, args))
+        link.tasks[call_id] = task
+        task.add_done_callback(functools.partial(self._call_done, link, guard, call_id))
+
+    @staticmethod
+    def cancel(link: Link, call_id: int) -> None:
+        task = link.tasks.get(call_id)
+        if task is not None:
+            task.cancel()
+
+    async def _finish(self, channel: ServerChannel, ctx: CallContext, spec: CallSpec, args: dict[str, Any]) -> None:
+        started = time.monotonic()
+        code = "ok"
+        try:
+            value = await spec.handler(ctx, **args)
+        except (Exception, asyncio.CancelledError) as exc:
+            code = self._send_failure(channel, ctx.call_id, spec, exc)
+            return
+        finally:
+            # only names found in a call table reach here: labels stay bounded
+            if self.observe is not None:
+                self.observe(spec.name, code, time.monotonic() - started)
+        self._send_result(channel, ctx.call_id, spec, value)
+
+    @staticmethod
+    def _call_done(link: Link, guard: Any, call_id: int, task: asyncio.Task[None]) -> None:
+        guard.__exit__(None, None, None)
+        if link.tasks.get(call_id) is task:
+            del link.tasks[call_id]
+        if task.cancelled():   # cancelled before its first step: nothing answered yet
+            link.channel.send_error(call_id, CANCELLED, "cancelled")
+
+    @staticmethod
+    def _send_result(channel: ServerChannel, call_id: int, spec: CallSpec, value: Any) -> None:
+        try:
+            channel.send_result(call_id, value)
+        except LocalProtocolError as exc:
+            log.error("result of %s cannot be sent: %s", spec.name, exc)
+            channel.send_error(call_id, INTERNAL, "result could not be encoded")
+
+    @staticmethod
+    def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> str:
+        """Answer a failed call; return the code sent.  Domain and database
+        refusals get their documented code (``billcore.server.wire_errors``)."""
+        if isinstance(exc, asyncio.CancelledError):
+            channel.send_error(call_id, CANCELLED, "cancelled")
+            return CANCELLED
+        failed = to_call_failed(exc)
+        if failed is None:   # the boundary: anything unexpected becomes `internal`, logged here
+            log.error("call %s failed", spec.name, exc_info=exc)
+            channel.send_error(call_id, INTERNAL, "internal error")
+            return INTERNAL
+        channel.send_error(call_id, failed.code, failed.message)
+        return failed.code

@@ -1,0 +1,215 @@
+"""The login desk: logins, proxied logins, resumes and their rate limit.
+
+Theory of operation
+-------------------
+Login is SCRAM-SHA-256 (``urfa.scram``) in two steps.  ``begin_login``
+admits the attempt with the ``LoginLimiter`` (it counts from this moment,
+so logins in flight count too; over the limit: ``rate_limited`` before any
+lookup) and asks the auth backend for the principal.  An unknown login, or
+one of another kind, gets a fake verifier derived from the desk's secret,
+so its challenge looks like a real one and the failure is the same
+``auth_failed``.  A backend that cannot answer (its database is down) gets
+the login ``core.db_unavailable``.  ``finish_login`` checks the proof and
+opens the session with the call table snapshot of the principal's rights.
+
+Attempts count per source address (an IPv4 address, an IPv6 /64) and per
+login.  The Unix socket is every local edge's one "address", gated by its
+file permissions: attempts over it count per login only.
+
+A system session with right ``session.proxy`` (the web office) relays a
+subscriber's SCRAM exchange (``session.proxy_login``/``proxy_proof``); the
+half-done exchanges wait here under a random handle, bounded in number and
+in time.  Only system sessions logged in directly can be resumed from a new
+connection (``resume``); a failed resume counts against the address.
+
+Every decision takes ``now``; the desk does no I/O but the auth lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from billcore.db.pool import DB_UNAVAILABLE
+from billcore.server.calls import CallRegistry
+from billcore.server.login_limiter import Attempt, LimitKey, LoginLimiter
+from billcore.server.sessions import (
+    ENDED_LOGGED_OUT, AuthUnavailable, Principal, ResumeRefused, Session, SessionTable, TooManySessions,
+)
+from urfa import scram
+from urfa.errors import AUTH_FAILED, BUSY, RATE_LIMITED, RESUME_FAILED, CallFailed
+from urfa.server import address_key
+
+__all__ = ["AuthBackend", "LoginDesk", "PendingLogin", "KINDS", "address_keys", "limit_keys"]
+
+log = logging.getLogger("billcore.urfa")
+KINDS = ("system", "admin", "user")
+
+
+class AuthBackend(Protocol):
+    # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
+    async def find_principal(self, kind: str, login: str) -> Principal | None: ...
+    # a subscriber's account ids (a backend without it: subscribers see no account's events)
+    async def accounts_of(self, user_id: int) -> frozenset[int]: ...
+
+
+@dataclass(slots=True)
+class PendingLogin:
+    """A login between our challenge and the client's proof."""
+
+    kind: str
+    login: str
+    cnonce: bytes
+    snonce: bytes
+    ip: str
+    principal: Principal | None      # None: unknown, the verifier is a fake
+    verifier: scram.Verifier
+    expires: float
+    attempt: Attempt                 # what the limiter counts until the proof is checked
+
+    def auth_message(self) -> bytes:
+        verifier = self.verifier
+        return scram.auth_message(self.kind, self.login, self.cnonce, self.snonce,
+                                  verifier.salt, verifier.iterations)
+
+
+def address_keys(ip: str) -> tuple[LimitKey, ...]:
+    """What a resume from ``ip`` counts against (nothing over the Unix socket)."""
+    return () if ip == "unix" else (("ip", address_key(ip)),)
+
+
+def limit_keys(ip: str, kind: str, login: str) -> tuple[LimitKey, ...]:
+    """What a login of ``kind:login`` from ``ip`` counts against."""
+    return (*address_keys(ip), ("login", f"{kind}:{login}"))
+
+
+class LoginDesk:
+    def __init__(
+        self, registry: CallRegistry, auth: AuthBackend, sessions: SessionTable, limiter: LoginLimiter,
+        secret: bytes, clock: Callable[[], float], *, lookup_timeout: float, handshake_timeout: float,
+        mock_iterations: int, max_proxy_logins: int,
+    ) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.sessions = sessions
+        self.limiter = limiter
+        self.secret = secret               # keeps fake salts stable
+        self.clock = clock                 # for the callers that have no `now` of their own
+        self.lookup_timeout = lookup_timeout
+        self.handshake_timeout = handshake_timeout
+        self.mock_iterations = mock_iterations
+        self.max_proxy_logins = max_proxy_logins
+        self._proxy_logins: OrderedDict[bytes, PendingLogin] = OrderedDict()   # oldest first
+
+    # -- login -----------------------------------------------------------
+    async def begin_login(self, kind: str, login: str, cnonce: bytes, snonce: bytes, ip: str,
+                          now: float) -> PendingLogin:
+        """Admit the attempt (it counts from now) and look the principal up;
+        unknown ones get a deterministic fake verifier."""
+        attempt = self.limiter.begin(limit_keys(ip, kind, login), now)
+        if attempt is None:
+            raise CallFailed(RATE_LIMITED, "too many login attempts; wait and retry")
+        principal = None
+        # a NUL cannot be in any login (PostgreSQL text): unknown, without asking
+        if kind in KINDS and "\0" not in login:
+            try:
+                principal = await asyncio.wait_for(self.auth.find_principal(kind, login), self.lookup_timeout)
+            except (AuthUnavailable, asyncio.TimeoutError) as exc:
+                self.limiter.abandon(attempt)   # no proof will be checked
+                log.warning("login of %s:%s refused: the auth backend cannot answer (%s)",
+                            kind, login, "timed out" if isinstance(exc, asyncio.TimeoutError) else exc)
+                raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+            except BaseException:
+                self.limiter.abandon(attempt)
+                raise
+        if principal is not None and (principal.kind != kind or principal.login != login):
+            principal = None
+        verifier = principal.verifier if principal is not None else scram.fake_verifier(
+            self.secret, scram.scram_username(kind, login), self.mock_iterations)
+        return PendingLogin(kind, login, cnonce, snonce, ip, principal, verifier,
+                            now + self.handshake_timeout, attempt)
+
+    def abandon(self, pending: PendingLogin) -> None:
+        """The exchange ended before its proof was checked: it stops counting."""
+        self.limiter.abandon(pending.attempt)
+
+    def finish_login(self, pending: PendingLogin, proof: bytes, now: float, *,
+                     proxied: bool = False) -> tuple[Session, bytes]:
+        """Check the proof; the new session and the ServerSignature, or ``CallFailed``."""
+        message = pending.auth_message()
+        client_key = scram.recover_client_key(pending.verifier, message, proof)
+        attempt = pending.attempt
+        if client_key is None or pending.principal is None:
+            self.limiter.failed(attempt)
+            raise CallFailed(AUTH_FAILED, "login failed")
+        # a success clears the login's count of failures (not the address's)
+        self.limiter.succeeded(attempt, clear=[key for key in attempt.keys if key[0] == "login"])
+        principal = pending.principal
+        table = self.registry.snapshot(principal.kind, principal.rights)
+        resume_key = scram.resume_key(client_key, message) if principal.kind == "system" and not proxied else None
+        for _old in self.sessions.make_room(principal):   # at its cap: the oldest ends (bye logged_out)
+            log.info("session of %s:%s ended: over %d sessions", principal.kind, principal.login,
+                     self.sessions.cap(principal))
+        try:
+            session = self.sessions.create(principal, pending.ip, table, now,
+                                           resume_key=resume_key, proxied=proxied)
+        except TooManySessions:
+            raise CallFailed(BUSY, "session table full") from None
+        return session, scram.server_signature(pending.verifier.server_key, message)
+
+    # -- proxied logins ----------------------------------------------------
+    def add_proxy_login(self, pending: PendingLogin) -> bytes:
+        """Park a relayed exchange until its proof; the handle to finish it with."""
+        handle = secrets.token_bytes(16)
+        self._proxy_logins[handle] = pending
+        while len(self._proxy_logins) > self.max_proxy_logins:
+            self.abandon(self._proxy_logins.popitem(last=False)[1])
+        return handle
+
+    def take_proxy_login(self, handle: bytes, now: float) -> PendingLogin | None:
+        pending = self._proxy_logins.pop(handle, None)
+        if pending is not None and pending.expires <= now:
+            self.abandon(pending)
+            return None
+        return pending
+
+    def sweep(self, now: float) -> None:
+        """Forget the relayed exchanges whose proof did not come in time."""
+        while self._proxy_logins:
+            handle, pending = next(iter(self._proxy_logins.items()))
+            if pending.expires > now:
+                break
+            del self._proxy_logins[handle]
+            self.abandon(pending)
+
+    # -- resume and logout -------------------------------------------------
+    def resume(self, sid: bytes, ip: str, snonce: bytes, cnonce: bytes, proof: bytes,
+               now: float) -> tuple[Session, bytes]:
+        """A system session taken up on a new connection, and our signature;
+        ``CallFailed`` (``rate_limited``, ``resume_failed``) otherwise."""
+        attempt = self.limiter.begin(address_keys(ip), now)
+        if attempt is None:
+            raise CallFailed(RATE_LIMITED, "too many failed attempts; wait and retry")
+        try:
+            session = self.sessions.resume(sid, ip, snonce, cnonce, proof, now)
+        except ResumeRefused as exc:
+            self.limiter.failed(attempt)
+            log.info("resume refused from %s: %s", ip, exc)
+            raise CallFailed(RESUME_FAILED, "resume refused; log in again") from None
+        self.limiter.succeeded(attempt)
+        assert session.resume_key is not None, "SessionTable.resume takes only resumable sessions"
+        return session, scram.resume_signature(session.resume_key, snonce, cnonce, sid)
+
+    def logout(self, session: Session) -> None:
+        """End a session; its own connection (if any) closes after the reply."""
+        self.sessions.end(session.sid, ENDED_LOGGED_OUT, "logged out")
+
+    def end_sessions_of(self, kind: str, principal_id: int, why: str) -> int:
+        """End every session of a principal that was deleted or disabled;
+        their connections get bye ``logged_out``.  How many ended."""
+        return len(self.sessions.end_principal(kind, principal_id, why))
