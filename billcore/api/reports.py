@@ -27,9 +27,9 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from billcore.api import ADMIN, USER, handler, need_int, page
-from billcore.api.tariffs import _date, plain
+from billcore.api.tariffs import _date, plain, plain_rows
 from billcore.common.errors import TariffError
-from billcore.billing import tariffs as T
+from billcore.billing.tariffs import account_links, account_period, load_book, load_links, load_periodic
 from billcore.billing.ledger_errors import UnknownAccount
 from billcore.billing.periods import period_containing
 from billcore.billing.rating import CounterKey, preview
@@ -129,7 +129,7 @@ def revenue_result(rows: list[Any]) -> list[dict[str, Any]]:
 
 async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) -> dict[str, Any]:
     """The pure preview of one account at ``now``, as plain values."""
-    book = await T.load_book(conn, [account_id], tz=tz, since=now - _WIDE, until=now)
+    book = await load_book(conn, [account_id], tz=tz, since=now - _WIDE, until=now)
     if account_id not in book.accounts:
         raise UnknownAccount(f"account {account_id} does not exist")
     rows = await conn.fetch(
@@ -137,8 +137,8 @@ async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) ->
         " WHERE account_id = $1 AND period_start >= $2", account_id, now - _WIDE)
     counters = {CounterKey(account_id, r["service_id"], r["class_id"], r["range_id"], r["period_start"]):
                 r["quantity"] for r in rows if r["service_id"] in book.services}
-    periodic = await T.load_periodic(conn)
-    links = await T.load_links(conn, [account_id], now - _WIDE, now + _WIDE, kinds=("periodic",))
+    periodic = await load_periodic(conn)
+    links = await load_links(conn, [account_id], now - _WIDE, now + _WIDE, kinds=("periodic",))
     p = preview(account_id, book, counters, periodic, links, now)
     return {
         "account_id": account_id, "period_start": p.period.start, "period_end": p.period.end,
@@ -224,7 +224,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         out = []
         async with core.pool.acquire() as conn:
             for acc in await own(conn, ctx, account_id):
-                spec = await T.account_period(conn, acc)
+                spec = await account_period(conn, acc)
                 period = period_containing(spec, now, tz)
                 left = await conn.fetch(
                     "SELECT r.service_id, coalesce(r.class_id, -1) AS class_id, r.range_id, r.prepaid,"
@@ -233,8 +233,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                     "  AND c.class_id = coalesce(r.class_id, -1) AND c.range_id = coalesce(r.range_id, 0)), 0))::bigint"
                     "  AS prepaid_left"  # sum(bigint) is numeric: a Decimal cannot cross the wire
                     " FROM service_rates r WHERE r.prepaid > 0 AND r.service_id = ANY($3::bigint[])",
-                    acc, period.start, [s["service_id"] for s in await T.account_links(conn, acc, now)])
-                links = await T.account_links(conn, acc, now)
+                    acc, period.start, [s["service_id"] for s in await account_links(conn, acc, now)])
+                links = await account_links(conn, acc, now)
                 out.append({
                     "account_id": acc, "period_start": period.start, "period_end": period.end,
                     "tariff": links[0]["tariff"] if links else None,
@@ -255,7 +255,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 "SELECT account_id, day, class_id, quantity, amount FROM usage_daily"
                 " WHERE account_id = ANY($1::bigint[]) AND day >= $2 AND day < $3 ORDER BY day, class_id",
                 await own(conn, ctx, account_id), first, last)
-        return plain([dict(r) for r in rows])
+        return plain_rows(dict(row) for row in rows)
 
     return [
         CallSpec("reports.traffic", reports_traffic, right="reports.read", kinds=ADMIN, streaming=True,

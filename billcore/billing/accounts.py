@@ -30,7 +30,7 @@ from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, LoginTaken, UnknownAccount, UnknownUser,
 )
 from billcore.common.money import MAX_AMOUNT, format_money
-from billcore.db.rows import DbConnection
+from billcore.db.rows import DbConnection, expect_row
 from urfa.scram import Verifier
 
 __all__ = [
@@ -116,11 +116,12 @@ async def create_user(conn: DbConnection, login: str, verifier: Verifier,
                 f" RETURNING {_USER_COLS}",
                 login, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
                 *fields.values())
-            acc = await conn.fetchval(
-                "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", row["id"])
+            user = expect_row(row, "new user")
+            basic_account_id = await conn.fetchval(
+                "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", user["id"])
     except asyncpg.UniqueViolationError as exc:
         raise LoginTaken(f"login or external id already taken ({exc.constraint_name})") from None
-    return {**dict(row), "basic_account_id": acc}
+    return {**dict(user), "basic_account_id": basic_account_id}
 
 
 async def get_user(conn: DbConnection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
@@ -148,7 +149,7 @@ async def edit_user(conn: DbConnection, user_id: int, **fields: Any) -> tuple[di
                 f"UPDATE users SET {sets} WHERE id = $1 RETURNING {_USER_COLS}", user_id, *fields.values())
     except asyncpg.UniqueViolationError:
         raise LoginTaken("external id already taken") from None
-    return dict(before), dict(after)
+    return dict(before), dict(expect_row(after, f"user {user_id}"))
 
 
 async def set_verifier(conn: DbConnection, user_id: int, verifier: Verifier) -> None:
@@ -169,7 +170,7 @@ async def delete_user(conn: DbConnection, user_id: int, *, now: dt.datetime | No
         after = await conn.fetchrow(
             f"UPDATE users SET deleted_at = $2 WHERE id = $1 RETURNING {_USER_COLS}",
             user_id, now or utcnow())
-    return before, dict(after)
+    return before, dict(expect_row(after, f"user {user_id}"))
 
 
 # users.search: the per-column ILIKE decides what matches; with 3 or more
@@ -247,7 +248,7 @@ async def create_account(conn: DbConnection, user_id: int, *, credit: int = 0, v
         row = await conn.fetchrow(
             f"INSERT INTO accounts(user_id, credit, vat_bp, unlimited) VALUES ($1, $2, $3, $4)"
             f" RETURNING {_ACCOUNT_COLS}", user_id, credit, vat_bp, unlimited)
-    return dict(row)
+    return dict(expect_row(row, "new account"))
 
 
 async def get_account(conn: DbConnection, account_id: int) -> dict[str, Any]:
@@ -288,9 +289,9 @@ async def edit_account(conn: DbConnection, account_id: int, *, actor: str,
         await lock_accounts(conn, [account_id])
         before = await get_account(conn, account_id)
         sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(changes))
-        after = await conn.fetchrow(
+        after = expect_row(await conn.fetchrow(
             f"UPDATE accounts SET {sets} WHERE id = $1 RETURNING {_ACCOUNT_COLS}",
-            account_id, *changes.values())
+            account_id, *changes.values()), f"account {account_id}")
         if after["balance"] != before["balance"] or not -MAX_AMOUNT <= after["balance"] <= MAX_AMOUNT:
             raise InvariantViolation("editing settings changed the balance")
         change = await sync_system_block(conn, account_id, actor=actor, now=now or utcnow())

@@ -159,7 +159,8 @@ def _due_by_signature(services: Mapping[int, PeriodicService], links: Sequence[S
 
 
 async def _run_state(conn: DbConnection, name: str) -> datetime | None:
-    return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
+    last_now: datetime | None = await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
+    return last_now
 
 
 @dataclass(slots=True)

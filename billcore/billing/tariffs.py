@@ -150,7 +150,7 @@ class _Conflicts:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, asyncpg.ExclusionViolationError):
             raise TariffConflict(f"{self.what} overlaps an existing one in time") from exc
         if isinstance(exc, asyncpg.UniqueViolationError):
@@ -159,7 +159,6 @@ class _Conflicts:
             raise TariffConflict(f"{self.what}: refers to a missing row or is still in use") from exc
         if isinstance(exc, asyncpg.CheckViolationError):   # PostgreSQL's text names tables: not for clients
             raise TariffError(f"{self.what}: a value is outside its allowed range{_about(exc)}") from exc
-        return False
 
 
 # -- loading ----------------------------------------------------------------
@@ -483,7 +482,7 @@ def _net(value: str | None) -> str | None:
         raise TariffError(f"not a network prefix: {value!r}") from exc
 
 
-def _ports(value: Sequence[int] | None) -> asyncpg.Range | None:
+def _ports(value: Sequence[int] | None) -> asyncpg.Range[int] | None:
     if value is None:
         return None
     if len(value) != 2 or not 0 <= value[0] <= value[1] <= 65535:
@@ -515,12 +514,19 @@ async def delete_rule(conn: DbConnection, rule_id: int) -> None:
         raise TariffNotFound(f"rule {rule_id} does not exist")
 
 
-def port_range(r: asyncpg.Range | None) -> list[int] | None:
-    """A port range column as an inclusive [lo, hi] pair (None: any port)."""
-    if r is None or r.isempty:
+def port_range(ports: asyncpg.Range[int] | None) -> list[int] | None:
+    """A port range column as an inclusive [lo, hi] pair (None: any port).
+    The schema keeps ranges within 0..65535; an open end means that limit."""
+    if ports is None or ports.isempty:
         return None
-    lo = r.lower if r.lower_inc else r.lower + 1
-    hi = r.upper if r.upper_inc else r.upper - 1
+    if ports.lower is None:
+        lo = 0
+    else:
+        lo = ports.lower if ports.lower_inc else ports.lower + 1
+    if ports.upper is None:
+        hi = 65535
+    else:
+        hi = ports.upper if ports.upper_inc else ports.upper - 1
     return [lo, hi]
 
 

@@ -195,8 +195,9 @@ def _prepare(pgdata: Path) -> tuple[int | None, int | None]:
             os.chown(pgdata, uid, gid)
         if not (pgdata / "PG_VERSION").exists():
             log.info("initialising the embedded postgresql", extra={"pgdata": str(pgdata)})
-            _commands.initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
-                             pgdata=pgdata, user=user)
+            # pgserver makes one function per binary at import time (setattr), out of mypy's sight
+            initdb = _commands.initdb  # type: ignore[attr-defined]
+            initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, user=user)
         return uid, gid
 
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from billcore.plugins.errors import PluginError, RollbackRefused
 from billcore.plugins.manifest import parse_version
