@@ -22,6 +22,7 @@ from billcore.api import USER, announce, handler, need_int, page, who
 from billcore.api.accounts import ACCOUNT_FIELDS, LEDGER_FIELDS, account_view
 from billcore.api.users import check_password
 from billcore.billing import accounts, audit, blocks, payments
+from billcore.server.call_context import CallContext
 from billcore.server.topics import subscriber_block
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue, UnknownAccount, UnknownUser
@@ -49,13 +50,13 @@ async def _own(conn: Any, user_id: int, account_id: int | None) -> list[int]:
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    def uid(ctx: Any) -> int:
+    def uid(ctx: CallContext) -> int:
         if ctx.principal.kind != "user":     # the call table already ensures it; belt and braces
             raise InvalidValue("me.* calls are for subscriber sessions")
         return int(ctx.principal.id)
 
     @handler
-    async def me_accounts(ctx: Any, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    async def me_accounts(ctx: CallContext, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """My accounts (basic first): balance, credit, blocks, promised credit."""
         limit, offset = page(limit, offset, 100)
         async with core.pool.acquire() as conn:
@@ -63,7 +64,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return [await account_view(conn, a, core.now()) for a in ids]
 
     @handler
-    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False, limit: int = 100,
+    async def me_blocks(ctx: CallContext, account_id: int | None = None, active_only: bool = False, limit: int = 100,
                         offset: int = 0) -> list[dict[str, Any]]:
         """Blocks of my accounts, newest first."""
         limit, offset = page(limit, offset, 200)
@@ -73,7 +74,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return [subscriber_block(r) for r in rows]   # no operator's login or reason text
 
     @handler
-    async def me_payments(ctx: Any, account_id: int | None = None, limit: int = 50,
+    async def me_payments(ctx: CallContext, account_id: int | None = None, limit: int = 50,
                           offset: int = 0) -> list[dict[str, Any]]:
         """My payments, newest first."""
         limit, offset = page(limit, offset, 200)
@@ -84,7 +85,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return [{k: r[k] for k in keep} for r in rows]
 
     @handler
-    async def me_history(ctx: Any, account_id: int | None = None, limit: int = 50,
+    async def me_history(ctx: CallContext, account_id: int | None = None, limit: int = 50,
                          offset: int = 0) -> list[dict[str, Any]]:
         """My balance history (ledger rows), newest first."""
         limit, offset = page(limit, offset, 200)
@@ -95,7 +96,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return [{k: r[k] for k in keep} for r in rows]
 
     @handler
-    async def me_block(ctx: Any, on: bool, account_id: int | None = None) -> dict[str, Any]:
+    async def me_block(ctx: CallContext, on: bool, account_id: int | None = None) -> dict[str, Any]:
         """Switch my own block ("internet off") on or off."""
         if type(on) is not bool:
             raise InvalidValue("on must be a bool")
@@ -115,7 +116,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"account_id": acc, "blocked": on, "changed": change is not None}
 
     @handler
-    async def me_promised(ctx: Any, account_id: int | None = None) -> dict[str, Any]:
+    async def me_promised(ctx: CallContext, account_id: int | None = None) -> dict[str, Any]:
         """Take this month's promised payment (temporary credit)."""
         now = core.now()
         rule = core.extras.get("promised_rule", payments.DEFAULT_PROMISED)
@@ -130,7 +131,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"account_id": acc, "amount": r.amount, "expires_at": r.expires_at}
 
     @handler
-    async def me_password(ctx: Any, old_password: str, new_password: str) -> bool:
+    async def me_password(ctx: CallContext, old_password: str, new_password: str) -> bool:
         """Change my password; the old one must be given."""
         if type(old_password) is not str:
             raise InvalidValue("old_password must be a string")

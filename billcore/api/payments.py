@@ -21,6 +21,7 @@ from typing import Any
 from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page, who
 from billcore.billing import accounts, audit, payments
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -31,7 +32,7 @@ MAX_PROMISED_DAYS = 31
 
 def calls(core: CoreContext) -> list[CallSpec]:
     @handler
-    async def payments_add(ctx: Any, account_id: int, amount: int, method: str,
+    async def payments_add(ctx: CallContext, account_id: int, amount: int, method: str,
                            external_id: str | None = None, comment: str = "") -> dict[str, Any]:
         """Book a payment; idempotent by external_id.  Returns {payment_id, created, balance}."""
         need_int("account_id", account_id)
@@ -54,7 +55,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 "balance": r.balance}
 
     @handler
-    async def payments_cancel(ctx: Any, payment_id: int, reason: str = "") -> dict[str, Any]:
+    async def payments_cancel(ctx: CallContext, payment_id: int, reason: str = "") -> dict[str, Any]:
         """Reverse a payment exactly (a reversal row); cancelling twice is a no-op."""
         need_int("payment_id", payment_id)
         now = core.now()
@@ -73,7 +74,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 "balance": r.balance}
 
     @handler
-    async def payments_list(ctx: Any, account_id: int, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    async def payments_list(ctx: CallContext, account_id: int, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Payments of an account, newest first, with their cancellation."""
         need_int("account_id", account_id)
         limit, offset = page(limit, offset)
@@ -82,7 +83,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await payments.list_payments(conn, [account_id], limit=limit, offset=offset)
 
     @handler
-    async def payments_promised(ctx: Any, account_id: int, amount: int | None = None, days: int | None = None,
+    async def payments_promised(ctx: CallContext, account_id: int, amount: int | None = None, days: int | None = None,
                                 reason: str = "") -> dict[str, Any]:
         """Grant this month's promised payment (temporary credit) to an account; once per month."""
         need_int("account_id", account_id)

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from billcore.api import ADMIN, handler, who
 from billcore.billing import audit
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -64,7 +65,7 @@ def summary(result: Any) -> dict[str, Any]:
 
 def calls(core: CoreContext) -> list[CallSpec]:
     @handler
-    async def periodic_run(ctx: Any) -> dict[str, Any]:
+    async def periodic_run(ctx: CallContext) -> dict[str, Any]:
         """Run the periodic charges due now, as the scheduler does (idempotent); streams progress."""
         from billcore.server.core import periodic_once
 

@@ -33,6 +33,7 @@ from billcore.billing.tariffs import account_links, account_period, load_book, l
 from billcore.billing.ledger_errors import UnknownAccount
 from billcore.billing.periods import period_containing
 from billcore.billing.rating import CounterKey, preview
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -151,7 +152,7 @@ async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) ->
 def calls(core: CoreContext) -> list[CallSpec]:
     tz = core.config.zone
 
-    async def stream_rows(ctx: Any, sql: str, *args: Any) -> dict[str, Any]:
+    async def stream_rows(ctx: CallContext, sql: str, *args: Any) -> dict[str, Any]:
         sent = 0
         chunk: list[list[Any]] = []
         async with core.pool.acquire() as conn, conn.transaction(readonly=True):
@@ -168,7 +169,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"rows": sent, "truncated": sent >= MAX_ROWS}
 
     @handler
-    async def reports_traffic(ctx: Any, since: str, until: str, account_id: int | None = None) -> dict[str, Any]:
+    async def reports_traffic(ctx: CallContext, since: str, until: str, account_id: int | None = None) -> dict[str, Any]:
         """Traffic per account, class and day in [since, until) (ISO dates); streamed."""
         return await stream_rows(
             ctx, "SELECT account_id, class_id, day, quantity, amount FROM usage_daily"
@@ -177,7 +178,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             _date(since, "since"), _date(until, "until"), account_id)
 
     @handler
-    async def reports_charges(ctx: Any, since: datetime, until: datetime) -> dict[str, Any]:
+    async def reports_charges(ctx: CallContext, since: datetime, until: datetime) -> dict[str, Any]:
         """Charges per service and period start in [since, until), once-off fees by the time they were
         booked; streamed."""
         return await stream_rows(
@@ -188,7 +189,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
-    async def reports_revenue(ctx: Any, since: datetime, until: datetime, limit: int = 1000,
+    async def reports_revenue(ctx: CallContext, since: datetime, until: datetime, limit: int = 1000,
                               offset: int = 0) -> list[dict[str, Any]]:
         """Revenue per tariff, then a (total) row, for the periods that start in [since, until), open
         periods included: amount = final_amount + provisional_amount = periodic_amount + usage_amount +
@@ -203,12 +204,12 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return rows[offset:offset + limit]
 
     @handler
-    async def reports_preview(ctx: Any, account_id: int) -> dict[str, Any]:
+    async def reports_preview(ctx: CallContext, account_id: int) -> dict[str, Any]:
         """What the account pays this accounting period so far, line by line."""
         async with core.pool.acquire() as conn:
             return await account_preview(conn, need_int("account_id", account_id), core.now(), tz)
 
-    async def own(conn: Any, ctx: Any, account_id: int | None) -> list[int]:
+    async def own(conn: Any, ctx: CallContext, account_id: int | None) -> list[int]:
         ids = [r["id"] for r in await conn.fetch(
             "SELECT id FROM accounts WHERE user_id = $1 ORDER BY is_basic DESC, id", int(ctx.principal.id))]
         if account_id is None:
@@ -218,7 +219,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return [account_id]
 
     @handler
-    async def me_tariff(ctx: Any, account_id: int | None = None) -> list[dict[str, Any]]:
+    async def me_tariff(ctx: CallContext, account_id: int | None = None) -> list[dict[str, Any]]:
         """My tariff and services per account, with the prepaid volume left this period."""
         now = core.now()
         out = []
@@ -245,7 +246,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return out
 
     @handler
-    async def me_traffic(ctx: Any, since: str, until: str, account_id: int | None = None) -> list[dict[str, Any]]:
+    async def me_traffic(ctx: CallContext, since: str, until: str, account_id: int | None = None) -> list[dict[str, Any]]:
         """My traffic per day and class in [since, until) (at most 366 days)."""
         first, last = _date(since, "since"), _date(until, "until")
         if not timedelta(0) <= last - first <= timedelta(days=366):
