@@ -21,6 +21,7 @@ from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page,
 from billcore.billing import accounts, audit, blocks, payments
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.db.rows import DbConnection
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
@@ -32,11 +33,11 @@ ACCOUNT_FIELDS = {"balance": "money", "credit": "money", "promised": "money", "p
 LEDGER_FIELDS = {"amount": "money", "balance_after": "money"}
 
 
-async def account_view(conn: Any, account_id: int, now: dt.datetime) -> dict[str, Any]:
+async def account_view(conn: DbConnection, account_id: int, now: dt.datetime) -> dict[str, Any]:
     """An account with its active blocks, open promised credit and whether
     this month's promised payment is used up (``promised_taken``)."""
     acc = await accounts.get_account(conn, account_id)
-    acc["blocks"] = [b["kind"] for b in await blocks.list_blocks(conn, [account_id], active_only=True)]
+    acc["blocks"] = [block["kind"] for block in await blocks.list_blocks(conn, [account_id], active_only=True)]
     acc["promised"] = await blocks.active_promised(conn, account_id, now)
     acc["promised_taken"] = await payments.promised_taken(conn, account_id, now)
     return acc

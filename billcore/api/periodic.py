@@ -25,6 +25,8 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import asyncpg
+
 from billcore.api import ADMIN, handler, who
 from billcore.billing import audit
 from billcore.server.call_context import CallContext
@@ -40,7 +42,7 @@ RUN_FIELDS: Final = {"accounts": "int", "batches": "int", "charges": "int", "amo
 
 
 @contextlib.asynccontextmanager
-async def periodic_lock(pool: Any, waiting: Callable[[], None] | None = None) -> AsyncIterator[None]:
+async def periodic_lock(pool: asyncpg.Pool, waiting: Callable[[], None] | None = None) -> AsyncIterator[None]:
     """Hold the periodic-run lock (one pooled connection) for the ``with`` body;
     ``waiting()`` is called once when another run holds it and we wait.  With
     the run's own two connections that is three (``[database] pool_max`` ≥ 3)."""

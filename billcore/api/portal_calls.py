@@ -40,7 +40,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         uid(ctx)
         async with core.pool.acquire() as conn:
             rows = await conn.fetch("SELECT id, name FROM traffic_classes ORDER BY position, id LIMIT 1000")
-        return [dict(r) for r in rows]
+        return [dict(row) for row in rows]
 
     @handler
     async def me_sessions(ctx: CallContext, account_id: int | None = None, limit: int = 50,
@@ -54,7 +54,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 " session_time, input_octets, output_octets, charged FROM radius_sessions"
                 " WHERE account_id = ANY($1::bigint[]) ORDER BY started_at DESC, id DESC"
                 " LIMIT $2 OFFSET $3", ids, limit, offset)
-        return [dict(r) for r in rows]
+        return [dict(row) for row in rows]
 
     def spec(name: str, fn: Any, args: dict[str, str], result: str = "map", bound: str = "fixed",
              fields: dict[str, str] | None = None) -> CallSpec:

@@ -105,7 +105,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         (range_id) or in any range (no range_id). Tiers are [[start, price], …]: price in micro-units per
         unit_size bytes or seconds, from start bytes or seconds beyond the prepaid volume (prepaid, in bytes
         or seconds, is free); the first tier starts at 0 (docs/tariffs.md)."""
-        parsed = [(t[0], t[1]) for t in tiers if isinstance(t, list) and len(t) == 2]
+        parsed = [(tier[0], tier[1]) for tier in tiers if isinstance(tier, list) and len(tier) == 2]
         if len(parsed) != len(tiers):
             raise TariffError("tiers are [start, price] pairs")
         async with core.pool.acquire() as conn:
@@ -212,7 +212,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         such as holidays, and a priority (the highest matching range wins) (docs/tariffs.md)."""
         async with core.pool.acquire() as conn:
             rid = await create_time_range(conn, name, priority=priority or 0, windows=windows or [],
-                                            dates=[_date(d, "date") for d in dates or []])
+                                            dates=[_date(text, "date") for text in dates or []])
         return {"id": rid}
 
     @handler

@@ -34,7 +34,7 @@ def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] |
         """The plugins this core knows, by name (paged): version, state, signer, licence, symbols."""
         if type(limit) is not int or not 1 <= limit <= PAGE or type(offset) is not int or offset < 0:
             raise CallFailed(BAD_ARGS, f"limit must be 1..{PAGE}, offset >= 0")
-        return sorted(manager.list(), key=lambda p: str(p.get("name")))[offset:offset + limit]
+        return sorted(manager.list(), key=lambda plugin: str(plugin.get("name")))[offset:offset + limit]
 
     async def plugins_load(ctx: CallContext, path: str) -> dict[str, Any]:
         """Verify and load a signed plugin (directory or archive) at run time."""

@@ -41,6 +41,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import asyncpg
+
 from billcore.server.calls import CallRegistry
 from billcore.plugins.api import BillingFacade, PluginAPI, run_every
 from billcore.plugins.bundle import MANIFEST_FILE, PluginBundle, read_bundle
@@ -98,7 +100,7 @@ def _migrations(bundle: PluginBundle) -> list[tuple[str, bytes]]:
 class PluginManager:
     def __init__(self, registry: CallRegistry, bus: HookBus, keydir: str | os.PathLike[str],
                  statedir: str | os.PathLike[str], api_version: int, installation_id: str | None,
-                 db_pool: Any = None, *, billing: BillingFacade | None = None,
+                 db_pool: asyncpg.Pool | None = None, *, billing: BillingFacade | None = None,
                  config_dir: str | os.PathLike[str] | None = None,
                  clock: Callable[[], float] = time.time,
                  setup_timeout: float = 30.0, log: logging.Logger | None = None) -> None:
