@@ -74,7 +74,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 "balance": result.balance}
 
     @handler
-    async def payments_list(ctx: CallContext, account_id: int, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    async def payments_list(ctx: CallContext, account_id: int, limit: int = 100,
+                            offset: int = 0) -> list[dict[str, Any]]:
         """Payments of an account, newest first, with their cancellation."""
         need_int("account_id", account_id)
         limit, offset = page(limit, offset)

@@ -146,7 +146,8 @@ async def account_preview(conn: DbConnection, account_id: int, now: datetime, tz
         "account_id": account_id, "period_start": previewed.period.start, "period_end": previewed.period.end,
         "total": previewed.total,
         "lines": [{"service_id": line.service_id, "kind": line.kind, "class_id": line.klass,
-                   "range_id": line.range_id, "quantity": line.quantity, "amount": line.amount} for line in previewed.lines],
+                   "range_id": line.range_id, "quantity": line.quantity, "amount": line.amount}
+                  for line in previewed.lines],
     }
 
 
@@ -170,7 +171,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"rows": sent, "truncated": sent >= MAX_ROWS}
 
     @handler
-    async def reports_traffic(ctx: CallContext, since: str, until: str, account_id: int | None = None) -> dict[str, Any]:
+    async def reports_traffic(ctx: CallContext, since: str, until: str,
+                              account_id: int | None = None) -> dict[str, Any]:
         """Traffic per account, class and day in [since, until) (ISO dates); streamed."""
         return await stream_rows(
             ctx, "SELECT account_id, class_id, day, quantity, amount FROM usage_daily"
@@ -247,7 +249,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return out
 
     @handler
-    async def me_traffic(ctx: CallContext, since: str, until: str, account_id: int | None = None) -> list[dict[str, Any]]:
+    async def me_traffic(ctx: CallContext, since: str, until: str,
+                         account_id: int | None = None) -> list[dict[str, Any]]:
         """My traffic per day and class in [since, until) (at most 366 days)."""
         first, last = _date(since, "since"), _date(until, "until")
         if not timedelta(0) <= last - first <= timedelta(days=366):

@@ -121,7 +121,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return plain_rows(await list_tariffs(conn, limit=limit, offset=offset))
 
     @handler
-    async def tariffs_add(ctx: CallContext, name: str, service_ids: list[int], comment: str | None = None) -> dict[str, Any]:
+    async def tariffs_add(ctx: CallContext, name: str, service_ids: list[int],
+                          comment: str | None = None) -> dict[str, Any]:
         """Add a tariff: a name and the services it bundles (service_ids)."""
         async with core.pool.acquire() as conn:
             return {"id": await create_tariff(conn, name, service_ids, comment or "")}
@@ -151,11 +152,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                        actor=f"{ctx.principal.kind}:{ctx.principal.login}")
 
     @handler
-    async def tariffs_history(ctx: CallContext, account_id: int, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def tariffs_history(ctx: CallContext, account_id: int, limit: int = PAGE,
+                              offset: int = 0) -> list[dict[str, Any]]:
         """An account's tariff links, oldest first (paged)."""
         limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain_rows(await tariff_history(conn, need_int("account_id", account_id), limit=limit, offset=offset))
+            account_id = need_int("account_id", account_id)
+            return plain_rows(await tariff_history(conn, account_id, limit=limit, offset=offset))
 
     @handler
     async def classes_list(ctx: CallContext, limit: int = CLASS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
@@ -165,7 +168,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await list_classes(conn, limit=limit, offset=offset)
 
     @handler
-    async def classes_add(ctx: CallContext, name: str, position: int | None = None, comment: str | None = None) -> dict[str, Any]:
+    async def classes_add(ctx: CallContext, name: str, position: int | None = None,
+                          comment: str | None = None) -> dict[str, Any]:
         """Add a traffic class; position orders classes for matching (lower first)."""
         async with core.pool.acquire() as conn:
             cid = await create_class(conn, name, position or 0, comment or "")

@@ -144,7 +144,7 @@ async def edit_user(conn: DbConnection, user_id: int, **fields: Any) -> tuple[di
                 f"SELECT {_USER_COLS} FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", user_id)
             if before is None:
                 raise UnknownUser(f"user {user_id} does not exist")
-            sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(fields))
+            sets = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(fields))
             after = await conn.fetchrow(
                 f"UPDATE users SET {sets} WHERE id = $1 RETURNING {_USER_COLS}", user_id, *fields.values())
     except asyncpg.UniqueViolationError:
@@ -211,7 +211,7 @@ async def _users_at_ip(conn: DbConnection, text: str) -> list[int] | None:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
         return None
-    return [r["user_id"] for r in await conn.fetch(
+    return [row["user_id"] for row in await conn.fetch(
         "SELECT DISTINCT a.user_id FROM ip_bindings b JOIN accounts a ON a.id = b.account_id"
         " WHERE b.prefix >>= $1::inet LIMIT $2", str(address), MAX_COUNTED)]
 
@@ -233,7 +233,7 @@ async def search_users(conn: DbConnection, text: str = "", *, limit: int = 50, o
         f"SELECT {_USER_COLS} FROM users WHERE {where} ORDER BY id"
         f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}", *args, limit, offset)
     return {"total": min(total, MAX_COUNTED), "total_capped": total > MAX_COUNTED,
-            "users": [dict(r) for r in rows]}
+            "users": [dict(row) for row in rows]}
 
 
 async def create_account(conn: DbConnection, user_id: int, *, credit: int = 0, vat_bp: int = 0,
@@ -265,7 +265,7 @@ async def user_accounts(conn: DbConnection, user_id: int, *, limit: int = MAX_PA
     rows = await conn.fetch(
         f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE user_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
         user_id, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
 async def edit_account(conn: DbConnection, account_id: int, *, actor: str,
@@ -288,7 +288,7 @@ async def edit_account(conn: DbConnection, account_id: int, *, actor: str,
     async with conn.transaction():
         await lock_accounts(conn, [account_id])
         before = await get_account(conn, account_id)
-        sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(changes))
+        sets = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(changes))
         after = expect_row(await conn.fetchrow(
             f"UPDATE accounts SET {sets} WHERE id = $1 RETURNING {_ACCOUNT_COLS}",
             account_id, *changes.values()), f"account {account_id}")

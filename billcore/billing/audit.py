@@ -71,9 +71,9 @@ async def query(conn: DbConnection, *, obj: str | None = None, action: str | Non
         " ORDER BY id DESC LIMIT $6 OFFSET $7",
         obj, action, login, since, until, limit, offset)
     out = []
-    for r in rows:
-        d = dict(r)
-        d["before"] = None if d["before"] is None else json.loads(d["before"])
-        d["after"] = None if d["after"] is None else json.loads(d["after"])
-        out.append(d)
+    for row in rows:
+        entry = dict(row)
+        entry["before"] = None if entry["before"] is None else json.loads(entry["before"])
+        entry["after"] = None if entry["after"] is None else json.loads(entry["after"])
+        out.append(entry)
     return out

@@ -188,13 +188,13 @@ async def sync_system_blocks(conn: DbConnection, account_ids: Iterable[int], *, 
         rows = await conn.fetch(
             "SELECT id, balance, credit, unlimited FROM accounts WHERE id = ANY($1::bigint[])"
             " AND id BETWEEN $2 AND $3 ORDER BY id FOR UPDATE", ids, ids[0], ids[-1])
-        locked = {r["id"]: LockedAccount(r["balance"], r["credit"], r["unlimited"]) for r in rows}
+        locked = {row["id"]: LockedAccount(row["balance"], row["credit"], row["unlimited"]) for row in rows}
     missing = [i for i in ids if i not in locked]
     if missing:
         raise UnknownAccount(f"account {missing[0]} does not exist")
     # Both sides filter on partial/unique indexes by account: a probe per id,
     # and only accounts with promised credit or a system block come back.
-    extra = {r["account_id"]: (int(r["promised"]), r["blocked"]) for r in await conn.fetch(
+    extra = {row["account_id"]: (int(row["promised"]), row["blocked"]) for row in await conn.fetch(
         "SELECT account_id, coalesce(sum(amount), 0)::bigint AS promised, bool_or(blocked) AS blocked"
         " FROM (SELECT account_id, amount, false AS blocked FROM promised_payments"
         "       WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL AND expires_at > $2"
@@ -216,23 +216,23 @@ async def sync_system_blocks(conn: DbConnection, account_ids: Iterable[int], *, 
     changes: dict[int, BlockChange] = {}
     if debtors:
         # ORDER BY n: block ids are drawn in ascending account order, as before.
-        for b in await conn.fetch(
+        for block in await conn.fetch(
                 "INSERT INTO blocks(account_id, kind, reason, set_at, set_by)"
                 " SELECT a, 'system', r, $3, $4 FROM unnest($1::bigint[], $2::text[])"
                 " WITH ORDINALITY AS t(a, r, n) ORDER BY n"
                 " ON CONFLICT (account_id, kind) WHERE lifted_at IS NULL DO NOTHING"
                 " RETURNING id, account_id, reason", debtors, reasons, now, actor):
-            changes[b["account_id"]] = BlockChange(b["account_id"], "system", "set", b["id"], b["reason"],
-                                                   now, actor)
+            changes[block["account_id"]] = BlockChange(block["account_id"], "system", "set", block["id"],
+                                                       block["reason"], now, actor)
     if clear:
-        for b in await conn.fetch(
+        for block in await conn.fetch(
                 "UPDATE blocks SET lifted_at = $2, lifted_by = $3 WHERE account_id = ANY($1::bigint[])"
                 " AND kind = 'system' AND lifted_at IS NULL RETURNING id, account_id, reason",
                 clear, now, actor):
-            if b["account_id"] in changes:
-                raise InvariantViolation(f"account {b['account_id']}: two system-block changes in one sync")
-            changes[b["account_id"]] = BlockChange(b["account_id"], "system", "lifted", b["id"], b["reason"],
-                                                   now, actor)
+            if block["account_id"] in changes:
+                raise InvariantViolation(f"account {block['account_id']}: two system-block changes in one sync")
+            changes[block["account_id"]] = BlockChange(block["account_id"], "system", "lifted", block["id"],
+                                                       block["reason"], now, actor)
     # We hold every row lock, and only this function touches system blocks:
     # what we read is what we changed.
     if len(changes) != len(debtors) + len(clear):
@@ -258,4 +258,4 @@ async def list_blocks(conn: DbConnection, account_ids: list[int], *,
         " WHERE account_id = ANY($1::bigint[]) AND ($2::bool IS FALSE OR lifted_at IS NULL)"
         " ORDER BY id DESC LIMIT $3 OFFSET $4",
         account_ids, active_only, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]

@@ -172,15 +172,16 @@ async def load_timeranges(conn: DbConnection) -> tuple[TimeRange, ...]:
         "   WHERE d.range_id = r.id), '{}') AS dates"
         " FROM time_ranges r ORDER BY r.id")
     out = []
-    for r in rows:
+    for row in rows:
         windows = tuple(
-            Window(frozenset(i for i in range(7) if w[0] >> i & 1), w[1], w[2]) for w in r["windows"])
-        out.append(TimeRange(r["id"], r["priority"], windows, frozenset(r["dates"])))
+            Window(frozenset(i for i in range(7) if window[0] >> i & 1), window[1], window[2])
+            for window in row["windows"])
+        out.append(TimeRange(row["id"], row["priority"], windows, frozenset(row["dates"])))
     return tuple(out)
 
 
 def _meter(prepaid: int, unit_size: int, starts: Sequence[int], prices: Sequence[int]) -> Meter:
-    return Meter(prepaid, tuple(Tier(s, Price(p, unit_size)) for s, p in zip(starts, prices)))
+    return Meter(prepaid, tuple(Tier(start, Price(price, unit_size)) for start, price in zip(starts, prices)))
 
 
 async def load_metered(conn: DbConnection,
@@ -194,17 +195,17 @@ async def load_metered(conn: DbConnection,
         " ORDER BY s.id, r.id", ids)
     kinds: dict[int, ServiceKind] = {}
     rules: dict[int, list[MeterRule]] = {}
-    for r in rows:
-        kind = ServiceKind(r["kind"])
-        kinds[r["id"]] = kind
-        rules.setdefault(r["id"], [])
-        if r["unit_size"] is None:
+    for row in rows:
+        kind = ServiceKind(row["kind"])
+        kinds[row["id"]] = kind
+        rules.setdefault(row["id"], [])
+        if row["unit_size"] is None:
             continue  # a service without rates yet
-        klass = TIME_CLASS if kind is ServiceKind.TIME else r["class_id"]
+        klass = TIME_CLASS if kind is ServiceKind.TIME else row["class_id"]
         if klass is None:
-            raise TariffError(f"traffic service {r['id']} has a rate without a class")
-        meter = _meter(r["prepaid"], r["unit_size"], r["tier_starts"], r["tier_prices"])
-        rules[r["id"]].append(MeterRule(klass, r["range_id"] or ANY_RANGE, meter))
+            raise TariffError(f"traffic service {row['id']} has a rate without a class")
+        meter = _meter(row["prepaid"], row["unit_size"], row["tier_starts"], row["tier_prices"])
+        rules[row["id"]].append(MeterRule(klass, row["range_id"] or ANY_RANGE, meter))
     return {sid: ServiceTariff(sid, kinds[sid], tuple(rules[sid])) for sid in kinds}
 
 
@@ -213,10 +214,10 @@ async def load_periodic(conn: DbConnection) -> dict[int, PeriodicService]:
         "SELECT id, fee, period_kind, period_days, period_anchor, charge_mode FROM services"
         " WHERE kind = 'periodic' ORDER BY id")
     return {
-        r["id"]: PeriodicService(
-            r["id"], r["fee"], period_spec(r["period_kind"], r["period_days"], r["period_anchor"]),
-            ChargeMode(r["charge_mode"]))
-        for r in rows
+        row["id"]: PeriodicService(
+            row["id"], row["fee"], period_spec(row["period_kind"], row["period_days"], row["period_anchor"]),
+            ChargeMode(row["charge_mode"]))
+        for row in rows
     }
 
 
@@ -238,7 +239,7 @@ async def load_links(conn: DbConnection, account_ids: Sequence[int] | None,
     else:
         rows = await conn.fetch(select + " AND t.account_id = ANY($4::bigint[])" + order,
                                 since, until, list(kinds), list(account_ids))
-    return [ServiceLink(r["account_id"], r["service_id"], r["valid_from"], r["valid_to"]) for r in rows]
+    return [ServiceLink(row["account_id"], row["service_id"], row["valid_from"], row["valid_to"]) for row in rows]
 
 
 @functools.lru_cache(maxsize=1 << 15)
@@ -285,7 +286,7 @@ async def load_book(conn: DbConnection, account_ids: Sequence[int], *, tz: tzinf
         services = linked.get(account_id, ())
         plans[account_id] = _plan(account_id, unlimited, blocked, kind, days, anchor,
                                   tuple(sorted(services)) if len(services) > 1 else tuple(services))
-    metered = await load_metered(conn, {s for services in linked.values() for s in services})
+    metered = await load_metered(conn, {service_id for services in linked.values() for service_id in services})
     return RatingBook(tz, await load_timeranges(conn), metered, plans)
 
 
@@ -327,7 +328,7 @@ async def list_services(conn: DbConnection, *, limit: int = MAX_PAGE, offset: in
         " 'tier_starts', r.tier_starts, 'tier_prices', r.tier_prices) ORDER BY r.id)"
         " FROM service_rates r WHERE r.service_id = s.id), '[]')::text AS rates"
         " FROM services s ORDER BY s.id LIMIT $1 OFFSET $2", limit, offset)
-    return [{**dict(r), "rates": json.loads(r["rates"])} for r in rows]
+    return [{**dict(row), "rates": json.loads(row["rates"])} for row in rows]
 
 
 async def delete_service(conn: DbConnection, service_id: int) -> None:
@@ -340,7 +341,7 @@ async def set_rate(conn: DbConnection, service_id: int, *, class_id: int | None,
                    range_id: int | None, prepaid: int, unit_size: int,
                    tiers: Sequence[tuple[int, int]]) -> None:
     """Set the price of a traffic class (or of time, class None) in a range (None: any)."""
-    starts = [_int(s, "tier start") for s, _ in tiers]
+    starts = [_int(start, "tier start") for start, _ in tiers]
     prices = [_int(p, "tier price", 0, MAX_AMOUNT) for _, p in tiers]
     _meter(_int(prepaid, "prepaid"), _int(unit_size, "unit_size", 1), starts, prices)  # validates
     kind = await conn.fetchval("SELECT kind FROM services WHERE id = $1", service_id)
@@ -389,7 +390,7 @@ async def list_tariffs(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int
         " FILTER (WHERE ts.service_id IS NOT NULL), '{}') AS service_ids"
         " FROM tariffs t LEFT JOIN tariff_services ts ON ts.tariff_id = t.id"
         " GROUP BY t.id ORDER BY t.id LIMIT $1 OFFSET $2", limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
 async def delete_tariff(conn: DbConnection, tariff_id: int) -> None:
@@ -444,7 +445,7 @@ async def tariff_history(conn: DbConnection, account_id: int, *, limit: int = MA
         "SELECT t.id, t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, t.created_at,"
         " t.created_by FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
         " WHERE t.account_id = $1 ORDER BY t.valid_from LIMIT $2 OFFSET $3", account_id, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
 async def account_links(conn: DbConnection, account_id: int, now: datetime) -> list[dict[str, Any]]:
@@ -455,7 +456,7 @@ async def account_links(conn: DbConnection, account_id: int, now: datetime) -> l
         " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services s ON s.id = ts.service_id"
         " WHERE t.account_id = $1 AND t.valid_from <= $2 AND (t.valid_to IS NULL OR t.valid_to > $2)"
         " ORDER BY s.id", account_id, _utc(now, "now"))
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
 # -- traffic classes and time ranges ---------------------------------------
@@ -538,16 +539,17 @@ async def list_classes(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int
     rules = await conn.fetch(
         "SELECT id, class_id, position, skip, local_net::text, remote_net::text, local_ports,"
         " remote_ports, protocol, host(exporter) AS exporter, iface FROM traffic_class_rules"
-        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id", [c["id"] for c in classes])
+        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id",
+        [traffic_class["id"] for traffic_class in classes])
     by_class: dict[int, list[dict[str, Any]]] = {}
-    for r in rules:
-        by_class.setdefault(r["class_id"], []).append({
-            "id": r["id"], "position": r["position"], "skip": r["skip"],
-            "local_net": r["local_net"], "remote_net": r["remote_net"],
-            "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
-            "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"],
+    for row in rules:
+        by_class.setdefault(row["class_id"], []).append({
+            "id": row["id"], "position": row["position"], "skip": row["skip"],
+            "local_net": row["local_net"], "remote_net": row["remote_net"],
+            "local_ports": port_range(row["local_ports"]), "remote_ports": port_range(row["remote_ports"]),
+            "protocol": row["protocol"], "exporter": row["exporter"], "iface": row["iface"],
         })
-    return [{**dict(c), "rules": by_class.get(c["id"], [])} for c in classes]
+    return [{**dict(traffic_class), "rules": by_class.get(traffic_class["id"], [])} for traffic_class in classes]
 
 
 async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
@@ -557,7 +559,7 @@ async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
     "end_minute"}], 0 = Monday (`timeranges.window_from_spec`)."""
     if len(windows) > MAX_WINDOWS or len(dates) > MAX_DATES:
         raise TariffError("too many windows or dates")
-    parsed = [window_from_spec(w) for w in windows]
+    parsed = [window_from_spec(window) for window in windows]
     TimeRange(1, priority, tuple(parsed), frozenset(dates))  # validates
     async with conn.transaction():
         with _Conflicts("time range"):
@@ -565,20 +567,21 @@ async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
                 "INSERT INTO time_ranges(name, priority) VALUES ($1, $2) RETURNING id", _name(name), priority))
         await conn.executemany(
             "INSERT INTO time_range_windows(range_id, weekdays, start_minute, end_minute) VALUES ($1, $2, $3, $4)",
-            [(range_id, sum(1 << d for d in w.weekdays), w.start_minute, w.end_minute) for w in parsed])
+            [(range_id, sum(1 << day for day in window.weekdays), window.start_minute, window.end_minute)
+             for window in parsed])
         await conn.executemany("INSERT INTO time_range_dates(range_id, day) VALUES ($1, $2)",
-                               [(range_id, d) for d in sorted(set(dates))])
+                               [(range_id, day) for day in sorted(set(dates))])
     return range_id
 
 
 async def list_time_ranges(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0
                            ) -> list[dict[str, Any]]:
-    names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM time_ranges")}
+    names = {row["id"]: row["name"] for row in await conn.fetch("SELECT id, name FROM time_ranges")}
     ranges = sorted(await load_timeranges(conn), key=lambda tr: tr.range_id)[offset:offset + limit]
     return [{
         "id": tr.range_id, "name": names[tr.range_id], "priority": tr.priority,
-        "windows": [{"weekdays": sorted(w.weekdays), "start_minute": w.start_minute,
-                     "end_minute": w.end_minute} for w in tr.windows],
+        "windows": [{"weekdays": sorted(window.weekdays), "start_minute": window.start_minute,
+                     "end_minute": window.end_minute} for window in tr.windows],
         "dates": sorted(tr.dates),
     } for tr in ranges]
 
@@ -628,7 +631,7 @@ async def list_bindings(conn: DbConnection, account_id: int | None = None, *,
         " FROM ip_bindings WHERE ($1::bigint IS NULL OR account_id = $1)"
         " AND ($2::timestamptz IS NULL OR (valid_from <= $2 AND (valid_to IS NULL OR valid_to > $2)))"
         " ORDER BY id LIMIT $3 OFFSET $4", account_id, at, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
 async def classifier_version(conn: DbConnection) -> int:

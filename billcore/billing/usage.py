@@ -411,9 +411,9 @@ async def commit_usage(conn: DbConnection, source: str, watermark: int,
             # a key is (source, watermark, counter): it can only exist if this
             # watermark was committed, which the locked row just denied
             try:
-                posted = await post_batch(
-                    conn, account_col, amount_col, kinds, _usage_keys(source, watermark, [move[0] for move in charging]),
-                    reference=f"usage {source}@{watermark}", actor=actor, now=now)
+                keys_booked = _usage_keys(source, watermark, [move[0] for move in charging])
+                posted = await post_batch(conn, account_col, amount_col, kinds, keys_booked,
+                                          reference=f"usage {source}@{watermark}", actor=actor, now=now)
             except asyncpg.UniqueViolationError as exc:
                 raise InvariantViolation(f"usage keys already booked: {exc.detail or exc}") from exc
             block_changes = tuple(posted.block_changes)
