@@ -95,8 +95,8 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
             print(f"billcore: {exc}", file=sys.stderr)
             return 1
         if applied:
-            for m in applied:
-                print(f"applied {m.version:04d}_{m.name}")
+            for migration in applied:
+                print(f"applied {migration.version:04d}_{migration.name}")
         else:
             print("database is up to date")
         return 0
@@ -166,7 +166,7 @@ def cmd_system(args: argparse.Namespace, config: Config) -> int:
         from billcore.db.migrate import migrate
 
         await migrate(conn)
-        rights = [r for r in args.rights.split(",") if r]
+        rights = [right for right in args.rights.split(",") if right]
         login_id = await create_system_login(conn, args.login, password, rights)
         print(f"system login {args.login} ready (id {login_id}, rights: {', '.join(rights) or 'none'})")
         return 0

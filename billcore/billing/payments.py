@@ -208,8 +208,8 @@ async def cancel_payment(conn: DbConnection, payment_id: int, *, actor: str,
 
 
 def _month(now: dt.datetime) -> dt.date:
-    d = now.astimezone(dt.timezone.utc).date()
-    return d.replace(day=1)
+    day = now.astimezone(dt.timezone.utc).date()
+    return day.replace(day=1)
 
 
 async def take_promised(conn: DbConnection, account_id: int, *, actor: str,

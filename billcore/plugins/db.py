@@ -52,7 +52,7 @@ class PluginConnection:
         return str(await self._conn.execute(sql, *args))
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self._conn.fetch(sql, *args)]
+        return [dict(row) for row in await self._conn.fetch(sql, *args)]
 
     async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any] | None:
         row = await self._conn.fetchrow(sql, *args)

@@ -71,7 +71,7 @@ class DatabaseAuth:
                 " WHERE a.user_id = $1 AND u.deleted_at IS NULL", user_id)
         except (*DATABASE_GONE, OSError) as exc:
             raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
-        return frozenset(int(r["id"]) for r in rows)
+        return frozenset(int(row["id"]) for row in rows)
 
     async def _find(self, kind: str, login: str) -> Principal | None:
         if kind == "admin":
@@ -110,7 +110,7 @@ async def create_admin(
 ) -> int:
     v = make_verifier(password)
     async with conn.transaction():
-        known = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM admin_groups")}
+        known = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM admin_groups")}
         unknown = [g for g in groups if g not in known]
         if unknown:
             raise ValueError(f"unknown admin group(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
