@@ -243,11 +243,10 @@ def _account(parsed: Parsed, where: str, data: dict[str, Any]) -> AccountSpec:
 
 
 def _subscriber(parsed: Parsed, where: str, data: dict[str, Any], accounts: list[dict[str, Any]]) -> None:
-    login = data.get("login")
     try:
-        check_login(login)
+        login = check_login(data.get("login"))
     except InvalidValue as exc:
-        parsed.error(where, f"login {login!r}: {exc}")
+        parsed.error(where, f"login {data.get('login')!r}: {exc}")
         return
     password = data.get("password") or ""
     if not isinstance(password, str):
@@ -261,7 +260,7 @@ def _subscriber(parsed: Parsed, where: str, data: dict[str, Any], accounts: list
         parsed.error(where, f"accounts: 1..{MAX_ACCOUNTS_PER_SUBSCRIBER} per subscriber")
         return
     contact = {name: _text(parsed, where, name, data.get(name)) for name in _CONTACT}
-    parsed.subscribers.append(Subscriber(where, login, password, contact,  # type: ignore[arg-type]
+    parsed.subscribers.append(Subscriber(where, login, password, contact,
                                          tuple(_account(parsed, where, account) for account in accounts)))
 
 

@@ -146,9 +146,9 @@ class PluginManager:
         if self.registry.is_pending(manifest.name):
             raise PluginStateError(f"{manifest.name} is still being unloaded")
         for call in manifest.calls:
-            if self.registry.get(call) is not None:
-                raise PluginStateError(f"{call} is already registered by "
-                                       f"{self.registry.get(call).spec.module}")  # type: ignore[union-attr]
+            registered = self.registry.get(call)
+            if registered is not None:
+                raise PluginStateError(f"{call} is already registered by {registered.spec.module}")
 
     async def load(self, path: str | os.PathLike[str], now: float, *,
                    config: Mapping[str, Any] | None = None) -> dict[str, Any]:
