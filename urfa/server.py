@@ -57,8 +57,8 @@ class ServerLimits:
 
 def address_key(ip: str) -> str:
     """The unit connections are counted by: an IPv4 address or an IPv6 /64
-    (one subscriber line usually gets a whole /64).  billcore.server.sessions has
-    the same rule for login limits; urfa/ imports only stdlib and msgpack."""
+    (one subscriber line usually gets a whole /64).  billcore's login limiter
+    counts attempts by the same key."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:

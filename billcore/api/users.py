@@ -88,9 +88,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await audit.record(conn, who(ctx), "users.delete", f"user:{user_id}",
                                before=before, after=after, now=core.now())
         # who can no longer log in keeps no session either (bye logged_out)
-        service = getattr(ctx, "service", None)
-        if service is not None:
-            service.end_sessions_of("user", user_id, "this subscriber was deleted")
+        ctx.end_sessions_of("user", user_id, "this subscriber was deleted")
         return after
 
     @handler

@@ -36,7 +36,6 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from billcore.server import argcheck
@@ -56,6 +55,11 @@ __all__ = ["Admitted", "Dispatcher", "PROXY_RIGHT", "admit", "runs_inline"]
 log = logging.getLogger("billcore.urfa")
 PROXY_RIGHT = "session.proxy"
 _INLINE = "__urfa_runs_inline__"
+
+# CallContext(...) without the NamedTuple's Python-level __new__, which costs
+# as much again on the hot path; it takes every field, in order:
+_new_context = tuple.__new__
+assert CallContext._fields == ("session", "call_id", "proxy", "chunks", "sessions"), "update on_call"
 
 # observe(function name, reply code, seconds): after each call run as a task
 Observe = Callable[[str, str, float], None]
@@ -80,11 +84,9 @@ def runs_inline(fn: Callable[..., Any]) -> Handler:
     return handler
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    session: Session            # the session the call runs as
-    proxy: Principal | None     # the system principal acting for it, if proxied
-    symbol: Symbol
+# (the session the call runs as, the system principal acting for it if
+# proxied, the symbol called): a plain tuple, one per call on the hot path
+Admitted = tuple[Session, Principal | None, Symbol]
 
 
 def admit(sessions: SessionTable, session: Session, call: Call, now: float) -> Admitted:
@@ -115,7 +117,7 @@ def admit(sessions: SessionTable, session: Session, call: Call, now: float) -> A
         problem = argcheck.check_args(args_schema, call.args)
         if problem is not None:
             raise CallFailed(BAD_ARGS, problem)
-    return Admitted(session, proxy, symbol)
+    return session, proxy, symbol
 
 
 async def _send_chunk(channel: ServerChannel, call_id: int, chunk: Any) -> None:
@@ -125,27 +127,28 @@ async def _send_chunk(channel: ServerChannel, call_id: int, chunk: Any) -> None:
 
 
 class Dispatcher:
-    def __init__(self, registry: CallRegistry, sessions: SessionTable) -> None:
+    def __init__(self, registry: CallRegistry, sessions: SessionTable, clock: Callable[[], float]) -> None:
         self.registry = registry
         self.sessions = sessions
+        self.clock = clock
         self.observe: Observe | None = None   # metrics, set by the core
 
-    def on_call(self, link: Link, call: Call, now: float) -> None:
-        channel = link.channel
+    def on_call(self, channel: ServerChannel, call: Call) -> None:
+        link: Link = channel.state  # type: ignore[assignment]  # the service's, set in on_open
         call_id = call.id
         session = link.session
         if session is None:   # logged out or expired, connection closing
             channel.send_error(call_id, NO_SESSION, "session ended")
             return
         try:
-            admitted = admit(self.sessions, session, call, now)
+            session, proxy, symbol = admit(self.sessions, session, call, self.clock())
         except CallFailed as refusal:
             channel.send_error(call_id, refusal.code, refusal.message)
             return
-        spec = admitted.symbol.spec
+        spec = symbol.spec
         args = call.args
         chunks = functools.partial(_send_chunk, channel, call_id) if spec.streaming else None
-        ctx = CallContext(admitted.session, call_id, admitted.proxy, chunks)
+        ctx = _new_context(CallContext, (session, call_id, proxy, chunks, self.sessions))
         inline = getattr(spec.handler, _INLINE, None)
         if inline is not None:
             try:
@@ -153,14 +156,17 @@ class Dispatcher:
             except (Exception, asyncio.CancelledError) as exc:
                 self._send_failure(channel, call_id, spec, exc)
                 return
-            self._send_result(channel, call_id, spec, value)
+            try:
+                channel.send_result(call_id, value)
+            except LocalProtocolError as exc:
+                self._unencodable(channel, call_id, spec, exc)
             return
         # The call holds its module from now (not from its task's first step)
         # until it ends, so an unload in between waits for it.  The bookkeeping
         # is a done callback: it also runs for a task cancelled before it
         # started (a cancel in the same read as its call), whose coroutine
         # never runs at all.
-        guard = self.registry.in_flight(admitted.symbol)
+        guard = self.registry.in_flight(symbol)
         guard.__enter__()
         task = asyncio.get_running_loop().create_task(self._finish(channel, ctx, spec, args))
         link.tasks[call_id] = task
@@ -184,7 +190,10 @@ class Dispatcher:
             # only names found in a call table reach here: labels stay bounded
             if self.observe is not None:
                 self.observe(spec.name, code, time.monotonic() - started)
-        self._send_result(channel, ctx.call_id, spec, value)
+        try:
+            channel.send_result(ctx.call_id, value)
+        except LocalProtocolError as exc:
+            self._unencodable(channel, ctx.call_id, spec, exc)
 
     @staticmethod
     def _call_done(link: Link, guard: Any, call_id: int, task: asyncio.Task[None]) -> None:
@@ -195,12 +204,9 @@ class Dispatcher:
             link.channel.send_error(call_id, CANCELLED, "cancelled")
 
     @staticmethod
-    def _send_result(channel: ServerChannel, call_id: int, spec: CallSpec, value: Any) -> None:
-        try:
-            channel.send_result(call_id, value)
-        except LocalProtocolError as exc:
-            log.error("result of %s cannot be sent: %s", spec.name, exc)
-            channel.send_error(call_id, INTERNAL, "result could not be encoded")
+    def _unencodable(channel: ServerChannel, call_id: int, spec: CallSpec, exc: LocalProtocolError) -> None:
+        log.error("result of %s cannot be sent: %s", spec.name, exc)
+        channel.send_error(call_id, INTERNAL, "result could not be encoded")
 
     @staticmethod
     def _send_failure(channel: ServerChannel, call_id: int, spec: CallSpec, exc: BaseException) -> str:

@@ -52,10 +52,11 @@ KINDS = ("system", "admin", "user")
 
 
 class AuthBackend(Protocol):
+    """Who may log in.  A backend may also have ``accounts_of(user_id)``,
+    a subscriber's account ids, for the event hub (``URFAService``)."""
+
     # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
-    # a subscriber's account ids (a backend without it: subscribers see no account's events)
-    async def accounts_of(self, user_id: int) -> frozenset[int]: ...
 
 
 @dataclass(slots=True)
@@ -208,8 +209,3 @@ class LoginDesk:
     def logout(self, session: Session) -> None:
         """End a session; its own connection (if any) closes after the reply."""
         self.sessions.end(session.sid, ENDED_LOGGED_OUT, "logged out")
-
-    def end_sessions_of(self, kind: str, principal_id: int, why: str) -> int:
-        """End every session of a principal that was deleted or disabled;
-        their connections get bye ``logged_out``.  How many ended."""
-        return len(self.sessions.end_principal(kind, principal_id, why))

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The core publishes ``(topic, payload)`` to subscribed URFA sessions (see
-``billcore.server.service``).  A call table decides who may *call*; this table
+``billcore.server.event_hub``).  A call table decides who may *call*; this table
 decides who may *see* what a topic carries, per session kind:
 
 * an **admin** or **system** session may subscribe when its rights allow
