@@ -16,10 +16,15 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billcore.common.config import Config, ConfigError, example_config, load_config
 from billcore.common.log import setup_logging
+
+if TYPE_CHECKING:  # the commands import the database side lazily: `billcore --help` stays fast
+    import asyncpg
+
+    from billcore.db.rows import DbConnection
 
 __all__ = ["main", "with_database", "with_pool"]
 
@@ -31,11 +36,11 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return args.config or os.environ.get("BILLCORE_CONFIG") or None
 
 
-async def with_database(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+async def with_database(config: Config, work: Callable[[DbConnection], Awaitable[int]]) -> int:
     """Run ``work(conn)`` on the configured database, starting the embedded
     one (or attaching to a running one) when no DSN is set."""
 
-    async def one(pool: Any) -> int:
+    async def one(pool: asyncpg.Pool) -> int:
         async with pool.acquire() as conn:
             result: int = await work(conn)
             return result
@@ -43,7 +48,7 @@ async def with_database(config: Config, work: Callable[[Any], Awaitable[int]]) -
     return await with_pool(config, one)
 
 
-async def with_pool(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+async def with_pool(config: Config, work: Callable[[asyncpg.Pool], Awaitable[int]]) -> int:
     """``with_database`` for work that needs several connections: ``work(pool)``."""
     import asyncpg
 
@@ -83,15 +88,15 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     from billcore.db.migrate import MigrationError, migrate
 
-    async def work(conn: Any) -> int:
+    async def work(conn: DbConnection) -> int:
         try:
             applied = await migrate(conn)
         except MigrationError as exc:
             print(f"billcore: {exc}", file=sys.stderr)
             return 1
         if applied:
-            for m in applied:
-                print(f"applied {m.version:04d}_{m.name}")
+            for migration in applied:
+                print(f"applied {migration.version:04d}_{migration.name}")
         else:
             print("database is up to date")
         return 0
@@ -130,7 +135,7 @@ def cmd_admin(args: argparse.Namespace, config: Config) -> int:
         print("billcore: a password has at least 8 characters", file=sys.stderr)
         return 2
 
-    async def work(conn: Any) -> int:
+    async def work(conn: DbConnection) -> int:
         import asyncpg
 
         from billcore.db.migrate import migrate
@@ -157,11 +162,11 @@ def cmd_system(args: argparse.Namespace, config: Config) -> int:
     if not password:
         return 2
 
-    async def work(conn: Any) -> int:
+    async def work(conn: DbConnection) -> int:
         from billcore.db.migrate import migrate
 
         await migrate(conn)
-        rights = [r for r in args.rights.split(",") if r]
+        rights = [right for right in args.rights.split(",") if right]
         login_id = await create_system_login(conn, args.login, password, rights)
         print(f"system login {args.login} ready (id {login_id}, rights: {', '.join(rights) or 'none'})")
         return 0
@@ -178,7 +183,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
         if not args.quiet:  # stderr: the problem lines on stdout stay parseable
             print(f"verify: {check} checked in {seconds:.1f} s", file=sys.stderr, flush=True)
 
-    async def work(conn: Any) -> int:
+    async def work(conn: DbConnection) -> int:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             problems = (await verify(conn, progress=progress)
                         + await extra_checks(conn, state_file=config.data_dir / WATERMARK_STATE, progress=progress))
@@ -209,7 +214,7 @@ def cmd_periodic(args: argparse.Namespace, config: Config) -> int:
         print("periodic: another run holds the lock (the core's scheduler?); waiting for it to finish",
               file=sys.stderr, flush=True)
 
-    async def work(pool: Any) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
         import getpass
 
         from billcore.billing.audit import Who, record

@@ -337,12 +337,12 @@ def _tariff_view(entry: dict[str, Any] | None, class_names: dict[int, str]) -> d
     """``me.tariff``'s entry for one account, with names on the prepaid rows."""
     if entry is None:
         return None
-    services = {s["id"]: s for s in entry.get("services", [])}
+    services = {linked["id"]: linked for linked in entry.get("services", [])}
     prepaid = []
-    for p in entry.get("prepaid", []):
-        service = services.get(p["service_id"], {})
-        total, left = int(p["prepaid"]), int(p["prepaid_left"])
-        class_id = p.get("class_id", -1)
+    for row in entry.get("prepaid", []):
+        service = services.get(row["service_id"], {})
+        total, left = int(row["prepaid"]), int(row["prepaid_left"])
+        class_id = row.get("class_id", -1)
         prepaid.append({
             "name": class_names.get(class_id, service.get("name", "")) if class_id != -1 else service.get("name", ""),
             "kind": service.get("kind", "traffic" if class_id != -1 else "time"),
@@ -353,7 +353,7 @@ def _tariff_view(entry: dict[str, Any] | None, class_names: dict[int, str]) -> d
 
 async def _class_names(request: web.Request) -> dict[int, str]:
     rows = await ask_optional(request, "me.classes")
-    return {r["id"]: r["name"] for r in rows or []}
+    return {row["id"]: row["name"] for row in rows or []}
 
 
 async def overview(request: web.Request) -> web.StreamResponse:
@@ -363,10 +363,10 @@ async def overview(request: web.Request) -> web.StreamResponse:
     if not accounts:
         raise PageError(404, "error.404")
     wanted = which.get("account_id", accounts[0]["id"])
-    account = next((a for a in accounts if a["id"] == wanted), None)
+    account = next((candidate for candidate in accounts if candidate["id"] == wanted), None)
     if account is None:      # the core answered for it, so it is ours; a race with a deletion
         raise PageError(404, "error.404")
-    entry = next((e for e in tariffs or [] if e["account_id"] == wanted), None)
+    entry = next((candidate for candidate in tariffs or [] if candidate["account_id"] == wanted), None)
     t = translator(request)
     message = request.query.get("m", "")
     notice = {"off": t("internet.changed_off"), "on": t("internet.changed_on"),
@@ -410,10 +410,11 @@ async def traffic(request: web.Request) -> web.StreamResponse:
         _class_names(request))
     chart = table = None
     if data is not None:
-        rows = [{"day": str(r["day"]), "class_id": r["class_id"], "class": names.get(r["class_id"], f"#{r['class_id']}"),
-                 "bytes": int(r["quantity"]), "amount": int(r["amount"])} for r in data if r["class_id"] != -1]
-        last = max([today.isoformat(), *(r["day"] for r in rows)])
-        rows = [r for r in rows if first.isoformat() <= r["day"] <= last]
+        rows = [{"day": str(row["day"]), "class_id": row["class_id"],
+                 "class": names.get(row["class_id"], f"#{row['class_id']}"),
+                 "bytes": int(row["quantity"]), "amount": int(row["amount"])} for row in data if row["class_id"] != -1]
+        last = max([today.isoformat(), *(row["day"] for row in rows)])
+        rows = [row for row in rows if first.isoformat() <= row["day"] <= last]
         shaped = {"first": first.isoformat(), "last": last, "rows": rows}
         chart = render.traffic_chart(shaped, translator(request)("traffic.title"))
         table = render.traffic_table(shaped)

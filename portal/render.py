@@ -54,8 +54,8 @@ def _days(first: str, last: str) -> list[str]:
 
 def _classes(rows: list[dict[str, Any]]) -> OrderedDict[int, str]:
     out: OrderedDict[int, str] = OrderedDict()
-    for r in sorted(rows, key=lambda r: r["class_id"]):
-        out.setdefault(r["class_id"], str(r["class"]))
+    for row in sorted(rows, key=lambda row: row["class_id"]):
+        out.setdefault(row["class_id"], str(row["class"]))
     return out
 
 
@@ -64,10 +64,10 @@ def traffic_table(traffic: dict[str, Any]) -> dict[str, Any]:
     rows = traffic["rows"]
     classes = _classes(rows)
     by_day: OrderedDict[str, dict[int, tuple[int, int]]] = OrderedDict()
-    for r in rows:
-        by_day.setdefault(r["day"], {})[r["class_id"]] = (int(r["bytes"]), int(r["amount"]))
-    totals = {c: (sum(d.get(c, (0, 0))[0] for d in by_day.values()),
-                  sum(d.get(c, (0, 0))[1] for d in by_day.values())) for c in classes}
+    for row in rows:
+        by_day.setdefault(row["day"], {})[row["class_id"]] = (int(row["bytes"]), int(row["amount"]))
+    totals = {c: (sum(per_class.get(c, (0, 0))[0] for per_class in by_day.values()),
+                  sum(per_class.get(c, (0, 0))[1] for per_class in by_day.values())) for c in classes}
     return {"classes": classes, "days": by_day, "totals": totals,
             "total_bytes": sum(b for b, _ in totals.values()),
             "total_amount": sum(a for _, a in totals.values())}
@@ -80,8 +80,8 @@ def traffic_chart(traffic: dict[str, Any], title: str = "") -> str:
     classes = _classes(rows)
     colour = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(classes)}
     per_day: dict[str, dict[int, int]] = {}
-    for r in rows:
-        per_day.setdefault(r["day"], {})[r["class_id"]] = int(r["bytes"])
+    for row in rows:
+        per_day.setdefault(row["day"], {})[row["class_id"]] = int(row["bytes"])
     peak = max((sum(v.values()) for v in per_day.values()), default=0)
     width, height, left, top, bottom = 720, 260, 64, 12, 36
     plot_w, plot_h = width - left - 8, height - top - bottom

@@ -54,7 +54,7 @@ class NasSimulator:
                     sim.transport.sendto(reply, addr)
 
         transport, _ = await loop.create_datagram_endpoint(Proto, local_addr=(host, port))
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         return int(transport.get_extra_info("sockname")[1])
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ NOW = datetime(2024, 4, 10, 12, tzinfo=timezone.utc)
 class Ctx:
     def __init__(self, kind: str, pid: int) -> None:
         self.principal = SimpleNamespace(kind=kind, id=pid, login=f"{kind}{pid}")
+        self.ip = "127.0.0.1"
         self.chunks: list[Any] = []
 
     async def stream(self, chunk: Any) -> None:

@@ -172,8 +172,8 @@ def _bad(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"bad or missing field {what}")
 
 
-def _str(m: dict[str, Any], key: str, limit: int = MAX_NAME, optional: bool = False) -> Any:
-    v = m.get(key)
+def _str(raw: dict[str, Any], key: str, limit: int = MAX_NAME, optional: bool = False) -> Any:
+    v = raw.get(key)
     if v is None and optional:
         return None
     if type(v) is not str or len(v) > limit:
@@ -181,17 +181,17 @@ def _str(m: dict[str, Any], key: str, limit: int = MAX_NAME, optional: bool = Fa
     return v
 
 
-def _login_name(m: dict[str, Any]) -> Any:
+def _login_name(raw: dict[str, Any]) -> Any:
     """A login name: ≤ MAX_NAME characters and no NUL (no database text can
     hold one), refused here, before any lookup."""
-    v = _str(m, "login")
+    v = _str(raw, "login")
     if "\0" in v:
         raise _bad("login")
     return v
 
 
-def _bin(m: dict[str, Any], key: str, size: int, optional: bool = False) -> Any:
-    v = m.get(key)
+def _bin(raw: dict[str, Any], key: str, size: int, optional: bool = False) -> Any:
+    v = raw.get(key)
     if v is None and optional:
         return None
     if type(v) is not bytes or len(v) != size:
@@ -199,71 +199,73 @@ def _bin(m: dict[str, Any], key: str, size: int, optional: bool = False) -> Any:
     return v
 
 
-def _int(m: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_CALL_ID, default: int | None = None) -> int:
-    v = m.get(key, default)
+def _int(raw: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_CALL_ID, default: int | None = None) -> int:
+    v = raw.get(key, default)
     if type(v) is not int or not lo <= v <= hi:
         raise _bad(key)
     return v
 
 
-def parse_call(m: dict[str, Any]) -> Call:
+def parse_call(raw: dict[str, Any]) -> Call:
     """``parse`` for a map whose ``t`` is ``"call"``: the server's hot path, checks inline."""
-    call_id = m.get("id")
-    fn = m.get("fn")
-    args = m.get("args", {})
+    call_id = raw.get("id")
+    fn = raw.get("fn")
+    args = raw.get("args", {})
     if type(call_id) is not int or not 0 <= call_id <= MAX_CALL_ID:
         raise _bad("id")
     if type(fn) is not str or len(fn) > MAX_NAME:
         raise _bad("fn")
     if type(args) is not dict:
         raise _bad("args")
-    if "as" in m or "ip" in m:
-        return Call(call_id, fn, args, _bin(m, "as", _SID, True), _str(m, "ip", 64, True))
+    if "as" in raw or "ip" in raw:
+        return Call(call_id, fn, args, _bin(raw, "as", _SID, True), _str(raw, "ip", 64, True))
     return _new_tuple(Call, (call_id, fn, args, None, None))
 
 
-def _parse_hello(m: dict[str, Any]) -> Hello:
-    proto = m.get("proto")
+def _parse_hello(raw: dict[str, Any]) -> Hello:
+    proto = raw.get("proto")
     if type(proto) is not list or not 0 < len(proto) <= 16 or any(type(p) is not int for p in proto):
         raise _bad("proto")
-    return Hello(_bin(m, "nonce", _NONCE), tuple(proto), _str(m, "server"), _int(m, "max_frame", 1024, 1 << 31))
+    return Hello(_bin(raw, "nonce", _NONCE), tuple(proto), _str(raw, "server"), _int(raw, "max_frame", 1024, 1 << 31))
 
 
-def _parse_challenge(m: dict[str, Any]) -> Challenge:
-    salt = m.get("salt")
+def _parse_challenge(raw: dict[str, Any]) -> Challenge:
+    salt = raw.get("salt")
     if type(salt) is not bytes or not 8 <= len(salt) <= 64:
         raise _bad("salt")
-    return Challenge(salt, _int(m, "iter", 1, 1 << 31))
+    return Challenge(salt, _int(raw, "iter", 1, 1 << 31))
 
 
 _PARSERS: dict[str, Any] = {
     "call": parse_call,
-    "result": lambda m: Result(_int(m, "id"), m.get("value")),
-    "error": lambda m: Error(_int(m, "id"), _str(m, "code"), _str(m, "msg", MAX_TEXT, True) or ""),
-    "chunk": lambda m: Chunk(_int(m, "id"), m.get("data")),
-    "cancel": lambda m: Cancel(_int(m, "id")),
-    "ping": lambda m: Ping(_int(m, "id")),
-    "pong": lambda m: Pong(_int(m, "id")),
-    "event": lambda m: Event(_str(m, "topic"), m.get("payload"), _int(m, "dropped", default=0)),
+    "result": lambda raw: Result(_int(raw, "id"), raw.get("value")),
+    "error": lambda raw: Error(_int(raw, "id"), _str(raw, "code"), _str(raw, "msg", MAX_TEXT, True) or ""),
+    "chunk": lambda raw: Chunk(_int(raw, "id"), raw.get("data")),
+    "cancel": lambda raw: Cancel(_int(raw, "id")),
+    "ping": lambda raw: Ping(_int(raw, "id")),
+    "pong": lambda raw: Pong(_int(raw, "id")),
+    "event": lambda raw: Event(_str(raw, "topic"), raw.get("payload"), _int(raw, "dropped", default=0)),
     "hello": _parse_hello,
-    "login": lambda m: Login(_str(m, "kind"), _login_name(m), _bin(m, "cnonce", _NONCE), _int(m, "proto", 0, 1 << 16)),
+    "login": lambda raw: Login(_str(raw, "kind"), _login_name(raw), _bin(raw, "cnonce", _NONCE),
+                               _int(raw, "proto", 0, 1 << 16)),
     "challenge": _parse_challenge,
-    "proof": lambda m: Proof(_bin(m, "proof", _MAC)),
-    "resume": lambda m: Resume(_bin(m, "sid", _SID), _bin(m, "cnonce", _NONCE), _bin(m, "proof", _MAC), _int(m, "proto", 0, 1 << 16)),
-    "welcome": lambda m: Welcome(
-        _bin(m, "sid", _SID), _bin(m, "sig", _MAC), _str(m, "kind"), _str(m, "login"),
-        _int(m, "timeout"), _int(m, "proto", 0, 1 << 16),
+    "proof": lambda raw: Proof(_bin(raw, "proof", _MAC)),
+    "resume": lambda raw: Resume(_bin(raw, "sid", _SID), _bin(raw, "cnonce", _NONCE), _bin(raw, "proof", _MAC),
+                                 _int(raw, "proto", 0, 1 << 16)),
+    "welcome": lambda raw: Welcome(
+        _bin(raw, "sid", _SID), _bin(raw, "sig", _MAC), _str(raw, "kind"), _str(raw, "login"),
+        _int(raw, "timeout"), _int(raw, "proto", 0, 1 << 16),
     ),
-    "bye": lambda m: Bye(_str(m, "code"), _str(m, "msg", MAX_TEXT, True) or ""),
+    "bye": lambda raw: Bye(_str(raw, "code"), _str(raw, "msg", MAX_TEXT, True) or ""),
 }
 
 
-def parse(m: dict[str, Any]) -> Message:
+def parse(raw: dict[str, Any]) -> Message:
     """A decoded frame map → a message; ``RemoteProtocolError`` if malformed."""
-    parser = _PARSERS.get(m.get("t"))  # type: ignore[arg-type]
+    parser = _PARSERS.get(raw.get("t"))  # type: ignore[arg-type]
     if parser is None:
-        raise RemoteProtocolError(f"unknown message type {str(m.get('t'))[:40]!r}")
-    return parser(m)  # type: ignore[no-any-return]
+        raise RemoteProtocolError(f"unknown message type {str(raw.get('t'))[:40]!r}")
+    return parser(raw)  # type: ignore[no-any-return]
 
 
 def to_wire(msg: Message) -> dict[str, Any]:
@@ -272,11 +274,11 @@ def to_wire(msg: Message) -> dict[str, Any]:
         case Result(id, value):
             return {"t": "result", "id": id, "value": value}
         case Call(id, fn, args, as_sid, as_ip):
-            m: dict[str, Any] = {"t": "call", "id": id, "fn": fn, "args": args}
+            raw: dict[str, Any] = {"t": "call", "id": id, "fn": fn, "args": args}
             if as_sid is not None:
-                m["as"] = as_sid
-                m["ip"] = as_ip
-            return m
+                raw["as"] = as_sid
+                raw["ip"] = as_ip
+            return raw
         case Error(id, code, message):
             return {"t": "error", "id": id, "code": code, "msg": message}
         case Chunk(id, data):

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 from billcore.billing.audit import Who
 from billcore.billing.blocks import BlockChange
 from billcore.common.errors import BillingError
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.server.call_context import CallContext
 from billcore.server.context import CoreContext
 from billcore.server.calls import CallSpec
 from urfa.errors import CallFailed
@@ -46,25 +47,26 @@ ADMIN_SYSTEM = frozenset({"admin", "system"})
 USER = frozenset({"user"})
 MAX_ID = 2**63 - 1
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+Args = ParamSpec("Args")
+Result = TypeVar("Result")
 
 
-def handler(fn: F) -> F:
+def handler(fn: Callable[Args, Awaitable[Result]]) -> Callable[Args, Awaitable[Result]]:
     """Turn billing errors into ``CallFailed`` with their stable code."""
 
     @functools.wraps(fn)
-    async def wrapped(ctx: Any, **args: Any) -> Any:
+    async def wrapped(*args: Args.args, **kwargs: Args.kwargs) -> Result:
         try:
-            return await fn(ctx, **args)
+            return await fn(*args, **kwargs)
         except BillingError as exc:
             raise CallFailed(exc.code, str(exc)) from None
 
-    return wrapped  # type: ignore[return-value]
+    return wrapped
 
 
-def who(ctx: Any) -> Who:
-    p = ctx.principal
-    return Who(p.kind, p.id, p.login, str(getattr(ctx, "ip", "") or ""))
+def who(ctx: CallContext) -> Who:
+    principal = ctx.principal
+    return Who(principal.kind, principal.id, principal.login, ctx.ip or "")
 
 
 async def announce(core: CoreContext, changes: Iterable[BlockChange]) -> None:

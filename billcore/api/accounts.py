@@ -21,6 +21,8 @@ from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page,
 from billcore.billing import accounts, audit, blocks, payments
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.db.rows import DbConnection
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -31,18 +33,18 @@ ACCOUNT_FIELDS = {"balance": "money", "credit": "money", "promised": "money", "p
 LEDGER_FIELDS = {"amount": "money", "balance_after": "money"}
 
 
-async def account_view(conn: Any, account_id: int, now: dt.datetime) -> dict[str, Any]:
+async def account_view(conn: DbConnection, account_id: int, now: dt.datetime) -> dict[str, Any]:
     """An account with its active blocks, open promised credit and whether
     this month's promised payment is used up (``promised_taken``)."""
     acc = await accounts.get_account(conn, account_id)
-    acc["blocks"] = [b["kind"] for b in await blocks.list_blocks(conn, [account_id], active_only=True)]
+    acc["blocks"] = [block["kind"] for block in await blocks.list_blocks(conn, [account_id], active_only=True)]
     acc["promised"] = await blocks.active_promised(conn, account_id, now)
     acc["promised_taken"] = await payments.promised_taken(conn, account_id, now)
     return acc
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    async def _edit(ctx: Any, action: str, account_id: int, **changes: Any) -> dict[str, Any]:
+    async def _edit(ctx: CallContext, action: str, account_id: int, **changes: Any) -> dict[str, Any]:
         need_int("account_id", account_id)
         now = core.now()
         async with core.pool.acquire() as conn:
@@ -54,7 +56,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await account_view(conn, account_id, now)
 
     @handler
-    async def accounts_create(ctx: Any, user_id: int, credit: int = 0, vat_bp: int = 0,
+    async def accounts_create(ctx: CallContext, user_id: int, credit: int = 0, vat_bp: int = 0,
                               unlimited: bool = False) -> dict[str, Any]:
         """Open a further account for a user."""
         need_int("user_id", user_id)
@@ -66,25 +68,25 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return acc
 
     @handler
-    async def accounts_get(ctx: Any, account_id: int) -> dict[str, Any]:
+    async def accounts_get(ctx: CallContext, account_id: int) -> dict[str, Any]:
         """Balance, credit, VAT, unlimited flag, active blocks and promised credit."""
         need_int("account_id", account_id)
         async with core.pool.acquire() as conn:
             return await account_view(conn, account_id, core.now())
 
     @handler
-    async def accounts_edit(ctx: Any, account_id: int, credit: int | None = None, vat_bp: int | None = None,
+    async def accounts_edit(ctx: CallContext, account_id: int, credit: int | None = None, vat_bp: int | None = None,
                             unlimited: bool | None = None) -> dict[str, Any]:
         """Change the credit limit, VAT rate (basis points) or unlimited flag."""
         return await _edit(ctx, "accounts.edit", account_id, credit=credit, vat_bp=vat_bp, unlimited=unlimited)
 
     @handler
-    async def accounts_set_credit(ctx: Any, account_id: int, credit: int) -> dict[str, Any]:
+    async def accounts_set_credit(ctx: CallContext, account_id: int, credit: int) -> dict[str, Any]:
         """Set the credit limit (micro-units, ≥ 0); re-checks the debt block."""
         return await _edit(ctx, "accounts.set_credit", account_id, credit=credit)
 
     @handler
-    async def accounts_history(ctx: Any, account_id: int, limit: int = 100, offset: int = 0,
+    async def accounts_history(ctx: CallContext, account_id: int, limit: int = 100, offset: int = 0,
                                since: dt.datetime | None = None, until: dt.datetime | None = None,
                                ) -> list[dict[str, Any]]:
         """Ledger rows of the account, newest first."""
@@ -94,7 +96,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await accounts.get_account(conn, account_id)
             return await ledger_history(conn, [account_id], limit=limit, offset=offset, since=since, until=until)
 
-    async def _block(ctx: Any, account_id: int, kind: str, on: bool, reason: str) -> dict[str, Any]:
+    async def _block(ctx: CallContext, account_id: int, kind: str, on: bool, reason: str) -> dict[str, Any]:
         need_int("account_id", account_id)
         now = core.now()
         async with core.pool.acquire() as conn:
@@ -111,17 +113,17 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"changed": change is not None, "block": change.event() if change else None}
 
     @handler
-    async def blocks_set(ctx: Any, account_id: int, reason: str = "", kind: str = "admin") -> dict[str, Any]:
+    async def blocks_set(ctx: CallContext, account_id: int, reason: str = "", kind: str = "admin") -> dict[str, Any]:
         """Set an administrative (or user) block; {changed: false} if already set."""
         return await _block(ctx, account_id, kind or "admin", True, reason or "")
 
     @handler
-    async def blocks_lift(ctx: Any, account_id: int, kind: str = "admin") -> dict[str, Any]:
+    async def blocks_lift(ctx: CallContext, account_id: int, kind: str = "admin") -> dict[str, Any]:
         """Lift an administrative (or user) block; the system block lifts itself."""
         return await _block(ctx, account_id, kind or "admin", False, "")
 
     @handler
-    async def blocks_list(ctx: Any, account_id: int, active_only: bool = False, limit: int = 100,
+    async def blocks_list(ctx: CallContext, account_id: int, active_only: bool = False, limit: int = 100,
                           offset: int = 0) -> list[dict[str, Any]]:
         """Blocks of an account, newest first: kind, reason, who/when set and lifted."""
         need_int("account_id", account_id)
@@ -132,7 +134,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                             limit=limit, offset=offset)
 
     @handler
-    async def audit_query(ctx: Any, object: str | None = None, action: str | None = None,
+    async def audit_query(ctx: CallContext, object: str | None = None, action: str | None = None,
                           login: str | None = None, since: dt.datetime | None = None,
                           until: dt.datetime | None = None, limit: int = 100, offset: int = 0,
                           ) -> list[dict[str, Any]]:

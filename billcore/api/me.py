@@ -22,9 +22,11 @@ from billcore.api import USER, announce, handler, need_int, page, who
 from billcore.api.accounts import ACCOUNT_FIELDS, LEDGER_FIELDS, account_view
 from billcore.api.users import check_password
 from billcore.billing import accounts, audit, blocks, payments
+from billcore.server.call_context import CallContext
 from billcore.server.topics import subscriber_block
 from billcore.billing.ledger import ledger_history
 from billcore.billing.ledger_errors import InvalidValue, UnknownAccount, UnknownUser
+from billcore.db.rows import DbConnection
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 from urfa.scram import client_keys, make_verifier
@@ -32,12 +34,12 @@ from urfa.scram import client_keys, make_verifier
 __all__ = ["calls"]
 
 
-async def _own(conn: Any, user_id: int, account_id: int | None) -> list[int]:
+async def _own(conn: DbConnection, user_id: int, account_id: int | None) -> list[int]:
     """The principal's account ids; with ``account_id``, just that one if it is theirs."""
     rows = await conn.fetch(
         "SELECT a.id, a.is_basic FROM accounts a JOIN users u ON u.id = a.user_id"
         " WHERE a.user_id = $1 AND u.deleted_at IS NULL ORDER BY a.is_basic DESC, a.id", user_id)
-    ids = [r["id"] for r in rows]
+    ids = [row["id"] for row in rows]
     if not ids:
         raise UnknownUser("this user no longer exists")
     if account_id is None:
@@ -49,31 +51,31 @@ async def _own(conn: Any, user_id: int, account_id: int | None) -> list[int]:
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    def uid(ctx: Any) -> int:
+    def uid(ctx: CallContext) -> int:
         if ctx.principal.kind != "user":     # the call table already ensures it; belt and braces
             raise InvalidValue("me.* calls are for subscriber sessions")
         return int(ctx.principal.id)
 
     @handler
-    async def me_accounts(ctx: Any, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    async def me_accounts(ctx: CallContext, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """My accounts (basic first): balance, credit, blocks, promised credit."""
         limit, offset = page(limit, offset, 100)
         async with core.pool.acquire() as conn:
             ids = (await _own(conn, uid(ctx), None))[offset:offset + limit]
-            return [await account_view(conn, a, core.now()) for a in ids]
+            return [await account_view(conn, account_id, core.now()) for account_id in ids]
 
     @handler
-    async def me_blocks(ctx: Any, account_id: int | None = None, active_only: bool = False, limit: int = 100,
+    async def me_blocks(ctx: CallContext, account_id: int | None = None, active_only: bool = False, limit: int = 100,
                         offset: int = 0) -> list[dict[str, Any]]:
         """Blocks of my accounts, newest first."""
         limit, offset = page(limit, offset, 200)
         async with core.pool.acquire() as conn:
             ids = await _own(conn, uid(ctx), account_id)
             rows = await blocks.list_blocks(conn, ids, active_only=bool(active_only), limit=limit, offset=offset)
-        return [subscriber_block(r) for r in rows]   # no operator's login or reason text
+        return [subscriber_block(row) for row in rows]   # no operator's login or reason text
 
     @handler
-    async def me_payments(ctx: Any, account_id: int | None = None, limit: int = 50,
+    async def me_payments(ctx: CallContext, account_id: int | None = None, limit: int = 50,
                           offset: int = 0) -> list[dict[str, Any]]:
         """My payments, newest first."""
         limit, offset = page(limit, offset, 200)
@@ -81,10 +83,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
             ids = await _own(conn, uid(ctx), account_id)
             rows = await payments.list_payments(conn, ids, limit=limit, offset=offset)
         keep = ("id", "account_id", "amount", "method", "created_at", "cancelled_at")
-        return [{k: r[k] for k in keep} for r in rows]
+        return [{k: row[k] for k in keep} for row in rows]
 
     @handler
-    async def me_history(ctx: Any, account_id: int | None = None, limit: int = 50,
+    async def me_history(ctx: CallContext, account_id: int | None = None, limit: int = 50,
                          offset: int = 0) -> list[dict[str, Any]]:
         """My balance history (ledger rows), newest first."""
         limit, offset = page(limit, offset, 200)
@@ -92,10 +94,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
             ids = await _own(conn, uid(ctx), account_id)
             rows = await ledger_history(conn, ids, limit=limit, offset=offset)
         keep = ("id", "account_id", "amount", "balance_after", "kind", "created_at")
-        return [{k: r[k] for k in keep} for r in rows]
+        return [{k: row[k] for k in keep} for row in rows]
 
     @handler
-    async def me_block(ctx: Any, on: bool, account_id: int | None = None) -> dict[str, Any]:
+    async def me_block(ctx: CallContext, on: bool, account_id: int | None = None) -> dict[str, Any]:
         """Switch my own block ("internet off") on or off."""
         if type(on) is not bool:
             raise InvalidValue("on must be a bool")
@@ -115,22 +117,22 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"account_id": acc, "blocked": on, "changed": change is not None}
 
     @handler
-    async def me_promised(ctx: Any, account_id: int | None = None) -> dict[str, Any]:
+    async def me_promised(ctx: CallContext, account_id: int | None = None) -> dict[str, Any]:
         """Take this month's promised payment (temporary credit)."""
         now = core.now()
         rule = core.extras.get("promised_rule", payments.DEFAULT_PROMISED)
         async with core.pool.acquire() as conn:
             acc = (await _own(conn, uid(ctx), account_id))[0]
             async with conn.transaction():
-                r = await payments.take_promised(conn, acc, actor=who(ctx).actor, rule=rule, now=now)
+                promised = await payments.take_promised(conn, acc, actor=who(ctx).actor, rule=rule, now=now)
                 await audit.record(conn, who(ctx), "me.promised", f"account:{acc}",
-                                   after={"promised_id": r.promised_id, "amount": r.amount,
-                                          "expires_at": r.expires_at}, now=now)
-        await announce(core, r.block_changes)
-        return {"account_id": acc, "amount": r.amount, "expires_at": r.expires_at}
+                                   after={"promised_id": promised.promised_id, "amount": promised.amount,
+                                          "expires_at": promised.expires_at}, now=now)
+        await announce(core, promised.block_changes)
+        return {"account_id": acc, "amount": promised.amount, "expires_at": promised.expires_at}
 
     @handler
-    async def me_password(ctx: Any, old_password: str, new_password: str) -> bool:
+    async def me_password(ctx: CallContext, old_password: str, new_password: str) -> bool:
         """Change my password; the old one must be given."""
         if type(old_password) is not str:
             raise InvalidValue("old_password must be a string")

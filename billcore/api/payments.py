@@ -21,6 +21,7 @@ from typing import Any
 from billcore.api import ADMIN, ADMIN_SYSTEM, announce, handler, need_int, page, who
 from billcore.billing import accounts, audit, payments
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -31,49 +32,50 @@ MAX_PROMISED_DAYS = 31
 
 def calls(core: CoreContext) -> list[CallSpec]:
     @handler
-    async def payments_add(ctx: Any, account_id: int, amount: int, method: str,
+    async def payments_add(ctx: CallContext, account_id: int, amount: int, method: str,
                            external_id: str | None = None, comment: str = "") -> dict[str, Any]:
         """Book a payment; idempotent by external_id.  Returns {payment_id, created, balance}."""
         need_int("account_id", account_id)
         now = core.now()
         async with core.pool.acquire() as conn:
             async with conn.transaction():
-                r = await payments.add_payment(conn, account_id=account_id, amount=amount, method=method,
+                result = await payments.add_payment(conn, account_id=account_id, amount=amount, method=method,
                                                actor=who(ctx).actor, external_id=external_id,
                                                comment=comment or "", now=now)
-                if r.created:
+                if result.created:
                     await audit.record(conn, who(ctx), "payments.add", f"account:{account_id}",
-                                       before=None, after={"payment_id": r.payment_id, "amount": amount,
+                                       before=None, after={"payment_id": result.payment_id, "amount": amount,
                                                            "method": method, "external_id": external_id,
-                                                           "balance": r.balance}, now=now)
-        if r.created:
-            await core.fire("payment.added", {"account_id": account_id, "amount": amount, "balance": r.balance,
+                                                           "balance": result.balance}, now=now)
+        if result.created:
+            await core.fire("payment.added", {"account_id": account_id, "amount": amount, "balance": result.balance,
                                               "external_id": external_id, "method": method})
-        await announce(core, r.block_changes)
-        return {"payment_id": r.payment_id, "ledger_id": r.ledger_id, "created": r.created,
-                "balance": r.balance}
+        await announce(core, result.block_changes)
+        return {"payment_id": result.payment_id, "ledger_id": result.ledger_id, "created": result.created,
+                "balance": result.balance}
 
     @handler
-    async def payments_cancel(ctx: Any, payment_id: int, reason: str = "") -> dict[str, Any]:
+    async def payments_cancel(ctx: CallContext, payment_id: int, reason: str = "") -> dict[str, Any]:
         """Reverse a payment exactly (a reversal row); cancelling twice is a no-op."""
         need_int("payment_id", payment_id)
         now = core.now()
         async with core.pool.acquire() as conn:
             async with conn.transaction():
-                r = await payments.cancel_payment(conn, payment_id, actor=who(ctx).actor,
+                result = await payments.cancel_payment(conn, payment_id, actor=who(ctx).actor,
                                                   reason=reason or "", now=now)
-                if r.created:
+                if result.created:
                     await audit.record(conn, who(ctx), "payments.cancel", f"payment:{payment_id}",
                                        before={"cancelled": False},
                                        after={"cancelled": True, "reason": reason or "",
-                                              "reversal_ledger_id": r.ledger_id, "balance": r.balance},
+                                              "reversal_ledger_id": result.ledger_id, "balance": result.balance},
                                        now=now)
-        await announce(core, r.block_changes)
-        return {"payment_id": payment_id, "ledger_id": r.ledger_id, "created": r.created,
-                "balance": r.balance}
+        await announce(core, result.block_changes)
+        return {"payment_id": payment_id, "ledger_id": result.ledger_id, "created": result.created,
+                "balance": result.balance}
 
     @handler
-    async def payments_list(ctx: Any, account_id: int, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    async def payments_list(ctx: CallContext, account_id: int, limit: int = 100,
+                            offset: int = 0) -> list[dict[str, Any]]:
         """Payments of an account, newest first, with their cancellation."""
         need_int("account_id", account_id)
         limit, offset = page(limit, offset)
@@ -82,7 +84,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await payments.list_payments(conn, [account_id], limit=limit, offset=offset)
 
     @handler
-    async def payments_promised(ctx: Any, account_id: int, amount: int | None = None, days: int | None = None,
+    async def payments_promised(ctx: CallContext, account_id: int, amount: int | None = None, days: int | None = None,
                                 reason: str = "") -> dict[str, Any]:
         """Grant this month's promised payment (temporary credit) to an account; once per month."""
         need_int("account_id", account_id)
@@ -102,13 +104,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async with core.pool.acquire() as conn:
             async with conn.transaction():
                 await accounts.get_account(conn, account_id)
-                r = await payments.take_promised(conn, account_id, actor=who(ctx).actor, rule=rule, now=now)
+                result = await payments.take_promised(conn, account_id, actor=who(ctx).actor, rule=rule, now=now)
                 await audit.record(conn, who(ctx), "payments.promised", f"account:{account_id}", before=None,
-                                   after={"promised_id": r.promised_id, "amount": r.amount,
-                                          "expires_at": r.expires_at, "reason": reason}, now=now)
-        await announce(core, r.block_changes)
-        return {"account_id": account_id, "promised_id": r.promised_id, "amount": r.amount,
-                "expires_at": r.expires_at}
+                                   after={"promised_id": result.promised_id, "amount": result.amount,
+                                          "expires_at": result.expires_at, "reason": reason}, now=now)
+        await announce(core, result.block_changes)
+        return {"account_id": account_id, "promised_id": result.promised_id, "amount": result.amount,
+                "expires_at": result.expires_at}
 
     return [
         CallSpec("payments.promised", payments_promised, right="payments.promised", kinds=ADMIN,

@@ -25,8 +25,11 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import asyncpg
+
 from billcore.api import ADMIN, handler, who
 from billcore.billing import audit
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -39,7 +42,7 @@ RUN_FIELDS: Final = {"accounts": "int", "batches": "int", "charges": "int", "amo
 
 
 @contextlib.asynccontextmanager
-async def periodic_lock(pool: Any, waiting: Callable[[], None] | None = None) -> AsyncIterator[None]:
+async def periodic_lock(pool: asyncpg.Pool, waiting: Callable[[], None] | None = None) -> AsyncIterator[None]:
     """Hold the periodic-run lock (one pooled connection) for the ``with`` body;
     ``waiting()`` is called once when another run holds it and we wait.  With
     the run's own two connections that is three (``[database] pool_max`` ≥ 3)."""
@@ -64,7 +67,7 @@ def summary(result: Any) -> dict[str, Any]:
 
 def calls(core: CoreContext) -> list[CallSpec]:
     @handler
-    async def periodic_run(ctx: Any) -> dict[str, Any]:
+    async def periodic_run(ctx: CallContext) -> dict[str, Any]:
         """Run the periodic charges due now, as the scheduler does (idempotent); streams progress."""
         from billcore.server.core import periodic_once
 

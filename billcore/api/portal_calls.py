@@ -21,6 +21,7 @@ from typing import Any
 from billcore.api import USER, handler, page
 from billcore.api.me import _own
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -28,21 +29,21 @@ __all__ = ["calls"]
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
-    def uid(ctx: Any) -> int:
+    def uid(ctx: CallContext) -> int:
         if ctx.principal.kind != "user":
             raise InvalidValue("me.* calls are for subscriber sessions")
         return int(ctx.principal.id)
 
     @handler
-    async def me_classes(ctx: Any) -> list[dict[str, Any]]:
+    async def me_classes(ctx: CallContext) -> list[dict[str, Any]]:
         """Names of the traffic classes (to label my traffic; no rules, no other data)."""
         uid(ctx)
         async with core.pool.acquire() as conn:
             rows = await conn.fetch("SELECT id, name FROM traffic_classes ORDER BY position, id LIMIT 1000")
-        return [dict(r) for r in rows]
+        return [dict(row) for row in rows]
 
     @handler
-    async def me_sessions(ctx: Any, account_id: int | None = None, limit: int = 50,
+    async def me_sessions(ctx: CallContext, account_id: int | None = None, limit: int = 50,
                           offset: int = 0) -> list[dict[str, Any]]:
         """My RADIUS sessions, newest first."""
         limit, offset = page(limit, offset, 200)
@@ -53,7 +54,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 " session_time, input_octets, output_octets, charged FROM radius_sessions"
                 " WHERE account_id = ANY($1::bigint[]) ORDER BY started_at DESC, id DESC"
                 " LIMIT $2 OFFSET $3", ids, limit, offset)
-        return [dict(r) for r in rows]
+        return [dict(row) for row in rows]
 
     def spec(name: str, fn: Any, args: dict[str, str], result: str = "map", bound: str = "fixed",
              fields: dict[str, str] | None = None) -> CallSpec:

@@ -23,16 +23,18 @@ and ``me.traffic`` (per day and class).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any, Final
 
 from billcore.api import ADMIN, USER, handler, need_int, page
-from billcore.api.tariffs import _date, plain
+from billcore.api.tariffs import _date, plain, plain_rows
 from billcore.common.errors import TariffError
-from billcore.billing import tariffs as T
+from billcore.billing.tariffs import account_links, account_period, load_book, load_links, load_periodic
 from billcore.billing.ledger_errors import UnknownAccount
 from billcore.billing.periods import period_containing
 from billcore.billing.rating import CounterKey, preview
+from billcore.db.rows import DbConnection
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -107,19 +109,19 @@ def revenue_result(rows: list[Any]) -> list[dict[str, Any]]:
 
     tariffs: dict[Any, dict[str, Any]] = {}
     total = empty(None, TOTAL)
-    for r in rows:
-        amount = int(r["amount"])
-        if r["grand_total"]:
-            total.update(amount=amount, accounts=r["accounts"])
+    for row in rows:
+        amount = int(row["amount"])
+        if row["grand_total"]:
+            total.update(amount=amount, accounts=row["accounts"])
             continue
-        entry = tariffs.setdefault(r["tariff_id"], empty(r["tariff_id"], r["name"] or NO_TARIFF))
-        if r["tariff_total"]:
-            entry.update(amount=amount, accounts=r["accounts"])
+        entry = tariffs.setdefault(row["tariff_id"], empty(row["tariff_id"], row["name"] or NO_TARIFF))
+        if row["tariff_total"]:
+            entry.update(amount=amount, accounts=row["accounts"])
             continue
         for target in (entry, total):
-            target["final_amount" if r["final"] else "provisional_amount"] += amount
-            target[f"{r['kind']}_amount"] += amount
-    out = [*sorted(tariffs.values(), key=lambda t: (t["tariff_id"] is None, t["tariff_id"] or 0)), total]
+            target["final_amount" if row["final"] else "provisional_amount"] += amount
+            target[f"{row['kind']}_amount"] += amount
+    out = [*sorted(tariffs.values(), key=lambda tariff: (tariff["tariff_id"] is None, tariff["tariff_id"] or 0)), total]
     for entry in out:
         # every charge is final or provisional, and of one kind: the three views add up to the same sum
         assert entry["final_amount"] + entry["provisional_amount"] == entry["amount"] \
@@ -127,36 +129,37 @@ def revenue_result(rows: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-async def account_preview(conn: Any, account_id: int, now: datetime, tz: Any) -> dict[str, Any]:
+async def account_preview(conn: DbConnection, account_id: int, now: datetime, tz: tzinfo) -> dict[str, Any]:
     """The pure preview of one account at ``now``, as plain values."""
-    book = await T.load_book(conn, [account_id], tz=tz, since=now - _WIDE, until=now)
+    book = await load_book(conn, [account_id], tz=tz, since=now - _WIDE, until=now)
     if account_id not in book.accounts:
         raise UnknownAccount(f"account {account_id} does not exist")
     rows = await conn.fetch(
         "SELECT service_id, class_id, range_id, period_start, quantity FROM usage_counters"
         " WHERE account_id = $1 AND period_start >= $2", account_id, now - _WIDE)
-    counters = {CounterKey(account_id, r["service_id"], r["class_id"], r["range_id"], r["period_start"]):
-                r["quantity"] for r in rows if r["service_id"] in book.services}
-    periodic = await T.load_periodic(conn)
-    links = await T.load_links(conn, [account_id], now - _WIDE, now + _WIDE, kinds=("periodic",))
-    p = preview(account_id, book, counters, periodic, links, now)
+    counters = {CounterKey(account_id, row["service_id"], row["class_id"], row["range_id"], row["period_start"]):
+                row["quantity"] for row in rows if row["service_id"] in book.services}
+    periodic = await load_periodic(conn)
+    links = await load_links(conn, [account_id], now - _WIDE, now + _WIDE, kinds=("periodic",))
+    previewed = preview(account_id, book, counters, periodic, links, now)
     return {
-        "account_id": account_id, "period_start": p.period.start, "period_end": p.period.end,
-        "total": p.total,
-        "lines": [{"service_id": l.service_id, "kind": l.kind, "class_id": l.klass,
-                   "range_id": l.range_id, "quantity": l.quantity, "amount": l.amount} for l in p.lines],
+        "account_id": account_id, "period_start": previewed.period.start, "period_end": previewed.period.end,
+        "total": previewed.total,
+        "lines": [{"service_id": line.service_id, "kind": line.kind, "class_id": line.klass,
+                   "range_id": line.range_id, "quantity": line.quantity, "amount": line.amount}
+                  for line in previewed.lines],
     }
 
 
 def calls(core: CoreContext) -> list[CallSpec]:
     tz = core.config.zone
 
-    async def stream_rows(ctx: Any, sql: str, *args: Any) -> dict[str, Any]:
+    async def stream_rows(ctx: CallContext, sql: str, *args: Any) -> dict[str, Any]:
         sent = 0
         chunk: list[list[Any]] = []
         async with core.pool.acquire() as conn, conn.transaction(readonly=True):
-            async for r in conn.cursor(sql, *args, prefetch=CHUNK):
-                chunk.append(plain(list(r.values())))
+            async for row in conn.cursor(sql, *args, prefetch=CHUNK):
+                chunk.append(plain(list(row.values())))
                 sent += 1
                 if len(chunk) >= CHUNK:
                     await ctx.stream(chunk)
@@ -168,7 +171,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return {"rows": sent, "truncated": sent >= MAX_ROWS}
 
     @handler
-    async def reports_traffic(ctx: Any, since: str, until: str, account_id: int | None = None) -> dict[str, Any]:
+    async def reports_traffic(ctx: CallContext, since: str, until: str,
+                              account_id: int | None = None) -> dict[str, Any]:
         """Traffic per account, class and day in [since, until) (ISO dates); streamed."""
         return await stream_rows(
             ctx, "SELECT account_id, class_id, day, quantity, amount FROM usage_daily"
@@ -177,7 +181,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             _date(since, "since"), _date(until, "until"), account_id)
 
     @handler
-    async def reports_charges(ctx: Any, since: datetime, until: datetime) -> dict[str, Any]:
+    async def reports_charges(ctx: CallContext, since: datetime, until: datetime) -> dict[str, Any]:
         """Charges per service and period start in [since, until), once-off fees by the time they were
         booked; streamed."""
         return await stream_rows(
@@ -188,7 +192,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             " WHERE period_start >= $1 AND period_start < $2 GROUP BY 1, 2 ORDER BY 2, 1", since, until)
 
     @handler
-    async def reports_revenue(ctx: Any, since: datetime, until: datetime, limit: int = 1000,
+    async def reports_revenue(ctx: CallContext, since: datetime, until: datetime, limit: int = 1000,
                               offset: int = 0) -> list[dict[str, Any]]:
         """Revenue per tariff, then a (total) row, for the periods that start in [since, until), open
         periods included: amount = final_amount + provisional_amount = periodic_amount + usage_amount +
@@ -203,13 +207,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return rows[offset:offset + limit]
 
     @handler
-    async def reports_preview(ctx: Any, account_id: int) -> dict[str, Any]:
+    async def reports_preview(ctx: CallContext, account_id: int) -> dict[str, Any]:
         """What the account pays this accounting period so far, line by line."""
         async with core.pool.acquire() as conn:
             return await account_preview(conn, need_int("account_id", account_id), core.now(), tz)
 
-    async def own(conn: Any, ctx: Any, account_id: int | None) -> list[int]:
-        ids = [r["id"] for r in await conn.fetch(
+    async def own(conn: DbConnection, ctx: CallContext, account_id: int | None) -> list[int]:
+        ids = [row["id"] for row in await conn.fetch(
             "SELECT id FROM accounts WHERE user_id = $1 ORDER BY is_basic DESC, id", int(ctx.principal.id))]
         if account_id is None:
             return ids
@@ -218,13 +222,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return [account_id]
 
     @handler
-    async def me_tariff(ctx: Any, account_id: int | None = None) -> list[dict[str, Any]]:
+    async def me_tariff(ctx: CallContext, account_id: int | None = None) -> list[dict[str, Any]]:
         """My tariff and services per account, with the prepaid volume left this period."""
         now = core.now()
         out = []
         async with core.pool.acquire() as conn:
             for acc in await own(conn, ctx, account_id):
-                spec = await T.account_period(conn, acc)
+                spec = await account_period(conn, acc)
                 period = period_containing(spec, now, tz)
                 left = await conn.fetch(
                     "SELECT r.service_id, coalesce(r.class_id, -1) AS class_id, r.range_id, r.prepaid,"
@@ -233,19 +237,20 @@ def calls(core: CoreContext) -> list[CallSpec]:
                     "  AND c.class_id = coalesce(r.class_id, -1) AND c.range_id = coalesce(r.range_id, 0)), 0))::bigint"
                     "  AS prepaid_left"  # sum(bigint) is numeric: a Decimal cannot cross the wire
                     " FROM service_rates r WHERE r.prepaid > 0 AND r.service_id = ANY($3::bigint[])",
-                    acc, period.start, [s["service_id"] for s in await T.account_links(conn, acc, now)])
-                links = await T.account_links(conn, acc, now)
+                    acc, period.start, [link["service_id"] for link in await account_links(conn, acc, now)])
+                links = await account_links(conn, acc, now)
                 out.append({
                     "account_id": acc, "period_start": period.start, "period_end": period.end,
                     "tariff": links[0]["tariff"] if links else None,
-                    "services": [{"id": l["service_id"], "name": l["service"], "kind": l["kind"],
-                                  "fee": l["fee"]} for l in links],
-                    "prepaid": [dict(r) for r in left],
+                    "services": [{"id": link["service_id"], "name": link["service"], "kind": link["kind"],
+                                  "fee": link["fee"]} for link in links],
+                    "prepaid": [dict(row) for row in left],
                 })
         return out
 
     @handler
-    async def me_traffic(ctx: Any, since: str, until: str, account_id: int | None = None) -> list[dict[str, Any]]:
+    async def me_traffic(ctx: CallContext, since: str, until: str,
+                         account_id: int | None = None) -> list[dict[str, Any]]:
         """My traffic per day and class in [since, until) (at most 366 days)."""
         first, last = _date(since, "since"), _date(until, "until")
         if not timedelta(0) <= last - first <= timedelta(days=366):
@@ -255,7 +260,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                 "SELECT account_id, day, class_id, quantity, amount FROM usage_daily"
                 " WHERE account_id = ANY($1::bigint[]) AND day >= $2 AND day < $3 ORDER BY day, class_id",
                 await own(conn, ctx, account_id), first, last)
-        return plain([dict(r) for r in rows])
+        return plain_rows(dict(row) for row in rows)
 
     return [
         CallSpec("reports.traffic", reports_traffic, right="reports.read", kinds=ADMIN, streaming=True,

@@ -17,19 +17,25 @@ The NetFlow workers' classifier snapshot (``netflow.snapshot``) lives in
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from typing import Any
 
 from billcore.api import ADMIN, handler, need_int, page, who
 from billcore.billing import audit
-from billcore.billing import tariffs as T
+from billcore.billing.tariffs import (
+    MAX_PAGE, add_binding, add_rule, create_class, create_service, create_tariff, create_time_range, delete_class,
+    delete_rule, delete_service, delete_tariff, delete_time_range, end_binding, link_tariff, list_bindings,
+    list_classes, list_services, list_tariffs, list_time_ranges, set_rate, set_tariff_services, tariff_history,
+)
 from billcore.common.errors import TariffError
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
 __all__ = ["calls", "plain"]
 
-PAGE = T.MAX_PAGE
+PAGE = MAX_PAGE
 CLASS_PAGE = 100  # a class carries its rules: fewer per page
 
 
@@ -42,6 +48,11 @@ def plain(value: Any) -> Any:
     if isinstance(value, date) and not isinstance(value, datetime):
         return value.isoformat()
     return value
+
+
+def plain_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``plain`` of each row, typed as the list of dicts it is."""
+    return [{key: plain(value) for key, value in row.items()} for row in rows]
 
 
 def _date(value: object, what: str) -> date:
@@ -57,14 +68,14 @@ def calls(core: CoreContext) -> list[CallSpec]:
     tz = core.config.zone
 
     @handler
-    async def services_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def services_list(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """Services with their rates, by id (paged)."""
         limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_services(conn, limit=limit, offset=offset))
+            return plain_rows(await list_services(conn, limit=limit, offset=offset))
 
     @handler
-    async def services_add(ctx: Any, name: str, kind: str, fee: int | None = None,
+    async def services_add(ctx: CallContext, name: str, kind: str, fee: int | None = None,
                            period: dict[str, Any] | None = None, charge_mode: str | None = None,
                            session_limit: int | None = None, max_sessions: int | None = None,
                            comment: str | None = None) -> dict[str, Any]:
@@ -74,170 +85,174 @@ def calls(core: CoreContext) -> list[CallSpec]:
         if period is not None:
             period = {**period, "anchor": _date(period.get("anchor"), "period.anchor")}
         async with core.pool.acquire() as conn:
-            sid = await T.create_service(conn, name, kind, fee=fee or 0, period=period,
+            sid = await create_service(conn, name, kind, fee=fee or 0, period=period,
                                          charge_mode=charge_mode, session_limit=session_limit,
                                          max_sessions=max_sessions, comment=comment or "")
         return {"id": sid}
 
     @handler
-    async def services_delete(ctx: Any, service_id: int) -> dict[str, Any]:
+    async def services_delete(ctx: CallContext, service_id: int) -> dict[str, Any]:
         """Delete a service no tariff or counter uses."""
         async with core.pool.acquire() as conn:
-            await T.delete_service(conn, need_int("service_id", service_id))
+            await delete_service(conn, need_int("service_id", service_id))
         return {"id": service_id}
 
     @handler
-    async def services_set_rate(ctx: Any, service_id: int, unit_size: int, tiers: list[list[int]],
+    async def services_set_rate(ctx: CallContext, service_id: int, unit_size: int, tiers: list[list[int]],
                                 class_id: int | None = None, range_id: int | None = None,
                                 prepaid: int | None = None) -> dict[str, Any]:
         """Set the price of a traffic class (class_id) or of session time (no class_id), in a time range
         (range_id) or in any range (no range_id). Tiers are [[start, price], …]: price in micro-units per
         unit_size bytes or seconds, from start bytes or seconds beyond the prepaid volume (prepaid, in bytes
         or seconds, is free); the first tier starts at 0 (docs/tariffs.md)."""
-        parsed = [(t[0], t[1]) for t in tiers if isinstance(t, list) and len(t) == 2]
+        parsed = [(tier[0], tier[1]) for tier in tiers if isinstance(tier, list) and len(tier) == 2]
         if len(parsed) != len(tiers):
             raise TariffError("tiers are [start, price] pairs")
         async with core.pool.acquire() as conn:
-            await T.set_rate(conn, service_id, class_id=class_id, range_id=range_id,
+            await set_rate(conn, service_id, class_id=class_id, range_id=range_id,
                              prepaid=prepaid or 0, unit_size=unit_size, tiers=parsed)
         return {"service_id": service_id}
 
     @handler
-    async def tariffs_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def tariffs_list(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """Tariffs with their service ids, by id (paged)."""
         limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_tariffs(conn, limit=limit, offset=offset))
+            return plain_rows(await list_tariffs(conn, limit=limit, offset=offset))
 
     @handler
-    async def tariffs_add(ctx: Any, name: str, service_ids: list[int], comment: str | None = None) -> dict[str, Any]:
+    async def tariffs_add(ctx: CallContext, name: str, service_ids: list[int],
+                          comment: str | None = None) -> dict[str, Any]:
         """Add a tariff: a name and the services it bundles (service_ids)."""
         async with core.pool.acquire() as conn:
-            return {"id": await T.create_tariff(conn, name, service_ids, comment or "")}
+            return {"id": await create_tariff(conn, name, service_ids, comment or "")}
 
     @handler
-    async def tariffs_set_services(ctx: Any, tariff_id: int, service_ids: list[int]) -> dict[str, Any]:
+    async def tariffs_set_services(ctx: CallContext, tariff_id: int, service_ids: list[int]) -> dict[str, Any]:
         """Replace a tariff's services."""
         async with core.pool.acquire() as conn:
-            await T.set_tariff_services(conn, tariff_id, service_ids)
+            await set_tariff_services(conn, tariff_id, service_ids)
         return {"id": tariff_id}
 
     @handler
-    async def tariffs_delete(ctx: Any, tariff_id: int) -> dict[str, Any]:
+    async def tariffs_delete(ctx: CallContext, tariff_id: int) -> dict[str, Any]:
         """Delete a tariff no account was ever linked to."""
         async with core.pool.acquire() as conn:
-            await T.delete_tariff(conn, tariff_id)
+            await delete_tariff(conn, tariff_id)
         return {"id": tariff_id}
 
     @handler
-    async def tariffs_link(ctx: Any, account_id: int, tariff_id: int | None = None,
+    async def tariffs_link(ctx: CallContext, account_id: int, tariff_id: int | None = None,
                            start: str | None = None) -> dict[str, Any]:
         """Put an account on a tariff (no tariff_id: on none), from now (start "now", the default) or from
         its next accounting period (start "next_period"); periodic fees are prorated to the second."""
         async with core.pool.acquire() as conn:
-            return await T.link_tariff(conn, need_int("account_id", account_id), tariff_id,
+            return await link_tariff(conn, need_int("account_id", account_id), tariff_id,
                                        now=core.now(), tz=tz, start=start or "now",
                                        actor=f"{ctx.principal.kind}:{ctx.principal.login}")
 
     @handler
-    async def tariffs_history(ctx: Any, account_id: int, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def tariffs_history(ctx: CallContext, account_id: int, limit: int = PAGE,
+                              offset: int = 0) -> list[dict[str, Any]]:
         """An account's tariff links, oldest first (paged)."""
         limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.tariff_history(conn, need_int("account_id", account_id), limit=limit, offset=offset))
+            account_id = need_int("account_id", account_id)
+            return plain_rows(await tariff_history(conn, account_id, limit=limit, offset=offset))
 
     @handler
-    async def classes_list(ctx: Any, limit: int = CLASS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def classes_list(ctx: CallContext, limit: int = CLASS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """Traffic classes and their rules, in match order (paged)."""
         limit, offset = page(limit, offset, CLASS_PAGE)
         async with core.pool.acquire() as conn:
-            return await T.list_classes(conn, limit=limit, offset=offset)
+            return await list_classes(conn, limit=limit, offset=offset)
 
     @handler
-    async def classes_add(ctx: Any, name: str, position: int | None = None, comment: str | None = None) -> dict[str, Any]:
+    async def classes_add(ctx: CallContext, name: str, position: int | None = None,
+                          comment: str | None = None) -> dict[str, Any]:
         """Add a traffic class; position orders classes for matching (lower first)."""
         async with core.pool.acquire() as conn:
-            cid = await T.create_class(conn, name, position or 0, comment or "")
+            cid = await create_class(conn, name, position or 0, comment or "")
         return {"id": cid}
 
     @handler
-    async def classes_delete(ctx: Any, class_id: int) -> dict[str, Any]:
+    async def classes_delete(ctx: CallContext, class_id: int) -> dict[str, Any]:
         """Delete a traffic class (and its rules) that no rate uses."""
         async with core.pool.acquire() as conn:
-            await T.delete_class(conn, class_id)
+            await delete_class(conn, class_id)
         return {"id": class_id}
 
     @handler
-    async def classes_add_rule(ctx: Any, class_id: int, **rule: Any) -> dict[str, Any]:
+    async def classes_add_rule(ctx: CallContext, class_id: int, **rule: Any) -> dict[str, Any]:
         """Add a rule: a leg of a flow belongs to the class of the first rule it matches (classes in
         position order, then their rules in position order). local_net and remote_net (prefixes),
         local_ports and remote_ports ([first, last]), protocol (6 TCP, 17 UDP), exporter (address) and iface
         (interface index) must all match; an absent one matches anything. A skip rule's legs are not
         charged (docs/tariffs.md)."""
         async with core.pool.acquire() as conn:
-            rid = await T.add_rule(conn, class_id, **{k: v for k, v in rule.items() if v is not None})
+            rid = await add_rule(conn, class_id, **{k: v for k, v in rule.items() if v is not None})
         return {"id": rid}
 
     @handler
-    async def classes_delete_rule(ctx: Any, rule_id: int) -> dict[str, Any]:
+    async def classes_delete_rule(ctx: CallContext, rule_id: int) -> dict[str, Any]:
         """Delete a rule."""
         async with core.pool.acquire() as conn:
-            await T.delete_rule(conn, rule_id)
+            await delete_rule(conn, rule_id)
         return {"id": rule_id}
 
     @handler
-    async def timeranges_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def timeranges_list(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """Time ranges with their windows (weekday 0 = Monday) and dates, by id (paged)."""
         limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return plain(await T.list_time_ranges(conn, limit=limit, offset=offset))
+            return plain_rows(await list_time_ranges(conn, limit=limit, offset=offset))
 
     @handler
-    async def timeranges_add(ctx: Any, name: str, priority: int | None = None,
+    async def timeranges_add(ctx: CallContext, name: str, priority: int | None = None,
                              windows: list[dict[str, Any]] | None = None,
                              dates: list[str] | None = None) -> dict[str, Any]:
         """Add a time range: windows such as [{"days": "mon-fri", "time": "08:00-24:00"}] on the core's
         time zone (a time ending at or before its start crosses midnight), whole dates ["YYYY-MM-DD"]
         such as holidays, and a priority (the highest matching range wins) (docs/tariffs.md)."""
         async with core.pool.acquire() as conn:
-            rid = await T.create_time_range(conn, name, priority=priority or 0, windows=windows or [],
-                                            dates=[_date(d, "date") for d in dates or []])
+            rid = await create_time_range(conn, name, priority=priority or 0, windows=windows or [],
+                                            dates=[_date(text, "date") for text in dates or []])
         return {"id": rid}
 
     @handler
-    async def timeranges_delete(ctx: Any, range_id: int) -> dict[str, Any]:
+    async def timeranges_delete(ctx: CallContext, range_id: int) -> dict[str, Any]:
         """Delete a time range no rate uses."""
         async with core.pool.acquire() as conn:
-            await T.delete_time_range(conn, range_id)
+            await delete_time_range(conn, range_id)
         return {"id": range_id}
 
     @handler
-    async def bindings_list(ctx: Any, account_id: int | None = None, at: datetime | None = None,
+    async def bindings_list(ctx: CallContext, account_id: int | None = None, at: datetime | None = None,
                             limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """IP bindings, of one account if account_id is given, valid at the instant at if given; by id,
         paged."""
         limit, offset = page(limit, offset, PAGE)
         async with core.pool.acquire() as conn:
-            return await T.list_bindings(conn, account_id, at=at, limit=limit, offset=offset)
+            return await list_bindings(conn, account_id, at=at, limit=limit, offset=offset)
 
     @handler
-    async def bindings_add(ctx: Any, account_id: int, prefix: str, kind: str | None = None,
+    async def bindings_add(ctx: CallContext, account_id: int, prefix: str, kind: str | None = None,
                            valid_from: datetime | None = None, valid_to: datetime | None = None,
                            source: str | None = None, session_ref: str | None = None) -> dict[str, Any]:
         """Bind a prefix to an account from valid_from (default now) to valid_to (default open); two
         bindings of overlapping prefixes never overlap in time."""
         async with core.pool.acquire() as conn:
-            bid = await T.add_binding(conn, need_int("account_id", account_id), prefix,
+            bid = await add_binding(conn, need_int("account_id", account_id), prefix,
                                       kind=kind or "static", source=source or "admin",
                                       session_ref=session_ref, valid_from=valid_from or core.now(),
                                       valid_to=valid_to)
         return {"id": bid}
 
     @handler
-    async def bindings_end(ctx: Any, binding_id: int, at: datetime | None = None) -> dict[str, Any]:
+    async def bindings_end(ctx: CallContext, binding_id: int, at: datetime | None = None) -> dict[str, Any]:
         """End a binding at the instant at (default now)."""
         async with core.pool.acquire() as conn:
-            await T.end_binding(conn, need_int("binding_id", binding_id), at or core.now())
+            await end_binding(conn, need_int("binding_id", binding_id), at or core.now())
         return {"id": binding_id}
 
     R, W = "tariffs.read", "tariffs.write"
@@ -278,7 +293,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """A catalogue change is recorded in the audit log (who, from where,
         the arguments and the result), just after its own commit."""
         @functools.wraps(fn)
-        async def wrapped(ctx: Any, **args: Any) -> Any:
+        async def wrapped(ctx: CallContext, **args: Any) -> Any:
             result = await fn(ctx, **args)
             async with core.pool.acquire() as conn:
                 await audit.record(conn, who(ctx), name, name.split(".")[0], before=None,

@@ -12,6 +12,7 @@ from typing import Any
 from billcore.api import ADMIN, ADMIN_SYSTEM, handler, need_int, page, who
 from billcore.billing import accounts, audit
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 from urfa.scram import make_verifier
@@ -30,7 +31,7 @@ def check_password(password: object) -> str:
 
 def calls(core: CoreContext) -> list[CallSpec]:
     @handler
-    async def users_create(ctx: Any, login: str, password: str, full_name: str = "", email: str = "",
+    async def users_create(ctx: CallContext, login: str, password: str, full_name: str = "", email: str = "",
                            phone: str = "", address: str = "", external_id: str | None = None) -> dict[str, Any]:
         """Create a subscriber (password: 8 to 1024 characters) and its basic account; returns the user with basic_account_id."""
         accounts.check_login(login)
@@ -46,7 +47,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return user
 
     @handler
-    async def users_get(ctx: Any, user_id: int) -> dict[str, Any]:
+    async def users_get(ctx: CallContext, user_id: int) -> dict[str, Any]:
         """A user with their first MAX_ACCOUNTS accounts and accounts_total (deleted users too,
         marked by deleted_at)."""
         need_int("user_id", user_id)
@@ -57,7 +58,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return user
 
     @handler
-    async def users_edit(ctx: Any, user_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+    async def users_edit(ctx: CallContext, user_id: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Change contact fields (full_name, email, phone, address, external_id)."""
         need_int("user_id", user_id)
         if type(fields) is not dict:
@@ -69,7 +70,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return after
 
     @handler
-    async def users_search(ctx: Any, text: str = "", limit: int = 50, offset: int = 0,
+    async def users_search(ctx: CallContext, text: str = "", limit: int = 50, offset: int = 0,
                            include_deleted: bool = False) -> dict[str, Any]:
         """Users matching ``text`` anywhere in login/name/contacts, or bound to the IP ``text``:
         {total, total_capped, users}; total counts up to 10,000 (total_capped: there are more)."""
@@ -79,7 +80,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                                include_deleted=bool(include_deleted))
 
     @handler
-    async def users_delete(ctx: Any, user_id: int) -> dict[str, Any]:
+    async def users_delete(ctx: CallContext, user_id: int) -> dict[str, Any]:
         """Soft delete: the user can no longer log in; the books keep their rows."""
         need_int("user_id", user_id)
         async with core.pool.acquire() as conn, conn.transaction():
@@ -91,7 +92,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return after
 
     @handler
-    async def users_set_password(ctx: Any, user_id: int, password: str) -> bool:
+    async def users_set_password(ctx: CallContext, user_id: int, password: str) -> bool:
         """Replace a subscriber's password (stored as a SCRAM verifier)."""
         need_int("user_id", user_id)
         verifier = make_verifier(check_password(password))

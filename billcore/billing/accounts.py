@@ -30,6 +30,7 @@ from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, LoginTaken, UnknownAccount, UnknownUser,
 )
 from billcore.common.money import MAX_AMOUNT, format_money
+from billcore.db.rows import DbConnection, expect_row
 from urfa.scram import Verifier
 
 __all__ = [
@@ -100,7 +101,7 @@ def _check_vat(vat_bp: object) -> int:
     return vat_bp
 
 
-async def create_user(conn: asyncpg.Connection, login: str, verifier: Verifier,
+async def create_user(conn: DbConnection, login: str, verifier: Verifier,
                       **fields: Any) -> dict[str, Any]:
     """Create a user and its basic account; returns the user with ``basic_account_id``."""
     check_login(login)
@@ -115,14 +116,15 @@ async def create_user(conn: asyncpg.Connection, login: str, verifier: Verifier,
                 f" RETURNING {_USER_COLS}",
                 login, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
                 *fields.values())
-            acc = await conn.fetchval(
-                "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", row["id"])
+            user = expect_row(row, "new user")
+            basic_account_id = await conn.fetchval(
+                "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", user["id"])
     except asyncpg.UniqueViolationError as exc:
         raise LoginTaken(f"login or external id already taken ({exc.constraint_name})") from None
-    return {**dict(row), "basic_account_id": acc}
+    return {**dict(user), "basic_account_id": basic_account_id}
 
 
-async def get_user(conn: asyncpg.Connection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
+async def get_user(conn: DbConnection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
     if type(user_id) is not int:
         raise InvalidValue("user id must be an int")
     row = await conn.fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
@@ -131,7 +133,7 @@ async def get_user(conn: asyncpg.Connection, user_id: int, *, include_deleted: b
     return dict(row)
 
 
-async def edit_user(conn: asyncpg.Connection, user_id: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+async def edit_user(conn: DbConnection, user_id: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Change contact fields; returns (before, after)."""
     _check_fields(fields)
     if not fields:
@@ -142,15 +144,15 @@ async def edit_user(conn: asyncpg.Connection, user_id: int, **fields: Any) -> tu
                 f"SELECT {_USER_COLS} FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", user_id)
             if before is None:
                 raise UnknownUser(f"user {user_id} does not exist")
-            sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(fields))
+            sets = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(fields))
             after = await conn.fetchrow(
                 f"UPDATE users SET {sets} WHERE id = $1 RETURNING {_USER_COLS}", user_id, *fields.values())
     except asyncpg.UniqueViolationError:
         raise LoginTaken("external id already taken") from None
-    return dict(before), dict(after)
+    return dict(before), dict(expect_row(after, f"user {user_id}"))
 
 
-async def set_verifier(conn: asyncpg.Connection, user_id: int, verifier: Verifier) -> None:
+async def set_verifier(conn: DbConnection, user_id: int, verifier: Verifier) -> None:
     """Store a new SCRAM verifier (password change)."""
     done = await conn.fetchval(
         "UPDATE users SET scram_salt = $2, scram_iterations = $3, scram_stored_key = $4,"
@@ -160,7 +162,7 @@ async def set_verifier(conn: asyncpg.Connection, user_id: int, verifier: Verifie
         raise UnknownUser(f"user {user_id} does not exist")
 
 
-async def delete_user(conn: asyncpg.Connection, user_id: int, *, now: dt.datetime | None = None,
+async def delete_user(conn: DbConnection, user_id: int, *, now: dt.datetime | None = None,
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Soft delete; returns (before, after).  Deleting twice is ``UnknownUser``."""
     async with conn.transaction():
@@ -168,7 +170,7 @@ async def delete_user(conn: asyncpg.Connection, user_id: int, *, now: dt.datetim
         after = await conn.fetchrow(
             f"UPDATE users SET deleted_at = $2 WHERE id = $1 RETURNING {_USER_COLS}",
             user_id, now or utcnow())
-    return before, dict(after)
+    return before, dict(expect_row(after, f"user {user_id}"))
 
 
 # users.search: the per-column ILIKE decides what matches; with 3 or more
@@ -203,18 +205,18 @@ def search_query(text: str, include_deleted: bool, at_ip: list[int] | None) -> t
     return f"{match} AND {SEARCH_LIVE}", args
 
 
-async def _users_at_ip(conn: asyncpg.Connection, text: str) -> list[int] | None:
+async def _users_at_ip(conn: DbConnection, text: str) -> list[int] | None:
     """Users with a binding holding the address ``text`` (at any time); None if it is no address."""
     try:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
         return None
-    return [r["user_id"] for r in await conn.fetch(
+    return [row["user_id"] for row in await conn.fetch(
         "SELECT DISTINCT a.user_id FROM ip_bindings b JOIN accounts a ON a.id = b.account_id"
         " WHERE b.prefix >>= $1::inet LIMIT $2", str(address), MAX_COUNTED)]
 
 
-async def search_users(conn: asyncpg.Connection, text: str = "", *, limit: int = 50, offset: int = 0,
+async def search_users(conn: DbConnection, text: str = "", *, limit: int = 50, offset: int = 0,
                        include_deleted: bool = False) -> dict[str, Any]:
     """Users whose login, name, e-mail, phone, address or external id contains
     ``text`` (case-insensitive), or whose IP binding holds it;
@@ -231,10 +233,10 @@ async def search_users(conn: asyncpg.Connection, text: str = "", *, limit: int =
         f"SELECT {_USER_COLS} FROM users WHERE {where} ORDER BY id"
         f" LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}", *args, limit, offset)
     return {"total": min(total, MAX_COUNTED), "total_capped": total > MAX_COUNTED,
-            "users": [dict(r) for r in rows]}
+            "users": [dict(row) for row in rows]}
 
 
-async def create_account(conn: asyncpg.Connection, user_id: int, *, credit: int = 0, vat_bp: int = 0,
+async def create_account(conn: DbConnection, user_id: int, *, credit: int = 0, vat_bp: int = 0,
                          unlimited: bool = False) -> dict[str, Any]:
     """Open a further (non-basic) account for a live user."""
     _check_credit(credit)
@@ -246,10 +248,10 @@ async def create_account(conn: asyncpg.Connection, user_id: int, *, credit: int 
         row = await conn.fetchrow(
             f"INSERT INTO accounts(user_id, credit, vat_bp, unlimited) VALUES ($1, $2, $3, $4)"
             f" RETURNING {_ACCOUNT_COLS}", user_id, credit, vat_bp, unlimited)
-    return dict(row)
+    return dict(expect_row(row, "new account"))
 
 
-async def get_account(conn: asyncpg.Connection, account_id: int) -> dict[str, Any]:
+async def get_account(conn: DbConnection, account_id: int) -> dict[str, Any]:
     if type(account_id) is not int:
         raise InvalidValue("account id must be an int")
     row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = $1", account_id)
@@ -258,15 +260,15 @@ async def get_account(conn: asyncpg.Connection, account_id: int) -> dict[str, An
     return dict(row)
 
 
-async def user_accounts(conn: asyncpg.Connection, user_id: int, *, limit: int = MAX_PAGE,
+async def user_accounts(conn: DbConnection, user_id: int, *, limit: int = MAX_PAGE,
                         offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE user_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
         user_id, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
-async def edit_account(conn: asyncpg.Connection, account_id: int, *, actor: str,
+async def edit_account(conn: DbConnection, account_id: int, *, actor: str,
                        now: dt.datetime | None = None, credit: int | None = None,
                        vat_bp: int | None = None, unlimited: bool | None = None) -> AccountChange:
     """Change credit, VAT rate or the unlimited flag; re-syncs the system block."""
@@ -286,10 +288,10 @@ async def edit_account(conn: asyncpg.Connection, account_id: int, *, actor: str,
     async with conn.transaction():
         await lock_accounts(conn, [account_id])
         before = await get_account(conn, account_id)
-        sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(changes))
-        after = await conn.fetchrow(
+        sets = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(changes))
+        after = expect_row(await conn.fetchrow(
             f"UPDATE accounts SET {sets} WHERE id = $1 RETURNING {_ACCOUNT_COLS}",
-            account_id, *changes.values())
+            account_id, *changes.values()), f"account {account_id}")
         if after["balance"] != before["balance"] or not -MAX_AMOUNT <= after["balance"] <= MAX_AMOUNT:
             raise InvariantViolation("editing settings changed the balance")
         change = await sync_system_block(conn, account_id, actor=actor, now=now or utcnow())

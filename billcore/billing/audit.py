@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.db.rows import DbConnection
 
 __all__ = ["Who", "jsonable", "record", "query"]
 
@@ -47,7 +46,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-async def record(conn: asyncpg.Connection, who: Who, action: str, obj: str, *,
+async def record(conn: DbConnection, who: Who, action: str, obj: str, *,
                  before: Any = None, after: Any = None, now: dt.datetime) -> int:
     return int(await conn.fetchval(
         "INSERT INTO audit_log(at, principal_kind, principal_id, principal_login, ip, action,"
@@ -57,7 +56,7 @@ async def record(conn: asyncpg.Connection, who: Who, action: str, obj: str, *,
         None if after is None else json.dumps(jsonable(after))))
 
 
-async def query(conn: asyncpg.Connection, *, obj: str | None = None, action: str | None = None,
+async def query(conn: DbConnection, *, obj: str | None = None, action: str | None = None,
                 login: str | None = None, since: dt.datetime | None = None,
                 until: dt.datetime | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
     """Audit rows, newest first, filtered by object, action, principal login and time."""
@@ -72,9 +71,9 @@ async def query(conn: asyncpg.Connection, *, obj: str | None = None, action: str
         " ORDER BY id DESC LIMIT $6 OFFSET $7",
         obj, action, login, since, until, limit, offset)
     out = []
-    for r in rows:
-        d = dict(r)
-        d["before"] = None if d["before"] is None else json.loads(d["before"])
-        d["after"] = None if d["after"] is None else json.loads(d["after"])
-        out.append(d)
+    for row in rows:
+        entry = dict(row)
+        entry["before"] = None if entry["before"] is None else json.loads(entry["before"])
+        entry["after"] = None if entry["after"] is None else json.loads(entry["after"])
+        out.append(entry)
     return out

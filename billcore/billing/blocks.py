@@ -33,6 +33,7 @@ import asyncpg
 
 from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import BlockRefused, InvalidValue, UnknownAccount
+from billcore.db.rows import DbConnection
 
 __all__ = [
     "BLOCK_KINDS",
@@ -77,7 +78,7 @@ def in_debt(balance: int, credit: int, promised: int, unlimited: bool) -> bool:
     return not unlimited and balance < -(credit + promised)
 
 
-async def active_promised(conn: asyncpg.Connection, account_id: int, now: dt.datetime) -> int:
+async def active_promised(conn: DbConnection, account_id: int, now: dt.datetime) -> int:
     """Sum of the account's promised credit that is open and not yet expired."""
     value = await conn.fetchval(
         "SELECT coalesce(sum(amount), 0)::bigint FROM promised_payments"
@@ -98,7 +99,7 @@ def _check_reason(reason: object) -> str:
     return reason
 
 
-async def _lock_account(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record:
+async def _lock_account(conn: DbConnection, account_id: int) -> asyncpg.Record:
     row = await conn.fetchrow(
         "SELECT id, balance, credit, unlimited FROM accounts WHERE id = $1 FOR UPDATE", account_id)
     if row is None:
@@ -106,7 +107,7 @@ async def _lock_account(conn: asyncpg.Connection, account_id: int) -> asyncpg.Re
     return row
 
 
-async def _insert(conn: asyncpg.Connection, account_id: int, kind: str, reason: str,
+async def _insert(conn: DbConnection, account_id: int, kind: str, reason: str,
                   by: str, now: dt.datetime) -> BlockChange | None:
     block_id = await conn.fetchval(
         "INSERT INTO blocks(account_id, kind, reason, set_at, set_by) VALUES ($1, $2, $3, $4, $5)"
@@ -117,7 +118,7 @@ async def _insert(conn: asyncpg.Connection, account_id: int, kind: str, reason: 
     return BlockChange(account_id, kind, "set", block_id, reason, now, by)
 
 
-async def _lift(conn: asyncpg.Connection, account_id: int, kind: str, by: str,
+async def _lift(conn: DbConnection, account_id: int, kind: str, by: str,
                 now: dt.datetime) -> BlockChange | None:
     row = await conn.fetchrow(
         "UPDATE blocks SET lifted_at = $3, lifted_by = $4"
@@ -128,7 +129,7 @@ async def _lift(conn: asyncpg.Connection, account_id: int, kind: str, by: str,
     return BlockChange(account_id, kind, "lifted", row["id"], row["reason"], now, by)
 
 
-async def set_block(conn: asyncpg.Connection, account_id: int, kind: str, *, actor: str,
+async def set_block(conn: DbConnection, account_id: int, kind: str, *, actor: str,
                     reason: str = "", now: dt.datetime) -> BlockChange | None:
     """Set an ``admin`` or ``user`` block; ``None`` if one was already active."""
     _check_kind(kind, MANUAL_KINDS)
@@ -138,7 +139,7 @@ async def set_block(conn: asyncpg.Connection, account_id: int, kind: str, *, act
         return await _insert(conn, account_id, kind, reason, actor, now)
 
 
-async def lift_block(conn: asyncpg.Connection, account_id: int, kind: str, *, actor: str,
+async def lift_block(conn: DbConnection, account_id: int, kind: str, *, actor: str,
                      now: dt.datetime) -> BlockChange | None:
     """Lift the active ``admin`` or ``user`` block; ``None`` if there was none."""
     _check_kind(kind, MANUAL_KINDS)
@@ -159,7 +160,7 @@ class LockedAccount:
     unlimited: bool
 
 
-async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int], *, actor: str,
+async def sync_system_blocks(conn: DbConnection, account_ids: Iterable[int], *, actor: str,
                              now: dt.datetime, locked: Mapping[int, LockedAccount] | None = None,
                              ) -> list[BlockChange]:
     """Make the system blocks of many accounts agree with the debt rule, in a
@@ -187,13 +188,13 @@ async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int
         rows = await conn.fetch(
             "SELECT id, balance, credit, unlimited FROM accounts WHERE id = ANY($1::bigint[])"
             " AND id BETWEEN $2 AND $3 ORDER BY id FOR UPDATE", ids, ids[0], ids[-1])
-        locked = {r["id"]: LockedAccount(r["balance"], r["credit"], r["unlimited"]) for r in rows}
+        locked = {row["id"]: LockedAccount(row["balance"], row["credit"], row["unlimited"]) for row in rows}
     missing = [i for i in ids if i not in locked]
     if missing:
         raise UnknownAccount(f"account {missing[0]} does not exist")
     # Both sides filter on partial/unique indexes by account: a probe per id,
     # and only accounts with promised credit or a system block come back.
-    extra = {r["account_id"]: (int(r["promised"]), r["blocked"]) for r in await conn.fetch(
+    extra = {row["account_id"]: (int(row["promised"]), row["blocked"]) for row in await conn.fetch(
         "SELECT account_id, coalesce(sum(amount), 0)::bigint AS promised, bool_or(blocked) AS blocked"
         " FROM (SELECT account_id, amount, false AS blocked FROM promised_payments"
         "       WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL AND expires_at > $2"
@@ -215,23 +216,23 @@ async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int
     changes: dict[int, BlockChange] = {}
     if debtors:
         # ORDER BY n: block ids are drawn in ascending account order, as before.
-        for b in await conn.fetch(
+        for block in await conn.fetch(
                 "INSERT INTO blocks(account_id, kind, reason, set_at, set_by)"
                 " SELECT a, 'system', r, $3, $4 FROM unnest($1::bigint[], $2::text[])"
                 " WITH ORDINALITY AS t(a, r, n) ORDER BY n"
                 " ON CONFLICT (account_id, kind) WHERE lifted_at IS NULL DO NOTHING"
                 " RETURNING id, account_id, reason", debtors, reasons, now, actor):
-            changes[b["account_id"]] = BlockChange(b["account_id"], "system", "set", b["id"], b["reason"],
-                                                   now, actor)
+            changes[block["account_id"]] = BlockChange(block["account_id"], "system", "set", block["id"],
+                                                       block["reason"], now, actor)
     if clear:
-        for b in await conn.fetch(
+        for block in await conn.fetch(
                 "UPDATE blocks SET lifted_at = $2, lifted_by = $3 WHERE account_id = ANY($1::bigint[])"
                 " AND kind = 'system' AND lifted_at IS NULL RETURNING id, account_id, reason",
                 clear, now, actor):
-            if b["account_id"] in changes:
-                raise InvariantViolation(f"account {b['account_id']}: two system-block changes in one sync")
-            changes[b["account_id"]] = BlockChange(b["account_id"], "system", "lifted", b["id"], b["reason"],
-                                                   now, actor)
+            if block["account_id"] in changes:
+                raise InvariantViolation(f"account {block['account_id']}: two system-block changes in one sync")
+            changes[block["account_id"]] = BlockChange(block["account_id"], "system", "lifted", block["id"],
+                                                       block["reason"], now, actor)
     # We hold every row lock, and only this function touches system blocks:
     # what we read is what we changed.
     if len(changes) != len(debtors) + len(clear):
@@ -241,7 +242,7 @@ async def sync_system_blocks(conn: asyncpg.Connection, account_ids: Iterable[int
     return [changes[i] for i in sorted(changes)]
 
 
-async def sync_system_block(conn: asyncpg.Connection, account_id: int, *, actor: str,
+async def sync_system_block(conn: DbConnection, account_id: int, *, actor: str,
                             now: dt.datetime) -> BlockChange | None:
     """``sync_system_blocks`` for one account: its change, or ``None``."""
     changes = await sync_system_blocks(conn, [account_id], actor=actor, now=now)
@@ -250,11 +251,11 @@ async def sync_system_block(conn: asyncpg.Connection, account_id: int, *, actor:
     return changes[0] if changes else None
 
 
-async def list_blocks(conn: asyncpg.Connection, account_ids: list[int], *,
+async def list_blocks(conn: DbConnection, account_ids: list[int], *,
                       active_only: bool = False, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT id, account_id, kind, reason, set_at, set_by, lifted_at, lifted_by FROM blocks"
         " WHERE account_id = ANY($1::bigint[]) AND ($2::bool IS FALSE OR lifted_at IS NULL)"
         " ORDER BY id DESC LIMIT $3 OFFSET $4",
         account_ids, active_only, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]

@@ -55,6 +55,7 @@ from billcore.billing.ledger_errors import (
     AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, UnknownAccount,
 )
 from billcore.common.money import MAX_AMOUNT, format_money
+from billcore.db.rows import DbConnection, expect_row
 
 __all__ = [
     "ENTRY_KINDS",
@@ -131,17 +132,17 @@ def _check_reference(reference: object) -> None:
         raise InvalidValue(f"reference must be a string of at most {MAX_REFERENCE} characters")
 
 
-def _check_entry(e: object) -> Entry:
-    if not isinstance(e, Entry):
-        raise InvalidValue(f"expected an Entry, got {type(e).__name__}")
-    _check_row(e.account_id, e.amount, e.kind, e.idem_key)
-    _check_reference(e.reference)
-    if e.reverses is not None and (type(e.reverses) is not int or e.reverses <= 0):
+def _check_entry(entry: object) -> Entry:
+    if not isinstance(entry, Entry):
+        raise InvalidValue(f"expected an Entry, got {type(entry).__name__}")
+    _check_row(entry.account_id, entry.amount, entry.kind, entry.idem_key)
+    _check_reference(entry.reference)
+    if entry.reverses is not None and (type(entry.reverses) is not int or entry.reverses <= 0):
         raise InvalidValue("reverses must be a ledger id")
-    return e
+    return entry
 
 
-def _check_call(conn: asyncpg.Connection, actor: object, rows: int) -> None:
+def _check_call(conn: DbConnection, actor: object, rows: int) -> None:
     if not conn.is_in_transaction():
         raise NotInTransaction("post_charges runs inside the caller's transaction")
     if type(actor) is not str or not actor:
@@ -150,7 +151,7 @@ def _check_call(conn: asyncpg.Connection, actor: object, rows: int) -> None:
         raise InvalidValue(f"at most {MAX_BATCH} entries per batch, got {rows}")
 
 
-async def lock_accounts(conn: asyncpg.Connection, account_ids: Iterable[int]) -> dict[int, asyncpg.Record]:
+async def lock_accounts(conn: DbConnection, account_ids: Iterable[int]) -> dict[int, asyncpg.Record]:
     """Lock accounts in ascending id order; raise ``UnknownAccount`` for a missing one."""
     return await _lock(conn, account_ids, "id, user_id, balance, credit, unlimited, status")
 
@@ -162,7 +163,7 @@ _LOCK_SQL = {
 }
 
 
-async def _lock(conn: asyncpg.Connection, account_ids: Iterable[int], cols: str) -> dict[int, asyncpg.Record]:
+async def _lock(conn: DbConnection, account_ids: Iterable[int], cols: str) -> dict[int, asyncpg.Record]:
     ids = sorted(set(account_ids))
     if not ids:
         return {}
@@ -170,7 +171,7 @@ async def _lock(conn: asyncpg.Connection, account_ids: Iterable[int], cols: str)
     # use an index range scan where ``= ANY`` alone of a large batch would
     # make it scan the whole table (batches are mostly id ranges).
     rows = await conn.fetch(_LOCK_SQL[cols], ids, ids[0], ids[-1])
-    found = {r["id"]: r for r in rows}
+    found = {row["id"]: row for row in rows}
     missing = [i for i in ids if i not in found]
     if missing:
         raise UnknownAccount(f"account {missing[0]} does not exist")
@@ -215,37 +216,38 @@ def _distinct(values: list[str]) -> tuple[list[str], list[int] | None]:
     return distinct, [at[value] for value in values]
 
 
-async def post_charges(conn: asyncpg.Connection, entries: Sequence[Entry], *, actor: str,
+async def post_charges(conn: DbConnection, entries: Sequence[Entry], *, actor: str,
                        now: dt.datetime | None = None) -> PostResult:
     """Post many ledger rows to many accounts inside the caller's transaction."""
     _check_call(conn, actor, len(entries))
     now = now or utcnow()
-    checked = [_check_entry(e) for e in entries]
-    keys = [e.idem_key for e in checked]
+    checked = [_check_entry(entry) for entry in entries]
+    keys = [entry.idem_key for entry in checked]
     if len(set(keys)) != len(keys):
         raise IdempotencyConflict("the same idempotency key appears twice in one batch")
 
-    accounts = await _lock(conn, [e.account_id for e in checked], "id, balance, credit, unlimited")
+    accounts = await _lock(conn, [entry.account_id for entry in checked], "id, balance, credit, unlimited")
     existing = {
-        r["idem_key"]: r for r in await conn.fetch(
+        row["idem_key"]: row for row in await conn.fetch(
             "SELECT idem_key, account_id, amount FROM ledger WHERE idem_key = ANY($1::text[])", keys)
     }
     fresh: list[Entry] = []
     skipped: list[str] = []
-    for e in checked:
-        old = existing.get(e.idem_key)
+    for entry in checked:
+        old = existing.get(entry.idem_key)
         if old is None:
-            fresh.append(e)
-        elif old["account_id"] == e.account_id and old["amount"] == e.amount:
-            skipped.append(e.idem_key)
+            fresh.append(entry)
+        elif old["account_id"] == entry.account_id and old["amount"] == entry.amount:
+            skipped.append(entry.idem_key)
         else:
             raise IdempotencyConflict(
-                f"key {e.idem_key!r} was posted as {old['amount']} to account {old['account_id']},"
-                f" now {e.amount} to account {e.account_id}")
+                f"key {entry.idem_key!r} was posted as {old['amount']} to account {old['account_id']},"
+                f" now {entry.amount} to account {entry.account_id}")
 
     ids, after_col, running, changes = await _post(
-        conn, accounts, [e.account_id for e in fresh], [e.amount for e in fresh], [e.kind for e in fresh],
-        [e.reference for e in fresh], [e.idem_key for e in fresh], [e.reverses for e in fresh], actor, now)
+        conn, accounts, [entry.account_id for entry in fresh], [entry.amount for entry in fresh],
+        [entry.kind for entry in fresh], [entry.reference for entry in fresh], [entry.idem_key for entry in fresh],
+        [entry.reverses for entry in fresh], actor, now)
     posted = tuple(Posted(i, e.account_id, e.amount, after, e.idem_key)
                    for i, e, after in zip(ids, fresh, after_col))
     return PostResult(posted, tuple(skipped), running, tuple(changes))
@@ -260,7 +262,7 @@ class PostedBatch:
     block_changes: tuple[BlockChange, ...]
 
 
-async def post_batch(conn: asyncpg.Connection, account_ids: Sequence[int], amounts: Sequence[int],
+async def post_batch(conn: DbConnection, account_ids: Sequence[int], amounts: Sequence[int],
                      kinds: Sequence[str], idem_keys: Sequence[str], *, reference: str, actor: str,
                      now: dt.datetime) -> PostedBatch:
     """``post_charges`` of rows given as columns, for a caller whose keys are all new.
@@ -288,13 +290,13 @@ async def post_batch(conn: asyncpg.Connection, account_ids: Sequence[int], amoun
     return PostedBatch(tuple(ids), running, tuple(changes))
 
 
-async def _post(conn: asyncpg.Connection, accounts: Mapping[int, asyncpg.Record], account_col: list[int],
+async def _post(conn: DbConnection, accounts: Mapping[int, asyncpg.Record], account_col: list[int],
                 amount_col: list[int], kinds: list[str], references: list[str], keys: list[str],
                 reverses: list[int | None] | None, actor: str, now: dt.datetime,
                 ) -> tuple[list[int], list[int], dict[int, int], list[BlockChange]]:
     """Steps 4 and 5 for checked rows of locked ``accounts``: (ledger ids, balance after each
     row, balance of every locked account, block changes).  ``reverses`` None: none reverses."""
-    before = {i: int(r["balance"]) for i, r in accounts.items()}
+    before = {account_id: int(account["balance"]) for account_id, account in accounts.items()}
     running = dict(before)
     after_col: list[int] = []
     for account_id, amount in zip(account_col, amount_col):
@@ -314,10 +316,11 @@ async def _post(conn: asyncpg.Connection, accounts: Mapping[int, asyncpg.Record]
         raise InvariantViolation("posted amounts and balance changes do not sum to the same total")
     kind_set, kind_index = _distinct(kinds)
     reference_set, reference_index = _distinct(references)
-    ids, accounts_back, amounts_back, balances_back, updated_ids, updated_balances = await conn.fetchrow(
+    posted = await conn.fetchrow(
         _POST_SQL, account_col, amount_col, after_col, kind_set, reference_set, keys,
-        reverses if reverses is not None and any(r is not None for r in reverses) else None,
+        reverses if reverses is not None and any(reversed_id is not None for reversed_id in reverses) else None,
         actor, now, changed, deltas, changed[0], changed[-1], kind_index, reference_index)
+    ids, accounts_back, amounts_back, balances_back, updated_ids, updated_balances = expect_row(posted, "ledger insert")
     # Ids are drawn in insert order (ORDER BY n), so the k-th smallest id
     # is the k-th row's.  Every row must carry its account, amount and
     # running balance (unique per account, as amounts are non-zero): a swap
@@ -351,7 +354,7 @@ async def _post(conn: asyncpg.Connection, accounts: Mapping[int, asyncpg.Record]
     return ids, after_col, running, changes
 
 
-async def ledger_history(conn: asyncpg.Connection, account_ids: Sequence[int], *,
+async def ledger_history(conn: DbConnection, account_ids: Sequence[int], *,
                          limit: int = 100, offset: int = 0,
                          since: dt.datetime | None = None, until: dt.datetime | None = None,
                          ) -> list[dict[str, Any]]:
@@ -363,4 +366,4 @@ async def ledger_history(conn: asyncpg.Connection, account_ids: Sequence[int], *
         " AND ($3::timestamptz IS NULL OR created_at < $3)"
         " ORDER BY id DESC LIMIT $4 OFFSET $5",
         list(account_ids), since, until, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]

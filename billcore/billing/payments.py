@@ -42,6 +42,7 @@ from billcore.billing.ledger_errors import (
     AmountError, InvalidValue, PaymentConflict, PromisedRefused, UnknownPayment,
 )
 from billcore.common.money import format_money
+from billcore.db.rows import DbConnection, expect_row
 
 __all__ = [
     "METHODS",
@@ -117,7 +118,7 @@ def _check_text(name: str, value: object, limit: int) -> str:
     return value
 
 
-async def _existing(conn: asyncpg.Connection, external_id: str, account_id: int, amount: int,
+async def _existing(conn: DbConnection, external_id: str, account_id: int, amount: int,
                     method: str) -> PaymentResult | None:
     row = await conn.fetchrow(
         "SELECT p.id, p.account_id, p.amount, p.method, p.ledger_id, a.balance FROM payments p"
@@ -131,7 +132,7 @@ async def _existing(conn: asyncpg.Connection, external_id: str, account_id: int,
     return PaymentResult(row["id"], row["ledger_id"], False, row["balance"], ())
 
 
-async def add_payment(conn: asyncpg.Connection, *, account_id: int, amount: int, method: str,
+async def add_payment(conn: DbConnection, *, account_id: int, amount: int, method: str,
                       actor: str, external_id: str | None = None, comment: str = "",
                       now: dt.datetime | None = None) -> PaymentResult:
     """Book a payment (idempotent by ``external_id``); own transaction or savepoint."""
@@ -174,7 +175,7 @@ async def add_payment(conn: asyncpg.Connection, *, account_id: int, amount: int,
         return found
 
 
-async def cancel_payment(conn: asyncpg.Connection, payment_id: int, *, actor: str,
+async def cancel_payment(conn: DbConnection, payment_id: int, *, actor: str,
                          reason: str = "", now: dt.datetime | None = None) -> CancelResult:
     """Reverse a payment exactly; cancelling twice returns the first reversal."""
     if type(payment_id) is not int:
@@ -186,15 +187,16 @@ async def cancel_payment(conn: asyncpg.Connection, payment_id: int, *, actor: st
         if account_id is None:
             raise UnknownPayment(f"payment {payment_id} does not exist")
         accounts = await lock_accounts(conn, [account_id])
-        p = await conn.fetchrow("SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
-        if p["cancel_ledger_id"] is not None:
-            return CancelResult(payment_id, p["cancel_ledger_id"], False,
+        payment = expect_row(await conn.fetchrow("SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id),
+                             f"payment {payment_id}")
+        if payment["cancel_ledger_id"] is not None:
+            return CancelResult(payment_id, payment["cancel_ledger_id"], False,
                                 accounts[account_id]["balance"], ())
-        if p["ledger_id"] is None:
+        if payment["ledger_id"] is None:
             raise InvariantViolation(f"payment {payment_id} has no ledger row")
         result = await post_charges(conn, [Entry(
-            account_id, -p["amount"], "payment_cancel", f"payment_cancel:{payment_id}",
-            f"payment:{payment_id}", reverses=p["ledger_id"])], actor=actor, now=now)
+            account_id, -payment["amount"], "payment_cancel", f"payment_cancel:{payment_id}",
+            f"payment:{payment_id}", reverses=payment["ledger_id"])], actor=actor, now=now)
         if len(result.posted) != 1:
             raise InvariantViolation(f"cancel of payment {payment_id} did not post exactly one row")
         ledger_id = result.posted[0].ledger_id
@@ -206,11 +208,11 @@ async def cancel_payment(conn: asyncpg.Connection, payment_id: int, *, actor: st
 
 
 def _month(now: dt.datetime) -> dt.date:
-    d = now.astimezone(dt.timezone.utc).date()
-    return d.replace(day=1)
+    day = now.astimezone(dt.timezone.utc).date()
+    return day.replace(day=1)
 
 
-async def take_promised(conn: asyncpg.Connection, account_id: int, *, actor: str,
+async def take_promised(conn: DbConnection, account_id: int, *, actor: str,
                         rule: PromisedRule = DEFAULT_PROMISED,
                         now: dt.datetime | None = None) -> PromisedResult:
     """Open this month's promised payment on an account (once per month)."""
@@ -230,18 +232,18 @@ async def take_promised(conn: asyncpg.Connection, account_id: int, *, actor: str
         return PromisedResult(promised_id, rule.amount, expires, (change,) if change else ())
 
 
-async def promised_taken(conn: asyncpg.Connection, account_id: int, now: dt.datetime) -> bool:
+async def promised_taken(conn: DbConnection, account_id: int, now: dt.datetime) -> bool:
     """True when this month's promised payment of the account has been taken (by anyone)."""
     return bool(await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM promised_payments WHERE account_id = $1 AND period = $2)",
         account_id, _month(now)))
 
 
-async def expire_promised(conn: asyncpg.Connection, now: dt.datetime) -> list[BlockChange]:
+async def expire_promised(conn: DbConnection, now: dt.datetime) -> list[BlockChange]:
     """Close promised payments past their expiry and re-block accounts that
     are now in debt.  The scheduler calls it; returns the block changes."""
     async with conn.transaction():
-        ids = [r["account_id"] for r in await conn.fetch(
+        ids = [row["account_id"] for row in await conn.fetch(
             "SELECT DISTINCT account_id FROM promised_payments"
             " WHERE closed_at IS NULL AND expires_at <= $1", now)]
         if not ids:
@@ -254,11 +256,11 @@ async def expire_promised(conn: asyncpg.Connection, now: dt.datetime) -> list[Bl
         return await sync_system_blocks(conn, sorted(ids), actor="system:promised", now=now)
 
 
-async def list_payments(conn: asyncpg.Connection, account_ids: list[int], *, limit: int = 100,
+async def list_payments(conn: DbConnection, account_ids: list[int], *, limit: int = 100,
                         offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT id, account_id, amount, method, comment, operator, external_id, created_at,"
         " ledger_id, cancelled_at, cancelled_by, cancel_reason, cancel_ledger_id FROM payments"
         " WHERE account_id = ANY($1::bigint[]) ORDER BY id DESC LIMIT $2 OFFSET $3",
         account_ids, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]

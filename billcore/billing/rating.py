@@ -143,7 +143,7 @@ class Meter:
         if any(b <= a for a, b in zip(starts, starts[1:])):
             raise TariffError(f"tier borders must increase strictly: {starts}")
         scale = math.lcm(*(tier.price.unit_size for tier in self.tiers))
-        weights = tuple(t.price.micro_per_unit * (scale // t.price.unit_size) for t in self.tiers)
+        weights = tuple(tier.price.micro_per_unit * (scale // tier.price.unit_size) for tier in self.tiers)
         object.__setattr__(self, "_scale", scale)
         object.__setattr__(self, "_weights", weights)
         ends = (*starts[1:], None)
@@ -370,7 +370,8 @@ class _Resolver:
             if tariff is None or wanted not in plan.service_ids or tariff.kind is not kind:
                 return "no_service"
             return plan, tariff
-        matches = [services[s] for s in plan.service_ids if s in services and services[s].kind is kind]
+        matches = [services[service_id] for service_id in plan.service_ids
+                   if service_id in services and services[service_id].kind is kind]
         if len(matches) != 1:
             return "no_service" if not matches else "ambiguous_service"
         return plan, matches[0]

@@ -69,6 +69,7 @@ from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
 )
 from billcore.billing.tariffs import DEFAULT_ACCOUNT_PERIOD, load_links, load_periodic, period_spec
+from billcore.db.rows import DbConnection
 
 __all__ = ["DEFAULT_BATCH", "MAX_BATCH", "ChargeBooked", "RunProgress", "RunResult", "run_due"]
 
@@ -143,22 +144,23 @@ def _due_by_signature(services: Mapping[int, PeriodicService], links: Sequence[S
     out: list[PeriodicCharge] = []
     for (account_id, service_id), group in sorted(groups.items()):
         done = by_account_service.get((account_id, service_id), {})
-        signature = (service_id, tuple((l.active_from, l.active_until) for l in group),
+        signature = (service_id, tuple((link.active_from, link.active_until) for link in group),
                      tuple(sorted(done.items())) if done else ())
         template = memo.get(signature)
         if template is None:
-            shape = [ServiceLink(0, service_id, l.active_from, l.active_until) for l in group]
+            shape = [ServiceLink(0, service_id, link.active_from, link.active_until) for link in group]
             last = {PeriodicKey(0, service_id, start): amount for start, amount in done.items()}
             template = due_charges(services, shape, last, now, since=since, tz=tz)
             memo[signature] = template
-        for c in template:
-            out.append(PeriodicCharge(PeriodicKey(account_id, service_id, c.key.period_start),
-                                      c.period_end, c.previous, c.cumulative, c.amount))
+        for charge in template:
+            out.append(PeriodicCharge(PeriodicKey(account_id, service_id, charge.key.period_start),
+                                      charge.period_end, charge.previous, charge.cumulative, charge.amount))
     return out
 
 
-async def _run_state(conn: asyncpg.Connection, name: str) -> datetime | None:
-    return await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
+async def _run_state(conn: DbConnection, name: str) -> datetime | None:
+    last_now: datetime | None = await conn.fetchval("SELECT last_now FROM periodic_runs WHERE name = $1", name)
+    return last_now
 
 
 @dataclass(slots=True)
@@ -184,7 +186,7 @@ def _booked(entries: Sequence[Entry], posted: Sequence[Posted]) -> list[ChargeBo
     return out
 
 
-async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mapping[int, PeriodicService],
+async def _batch(conn: DbConnection, accounts: list[int], services: Mapping[int, PeriodicService],
                  since: datetime, now: datetime, horizon: datetime, tz: tzinfo, *, report: bool,
                  ) -> _BatchResult:
     """One transaction's work."""
@@ -203,31 +205,32 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
         "SELECT account_id, service_id, period_start, charged, revision FROM periodic_charges"
         " WHERE account_id = ANY($1::bigint[]) AND period_start >= $2"
         " ORDER BY account_id, service_id, period_start FOR UPDATE", accounts, horizon)
-    booked = {PeriodicKey(r["account_id"], r["service_id"], r["period_start"]): r["charged"] for r in rows}
-    revisions = {PeriodicKey(r["account_id"], r["service_id"], r["period_start"]): r["revision"] for r in rows}
+    keys = [PeriodicKey(row["account_id"], row["service_id"], row["period_start"]) for row in rows]
+    booked = {key: row["charged"] for key, row in zip(keys, rows)}
+    revisions = {key: row["revision"] for key, row in zip(keys, rows)}
     charges = _due_by_signature(services, links, booked, now, since, tz)
 
     entries: list[Entry] = []
     references: dict[tuple[int, datetime], tuple[str, int]] = {}   # a few distinct per batch
-    for c in charges:
-        if c.previous != booked.get(c.key, 0) or c.cumulative - c.previous != c.amount:
-            raise InvariantViolation(f"periodic charge {c} does not continue the booked amount")
-        if not 0 <= c.cumulative <= MAX_AMOUNT:
-            raise InvariantViolation(f"cumulative periodic amount {c.cumulative} out of range")
-        revision = revisions.get(c.key, 0) + 1
-        k = c.key
+    for charge in charges:
+        if charge.previous != booked.get(charge.key, 0) or charge.cumulative - charge.previous != charge.amount:
+            raise InvariantViolation(f"periodic charge {charge} does not continue the booked amount")
+        if not 0 <= charge.cumulative <= MAX_AMOUNT:
+            raise InvariantViolation(f"cumulative periodic amount {charge.cumulative} out of range")
+        revision = revisions.get(charge.key, 0) + 1
+        k = charge.key
         ref = references.get((k.service_id, k.period_start))
         if ref is None:
             ref = (f"service {k.service_id} period {k.period_start.isoformat()}", int(k.period_start.timestamp()))
             references[(k.service_id, k.period_start)] = ref
-        entries.append(Entry(k.account_id, -c.amount, "periodic",
+        entries.append(Entry(k.account_id, -charge.amount, "periodic",
                              _periodic_key(k.account_id, k.service_id, ref[1], revision), reference=ref[0]))
     # New keys are a plain INSERT (no speculative insertion per row); keys we
     # hold locked since the SELECT above are an UPDATE that checks the old
     # amount and revision (compare-and-set).  A key that appeared in between
     # can only come from a second run racing this one: refused, nothing booked.
-    new = [c for c in charges if c.key not in revisions]
-    old = [c for c in charges if c.key in revisions]
+    new = [charge for charge in charges if charge.key not in revisions]
+    old = [charge for charge in charges if charge.key in revisions]
     if new:
         try:
             status = await conn.execute(
@@ -235,9 +238,9 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
                 " charged, revision, updated_at)"
                 " SELECT a, s, ps, pe, c, 1, $6 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[],"
                 " $4::timestamptz[], $5::bigint[]) AS t(a, s, ps, pe, c)",
-                [c.key.account_id for c in new], [c.key.service_id for c in new],
-                [c.key.period_start for c in new], [c.period_end for c in new],
-                [c.cumulative for c in new], now)
+                [charge.key.account_id for charge in new], [charge.key.service_id for charge in new],
+                [charge.key.period_start for charge in new], [charge.period_end for charge in new],
+                [charge.cumulative for charge in new], now)
         except asyncpg.UniqueViolationError as exc:
             raise InvariantViolation(f"periodic charges booked by another run at once: {exc}") from None
         if status != f"INSERT 0 {len(new)}":
@@ -249,9 +252,9 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
             " $6::int[]) AS t(a, s, ps, c, was, rev)"
             " WHERE p.account_id = t.a AND p.service_id = t.s AND p.period_start = t.ps"
             " AND p.charged = t.was AND p.revision = t.rev",
-            [c.key.account_id for c in old], [c.key.service_id for c in old],
-            [c.key.period_start for c in old], [c.cumulative for c in old],
-            [c.previous for c in old], [revisions[c.key] for c in old], now)
+            [charge.key.account_id for charge in old], [charge.key.service_id for charge in old],
+            [charge.key.period_start for charge in old], [charge.cumulative for charge in old],
+            [charge.previous for charge in old], [revisions[charge.key] for charge in old], now)
         if status != f"UPDATE {len(old)}":
             raise InvariantViolation(f"periodic_charges updated {status}, expected {len(old)} rows")
 
@@ -263,10 +266,10 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
         " WHERE t.account_id = ANY($1::bigint[]) AND t.valid_from <= $2"
         " ORDER BY t.account_id, s.id, t.id"
         " ON CONFLICT DO NOTHING RETURNING account_id, service_id, link_id, amount", accounts, now)
-    for r in once:
-        entries.append(Entry(r["account_id"], -r["amount"], "charge",
-                             f"once:{r['account_id']}:{r['service_id']}:{r['link_id']}",
-                             reference=f"service {r['service_id']}"))
+    for row in once:
+        entries.append(Entry(row["account_id"], -row["amount"], "charge",
+                             f"once:{row['account_id']}:{row['service_id']}:{row['link_id']}",
+                             reference=f"service {row['service_id']}"))
 
     changes: tuple[Any, ...] = ()
     booked_now: list[ChargeBooked] | None = [] if report else None
@@ -278,11 +281,11 @@ async def _batch(conn: asyncpg.Connection, accounts: list[int], services: Mappin
         if report:
             booked_now = _booked(entries, posted.posted)
     closed, periods = await _close_periods(conn, accounts, since, now, tz)
-    amount = sum(c.amount for c in charges) + sum(r["amount"] for r in once)
+    amount = sum(charge.amount for charge in charges) + sum(row["amount"] for row in once)
     return _BatchResult(len(charges), amount, len(once), closed, changes, periods, booked_now)
 
 
-async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: datetime,
+async def _close_periods(conn: DbConnection, accounts: list[int], since: datetime,
                          now: datetime, tz: tzinfo) -> tuple[int, set[tuple[datetime, datetime]]]:
     """Summaries for the accounting periods that ended in ``(since, now]``.
 
@@ -295,14 +298,14 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
         "SELECT p.period_kind, p.period_days, p.period_anchor, array_agg(a.id ORDER BY a.id) AS ids"
         " FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id"
         " WHERE a.id = ANY($1::bigint[]) GROUP BY 1, 2, 3", accounts)
-    if sum(len(r["ids"]) for r in rows) != len(set(accounts)):
+    if sum(len(row["ids"]) for row in rows) != len(set(accounts)):
         raise InvariantViolation("period close: accounts and their period specs do not match")
     cache: dict[Any, list[tuple[datetime, datetime]]] = {}
     periods: set[tuple[datetime, datetime]] = set()
     ids, starts, ends = [], [], []
-    for r in rows:
-        spec = DEFAULT_ACCOUNT_PERIOD if r["period_kind"] is None else period_spec(
-            r["period_kind"], r["period_days"], r["period_anchor"])
+    for row in rows:
+        spec = DEFAULT_ACCOUNT_PERIOD if row["period_kind"] is None else period_spec(
+            row["period_kind"], row["period_days"], row["period_anchor"])
         ended = cache.get(spec)
         if ended is None:
             ended = []
@@ -316,9 +319,9 @@ async def _close_periods(conn: asyncpg.Connection, accounts: list[int], since: d
             cache[spec] = ended
         periods.update(ended)
         for start, end in ended:
-            ids.extend(r["ids"])
-            starts.extend([start] * len(r["ids"]))
-            ends.extend([end] * len(r["ids"]))
+            ids.extend(row["ids"])
+            starts.extend([start] * len(row["ids"]))
+            ends.extend([end] * len(row["ids"]))
     if not ids:
         return 0, periods
     status = await conn.execute(
@@ -407,7 +410,7 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
         async def feed() -> None:
             after = 0
             for _ in range(total // batch_size + 2):  # keyset pages; +2: the partial and the empty one
-                accounts = [r[0] for r in await conn.fetch(
+                accounts = [row[0] for row in await conn.fetch(
                     "SELECT DISTINCT account_id FROM account_tariffs WHERE account_id > $1"
                     " AND valid_from <= $3 AND (valid_to IS NULL OR valid_to > $2)"
                     " ORDER BY account_id LIMIT $4", after, horizon, now, batch_size)]

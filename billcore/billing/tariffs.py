@@ -47,6 +47,7 @@ from billcore.billing.rating import (
     ServiceKind, ServiceTariff, Tier,
 )
 from billcore.billing.timeranges import TimeRange, Window, window_from_spec
+from billcore.db.rows import DbConnection
 from billcore.server.wire_errors import constraint_field
 
 __all__ = [
@@ -149,7 +150,7 @@ class _Conflicts:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, asyncpg.ExclusionViolationError):
             raise TariffConflict(f"{self.what} overlaps an existing one in time") from exc
         if isinstance(exc, asyncpg.UniqueViolationError):
@@ -158,12 +159,11 @@ class _Conflicts:
             raise TariffConflict(f"{self.what}: refers to a missing row or is still in use") from exc
         if isinstance(exc, asyncpg.CheckViolationError):   # PostgreSQL's text names tables: not for clients
             raise TariffError(f"{self.what}: a value is outside its allowed range{_about(exc)}") from exc
-        return False
 
 
 # -- loading ----------------------------------------------------------------
 
-async def load_timeranges(conn: asyncpg.Connection) -> tuple[TimeRange, ...]:
+async def load_timeranges(conn: DbConnection) -> tuple[TimeRange, ...]:
     rows = await conn.fetch(
         "SELECT r.id, r.priority,"
         " coalesce((SELECT array_agg(array[w.weekdays, w.start_minute, w.end_minute] ORDER BY w.id)"
@@ -172,18 +172,19 @@ async def load_timeranges(conn: asyncpg.Connection) -> tuple[TimeRange, ...]:
         "   WHERE d.range_id = r.id), '{}') AS dates"
         " FROM time_ranges r ORDER BY r.id")
     out = []
-    for r in rows:
+    for row in rows:
         windows = tuple(
-            Window(frozenset(i for i in range(7) if w[0] >> i & 1), w[1], w[2]) for w in r["windows"])
-        out.append(TimeRange(r["id"], r["priority"], windows, frozenset(r["dates"])))
+            Window(frozenset(i for i in range(7) if window[0] >> i & 1), window[1], window[2])
+            for window in row["windows"])
+        out.append(TimeRange(row["id"], row["priority"], windows, frozenset(row["dates"])))
     return tuple(out)
 
 
 def _meter(prepaid: int, unit_size: int, starts: Sequence[int], prices: Sequence[int]) -> Meter:
-    return Meter(prepaid, tuple(Tier(s, Price(p, unit_size)) for s, p in zip(starts, prices)))
+    return Meter(prepaid, tuple(Tier(start, Price(price, unit_size)) for start, price in zip(starts, prices)))
 
 
-async def load_metered(conn: asyncpg.Connection,
+async def load_metered(conn: DbConnection,
                        service_ids: Iterable[int] | None = None) -> dict[int, ServiceTariff]:
     """Traffic and time services with their rates."""
     ids = None if service_ids is None else sorted(set(service_ids))
@@ -194,33 +195,33 @@ async def load_metered(conn: asyncpg.Connection,
         " ORDER BY s.id, r.id", ids)
     kinds: dict[int, ServiceKind] = {}
     rules: dict[int, list[MeterRule]] = {}
-    for r in rows:
-        kind = ServiceKind(r["kind"])
-        kinds[r["id"]] = kind
-        rules.setdefault(r["id"], [])
-        if r["unit_size"] is None:
+    for row in rows:
+        kind = ServiceKind(row["kind"])
+        kinds[row["id"]] = kind
+        rules.setdefault(row["id"], [])
+        if row["unit_size"] is None:
             continue  # a service without rates yet
-        klass = TIME_CLASS if kind is ServiceKind.TIME else r["class_id"]
+        klass = TIME_CLASS if kind is ServiceKind.TIME else row["class_id"]
         if klass is None:
-            raise TariffError(f"traffic service {r['id']} has a rate without a class")
-        meter = _meter(r["prepaid"], r["unit_size"], r["tier_starts"], r["tier_prices"])
-        rules[r["id"]].append(MeterRule(klass, r["range_id"] or ANY_RANGE, meter))
+            raise TariffError(f"traffic service {row['id']} has a rate without a class")
+        meter = _meter(row["prepaid"], row["unit_size"], row["tier_starts"], row["tier_prices"])
+        rules[row["id"]].append(MeterRule(klass, row["range_id"] or ANY_RANGE, meter))
     return {sid: ServiceTariff(sid, kinds[sid], tuple(rules[sid])) for sid in kinds}
 
 
-async def load_periodic(conn: asyncpg.Connection) -> dict[int, PeriodicService]:
+async def load_periodic(conn: DbConnection) -> dict[int, PeriodicService]:
     rows = await conn.fetch(
         "SELECT id, fee, period_kind, period_days, period_anchor, charge_mode FROM services"
         " WHERE kind = 'periodic' ORDER BY id")
     return {
-        r["id"]: PeriodicService(
-            r["id"], r["fee"], period_spec(r["period_kind"], r["period_days"], r["period_anchor"]),
-            ChargeMode(r["charge_mode"]))
-        for r in rows
+        row["id"]: PeriodicService(
+            row["id"], row["fee"], period_spec(row["period_kind"], row["period_days"], row["period_anchor"]),
+            ChargeMode(row["charge_mode"]))
+        for row in rows
     }
 
 
-async def load_links(conn: asyncpg.Connection, account_ids: Sequence[int] | None,
+async def load_links(conn: DbConnection, account_ids: Sequence[int] | None,
                      since: datetime, until: datetime, *,
                      kinds: Sequence[str] = ("once", "periodic", "traffic", "time"),
                      ) -> list[ServiceLink]:
@@ -238,7 +239,7 @@ async def load_links(conn: asyncpg.Connection, account_ids: Sequence[int] | None
     else:
         rows = await conn.fetch(select + " AND t.account_id = ANY($4::bigint[])" + order,
                                 since, until, list(kinds), list(account_ids))
-    return [ServiceLink(r["account_id"], r["service_id"], r["valid_from"], r["valid_to"]) for r in rows]
+    return [ServiceLink(row["account_id"], row["service_id"], row["valid_from"], row["valid_to"]) for row in rows]
 
 
 @functools.lru_cache(maxsize=1 << 15)
@@ -254,7 +255,7 @@ def _plan(account_id: int, unlimited: bool, blocked: bool, kind: str | None, day
     return AccountPlan(account_id, spec, service_ids, unlimited=unlimited, blocked=blocked)
 
 
-async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz: tzinfo,
+async def load_book(conn: DbConnection, account_ids: Sequence[int], *, tz: tzinfo,
                     since: datetime, until: datetime) -> RatingBook:
     """Everything ``rate``/``preview`` need for these accounts over ``[since, until]``.
 
@@ -285,13 +286,13 @@ async def load_book(conn: asyncpg.Connection, account_ids: Sequence[int], *, tz:
         services = linked.get(account_id, ())
         plans[account_id] = _plan(account_id, unlimited, blocked, kind, days, anchor,
                                   tuple(sorted(services)) if len(services) > 1 else tuple(services))
-    metered = await load_metered(conn, {s for services in linked.values() for s in services})
+    metered = await load_metered(conn, {service_id for services in linked.values() for service_id in services})
     return RatingBook(tz, await load_timeranges(conn), metered, plans)
 
 
 # -- services and tariffs ---------------------------------------------------
 
-async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee: int = 0,
+async def create_service(conn: DbConnection, name: str, kind: str, *, fee: int = 0,
                          period: Mapping[str, Any] | None = None, charge_mode: str | None = None,
                          session_limit: int | None = None, max_sessions: int | None = None,
                          comment: str = "", row_id: int | None = None) -> int:
@@ -320,27 +321,27 @@ async def create_service(conn: asyncpg.Connection, name: str, kind: str, *, fee:
             name, kind, fee, p_kind, p_days, p_anchor, charge_mode, session_limit, max_sessions, comment, row_id))
 
 
-async def list_services(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+async def list_services(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT s.*, coalesce((SELECT jsonb_agg(jsonb_build_object('class_id', r.class_id,"
         " 'range_id', r.range_id, 'prepaid', r.prepaid, 'unit_size', r.unit_size,"
         " 'tier_starts', r.tier_starts, 'tier_prices', r.tier_prices) ORDER BY r.id)"
         " FROM service_rates r WHERE r.service_id = s.id), '[]')::text AS rates"
         " FROM services s ORDER BY s.id LIMIT $1 OFFSET $2", limit, offset)
-    return [{**dict(r), "rates": json.loads(r["rates"])} for r in rows]
+    return [{**dict(row), "rates": json.loads(row["rates"])} for row in rows]
 
 
-async def delete_service(conn: asyncpg.Connection, service_id: int) -> None:
+async def delete_service(conn: DbConnection, service_id: int) -> None:
     with _Conflicts("service"):
         if await conn.execute("DELETE FROM services WHERE id = $1", service_id) == "DELETE 0":
             raise TariffNotFound(f"service {service_id} does not exist")
 
 
-async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int | None,
+async def set_rate(conn: DbConnection, service_id: int, *, class_id: int | None,
                    range_id: int | None, prepaid: int, unit_size: int,
                    tiers: Sequence[tuple[int, int]]) -> None:
     """Set the price of a traffic class (or of time, class None) in a range (None: any)."""
-    starts = [_int(s, "tier start") for s, _ in tiers]
+    starts = [_int(start, "tier start") for start, _ in tiers]
     prices = [_int(p, "tier price", 0, MAX_AMOUNT) for _, p in tiers]
     _meter(_int(prepaid, "prepaid"), _int(unit_size, "unit_size", 1), starts, prices)  # validates
     kind = await conn.fetchval("SELECT kind FROM services WHERE id = $1", service_id)
@@ -359,7 +360,7 @@ async def set_rate(conn: asyncpg.Connection, service_id: int, *, class_id: int |
                 service_id, class_id, range_id, prepaid, unit_size, starts, prices)
 
 
-async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequence[int],
+async def create_tariff(conn: DbConnection, name: str, service_ids: Sequence[int],
                         comment: str = "", row_id: int | None = None) -> int:
     """``row_id`` as in `create_service`."""
     async with conn.transaction():
@@ -371,7 +372,7 @@ async def create_tariff(conn: asyncpg.Connection, name: str, service_ids: Sequen
     return tariff_id
 
 
-async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_ids: Sequence[int]) -> None:
+async def set_tariff_services(conn: DbConnection, tariff_id: int, service_ids: Sequence[int]) -> None:
     """Replace the tariff's services (effective for every link, past periods are settled)."""
     async with conn.transaction():
         if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1 FOR UPDATE", tariff_id) is None:
@@ -383,16 +384,16 @@ async def set_tariff_services(conn: asyncpg.Connection, tariff_id: int, service_
                 tariff_id, sorted(set(service_ids)))
 
 
-async def list_tariffs(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
+async def list_tariffs(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.name, t.comment, coalesce(array_agg(ts.service_id ORDER BY ts.service_id)"
         " FILTER (WHERE ts.service_id IS NOT NULL), '{}') AS service_ids"
         " FROM tariffs t LEFT JOIN tariff_services ts ON ts.tariff_id = t.id"
         " GROUP BY t.id ORDER BY t.id LIMIT $1 OFFSET $2", limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
-async def delete_tariff(conn: asyncpg.Connection, tariff_id: int) -> None:
+async def delete_tariff(conn: DbConnection, tariff_id: int) -> None:
     with _Conflicts("tariff"):
         if await conn.execute("DELETE FROM tariffs WHERE id = $1", tariff_id) == "DELETE 0":
             raise TariffNotFound(f"tariff {tariff_id} does not exist")
@@ -400,7 +401,7 @@ async def delete_tariff(conn: asyncpg.Connection, tariff_id: int) -> None:
 
 # -- account links ----------------------------------------------------------
 
-async def account_period(conn: asyncpg.Connection, account_id: int) -> PeriodSpec:
+async def account_period(conn: DbConnection, account_id: int) -> PeriodSpec:
     row = await conn.fetchrow(
         "SELECT period_kind, period_days, period_anchor FROM account_periods WHERE account_id = $1",
         account_id)
@@ -409,7 +410,7 @@ async def account_period(conn: asyncpg.Connection, account_id: int) -> PeriodSpe
     return period_spec(row["period_kind"], row["period_days"], row["period_anchor"])
 
 
-async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int | None, *,
+async def link_tariff(conn: DbConnection, account_id: int, tariff_id: int | None, *,
                       now: datetime, tz: tzinfo, start: str = "now", actor: str) -> dict[str, Any]:
     """Switch the account to ``tariff_id`` (None: no tariff) from now or its next period.
 
@@ -438,16 +439,16 @@ async def link_tariff(conn: asyncpg.Connection, account_id: int, tariff_id: int 
     return {"account_id": account_id, "tariff_id": tariff_id, "link_id": link_id, "valid_from": at}
 
 
-async def tariff_history(conn: asyncpg.Connection, account_id: int, *, limit: int = MAX_PAGE,
+async def tariff_history(conn: DbConnection, account_id: int, *, limit: int = MAX_PAGE,
                          offset: int = 0) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT t.id, t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, t.created_at,"
         " t.created_by FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
         " WHERE t.account_id = $1 ORDER BY t.valid_from LIMIT $2 OFFSET $3", account_id, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
-async def account_links(conn: asyncpg.Connection, account_id: int, now: datetime) -> list[dict[str, Any]]:
+async def account_links(conn: DbConnection, account_id: int, now: datetime) -> list[dict[str, Any]]:
     """The tariff in force at ``now`` with its services (empty list: none)."""
     rows = await conn.fetch(
         "SELECT t.tariff_id, f.name AS tariff, t.valid_from, t.valid_to, s.id AS service_id,"
@@ -455,19 +456,19 @@ async def account_links(conn: asyncpg.Connection, account_id: int, now: datetime
         " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services s ON s.id = ts.service_id"
         " WHERE t.account_id = $1 AND t.valid_from <= $2 AND (t.valid_to IS NULL OR t.valid_to > $2)"
         " ORDER BY s.id", account_id, _utc(now, "now"))
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
 # -- traffic classes and time ranges ---------------------------------------
 
-async def create_class(conn: asyncpg.Connection, name: str, position: int = 0, comment: str = "") -> int:
+async def create_class(conn: DbConnection, name: str, position: int = 0, comment: str = "") -> int:
     with _Conflicts("traffic class"):
         return int(await conn.fetchval(
             "INSERT INTO traffic_classes(name, position, comment) VALUES ($1, $2, $3) RETURNING id",
             _name(name), _int(position, "position", -2**31, 2**31 - 1), comment))
 
 
-async def delete_class(conn: asyncpg.Connection, class_id: int) -> None:
+async def delete_class(conn: DbConnection, class_id: int) -> None:
     with _Conflicts("traffic class"):
         if await conn.execute("DELETE FROM traffic_classes WHERE id = $1", class_id) == "DELETE 0":
             raise TariffNotFound(f"traffic class {class_id} does not exist")
@@ -482,7 +483,7 @@ def _net(value: str | None) -> str | None:
         raise TariffError(f"not a network prefix: {value!r}") from exc
 
 
-def _ports(value: Sequence[int] | None) -> asyncpg.Range | None:
+def _ports(value: Sequence[int] | None) -> asyncpg.Range[int] | None:
     if value is None:
         return None
     if len(value) != 2 or not 0 <= value[0] <= value[1] <= 65535:
@@ -490,7 +491,7 @@ def _ports(value: Sequence[int] | None) -> asyncpg.Range | None:
     return asyncpg.Range(value[0], value[1], upper_inc=True)
 
 
-async def add_rule(conn: asyncpg.Connection, class_id: int, *, position: int = 0, skip: bool = False,
+async def add_rule(conn: DbConnection, class_id: int, *, position: int = 0, skip: bool = False,
                    local_net: str | None = None, remote_net: str | None = None,
                    local_ports: Sequence[int] | None = None, remote_ports: Sequence[int] | None = None,
                    protocol: int | None = None, exporter: str | None = None,
@@ -509,21 +510,28 @@ async def add_rule(conn: asyncpg.Connection, class_id: int, *, position: int = 0
             _ports(remote_ports), protocol, exporter, iface))
 
 
-async def delete_rule(conn: asyncpg.Connection, rule_id: int) -> None:
+async def delete_rule(conn: DbConnection, rule_id: int) -> None:
     if await conn.execute("DELETE FROM traffic_class_rules WHERE id = $1", rule_id) == "DELETE 0":
         raise TariffNotFound(f"rule {rule_id} does not exist")
 
 
-def port_range(r: asyncpg.Range | None) -> list[int] | None:
-    """A port range column as an inclusive [lo, hi] pair (None: any port)."""
-    if r is None or r.isempty:
+def port_range(ports: asyncpg.Range[int] | None) -> list[int] | None:
+    """A port range column as an inclusive [lo, hi] pair (None: any port).
+    The schema keeps ranges within 0..65535; an open end means that limit."""
+    if ports is None or ports.isempty:
         return None
-    lo = r.lower if r.lower_inc else r.lower + 1
-    hi = r.upper if r.upper_inc else r.upper - 1
+    if ports.lower is None:
+        lo = 0
+    else:
+        lo = ports.lower if ports.lower_inc else ports.lower + 1
+    if ports.upper is None:
+        hi = 65535
+    else:
+        hi = ports.upper if ports.upper_inc else ports.upper - 1
     return [lo, hi]
 
 
-async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+async def list_classes(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0
                        ) -> list[dict[str, Any]]:
     """Classes in match order, each with its rules in match order (plain, msgpack-able)."""
     classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id"
@@ -531,26 +539,27 @@ async def list_classes(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offse
     rules = await conn.fetch(
         "SELECT id, class_id, position, skip, local_net::text, remote_net::text, local_ports,"
         " remote_ports, protocol, host(exporter) AS exporter, iface FROM traffic_class_rules"
-        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id", [c["id"] for c in classes])
+        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id",
+        [traffic_class["id"] for traffic_class in classes])
     by_class: dict[int, list[dict[str, Any]]] = {}
-    for r in rules:
-        by_class.setdefault(r["class_id"], []).append({
-            "id": r["id"], "position": r["position"], "skip": r["skip"],
-            "local_net": r["local_net"], "remote_net": r["remote_net"],
-            "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
-            "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"],
+    for row in rules:
+        by_class.setdefault(row["class_id"], []).append({
+            "id": row["id"], "position": row["position"], "skip": row["skip"],
+            "local_net": row["local_net"], "remote_net": row["remote_net"],
+            "local_ports": port_range(row["local_ports"]), "remote_ports": port_range(row["remote_ports"]),
+            "protocol": row["protocol"], "exporter": row["exporter"], "iface": row["iface"],
         })
-    return [{**dict(c), "rules": by_class.get(c["id"], [])} for c in classes]
+    return [{**dict(traffic_class), "rules": by_class.get(traffic_class["id"], [])} for traffic_class in classes]
 
 
-async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: int = 0,
+async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
                             windows: Sequence[Mapping[str, Any]] = (),
                             dates: Sequence[date] = ()) -> int:
     """``windows``: [{"days": "mon-fri", "time": "08:00-24:00"}] or [{"weekdays": [0..6], "start_minute",
     "end_minute"}], 0 = Monday (`timeranges.window_from_spec`)."""
     if len(windows) > MAX_WINDOWS or len(dates) > MAX_DATES:
         raise TariffError("too many windows or dates")
-    parsed = [window_from_spec(w) for w in windows]
+    parsed = [window_from_spec(window) for window in windows]
     TimeRange(1, priority, tuple(parsed), frozenset(dates))  # validates
     async with conn.transaction():
         with _Conflicts("time range"):
@@ -558,25 +567,26 @@ async def create_time_range(conn: asyncpg.Connection, name: str, *, priority: in
                 "INSERT INTO time_ranges(name, priority) VALUES ($1, $2) RETURNING id", _name(name), priority))
         await conn.executemany(
             "INSERT INTO time_range_windows(range_id, weekdays, start_minute, end_minute) VALUES ($1, $2, $3, $4)",
-            [(range_id, sum(1 << d for d in w.weekdays), w.start_minute, w.end_minute) for w in parsed])
+            [(range_id, sum(1 << day for day in window.weekdays), window.start_minute, window.end_minute)
+             for window in parsed])
         await conn.executemany("INSERT INTO time_range_dates(range_id, day) VALUES ($1, $2)",
-                               [(range_id, d) for d in sorted(set(dates))])
+                               [(range_id, day) for day in sorted(set(dates))])
     return range_id
 
 
-async def list_time_ranges(conn: asyncpg.Connection, *, limit: int = MAX_PAGE, offset: int = 0
+async def list_time_ranges(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0
                            ) -> list[dict[str, Any]]:
-    names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM time_ranges")}
+    names = {row["id"]: row["name"] for row in await conn.fetch("SELECT id, name FROM time_ranges")}
     ranges = sorted(await load_timeranges(conn), key=lambda tr: tr.range_id)[offset:offset + limit]
     return [{
         "id": tr.range_id, "name": names[tr.range_id], "priority": tr.priority,
-        "windows": [{"weekdays": sorted(w.weekdays), "start_minute": w.start_minute,
-                     "end_minute": w.end_minute} for w in tr.windows],
+        "windows": [{"weekdays": sorted(window.weekdays), "start_minute": window.start_minute,
+                     "end_minute": window.end_minute} for window in tr.windows],
         "dates": sorted(tr.dates),
     } for tr in ranges]
 
 
-async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
+async def delete_time_range(conn: DbConnection, range_id: int) -> None:
     with _Conflicts("time range"):
         if await conn.execute("DELETE FROM time_ranges WHERE id = $1", range_id) == "DELETE 0":
             raise TariffNotFound(f"time range {range_id} does not exist")
@@ -584,7 +594,7 @@ async def delete_time_range(conn: asyncpg.Connection, range_id: int) -> None:
 
 # -- IP bindings and the classifier snapshot --------------------------------
 
-async def add_binding(conn: asyncpg.Connection, account_id: int, prefix: str, *, kind: str = "static",
+async def add_binding(conn: DbConnection, account_id: int, prefix: str, *, kind: str = "static",
                       source: str = "admin", session_ref: str | None = None,
                       valid_from: datetime, valid_to: datetime | None = None) -> int:
     """Bind a prefix to an account; ``TariffConflict`` if it overlaps another binding in time."""
@@ -598,7 +608,7 @@ async def add_binding(conn: asyncpg.Connection, account_id: int, prefix: str, *,
             None if valid_to is None else _utc(valid_to, "valid_to")))
 
 
-async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -> None:
+async def end_binding(conn: DbConnection, binding_id: int, at: datetime) -> None:
     """Close an open binding at ``at`` (a binding that had not started yet is deleted)."""
     at = _utc(at, "at")
     async with conn.transaction():
@@ -613,7 +623,7 @@ async def end_binding(conn: asyncpg.Connection, binding_id: int, at: datetime) -
             raise TariffNotFound(f"ip binding {binding_id} does not exist")
 
 
-async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None, *,
+async def list_bindings(conn: DbConnection, account_id: int | None = None, *,
                         at: datetime | None = None, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
     """Bindings (of one account, or all), valid at ``at`` if given; plain values."""
     rows = await conn.fetch(
@@ -621,8 +631,8 @@ async def list_bindings(conn: asyncpg.Connection, account_id: int | None = None,
         " FROM ip_bindings WHERE ($1::bigint IS NULL OR account_id = $1)"
         " AND ($2::timestamptz IS NULL OR (valid_from <= $2 AND (valid_to IS NULL OR valid_to > $2)))"
         " ORDER BY id LIMIT $3 OFFSET $4", account_id, at, limit, offset)
-    return [dict(r) for r in rows]
+    return [dict(row) for row in rows]
 
 
-async def classifier_version(conn: asyncpg.Connection) -> int:
+async def classifier_version(conn: DbConnection) -> int:
     return int(await conn.fetchval("SELECT version FROM classifier_version"))

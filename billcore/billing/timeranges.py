@@ -195,7 +195,7 @@ class TimeRange:
 def _ordered(ranges: Sequence[TimeRange]) -> list[TimeRange]:
     if len(ranges) > MAX_RANGES:
         raise TimeRangeError(f"at most {MAX_RANGES} time ranges")
-    return sorted(ranges, key=lambda r: (-r.priority, r.range_id))
+    return sorted(ranges, key=lambda time_range: (-time_range.priority, time_range.range_id))
 
 
 def select(ranges: Sequence[TimeRange], instant: datetime, tz: tzinfo) -> TimeRange | None:
@@ -301,6 +301,6 @@ def split(
         cursor = step_end
     else:
         raise InvariantViolation("split did not reach the end of the interval")
-    if sum((p.end - p.start for p in pieces), timedelta()) != end - start:
+    if sum((piece.end - piece.start for piece in pieces), timedelta()) != end - start:
         raise InvariantViolation("time-range pieces do not cover the interval exactly")
     return pieces

@@ -84,6 +84,7 @@ from billcore.billing.rating import (
     TrafficUsage, resolve, settle,
 )
 from billcore.billing.tariffs import load_book
+from billcore.db.rows import DbConnection, expect_row
 
 __all__ = ["CommitResult", "EPOCH_REASONS", "EpochMismatch", "JournalMark", "MAX_SOURCE", "NO_WATERMARK",
            "begin_epoch", "commit_usage", "journal_mark", "usage_key", "watermark"]
@@ -157,7 +158,7 @@ def _usage_keys(source: str, mark: int, keys: Sequence[CounterTuple]) -> list[st
     return out
 
 
-async def watermark(conn: asyncpg.Connection, source: str) -> int:
+async def watermark(conn: DbConnection, source: str) -> int:
     """The source's committed watermark, ``NO_WATERMARK`` (−1) if it never committed."""
     value = await conn.fetchval("SELECT watermark FROM ingest_watermarks WHERE source = $1",
                                 _check_source(source))
@@ -170,14 +171,14 @@ def _check_epoch(epoch: object) -> str:
     return epoch
 
 
-async def journal_mark(conn: asyncpg.Connection, source: str) -> JournalMark:
+async def journal_mark(conn: DbConnection, source: str) -> JournalMark:
     """The source's watermark (``NO_WATERMARK`` if it never committed) and its journal epoch."""
     row = await conn.fetchrow("SELECT watermark, epoch FROM ingest_watermarks WHERE source = $1",
                               _check_source(source))
     return JournalMark(NO_WATERMARK, None) if row is None else JournalMark(int(row[0]), row[1])
 
 
-async def _locked_row(conn: asyncpg.Connection, source: str, now: datetime) -> asyncpg.Record:
+async def _locked_row(conn: DbConnection, source: str, now: datetime) -> asyncpg.Record:
     """The source's watermark row, created at ``NO_WATERMARK`` on first use, locked (inside a transaction)."""
     query = "SELECT watermark, epoch, updated_at FROM ingest_watermarks WHERE source = $1 FOR UPDATE"
     row = await conn.fetchrow(query, source)
@@ -185,11 +186,11 @@ async def _locked_row(conn: asyncpg.Connection, source: str, now: datetime) -> a
         await conn.execute(
             "INSERT INTO ingest_watermarks(source, watermark, updated_at) VALUES ($1, $2, $3)"
             " ON CONFLICT (source) DO NOTHING", source, NO_WATERMARK, now)
-        row = await conn.fetchrow(query, source)
+        row = expect_row(await conn.fetchrow(query, source), f"watermark of {source}")
     return row
 
 
-async def begin_epoch(conn: asyncpg.Connection, source: str, epoch: str, *, expect: str | None, reason: str,
+async def begin_epoch(conn: DbConnection, source: str, epoch: str, *, expect: str | None, reason: str,
                       journal_end: int, now: datetime) -> JournalMark | None:
     """Make ``epoch`` the source's journal epoch if it is ``expect`` now; None if it is not.
 
@@ -228,8 +229,8 @@ def _aware(now: object) -> datetime:
 def _span(usage: Sequence[Usage], now: datetime) -> tuple[datetime, datetime]:
     earliest = now
     seen: set[datetime] = set()  # a batch has few distinct stamps (one per hour bucket)
-    for u in usage:  # bounded by MAX_BATCH
-        at = u.at if isinstance(u, TrafficUsage) else u.start
+    for record in usage:  # bounded by MAX_BATCH
+        at = record.at if isinstance(record, TrafficUsage) else record.start
         if not isinstance(at, datetime):
             raise UsageError("usage timestamps must be aware datetimes")
         if at in seen:
@@ -244,28 +245,28 @@ def _span(usage: Sequence[Usage], now: datetime) -> tuple[datetime, datetime]:
 def _daily(usage: Sequence[Usage], rejected: Sequence[Rejected], moves: Sequence[Move], tz: tzinfo,
            ) -> dict[tuple[int, date, int], list[int]]:
     """(account, local day, class) -> [quantity, amount] of the rated records."""
-    skip = {id(r.usage) for r in rejected}
+    skip = {id(refused.usage) for refused in rejected}
     days: dict[tuple[int, date, int], list[int]] = {}
     latest: dict[tuple[int, int], tuple[datetime, date]] = {}
     local: dict[datetime, date] = {}
-    for u in usage:
-        if skip and id(u) in skip:
+    for record in usage:
+        if skip and id(record) in skip:
             continue
-        if isinstance(u, TrafficUsage):
-            at, klass, quantity = u.at, u.klass, u.bytes
+        if isinstance(record, TrafficUsage):
+            at, klass, quantity = record.at, record.klass, record.bytes
         else:
-            at, klass, quantity = u.start, TIME_CLASS, u.seconds
+            at, klass, quantity = record.start, TIME_CLASS, record.seconds
         day = local.get(at)
         if day is None:
             day = local[at] = at.astimezone(tz).date()
-        slot = days.get((u.account_id, day, klass))
+        slot = days.get((record.account_id, day, klass))
         if slot is None:
-            days[(u.account_id, day, klass)] = [quantity, 0]
+            days[(record.account_id, day, klass)] = [quantity, 0]
         else:
             slot[0] += quantity
-        seen = latest.get((u.account_id, klass))
+        seen = latest.get((record.account_id, klass))
         if seen is None or at > seen[0]:
-            latest[(u.account_id, klass)] = (at, day)
+            latest[(record.account_id, klass)] = (at, day)
     for key, _, _, amount, _ in moves:
         if amount:
             account, klass = key[0], key[2]
@@ -287,12 +288,12 @@ def _key_columns(keys: Sequence[CounterTuple]) -> tuple[list[int], list[int], li
                                                           list[int], list[datetime]]:
     """The parameters $1..$6 of ``_KEYS``/``_TAIL`` for ``keys``, in their order."""
     tails: dict[tuple[int, int, int, datetime], int] = {}
-    index = [tails.setdefault(k[1:], len(tails) + 1) for k in keys]
-    return ([k[0] for k in keys], index, [t[0] for t in tails], [t[1] for t in tails],
-            [t[2] for t in tails], [t[3] for t in tails])
+    index = [tails.setdefault(key[1:], len(tails) + 1) for key in keys]
+    return ([key[0] for key in keys], index, [tail[0] for tail in tails], [tail[1] for tail in tails],
+            [tail[2] for tail in tails], [tail[3] for tail in tails])
 
 
-async def _lock_counters(conn: asyncpg.Connection, keys: Sequence[CounterTuple],
+async def _lock_counters(conn: DbConnection, keys: Sequence[CounterTuple],
                          columns: tuple[list[int], list[int], list[int], list[int], list[int], list[datetime]],
                          now: datetime) -> tuple[list[int], list[int]]:
     """Create the missing counters of ``keys`` (sorted; ``columns`` = ``_key_columns(keys)``)
@@ -328,7 +329,7 @@ async def _lock_counters(conn: asyncpg.Connection, keys: Sequence[CounterTuple],
     return quantities, charged
 
 
-async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
+async def commit_usage(conn: DbConnection, source: str, watermark: int,
                        usage: Sequence[Usage], now: datetime, *, tz: tzinfo = timezone.utc,
                        actor: str = "rating", epoch: str | None = None) -> CommitResult:
     """Rate ``usage`` and commit charges, counters and ``watermark`` in one transaction.
@@ -355,7 +356,7 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
         # must not refuse as "future" what it accepted a moment ago
         now = max(now, row["updated_at"])
 
-        accounts = sorted({u.account_id for u in usage})
+        accounts = sorted({record.account_id for record in usage})
         since, until = _span(usage, now)
         book = await load_book(conn, accounts, tz=tz, since=since, until=until)
         resolved = resolve(usage, book, now)
@@ -364,7 +365,7 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
         before_q, before_c = await _lock_counters(conn, keys, columns, now)
         moves = settle(resolved, dict(zip(keys, before_q)))  # in the batch's order
 
-        moved = {m[0]: m for m in moves}
+        moved = {move[0]: move for move in moves}
         if len(moved) != len(keys):
             raise InvariantViolation("rating moved other counters than the ones it resolved")
         quantities, charged = [], []
@@ -388,19 +389,19 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
         days = _daily(usage, resolved.rejected, moves, tz)
         if days:
             ordered = sorted(days)
-            totals = [days[k] for k in ordered]
+            totals = [days[key] for key in ordered]
             tails: dict[tuple[date, int], int] = {}
-            index = [tails.setdefault(k[1:], len(tails) + 1) for k in ordered]
+            index = [tails.setdefault(key[1:], len(tails) + 1) for key in ordered]
             await conn.execute(
                 "INSERT INTO usage_daily AS d (account_id, day, class_id, quantity, amount)"
                 " SELECT k.a, ($3::date[])[k.t], ($4::bigint[])[k.t], k.q, k.m"
                 " FROM unnest($1::bigint[], $2::int[], $5::bigint[], $6::bigint[]) WITH ORDINALITY AS k(a, t, q, m, n)"
                 " ORDER BY k.n ON CONFLICT (account_id, day, class_id) DO UPDATE"
                 " SET quantity = d.quantity + EXCLUDED.quantity, amount = d.amount + EXCLUDED.amount",
-                [k[0] for k in ordered], index, [t[0] for t in tails], [t[1] for t in tails],
-                [t[0] for t in totals], [t[1] for t in totals])
+                [key[0] for key in ordered], index, [tail[0] for tail in tails], [tail[1] for tail in tails],
+                [total[0] for total in totals], [total[1] for total in totals])
 
-        charging = [m for m in moves if m[3]]  # a ledger row each, in the batch's order
+        charging = [move for move in moves if move[3]]  # a ledger row each, in the batch's order
         block_changes: tuple[object, ...] = ()
         charges: tuple[tuple[int, int, int], ...] = ()
         if charging:
@@ -410,21 +411,22 @@ async def commit_usage(conn: asyncpg.Connection, source: str, watermark: int,
             # a key is (source, watermark, counter): it can only exist if this
             # watermark was committed, which the locked row just denied
             try:
-                posted = await post_batch(
-                    conn, account_col, amount_col, kinds, _usage_keys(source, watermark, [m[0] for m in charging]),
-                    reference=f"usage {source}@{watermark}", actor=actor, now=now)
+                keys_booked = _usage_keys(source, watermark, [move[0] for move in charging])
+                posted = await post_batch(conn, account_col, amount_col, kinds, keys_booked,
+                                          reference=f"usage {source}@{watermark}", actor=actor, now=now)
             except asyncpg.UniqueViolationError as exc:
                 raise InvariantViolation(f"usage keys already booked: {exc.detail or exc}") from exc
             block_changes = tuple(posted.block_changes)
             per_account: dict[int, int] = {}
             for account_id, amount in zip(account_col, amount_col):
                 per_account[account_id] = per_account.get(account_id, 0) - amount
-            charges = tuple((a, amount, posted.balances[a]) for a, amount in sorted(per_account.items()))
+            charges = tuple((account_id, amount, posted.balances[account_id])
+                            for account_id, amount in sorted(per_account.items()))
         status = await conn.execute(
             "UPDATE ingest_watermarks SET watermark = $2, updated_at = $3 WHERE source = $1 AND watermark = $4",
             source, watermark, now, committed)
         if status != "UPDATE 1":
             raise InvariantViolation(f"watermark of {source} moved under its row lock")
-    total = sum(m[3] for m in charging)
+    total = sum(move[3] for move in charging)
     return CommitResult(source, watermark, False, total, len(charging), len(keys), resolved.rejected,
                         block_changes, charges)

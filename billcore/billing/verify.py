@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import asyncpg
+from billcore.db.rows import DbConnection
 
 __all__ = ["CHECK_TIMEOUT", "CheckTimer", "MAX_REPORTED", "Problem", "WORK_MEM", "verify"]
 
@@ -119,49 +119,49 @@ MAX_REPORTED = 1000
 Progress = Callable[[str, float], None]
 
 
-async def _run(conn: asyncpg.Connection, now: dt.datetime, progress: Progress | None) -> list[Problem]:
+async def _run(conn: DbConnection, now: dt.datetime, progress: Progress | None) -> list[Problem]:
     problems: list[Problem] = []
     timer = CheckTimer(progress)
     # sorts and hashes over millions of rows: memory instead of temporary files
     await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
     async with timer("balance and chain"):
-        for r in await conn.fetch(_BALANCE_AND_CHAIN, MAX_REPORTED, timeout=CHECK_TIMEOUT):
-            if r["balance"] is None or r["balance"] != r["total"]:
-                problems.append(Problem("balance", r["id"],
-                                        f"balance {r['balance']} but ledger sum {r['total']}"))
-            if r["broken"]:
-                problems.append(Problem("chain", r["id"],
-                                        f"ledger row {r['first_broken']}: balance_after {r['balance_after']},"
-                                        f" running sum {r['running']} (a row was changed;"
-                                        f" {r['broken']} row(s) of this account disagree)"))
+        for row in await conn.fetch(_BALANCE_AND_CHAIN, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            if row["balance"] is None or row["balance"] != row["total"]:
+                problems.append(Problem("balance", row["id"],
+                                        f"balance {row['balance']} but ledger sum {row['total']}"))
+            if row["broken"]:
+                problems.append(Problem("chain", row["id"],
+                                        f"ledger row {row['first_broken']}: balance_after {row['balance_after']},"
+                                        f" running sum {row['running']} (a row was changed;"
+                                        f" {row['broken']} row(s) of this account disagree)"))
     async with timer("trigger"):
         present = await conn.fetchval(
             "SELECT count(*) FROM pg_trigger WHERE tgname = 'ledger_no_update_delete' AND tgenabled <> 'D'")
         if not present:
             problems.append(Problem("trigger", None, "the ledger append-only trigger is missing or disabled"))
     async with timer("system_block"):
-        for r in await conn.fetch(_SYSTEM_BLOCK, now, MAX_REPORTED, timeout=CHECK_TIMEOUT):
-            if r["debt"]:
-                detail = (f"balance {r['balance']} < -(credit {r['credit']} + promised {r['promised']})"
+        for row in await conn.fetch(_SYSTEM_BLOCK, now, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            if row["debt"]:
+                detail = (f"balance {row['balance']} < -(credit {row['credit']} + promised {row['promised']})"
                           " but no system block")
             else:
-                detail = f"system block {r['block_id']} active but the account is not in debt"
-            problems.append(Problem("system_block", r["id"], detail))
+                detail = f"system block {row['block_id']} active but the account is not in debt"
+            problems.append(Problem("system_block", row["id"], detail))
     async with timer("payment"):
-        for r in await conn.fetch(_PAYMENT, MAX_REPORTED, timeout=CHECK_TIMEOUT):
-            problems.append(Problem("payment", r["account_id"],
-                                    f"payment {r['id']} ({r['amount']}) does not match its ledger rows"
-                                    f" (payment row {r['l_account']}/{r['l_amount']},"
-                                    f" reversal {r['c_account']}/{r['c_amount']})"))
+        for row in await conn.fetch(_PAYMENT, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("payment", row["account_id"],
+                                    f"payment {row['id']} ({row['amount']}) does not match its ledger rows"
+                                    f" (payment row {row['l_account']}/{row['l_amount']},"
+                                    f" reversal {row['c_account']}/{row['c_amount']})"))
     async with timer("reversal"):
-        for r in await conn.fetch(_REVERSAL, MAX_REPORTED, timeout=CHECK_TIMEOUT):
-            problems.append(Problem("reversal", r["account_id"],
-                                    f"ledger row {r['id']} ({r['amount']}) does not reverse"
-                                    f" {r['o_amount']} exactly"))
+        for row in await conn.fetch(_REVERSAL, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("reversal", row["account_id"],
+                                    f"ledger row {row['id']} ({row['amount']}) does not reverse"
+                                    f" {row['o_amount']} exactly"))
     return problems
 
 
-async def verify(conn: asyncpg.Connection, now: dt.datetime | None = None, *,
+async def verify(conn: DbConnection, now: dt.datetime | None = None, *,
                  progress: Progress | None = None) -> list[Problem]:
     """Every broken invariant (at most ``MAX_REPORTED`` per check), as
     ``Problem``s naming the account; ``progress(check, seconds)`` after each check."""

@@ -23,8 +23,8 @@ Every user registers its pid in pgserver's handle list
 (``<pgdata>/.handle_pids.json``, under pgserver's lock) and the last one to
 leave stops the server.  Pids of processes that no longer exist are dropped
 from the list first: a supervisor killed with SIGKILL never unregisters, and
-its stale pid used to keep the server running for ever after every later
-clean stop.
+its stale pid would otherwise keep the server running for ever after every
+later clean stop.
 """
 
 from __future__ import annotations
@@ -195,8 +195,10 @@ def _prepare(pgdata: Path) -> tuple[int | None, int | None]:
             os.chown(pgdata, uid, gid)
         if not (pgdata / "PG_VERSION").exists():
             log.info("initialising the embedded postgresql", extra={"pgdata": str(pgdata)})
-            _commands.initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
-                             pgdata=pgdata, user=user)
+            # pgserver makes one function per binary at import time (setattr), out of mypy's sight
+            initdb = _commands.initdb  # type: ignore[attr-defined]
+            initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
+                   pgdata=pgdata, user=user)
         return uid, gid
 
 

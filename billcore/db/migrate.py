@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+from billcore.db.rows import DbConnection
 
 __all__ = ["Migration", "MigrationError", "discover", "migrate", "applied_versions"]
 
@@ -50,13 +50,13 @@ def discover(directory: Path | None = None) -> list[Migration]:
     directory = directory or schema_dir()
     found: dict[int, Migration] = {}
     for path in sorted(directory.glob("*.sql")):
-        m = _NAME.match(path.name)
-        if not m:
+        migration = _NAME.match(path.name)
+        if not migration:
             raise MigrationError(f"{path.name}: migration files are named NNNN_name.sql")
-        version = int(m.group(1))
+        version = int(migration.group(1))
         if version in found:
             raise MigrationError(f"{path.name}: version {version} is used twice")
-        found[version] = Migration(version, m.group(2), path.read_text())
+        found[version] = Migration(version, migration.group(2), path.read_text())
     return [found[v] for v in sorted(found)]
 
 
@@ -70,38 +70,38 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def applied_versions(conn: asyncpg.Connection) -> dict[int, str]:
+async def applied_versions(conn: DbConnection) -> dict[int, str]:
     await conn.execute(_BOOKKEEPING)
     rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
-    return {r["version"]: r["checksum"] for r in rows}
+    return {row["version"]: row["checksum"] for row in rows}
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[Migration]:
+async def migrate(conn: DbConnection, migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply the pending migrations; return those applied (empty: no-op)."""
     migrations = discover() if migrations is None else migrations
     applied: list[Migration] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
         done = await applied_versions(conn)
-    for m in migrations:
-        if m.version in done:
-            if done[m.version] != m.checksum:
+    for migration in migrations:
+        if migration.version in done:
+            if done[migration.version] != migration.checksum:
                 raise MigrationError(
-                    f"migration {m.version:04d}_{m.name} was changed after it was applied"
+                    f"migration {migration.version:04d}_{migration.name} was changed after it was applied"
                 )
             continue
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-            if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version=$1", m.version):
+            if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version=$1", migration.version):
                 continue  # another process applied it meanwhile
-            await conn.execute(m.sql)
+            await conn.execute(migration.sql)
             await conn.execute(
                 "INSERT INTO schema_migrations(version, name, checksum) VALUES ($1, $2, $3)",
-                m.version, m.name, m.checksum,
+                migration.version, migration.name, migration.checksum,
             )
-        log.info("migration applied", extra={"version": m.version, "migration": m.name})
-        applied.append(m)
-    unknown = set(done) - {m.version for m in migrations}
+        log.info("migration applied", extra={"version": migration.version, "migration": migration.name})
+        applied.append(migration)
+    unknown = set(done) - {migration.version for migration in migrations}
     if unknown:
         log.warning("database has migrations this code does not know", extra={"versions": sorted(unknown)})
     return applied

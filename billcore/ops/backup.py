@@ -51,6 +51,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
+from billcore.db.rows import DbConnection
+
 __all__ = [
     "BACKUP_FORMAT",
     "BackupError",
@@ -164,19 +166,19 @@ def _run(argv: list[str], env: dict[str, str], what: str, progress: Progress | N
         raise BackupError(f"{what} failed (exit {code}): {detail}")
 
 
-async def _schema_version(conn: asyncpg.Connection) -> int:
+async def _schema_version(conn: DbConnection) -> int:
     exists = await conn.fetchval("SELECT to_regclass('public.schema_migrations') IS NOT NULL")
     if not exists:
         return 0
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
 
-async def _watermarks(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def _watermarks(conn: DbConnection) -> list[dict[str, Any]]:
     if not await conn.fetchval("SELECT to_regclass('public.ingest_watermarks') IS NOT NULL"):
         return []
     rows = await conn.fetch("SELECT source, watermark, updated_at FROM ingest_watermarks ORDER BY source")
-    return [{"source": r["source"], "watermark": r["watermark"], "updated_at": r["updated_at"].isoformat()}
-            for r in rows]
+    return [{"source": row["source"], "watermark": row["watermark"], "updated_at": row["updated_at"].isoformat()}
+            for row in rows]
 
 
 async def backup(dsn: str, out: Path, *, config_file: Path | None = None,
@@ -256,12 +258,12 @@ def read_manifest(path: Path) -> Manifest:
         raise BackupError(f"{path}: manifest field missing or wrong: {exc}") from None
 
 
-async def user_tables(conn: asyncpg.Connection) -> list[str]:
+async def user_tables(conn: DbConnection) -> list[str]:
     rows = await conn.fetch(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')"
         " ORDER BY c.relname")
-    return [r["relname"] for r in rows]
+    return [row["relname"] for row in rows]
 
 
 async def restore(dsn: str, path: Path, *, force: bool = False, progress: Progress | None = None) -> Manifest:
@@ -270,7 +272,7 @@ async def restore(dsn: str, path: Path, *, force: bool = False, progress: Progre
     from billcore.db.migrate import discover
 
     manifest = read_manifest(path)
-    known = max((m.version for m in discover()), default=0)
+    known = max((migration.version for migration in discover()), default=0)
     if manifest.schema_version > known:
         raise BackupError(f"the backup has schema version {manifest.schema_version}; this billcore"
                           f" knows up to {known}: restore with the billcore version that made it"

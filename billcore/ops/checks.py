@@ -26,9 +26,8 @@ import json
 import os
 from pathlib import Path
 
-import asyncpg
-
 from billcore.billing.verify import CHECK_TIMEOUT, MAX_REPORTED, WORK_MEM, CheckTimer, Problem, Progress
+from billcore.db.rows import DbConnection
 
 __all__ = ["extra_checks", "WATERMARK_STATE"]
 
@@ -89,21 +88,21 @@ WHERE coalesce(c.charged, 0) <> coalesce(b.charged, 0)
 ORDER BY 1 LIMIT $1"""
 
 
-async def _ip_overlap(conn: asyncpg.Connection) -> list[Problem]:
+async def _ip_overlap(conn: DbConnection) -> list[Problem]:
     problems = []
     if not await conn.fetchval(_EXCLUSION):
         problems.append(Problem("ip_overlap", None, "the no-overlap exclusion constraint on ip_bindings is missing"))
-    for r in await conn.fetch(_IP_OVERLAP, _MAX_REPORTED, timeout=CHECK_TIMEOUT):
-        problems.append(Problem("ip_overlap", r["a_account"],
-                                f"binding {r['a_id']} ({r['a_prefix']}) overlaps binding {r['b_id']}"
-                                f" ({r['b_prefix']}, account {r['b_account']}) in time"))
+    for row in await conn.fetch(_IP_OVERLAP, _MAX_REPORTED, timeout=CHECK_TIMEOUT):
+        problems.append(Problem("ip_overlap", row["a_account"],
+                                f"binding {row['a_id']} ({row['a_prefix']}) overlaps binding {row['b_id']}"
+                                f" ({row['b_prefix']}, account {row['b_account']}) in time"))
     return problems
 
 
-async def _counters(conn: asyncpg.Connection) -> list[Problem]:
-    return [Problem("counters", r["account_id"],
-                    f"usage counters say {r['counted']} charged, the ledger has {r['booked']}")
-            for r in await conn.fetch(_COUNTERS, _MAX_REPORTED, timeout=CHECK_TIMEOUT)]
+async def _counters(conn: DbConnection) -> list[Problem]:
+    return [Problem("counters", row["account_id"],
+                    f"usage counters say {row['counted']} charged, the ledger has {row['booked']}")
+            for row in await conn.fetch(_COUNTERS, _MAX_REPORTED, timeout=CHECK_TIMEOUT)]
 
 
 def _read_state(path: Path) -> dict[str, int]:
@@ -125,19 +124,19 @@ def _write_state(path: Path, state: dict[str, int]) -> None:
     os.replace(tmp, path)
 
 
-async def _watermarks(conn: asyncpg.Connection, now: dt.datetime, state_file: Path | None) -> list[Problem]:
+async def _watermarks(conn: DbConnection, now: dt.datetime, state_file: Path | None) -> list[Problem]:
     from billcore.billing.usage import NO_WATERMARK
 
     rows = await conn.fetch("SELECT source, watermark, updated_at FROM ingest_watermarks ORDER BY source")
     problems = []
     current: dict[str, int] = {}
-    for r in rows:
-        current[r["source"]] = r["watermark"]
-        if r["watermark"] < NO_WATERMARK:
-            problems.append(Problem("watermark", None, f"{r['source']}: watermark {r['watermark']} is negative"))
-        if r["updated_at"] > now + _FUTURE_SLACK:
+    for row in rows:
+        current[row["source"]] = row["watermark"]
+        if row["watermark"] < NO_WATERMARK:
+            problems.append(Problem("watermark", None, f"{row['source']}: watermark {row['watermark']} is negative"))
+        if row["updated_at"] > now + _FUTURE_SLACK:
             problems.append(Problem("watermark", None,
-                                    f"{r['source']}: updated at {r['updated_at'].isoformat()}, in the future"))
+                                    f"{row['source']}: updated at {row['updated_at'].isoformat()}, in the future"))
     if state_file is None:
         return problems
     seen = _read_state(state_file)
@@ -155,7 +154,7 @@ async def _watermarks(conn: asyncpg.Connection, now: dt.datetime, state_file: Pa
     return problems
 
 
-async def _run(conn: asyncpg.Connection, now: dt.datetime, state_file: Path | None,
+async def _run(conn: DbConnection, now: dt.datetime, state_file: Path | None,
                progress: Progress | None) -> list[Problem]:
     timer = CheckTimer(progress)
     await conn.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
@@ -169,7 +168,7 @@ async def _run(conn: asyncpg.Connection, now: dt.datetime, state_file: Path | No
     return problems
 
 
-async def extra_checks(conn: asyncpg.Connection, *, state_file: Path | None = None,
+async def extra_checks(conn: DbConnection, *, state_file: Path | None = None,
                        now: dt.datetime | None = None, progress: Progress | None = None) -> list[Problem]:
     """The operator checks; ``state_file`` keeps the last watermarks seen
     (``<data_dir>/verify-watermarks.json`` from ``billcore verify``);

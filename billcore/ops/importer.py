@@ -58,6 +58,7 @@ from billcore.billing.accounts import MAX_CREDIT, MAX_FIELD, check_login
 from billcore.common.errors import InvariantViolation, MoneyFormatError, MoneyRangeError, TariffError
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.common.money import format_money, parse_money
+from billcore.db.rows import DbConnection
 from urfa.scram import DEFAULT_ITERATIONS, MAX_ITERATIONS, MIN_ITERATIONS, SALT_BYTES, Verifier, make_verifier
 
 __all__ = [
@@ -242,11 +243,10 @@ def _account(parsed: Parsed, where: str, data: dict[str, Any]) -> AccountSpec:
 
 
 def _subscriber(parsed: Parsed, where: str, data: dict[str, Any], accounts: list[dict[str, Any]]) -> None:
-    login = data.get("login")
     try:
-        check_login(login)
+        login = check_login(data.get("login"))
     except InvalidValue as exc:
-        parsed.error(where, f"login {login!r}: {exc}")
+        parsed.error(where, f"login {data.get('login')!r}: {exc}")
         return
     password = data.get("password") or ""
     if not isinstance(password, str):
@@ -260,18 +260,18 @@ def _subscriber(parsed: Parsed, where: str, data: dict[str, Any], accounts: list
         parsed.error(where, f"accounts: 1..{MAX_ACCOUNTS_PER_SUBSCRIBER} per subscriber")
         return
     contact = {name: _text(parsed, where, name, data.get(name)) for name in _CONTACT}
-    parsed.subscribers.append(Subscriber(where, login, password, contact,  # type: ignore[arg-type]
-                                         tuple(_account(parsed, where, a) for a in accounts)))
+    parsed.subscribers.append(Subscriber(where, login, password, contact,
+                                         tuple(_account(parsed, where, account) for account in accounts)))
 
 
 def _verifier_problem(text: str) -> str | None:
     try:
-        v = Verifier.from_text(text)
+        verifier = Verifier.from_text(text)
     except ValueError as exc:
         return str(exc)
-    if not MIN_ITERATIONS <= v.iterations <= MAX_ITERATIONS:
-        return f"verifier iterations {v.iterations} outside {MIN_ITERATIONS}..{MAX_ITERATIONS}"
-    if not v.salt or len(v.stored_key) != 32 or len(v.server_key) != 32:
+    if not MIN_ITERATIONS <= verifier.iterations <= MAX_ITERATIONS:
+        return f"verifier iterations {verifier.iterations} outside {MIN_ITERATIONS}..{MAX_ITERATIONS}"
+    if not verifier.salt or len(verifier.stored_key) != 32 or len(verifier.server_key) != 32:
         return "verifier has an empty salt or keys that are not 32 bytes"
     return None
 
@@ -371,7 +371,7 @@ def parse_json(text: str) -> Parsed:
         if accounts is None:
             accounts = [{k: item.get(k) for k in _ACCOUNT_KEYS}]
         elif any(k in item for k in _ACCOUNT_KEYS) or not isinstance(accounts, list) \
-                or not all(isinstance(a, dict) and set(a) <= set(_ACCOUNT_KEYS) for a in accounts):
+                or not all(isinstance(account, dict) and set(account) <= set(_ACCOUNT_KEYS) for account in accounts):
             parsed.error(where, f"accounts: a list of objects with {', '.join(_ACCOUNT_KEYS)}"
                                 " (and then no account keys on the subscriber itself)")
             continue
@@ -383,17 +383,17 @@ def check_file(parsed: Parsed) -> None:
     """Problems between rows: duplicate logins and external ids, overlapping IPs."""
     seen: dict[str, str] = {}
     external: dict[str, str] = {}
-    for s in parsed.subscribers:
-        first = seen.setdefault(s.login, s.where)
-        if first != s.where:
-            parsed.error(s.where, f"duplicate login {s.login!r} (first at {first})")
-        ext = s.contact.get("external_id")
+    for subscriber in parsed.subscribers:
+        first = seen.setdefault(subscriber.login, subscriber.where)
+        if first != subscriber.where:
+            parsed.error(subscriber.where, f"duplicate login {subscriber.login!r} (first at {first})")
+        ext = subscriber.contact.get("external_id")
         if ext:
-            first = external.setdefault(ext, s.where)
-            if first != s.where:
-                parsed.error(s.where, f"duplicate external_id {ext!r} (first at {first})")
-    for problem in overlapping(
-            (net, s.where) for s in parsed.subscribers for a in s.accounts for net in a.ips):
+            first = external.setdefault(ext, subscriber.where)
+            if first != subscriber.where:
+                parsed.error(subscriber.where, f"duplicate external_id {ext!r} (first at {first})")
+    for problem in overlapping((net, subscriber.where) for subscriber in parsed.subscribers
+                               for account in subscriber.accounts for net in account.ips):
         parsed.error(*problem)
 
 
@@ -480,8 +480,8 @@ def compute_verifiers(passwords: Sequence[str], *, workers: int, progress: Progr
     """SCRAM verifiers for cleartext passwords, across ``workers`` processes."""
     if len(passwords) < 64 or workers == 1:
         out = []
-        for p in passwords:
-            out.append(make_verifier(p))
+        for password in passwords:
+            out.append(make_verifier(password))
             if progress:
                 progress.advance()
         return out
@@ -500,51 +500,52 @@ def compute_verifiers(passwords: Sequence[str], *, workers: int, progress: Progr
 
 # -- the database part ------------------------------------------------------
 
-async def _db_checks(conn: asyncpg.Connection, parsed: Parsed, now: dt.datetime,
+async def _db_checks(conn: DbConnection, parsed: Parsed, now: dt.datetime,
                      report: ImportReport) -> tuple[list[Subscriber], dict[str, int]]:
-    logins = [s.login for s in parsed.subscribers]
-    existing = {r["login"] for r in await conn.fetch(
+    logins = [subscriber.login for subscriber in parsed.subscribers]
+    existing = {row["login"] for row in await conn.fetch(
         "SELECT login FROM users WHERE login = ANY($1::text[])", logins)}
-    todo = [s for s in parsed.subscribers if s.login not in existing]
-    report.skipped = [s.login for s in parsed.subscribers if s.login in existing]
+    todo = [subscriber for subscriber in parsed.subscribers if subscriber.login not in existing]
+    report.skipped = [subscriber.login for subscriber in parsed.subscribers if subscriber.login in existing]
 
-    ext = [s.contact["external_id"] for s in todo if s.contact.get("external_id")]
-    taken = {r["external_id"] for r in await conn.fetch(
+    ext = [subscriber.contact["external_id"] for subscriber in todo if subscriber.contact.get("external_id")]
+    taken = {row["external_id"] for row in await conn.fetch(
         "SELECT external_id FROM users WHERE external_id = ANY($1::text[])", ext)}
-    for s in todo:
-        if s.contact.get("external_id") in taken:
-            parsed.error(s.where, f"external_id {s.contact['external_id']!r} belongs to a user in the database")
+    for subscriber in todo:
+        if subscriber.contact.get("external_id") in taken:
+            parsed.error(subscriber.where,
+                         f"external_id {subscriber.contact['external_id']!r} belongs to a user in the database")
 
-    tariffs = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM tariffs")}
-    defined = {t["name"] for _, t in parsed.tariffs}
-    for s in todo:
-        for a in s.accounts:
-            if a.tariff is not None and a.tariff not in tariffs and a.tariff not in defined:
-                parsed.error(s.where, f"unknown tariff {a.tariff!r}")
-    services = {r["name"] for r in await conn.fetch("SELECT name FROM services")}
-    service_names = services | {d["name"] for _, d in parsed.services}
-    for where, t in parsed.tariffs:
-        names = t.get("services", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    tariffs = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM tariffs")}
+    defined = {tariff["name"] for _, tariff in parsed.tariffs}
+    for subscriber in todo:
+        for account in subscriber.accounts:
+            if account.tariff is not None and account.tariff not in tariffs and account.tariff not in defined:
+                parsed.error(subscriber.where, f"unknown tariff {account.tariff!r}")
+    services = {row["name"] for row in await conn.fetch("SELECT name FROM services")}
+    service_names = services | {service["name"] for _, service in parsed.services}
+    for where, tariff in parsed.tariffs:
+        names = tariff.get("services", [])
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             parsed.error(where, "services: a list of service names")
             continue
         for name in names:
             if name not in service_names:
                 parsed.error(where, f"unknown service {name!r}")
 
-    nets = [(net, s.where) for s in todo for a in s.accounts for net in a.ips]
+    nets = [(net, subscriber.where) for subscriber in todo for account in subscriber.accounts for net in account.ips]
     if nets:
         clash = await conn.fetch(
             "SELECT p.i, b.prefix::text AS prefix, b.account_id FROM unnest($1::cidr[]) WITH ORDINALITY AS p(net, i)"
             " JOIN ip_bindings b ON b.prefix && p.net AND (b.valid_to IS NULL OR b.valid_to > $2)",
-            [n for n, _ in nets], now)
-        for r in clash:
-            net, where = nets[r["i"] - 1]
-            parsed.error(where, f"IP {net} overlaps {r['prefix']} bound to account {r['account_id']}")
+            [net for net, _ in nets], now)
+        for row in clash:
+            net, where = nets[row["i"] - 1]
+            parsed.error(where, f"IP {net} overlaps {row['prefix']} bound to account {row['account_id']}")
     return todo, tariffs
 
 
-async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]],
+async def _copy(conn: DbConnection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]],
                 progress: Progress | None) -> None:
     for start in range(0, len(records), COPY_CHUNK):
         chunk = records[start:start + COPY_CHUNK]
@@ -553,49 +554,49 @@ async def _copy(conn: asyncpg.Connection, table: str, columns: Sequence[str], re
             progress.advance(len(chunk))
 
 
-async def _ids(conn: asyncpg.Connection, sequence: str, n: int, rehearsal: bool) -> list[int]:
+async def _ids(conn: DbConnection, sequence: str, n: int, rehearsal: bool) -> list[int]:
     """``n`` ids for new rows; a rehearsal's are negative and leave the sequence alone."""
     if n == 0:
         return []
     if rehearsal:
         return list(range(-1, -n - 1, -1))
     rows = await conn.fetch("SELECT nextval($1::regclass) AS id FROM generate_series(1, $2)", sequence, n)
-    return [r["id"] for r in rows]
+    return [row["id"] for row in rows]
 
 
-async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: ImportReport,
+async def _create_catalogue(conn: DbConnection, parsed: Parsed, report: ImportReport,
                             tariffs: dict[str, int], rehearsal: bool) -> None:
     """Create the file's services and tariffs; every problem goes to ``parsed.errors``."""
     from datetime import date
 
-    from billcore.billing import tariffs as T
+    from billcore.billing.tariffs import create_service, create_tariff
 
-    services = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM services")}
+    services = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM services")}
     fake = iter(range(-1, -len(parsed.services) - len(parsed.tariffs) - 1, -1))  # a rehearsal's ids
-    for where, d in parsed.services:
-        if d["name"] in services:
+    for where, service in parsed.services:
+        if service["name"] in services:
             continue
         try:
-            period = d.get("period")
+            period = service.get("period")
             if isinstance(period, dict) and isinstance(period.get("anchor"), str):
                 period = {**period, "anchor": date.fromisoformat(period["anchor"])}
-            fee = parse_money(str(d.get("fee", "0")))
+            fee = parse_money(str(service.get("fee", "0")))
             async with conn.transaction():
-                services[d["name"]] = await T.create_service(
-                    conn, d["name"], str(d.get("kind")), fee=fee, period=period,
-                    charge_mode=d.get("charge_mode"), comment=str(d.get("comment", "")),
+                services[service["name"]] = await create_service(
+                    conn, service["name"], str(service.get("kind")), fee=fee, period=period,
+                    charge_mode=service.get("charge_mode"), comment=str(service.get("comment", "")),
                     row_id=next(fake) if rehearsal else None)
             report.services_created += 1
         except (TariffError, ValueError, TypeError, asyncpg.DataError) as exc:
             parsed.error(where, str(exc))
-    for where, t in parsed.tariffs:
-        if t["name"] in tariffs:
+    for where, tariff in parsed.tariffs:
+        if tariff["name"] in tariffs:
             continue
         try:
             async with conn.transaction():
-                tariffs[t["name"]] = await T.create_tariff(
-                    conn, t["name"], [services[n] for n in t.get("services", [])], str(t.get("comment", "")),
-                    row_id=next(fake) if rehearsal else None)
+                tariffs[tariff["name"]] = await create_tariff(
+                    conn, tariff["name"], [services[name] for name in tariff.get("services", [])],
+                    str(tariff.get("comment", "")), row_id=next(fake) if rehearsal else None)
             report.tariffs_created += 1
         except (KeyError, TypeError):
             pass  # services that failed above, are unknown or are not a list: reported already
@@ -603,11 +604,11 @@ async def _create_catalogue(conn: asyncpg.Connection, parsed: Parsed, report: Im
             parsed.error(where, str(exc))
 
 
-async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: list[Verifier],
+async def _write(conn: DbConnection, todo: list[Subscriber], verifiers: list[Verifier],
                  tariffs: dict[str, int], now: dt.datetime, report: ImportReport, source: str,
                  progress_stream: IO[str] | None) -> None:
     rehearsal = report.dry_run
-    n_accounts = sum(len(s.accounts) for s in todo)
+    n_accounts = sum(len(subscriber.accounts) for subscriber in todo)
     user_ids = await _ids(conn, "users_id_seq", len(todo), rehearsal)
     account_ids = await _ids(conn, "accounts_id_seq", n_accounts, rehearsal)
     users: list[tuple[Any, ...]] = []
@@ -616,20 +617,21 @@ async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: li
     links: list[tuple[Any, ...]] = []
     bindings: list[tuple[Any, ...]] = []
     next_account = iter(account_ids)
-    for s, uid, v in zip(todo, user_ids, verifiers, strict=True):
-        c = s.contact
-        users.append((uid, s.login, c["full_name"], c["email"], c["phone"], c["address"], c["external_id"],
-                      v.salt, v.iterations, v.stored_key, v.server_key, now))
-        for n, a in enumerate(s.accounts):
-            aid = next(next_account)
-            accounts.append((aid, uid, n == 0, a.balance, a.credit, now))
-            if a.balance:
-                ledger.append((aid, a.balance, a.balance, "correction", "opening balance (import)",
-                               f"import:opening:{s.login}:{n}", ACTOR, now))
-                report.opening_total += a.balance
-            if a.tariff is not None:
-                links.append((aid, tariffs[a.tariff], now, now, ACTOR))
-            bindings.extend((aid, net, "static", ACTOR, now) for net in a.ips)
+    for subscriber, user_id, verifier in zip(todo, user_ids, verifiers, strict=True):
+        contact = subscriber.contact
+        users.append((user_id, subscriber.login, contact["full_name"], contact["email"], contact["phone"],
+                      contact["address"], contact["external_id"],
+                      verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key, now))
+        for position, account in enumerate(subscriber.accounts):
+            account_id = next(next_account)
+            accounts.append((account_id, user_id, position == 0, account.balance, account.credit, now))
+            if account.balance:
+                ledger.append((account_id, account.balance, account.balance, "correction", "opening balance (import)",
+                               f"import:opening:{subscriber.login}:{position}", ACTOR, now))
+                report.opening_total += account.balance
+            if account.tariff is not None:
+                links.append((account_id, tariffs[account.tariff], now, now, ACTOR))
+            bindings.extend((account_id, net, "static", ACTOR, now) for net in account.ips)
     # every row gets its id here, so that a rehearsal takes none from the sequences
     for table, rows in (("ledger", ledger), ("account_tariffs", links), ("ip_bindings", bindings)):
         ids = await _ids(conn, f"{table}_id_seq", len(rows), rehearsal)
@@ -648,7 +650,7 @@ async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: li
     await _copy(conn, "ip_bindings", ("id", "account_id", "prefix", "kind", "source", "valid_from"), bindings, progress)
     progress.finish()
     # the debt rule of the ledger (new accounts are never unlimited); _assert_invariants checks it in SQL
-    debtors = [a[0] for a in accounts if a[3] < -a[4]]
+    debtors = [account[0] for account in accounts if account[3] < -account[4]]
     blocked = await conn.fetchval(
         "WITH b AS (INSERT INTO blocks(id, account_id, kind, reason, set_at, set_by)"
         " SELECT d.id, a.id, 'system', 'balance ' || a.balance || ' below -(credit ' || a.credit"
@@ -666,7 +668,7 @@ async def _write(conn: asyncpg.Connection, todo: list[Subscriber], verifiers: li
     report.links, report.ips, report.blocked = len(links), len(bindings), int(blocked)
 
 
-async def _assert_invariants(conn: asyncpg.Connection, account_ids: list[int]) -> None:
+async def _assert_invariants(conn: DbConnection, account_ids: list[int]) -> None:
     """What post_charges and sync_system_block guarantee, checked set-wise."""
     bad = await conn.fetchval(
         "SELECT count(*) FROM accounts a LEFT JOIN (SELECT account_id, sum(amount) AS s FROM ledger"
@@ -692,7 +694,7 @@ def _detect(path: Path, fmt: str | None) -> str:
     return "json" if path.suffix.lower() == ".json" else "csv"
 
 
-async def import_file(conn: asyncpg.Connection, path: Path, *, fmt: str | None = None, dry_run: bool = False,
+async def import_file(conn: DbConnection, path: Path, *, fmt: str | None = None, dry_run: bool = False,
                       workers: int = 0, progress_stream: IO[str] | None = None,
                       now: dt.datetime | None = None) -> ImportReport:
     raw = path.read_bytes()
@@ -704,7 +706,7 @@ async def import_file(conn: asyncpg.Connection, path: Path, *, fmt: str | None =
                              workers=workers, progress_stream=progress_stream, now=now)
 
 
-async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: str = "stdin",
+async def import_text(conn: DbConnection, text: str, *, fmt: str, source: str = "stdin",
                       dry_run: bool = False, workers: int = 0, progress_stream: IO[str] | None = None,
                       now: dt.datetime | None = None) -> ImportReport:
     """Validate and import; ``ImportFailed`` (nothing written) on any error."""
@@ -731,7 +733,8 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
     report.phases["check"] = time.monotonic() - started - report.phases["parse"]
     mark = time.monotonic()
 
-    clear = [s.password for s in todo if s.password and not s.password.startswith("SCRAM-SHA-256$")]
+    clear = [subscriber.password for subscriber in todo
+             if subscriber.password and not subscriber.password.startswith("SCRAM-SHA-256$")]
     if dry_run:
         verifiers = [locked_verifier() for _ in todo]
     else:
@@ -742,9 +745,9 @@ async def import_text(conn: asyncpg.Connection, text: str, *, fmt: str, source: 
             progress.finish()
         report.verifiers_computed = len(clear)
         verifiers = [
-            Verifier.from_text(s.password) if s.password.startswith("SCRAM-SHA-256$")
-            else next(computed) if s.password else locked_verifier()
-            for s in todo]
+            Verifier.from_text(subscriber.password) if subscriber.password.startswith("SCRAM-SHA-256$")
+            else next(computed) if subscriber.password else locked_verifier()
+            for subscriber in todo]
     report.phases["passwords"] = time.monotonic() - mark
     mark = time.monotonic()
     try:
@@ -774,5 +777,5 @@ def iter_csv_rows(subscribers: Iterable[dict[str, str]]) -> Iterator[str]:
     for row in subscribers:
         out.seek(0)
         out.truncate()
-        writer.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        writer.writerow([row.get(column, "") for column in CSV_COLUMNS])
         yield out.getvalue()

@@ -17,6 +17,7 @@ from typing import Any
 
 from urfa.errors import BAD_ARGS, CallFailed
 
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.plugins.errors import PluginError, wire_errors
 from billcore.plugins.loader import PluginManager
@@ -29,13 +30,13 @@ PAGE = 100  # plugins per plugins.list page (each carries its symbols)
 
 def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] | None = None,
                  clock: Callable[[], float] = time.time) -> list[CallSpec]:
-    async def plugins_list(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def plugins_list(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """The plugins this core knows, by name (paged): version, state, signer, licence, symbols."""
         if type(limit) is not int or not 1 <= limit <= PAGE or type(offset) is not int or offset < 0:
             raise CallFailed(BAD_ARGS, f"limit must be 1..{PAGE}, offset >= 0")
-        return sorted(manager.list(), key=lambda p: str(p.get("name")))[offset:offset + limit]
+        return sorted(manager.list(), key=lambda plugin: str(plugin.get("name")))[offset:offset + limit]
 
-    async def plugins_load(ctx: Any, path: str) -> dict[str, Any]:
+    async def plugins_load(ctx: CallContext, path: str) -> dict[str, Any]:
         """Verify and load a signed plugin (directory or archive) at run time."""
         target: Path = Path(path)
         if plugin_dir is not None:
@@ -44,7 +45,7 @@ def plugin_calls(manager: PluginManager, *, plugin_dir: str | os.PathLike[str] |
             target = Path(plugin_dir) / path
         return await manager.load(target, clock())
 
-    async def plugins_unload(ctx: Any, name: str) -> dict[str, Any]:
+    async def plugins_unload(ctx: CallContext, name: str) -> dict[str, Any]:
         """Delete a plugin's functions now; it is torn down when no session uses them."""
         deleted = manager.unload(name)
         return {"name": name, "deleted": deleted, "state": (manager.get(name) or {}).get("state")}

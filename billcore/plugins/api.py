@@ -128,7 +128,7 @@ class PluginAPI:
         self._check_open()
         if name not in self._manifest.calls:
             raise PluginError(f"{self.name}: call {name!r} is not declared in plugin.toml")
-        if any(c.name == name for c in self._calls):
+        if any(call.name == name for call in self._calls):
             raise PluginError(f"{self.name}: call {name!r} registered twice")
         if not inspect.iscoroutinefunction(handler):
             raise PluginError(f"{self.name}: handler of {name} must be an async function")
@@ -186,7 +186,7 @@ class PluginAPI:
             return []
         if self.billing is None:
             raise PluginError(f"{self.name}: this core gives plugins no account access")
-        return [int(a) for a in await self.billing.accounts_of(int(principal.id))]
+        return [int(account_id) for account_id in await self.billing.accounts_of(int(principal.id))]
 
     async def owns(self, principal: Any, account_id: int) -> bool:
         """True when subscriber ``principal`` owns account ``account_id``."""

@@ -131,7 +131,7 @@ def _from_config(args: argparse.Namespace, config: Any) -> int:
     return int(args.func(args))
 
 
-def add_commands(subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                  commands: dict[str, Callable[[argparse.Namespace, Any], int]] | None = None) -> None:
     if commands is not None:
         commands["plugin"] = _from_config

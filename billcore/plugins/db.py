@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
+from billcore.db.rows import DbConnection
 from billcore.plugins.errors import PluginDatabaseError
 
 __all__ = ["PluginDB", "run_migrations", "schema_of"]
@@ -44,14 +45,14 @@ class PluginConnection:
 
     __slots__ = ("_conn",)
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: DbConnection) -> None:
         self._conn = conn
 
     async def execute(self, sql: str, *args: Any) -> str:
         return str(await self._conn.execute(sql, *args))
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self._conn.fetch(sql, *args)]
+        return [dict(row) for row in await self._conn.fetch(sql, *args)]
 
     async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any] | None:
         row = await self._conn.fetchrow(sql, *args)

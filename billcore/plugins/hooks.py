@@ -104,13 +104,13 @@ class HookBus:
         """Remove every handler of ``owner``; return how many were removed."""
         removed = 0
         for event, subs in list(self._subs.items()):
-            kept = [s for s in subs if s.owner != owner]
+            kept = [sub for sub in subs if sub.owner != owner]
             removed += len(subs) - len(kept)
             self._subs[event] = kept
         return removed
 
     def owners(self, event: str) -> list[str]:
-        return [s.owner for s in self._subs.get(event, ())]
+        return [sub.owner for sub in self._subs.get(event, ())]
 
     async def fire(self, event: str, payload: Mapping[str, Any]) -> FireResult:
         if event not in EVENTS:

@@ -41,6 +41,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import asyncpg
+
 from billcore.server.calls import CallRegistry
 from billcore.plugins.api import BillingFacade, PluginAPI, run_every
 from billcore.plugins.bundle import MANIFEST_FILE, PluginBundle, read_bundle
@@ -98,7 +100,7 @@ def _migrations(bundle: PluginBundle) -> list[tuple[str, bytes]]:
 class PluginManager:
     def __init__(self, registry: CallRegistry, bus: HookBus, keydir: str | os.PathLike[str],
                  statedir: str | os.PathLike[str], api_version: int, installation_id: str | None,
-                 db_pool: Any = None, *, billing: BillingFacade | None = None,
+                 db_pool: asyncpg.Pool | None = None, *, billing: BillingFacade | None = None,
                  config_dir: str | os.PathLike[str] | None = None,
                  clock: Callable[[], float] = time.time,
                  setup_timeout: float = 30.0, log: logging.Logger | None = None) -> None:
@@ -144,9 +146,9 @@ class PluginManager:
         if self.registry.is_pending(manifest.name):
             raise PluginStateError(f"{manifest.name} is still being unloaded")
         for call in manifest.calls:
-            if self.registry.get(call) is not None:
-                raise PluginStateError(f"{call} is already registered by "
-                                       f"{self.registry.get(call).spec.module}")  # type: ignore[union-attr]
+            registered = self.registry.get(call)
+            if registered is not None:
+                raise PluginStateError(f"{call} is already registered by {registered.spec.module}")
 
     async def load(self, path: str | os.PathLike[str], now: float, *,
                    config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -206,7 +208,7 @@ class PluginManager:
             except Exception as e:  # noqa: BLE001 - any failure of plugin code refuses the plugin
                 raise PluginSetupError(f"{name}: setup failed: {e!r}") from e
             api._sealed = True
-            missing = set(manifest.calls) - {c.name for c in api._calls}
+            missing = set(manifest.calls) - {call.name for call in api._calls}
             if missing:
                 raise PluginSetupError(f"{name}: declared calls not registered: {sorted(missing)}")
             self._check_free(manifest)  # again: other loads may have run while we awaited
@@ -219,9 +221,9 @@ class PluginManager:
         self.registry.register_all(api._calls)
         for event, handler in api._hooks:
             self.bus.subscribe(event, handler, owner=name)
-        tasks = [asyncio.create_task(run_every(t, log), name=f"plugin:{name}:{t.name}") for t in api._tasks]
+        tasks = [asyncio.create_task(run_every(task, log), name=f"plugin:{name}:{task.name}") for task in api._tasks]
         self._plugins[name] = _Plugin(manifest, licence, bundle.source, importer, module, db,
-                                      tuple(c.name for c in api._calls), tasks)
+                                      tuple(call.name for call in api._calls), tasks)
         self.log.info("plugin loaded", extra={"plugin": name, "version": manifest.version,
                                               "signer": licence.key_id})
         return self._describe(self._plugins[name])
@@ -285,9 +287,9 @@ class PluginManager:
 
     async def _finish(self, name: str, pending: list[Any], db: PluginDB | None) -> None:
         results = await asyncio.gather(*pending, return_exceptions=True)
-        for r in results:
-            if isinstance(r, Exception):
-                self.log.error("plugin teardown failed", exc_info=r, extra={"plugin": name})
+        for result in results:
+            if isinstance(result, Exception):
+                self.log.error("plugin teardown failed", exc_info=result, extra={"plugin": name})
         if db is not None:
             db.close()
 
@@ -310,12 +312,13 @@ class PluginManager:
 
     # -- introspection ---------------------------------------------------------
     def _describe(self, plugin: _Plugin) -> dict[str, Any]:
-        m = plugin.manifest
+        manifest = plugin.manifest
         return {
-            "name": m.name, "version": m.version, "permanent": m.permanent, "state": plugin.state,
-            "description": m.description, "api": m.api, "source": plugin.source,
+            "name": manifest.name, "version": manifest.version, "permanent": manifest.permanent,
+            "state": plugin.state,
+            "description": manifest.description, "api": manifest.api, "source": plugin.source,
             "signer": plugin.licence.key_id, "licence": _validity(plugin.licence),
-            "symbols": list(plugin.symbols), "hooks": list(m.hooks),
+            "symbols": list(plugin.symbols), "hooks": list(manifest.hooks),
         }
 
     def list(self) -> list[dict[str, Any]]:

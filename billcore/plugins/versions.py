@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
+from billcore.db.rows import DbConnection
 from billcore.plugins.errors import PluginError, RollbackRefused
 from billcore.plugins.manifest import parse_version
 
@@ -99,7 +100,7 @@ class FileVersions:
 class DatabaseVersions:
     """The ``plugin_versions`` table; imports a legacy state file once."""
 
-    def __init__(self, pool: Any, statedir: Path) -> None:
+    def __init__(self, pool: asyncpg.Pool, statedir: Path) -> None:
         self.pool = pool
         self.legacy = statedir / STATE_FILE
         self._imported = False
@@ -123,7 +124,7 @@ class DatabaseVersions:
             raise PluginError(f"cannot read the plugin version record (plugin_versions): {e}") from e
         return None if value is None else str(value)
 
-    async def _upsert(self, name: str, version: str, signer: str, conn: Any) -> None:
+    async def _upsert(self, name: str, version: str, signer: str, conn: DbConnection | None) -> None:
         await (conn or self.pool).execute(
             "INSERT INTO plugin_versions (name, version, signer) VALUES ($1, $2, $3)"
             " ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version,"

@@ -169,7 +169,7 @@ class CallTable:
     def __init__(self, registry: CallRegistry, symbols: dict[str, Symbol]) -> None:
         self._registry = registry
         self._symbols = symbols
-        self._modules = frozenset(s.spec.module for s in symbols.values())
+        self._modules = frozenset(symbol.spec.module for symbol in symbols.values())
         self._closed = False
         for module in self._modules:
             registry._acquire(module)
@@ -184,8 +184,8 @@ class CallTable:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {**s.spec.describe(), "deleted": s.deleted}
-            for s in sorted(self._symbols.values(), key=lambda s: s.spec.name)
+            {**symbol.spec.describe(), "deleted": symbol.deleted}
+            for symbol in sorted(self._symbols.values(), key=lambda symbol: symbol.spec.name)
         ]
 
     def names(self) -> list[str]:

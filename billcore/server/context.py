@@ -33,8 +33,10 @@ async def _no_hook(event: str, payload: dict[str, Any]) -> None:
 class CoreContext:
     pool: asyncpg.Pool
     config: Config
-    # publish(topic, payload): push an event to subscribed URFA sessions
-    publish: Callable[[str, dict[str, Any]], None] = lambda topic, payload: None
+    # publish(topic, payload): push an event to subscribed URFA sessions.  The
+    # service's publish answers how many sessions it queued the event for;
+    # handlers do not use that, so any return type will do (a test's list.append)
+    publish: Callable[[str, dict[str, Any]], object] = lambda topic, payload: 0
     # fire(event, payload): run plugin hooks; a failing hook never raises here
     fire: Callable[[str, dict[str, Any]], Awaitable[None]] = _no_hook
     # the clock; tests move it

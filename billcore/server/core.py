@@ -42,16 +42,16 @@ log = logging.getLogger("billcore.server.core")
 
 
 def urfa_config(config: Config, secret: bytes) -> URFAConfig:
-    u = config.urfa
+    urfa = config.urfa
     return URFAConfig(
-        session_timeout=float(u.session_timeout),
-        handshake_timeout=u.handshake_timeout,
-        max_frame=u.max_frame,
-        max_inflight=u.max_inflight,
-        max_connections_per_ip=u.max_connections_per_ip,
-        max_sessions_per_login=u.max_sessions_per_login,
-        max_sessions_per_system=u.max_sessions_per_system,
-        login_failures=u.login_failures_per_minute,
+        session_timeout=float(urfa.session_timeout),
+        handshake_timeout=urfa.handshake_timeout,
+        max_frame=urfa.max_frame,
+        max_inflight=urfa.max_inflight,
+        max_connections_per_ip=urfa.max_connections_per_ip,
+        max_sessions_per_login=urfa.max_sessions_per_login,
+        max_sessions_per_system=urfa.max_sessions_per_system,
+        login_failures=urfa.login_failures_per_minute,
         login_window=60.0,
         # fake salts for unknown logins must stay the same across restarts,
         # or a login that exists would be told apart by its stable salt
@@ -78,13 +78,13 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
     ]
-    return [dataclasses.replace(s, handler=guard_database(s.handler, on_gone)) for s in specs]
+    return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
 
 def edge_roles(config: Config) -> list[str]:
     from billcore.server.supervisor import children_for
 
-    return sorted({c.role for c in children_for(config)} - {"core"})
+    return sorted({child.role for child in children_for(config)} - {"core"})
 
 
 async def _watch_pool(pool: asyncpg.Pool) -> None:
@@ -164,9 +164,9 @@ async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
         await announce(core, await expire_promised(conn, core.now()))
 
     async def charged(rows: list[ChargeBooked]) -> None:
-        for r in rows:
-            await core.fire("account.charged", {"account_id": r.account_id, "amount": r.amount,
-                                                "balance": r.balance, "reason": r.reason})
+        for charge in rows:
+            await core.fire("account.charged", {"account_id": charge.account_id, "amount": charge.amount,
+                                                "balance": charge.balance, "reason": charge.reason})
 
     # Per-row payloads cost a 1M-account run real time: built only when a
     # plugin listens (checked per run: plugins load and unload at run time).
@@ -258,8 +258,8 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         )
         await stop.wait()
     finally:
-        for t in tasks:
-            t.cancel()
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if service is not None:
             await service.stop()
@@ -300,7 +300,7 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
 
         async def accounts_of(self, user_id: int) -> list[int]:
             rows = await core.pool.fetch("SELECT id FROM accounts WHERE user_id = $1 ORDER BY id", user_id)
-            return [int(r["id"]) for r in rows]
+            return [int(row["id"]) for row in rows]
 
     bus = HookBus()
     config.plugin_key_dir.mkdir(parents=True, exist_ok=True)

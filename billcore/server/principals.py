@@ -24,6 +24,7 @@ from urfa.scram import Verifier, make_verifier
 
 from billcore.common.sysfiles import read_or_make_password, service_password_file
 from billcore.db.pool import DATABASE_GONE
+from billcore.db.rows import DbConnection
 from billcore.server.sessions import AuthUnavailable, Principal
 
 __all__ = [
@@ -70,7 +71,7 @@ class DatabaseAuth:
                 " WHERE a.user_id = $1 AND u.deleted_at IS NULL", user_id)
         except (*DATABASE_GONE, OSError) as exc:
             raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
-        return frozenset(int(r["id"]) for r in rows)
+        return frozenset(int(row["id"]) for row in rows)
 
     async def _find(self, kind: str, login: str) -> Principal | None:
         if kind == "admin":
@@ -105,11 +106,11 @@ class DatabaseAuth:
 
 
 async def create_admin(
-    conn: asyncpg.Connection, login: str, password: str, groups: list[str], full_name: str = ""
+    conn: DbConnection, login: str, password: str, groups: list[str], full_name: str = ""
 ) -> int:
     v = make_verifier(password)
     async with conn.transaction():
-        known = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM admin_groups")}
+        known = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM admin_groups")}
         unknown = [g for g in groups if g not in known]
         if unknown:
             raise ValueError(f"unknown admin group(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -126,7 +127,7 @@ async def create_admin(
 
 
 async def create_system_login(
-    conn: asyncpg.Connection, login: str, password: str, rights: frozenset[str] | list[str]
+    conn: DbConnection, login: str, password: str, rights: frozenset[str] | list[str]
 ) -> int:
     """Create or replace a system login (its password and rights)."""
     v = make_verifier(password)
@@ -142,7 +143,7 @@ async def create_system_login(
     return login_id
 
 
-async def set_user_password(conn: asyncpg.Connection, user_id: int, password: str) -> None:
+async def set_user_password(conn: DbConnection, user_id: int, password: str) -> None:
     v = make_verifier(password)
     await conn.execute(
         """UPDATE users SET scram_salt=$2, scram_iterations=$3, scram_stored_key=$4, scram_server_key=$5
@@ -151,7 +152,7 @@ async def set_user_password(conn: asyncpg.Connection, user_id: int, password: st
     )
 
 
-async def ensure_service_login(conn: asyncpg.Connection, data_dir: Path, role: str) -> None:
+async def ensure_service_login(conn: DbConnection, data_dir: Path, role: str) -> None:
     """Make the system login ``role`` match the password file the edge reads."""
     password = read_or_make_password(service_password_file(data_dir, role))
     await create_system_login(conn, role, password, SERVICE_RIGHTS[role])

@@ -131,16 +131,16 @@ class Supervisor:
             # the core sets each edge's verifier from this file
             read_or_make_password(service_password_file(data_dir, role))
         try:
-            self._children = [_Child(s, self.section.restart_backoff_initial) for s in children_for(self.config)]
+            self._children = [_Child(spec, self.section.restart_backoff_initial) for spec in children_for(self.config)]
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
             if self._embedded is not None:
                 watchers.append(asyncio.create_task(self._watch_database(self._embedded)))
-            log.info("supervisor started", extra={"children": ",".join(c.spec.name for c in self._children)})
+            log.info("supervisor started", extra={"children": ",".join(child.spec.name for child in self._children)})
             await self._stopping.wait()
             log.info("stopping children")
             await self._stop_children()
-            for w in watchers:
-                w.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         finally:
             if self._embedded is not None:
@@ -222,14 +222,14 @@ class Supervisor:
                      extra={"postmaster_pid": pg.pid, "down_s": round(time.monotonic() - died_at, 2)})
 
     async def _stop_children(self) -> None:
-        live = [c.proc for c in self._children if c.proc is not None and c.proc.returncode is None]
+        live = [child.proc for child in self._children if child.proc is not None and child.proc.returncode is None]
         for proc in live:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         if not live:
             return
         _, pending = await asyncio.wait(
-            [asyncio.create_task(p.wait()) for p in live], timeout=self.section.stop_timeout
+            [asyncio.create_task(proc.wait()) for proc in live], timeout=self.section.stop_timeout
         )
         for proc in live:
             if proc.returncode is None:

@@ -59,7 +59,7 @@ class Topic:
     for_subscriber: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
-TOPICS: dict[str, Topic] = {t.name: t for t in (
+TOPICS: dict[str, Topic] = {topic.name: topic for topic in (
     Topic("blocks", ("blocks.read", "radius.serve"), for_subscriber=subscriber_block,
           doc="a block set or lifted: account_id, kind, action, block_id, reason, at, by"),
     Topic("classifier", ("netflow.submit", "netflow.read"),

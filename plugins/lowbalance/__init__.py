@@ -40,18 +40,18 @@ def setup(api: PluginAPI) -> None:
             " reason = EXCLUDED.reason, queued_at = now()",
             account_id, balance, threshold, reason)
 
-    async def on_payment(p: Mapping[str, Any]) -> None:
-        await check(int(p["account_id"]), int(p["balance"]), "payment")
+    async def on_payment(payload: Mapping[str, Any]) -> None:
+        await check(int(payload["account_id"]), int(payload["balance"]), "payment")
 
-    async def on_charge(p: Mapping[str, Any]) -> None:
-        await check(int(p["account_id"]), int(p["balance"]), "charge")
+    async def on_charge(payload: Mapping[str, Any]) -> None:
+        await check(int(payload["account_id"]), int(payload["balance"]), "charge")
 
-    async def on_batch(p: Mapping[str, Any]) -> None:
-        for charge in p["charges"]:
+    async def on_batch(payload: Mapping[str, Any]) -> None:
+        for charge in payload["charges"]:
             await check(int(charge["account_id"]), int(charge["balance"]), "traffic")
 
-    async def on_block(p: Mapping[str, Any]) -> None:
-        await check(int(p["account_id"]), int(p["balance"]), "blocked")
+    async def on_block(payload: Mapping[str, Any]) -> None:
+        await check(int(payload["account_id"]), int(payload["balance"]), "blocked")
 
     async def pending(ctx: Any, limit: int = 100) -> list[dict[str, Any]]:
         """Unsent low-balance notices, oldest first."""
