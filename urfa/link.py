@@ -164,7 +164,9 @@ class Link:
         self.connects = {"login": 0, "resume": 0}
         self.reconnects = 0
         self._kick = asyncio.Event()
-        self._round_over: asyncio.Future[BaseException | None] = self._loop.create_future()
+        # a round of attempts ends: (None, n) connected, or (error, n) a pause or the end; n counts attempts begun
+        self._round_over: asyncio.Future[tuple[BaseException | None, int]] = self._loop.create_future()
+        self._begun = 0
         self._given_up: BaseException | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -210,21 +212,27 @@ class Link:
             raise LinkDown("", "the link is closed")
         self.start()
         self._kick.set()
+        # an attempt already under way may have begun before the core came back: its failure is not our answer
+        fresh = self._begun + 1
         budget = timeout if timeout is not None else self.timeout * len(self.addresses) + 1.0
-        round_over = self._round_over
+        deadline = self._loop.time() + budget
         up: asyncio.Future[Any] = asyncio.ensure_future(self.up.wait())
-        waiters: set[asyncio.Future[Any]] = {up, round_over}
         try:
-            await asyncio.wait(waiters, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                round_over = self._round_over
+                waiters: set[asyncio.Future[Any]] = {up, round_over}
+                await asyncio.wait(waiters, timeout=max(0.0, deadline - self._loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                client = self.client
+                if self.up.is_set() and client is not None:
+                    return client
+                if not round_over.done():
+                    raise LinkDown("", f"no session with the core within {budget:g} s")
+                failure, last = round_over.result()
+                if failure is not None and (last >= fresh or self._given_up is not None or self._closed):
+                    raise failure
         finally:
             up.cancel()
-        client = self.client
-        if self.up.is_set() and client is not None:
-            return client
-        failure = round_over.result() if round_over.done() else None
-        if failure is not None:
-            raise failure
-        raise LinkDown("", f"no session with the core within {budget:g} s")
 
     async def _live(self) -> Client:
         client = self.client
@@ -304,14 +312,14 @@ class Link:
                 raise
             except Exception as exc:  # noqa: BLE001 - a hook's failure is a failed attempt too
                 step = self.plan.failed(self._loop.time(), error_code(exc))
+                if isinstance(step, GiveUp):
+                    self._given_up = exc
                 if isinstance(step, GiveUp) or step.at > self._loop.time():
                     self._end_round(exc)   # a pause (or the end): callers waiting for this round learn why
                 if not reported:
                     reported = True
                     self._log.warning("core not reachable; retrying",
                                       extra={"reason": f"{type(exc).__name__}: {exc}", "address": str(self.address)})
-                if isinstance(step, GiveUp):
-                    self._given_up = exc
                 continue
             self.plan.connected(self._loop.time())
             self.connects[how] += 1
@@ -329,13 +337,14 @@ class Link:
             step = self.plan.lost(self._loop.time())
 
     async def _wait_until(self, step: Attempt) -> Attempt:
+        """Sleep until the attempt is due, or a caller kicks (a kick during the last attempt counts)."""
         delay = step.at - self._loop.time()
         if delay > 0:
-            self._kick.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), delay)
             step = self.plan.kicked(self._loop.time(), step)
         self._kick.clear()
+        self._begun += 1
         return step
 
     async def _attempt(self, step: Attempt) -> tuple[Client, str]:
@@ -399,5 +408,5 @@ class Link:
 
     def _end_round(self, outcome: BaseException | None) -> None:
         if not self._round_over.done():
-            self._round_over.set_result(outcome)
+            self._round_over.set_result((outcome, self._begun))
         self._round_over = self._loop.create_future()
