@@ -38,11 +38,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from urfa.client import Client
-from urfa.errors import CallFailed, LoginFailed, URFAError
+from urfa.errors import URFAError
 from urfa.link import Address, Link
 
 from billcore.common.money import format_money, parse_money
 from billcore.common.errors import BillingError
+from billcore.clients.exits import USAGE, report
 
 __all__ = ["main", "convert_args", "render", "show_money"]
 
@@ -422,16 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         result, described = asyncio.run(_run(args))
     except UsageError as exc:
         print(f"billctl: {exc}", file=sys.stderr)
-        return 2
-    except LoginFailed as exc:
-        print(f"billctl: login refused: {exc}", file=sys.stderr)
-        return 3
-    except CallFailed as exc:
-        print(f"billctl: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        return USAGE
     except (URFAError, OSError) as exc:
-        print(f"billctl: cannot talk to the core: {exc}", file=sys.stderr)
-        return 4
+        return report("billctl", exc)
     if described.streaming and args.command != "periodic-run":
         # the rows are out already; the summary (rows N) is for the person, not the pipe
         summary = show_money(result, described.money)

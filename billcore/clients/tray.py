@@ -34,7 +34,8 @@ from typing import Any
 
 from billcore.common.money import format_money
 from urfa.client import DEFAULT_PORT
-from urfa.errors import DELETED, NOT_IN_TABLE, CallFailed, ConnectionLost, LoginFailed, URFAError
+from billcore.clients.exits import OK, USAGE, report
+from urfa.errors import DELETED, NOT_IN_TABLE, CallFailed, ConnectionLost, URFAError
 from urfa.link import Address, Link
 
 __all__ = ["main", "render_status", "fetch_status"]
@@ -195,28 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.watch < 0 or (args.watch and args.watch < 1) or args.count < 0:
         print("billcore-tray: --watch is at least 1 second and --count is not negative", file=sys.stderr)
-        return 2
+        return USAGE
     var = args.password_env or PASSWORD_ENV
     password = os.environ.get(var)
     if password is None:
         if args.password_env:
             print(f"billcore-tray: environment variable {var} is unset", file=sys.stderr)
-            return 2
+            return USAGE
         password = getpass.getpass(f"{args.login} password: ")
     tray = Tray(args, password, lambda text: print(text, flush=True))
     try:
         return asyncio.run(tray.run())
-    except LoginFailed as exc:
-        print(f"billcore-tray: login refused: {exc.code}", file=sys.stderr)
-        return 3
-    except CallFailed as exc:
-        print(f"billcore-tray: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except (URFAError, OSError, asyncio.TimeoutError) as exc:
-        print(f"billcore-tray: cannot talk to the core: {exc}", file=sys.stderr)
-        return 4
+    except (URFAError, OSError) as exc:   # asyncio.TimeoutError is an OSError
+        return report("billcore-tray", exc)
     except KeyboardInterrupt:
-        return 0
+        return OK
 
 
 if __name__ == "__main__":
