@@ -8,6 +8,7 @@ table calls worth a retry, and a tool's refused login ends it."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from billcore.server.calls import CallRegistry, CallSpec
 from billcore.server.service import Principal, URFAConfig, URFAService
 from tests.conftest import free_port
+from tests.test_urfa_service import _self_signed
 from urfa import scram
 from urfa.errors import BAD_ARGS, CallFailed, LoginFailed
 from urfa.link import Address, Link, LinkDown
@@ -41,9 +43,10 @@ class OneLogin:
 class Core:
     """The real URFA service with a few calls whose failures a test scripts."""
 
-    def __init__(self, port: int = 0, unix: str | None = None) -> None:
+    def __init__(self, port: int = 0, unix: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
         self.unix = unix
+        self.tls = tls
         self.service: URFAService | None = None
         self.failures: list[str] = []    # codes the next edge.flaky calls fail with, in order
         self.flaky_calls = 0
@@ -62,7 +65,7 @@ class Core:
         registry.register_all([CallSpec("edge.flaky", flaky, right="edge.use"),
                                CallSpec("edge.echo", echo, right="edge.use", args={"text": "str"})])
         self.service = URFAService(registry, OneLogin(), URFAConfig(secret=b"k" * 32))
-        await self.service.start(tcp=("127.0.0.1", self.port) if self.port else None, unix=self.unix)
+        await self.service.start(tcp=("127.0.0.1", self.port) if self.port else None, unix=self.unix, ssl=self.tls)
         return self
 
     def publish(self, account_id: int) -> None:
@@ -151,6 +154,26 @@ async def test_a_list_of_addresses_fails_over_to_the_second_when_the_first_is_do
         assert await edge.link.call("edge.echo", {"text": "via the standby"}) == "via the standby"
     finally:
         await edge.link.close()
+        await core.stop()
+
+
+async def test_a_tls_address_verifies_the_core(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    core = await Core(free_port(), tls=server).start()
+    trusting = ssl.create_default_context(cafile=str(cert))
+    edge = Edge([Address.parse(f"127.0.0.1:{core.port}", ssl=trusting, server_hostname="localhost")])
+    stranger = Edge([Address.parse(f"127.0.0.1:{core.port}", ssl=ssl.create_default_context(),
+                                   server_hostname="localhost")], persistent=False)
+    try:
+        await edge.link.start().ready()
+        assert await edge.link.call("edge.echo", {"text": "sealed"}) == "sealed"
+        with pytest.raises(ssl.SSLCertVerificationError):   # a core we cannot verify is no core
+            await stranger.link.start().ready()
+    finally:
+        await edge.link.close()
+        await stranger.link.close()
         await core.stop()
 
 

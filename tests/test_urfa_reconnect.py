@@ -91,6 +91,13 @@ def test_a_refused_login_ends_a_tool_and_slows_a_service() -> None:
     assert service.failed(0.1, errors.AUTH_FAILED) == Attempt(0, 30.1, False)
 
 
+def test_a_tool_tries_each_address_once() -> None:
+    plan = LinkPlan(2, can_resume=False, persistent=False)
+    plan.start(0.0)
+    assert plan.failed(0.0, CONNECTION_FAILED) == Attempt(1, 0.0, False)
+    assert isinstance(plan.failed(0.0, CONNECTION_FAILED), GiveUp)
+
+
 def test_rounds_bound_the_attempts() -> None:
     plan = LinkPlan(2, can_resume=False, rounds=2, first_delay=1.0)
     plan.start(0.0)

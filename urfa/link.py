@@ -128,14 +128,14 @@ class LinkStream:
             raise
 
 
-Hook = Callable[[Client, str], Awaitable[None]]
+ConnectedHook = Callable[[Client, str], Awaitable[None]]
 
 
 class Link:
     """One session with the core, kept up from ``start`` until ``close``."""
 
     def __init__(self, addresses: Sequence[Address], kind: str, login: str, password: str | Callable[[], str], *,
-                 topics: Sequence[str] = (), on_connected: Hook | None = None,
+                 topics: Sequence[str] = (), on_connected: ConnectedHook | None = None,
                  on_event: Callable[[Event], None] | None = None, on_missed: Callable[[str], None] | None = None,
                  on_lost: Callable[[str], None] | None = None, timeout: float = 10.0, wait_for_core: float = 0.0,
                  hook_timeout: float = 60.0, persistent: bool = True, rounds: int | None = None,

@@ -125,11 +125,11 @@ class LinkPlan:
         if addresses < 1:
             raise ValueError("a link needs at least one core address")
         if rounds is not None and rounds < 1:
-            raise ValueError("rounds is at least 1 (or None: never give up)")
+            raise ValueError("rounds is at least 1 (or None: a service never gives up, a tool tries one round)")
         self.addresses = addresses
         self.can_resume = can_resume
         self.persistent = persistent
-        self.rounds = rounds
+        self.rounds = rounds if rounds is not None or persistent else 1   # a tool tries each address once
         self.backoff = Backoff(first_delay, max_delay)
         self._home = 0            # the address that worked last
         self._index = 0           # the address of the attempt in progress

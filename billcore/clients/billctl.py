@@ -234,7 +234,7 @@ def _link(args: argparse.Namespace) -> Link:
             raise UsageError("no password given: type it, or set BILLCTL_PASSWORD") from None
     context = ssl.create_default_context(cafile=args.cafile) if args.tls else None
     address = Address(host=None, unix=args.unix) if args.unix else Address(args.host, args.port, ssl=context)
-    return Link([address], args.kind, args.login, password, timeout=args.timeout, persistent=False, rounds=1)
+    return Link([address], args.kind, args.login, password, timeout=args.timeout, persistent=False)
 
 
 class Described:
