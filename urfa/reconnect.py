@@ -48,7 +48,7 @@ class Verdict(enum.Enum):
 
 
 # The core's "the database went away; nothing was changed, retry later"
-# (billcore.db.pool.DB_UNAVAILABLE, spelled here: urfa imports nothing of billcore).
+# (billcore.db.pool answers it; urfa imports nothing of billcore, so it is spelled here).
 DB_UNAVAILABLE = "core.db_unavailable"
 CONNECTION_FAILED = ""   # refused, reset, timed out: the server did not say why
 
