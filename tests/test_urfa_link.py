@@ -201,7 +201,7 @@ async def test_only_what_the_table_calls_retryable_is_retried() -> None:
         await core.stop()
 
 
-async def test_a_tools_refused_login_is_its_answer_and_is_not_retried() -> None:
+async def test_a_tools_refused_login_is_its_answer_and_is_not_retried(caplog: pytest.LogCaptureFixture) -> None:
     core = await Core(free_port()).start()
     edge = Edge([Address("127.0.0.1", core.port)], password="wrong", persistent=False)
     try:
@@ -211,6 +211,7 @@ async def test_a_tools_refused_login_is_its_answer_and_is_not_retried() -> None:
         with pytest.raises(LoginFailed):      # and it stays the answer, without another attempt
             await edge.link.ready()
         assert edge.link.plan.attempts == 1
+        assert [r.message for r in caplog.records if r.name == "urfa.link"] == ["core refused the login"]
     finally:
         await edge.link.close()
         await core.stop()

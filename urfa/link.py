@@ -28,8 +28,9 @@ Callers see:
   caches.  ``on_missed(reason)``: events may have been missed (after any
   reconnect, when a queue dropped events, when ``on_event`` raised), so a
   cache built from events is stale.  ``on_lost(reason)`` after a drop.
-- The log lines ``core connected``, ``core not reachable; retrying`` and
-  ``core connection lost; reconnecting`` (tests and dashboards grep them).
+- The log lines ``core connected``, ``core not reachable; retrying`` (or
+  ``core refused the login``, an error) and ``core connection lost;
+  reconnecting`` (tests and dashboards grep them).
 """
 
 from __future__ import annotations
@@ -318,8 +319,12 @@ class Link:
                     self._end_round(exc)   # a pause (or the end): callers waiting for this round learn why
                 if not reported:
                     reported = True
-                    self._log.warning("core not reachable; retrying",
-                                      extra={"reason": f"{type(exc).__name__}: {exc}", "address": str(self.address)})
+                    extra = {"reason": f"{type(exc).__name__}: {exc}", "address": str(self.address)}
+                    if isinstance(exc, LoginFailed) and verdict(exc.code) is Verdict.NEVER:
+                        # not an outage: the operator must fix the login or its password file
+                        self._log.error("core refused the login", extra={**extra, "login": self.login})
+                    else:
+                        self._log.warning("core not reachable; retrying", extra=extra)
                 continue
             self.plan.connected(self._loop.time())
             self.connects[how] += 1
