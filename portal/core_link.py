@@ -64,6 +64,8 @@ class BadLogin(Exception):
 
 
 class CoreLink:
+    """The office's use of the one ``urfa.link.Link``: calls as a subscriber, failures in the office's words."""
+
     def __init__(self, link: Link) -> None:
         self.link = link
 
