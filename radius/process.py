@@ -3,16 +3,12 @@
 Theory of operation
 -------------------
 Start: bind the ports first (``PortInUse`` stops the role with a clear
-message), then ``CoreLink.run`` connects to the core and keeps connected.
-The core starts at the same time as we do and may restart under us, so the
-link never gives up: it logs in as the ``radius`` system principal
-(password file ``<data_dir>/system/radius.password``, provisioned by the
-core), subscribes to ``blocks``, ``radius.nas`` and ``radius.disconnect``,
-loads ``radius.nas_list``, and then pumps events until the connection
-drops.  After a drop it first *resumes* the system session
-(``Client.resume``: same session, same subscriptions, no password), and logs
-in afresh when the core refuses (a restarted core knows no old session);
-attempts back off from 0.1 s to 2 s.
+message), then start the link to the core (``urfa.link.Link``, which
+reconnects and resumes by itself; see docs/architecture.md).  It logs in as
+the ``radius`` system principal (password file
+``<data_dir>/system/radius.password``, provisioned by the core, read at
+every attempt), subscribes to ``blocks``, ``radius.nas`` and
+``radius.disconnect`` and loads ``radius.nas_list`` on every (re)connect.
 
 While the link is down, nothing is answered: a request that reaches the
 decider fails fast with ``DecisionUnavailable`` and is counted
@@ -45,23 +41,21 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from urfa.client import Client, connect
-from urfa.errors import BUSY, SHUTDOWN, CallFailed, ConnectionLost, LoginFailed, URFAError
+from urfa.client import Client
+from urfa.errors import CallFailed, URFAError
+from urfa.link import Address, Link
 from urfa.messages import Event
+from urfa.reconnect import Verdict, verdict
 
 from .coa import CoaTimeout, send_dynauth, session_attributes
 from .dedup import DedupCache
 from .server import Decision, DecisionUnavailable, Nas, NasTable, PortInUse, RadiusError, RadiusServer, load_dictionary
 
-__all__ = ["RadiusSettings", "CoreLink", "UrfaDecider", "dynauth_sessions", "run_process"]
+__all__ = ["RadiusSettings", "UrfaDecider", "core_call", "core_link", "dynauth_sessions", "run_process"]
 
 log = logging.getLogger(__name__)
 
-# The core's code for "the database went away; nothing was changed, retry
-# later" (billcore.db.pool.DB_UNAVAILABLE, spelled here: radius does not
-# import the core).  Like "busy", it is not the NAS's fault: drop and let the
-# NAS retransmit, instead of an error with a traceback per request.
-DB_UNAVAILABLE = "core.db_unavailable"
+TOPICS = ("blocks", "radius.nas", "radius.disconnect")
 NAS_PAGE = 1000  # radius.nas_list's page size at most
 
 CONNECTED = Gauge("billcore_radius_core_connected", "1 while the radius process holds a session with the core",
@@ -94,78 +88,17 @@ class RadiusSettings:
         return cls(**{k: getattr(section, k) for k in names if hasattr(section, k)})
 
 
-class CoreLink:
-    """One URFA session with the core, kept up for as long as ``run`` runs."""
-
-    def __init__(self, open_session: Callable[[], Awaitable[Client]], on_connected: Callable[[Client], Awaitable[None]],
-                 on_event: Callable[[Client, Event], None], backoff: tuple[float, float] = (0.1, 2.0)) -> None:
-        self._open_session = open_session
-        self._on_connected = on_connected
-        self._on_event = on_event
-        self._backoff = backoff
-        self.client: Client | None = None
-        self.up = asyncio.Event()
-
-    async def call(self, fn: str, args: dict[str, Any], timeout: float | None = None) -> Any:
-        """A call on the live session; ``DecisionUnavailable`` at once when
-        there is none, or when the core is busy, stopping or goes away."""
-        client = self.client
-        if client is None or client.closed or not self.up.is_set():
-            raise DecisionUnavailable("not connected to the core")
-        try:
-            return await client.call(fn, args, timeout=timeout)
-        except CallFailed as exc:
-            if exc.code in (BUSY, SHUTDOWN, DB_UNAVAILABLE):
-                raise DecisionUnavailable(str(exc)) from exc
-            raise RadiusError(f"{fn} refused by the core: {exc}") from exc
-        except (URFAError, OSError, asyncio.TimeoutError) as exc:
-            raise DecisionUnavailable(f"{fn}: {exc!r}") from exc
-
-    async def _connect(self) -> Client:
-        client = self.client
-        if client is not None and client.info is not None:
-            try:
-                await client.resume()
-                CONNECTS.labels("resume").inc()
-                return client
-            except LoginFailed as exc:
-                log.info("core refused to resume the session; logging in again", extra={"reason": str(exc)})
-                await client.close()
-        client = await self._open_session()
-        CONNECTS.labels("login").inc()
-        return client
-
-    async def run(self) -> None:
-        delay = self._backoff[0]
-        down_since: float | None = None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                client = await self._connect()
-                self.client = client
-                await self._on_connected(client)
-            except (URFAError, OSError, asyncio.TimeoutError, RadiusError) as exc:
-                if down_since is None:
-                    down_since = loop.time()
-                    log.warning("core not reachable; retrying", extra={"reason": f"{type(exc).__name__}: {exc}"})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._backoff[1])
-                continue
-            delay = self._backoff[0]
-            self.up.set()
-            CONNECTED.set(1)
-            log.info("core connected", extra={"after_s": round(loop.time() - down_since, 3) if down_since else 0})
-            down_since = None
-            try:
-                while True:
-                    self._on_event(client, await client.next_event())
-            except ConnectionLost as exc:
-                reason = f"{exc}"
-            finally:
-                self.up.clear()
-                CONNECTED.set(0)
-            down_since = loop.time()
-            log.warning("core connection lost; reconnecting", extra={"reason": reason})
+async def core_call(link: Link, fn: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+    """A call on the link; ``DecisionUnavailable`` when a retry could help
+    (down, busy, stopping, database away: the NAS retransmits), else ``RadiusError``."""
+    try:
+        return await link.call(fn, args, timeout=timeout)
+    except CallFailed as exc:
+        if verdict(exc.code) is not Verdict.NEVER:
+            raise DecisionUnavailable(str(exc)) from exc
+        raise RadiusError(f"{fn} refused by the core: {exc}") from exc
+    except (URFAError, OSError, asyncio.TimeoutError) as exc:
+        raise DecisionUnavailable(f"{fn}: {exc!r}") from exc
 
 
 class UrfaDecider:
@@ -176,7 +109,7 @@ class UrfaDecider:
 
     bounded = True
 
-    def __init__(self, link: CoreLink, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16,
+    def __init__(self, link: Link, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16,
                  max_accounting: int = 32) -> None:
         self.link = link
         # the core answers "busy" past its per-connection cap (urfa.max_inflight, 64 by default):
@@ -224,8 +157,8 @@ class UrfaDecider:
 
     async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future[Decision], float]]) -> None:
         try:
-            answers = await self.link.call("radius.authorize_many", {"requests": [e[0] for e in batch]},
-                                           timeout=self.timeout)
+            answers = await core_call(self.link, "radius.authorize_many", {"requests": [e[0] for e in batch]},
+                                      timeout=self.timeout)
             if not isinstance(answers, list) or len(answers) != len(batch):
                 raise RadiusError(f"radius.authorize_many answered {len(answers)} for {len(batch)}")
             for (_, fut, _t), answer in zip(batch, answers):
@@ -247,23 +180,26 @@ class UrfaDecider:
             raise DecisionUnavailable("not connected to the core")
         async with asyncio.timeout(self.timeout):
             async with self._accounting:
-                await self.link.call("radius.accounting", {"record": record})
+                await core_call(self.link, "radius.accounting", {"record": record})
 
 
-async def open_session(config: Any) -> Client:
-    """A fresh URFA session as the ``radius`` system principal."""
+def core_link(config: Any, on_connected: Callable[[Client, str], Awaitable[None]],
+              on_event: Callable[[Event], None], backoff: tuple[float, float] = (0.1, 2.0)) -> Link:
+    """The link to the core as the ``radius`` system principal (Unix socket, else TCP)."""
     from billcore.common.sysfiles import service_password_file
 
-    password = service_password_file(config.data_dir, "radius").read_text().strip()
     sock = config.urfa_socket
-    client = await (connect(unix=str(sock), timeout=5.0) if sock is not None
-                    else connect(config.urfa.host, config.urfa.port, timeout=5.0))
-    try:
-        await client.login("system", "radius", password)
-    except BaseException:
-        await client.close()
-        raise
-    return client
+    address = Address(host=None, unix=str(sock)) if sock is not None else Address(config.urfa.host, config.urfa.port)
+
+    async def connected(client: Client, how: str) -> None:
+        await on_connected(client, how)
+        CONNECTS.labels(how).inc()
+        CONNECTED.set(1)
+
+    return Link([address], "system", "radius",
+                lambda: service_password_file(config.data_dir, "radius").read_text().strip(),
+                topics=TOPICS, on_connected=connected, on_event=on_event, on_lost=lambda reason: CONNECTED.set(0),
+                timeout=5.0, backoff=backoff, logger=log)
 
 
 async def _load_nas(client: Client, table: NasTable) -> None:
@@ -318,24 +254,26 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
         task.add_done_callback(background.discard)
         task.add_done_callback(_log_failure)
 
-    async def on_connected(client: Client) -> None:
-        await client.subscribe("blocks", "radius.nas", "radius.disconnect")
+    async def on_connected(client: Client, how: str) -> None:
         await _load_nas(client, table)
 
-    async def blocked(client: Client, account_id: int) -> None:
-        sessions = await link.call("radius.sessions", {"account_id": account_id}, timeout=10.0)
+    async def reload_nas() -> None:
+        await _load_nas(await link.ready(), table)
+
+    async def blocked(account_id: int) -> None:
+        sessions = await core_call(link, "radius.sessions", {"account_id": account_id}, timeout=10.0)
         if sessions:
             await dynauth_sessions(sessions, table, settings, dictionary)
 
-    def on_event(client: Client, event: Event) -> None:
+    def on_event(event: Event) -> None:
         if event.topic == "radius.nas":
-            spawn(_load_nas(client, table))
+            spawn(reload_nas())
         elif event.topic == "radius.disconnect":
             spawn(dynauth_sessions(event.payload["sessions"], table, settings, dictionary))
         elif event.topic == "blocks" and event.payload.get("action") == "set":
-            spawn(blocked(client, int(event.payload["account_id"])))
+            spawn(blocked(int(event.payload["account_id"])))
 
-    link = CoreLink(lambda: open_session(config), on_connected, on_event)
+    link = core_link(config, on_connected, on_event)
     server = RadiusServer(decider=UrfaDecider(link, timeout=settings.decision_timeout), nas_table=table,
                           dictionary=dictionary, max_inflight=settings.max_inflight,
                           decision_timeout=settings.decision_timeout,
@@ -350,10 +288,11 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
     async def sweep() -> None:
         while True:
             await asyncio.sleep(settings.stale_check)
-            with contextlib.suppress(RadiusError):
-                await link.call("radius.close_stale", {"timeout": settings.stale_timeout or 3 * 3600}, timeout=60.0)
+            with contextlib.suppress(RadiusError, DecisionUnavailable):
+                await core_call(link, "radius.close_stale", {"timeout": settings.stale_timeout or 3 * 3600}, timeout=60.0)
 
-    tasks = [asyncio.create_task(link.run()), asyncio.create_task(sweep())]
+    link.start()
+    tasks = [asyncio.create_task(sweep())]
     try:
         await stop.wait()
     finally:
@@ -361,8 +300,7 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
             t.cancel()
         await asyncio.gather(*tasks, *background, return_exceptions=True)
         await server.close()
-        if link.client is not None:
-            await link.client.close()
+        await link.close()
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

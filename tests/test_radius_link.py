@@ -7,16 +7,18 @@ kept), and logging in again when the core restarted."""
 from __future__ import annotations
 
 import asyncio
+import types
+from pathlib import Path
 from typing import Any
 
 from billcore.server.calls import CallRegistry, CallSpec
 from billcore.server.service import URFAConfig, URFAService
 from billcore.server.sessions import Principal
-from radius.process import CONNECTS, CoreLink, UrfaDecider
+from radius.process import CONNECTS, UrfaDecider, core_link
 from radius.server import DecisionUnavailable, Nas
 from tests.conftest import free_port
 from urfa import scram
-from urfa.client import Client, connect
+from urfa.client import Client
 from urfa.messages import Event
 
 PASSWORD = "radius-system-pw"
@@ -30,6 +32,9 @@ class OneLogin:
 
     async def find_principal(self, kind: str, login: str) -> Principal | None:
         return self.principal if (kind, login) == ("system", "radius") else None
+
+    async def accounts_of(self, user_id: int) -> frozenset[int]:
+        return frozenset()
 
 
 class Core:
@@ -62,21 +67,18 @@ class Core:
 
 
 class Harness:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    """The radius process's own link (``core_link``), pointed at the stand-in core."""
+
+    def __init__(self, port: int, tmp_path: Path) -> None:
+        (tmp_path / "system").mkdir()
+        (tmp_path / "system" / "radius.password").write_text(PASSWORD + "\n")
+        config = types.SimpleNamespace(urfa_socket=None, urfa=types.SimpleNamespace(host="127.0.0.1", port=port),
+                                       data_dir=tmp_path)
         self.events: list[Event] = []
         self.connected = 0
-        self.attempts = 0
-        self.link = CoreLink(self.open, self.on_connected, lambda c, e: self.events.append(e), backoff=(0.05, 0.2))
+        self.link = core_link(config, self.on_connected, self.events.append, backoff=(0.05, 0.2))
 
-    async def open(self) -> Client:
-        self.attempts += 1
-        client = await connect("127.0.0.1", self.port, timeout=2.0)
-        await client.login("system", "radius", PASSWORD)
-        return client
-
-    async def on_connected(self, client: Client) -> None:
-        await client.subscribe("blocks")
+    async def on_connected(self, client: Client, how: str) -> None:
         self.connected += 1
 
 
@@ -88,18 +90,18 @@ async def wait_for(check: Any, timeout: float = 10.0) -> None:
 
 
 def connects(how: str) -> float:
-    return CONNECTS.labels(how)._value.get()
+    return float(CONNECTS.labels(how)._value.get())
 
 
-async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again() -> None:
+async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again(tmp_path: Path) -> None:
     port = free_port()
-    h = Harness(port)
+    h = Harness(port, tmp_path)
     decider = UrfaDecider(h.link, timeout=2.0)
-    runner = asyncio.create_task(h.link.run())
+    h.link.start()
     core = Core(port)
     try:
         # the core is not up yet: the link keeps trying, decisions fail at once
-        await wait_for(lambda: h.attempts >= 2)   # it tried, failed, and tried again
+        await wait_for(lambda: h.link.plan.attempts >= 2)
         assert not h.link.up.is_set()
         try:
             decider.authorize(NAS, {"login": "alice"})
@@ -139,18 +141,15 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again() -> No
         assert h.connected == 3  # first login, resume, fresh login: subscribed each time
         assert (await decider.authorize(NAS, {"login": "alice"})).accept
     finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        if h.link.client is not None:
-            await h.link.client.close()
+        await h.link.close()
         await core.stop()
 
 
-async def test_accounting_calls_stay_under_the_cores_cap() -> None:
+async def test_accounting_calls_stay_under_the_cores_cap(tmp_path: Path) -> None:
     """A burst of accounting requests never has more than ``max_accounting``
     calls in flight on the connection; the rest wait their turn."""
     port = free_port()
-    h = Harness(port)
+    h = Harness(port, tmp_path)
     running = 0
     peak = 0
 
@@ -167,15 +166,12 @@ async def test_accounting_calls_stay_under_the_cores_cap() -> None:
     assert core.service is not None
     core.service.registry.register_all([CallSpec("radius.accounting", accounting, right="radius.serve",
                                                  args={"record": "map"})])
-    runner = asyncio.create_task(h.link.run())
+    h.link.start()
     try:
         await wait_for(h.link.up.is_set)
         decider = UrfaDecider(h.link, timeout=5.0, max_accounting=4)
         await asyncio.gather(*(decider.account(NAS, {"session_id": str(i)}) for i in range(40)))
         assert peak == 4
     finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        if h.link.client is not None:
-            await h.link.client.close()
+        await h.link.close()
         await core.stop()

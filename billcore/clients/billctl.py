@@ -37,11 +37,13 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-from urfa.client import Client, connect
-from urfa.errors import CallFailed, LoginFailed, URFAError
+from urfa.client import Client
+from urfa.errors import URFAError
+from urfa.link import Address, Link
 
 from billcore.common.money import format_money, parse_money
 from billcore.common.errors import BillingError
+from billcore.clients.exits import USAGE, report
 
 __all__ = ["main", "convert_args", "render", "show_money"]
 
@@ -222,26 +224,17 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-async def _session(args: argparse.Namespace) -> Client:
+def _link(args: argparse.Namespace) -> Link:
+    """One attempt at the core: a tool reports a failure instead of retrying it."""
     password = os.environ.get("BILLCTL_PASSWORD")
     if password is None:
         try:
-            password = await asyncio.to_thread(getpass.getpass, f"{args.kind} {args.login} password: ")
+            password = getpass.getpass(f"{args.kind} {args.login} password: ")
         except EOFError:
             raise UsageError("no password given: type it, or set BILLCTL_PASSWORD") from None
-    context = None
-    if args.tls:
-        context = ssl.create_default_context(cafile=args.cafile)
-    if args.unix:
-        client = await connect(unix=args.unix, timeout=args.timeout)
-    else:
-        client = await connect(args.host, args.port, ssl=context, timeout=args.timeout)
-    try:
-        await client.login(args.kind, args.login, password)
-    except BaseException:
-        await client.close()
-        raise
-    return client
+    context = ssl.create_default_context(cafile=args.cafile) if args.tls else None
+    address = Address(host=None, unix=args.unix) if args.unix else Address(args.host, args.port, ssl=context)
+    return Link([address], args.kind, args.login, password, timeout=args.timeout, persistent=False)
 
 
 class Described:
@@ -322,8 +315,8 @@ def _periodic_progress(chunk: Any) -> None:
 
 async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
     """The command's result and the description of the function that made it."""
-    client = await _session(args)
-    try:
+    async with _link(args) as link:
+        client = await link.ready()
         if args.command == "calls":
             return [
                 {"name": c["name"], "args": ", ".join(f"{k}:{v}" for k, v in c["args"].items()),
@@ -341,8 +334,6 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
         if args.command == "account" and isinstance(result, dict) and _out_format(args) == "table":
             result = _account_view(result)
         return result, d
-    finally:
-        await client.close()
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -432,16 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         result, described = asyncio.run(_run(args))
     except UsageError as exc:
         print(f"billctl: {exc}", file=sys.stderr)
-        return 2
-    except LoginFailed as exc:
-        print(f"billctl: login refused: {exc}", file=sys.stderr)
-        return 3
-    except CallFailed as exc:
-        print(f"billctl: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        return USAGE
     except (URFAError, OSError) as exc:
-        print(f"billctl: cannot talk to the core: {exc}", file=sys.stderr)
-        return 4
+        return report("billctl", exc)
     if described.streaming and args.command != "periodic-run":
         # the rows are out already; the summary (rows N) is for the person, not the pipe
         summary = show_money(result, described.money)

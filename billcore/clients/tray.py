@@ -33,14 +33,14 @@ from collections.abc import Callable
 from typing import Any
 
 from billcore.common.money import format_money
-from urfa import errors as E
-from urfa.client import DEFAULT_PORT, Client, connect
-from urfa.errors import CallFailed, ConnectionLost, LoginFailed, URFAError
+from urfa.client import DEFAULT_PORT
+from billcore.clients.exits import OK, USAGE, report
+from urfa.errors import DELETED, NOT_IN_TABLE, CallFailed, ConnectionLost, URFAError
+from urfa.link import Address, Link
 
 __all__ = ["main", "render_status", "fetch_status"]
 
 PASSWORD_ENV = "BILLCORE_TRAY_PASSWORD"
-_RELOGIN = frozenset({E.NO_SESSION, E.EXPIRED, E.LOGGED_OUT})
 
 
 def human_bytes(n: int) -> str:
@@ -91,26 +91,29 @@ def render_status(login: str, accounts: list[dict[str, Any]], tariffs: list[dict
     return "\n".join(lines)
 
 
-async def _optional(client: Client, fn: str, args: dict[str, Any], timeout: float) -> Any:
+async def _optional(link: Link, fn: str, args: dict[str, Any], timeout: float) -> Any:
     """``fn``'s answer, or None when this core does not offer it."""
     try:
-        return await client.call(fn, args, timeout=timeout)
+        return await link.call(fn, args, timeout=timeout, retry_for=timeout)
     except CallFailed as exc:
-        if exc.code in (E.NOT_IN_TABLE, E.DELETED):
+        if exc.code in (NOT_IN_TABLE, DELETED):
             return None
         raise
 
 
-async def fetch_status(client: Client, account_id: int | None, timeout: float = 10.0) -> dict[str, Any]:
-    """Accounts, tariffs (None: not offered) and traffic class names."""
+async def fetch_status(link: Link, account_id: int | None, timeout: float = 10.0) -> dict[str, Any]:
+    """Accounts, tariffs (None: not offered) and traffic class names.
+
+    Only reads: a call that met a dropped connection or an ended session
+    is asked again on the link's new session (``retry_for``)."""
     which = {"account_id": account_id} if account_id is not None else {}
-    accounts = await client.call("me.accounts", timeout=timeout)
+    accounts = await link.call("me.accounts", timeout=timeout, retry_for=timeout)
     if account_id is not None:
         accounts = [a for a in accounts if a["id"] == account_id]
         if not accounts:
             raise CallFailed("accounts.unknown", f"account {account_id} does not exist")
-    tariffs = await _optional(client, "me.tariff", which, timeout)
-    classes = await _optional(client, "me.classes", {}, timeout) or []
+    tariffs = await _optional(link, "me.tariff", which, timeout)
+    classes = await _optional(link, "me.classes", {}, timeout) or []
     return {"accounts": accounts, "tariffs": tariffs, "classes": {c["id"]: c["name"] for c in classes}}
 
 
@@ -119,41 +122,20 @@ class Tray:
         self.args = args
         self.password = password
         self.out = out
-        self.client: Client | None = None
 
-    async def session(self) -> Client:
-        if self.client is not None and not self.client.closed:
-            return self.client
+    def link(self) -> Link:
+        """The subscriber's own session; a core that is down is tried again when a refresh asks."""
         a = self.args
         context = ssl.create_default_context(cafile=a.cafile) if a.tls else None
-        client = await (connect(unix=a.unix, timeout=a.timeout) if a.unix
-                        else connect(a.host, a.port, ssl=context, timeout=a.timeout))
-        try:
-            await client.login("user", a.login, self.password)
-        except BaseException:
-            await client.close()
-            raise
-        self.client = client
-        return client
+        address = Address(host=None, unix=a.unix) if a.unix else Address(a.host, a.port, ssl=context)
+        return Link([address], "user", a.login, self.password, timeout=a.timeout, wait_for_core=a.timeout)
 
-    async def once(self) -> dict[str, Any]:
-        for attempt in (1, 2):
-            client = await self.session()
-            try:
-                status = await fetch_status(client, self.args.account_id, self.args.timeout)
-                return {"login": self.args.login, **status}
-            except (ConnectionLost, CallFailed, asyncio.TimeoutError) as exc:
-                gone = not isinstance(exc, CallFailed) or exc.code in _RELOGIN
-                if not gone or attempt == 2:
-                    raise
-                await client.close()
-                self.client = None
-        raise AssertionError("unreachable")
+    async def once(self, link: Link) -> dict[str, Any]:
+        return {"login": self.args.login, **await fetch_status(link, self.args.account_id, self.args.timeout)}
 
-    async def switch(self, off: bool) -> None:
-        client = await self.session()
+    async def switch(self, link: Link, off: bool) -> None:
         which = {"account_id": self.args.account_id} if self.args.account_id is not None else {}
-        result = await client.call("me.block", {"on": off, **which}, timeout=self.args.timeout)
+        result = await link.call("me.block", {"on": off, **which}, timeout=self.args.timeout)
         state = "off" if off else "on"
         self.out(f"internet switched {state} on account {result['account_id']}"
                  + ("" if result["changed"] else f" (it was {state} already)"))
@@ -168,21 +150,19 @@ class Tray:
 
     async def run(self) -> int:
         a = self.args
-        try:
+        async with self.link() as link:
+            await link.ready()      # a refused login or an unreachable core is the command's answer
             if a.off or a.on:
-                await self.switch(off=bool(a.off))
-            self.show(await self.once())
+                await self.switch(link, off=bool(a.off))
+            self.show(await self.once(link))
             shown = 1
             while a.watch and (not a.count or shown < a.count):
                 await asyncio.sleep(a.watch)
                 try:
-                    self.show(await self.once())
+                    self.show(await self.once(link))
                 except (ConnectionLost, OSError, asyncio.TimeoutError) as exc:
                     self.out(f"core unreachable ({exc}); retrying in {a.watch} s")
                 shown += 1
-        finally:
-            if self.client is not None:
-                await self.client.close()
         return 0
 
 
@@ -216,28 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.watch < 0 or (args.watch and args.watch < 1) or args.count < 0:
         print("billcore-tray: --watch is at least 1 second and --count is not negative", file=sys.stderr)
-        return 2
+        return USAGE
     var = args.password_env or PASSWORD_ENV
     password = os.environ.get(var)
     if password is None:
         if args.password_env:
             print(f"billcore-tray: environment variable {var} is unset", file=sys.stderr)
-            return 2
+            return USAGE
         password = getpass.getpass(f"{args.login} password: ")
     tray = Tray(args, password, lambda text: print(text, flush=True))
     try:
         return asyncio.run(tray.run())
-    except LoginFailed as exc:
-        print(f"billcore-tray: login refused: {exc.code}", file=sys.stderr)
-        return 3
-    except CallFailed as exc:
-        print(f"billcore-tray: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except (URFAError, OSError, asyncio.TimeoutError) as exc:
-        print(f"billcore-tray: cannot talk to the core: {exc}", file=sys.stderr)
-        return 4
+    except (URFAError, OSError) as exc:   # asyncio.TimeoutError is an OSError
+        return report("billcore-tray", exc)
     except KeyboardInterrupt:
-        return 0
+        return OK
 
 
 if __name__ == "__main__":

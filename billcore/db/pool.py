@@ -19,6 +19,7 @@ import asyncpg
 from asyncpg.exceptions import InternalClientError
 
 from billcore.common.config import DatabaseSection
+from urfa.reconnect import DB_UNAVAILABLE   # the wire code; the link's retry table knows it as "retry later"
 
 __all__ = ["open_pool", "describe_dsn", "DatabaseUnavailable", "DB_UNAVAILABLE", "DATABASE_GONE", "guard_database",
            "DB_GONE", "DatabaseHealth", "watch_database"]
@@ -39,7 +40,6 @@ _GONE = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventio
 # What a background task sees when the database goes away: it waits and tries
 # again instead of dying (a dead task would stop its work for good).
 DB_GONE = (asyncpg.PostgresError, asyncpg.InterfaceError, InternalClientError, OSError, asyncio.TimeoutError)
-DB_UNAVAILABLE = "core.db_unavailable"
 DATABASE_GONE = _GONE   # for code outside a call handler that must tell "down" from "bug"
 
 
