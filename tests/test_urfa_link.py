@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from billcore.server.calls import CallRegistry, CallSpec
-from billcore.server.service import Principal, URFAConfig, URFAService
+from billcore.server.service import URFAConfig, URFAService
+from billcore.server.sessions import Principal
 from tests.conftest import free_port
 from tests.test_urfa_service import _self_signed
 from urfa import scram
