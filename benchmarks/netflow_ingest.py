@@ -452,7 +452,8 @@ def offline_profile(version: int, flows_wanted: int, tmp: Path) -> dict[str, Any
     from netflow.classifier import Binding, Classifier, Snapshot, TrafficRule, aggregate
     from netflow.journal import Journal
     from netflow.rawstore import RawWriter
-    from netflow.worker import BatchDecoder, DecoderState, ExporterFilter, JournalTail, Receiver, open_socket
+    from netflow.batches import BatchDecoder, DecoderState, JournalTail
+    from netflow.receiver import ExporterFilter, Receiver, open_socket
 
     replay = build_replay(version, int(time.time() * 1000) - 300_000, 1)
     per_packet = sum(replay[0][1]) / len(replay[0][0])

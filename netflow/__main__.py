@@ -88,25 +88,15 @@ def settings_for(args: argparse.Namespace, index: int) -> Any:
     )
 
 
-def session_opener(args: argparse.Namespace) -> Callable[[], Awaitable[Any]]:
-    from urfa.client import connect
+def session_opener_for(args: argparse.Namespace) -> Callable[[], Awaitable[Any]]:
+    from netflow.core_link import session_opener
 
     host, _, port = args.core.rpartition(":")
     host = host.strip("[]")
     context = ssl.create_default_context(cafile=str(args.cafile) if args.cafile else None) if args.tls else None
     server_name = args.server_name or (host if context else None)
-
-    async def open_session() -> Any:
-        password = args.password_file.read_text().strip()  # read each time: it may be rotated
-        client = await connect(host, int(port), ssl=context, server_hostname=server_name, timeout=10.0)
-        try:
-            await client.login("system", args.login, password)
-        except BaseException:
-            await client.close()
-            raise
-        return client
-
-    return open_session
+    return session_opener(args.login, lambda: args.password_file.read_text().strip(),  # read each time: rotated
+                          host=host, port=int(port), tls=context, server_name=server_name)
 
 
 def worker_main(args: argparse.Namespace, index: int) -> None:
@@ -118,7 +108,7 @@ def worker_main(args: argparse.Namespace, index: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        worker = Worker(settings_for(args, index), session_opener(args))
+        worker = Worker(settings_for(args, index), session_opener_for(args))
         await worker.serve(stop, ready=lambda info: log.info("netflow serving %s", info))
 
     asyncio.run(main())

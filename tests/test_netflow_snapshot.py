@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -18,6 +20,7 @@ from netflow.flows import FLOW_DTYPE, addr_to_pair
 from netflow.snapshot import SnapshotLoader
 from tests.test_tariffs_api import Ctx
 from tests.test_usage_commit import make_accounts
+from urfa.messages import Event
 
 NOW = datetime(2024, 4, 10, 12, tzinfo=timezone.utc)
 
@@ -137,3 +140,90 @@ def test_worker_reloads_for_a_newer_version_only(tmp_path: Any) -> None:
     assert worker.stale()
     worker.link.seen_version, worker.link.snapshot_stale = 0, True  # reconnected: events may be lost
     assert worker.stale()
+
+
+class PumpedClient:
+    """A core session whose events a test pushes (an exception is raised by next_event) and whose
+    ``netflow.snapshot`` stream is empty at ``version``; counts the loads."""
+
+    def __init__(self, version: int) -> None:
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.closed = False
+        self.loads = 0
+        self.version = version
+
+    async def subscribe(self, topic: str) -> None:
+        assert topic == "classifier"
+
+    async def next_event(self) -> Any:
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stream(self, fn: str, args: dict[str, Any]) -> Any:
+        assert fn == "netflow.snapshot"
+        self.loads += 1
+        client = self
+
+        class Empty:
+            result = {"version": client.version, "bindings": 0, "rules": 0}
+
+            async def __anext__(self) -> Any:
+                raise StopAsyncIteration
+
+        return Empty()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def test_event_pump_failures_mark_the_snapshot_stale_and_are_logged(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A classifier event the pump cannot apply, or a pump that cannot read events at all, must not end
+    the pump silently: the snapshot is marked stale (the worker reloads it) and the failure is logged."""
+    from netflow.worker import Worker, WorkerSettings
+
+    sessions: list[PumpedClient] = []
+
+    async def open_session() -> Any:
+        sessions.append(PumpedClient(version=sessions[-1].version if sessions else 10))
+        return sessions[-1]
+
+    stop = asyncio.Event()
+    worker = Worker(WorkerSettings("w", "127.0.0.1", 0, tmp_path, None), open_session)
+    try:
+        await worker.link.session(stop)
+        await worker.refresh_classifier(stop)
+        assert not worker.stale() and sessions[0].loads == 1
+        caplog.set_level(logging.WARNING, logger="netflow.worker")
+
+        sessions[0].events.put_nowait(object())  # no topic: the apply step raises
+        await until(worker.stale)
+        assert "classifier event not understood" in caplog.text
+        await worker.refresh_classifier(stop)
+        assert not worker.stale() and sessions[0].loads == 2
+        sessions[0].events.put_nowait(Event("classifier", {"version": 11}))  # the pump went on
+        await until(worker.stale)
+        sessions[0].version = 11
+        await worker.refresh_classifier(stop)
+        assert not worker.stale()
+
+        sessions[0].events.put_nowait(RuntimeError("a bug in the pump"))  # reading events fails
+        await until(worker.stale)
+        assert "classifier events stopped" in caplog.text and "a bug in the pump" in caplog.text
+        assert sessions[0].closed  # so the next call opens a session with a new pump
+        await worker.refresh_classifier(stop)
+        assert len(sessions) == 2 and sessions[1].loads == 1
+        sessions[1].events.put_nowait(Event("classifier", {"version": 12}))
+        await until(worker.stale)
+    finally:
+        await worker.link.close()
