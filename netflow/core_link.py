@@ -98,11 +98,13 @@ class CoreLink:
     async def _pump(self, client: Any) -> None:
         """Classifier events into `seen_version` / `snapshot_stale`, until the session ends.
 
-        Any failure marks the snapshot stale: a lost connection (the next
-        session reloads anyway), an event the apply step cannot take (logged;
-        the pump goes on), or a failure to read events at all (logged; the
-        session is closed so the next call opens one with a new pump). A pump
-        that ended silently would leave the classifier frozen.
+        Any failure marks the snapshot stale: a lost connection (through
+        `session`, which marks it when it opens the next one; not here, so a
+        worker stopping after the core did not try to reload), an event the
+        apply step cannot take (logged; the pump goes on), or a failure to read
+        events at all (logged; the session is closed so the next call opens
+        one with a new pump). A pump that ended silently would leave the
+        classifier frozen.
         """
         try:
             while True:
@@ -113,7 +115,7 @@ class CoreLink:
                     self.snapshot_stale = True
                     log.exception("classifier event not understood; the snapshot is reloaded")
         except (ConnectionLost, OSError):
-            self.snapshot_stale = True  # the session is gone; the next one reloads
+            pass  # the session is gone; the next one marks the snapshot stale
         except Exception:
             self.snapshot_stale = True
             log.exception("classifier events stopped; the snapshot is reloaded and the session reopened")
