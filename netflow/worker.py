@@ -18,7 +18,7 @@ across the committed watermark), when to ship — is decided by `ShipPlan`
 (`netflow.plan`, no I/O); this module feeds it events and carries out its
 answers. Exactly once rests on the decoder checkpoint written before each
 batch is shipped and on the journal's identity settled with the core at start
-(both in `netflow.checkpoints`); the session with the core is `netflow.core_link`.
+(both in `netflow.checkpoints`); the session with the core is `netflow.core_session`.
 
 Raw flows. Every shipped batch's classified legs go to a `RawWriter`
 (``rawstore``), which writes hourly Parquet part files named after the
@@ -40,7 +40,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from prometheus_client import Counter, Gauge
 from netflow.batches import MAX_ROWS, Batch, BatchDecoder, DecoderState, JournalTail, cut_batch, encode_aggregates
 from netflow.checkpoints import Checkpoints, plan_resume
 from netflow.classifier import Classifier
-from netflow.core_link import CoreLink, CoreUnavailable, session_opener
+from netflow.core_session import CoreAccess, CoreSession, CoreUnavailable
 from netflow.flows import addr_to_pair
 from netflow.journal import Journal, list_segments
 from netflow.metrics import (DROPS, EPOCHS, FLOWS, JOURNAL_ALARM, JOURNAL_BYTES, JOURNAL_DISK_FULL,
@@ -59,6 +59,7 @@ from netflow.plan import CutBatch, Finish, Idle, ShipPlan, Submit, Wait
 from netflow.rawstore import RawWriter
 from netflow.receiver import DISK_ERRORS, ExporterFilter, Receiver, kernel_drops, open_socket
 from urfa.errors import CallFailed
+from urfa.link import Address
 
 __all__ = ["WorkerSettings", "Worker", "StoppedWhileFull", "parse_sampling", "run", "MAX_ROWS"]
 
@@ -141,9 +142,9 @@ class StoppedWhileFull(Exception):
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, open_session: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, settings: WorkerSettings, core: CoreAccess) -> None:
         self.s = settings
-        self.link = CoreLink(open_session, settings.worker_id)
+        self.core = CoreSession(core, settings.worker_id)
         self.classifier: Classifier | None = None
         self.classifier_version: int | None = None
         self.epoch: str | None = None
@@ -170,9 +171,9 @@ class Worker:
         that was subscribed before the load began: `stale` then holds, and the
         next loop loads once more. No change is lost.
         """
-        self.link.snapshot_stale = False
+        self.core.events.snapshot_stale = False
         started = time.monotonic()
-        loader, answer = await self.link.load("netflow.snapshot", stop)
+        loader, answer = await self.core.load_snapshot(stop)
         snapshot, version = loader.finish(answer)
         self.classifier = Classifier(snapshot)
         if version != self.classifier_version:
@@ -186,7 +187,8 @@ class Worker:
         version newer than the one loaded. An event for a change the last load already held (it
         committed before the core's database snapshot, its NOTIFY came after) costs no second load:
         at a million bindings that is seconds per change."""
-        return self.link.snapshot_stale or self.link.seen_version > (self.classifier_version or 0)
+        events = self.core.events
+        return events.snapshot_stale or events.seen_version > (self.classifier_version or 0)
 
     def _count(self, batch: Batch) -> None:
         m, stats, agg = self._m, batch.stats, batch.aggregates
@@ -243,13 +245,13 @@ class Worker:
         """Settle the journal's identity with the core (see `netflow.checkpoints`); the committed watermark."""
         s = self.s
         try:
-            mark = await self.link.call("netflow.journal", {"worker": s.worker_id}, stop)
+            mark = await self.core.call("netflow.journal", {"worker": s.worker_id}, stop)
         except CallFailed as exc:
             if exc.code != "not_in_table":
                 raise
             # a core from before journal identities: offsets alone keep new traffic above the watermark
             log.warning("the core knows no journal epochs; journal identity is not checked")
-            committed = int(await self.link.call("netflow.watermark", {"worker": s.worker_id}, stop))
+            committed = int(await self.core.call("netflow.watermark", {"worker": s.worker_id}, stop))
             if journal_end < committed:
                 receiver.lift(committed)
             self.epoch = None
@@ -262,7 +264,7 @@ class Worker:
         if resume.identity != journal.identity:
             await self._on_disk("journal identity", lambda: journal.set_identity(resume.identity), stop)
         if resume.reason is not None:
-            answer = await self.link.call("netflow.begin_epoch", {
+            answer = await self.core.call("netflow.begin_epoch", {
                 "worker": s.worker_id, "epoch": resume.identity.epoch, "expect": epoch or "",
                 "reason": resume.reason, "journal_end": journal_end}, stop)
             watermark = int(answer["watermark"])
@@ -355,7 +357,7 @@ class Worker:
             sock.close()
             with contextlib.suppress(Exception):
                 journal.close()
-            await self.link.close()
+            await self.core.close()
 
     async def _ship(self, action: CutBatch, plan: ShipPlan, decoder: BatchDecoder, tail: JournalTail,
                     checkpoints: Checkpoints, raw: RawWriter | None, stop: asyncio.Event) -> bool:
@@ -375,7 +377,7 @@ class Worker:
             return False
         if isinstance(decision, Submit):
             try:
-                result = await self.link.call(
+                result = await self.core.call(
                     "netflow.submit", {"worker": self.s.worker_id, "watermark": decision.end,
                                        **encode_aggregates(batch.aggregates),
                                        **({"epoch": self.epoch} if self.epoch else {})}, stop)
@@ -448,20 +450,20 @@ def read_password(config: Any) -> str:
     return path.read_text().strip()
 
 
-def local_session_opener(config: Any, password: str) -> Callable[[], Awaitable[Any]]:
-    """Sessions with this host's core: ``netflow.core_address``, else the core's Unix socket, else its TCP port."""
-    login, secret = config.netflow.login, (lambda: password)
+def local_core(config: Any, password: str) -> CoreAccess:
+    """This host's core: ``netflow.core_address``, else the core's Unix socket, else its TCP port."""
     if config.netflow.core_address:
-        host, _, port = config.netflow.core_address.rpartition(":")
-        return session_opener(login, secret, host=host.strip("[]"), port=int(port))
-    if config.urfa_socket is not None:
-        return session_opener(login, secret, unix=str(config.urfa_socket))
-    return session_opener(login, secret, host=config.urfa.host, port=config.urfa.port)
+        address = Address.parse(config.netflow.core_address)
+    elif config.urfa_socket is not None:
+        address = Address(host=None, unix=str(config.urfa_socket))
+    else:
+        address = Address(host=config.urfa.host, port=config.urfa.port)
+    return CoreAccess((address,), config.netflow.login, lambda: password)
 
 
 async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     """The supervisor's ``netflow`` role: worker ``index`` of ``config.netflow_workers``."""
     settings = WorkerSettings.from_config(config, index)
     password = await asyncio.to_thread(read_password, config)
-    worker = Worker(settings, local_session_opener(config, password))
+    worker = Worker(settings, local_core(config, password))
     await worker.serve(stop)
