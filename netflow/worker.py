@@ -88,18 +88,18 @@ class WorkerSettings:
 
     @classmethod
     def from_config(cls, config: Any, index: int, worker_id: str | None = None) -> WorkerSettings:
-        n = config.netflow
-        base = Path(n.journal_dir) if n.journal_dir else config.data_dir / "netflow" / "journal"
+        section = config.netflow
+        base = Path(section.journal_dir) if section.journal_dir else config.data_dir / "netflow" / "journal"
         wid = worker_id if worker_id is not None else str(index)
         return cls(
-            worker_id=wid, host=n.host, port=n.port, journal_dir=base / wid,
-            raw_dir=Path(n.raw_dir) if n.raw_dir else config.data_dir / "netflow" / "raw",
-            exporters=tuple(n.exporters), sampling=tuple(n.sampling), rcvbuf=n.rcvbuf,
-            journal_max_bytes=n.journal_max_bytes, journal_min_free_bytes=n.journal_min_free_bytes,
-            segment_bytes=n.segment_bytes,
-            fsync_interval=n.fsync_interval, ship_interval=n.ship_interval,
-            raw_retention_days=n.raw_retention_days, raw_flush_rows=n.raw_flush_rows,
-            raw_flush_interval=n.raw_flush_interval,
+            worker_id=wid, host=section.host, port=section.port, journal_dir=base / wid,
+            raw_dir=Path(section.raw_dir) if section.raw_dir else config.data_dir / "netflow" / "raw",
+            exporters=tuple(section.exporters), sampling=tuple(section.sampling), rcvbuf=section.rcvbuf,
+            journal_max_bytes=section.journal_max_bytes, journal_min_free_bytes=section.journal_min_free_bytes,
+            segment_bytes=section.segment_bytes,
+            fsync_interval=section.fsync_interval, ship_interval=section.ship_interval,
+            raw_retention_days=section.raw_retention_days, raw_flush_rows=section.raw_flush_rows,
+            raw_flush_interval=section.raw_flush_interval,
         )
 
     @property
@@ -142,8 +142,10 @@ class StoppedWhileFull(Exception):
 
 
 class Worker:
+    """One NetFlow worker: `serve` runs it until ``stop`` (see the module docstring)."""
+
     def __init__(self, settings: WorkerSettings, core: CoreAccess) -> None:
-        self.s = settings
+        self.settings = settings
         self.core = CoreSession(core, settings.worker_id)
         self.classifier: Classifier | None = None
         self.classifier_version: int | None = None
@@ -231,11 +233,11 @@ class Worker:
             return result
 
     def _open_journal(self) -> tuple[Journal, Checkpoints]:
-        s = self.s
-        journal = Journal(s.journal_dir, s.segment_bytes, s.journal_max_bytes)
+        settings = self.settings
+        journal = Journal(settings.journal_dir, settings.segment_bytes, settings.journal_max_bytes)
         try:
             journal.start_run()  # this run's receipts begin a segment, so they can be lifted
-            return journal, Checkpoints(s.journal_dir / "checkpoints")
+            return journal, Checkpoints(settings.journal_dir / "checkpoints")
         except BaseException:
             journal.close()
             raise
@@ -243,15 +245,15 @@ class Worker:
     async def _resume(self, journal: Journal, receiver: Receiver, journal_end: int, raw: RawWriter | None,
                       stop: asyncio.Event) -> int:
         """Settle the journal's identity with the core (see `netflow.checkpoints`); the committed watermark."""
-        s = self.s
+        settings = self.settings
         try:
-            mark = await self.core.call("netflow.journal", {"worker": s.worker_id}, stop)
+            mark = await self.core.call("netflow.journal", {"worker": settings.worker_id}, stop)
         except CallFailed as exc:
             if exc.code != "not_in_table":
                 raise
             # a core from before journal identities: offsets alone keep new traffic above the watermark
             log.warning("the core knows no journal epochs; journal identity is not checked")
-            committed = int(await self.core.call("netflow.watermark", {"worker": s.worker_id}, stop))
+            committed = int(await self.core.call("netflow.watermark", {"worker": settings.worker_id}, stop))
             if journal_end < committed:
                 receiver.lift(committed)
             self.epoch = None
@@ -265,10 +267,10 @@ class Worker:
             await self._on_disk("journal identity", lambda: journal.set_identity(resume.identity), stop)
         if resume.reason is not None:
             answer = await self.core.call("netflow.begin_epoch", {
-                "worker": s.worker_id, "epoch": resume.identity.epoch, "expect": epoch or "",
+                "worker": settings.worker_id, "epoch": resume.identity.epoch, "expect": epoch or "",
                 "reason": resume.reason, "journal_end": journal_end}, stop)
             watermark = int(answer["watermark"])
-            EPOCHS.labels(s.worker_id, resume.reason).inc()
+            EPOCHS.labels(settings.worker_id, resume.reason).inc()
             alarm = resume.reason in ("replaced", "truncated")
             (log.error if alarm else log.info)(
                 "JOURNAL IS NOT THE ONE THE WATERMARK COUNTS: new epoch; everything received from now on is charged"
@@ -279,40 +281,42 @@ class Worker:
         return watermark
 
     async def serve(self, stop: asyncio.Event, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
-        s = self.s
+        settings = self.settings
         try:
             journal, checkpoints = await self._on_disk("journal open", self._open_journal, stop)
         except StoppedWhileFull:
             return
         journal_end = journal.run_base  # where the journal ended before this run received anything
-        raw = RawWriter(s.raw_dir, s.worker_id, s.raw_retention_days, s.raw_flush_rows, s.raw_flush_interval) \
-            if s.raw_dir is not None else None
+        raw = None if settings.raw_dir is None else RawWriter(
+            settings.raw_dir, settings.worker_id, settings.raw_retention_days, settings.raw_flush_rows,
+            settings.raw_flush_interval)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
         def wake_shipper() -> None:  # called by the receiver thread after each fsync
             loop.call_soon_threadsafe(wake.set)
 
-        sock, self.granted_rcvbuf = open_socket(s.host, s.port, s.rcvbuf)
+        sock, self.granted_rcvbuf = open_socket(settings.host, settings.port, settings.rcvbuf)
         self._m.rcvbuf.set(self.granted_rcvbuf)
-        receiver = Receiver(sock, journal, ExporterFilter(s.exporters), s.fsync_interval, s.worker_id,
+        receiver = Receiver(sock, journal, ExporterFilter(settings.exporters), settings.fsync_interval,
+                            settings.worker_id,
                             wake=wake_shipper)
         receiver.start()
-        plan = ShipPlan(s.ship_interval, keeps_raw=raw is not None)
+        plan = ShipPlan(settings.ship_interval, keeps_raw=raw is not None)
         try:
             plan.acknowledged(await self._resume(journal, receiver, journal_end, raw, stop))
             await self.refresh_classifier(stop)
             plan.raw_flushed(raw.watermark() if raw is not None else None)
             plan.journaled(receiver.durable)
-            start = plan.start(list_segments(s.journal_dir)[0][0], loop.time()).offset
+            start = plan.start(list_segments(settings.journal_dir)[0][0], loop.time()).offset
             state_bytes = checkpoints.load(start) if start > 0 else None
             if start > 0 and state_bytes is None:
                 log.error("no decoder checkpoint at the replay start; templates and pending sets start empty",
                           extra={"watermark": start})
             decoder = BatchDecoder(DecoderState.loads(state_bytes) if state_bytes else DecoderState(),
-                                   parse_sampling(s.sampling))
-            tail = JournalTail(s.journal_dir, start)
-            info = {"worker": s.worker_id, "port": s.port, "rcvbuf": self.granted_rcvbuf,
+                                   parse_sampling(settings.sampling))
+            tail = JournalTail(settings.journal_dir, start)
+            info = {"worker": settings.worker_id, "port": settings.port, "rcvbuf": self.granted_rcvbuf,
                     "committed": plan.committed, "replay_from": start, "replay_bytes": receiver.durable - start}
             log.info("netflow serving", extra=info)
             if ready is not None:
@@ -365,7 +369,7 @@ class Worker:
         store gets its legs once the core has the batch (its mark never passes the committed one).
         False: stopping with uncommitted journal (it is replayed at the next start)."""
         assert self.classifier is not None and tail.position == action.start
-        batch = cut_batch(decoder, tail, self.classifier, action.limit, self.s.batch_packets)
+        batch = cut_batch(decoder, tail, self.classifier, action.limit, self.settings.batch_packets)
         self._count(batch)
         decision = plan.cut(tail.position)
         state = decoder.state.dumps()
@@ -378,7 +382,7 @@ class Worker:
         if isinstance(decision, Submit):
             try:
                 result = await self.core.call(
-                    "netflow.submit", {"worker": self.s.worker_id, "watermark": decision.end,
+                    "netflow.submit", {"worker": self.settings.worker_id, "watermark": decision.end,
                                        **encode_aggregates(batch.aggregates),
                                        **({"epoch": self.epoch} if self.epoch else {})}, stop)
             except CoreUnavailable:
@@ -407,20 +411,20 @@ class Worker:
         size = receiver.journal_size()
         m.journal.set(size)
         m.lag.set(plan.lag())
-        over = size > self.s.journal_max_bytes
+        over = size > self.settings.journal_max_bytes
         m.alarm.set(1 if over else 0)
         if over and not self._alarmed:
             log.error("JOURNAL OVER LIMIT: the core is not keeping up; nothing is dropped but the disk is filling",
-                      extra={"journal_bytes": size, "limit": self.s.journal_max_bytes})
+                      extra={"journal_bytes": size, "limit": self.settings.journal_max_bytes})
         self._alarmed = over
         with contextlib.suppress(OSError):
             free = receiver.journal.free_bytes()
             m.free.set(free)
-            low = free < self.s.journal_min_free_bytes
+            low = free < self.settings.journal_min_free_bytes
             m.low.set(1 if low else 0)
             if low and not self._low:
                 log.error("JOURNAL VOLUME LOW: packets are dropped once it is full",
-                          extra={"free_bytes": free, "threshold": self.s.journal_min_free_bytes})
+                          extra={"free_bytes": free, "threshold": self.settings.journal_min_free_bytes})
             self._low = low
         drops = kernel_drops(sock)
         if drops is not None and drops > self._kernel_seen:
