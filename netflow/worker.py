@@ -223,8 +223,7 @@ class Worker:
                 self._m.full.set(1)
                 if stop.is_set():
                     raise StoppedWhileFull(what) from exc
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                await _wait(stop, delay)
                 delay = min(delay * 2, 5.0)
                 continue
             if warned:
@@ -299,8 +298,7 @@ class Worker:
         sock, self.granted_rcvbuf = open_socket(settings.host, settings.port, settings.rcvbuf)
         self._m.rcvbuf.set(self.granted_rcvbuf)
         receiver = Receiver(sock, journal, ExporterFilter(settings.exporters), settings.fsync_interval,
-                            settings.worker_id,
-                            wake=wake_shipper)
+                            settings.worker_id, wake=wake_shipper)
         receiver.start()
         plan = ShipPlan(settings.ship_interval, keeps_raw=raw is not None)
         try:
