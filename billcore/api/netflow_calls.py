@@ -76,9 +76,9 @@ SYSTEM: Final = frozenset({"system"})
 _WORKER = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
 
-def decode_columns(args: dict[str, Any]) -> dict[str, array]:
+def decode_columns(args: dict[str, Any]) -> dict[str, array[int]]:
     """The submit's int64 columns; refuses ragged, oversized or non-bytes input."""
-    out: dict[str, array] = {}
+    out: dict[str, array[int]] = {}
     for name in COLUMNS:
         raw = args[name]
         if not isinstance(raw, (bytes, bytearray)) or len(raw) % 8 or len(raw) > MAX_ROWS * 8:
