@@ -449,10 +449,11 @@ def offline_profile(version: int, flows_wanted: int, tmp: Path) -> dict[str, Any
     receive → journal (a real `Receiver` on a loopback socket, fed by a sender process at a rate it
     keeps up with; CPU of this process while it runs), then read → decode → classify → aggregate →
     raw legs → Parquet over the journal it wrote."""
+    from netflow.batches import BatchDecoder, DecoderState, JournalTail
     from netflow.classifier import Binding, Classifier, Snapshot, TrafficRule, aggregate
     from netflow.journal import Journal
     from netflow.rawstore import RawWriter
-    from netflow.worker import BatchDecoder, DecoderState, ExporterFilter, JournalTail, Receiver, open_socket
+    from netflow.receiver import ExporterFilter, Receiver, open_socket
 
     replay = build_replay(version, int(time.time() * 1000) - 300_000, 1)
     per_packet = sum(replay[0][1]) / len(replay[0][0])

@@ -16,7 +16,7 @@ share an id.
 
 The login is a system login with the netflow rights, made on the core with
 ``billcore system`` (or ``create_system_login``). This module imports no
-billcore code: only ``netflow`` and ``urfa``.
+core code: only ``netflow``, ``urfa`` and the shared kernel ``billcore.common``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from netflow.core_session import CoreAccess
 
 log = logging.getLogger("netflow.collector")
 
@@ -88,25 +90,14 @@ def settings_for(args: argparse.Namespace, index: int) -> Any:
     )
 
 
-def session_opener(args: argparse.Namespace) -> Callable[[], Awaitable[Any]]:
-    from urfa.client import connect
+def core_access(args: argparse.Namespace) -> CoreAccess:
+    """The core of ``--core`` (TLS with ``--tls``) and the login whose password file is read at each login."""
+    from netflow.core_session import CoreAccess
+    from urfa.link import Address
 
-    host, _, port = args.core.rpartition(":")
-    host = host.strip("[]")
     context = ssl.create_default_context(cafile=str(args.cafile) if args.cafile else None) if args.tls else None
-    server_name = args.server_name or (host if context else None)
-
-    async def open_session() -> Any:
-        password = args.password_file.read_text().strip()  # read each time: it may be rotated
-        client = await connect(host, int(port), ssl=context, server_hostname=server_name, timeout=10.0)
-        try:
-            await client.login("system", args.login, password)
-        except BaseException:
-            await client.close()
-            raise
-        return client
-
-    return open_session
+    address = Address.parse(args.core, ssl=context, server_hostname=args.server_name)
+    return CoreAccess((address,), args.login, lambda: args.password_file.read_text().strip())  # it may be rotated
 
 
 def worker_main(args: argparse.Namespace, index: int) -> None:
@@ -118,7 +109,7 @@ def worker_main(args: argparse.Namespace, index: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        worker = Worker(settings_for(args, index), session_opener(args))
+        worker = Worker(settings_for(args, index), core_access(args))
         await worker.serve(stop, ready=lambda info: log.info("netflow serving %s", info))
 
     asyncio.run(main())

@@ -77,14 +77,6 @@ def addr_to_pair(addr: str | bytes) -> tuple[int, int]:
     return value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def pair_to_addr(hi: int, lo: int) -> str:
-    """Inverse of `addr_to_pair`: v4-mapped pairs print as dotted quads."""
-    hi, lo = int(hi), int(lo)
-    if hi == 0 and (lo >> 32) == 0xFFFF:
-        return str(ipaddress.IPv4Address(lo & 0xFFFF_FFFF))
-    return str(ipaddress.IPv6Address((hi << 64) | lo))
-
-
 def addr_version(hi: int, lo: int) -> int:
     return 4 if hi == 0 and (lo >> 32) == 0xFFFF else 6
 

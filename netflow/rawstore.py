@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-Layout (Hive-style partitions, so DuckDB ``read_parquet('raw/*/*.parquet',
-hive_partitioning=true)``, Spark and ClickHouse read it as one table)::
+Layout (`billcore.common.rawflows`, shared with the core's reader,
+``billcore.billing.rawflows``; Hive-style partitions, so DuckDB
+``read_parquet('raw/*/*.parquet', hive_partitioning=true)``, Spark and
+ClickHouse read it as one table)::
 
     <raw_dir>/hour=2024-03-20T12/w<worker>-<from>-<to>.parquet
 
@@ -42,7 +44,7 @@ that hour again).
 
 Addresses are kept as the flow representation's 128-bit halves
 (``src_hi``/``src_lo``; IPv4 mapped into ``::ffff:0:0/96``) plus ``src``
-and ``dst`` as text in `read_account` answers; counters are the exported
+and ``dst`` as text in the core's ``netflow.raw`` answers; counters are the exported
 (sampled) values with the ``sampling`` interval beside them.
 
 Encodings are chosen per column, because the CPU goes into encoding and
@@ -67,33 +69,23 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from billcore.common.rawflows import HOUR_MS, PART_GLOB, RAW_COLUMNS, hour_dir
 from netflow.classifier import Legs
 from netflow.errors import NetflowError
-from netflow.flows import pair_to_addr
 from netflow.journal import fsync_path as _fsync_path
 
 __all__ = ["RAW_DTYPE", "RAW_SCHEMA", "MAX_OPEN_HOURS", "RawStoreError", "RawWriter", "legs_columns", "legs_table",
-           "read_account", "hour_dir", "apply_retention"]
+           "apply_retention"]
 
-HOUR_MS = 3_600_000
-
-RAW_DTYPE = np.dtype([
-    ("first_ms", "<i8"), ("last_ms", "<i8"), ("account", "<i8"), ("klass", "<i4"), ("direction", "u1"),
-    ("exporter_hi", "<u8"), ("exporter_lo", "<u8"), ("src_hi", "<u8"), ("src_lo", "<u8"),
-    ("dst_hi", "<u8"), ("dst_lo", "<u8"), ("src_port", "<u2"), ("dst_port", "<u2"), ("proto", "u1"),
-    ("tcp_flags", "u1"), ("tos", "u1"), ("ip_version", "u1"), ("bytes", "<u8"), ("packets", "<u8"),
-    ("sampling", "<u4"), ("input_if", "<u4"), ("output_if", "<u4"), ("domain", "<u4"),
-])
+RAW_DTYPE = np.dtype(list(RAW_COLUMNS))
 
 _NAMES: tuple[str, ...] = RAW_DTYPE.names or ()
 RAW_SCHEMA = pa.schema([pa.field(n, pa.from_numpy_dtype(RAW_DTYPE[n]), nullable=False) for n in _NAMES])
@@ -177,11 +169,6 @@ def legs_table(flows: np.ndarray, legs: Legs) -> np.ndarray:
     for name, col in legs_columns(flows, legs).items():
         out[name] = col
     return out
-
-
-def hour_dir(root: Path, hour_ms: int) -> Path:
-    stamp = datetime.fromtimestamp(hour_ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H")
-    return root / f"hour={stamp}"
 
 
 def _fsync_write(path: Path, write: Any) -> None:
@@ -305,7 +292,7 @@ class RawWriter:
         prefix = f"w{self.worker}-"
         for path in self.root.glob(f"hour=*/{prefix}*.tmp"):
             path.unlink()
-        for path in self.root.glob(f"hour=*/{prefix}*.parquet"):
+        for path in self.root.glob(f"hour=*/{prefix}{PART_GLOB}"):
             start = path.stem[len(prefix):].split("-")[0]
             if start.isdigit() and int(start) >= mark:
                 path.unlink()
@@ -441,37 +428,3 @@ class RawWriter:
     def _reset(self) -> None:
         self._hours, self._waiting, self._overflow = {}, 0, False
         self.rows, self._from = 0, None
-
-
-def read_account(root: Path, account_id: int, since_ms: int, until_ms: int,
-                 chunk_rows: int = 1000) -> Iterator[list[list[Any]]]:
-    """An account's raw legs with ``since_ms <= first_ms < until_ms``, oldest hour first, in chunks of rows
-    ``[first_ms, last_ms, direction, class, src, dst, src_port, dst_port, proto, bytes, packets, sampling,
-    exporter]``."""
-    hour = since_ms // HOUR_MS * HOUR_MS
-    columns = ["first_ms", "last_ms", "direction", "klass", "src_hi", "src_lo", "dst_hi", "dst_lo", "src_port",
-               "dst_port", "proto", "bytes", "packets", "sampling", "exporter_hi", "exporter_lo"]
-    while hour < until_ms:
-        folder = hour_dir(Path(root), hour)
-        hour += HOUR_MS
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.parquet")):
-            table = pq.read_table(path, columns=columns + ["account"],
-                                  filters=[("account", "=", account_id)])
-            mask = pc.and_(pc.greater_equal(table["first_ms"], since_ms), pc.less(table["first_ms"], until_ms))
-            table = table.filter(mask)
-            for batch in table.to_batches(max_chunksize=chunk_rows):
-                cols = {n: batch.column(n).to_pylist() for n in columns}
-                out = []
-                for k in range(batch.num_rows):
-                    out.append([
-                        cols["first_ms"][k], cols["last_ms"][k], cols["direction"][k], cols["klass"][k],
-                        pair_to_addr(cols["src_hi"][k], cols["src_lo"][k]),
-                        pair_to_addr(cols["dst_hi"][k], cols["dst_lo"][k]),
-                        cols["src_port"][k], cols["dst_port"][k], cols["proto"][k], cols["bytes"][k],
-                        cols["packets"][k], cols["sampling"][k],
-                        pair_to_addr(cols["exporter_hi"][k], cols["exporter_lo"][k]),
-                    ])
-                if out:
-                    yield out

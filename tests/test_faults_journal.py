@@ -32,11 +32,12 @@ import asyncpg
 import numpy as np
 import pytest
 
+from netflow.batches import JournalTail
+from netflow.checkpoints import plan_resume
 from netflow.exporter import ExportClock, FlowSpec, build_v5
 from netflow.journal import (
     INDEX_DTYPE, Journal, JournalIdentity, JournalReader, list_segments, packed_address, read_identity,
 )
-from netflow.worker import JournalTail, plan_resume
 from tests.conftest import need_peer
 from tests.test_netflow_worker import bc_port
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts

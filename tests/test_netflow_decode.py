@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from billcore.common.rawflows import pair_to_addr
 from netflow.decode import decode_batch, decode_pending
 from netflow.errors import DecodeError, NetflowError
 from netflow.exporter import (
@@ -17,7 +18,7 @@ from netflow.exporter import (
     build_v9,
     v9_template_flowset,
 )
-from netflow.flows import Datagram, addr_to_pair, pair_to_addr
+from netflow.flows import Datagram, addr_to_pair
 from netflow.templates import SequenceTracker, TemplateCache
 from netflow.v5 import decode_v5_packet
 

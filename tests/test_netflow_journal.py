@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from netflow.batches import JournalTail
 from netflow.errors import JournalCorrupt, JournalError
 from netflow.flows import Datagram
 from netflow.journal import Journal, JournalReader, list_segments
-from netflow.worker import JournalTail
 
 
 def datagram(i: int) -> Datagram:
@@ -175,7 +175,7 @@ def test_torn_block_is_cut_and_a_bad_block_index_is_corruption(tmp_path: Path) -
 
 def test_receiver_journals_udp_datagrams_in_blocks(tmp_path: Path) -> None:
     """A real socket: every datagram of a configured exporter lands in the journal, in order."""
-    from netflow.worker import ExporterFilter, Receiver, open_socket
+    from netflow.receiver import ExporterFilter, Receiver, open_socket
 
     sock, _ = open_socket("127.0.0.1", 0, 1 << 20)
     port = sock.getsockname()[1]

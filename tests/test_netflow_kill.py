@@ -32,10 +32,10 @@ import asyncpg
 import pyarrow.parquet as pq
 
 from billcore.api.netflow_calls import SNAPSHOT_HISTORY
+from netflow.batches import BatchDecoder, DecoderState
 from netflow.classifier import Classifier, aggregate
 from netflow.exporter import ExportClock, FlowSpec, build_v5, build_v9
 from netflow.journal import JournalReader, list_segments
-from netflow.worker import BatchDecoder, DecoderState
 from tests.running import pid_alive
 from tests.test_netflow_snapshot import snapshot_at
 from tests.test_netflow_worker import bc_port

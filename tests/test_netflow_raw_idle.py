@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from billcore.common.rawflows import HOUR_MS, hour_dir
 from netflow.exporter import ExportClock, build_v5
-from netflow.rawstore import HOUR_MS, RawWriter, hour_dir
+from netflow.rawstore import RawWriter
 from tests.test_netflow_rawstore_speed import HOUR0, make_flows, make_legs
 from tests.test_netflow_worker import ACCOUNTS_V4, bc_port, expected_bytes, flows_for, send
 from tests.test_netflow_worker_support import netflow_core, recent_ms, setup_accounts, wait_charged

@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import netflow.rawstore as rawstore
+from billcore.billing.rawflows import read_account
+from billcore.common.rawflows import HOUR_MS, hour_dir, pair_to_addr
 from netflow.classifier import Legs
-from netflow.flows import FLOW_DTYPE, V4_MAPPED, pair_to_addr
-from netflow.rawstore import (HOUR_MS, MAX_OPEN_HOURS, RAW_DTYPE, RawStoreError, RawWriter, hour_dir, legs_table,
-                              read_account)
+from netflow.flows import FLOW_DTYPE, V4_MAPPED
+from netflow.rawstore import MAX_OPEN_HOURS, RAW_DTYPE, RawStoreError, RawWriter, legs_table
 
 HOUR0 = 1_790_000_000_000 // HOUR_MS * HOUR_MS
 U64_MAX = (1 << 64) - 1

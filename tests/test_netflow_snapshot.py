@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -18,6 +20,7 @@ from netflow.flows import FLOW_DTYPE, addr_to_pair
 from netflow.snapshot import SnapshotLoader
 from tests.test_tariffs_api import Ctx
 from tests.test_usage_commit import make_accounts
+from urfa.messages import Event
 
 NOW = datetime(2024, 4, 10, 12, tzinfo=timezone.utc)
 
@@ -123,17 +126,113 @@ def test_wire_columns_classify_like_bindings() -> None:
 def test_worker_reloads_for_a_newer_version_only(tmp_path: Any) -> None:
     """A load at version 10 holds every change up to 10: an event for 10 (a change committed just
     before the core's snapshot, announced after) costs no second load; 11 does; so does a reconnect."""
+    from netflow.core_session import CoreAccess
     from netflow.worker import Worker, WorkerSettings
 
-    async def never() -> Any:
-        raise AssertionError("no session is opened here")
-
-    worker = Worker(WorkerSettings("w", "127.0.0.1", 0, tmp_path, None), never)
+    worker = Worker(WorkerSettings("w", "127.0.0.1", 0, tmp_path, None), CoreAccess((), "nobody", lambda: ""))
+    events = worker.core.events
     assert worker.stale()  # nothing loaded yet
-    worker.link.snapshot_stale, worker.classifier_version = False, 10
-    worker.link.seen_version = 10
+    events.snapshot_stale, worker.classifier_version = False, 10
+    events.apply(Event("classifier", {"version": 10}))
     assert not worker.stale()
-    worker.link.seen_version = 11
+    events.apply(Event("classifier", {"version": 11}))
     assert worker.stale()
-    worker.link.seen_version, worker.link.snapshot_stale = 0, True  # reconnected: events may be lost
+    events.connected()  # reconnected: events may be lost
     assert worker.stale()
+
+
+PASSWORD = "netflow-worker-pw"
+
+
+class SnapshotCore:
+    """The real URFA service with a ``netflow.snapshot`` that streams nothing at ``version``; counts loads."""
+
+    def __init__(self) -> None:
+        self.version = 10
+        self.loads = 0
+        self.service: Any = None
+        self.port = 0
+
+    async def start(self) -> SnapshotCore:
+        from billcore.server.calls import CallRegistry, CallSpec
+        from billcore.server.service import Principal, URFAConfig, URFAService
+        from tests.conftest import free_port
+        from urfa import scram
+
+        principal = Principal("system", "nf", 1, frozenset({"netflow.read", "netflow.submit", "events.subscribe"}),
+                              scram.make_verifier(PASSWORD, iterations=4096))
+
+        class OneLogin:
+            async def find_principal(self, kind: str, login: str) -> Principal | None:
+                return principal if (kind, login) == ("system", "nf") else None
+
+            async def accounts_of(self, user_id: int) -> frozenset[int]:
+                return frozenset()
+
+        async def snapshot(ctx: Any) -> dict[str, int]:
+            self.loads += 1
+            return {"version": self.version, "bindings": 0, "rules": 0}
+
+        registry = CallRegistry()
+        registry.register_all([CallSpec("netflow.snapshot", snapshot, right="netflow.read", result="map",
+                                        streaming=True, bound="stream")])
+        self.service = URFAService(registry, OneLogin(), URFAConfig(secret=b"k" * 32))
+        self.port = free_port()
+        await self.service.start(tcp=("127.0.0.1", self.port))
+        return self
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_failing_classifier_event_marks_the_snapshot_stale_is_logged_and_the_pump_goes_on(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A failure in applying a classifier event must not end the event pump silently (it did, under
+    contextlib.suppress): it is logged, the snapshot is marked stale and reloaded, and later events still
+    arrive."""
+    from netflow.core_session import CoreAccess
+    from netflow.worker import Worker, WorkerSettings
+    from urfa.link import Address
+
+    core = await SnapshotCore().start()
+    worker = Worker(WorkerSettings("w", "127.0.0.1", 0, tmp_path, None),
+                    CoreAccess((Address("127.0.0.1", core.port),), "nf", lambda: PASSWORD))
+    events = worker.core.events
+    apply = events.apply
+    failures: list[Event] = []
+
+    def apply_failing_once(event: Event) -> None:  # a bug in the apply step, for one event
+        if not failures:
+            failures.append(event)
+            raise KeyError("a bug in the apply step")
+        apply(event)
+
+    events.apply = apply_failing_once  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    try:
+        await worker.core.start().ready()
+        await worker.refresh_classifier(stop)
+        assert not worker.stale() and core.loads == 1
+        caplog.set_level(logging.WARNING, logger="netflow.worker")
+
+        core.version = 11
+        core.service.publish("classifier", {"version": 11})
+        await until(worker.stale)
+        assert failures and "event handler failed" in caplog.text and "a bug in the apply step" in caplog.text
+        await worker.refresh_classifier(stop)
+        assert not worker.stale() and core.loads == 2 and worker.classifier_version == 11
+
+        core.version = 12
+        core.service.publish("classifier", {"version": 12})  # the pump went on
+        await until(worker.stale)
+        assert events.seen_version == 12
+        await worker.refresh_classifier(stop)
+        assert not worker.stale() and core.loads == 3
+    finally:
+        await worker.core.close()
+        await core.service.stop()

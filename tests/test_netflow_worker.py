@@ -9,10 +9,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from netflow.batches import DecoderState
 from netflow.exporter import ExportClock, FlowSpec, build_ipfix, build_v5, build_v9
 from netflow.snapshot import rules_from_wire
-from netflow.worker import DecoderState
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts, wait_charged
 from tests.waiting import eventually
 from urfa.client import connect
@@ -130,9 +131,9 @@ def test_merged_chunk_aggregates_equal_one_aggregate_of_the_whole_batch() -> Non
     """The shipper decodes a batch in chunks and merges their aggregates: exactly the sums of one pass."""
     import numpy as np
 
+    from netflow.batches import AGG_COLUMNS, merge_aggregates
     from netflow.classifier import Binding, Classifier, Snapshot, TrafficRule, aggregate
     from netflow.flows import FLOW_DTYPE, V4_MAPPED
-    from netflow.worker import AGG_COLUMNS, merge_aggregates
 
     rng = np.random.default_rng(5)
     n = 30_000
@@ -153,3 +154,37 @@ def test_merged_chunk_aggregates_equal_one_aggregate_of_the_whole_batch() -> Non
     for name in AGG_COLUMNS:
         assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
     assert merged.implausible == whole.implausible
+
+
+def test_merge_aggregates_builds_by_field_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reorder of Aggregates' fields must not swap columns: bytes stay bytes, packets stay packets."""
+    import dataclasses
+
+    import numpy as np
+
+    from netflow import batches
+    from netflow.classifier import Aggregates
+
+    @dataclasses.dataclass(frozen=True)
+    class Reordered:  # the same fields, sums first and keys last
+        packets: np.ndarray
+        flows: np.ndarray
+        bytes: np.ndarray
+        hour_ms: np.ndarray
+        direction: np.ndarray
+        klass: np.ndarray
+        account: np.ndarray
+        implausible: int
+
+    def row(account: int, nbytes: int, packets: int, flows: int) -> Aggregates:
+        def column(value: int, dtype: str = "<i8") -> np.ndarray:
+            return np.array([value], dtype=dtype)
+        return Aggregates(account=column(account), klass=column(7), direction=column(1), hour_ms=column(0),
+                          bytes=column(nbytes, "<u8"), packets=column(packets, "<u8"), flows=column(flows),
+                          implausible=1)
+
+    monkeypatch.setattr(batches, "Aggregates", Reordered)
+    merged = batches.merge_aggregates(row(5, 1000, 3, 1), row(5, 500, 2, 1))
+    assert isinstance(merged, Reordered)
+    assert (merged.account.tolist(), merged.klass.tolist(), merged.bytes.tolist(), merged.packets.tolist(),
+            merged.flows.tolist(), merged.implausible) == ([5], [7], [1500], [5], [2], 2)

@@ -276,7 +276,9 @@ def test_periodic_run_now_is_the_scheduler_and_idempotent(books: tuple[BillcoreP
 
 
 def test_billctl_prints_every_raw_flow(books: tuple[BillcoreProcess, dict[str, object]]) -> None:
-    from netflow.rawstore import HOUR_MS, RawWriter, read_account
+    from billcore.billing.rawflows import read_account
+    from billcore.common.rawflows import HOUR_MS
+    from netflow.rawstore import RawWriter
     from tests.test_netflow_rawstore_speed import HOUR0, make_flows, make_legs
 
     bc, _ = books

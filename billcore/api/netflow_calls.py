@@ -68,7 +68,7 @@ MAX_ROWS: Final = 20_000
 MAX_RAW_ROWS: Final = 5_000_000
 MAX_RAW_WINDOW: Final = timedelta(days=31)
 COLUMNS: Final = ("account", "klass", "direction", "hour_ms", "bytes", "packets", "flows")
-# netflow.raw's streamed rows, column by column (netflow.rawstore.read_account's order)
+# netflow.raw's streamed rows, column by column (billcore.billing.rawflows.read_account's order)
 RAW_FIELDS: Final = {"first_ms": "int", "last_ms": "int", "direction": "int", "class_id": "int", "src": "ip",
                      "dst": "ip", "src_port": "int", "dst_port": "int", "proto": "int", "bytes": "int",
                      "packets": "int", "sampling": "int", "exporter": "ip"}
@@ -76,9 +76,9 @@ SYSTEM: Final = frozenset({"system"})
 _WORKER = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
 
-def decode_columns(args: dict[str, Any]) -> dict[str, array]:
+def decode_columns(args: dict[str, Any]) -> dict[str, array[int]]:
     """The submit's int64 columns; refuses ragged, oversized or non-bytes input."""
-    out: dict[str, array] = {}
+    out: dict[str, array[int]] = {}
     for name in COLUMNS:
         raw = args[name]
         if not isinstance(raw, (bytes, bytearray)) or len(raw) % 8 or len(raw) > MAX_ROWS * 8:
@@ -256,7 +256,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     @handler
     async def netflow_raw(ctx: Any, account_id: int, since: datetime, until: datetime) -> dict[str, Any]:
         """An account's raw flows in [since, until) from the hourly Parquet files; streamed."""
-        from netflow.rawstore import read_account  # pyarrow only where raw flows are read
+        from billcore.billing.rawflows import read_account  # pyarrow only where raw flows are read
 
         need_int("account_id", account_id)
         if not isinstance(since, datetime) or not isinstance(until, datetime) or not since < until:
