@@ -267,3 +267,41 @@ def test_addresses_parse_from_config_text() -> None:
     assert str(Address.parse("[::1]:5")) == "[::1]:5"
     with pytest.raises(ValueError):
         Address.parse("core:http")
+
+
+async def test_a_fault_in_the_event_pump_reconnects_and_marks_events_missed(caplog: pytest.LogCaptureFixture) -> None:
+    """Anything but a lost connection failing in the pump (a bug, a decode fault) must not end the
+    keeper silently: the link drops that connection, says its events are stale, and comes back."""
+    port = free_port()
+    core = await Core(port).start()
+    faults = {"left": 1}
+
+    edge = Edge([Address("127.0.0.1", port)])
+    original_on_connected = edge.link._on_connected
+
+    async def on_connected(client: Any, how: str) -> None:
+        if faults["left"]:
+            faults["left"] -= 1
+
+            healthy = client.next_event
+
+            async def broken_once(timeout: float | None = None) -> Event:
+                client.next_event = healthy   # one fault; the resumed connection's pump works
+                raise RuntimeError("decoder bug")
+
+            client.next_event = broken_once
+        assert original_on_connected is not None
+        await original_on_connected(client, how)
+
+    edge.link._on_connected = on_connected
+    link = edge.link.start()
+    try:
+        await wait_for(lambda: len(edge.connected) == 2 and link.up.is_set())
+        assert "event pump failed" in edge.missed
+        assert any(r.getMessage() == "event pump failed" and r.exc_info for r in caplog.records)
+        core.publish(7)   # the new connection's pump delivers again
+        await wait_for(lambda: len(edge.events) == 1)
+        assert edge.events[0].payload["account_id"] == 7
+    finally:
+        await link.close()
+        await core.stop()

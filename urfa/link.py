@@ -338,7 +338,10 @@ class Link:
             reported = False
             self._log.warning("core connection lost; reconnecting", extra={"reason": reason})
             if self._on_lost is not None:
-                self._on_lost(reason)
+                try:
+                    self._on_lost(reason)
+                except Exception:  # noqa: BLE001 - the hook's fault is logged; the link keeps reconnecting
+                    self._log.exception("on_lost hook failed")
             step = self.plan.lost(self._loop.time())
 
     async def _wait_until(self, step: Attempt) -> Attempt:
@@ -396,6 +399,13 @@ class Link:
                 event = await client.next_event()
             except ConnectionLost as exc:
                 return str(exc)
+            except Exception as exc:  # noqa: BLE001 - a fault in the pump must not end the keeper silently
+                # The connection may still be open, but nothing says what was lost in between: drop it,
+                # tell the user its cache is stale, and reconnect like after any loss.
+                self._log.exception("event pump failed")
+                await client.close()
+                self._missed("event pump failed")
+                return f"event pump failed: {type(exc).__name__}"
             if event.dropped or client.events_dropped != dropped:
                 dropped = client.events_dropped
                 self._missed("events dropped")
