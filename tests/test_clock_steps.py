@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from billcore.billing import classification
 from billcore.billing import tariffs as T
 from billcore.billing.clock import SLEW, BillingClock, clock_floor
 from billcore.billing.periods import Period, cumulative_fee
@@ -265,7 +266,7 @@ async def test_radius_session_time_with_long_interims_under_the_core_billing_clo
 
 async def test_netflow_hour_that_begins_while_the_clock_is_behind_is_charged(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        inet = await T.create_class(conn, "inet")
+        inet = await classification.create_class(conn, "inet")
         service = await T.create_service(conn, "traffic", "traffic")
         await T.set_rate(conn, service, class_id=inet, range_id=None, prepaid=0, unit_size=1, tiers=[(0, 1)])
         tariff = await T.create_tariff(conn, "per-byte", [service])

@@ -12,7 +12,13 @@ name.  The rules:
 - ``urfa/``, the protocol, imports nothing of billcore and no edge;
 - a plugin imports the plugin API (``billcore.plugins.api``) and nothing
   else of the project;
-- the core (``billcore/`` but the edges inside it) imports no edge package.
+- the core (``billcore/`` but the edges inside it) imports no edge package;
+- the domain (``billcore/billing/``, ``billcore/radius/``, ``billcore/db/``)
+  imports nothing of the URFA service, the call modules, the plugin loader,
+  the operations tools or the clients: it takes a connection and values and
+  raises domain errors, which ``billcore/server/wire_errors.py`` turns into
+  wire errors.  (The protocol's vocabulary, ``urfa`` error codes and SCRAM
+  verifiers, it may use.)
 
 ``billcore.radius`` (the core's RADIUS domain) is not the edge ``radius``:
 names are compared as dotted module paths, never by their last part.
@@ -43,6 +49,8 @@ PLUGIN_API = "billcore.plugins.api"
 PROTOCOL = "urfa"
 PLUGINS = "plugins"
 CORE = "billcore"
+DOMAIN = ("billcore/billing/", "billcore/radius/", "billcore/db/")
+ABOVE_DOMAIN = ("billcore.server", "billcore.api", "billcore.plugins", "billcore.ops", "billcore.clients", "billcore.cli")
 # top-level edge packages: the core may import none of them
 EDGE_PACKAGES = tuple(module for module in EDGES.values() if "." not in module)
 FIRST_PARTY = (CORE, PROTOCOL, *EDGE_PACKAGES)
@@ -134,6 +142,8 @@ def broken_rule(relpath: str, module: str) -> str | None:
     if relpath.startswith(CORE + "/"):
         if any(within(module, package) for package in EDGE_PACKAGES):
             return "the core imports no edge"
+        if relpath.startswith(DOMAIN) and any(within(module, package) for package in ABOVE_DOMAIN):
+            return "the domain imports nothing of the service, the call modules, plugins, ops or clients"
     return None
 
 
@@ -193,6 +203,10 @@ BAD = [
     ("billcore/api/x.py", "from netflow.rawstore import read\n", "netflow.rawstore.read"),
     ("billcore/api/x.py", "import radius.server\n", "radius.server"),
     ("billcore/radius/x.py", "from portal import app\n", "portal.app"),
+    ("billcore/billing/x.py", "from billcore.server.wire_errors import constraint_field\n",
+     "billcore.server.wire_errors.constraint_field"),
+    ("billcore/radius/x.py", "from ..api import announce\n", "billcore.api.announce"),
+    ("billcore/db/x.py", "from billcore.plugins import hooks\n", "billcore.plugins.hooks"),
 ]
 
 GOOD = [
@@ -209,6 +223,8 @@ GOOD = [
     ("billcore/api/x.py", "from billcore.radius import accounting\nfrom ..radius import nas\n"
                           "from billcore.server.calls import CallSpec\nimport urfa.errors\n"),
     ("billcore/radius/__init__.py", "from .accounting import account\nfrom . import secrets\n"),
+    ("billcore/billing/x.py", "from billcore.db.rows import DbConnection\nfrom urfa.scram import Verifier\n"
+                              "from billcore.common.money import format_money\nfrom . import ledger\n"),
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from billcore.billing import classification
 from billcore.billing import tariffs as T
 from tests.conftest import free_port
 from tests.running import BillcoreProcess
@@ -37,8 +38,8 @@ async def setup_accounts(dsn: str, addresses: list[str]) -> dict[str, int]:
     PRICE micro-units per byte of class 'inet' (every flow)."""
     conn = await asyncpg.connect(dsn)
     try:
-        inet = await T.create_class(conn, "inet")
-        await T.add_rule(conn, inet)  # no criteria: every leg of a bound address
+        inet = await classification.create_class(conn, "inet")
+        await classification.add_rule(conn, inet)  # no criteria: every leg of a bound address
         service = await T.create_service(conn, "traffic", "traffic")
         await T.set_rate(conn, service, class_id=inet, range_id=None, prepaid=0, unit_size=1, tiers=[(0, PRICE)])
         tariff = await T.create_tariff(conn, "per-byte", [service])
@@ -51,7 +52,7 @@ async def setup_accounts(dsn: str, addresses: list[str]) -> dict[str, int]:
             account = await conn.fetchval("INSERT INTO accounts(user_id, credit) VALUES ($1, 10^15) RETURNING id", user)
             await T.link_tariff(conn, account, tariff, now=since, tz=UTC, actor="test")
             prefix = f"{addr}/128" if ":" in addr else f"{addr}/32"
-            await T.add_binding(conn, account, prefix, valid_from=since)
+            await classification.add_binding(conn, account, prefix, valid_from=since)
             out[addr] = account
         return out
     finally:

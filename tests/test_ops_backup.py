@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from billcore.billing import accounts as A
+from billcore.billing import classification
 from billcore.billing import tariffs as T
 from billcore.common.money import parse_money
 from billcore.billing.payments import add_payment, cancel_payment
@@ -38,7 +39,7 @@ async def fill(conn: asyncpg.Connection) -> None:
                                      period={"kind": "monthly", "anchor": date(2024, 1, 1)}, charge_mode="start")
     tariff = await T.create_tariff(conn, "Home", [monthly])
     await T.link_tariff(conn, users[1]["basic_account_id"], tariff, now=NOW, tz=timezone.utc, actor="admin:root#1")
-    await T.add_binding(conn, users[1]["basic_account_id"], "10.0.0.0/30", valid_from=NOW)
+    await classification.add_binding(conn, users[1]["basic_account_id"], "10.0.0.0/30", valid_from=NOW)
     s = await setup_traffic(conn)
     await commit_usage(conn, "netflow-0", 4242, [TrafficUsage(s["accounts"][0], s["inet"], NOW, 5_000_000)], NOW)
     await commit_usage(conn, "netflow-1", 17, [TrafficUsage(s["accounts"][0], s["inet"], NOW, 1_000)], NOW)

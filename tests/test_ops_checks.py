@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncpg
 
-from billcore.billing import tariffs as T
+from billcore.billing import classification
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage
 from billcore.ops.checks import extra_checks
@@ -21,8 +21,8 @@ async def test_clean_database_has_no_problems(db_dsn: str, tmp_path: Path) -> No
     conn = await asyncpg.connect(db_dsn)
     try:
         s = await setup_traffic(conn, accounts=2)
-        await T.add_binding(conn, s["accounts"][0], "10.0.0.0/24", valid_from=NOW)
-        await T.add_binding(conn, s["accounts"][1], "10.0.1.0/24", valid_from=NOW)
+        await classification.add_binding(conn, s["accounts"][0], "10.0.0.0/24", valid_from=NOW)
+        await classification.add_binding(conn, s["accounts"][1], "10.0.1.0/24", valid_from=NOW)
         await commit_usage(conn, "w0", 5, [TrafficUsage(s["accounts"][0], s["inet"], NOW, 7_000_000)], NOW)
         await commit_usage(conn, "w0", 9, [TrafficUsage(s["accounts"][0], s["inet"], NOW, 3_000_000),
                                            TrafficUsage(s["accounts"][1], s["inet"], NOW, 9_000_000)], NOW)
@@ -37,15 +37,15 @@ async def test_overlapping_ip_bindings_are_reported(db_dsn: str) -> None:
     try:
         s = await setup_traffic(conn, accounts=2)
         a, b = s["accounts"]
-        first = await T.add_binding(conn, a, "10.0.0.0/24", valid_from=NOW)
+        first = await classification.add_binding(conn, a, "10.0.0.0/24", valid_from=NOW)
         # an expired binding of the same prefix is no overlap
-        await T.add_binding(conn, b, "10.0.0.0/24", valid_from=NOW - timedelta(days=9),
+        await classification.add_binding(conn, b, "10.0.0.0/24", valid_from=NOW - timedelta(days=9),
                             valid_to=NOW - timedelta(days=1))
         assert await extra_checks(conn, now=NOW) == []
         name = await conn.fetchval("SELECT conname FROM pg_constraint WHERE conrelid = 'ip_bindings'::regclass"
                                    " AND contype = 'x'")
         await conn.execute(f"ALTER TABLE ip_bindings DROP CONSTRAINT {name}")
-        second = await T.add_binding(conn, b, "10.0.0.128/25", valid_from=NOW + timedelta(hours=1))
+        second = await classification.add_binding(conn, b, "10.0.0.128/25", valid_from=NOW + timedelta(hours=1))
         problems = await extra_checks(conn, now=NOW)
         assert [(p.check, p.account_id) for p in problems] == [("ip_overlap", None), ("ip_overlap", a)]
         assert f"binding {first} (10.0.0.0/24) overlaps binding {second} (10.0.0.128/25, account {b})" \

@@ -9,13 +9,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from billcore.billing import classification
 from billcore.billing import tariffs as T
 from billcore.billing.verify import verify
 from billcore.common.money import format_money
-from billcore.ops.importer import (
-    ImportFailed, ImportReport, Progress, import_file, import_text, overlapping, parse_csv,
-    parse_json,
-)
+from billcore.ops.import_parse import ImportFailed, overlapping, parse_csv, parse_json
+from billcore.ops.importer import ImportReport, Progress, import_file, import_text
 from urfa.scram import client_keys, make_verifier
 
 NOW = datetime(2024, 5, 1, 9, tzinfo=timezone.utc)
@@ -75,7 +74,7 @@ async def test_csv_import_books_balances_links_ips_and_blocks(db_dsn: str, tmp_p
         links = await T.account_links(conn, rows["alice"]["id"], NOW)
         assert await conn.fetchval("SELECT tariff_id FROM account_tariffs WHERE account_id = $1",
                                    rows["alice"]["id"]) == home and links == []
-        assert sorted(b["prefix"] for b in await T.list_bindings(conn, rows["bob"]["id"])) == \
+        assert sorted(b["prefix"] for b in await classification.list_bindings(conn, rows["bob"]["id"])) == \
             ["10.0.1.0/29", "10.0.2.7/32"]
         assert await verify(conn) == []
         assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE action = 'import'") == 1
@@ -110,7 +109,7 @@ async def test_dry_run_reports_every_error_by_line_and_writes_nothing(db_dsn: st
             "INSERT INTO users(login, scram_salt, scram_iterations, scram_stored_key, scram_server_key)"
             " VALUES ('old', '\\x00', 4096, '\\x00', '\\x00') RETURNING id")
         acc = await conn.fetchval("INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", other)
-        await T.add_binding(conn, acc, "192.168.5.0/24", valid_from=NOW)
+        await classification.add_binding(conn, acc, "192.168.5.0/24", valid_from=NOW)
         await T.link_tariff(conn, acc, home, now=NOW, tz=timezone.utc, actor="t")
         before = await state(conn)
         text = """login,balance,tariff,ips

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from billcore.api import reports, tariffs
+from billcore.billing import classification
 from billcore.billing import tariffs as T
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.scheduler import run_due
@@ -40,7 +41,7 @@ async def test_open_month_is_provisional_closed_month_final(pool: asyncpg.Pool) 
     admin = Ctx("admin", 1)
     async with pool.acquire() as conn:
         old, new, moved = await make_accounts(conn, 3)
-        inet = await T.create_class(conn, "inet")
+        inet = await classification.create_class(conn, "inet")
         traffic = await T.create_service(conn, "traffic", "traffic")
         await T.set_rate(conn, traffic, class_id=inet, range_id=None, prepaid=0, unit_size=MB, tiers=[(0, 100)])
         fee = await T.create_service(conn, "fee", "periodic", fee=10_000_000,
@@ -145,7 +146,7 @@ async def test_revenue_is_one_statement_fast_on_many_accounts(pool: asyncpg.Pool
     """50 000 accounts with usage and a fee: one set-wise statement, whatever the account count."""
     n = 50_000
     async with pool.acquire() as conn:
-        inet = await T.create_class(conn, "inet")
+        inet = await classification.create_class(conn, "inet")
         traffic = await T.create_service(conn, "traffic", "traffic")
         fee = await T.create_service(conn, "fee", "periodic", fee=1_000_000,
                                      period={"kind": "monthly", "anchor": MAR.date()}, charge_mode="start")

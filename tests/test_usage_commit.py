@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from billcore.billing import accounts
+from billcore.billing import classification
 from billcore.billing import tariffs as T
 from billcore.common.errors import InvariantViolation
 from billcore.common.money import GB
@@ -42,8 +43,8 @@ async def make_accounts(conn: asyncpg.Connection, n: int) -> list[int]:
 
 async def setup_traffic(conn: asyncpg.Connection, accounts: int = 1) -> dict[str, Any]:
     """Accounts on a tariff with one traffic service: class 'inet' prepaid+tiers, 'local' free."""
-    inet = await T.create_class(conn, "inet")
-    local = await T.create_class(conn, "local", position=-1)
+    inet = await classification.create_class(conn, "inet")
+    local = await classification.create_class(conn, "local", position=-1)
     service = await T.create_service(conn, "traffic", "traffic")
     await T.set_rate(conn, service, class_id=inet, range_id=None, prepaid=PREPAID, unit_size=3,
                      tiers=[(0, 6), (BORDER, 1)])

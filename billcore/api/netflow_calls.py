@@ -54,7 +54,7 @@ from typing import Any, Final
 from billcore.api import ADMIN_SYSTEM, announce, handler, need_int
 from billcore.common.errors import UsageError
 from billcore.billing.rating import TrafficUsage
-from billcore.billing.tariffs import port_range
+from billcore.billing.classification import port_range
 from billcore.billing.usage import begin_epoch, commit_usage, journal_mark, watermark
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext

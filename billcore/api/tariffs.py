@@ -23,10 +23,12 @@ from typing import Any
 
 from billcore.api import ADMIN, handler, need_int, page, who
 from billcore.billing import audit
+from billcore.billing.classification import (
+    add_binding, add_rule, create_class, delete_class, delete_rule, end_binding, list_bindings, list_classes,
+)
 from billcore.billing.tariffs import (
-    MAX_PAGE, add_binding, add_rule, create_class, create_service, create_tariff, create_time_range, delete_class,
-    delete_rule, delete_service, delete_tariff, delete_time_range, end_binding, link_tariff, list_bindings,
-    list_classes, list_services, list_tariffs, list_time_ranges, set_rate, set_tariff_services, tariff_history,
+    MAX_PAGE, create_service, create_tariff, create_time_range, delete_service, delete_tariff, delete_time_range,
+    link_tariff, list_services, list_tariffs, list_time_ranges, set_rate, set_tariff_services, tariff_history,
 )
 from billcore.common.errors import TariffError
 from billcore.server.call_context import CallContext

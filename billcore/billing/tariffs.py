@@ -21,15 +21,13 @@ it settles.
 Writes validate by building the pure value first (a bad tier schedule fails
 as ``TariffError`` before SQL), and map constraint violations to
 ``TariffConflict`` (overlapping binding or tariff link, a name taken, a row
-still in use).  Every write that changes what the NetFlow classifier sees
-bumps ``classifier_version`` (a statement trigger), read by the
-``netflow.snapshot`` call (``billcore.api.netflow_calls``).
+still in use).  Traffic classes, their rules and IP bindings (what the
+NetFlow classifier sees) are in ``billcore.billing.classification``.
 """
 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timezone, tzinfo
@@ -48,33 +46,28 @@ from billcore.billing.rating import (
 )
 from billcore.billing.timeranges import TimeRange, Window, window_from_spec
 from billcore.db.rows import DbConnection
-from billcore.server.wire_errors import constraint_field
+from billcore.db.constraints import constraint_field
 
 __all__ = [
     "DEFAULT_ACCOUNT_PERIOD",
     "SERVICE_KINDS",
     "TariffConflict",
     "TariffNotFound",
+    "Conflicts",
     "account_links",
-    "add_binding",
-    "add_rule",
-    "classifier_version",
-    "create_class",
+    "aware_utc",
+    "checked_int",
+    "checked_name",
     "create_service",
     "create_tariff",
     "create_time_range",
-    "delete_rule",
-    "end_binding",
     "link_tariff",
-    "list_bindings",
-    "list_classes",
     "list_services",
     "list_tariffs",
     "list_time_ranges",
     "load_book",
     "load_links",
     "load_periodic",
-    "port_range",
     "set_rate",
     "set_tariff_services",
     "tariff_history",
@@ -102,19 +95,19 @@ class TariffConflict(TariffError):
     code: ClassVar[str] = "tariffs.conflict"
 
 
-def _utc(value: datetime, what: str) -> datetime:
+def aware_utc(value: datetime, what: str) -> datetime:
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise TariffError(f"{what} must be an aware datetime")
     return value.astimezone(timezone.utc)
 
 
-def _name(value: object) -> str:
+def checked_name(value: object) -> str:
     if type(value) is not str or not 1 <= len(value) <= MAX_NAME:
         raise TariffError(f"a name is a string of 1..{MAX_NAME} characters")
     return value
 
 
-def _int(value: object, what: str, lo: int = 0, hi: int = MAX_QUANTITY) -> int:
+def checked_int(value: object, what: str, lo: int = 0, hi: int = MAX_QUANTITY) -> int:
     if type(value) is not int or not lo <= value <= hi:
         raise TariffError(f"{what} must be an int in {lo}..{hi}, got {value!r}")
     return value
@@ -141,7 +134,7 @@ def _about(exc: asyncpg.PostgresError) -> str:
     return f" ({field})" if field else ""
 
 
-class _Conflicts:
+class Conflicts:
     """Turn constraint violations into ``TariffConflict`` with a readable message."""
 
     def __init__(self, what: str) -> None:
@@ -298,10 +291,10 @@ async def create_service(conn: DbConnection, name: str, kind: str, *, fee: int =
                          comment: str = "", row_id: int | None = None) -> int:
     """A service; ``period`` = {"kind", "anchor" (date), "days"} for periodic ones. ``row_id``: the id to
     use instead of the next of the sequence (a rehearsal that is rolled back must not consume ids)."""
-    _name(name)
+    checked_name(name)
     if kind not in SERVICE_KINDS:
         raise TariffError(f"service kind must be one of {sorted(SERVICE_KINDS)}")
-    _int(fee, "fee", 0, MAX_AMOUNT)
+    checked_int(fee, "fee", 0, MAX_AMOUNT)
     p_kind = p_anchor = None
     p_days = 0
     if kind == "periodic":
@@ -312,7 +305,7 @@ async def create_service(conn: DbConnection, name: str, kind: str, *, fee: int =
         p_kind, p_days, p_anchor = spec.kind.value, spec.days, spec.anchor
     elif period is not None or charge_mode is not None:
         raise TariffError("only periodic services have a period and a charge mode")
-    with _Conflicts("service"):
+    with Conflicts("service"):
         return int(await conn.fetchval(
             "INSERT INTO services(id, name, kind, fee, period_kind, period_days, period_anchor,"
             " charge_mode, session_limit, max_sessions, comment)"
@@ -332,7 +325,7 @@ async def list_services(conn: DbConnection, *, limit: int = MAX_PAGE, offset: in
 
 
 async def delete_service(conn: DbConnection, service_id: int) -> None:
-    with _Conflicts("service"):
+    with Conflicts("service"):
         if await conn.execute("DELETE FROM services WHERE id = $1", service_id) == "DELETE 0":
             raise TariffNotFound(f"service {service_id} does not exist")
 
@@ -341,9 +334,9 @@ async def set_rate(conn: DbConnection, service_id: int, *, class_id: int | None,
                    range_id: int | None, prepaid: int, unit_size: int,
                    tiers: Sequence[tuple[int, int]]) -> None:
     """Set the price of a traffic class (or of time, class None) in a range (None: any)."""
-    starts = [_int(start, "tier start") for start, _ in tiers]
-    prices = [_int(p, "tier price", 0, MAX_AMOUNT) for _, p in tiers]
-    _meter(_int(prepaid, "prepaid"), _int(unit_size, "unit_size", 1), starts, prices)  # validates
+    starts = [checked_int(start, "tier start") for start, _ in tiers]
+    prices = [checked_int(p, "tier price", 0, MAX_AMOUNT) for _, p in tiers]
+    _meter(checked_int(prepaid, "prepaid"), checked_int(unit_size, "unit_size", 1), starts, prices)  # validates
     kind = await conn.fetchval("SELECT kind FROM services WHERE id = $1", service_id)
     if kind is None:
         raise TariffNotFound(f"service {service_id} does not exist")
@@ -353,7 +346,7 @@ async def set_rate(conn: DbConnection, service_id: int, *, class_id: int | None,
         await conn.execute(
             "DELETE FROM service_rates WHERE service_id = $1 AND coalesce(class_id, -1) = $2"
             " AND coalesce(range_id, 0) = $3", service_id, class_id or -1, range_id or 0)
-        with _Conflicts("rate"):
+        with Conflicts("rate"):
             await conn.execute(
                 "INSERT INTO service_rates(service_id, class_id, range_id, prepaid, unit_size,"
                 " tier_starts, tier_prices) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -364,10 +357,10 @@ async def create_tariff(conn: DbConnection, name: str, service_ids: Sequence[int
                         comment: str = "", row_id: int | None = None) -> int:
     """``row_id`` as in `create_service`."""
     async with conn.transaction():
-        with _Conflicts("tariff"):
+        with Conflicts("tariff"):
             tariff_id = int(await conn.fetchval(
                 "INSERT INTO tariffs(id, name, comment) VALUES (coalesce($3::bigint, nextval('tariffs_id_seq')),"
-                " $1, $2) RETURNING id", _name(name), comment, row_id))
+                " $1, $2) RETURNING id", checked_name(name), comment, row_id))
         await set_tariff_services(conn, tariff_id, service_ids)
     return tariff_id
 
@@ -378,7 +371,7 @@ async def set_tariff_services(conn: DbConnection, tariff_id: int, service_ids: S
         if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1 FOR UPDATE", tariff_id) is None:
             raise TariffNotFound(f"tariff {tariff_id} does not exist")
         await conn.execute("DELETE FROM tariff_services WHERE tariff_id = $1", tariff_id)
-        with _Conflicts("tariff service"):
+        with Conflicts("tariff service"):
             await conn.execute(
                 "INSERT INTO tariff_services(tariff_id, service_id) SELECT $1, unnest($2::bigint[])",
                 tariff_id, sorted(set(service_ids)))
@@ -394,7 +387,7 @@ async def list_tariffs(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int
 
 
 async def delete_tariff(conn: DbConnection, tariff_id: int) -> None:
-    with _Conflicts("tariff"):
+    with Conflicts("tariff"):
         if await conn.execute("DELETE FROM tariffs WHERE id = $1", tariff_id) == "DELETE 0":
             raise TariffNotFound(f"tariff {tariff_id} does not exist")
 
@@ -418,7 +411,7 @@ async def link_tariff(conn: DbConnection, account_id: int, tariff_id: int | None
     would start after the switch (a scheduled change) is replaced.  History
     rows are never deleted except such not-yet-started ones.
     """
-    now = _utc(now, "now")
+    now = aware_utc(now, "now")
     if start not in ("now", "next_period"):
         raise TariffError("start is 'now' or 'next_period'")
     async with conn.transaction():
@@ -432,7 +425,7 @@ async def link_tariff(conn: DbConnection, account_id: int, tariff_id: int | None
             " AND (valid_to IS NULL OR valid_to > $2)", account_id, at)
         link_id = None
         if tariff_id is not None:
-            with _Conflicts("tariff link"):
+            with Conflicts("tariff link"):
                 link_id = await conn.fetchval(
                     "INSERT INTO account_tariffs(account_id, tariff_id, valid_from, created_at, created_by)"
                     " VALUES ($1, $2, $3, $4, $5) RETURNING id", account_id, tariff_id, at, now, actor)
@@ -455,102 +448,11 @@ async def account_links(conn: DbConnection, account_id: int, now: datetime) -> l
         " s.name AS service, s.kind, s.fee FROM account_tariffs t JOIN tariffs f ON f.id = t.tariff_id"
         " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services s ON s.id = ts.service_id"
         " WHERE t.account_id = $1 AND t.valid_from <= $2 AND (t.valid_to IS NULL OR t.valid_to > $2)"
-        " ORDER BY s.id", account_id, _utc(now, "now"))
+        " ORDER BY s.id", account_id, aware_utc(now, "now"))
     return [dict(row) for row in rows]
 
 
-# -- traffic classes and time ranges ---------------------------------------
-
-async def create_class(conn: DbConnection, name: str, position: int = 0, comment: str = "") -> int:
-    with _Conflicts("traffic class"):
-        return int(await conn.fetchval(
-            "INSERT INTO traffic_classes(name, position, comment) VALUES ($1, $2, $3) RETURNING id",
-            _name(name), _int(position, "position", -2**31, 2**31 - 1), comment))
-
-
-async def delete_class(conn: DbConnection, class_id: int) -> None:
-    with _Conflicts("traffic class"):
-        if await conn.execute("DELETE FROM traffic_classes WHERE id = $1", class_id) == "DELETE 0":
-            raise TariffNotFound(f"traffic class {class_id} does not exist")
-
-
-def _net(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(ipaddress.ip_network(value, strict=True))
-    except ValueError as exc:
-        raise TariffError(f"not a network prefix: {value!r}") from exc
-
-
-def _ports(value: Sequence[int] | None) -> asyncpg.Range[int] | None:
-    if value is None:
-        return None
-    if len(value) != 2 or not 0 <= value[0] <= value[1] <= 65535:
-        raise TariffError("ports are [first, last] within 0..65535")
-    return asyncpg.Range(value[0], value[1], upper_inc=True)
-
-
-async def add_rule(conn: DbConnection, class_id: int, *, position: int = 0, skip: bool = False,
-                   local_net: str | None = None, remote_net: str | None = None,
-                   local_ports: Sequence[int] | None = None, remote_ports: Sequence[int] | None = None,
-                   protocol: int | None = None, exporter: str | None = None,
-                   iface: int | None = None) -> int:
-    if exporter is not None:
-        try:
-            exporter = str(ipaddress.ip_address(exporter))
-        except ValueError as exc:
-            raise TariffError(f"exporter must be an IP address: {exporter!r}") from exc
-    with _Conflicts("traffic class rule"):
-        return int(await conn.fetchval(
-            "INSERT INTO traffic_class_rules(class_id, position, skip, local_net, remote_net,"
-            " local_ports, remote_ports, protocol, exporter, iface)"
-            " VALUES ($1, $2, $3, $4::cidr, $5::cidr, $6, $7, $8, $9::inet, $10) RETURNING id",
-            class_id, position, skip, _net(local_net), _net(remote_net), _ports(local_ports),
-            _ports(remote_ports), protocol, exporter, iface))
-
-
-async def delete_rule(conn: DbConnection, rule_id: int) -> None:
-    if await conn.execute("DELETE FROM traffic_class_rules WHERE id = $1", rule_id) == "DELETE 0":
-        raise TariffNotFound(f"rule {rule_id} does not exist")
-
-
-def port_range(ports: asyncpg.Range[int] | None) -> list[int] | None:
-    """A port range column as an inclusive [lo, hi] pair (None: any port).
-    The schema keeps ranges within 0..65535; an open end means that limit."""
-    if ports is None or ports.isempty:
-        return None
-    if ports.lower is None:
-        lo = 0
-    else:
-        lo = ports.lower if ports.lower_inc else ports.lower + 1
-    if ports.upper is None:
-        hi = 65535
-    else:
-        hi = ports.upper if ports.upper_inc else ports.upper - 1
-    return [lo, hi]
-
-
-async def list_classes(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0
-                       ) -> list[dict[str, Any]]:
-    """Classes in match order, each with its rules in match order (plain, msgpack-able)."""
-    classes = await conn.fetch("SELECT id, name, position, comment FROM traffic_classes ORDER BY position, id"
-                               " LIMIT $1 OFFSET $2", limit, offset)
-    rules = await conn.fetch(
-        "SELECT id, class_id, position, skip, local_net::text, remote_net::text, local_ports,"
-        " remote_ports, protocol, host(exporter) AS exporter, iface FROM traffic_class_rules"
-        " WHERE class_id = ANY($1::bigint[]) ORDER BY class_id, position, id",
-        [traffic_class["id"] for traffic_class in classes])
-    by_class: dict[int, list[dict[str, Any]]] = {}
-    for row in rules:
-        by_class.setdefault(row["class_id"], []).append({
-            "id": row["id"], "position": row["position"], "skip": row["skip"],
-            "local_net": row["local_net"], "remote_net": row["remote_net"],
-            "local_ports": port_range(row["local_ports"]), "remote_ports": port_range(row["remote_ports"]),
-            "protocol": row["protocol"], "exporter": row["exporter"], "iface": row["iface"],
-        })
-    return [{**dict(traffic_class), "rules": by_class.get(traffic_class["id"], [])} for traffic_class in classes]
-
+# -- time ranges -------------------------------------------------------------
 
 async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
                             windows: Sequence[Mapping[str, Any]] = (),
@@ -562,9 +464,9 @@ async def create_time_range(conn: DbConnection, name: str, *, priority: int = 0,
     parsed = [window_from_spec(window) for window in windows]
     TimeRange(1, priority, tuple(parsed), frozenset(dates))  # validates
     async with conn.transaction():
-        with _Conflicts("time range"):
+        with Conflicts("time range"):
             range_id = int(await conn.fetchval(
-                "INSERT INTO time_ranges(name, priority) VALUES ($1, $2) RETURNING id", _name(name), priority))
+                "INSERT INTO time_ranges(name, priority) VALUES ($1, $2) RETURNING id", checked_name(name), priority))
         await conn.executemany(
             "INSERT INTO time_range_windows(range_id, weekdays, start_minute, end_minute) VALUES ($1, $2, $3, $4)",
             [(range_id, sum(1 << day for day in window.weekdays), window.start_minute, window.end_minute)
@@ -587,52 +489,8 @@ async def list_time_ranges(conn: DbConnection, *, limit: int = MAX_PAGE, offset:
 
 
 async def delete_time_range(conn: DbConnection, range_id: int) -> None:
-    with _Conflicts("time range"):
+    with Conflicts("time range"):
         if await conn.execute("DELETE FROM time_ranges WHERE id = $1", range_id) == "DELETE 0":
             raise TariffNotFound(f"time range {range_id} does not exist")
 
 
-# -- IP bindings and the classifier snapshot --------------------------------
-
-async def add_binding(conn: DbConnection, account_id: int, prefix: str, *, kind: str = "static",
-                      source: str = "admin", session_ref: str | None = None,
-                      valid_from: datetime, valid_to: datetime | None = None) -> int:
-    """Bind a prefix to an account; ``TariffConflict`` if it overlaps another binding in time."""
-    if kind not in ("static", "dynamic"):
-        raise TariffError("binding kind is 'static' or 'dynamic'")
-    with _Conflicts("ip binding"):
-        return int(await conn.fetchval(
-            "INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from, valid_to)"
-            " VALUES ($1, $2::cidr, $3, $4, $5, $6, $7) RETURNING id",
-            account_id, _net(prefix), kind, source, session_ref, _utc(valid_from, "valid_from"),
-            None if valid_to is None else _utc(valid_to, "valid_to")))
-
-
-async def end_binding(conn: DbConnection, binding_id: int, at: datetime) -> None:
-    """Close an open binding at ``at`` (a binding that had not started yet is deleted)."""
-    at = _utc(at, "at")
-    async with conn.transaction():
-        if await conn.execute("DELETE FROM ip_bindings WHERE id = $1 AND valid_from >= $2",
-                              binding_id, at) != "DELETE 0":
-            return
-        status = await conn.execute(
-            "UPDATE ip_bindings SET valid_to = $2 WHERE id = $1 AND (valid_to IS NULL OR valid_to > $2)",
-            binding_id, at)
-        if status == "UPDATE 0" and await conn.fetchval(
-                "SELECT 1 FROM ip_bindings WHERE id = $1", binding_id) is None:
-            raise TariffNotFound(f"ip binding {binding_id} does not exist")
-
-
-async def list_bindings(conn: DbConnection, account_id: int | None = None, *,
-                        at: datetime | None = None, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
-    """Bindings (of one account, or all), valid at ``at`` if given; plain values."""
-    rows = await conn.fetch(
-        "SELECT id, account_id, prefix::text AS prefix, kind, source, session_ref, valid_from, valid_to"
-        " FROM ip_bindings WHERE ($1::bigint IS NULL OR account_id = $1)"
-        " AND ($2::timestamptz IS NULL OR (valid_from <= $2 AND (valid_to IS NULL OR valid_to > $2)))"
-        " ORDER BY id LIMIT $3 OFFSET $4", account_id, at, limit, offset)
-    return [dict(row) for row in rows]
-
-
-async def classifier_version(conn: DbConnection) -> int:
-    return int(await conn.fetchval("SELECT version FROM classifier_version"))

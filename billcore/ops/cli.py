@@ -92,7 +92,8 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
-    from billcore.ops.importer import ImportFailed, import_file
+    from billcore.ops.import_parse import ImportFailed
+    from billcore.ops.importer import import_file
 
     async def work() -> int:
         import asyncpg

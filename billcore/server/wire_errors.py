@@ -21,17 +21,17 @@ traceback and answers ``internal``.
 
 from __future__ import annotations
 
-import re
 
 import asyncpg
 
 from billcore.common.errors import AlreadyExists, BillingError, InUse, UnknownObject
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.db.constraints import constraint_field
 from urfa.errors import CallFailed
 from urfa.messages import MAX_TEXT
 
 __all__ = [
-    "ALREADY_EXISTS", "IN_USE", "INVALID", "UNKNOWN", "WIRE_CODES", "constraint_field", "to_call_failed",
+    "ALREADY_EXISTS", "IN_USE", "INVALID", "UNKNOWN", "WIRE_CODES", "to_call_failed",
 ]
 
 ALREADY_EXISTS = AlreadyExists.code
@@ -45,33 +45,6 @@ WIRE_CODES: dict[str, str] = {
     UNKNOWN: "an id or name in the arguments names no existing object",
     INVALID: "a value is outside its allowed set or range",
 }
-
-_KEY_COLUMNS = re.compile(r"Key \(([a-z_, ]+)\)")
-
-
-def constraint_field(exc: asyncpg.PostgresError) -> str:
-    """The field a constraint is about, read off its name or detail ('' if unsure).
-
-    Only lower-case identifiers pass: nothing the client sent is echoed."""
-    detail = getattr(exc, "detail", None) or ""
-    m = _KEY_COLUMNS.search(detail)
-    if m:
-        return m.group(1)
-    column = getattr(exc, "column_name", None) or ""
-    if re.fullmatch(r"[a-z_]+", column):
-        return column
-    constraint = getattr(exc, "constraint_name", None) or ""
-    table = getattr(exc, "table_name", None) or ""
-    if table and constraint.startswith(table + "_"):
-        name = constraint[len(table) + 1:]
-        for suffix in ("_check", "_key", "_fkey", "_excl"):
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        if re.fullmatch(r"[a-z_]+", name):
-            return name
-    return ""
-
 
 def _database_refusal(exc: asyncpg.PostgresError) -> CallFailed | None:
     field = constraint_field(exc)
