@@ -155,7 +155,8 @@ class SnapshotCore:
 
     async def start(self) -> SnapshotCore:
         from billcore.server.calls import CallRegistry, CallSpec
-        from billcore.server.service import Principal, URFAConfig, URFAService
+        from billcore.server.service import URFAConfig, URFAService
+        from billcore.server.sessions import Principal
         from tests.conftest import free_port
         from urfa import scram
 
