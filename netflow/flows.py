@@ -77,10 +77,6 @@ def addr_to_pair(addr: str | bytes) -> tuple[int, int]:
     return value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def addr_version(hi: int, lo: int) -> int:
-    return 4 if hi == 0 and (lo >> 32) == 0xFFFF else 6
-
-
 class ExporterKeys:
     """Bounded memo of exporter text address -> (hi, lo).
 

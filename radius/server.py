@@ -65,7 +65,7 @@ from .auth import (
 )
 from .dedup import DedupCache, DedupKey, Verdict
 from .notices import DropNotices
-from .replies import BadAttribute, ReplyEncoder, finish_reply
+from .replies import ReplyEncoder, finish_reply
 from .requests import BadUserName, accounting_record, auth_request, raw_attributes
 
 __all__ = [

@@ -40,7 +40,7 @@ from tests.test_netflow_kill import sender
 from tests.test_netflow_worker_support import charged, recent_ms, setup_accounts
 from tests.waiting import eventually
 from urfa.client import Client, connect
-from urfa.errors import CallFailed, URFAError
+from urfa.errors import CallFailed
 
 ADDRESSES = [f"10.41.0.{i}" for i in range(1, 21)]
 FLOWS = 45_000

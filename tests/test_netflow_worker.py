@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import socket
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +14,6 @@ from netflow.exporter import ExportClock, FlowSpec, build_ipfix, build_v5, build
 from netflow.snapshot import rules_from_wire
 from tests.test_netflow_worker_support import charged, netflow_core, recent_ms, setup_accounts, wait_charged
 from tests.waiting import eventually
-from urfa.client import connect
 
 ACCOUNTS_V4 = [f"10.20.0.{i}" for i in range(1, 9)]
 ACCOUNTS_V6 = ["2001:db8::a", "2001:db8::b"]

@@ -18,7 +18,6 @@ import base64
 import dataclasses
 import re
 import shutil
-import socket
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +29,7 @@ import aiohttp
 import pytest
 
 from portal.app import SID_COOKIE, build_app, serve
-from portal.core_link import CoreLink, SessionGone
+from portal.core_link import SessionGone
 from portal.settings import PortalSection, read_or_make_secret
 from tests.conftest import free_port, need_peer
 from tests.test_portal_harness import UNIT, LiveCore, live_core, seed_subscriber  # noqa: F401

@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
