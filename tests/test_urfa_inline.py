@@ -148,7 +148,7 @@ async def test_cancel_and_connection_drop_release_task_calls() -> None:
         await c.close()
         await eventually(lambda: svc.registry.module_refs("mod_i") == 1, what="the dropped connection's call released the module")
         # The call was cancelled; only the (resumable) system session's table remains.
-        assert svc.registry.module_refs("mod_i") == 1 and not svc._links
+        assert svc.registry.module_refs("mod_i") == 1 and not svc._peers
     finally:
         await svc.stop()
 
@@ -164,7 +164,7 @@ async def test_cancel_in_the_same_read_as_its_call_is_answered_and_frees_the_slo
             assert exc.value.code == E.CANCELLED
         assert await c.call("i.now", {"x": 1}) == 1    # the one slot is free again
         await eventually(lambda: svc.registry.module_refs("mod_i") == 1, what="the cancelled calls released the module")
-        assert not next(iter(svc._links)).tasks
+        assert not next(iter(svc._peers)).tasks
     finally:
         await c.close()
         await svc.stop()

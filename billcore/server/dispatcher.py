@@ -41,7 +41,7 @@ from typing import Any
 from billcore.server import argcheck
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallRegistry, CallSpec, Handler, NotInTable, Symbol, SymbolDeleted, allows
-from billcore.server.link import Link
+from billcore.server.peer import Peer
 from billcore.server.sessions import NoSession, Principal, Session, SessionTable
 from billcore.server.wire_errors import to_call_failed
 from urfa.errors import (
@@ -134,9 +134,9 @@ class Dispatcher:
         self.observe: Observe | None = None   # metrics, set by the core
 
     def on_call(self, channel: ServerChannel, call: Call) -> None:
-        link: Link = channel.state  # type: ignore[assignment]  # the service's, set in on_open
+        peer: Peer = channel.state  # type: ignore[assignment]  # the service's, set in on_open
         call_id = call.id
-        session = link.session
+        session = peer.session
         if session is None:   # logged out or expired, connection closing
             channel.send_error(call_id, NO_SESSION, "session ended")
             return
@@ -169,12 +169,12 @@ class Dispatcher:
         guard = self.registry.in_flight(symbol)
         guard.__enter__()
         task = asyncio.get_running_loop().create_task(self._finish(channel, ctx, spec, args))
-        link.tasks[call_id] = task
-        task.add_done_callback(functools.partial(self._call_done, link, guard, call_id))
+        peer.tasks[call_id] = task
+        task.add_done_callback(functools.partial(self._call_done, peer, guard, call_id))
 
     @staticmethod
-    def cancel(link: Link, call_id: int) -> None:
-        task = link.tasks.get(call_id)
+    def cancel(peer: Peer, call_id: int) -> None:
+        task = peer.tasks.get(call_id)
         if task is not None:
             task.cancel()
 
@@ -196,12 +196,12 @@ class Dispatcher:
             self._unencodable(channel, ctx.call_id, spec, exc)
 
     @staticmethod
-    def _call_done(link: Link, guard: Any, call_id: int, task: asyncio.Task[None]) -> None:
+    def _call_done(peer: Peer, guard: Any, call_id: int, task: asyncio.Task[None]) -> None:
         guard.__exit__(None, None, None)
-        if link.tasks.get(call_id) is task:
-            del link.tasks[call_id]
+        if peer.tasks.get(call_id) is task:
+            del peer.tasks[call_id]
         if task.cancelled():   # cancelled before its first step: nothing answered yet
-            link.channel.send_error(call_id, CANCELLED, "cancelled")
+            peer.channel.send_error(call_id, CANCELLED, "cancelled")
 
     @staticmethod
     def _unencodable(channel: ServerChannel, call_id: int, spec: CallSpec, exc: LocalProtocolError) -> None:

@@ -3,15 +3,15 @@
 Theory of operation
 -------------------
 ``events.subscribe`` adds topics to a session that has its own connection
-(a ``Link``); ``publish(topic, payload)`` then puts the event on the queue
-of every link whose session subscribed, and a pump per link writes the
+(a ``Peer``); ``publish(topic, payload)`` then puts the event on the queue
+of every peer whose session subscribed, and a pump per peer writes the
 queue out, waiting for the socket to drain.  Who may subscribe to a topic,
 and what a subscriber's session gets of its events (its own accounts',
 through a view), is ``billcore.server.topics``' table: checked at subscribe
 (``check_subscription``) and again for every event (``delivery``), so what
 reaches a subscriber is decided per event, not once per subscription.
 
-Each link's queue (``Outbox``) is bounded: when a slow reader lets it fill,
+Each peer's queue (``Outbox``) is bounded: when a slow reader lets it fill,
 the oldest event is dropped and counted, and the next event sent says how
 many were lost.  A slow reader only loses events; it never holds memory
 or the publisher.
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from billcore.db.pool import DB_UNAVAILABLE
-from billcore.server.link import Link
+from billcore.server.peer import Peer
 from billcore.server.sessions import AuthUnavailable, Session
 from billcore.server.topics import Topic, may_subscribe
 from urfa.errors import BAD_ARGS, FORBIDDEN, NO_SESSION, CallFailed, LocalProtocolError
@@ -78,7 +78,7 @@ def delivery(rule: Topic, session: Session, payload: Any) -> tuple[bool, Any]:
 
 
 class Outbox:
-    """One link's bounded event queue; over ``cap`` the oldest is dropped and counted."""
+    """One peer's bounded event queue; over ``cap`` the oldest is dropped and counted."""
 
     __slots__ = ("cap", "events", "dropped", "wake", "pump")
 
@@ -106,7 +106,7 @@ class Outbox:
 
 
 class EventHub:
-    """Subscriptions by topic, and a queue and a pump per subscribed link."""
+    """Subscriptions by topic, and a queue and a pump per subscribed peer."""
 
     def __init__(self, rules: Mapping[str, Topic], accounts_of: AccountsOf | None,
                  queue_cap: int, lookup_timeout: float) -> None:
@@ -114,24 +114,24 @@ class EventHub:
         self.accounts_of = accounts_of   # None: subscribers see no account's events
         self.queue_cap = queue_cap
         self.lookup_timeout = lookup_timeout
-        self._subscribers: dict[str, set[Link]] = {}
-        self._outboxes: dict[Link, Outbox] = {}
+        self._subscribers: dict[str, set[Peer]] = {}
+        self._outboxes: dict[Peer, Outbox] = {}
         self._unknown_topics: set[str] = set()
 
     async def subscribe(self, session: Session, topics: list[str]) -> list[str]:
         """``events.subscribe``: add topics; all topics now subscribed."""
-        link = session.owner
-        if not isinstance(link, Link) or session.proxied:
+        peer = session.owner
+        if not isinstance(peer, Peer) or session.proxied:
             raise CallFailed(FORBIDDEN, "only a session with its own connection may subscribe")
         check_subscription(self.rules, session, topics)
         if session.kind == "user" and topics:
             session.accounts = await self._accounts(session.principal.id)
-            if link.session is not session:   # ended while we read
+            if peer.session is not session:   # ended while we read
                 raise CallFailed(NO_SESSION, "session ended")
         session.topics.update(topics)
         for topic in topics:
-            self._subscribers.setdefault(topic, set()).add(link)
-        self._ensure_pump(link)
+            self._subscribers.setdefault(topic, set()).add(peer)
+        self._ensure_pump(peer)
         return sorted(session.topics)
 
     async def _accounts(self, user_id: int) -> frozenset[int]:
@@ -145,41 +145,41 @@ class EventHub:
     def unsubscribe(self, session: Session, topics: list[str]) -> list[str]:
         """``events.unsubscribe``: remove topics; the topics still subscribed."""
         check_topics(topics)
-        link = session.owner
+        peer = session.owner
         for topic in topics:
             session.topics.discard(topic)
-            if isinstance(link, Link):
-                self._remove(topic, link)
+            if isinstance(peer, Peer):
+                self._remove(topic, peer)
         return sorted(session.topics)
 
-    def attach(self, link: Link, session: Session) -> None:
-        """``session`` is now served by ``link`` (a resumed system session
+    def attach(self, peer: Peer, session: Session) -> None:
+        """``session`` is now served by ``peer`` (a resumed system session
         keeps its subscriptions)."""
         for topic in session.topics:
-            self._subscribers.setdefault(topic, set()).add(link)
+            self._subscribers.setdefault(topic, set()).add(peer)
         if session.topics:
-            self._ensure_pump(link)
+            self._ensure_pump(peer)
 
-    def detach(self, link: Link, session: Session) -> None:
-        """``link`` no longer serves ``session``: it gets none of its events."""
+    def detach(self, peer: Peer, session: Session) -> None:
+        """``peer`` no longer serves ``session``: it gets none of its events."""
         for topic in session.topics:
-            self._remove(topic, link)
+            self._remove(topic, peer)
 
-    def close(self, link: Link) -> None:
-        """``link``'s connection is gone: stop its pump, drop its queue."""
-        outbox = self._outboxes.pop(link, None)
+    def close(self, peer: Peer) -> None:
+        """``peer``'s connection is gone: stop its pump, drop its queue."""
+        outbox = self._outboxes.pop(peer, None)
         if outbox is not None and outbox.pump is not None:
             outbox.pump.cancel()
 
-    def _remove(self, topic: str, link: Link) -> None:
+    def _remove(self, topic: str, peer: Peer) -> None:
         subs = self._subscribers.get(topic)
         if subs is not None:
-            subs.discard(link)
+            subs.discard(peer)
             if not subs:
                 del self._subscribers[topic]
 
     def publish(self, topic: str, payload: Any) -> int:
-        """Queue an event for every link whose session subscribed and may
+        """Queue an event for every peer whose session subscribed and may
         see it (``billcore.server.topics``); returns how many."""
         rule = self.rules.get(topic)
         if rule is None:   # nobody can have subscribed; a developer must write its rule
@@ -188,9 +188,9 @@ class EventHub:
                 log.error("event topic %r has no rule in billcore.server.topics: delivered to nobody", topic)
             return 0
         sent = 0
-        for link in self._subscribers.get(topic, ()):
-            session = link.session
-            outbox = self._outboxes.get(link)
+        for peer in self._subscribers.get(topic, ()):
+            session = peer.session
+            outbox = self._outboxes.get(peer)
             if session is None or outbox is None:
                 continue
             visible, event = delivery(rule, session, payload)
@@ -199,10 +199,10 @@ class EventHub:
                 sent += 1
         return sent
 
-    def _ensure_pump(self, link: Link) -> None:
-        if link not in self._outboxes:
-            outbox = self._outboxes[link] = Outbox(self.queue_cap)
-            outbox.pump = asyncio.get_running_loop().create_task(self._pump(link.channel, outbox))
+    def _ensure_pump(self, peer: Peer) -> None:
+        if peer not in self._outboxes:
+            outbox = self._outboxes[peer] = Outbox(self.queue_cap)
+            outbox.pump = asyncio.get_running_loop().create_task(self._pump(peer.channel, outbox))
 
     @staticmethod
     async def _pump(channel: ServerChannel, outbox: Outbox) -> None:

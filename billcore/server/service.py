@@ -13,7 +13,7 @@ do no socket I/O themselves:
 * the event hub (``billcore.server.event_hub``): subscriptions and bounded
   per-connection event queues.
 
-What is left here is the transport: a ``Link`` per connection (the channel's
+What is left here is the transport: a ``Peer`` per connection (the channel's
 ``state``), the routing of each message to its part, and the connection's
 end.  Sessions end only through ``SessionTable.end``, whose hook
 (``_session_ended``) closes the session's connection with a bye
@@ -38,7 +38,7 @@ from billcore.server.builtin_calls import builtin_specs
 from billcore.server.calls import CallRegistry
 from billcore.server.dispatcher import Dispatcher, Observe
 from billcore.server.event_hub import EventHub
-from billcore.server.link import Link
+from billcore.server.peer import Peer
 from billcore.server.login_desk import AuthBackend, LoginDesk
 from billcore.server.login_limiter import LoginLimiter
 from billcore.server.sessions import Session, SessionTable
@@ -104,7 +104,7 @@ class URFAService:
             max_inflight=config.max_inflight, server_name=config.server_name,
             max_connections_per_ip=config.max_connections_per_ip,
         )
-        self._links: set[Link] = set()
+        self._peers: set[Peer] = set()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -138,9 +138,9 @@ class URFAService:
             server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for link in list(self._links):
-            link.channel.close(SHUTDOWN, "server stopping")
-            self._drop_link(link)
+        for peer in list(self._peers):
+            peer.channel.close(SHUTDOWN, "server stopping")
+            self._drop_peer(peer)
         for server in self._servers:
             await server.wait_closed()
         for session in list(self.sessions):
@@ -161,57 +161,57 @@ class URFAService:
 
     # -- ServerApp -------------------------------------------------------
     def on_open(self, channel: ServerChannel) -> None:
-        link = Link(channel)
-        channel.state = link
-        self._links.add(link)
+        peer = Peer(channel)
+        channel.state = peer
+        self._peers.add(peer)
 
     def on_close(self, channel: ServerChannel) -> None:
-        link = channel.state
-        if isinstance(link, Link):
-            self._drop_link(link)
+        peer = channel.state
+        if isinstance(peer, Peer):
+            self._drop_peer(peer)
 
     def on_message(self, channel: ServerChannel, msg: Message) -> None:
-        link = cast(Link, channel.state)
+        peer = cast(Peer, channel.state)
         if isinstance(msg, Cancel):
-            self.dispatcher.cancel(link, msg.id)
+            self.dispatcher.cancel(peer, msg.id)
         elif isinstance(msg, Ping):
             channel.send(Pong(msg.id))
         elif isinstance(msg, Login):
-            self._spawn(self._on_login(link, msg))
+            self._spawn(self._on_login(peer, msg))
         elif isinstance(msg, Proof):
-            self._on_proof(link, msg)
+            self._on_proof(peer, msg)
         elif isinstance(msg, Resume):
-            self._on_resume(link, msg)
+            self._on_resume(peer, msg)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _drop_link(self, link: Link) -> None:
-        self._links.discard(link)
-        if link.login is not None:   # closed between challenge and proof: no guess was checked
-            self.desk.abandon(link.login)
-            link.login = None
-        for task in list(link.tasks.values()):
+    def _drop_peer(self, peer: Peer) -> None:
+        self._peers.discard(peer)
+        if peer.login is not None:   # closed between challenge and proof: no guess was checked
+            self.desk.abandon(peer.login)
+            peer.login = None
+        for task in list(peer.tasks.values()):
             task.cancel()
-        self.hub.close(link)
-        session, link.session = link.session, None
+        self.hub.close(peer)
+        session, peer.session = peer.session, None
         if session is None:
             return
-        self.hub.detach(link, session)
-        if session.owner is link:
+        self.hub.detach(peer, session)
+        if session.owner is peer:
             session.owner = None
             if session.kind != "system":
                 self.sessions.end(session.sid)   # admin/user sessions die with their connection
 
     # -- login, proof, resume --------------------------------------------
-    async def _on_login(self, link: Link, msg: Login) -> None:
+    async def _on_login(self, peer: Peer, msg: Login) -> None:
         # A task nobody awaits: every outcome is answered here, none escapes
         # as "Task exception was never retrieved".
-        channel = link.channel
+        channel = peer.channel
         try:
-            pending = await self.desk.begin_login(msg.kind, msg.login, msg.cnonce, channel.nonce, link.ip,
+            pending = await self.desk.begin_login(msg.kind, msg.login, msg.cnonce, channel.nonce, peer.ip,
                                                   self.clock())
         except CallFailed as exc:
             channel.close(exc.code, exc.message)
@@ -223,54 +223,54 @@ class URFAService:
         if channel.closed:   # gone (or timed out) while we looked: no proof will come
             self.desk.abandon(pending)
             return
-        link.login = pending
+        peer.login = pending
         channel.send(Challenge(pending.verifier.salt, pending.verifier.iterations))
 
-    def _on_proof(self, link: Link, msg: Proof) -> None:
-        pending, link.login = link.login, None
+    def _on_proof(self, peer: Peer, msg: Proof) -> None:
+        pending, peer.login = peer.login, None
         if pending is None:   # the state machine only lets a proof follow our challenge
-            link.channel.close(PROTOCOL, "proof without login")
+            peer.channel.close(PROTOCOL, "proof without login")
             return
         try:
             session, signature = self.desk.finish_login(pending, msg.proof, self.clock())
         except CallFailed as exc:
-            link.channel.close(exc.code, exc.message)
+            peer.channel.close(exc.code, exc.message)
             return
-        self._attach(link, session)
-        link.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
+        self._attach(peer, session)
+        peer.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
                                   int(self.config.session_timeout)))
 
-    def _on_resume(self, link: Link, msg: Resume) -> None:
+    def _on_resume(self, peer: Peer, msg: Resume) -> None:
         try:
-            session, signature = self.desk.resume(msg.sid, link.ip, link.channel.nonce, msg.cnonce, msg.proof,
+            session, signature = self.desk.resume(msg.sid, peer.ip, peer.channel.nonce, msg.cnonce, msg.proof,
                                                   self.clock())
         except CallFailed as exc:
-            link.channel.close(exc.code, exc.message)
+            peer.channel.close(exc.code, exc.message)
             return
         old = session.owner
-        if isinstance(old, Link) and old is not link:
+        if isinstance(old, Peer) and old is not peer:
             old.session = None
             self.hub.detach(old, session)
             old.channel.close(LOGGED_OUT, "session resumed on another connection")
-        self._attach(link, session)
-        link.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
+        self._attach(peer, session)
+        peer.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
                                   int(self.config.session_timeout)))
 
-    def _attach(self, link: Link, session: Session) -> None:
-        link.session = session
-        session.owner = link
-        self.hub.attach(link, session)
+    def _attach(self, peer: Peer, session: Session) -> None:
+        peer.session = session
+        session.owner = peer
+        self.hub.attach(peer, session)
 
     def _session_ended(self, session: Session, code: str, why: str) -> None:
         """``SessionTable.on_end``: whatever ended a session, the connection
         holding it gets a bye saying why (after any reply being sent now,
         such as ``session.logout``'s own answer)."""
-        link = session.owner
+        peer = session.owner
         session.owner = None
-        if isinstance(link, Link) and link.session is session:
-            link.session = None
-            self.hub.detach(link, session)
+        if isinstance(peer, Peer) and peer.session is session:
+            peer.session = None
+            self.hub.detach(peer, session)
             try:
-                asyncio.get_running_loop().call_soon(link.channel.close, code, why)
+                asyncio.get_running_loop().call_soon(peer.channel.close, code, why)
             except RuntimeError:   # no loop running (a test driving the table by hand)
-                link.channel.close(code, why)
+                peer.channel.close(code, why)

@@ -116,7 +116,7 @@ class Session:
         self.proxied = proxied
         self.topics: set[str] = set()
         self.accounts: frozenset[int] = frozenset()   # a subscriber's, read when they subscribe
-        self.owner: object | None = None   # the connection serving it (a Link), if any
+        self.owner: object | None = None   # the connection serving it (a Peer), if any
 
     @property
     def kind(self) -> str:

@@ -1,4 +1,4 @@
-"""One URFA connection as the service sees it: ``Link``.
+"""One URFA connection as the service sees it: a ``Peer``.
 
 The transport's ``ServerChannel`` carries one as its ``state``.  The login
 desk's exchange in progress, the session once logged in and the dispatcher's
@@ -18,10 +18,10 @@ from urfa.server import ServerChannel
 if TYPE_CHECKING:
     from billcore.server.login_desk import PendingLogin
 
-__all__ = ["Link"]
+__all__ = ["Peer"]
 
 
-class Link:
+class Peer:
     __slots__ = ("channel", "ip", "login", "session", "tasks")
 
     def __init__(self, channel: ServerChannel) -> None:
