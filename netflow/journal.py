@@ -292,12 +292,12 @@ def records_to_packets(records: list[RawRecord], scanned: bytes) -> Packets:
         return Packets.empty()
     names: dict[str, int] = {}
     numbers, counts, offsets = [], [], []
-    for r in records:
-        remap = np.array([names.setdefault(e, len(names)) for e in r.exporters], dtype=np.int64)
-        numbers.append(remap[r.index["exporter"]])
-        counts.append(len(r.index))
-        offsets.append(r.offset)
-    lengths = np.concatenate([r.index["length"] for r in records]).astype(np.int64)
+    for record in records:
+        remap = np.array([names.setdefault(e, len(names)) for e in record.exporters], dtype=np.int64)
+        numbers.append(remap[record.index["exporter"]])
+        counts.append(len(record.index))
+        offsets.append(record.offset)
+    lengths = np.concatenate([record.index["length"] for record in records]).astype(np.int64)
     count = np.array(counts, dtype=np.int64)
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])

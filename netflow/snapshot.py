@@ -98,19 +98,19 @@ def rules_from_wire(rules: list[dict[str, Any]]) -> tuple[TrafficRule, ...]:
     0, which is never charged (they are kept in raw storage).
     """
     out: list[TrafficRule] = []
-    for r in rules:
+    for rule in rules:
         common: dict[str, Any] = {
-            "class_id": int(r["class_id"]), "skip": bool(r.get("skip")),
-            "local": (r["local_net"],) if r.get("local_net") else (),
-            "remote": (r["remote_net"],) if r.get("remote_net") else (),
-            "local_ports": (tuple(r["local_ports"]),) if r.get("local_ports") else (),
-            "remote_ports": (tuple(r["remote_ports"]),) if r.get("remote_ports") else (),
-            "protocols": (int(r["protocol"]),) if r.get("protocol") is not None else (),
-            "exporters": (r["exporter"],) if r.get("exporter") else (),
+            "class_id": int(rule["class_id"]), "skip": bool(rule.get("skip")),
+            "local": (rule["local_net"],) if rule.get("local_net") else (),
+            "remote": (rule["remote_net"],) if rule.get("remote_net") else (),
+            "local_ports": (tuple(rule["local_ports"]),) if rule.get("local_ports") else (),
+            "remote_ports": (tuple(rule["remote_ports"]),) if rule.get("remote_ports") else (),
+            "protocols": (int(rule["protocol"]),) if rule.get("protocol") is not None else (),
+            "exporters": (rule["exporter"],) if rule.get("exporter") else (),
         }
-        if r.get("iface") is not None:
-            out.append(TrafficRule(**common, input_if=(int(r["iface"]),)))
-            out.append(TrafficRule(**common, output_if=(int(r["iface"]),)))
+        if rule.get("iface") is not None:
+            out.append(TrafficRule(**common, input_if=(int(rule["iface"]),)))
+            out.append(TrafficRule(**common, output_if=(int(rule["iface"]),)))
         else:
             out.append(TrafficRule(**common))
     return tuple(out)

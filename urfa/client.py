@@ -289,8 +289,8 @@ class Client:
         for p in pending.values():
             if not p.future.done():
                 p.future.set_exception(err)
-        for s in self._streams.values():
-            s._wake.set()
+        for stream in self._streams.values():
+            stream._wake.set()
         self._event_wake.set()
 
     @property

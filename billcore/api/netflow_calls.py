@@ -161,19 +161,19 @@ async def snapshot_chunks(conn: Any, since: datetime, rows: int = SNAPSHOT_CHUNK
         version = int(await conn.fetchval("SELECT version FROM classifier_version"))
         last, bindings = 0, 0
         while True:
-            r = await conn.fetchrow(_BINDING_CHUNK, last, since, rows)
-            if not r["n"]:
+            piece = await conn.fetchrow(_BINDING_CHUNK, last, since, rows)
+            if not piece["n"]:
                 break
-            last, bindings = r["last_id"], bindings + r["n"]
-            yield {"kind": "bindings", "n": r["n"], "address": r["address"], "bits": r["bits"],
-                   "account": r["account"], "from_ms": r["from_ms"], "to_ms": r["to_ms"]}
+            last, bindings = piece["last_id"], bindings + piece["n"]
+            yield {"kind": "bindings", "n": piece["n"], "address": piece["address"], "bits": piece["bits"],
+                   "account": piece["account"], "from_ms": piece["from_ms"], "to_ms": piece["to_ms"]}
         rules = 0
         chunk: list[dict[str, Any]] = []
-        async for r in conn.cursor(_RULES, prefetch=RULE_CHUNK_ROWS):
-            chunk.append({"id": r["id"], "class_id": r["class_id"], "position": r["position"], "skip": r["skip"],
-                          "local_net": r["local_net"], "remote_net": r["remote_net"],
-                          "local_ports": port_range(r["local_ports"]), "remote_ports": port_range(r["remote_ports"]),
-                          "protocol": r["protocol"], "exporter": r["exporter"], "iface": r["iface"]})
+        async for rule in conn.cursor(_RULES, prefetch=RULE_CHUNK_ROWS):
+            chunk.append({"id": rule["id"], "class_id": rule["class_id"], "position": rule["position"], "skip": rule["skip"],
+                          "local_net": rule["local_net"], "remote_net": rule["remote_net"],
+                          "local_ports": port_range(rule["local_ports"]), "remote_ports": port_range(rule["remote_ports"]),
+                          "protocol": rule["protocol"], "exporter": rule["exporter"], "iface": rule["iface"]})
             rules += 1
             if len(chunk) >= RULE_CHUNK_ROWS:
                 yield {"kind": "rules", "rules": chunk}

@@ -50,6 +50,7 @@ from billcore.radius.nas import (
 from billcore.radius.records import read_access_request, read_accounting_record
 from billcore.radius.secrets import SecretStore
 from billcore.radius.sessions import PAGE, active_sessions, close_stale
+from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
@@ -92,7 +93,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
     authorizer = Authorizer(pool, store, tz)
 
     @contextlib.asynccontextmanager
-    async def admin_tx(ctx: Any, action: str, obj: str, after: Any) -> AsyncIterator[DbConnection]:
+    async def admin_tx(ctx: CallContext, action: str, obj: str, after: Any) -> AsyncIterator[DbConnection]:
         """One transaction for an admin write and its audit row.  A database
         refusal (duplicate name, bad range) rolls both back and answers its
         documented code (``billcore.server.wire_errors``), never PostgreSQL's text."""
@@ -100,18 +101,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
             yield conn
             await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())
 
-    async def authorize_one(ctx: Any, request: dict[str, Any]) -> dict[str, Any]:
+    async def authorize_one(ctx: CallContext, request: dict[str, Any]) -> dict[str, Any]:
         async with pool.acquire() as conn:
             decision = await authorize(conn, store, read_access_request(request), core.now(), tz=tz)
         return decision.wire()
 
-    async def authorize_batch(ctx: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def authorize_batch(ctx: CallContext, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not 1 <= len(requests) <= MAX_BATCH or not all(isinstance(request, dict) for request in requests):
             raise InvalidValue(f"requests: a list of 1..{MAX_BATCH} maps")
         decisions = await authorizer.decide([read_access_request(request) for request in requests], core.now())
         return [decision.wire() for decision in decisions]
 
-    async def accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
+    async def accounting(ctx: CallContext, record: dict[str, Any]) -> dict[str, Any]:
         accounting_record = read_accounting_record(record)
         async with pool.acquire() as conn, conn.transaction():
             result = await apply_accounting(conn, accounting_record, core.now(), tz=tz)
@@ -121,18 +122,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
         return result.wire()
 
     @handler  # a bad page answers billing.invalid, not internal
-    async def nas_for_radius(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def nas_for_radius(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
             return [nas.wire() for nas in await nas_list(conn, store, with_secrets=True, limit=limit, offset=offset)]
 
     @handler  # a bad page answers billing.invalid, not internal
-    async def nas_show(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def nas_show(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
             return [nas.wire() for nas in await nas_list(conn, store, with_secrets=False, limit=limit, offset=offset)]
 
-    async def nas_add(ctx: Any, **args: Any) -> dict[str, Any]:
+    async def nas_add(ctx: CallContext, **args: Any) -> dict[str, Any]:
         args = _given(args)
         async with admin_tx(ctx, "radius.nas_add", f"nas:{args.get('name')}", _redacted(args)) as conn:
             nas_id = await add_nas(conn, store, **args)
@@ -140,70 +141,70 @@ def calls(core: CoreContext) -> list[CallSpec]:
         required = args.get("require_message_authenticator", True)
         return {"id": nas_id, "require_message_authenticator": required, "notice": MA_NOTICE if required else ""}
 
-    async def nas_edit(ctx: Any, id: int, **args: Any) -> bool:
+    async def nas_edit(ctx: CallContext, id: int, **args: Any) -> bool:
         async with admin_tx(ctx, "radius.nas_edit", f"nas:{id}", _redacted(args)) as conn:
             done = await edit_nas(conn, store, id, **args)
         core.publish("radius.nas", {"changed": id})
         return done
 
-    async def nas_delete(ctx: Any, id: int, force: bool = False) -> bool:
+    async def nas_delete(ctx: CallContext, id: int, force: bool = False) -> bool:
         async with admin_tx(ctx, "radius.nas_delete", f"nas:{id}", {"force": bool(force)}) as conn:
             done = await delete_nas(conn, id, core.now(), bool(force))
         core.publish("radius.nas", {"deleted": id})
         return done
 
-    async def pool_add(ctx: Any, **args: Any) -> int:
+    async def pool_add(ctx: CallContext, **args: Any) -> int:
         args = _given(args)
         async with admin_tx(ctx, "radius.pool_add", f"pool:{args.get('name')}", args) as conn:
             return await add_pool(conn, **args)
 
-    async def pool_edit(ctx: Any, id: int, **args: Any) -> bool:
+    async def pool_edit(ctx: CallContext, id: int, **args: Any) -> bool:
         async with admin_tx(ctx, "radius.pool_edit", f"pool:{id}", _redacted(args)) as conn:
             return await edit_pool(conn, id, **args)
 
-    async def pool_delete(ctx: Any, id: int) -> bool:
+    async def pool_delete(ctx: CallContext, id: int) -> bool:
         async with admin_tx(ctx, "radius.pool_delete", f"pool:{id}", None) as conn:
             return await delete_pool(conn, id)
 
     @handler  # a bad page answers billing.invalid, not internal
-    async def pools(ctx: Any, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
+    async def pools(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
         limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
             return [ip_pool.wire() for ip_pool in await pool_list(conn, limit, offset)]
 
-    async def link_add(ctx: Any, **args: Any) -> int:
+    async def link_add(ctx: CallContext, **args: Any) -> int:
         args = _given(args)
         async with admin_tx(ctx, "radius.link_add", f"account:{args.get('account_id')}", _redacted(args)) as conn:
             return await add_link(conn, store, **args)
 
-    async def link_edit(ctx: Any, id: int, **args: Any) -> bool:
+    async def link_edit(ctx: CallContext, id: int, **args: Any) -> bool:
         async with admin_tx(ctx, "radius.link_edit", f"radius_link:{id}", _redacted(args)) as conn:
             return await edit_link(conn, store, id, **args)
 
-    async def link_delete(ctx: Any, id: int, force: bool = False) -> bool:
+    async def link_delete(ctx: CallContext, id: int, force: bool = False) -> bool:
         async with admin_tx(ctx, "radius.link_delete", f"radius_link:{id}", {"force": bool(force)}) as conn:
             return await delete_link(conn, id, core.now(), bool(force))
 
     @handler  # a bad page answers billing.invalid, not internal
-    async def links(ctx: Any, account_id: int | None = None, login: str | None = None, limit: int = PAGE,
+    async def links(ctx: CallContext, account_id: int | None = None, login: str | None = None, limit: int = PAGE,
                     offset: int = 0) -> list[dict[str, Any]]:
         limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
             return [link.wire() for link in await link_list(conn, account_id, login, limit, offset)]
 
     @handler  # a bad page answers billing.invalid, not internal
-    async def sessions(ctx: Any, account_id: int | None = None, limit: int = PAGE, offset: int = 0
+    async def sessions(ctx: CallContext, account_id: int | None = None, limit: int = PAGE, offset: int = 0
                        ) -> list[dict[str, Any]]:
         limit, offset = page(limit, offset, PAGE)
         async with pool.acquire() as conn:
             return [session.wire() for session in await active_sessions(conn, account_id, limit=limit, offset=offset)]
 
-    async def sweep_stale(ctx: Any, timeout: int) -> int:
+    async def sweep_stale(ctx: CallContext, timeout: int) -> int:
         need_int("timeout", timeout, 1, 10 * 366 * 86400)   # seconds; a timedelta of 2^63 s overflows
         async with pool.acquire() as conn, conn.transaction():
             return await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
 
-    async def disconnect(ctx: Any, session: int) -> dict[str, Any]:
+    async def disconnect(ctx: CallContext, session: int) -> dict[str, Any]:
         async with pool.acquire() as conn:
             found = await active_sessions(conn, None, session)
         if not found:

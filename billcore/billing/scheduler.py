@@ -391,18 +391,18 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
                     if accounts is None:
                         return
                     async with wconn.transaction():
-                        b = await _batch(wconn, accounts, services, since, now, horizon, tz,
+                        batch = await _batch(wconn, accounts, services, since, now, horizon, tz,
                                          report=on_charges is not None)
                     tally["done"] += len(accounts)
                     tally["batches"] += 1
-                    tally["charges"] += b.charges
-                    tally["amount"] += b.amount
-                    tally["once"] += b.once
-                    tally["closed"] += b.closed
-                    changes.extend(b.block_changes)
-                    periods.update(b.closed_periods)
-                    if on_charges is not None and b.booked:
-                        await on_charges(b.booked)
+                    tally["charges"] += batch.charges
+                    tally["amount"] += batch.amount
+                    tally["once"] += batch.once
+                    tally["closed"] += batch.closed
+                    changes.extend(batch.block_changes)
+                    periods.update(batch.closed_periods)
+                    if on_charges is not None and batch.booked:
+                        await on_charges(batch.booked)
                     if progress is not None:
                         progress(RunProgress(tally["done"], total, tally["batches"], tally["charges"],
                                              tally["amount"]))

@@ -138,9 +138,9 @@ def parse_days(value: object) -> frozenset[int]:
         first, _, last = part.partition("-")
         if first not in DAY_NAMES or (last and last not in DAY_NAMES):
             raise TimeRangeError(f"unknown day in {value!r}: days are {', '.join(DAY_NAMES)}")
-        a, b = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
+        start, end = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
         # "sat-mon" wraps over the week's end
-        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+        days.update(range(start, end + 1) if start <= end else [*range(start, 7), *range(0, end + 1)])
     return frozenset(days)
 
 

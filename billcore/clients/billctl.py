@@ -119,11 +119,11 @@ def _cell(value: Any) -> str:
 
 def render(result: Any) -> str:
     """A human view: a table for a list of maps, key: value lines for a map."""
-    if isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
+    if isinstance(result, list) and result and all(isinstance(row, dict) for row in result):
         keys: list[str] = []
-        for r in result:
-            keys.extend(k for k in r if k not in keys)
-        rows = [[_cell(r.get(k)) for k in keys] for r in result]
+        for row in result:
+            keys.extend(k for k in row if k not in keys)
+        rows = [[_cell(row.get(k)) for k in keys] for row in result]
         widths = _widths(keys, rows)
         # the last column is not cut: nothing follows it, and it is where long text (a call's doc) sits
         widths[-1] = max(len(keys[-1]), *(len(row[-1]) for row in rows))
@@ -198,9 +198,9 @@ class RowPrinter:
         self.out.write(_line([_cell(shown.get(k)) for k in self.columns], self._widths) + "\n")
 
     def _flush_table(self) -> None:
-        for r in self._pending:
-            self._named(r)   # maps may add columns until the header is out
-        cells = [[_cell(r.get(k)) for k in self.columns] for r in self._pending]
+        for pending in self._pending:
+            self._named(pending)   # maps may add columns until the header is out
+        cells = [[_cell(pending.get(k)) for k in self.columns] for pending in self._pending]
         self._widths = _widths(self.columns, cells) if cells else [len(k) for k in self.columns]
         self.out.write(_line(self.columns, self._widths) + "\n")
         self.out.write(_line(["-" * w for w in self._widths], self._widths) + "\n")
@@ -263,9 +263,9 @@ async def _call_table(client: Client) -> list[dict[str, Any]]:
 
 
 async def _describe(client: Client, fn: str) -> Described:
-    for c in await _call_table(client):
-        if c["name"] == fn:
-            return Described(c)
+    for call in await _call_table(client):
+        if call["name"] == fn:
+            return Described(call)
     return Described(None)
 
 
@@ -319,21 +319,21 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
         client = await link.ready()
         if args.command == "calls":
             return [
-                {"name": c["name"], "args": ", ".join(f"{k}:{v}" for k, v in c["args"].items()),
-                 "right": c["right"] or "", "doc": c["doc"].split("\n")[0]}
-                for c in await _call_table(client)
+                {"name": call["name"], "args": ", ".join(f"{k}:{v}" for k, v in call["args"].items()),
+                 "right": call["right"] or "", "doc": call["doc"].split("\n")[0]}
+                for call in await _call_table(client)
             ], Described(None)
         fn, call_args = _request(args)
-        d = await _describe(client, fn)
+        described = await _describe(client, fn)
         if args.command == "call":
-            call_args = convert_args(args.args, d.args)
-        if d.streaming:
-            return await _stream(client, fn, call_args, d, args,
-                                 _periodic_progress if args.command == "periodic-run" else None), d
+            call_args = convert_args(args.args, described.args)
+        if described.streaming:
+            return await _stream(client, fn, call_args, described, args,
+                                 _periodic_progress if args.command == "periodic-run" else None), described
         result = await client.call(fn, call_args)
         if args.command == "account" and isinstance(result, dict) and _out_format(args) == "table":
             result = _account_view(result)
-        return result, d
+        return result, described
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:

@@ -20,10 +20,10 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 
 
 def _quote(value: Any) -> str:
-    s = str(value)
-    if s and all(c.isalnum() or c in "-_.:/@+" for c in s):
-        return s
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    text = str(value)
+    if text and all(c.isalnum() or c in "-_.:/@+" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -83,8 +83,8 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
                 return _fail(f"restore refused: {exc}" if isinstance(exc, BackupError) else f"restore failed: {exc}")
         print(f"restored {args.file}: schema {manifest.schema_version}, made {manifest.created_at}"
               f" by billcore {manifest.billcore_version}; {len(manifest.watermarks)} watermark(s)")
-        for w in manifest.watermarks:
-            print(f"  watermark {w['source']} = {w['watermark']}")
+        for mark in manifest.watermarks:
+            print(f"  watermark {mark['source']} = {mark['watermark']}")
         print("next: `billcore migrate` (if this billcore is newer), then `billcore verify`")
         return 0
 

@@ -163,8 +163,8 @@ def locked_verifier() -> Verifier:
 
 
 def _make(password: str) -> tuple[bytes, int, bytes, bytes]:
-    v = make_verifier(password)
-    return v.salt, v.iterations, v.stored_key, v.server_key
+    verifier = make_verifier(password)
+    return verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key
 
 
 def compute_verifiers(passwords: Sequence[str], *, workers: int, progress: Progress | None) -> list[Verifier]:

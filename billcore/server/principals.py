@@ -108,20 +108,20 @@ class DatabaseAuth:
 async def create_admin(
     conn: DbConnection, login: str, password: str, groups: list[str], full_name: str = ""
 ) -> int:
-    v = make_verifier(password)
+    verifier = make_verifier(password)
     async with conn.transaction():
         known = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM admin_groups")}
-        unknown = [g for g in groups if g not in known]
+        unknown = [group for group in groups if group not in known]
         if unknown:
             raise ValueError(f"unknown admin group(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         admin_id: int = await conn.fetchval(
             """INSERT INTO admins(login, full_name, scram_salt, scram_iterations, scram_stored_key, scram_server_key)
                VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
-            login, full_name, v.salt, v.iterations, v.stored_key, v.server_key,
+            login, full_name, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
         )
-        for g in groups:
+        for group in groups:
             await conn.execute(
-                "INSERT INTO admin_group_members(admin_id, group_id) VALUES ($1, $2)", admin_id, known[g]
+                "INSERT INTO admin_group_members(admin_id, group_id) VALUES ($1, $2)", admin_id, known[group]
             )
     return admin_id
 
@@ -130,7 +130,7 @@ async def create_system_login(
     conn: DbConnection, login: str, password: str, rights: frozenset[str] | list[str]
 ) -> int:
     """Create or replace a system login (its password and rights)."""
-    v = make_verifier(password)
+    verifier = make_verifier(password)
     login_id: int = await conn.fetchval(
         """INSERT INTO system_logins(login, rights, scram_salt, scram_iterations, scram_stored_key, scram_server_key)
            VALUES ($1, $2, $3, $4, $5, $6)
@@ -138,17 +138,17 @@ async def create_system_login(
                scram_iterations = EXCLUDED.scram_iterations, scram_stored_key = EXCLUDED.scram_stored_key,
                scram_server_key = EXCLUDED.scram_server_key, disabled = false
            RETURNING id""",
-        login, sorted(rights), v.salt, v.iterations, v.stored_key, v.server_key,
+        login, sorted(rights), verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
     )
     return login_id
 
 
 async def set_user_password(conn: DbConnection, user_id: int, password: str) -> None:
-    v = make_verifier(password)
+    verifier = make_verifier(password)
     await conn.execute(
         """UPDATE users SET scram_salt=$2, scram_iterations=$3, scram_stored_key=$4, scram_server_key=$5
             WHERE id = $1""",
-        user_id, v.salt, v.iterations, v.stored_key, v.server_key,
+        user_id, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
     )
 
 
