@@ -17,6 +17,7 @@ from billcore.server.sessions import Principal
 from radius.process import CONNECTS, UrfaDecider, core_link
 from radius.server import DecisionUnavailable, Nas
 from tests.conftest import free_port
+from tests.waiting import eventually
 from urfa import scram
 from urfa.client import Client
 from urfa.messages import Event
@@ -82,13 +83,6 @@ class Harness:
         self.connected += 1
 
 
-async def wait_for(check: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def connects(how: str) -> float:
     return float(CONNECTS.labels(how)._value.get())
 
@@ -101,7 +95,7 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again(tmp_pat
     core = Core(port)
     try:
         # the core is not up yet: the link keeps trying, decisions fail at once
-        await wait_for(lambda: h.link.plan.attempts >= 2)
+        await eventually(lambda: h.link.plan.attempts >= 2)
         assert not h.link.up.is_set()
         try:
             decider.authorize(NAS, {"login": "alice"})
@@ -109,7 +103,7 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again(tmp_pat
         except DecisionUnavailable:
             pass
         await core.start()
-        await wait_for(h.link.up.is_set)
+        await eventually(h.link.up.is_set)
 
         # many requests of one loop turn go as one batch, answered in order
         logins = ["alice" if i % 3 else "mallory" for i in range(100)]
@@ -122,21 +116,21 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again(tmp_pat
         sid = h.link.client.info.sid
         resumed = connects("resume")
         h.link.client._transport.abort()  # type: ignore[union-attr]
-        await wait_for(lambda: connects("resume") == resumed + 1 and h.link.up.is_set())
+        await eventually(lambda: connects("resume") == resumed + 1 and h.link.up.is_set())
         assert h.link.client.info.sid == sid
         assert core.service is not None
         core.service.publish("blocks", {"action": "set", "account_id": 7})
-        await wait_for(lambda: len(h.events) == 1)
+        await eventually(lambda: len(h.events) == 1)
         assert h.events[0].payload["account_id"] == 7
         assert (await decider.authorize(NAS, {"login": "alice"})).accept
 
         # the core restarts: it knows no old session, so the link logs in afresh
         logins_before = connects("login")
         await core.stop()
-        await wait_for(lambda: not h.link.up.is_set())
+        await eventually(lambda: not h.link.up.is_set())
         core = Core(port)
         await core.start()
-        await wait_for(lambda: connects("login") == logins_before + 1 and h.link.up.is_set())
+        await eventually(lambda: connects("login") == logins_before + 1 and h.link.up.is_set())
         assert h.link.client.info.sid != sid
         assert h.connected == 3  # first login, resume, fresh login: subscribed each time
         assert (await decider.authorize(NAS, {"login": "alice"})).accept
@@ -168,7 +162,7 @@ async def test_accounting_calls_stay_under_the_cores_cap(tmp_path: Path) -> None
                                                  args={"record": "map"})])
     h.link.start()
     try:
-        await wait_for(h.link.up.is_set)
+        await eventually(h.link.up.is_set)
         decider = UrfaDecider(h.link, timeout=5.0, max_accounting=4)
         await asyncio.gather(*(decider.account(NAS, {"session_id": str(i)}) for i in range(40)))
         assert peak == 4

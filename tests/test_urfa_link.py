@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from billcore.server.calls import CallRegistry, CallSpec
 from billcore.server.service import URFAConfig, URFAService
 from billcore.server.sessions import Principal
 from tests.conftest import free_port
+from tests.waiting import eventually
 from tests.test_urfa_service import _self_signed
 from urfa import scram
 from urfa.errors import BAD_ARGS, CallFailed, LoginFailed
@@ -96,13 +96,6 @@ class Edge:
                          **{"timeout": 3.0, "backoff": (0.05, 0.2), **options})
 
 
-async def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_waits_for_the_core_resumes_after_a_drop_and_logs_in_after_a_restart() -> None:
     port = free_port()
     edge = Edge([Address("127.0.0.1", port)])
@@ -110,35 +103,35 @@ async def test_waits_for_the_core_resumes_after_a_drop_and_logs_in_after_a_resta
     core = Core(port)
     try:
         # not up yet: a call fails at once, nothing was sent
-        await wait_for(lambda: link.plan.attempts >= 2)
+        await eventually(lambda: link.plan.attempts >= 2)
         with pytest.raises(LinkDown):
             await link.call("edge.echo", {"text": "hi"})
         await core.start()
-        await wait_for(link.up.is_set)
+        await eventually(link.up.is_set)
         assert await link.call("edge.echo", {"text": "hi"}) == "hi"
         assert edge.connected == ["login"] and edge.missed == []
         core.publish(1)
-        await wait_for(lambda: len(edge.events) == 1)
+        await eventually(lambda: len(edge.events) == 1)
 
         # the connection drops: the same session is resumed, its subscription still delivers
         assert link.client is not None and link.info is not None
         sid = link.info.sid
         link.client._transport.abort()  # type: ignore[union-attr]
-        await wait_for(lambda: edge.connected == ["login", "resume"] and link.up.is_set())
+        await eventually(lambda: edge.connected == ["login", "resume"] and link.up.is_set())
         assert link.info.sid == sid
         assert edge.missed == ["reconnected"] and len(edge.lost) == 1
         core.publish(2)
-        await wait_for(lambda: [e.payload["account_id"] for e in edge.events] == [1, 2])
+        await eventually(lambda: [e.payload["account_id"] for e in edge.events] == [1, 2])
 
         # the core restarts and knows no session: a fresh login, subscribed again
         await core.stop()
-        await wait_for(lambda: not link.up.is_set())
+        await eventually(lambda: not link.up.is_set())
         core = await Core(port).start()
-        await wait_for(lambda: edge.connected[-1] == "login" and link.up.is_set())
+        await eventually(lambda: edge.connected[-1] == "login" and link.up.is_set())
         assert link.info.sid != sid
         assert link.connects == {"login": 2, "resume": 1} and link.reconnects == 2
         core.publish(3)
-        await wait_for(lambda: [e.payload["account_id"] for e in edge.events] == [1, 2, 3])
+        await eventually(lambda: [e.payload["account_id"] for e in edge.events] == [1, 2, 3])
     finally:
         await link.close()
         await core.stop()
@@ -225,7 +218,7 @@ async def test_a_waiting_call_brings_the_next_attempt_forward() -> None:
     edge = Edge([Address("127.0.0.1", port)], wait_for_core=3.0, backoff=(5.0, 5.0))
     link = edge.link.start()
     try:
-        await wait_for(lambda: link.plan.attempts >= 1 and not link.up.is_set())
+        await eventually(lambda: link.plan.attempts >= 1 and not link.up.is_set())
         with pytest.raises(LinkDown):
             await link.call("edge.echo", {"text": "down"})
         core = await Core(port).start()
@@ -252,7 +245,7 @@ async def test_an_event_handler_that_raises_marks_events_missed_and_the_link_sta
         await edge.link.start().ready()
         core.publish(1)
         core.publish(2)
-        await wait_for(lambda: seen == [1, 2])
+        await eventually(lambda: seen == [1, 2])
         assert edge.missed == ["event handler failed"] and edge.link.up.is_set()
     finally:
         await edge.link.close()
@@ -296,11 +289,11 @@ async def test_a_fault_in_the_event_pump_reconnects_and_marks_events_missed(capl
     edge.link._on_connected = on_connected
     link = edge.link.start()
     try:
-        await wait_for(lambda: len(edge.connected) == 2 and link.up.is_set())
+        await eventually(lambda: len(edge.connected) == 2 and link.up.is_set())
         assert "event pump failed" in edge.missed
         assert any(r.getMessage() == "event pump failed" and r.exc_info for r in caplog.records)
         core.publish(7)   # the new connection's pump delivers again
-        await wait_for(lambda: len(edge.events) == 1)
+        await eventually(lambda: len(edge.events) == 1)
         assert edge.events[0].payload["account_id"] == 7
     finally:
         await link.close()
