@@ -21,8 +21,8 @@ what is the worker's own:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 from netflow.metrics import CORE_CONNECTED
 from netflow.snapshot import SnapshotLoader
 from urfa.client import Client
-from urfa.errors import CallFailed, URFAError
-from urfa.link import Address, Link, LinkDown, error_code
+from urfa.errors import URFAError
+from urfa.link import Address, Link, error_code
 from urfa.messages import Event
-from urfa.reconnect import Backoff, Verdict, verdict
+from urfa.reconnect import Verdict, verdict
 
 __all__ = ["CoreAccess", "CoreSession", "ClassifierEvents", "CoreUnavailable"]
 
@@ -133,19 +133,12 @@ class CoreSession:
         return await self._until_stopped("netflow.snapshot", stop, attempt)
 
     async def _until_stopped(self, fn: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[_R]]) -> _R:
-        backoff = Backoff(0.1, 3.0)
-        while True:
-            try:
-                return await attempt()
-            except (URFAError, OSError, asyncio.TimeoutError) as exc:
-                if verdict(error_code(exc)) is Verdict.NEVER:
-                    raise  # a retry cannot help (an epoch conflict: restart and decide again)
-                reason = f"{type(exc).__name__}: {exc}"
-                if isinstance(exc, CallFailed):  # the core could not commit (database down): the journal waits
-                    log.error("core refused a call; retrying", extra={"fn": fn, "code": exc.code, "reason": reason})
-                elif not isinstance(exc, LinkDown):  # down: the link says so, once per outage
-                    log.warning("core call interrupted; retrying", extra={"fn": fn, "reason": reason})
-            if stop.is_set():
-                raise CoreUnavailable(f"stopping before {fn} succeeded")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff.next_delay())
+        """The link's retry (`Link.retrying`) for as long as the worker runs; a failure
+        a retry could fix becomes `CoreUnavailable` once the worker is stopping."""
+        assert self.link is not None
+        try:
+            return await self.link.retrying(fn, attempt, retry_for=math.inf, stop=stop)
+        except (URFAError, OSError, asyncio.TimeoutError) as exc:
+            if verdict(error_code(exc)) is Verdict.NEVER:
+                raise  # a retry cannot help (an epoch conflict: restart and decide again)
+            raise CoreUnavailable(f"stopping before {fn} succeeded") from exc

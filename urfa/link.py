@@ -41,7 +41,7 @@ import logging
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .client import DEFAULT_PORT, Client, LoginInfo, Stream, connect
 from .errors import CallFailed, ConnectionLost, LoginFailed, URFAError
@@ -130,6 +130,7 @@ class LinkStream:
 
 
 ConnectedHook = Callable[[Client, str], Awaitable[None]]
+_Result = TypeVar("_Result")
 
 
 class Link:
@@ -257,29 +258,48 @@ class Link:
         ``retry_for`` > 0 (idempotent calls only): for that many seconds
         (``math.inf``: until cancelled) retry a failure that ``RETRY`` says a
         retry can fix, after a pause or a new connection."""
+        async def attempt() -> Any:
+            client = await self._live()
+            return await client.call(fn, args, as_sid=as_sid, as_ip=as_ip, timeout=timeout or self.timeout)
+
+        return await self.retrying(fn, attempt, retry_for=retry_for)
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[_Result]], *, retry_for: float = 0.0,
+                       stop: asyncio.Event | None = None) -> _Result:
+        """``attempt()``'s result, retrying what ``RETRY`` says a retry can fix
+        for ``retry_for`` seconds (``math.inf``: until cancelled) and while
+        ``stop`` is not set; otherwise the failure is raised.  Only for work
+        that is safe to repeat (an idempotent call, a stream read again from
+        its start).  A failure that needs a new connection waits for the
+        link to come back; one the core will get over (busy, its database
+        away) waits a doubling pause."""
         deadline = self._loop.time() + retry_for
         backoff = Backoff(self.plan.backoff.first, self.plan.backoff.cap)
         while True:
             try:
-                client = await self._live()
-                return await client.call(fn, args, as_sid=as_sid, as_ip=as_ip, timeout=timeout or self.timeout)
+                return await attempt()
             except (URFAError, OSError, asyncio.TimeoutError) as exc:
                 kind = verdict(error_code(exc))
-                if kind is Verdict.NEVER:
-                    raise
                 delay = backoff.next_delay()
-                if self._loop.time() + delay > deadline:
+                if kind is Verdict.NEVER or self._loop.time() + delay > deadline or (stop is not None and stop.is_set()):
                     raise
-                self._log.warning("core call failed; retrying", extra={"fn": fn, "reason": f"{type(exc).__name__}: {exc}"})
-                if kind is Verdict.RECONNECT:
-                    await self._wait_up(delay)
-                else:
-                    await asyncio.sleep(delay)
+                if not isinstance(exc, LinkDown):   # down: the keeper says so, once per outage
+                    self._log.warning("core call failed; retrying",
+                                      extra={"fn": what, "reason": f"{type(exc).__name__}: {exc}"})
+            await self._pause(delay, stop)
+            if kind is Verdict.RECONNECT:
+                await self._pause(self.plan.backoff.cap, stop, until_up=True)
 
-    async def _wait_up(self, at_least: float) -> None:
-        await asyncio.sleep(at_least)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.up.wait(), self.plan.backoff.cap)
+    async def _pause(self, seconds: float, stop: asyncio.Event | None, *, until_up: bool = False) -> None:
+        """Wait ``seconds`` (or until the link is up), ending early when ``stop`` is set."""
+        waits = [asyncio.ensure_future(self.up.wait() if until_up else asyncio.sleep(seconds))]
+        if stop is not None:
+            waits.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def stream(self, fn: str, args: dict[str, Any] | None = None, *, as_sid: bytes | None = None,
                      as_ip: str | None = None, chunk_timeout: float | None = None) -> LinkStream:
