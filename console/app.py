@@ -41,7 +41,7 @@ from webedge import http
 from webedge.core_link import CoreDown, CoreLink, Refused, SessionGone
 from webedge.guard import LoginLimiter, csrf_ok
 from webedge.http import local_path, see_other, unb64
-from webedge.i18n import LANGUAGES, Translator, catalogs_of, pick_language
+from webedge.i18n import Translator, catalogs_of, pick_language
 from webedge.render import FILTERS
 from webedge.settings import EdgeSettings, read_or_make_secret
 
@@ -175,12 +175,9 @@ def _guarded(route: Route) -> Handler:
 
 
 async def language(request: web.Request) -> web.StreamResponse:
-    lang = request.match_info["lang"]
-    if lang not in LANGUAGES:
+    response = http.language_chosen(request, LANG_COOKIE, secure=request.app[CONSOLE].section.cookie_secure)
+    if response is None:
         raise web.HTTPNotFound()
-    response = see_other(local_path(request.query.get("next", "/")))
-    response.set_cookie(LANG_COOKIE, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400,
-                        secure=request.app[CONSOLE].section.cookie_secure)
     return response
 
 

@@ -32,6 +32,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,7 @@ class PendingLogin:
     handle: bytes
     login: str
     started: float
-    stage: str            # "proof", then "otp" when the core asks for a second factor
+    stage: str            # "proof"; "used" once a proof went; "otp" when the core asks for a second factor
 
 
 class PendingLogins:
@@ -174,64 +175,69 @@ async def login_start(request: web.Request) -> web.StreamResponse:
                               "iter": iterations})
 
 
-async def login_proof(request: web.Request) -> web.StreamResponse:
+class _Unreadable(Exception):
+    """The browser's step is not what the script sends."""
+
+
+Ask = Callable[[Console, PendingLogin, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def _relay(request: web.Request, stage: str, wrong: str, ask: Ask) -> web.Response:
+    """One step after the start: the pending login of this browser, the core's answer, the session."""
     console = request.app[CONSOLE]
     pre = _pre(request)
     ip = browser_ip(request)
     now = time.monotonic()
-    pending = console.logins.get(pre, "proof", now) if pre is not None else None
+    pending = console.logins.get(pre, stage, now) if pre is not None else None
     if pre is None or pending is None:
         return _answer(400, "login.stale")
-    console.logins.drop(pre)
-    proof = unb64((await _body(request)).get("proof"), 32)
-    if proof is None or len(proof) != 32:
-        console.limiter.failed(ip, now)
-        return _answer(400, "login.wrong")
-    try:
-        answer = await console.link.proxy_proof(pending.handle, proof)
-    except BadLogin as exc:
-        console.limiter.failed(ip, now)
-        return _answer(429, "login.limited") if exc.code == "rate_limited" else _answer(401, "login.wrong")
-    except Refused as exc:
-        console.limiter.failed(ip, now)
-        log.info("operator login refused", extra={"login": pending.login, "reason": exc.code})
-        return _answer(401, "login.wrong")
-    except CoreDown:
-        return _answer(503, "error.503")
-    signature = _std64(answer["sig"])
-    if answer.get("otp_required"):
-        pending.stage = "otp"
-        console.logins.put(pre, pending)
-        return web.json_response({"sig": signature, "otp_required": True})
-    return await _logged_in(request, answer, pending.login, {"sig": signature, "next": _next(request)})
-
-
-async def login_otp(request: web.Request) -> web.StreamResponse:
-    console = request.app[CONSOLE]
-    pre = _pre(request)
-    ip = browser_ip(request)
-    now = time.monotonic()
-    pending = console.logins.get(pre, "otp", now) if pre is not None else None
-    if pre is None or pending is None:
-        return _answer(400, "login.stale")
-    code = (await _body(request)).get("code")
-    if type(code) is not str or not 0 < len(code.strip()) <= 64:
-        return _answer(400, "login.otp_wrong")
     if console.limiter.blocked(ip, now):
         return _answer(429, "login.limited")
     try:
-        answer = await console.link.proxy_otp(pending.handle, code.strip().replace(" ", ""))
+        answer = await ask(console, pending, await _body(request))
+    except _Unreadable:
+        console.limiter.failed(ip, now)
+        return _answer(400, wrong)
     except BadLogin as exc:
         console.limiter.failed(ip, now)
-        return _answer(429, "login.limited") if exc.code == "rate_limited" else _answer(401, "login.otp_wrong")
+        return _answer(429, "login.limited") if exc.code == "rate_limited" else _answer(401, wrong)
     except Refused as exc:
         console.limiter.failed(ip, now)
-        log.info("operator second factor refused", extra={"login": pending.login, "reason": exc.code})
-        return _answer(401, "login.otp_wrong")
+        log.info("operator login refused", extra={"login": pending.login, "step": stage, "reason": exc.code})
+        return _answer(401, wrong)
     except CoreDown:
         return _answer(503, "error.503")
+    body: dict[str, Any] = {"next": _next(request)}
+    if "sig" in answer:
+        body["sig"] = _std64(answer["sig"])
+    if answer.get("otp_required"):       # the same handle takes the code next
+        pending.stage = "otp"
+        return web.json_response({"sig": body["sig"], "otp_required": True})
     console.logins.drop(pre)
-    return await _logged_in(request, answer, pending.login, {"next": _next(request)})
+    return await _logged_in(request, answer, pending.login, body)
+
+
+async def _proof(console: Console, pending: PendingLogin, body: dict[str, Any]) -> dict[str, Any]:
+    proof = unb64(body.get("proof"), 32)
+    if proof is None or len(proof) != 32:
+        raise _Unreadable()
+    pending.stage = "used"               # one proof per handle, right or wrong
+    return await console.link.proxy_proof(pending.handle, proof)
+
+
+async def _otp(console: Console, pending: PendingLogin, body: dict[str, Any]) -> dict[str, Any]:
+    code = body.get("code")
+    if type(code) is not str or not 0 < len(code.strip()) <= 64:
+        raise _Unreadable()
+    return await console.link.proxy_otp(pending.handle, code.strip().replace(" ", ""))
+
+
+async def login_proof(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "proof", "login.wrong", _proof)
+
+
+async def login_otp(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "otp", "login.otp_wrong", _otp)
 
 
 def _next(request: web.Request) -> str:

@@ -30,8 +30,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .i18n import LANGUAGES
+
 __all__ = ["security_headers", "b64", "unb64", "client_ip", "ascii_int", "local_path", "see_other",
-           "tls_context", "serve"]
+           "language_chosen", "tls_context", "serve"]
 
 _CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self';{connect}"
         " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -107,6 +109,16 @@ def see_other(location: str, **query: Any) -> web.Response:
     """A 303 to ``location`` with ``query`` (None values left out)."""
     values = {key: value for key, value in query.items() if value is not None}
     return web.Response(status=303, headers={"Location": location + ("?" + urlencode(values) if values else "")})
+
+
+def language_chosen(request: web.Request, cookie: str, *, secure: bool) -> web.Response | None:
+    """``/lang/{lang}?next=…``: back to ``next`` with the choice in ``cookie`` for a year; None: no such language."""
+    lang = request.match_info["lang"]
+    if lang not in LANGUAGES:
+        return None
+    response = see_other(local_path(request.query.get("next", "/")))
+    response.set_cookie(cookie, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400, secure=secure)
+    return response
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
