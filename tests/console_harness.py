@@ -204,8 +204,8 @@ class LiveConsole:
     def __init__(self, core: ConsoleCore, workdir: Path, *, pages: Sequence[ModuleType] = PAGES,
                  middlewares: Sequence[Any] = (), **section: Any) -> None:
         self.port = free_port()
-        self.section = dataclasses.replace(ConsoleSection(), enabled=True, port=self.port, cookie_secure=False,
-                                           **section)
+        self.section = dataclasses.replace(ConsoleSection(), **{"enabled": True, "port": self.port,
+                                                                 "cookie_secure": False, **section})
         self.settings = EdgeSettings(section=self.section, core_host="127.0.0.1", core_port=core.port,
                                      core_unix=None, password_file=core.password_file.parent / "console.password",
                                      secret_file=workdir / "console.secret", login="console")
