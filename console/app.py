@@ -160,6 +160,17 @@ async def _operator(request: web.Request) -> Any:
     if operator is None:     # a console restart, or forgotten: the core still knows the session
         operator = await login.load_operator(console, sid, browser_ip(request))
         console.book.put(operator, time.monotonic())
+    else:
+        # Is the session still there?  A page may call nothing, and the core ends sessions on its own
+        # (new roles, a disabled operator, a logout elsewhere): one cheap call also keeps it alive.
+        try:
+            await console.link.call(sid, browser_ip(request), "sys.ping")
+        except SessionGone:
+            console.book.drop(sid)
+            raise
+        except Refused as exc:
+            console.book.drop(sid)
+            raise SessionGone(exc.code) from None
     return operator
 
 

@@ -203,4 +203,9 @@ async def test_the_supervisor_runs_the_console_as_a_child(tmp_path: Path, db_dsn
                 assert response.status == 200
                 assert 'src="/static/login.js' in await response.text()
         assert (tmp_path / "var" / "system" / "console.password").exists()
+        # an edge facing browsers never holds the database's address (only the core gets it)
+        environ = Path(f"/proc/{bc.child_pid('console')}/environ").read_bytes().split(b"\0")
+        assert not any(entry.startswith(b"BILLCORE_DSN=") for entry in environ)
+        core_environ = Path(f"/proc/{bc.child_pid('core')}/environ").read_bytes().split(b"\0")
+        assert any(entry.startswith(b"BILLCORE_DSN=") for entry in core_environ)
         assert bc.stop(timeout=10) == 0
