@@ -27,9 +27,9 @@ On the wire (what ``static/login.js`` sends; ``tests/console_harness.py``'s
 * ``/login/start`` ``{"login": str, "cnonce": base64 of 16 random bytes}`` →
   ``{"nonce": base64, "salt": base64, "iter": int}`` (standard base64);
 * ``/login/proof`` ``{"proof": base64 of 32 bytes}`` (kind ``admin`` in the
-  AuthMessage) → ``{"sig": base64, "next": path}`` and the ``console_sid``
-  cookie, or ``{"sig": base64, "otp_required": true}``;
-* ``/login/otp`` ``{"code": str}`` → ``{"next": path}`` and the cookie;
+  AuthMessage) → ``{"sig": base64, "next": path, "csrf": the session's form
+  token}`` and the ``console_sid`` cookie, or ``{"sig": base64, "otp_required": true}``;
+* ``/login/otp`` ``{"code": str}`` → ``{"next": path, "csrf": …}`` and the cookie;
 * a refusal is ``{"error": key, "message": text}`` with 400 (unreadable or a
   stale login: start again), 401 (wrong), 429 (limited) or 503 (core down).
 
@@ -280,7 +280,8 @@ async def _logged_in(request: web.Request, answer: dict[str, Any], login: str,
             await console.link.logout(old, ip)
         except (CoreDown, Refused):
             pass
-    response = web.json_response(body)
+    # the session's form token: the script ends the session with it when the core's signature is wrong
+    response = web.json_response({**body, "csrf": csrf_token(console.key, sid)})
     response.set_cookie(SID_COOKIE, b64(sid), httponly=True, samesite="Strict", path="/",
                         secure=console.section.cookie_secure)
     log.info("operator logged in", extra={"login": login, "ip": ip})
