@@ -23,7 +23,9 @@ from aiohttp import web
 from billcore.common.config import ConfigError, config_from_dict
 from console.page import Page
 from tests.conftest import need_peer
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of  # noqa: F401
+from tests.console_harness import (  # noqa: F401  (console_world is a fixture)
+    ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of,
+)
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from urfa import scram
 
@@ -49,7 +51,8 @@ class InlineFinder(HTMLParser):
         if "style" in names:
             self.found.append(f"style= on <{tag}>")
         self.found += [f"{name}= on <{tag}>" for name in names if name.startswith("on")]
-        self.found += [f"javascript: in <{tag}>" for _, value in attrs if value and value.strip().lower().startswith("javascript:")]
+        self.found += [f"javascript: in <{tag}>" for _, value in attrs
+                       if value and value.strip().lower().startswith("javascript:")]
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "script":
