@@ -1,8 +1,8 @@
 """``/system/…``: plugins (list, load, unload), the core's health, the audit log with search.
 
-Health is ``sys.health`` when the core has it; a core without it still
-shows what the console can know: the plugins, its own link to the core and
-the core's clock.
+Health is ``sys.health`` (processes, NetFlow workers, RADIUS rates, the
+database, and what the core cannot know), and beside it what the console
+itself knows: its link to the core, the core's clock and the round trip.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from console.context import CONSOLE
-from console.page import Page, Refused, call, form, operator_of, redirect, render, t
+from console.page import Page, Refused, call, form, redirect, render, t
 from webedge.http import ascii_int
 
 ROUTES = Page.routes()
@@ -51,26 +51,25 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "system.health.started": ("Started", "Запущен"),
     "system.health.netflow": ("NetFlow collectors", "Сборщики NetFlow"),
     "system.health.worker": ("Worker", "Обработчик"),
-    "system.health.exporter": ("Exporter", "Экспортёр"),
-    "system.health.last_packet": ("Last packet", "Последний пакет"),
     "system.health.packets": ("Packets", "Пакетов"),
     "system.health.drops": ("Drops", "Потерь"),
     "system.health.journal_lag": ("Journal lag", "Отставание журнала"),
     "system.health.classifier": ("Classifier version", "Версия классификатора"),
+    "system.health.committed": ("Committed up to", "Учтено до"),
+    "system.health.database": ("Database", "База данных"),
+    "system.health.database_up": ("answering", "отвечает"),
+    "system.health.database_down": ("not answering", "не отвечает"),
+    "system.health.missing": ("What the core cannot know", "Чего ядро знать не может"),
     "system.health.radius": ("RADIUS", "RADIUS"),
     "system.health.access_per_s": ("Access requests per second", "Запросов доступа в секунду"),
     "system.health.accounting_per_s": ("Accounting requests per second", "Запросов учёта в секунду"),
     "system.health.rejects_per_s": ("Rejects per second", "Отказов в секунду"),
-    "system.health.no_sys_health": ("This core does not report its processes (no sys.health): shown is what the "
-                                    "console itself knows.", "Это ядро не сообщает о своих процессах (нет sys.health): показано то, "
-                             "что знает сама консоль."),
     "system.health.link": ("The console's link to the core", "Связь консоли с ядром"),
     "system.health.link_up": ("connected", "есть"),
     "system.health.link_down": ("down", "нет"),
     "system.health.reconnects": ("Reconnects", "Переподключений"),
     "system.health.core_time": ("Core's clock", "Часы ядра"),
     "system.health.latency": ("Round trip", "Задержка"),
-    "system.health.plugins_loaded": ("Plugins loaded", "Загружено модулей"),
     "system.audit.title": ("Audit log", "Журнал аудита"),
     "system.audit.object": ("Object (e.g. account:5)", "Объект (например, account:5)"),
     "system.audit.action": ("Action", "Действие"),
@@ -122,20 +121,15 @@ async def plugin_unload(request: web.Request) -> web.StreamResponse:
 
 # -- health ----------------------------------------------------------------------------
 
-@ROUTES.get("/system/health", nav="health")
+@ROUTES.get("/system/health", needs=("sys.health",), nav="health")
 async def health(request: web.Request) -> web.StreamResponse:
-    operator = operator_of(request)
-    report = await call(request, "sys.health") if operator.can("sys.health") else None
+    report = await call(request, "sys.health")
     link = request.app[CONSOLE].link
     sent = time.monotonic()
     core_time = await call(request, "sys.time")
     round_trip_ms = round((time.monotonic() - sent) * 1000, 1)
-    loaded = None
-    if report is None and operator.can("plugins.list"):
-        loaded = sum(1 for plugin in await call(request, "plugins.list", limit=PLUGINS_PAGE)
-                     if plugin.get("state") == "loaded")
     return render(request, "system/health.html", report=report, link_up=link.link.up.is_set(),
-                  reconnects=link.reconnects, core_time=core_time, round_trip_ms=round_trip_ms, loaded=loaded)
+                  reconnects=link.reconnects, core_time=core_time, round_trip_ms=round_trip_ms)
 
 
 # -- audit -----------------------------------------------------------------------------
