@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import types
 from pathlib import Path
@@ -42,7 +43,10 @@ async def test_navigation_and_routes_follow_the_call_table(console_world: Consol
     page = await browser.get("/")
     assert ">Audit log</a>" in page.text
     assert ">Plugins</a>" not in page.text and ">Operators</a>" not in page.text
-    assert (await browser.get("/system/audit")).status == 200
+    audit = await browser.get("/system/audit")
+    assert audit.status == 200
+    assert re.search(r'data-test="nav-audit" aria-current="page"', audit.text)
+    assert not re.search(r'data-test="nav-dashboard" aria-current', audit.text)     # "/" is not every page's
     refused = await browser.get("/system/plugins")         # typed by hand: outside the table
     assert refused.status == 403 and "no right" in refused.text
 
