@@ -161,9 +161,13 @@ async def test_console_logs_an_operator_in_and_calls_in_their_table(live: Live) 
     assert "payments.add" in names and "tariffs.add" not in names
     await refused("not_in_table", console.call("tariffs.add", {"name": "x", "service_ids": []},
                                                as_sid=info.sid, as_ip=BROWSER))
-    # the audit row names the operator and the browser, not the console
-    user = await console.call("users.search", {"text": ""}, as_sid=info.sid, as_ip=BROWSER)
-    assert user["total"] == 0
+    # what the operator does is theirs: the audit row names them and the browser, not the console
+    made = await (await live.admin("root")).call("users.create", {"login": "sub1", "password": "sub1-password"})
+    await console.call("payments.add", {"account_id": made["basic_account_id"], "amount": 1_000_000,
+                                        "method": "cash"}, as_sid=info.sid, as_ip=BROWSER)
+    row = await live.pool.fetchrow("SELECT principal_kind, principal_login, ip FROM audit_log"
+                                   " WHERE action = 'payments.add'")
+    assert tuple(row) == ("admin", "cashiers", BROWSER)
     await refused("no_session", console.call("sys.whoami", as_sid=info.sid, as_ip="198.51.100.8"))
     # the console logs no subscriber in
     await refused("forbidden", console.proxy_login("nobody", PW, BROWSER))
