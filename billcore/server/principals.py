@@ -48,9 +48,9 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     "netflow": frozenset({"netflow.*", "events.subscribe"}),
     "portal": frozenset({"session.proxy"}),
     # the operators' console: relays operators' logins and calls as them; its own link
-    # only listens to the event topics its pages refresh on
-    "console": frozenset({"session.proxy_admin", "events.subscribe", "blocks.read", "radius.read",
-                          "netflow.read"}),
+    # hears the topics its pages refresh on (events.notice: topics.NOTICE_RIGHT) and may
+    # read nothing itself
+    "console": frozenset({"session.proxy_admin", "events.subscribe", "events.notice"}),
 }
 
 
