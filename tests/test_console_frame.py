@@ -48,6 +48,8 @@ async def test_navigation_and_routes_follow_the_call_table(console_world: Consol
     assert not re.search(r'data-test="nav-dashboard" aria-current', audit.text)     # "/" is not every page's
     refused = await browser.get("/system/plugins")         # typed by hand: outside the table
     assert refused.status == 403 and "no right" in refused.text
+    stranger = console_world.browser()                      # nobody logged in: no navigation at all
+    assert 'id="nav"' not in (await stranger.get("/login")).text
 
 
 async def test_audit_log_search(console_world: ConsoleWorld) -> None:
