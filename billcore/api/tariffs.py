@@ -298,7 +298,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async def wrapped(ctx: CallContext, **args: Any) -> Any:
             result = await fn(ctx, **args)
             async with core.pool.acquire() as conn:
-                await audit.record(conn, who(ctx), name, name.split(".")[0], before=None,
+                # a link is about one account: its row shows on the account's audit (accounts.audit)
+                about = f"account:{args['account_id']}" if name == "tariffs.link" else name.split(".")[0]
+                await audit.record(conn, who(ctx), name, about, before=None,
                                    after={"args": args, "result": result}, now=core.now())
             return result
         return wrapped
