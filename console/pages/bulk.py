@@ -21,9 +21,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from console.page import Page, Refused, call, can, form, render
+from console.page import Page, Refused, call, form, render
 from console.pages.subscriber_filter import FIELDS, SubscriberFilter, read_filter, read_id
-from console.pages.subscribers import tariff_choices
+from console.pages.subscribers import can, tariff_choices
 
 __all__ = ["ROUTES", "MESSAGES", "ACTIONS", "offered_actions", "read_action"]
 
@@ -65,6 +65,8 @@ MESSAGES = {
                      " Посмотрите новый предпросмотр и подтвердите снова."),
     "bulk.expired": ("Nothing was changed: this preview has expired. Look at a fresh preview.",
                      "Ничего не изменено: предпросмотр устарел. Посмотрите новый."),
+    "bulk.used": ("Nothing more was changed: this preview was confirmed already (see the audit log).",
+                  "Больше ничего не изменено: этот предпросмотр уже был подтверждён (см. журнал)."),
     "bulk.refused": ("Nothing was changed: {reason}", "Ничего не изменено: {reason}"),
     "bulk.need_action": ("Choose what to do.", "Выберите действие."),
     "bulk.need_tariff": ("Choose the tariff.", "Выберите тариф."),
@@ -108,11 +110,9 @@ async def _page(request: web.Request, chosen: SubscriberFilter, typed: Mapping[s
                 done: Mapping[str, Any] | None = None, error: str = "", reason: str = "",
                 expected: int = 0) -> web.StreamResponse:
     tariffs = await tariff_choices(request)
-    response = render(request, "bulk/bulk.html", chosen=chosen, typed=typed, tariffs=tariffs,
-                      actions=offered_actions(request), action_errors=action_errors or {}, preview=preview,
-                      done=done, error=error, reason=reason, expected=expected, filter_fields=FIELDS)
-    response.set_status(status)
-    return response
+    return render(request, "bulk/bulk.html", status=status, chosen=chosen, typed=typed, tariffs=tariffs,
+                  actions=offered_actions(request), action_errors=action_errors or {}, preview=preview,
+                  done=done, error=error, reason=reason, expected=expected, filter_fields=FIELDS)
 
 
 @ROUTES.get("/bulk", needs=("bulk.preview", "subscribers.search"), nav="bulk")
@@ -144,8 +144,8 @@ async def bulk_apply(request: web.Request) -> web.StreamResponse:
     try:
         done = await call(request, "bulk.apply", token=token, expect_count=expected)
     except Refused as refused:
-        error = {"bulk.changed": "bulk.changed", "bulk.expired": "bulk.expired",
-                 "bulk.unknown": "bulk.expired"}.get(refused.code, "bulk.refused")
+        error = {"bulk.changed": "bulk.changed", "bulk.token": "bulk.expired",
+                 "bulk.used": "bulk.used"}.get(refused.code, "bulk.refused")
         return await _page(request, chosen, _typed(fields), status=409, error=error,
                            reason=refused.message or refused.code, expected=expected)
     return await _page(request, chosen, _typed(fields), done=done)

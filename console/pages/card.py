@@ -33,10 +33,10 @@ from aiohttp import web
 
 from billcore.common.errors import BillingError
 from billcore.common.money import format_money, parse_money
-from console.page import Page, Refused, call, can, form, redirect, render, stream
+from console.page import Page, Refused, call, form, redirect, render, stream, t
 from console.pages.subscriber_filter import read_id, read_page
-from console.pages.subscribers import tariff_choices
-from webedge.render import traffic_chart
+from console.pages.subscribers import can, tariff_choices
+from webedge.chart import traffic_chart, traffic_table
 
 __all__ = ["ROUTES", "MESSAGES", "PAGE_ROWS", "CHART_DAYS", "audit_change", "tariff_state", "traffic_rows"]
 
@@ -48,6 +48,8 @@ PAYMENT_METHODS: Final = ("cash", "card", "bank", "online", "voucher", "correcti
 _CARD: Final = r"/subscribers/{user_id:\d+}"
 _CONTACTS: Final = ("full_name", "phone", "email", "address", "external_id")
 _MAX_TEXT: Final = 500
+# the new-subscriber form's messages land on the card too
+_OTHER_NOTICES: Final = frozenset({"message.created", "message.created_without_ip", "message.created_without_tariff"})
 
 MESSAGES = {
     "card.title": ("Subscriber {login}", "Абонент {login}"),
@@ -149,6 +151,8 @@ MESSAGES = {
     "card.duration": ("Duration", "Длительность"),
     "card.no_sessions": ("No sessions.", "Сессий нет."),
     "card.traffic": ("Traffic, last {days} days", "Трафик за {days} дней"),
+    "card.class": ("Class", "Класс"),
+    "card.bytes": ("Bytes", "Объём"),
     "card.no_traffic": ("No traffic in these days.", "Трафика за эти дни нет."),
     "card.audit": ("Audit trail", "Журнал изменений"),
     "card.action": ("Action", "Действие"),
@@ -282,8 +286,9 @@ async def _traffic(request: web.Request, account_id: int) -> dict[str, Any] | No
     names = {row["id"]: row["name"] for row in classes}
     shaped = traffic_rows(rows, names, first, today + timedelta(days=1))
     last = max([today.isoformat(), *(row["day"] for row in shaped)])
-    return {"rows": shaped, "chart": traffic_chart({"first": first.isoformat(), "last": last, "rows": shaped})
-            if shaped else ""}
+    traffic = {"first": first.isoformat(), "last": last, "rows": shaped}
+    return {"chart": traffic_chart(traffic, t("card.traffic", days=CHART_DAYS)) if shaped else "",
+            "table": traffic_table(traffic)}
 
 
 async def _services(request: web.Request, tariff_id: int | None,
@@ -312,8 +317,8 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
         user_call = call(request, "users.get", user_id=user_id)
     if account_id is None:      # a user without accounts: only the contacts to show
         user = await user_call
-        return render(request, "card/card.html", user=user, account=None, parts={}, error=error, reason=reason,
-                      section=section, typed=typed or {}, notice=_notice(request))
+        return render(request, "card/card.html", status=status, user=user, account_id=None, parts={},
+                      error=error, reason=reason, section=section, typed=typed or {}, notice=_notice(request))
     paged = {"limit": PAGE_ROWS}
     (user, account, blocks, payments, ledger, links, tariffs, bindings, radius_logins, online, past, audit,
      traffic) = await asyncio.gather(
@@ -348,16 +353,17 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
         "online": online, "past": past, "audit": audit, "traffic": traffic,
     }
     pages = {"ledger": ledger_page, "audit": audit_page, "past": past_page}
-    response = render(request, "card/card.html", user=user, account_id=account_id, parts=parts, pages=pages,
-                      page_rows=PAGE_ROWS, methods=PAYMENT_METHODS, marked=marked, error=error, reason=reason,
-                      section=section, typed=typed or {}, notice=_notice(request), chart_days=CHART_DAYS)
-    response.set_status(status)
-    return response
+    return render(request, "card/card.html", status=status, user=user, account_id=account_id, parts=parts,
+                  pages=pages, page_rows=PAGE_ROWS, methods=PAYMENT_METHODS, marked=marked, error=error,
+                  reason=reason, section=section, typed=typed or {}, notice=_notice(request), chart_days=CHART_DAYS)
 
 
-def _notice(request: web.Request) -> dict[str, Any]:
-    """The message a redirect back to the card carries (``m``), with its values."""
-    return {"key": request.query.get("m", ""), "payment": read_id(request.query.get("payment", "")) or ""}
+def _notice(request: web.Request) -> str:
+    """The message a redirect back to the card carries (``m``, one of ours), with the payment it names."""
+    key = request.query.get("m", "")
+    if key not in MESSAGES and key not in _OTHER_NOTICES:
+        return ""                     # only our own words, never text from the URL
+    return t(key, payment=read_id(request.query.get("payment", "")) or "")
 
 
 @ROUTES.get(_CARD, needs=("users.get",))
@@ -388,9 +394,8 @@ class _Target:
         return str(self.fields.get(name, "")).strip()[:_MAX_TEXT]
 
     def back(self, request: web.Request, message: str, **extra: Any) -> web.StreamResponse:
-        query = "".join(f"&{name}={value}" for name, value in extra.items())
-        account = f"?account={self.account_id}" if self.account_id is not None else "?"
-        return redirect(request, f"/subscribers/{self.user_id}{account}{query}", message=message)
+        return redirect(request, f"/subscribers/{self.user_id}", message="message." + message,
+                        account=self.account_id, **extra)
 
 
 async def _target(request: web.Request) -> _Target:
@@ -552,7 +557,7 @@ async def reverse_payment(request: web.Request) -> web.StreamResponse:
 async def link_tariff(request: web.Request) -> web.StreamResponse:
     target = await _account_target(request)
     start = "next_period" if target.text("start") == "next_period" else "now"
-    tariff_id = read_id(target.text("tariff"))
+    tariff_id = read_id(target.text("tariff_id"))
     return await _attempt(request, target, "tariff", lambda: call(
         request, "tariffs.link", account_id=target.account_id, tariff_id=tariff_id, start=start),
         "tariff_scheduled" if start == "next_period" else "tariff_set")
@@ -562,7 +567,7 @@ async def link_tariff(request: web.Request) -> web.StreamResponse:
 async def bind_address(request: web.Request) -> web.StreamResponse:
     target = await _account_target(request)
     return await _attempt(request, target, "bindings", lambda: call(
-        request, "bindings.add", account_id=target.account_id, prefix=target.text("prefix")), "bound")
+        request, "bindings.add", account_id=target.account_id, prefix=target.text("ip")), "bound")
 
 
 @ROUTES.post(_CARD + r"/bindings/{binding_id:\d+}/end", needs=("bindings.end",))

@@ -26,10 +26,10 @@ from typing import Any, Final
 from aiohttp import web
 
 from billcore.common.money import format_money
-from console.page import Page, Refused, call, can, form, redirect, render, stream
+from console.page import Page, Refused, call, form, operator_of, redirect, render, stream
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, SubscriberFilter, read_filter, read_id, read_page
 
-__all__ = ["ROUTES", "MESSAGES", "CSV_COLUMNS", "csv_lines", "tariff_choices"]
+__all__ = ["ROUTES", "MESSAGES", "CSV_COLUMNS", "can", "csv_lines", "tariff_choices"]
 
 ROUTES = Page.routes()
 
@@ -40,7 +40,7 @@ _TEXT_COLUMNS: Final = frozenset({"login", "full_name", "phone", "email", "contr
 # A spreadsheet runs a cell that starts with one of these as a formula
 # (CSV injection): a subscriber's name "=HYPERLINK(…)" must stay text.
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
-_NEW_FIELDS: Final = ("login", "full_name", "phone", "email", "address", "contract", "ip", "tariff", "start")
+_NEW_FIELDS: Final = ("login", "full_name", "phone", "email", "address", "contract", "ip", "tariff_id")
 
 MESSAGES = {
     "nav.subscribers": ("Subscribers", "Абоненты"),
@@ -106,6 +106,11 @@ MESSAGES = {
 }
 
 
+def can(request: web.Request, name: str) -> bool:
+    """Is ``name`` in the operator's call table (what ``can`` answers in a template)?"""
+    return name in operator_of(request).calls
+
+
 def _pages(total: int, capped: bool) -> int:
     counted = min(total, MAX_OFFSET)
     return max(1, -(-counted // PAGE_SIZE)) + (1 if capped and counted % PAGE_SIZE == 0 else 0)
@@ -133,11 +138,8 @@ async def subscriber_list(request: web.Request) -> web.StreamResponse:
     page = read_page(request.query.get("page"))
     result, tariffs = await asyncio.gather(_search(request, chosen, page), tariff_choices(request))
     pages = _pages(result["total"], result["total_capped"]) if result else 1
-    response = render(request, "subscribers/list.html", chosen=chosen, result=result, tariffs=tariffs,
-                      page=page, pages=pages, page_size=PAGE_SIZE)
-    if chosen.errors:
-        response.set_status(400)
-    return response
+    return render(request, "subscribers/list.html", status=400 if chosen.errors else 200, chosen=chosen,
+                  result=result, tariffs=tariffs, page=page, pages=pages, page_size=PAGE_SIZE)
 
 
 # -- CSV ------------------------------------------------------------------------------
@@ -197,10 +199,8 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
 async def _new_form(request: web.Request, typed: Mapping[str, str], error: str = "",
                     status: int = 200, reason: str = "") -> web.StreamResponse:
     tariffs = await tariff_choices(request) if can(request, "tariffs.link") else []
-    response = render(request, "subscribers/new.html", typed={name: typed.get(name, "") for name in _NEW_FIELDS},
-                      tariffs=tariffs, error=error, reason=reason)
-    response.set_status(status)
-    return response
+    return render(request, "subscribers/new.html", status=status, tariffs=tariffs, error=error, reason=reason,
+                  typed={name: typed.get(name, "") for name in _NEW_FIELDS})
 
 
 @ROUTES.get("/subscribers/new", needs=("users.create",))
@@ -224,14 +224,14 @@ async def new_subscriber(request: web.Request) -> web.StreamResponse:
     except Refused as refused:
         return await _new_form(request, fields, "new.refused", 409, refused.message or refused.code)
     user_id, account_id = user["id"], user["basic_account_id"]
-    message = "created"
+    message = "message.created"
     ip = fields.get("ip", "").strip()
     if ip and can(request, "bindings.add"):
         try:
             await call(request, "bindings.add", account_id=account_id, prefix=ip)
         except Refused:
-            message = "created_without_ip"
-    tariff = fields.get("tariff", "").strip()
+            message = "message.created_without_ip"
+    tariff = fields.get("tariff_id", "").strip()
     if tariff and can(request, "tariffs.link"):
         tariff_id = read_id(tariff)
         try:
@@ -239,5 +239,5 @@ async def new_subscriber(request: web.Request) -> web.StreamResponse:
                 raise Refused("billing.invalid", "not a tariff id")
             await call(request, "tariffs.link", account_id=account_id, tariff_id=tariff_id, start="now")
         except Refused:
-            message = "created_without_tariff"
-    return redirect(request, f"/subscribers/{user_id}?account={account_id}", message=message)
+            message = "message.created_without_tariff"
+    return redirect(request, f"/subscribers/{user_id}", message=message, account=account_id)
