@@ -14,16 +14,16 @@ block, tariff or binding control; the card's calls go out together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import shutil
+from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from console.pages.card import audit_change, tariff_state, traffic_rows
 from tests.conftest import need_peer
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, console_world  # noqa: F401  (a fixture)
+from tests.console_harness import ConsoleWorld, console_world  # noqa: F401  (a fixture)
 from tests.test_console_security import inline_parts
 from tests.test_console_subscribers import UNIT, seed, seed_tariff_plan
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP, seed_radius_sessions
@@ -279,58 +279,66 @@ async def test_a_cashier_takes_payments_and_reaches_nothing_else(console_world: 
 
 # -- in a real browser ----------------------------------------------------------------------------------
 
-async def test_search_card_payment_and_the_same_receipt_again_in_chromium(console_world: ConsoleWorld) -> None:
+@contextlib.asynccontextmanager
+async def operator_in_chromium(world: ConsoleWorld, login: str, groups: list[str], first_path: str
+                               ) -> AsyncIterator[Any]:
+    """Chromium with an operator logged in through the console's login page, at ``first_path``;
+    a confirmation dialog is accepted, and a CSP violation fails the test."""
     need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
+    from playwright.async_api import ViewportSize, async_playwright
 
-    made = await seed(console_world.root, "harriet", full_name="Harriet Vane", phone="+7 955 000", balance=UNIT)
-    await seed(console_world.root, "harold", full_name="Harold Other")
-    password = await console_world.admin("sara", groups=["superusers"])
-    url = console_world.url
+    password = await world.admin(login, groups=groups)
     async with async_playwright() as playwright:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = await chromium.new_context(viewport=DESKTOP, locale="en-US")
+            viewport = ViewportSize(width=DESKTOP["width"], height=DESKTOP["height"])
+            context = await chromium.new_context(viewport=viewport, locale="en-US")
             page = await context.new_page()
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
             violations: list[str] = []
             page.on("console", lambda message: violations.append(message.text)
                     if "Content Security Policy" in message.text else None)
-            await page.goto(url + "/subscribers")
-            await page.fill("#login", "sara")
+            await page.goto(world.url + first_path)
+            await page.fill("#login", login)
             await page.fill("#password", password)
             async with page.expect_navigation():
                 await page.click("#login-submit")
-            await page.wait_for_selector('[data-test="search"]')
-
-            await page.fill("#filter-q", "Vane")
-            await page.click("#search")
-            await page.wait_for_selector('[data-test="result"]')
-            assert await page.locator('[data-test="result"]').count() == 1
-            await page.click('[data-test="result"] a.login')
-            await page.wait_for_selector('[data-test="balance"]')
-            assert await page.inner_text('[data-test="balance"]') == "1.00"
-
-            for _ in range(2):        # the same receipt twice: booked once, the second time said kindly
-                await page.fill("#payment-amount", "25")
-                await page.select_option("#payment-method", "cash")
-                await page.fill("#payment-external-id", "KASSA-42")
-                async with page.expect_navigation():
-                    await page.click("#take-payment")
-            assert "This payment was already taken" in await page.inner_text("#notice")
-            assert await page.inner_text('[data-test="balance"]') == "26.00"
-            assert await page.locator("#payment-list tr.hot").count() == 1
-
-            # block (the button asks first) and unblock
-            await page.fill("#block-form input[name=reason]", "unpaid router")
-            async with page.expect_navigation():
-                await page.click("#block")
-            await page.wait_for_selector('[data-test="blocked"]')
-            assert "unpaid router" in await page.inner_text("#blocks")
-            async with page.expect_navigation():
-                await page.click("#unblock-admin")
-            await page.wait_for_selector("#no-blocks")
+            yield page
             assert violations == []
-            assert (await console_world.root.call("accounts.get", {"account_id": made["account_id"]}))["blocks"] == []
         finally:
             await chromium.close()
+
+
+async def test_search_card_payment_and_the_same_receipt_again_in_chromium(console_world: ConsoleWorld) -> None:
+    made = await seed(console_world.root, "harriet", full_name="Harriet Vane", phone="+7 955 000", balance=UNIT)
+    await seed(console_world.root, "harold", full_name="Harold Other")
+    async with operator_in_chromium(console_world, "sara", ["superusers"], "/subscribers") as page:
+        await page.wait_for_selector('[data-test="search"]')
+        await page.fill("#filter-q", "Vane")
+        await page.click("#search")
+        await page.wait_for_selector('[data-test="result"]')
+        assert await page.locator('[data-test="result"]').count() == 1
+        await page.click('[data-test="result"] a.login')
+        await page.wait_for_selector('[data-test="balance"]')
+        assert await page.inner_text('[data-test="balance"]') == "1.00"
+
+        for _ in range(2):        # the same receipt twice: booked once, the second time said kindly
+            await page.fill("#payment-amount", "25")
+            await page.select_option("#payment-method", "cash")
+            await page.fill("#payment-external-id", "KASSA-42")
+            async with page.expect_navigation():
+                await page.click("#take-payment")
+        assert "This payment was already taken" in await page.inner_text("#notice")
+        assert await page.inner_text('[data-test="balance"]') == "26.00"
+        assert await page.locator("#payment-list tr.hot").count() == 1
+
+        # block (the button asks first) and unblock
+        await page.fill("#block-form input[name=reason]", "unpaid router")
+        async with page.expect_navigation():
+            await page.click("#block")
+        await page.wait_for_selector('[data-test="blocked"]')
+        assert "unpaid router" in await page.inner_text("#blocks")
+        async with page.expect_navigation():
+            await page.click("#unblock-admin")
+        await page.wait_for_selector("#no-blocks")
+    assert (await console_world.root.call("accounts.get", {"account_id": made["account_id"]}))["blocks"] == []
