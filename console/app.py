@@ -160,6 +160,17 @@ async def _operator(request: web.Request) -> Any:
     if operator is None:     # a console restart, or forgotten: the core still knows the session
         operator = await login.load_operator(console, sid, browser_ip(request))
         console.book.put(operator, time.monotonic())
+    else:
+        # Is the session still there?  A page may call nothing, and the core ends sessions on its own
+        # (new roles, a disabled operator, a logout elsewhere): one cheap call also keeps it alive.
+        try:
+            await console.link.call(sid, browser_ip(request), "sys.ping")
+        except SessionGone:
+            console.book.drop(sid)
+            raise
+        except Refused as exc:
+            console.book.drop(sid)
+            raise SessionGone(exc.code) from None
     return operator
 
 
@@ -201,6 +212,7 @@ def build_app(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", STATIC, append_version=True)
+    http.add_shared_static(app)
     for page in pages:
         for route in page.ROUTES.routes:
             app.router.add_route(route.method, route.path, _guarded(route))
@@ -233,8 +245,4 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file), live)
     section = settings.section
     log.info("console serving", extra={"http": f"{section.host}:{section.port}", "tls": bool(section.tls_cert)})
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await link.close()
+    await http.serve_until(stop, runner, link)

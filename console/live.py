@@ -31,8 +31,9 @@ __all__ = ["TOPICS", "LiveHub", "Listener"]
 
 log = logging.getLogger("console.live")
 
-# the core topics console pages refresh on (billcore/server/topics.py)
-TOPICS = ("blocks", "classifier", "radius.nas", "radius.disconnect")
+# the core topics console pages refresh on (billcore/server/topics.py); the console's
+# system login reads each with blocks.read or radius.read (principals.SERVICE_RIGHTS)
+TOPICS = ("blocks", "radius.nas", "radius.disconnect", "radius.sessions")
 
 
 class Listener:

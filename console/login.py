@@ -16,6 +16,23 @@ pre-session cookie (never sent to the browser):
    and either the session or ``otp_required``;
 3. ``POST /login/otp {code}`` → ``session.proxy_otp`` → the session.
 
+On the wire (what ``static/login.js`` sends; ``tests/console_harness.py``'s
+``ConsoleBrowser.login`` does the same from Python):
+
+* ``GET /login`` sets the ``console_pre`` cookie; the page's
+  ``<input name="csrf">`` holds the token bound to it;
+* each step is ``POST`` with ``Content-Type: application/json`` and the
+  header ``X-CSRF-Token: <that token>``; ``?next=/path`` is where the answer's
+  ``next`` sends the browser afterwards;
+* ``/login/start`` ``{"login": str, "cnonce": base64 of 16 random bytes}`` →
+  ``{"nonce": base64, "salt": base64, "iter": int}`` (standard base64);
+* ``/login/proof`` ``{"proof": base64 of 32 bytes}`` (kind ``admin`` in the
+  AuthMessage) → ``{"sig": base64, "next": path, "csrf": the session's form
+  token}`` and the ``console_sid`` cookie, or ``{"sig": base64, "otp_required": true}``;
+* ``/login/otp`` ``{"code": str}`` → ``{"next": path, "csrf": …}`` and the cookie;
+* a refusal is ``{"error": key, "message": text}`` with 400 (unreadable or a
+  stale login: start again), 401 (wrong), 429 (limited) or 503 (core down).
+
 With the SID the console asks ``sys.calls`` and ``sys.whoami`` once (the
 operator's call table, kept in memory per SID) and sets the SID cookie
 (HttpOnly, SameSite=Strict, Secure outside plain-HTTP tests).  Each POST
@@ -92,7 +109,10 @@ class PendingLogins:
 
 async def load_operator(console: Console, sid: bytes, ip: str, timeout: float = DEFAULT_TIMEOUT) -> Operator:
     """The operator of ``sid``: login and call table, asked of the core as that session."""
-    who = await console.link.call(sid, ip, "sys.whoami")
+    try:
+        who = await console.link.call(sid, ip, "sys.whoami")
+    except Refused as exc:                  # e.g. forbidden: a subscriber's SID, which the console may not use
+        raise SessionGone(exc.code) from None
     if who.get("kind") != "admin":          # a console cookie holds an operator's session, nothing else
         raise SessionGone("not an operator's session")
     names: list[str] = []
@@ -260,7 +280,8 @@ async def _logged_in(request: web.Request, answer: dict[str, Any], login: str,
             await console.link.logout(old, ip)
         except (CoreDown, Refused):
             pass
-    response = web.json_response(body)
+    # the session's form token: the script ends the session with it when the core's signature is wrong
+    response = web.json_response({**body, "csrf": csrf_token(console.key, sid)})
     response.set_cookie(SID_COOKIE, b64(sid), httponly=True, samesite="Strict", path="/",
                         secure=console.section.cookie_secure)
     log.info("operator logged in", extra={"login": login, "ip": ip})

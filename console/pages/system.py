@@ -110,7 +110,7 @@ async def _plugin_action(request: web.Request, fn: str, done: str, **args: Any) 
 @ROUTES.post("/system/plugins/load", needs=("plugins.load", "plugins.list"))
 async def plugin_load(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
-    return await _plugin_action(request, "plugins.load", "plugins.done_loaded", path=fields.get("name", "").strip())
+    return await _plugin_action(request, "plugins.load", "plugins.done_loaded", path=fields.get("path", "").strip())
 
 
 @ROUTES.post("/system/plugins/{name}/unload", needs=("plugins.unload", "plugins.list"))
