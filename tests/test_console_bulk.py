@@ -55,11 +55,11 @@ async def test_block_the_payers_after_a_preview(console_world: ConsoleWorld) -> 
     assert all(f'id="action-{action}"' in form.text for action in ("set_tariff", "block", "unblock"))
     page, hidden = await preview(browser, {"balance_min": "0", "q": "payer", "action": "block", "reason": "audit"})
     assert page.status == 200, page.text[:3000]
-    assert "2 accounts will be changed." in page.text and "payer1" in page.text and "debtor1" not in page.text
+    assert "Accounts to change: 2." in page.text and "payer1" in page.text and "debtor1" not in page.text
     assert hidden["expect_count"] == "2" and hidden["token"]
     assert await blocks_of(console_world, made["p1"]) == []             # a preview changes nothing
     done = await browser.post("/bulk/apply", {**hidden, "q": "payer", "balance_min": "0", "action": "block"})
-    assert done.status == 200 and 'data-test="flash"' in done.text and "Done: 2 accounts changed" in done.text
+    assert done.status == 200 and 'data-test="flash"' in done.text and "Done: accounts changed: 2 " in done.text
     assert await blocks_of(console_world, made["p1"]) == ["admin"] and await blocks_of(console_world, made["p2"]) == ["admin"]
     assert await blocks_of(console_world, made["d1"]) == ["system"]
     again = await browser.post("/bulk/apply", hidden)                    # the same confirmation twice
@@ -68,7 +68,7 @@ async def test_block_the_payers_after_a_preview(console_world: ConsoleWorld) -> 
     # and unblock them the same way
     page, hidden = await preview(browser, {"q": "payer", "action": "unblock"})
     done = await browser.post("/bulk/apply", hidden)
-    assert "Done: 2 accounts changed" in done.text and await blocks_of(console_world, made["p2"]) == []
+    assert "Done: accounts changed: 2 " in done.text and await blocks_of(console_world, made["p2"]) == []
 
 
 async def test_a_count_that_changed_meanwhile_is_explained_and_nothing_changes(console_world: ConsoleWorld) -> None:
@@ -96,7 +96,7 @@ async def test_set_a_tariff_from_the_next_period(console_world: ConsoleWorld) ->
     _, hidden = await preview(browser, {"q": "payer", "action": "set_tariff", "tariff_id": str(tariff),
                                         "start": "next_period"})
     done = await browser.post("/bulk/apply", hidden)
-    assert "Done: 2 accounts changed" in done.text
+    assert "Done: accounts changed: 2 " in done.text
     links = await console_world.root.call("tariffs.history", {"account_id": made["p1"]["account_id"]})
     assert [link["tariff"] for link in links] == ["Winter"]
     card = await browser.get(f"/subscribers/{made['p1']['user_id']}?account={made['p1']['account_id']}")
@@ -133,10 +133,10 @@ async def test_preview_then_confirm_in_chromium(console_world: ConsoleWorld) -> 
         await page.fill("#bulk-reason", "debt over 10")
         async with page.expect_navigation():
             await page.click("#bulk-preview")
-        assert await page.inner_text("#preview-count") == "2 accounts will be changed."
+        assert await page.inner_text("#preview-count") == "Accounts to change: 2."
         assert await page.locator("#preview-sample tbody tr").count() == 2
         async with page.expect_navigation():
             await page.click("#bulk-confirm")
-        assert "Done: 2 accounts changed" in await page.inner_text("#bulk-done")
+        assert "Done: accounts changed: 2 " in await page.inner_text("#bulk-done")
     assert "admin" in await blocks_of(console_world, made["d2"])
     assert await blocks_of(console_world, made["p1"]) == []

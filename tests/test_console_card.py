@@ -127,6 +127,31 @@ async def test_the_card_asks_its_calls_together(console_world: ConsoleWorld) -> 
     assert peak >= 8, peak       # users.get, accounts.get, blocks, payments, ledger, tariffs, bindings, … at once
 
 
+async def test_every_subscriber_page_passes_the_csp_check_in_both_languages(console_world: ConsoleWorld) -> None:
+    made = await full_subscriber(console_world)
+    browser = await console_world.operator("olga")
+    card = card_url(made)
+    reverse = f"/subscribers/{made['user_id']}/payments/{made['payment_id']}/reverse?account={made['account_id']}"
+    pages = {path: await browser.get(path) for path in (
+        "/subscribers", "/subscribers?balance_min=bad", "/subscribers/new", card, card + "&ledger=2&audit=2&past=2",
+        reverse, "/bulk")}
+    pages["bulk preview"] = await browser.post("/bulk/preview", {"q": "alice", "action": "unblock"})
+    pages["card refusal"] = await browser.post(f"/subscribers/{made['user_id']}/bindings",
+                                               {"account_id": str(made["account_id"]), "ip": "nonsense"})
+    for name, page in pages.items():
+        assert page.status in (200, 400, 409), (name, page.status)
+        assert inline_parts(page.text) == [], (name, inline_parts(page.text))
+        csp = page.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "unsafe-inline" not in csp, name
+    assert "Accounts to change: 1." in pages["bulk preview"].text
+
+    browser.http.cookie_jar.update_cookies({"console_lang": "ru"})
+    russian = {path: (await browser.get(path)).text for path in ("/subscribers?balance_min=bad", card, "/bulk")}
+    assert "Введите сумму, например 100 или -12.50." in russian["/subscribers?balance_min=bad"]
+    assert "Сторнировать" in russian[card] and "Принять" in russian[card]
+    assert "Журнал изменений" in russian[card] and "Массовые действия" in russian["/bulk"]
+
+
 # -- payments --------------------------------------------------------------------------------------
 
 async def test_a_repeated_external_id_is_answered_kindly(console_world: ConsoleWorld) -> None:

@@ -49,14 +49,14 @@ MESSAGES = {
     "bulk.start_next": ("the next period", "со следующего периода"),
     "bulk.reason": ("Reason (for a block)", "Причина (для блокировки)"),
     "bulk.preview": ("Preview", "Предпросмотр"),
-    "bulk.count": ("{count} accounts will be changed.", "Будет изменено счетов: {count}."),
+    "bulk.count": ("Accounts to change: {count}.", "Будет изменено счетов: {count}."),
     "bulk.none": ("No account matches this filter: nothing to do.", "Ни один счёт не подходит: делать нечего."),
     "bulk.sample": ("For example:", "Например:"),
     "bulk.expires": ("This preview is valid until {when}.", "Предпросмотр действует до {when}."),
-    "bulk.confirm": ("Confirm: change {count} accounts", "Подтвердить: изменить {count} счетов"),
+    "bulk.confirm": ("Confirm the change ({count})", "Подтвердить изменение ({count})"),
     "bulk.again": ("Change the choice", "Изменить выбор"),
-    "bulk.done": ("Done: {changed} accounts changed (operation #{bulk_id}, one entry in the audit log per account).",
-                  "Готово: изменено счетов — {changed} (операция №{bulk_id}, по записи в журнале на каждый счёт)."),
+    "bulk.done": ("Done: accounts changed: {changed} (operation #{bulk_id}; one entry in the audit log per account).",
+                  "Готово: изменено счетов: {changed} (операция №{bulk_id}; по записи в журнале на каждый счёт)."),
     "bulk.changed": ("Nothing was changed: the filter now finds a different number of accounts than the"
                      " preview showed ({expected}). Someone paid, was blocked or was added meanwhile."
                      " Look at a fresh preview and confirm again.",

@@ -38,7 +38,7 @@ from console.pages.subscriber_filter import read_id, read_page
 from console.pages.subscribers import can, tariff_choices
 from webedge.chart import traffic_chart, traffic_table
 
-__all__ = ["ROUTES", "MESSAGES", "PAGE_ROWS", "CHART_DAYS", "audit_change", "tariff_state", "traffic_rows"]
+__all__ = ["ROUTES", "MESSAGES", "PAGE_ROWS", "CHART_DAYS", "audit_change", "services_of", "tariff_state", "traffic_rows"]
 
 ROUTES = Page.routes()
 
@@ -263,27 +263,27 @@ async def _nothing() -> None:
     return None
 
 
-def _when(request: web.Request, name: str, *needs: str) -> bool:
-    return all(can(request, need) for need in (name, *needs))
-
-
 def _maybe(request: web.Request, name: str, **args: Any) -> Awaitable[Any]:
     """``call`` when the operator's table has ``name``, else a ready None (the section is hidden)."""
     return call(request, name, **args) if can(request, name) else _nothing()
 
 
 async def _traffic(request: web.Request, account_id: int) -> dict[str, Any] | None:
-    if not _when(request, "reports.traffic"):
+    if not can(request, "reports.traffic"):
         return None
     today = datetime.now(timezone.utc).date()
     first = today - timedelta(days=CHART_DAYS - 1)
-    # usage days are the operator's local days: ask one day either side of UTC
-    rows: list[Any] = []
-    async for chunk in stream(request, "reports.traffic", since=(first - timedelta(days=1)).isoformat(),
-                              until=(today + timedelta(days=2)).isoformat(), account_id=account_id):
-        rows.extend(chunk)
-    classes = await call(request, "classes.list") if can(request, "classes.list") else []
-    names = {row["id"]: row["name"] for row in classes}
+
+    async def usage() -> list[Any]:
+        # usage days are the operator's local days: ask one day either side of UTC
+        rows: list[Any] = []
+        async for chunk in stream(request, "reports.traffic", since=(first - timedelta(days=1)).isoformat(),
+                                  until=(today + timedelta(days=2)).isoformat(), account_id=account_id):
+            rows.extend(chunk)
+        return rows
+
+    rows, classes = await asyncio.gather(usage(), _maybe(request, "classes.list"))
+    names = {row["id"]: row["name"] for row in classes or []}
     shaped = traffic_rows(rows, names, first, today + timedelta(days=1))
     last = max([today.isoformat(), *(row["day"] for row in shaped)])
     traffic = {"first": first.isoformat(), "last": last, "rows": shaped}
@@ -291,14 +291,12 @@ async def _traffic(request: web.Request, account_id: int) -> dict[str, Any] | No
             "table": traffic_table(traffic)}
 
 
-async def _services(request: web.Request, tariff_id: int | None,
-                    tariffs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    if tariff_id is None or not tariffs or not can(request, "services.list"):
+def services_of(tariff_id: int | None, tariffs: list[dict[str, Any]] | None,
+                services: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The services of the tariff ``tariff_id`` (``tariffs.list`` rows carry their service ids)."""
+    if tariff_id is None or not tariffs or not services:
         return []
     wanted = next((set(row.get("service_ids") or []) for row in tariffs if row["id"] == tariff_id), set())
-    if not wanted:
-        return []
-    services = await call(request, "services.list", limit=1000)
     return [service for service in services if service["id"] in wanted]
 
 
@@ -320,8 +318,8 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
         return render(request, "card/card.html", status=status, user=user, account_id=None, parts={},
                       error=error, reason=reason, section=section, typed=typed or {}, notice=_notice(request))
     paged = {"limit": PAGE_ROWS}
-    (user, account, blocks, payments, ledger, links, tariffs, bindings, radius_logins, online, past, audit,
-     traffic) = await asyncio.gather(
+    (user, account, blocks, payments, ledger, links, tariffs, services, bindings, radius_logins, online, past,
+     audit, traffic) = await asyncio.gather(
         user_call,
         _maybe(request, "accounts.get", account_id=account_id),
         _maybe(request, "blocks.list", account_id=account_id, limit=PAGE_ROWS),
@@ -330,6 +328,7 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
                offset=(ledger_page - 1) * PAGE_ROWS),
         _maybe(request, "tariffs.history", account_id=account_id, limit=1000),
         tariff_choices(request),
+        _maybe(request, "services.list", limit=1000),
         _maybe(request, "bindings.list", account_id=account_id, limit=100),
         _maybe(request, "radius.link_list", account_id=account_id, limit=100),
         _maybe(request, "radius.sessions", account_id=account_id, limit=100),
@@ -343,13 +342,13 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
     now = datetime.now(timezone.utc)
     tariff = tariff_state(links, now) if links is not None else None
     current_id = tariff["current"]["tariff_id"] if tariff and tariff["current"] else None
-    services = await _services(request, current_id, tariffs)
     marked = read_id(query.get("payment", ""))
     if audit is not None:
         audit = [{**row, "change": audit_change(row.get("before"), row.get("after"))} for row in audit]
     parts = {
         "credit_text": format_money(account["credit"]) if account else "", "account": account,
-        "blocks": blocks, "payments": payments, "ledger": ledger, "tariff": tariff, "tariffs": tariffs, "services": services, "bindings": bindings, "radius_logins": radius_logins,
+        "blocks": blocks, "payments": payments, "ledger": ledger, "tariff": tariff, "tariffs": tariffs,
+        "services": services_of(current_id, tariffs, services), "bindings": bindings, "radius_logins": radius_logins,
         "online": online, "past": past, "audit": audit, "traffic": traffic,
     }
     pages = {"ledger": ledger_page, "audit": audit_page, "past": past_page}
