@@ -12,9 +12,12 @@ the same rows, money as decimals and Cyrillic intact; a cashier sees no
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -22,7 +25,7 @@ import asyncpg
 
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, read_filter, read_page
 from console.pages.subscribers import CSV_COLUMNS, csv_lines
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, console_world  # noqa: F401  (a fixture)
+from tests.console_harness import ConsoleWorld, console_world, console_world_of  # noqa: F401  (a fixture)
 from tests.test_console_security import inline_parts
 from urfa import client as uc
 
@@ -215,6 +218,29 @@ async def test_csv_export_streams_a_large_list_whole(console_world: ConsoleWorld
     rows = list(csv.reader(io.StringIO(body.decode("utf-8-sig"), newline="")))
     assert rows[0] == list(CSV_COLUMNS) and len(rows) == 3001
     assert len({row[1] for row in rows[1:]}) == 3000
+
+
+async def test_an_export_longer_than_a_request_time_is_whole_while_the_core_keeps_sending(
+        db_dsn: str, tmp_path: Path) -> None:
+    """The request deadline bounds a stall, not a long export: each chunk pushes it on."""
+    async with console_world_of(db_dsn, tmp_path, request_timeout=1.0) as world:
+        await seed_many(world.core.pool, 4000, "slow")
+        browser = await world.operator("olga")
+        link = world.console.link
+        real_stream = link.stream
+
+        async def slow_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async for chunk in real_stream(*args, **kwargs):
+                await asyncio.sleep(0.4)          # each chunk well within the deadline, all of them past it
+                yield chunk
+
+        link.stream = slow_stream  # type: ignore[method-assign]
+        async with browser.http.get(browser.url + "/subscribers/export.csv?q=slow") as response:
+            assert response.status == 200
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+            body = await response.read()
+        rows = list(csv.reader(io.StringIO(body.decode("utf-8-sig"), newline="")))
+        assert len(rows) == 4001
 
 
 # -- a new subscriber --------------------------------------------------------------------------------

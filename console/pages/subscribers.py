@@ -19,15 +19,17 @@ import asyncio
 import codecs
 import csv
 import io
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Final
 
 from aiohttp import web
 
 from billcore.common.money import format_money
+from console.context import CONSOLE, DEADLINE
 from console.page import Page, Refused, call, form, operator_of, redirect, render, stream
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, SubscriberFilter, read_filter, read_id, read_page
+from webedge.http import security_headers
 
 __all__ = ["ROUTES", "MESSAGES", "CSV_COLUMNS", "can", "csv_lines", "tariff_choices"]
 
@@ -168,9 +170,12 @@ def csv_lines(rows: Iterable[Mapping[str, Any]], header: bool = False) -> str:
     return out.getvalue()
 
 
-async def _first_and_rest(chunks: AsyncIterator[Any]) -> tuple[list[Any], AsyncIterator[Any]]:
-    first = await anext(chunks, None)
-    return (list(first) if first is not None else []), chunks
+def _keep_going(request: web.Request) -> None:
+    """Push the request's deadline one request-time past now: an export may run as long as the
+    core keeps sending, but one that stalls for a whole request-time still ends."""
+    deadline = request.get(DEADLINE)
+    if deadline is not None:
+        deadline.reschedule(asyncio.get_running_loop().time() + request.app[CONSOLE].section.request_timeout)
 
 
 @ROUTES.get("/subscribers/export.csv", needs=("subscribers.export",))
@@ -179,16 +184,20 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     if chosen.errors:
         return await subscriber_list(request)
     chunks = aiter(stream(request, "subscribers.export", **chosen.args))
-    first, rest = await _first_and_rest(chunks)      # a refusal here is still a page
+    first: list[Any] = await anext(chunks, [])       # a refusal here is still a page
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
     response = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8",
         "Content-Disposition": f'attachment; filename="subscribers-{stamp}.csv"',
     })
+    section = request.app[CONSOLE].section
+    # the headers go out now, before the middleware sees the answer: set them here
+    security_headers(response, https=section.cookie_secure or bool(section.tls_cert))
     await response.prepare(request)
     # UTF-8 with a byte order mark: Excel opens Cyrillic names right only so
     await response.write(codecs.BOM_UTF8 + csv_lines(first, header=True).encode())
-    async for chunk in rest:
+    async for chunk in chunks:
+        _keep_going(request)
         await response.write(csv_lines(chunk).encode())
     await response.write_eof()
     return response
