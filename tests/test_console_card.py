@@ -101,6 +101,10 @@ async def test_the_card_shows_what_the_core_holds(console_world: ConsoleWorld) -
     other = await seed(console_world.root, "bob")
     assert (await browser.get(f"/subscribers/{other['user_id']}?account={made['account_id']}")).status == 404
     assert (await browser.get("/subscribers/999999")).status in (404, 409)
+    # a notice is one of the card's own, whatever the URL says
+    for forged in ("card.title", "message.nonexistent", "{payment}"):
+        shown = await browser.get(card_url(made) + f"&m={forged}&payment=1")
+        assert shown.status == 200 and 'id="notice"' not in shown.text, forged
 
 
 async def test_the_card_asks_its_calls_together(console_world: ConsoleWorld) -> None:

@@ -259,13 +259,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:59] + "…"
 
 
-async def _nothing() -> None:
-    return None
+async def _ready(value: Any = None) -> Any:
+    return value
 
 
 def _maybe(request: web.Request, name: str, **args: Any) -> Awaitable[Any]:
     """``call`` when the operator's table has ``name``, else a ready None (the section is hidden)."""
-    return call(request, name, **args) if can(request, name) else _nothing()
+    return call(request, name, **args) if can(request, name) else _ready()
 
 
 async def _traffic(request: web.Request, account_id: int) -> dict[str, Any] | None:
@@ -310,7 +310,7 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
         user = await call(request, "users.get", user_id=user_id)
         account_id = next((account["id"] for account in user["accounts"] if account["is_basic"]),
                           user["accounts"][0]["id"] if user["accounts"] else None)
-        user_call: Awaitable[Any] = asyncio.sleep(0, user)
+        user_call: Awaitable[Any] = _ready(user)
     else:
         user_call = call(request, "users.get", user_id=user_id)
     if account_id is None:      # a user without accounts: only the contacts to show
@@ -360,8 +360,8 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
 def _notice(request: web.Request) -> str:
     """The message a redirect back to the card carries (``m``, one of ours), with the payment it names."""
     key = request.query.get("m", "")
-    if key not in MESSAGES and key not in _OTHER_NOTICES:
-        return ""                     # only our own words, never text from the URL
+    if not key.startswith("message.") or (key not in MESSAGES and key not in _OTHER_NOTICES):
+        return ""                     # only our own notices, never text from the URL
     return t(key, payment=read_id(request.query.get("payment", "")) or "")
 
 
