@@ -32,7 +32,7 @@ __all__ = ["TOPICS", "LiveHub", "Listener"]
 log = logging.getLogger("console.live")
 
 # the core topics console pages refresh on (billcore/server/topics.py); the console's
-# system login reads each with blocks.read or radius.read (principals.SERVICE_RIGHTS)
+# system login hears each with events.notice (topics.NOTICE_RIGHT), which opens no call
 TOPICS = ("blocks", "radius.nas", "radius.disconnect", "radius.sessions")
 
 

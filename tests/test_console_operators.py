@@ -33,8 +33,9 @@ async def test_create_edit_disable_enable_and_set_password(console_world: Consol
     differ = await boss.post("/operators/new", {"login": "cora", "password": "cora-password-1",
                                                 "password_again": "typo", "groups": "cashiers"})
     assert differ.status == 400 and "The two passwords differ." in differ.text
-    made = await boss.post("/operators/new", {"login": "cora", "full_name": "Cora Cash", "password": "cora-password-1",
-                                              "password_again": "cora-password-1", "groups": ["cashiers", "not-a-role"]})
+    made = await boss.post("/operators/new", {"login": "cora", "full_name": "Cora Cash",
+                                              "password": "cora-password-1", "password_again": "cora-password-1",
+                                              "groups": ["cashiers", "not-a-role"]})
     assert made.status == 303, made.text
     operator_id = _operator_id(made.headers["Location"])
     card = await boss.get(made.headers["Location"])
@@ -83,11 +84,13 @@ async def _enroll(browser: ConsoleBrowser) -> tuple[bytes, list[str]]:
     assert page.status == 200
     setup = await browser.post("/me/otp/begin")
     assert setup.status == 200 and '<svg' in setup.text and "qr-code" in setup.text
-    secret_text = html.unescape(re.search(r'data-test="otp-secret">([A-Z2-7=]+)<', setup.text).group(1))  # type: ignore[union-attr]
-    secret = parse_b32(secret_text)
+    shown = re.search(r'data-test="otp-secret">([A-Z2-7=]+)<', setup.text)
+    uri = re.search(r'name="uri" value="([^"]+)"', setup.text)
+    assert shown and uri
+    secret = parse_b32(html.unescape(shown.group(1)))
     browser.last_csrf = setup.csrf
-    wrong = await browser.post("/me/otp/confirm", {"code": "000000" if totp(secret, time.time()) != "000000" else "111111",
-                                                   "uri": re.search(r'name="uri" value="([^"]+)"', setup.text).group(1)})  # type: ignore[union-attr]
+    not_now = "000000" if totp(secret, time.time()) != "000000" else "111111"
+    wrong = await browser.post("/me/otp/confirm", {"code": not_now, "uri": html.unescape(uri.group(1))})
     assert wrong.status == 400 and "<svg" in wrong.text            # the code again, with the QR code
     done = await browser.post("/me/otp/confirm", {"code": totp(secret, time.time())})
     assert done.status == 200, done.text

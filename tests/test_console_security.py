@@ -23,7 +23,9 @@ from aiohttp import web
 from billcore.common.config import ConfigError, config_from_dict
 from console.page import Page
 from tests.conftest import need_peer
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of  # noqa: F401
+from tests.console_harness import (  # noqa: F401  (console_world is a fixture)
+    ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of,
+)
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from urfa import scram
 
@@ -49,7 +51,8 @@ class InlineFinder(HTMLParser):
         if "style" in names:
             self.found.append(f"style= on <{tag}>")
         self.found += [f"{name}= on <{tag}>" for name in names if name.startswith("on")]
-        self.found += [f"javascript: in <{tag}>" for _, value in attrs if value and value.strip().lower().startswith("javascript:")]
+        self.found += [f"javascript: in <{tag}>" for _, value in attrs
+                       if value and value.strip().lower().startswith("javascript:")]
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "script":
@@ -335,3 +338,20 @@ def test_python_m_console_refuses_a_network_address_without_tls(tmp_path: Path) 
                            str(tmp_path / "pw"), "--secret-file", str(tmp_path / "secret")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "console.host" in done.stderr
+
+
+async def test_the_console_s_own_login_reaches_no_data(console_world: ConsoleWorld) -> None:
+    """The console's system login may relay logins, call as operators and hear its topics; as itself it
+    may call nothing that reads or changes the ISP's data (its read rights open topics, and every call
+    with those rights is for admin sessions only)."""
+    from tests.console_harness import CONSOLE_PASSWORD
+    from urfa import client as uc
+
+    own = await uc.connect("127.0.0.1", console_world.core.port)
+    try:
+        await own.login("system", "console", CONSOLE_PASSWORD)
+        names = {entry["name"] for entry in await own.call("sys.calls", {"limit": 500})}
+    finally:
+        await own.close()
+    assert {"session.proxy_login", "session.proxy_proof", "session.proxy_otp", "events.subscribe"} <= names
+    assert all(name.split(".")[0] in ("sys", "session", "events") for name in names), sorted(names)
