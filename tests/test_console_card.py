@@ -54,7 +54,9 @@ def test_traffic_rows_keep_the_window_and_name_the_classes() -> None:
 
 def test_audit_change_says_what_differs() -> None:
     assert audit_change({"phone": "1", "email": "a"}, {"phone": "2", "email": "a"}) == "phone: 1 → 2"
-    assert audit_change(None, {"amount": 5, "external_id": None}) == "amount: 5"
+    assert audit_change(None, {"amount": 40_000_000, "external_id": None, "payment_id": 5}) == \
+        "amount: 40.00; payment_id: 5"
+    assert audit_change({"credit": 0}, {"credit": 1}) == "credit: 0.00 → 0.000001"
     assert audit_change(None, "x" * 400).endswith("…") and len(audit_change(None, "x" * 400)) <= 300
 
 
@@ -304,6 +306,20 @@ async def test_a_cashier_takes_payments_and_reaches_nothing_else(console_world: 
     assert (await console_world.root.call("accounts.get", {"account_id": made["account_id"]}))["blocks"] == []
     taken = await cashier.post(base + "/payments", {**acc, "amount": "3", "method": "cash"})
     assert taken.status == 303
+
+
+async def test_support_blocks_and_disconnects_but_takes_no_payment(console_world: ConsoleWorld) -> None:
+    made = await seed(console_world.root, "ivy", balance=UNIT)
+    support = await console_world.operator("sam", groups=["support"])
+    card = await support.get(card_url(made))
+    assert card.status == 200
+    assert 'data-test="block-form"' in card.text and 'data-test="payment-form"' not in card.text
+    assert "/reverse?" not in card.text
+    acc = {"account_id": str(made["account_id"])}
+    assert (await support.post(f"/subscribers/{made['user_id']}/payments", {**acc, "amount": "5", "method": "cash"})
+            ).status == 403
+    blocked = await support.post(f"/subscribers/{made['user_id']}/block", {**acc, "reason": "line check"})
+    assert blocked.status == 303
 
 
 # -- in a real browser ----------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ PAYMENT_METHODS: Final = ("cash", "card", "bank", "online", "voucher", "correcti
 _CARD: Final = r"/subscribers/{user_id:\d+}"
 _CONTACTS: Final = ("full_name", "phone", "email", "address", "external_id")
 _MAX_TEXT: Final = 500
+_MONEY_FIELDS: Final = frozenset({"amount", "balance", "credit", "fee", "promised"})
 # the new-subscriber form's messages land on the card too
 _OTHER_NOTICES: Final = frozenset({"message.created", "message.created_without_ip", "message.created_without_tariff"})
 
@@ -238,21 +239,24 @@ def traffic_rows(chunks: list[Any], names: Mapping[int, str], first: date, last:
 
 
 def audit_change(before: Any, after: Any, limit: int = 300) -> str:
-    """An audit row's change in one line: "field: old → new" for what differs, else what was written."""
+    """An audit row's change in one line: "field: old → new" for what differs, else what was written
+    (amounts as money: the audit keeps micro-units)."""
     if isinstance(before, Mapping) and isinstance(after, Mapping):
-        changed = [f"{name}: {_short(before.get(name))} → {_short(after.get(name))}"
+        changed = [f"{name}: {_short(name, before.get(name))} → {_short(name, after.get(name))}"
                    for name in sorted(set(before) | set(after), key=str) if before.get(name) != after.get(name)]
         text = "; ".join(changed)
     elif isinstance(after, Mapping):
-        text = "; ".join(f"{name}: {_short(value)}" for name, value in after.items() if value is not None)
+        text = "; ".join(f"{name}: {_short(name, value)}" for name, value in after.items() if value is not None)
     else:
-        text = _short(after if after is not None else before)
+        text = _short("", after if after is not None else before)
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _short(value: Any) -> str:
+def _short(name: str, value: Any) -> str:
     if value is None:
         return "—"
+    if name in _MONEY_FIELDS and type(value) is int:
+        return format_money(value)
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = str(value)
