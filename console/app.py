@@ -205,7 +205,6 @@ def build_app(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub
     env.filters.update(FILTERS)
     console = Console(section=section, link=link, key=key, env=env, catalogs=catalogs,
                       live=live or LiveHub(), limiter=LoginLimiter(section.login_failures_per_minute))
-    console.logins = login.PendingLogins()
     app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
     app[CONSOLE] = console
     login.add_routes(app)

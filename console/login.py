@@ -48,9 +48,7 @@ import base64
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -60,10 +58,11 @@ from webedge.guard import csrf_token
 from webedge.http import b64, local_path, see_other, unb64
 
 from .context import CONSOLE, PRE_COOKIE, SID, SID_COOKIE, Console, current_words
+from .pending_logins import PendingLogin
 from .operators_book import Operator
 from .page import browser_ip, render
 
-__all__ = ["PendingLogins", "load_operator", "add_routes", "LOGIN_PATHS"]
+__all__ = ["load_operator", "add_routes", "LOGIN_PATHS"]
 
 log = logging.getLogger("console.login")
 
@@ -73,38 +72,6 @@ MAX_CALL_PAGES = 40           # 20,000 calls: far past any real table
 DEFAULT_TIMEOUT = 1800.0      # the core's idle timeout when the login did not say (a console restart)
 NONCE_BYTES = 16
 MAX_ITERATIONS = 10_000_000
-
-
-@dataclass(slots=True)
-class PendingLogin:
-    handle: bytes
-    login: str
-    started: float
-    stage: str            # "proof"; "used" once a proof went; "otp" when the core asks for a second factor
-
-
-class PendingLogins:
-    """Logins between their steps, by pre-session cookie; bounded in number and age."""
-
-    def __init__(self, max_pending: int = 4096, max_age: float = 180.0) -> None:
-        self.max_pending = max_pending
-        self.max_age = max_age
-        self._pending: OrderedDict[bytes, PendingLogin] = OrderedDict()
-
-    def put(self, pre: bytes, pending: PendingLogin) -> None:
-        self._pending[pre] = pending
-        self._pending.move_to_end(pre)
-        while len(self._pending) > self.max_pending:
-            self._pending.popitem(last=False)
-
-    def get(self, pre: bytes, stage: str, now: float) -> PendingLogin | None:
-        pending = self._pending.get(pre)
-        if pending is None or pending.stage != stage or now - pending.started > self.max_age:
-            return None
-        return pending
-
-    def drop(self, pre: bytes) -> None:
-        self._pending.pop(pre, None)
 
 
 async def load_operator(console: Console, sid: bytes, ip: str, timeout: float = DEFAULT_TIMEOUT) -> Operator:

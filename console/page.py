@@ -144,14 +144,18 @@ def csrf_of(request: web.Request) -> str:
     return csrf_token(request.app[CONSOLE].key, sid) if sid else ""
 
 
+def _under(path: str, entry: str) -> bool:
+    """Is ``path`` the page of the nav entry ``entry`` or below it ("/" is only itself)?"""
+    return path == entry or (entry != "/" and path.startswith(entry.rstrip("/") + "/"))
+
+
 def render(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
     """``console/templates/<template>`` as the answer; it gets t, can, csrf, operator, nav and the filters."""
     console = request.app[CONSOLE]
     words = current_words.get()
     operator = request.get(OPERATOR)
     calls = operator.calls if operator is not None else frozenset()
-    nav = [(entry.path, entry.key, words("nav." + entry.key), request.path == entry.path or
-            request.path.startswith(entry.path.rstrip("/") + "/"))
+    nav = [(entry.path, entry.key, words("nav." + entry.key), _under(request.path, entry.path))
            for entry in console.nav if all(need in calls for need in entry.needs)]
     message = request.query.get("m", "")
     notice = words(message) if message in console.catalogs["en"] else ""    # only our own words, never URL text

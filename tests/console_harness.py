@@ -221,6 +221,8 @@ class LiveConsole:
         for middleware in reversed(self.middlewares):
             app.middlewares.insert(0, middleware)
         self.runner = await http.serve(app, host=self.section.host, port=self.port, logger_name="console.http")
+        # up before the test runs: a teardown never meets the link half way through its first login
+        await self.link.link.ready(15.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import types
 from pathlib import Path
@@ -42,7 +43,10 @@ async def test_navigation_and_routes_follow_the_call_table(console_world: Consol
     page = await browser.get("/")
     assert ">Audit log</a>" in page.text
     assert ">Plugins</a>" not in page.text and ">Operators</a>" not in page.text
-    assert (await browser.get("/system/audit")).status == 200
+    audit = await browser.get("/system/audit")
+    assert audit.status == 200
+    assert re.search(r'data-test="nav-audit" aria-current="page"', audit.text)
+    assert not re.search(r'data-test="nav-dashboard" aria-current', audit.text)     # "/" is not every page's
     refused = await browser.get("/system/plugins")         # typed by hand: outside the table
     assert refused.status == 403 and "no right" in refused.text
 
@@ -214,3 +218,27 @@ async def test_the_supervisor_runs_the_console_as_a_child(tmp_path: Path, db_dsn
         core_environ = Path(f"/proc/{bc.child_pid('core')}/environ").read_bytes().split(b"\0")
         assert any(entry.startswith(b"BILLCORE_DSN=") for entry in core_environ)
         assert bc.stop(timeout=10) == 0
+
+
+async def test_the_default_secure_cookie_logs_in_over_loopback(db_dsn: str, tmp_path: Path) -> None:
+    """The shipped config (Secure cookies, plain HTTP on 127.0.0.1: a browser on the host or an SSH
+    tunnel) logs in: Chromium counts loopback as a secure context, for WebCrypto and cookies alike."""
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with console_world_of(db_dsn, tmp_path, cookie_secure=True) as world:
+        password = await world.admin("jane")
+        async with async_playwright() as playwright:
+            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await chromium.new_context(viewport=DESKTOP)
+                page = await context.new_page()
+                await page.goto(world.url + "/login")
+                await page.fill("#login", "jane")
+                await page.fill("#password", password)
+                await page.click("#login-submit")
+                await page.wait_for_selector("#operator")
+                cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+                assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            finally:
+                await chromium.close()

@@ -441,7 +441,7 @@ async def test_console_service_login_is_provisioned(pool: asyncpg.Pool, tmp_path
     async with pool.acquire() as conn:
         await ensure_service_login(conn, tmp_path, "console")
         rights = await conn.fetchval("SELECT rights FROM system_logins WHERE login = 'console'")
-    assert sorted(rights) == ["events.subscribe", "session.proxy_admin"]
+    assert sorted(rights) == ["events.notice", "events.subscribe", "session.proxy_admin"]
 
 
 def test_roles_hold_in_the_real_core_for_billctl(tmp_path: Path, db_dsn: str) -> None:
