@@ -33,8 +33,10 @@ def test_read_action_takes_only_offered_actions_and_their_arguments() -> None:
 
 async def debtors_and_payers(world: ConsoleWorld) -> dict[str, dict[str, int]]:
     root = world.root
-    return {"d1": await seed(root, "debtor1", balance=-10 * UNIT), "d2": await seed(root, "debtor2", balance=-20 * UNIT),
-            "p1": await seed(root, "payer1", balance=30 * UNIT), "p2": await seed(root, "payer2", balance=40 * UNIT)}
+    return {"d1": await seed(root, "debtor1", balance=-10 * UNIT),
+            "d2": await seed(root, "debtor2", balance=-20 * UNIT),
+            "p1": await seed(root, "payer1", balance=30 * UNIT),
+            "p2": await seed(root, "payer2", balance=40 * UNIT)}
 
 
 async def blocks_of(world: ConsoleWorld, made: dict[str, int]) -> list[str]:
@@ -60,7 +62,8 @@ async def test_block_the_payers_after_a_preview(console_world: ConsoleWorld) -> 
     assert await blocks_of(console_world, made["p1"]) == []             # a preview changes nothing
     done = await browser.post("/bulk/apply", {**hidden, "q": "payer", "balance_min": "0", "action": "block"})
     assert done.status == 200 and 'data-test="flash"' in done.text and "Done: accounts changed: 2 " in done.text
-    assert await blocks_of(console_world, made["p1"]) == ["admin"] and await blocks_of(console_world, made["p2"]) == ["admin"]
+    assert await blocks_of(console_world, made["p1"]) == ["admin"]
+    assert await blocks_of(console_world, made["p2"]) == ["admin"]
     assert await blocks_of(console_world, made["d1"]) == ["system"]
     again = await browser.post("/bulk/apply", hidden)                    # the same confirmation twice
     assert again.status == 409 and "confirmed already" in again.text

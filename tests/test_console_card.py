@@ -35,9 +35,10 @@ NOW = dt.datetime(2026, 3, 15, 12, 0, tzinfo=dt.timezone.utc)
 # -- the card's own shaping, without a server ------------------------------------------------
 
 def test_tariff_state_tells_the_current_link_from_a_scheduled_one() -> None:
-    links = [{"tariff_id": 1, "tariff": "Old", "valid_from": NOW - dt.timedelta(days=90), "valid_to": NOW - dt.timedelta(days=30)},
-             {"tariff_id": 2, "tariff": "Now", "valid_from": NOW - dt.timedelta(days=30), "valid_to": NOW + dt.timedelta(days=17)},
-             {"tariff_id": 3, "tariff": "Next", "valid_from": (NOW + dt.timedelta(days=17)).isoformat(), "valid_to": None}]
+    day = dt.timedelta(days=1)
+    links = [{"tariff_id": 1, "tariff": "Old", "valid_from": NOW - 90 * day, "valid_to": NOW - 30 * day},
+             {"tariff_id": 2, "tariff": "Now", "valid_from": NOW - 30 * day, "valid_to": NOW + 17 * day},
+             {"tariff_id": 3, "tariff": "Next", "valid_from": (NOW + 17 * day).isoformat(), "valid_to": None}]
     state = tariff_state(links, NOW)
     assert state["current"]["tariff"] == "Now" and [link["tariff"] for link in state["scheduled"]] == ["Next"]
     assert tariff_state([], NOW) == {"current": None, "scheduled": []}

@@ -70,7 +70,8 @@ MESSAGES = {
     "bulk.refused": ("Nothing was changed: {reason}", "Ничего не изменено: {reason}"),
     "bulk.need_action": ("Choose what to do.", "Выберите действие."),
     "bulk.need_tariff": ("Choose the tariff.", "Выберите тариф."),
-    "bulk.need_reason": ("Say why: the reason is kept with each block.", "Укажите причину: она сохраняется в каждой блокировке."),
+    "bulk.need_reason": ("Say why: the reason is kept with each block.",
+                         "Укажите причину: она сохраняется в каждой блокировке."),
     "bulk.fresh_preview": ("Preview again", "Новый предпросмотр"),
 }
 

@@ -38,13 +38,15 @@ from console.pages.subscriber_filter import read_id, read_page
 from console.pages.subscribers import can, tariff_choices
 from webedge.chart import traffic_chart, traffic_table
 
-__all__ = ["ROUTES", "MESSAGES", "PAGE_ROWS", "CHART_DAYS", "audit_change", "services_of", "tariff_state", "traffic_rows"]
+__all__ = ["ROUTES", "MESSAGES", "PAGE_ROWS", "CHART_DAYS", "audit_change", "services_of", "tariff_state",
+           "traffic_rows"]
 
 ROUTES = Page.routes()
 
 PAGE_ROWS: Final = 20                # ledger rows, payments, past sessions, audit rows per page
 CHART_DAYS: Final = 30
 PAYMENT_METHODS: Final = ("cash", "card", "bank", "online", "voucher", "correction")
+LEDGER_KINDS: Final = ("payment", "payment_cancel", "charge", "charge_reversal", "periodic", "traffic", "correction")
 _CARD: Final = r"/subscribers/{user_id:\d+}"
 _CONTACTS: Final = ("full_name", "phone", "email", "address", "external_id")
 _MAX_TEXT: Final = 500
@@ -73,7 +75,8 @@ MESSAGES = {
     "card.amount_optional": ("Amount (empty: the usual)", "Сумма (пусто — обычная)"),
     "card.days_optional": ("Days (empty: the usual)", "Дней (пусто — обычно)"),
     "card.blocks": ("Blocks", "Блокировки"),
-    "card.no_blocks": ("No active block: the subscriber may go online.", "Активных блокировок нет: абонент может выходить в сеть."),
+    "card.no_blocks": ("No active block: the subscriber may go online.",
+                       "Активных блокировок нет: абонент может выходить в сеть."),
     "card.block": ("Block", "Заблокировать"),
     "card.confirm_block": ("Block this account?", "Заблокировать этот счёт?"),
     "card.confirm_disconnect": ("Disconnect this session?", "Отключить эту сессию?"),
@@ -107,6 +110,13 @@ MESSAGES = {
     "cancel.back": ("Back to the card", "Назад к карточке"),
     "cancel.unknown": ("This account has no such payment.", "У этого счёта нет такого платежа."),
     "card.ledger": ("Ledger", "Движение средств"),
+    "ledger.payment": ("payment", "платёж"),
+    "ledger.payment_cancel": ("payment reversed", "сторно платежа"),
+    "ledger.charge": ("charge", "списание"),
+    "ledger.charge_reversal": ("charge reversed", "сторно списания"),
+    "ledger.periodic": ("periodic fee", "периодическая плата"),
+    "ledger.traffic": ("traffic", "трафик"),
+    "ledger.correction": ("correction", "корректировка"),
     "card.when": ("When", "Когда"),
     "card.kind": ("Kind", "Вид"),
     "card.balance_after": ("Balance after", "Баланс после"),
@@ -181,7 +191,8 @@ MESSAGES = {
     "message.unblocked": ("The block was lifted.", "Блокировка снята."),
     "message.already": ("Nothing to change: it was so already.", "Менять нечего: так уже было."),
     "message.tariff_set": ("The tariff was changed.", "Тариф изменён."),
-    "message.tariff_scheduled": ("The tariff will change from the next period.", "Тариф сменится со следующего периода."),
+    "message.tariff_scheduled": ("The tariff will change from the next period.",
+                                 "Тариф сменится со следующего периода."),
     "message.contacts_saved": ("The contacts were saved.", "Контакты сохранены."),
     "message.bound": ("The address was bound.", "Адрес привязан."),
     "message.unbound": ("The binding was ended.", "Привязка завершена."),
@@ -357,8 +368,9 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
     }
     pages = {"ledger": ledger_page, "audit": audit_page, "past": past_page}
     return render(request, "card/card.html", status=status, user=user, account_id=account_id, parts=parts,
-                  pages=pages, page_rows=PAGE_ROWS, methods=PAYMENT_METHODS, marked=marked, error=error,
-                  reason=reason, section=section, typed=typed or {}, notice=_notice(request), chart_days=CHART_DAYS)
+                  pages=pages, page_rows=PAGE_ROWS, methods=PAYMENT_METHODS, ledger_kinds=LEDGER_KINDS,
+                  marked=marked, error=error, reason=reason, section=section, typed=typed or {},
+                  notice=_notice(request), chart_days=CHART_DAYS)
 
 
 def _notice(request: web.Request) -> str:

@@ -25,7 +25,7 @@ __all__ = ["FIELDS", "PAGE_SIZE", "MAX_OFFSET", "SubscriberFilter", "read_filter
 
 FIELDS: Final = ("q", "tariff", "blocked", "debtors", "balance_min", "balance_max", "online")
 PAGE_SIZE: Final = 50
-MAX_OFFSET: Final = 10_000          # the search counts up to 10,000; pages beyond it are not offered
+MAX_OFFSET: Final = 10_000          # 200 pages: a list longer than that is narrowed by a filter or exported
 MAX_TEXT: Final = 200
 _MAX_ID_DIGITS: Final = 18
 

@@ -1,7 +1,8 @@
 """Subscribers: the search list, its CSV export and the "new subscriber" form.
 
-The list is one ``subscribers.search`` call per page (50 rows, the total
-counted up to 10,000 by the core and shown as "10,000+" beyond).  The CSV
+The list is one ``subscribers.search`` call per page (50 rows; the core
+counts the total up to a cap, shown as "1,000+" beyond it, and the pages
+go on past the cap).  The CSV
 is ``subscribers.export`` streamed straight through: each chunk of rows the
 core sends is written out as CSV before the next is asked for, so an export
 of a million rows holds one chunk in memory, not the file.  The first chunk
