@@ -185,6 +185,8 @@ async def test_fifty_a_page_and_a_capped_total(console_world: ConsoleWorld) -> N
     assert f"Found: {MAX_COUNTED:,}+" in capped.text and 'rel="next"' in capped.text
     past_the_count = await browser.get(f"/subscribers?q=lots&page={MAX_COUNTED // PAGE_SIZE + 1}")
     assert logins(past_the_count.text) == [f"lots{MAX_COUNTED + 1}"]      # the pages go on past the count
+    before_it = await browser.get(f"/subscribers?q=lots&page={MAX_COUNTED // PAGE_SIZE}")
+    assert 'rel="next"' in before_it.text and 'rel="next"' not in past_the_count.text
 
 
 # -- the CSV ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import asyncio
 import codecs
 import csv
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -114,9 +114,15 @@ def can(request: web.Request, name: str) -> bool:
     return name in operator_of(request).calls
 
 
-def _pages(total: int, capped: bool) -> int:
-    counted = min(total, MAX_OFFSET)
-    return max(1, -(-counted // PAGE_SIZE)) + (1 if capped and counted % PAGE_SIZE == 0 else 0)
+def _pager(result: Mapping[str, Any] | None, page: int) -> dict[str, Any]:
+    """Pages the count covers, and whether a next page exists: past a capped count, while pages are full."""
+    if result is None:
+        return {"pages": 1, "more": False, "next": False}
+    pages = max(1, -(-int(result["total"]) // PAGE_SIZE), page)
+    capped = bool(result["total_capped"])
+    full = len(result["rows"]) == PAGE_SIZE
+    return {"pages": pages, "more": capped, "next": page < MAX_OFFSET // PAGE_SIZE
+            and (page < pages or (capped and full))}
 
 
 async def tariff_choices(request: web.Request) -> list[dict[str, Any]]:
@@ -140,9 +146,8 @@ async def subscriber_list(request: web.Request) -> web.StreamResponse:
     chosen = read_filter(request.query)
     page = read_page(request.query.get("page"))
     result, tariffs = await asyncio.gather(_search(request, chosen, page), tariff_choices(request))
-    pages = _pages(result["total"], result["total_capped"]) if result else 1
     return render(request, "subscribers/list.html", status=400 if chosen.errors else 200, chosen=chosen,
-                  result=result, tariffs=tariffs, page=page, pages=pages, page_size=PAGE_SIZE)
+                  result=result, tariffs=tariffs, page=page, pager=_pager(result, page))
 
 
 # -- CSV ------------------------------------------------------------------------------
@@ -213,6 +218,15 @@ async def _new_form(request: web.Request, typed: Mapping[str, str], error: str =
                   typed={name: typed.get(name, "") for name in _NEW_FIELDS})
 
 
+async def _done(action: Awaitable[Any]) -> bool:
+    """Whether the core did ``action`` (a refusal is an answer here, not an error)."""
+    try:
+        await action
+    except Refused:
+        return False
+    return True
+
+
 @ROUTES.get("/subscribers/new", needs=("users.create",))
 async def new_subscriber_form(request: web.Request) -> web.StreamResponse:
     return await _new_form(request, {})
@@ -237,17 +251,12 @@ async def new_subscriber(request: web.Request) -> web.StreamResponse:
     message = "message.created"
     ip = fields.get("ip", "").strip()
     if ip and can(request, "bindings.add"):
-        try:
-            await call(request, "bindings.add", account_id=account_id, prefix=ip)
-        except Refused:
+        if not await _done(call(request, "bindings.add", account_id=account_id, prefix=ip)):
             message = "message.created_without_ip"
     tariff = fields.get("tariff_id", "").strip()
     if tariff and can(request, "tariffs.link"):
         tariff_id = read_id(tariff)
-        try:
-            if tariff_id is None:
-                raise Refused("billing.invalid", "not a tariff id")
-            await call(request, "tariffs.link", account_id=account_id, tariff_id=tariff_id, start="now")
-        except Refused:
+        if tariff_id is None or not await _done(call(request, "tariffs.link", account_id=account_id,
+                                                     tariff_id=tariff_id, start="now")):
             message = "message.created_without_tariff"
     return redirect(request, f"/subscribers/{user_id}", message=message, account=account_id)
