@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import dashboard, me, operators, system
+from . import bulk, card, dashboard, me, operators, subscribers, system
 
 __all__ = ["PAGES"]
 
-PAGES: list[ModuleType] = [dashboard, operators, system, me]
+PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, operators, system, me]
