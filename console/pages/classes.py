@@ -15,11 +15,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from console.page import Page, Refused, call, form, redirect, render
+from console.page import Page, call, form, redirect, render
 from console.pages.tariff_forms import (
-    PROTOCOLS, FieldError, FormInvalid, field_of, given, parse_int, parse_ports, show_ports, window_text,
+    PROTOCOLS, FieldError, given, parse_int, parse_ports, show_ports, window_text,
 )
-from console.pages.tariffs import every_row
+from console.pages.tariffs import attempt, button, every_row
 
 __all__ = ["ROUTES", "MESSAGES"]
 
@@ -49,7 +49,8 @@ async def classes_page(request: web.Request, fields: Mapping[str, str] | None = 
                        ) -> web.StreamResponse:
     """The list; ``form_id`` names the form the typed ``fields`` and ``errors`` belong to."""
     classes = class_rows(await every_row(request, "classes.list", page=CLASS_PAGE))
-    return render(request, "tariffs/classes.html", classes=classes, fields=fields or {}, errors=errors or {},
+    return render(request, "tariffs/classes.html", status=422 if errors else 200, classes=classes,
+                  fields=fields or {}, errors=errors or {},
                   form_id=form_id, protocols=PROTOCOLS)
 
 
@@ -61,14 +62,11 @@ async def classes(request: web.Request) -> web.StreamResponse:
 @ROUTES.post("/classes", needs=("classes.add", "classes.list"))
 async def add_class(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
-    try:
-        await call(request, "classes.add", **given(name=fields.get("name", ""), comment=fields.get("comment", ""),
-                                                   position=parse_int(fields.get("position", ""), "position")))
-    except FormInvalid as invalid:
-        return await classes_page(request, fields, {invalid.field: invalid.error}, "new-class")
-    except Refused as refused:
-        return await classes_page(request, fields, {field_of(refused.message, CLASS_WORDS, "name"):
-                                                    FieldError(text=refused.message)}, "new-class")
+    _, errors = await attempt(lambda: call(request, "classes.add", **given(
+        name=fields.get("name", ""), comment=fields.get("comment", ""),
+        position=parse_int(fields.get("position", ""), "position"))), CLASS_WORDS, "name")
+    if errors:
+        return await classes_page(request, fields, errors, "new-class")
     return redirect(request, "/classes", message="classes.saved")
 
 
@@ -88,38 +86,23 @@ def rule_args(fields: Mapping[str, str]) -> dict[str, Any]:
 async def add_rule(request: web.Request) -> web.StreamResponse:
     class_id = int(request.match_info["class_id"])
     fields = await form(request)
-    form_id = f"rule-{class_id}"
-    try:
-        await call(request, "classes.add_rule", class_id=class_id, **rule_args(fields))
-    except FormInvalid as invalid:
-        return await classes_page(request, fields, {invalid.field: invalid.error}, form_id)
-    except Refused as refused:
-        return await classes_page(request, fields, {field_of(refused.message, RULE_WORDS, "remote_net"):
-                                                    FieldError(text=refused.message)}, form_id)
+    _, errors = await attempt(lambda: call(request, "classes.add_rule", class_id=class_id, **rule_args(fields)),
+                              RULE_WORDS, "remote_net")
+    if errors:
+        return await classes_page(request, fields, errors, f"rule-{class_id}")
     return redirect(request, f"/classes#class-{class_id}", message="classes.rule_saved")
-
-
-async def deleted(request: web.Request, name: str, args: dict[str, int], back: str, message: str
-                  ) -> web.StreamResponse:
-    """Send a delete call; the core's refusal (still in use) on its own page."""
-    await form(request)
-    try:
-        await call(request, name, **args)
-    except Refused as refused:
-        return render(request, "tariffs/refused.html", refused=refused, back=back)
-    return redirect(request, back, message=message)
 
 
 @ROUTES.post(r"/classes/rules/{rule_id:\d+}/delete", needs=("classes.delete_rule",))
 async def delete_rule(request: web.Request) -> web.StreamResponse:
-    return await deleted(request, "classes.delete_rule", {"rule_id": int(request.match_info["rule_id"])},
-                         "/classes", "classes.rule_deleted")
+    return await button(request, "classes.delete_rule", {"rule_id": int(request.match_info["rule_id"])},
+                        back="/classes", done="/classes", message="classes.rule_deleted")
 
 
 @ROUTES.post(r"/classes/{class_id:\d+}/delete", needs=("classes.delete",))
 async def delete_class(request: web.Request) -> web.StreamResponse:
-    return await deleted(request, "classes.delete", {"class_id": int(request.match_info["class_id"])},
-                         "/classes", "classes.deleted")
+    return await button(request, "classes.delete", {"class_id": int(request.match_info["class_id"])},
+                        back="/classes", done="/classes", message="classes.deleted")
 
 
 # -- time ranges ----------------------------------------------------------------------------
@@ -128,7 +111,8 @@ async def ranges_page(request: web.Request, fields: Mapping[str, str] | None = N
                       errors: Mapping[str, FieldError] | None = None) -> web.StreamResponse:
     ranges = [{**time_range, "windows": [window_text(window) for window in time_range["windows"]]}
               for time_range in await every_row(request, "timeranges.list")]
-    return render(request, "tariffs/timeranges.html", ranges=ranges, fields=fields or {}, errors=errors or {},
+    return render(request, "tariffs/timeranges.html", status=422 if errors else 200, ranges=ranges,
+                  fields=fields or {}, errors=errors or {},
                   window_rows=range(WINDOW_ROWS))
 
 
@@ -154,20 +138,16 @@ def range_args(fields: Mapping[str, str]) -> dict[str, Any]:
 @ROUTES.post("/timeranges", needs=("timeranges.add", "timeranges.list"))
 async def add_range(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
-    try:
-        await call(request, "timeranges.add", **range_args(fields))
-    except FormInvalid as invalid:
-        return await ranges_page(request, fields, {invalid.field: invalid.error})
-    except Refused as refused:
-        return await ranges_page(request, fields, {field_of(refused.message, RANGE_WORDS, "name"):
-                                                   FieldError(text=refused.message)})
+    _, errors = await attempt(lambda: call(request, "timeranges.add", **range_args(fields)), RANGE_WORDS, "name")
+    if errors:
+        return await ranges_page(request, fields, errors)
     return redirect(request, "/timeranges", message="timeranges.saved")
 
 
 @ROUTES.post(r"/timeranges/{range_id:\d+}/delete", needs=("timeranges.delete",))
 async def delete_range(request: web.Request) -> web.StreamResponse:
-    return await deleted(request, "timeranges.delete", {"range_id": int(request.match_info["range_id"])},
-                         "/timeranges", "timeranges.deleted")
+    return await button(request, "timeranges.delete", {"range_id": int(request.match_info["range_id"])},
+                        back="/timeranges", done="/timeranges", message="timeranges.deleted")
 
 
 MESSAGES: dict[str, tuple[str, str]] = {

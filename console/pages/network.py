@@ -24,9 +24,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from console.page import Page, Refused, call, form, live, redirect, render
-from console.pages.tariff_forms import FieldError, FormInvalid, field_of, given, parse_int
-from console.pages.tariffs import every_row, find_row
+from console.page import Page, call, form, live, redirect, render
+from console.pages.tariff_forms import FieldError, given, parse_int
+from console.pages.tariffs import attempt, button, every_row, find_row
 
 __all__ = ["ROUTES", "MESSAGES", "SESSION_TOPICS"]
 
@@ -52,7 +52,8 @@ def nas_args(fields: Mapping[str, str], *, adding: bool) -> dict[str, Any]:
 
 async def nas_page(request: web.Request, fields: Mapping[str, str] | None = None,
                    errors: Mapping[str, FieldError] | None = None) -> web.StreamResponse:
-    return render(request, "network/nas.html", devices=await every_row(request, "radius.nas_show"),
+    devices = await every_row(request, "radius.nas_show")
+    return render(request, "network/nas.html", status=422 if errors else 200, devices=devices,
                   fields=fields or {"require_message_authenticator": "on", "coa_port": "3799"},
                   errors=errors or {}, modes=DISCONNECT_MODES)
 
@@ -62,22 +63,19 @@ async def nas(request: web.Request) -> web.StreamResponse:
     return await nas_page(request)
 
 
-def refused_nas(refused: Refused) -> dict[str, FieldError]:
-    return {field_of(refused.message, NAS_WORDS, "name"): FieldError(text=refused.message)}
-
-
 @ROUTES.post("/network/nas", needs=("radius.nas_add", "radius.nas_show"))
 async def add_nas(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
-    typed = {name: value for name, value in fields.items() if name != "secret"}   # never echoed back
-    try:
-        made = await call(request, "radius.nas_add", **nas_args(fields, adding=True))
-    except FormInvalid as invalid:
-        return await nas_page(request, typed, {invalid.field: invalid.error})
-    except Refused as refused:
-        return await nas_page(request, typed, refused_nas(refused))
-    message = "nas.saved_ma" if made.get("notice") else "nas.saved"
-    return redirect(request, "/network/nas", message=message)
+    made, errors = await attempt(lambda: call(request, "radius.nas_add", **nas_args(fields, adding=True)),
+                                 NAS_WORDS, "name")
+    if errors:
+        return await nas_page(request, without_secret(fields), errors)
+    return redirect(request, "/network/nas", message="nas.saved_ma" if made.get("notice") else "nas.saved")
+
+
+def without_secret(fields: Mapping[str, str]) -> dict[str, str]:
+    """What was typed, to fill the form again: never the secret."""
+    return {name: value for name, value in fields.items() if name != "secret"}
 
 
 async def nas_form(request: web.Request, nas_id: int, fields: Mapping[str, str] | None = None,
@@ -87,8 +85,8 @@ async def nas_form(request: web.Request, nas_id: int, fields: Mapping[str, str] 
         fields = {"name": device["name"], "address": device["address"], "coa_port": str(device["coa_port"]),
                   "disconnect_mode": device["disconnect_mode"],
                   "require_message_authenticator": "on" if device["require_message_authenticator"] else ""}
-    return render(request, "network/nas_edit.html", device=device, fields=fields, errors=errors or {},
-                  modes=DISCONNECT_MODES)
+    return render(request, "network/nas_edit.html", status=422 if errors else 200, device=device, fields=fields,
+                  errors=errors or {}, modes=DISCONNECT_MODES)
 
 
 @ROUTES.get(r"/network/nas/{nas_id:\d+}", needs=("radius.nas_edit", "radius.nas_show"))
@@ -100,25 +98,19 @@ async def edit_nas_form(request: web.Request) -> web.StreamResponse:
 async def edit_nas(request: web.Request) -> web.StreamResponse:
     nas_id = int(request.match_info["nas_id"])
     fields = await form(request)
-    typed = {name: value for name, value in fields.items() if name != "secret"}
-    try:
-        await call(request, "radius.nas_edit", id=nas_id, **nas_args(fields, adding=False))
-    except FormInvalid as invalid:
-        return await nas_form(request, nas_id, typed, {invalid.field: invalid.error})
-    except Refused as refused:
-        return await nas_form(request, nas_id, typed, refused_nas(refused))
+    _, errors = await attempt(lambda: call(request, "radius.nas_edit", id=nas_id,
+                                           **nas_args(fields, adding=False)), NAS_WORDS, "name")
+    if errors:
+        return await nas_form(request, nas_id, without_secret(fields), errors)
     return redirect(request, "/network/nas", message="nas.changed")
 
 
 @ROUTES.post(r"/network/nas/{nas_id:\d+}/delete", needs=("radius.nas_delete",))
 async def delete_nas(request: web.Request) -> web.StreamResponse:
     nas_id = int(request.match_info["nas_id"])
-    fields = await form(request)
-    try:
-        await call(request, "radius.nas_delete", id=nas_id, force=bool(fields.get("force")))
-    except Refused as refused:
-        return render(request, "tariffs/refused.html", refused=refused, back=f"/network/nas/{nas_id}")
-    return redirect(request, "/network/nas", message="nas.deleted")
+    force = bool((await form(request)).get("force"))
+    return await button(request, "radius.nas_delete", {"id": nas_id, "force": force},
+                        back=f"/network/nas/{nas_id}", done="/network/nas", message="nas.deleted")
 
 
 # -- sessions online ---------------------------------------------------------------------
@@ -156,12 +148,8 @@ async def online_events(request: web.Request) -> web.StreamResponse:
 
 @ROUTES.post(r"/network/online/{session:\d+}/disconnect", needs=("radius.disconnect",))
 async def disconnect(request: web.Request) -> web.StreamResponse:
-    await form(request)
-    try:
-        await call(request, "radius.disconnect", session=int(request.match_info["session"]))
-    except Refused as refused:
-        return render(request, "tariffs/refused.html", refused=refused, back="/network/online")
-    return redirect(request, "/network/online", message="online.disconnect_sent")
+    return await button(request, "radius.disconnect", {"session": int(request.match_info["session"])},
+                        back="/network/online", done="/network/online", message="online.disconnect_sent")
 
 
 # -- health: NetFlow workers and RADIUS rates -------------------------------------------------

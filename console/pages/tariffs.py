@@ -21,8 +21,8 @@ to ``MAX_ROWS`` (tariffs and services number in the hundreds, not more).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -33,9 +33,10 @@ from console.pages.tariff_forms import (
     parse_price, parse_quantity, show_price, show_quantity,
 )
 
-__all__ = ["ROUTES", "MESSAGES", "every_row", "find_row"]
+__all__ = ["ROUTES", "MESSAGES", "attempt", "button", "can", "every_row", "find_row"]
 
 ROUTES = Page.routes()
+Result = TypeVar("Result")
 
 PAGE: Final = 1000            # the core's page for the catalogue lists (billcore.billing.tariffs.MAX_PAGE)
 MAX_ROWS: Final = 20_000      # what one page of the console reads of a catalogue list
@@ -70,6 +71,33 @@ def find_row(rows: Sequence[Mapping[str, Any]], row_id: int) -> dict[str, Any]:
     raise web.HTTPNotFound()
 
 
+async def button(request: web.Request, name: str, args: dict[str, Any], *, back: str, done: str,
+                 message: str) -> web.StreamResponse:
+    """One call behind a button (delete, disconnect): on to ``done`` with
+    ``message``, or the core's refusal (still in use…) on its own page with a
+    way ``back``."""
+    await form(request)
+    try:
+        await call(request, name, **args)
+    except Refused as refused:
+        return render(request, "tariffs/refused.html", status=409, refused=refused, back=back)
+    return redirect(request, done, message=message)
+
+
+async def attempt(send: Callable[[], Awaitable[Result]], words: Sequence[tuple[str, str]], default: str
+                  ) -> tuple[Result | None, dict[str, FieldError]]:
+    """Send a form's call (building its arguments from what was typed is part
+    of ``send``): its answer and no errors, or no answer and the errors to
+    show beside the fields — what could not even be sent, or the core's
+    refusal beside the field its message names."""
+    try:
+        return await send(), {}
+    except FormInvalid as invalid:
+        return None, {invalid.field: invalid.error}
+    except Refused as refused:
+        return None, refused_at(refused, words, default)
+
+
 def refused_at(refused: Refused, words: Sequence[tuple[str, str]], default: str) -> dict[str, FieldError]:
     """The core's refusal placed beside the field its message names."""
     return {field_of(refused.message, words, default): FieldError(text=refused.message)}
@@ -93,106 +121,90 @@ async def tariffs(request: web.Request) -> web.StreamResponse:
 @ROUTES.get("/tariffs/history", needs=("tariffs.history",))
 async def history(request: web.Request) -> web.StreamResponse:
     typed = request.query.get("account_id", "")
-    errors: dict[str, FieldError] = {}
-    rows: list[dict[str, Any]] = []
-    try:
+
+    async def read() -> list[dict[str, Any]]:
         account_id = parse_int(typed, "account_id")
-        if account_id is not None:
-            rows = await every_row(request, "tariffs.history", account_id=account_id)
-    except FormInvalid as invalid:
-        errors[invalid.field] = invalid.error
-    except Refused as refused:
-        errors["account_id"] = FieldError(text=refused.message)
-    return render(request, "tariffs/history.html", account_id=typed, rows=rows, errors=errors)
+        return [] if account_id is None else await every_row(request, "tariffs.history", account_id=account_id)
+    rows, errors = await attempt(read, (), "account_id")
+    return render(request, "tariffs/history.html", account_id=typed, rows=rows or [], errors=errors)
 
 
-async def tariff_form(request: web.Request, *, tariff: Mapping[str, Any] | None, fields: Mapping[str, str],
-                      errors: Mapping[str, FieldError], quote: Mapping[str, Any] | None = None,
+async def tariff_form(request: web.Request, tariff: Mapping[str, Any] | None, fields: Mapping[str, str],
+                      errors: Mapping[str, FieldError] | None = None, quote: Mapping[str, Any] | None = None,
                       quote_errors: Mapping[str, FieldError] | None = None) -> web.StreamResponse:
     services = await every_row(request, "services.list")
-    classes = await every_row(request, "classes.list", page=100) if "classes.list" in _table(request) else []
-    return render(request, "tariffs/tariff_form.html", tariff=tariff, fields=fields, errors=errors,
-                  services=services, classes=classes, quote=quote, quote_errors=quote_errors or {},
-                  sample_gb=SAMPLE_GB)
+    classes = await every_row(request, "classes.list", page=100) if can(request, "classes.list") else []
+    return render(request, "tariffs/tariff_form.html", status=422 if errors else 200, tariff=tariff,
+                  fields=fields, errors=errors or {}, services=services, classes=classes, quote=quote,
+                  quote_errors=quote_errors or {}, sample_gb=SAMPLE_GB)
 
 
-def _table(request: web.Request) -> frozenset[str]:
-    """The calls the operator's session has (what ``can`` answers in templates)."""
-    return frozenset(operator_of(request).calls)
+def can(request: web.Request, name: str) -> bool:
+    """Whether ``name`` is in the operator's call table (what ``can`` answers in templates)."""
+    return name in operator_of(request).calls
 
 
 @ROUTES.get("/tariffs/new", needs=("tariffs.add", "services.list"))
 async def new_tariff(request: web.Request) -> web.StreamResponse:
-    return await tariff_form(request, tariff=None, fields={}, errors={})
-
-
-@ROUTES.post("/tariffs/new", needs=("tariffs.add", "services.list"))
-async def add_tariff(request: web.Request) -> web.StreamResponse:
-    fields = await form(request)
-    service_ids = checked_ids(fields, "service_")
-    if fields.get("action") == "quote":
-        quote, quote_errors = await sample_month(request, fields, service_ids)
-        return await tariff_form(request, tariff=None, fields=fields, errors={}, quote=quote,
-                                 quote_errors=quote_errors)
-    try:
-        made = await call(request, "tariffs.add", **given(name=fields.get("name", ""), service_ids=service_ids,
-                                                          comment=fields.get("comment", "")))
-    except Refused as refused:
-        return await tariff_form(request, tariff=None, fields=fields,
-                                 errors=refused_at(refused, TARIFF_WORDS, "name"))
-    return redirect(request, f"/tariffs/{made['id']}", message="tariffs.saved")
+    return await tariff_form(request, None, {})
 
 
 @ROUTES.get(r"/tariffs/{tariff_id:\d+}", needs=("tariffs.list", "services.list"))
 async def tariff(request: web.Request) -> web.StreamResponse:
     found = find_row(await every_row(request, "tariffs.list"), int(request.match_info["tariff_id"]))
-    fields = {f"service_{service_id}": "on" for service_id in found["service_ids"]}
-    return await tariff_form(request, tariff=found, fields=fields, errors={})
+    return await tariff_form(request, found, {f"service_{service_id}": "on" for service_id in found["service_ids"]})
 
 
-@ROUTES.post(r"/tariffs/{tariff_id:\d+}", needs=("tariffs.set_services", "tariffs.list", "services.list"))
-async def set_services(request: web.Request) -> web.StreamResponse:
-    tariff_id = int(request.match_info["tariff_id"])
-    found = find_row(await every_row(request, "tariffs.list"), tariff_id)
+async def save_tariff(request: web.Request, found: Mapping[str, Any] | None) -> web.StreamResponse:
+    """The tariff form posted: the sample month asked for, or the tariff saved
+    (``tariffs.add`` for a new one, ``tariffs.set_services`` for ``found``)."""
     fields = await form(request)
     service_ids = checked_ids(fields, "service_")
     if fields.get("action") == "quote":
         quote, quote_errors = await sample_month(request, fields, service_ids)
-        return await tariff_form(request, tariff=found, fields=fields, errors={}, quote=quote,
-                                 quote_errors=quote_errors)
-    try:
-        await call(request, "tariffs.set_services", tariff_id=tariff_id, service_ids=service_ids)
-    except Refused as refused:
-        return await tariff_form(request, tariff=found, fields=fields,
-                                 errors=refused_at(refused, TARIFF_WORDS, "services"))
-    return redirect(request, f"/tariffs/{tariff_id}", message="tariffs.saved")
+        return await tariff_form(request, found, fields, quote=quote, quote_errors=quote_errors)
+    if found is None:
+        saved, errors = await attempt(lambda: call(request, "tariffs.add", **given(
+            name=fields.get("name", ""), service_ids=service_ids, comment=fields.get("comment", ""))),
+            TARIFF_WORDS, "name")
+    else:
+        saved, errors = await attempt(lambda: call(request, "tariffs.set_services", tariff_id=found["id"],
+                                                   service_ids=service_ids), TARIFF_WORDS, "services")
+    if errors:
+        return await tariff_form(request, found, fields, errors)
+    return redirect(request, f"/tariffs/{saved['id']}", message="tariffs.saved")
+
+
+@ROUTES.post("/tariffs/new", needs=("tariffs.add", "services.list"))
+async def add_tariff(request: web.Request) -> web.StreamResponse:
+    return await save_tariff(request, None)
+
+
+@ROUTES.post(r"/tariffs/{tariff_id:\d+}", needs=("tariffs.set_services", "tariffs.list", "services.list"))
+async def set_services(request: web.Request) -> web.StreamResponse:
+    return await save_tariff(request, find_row(await every_row(request, "tariffs.list"),
+                                               int(request.match_info["tariff_id"])))
 
 
 @ROUTES.post(r"/tariffs/{tariff_id:\d+}/delete", needs=("tariffs.delete",))
 async def delete_tariff(request: web.Request) -> web.StreamResponse:
     tariff_id = int(request.match_info["tariff_id"])
-    await form(request)
-    try:
-        await call(request, "tariffs.delete", tariff_id=tariff_id)
-    except Refused as refused:
-        return render(request, "tariffs/refused.html", refused=refused, back=f"/tariffs/{tariff_id}")
-    return redirect(request, "/tariffs", message="tariffs.deleted")
+    return await button(request, "tariffs.delete", {"tariff_id": tariff_id}, back=f"/tariffs/{tariff_id}",
+                        done="/tariffs", message="tariffs.deleted")
 
 
 async def sample_month(request: web.Request, fields: Mapping[str, str], service_ids: list[int]
                        ) -> tuple[dict[str, Any] | None, dict[str, FieldError]]:
-    """``tariffs.quote`` for the typed services and volumes: the quote, or
-    the errors to show beside the sample's fields."""
-    try:
-        traffic = {name[len("traffic_"):]: parse_quantity(value, GB, name) for name, value in fields.items()
-                   if name.startswith("traffic_") and name[len("traffic_"):].isdigit() and value.strip()}
+    """``tariffs.quote`` for the typed services and a volume per class in GB:
+    the quote, or the errors to show in the sample-month box."""
+    async def quote() -> dict[str, Any]:
+        traffic = {name.removeprefix("traffic_"): parse_quantity(value, GB, name) for name, value in fields.items()
+                   if name.startswith("traffic_") and name.removeprefix("traffic_").isdigit() and value.strip()}
         days = parse_int(fields.get("days", ""), "days")
-        return await call(request, "tariffs.quote", **given(service_ids=service_ids, traffic=traffic,
-                                                            days=days)), {}
-    except FormInvalid as invalid:
-        return None, {invalid.field: invalid.error}
-    except Refused as refused:
-        return None, refused_at(refused, (("day", "days"), ("class", "traffic")), "quote")
+        answer: dict[str, Any] = await call(request, "tariffs.quote", **given(service_ids=service_ids,
+                                                                              traffic=traffic, days=days))
+        return answer
+    return await attempt(quote, (("day", "days"), ("class", "traffic")), "quote")
 
 
 @ROUTES.get("/tariffs/quote", needs=("tariffs.quote",))
@@ -225,11 +237,10 @@ def service_view(service: Mapping[str, Any], classes: Mapping[int, str], ranges:
 
 async def names_of(request: web.Request) -> tuple[dict[int, str], dict[int, str]]:
     """Traffic class and time range names by id (empty where the operator may not read them)."""
-    table = _table(request)
     classes = ({row["id"]: row["name"] for row in await every_row(request, "classes.list", page=100)}
-               if "classes.list" in table else {})
+               if can(request, "classes.list") else {})
     ranges = ({row["id"]: row["name"] for row in await every_row(request, "timeranges.list")}
-              if "timeranges.list" in table else {})
+              if can(request, "timeranges.list") else {})
     return classes, ranges
 
 
@@ -242,8 +253,8 @@ async def services(request: web.Request) -> web.StreamResponse:
 
 def service_form(request: web.Request, fields: Mapping[str, str], errors: Mapping[str, FieldError]
                  ) -> web.StreamResponse:
-    return render(request, "tariffs/service_form.html", fields=fields, errors=errors, kinds=SERVICE_KINDS,
-                  period_kinds=PERIOD_KINDS, charge_modes=CHARGE_MODES)
+    return render(request, "tariffs/service_form.html", status=422 if errors else 200, fields=fields,
+                  errors=errors, kinds=SERVICE_KINDS, period_kinds=PERIOD_KINDS, charge_modes=CHARGE_MODES)
 
 
 @ROUTES.get("/services/new", needs=("services.add",))
@@ -251,25 +262,28 @@ async def new_service(request: web.Request) -> web.StreamResponse:
     return service_form(request, {"kind": "periodic", "period_kind": "monthly", "charge_mode": "start"}, {})
 
 
+def service_args(fields: Mapping[str, str]) -> dict[str, Any]:
+    """``services.add``'s arguments: the fee as money, the period only for a periodic service."""
+    kind = fields.get("kind", "")
+    args = given(name=fields.get("name", ""), kind=kind, comment=fields.get("comment", ""),
+                 session_limit=parse_int(fields.get("session_limit", ""), "session_limit"),
+                 max_sessions=parse_int(fields.get("max_sessions", ""), "max_sessions"))
+    if fields.get("fee", "").strip():
+        args["fee"] = parse_price(fields["fee"], "fee")
+    if kind == "periodic":
+        args["period"] = given(kind=fields.get("period_kind", ""), anchor=fields.get("anchor", "").strip(),
+                               days=parse_int(fields.get("days", ""), "days"))
+        args["charge_mode"] = fields.get("charge_mode", "")
+    return args
+
+
 @ROUTES.post("/services/new", needs=("services.add",))
 async def add_service(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
-    kind = fields.get("kind", "")
-    try:
-        args = given(name=fields.get("name", ""), kind=kind, comment=fields.get("comment", ""),
-                     session_limit=parse_int(fields.get("session_limit", ""), "session_limit"),
-                     max_sessions=parse_int(fields.get("max_sessions", ""), "max_sessions"))
-        if fields.get("fee", "").strip():
-            args["fee"] = parse_price(fields["fee"], "fee")
-        if kind == "periodic":
-            args["period"] = given(kind=fields.get("period_kind", ""), anchor=fields.get("anchor", "").strip(),
-                                   days=parse_int(fields.get("days", ""), "days"))
-            args["charge_mode"] = fields.get("charge_mode", "")
-        made = await call(request, "services.add", **args)
-    except FormInvalid as invalid:
-        return service_form(request, fields, {invalid.field: invalid.error})
-    except Refused as refused:
-        return service_form(request, fields, refused_at(refused, SERVICE_WORDS, "name"))
+    made, errors = await attempt(lambda: call(request, "services.add", **service_args(fields)), SERVICE_WORDS,
+                                 "name")
+    if errors:
+        return service_form(request, fields, errors)
     return redirect(request, f"/services/{made['id']}", message="services.saved")
 
 
@@ -278,7 +292,8 @@ async def service_page(request: web.Request, service_id: int, fields: Mapping[st
     classes, ranges = await names_of(request)
     found = service_view(find_row(await every_row(request, "services.list"), service_id), classes, ranges)
     units = TIME_UNITS if found["kind"] == "time" else TRAFFIC_UNITS
-    return render(request, "tariffs/service.html", service=found, classes=classes, ranges=ranges,
+    return render(request, "tariffs/service.html", status=422 if errors else 200, service=found,
+                  classes=classes, ranges=ranges,
                   units=[name for name, _ in units], fields=fields, errors=errors,
                   tier_rows=range(MAX_TIERS_TYPED))
 
@@ -312,24 +327,18 @@ async def set_rate(request: web.Request) -> web.StreamResponse:
     service_id = int(request.match_info["service_id"])
     fields = await form(request)
     kind = "time" if fields.get("kind") == "time" else "traffic"
-    try:
-        await call(request, "services.set_rate", service_id=service_id, **rate_args(fields, kind))
-    except FormInvalid as invalid:
-        return await service_page(request, service_id, fields, {invalid.field: invalid.error})
-    except Refused as refused:
-        return await service_page(request, service_id, fields, refused_at(refused, RATE_WORDS, "tiers"))
+    _, errors = await attempt(lambda: call(request, "services.set_rate", service_id=service_id,
+                                           **rate_args(fields, kind)), RATE_WORDS, "tiers")
+    if errors:
+        return await service_page(request, service_id, fields, errors)
     return redirect(request, f"/services/{service_id}", message="services.rate_saved")
 
 
 @ROUTES.post(r"/services/{service_id:\d+}/delete", needs=("services.delete",))
 async def delete_service(request: web.Request) -> web.StreamResponse:
     service_id = int(request.match_info["service_id"])
-    await form(request)
-    try:
-        await call(request, "services.delete", service_id=service_id)
-    except Refused as refused:
-        return render(request, "tariffs/refused.html", refused=refused, back=f"/services/{service_id}")
-    return redirect(request, "/services", message="services.deleted")
+    return await button(request, "services.delete", {"service_id": service_id}, back=f"/services/{service_id}",
+                        done="/services", message="services.deleted")
 
 
 MESSAGES: dict[str, tuple[str, str]] = {
