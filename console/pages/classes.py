@@ -151,6 +151,8 @@ async def delete_range(request: web.Request) -> web.StreamResponse:
 
 
 MESSAGES: dict[str, tuple[str, str]] = {
+    "nav.classes": ("Traffic classes", "Классы трафика"),
+    "nav.timeranges": ("Time ranges", "Временные диапазоны"),
     "classes.title": ("Traffic classes", "Классы трафика"),
     "classes.hint": ("A flow's leg belongs to the class of the first rule it matches: classes in position "
                      "order, then their rules in position order. An empty criterion matches anything.",

@@ -6,13 +6,12 @@ Theory of operation
   never answers it to an operator (``radius.nas_show`` has no secret), the
   form's secret field is always empty, and an edit sends a secret only when
   one was typed (replacing the old one).
-* **Online** (``radius.sessions``): the table is a fragment of its own
-  (``/network/online/table``).  ``network.js`` opens the console's event
-  stream for the RADIUS session topics (``/network/online/events``, the
-  frame's ``live``) and, on each ``changed``, fetches the fragment again as
-  the operator: events carry nothing to the browser, so what the table shows
-  is what the operator's own call answers.  Disconnect asks
-  ``radius.disconnect`` after a confirmation.
+* **Online** (``radius.sessions``): the table is a live region: the
+  console's script listens to ``/network/online/events`` (``live`` for the
+  RADIUS session topics) and, on each ``changed``, fetches the page again as
+  the operator and swaps the table in: events carry nothing to the browser,
+  so what the table shows is what the operator's own call answers.
+  Disconnect asks ``radius.disconnect`` after a confirmation.
 * **NetFlow** and **RADIUS** read ``sys.health`` (what the core knows of its
   workers and rates; missing parts are shown as unknown).
 """
@@ -123,22 +122,12 @@ def page_offset(request: web.Request) -> int:
     return max(0, min(offset, 10**9))
 
 
-async def online_sessions(request: web.Request) -> dict[str, Any]:
-    offset = page_offset(request)
-    rows = await call(request, "radius.sessions", limit=SESSIONS_PAGE + 1, offset=offset)
-    return {"sessions": rows[:SESSIONS_PAGE], "offset": offset, "more": len(rows) > SESSIONS_PAGE,
-            "page": SESSIONS_PAGE}
-
-
 @ROUTES.get("/network/online", needs=("radius.sessions",), nav="network.online")
 async def online(request: web.Request) -> web.StreamResponse:
-    return render(request, "network/online.html", **await online_sessions(request))
-
-
-@ROUTES.get("/network/online/table", needs=("radius.sessions",))
-async def online_table(request: web.Request) -> web.StreamResponse:
-    """The table alone: what ``network.js`` fetches on each ``changed``."""
-    return render(request, "network/online_table.html", **await online_sessions(request))
+    offset = page_offset(request)
+    rows = await call(request, "radius.sessions", limit=SESSIONS_PAGE + 1, offset=offset)
+    return render(request, "network/online.html", sessions=rows[:SESSIONS_PAGE], offset=offset,
+                  more=len(rows) > SESSIONS_PAGE, page=SESSIONS_PAGE)
 
 
 @ROUTES.get("/network/online/events", needs=("radius.sessions",))
@@ -172,6 +161,10 @@ async def radius_rates(request: web.Request) -> web.StreamResponse:
 
 
 MESSAGES: dict[str, tuple[str, str]] = {
+    "nav.network.nas": ("NAS", "NAS"),
+    "nav.network.online": ("Online", "В сети"),
+    "nav.network.netflow": ("NetFlow", "NetFlow"),
+    "nav.network.radius": ("RADIUS", "RADIUS"),
     "nas.title": ("NAS devices", "NAS-устройства"),
     "nas.none": ("No NAS devices yet.", "NAS-устройств пока нет."),
     "nas.new": ("New NAS", "Новый NAS"),

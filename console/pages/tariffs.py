@@ -342,6 +342,8 @@ async def delete_service(request: web.Request) -> web.StreamResponse:
 
 
 MESSAGES: dict[str, tuple[str, str]] = {
+    "nav.tariffs": ("Tariffs", "Тарифы"),
+    "nav.services": ("Services", "Услуги"),
     "tariffs.title": ("Tariffs", "Тарифы"),
     "tariffs.new": ("New tariff", "Новый тариф"),
     "tariffs.none": ("No tariffs yet.", "Тарифов пока нет."),

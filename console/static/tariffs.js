@@ -1,17 +1,7 @@
-// Forms of the tariff and network pages (strict CSP: no inline script).
-// 1. A form with data-confirm asks before it posts (delete, disconnect); delegated,
-//    so forms in a table fetched again later (the online list) are covered too.
-// 2. The tariff form's sample month: ticking a service or changing a volume
-//    fetches the quote fragment again (/tariffs/quote, the same code as the
-//    "Show sample month" button, which still works without this script).
+// The tariff form's sample month: ticking a service or changing a volume
+// fetches the quote fragment again (/tariffs/quote, the same code as the
+// "Show sample month" button, which still works without this script).
 "use strict";
-
-document.addEventListener("submit", (event) => {
-  const form = event.target;
-  if (form instanceof HTMLFormElement && form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
-    event.preventDefault();
-  }
-});
 
 (() => {
   const form = document.getElementById("tariff-form");
@@ -25,7 +15,7 @@ document.addEventListener("submit", (event) => {
       if (name !== "csrf" && name !== "action" && typeof value === "string") query.append(name, value);
     }
     const ticket = ++asked;
-    const answer = await fetch(`${url}?${query}`, { credentials: "same-origin" });
+    const answer = await fetch(`${url}?${query}`, { credentials: "same-origin", cache: "no-store" });
     if (ticket !== asked) return;            // a later change is already on its way
     if (answer.redirected) { window.location.reload(); return; }   // the session ended: log in again
     if (!answer.ok) return;
