@@ -1,0 +1,197 @@
+"""The console's network pages against the real core (``tests.console_harness``):
+plain HTTP for behaviour, Debian's Chromium (Playwright) for the live list.
+
+What an operator would notice: a NAS's shared secret, once typed, is never
+shown again (not in the list, the edit form, nor a form sent back with an
+error) and an empty secret field keeps it; the sessions online appear and go
+without reloading the page as the NAS reports them (a session is started the
+way the radius process starts one: ``radius.accounting`` over a system
+session with the radius role's rights); Disconnect reaches the radius
+process's topic; the health pages show what ``sys.health`` knows; and an
+operator without the NAS calls gets the 403 page by URL.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+
+from billcore.server.principals import SERVICE_RIGHTS, create_system_login
+from tests.conftest import need_peer
+from tests.console_harness import ConsoleBrowser, ConsoleWorld, console_world  # noqa: F401  (a fixture)
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from urfa import client as uc
+
+SECRET = "nas-shared-secret-7f3a"
+RADIUS_PASSWORD = "radius-test-password"
+NAS_ADDRESS = "192.0.2.77"
+
+
+async def radius_process(world: ConsoleWorld) -> uc.Client:
+    """A system session with the radius role's rights: what the radius process calls the core as."""
+    async with world.core.pool.acquire() as conn:
+        await create_system_login(conn, "radius-test", RADIUS_PASSWORD, SERVICE_RIGHTS["radius"])
+    client = await uc.connect("127.0.0.1", world.core.port)
+    await client.login("system", "radius-test", RADIUS_PASSWORD)
+    return client
+
+
+async def secrets_of(radius: uc.Client) -> dict[str, bytes]:
+    """NAS secrets as the radius process reads them (the only reader there is)."""
+    return {device["name"]: device["secret"] for device in await radius.call("radius.nas_list", {})}
+
+
+async def test_a_nas_secret_is_written_never_shown(console_world: ConsoleWorld) -> None:
+    browser = await console_world.operator("nina")
+    radius = await radius_process(console_world)
+    try:
+        page = await browser.get("/network/nas")
+        assert page.status == 200 and 'id="nas-form"' in page.text, page.text[:2000]
+
+        # an error sends the form back: the typed secret is not in it
+        refused = await browser.post("/network/nas", {"name": "bras-1", "address": "not-an-address",
+                                                      "secret": SECRET, "coa_port": "3799"})
+        assert refused.status == 422 and 'data-for="address"' in refused.text, refused.text[:3000]
+        assert SECRET not in refused.text and 'value="bras-1"' in refused.text
+
+        added = await browser.post("/network/nas", {"name": "bras-1", "address": NAS_ADDRESS, "secret": SECRET,
+                                                    "coa_port": "3799", "disconnect_mode": "disconnect",
+                                                    "require_message_authenticator": "on"})
+        assert added.status == 303, added.text[:2000]
+        assert (await secrets_of(radius))["bras-1"] == SECRET.encode()
+        listed = await browser.get("/network/nas")
+        assert 'data-nas="bras-1"' in listed.text and NAS_ADDRESS in listed.text
+        assert "Message-Authenticator" in listed.text
+        (device,) = await console_world.root.call("radius.nas_show", {})
+        edit = await browser.get(f"/network/nas/{device['id']}")
+        assert edit.status == 200 and 'value="bras-1"' in edit.text
+        for shown in (listed, edit):
+            assert SECRET not in shown.text
+
+        # an empty secret keeps the old one; a typed one replaces it
+        kept = await browser.post(f"/network/nas/{device['id']}", {
+            "name": "bras-1", "address": NAS_ADDRESS, "secret": "", "coa_port": "1700",
+            "disconnect_mode": "coa"})
+        assert kept.status == 303, kept.text[:2000]
+        (device,) = await console_world.root.call("radius.nas_show", {})
+        assert device["coa_port"] == 1700 and device["disconnect_mode"] == "coa"
+        assert device["require_message_authenticator"] is False
+        assert (await secrets_of(radius))["bras-1"] == SECRET.encode()
+        replaced = await browser.post(f"/network/nas/{device['id']}", {
+            "name": "bras-1", "address": NAS_ADDRESS, "secret": "a-new-secret", "coa_port": "1700"})
+        assert replaced.status == 303
+        assert (await secrets_of(radius))["bras-1"] == b"a-new-secret"
+        assert "a-new-secret" not in (await browser.get(f"/network/nas/{device['id']}")).text
+
+        # deleting it, after the confirmation the page asks for
+        edit = await browser.get(f"/network/nas/{device['id']}")
+        assert 'data-confirm="Delete this NAS' in edit.text
+        gone = await browser.post(f"/network/nas/{device['id']}/delete", {})
+        assert gone.status == 303
+        assert await console_world.root.call("radius.nas_show", {}) == []
+    finally:
+        await radius.close()
+
+
+async def test_without_the_nas_calls_the_pages_are_forbidden(console_world: ConsoleWorld) -> None:
+    await console_world.group("readers-of-sessions", ["radius.read"])
+    browser = await console_world.operator("olga", groups=["readers-of-sessions"])
+    assert (await browser.get("/network/online")).status == 200
+    assert (await browser.get("/network/nas")).status == 200          # radius.nas_show is radius.read
+    page = await browser.get("/network/nas")
+    assert 'id="nas-form"' not in page.text and "/network/nas/" not in page.text   # no add, no edit links
+    for path in ("/network/nas", "/network/nas/1", "/network/nas/1/delete", "/network/online/1/disconnect"):
+        assert (await browser.post(path, {"name": "x", "address": NAS_ADDRESS, "secret": "s"})).status == 403, path
+    assert (await browser.get("/network/nas/1")).status == 403
+
+
+async def seed_radius_subscriber(world: ConsoleWorld) -> int:
+    """A NAS and a subscriber with a RADIUS login, through admin calls; the account id."""
+    root = world.root
+    await root.call("radius.nas_add", {"name": "bras-live", "address": NAS_ADDRESS, "secret": SECRET})
+    user = await root.call("users.create", {"login": "pavel", "password": "pavel-portal-pw"})
+    account_id = int(user["basic_account_id"])
+    await root.call("radius.link_add", {"account_id": account_id, "login": "pavel-pppoe", "password": "pw"})
+    return account_id
+
+
+async def accounting(radius: uc.Client, status: str, session_id: str, **extra: Any) -> dict[str, Any]:
+    record = {"nas": NAS_ADDRESS, "status": status, "session_id": session_id, "login": "pavel-pppoe", **extra}
+    answer: dict[str, Any] = await radius.call("radius.accounting", {"record": record})
+    return answer
+
+
+async def test_online_sessions_update_live_and_disconnect_in_chromium(console_world: ConsoleWorld) -> None:
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    account_id = await seed_radius_subscriber(console_world)
+    radius = await radius_process(console_world)
+    await radius.subscribe("radius.disconnect")        # as the radius process listens for it
+    browser = await console_world.operator("vera")
+    try:
+        async with async_playwright() as playwright:
+            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await chromium.new_context(viewport=DESKTOP, locale="en-US")
+                await context.add_cookies(cookies_of(browser))
+                page = await context.new_page()
+                dialogs: list[str] = []
+
+                async def accept(dialog: Any) -> None:
+                    dialogs.append(dialog.message)
+                    await dialog.accept()
+                page.on("dialog", accept)
+                await page.goto(console_world.url + "/network/online")
+                await page.wait_for_selector("#sessions-none")
+                await page.evaluate("window.stillTheSamePage = true")
+
+                await accounting(radius, "start", "LIVE-1", framed_ip="100.64.3.9")
+                row = page.locator('tr[data-session="LIVE-1"]')
+                await row.wait_for()                              # no reload: the SSE said "changed"
+                assert await page.evaluate("window.stillTheSamePage") is True
+                assert "100.64.3.9" in await row.inner_text() and "pavel-pppoe" in await row.inner_text()
+                assert str(account_id) in await row.inner_text()
+
+                async with page.expect_navigation():
+                    await row.locator("button", has_text="Disconnect").click()
+                assert dialogs == ["Disconnect this session?"]
+                await page.wait_for_selector("text=Disconnect is sent to the NAS.")
+                event = await radius.next_event(timeout=10)
+                assert event.topic == "radius.disconnect"
+                assert [session["session_id"] for session in event.payload["sessions"]] == ["LIVE-1"]
+
+                # the NAS says it ended: the row goes, again without a reload
+                await page.evaluate("window.stillTheSamePage = true")
+                await accounting(radius, "stop", "LIVE-1", session_time=30)
+                await page.wait_for_selector("#sessions-none")
+                assert await page.evaluate("window.stillTheSamePage") is True
+            finally:
+                await chromium.close()
+    finally:
+        await radius.close()
+
+
+def cookies_of(browser: ConsoleBrowser) -> list[dict[str, Any]]:
+    """The logged-in HTTP client's cookies for a Playwright context (the login itself is the frame's test)."""
+    return [{"name": cookie.key, "value": cookie.value, "url": browser.url} for cookie in browser.http.cookie_jar]
+
+
+async def test_health_pages_show_what_the_core_knows(console_world: ConsoleWorld) -> None:
+    browser = await console_world.operator("hugo")
+    calls = {row["name"] for row in await console_world.root.call("sys.calls", {})}
+    if "sys.health" not in calls:
+        pytest.skip("sys.health is not in the core yet (the calls branch)")
+    health = await console_world.root.call("sys.health", {})
+    netflow = await browser.get("/network/netflow")
+    assert netflow.status == 200, netflow.text[:2000]
+    for worker in health.get("netflow") or []:
+        assert f'data-worker="{worker["worker"]}"' in netflow.text
+    if not health.get("netflow"):
+        assert "The core knows of no NetFlow worker." in netflow.text
+    rates = await browser.get("/network/radius")
+    assert rates.status == 200 and 'id="radius-rates"' in rates.text
+    for name in ("access_per_s", "accounting_per_s", "rejects_per_s"):
+        assert f'data-rate="{name}"' in rates.text
