@@ -32,7 +32,7 @@ __all__ = ["TOPICS", "LiveHub", "Listener"]
 log = logging.getLogger("console.live")
 
 # the core topics console pages refresh on (billcore/server/topics.py)
-TOPICS = ("blocks", "classifier", "radius.nas", "radius.disconnect")
+TOPICS = ("blocks", "classifier", "radius.nas", "radius.disconnect", "radius.sessions")
 
 
 class Listener:

@@ -107,7 +107,7 @@ def _refusal(exc: Refused) -> Exception:
     return Forbidden(exc.code) if exc.code in _NOT_ALLOWED else exc
 
 
-async def call(request: web.Request, name: str, **args: Any) -> Any:
+async def call(request: web.Request, name: str, /, **args: Any) -> Any:
     """``name``'s result, called as the operator from the browser's address.
 
     Raises ``Refused(code, message)`` for the page to show; the rest (403,
@@ -122,7 +122,7 @@ async def call(request: web.Request, name: str, **args: Any) -> Any:
         raise
 
 
-async def stream(request: web.Request, name: str, **args: Any) -> AsyncIterator[Any]:
+async def stream(request: web.Request, name: str, /, **args: Any) -> AsyncIterator[Any]:
     """The chunks of the streamed call ``name``, as the operator."""
     operator = request[OPERATOR]
     try:

@@ -135,8 +135,8 @@ async def test_online_sessions_update_live_and_disconnect_in_chromium(console_wo
         async with async_playwright() as playwright:
             chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                context = await chromium.new_context(viewport=DESKTOP, locale="en-US")
-                await context.add_cookies(cookies_of(browser))
+                context = await chromium.new_context(viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]}, locale="en-US")
+                await context.add_cookies(cookies_of(browser))  # type: ignore[arg-type]
                 page = await context.new_page()
                 dialogs: list[str] = []
 

@@ -33,6 +33,12 @@ EDITING = [  # (method, path) of every page that changes the catalogue
 ]
 
 
+async def need_call(world: ConsoleWorld, name: str) -> None:
+    """Skip until the core has ``name`` (the calls branch adds tariffs.quote)."""
+    if name not in {row["name"] for row in await world.root.call("sys.calls", {})}:
+        pytest.skip(f"{name} is not in the core yet")
+
+
 async def by_name(world: ConsoleWorld, call: str, name: str) -> dict[str, Any]:
     rows = await world.root.call(call, {})
     (row,) = [row for row in rows if row["name"] == name]
@@ -45,6 +51,7 @@ async def test_a_tariff_with_two_classes_and_a_night_range_in_chromium(console_w
 
     url = console_world.url
     browser = await console_world.operator("tamara")
+    await need_call(console_world, "tariffs.quote")
 
     async def submit(page: Page, form: str, fields: dict[str, str], button: str = "button[type=submit]") -> None:
         for name, value in fields.items():
@@ -55,8 +62,8 @@ async def test_a_tariff_with_two_classes_and_a_night_range_in_chromium(console_w
     async with async_playwright() as playwright:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = await chromium.new_context(viewport=DESKTOP, locale="en-US")
-            await context.add_cookies(cookies_of(browser))
+            context = await chromium.new_context(viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]}, locale="en-US")
+            await context.add_cookies(cookies_of(browser))  # type: ignore[arg-type]
             page = await context.new_page()
 
             # two traffic classes: the provider's own network first, then everything else
@@ -197,6 +204,7 @@ def html_escaped(text: str) -> str:
 async def test_the_sample_month_is_the_cores_quote(console_world: ConsoleWorld) -> None:
     root = console_world.root
     browser = await console_world.operator("quinn")
+    await need_call(console_world, "tariffs.quote")
     internet = await root.call("classes.add", {"name": "internet"})
     await root.call("classes.add_rule", {"class_id": internet["id"]})
     fee = await root.call("services.add", {"name": "Fee", "kind": "periodic", "fee": 300_000_000,

@@ -67,7 +67,7 @@ async def add_nas(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
     made, errors = await attempt(lambda: call(request, "radius.nas_add", **nas_args(fields, adding=True)),
                                  NAS_WORDS, "name")
-    if errors:
+    if errors or made is None:
         return await nas_page(request, without_secret(fields), errors)
     return redirect(request, "/network/nas", message="nas.saved_ma" if made.get("notice") else "nas.saved")
 

@@ -92,8 +92,8 @@ def parse_quantity(text: str, size: int, field: str) -> int:
     if match is None:
         raise FormInvalid(field, FieldError(key="form.bad_quantity"))
     whole, frac = match.group(1), match.group(2) or ""
-    scaled = (int(whole) * 10 ** len(frac) + int(frac or "0")) * size
-    base, rest = divmod(scaled, 10 ** len(frac))
+    scale: int = 10 ** len(frac)
+    base, rest = divmod((int(whole) * scale + int(frac or "0")) * size, scale)
     if rest or base > MAX_QUANTITY:
         raise FormInvalid(field, FieldError(key="form.bad_quantity"))
     return base

@@ -30,7 +30,7 @@ from billcore.common.money import GB
 from console.page import Page, Refused, call, form, operator_of, redirect, render
 from console.pages.tariff_forms import (
     MAX_TIERS_TYPED, TIME_UNITS, TRAFFIC_UNITS, FieldError, FormInvalid, field_of, given, parse_int,
-    parse_price, parse_quantity, show_price, show_quantity,
+    parse_price, parse_quantity, show_price, show_quantity, unit_size,
 )
 
 __all__ = ["ROUTES", "MESSAGES", "attempt", "button", "can", "every_row", "find_row"]
@@ -170,7 +170,7 @@ async def save_tariff(request: web.Request, found: Mapping[str, Any] | None) -> 
     else:
         saved, errors = await attempt(lambda: call(request, "tariffs.set_services", tariff_id=found["id"],
                                                    service_ids=service_ids), TARIFF_WORDS, "services")
-    if errors:
+    if errors or saved is None:
         return await tariff_form(request, found, fields, errors)
     return redirect(request, f"/tariffs/{saved['id']}", message="tariffs.saved")
 
@@ -282,7 +282,7 @@ async def add_service(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
     made, errors = await attempt(lambda: call(request, "services.add", **service_args(fields)), SERVICE_WORDS,
                                  "name")
-    if errors:
+    if errors or made is None:
         return service_form(request, fields, errors)
     return redirect(request, f"/services/{made['id']}", message="services.saved")
 
