@@ -90,7 +90,7 @@ async def add_rule(request: web.Request) -> web.StreamResponse:
                               RULE_WORDS, "remote_net")
     if errors:
         return await classes_page(request, fields, errors, f"rule-{class_id}")
-    return redirect(request, f"/classes#class-{class_id}", message="classes.rule_saved")
+    return redirect(request, "/classes", message="classes.rule_saved")
 
 
 @ROUTES.post(r"/classes/rules/{rule_id:\d+}/delete", needs=("classes.delete_rule",))
