@@ -13,20 +13,23 @@ operator without the NAS calls gets the 403 page by URL.
 
 from __future__ import annotations
 
+import re
 import shutil
-from typing import Any
-
-import pytest
+from typing import TYPE_CHECKING, Any, Final
 
 from billcore.server.principals import SERVICE_RIGHTS, create_system_login
 from tests.conftest import need_peer
 from tests.console_harness import ConsoleBrowser, ConsoleWorld, console_world  # noqa: F401  (a fixture)
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS
 from urfa import client as uc
+
+if TYPE_CHECKING:
+    from playwright.async_api import ViewportSize
 
 SECRET = "nas-shared-secret-7f3a"
 RADIUS_PASSWORD = "radius-test-password"
 NAS_ADDRESS = "192.0.2.77"
+VIEWPORT: Final["ViewportSize"] = {"width": 1280, "height": 860}
 
 
 async def radius_process(world: ConsoleWorld) -> uc.Client:
@@ -135,7 +138,7 @@ async def test_online_sessions_update_live_and_disconnect_in_chromium(console_wo
         async with async_playwright() as playwright:
             chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                context = await chromium.new_context(viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]}, locale="en-US")
+                context = await chromium.new_context(viewport=VIEWPORT, locale="en-US")
                 await context.add_cookies(cookies_of(browser))  # type: ignore[arg-type]
                 page = await context.new_page()
                 dialogs: list[str] = []
@@ -181,17 +184,25 @@ def cookies_of(browser: ConsoleBrowser) -> list[dict[str, Any]]:
 
 async def test_health_pages_show_what_the_core_knows(console_world: ConsoleWorld) -> None:
     browser = await console_world.operator("hugo")
-    calls = {row["name"] for row in await console_world.root.call("sys.calls", {})}
-    if "sys.health" not in calls:
-        pytest.skip("sys.health is not in the core yet (the calls branch)")
+    async with console_world.core.pool.acquire() as conn:   # a worker's watermark, as netflow.submit commits it
+        await conn.execute("INSERT INTO ingest_watermarks(source, watermark, updated_at)"
+                           " VALUES ('netflow:nf-test-1', 4096, now())")
     health = await console_world.root.call("sys.health", {})
     netflow = await browser.get("/network/netflow")
     assert netflow.status == 200, netflow.text[:2000]
-    for worker in health.get("netflow") or []:
-        assert f'data-worker="{worker["worker"]}"' in netflow.text
-    if not health.get("netflow"):
-        assert "The core knows of no NetFlow worker." in netflow.text
+    (worker,) = [row for row in health["netflow"] if row["worker"] == "nf-test-1"]
+    row = re.search(r'<tr data-worker="nf-test-1">(.*?)</tr>', netflow.text, re.S)
+    assert row is not None, netflow.text[:3000]
+    cells = [re.sub(r"<[^>]+>|\s+", " ", cell).strip()
+             for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)]
+    assert cells[0] == "nf-test-1" and cells[5] == "4096" and cells[7] == str(worker["classifier_version"])
     rates = await browser.get("/network/radius")
     assert rates.status == 200 and 'id="radius-rates"' in rates.text
-    for name in ("access_per_s", "accounting_per_s", "rejects_per_s"):
+    for name in ("access", "accounting", "rejects"):
         assert f'data-rate="{name}"' in rates.text
+    # what the core says it cannot know is said on the page, not hidden
+    assert any(line in rates.text or line in netflow.text for line in health["missing"])
+    await console_world.group("no-health", ["radius.read"])
+    without = await console_world.operator("ursula", groups=["no-health"])
+    assert (await without.get("/network/netflow")).status == 403
+    assert 'href="/network/radius"' not in (await without.get("/")).text

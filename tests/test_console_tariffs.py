@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import need_peer
 from tests.console_harness import ConsoleWorld, console_world  # noqa: F401  (a fixture)
-from tests.test_console_network import cookies_of
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from tests.test_console_network import VIEWPORT, cookies_of
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS
 from urfa.errors import CallFailed
 
 GB = 10**9
@@ -63,7 +63,7 @@ async def test_a_tariff_with_two_classes_and_a_night_range_in_chromium(console_w
     async with async_playwright() as playwright:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = await chromium.new_context(viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]}, locale="en-US")
+            context = await chromium.new_context(viewport=VIEWPORT, locale="en-US")
             await context.add_cookies(cookies_of(browser))  # type: ignore[arg-type]
             page = await context.new_page()
 

@@ -143,21 +143,24 @@ async def disconnect(request: web.Request) -> web.StreamResponse:
 
 # -- health: NetFlow workers and RADIUS rates -------------------------------------------------
 
+def health_of(health: dict[str, Any], role: str) -> dict[str, Any]:
+    """The processes of ``role`` and what the core says it cannot know about them."""
+    return {"processes": [row for row in health.get("processes") or [] if role in str(row.get("role", ""))],
+            "missing": [line for line in health.get("missing") or [] if role in str(line).lower()]}
+
+
 @ROUTES.get("/network/netflow", needs=("sys.health",), nav="network.netflow")
 async def netflow(request: web.Request) -> web.StreamResponse:
     health = await call(request, "sys.health")
-    workers = health.get("netflow") or []
-    processes = [row for row in health.get("processes") or [] if "netflow" in str(row.get("role", ""))]
-    return render(request, "network/netflow.html", workers=workers, processes=processes)
+    return render(request, "network/netflow.html", workers=health.get("netflow") or [],
+                  **health_of(health, "netflow"))
 
 
 @ROUTES.get("/network/radius", needs=("sys.health",), nav="network.radius")
 async def radius_rates(request: web.Request) -> web.StreamResponse:
     health = await call(request, "sys.health")
-    rates = health.get("radius") or {}
-    processes = [row for row in health.get("processes") or [] if "radius" in str(row.get("role", ""))]
-    return render(request, "network/radius.html", rates=rates, processes=processes,
-                  rate_names=("access_per_s", "accounting_per_s", "rejects_per_s"))
+    return render(request, "network/radius.html", rates=health.get("radius") or {},
+                  rate_names=("access", "accounting", "rejects"), **health_of(health, "radius"))
 
 
 MESSAGES: dict[str, tuple[str, str]] = {
@@ -222,7 +225,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "netflow.last_packet": ("Last packet", "Последний пакет"),
     "netflow.packets": ("Packets", "Пакеты"),
     "netflow.drops": ("Drops", "Потери"),
-    "netflow.no_exporters": ("No exporter seen yet.", "Экспортёров пока не было."),
+    "netflow.connected": ("Connected to the core", "Связь с ядром"),
+    "netflow.yes": ("yes", "да"),
+    "netflow.no": ("no", "нет"),
+    "netflow.watermark": ("Committed up to", "Зафиксировано до"),
+    "netflow.watermark_at": ("Committed at", "Когда зафиксировано"),
     "health.unknown": ("unknown", "неизвестно"),
     "health.processes": ("Processes", "Процессы"),
     "health.role": ("Role", "Роль"),
@@ -231,7 +238,12 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "health.restarts": ("Restarts", "Перезапуски"),
     "health.started": ("Started", "Запущен"),
     "radius.title": ("RADIUS rates", "Нагрузка RADIUS"),
-    "radius.access_per_s": ("Access-Requests a second", "Access-Request в секунду"),
-    "radius.accounting_per_s": ("Accounting-Requests a second", "Accounting-Request в секунду"),
-    "radius.rejects_per_s": ("Rejects a second", "Отказов в секунду"),
+    "radius.access": ("Access-Requests", "Access-Request"),
+    "radius.accounting": ("Accounting-Requests", "Accounting-Request"),
+    "radius.rejects": ("Access-Rejects sent", "Отправлено Access-Reject"),
+    "radius.per_second": ("A second", "В секунду"),
+    "radius.total": ("Since the start", "С запуска"),
+    "radius.rates_hint": ("A rate is per second since the page was last read (none on the first reading).",
+                          "Частота — в секунду с прошлого открытия страницы (при первом открытии её нет)."),
+    "health.missing": ("What the core cannot know", "Чего ядро знать не может"),
 }
