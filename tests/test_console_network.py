@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from billcore.server.principals import SERVICE_RIGHTS, create_system_login
 from tests.conftest import need_peer
 from tests.console_harness import ConsoleBrowser, ConsoleWorld, console_world  # noqa: F401  (a fixture)
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, SHOTS
 from urfa import client as uc
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ async def test_online_sessions_update_live_and_disconnect_in_chromium(console_wo
                 assert await page.evaluate("window.stillTheSamePage") is True
                 assert "100.64.3.9" in await row.inner_text() and "pavel-pppoe" in await row.inner_text()
                 assert str(account_id) in await row.inner_text()
+                await page.screenshot(path=str(shots() / "console-online.png"), full_page=True)
 
                 async with page.expect_navigation():
                     await row.locator("button", has_text="Disconnect").click()
@@ -175,6 +177,12 @@ async def test_online_sessions_update_live_and_disconnect_in_chromium(console_wo
                 await chromium.close()
     finally:
         await radius.close()
+
+
+def shots() -> Path:
+    """Where screenshots go (docs/screenshots/ with BILLCORE_UPDATE_SCREENSHOTS=1, as the office's)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return SHOTS
 
 
 def cookies_of(browser: ConsoleBrowser) -> list[dict[str, Any]]:

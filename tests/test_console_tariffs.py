@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import need_peer
 from tests.console_harness import ConsoleWorld, console_world  # noqa: F401  (a fixture)
-from tests.test_console_network import VIEWPORT, cookies_of
+from tests.test_console_network import VIEWPORT, cookies_of, shots
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS
 from urfa.errors import CallFailed
 
@@ -111,6 +111,9 @@ async def test_a_tariff_with_two_classes_and_a_night_range_in_chromium(console_w
             await page.select_option("#rate-form [name=class_id]", str(local["id"]))
             await submit(page, "#rate-form", {"tier_price_0": "0"})
             assert "0.20 / GB" in await page.inner_text("#rates")
+            await page.screenshot(path=str(shots() / "console-service.png"), full_page=True)
+            await page.goto(url + "/classes")
+            await page.screenshot(path=str(shots() / "console-classes.png"), full_page=True)
 
             # the tariff, with a sample month before saving
             await page.goto(url + "/tariffs/new")
@@ -164,17 +167,12 @@ def money_text(micro: int) -> str:
     return money(micro)
 
 
-def shots() -> Any:
-    from tests.test_portal_e2e import SHOTS
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    return SHOTS
-
-
 async def test_a_bad_price_gets_the_cores_message_beside_it(console_world: ConsoleWorld) -> None:
     browser = await console_world.operator("boris")
     service = await console_world.root.call("services.add", {"name": "Time", "kind": "time"})
     page = await browser.get(f"/services/{service['id']}")
     assert page.status == 200 and 'id="rate-form"' in page.text
+    assert '<option value="hour" selected>' in page.text and '"GB"' not in page.text   # time is priced per hour
     with pytest.raises(CallFailed) as core:
         await console_world.root.call("services.set_rate", {"service_id": service["id"], "unit_size": 3600,
                                                             "tiers": [[0, -500_000]]})

@@ -292,6 +292,7 @@ async def service_page(request: web.Request, service_id: int, fields: Mapping[st
     classes, ranges = await names_of(request)
     found = service_view(find_row(await every_row(request, "services.list"), service_id), classes, ranges)
     units = TIME_UNITS if found["kind"] == "time" else TRAFFIC_UNITS
+    fields = {"unit": "hour" if found["kind"] == "time" else "GB", **fields}
     return render(request, "tariffs/service.html", status=422 if errors else 200, service=found,
                   classes=classes, ranges=ranges,
                   units=[name for name, _ in units], fields=fields, errors=errors,
@@ -300,7 +301,7 @@ async def service_page(request: web.Request, service_id: int, fields: Mapping[st
 
 @ROUTES.get(r"/services/{service_id:\d+}", needs=("services.list",))
 async def service(request: web.Request) -> web.StreamResponse:
-    return await service_page(request, int(request.match_info["service_id"]), {"unit": "GB"}, {})
+    return await service_page(request, int(request.match_info["service_id"]), {}, {})
 
 
 def rate_args(fields: Mapping[str, str], kind: str) -> dict[str, Any]:
