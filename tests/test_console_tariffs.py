@@ -226,6 +226,20 @@ async def test_the_sample_month_is_the_cores_quote(console_world: ConsoleWorld) 
     bad = await browser.get(f"/tariffs/quote?service_{fee['id']}=on&traffic_{internet['id']}=lots")
     assert bad.status == 200 and 'data-for="traffic_' in bad.text and "quote-total" not in bad.text
 
+    # without script, the button posts the form: a reader may try services on a tariff and save nothing
+    tariff = await root.call("tariffs.add", {"name": "Plan", "service_ids": [fee["id"]]})
+    await console_world.group("tariff-readers", ["tariffs.read"])
+    reader = await console_world.operator("rita", groups=["tariff-readers"])
+    page = await reader.get(f"/tariffs/{tariff['id']}")
+    assert page.status == 200 and 'id="save-tariff"' not in page.text and 'formaction="/tariffs/quote"' in page.text
+    tried = await reader.post("/tariffs/quote", {"tariff_id": str(tariff["id"]), f"service_{fee['id']}": "on",
+                                                 f"service_{traffic['id']}": "on",
+                                                 f"traffic_{internet['id']}": "25.5"})
+    assert tried.status == 200 and f'id="quote-total">{money_text(expected["total"])}<' in tried.text
+    assert 'id="tariff-title">Plan<' in tried.text
+    assert (await reader.post(f"/tariffs/{tariff['id']}", {f"service_{traffic['id']}": "on"})).status == 403
+    assert [row["service_ids"] for row in await root.call("tariffs.list", {})] == [[fee["id"]]]
+
 
 async def role(world: ConsoleWorld, name: str, rights: list[str]) -> str:
     """The role template ``name`` (the auth branch's), or one made by hand with ``rights`` where it is missing."""

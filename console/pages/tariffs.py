@@ -156,13 +156,9 @@ async def tariff(request: web.Request) -> web.StreamResponse:
 
 
 async def save_tariff(request: web.Request, found: Mapping[str, Any] | None) -> web.StreamResponse:
-    """The tariff form posted: the sample month asked for, or the tariff saved
-    (``tariffs.add`` for a new one, ``tariffs.set_services`` for ``found``)."""
+    """The tariff form saved: ``tariffs.add`` for a new one, ``tariffs.set_services`` for ``found``."""
     fields = await form(request)
     service_ids = checked_ids(fields, "service_")
-    if fields.get("action") == "quote":
-        quote, quote_errors = await sample_month(request, fields, service_ids)
-        return await tariff_form(request, found, fields, quote=quote, quote_errors=quote_errors)
     if found is None:
         saved, errors = await attempt(lambda: call(request, "tariffs.add", **given(
             name=fields.get("name", ""), service_ids=service_ids, comment=fields.get("comment", ""))),
@@ -205,6 +201,18 @@ async def sample_month(request: web.Request, fields: Mapping[str, str], service_
                                                                               traffic=traffic, days=days))
         return answer
     return await attempt(quote, (("day", "days"), ("class", "traffic")), "quote")
+
+
+@ROUTES.post("/tariffs/quote", needs=("tariffs.quote", "services.list"))
+async def quote_page(request: web.Request) -> web.StreamResponse:
+    """The tariff form again with its sample month (the button, without script): a
+    reader with ``tariffs.quote`` may try services without the right to save them."""
+    fields = await form(request)
+    tariff_id = fields.get("tariff_id", "")
+    found = (find_row(await every_row(request, "tariffs.list"), int(tariff_id))
+             if tariff_id.isdigit() and len(tariff_id) < 19 else None)
+    quote, quote_errors = await sample_month(request, fields, checked_ids(fields, "service_"))
+    return await tariff_form(request, found, fields, quote=quote, quote_errors=quote_errors)
 
 
 @ROUTES.get("/tariffs/quote", needs=("tariffs.quote",))

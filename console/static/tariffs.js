@@ -12,7 +12,7 @@
   const refresh = async () => {
     const query = new URLSearchParams();
     for (const [name, value] of new FormData(form)) {
-      if (name !== "csrf" && name !== "action" && typeof value === "string") query.append(name, value);
+      if (name !== "csrf" && typeof value === "string") query.append(name, value);
     }
     const ticket = ++asked;
     const answer = await fetch(`${url}?${query}`, { credentials: "same-origin", cache: "no-store" });
