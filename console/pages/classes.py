@@ -19,7 +19,7 @@ from console.page import Page, call, form, redirect, render
 from console.pages.tariff_forms import (
     PROTOCOLS, FieldError, given, parse_int, parse_ports, show_ports, window_text,
 )
-from console.pages.tariffs import attempt, button, every_row
+from console.pages.form_calls import attempt, button, every_row
 
 __all__ = ["ROUTES", "MESSAGES"]
 

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from console.page import Page, call, form, live, redirect, render
 from console.pages.tariff_forms import FieldError, given, parse_int
-from console.pages.tariffs import attempt, button, every_row, find_row
+from console.pages.form_calls import attempt, button, every_row, find_row
 
 __all__ = ["ROUTES", "MESSAGES", "SESSION_TOPICS"]
 

@@ -15,31 +15,29 @@ charges.  The form shows it on request (a button, no script needed);
 ``tariffs.js`` refreshes it as the operator ticks services or edits
 volumes, fetching the fragment at ``/tariffs/quote``.
 
-The catalogue lists are paged by the core; a page here reads them whole up
-to ``MAX_ROWS`` (tariffs and services number in the hundreds, not more).
+The catalogue lists are paged by the core; a page here reads them whole
+(``form_calls.every_row``: tariffs and services number in the hundreds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Mapping
+from typing import Any, Final
 
 from aiohttp import web
 
 from billcore.common.money import GB
-from console.page import Page, Refused, call, form, operator_of, redirect, render
+from console.page import Page, call, form, redirect, render
+from console.pages.form_calls import attempt, button, can, every_row, find_row
 from console.pages.tariff_forms import (
-    MAX_TIERS_TYPED, TIME_UNITS, TRAFFIC_UNITS, FieldError, FormInvalid, field_of, given, parse_int,
-    parse_price, parse_quantity, show_price, show_quantity, unit_size,
+    MAX_TIERS_TYPED, TIME_UNITS, TRAFFIC_UNITS, FieldError, given, parse_int, parse_price, parse_quantity,
+    show_price, show_quantity, unit_size,
 )
 
-__all__ = ["ROUTES", "MESSAGES", "attempt", "button", "can", "every_row", "find_row"]
+__all__ = ["ROUTES", "MESSAGES"]
 
 ROUTES = Page.routes()
-Result = TypeVar("Result")
 
-PAGE: Final = 1000            # the core's page for the catalogue lists (billcore.billing.tariffs.MAX_PAGE)
-MAX_ROWS: Final = 20_000      # what one page of the console reads of a catalogue list
 SAMPLE_GB: Final = "10"       # the sample month's default volume per traffic class
 SERVICE_KINDS: Final = ("periodic", "once", "traffic", "time")
 PERIOD_KINDS: Final = ("monthly", "weekly", "daily", "yearly", "custom")
@@ -50,57 +48,6 @@ SERVICE_WORDS: Final = (("name", "name"), ("kind", "kind"), ("fee", "fee"), ("ch
 RATE_WORDS: Final = (("tier price", "tiers"), ("price", "tiers"), ("tier", "tiers"), ("prepaid", "prepaid"),
                      ("unit_size", "unit"), ("class", "class_id"), ("range", "range_id"))
 TARIFF_WORDS: Final = (("name", "name"), ("service", "services"), ("comment", "comment"))
-
-
-async def every_row(request: web.Request, name: str, page: int = PAGE, **args: Any) -> list[dict[str, Any]]:
-    """All rows of a paged list call, up to ``MAX_ROWS``."""
-    rows: list[dict[str, Any]] = []
-    while len(rows) < MAX_ROWS:
-        chunk = await call(request, name, limit=page, offset=len(rows), **args)
-        rows.extend(chunk)
-        if len(chunk) < page:
-            break
-    return rows
-
-
-def find_row(rows: Sequence[Mapping[str, Any]], row_id: int) -> dict[str, Any]:
-    """The row with ``id``; the 404 page when there is none."""
-    for row in rows:
-        if row["id"] == row_id:
-            return dict(row)
-    raise web.HTTPNotFound()
-
-
-async def button(request: web.Request, name: str, args: dict[str, Any], *, back: str, done: str,
-                 message: str) -> web.StreamResponse:
-    """One call behind a button (delete, disconnect): on to ``done`` with
-    ``message``, or the core's refusal (still in use…) on its own page with a
-    way ``back``."""
-    await form(request)
-    try:
-        await call(request, name, **args)
-    except Refused as refused:
-        return render(request, "tariffs/refused.html", status=409, refused=refused, back=back)
-    return redirect(request, done, message=message)
-
-
-async def attempt(send: Callable[[], Awaitable[Result]], words: Sequence[tuple[str, str]], default: str
-                  ) -> tuple[Result | None, dict[str, FieldError]]:
-    """Send a form's call (building its arguments from what was typed is part
-    of ``send``): its answer and no errors, or no answer and the errors to
-    show beside the fields — what could not even be sent, or the core's
-    refusal beside the field its message names."""
-    try:
-        return await send(), {}
-    except FormInvalid as invalid:
-        return None, {invalid.field: invalid.error}
-    except Refused as refused:
-        return None, refused_at(refused, words, default)
-
-
-def refused_at(refused: Refused, words: Sequence[tuple[str, str]], default: str) -> dict[str, FieldError]:
-    """The core's refusal placed beside the field its message names."""
-    return {field_of(refused.message, words, default): FieldError(text=refused.message)}
 
 
 def checked_ids(fields: Mapping[str, str], prefix: str) -> list[int]:
@@ -137,11 +84,6 @@ async def tariff_form(request: web.Request, tariff: Mapping[str, Any] | None, fi
     return render(request, "tariffs/tariff_form.html", status=422 if errors else 200, tariff=tariff,
                   fields=fields, errors=errors or {}, services=services, classes=classes, quote=quote,
                   quote_errors=quote_errors or {}, sample_gb=SAMPLE_GB)
-
-
-def can(request: web.Request, name: str) -> bool:
-    """Whether ``name`` is in the operator's call table (what ``can`` answers in templates)."""
-    return name in operator_of(request).calls
 
 
 @ROUTES.get("/tariffs/new", needs=("tariffs.add", "services.list"))
