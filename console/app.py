@@ -41,7 +41,7 @@ from webedge import http
 from webedge.core_link import CoreDown, CoreLink, Refused, SessionGone
 from webedge.guard import LoginLimiter, csrf_ok
 from webedge.http import local_path, see_other, unb64
-from webedge.i18n import LANGUAGES, Translator, catalogs_of, pick_language
+from webedge.i18n import Translator, catalogs_of, pick_language
 from webedge.render import FILTERS
 from webedge.settings import EdgeSettings, read_or_make_secret
 
@@ -160,6 +160,17 @@ async def _operator(request: web.Request) -> Any:
     if operator is None:     # a console restart, or forgotten: the core still knows the session
         operator = await login.load_operator(console, sid, browser_ip(request))
         console.book.put(operator, time.monotonic())
+    else:
+        # Is the session still there?  A page may call nothing, and the core ends sessions on its own
+        # (new roles, a disabled operator, a logout elsewhere): one cheap call also keeps it alive.
+        try:
+            await console.link.call(sid, browser_ip(request), "sys.ping")
+        except SessionGone:
+            console.book.drop(sid)
+            raise
+        except Refused as exc:
+            console.book.drop(sid)
+            raise SessionGone(exc.code) from None
     return operator
 
 
@@ -175,12 +186,9 @@ def _guarded(route: Route) -> Handler:
 
 
 async def language(request: web.Request) -> web.StreamResponse:
-    lang = request.match_info["lang"]
-    if lang not in LANGUAGES:
+    response = http.language_chosen(request, LANG_COOKIE, secure=request.app[CONSOLE].section.cookie_secure)
+    if response is None:
         raise web.HTTPNotFound()
-    response = see_other(local_path(request.query.get("next", "/")))
-    response.set_cookie(LANG_COOKIE, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400,
-                        secure=request.app[CONSOLE].section.cookie_secure)
     return response
 
 
@@ -197,13 +205,13 @@ def build_app(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub
     env.filters.update(FILTERS)
     console = Console(section=section, link=link, key=key, env=env, catalogs=catalogs,
                       live=live or LiveHub(), limiter=LoginLimiter(section.login_failures_per_minute))
-    console.logins = login.PendingLogins()
     app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
     app[CONSOLE] = console
     login.add_routes(app)
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", STATIC, append_version=True)
+    http.add_shared_static(app)
     for page in pages:
         for route in page.ROUTES.routes:
             app.router.add_route(route.method, route.path, _guarded(route))
@@ -236,8 +244,4 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file), live)
     section = settings.section
     log.info("console serving", extra={"http": f"{section.host}:{section.port}", "tls": bool(section.tls_cert)})
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await link.close()
+    await http.serve_until(stop, runner, link)

@@ -16,6 +16,23 @@ pre-session cookie (never sent to the browser):
    and either the session or ``otp_required``;
 3. ``POST /login/otp {code}`` → ``session.proxy_otp`` → the session.
 
+On the wire (what ``static/login.js`` sends; ``tests/console_harness.py``'s
+``ConsoleBrowser.login`` does the same from Python):
+
+* ``GET /login`` sets the ``console_pre`` cookie; the page's
+  ``<input name="csrf">`` holds the token bound to it;
+* each step is ``POST`` with ``Content-Type: application/json`` and the
+  header ``X-CSRF-Token: <that token>``; ``?next=/path`` is where the answer's
+  ``next`` sends the browser afterwards;
+* ``/login/start`` ``{"login": str, "cnonce": base64 of 16 random bytes}`` →
+  ``{"nonce": base64, "salt": base64, "iter": int}`` (standard base64);
+* ``/login/proof`` ``{"proof": base64 of 32 bytes}`` (kind ``admin`` in the
+  AuthMessage) → ``{"sig": base64, "next": path, "csrf": the session's form
+  token}`` and the ``console_sid`` cookie, or ``{"sig": base64, "otp_required": true}``;
+* ``/login/otp`` ``{"code": str}`` → ``{"next": path, "csrf": …}`` and the cookie;
+* a refusal is ``{"error": key, "message": text}`` with 400 (unreadable or a
+  stale login: start again), 401 (wrong), 429 (limited) or 503 (core down).
+
 With the SID the console asks ``sys.calls`` and ``sys.whoami`` once (the
 operator's call table, kept in memory per SID) and sets the SID cookie
 (HttpOnly, SameSite=Strict, Secure outside plain-HTTP tests).  Each POST
@@ -31,8 +48,7 @@ import base64
 import logging
 import secrets
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -42,10 +58,11 @@ from webedge.guard import csrf_token
 from webedge.http import b64, local_path, see_other, unb64
 
 from .context import CONSOLE, PRE_COOKIE, SID, SID_COOKIE, Console, current_words
+from .pending_logins import PendingLogin
 from .operators_book import Operator
 from .page import browser_ip, render
 
-__all__ = ["PendingLogins", "load_operator", "add_routes", "LOGIN_PATHS"]
+__all__ = ["load_operator", "add_routes", "LOGIN_PATHS"]
 
 log = logging.getLogger("console.login")
 
@@ -57,41 +74,12 @@ NONCE_BYTES = 16
 MAX_ITERATIONS = 10_000_000
 
 
-@dataclass(slots=True)
-class PendingLogin:
-    handle: bytes
-    login: str
-    started: float
-    stage: str            # "proof", then "otp" when the core asks for a second factor
-
-
-class PendingLogins:
-    """Logins between their steps, by pre-session cookie; bounded in number and age."""
-
-    def __init__(self, max_pending: int = 4096, max_age: float = 180.0) -> None:
-        self.max_pending = max_pending
-        self.max_age = max_age
-        self._pending: OrderedDict[bytes, PendingLogin] = OrderedDict()
-
-    def put(self, pre: bytes, pending: PendingLogin) -> None:
-        self._pending[pre] = pending
-        self._pending.move_to_end(pre)
-        while len(self._pending) > self.max_pending:
-            self._pending.popitem(last=False)
-
-    def get(self, pre: bytes, stage: str, now: float) -> PendingLogin | None:
-        pending = self._pending.get(pre)
-        if pending is None or pending.stage != stage or now - pending.started > self.max_age:
-            return None
-        return pending
-
-    def drop(self, pre: bytes) -> None:
-        self._pending.pop(pre, None)
-
-
 async def load_operator(console: Console, sid: bytes, ip: str, timeout: float = DEFAULT_TIMEOUT) -> Operator:
     """The operator of ``sid``: login and call table, asked of the core as that session."""
-    who = await console.link.call(sid, ip, "sys.whoami")
+    try:
+        who = await console.link.call(sid, ip, "sys.whoami")
+    except Refused as exc:                  # e.g. forbidden: a subscriber's SID, which the console may not use
+        raise SessionGone(exc.code) from None
     if who.get("kind") != "admin":          # a console cookie holds an operator's session, nothing else
         raise SessionGone("not an operator's session")
     names: list[str] = []
@@ -174,64 +162,69 @@ async def login_start(request: web.Request) -> web.StreamResponse:
                               "iter": iterations})
 
 
-async def login_proof(request: web.Request) -> web.StreamResponse:
+class _Unreadable(Exception):
+    """The browser's step is not what the script sends."""
+
+
+Ask = Callable[[Console, PendingLogin, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def _relay(request: web.Request, stage: str, wrong: str, ask: Ask) -> web.Response:
+    """One step after the start: the pending login of this browser, the core's answer, the session."""
     console = request.app[CONSOLE]
     pre = _pre(request)
     ip = browser_ip(request)
     now = time.monotonic()
-    pending = console.logins.get(pre, "proof", now) if pre is not None else None
+    pending = console.logins.get(pre, stage, now) if pre is not None else None
     if pre is None or pending is None:
         return _answer(400, "login.stale")
-    console.logins.drop(pre)
-    proof = unb64((await _body(request)).get("proof"), 32)
-    if proof is None or len(proof) != 32:
-        console.limiter.failed(ip, now)
-        return _answer(400, "login.wrong")
-    try:
-        answer = await console.link.proxy_proof(pending.handle, proof)
-    except BadLogin as exc:
-        console.limiter.failed(ip, now)
-        return _answer(429, "login.limited") if exc.code == "rate_limited" else _answer(401, "login.wrong")
-    except Refused as exc:
-        console.limiter.failed(ip, now)
-        log.info("operator login refused", extra={"login": pending.login, "reason": exc.code})
-        return _answer(401, "login.wrong")
-    except CoreDown:
-        return _answer(503, "error.503")
-    signature = _std64(answer["sig"])
-    if answer.get("otp_required"):
-        pending.stage = "otp"
-        console.logins.put(pre, pending)
-        return web.json_response({"sig": signature, "otp_required": True})
-    return await _logged_in(request, answer, pending.login, {"sig": signature, "next": _next(request)})
-
-
-async def login_otp(request: web.Request) -> web.StreamResponse:
-    console = request.app[CONSOLE]
-    pre = _pre(request)
-    ip = browser_ip(request)
-    now = time.monotonic()
-    pending = console.logins.get(pre, "otp", now) if pre is not None else None
-    if pre is None or pending is None:
-        return _answer(400, "login.stale")
-    code = (await _body(request)).get("code")
-    if type(code) is not str or not 0 < len(code.strip()) <= 64:
-        return _answer(400, "login.otp_wrong")
     if console.limiter.blocked(ip, now):
         return _answer(429, "login.limited")
     try:
-        answer = await console.link.proxy_otp(pending.handle, code.strip().replace(" ", ""))
+        answer = await ask(console, pending, await _body(request))
+    except _Unreadable:
+        console.limiter.failed(ip, now)
+        return _answer(400, wrong)
     except BadLogin as exc:
         console.limiter.failed(ip, now)
-        return _answer(429, "login.limited") if exc.code == "rate_limited" else _answer(401, "login.otp_wrong")
+        return _answer(429, "login.limited") if exc.code == "rate_limited" else _answer(401, wrong)
     except Refused as exc:
         console.limiter.failed(ip, now)
-        log.info("operator second factor refused", extra={"login": pending.login, "reason": exc.code})
-        return _answer(401, "login.otp_wrong")
+        log.info("operator login refused", extra={"login": pending.login, "step": stage, "reason": exc.code})
+        return _answer(401, wrong)
     except CoreDown:
         return _answer(503, "error.503")
+    body: dict[str, Any] = {"next": _next(request)}
+    if "sig" in answer:
+        body["sig"] = _std64(answer["sig"])
+    if answer.get("otp_required"):       # the same handle takes the code next
+        pending.stage = "otp"
+        return web.json_response({"sig": body["sig"], "otp_required": True})
     console.logins.drop(pre)
-    return await _logged_in(request, answer, pending.login, {"next": _next(request)})
+    return await _logged_in(request, answer, pending.login, body)
+
+
+async def _proof(console: Console, pending: PendingLogin, body: dict[str, Any]) -> dict[str, Any]:
+    proof = unb64(body.get("proof"), 32)
+    if proof is None or len(proof) != 32:
+        raise _Unreadable()
+    pending.stage = "used"               # one proof per handle, right or wrong
+    return await console.link.proxy_proof(pending.handle, proof)
+
+
+async def _otp(console: Console, pending: PendingLogin, body: dict[str, Any]) -> dict[str, Any]:
+    code = body.get("code")
+    if type(code) is not str or not 0 < len(code.strip()) <= 64:
+        raise _Unreadable()
+    return await console.link.proxy_otp(pending.handle, code.strip().replace(" ", ""))
+
+
+async def login_proof(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "proof", "login.wrong", _proof)
+
+
+async def login_otp(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "otp", "login.otp_wrong", _otp)
 
 
 def _next(request: web.Request) -> str:
@@ -254,7 +247,8 @@ async def _logged_in(request: web.Request, answer: dict[str, Any], login: str,
             await console.link.logout(old, ip)
         except (CoreDown, Refused):
             pass
-    response = web.json_response(body)
+    # the session's form token: the script ends the session with it when the core's signature is wrong
+    response = web.json_response({**body, "csrf": csrf_token(console.key, sid)})
     response.set_cookie(SID_COOKIE, b64(sid), httponly=True, samesite="Strict", path="/",
                         secure=console.section.cookie_secure)
     log.info("operator logged in", extra={"login": login, "ip": ip})

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -45,6 +45,8 @@ __all__ = ["Page", "Routes", "Route", "call", "stream", "render", "form", "redir
            "Forbidden", "operator_of", "browser_ip"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# a page handler as written (it may take more, defaulted, arguments for its own re-use)
+_Written = TypeVar("_Written", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 # a core refusal that means "this operator may not": the 403 page
 _NOT_ALLOWED = frozenset({"not_in_table", "forbidden", "deleted"})
@@ -69,18 +71,18 @@ class Routes:
 
     routes: list[Route] = field(default_factory=list)
 
-    def get(self, path: str, *, needs: Iterable[str] = (), nav: str | None = None) -> Callable[[Handler], Handler]:
+    def get(self, path: str, *, needs: Iterable[str] = (), nav: str | None = None) -> Callable[[_Written], _Written]:
         return self._add("GET", path, needs, nav)
 
-    def post(self, path: str, *, needs: Iterable[str] = ()) -> Callable[[Handler], Handler]:
+    def post(self, path: str, *, needs: Iterable[str] = ()) -> Callable[[_Written], _Written]:
         return self._add("POST", path, needs, None)
 
-    def _add(self, method: str, path: str, needs: Iterable[str], nav: str | None) -> Callable[[Handler], Handler]:
+    def _add(self, method: str, path: str, needs: Iterable[str], nav: str | None) -> Callable[[_Written], _Written]:
         needed = tuple(needs)
         if isinstance(needs, str):
             raise TypeError(f"{path}: needs is a tuple of call names, not the string {needs!r}")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: _Written) -> _Written:
             self.routes.append(Route(method, path, handler, needed, nav))
             return handler
         return register
@@ -107,14 +109,14 @@ def _refusal(exc: Refused) -> Exception:
     return Forbidden(exc.code) if exc.code in _NOT_ALLOWED else exc
 
 
-async def call(request: web.Request, name: str, /, **args: Any) -> Any:
-    """``name``'s result, called as the operator from the browser's address.
+async def call(request: web.Request, fn: str, /, **args: Any) -> Any:
+    """``fn``'s result, called as the operator from the browser's address (``args`` may hold ``name``).
 
     Raises ``Refused(code, message)`` for the page to show; the rest (403,
     session gone, core down) the middleware answers."""
     operator = request[OPERATOR]
     try:
-        return await request.app[CONSOLE].link.call(operator.sid, browser_ip(request), name, args)
+        return await request.app[CONSOLE].link.call(operator.sid, browser_ip(request), fn, args)
     except Refused as exc:
         raise _refusal(exc) from None
     except SessionGone:
@@ -122,11 +124,11 @@ async def call(request: web.Request, name: str, /, **args: Any) -> Any:
         raise
 
 
-async def stream(request: web.Request, name: str, /, **args: Any) -> AsyncIterator[Any]:
-    """The chunks of the streamed call ``name``, as the operator."""
+async def stream(request: web.Request, fn: str, /, **args: Any) -> AsyncIterator[Any]:
+    """The chunks of the streamed call ``fn``, as the operator."""
     operator = request[OPERATOR]
     try:
-        async for chunk in request.app[CONSOLE].link.stream(operator.sid, browser_ip(request), name, args):
+        async for chunk in request.app[CONSOLE].link.stream(operator.sid, browser_ip(request), fn, args):
             yield chunk
     except Refused as exc:
         raise _refusal(exc) from None
@@ -148,7 +150,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     words = current_words.get()
     operator = request.get(OPERATOR)
     calls = operator.calls if operator is not None else frozenset()
-    nav = [(entry.path, words("nav." + entry.key), request.path == entry.path or
+    nav = [(entry.path, entry.key, words("nav." + entry.key), request.path == entry.path or
             request.path.startswith(entry.path.rstrip("/") + "/"))
            for entry in console.nav if all(need in calls for need in entry.needs)]
     message = request.query.get("m", "")
@@ -156,7 +158,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     values.setdefault("csrf", csrf_of(request))
     values.setdefault("notice", notice)
     html = console.env.get_template(template).render(
-        t=words, lang=words.lang, languages=LANGUAGES, path=request.path, path_qs=request.path_qs,
+        t=words, lang=words.lang, languages=LANGUAGES, path=request.path, path_qs=request.path_qs, status=status,
         operator=operator.login if operator is not None else "", can=lambda name: name in calls,
         nav=nav, **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")

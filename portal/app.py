@@ -41,7 +41,7 @@ from billcore.common.config import PortalSection
 from webedge import http
 from webedge.core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
 from webedge.guard import LoginLimiter, csrf_ok, csrf_token
-from webedge.http import ascii_int, b64, local_path, unb64
+from webedge.http import ascii_int, b64, unb64
 from webedge.i18n import LANGUAGES, Translator, pick_language
 from webedge.render import FILTERS
 from webedge.settings import EdgeSettings, read_or_make_secret
@@ -400,13 +400,10 @@ async def password_post(request: web.Request) -> web.StreamResponse:
 
 
 async def language(request: web.Request) -> web.StreamResponse:
-    lang = request.match_info["lang"]
-    if lang not in LANGUAGES:
+    response = http.language_chosen(request, LANG_COOKIE, secure=request.app[SECTION].cookie_secure)
+    if response is None:
         raise PageError(404, "error.404")
-    resp = redirect(local_path(request.query.get("next", "/")))
-    resp.set_cookie(LANG_COOKIE, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400,
-                    secure=request.app[SECTION].cookie_secure)
-    return resp
+    return response
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -432,6 +429,7 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Applica
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", HERE / "static", append_version=True)
+    http.add_shared_static(app)
     return app
 
 
@@ -452,8 +450,4 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file))
     s = settings.section
     log.info("portal serving", extra={"http": f"{s.host}:{s.port}", "tls": bool(s.tls_cert)})
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await link.close()
+    await http.serve_until(stop, runner, link)

@@ -26,12 +26,15 @@ In a page test::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import re
 import secrets
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -40,12 +43,14 @@ import pytest
 
 from billcore.common.config import ConsoleSection
 from billcore.server.principals import SERVICE_RIGHTS, create_admin, create_system_login
-from console.app import console_link, serve
+from console.app import build_app, console_link
 from console.live import LiveHub
+from console.pages import PAGES
 from tests.conftest import free_port
 from tests.test_portal_harness import LiveCore
 from urfa import client as uc
 from urfa import scram
+from webedge import http
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 CONSOLE_PASSWORD = "console-system-password"
@@ -121,7 +126,7 @@ class LoginRefused(Exception):
 class ConsoleBrowser:
     """One browser (its own cookie jar) on the console."""
 
-    def __init__(self, url: str, ip_header: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
         self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         self.last_csrf = ""
@@ -191,22 +196,31 @@ def _unb64(text: str) -> bytes:
 
 
 class LiveConsole:
-    """The console in this process, on a free port, plain HTTP on loopback."""
+    """The console in this process, on a free port, plain HTTP on loopback.
 
-    def __init__(self, core: ConsoleCore, workdir: Path, **section: Any) -> None:
+    ``pages`` replaces the page modules (a test's own), ``middlewares`` run
+    before the console's (a test's request recorder)."""
+
+    def __init__(self, core: ConsoleCore, workdir: Path, *, pages: Sequence[ModuleType] = PAGES,
+                 middlewares: Sequence[Any] = (), **section: Any) -> None:
         self.port = free_port()
-        self.section = dataclasses.replace(ConsoleSection(), enabled=True, port=self.port, cookie_secure=False,
-                                           **section)
+        self.section = dataclasses.replace(ConsoleSection(), **{"enabled": True, "port": self.port,
+                                                                 "cookie_secure": False, **section})
         self.settings = EdgeSettings(section=self.section, core_host="127.0.0.1", core_port=core.port,
                                      core_unix=None, password_file=core.password_file.parent / "console.password",
                                      secret_file=workdir / "console.secret", login="console")
         self.live = LiveHub(keepalive=1.0)
         self.link = console_link(self.settings, self.live)
+        self.pages = pages
+        self.middlewares = middlewares
         self.url = f"http://127.0.0.1:{self.port}"
         self.runner: Any = None
 
     async def __aenter__(self) -> LiveConsole:
-        self.runner = await serve(self.section, self.link, read_or_make_secret(self.settings.secret_file), self.live)
+        app = build_app(self.section, self.link, read_or_make_secret(self.settings.secret_file), self.live, self.pages)
+        for middleware in reversed(self.middlewares):
+            app.middlewares.insert(0, middleware)
+        self.runner = await http.serve(app, host=self.section.host, port=self.port, logger_name="console.http")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -254,16 +268,17 @@ class ConsoleWorld:
             await browser.close()
 
 
-@pytest.fixture
-async def console_world(db_dsn: str, tmp_path: Path) -> Any:
+@contextlib.asynccontextmanager
+async def console_world_of(db_dsn: str, workdir: Path, **console: Any) -> AsyncIterator[ConsoleWorld]:
+    """A core, a console (``LiveConsole``'s options) and a superuser client, torn down after."""
     pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=8)
-    core = ConsoleCore(pool, tmp_path)
+    core = ConsoleCore(pool, workdir)
     await core.provision()
     await core.start()
     root = await core.admin()
     try:
-        async with LiveConsole(core, tmp_path) as console:
-            world = ConsoleWorld(core, console, root)
+        async with LiveConsole(core, workdir, **console) as live_console:
+            world = ConsoleWorld(core, live_console, root)
             try:
                 yield world
             finally:
@@ -272,3 +287,9 @@ async def console_world(db_dsn: str, tmp_path: Path) -> Any:
         await root.close()
         await core.stop()
         await pool.close()
+
+
+@pytest.fixture
+async def console_world(db_dsn: str, tmp_path: Path) -> AsyncIterator[ConsoleWorld]:
+    async with console_world_of(db_dsn, tmp_path) as world:
+        yield world

@@ -19,19 +19,26 @@ so a slowloris client holds a connection at most that long.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
 import re
+import signal
 import ssl
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .i18n import LANGUAGES
+
+SHARED_STATIC = Path(__file__).parent / "static"
+
 __all__ = ["security_headers", "b64", "unb64", "client_ip", "ascii_int", "local_path", "see_other",
-           "tls_context", "serve"]
+           "language_chosen", "add_shared_static", "tls_context", "serve", "stop_on_signals", "serve_until"]
 
 _CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self';{connect}"
         " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -109,6 +116,21 @@ def see_other(location: str, **query: Any) -> web.Response:
     return web.Response(status=303, headers={"Location": location + ("?" + urlencode(values) if values else "")})
 
 
+def language_chosen(request: web.Request, cookie: str, *, secure: bool) -> web.Response | None:
+    """``/lang/{lang}?next=…``: back to ``next`` with the choice in ``cookie`` for a year; None: no such language."""
+    lang = request.match_info["lang"]
+    if lang not in LANGUAGES:
+        return None
+    response = see_other(local_path(request.query.get("next", "/")))
+    response.set_cookie(cookie, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400, secure=secure)
+    return response
+
+
+def add_shared_static(app: web.Application) -> None:
+    """``/edge/…``: the stylesheet every edge's pages load before their own."""
+    app.router.add_static("/edge", SHARED_STATIC, append_version=True)
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
     if not cert:
         return None
@@ -146,3 +168,21 @@ async def serve(app: web.Application, *, host: str, port: int, tls_cert: str = "
     site = web.TCPSite(runner, host, port, ssl_context=tls_context(tls_cert, tls_key), backlog=512)
     await site.start()
     return runner
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set (for an edge run by hand, ``python -m …``)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_until(stop: asyncio.Event, runner: web.AppRunner, link: Any) -> None:
+    """Serve until ``stop`` is set; then close the site and the edge's link to the core."""
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await link.close()

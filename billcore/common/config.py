@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-__all__ = ["Config", "ConfigError", "load_config", "example_config"]
+__all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console"]
 
 
 class ConfigError(Exception):
@@ -280,7 +280,8 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _validate_console(console: ConsoleSection) -> None:
+def validate_console(console: ConsoleSection) -> None:
+    """The [console] section's own rules (also for ``python -m console``'s flags)."""
     if console.language not in ("en", "ru"):
         raise ConfigError(f"console.language: en or ru, got {console.language!r}")
     if bool(console.tls_cert) != bool(console.tls_key):
@@ -330,7 +331,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"portal.language: en or ru, got {config.portal.language!r}")
     if bool(config.portal.tls_cert) != bool(config.portal.tls_key):
         raise ConfigError("portal.tls_cert and portal.tls_key go together")
-    _validate_console(config.console)
+    validate_console(config.console)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:

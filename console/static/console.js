@@ -1,7 +1,7 @@
 // billcore console: confirmations and live updates. Pages work without it (but the login).
 "use strict";
-// <button data-confirm="Really?">: ask before the form is sent (delegated: a button swapped in by a
-// live update is covered too)
+// <button data-confirm="Really?">: ask before its form is sent. One listener on the document,
+// so a button that came with a live update (below) is covered too.
 document.addEventListener("submit", function (event) {
   var button = event.submitter;
   if (button && button.hasAttribute("data-confirm") && !window.confirm(button.getAttribute("data-confirm"))) {
@@ -9,8 +9,8 @@ document.addEventListener("submit", function (event) {
   }
 });
 document.addEventListener("DOMContentLoaded", function () {
-  // <section data-live="/path/of/the/sse/route">: when the console says a topic changed, fetch this
-  // page again with the operator's own session and swap the section in (events carry no data)
+  // <section id="…" data-live="/path/of/the/sse/route">: when the console says a topic changed, fetch
+  // this page again with the operator's own session and swap the section in (events carry no data)
   document.querySelectorAll("[data-live]").forEach(function (region) {
     if (!region.id || !window.EventSource) return;
     var source = new EventSource(region.getAttribute("data-live"));
