@@ -332,3 +332,33 @@ async def test_every_page_reads_in_english_and_russian(console_world: ConsoleWor
             assert word in text, (language, path)
     services = (await browser.get("/services")).text
     assert "from 5 GB 0.10 / GB" in re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", services))
+
+
+async def test_deleting_and_what_the_core_refuses_to_delete(console_world: ConsoleWorld) -> None:
+    root = console_world.root
+    browser = await console_world.operator("dora")
+    internet = await root.call("classes.add", {"name": "internet"})
+    rule = await root.call("classes.add_rule", {"class_id": internet["id"], "remote_net": "0.0.0.0/0"})
+    night = await root.call("timeranges.add", {"name": "night", "windows": [{"days": "all", "time": "23:00-07:00"}]})
+    traffic = await root.call("services.add", {"name": "GBs", "kind": "traffic"})
+    await root.call("services.set_rate", {"service_id": traffic["id"], "class_id": internet["id"],
+                                          "range_id": night["id"], "unit_size": GB, "tiers": [[0, 1]]})
+    tariff = await root.call("tariffs.add", {"name": "Plan", "service_ids": [traffic["id"]]})
+
+    # a class a price uses is the core's to refuse: its message on a page with the way back
+    classes = await browser.get("/classes")
+    assert 'data-confirm="Delete this class and its rules?"' in classes.text
+    refused = await browser.post(f"/classes/{internet['id']}/delete", {})
+    assert refused.status == 409 and 'id="refused"' in refused.text and 'href="/classes"' in refused.text
+    with pytest.raises(CallFailed) as core:
+        await root.call("classes.delete", {"class_id": internet["id"]})
+    assert html_escaped(core.value.message) in refused.text
+    assert (await browser.post(f"/services/{traffic['id']}/delete", {})).status == 409   # a tariff holds it
+
+    for path in (f"/tariffs/{tariff['id']}/delete", f"/services/{traffic['id']}/delete",
+                 f"/classes/rules/{rule['id']}/delete", f"/classes/{internet['id']}/delete",
+                 f"/timeranges/{night['id']}/delete"):
+        await browser.get("/classes")                            # a page read: its form token
+        assert (await browser.post(path, {})).status == 303, path
+    for name in ("tariffs.list", "services.list", "classes.list", "timeranges.list"):
+        assert await root.call(name, {}) == [], name
