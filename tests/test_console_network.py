@@ -13,10 +13,12 @@ operator without the NAS calls gets the 403 page by URL.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from billcore.server.principals import SERVICE_RIGHTS, create_system_login
 from tests.conftest import need_peer
@@ -172,6 +174,28 @@ async def test_online_sessions_update_live_and_disconnect_in_chromium(console_wo
                 await page.evaluate("window.stillTheSamePage = true")
                 await accounting(radius, "stop", "LIVE-1", session_time=30)
                 await page.wait_for_selector("#sessions-none")
+                assert await page.evaluate("window.stillTheSamePage") is True
+
+                # sessions coming and going while the page reads them (a slow network: the answer is read
+                # at once, then held back): it still ends showing what is so, not what it first read
+                read = asyncio.Event()
+
+                async def slow(route: Any) -> None:
+                    answer = await route.fetch()
+                    read.set()
+                    await asyncio.sleep(0.5)
+                    await route.fulfill(response=answer)
+                await page.route(lambda address: urlsplit(address).path == "/network/online", slow)
+                await accounting(radius, "start", "BURST-1", framed_ip="100.64.4.1")
+                await asyncio.wait_for(read.wait(), 15)             # the page has read the table once
+                await accounting(radius, "stop", "BURST-1", session_time=1)
+                for number in range(2, 6):
+                    await accounting(radius, "start", f"BURST-{number}", framed_ip=f"100.64.4.{number}")
+                    if number % 2:
+                        await accounting(radius, "stop", f"BURST-{number}", session_time=1)
+                await page.wait_for_function(
+                    "() => [...document.querySelectorAll('#sessions tr[data-session]')]"
+                    ".map(row => row.dataset.session).join() === 'BURST-2,BURST-4'", timeout=15_000)
                 assert await page.evaluate("window.stillTheSamePage") is True
             finally:
                 await chromium.close()
