@@ -9,6 +9,7 @@ directly (``urfa.client``, what billctl uses) and through the console's system l
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.clients.exits import REFUSED
+from billcore.clients.exits import LOGIN_REFUSED, REFUSED
 from billcore.common.config import Config
 from billcore.common.totp import parse_b32, totp
 from billcore.radius.secrets import SecretStore
@@ -34,6 +35,8 @@ from billcore.server.service import URFAConfig, URFAService
 from tests.running import BillcoreProcess
 from tests.waiting import eventually
 from urfa import client as uc
+from urfa.connection import Connection, Role
+from urfa.messages import Bye, Challenge, Hello, Login, Otp, Proof
 from urfa import scram
 from urfa.errors import CallFailed, LoginFailed
 
@@ -158,9 +161,13 @@ async def test_console_logs_an_operator_in_and_calls_in_their_table(live: Live) 
     assert "payments.add" in names and "tariffs.add" not in names
     await refused("not_in_table", console.call("tariffs.add", {"name": "x", "service_ids": []},
                                                as_sid=info.sid, as_ip=BROWSER))
-    # the audit row names the operator and the browser, not the console
-    user = await console.call("users.search", {"text": ""}, as_sid=info.sid, as_ip=BROWSER)
-    assert user["total"] == 0
+    # what the operator does is theirs: the audit row names them and the browser, not the console
+    made = await (await live.admin("root")).call("users.create", {"login": "sub1", "password": "sub1-password"})
+    await console.call("payments.add", {"account_id": made["basic_account_id"], "amount": 1_000_000,
+                                        "method": "cash"}, as_sid=info.sid, as_ip=BROWSER)
+    row = await live.pool.fetchrow("SELECT principal_kind, principal_login, ip FROM audit_log"
+                                   " WHERE action = 'payments.add'")
+    assert row is not None and tuple(row) == ("admin", "cashiers", BROWSER)
     await refused("no_session", console.call("sys.whoami", as_sid=info.sid, as_ip="198.51.100.8"))
     # the console logs no subscriber in
     await refused("forbidden", console.proxy_login("nobody", PW, BROWSER))
@@ -441,7 +448,7 @@ async def test_console_service_login_is_provisioned(pool: asyncpg.Pool, tmp_path
     async with pool.acquire() as conn:
         await ensure_service_login(conn, tmp_path, "console")
         rights = await conn.fetchval("SELECT rights FROM system_logins WHERE login = 'console'")
-    assert sorted(rights) == ["events.subscribe", "session.proxy_admin"]
+    assert {"events.subscribe", "session.proxy_admin"} <= set(rights) and "session.proxy" not in rights
 
 
 def test_roles_hold_in_the_real_core_for_billctl(tmp_path: Path, db_dsn: str) -> None:
@@ -477,3 +484,124 @@ def test_roles_hold_in_the_real_core_for_billctl(tmp_path: Path, db_dsn: str) ->
         assert not {"payments.add", "payments.cancel", "blocks.set", "plugins.list"} & tariffs
         assert "not_in_table" in billctl("support", "pay", "1", "10.00").stderr
         assert "not_in_table" in billctl("tariff_managers", "pay", "1", "10.00").stderr
+
+
+async def test_a_person_typing_the_code_gets_more_than_the_handshake_time(pool: asyncpg.Pool) -> None:
+    live = await Live(pool, URFAConfig(handshake_timeout=0.3, otp_timeout=30.0, mock_iterations=4096)).start()
+    try:
+        support = await live.admin("support")
+        secret, _ = await live.enroll(support)
+        live.wall.next_step()
+
+        async def slow_person() -> str:
+            await asyncio.sleep(0.6)   # twice the handshake time: the code's own time covers it
+            return totp(secret, live.wall.t)
+
+        late = await live.admin("support", otp=slow_person)
+        assert (await late.call("sys.whoami"))["login"] == "support"
+    finally:
+        await live.stop()
+
+
+async def test_a_code_that_never_comes_ends_the_connection(pool: asyncpg.Pool) -> None:
+    live = await Live(pool, URFAConfig(handshake_timeout=0.3, otp_timeout=0.5, mock_iterations=4096)).start()
+    try:
+        support = await live.admin("support")
+        await live.enroll(support)
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        machine = Connection(Role.CLIENT, 0.0)
+
+        async def received() -> object:
+            while (event := machine.next_event()) is None:
+                machine.receive_data(await reader.read(65536))
+            return event
+
+        def send(message: Any) -> None:
+            machine.send(message)
+            writer.write(machine.data_to_send())
+
+        hello = await received()
+        assert isinstance(hello, Hello)
+        cnonce = secrets.token_bytes(16)
+        send(Login("admin", "support", cnonce))
+        challenge = await received()
+        assert isinstance(challenge, Challenge)
+        keys = scram.client_keys(PW, challenge.salt, challenge.iterations)
+        am = scram.auth_message("admin", "support", cnonce, hello.nonce, challenge.salt, challenge.iterations)
+        send(Proof(scram.client_proof(keys, am)))
+        assert await received() == Otp(scram.server_signature(keys.server_key, am))
+        bye = await asyncio.wait_for(received(), 10.0)    # no code: the server gives up after 0.3 + 0.5 s
+        assert isinstance(bye, Bye) and bye.code == "timeout"
+        writer.close()
+    finally:
+        await live.stop()
+
+
+def converse(argv: list[str], env: dict[str, str], answer: Any, timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal (what a person at a shell gives billctl); ``answer(output so
+    far)`` returns the next line to type, or None.  The exit code and everything it wrote."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    output = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:   # EIO: the program ended and closed its side
+                break
+            if not data:
+                break
+            output += data.decode(errors="replace")
+            line = answer(output)
+            if line is not None:
+                os.write(master, (line + "\n").encode())
+        else:
+            proc.kill()
+            raise AssertionError(f"{argv} did not finish: {output}")
+        return proc.wait(timeout=10), output
+    finally:
+        os.close(master)
+
+
+async def test_billctl_enrolls_and_asks_for_the_code_on_a_terminal(live: Live) -> None:
+    env = dict(os.environ, BILLCTL_PASSWORD=PW)
+    env.pop("BILLCTL_OTP", None)
+    billctl = [sys.executable, "-m", "billcore.clients.billctl", "--port", str(live.port), "--login", "support"]
+    secret: list[bytes] = []
+
+    def enrolment(output: str) -> str | None:
+        if "the code your app shows now" in output and not secret:
+            secret.append(parse_b32(output.split("secret: ", 1)[1].split()[0]))
+            return totp(secret[0], live.wall.t)
+        return None
+
+    code, output = await asyncio.to_thread(converse, [*billctl, "otp", "enroll"], env, enrolment)
+    assert code == 0, output
+    assert "otpauth://totp/billcore:support?secret=" in output and output.count("-") >= 30   # ten recovery codes
+    live.wall.next_step()
+    typed: list[str] = []
+
+    def login(output: str) -> str | None:
+        if "one-time code:" in output and not typed:
+            typed.append(totp(secret[0], live.wall.t))
+            return typed[0]
+        return None
+
+    code, output = await asyncio.to_thread(converse, [*billctl, "--json", "call", "sys.whoami"], env, login)
+    assert code == 0 and typed and '"login": "support"' in output, output
+    # no terminal and no --otp: refused at once, with the reason
+    done = await asyncio.create_subprocess_exec(*billctl, "call", "sys.whoami", env=env,
+                                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, stderr = await done.communicate()
+    assert done.returncode == LOGIN_REFUSED and b"otp_required" in stderr
