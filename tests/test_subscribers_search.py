@@ -287,7 +287,7 @@ async def test_the_declared_schema(world: World) -> None:
                                                                          "stream")
 
 
-async def test_a_search_starts_from_its_smallest_indexed_set(world: World) -> None:
+async def test_a_search_starts_from_its_smallest_indexed_set(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a million subscribers make of it (docs/scaling.md): a filter with an index of its own leads
     when the planner expects it small, a text when its matches were few enough to read, else the walk."""
     async with world.pool.acquire() as conn:
@@ -298,3 +298,10 @@ async def test_a_search_starts_from_its_smallest_indexed_set(world: World) -> No
             ({"tariff_id": world.tariffs[1], "debtors": True}, "tariff")]
         for wanted, driver in cases:
             assert (await subscribers.plan_query(conn, subscribers.SubscriberFilter.of(wanted), NOW)).driver == driver
+    # a text the sample of users finds common is not read through the index: the walk meets it often
+    monkeypatch.setattr(subscribers, "SAMPLE_PERCENT", 100)
+    monkeypatch.setattr(subscribers, "SAMPLE_MIN", 100)
+    monkeypatch.setattr(subscribers, "TEXT_DRIVE_MAX", 10)
+    async with world.pool.acquire() as conn:
+        for text, driver in [("ivan", "walk"), ("sub00012", "text")]:
+            assert (await subscribers.plan_query(conn, subscribers.SubscriberFilter.of({"text": text}), NOW)).driver == driver
