@@ -35,12 +35,6 @@ EDITING = [  # (method, path) of every page that changes the catalogue
 ]
 
 
-async def need_call(world: ConsoleWorld, name: str) -> None:
-    """Skip until the core has ``name`` (the calls branch adds tariffs.quote)."""
-    if name not in {row["name"] for row in await world.root.call("sys.calls", {})}:
-        pytest.skip(f"{name} is not in the core yet")
-
-
 async def by_name(world: ConsoleWorld, call: str, name: str) -> dict[str, Any]:
     rows = await world.root.call(call, {})
     (row,) = [row for row in rows if row["name"] == name]
@@ -53,7 +47,6 @@ async def test_a_tariff_with_two_classes_and_a_night_range_in_chromium(console_w
 
     url = console_world.url
     browser = await console_world.operator("tamara")
-    await need_call(console_world, "tariffs.quote")
 
     async def submit(page: Page, form: str, fields: dict[str, str], button: str = "button[type=submit]") -> None:
         for name, value in fields.items():
@@ -206,7 +199,6 @@ def html_escaped(text: str) -> str:
 async def test_the_sample_month_is_the_cores_quote(console_world: ConsoleWorld) -> None:
     root = console_world.root
     browser = await console_world.operator("quinn")
-    await need_call(console_world, "tariffs.quote")
     internet = await root.call("classes.add", {"name": "internet"})
     await root.call("classes.add_rule", {"class_id": internet["id"]})
     fee = await root.call("services.add", {"name": "Fee", "kind": "periodic", "fee": 300_000_000,
