@@ -19,13 +19,12 @@ from console.page import Page, call, form, redirect, render
 from console.pages.tariff_forms import (
     PROTOCOLS, FieldError, given, parse_int, parse_ports, show_ports, window_text,
 )
-from console.pages.form_calls import attempt, button, every_row
+from console.pages.form_calls import CLASS_PAGE, attempt, button, every_row
 
 __all__ = ["ROUTES", "MESSAGES"]
 
 ROUTES = Page.routes()
 
-CLASS_PAGE: Final = 100          # classes.list's page (a class carries its rules)
 WINDOW_ROWS: Final = 3           # window rows the range form offers (the core takes up to 64)
 CLASS_WORDS: Final = (("name", "name"), ("position", "position"), ("comment", "comment"))
 RULE_WORDS: Final = (("local_net", "local_net"), ("remote_net", "remote_net"), ("local_ports", "local_ports"),

@@ -23,11 +23,12 @@ from aiohttp import web
 from console.page import Refused, call, form, operator_of, redirect, render
 from console.pages.tariff_forms import FieldError, FormInvalid, field_of
 
-__all__ = ["attempt", "button", "can", "every_row", "find_row", "refused_at"]
+__all__ = ["CLASS_PAGE", "attempt", "button", "can", "every_row", "find_row", "refused_at"]
 
 Result = TypeVar("Result")
 
 PAGE: Final = 1000            # the core's page for the catalogue lists (billcore.billing.tariffs.MAX_PAGE)
+CLASS_PAGE: Final = 100       # classes.list's (a class carries its rules)
 MAX_ROWS: Final = 20_000      # what one page of the console reads of such a list
 
 

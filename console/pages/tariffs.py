@@ -28,7 +28,7 @@ from aiohttp import web
 
 from billcore.common.money import GB
 from console.page import Page, call, form, redirect, render
-from console.pages.form_calls import attempt, button, can, every_row, find_row
+from console.pages.form_calls import CLASS_PAGE, attempt, button, can, every_row, find_row
 from console.pages.tariff_forms import (
     MAX_TIERS_TYPED, TIME_UNITS, TRAFFIC_UNITS, FieldError, given, parse_int, parse_price, parse_quantity,
     show_price, show_quantity, unit_size,
@@ -80,7 +80,7 @@ async def tariff_form(request: web.Request, tariff: Mapping[str, Any] | None, fi
                       errors: Mapping[str, FieldError] | None = None, quote: Mapping[str, Any] | None = None,
                       quote_errors: Mapping[str, FieldError] | None = None) -> web.StreamResponse:
     services = await every_row(request, "services.list")
-    classes = await every_row(request, "classes.list", page=100) if can(request, "classes.list") else []
+    classes = await every_row(request, "classes.list", page=CLASS_PAGE) if can(request, "classes.list") else []
     return render(request, "tariffs/tariff_form.html", status=422 if errors else 200, tariff=tariff,
                   fields=fields, errors=errors or {}, services=services, classes=classes, quote=quote,
                   quote_errors=quote_errors or {}, sample_gb=SAMPLE_GB)
@@ -187,7 +187,7 @@ def service_view(service: Mapping[str, Any], classes: Mapping[int, str], ranges:
 
 async def names_of(request: web.Request) -> tuple[dict[int, str], dict[int, str]]:
     """Traffic class and time range names by id (empty where the operator may not read them)."""
-    classes = ({row["id"]: row["name"] for row in await every_row(request, "classes.list", page=100)}
+    classes = ({row["id"]: row["name"] for row in await every_row(request, "classes.list", page=CLASS_PAGE)}
                if can(request, "classes.list") else {})
     ranges = ({row["id"]: row["name"] for row in await every_row(request, "timeranges.list")}
               if can(request, "timeranges.list") else {})
