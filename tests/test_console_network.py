@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any
 from urllib.parse import urlsplit
 
 from billcore.server.principals import SERVICE_RIGHTS, create_system_login
-from tests.conftest import need_peer
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, console_world  # noqa: F401  (a fixture)
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, SHOTS
+from tests.console_harness import ConsoleWorld, chromium, console_world, submit_login  # noqa: F401  (a fixture)
+from tests.test_portal_e2e import SHOTS
 from urfa import client as uc
-
-if TYPE_CHECKING:
-    from playwright.async_api import ViewportSize
 
 SECRET = "nas-shared-secret-7f3a"
 RADIUS_PASSWORD = "radius-test-password"
 NAS_ADDRESS = "192.0.2.77"
-VIEWPORT: Final["ViewportSize"] = {"width": 1280, "height": 860}
 
 
 async def radius_process(world: ConsoleWorld) -> uc.Client:
@@ -130,75 +124,68 @@ async def accounting(radius: uc.Client, status: str, session_id: str, **extra: A
 
 
 async def test_online_sessions_update_live_and_disconnect_in_chromium(console_world: ConsoleWorld) -> None:
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
     account_id = await seed_radius_subscriber(console_world)
     radius = await radius_process(console_world)
     await radius.subscribe("radius.disconnect")        # as the radius process listens for it
-    browser = await console_world.operator("vera")
+    password = await console_world.admin("vera")
     try:
-        async with async_playwright() as playwright:
-            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                context = await chromium.new_context(viewport=VIEWPORT, locale="en-US")
-                await context.add_cookies(cookies_of(browser))  # type: ignore[arg-type]
-                page = await context.new_page()
-                dialogs: list[str] = []
+        async with chromium(locale="en-US") as context:
+            page = await context.new_page()
+            await submit_login(page, console_world.url, "vera", password)
+            await page.wait_for_selector("#operator")
+            dialogs: list[str] = []
 
-                async def accept(dialog: Any) -> None:
-                    dialogs.append(dialog.message)
-                    await dialog.accept()
-                page.on("dialog", accept)
-                await page.goto(console_world.url + "/network/online")
-                await page.wait_for_selector("#sessions-none")
-                await page.evaluate("window.stillTheSamePage = true")
+            async def accept(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                await dialog.accept()
+            page.on("dialog", accept)
+            await page.goto(console_world.url + "/network/online")
+            await page.wait_for_selector("#sessions-none")
+            await page.evaluate("window.stillTheSamePage = true")
 
-                await accounting(radius, "start", "LIVE-1", framed_ip="100.64.3.9")
-                row = page.locator('tr[data-session="LIVE-1"]')
-                await row.wait_for()                              # no reload: the SSE said "changed"
-                assert await page.evaluate("window.stillTheSamePage") is True
-                assert "100.64.3.9" in await row.inner_text() and "pavel-pppoe" in await row.inner_text()
-                assert str(account_id) in await row.inner_text()
-                await page.screenshot(path=str(shots() / "console-online.png"), full_page=True)
+            await accounting(radius, "start", "LIVE-1", framed_ip="100.64.3.9")
+            row = page.locator('tr[data-session="LIVE-1"]')
+            await row.wait_for()                              # no reload: the SSE said "changed"
+            assert await page.evaluate("window.stillTheSamePage") is True
+            assert "100.64.3.9" in await row.inner_text() and "pavel-pppoe" in await row.inner_text()
+            assert str(account_id) in await row.inner_text()
+            await page.screenshot(path=str(shots() / "console-online.png"), full_page=True)
 
-                async with page.expect_navigation():
-                    await row.locator("button", has_text="Disconnect").click()
-                assert dialogs == ["Disconnect this session?"]
-                await page.wait_for_selector("text=Disconnect is sent to the NAS.")
-                event = await radius.next_event(timeout=10)
-                assert event.topic == "radius.disconnect"
-                assert [session["session_id"] for session in event.payload["sessions"]] == ["LIVE-1"]
+            async with page.expect_navigation():
+                await row.locator("button", has_text="Disconnect").click()
+            assert dialogs == ["Disconnect this session?"]
+            await page.wait_for_selector("text=Disconnect is sent to the NAS.")
+            event = await radius.next_event(timeout=10)
+            assert event.topic == "radius.disconnect"
+            assert [session["session_id"] for session in event.payload["sessions"]] == ["LIVE-1"]
 
-                # the NAS says it ended: the row goes, again without a reload
-                await page.evaluate("window.stillTheSamePage = true")
-                await accounting(radius, "stop", "LIVE-1", session_time=30)
-                await page.wait_for_selector("#sessions-none")
-                assert await page.evaluate("window.stillTheSamePage") is True
+            # the NAS says it ended: the row goes, again without a reload
+            await page.evaluate("window.stillTheSamePage = true")
+            await accounting(radius, "stop", "LIVE-1", session_time=30)
+            await page.wait_for_selector("#sessions-none")
+            assert await page.evaluate("window.stillTheSamePage") is True
 
-                # sessions coming and going while the page reads them (a slow network: the answer is read
-                # at once, then held back): it still ends showing what is so, not what it first read
-                read = asyncio.Event()
+            # sessions coming and going while the page reads them (a slow network: the answer is read
+            # at once, then held back): it still ends showing what is so, not what it first read
+            read = asyncio.Event()
 
-                async def slow(route: Any) -> None:
-                    answer = await route.fetch()
-                    read.set()
-                    await asyncio.sleep(0.5)
-                    await route.fulfill(response=answer)
-                await page.route(lambda address: urlsplit(address).path == "/network/online", slow)
-                await accounting(radius, "start", "BURST-1", framed_ip="100.64.4.1")
-                await asyncio.wait_for(read.wait(), 15)             # the page has read the table once
-                await accounting(radius, "stop", "BURST-1", session_time=1)
-                for number in range(2, 6):
-                    await accounting(radius, "start", f"BURST-{number}", framed_ip=f"100.64.4.{number}")
-                    if number % 2:
-                        await accounting(radius, "stop", f"BURST-{number}", session_time=1)
-                await page.wait_for_function(
-                    "() => [...document.querySelectorAll('#sessions tr[data-session]')]"
-                    ".map(row => row.dataset.session).join() === 'BURST-2,BURST-4'", timeout=15_000)
-                assert await page.evaluate("window.stillTheSamePage") is True
-            finally:
-                await chromium.close()
+            async def slow(route: Any) -> None:
+                answer = await route.fetch()
+                read.set()
+                await asyncio.sleep(0.5)
+                await route.fulfill(response=answer)
+            await page.route(lambda address: urlsplit(address).path == "/network/online", slow)
+            await accounting(radius, "start", "BURST-1", framed_ip="100.64.4.1")
+            await asyncio.wait_for(read.wait(), 15)             # the page has read the table once
+            await accounting(radius, "stop", "BURST-1", session_time=1)
+            for number in range(2, 6):
+                await accounting(radius, "start", f"BURST-{number}", framed_ip=f"100.64.4.{number}")
+                if number % 2:
+                    await accounting(radius, "stop", f"BURST-{number}", session_time=1)
+            await page.wait_for_function(
+                "() => [...document.querySelectorAll('#sessions tr[data-session]')]"
+                ".map(row => row.dataset.session).join() === 'BURST-2,BURST-4'", timeout=15_000)
+            assert await page.evaluate("window.stillTheSamePage") is True
     finally:
         await radius.close()
 
@@ -207,11 +194,6 @@ def shots() -> Path:
     """Where screenshots go (docs/screenshots/ with BILLCORE_UPDATE_SCREENSHOTS=1, as the office's)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     return SHOTS
-
-
-def cookies_of(browser: ConsoleBrowser) -> list[dict[str, Any]]:
-    """The logged-in HTTP client's cookies for a Playwright context (the login itself is the frame's test)."""
-    return [{"name": cookie.key, "value": cookie.value, "url": browser.url} for cookie in browser.http.cookie_jar]
 
 
 async def test_health_pages_show_what_the_core_knows(console_world: ConsoleWorld) -> None:

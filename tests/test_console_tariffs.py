@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-import shutil
 from typing import Any
 
 import pytest
 
-from tests.conftest import need_peer
-from tests.console_harness import ConsoleWorld, console_world  # noqa: F401  (a fixture)
-from tests.test_console_network import VIEWPORT, cookies_of, shots
+from tests.console_harness import ConsoleWorld, chromium, console_world, submit_login  # noqa: F401  (a fixture)
+from tests.test_console_network import shots
 from tests.test_console_security import inline_parts
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS
 from urfa.errors import CallFailed
 
 GB = 10**9
@@ -42,98 +39,91 @@ async def by_name(world: ConsoleWorld, call: str, name: str) -> dict[str, Any]:
 
 
 async def test_a_tariff_with_two_classes_and_a_night_range_in_chromium(console_world: ConsoleWorld) -> None:
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import Page, async_playwright
-
     url = console_world.url
-    browser = await console_world.operator("tamara")
+    password = await console_world.admin("tamara")
 
-    async def submit(page: Page, form: str, fields: dict[str, str], button: str = "button[type=submit]") -> None:
+    async def submit(page: Any, form: str, fields: dict[str, str], button: str = "button[type=submit]") -> None:
         for name, value in fields.items():
             await page.fill(f"{form} [name={name}]", value)
         async with page.expect_navigation():
             await page.click(f"{form} {button}")
 
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await chromium.new_context(viewport=VIEWPORT, locale="en-US")
-            await context.add_cookies(cookies_of(browser))  # type: ignore[arg-type]
-            page = await context.new_page()
+    async with chromium(locale="en-US") as context:
+        page = await context.new_page()
+        await submit_login(page, url, "tamara", password)
+        await page.wait_for_selector("#operator")
 
-            # two traffic classes: the provider's own network first, then everything else
-            await page.goto(url + "/classes")
-            await submit(page, "#class-form", {"name": "local", "position": "1"})
-            await submit(page, "#class-form", {"name": "internet", "position": "2"})
-            local = await by_name(console_world, "classes.list", "local")
-            internet = await by_name(console_world, "classes.list", "internet")
-            await page.click(f"#class-{local['id']} summary")
-            await submit(page, f"#class-{local['id']} form.rule-form", {"remote_net": "10.0.0.0/8"})
-            await page.click(f"#class-{internet['id']} summary")
-            await submit(page, f"#class-{internet['id']} form.rule-form", {})      # no criteria: everything
-            assert await page.locator(f"#class-{local['id']} tr[data-rule]").count() == 1
+        # two traffic classes: the provider's own network first, then everything else
+        await page.goto(url + "/classes")
+        await submit(page, "#class-form", {"name": "local", "position": "1"})
+        await submit(page, "#class-form", {"name": "internet", "position": "2"})
+        local = await by_name(console_world, "classes.list", "local")
+        internet = await by_name(console_world, "classes.list", "internet")
+        await page.click(f"#class-{local['id']} summary")
+        await submit(page, f"#class-{local['id']} form.rule-form", {"remote_net": "10.0.0.0/8"})
+        await page.click(f"#class-{internet['id']} summary")
+        await submit(page, f"#class-{internet['id']} form.rule-form", {})      # no criteria: everything
+        assert await page.locator(f"#class-{local['id']} tr[data-rule]").count() == 1
 
-            # the night
-            await page.goto(url + "/timeranges")
-            await submit(page, "#range-form", {"name": "night", "days_0": "all", "start_0": "23:00",
-                                               "end_0": "07:00"})
-            assert "all 23:00-07:00" in await page.inner_text('tr[data-range="night"]')
+        # the night
+        await page.goto(url + "/timeranges")
+        await submit(page, "#range-form", {"name": "night", "days_0": "all", "start_0": "23:00",
+                                           "end_0": "07:00"})
+        assert "all 23:00-07:00" in await page.inner_text('tr[data-range="night"]')
 
-            # a monthly fee and a traffic service
-            await page.goto(url + "/services/new")
-            await page.select_option("#service-form [name=kind]", "periodic")
-            await submit(page, "#service-form", {"name": "Monthly fee", "fee": "500", "anchor": "2024-01-01"})
-            assert await page.inner_text("#service-fee") == "500.00"
-            await page.goto(url + "/services/new")
-            await page.select_option("#service-form [name=kind]", "traffic")
-            await submit(page, "#service-form", {"name": "Traffic", "fee": ""})
-            traffic = await by_name(console_world, "services.list", "Traffic")
-            assert f"/services/{traffic['id']}?" in page.url
+        # a monthly fee and a traffic service
+        await page.goto(url + "/services/new")
+        await page.select_option("#service-form [name=kind]", "periodic")
+        await submit(page, "#service-form", {"name": "Monthly fee", "fee": "500", "anchor": "2024-01-01"})
+        assert await page.inner_text("#service-fee") == "500.00"
+        await page.goto(url + "/services/new")
+        await page.select_option("#service-form [name=kind]", "traffic")
+        await submit(page, "#service-form", {"name": "Traffic", "fee": ""})
+        traffic = await by_name(console_world, "services.list", "Traffic")
+        assert f"/services/{traffic['id']}?" in page.url
 
-            # prices per GB: a bad one first, refused beside the price with the core's words
-            await page.select_option("#rate-form [name=class_id]", str(internet["id"]))
-            await submit(page, "#rate-form", {"tier_price_0": "-1.00"})
-            error = page.locator('#rate-form .field-error[data-for="tiers"]')
-            assert "tier price must be" in await error.inner_text()
-            assert await page.get_attribute("#rate-form [name=tier_price_0]", "aria-invalid") == "true"
-            assert await page.input_value("#rate-form [name=tier_price_0]") == "-1.00"   # what was typed stays
-            await submit(page, "#rate-form", {"tier_price_0": "1.00"})
-            night = await by_name(console_world, "timeranges.list", "night")
-            await page.select_option("#rate-form [name=class_id]", str(internet["id"]))
-            await page.select_option("#rate-form [name=range_id]", str(night["id"]))
-            await submit(page, "#rate-form", {"tier_price_0": "0.20"})
-            await page.select_option("#rate-form [name=class_id]", str(local["id"]))
-            await submit(page, "#rate-form", {"tier_price_0": "0"})
-            assert "0.20 / GB" in await page.inner_text("#rates")
-            await page.screenshot(path=str(shots() / "console-service.png"), full_page=True)
-            await page.goto(url + "/classes")
-            await page.screenshot(path=str(shots() / "console-classes.png"), full_page=True)
+        # prices per GB: a bad one first, refused beside the price with the core's words
+        await page.select_option("#rate-form [name=class_id]", str(internet["id"]))
+        await submit(page, "#rate-form", {"tier_price_0": "-1.00"})
+        error = page.locator('#rate-form .field-error[data-for="tiers"]')
+        assert "tier price must be" in await error.inner_text()
+        assert await page.get_attribute("#rate-form [name=tier_price_0]", "aria-invalid") == "true"
+        assert await page.input_value("#rate-form [name=tier_price_0]") == "-1.00"   # what was typed stays
+        await submit(page, "#rate-form", {"tier_price_0": "1.00"})
+        night = await by_name(console_world, "timeranges.list", "night")
+        await page.select_option("#rate-form [name=class_id]", str(internet["id"]))
+        await page.select_option("#rate-form [name=range_id]", str(night["id"]))
+        await submit(page, "#rate-form", {"tier_price_0": "0.20"})
+        await page.select_option("#rate-form [name=class_id]", str(local["id"]))
+        await submit(page, "#rate-form", {"tier_price_0": "0"})
+        assert "0.20 / GB" in await page.inner_text("#rates")
+        await page.screenshot(path=str(shots() / "console-service.png"), full_page=True)
+        await page.goto(url + "/classes")
+        await page.screenshot(path=str(shots() / "console-classes.png"), full_page=True)
 
-            # the tariff, with a sample month before saving
-            await page.goto(url + "/tariffs/new")
-            fee = await by_name(console_world, "services.list", "Monthly fee")
-            await page.fill("#tariff-form [name=name]", "Day and night")
-            await page.check(f"#tariff-form [name=service_{fee['id']}]")
-            await page.check(f"#tariff-form [name=service_{traffic['id']}]")
-            await page.fill(f"#tariff-form [name=traffic_{internet['id']}]", "12")
-            await page.fill(f"#tariff-form [name=traffic_{local['id']}]", "30")
-            expected = await console_world.root.call("tariffs.quote", {
-                "service_ids": sorted([fee["id"], traffic["id"]]),
-                "traffic": {str(internet["id"]): 12 * GB, str(local["id"]): 30 * GB}})
-            # by hand: 12 GB spread over the month's hours, a third of them in the night (23:00-07:00):
-            # 8 GB at 1.00 and 4 GB at 0.20, local traffic free, and the 500.00 fee
-            assert abs(expected["total"] - 508_800_000) <= 10_000, expected
-            shown = money_text(expected["total"])
-            await page.wait_for_function(                          # the script asked again as we typed
-                "text => (document.getElementById('quote-total') || {}).textContent === text", arg=shown)
-            lines = await page.inner_text("#quote-lines")
-            assert "Monthly fee" in lines and "500.00" in lines and "Traffic" in lines
-            await page.screenshot(path=str(shots() / "console-tariff-form.png"), full_page=True)
-            async with page.expect_navigation():
-                await page.click("#save-tariff")
-            assert "The tariff is saved." in await page.inner_text("#notice")
-        finally:
-            await chromium.close()
+        # the tariff, with a sample month before saving
+        await page.goto(url + "/tariffs/new")
+        fee = await by_name(console_world, "services.list", "Monthly fee")
+        await page.fill("#tariff-form [name=name]", "Day and night")
+        await page.check(f"#tariff-form [name=service_{fee['id']}]")
+        await page.check(f"#tariff-form [name=service_{traffic['id']}]")
+        await page.fill(f"#tariff-form [name=traffic_{internet['id']}]", "12")
+        await page.fill(f"#tariff-form [name=traffic_{local['id']}]", "30")
+        expected = await console_world.root.call("tariffs.quote", {
+            "service_ids": sorted([fee["id"], traffic["id"]]),
+            "traffic": {str(internet["id"]): 12 * GB, str(local["id"]): 30 * GB}})
+        # by hand: 12 GB spread over the month's hours, a third of them in the night (23:00-07:00):
+        # 8 GB at 1.00 and 4 GB at 0.20, local traffic free, and the 500.00 fee
+        assert abs(expected["total"] - 508_800_000) <= 10_000, expected
+        shown = money_text(expected["total"])
+        await page.wait_for_function(                          # the script asked again as we typed
+            "text => (document.getElementById('quote-total') || {}).textContent === text", arg=shown)
+        lines = await page.inner_text("#quote-lines")
+        assert "Monthly fee" in lines and "500.00" in lines and "Traffic" in lines
+        await page.screenshot(path=str(shots() / "console-tariff-form.png"), full_page=True)
+        async with page.expect_navigation():
+            await page.click("#save-tariff")
+        assert "The tariff is saved." in await page.inner_text("#notice")
 
     # what the core's own calls read back
     made = await by_name(console_world, "tariffs.list", "Day and night")
@@ -310,8 +300,8 @@ async def test_every_page_reads_in_english_and_russian(console_world: ConsoleWor
     paths = ["/tariffs", "/tariffs/new", f"/tariffs/{tariff['id']}",
              f"/tariffs/history?account_id={user['basic_account_id']}", "/services", "/services/new",
              f"/services/{fee['id']}", f"/services/{traffic['id']}", f"/services/{online['id']}", "/classes",
-             "/timeranges", "/network/nas", f"/network/nas/{nas['id']}", "/network/online", "/network/netflow",
-             "/network/radius"]
+             "/timeranges", "/network/nas", f"/network/nas/{nas['id']}", "/network/online",
+             "/network/online?offset=100", "/network/netflow", "/network/radius"]
     browser = await console_world.operator("irina")
     for language, word in (("en", "Tariffs"), ("ru", "Тарифы")):
         for path in paths:
