@@ -1,9 +1,9 @@
 """The console's network pages against the real core (``tests.console_harness``):
 plain HTTP for behaviour, Debian's Chromium (Playwright) for the live list.
 
-What an operator would notice: a NAS's shared secret, once typed, is never
-shown again (not in the list, the edit form, nor a form sent back with an
-error) and an empty secret field keeps it; the sessions online appear and go
+What an operator would notice: a NAS's shared secret, once typed (in a
+form, in Chromium too), is never shown again (not in the list, the edit
+form, nor a form sent back with an error) and an empty secret field keeps it; the sessions online appear and go
 without reloading the page as the NAS reports them (a session is started the
 way the radius process starts one: ``radius.accounting`` over a system
 session with the radius role's rights); Disconnect reaches the radius
@@ -108,9 +108,8 @@ async def test_without_the_nas_calls_the_pages_are_forbidden(console_world: Cons
 
 
 async def seed_radius_subscriber(world: ConsoleWorld) -> int:
-    """A NAS and a subscriber with a RADIUS login, through admin calls; the account id."""
+    """A subscriber with a RADIUS login, through admin calls; the account id."""
     root = world.root
-    await root.call("radius.nas_add", {"name": "bras-live", "address": NAS_ADDRESS, "secret": SECRET})
     user = await root.call("users.create", {"login": "pavel", "password": "pavel-portal-pw"})
     account_id = int(user["basic_account_id"])
     await root.call("radius.link_add", {"account_id": account_id, "login": "pavel-pppoe", "password": "pw"})
@@ -123,7 +122,7 @@ async def accounting(radius: uc.Client, status: str, session_id: str, **extra: A
     return answer
 
 
-async def test_online_sessions_update_live_and_disconnect_in_chromium(console_world: ConsoleWorld) -> None:
+async def test_a_nas_then_sessions_live_and_disconnect_in_chromium(console_world: ConsoleWorld) -> None:
     account_id = await seed_radius_subscriber(console_world)
     radius = await radius_process(console_world)
     await radius.subscribe("radius.disconnect")        # as the radius process listens for it
@@ -139,6 +138,21 @@ async def test_online_sessions_update_live_and_disconnect_in_chromium(console_wo
                 dialogs.append(dialog.message)
                 await dialog.accept()
             page.on("dialog", accept)
+
+            # the NAS, through its form: the secret typed once is in no page after
+            await page.goto(console_world.url + "/network/nas")
+            for name, value in (("name", "bras-live"), ("address", NAS_ADDRESS), ("secret", SECRET)):
+                await page.fill(f"#nas-form [name={name}]", value)
+            async with page.expect_navigation():
+                await page.click("#add-nas")
+            await page.wait_for_selector('tr[data-nas="bras-live"]')
+            assert SECRET not in await page.content()
+            async with page.expect_navigation():
+                await page.click('tr[data-nas="bras-live"] a')
+            assert await page.input_value("#nas-form [name=secret]") == ""
+            assert SECRET not in await page.content()
+            assert (await secrets_of(radius))["bras-live"] == SECRET.encode()
+
             await page.goto(console_world.url + "/network/online")
             await page.wait_for_selector("#sessions-none")
             await page.evaluate("window.stillTheSamePage = true")
