@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import bulk, card, dashboard, me, operators, subscribers, system
+from . import bulk, card, classes, dashboard, me, network, operators, subscribers, system, tariffs
 
 __all__ = ["PAGES"]
 
-PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, operators, system, me]
+PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, tariffs, classes, network, operators, system, me]
