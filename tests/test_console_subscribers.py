@@ -161,7 +161,7 @@ async def test_filters_narrow_the_list_and_a_bad_amount_is_the_form_s_error(cons
     cases = {"debtors=1": ["ivanov"], "balance_min=0": ["petrov", "smith", "zero"],
              "balance_min=10&balance_max=100.5": ["petrov"], "balance_max=-150": ["ivanov"],
              "blocked=yes": ["ivanov", "petrov"], "blocked=no": ["smith", "zero"],
-             "q=o&balance_min=1": ["petrov", "smith"]}
+             "q=%2B7+900&balance_min=1": ["petrov"]}
     for query, expected in cases.items():
         page = await browser.get("/subscribers?" + query)
         assert page.status == 200 and logins(page.text) == expected, (query, logins(page.text))

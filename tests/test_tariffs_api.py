@@ -107,3 +107,15 @@ async def test_crud_snapshot_reports_and_me(pool: asyncpg.Pool) -> None:
                                account_id=account)
     result = await fn["reports.traffic"](admin, since="2024-04-01", until="2024-05-01")
     assert result["rows"] == 1 and admin.chunks == [[[account, inet, "2024-04-10", 3_000_000, 200]]]
+
+
+@pytest.mark.parametrize("service_ids", [[[""], "", [""]], ["1"], [True], [0], "12", [2**63]])
+async def test_a_tariff_s_services_must_be_ids(pool: asyncpg.Pool, service_ids: Any) -> None:
+    """A list that holds anything but service ids is the caller's error (billing.tariff), not a TypeError
+    from sorting it (the error-boundary fuzzer found ``[[""], "", [""]]`` answering ``internal``)."""
+    from billcore.billing.tariffs import create_tariff
+    from billcore.common.errors import TariffError
+    async with pool.acquire() as conn:
+        with pytest.raises(TariffError, match="service"):
+            await create_tariff(conn, "bad ids", service_ids)
+        assert await conn.fetchval("SELECT count(*) FROM tariffs WHERE name = 'bad ids'") == 0

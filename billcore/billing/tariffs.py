@@ -367,6 +367,9 @@ async def create_tariff(conn: DbConnection, name: str, service_ids: Sequence[int
 
 async def set_tariff_services(conn: DbConnection, tariff_id: int, service_ids: Sequence[int]) -> None:
     """Replace the tariff's services (effective for every link, past periods are settled)."""
+    if not isinstance(service_ids, (list, tuple)):
+        raise TariffError("service_ids must be a list of service ids")
+    wanted = sorted({checked_int(service_id, "a service id", 1, 2**63 - 1) for service_id in service_ids})
     async with conn.transaction():
         if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1 FOR UPDATE", tariff_id) is None:
             raise TariffNotFound(f"tariff {tariff_id} does not exist")
@@ -374,7 +377,7 @@ async def set_tariff_services(conn: DbConnection, tariff_id: int, service_ids: S
         with Conflicts("tariff service"):
             await conn.execute(
                 "INSERT INTO tariff_services(tariff_id, service_id) SELECT $1, unnest($2::bigint[])",
-                tariff_id, sorted(set(service_ids)))
+                tariff_id, wanted)
 
 
 async def list_tariffs(conn: DbConnection, *, limit: int = MAX_PAGE, offset: int = 0) -> list[dict[str, Any]]:
