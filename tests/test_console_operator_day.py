@@ -1,0 +1,415 @@
+"""An operator's whole day in the console, end to end.
+
+One ``billcore serve`` (supervisor, core, console, RADIUS, NetFlow, the
+embedded PostgreSQL), a NAS simulator that answers RFC 5176 Disconnects,
+and headless Chromium (Debian's, through Playwright) as the operator's
+browser. Nothing reaches into the processes: the operator works only in
+the console's pages; the test checks what the operator would see on the
+next page, and what the outside world sees (a Disconnect-Request on the
+NAS, the core's answers over URFA).
+
+The day: root makes the operator; she enrolls TOTP and logs in with it;
+makes a tariff with two traffic classes and a night range; a subscriber
+with an IP; takes a payment (a repeated external id is refused kindly);
+sees the traffic NetFlow brings on the card; blocks (the NAS gets the
+Disconnect) and unblocks; changes the tariff from the next period; loads
+and unloads a signed plugin; finds all of it in the audit log.
+
+Screenshots of the main pages are taken on every run, into a temporary
+folder, or into docs/screenshots/ with BILLCORE_UPDATE_SCREENSHOTS=1
+(README and docs/console.md show them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from billcore.common.money import format_money
+from netflow.exporter import ExportClock, FlowSpec, build_v5, build_v9
+from radius.nas_sim import NasSimulator
+from radius.server import load_dictionary
+from tests.conftest import free_port, need_peer
+from tests.console_stack import ROOT_PASSWORD, ConsoleStack, console_stack, fresh_code, need_chromium
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from tests.test_radius_e2e import radclient
+from tests.waiting import eventually_awaited
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("BILLCORE_UPDATE_SCREENSHOTS")
+         else Path(tempfile.mkdtemp(prefix="billcore-console-shots-")))
+NAS_SECRET = "day-nas-secret"
+OPERATOR, OPERATOR_PASSWORD = "olga", "olga-console-pw-7"
+SUBSCRIBER_IP = "100.64.5.7"          # the static binding made on the card
+SESSION_IP = "100.64.5.8"             # the address of the PPPoE session the NAS reports
+LOCAL_NET, LOCAL_PEER = "198.51.100.0/24", "198.51.100.20"
+INTERNET_PEER = "203.0.113.9"
+LOCAL_PER_MB, INTERNET_PER_MB = "0.02", "0.10"        # per 10^6 bytes; the night range costs the same
+PAID = "500.00"
+
+
+def plugin_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "billcore.cli", "plugin", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def signed_example_plugin(tmp: Path) -> tuple[Path, Path]:
+    """plugins/example signed with a fresh key; (plugin dir, trusted key dir)."""
+    keys, plugin_dir, trusted = tmp / "keys", tmp / "plugins", tmp / "trusted"
+    trusted.mkdir()
+    assert plugin_cli("keygen", "--out", str(keys), "--name", "day").returncode == 0
+    shutil.copy(keys / "day.pub", trusted / "day.pub")
+    shutil.copytree(ROOT / "plugins" / "example", plugin_dir / "example",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    signed = plugin_cli("sign", str(plugin_dir / "example"), "--key", str(keys / "day.key"))
+    assert signed.returncode == 0, signed.stderr
+    return plugin_dir, trusted
+
+
+def plain(text: str) -> str:
+    """A figure as shown, without the grouping spaces (thin, no-break or plain)."""
+    return re.sub(r"[\s\u00a0\u202f]", "", text)
+
+
+class Operator:
+    """The browser page and the few gestures every form takes."""
+
+    def __init__(self, page: Any, url: str) -> None:
+        self.page = page
+        self.url = url
+
+    async def goto(self, path: str) -> Any:
+        response = await self.page.goto(self.url + path)
+        assert response is not None and response.status == 200, (path, response and response.status)
+        return response
+
+    async def submit(self, form: str, fields: dict[str, str] | None = None,
+                     choose: dict[str, str] | None = None, check: list[str] | None = None) -> Any:
+        """Fill ``form`` (a data-test name) and send it; the response of the page it leads to."""
+        scope = self.page.locator(f'[data-test="{form}"]')
+        for name, value in (fields or {}).items():
+            await scope.locator(f'[name="{name}"]').first.fill(value)
+        for name, value in (choose or {}).items():
+            box = scope.locator(f'[name="{name}"]').first
+            if await box.get_attribute("type") == "radio":
+                await scope.locator(f'[name="{name}"][value="{value}"]').check()
+            else:
+                await box.select_option(value)
+        for selector in check or []:
+            await scope.locator(selector).check()
+        async with self.page.expect_navigation() as navigation:
+            await scope.locator("button[type=submit], input[type=submit]").first.click()
+        response = await navigation.value
+        body = await self.page.content()
+        assert "Traceback" not in body
+        return response
+
+    async def text(self, name: str) -> str:
+        return str(await self.page.locator(f'[data-test="{name}"]').first.inner_text())
+
+    async def flash(self) -> str:
+        return await self.text("flash")
+
+    async def shot(self, name: str) -> None:
+        await self.page.screenshot(path=str(SHOTS / f"console-{name}.png"), full_page=True)
+
+    async def login(self, login: str, password: str, code: str | None = None) -> Any:
+        await self.page.goto(self.url + "/login")
+        await self.page.fill("input[name=login]", login)
+        await self.page.fill("input[name=password]", password)
+        async with self.page.expect_navigation():
+            await self.page.click("button[type=submit]")
+        if code is not None:
+            await self.page.wait_for_selector("input[name=code]")
+            await self.page.fill("input[name=code]", code)
+            async with self.page.expect_navigation():
+                await self.page.click("button[type=submit]")
+        return self.page
+
+    async def logout(self) -> None:
+        async with self.page.expect_navigation():
+            await self.page.click('[data-test="logout"]')
+        assert "/login" in self.page.url
+
+
+@pytest.fixture
+async def day(tmp_path: Path) -> Any:
+    need_chromium()
+    need_peer(shutil.which("radclient") is not None, "radclient (Debian freeradius-utils) is not installed")
+    plugin_dir, trusted = signed_example_plugin(tmp_path)
+    auth_port, acct_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    flow_port = free_port(socket.SOCK_DGRAM)
+    nas = NasSimulator(NAS_SECRET.encode(), load_dictionary())
+    nas_port = await nas.start("127.0.0.1", 0)
+    try:
+        async with console_stack(
+            tmp_path / "serve",
+            radius={"enabled": True, "host": "127.0.0.1", "auth_port": auth_port, "acct_port": acct_port,
+                    "coa_timeout": 1.0},
+            netflow={"enabled": True, "host": "127.0.0.1", "port": flow_port, "workers": 1,
+                     "fsync_interval": 0.05, "ship_interval": 0.2},
+            plugins={"dir": str(plugin_dir), "key_dir": str(trusted)},
+        ) as stack:
+            stack.bc.wait_for(r'role=radius .*msg="core connected"', timeout=60)
+            stack.bc.wait_for(r'role=netflow .*msg="netflow serving"', timeout=60)
+            # the network is the installer's, not this operator's day: the NAS is there already
+            await stack.admin.call("radius.nas_add", {"name": "bras-1", "address": "127.0.0.1",
+                                                      "secret": NAS_SECRET, "coa_port": nas_port,
+                                                      "require_message_authenticator": False})
+            stack.extra.update(nas=nas, auth_port=auth_port, acct_port=acct_port, flow_port=flow_port)
+            yield stack
+    finally:
+        nas.close()
+
+
+@pytest.mark.timeout(900)
+async def test_an_operators_day(day: ConsoleStack) -> None:
+    from playwright.async_api import async_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(viewport=DESKTOP, locale="en-US")
+            page = await context.new_page()
+            page.on("dialog", lambda dialog: dialog.accept())      # the confirmations the pages ask
+            op = Operator(page, day.url)
+            await operator_made_and_enrolled(day, op)
+            ids = await tariff_built(day, op)
+            user_id, account_id = await subscriber_made(day, op, ids)
+            await payment_taken(day, op, user_id, account_id)
+            await traffic_seen(day, op, user_id, account_id, ids)
+            await blocked_and_disconnected(day, op, user_id, account_id)
+            await tariff_changed_next_period(day, op, user_id, account_id, ids)
+            await plugin_loaded_and_unloaded(day, op)
+            await audit_found(day, op, user_id, account_id)
+        finally:
+            await browser.close()
+    assert "Traceback" not in day.bc.log()
+
+
+async def operator_made_and_enrolled(day: ConsoleStack, op: Operator) -> None:
+    """root makes olga a superuser; she enrolls TOTP and from then on logs in with it."""
+    await op.page.goto(day.url + "/")
+    assert "/login" in op.page.url                                    # no session: the login page
+    await op.shot("login")
+    await op.login("root", ROOT_PASSWORD)
+    await op.goto("/operators")
+    await op.submit("operator-form", {"login": OPERATOR, "password": OPERATOR_PASSWORD,
+                                      "full_name": "Olga Petrova"},
+                    check=['[name="groups"][value="superusers"]'])
+    assert OPERATOR in await op.text(f"operator-{OPERATOR}")
+    made = {row["login"]: row for row in await day.admin.call("operators.list", {})}
+    assert made[OPERATOR]["groups"] == ["superusers"] and not made[OPERATOR]["otp_enrolled"]
+    await op.logout()
+
+    await op.login(OPERATOR, OPERATOR_PASSWORD)
+    await op.goto("/me/otp")
+    secret = (await op.text("otp-secret")).replace(" ", "")
+    used: set[str] = set()
+    await op.submit("otp-form", {"code": fresh_code(secret, used)})
+    recovery = (await op.text("recovery-codes")).split()
+    assert len(recovery) == 10, recovery
+    await op.shot("otp")
+    await op.logout()
+
+    # a wrong code is refused, the right one opens the console
+    await op.login(OPERATOR, OPERATOR_PASSWORD, code="000000" if "000000" not in used else "111111")
+    assert await op.page.locator('[data-test="error"]').count() == 1
+    assert await op.page.locator('[data-test="logout"]').count() == 0             # not logged in
+    await op.login(OPERATOR, OPERATOR_PASSWORD, code=fresh_code(secret, used))
+    assert "/login" not in op.page.url, await op.page.content()
+    enrolled = {row["login"]: row["otp_enrolled"] for row in await day.admin.call("operators.list", {})}
+    assert enrolled[OPERATOR] is True
+    await op.goto("/operators")
+    await op.shot("operators")
+
+
+async def tariff_built(day: ConsoleStack, op: Operator) -> dict[str, int]:
+    """Two traffic classes, a night range, a per-MB traffic service priced by both, a tariff."""
+    await op.goto("/classes/new")
+    await op.submit("class-form", {"name": "local", "remote_net": LOCAL_NET})
+    await op.goto("/classes/new")
+    await op.submit("class-form", {"name": "internet", "remote_net": "0.0.0.0/0"})
+    await op.goto("/timeranges/new")
+    await op.submit("timerange-form", {"name": "night", "start": "23:00", "end": "07:00"})
+    classes = {row["name"]: row["id"] for row in await day.admin.call("classes.list", {})}
+    ranges = {row["name"]: row["id"] for row in await day.admin.call("timeranges.list", {})}
+    assert {"local", "internet"} <= classes.keys() and "night" in ranges, (classes, ranges)
+
+    await op.goto("/services/new")
+    await op.submit("service-form", {"name": "traffic"}, choose={"kind": "traffic"})
+    services = {row["name"]: row for row in await day.admin.call("services.list", {})}
+    service = services["traffic"]["id"]
+    # one rate per class, the same in and out of the night range (the bill must not depend
+    # on the hour the test runs); the form is the service's own page
+    for name, price in (("local", LOCAL_PER_MB), ("internet", INTERNET_PER_MB)):
+        for period in ("", str(ranges["night"])):
+            await op.goto(f"/services/{service}")
+            await op.submit("rate-form", {"price": price}, choose={"class_id": str(classes[name]),
+                                                                   "range_id": period, "unit": "MB"})
+    await op.goto("/tariffs/new")
+    await op.page.locator(f'[data-test="tariff-form"] [name="service_ids"][value="{service}"]').check()
+    await op.page.locator('[data-test="tariff-form"] [name="name"]').fill("Home 100")
+    await op.page.wait_for_selector('[data-test="quote"]')             # what a sample month costs
+    await op.shot("tariff-form")
+    await op.submit("tariff-form")
+    tariffs = {row["name"]: row["id"] for row in await day.admin.call("tariffs.list", {})}
+    assert "Home 100" in tariffs
+    return {"service": service, "tariff": tariffs["Home 100"], **{f"class:{k}": v for k, v in classes.items()}}
+
+
+async def subscriber_made(day: ConsoleStack, op: Operator, ids: dict[str, int]) -> tuple[int, int]:
+    await op.goto("/subscribers/new")
+    await op.submit("subscriber-form", {"login": "dana", "password": "dana-office-pw", "full_name": "Dana Scully",
+                                        "phone": "+7 912 555 0101", "email": "dana@example.net"})
+    match = re.search(r"/subscribers/(\d+)$", op.page.url)
+    assert match, op.page.url
+    user_id = int(match.group(1))
+    user = await day.admin.call("users.get", {"user_id": user_id})
+    account_id = int(user["accounts"][0]["id"])
+    await op.submit("binding-form", {"ip": SUBSCRIBER_IP})
+    assert SUBSCRIBER_IP in await op.text("bindings")
+    await op.submit("tariff-form", choose={"tariff_id": str(ids["tariff"]), "start": "now"})
+    assert "Home 100" in await op.text("tariff")
+    # found again by the search page: by name, by IP, by account id
+    for text in ("Scully", SUBSCRIBER_IP, str(account_id)):
+        await op.goto("/subscribers?q=" + text)
+        rows = op.page.locator('[data-test="result"]')
+        assert await rows.count() == 1, text
+        assert "dana" in await rows.first.inner_text()
+    await op.shot("subscribers")
+    return user_id, account_id
+
+
+async def payment_taken(day: ConsoleStack, op: Operator, user_id: int, account_id: int) -> None:
+    await op.goto(f"/subscribers/{user_id}")
+    await op.submit("payment-form", {"amount": PAID, "external_id": "bank-2026-0001"})
+    assert plain(await op.text("balance")) == PAID
+    # the same bank transfer typed again with another amount: refused, in words, nothing booked
+    response = await op.submit("payment-form", {"amount": "50.00", "external_id": "bank-2026-0001"})
+    assert response.status < 500
+    error = await op.text("error")
+    assert error.strip() and "payments.conflict" not in error, error      # words, not a code
+    assert (await day.admin.call("accounts.get", {"account_id": account_id}))["balance"] == 500_000_000
+    # the same transfer sent twice (a double click, a retry): booked once
+    response = await op.submit("payment-form", {"amount": PAID, "external_id": "bank-2026-0001"})
+    assert response.status < 500
+    assert (await day.admin.call("accounts.get", {"account_id": account_id}))["balance"] == 500_000_000
+    await op.goto(f"/subscribers/{user_id}")
+    assert plain(await op.text("balance")) == PAID
+
+
+async def traffic_seen(day: ConsoleStack, op: Operator, user_id: int, account_id: int,
+                       ids: dict[str, int]) -> None:
+    """The router exports the subscriber's flows (v5 and v9); the card shows the traffic and the charge."""
+    now_ms = int(time.time() * 1000)
+    local = [FlowSpec(SUBSCRIBER_IP, LOCAL_PEER, 40000 + i, 80, 6, 3_000_000 + i, 2000, now_ms - 400, now_ms - 100)
+             for i in range(10)]
+    internet = [FlowSpec(INTERNET_PEER, SUBSCRIBER_IP, 443, 50000 + i, 6, 7_000_000 + 13 * i, 5000,
+                         now_ms - 400, now_ms - 100) for i in range(10)]
+    clock = ExportClock(now_ms - 3_600_000, now_ms)
+    packets = build_v5(local, clock) + build_v9(internet, clock, source_id=7)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for packet in packets:
+            sock.sendto(packet, ("127.0.0.1", day.extra["flow_port"]))
+    local_bytes, internet_bytes = sum(f.bytes for f in local), sum(f.bytes for f in internet)
+    charge = local_bytes * 20_000 // 1_000_000 + internet_bytes * 100_000 // 1_000_000
+    expected = format_money(500_000_000 - charge)
+
+    async def card_shows_the_charge() -> bool:
+        await op.page.goto(f"{day.url}/subscribers/{user_id}")
+        return plain(await op.text("balance")) == expected
+
+    await eventually_awaited(card_shows_the_charge, timeout=90, every=1.0, what="the charge on the card")
+    traffic = await op.text("traffic")
+    assert "local" in traffic and "internet" in traffic, traffic
+    await op.shot("card")
+
+
+async def blocked_and_disconnected(day: ConsoleStack, op: Operator, user_id: int, account_id: int) -> None:
+    """A live session on the NAS; blocking from the card sends it a Disconnect-Request."""
+    nas: NasSimulator = day.extra["nas"]
+    await day.admin.call("radius.link_add", {"account_id": account_id, "login": "dana", "password": "trustno1"})
+    _, out = await radclient(day.extra["acct_port"], "acct", f'User-Name = "dana", Acct-Session-Id = "DAY-1",'
+                                                          f' Acct-Status-Type = Start,'
+                                                          f' Framed-IP-Address = {SESSION_IP}',
+                             secret=NAS_SECRET)
+    assert "Accounting-Response" in out, out
+    nas.sessions["DAY-1"] = "dana"
+    await op.goto("/network/online")
+    await op.page.wait_for_selector("text=DAY-1")
+    await op.shot("online")
+    seen = len(nas.received)
+
+    await op.goto(f"/subscribers/{user_id}")
+    await op.submit("block-form", {"reason": "unpaid router rent"})
+    assert await op.page.locator('[data-test="blocked"]').count() == 1
+
+    async def disconnected() -> bool:
+        return "DAY-1" not in nas.sessions
+
+    await eventually_awaited(disconnected, timeout=20, what="the Disconnect-Request at the NAS")
+    code, attrs = nas.received[seen]
+    assert code == 40 and attrs[44] == [b"DAY-1"], (code, attrs)
+    _, out = await radclient(day.extra["auth_port"], "auth", 'User-Name = "dana", User-Password = "trustno1"',
+                             secret=NAS_SECRET)
+    assert "Access-Reject" in out, out
+    await radclient(day.extra["acct_port"], "acct", 'User-Name = "dana", Acct-Session-Id = "DAY-1",'
+                                                    ' Acct-Status-Type = Stop, Acct-Session-Time = 5,'
+                                                    ' Acct-Terminate-Cause = Admin-Reset', secret=NAS_SECRET)
+
+    await op.submit("unblock-form")
+    assert await op.page.locator('[data-test="blocked"]').count() == 0
+    assert (await day.admin.call("accounts.get", {"account_id": account_id}))["blocks"] == []
+
+
+async def tariff_changed_next_period(day: ConsoleStack, op: Operator, user_id: int, account_id: int,
+                                     ids: dict[str, int]) -> None:
+    await op.goto("/tariffs/new")
+    await op.page.locator(f'[data-test="tariff-form"] [name="service_ids"][value="{ids["service"]}"]').check()
+    await op.submit("tariff-form", {"name": "Home 200"})
+    tariffs = {row["name"]: row["id"] for row in await day.admin.call("tariffs.list", {})}
+    await op.goto(f"/subscribers/{user_id}")
+    await op.submit("tariff-form", choose={"tariff_id": str(tariffs["Home 200"]), "start": "next_period"})
+    shown = await op.text("tariff")
+    assert "Home 100" in shown and "Home 200" in shown, shown          # now, and from the next period
+    history = await day.admin.call("tariffs.history", {"account_id": account_id})
+    later = [row for row in history if row["tariff_id"] == tariffs["Home 200"]]
+    assert later, history
+
+
+async def plugin_loaded_and_unloaded(day: ConsoleStack, op: Operator) -> None:
+    await op.goto("/system/plugins")
+    await op.submit("plugin-load", {"path": "example"})
+    assert "loaded" in (await op.text("plugin-example")).lower()
+    listed = {row["name"]: row for row in await day.admin.call("plugins.list", {})}
+    assert listed["example"]["state"] == "loaded"
+    async with op.page.expect_navigation():
+        await op.page.click('[data-test="unload-example"]')
+    listed = {row["name"]: row for row in await day.admin.call("plugins.list", {})}
+    assert "example" not in listed or listed["example"]["state"] != "loaded", listed
+
+
+async def audit_found(day: ConsoleStack, op: Operator, user_id: int, account_id: int) -> None:
+    """Every change of the day is in the audit log, under olga's name."""
+    await op.goto("/system/audit?q=" + OPERATOR)
+    rows = [await row.inner_text() for row in await op.page.locator('[data-test="audit-row"]').all()]
+    text = "\n".join(rows)
+    for action in ("payments.add", "blocks.set", "blocks.lift", "tariffs.link", "plugins.load", "plugins.unload",
+                   "tariffs.add"):
+        assert action in text, (action, text[:3000])
+    await op.shot("audit")
+    await op.goto(f"/subscribers/{user_id}")
+    trail = await op.text("audit")
+    assert "payments.add" in trail and OPERATOR in trail, trail
