@@ -1,0 +1,426 @@
+"""The console's search and card pages at ISP scale, side by side with the bare SQL they need.
+
+A real ``billcore serve`` (supervisor, core, console; the embedded
+PostgreSQL) over a database of N subscribers built by benchmarks/scale.py
+(``--workdir`` reuses one: 1,000,000 subscribers in /work/bigdb). An
+operator logs in to the console over HTTP the way the login page's script
+does (SCRAM computed on the client side), and the load generator then
+asks, one request after the other (no concurrency to hide latency behind),
+as a browser would:
+
+* ``/subscribers?…`` — search texts and filters drawn at random from what
+  the data holds: a part of a login, a surname, a full name, part of a
+  phone number, an e-mail, a contract number, an account id, an IP
+  address, an address; alone or with a tariff, debtors, a balance range,
+  blocked, online; and filters without text;
+* ``/subscribers/{user_id}`` — the card of a random subscriber.
+
+Every response is read to its last byte. The **bare SQL** of a request is
+the very statements the core ran for it: each page is requested once with
+PostgreSQL's statement log on (``log_min_duration_statement = 0``), the
+``execute`` lines and their parameters are read back from the log, and
+the benchmark runs them itself on one direct asyncpg connection, as
+prepared statements with the same parameters (``PREPARE``/``EXECUTE``), in
+the same order, each to its last row. So the ratio page/SQL is what the
+console, URFA and the core add on top of the database for that page.
+
+Each measured request and its SQL replay run back to back, in random
+order (neither always gets the other's warm cache). The figures: p50 and
+p95 of each, and the ratio of the page's to the SQL's. Targets (issue 16):
+page p95 ≤ 150 ms and ≤ 3× the SQL's.
+
+    python benchmarks/console_pages.py --workdir /work/bigdb   # the 1M run: results/console_pages.{json,md}
+    python benchmarks/console_pages.py --tiny                 # 2,000 subscribers built in a temp dir (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _machine import machine  # noqa: E402
+
+from billcore.common.money import format_money  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+OPERATOR = ("bench-console", "bench-console-pw")
+TARGET_P95_MS = 150.0
+TARGET_RATIO = 3.0
+FIRST_NAMES = ["Ivan", "Maria", "Olga", "Petr", "Anna", "Sergei", "Elena", "Dmitri", "Irina", "Pavel"]
+SURNAMES = ["Smirnov", "Ivanova", "Kuznetsov", "Popova", "Sokolov", "Lebedeva", "Kozlov", "Novikova", "Morozov",
+            "Volkova", "Orlov", "Zaitseva"]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- what to ask --------------------------------------------------------------------
+
+
+def search_texts(n: int, rng: random.Random) -> str:
+    """One search text of the kinds an operator types, about subscriber ``i`` of scale.py's data."""
+    i = rng.randrange(n)
+    kind = rng.choice(["login", "login part", "surname", "full name", "phone", "email", "contract", "account",
+                       "ip", "address"])
+    if kind == "login":
+        return f"sub{i:06d}"
+    if kind == "login part":
+        return f"sub{i:06d}"[: rng.choice([7, 8])]
+    if kind == "surname":
+        return rng.choice(SURNAMES)
+    if kind == "full name":
+        return f"{FIRST_NAMES[i % 10]} {SURNAMES[(i // 10) % 12]}"
+    if kind == "phone":
+        return f"{(i * 7919) % 1_000_000_000:09d}"[-7:]
+    if kind == "email":
+        return f"sub{i}@example.net"
+    if kind == "contract":
+        return f"C-{i:07d}"
+    if kind == "account":
+        return str(i + 1)
+    if kind == "ip":
+        return f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
+    return f"Lenina st. {i % 300 + 1}"
+
+
+def search_query(n: int, tariff_id: int, balances: list[int], rng: random.Random) -> dict[str, str]:
+    """The search page's query string: a text, filters, or both (a balance range around a real balance)."""
+    query: dict[str, str] = {}
+    shape = rng.random()
+    if shape < 0.7:
+        query["q"] = search_texts(n, rng)
+    if shape >= 0.5:
+        filters = rng.sample(["tariff", "debtors", "balance", "blocked", "online"], rng.choice([1, 1, 2]))
+        if "tariff" in filters:
+            query["tariff_id"] = str(tariff_id)
+        if "debtors" in filters:
+            query["debtors"] = "1"
+        if "balance" in filters:
+            balance = rng.choice(balances)
+            query["balance_min"], query["balance_max"] = format_money(balance - 5_000), format_money(balance + 5_000)
+        if "blocked" in filters:
+            query["blocked"] = "1"
+        if "online" in filters:
+            query["online"] = "1"
+    return query
+
+
+# -- the statements the core ran, from PostgreSQL's own log ---------------------------
+
+_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \S+ \[(\d+)\] ", re.M)
+_EXECUTE = re.compile(r"LOG:  duration: [\d.]+ ms  (?:execute [^:]+|statement): (.*)", re.S)
+_PARAMS = re.compile(r"DETAIL:  parameters: (.*)", re.S)
+_PARAM = re.compile(r"\$(\d+) = (NULL|'(?:[^']|'')*')")
+_QUIET = ("BEGIN", "COMMIT", "ROLLBACK", "SET ", "RESET ", "SHOW ", "LISTEN", "UNLISTEN", "SELECT pg_notify")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: str
+    params: tuple[str, ...]         # SQL literals as the log shows them: '42', 'O''Brien', NULL
+
+
+class StatementLog:
+    """Turns the embedded PostgreSQL's statement logging on and reads back what the core executed."""
+
+    def __init__(self, pgdata: Path) -> None:
+        self.path = pgdata / "log"
+
+    async def switch(self, conn: asyncpg.Connection, on: bool) -> None:
+        if on:
+            await conn.execute("ALTER SYSTEM SET log_min_duration_statement = 0")
+            await conn.execute("ALTER SYSTEM SET log_parameter_max_length = -1")
+        else:
+            await conn.execute("ALTER SYSTEM RESET log_min_duration_statement")
+            await conn.execute("ALTER SYSTEM RESET log_parameter_max_length")
+        await conn.execute("SELECT pg_reload_conf()")
+
+    def mark(self) -> int:
+        return self.path.stat().st_size
+
+    def since(self, offset: int, own_pid: int) -> list[Statement]:
+        with open(self.path, "rb") as file:
+            file.seek(offset)
+            text = file.read().decode(errors="replace")
+        heads = list(_ENTRY.finditer(text))
+        found: list[Statement] = []
+        waiting: dict[str, int] = {}     # backend pid -> its execute whose parameters come next
+        for head, following in zip(heads, heads[1:] + [None]):
+            pid = head.group(1)
+            body = text[head.end():following.start() if following else len(text)]
+            if pid == str(own_pid):
+                continue                           # our own connection (the log switch)
+            executed = _EXECUTE.match(body)
+            params = _PARAMS.match(body)
+            if executed:
+                waiting.pop(pid, None)
+                sql = executed.group(1).strip()
+                if not sql.upper().startswith(_QUIET):
+                    waiting[pid] = len(found)
+                    found.append(Statement(sql, ()))
+            elif params and pid in waiting:
+                at = waiting.pop(pid)
+                values = {int(m.group(1)): m.group(2) for m in _PARAM.finditer(params.group(1))}
+                found[at] = Statement(found[at].sql, tuple(values[k] for k in sorted(values)))
+            else:
+                waiting.pop(pid, None)           # a parse or bind: the next DETAIL is not an execute's
+        return found
+
+
+class BareSql:
+    """Runs captured statements on one direct connection, prepared once, each to its last row."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.names: dict[str, str] = {}
+
+    async def prepare(self, statements: list[Statement]) -> None:
+        for statement in statements:
+            if statement.sql not in self.names:
+                name = f"bench_{len(self.names)}"
+                await self.conn.execute(f"PREPARE {name} AS {statement.sql}")
+                self.names[statement.sql] = name
+
+    async def run(self, statements: list[Statement]) -> float:
+        """Seconds to execute them all, in order."""
+        calls = [f"EXECUTE {self.names[s.sql]}" + (f"({', '.join(s.params)})" if s.params else "")
+                 for s in statements]
+        t = time.perf_counter()
+        for text in calls:
+            await self.conn.fetch(text)
+        return time.perf_counter() - t
+
+
+# -- the console, as a browser uses it -------------------------------------------------
+
+
+async def console_login(http: aiohttp.ClientSession, url: str, login: str, password: str) -> None:
+    """Log in as the login page's script does: the SCRAM proof is computed here, the password never sent."""
+    from tests.console_http import http_login
+
+    await http_login(http, url, login, password)
+
+
+@dataclass
+class Sample:
+    path: str
+    statements: list[Statement] = field(default_factory=list)
+
+
+async def timed_get(http: aiohttp.ClientSession, url: str) -> float:
+    t = time.perf_counter()
+    async with http.get(url, allow_redirects=False) as response:
+        await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: HTTP {response.status}")
+    return time.perf_counter() - t
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(http: aiohttp.ClientSession, url: str, sql: BareSql, statement_log: StatementLog,
+                  own_pid: int, paths: list[str], warmup: int, rng: random.Random) -> dict[str, Any]:
+    """Capture each path's statements, then time page and SQL back to back in random order."""
+    samples = [Sample(path) for path in paths]
+    await statement_log.switch(sql.conn, True)
+    try:
+        for sample in samples:
+            mark = statement_log.mark()
+            await timed_get(http, url + sample.path)
+            sample.statements = statement_log.since(mark, own_pid)
+    finally:
+        await statement_log.switch(sql.conn, False)
+    empty = [s.path for s in samples if not s.statements]
+    if empty:
+        raise RuntimeError(f"no SQL captured for {len(empty)} pages, e.g. {empty[0]}")
+    for sample in samples:
+        await sql.prepare(sample.statements)
+    for sample in samples[:warmup]:
+        await timed_get(http, url + sample.path)
+        await sql.run(sample.statements)
+    page_ms, sql_ms = [], []
+    for sample in samples:
+        if rng.random() < 0.5:
+            page = await timed_get(http, url + sample.path)
+            bare = await sql.run(sample.statements)
+        else:
+            bare = await sql.run(sample.statements)
+            page = await timed_get(http, url + sample.path)
+        page_ms.append(page * 1000)
+        sql_ms.append(bare * 1000)
+    p50, p95 = statistics.median(page_ms), percentile(page_ms, 0.95)
+    s50, s95 = statistics.median(sql_ms), percentile(sql_ms, 0.95)
+    return {"requests": len(samples), "page_p50_ms": round(p50, 1), "page_p95_ms": round(p95, 1),
+            "page_max_ms": round(max(page_ms), 1), "sql_p50_ms": round(s50, 2), "sql_p95_ms": round(s95, 2),
+            "ratio_p50": round(p50 / s50, 2), "ratio_p95": round(p95 / s95, 2),
+            "statements_per_page": round(statistics.mean(len(s.statements) for s in samples), 1),
+            "statements_example": [s.sql[:300] for s in samples[0].statements],
+            "meets_target": p95 <= TARGET_P95_MS and p95 / s95 <= TARGET_RATIO}
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+async def ensure_database(work: Path, n: int) -> None:
+    """Build scale.py's database of ``n`` subscribers in ``work`` unless one is there."""
+    import scale
+    from billcore.db.embedded import EmbeddedPostgres
+    from billcore.radius.secrets import SecretStore
+
+    (work / "var").mkdir(parents=True, exist_ok=True)
+    key = SecretStore.load_or_create_key(work / "var" / "secret.key")
+    pg = EmbeddedPostgres(work / "var")
+    dsn = await asyncio.to_thread(pg.start)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            built = (await conn.fetchval("SELECT to_regclass('public.users') IS NOT NULL")
+                     and await conn.fetchval("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables"
+                                             " WHERE relname = 'usage_daily'"))
+        finally:
+            await conn.close()
+        if not built:
+            log(f"building {n:,} subscribers in {work}")
+            args = argparse.Namespace(subscribers=n, months=1, usage_days=2, bindings=None)
+            await scale.build(dsn, args, key, scale.dt.datetime.now(scale.UTC))
+    finally:
+        await asyncio.to_thread(pg.stop)
+
+
+async def make_operator(dsn: str) -> None:
+    from billcore.server.principals import create_admin
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT count(*) FROM admins WHERE login = $1", OPERATOR[0]):
+            await create_admin(conn, OPERATOR[0], OPERATOR[1], ["superusers"])
+    finally:
+        await conn.close()
+
+
+async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str, Any]:
+    from tests.conftest import free_port
+    from tests.process_view import environ_of
+    from tests.running import BillcoreProcess
+
+    await ensure_database(work, args.subscribers)
+    port = free_port()
+    # the config lives beside, not in, the database's directory: the builder's config stays as it was
+    bc = BillcoreProcess(serve_dir, dsn="", core={"data_dir": str(work / "var")}, periodic={"enabled": False},
+                         console={"enabled": True, "host": "127.0.0.1", "port": port, "cookie_secure": False})
+    bc.start()
+    try:
+        bc.wait_for(r'role=console .*msg="console serving"', timeout=args.startup_timeout)
+        bc.wait_for(r'role=core .*msg="core serving"', timeout=args.startup_timeout)
+        dsn = environ_of(bc.child_pid("core"))["BILLCORE_DSN"]
+        await make_operator(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            n = int(await conn.fetchval("SELECT count(*) FROM users"))
+            tariff_id = int(await conn.fetchval("SELECT id FROM tariffs WHERE name = 'home'"))
+            own_pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            balances = [row[0] for row in await conn.fetch("SELECT DISTINCT balance FROM accounts LIMIT 500")]
+            rng = random.Random(args.seed)
+            url = f"http://127.0.0.1:{port}"
+            searches = [f"/subscribers?{urlencode(search_query(n, tariff_id, balances, rng))}"
+                        for _ in range(args.requests)]
+            cards = [f"/subscribers/{rng.randrange(1, n + 1)}" for _ in range(args.requests)]
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                await console_login(http, url, *OPERATOR)
+                sql = BareSql(conn)
+                statement_log = StatementLog(work / "var" / "pg")
+                log(f"-- search page: {len(searches)} requests")
+                search = await measure(http, url, sql, statement_log, own_pid, searches, args.warmup, rng)
+                log(f"   {search}")
+                log(f"-- card page: {len(cards)} requests")
+                card = await measure(http, url, sql, statement_log, own_pid, cards, args.warmup, rng)
+                log(f"   {card}")
+        finally:
+            await conn.close()
+    finally:
+        bc.stop(timeout=60)
+    return {"subscribers": n, "search": search, "card": card,
+            "search_examples": searches[:8], "card_examples": cards[:3]}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    info = report["machine"]
+    lines = [
+        "# Console pages at scale: search and card, against the bare SQL they need", "",
+        f"{info['date']} · {info['cpu']} · nproc {info['nproc']} · load average before {info['loadavg']}, "
+        f"after {report['loadavg_after']} · Python {info['python']} · {report['subscribers']:,} subscribers", "",
+        "Sequential HTTP requests through a logged-in console (`billcore serve`, embedded PostgreSQL), random "
+        "search texts and filters, random cards; the SQL column runs the statements the core executed for each "
+        "page (read back from PostgreSQL's statement log) directly with asyncpg. "
+        f"Target: page p95 ≤ {TARGET_P95_MS:.0f} ms and ≤ {TARGET_RATIO:.0f}× the SQL.", "",
+        "| page | requests | page p50 ms | page p95 ms | SQL p50 ms | SQL p95 ms | p50 ratio | p95 ratio "
+        "| statements | target met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name in ("search", "card"):
+        r = report[name]
+        lines.append(f"| {name} | {r['requests']} | {r['page_p50_ms']} | {r['page_p95_ms']} | {r['sql_p50_ms']} "
+                     f"| {r['sql_p95_ms']} | {r['ratio_p50']}× | {r['ratio_p95']}× | {r['statements_per_page']} "
+                     f"| {'yes' if r['meets_target'] else 'no'} |")
+    lines += ["", "Search URLs drawn (first few): " + ", ".join(f"`{p}`" for p in report["search_examples"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", help="a database built by benchmarks/scale.py --workdir (reused as it is)")
+    ap.add_argument("--subscribers", type=int, default=1_000_000, help="subscribers to build when there is none")
+    ap.add_argument("--requests", type=int, default=400, help="measured requests per page")
+    ap.add_argument("--warmup", type=int, default=30, help="requests per page before measuring")
+    ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--startup-timeout", type=float, default=300.0)
+    ap.add_argument("--tiny", action="store_true", help="CI: 2,000 subscribers in a temporary directory, 30 requests")
+    args = ap.parse_args()
+    if args.tiny:
+        args.subscribers, args.requests, args.warmup, args.workdir = 2_000, 30, 5, None
+    info = machine()
+    log(f"machine: {info['cpu']}, {info['nproc']} CPUs, load average {info['loadavg']}")
+    temporary = Path(tempfile.mkdtemp(prefix="billcore-console-bench-"))
+    work = Path(args.workdir).absolute() if args.workdir else temporary / "db"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = asyncio.run(run(args, work, temporary))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    report = {"benchmark": "console_pages", "machine": info, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+              "requests": args.requests, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny, **result}
+    print(markdown(report))
+    if not args.tiny:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "console_pages.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / "console_pages.md").write_text(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
