@@ -56,6 +56,7 @@ FIXED_LISTS = {
     "me.classes": "the names of traffic classes (a catalogue), at most 1 000",
     "me.tariff": "one record per account of one subscriber",
     "me.traffic": "one subscriber's days (at most 366) x classes",
+    "operators.roles": "the admin groups (role templates), at most MAX_ROLES (1 000)",
 }
 
 # read-only fixed calls run on the big database (the rest write and answer one record)

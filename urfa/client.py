@@ -5,7 +5,10 @@ Theory of operation
 ``connect`` opens TCP, TLS or a Unix socket and waits for the server's
 hello.  ``Client.login`` runs SCRAM-SHA-256 (the PBKDF2 step in a thread so
 the loop keeps running) and checks the server's signature before trusting
-the session: a server that does not know our verifier cannot pass.
+the session: a server that does not know our verifier cannot pass.  An
+operator with a second factor gets ``otp`` after the proof: its signature
+is checked the same way *before* the code (``login(otp=…)``: the code, or
+a function asked for it only then, e.g. a prompt) goes out.
 
 Calls get increasing ids; any number may be in flight (up to the server's
 cap, beyond which the server answers ``busy``) and replies are matched by
@@ -29,7 +32,8 @@ import itertools
 import secrets
 import ssl as ssl_module
 from collections import deque
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +44,33 @@ from .errors import (
 )
 from .framing import DEFAULT_MAX_FRAME
 from .messages import (
-    Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login, Message, Ping,
+    Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login, Message, Otp, OtpCode, Ping,
     Pong, Proof, Result, Resume, Welcome,
 )
 
-__all__ = ["DEFAULT_PORT", "Client", "Stream", "PendingCall", "connect", "LoginInfo"]
+__all__ = ["DEFAULT_PORT", "OTP_REQUIRED", "Client", "OtpSource", "Stream", "PendingCall", "connect", "LoginInfo",
+           "otp_code"]
 
 DEFAULT_PORT = 11758
+OTP_REQUIRED = "otp_required"   # LoginFailed code: the login takes a one-time code and none was given
 _STREAM_HIGH = 256
+
+# A login's one-time code: the code, or a function (plain or async) that gives it when the server asks
+OtpSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+
+async def otp_code(otp: OtpSource | None) -> str:
+    """The code ``otp`` gives (a plain function runs in a thread: it may be a terminal prompt)."""
+    if otp is None:
+        raise LoginFailed(OTP_REQUIRED, "this login takes a one-time code (TOTP) and none was given")
+    if isinstance(otp, str):
+        return otp
+    if inspect.iscoroutinefunction(otp):
+        return str(await otp())
+    code: object = await asyncio.to_thread(otp)
+    if inspect.isawaitable(code):
+        code = await code
+    return str(code)
 _STREAM_LOW = 64
 
 
@@ -314,8 +337,9 @@ class Client:
 
     # -- login -----------------------------------------------------------
     async def login(self, kind: str, login: str, password: str | None = None, *,
-                    keys: scram.ClientKeys | None = None) -> LoginInfo:
-        """SCRAM login; ``LoginFailed`` if refused or the server is not authentic."""
+                    keys: scram.ClientKeys | None = None, otp: OtpSource | None = None) -> LoginInfo:
+        """SCRAM login; ``LoginFailed`` if refused or the server is not authentic.
+        ``otp``: the one-time code, if the server asks for one (``otp_required`` when it does and none is given)."""
         assert self.hello is not None
         cnonce = secrets.token_bytes(scram.NONCE_BYTES)
         self._send(Login(kind, login, cnonce))
@@ -330,9 +354,22 @@ class Client:
             keys = await asyncio.to_thread(scram.client_keys, password, ch.salt, ch.iterations)
         am = scram.auth_message(kind, login, cnonce, self.hello.nonce, ch.salt, ch.iterations)
         self._send(Proof(scram.client_proof(keys, am)))
-        w = await self._expect(Welcome)
+        signature = scram.server_signature(keys.server_key, am)
+        w = await self._expect(Welcome, Otp)
+        if isinstance(w, Otp):
+            # the server proves itself before our code goes out: a code is worth a login for 30 s
+            if not hmac.compare_digest(signature, w.signature):
+                await self.close()
+                raise LoginFailed(AUTH_FAILED, "server signature is wrong: not the server we know")
+            try:
+                code = await otp_code(otp)
+            except BaseException:
+                await self.close()
+                raise
+            self._send(OtpCode(code))
+            w = await self._expect(Welcome)
         assert isinstance(w, Welcome)
-        if not hmac.compare_digest(scram.server_signature(keys.server_key, am), w.signature):
+        if not hmac.compare_digest(signature, w.signature):
             await self.close()
             raise LoginFailed(AUTH_FAILED, "server signature is wrong: not the server we know")
         self.info = LoginInfo(w.sid, w.kind, w.login, w.timeout)
@@ -358,22 +395,29 @@ class Client:
         self.info = LoginInfo(w.sid, w.kind, w.login, w.timeout)
         return self.info
 
-    async def proxy_login(self, login: str, password: str, ip: str) -> LoginInfo:
-        """Log a subscriber in on their behalf (needs right session.proxy)."""
+    async def proxy_login(self, login: str, password: str, ip: str, *, kind: str = "user",
+                          otp: OtpSource | None = None) -> LoginInfo:
+        """Log a subscriber (or, ``kind="admin"``, an operator: right session.proxy_admin) in on
+        their behalf (needs right session.proxy); ``otp`` as in ``login``."""
         cnonce = secrets.token_bytes(scram.NONCE_BYTES)
-        ch = await self.call("session.proxy_login", {"login": login, "cnonce": cnonce, "ip": ip})
+        args: dict[str, Any] = {"login": login, "cnonce": cnonce, "ip": ip}
+        if kind != "user":
+            args["kind"] = kind
+        ch = await self.call("session.proxy_login", args)
         iterations = ch["iter"]
         if not 1 <= iterations <= scram.MAX_ITERATIONS:
             raise LoginFailed("protocol", f"server asks for {iterations} iterations")
         keys = await asyncio.to_thread(scram.client_keys, password, ch["salt"], iterations)
-        am = scram.auth_message("user", login, cnonce, ch["nonce"], ch["salt"], iterations)
+        am = scram.auth_message(kind, login, cnonce, ch["nonce"], ch["salt"], iterations)
         try:
             w = await self.call("session.proxy_proof", {"handle": ch["handle"], "proof": scram.client_proof(keys, am)})
+            if not hmac.compare_digest(scram.server_signature(keys.server_key, am), w["sig"]):
+                raise LoginFailed(AUTH_FAILED, "server signature is wrong")
+            if w.get("otp_required"):
+                w = await self.call("session.proxy_otp", {"handle": ch["handle"], "code": await otp_code(otp)})
         except CallFailed as exc:
             raise LoginFailed(exc.code, exc.message) from None
-        if not hmac.compare_digest(scram.server_signature(keys.server_key, am), w["sig"]):
-            raise LoginFailed(AUTH_FAILED, "server signature is wrong")
-        return LoginInfo(w["sid"], "user", login, w["timeout"])
+        return LoginInfo(w["sid"], kind, login, w["timeout"])
 
     # -- calls -----------------------------------------------------------
     def start_call(self, fn: str, args: dict[str, Any] | None = None, *,

@@ -17,11 +17,16 @@ closes.
     HELLO ─hello(S)→ AUTH ─login(C)→ CHALLENGE ─challenge(S)→ PROOF
                        │                                        │ proof(C)
                        └─resume(C)→ RESUME ─welcome(S)→ OPEN ←welcome(S)─ VERIFY
+                                                         ↑                 │ otp(S)
+                                        OTP_VERIFY ─welcome(S)┘   OTP ←────┘
+                                            ↑                      │
+                                            └─────otp_code(C)──────┘
     any state ─bye(either)→ CLOSED;  bad input / handshake timeout → ERROR
 
 Until OPEN the connection has a *handshake deadline*; ``handle_timer`` past
 it puts it in ERROR with code ``timeout``, so a peer that dribbles bytes
-cannot hold a connection open.  In OPEN the server side counts calls in
+cannot hold a connection open.  A login with a second factor (``otp``) gets
+``otp_timeout`` more seconds: a person reads the code off their phone.  In OPEN the server side counts calls in
 flight; a call over the cap is answered ``busy`` right here and never
 reaches the application.
 """
@@ -37,7 +42,7 @@ from .errors import (
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameEncoder
 from .messages import (
     PROTO_VERSIONS, Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login,
-    Message, Ping, Pong, Proof, Result, Resume, Welcome, parse, parse_call, to_wire,
+    Message, Otp, OtpCode, Ping, Pong, Proof, Result, Resume, Welcome, parse, parse_call, to_wire,
 )
 
 __all__ = ["Role", "State", "Connection", "Closed", "TRANSITIONS"]
@@ -53,7 +58,9 @@ class State(enum.Enum):
     AUTH = "AUTH"            # hello seen; client must log in or resume
     CHALLENGE = "CHALLENGE"  # login sent; waiting for the challenge
     PROOF = "PROOF"          # challenge sent; waiting for the client's proof
-    VERIFY = "VERIFY"        # proof sent; waiting for welcome (or bye)
+    VERIFY = "VERIFY"        # proof sent; waiting for welcome, otp (or bye)
+    OTP = "OTP"              # otp sent; waiting for the client's code
+    OTP_VERIFY = "OTP_VERIFY"  # code sent; waiting for welcome (or bye)
     RESUME = "RESUME"        # resume sent; waiting for welcome (or bye)
     OPEN = "OPEN"            # logged in: calls, results, events
     CLOSED = "CLOSED"        # bye exchanged or transport closed
@@ -77,6 +84,9 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.CHALLENGE, S, Challenge): State.PROOF,
     (State.PROOF, C, Proof): State.VERIFY,
     (State.VERIFY, S, Welcome): State.OPEN,
+    (State.VERIFY, S, Otp): State.OTP,
+    (State.OTP, C, OtpCode): State.OTP_VERIFY,
+    (State.OTP_VERIFY, S, Welcome): State.OPEN,
     (State.RESUME, S, Welcome): State.OPEN,
     **{(State.OPEN, C, t): State.OPEN for t in (Call, Cancel, Ping)},
     **{(State.OPEN, S, t): State.OPEN for t in (Result, Chunk, Error, Event, Pong)},
@@ -103,9 +113,11 @@ class Connection:
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = 10.0,
         max_inflight: int = 64,
+        otp_timeout: float = 120.0,
     ) -> None:
         self.role = role
         self.deadline: float | None = now + handshake_timeout
+        self.otp_timeout = otp_timeout
         self.max_inflight = max_inflight
         self.inflight: set[int] = set()   # server role: call ids not yet answered
         self.error: RemoteProtocolError | None = None
@@ -257,6 +269,8 @@ class Connection:
         if nxt is not self._state:
             if nxt is State.OPEN:
                 self.deadline = None
+            elif nxt is State.OTP and self.deadline is not None:
+                self.deadline += self.otp_timeout
             self.state = nxt
         return True
 

@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .client import DEFAULT_PORT, Client, LoginInfo, Stream, connect
+from .client import DEFAULT_PORT, Client, LoginInfo, OtpSource, Stream, connect
 from .errors import CallFailed, ConnectionLost, LoginFailed, URFAError
 from .messages import Event
 from .reconnect import CONNECTION_FAILED, Attempt, Backoff, GiveUp, LinkPlan, Verdict, verdict
@@ -141,13 +141,16 @@ class Link:
                  on_event: Callable[[Event], None] | None = None, on_missed: Callable[[str], None] | None = None,
                  on_lost: Callable[[str], None] | None = None, timeout: float = 10.0, wait_for_core: float = 0.0,
                  hook_timeout: float = 60.0, persistent: bool = True, rounds: int | None = None,
-                 backoff: tuple[float, float] = (0.1, 2.0), logger: logging.Logger | None = None) -> None:
+                 backoff: tuple[float, float] = (0.1, 2.0), logger: logging.Logger | None = None,
+                 otp: OtpSource | None = None, otp_wait: float = 120.0) -> None:
         if not addresses:
             raise ValueError("a link needs at least one core address")
         self.addresses = tuple(addresses)
         self.kind = kind
         self.login = login
         self._password = password
+        self._otp = otp                  # an operator's second factor (billctl: --otp, or a prompt)
+        self._otp_wait = otp_wait if otp is not None and not isinstance(otp, str) else 0.0   # a person types it
         self.topics: list[str] = list(topics)
         self._on_connected = on_connected
         self._on_event = on_event
@@ -393,7 +396,8 @@ class Link:
             password = self._password() if callable(self._password) else self._password
             client = await asyncio.wait_for(address.open(self.timeout), self.timeout)
             try:
-                await asyncio.wait_for(client.login(self.kind, self.login, password), self.timeout)
+                await asyncio.wait_for(client.login(self.kind, self.login, password, otp=self._otp),
+                                       self.timeout + self._otp_wait)
             except BaseException:
                 await client.close()
                 raise

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from .errors import RemoteProtocolError
 
 __all__ = [
-    "PROTO_VERSIONS", "Message", "Hello", "Login", "Challenge", "Proof", "Resume",
+    "PROTO_VERSIONS", "Message", "Hello", "Login", "Challenge", "Proof", "Otp", "OtpCode", "Resume",
     "Welcome", "Call", "Cancel", "Ping", "Pong", "Result", "Chunk", "Error",
     "Event", "Bye", "parse", "parse_call", "to_wire", "MAX_CALL_ID",
 ]
@@ -29,6 +29,7 @@ PROTO_VERSIONS: tuple[int, ...] = (1,)
 MAX_CALL_ID = (1 << 63) - 1
 MAX_NAME = 256        # logins, kinds, function names, topics, codes
 MAX_TEXT = 4096       # human messages
+MAX_CODE = 64         # a one-time code: 6 digits, or a recovery code
 _SID = 16
 _NONCE = 16
 _MAC = 32
@@ -59,6 +60,21 @@ class Challenge:
 @dataclass(frozen=True, slots=True)
 class Proof:
     proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Otp:
+    """The proof was right, and this login has a second factor: the server
+    proves itself (the ServerSignature ``welcome`` would carry) and asks for a code."""
+
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OtpCode:
+    """The client's answer to ``otp``: a TOTP code or a recovery code."""
+
+    code: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +175,7 @@ class Bye:
 
 
 Message = (
-    Hello | Login | Challenge | Proof | Resume | Welcome | Call | Cancel | Ping
+    Hello | Login | Challenge | Proof | Otp | OtpCode | Resume | Welcome | Call | Cancel | Ping
     | Pong | Result | Chunk | Error | Event | Bye
 )
 
@@ -250,6 +266,8 @@ _PARSERS: dict[str, Any] = {
                                _int(raw, "proto", 0, 1 << 16)),
     "challenge": _parse_challenge,
     "proof": lambda raw: Proof(_bin(raw, "proof", _MAC)),
+    "otp": lambda raw: Otp(_bin(raw, "sig", _MAC)),
+    "otp_code": lambda raw: OtpCode(_str(raw, "code", MAX_CODE)),
     "resume": lambda raw: Resume(_bin(raw, "sid", _SID), _bin(raw, "cnonce", _NONCE), _bin(raw, "proof", _MAC),
                                  _int(raw, "proto", 0, 1 << 16)),
     "welcome": lambda raw: Welcome(
@@ -299,6 +317,10 @@ def to_wire(msg: Message) -> dict[str, Any]:
             return {"t": "challenge", "salt": salt, "iter": iterations}
         case Proof(proof):
             return {"t": "proof", "proof": proof}
+        case Otp(signature):
+            return {"t": "otp", "sig": signature}
+        case OtpCode(code):
+            return {"t": "otp_code", "code": code}
         case Resume(sid, cnonce, proof, proto):
             return {"t": "resume", "proto": proto, "sid": sid, "cnonce": cnonce, "proof": proof}
         case Welcome(sid, signature, kind, login, timeout, proto):

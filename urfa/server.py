@@ -53,6 +53,7 @@ class ServerLimits:
     write_high_water: int = 1 << 20
     server_name: str = "billcore"
     max_connections_per_ip: int = 64    # open connections per address_key; 0: no cap
+    otp_timeout: float = 120.0          # more handshake time for a login's second factor
 
 
 def address_key(ip: str) -> str:
@@ -116,6 +117,7 @@ class ServerChannel(asyncio.Protocol):
         self.conn = Connection(
             Role.SERVER, self.loop.time(), max_frame=limits.max_frame,
             handshake_timeout=limits.handshake_timeout, max_inflight=limits.max_inflight,
+            otp_timeout=limits.otp_timeout,
         )
         self.nonce = secrets.token_bytes(16)
         self.peer_ip = ""
@@ -269,6 +271,8 @@ class ServerChannel(asyncio.Protocol):
         self._timer = None
         if self.conn.handle_timer(self.loop.time()):
             self.close()
+        elif not self.closed and self.conn.deadline is not None and self.conn.deadline > self.loop.time():
+            self._timer = self.loop.call_at(self.conn.deadline, self._on_timer)   # moved: a second factor's time
 
 
 async def serve(

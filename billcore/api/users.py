@@ -1,6 +1,7 @@
 """Admin calls on subscribers: ``users.create/get/edit/search/delete/set_password``.
 
-Rights: ``users.read`` for get/search, ``users.write`` for the rest.  A
+Rights: ``users.read`` for get/search, ``users.password`` for set_password
+(support resets passwords without creating users), ``users.write`` for the rest.  A
 password arrives only to be turned into a SCRAM verifier here; it is never
 stored or logged, and the audit row records that it changed, not what to.
 """
@@ -118,6 +119,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
              {"text": "str?", "limit": "int?", "offset": "int?", "include_deleted": "bool?"}, kinds=ADMIN_SYSTEM,
              bound="page:1000", fields={"total": "int", "users": "list"}),
         spec("users.delete", users_delete, "users.write", {"user_id": "int"}),
-        spec("users.set_password", users_set_password, "users.write",
+        spec("users.set_password", users_set_password, "users.password",
              {"user_id": "int", "password": "str"}, result="bool"),
     ]

@@ -8,6 +8,7 @@
     billctl block ID [--reason …] / unblock ID
     billctl promised ACCOUNT [--amount 50.00] [--days 5]   grant this month's promised payment
     billctl periodic-run                  run the periodic charges due now (progress on stderr)
+    billctl otp enroll / otp disable      your own TOTP second factor (operators.*: billctl call)
 
 Arguments are converted by the function's own schema (``sys.calls``): a
 ``money`` argument takes ``12.50`` (decimal currency) and sends integer
@@ -20,7 +21,9 @@ integer micro-units.  A streaming function (``reports.traffic``…) prints
 every row as it arrives: a table, one JSON object per line (``--json``) or
 CSV rows; its summary (``rows N``) goes to stderr.
 The password comes from ``$BILLCTL_PASSWORD`` or a prompt; it never crosses
-the wire (SCRAM).
+the wire (SCRAM).  An operator with a second factor gives its code with
+``--otp CODE`` (or ``$BILLCTL_OTP``); without it, billctl asks on the
+terminal when the core wants one.
 """
 
 from __future__ import annotations
@@ -234,7 +237,34 @@ def _link(args: argparse.Namespace) -> Link:
             raise UsageError("no password given: type it, or set BILLCTL_PASSWORD") from None
     context = ssl.create_default_context(cafile=args.cafile) if args.tls else None
     address = Address(host=None, unix=args.unix) if args.unix else Address(args.host, args.port, ssl=context)
-    return Link([address], args.kind, args.login, password, timeout=args.timeout, persistent=False)
+    return Link([address], args.kind, args.login, password, timeout=args.timeout, persistent=False,
+                otp=_otp_source(args))
+
+
+def _otp_source(args: argparse.Namespace) -> str | Callable[[], str] | None:
+    """The second factor's code: given, asked on the terminal only if the core wants one, or none."""
+    if args.otp:
+        return str(args.otp)
+    if not sys.stdin.isatty():
+        return None
+
+    def ask() -> str:
+        return getpass.getpass(f"{args.kind} {args.login} one-time code: ").strip()
+    return ask
+
+
+async def _otp_command(client: Client, args: argparse.Namespace) -> Any:
+    """``billctl otp enroll``: a new secret, its code checked, the recovery codes; ``otp disable``."""
+    if args.action == "disable":
+        code = args.code or await asyncio.to_thread(getpass.getpass, "current one-time or recovery code: ")
+        return await client.call("self.otp_disable", {"code": code.strip()})
+    begun = await client.call("self.otp_begin")
+    print(f"secret: {begun['secret']}\nadd it to your authenticator app (or scan a QR code of):\n{begun['uri']}",
+          file=sys.stderr, flush=True)
+    code = args.code or await asyncio.to_thread(getpass.getpass, "the code your app shows now: ")
+    confirmed = await client.call("self.otp_confirm", {"code": code.strip()})
+    print("second factor enrolled; keep these recovery codes (each works once):", file=sys.stderr)
+    return confirmed["recovery_codes"]
 
 
 class Described:
@@ -323,6 +353,8 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
                  "right": call["right"] or "", "doc": call["doc"].split("\n")[0]}
                 for call in await _call_table(client)
             ], Described(None)
+        if args.command == "otp":
+            return await _otp_command(client, args), Described(None)
         fn, call_args = _request(args)
         described = await _describe(client, fn)
         if args.command == "call":
@@ -383,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--login", default=env("BILLCTL_LOGIN", "admin"))
     p.add_argument("--kind", default=env("BILLCTL_KIND", "admin"), choices=["admin", "system", "user"])
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--otp", default=env("BILLCTL_OTP"), metavar="CODE",
+                   help="one-time code (TOTP or recovery) when your login has a second factor")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true",
                      help="JSON for scripts (money as integer micro-units; streamed rows: one object per line)")
@@ -414,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--days", type=int, help="days until it expires (default: the configured duration)")
     c.add_argument("--reason", default="", help="recorded in the audit log")
     sub.add_parser("periodic-run", help="run the periodic charges due now (what the scheduler would do)")
+    c = sub.add_parser("otp", help="your own TOTP second factor: enroll (prints the otpauth URI) or disable")
+    c.add_argument("action", choices=["enroll", "disable"])
+    c.add_argument("--code", help="the code, instead of a prompt")
     return p
 
 

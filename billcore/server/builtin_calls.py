@@ -17,11 +17,12 @@ from typing import Any
 
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
-from billcore.server.dispatcher import PROXY_RIGHT, runs_inline
+from billcore.server.calls import allows
+from billcore.server.dispatcher import PROXY_ADMIN_RIGHT, PROXY_RIGHT, runs_inline
 from billcore.server.event_hub import EventHub
 from billcore.server.login_desk import LoginDesk
 from urfa import scram
-from urfa.errors import AUTH_FAILED, BAD_ARGS, CallFailed
+from urfa.errors import AUTH_FAILED, BAD_ARGS, FORBIDDEN, CallFailed
 
 __all__ = ["builtin_specs", "SYS_CALLS_PAGE"]
 
@@ -74,23 +75,56 @@ def builtin_specs(desk: LoginDesk, hub: EventHub) -> list[CallSpec]:
         return hub.unsubscribe(ctx.session, topics)
 
     # The proxy calls ask the auth backend (the database): they run as tasks.
-    async def proxy_login(ctx: CallContext, login: str, cnonce: bytes, ip: str) -> dict[str, Any]:
+    def may_proxy(ctx: CallContext, kind: str) -> None:
+        if not allows(ctx.rights, PROXY_ADMIN_RIGHT if kind == "admin" else PROXY_RIGHT):
+            raise CallFailed(FORBIDDEN, f"this session may not log {kind}s in")
+
+    async def proxy_login(ctx: CallContext, login: str, cnonce: bytes, ip: str,
+                          kind: str | None = None) -> dict[str, Any]:
+        kind = kind or "user"
+        if kind not in ("user", "admin"):
+            raise CallFailed(BAD_ARGS, 'kind must be "user" or "admin"')
+        may_proxy(ctx, kind)
         if len(cnonce) != scram.NONCE_BYTES:
             raise CallFailed(BAD_ARGS, f"cnonce must be {scram.NONCE_BYTES} bytes")
         snonce = secrets.token_bytes(scram.NONCE_BYTES)
-        pending = await desk.begin_login("user", login, cnonce, snonce, ip, desk.clock())
+        pending = await desk.begin_login(kind, login, cnonce, snonce, ip, desk.clock())
         handle = desk.add_proxy_login(pending)
         return {"handle": handle, "nonce": snonce, "salt": pending.verifier.salt, "iter": pending.verifier.iterations}
 
     async def proxy_proof(ctx: CallContext, handle: bytes, proof: bytes) -> dict[str, Any]:
         now = desk.clock()
         pending = desk.take_proxy_login(handle, now)
-        if pending is None:
+        if pending is None or pending.proven:   # unknown, expired, or waiting for its code
             raise CallFailed(AUTH_FAILED, "login failed")
+        try:
+            may_proxy(ctx, pending.kind)
+        except CallFailed:
+            desk.abandon(pending)
+            raise
         session, signature = desk.finish_login(pending, proof, now, proxied=True)
+        if session is None:   # an operator with a second factor: the same handle takes the code
+            desk.add_proxy_login(pending, handle)
+            return {"sig": signature, "otp_required": True}
         return {"sid": session.sid, "sig": signature, "timeout": int(desk.sessions.timeout)}
 
+    async def proxy_otp(ctx: CallContext, handle: bytes, code: str) -> dict[str, Any]:
+        now = desk.clock()
+        pending = desk.take_proxy_login(handle, now)
+        if pending is None or not pending.proven:
+            if pending is not None:
+                desk.abandon(pending)
+            raise CallFailed(AUTH_FAILED, "login failed")
+        try:
+            session = await desk.finish_second_factor(pending, code, now, proxied=True)
+        except CallFailed as refused:
+            if refused.code != AUTH_FAILED or pending.codes_left > 0:
+                desk.add_proxy_login(pending, handle)   # the next try uses the same handle
+            raise
+        return {"sid": session.sid, "timeout": int(desk.sessions.timeout)}
+
     system = frozenset({"system"})
+    PROXY_ANY = f"{PROXY_RIGHT}|{PROXY_ADMIN_RIGHT}"
     specs = [
         CallSpec("sys.ping", _sys_ping, result="str", doc="Answers \"pong\"."),
         CallSpec("sys.time", _sys_time, result="time", doc="The server's current time (UTC)."),
@@ -107,12 +141,19 @@ def builtin_specs(desk: LoginDesk, hub: EventHub) -> list[CallSpec]:
                      " not allowed for this session: forbidden)."),
         CallSpec("events.unsubscribe", events_unsubscribe, args={"topics": "list"}, result="list",
                  doc="Remove topics; returns the topics still subscribed."),
-        CallSpec("session.proxy_login", proxy_login, right=PROXY_RIGHT, kinds=system,
-                 args={"login": "str", "cnonce": "bytes", "ip": "ip"}, result="map",
-                 doc="Start a subscriber's login on their behalf: returns handle, nonce, salt, iter."),
-        CallSpec("session.proxy_proof", proxy_proof, right=PROXY_RIGHT, kinds=system,
+        CallSpec("session.proxy_login", proxy_login, right=PROXY_ANY, kinds=system,
+                 args={"login": "str", "cnonce": "bytes", "ip": "ip", "kind": "str?"}, result="map",
+                 doc="Start a subscriber's (kind \"user\", the default; right session.proxy) or an operator's"
+                     " (kind \"admin\"; right session.proxy_admin) login on their behalf: returns handle, nonce,"
+                     " salt, iter."),
+        CallSpec("session.proxy_proof", proxy_proof, right=PROXY_ANY, kinds=system,
                  args={"handle": "bytes", "proof": "bytes"}, result="map",
-                 doc="Finish a proxied login with the subscriber's ClientProof: returns sid, sig, timeout."),
+                 doc="Finish a proxied login with the ClientProof: returns sid, sig, timeout; or, for an operator"
+                     " with a second factor, sig and otp_required (then session.proxy_otp with the same handle)."),
+        CallSpec("session.proxy_otp", proxy_otp, right=PROXY_ADMIN_RIGHT, kinds=system,
+                 args={"handle": "bytes", "code": "str"}, result="map",
+                 doc="Finish a proxied operator's login with their TOTP or recovery code: returns sid, timeout."
+                     " A wrong code is auth_failed and counts as a failed login; three codes per handle."),
     ]
     # the rest answer one record (events.*: the topics of one session, at most MAX_TOPICS)
     return [spec if spec.bound else dataclasses.replace(spec, bound="fixed") for spec in specs]

@@ -72,7 +72,7 @@ class CallSpec:
     schema vocabulary (``int``, ``money``, ``str``, ``bool``, ``ip``,
     ``time``, ``bytes``, ``list``, ``map``, ``any``); a trailing ``?`` marks
     an optional argument.  ``right`` is the right a session must hold
-    (``None``: any session of an allowed kind).
+    (``None``: any session of an allowed kind; ``"a|b"``: either; see ``allows``).
 
     ``fields`` describes the result with the same type words: a map's keys,
     the keys of each map of a list, or — for a streaming call — the columns
@@ -150,11 +150,18 @@ def allows(rights: frozenset[str], right: str | None) -> bool:
     """True when a holder of ``rights`` may call a symbol needing ``right``.
 
     ``"*"`` grants everything; ``"payments.*"`` grants every right that
-    starts with ``"payments."``.
+    starts with ``"payments."``; ``"*.read"`` grants every right whose last
+    part is ``read`` (``users.read``, ``radius.read``: an operator who may
+    read everything, present and future).  A symbol may need one of several
+    rights, written ``"session.proxy|session.proxy_admin"``.
     """
     if right is None or "*" in rights or right in rights:
         return True
+    if "|" in right:
+        return any(allows(rights, one) for one in right.split("|"))
     parts = right.split(".")
+    if len(parts) > 1 and "*." + parts[-1] in rights:
+        return True
     for i in range(len(parts) - 1, 0, -1):
         if ".".join(parts[:i]) + ".*" in rights:
             return True

@@ -16,8 +16,17 @@ Attempts count per source address (an IPv4 address, an IPv6 /64) and per
 login.  The Unix socket is every local edge's one "address", gated by its
 file permissions: attempts over it count per login only.
 
+An operator with a second factor (``Principal.second_factor``) is not
+logged in by the proof alone: ``finish_login`` then answers no session, the
+proof's attempt stops counting (the password was right), and
+``finish_second_factor`` checks the code with the auth backend; every code
+checked is an attempt of its own, so wrong codes count against the address
+and the login like wrong passwords.
+
 A system session with right ``session.proxy`` (the web office) relays a
-subscriber's SCRAM exchange (``session.proxy_login``/``proxy_proof``); the
+subscriber's SCRAM exchange (``session.proxy_login``/``proxy_proof``), one
+with ``session.proxy_admin`` (the operator's console) an operator's, and
+their code (``session.proxy_otp``, ``OTP_TRIES`` codes per exchange); the
 half-done exchanges wait here under a random handle, bounded in number and
 in time.  Only system sessions logged in directly can be resumed from a new
 connection (``resume``); a failed resume counts against the address.
@@ -45,15 +54,18 @@ from urfa import scram
 from urfa.errors import AUTH_FAILED, BUSY, RATE_LIMITED, RESUME_FAILED, CallFailed
 from urfa.server import address_key
 
-__all__ = ["AuthBackend", "LoginDesk", "PendingLogin", "KINDS", "address_keys", "limit_keys"]
+__all__ = ["AuthBackend", "LoginDesk", "PendingLogin", "KINDS", "OTP_TRIES", "address_keys", "limit_keys"]
 
 log = logging.getLogger("billcore.urfa")
 KINDS = ("system", "admin", "user")
+OTP_TRIES = 3   # codes one proxied login may try (a direct login: one, then its connection closes)
 
 
 class AuthBackend(Protocol):
     """Who may log in.  A backend may also have ``accounts_of(user_id)``,
-    a subscriber's account ids, for the event hub (``URFAService``)."""
+    a subscriber's account ids, for the event hub (``URFAService``), and
+    ``check_second_factor(principal, code) -> bool`` for principals found
+    with ``second_factor`` (without it, no code is ever right)."""
 
     # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
@@ -72,11 +84,16 @@ class PendingLogin:
     verifier: scram.Verifier
     expires: float
     attempt: Attempt                 # what the limiter counts until the proof is checked
+    proven: bool = False             # the proof was right; the second factor's code is awaited
+    codes_left: int = 0              # codes a proxied login may still try
 
     def auth_message(self) -> bytes:
         verifier = self.verifier
         return scram.auth_message(self.kind, self.login, self.cnonce, self.snonce,
                                   verifier.salt, verifier.iterations)
+
+    def server_signature(self) -> bytes:
+        return scram.server_signature(self.verifier.server_key, self.auth_message())
 
 
 def address_keys(ip: str) -> tuple[LimitKey, ...]:
@@ -93,7 +110,7 @@ class LoginDesk:
     def __init__(
         self, registry: CallRegistry, auth: AuthBackend, sessions: SessionTable, limiter: LoginLimiter,
         secret: bytes, clock: Callable[[], float], *, lookup_timeout: float, handshake_timeout: float,
-        mock_iterations: int, max_proxy_logins: int,
+        mock_iterations: int, max_proxy_logins: int, otp_timeout: float = 120.0,
     ) -> None:
         self.registry = registry
         self.auth = auth
@@ -105,6 +122,7 @@ class LoginDesk:
         self.handshake_timeout = handshake_timeout
         self.mock_iterations = mock_iterations
         self.max_proxy_logins = max_proxy_logins
+        self.otp_timeout = otp_timeout     # a person types the code: more than the handshake's time
         self._proxy_logins: OrderedDict[bytes, PendingLogin] = OrderedDict()   # oldest first
 
     # -- login -----------------------------------------------------------
@@ -140,33 +158,73 @@ class LoginDesk:
         self.limiter.abandon(pending.attempt)
 
     def finish_login(self, pending: PendingLogin, proof: bytes, now: float, *,
-                     proxied: bool = False) -> tuple[Session, bytes]:
-        """Check the proof; the new session and the ServerSignature, or ``CallFailed``."""
+                     proxied: bool = False) -> tuple[Session | None, bytes]:
+        """Check the proof; the new session and the ServerSignature, or ``CallFailed``.
+
+        No session (``None``) when the principal has a second factor: the
+        proof was right, ``pending`` is marked ``proven`` and waits for
+        ``finish_second_factor``."""
         message = pending.auth_message()
         client_key = scram.recover_client_key(pending.verifier, message, proof)
         attempt = pending.attempt
         if client_key is None or pending.principal is None:
             self.limiter.failed(attempt)
             raise CallFailed(AUTH_FAILED, "login failed")
+        principal = pending.principal
+        signature = scram.server_signature(pending.verifier.server_key, message)
+        if principal.second_factor:
+            # the password was right: that attempt stops counting, but clears nothing yet
+            self.limiter.succeeded(attempt)
+            pending.proven = True
+            pending.codes_left = OTP_TRIES if proxied else 1
+            pending.expires = now + self.otp_timeout
+            return None, signature
         # a success clears the login's count of failures (not the address's)
         self.limiter.succeeded(attempt, clear=[key for key in attempt.keys if key[0] == "login"])
-        principal = pending.principal
-        table = self.registry.snapshot(principal.kind, principal.rights)
         resume_key = scram.resume_key(client_key, message) if principal.kind == "system" and not proxied else None
+        return self._open(principal, pending.ip, now, proxied, resume_key), signature
+
+    async def finish_second_factor(self, pending: PendingLogin, code: str, now: float, *,
+                                   proxied: bool = False) -> Session:
+        """Check a proven login's code (TOTP or recovery); the new session, or ``CallFailed``
+        (``rate_limited``, ``auth_failed``: counted as a failed login, ``core.db_unavailable``)."""
+        principal = pending.principal
+        assert pending.proven and principal is not None, "only a proven login takes a code"
+        attempt = self.limiter.begin(limit_keys(pending.ip, pending.kind, pending.login), now)
+        if attempt is None:
+            raise CallFailed(RATE_LIMITED, "too many login attempts; wait and retry")
+        check = getattr(self.auth, "check_second_factor", None)
+        try:
+            right = check is not None and await asyncio.wait_for(check(principal, code), self.lookup_timeout)
+        except (AuthUnavailable, asyncio.TimeoutError):
+            self.limiter.abandon(attempt)   # no code was checked
+            raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+        except BaseException:
+            self.limiter.abandon(attempt)
+            raise
+        pending.codes_left -= 1
+        if not right:
+            self.limiter.failed(attempt)
+            log.info("second factor of %s:%s refused from %s", pending.kind, pending.login, pending.ip)
+            raise CallFailed(AUTH_FAILED, "login failed: wrong code")
+        self.limiter.succeeded(attempt, clear=[key for key in attempt.keys if key[0] == "login"])
+        return self._open(principal, pending.ip, now, proxied, None)
+
+    def _open(self, principal: Principal, ip: str, now: float, proxied: bool, resume_key: bytes | None) -> Session:
+        table = self.registry.snapshot(principal.kind, principal.rights)
         for _old in self.sessions.make_room(principal):   # at its cap: the oldest ends (bye logged_out)
             log.info("session of %s:%s ended: over %d sessions", principal.kind, principal.login,
                      self.sessions.cap(principal))
         try:
-            session = self.sessions.create(principal, pending.ip, table, now,
-                                           resume_key=resume_key, proxied=proxied)
+            return self.sessions.create(principal, ip, table, now, resume_key=resume_key, proxied=proxied)
         except TooManySessions:
             raise CallFailed(BUSY, "session table full") from None
-        return session, scram.server_signature(pending.verifier.server_key, message)
 
     # -- proxied logins ----------------------------------------------------
-    def add_proxy_login(self, pending: PendingLogin) -> bytes:
-        """Park a relayed exchange until its proof; the handle to finish it with."""
-        handle = secrets.token_bytes(16)
+    def add_proxy_login(self, pending: PendingLogin, handle: bytes | None = None) -> bytes:
+        """Park a relayed exchange until its proof (or, proven, its code); the
+        handle to finish it with (a new one, or ``handle`` to park it again)."""
+        handle = handle or secrets.token_bytes(16)
         self._proxy_logins[handle] = pending
         while len(self._proxy_logins) > self.max_proxy_logins:
             self.abandon(self._proxy_logins.popitem(last=False)[1])
@@ -180,13 +238,10 @@ class LoginDesk:
         return pending
 
     def sweep(self, now: float) -> None:
-        """Forget the relayed exchanges whose proof did not come in time."""
-        while self._proxy_logins:
-            handle, pending = next(iter(self._proxy_logins.items()))
-            if pending.expires > now:
-                break
-            del self._proxy_logins[handle]
-            self.abandon(pending)
+        """Forget the relayed exchanges whose proof (or code) did not come in time.
+        (Not in expiry order: one waiting for a code expires later, so all are looked at.)"""
+        for handle in [handle for handle, pending in self._proxy_logins.items() if pending.expires <= now]:
+            self.abandon(self._proxy_logins.pop(handle))
 
     # -- resume and logout -------------------------------------------------
     def resume(self, sid: bytes, ip: str, snonce: bytes, cnonce: bytes, proof: bytes,

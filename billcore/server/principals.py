@@ -1,11 +1,14 @@
 """Who may log in, as stored in PostgreSQL (schema/0001_principals.sql).
 
 ``DatabaseAuth.find_principal(kind, login)`` is the URFA server's auth
-backend: an administrator's rights are the union of their groups' rights, a
+backend: an administrator's rights are the union of their groups' rights
+plus ``self.otp`` (every operator manages their own second factor), a
 system login's rights are its own, and a subscriber gets the fixed ``me.*``
 right (what a subscriber may do is decided by the call table, which only
 holds ``kinds={"user"}`` calls for them).  Disabled or deleted principals
-are not found, exactly like unknown ones.
+are not found, exactly like unknown ones.  An operator with a TOTP second
+factor is found with ``second_factor`` set; ``check_second_factor`` checks
+the code their login's second step brings (``billcore.billing.operators``).
 
 The edges (radius, netflow, portal) log in as system principals.  On a
 single machine the core provisions them itself: ``ensure_service_login``
@@ -16,29 +19,35 @@ file.  A remote collector gets a login made with ``billcore system create``.
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 
 from urfa.scram import Verifier, make_verifier
 
+from billcore.billing import operators
 from billcore.common.sysfiles import read_or_make_password, service_password_file
 from billcore.db.pool import DATABASE_GONE
 from billcore.db.rows import DbConnection
 from billcore.server.sessions import AuthUnavailable, Principal
 
 __all__ = [
-    "DatabaseAuth", "SERVICE_RIGHTS", "USER_RIGHTS", "create_admin", "create_system_login",
+    "DatabaseAuth", "OWN_RIGHTS", "SERVICE_RIGHTS", "USER_RIGHTS", "create_admin", "create_system_login",
     "ensure_service_login", "set_user_password",
 ]
 
 USER_RIGHTS = frozenset({"me.*"})
+OWN_RIGHTS = frozenset({"self.otp"})   # every operator's, whatever their groups
 
 # What each edge's system login may do.
 SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     "radius": frozenset({"radius.*", "events.subscribe"}),
     "netflow": frozenset({"netflow.*", "events.subscribe"}),
     "portal": frozenset({"session.proxy"}),
+    "console": frozenset({"session.proxy_admin", "events.subscribe"}),
 }
 
 
@@ -52,8 +61,19 @@ def _verifier(row: asyncpg.Record) -> Verifier:
 class DatabaseAuth:
     """The URFA auth backend over the principal tables."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, wall_clock: Callable[[], float] = time.time) -> None:
         self.pool = pool
+        self.wall_clock = wall_clock   # Unix time: TOTP codes are counted from the epoch
+
+    async def check_second_factor(self, principal: Principal, code: str) -> bool:
+        """Is ``code`` the operator's next TOTP code or an unused recovery code (used up now)?"""
+        t = self.wall_clock()
+        try:
+            async with self.pool.acquire() as conn:
+                return await operators.check_code(conn, principal.id, code, t,
+                                                  dt.datetime.fromtimestamp(t, dt.timezone.utc))
+        except (*DATABASE_GONE, OSError) as exc:
+            raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def find_principal(self, kind: str, login: str) -> Principal | None:
         """The enabled principal, ``None``, or ``AuthUnavailable`` while the
@@ -87,7 +107,8 @@ class DatabaseAuth:
             )
             if row is None:
                 return None
-            return Principal("admin", login, row["id"], frozenset(row["rights"]), _verifier(row))
+            return Principal("admin", login, row["id"], frozenset(row["rights"]) | OWN_RIGHTS, _verifier(row),
+                             second_factor=row["otp_enrolled"])
         if kind == "system":
             row = await self.pool.fetchrow(
                 "SELECT * FROM system_logins WHERE login = $1 AND NOT disabled", login
@@ -108,22 +129,8 @@ class DatabaseAuth:
 async def create_admin(
     conn: DbConnection, login: str, password: str, groups: list[str], full_name: str = ""
 ) -> int:
-    verifier = make_verifier(password)
-    async with conn.transaction():
-        known = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM admin_groups")}
-        unknown = [group for group in groups if group not in known]
-        if unknown:
-            raise ValueError(f"unknown admin group(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        admin_id: int = await conn.fetchval(
-            """INSERT INTO admins(login, full_name, scram_salt, scram_iterations, scram_stored_key, scram_server_key)
-               VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
-            login, full_name, verifier.salt, verifier.iterations, verifier.stored_key, verifier.server_key,
-        )
-        for group in groups:
-            await conn.execute(
-                "INSERT INTO admin_group_members(admin_id, group_id) VALUES ($1, $2)", admin_id, known[group]
-            )
-    return admin_id
+    """An operator in ``groups`` (``ValueError`` naming an unknown group)."""
+    return await operators.create_operator(conn, login, make_verifier(password), groups, full_name)
 
 
 async def create_system_login(

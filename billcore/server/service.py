@@ -45,7 +45,7 @@ from billcore.server.sessions import Session, SessionTable
 from billcore.server.topics import TOPICS, Topic
 from urfa import scram
 from urfa.errors import INTERNAL, LOGGED_OUT, PROTOCOL, SHUTDOWN, CallFailed
-from urfa.messages import Call, Cancel, Challenge, Login, Message, Ping, Pong, Proof, Resume, Welcome
+from urfa.messages import Call, Cancel, Challenge, Login, Message, Otp, OtpCode, Ping, Pong, Proof, Resume, Welcome
 from urfa.server import ServerChannel, ServerLimits, serve
 
 __all__ = ["URFAConfig", "URFAService"]
@@ -57,6 +57,7 @@ log = logging.getLogger("billcore.urfa")
 class URFAConfig:
     session_timeout: float = 1800.0
     handshake_timeout: float = 10.0
+    otp_timeout: float = 120.0       # more handshake time when a login takes a second factor's code
     max_frame: int = 1 << 20
     max_inflight: int = 64
     max_sessions: int = 100_000
@@ -92,6 +93,7 @@ class URFAService:
             config.secret if config.secret is not None else secrets.token_bytes(32), clock,
             lookup_timeout=config.lookup_timeout, handshake_timeout=config.handshake_timeout,
             mock_iterations=config.mock_iterations, max_proxy_logins=config.max_sessions // 10 + 16,
+            otp_timeout=config.otp_timeout,
         )
         self.dispatcher = Dispatcher(registry, self.sessions, clock)
         # ServerApp.on_call, the hot path: the transport calls the dispatcher
@@ -102,7 +104,7 @@ class URFAService:
         self.limits = ServerLimits(
             max_frame=config.max_frame, handshake_timeout=config.handshake_timeout,
             max_inflight=config.max_inflight, server_name=config.server_name,
-            max_connections_per_ip=config.max_connections_per_ip,
+            max_connections_per_ip=config.max_connections_per_ip, otp_timeout=config.otp_timeout,
         )
         self._peers: set[Peer] = set()
         self._servers: list[asyncio.Server] = []
@@ -180,6 +182,8 @@ class URFAService:
             self._spawn(self._on_login(peer, msg))
         elif isinstance(msg, Proof):
             self._on_proof(peer, msg)
+        elif isinstance(msg, OtpCode):
+            self._spawn(self._on_otp(peer, msg))
         elif isinstance(msg, Resume):
             self._on_resume(peer, msg)
 
@@ -236,6 +240,34 @@ class URFAService:
         except CallFailed as exc:
             peer.channel.close(exc.code, exc.message)
             return
+        if session is None:   # an operator with a second factor: their code comes next
+            peer.login = pending
+            peer.channel.send(Otp(signature))
+            return
+        self._welcome(peer, session, signature)
+
+    async def _on_otp(self, peer: Peer, msg: OtpCode) -> None:
+        # a task nobody awaits, like _on_login: every outcome is answered here
+        pending, peer.login = peer.login, None
+        channel = peer.channel
+        if pending is None or not pending.proven:   # the state machine only lets a code follow our otp
+            channel.close(PROTOCOL, "code without otp")
+            return
+        try:
+            session = await self.desk.finish_second_factor(pending, msg.code, self.clock())
+        except CallFailed as exc:
+            channel.close(exc.code, exc.message)
+            return
+        except Exception:
+            log.exception("second factor of %s:%s failed unexpectedly", pending.kind, pending.login)
+            channel.close(INTERNAL, "internal error")
+            return
+        if channel.closed:   # gone while the code was checked: nobody holds the session
+            self.sessions.end(session.sid)
+            return
+        self._welcome(peer, session, pending.server_signature())
+
+    def _welcome(self, peer: Peer, session: Session, signature: bytes) -> None:
         self._attach(peer, session)
         peer.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
                                   int(self.config.session_timeout)))
@@ -252,9 +284,7 @@ class URFAService:
             old.session = None
             self.hub.detach(old, session)
             old.channel.close(LOGGED_OUT, "session resumed on another connection")
-        self._attach(peer, session)
-        peer.channel.send(Welcome(session.sid, signature, session.kind, session.principal.login,
-                                  int(self.config.session_timeout)))
+        self._welcome(peer, session, signature)
 
     def _attach(self, peer: Peer, session: Session) -> None:
         peer.session = session

@@ -17,9 +17,9 @@ the same address, by proving knowledge of it over a fresh server nonce.
 Any failed resume deletes the SID: a guessed or stolen SID is good for one
 try at most.
 
-``proxied`` sessions are subscriber sessions that a system session (the web
-office) opened on the subscriber's behalf; they are bound to the
-subscriber's declared address and belong to no connection.
+``proxied`` sessions are subscriber (or operator) sessions that a system
+session (the web office, the operator's console) opened on their behalf;
+they are bound to the declared browser address and belong to no connection.
 
 Each principal (kind and id) may hold at most ``max_per_login`` live
 sessions (``max_per_system`` for system principals, whose edges run many
@@ -92,6 +92,7 @@ class Principal:
     id: int
     rights: frozenset[str]
     verifier: Verifier
+    second_factor: bool = False   # an operator with TOTP: the login takes a code after the proof
 
 
 class Session:
