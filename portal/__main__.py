@@ -17,9 +17,11 @@ import signal
 import sys
 from pathlib import Path
 
+from billcore.common.config import PortalSection
+from webedge.core_link import CoreLink
+from webedge.settings import read_or_make_secret
+
 from .app import serve
-from .core_link import CoreLink
-from .settings import PortalSection, read_or_make_secret
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,27 +27,27 @@ forget them:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import re
 import secrets
-import ssl
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+
+from billcore.common.config import PortalSection
+from webedge import http
+from webedge.core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
+from webedge.guard import LoginLimiter, csrf_ok, csrf_token
+from webedge.http import ascii_int, b64, unb64
+from webedge.i18n import LANGUAGES, Translator, pick_language
+from webedge.render import FILTERS
+from webedge.settings import EdgeSettings, read_or_make_secret
 
 from . import render
-from .core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
-from .guard import LoginLimiter, csrf_ok, csrf_token
-from .i18n import LANGUAGES, Translator, pick_language
-from .settings import PortalSection, PortalSettings, read_or_make_secret
+from .i18n import translator as office_words
 
 __all__ = ["build_app", "run", "serve", "SID_COOKIE"]
 
@@ -71,7 +71,7 @@ _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
 )
-_env.filters.update(money=render.money, bytes=render.human_bytes, when=render.when, duration=render.duration)
+_env.filters.update(FILTERS)
 
 
 class PageError(Exception):
@@ -86,30 +86,12 @@ class PageError(Exception):
 
 # -- request helpers ----------------------------------------------------------
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _unb64(text: str | None, max_len: int = 64) -> bytes | None:
-    if not text or len(text) > max_len * 2:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    return raw if 0 < len(raw) <= max_len else None
-
-
 def client_ip(request: web.Request) -> str:
-    if request.app[SECTION].trust_forwarded:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        if forwarded:
-            return forwarded.split(",")[-1].strip()
-    return request.remote or "0.0.0.0"
+    return http.client_ip(request, request.app[SECTION].trust_forwarded)
 
 
 def sid_of(request: web.Request) -> bytes | None:
-    return _unb64(request.cookies.get(SID_COOKIE))
+    return unb64(request.cookies.get(SID_COOKIE))
 
 
 def translator(request: web.Request) -> Translator:
@@ -117,7 +99,7 @@ def translator(request: web.Request) -> Translator:
     if t is None:
         lang = pick_language(request.headers.get("Accept-Language", ""), request.cookies.get(LANG_COOKIE),
                              request.app[SECTION].language)
-        t = request[TR] = Translator(lang)
+        t = request[TR] = office_words(lang)
     return t
 
 
@@ -130,19 +112,11 @@ def page(request: web.Request, template: str, status: int = 200, **values: Any) 
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
 
-def _ascii_int(raw: str, max_digits: int) -> int | None:
-    """``raw`` as an int when it is 1..max_digits ASCII digits, else None.
-    (``str.isdigit`` also accepts '²' or '١', which ``int`` refuses or reads.)"""
-    if not raw or len(raw) > max_digits or not raw.isascii() or not raw.isdecimal():
-        return None
-    return int(raw)
-
-
 def _account_arg(request: web.Request) -> dict[str, Any]:
     raw = request.query.get("account_id") or request.get(FORM, {}).get("account_id")
     if not raw:
         return {}
-    account_id = _ascii_int(raw, 18)
+    account_id = ascii_int(raw, 18)
     if account_id is None:
         raise PageError(404, "error.404")
     return {"account_id": account_id}
@@ -173,20 +147,7 @@ async def ask_optional(request: web.Request, fn: str, **args: Any) -> Any:
         raise
 
 
-# A path of this office: "/" then URL-safe characters only.  Browsers drop tabs
-# and newlines from a Location ("/\t/evil" becomes "//evil", another host) and
-# read "\\" as "/", so anything but these characters is refused outright.
-_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,511}")
-
-
-def local_path(wanted: str) -> str:
-    """``wanted`` when it is a path on this site, else "/" (no open redirect)."""
-    return wanted if _LOCAL_PATH.fullmatch(wanted) else "/"
-
-
-def redirect(location: str, **query: Any) -> web.Response:
-    q = {k: v for k, v in query.items() if v is not None}
-    return web.Response(status=303, headers={"Location": location + ("?" + urlencode(q) if q else "")})
+redirect = http.see_other
 
 
 def _internet_state(blocks: list[str]) -> str:
@@ -196,22 +157,6 @@ def _internet_state(blocks: list[str]) -> str:
 
 
 # -- middleware ------------------------------------------------------------------
-
-_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self';"
-                               " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
-}
-# Sent only when the office is reached over HTTPS (its own TLS, or a TLS proxy
-# in front: ``cookie_secure``); over plain HTTP a browser ignores it anyway.
-_HSTS = ("Strict-Transport-Security", "max-age=31536000")
-
 
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -246,10 +191,8 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         response = page(request, "error.html", 500, message=translator(request)("error.500"))
-    for k, v in _HEADERS.items():
-        response.headers.setdefault(k, v)
-    if section.cookie_secure or section.tls_cert:
-        response.headers.setdefault(*_HSTS)
+    # HTTPS: its own TLS, or a TLS proxy in front (``cookie_secure``)
+    http.security_headers(response, https=section.cookie_secure or bool(section.tls_cert))
     return response
 
 
@@ -259,7 +202,7 @@ async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
         request[FORM] = {k: v for k, v in form.items() if isinstance(v, str)}
         key = request.app[STATE]["key"]
         if request.path == "/login":
-            ok = csrf_ok(key, _unb64(request.cookies.get(PRE_COOKIE)), form.get("csrf"), "login")
+            ok = csrf_ok(key, unb64(request.cookies.get(PRE_COOKIE)), form.get("csrf"), "login")
         else:
             ok = csrf_ok(key, request[SID], form.get("csrf"))
         if not ok:
@@ -270,7 +213,7 @@ async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
 # -- pages -----------------------------------------------------------------------------
 
 async def login_form(request: web.Request, status: int = 200, error: str = "") -> web.Response:
-    known = _unb64(request.cookies.get(PRE_COOKIE))
+    known = unb64(request.cookies.get(PRE_COOKIE))
     fresh = known is None
     pre = secrets.token_bytes(16) if known is None else known
     message = request.query.get("m", "")
@@ -279,7 +222,7 @@ async def login_form(request: web.Request, status: int = 200, error: str = "") -
                 error=error, notice=t("login." + message) if message in LOGIN_MESSAGES else "",
                 login_value=request.get(FORM, {}).get("login", "")[:64])
     if fresh:
-        resp.set_cookie(PRE_COOKIE, _b64(pre), httponly=True, samesite="Strict", path="/",
+        resp.set_cookie(PRE_COOKIE, b64(pre), httponly=True, samesite="Strict", path="/",
                         secure=request.app[SECTION].cookie_secure)
     return resp
 
@@ -318,7 +261,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         except (CoreDown, Refused):
             pass
     resp = redirect("/")
-    resp.set_cookie(SID_COOKIE, _b64(info.sid), httponly=True, samesite="Strict", path="/",
+    resp.set_cookie(SID_COOKIE, b64(info.sid), httponly=True, samesite="Strict", path="/",
                     secure=request.app[SECTION].cookie_secure)
     log.info("subscriber logged in", extra={"login": login, "ip": ip})
     return resp
@@ -394,7 +337,7 @@ async def promised(request: web.Request) -> web.StreamResponse:
 
 async def traffic(request: web.Request) -> web.StreamResponse:
     which = _account_arg(request)
-    asked = _ascii_int(request.query.get("days", ""), 3)
+    asked = ascii_int(request.query.get("days", ""), 3)
     days = asked if asked is not None and 1 <= asked <= 366 else 31
     if not which:   # me.traffic without an account mixes them all: show the basic one
         accounts = await ask(request, "me.accounts")
@@ -457,13 +400,10 @@ async def password_post(request: web.Request) -> web.StreamResponse:
 
 
 async def language(request: web.Request) -> web.StreamResponse:
-    lang = request.match_info["lang"]
-    if lang not in LANGUAGES:
+    response = http.language_chosen(request, LANG_COOKIE, secure=request.app[SECTION].cookie_secure)
+    if response is None:
         raise PageError(404, "error.404")
-    resp = redirect(local_path(request.query.get("next", "/")))
-    resp.set_cookie(LANG_COOKIE, lang, httponly=True, samesite="Strict", path="/", max_age=365 * 86400,
-                    secure=request.app[SECTION].cookie_secure)
-    return resp
+    return response
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -492,55 +432,17 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Applica
     return app
 
 
-def tls_context(section: PortalSection) -> ssl.SSLContext | None:
-    if not section.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(section.tls_cert, section.tls_key)
-    return ctx
-
-
-class _ClientErrorsInOneLine(logging.Filter):
-    """aiohttp logs a malformed request (a header over the cap, bad framing)
-    as ERROR with a traceback: a log any client can flood.  It is the
-    client's mistake, answered with a 400: keep one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "malformed request refused: %s", (str(exc.message)[:120],)
-        return True
-
-
-_http_log = logging.getLogger("portal.http")
-_http_log.addFilter(_ClientErrorsInOneLine())
-
-
 async def serve(section: PortalSection, link: CoreLink, key: bytes,
                 keepalive_timeout: float = 15.0) -> web.AppRunner:
-    """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it).
-
-    ``keepalive_timeout`` also bounds a connection that has not finished sending
-    its first request's headers (aiohttp arms it when the connection opens), so
-    a slowloris client holds a connection at most that long.
-    """
-    runner = web.AppRunner(build_app(section, link, key), access_log=None, handler_cancellation=True,
-                           keepalive_timeout=keepalive_timeout, max_line_size=8190, max_field_size=8190,
-                           shutdown_timeout=2.0, logger=_http_log)
-    await runner.setup()
-    site = web.TCPSite(runner, section.host, section.port, ssl_context=tls_context(section),
-                       backlog=512)
-    await site.start()
-    return runner
+    """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
+    return await http.serve(build_app(section, link, key), host=section.host, port=section.port,
+                            tls_cert=section.tls_cert, tls_key=section.tls_key, logger_name="portal.http",
+                            keepalive_timeout=keepalive_timeout)
 
 
 async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     """The ``portal`` role (``dsn`` is unused: the office has no database access)."""
-    settings = PortalSettings.from_config(config)
+    settings = EdgeSettings.of(config, "portal", config.portal)
     link = CoreLink.for_endpoint(
         host=settings.core_host, port=settings.core_port, unix=settings.core_unix, login=settings.login,
         password=lambda: settings.password_file.read_text().strip(), timeout=settings.section.core_timeout)

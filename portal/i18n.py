@@ -1,19 +1,15 @@
-"""Languages of the office: English and Russian.
+"""The office's words in English and Russian.
 
-The language is the ``lang`` cookie when the subscriber chose one with the
-switch, else the best match of the browser's Accept-Language, else the
-configured default.  Every visible string goes through ``Translator``; a
+How a page picks its language and looks a key up is ``webedge.i18n``'s; a
 key missing from a catalogue falls back to English (a test keeps the two
 catalogues' keys equal).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from webedge.i18n import Translator
 
-__all__ = ["LANGUAGES", "CATALOGS", "Translator", "pick_language"]
-
-LANGUAGES = ("en", "ru")
+__all__ = ["CATALOGS", "translator"]
 
 EN: dict[str, str] = {
     "title": "Virtual office",
@@ -208,31 +204,6 @@ RU: dict[str, str] = {
 CATALOGS: dict[str, dict[str, str]] = {"en": EN, "ru": RU}
 
 
-class Translator:
-    def __init__(self, lang: str) -> None:
-        self.lang = lang if lang in CATALOGS else "en"
-        self._catalog = CATALOGS[self.lang]
-
-    def __call__(self, key: str, **values: Any) -> str:
-        text = self._catalog.get(key) or EN.get(key, key)
-        return text.format(**values) if values else text
-
-
-def pick_language(accept_language: str, chosen: str | None, default: str = "en") -> str:
-    """The chosen language if we have it, else the browser's best one we have."""
-    if chosen in CATALOGS:
-        return chosen
-    best, best_q = None, 0.0
-    for part in accept_language[:512].split(",")[:32]:
-        tag, _, params = part.strip().partition(";")
-        q = 1.0
-        params = params.strip()
-        if params.startswith("q="):
-            try:
-                q = float(params[2:])
-            except ValueError:
-                q = 0.0
-        lang = tag.strip().lower().split("-")[0]
-        if lang in CATALOGS and q > best_q:
-            best, best_q = lang, q
-    return best or (default if default in CATALOGS else "en")
+def translator(lang: str) -> Translator:
+    """The office's words in ``lang`` (English when we have no such catalogue)."""
+    return Translator(CATALOGS, lang)

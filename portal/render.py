@@ -1,10 +1,8 @@
-"""How numbers look in the office, and the traffic chart as inline SVG.
+"""The office's traffic chart as inline SVG, and its table.
 
-Money arrives as integer micro-units and is shown by billcore's one money
-formatter (``billcore.common.money.format_money``, pure, no I/O): two
-decimals, more only when the amount has them, thousands grouped; bytes in binary units with one decimal, computed in integers.  The chart is
-drawn here, server-side, as a stacked bar per day and a colour per traffic
-class, so it needs no script and no CDN and prints as it looks.
+The chart is drawn here, server-side, as a stacked bar per day and a colour
+per traffic class, so it needs no script and no CDN and prints as it looks.
+The number filters every page uses are ``webedge.render``'s.
 """
 
 from __future__ import annotations
@@ -14,37 +12,11 @@ from collections import OrderedDict
 from html import escape
 from typing import Any
 
-from billcore.common.money import format_money
+from webedge.render import human_bytes
 
-__all__ = ["money", "human_bytes", "when", "duration", "traffic_chart", "traffic_table", "PALETTE"]
+__all__ = ["traffic_chart", "traffic_table", "PALETTE"]
 
 PALETTE = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#319795", "#b7791f", "#718096")
-
-
-def money(micro: int) -> str:
-    """12_500_000 → '12.50'; 12_345_678 → '12.345678' (the office shows what the ledger holds)."""
-    return format_money(int(micro), group="\u202f")
-
-
-def human_bytes(n: int) -> str:
-    n = int(n)
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            tenths = n * 10 // size
-            return f"{tenths // 10}.{tenths % 10} {unit}"
-    return f"{n} B"
-
-
-def when(value: Any) -> str:
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    return "" if value is None else str(value)
-
-
-def duration(seconds: int) -> str:
-    h, rest = divmod(int(seconds), 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def _days(first: str, last: str) -> list[str]:

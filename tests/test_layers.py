@@ -42,6 +42,7 @@ EDGES: dict[str, str] = {
     "radius": "radius",
     "portal": "portal",
     "console": "console",
+    "webedge": "webedge",
     "billcore/clients": "billcore.clients",
 }
 KERNEL = "billcore.common"      # what edges may import of billcore
@@ -173,7 +174,7 @@ def test_the_tree_keeps_its_layers() -> None:
 def test_every_rule_has_files_to_check() -> None:
     """The rules cannot pass on an empty file list: each layer that exists is read."""
     files = checked_files()
-    for prefix in ("netflow/", "radius/", "portal/", "billcore/clients/", "billcore/common/", "urfa/",
+    for prefix in ("netflow/", "radius/", "portal/", "webedge/", "billcore/clients/", "billcore/common/", "urfa/",
                    "plugins/", "billcore/server/"):
         assert any(f.startswith(prefix) for f in files), prefix
     for folder in EDGES:

@@ -7,7 +7,7 @@ import pytest
 
 from billcore.common.errors import MoneyFormatError, MoneyRangeError
 from billcore.common.money import MAX_AMOUNT, MICRO, check_amount, format_money, parse_money
-from portal import render
+from webedge import render
 
 
 def test_two_decimals_unless_the_amount_has_more() -> None:

@@ -26,8 +26,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from portal.core_link import SessionGone
-from portal.render import human_bytes
+from webedge.core_link import SessionGone
+from webedge.render import human_bytes
 from tests.conftest import need_peer
 from tests.test_portal_harness import (  # noqa: F401  (live_core is a fixture)
     UNIT, LiveCore, LiveOffice, live_core, seed_subscriber, seed_tariff, seed_usage,

@@ -30,12 +30,15 @@ from billcore.server.context import CoreContext
 from billcore.server.core import build_calls
 from billcore.server.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
 from billcore.server.service import URFAConfig, URFAService
-from portal import render
+from billcore.common.config import PortalSection
+from portal import render as office_render
 from portal.app import serve
-from portal.core_link import CoreLink
-from portal.guard import LoginLimiter, csrf_ok, csrf_token
-from portal.i18n import CATALOGS, Translator, pick_language
-from portal.settings import PortalSection, read_or_make_secret
+from portal.i18n import CATALOGS, translator
+from webedge import render
+from webedge.core_link import CoreLink
+from webedge.guard import LoginLimiter, csrf_ok, csrf_token
+from webedge.i18n import pick_language
+from webedge.settings import read_or_make_secret
 from tests.conftest import free_port
 from urfa import client as uc
 
@@ -229,10 +232,10 @@ def test_chart_stacks_classes_per_day_and_escapes_names() -> None:
         {"day": "2024-07-01", "class_id": 1, "class": "<Local>", "bytes": 100, "amount": 0},
         {"day": "2024-07-01", "class_id": 2, "class": "World", "bytes": 300, "amount": 5},
         {"day": "2024-07-03", "class_id": 2, "class": "World", "bytes": 200, "amount": 3}]}
-    svg = render.traffic_chart(traffic, "Traffic")
+    svg = office_render.traffic_chart(traffic, "Traffic")
     assert svg.count('<rect x=') == 3 + 2     # three bars, two legend swatches
     assert "&lt;Local&gt;" in svg and "<Local>" not in svg
-    table = render.traffic_table(traffic)
+    table = office_render.traffic_table(traffic)
     assert list(table["days"]) == ["2024-07-01", "2024-07-03"]
     assert table["totals"] == {1: (100, 0), 2: (500, 8)} and table["total_amount"] == 8
 
@@ -269,9 +272,9 @@ def test_language_from_cookie_then_browser_then_default() -> None:
     assert pick_language("de-DE", None, "en") == "en"
     assert pick_language("ru", "en") == "en"
     assert pick_language("ru;q=bogus,en", None) == "en"
-    assert Translator("ru")("nav.logout") == "Выйти"
-    assert Translator("xx")("nav.logout") == "Log out"
-    assert Translator("en")("traffic.days", days=7) == "Last 7 days"
+    assert translator("ru")("nav.logout") == "Выйти"
+    assert translator("xx")("nav.logout") == "Log out"
+    assert translator("en")("traffic.days", days=7) == "Last 7 days"
 
 
 def test_catalogues_have_the_same_keys() -> None:
@@ -306,7 +309,7 @@ async def test_core_link_reconnects_after_a_core_restart(live_core: LiveCore) ->
     info = await link.proxy_login("alice", "alice-password", "192.0.2.10")
     accounts = await link.call(info.sid, "192.0.2.10", "me.accounts")
     assert accounts[0]["balance"] == 7 * UNIT
-    from portal.core_link import BadLogin, CoreDown, SessionGone
+    from webedge.core_link import BadLogin, CoreDown, SessionGone
     with pytest.raises(SessionGone):        # the SID is bound to the address it logged in from
         await link.call(info.sid, "192.0.2.11", "me.accounts")
     with pytest.raises(BadLogin):
@@ -331,7 +334,7 @@ async def test_portal_role_entry_point_serves_and_stops(live_core: LiveCore, tmp
     import aiohttp
 
     from portal.app import run
-    from portal.settings import PortalSettings
+    from webedge.settings import EdgeSettings
 
     data_dir = tmp_path / "data"
     (data_dir / "system").mkdir(parents=True)
@@ -340,7 +343,7 @@ async def test_portal_role_entry_point_serves_and_stops(live_core: LiveCore, tmp
     config = types.SimpleNamespace(
         portal=dataclasses.replace(PortalSection(), enabled=True, port=port, cookie_secure=False),
         data_dir=data_dir, urfa_socket=None, urfa=types.SimpleNamespace(host="0.0.0.0", port=live_core.port))
-    settings = PortalSettings.from_config(config)
+    settings = EdgeSettings.of(config, "portal", config.portal)
     assert (settings.core_host, settings.core_port) == ("127.0.0.1", live_core.port)
     assert settings.secret_file == data_dir / "system" / "portal.secret"
 

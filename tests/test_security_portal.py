@@ -29,8 +29,9 @@ import aiohttp
 import pytest
 
 from portal.app import SID_COOKIE, build_app, serve
-from portal.core_link import SessionGone
-from portal.settings import PortalSection, read_or_make_secret
+from billcore.common.config import PortalSection
+from webedge.core_link import SessionGone
+from webedge.settings import read_or_make_secret
 from tests.conftest import free_port, need_peer
 from tests.test_portal_harness import UNIT, LiveCore, live_core, seed_subscriber  # noqa: F401
 

@@ -390,7 +390,7 @@ async def test_one_subscriber_cannot_fill_the_session_table(db_dsn: str, tmp_pat
     from billcore.server.principals import DatabaseAuth
     from billcore.server.service import URFAConfig, URFAService
     from tests.test_portal_harness import LiveCore, all_calls
-    from portal.core_link import SessionGone
+    from webedge.core_link import SessionGone
 
     pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
     live = LiveCore(pool, tmp_path)

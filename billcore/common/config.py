@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-__all__ = ["Config", "ConfigError", "load_config", "example_config"]
+__all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console"]
 
 
 class ConfigError(Exception):
@@ -163,6 +163,23 @@ class PortalSection:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleSection:
+    enabled: bool = _f(True, "Run the operators' web console (a URFA client of the core, no database access).")
+    host: str = _f("127.0.0.1", "Address the console binds; any but a loopback address needs tls_cert and tls_key.")
+    port: int = _f(8445, "HTTP(S) port of the console.")
+    tls_cert: str = _f("", "PEM certificate; with tls_key the console speaks HTTPS.")
+    tls_key: str = _f("", "PEM private key of the console's certificate.")
+    language: str = _f("en", "Language when the browser asks for none we have: en or ru.")
+    cookie_secure: bool = _f(True, "Send the session cookie only over HTTPS (turn off only for plain-HTTP tests on loopback).")
+    trust_forwarded: bool = _f(False, "Take the browser's address from X-Forwarded-For (only behind your own reverse proxy).")
+    login_failures_per_minute: int = _f(5, "Failed logins allowed per browser address each minute; more get HTTP 429.")
+    max_body: int = _f(65536, "Largest request body, in bytes; a larger one gets HTTP 413.")
+    request_timeout: float = _f(30.0, "Seconds one request may take, core calls included; then HTTP 503.")
+    core_timeout: float = _f(10.0, "Seconds to wait for the core to answer one call or to connect.")
+    secret_file: str = _f("", "File with the key that signs CSRF tokens (empty: <data_dir>/system/console.secret, created on first start).")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -175,6 +192,7 @@ class Config:
     radius: RadiusSection = field(default_factory=RadiusSection)
     netflow: NetflowSection = field(default_factory=NetflowSection)
     portal: PortalSection = field(default_factory=PortalSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -253,6 +271,28 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> Config:
     return config
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_console(console: ConsoleSection) -> None:
+    """The [console] section's own rules (also for ``python -m console``'s flags)."""
+    if console.language not in ("en", "ru"):
+        raise ConfigError(f"console.language: en or ru, got {console.language!r}")
+    if bool(console.tls_cert) != bool(console.tls_key):
+        raise ConfigError("console.tls_cert and console.tls_key go together")
+    # the browser's WebCrypto (the login's SCRAM) runs only on a secure context, and an
+    # operator's session must not cross a network in the clear
+    if not console.tls_cert and not _loopback(console.host):
+        raise ConfigError(f"console.host: {console.host!r} is not a loopback address: set console.tls_cert and"
+                          " console.tls_key (or bind 127.0.0.1 behind your own TLS proxy)")
+
+
 def _validate(config: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
@@ -260,7 +300,8 @@ def _validate(config: Config) -> None:
 
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
                       ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),
-                      ("netflow.port", config.netflow.port), ("portal.port", config.portal.port)):
+                      ("netflow.port", config.netflow.port), ("portal.port", config.portal.port),
+                      ("console.port", config.console.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
@@ -290,6 +331,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"portal.language: en or ru, got {config.portal.language!r}")
     if bool(config.portal.tls_cert) != bool(config.portal.tls_key):
         raise ConfigError("portal.tls_cert and portal.tls_key go together")
+    validate_console(config.console)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:

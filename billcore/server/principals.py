@@ -47,7 +47,10 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     "radius": frozenset({"radius.*", "events.subscribe"}),
     "netflow": frozenset({"netflow.*", "events.subscribe"}),
     "portal": frozenset({"session.proxy"}),
-    "console": frozenset({"session.proxy_admin", "events.subscribe"}),
+    # the operators' console: relays operators' logins and calls as them; its own link
+    # only listens to the event topics its pages refresh on
+    "console": frozenset({"session.proxy_admin", "events.subscribe", "blocks.read", "radius.read",
+                          "netflow.read"}),
 }
 
 

@@ -27,6 +27,7 @@ ROLES: dict[str, str] = {
     "radius": "radius.server:run",
     "netflow": "netflow.worker:run",
     "portal": "portal.app:run",
+    "console": "console.app:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"

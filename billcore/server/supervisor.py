@@ -73,6 +73,8 @@ def children_for(config: Config) -> list[ChildSpec]:
         children.append(ChildSpec("radius"))
     if config.portal.enabled:
         children.append(ChildSpec("portal"))
+    if config.console.enabled:
+        children.append(ChildSpec("console"))
     if config.netflow.enabled:
         children.extend(ChildSpec("netflow", i) for i in range(config.netflow_workers))
     return children

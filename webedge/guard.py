@@ -1,4 +1,5 @@
-"""The office's own defences, pure (time comes in as an argument).
+"""A web edge's own defences (the subscriber office's and the console's), pure:
+time comes in as an argument.
 
 * CSRF: a form's token is HMAC(key, purpose ‖ SID) — bound to the core
   session, so a token stolen from one session is worthless in another and
@@ -6,7 +7,7 @@
   a random pre-session cookie instead.  Tokens are compared with
   ``hmac.compare_digest``.
 * Login rate limit: failed logins per browser address in a sliding window;
-  over the limit the office refuses before it asks the core (the core has
+  over the limit the edge refuses before it asks the core (the core has
   its own limiter per address and per login as well).  The table is bounded:
   when it is full the oldest address is forgotten.
 """

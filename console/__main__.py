@@ -1,0 +1,78 @@
+"""``python -m console``: run the operators' console by hand, pointed at a running core.
+
+Under the supervisor the console is the ``console`` role (``console.app:run``)
+and takes everything from billcore's config.  This entry point is for a
+console away from the core (or for trying it out): flags give the core's
+address, the console's system login and its password file.  Binding an
+address other than loopback needs ``--tls-cert``/``--tls-key``: the login's
+WebCrypto runs only on a secure page, and an operator's session must not
+cross a network in the clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from billcore.common.config import ConfigError, ConsoleSection, validate_console
+from webedge.settings import EdgeSettings, read_or_make_secret
+
+from .app import console_link, serve
+from .live import LiveHub
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m console", description="billcore operators' console")
+    parser.add_argument("--core-host", default="127.0.0.1")
+    parser.add_argument("--core-port", type=int, default=11758)
+    parser.add_argument("--core-unix", help="the core's URFA Unix socket (instead of TCP)")
+    parser.add_argument("--login", default="console", help="the console's system login (right session.proxy_admin)")
+    parser.add_argument("--password-file", required=True, type=Path, help="file holding that login's password")
+    parser.add_argument("--secret-file", required=True, type=Path, help="CSRF signing key (created if absent)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8445)
+    parser.add_argument("--tls-cert", default="")
+    parser.add_argument("--tls-key", default="")
+    parser.add_argument("--insecure-cookie", action="store_true",
+                        help="allow the session cookie over plain HTTP (loopback only)")
+    parser.add_argument("--language", default="en", choices=("en", "ru"))
+    args = parser.parse_args(argv)
+    section = dataclasses.replace(ConsoleSection(), enabled=True, host=args.host, port=args.port,
+                                  tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                  cookie_secure=not args.insecure_cookie, language=args.language)
+    try:
+        validate_console(section)
+    except ConfigError as exc:
+        print(f"python -m console: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s console %(levelname)s %(message)s")
+    settings = EdgeSettings(section=section, core_host=args.core_host, core_port=args.core_port,
+                            core_unix=args.core_unix, password_file=args.password_file,
+                            secret_file=args.secret_file, login=args.login)
+
+    async def main_async() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        live = LiveHub()
+        link = console_link(settings, live)
+        runner = await serve(section, link, read_or_make_secret(args.secret_file), live)
+        logging.getLogger("console").info("console serving on %s:%s", args.host, args.port)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+            await link.close()
+
+    asyncio.run(main_async())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The console's page modules, in navigation order.
+
+A module here has ``ROUTES`` (``console.page.Page.routes()``) and
+``MESSAGES`` (``{key: (English, Russian)}``); a new area is one more line.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import dashboard, me, operators, system
+
+__all__ = ["PAGES"]
+
+PAGES: list[ModuleType] = [dashboard, operators, system, me]

@@ -1,0 +1,31 @@
+// billcore console: confirmations and live updates. Pages work without it (but the login).
+"use strict";
+document.addEventListener("DOMContentLoaded", function () {
+  // <button data-confirm="Really?">: ask before the form is sent
+  document.querySelectorAll("button[data-confirm]").forEach(function (button) {
+    button.form.addEventListener("submit", function (event) {
+      if (event.submitter === button && !window.confirm(button.getAttribute("data-confirm"))) event.preventDefault();
+    });
+  });
+  // <section data-live="/path/of/the/sse/route">: when the console says a topic changed, fetch this
+  // page again with the operator's own session and swap the section in (events carry no data)
+  document.querySelectorAll("[data-live]").forEach(function (region) {
+    if (!region.id || !window.EventSource) return;
+    var source = new EventSource(region.getAttribute("data-live"));
+    var pending = false;
+    source.addEventListener("changed", async function () {
+      if (pending) return;
+      pending = true;
+      try {
+        var response = await fetch(window.location.href, { credentials: "same-origin", cache: "no-store" });
+        if (!response.ok) return;
+        var page = new DOMParser().parseFromString(await response.text(), "text/html");
+        var fresh = page.getElementById(region.id);
+        if (fresh) region.innerHTML = fresh.innerHTML;
+        region.dispatchEvent(new CustomEvent("live:updated", { bubbles: true }));
+      } finally {
+        pending = false;
+      }
+    });
+  });
+});

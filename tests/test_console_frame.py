@@ -1,0 +1,189 @@
+"""The console's frame end to end: an operator logs in from real Chromium (SCRAM in the
+page's script, relayed by the console), sees the navigation their call table allows,
+switches language, gets live "changed" notices, logs out; and the system pages.
+
+Against the real core call layer on a real PostgreSQL (``tests/console_harness.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import types
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from console.page import Page, live
+from tests.conftest import need_peer
+from tests.console_harness import ConsoleWorld, console_world, console_world_of  # noqa: F401  (a fixture)
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from urfa import scram
+from webedge.core_link import SessionGone
+
+
+async def test_operator_logs_in_and_sees_the_dashboard(console_world: ConsoleWorld) -> None:
+    browser = await console_world.operator("carol")
+    page = await browser.get("/")
+    assert page.status == 200, page.text
+    assert 'id="operator">carol<' in page.text
+    assert 'id="figure-online"' in page.text          # radius.sessions: a superuser's table has it
+    for label in ("Dashboard", "Audit log", "Health"):
+        assert f">{label}</a>" in page.text, label
+
+
+async def test_navigation_and_routes_follow_the_call_table(console_world: ConsoleWorld) -> None:
+    await console_world.group("auditors", ["audit.read"], "Read the audit log")
+    browser = await console_world.operator("dave", groups=["auditors"])
+    page = await browser.get("/")
+    assert ">Audit log</a>" in page.text
+    assert ">Plugins</a>" not in page.text and ">Operators</a>" not in page.text
+    assert (await browser.get("/system/audit")).status == 200
+    refused = await browser.get("/system/plugins")         # typed by hand: outside the table
+    assert refused.status == 403 and "no right" in refused.text
+
+
+async def test_audit_log_search(console_world: ConsoleWorld) -> None:
+    root = console_world.root
+    user = await root.call("users.create", {"login": "alice", "password": "alice-password", "full_name": "Alice"})
+    account = int(user["basic_account_id"])
+    await root.call("accounts.set_credit", {"account_id": account, "credit": 5_000_000})
+    browser = await console_world.operator("erin")
+    page = await browser.get(f"/system/audit?object=account:{account}")
+    assert page.status == 200
+    assert "accounts.set_credit" in page.text or "set_credit" in page.text, page.text[-3000:]
+    assert 'data-id="' in page.text
+    nothing = await browser.get("/system/audit?login=nobody-at-all")
+    assert "Nothing found." in nothing.text
+    bad = await browser.get("/system/audit?since=yesterday")
+    assert bad.status == 400 and "YYYY-MM-DD" in bad.text
+
+
+async def test_health_without_sys_health_shows_what_the_console_knows(console_world: ConsoleWorld) -> None:
+    browser = await console_world.operator("frank")
+    page = await browser.get("/system/health")
+    assert page.status == 200
+    assert 'id="link-state">connected<' in page.text
+    assert 'id="core-time">' in page.text
+
+
+async def test_language_switch_and_logout_end_the_core_session(console_world: ConsoleWorld) -> None:
+    browser = await console_world.operator("gina")
+    russian = await browser.get("/lang/ru?next=/system/health")
+    assert "Состояние" in russian.text and "Выйти" in russian.text
+    sid_cookie = browser.cookie("console_sid")
+    assert sid_cookie is not None
+    sid = base64.urlsafe_b64decode(sid_cookie.value + "=" * (-len(sid_cookie.value) % 4))
+    assert await console_world.console.link.call(sid, "127.0.0.1", "sys.ping") == "pong"
+    answer = await browser.post("/logout")
+    assert answer.status == 303 and answer.headers["Location"].startswith("/login")
+    with pytest.raises(SessionGone):
+        await console_world.console.link.call(sid, "127.0.0.1", "sys.ping")
+    again = await browser.get("/")
+    assert "/login" in again.url
+    assert "console_sid" not in {cookie.key for cookie in browser.http.cookie_jar}
+
+
+# -- live updates: events wake the page, carrying nothing ------------------------------
+
+LIVE = Page.routes()
+
+
+@LIVE.get("/test/live", needs=("sys.ping",))
+async def _live_route(request: web.Request) -> web.StreamResponse:
+    return await live(request, ["blocks"])
+
+
+async def test_live_stream_says_changed_and_carries_no_payload(db_dsn: str, tmp_path: Path) -> None:
+    from console.pages import PAGES
+
+    module = types.ModuleType("test_live_page")
+    module.ROUTES = LIVE          # type: ignore[attr-defined]
+    module.MESSAGES = {}          # type: ignore[attr-defined]
+    async with console_world_of(db_dsn, tmp_path, pages=[*PAGES, module]) as world:
+        browser = await world.operator("hank")
+        async with browser.http.get(world.url + "/test/live") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            await response.content.readuntil(b"\n\n")          # "retry:", sent at once
+            service = world.core.service
+            assert service is not None
+
+            async def publish_until_heard() -> bytes:
+                while True:   # the console's link subscribes when it connects: publish until it hears
+                    service.publish("blocks", {"account_id": 7, "kind": "admin", "reason": "secret reason"})
+                    try:
+                        return await asyncio.wait_for(response.content.readuntil(b"\n\n"), 0.5)
+                    except asyncio.TimeoutError:
+                        continue
+            frame = await asyncio.wait_for(publish_until_heard(), 15)
+            while frame.startswith(b":"):                        # keep-alives
+                frame = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+            assert frame == b"event: changed\ndata: blocks\n\n"
+        with pytest.raises(ValueError):
+            world.console.live.listen(["no.such.topic"])
+
+
+# -- the real browser ----------------------------------------------------------------
+
+async def test_browser_login_computes_scram_in_the_page(console_world: ConsoleWorld) -> None:
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    password = await console_world.admin("ivan", "ivan's pass, with = and ,")
+    url = console_world.url
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await chromium.new_context(viewport=DESKTOP, locale="en-US")
+            page = await context.new_page()
+            await page.goto(url + "/system/audit")
+            assert "/login" in page.url
+
+            # the page's SCRAM is docs/protocol.md §6.2's vector
+            vector = await page.evaluate("""async () => {
+                const s = window.billcoreScram, range = (a) => Uint8Array.from({length: 16}, (_, i) => a + i);
+                const keys = await s.scram("admin", "alice", "correct horse battery", range(0x10), range(0x20),
+                                           range(0x00), 4096);
+                const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+                return [hex(keys.proof), hex(keys.serverSignature)];
+            }""")
+            assert vector == ["d48e367856be5fcf1bc4b9318a39ce6ec723e6cfac26b6ec28c45e7352492d46",
+                              "e39a87a01547f4fba664e4fae6a43391ea058b05e28c173264fb86668021bfcf"]
+
+            await page.fill("#login", "ivan")
+            await page.fill("#password", "not the password")
+            await page.click("#login-submit")
+            await page.wait_for_selector("#login-error:not(.hidden)")
+            assert "Wrong login or password." in await page.inner_text("#login-error")
+
+            await page.fill("#password", password)
+            async with page.expect_navigation():
+                await page.click("#login-submit")
+            await page.wait_for_selector("#operator")
+            assert page.url == url + "/system/audit"                # back where the operator was going
+            assert await page.inner_text("#operator") == "ivan"
+            cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            await page.click("#logout")
+            await page.wait_for_selector("text=You have logged out.")
+        finally:
+            await chromium.close()
+
+
+def test_the_page_scram_matches_the_core_s(tmp_path: Path) -> None:
+    """The oracle the browser test leans on: §6.2's numbers are the core's own SCRAM."""
+    salt, cnonce, snonce = bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))
+    keys = scram.client_keys("correct horse battery", salt, 4096)
+    message = scram.auth_message("admin", "alice", cnonce, snonce, salt, 4096)
+    assert scram.client_proof(keys, message).hex().startswith("d48e3678")
+    assert scram.server_signature(keys.server_key, message).hex().startswith("e39a87a0")
+
+
+async def test_healthz_needs_no_login(console_world: ConsoleWorld) -> None:
+    async with aiohttp.ClientSession() as http, http.get(console_world.url + "/healthz") as response:
+        assert response.status == 200
+
