@@ -107,10 +107,18 @@ SELECT g + 1, 'sub' || lpad(g::text, 6, '0'),
        $3, $4, $5, $6, $7
 FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
-# balance = -(months * usage charge): every month's payment covers that month's fee
-ACCOUNTS_SQL = """
+# A debtor (every DEBTOR_EVERY-th subscriber) pays each month's fee only, so
+# its balance is -(months × usage charge); everyone else pays the fee and
+# twice the usage, so theirs is +(months × usage charge).  SIGN(g) is that ±1.
+DEBTOR_EVERY = 25          # 4 % in debt
+BLOCKED_EVERY = 33         # 3 % with an active admin block (g % 33 = 1)
+ONLINE_EVERY = 20          # 5 % online: an open RADIUS session (g % 20 = 2)
+SIGN = f"(CASE WHEN g % {DEBTOR_EVERY} = 0 THEN -1 ELSE 1 END)"
+USAGE = "(1000 * (g % 97 + 1))"
+
+ACCOUNTS_SQL = f"""
 INSERT INTO accounts(id, user_id, is_basic, balance, credit, created_at)
-SELECT g + 1, g + 1, true, -$3::bigint * (1000 * (g % 97 + 1)), 1000000000, $4
+SELECT g + 1, g + 1, true, $3::bigint * {SIGN} * {USAGE}, 1000000000, $4
 FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
 TARIFFS_SQL = """
@@ -125,21 +133,21 @@ FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
 # ledger ids are computed, so the payments rows can point at theirs; month m
 # takes ids [base, base + 3N): payments, fees, traffic charges of every account
-LEDGER_SQL = """
+LEDGER_SQL = f"""
 INSERT INTO ledger(id, account_id, amount, balance_after, kind, reference, idem_key, actor, created_at)
 SELECT $3::bigint + k * $5 + g + 1, g + 1,
-       CASE k WHEN 0 THEN $6::bigint WHEN 1 THEN -$6::bigint ELSE -1000 * (g % 97 + 1) END,
-       -$7::bigint * 1000 * (g % 97 + 1) + CASE k WHEN 0 THEN $6::bigint WHEN 1 THEN 0
-                                                ELSE -1000 * (g % 97 + 1) END,
+       CASE k WHEN 0 THEN $6::bigint + (1 + {SIGN}) * {USAGE} WHEN 1 THEN -$6::bigint ELSE -{USAGE} END,
+       $7::bigint * {SIGN} * {USAGE} + CASE k WHEN 0 THEN $6::bigint + (1 + {SIGN}) * {USAGE}
+                                             WHEN 1 THEN (1 + {SIGN}) * {USAGE} ELSE {SIGN} * {USAGE} END,
        (ARRAY['payment','periodic','traffic'])[k + 1], '',
        (ARRAY['bench-pay:','bench-fee:','usage:bench:'])[k + 1] || $8::text || ':' || lpad(g::text, 7, '0'),
        'scale-bench', $4::timestamptz + k * interval '1 hour'
 FROM generate_series($1::bigint, $2::bigint - 1) g, generate_series(0, 2) k
 ORDER BY k, g"""
 
-PAYMENTS_SQL = """
+PAYMENTS_SQL = f"""
 INSERT INTO payments(account_id, amount, method, operator, created_at, ledger_id)
-SELECT g + 1, $4, 'bank', 'scale-bench', $5, $3::bigint + g + 1
+SELECT g + 1, $4 + (1 + {SIGN}) * {USAGE}, 'bank', 'scale-bench', $5, $3::bigint + g + 1
 FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
 COUNTERS_SQL = """
@@ -151,6 +159,20 @@ DAILY_SQL = """
 INSERT INTO usage_daily(account_id, class_id, day, quantity, amount)
 SELECT g + 1, $3, $4, 300 * (g % 97 + 1), 30 * (g % 97 + 1)
 FROM generate_series($1::bigint, $2::bigint - 1) g"""
+
+
+BLOCKS_SQL = f"""
+INSERT INTO blocks(account_id, kind, reason, set_at, set_by)
+SELECT g + 1, 'admin', 'scale-bench', $3, 'scale-bench'
+FROM generate_series($1::bigint, $2::bigint - 1) g WHERE g % {BLOCKED_EVERY} = 1"""
+
+# open sessions on the bench NAS, one per online subscriber, at its static address
+SESSIONS_SQL = f"""
+INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, started_at, updated_at)
+SELECT $3, 'bench-' || g, g + 1, g + 1, 'sub' || lpad(g::text, 6, '0'),
+       ('10.' || (g >> 16) || '.' || ((g >> 8) & 255) || '.' || (g & 255))::inet,
+       $4::timestamptz - (g % 600) * interval '1 minute', $4
+FROM generate_series($1::bigint, $2::bigint - 1) g WHERE g % {ONLINE_EVERY} = 2"""
 
 
 async def chunked(conn: asyncpg.Connection, what: str, sql: str, n: int, *args: Any,
@@ -247,6 +269,15 @@ async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime
         stages["radius logins"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        # what the console's filters find: blocked, online (see *_EVERY)
+        if not await count(conn, "blocks"):
+            await chunked(conn, "blocks", BLOCKS_SQL, n, first)
+        if not await count(conn, "radius_sessions"):
+            nas = await conn.fetchval("SELECT id FROM radius_nas WHERE name = 'bench'")
+            await chunked(conn, "open RADIUS sessions", SESSIONS_SQL, n, nas, now)
+        stages["blocks, open sessions"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         for m in range(months):
             start = month_start(now, months - m)
             base = 3 * n * m
@@ -260,8 +291,9 @@ async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime
             await chunked(conn, f"usage counters {start:%Y-%m}", COUNTERS_SQL, n, traffic, internet, start)
         await conn.execute("SELECT setval('ledger_id_seq', $1)", max(1, 3 * n * months))
         # a build resumed with other --months: the balances follow the ledger
-        await conn.execute("UPDATE accounts SET balance = -$1::bigint * 1000 * ((id - 1) % 97 + 1)"
-                           " WHERE balance <> -$1::bigint * 1000 * ((id - 1) % 97 + 1)", months)
+        balance = (f"$1::bigint * (CASE WHEN (id - 1) % {DEBTOR_EVERY} = 0 THEN -1 ELSE 1 END)"
+                   " * (1000 * ((id - 1) % 97 + 1))")
+        await conn.execute(f"UPDATE accounts SET balance = {balance} WHERE balance <> {balance}", months)
         stages["ledger, payments, counters"] = time.perf_counter() - t
 
         t = time.perf_counter()

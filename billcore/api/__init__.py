@@ -1,5 +1,5 @@
-"""Built-in URFA call modules for the money side: users, accounts, blocks,
-payments, audit, and the subscriber's own ``me.*`` calls.
+"""Built-in URFA call modules for the money side: users, the subscriber list,
+accounts, blocks, payments, audit, and the subscriber's own ``me.*`` calls.
 
 Theory of operation
 -------------------
@@ -91,6 +91,7 @@ def page(limit: object, offset: object, max_limit: int = 1000) -> tuple[int, int
 
 def money_calls(core: CoreContext) -> list[CallSpec]:
     """Every call module of this package."""
-    from billcore.api import accounts, me, payments, users
+    from billcore.api import accounts, me, payments, subscribers, users
 
-    return [*users.calls(core), *accounts.calls(core), *payments.calls(core), *me.calls(core)]
+    return [*users.calls(core), *accounts.calls(core), *payments.calls(core), *me.calls(core),
+            *subscribers.calls(core)]

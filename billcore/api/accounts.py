@@ -6,7 +6,7 @@ Rights:
 * ``accounts.credit`` accounts.set_credit (the credit limit alone: a cashier
   role can be given this without the rest of accounts.write)
 * ``blocks.read``     blocks.list;  ``blocks.write`` blocks.set, blocks.lift
-* ``audit.read``      audit.query
+* ``audit.read``      audit.query, accounts.audit (the rows of one account and its user)
 
 Every write records an audit row in its transaction and announces block
 changes after commit.
@@ -147,6 +147,17 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return await audit.query(conn, obj=object, action=action, login=login, since=since,
                                      until=until, limit=limit, offset=offset)
 
+    @handler
+    async def accounts_audit(ctx: CallContext, account_id: int, limit: int = 100,
+                             offset: int = 0) -> list[dict[str, Any]]:
+        """Audit rows of the account and of its user (payments, blocks, settings, contact edits), newest
+        first."""
+        need_int("account_id", account_id)
+        limit, offset = page(limit, offset)
+        async with core.pool.acquire() as conn:
+            account = await accounts.get_account(conn, account_id)
+            return await audit.account_audit(conn, account_id, account["user_id"], limit=limit, offset=offset)
+
     def spec(name: str, fn: Any, right: str, args: dict[str, str], result: str = "map",
              kinds: frozenset[str] = ADMIN, bound: str = "fixed", fields: dict[str, str] | None = None) -> CallSpec:
         return CallSpec(name, fn, right=right, kinds=kinds, args=args, result=result, doc=fn.__doc__ or "",
@@ -173,4 +184,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
         spec("audit.query", audit_query, "audit.read",
              {"object": "str?", "action": "str?", "login": "str?", "since": "time?", "until": "time?",
               **page_args}, result="list", bound="page:1000"),
+        spec("accounts.audit", accounts_audit, "audit.read", {"account_id": "int", **page_args}, result="list",
+             bound="page:1000"),
     ]

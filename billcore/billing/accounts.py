@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ __all__ = [
     "delete_user",
     "get_user",
     "search_users",
+    "text_match",
+    "users_at_ip",
     "set_verifier",
     "create_account",
     "get_account",
@@ -179,33 +182,40 @@ async def delete_user(conn: DbConnection, user_id: int, *, now: dt.datetime | No
 # index pages instead of every row.  Shorter texts scan (ordered by id, so
 # a common match stops early).  An IP address also finds the users whose
 # binding holds it, through the bindings' GiST index.
-SEARCH_MATCH = ("(login ILIKE $1 OR full_name ILIKE $1 OR email ILIKE $1 OR phone ILIKE $1"
-                " OR address ILIKE $1 OR coalesce(external_id, '') ILIKE $1)")
-SEARCH_GRAMS = "billcore_user_grams(login, full_name, email, phone, address, external_id) @> billcore_grams($3)"
-SEARCH_LIVE = "($2::bool OR deleted_at IS NULL)"
+SEARCH_COLUMNS = ("login", "full_name", "email", "phone", "address", "coalesce({}external_id, '')")
 # the total is counted up to here: counting every match of "a" among a
 # million users costs a second and tells the operator nothing more
 MAX_COUNTED = 10_000
 
 
+def text_match(text: str, arg: Callable[[Any], str], table: str = "") -> str:
+    """The condition "a users row (``table``: its alias and a dot) contains ``text``";
+    ``arg(value)`` adds an argument and returns its placeholder."""
+    pattern = arg("%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    columns = [column.format(table) if "{}" in column else table + column for column in SEARCH_COLUMNS]
+    match = "(" + " OR ".join(f"{column} ILIKE {pattern}" for column in columns) + ")"
+    if len(text) < 3:
+        return match
+    grams = (f"billcore_user_grams({table}login, {table}full_name, {table}email, {table}phone, {table}address,"
+             f" {table}external_id) @> billcore_grams({arg(text)})")
+    return f"({grams} AND {match})"
+
+
 def search_query(text: str, include_deleted: bool, at_ip: list[int] | None) -> tuple[str, list[Any]]:
-    """The WHERE clause of ``search_users`` and its arguments ($1, $2, …)."""
-    pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    args: list[Any] = [pattern, include_deleted]
-    if not text:
-        match = "$1 = '%%'"
-    elif len(text) >= 3:
-        match = f"({SEARCH_GRAMS} AND {SEARCH_MATCH})"
-        args.append(text)
-    else:
-        match = SEARCH_MATCH
+    """The WHERE clause of ``search_users`` over ``users`` and its arguments ($1, $2, …)."""
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    match = text_match(text, arg) if text else "true"
     if at_ip is not None:
-        args.append(at_ip)
-        match = f"({match} OR id = ANY(${len(args)}::bigint[]))"
-    return f"{match} AND {SEARCH_LIVE}", args
+        match = f"({match} OR id = ANY({arg(at_ip)}::bigint[]))"
+    return f"{match} AND ({arg(include_deleted)}::bool OR deleted_at IS NULL)", args
 
 
-async def _users_at_ip(conn: DbConnection, text: str) -> list[int] | None:
+async def users_at_ip(conn: DbConnection, text: str) -> list[int] | None:
     """Users with a binding holding the address ``text`` (at any time); None if it is no address."""
     try:
         address = ipaddress.ip_address(text.strip())
@@ -225,7 +235,7 @@ async def search_users(conn: DbConnection, text: str = "", *, limit: int = 50, o
     if type(text) is not str or len(text) > 200:
         raise InvalidValue("search text must be a string of at most 200 characters")
     check_page(limit, offset)
-    at_ip = await _users_at_ip(conn, text) if text else None
+    at_ip = await users_at_ip(conn, text) if text else None
     where, args = search_query(text, bool(include_deleted), at_ip)
     total = await conn.fetchval(
         f"SELECT count(*) FROM (SELECT 1 FROM users WHERE {where} LIMIT {MAX_COUNTED + 1}) s", *args)

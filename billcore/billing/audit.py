@@ -16,7 +16,7 @@ from typing import Any
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.db.rows import DbConnection
 
-__all__ = ["Who", "jsonable", "record", "query"]
+__all__ = ["Who", "account_audit", "jsonable", "record", "query"]
 
 MAX_PAGE = 1000
 
@@ -70,6 +70,10 @@ async def query(conn: DbConnection, *, obj: str | None = None, action: str | Non
         " AND ($4::timestamptz IS NULL OR at >= $4) AND ($5::timestamptz IS NULL OR at < $5)"
         " ORDER BY id DESC LIMIT $6 OFFSET $7",
         obj, action, login, since, until, limit, offset)
+    return _entries(rows)
+
+
+def _entries(rows: list[Any]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         entry = dict(row)
@@ -77,3 +81,20 @@ async def query(conn: DbConnection, *, obj: str | None = None, action: str | Non
         entry["after"] = None if entry["after"] is None else json.loads(entry["after"])
         out.append(entry)
     return out
+
+
+async def account_audit(conn: DbConnection, account_id: int, user_id: int, *, limit: int,
+                        offset: int) -> list[dict[str, Any]]:
+    """Audit rows of the account and of its user, newest first.  Each object's rows are read newest
+    first from ``audit_object`` (object, id) and merged, so an operator's page costs ``limit + offset``
+    index entries per object, not every row of a busy account."""
+    if type(limit) is not int or not 1 <= limit <= MAX_PAGE or type(offset) is not int or offset < 0:
+        raise InvalidValue(f"limit must be in 1..{MAX_PAGE} and offset non-negative")
+    columns = ("id, at, principal_kind, principal_login, ip, action, object, before::text AS before,"
+               " after::text AS after")
+    newest = "ORDER BY id DESC LIMIT $3::bigint + $4::bigint"
+    rows = await conn.fetch(
+        f"(SELECT {columns} FROM audit_log WHERE object = $1 {newest})"
+        f" UNION ALL (SELECT {columns} FROM audit_log WHERE object = $2 {newest})"
+        " ORDER BY id DESC LIMIT $3 OFFSET $4", f"account:{account_id}", f"user:{user_id}", limit, offset)
+    return _entries(rows)

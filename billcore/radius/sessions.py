@@ -20,7 +20,7 @@ from billcore.db.rows import DbConnection
 from billcore.radius.records import ActiveSession, DisconnectMode, EndReason
 
 __all__ = ["StoredSession", "SESSION_COLUMNS", "PAGE", "end_sessions", "locked_active", "close_stale",
-           "active_sessions", "session_ref"]
+           "active_sessions", "session_history", "session_ref"]
 
 PAGE: Final = 1000  # rows per page of the list calls (NAS, pools, links, sessions)
 
@@ -101,3 +101,16 @@ async def active_sessions(conn: DbConnection, account_id: int | None = None, ses
         account_id, session_pk, limit, offset)
     return [ActiveSession(**{**dict(row), "disconnect_mode": DisconnectMode(row["disconnect_mode"]),
                              "blocked_profile": json.loads(row["blocked_profile"])}) for row in rows]
+
+
+async def session_history(conn: DbConnection, account_id: int, *, limit: int = PAGE,
+                          offset: int = 0) -> list[dict[str, object]]:
+    """Sessions of an account, ended and open, newest start first (index
+    ``radius_sessions_account_started``, schema 0013)."""
+    rows = await conn.fetch(
+        "SELECT s.id, s.login, n.name AS nas, host(s.framed_ip) AS framed_ip, s.started_at,"
+        " s.ended_at AS stopped_at, s.input_octets AS octets_in, s.output_octets AS octets_out,"
+        " s.end_reason AS terminate_cause FROM radius_sessions s JOIN radius_nas n ON n.id = s.nas_id"
+        " WHERE s.account_id = $1 ORDER BY s.started_at DESC, s.id DESC LIMIT $2 OFFSET $3",
+        account_id, limit, offset)
+    return [dict(row) for row in rows]
