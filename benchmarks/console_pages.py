@@ -132,7 +132,9 @@ _ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \S+ \[(\d+)\] ",
 _EXECUTE = re.compile(r"LOG:  duration: [\d.]+ ms  (?:execute [^:]+|statement): (.*)", re.S)
 _PARAMS = re.compile(r"DETAIL:  parameters: (.*)", re.S)
 _PARAM = re.compile(r"\$(\d+) = (NULL|'(?:[^']|'')*')")
-_QUIET = ("BEGIN", "COMMIT", "ROLLBACK", "SET ", "RESET ", "SHOW ", "LISTEN", "UNLISTEN", "SELECT pg_notify")
+# not the page's queries: transaction control, and the reset asyncpg's pool sends when a connection goes back
+_QUIET = ("BEGIN", "COMMIT", "ROLLBACK", "SET ", "RESET ", "SHOW ", "LISTEN", "UNLISTEN", "SELECT pg_notify",
+          "SELECT PG_ADVISORY_UNLOCK_ALL()")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +215,6 @@ class BareSql:
 
 
 # -- the console, as a browser uses it -------------------------------------------------
-
-
-async def console_login(http: aiohttp.ClientSession, url: str, login: str, password: str) -> None:
-    """Log in as the login page's script does: the SCRAM proof is computed here, the password never sent."""
-    from tests.console_http import http_login
-
-    await http_login(http, url, login, password)
 
 
 @dataclass
@@ -324,6 +319,7 @@ async def make_operator(dsn: str) -> None:
 
 async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str, Any]:
     from tests.conftest import free_port
+    from tests.console_harness import ConsoleBrowser
     from tests.process_view import environ_of
     from tests.running import BillcoreProcess
 
@@ -349,8 +345,11 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
             searches = [f"/subscribers?{urlencode(search_query(n, tariff_id, balances, rng))}"
                         for _ in range(args.requests)]
             cards = [f"/subscribers/{rng.randrange(1, n + 1)}" for _ in range(args.requests)]
-            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-                await console_login(http, url, *OPERATOR)
+            browser = ConsoleBrowser(url)
+            try:
+                # the login page's SCRAM steps, the proof computed here: the console never sees the password
+                await browser.login(*OPERATOR)
+                http = browser.http
                 sql = BareSql(conn)
                 statement_log = StatementLog(work / "var" / "pg")
                 log(f"-- search page: {len(searches)} requests")
@@ -359,6 +358,8 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
                 log(f"-- card page: {len(cards)} requests")
                 card = await measure(http, url, sql, statement_log, own_pid, cards, args.warmup, rng)
                 log(f"   {card}")
+            finally:
+                await browser.close()
         finally:
             await conn.close()
     finally:
