@@ -122,6 +122,12 @@ def resume_signature(resume_key: bytes, snonce: bytes, cnonce: bytes, sid: bytes
     return hmac256(resume_key, b"URFA resume server\0" + snonce + cnonce + sid)
 
 
+def totp(secret: bytes, unix_time: int) -> str:  # §6.5: RFC 6238, SHA-1, 6 digits, 30 s
+    mac = hmac.new(secret, struct.pack(">Q", unix_time // 30), hashlib.sha1).digest()
+    offset = mac[-1] & 0x0F
+    return "%06d" % ((struct.unpack(">I", mac[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000)
+
+
 # --- frames (§2) -----------------------------------------------------------
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -203,7 +209,7 @@ class Client:
 
     # login (§6.1)
     def login(self, kind: str, login: str, password: str,
-              cnonce: bytes | None = None) -> dict[str, Any]:
+              cnonce: bytes | None = None, otp: str | None = None) -> dict[str, Any]:
         if PROTO not in self.hello.get("proto", []):
             raise ValueError(f"server speaks {self.hello.get('proto')}, we speak {PROTO}")
         cnonce = cnonce if cnonce is not None else os.urandom(16)
@@ -219,6 +225,15 @@ class Client:
         s = scram(kind, login, password, cnonce, self.hello["nonce"], salt, iterations)
         self.send({"t": "proof", "proof": s.proof})
         welcome = self.recv()
+        if welcome["t"] == "otp":   # §6.5: the server proves itself before the code goes out
+            if not hmac.compare_digest(welcome["sig"], s.server_signature):
+                self.close()
+                raise ServerNotAuthentic("server signature mismatch")
+            if otp is None:
+                self.close()
+                raise ValueError("this login needs a one-time code")
+            self.send({"t": "otp_code", "code": otp})
+            welcome = self.recv()
         if welcome["t"] != "welcome":
             raise ValueError(f"expected welcome, got {welcome['t']}")
         if not hmac.compare_digest(welcome["sig"], s.server_signature):

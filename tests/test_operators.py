@@ -9,14 +9,21 @@ directly (``urfa.client``, what billctl uses) and through the console's system l
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from billcore.clients.exits import REFUSED
 from billcore.common.config import Config
 from billcore.common.totp import parse_b32, totp
 from billcore.radius.secrets import SecretStore
@@ -25,8 +32,11 @@ from billcore.server.context import CoreContext
 from billcore.server.core import build_calls
 from billcore.server.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
 from billcore.server.service import URFAConfig, URFAService
+from tests.running import BillcoreProcess
 from tests.waiting import eventually
 from urfa import client as uc
+from urfa.connection import Connection, Role
+from urfa.messages import Bye, Challenge, Hello, Login, Otp, Proof
 from urfa import scram
 from urfa.errors import CallFailed, LoginFailed
 
@@ -434,4 +444,90 @@ async def test_console_service_login_is_provisioned(pool: asyncpg.Pool, tmp_path
     async with pool.acquire() as conn:
         await ensure_service_login(conn, tmp_path, "console")
         rights = await conn.fetchval("SELECT rights FROM system_logins WHERE login = 'console'")
-    assert sorted(rights) == ["events.subscribe", "session.proxy_admin"]
+    assert {"events.subscribe", "session.proxy_admin"} <= set(rights) and "session.proxy" not in rights
+
+
+def test_roles_hold_in_the_real_core_for_billctl(tmp_path: Path, db_dsn: str) -> None:
+    """``billcore serve`` (plugins' admin calls included) and billctl: what each role's session
+    may call is its rights, whatever the client."""
+    with BillcoreProcess(tmp_path, dsn=db_dsn, periodic={"enabled": False}) as bc:
+        bc.child_pid("core")
+        env = dict(os.environ, BILLCTL_PASSWORD=PW, PW=PW)
+        env.pop("BILLCORE_CONFIG", None)
+        for role in ("cashiers", "support", "tariff_managers"):
+            subprocess.run([sys.executable, "-m", "billcore.cli", "-c", str(bc.config_path), "admin", "create", role,
+                            "--group", role, "--password-env", "PW"], env=env, check=True, capture_output=True)
+
+        def billctl(login: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "billcore.clients.billctl", "--port", str(bc.urfa_port),
+                                   "--login", login, *args], env=env, capture_output=True, text=True, timeout=60)
+
+        def table(login: str) -> set[str]:
+            listed = billctl(login, "--json", "calls")
+            assert listed.returncode == 0, listed.stderr
+            return {row["name"] for row in json.loads(listed.stdout)}
+
+        for fn in ("tariffs.list", "tariffs.add", "plugins.list", "plugins.load", "operators.list"):
+            refused_call = billctl("cashiers", "call", fn)
+            assert refused_call.returncode == REFUSED and "not_in_table" in refused_call.stderr, (fn, refused_call)
+        cashier, support, tariffs = table("cashiers"), table("support"), table("tariff_managers")
+        assert {"payments.add", "payments.cancel", "users.search", "accounts.get", "self.otp_begin"} <= cashier
+        assert not any(name.split(".")[0] in ("tariffs", "plugins", "blocks", "operators") for name in cashier)
+        assert {"plugins.list", "operators.list", "audit.query", "radius.sessions", "users.set_password",
+                "blocks.set", "radius.disconnect"} <= support
+        assert not {"payments.add", "plugins.load", "users.create", "tariffs.add", "operators.create"} & support
+        assert {"tariffs.add", "services.add", "classes.add", "timeranges.add", "reports.traffic"} <= tariffs
+        assert not {"payments.add", "payments.cancel", "blocks.set", "plugins.list"} & tariffs
+        assert "not_in_table" in billctl("support", "pay", "1", "10.00").stderr
+        assert "not_in_table" in billctl("tariff_managers", "pay", "1", "10.00").stderr
+
+
+async def test_a_person_typing_the_code_gets_more_than_the_handshake_time(pool: asyncpg.Pool) -> None:
+    live = await Live(pool, URFAConfig(handshake_timeout=0.3, otp_timeout=30.0, mock_iterations=4096)).start()
+    try:
+        support = await live.admin("support")
+        secret, _ = await live.enroll(support)
+        live.wall.next_step()
+
+        async def slow_person() -> str:
+            await asyncio.sleep(0.6)   # twice the handshake time: the code's own time covers it
+            return totp(secret, live.wall.t)
+
+        late = await live.admin("support", otp=slow_person)
+        assert (await late.call("sys.whoami"))["login"] == "support"
+    finally:
+        await live.stop()
+
+
+async def test_a_code_that_never_comes_ends_the_connection(pool: asyncpg.Pool) -> None:
+    live = await Live(pool, URFAConfig(handshake_timeout=0.3, otp_timeout=0.5, mock_iterations=4096)).start()
+    try:
+        support = await live.admin("support")
+        await live.enroll(support)
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        machine = Connection(Role.CLIENT, 0.0)
+
+        async def received() -> object:
+            while (event := machine.next_event()) is None:
+                machine.receive_data(await reader.read(65536))
+            return event
+
+        def send(message: Any) -> None:
+            machine.send(message)
+            writer.write(machine.data_to_send())
+
+        hello = await received()
+        assert isinstance(hello, Hello)
+        cnonce = secrets.token_bytes(16)
+        send(Login("admin", "support", cnonce))
+        challenge = await received()
+        assert isinstance(challenge, Challenge)
+        keys = scram.client_keys(PW, challenge.salt, challenge.iterations)
+        am = scram.auth_message("admin", "support", cnonce, hello.nonce, challenge.salt, challenge.iterations)
+        send(Proof(scram.client_proof(keys, am)))
+        assert await received() == Otp(scram.server_signature(keys.server_key, am))
+        bye = await asyncio.wait_for(received(), 10.0)    # no code: the server gives up after 0.3 + 0.5 s
+        assert isinstance(bye, Bye) and bye.code == "timeout"
+        writer.close()
+    finally:
+        await live.stop()

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from tests.clean_room_client import (
     resume_signature,
     scram,
     scram_for,
+    totp,
 )
 from tests.running import BillcoreProcess
 
@@ -109,6 +111,15 @@ def test_login_name_escaping() -> None:
 
 # ---------------------------------------------------------------------------
 # the client refuses a server that cannot prove itself (a fake server)
+
+
+def test_totp_vector() -> None:
+    """§6.5's vector: RFC 6238's SHA-1 key, given as base32 the way self.otp_begin shows it."""
+    secret = base64.b32decode("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
+    assert secret == b"12345678901234567890"
+    assert 1111111109 // 30 == 37037036 == 0x23523EC
+    assert totp(secret, 1111111109) == "081804"
+    assert totp(secret, 59) == "287082"
 
 
 def fake_server(iterations: int, good_sig: bool) -> tuple[int, threading.Thread]:
@@ -455,3 +466,34 @@ def test_system_session_resume(core: BillcoreProcess) -> None:
     with Client(port=core.urfa_port) as r, pytest.raises(Bye) as e:
         r.resume(asid, akey)
     assert e.value.code == "resume_failed"
+
+
+def test_second_factor_login(core: BillcoreProcess) -> None:
+    """§6.5 as written: enrol with self.otp_*, then otp → otp_code → welcome; a code counts once;
+    a recovery code logs billctl in (--otp)."""
+    with admin(core) as root:
+        root.call("operators.create", {"login": "olga", "password": "olga-password", "groups": ["support"]})
+    with Client(port=core.urfa_port) as olga:
+        olga.login("admin", "olga", "olga-password")
+        begun = olga.call("self.otp_begin")
+        assert begun["uri"] == f"otpauth://totp/billcore:olga?secret={begun['secret']}&issuer=billcore"
+        secret = base64.b32decode(begun["secret"] + "=" * (-len(begun["secret"]) % 8))
+        now = int(time.time())
+        recovery = olga.call("self.otp_confirm", {"code": totp(secret, now)})["recovery_codes"]
+        assert len(recovery) == 10
+    with Client(port=core.urfa_port) as c, pytest.raises(ValueError, match="one-time code"):
+        c.login("admin", "olga", "olga-password")            # the server asked (otp), we had nothing to give
+    later = totp(secret, now + 30)                           # the next step: the window takes it
+    with Client(port=core.urfa_port) as c:
+        w = c.login("admin", "olga", "olga-password", otp=later)
+        assert (w["kind"], w["login"]) == ("admin", "olga")
+        assert c.call("sys.whoami")["login"] == "olga"
+    with Client(port=core.urfa_port) as c, pytest.raises(Bye) as bye:
+        c.login("admin", "olga", "olga-password", otp=later)  # the same code again
+    assert bye.value.code == "auth_failed"
+    env = dict(os.environ, BILLCTL_PASSWORD="olga-password")
+    run = subprocess.run([sys.executable, "-m", "billcore.clients.billctl", "--port", str(core.urfa_port),
+                          "--login", "olga", "--otp", recovery[0], "--json", "call", "sys.whoami"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert '"login": "olga"' in run.stdout

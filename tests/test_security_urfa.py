@@ -570,3 +570,75 @@ async def test_local_services_logging_in_at_once_over_the_unix_socket_all_get_in
         assert [i.kind for i in infos] == ["system"] * 16
         for c in clients:
             await c.close()
+
+
+async def proven(port: int, src: str, kind: str, login: str, password: str) -> tuple[Raw, dict[str, Any], bytes]:
+    """A connection that sent a right proof: the server's answer to it, and the ServerSignature expected."""
+    raw = await Raw.open(port, src)
+    cnonce = secrets.token_bytes(16)
+    raw.send({"t": "login", "proto": 1, "kind": kind, "login": login, "cnonce": cnonce})
+    ch = await raw.read()
+    keys = scram.client_keys(password, ch["salt"], ch["iter"])
+    am = scram.auth_message(kind, login, cnonce, raw.hello["nonce"], ch["salt"], ch["iter"])
+    raw.send({"t": "proof", "proof": scram.client_proof(keys, am)})
+    return raw, await raw.read(), scram.server_signature(keys.server_key, am)
+
+
+async def test_the_second_factor_cannot_be_skipped(core: dict[str, Any]) -> None:
+    """An enrolled operator's right password opens nothing: until the code, every other frame is a
+    protocol error, a wrong or over-long code ends the connection, and the web office's login can
+    neither start an operator's proxied login nor act as one."""
+    from billcore.common.totp import parse_b32, totp
+
+    port, src = core["port"], "127.0.0.9"
+    made = await core["admin"].call("operators.create", {"login": "otto", "password": "otto-password",
+                                                         "groups": ["support"]})
+    assert code(made) == "ok", made
+    otto = await Raw.open(port, src)
+    await otto.login("admin", "otto", "otto-password")
+    begun = (await otto.call("self.otp_begin"))["value"]
+    secret = parse_b32(begun["secret"])
+    assert code(await otto.call("self.otp_confirm", {"code": totp(secret, time.time())})) == "ok"
+    await otto.close()
+
+    raw, answer, signature = await proven(port, src, "admin", "otto", "otto-password")
+    assert answer == {"t": "otp", "sig": signature}
+    raw.send({"t": "call", "id": 1, "fn": "sys.whoami", "args": {}})      # skipping the code
+    assert await raw.bye() == "protocol"
+    raw, answer, _ = await proven(port, src, "admin", "otto", "otto-password")
+    raw.send({"t": "otp_code", "code": "1" * 65})
+    assert await raw.bye() == "protocol"
+    raw, answer, _ = await proven(port, src, "admin", "otto", "otto-password")
+    raw.send({"t": "otp_code", "code": "000000"})
+    assert await raw.bye() == "auth_failed"
+    # a code before any proof, and from a subscriber's login, is out of turn
+    raw = await Raw.open(port, src)
+    raw.send({"t": "otp_code", "code": "000000"})
+    assert await raw.bye() == "protocol"
+    raw, answer, _ = await proven(port, src, "user", "bob", "bob-password")
+    assert answer["t"] == "welcome"
+    raw.send({"t": "otp_code", "code": "000000"})
+    assert await raw.bye() == "protocol"
+
+    # the office (session.proxy) cannot log an operator in; the console (session.proxy_admin) can
+    cli(core["bc"], "system", "create", "console-test", "--rights", "session.proxy_admin", "--password-env", "PW",
+        env={"PW": PROXY_PW})
+    office, console = await Raw.open(port, src), await Raw.open(port, src)
+    await office.login("system", "office", PROXY_PW)
+    await console.login("system", "console-test", PROXY_PW)
+    cnonce = secrets.token_bytes(16)
+    start = {"login": "root", "cnonce": cnonce, "ip": "192.0.2.77", "kind": "admin"}
+    assert code(await office.call("session.proxy_login", start)) == "forbidden"
+    started = await console.call("session.proxy_login", start)
+    ch = started["value"]
+    keys = scram.client_keys(ADMIN_PW, ch["salt"], ch["iter"])
+    am = scram.auth_message("admin", "root", cnonce, ch["nonce"], ch["salt"], ch["iter"])
+    finished = await console.call("session.proxy_proof", {"handle": ch["handle"], "proof": scram.client_proof(keys, am)})
+    as_root = {"as": finished["value"]["sid"], "ip": "192.0.2.77"}
+    assert code(await office.call("sys.whoami", **as_root)) == "forbidden"
+    assert code(await office.call("users.create", {"login": "z", "password": "zz-password"}, **as_root)) == "forbidden"
+    whoami = await console.call("sys.whoami", **as_root)
+    assert (whoami["value"]["kind"], whoami["value"]["login"]) == ("admin", "root")
+    await office.close()
+    await console.close()
+    await still_serving(port, src)

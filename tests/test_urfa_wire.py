@@ -19,7 +19,7 @@ from urfa.errors import LocalProtocolError, RemoteProtocolError
 from urfa.framing import FrameDecoder, FrameEncoder
 from urfa.server import ConnectionCounter, address_key
 from urfa.messages import (
-    Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login, Ping, Pong, Proof,
+    Bye, Call, Cancel, Challenge, Chunk, Error, Event, Hello, Login, Otp, OtpCode, Ping, Pong, Proof,
     Result, Resume, Welcome, parse, to_wire,
 )
 
@@ -157,6 +157,7 @@ def test_every_message_round_trips_and_unknown_keys_are_ignored() -> None:
         Resume(n16, n16, m32), Welcome(n16, m32, "system", "x", 1800), Call(7, "f", {"a": 1}),
         Call(8, "g", {}, n16, "10.1.1.1"), Cancel(7), Ping(1), Pong(1), Result(7, [1]),
         Chunk(7, b"x"), Error(7, "busy", "m"), Event("topic", {"a": 1}, 3), Bye("timeout", "slow"),
+        Otp(m32), OtpCode("123456"),
     ]:
         wire = to_wire(msg)
         assert parse({**wire, "future_key": [1, 2]}) == msg
@@ -168,6 +169,7 @@ def test_every_message_round_trips_and_unknown_keys_are_ignored() -> None:
     {"t": "login", "kind": "admin", "login": "a", "cnonce": b"x" * 16, "proto": "1"},
     {"t": "login", "kind": "user", "login": "al\0ice", "cnonce": b"x" * 16, "proto": 1},   # no database text
     {"t": "login", "kind": "user", "login": "a" * 257, "cnonce": b"x" * 16, "proto": 1},
+    {"t": "otp", "sig": b"short"}, {"t": "otp_code", "code": 123456}, {"t": "otp_code", "code": "1" * 65},
 ])
 def test_malformed_messages_are_refused(wire: dict) -> None:
     with pytest.raises(RemoteProtocolError):
@@ -304,6 +306,42 @@ def test_calls_over_the_cap_are_answered_busy_by_the_machine() -> None:
     assert pair.pump(pair.server) == [Error(3, E.BUSY, "too many calls in flight")]
     with pytest.raises(RemoteProtocolError):
         pair.send(pair.client, Call(1, "dup", {}))   # id 1 still in flight
+
+
+def asked_for_a_code() -> Pair:
+    """A pair whose server has just answered a right proof with ``otp`` (handshake 5 s from 100, code 60 s more)."""
+    pair = Pair(now=100.0, handshake_timeout=5.0, otp_timeout=60.0)
+    pair.send(pair.server, Hello(SNONCE))
+    pair.send(pair.client, Login("admin", "a", CNONCE))
+    pair.send(pair.server, Challenge(SALT, 4096))
+    pair.send(pair.client, Proof(b"p" * 32))
+    with pytest.raises(LocalProtocolError):
+        pair.client.send(OtpCode("123456"))          # not asked yet
+    assert pair.send(pair.server, Otp(b"g" * 32)) == [Otp(b"g" * 32)]
+    assert pair.client.state is pair.server.state is State.OTP
+    return pair
+
+
+def test_second_factor_step_over_the_pair() -> None:
+    """proof → otp(S) → otp_code(C) → welcome(S); the deadline grows by otp_timeout meanwhile."""
+    pair = asked_for_a_code()
+    assert pair.server.handle_timer(106.0) is False    # past the handshake's 5 s, within the code's 60 more
+    with pytest.raises(LocalProtocolError):
+        pair.client.send(Call(1, "sys.ping", {}))
+    assert pair.send(pair.client, OtpCode("123 456")) == [OtpCode("123 456")]
+    assert pair.server.state is State.OTP_VERIFY
+    pair.send(pair.server, Welcome(b"S" * 16, b"g" * 32, "admin", "a", 60))
+    assert pair.client.state is pair.server.state is State.OPEN and pair.server.deadline is None
+
+
+def test_nothing_but_the_code_is_legal_and_it_must_come_in_time() -> None:
+    pair = asked_for_a_code()
+    pair.server.receive_data(FrameEncoder().encode(to_wire(Call(1, "sys.ping", {}))))
+    with pytest.raises(RemoteProtocolError):
+        pair.server.next_event()
+    assert pair.server.state is State.ERROR
+    pair = asked_for_a_code()
+    assert pair.server.handle_timer(165.0) is True and pair.server.state is State.ERROR
 
 
 def test_eof_gives_closed() -> None:
