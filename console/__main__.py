@@ -15,11 +15,11 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from billcore.common.config import ConfigError, ConsoleSection, validate_console
+from webedge import http
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 from .app import console_link, serve
@@ -56,19 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                             secret_file=args.secret_file, login=args.login)
 
     async def main_async() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = http.stop_on_signals()
         live = LiveHub()
         link = console_link(settings, live)
         runner = await serve(section, link, read_or_make_secret(args.secret_file), live)
         logging.getLogger("console").info("console serving on %s:%s", args.host, args.port)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-            await link.close()
+        await http.serve_until(stop, runner, link)
 
     asyncio.run(main_async())
     return 0

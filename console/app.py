@@ -201,6 +201,7 @@ def build_app(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", STATIC, append_version=True)
+    http.add_shared_static(app)
     for page in pages:
         for route in page.ROUTES.routes:
             app.router.add_route(route.method, route.path, _guarded(route))
@@ -233,8 +234,4 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file), live)
     section = settings.section
     log.info("console serving", extra={"http": f"{section.host}:{section.port}", "tls": bool(section.tls_cert)})
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await link.close()
+    await http.serve_until(stop, runner, link)

@@ -13,11 +13,11 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from billcore.common.config import PortalSection
+from webedge import http
 from webedge.core_link import CoreLink
 from webedge.settings import read_or_make_secret
 
@@ -45,20 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s portal %(levelname)s %(message)s")
 
     async def main_async() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = http.stop_on_signals()
         link = CoreLink.for_endpoint(host=args.core_host, port=args.core_port, unix=args.core_unix,
                                      login=args.login, password=lambda: args.password_file.read_text().strip(),
                                      timeout=section.core_timeout)
         runner = await serve(section, link, read_or_make_secret(args.secret_file))
         logging.getLogger("portal").info("portal serving on %s:%s", args.host, args.port)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-            await link.close()
+        await http.serve_until(stop, runner, link)
 
     asyncio.run(main_async())
     return 0

@@ -429,6 +429,7 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Applica
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", HERE / "static", append_version=True)
+    http.add_shared_static(app)
     return app
 
 
@@ -449,8 +450,4 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file))
     s = settings.section
     log.info("portal serving", extra={"http": f"{s.host}:{s.port}", "tls": bool(s.tls_cert)})
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await link.close()
+    await http.serve_until(stop, runner, link)

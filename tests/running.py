@@ -42,6 +42,7 @@ class BillcoreProcess:
             "radius": {"enabled": False},
             "netflow": {"enabled": False},
             "portal": {"enabled": False},
+            "console": {"enabled": False},
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)

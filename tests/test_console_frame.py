@@ -187,3 +187,20 @@ async def test_healthz_needs_no_login(console_world: ConsoleWorld) -> None:
     async with aiohttp.ClientSession() as http, http.get(console_world.url + "/healthz") as response:
         assert response.status == 200
 
+
+
+async def test_the_supervisor_runs_the_console_as_a_child(tmp_path: Path, db_dsn: str) -> None:
+    """The ``console`` role: provisioned by the core (system login ``console``), connected, serving."""
+    from tests.conftest import free_port
+    from tests.running import BillcoreProcess
+
+    port = free_port()
+    with BillcoreProcess(tmp_path, dsn=db_dsn, console={"enabled": True, "port": port, "cookie_secure": False}) as bc:
+        bc.wait_for(r'role=console .*msg="core connected"', timeout=60)
+        bc.wait_for(r'role=console .*msg="console serving"', timeout=60)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/login") as response:
+                assert response.status == 200
+                assert 'src="/static/login.js' in await response.text()
+        assert (tmp_path / "var" / "system" / "console.password").exists()
+        assert bc.stop(timeout=10) == 0

@@ -19,11 +19,14 @@ so a slowloris client holds a connection at most that long.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
 import re
+import signal
 import ssl
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -32,8 +35,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .i18n import LANGUAGES
 
+SHARED_STATIC = Path(__file__).parent / "static"
+
 __all__ = ["security_headers", "b64", "unb64", "client_ip", "ascii_int", "local_path", "see_other",
-           "language_chosen", "tls_context", "serve"]
+           "language_chosen", "add_shared_static", "tls_context", "serve", "stop_on_signals", "serve_until"]
 
 _CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self';{connect}"
         " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -121,6 +126,11 @@ def language_chosen(request: web.Request, cookie: str, *, secure: bool) -> web.R
     return response
 
 
+def add_shared_static(app: web.Application) -> None:
+    """``/edge/…``: the stylesheet every edge's pages load before their own."""
+    app.router.add_static("/edge", SHARED_STATIC, append_version=True)
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
     if not cert:
         return None
@@ -158,3 +168,21 @@ async def serve(app: web.Application, *, host: str, port: int, tls_cert: str = "
     site = web.TCPSite(runner, host, port, ssl_context=tls_context(tls_cert, tls_key), backlog=512)
     await site.start()
     return runner
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set (for an edge run by hand, ``python -m …``)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_until(stop: asyncio.Event, runner: web.AppRunner, link: Any) -> None:
+    """Serve until ``stop`` is set; then close the site and the edge's link to the core."""
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await link.close()
