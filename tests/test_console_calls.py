@@ -11,7 +11,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.api import money_calls, radius_history
+from billcore.api import money_calls, radius_history, tariffs
+from billcore.billing.rating import TrafficUsage
+from billcore.billing.scheduler import run_due
+from billcore.billing.usage import commit_usage
 from billcore.common.config import Config
 from billcore.server.context import CoreContext
 from urfa.errors import CallFailed
@@ -35,14 +38,14 @@ class Core:
     pool: asyncpg.Pool
     fn: dict[str, Any]
 
-    async def call(self, name: str, ctx: Ctx | None = None, **args: Any) -> Any:
-        return await self.fn[name](ctx or Ctx(), **args)
+    async def call(self, call_name: str, ctx: Ctx | None = None, /, **args: Any) -> Any:
+        return await self.fn[call_name](ctx or Ctx(), **args)
 
 
 @pytest.fixture
 async def core(pool: asyncpg.Pool) -> Core:
     context = CoreContext(pool, Config(), publish=lambda t, p: None, now=lambda: NOW)
-    specs = [*money_calls(context), *radius_history.calls(context)]
+    specs = [*money_calls(context), *radius_history.calls(context), *tariffs.calls(context)]
     return Core(pool, {spec.name: spec.handler for spec in specs})
 
 
@@ -112,3 +115,98 @@ async def test_radius_history_lists_past_and_open_sessions_newest_first(core: Co
     with pytest.raises(CallFailed) as unknown:
         await core.call("radius.history", account_id=10**9)
     assert unknown.value.code == "accounts.unknown"
+
+
+FEB, MAR = dt.datetime(2026, 2, 1, tzinfo=UTC), dt.datetime(2026, 3, 1, tzinfo=UTC)
+
+
+async def test_quote_is_what_charging_books_for_the_same_month(pool: asyncpg.Pool) -> None:
+    """A real account on the services for February 2026: traffic committed day by day through
+    commit_usage (the NetFlow path), fees by the scheduler's runs, the link closed at the month's end.
+    The quote for the same services and traffic is what the ledger got, service by service."""
+    clock = [FEB + dt.timedelta(days=3)]
+    context = CoreContext(pool, Config(), publish=lambda t, p: None, now=lambda: clock[0])
+    fn = {spec.name: spec.handler for spec in [*money_calls(context), *tariffs.calls(context)]}
+    admin = Ctx()
+    inet = (await fn["classes.add"](admin, name="inet"))["id"]
+    local = (await fn["classes.add"](admin, name="local"))["id"]
+    night = (await fn["timeranges.add"](admin, name="night", priority=1,
+                                        windows=[{"days": "all", "time": "00:00-07:00"}]))["id"]
+    traffic = (await fn["services.add"](admin, name="traffic", kind="traffic"))["id"]
+    # inet: 2 GB prepaid, then 0.10/MB and from 5 GB beyond on 0.07/MB; at night half price; local: 0.01/MB
+    await fn["services.set_rate"](admin, service_id=traffic, class_id=inet, unit_size=1_000_000,
+                                  prepaid=2_000_000_000, tiers=[[0, 100_000], [5_000_000_000, 70_000]])
+    await fn["services.set_rate"](admin, service_id=traffic, class_id=inet, range_id=night, unit_size=1_000_000,
+                                  tiers=[[0, 50_000]])
+    await fn["services.set_rate"](admin, service_id=traffic, class_id=local, unit_size=1_000_000, tiers=[[0, 10_000]])
+    monthly = (await fn["services.add"](admin, name="monthly", kind="periodic", fee=25_990_000,
+                                        period={"kind": "monthly", "anchor": "2020-01-01"}, charge_mode="start"))["id"]
+    weekly = (await fn["services.add"](admin, name="weekly tv", kind="periodic", fee=3_333_333,
+                                       period={"kind": "weekly", "anchor": "2024-01-03"}, charge_mode="start"))["id"]
+    setup = (await fn["services.add"](admin, name="setup", kind="once", fee=7_000_000))["id"]
+    services = [monthly, weekly, setup, traffic]
+    tariff = (await fn["tariffs.add"](admin, name="home", service_ids=services))["id"]
+    month_bytes = {inet: 12_345_678_901, local: 987_654_321}
+
+    user = await fn["users.create"](admin, login="alice", password="alice-password")
+    account = user["basic_account_id"]
+    clock[0] = FEB
+    await fn["tariffs.link"](admin, account_id=account, tariff_id=tariff)
+    await run_due(pool, FEB + dt.timedelta(minutes=1))
+    hours = [FEB + dt.timedelta(hours=k) for k in range((MAR - FEB) // dt.timedelta(hours=1))]
+    async with pool.acquire() as conn:
+        for day in range(len(hours) // 24):   # one commit a day, as a worker ships its batches
+            batch = []
+            for k in range(day * 24, day * 24 + 24):
+                for klass, total in month_bytes.items():
+                    share, extra = divmod(total, len(hours))
+                    batch.append(TrafficUsage(account, klass, hours[k], share + (k < extra)))
+            await commit_usage(conn, "w1", day + 1, batch, MAR)
+    clock[0] = MAR
+    await fn["tariffs.link"](admin, account_id=account, tariff_id=None)
+    await run_due(pool, MAR + dt.timedelta(minutes=1))
+
+    async with pool.acquire() as conn:
+        booked = {row["service_id"]: int(row["amount"]) for row in await conn.fetch(
+            "SELECT service_id, sum(charged) AS amount FROM (SELECT service_id, charged FROM periodic_charges"
+            " WHERE account_id = $1 UNION ALL SELECT service_id, charged FROM usage_counters WHERE account_id = $1"
+            " UNION ALL SELECT service_id, amount FROM once_charges WHERE account_id = $1) c GROUP BY service_id",
+            account)}
+        spent = -await conn.fetchval("SELECT sum(amount) FROM ledger WHERE account_id = $1", account)
+    clock[0] = FEB + dt.timedelta(days=10)
+    quoted = await fn["tariffs.quote"](admin, service_ids=services,
+                                       traffic={str(klass): total for klass, total in month_bytes.items()})
+    assert {line["service_id"]: line["amount"] for line in quoted["lines"]} == booked
+    assert quoted["total"] == spent == sum(booked.values())
+    assert booked[traffic] > 0 and booked[weekly] > 0 and booked[setup] == 7_000_000
+    assert (quoted["start"], quoted["end"], quoted["unrated"]) == (FEB, MAR, [])
+    assert [line["kind"] for line in quoted["lines"]] == ["periodic", "periodic", "once", "traffic"]
+
+
+async def test_quote_for_part_of_a_month_and_what_it_cannot_rate(core: Core) -> None:
+    admin = Ctx()
+    fee = (await core.call("services.add", name="fee", kind="periodic", fee=28_000_000,
+                           period={"kind": "monthly", "anchor": "2020-01-01"}, charge_mode="start"))["id"]
+    inet = (await core.call("classes.add", name="inet"))["id"]
+    traffic = (await core.call("services.add", name="traffic", kind="traffic"))["id"]
+    await core.call("services.set_rate", service_id=traffic, class_id=inet, unit_size=1_000_000, tiers=[[0, 1000]])
+    other = (await core.call("services.add", name="traffic 2", kind="traffic"))["id"]
+    # NOW is in March (31 days): 10 days cost 10/31 of the fee, to the micro-unit as prorated
+    part = await core.call("tariffs.quote", admin, service_ids=[fee], days=10)
+    assert part["total"] == 28_000_000 * 10 // 31 and part["end"] == dt.datetime(2026, 3, 11, tzinfo=UTC)
+    # a class without a rule is not charged, and says why, as rating says it
+    alone = await core.call("tariffs.quote", service_ids=[traffic], traffic={str(inet): 5_000_000, "999": 7})
+    assert alone["total"] == 5000 and alone["unrated"] == [{"class_id": 999, "bytes": 7, "reason": "no_rate"}]
+    # two traffic services: charging would not know which to charge, and neither does the quote
+    both = await core.call("tariffs.quote", service_ids=[traffic, other], traffic={str(inet): 5_000_000})
+    assert both["total"] == 0 and both["unrated"][0]["reason"] == "ambiguous_service"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"service_ids": []}, "billing.invalid"), ({"service_ids": [fee, fee]}, "billing.invalid"),
+        ({"service_ids": [10**9]}, "tariffs.unknown"), ({"service_ids": [fee], "days": 0}, "billing.invalid"),
+        ({"service_ids": [fee], "days": 32}, "billing.invalid"),
+        ({"service_ids": [fee], "traffic": {"inet": 1}}, "billing.invalid"),
+        ({"service_ids": [fee], "traffic": {"1": -1}}, "billing.invalid")]
+    for args, code in cases:
+        with pytest.raises(CallFailed) as refused:
+            await core.call("tariffs.quote", **args)
+        assert refused.value.code == code, args

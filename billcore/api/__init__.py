@@ -1,5 +1,6 @@
 """Built-in URFA call modules for the money side: users, the subscriber list,
-accounts, blocks, payments, audit, and the subscriber's own ``me.*`` calls.
+bulk changes, accounts, blocks, payments, audit, and the subscriber's own
+``me.*`` calls.
 
 Theory of operation
 -------------------
@@ -91,7 +92,7 @@ def page(limit: object, offset: object, max_limit: int = 1000) -> tuple[int, int
 
 def money_calls(core: CoreContext) -> list[CallSpec]:
     """Every call module of this package."""
-    from billcore.api import accounts, me, payments, subscribers, users
+    from billcore.api import accounts, bulk, me, payments, subscribers, users
 
     return [*users.calls(core), *accounts.calls(core), *payments.calls(core), *me.calls(core),
-            *subscribers.calls(core)]
+            *subscribers.calls(core), *bulk.calls(core)]

@@ -6,6 +6,7 @@ Admin calls (kinds ``{"admin"}``), right ``tariffs.read`` for reads and
   services.list, services.add, services.delete, services.set_rate,
   tariffs.list, tariffs.add, tariffs.set_services, tariffs.delete,
   tariffs.link (account ↔ tariff, from now or the next period), tariffs.history,
+  tariffs.quote (a sample month's cost, priced by the charging code: billcore.billing.quote),
   classes.list, classes.add, classes.delete, classes.add_rule, classes.delete_rule,
   timeranges.list, timeranges.add, timeranges.delete,
   bindings.list, bindings.add, bindings.end
@@ -30,6 +31,7 @@ from billcore.billing.tariffs import (
     MAX_PAGE, create_service, create_tariff, create_time_range, delete_service, delete_tariff, delete_time_range,
     link_tariff, list_services, list_tariffs, list_time_ranges, set_rate, set_tariff_services, tariff_history,
 )
+from billcore.billing.quote import quote_services
 from billcore.common.errors import TariffError
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
@@ -163,6 +165,22 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return plain_rows(await tariff_history(conn, account_id, limit=limit, offset=offset))
 
     @handler
+    async def tariffs_quote(ctx: CallContext, service_ids: list[int], traffic: dict[str, int] | None = None,
+                            days: int | None = None) -> dict[str, Any]:
+        """What a sample month would cost with these services: {lines: [{service_id, name, kind, amount}],
+        total, unrated, start, end}. traffic maps a traffic class id (as text) to the month's bytes, spread
+        evenly over the hours; days (1..31) keeps the services for the month's first days only. Priced by
+        the code that charges: periodic fees prorated as the scheduler does, traffic rated as NetFlow
+        batches are; unrated lists the bytes charging would not rate, with its reason."""
+        async with core.pool.acquire() as conn:
+            quoted = await quote_services(conn, service_ids, traffic, days, core.now(), tz)
+        return {"lines": [{"service_id": line.service_id, "name": line.name, "kind": line.kind,
+                           "amount": line.amount} for line in quoted.lines],
+                "total": quoted.total, "start": quoted.start, "end": quoted.end,
+                "unrated": [{"class_id": klass, "bytes": quantity, "reason": reason}
+                            for klass, quantity, reason in quoted.unrated]}
+
+    @handler
     async def classes_list(ctx: CallContext, limit: int = CLASS_PAGE, offset: int = 0) -> list[dict[str, Any]]:
         """Traffic classes and their rules, in match order (paged)."""
         limit, offset = page(limit, offset, CLASS_PAGE)
@@ -276,6 +294,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         ("tariffs.delete", tariffs_delete, W, {"tariff_id": "int"}),
         ("tariffs.link", tariffs_link, W, {"account_id": "int", "tariff_id": "int?", "start": "str?"}),
         ("tariffs.history", tariffs_history, R, {"account_id": "int", **paged}),
+        ("tariffs.quote", tariffs_quote, R, {"service_ids": "list", "traffic": "map?", "days": "int?"}),
         ("classes.list", classes_list, R, paged),
         ("classes.add", classes_add, W, {"name": "str", "position": "int?", "comment": "str?"}),
         ("classes.delete", classes_delete, W, {"class_id": "int"}),
@@ -298,7 +317,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
         async def wrapped(ctx: CallContext, **args: Any) -> Any:
             result = await fn(ctx, **args)
             async with core.pool.acquire() as conn:
-                await audit.record(conn, who(ctx), name, name.split(".")[0], before=None,
+                # a link is about one account: its row shows on the account's audit (accounts.audit)
+                about = f"account:{args['account_id']}" if name == "tariffs.link" else name.split(".")[0]
+                await audit.record(conn, who(ctx), name, about, before=None,
                                    after={"args": args, "result": result}, now=core.now())
             return result
         return wrapped
@@ -308,7 +329,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return "fixed"
         return f"page:{CLASS_PAGE if name == 'classes.list' else PAGE}"
 
-    money = {"services.list": {"fee": "money"}}
+    money = {"services.list": {"fee": "money"},
+             "tariffs.quote": {"lines": "list", "lines.amount": "money", "total": "money", "unrated": "list"}}
     specs = [CallSpec(name, audited(name, fn) if right == W else fn, right=right, kinds=ADMIN, args=args,
                       doc=fn.__doc__ or "", bound=bound(name, args), fields=money.get(name, {}))
              for name, fn, right, args in table]
