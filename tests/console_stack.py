@@ -11,7 +11,7 @@ script does — and the core only over URFA, as any client would.
 from __future__ import annotations
 
 import shutil
-import time
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +25,6 @@ from tests.test_e2e_core import billcore_cli
 from urfa.client import Client, connect
 
 ROOT_PASSWORD = "root-console-pw-1"
-TOTP_STEP = 30
 
 
 @dataclass
@@ -59,27 +58,9 @@ def need_chromium() -> None:
     need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
 
 
-def current_code(secret_b32: str, now: float | None = None) -> str:
-    """The operator's authenticator app: the TOTP code for now."""
-    from billcore.common.totp import parse_b32, totp
-
-    return totp(parse_b32(secret_b32), int(time.time() if now is None else now))
-
-
-def fresh_code(secret_b32: str, used: set[str]) -> str:
-    """A code not used before: the core refuses a code twice in its step, so
-    wait (on the clock, not a fixed sleep) for the next step when needed."""
-    while True:
-        code = current_code(secret_b32)
-        if code not in used:
-            used.add(code)
-            return code
-        time.sleep(0.25)
-
-
 @asynccontextmanager
 async def console_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]) -> AsyncIterator[ConsoleStack]:
-    """``billcore serve`` with the console on loopback over plain HTTP.
+    """``billcore serve`` with the console on loopback over plain HTTP (``workdir``'s name names its directory).
 
     ``dsn`` empty: the supervisor starts an embedded PostgreSQL in the
     work directory (the default deployment, and the config then names no
@@ -87,6 +68,10 @@ async def console_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]
     port = free_port()
     console = {"enabled": True, "host": "127.0.0.1", "port": port, "cookie_secure": False,
                **sections.pop("console", {})}
+    # the embedded PostgreSQL runs as its own user, which must reach its data directory; another
+    # pytest run on this machine resets /tmp/pytest-of-root to 0700 whenever it starts, so the
+    # data directory lives in a directory of its own beside it
+    workdir = Path(tempfile.mkdtemp(prefix=f"billcore-{workdir.name}-"))
     bc = BillcoreProcess(workdir, dsn=dsn, console=console, **sections)
     bc.start()
     admin: Client | None = None
@@ -99,7 +84,11 @@ async def console_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]
         admin = await connect("127.0.0.1", bc.urfa_port)
         await admin.login("admin", "root", ROOT_PASSWORD)
         yield ConsoleStack(bc, admin, f"http://127.0.0.1:{port}", port)
+    except BaseException:
+        print(bc.log()[-12000:])         # the processes' own account of a failure (the directory goes)
+        raise
     finally:
         if admin is not None:
             await admin.close()
         bc.__exit__(None, None, None)
+        shutil.rmtree(workdir, ignore_errors=True)
