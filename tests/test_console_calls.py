@@ -4,14 +4,18 @@ tariffs.quote and sys.health."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import pytest
 
-from billcore.api import money_calls, radius_history, tariffs
+from billcore.api import health, money_calls, radius_history, tariffs
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.scheduler import run_due
 from billcore.billing.usage import commit_usage
@@ -210,3 +214,88 @@ async def test_quote_for_part_of_a_month_and_what_it_cannot_rate(core: Core) -> 
         with pytest.raises(CallFailed) as refused:
             await core.call("tariffs.quote", **args)
         assert refused.value.code == code, args
+
+
+REPORTER = """
+import sys
+from billcore.server import metrics
+from netflow import metrics as flow
+from radius import server
+
+role = sys.argv[1]
+metrics.PROCESS_UP.labels(role).set(1)
+if role == "supervisor":
+    metrics.RESTARTS.labels("netflow").inc(2)
+if role == "netflow":
+    flow.RECEIVED.labels("w1").inc(100)
+    flow.DROPS.labels("w1", "kernel").inc(3)
+    flow.DROPS.labels("w1", "exporter").inc(1)
+    flow.JOURNAL_LAG.labels("w1").set(4096)
+    flow.CORE_CONNECTED.labels("w1").set(1)
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "requests":
+        server.REQUESTS.labels("access").inc(50)
+        server.REQUESTS.labels("accounting").inc(20)
+        server.REPLIES.labels("access_reject").inc(5)
+    print("done", flush=True)
+"""
+
+
+async def test_health_reads_every_process_from_its_metrics(core: Core, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    reporters = {role: subprocess.Popen([sys.executable, "-c", REPORTER, role], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+                 for role in ("supervisor", "netflow", "radius")}
+    try:
+        for reporter in reporters.values():
+            assert reporter.stdout is not None and reporter.stdout.readline().strip() == "ready"
+        async with core.pool.acquire() as conn:
+            await conn.execute("INSERT INTO ingest_watermarks VALUES ('netflow:w1', 777, $1),"
+                               " ('radius:1:x', 5, $1)", NOW)
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics))
+        context = CoreContext(core.pool, Config(), publish=lambda t, p: None, now=lambda: NOW)
+        sys_health = health.calls(context)[0].handler
+        first = await sys_health(Ctx())
+        roles = {(row["role"], row["pid"]): row for row in first["processes"]}
+        radius = roles[("radius", reporters["radius"].pid)]
+        assert radius["state"] == "running" and radius["started_at"] is not None
+        assert abs((radius["started_at"] - dt.datetime.now(UTC)).total_seconds()) < 120
+        assert roles[("netflow", reporters["netflow"].pid)]["restarts"] == 2
+        assert ("core", os.getpid()) in roles
+        (worker,) = first["netflow"]
+        assert (worker["worker"], worker["packets"], worker["drops"], worker["journal_lag"], worker["connected"],
+                worker["watermark"], worker["watermark_at"]) == ("w1", 100, 4, 4096, True, 777, NOW)
+        assert worker["drops_by_reason"] == {"kernel": 3, "exporter": 1} and worker["classifier_version"] >= 1
+        assert first["radius"]["access_per_s"] is None and first["database"] == {"up": True}
+        assert any("exporter" in line for line in first["missing"])
+
+        radius_stdin, radius_stdout = reporters["radius"].stdin, reporters["radius"].stdout
+        assert radius_stdin is not None and radius_stdout is not None
+        radius_stdin.write("requests\n")
+        radius_stdin.flush()
+        assert radius_stdout.readline().strip() == "done"
+        second = await sys_health(Ctx())
+        assert (second["radius"]["access"], second["radius"]["accounting"], second["radius"]["rejects"]) == (50, 20, 5)
+        assert second["radius"]["access_per_s"] > second["radius"]["rejects_per_s"] > 0
+
+        reporters["radius"].kill()
+        reporters["radius"].wait()
+        third = await sys_health(Ctx())
+        assert {(row["role"], row["state"]) for row in third["processes"]
+                if row["pid"] == reporters["radius"].pid} == {("radius", "gone")}
+    finally:
+        for reporter in reporters.values():
+            reporter.kill()
+            reporter.wait()
+
+
+async def test_health_without_the_supervisor_knows_the_core(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    context = CoreContext(core.pool, Config(), publish=lambda t, p: None, now=lambda: NOW)
+    answer = await health.calls(context)[0].handler(Ctx())
+    assert [(row["role"], row["pid"], row["state"]) for row in answer["processes"]] == [("core", os.getpid(), "running")]
+    assert answer["netflow"] == [] and answer["metrics"] is False and "supervisor" in answer["missing"][0]
