@@ -11,6 +11,8 @@ script does — and the core only over URFA, as any client would.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +25,8 @@ from tests.running import BillcoreProcess
 from tests.test_portal_e2e import CHROMIUM
 from tests.test_e2e_core import billcore_cli
 from urfa.client import Client, connect
+
+REPO = Path(__file__).resolve().parent.parent
 
 ROOT_PASSWORD = "root-console-pw-1"
 
@@ -56,6 +60,24 @@ class ConsoleStack:
 
 def need_chromium() -> None:
     need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+
+
+def plugin_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "billcore.cli", "plugin", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def signed_example_plugin(tmp: Path) -> tuple[Path, Path]:
+    """plugins/example signed with a fresh key; (plugin dir, trusted key dir)."""
+    keys, plugin_dir, trusted = tmp / "keys", tmp / "plugins", tmp / "trusted"
+    trusted.mkdir(parents=True)
+    assert plugin_cli("keygen", "--out", str(keys), "--name", "day").returncode == 0
+    shutil.copy(keys / "day.pub", trusted / "day.pub")
+    shutil.copytree(REPO / "plugins" / "example", plugin_dir / "example",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    signed = plugin_cli("sign", str(plugin_dir / "example"), "--key", str(keys / "day.key"))
+    assert signed.returncode == 0, signed.stderr
+    return plugin_dir, trusted
 
 
 @asynccontextmanager

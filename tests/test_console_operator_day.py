@@ -26,8 +26,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from netflow.exporter import ExportClock, FlowSpec, build_v5, build_v9
 from radius.nas_sim import NasSimulator
 from radius.server import load_dictionary
 from tests.conftest import free_port, need_peer
-from tests.console_stack import ROOT_PASSWORD, ConsoleStack, console_stack, need_chromium
+from tests.console_stack import ROOT_PASSWORD, ConsoleStack, console_stack, need_chromium, signed_example_plugin
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from tests.test_radius_e2e import radclient
 from tests.waiting import eventually_awaited
@@ -56,24 +54,6 @@ LOCAL_NET, LOCAL_PEER = "198.51.100.0/24", "198.51.100.20"
 INTERNET_PEER = "203.0.113.9"
 LOCAL_PER_MB, INTERNET_PER_MB = "0.02", "0.10"        # per 10^6 bytes; the night range costs the same
 PAID = "500.00"
-
-
-def plugin_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "billcore.cli", "plugin", *args],
-                          capture_output=True, text=True, timeout=60)
-
-
-def signed_example_plugin(tmp: Path) -> tuple[Path, Path]:
-    """plugins/example signed with a fresh key; (plugin dir, trusted key dir)."""
-    keys, plugin_dir, trusted = tmp / "keys", tmp / "plugins", tmp / "trusted"
-    trusted.mkdir(parents=True)
-    assert plugin_cli("keygen", "--out", str(keys), "--name", "day").returncode == 0
-    shutil.copy(keys / "day.pub", trusted / "day.pub")
-    shutil.copytree(ROOT / "plugins" / "example", plugin_dir / "example",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    signed = plugin_cli("sign", str(plugin_dir / "example"), "--key", str(keys / "day.key"))
-    assert signed.returncode == 0, signed.stderr
-    return plugin_dir, trusted
 
 
 def plain(text: str) -> str:
@@ -311,19 +291,19 @@ async def tariff_built(day: ConsoleStack, op: Operator) -> dict[str, int]:
 
 
 async def subscriber_made(day: ConsoleStack, op: Operator, ids: dict[str, int]) -> tuple[int, int]:
+    """A new subscriber with a static IP and the new tariff, found again by name, IP and account id."""
     await op.goto("/subscribers/new")
-    await op.submit("subscriber-form", {"login": "dana", "password": "dana-office-pw", "full_name": "Dana Scully",
-                                        "phone": "+7 912 555 0101", "email": "dana@example.net"})
-    match = re.search(r"/subscribers/(\d+)$", op.page.url)
+    await op.submit('[data-test="subscriber-form"]',
+                    {"login": "dana", "password": "dana-office-pw", "full_name": "Dana Scully",
+                     "phone": "+7 912 555 0101", "email": "dana@example.net", "ip": SUBSCRIBER_IP},
+                    choose={"tariff_id": str(ids["tariff"])})
+    match = re.search(r"/subscribers/(\d+)", op.page.url)
     assert match, op.page.url
     user_id = int(match.group(1))
     user = await day.admin.call("users.get", {"user_id": user_id})
     account_id = int(user["accounts"][0]["id"])
-    await op.submit("binding-form", {"ip": SUBSCRIBER_IP})
-    assert SUBSCRIBER_IP in await op.text("bindings")
-    await op.submit("tariff-form", choose={"tariff_id": str(ids["tariff"]), "start": "now"})
-    assert "Home 100" in await op.text("tariff")
-    # found again by the search page: by name, by IP, by account id
+    assert SUBSCRIBER_IP in await op.text('[data-test="bindings"]')
+    assert "Home 100" in await op.text("#tariff-now")
     for text in ("Scully", SUBSCRIBER_IP, str(account_id)):
         await op.goto("/subscribers?q=" + text)
         rows = op.page.locator('[data-test="result"]')
@@ -334,21 +314,21 @@ async def subscriber_made(day: ConsoleStack, op: Operator, ids: dict[str, int]) 
 
 
 async def payment_taken(day: ConsoleStack, op: Operator, user_id: int, account_id: int) -> None:
+    """A payment; the same bank transfer typed again with another amount is refused in words, nothing booked."""
     await op.goto(f"/subscribers/{user_id}")
-    await op.submit("payment-form", {"amount": PAID, "external_id": "bank-2026-0001"})
-    assert plain(await op.text("balance")) == PAID
-    # the same bank transfer typed again with another amount: refused, in words, nothing booked
-    response = await op.submit("payment-form", {"amount": "50.00", "external_id": "bank-2026-0001"})
-    assert response.status < 500
-    error = await op.text("error")
-    assert error.strip() and "payments.conflict" not in error, error      # words, not a code
+    await op.submit('[data-test="payment-form"]', {"amount": PAID, "external_id": "bank-2026-0001"})
+    assert plain(await op.text('[data-test="balance"]')) == PAID
+    response = await op.submit('[data-test="payment-form"]', {"amount": "50.00", "external_id": "bank-2026-0001"})
+    assert response.status == 409
+    error = await op.text('[data-test="error"]')
+    assert error.strip() and "payments.conflict" not in error, error          # words, not a code
     assert (await day.admin.call("accounts.get", {"account_id": account_id}))["balance"] == 500_000_000
-    # the same transfer sent twice (a double click, a retry): booked once
-    response = await op.submit("payment-form", {"amount": PAID, "external_id": "bank-2026-0001"})
-    assert response.status < 500
-    assert (await day.admin.call("accounts.get", {"account_id": account_id}))["balance"] == 500_000_000
+    # the same transfer sent twice (a double click, a retried file): booked once, and said so
     await op.goto(f"/subscribers/{user_id}")
-    assert plain(await op.text("balance")) == PAID
+    response = await op.submit('[data-test="payment-form"]', {"amount": PAID, "external_id": "bank-2026-0001"})
+    assert response.status == 200 and await op.text("#notice")
+    assert plain(await op.text('[data-test="balance"]')) == PAID
+    assert (await day.admin.call("accounts.get", {"account_id": account_id}))["balance"] == 500_000_000
 
 
 async def traffic_seen(day: ConsoleStack, op: Operator, user_id: int, account_id: int,
@@ -370,11 +350,11 @@ async def traffic_seen(day: ConsoleStack, op: Operator, user_id: int, account_id
 
     async def card_shows_the_charge() -> bool:
         await op.page.goto(f"{day.url}/subscribers/{user_id}")
-        return plain(await op.text("balance")) == expected
+        return plain(await op.text('[data-test="balance"]')) == expected
 
     await eventually_awaited(card_shows_the_charge, timeout=90, every=1.0, what="the charge on the card")
-    traffic = await op.text("traffic")
-    assert "local" in traffic and "internet" in traffic, traffic
+    for name in ("local", "internet"):                                 # a row per class, with bytes
+        assert await op.page.locator(f'[data-test="traffic"] tr[data-class="{name}"]').count() == 1, name
     await op.shot("card")
 
 
@@ -394,7 +374,7 @@ async def blocked_and_disconnected(day: ConsoleStack, op: Operator, user_id: int
     seen = len(nas.received)
 
     await op.goto(f"/subscribers/{user_id}")
-    await op.submit("block-form", {"reason": "unpaid router rent"})
+    await op.submit('[data-test="block-form"]', {"reason": "unpaid router rent"})
     assert await op.page.locator('[data-test="blocked"]').count() == 1
 
     async def disconnected() -> bool:
@@ -410,7 +390,7 @@ async def blocked_and_disconnected(day: ConsoleStack, op: Operator, user_id: int
                                                     ' Acct-Status-Type = Stop, Acct-Session-Time = 5,'
                                                     ' Acct-Terminate-Cause = Admin-Reset', secret=NAS_SECRET)
 
-    await op.submit("unblock-form")
+    await op.submit('[data-test="unblock-form"]')
     assert await op.page.locator('[data-test="blocked"]').count() == 0
     assert (await day.admin.call("accounts.get", {"account_id": account_id}))["blocks"] == []
 
@@ -423,9 +403,9 @@ async def tariff_changed_next_period(day: ConsoleStack, op: Operator, user_id: i
     await op.submit("#tariff-form", button="#save-tariff")
     tariffs = {row["name"]: row["id"] for row in await day.admin.call("tariffs.list", {})}
     await op.goto(f"/subscribers/{user_id}")
-    await op.submit("tariff-form", choose={"tariff_id": str(tariffs["Home 200"]), "start": "next_period"})
-    shown = await op.text("tariff")
-    assert "Home 100" in shown and "Home 200" in shown, shown          # now, and from the next period
+    await op.submit('[data-test="tariff-form"]', choose={"tariff_id": str(tariffs["Home 200"]), "start": "next_period"})
+    assert await op.text("#tariff-now") == "Home 100"                  # until the period ends
+    assert await op.text(".tariff-scheduled") == "Home 200"            # and from the next one
     history = await day.admin.call("tariffs.history", {"account_id": account_id})
     later = [row for row in history if row["tariff_id"] == tariffs["Home 200"]]
     assert later, history
@@ -447,9 +427,11 @@ async def audit_found(day: ConsoleStack, op: Operator, user_id: int, account_id:
     """Every change of the day is in the audit log, under olga's name and from the browser's address."""
     await op.goto(f"/system/audit?login={OPERATOR}")
     actions = {text.strip() for text in await op.page.locator("#audit td.action").all_inner_texts()}
-    for action in ("payments.add", "blocks.set", "blocks.lift", "tariffs.link", "plugins.load", "plugins.unload",
-                   "tariffs.add", "services.add", "classes.add"):
-        assert action in actions, (action, sorted(actions))
+    # plugins.load/unload are not audited by the core yet: test_console_roles.py holds that gap as an xfail
+    for action in ("users.create", "bindings.add", "payments.add", "blocks.set", "blocks.lift", "tariffs.link",
+                   "tariffs.add", "services.add", "services.set_rate", "classes.add", "classes.add_rule",
+                   "timeranges.add", "self.otp_confirm"):
+        assert action in actions, f"{action} not among {', '.join(sorted(actions))}"
     await op.shot("audit")
     await op.goto(f"/subscribers/{user_id}")
     trail = await op.text('[data-test="audit"]')

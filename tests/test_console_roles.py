@@ -31,7 +31,7 @@ import pytest
 from billcore.common.money import format_money
 from console.page import Route
 from tests.console_harness import ConsoleBrowser
-from tests.console_stack import ConsoleStack, console_stack, need_chromium
+from tests.console_stack import ConsoleStack, console_stack, need_chromium, signed_example_plugin
 from tests.process_view import encodings_of, environ_of, memory_hits, sockets_of
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from urfa.errors import CallFailed
@@ -46,7 +46,9 @@ PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConsoleStack]:
     need_chromium()
-    async with console_stack(tmp_path_factory.mktemp("console-roles")) as stack:
+    plugin_dir, trusted = signed_example_plugin(tmp_path_factory.mktemp("signing"))
+    async with console_stack(tmp_path_factory.mktemp("console-roles"),
+                             plugins={"dir": str(plugin_dir), "key_dir": str(trusted)}) as stack:
         for login, group in GROUPS.items():
             await stack.operator(login, PASSWORDS[login], [group])
         # things with ids for the URLs to name
@@ -75,7 +77,8 @@ def console_routes() -> list[Route]:
 
 
 def concrete(path: str, ids: dict[str, Any]) -> str:
-    return PARAM.sub(lambda m: str(ids[m.group(1)]), path)
+    """The path with real ids where the test made the thing; any id elsewhere (the rights come first)."""
+    return PARAM.sub(lambda m: str(ids.get(m.group(1), 1)), path)
 
 
 async def call_table(stack: ConsoleStack, login: str) -> frozenset[str]:
@@ -259,3 +262,13 @@ async def test_the_console_holds_no_password_and_no_database(stack: ConsoleStack
     assert any(sock.kind == "tcp" and sock.state == "LISTEN" for sock in sockets), sockets
     # the inspection does see a database connection where there is one: the core's
     assert any(".s.PGSQL" in sock.peer or sock.peer_port == pg_port for sock in sockets_of(core))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the core does not audit plugins.load / plugins.unload"
+                                       " (billcore/plugins/admin_calls.py); every other change of the"
+                                       " operator day is in the audit log")
+async def test_plugin_loads_are_in_the_audit_log(stack: ConsoleStack) -> None:
+    await stack.admin.call("plugins.load", {"path": "example"})
+    await stack.admin.call("plugins.unload", {"name": "example"})
+    actions = {row["action"] for row in await stack.admin.call("audit.query", {"login": "root"})}
+    assert {"plugins.load", "plugins.unload"} <= actions, sorted(actions)
