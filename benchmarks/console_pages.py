@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import random
@@ -338,7 +339,7 @@ async def ensure_database(work: Path, n: int) -> None:
         if not built:
             log(f"building {n:,} subscribers in {work}")
             args = argparse.Namespace(subscribers=n, months=1, usage_days=2, bindings=None)
-            await scale.build(dsn, args, key, scale.dt.datetime.now(scale.UTC))
+            await scale.build(dsn, args, key, dt.datetime.now(dt.timezone.utc))
     finally:
         await asyncio.to_thread(pg.stop)
 

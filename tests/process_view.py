@@ -73,21 +73,21 @@ def sockets_of(pid: int) -> list[Socket]:
     for kind, flag in (("tcp", "-t"), ("udp", "-u")):
         for line in _ss(flag):
             fields = line.split()
-            inode = re.search(r"\bino:(\d+)", line)
-            if len(fields) >= 5 and inode and int(inode.group(1)) in mine:
-                found.append(Socket(kind, fields[0], fields[3], fields[4], int(inode.group(1))))
+            numbered = re.search(r"\bino:(\d+)", line)
+            if len(fields) >= 5 and numbered and int(numbered.group(1)) in mine:
+                found.append(Socket(kind, fields[0], fields[3], fields[4], int(numbered.group(1))))
     unix_lines = [line.split() for line in _ss("-x")]
     # u_str ESTAB 0 0 /path/or/* LOCAL_INODE * PEER_INODE users:(...)
     by_inode = {int(f[5]): f for f in unix_lines if len(f) >= 8 and f[5].isdigit()}
-    for inode, fields in by_inode.items():
-        if inode not in mine:
+    for unix_inode, columns in by_inode.items():
+        if unix_inode not in mine:
             continue
-        peer_inode = int(fields[7]) if fields[7].isdigit() else 0
+        peer_inode = int(columns[7]) if columns[7].isdigit() else 0
         far = by_inode.get(peer_inode)
-        found.append(Socket("unix", fields[1], fields[4], far[4] if far else "", inode))
-    missing = mine - {s.inode for s in found}
+        found.append(Socket("unix", columns[1], columns[4], far[4] if far else "", unix_inode))
+    missing = mine - {sock.inode for sock in found}
     # netlink and other families ss did not list: reported, so nothing hides
-    found.extend(Socket("other", "?", "?", "?", inode) for inode in sorted(missing))
+    found.extend(Socket("other", "?", "?", "?", other) for other in sorted(missing))
     return found
 
 

@@ -184,7 +184,8 @@ async def test_an_operators_day(day: ConsoleStack) -> None:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = await browser.new_context(viewport=DESKTOP, locale="en-US")
+            context = await browser.new_context(
+                viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]}, locale="en-US")
             page = await context.new_page()
             page.on("dialog", lambda dialog: dialog.accept())      # the confirmations the pages ask
             op = Operator(page, day.url)

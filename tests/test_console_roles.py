@@ -183,7 +183,8 @@ async def test_support_cannot_take_payments_anywhere(stack: ConsoleStack) -> Non
 async def browser_login(stack: ConsoleStack, playwright: Any, login: str) -> tuple[Any, Any]:
     """(browser, page) logged in as ``login`` by Chromium running the login page's own script."""
     browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    context = await browser.new_context(viewport=DESKTOP, locale="en-US")
+    context = await browser.new_context(viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]},
+                                        locale="en-US")
     page = await context.new_page()
     await page.goto(stack.url + "/login")
     await page.fill("#login", login)
