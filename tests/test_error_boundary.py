@@ -44,7 +44,8 @@ LEAKS = re.compile(r"asyncpg|violates|traceback|relation|column|constraint|synta
                    r"unexpected keyword|positional argument|errno|\.py\b|key \(", re.I)
 # calls that end the caller's own session when they succeed: still driven,
 # the client simply logs in again
-ENDS_SESSION = {"session.logout"}
+# calls that may end the caller's own session (operators.*: when the operator is the caller)
+ENDS_SESSION = {"session.logout", "operators.set_password", "operators.disable", "operators.edit"}
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -130,6 +131,9 @@ class Who:
                 await set_user_password(conn, user_id, self.password)
             elif self.kind == "system":
                 await create_system_login(conn, self.login, self.password, ["*"])
+            elif self.kind == "admin":   # operators.* on themselves: password, disabled, groups, second factor
+                await conn.execute("DELETE FROM admins WHERE login = $1", self.login)
+                await create_admin(conn, self.login, self.password, ["superusers"])
         finally:
             await conn.close()
 

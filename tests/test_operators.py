@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from billcore.clients.exits import REFUSED
+from billcore.clients.exits import LOGIN_REFUSED, REFUSED
 from billcore.common.config import Config
 from billcore.common.totp import parse_b32, totp
 from billcore.radius.secrets import SecretStore
@@ -161,9 +161,13 @@ async def test_console_logs_an_operator_in_and_calls_in_their_table(live: Live) 
     assert "payments.add" in names and "tariffs.add" not in names
     await refused("not_in_table", console.call("tariffs.add", {"name": "x", "service_ids": []},
                                                as_sid=info.sid, as_ip=BROWSER))
-    # the audit row names the operator and the browser, not the console
-    user = await console.call("users.search", {"text": ""}, as_sid=info.sid, as_ip=BROWSER)
-    assert user["total"] == 0
+    # what the operator does is theirs: the audit row names them and the browser, not the console
+    made = await (await live.admin("root")).call("users.create", {"login": "sub1", "password": "sub1-password"})
+    await console.call("payments.add", {"account_id": made["basic_account_id"], "amount": 1_000_000,
+                                        "method": "cash"}, as_sid=info.sid, as_ip=BROWSER)
+    row = await live.pool.fetchrow("SELECT principal_kind, principal_login, ip FROM audit_log"
+                                   " WHERE action = 'payments.add'")
+    assert tuple(row) == ("admin", "cashiers", BROWSER)
     await refused("no_session", console.call("sys.whoami", as_sid=info.sid, as_ip="198.51.100.8"))
     # the console logs no subscriber in
     await refused("forbidden", console.proxy_login("nobody", PW, BROWSER))
@@ -531,3 +535,73 @@ async def test_a_code_that_never_comes_ends_the_connection(pool: asyncpg.Pool) -
         writer.close()
     finally:
         await live.stop()
+
+
+def converse(argv: list[str], env: dict[str, str], answer: Any, timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal (what a person at a shell gives billctl); ``answer(output so
+    far)`` returns the next line to type, or None.  The exit code and everything it wrote."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    output = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:   # EIO: the program ended and closed its side
+                break
+            if not data:
+                break
+            output += data.decode(errors="replace")
+            line = answer(output)
+            if line is not None:
+                os.write(master, (line + "\n").encode())
+        else:
+            proc.kill()
+            raise AssertionError(f"{argv} did not finish: {output}")
+        return proc.wait(timeout=10), output
+    finally:
+        os.close(master)
+
+
+async def test_billctl_enrolls_and_asks_for_the_code_on_a_terminal(live: Live) -> None:
+    env = dict(os.environ, BILLCTL_PASSWORD=PW)
+    env.pop("BILLCTL_OTP", None)
+    billctl = [sys.executable, "-m", "billcore.clients.billctl", "--port", str(live.port), "--login", "support"]
+    secret: list[bytes] = []
+
+    def enrolment(output: str) -> str | None:
+        if "the code your app shows now" in output and not secret:
+            secret.append(parse_b32(output.split("secret: ", 1)[1].split()[0]))
+            return totp(secret[0], live.wall.t)
+        return None
+
+    code, output = await asyncio.to_thread(converse, [*billctl, "otp", "enroll"], env, enrolment)
+    assert code == 0, output
+    assert "otpauth://totp/billcore:support?secret=" in output and output.count("-") >= 30   # ten recovery codes
+    live.wall.next_step()
+    typed: list[str] = []
+
+    def login(output: str) -> str | None:
+        if "one-time code:" in output and not typed:
+            typed.append(totp(secret[0], live.wall.t))
+            return typed[0]
+        return None
+
+    code, output = await asyncio.to_thread(converse, [*billctl, "--json", "call", "sys.whoami"], env, login)
+    assert code == 0 and typed and '"login": "support"' in output, output
+    # no terminal and no --otp: refused at once, with the reason
+    done = await asyncio.create_subprocess_exec(*billctl, "call", "sys.whoami", env=env,
+                                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, stderr = await done.communicate()
+    assert done.returncode == LOGIN_REFUSED and b"otp_required" in stderr
