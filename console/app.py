@@ -160,6 +160,17 @@ async def _operator(request: web.Request) -> Any:
     if operator is None:     # a console restart, or forgotten: the core still knows the session
         operator = await login.load_operator(console, sid, browser_ip(request))
         console.book.put(operator, time.monotonic())
+    else:
+        # Is the session still there?  A page may call nothing, and the core ends sessions on its own
+        # (new roles, a disabled operator, a logout elsewhere): one cheap call also keeps it alive.
+        try:
+            await console.link.call(sid, browser_ip(request), "sys.ping")
+        except SessionGone:
+            console.book.drop(sid)
+            raise
+        except Refused as exc:
+            console.book.drop(sid)
+            raise SessionGone(exc.code) from None
     return operator
 
 
@@ -194,7 +205,6 @@ def build_app(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub
     env.filters.update(FILTERS)
     console = Console(section=section, link=link, key=key, env=env, catalogs=catalogs,
                       live=live or LiveHub(), limiter=LoginLimiter(section.login_failures_per_minute))
-    console.logins = login.PendingLogins()
     app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
     app[CONSOLE] = console
     login.add_routes(app)

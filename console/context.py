@@ -20,6 +20,7 @@ from webedge.i18n import Translator
 
 from .live import LiveHub
 from .operators_book import Operator, OperatorBook
+from .pending_logins import PendingLogins
 
 __all__ = ["Console", "CONSOLE", "SID", "OPERATOR", "FORM", "TR", "DEADLINE", "NavEntry", "current_words",
            "SID_COOKIE", "PRE_COOKIE", "LANG_COOKIE"]
@@ -46,8 +47,8 @@ class Console:
     live: LiveHub
     limiter: LoginLimiter
     book: OperatorBook = field(default_factory=OperatorBook)
+    logins: PendingLogins = field(default_factory=PendingLogins)
     nav: list[NavEntry] = field(default_factory=list)
-    logins: Any = None                             # console.login.PendingLogins
 
 
 CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)

@@ -31,8 +31,9 @@ __all__ = ["TOPICS", "LiveHub", "Listener"]
 
 log = logging.getLogger("console.live")
 
-# the core topics console pages refresh on (billcore/server/topics.py)
-TOPICS = ("blocks", "classifier", "radius.nas", "radius.disconnect")
+# the core topics console pages refresh on (billcore/server/topics.py); the console's
+# system login hears each with events.notice (topics.NOTICE_RIGHT), which opens no call
+TOPICS = ("blocks", "radius.nas", "radius.disconnect", "radius.sessions")
 
 
 class Listener:

@@ -16,6 +16,23 @@ pre-session cookie (never sent to the browser):
    and either the session or ``otp_required``;
 3. ``POST /login/otp {code}`` → ``session.proxy_otp`` → the session.
 
+On the wire (what ``static/login.js`` sends; ``tests/console_harness.py``'s
+``ConsoleBrowser.login`` does the same from Python):
+
+* ``GET /login`` sets the ``console_pre`` cookie; the page's
+  ``<input name="csrf">`` holds the token bound to it;
+* each step is ``POST`` with ``Content-Type: application/json`` and the
+  header ``X-CSRF-Token: <that token>``; ``?next=/path`` is where the answer's
+  ``next`` sends the browser afterwards;
+* ``/login/start`` ``{"login": str, "cnonce": base64 of 16 random bytes}`` →
+  ``{"nonce": base64, "salt": base64, "iter": int}`` (standard base64);
+* ``/login/proof`` ``{"proof": base64 of 32 bytes}`` (kind ``admin`` in the
+  AuthMessage) → ``{"sig": base64, "next": path, "csrf": the session's form
+  token}`` and the ``console_sid`` cookie, or ``{"sig": base64, "otp_required": true}``;
+* ``/login/otp`` ``{"code": str}`` → ``{"next": path, "csrf": …}`` and the cookie;
+* a refusal is ``{"error": key, "message": text}`` with 400 (unreadable or a
+  stale login: start again), 401 (wrong), 429 (limited) or 503 (core down).
+
 With the SID the console asks ``sys.calls`` and ``sys.whoami`` once (the
 operator's call table, kept in memory per SID) and sets the SID cookie
 (HttpOnly, SameSite=Strict, Secure outside plain-HTTP tests).  Each POST
@@ -31,9 +48,7 @@ import base64
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -43,10 +58,11 @@ from webedge.guard import csrf_token
 from webedge.http import b64, local_path, see_other, unb64
 
 from .context import CONSOLE, PRE_COOKIE, SID, SID_COOKIE, Console, current_words
+from .pending_logins import PendingLogin
 from .operators_book import Operator
 from .page import browser_ip, render
 
-__all__ = ["PendingLogins", "load_operator", "add_routes", "LOGIN_PATHS"]
+__all__ = ["load_operator", "add_routes", "LOGIN_PATHS"]
 
 log = logging.getLogger("console.login")
 
@@ -58,41 +74,12 @@ NONCE_BYTES = 16
 MAX_ITERATIONS = 10_000_000
 
 
-@dataclass(slots=True)
-class PendingLogin:
-    handle: bytes
-    login: str
-    started: float
-    stage: str            # "proof"; "used" once a proof went; "otp" when the core asks for a second factor
-
-
-class PendingLogins:
-    """Logins between their steps, by pre-session cookie; bounded in number and age."""
-
-    def __init__(self, max_pending: int = 4096, max_age: float = 180.0) -> None:
-        self.max_pending = max_pending
-        self.max_age = max_age
-        self._pending: OrderedDict[bytes, PendingLogin] = OrderedDict()
-
-    def put(self, pre: bytes, pending: PendingLogin) -> None:
-        self._pending[pre] = pending
-        self._pending.move_to_end(pre)
-        while len(self._pending) > self.max_pending:
-            self._pending.popitem(last=False)
-
-    def get(self, pre: bytes, stage: str, now: float) -> PendingLogin | None:
-        pending = self._pending.get(pre)
-        if pending is None or pending.stage != stage or now - pending.started > self.max_age:
-            return None
-        return pending
-
-    def drop(self, pre: bytes) -> None:
-        self._pending.pop(pre, None)
-
-
 async def load_operator(console: Console, sid: bytes, ip: str, timeout: float = DEFAULT_TIMEOUT) -> Operator:
     """The operator of ``sid``: login and call table, asked of the core as that session."""
-    who = await console.link.call(sid, ip, "sys.whoami")
+    try:
+        who = await console.link.call(sid, ip, "sys.whoami")
+    except Refused as exc:                  # e.g. forbidden: a subscriber's SID, which the console may not use
+        raise SessionGone(exc.code) from None
     if who.get("kind") != "admin":          # a console cookie holds an operator's session, nothing else
         raise SessionGone("not an operator's session")
     names: list[str] = []
@@ -260,7 +247,8 @@ async def _logged_in(request: web.Request, answer: dict[str, Any], login: str,
             await console.link.logout(old, ip)
         except (CoreDown, Refused):
             pass
-    response = web.json_response(body)
+    # the session's form token: the script ends the session with it when the core's signature is wrong
+    response = web.json_response({**body, "csrf": csrf_token(console.key, sid)})
     response.set_cookie(SID_COOKIE, b64(sid), httponly=True, samesite="Strict", path="/",
                         secure=console.section.cookie_secure)
     log.info("operator logged in", extra={"login": login, "ip": ip})

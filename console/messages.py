@@ -40,7 +40,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "error.413": ("The request is too large.", "Слишком большой запрос."),
     "error.503": ("The billing core is not available right now. Try again in a few minutes.",
                   "Ядро биллинга сейчас недоступно. Попробуйте через несколько минут."),
-    "error.500": ("An unexpected error occurred. Try again later.", "Произошла непредвиденная ошибка. Попробуйте позже."),
+    "error.500": ("An unexpected error occurred. Try again later.",
+                  "Произошла непредвиденная ошибка. Попробуйте позже."),
     "error.refused": ("The core refused: {message} ({code})", "Ядро отклонило запрос: {message} ({code})"),
     "error.back": ("Back to the dashboard", "Вернуться к сводке"),
 }

@@ -150,7 +150,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     words = current_words.get()
     operator = request.get(OPERATOR)
     calls = operator.calls if operator is not None else frozenset()
-    nav = [(entry.path, words("nav." + entry.key), request.path == entry.path or
+    nav = [(entry.path, entry.key, words("nav." + entry.key), request.path == entry.path or
             request.path.startswith(entry.path.rstrip("/") + "/"))
            for entry in console.nav if all(need in calls for need in entry.needs)]
     message = request.query.get("m", "")
@@ -158,7 +158,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     values.setdefault("csrf", csrf_of(request))
     values.setdefault("notice", notice)
     html = console.env.get_template(template).render(
-        t=words, lang=words.lang, languages=LANGUAGES, path=request.path, path_qs=request.path_qs,
+        t=words, lang=words.lang, languages=LANGUAGES, path=request.path, path_qs=request.path_qs, status=status,
         operator=operator.login if operator is not None else "", can=lambda name: name in calls,
         nav=nav, **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")

@@ -31,7 +31,8 @@ async def test_operator_logs_in_and_sees_the_dashboard(console_world: ConsoleWor
     assert page.status == 200, page.text
     assert 'id="operator">carol<' in page.text
     assert 'id="figure-online"' in page.text          # radius.sessions: a superuser's table has it
-    for label in ("Dashboard", "Audit log", "Health"):
+    assert 'id="figure-subscribers"' in page.text     # subscribers.search
+    for label in ("Dashboard", "Audit log", "Health", "Operators", "My two-factor"):
         assert f">{label}</a>" in page.text, label
 
 
@@ -62,18 +63,22 @@ async def test_audit_log_search(console_world: ConsoleWorld) -> None:
     assert bad.status == 400 and "YYYY-MM-DD" in bad.text
 
 
-async def test_health_without_sys_health_shows_what_the_console_knows(console_world: ConsoleWorld) -> None:
-    browser = await console_world.operator("frank")
+async def test_health_shows_sys_health_and_the_console_s_link(console_world: ConsoleWorld) -> None:
+    browser = await console_world.operator("frank")                       # superusers: sys.health
     page = await browser.get("/system/health")
     assert page.status == 200
-    assert 'id="link-state">connected<' in page.text
-    assert 'id="core-time">' in page.text
+    assert 'id="processes"' in page.text and 'id="database-state">answering<' in page.text
+    assert 'id="link-state">connected<' in page.text and 'id="core-time">' in page.text
+    assert 'id="health-missing"' in page.text                            # what the core cannot know, said
+    cashier = await console_world.operator("fiona", groups=["cashiers"])
+    assert ">Health</a>" not in (await cashier.get("/")).text
+    assert (await cashier.get("/system/health")).status == 403
 
 
 async def test_language_switch_and_logout_end_the_core_session(console_world: ConsoleWorld) -> None:
     browser = await console_world.operator("gina")
     russian = await browser.get("/lang/ru?next=/system/health")
-    assert "Состояние" in russian.text and "Выйти" in russian.text
+    assert "Связь консоли с ядром" in russian.text and "Выйти" in russian.text
     sid_cookie = browser.cookie("console_sid")
     assert sid_cookie is not None
     sid = base64.urlsafe_b64decode(sid_cookie.value + "=" * (-len(sid_cookie.value) % 4))
@@ -203,4 +208,9 @@ async def test_the_supervisor_runs_the_console_as_a_child(tmp_path: Path, db_dsn
                 assert response.status == 200
                 assert 'src="/static/login.js' in await response.text()
         assert (tmp_path / "var" / "system" / "console.password").exists()
+        # an edge facing browsers never holds the database's address (only the core gets it)
+        environ = Path(f"/proc/{bc.child_pid('console')}/environ").read_bytes().split(b"\0")
+        assert not any(entry.startswith(b"BILLCORE_DSN=") for entry in environ)
+        core_environ = Path(f"/proc/{bc.child_pid('core')}/environ").read_bytes().split(b"\0")
+        assert any(entry.startswith(b"BILLCORE_DSN=") for entry in core_environ)
         assert bc.stop(timeout=10) == 0

@@ -6,6 +6,7 @@ no password ever reaching the console (the browser computes the SCRAM proof).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -20,8 +21,11 @@ import pytest
 from aiohttp import web
 
 from billcore.common.config import ConfigError, config_from_dict
+from console.page import Page
 from tests.conftest import need_peer
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of  # noqa: F401
+from tests.console_harness import (  # noqa: F401  (console_world is a fixture)
+    ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of,
+)
 from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from urfa import scram
 
@@ -47,7 +51,8 @@ class InlineFinder(HTMLParser):
         if "style" in names:
             self.found.append(f"style= on <{tag}>")
         self.found += [f"{name}= on <{tag}>" for name in names if name.startswith("on")]
-        self.found += [f"javascript: in <{tag}>" for _, value in attrs if value and value.strip().lower().startswith("javascript:")]
+        self.found += [f"javascript: in <{tag}>" for _, value in attrs
+                       if value and value.strip().lower().startswith("javascript:")]
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "script":
@@ -254,3 +259,99 @@ async def test_a_subscriber_session_cookie_is_not_an_operator(console_world: Con
         http.cookie_jar.update_cookies({"console_sid": b64(info.sid)})
         async with http.get(console_world.url + "/system/audit") as response:
             assert "/login" in str(response.url)
+
+
+def _forging_signatures(sids: list[bytes]) -> Any:
+    """A console that lies about the core's answer: the proof's ``sig`` flipped (the SID noted)."""
+    @web.middleware
+    async def forge(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        if request.path == "/login/proof" and isinstance(response, web.Response) and response.status == 200:
+            answer = json.loads(response.text or "{}")
+            if "sig" in answer:
+                raw = bytearray(base64.b64decode(answer["sig"]))
+                raw[0] ^= 1
+                answer["sig"] = base64.b64encode(bytes(raw)).decode()
+                cookie = response.cookies.get("console_sid")
+                if cookie is not None:
+                    sids.append(base64.urlsafe_b64decode(cookie.value + "=" * (-len(cookie.value) % 4)))
+                response.text = json.dumps(answer)
+        return response
+    return forge
+
+
+async def test_the_page_refuses_a_forged_server_signature(db_dsn: str, tmp_path: Path) -> None:
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    from webedge.core_link import SessionGone
+
+    sids: list[bytes] = []
+    async with console_world_of(db_dsn, tmp_path, middlewares=[_forging_signatures(sids)]) as world:
+        password = await world.admin("yusuf")
+        async with async_playwright() as playwright:
+            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
+                await page.goto(world.url + "/login")
+                await page.fill("#login", "yusuf")
+                await page.fill("#password", password)
+                await page.click("#login-submit")
+                await page.wait_for_selector("#login-error:not(.hidden)")
+                assert "not the billing core's" in await page.inner_text("#login-error")
+                assert page.url.endswith("/login")
+            finally:
+                await chromium.close()
+        assert len(sids) == 1
+        with pytest.raises(SessionGone):        # the script ended the session the forged answer opened
+            await world.console.link.call(sids[0], "127.0.0.1", "sys.ping")
+
+
+SLOW = Page.routes()
+
+
+@SLOW.get("/test/slow")
+async def _slow(request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(30)
+    return web.Response(text="too late")
+
+
+async def test_a_request_over_its_time_is_503(db_dsn: str, tmp_path: Path) -> None:
+    import types
+
+    from console.pages import PAGES
+
+    module = types.ModuleType("test_slow_page")
+    module.ROUTES = SLOW          # type: ignore[attr-defined]
+    module.MESSAGES = {}          # type: ignore[attr-defined]
+    async with console_world_of(db_dsn, tmp_path, pages=[*PAGES, module], request_timeout=0.5) as world:
+        browser = await world.operator("zoe")
+        page = await browser.get("/test/slow")
+        assert page.status == 503 and "too late" not in page.text
+
+
+def test_python_m_console_refuses_a_network_address_without_tls(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "console", "--host", "0.0.0.0", "--password-file",
+                           str(tmp_path / "pw"), "--secret-file", str(tmp_path / "secret")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "console.host" in done.stderr
+
+
+async def test_the_console_s_own_login_reaches_no_data(console_world: ConsoleWorld) -> None:
+    """The console's system login may relay logins, call as operators and hear its topics; as itself it
+    may call nothing that reads or changes the ISP's data (its read rights open topics, and every call
+    with those rights is for admin sessions only)."""
+    from tests.console_harness import CONSOLE_PASSWORD
+    from urfa import client as uc
+
+    own = await uc.connect("127.0.0.1", console_world.core.port)
+    try:
+        await own.login("system", "console", CONSOLE_PASSWORD)
+        names = {entry["name"] for entry in await own.call("sys.calls", {"limit": 500})}
+    finally:
+        await own.close()
+    assert {"session.proxy_login", "session.proxy_proof", "session.proxy_otp", "events.subscribe"} <= names
+    assert all(name.split(".")[0] in ("sys", "session", "events") for name in names), sorted(names)

@@ -78,8 +78,7 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
-        *operators.calls(core),
-        *radius_history.calls(core), *health.calls(core),
+        *operators.calls(core), *radius_history.calls(core), *health.calls(core),
     ]
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 

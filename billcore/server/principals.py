@@ -47,11 +47,10 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     "radius": frozenset({"radius.*", "events.subscribe"}),
     "netflow": frozenset({"netflow.*", "events.subscribe"}),
     "portal": frozenset({"session.proxy"}),
-    # the operators' console: relays operators' logins and calls as them.  Its own link
-    # listens to the event topics its pages refresh on: blocks.read and radius.read
-    # open those topics and, for a system login, no call (those calls are admin-only);
-    # not netflow.read, which would let it read raw flows (netflow.raw) as itself
-    "console": frozenset({"session.proxy_admin", "events.subscribe", "blocks.read", "radius.read"}),
+    # the operators' console: relays operators' logins and calls as them; its own link
+    # hears the topics its pages refresh on (events.notice: topics.NOTICE_RIGHT) and may
+    # read nothing itself
+    "console": frozenset({"session.proxy_admin", "events.subscribe", "events.notice"}),
 }
 
 

@@ -56,6 +56,10 @@ def prepare_metrics_dir(data_dir: Path) -> Path:
     return path
 
 
+# the roles given the database's DSN (the rest reach the core only through URFA)
+DATABASE_ROLES = frozenset({"core"})
+
+
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
     role: str
@@ -153,7 +157,11 @@ class Supervisor:
     def _env(self, spec: ChildSpec) -> dict[str, str]:
         env = dict(os.environ)
         env[ENV_CONFIG] = self.config.source
-        env[ENV_DSN] = self.dsn
+        # only the core opens the database: an edge (a web edge faces browsers) never holds its DSN
+        if spec.role in DATABASE_ROLES:
+            env[ENV_DSN] = self.dsn
+        else:
+            env.pop(ENV_DSN, None)
         env[ENV_INDEX] = str(spec.index)
         return env
 

@@ -31,7 +31,12 @@ from typing import Any
 
 from billcore.server.calls import allows
 
-__all__ = ["Topic", "TOPICS", "subscriber_block", "may_subscribe"]
+__all__ = ["Topic", "TOPICS", "NOTICE_RIGHT", "subscriber_block", "may_subscribe"]
+
+# Opens a topic and nothing else (no call requires it): the operators' console
+# hears that something changed and has its pages re-read with the operator's own
+# session, without being able to read the data itself.
+NOTICE_RIGHT = "events.notice"
 
 # What a subscriber may read of one of their own blocks (an event or a row of
 # me.blocks): when, which kind, set or lifted.  Never who did it (an
@@ -60,13 +65,13 @@ class Topic:
 
 
 TOPICS: dict[str, Topic] = {topic.name: topic for topic in (
-    Topic("blocks", ("blocks.read", "radius.serve"), for_subscriber=subscriber_block,
+    Topic("blocks", ("blocks.read", "radius.serve", NOTICE_RIGHT), for_subscriber=subscriber_block,
           doc="a block set or lifted: account_id, kind, action, block_id, reason, at, by"),
     Topic("classifier", ("netflow.submit", "netflow.read"),
           doc="IP bindings, traffic classes or rules changed: version (NetFlow workers reload)"),
-    Topic("radius.nas", ("radius.serve", "radius.read"),
+    Topic("radius.nas", ("radius.serve", "radius.read", NOTICE_RIGHT),
           doc="a NAS was added, changed or deleted: changed or deleted (its id)"),
-    Topic("radius.disconnect", ("radius.serve", "radius.read"),
+    Topic("radius.disconnect", ("radius.serve", "radius.read", NOTICE_RIGHT),
           doc="an operator asked to disconnect RADIUS sessions: sessions (their rows, with NAS and address)"),
 )}
 

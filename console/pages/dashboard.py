@@ -44,7 +44,8 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     if "plugins.list" in can:
         plugins = await _figure(request, "plugins.list")
         if plugins is not None:
-            figures.append(("plugins", "dashboard.plugins", sum(1 for plugin in plugins if plugin.get("state") == "loaded")))
+            loaded = sum(1 for plugin in plugins if plugin.get("state") == "loaded")
+            figures.append(("plugins", "dashboard.plugins", loaded))
     if "operators.list" in can:
         operators = await _figure(request, "operators.list", limit=1000)
         if operators is not None:

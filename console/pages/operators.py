@@ -104,12 +104,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     roles = await _roles(request)
     ticked = _groups(posted, roles)
     values = {"login": fields.get("login", "").strip()[:128], "full_name": fields.get("full_name", "").strip()[:256]}
-    if fields.get("initial_password", "") != fields.get("initial_password_again", ""):
+    if fields.get("password", "") != fields.get("password_again", ""):
         error = t("operators.password_differ")
     else:
         try:
             created = await call(request, "operators.create", login=values["login"],
-                                 password=fields.get("initial_password", ""), full_name=values["full_name"],
+                                 password=fields.get("password", ""), full_name=values["full_name"],
                                  groups=ticked)
         except Refused as refused:
             error = t("operators.refused", message=refused.message or refused.code)

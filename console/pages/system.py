@@ -1,8 +1,8 @@
 """``/system/…``: plugins (list, load, unload), the core's health, the audit log with search.
 
-Health is ``sys.health`` when the core has it; a core without it still
-shows what the console can know: the plugins, its own link to the core and
-the core's clock.
+Health is ``sys.health`` (processes, NetFlow workers, RADIUS rates, the
+database, and what the core cannot know), and beside it what the console
+itself knows: its link to the core, the core's clock and the round trip.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from console.context import CONSOLE
-from console.page import Page, Refused, call, form, operator_of, redirect, render, t
+from console.page import Page, Refused, call, form, redirect, render, t
 from webedge.http import ascii_int
 
 ROUTES = Page.routes()
@@ -24,67 +24,66 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "nav.plugins": ("Plugins", "Модули"),
     "nav.health": ("Health", "Состояние"),
     "nav.audit": ("Audit log", "Журнал аудита"),
-    "plugins.title": ("Plugins", "Модули"),
-    "plugins.name": ("Name", "Имя"),
-    "plugins.version": ("Version", "Версия"),
-    "plugins.state": ("State", "Состояние"),
-    "plugins.signer": ("Signed by", "Подпись"),
-    "plugins.licence_until": ("Licence until", "Лицензия до"),
-    "plugins.licence_forever": ("no end", "бессрочно"),
-    "plugins.calls": ("Calls", "Вызовы"),
-    "plugins.none": ("No plugins are known to this core.", "Ядру не известно ни одного модуля."),
-    "plugins.load": ("Load a plugin", "Загрузить модуль"),
-    "plugins.load_name": ("Name in the plugin directory", "Имя в каталоге модулей"),
-    "plugins.load_submit": ("Load", "Загрузить"),
-    "plugins.unload": ("Unload", "Выгрузить"),
-    "plugins.unload_confirm": ("Unload this plugin? Its calls stop for new sessions now.",
+    "system.plugins.title": ("Plugins", "Модули"),
+    "system.plugins.name": ("Name", "Имя"),
+    "system.plugins.version": ("Version", "Версия"),
+    "system.plugins.state": ("State", "Состояние"),
+    "system.plugins.signer": ("Signed by", "Подпись"),
+    "system.plugins.licence_until": ("Licence until", "Лицензия до"),
+    "system.plugins.licence_forever": ("no end", "бессрочно"),
+    "system.plugins.calls": ("Calls", "Вызовы"),
+    "system.plugins.none": ("No plugins are known to this core.", "Ядру не известно ни одного модуля."),
+    "system.plugins.load": ("Load a plugin", "Загрузить модуль"),
+    "system.plugins.load_name": ("Name in the plugin directory", "Имя в каталоге модулей"),
+    "system.plugins.load_submit": ("Load", "Загрузить"),
+    "system.plugins.unload": ("Unload", "Выгрузить"),
+    "system.plugins.unload_confirm": ("Unload this plugin? Its calls stop for new sessions now.",
                                "Выгрузить модуль? Его вызовы сразу станут недоступны новым сеансам."),
-    "plugins.refused": ("Not done: {message}", "Не выполнено: {message}"),
-    "plugins.done_loaded": ("The plugin is loaded.", "Модуль загружен."),
-    "plugins.done_unloaded": ("The plugin is being unloaded.", "Модуль выгружается."),
-    "health.title": ("Health", "Состояние"),
-    "health.processes": ("Processes", "Процессы"),
-    "health.role": ("Role", "Роль"),
-    "health.pid": ("PID", "PID"),
-    "health.state": ("State", "Состояние"),
-    "health.restarts": ("Restarts", "Перезапуски"),
-    "health.started": ("Started", "Запущен"),
-    "health.netflow": ("NetFlow collectors", "Сборщики NetFlow"),
-    "health.worker": ("Worker", "Обработчик"),
-    "health.exporter": ("Exporter", "Экспортёр"),
-    "health.last_packet": ("Last packet", "Последний пакет"),
-    "health.packets": ("Packets", "Пакетов"),
-    "health.drops": ("Drops", "Потерь"),
-    "health.journal_lag": ("Journal lag", "Отставание журнала"),
-    "health.classifier": ("Classifier version", "Версия классификатора"),
-    "health.radius": ("RADIUS", "RADIUS"),
-    "health.access_per_s": ("Access requests per second", "Запросов доступа в секунду"),
-    "health.accounting_per_s": ("Accounting requests per second", "Запросов учёта в секунду"),
-    "health.rejects_per_s": ("Rejects per second", "Отказов в секунду"),
-    "health.no_sys_health": ("This core does not report its processes (no sys.health): shown is what the console "
-                             "itself knows.", "Это ядро не сообщает о своих процессах (нет sys.health): показано то, "
-                             "что знает сама консоль."),
-    "health.link": ("The console's link to the core", "Связь консоли с ядром"),
-    "health.link_up": ("connected", "есть"),
-    "health.link_down": ("down", "нет"),
-    "health.reconnects": ("Reconnects", "Переподключений"),
-    "health.core_time": ("Core's clock", "Часы ядра"),
-    "health.latency": ("Round trip", "Задержка"),
-    "health.plugins_loaded": ("Plugins loaded", "Загружено модулей"),
-    "audit.title": ("Audit log", "Журнал аудита"),
-    "audit.object": ("Object (e.g. account:5)", "Объект (например, account:5)"),
-    "audit.action": ("Action", "Действие"),
-    "audit.login": ("Who (login)", "Кто (логин)"),
-    "audit.since": ("From", "С"),
-    "audit.until": ("To", "По"),
-    "audit.search": ("Search", "Найти"),
-    "audit.when": ("When", "Когда"),
-    "audit.ip": ("Address", "Адрес"),
-    "audit.change": ("Change", "Изменение"),
-    "audit.none": ("Nothing found.", "Ничего не найдено."),
-    "audit.bad_date": ("A date is YYYY-MM-DD.", "Дата пишется как ГГГГ-ММ-ДД."),
-    "audit.prev": ("Newer", "Новее"),
-    "audit.next": ("Older", "Старше"),
+    "system.plugins.refused": ("Not done: {message}", "Не выполнено: {message}"),
+    "system.plugins.done_loaded": ("The plugin is loaded.", "Модуль загружен."),
+    "system.plugins.done_unloaded": ("The plugin is being unloaded.", "Модуль выгружается."),
+    "system.health.title": ("Health", "Состояние"),
+    "system.health.processes": ("Processes", "Процессы"),
+    "system.health.role": ("Role", "Роль"),
+    "system.health.pid": ("PID", "PID"),
+    "system.health.state": ("State", "Состояние"),
+    "system.health.restarts": ("Restarts", "Перезапуски"),
+    "system.health.started": ("Started", "Запущен"),
+    "system.health.netflow": ("NetFlow collectors", "Сборщики NetFlow"),
+    "system.health.worker": ("Worker", "Обработчик"),
+    "system.health.packets": ("Packets", "Пакетов"),
+    "system.health.drops": ("Drops", "Потерь"),
+    "system.health.journal_lag": ("Journal lag", "Отставание журнала"),
+    "system.health.classifier": ("Classifier version", "Версия классификатора"),
+    "system.health.committed": ("Committed up to", "Учтено до"),
+    "system.health.database": ("Database", "База данных"),
+    "system.health.database_up": ("answering", "отвечает"),
+    "system.health.database_down": ("not answering", "не отвечает"),
+    "system.health.missing": ("What the core cannot know", "Чего ядро знать не может"),
+    "system.health.radius": ("RADIUS", "RADIUS"),
+    "system.health.access_per_s": ("Access requests per second", "Запросов доступа в секунду"),
+    "system.health.accounting_per_s": ("Accounting requests per second", "Запросов учёта в секунду"),
+    "system.health.rejects_per_s": ("Rejects per second", "Отказов в секунду"),
+    "system.health.link": ("The console's link to the core", "Связь консоли с ядром"),
+    "system.health.link_up": ("connected", "есть"),
+    "system.health.link_down": ("down", "нет"),
+    "system.health.reconnects": ("Reconnects", "Переподключений"),
+    "system.health.core_time": ("Core's clock", "Часы ядра"),
+    "system.health.latency": ("Round trip", "Задержка"),
+    "system.audit.title": ("Audit log", "Журнал аудита"),
+    "system.audit.object": ("Object (e.g. account:5)", "Объект (например, account:5)"),
+    "system.audit.action": ("Action", "Действие"),
+    "system.audit.login": ("Who (login)", "Кто (логин)"),
+    "system.audit.since": ("From", "С"),
+    "system.audit.until": ("To", "По"),
+    "system.audit.search": ("Search", "Найти"),
+    "system.audit.when": ("When", "Когда"),
+    "system.audit.ip": ("Address", "Адрес"),
+    "system.audit.change": ("Change", "Изменение"),
+    "system.audit.none": ("Nothing found.", "Ничего не найдено."),
+    "system.audit.bad_date": ("A date is YYYY-MM-DD.", "Дата пишется как ГГГГ-ММ-ДД."),
+    "system.audit.prev": ("Newer", "Новее"),
+    "system.audit.next": ("Older", "Старше"),
 }
 
 PLUGINS_PAGE = 100
@@ -103,37 +102,34 @@ async def _plugin_action(request: web.Request, fn: str, done: str, **args: Any) 
     try:
         await call(request, fn, **args)
     except Refused as refused:
-        return await plugins(request, t("plugins.refused", message=refused.message or refused.code), 400)
+        return await plugins(request, t("system.plugins.refused", message=refused.message or refused.code), 400)
     return redirect(request, "/system/plugins", message=done)
 
 
 @ROUTES.post("/system/plugins/load", needs=("plugins.load", "plugins.list"))
 async def plugin_load(request: web.Request) -> web.StreamResponse:
     fields = await form(request)
-    return await _plugin_action(request, "plugins.load", "plugins.done_loaded", path=fields.get("name", "").strip())
+    return await _plugin_action(request, "plugins.load", "system.plugins.done_loaded",
+                                  path=fields.get("path", "").strip())
 
 
 @ROUTES.post("/system/plugins/{name}/unload", needs=("plugins.unload", "plugins.list"))
 async def plugin_unload(request: web.Request) -> web.StreamResponse:
-    return await _plugin_action(request, "plugins.unload", "plugins.done_unloaded", name=request.match_info["name"])
+    return await _plugin_action(request, "plugins.unload", "system.plugins.done_unloaded",
+                                  name=request.match_info["name"])
 
 
 # -- health ----------------------------------------------------------------------------
 
-@ROUTES.get("/system/health", nav="health")
+@ROUTES.get("/system/health", needs=("sys.health",), nav="health")
 async def health(request: web.Request) -> web.StreamResponse:
-    operator = operator_of(request)
-    report = await call(request, "sys.health") if operator.can("sys.health") else None
+    report = await call(request, "sys.health")
     link = request.app[CONSOLE].link
     sent = time.monotonic()
     core_time = await call(request, "sys.time")
     round_trip_ms = round((time.monotonic() - sent) * 1000, 1)
-    loaded = None
-    if report is None and operator.can("plugins.list"):
-        loaded = sum(1 for plugin in await call(request, "plugins.list", limit=PLUGINS_PAGE)
-                     if plugin.get("state") == "loaded")
     return render(request, "system/health.html", report=report, link_up=link.link.up.is_set(),
-                  reconnects=link.reconnects, core_time=core_time, round_trip_ms=round_trip_ms, loaded=loaded)
+                  reconnects=link.reconnects, core_time=core_time, round_trip_ms=round_trip_ms)
 
 
 # -- audit -----------------------------------------------------------------------------
@@ -160,7 +156,7 @@ async def audit(request: web.Request) -> web.StreamResponse:
     try:
         since, until = _day(wanted["since"]), _day(wanted["until"])
     except ValueError:
-        error = t("audit.bad_date")
+        error = t("system.audit.bad_date")
     else:
         if since is not None:
             filters["since"] = since

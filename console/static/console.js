@@ -1,14 +1,16 @@
 // billcore console: confirmations and live updates. Pages work without it (but the login).
 "use strict";
+// <button data-confirm="Really?">: ask before its form is sent. One listener on the document,
+// so a button that came with a live update (below) is covered too.
+document.addEventListener("submit", function (event) {
+  var button = event.submitter;
+  if (button && button.hasAttribute("data-confirm") && !window.confirm(button.getAttribute("data-confirm"))) {
+    event.preventDefault();
+  }
+});
 document.addEventListener("DOMContentLoaded", function () {
-  // <button data-confirm="Really?">: ask before the form is sent
-  document.querySelectorAll("button[data-confirm]").forEach(function (button) {
-    button.form.addEventListener("submit", function (event) {
-      if (event.submitter === button && !window.confirm(button.getAttribute("data-confirm"))) event.preventDefault();
-    });
-  });
-  // <section data-live="/path/of/the/sse/route">: when the console says a topic changed, fetch this
-  // page again with the operator's own session and swap the section in (events carry no data)
+  // <section id="…" data-live="/path/of/the/sse/route">: when the console says a topic changed, fetch
+  // this page again with the operator's own session and swap the section in (events carry no data)
   document.querySelectorAll("[data-live]").forEach(function (region) {
     if (!region.id || !window.EventSource) return;
     var source = new EventSource(region.getAttribute("data-live"));

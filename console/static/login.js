@@ -97,7 +97,9 @@
         var answer = await post("/login/proof", { proof: b64(keys.proof) });
         if (!same(unb64(answer.sig), keys.serverSignature)) {
           // not the core that holds this operator's verifier: do not stay logged in there
-          if (answer.next) await fetch("/logout", { method: "POST", credentials: "same-origin" });
+          if (answer.csrf) {
+            await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": answer.csrf } });
+          }
           say(form.getAttribute("data-server"));
           return;
         }
