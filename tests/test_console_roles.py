@@ -122,14 +122,23 @@ async def test_a_cashier_neither_sees_nor_reaches_tariffs_plugins_operators(stac
         assert links and not [href for href in links if href.startswith(CLOSED_TO_CASHIERS)], links
         assert "/subscribers" in links, links
         token = home.csrf
-        for route in closed:
-            url = concrete(route.path, stack.extra["ids"])
-            if route.method == "GET":
-                page = await cashier.get(url, allow_redirects=False)
-            else:
-                page = await cashier.post(url, FORGED, csrf=token)
-            assert page.status == 403, (route.method, url, page.status, page.text[:400])
-            assert 'data-test="forbidden"' in page.text and "Traceback" not in page.text
+        served = {(route.method, route.path) for route in routes}
+        tried = 0
+        for path in sorted(closed_paths):
+            url = concrete(path, stack.extra["ids"])
+            for method in ("GET", "POST"):        # both, whichever the URL serves
+                if method == "GET":
+                    page = await cashier.get(url, allow_redirects=False)
+                else:
+                    page = await cashier.post(url, FORGED, csrf=token)
+                tried += 1
+                if (method, path) in served:
+                    assert page.status == 403, (method, url, page.status, page.text[:400])
+                    assert 'data-test="forbidden"' in page.text
+                else:                             # a method the URL does not serve at all
+                    assert page.status in (403, 405), (method, url, page.status, page.text[:400])
+                assert "Traceback" not in page.text
+        assert tried == 2 * len(closed_paths) >= 40, tried
         # and the pages a cashier may use still answer
         for path in ("/subscribers", f"/subscribers/{stack.extra['ids']['user_id']}"):
             assert (await cashier.get(path)).status == 200, path
