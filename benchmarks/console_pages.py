@@ -110,7 +110,7 @@ def search_texts(n: int, rng: random.Random) -> str:
     return f"Lenina st. {i % 300 + 1}"
 
 
-def search_query(n: int, tariff_id: int, balances: list[int], rng: random.Random) -> dict[str, str]:
+def search_query(n: int, tariff_ids: list[int], balances: list[int], rng: random.Random) -> dict[str, str]:
     """The search page's query string, as its form sends it: a text, filters, or both (a balance
     range around a balance the data holds)."""
     query: dict[str, str] = {}
@@ -120,7 +120,7 @@ def search_query(n: int, tariff_id: int, balances: list[int], rng: random.Random
     if shape >= 0.5:
         filters = rng.sample(["tariff", "debtors", "balance", "blocked", "online"], rng.choice([1, 1, 2]))
         if "tariff" in filters:
-            query["tariff"] = str(tariff_id)
+            query["tariff"] = str(rng.choice(tariff_ids))
         if "debtors" in filters:
             query["debtors"] = "1"
         if "balance" in filters:
@@ -376,12 +376,12 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
         conn = conns[0]
         try:
             n = int(await conn.fetchval("SELECT count(*) FROM users"))
-            tariff_id = int(await conn.fetchval("SELECT id FROM tariffs WHERE name = 'home'"))
+            tariff_ids = [row[0] for row in await conn.fetch("SELECT id FROM tariffs ORDER BY id")]
             own_pids = {int(await each.fetchval("SELECT pg_backend_pid()")) for each in conns}
             balances = [row[0] for row in await conn.fetch("SELECT DISTINCT balance FROM accounts LIMIT 500")]
             rng = random.Random(args.seed)
             url = f"http://127.0.0.1:{port}"
-            searches = [f"/subscribers?{urlencode(search_query(n, tariff_id, balances, rng))}"
+            searches = [f"/subscribers?{urlencode(search_query(n, tariff_ids, balances, rng))}"
                         for _ in range(args.requests)]
             cards = [f"/subscribers/{rng.randrange(1, n + 1)}" for _ in range(args.requests)]
             browser = ConsoleBrowser(url)
