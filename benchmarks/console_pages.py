@@ -443,6 +443,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--tiny", action="store_true", help="CI: 2,000 subscribers in a temporary directory, 30 requests")
+    ap.add_argument("--out", default=str(RESULTS / "console_pages"), help="results go to OUT.json and OUT.md")
     args = ap.parse_args()
     if args.tiny:
         args.subscribers, args.requests, args.warmup, args.workdir = 2_000, 30, 5, None
@@ -460,9 +461,10 @@ def main() -> int:
               "requests": args.requests, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny, **result}
     print(markdown(report))
     if not args.tiny:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "console_pages.json").write_text(json.dumps(report, indent=2) + "\n")
-        (RESULTS / "console_pages.md").write_text(markdown(report))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(report))
     return 0
 
 
