@@ -15,13 +15,23 @@ key file ``billcore serve`` reads.  For every subscriber ``i`` (0-based):
   real ledger interleaves accounts: a payment (with its ``payments`` row),
   the monthly fee, and a traffic charge (``usage:`` key) that the month's
   ``usage_counters`` row matches;
-* ``--usage-days`` of ``usage_daily`` rows (one per account and day).
+* ``--usage-days`` of ``usage_daily`` rows (one per account and day);
+* what the operator's list filters on: 4 % of the subscribers in debt
+  (``DEBTOR_EVERY``; the others pay ahead), 3 % with an active admin block,
+  5 % online (an open RADIUS session on the bench NAS at their address), 2 %
+  on the tariff 'business' instead of 'home'.  (Blocked and online logins are
+  refused by RADIUS: the Access-Accept rate counts them as not accepted.)
 
-Then it measures, each step with a timeout, and reports what failed:
+Then it measures, each step with a timeout, and reports what failed
+(``--steps`` picks some of them: verify, search, subscribers, serve, monthly,
+backup):
 
 1. ``billcore verify`` (the CLI, as cron runs it);
 2. a search by part of a login (``users.search``'s query, the median of
    several substrings) and the plan it used;
+2b. the subscriber list (``subscribers.search``'s count, page and rows):
+   ``--searches`` random searches per filter combination, p50/p95/max and
+   the plans of the slowest;
 3. ``billcore serve``: start-up until the NetFlow worker's first flow from a
    bound address is charged (a timeout here is a cliff: the classifier
    snapshot did not load), an account card over URFA (``users.get``,
@@ -33,7 +43,8 @@ Then it measures, each step with a timeout, and reports what failed:
 Usage::
 
     python benchmarks/scale.py [--subscribers N] [--months M] [--usage-days D] [--tiny]
-                               [--step-timeout S] [--workdir DIR] [--keep]
+                               [--step-timeout S] [--workdir DIR] [--build-only]
+                               [--steps verify,search,...] [--searches K]
 
 ``--tiny`` is CI's run: N=100,000, 2 months, 2 days (still past the
 classifier snapshot's old ~38,000-binding cliff).  Results go to
@@ -48,6 +59,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -121,9 +133,13 @@ INSERT INTO accounts(id, user_id, is_basic, balance, credit, created_at)
 SELECT g + 1, g + 1, true, $3::bigint * {SIGN} * {USAGE}, 1000000000, $4
 FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
-TARIFFS_SQL = """
+# every BUSINESS_EVERY-th subscriber is on the tariff 'business' (same services): a tariff filter
+# that finds a few, beside 'home' that finds nearly everyone
+BUSINESS_EVERY = 50        # 2 % (g % 50 = 7)
+TARIFFS_SQL = f"""
 INSERT INTO account_tariffs(account_id, tariff_id, valid_from, created_at, created_by)
-SELECT g + 1, $3, $4, $4, 'scale-bench' FROM generate_series($1::bigint, $2::bigint - 1) g"""
+SELECT g + 1, CASE WHEN g % {BUSINESS_EVERY} = 7 THEN $5 ELSE $3 END, $4, $4, 'scale-bench'
+FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
 BINDINGS_SQL = """
 INSERT INTO ip_bindings(account_id, prefix, kind, source, valid_from)
@@ -192,13 +208,18 @@ async def count(conn: asyncpg.Connection, table: str) -> int:
     return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
 
 
-async def catalogue(conn: asyncpg.Connection) -> tuple[int, int, int, int]:
-    """The traffic class, the monthly and traffic services and the tariff (made once)."""
+async def catalogue(conn: asyncpg.Connection) -> tuple[int, int, int, int, int]:
+    """The traffic class, the monthly and traffic services and the tariffs 'home' and 'business' (made once)."""
     internet = await conn.fetchval("SELECT id FROM traffic_classes WHERE name = 'internet'")
     if internet is not None:
+        business = await conn.fetchval("SELECT id FROM tariffs WHERE name = 'business'")
+        if business is None:   # a database built before 'business' existed
+            business = await conn.fetchval("INSERT INTO tariffs(name) VALUES ('business') RETURNING id")
+            await conn.execute("INSERT INTO tariff_services SELECT $1, service_id FROM tariff_services t"
+                               " JOIN tariffs f ON f.id = t.tariff_id WHERE f.name = 'home'", business)
         return (internet, await conn.fetchval("SELECT id FROM services WHERE name = 'monthly'"),
                 await conn.fetchval("SELECT id FROM services WHERE name = 'traffic'"),
-                await conn.fetchval("SELECT id FROM tariffs WHERE name = 'home'"))
+                await conn.fetchval("SELECT id FROM tariffs WHERE name = 'home'"), business)
     internet = await conn.fetchval("INSERT INTO traffic_classes(name) VALUES ('internet') RETURNING id")
     await conn.execute("INSERT INTO traffic_class_rules(class_id, remote_net) VALUES ($1, '0.0.0.0/0')", internet)
     fee_service = await conn.fetchval(
@@ -208,8 +229,10 @@ async def catalogue(conn: asyncpg.Connection) -> tuple[int, int, int, int]:
     await conn.execute("INSERT INTO service_rates(service_id, class_id, unit_size, tier_starts, tier_prices)"
                        " VALUES ($1, $2, 1000000, '{0}', $3)", traffic, internet, [PER_MB])
     tariff = await conn.fetchval("INSERT INTO tariffs(name) VALUES ('home') RETURNING id")
-    await conn.execute("INSERT INTO tariff_services VALUES ($1, $2), ($1, $3)", tariff, fee_service, traffic)
-    return internet, fee_service, traffic, tariff
+    business = await conn.fetchval("INSERT INTO tariffs(name) VALUES ('business') RETURNING id")
+    await conn.execute("INSERT INTO tariff_services VALUES ($1, $3), ($1, $4), ($2, $3), ($2, $4)",
+                       tariff, business, fee_service, traffic)
+    return internet, fee_service, traffic, tariff, business
 
 
 async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime) -> dict[str, float]:
@@ -235,7 +258,7 @@ async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime
         if await count(conn, "users") < n:
             search_index = await conn.fetchval("SELECT pg_get_indexdef('users_search_grams'::regclass)")
             await conn.execute("DROP INDEX users_search_grams")
-        internet, fee_service, traffic, tariff = await catalogue(conn)
+        internet, fee_service, traffic, tariff, business = await catalogue(conn)
         v = make_verifier("bench-user-pw")
         if await count(conn, "users") < n:
             await chunked(conn, "users", USERS_SQL, n, v.salt, v.iterations, v.stored_key, v.server_key, first)
@@ -244,7 +267,7 @@ async def build(dsn: str, args: argparse.Namespace, key: bytes, now: dt.datetime
         if await count(conn, "accounts") < n:
             await chunked(conn, "accounts", ACCOUNTS_SQL, n, months, first)
         if await count(conn, "account_tariffs") < n:
-            await chunked(conn, "tariff links", TARIFFS_SQL, n, tariff, first)
+            await chunked(conn, "tariff links", TARIFFS_SQL, n, tariff, first, business)
         stages["users, accounts, tariff links"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -402,6 +425,93 @@ async def step_search(dsn: str, n: int) -> dict[str, Any]:
         return {"median_ms": round(statistics.median(times), 1), "max_ms": round(max(times), 1),
                 "texts": texts, "ms": [round(x, 1) for x in times], "totals": totals,
                 "plan": plan[:8]}
+    finally:
+        await conn.close()
+
+
+def subscriber_filters(n: int, tariffs: dict[str, int]) -> dict[str, Callable[[random.Random], dict[str, Any]]]:
+    """The subscriber list's filter combinations, each drawing one search (what the build made: names
+    cycle over 10 first names, 4 % debtors, 3 % blocked, 5 % online, 2 % on 'business')."""
+    def some(rng: random.Random) -> int:
+        return rng.randrange(n)
+
+    def narrow(rng: random.Random) -> dict[str, Any]:   # the debts of 1..97 thousandths: a 2-step slice
+        low = -1000 * rng.randrange(2, 98)
+        return {"balance_min": low, "balance_max": low + 1000}
+
+    names = ["ivan", "olga", "smirnov", "petr", "elena", "volkova"]
+    return {
+        "no filter": lambda rng: {},
+        "text: 5 digits of a login": lambda rng: {"text": f"{some(rng):06d}"[1:]},
+        "text: a first or last name": lambda rng: {"text": rng.choice(names)},
+        "text: a contract number": lambda rng: {"text": f"C-{some(rng):07d}"},
+        "text: an account id": lambda rng: {"text": str(some(rng) + 1)},
+        "text: an IP address": lambda rng: {"text": "10.{}.{}.{}".format(*(lambda i: (i >> 16, (i >> 8) & 255,
+                                                                                      i & 255))(some(rng)))},
+        "tariff (2 % on it)": lambda rng: {"tariff_id": tariffs["business"]},
+        "tariff (98 % on it)": lambda rng: {"tariff_id": tariffs["home"]},
+        "blocked": lambda rng: {"blocked": True},
+        "not blocked": lambda rng: {"blocked": False},
+        "online": lambda rng: {"online": True},
+        "offline": lambda rng: {"online": False},
+        "debtors": lambda rng: {"debtors": True},
+        "balance range (narrow)": narrow,
+        "balance range (wide)": lambda rng: {"balance_min": 0, "balance_max": 50_000},
+        "blocked + online": lambda rng: {"blocked": True, "online": True},
+        "debtors + online (none match)": lambda rng: {"debtors": True, "online": True},
+        "tariff 2 % + online (none match)": lambda rng: {"tariff_id": tariffs["business"], "online": True},
+        "tariff 98 % + blocked + debtors": lambda rng: {"tariff_id": tariffs["home"], "blocked": True,
+                                                        "debtors": True},
+        "name + debtors + offline": lambda rng: {"text": rng.choice(names), "debtors": True, "online": False},
+        "name + tariff 2 % + not blocked + range": lambda rng: {"text": rng.choice(names), "tariff_id":
+                                                                tariffs["business"], "blocked": False,
+                                                                **narrow(rng)},
+    }
+
+
+async def step_subscribers(dsn: str, n: int, per_filter: int) -> dict[str, Any]:
+    """subscribers.search's query (the first 1,001 matches, the page, its rows), ``per_filter`` random
+    searches of each filter combination (a page of 50, mostly the first, some further on): p50/p95/max
+    in ms, and the plans PostgreSQL ran for the slowest (EXPLAIN ANALYZE)."""
+    from billcore.billing.subscribers import (
+        MAX_COUNTED, SubscriberFilter, page_statement, plan_query, planned, search_subscribers,
+    )
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        tariffs = {row["name"]: row["id"] for row in await conn.fetch("SELECT id, name FROM tariffs")}
+        now = dt.datetime.now(UTC)
+        rng = random.Random(16)
+        out: dict[str, Any] = {}
+        for name, draw in subscriber_filters(n, tariffs).items():
+            times: list[float] = []
+            totals: list[int] = []
+            slowest: tuple[float, dict[str, Any], int] = (0.0, {}, 0)
+            for k in range(per_filter):
+                wanted, offset = draw(rng), rng.choice((0, 0, 0, 50, 250))
+                t = time.perf_counter()
+                found = await search_subscribers(conn, SubscriberFilter.of(wanted), now, limit=50, offset=offset)
+                ms = (time.perf_counter() - t) * 1000
+                times.append(ms)
+                totals.append(found["total"])
+                if ms > slowest[0]:
+                    slowest = (ms, wanted, offset)
+            times.sort()
+            plans = {}
+            async with conn.transaction():
+                query = await plan_query(conn, SubscriberFilter.of(slowest[1]), now)
+                async with planned(conn):
+                    for what, (sql, sql_args) in (
+                            ("first matches", page_statement(query, limit=MAX_COUNTED + 1)),
+                            ("page", page_statement(query, limit=50, offset=slowest[2]))):
+                        plans[what] = [row[0] for row in await conn.fetch(f"EXPLAIN (ANALYZE) {sql}", *sql_args)]
+            out[name] = {"starts_from": query.driver, "p50_ms": round(times[len(times) // 2], 1), "p95_ms": round(times[int(len(times) * .95)], 1),
+                         "max_ms": round(times[-1], 1), "searches": per_filter,
+                         "total_median": sorted(totals)[len(totals) // 2], "slowest": slowest[1], "plans": plans}
+            log(f"   {name:<42} p50 {out[name]['p50_ms']:>7.1f} ms  p95 {out[name]['p95_ms']:>7.1f} ms"
+                f"  max {out[name]['max_ms']:>7.1f} ms  total~{out[name]['total_median']} ({query.driver})")
+        worst = max(out.values(), key=lambda figures: figures["p95_ms"])
+        return {"filters": out, "worst_p95_ms": worst["p95_ms"]}
     finally:
         await conn.close()
 
@@ -673,15 +783,27 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         log(f"   rows: {counts}")
         if args.build_only:
             return {"failures": steps.failures, **steps.results}
-        await steps.run("billcore verify", lambda: step_verify(config, args.step_timeout))
-        await steps.run("search by part of a login", lambda: step_search(dsn, args.subscribers))
-        await serve_steps(steps, work, dsn, args)
-        await steps.run("monthly periodic run", lambda: monthly_run(dsn, args.subscribers))
-        await steps.run("backup and restore", lambda: backup_restore(config, work, dsn, args.step_timeout),
-                        timeout=3 * args.step_timeout + 60)
+        wanted = set(args.steps.split(","))
+        if "verify" in wanted:
+            await steps.run("billcore verify", lambda: step_verify(config, args.step_timeout))
+        if "search" in wanted:
+            await steps.run("search by part of a login", lambda: step_search(dsn, args.subscribers))
+        if "subscribers" in wanted:
+            await steps.run("subscriber list filters", lambda: step_subscribers(dsn, args.subscribers, args.searches),
+                            timeout=3 * args.step_timeout)
+        if "serve" in wanted:
+            await serve_steps(steps, work, dsn, args)
+        if "monthly" in wanted:
+            await steps.run("monthly periodic run", lambda: monthly_run(dsn, args.subscribers))
+        if "backup" in wanted:
+            await steps.run("backup and restore", lambda: backup_restore(config, work, dsn, args.step_timeout),
+                            timeout=3 * args.step_timeout + 60)
     finally:
         await asyncio.to_thread(pg.stop)
     return {"failures": steps.failures, **steps.results}
+
+
+STEPS = ("verify", "search", "subscribers", "serve", "monthly", "backup")
 
 
 def main() -> int:
@@ -696,12 +818,19 @@ def main() -> int:
     ap.add_argument("--radius-seconds", type=float, default=8.0)
     ap.add_argument("--workdir", help="keep the database here (reused when it is already built)")
     ap.add_argument("--build-only", action="store_true", help="stop after the build (with --workdir, to measure later)")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"the measurements to run, comma-separated (default all: {','.join(STEPS)})")
+    ap.add_argument("--searches", type=int, default=300,
+                    help="random searches per filter combination of the subscriber list")
     ap.add_argument("--tiny", action="store_true", help="CI: 100,000 subscribers, 2 months, 2 days; no results written")
     ap.add_argument("--note", default="", help="what this run measured (kept in the results)")
     args = ap.parse_args()
     if args.tiny:
         args.subscribers, args.months, args.usage_days = 100_000, 2, 2
         args.step_timeout, args.startup_timeout, args.radius_seconds = 240.0, 120.0, 2.0
+        args.searches = 20
+    if set(args.steps.split(",")) - set(STEPS):
+        ap.error(f"--steps: known steps are {','.join(STEPS)}")
     info = machine()
     log(f"machine: {info['cpu']}, {info['nproc']} CPUs, load average {info['loadavg']}")
     if args.workdir:
@@ -724,10 +853,13 @@ def main() -> int:
               "loadavg_after": [round(x, 2) for x in os.getloadavg()],
               "total_seconds": round(time.perf_counter() - t, 1), **report}
     print_table(report)
-    if not args.tiny and not args.build_only:
+    if not args.tiny and not args.build_only and set(args.steps.split(",")) == set(STEPS):
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "scale.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (RESULTS / "scale.md").write_text(markdown(report))
+    elif not args.tiny and not args.build_only and not temporary:   # some steps: beside the database
+        (work / f"scale-{args.steps.replace(',', '-')}.json").write_text(
+            json.dumps(report, indent=2, default=str) + "\n")
     if report["failures"]:
         log(f"FAILED: {', '.join(report['failures'])}")
         return 1
@@ -746,6 +878,8 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str]]:
            ("database size", get("build", "database MiB", "{:,.0f} MiB")),
            ("`billcore verify`", get("billcore verify", "seconds", "{:.1f} s")),
            ("search by part of a login (median)", get("search by part of a login", "median_ms", "{:.1f} ms")),
+           ("subscriber list, worst filter combination (p95 of a page of 50)",
+            get("subscriber list filters", "worst_p95_ms", "{:.1f} ms")),
            ("`billcore serve` start until RADIUS is connected to the core",
             get("RADIUS connected to the core, NAS table loaded", "seconds_since_start", "{:.1f} s")),
            ("`billcore serve` start until the first flow is charged",

@@ -126,7 +126,7 @@ async def expected_rows(pool: asyncpg.Pool, wanted: dict[str, Any]) -> list[dict
         bindings = await conn.fetch("SELECT account_id, prefix FROM ip_bindings")
     text = (wanted.get("text") or "").strip()
     out = []
-    for account in sorted(account_rows, key=lambda row: row["user_id"]):
+    for account in sorted(account_rows, key=lambda row: row["id"]):
         user = users[account["user_id"]]
         if not account["is_basic"] or user["deleted_at"] is not None:
             continue
@@ -184,7 +184,14 @@ def filters(world: World, rng: random.Random) -> dict[str, Any]:
     }
 
 
-async def test_every_filter_combination_finds_what_the_tables_say(world: World) -> None:
+@pytest.mark.parametrize("start", ["chosen", "walk"])
+async def test_every_filter_combination_finds_what_the_tables_say(world: World, start: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever side a search starts from (the smallest set, as chosen; or the walk over every account,
+    which a million subscribers take for broad filters), it finds the same rows."""
+    if start == "walk":
+        monkeypatch.setattr(subscribers, "DRIVE_MAX", -1)
+        monkeypatch.setattr(subscribers, "TEXT_DRIVE_MAX", -1)
     search = world.calls["subscribers.search"].handler
     rng = random.Random(16)
     seen_nonempty = 0
@@ -278,3 +285,23 @@ async def test_the_declared_schema(world: World) -> None:
     assert search.args["balance_min"] == "money?" and search.fields["rows.balance"] == "money"
     assert (search.right, export.right, search.bound, export.bound) == ("users.read", "users.read", "page:1000",
                                                                          "stream")
+
+
+async def test_a_search_starts_from_its_smallest_indexed_set(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a million subscribers make of it (docs/scaling.md): a filter with an index of its own leads
+    when the planner expects it small, a text when its matches were few enough to read, else the walk."""
+    async with world.pool.acquire() as conn:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"online": True}, "online"), ({"blocked": True, "online": True}, "blocked"),
+            ({"debtors": True}, "walk"), ({}, "walk"), ({"online": False}, "walk"),
+            ({"text": "sub00012", "online": True}, "text"),
+            ({"tariff_id": world.tariffs[1], "debtors": True}, "tariff")]
+        for wanted, driver in cases:
+            assert (await subscribers.plan_query(conn, subscribers.SubscriberFilter.of(wanted), NOW)).driver == driver
+    # a text the sample of users finds common is not read through the index: the walk meets it often
+    monkeypatch.setattr(subscribers, "SAMPLE_PERCENT", 100)
+    monkeypatch.setattr(subscribers, "SAMPLE_MIN", 100)
+    monkeypatch.setattr(subscribers, "TEXT_DRIVE_MAX", 10)
+    async with world.pool.acquire() as conn:
+        for text, driver in [("ivan", "walk"), ("sub00012", "text")]:
+            assert (await subscribers.plan_query(conn, subscribers.SubscriberFilter.of({"text": text}), NOW)).driver == driver

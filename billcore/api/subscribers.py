@@ -2,7 +2,7 @@
 
 Both take the same filters (``billcore.billing.subscribers.FILTER_ARGS``) and
 answer the same row maps; right ``users.read``.  The export pages by key
-(user id) in chunks that each fit a frame, so it holds no long transaction
+(account id) in chunks that each fit a frame, so it holds no long transaction
 and no cursor while a slow client reads, and stops at ``MAX_EXPORT`` rows.
 """
 
@@ -37,11 +37,11 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                  balance_min: int | None = None, balance_max: int | None = None,
                                  online: bool | None = None, limit: int | None = None,
                                  offset: int | None = None) -> dict[str, Any]:
-        """Subscribers (one row per basic account) matching every filter given, in user id order:
+        """Subscribers (one row per basic account) matching every filter given, in account id order:
         {total, total_capped, rows}. text finds a part of a login, name, phone, e-mail, address or contract
         (3 characters or more use the trigram index), an exact account id or an IP address; blocked: an
         active block; debtors: balance below zero; online: an open RADIUS session; tariff_id: the tariff in
-        force now. total counts up to 10,000 (total_capped: there are more); limit is 1..1000 (50 by
+        force now. total counts up to 1,000 (total_capped: there are more); limit is 1..1000 (50 by
         default)."""
         wanted = SubscriberFilter.of({"text": text, "tariff_id": tariff_id, "blocked": blocked,
                                       "debtors": debtors, "balance_min": balance_min,
@@ -56,7 +56,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                  balance_min: int | None = None, balance_max: int | None = None,
                                  online: bool | None = None) -> dict[str, Any]:
         """Every subscriber subscribers.search finds with the same filters, streamed in chunks of row maps
-        in user id order; answers {rows, truncated} (truncated: stopped at 1,000,000 rows)."""
+        in account id order; answers {rows, truncated} (truncated: stopped at 1,000,000 rows)."""
         wanted = SubscriberFilter.of({"text": text, "tariff_id": tariff_id, "blocked": blocked,
                                       "debtors": debtors, "balance_min": balance_min,
                                       "balance_max": balance_max, "online": online})
@@ -77,7 +77,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             sent += len(rows)
             if len(rows) < EXPORT_PAGE:
                 break
-            after = rows[-1]["user_id"]
+            after = rows[-1]["account_id"]
         if chunk:
             await ctx.stream(chunk)
         return {"rows": sent, "truncated": sent >= MAX_EXPORT}

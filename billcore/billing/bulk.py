@@ -188,7 +188,7 @@ async def check_action(conn: DbConnection, action: BulkAction) -> None:
 
 async def count_for_bulk(conn: DbConnection, wanted: SubscriberFilter, now: dt.datetime) -> int:
     """Matches of ``wanted``; over ``MAX_BULK`` is refused (inside a transaction)."""
-    count = await count_subscribers(conn, wanted, now)
+    count = await count_subscribers(conn, wanted, now, cap=MAX_BULK)
     if count > MAX_BULK:
         raise BulkTooMany(f"the filter matches more than {MAX_BULK} subscribers; one bulk change may touch at"
                           f" most {MAX_BULK}: narrow the filter")

@@ -5,47 +5,72 @@ Theory of operation
 A row is a live user joined to their basic account (the partial unique index
 ``accounts_one_basic``), with the tariff in force now, whether any block is
 active and whether a RADIUS session is open.  A ``SubscriberFilter`` holds
-what the operator asked for; ``where_sql`` turns it into one WHERE clause
-over ``users u JOIN accounts a``, every filter an independent condition, so
-PostgreSQL's planner chooses the side to start from:
+what the operator asked for; it becomes one WHERE clause
+over ``users u`` and ``accounts a`` (``probes`` of other tables and
+``row_conditions``).
 
-* the selective filters have an index of their own and are written as
-  ``EXISTS`` so the planner can drive from them: an open session
-  (``radius_sessions_active``), an active block (``blocks_one_active``), a
-  tariff (``account_tariffs_tariff``), a text (the trigram index of schema
-  0011, or the ids an account number or an IP address resolves to);
-* balance conditions (debtors, a range) have no index: an index on
-  ``accounts.balance`` would make every charge's balance update write an
-  index entry (no HOT update), on the hottest row of the core.  They filter
-  while the users are walked in id order, which stops after a page.
+Where a search starts decides its cost at a million subscribers, and the
+planner alone gets it wrong: it multiplies the filters' selectivities as if
+they were independent, and a LIMIT makes it walk the users in id order
+hoping to meet 50 matches early, which for "business tariff and online"
+(none) reads every user.  So ``plan_query`` chooses:
 
-Every statement runs with ``plan_cache_mode = force_custom_plan``: asyncpg
-prepares statements, and a generic plan chosen after five runs cannot see
-that this text is rare or that tariff holds everyone.
+* the filters that name a set of accounts through an index of their own
+  (``driver_sets``: an open session, ``radius_sessions_active``; an active
+  block, ``blocks_one_active``; a tariff now, ``account_tariffs_tariff_account``;
+  a text of 3 or more characters, the trigram index of schema 0011, or the
+  users an account number or an IP address names) are asked for the
+  planner's estimate of their size (an EXPLAIN: a plan, no execution), and
+  the smallest, if it holds at most ``DRIVE_MAX`` accounts, is read first
+  (a materialized CTE) and joined by primary key to everything else;
+* otherwise every filter is broad and the users are walked in id order,
+  which stops after a page.
+
+Balance conditions (debtors, a range) have no index, on purpose: an index
+on ``accounts.balance`` would make every charge's balance update write an
+index entry (no HOT update), on the hottest row of the core.
+
+Every statement runs with a custom plan, and a search that starts from a
+set is held to nested loops by key (``planned``).
 
 The page is picked by ids first and decorated after (tariff name, flags), so
 the lookups run for the rows shown, not for every candidate.  ``total``
 counts matches up to ``MAX_COUNTED`` (``total_capped``: more), as
-``users.search`` does: counting a million matches tells the operator nothing
-and costs a scan.  ``after`` (a user id) pages by key for the export.
+``users.search`` does.  Rows come in basic account id order (the order of
+every driver set's index, so a page stops after 50 matches wherever it
+starts; a basic account is opened with its user, so it is the users' order
+too); ``after`` (an account id) pages by key for the export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Mapping
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from billcore.billing.accounts import MAX_COUNTED, check_page, text_match, users_at_ip
+from billcore.billing.accounts import check_page, text_match, users_at_ip
 from billcore.billing.ledger_errors import AmountError, InvalidValue
 from billcore.common.money import MAX_AMOUNT
 from billcore.db.rows import DbConnection
 
-__all__ = ["FILTER_ARGS", "MAX_COUNTED", "MAX_TEXT", "ROW_FIELDS", "SubscriberFilter", "Sql",
-           "count_subscribers", "find_subscribers", "page_ids", "subscriber_rows", "search_subscribers"]
+__all__ = ["DRIVE_MAX", "TEXT_DRIVE_MAX", "FILTER_ARGS", "MAX_COUNTED", "MAX_TEXT", "ROW_FIELDS", "Query", "SubscriberFilter",
+           "Sql", "count_subscribers", "driver_sets", "probes", "row_conditions", "find_subscribers", "page_ids", "page_statement",
+           "plan_query", "planned", "text_accounts", "subscriber_rows", "search_subscribers"]
 
 MAX_TEXT = 200
+# the total is counted up to here (total_capped: more): a page of 50 needs no more, and counting
+# every match of a filter that holds half the subscribers costs half a million joined rows
+MAX_COUNTED = 1000
+# a set the planner expects to hold at most this many accounts is where a search starts
+DRIVE_MAX = 100_000
+# a text's matches are read (``text_accounts``), up to this many; more, and it is a common text that
+# the walk meets often enough
+TEXT_DRIVE_MAX = 2_000
+SAMPLE_PERCENT = 0.2
+SAMPLE_MIN = 500            # sampled users below this (a small database): no verdict, the text is read
 # the filters as the call schemas declare them (subscribers.search/export, bulk.preview's filter)
 FILTER_ARGS = {"text": "str?", "tariff_id": "int?", "blocked": "bool?", "debtors": "bool?",
                "balance_min": "money?", "balance_max": "money?", "online": "bool?"}
@@ -120,67 +145,209 @@ async def _text_ids(conn: DbConnection, text: str) -> list[int]:
     return await users_at_ip(conn, text) or []
 
 
-async def where_sql(conn: DbConnection, wanted: SubscriberFilter, sql: Sql, now: dt.datetime) -> str:
-    """The WHERE clause over ``users u JOIN accounts a`` (basic accounts of live users)."""
-    parts = ["u.deleted_at IS NULL"]
-    if wanted.text:
-        match = text_match(wanted.text, sql.arg, "u.")
-        ids = await _text_ids(conn, wanted.text)
-        if ids:
-            match = f"({match} OR u.id = ANY({sql.arg(ids)}::bigint[]))"
-        parts.append(match)
-    if wanted.tariff_id is not None:
+def _text_condition(text: str, ids: list[int], sql: Sql, grams: bool = True) -> str:
+    match = text_match(text, sql.arg, "u.", grams)
+    return f"({match} OR u.id = ANY({sql.arg(ids)}::bigint[]))" if ids else match
+
+
+def probes(wanted: SubscriberFilter, sql: Sql, now: dt.datetime, account: str, skip: str = "") -> list[str]:
+    """The conditions on other tables (tariff now, an active block, an open session), each an index
+    probe with the account id ``account``; ``skip``: the driver set's own (it holds)."""
+    parts = []
+    if wanted.tariff_id is not None and skip != "tariff":
         at = sql.arg(now)
-        parts.append(f"EXISTS (SELECT 1 FROM account_tariffs t WHERE t.account_id = a.id"
+        parts.append(f"EXISTS (SELECT 1 FROM account_tariffs t WHERE t.account_id = {account}"
                      f" AND t.tariff_id = {sql.arg(wanted.tariff_id)} AND t.valid_from <= {at}"
                      f" AND (t.valid_to IS NULL OR t.valid_to > {at}))")
-    if wanted.blocked is not None:
+    if wanted.blocked is not None and skip != "blocked":
         parts.append(("" if wanted.blocked else "NOT ")
-                     + "EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = a.id AND b.lifted_at IS NULL)")
-    if wanted.online is not None:
+                     + f"EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = {account} AND b.lifted_at IS NULL)")
+    if wanted.online is not None and skip != "online":
         parts.append(("" if wanted.online else "NOT ")
-                     + "EXISTS (SELECT 1 FROM radius_sessions s WHERE s.account_id = a.id AND s.ended_at IS NULL)")
+                     + f"EXISTS (SELECT 1 FROM radius_sessions s WHERE s.account_id = {account}"
+                       " AND s.ended_at IS NULL)")
+    return parts
+
+
+def row_conditions(wanted: SubscriberFilter, ids: list[int], text_accounts: list[int] | None, sql: Sql,
+                   skip: str = "") -> list[str]:
+    """The conditions on the account and user rows (``accounts a``, ``users u``): a basic account of a
+    live user, the text, the balance; ``ids``: the users the text names by account id or address;
+    ``text_accounts``: the accounts the text finds, when they were read (``text_accounts``)."""
+    parts = ["a.is_basic", "u.deleted_at IS NULL"]
+    if wanted.text and skip != "text":
+        # on the walk (a common text) each row is checked as it is read, not through the index
+        parts.append(_text_condition(wanted.text, ids, sql, grams=False) if text_accounts is None
+                     else f"a.id = ANY({sql.arg(text_accounts)}::bigint[])")
     if wanted.debtors is not None:
         parts.append("a.balance < 0" if wanted.debtors else "a.balance >= 0")
     if wanted.balance_min is not None:
         parts.append(f"a.balance >= {sql.arg(wanted.balance_min)}")
     if wanted.balance_max is not None:
         parts.append(f"a.balance <= {sql.arg(wanted.balance_max)}")
-    return " AND ".join(parts)
+    return parts
 
 
-FROM = "users u JOIN accounts a ON a.user_id = u.id AND a.is_basic"
+def driver_sets(wanted: SubscriberFilter, text_accounts: list[int] | None,
+                now: dt.datetime) -> dict[str, Callable[[Sql], str]]:
+    """The filters that name a set of accounts through an index of their own, each as a SELECT of
+    ``account_id`` in account id order (built on a ``Sql``, so it can be planned alone and inside the
+    search)."""
+    sets: dict[str, Callable[[Sql], str]] = {}
+    if wanted.online:
+        sets["online"] = lambda sql: ("SELECT DISTINCT account_id FROM radius_sessions WHERE ended_at IS NULL"
+                                      " ORDER BY account_id")
+    if wanted.blocked:
+        sets["blocked"] = lambda sql: ("SELECT DISTINCT account_id FROM blocks WHERE lifted_at IS NULL"
+                                       " ORDER BY account_id")
+    if wanted.tariff_id is not None:
+        def on_tariff(sql: Sql) -> str:
+            at = sql.arg(now)
+            return (f"SELECT account_id FROM account_tariffs WHERE tariff_id = {sql.arg(wanted.tariff_id)}"
+                    f" AND valid_from <= {at} AND (valid_to IS NULL OR valid_to > {at}) ORDER BY account_id")
+        sets["tariff"] = on_tariff
+    if text_accounts is not None:
+        sets["text"] = lambda sql: f"SELECT unnest({sql.arg(text_accounts)}::bigint[]) AS account_id ORDER BY 1"
+    return sets
 
 
-async def _custom_plans(conn: DbConnection) -> None:
-    """Plan every statement of this transaction for its own arguments (see the module's doc)."""
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+async def text_accounts(conn: DbConnection, text: str, ids: list[int]) -> list[int] | None:
+    """The basic accounts of the live users the text finds, in id order, when there are at most
+    ``TEXT_DRIVE_MAX`` (None: more, or a text too short for the trigram index that names no id).
 
-
-async def count_subscribers(conn: DbConnection, wanted: SubscriberFilter, now: dt.datetime) -> int:
-    """Matches, counted up to ``MAX_COUNTED + 1`` (inside a transaction)."""
+    Read, not estimated: the trigram index's estimates are off by thousands both ways ("smirnov": 12
+    expected, 83,000 found).  A text the sample finds common is not read; another stops the read at
+    ``TEXT_DRIVE_MAX + 1`` rows."""
+    if len(text) < 3 and not ids:
+        return None
+    # A common text ("ivan": 100,000) is told by a sample first (0.2 % of the users' pages, a few
+    # milliseconds): reading its first matches through the index would cost more than the walk.
     sql = Sql()
-    where = await where_sql(conn, wanted, sql, now)
-    await _custom_plans(conn)
-    return int(await conn.fetchval(
-        f"SELECT count(*) FROM (SELECT 1 FROM {FROM} WHERE {where} LIMIT {MAX_COUNTED + 1}) m", *sql.args))
+    sample = await conn.fetchrow(
+        f"SELECT count(*) AS seen, count(*) FILTER (WHERE {text_match(text, sql.arg, 'u.', grams=False)}) AS hits,"
+        " (SELECT reltuples FROM pg_class WHERE oid = 'users'::regclass) AS users"
+        f" FROM users u TABLESAMPLE SYSTEM ({SAMPLE_PERCENT}) WHERE u.deleted_at IS NULL", *sql.args)
+    if sample is not None and sample["seen"] >= SAMPLE_MIN and (
+            sample["hits"] / sample["seen"] * float(sample["users"]) > 4 * TEXT_DRIVE_MAX):
+        return None
+    sql = Sql()
+    condition = _text_condition(text, ids, sql)
+    rows = await conn.fetch(f"SELECT a.id FROM users u JOIN accounts a ON a.user_id = u.id AND a.is_basic"
+                            f" WHERE u.deleted_at IS NULL AND {condition} LIMIT {TEXT_DRIVE_MAX + 1}", *sql.args)
+    return sorted(row["id"] for row in rows) if len(rows) <= TEXT_DRIVE_MAX else None
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A search's statement parts: the rows to start from, the conditions, their arguments."""
+
+    driver: str             # "walk" (the basic accounts in id order) or the name of the set it starts from
+    source: str
+    where: str
+    args: tuple[Any, ...]
+
+    def statement(self, select: str, tail: str, *values: Any) -> tuple[str, list[Any]]:
+        """``SELECT {select} FROM … WHERE … {tail}``; ``tail``'s placeholders ``{}`` take ``values``."""
+        args = list(self.args)
+        marks = []
+        for value in values:
+            args.append(value)
+            marks.append(f"${len(args)}")
+        return f"SELECT {select} FROM {self.source} WHERE {self.where} {tail.format(*marks)}", args
+
+
+def _most_rows(node: Mapping[str, Any]) -> float:
+    return max([float(node["Plan Rows"]), *(_most_rows(child) for child in node.get("Plans", ()))])
+
+
+async def _estimate(conn: DbConnection, build: Callable[[Sql], str]) -> float:
+    """The planner's row estimate of a set (a plan, no execution: about a millisecond): the most rows
+    any step of it expects."""
+    sql = Sql()
+    text = build(sql)
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {text}", *sql.args)
+    return _most_rows(json.loads(plan)[0]["Plan"])
+
+
+async def plan_query(conn: DbConnection, wanted: SubscriberFilter, now: dt.datetime) -> Query:
+    """Where the search starts: from the smallest indexed set the planner expects to hold at most
+    ``DRIVE_MAX`` accounts, else by walking the basic accounts in id order (see the module's doc)."""
+    ids = await _text_ids(conn, wanted.text) if wanted.text else []
+    found = await text_accounts(conn, wanted.text, ids) if wanted.text else None
+    sets = driver_sets(wanted, found, now)
+    sizes = {name: float(len(found)) if name == "text" and found is not None else await _estimate(conn, build)
+             for name, build in sets.items()}
+    sizes = {name: size for name, size in sizes.items() if size <= DRIVE_MAX}
+    smallest = min(sizes, key=lambda name: sizes[name], default=None)
+    sql = Sql()
+    if smallest is None:
+        where = [*probes(wanted, sql, now, "a.id"), *row_conditions(wanted, ids, found, sql)]
+        return Query("walk", WALK, " AND ".join(where), tuple(sql.args))
+    # The set is read first, in account id order, and the other sets probed with its ids inside the
+    # same subquery (OFFSET 0 keeps it one): an id they refuse costs no read of an account or a user.
+    driver = sets[smallest](sql)
+    checks = probes(wanted, sql, now, "x.account_id", skip=smallest)
+    if checks:
+        driver = f"SELECT account_id FROM ({driver}) x WHERE {' AND '.join(checks)} ORDER BY account_id"
+    where = row_conditions(wanted, ids, found, sql, skip=smallest)
+    return Query(smallest, DRIVEN.format(driver), " AND ".join(where), tuple(sql.args))
+
+
+WALK = "accounts a JOIN users u ON u.id = a.user_id"
+DRIVEN = "({} OFFSET 0) d JOIN accounts a ON a.id = d.account_id JOIN users u ON u.id = a.user_id"
+
+
+# the plan spelled out: from the set or the accounts, by key, in id order (see ``planned``)
+_NESTED_LOOPS = ("enable_hashjoin", "enable_mergejoin", "enable_seqscan", "enable_bitmapscan")
+
+
+@contextlib.asynccontextmanager
+async def planned(conn: DbConnection) -> AsyncIterator[None]:
+    """Plan the statements inside for their own arguments (asyncpg prepares statements, and a generic
+    plan chosen after five runs cannot see that this text is rare or that tariff holds everyone), and
+    as ``plan_query`` chose: nested loops by key from the set or the accounts, in account id order, so
+    the first matches come first and a page stops there.  Left free, the planner hashes the whole
+    accounts table against the other filters (its row estimates assume they are independent), or
+    collects a common text's 100,000 matches from the trigram index to sort them.  Inside a
+    transaction; the settings are reset after."""
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan; "
+                       + "".join(f"SET LOCAL {name} = off; " for name in _NESTED_LOOPS))
+    try:
+        yield
+    finally:
+        await conn.execute("".join(f"RESET {name}; " for name in ("plan_cache_mode", *_NESTED_LOOPS)))
+
+
+def page_statement(query: Query, *, limit: int, offset: int = 0, after: int = 0) -> tuple[str, list[Any]]:
+    """The statement selecting (user id, account id) of matches in account id order, after the account
+    ``after``, and its arguments."""
+    return query.statement("u.id AS user_id, a.id AS account_id",
+                           "AND a.id > {} ORDER BY a.id LIMIT {} OFFSET {}", after, limit, offset)
+
+
+async def _ids(conn: DbConnection, query: Query, *, limit: int, offset: int = 0,
+               after: int = 0) -> list[tuple[int, int]]:
+    statement, args = page_statement(query, limit=limit, offset=offset, after=after)
+    async with planned(conn):
+        rows = await conn.fetch(statement, *args)
+    return [(row["user_id"], row["account_id"]) for row in rows]
+
+
+async def count_subscribers(conn: DbConnection, wanted: SubscriberFilter, now: dt.datetime, *,
+                            cap: int) -> int:
+    """Matches, counted up to ``cap + 1`` (inside a transaction)."""
+    return len(await _ids(conn, await plan_query(conn, wanted, now), limit=cap + 1))
 
 
 async def page_ids(conn: DbConnection, wanted: SubscriberFilter, now: dt.datetime, *, limit: int,
                    offset: int = 0, after: int = 0) -> list[tuple[int, int]]:
-    """(user id, account id) of one page in user id order, after the user id ``after``
+    """(user id, account id) of one page in account id order, after the account ``after``
     (inside a transaction)."""
-    sql = Sql()
-    where = await where_sql(conn, wanted, sql, now)
-    await _custom_plans(conn)
-    rows = await conn.fetch(
-        f"SELECT u.id AS user_id, a.id AS account_id FROM {FROM} WHERE {where} AND u.id > {sql.arg(after)}"
-        f" ORDER BY u.id LIMIT {sql.arg(limit)} OFFSET {sql.arg(offset)}", *sql.args)
-    return [(row["user_id"], row["account_id"]) for row in rows]
+    return await _ids(conn, await plan_query(conn, wanted, now), limit=limit, offset=offset, after=after)
 
 
 async def subscriber_rows(conn: DbConnection, account_ids: list[int], now: dt.datetime) -> list[dict[str, Any]]:
-    """The list's row of each basic account, in user id order."""
+    """The list's row of each basic account, in account id order."""
     rows = await conn.fetch(
         "SELECT u.id AS user_id, u.login, u.full_name, u.phone, u.email, u.external_id AS contract,"
         " a.id AS account_id, a.balance, a.credit, t.tariff_id, t.tariff_name,"
@@ -190,7 +357,7 @@ async def subscriber_rows(conn: DbConnection, account_ids: list[int], now: dt.da
         " LEFT JOIN LATERAL (SELECT l.tariff_id, f.name AS tariff_name FROM account_tariffs l"
         "   JOIN tariffs f ON f.id = l.tariff_id WHERE l.account_id = a.id AND l.valid_from <= $2"
         "   AND (l.valid_to IS NULL OR l.valid_to > $2) LIMIT 1) t ON true"
-        " WHERE a.id = ANY($1::bigint[]) ORDER BY u.id", account_ids, now)
+        " WHERE a.id = ANY($1::bigint[]) ORDER BY a.id", account_ids, now)
     return [dict(row) for row in rows]
 
 
@@ -203,10 +370,17 @@ async def find_subscribers(conn: DbConnection, wanted: SubscriberFilter, now: dt
 
 async def search_subscribers(conn: DbConnection, wanted: SubscriberFilter, now: dt.datetime, *,
                              limit: int = 50, offset: int = 0) -> dict[str, Any]:
-    """``{"total", "total_capped", "rows"}``: one page in user id order and the matches counted up to
-    ``MAX_COUNTED``."""
+    """``{"total", "total_capped", "rows"}``: one page in account id order and the matches counted up to
+    ``MAX_COUNTED``.  One statement reads the first ``MAX_COUNTED + 1`` matches: their number is the
+    total, and the page is among them unless it lies further on."""
     check_page(limit, offset)
+    cap = MAX_COUNTED
     async with conn.transaction(readonly=True):
-        total = await count_subscribers(conn, wanted, now)
-        rows = await find_subscribers(conn, wanted, now, limit=limit, offset=offset)
-    return {"total": min(total, MAX_COUNTED), "total_capped": total > MAX_COUNTED, "rows": rows}
+        query = await plan_query(conn, wanted, now)
+        matches = await _ids(conn, query, limit=cap + 1)
+        if offset + limit <= len(matches) or len(matches) <= cap:
+            shown = matches[offset:offset + limit]
+        else:
+            shown = await _ids(conn, query, limit=limit, offset=offset)
+        rows = await subscriber_rows(conn, [account_id for _, account_id in shown], now) if shown else []
+    return {"total": min(len(matches), cap), "total_capped": len(matches) > cap, "rows": rows}
