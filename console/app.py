@@ -49,6 +49,7 @@ from . import login, messages
 from .context import (CONSOLE, DEADLINE, FORM, LANG_COOKIE, OPERATOR, PRE_COOKIE, SID, SID_COOKIE, TR, Console,
                       NavEntry, current_words)
 from .live import LiveHub
+from .operators_book import Operator
 from .page import Forbidden, Handler, Route, browser_ip, render
 from .pages import PAGES
 
@@ -151,7 +152,7 @@ async def _checked(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)  # type: ignore[no-any-return]
 
 
-async def _operator(request: web.Request) -> Any:
+async def _operator(request: web.Request) -> Operator:
     console = request.app[CONSOLE]
     sid = request[SID]
     if sid is None:

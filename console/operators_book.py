@@ -54,8 +54,10 @@ class OperatorBook:
         while len(self._seen) > self.max_operators:
             self._seen.popitem(last=False)
 
+    def alive(self, sid: bytes, now: float) -> bool:
+        """Held and not idle past its timeout, without counting as a use (a live stream asks this)."""
+        entry = self._seen.get(sid)
+        return entry is not None and now - entry[1] < entry[0].timeout
+
     def drop(self, sid: bytes) -> None:
         self._seen.pop(sid, None)
-
-    def holds(self, sid: bytes) -> bool:
-        return sid in self._seen

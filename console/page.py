@@ -132,6 +132,9 @@ async def stream(request: web.Request, fn: str, /, **args: Any) -> AsyncIterator
             yield chunk
     except Refused as exc:
         raise _refusal(exc) from None
+    except SessionGone:
+        request.app[CONSOLE].book.drop(operator.sid)
+        raise
 
 
 def t(key: str, **values: Any) -> str:
@@ -144,14 +147,18 @@ def csrf_of(request: web.Request) -> str:
     return csrf_token(request.app[CONSOLE].key, sid) if sid else ""
 
 
+def _under(path: str, entry: str) -> bool:
+    """Is ``path`` the page of the nav entry ``entry`` or below it ("/" is only itself)?"""
+    return path == entry or (entry != "/" and path.startswith(entry.rstrip("/") + "/"))
+
+
 def render(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
     """``console/templates/<template>`` as the answer; it gets t, can, csrf, operator, nav and the filters."""
     console = request.app[CONSOLE]
     words = current_words.get()
     operator = request.get(OPERATOR)
     calls = operator.calls if operator is not None else frozenset()
-    nav = [(entry.path, entry.key, words("nav." + entry.key), request.path == entry.path or
-            request.path.startswith(entry.path.rstrip("/") + "/"))
+    nav = [(entry.path, entry.key, words("nav." + entry.key), _under(request.path, entry.path))
            for entry in console.nav if all(need in calls for need in entry.needs)]
     message = request.query.get("m", "")
     notice = words(message) if message in console.catalogs["en"] else ""    # only our own words, never URL text
@@ -181,7 +188,8 @@ def redirect(request: web.Request, location: str, message: str | None = None, **
 async def live(request: web.Request, topics: Iterable[str]) -> web.StreamResponse:
     """An SSE stream: ``event: changed`` / ``data: <topic>`` whenever the console hears one of ``topics``.
 
-    Ends when the operator's session does (checked at every keep-alive)."""
+    Ends when the operator logs out or leaves the pages idle past the session's timeout (checked at
+    every keep-alive)."""
     console = request.app[CONSOLE]
     listener = console.live.listen(topics)
     if listener is None:
@@ -197,7 +205,8 @@ async def live(request: web.Request, topics: Iterable[str]) -> web.StreamRespons
     sid = request[OPERATOR].sid
     try:
         await response.write(b"retry: 5000\n\n")
-        while console.book.get(sid, time.monotonic()) is not None:
+        # an open stream is not the operator's activity: it ends once their pages have been idle too long
+        while console.book.alive(sid, time.monotonic()):
             changed = await listener.changed(console.live.keepalive)
             if not changed:
                 await response.write(b": keep-alive\n\n")

@@ -213,14 +213,17 @@ class LiveConsole:
         self.link = console_link(self.settings, self.live)
         self.pages = pages
         self.middlewares = middlewares
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if self.section.tls_cert else 'http'}://127.0.0.1:{self.port}"
         self.runner: Any = None
 
     async def __aenter__(self) -> LiveConsole:
         app = build_app(self.section, self.link, read_or_make_secret(self.settings.secret_file), self.live, self.pages)
         for middleware in reversed(self.middlewares):
             app.middlewares.insert(0, middleware)
-        self.runner = await http.serve(app, host=self.section.host, port=self.port, logger_name="console.http")
+        self.runner = await http.serve(app, host=self.section.host, port=self.port, tls_cert=self.section.tls_cert,
+                                       tls_key=self.section.tls_key, logger_name="console.http")
+        # up before the test runs: a teardown never meets the link half way through its first login
+        await self.link.link.ready(15.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import types
 from pathlib import Path
@@ -42,7 +43,10 @@ async def test_navigation_and_routes_follow_the_call_table(console_world: Consol
     page = await browser.get("/")
     assert ">Audit log</a>" in page.text
     assert ">Plugins</a>" not in page.text and ">Operators</a>" not in page.text
-    assert (await browser.get("/system/audit")).status == 200
+    audit = await browser.get("/system/audit")
+    assert audit.status == 200
+    assert re.search(r'data-test="nav-audit" aria-current="page"', audit.text)
+    assert not re.search(r'data-test="nav-dashboard" aria-current', audit.text)     # "/" is not every page's
     refused = await browser.get("/system/plugins")         # typed by hand: outside the table
     assert refused.status == 403 and "no right" in refused.text
 
@@ -214,3 +218,84 @@ async def test_the_supervisor_runs_the_console_as_a_child(tmp_path: Path, db_dsn
         core_environ = Path(f"/proc/{bc.child_pid('core')}/environ").read_bytes().split(b"\0")
         assert any(entry.startswith(b"BILLCORE_DSN=") for entry in core_environ)
         assert bc.stop(timeout=10) == 0
+
+
+async def test_the_default_secure_cookie_logs_in_over_loopback(db_dsn: str, tmp_path: Path) -> None:
+    """The shipped config (Secure cookies, plain HTTP on 127.0.0.1: a browser on the host or an SSH
+    tunnel) logs in: Chromium counts loopback as a secure context, for WebCrypto and cookies alike."""
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with console_world_of(db_dsn, tmp_path, cookie_secure=True) as world:
+        password = await world.admin("jane")
+        async with async_playwright() as playwright:
+            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await chromium.new_context(viewport=DESKTOP)
+                page = await context.new_page()
+                await page.goto(world.url + "/login")
+                await page.fill("#login", "jane")
+                await page.fill("#password", password)
+                await page.click("#login-submit")
+                await page.wait_for_selector("#operator")
+                cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+                assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            finally:
+                await chromium.close()
+
+
+# -- the frame's pure parts ---------------------------------------------------------------
+
+def test_operator_book_forgets_idle_and_least_recent_operators() -> None:
+    from console.operators_book import Operator, OperatorBook
+
+    book = OperatorBook(max_operators=2)
+    ann, bob, cid = (Operator(sid=bytes([n]) * 16, login=name, calls=frozenset({"sys.ping"}), timeout=100.0)
+                     for n, name in ((1, "ann"), (2, "bob"), (3, "cid")))
+    book.put(ann, now=0.0)
+    book.put(bob, now=1.0)
+    assert book.get(ann.sid, now=50.0) is ann          # a use: ann is now the most recent
+    book.put(cid, now=51.0)                            # over the bound: bob, the least recent, goes
+    assert book.get(bob.sid, now=52.0) is None and len(book) == 2
+    assert book.alive(ann.sid, now=149.0) and not book.alive(ann.sid, now=150.0)   # asking is not a use
+    assert book.get(ann.sid, now=150.0) is None        # idle for the session's timeout: forgotten
+    book.drop(cid.sid)
+    assert len(book) == 0
+
+
+def test_pending_logins_take_one_step_each_and_age() -> None:
+    from console.pending_logins import PendingLogin, PendingLogins
+
+    logins = PendingLogins(max_pending=2, max_age=60.0)
+    logins.put(b"pre-1", PendingLogin(b"h1", "ann", started=0.0, stage="proof"))
+    assert logins.get(b"pre-1", "otp", now=1.0) is None          # not at that step
+    assert logins.get(b"pre-1", "proof", now=61.0) is None       # too old
+    assert logins.get(b"pre-1", "proof", now=1.0) is not None
+    logins.put(b"pre-2", PendingLogin(b"h2", "bob", started=0.0, stage="proof"))
+    logins.put(b"pre-3", PendingLogin(b"h3", "cid", started=0.0, stage="proof"))
+    assert logins.get(b"pre-1", "proof", now=1.0) is None        # the oldest went over the bound
+
+
+def test_a_message_key_defined_twice_stops_the_start() -> None:
+    from webedge.i18n import catalogs_of
+
+    with pytest.raises(ValueError, match="'nav.x' is defined by both a and b"):
+        catalogs_of([("a", {"nav.x": ("X", "Икс")}), ("b", {"nav.x": ("X", "Икс")})])
+    with pytest.raises(ValueError, match="one text per language"):
+        catalogs_of([("a", {"nav.y": ("Y",)})])  # type: ignore[dict-item]
+    catalogs = catalogs_of([("a", {"nav.x": ("X", "Икс")})])
+    assert catalogs == {"en": {"nav.x": "X"}, "ru": {"nav.x": "Икс"}}
+
+
+def test_every_frame_and_page_message_has_both_languages() -> None:
+    from console import messages
+    from console.pages import PAGES
+    from webedge.i18n import catalogs_of
+
+    catalogs = catalogs_of([("frame", messages.MESSAGES), *((page.__name__, page.MESSAGES) for page in PAGES)])
+    assert set(catalogs["en"]) == set(catalogs["ru"])
+    assert all(text.strip() for catalog in catalogs.values() for text in catalog.values())
+    for page in PAGES:                     # a nav entry has its label
+        for route in page.ROUTES.routes:
+            if route.nav is not None:
+                assert "nav." + route.nav in catalogs["en"], (page.__name__, route.nav)

@@ -355,3 +355,37 @@ async def test_the_console_s_own_login_reaches_no_data(console_world: ConsoleWor
         await own.close()
     assert {"session.proxy_login", "session.proxy_proof", "session.proxy_otp", "events.subscribe"} <= names
     assert all(name.split(".")[0] in ("sys", "session", "events") for name in names), sorted(names)
+
+
+async def test_over_tls_on_a_network_address(db_dsn: str, tmp_path: Path) -> None:
+    """The console as it faces an admin network: HTTPS on 0.0.0.0, Secure cookies, HSTS; Chromium logs in."""
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    need_peer(shutil.which("openssl") is not None, "the openssl CLI (Debian openssl) is not installed")
+    import subprocess
+
+    from playwright.async_api import async_playwright
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-nodes", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    section = {"host": "0.0.0.0", "tls_cert": str(cert), "tls_key": str(key), "cookie_secure": True}
+    config_from_dict({"console": section})                       # the config accepts it
+    async with console_world_of(db_dsn, tmp_path, **section) as world:
+        assert world.url.startswith("https://")
+        password = await world.admin("tess")
+        async with async_playwright() as playwright:
+            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await chromium.new_context(viewport=DESKTOP, ignore_https_errors=True)
+                page = await context.new_page()
+                answer = await page.goto(world.url + "/login")
+                assert answer is not None and answer.headers.get("strict-transport-security")
+                await page.fill("#login", "tess")
+                await page.fill("#password", password)
+                await page.click("#login-submit")
+                await page.wait_for_selector("#operator")
+                cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+                assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            finally:
+                await chromium.close()

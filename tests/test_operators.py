@@ -167,7 +167,7 @@ async def test_console_logs_an_operator_in_and_calls_in_their_table(live: Live) 
                                         "method": "cash"}, as_sid=info.sid, as_ip=BROWSER)
     row = await live.pool.fetchrow("SELECT principal_kind, principal_login, ip FROM audit_log"
                                    " WHERE action = 'payments.add'")
-    assert tuple(row) == ("admin", "cashiers", BROWSER)
+    assert row is not None and tuple(row) == ("admin", "cashiers", BROWSER)
     await refused("no_session", console.call("sys.whoami", as_sid=info.sid, as_ip="198.51.100.8"))
     # the console logs no subscriber in
     await refused("forbidden", console.proxy_login("nobody", PW, BROWSER))

@@ -20,6 +20,7 @@ def test_production_config_loads_with_external_db_tls_and_edges() -> None:
     assert config.urfa.tls_cert and config.urfa.tls_key
     assert config.portal.tls_cert and config.portal.tls_key and config.portal.cookie_secure
     assert config.radius.enabled and config.netflow.enabled and config.portal.enabled
+    assert config.console.enabled and config.console.tls_cert and config.console.cookie_secure
     assert (config.radius.auth_port, config.radius.acct_port) == (1812, 1813)
     # the secret key lives outside data_dir, so backups of data_dir do not carry it
     assert not config.secret_key_path.is_relative_to(config.data_dir)

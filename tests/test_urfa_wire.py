@@ -331,7 +331,7 @@ def test_second_factor_step_over_the_pair() -> None:
     assert pair.send(pair.client, OtpCode("123 456")) == [OtpCode("123 456")]
     assert pair.server.state is State.OTP_VERIFY
     pair.send(pair.server, Welcome(b"S" * 16, b"g" * 32, "admin", "a", 60))
-    assert pair.client.state is pair.server.state is State.OPEN and pair.server.deadline is None
+    assert (pair.client.state, pair.server.state, pair.server.deadline) == (State.OPEN, State.OPEN, None)
 
 
 def test_nothing_but_the_code_is_legal_and_it_must_come_in_time() -> None:

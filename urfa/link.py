@@ -311,10 +311,12 @@ class Link:
         return LinkStream(client, client.stream(fn, args, as_sid=as_sid, as_ip=as_ip),
                           chunk_timeout or self.timeout)
 
-    async def proxy_login(self, login: str, password: str, ip: str) -> LoginInfo:
-        """Log a subscriber in on their behalf (the SCRAM step counts twice against ``timeout``)."""
+    async def proxy_login(self, login: str, password: str, ip: str, *, kind: str = "user",
+                          otp: str | None = None) -> LoginInfo:
+        """Log a subscriber (or an operator, ``kind="admin"``, with their code ``otp``) in on their
+        behalf (the SCRAM step counts twice against ``timeout``)."""
         client = await self._live()
-        return await asyncio.wait_for(client.proxy_login(login, password, ip), self.timeout * 2)
+        return await asyncio.wait_for(client.proxy_login(login, password, ip, kind=kind, otp=otp), self.timeout * 2)
 
     async def subscribe(self, *topics: str) -> None:
         """Add topics; they are subscribed now when up, and after every reconnect."""

@@ -46,7 +46,7 @@ RESERVED_NAMES = frozenset({
     "operators", "self",
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
-    "periodic", "portal", "supervisor", "metrics",
+    "periodic", "portal", "console", "supervisor", "metrics",
 })
 
 _KEYS = {"name", "version", "api", "permanent", "description", "calls", "hooks", "config"}

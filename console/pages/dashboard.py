@@ -36,7 +36,9 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     if "subscribers.search" in can:
         found = await _figure(request, "subscribers.search", limit=1)
         if found is not None:
-            figures.append(("subscribers", "dashboard.subscribers", found["total"]))
+            # the core counts up to a cap (total_capped: more than that)
+            figures.append(("subscribers", "dashboard.subscribers",
+                            f"{found['total']}+" if found.get("total_capped") else found["total"]))
     if "radius.sessions" in can:
         online = await _figure(request, "radius.sessions")
         if online is not None:
