@@ -18,7 +18,9 @@ as a browser would:
 Every response is read to its last byte. The **bare SQL** of a request is
 the very statements the core ran for it: each page is requested once with
 PostgreSQL's statement log on (``log_min_duration_statement = 0``), the
-``execute`` lines and their parameters are read back from the log, and
+``execute`` lines of the core's own connections (the PostgreSQL backends at
+the far end of the core process's sockets: the database may serve others
+meanwhile) and their parameters are read back from the log, and
 the benchmark runs them itself on direct asyncpg connections, as prepared
 statements with the same parameters (``PREPARE``/``EXECUTE``), each to its
 last row. The core may run a page's calls at once on several of its pool
@@ -66,6 +68,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _machine import machine  # noqa: E402
 
 from billcore.common.money import format_money  # noqa: E402
+from tests.process_view import unix_peer_owners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 OPERATOR = ("bench-console", "bench-console-pw")
@@ -140,8 +143,11 @@ _EXECUTE = re.compile(r"LOG:  duration: [\d.]+ ms  (?:execute [^:]+|statement): 
 _PARAMS = re.compile(r"DETAIL:  parameters: (.*)", re.S)
 _PARAM = re.compile(r"\$(\d+) = (NULL|'(?:[^']|'')*')")
 # not the page's queries: transaction control, and the reset asyncpg's pool sends when a connection goes back
-_QUIET = ("BEGIN", "COMMIT", "ROLLBACK", "SET ", "RESET ", "SHOW ", "LISTEN", "UNLISTEN", "SELECT pg_notify",
-          "SELECT PG_ADVISORY_UNLOCK_ALL()")
+# not the page's queries: transaction control, the reset asyncpg's pool sends when a connection goes
+# back, and asyncpg's one-off type introspection on a connection's first use of a type
+_QUIET = ("BEGIN", "COMMIT", "ROLLBACK", "SET ", "RESET ", "SHOW ", "LISTEN", "UNLISTEN", "SELECT PG_NOTIFY",
+          "SELECT PG_ADVISORY_UNLOCK_ALL()", "WITH RECURSIVE TYPEINFO_TREE", "SELECT CURRENT_SETTING('JIT')",
+          "SELECT SET_CONFIG('JIT'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +175,9 @@ class StatementLog:
     def mark(self) -> int:
         return self.path.stat().st_size
 
-    def since(self, offset: int, own_pids: set[int]) -> list[Statement]:
+    def since(self, offset: int, backends: set[int]) -> list[Statement]:
+        """What ``backends`` (the core's connections) executed since ``offset`` of the log: the
+        database may serve others meanwhile, and their statements are not this page's."""
         with open(self.path, "rb") as file:
             file.seek(offset)
             text = file.read().decode(errors="replace")
@@ -179,14 +187,14 @@ class StatementLog:
         for head, following in zip(heads, heads[1:] + [None]):
             pid = head.group(1)
             body = text[head.end():following.start() if following else len(text)]
-            if int(pid) in own_pids:
-                continue                           # our own connections (the log switch)
+            if int(pid) not in backends:
+                continue
             executed = _EXECUTE.match(body)
             params = _PARAMS.match(body)
             if executed:
                 waiting.pop(pid, None)
                 sql = executed.group(1).strip()
-                if not sql.upper().startswith(_QUIET):
+                if not " ".join(sql.split()).upper().startswith(_QUIET):
                     waiting[pid] = len(found)
                     found.append(Statement(sql, (), pid))
             elif params and pid in waiting:
@@ -196,6 +204,14 @@ class StatementLog:
             else:
                 waiting.pop(pid, None)           # a parse or bind: the next DETAIL is not an execute's
         return found
+
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def preparable(sql: str) -> bool:
+    """Whether SQL's PREPARE takes the statement (it takes no EXPLAIN)."""
+    return not sql.lstrip().upper().startswith("EXPLAIN")
 
 
 class BareSql:
@@ -212,13 +228,15 @@ class BareSql:
 
     async def prepare(self, statements: list[Statement]) -> None:
         for statement in statements:
-            if statement.sql not in self.names:
+            if statement.sql not in self.names and preparable(statement.sql):
                 name = f"bench_{len(self.names)}"
                 for conn in self.conns:
                     await conn.execute(f"PREPARE {name} AS {statement.sql}")
                 self.names[statement.sql] = name
 
     def _text(self, statement: Statement) -> str:
+        if not preparable(statement.sql):       # EXPLAIN (the core's estimates): the values written in
+            return _PLACEHOLDER.sub(lambda m: statement.params[int(m.group(1)) - 1], statement.sql)
         args = f"({', '.join(statement.params)})" if statement.params else ""
         return f"EXECUTE {self.names[statement.sql]}{args}"
 
@@ -270,7 +288,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(http: aiohttp.ClientSession, url: str, sql: BareSql, statement_log: StatementLog,
-                  own_pids: set[int], paths: list[str], warmup: int, rng: random.Random) -> dict[str, Any]:
+                  core_pid: int, paths: list[str], warmup: int, rng: random.Random) -> dict[str, Any]:
     """Capture each path's statements, then time page and SQL back to back in random order."""
     samples = [Sample(path) for path in paths]
     await statement_log.switch(sql.conns[0], True)
@@ -278,7 +296,8 @@ async def measure(http: aiohttp.ClientSession, url: str, sql: BareSql, statement
         for sample in samples:
             mark = statement_log.mark()
             await timed_get(http, url + sample.path)
-            sample.statements = statement_log.since(mark, own_pids)
+            # the core's pool connections now (the pool opens more as it needs them)
+            sample.statements = statement_log.since(mark, unix_peer_owners(core_pid))
     finally:
         await statement_log.switch(sql.conns[0], False)
     empty = [s.path for s in samples if not s.statements]
@@ -311,6 +330,8 @@ async def measure(http: aiohttp.ClientSession, url: str, sql: BareSql, statement
             "connections_per_page": round(statistics.mean(len({st.backend for st in s.statements})
                                                           for s in samples), 1),
             "statements_example": [s.sql[:300] for s in samples[0].statements],
+            "slowest": [{"path": samples[i].path, "page_ms": round(page_ms[i], 1), "sql_ms": round(sql_ms[i], 1)}
+                        for i in sorted(range(len(samples)), key=lambda i: -page_ms[i])[:8]],
             "meets_target": p95 <= TARGET_P95_MS and p95 / s95 <= TARGET_RATIO}
 
 
@@ -370,14 +391,14 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
     try:
         bc.wait_for(r'role=console .*msg="console serving"', timeout=args.startup_timeout)
         bc.wait_for(r'role=core .*msg="core serving"', timeout=args.startup_timeout)
-        dsn = environ_of(bc.child_pid("core"))["BILLCORE_DSN"]
+        core_pid = bc.child_pid("core")
+        dsn = environ_of(core_pid)["BILLCORE_DSN"]
         await make_operator(dsn)
         conns = [await asyncpg.connect(dsn) for _ in range(REPLAY_CONNECTIONS)]
         conn = conns[0]
         try:
             n = int(await conn.fetchval("SELECT count(*) FROM users"))
             tariff_ids = [row[0] for row in await conn.fetch("SELECT id FROM tariffs ORDER BY id")]
-            own_pids = {int(await each.fetchval("SELECT pg_backend_pid()")) for each in conns}
             balances = [row[0] for row in await conn.fetch("SELECT DISTINCT balance FROM accounts LIMIT 500")]
             rng = random.Random(args.seed)
             url = f"http://127.0.0.1:{port}"
@@ -392,10 +413,10 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
                 sql = BareSql(conns)
                 statement_log = StatementLog(work / "var" / "pg")
                 log(f"-- search page: {len(searches)} requests")
-                search = await measure(http, url, sql, statement_log, own_pids, searches, args.warmup, rng)
+                search = await measure(http, url, sql, statement_log, core_pid, searches, args.warmup, rng)
                 log(f"   {search}")
                 log(f"-- card page: {len(cards)} requests")
-                card = await measure(http, url, sql, statement_log, own_pids, cards, args.warmup, rng)
+                card = await measure(http, url, sql, statement_log, core_pid, cards, args.warmup, rng)
                 log(f"   {card}")
             finally:
                 await browser.close()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Socket", "sockets_of", "environ_of", "memory_hits", "encodings_of"]
+__all__ = ["Socket", "sockets_of", "unix_peer_owners", "environ_of", "memory_hits", "encodings_of"]
 
 CHUNK = 1 << 22          # read the memory 4 MiB at a time
 _USERS = re.compile(r"pid=(\d+),fd=(\d+)")
@@ -89,6 +89,23 @@ def sockets_of(pid: int) -> list[Socket]:
     # netlink and other families ss did not list: reported, so nothing hides
     found.extend(Socket("other", "?", "?", "?", other) for other in sorted(missing))
     return found
+
+
+def unix_peer_owners(pid: int) -> set[int]:
+    """The processes at the far end of ``pid``'s connected Unix sockets (e.g. the PostgreSQL
+    backends serving its database connections), from ``ss -x -p``'s owner of each peer inode."""
+    mine = _socket_inodes(pid)
+    owners: dict[int, set[int]] = {}
+    peers: set[int] = set()
+    for line in _ss("-x"):
+        columns = line.split()
+        if len(columns) < 8 or not columns[5].isdigit():
+            continue
+        inode = int(columns[5])
+        owners[inode] = {int(found.group(1)) for found in _USERS.finditer(line)}
+        if inode in mine and columns[7].isdigit():
+            peers.add(int(columns[7]))
+    return {owner for peer in peers for owner in owners.get(peer, set())} - {pid}
 
 
 def environ_of(pid: int) -> dict[str, str]:
