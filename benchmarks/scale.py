@@ -138,7 +138,7 @@ FROM generate_series($1::bigint, $2::bigint - 1) g"""
 BUSINESS_EVERY = 50        # 2 % (g % 50 = 7)
 TARIFFS_SQL = f"""
 INSERT INTO account_tariffs(account_id, tariff_id, valid_from, created_at, created_by)
-SELECT g + 1, CASE WHEN g % {BUSINESS_EVERY} = 7 THEN $5 ELSE $3 END, $4, $4, 'scale-bench'
+SELECT g + 1, CASE WHEN g % {BUSINESS_EVERY} = 7 THEN $5::bigint ELSE $3::bigint END, $4, $4, 'scale-bench'
 FROM generate_series($1::bigint, $2::bigint - 1) g"""
 
 BINDINGS_SQL = """
