@@ -159,7 +159,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     operator = request.get(OPERATOR)
     calls = operator.calls if operator is not None else frozenset()
     nav = [(entry.path, entry.key, words("nav." + entry.key), _under(request.path, entry.path))
-           for entry in console.nav if all(need in calls for need in entry.needs)]
+           for entry in console.nav if operator is not None and all(need in calls for need in entry.needs)]
     message = request.query.get("m", "")
     notice = words(message) if message in console.catalogs["en"] else ""    # only our own words, never URL text
     values.setdefault("csrf", csrf_of(request))

@@ -31,6 +31,7 @@ import dataclasses
 import importlib.util
 import re
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ from billcore.server.principals import SERVICE_RIGHTS, create_admin, create_syst
 from console.app import build_app, console_link
 from console.live import LiveHub
 from console.pages import PAGES
-from tests.conftest import free_port
+from tests.conftest import free_port, need_peer
+from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from tests.test_portal_harness import LiveCore
 from urfa import client as uc
 from urfa import scram
@@ -187,6 +189,28 @@ class ConsoleBrowser:
             if cookie.key == name:
                 return cookie
         return None
+
+
+@contextlib.asynccontextmanager
+async def chromium(**options: Any) -> AsyncIterator[Any]:
+    """A Playwright browser context in Debian's Chromium (``options`` for ``new_context``); skips without it."""
+    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield await browser.new_context(**{"viewport": DESKTOP, **options})
+        finally:
+            await browser.close()
+
+
+async def submit_login(page: Any, url: str, login: str, password: str) -> None:
+    """Type a login and password into the console's login page at ``url`` and send it (the page's script runs)."""
+    await page.goto(url + "/login")
+    await page.fill("#login", login)
+    await page.fill("#password", password)
+    await page.click("#login-submit")
 
 
 def _unb64(text: str) -> bytes:

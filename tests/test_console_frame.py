@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import shutil
 import types
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import pytest
 from aiohttp import web
 
 from console.page import Page, live
-from tests.conftest import need_peer
-from tests.console_harness import ConsoleWorld, console_world, console_world_of  # noqa: F401  (a fixture)
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from tests.console_harness import (  # noqa: F401  (console_world is a fixture)
+    ConsoleWorld, chromium, console_world, console_world_of, submit_login,
+)
 from urfa import scram
 from webedge.core_link import SessionGone
 
@@ -49,6 +48,8 @@ async def test_navigation_and_routes_follow_the_call_table(console_world: Consol
     assert not re.search(r'data-test="nav-dashboard" aria-current', audit.text)     # "/" is not every page's
     refused = await browser.get("/system/plugins")         # typed by hand: outside the table
     assert refused.status == 403 and "no right" in refused.text
+    stranger = console_world.browser()                      # nobody logged in: no navigation at all
+    assert 'id="nav"' not in (await stranger.get("/login")).text
 
 
 async def test_audit_log_search(console_world: ConsoleWorld) -> None:
@@ -139,48 +140,40 @@ async def test_live_stream_says_changed_and_carries_no_payload(db_dsn: str, tmp_
 # -- the real browser ----------------------------------------------------------------
 
 async def test_browser_login_computes_scram_in_the_page(console_world: ConsoleWorld) -> None:
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
     password = await console_world.admin("ivan", "ivan's pass, with = and ,")
     url = console_world.url
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await chromium.new_context(viewport=DESKTOP, locale="en-US")
-            page = await context.new_page()
-            await page.goto(url + "/system/audit")
-            assert "/login" in page.url
+    async with chromium(locale="en-US") as context:
+        page = await context.new_page()
+        await page.goto(url + "/system/audit")
+        assert "/login" in page.url
 
-            # the page's SCRAM is docs/protocol.md §6.2's vector
-            vector = await page.evaluate("""async () => {
-                const s = window.billcoreScram, range = (a) => Uint8Array.from({length: 16}, (_, i) => a + i);
-                const keys = await s.scram("admin", "alice", "correct horse battery", range(0x10), range(0x20),
-                                           range(0x00), 4096);
-                const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-                return [hex(keys.proof), hex(keys.serverSignature)];
-            }""")
-            assert vector == ["d48e367856be5fcf1bc4b9318a39ce6ec723e6cfac26b6ec28c45e7352492d46",
-                              "e39a87a01547f4fba664e4fae6a43391ea058b05e28c173264fb86668021bfcf"]
+        # the page's SCRAM is docs/protocol.md §6.2's vector
+        vector = await page.evaluate("""async () => {
+            const s = window.billcoreScram, range = (a) => Uint8Array.from({length: 16}, (_, i) => a + i);
+            const keys = await s.scram("admin", "alice", "correct horse battery", range(0x10), range(0x20),
+                                       range(0x00), 4096);
+            const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+            return [hex(keys.proof), hex(keys.serverSignature)];
+        }""")
+        assert vector == ["d48e367856be5fcf1bc4b9318a39ce6ec723e6cfac26b6ec28c45e7352492d46",
+                          "e39a87a01547f4fba664e4fae6a43391ea058b05e28c173264fb86668021bfcf"]
 
-            await page.fill("#login", "ivan")
-            await page.fill("#password", "not the password")
+        await page.fill("#login", "ivan")
+        await page.fill("#password", "not the password")
+        await page.click("#login-submit")
+        await page.wait_for_selector("#login-error:not(.hidden)")
+        assert "Wrong login or password." in await page.inner_text("#login-error")
+
+        await page.fill("#password", password)
+        async with page.expect_navigation():
             await page.click("#login-submit")
-            await page.wait_for_selector("#login-error:not(.hidden)")
-            assert "Wrong login or password." in await page.inner_text("#login-error")
-
-            await page.fill("#password", password)
-            async with page.expect_navigation():
-                await page.click("#login-submit")
-            await page.wait_for_selector("#operator")
-            assert page.url == url + "/system/audit"                # back where the operator was going
-            assert await page.inner_text("#operator") == "ivan"
-            cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
-            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-            await page.click("#logout")
-            await page.wait_for_selector("text=You have logged out.")
-        finally:
-            await chromium.close()
+        await page.wait_for_selector("#operator")
+        assert page.url == url + "/system/audit"                # back where the operator was going
+        assert await page.inner_text("#operator") == "ivan"
+        cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        await page.click("#logout")
+        await page.wait_for_selector("text=You have logged out.")
 
 
 def test_the_page_scram_matches_the_core_s(tmp_path: Path) -> None:
@@ -223,25 +216,12 @@ async def test_the_supervisor_runs_the_console_as_a_child(tmp_path: Path, db_dsn
 async def test_the_default_secure_cookie_logs_in_over_loopback(db_dsn: str, tmp_path: Path) -> None:
     """The shipped config (Secure cookies, plain HTTP on 127.0.0.1: a browser on the host or an SSH
     tunnel) logs in: Chromium counts loopback as a secure context, for WebCrypto and cookies alike."""
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
-    async with console_world_of(db_dsn, tmp_path, cookie_secure=True) as world:
-        password = await world.admin("jane")
-        async with async_playwright() as playwright:
-            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                context = await chromium.new_context(viewport=DESKTOP)
-                page = await context.new_page()
-                await page.goto(world.url + "/login")
-                await page.fill("#login", "jane")
-                await page.fill("#password", password)
-                await page.click("#login-submit")
-                await page.wait_for_selector("#operator")
-                cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
-                assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-            finally:
-                await chromium.close()
+    async with console_world_of(db_dsn, tmp_path, cookie_secure=True) as world, chromium() as context:
+        page = await context.new_page()
+        await submit_login(page, world.url, "jane", await world.admin("jane"))
+        await page.wait_for_selector("#operator")
+        cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
 
 # -- the frame's pure parts ---------------------------------------------------------------
@@ -299,3 +279,17 @@ def test_every_frame_and_page_message_has_both_languages() -> None:
         for route in page.ROUTES.routes:
             if route.nav is not None:
                 assert "nav." + route.nav in catalogs["en"], (page.__name__, route.nav)
+
+
+async def test_audit_pages_keep_their_filters(console_world: ConsoleWorld) -> None:
+    root = console_world.root
+    for n in range(55):                                           # more than a page of one operator's actions
+        await root.call("users.create", {"login": f"paged{n}", "password": "paged-password"})
+    browser = await console_world.operator("kim")
+    first = await browser.get("/system/audit?login=root&action=users.create")
+    assert first.text.count('data-test="audit-row"') == 50
+    following = re.search(r'href="([^"]+)" data-test="pager-next"', first.text)
+    assert following, "no next page"
+    second = await browser.get(following.group(1).replace("&amp;", "&"))
+    assert second.text.count('data-test="audit-row"') == 5
+    assert 'value="root"' in second.text and 'data-test="pager-previous"' in second.text

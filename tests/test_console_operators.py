@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import html
 import re
-import shutil
 import time
 
 import pytest
 
 from billcore.common.totp import parse_b32, totp
-from tests.conftest import need_peer
-from tests.console_harness import ConsoleBrowser, ConsoleWorld, LoginRefused, console_world  # noqa: F401
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
+from tests.console_harness import (  # noqa: F401  (console_world is a fixture)
+    ConsoleBrowser, ConsoleWorld, LoginRefused, chromium, console_world, submit_login,
+)
 
 
 def _operator_id(location: str) -> int:
@@ -129,29 +128,19 @@ async def test_own_second_factor_then_login_asks_for_a_code(console_world: Conso
 
 
 async def test_browser_login_with_totp_in_chromium(console_world: ConsoleWorld) -> None:
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
     olive = await console_world.operator("olive")
     secret, _ = await _enroll(olive)
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await (await chromium.new_context(viewport=DESKTOP, locale="ru-RU")).new_page()
-            await page.goto(console_world.url + "/login")
-            assert "Вход в консоль" in await page.inner_text("h1")
-            await page.fill("#login", "olive")
-            await page.fill("#password", "olive-password")
-            await page.click("#login-submit")
-            await page.wait_for_selector("#otp-form:not(.hidden)")
-            await page.fill("input[name=code]", "000000" if totp(secret, time.time() + 30) != "000000" else "111111")
+    async with chromium(locale="ru-RU") as context:
+        page = await context.new_page()
+        await submit_login(page, console_world.url, "olive", "olive-password")
+        assert "Вход в консоль" in await page.inner_text("h1")
+        await page.wait_for_selector("#otp-form:not(.hidden)")
+        await page.fill("input[name=code]", "000000" if totp(secret, time.time() + 30) != "000000" else "111111")
+        await page.click("#otp-submit")
+        await page.wait_for_selector("#login-error:not(.hidden)")
+        assert "Неверный код." in await page.inner_text("#login-error")
+        await page.fill("input[name=code]", totp(secret, time.time() + 30))
+        async with page.expect_navigation():
             await page.click("#otp-submit")
-            await page.wait_for_selector("#login-error:not(.hidden)")
-            assert "Неверный код." in await page.inner_text("#login-error")
-            await page.fill("input[name=code]", totp(secret, time.time() + 30))
-            async with page.expect_navigation():
-                await page.click("#otp-submit")
-            await page.wait_for_selector("#operator")
-            assert await page.inner_text("#operator") == "olive"
-        finally:
-            await chromium.close()
+        await page.wait_for_selector("#operator")
+        assert await page.inner_text("#operator") == "olive"

@@ -24,9 +24,8 @@ from billcore.common.config import ConfigError, config_from_dict
 from console.page import Page
 from tests.conftest import need_peer
 from tests.console_harness import (  # noqa: F401  (console_world is a fixture)
-    ConsoleBrowser, ConsoleWorld, LoginRefused, console_world, console_world_of,
+    ConsoleBrowser, ConsoleWorld, LoginRefused, chromium, console_world, console_world_of, submit_login,
 )
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from urfa import scram
 
 _CSRF = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
@@ -216,28 +215,17 @@ def _recorder(bodies: list[tuple[str, dict[str, Any]]]) -> Any:
 
 
 async def test_the_console_never_receives_a_password(db_dsn: str, tmp_path: Path) -> None:
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
     bodies: list[tuple[str, dict[str, Any]]] = []
     password = "xavier's very own passphrase"
-    async with console_world_of(db_dsn, tmp_path, middlewares=[_recorder(bodies)]) as world:
+    async with console_world_of(db_dsn, tmp_path, middlewares=[_recorder(bodies)]) as world, \
+            chromium() as context:
         await world.admin("xavier", password)
-        async with async_playwright() as playwright:
-            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
-                await page.goto(world.url + "/login")
-                await page.fill("#login", "xavier")
-                await page.fill("#password", password)
-                async with page.expect_navigation():
-                    await page.click("#login-submit")
-                await page.wait_for_selector("#operator")
-                # and a form posted with the script off would not carry it either: the field has no name
-                assert await page.evaluate("document.getElementById('password') === null || "
-                                           "!document.getElementById('password').name") is True
-            finally:
-                await chromium.close()
+        page = await context.new_page()
+        await page.goto(world.url + "/login")
+        # a form posted with the script off would not carry it either: the field has no name
+        assert await page.evaluate("!document.getElementById('password').name") is True
+        await submit_login(page, world.url, "xavier", password)
+        await page.wait_for_selector("#operator")
     paths = [path for path, _ in bodies]
     assert paths == ["/login/start", "/login/proof"], paths
     for path, fields in bodies:
@@ -281,27 +269,17 @@ def _forging_signatures(sids: list[bytes]) -> Any:
 
 
 async def test_the_page_refuses_a_forged_server_signature(db_dsn: str, tmp_path: Path) -> None:
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
     from webedge.core_link import SessionGone
 
     sids: list[bytes] = []
     async with console_world_of(db_dsn, tmp_path, middlewares=[_forging_signatures(sids)]) as world:
         password = await world.admin("yusuf")
-        async with async_playwright() as playwright:
-            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
-                await page.goto(world.url + "/login")
-                await page.fill("#login", "yusuf")
-                await page.fill("#password", password)
-                await page.click("#login-submit")
-                await page.wait_for_selector("#login-error:not(.hidden)")
-                assert "not the billing core's" in await page.inner_text("#login-error")
-                assert page.url.endswith("/login")
-            finally:
-                await chromium.close()
+        async with chromium() as context:
+            page = await context.new_page()
+            await submit_login(page, world.url, "yusuf", password)
+            await page.wait_for_selector("#login-error:not(.hidden)")
+            assert "not the billing core's" in await page.inner_text("#login-error")
+            assert page.url.endswith("/login")
         assert len(sids) == 1
         with pytest.raises(SessionGone):        # the script ended the session the forged answer opened
             await world.console.link.call(sids[0], "127.0.0.1", "sys.ping")
@@ -359,11 +337,8 @@ async def test_the_console_s_own_login_reaches_no_data(console_world: ConsoleWor
 
 async def test_over_tls_on_a_network_address(db_dsn: str, tmp_path: Path) -> None:
     """The console as it faces an admin network: HTTPS on 0.0.0.0, Secure cookies, HSTS; Chromium logs in."""
-    need_peer(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} is not installed (apt-get install chromium)")
     need_peer(shutil.which("openssl") is not None, "the openssl CLI (Debian openssl) is not installed")
     import subprocess
-
-    from playwright.async_api import async_playwright
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -374,18 +349,11 @@ async def test_over_tls_on_a_network_address(db_dsn: str, tmp_path: Path) -> Non
     async with console_world_of(db_dsn, tmp_path, **section) as world:
         assert world.url.startswith("https://")
         password = await world.admin("tess")
-        async with async_playwright() as playwright:
-            chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                context = await chromium.new_context(viewport=DESKTOP, ignore_https_errors=True)
-                page = await context.new_page()
-                answer = await page.goto(world.url + "/login")
-                assert answer is not None and answer.headers.get("strict-transport-security")
-                await page.fill("#login", "tess")
-                await page.fill("#password", password)
-                await page.click("#login-submit")
-                await page.wait_for_selector("#operator")
-                cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
-                assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-            finally:
-                await chromium.close()
+        async with chromium(ignore_https_errors=True) as context:
+            page = await context.new_page()
+            answer = await page.goto(world.url + "/login")
+            assert answer is not None and answer.headers.get("strict-transport-security")
+            await submit_login(page, world.url, "tess", password)
+            await page.wait_for_selector("#operator")
+            cookie = {c["name"]: c for c in await context.cookies()}["console_sid"]
+            assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"

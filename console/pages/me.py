@@ -47,7 +47,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
 def qr_svg(text: str) -> Markup:
     """``text`` as a QR code in inline SVG (black modules, no style attributes: the CSP allows it)."""
     buffer = io.BytesIO()
-    segno.make(text, error="m").save(buffer, kind="svg", xmldecl=False, svgns=True, nl=False, scale=4,
+    segno.make(text, error="m").save(buffer, kind="svg", xmldecl=False, svgns=True, nl=False, scale=5,
                                      border=4, svgclass="qr-code", lineclass="qr-line")
     return Markup(buffer.getvalue().decode("ascii"))
 

@@ -15,8 +15,9 @@ document.addEventListener("DOMContentLoaded", function () {
     if (!region.id || !window.EventSource) return;
     var source = new EventSource(region.getAttribute("data-live"));
     var pending = false;
-    source.addEventListener("changed", async function () {
-      if (pending) return;
+    var again = false;     // a change came while fetching: what we fetched may predate it, so fetch once more
+    var refresh = async function () {
+      if (pending) { again = true; return; }
       pending = true;
       try {
         var response = await fetch(window.location.href, { credentials: "same-origin", cache: "no-store" });
@@ -27,7 +28,9 @@ document.addEventListener("DOMContentLoaded", function () {
         region.dispatchEvent(new CustomEvent("live:updated", { bubbles: true }));
       } finally {
         pending = false;
+        if (again) { again = false; refresh(); }
       }
-    });
+    };
+    source.addEventListener("changed", refresh);
   });
 });
