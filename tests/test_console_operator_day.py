@@ -38,8 +38,8 @@ from netflow.exporter import ExportClock, FlowSpec, build_v5, build_v9
 from radius.nas_sim import NasSimulator
 from radius.server import load_dictionary
 from tests.conftest import free_port, need_peer
+from tests.console_harness import chromium, submit_login
 from tests.console_stack import ROOT_PASSWORD, ConsoleStack, console_stack, need_chromium, signed_example_plugin
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from tests.test_radius_e2e import radclient
 from tests.waiting import eventually_awaited
 
@@ -98,14 +98,11 @@ class Operator:
 
     async def login(self, login: str, password: str, code: str | None = None) -> None:
         """The login page: its script runs SCRAM with the password; the code step when the core asks."""
-        await self.page.goto(self.url + "/login")
-        await self.page.fill("#login", login)
-        await self.page.fill("#password", password)
         if code is None:
             async with self.page.expect_navigation():
-                await self.page.click("#login-submit")
+                await submit_login(self.page, self.url, login, password)
             return
-        await self.page.click("#login-submit")
+        await submit_login(self.page, self.url, login, password)
         await self.page.wait_for_selector("#otp-code", state="visible")
         await self.page.fill("#otp-code", code)
         async with self.page.expect_navigation():
@@ -178,28 +175,20 @@ async def day(tmp_path: Path) -> Any:
 
 @pytest.mark.timeout(900)
 async def test_an_operators_day(day: ConsoleStack) -> None:
-    from playwright.async_api import async_playwright
-
     SHOTS.mkdir(parents=True, exist_ok=True)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await browser.new_context(
-                viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]}, locale="en-US")
-            page = await context.new_page()
-            page.on("dialog", lambda dialog: dialog.accept())      # the confirmations the pages ask
-            op = Operator(page, day.url)
-            await operator_made_and_enrolled(day, op)
-            ids = await tariff_built(day, op)
-            user_id, account_id = await subscriber_made(day, op, ids)
-            await payment_taken(day, op, user_id, account_id)
-            await traffic_seen(day, op, user_id, account_id, ids)
-            await blocked_and_disconnected(day, op, user_id, account_id)
-            await tariff_changed_next_period(day, op, user_id, account_id, ids)
-            await plugin_loaded_and_unloaded(day, op)
-            await audit_found(day, op, user_id, account_id)
-        finally:
-            await browser.close()
+    async with chromium(locale="en-US") as context:
+        page = await context.new_page()
+        page.on("dialog", lambda dialog: dialog.accept())      # the confirmations the pages ask
+        op = Operator(page, day.url)
+        await operator_made_and_enrolled(day, op)
+        ids = await tariff_built(day, op)
+        user_id, account_id = await subscriber_made(day, op, ids)
+        await payment_taken(day, op, user_id, account_id)
+        await traffic_seen(day, op, user_id, account_id, ids)
+        await blocked_and_disconnected(day, op, user_id, account_id)
+        await tariff_changed_next_period(day, op, user_id, account_id, ids)
+        await plugin_loaded_and_unloaded(day, op)
+        await audit_found(day, op, user_id, account_id)
     assert "Traceback" not in day.bc.log()
 
 
@@ -227,10 +216,7 @@ async def operator_made_and_enrolled(day: ConsoleStack, op: Operator) -> None:
     await op.logout()
 
     # a wrong code is refused on the login page; the right one, typed again, opens the console
-    await op.page.goto(day.url + "/login")
-    await op.page.fill("#login", OPERATOR)
-    await op.page.fill("#password", OPERATOR_PASSWORD)
-    await op.page.click("#login-submit")
+    await submit_login(op.page, day.url, OPERATOR, OPERATOR_PASSWORD)
     await op.page.wait_for_selector("#otp-code", state="visible")
     await op.page.fill("#otp-code", app.wrong())
     await op.page.click("#otp-submit")

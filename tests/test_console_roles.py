@@ -30,10 +30,9 @@ import pytest
 
 from billcore.common.money import format_money
 from console.page import Route
-from tests.console_harness import ConsoleBrowser
+from tests.console_harness import ConsoleBrowser, chromium, submit_login
 from tests.console_stack import ConsoleStack, console_stack, need_chromium, signed_example_plugin
 from tests.process_view import encodings_of, environ_of, memory_hits, sockets_of
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, DESKTOP
 from urfa.errors import CallFailed
 
 PASSWORDS = {"cashier": "kassa-Pw-31337-q", "support": "help-Desk-Pw-2718-z", "tariffer": "rates-Pw-1618-m"}
@@ -189,21 +188,6 @@ async def test_support_cannot_take_payments_anywhere(stack: ConsoleStack) -> Non
     assert (await stack.admin.call("accounts.get", {"account_id": ids["account_id"]}))["balance"] == before
 
 
-async def browser_login(stack: ConsoleStack, playwright: Any, login: str) -> tuple[Any, Any]:
-    """(browser, page) logged in as ``login`` by Chromium running the login page's own script."""
-    browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    context = await browser.new_context(viewport={"width": DESKTOP["width"], "height": DESKTOP["height"]},
-                                        locale="en-US")
-    page = await context.new_page()
-    await page.goto(stack.url + "/login")
-    await page.fill("#login", login)
-    await page.fill("#password", PASSWORDS[login])
-    async with page.expect_navigation():
-        await page.click("#login-submit")
-    await page.wait_for_selector("#logout")
-    return browser, page
-
-
 def test_the_memory_search_finds_what_a_process_holds() -> None:
     """The oracle of the next test: a process holding a string is caught holding it."""
     secret = "held-" + "Xq83-secret"
@@ -229,8 +213,6 @@ def postgres_endpoint(data_dir: Path) -> tuple[int, str]:
 
 
 async def test_the_console_holds_no_password_and_no_database(stack: ConsoleStack) -> None:
-    from playwright.async_api import async_playwright
-
     console, core = stack.console_pid(), stack.core_pid()
     data_dir = (stack.bc.workdir / "var").resolve()
     pg_port, pg_socket_dir = postgres_endpoint(data_dir)
@@ -238,17 +220,15 @@ async def test_the_console_holds_no_password_and_no_database(stack: ConsoleStack
     assert dsn.startswith("postgres"), "the core's own DSN, the one the console must not know"
 
     # the browser logs the tariff manager in: it sends the console a SCRAM proof, never the password
-    async with async_playwright() as playwright:
-        browser, page = await browser_login(stack, playwright, "tariffer")
-        try:
-            response = await page.goto(stack.url + "/")
-            assert response is not None and response.status == 200
-            password_hits = memory_hits(console, encodings_of(PASSWORDS["tariffer"]))
-            assert not any(password_hits.values()), {k: v[:3] for k, v in password_hits.items() if v}
-            # what the console does hold, it is seen holding: the login on the page it just rendered
-            assert any(memory_hits(console, encodings_of("tariffer")).values())
-        finally:
-            await browser.close()
+    async with chromium(locale="en-US") as context:
+        page = await context.new_page()
+        async with page.expect_navigation():
+            await submit_login(page, stack.url, "tariffer", PASSWORDS["tariffer"])
+        await page.wait_for_selector('[data-test="logout"]')
+        password_hits = memory_hits(console, encodings_of(PASSWORDS["tariffer"]))
+        assert not any(password_hits.values()), {k: v[:3] for k, v in password_hits.items() if v}
+        # what the console does hold, it is seen holding: the login on the page it just rendered
+        assert any(memory_hits(console, encodings_of("tariffer")).values())
 
     # its environment and its config name no database
     environment = environ_of(console)
