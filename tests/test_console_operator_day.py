@@ -54,6 +54,10 @@ LOCAL_NET, LOCAL_PEER = "198.51.100.0/24", "198.51.100.20"
 INTERNET_PEER = "203.0.113.9"
 LOCAL_PER_MB, INTERNET_PER_MB = "0.02", "0.10"        # per 10^6 bytes; the night range costs the same
 PAID = "500.00"
+CUSTOMERS = [("Ivan Smirnov", 350_000_000), ("Maria Ivanova", 1_200_500_000), ("Olga Kuznetsova", 0),
+             ("Petr Popov", 75_250_000), ("Anna Sokolova", 410_000_000), ("Sergei Lebedev", 12_990_000),
+             ("Elena Kozlova", 0), ("Dmitri Novikov", 999_000_000), ("Irina Morozova", 150_000_000),
+             ("Pavel Volkov", 48_000_000), ("Fox Mulder", 600_000_000)]
 
 
 def plain(text: str) -> str:
@@ -166,6 +170,12 @@ async def day(tmp_path: Path) -> Any:
             await stack.admin.call("radius.nas_add", {"name": "bras-1", "address": "127.0.0.1",
                                                       "secret": NAS_SECRET, "coa_port": nas_port,
                                                       "require_message_authenticator": False})
+            for n, (name, paid) in enumerate(CUSTOMERS):          # the ISP's customers of yesterday
+                made = await stack.admin.call("users.create", {"login": f"c{n:03d}", "password": f"pw-c{n:03d}-x",
+                                                               "full_name": name, "phone": f"+7 905 400 {n:04d}"})
+                if paid:
+                    await stack.admin.call("payments.add", {"account_id": made["basic_account_id"], "amount": paid,
+                                                            "method": "bank", "external_id": f"day-0-{n}"})
             stack.extra.update(nas=nas, auth_port=auth_port, acct_port=acct_port, flow_port=flow_port)
             yield stack
     finally:
@@ -280,7 +290,7 @@ async def subscriber_made(day: ConsoleStack, op: Operator, ids: dict[str, int]) 
     await op.goto("/subscribers/new")
     await op.submit('[data-test="subscriber-form"]',
                     {"login": "dana", "password": "dana-office-pw", "full_name": "Dana Scully",
-                     "phone": "+7 912 555 0101", "email": "dana@example.net", "ip": SUBSCRIBER_IP},
+                     "phone": "+7 903 555 0101", "email": "dana@example.net", "ip": SUBSCRIBER_IP},
                     choose={"tariff_id": str(ids["tariff"])})
     match = re.search(r"/subscribers/(\d+)", op.page.url)
     assert match, op.page.url
@@ -294,6 +304,8 @@ async def subscriber_made(day: ConsoleStack, op: Operator, ids: dict[str, int]) 
         rows = op.page.locator('[data-test="result"]')
         assert await rows.count() == 1, text
         assert "dana" in await rows.first.inner_text()
+    await op.goto("/subscribers")
+    assert await op.page.locator('[data-test="result"]').count() == len(CUSTOMERS) + 1
     await op.shot("subscribers")
     return user_id, account_id
 
