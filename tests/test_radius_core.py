@@ -288,3 +288,30 @@ async def test_a_second_session_of_a_link_gets_its_own_pool_address(pool: asyncp
         # the address S1 gave back is the link's to reuse; S2's stays S2's
         later = T0 + dt.timedelta(minutes=1)
         assert (await auth(conn, store, "alice", b"pw", now=later)).attribute("Framed-IP-Address") == first
+
+
+async def test_session_starts_and_ends_reach_the_sessions_topic(pool: asyncpg.Pool, store: SecretStore) -> None:
+    """The console's online list reloads on ``radius.sessions``: a Start, a Stop
+    and an Accounting-On that closes sessions are each published once, after the
+    commit; an Interim-Update (nothing started or ended) is not."""
+    published: list[tuple[str, dict[str, Any]]] = []
+    core = CoreContext(pool, Config(), publish=lambda topic, payload: published.append((topic, payload)),
+                       now=lambda: T0)
+    core.extras["secret_store"] = store
+    handlers = {spec.name: spec.handler for spec in calls(core)}
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        acc = await make_account(conn, "u1")
+        await add_link(conn, store, account_id=acc, login="alice", password="pw", max_sessions=2)
+    record = {"nas": NAS, "login": "alice", "event_time": T0.timestamp()}
+    first = await handlers["radius.accounting"](None, record={**record, "session_id": "S1", "status": "start"})
+    await handlers["radius.accounting"](None, record={**record, "session_id": "S1", "status": "interim",
+                                                      "session_time": 5})
+    await handlers["radius.accounting"](None, record={**record, "session_id": "S1", "status": "stop",
+                                                      "session_time": 9})
+    await handlers["radius.accounting"](None, record={**record, "session_id": "S2", "status": "start"})
+    await handlers["radius.accounting"](None, record={"nas": NAS, "status": "on", "event_time": T0.timestamp()})
+    sessions = [payload for topic, payload in published if topic == "radius.sessions"]
+    assert [payload["event"] for payload in sessions] == ["started", "stopped", "started", "closed"]
+    assert sessions[0] == {"event": "started", "session": first["session"], "account_id": acc}
+    assert sessions[-1]["closed"] == 1

@@ -119,6 +119,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
         await announce(core, result.block_changes)
         for hook in result.hooks:
             await core.fire(hook.event, hook.payload)
+            core.publish("radius.sessions", {"event": hook.event.removeprefix("session."), "session": result.session,
+                                             "account_id": hook.payload["account_id"]})
+        if result.closed:
+            core.publish("radius.sessions", {"event": "closed", "closed": result.closed})
         return result.wire()
 
     @handler  # a bad page answers billing.invalid, not internal
@@ -202,7 +206,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
     async def sweep_stale(ctx: CallContext, timeout: int) -> int:
         need_int("timeout", timeout, 1, 10 * 366 * 86400)   # seconds; a timedelta of 2^63 s overflows
         async with pool.acquire() as conn, conn.transaction():
-            return await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
+            closed = await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
+        if closed:
+            core.publish("radius.sessions", {"event": "closed", "closed": closed})
+        return closed
 
     async def disconnect(ctx: CallContext, session: int) -> dict[str, Any]:
         async with pool.acquire() as conn:

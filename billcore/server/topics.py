@@ -73,6 +73,9 @@ TOPICS: dict[str, Topic] = {topic.name: topic for topic in (
           doc="a NAS was added, changed or deleted: changed or deleted (its id)"),
     Topic("radius.disconnect", ("radius.serve", "radius.read", NOTICE_RIGHT),
           doc="an operator asked to disconnect RADIUS sessions: sessions (their rows, with NAS and address)"),
+    Topic("radius.sessions", ("radius.serve", "radius.read", NOTICE_RIGHT),
+          doc="RADIUS sessions started or ended: event (started, stopped or closed), session, account_id,"
+              " or closed (how many an Accounting-On/Off or the stale sweep ended)"),
 )}
 
 

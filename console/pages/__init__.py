@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import dashboard, me, operators, system
+from . import classes, dashboard, me, network, operators, system, tariffs
 
 __all__ = ["PAGES"]
 
-PAGES: list[ModuleType] = [dashboard, operators, system, me]
+PAGES: list[ModuleType] = [dashboard, tariffs, classes, network, operators, system, me]
