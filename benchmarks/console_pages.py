@@ -50,6 +50,7 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -429,12 +430,23 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
             "search_examples": searches[:8], "card_examples": cards[:3]}
 
 
+def tree_commit() -> str:
+    """The commit the measured code is at (``+`` when the tree has changes beside it)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except OSError:
+        return ""
+    return head
+
+
 def markdown(report: dict[str, Any]) -> str:
     info = report["machine"]
     lines = [
         "# Console pages at scale: search and card, against the bare SQL they need", "",
         f"{info['date']} · {info['cpu']} · nproc {info['nproc']} · load average before {info['loadavg']}, "
-        f"after {report['loadavg_after']} · Python {info['python']} · {report['subscribers']:,} subscribers", "",
+        f"after {report['loadavg_after']} · Python {info['python']} · {report['subscribers']:,} subscribers · "
+        f"code at {report['commit']}" + (f" ({report['note']})" if report["note"] else ""), "",
         "Sequential HTTP requests through a logged-in console (`billcore serve`, embedded PostgreSQL), random "
         "search texts and filters, random cards; the SQL columns run the statements the core executed for each "
         "page (read back from PostgreSQL's statement log) directly with asyncpg, each core connection's "
@@ -465,6 +477,7 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--tiny", action="store_true", help="CI: 2,000 subscribers in a temporary directory, 30 requests")
     ap.add_argument("--out", default=str(RESULTS / "console_pages"), help="results go to OUT.json and OUT.md")
+    ap.add_argument("--note", default="", help="what this run measured (kept in the results)")
     args = ap.parse_args()
     if args.tiny:
         args.subscribers, args.requests, args.warmup, args.workdir = 2_000, 30, 5, None
@@ -479,7 +492,8 @@ def main() -> int:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     report = {"benchmark": "console_pages", "machine": info, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-              "requests": args.requests, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny, **result}
+              "requests": args.requests, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny,
+              "commit": tree_commit(), "note": args.note, **result}
     print(markdown(report))
     if not args.tiny:
         out = Path(args.out)
