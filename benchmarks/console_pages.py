@@ -463,7 +463,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"| {r['sql_in_order_p50_ms']} / {r['sql_in_order_p95_ms']} "
                      f"| {r['statements_per_page']} ({r['connections_per_page']}) "
                      f"| {'yes' if r['meets_target'] else 'no'} |")
-    lines += ["", "Search URLs drawn (first few): " + ", ".join(f"`{p}`" for p in report["search_examples"]), ""]
+    lines += ["", "Search URLs drawn (first few): " + ", ".join(f"`{p}`" for p in report["search_examples"]), "",
+              "Slowest searches (page ms / its SQL ms): " + ", ".join(
+                  f"`{row['path']}` {row['page_ms']:,.0f} / {row['sql_ms']:,.0f}" for row in report["search"]["slowest"]),
+              ""]
     return "\n".join(lines)
 
 
