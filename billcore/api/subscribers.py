@@ -39,7 +39,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                  offset: int | None = None) -> dict[str, Any]:
         """Subscribers (one row per basic account) matching every filter given, in account id order:
         {total, total_capped, rows}. text finds a part of a login, name, phone, e-mail, address or contract
-        (3 characters or more use the trigram index), an exact account id or an IP address; blocked: an
+        (at least 3 characters, through the trigram index), an exact account id or an IP address; blocked: an
         active block; debtors: balance below zero; online: an open RADIUS session; tariff_id: the tariff in
         force now. total counts up to 1,000 (total_capped: there are more); limit is 1..1000 (50 by
         default)."""

@@ -101,6 +101,10 @@ class SubscriberFilter:
         text = values.get("text") or ""
         if type(text) is not str or len(text) > MAX_TEXT:
             raise InvalidValue(f"text must be a string of at most {MAX_TEXT} characters")
+        text = text.strip()
+        if 0 < len(text) < 3 and not text.isdigit():
+            # no index helps a text this short: it would read every subscriber
+            raise InvalidValue("text: type at least 3 characters (an account id may be shorter)")
         tariff_id = values.get("tariff_id")
         if tariff_id is not None and (type(tariff_id) is not int or not 1 <= tariff_id < 2**63):
             raise InvalidValue("tariff_id must be a positive int")
@@ -113,7 +117,7 @@ class SubscriberFilter:
         low, high = _amount(values, "balance_min"), _amount(values, "balance_max")
         if low is not None and high is not None and low > high:
             raise AmountError("balance_min is above balance_max")
-        return cls(text.strip(), tariff_id, flags["blocked"], flags["debtors"], low, high, flags["online"])
+        return cls(text, tariff_id, flags["blocked"], flags["debtors"], low, high, flags["online"])
 
     def as_dict(self) -> dict[str, Any]:
         """The filter as call arguments, "any" left out (what a bulk token binds)."""

@@ -43,7 +43,7 @@ RESERVED_NAMES = frozenset({
     "sys", "session", "events", "me", "users", "accounts", "payments", "blocks",
     "audit", "reports", "tariffs", "services", "timeranges", "classes",
     "bindings", "radius", "netflow", "plugins",
-    "operators", "self",
+    "operators", "self", "subscribers", "bulk",
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
     "periodic", "portal", "console", "supervisor", "metrics",
