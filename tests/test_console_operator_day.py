@@ -13,7 +13,9 @@ makes a tariff with two traffic classes and a night range; a subscriber
 with an IP; takes a payment (a repeated external id is refused kindly);
 sees the traffic NetFlow brings on the card; blocks (the NAS gets the
 Disconnect) and unblocks; changes the tariff from the next period; loads
-and unloads a signed plugin; finds all of it in the audit log.
+and unloads a signed plugin; finds the day's changes in the audit log,
+under her name and the browser's address (the plugin loads are not
+audited by the core yet: a strict xfail in test_console_roles.py).
 
 Screenshots of the main pages are taken on every run, into a temporary
 folder, or into docs/screenshots/ with BILLCORE_UPDATE_SCREENSHOTS=1
@@ -48,7 +50,7 @@ SHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("BILLCORE_UPDATE_SCREEN
          else Path(tempfile.mkdtemp(prefix="billcore-console-shots-")))
 NAS_SECRET = "day-nas-secret"
 OPERATOR, OPERATOR_PASSWORD = "olga", "olga-console-pw-7"
-SUBSCRIBER_IP = "100.64.5.7"          # the static binding made on the card
+SUBSCRIBER_IP = "100.64.5.7"          # the static address given on the new-subscriber form
 SESSION_IP = "100.64.5.8"             # the address of the PPPoE session the NAS reports
 LOCAL_NET, LOCAL_PEER = "198.51.100.0/24", "198.51.100.20"
 INTERNET_PEER = "203.0.113.9"
