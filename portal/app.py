@@ -39,6 +39,7 @@ from aiohttp import web
 
 from billcore.common.config import PortalSection
 from webedge import http
+from webedge.chart import traffic_chart, traffic_table
 from webedge.core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
 from webedge.guard import LoginLimiter, csrf_ok, csrf_token
 from webedge.http import ascii_int, b64, unb64
@@ -46,7 +47,6 @@ from webedge.i18n import LANGUAGES, Translator, pick_language
 from webedge.render import FILTERS
 from webedge.settings import EdgeSettings, read_or_make_secret
 
-from . import render
 from .i18n import translator as office_words
 
 __all__ = ["build_app", "run", "serve", "SID_COOKIE"]
@@ -359,8 +359,8 @@ async def traffic(request: web.Request) -> web.StreamResponse:
         last = max([today.isoformat(), *(row["day"] for row in rows)])
         rows = [row for row in rows if first.isoformat() <= row["day"] <= last]
         shaped = {"first": first.isoformat(), "last": last, "rows": rows}
-        chart = render.traffic_chart(shaped, translator(request)("traffic.title"))
-        table = render.traffic_table(shaped)
+        chart = traffic_chart(shaped, translator(request)("traffic.title"))
+        table = traffic_table(shaped)
     return page(request, "traffic.html", days=days, chart=chart, table=table, which=which,
                 choices=(7, 31, 92))
 

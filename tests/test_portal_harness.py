@@ -31,10 +31,9 @@ from billcore.server.core import build_calls
 from billcore.server.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
 from billcore.server.service import URFAConfig, URFAService
 from billcore.common.config import PortalSection
-from portal import render as office_render
 from portal.app import serve
 from portal.i18n import CATALOGS, translator
-from webedge import render
+from webedge import chart, render
 from webedge.core_link import CoreLink
 from webedge.guard import LoginLimiter, csrf_ok, csrf_token
 from webedge.i18n import pick_language
@@ -232,10 +231,10 @@ def test_chart_stacks_classes_per_day_and_escapes_names() -> None:
         {"day": "2024-07-01", "class_id": 1, "class": "<Local>", "bytes": 100, "amount": 0},
         {"day": "2024-07-01", "class_id": 2, "class": "World", "bytes": 300, "amount": 5},
         {"day": "2024-07-03", "class_id": 2, "class": "World", "bytes": 200, "amount": 3}]}
-    svg = office_render.traffic_chart(traffic, "Traffic")
+    svg = chart.traffic_chart(traffic, "Traffic")
     assert svg.count('<rect x=') == 3 + 2     # three bars, two legend swatches
     assert "&lt;Local&gt;" in svg and "<Local>" not in svg
-    table = office_render.traffic_table(traffic)
+    table = chart.traffic_table(traffic)
     assert list(table["days"]) == ["2024-07-01", "2024-07-03"]
     assert table["totals"] == {1: (100, 0), 2: (500, 8)} and table["total_amount"] == 8
 

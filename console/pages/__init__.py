@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import classes, dashboard, me, network, operators, system, tariffs
+from . import bulk, card, classes, dashboard, me, network, operators, subscribers, system, tariffs
 
 __all__ = ["PAGES"]
 
-PAGES: list[ModuleType] = [dashboard, tariffs, classes, network, operators, system, me]
+PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, tariffs, classes, network, operators, system, me]

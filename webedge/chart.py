@@ -1,8 +1,9 @@
-"""The office's traffic chart as inline SVG, and its table.
+"""The traffic chart as inline SVG, and its table: the office's traffic page and the console's card.
 
 The chart is drawn here, server-side, as a stacked bar per day and a colour
-per traffic class, so it needs no script and no CDN and prints as it looks.
-The number filters every page uses are ``webedge.render``'s.
+per traffic class, so it needs no script, no inline style and no CDN (a
+strict CSP passes it) and prints as it looks.  The number filters every
+page uses are ``webedge.render``'s.
 """
 
 from __future__ import annotations
