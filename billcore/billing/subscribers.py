@@ -322,6 +322,9 @@ async def text_matches(conn: DbConnection, text: str, ids: list[int]) -> list[tu
             return None
     sql = Sql()
     condition = _text_condition(text, ids, sql, grams or False)
+    # planned for its own trigrams and ids (inside the search's transaction): a generic plan of this
+    # prepared statement, chosen after five runs, cannot see that they are rare, and read every user
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     rows = await conn.fetch(f"SELECT u.id AS user_id, a.id FROM users u JOIN accounts a ON a.user_id = u.id"
                             f" AND a.is_basic WHERE u.deleted_at IS NULL AND {condition} LIMIT {TEXT_DRIVE_MAX + 1}",
                             *sql.args)
