@@ -22,7 +22,9 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import asyncpg
+import pytest
 
+from billcore.billing import subscribers
 from billcore.billing.subscribers import MAX_COUNTED
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, read_filter, read_page
 from console.pages.subscribers import CSV_COLUMNS, csv_lines
@@ -187,6 +189,22 @@ async def test_fifty_a_page_and_a_capped_total(console_world: ConsoleWorld) -> N
     assert logins(past_the_count.text) == [f"lots{MAX_COUNTED + 1}"]      # the pages go on past the count
     before_it = await browser.get(f"/subscribers?q=lots&page={MAX_COUNTED // PAGE_SIZE}")
     assert 'rel="next"' in before_it.text and 'rel="next"' not in past_the_count.text
+
+
+async def test_an_estimated_total_is_shown_as_about_and_the_pages_go_on(console_world: ConsoleWorld,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rare match over a broad start (a balance range) is counted among the first rows and
+    extrapolated: the page says "about", and a next page is offered while pages are full."""
+    await seed_many(console_world.core.pool, 120, "many")
+    await console_world.core.pool.execute("ANALYZE accounts")       # the walk's share needs the table's size
+    monkeypatch.setattr(subscribers, "COUNT_WINDOW", 40)
+    browser = await console_world.operator("olga")
+    first = await browser.get("/subscribers?balance_max=0")
+    assert len(logins(first.text)) == PAGE_SIZE and 'rel="next"' in first.text
+    found = re.search(r"Found: about ([0-9,]+)", first.text)
+    assert found is not None and 40 <= int(found.group(1).replace(",", "")) <= 360, first.text[:2000]
+    third = await browser.get("/subscribers?balance_max=0&page=3")
+    assert logins(third.text) == [f"many{n}" for n in range(101, 121)]
 
 
 # -- the CSV ---------------------------------------------------------------------------------------

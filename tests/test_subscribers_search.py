@@ -306,3 +306,52 @@ async def test_a_search_starts_from_its_smallest_indexed_set(world: World, monke
     async with world.pool.acquire() as conn:
         for text, driver in [("ivan", "walk"), ("sub00012", "text")]:
             assert (await subscribers.plan_query(conn, subscribers.SubscriberFilter.of({"text": text}), NOW)).driver == driver
+
+
+async def test_a_text_asks_the_index_for_its_rare_trigrams_and_finds_what_the_scan_finds(world: World) -> None:
+    """Every address here starts "Lenina st. " and four names take turns (a skewed text, as at a million):
+    the index is asked only for a text's rare trigrams, and the rows re-checked, so a search finds exactly
+    the rows the tables hold, whichever trigrams narrowed it."""
+    subscribers.forget_common_grams()
+    try:
+        async with world.pool.acquire() as conn:
+            assert {"len", "eni", "nin", "sub", "exa"} <= await subscribers.common_grams(conn)
+            grams, rare = await subscribers.index_grams(conn, "Lenina st. 66")
+            every = set(await conn.fetchval("SELECT billcore_grams('Lenina st. 66')"))
+            assert rare is True and grams and set(grams) < every and "len" not in grams
+            assert (await subscribers.index_grams(conn, "lenina"))[1] is False    # all common: every one asked
+            search = world.calls["subscribers.search"].handler
+            for text in ("Lenina st. 66", "LENINA ST. 1", "enina st. 20", "lenina", "Smirnova", "sub00014",
+                         "example.net", "t. 23", "912 0000", "no such street"):
+                expected = await expected_rows(world.pool, {"text": text})
+                assert await subscribers.text_accounts(conn, text, []) == [row["account_id"] for row in expected], text
+                found = await search(Ctx(), text=text, limit=1000)
+                assert found["rows"] == expected, text
+                assert (found["total"], found["total_capped"], found["total_estimated"]) == (len(expected), False,
+                                                                                               False), text
+    finally:
+        subscribers.forget_common_grams()
+
+
+@pytest.mark.parametrize("wanted", [{"debtors": True}, {"balance_min": 0, "balance_max": 0},
+                                    {"online": False, "debtors": True}, {"online": True, "debtors": False},
+                                    {"text": "smirnova", "balance_max": 0}])
+async def test_a_count_past_its_window_is_estimated_and_the_rows_stay_exact(
+        world: World, wanted: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The total is counted among the first COUNT_WINDOW rows a search starts from and extrapolated
+    (flagged); every page holds exactly its rows, read on past the window; a page that reads on to the
+    last match makes the count exact again."""
+    if "text" in wanted:
+        monkeypatch.setattr(subscribers, "TEXT_DRIVE_MAX", -1)   # a common text: the walk checks it
+    monkeypatch.setattr(subscribers, "COUNT_WINDOW", 40)
+    search = world.calls["subscribers.search"].handler
+    expected = await expected_rows(world.pool, wanted)
+    assert len(expected) > 10
+    for offset in (0, 5, 10, 30, 60, len(expected) - 3, len(expected) + 10):
+        found = await search(Ctx(), **wanted, limit=10, offset=offset)
+        assert found["rows"] == expected[offset:offset + 10], (wanted, offset)
+    first = await search(Ctx(), **wanted, limit=10)
+    assert first["total_estimated"] is True and first["total_capped"] is False
+    assert len(expected) / 3 <= first["total"] <= 3 * len(expected), (first["total"], len(expected))
+    whole = await search(Ctx(), **wanted, limit=1000)
+    assert (whole["total"], whole["total_estimated"], whole["rows"]) == (len(expected), False, expected)

@@ -38,11 +38,13 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                  online: bool | None = None, limit: int | None = None,
                                  offset: int | None = None) -> dict[str, Any]:
         """Subscribers (one row per basic account) matching every filter given, in account id order:
-        {total, total_capped, rows}. text finds a part of a login, name, phone, e-mail, address or contract
+        {total, total_capped, total_estimated, rows}. text finds a part of a login, name, phone, e-mail, address or contract
         (at least 3 characters, through the trigram index), an exact account id or an IP address; blocked: an
         active block; debtors: balance below zero; online: an open RADIUS session; tariff_id: the tariff in
-        force now. total counts up to 1,000 (total_capped: there are more); limit is 1..1000 (50 by
-        default)."""
+        force now. total counts up to 1,000 (total_capped: there are more); total_estimated: the matches
+        were counted among the first 10,000 rows the search starts from (all accounts, or the smallest
+        indexed set) and extrapolated, since counting a rare match over a million costs seconds (rows stay
+        exact); limit is 1..1000 (50 by default)."""
         wanted = SubscriberFilter.of({"text": text, "tariff_id": tariff_id, "blocked": blocked,
                                       "debtors": debtors, "balance_min": balance_min,
                                       "balance_max": balance_max, "online": online})
@@ -86,7 +88,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         CallSpec("subscribers.search", subscribers_search, right="users.read", kinds=ADMIN,
                  args={**FILTER_ARGS, "limit": "int?", "offset": "int?"}, result="map",
                  doc=subscribers_search.__doc__ or "", bound="page:1000",
-                 fields={"total": "int", "total_capped": "bool", "rows": "list",
+                 fields={"total": "int", "total_capped": "bool", "total_estimated": "bool", "rows": "list",
                          **{f"rows.{name}": kind for name, kind in ROW_FIELDS.items()}}),
         CallSpec("subscribers.export", subscribers_export, right="users.read", kinds=ADMIN,
                  args=dict(FILTER_ARGS), result="map", doc=subscribers_export.__doc__ or "", streaming=True,

@@ -53,6 +53,7 @@ MESSAGES = {
                                 "Логин, имя, лицевой счёт, IP, телефон или договор"),
     "subscribers.found": ("Found: {total}", "Найдено: {total}"),
     "subscribers.found_capped": ("Found: {total}+", "Найдено: {total}+"),
+    "subscribers.found_about": ("Found: about {total}", "Найдено: около {total}"),
     "subscribers.none": ("No subscriber matches.", "Ни один абонент не подходит."),
     "subscribers.csv": ("CSV", "CSV"),
     "subscribers.new": ("New subscriber", "Новый абонент"),
@@ -115,11 +116,12 @@ def can(request: web.Request, name: str) -> bool:
 
 
 def _pager(result: Mapping[str, Any] | None, page: int) -> dict[str, Any]:
-    """Pages the count covers, and whether a next page exists: past a capped count, while pages are full."""
+    """Pages the count covers, and whether a next page exists: past a capped or estimated count, while
+    pages are full."""
     if result is None:
         return {"pages": 1, "more": False, "next": False}
     pages = max(1, -(-int(result["total"]) // PAGE_SIZE), page)
-    capped = bool(result["total_capped"])
+    capped = bool(result["total_capped"]) or bool(result.get("total_estimated"))
     full = len(result["rows"]) == PAGE_SIZE
     return {"pages": pages, "more": capped, "next": page < MAX_OFFSET // PAGE_SIZE
             and (page < pages or (capped and full))}
