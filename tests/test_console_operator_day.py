@@ -14,8 +14,8 @@ with an IP; takes a payment (a repeated external id is refused kindly);
 sees the traffic NetFlow brings on the card; blocks (the NAS gets the
 Disconnect) and unblocks; changes the tariff from the next period; loads
 and unloads a signed plugin; finds the day's changes in the audit log,
-under her name and the browser's address (the plugin loads are not
-audited by the core yet: a strict xfail in test_console_roles.py).
+under her name and the browser's address, the plugin's load and unload
+among them.
 
 Screenshots of the main pages are taken on every run, into a temporary
 folder, or into docs/screenshots/ with BILLCORE_UPDATE_SCREENSHOTS=1
@@ -426,8 +426,7 @@ async def audit_found(day: ConsoleStack, op: Operator, user_id: int, account_id:
     """Every change of the day is in the audit log, under olga's name and from the browser's address."""
     await op.goto(f"/system/audit?login={OPERATOR}")
     actions = {text.strip() for text in await op.page.locator('[data-test="audit-row"] td.action').all_inner_texts()}
-    # plugins.load/unload are not audited by the core yet: test_console_roles.py holds that gap as an xfail
-    for action in ("users.create", "bindings.add", "payments.add", "blocks.set", "blocks.lift", "tariffs.link",
+    for action in ("plugins.load", "plugins.unload", "users.create", "bindings.add", "payments.add", "blocks.set", "blocks.lift", "tariffs.link",
                    "tariffs.add", "services.add", "services.set_rate", "classes.add", "classes.add_rule",
                    "timeranges.add", "self.otp_confirm"):
         assert action in actions, f"{action} not among {', '.join(sorted(actions))}"

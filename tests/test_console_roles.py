@@ -253,11 +253,16 @@ async def test_the_console_holds_no_password_and_no_database(stack: ConsoleStack
     assert any(".s.PGSQL" in sock.peer or sock.peer_port == pg_port for sock in sockets_of(core))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the core does not audit plugins.load / plugins.unload"
-                                       " (billcore/plugins/admin_calls.py); every other change of the"
-                                       " operator day is in the audit log")
 async def test_plugin_loads_are_in_the_audit_log(stack: ConsoleStack) -> None:
     await stack.admin.call("plugins.load", {"path": "example"})
     await stack.admin.call("plugins.unload", {"name": "example"})
-    actions = {row["action"] for row in await stack.admin.call("audit.query", {"login": "root"})}
-    assert {"plugins.load", "plugins.unload"} <= actions, sorted(actions)
+    with pytest.raises(CallFailed):
+        await stack.admin.call("plugins.load", {"path": "no-such-plugin"})
+    rows = await stack.admin.call("audit.query", {"login": "root"})
+    by_action = {row["action"]: row for row in rows}
+    assert {"plugins.load", "plugins.unload", "plugins.load_refused"} <= set(by_action), sorted(by_action)
+    assert by_action["plugins.load"]["object"] == "plugin:example"
+    assert by_action["plugins.load"]["after"]["name"] == "example"
+    assert by_action["plugins.unload"]["object"] == "plugin:example"
+    refused = by_action["plugins.load_refused"]
+    assert refused["object"] == "plugin-path:no-such-plugin" and refused["after"]["code"].startswith("plugin.")

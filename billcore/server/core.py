@@ -277,11 +277,13 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     """The plugin manager, its admin calls, and the plugins named in config."""
     from pathlib import Path
 
-    from billcore.api import announce
+    from billcore.api import announce, who
+    from billcore.billing import audit
     from billcore.billing.payments import add_payment
     from billcore.plugins import HookBus, PluginManager
     from billcore.plugins.admin_calls import plugin_calls
     from billcore.plugins.api import PLUGIN_API_VERSION
+    from billcore.server.call_context import CallContext
 
     config = core.config
 
@@ -328,7 +330,14 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     core.fire = fire
     core.extras["plugins"] = manager
     core.extras["hooks"] = bus
-    registry.register_all(plugin_calls(manager, plugin_dir=config.plugin_dir))
+    async def audit_plugin(ctx: CallContext, action: str, obj: str, after: dict[str, Any]) -> None:
+        try:
+            async with core.pool.acquire() as conn:
+                await audit.record(conn, who(ctx), action, obj, after=after, now=core.now())
+        except (asyncpg.PostgresError, OSError):  # the plugin change is made: the call must not fail
+            log.warning("plugin change not audited", extra={"action": action, "object": obj})
+
+    registry.register_all(plugin_calls(manager, plugin_dir=config.plugin_dir, audit=audit_plugin))
     for name in config.plugins.load:
         record = await manager.load(config.plugin_dir / name, time.time())
         log.info("plugin loaded", extra={"plugin": record.get("name"), "version": record.get("version")})
