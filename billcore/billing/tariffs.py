@@ -369,7 +369,8 @@ async def set_tariff_services(conn: DbConnection, tariff_id: int, service_ids: S
     """Replace the tariff's services (effective for every link, past periods are settled)."""
     if not isinstance(service_ids, (list, tuple)):
         raise TariffError("service_ids must be a list of service ids")
-    wanted = sorted({checked_int(service_id, "a service id", 1, 2**63 - 1) for service_id in service_ids})
+    # any bigint: an import's rehearsal links the negative ids of the services it rehearsed
+    wanted = sorted({checked_int(service_id, "a service id", -2**63, 2**63 - 1) for service_id in service_ids})
     async with conn.transaction():
         if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1 FOR UPDATE", tariff_id) is None:
             raise TariffNotFound(f"tariff {tariff_id} does not exist")
