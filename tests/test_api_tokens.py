@@ -8,9 +8,14 @@ wall clock (token expiry) and the session table's clock (a token session's end),
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -295,3 +300,32 @@ async def test_tokens_rights_and_a_token_managing_tokens(live: Live) -> None:
     boss_id = listed["boss"]["id"]
     assert await httpapi.call("tokens.revoke", {"token_id": boss_id}, as_sid=sid, as_ip=CLIENT_IP) is True
     await refused("no_session", httpapi.call("sys.ping", as_sid=sid, as_ip=CLIENT_IP))
+
+
+async def test_billctl_creates_lists_and_revokes_tokens(live: Live) -> None:
+    env = dict(os.environ, BILLCTL_PASSWORD=PW)
+    env.pop("BILLCTL_OTP", None)
+    base = [sys.executable, "-m", "billcore.clients.billctl", "--port", str(live.port), "--login", "root"]
+
+    async def billctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(subprocess.run, [*base, *args], env=env, capture_output=True, text=True,
+                                       timeout=60)
+
+    made = await billctl("--json", "tokens", "create", "billing-bot", "--group", "cashiers", "--group", "support",
+                         "--expires", "2031-01-01T00:00:00")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert (created["name"], created["groups"]) == ("billing-bot", ["cashiers", "support"])
+    assert created["expires_at"].startswith("2031-01-01T00:00:00") and "shown this once" in made.stderr
+    httpapi = await live.login("system", "httpapi")
+    assert (await token_session(httpapi, created["token"]))["name"] == "billing-bot"
+    listed = await billctl("tokens", "list")
+    assert listed.returncode == 0 and "billing-bot" in listed.stdout and created["token"] not in listed.stdout
+    revoked = await billctl("tokens", "revoke", str(created["id"]))
+    assert revoked.returncode == 0, revoked.stderr
+    await refused("auth_failed", token_session(httpapi, created["token"]))
+    bad = await billctl("tokens", "create", "bad name", "--group", "cashiers")
+    assert bad.returncode != 0 and "tokens.name" in bad.stderr
+    unknown = await billctl("tokens", "revoke", "999999")
+    assert unknown.returncode != 0 and "tokens.not_found" in unknown.stderr
+    assert (await billctl("tokens", "create", "nogroup")).returncode != 0   # --group is required
