@@ -329,3 +329,30 @@ async def test_billctl_creates_lists_and_revokes_tokens(live: Live) -> None:
     unknown = await billctl("tokens", "revoke", "999999")
     assert unknown.returncode != 0 and "tokens.not_found" in unknown.stderr
     assert (await billctl("tokens", "create", "nogroup")).returncode != 0   # --group is required
+
+
+async def test_last_used_at_follows_use_at_most_once_a_minute(live: Live) -> None:
+    root = await live.login("admin", "root")
+    made = await root.call("tokens.create", {"name": "busy", "groups": ["cashiers"]})
+    httpapi = await live.login("system", "httpapi")
+    sid = (await token_session(httpapi, made["token"]))["sid"]
+    login_time = live.utc()
+
+    async def last_used() -> dt.datetime:
+        await asyncio.gather(*live.service._background)   # the sweep's note, spawned as it ran
+        value: dt.datetime = await live.pool.fetchval("SELECT last_used_at FROM api_tokens WHERE id = $1",
+                                                      made["id"])
+        return value
+
+    assert await last_used() == login_time
+    live.advance(30)
+    await httpapi.call("sys.ping", as_sid=sid, as_ip=CLIENT_IP)
+    live.service.sweep()
+    assert await last_used() == login_time          # less than a minute since the last note
+    live.advance(31)
+    live.service.sweep()
+    assert await last_used() == live.utc()          # used since, and a minute passed
+    noted = live.utc()
+    live.advance(120)
+    live.service.sweep()
+    assert await last_used() == noted               # not used since: nothing to note
