@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,10 @@ from billcore.radius.secrets import SecretStore
 from billcore.server.calls import CallRegistry
 from billcore.server.context import CoreContext
 from billcore.server.core import build_calls
-from billcore.server.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
+from billcore.common.sysfiles import service_password_file
+from billcore.server.principals import (
+    SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login, ensure_service_login,
+)
 from billcore.server.service import URFAConfig, URFAService
 from urfa import client as uc
 from urfa.errors import CallFailed
@@ -356,3 +360,18 @@ async def test_last_used_at_follows_use_at_most_once_a_minute(live: Live) -> Non
     live.advance(120)
     live.service.sweep()
     assert await last_used() == noted               # not used since: nothing to note
+
+
+async def test_the_httpapi_login_is_provisioned_like_the_consoles(live: Live, tmp_path: Path) -> None:
+    async with live.pool.acquire() as conn:
+        await ensure_service_login(conn, tmp_path, "httpapi")
+    secret_file = service_password_file(tmp_path, "httpapi")
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    client = await uc.connect("127.0.0.1", live.port)
+    live.clients.append(client)
+    await client.login("system", "httpapi", secret_file.read_text().strip())
+    me = await client.call("sys.whoami")
+    assert (me["kind"], me["rights"]) == ("system", ["session.proxy_token"])
+    names = {entry["name"] for entry in await client.call("sys.calls")}
+    assert "session.token_login" in names and not any(n.split(".")[0] in ("users", "payments", "tokens")
+                                                      for n in names)
