@@ -375,3 +375,29 @@ async def test_the_httpapi_login_is_provisioned_like_the_consoles(live: Live, tm
     names = {entry["name"] for entry in await client.call("sys.calls")}
     assert "session.token_login" in names and not any(n.split(".")[0] in ("users", "payments", "tokens")
                                                       for n in names)
+
+
+async def test_a_revoke_during_a_token_login_wins(live: Live) -> None:
+    """The login read the token before the revoke committed, and opens its session after the revoke
+    ended the token's sessions: it must not open one that nothing would end."""
+    root = await live.login("admin", "root")
+    made = await root.call("tokens.create", {"name": "racy", "groups": ["cashiers"]})
+    auth = live.service.desk.auth
+    looked_up, go_on = asyncio.Event(), asyncio.Event()
+
+    class SlowAfterLookup:
+        async def find_token(self, token: str) -> Any:
+            grant = await auth.find_token(token)   # type: ignore[attr-defined]
+            looked_up.set()
+            await go_on.wait()
+            return grant
+
+    httpapi = await live.login("system", "httpapi")
+    live.service.desk.auth = SlowAfterLookup()   # type: ignore[assignment]
+    login = asyncio.create_task(token_session(httpapi, made["token"]))
+    await looked_up.wait()
+    assert await root.call("tokens.revoke", {"token_id": made["id"]}) is True
+    go_on.set()
+    await refused("auth_failed", login)
+    assert not [s for s in live.service.sessions if s.kind == "token"]
+    live.service.desk.auth = auth

@@ -239,6 +239,7 @@ class LoginDesk:
         if attempt is None:
             raise CallFailed(RATE_LIMITED, "too many login attempts; wait and retry")
         find = getattr(self.auth, "find_token", None)
+        mark = self.sessions.token_ends   # a revoke while we look the token up wins (see below)
         try:
             grant = None if find is None else await asyncio.wait_for(find(token), self.lookup_timeout)
         except (AuthUnavailable, asyncio.TimeoutError):
@@ -247,7 +248,9 @@ class LoginDesk:
         except BaseException:
             self.limiter.abandon(attempt)
             raise
-        if not isinstance(grant, TokenGrant) or grant.principal.kind != "token":
+        if (not isinstance(grant, TokenGrant) or grant.principal.kind != "token"
+                or self.sessions.token_ended_since(grant.principal.id, mark)):
+            # (revoked after the look-up read it: tokens.revoke ended its sessions before this one opened)
             self.limiter.failed(attempt)
             log.info("token login refused from %s", ip)
             raise CallFailed(AUTH_FAILED, "login failed")
