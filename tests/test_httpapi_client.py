@@ -12,20 +12,46 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from openapi_spec_validator import validate
 
+from billcore.billing.rating import TrafficUsage
+from billcore.billing.usage import commit_usage
+from billcore.common.money import format_money
 from tests.httpapi_stack import ApiStack, httpapi_stack
+from tests.test_netflow_worker_support import setup_accounts
 
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
 
 
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ApiStack]:
-    async with httpapi_stack(tmp_path_factory.mktemp("httpapi-client")) as s:
+async def seed_traffic(dsn: str) -> list[tuple[int, int, str, int, int]]:
+    """Traffic of two accounts on two days, booked by the billing code itself (as the NetFlow path does),
+    at 1 micro-unit a byte: sub-cent amounts. The rows usage_daily then holds, in the report's order."""
+    accounts = list((await setup_accounts(dsn, ["10.22.0.1", "10.22.0.2"])).values())
+    conn = await asyncpg.connect(dsn)
+    try:
+        inet = await conn.fetchval("SELECT id FROM traffic_classes WHERE name = 'inet'")
+        now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        usage = [TrafficUsage(a, inet, now - timedelta(days=d), 1_234_567 * (i + 1) + d)
+                 for i, a in enumerate(accounts) for d in (2, 1)]
+        await commit_usage(conn, "netflow:seed", 1, usage, now)
+        rows = await conn.fetch("SELECT account_id, class_id, day, quantity, amount FROM usage_daily"
+                                " ORDER BY account_id, day, class_id")
+        return [(r["account_id"], r["class_id"], r["day"].isoformat(), r["quantity"], r["amount"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, db_dsn: str) -> AsyncIterator[ApiStack]:
+    traffic = await seed_traffic(db_dsn)
+    async with httpapi_stack(tmp_path / "httpapi-client", dsn=db_dsn) as s:
+        s.extra["traffic"] = traffic
         yield s
 
 
@@ -92,13 +118,17 @@ async def test_a_generated_client_books_a_payment_once_and_reads_balance_and_tra
     # the generated client reads the NDJSON answer as raw bytes (it does not parse that content type)
     raw_client = client_mod.AuthenticatedClient(base_url=stack.url, token=token)
     report = reports_traffic.sync_detailed(
-        client=raw_client, body=models.ReportsTrafficBody(since="2020-01-01", until="2100-01-01", account_id=account))
+        client=raw_client, body=models.ReportsTrafficBody(since="2020-01-01", until="2100-01-01"))
     assert report.status_code == 200
     assert report.headers["content-type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in report.content.splitlines()]
     rows, last = lines[:-1], lines[-1]
-    assert all(set(row) == {"account_id", "class_id", "day", "quantity", "amount"} for row in rows)
-    assert set(last) == {"_result"} and last["_result"]["rows"] == len(rows)
+    booked = stack.extra["traffic"]
+    assert len(booked) == 4 and any(amount % 10_000 for *_, amount in booked)     # sub-cent: exact or wrong
+    assert rows == [{"account_id": a, "class_id": c, "day": d, "quantity": q, "amount": format_money(m)}
+                    for a, c, d, q, m in booked]
+    assert [list(row) for row in rows][0] == ["account_id", "class_id", "day", "quantity", "amount"]
+    assert last == {"_result": {"rows": 4, "truncated": False}}
 
     # an error reaches the generated client as its Problem model, with the wire code
     missing = accounts_get.sync(client=client, body=models.AccountsGetBody(account_id=10**9))
