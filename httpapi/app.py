@@ -301,7 +301,8 @@ async def _streamed(request: web.Request, caller: _Caller, entry: dict[str, Any]
     try:
         while True:
             if isinstance(item, Summary):
-                line = {"_result": result_to_json(item.result, str(entry.get("result") or "any"), {})}
+                # the summary's keys that are also row columns (periodic.run's totals) are typed as those
+                line = {"_result": result_to_json(item.result, str(entry.get("result") or "any"), fields)}
                 await response.write(json.dumps(line).encode() + b"\n")
                 break
             rows = item if isinstance(item, list) else [item]

@@ -231,3 +231,12 @@ async def test_the_access_log_has_one_line_per_request_with_the_tokens_name(stac
     token = await stack.token("logged-lou", ["support"])
     stack.call("sys.ping", token)
     stack.bc.wait_for(r"role=httpapi .*127\.0\.0\.1 logged-lou POST sys\.ping 200 [0-9.]+ms", timeout=10)
+
+
+async def test_a_streamed_summary_types_its_keys_as_the_declared_row_fields(stack: ApiStack) -> None:
+    run = stack.call("periodic.run", stack.extra["root"])
+    assert run.status == 200 and run.headers["Content-Type"].startswith("application/x-ndjson"), run.body
+    *progress, last = run.lines()
+    assert set(last) == {"_result"}
+    assert isinstance(last["_result"]["amount"], str)          # fields: amount money, in the summary too
+    assert all(isinstance(row["amount"], str) for row in progress if "amount" in row)
