@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,13 +22,14 @@ from httpapi import openapi, problems, values
 from httpapi.limits import RateLimiter
 from tests.httpapi_stack import Answer, ApiStack, httpapi_stack
 
-RATE, BURST, MAX_BODY = 20.0, 40, 4096
+RATE, BURST, MAX_BODY, MAX_ROWS = 20.0, 40, 4096, 3
 
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ApiStack]:
     async with httpapi_stack(tmp_path_factory.mktemp("httpapi-edge"),
-                             httpapi={"rate": RATE, "burst": BURST, "max_body": MAX_BODY}) as s:
+                             httpapi={"rate": RATE, "burst": BURST, "max_body": MAX_BODY,
+                                      "max_rows": MAX_ROWS}) as s:
         s.extra["root"] = await s.token("edge-root", ["superusers"])
         yield s
 
@@ -161,6 +166,13 @@ async def test_errors_are_problems_with_the_contracts_statuses(stack: ApiStack) 
                                                         "credit": "-5.00"}), 422, "billing.amount")
     problem_of(stack.call("accounts.create", root, {"user_id": 1, "vat_bp": -1}), 422, "billing.invalid")
     problem_of(stack.request("GET", "/api/v1/calls/sys.ping", token=root), 405, "method_not_allowed")
+    problem_of(stack.request("GET", "/nowhere", token=root), 404, "not_found")
+    # a JSON body is read as JSON whatever its Content-Type (curl -d says form-urlencoded)
+    assert stack.request("POST", "/api/v1/calls/accounts.get", token=root, raw=b'{"account_id": 1}',
+                         headers={"Content-Type": "application/x-www-form-urlencoded"}).status in (200, 404)
+    # four role templates, over max_rows: refused whole, never cut
+    assert len(await stack.admin.call("operators.roles")) > MAX_ROWS
+    problem_of(stack.call("operators.roles", root), 502, "too_many_rows")
     internal_free = stack.call("users.create", root, {"login": "x\u0000y", "password": "pw-123456"})
     assert internal_free.status in (400, 422) and internal_free.json()["code"] != "internal"
 
@@ -240,3 +252,30 @@ async def test_a_streamed_summary_types_its_keys_as_the_declared_row_fields(stac
     assert set(last) == {"_result"}
     assert isinstance(last["_result"]["amount"], str)          # fields: amount money, in the summary too
     assert all(isinstance(row["amount"], str) for row in progress if "amount" in row)
+
+
+def test_python_m_httpapi_refuses_a_public_address_without_tls(tmp_path: Any) -> None:
+    done = subprocess.run([sys.executable, "-m", "httpapi", "--password-file", str(tmp_path / "pw"),
+                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "not a loopback address" in done.stderr
+
+
+# last: it restarts the core under the module's stack
+async def test_a_core_restart_costs_a_503_at_most_then_the_token_logs_in_again(stack: ApiStack) -> None:
+    token = await stack.token("survivor", ["support"])
+    assert stack.call("sys.ping", token).status == 200
+    mark = len(stack.bc.log())
+    os.kill(stack.bc.child_pid("core"), signal.SIGKILL)
+    while_down = await asyncio.to_thread(stack.call, "sys.ping", token)
+    assert while_down.status in (200, 503), while_down.body       # 200: the core was back in time
+    if while_down.status == 503:
+        problem_of(while_down, 503, "core_down")
+        assert while_down.headers["Retry-After"]
+    stack.bc.wait_for(r'role=core .*msg="core serving"', timeout=60, after=mark)
+    for _ in range(100):          # the edge's link comes back on its own; the old token session is gone
+        answer = await asyncio.to_thread(stack.call, "sys.ping", token)
+        if answer.status == 200:
+            break
+        assert answer.status == 503, answer.body
+        await asyncio.sleep(0.2)
+    assert answer.json() == "pong"
