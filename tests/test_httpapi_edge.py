@@ -20,6 +20,7 @@ from openapi_spec_validator import validate
 
 from httpapi import openapi, problems, values
 from httpapi.limits import RateLimiter
+from tests.console_stack import signed_example_plugin
 from tests.httpapi_stack import Answer, ApiStack, httpapi_stack
 
 RATE, BURST, MAX_BODY, MAX_ROWS = 20.0, 40, 4096, 3
@@ -27,9 +28,11 @@ RATE, BURST, MAX_BODY, MAX_ROWS = 20.0, 40, 4096, 3
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ApiStack]:
+    plugin_dir, trusted = signed_example_plugin(tmp_path_factory.mktemp("httpapi-signing"))
     async with httpapi_stack(tmp_path_factory.mktemp("httpapi-edge"),
                              httpapi={"rate": RATE, "burst": BURST, "max_body": MAX_BODY,
-                                      "max_rows": MAX_ROWS}) as s:
+                                      "max_rows": MAX_ROWS},
+                             plugins={"dir": str(plugin_dir), "key_dir": str(trusted)}) as s:
         s.extra["root"] = await s.token("edge-root", ["superusers"])
         yield s
 
@@ -252,6 +255,26 @@ async def test_a_streamed_summary_types_its_keys_as_the_declared_row_fields(stac
     assert set(last) == {"_result"}
     assert isinstance(last["_result"]["amount"], str)          # fields: amount money, in the summary too
     assert all(isinstance(row["amount"], str) for row in progress if "amount" in row)
+
+
+async def test_a_plugins_call_appears_without_a_route_and_goes_when_unloaded(stack: ApiStack) -> None:
+    before = await stack.token("plugin-watcher", ["superusers"])
+    assert "/api/v1/calls/example.hello" not in stack.request("GET", "/api/v1/openapi.json", token=before).json()["paths"]
+    await stack.admin.call("plugins.load", {"path": "example"})
+    token = await stack.token("plugin-user", ["superusers"])      # a new token session: today's registry
+    doc = stack.request("GET", "/api/v1/openapi.json", token=token).json()
+    validate(doc)
+    hello = doc["paths"]["/api/v1/calls/example.hello"]["post"]
+    assert hello["operationId"] == "example_hello" and hello["tags"] == ["example"]
+    assert hello["requestBody"]["content"]["application/json"]["schema"]["properties"] == {"name": {"type": "string"}}
+    said = stack.call("example.hello", token, {"name": "integrator"})
+    assert said.status == 200 and "integrator" in said.json()
+
+    await stack.admin.call("plugins.unload", {"name": "example"})
+    problem_of(stack.call("example.hello", token, {"name": "again"}), 404, "deleted")
+    problem_of(stack.call("example.hello", token, {"name": "again"}), 403, "not_in_table")
+    assert "/api/v1/calls/example.hello" not in stack.request("GET", "/api/v1/openapi.json",
+                                                              token=token).json()["paths"]
 
 
 def test_python_m_httpapi_refuses_a_public_address_without_tls(tmp_path: Any) -> None:
