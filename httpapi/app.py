@@ -22,6 +22,9 @@ status, milliseconds).  ``Idempotency-Key`` fills a call's ``external_id``
 argument, the key the core de-duplicates on (a payment retried with the
 same key is booked once and answered with the same booking); a call
 without one refuses the header.
+
+All requests share the edge's one URFA connection; past the core's
+in-flight cap they wait for a slot (``tokens.TokenDesk``) rather than fail.
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ class _Caller:
             self.desk.renew(old)
         return await self.login()
 
-    async def _again_if_gone(self, step: Callable[[TokenSession], Awaitable[_T]]) -> _T:
+    async def again_if_gone(self, step: Callable[[TokenSession], Awaitable[_T]]) -> _T:
         session = self.session or await self.login()
         try:
             return await step(session)
@@ -230,7 +233,7 @@ class _Caller:
             raise Problem(401, "no_session", "the token's session ended; try again") from None
 
     async def table(self, fresh: bool = False) -> dict[str, dict[str, Any]]:
-        return await self._again_if_gone(lambda session: self.desk.table(session, fresh))
+        return await self.again_if_gone(lambda session: self.desk.table(session, fresh))
 
     async def entry(self, name: str) -> dict[str, Any] | None:
         """``name``'s ``sys.calls`` entry in the token's table, None when it is not there."""
@@ -244,7 +247,7 @@ class _Caller:
 
     async def call(self, fn: str, args: dict[str, Any]) -> Any:
         try:
-            return await self._again_if_gone(lambda session: self.desk.call(session, fn, args))
+            return await self.again_if_gone(lambda session: self.desk.call(session, fn, args))
         except CoreRefused as exc:
             if exc.code == DELETED:       # unloaded: the next request gets a table without it
                 await self.renew()
@@ -335,7 +338,7 @@ async def _streamed(request: web.Request, caller: _Caller, entry: dict[str, Any]
         chunks = caller.desk.stream(session, name, args)
         return chunks, await chunks.__anext__()
 
-    chunks, first = await caller._again_if_gone(opened)
+    chunks, first = await caller.again_if_gone(opened)
     response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
     http.security_headers(response, https=bool(caller.api.section.tls_cert))
     await response.prepare(request)
@@ -386,9 +389,12 @@ def api_link(settings: ApiSettings) -> CoreLink:
         logger_name="httpapi.core")
 
 
-async def serve(section: HttpapiSection, link: CoreLink, keepalive_timeout: float = 15.0) -> web.AppRunner:
-    """Start the API on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
-    desk = TokenDesk(link.link, call_timeout=section.call_timeout, login_timeout=section.core_timeout)
+async def serve(section: HttpapiSection, link: CoreLink, keepalive_timeout: float = 15.0,
+                core_inflight: int = 64) -> web.AppRunner:
+    """Start the API on ``section.host:port``; returns the runner (``cleanup()`` stops it).
+    ``core_inflight``: the core's ``urfa.max_inflight`` (calls one connection may have in flight)."""
+    desk = TokenDesk(link.link, call_timeout=section.call_timeout, login_timeout=section.core_timeout,
+                     inflight=max(1, core_inflight - 8))
     return await http.serve(build_app(section, desk), host=section.host, port=section.port,
                             tls_cert=section.tls_cert, tls_key=section.tls_key, logger_name="httpapi.http",
                             keepalive_timeout=keepalive_timeout)
@@ -398,7 +404,7 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     """The ``httpapi`` role (``dsn`` is unused: the API has no database access)."""
     settings = ApiSettings.of(config)
     link = api_link(settings)
-    runner = await serve(settings.section, link)
+    runner = await serve(settings.section, link, core_inflight=config.urfa.max_inflight)
     section = settings.section
     log.info("httpapi serving", extra={"http": f"{section.host}:{section.port}", "tls": bool(section.tls_cert)})
     await http.serve_until(stop, runner, link)

@@ -110,8 +110,11 @@ class TokenDesk:
     """Token sessions over the edge's one link to the core."""
 
     def __init__(self, link: Link, *, call_timeout: float, login_timeout: float, max_sessions: int = 10000,
-                 renew_after: float = 60.0) -> None:
+                 renew_after: float = 60.0, inflight: int = 56) -> None:
         self.link = link
+        # the core answers `busy` past urfa.max_inflight calls on one connection: requests past
+        # ``inflight`` wait here for a slot instead (within call_timeout), logins keep a reserve
+        self._slots = asyncio.Semaphore(inflight)
         self.call_timeout = call_timeout
         self.login_timeout = login_timeout
         self.max_sessions = max_sessions
@@ -200,22 +203,34 @@ class TokenDesk:
         if self._sessions.get((session.key, session.ip)) is session:
             del self._sessions[(session.key, session.ip)]
 
+    async def _slot(self) -> None:
+        async with asyncio.timeout(self.call_timeout):
+            await self._slots.acquire()
+
     async def call(self, session: TokenSession, fn: str, args: dict[str, Any]) -> Any:
         """``fn`` as the token's session; ``TimeoutError`` past ``call_timeout``."""
-        return await _answer(self.link.call(fn, args, as_sid=session.sid, as_ip=session.ip,
-                                            timeout=self.call_timeout))
+        await self._slot()
+        try:
+            return await _answer(self.link.call(fn, args, as_sid=session.sid, as_ip=session.ip,
+                                                timeout=self.call_timeout))
+        finally:
+            self._slots.release()
 
     async def stream(self, session: TokenSession, fn: str, args: dict[str, Any]) -> AsyncGenerator[Any, None]:
-        """The chunks of ``fn``, then (last) a ``_Summary`` holding its result."""
-        chunks = await _answer(self.link.stream(fn, args, as_sid=session.sid, as_ip=session.ip,
-                                                chunk_timeout=self.call_timeout))
-        while True:
-            try:
-                chunk = await _answer(chunks.__anext__())
-            except StopAsyncIteration:
-                break
-            yield chunk
-        yield Summary(chunks.result)
+        """The chunks of ``fn``, then (last) a ``Summary`` holding its result; one slot throughout."""
+        await self._slot()
+        try:
+            chunks = await _answer(self.link.stream(fn, args, as_sid=session.sid, as_ip=session.ip,
+                                                    chunk_timeout=self.call_timeout))
+            while True:
+                try:
+                    chunk = await _answer(chunks.__anext__())
+                except StopAsyncIteration:
+                    break
+                yield chunk
+            yield Summary(chunks.result)
+        finally:
+            self._slots.release()
 
     async def table(self, session: TokenSession, fresh: bool = False) -> dict[str, dict[str, Any]]:
         """The session's ``sys.calls``, every page, by name (read once per session, or ``fresh``)."""

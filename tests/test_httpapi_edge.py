@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from openapi_spec_validator import validate
 
@@ -23,7 +24,7 @@ from httpapi.limits import RateLimiter
 from tests.console_stack import signed_example_plugin
 from tests.httpapi_stack import Answer, ApiStack, httpapi_stack
 
-RATE, BURST, MAX_BODY, MAX_ROWS = 20.0, 40, 4096, 3
+RATE, BURST, MAX_BODY, MAX_ROWS = 5.0, 120, 4096, 3
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ async def test_a_token_past_its_rate_gets_429_with_retry_after(stack: ApiStack) 
     other = await stack.token("calm-cat", ["support"])
 
     def burst() -> list[Answer]:
-        return [stack.call("sys.ping", token) for _ in range(BURST + 10)]
+        return [stack.call("sys.ping", token) for _ in range(BURST + 20)]
 
     answers = await asyncio.to_thread(burst)
     limited = [a for a in answers if a.status == 429]
@@ -240,6 +241,24 @@ async def test_a_token_past_its_rate_gets_429_with_retry_after(stack: ApiStack) 
     assert stack.call("sys.ping", other).status == 200       # per token
     await asyncio.sleep(2.0)
     assert stack.call("sys.ping", token).status == 200       # refilled
+
+
+async def test_more_requests_at_once_than_the_cores_inflight_cap_wait_their_turn(stack: ApiStack) -> None:
+    token = await stack.token("crowd", ["superusers"])
+    account = await subscriber(stack, "crowd-carl")
+    many = 100                    # the core takes 64 calls in flight on one connection (urfa.max_inflight)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"},
+                                     connector=aiohttp.TCPConnector(limit=many)) as http:
+        async def one(n: int) -> tuple[int, Any]:
+            async with http.post(f"{stack.url}/api/v1/calls/payments.add",
+                                 json={"account_id": account, "amount": "0.01", "method": "cash"},
+                                 headers={"Idempotency-Key": f"crowd-{n}"}) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+        answers = await asyncio.gather(*(one(n) for n in range(many)))
+    assert [status for status, _ in answers] == [200] * many, [a for a in answers if a[0] != 200][:3]
+    got = stack.call("accounts.get", token, {"account_id": account}).json()
+    assert got["balance"] == "1.00"            # a hundred cents, each booked once
 
 
 async def test_the_access_log_has_one_line_per_request_with_the_tokens_name(stack: ApiStack) -> None:
