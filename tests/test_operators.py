@@ -397,8 +397,8 @@ ROLE_RIGHTS = {
     "cashiers": {"payments.add", "payments.cancel", "payments.read", "payments.promised", "users.read",
                  "accounts.read"},
     "support": {"users.read", "accounts.read", "blocks.read", "audit.read", "payments.read", "tariffs.read",
-                "reports.read", "radius.read", "netflow.read", "plugins.read", "operators.read", "sys.health",
-                "blocks.write", "radius.disconnect", "users.password"},
+                "reports.read", "radius.read", "netflow.read", "plugins.read", "operators.read", "tokens.read",
+                "sys.health", "blocks.write", "radius.disconnect", "users.password"},
     "tariff_managers": {"tariffs.read", "tariffs.write", "reports.read", "users.read", "accounts.read"},
 }
 

@@ -397,7 +397,21 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "payments.promised", call
     if args.command == "periodic-run":
         return "periodic.run", {}
+    if args.command == "tokens":
+        return _tokens_request(args)
     raise UsageError(f"unknown command {args.command}")
+
+
+def _tokens_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """``billctl tokens create NAME --group G [--expires ISO]``, ``tokens list``, ``tokens revoke ID``."""
+    if args.action == "create":
+        call: dict[str, Any] = {"name": args.name, "groups": args.group}
+        if args.expires:
+            call["expires_at"] = _convert("expires", "time", args.expires)
+        return "tokens.create", call
+    if args.action == "list":
+        return "tokens.list", {"limit": args.limit, "offset": args.offset}
+    return "tokens.revoke", {"token_id": _int("token id", args.id)}
 
 
 def _int(name: str, text: str) -> int:
@@ -451,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("otp", help="your own TOTP second factor: enroll (prints the otpauth URI) or disable")
     c.add_argument("action", choices=["enroll", "disable"])
     c.add_argument("--code", help="the code, instead of a prompt")
+    c = sub.add_parser("tokens", help="API tokens of the HTTP API: create (shows the token once), list, revoke")
+    tokens = c.add_subparsers(dest="action", required=True)
+    t = tokens.add_parser("create", help="a new token acting with the rights of the groups given")
+    t.add_argument("name", help="1 to 64 of A-Z a-z 0-9 . _ -")
+    t.add_argument("--group", action="append", required=True, help="an admin group (repeat for more)")
+    t.add_argument("--expires", help="expiry, ISO 8601 (UTC when no zone is given)")
+    t = tokens.add_parser("list", help="the tokens (never the tokens themselves)")
+    t.add_argument("--limit", type=int, default=100)
+    t.add_argument("--offset", type=int, default=0)
+    t = tokens.add_parser("revoke", help="revoke a token: its sessions end at once")
+    t.add_argument("id")
     return p
 
 
@@ -473,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_csv(show_money(result, described.money))
     else:
         print(render(show_money(result, described.money)))
+    if args.command == "tokens" and args.action == "create":
+        print("billctl: the token is shown this once; store it now (only its hash is kept)", file=sys.stderr)
     if isinstance(result, dict) and result.get("notice"):   # e.g. radius.nas_add: what the core will drop
         print(f"billctl: notice: {result['notice']}", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ from typing import Any
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.calls import allows
-from billcore.server.dispatcher import PROXY_ADMIN_RIGHT, PROXY_RIGHT, runs_inline
+from billcore.server.dispatcher import PROXY_ADMIN_RIGHT, PROXY_RIGHT, PROXY_TOKEN_RIGHT, runs_inline
 from billcore.server.event_hub import EventHub
 from billcore.server.login_desk import LoginDesk
 from urfa import scram
@@ -123,6 +123,15 @@ def builtin_specs(desk: LoginDesk, hub: EventHub) -> list[CallSpec]:
             raise
         return {"sid": session.sid, "timeout": int(desk.sessions.timeout)}
 
+    # Any system session has it in its table; only one with session.proxy_token may use it, so a
+    # radius or console login that tries is told `forbidden`, not that the call does not exist.
+    async def token_login(ctx: CallContext, token: str, ip: str) -> dict[str, Any]:
+        if not allows(ctx.rights, PROXY_TOKEN_RIGHT):
+            raise CallFailed(FORBIDDEN, "this session may not log API tokens in")
+        session, grant = await desk.token_login(token, ip, desk.clock())
+        return {"sid": session.sid, "timeout": int(desk.sessions.timeout), "name": grant.principal.login,
+                "expires_at": grant.expires_at}
+
     system = frozenset({"system"})
     PROXY_ANY = f"{PROXY_RIGHT}|{PROXY_ADMIN_RIGHT}"
     specs = [
@@ -154,6 +163,13 @@ def builtin_specs(desk: LoginDesk, hub: EventHub) -> list[CallSpec]:
                  args={"handle": "bytes", "code": "str"}, result="map",
                  doc="Finish a proxied operator's login with their TOTP or recovery code: returns sid, timeout."
                      " A wrong code is auth_failed and counts as a failed login; three codes per handle."),
+        CallSpec("session.token_login", token_login, kinds=system, args={"token": "str", "ip": "ip"}, result="map",
+                 doc="Open a proxied session for an API token (bct_...) used from the HTTP client address ip;"
+                     " needs right session.proxy_token (else forbidden). Returns sid, timeout, name and"
+                     " expires_at. A wrong, revoked or expired token is auth_failed, counted against ip like a"
+                     " failed login (rate_limited past the limit). The session calls what an operator with the"
+                     " token's rights would (no events.* or proxy calls) and ends at expires_at and on"
+                     " tokens.revoke; call as it with as and ip, like a proxied operator's."),
     ]
     # the rest answer one record (events.*: the topics of one session, at most MAX_TOPICS)
     return [spec if spec.bound else dataclasses.replace(spec, bound="fixed") for spec in specs]

@@ -262,11 +262,12 @@ class CallRegistry:
     def symbols(self) -> list[Symbol]:
         return list(self._symbols.values())
 
-    def snapshot(self, kind: str, rights: frozenset[str]) -> CallTable:
+    def snapshot(self, kind: str, rights: frozenset[str], keep: Callable[[str], bool] | None = None) -> CallTable:
+        """The symbols a ``kind`` session with ``rights`` may call (and, given ``keep``, whose name it keeps)."""
         table = {
             name: s
             for name, s in self._symbols.items()
-            if kind in s.spec.kinds and allows(rights, s.spec.right)
+            if kind in s.spec.kinds and allows(rights, s.spec.right) and (keep is None or keep(name))
         }
         return CallTable(self, table)
 

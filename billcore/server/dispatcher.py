@@ -7,9 +7,10 @@ is live, the function is in that session's own call table (the snapshot
 taken at login) and its arguments fit the symbol's schema at every depth
 (``billcore.server.argcheck``).  A system session with right
 ``session.proxy`` may call *as* a proxied subscriber session, declaring the
-subscriber's address, and one with ``session.proxy_admin`` as a proxied
-operator session; the call is then checked against that session's table
-and address.
+subscriber's address, one with ``session.proxy_admin`` as a proxied
+operator session, and one with ``session.proxy_token`` as an API token's
+session (``proxy_right_for``); the call is then checked against that
+session's table and address.
 
 An admitted call's handler runs holding the symbol's module
 (``registry.in_flight``), as a task; replies go out as they finish, in any
@@ -51,11 +52,14 @@ from urfa.errors import (
 from urfa.messages import Call, Chunk
 from urfa.server import ServerChannel
 
-__all__ = ["Admitted", "Dispatcher", "PROXY_ADMIN_RIGHT", "PROXY_RIGHT", "admit", "runs_inline"]
+__all__ = ["Admitted", "Dispatcher", "PROXY_ADMIN_RIGHT", "PROXY_RIGHT", "PROXY_TOKEN_RIGHT", "admit",
+           "proxy_right_for", "runs_inline"]
 
 log = logging.getLogger("billcore.urfa")
 PROXY_RIGHT = "session.proxy"               # act for subscribers (the web office)
 PROXY_ADMIN_RIGHT = "session.proxy_admin"   # act for operators (the operator's console)
+PROXY_TOKEN_RIGHT = "session.proxy_token"   # act as API tokens (the HTTP API)
+_PROXY_RIGHTS = (PROXY_RIGHT, PROXY_ADMIN_RIGHT, PROXY_TOKEN_RIGHT)
 _INLINE = "__urfa_runs_inline__"
 
 # CallContext(...) without the NamedTuple's Python-level __new__, which costs
@@ -91,18 +95,22 @@ def runs_inline(fn: Callable[..., Any]) -> Handler:
 Admitted = tuple[Session, Principal | None, Symbol]
 
 
+def proxy_right_for(kind: str) -> str:
+    """The right a system session needs to act for a proxied session of ``kind``."""
+    return PROXY_ADMIN_RIGHT if kind == "admin" else PROXY_TOKEN_RIGHT if kind == "token" else PROXY_RIGHT
+
+
 def admit(sessions: SessionTable, session: Session, call: Call, now: float) -> Admitted:
     """What ``session``'s ``call`` runs as, or ``CallFailed`` saying why it
     may not run.  Touches the sessions it finds (``SessionTable.touch``)."""
     proxy: Principal | None = None
     if call.as_sid is not None:
         rights = session.principal.rights
-        if session.kind != "system" or not (allows(rights, PROXY_RIGHT) or allows(rights, PROXY_ADMIN_RIGHT)):
+        if session.kind != "system" or not any(allows(rights, right) for right in _PROXY_RIGHTS):
             raise CallFailed(FORBIDDEN, "this session may not act for others")
         sessions.touch(session, now)
         peek = sessions.get(call.as_sid)
-        if peek is not None and peek.proxied and not allows(
-                rights, PROXY_ADMIN_RIGHT if peek.kind == "admin" else PROXY_RIGHT):
+        if peek is not None and peek.proxied and not allows(rights, proxy_right_for(peek.kind)):
             raise CallFailed(FORBIDDEN, f"this session may not act for {peek.kind} sessions")
         try:
             target = sessions.lookup(call.as_sid, call.as_ip or "", now)

@@ -31,6 +31,15 @@ half-done exchanges wait here under a random handle, bounded in number and
 in time.  Only system sessions logged in directly can be resumed from a new
 connection (``resume``); a failed resume counts against the address.
 
+A system session with right ``session.proxy_token`` (the HTTP API edge)
+turns an API token into a proxied session of kind ``token``
+(``token_login``): one attempt per token shown, counted against the HTTP
+client's address like a password login, so guessing tokens is as slow as
+guessing passwords (and hopeless anyway: 256 bits).  A wrong, revoked or
+expired token is the same ``auth_failed``.  The token's call table is what
+an operator with its rights would get, without the event and proxy calls
+(``token_keeps``), and the session ends at the token's expiry.
+
 Every decision takes ``now``; the desk does no I/O but the auth lookup.
 """
 
@@ -45,16 +54,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from billcore.db.pool import DB_UNAVAILABLE
-from billcore.server.calls import CallRegistry
+from billcore.server.calls import CallRegistry, CallTable
 from billcore.server.login_limiter import Attempt, LimitKey, LoginLimiter
 from billcore.server.sessions import (
-    ENDED_LOGGED_OUT, AuthUnavailable, Principal, ResumeRefused, Session, SessionTable, TooManySessions,
+    ENDED_LOGGED_OUT, AuthUnavailable, Principal, ResumeRefused, Session, SessionTable, TokenGrant,
+    TooManySessions,
 )
 from urfa import scram
 from urfa.errors import AUTH_FAILED, BUSY, RATE_LIMITED, RESUME_FAILED, CallFailed
 from urfa.server import address_key
 
-__all__ = ["AuthBackend", "LoginDesk", "PendingLogin", "KINDS", "OTP_TRIES", "address_keys", "limit_keys"]
+__all__ = ["AuthBackend", "LoginDesk", "PendingLogin", "KINDS", "OTP_TRIES", "address_keys", "limit_keys",
+           "token_keeps"]
 
 log = logging.getLogger("billcore.urfa")
 KINDS = ("system", "admin", "user")
@@ -63,9 +74,11 @@ OTP_TRIES = 3   # codes one proxied login may try (a direct login: one, then its
 
 class AuthBackend(Protocol):
     """Who may log in.  A backend may also have ``accounts_of(user_id)``,
-    a subscriber's account ids, for the event hub (``URFAService``), and
+    a subscriber's account ids, for the event hub (``URFAService``),
     ``check_second_factor(principal, code) -> bool`` for principals found
-    with ``second_factor`` (without it, no code is ever right)."""
+    with ``second_factor`` (without it, no code is ever right), and
+    ``find_token(token) -> TokenGrant | None`` for API tokens (without it,
+    no token is ever right)."""
 
     # None: no such (enabled) principal; raises AuthUnavailable when it cannot tell now
     async def find_principal(self, kind: str, login: str) -> Principal | None: ...
@@ -99,6 +112,12 @@ class PendingLogin:
 def address_keys(ip: str) -> tuple[LimitKey, ...]:
     """What a resume from ``ip`` counts against (nothing over the Unix socket)."""
     return () if ip == "unix" else (("ip", address_key(ip)),)
+
+
+def token_keeps(name: str) -> bool:
+    """Whether a token session's call table keeps ``name``: it has no connection of its own to hear
+    events on, and acts for nobody."""
+    return not name.startswith(("events.", "session.proxy", "session.token"))
 
 
 def limit_keys(ip: str, kind: str, login: str) -> tuple[LimitKey, ...]:
@@ -210,13 +229,40 @@ class LoginDesk:
         self.limiter.succeeded(attempt, clear=[key for key in attempt.keys if key[0] == "login"])
         return self._open(principal, pending.ip, now, proxied, None)
 
-    def _open(self, principal: Principal, ip: str, now: float, proxied: bool, resume_key: bytes | None) -> Session:
-        table = self.registry.snapshot(principal.kind, principal.rights)
+    async def token_login(self, token: str, ip: str, now: float) -> tuple[Session, TokenGrant]:
+        """Open a token session bound to ``ip`` (the HTTP client's address); ``CallFailed``
+        (``rate_limited``, ``auth_failed``: counted against ``ip``, ``core.db_unavailable``) otherwise."""
+        attempt = self.limiter.begin(address_keys(ip), now)   # a token is no login: its address counts
+        if attempt is None:
+            raise CallFailed(RATE_LIMITED, "too many login attempts; wait and retry")
+        find = getattr(self.auth, "find_token", None)
+        try:
+            grant = None if find is None else await asyncio.wait_for(find(token), self.lookup_timeout)
+        except (AuthUnavailable, asyncio.TimeoutError):
+            self.limiter.abandon(attempt)   # no token was checked
+            raise CallFailed(DB_UNAVAILABLE, "the database is unavailable; retry later") from None
+        except BaseException:
+            self.limiter.abandon(attempt)
+            raise
+        if not isinstance(grant, TokenGrant) or grant.principal.kind != "token":
+            self.limiter.failed(attempt)
+            log.info("token login refused from %s", ip)
+            raise CallFailed(AUTH_FAILED, "login failed")
+        self.limiter.succeeded(attempt)
+        ends_at = None if grant.seconds_left is None else now + max(0.0, grant.seconds_left)
+        table = self.registry.snapshot("admin", grant.principal.rights, keep=token_keeps)
+        return self._open(grant.principal, ip, now, True, None, table=table, ends_at=ends_at), grant
+
+    def _open(self, principal: Principal, ip: str, now: float, proxied: bool, resume_key: bytes | None, *,
+              table: CallTable | None = None, ends_at: float | None = None) -> Session:
+        if table is None:
+            table = self.registry.snapshot(principal.kind, principal.rights)
         for _old in self.sessions.make_room(principal):   # at its cap: the oldest ends (bye logged_out)
             log.info("session of %s:%s ended: over %d sessions", principal.kind, principal.login,
                      self.sessions.cap(principal))
         try:
-            return self.sessions.create(principal, ip, table, now, resume_key=resume_key, proxied=proxied)
+            return self.sessions.create(principal, ip, table, now, resume_key=resume_key, proxied=proxied,
+                                        ends_at=ends_at)
         except TooManySessions:
             raise CallFailed(BUSY, "session table full") from None
 

@@ -10,7 +10,14 @@ are not found, exactly like unknown ones.  An operator with a TOTP second
 factor is found with ``second_factor`` set; ``check_second_factor`` checks
 the code their login's second step brings (``billcore.billing.operators``).
 
-The edges (radius, netflow, portal) log in as system principals.  On a
+An API token (``billcore.billing.api_tokens``) is principal kind
+``token``: ``find_token`` answers a usable token's principal (login = the
+token's name, id = its id, rights = its groups' rights, without
+``self.otp``) and its expiry, and notes its use in ``last_used_at`` at most
+once a minute.  It has no verifier: it never logs in by SCRAM, only through
+an HTTP API edge's ``session.token_login``.
+
+The edges (radius, netflow, portal, console, httpapi) log in as system principals.  On a
 single machine the core provisions them itself: ``ensure_service_login``
 keeps a random password per role in ``<data_dir>/system/<role>.password``
 (mode 0600) and its verifier in ``system_logins``; the edge reads the same
@@ -28,14 +35,15 @@ import asyncpg
 
 from urfa.scram import Verifier, make_verifier
 
-from billcore.billing import operators
+from billcore.billing import api_tokens, operators
 from billcore.common.sysfiles import read_or_make_password, service_password_file
 from billcore.db.pool import DATABASE_GONE
 from billcore.db.rows import DbConnection
-from billcore.server.sessions import AuthUnavailable, Principal
+from billcore.server.sessions import AuthUnavailable, Principal, TokenGrant
 
 __all__ = [
-    "DatabaseAuth", "OWN_RIGHTS", "SERVICE_RIGHTS", "USER_RIGHTS", "create_admin", "create_system_login",
+    "DatabaseAuth", "NO_VERIFIER", "OWN_RIGHTS", "SERVICE_RIGHTS", "TOKEN_USE_INTERVAL",
+    "USER_RIGHTS", "create_admin", "create_system_login",
     "ensure_service_login", "set_user_password",
 ]
 
@@ -51,7 +59,13 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     # hears the topics its pages refresh on (events.notice: topics.NOTICE_RIGHT) and may
     # read nothing itself
     "console": frozenset({"session.proxy_admin", "events.subscribe", "events.notice"}),
+    # the HTTP API: turns API tokens into token sessions and calls as them; reads nothing itself
+    "httpapi": frozenset({"session.proxy_token"}),
 }
+
+# A principal that never logs in by SCRAM (a token) has this verifier: no proof matches it.
+NO_VERIFIER = Verifier(b"", 0, b"", b"")
+TOKEN_USE_INTERVAL = dt.timedelta(minutes=1)   # last_used_at is written at most this often per token
 
 
 def _verifier(row: asyncpg.Record) -> Verifier:
@@ -85,6 +99,24 @@ class DatabaseAuth:
             return await self._find(kind, login)
         except (*DATABASE_GONE, OSError) as exc:   # only asyncpg does I/O here
             raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def find_token(self, token: str) -> TokenGrant | None:
+        """The usable (known, not revoked, not expired) token's grant; ``None`` for any other,
+        ``AuthUnavailable`` while the database is down."""
+        if not api_tokens.shaped_like_token(token):
+            return None
+        now = dt.datetime.fromtimestamp(self.wall_clock(), dt.timezone.utc)
+        try:
+            async with self.pool.acquire() as conn:
+                found = await api_tokens.find_by_hash(conn, api_tokens.hash_token(token))
+                if found is None or not found.usable(now):
+                    return None
+                if found.last_used_at is None or now - found.last_used_at >= TOKEN_USE_INTERVAL:
+                    await api_tokens.touch_used(conn, found.id, now)
+        except (*DATABASE_GONE, OSError) as exc:
+            raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
+        left = None if found.expires_at is None else (found.expires_at - now).total_seconds()
+        return TokenGrant(Principal("token", found.name, found.id, found.rights, NO_VERIFIER), found.expires_at, left)
 
     async def accounts_of(self, user_id: int) -> frozenset[int]:
         """A subscriber's account ids (what their event subscriptions may see)."""

@@ -21,9 +21,14 @@ try at most.
 session (the web office, the operator's console) opened on their behalf;
 they are bound to the declared browser address and belong to no connection.
 
+``token`` sessions are proxied sessions an HTTP API edge opened with an
+API token (``session.token_login``): they also end at the token's expiry,
+however busy (``Session.ends_at``; ``lookup`` and ``expire`` check it), and
+at once when the token is revoked (``end_principal``).
+
 Each principal (kind and id) may hold at most ``max_per_login`` live
 sessions (``max_per_system`` for system principals, whose edges run many
-processes); ``make_room`` ends its oldest ones before a new login, so one
+processes, and for tokens, which many clients of one integration share); ``make_room`` ends its oldest ones before a new login, so one
 subscriber logging in again and again through the office cannot fill the
 table and lock everybody else out.
 
@@ -36,6 +41,7 @@ deleted) can leave a connection holding a session the table no longer has.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import secrets
 from collections import OrderedDict
@@ -47,7 +53,7 @@ from urfa.errors import EXPIRED, LOGGED_OUT
 from urfa.scram import Verifier, resume_proof
 
 __all__ = [
-    "Principal", "Session", "SessionTable", "SessionError", "NoSession",
+    "Principal", "Session", "TokenGrant", "SessionTable", "SessionError", "NoSession",
     "ResumeRefused", "TooManySessions", "AuthUnavailable",
     "ENDED_EXPIRED", "ENDED_LOGGED_OUT",
 ]
@@ -95,12 +101,21 @@ class Principal:
     second_factor: bool = False   # an operator with TOTP: the login takes a code after the proof
 
 
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """A usable API token, as the auth backend answers it to ``session.token_login``."""
+
+    principal: Principal          # kind "token": login = the token's name, id = its id
+    expires_at: dt.datetime | None
+    seconds_left: float | None    # until expires_at, by the backend's wall clock
+
+
 class Session:
     """One logged-in session.  Mutable: ``last_seen`` moves, topics change."""
 
     __slots__ = (
         "sid", "principal", "ip", "table", "created", "last_seen",
-        "resume_key", "proxied", "topics", "accounts", "owner",
+        "resume_key", "proxied", "topics", "accounts", "owner", "ends_at",
     )
 
     def __init__(
@@ -118,6 +133,7 @@ class Session:
         self.topics: set[str] = set()
         self.accounts: frozenset[int] = frozenset()   # a subscriber's, read when they subscribe
         self.owner: object | None = None   # the connection serving it (a Peer), if any
+        self.ends_at: float | None = None  # a token session: its token's expiry (table clock), busy or not
 
     @property
     def kind(self) -> str:
@@ -143,9 +159,10 @@ class SessionTable:
         self._by_sid: OrderedDict[bytes, Session] = OrderedDict()
         # (kind, principal id) → its SIDs, oldest first
         self._by_principal: dict[tuple[str, int], OrderedDict[bytes, None]] = {}
+        self._deadlines: dict[bytes, float] = {}   # SID → ends_at, for the sessions that have one
 
     def cap(self, principal: Principal) -> int:
-        return self.max_per_system if principal.kind == "system" else self.max_per_login
+        return self.max_per_system if principal.kind in ("system", "token") else self.max_per_login
 
     def of(self, principal: Principal) -> list[Session]:
         """The principal's live sessions, oldest first."""
@@ -172,7 +189,7 @@ class SessionTable:
 
     def create(
         self, principal: Principal, ip: str, table: CallTable, now: float, *,
-        resume_key: bytes | None = None, proxied: bool = False,
+        resume_key: bytes | None = None, proxied: bool = False, ends_at: float | None = None,
     ) -> Session:
         if len(self._by_sid) >= self.max_sessions:
             self.expire(now)
@@ -190,6 +207,9 @@ class SessionTable:
         session = Session(sid, principal, ip, table, now, resume_key, proxied)
         self._by_sid[sid] = session
         sids[sid] = None
+        if ends_at is not None:
+            session.ends_at = ends_at
+            self._deadlines[sid] = ends_at
         return session
 
     def get(self, sid: bytes) -> Session | None:
@@ -206,6 +226,9 @@ class SessionTable:
             if session is not None:
                 self.end(sid, ENDED_EXPIRED, "session idle too long")
             raise NoSession("unknown or expired session")
+        if session.ends_at is not None and now >= session.ends_at:
+            self.end(sid, ENDED_EXPIRED, "the session's token expired")
+            raise NoSession("unknown or expired session")
         if session.ip != ip:
             raise NoSession("session used from another address")
         self.touch(session, now)
@@ -217,6 +240,7 @@ class SessionTable:
         session = self._by_sid.pop(sid, None)
         if session is not None:
             session.table.close()
+            self._deadlines.pop(sid, None)
             key = (session.principal.kind, session.principal.id)
             sids = self._by_principal[key]
             del sids[sid]
@@ -233,8 +257,12 @@ class SessionTable:
         return [session for session in ended if session is not None]
 
     def expire(self, now: float) -> list[Session]:
-        """Remove every session idle for ``timeout`` or longer."""
+        """Remove every session idle for ``timeout`` or longer, and every one past its ``ends_at``."""
         gone = []
+        for sid in [sid for sid, ends_at in self._deadlines.items() if now >= ends_at]:
+            ended = self.end(sid, ENDED_EXPIRED, "the session's token expired")
+            if ended is not None:
+                gone.append(ended)
         while self._by_sid:
             sid, session = next(iter(self._by_sid.items()))
             if now - session.last_seen < self.timeout:

@@ -14,8 +14,9 @@ decides who may *see* what a topic carries, per session kind:
   (the payload's ``account_id``), passed through that view, which keeps only
   what a subscriber may read of their own account: no operator identity,
   no operator's free text;
-* a **proxied** subscriber session (the web office's) has no connection
-  of its own and may not subscribe at all.
+* a **proxied** subscriber session (the web office's), and an API
+  token's session (kind ``token``, always proxied), has no connection of its
+  own and may not subscribe at all.
 
 A topic missing from the table is delivered to nobody and refused at
 subscribe time, so a new topic is invisible until someone writes its rule
@@ -81,7 +82,7 @@ TOPICS: dict[str, Topic] = {topic.name: topic for topic in (
 
 def may_subscribe(topic: Topic, kind: str, rights: frozenset[str], proxied: bool) -> bool:
     """Whether a session of ``kind`` with ``rights`` may subscribe to ``topic``."""
-    if proxied:
+    if proxied or kind == "token":   # an API token's session has no connection to hear events on
         return False
     if kind == "user":
         return topic.for_subscriber is not None
