@@ -42,6 +42,7 @@ EDGES: dict[str, str] = {
     "radius": "radius",
     "portal": "portal",
     "console": "console",
+    "httpapi": "httpapi",
     "webedge": "webedge",
     "billcore/clients": "billcore.clients",
 }

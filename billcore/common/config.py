@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-__all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console"]
+__all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console", "validate_httpapi"]
 
 
 class ConfigError(Exception):
@@ -180,6 +180,22 @@ class ConsoleSection:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpapiSection:
+    enabled: bool = _f(False, "Run the HTTP/JSON API for integrators (a URFA client of the core, no database access).")
+    host: str = _f("127.0.0.1", "Address the API binds; any but a loopback address needs tls_cert and tls_key.")
+    port: int = _f(8446, "HTTP(S) port of the API.")
+    tls_cert: str = _f("", "PEM certificate; with tls_key the API speaks HTTPS.")
+    tls_key: str = _f("", "PEM private key of the API's certificate.")
+    trust_forwarded: bool = _f(False, "Take the client's address from X-Forwarded-For (only behind your own reverse proxy).")
+    max_body: int = _f(1048576, "Largest request body, in bytes; a larger one gets HTTP 413.")
+    call_timeout: float = _f(30.0, "Seconds one call may take (a streamed call: between two chunks); then HTTP 504.")
+    rate: float = _f(50.0, "Requests per second each token may make on average (token bucket); more get HTTP 429.")
+    burst: int = _f(100, "Requests a token may make at once above its rate (the bucket's size).")
+    max_rows: int = _f(100000, "Rows one paged read may ask for in total; streamed calls are not capped (they stream).")
+    core_timeout: float = _f(10.0, "Seconds to wait for the core to connect or to answer a login.")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -193,6 +209,7 @@ class Config:
     netflow: NetflowSection = field(default_factory=NetflowSection)
     portal: PortalSection = field(default_factory=PortalSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
+    httpapi: HttpapiSection = field(default_factory=HttpapiSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -293,6 +310,20 @@ def validate_console(console: ConsoleSection) -> None:
                           " console.tls_key (or bind 127.0.0.1 behind your own TLS proxy)")
 
 
+def validate_httpapi(api: HttpapiSection) -> None:
+    """The [httpapi] section's own rules (also for ``python -m httpapi``'s flags)."""
+    if bool(api.tls_cert) != bool(api.tls_key):
+        raise ConfigError("httpapi.tls_cert and httpapi.tls_key go together")
+    # a bearer token must not cross a network in the clear
+    if not api.tls_cert and not _loopback(api.host):
+        raise ConfigError(f"httpapi.host: {api.host!r} is not a loopback address: set httpapi.tls_cert and"
+                          " httpapi.tls_key (or bind 127.0.0.1 behind your own TLS proxy)")
+    for key, value in (("max_body", api.max_body), ("call_timeout", api.call_timeout), ("rate", api.rate),
+                       ("burst", api.burst), ("max_rows", api.max_rows), ("core_timeout", api.core_timeout)):
+        if value <= 0:
+            raise ConfigError(f"httpapi.{key}: must be positive, got {value!r}")
+
+
 def _validate(config: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
@@ -301,7 +332,7 @@ def _validate(config: Config) -> None:
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
                       ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),
                       ("netflow.port", config.netflow.port), ("portal.port", config.portal.port),
-                      ("console.port", config.console.port)):
+                      ("console.port", config.console.port), ("httpapi.port", config.httpapi.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
@@ -332,6 +363,7 @@ def _validate(config: Config) -> None:
     if bool(config.portal.tls_cert) != bool(config.portal.tls_key):
         raise ConfigError("portal.tls_cert and portal.tls_key go together")
     validate_console(config.console)
+    validate_httpapi(config.httpapi)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:

@@ -28,6 +28,7 @@ ROLES: dict[str, str] = {
     "netflow": "netflow.worker:run",
     "portal": "portal.app:run",
     "console": "console.app:run",
+    "httpapi": "httpapi.app:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"

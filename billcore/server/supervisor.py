@@ -79,6 +79,8 @@ def children_for(config: Config) -> list[ChildSpec]:
         children.append(ChildSpec("portal"))
     if config.console.enabled:
         children.append(ChildSpec("console"))
+    if config.httpapi.enabled:
+        children.append(ChildSpec("httpapi"))
     if config.netflow.enabled:
         children.extend(ChildSpec("netflow", i) for i in range(config.netflow_workers))
     return children
