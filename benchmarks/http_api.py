@@ -213,7 +213,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     port = free_port()
     sections: dict[str, dict[str, Any]] = {"periodic": {"enabled": False}}
     if api:
-        sections["httpapi"] = {"enabled": True, "host": "127.0.0.1", "port": port, "rate": 1e9, "burst": 1e9}
+        sections["httpapi"] = {"enabled": True, "host": "127.0.0.1", "port": port, "rate": 1e9, "burst": 10**9}
     bc = BillcoreProcess(work, dsn="", **sections)
     bc.start()
     admin: Client | None = None
