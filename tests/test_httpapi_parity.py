@@ -64,7 +64,7 @@ IP = "127.0.0.1"
 # What an operator's proxied table has and a token's never does (API_CONTRACT: "a token
 # session never gets session.*proxy* calls or events.subscribe"; its rights never include
 # the operator's own second factor, self.otp, unless a group grants everything)
-ONLY_OPERATORS = {"events.subscribe", "self.otp_begin", "self.otp_confirm", "self.otp_disable"}
+ONLY_OPERATORS = {"events.subscribe", "events.unsubscribe", "self.otp_begin", "self.otp_confirm", "self.otp_disable"}
 # Ends the very session the comparison runs in (over HTTP the edge logs the token in again)
 NOT_RUN = {"session.logout": "ends the session the other calls run in"}
 # Written by a write itself: compared by type only
@@ -337,6 +337,8 @@ class Answer:
     value: Any = None                 # the result (a streamed call: {"rows": [...], "result": ...})
     code: str = ""
     status: int = 0
+    positional: bool = False          # URFA: the streamed rows were lists (columns = the fields, in order)
+    row_keys: list[list[str]] = field(default_factory=list)     # HTTP: each streamed row's keys, in order
 
 
 def _rows(chunks: list[Any], fields: dict[str, str]) -> list[Any]:
@@ -359,7 +361,9 @@ class UrfaWay:
             if entry.get("streaming"):
                 stream = self.relay.stream(name, args, as_sid=self.sid, as_ip=IP)
                 chunks = [chunk async for chunk in stream]
-                return Answer(True, {"rows": _rows(chunks, entry["fields"]), "result": stream.result})
+                positional = any(isinstance(row, list) for chunk in chunks if isinstance(chunk, list) for row in chunk)
+                return Answer(True, {"rows": _rows(chunks, entry["fields"]), "result": stream.result},
+                              positional=positional)
             return Answer(True, await self.relay.call(name, args, as_sid=self.sid, as_ip=IP))
         except CallFailed as exc:
             return Answer(False, code=exc.code)
@@ -393,12 +397,10 @@ class HttpWay:
             assert kind == "application/x-ndjson", (name, kind)
             lines = [json.loads(line) for line in text.splitlines() if line.strip()]
             assert lines and set(lines[-1]) == {"_result"}, f"{name}: the stream does not end with _result"
-            columns = [f for f in fields if "." not in f]
-            for row in lines[:-1]:
-                assert list(row) == columns, f"{name}: row keys {list(row)} are not the fields {columns} in order"
             rows = [decode_value(row, "map", fields) for row in lines[:-1]]
             # the summary is typed by the same fields as the rows where its keys are theirs
-            return Answer(True, {"rows": rows, "result": decode_value(lines[-1]["_result"], result, fields)})
+            return Answer(True, {"rows": rows, "result": decode_value(lines[-1]["_result"], result, fields)},
+                          row_keys=[list(row) for row in lines[:-1]])
         assert kind == "application/json", (name, kind)
         return Answer(True, decode_value(json.loads(text), result, fields))
 
@@ -559,7 +561,10 @@ async def compare(name: str, case: Case, entry: dict[str, Any], ways: tuple[Any,
     """What differs between the two ways' answers to ``name`` (empty: the same)."""
     urfa_ctx, http_ctx = contexts
     u = await ways[0].call(name, case.args(urfa_ctx), entry)
-    h = await ways[1].call(name, case.args(http_ctx if case.how == "write" else urfa_ctx), entry)
+    try:
+        h = await ways[1].call(name, case.args(http_ctx if case.how == "write" else urfa_ctx), entry)
+    except AssertionError as exc:
+        return [f"{name}: the HTTP answer breaks the contract: {exc}"]
     if case.how == "refuse":
         if u.ok or h.ok:
             return [f"{name}: expected a refusal both ways, got URFA {u}, HTTP {h}"]
@@ -568,6 +573,9 @@ async def compare(name: str, case: Case, entry: dict[str, Any], ways: tuple[Any,
         return [] if u.code == h.code else [f"{name}: refused {u.code} over URFA, {h.code} over HTTP"]
     if not u.ok or not h.ok:
         return [f"{name}: URFA {'ok' if u.ok else u.code}, HTTP {'ok' if h.ok else (h.status, h.code)}"]
+    columns = [f for f in entry.get("fields", {}) if "." not in f]
+    if u.positional and any(keys != columns for keys in h.row_keys):
+        return [f"{name}: streamed rows' keys are not the fields {columns} in order"]
     if case.how == "shape":
         a, b = shape(u.value), shape(h.value)
         # a time comes over HTTP as an RFC 3339 string, money as a decimal string
@@ -579,6 +587,8 @@ async def compare(name: str, case: Case, entry: dict[str, Any], ways: tuple[Any,
 def _same_shape(urfa: Any, http: Any) -> bool:
     if isinstance(urfa, dt.datetime):
         return _as_instant(http) is not None
+    if isinstance(urfa, bytes):                 # undeclared bytes come as base64
+        return isinstance(http, str)
     if isinstance(urfa, dict):
         return isinstance(http, dict) and set(urfa) == set(http) and all(_same_shape(urfa[k], http[k]) for k in urfa)
     if isinstance(urfa, list):
