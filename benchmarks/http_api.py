@@ -1,7 +1,7 @@
 """The HTTP/JSON API against URFA: the same two calls, the same concurrency, in one run.
 
 A real ``billcore serve`` (supervisor, core, the ``httpapi`` edge, the
-embedded PostgreSQL). The core gets one subscriber to read and to pay
+embedded PostgreSQL). The core gets the subscribers to read and to pay
 into; an operator of group ``cashiers`` logs in over URFA, and a token of
 the same group is made with ``tokens.create``, so both sides run with the
 same rights and the same call table. Two calls:
@@ -10,6 +10,12 @@ same rights and the same call table. Two calls:
 * ``payments.add`` — a payment of 1.00 with a fresh ``external_id`` (over
   HTTP the ``Idempotency-Key`` header carries it): a ledger write, one
   PostgreSQL transaction each.
+
+Each request reads or pays into one of ``--subscribers`` subscribers
+(default 500), spread over them, as a payment gateway pays into many
+accounts at once (payments into one account wait for each other's row
+lock: that would measure the lock, not the API). At the end the balances
+add up to exactly 1.00 per payment made, on both sides.
 
 The load generator is this script's own process (uvloop). Each side has
 ``--concurrency`` workers (default 16, as a CRM's or a payment gateway's
@@ -83,6 +89,12 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def pick(subscribers: list[tuple[int, int]], worker: int, n: int) -> tuple[int, int]:
+    """The subscriber request ``n`` of ``worker`` reads or pays: spread, so that payments rarely wait
+    for one another's account row (a gateway pays into many accounts at once)."""
+    return subscribers[(worker * 7919 + n * 104729) % len(subscribers)]
+
+
 def has_httpapi() -> bool:
     return importlib.util.find_spec("httpapi") is not None
 
@@ -118,8 +130,8 @@ async def drive(request: Request, concurrency: int, total: int, pids: dict[str, 
 class UrfaSide:
     """``concurrency`` URFA connections of the cashier operator, one call in flight each."""
 
-    def __init__(self, port: int, account_id: int, user_id: int) -> None:
-        self.port, self.account_id, self.user_id = port, account_id, user_id
+    def __init__(self, port: int, subscribers: list[tuple[int, int]]) -> None:
+        self.port, self.subscribers = port, subscribers
         self.clients: list[Client] = []
 
     async def open(self, concurrency: int) -> None:
@@ -134,14 +146,15 @@ class UrfaSide:
 
     def read(self) -> Request:
         async def one(w: int, n: int) -> None:
-            user = await self.clients[w].call("users.get", {"user_id": self.user_id})
-            assert user["id"] == self.user_id
+            user_id = pick(self.subscribers, w, n)[0]
+            user = await self.clients[w].call("users.get", {"user_id": user_id})
+            assert user["id"] == user_id
         return one
 
     def pay(self, tag: str) -> Request:
         async def one(w: int, n: int) -> None:
             paid = await self.clients[w].call("payments.add", {
-                "account_id": self.account_id, "amount": 1_000_000, "method": "online",
+                "account_id": pick(self.subscribers, w, n)[1], "amount": 1_000_000, "method": "online",
                 "external_id": f"urfa-{tag}-{w}-{n}"})
             assert paid["created"] is True
         return one
@@ -150,8 +163,8 @@ class UrfaSide:
 class HttpSide:
     """keep-alive HTTP/1.1 connections to the API with the cashier token."""
 
-    def __init__(self, base: str, token: str, account_id: int, user_id: int) -> None:
-        self.base, self.account_id, self.user_id = base, account_id, user_id
+    def __init__(self, base: str, token: str, subscribers: list[tuple[int, int]]) -> None:
+        self.base, self.subscribers = base, subscribers
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.http: aiohttp.ClientSession | None = None
 
@@ -175,13 +188,14 @@ class HttpSide:
 
     def read(self) -> Request:
         async def one(w: int, n: int) -> None:
-            user = await self._post("users.get", {"user_id": self.user_id})
-            assert user["id"] == self.user_id
+            user_id = pick(self.subscribers, w, n)[0]
+            user = await self._post("users.get", {"user_id": user_id})
+            assert user["id"] == user_id
         return one
 
     def pay(self, tag: str) -> Request:
         async def one(w: int, n: int) -> None:
-            paid = await self._post("payments.add", {"account_id": self.account_id, "amount": "1.00",
+            paid = await self._post("payments.add", {"account_id": pick(self.subscribers, w, n)[1], "amount": "1.00",
                                                      "method": "online"},
                                     {"Idempotency-Key": f"http-{tag}-{w}-{n}"})
             assert paid["created"] is True
@@ -191,17 +205,20 @@ class HttpSide:
 # -- the stack ------------------------------------------------------------------------------
 
 
-async def prepare(admin: Client) -> tuple[int, int, str | None]:
-    """The subscriber, the cashier operator and (with the API) a cashier token."""
-    user = await admin.call("users.create", {"login": "bench-sub", "password": "bench-sub-pw-1",
-                                             "full_name": "Bench Subscriber"})
+async def prepare(admin: Client, count: int) -> tuple[list[tuple[int, int]], str | None]:
+    """The subscribers (user id, account id), the cashier operator and (with the API) a cashier token."""
+    subscribers = []
+    for i in range(count):
+        user = await admin.call("users.create", {"login": f"bench-sub-{i}", "password": "bench-sub-pw-1",
+                                                 "full_name": f"Bench Subscriber {i}"})
+        subscribers.append((int(user["id"]), int(user["basic_account_id"])))
     await admin.call("operators.create", {"login": CASHIER[0], "password": CASHIER[1], "groups": ["cashiers"],
                                           "full_name": "Bench cashier"})
     token = None
     if has_httpapi():
         made = await admin.call("tokens.create", {"name": "bench-cashier", "groups": ["cashiers"]})
         token = made["token"]
-    return int(user["id"]), int(user["basic_account_id"]), token
+    return subscribers, token
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -232,12 +249,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise RuntimeError(made.stderr)
         admin = await connect("127.0.0.1", bc.urfa_port)
         await admin.login("admin", "bench-root", ROOT_PW)
-        user_id, account_id, token = await prepare(admin)
-        urfa = UrfaSide(bc.urfa_port, account_id, user_id)
+        subscribers, token = await prepare(admin, args.subscribers)
+        urfa = UrfaSide(bc.urfa_port, subscribers)
         await urfa.open(args.concurrency)
         sides: dict[str, Any] = {"urfa": urfa}
         if token is not None:
-            http = HttpSide(f"http://127.0.0.1:{port}", token, account_id, user_id)
+            http = HttpSide(f"http://127.0.0.1:{port}", token, subscribers)
             await http.open(args.concurrency)
             sides["http"] = http
         else:
@@ -259,7 +276,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     log(f"  {call:4} {name:4} rep {rep}: {r['per_s']:,} req/s  p50 {r['p50_ms']} ms  "
                         f"p99 {r['p99_ms']} ms  cpu ms/req {r['cpu_ms_per_request']}")
         # the ledger saw every payment once: the sum is what both sides paid
-        balance = (await admin.call("accounts.get", {"account_id": account_id}))["balance"]
+        balance = 0
+        for _, account_id in subscribers:
+            balance += (await admin.call("accounts.get", {"account_id": account_id}))["balance"]
         paid = sum(r["requests"] for call in ("pay",) for side in runs[call].values() for r in side)
         warm = sum(max(1, args.warmup // args.concurrency) * args.concurrency for _ in sides)
         if balance != (paid + warm) * 1_000_000:
@@ -305,7 +324,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`billcore serve` (core, `httpapi` edge, embedded PostgreSQL) on this machine; the load generator in one "
         f"uvloop process beside it. {report['concurrency']} workers per side, each one request after the other on "
         f"its own connection (HTTP/1.1 keep-alive to the edge; URFA, one call in flight); {report['requests']:,} "
-        f"requests per measurement, {report['repeat']} repeats with the sides alternating, the median repeat shown. "
+        f"requests per measurement spread over {report['subscribers']} subscribers, {report['repeat']} repeats with the sides alternating, the median repeat shown. "
         "Same rights on both sides (a `cashiers` operator over URFA, a `cashiers` token over HTTP). "
         "*CPU ms/req*: CPU time of the core and of the edge per request (independent of the other load on the box). "
         "The API's rate limit is raised for the run.", "",
@@ -337,13 +356,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="workers (connections) per side")
     ap.add_argument("--repeat", type=int, default=5, help="measurements per call and side; the median is kept")
     ap.add_argument("--warmup", type=int, default=400, help="requests per call and side before measuring")
+    ap.add_argument("--subscribers", type=int, default=500, help="subscribers read and paid into, at random")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     ap.add_argument("--tiny", action="store_true", help="CI: 200 requests, 4 workers, one repeat")
     ap.add_argument("--out", default=str(RESULTS / "http_api"), help="results go to OUT.json and OUT.md")
     ap.add_argument("--note", default="", help="what this run measured (kept in the results)")
     args = ap.parse_args()
     if args.tiny:
-        args.requests, args.concurrency, args.repeat, args.warmup = 200, 4, 1, 40
+        args.requests, args.concurrency, args.repeat, args.warmup, args.subscribers = 200, 4, 1, 40, 20
     info = machine()
     log(f"machine: {info['cpu']}, {info['nproc']} CPUs, load average {info['loadavg']}")
     # the embedded PostgreSQL runs as its own user and must reach its data directory (see tests/console_stack.py)
@@ -353,7 +373,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"benchmark": "http_api", "machine": info, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-              "requests": args.requests, "concurrency": args.concurrency, "repeat": args.repeat,
+              "requests": args.requests, "subscribers": args.subscribers, "concurrency": args.concurrency, "repeat": args.repeat,
               "warmup": args.warmup, "tiny": args.tiny, "commit": tree_commit(), "note": args.note, **result}
     print(markdown(report))
     if not args.tiny:

@@ -578,7 +578,6 @@ async def compare(name: str, case: Case, entry: dict[str, Any], ways: tuple[Any,
         return [f"{name}: streamed rows' keys are not the fields {columns} in order"]
     if case.how == "shape":
         a, b = shape(u.value), shape(h.value)
-        # a time comes over HTTP as an RFC 3339 string, money as a decimal string
         return [] if _same_shape(u.value, h.value) else [f"{name}: shapes differ: {a} != {b}"]
     found = differences(u.value, h.value, case.how == "write", (urfa_ctx["tag"], http_ctx["tag"]))
     return [f"{name}: {d}" for d in found[:5]]
