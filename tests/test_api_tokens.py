@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,10 @@ from billcore.radius.secrets import SecretStore
 from billcore.server.calls import CallRegistry
 from billcore.server.context import CoreContext
 from billcore.server.core import build_calls
-from billcore.server.principals import SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login
+from billcore.common.sysfiles import service_password_file
+from billcore.server.principals import (
+    SERVICE_RIGHTS, DatabaseAuth, create_admin, create_system_login, ensure_service_login,
+)
 from billcore.server.service import URFAConfig, URFAService
 from urfa import client as uc
 from urfa.errors import CallFailed
@@ -329,3 +333,71 @@ async def test_billctl_creates_lists_and_revokes_tokens(live: Live) -> None:
     unknown = await billctl("tokens", "revoke", "999999")
     assert unknown.returncode != 0 and "tokens.not_found" in unknown.stderr
     assert (await billctl("tokens", "create", "nogroup")).returncode != 0   # --group is required
+
+
+async def test_last_used_at_follows_use_at_most_once_a_minute(live: Live) -> None:
+    root = await live.login("admin", "root")
+    made = await root.call("tokens.create", {"name": "busy", "groups": ["cashiers"]})
+    httpapi = await live.login("system", "httpapi")
+    sid = (await token_session(httpapi, made["token"]))["sid"]
+    login_time = live.utc()
+
+    async def last_used() -> dt.datetime:
+        await asyncio.gather(*live.service._background)   # the sweep's note, spawned as it ran
+        value: dt.datetime = await live.pool.fetchval("SELECT last_used_at FROM api_tokens WHERE id = $1",
+                                                      made["id"])
+        return value
+
+    assert await last_used() == login_time
+    live.advance(30)
+    await httpapi.call("sys.ping", as_sid=sid, as_ip=CLIENT_IP)
+    live.service.sweep()
+    assert await last_used() == login_time          # less than a minute since the last note
+    live.advance(31)
+    live.service.sweep()
+    assert await last_used() == live.utc()          # used since, and a minute passed
+    noted = live.utc()
+    live.advance(120)
+    live.service.sweep()
+    assert await last_used() == noted               # not used since: nothing to note
+
+
+async def test_the_httpapi_login_is_provisioned_like_the_consoles(live: Live, tmp_path: Path) -> None:
+    async with live.pool.acquire() as conn:
+        await ensure_service_login(conn, tmp_path, "httpapi")
+    secret_file = service_password_file(tmp_path, "httpapi")
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    client = await uc.connect("127.0.0.1", live.port)
+    live.clients.append(client)
+    await client.login("system", "httpapi", secret_file.read_text().strip())
+    me = await client.call("sys.whoami")
+    assert (me["kind"], me["rights"]) == ("system", ["session.proxy_token"])
+    names = {entry["name"] for entry in await client.call("sys.calls")}
+    assert "session.token_login" in names and not any(n.split(".")[0] in ("users", "payments", "tokens")
+                                                      for n in names)
+
+
+async def test_a_revoke_during_a_token_login_wins(live: Live) -> None:
+    """The login read the token before the revoke committed, and opens its session after the revoke
+    ended the token's sessions: it must not open one that nothing would end."""
+    root = await live.login("admin", "root")
+    made = await root.call("tokens.create", {"name": "racy", "groups": ["cashiers"]})
+    auth = live.service.desk.auth
+    looked_up, go_on = asyncio.Event(), asyncio.Event()
+
+    class SlowAfterLookup:
+        async def find_token(self, token: str) -> Any:
+            grant = await auth.find_token(token)   # type: ignore[attr-defined]
+            looked_up.set()
+            await go_on.wait()
+            return grant
+
+    httpapi = await live.login("system", "httpapi")
+    live.service.desk.auth = SlowAfterLookup()   # type: ignore[assignment]
+    login = asyncio.create_task(token_session(httpapi, made["token"]))
+    await looked_up.wait()
+    assert await root.call("tokens.revoke", {"token_id": made["id"]}) is True
+    go_on.set()
+    await refused("auth_failed", login)
+    assert not [s for s in live.service.sessions if s.kind == "token"]
+    live.service.desk.auth = auth

@@ -143,6 +143,9 @@ class LoginDesk:
         self.max_proxy_logins = max_proxy_logins
         self.otp_timeout = otp_timeout     # a person types the code: more than the handshake's time
         self._proxy_logins: OrderedDict[bytes, PendingLogin] = OrderedDict()   # oldest first
+        # token sessions (SID → token id) and, per token, the table time its use was last reported
+        self._token_sessions: dict[bytes, int] = {}
+        self._token_noted: dict[int, float] = {}
 
     # -- login -----------------------------------------------------------
     async def begin_login(self, kind: str, login: str, cnonce: bytes, snonce: bytes, ip: str,
@@ -236,6 +239,7 @@ class LoginDesk:
         if attempt is None:
             raise CallFailed(RATE_LIMITED, "too many login attempts; wait and retry")
         find = getattr(self.auth, "find_token", None)
+        mark = self.sessions.token_ends   # a revoke while we look the token up wins (see below)
         try:
             grant = None if find is None else await asyncio.wait_for(find(token), self.lookup_timeout)
         except (AuthUnavailable, asyncio.TimeoutError):
@@ -244,14 +248,38 @@ class LoginDesk:
         except BaseException:
             self.limiter.abandon(attempt)
             raise
-        if not isinstance(grant, TokenGrant) or grant.principal.kind != "token":
+        if (not isinstance(grant, TokenGrant) or grant.principal.kind != "token"
+                or self.sessions.token_ended_since(grant.principal.id, mark)):
+            # (revoked after the look-up read it: tokens.revoke ended its sessions before this one opened)
             self.limiter.failed(attempt)
             log.info("token login refused from %s", ip)
             raise CallFailed(AUTH_FAILED, "login failed")
         self.limiter.succeeded(attempt)
         ends_at = None if grant.seconds_left is None else now + max(0.0, grant.seconds_left)
         table = self.registry.snapshot("admin", grant.principal.rights, keep=token_keeps)
-        return self._open(grant.principal, ip, now, True, None, table=table, ends_at=ends_at), grant
+        session = self._open(grant.principal, ip, now, True, None, table=table, ends_at=ends_at)
+        self._token_sessions[session.sid] = grant.principal.id
+        self._token_noted[grant.principal.id] = now   # the backend noted this use at the login
+        return session, grant
+
+    def tokens_used(self, now: float, every: float = 60.0) -> list[int]:
+        """The tokens whose sessions were called since their use was last reported, at most once per
+        ``every`` seconds each (the backend writes ``last_used_at``); forgets ended sessions."""
+        used: set[int] = set()
+        for sid, token_id in list(self._token_sessions.items()):
+            session = self.sessions.get(sid)
+            if session is None:
+                del self._token_sessions[sid]
+                continue
+            noted = self._token_noted.get(token_id, float("-inf"))
+            if session.last_seen > noted and now - noted >= every:
+                used.add(token_id)
+        for token_id in used:
+            self._token_noted[token_id] = now
+        live = set(self._token_sessions.values())
+        for token_id in [token_id for token_id in self._token_noted if token_id not in live]:
+            del self._token_noted[token_id]
+        return sorted(used)
 
     def _open(self, principal: Principal, ip: str, now: float, proxied: bool, resume_key: bytes | None, *,
               table: CallTable | None = None, ends_at: float | None = None) -> Session:

@@ -27,6 +27,7 @@ file.  A remote collector gets a login made with ``billcore system create``.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "ensure_service_login", "set_user_password",
 ]
 
+log = logging.getLogger("billcore.urfa")
 USER_RIGHTS = frozenset({"me.*"})
 OWN_RIGHTS = frozenset({"self.otp"})   # every operator's, whatever their groups
 
@@ -117,6 +119,16 @@ class DatabaseAuth:
             raise AuthUnavailable(f"{type(exc).__name__}: {exc}") from None
         left = None if found.expires_at is None else (found.expires_at - now).total_seconds()
         return TokenGrant(Principal("token", found.name, found.id, found.rights, NO_VERIFIER), found.expires_at, left)
+
+    async def note_tokens_used(self, token_ids: list[int]) -> None:
+        """``last_used_at`` of tokens whose sessions were called (the service's sweep, at most once a
+        minute per token); a database that is away costs the note, logged, never a call."""
+        now = dt.datetime.fromtimestamp(self.wall_clock(), dt.timezone.utc)
+        try:
+            await self.pool.execute("UPDATE api_tokens SET last_used_at = $2 WHERE id = ANY($1::bigint[])",
+                                    token_ids, now)
+        except (*DATABASE_GONE, OSError) as exc:
+            log.warning("last use of API tokens not noted: %s", f"{type(exc).__name__}: {exc}")
 
     async def accounts_of(self, user_id: int) -> frozenset[int]:
         """A subscriber's account ids (what their event subscriptions may see)."""

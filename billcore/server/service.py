@@ -155,10 +155,19 @@ class URFAService:
             self.sweep()
 
     def sweep(self, now: float | None = None) -> list[Session]:
-        """Expire idle sessions (their connections get bye ``expired``) and stale proxy logins."""
+        """Expire idle sessions (their connections get bye ``expired``) and stale proxy logins; have the
+        auth backend note the API tokens in use (``last_used_at``)."""
         now = self.clock() if now is None else now
         gone = self.sessions.expire(now)
         self.desk.sweep(now)
+        used = self.desk.tokens_used(now)
+        note = getattr(self.desk.auth, "note_tokens_used", None)
+        if used and note is not None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:   # no loop running (a test driving the sweep by hand)
+                return gone
+            self._spawn(note(used))
         return gone
 
     # -- ServerApp -------------------------------------------------------

@@ -160,6 +160,10 @@ class SessionTable:
         # (kind, principal id) → its SIDs, oldest first
         self._by_principal: dict[tuple[str, int], OrderedDict[bytes, None]] = {}
         self._deadlines: dict[bytes, float] = {}   # SID → ends_at, for the sessions that have one
+        # token id → the value of ``token_ends`` when its sessions were last ended (revoked): a token
+        # login that looked its token up before that cannot open a session after it
+        self.token_ends = 0
+        self._token_ended: dict[int, int] = {}
 
     def cap(self, principal: Principal) -> int:
         return self.max_per_system if principal.kind in ("system", "token") else self.max_per_login
@@ -253,8 +257,15 @@ class SessionTable:
     def end_principal(self, kind: str, principal_id: int, why: str) -> list[Session]:
         """End every session of one principal (deleted or disabled)."""
         sids = list(self._by_principal.get((kind, principal_id), ()))
+        if kind == "token":
+            self.token_ends += 1
+            self._token_ended[principal_id] = self.token_ends
         ended = (self.end(sid, ENDED_LOGGED_OUT, why) for sid in sids)
         return [session for session in ended if session is not None]
+
+    def token_ended_since(self, token_id: int, mark: int) -> bool:
+        """Were the token's sessions ended (it was revoked) after ``token_ends`` was ``mark``?"""
+        return self._token_ended.get(token_id, 0) > mark
 
     def expire(self, now: float) -> list[Session]:
         """Remove every session idle for ``timeout`` or longer, and every one past its ``ends_at``."""
