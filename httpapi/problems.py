@@ -15,7 +15,6 @@ One table, read top to bottom, decides the status of a wire code
            (``payments.conflict``, ``core.already_exists``, ``core.in_use``…)
 405/408    another method than the path takes; a body that does not arrive within ``call_timeout``
 413        the body is larger than ``[httpapi] max_body``
-415        a body that is not JSON
 422        the arguments have the right shape but a wrong value: ``billing.invalid``,
            ``billing.money_*``, ``billing.amount`` and the other ``billing.*`` value
            codes, ``*.name``, ``*.expires``, ``*.group``, ``*.unknown_group``
@@ -40,7 +39,7 @@ __all__ = ["status_of", "problem", "problem_body", "TITLES", "PROBLEM_TYPE", "RE
 PROBLEM_TYPE: Final = "application/problem+json"
 
 _EXACT: Final[dict[str, int]] = {
-    "bad_args": 400, "bad_json": 400, "not_json": 400,
+    "bad_args": 400, "bad_json": 400,
     "unauthorized": 401, "auth_failed": 401, "no_session": 401, "expired": 401, "logged_out": 401,
     "forbidden": 403, "not_in_table": 403,
     "unknown_call": 404, "deleted": 404, "not_found": 404, "core.unknown": 404,
@@ -61,7 +60,7 @@ _BILLING_VALUES: Final = frozenset({"billing.money_format", "billing.money_range
 
 TITLES: Final[dict[int, str]] = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
-    408: "Request body timeout", 409: "Conflict", 413: "Request body too large", 415: "Unsupported media type",
+    408: "Request body timeout", 409: "Conflict", 413: "Request body too large",
     422: "Unprocessable value", 429: "Too many requests", 500: "Internal error",
     502: "Answer too large", 503: "Service unavailable", 504: "Call timed out",
 }

@@ -11,6 +11,7 @@ def test_no_file_means_defaults() -> None:
     assert config.urfa.port == 11758
     assert config.database.dsn == ""
     assert config.urfa.session_timeout == 1800
+    assert config.httpapi.enabled is False and config.httpapi.port == 8446 and config.httpapi.host == "127.0.0.1"
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,11 @@ def test_no_file_means_defaults() -> None:
         ({"urfa": {"tls_cert": "a.pem"}}, "urfa.tls_cert and urfa.tls_key go together"),
         ({"database": {"pool_min": 20, "pool_max": 5}}, "database.pool_min"),
         ({"urfa": 5}, "urfa: expected a [urfa] table"),
+        ({"httpapi": {"host": "0.0.0.0"}}, "httpapi.host: '0.0.0.0' is not a loopback address"),
+        ({"httpapi": {"tls_cert": "a.pem"}}, "httpapi.tls_cert and httpapi.tls_key go together"),
+        ({"httpapi": {"rate": 0}}, "httpapi.rate: must be positive"),
+        ({"httpapi": {"max_body": -1}}, "httpapi.max_body: must be positive"),
+        ({"httpapi": {"port": 0}}, "httpapi.port: not a TCP port"),
     ],
 )
 def test_bad_config_names_the_key(data: dict, message: str) -> None:

@@ -191,7 +191,7 @@ class HttpapiSection:
     call_timeout: float = _f(30.0, "Seconds one call may take (a streamed call: between two chunks); then HTTP 504.")
     rate: float = _f(50.0, "Requests per second each token may make on average (token bucket); more get HTTP 429.")
     burst: int = _f(100, "Requests a token may make at once above its rate (the bucket's size).")
-    max_rows: int = _f(100000, "Rows one paged read may ask for in total; streamed calls are not capped (they stream).")
+    max_rows: int = _f(100000, "Most rows one non-streamed answer may carry (more: HTTP 502); streamed calls are not capped (they stream).")
     core_timeout: float = _f(10.0, "Seconds to wait for the core to connect or to answer a login.")
 
 
