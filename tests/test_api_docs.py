@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,8 @@ def examples(text: str) -> list[tuple[str, str]]:
 
 def documents(text: str) -> list[Any]:
     """The JSON documents in ``text``, one after the other (pretty-printed or one per line)."""
-    decoder, docs, at = json.JSONDecoder(), [], 0
+    decoder, at = json.JSONDecoder(), 0
+    docs: list[Any] = []
     while True:
         while at < len(text) and text[at].isspace():
             at += 1
@@ -101,7 +101,7 @@ async def test_the_curl_examples_of_docs_api_md_answer_what_the_page_shows(tmp_p
     async with api_stack("api-docs") as st:
         made = await st.admin.call("tokens.create", {"name": "docs-admin", "groups": ["superusers"]})
         state = tmp_path / "state.sh"
-        state.write_text(f"export BASE={st.base}\nexport TOKEN={made['token']}\n")
+        state.write_text(f"export BASE={st.url}\nexport TOKEN={made['token']}\n")
         failures = []
         for n, (code, answer) in enumerate(examples(DOC.read_text()), 1):
             names = sorted(set(_ASSIGNED.findall(code)))

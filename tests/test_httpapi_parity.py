@@ -36,8 +36,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,8 +46,7 @@ import aiohttp
 import pytest
 
 from billcore.common.money import format_money, parse_money
-from tests.conftest import free_port
-from tests.running import BillcoreProcess
+from tests.httpapi_stack import ApiStack, httpapi_stack
 from tests.test_e2e_core import billcore_cli
 from urfa.client import Client, connect
 from urfa.errors import CallFailed
@@ -57,7 +54,7 @@ from urfa.errors import CallFailed
 pytestmark = pytest.mark.timeout(600)
 
 ROLES = ["superusers", "cashiers", "support", "tariff_managers"]
-ROOT = ("root", "root-parity-pw-1")
+ROOT = "root"                       # made by the stack (tests/httpapi_stack.py)
 RELAY = ("parity-relay", "parity-relay-pw-1")
 OPERATOR_PW = "parity-operator-pw-1"
 IP = "127.0.0.1"
@@ -107,7 +104,7 @@ CASES: dict[str, Case] = {
     "accounts.audit": R(lambda c: {"account_id": c["account"], "limit": 50}),
     "accounts.get": R(lambda c: {"account_id": c["account"]}),
     "accounts.history": R(lambda c: {"account_id": c["account"], "limit": 50}),
-    "audit.query": R(lambda c: {"login": ROOT[0], "limit": 100}),
+    "audit.query": R(lambda c: {"login": ROOT, "limit": 100}),
     "bindings.list": R(lambda c: {"account_id": c["account"]}),
     "blocks.list": R(lambda c: {"account_id": c["account"]}),
     "classes.list": R(lambda c: {"limit": 100}),
@@ -288,8 +285,8 @@ def differences(urfa: Any, http: Any, loose: bool, tags: tuple[str, str], where:
             return [f"{where}: time {urfa} came as {http!r}"]
         return [] if loose or other == urfa else [f"{where}: {urfa} != {other}"]
     if isinstance(urfa, bytes):
-        other = base64.b64decode(http) if isinstance(http, str) else http
-        return [] if loose or other == urfa else [f"{where}: bytes differ"]
+        raw = base64.b64decode(http) if isinstance(http, str) else http
+        return [] if loose or raw == urfa else [f"{where}: bytes differ"]
     if isinstance(urfa, dict):
         if not isinstance(http, dict):
             return [f"{where}: a map came as {type(http).__name__}"]
@@ -417,42 +414,16 @@ async def call_table(call: Callable[..., Any]) -> dict[str, dict[str, Any]]:
 # -- the stack and its objects ------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    bc: BillcoreProcess
-    admin: Client
-    base: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 @asynccontextmanager
-async def api_stack(name: str) -> AsyncIterator[Stack]:
-    """``billcore serve`` with the API on, root made by the CLI, the relay login for proxied operators."""
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix=f"billcore-{name}-"))
-    bc = BillcoreProcess(workdir, dsn="", periodic={"enabled": False},
-                         httpapi={"enabled": True, "host": "127.0.0.1", "port": port, "rate": 1000.0, "burst": 1000})
-    bc.start()
-    admin: Client | None = None
-    try:
-        bc.wait_for(r'role=core .*msg="core serving"', timeout=90)
-        bc.wait_for(r'role=httpapi .*msg="httpapi serving"', timeout=90)
-        for made in (billcore_cli(bc.config_path, "admin", "create", ROOT[0], "--password-env", "PW",
-                                  env={"PW": ROOT[1]}),
-                     billcore_cli(bc.config_path, "system", "create", RELAY[0], "--rights", "session.proxy_admin",
-                                  "--password-env", "PW", env={"PW": RELAY[1]})):
-            assert made.returncode == 0, made.stderr
-        admin = await connect("127.0.0.1", bc.urfa_port)
-        await admin.login("admin", *ROOT)
-        yield Stack(bc, admin, f"http://127.0.0.1:{port}")
-    except BaseException:
-        print(bc.log()[-12000:])
-        raise
-    finally:
-        if admin is not None:
-            await admin.close()
-        bc.__exit__(None, None, None)
-        shutil.rmtree(workdir, ignore_errors=True)
+async def api_stack(name: str) -> AsyncIterator[ApiStack]:
+    """The edge's live stack (periodic charges off, the rate limit out of the way of a whole table's
+    calls) and the relay login through which operators log in proxied, as the console's do."""
+    async with httpapi_stack(Path(name), periodic={"enabled": False},
+                             httpapi={"rate": 1000.0, "burst": 1000}) as st:
+        made = billcore_cli(st.bc.config_path, "system", "create", RELAY[0], "--rights", "session.proxy_admin",
+                            "--password-env", "PW", env={"PW": RELAY[1]})
+        assert made.returncode == 0, made.stderr
+        yield st
 
 
 async def shared_objects(admin: Client) -> dict[str, Any]:
@@ -546,7 +517,7 @@ async def scratch_objects(admin: Client, tag: str, n: int, shared: dict[str, Any
 # -- running the comparison ----------------------------------------------------------------------
 
 
-async def proxied_operator(st: Stack, role: str) -> UrfaWay:
+async def proxied_operator(st: ApiStack, role: str) -> UrfaWay:
     login = f"parity-{role}"
     await st.admin.call("operators.create", {"login": login, "password": OPERATOR_PW, "groups": [role],
                                              "full_name": f"Parity {role}"})
@@ -618,7 +589,7 @@ async def test_every_call_of_a_role_answers_the_same_over_http_and_urfa(role: st
         urfa = await proxied_operator(st, role)
         try:
             token = (await st.admin.call("tokens.create", {"name": f"parity-{role}", "groups": [role]}))["token"]
-            api = HttpWay(http, st.base, token)
+            api = HttpWay(http, st.url, token)
 
             async def urfa_call(fn: str, args: dict[str, Any]) -> Any:
                 return await urfa.relay.call(fn, args, as_sid=urfa.sid, as_ip=IP)
@@ -667,7 +638,7 @@ async def test_a_cashiers_token_cannot_read_tariffs_and_a_revoked_token_stops_at
     async with api_stack("parity-cashiers-token") as st, aiohttp.ClientSession() as http:
         user = await st.admin.call("users.create", {"login": "parity-payer", "password": "payer-pw-12"})
         made = await st.admin.call("tokens.create", {"name": "till-1", "groups": ["cashiers"]})
-        till = HttpWay(http, st.base, made["token"])
+        till = HttpWay(http, st.url, made["token"])
         entry = {"args": {"account_id": "int", "amount": "money", "method": "str", "external_id": "str?"},
                  "result": "map", "fields": {"balance": "money"}}
         paid = await till.call("payments.add", {"account_id": user["basic_account_id"], "amount": 4_200_000,
@@ -677,7 +648,7 @@ async def test_a_cashiers_token_cannot_read_tariffs_and_a_revoked_token_stops_at
         for name in ("tariffs.list", "services.list", "tariffs.quote"):
             refused = await till.call(name, {}, {})
             assert (refused.ok, refused.status) == (False, 403), (name, refused)
-        async with http.get(f"{st.base}/api/v1/openapi.json",
+        async with http.get(f"{st.url}/api/v1/openapi.json",
                             headers={"Authorization": f"Bearer {made['token']}"}) as response:
             document = await response.json()
         assert "/api/v1/calls/payments.add" in document["paths"]
