@@ -237,7 +237,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     urfa: UrfaSide | None = None
     http: HttpSide | None = None
     try:
-        pids: dict[str, int] = {}
+        pids: dict[str, int] = {"loader": os.getpid()}
         bc.wait_for(r'role=core .*msg="core serving"', timeout=args.startup_timeout)
         pids["core"] = bc.child_pid("core")
         if api:
@@ -302,6 +302,17 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if "http" in row:
             row["ratio_per_s"] = round(row["http"]["per_s"] / row["urfa"]["per_s"], 3)
             row["ratio_p99"] = round(row["http"]["p99_ms"] / row["urfa"]["p99_ms"], 2)
+            # each repeat's two sides ran back to back: their ratio sees the same load on the box
+            pairs = list(zip(runs[call]["http"], runs[call]["urfa"]))
+            row["ratio_per_s_paired_median"] = round(statistics.median(h["per_s"] / u["per_s"] for h, u in pairs), 3)
+            row["ratio_p99_paired_median"] = round(statistics.median(h["p99_ms"] / u["p99_ms"] for h, u in pairs), 2)
+            # CPU per request of the whole path: core + edge over HTTP, the core alone over URFA
+            cpu_http = statistics.median(h["cpu_ms_per_request"]["core"] + h["cpu_ms_per_request"]["httpapi"]
+                                         for h, _ in pairs)
+            cpu_urfa = statistics.median(u["cpu_ms_per_request"]["core"] for _, u in pairs)
+            row["cpu_ms_per_request_http_path"] = round(cpu_http, 3)
+            row["cpu_ms_per_request_urfa_path"] = round(cpu_urfa, 3)
+            row["cpu_ratio"] = round(cpu_http / cpu_urfa, 2)
         calls[call] = row
     return {"http_half": token is not None, "calls": calls, "payments_booked": paid + warm}
 
@@ -326,10 +337,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"its own connection (HTTP/1.1 keep-alive to the edge; URFA, one call in flight); {report['requests']:,} "
         f"requests per measurement spread over {report['subscribers']} subscribers, {report['repeat']} repeats with the sides alternating, the median repeat shown. "
         "Same rights on both sides (a `cashiers` operator over URFA, a `cashiers` token over HTTP). "
-        "*CPU ms/req*: CPU time of the core and of the edge per request (independent of the other load on the box). "
+        "*CPU ms/req*: CPU time of the core, of the edge and of the load generator (an aiohttp client, or the URFA "
+        "client) per request, independent of the other load on the box. "
         "The API's rate limit is raised for the run.", "",
-        "| call | side | req/s | p50 ms | p99 ms | core CPU ms/req | edge CPU ms/req | load 1m |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| call | side | req/s | p50 ms | p99 ms | core CPU ms/req | edge CPU ms/req | load generator CPU ms/req "
+        "| load 1m |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["calls"].values():
         for side in ("urfa", "http"):
@@ -339,11 +352,16 @@ def markdown(report: dict[str, Any]) -> str:
             cpu = r["cpu_ms_per_request"]
             lines.append(f"| `{row['call']}` | {side.upper()} | {r['per_s']:,} | {r['p50_ms']} | {r['p99_ms']} | "
                          f"{cpu.get('core', 0)} | {cpu.get('httpapi', '–') if side == 'http' else '–'} | "
-                         f"{r['loadavg_1m']} |")
-    lines += ["", "| call | HTTP/URFA requests/s | HTTP/URFA p99 |", "|---|---:|---:|"]
+                         f"{cpu.get('loader', '–')} | {r['loadavg_1m']} |")
+    lines += ["", "| call | HTTP/URFA requests/s (medians) | same, median of each repeat's pair | HTTP/URFA p99 "
+              "(medians) | same, paired | CPU ms/req HTTP path (core + edge) / URFA (core) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for row in report["calls"].values():
         if "ratio_per_s" in row:
-            lines.append(f"| `{row['call']}` | {row['ratio_per_s']:.0%} | {row['ratio_p99']}× |")
+            lines.append(f"| `{row['call']}` | {row['ratio_per_s']:.0%} | {row['ratio_per_s_paired_median']:.0%} | "
+                         f"{row['ratio_p99']}× | {row['ratio_p99_paired_median']}× | "
+                         f"{row['cpu_ms_per_request_http_path']} / {row['cpu_ms_per_request_urfa_path']} = "
+                         f"{row['cpu_ratio']}× |")
     if not report["http_half"]:
         lines += ["", "The HTTP half did not run: this tree has no `httpapi/`."]
     lines.append("")

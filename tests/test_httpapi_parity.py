@@ -644,6 +644,12 @@ async def test_a_cashiers_token_cannot_read_tariffs_and_a_revoked_token_stops_at
         paid = await till.call("payments.add", {"account_id": user["basic_account_id"], "amount": 4_200_000,
                                                 "method": "cash"}, entry)
         assert paid.ok and paid.value["balance"] == 4_200_000
+        me = await till.call("sys.whoami", {}, {"result": "map"})
+        assert (me.value["kind"], me.value["login"]) == ("token", "till-1")
+        # the payment is the token's in the audit log, from the HTTP client's address
+        rows = await st.admin.call("audit.query", {"login": "till-1"})
+        assert [(row["principal_kind"], row["action"], str(row["ip"])) for row in rows
+                if row["action"].startswith("payments")] == [("token", "payments.add", IP)], rows
 
         for name in ("tariffs.list", "services.list", "tariffs.quote"):
             refused = await till.call(name, {}, {})
