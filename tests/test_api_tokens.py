@@ -300,6 +300,11 @@ async def test_tokens_rights_and_a_token_managing_tokens(live: Live) -> None:
     row = await live.pool.fetchrow("SELECT principal_kind, principal_login FROM audit_log"
                                    " WHERE action = 'tokens.create' AND object = $1", f"token:{child['id']}")
     assert tuple(row) == ("token", "boss")
+    # every right, yet no operator's own calls (self.otp_* would take the token's id for an operator's)
+    names = {entry["name"] for entry in await httpapi.call("sys.calls", as_sid=sid, as_ip=CLIENT_IP)}
+    assert {"tokens.create", "operators.disable", "tariffs.list", "sys.ping"} <= names
+    assert not {name for name in names if name.startswith(("self.", "events.", "session.proxy", "me."))}
+    await refused("not_in_table", httpapi.call("self.otp_begin", as_sid=sid, as_ip=CLIENT_IP))
     # a token revoking itself ends its own session
     boss_id = listed["boss"]["id"]
     assert await httpapi.call("tokens.revoke", {"token_id": boss_id}, as_sid=sid, as_ip=CLIENT_IP) is True

@@ -116,8 +116,9 @@ def address_keys(ip: str) -> tuple[LimitKey, ...]:
 
 def token_keeps(name: str) -> bool:
     """Whether a token session's call table keeps ``name``: it has no connection of its own to hear
-    events on, and acts for nobody."""
-    return not name.startswith(("events.", "session.proxy", "session.token"))
+    events on, acts for nobody, and is no operator: ``self.*`` (an operator's own second factor) would
+    take the token's id for an operator's, whatever rights (``*``) its groups hold."""
+    return not name.startswith(("events.", "session.proxy", "session.token", "self."))
 
 
 def limit_keys(ip: str, kind: str, login: str) -> tuple[LimitKey, ...]:

@@ -17,8 +17,8 @@ token's name, id = its id, rights = its groups' rights, without
 once a minute.  It has no verifier: it never logs in by SCRAM, only through
 an HTTP API edge's ``session.token_login``.
 
-The edges (radius, netflow, portal, console, httpapi) log in as system principals.  On a
-single machine the core provisions them itself: ``ensure_service_login``
+The edges (radius, netflow, portal, console, httpapi) log in as system
+principals.  On a single machine the core provisions them itself: ``ensure_service_login``
 keeps a random password per role in ``<data_dir>/system/<role>.password``
 (mode 0600) and its verifier in ``system_logins``; the edge reads the same
 file.  A remote collector gets a login made with ``billcore system create``.

@@ -28,9 +28,10 @@ at once when the token is revoked (``end_principal``).
 
 Each principal (kind and id) may hold at most ``max_per_login`` live
 sessions (``max_per_system`` for system principals, whose edges run many
-processes, and for tokens, which many clients of one integration share); ``make_room`` ends its oldest ones before a new login, so one
-subscriber logging in again and again through the office cannot fill the
-table and lock everybody else out.
+processes, and for tokens, which many clients of one integration share);
+``make_room`` ends its oldest ones before a new login, so one subscriber
+logging in again and again through the office cannot fill the table and
+lock everybody else out.
 
 Every way a session ends goes through ``SessionTable.end``, which calls
 the table's ``on_end(session, code, why)``: the service closes the
