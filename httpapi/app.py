@@ -22,6 +22,9 @@ status, milliseconds).  ``Idempotency-Key`` fills a call's ``external_id``
 argument, the key the core de-duplicates on (a payment retried with the
 same key is booked once and answered with the same booking); a call
 without one refuses the header.
+
+All requests share the edge's one URFA connection; past the core's
+in-flight cap they wait for a slot (``tokens.TokenDesk``) rather than fail.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -44,7 +48,8 @@ from webedge.core_link import CoreLink
 
 from . import openapi, problems
 from .limits import RateLimiter
-from .tokens import CoreDown, CoreRefused, SessionGone, Summary, TokenDesk, TokenSession, token_key, well_formed
+from .tokens import (DELETED, CoreDown, CoreRefused, SessionGone, Summary, TokenDesk, TokenSession, token_key,
+                     well_formed)
 from .values import ArgError, args_from_json, result_to_json, row_columns, row_to_json
 
 __all__ = ["Api", "ApiSettings", "build_app", "serve", "run", "api_link"]
@@ -54,6 +59,7 @@ access_log = logging.getLogger("httpapi.access")
 
 _CALL_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}(\.[a-z0-9_]{1,64}){1,4}")
 _MAX_KEY: Final = 256
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +169,13 @@ def _bearer(request: web.Request) -> str:
 
 
 class _Caller:
-    """One request's token session, logged in again once when the core has forgotten it."""
+    """One request's token session: held while the request runs, logged in again once when the core
+    has forgotten it, renewed when its call table may be stale (``tokens`` explains when)."""
 
     def __init__(self, request: web.Request) -> None:
         api = request.app[API]
         self.api = api
+        self.desk = api.desk
         self.request = request
         self.token = _bearer(request)
         self.ip = http.client_ip(request, api.section.trust_forwarded)
@@ -177,42 +185,86 @@ class _Caller:
                           retry_after=RateLimiter.retry_after(wait))
         self.session: TokenSession | None = None
 
-    async def login(self, again: bool = False) -> TokenSession:
-        if again and self.session is not None:
-            self.api.desk.forget(self.session)
+    async def __aenter__(self) -> _Caller:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self.session is not None:
+            self.desk.release(self.session)
+            self.session = None
+
+    async def login(self, gone: bool = False) -> TokenSession:
+        """The token's session (a new one when ``gone``: the core no longer knows the current one)."""
+        if gone and self.session is not None:
+            self.desk.forget(self.session)
+        self._let_go()
         try:
-            self.session = await self.api.desk.session(self.token, self.ip)
+            session = await self.desk.session(self.token, self.ip)
         except CoreRefused as exc:
             if exc.code == "auth_failed":
                 raise Problem(401, "auth_failed", "the token is unknown, revoked or expired") from None
             raise
-        self.request[_WHO] = self.session.name
-        return self.session
+        self.desk.hold(session)
+        self.session = session
+        self.request[_WHO] = session.name
+        return session
 
-    async def table(self) -> dict[str, dict[str, Any]]:
-        for again in (False, True):
-            session = await self.login(again)
-            try:
-                return await self.api.desk.table(session)
-            except SessionGone:
-                continue
-        raise Problem(401, "no_session", "the token's session ended; try again")
+    async def renew(self) -> TokenSession:
+        """A session logged in now, whose table is the registry of now."""
+        old = self.session
+        self._let_go()
+        if old is not None:
+            self.desk.renew(old)
+        return await self.login()
+
+    async def again_if_gone(self, step: Callable[[TokenSession], Awaitable[_T]]) -> _T:
+        session = self.session or await self.login()
+        try:
+            return await step(session)
+        except SessionGone:
+            pass
+        session = await self.login(gone=True)
+        try:
+            return await step(session)
+        except SessionGone:
+            raise Problem(401, "no_session", "the token's session ended; try again") from None
+
+    async def table(self, fresh: bool = False) -> dict[str, dict[str, Any]]:
+        return await self.again_if_gone(lambda session: self.desk.table(session, fresh))
+
+    async def entry(self, name: str) -> dict[str, Any] | None:
+        """``name``'s ``sys.calls`` entry in the token's table, None when it is not there."""
+        entry = (await self.table()).get(name)
+        session = self.session
+        assert session is not None
+        if entry is None and self.desk.stale(session, asyncio.get_running_loop().time()):
+            await self.renew()            # a plugin may have added it since this session's login
+            entry = (await self.table()).get(name)
+        return entry if entry is not None and not entry.get("deleted") else None
 
     async def call(self, fn: str, args: dict[str, Any]) -> Any:
-        for again in (False, True):
-            session = await self.login(again)
-            try:
-                return await self.api.desk.call(session, fn, args)
-            except SessionGone:
-                continue
-        raise Problem(401, "no_session", "the token's session ended; try again")
+        try:
+            return await self.again_if_gone(lambda session: self.desk.call(session, fn, args))
+        except CoreRefused as exc:
+            if exc.code == DELETED:       # unloaded: the next request gets a table without it
+                await self.renew()
+            raise
 
 
 async def openapi_json(request: web.Request) -> web.StreamResponse:
-    caller = _Caller(request)
     request[_CALL] = "openapi.json"
-    doc = openapi.document((await caller.table()).values())
-    return web.json_response(doc)
+    async with _Caller(request) as caller:
+        session = await caller.login()
+        if caller.desk.stale(session, asyncio.get_running_loop().time()):
+            await caller.renew()
+        table = await caller.table(fresh=True)
+        if any(entry.get("deleted") for entry in table.values()):
+            await caller.renew()
+            table = await caller.table()
+        return web.json_response(openapi.document(table.values()))
 
 
 async def _body(request: web.Request, api: Api) -> object:
@@ -256,22 +308,21 @@ async def call(request: web.Request) -> web.StreamResponse:
     api = request.app[API]
     name = request.match_info["name"]
     request[_CALL] = name[:80]
-    caller = _Caller(request)
-    if not _CALL_NAME.fullmatch(name):
-        raise Problem(404, "not_in_table", "no call has this name")
-    body = await _body(request, api)
-    table = await caller.table()
-    entry = table.get(name)
-    if entry is None or entry.get("deleted"):
-        raise Problem(403, "not_in_table", f"{name} is not in this token's call table")
-    body = _idempotent(request, entry, body)
-    try:
-        args = args_from_json(entry.get("args") or {}, body)
-    except ArgError as exc:
-        raise Problem(400, exc.code, exc.message) from None
-    if entry.get("streaming"):
-        return await _streamed(request, caller, entry, args)
-    result = await caller.call(name, args)
+    async with _Caller(request) as caller:
+        if not _CALL_NAME.fullmatch(name):
+            raise Problem(404, "not_in_table", "no call has this name")
+        body = await _body(request, api)
+        entry = await caller.entry(name)
+        if entry is None:
+            raise Problem(403, "not_in_table", f"{name} is not in this token's call table")
+        body = _idempotent(request, entry, body)
+        try:
+            args = args_from_json(entry.get("args") or {}, body)
+        except ArgError as exc:
+            raise Problem(400, exc.code, exc.message) from None
+        if entry.get("streaming"):
+            return await _streamed(request, caller, entry, args)
+        result = await caller.call(name, args)
     if isinstance(result, list) and len(result) > api.section.max_rows:
         raise Problem(502, "too_many_rows", f"the answer has more than {api.section.max_rows} rows")
     return web.json_response(result_to_json(result, str(entry.get("result") or "any"), entry.get("fields") or {}))
@@ -283,16 +334,11 @@ async def _streamed(request: web.Request, caller: _Caller, entry: dict[str, Any]
     fields: dict[str, str] = entry.get("fields") or {}
     columns = row_columns(fields)
     name = str(entry["name"])
-    for again in (False, True):
-        session = await caller.login(again)
-        chunks = caller.api.desk.stream(session, name, args)
-        try:
-            first = await chunks.__anext__()
-        except SessionGone:
-            continue
-        break
-    else:
-        raise Problem(401, "no_session", "the token's session ended; try again")
+    async def opened(session: TokenSession) -> tuple[AsyncGenerator[Any, None], Any]:
+        chunks = caller.desk.stream(session, name, args)
+        return chunks, await chunks.__anext__()
+
+    chunks, first = await caller.again_if_gone(opened)
     response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
     http.security_headers(response, https=bool(caller.api.section.tls_cert))
     await response.prepare(request)
@@ -343,9 +389,12 @@ def api_link(settings: ApiSettings) -> CoreLink:
         logger_name="httpapi.core")
 
 
-async def serve(section: HttpapiSection, link: CoreLink, keepalive_timeout: float = 15.0) -> web.AppRunner:
-    """Start the API on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
-    desk = TokenDesk(link.link, call_timeout=section.call_timeout, login_timeout=section.core_timeout)
+async def serve(section: HttpapiSection, link: CoreLink, keepalive_timeout: float = 15.0,
+                core_inflight: int = 64) -> web.AppRunner:
+    """Start the API on ``section.host:port``; returns the runner (``cleanup()`` stops it).
+    ``core_inflight``: the core's ``urfa.max_inflight`` (calls one connection may have in flight)."""
+    desk = TokenDesk(link.link, call_timeout=section.call_timeout, login_timeout=section.core_timeout,
+                     inflight=max(1, core_inflight - 8))
     return await http.serve(build_app(section, desk), host=section.host, port=section.port,
                             tls_cert=section.tls_cert, tls_key=section.tls_key, logger_name="httpapi.http",
                             keepalive_timeout=keepalive_timeout)
@@ -355,7 +404,7 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     """The ``httpapi`` role (``dsn`` is unused: the API has no database access)."""
     settings = ApiSettings.of(config)
     link = api_link(settings)
-    runner = await serve(settings.section, link)
+    runner = await serve(settings.section, link, core_inflight=config.urfa.max_inflight)
     section = settings.section
     log.info("httpapi serving", extra={"http": f"{section.host}:{section.port}", "tls": bool(section.tls_cert)})
     await http.serve_until(stop, runner, link)

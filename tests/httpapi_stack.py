@@ -44,9 +44,9 @@ class Answer:
 class ApiStack:
     bc: BillcoreProcess
     admin: Client                      # root over URFA: the test's own eyes on the core
-    url: str                           # the API, http://127.0.0.1:PORT
+    url: str                           # the API, http://127.0.0.1:PORT (https with a tls_cert)
     port: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)   # "tls": the ssl context requests use
 
     def api_pid(self) -> int:
         return self.bc.child_pid("httpapi")
@@ -71,7 +71,7 @@ class ApiStack:
             sent.setdefault("Content-Type", "application/json")
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.extra.get("tls")) as resp:
                 return Answer(resp.status, dict(resp.headers), resp.read())
         except urllib.error.HTTPError as exc:
             return Answer(exc.code, dict(exc.headers), exc.read())
@@ -88,6 +88,7 @@ async def httpapi_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]
     directory (the default deployment)."""
     port = free_port()
     api = {"enabled": True, "host": "127.0.0.1", "port": port, **sections.pop("httpapi", {})}
+    scheme = "https" if api.get("tls_cert") else "http"
     # the embedded PostgreSQL's user must reach its data directory (see tests/console_stack.py)
     workdir = Path(tempfile.mkdtemp(prefix=f"billcore-{workdir.name}-"))
     bc = BillcoreProcess(workdir, dsn=dsn, httpapi=api, **sections)
@@ -101,7 +102,7 @@ async def httpapi_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]
         assert made.returncode == 0, made.stderr
         admin = await connect("127.0.0.1", bc.urfa_port)
         await admin.login("admin", "root", ROOT_PASSWORD)
-        yield ApiStack(bc, admin, f"http://127.0.0.1:{port}", port)
+        yield ApiStack(bc, admin, f"{scheme}://127.0.0.1:{port}", port)
     except BaseException:
         print(bc.log()[-12000:])         # the processes' own account of a failure (the directory goes)
         raise

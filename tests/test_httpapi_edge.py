@@ -15,21 +15,25 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from openapi_spec_validator import validate
 
 from httpapi import openapi, problems, values
 from httpapi.limits import RateLimiter
+from tests.console_stack import signed_example_plugin
 from tests.httpapi_stack import Answer, ApiStack, httpapi_stack
 
-RATE, BURST, MAX_BODY, MAX_ROWS = 20.0, 40, 4096, 3
+RATE, BURST, MAX_BODY, MAX_ROWS = 5.0, 120, 4096, 3
 
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ApiStack]:
+    plugin_dir, trusted = signed_example_plugin(tmp_path_factory.mktemp("httpapi-signing"))
     async with httpapi_stack(tmp_path_factory.mktemp("httpapi-edge"),
                              httpapi={"rate": RATE, "burst": BURST, "max_body": MAX_BODY,
-                                      "max_rows": MAX_ROWS}) as s:
+                                      "max_rows": MAX_ROWS},
+                             plugins={"dir": str(plugin_dir), "key_dir": str(trusted)}) as s:
         s.extra["root"] = await s.token("edge-root", ["superusers"])
         yield s
 
@@ -227,7 +231,7 @@ async def test_a_token_past_its_rate_gets_429_with_retry_after(stack: ApiStack) 
     other = await stack.token("calm-cat", ["support"])
 
     def burst() -> list[Answer]:
-        return [stack.call("sys.ping", token) for _ in range(BURST + 10)]
+        return [stack.call("sys.ping", token) for _ in range(BURST + 20)]
 
     answers = await asyncio.to_thread(burst)
     limited = [a for a in answers if a.status == 429]
@@ -237,6 +241,24 @@ async def test_a_token_past_its_rate_gets_429_with_retry_after(stack: ApiStack) 
     assert stack.call("sys.ping", other).status == 200       # per token
     await asyncio.sleep(2.0)
     assert stack.call("sys.ping", token).status == 200       # refilled
+
+
+async def test_more_requests_at_once_than_the_cores_inflight_cap_wait_their_turn(stack: ApiStack) -> None:
+    token = await stack.token("crowd", ["superusers"])
+    account = await subscriber(stack, "crowd-carl")
+    many = 100                    # the core takes 64 calls in flight on one connection (urfa.max_inflight)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"},
+                                     connector=aiohttp.TCPConnector(limit=many)) as http:
+        async def one(n: int) -> tuple[int, Any]:
+            async with http.post(f"{stack.url}/api/v1/calls/payments.add",
+                                 json={"account_id": account, "amount": "0.01", "method": "cash"},
+                                 headers={"Idempotency-Key": f"crowd-{n}"}) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+        answers = await asyncio.gather(*(one(n) for n in range(many)))
+    assert [status for status, _ in answers] == [200] * many, [a for a in answers if a[0] != 200][:3]
+    got = stack.call("accounts.get", token, {"account_id": account}).json()
+    assert got["balance"] == "1.00"            # a hundred cents, each booked once
 
 
 async def test_the_access_log_has_one_line_per_request_with_the_tokens_name(stack: ApiStack) -> None:
@@ -252,6 +274,26 @@ async def test_a_streamed_summary_types_its_keys_as_the_declared_row_fields(stac
     assert set(last) == {"_result"}
     assert isinstance(last["_result"]["amount"], str)          # fields: amount money, in the summary too
     assert all(isinstance(row["amount"], str) for row in progress if "amount" in row)
+
+
+async def test_a_plugins_call_appears_without_a_route_and_goes_when_unloaded(stack: ApiStack) -> None:
+    before = await stack.token("plugin-watcher", ["superusers"])
+    assert "/api/v1/calls/example.hello" not in stack.request("GET", "/api/v1/openapi.json", token=before).json()["paths"]
+    await stack.admin.call("plugins.load", {"path": "example"})
+    token = await stack.token("plugin-user", ["superusers"])      # a new token session: today's registry
+    doc = stack.request("GET", "/api/v1/openapi.json", token=token).json()
+    validate(doc)
+    hello = doc["paths"]["/api/v1/calls/example.hello"]["post"]
+    assert hello["operationId"] == "example_hello" and hello["tags"] == ["example"]
+    assert hello["requestBody"]["content"]["application/json"]["schema"]["properties"] == {"name": {"type": "string"}}
+    said = stack.call("example.hello", token, {"name": "integrator"})
+    assert said.status == 200 and "integrator" in said.json()
+
+    await stack.admin.call("plugins.unload", {"name": "example"})
+    problem_of(stack.call("example.hello", token, {"name": "again"}), 404, "deleted")
+    problem_of(stack.call("example.hello", token, {"name": "again"}), 403, "not_in_table")
+    assert "/api/v1/calls/example.hello" not in stack.request("GET", "/api/v1/openapi.json",
+                                                              token=token).json()["paths"]
 
 
 def test_python_m_httpapi_refuses_a_public_address_without_tls(tmp_path: Any) -> None:
