@@ -123,7 +123,10 @@ async def create_user(conn: DbConnection, login: str, verifier: Verifier,
             basic_account_id = await conn.fetchval(
                 "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", user["id"])
     except asyncpg.UniqueViolationError as exc:
-        raise LoginTaken(f"login or external id already taken ({exc.constraint_name})") from None
+        # the constraint's name says which (users_login_key, users_external_id_key); only that word
+        # leaves the core, never the database's own names
+        taken = "external id" if "external_id" in (exc.constraint_name or "") else "login"
+        raise LoginTaken(f"{taken} already taken") from None
     return {**dict(user), "basic_account_id": basic_account_id}
 
 

@@ -127,7 +127,7 @@ async def _existing(conn: DbConnection, external_id: str, account_id: int, amoun
         return None
     if (row["account_id"], row["amount"], row["method"]) != (account_id, amount, method):
         raise PaymentConflict(
-            f"external id {external_id!r} is payment {row['id']}: {row['amount']} by"
+            f"external id {external_id!r} is payment {row['id']}: {format_money(row['amount'])} by"
             f" {row['method']} to account {row['account_id']}")
     return PaymentResult(row["id"], row["ledger_id"], False, row["balance"], ())
 
