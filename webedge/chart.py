@@ -80,7 +80,9 @@ def traffic_chart(traffic: dict[str, Any], title: str = "") -> str:
             parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{max(h, 0.5):.1f}" '
                          f'fill="{colour[c]}" data-day="{day}" data-class="{escape(classes[c])}">'
                          f'<title>{escape(tip)}</title></rect>')
-        if len(days) <= 14 or i % max(1, len(days) // 7) == 0 or i == len(days) - 1:
+        # every day up to two weeks; else one label a week-ish, counted back from the last day, so
+        # the last day is labelled and no two labels meet
+        if len(days) <= 14 or (len(days) - 1 - i) % max(1, len(days) // 7) == 0:
             parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
                          f'class="axis">{day[5:]}</text>')
     for i, (c, name) in enumerate(classes.items()):

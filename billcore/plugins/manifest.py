@@ -43,10 +43,10 @@ RESERVED_NAMES = frozenset({
     "sys", "session", "events", "me", "users", "accounts", "payments", "blocks",
     "audit", "reports", "tariffs", "services", "timeranges", "classes",
     "bindings", "radius", "netflow", "plugins",
-    "operators", "self", "subscribers", "bulk",
+    "operators", "self", "subscribers", "bulk", "tokens",
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
-    "periodic", "portal", "console", "supervisor", "metrics",
+    "periodic", "portal", "console", "httpapi", "supervisor", "metrics",
 })
 
 _KEYS = {"name", "version", "api", "permanent", "description", "calls", "hooks", "config"}
