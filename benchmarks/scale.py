@@ -46,7 +46,7 @@ Usage::
                                [--step-timeout S] [--workdir DIR] [--build-only]
                                [--steps verify,search,...] [--searches K]
 
-``--tiny`` is CI's run: N=100,000, 2 months, 2 days (still past the
+``--tiny`` is CI's run: N=50,000, 2 months, 2 days (still past the
 classifier snapshot's old ~38,000-binding cliff).  Results go to
 benchmarks/results/scale.json and scale.md unless ``--tiny``.  Exit status
 1 when any step failed or timed out.
@@ -822,11 +822,11 @@ def main() -> int:
                     help=f"the measurements to run, comma-separated (default all: {','.join(STEPS)})")
     ap.add_argument("--searches", type=int, default=300,
                     help="random searches per filter combination of the subscriber list")
-    ap.add_argument("--tiny", action="store_true", help="CI: 100,000 subscribers, 2 months, 2 days; no results written")
+    ap.add_argument("--tiny", action="store_true", help="CI: 50,000 subscribers, 2 months, 2 days; no results written")
     ap.add_argument("--note", default="", help="what this run measured (kept in the results)")
     args = ap.parse_args()
     if args.tiny:
-        args.subscribers, args.months, args.usage_days = 100_000, 2, 2
+        args.subscribers, args.months, args.usage_days = 50_000, 2, 2
         args.step_timeout, args.startup_timeout, args.radius_seconds = 240.0, 120.0, 2.0
         args.searches = 20
     if set(args.steps.split(",")) - set(STEPS):

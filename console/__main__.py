@@ -11,15 +11,14 @@ cross a network in the clear.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
 from billcore.common.config import ConfigError, ConsoleSection, validate_console
 from webedge import http
+from webedge.cli import cookie_flags, edge_parser
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 from .app import console_link, serve
@@ -27,20 +26,9 @@ from .live import LiveHub
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m console", description="billcore operators' console")
-    parser.add_argument("--core-host", default="127.0.0.1")
-    parser.add_argument("--core-port", type=int, default=11758)
-    parser.add_argument("--core-unix", help="the core's URFA Unix socket (instead of TCP)")
-    parser.add_argument("--login", default="console", help="the console's system login (right session.proxy_admin)")
-    parser.add_argument("--password-file", required=True, type=Path, help="file holding that login's password")
-    parser.add_argument("--secret-file", required=True, type=Path, help="CSRF signing key (created if absent)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8445)
-    parser.add_argument("--tls-cert", default="")
-    parser.add_argument("--tls-key", default="")
-    parser.add_argument("--insecure-cookie", action="store_true",
-                        help="allow the session cookie over plain HTTP (loopback only)")
-    parser.add_argument("--language", default="en", choices=("en", "ru"))
+    parser = edge_parser("python -m console", "billcore operators' console", login="console",
+                         right="session.proxy_admin", port=8445)
+    cookie_flags(parser)
     args = parser.parse_args(argv)
     section = dataclasses.replace(ConsoleSection(), enabled=True, host=args.host, port=args.port,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key,

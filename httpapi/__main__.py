@@ -10,30 +10,21 @@ cross a network in the clear.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
 from billcore.common.config import ConfigError, HttpapiSection, validate_httpapi
 from webedge import http
+from webedge.cli import edge_parser
 
 from .app import ApiSettings, api_link, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m httpapi", description="billcore HTTP/JSON API")
-    parser.add_argument("--core-host", default="127.0.0.1")
-    parser.add_argument("--core-port", type=int, default=11758)
-    parser.add_argument("--core-unix", help="the core's URFA Unix socket (instead of TCP)")
-    parser.add_argument("--login", default="httpapi", help="the API's system login (right session.proxy_token)")
-    parser.add_argument("--password-file", required=True, type=Path, help="file holding that login's password")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8446)
-    parser.add_argument("--tls-cert", default="")
-    parser.add_argument("--tls-key", default="")
+    parser = edge_parser("python -m httpapi", "billcore HTTP/JSON API", login="httpapi",
+                         right="session.proxy_token", port=8446)
     args = parser.parse_args(argv)
     section = dataclasses.replace(HttpapiSection(), enabled=True, host=args.host, port=args.port,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key)

@@ -9,15 +9,14 @@ given, and flags override both.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
 from billcore.common.config import PortalSection
 from webedge import http
+from webedge.cli import cookie_flags, edge_parser
 from webedge.core_link import CoreLink
 from webedge.settings import read_or_make_secret
 
@@ -25,19 +24,9 @@ from .app import serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m portal", description="billcore subscribers' web office")
-    p.add_argument("--core-host", default="127.0.0.1")
-    p.add_argument("--core-port", type=int, default=11758)
-    p.add_argument("--core-unix", help="the core's URFA Unix socket (instead of TCP)")
-    p.add_argument("--login", default="portal", help="the office's system login (right session.proxy)")
-    p.add_argument("--password-file", required=True, type=Path, help="file holding that login's password")
-    p.add_argument("--secret-file", required=True, type=Path, help="CSRF signing key (created if absent)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--tls-cert", default="")
-    p.add_argument("--tls-key", default="")
-    p.add_argument("--insecure-cookie", action="store_true", help="allow the session cookie over plain HTTP")
-    p.add_argument("--language", default="en", choices=("en", "ru"))
+    p = edge_parser("python -m portal", "billcore subscribers' web office", login="portal",
+                    right="session.proxy", port=8080)
+    cookie_flags(p)
     args = p.parse_args(argv)
     section = dataclasses.replace(PortalSection(), enabled=True, host=args.host, port=args.port,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -39,7 +39,7 @@ def test_there_are_benchmarks() -> None:
     assert SCRIPTS, "benchmarks/ has no scripts"
 
 
-# scale.py's tiny run is 100,000 subscribers (past the ~38,000-binding cliff
+# scale.py's tiny run is 50,000 subscribers (past the ~38,000-binding cliff
 # the issue found) and fails on any step's timeout; it takes minutes, not seconds
 SLOW = {"scale": 900}
 
