@@ -161,6 +161,29 @@ async def test_bad_input_gets_a_clear_code_and_changes_nothing(h: Harness) -> No
     assert await counts(h.pool) == before
 
 
+async def test_users_create_is_idempotent_by_external_id(h: Harness) -> None:
+    """A CRM's retried create answers the subscriber made the first time; a different one is refused."""
+    root = h.ctx(await h.principal("admin", "root"))
+    args = {"login": "erin", "password": "erin-password", "full_name": "Erin", "external_id": "crm-77"}
+    first = await h.call(root, "users.create", **args)
+    again = await h.call(root, "users.create", **args)
+    assert first["created"] is True and again["created"] is False
+    assert {k: v for k, v in again.items() if k != "created"} == {k: v for k, v in first.items() if k != "created"}
+    before = await counts(h.pool)
+    for changed in ({"password": "other-password"}, {"full_name": "Erin B"}, {"login": "erin2"}):
+        with pytest.raises(CallFailed) as e:
+            await h.call(root, "users.create", **{**args, **changed})
+        assert e.value.code == "users.login_taken", changed
+        assert "users_" not in e.value.message and "_key" not in e.value.message, e.value.message
+    # the same login under another external id is not the same subscriber either
+    with pytest.raises(CallFailed) as e:
+        await h.call(root, "users.create", **{**args, "external_id": "crm-78"})
+    assert e.value.code == "users.login_taken"
+    assert await counts(h.pool) == before
+    creates = await h.call(root, "audit.query", action="users.create")
+    assert [row["object"] for row in creates].count(f"user:{first['id']}") == 1
+
+
 async def test_me_calls_only_ever_touch_the_principals_own_accounts(h: Harness) -> None:
     root = h.ctx(await h.principal("admin", "root"))
     alice = await h.call(root, "users.create", login="alice", password="alice-password")

@@ -8,6 +8,7 @@ stored or logged, and the audit row records that it changed, not what to.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from billcore.api import ADMIN, ADMIN_SYSTEM, handler, need_int, page, who
@@ -34,17 +35,23 @@ def calls(core: CoreContext) -> list[CallSpec]:
     @handler
     async def users_create(ctx: CallContext, login: str, password: str, full_name: str = "", email: str = "",
                            phone: str = "", address: str = "", external_id: str | None = None) -> dict[str, Any]:
-        """Create a subscriber (password: 8 to 1024 characters) and its basic account; returns the user with basic_account_id."""
+        """Create a subscriber (password: 8 to 1024 characters) and its basic account; returns the user with basic_account_id and created.
+
+        Idempotent by external_id: repeated with the same external id, login, contact fields and password, it answers the subscriber made the first time (created false) and writes nothing; anything different is users.login_taken."""
         accounts.check_login(login)
         verifier = make_verifier(check_password(password))
         fields: dict[str, Any] = {"full_name": full_name or "", "email": email or "",
                                   "phone": phone or "", "address": address or ""}
         if external_id is not None:
             fields["external_id"] = external_id
+        def same_password(salt: bytes, iterations: int, stored_key: bytes) -> bool:
+            return hmac.compare_digest(make_verifier(password, salt, iterations).stored_key, stored_key)
+
         async with core.pool.acquire() as conn, conn.transaction():
-            user = await accounts.create_user(conn, login, verifier, **fields)
-            await audit.record(conn, who(ctx), "users.create", f"user:{user['id']}",
-                               after=user, now=core.now())
+            user = await accounts.create_user(conn, login, verifier, same_password=same_password, **fields)
+            if user["created"]:   # a retry that found its subscriber changed nothing
+                await audit.record(conn, who(ctx), "users.create", f"user:{user['id']}",
+                                   after=user, now=core.now())
         return user
 
     @handler

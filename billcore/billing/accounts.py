@@ -104,9 +104,16 @@ def _check_vat(vat_bp: object) -> int:
     return vat_bp
 
 
-async def create_user(conn: DbConnection, login: str, verifier: Verifier,
+async def create_user(conn: DbConnection, login: str, verifier: Verifier, *,
+                      same_password: Callable[[bytes, int, bytes], bool] | None = None,
                       **fields: Any) -> dict[str, Any]:
-    """Create a user and its basic account; returns the user with ``basic_account_id``."""
+    """Create a user and its basic account; returns the user with ``basic_account_id`` and
+    ``created``.
+
+    Idempotent by ``external_id``, as payments are: when a live user already has it, with the same
+    login and contact fields and a password that ``same_password(salt, iterations, stored_key)``
+    says is theirs, that user is the answer (``created`` false, nothing written) — a CRM's retried
+    request makes one subscriber.  Anything different is ``LoginTaken``."""
     check_login(login)
     _check_fields(fields)
     try:
@@ -123,11 +130,34 @@ async def create_user(conn: DbConnection, login: str, verifier: Verifier,
             basic_account_id = await conn.fetchval(
                 "INSERT INTO accounts(user_id, is_basic) VALUES ($1, true) RETURNING id", user["id"])
     except asyncpg.UniqueViolationError as exc:
+        # both the login and the external id are taken by a retried request: whichever PostgreSQL
+        # names, the external id decides whether it is the same subscriber
+        again = await _same_user(conn, login, fields, same_password)
+        if again is not None:
+            return again
         # the constraint's name says which (users_login_key, users_external_id_key); only that word
         # leaves the core, never the database's own names
         taken = "external id" if "external_id" in (exc.constraint_name or "") else "login"
         raise LoginTaken(f"{taken} already taken") from None
-    return {**dict(user), "basic_account_id": basic_account_id}
+    return {**dict(user), "basic_account_id": basic_account_id, "created": True}
+
+
+async def _same_user(conn: DbConnection, login: str, fields: dict[str, Any],
+                     same_password: Callable[[bytes, int, bytes], bool] | None) -> dict[str, Any] | None:
+    """The live user holding ``fields``' external id, when a retried create describes them exactly."""
+    external_id = fields.get("external_id")
+    if external_id is None or same_password is None:
+        return None
+    row = await conn.fetchrow(
+        f"SELECT {_USER_COLS}, scram_salt, scram_iterations, scram_stored_key,"
+        " (SELECT id FROM accounts WHERE user_id = users.id AND is_basic) AS basic_account_id"
+        " FROM users WHERE external_id = $1 AND deleted_at IS NULL", external_id)
+    if row is None or row["login"] != login or any(row[key] != value for key, value in fields.items()):
+        return None
+    if not same_password(bytes(row["scram_salt"]), row["scram_iterations"], bytes(row["scram_stored_key"])):
+        return None
+    user = {key: row[key] for key in _USER_COLS.split(", ")}
+    return {**user, "basic_account_id": row["basic_account_id"], "created": False}
 
 
 async def get_user(conn: DbConnection, user_id: int, *, include_deleted: bool = False) -> dict[str, Any]:
