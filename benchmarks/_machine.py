@@ -7,10 +7,14 @@ imported as ``_machine`` from the benchmarks directory.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -34,3 +38,21 @@ def machine() -> dict[str, Any]:
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def tree_commit() -> str:
+    """The commit the measured code is at (``+`` when the tree has changes beside it)."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except OSError:
+        return ""
+
+
+def publish(report: dict[str, Any], text: str, out: Path, tiny: bool) -> None:
+    """Print the results' text; a full run (not ``tiny``) also writes ``out``.json and ``out``.md."""
+    print(text)
+    if not tiny:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)

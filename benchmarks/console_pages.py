@@ -44,13 +44,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +64,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import machine, publish, tree_commit  # noqa: E402
 
 from billcore.common.money import format_money  # noqa: E402
 from tests.process_view import unix_peer_owners  # noqa: E402
@@ -430,16 +428,6 @@ async def run(args: argparse.Namespace, work: Path, serve_dir: Path) -> dict[str
             "search_examples": searches[:8], "card_examples": cards[:3]}
 
 
-def tree_commit() -> str:
-    """The commit the measured code is at (``+`` when the tree has changes beside it)."""
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except OSError:
-        return ""
-    return head
-
-
 def markdown(report: dict[str, Any]) -> str:
     info = report["machine"]
     lines = [
@@ -497,12 +485,7 @@ def main() -> int:
     report = {"benchmark": "console_pages", "machine": info, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
               "requests": args.requests, "warmup": args.warmup, "seed": args.seed, "tiny": args.tiny,
               "commit": tree_commit(), "note": args.note, **result}
-    print(markdown(report))
-    if not args.tiny:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(report))
+    publish(report, markdown(report), Path(args.out), args.tiny)
     return 0
 
 

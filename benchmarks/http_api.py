@@ -44,11 +44,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import machine, publish, tree_commit  # noqa: E402
 
 import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
@@ -317,14 +315,6 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"http_half": token is not None, "calls": calls, "payments_booked": paid + warm}
 
 
-def tree_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except OSError:
-        return ""
-
-
 def markdown(report: dict[str, Any]) -> str:
     info = report["machine"]
     lines = [
@@ -393,12 +383,7 @@ def main() -> int:
     report = {"benchmark": "http_api", "machine": info, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
               "requests": args.requests, "subscribers": args.subscribers, "concurrency": args.concurrency, "repeat": args.repeat,
               "warmup": args.warmup, "tiny": args.tiny, "commit": tree_commit(), "note": args.note, **result}
-    print(markdown(report))
-    if not args.tiny:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(report))
+    publish(report, markdown(report), Path(args.out), args.tiny)
     return 0
 
 

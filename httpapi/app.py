@@ -41,15 +41,16 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
+from billcore.common.api_token import hash_token, well_formed
 from billcore.common.config import HttpapiSection
 from billcore.common.sysfiles import service_password_file
 from webedge import http
 from webedge.core_link import CoreLink
+from webedge.settings import core_address
 
 from . import openapi, problems
 from .limits import RateLimiter
-from .tokens import (DELETED, CoreDown, CoreRefused, SessionGone, Summary, TokenDesk, TokenSession, token_key,
-                     well_formed)
+from .tokens import DELETED, CoreDown, CoreRefused, SessionGone, Summary, TokenDesk, TokenSession
 from .values import ArgError, args_from_json, result_to_json, row_columns, row_to_json
 
 __all__ = ["Api", "ApiSettings", "build_app", "serve", "run", "api_link"]
@@ -75,10 +76,8 @@ class ApiSettings:
 
     @classmethod
     def of(cls, config: Any) -> ApiSettings:
-        sock = config.urfa_socket
-        return cls(section=config.httpapi,
-                   core_host=config.urfa.host if config.urfa.host not in ("0.0.0.0", "::") else "127.0.0.1",
-                   core_port=config.urfa.port, core_unix=str(sock) if sock is not None else None,
+        host, port, unix = core_address(config)
+        return cls(section=config.httpapi, core_host=host, core_port=port, core_unix=unix,
                    password_file=service_password_file(Path(config.data_dir), "httpapi"))
 
 
@@ -179,7 +178,7 @@ class _Caller:
         self.request = request
         self.token = _bearer(request)
         self.ip = http.client_ip(request, api.section.trust_forwarded)
-        wait = api.limiter.take(token_key(self.token), time.monotonic())
+        wait = api.limiter.take(hash_token(self.token), time.monotonic())
         if wait > 0:
             raise Problem(429, "too_many_requests", f"this token is limited to {api.section.rate:g} requests/s",
                           retry_after=RateLimiter.retry_after(wait))

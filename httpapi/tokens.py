@@ -34,23 +34,20 @@ cannot be reached) and ``SessionGone`` (internal: log in again).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from billcore.common.api_token import hash_token
 from urfa.errors import DELETED, EXPIRED, FORBIDDEN, LOGGED_OUT, NO_SESSION, CallFailed, URFAError
 from urfa.link import Link
 
-__all__ = ["TokenDesk", "TokenSession", "CoreRefused", "CoreDown", "SessionGone", "Summary", "DELETED", "token_key",
-           "well_formed"]
+__all__ = ["TokenDesk", "TokenSession", "CoreRefused", "CoreDown", "SessionGone", "Summary", "DELETED"]
 
 log = logging.getLogger("httpapi")
 
-TOKEN_RE: Final = re.compile(r"bct_[A-Za-z0-9_-]{43}")
 _GONE: Final = frozenset({NO_SESSION, EXPIRED, LOGGED_OUT})
 _T = TypeVar("_T")
 
@@ -72,12 +69,6 @@ class SessionGone(Exception):
     """The token's core session ended; log in again."""
 
 
-def well_formed(token: str) -> bool:
-    return TOKEN_RE.fullmatch(token) is not None
-
-
-def token_key(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 @dataclass(slots=True)
@@ -125,7 +116,7 @@ class TokenDesk:
 
     async def session(self, token: str, ip: str) -> TokenSession:
         """The session of ``token`` from ``ip``, logging in when there is none."""
-        slot = (token_key(token), ip)
+        slot = (hash_token(token), ip)   # the edge keeps a token's SHA-256, never the token
         known = self._sessions.get(slot)
         if known is not None:
             self._sessions.move_to_end(slot)

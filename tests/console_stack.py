@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port, need_peer
-from tests.running import BillcoreProcess
+from tests.running import BillcoreProcess, serving_with_root
 from tests.test_portal_e2e import CHROMIUM
-from tests.test_e2e_core import billcore_cli
 from urfa.client import Client, connect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,27 +88,6 @@ async def console_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]
     port = free_port()
     console = {"enabled": True, "host": "127.0.0.1", "port": port, "cookie_secure": False,
                **sections.pop("console", {})}
-    # the embedded PostgreSQL runs as its own user, which must reach its data directory; another
-    # pytest run on this machine resets /tmp/pytest-of-root to 0700 whenever it starts, so the
-    # data directory lives in a directory of its own beside it
-    workdir = Path(tempfile.mkdtemp(prefix=f"billcore-{workdir.name}-"))
-    bc = BillcoreProcess(workdir, dsn=dsn, console=console, **sections)
-    bc.start()
-    admin: Client | None = None
-    try:
-        bc.wait_for(r'role=console .*msg="console serving"', timeout=90)
-        bc.wait_for(r'role=core .*msg="core serving"', timeout=90)
-        made = billcore_cli(bc.config_path, "admin", "create", "root", "--password-env", "PW",
-                            env={"PW": ROOT_PASSWORD})
-        assert made.returncode == 0, made.stderr
-        admin = await connect("127.0.0.1", bc.urfa_port)
-        await admin.login("admin", "root", ROOT_PASSWORD)
+    async with serving_with_root(workdir.name, "console", ROOT_PASSWORD, dsn, console=console,
+                                 **sections) as (bc, admin):
         yield ConsoleStack(bc, admin, f"http://127.0.0.1:{port}", port)
-    except BaseException:
-        print(bc.log()[-12000:])         # the processes' own account of a failure (the directory goes)
-        raise
-    finally:
-        if admin is not None:
-            await admin.close()
-        bc.__exit__(None, None, None)
-        shutil.rmtree(workdir, ignore_errors=True)

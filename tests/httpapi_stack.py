@@ -9,8 +9,6 @@ Tests reach the API only over HTTP and the core only over URFA.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -20,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
-from tests.running import BillcoreProcess
-from tests.test_e2e_core import billcore_cli
-from urfa.client import Client, connect
+from tests.running import BillcoreProcess, serving_with_root
+from urfa.client import Client
 
 ROOT_PASSWORD = "root-httpapi-pw-1"
 
@@ -89,25 +86,5 @@ async def httpapi_stack(workdir: Path, dsn: str = "", **sections: dict[str, Any]
     port = free_port()
     api = {"enabled": True, "host": "127.0.0.1", "port": port, **sections.pop("httpapi", {})}
     scheme = "https" if api.get("tls_cert") else "http"
-    # the embedded PostgreSQL's user must reach its data directory (see tests/console_stack.py)
-    workdir = Path(tempfile.mkdtemp(prefix=f"billcore-{workdir.name}-"))
-    bc = BillcoreProcess(workdir, dsn=dsn, httpapi=api, **sections)
-    bc.start()
-    admin: Client | None = None
-    try:
-        bc.wait_for(r'role=httpapi .*msg="httpapi serving"', timeout=90)
-        bc.wait_for(r'role=core .*msg="core serving"', timeout=90)
-        made = billcore_cli(bc.config_path, "admin", "create", "root", "--password-env", "PW",
-                            env={"PW": ROOT_PASSWORD})
-        assert made.returncode == 0, made.stderr
-        admin = await connect("127.0.0.1", bc.urfa_port)
-        await admin.login("admin", "root", ROOT_PASSWORD)
+    async with serving_with_root(workdir.name, "httpapi", ROOT_PASSWORD, dsn, httpapi=api, **sections) as (bc, admin):
         yield ApiStack(bc, admin, f"{scheme}://127.0.0.1:{port}", port)
-    except BaseException:
-        print(bc.log()[-12000:])         # the processes' own account of a failure (the directory goes)
-        raise
-    finally:
-        if admin is not None:
-            await admin.close()
-        bc.__exit__(None, None, None)
-        shutil.rmtree(workdir, ignore_errors=True)

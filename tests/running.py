@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
+from urfa.client import Client, connect
 
 
 def toml_value(value: Any) -> str:
@@ -127,3 +132,37 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@asynccontextmanager
+async def serving_with_root(tag: str, role: str, root_password: str, dsn: str = "",
+                            **sections: dict[str, Any]) -> AsyncIterator[tuple[BillcoreProcess, Client]]:
+    """``billcore serve`` until the edge ``role`` and the core say they serve, with an operator
+    ``root`` made by the CLI as an installer would, logged in over URFA; ``(process, root's client)``.
+
+    ``dsn`` empty: the supervisor starts an embedded PostgreSQL. Its own user must reach its data
+    directory, and another pytest run on this machine resets /tmp/pytest-of-root to 0700 whenever it
+    starts, so the work directory is one of its own (named after ``tag``), removed after."""
+    from tests.test_e2e_core import billcore_cli   # (that module imports this one)
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"billcore-{tag}-"))
+    bc = BillcoreProcess(workdir, dsn=dsn, **sections)
+    bc.start()
+    admin: Client | None = None
+    try:
+        bc.wait_for(rf'role={role} .*msg="{role} serving"', timeout=90)
+        bc.wait_for(r'role=core .*msg="core serving"', timeout=90)
+        made = billcore_cli(bc.config_path, "admin", "create", "root", "--password-env", "PW",
+                            env={"PW": root_password})
+        assert made.returncode == 0, made.stderr
+        admin = await connect("127.0.0.1", bc.urfa_port)
+        await admin.login("admin", "root", root_password)
+        yield bc, admin
+    except BaseException:
+        print(bc.log()[-12000:])         # the processes' own account of a failure (the directory goes)
+        raise
+    finally:
+        if admin is not None:
+            await admin.close()
+        bc.__exit__(None, None, None)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from billcore.common.sysfiles import service_password_file
 
-__all__ = ["EdgeSection", "EdgeSettings", "read_or_make_secret"]
+__all__ = ["EdgeSection", "EdgeSettings", "core_address", "read_or_make_secret"]
 
 
 class EdgeSection(Protocol):
@@ -38,6 +38,14 @@ class EdgeSection(Protocol):
 Section = TypeVar("Section", bound=EdgeSection)
 
 
+def core_address(config: Any) -> tuple[str, int, str | None]:
+    """Where an edge beside the core reaches it: host (loopback when the core binds every address),
+    port, and its Unix socket if it has one."""
+    sock = config.urfa_socket
+    host = config.urfa.host if config.urfa.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return host, config.urfa.port, str(sock) if sock is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeSettings(Generic[Section]):
     section: Section
@@ -52,12 +60,12 @@ class EdgeSettings(Generic[Section]):
     def of(cls, config: Any, role: str, section: Section) -> EdgeSettings[Section]:
         """The settings of the edge ``role`` (also its system login's name)."""
         data_dir = Path(config.data_dir)
-        sock = config.urfa_socket
+        host, port, unix = core_address(config)
         return cls(
             section=section,
-            core_host=config.urfa.host if config.urfa.host not in ("0.0.0.0", "::") else "127.0.0.1",
-            core_port=config.urfa.port,
-            core_unix=str(sock) if sock is not None else None,
+            core_host=host,
+            core_port=port,
+            core_unix=unix,
             password_file=service_password_file(data_dir, role),
             secret_file=Path(section.secret_file) if section.secret_file else data_dir / "system" / f"{role}.secret",
             login=role,

@@ -2,11 +2,9 @@
 
 Theory of operation
 -------------------
-A token is ``bct_`` + 43 characters of urlsafe base64 (no padding) of 32
-random bytes.  ``new_token`` makes one and its SHA-256; only the hash is
-stored, so the token is shown once (by ``tokens.create``) and a stolen
-database holds nothing that logs in.  256 random bits need no salt nor a
-slow hash: nobody can search for a preimage.
+A token (``billcore.common.api_token``: ``bct_`` + 43 characters of 32
+random bytes) is stored as its SHA-256 only, so it is shown once (by
+``tokens.create``) and a stolen database holds nothing that logs in.
 
 A token acts as a narrow operator: its rights are the union of its admin
 groups' rights, read at each token login (``find_by_hash``), like an
@@ -22,30 +20,24 @@ and ends a revoked token's sessions.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.common.api_token import new_token
 from billcore.common.errors import BillingError
 from billcore.db.rows import DbConnection
 
 __all__ = [
-    "PREFIX", "TOKEN_CHARS", "MAX_GROUPS", "TokenError", "TokenName", "TokenGroup", "TokenNotFound", "TokenExpires",
-    "FoundToken", "check_name", "create_token", "find_by_hash", "hash_token", "list_tokens", "new_token",
-    "revoke_token", "shaped_like_token", "touch_used",
+    "MAX_GROUPS", "TokenError", "TokenName", "TokenGroup", "TokenNotFound", "TokenExpires",
+    "FoundToken", "check_name", "create_token", "find_by_hash", "list_tokens",
+    "revoke_token", "touch_used",
 ]
 
-PREFIX = "bct_"
-SECRET_BYTES = 32
-TOKEN_CHARS = len(PREFIX) + 43          # 32 bytes in urlsafe base64 without padding
 MAX_GROUPS = 64
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SHAPE = re.compile(r"bct_[A-Za-z0-9_-]{43}")
 
 
 class TokenError(BillingError):
@@ -87,22 +79,6 @@ class FoundToken:
 
     def usable(self, now: dt.datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
-
-
-def new_token() -> tuple[str, bytes]:
-    """A fresh token and the hash to store."""
-    token = PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(SECRET_BYTES)).rstrip(b"=").decode()
-    assert len(token) == TOKEN_CHARS
-    return token, hash_token(token)
-
-
-def shaped_like_token(text: object) -> bool:
-    """Whether ``text`` could be a token at all (checked before any database look-up)."""
-    return type(text) is str and _SHAPE.fullmatch(text) is not None
-
-
-def hash_token(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 def check_name(name: object) -> str:
@@ -175,8 +151,9 @@ async def get_token(conn: DbConnection, token_id: int) -> dict[str, Any]:
 async def revoke_token(conn: DbConnection, token_id: int, now: dt.datetime) -> tuple[dict[str, Any], dict[str, Any]]:
     """Revoke (in the caller's transaction; revoking twice keeps the first date); (before, after)."""
     before = await get_token(conn, token_id)
-    await conn.execute("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1", token_id, now)
-    return before, await get_token(conn, token_id)
+    after = await conn.fetchrow(f"UPDATE api_tokens SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1"
+                                f" RETURNING {_COLUMNS}", token_id, now)
+    return before, _listed(after)
 
 
 async def find_by_hash(conn: DbConnection, secret_hash: bytes) -> FoundToken | None:

@@ -37,6 +37,7 @@ import asyncpg
 from urfa.scram import Verifier, make_verifier
 
 from billcore.billing import api_tokens, operators
+from billcore.common.api_token import hash_token, well_formed
 from billcore.common.sysfiles import read_or_make_password, service_password_file
 from billcore.db.pool import DATABASE_GONE
 from billcore.db.rows import DbConnection
@@ -105,12 +106,12 @@ class DatabaseAuth:
     async def find_token(self, token: str) -> TokenGrant | None:
         """The usable (known, not revoked, not expired) token's grant; ``None`` for any other,
         ``AuthUnavailable`` while the database is down."""
-        if not api_tokens.shaped_like_token(token):
+        if not well_formed(token):
             return None
         now = dt.datetime.fromtimestamp(self.wall_clock(), dt.timezone.utc)
         try:
             async with self.pool.acquire() as conn:
-                found = await api_tokens.find_by_hash(conn, api_tokens.hash_token(token))
+                found = await api_tokens.find_by_hash(conn, hash_token(token))
                 if found is None or not found.usable(now):
                     return None
                 if found.last_used_at is None or now - found.last_used_at >= TOKEN_USE_INTERVAL:
