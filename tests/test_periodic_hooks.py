@@ -104,7 +104,7 @@ async def test_periodic_run_fires_account_charged_and_period_closed(tmp_path: Pa
         clock[0] = JUN + timedelta(minutes=1)
         quiet = await periodic()
         assert quiet.charges == 2
-        assert len(ids) == 7        # every delivery carried its event's id
+        assert len(ids) == 8        # every delivery carried its own event id
         assert await pool.fetchval("SELECT count(*) FROM outbox_events WHERE event = 'account.charged'") == 6
         assert heard == [("period.closed", {"period_start": int(MAY.timestamp()),
                                             "period_end": int(JUN.timestamp())})]
