@@ -156,6 +156,14 @@ async def test_kill_the_core_repeatedly_and_every_committed_payment_is_heard(tmp
         print(f"{len(payments)} payments, {len(heard)} deliveries ({len(heard) - len(heard_events)} repeated"
               f" after kills), most tries of one delivery: {attempts}")
 
+        # the metrics say so too (the gauges follow the dispatcher's poll)
+        deadline = time.monotonic() + 10
+        while bc.metric("billcore_outbox_delivered_total", channel="hook") == 0 or \
+                bc.metric("billcore_outbox_pending", channel="hook") != 0:
+            assert time.monotonic() < deadline, "outbox metrics did not show the drained hook channel"
+            await asyncio.sleep(0.5)
+        assert bc.metric("billcore_outbox_dispatch_lag_seconds") == 0
+
         # the operator's view of it
         env = {**os.environ, "BILLCTL_PASSWORD": PASSWORD, "BILLCTL_PORT": str(bc.urfa_port)}
 
