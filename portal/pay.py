@@ -108,8 +108,8 @@ PAY: web.AppKey[PayOnline] = web.AppKey("pay_online", PayOnline)
 
 def pay_online_of(config: Any) -> PayOnline | None:
     """The office's pay-online settings from ``[paygate]`` (None when ``office_gateway`` is not set)."""
-    section = config.paygate
-    if not section.office_gateway:
+    section = getattr(config, "paygate", None)     # a config made by hand may have no [paygate] at all
+    if section is None or not section.office_gateway:
         return None
     gw = next(g for g in section.gateways if g.name == section.office_gateway)   # checked at load
     if not gw.pay_url:
