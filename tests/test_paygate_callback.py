@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -95,6 +97,17 @@ async def test_duplicate_callback_books_one_payment(stack: Stack) -> None:
     assert SECRET.decode() not in log and signed(SECRET, body, 1)["X-Billcore-Signature"][3:13] not in log
 
 
+async def test_simultaneous_duplicates_book_one_payment(stack: Stack) -> None:
+    """A gateway that fires its retries without waiting: eight copies at once, one payment."""
+    body = callback_body("TX-RACE", str(stack.account), "7.00")
+    answers = await asyncio.gather(*(asyncio.to_thread(send, stack, body) for _ in range(8)))
+    assert {status for status, _, _ in answers} == {200}
+    assert len({answer["payment_id"] for _, answer, _ in answers}) == 1
+    assert sorted(answer["duplicate"] for _, answer, _ in answers) == [False] + [True] * 7
+    booked = await payments(stack.admin, stack.account)
+    assert [(p["amount"], p["external_id"]) for p in booked] == [(7 * UNIT, "sim:TX-RACE")]
+
+
 async def test_contract_number_and_minor_units(stack: Stack) -> None:
     status, answer, _ = send(stack, callback_body("K-7", "C-1042", "12345"), gateway="kop")
     assert status == 200 and answer["account_id"] == stack.contract_account, answer
@@ -165,3 +178,14 @@ async def test_core_unavailable_is_503(tmp_path: Path) -> None:
     finally:
         await runner.cleanup()
         await link.close()
+
+
+def test_entry_point_refuses_plain_http_on_a_network(tmp_path: Path) -> None:
+    """``python -m paygate`` binding a non-loopback address without TLS (or --behind-proxy) does not start."""
+    config = tmp_path / "billcore.toml"
+    config.write_text("[paygate]\nenabled = true\n")
+    password = tmp_path / "pw"
+    password.write_text("x\n")
+    run = subprocess.run([sys.executable, "-m", "paygate", "-c", str(config), "--host", "0.0.0.0",
+                          "--password-file", str(password)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "not a loopback address" in run.stderr, run.stderr

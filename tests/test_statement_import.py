@@ -122,6 +122,20 @@ async def test_utf8_comma_export_with_contract_column(world: World, tmp_path: Pa
     assert await bank_payments(world.admin, world.bob) == [(world.bob, 1_234_560_000, "stmt:acme-bank:TX-9")]
 
 
+async def test_a_long_statement_shows_progress_and_books_once(world: World, tmp_path: Path) -> None:
+    lines = ["date;amount;purpose"] + [f"01.12.2026;1,00;договор C-1042 платёж {k}" for k in range(1200)]
+    path = tmp_path / "long.csv"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    run = billctl(world.bc, "--json", "payments", "import-statement", str(path), "--bank", "big")
+    assert run.returncode == 0, run.stderr
+    assert "statement: 500/1200 lines" in run.stderr and "statement: 1000/1200 lines" in run.stderr, run.stderr
+    assert "1200 booked" in run.stderr
+    again = billctl(world.bc, "payments", "import-statement", str(path), "--bank", "big")
+    assert "1200 already" in again.stderr and " booked," not in again.stderr, again.stderr
+    account = await world.admin.call("accounts.get", {"account_id": world.bob})
+    assert account["balance"] == 1200 * UNIT
+
+
 async def test_a_file_that_cannot_be_read_is_a_usage_error(world: World, tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text("when;who\n1;2\n")
