@@ -48,6 +48,7 @@ from webedge.render import FILTERS
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 from .i18n import translator as office_words
+from .pay import PAY, PayOnline, add_routes as add_pay_routes, pay_online_of
 
 __all__ = ["build_app", "run", "serve", "SID_COOKIE"]
 
@@ -108,7 +109,8 @@ def page(request: web.Request, template: str, status: int = 200, **values: Any) 
     sid = request.get(SID)
     values.setdefault("csrf", csrf_token(request.app[STATE]["key"], sid) if sid else "")
     html = _env.get_template(template).render(
-        t=t, lang=t.lang, languages=LANGUAGES, path=request.path, logged_in=sid is not None, **values)
+        t=t, lang=t.lang, languages=LANGUAGES, path=request.path, logged_in=sid is not None,
+        pay_online=PAY in request.app, **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
 
@@ -410,7 +412,7 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return web.Response(text="ok\n")
 
 
-def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Application:
+def build_app(section: PortalSection, link: CoreLink, key: bytes, pay: PayOnline | None = None) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
     app[SECTION] = section
     app[LINK] = link
@@ -428,15 +430,17 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Applica
     app.router.add_post("/password", password_post)
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
+    if pay is not None:
+        add_pay_routes(app, pay)
     app.router.add_static("/static", HERE / "static", append_version=True)
     http.add_shared_static(app)
     return app
 
 
 async def serve(section: PortalSection, link: CoreLink, key: bytes,
-                keepalive_timeout: float = 15.0) -> web.AppRunner:
+                keepalive_timeout: float = 15.0, pay: PayOnline | None = None) -> web.AppRunner:
     """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
-    return await http.serve(build_app(section, link, key), host=section.host, port=section.port,
+    return await http.serve(build_app(section, link, key, pay), host=section.host, port=section.port,
                             tls_cert=section.tls_cert, tls_key=section.tls_key, logger_name="portal.http",
                             keepalive_timeout=keepalive_timeout)
 
@@ -447,7 +451,8 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     link = CoreLink.for_endpoint(
         host=settings.core_host, port=settings.core_port, unix=settings.core_unix, login=settings.login,
         password=lambda: settings.password_file.read_text().strip(), timeout=settings.section.core_timeout)
-    runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file))
+    runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file),
+                         pay=pay_online_of(config))
     s = settings.section
     log.info("portal serving", extra={"http": f"{s.host}:{s.port}", "tls": bool(s.tls_cert)})
     await http.serve_until(stop, runner, link)

@@ -115,6 +115,7 @@ CASES: dict[str, Case] = {
     "operators.list": R(lambda c: {"limit": 1000}),
     "operators.roles": R(),
     "payments.list": R(lambda c: {"account_id": c["account"]}),
+    "payments.lookup": R(lambda c: {"contracts": ["no-such-contract"], "account_ids": [c["account"]]}),
     "plugins.list": R(),
     "radius.history": R(lambda c: {"account_id": c["account"]}),
     "radius.link_list": R(lambda c: {"account_id": c["account"]}),

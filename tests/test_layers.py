@@ -43,6 +43,7 @@ EDGES: dict[str, str] = {
     "portal": "portal",
     "console": "console",
     "httpapi": "httpapi",
+    "paygate": "paygate",
     "webedge": "webedge",
     "billcore/clients": "billcore.clients",
 }

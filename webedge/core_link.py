@@ -103,6 +103,16 @@ class CoreLink:
         except (URFAError, OSError, asyncio.TimeoutError) as exc:
             raise _down(exc) from None
 
+    async def call_own(self, fn: str, args: dict[str, Any] | None = None) -> Any:
+        """Call ``fn`` as the edge's own system login (an edge that acts for no browser session:
+        the payment callbacks); failures as ``call`` raises them."""
+        try:
+            return await self.link.call(fn, args or {})
+        except CallFailed as exc:
+            raise self._failure(exc) from None
+        except (URFAError, OSError, asyncio.TimeoutError) as exc:
+            raise _down(exc) from None
+
     async def stream(self, sid: bytes, ip: str, fn: str, args: dict[str, Any] | None = None) -> AsyncIterator[Any]:
         """The chunks of the streamed call ``fn`` as ``sid``; failures as ``call`` raises them."""
         try:

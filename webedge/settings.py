@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from billcore.common.sysfiles import service_password_file
 
-__all__ = ["EdgeSection", "EdgeSettings", "core_address", "read_or_make_secret"]
+__all__ = ["EdgeSection", "EdgeSettings", "core_address", "read_gateway_secret", "read_or_make_secret"]
 
 
 class EdgeSection(Protocol):
@@ -88,3 +88,19 @@ def read_or_make_secret(path: Path) -> bytes:
         f.write(key.hex() + "\n")
     os.replace(tmp, path)
     return key
+
+
+MIN_GATEWAY_SECRET = 16
+
+
+def read_gateway_secret(path: Path) -> bytes:
+    """A payment gateway's shared secret: the file's text, stripped (at least 16 bytes), as bytes.
+
+    ``ValueError`` naming the file (never the secret) when it is missing or too short."""
+    try:
+        secret = path.read_text(encoding="utf-8").strip().encode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the gateway secret: {type(exc).__name__}") from None
+    if len(secret) < MIN_GATEWAY_SECRET:
+        raise ValueError(f"{path}: a gateway secret has at least {MIN_GATEWAY_SECRET} bytes")
+    return secret

@@ -99,7 +99,7 @@ def page(limit: object, offset: object, max_limit: int = 1000) -> tuple[int, int
 
 def money_calls(core: CoreContext) -> list[CallSpec]:
     """Every call module of this package."""
-    from billcore.api import accounts, bulk, me, payments, subscribers, users
+    from billcore.api import accounts, bulk, me, payment_lookup, payments, subscribers, users
 
     return [*users.calls(core), *accounts.calls(core), *payments.calls(core), *me.calls(core),
-            *subscribers.calls(core), *bulk.calls(core)]
+            *subscribers.calls(core), *bulk.calls(core), *payment_lookup.calls(core)]

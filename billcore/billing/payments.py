@@ -34,6 +34,7 @@ their own).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 METHODS = frozenset({"cash", "bank", "card", "credit", "correction", "voucher", "online"})
+# a payment gateway's callback books method "gateway:<name>" (schema/0018_payment_gateways.sql)
+GATEWAY_METHOD = re.compile(r"gateway:[A-Za-z0-9_-]{1,32}", re.ASCII)
 MAX_PAYMENT = 10**13          # 10 000 000 currency units in one payment: beyond is a typo
 MAX_COMMENT = 1000
 MAX_EXTERNAL_ID = 128
@@ -141,8 +144,8 @@ async def add_payment(conn: DbConnection, *, account_id: int, amount: int, metho
                       actor: str, external_id: str | None = None, comment: str = "",
                       now: dt.datetime | None = None) -> PaymentResult:
     """Book a payment (idempotent by ``external_id``); own transaction or savepoint."""
-    if type(method) is not str or method not in METHODS:
-        raise InvalidValue(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if type(method) is not str or (method not in METHODS and GATEWAY_METHOD.fullmatch(method) is None):
+        raise InvalidValue(f"method must be one of {sorted(METHODS)} or gateway:<name>, got {method!r}")
     check_payment_amount(amount, method)
     _check_text("comment", comment, MAX_COMMENT)
     if external_id is not None:

@@ -8,6 +8,8 @@
     billctl block ID [--reason …] / unblock ID
     billctl promised ACCOUNT [--amount 50.00] [--days 5]   grant this month's promised payment
     billctl periodic-run                  run the periodic charges due now (progress on stderr)
+    billctl payments import-statement FILE --bank NAME [--dry-run] [--encoding auto|utf-8|cp1251]
+                                          book a bank statement (CSV), each line once (docs/automation/payments.md)
     billctl otp enroll / otp disable      your own TOTP second factor (operators.*: billctl call)
 
 Arguments are converted by the function's own schema (``sys.calls``): a
@@ -267,6 +269,28 @@ async def _otp_command(client: Client, args: argparse.Namespace) -> Any:
     return confirmed["recovery_codes"]
 
 
+async def _statement_command(client: Client, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``billctl payments import-statement``: the lines' table on stdout, progress and the summary on stderr."""
+    from billcore.clients.statement_import import import_statement, summary_text
+    from billcore.common.statement import StatementError, read_statement
+
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read(args.max_bytes + 1)
+    except OSError as exc:
+        raise UsageError(f"{args.file}: {exc.strerror}") from None
+    if len(data) > args.max_bytes:
+        raise UsageError(f"{args.file}: larger than --max-bytes {args.max_bytes}")
+    try:
+        statement = read_statement(data, args.bank, minor_units=args.minor_units, encoding=args.encoding,
+                                   delimiter=args.delimiter)
+    except StatementError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    rows, summary = await import_statement(client, statement, args.bank, dry_run=args.dry_run)
+    print(summary_text(summary), file=sys.stderr)
+    return rows
+
+
 class Described:
     """What ``sys.calls`` says about one function (empty when the core does not say)."""
 
@@ -355,6 +379,8 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
             ], Described(None)
         if args.command == "otp":
             return await _otp_command(client, args), Described(None)
+        if args.command == "payments":
+            return await _statement_command(client, args), Described({"fields": {"amount": "money"}})
         fn, call_args = _request(args)
         described = await _describe(client, fn)
         if args.command == "call":
@@ -480,6 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--days", type=int, help="days until it expires (default: the configured duration)")
     c.add_argument("--reason", default="", help="recorded in the audit log")
     sub.add_parser("periodic-run", help="run the periodic charges due now (what the scheduler would do)")
+    c = sub.add_parser("payments", help="payments in bulk: import-statement FILE --bank NAME [--dry-run]")
+    pay = c.add_subparsers(dest="action", required=True)
+    t = pay.add_parser("import-statement", help="book a bank statement (CSV), each line once; --dry-run books"
+                                                " nothing and shows the match table")
+    t.add_argument("file")
+    t.add_argument("--bank", required=True, help="the bank's short name (1 to 32 of A-Z a-z 0-9 _ -): part of"
+                                                 " each line's external id")
+    t.add_argument("--dry-run", action="store_true", help="match and show, book nothing")
+    t.add_argument("--format", default="csv", choices=["csv"], help="the statement's format")
+    t.add_argument("--encoding", default="auto", help="auto (UTF-8, else cp1251), utf-8 or cp1251")
+    t.add_argument("--delimiter", default="auto", help="auto (; , tab or |, from the header) or the character")
+    t.add_argument("--minor-units", type=int, default=2, choices=range(0, 7),
+                   help="the currency's decimals (2: an amount with more is refused)")
+    t.add_argument("--max-bytes", type=int, default=256 << 20, help="refuse a larger file")
     c = sub.add_parser("otp", help="your own TOTP second factor: enroll (prints the otpauth URI) or disable")
     c.add_argument("action", choices=["enroll", "disable"])
     c.add_argument("--code", help="the code, instead of a prompt")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-__all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console", "validate_httpapi"]
+__all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console", "validate_httpapi",
+           "validate_paygate"]
 
 
 class ConfigError(Exception):
@@ -206,6 +207,34 @@ class OutboxSection:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySection:
+    name: str = _f("", "The gateway's name: its callback is POST /callback/<name>; payments are method gateway:<name>.")
+    secret_file: str = _f("", "File holding the HMAC secret shared with the gateway (at least 16 bytes; mode 0600).")
+    currency: str = _f("", "Currency the gateway reports (empty: [paygate] currency); another is refused.")
+    amount_format: str = _f("major", "How the gateway writes amounts: major (decimal string '100.50') or minor (integer '10050').")
+    pay_url: str = _f("", "The gateway's payment page the office redirects to for 'pay online' (empty: no pay-online).")
+
+
+@dataclass(frozen=True, slots=True)
+class PaygateSection:
+    enabled: bool = _f(False, "Run the payment gateways' callback edge (a URFA client of the core, no database access).")
+    host: str = _f("127.0.0.1", "Address the callback edge binds; any but a loopback address needs tls_cert and tls_key, or behind_proxy.")
+    port: int = _f(8447, "HTTP(S) port of the callback edge.")
+    tls_cert: str = _f("", "PEM certificate; with tls_key the edge speaks HTTPS.")
+    tls_key: str = _f("", "PEM private key of the edge's certificate.")
+    behind_proxy: bool = _f(False, "Plain HTTP on a non-loopback address is allowed: your own TLS proxy fronts the edge.")
+    currency: str = _f("RUB", "The installation's currency (ISO 4217 code) that callbacks and pay-online amounts are in.")
+    minor_units: int = _f(2, "Decimals of that currency (2 for RUB, USD, EUR; 0 for JPY): an amount with more is refused.")
+    window: int = _f(300, "Seconds a callback's timestamp may be off the edge's clock; older or newer is refused (401).")
+    max_body: int = _f(16384, "Largest callback body, in bytes; a larger one gets HTTP 413.")
+    read_timeout: float = _f(10.0, "Seconds a callback's body may take to arrive; then HTTP 408.")
+    core_timeout: float = _f(5.0, "Seconds to wait for the core to answer one call or to connect; then HTTP 503 (the gateway retries).")
+    office_gateway: str = _f("", "The gateway the web office's 'pay online' uses (a name from [[paygate.gateways]]; empty: no pay-online).")
+    office_url: str = _f("", "The office's public base URL (https://…) the gateway sends the browser back to (empty: the request's own).")
+    gateways: tuple[GatewaySection, ...] = _f((), "Payment gateways, one [[paygate.gateways]] table each (keys: name, secret_file, currency, amount_format, pay_url).")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -221,6 +250,7 @@ class Config:
     console: ConsoleSection = field(default_factory=ConsoleSection)
     httpapi: HttpapiSection = field(default_factory=HttpapiSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
+    paygate: PaygateSection = field(default_factory=PaygateSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -265,6 +295,11 @@ _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 def _check_value(key: str, hint: Any, value: Any) -> Any:
     typ = get_origin(hint) or hint  # tuple[str, ...] → tuple
+    item = getattr(hint, "__args__", (None,))[0]
+    if typ is tuple and dataclasses.is_dataclass(item):   # an array of tables: [[section.key]]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
+        return tuple(_table(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, bool):
@@ -276,6 +311,17 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
     if not isinstance(value, typ):
         raise ConfigError(f"{key}: expected {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
     return value
+
+
+def _table(key: str, table_type: Any, value: dict[str, Any]) -> Any:
+    hints = get_type_hints(table_type)
+    known = {f.name for f in fields(table_type)}
+    values: dict[str, Any] = {}
+    for name, v in value.items():
+        if name not in known:
+            raise ConfigError(f"{key}.{name}: unknown key (known: {', '.join(sorted(known))})")
+        values[name] = _check_value(f"{key}.{name}", hints[name], v)
+    return table_type(**values)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "") -> Config:
@@ -335,6 +381,50 @@ def validate_httpapi(api: HttpapiSection) -> None:
             raise ConfigError(f"httpapi.{key}: must be positive, got {value!r}")
 
 
+CURRENCY_CODE_LENGTH = 3
+AMOUNT_FORMATS = ("major", "minor")
+
+
+def validate_paygate(pay: PaygateSection) -> None:
+    """The [paygate] section's own rules (also for ``python -m paygate``'s flags)."""
+    if bool(pay.tls_cert) != bool(pay.tls_key):
+        raise ConfigError("paygate.tls_cert and paygate.tls_key go together")
+    # a callback carries no secret, but its answer and the edge's logs do say who paid what
+    if not pay.tls_cert and not pay.behind_proxy and not _loopback(pay.host):
+        raise ConfigError(f"paygate.host: {pay.host!r} is not a loopback address: set paygate.tls_cert and"
+                          " paygate.tls_key, or paygate.behind_proxy = true behind your own TLS proxy")
+    if len(pay.currency) != CURRENCY_CODE_LENGTH or not pay.currency.isascii() or not pay.currency.isupper():
+        raise ConfigError(f"paygate.currency: a three-letter ISO 4217 code like 'RUB', got {pay.currency!r}")
+    if type(pay.minor_units) is not int or not 0 <= pay.minor_units <= 6:
+        raise ConfigError(f"paygate.minor_units: 0 to 6 (micro-units hold six), got {pay.minor_units!r}")
+    for key, value in (("window", pay.window), ("max_body", pay.max_body), ("read_timeout", pay.read_timeout),
+                       ("core_timeout", pay.core_timeout)):
+        if value <= 0:
+            raise ConfigError(f"paygate.{key}: must be positive, got {value!r}")
+    names: set[str] = set()
+    for i, gw in enumerate(pay.gateways):
+        where = f"paygate.gateways[{i}]"
+        if not gw.name or not gw.name.isascii() or not all(c.isalnum() or c in "-_" for c in gw.name) \
+                or len(gw.name) > 32:
+            raise ConfigError(f"{where}.name: 1 to 32 of a-z 0-9 - _, got {gw.name!r}")
+        if gw.name in names:
+            raise ConfigError(f"{where}.name: {gw.name!r} is configured twice")
+        names.add(gw.name)
+        if not gw.secret_file:
+            raise ConfigError(f"{where}.secret_file: the file of the secret shared with {gw.name!r} is required")
+        if gw.currency and gw.currency != pay.currency:
+            raise ConfigError(f"{where}.currency: {gw.currency!r} is not the installation's {pay.currency!r}"
+                              " (one currency per installation)")
+        if gw.amount_format not in AMOUNT_FORMATS:
+            raise ConfigError(f"{where}.amount_format: major or minor, got {gw.amount_format!r}")
+        if gw.pay_url and not gw.pay_url.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}.pay_url: an http(s) URL, got {gw.pay_url!r}")
+    if pay.office_gateway and pay.office_gateway not in names:
+        raise ConfigError(f"paygate.office_gateway: {pay.office_gateway!r} is not a configured gateway")
+    if pay.office_url and not pay.office_url.startswith(("https://", "http://")):
+        raise ConfigError(f"paygate.office_url: an http(s) URL, got {pay.office_url!r}")
+
+
 def _validate(config: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
@@ -343,7 +433,8 @@ def _validate(config: Config) -> None:
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
                       ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),
                       ("netflow.port", config.netflow.port), ("portal.port", config.portal.port),
-                      ("console.port", config.console.port), ("httpapi.port", config.httpapi.port)):
+                      ("console.port", config.console.port), ("httpapi.port", config.httpapi.port),
+                      ("paygate.port", config.paygate.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
@@ -375,6 +466,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("portal.tls_cert and portal.tls_key go together")
     validate_console(config.console)
     validate_httpapi(config.httpapi)
+    validate_paygate(config.paygate)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:
@@ -441,9 +533,19 @@ def example_config() -> str:
     for name, section_type in SECTIONS.items():
         lines.append("")
         lines.append(f"[{name}]")
+        tables = []
         for f in fields(section_type):
+            item = getattr(get_type_hints(section_type)[f.name], "__args__", (None,))[0]
+            if dataclasses.is_dataclass(item):   # an array of tables: after the section's keys, commented
+                tables.append((f, item))
+                continue
             lines.append(f"# {f.metadata['doc']}")
             lines.append(f"{f.name} = {_toml_value(f.default)}")
+        for f, item in tables:
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"# [[{name}.{f.name}]]")
+            for g in fields(item):
+                lines.append(f"# {g.name} = {_toml_value(g.default)}   # {g.metadata['doc']}")
     return "\n".join(lines) + "\n"
 
 

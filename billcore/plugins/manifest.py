@@ -48,6 +48,7 @@ RESERVED_NAMES = frozenset({
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
     "periodic", "portal", "console", "httpapi", "supervisor", "metrics",
+    "paygate",
 })
 
 _KEYS = {"name", "version", "api", "permanent", "description", "calls", "hooks", "config"}

@@ -65,6 +65,9 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     "console": frozenset({"session.proxy_admin", "events.subscribe", "events.notice"}),
     # the HTTP API: turns API tokens into token sessions and calls as them; reads nothing itself
     "httpapi": frozenset({"session.proxy_token"}),
+    # the payment gateways' callback edge: books payments (idempotent by the gateway's transaction id)
+    # and finds the account a callback names; reads nothing else
+    "paygate": frozenset({"payments.add", "payments.lookup"}),
 }
 
 # A principal that never logs in by SCRAM (a token) has this verifier: no proof matches it.

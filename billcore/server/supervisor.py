@@ -81,6 +81,8 @@ def children_for(config: Config) -> list[ChildSpec]:
         children.append(ChildSpec("console"))
     if config.httpapi.enabled:
         children.append(ChildSpec("httpapi"))
+    if config.paygate.enabled:
+        children.append(ChildSpec("paygate"))
     if config.netflow.enabled:
         children.extend(ChildSpec("netflow", i) for i in range(config.netflow_workers))
     return children

@@ -1,0 +1,1 @@
+"""The payment gateways' callback edge (role ``paygate``): signed callbacks in, payments booked over URFA."""
