@@ -36,7 +36,7 @@ from typing import Any, Final
 from billcore.billing.ledger_errors import InvalidValue
 
 __all__ = ["NAS_KINDS", "COA_NAK_ACTIONS", "RateProfile", "Attribute", "ProfileError", "mikrotik_rate",
-           "coa_attributes", "accept_attributes", "check_attributes", "known_attributes", "MAX_ATTRIBUTES"]
+           "coa_attributes", "link_attributes", "accept_attributes", "check_attributes", "known_attributes", "MAX_ATTRIBUTES"]
 
 NAS_KINDS: Final = ("generic", "mikrotik", "cisco")
 COA_NAK_ACTIONS: Final = ("disconnect", "none")
@@ -100,6 +100,22 @@ def coa_attributes(kind: str, profile: RateProfile) -> list[Attribute]:
         return _cisco(profile)
     if kind == "generic":
         return list(profile.attributes)
+    raise ProfileError(f"NAS kind must be one of {', '.join(NAS_KINDS)}")
+
+
+def link_attributes(kind: str, rate_limit: str, cisco_avpairs: Sequence[str]) -> list[Attribute]:
+    """What a CoA carries to give a session back its link's own rate (the end of a throttle).
+
+    MikroTik: the link's rate, or ``"0/0"`` (no limit) when it has none; Cisco: the link's
+    AV-pairs; a generic NAS: both, as Access-Accept sends them."""
+    mikrotik: list[Attribute] = [("Mikrotik-Rate-Limit", rate_limit or "0/0")]
+    cisco: list[Attribute] = [("Cisco-AVPair", pair) for pair in cisco_avpairs]
+    if kind == "mikrotik":
+        return mikrotik
+    if kind == "cisco":
+        return cisco
+    if kind == "generic":
+        return ([("Mikrotik-Rate-Limit", rate_limit)] if rate_limit else []) + cisco
     raise ProfileError(f"NAS kind must be one of {', '.join(NAS_KINDS)}")
 
 
