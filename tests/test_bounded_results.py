@@ -57,6 +57,7 @@ FIXED_LISTS = {
     "me.tariff": "one record per account of one subscriber",
     "me.traffic": "one subscriber's days (at most 366) x classes",
     "operators.roles": "the admin groups (role templates), at most MAX_ROLES (1 000)",
+    "outbox.claim": "the deliveries the caller leases, at most its limit (1..MAX_CLAIM, 1 000)",
 }
 
 # read-only fixed calls run on the big database (the rest write and answer one record)
