@@ -143,7 +143,7 @@ async def dunning_state(conn: DbConnection, account_id: int) -> dict[str, Any]:
     policy = await conn.fetchrow(
         "SELECT p.* FROM account_tariffs t JOIN dunning_policies p ON p.tariff_id = t.tariff_id"
         " WHERE t.account_id = $1 AND t.valid_to IS NULL ORDER BY t.valid_from DESC LIMIT 1", account_id)
-    out: dict[str, Any] = {"account_id": account_id, "cycle": 0, "step": "none", "debt_since": None,
+    out: dict[str, Any] = {"account_id": account_id, "cycle": 0, "step": "none", "debt_since": None, "block_on": None,
                            "policy": None if policy is None else Policy(**{k: policy[k] for k in (
                                "tariff_id", "reminder_days", "grace_days", "throttle_profile",
                                "block_after_days", "close_after_days")}).wire()}

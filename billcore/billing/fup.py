@@ -66,6 +66,7 @@ RATE_EVENTS: Final = ("fup.quota_reached", "fup.restored", "dunning.throttled", 
 QUOTA_CACHE_TTL: Final = 10.0
 MAX_KBPS: Final = 100_000_000
 MAX_QUOTA: Final = 2**62
+MAX_CATALOGUE: Final = 1000   # rate profiles and quotas a list call answers (a catalogue, not per subscriber)
 
 CounterTuple = tuple[int, int, int, int, dt.datetime]   # (account, service, class, range, period start)
 
@@ -268,7 +269,8 @@ def _name(value: object) -> str:
 
 
 async def profile_list(conn: DbConnection) -> list[RateProfile]:
-    return [_profile(row) for row in await conn.fetch(f"SELECT {_PROFILE_COLUMNS} FROM rate_profiles p ORDER BY p.id")]
+    return [_profile(row) for row in await conn.fetch(
+        f"SELECT {_PROFILE_COLUMNS} FROM rate_profiles p ORDER BY p.id LIMIT $1", MAX_CATALOGUE)]
 
 
 async def profile_set(conn: DbConnection, name: object, down_kbps: object, up_kbps: object, cisco_in: object = "",
@@ -300,7 +302,7 @@ async def quota_list(conn: DbConnection) -> list[dict[str, Any]]:
         "SELECT q.id, q.service_id, s.name AS service, q.class_id, c.name AS class, q.quota_bytes,"
         " q.profile_id, p.name AS profile FROM fup_quotas q JOIN services s ON s.id = q.service_id"
         " JOIN rate_profiles p ON p.id = q.profile_id LEFT JOIN traffic_classes c ON c.id = q.class_id"
-        " ORDER BY q.id")
+        " ORDER BY q.id LIMIT $1", MAX_CATALOGUE)
     return [dict(row) for row in rows]
 
 
