@@ -1,5 +1,6 @@
 """Dunning and fair usage where people see them: the console card's section (an operator) and the web office's
-banner (the subscriber), against the real core over URFA, after a dunning pass on a driven clock."""
+banner (the subscriber), against the real core over URFA, after a dunning pass on a driven clock; bad inputs to
+the fup/dunning calls answer clear codes, and a subscriber reads only their own status."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from billcore.billing import dunning, fup
 from billcore.billing.ledger import Entry, post_charges
@@ -16,6 +18,8 @@ from tests.console_harness import ConsoleWorld, console_world  # noqa: F401  (a 
 from tests.test_console_subscribers import seed
 from tests.test_portal_e2e import http_login
 from tests.test_portal_harness import LiveCore, LiveOffice, live_core, seed_subscriber  # noqa: F401  (a fixture)
+from urfa import client as uc
+from urfa.errors import CallFailed
 
 UNIT = 1_000_000
 DAY = dt.timedelta(days=1)
@@ -75,5 +79,52 @@ async def test_the_office_shows_the_subscriber_a_banner(live_core: LiveCore, tmp
                 assert 'id="restriction"' not in await r.text()
             mine = await admin.call("dunning.state", {"account_id": account})
             assert mine["step"] == "cleared"
+    finally:
+        await admin.close()
+
+
+async def test_bad_inputs_answer_clear_codes_and_a_subscriber_sees_only_their_own(
+        live_core: LiveCore) -> None:  # noqa: F811
+    admin = await live_core.admin()
+    try:
+        mine = await seed_subscriber(admin, "fay", "fay-password")
+        other = await seed_subscriber(admin, "gus", "gus-password")
+        periodic = (await admin.call("services.add", {"name": "fee", "kind": "periodic", "fee": UNIT,
+                                                      "period": {"kind": "monthly", "anchor": "2025-01-01"},
+                                                      "charge_mode": "start"}))["id"]
+        tariff = (await admin.call("tariffs.add", {"name": "t", "service_ids": [periodic]}))["id"]
+        profile = await admin.call("fup.profiles_set", {"name": "p", "down_kbps": 1000, "up_kbps": 1000})
+        refused = {
+            "fup.profiles_set": ({"name": "q", "down_kbps": 1, "up_kbps": 1, "attributes": [["No-Such", "x"]]},
+                                 "billing.invalid"),
+            "fup.quotas_set": ({"service_id": periodic, "quota_bytes": 10, "profile_id": profile}, "billing.invalid"),
+            "dunning.policies_set": ({"tariff_id": tariff, "grace_days": 9, "block_after_days": 2},
+                                     "billing.invalid"),
+            "fup.nas_set": ({"id": 1, "kind": "juniper"}, "billing.invalid"),
+        }
+        for name, (args, code) in refused.items():
+            with pytest.raises(CallFailed) as failed:
+                await admin.call(name, args)
+            assert failed.value.code == code, (name, failed.value.code, failed.value.message)
+        with pytest.raises(CallFailed) as failed:
+            await admin.call("dunning.policies_set", {"tariff_id": 10**12})
+        assert failed.value.code == "core.unknown"
+        with pytest.raises(CallFailed) as failed:
+            await admin.call("fup.quotas_set", {"service_id": 10**12, "quota_bytes": 10, "profile_id": profile})
+        assert failed.value.code == "core.unknown"
+
+        subscriber = await uc.connect("127.0.0.1", live_core.port)
+        try:
+            await subscriber.login("user", "fay", "fay-password")
+            own = await subscriber.call("me.dunning", {})
+            assert own == {"account_id": mine, "step": "none", "debt_since": None, "block_on": None,
+                           "throttled": False}
+            with pytest.raises(CallFailed) as failed:
+                await subscriber.call("me.dunning", {"account_id": other})
+            assert failed.value.code == "accounts.unknown"
+            with pytest.raises(CallFailed):
+                await subscriber.call("dunning.state", {"account_id": mine})
+        finally:
+            await subscriber.close()
     finally:
         await admin.close()

@@ -150,12 +150,14 @@ async def test_the_check_costs_nothing_without_a_quota_and_one_statement_with_on
             return [q for q in statements if "fup_quotas" in q and "pg_type" not in q]
 
         async with conn.transaction():
-            await fup.check_crossings(conn, key, [0], [MB], NOW, UTC)        # loads the cache once
+            await fup.check_crossings(conn, key, [0], [MB], NOW, UTC)        # loads the cache
+            fup._CACHE.unsettled_until = 0.0     # QUOTA_SETTLE seconds after the quota's write: settled
             statements.clear()
             assert await fup.check_crossings(conn, key, [0], [MB], NOW, UTC) == []
             assert len(ours()) == 1 and "usage_counters" in ours()[0]       # one statement: the quota's sum
             await fup.quota_delete(conn, (await fup.quota_list(conn))[0]["id"])
             await fup.check_crossings(conn, key, [0], [MB], NOW, UTC)        # re-reads the cache: no quota
+            fup._CACHE.unsettled_until = 0.0
             statements.clear()
             assert await fup.check_crossings(conn, key, [0], [QUOTA * 2], NOW, UTC) == []
             assert statements == []                                           # nothing at all

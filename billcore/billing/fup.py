@@ -64,6 +64,7 @@ RATE_EVENTS: Final = ("fup.quota_reached", "fup.restored", "dunning.throttled", 
 """Events after which RADIUS re-applies the account's current rate to its open sessions."""
 
 QUOTA_CACHE_TTL: Final = 10.0
+QUOTA_SETTLE: Final = 5.0
 MAX_KBPS: Final = 100_000_000
 MAX_QUOTA: Final = 2**62
 MAX_CATALOGUE: Final = 1000   # rate profiles and quotas a list call answers (a catalogue, not per subscriber)
@@ -90,10 +91,13 @@ class _QuotaCache:
         self.generation = 0
         self.loaded_generation = -1
         self.loaded_at = 0.0
+        self.unsettled_until = 0.0   # just after a write: its transaction may not have committed yet
         self.services: frozenset[int] = frozenset()
 
     async def services_with_quota(self, conn: DbConnection) -> frozenset[int]:
-        if self.loaded_generation != self.generation or time.monotonic() - self.loaded_at > QUOTA_CACHE_TTL:
+        now = time.monotonic()
+        if self.loaded_generation != self.generation or now - self.loaded_at > QUOTA_CACHE_TTL \
+                or now < self.unsettled_until:
             generation = self.generation
             rows = await conn.fetch("SELECT DISTINCT service_id FROM fup_quotas")
             self.services = frozenset(int(row[0]) for row in rows)
@@ -105,8 +109,10 @@ _CACHE = _QuotaCache()
 
 
 def invalidate_quota_cache() -> None:
-    """Quotas changed (here, or by hand): the next commit re-reads which services have one."""
+    """Quotas changed (here, or by hand): the next commits re-read which services have one — every one
+    for ``QUOTA_SETTLE`` seconds, so a read made before the writing transaction commits is not kept."""
     _CACHE.generation += 1
+    _CACHE.unsettled_until = time.monotonic() + QUOTA_SETTLE
 
 
 def fup_dedup_key(account_id: int, service_id: int, class_id: int | None, period_start: dt.datetime) -> str:
@@ -364,10 +370,14 @@ async def rate_state(conn: DbConnection, account_id: int, now: dt.datetime) -> l
     link's rate by CoA, so only a new session, through Access-Accept, gets it)."""
     rows = await conn.fetch(
         "SELECT s.id, s.session_id, s.login, host(s.framed_ip) AS framed_ip, host(n.address) AS nas_ip,"
-        " n.coa_port, n.kind AS nas_kind, n.coa_nak_action, l.rate_limit, l.cisco_avpairs"
+        " n.coa_port, n.kind AS nas_kind, n.coa_nak_action, l.rate_limit, l.cisco_avpairs, th.throttle"
         " FROM radius_sessions s JOIN radius_nas n ON n.id = s.nas_id JOIN radius_links l ON l.id = s.link_id"
-        " WHERE s.account_id = $1 AND s.ended_at IS NULL ORDER BY s.id LIMIT $2", account_id, MAX_RATE_SESSIONS)
-    throttle = (await throttle_profiles(conn, [account_id], now)).get(account_id)
+        # the throttle in force (as throttle_profiles), once per answer: the same for every session
+        " LEFT JOIN LATERAL (SELECT row_to_json(p)::text AS throttle FROM account_throttles t"
+        "   JOIN rate_profiles p ON p.id = t.profile_id WHERE t.account_id = $1 AND t.restored_at IS NULL"
+        "   AND t.since <= $3 AND (t.until IS NULL OR t.until > $3) ORDER BY p.down_kbps, p.id LIMIT 1) th ON true"
+        " WHERE s.account_id = $1 AND s.ended_at IS NULL ORDER BY s.id LIMIT $2", account_id, MAX_RATE_SESSIONS, now)
+    throttle = _profile(json.loads(rows[0]["throttle"])) if rows and rows[0]["throttle"] else None
     out = []
     for row in rows:
         attrs = coa_attributes(row["nas_kind"], throttle) if throttle is not None else \
