@@ -303,8 +303,11 @@ async def _class_names(request: web.Request) -> dict[int, str]:
 
 async def overview(request: web.Request) -> web.StreamResponse:
     which = _account_arg(request)
-    accounts, tariffs, names = await asyncio.gather(
-        ask(request, "me.accounts"), ask_optional(request, "me.tariff", **which), _class_names(request))
+    from .dunning import banner   # dunning and fair-usage restrictions (portal/dunning.py)
+
+    accounts, tariffs, names, restriction = await asyncio.gather(
+        ask(request, "me.accounts"), ask_optional(request, "me.tariff", **which), _class_names(request),
+        banner(request, which))
     if not accounts:
         raise PageError(404, "error.404")
     wanted = which.get("account_id", accounts[0]["id"])
@@ -318,6 +321,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
               "promised": t("promised.taken"), "password": t("password.changed")}.get(message, "")
     return page(request, "overview.html", accounts=accounts, account=account,
                 tariff=_tariff_view(entry, names), internet=_internet_state(account["blocks"]), notice=notice,
+                restriction=restriction,
                 available=account["balance"] + account["credit"] + account["promised"])
 
 

@@ -8,7 +8,9 @@ present) proves the secret is answered:
 * ACK when it names a known session (by Acct-Session-Id, else by
   User-Name); a disconnected session is forgotten, a CoA records the
   attributes it asked to apply;
-* NAK with Error-Cause 503 Session-Context-Not-Found otherwise.
+* NAK with Error-Cause 503 Session-Context-Not-Found otherwise;
+* with ``coa_nak`` set, NAK to every CoA-Request with Error-Cause 405
+  Unsupported-Service (a NAS that does not do CoA; Disconnects still work).
 
 A request with a wrong secret is silently discarded (RFC 5176 s.3.5), like a
 real NAS does.  Every verified request is kept in ``received``.
@@ -29,6 +31,7 @@ from .requests import raw_attributes
 __all__ = ["NasSimulator"]
 
 SESSION_CONTEXT_NOT_FOUND = 503
+UNSUPPORTED_SERVICE = 405
 
 
 @dataclass
@@ -41,6 +44,7 @@ class NasSimulator:
     packets: list[bytes] = field(default_factory=list)  # every verified request, as received
     dropped: int = 0
     answer: bool = True  # False: a NAS that never answers (timeouts)
+    coa_nak: bool = False  # True: every CoA-Request is refused (405 Unsupported-Service)
     transport: asyncio.DatagramTransport | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -87,6 +91,9 @@ class NasSimulator:
             return None
         session = self._find(attrs)
         disconnect = header.code == DisconnectRequest
+        cause = SESSION_CONTEXT_NOT_FOUND
+        if self.coa_nak and not disconnect:
+            session, cause = None, UNSUPPORTED_SERVICE
         if session is None:
             code = DisconnectNAK if disconnect else CoANAK
         else:
@@ -99,7 +106,7 @@ class NasSimulator:
         reply._request_code = header.code
         reply.message_authenticator = True
         if session is None:
-            reply.AddAttribute("Error-Cause", SESSION_CONTEXT_NOT_FOUND)
+            reply.AddAttribute("Error-Cause", cause)
         return bytes(reply.ReplyPacket())
 
     def _find(self, attrs: dict[int, list[bytes]]) -> str | None:

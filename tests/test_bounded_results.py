@@ -58,6 +58,9 @@ FIXED_LISTS = {
     "me.traffic": "one subscriber's days (at most 366) x classes",
     "operators.roles": "the admin groups (role templates), at most MAX_ROLES (1 000)",
     "outbox.claim": "the deliveries the caller leases, at most its limit (1..MAX_CLAIM, 1 000)",
+    "fup.profiles_list": "the rate profiles (a catalogue), at most MAX_CATALOGUE (1 000)",
+    "fup.quotas_list": "the quotas (a catalogue), at most MAX_CATALOGUE (1 000)",
+    "radius.rate_state": "the open sessions of one account, at most MAX_RATE_SESSIONS (100)",
 }
 
 # read-only fixed calls run on the big database (the rest write and answer one record)

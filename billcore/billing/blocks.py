@@ -9,7 +9,10 @@ account.  An account with any active block is blocked (RADIUS refuses it).
 * ``admin``  — set and lifted by an operator.
 * ``user``   — the subscriber's own "internet off" switch.
 * ``system`` — automatic, for debt.  Never set or lifted by hand: only
-  ``sync_system_block`` touches it, and only it.
+  ``sync_system_block`` touches it, and only it.  One exemption: an account
+  under a dunning policy that grants days before the block is not blocked
+  until the policy's block step (``billcore.billing.dunning``); lifting is
+  never deferred.
 
 The debt rule (``in_debt``): an account that is not unlimited is in debt
 when ``balance < -(credit + active promised credit)``.  ``sync_system_block``
@@ -175,6 +178,14 @@ async def lift_block(conn: DbConnection, account_id: int, kind: str, *, actor: s
 
 MAX_SYNC = 100_000   # accounts per set-based sync: the ledger's batch limit
 
+# The debt rule's one exemption: accounts under a dunning policy with days before its block step,
+# whose cycle has not reached that step.  Read only when there are new debtors (rare): no cost otherwise.
+_DUNNING_WAITS = (
+    "SELECT t.account_id FROM account_tariffs t JOIN dunning_policies p ON p.tariff_id = t.tariff_id"
+    " LEFT JOIN dunning_state s ON s.account_id = t.account_id"
+    " WHERE t.account_id = ANY($1::bigint[]) AND t.valid_from <= $2 AND (t.valid_to IS NULL OR t.valid_to > $2)"
+    " AND p.block_after_days > 0 AND (s.step IS NULL OR s.step NOT IN ('blocked', 'closed'))")
+
 
 @dataclass(frozen=True, slots=True)
 class LockedAccount:
@@ -239,6 +250,13 @@ async def sync_system_blocks(conn: DbConnection, account_ids: Iterable[int], *, 
                 reasons.append(f"balance {acc.balance} below -(credit {acc.credit} + promised {promised})")
         elif blocked:
             clear.append(i)
+    if debtors:
+        # dunning (schema 0017, billcore.billing.dunning): an account whose tariff's policy gives it
+        # days before the block waits for the policy's block step, which sets the state to 'blocked'
+        keep = {i for i, in await conn.fetch(_DUNNING_WAITS, debtors, now)}
+        if keep:
+            reasons = [reason for i, reason in zip(debtors, reasons) if i not in keep]
+            debtors = [i for i in debtors if i not in keep]
     changes: dict[int, BlockChange] = {}
     if debtors:
         # ORDER BY n: block ids are drawn in ascending account order, as before.

@@ -78,6 +78,7 @@ import asyncpg
 
 from billcore.billing.outbox import enqueue_one
 from billcore.common.errors import InvariantViolation, UsageError
+from billcore.billing.fup import check_crossings
 from billcore.billing.ledger import post_batch
 from billcore.common.money import MAX_AMOUNT
 from billcore.billing.rating import (
@@ -391,6 +392,7 @@ async def commit_usage(conn: DbConnection, source: str, watermark: int,
                 *columns, quantities, charged, now)
             if status != f"UPDATE {len(keys)}":
                 raise InvariantViolation(f"{status} of {len(keys)} locked usage counters")
+            await check_crossings(conn, keys, before_q, quantities, now, tz)   # FUP: same transaction
 
         days = _daily(usage, resolved.rejected, moves, tz)
         if days:

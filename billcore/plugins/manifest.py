@@ -45,6 +45,7 @@ RESERVED_NAMES = frozenset({
     "bindings", "radius", "netflow", "plugins",
     "operators", "self", "subscribers", "bulk", "tokens",
     "outbox",
+    "fup", "dunning",
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
     "periodic", "portal", "console", "httpapi", "supervisor", "metrics",

@@ -7,7 +7,9 @@ active block, the link is at its simultaneous-session limit or the account at
 its time service's ``max_sessions``, or the money left buys no second of time
 (``timewalk``).  Accepted with Framed-IP-Address (static, or a lease from the
 link's pool: one row per address, so no two links collide), Session-Timeout,
-Acct-Interim-Interval and the rate limit (Mikrotik-Rate-Limit, Cisco-AVPair).
+Acct-Interim-Interval and the rate limit (Mikrotik-Rate-Limit, Cisco-AVPair) — the
+link's own, or, for an account throttled now (fair usage or dunning, schema 0017),
+its rate profile's (``billcore.radius.ratelimit.accept_attributes``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import json
 from collections.abc import Sequence
 from typing import Final
 
@@ -24,6 +27,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from billcore.db.rows import DbConnection
 from billcore.radius.records import AccessRequest, AuthMethod, Decision, LinkState, Malformed, Refusal, ReplyValue
+from billcore.radius.ratelimit import RateProfile, accept_attributes
 from billcore.radius.secrets import SecretStore
 from billcore.radius.timewalk import TimeVerdict, time_verdicts
 
@@ -38,7 +42,11 @@ _LINKS_BY_LOGIN: Final = (
     " l.disabled, a.balance, a.credit, a.unlimited, a.status,"
     " EXISTS (SELECT 1 FROM blocks b WHERE b.account_id = l.account_id AND b.lifted_at IS NULL) AS blocked,"
     " (SELECT count(*) FROM radius_sessions s WHERE s.link_id = l.id AND s.ended_at IS NULL) AS active,"
-    " tv.services AS time_services, tv.max_sessions AS time_max_sessions, tv.session_limit AS time_session_limit"
+    " tv.services AS time_services, tv.max_sessions AS time_max_sessions, tv.session_limit AS time_session_limit,"
+    # the rate profile of a throttle in force now (FUP or dunning; the slowest), as JSON text
+    " (SELECT row_to_json(p)::text FROM account_throttles th JOIN rate_profiles p ON p.id = th.profile_id"
+    "   WHERE th.account_id = l.account_id AND th.restored_at IS NULL AND th.since <= $2"
+    "   AND (th.until IS NULL OR th.until > $2) ORDER BY p.down_kbps, p.id LIMIT 1) AS throttle"
     " FROM radius_links l JOIN accounts a ON a.id = l.account_id"
     # the time services of the tariff in force now (normally none or one)
     " LEFT JOIN LATERAL (SELECT array_agg(sv.id ORDER BY sv.id) AS services, min(sv.max_sessions) AS max_sessions,"
@@ -108,7 +116,8 @@ def _decide_time(link: LinkState, verdict: TimeVerdict | None) -> Refusal | None
     return verdict.refusal
 
 
-def _accept(link: LinkState, address: str | None, verdict: TimeVerdict | None) -> Decision:
+def _accept(link: LinkState, address: str | None, verdict: TimeVerdict | None,
+            throttle: RateProfile | None = None) -> Decision:
     reply: list[tuple[str, ReplyValue]] = []
     limits = [limit for limit in (link.session_limit, link.time_session_limit if verdict else None) if limit]
     if verdict is not None and verdict.seconds is not None:
@@ -119,9 +128,12 @@ def _accept(link: LinkState, address: str | None, verdict: TimeVerdict | None) -
     if limits:
         reply.append(("Session-Timeout", min(min(limits), _MAX_SESSION_TIMEOUT)))
     reply.append(("Acct-Interim-Interval", link.interim_interval))
-    if link.rate_limit:
-        reply.append(("Mikrotik-Rate-Limit", link.rate_limit))
-    reply.extend(("Cisco-AVPair", pair) for pair in link.cisco_avpairs)
+    if throttle is not None:   # a throttled account gets its profile's rate instead of the link's own
+        reply.extend(accept_attributes(throttle))
+    else:
+        if link.rate_limit:
+            reply.append(("Mikrotik-Rate-Limit", link.rate_limit))
+        reply.extend(("Cisco-AVPair", pair) for pair in link.cisco_avpairs)
     return Decision(True, tuple(reply), account_id=link.account_id)
 
 
@@ -151,8 +163,14 @@ async def authorize_many(conn: DbConnection, store: SecretStore, requests: Seque
     own).  A ``Malformed`` request is rejected alone, before the query.
     ``tz`` is the operator's zone (time ranges, periods)."""
     logins = sorted({request.login for request in requests if isinstance(request, AccessRequest)})
-    links = {row["login"]: LinkState(**dict(row)) for row in await conn.fetch(_LINKS_BY_LOGIN, logins, now)} \
-        if logins else {}
+    links: dict[str, LinkState] = {}
+    throttles: dict[int, RateProfile] = {}
+    for row in await conn.fetch(_LINKS_BY_LOGIN, logins, now) if logins else []:
+        fields = dict(row)
+        throttle = fields.pop("throttle")
+        links[row["login"]] = LinkState(**fields)
+        if throttle is not None:
+            throttles[row["account_id"]] = RateProfile.of(json.loads(throttle))
     # per request: its refusal, or the link that passed the rules needing no further query
     first = [request.refusal if isinstance(request, Malformed) else _decide(request, links.get(request.login), store)
              for request in requests]
@@ -166,7 +184,8 @@ async def authorize_many(conn: DbConnection, store: SecretStore, requests: Seque
         verdict = verdicts.get(item.account_id)
         refused = _decide_time(item, verdict)
         address = await _address(conn, item, now, lease_hold) if refused is None else refused
-        out.append(Decision.reject(address) if isinstance(address, Refusal) else _accept(item, address, verdict))
+        out.append(Decision.reject(address) if isinstance(address, Refusal)
+                   else _accept(item, address, verdict, throttles.get(item.account_id)))
     return out
 
 

@@ -72,14 +72,14 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
     database gone (so monitoring sees an outage shorter than the probe's interval)."""
     from billcore.api import money_calls, netflow_calls, operators, periodic, portal_calls, reports, tariffs
-    from billcore.api import api_tokens, health, outbox_calls, radius_history
+    from billcore.api import api_tokens, fup_calls, health, outbox_calls, radius_history
     from billcore.api.radius import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
-        *api_tokens.calls(core), *outbox_calls.calls(core),
+        *api_tokens.calls(core), *outbox_calls.calls(core), *fup_calls.calls(core),
     ]
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
@@ -152,6 +152,7 @@ async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
     from billcore.api import announce, listened
     from billcore.billing.payments import expire_promised
     from billcore.billing.scheduler import RunProgress, run_due
+    from billcore.server.automation import automation_pass
 
     def report(p: RunProgress) -> None:
         metrics.periodic_progress(p)
@@ -160,6 +161,7 @@ async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
 
     async with core.pool.acquire() as conn:
         await announce(core, await expire_promised(conn, core.now()))
+    await automation_pass(core)   # FUP restores and dunning (billcore.server.automation)
 
     # Per-row events cost a 1M-account run real time: enqueued (in each
     # batch's transaction) only while a plugin listens (checked per run:

@@ -34,6 +34,7 @@ from aiohttp import web
 from billcore.common.errors import BillingError
 from billcore.common.money import format_money, parse_money
 from console.page import Page, Refused, call, form, redirect, render, stream, t
+from console.pages.automation import card_section
 from console.pages.subscriber_filter import read_id, read_page
 from console.pages.subscribers import can, tariff_choices
 from webedge.chart import traffic_chart, traffic_table
@@ -334,7 +335,7 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
                       error=error, reason=reason, section=section, typed=typed or {}, notice=_notice(request))
     paged = {"limit": PAGE_ROWS}
     (user, account, blocks, payments, ledger, links, tariffs, services, bindings, radius_logins, online, past,
-     audit, traffic) = await asyncio.gather(
+     audit, traffic, automation) = await asyncio.gather(
         user_call,
         _maybe(request, "accounts.get", account_id=account_id),
         _maybe(request, "blocks.list", account_id=account_id, limit=PAGE_ROWS),
@@ -350,6 +351,7 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
         _maybe(request, "radius.history", account_id=account_id, **paged, offset=(past_page - 1) * PAGE_ROWS),
         _maybe(request, "accounts.audit", account_id=account_id, **paged, offset=(audit_page - 1) * PAGE_ROWS),
         _traffic(request, account_id),
+        card_section(request, account_id),
     )
     if account_id not in {row["id"] for row in user["accounts"]} and user.get("accounts_total", 0) <= len(
             user["accounts"]):
@@ -364,7 +366,7 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
         "credit_text": format_money(account["credit"]) if account else "", "account": account,
         "blocks": blocks, "payments": payments, "ledger": ledger, "tariff": tariff, "tariffs": tariffs,
         "services": services_of(current_id, tariffs, services), "bindings": bindings, "radius_logins": radius_logins,
-        "online": online, "past": past, "audit": audit, "traffic": traffic,
+        "online": online, "past": past, "audit": audit, "traffic": traffic, "automation": automation,
     }
     pages = {"ledger": ledger_page, "audit": audit_page, "past": past_page}
     return render(request, "card/card.html", status=status, user=user, account_id=account_id, parts=parts,

@@ -1,0 +1,31 @@
+"""The automation steps of the core's periodic pass: FUP restores and the dunning pass.
+
+Theory of operation
+-------------------
+``billcore.server.core._periodic_pass`` calls ``automation_pass(core)`` once
+per pass, before the periodic charges.  Both steps are idempotent and take
+``now`` from the core's clock, so a pass repeated or restarted takes each
+step once (``billcore.billing.fup.restore_due``,
+``billcore.billing.dunning.dunning_step``); their outbox events reach RADIUS,
+notifications and hooks through the outbox, and block changes are announced
+after their commits like every other block change.
+"""
+
+from __future__ import annotations
+
+from billcore.api import announce
+from billcore.billing.dunning import DunningResult, dunning_step
+from billcore.billing.fup import restore_due
+from billcore.server.context import CoreContext
+
+__all__ = ["automation_pass"]
+
+
+async def automation_pass(core: CoreContext) -> tuple[int, DunningResult]:
+    """Restore the throttles whose period ended, then advance dunning; (restored, dunning result)."""
+    now = core.now()
+    async with core.pool.acquire() as conn:
+        restored = await restore_due(conn, now)
+        result = await dunning_step(conn, now, core.config.zone)
+    await announce(core, result.block_changes)
+    return restored, result
