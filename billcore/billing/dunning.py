@@ -32,8 +32,9 @@ rule's automatic block waits (``blocks.sync_system_blocks`` leaves such
 accounts out; see there).  At the block step the state says ``blocked`` and
 the debt rule is asked again, so it blocks; a payment that clears the debt
 lifts it the usual way, in the payment's transaction.  A payment that clears
-the debt cancels the cycle at the next pass (``cancel_cleared`` may also be
-called in the payment's transaction): state ``cleared``, the dunning
+the debt cancels the cycle in its own transaction (``add_payment`` calls
+``cancel_cleared``; other ways out of debt, such as more credit, at the next
+pass): state ``cleared``, the dunning
 throttle lifted, ``dunning.cleared`` (a rate event: RADIUS restores the speed).
 A closed account stays closed.
 """

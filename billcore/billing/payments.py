@@ -41,6 +41,7 @@ from typing import Any
 import asyncpg
 
 from billcore.billing.blocks import BlockChange, sync_system_block, sync_system_blocks
+from billcore.billing.dunning import cancel_cleared
 from billcore.billing.outbox import enqueue_one
 from billcore.billing.ledger import Entry, lock_accounts, post_charges, utcnow
 from billcore.common.errors import InvariantViolation
@@ -171,6 +172,10 @@ async def add_payment(conn: DbConnection, *, account_id: int, amount: int, metho
                 raise InvariantViolation(f"payment {payment_id} did not post exactly one row")
             ledger_id = result.posted[0].ledger_id
             await conn.execute("UPDATE payments SET ledger_id = $2 WHERE id = $1", payment_id, ledger_id)
+            # a payment that clears a debt ends its dunning cycle now, in this
+            # transaction: the speed limit is restored by the dunning.cleared
+            # event's CoA, not a periodic pass later
+            await cancel_cleared(conn, [account_id], now)
             await enqueue_one(conn, "payment.added", {
                 "account_id": account_id, "amount": amount, "balance": result.balances[account_id],
                 "external_id": external_id, "method": method, "payment_id": payment_id}, now, account_id=account_id)
