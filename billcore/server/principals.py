@@ -64,6 +64,9 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     "console": frozenset({"session.proxy_admin", "events.subscribe", "events.notice"}),
     # the HTTP API: turns API tokens into token sessions and calls as them; reads nothing itself
     "httpapi": frozenset({"session.proxy_token"}),
+    # the notify edge: claims and acknowledges email and webhook deliveries (outbox.claim answers it
+    # only those channels), hears topic "outbox", and reads webhook secrets to sign with
+    "notify": frozenset({"outbox.claim", "events.subscribe", "notify.deliver"}),
 }
 
 # A principal that never logs in by SCRAM (a token) has this verifier: no proof matches it.

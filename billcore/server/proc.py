@@ -29,6 +29,7 @@ ROLES: dict[str, str] = {
     "portal": "portal.app:run",
     "console": "console.app:run",
     "httpapi": "httpapi.app:run",
+    "notify": "notify.process:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"
