@@ -196,6 +196,16 @@ class HttpapiSection:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxSection:
+    max_attempts: int = _f(10, "Tries of one outbox delivery (a hook, a Disconnect, an email ...) before it is dead (kept for an operator's retry).")
+    backoff_base: float = _f(10.0, "Seconds before the second try of a failed delivery; each later pause doubles.")
+    backoff_cap: float = _f(3600.0, "Longest pause, in seconds, between two tries of a failed delivery.")
+    keep_days: int = _f(30, "Days delivered deliveries and fully dispatched events are kept before they are pruned (dead ones stay).")
+    lease: float = _f(60.0, "Seconds a claimed delivery stays with its deliverer; unanswered, it is tried again.")
+    poll_interval: float = _f(5.0, "Seconds between the dispatcher's and deliverers' checks when no notification wakes them.")
+
+
+@dataclass(frozen=True, slots=True)
 class NotifySection:
     enabled: bool = _f(False, "Run the notify process: emails and webhooks from the outbox (a URFA client of the core).")
     language: str = _f("en", "Language of notifications for subscribers who chose none: en or ru.")
@@ -235,6 +245,7 @@ class Config:
     portal: PortalSection = field(default_factory=PortalSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
     httpapi: HttpapiSection = field(default_factory=HttpapiSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
     notify: NotifySection = field(default_factory=NotifySection)
     source: str = ""  # the file it was read from ("" = defaults)
 
@@ -432,6 +443,12 @@ def _validate(config: Config) -> None:
         if not ok:
             raise ConfigError(f"netflow.sampling: expected 'ADDRESS=N' with N >= 1, got {text!r}")
     positive("periodic.batch_size", config.periodic.batch_size)
+    for key, value in (("max_attempts", config.outbox.max_attempts), ("backoff_base", config.outbox.backoff_base),
+                       ("backoff_cap", config.outbox.backoff_cap), ("keep_days", config.outbox.keep_days),
+                       ("lease", config.outbox.lease), ("poll_interval", config.outbox.poll_interval)):
+        positive(f"outbox.{key}", value)
+    if config.outbox.lease > 3600:
+        raise ConfigError(f"outbox.lease: at most 3600 seconds, got {config.outbox.lease!r}")
     if config.database.pool_min > config.database.pool_max:
         raise ConfigError("database.pool_min: larger than database.pool_max")
     try:
