@@ -39,6 +39,7 @@ from typing import Any
 
 from billcore.billing.notify_prefs import ESSENTIAL
 from billcore.billing.notify_templates import DEFAULTS, EVENTS, MoneyStyle, NotifyTemplateError, Template, render
+from billcore.billing.notify_webhooks import TEST_EVENT
 from billcore.billing.outbox_delivery import NewDelivery, StoredEvent
 from billcore.db.rows import DbConnection
 
@@ -85,13 +86,20 @@ async def route_notifications(conn: DbConnection, events: Sequence[StoredEvent],
     mailed = [e for e in events if e.account_id is not None and e.event in EVENTS]
     if mailed:
         out.extend(await _emails(conn, mailed, settings))
+    # webhooks.test's event goes to its one endpoint (enabled or not), never to subscribers of '*'
+    tests = {e.id: int(e.payload["webhook_id"]) for e in events
+             if e.event == TEST_EVENT and type(e.payload.get("webhook_id")) is int}
     hooks = await conn.fetch(
-        "SELECT id, url, events FROM webhooks WHERE enabled AND (events && $1::text[] OR '*' = ANY(events))"
-        " ORDER BY id", names)
+        "SELECT id, url, events, enabled FROM webhooks WHERE (enabled AND (events && $1::text[] OR '*' = ANY(events)))"
+        " OR id = ANY($2::bigint[]) ORDER BY id", names, sorted(set(tests.values())))
     for event in events:
         body: str | None = None
         for hook in hooks:
-            if event.event in hook["events"] or "*" in hook["events"]:
+            if event.event == TEST_EVENT:
+                wanted = tests.get(event.id) == hook["id"]
+            else:
+                wanted = hook["enabled"] and (event.event in hook["events"] or "*" in hook["events"])
+            if wanted:
                 body = body or webhook_body(event)
                 out.append(NewDelivery(event.id, "webhook", str(hook["id"]), {"url": hook["url"], "body": body}))
     return out
@@ -130,7 +138,7 @@ async def _emails(conn: DbConnection, events: Sequence[StoredEvent], settings: R
     return out
 
 
-def _render(event: StoredEvent, lang: str, overrides: Mapping[tuple[str, str], Template], person: Mapping[str, Any],
+def _render(event: StoredEvent, lang: str, overrides: Mapping[tuple[str, str], Template], person: Any,
             settings: RouteSettings) -> tuple[str, str] | None:
     values = variables(event, person["login"], person["full_name"], settings.style.currency)
     for template in (overrides.get((event.event, lang)), DEFAULTS.get((event.event, lang))):

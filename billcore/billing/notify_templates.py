@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from billcore.common.errors import BillingError
 from billcore.common.money import format_money

@@ -72,14 +72,14 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
     database gone (so monitoring sees an outage shorter than the probe's interval)."""
     from billcore.api import money_calls, netflow_calls, operators, periodic, portal_calls, reports, tariffs
-    from billcore.api import api_tokens, health, radius_history
+    from billcore.api import api_tokens, health, notify_calls, radius_history
     from billcore.api.radius import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
-        *api_tokens.calls(core),
+        *api_tokens.calls(core), *notify_calls.calls(core),
     ]
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
