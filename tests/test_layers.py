@@ -45,6 +45,7 @@ EDGES: dict[str, str] = {
     "httpapi": "httpapi",
     "webedge": "webedge",
     "billcore/clients": "billcore.clients",
+    "notify": "notify",
 }
 KERNEL = "billcore.common"      # what edges may import of billcore
 PLUGIN_API = "billcore.plugins.api"

@@ -12,15 +12,13 @@ reads the cleartext over URFA (``notify.webhook_secrets``, right
 secrets.
 
 Signature (docs/automation/notify.md): ``X-Billcore-Signature: v1=<hex
-HMAC-SHA256(secret, "<timestamp>.<body>")>``; ``sign`` is the one
-implementation, the edge's and the tests'.
+HMAC-SHA256(secret, "<timestamp>.<body>")>``; ``billcore.common.webhook_sig``
+is the one implementation, the edge's and the tests' (re-exported here).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import re
 import secrets
 import urllib.parse
@@ -29,6 +27,7 @@ from typing import Any
 
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.common.errors import AlreadyExists, UnknownObject
+from billcore.common.webhook_sig import sign, verify
 from billcore.db.rows import DbConnection
 from billcore.radius.secrets import SecretStore
 
@@ -40,20 +39,7 @@ EVENT_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 TEST_EVENT = "webhook.test"       # webhooks.test: routed to the one endpoint named in its payload
 MAX_URL = 2000
 MAX_EVENTS = 100
-TOLERANCE = 300                   # seconds a receiver accepts a timestamp off by
 _COLS = "id, name, url, events, enabled, created_at, updated_at"
-
-
-def sign(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The ``X-Billcore-Signature`` value of ``body`` sent at ``timestamp`` (Unix seconds)."""
-    return "v1=" + hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: bytes, timestamp: str, body: bytes, signature: str, now: float) -> bool:
-    """What a receiver does: the timestamp within ``TOLERANCE`` and the signature equal (constant time)."""
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > TOLERANCE:
-        return False
-    return hmac.compare_digest(sign(secret, int(timestamp), body), signature)
 
 
 def check_name(name: object) -> str:
