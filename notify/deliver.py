@@ -97,8 +97,8 @@ def build_email(delivery: Mapping[str, Any], mail_from: str) -> EmailMessage:
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = message_id(delivery, mail_from)
     msg["X-Billcore-Event"] = str(int(delivery["event_id"]))
-    msg["Content-Language"] = str(message.get("lang") or "en")
     msg.set_content(str(message["body"]), charset="utf-8")
+    msg["Content-Language"] = str(message.get("lang") or "en")     # after set_content, which clears Content-*
     return msg
 
 
