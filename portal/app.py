@@ -428,6 +428,9 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes) -> web.Applica
     app.router.add_post("/password", password_post)
     app.router.add_get("/lang/{lang}", language)
     app.router.add_get("/healthz", healthz)
+    from . import notifications   # (it imports this module's helpers)
+
+    notifications.add_routes(app)
     app.router.add_static("/static", HERE / "static", append_version=True)
     http.add_shared_static(app)
     return app
