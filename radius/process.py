@@ -7,7 +7,7 @@ message), then start the link to the core (``urfa.link.Link``, which
 reconnects and resumes by itself; see docs/architecture.md).  It logs in as
 the ``radius`` system principal (password file
 ``<data_dir>/system/radius.password``, provisioned by the core, read at
-every attempt), subscribes to ``blocks``, ``radius.nas`` and
+every attempt), subscribes to ``outbox``, ``radius.nas`` and
 ``radius.disconnect`` and loads ``radius.nas_list`` on every (re)connect.
 
 While the link is down, nothing is answered: a request that reaches the
@@ -24,10 +24,14 @@ request — it is rarer and each one is its own transaction in the core — with
 at most ``max_accounting`` in flight (a storm of Starts after a NAS reboot
 waits its turn, within the decision timeout, instead of meeting "busy").
 
-Events: a ``blocks`` event with action ``set`` → ``radius.sessions`` for the
-account → Disconnect-Request, or a CoA to the NAS's blocked profile;
-``radius.nas`` → reload the NAS table; ``radius.disconnect`` → send it.
-Every ``stale_check`` seconds, ``radius.close_stale``.
+A block's Disconnect (and a rate change) is an outbox delivery of channel
+``radius`` (``radius.outbox_consumer``): claimed, sent — ``radius.sessions``
+for the account → Disconnect-Request, or a CoA to the NAS's blocked profile
+— and acknowledged, so a block committed while this process was down or
+restarting still disconnects the account when it is back.  Topics:
+``outbox`` wakes the deliverer; ``radius.nas`` → reload the NAS table;
+``radius.disconnect`` (an operator's request) → send it at once.  Every
+``stale_check`` seconds, ``radius.close_stale``.
 """
 
 from __future__ import annotations
@@ -49,13 +53,15 @@ from urfa.reconnect import Verdict, verdict
 
 from .coa import CoaTimeout, send_dynauth, session_attributes
 from .dedup import DedupCache
+from .outbox_consumer import OutboxConsumer, Outcome, rate_applier
 from .server import Decision, DecisionUnavailable, Nas, NasTable, PortInUse, RadiusError, RadiusServer, load_dictionary
 
-__all__ = ["RadiusSettings", "UrfaDecider", "core_call", "core_link", "dynauth_sessions", "run_process"]
+__all__ = ["RadiusSettings", "UrfaDecider", "core_call", "core_link", "dynauth_sessions", "outbox_action",
+           "run_process"]
 
 log = logging.getLogger(__name__)
 
-TOPICS = ("blocks", "radius.nas", "radius.disconnect")
+TOPICS = ("outbox", "radius.nas", "radius.disconnect")
 NAS_PAGE = 1000  # radius.nas_list's page size at most
 
 CONNECTED = Gauge("billcore_radius_core_connected", "1 while the radius process holds a session with the core",
@@ -242,6 +248,33 @@ async def dynauth_sessions(sessions: list[dict[str, Any]], table: NasTable, sett
     return list(await asyncio.gather(*(one(s) for s in sessions)))
 
 
+async def outbox_action(link: Link, delivery: dict[str, Any], table: NasTable, settings: RadiusSettings,
+                        dictionary: Any) -> Outcome:
+    """Carry out one ``radius`` outbox delivery (``radius.outbox_consumer``)."""
+    message = delivery.get("message") or {}
+    action = message.get("action")
+    account_id = message.get("account_id", delivery.get("account_id"))
+    if type(account_id) is not int:
+        return Outcome(False, "no account_id in the delivery", permanent=True)
+    if action == "disconnect":
+        sessions = await core_call(link, "radius.sessions", {"account_id": account_id}, timeout=10.0)
+        if not sessions:
+            return Outcome(True)
+        acked = await dynauth_sessions(sessions, table, settings, dictionary)
+        if all(acked):
+            return Outcome(True)
+        return Outcome(False, f"{acked.count(False)} of {len(acked)} sessions not disconnected"
+                              " (NAS timeout, refusal or unknown NAS)")
+    if action == "rate":
+        apply_rate = rate_applier()
+        if apply_rate is None:
+            return Outcome(False, "action rate is not supported by this radius process yet")
+        if await apply_rate(link, account_id, table, settings, dictionary):
+            return Outcome(True)
+        return Outcome(False, "the rate was not applied to every session")
+    return Outcome(False, f"unknown action {action!r}", permanent=True)
+
+
 async def run_process(config: Any, stop: asyncio.Event) -> None:
     settings = RadiusSettings.from_config(config)
     dictionary = load_dictionary()
@@ -256,24 +289,26 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
 
     async def on_connected(client: Client, how: str) -> None:
         await _load_nas(client, table)
+        consumer.wake.set()   # whatever became due while we were away
 
     async def reload_nas() -> None:
         await _load_nas(await link.ready(), table)
 
-    async def blocked(account_id: int) -> None:
-        sessions = await core_call(link, "radius.sessions", {"account_id": account_id}, timeout=10.0)
-        if sessions:
-            await dynauth_sessions(sessions, table, settings, dictionary)
+    async def deliver(delivery: dict[str, Any]) -> Outcome:
+        return await outbox_action(link, delivery, table, settings, dictionary)
 
     def on_event(event: Event) -> None:
         if event.topic == "radius.nas":
             spawn(reload_nas())
         elif event.topic == "radius.disconnect":
             spawn(dynauth_sessions(event.payload["sessions"], table, settings, dictionary))
-        elif event.topic == "blocks" and event.payload.get("action") == "set":
-            spawn(blocked(int(event.payload["account_id"])))
+        elif event.topic == "outbox":
+            consumer.on_event(event)
 
     link = core_link(config, on_connected, on_event)
+    outbox = getattr(config, "outbox", None)
+    consumer = OutboxConsumer(link, deliver, lease=int(getattr(outbox, "lease", 60)),
+                              poll=float(getattr(outbox, "poll_interval", 5.0)))
     server = RadiusServer(decider=UrfaDecider(link, timeout=settings.decision_timeout), nas_table=table,
                           dictionary=dictionary, max_inflight=settings.max_inflight,
                           decision_timeout=settings.decision_timeout,
@@ -292,7 +327,7 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
                 await core_call(link, "radius.close_stale", {"timeout": settings.stale_timeout or 3 * 3600}, timeout=60.0)
 
     link.start()
-    tasks = [asyncio.create_task(sweep())]
+    tasks = [asyncio.create_task(sweep()), asyncio.create_task(consumer.run())]
     try:
         await stop.wait()
     finally:

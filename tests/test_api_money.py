@@ -98,8 +98,11 @@ async def test_admin_payment_flow_with_audit_and_block_events(h: Harness) -> Non
     view = await h.call(root, "accounts.get", account_id=acc)
     assert (view["balance"], view["credit"], view["blocks"]) == (-6 * UNIT, 5 * UNIT, ["system"])
     assert [(t, p["kind"], p["action"], p["account_id"]) for t, p in h.events] == [("blocks", "system", "set", acc)]
-    # the first payment (not its repeat) and the correction, then the block it caused
-    assert [name for name, _ in h.hooks] == ["payment.added", "payment.added", "account.blocked"]
+    # the first payment (not its repeat), its cancellation and the correction, then the block it
+    # caused: each enqueued in the outbox by its own transaction
+    rows = await h.pool.fetch("SELECT event, account_id FROM outbox_events ORDER BY id")
+    assert [(r["event"], r["account_id"]) for r in rows] == [
+        ("payment.added", acc), ("payment.cancelled", acc), ("account.blocked", acc), ("payment.added", acc)]
     history = await h.call(root, "accounts.history", account_id=acc)
     assert [r["amount"] for r in history] == [-6 * UNIT, -20 * UNIT, 20 * UNIT]
     assert [r["balance_after"] for r in history] == [-6 * UNIT, 0, 20 * UNIT]

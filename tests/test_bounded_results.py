@@ -57,6 +57,7 @@ FIXED_LISTS = {
     "me.tariff": "one record per account of one subscriber",
     "me.traffic": "one subscriber's days (at most 366) x classes",
     "operators.roles": "the admin groups (role templates), at most MAX_ROLES (1 000)",
+    "outbox.claim": "the deliveries the caller leases, at most its limit (1..MAX_CLAIM, 1 000)",
     "notify.templates_list": "the shipped events x channels x languages (48), a constant of the code",
     "notify.webhook_secrets": "one secret per id given, at most 1 000",
 }

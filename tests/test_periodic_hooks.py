@@ -1,4 +1,4 @@
-"""The core tells plugins what a periodic run booked: account.charged, period.closed."""
+"""The core tells plugins what a periodic run booked: account.charged, period.closed (through the outbox)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from billcore.billing.periods import Period, cumulative_fee
 from billcore.server.calls import CallRegistry
 from billcore.common.config import config_from_dict
 from billcore.server.context import CoreContext
-from billcore.server.core import _start_plugins, periodic_once
+from billcore.server.core import _outbox, _start_plugins, periodic_once
 from tests.test_usage_commit import make_accounts
 
 UTC = timezone.utc
@@ -34,12 +34,22 @@ async def test_periodic_run_fires_account_charged_and_period_closed(tmp_path: Pa
     config = config_from_dict({"core": {"data_dir": str(tmp_path)}, "periodic": {"batch_size": 1}})
     core = CoreContext(pool, config, now=lambda: clock[0])
     manager = await _start_plugins(core, CallRegistry())
+    outbox = _outbox(core)
     heard: list[tuple[str, dict[str, Any]]] = []
+    ids: set[int] = set()
 
     def listener(event: str) -> Any:
         async def on(payload: Mapping[str, Any]) -> None:
-            heard.append((event, dict(payload)))
+            ids.add(payload["event_id"])
+            heard.append((event, {k: v for k, v in payload.items() if k != "event_id"}))
         return on
+
+    async def periodic() -> Any:
+        result = await periodic_once(core)
+        await outbox.dispatch_once()
+        while await outbox.deliver_hooks_once():
+            pass
+        return result
 
     try:
         async with pool.acquire() as conn:
@@ -59,7 +69,7 @@ async def test_periodic_run_fires_account_charged_and_period_closed(tmp_path: Pa
         april = FEE - cumulative_fee(FEE, Period(APR, MAY, 0), APR + timedelta(days=5))
         apr = f"periodic: service {monthly} period {APR.isoformat()}"
         once = f"once: service {setup}"
-        first = await periodic_once(core)   # one account per batch; the link starts now: the rest of April and the set-up fee
+        first = await periodic()   # one account per batch; the link starts now: the rest of April and the set-up fee
         assert first.charges == 2 and first.once_charges == 2 and first.amount == 2 * (april + SETUP)
         assert heard == [
             ("account.charged", {"account_id": a, "amount": april, "balance": -april, "reason": apr}),
@@ -71,7 +81,7 @@ async def test_periodic_run_fires_account_charged_and_period_closed(tmp_path: Pa
 
         heard.clear()
         clock[0] = MAY + timedelta(minutes=1)
-        run = await periodic_once(core)
+        run = await periodic()
         assert run.charges == 2 and run.batches == 2
         may = f"periodic: service {monthly} period {MAY.isoformat()}"
         assert heard == [
@@ -92,8 +102,10 @@ async def test_periodic_run_fires_account_charged_and_period_closed(tmp_path: Pa
         manager.bus.unsubscribe_owner("charges")
         monkeypatch.setattr(scheduler, "_booked", None)     # calling it would raise
         clock[0] = JUN + timedelta(minutes=1)
-        quiet = await periodic_once(core)
+        quiet = await periodic()
         assert quiet.charges == 2
+        assert len(ids) == 8        # every delivery carried its own event id
+        assert await pool.fetchval("SELECT count(*) FROM outbox_events WHERE event = 'account.charged'") == 6
         assert heard == [("period.closed", {"period_start": int(MAY.timestamp()),
                                             "period_end": int(JUN.timestamp())})]
     finally:

@@ -18,7 +18,7 @@ from urfa.errors import CallFailed
 from billcore.server.calls import CallRegistry
 from billcore.common.config import config_from_dict
 from billcore.server.context import CoreContext
-from billcore.server.core import _start_plugins
+from billcore.server.core import _outbox, _start_plugins
 from billcore.plugins.loader import PluginManager
 
 from .test_plugins_support import DevKey, caller, copy_first_party, subscriber
@@ -30,6 +30,13 @@ class Core:
     registry: CallRegistry
     manager: PluginManager
     published: list[tuple[str, dict[str, Any]]]
+
+    async def deliver(self) -> None:
+        """What the core's outbox tasks do after a commit: fan out, then run the hooks."""
+        service = self.core.extras["outbox"]
+        await service.dispatch_once()
+        while await service.deliver_hooks_once():
+            pass
 
     async def call(self, ctx: Any, name: str, /, **args: object) -> Any:
         table = self.registry.snapshot(ctx.principal.kind, ctx.principal.rights)
@@ -56,6 +63,7 @@ async def core(tmp_path: Path, pool: asyncpg.Pool) -> AsyncIterator[Core]:
     ctx = CoreContext(pool, config, publish=lambda topic, payload: published.append((topic, payload)))
     registry = CallRegistry()
     manager = await _start_plugins(ctx, registry)
+    _outbox(ctx)
     yield Core(ctx, registry, manager, published)
     await manager.close()
 
@@ -77,7 +85,8 @@ async def test_subscriber_redeems_onto_own_account_through_the_core(core: Core, 
     with pytest.raises(CallFailed, match="not your account"):
         await core.call(as_alice, "vouchers.redeem", code=card["code"], account_id=bob_acc)
     done = await core.call(as_alice, "vouchers.redeem", code=card["code"], account_id=alice_acc)
-    # A real payment in the ledger, and the hooks heard of it.
+    # A real payment in the ledger, and the hooks heard of it (through the outbox).
+    await core.deliver()
     assert await balance(pool, alice_acc) == 1_500_000
     assert await pool.fetchval("SELECT method FROM payments WHERE id = $1", done["payment_id"]) == "voucher"
     [notice] = await core.call(admin, "lowbalance.pending")
@@ -94,11 +103,14 @@ async def test_subscriber_redeems_onto_own_account_through_the_core(core: Core, 
 
 
 async def test_block_events_reach_hooks_with_the_balance(core: Core, pool: asyncpg.Pool) -> None:
+    from billcore.billing.blocks import set_block
+
     _, (acc,) = await subscriber(pool, "carol")
-    # What billcore.api.announce fires today (BlockChange.event()): no balance of its own.
-    await core.core.fire("account.blocked", {"account_id": acc, "kind": "system", "action": "set",
-                                             "block_id": 1, "reason": "debt",
-                                             "at": dt.datetime.now(dt.timezone.utc), "by": "system"})
+    # The block's own transaction enqueued account.blocked with the balance under the lock.
+    async with pool.acquire() as conn:
+        await set_block(conn, acc, "admin", actor="admin:test#1", reason="debt",
+                        now=dt.datetime.now(dt.timezone.utc))
+    await core.deliver()
     [notice] = await core.call(caller("admin", 1), "lowbalance.pending")
     assert (notice["account_id"], notice["balance"], notice["reason"]) == (acc, 0, "blocked")
 

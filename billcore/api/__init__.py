@@ -16,9 +16,11 @@ handler live here:
   PostgreSQL's refusals, for every call: ``billcore.server.wire_errors``.)
 * ``who(ctx)`` — the audit identity (kind, id, login, ip).
 * ``announce(core, changes)`` — after COMMIT, publish every block change on
-  topic ``"blocks"`` and fire the plugin hook ``account.blocked`` or
-  ``account.unblocked``.  Never before the commit: a rolled-back block must
-  not be announced.
+  topic ``"blocks"`` (a notice for the console's pages).  Never before the
+  commit: a rolled-back block must not be announced.  The side effects of a
+  block (plugin hooks, RADIUS's Disconnect) do not hang on this notice: the
+  block's own transaction enqueued ``account.blocked``/``account.unblocked``
+  in the outbox (``billcore.billing.blocks``), delivered at least once.
 * argument checks shared by the modules (``need_int``, ``page``).
 
 ``money_calls(core)`` returns every call of this package, for the core to
@@ -40,7 +42,7 @@ from billcore.server.context import CoreContext
 from billcore.server.calls import CallSpec
 from urfa.errors import CallFailed
 
-__all__ = ["ADMIN", "ADMIN_SYSTEM", "USER", "announce", "handler", "money_calls", "need_int",
+__all__ = ["ADMIN", "ADMIN_SYSTEM", "USER", "announce", "handler", "listened", "money_calls", "need_int",
            "page", "who", "MAX_ID"]
 
 ADMIN = frozenset({"admin"})
@@ -70,12 +72,17 @@ def who(ctx: CallContext) -> Who:
     return Who(principal.kind, principal.id, principal.login, ctx.ip or "")
 
 
+def listened(core: CoreContext, event: str) -> bool:
+    """Whether a plugin hook subscribes to ``event`` now: the events only
+    hooks read (``account.charged``, ``batch.rated``, ``session.*``) are
+    enqueued only then, so a run nobody listens to writes none."""
+    bus = core.extras.get("hooks")
+    return bus is not None and bool(bus.owners(event))
+
+
 async def announce(core: CoreContext, changes: Iterable[BlockChange]) -> None:
     for change in changes:
-        event = change.event()
-        core.publish("blocks", event)
-        # plugin hooks speak of accounts: blocked, or unblocked (see billcore.plugins.hooks)
-        await core.fire("account.blocked" if change.action == "set" else "account.unblocked", event)
+        core.publish("blocks", change.event())
 
 
 def need_int(name: str, value: object, lo: int = 1, hi: int = MAX_ID) -> int:

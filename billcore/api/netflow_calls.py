@@ -51,7 +51,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Final
 
-from billcore.api import ADMIN_SYSTEM, announce, handler, need_int
+from billcore.api import ADMIN_SYSTEM, announce, handler, listened, need_int
 from billcore.common.errors import UsageError
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.classification import port_range
@@ -211,11 +211,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
             usage.append(TrafficUsage(a, k, at, b))
         async with core.pool.acquire() as conn:
             result = await commit_usage(conn, source, watermark, usage, core.now(), tz=tz, actor=source,
-                                        epoch=epoch or None)
+                                        epoch=epoch or None, rated_event=listened(core, "batch.rated"))
         await announce(core, result.block_changes)  # type: ignore[arg-type]
-        if result.charges:
-            await core.fire("batch.rated", {"batch_id": f"{source}@{result.watermark}", "charges": [
-                {"account_id": a, "amount": amount, "balance": balance} for a, amount, balance in result.charges]})
         rejected_bytes = sum(getattr(r.usage, "bytes", 0) for r in result.rejected)
         if result.rejected:
             log.warning("netflow usage rejected by rating", extra={

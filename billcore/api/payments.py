@@ -47,9 +47,6 @@ def calls(core: CoreContext) -> list[CallSpec]:
                                        before=None, after={"payment_id": result.payment_id, "amount": amount,
                                                            "method": method, "external_id": external_id,
                                                            "balance": result.balance}, now=now)
-        if result.created:
-            await core.fire("payment.added", {"account_id": account_id, "amount": amount, "balance": result.balance,
-                                              "external_id": external_id, "method": method})
         await announce(core, result.block_changes)
         return {"payment_id": result.payment_id, "ledger_id": result.ledger_id, "created": result.created,
                 "balance": result.balance}

@@ -10,8 +10,9 @@ System calls (kinds ``{"system"}``, right ``radius.serve``):
   "reply"}`` with ``reply`` a list of ``[attribute, value]``.
 * ``radius.accounting(record)`` — an Accounting-Request; answer
   ``{"session"}`` (``"ended": true`` for a session that had ended),
-  ``{"closed"}`` for Accounting-On/Off or ``{"ignored"}``.  Block changes
-  and the ``session.*`` plugin hooks are announced after the commit.
+  ``{"closed"}`` for Accounting-On/Off or ``{"ignored"}``.  The ``session.*``
+  plugin hooks are enqueued in the outbox inside the accounting transaction;
+  block changes are published on topic ``blocks`` after the commit.
 
 Maps become records (``billcore.radius.records``) here and records maps;
 every rule is in ``billcore.radius``.
@@ -26,9 +27,10 @@ import zoneinfo
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from billcore.api import announce, handler, need_int, page, who
+from billcore.api import announce, handler, listened, need_int, page, who
 from billcore.billing import audit
 from billcore.billing.ledger_errors import InvalidValue
+from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.errors import UnknownObject
 from billcore.db.rows import DbConnection
 from billcore.radius.accounting import apply_accounting
@@ -114,11 +116,15 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     async def accounting(ctx: CallContext, record: dict[str, Any]) -> dict[str, Any]:
         accounting_record = read_accounting_record(record)
+        now = core.now()
         async with pool.acquire() as conn, conn.transaction():
-            result = await apply_accounting(conn, accounting_record, core.now(), tz=tz)
+            result = await apply_accounting(conn, accounting_record, now, tz=tz)
+            # the session hooks go out through the outbox, with the session's own commit
+            # (enqueued only while a plugin listens: every Start and Stop would be one)
+            await enqueue(conn, [OutboxEvent(hook.event, hook.payload, hook.payload.get("account_id"))
+                                 for hook in result.hooks if listened(core, hook.event)], now)
         await announce(core, result.block_changes)
         for hook in result.hooks:
-            await core.fire(hook.event, hook.payload)
             core.publish("radius.sessions", {"event": hook.event.removeprefix("session."), "session": result.session,
                                              "account_id": hook.payload["account_id"]})
         if result.closed:

@@ -19,7 +19,13 @@ with the account row locked (``FOR UPDATE``), so two transactions never race
 on the same block.  ``sync_system_blocks`` does the same for a whole batch
 of accounts in three statements (read with promised credit, set, lift); the
 one-account form is that with a list of one.  Setting or lifting returns a ``BlockChange``; callers
-publish it after their transaction commits (``BlockChange.event()``).
+publish it on topic ``blocks`` after their transaction commits (``BlockChange.event()``).
+
+Every change is also enqueued in the outbox (``account.blocked`` /
+``account.unblocked``, the hook payload of docs/plugins.md with the balance
+the account had under the lock), here, inside the transaction that makes
+it: a block that commits is heard of (plugins, RADIUS's Disconnect) even if
+the core dies a moment later; one that rolls back is heard of by nobody.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import asyncpg
 
+from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import BlockRefused, InvalidValue, UnknownAccount
 from billcore.db.rows import DbConnection
@@ -44,6 +51,7 @@ __all__ = [
     "in_debt",
     "lift_block",
     "list_blocks",
+    "outbox_event",
     "set_block",
     "sync_system_block",
     "sync_system_blocks",
@@ -107,6 +115,17 @@ async def _lock_account(conn: DbConnection, account_id: int) -> asyncpg.Record:
     return row
 
 
+def outbox_event(change: BlockChange, balance: int) -> OutboxEvent:
+    """The outbox event of a block change: ``account.blocked`` or ``account.unblocked``."""
+    return OutboxEvent("account.blocked" if change.action == "set" else "account.unblocked",
+                       {**change.event(), "balance": balance}, change.account_id)
+
+
+async def _announce(conn: DbConnection, changes: Iterable[BlockChange], balances: Mapping[int, int],
+                    now: dt.datetime) -> None:
+    await enqueue(conn, [outbox_event(change, balances[change.account_id]) for change in changes], now)
+
+
 async def _insert(conn: DbConnection, account_id: int, kind: str, reason: str,
                   by: str, now: dt.datetime) -> BlockChange | None:
     block_id = await conn.fetchval(
@@ -135,8 +154,11 @@ async def set_block(conn: DbConnection, account_id: int, kind: str, *, actor: st
     _check_kind(kind, MANUAL_KINDS)
     _check_reason(reason)
     async with conn.transaction():
-        await _lock_account(conn, account_id)
-        return await _insert(conn, account_id, kind, reason, actor, now)
+        account = await _lock_account(conn, account_id)
+        change = await _insert(conn, account_id, kind, reason, actor, now)
+        if change is not None:
+            await _announce(conn, [change], {account_id: int(account["balance"])}, now)
+        return change
 
 
 async def lift_block(conn: DbConnection, account_id: int, kind: str, *, actor: str,
@@ -144,8 +166,11 @@ async def lift_block(conn: DbConnection, account_id: int, kind: str, *, actor: s
     """Lift the active ``admin`` or ``user`` block; ``None`` if there was none."""
     _check_kind(kind, MANUAL_KINDS)
     async with conn.transaction():
-        await _lock_account(conn, account_id)
-        return await _lift(conn, account_id, kind, actor, now)
+        account = await _lock_account(conn, account_id)
+        change = await _lift(conn, account_id, kind, actor, now)
+        if change is not None:
+            await _announce(conn, [change], {account_id: int(account["balance"])}, now)
+        return change
 
 
 MAX_SYNC = 100_000   # accounts per set-based sync: the ledger's batch limit
@@ -175,7 +200,8 @@ async def sync_system_blocks(conn: DbConnection, account_ids: Iterable[int], *, 
     and one UPDATE lifts.
 
     Returns one change per account that changed, in ascending account id —
-    the order the one-account-at-a-time loop produced.
+    the order the one-account-at-a-time loop produced — and enqueues their
+    outbox events (one statement).
     """
     if not conn.is_in_transaction():
         raise InvariantViolation("sync_system_blocks must run inside the caller's transaction")
@@ -239,7 +265,9 @@ async def sync_system_blocks(conn: DbConnection, account_ids: Iterable[int], *, 
         raise InvariantViolation(
             f"system blocks moved under the account locks: {len(changes)} changes,"
             f" expected {len(debtors)} set + {len(clear)} lifted")
-    return [changes[i] for i in sorted(changes)]
+    ordered = [changes[i] for i in sorted(changes)]
+    await _announce(conn, ordered, {i: locked[i].balance for i in changes}, now)
+    return ordered
 
 
 async def sync_system_block(conn: DbConnection, account_id: int, *, actor: str,

@@ -14,6 +14,10 @@ Cancelling posts a reversal row (``payment_cancel:<id>``, ``reverses`` →
 the payment's ledger row) for exactly ``-amount``; cancelling again
 returns the first cancellation.
 
+A booked payment enqueues ``payment.added`` and a cancellation
+``payment.cancelled`` in the outbox, in the transaction that books it (a
+retry that finds the first payment enqueues nothing).
+
 Amounts: positive and at most ``MAX_PAYMENT``; only method ``correction``
 may be negative.
 
@@ -36,6 +40,7 @@ from typing import Any
 import asyncpg
 
 from billcore.billing.blocks import BlockChange, sync_system_block, sync_system_blocks
+from billcore.billing.outbox import enqueue_one
 from billcore.billing.ledger import Entry, lock_accounts, post_charges, utcnow
 from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
@@ -163,6 +168,9 @@ async def add_payment(conn: DbConnection, *, account_id: int, amount: int, metho
                 raise InvariantViolation(f"payment {payment_id} did not post exactly one row")
             ledger_id = result.posted[0].ledger_id
             await conn.execute("UPDATE payments SET ledger_id = $2 WHERE id = $1", payment_id, ledger_id)
+            await enqueue_one(conn, "payment.added", {
+                "account_id": account_id, "amount": amount, "balance": result.balances[account_id],
+                "external_id": external_id, "method": method, "payment_id": payment_id}, now, account_id=account_id)
             return PaymentResult(payment_id, ledger_id, True, result.balances[account_id],
                                  result.block_changes)
     except asyncpg.UniqueViolationError:
@@ -203,6 +211,9 @@ async def cancel_payment(conn: DbConnection, payment_id: int, *, actor: str,
         await conn.execute(
             "UPDATE payments SET cancelled_at = $2, cancelled_by = $3, cancel_reason = $4,"
             " cancel_ledger_id = $5 WHERE id = $1", payment_id, now, actor, reason, ledger_id)
+        await enqueue_one(conn, "payment.cancelled", {
+            "account_id": account_id, "payment_id": payment_id, "amount": int(payment["amount"]),
+            "balance": result.balances[account_id]}, now, account_id=account_id)
         return CancelResult(payment_id, ledger_id, True, result.balances[account_id],
                             result.block_changes)
 

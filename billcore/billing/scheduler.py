@@ -22,11 +22,15 @@ order, ``batch_size`` per transaction.  Each transaction:
 5. closes the accounting periods of the batch's accounts that ended in
    ``(since, now]`` with one ``period_summaries`` row each.
 
-After each commit an optional ``on_charges`` callback gets what the batch
-booked, one ``ChargeBooked`` per ledger row, for the core's
-``account.charged`` hook.  It is built only when a callback is given, so a
-run nobody listens to pays nothing for it.  The distinct periods closed are
-in ``RunResult.closed_periods`` (for ``period.closed``).
+With ``charged_events`` each batch enqueues one ``account.charged``
+outbox event per ledger row it booked, inside its own transaction (the core
+passes it only while a plugin hook listens: a million-account run writes no
+million events nobody reads).  After each commit an optional ``on_charges``
+callback gets the same rows as ``ChargeBooked`` values; both are built only
+when asked for.  The distinct periods closed are in
+``RunResult.closed_periods``, and the transaction that records the finished
+run enqueues one ``period.closed`` per period (its dedup key makes a period
+closed once, also when an interrupted run is finished by the next).
 
 Idempotency: everything a batch books is keyed — (account, service,
 period) with a compare-and-set through the locked ``periodic_charges`` row,
@@ -64,6 +68,7 @@ import asyncpg
 
 from billcore.common.errors import InvariantViolation, PeriodError
 from billcore.billing.ledger import Entry, Posted, post_charges
+from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.money import MAX_AMOUNT
 from billcore.billing.periods import (
     PeriodicCharge, PeriodicKey, PeriodicService, ServiceLink, due_charges, period_containing,
@@ -188,7 +193,7 @@ def _booked(entries: Sequence[Entry], posted: Sequence[Posted]) -> list[ChargeBo
 
 async def _batch(conn: DbConnection, accounts: list[int], services: Mapping[int, PeriodicService],
                  since: datetime, now: datetime, horizon: datetime, tz: tzinfo, *, report: bool,
-                 ) -> _BatchResult:
+                 events: bool = False) -> _BatchResult:
     """One transaction's work."""
     # Lock the batch's accounts first, in id order, as every writer does.  The
     # foreign-key checks of the rows written below then find the lock already
@@ -278,8 +283,12 @@ async def _batch(conn: DbConnection, accounts: list[int], services: Mapping[int,
         if posted.skipped:
             raise InvariantViolation(f"periodic keys already booked: {posted.skipped[:3]}")
         changes = tuple(posted.block_changes)
-        if report:
+        if report or events:
             booked_now = _booked(entries, posted.posted)
+        if events and booked_now:
+            await enqueue(conn, [OutboxEvent("account.charged", {
+                "account_id": c.account_id, "amount": c.amount, "balance": c.balance, "reason": c.reason},
+                c.account_id) for c in booked_now], now)
     closed, periods = await _close_periods(conn, accounts, since, now, tz)
     amount = sum(charge.amount for charge in charges) + sum(row["amount"] for row in once)
     return _BatchResult(len(charges), amount, len(once), closed, changes, periods, booked_now)
@@ -345,7 +354,7 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
                   batch_size: int = DEFAULT_BATCH, workers: int = 1, name: str = "periodic",
                   progress: Callable[[RunProgress], None] | None = None,
                   on_charges: Callable[[list[ChargeBooked]], Awaitable[None]] | None = None,
-                  ) -> RunResult:
+                  charged_events: bool = False) -> RunResult:
     """Charge everything due at ``now``; safe to call again after a crash at any point.
 
     ``workers`` batches run at once, each on its own pooled connection (their
@@ -392,7 +401,7 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
                         return
                     async with wconn.transaction():
                         batch = await _batch(wconn, accounts, services, since, now, horizon, tz,
-                                         report=on_charges is not None)
+                                             report=on_charges is not None, events=charged_events)
                     tally["done"] += len(accounts)
                     tally["batches"] += 1
                     tally["charges"] += batch.charges
@@ -430,12 +439,17 @@ async def run_due(pool: asyncpg.Pool, now: datetime, *, tz: tzinfo = timezone.ut
                     group.create_task(work())
         except BaseExceptionGroup as failed:  # the first cause; the other tasks were cancelled
             raise failed.exceptions[0] from None
-        await conn.execute(
-            "INSERT INTO periodic_runs(name, last_now, finished_at, accounts, charges, amount)"
-            " VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET last_now ="
-            " greatest(periodic_runs.last_now, EXCLUDED.last_now), finished_at = EXCLUDED.finished_at,"
-            " accounts = EXCLUDED.accounts, charges = EXCLUDED.charges, amount = EXCLUDED.amount",
-            name, now, tally["done"], tally["charges"], tally["amount"])
+        async with conn.transaction():
+            await enqueue(conn, [OutboxEvent("period.closed", {
+                "period_start": int(start.timestamp()), "period_end": int(end.timestamp())},
+                dedup_key=f"period.closed:{int(start.timestamp())}:{int(end.timestamp())}")
+                for start, end in sorted(periods)], now)
+            await conn.execute(
+                "INSERT INTO periodic_runs(name, last_now, finished_at, accounts, charges, amount)"
+                " VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET last_now ="
+                " greatest(periodic_runs.last_now, EXCLUDED.last_now), finished_at = EXCLUDED.finished_at,"
+                " accounts = EXCLUDED.accounts, charges = EXCLUDED.charges, amount = EXCLUDED.amount",
+                name, now, tally["done"], tally["charges"], tally["amount"])
     return RunResult(since, now, tally["done"], tally["batches"], tally["charges"], tally["amount"],
                      tally["once"], tally["closed"], tuple(changes), tuple(sorted(periods)),
                      (now - wall).total_seconds())

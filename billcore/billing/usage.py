@@ -76,6 +76,7 @@ from typing import ClassVar, Final
 
 import asyncpg
 
+from billcore.billing.outbox import enqueue_one
 from billcore.common.errors import InvariantViolation, UsageError
 from billcore.billing.ledger import post_batch
 from billcore.common.money import MAX_AMOUNT
@@ -331,8 +332,13 @@ async def _lock_counters(conn: DbConnection, keys: Sequence[CounterTuple],
 
 async def commit_usage(conn: DbConnection, source: str, watermark: int,
                        usage: Sequence[Usage], now: datetime, *, tz: tzinfo = timezone.utc,
-                       actor: str = "rating", epoch: str | None = None) -> CommitResult:
+                       actor: str = "rating", epoch: str | None = None,
+                       rated_event: bool = False) -> CommitResult:
     """Rate ``usage`` and commit charges, counters and ``watermark`` in one transaction.
+
+    ``rated_event``: enqueue ``batch.rated`` (per account: amount and balance)
+    in the outbox with the charges, when the batch charged anything (the
+    caller asks only while a plugin hook listens).
 
     ``epoch``: the journal epoch the watermark belongs to (NetFlow); a batch of
     another epoch than the source's is refused (`EpochMismatch`), nothing booked.
@@ -422,6 +428,9 @@ async def commit_usage(conn: DbConnection, source: str, watermark: int,
                 per_account[account_id] = per_account.get(account_id, 0) - amount
             charges = tuple((account_id, amount, posted.balances[account_id])
                             for account_id, amount in sorted(per_account.items()))
+            if rated_event:
+                await enqueue_one(conn, "batch.rated", {"batch_id": f"{source}@{watermark}", "charges": [
+                    {"account_id": a, "amount": m, "balance": b} for a, m, b in charges]}, now)
         status = await conn.execute(
             "UPDATE ingest_watermarks SET watermark = $2, updated_at = $3 WHERE source = $1 AND watermark = $4",
             source, watermark, now, committed)

@@ -399,6 +399,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "periodic.run", {}
     if args.command == "tokens":
         return _tokens_request(args)
+    if args.command == "outbox":
+        return _outbox_request(args)
     raise UsageError(f"unknown command {args.command}")
 
 
@@ -412,6 +414,22 @@ def _tokens_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.action == "list":
         return "tokens.list", {"limit": args.limit, "offset": args.offset}
     return "tokens.revoke", {"token_id": _int("token id", args.id)}
+
+
+def _outbox_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """``billctl outbox stats``, ``outbox list [--state S] [--channel C] [--event E] [--account N]``,
+    ``outbox retry ID...``."""
+    if args.action == "stats":
+        return "outbox.stats", {}
+    if args.action == "list":
+        call: dict[str, Any] = {"limit": args.limit, "offset": args.offset}
+        for key in ("state", "channel", "event"):
+            if getattr(args, key):
+                call[key] = getattr(args, key)
+        if args.account:
+            call["account_id"] = _int("account", args.account)
+        return "outbox.list", call
+    return "outbox.retry", {"ids": [_int("delivery id", i) for i in args.ids]}
 
 
 def _int(name: str, text: str) -> int:
@@ -476,6 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--offset", type=int, default=0)
     t = tokens.add_parser("revoke", help="revoke a token: its sessions end at once")
     t.add_argument("id")
+    c = sub.add_parser("outbox", help="the outbox of side effects: stats, list deliveries, retry dead ones")
+    outbox = c.add_subparsers(dest="action", required=True)
+    outbox.add_parser("stats", help="events not fanned out yet; deliveries per channel and state")
+    t = outbox.add_parser("list", help="deliveries, newest first")
+    t.add_argument("--state", choices=["pending", "delivered", "dead"])
+    t.add_argument("--channel")
+    t.add_argument("--event")
+    t.add_argument("--account")
+    t.add_argument("--limit", type=int, default=100)
+    t.add_argument("--offset", type=int, default=0)
+    t = outbox.add_parser("retry", help="try dead deliveries again")
+    t.add_argument("ids", nargs="+")
     return p
 
 

@@ -2,10 +2,18 @@
 
 Theory of operation
 -------------------
-The core calls ``await bus.fire(EVENT, payload)`` after it has *committed*
-the change the event describes (a payment, a block, a rated batch, …), so a
-hook never sees a change that is later rolled back, and a hook can never
-undo or delay the core's commit.
+The change an event describes (a payment, a block, a rated batch, …)
+enqueues the event in the outbox inside its own transaction
+(``billcore.billing.outbox``).  After the commit the core's dispatcher makes
+one ``hook`` delivery per plugin that subscribes to the event at that
+moment, and the core's hook worker (``billcore.server.outbox_service``)
+calls ``await bus.fire_owner(EVENT, owner, payload)`` for each: only that
+plugin's handlers run, with the event's payload plus ``event_id``.  So a
+hook never sees a change that is later rolled back, never undoes or delays
+the core's commit, and hears of every committed change **at least once**
+(a handler that raised or timed out is tried again with backoff; a core
+killed mid-delivery delivers again after its restart): handlers
+de-duplicate on ``event_id``.
 
 Handlers run one after another in subscription order, each under a timeout.
 A handler that raises or times out is logged with its owner and counted; the
@@ -31,6 +39,7 @@ from billcore.plugins.errors import PluginError
 
 __all__ = [
     "PAYMENT_ADDED",
+    "PAYMENT_CANCELLED",
     "ACCOUNT_CHARGED",
     "BATCH_RATED",
     "ACCOUNT_BLOCKED",
@@ -45,24 +54,26 @@ __all__ = [
 ]
 
 PAYMENT_ADDED = "payment.added"
-"""{account_id, amount, balance, external_id, method} — fired today (payments.add, api.billing)."""
+"""{account_id, amount, balance, external_id, method, payment_id} — payments.add, api.billing."""
+PAYMENT_CANCELLED = "payment.cancelled"
+"""{account_id, payment_id, amount, balance} — payments.cancel (amount: the payment's, as booked)."""
 ACCOUNT_CHARGED = "account.charged"
-"""{account_id, amount, balance, reason} — fired today (periodic runs: periodic and one-off fees)."""
+"""{account_id, amount, balance, reason} — periodic runs: periodic and one-off fees."""
 BATCH_RATED = "batch.rated"
 """{batch_id, charges: [{account_id, amount, balance}, …]} — traffic rated."""
 ACCOUNT_BLOCKED = "account.blocked"
-"""{account_id, balance, reason, kind, action="set", block_id, at, by} — fired today."""
+"""{account_id, balance, reason, kind, action="set", block_id, at, by} — ``at`` an ISO 8601 string."""
 ACCOUNT_UNBLOCKED = "account.unblocked"
-"""{account_id, balance, reason, kind, action="lifted", block_id, at, by} — fired today."""
+"""{account_id, balance, reason, kind, action="lifted", block_id, at, by}"""
 PERIOD_CLOSED = "period.closed"
-"""{period_start, period_end} — unix seconds; fired today after a periodic run."""
+"""{period_start, period_end} — unix seconds; once per period, when the periodic run that closed it finishes."""
 SESSION_STARTED = "session.started"
 """{account_id, session_id, ip} — a subscriber's network session began."""
 SESSION_STOPPED = "session.stopped"
 """{account_id, session_id, ip, bytes_in, bytes_out}"""
 
 EVENTS: frozenset[str] = frozenset({
-    PAYMENT_ADDED, ACCOUNT_CHARGED, BATCH_RATED, ACCOUNT_BLOCKED,
+    PAYMENT_ADDED, PAYMENT_CANCELLED, ACCOUNT_CHARGED, BATCH_RATED, ACCOUNT_BLOCKED,
     ACCOUNT_UNBLOCKED, PERIOD_CLOSED, SESSION_STARTED, SESSION_STOPPED,
 })
 
@@ -112,13 +123,24 @@ class HookBus:
     def owners(self, event: str) -> list[str]:
         return [sub.owner for sub in self._subs.get(event, ())]
 
+    async def fire_owner(self, event: str, owner: str, payload: Mapping[str, Any]) -> FireResult:
+        """Run only ``owner``'s handlers of ``event`` (one outbox delivery).
+        ``delivered`` 0: the owner does not subscribe (any more)."""
+        return await self._run(event, payload, owner)
+
     async def fire(self, event: str, payload: Mapping[str, Any]) -> FireResult:
+        """Run every handler of ``event`` at once, in subscription order."""
+        return await self._run(event, payload, None)
+
+    async def _run(self, event: str, payload: Mapping[str, Any], owner: str | None) -> FireResult:
         if event not in EVENTS:
             raise PluginError(f"unknown event {event!r}")
         view = MappingProxyType(dict(payload))
         delivered = 0
         failed: list[str] = []
         for sub in tuple(self._subs.get(event, ())):
+            if owner is not None and sub.owner != owner:
+                continue
             if sub not in self._subs.get(event, ()):
                 continue  # unsubscribed while this event was being delivered
             delivered += 1

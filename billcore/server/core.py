@@ -72,14 +72,14 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
     database gone (so monitoring sees an outage shorter than the probe's interval)."""
     from billcore.api import money_calls, netflow_calls, operators, periodic, portal_calls, reports, tariffs
-    from billcore.api import api_tokens, health, notify_calls, radius_history
+    from billcore.api import api_tokens, health, notify_calls, outbox_calls, radius_history
     from billcore.api.radius import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
-        *api_tokens.calls(core), *notify_calls.calls(core),
+        *api_tokens.calls(core), *outbox_calls.calls(core), *notify_calls.calls(core),
     ]
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
@@ -136,11 +136,6 @@ async def _publish_current(pool: asyncpg.Pool, service: URFAService) -> None:
     service.publish("classifier", {"version": int(version)})
 
 
-def _listened(core: CoreContext, event: str) -> bool:
-    bus = core.extras.get("hooks")
-    return bus is not None and bool(bus.owners(event))
-
-
 async def periodic_once(core: CoreContext, progress: Any = None, waiting: Any = None) -> Any:
     """One scheduler pass: expire promised payments, run due charges, tell hooks and RADIUS.
 
@@ -154,9 +149,9 @@ async def periodic_once(core: CoreContext, progress: Any = None, waiting: Any = 
 
 
 async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
-    from billcore.api import announce
+    from billcore.api import announce, listened
     from billcore.billing.payments import expire_promised
-    from billcore.billing.scheduler import ChargeBooked, RunProgress, run_due
+    from billcore.billing.scheduler import RunProgress, run_due
 
     def report(p: RunProgress) -> None:
         metrics.periodic_progress(p)
@@ -166,22 +161,14 @@ async def _periodic_pass(core: CoreContext, progress: Any) -> Any:
     async with core.pool.acquire() as conn:
         await announce(core, await expire_promised(conn, core.now()))
 
-    async def charged(rows: list[ChargeBooked]) -> None:
-        for charge in rows:
-            await core.fire("account.charged", {"account_id": charge.account_id, "amount": charge.amount,
-                                                "balance": charge.balance, "reason": charge.reason})
-
-    # Per-row payloads cost a 1M-account run real time: built only when a
-    # plugin listens (checked per run: plugins load and unload at run time).
+    # Per-row events cost a 1M-account run real time: enqueued (in each
+    # batch's transaction) only while a plugin listens (checked per run:
+    # plugins load and unload at run time).  period.closed always is.
     result = await run_due(core.pool, core.now(), tz=core.config.zone,
                            batch_size=core.config.periodic.batch_size,
-                           progress=report,
-                           on_charges=charged if _listened(core, "account.charged") else None)
+                           progress=report, charged_events=listened(core, "account.charged"))
     metrics.periodic_finished(result)
     await announce(core, result.block_changes)
-    for start, end in result.closed_periods:
-        await core.fire("period.closed", {"period_start": int(start.timestamp()),
-                                          "period_end": int(end.timestamp())})
     if result.charges:
         log.info("periodic run", extra={"accounts": result.accounts, "charges": result.charges,
                                         "amount": result.amount, "periods_closed": result.periods_closed})
@@ -229,6 +216,7 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             duration=datetime.timedelta(days=config.billing.promised_days),
         )
         plugins = await _start_plugins(core, registry)
+        _outbox(core)   # before the calls: outbox.* reach it through core.extras
         health = _database_health()
         registry.register_all(build_calls(core, lambda reason: health.observe(False, time.monotonic(), reason)))
 
@@ -251,6 +239,7 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         tasks.append(asyncio.create_task(_watch_pool(pool)))
         tasks.append(asyncio.create_task(watch_database(pool, health)))
         tasks.append(asyncio.create_task(_relay_classifier(dsn, service, pool)))
+        tasks.append(asyncio.create_task(_run_outbox(core, dsn)))
         if config.periodic.enabled:
             tasks.append(asyncio.create_task(_periodic(core)))
         log.info(
@@ -274,6 +263,25 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
             log.info("database gone before the pool closed", extra={"reason": f"{type(exc).__name__}: {exc}"})
 
 
+def _outbox(core: CoreContext) -> Any:
+    """The outbox's dispatcher and hook worker, with the routers this core has."""
+    from billcore.server.outbox_service import OutboxService, hook_router, radius_router
+
+    bus = core.extras.get("hooks")
+    from billcore.billing.notify_route import route_notifications
+
+    routers = [radius_router, route_notifications] + ([hook_router(bus)] if bus is not None else [])
+    service = OutboxService(core.pool, core.config.outbox, routers, bus, core.publish, core.now)
+    core.extras["outbox"] = service
+    return service
+
+
+async def _run_outbox(core: CoreContext, dsn: str) -> None:
+    from billcore.server import outbox_service
+
+    await outbox_service.run(core.extras["outbox"], dsn)
+
+
 async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     """The plugin manager, its admin calls, and the plugins named in config."""
     from pathlib import Path
@@ -295,11 +303,7 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
                 result = await add_payment(conn, account_id=account_id, amount=amount, method=method,
                                            actor="plugin", external_id=external_id, comment=comment,
                                            now=core.now())
-            # As for payments.add: hooks hear of it, and a lifted block reaches RADIUS.
-            if result.created:
-                await core.fire("payment.added", {"account_id": account_id, "amount": amount,
-                                                  "balance": result.balance, "external_id": external_id,
-                                                  "method": method})
+            # As for payments.add: payment.added went to the outbox with the payment
             await announce(core, result.block_changes)
             return int(result.payment_id)
 
@@ -316,16 +320,8 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
     )
 
     async def fire(event: str, payload: dict[str, Any]) -> None:
-        if event in ("account.blocked", "account.unblocked") and "balance" not in payload:
-            # The documented block payload carries the balance; the core's
-            # block change does not, so it is read here (after the commit).
-            try:
-                balance = await core.pool.fetchval("SELECT balance FROM accounts WHERE id = $1",
-                                                   payload["account_id"])
-            except (asyncpg.PostgresError, OSError):  # a hook's extra must not fail the core's call
-                log.warning("block event without balance", extra={"account_id": payload["account_id"]})
-            else:
-                payload = {**payload, "balance": None if balance is None else int(balance)}
+        # Hooks of billing events come through the outbox (billcore.server.outbox_service);
+        # this direct path stays for events that are not side effects of a commit.
         await bus.fire(event, payload)
 
     core.fire = fire

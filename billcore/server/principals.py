@@ -55,7 +55,8 @@ OWN_RIGHTS = frozenset({"self.otp"})   # every operator's, whatever their groups
 
 # What each edge's system login may do.
 SERVICE_RIGHTS: dict[str, frozenset[str]] = {
-    "radius": frozenset({"radius.*", "events.subscribe"}),
+    # outbox.claim: the radius channel's deliveries (Disconnect, rate changes; billcore.api.outbox_calls)
+    "radius": frozenset({"radius.*", "events.subscribe", "outbox.claim"}),
     "netflow": frozenset({"netflow.*", "events.subscribe"}),
     "portal": frozenset({"session.proxy"}),
     # the operators' console: relays operators' logins and calls as them; its own link

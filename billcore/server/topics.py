@@ -77,6 +77,8 @@ TOPICS: dict[str, Topic] = {topic.name: topic for topic in (
     Topic("radius.sessions", ("radius.serve", "radius.read", NOTICE_RIGHT),
           doc="RADIUS sessions started or ended: event (started, stopped or closed), session, account_id,"
               " or closed (how many an Accounting-On/Off or the stale sweep ended)"),
+    Topic("outbox", ("outbox.claim",),
+          doc="outbox deliveries are due: channels (the deliverers of those channels claim them now)"),
 )}
 
 
