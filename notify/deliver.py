@@ -35,7 +35,8 @@ import email.utils
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.header import Header
+from email.mime.text import MIMEText
 from typing import Any
 
 import aiohttp
@@ -88,18 +89,29 @@ def message_id(delivery: Mapping[str, Any], mail_from: str) -> str:
     return f"<billcore.{int(delivery['event_id'])}.{int(delivery['id'])}@{domain}>"
 
 
-def build_email(delivery: Mapping[str, Any], mail_from: str) -> EmailMessage:
+def _header(text: str) -> Any:
+    # a Header object, not its text: compat32 folds its encoded words itself
+    return text if text.isascii() else Header(text, "utf-8")
+
+
+def build_email(delivery: Mapping[str, Any], mail_from: str) -> bytes:
+    """The message's bytes: text/plain UTF-8, RFC 2047 headers where not ASCII.
+
+    (The compat32 ``MIMEText`` costs ~0.15 ms a message; ``EmailMessage`` with
+    the default policy ~2.5 ms, most of a sender's CPU at thousands a second.)"""
     message = delivery["message"]
-    msg = EmailMessage()
+    to, subject = str(message["to"]), " ".join(str(message["subject"]).split())
+    if any(c in to for c in "\r\n\0") or "@" not in to:
+        raise ValueError("not one address")
+    msg = MIMEText(str(message["body"]), "plain", "utf-8")
     msg["From"] = mail_from
-    msg["To"] = str(message["to"])
-    msg["Subject"] = str(message["subject"])
+    msg["To"] = to
+    msg["Subject"] = _header(subject)
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = message_id(delivery, mail_from)
     msg["X-Billcore-Event"] = str(int(delivery["event_id"]))
-    msg.set_content(str(message["body"]), charset="utf-8")
-    msg["Content-Language"] = str(message.get("lang") or "en")     # after set_content, which clears Content-*
-    return msg
+    msg["Content-Language"] = str(message.get("lang") or "en")[:8]
+    return msg.as_bytes()
 
 
 class Mailer:
@@ -119,7 +131,8 @@ class Mailer:
 
     async def send(self, delivery: Mapping[str, Any]) -> Outcome:
         try:
-            msg = build_email(delivery, self.settings.mail_from)
+            raw = build_email(delivery, self.settings.mail_from)
+            to = str(delivery["message"]["to"])
         except (KeyError, TypeError, ValueError) as exc:
             return Outcome(False, f"malformed email delivery: {type(exc).__name__}", permanent=True)
         async with self._slots:
@@ -128,7 +141,7 @@ class Mailer:
                 async with asyncio.timeout(self.settings.timeout):
                     if client is None or not client.is_connected:
                         client = await self._connect()
-                    await client.send_message(msg)
+                    await client.sendmail(self.settings.mail_from, [to], raw)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 first = exc.recipients[0] if exc.recipients else None
                 outcome = smtp_verdict(first.code, first.message) if first else Outcome(False, "recipient refused")
