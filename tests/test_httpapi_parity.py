@@ -211,7 +211,6 @@ CASES: dict[str, Case] = {
     "notify.templates_set": W(lambda c: {"event": "payment.added", "lang": "en", "subject": "Paid",
                                          "body": "Thank you, {{ login }}."}),
     "notify.templates_reset": X(lambda c: {"event": "balance.low", "lang": "de"}),
-    "notify.webhook_secrets": R(lambda c: {"ids": [NOBODY]}),
     "webhooks.list": S(),
     "webhooks.add": W(lambda c: {"name": f"parity-{c['tag']}-hook", "url": "https://hooks.example.test/in",
                                  "events": ["*"]}),

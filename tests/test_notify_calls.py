@@ -137,6 +137,7 @@ async def test_webhooks_secret_shown_once(live: Live) -> None:
         {"id": made["id"], "secret": edited["secret"]}]
     cashier = await live.login("admin", "cashier")
     await refused("not_in_table", cashier.call("notify.webhook_secrets", {"ids": [made["id"]]}))
+    await refused("not_in_table", root.call("notify.webhook_secrets", {"ids": [made["id"]]}))   # even with "*"
     await refused("not_in_table", edge.call("webhooks.list", {}))
     tested = await root.call("webhooks.test", {"webhook_id": made["id"]})
     row = await live.pool.fetchrow("SELECT event, payload->>'webhook_id' AS w FROM outbox_events WHERE id = $1",

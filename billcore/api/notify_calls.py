@@ -297,8 +297,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
         spec("notify.templates_reset", templates_reset, "notify.write", key, "bool"),
         spec("notify.templates_preview", templates_preview, "notify.read",
              {**key, "subject": "str?", "body": "str?", "data": "map?"}, fields={"subject": "str", "body": "str"}),
+        # system logins only: an operator, even with "*", never reads a secret back (shown once, at add)
         spec("notify.webhook_secrets", webhook_secrets, "notify.deliver", {"ids": "list"}, "list",
-             fields={"id": "int", "secret": "str"}),
+             fields={"id": "int", "secret": "str"}, kinds=frozenset({"system"})),
         spec("webhooks.list", webhooks_list, "webhooks.read", {"limit": "int?", "offset": "int?"}, "list",
              f"page:{PAGE}", WEBHOOK_FIELDS),
         spec("webhooks.add", webhooks_add, "webhooks.write",
