@@ -156,3 +156,33 @@ async def test_bad_input_answers_a_clear_code(world: World, name: str, args: dic
         else:
             await world.as_radius(name, **args)
     assert refused.value.code == "billing.invalid", refused.value
+
+
+async def test_an_in_core_channel_is_delivered_and_retried_by_the_core(world: World, pool: asyncpg.Pool) -> None:
+    """notify's ``plugin`` channel slot: a deliverer registered in the core, worked like the hooks."""
+    from billcore.billing.outbox import enqueue_one
+    from billcore.billing.outbox_delivery import Claimed, NewDelivery, StoredEvent
+    from billcore.db.rows import DbConnection
+
+    async def to_sms(conn: DbConnection, events: Any, now: dt.datetime) -> list[NewDelivery]:
+        return [NewDelivery(e.id, "plugin", "sms", {"to": "+100", "text": "hi"}) for e in events
+                if isinstance(e, StoredEvent) and e.event == "balance.low"]
+
+    sent: list[tuple[int, dict[str, Any]]] = []
+    answers = iter(["gateway down", None])
+
+    async def sms(c: Claimed) -> str | None:
+        sent.append((c.event_id, c.message))
+        return next(answers)
+
+    world.service.routers.append(to_sms)
+    world.service.in_core["plugin"] = sms
+    async with pool.acquire() as conn, conn.transaction():
+        event_id = await enqueue_one(conn, "balance.low", {"balance": 1}, T0, account_id=None)
+    await world.service.dispatch_once()
+    assert await world.service.deliver_in_core_once("plugin") == 1
+    assert await world.service.deliver_in_core_once("plugin") == 0          # backing off
+    world.clock[0] = T0 + dt.timedelta(seconds=5)
+    assert await world.service.deliver_in_core_once("plugin") == 1
+    assert sent == [(event_id, {"to": "+100", "text": "hi"})] * 2
+    assert await pool.fetchval("SELECT state FROM outbox_deliveries WHERE channel = 'plugin'") == "delivered"

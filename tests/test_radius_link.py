@@ -28,7 +28,7 @@ NAS = Nas("127.0.0.1", b"s")
 
 class OneLogin:
     def __init__(self) -> None:
-        self.principal = Principal("system", "radius", 1, frozenset({"radius.*", "events.subscribe"}),
+        self.principal = Principal("system", "radius", 1, frozenset({"radius.*", "events.subscribe", "outbox.claim"}),
                                    scram.make_verifier(PASSWORD, iterations=4096))
 
     async def find_principal(self, kind: str, login: str) -> Principal | None:
@@ -119,9 +119,9 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again(tmp_pat
         await eventually(lambda: connects("resume") == resumed + 1 and h.link.up.is_set())
         assert h.link.client.info.sid == sid
         assert core.service is not None
-        core.service.publish("blocks", {"action": "set", "account_id": 7})
+        core.service.publish("outbox", {"channels": ["radius"]})
         await eventually(lambda: len(h.events) == 1)
-        assert h.events[0].payload["account_id"] == 7
+        assert h.events[0].payload["channels"] == ["radius"]
         assert (await decider.authorize(NAS, {"login": "alice"})).accept
 
         # the core restarts: it knows no old session, so the link logs in afresh

@@ -18,7 +18,9 @@ Events are enqueued inside the transactions that cause them
 * the **hook worker** claims channel ``hook`` and runs, per delivery, only
   the target plugin's handlers (``HookBus.fire_owner``) with the event's
   payload plus ``event_id``; a handler that failed or timed out is
-  ``failed`` (retried with backoff, dead after ``max_attempts``).
+  ``failed`` (retried with backoff, dead after ``max_attempts``).  Other
+  channels delivered inside the core (notify's ``plugin`` channel) register
+  a deliverer in ``OutboxService.in_core`` and are worked the same way.
 
 Routers (``Router``: events in, deliveries out, at dispatch time):
 
@@ -41,7 +43,7 @@ import datetime as dt
 import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +59,7 @@ from billcore.plugins.hooks import HookBus
 
 __all__ = [
     "OUTBOX_TOPIC", "HOOK_CHANNEL", "RADIUS_CHANNEL", "OutboxService", "hook_router", "radius_router",
-    "rate_events", "policy_of", "DELIVERED", "FAILED", "DEAD",
+    "rate_events", "policy_of", "DELIVERED", "FAILED", "DEAD", "InCoreDeliverer",
 ]
 
 log = logging.getLogger("billcore.server.outbox")
@@ -125,6 +127,9 @@ async def radius_router(conn: DbConnection, events: Sequence[StoredEvent], now: 
     return out
 
 
+InCoreDeliverer = Callable[[od.Claimed], Awaitable[str | None]]
+
+
 @dataclass(slots=True)
 class OutboxService:
     """The dispatcher and the hook worker of one core."""
@@ -137,6 +142,9 @@ class OutboxService:
     now: Callable[[], dt.datetime]
     wake_dispatch: asyncio.Event = field(default_factory=asyncio.Event)
     wake_hooks: asyncio.Event = field(default_factory=asyncio.Event)
+    # other channels delivered inside the core (notify's ``plugin`` channel): channel → deliverer,
+    # which answers None when delivered, else the error (retried with backoff)
+    in_core: dict[str, InCoreDeliverer] = field(default_factory=dict)
     _last_prune: float = 0.0
 
     @property
@@ -147,7 +155,7 @@ class OutboxService:
         """A NOTIFY on billcore_outbox (None: the relay (re)connected)."""
         if payload != "outbox_deliveries":   # new deliveries come from us, or from outbox.retry
             self.wake_dispatch.set()
-        else:
+        if payload != "outbox_events":
             self.wake_hooks.set()
 
     async def dispatch_once(self) -> od.DispatchResult:
@@ -238,6 +246,28 @@ class OutboxService:
             self.count_failure(HOOK_CHANNEL, failed)
         return len(claimed)
 
+    async def deliver_in_core_once(self, channel: str) -> int:
+        """Claim and deliver one batch of a registered in-core channel; how many were claimed."""
+        deliverer = self.in_core[channel]
+        async with self.pool.acquire() as conn:
+            claimed = await od.claim(conn, channel, HOOK_BATCH, self.section.lease, self.now())
+        for c in claimed:
+            try:
+                error = await deliverer(c)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one delivery's failure is recorded and retried
+                log.exception("in-core delivery failed", extra={"channel": channel, "delivery": c.id})
+                error = f"{type(exc).__name__}: {exc}"
+            async with self.pool.acquire() as conn:
+                if error is None:
+                    if await od.done(conn, [c.id], self.now(), [channel]):
+                        DELIVERED.labels(channel).inc()
+                    continue
+                failed = await od.failed(conn, c.id, error, self.now(), self.policy, channels=[channel])
+            self.count_failure(channel, failed)
+        return len(claimed)
+
     @staticmethod
     def count_failure(channel: str, failed: od.FailResult | None) -> None:
         if failed is None:
@@ -260,6 +290,10 @@ class OutboxService:
                 for _ in range(1000):   # bounded; the next round continues
                     if await self.deliver_hooks_once() < HOOK_BATCH:
                         break
+                for channel in list(self.in_core):
+                    for _ in range(1000):
+                        if await self.deliver_in_core_once(channel) < HOOK_BATCH:
+                            break
             except DB_GONE as exc:
                 log.warning("hook delivery failed; will retry", extra={"reason": f"{type(exc).__name__}: {exc}"})
             except Exception:  # noqa: BLE001 - the worker outlives one bad batch; logged, the leases retry it
