@@ -251,3 +251,23 @@ def test_every_default_renders_its_sample_in_both_languages() -> None:
         assert event in SAMPLES
     assert style.format(-1) == "-0.000001 EUR" and style.format(12_300_000) == "12.30 EUR"
     assert MoneyStyle(0, "").format(5 * UNIT) == "5" and MoneyStyle(3, "").format(5 * UNIT + 10_000) == "5.010"
+
+
+async def test_a_payload_without_a_field_still_sends_the_default(pool: asyncpg.Pool, sinks: Any) -> None:
+    """An operator's template that fails on a real event falls back to the default; a default the payload
+    cannot fill renders with the missing parts empty: an essential notice is not lost."""
+    mail, hook = sinks
+    async with pool.acquire() as conn:
+        acc = await subscriber(conn, "petr", "petr@example.test", "en")
+        await conn.execute("INSERT INTO notify_templates VALUES ('dunning.blocked', 'email', 'en', 'Cut: {{ data.nope.x }}',"
+                           " 'b', 'test', now())")
+        async with conn.transaction():
+            await enqueue_one(conn, "dunning.blocked", {"step": "block"}, NOW, account_id=acc)   # no balance
+    deliverer = deliverer_for(mail, pool, SecretStore(secrets.token_bytes(32)))
+    try:
+        delivered, failed = await route_and_send(pool, deliverer)
+    finally:
+        await deliverer.close()
+    assert failed == [] and len(delivered) == 1
+    assert mail.messages[0]["Subject"] == "Your service is suspended for non-payment"
+    assert "the balance of account %d is ;" % acc in mail.messages[0].get_content()

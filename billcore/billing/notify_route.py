@@ -13,8 +13,9 @@ they answer (``NewDelivery``).  ``route_notifications`` answers, per event:
   (``notify_prefs.ESSENTIAL``).  The message is rendered here, once, in the
   subscriber's language (theirs, else ``[notify] language``):
   ``{to, subject, body, lang, message_id}``.  An override that fails to
-  render falls back to the default; a default that cannot render the payload
-  is logged and skipped.
+  render falls back to the default; a payload the default cannot fill (a
+  field missing) is rendered once more with the missing parts empty, so an
+  essential notice is never lost to a producer's payload.
 * ``webhook`` to every enabled endpoint that subscribed to the event (or to
   ``'*'``), target = the endpoint's id, message ``{url, body}``; ``body`` is
   the exact JSON text the edge signs and POSTs: ``{id, event, created_at,
@@ -141,13 +142,16 @@ async def _emails(conn: DbConnection, events: Sequence[StoredEvent], settings: R
 def _render(event: StoredEvent, lang: str, overrides: Mapping[tuple[str, str], Template], person: Any,
             settings: RouteSettings) -> tuple[str, str] | None:
     values = variables(event, person["login"], person["full_name"], settings.style.currency)
-    for template in (overrides.get((event.event, lang)), DEFAULTS.get((event.event, lang))):
+    default = DEFAULTS.get((event.event, lang))
+    tries = [(overrides.get((event.event, lang)), False), (default, False), (default, True)]
+    for template, lenient in tries:
         if template is None:
             continue
         try:
-            done = render(template, values, settings.style)
+            done = render(template, values, settings.style, lenient=lenient)
             return done.subject, done.body
         except NotifyTemplateError as exc:
             log.warning("notification template failed", extra={"event": event.event, "event_id": event.id,
-                                                                 "lang": lang, "reason": str(exc)})
+                                                                 "lang": lang, "lenient": lenient,
+                                                                 "reason": str(exc)})
     return None

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jinja2
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import ChainableUndefined, StrictUndefined, TemplateError, Undefined
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -99,16 +99,23 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 @functools.lru_cache(maxsize=16)
-def _env(style: MoneyStyle) -> _Sandbox:
-    env = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    env.filters["money"] = style.format
+def _env(style: MoneyStyle, lenient: bool = False) -> _Sandbox:
+    env = _Sandbox(undefined=ChainableUndefined if lenient else StrictUndefined, autoescape=False,
+                   keep_trailing_newline=True)
+
+    def money(amount: object) -> str:
+        if lenient and isinstance(amount, Undefined):
+            return ""
+        return style.format(amount)
+
+    env.filters["money"] = money
     return env
 
 
 @functools.lru_cache(maxsize=512)
-def _compiled(style: MoneyStyle, text: str) -> jinja2.Template:
+def _compiled(style: MoneyStyle, text: str, lenient: bool = False) -> jinja2.Template:
     """Compiling is most of a render's cost: a dispatch batch renders one template a thousand times."""
-    return _env(style).from_string(text)
+    return _env(style, lenient).from_string(text)
 
 
 _CHECK_ENV = _env(MoneyStyle())
@@ -128,11 +135,15 @@ def check_template(subject: object, body: object) -> Template:
     return Template(subject, body)
 
 
-def render(template: Template, variables: Mapping[str, Any], style: MoneyStyle) -> Rendered:
-    """Render inside the sandbox; ``NotifyTemplateError`` for anything it refuses or cannot fill."""
+def render(template: Template, variables: Mapping[str, Any], style: MoneyStyle, lenient: bool = False) -> Rendered:
+    """Render inside the sandbox; ``NotifyTemplateError`` for anything it refuses or cannot fill.
+
+    ``lenient``: a variable the event lacks renders empty instead of failing (the router's
+    last resort with a shipped default, so an essential notice is never lost to a payload
+    without a field)."""
     def bounded(text: str, room: int) -> str:
         out: list[str] = []
-        for piece in _compiled(style, text).generate(variables):   # stops as soon as it is too long
+        for piece in _compiled(style, text, lenient).generate(variables):   # stops as soon as it is too long
             room -= len(piece)
             if room < 0:
                 raise NotifyTemplateError(f"a rendered template may have at most {MAX_OUTPUT} characters")
