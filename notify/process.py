@@ -147,7 +147,8 @@ async def serve(link: Link, deliverer: Deliverer, wake: Mapping[str, asyncio.Eve
                 if rows:
                     done, failed = await deliverer.deliver(rows)
                     if done:
-                        await link.call("outbox.done", {"ids": done}, timeout=30.0)
+                        # idempotent: retried across a reconnect, so a blip does not send them all again
+                        await link.call("outbox.done", {"ids": done}, timeout=30.0, retry_for=30.0)
                     for delivery_id, outcome in failed:
                         await link.call("outbox.failed", {"id": delivery_id, "error": outcome.error,
                                                           "permanent": outcome.permanent}, timeout=30.0)

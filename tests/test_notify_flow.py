@@ -271,3 +271,29 @@ async def test_a_payload_without_a_field_still_sends_the_default(pool: asyncpg.P
     assert failed == [] and len(delivered) == 1
     assert mail.messages[0]["Subject"] == "Your service is suspended for non-payment"
     assert "the balance of account %d is ;" % acc in mail.messages[0].get_content()
+
+
+async def test_secret_cache_follows_rotation_and_deletion(pool: asyncpg.Pool) -> None:
+    store = SecretStore(secrets.token_bytes(32))
+    now = [100.0]
+    calls: list[list[int]] = []
+
+    async def fetch(ids: list[int]) -> list[dict[str, Any]]:
+        calls.append(ids)
+        async with pool.acquire() as conn:
+            return await notify_webhooks.secrets_of(conn, store, ids)
+
+    cache = SecretCache(fetch, ttl=60, clock=lambda: now[0])
+    async with pool.acquire() as conn:
+        made = await notify_webhooks.add(conn, store, "rot", "http://127.0.0.1:9/", ["*"], True, NOW)
+    hook_id = made["id"]
+    assert await cache.get([hook_id, hook_id]) == {hook_id: made["secret"].encode()}
+    async with pool.acquire() as conn:
+        _, after = await notify_webhooks.edit(conn, store, hook_id, NOW, rotate_secret=True)
+    assert await cache.get([hook_id]) == {hook_id: made["secret"].encode()} and len(calls) == 1   # within the TTL
+    now[0] += 61
+    assert await cache.get([hook_id]) == {hook_id: after["secret"].encode()} and len(calls) == 2
+    async with pool.acquire() as conn:
+        await notify_webhooks.delete(conn, hook_id)
+    now[0] += 61
+    assert await cache.get([hook_id]) == {}
