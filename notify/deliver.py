@@ -82,6 +82,7 @@ class MailSettings:
     mail_from: str = "billing@localhost"
     timeout: float = 30.0
     connections: int = 4
+    ca_file: str = ""          # PEM CA bundle for the server's certificate ("" = the system's)
 
 
 def message_id(delivery: Mapping[str, Any], mail_from: str) -> str:
@@ -125,7 +126,8 @@ class Mailer:
     async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
         client = aiosmtplib.SMTP(hostname=s.host, port=s.port, use_tls=s.tls, start_tls=s.starttls,
-                                 timeout=s.timeout, username=s.user or None, password=s.password or None)
+                                 timeout=s.timeout, username=s.user or None, password=s.password or None,
+                                 cert_bundle=s.ca_file or None)
         await client.connect()
         return client
 

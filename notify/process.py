@@ -69,7 +69,7 @@ class NotifySettings:
         n = config.notify
         password = Path(n.smtp_password_file).read_text().strip() if n.smtp_password_file else ""
         mail = MailSettings(n.smtp_host, n.smtp_port, n.smtp_starttls, n.smtp_tls, n.smtp_user, password,
-                            n.mail_from, n.smtp_timeout, max(1, n.concurrency // 2))
+                            n.mail_from, n.smtp_timeout, max(1, n.concurrency // 2), n.smtp_ca_file)
         return cls(mail, n.webhook_timeout, n.webhook_max_response, n.concurrency, n.batch, n.poll_interval)
 
 

@@ -25,7 +25,7 @@ from billcore.billing.notify_templates import (
 from billcore.billing.outbox import enqueue_one
 from billcore.billing.outbox_delivery import claim, dispatch, done
 from billcore.radius.secrets import SecretStore
-from notify.deliver import MailSettings, http_verdict, smtp_verdict
+from notify.deliver import MailSettings, Outcome, http_verdict, smtp_verdict
 from notify.process import Deliverer, NotifySettings, SecretCache
 from tests.notify_peers import MailSink, WebhookSink, start_mail_sink, start_webhook_sink
 from urfa.scram import make_verifier
@@ -297,3 +297,54 @@ async def test_secret_cache_follows_rotation_and_deletion(pool: asyncpg.Pool) ->
         await notify_webhooks.delete(conn, hook_id)
     now[0] += 61
     assert await cache.get([hook_id]) == {}
+
+
+async def test_starttls_and_auth_to_a_relay_that_requires_both(tmp_path: Any) -> None:
+    """A relay that refuses mail before STARTTLS and AUTH: the edge upgrades, verifies the certificate against
+    [notify] smtp_ca_file, logs in, and delivers; a wrong password is a permanent failure (535)."""
+    import asyncio
+    import ssl
+    import subprocess
+
+    from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+    from notify.deliver import Mailer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                           "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                           "-out", str(cert)], capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    sink = MailSink()
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"billing", b"relay-pw")
+        return AuthResult(success=ok, handled=False)
+
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(sink, hostname="relay.test", tls_context=tls, require_starttls=True, auth_required=True,
+                     authenticator=authenticator), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    row = {"id": 7, "event_id": 5, "message": {"to": "ivan@example.test", "subject": "Платёж получен", "body": "ok",
+                                               "lang": "ru"}}
+    try:
+        good = Mailer(MailSettings("127.0.0.1", port, starttls=True, user="billing", password="relay-pw",
+                                   mail_from="billing@isp.test", timeout=10, ca_file=str(cert)))
+        assert await good.send(row) == Outcome(True)
+        await good.close()
+        assert sink.messages[0]["Subject"] == "Платёж получен"
+        assert sink.messages[0]["Message-ID"] == "<billcore.5.7@isp.test>"
+        bad = Mailer(MailSettings("127.0.0.1", port, starttls=True, user="billing", password="wrong",
+                                  mail_from="billing@isp.test", timeout=10, ca_file=str(cert)))
+        refused = await bad.send(row)
+        await bad.close()
+        assert not refused.ok and refused.permanent and "535" in refused.error
+        untrusted = Mailer(MailSettings("127.0.0.1", port, starttls=True, user="billing", password="relay-pw",
+                                        mail_from="billing@isp.test", timeout=10))
+        failed = await untrusted.send(row)          # a certificate nobody vouches for: not sent, retried later
+        await untrusted.close()
+        assert not failed.ok and not failed.permanent and len(sink.messages) == 1
+    finally:
+        server.close()

@@ -218,6 +218,7 @@ class NotifySection:
     smtp_tls: bool = _f(False, "Speak SMTP over TLS from the first byte (port 465).")
     smtp_user: str = _f("", "SMTP AUTH login (empty: no AUTH).")
     smtp_password_file: str = _f("", "File holding the SMTP AUTH password.")
+    smtp_ca_file: str = _f("", "PEM file of the CA that signed the SMTP server's certificate (empty: the system's CAs).")
     smtp_timeout: float = _f(30.0, "Seconds one SMTP conversation may take.")
     mail_from: str = _f("billing@localhost", "From address of the notification emails.")
     webhook_timeout: float = _f(10.0, "Seconds one webhook POST may take, connect included.")
