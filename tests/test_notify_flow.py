@@ -8,6 +8,7 @@ rows, and the notify edge's ``Deliverer`` sends them.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 from typing import Any
 
@@ -51,7 +52,6 @@ async def charge(pool: asyncpg.Pool, account_id: int, amount: int, key: str) -> 
 async def low_events(pool: asyncpg.Pool, account_id: int) -> list[dict[str, Any]]:
     rows = await pool.fetch("SELECT payload::text AS p FROM outbox_events WHERE event = 'balance.low'"
                             " AND account_id = $1 ORDER BY id", account_id)
-    import json
     return [json.loads(r["p"]) for r in rows]
 
 

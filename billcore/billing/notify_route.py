@@ -79,6 +79,7 @@ def variables(event: StoredEvent, login: str, full_name: str, currency: str) -> 
 
 async def route_notifications(conn: DbConnection, events: Sequence[StoredEvent], now: dt.datetime,
                               settings: RouteSettings | None = None) -> list[NewDelivery]:
+    """The dispatcher's router: email and webhook deliveries of ``events`` (``settings``: the configured ones)."""
     settings = settings or _settings[0]
     out: list[NewDelivery] = []
     if not events:
