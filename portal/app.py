@@ -436,6 +436,9 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes, pay: PayOnline
     app.router.add_get("/healthz", healthz)
     if pay is not None:
         add_pay_routes(app, pay)
+    from . import notifications   # (it imports this module's helpers)
+
+    notifications.add_routes(app)
     app.router.add_static("/static", HERE / "static", append_version=True)
     http.add_shared_static(app)
     return app

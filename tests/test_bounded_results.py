@@ -61,6 +61,8 @@ FIXED_LISTS = {
     "fup.profiles_list": "the rate profiles (a catalogue), at most MAX_CATALOGUE (1 000)",
     "fup.quotas_list": "the quotas (a catalogue), at most MAX_CATALOGUE (1 000)",
     "radius.rate_state": "the open sessions of one account, at most MAX_RATE_SESSIONS (100)",
+    "notify.templates_list": "the shipped events x channels x languages (48), a constant of the code",
+    "notify.webhook_secrets": "one secret per id given, at most 1 000",
 }
 
 # read-only fixed calls run on the big database (the rest write and answer one record)

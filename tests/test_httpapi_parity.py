@@ -205,6 +205,19 @@ CASES: dict[str, Case] = {
     "radius.disconnect": X(lambda c: {"session": NOBODY}),
     "self.otp_confirm": X(lambda c: {"code": "000000"}),
     "self.otp_disable": X(lambda c: {"code": "000000"}),
+    # notifications (docs/automation/notify.md)
+    "notify.templates_list": R(),
+    "notify.templates_get": R(lambda c: {"event": "balance.low", "lang": "en"}),
+    "notify.templates_preview": R(lambda c: {"event": "balance.low", "lang": "ru"}),
+    "notify.templates_set": W(lambda c: {"event": "payment.added", "lang": "en", "subject": "Paid",
+                                         "body": "Thank you, {{ login }}."}),
+    "notify.templates_reset": X(lambda c: {"event": "balance.low", "lang": "de"}),
+    "webhooks.list": S(),
+    "webhooks.add": W(lambda c: {"name": f"parity-{c['tag']}-hook", "url": "https://hooks.example.test/in",
+                                 "events": ["*"]}),
+    "webhooks.edit": X(lambda c: {"webhook_id": NOBODY, "enabled": False}),
+    "webhooks.delete": X(lambda c: {"webhook_id": NOBODY}),
+    "webhooks.test": X(lambda c: {"webhook_id": NOBODY}),
 }
 
 

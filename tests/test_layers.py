@@ -46,6 +46,7 @@ EDGES: dict[str, str] = {
     "paygate": "paygate",
     "webedge": "webedge",
     "billcore/clients": "billcore.clients",
+    "notify": "notify",
 }
 KERNEL = "billcore.common"      # what edges may import of billcore
 PLUGIN_API = "billcore.plugins.api"

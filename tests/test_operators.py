@@ -398,7 +398,7 @@ ROLE_RIGHTS = {
                  "accounts.read"},
     "support": {"users.read", "accounts.read", "blocks.read", "audit.read", "payments.read", "tariffs.read",
                 "reports.read", "radius.read", "netflow.read", "plugins.read", "operators.read", "tokens.read",
-                "sys.health", "blocks.write", "radius.disconnect", "users.password"},
+                "sys.health", "blocks.write", "radius.disconnect", "users.password", "notify.read", "webhooks.read"},
     "tariff_managers": {"tariffs.read", "tariffs.write", "reports.read", "users.read", "accounts.read"},
 }
 

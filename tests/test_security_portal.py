@@ -180,7 +180,7 @@ async def test_every_post_route_refuses_a_forged_form(people: dict[str, Any], tm
         app = build_app(office.section, office.link, office.key)
         posts = sorted({r.resource.canonical for r in app.router.routes()  # type: ignore[union-attr]
                         if r.method == "POST"})
-        assert posts == ["/internet", "/login", "/logout", "/password", "/promised"], posts
+        assert posts == ["/internet", "/login", "/logout", "/notifications", "/password", "/promised"], posts
         async with browser() as alice, browser() as bob:
             assert (await login(alice, office.url, "alice", "alice-password")).status == 303
             assert (await login(bob, office.url, "bob", "bob-password")).status == 303
@@ -194,7 +194,8 @@ async def test_every_post_route_refuses_a_forged_form(people: dict[str, Any], tm
             forms = {"/internet": {"action": "off"}, "/promised": {},
                      "/password": {"old_password": "alice-password", "new_password": "hijacked-1",
                                    "again": "hijacked-1"},
-                     "/logout": {}, "/login": {"login": "bob", "password": "bob-password"}}
+                     "/logout": {}, "/login": {"login": "bob", "password": "bob-password"},
+                     "/notifications": {"language": "ru"}}
             for path in posts:
                 for forged in (None, "", "0" * 64, bob_token, login_token if path != "/login" else alice_token,
                                alice_token.upper(), alice_token + "00"):

@@ -18,7 +18,10 @@ CALLER's transaction it:
    ``accounts.balance`` by the same sums — one statement, two data-modifying
    CTEs — asserting old + sum == new;
 5. closes promised payments that a non-negative balance has covered and
-   re-syncs the system blocks of the touched accounts (``blocks``).
+   re-syncs the system blocks of the touched accounts (``blocks``);
+6. enqueues ``balance.low`` for every account the batch took from at or
+   above its low-balance threshold to below it (``notify_lowbalance``: the
+   threshold comes with the lock; no statement unless an account crossed).
 
 Every step is one set-based statement over the whole batch (arrays through
 ``unnest``), so a batch of N entries costs a constant number of round trips,
@@ -50,6 +53,8 @@ from typing import Any
 import asyncpg
 
 from billcore.billing.blocks import BlockChange, LockedAccount, sync_system_blocks
+from billcore.billing.notify_lowbalance import crossings
+from billcore.billing.outbox import enqueue
 from billcore.common.errors import InvariantViolation
 from billcore.billing.ledger_errors import (
     AmountError, IdempotencyConflict, InvalidValue, NotInTransaction, UnknownAccount,
@@ -156,10 +161,11 @@ async def lock_accounts(conn: DbConnection, account_ids: Iterable[int]) -> dict[
     return await _lock(conn, account_ids, "id, user_id, balance, credit, unlimited, status")
 
 
+_POST_COLS = "id, balance, credit, unlimited, low_balance"   # low_balance: balance.low's own threshold
 _LOCK_SQL = {
     cols: f"SELECT {cols} FROM accounts WHERE id = ANY($1::bigint[]) AND id BETWEEN $2 AND $3"
           " ORDER BY id FOR UPDATE"
-    for cols in ("id, user_id, balance, credit, unlimited, status", "id, balance, credit, unlimited")
+    for cols in ("id, user_id, balance, credit, unlimited, status", _POST_COLS)
 }
 
 
@@ -226,7 +232,7 @@ async def post_charges(conn: DbConnection, entries: Sequence[Entry], *, actor: s
     if len(set(keys)) != len(keys):
         raise IdempotencyConflict("the same idempotency key appears twice in one batch")
 
-    accounts = await _lock(conn, [entry.account_id for entry in checked], "id, balance, credit, unlimited")
+    accounts = await _lock(conn, [entry.account_id for entry in checked], _POST_COLS)
     existing = {
         row["idem_key"]: row for row in await conn.fetch(
             "SELECT idem_key, account_id, amount FROM ledger WHERE idem_key = ANY($1::text[])", keys)
@@ -283,7 +289,7 @@ async def post_batch(conn: DbConnection, account_ids: Sequence[int], amounts: Se
         _check_row(account_id, amount, kind, idem_key)
     if len(set(idem_keys)) != len(idem_keys):
         raise IdempotencyConflict("the same idempotency key appears twice in one batch")
-    accounts = await _lock(conn, account_ids, "id, balance, credit, unlimited")
+    accounts = await _lock(conn, account_ids, _POST_COLS)
     ids, _, running, changes = await _post(
         conn, accounts, list(account_ids), list(amounts), list(kinds), [reference] * len(account_ids),
         list(idem_keys), None, actor, now)
@@ -351,6 +357,10 @@ async def _post(conn: DbConnection, accounts: Mapping[int, asyncpg.Record], acco
             " WHERE account_id = ANY($1::bigint[]) AND closed_at IS NULL", covered, now)
     changes = await sync_system_blocks(conn, changed, actor=actor, now=now, locked={
         i: LockedAccount(running[i], accounts[i]["credit"], accounts[i]["unlimited"]) for i in changed})
+    # balance.low: arithmetic on what we hold; a statement only when an account crossed
+    low = crossings(changed, before, running, {i: accounts[i]["low_balance"] for i in changed})
+    if low:
+        await enqueue(conn, low, now)
     return ids, after_col, running, changes
 
 

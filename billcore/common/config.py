@@ -235,6 +235,32 @@ class PaygateSection:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifySection:
+    enabled: bool = _f(False, "Run the notify process: emails and webhooks from the outbox (a URFA client of the core).")
+    language: str = _f("en", "Language of notifications for subscribers who chose none: en or ru.")
+    currency: str = _f("", "Currency sign or code shown after amounts in notifications (e.g. 'RUB').")
+    minor_units: int = _f(2, "Decimals of the currency's minor unit; amounts show at least these, more only when they have them.")
+    low_balance: str = _f("", "Balance under which balance.low fires, like '10.00' (empty: only accounts with their own threshold).")
+    smtp_host: str = _f("127.0.0.1", "SMTP server (relay) that takes the notification emails.")
+    smtp_port: int = _f(25, "SMTP port (587 with starttls, 465 with tls).")
+    smtp_starttls: bool = _f(False, "Upgrade the SMTP connection with STARTTLS.")
+    smtp_tls: bool = _f(False, "Speak SMTP over TLS from the first byte (port 465).")
+    smtp_user: str = _f("", "SMTP AUTH login (empty: no AUTH).")
+    smtp_password_file: str = _f("", "File holding the SMTP AUTH password.")
+    smtp_ca_file: str = _f("", "PEM file of the CA that signed the SMTP server's certificate (empty: the system's CAs).")
+    smtp_timeout: float = _f(30.0, "Seconds one SMTP conversation may take.")
+    mail_from: str = _f("billing@localhost", "From address of the notification emails.")
+    webhook_timeout: float = _f(10.0, "Seconds one webhook POST may take, connect included.")
+    webhook_max_response: int = _f(65536, "Bytes of a webhook receiver's answer read at most (the rest is dropped).")
+    concurrency: int = _f(16, "Emails and webhooks being sent at once.")
+    batch: int = _f(100, "Deliveries claimed per call.")
+    poll_interval: float = _f(5.0, "Seconds between claims when no outbox event woke the process.")
+    core_address: str = _f("", "URFA address 'host:port' of the core (empty: the local Unix socket).")
+    login: str = _f("notify", "System login the notify process uses.")
+    password_file: str = _f("", "File with the system login's password (empty: <data_dir>/system/notify.password).")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -251,6 +277,7 @@ class Config:
     httpapi: HttpapiSection = field(default_factory=HttpapiSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     paygate: PaygateSection = field(default_factory=PaygateSection)
+    notify: NotifySection = field(default_factory=NotifySection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -425,6 +452,30 @@ def validate_paygate(pay: PaygateSection) -> None:
         raise ConfigError(f"paygate.office_url: an http(s) URL, got {pay.office_url!r}")
 
 
+def validate_notify(notify: NotifySection) -> None:
+    """The [notify] section's own rules."""
+    from billcore.common.money import parse_money
+
+    if notify.language not in ("en", "ru"):
+        raise ConfigError(f"notify.language: en or ru, got {notify.language!r}")
+    if not 0 <= notify.minor_units <= 6:
+        raise ConfigError(f"notify.minor_units: 0..6, got {notify.minor_units!r}")
+    if notify.low_balance:
+        try:
+            parse_money(notify.low_balance)
+        except ValueError as exc:
+            raise ConfigError(f"notify.low_balance: an amount like '10.00' or empty: {exc}") from None
+    if notify.smtp_tls and notify.smtp_starttls:
+        raise ConfigError("notify.smtp_tls and notify.smtp_starttls exclude each other")
+    if not 0 < notify.smtp_port < 65536:
+        raise ConfigError(f"notify.smtp_port: not a TCP port: {notify.smtp_port}")
+    for key in ("smtp_timeout", "webhook_timeout", "webhook_max_response", "concurrency", "batch", "poll_interval"):
+        if getattr(notify, key) <= 0:
+            raise ConfigError(f"notify.{key}: must be positive, got {getattr(notify, key)!r}")
+    if notify.batch > 1000:
+        raise ConfigError(f"notify.batch: at most 1000, got {notify.batch}")
+
+
 def _validate(config: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
@@ -467,6 +518,7 @@ def _validate(config: Config) -> None:
     validate_console(config.console)
     validate_httpapi(config.httpapi)
     validate_paygate(config.paygate)
+    validate_notify(config.notify)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:

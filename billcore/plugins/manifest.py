@@ -44,7 +44,7 @@ RESERVED_NAMES = frozenset({
     "audit", "reports", "tariffs", "services", "timeranges", "classes",
     "bindings", "radius", "netflow", "plugins",
     "operators", "self", "subscribers", "bulk", "tokens",
-    "outbox",
+    "outbox", "notify", "webhooks",
     "fup", "dunning",
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",

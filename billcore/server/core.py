@@ -72,14 +72,14 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     """Every built-in call module's calls; ``on_gone(reason)`` hears of every call that found the
     database gone (so monitoring sees an outage shorter than the probe's interval)."""
     from billcore.api import money_calls, netflow_calls, operators, periodic, portal_calls, reports, tariffs
-    from billcore.api import api_tokens, fup_calls, health, outbox_calls, radius_history
+    from billcore.api import api_tokens, fup_calls, health, notify_calls, outbox_calls, radius_history
     from billcore.api.radius import calls as radius_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
-        *api_tokens.calls(core), *outbox_calls.calls(core), *fup_calls.calls(core),
+        *api_tokens.calls(core), *outbox_calls.calls(core), *fup_calls.calls(core), *notify_calls.calls(core),
     ]
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
@@ -270,7 +270,9 @@ def _outbox(core: CoreContext) -> Any:
     from billcore.server.outbox_service import OutboxService, hook_router, radius_router
 
     bus = core.extras.get("hooks")
-    routers = [radius_router] + ([hook_router(bus)] if bus is not None else [])
+    from billcore.billing.notify_route import route_notifications
+
+    routers = [radius_router, route_notifications] + ([hook_router(bus)] if bus is not None else [])
     service = OutboxService(core.pool, core.config.outbox, routers, bus, core.publish, core.now)
     core.extras["outbox"] = service
     return service

@@ -68,6 +68,9 @@ SERVICE_RIGHTS: dict[str, frozenset[str]] = {
     # the payment gateways' callback edge: books payments (idempotent by the gateway's transaction id)
     # and finds the account a callback names; reads nothing else
     "paygate": frozenset({"payments.add", "payments.lookup"}),
+    # the notify edge: claims and acknowledges email and webhook deliveries (outbox.claim answers it
+    # only those channels), hears topic "outbox", and reads webhook secrets to sign with
+    "notify": frozenset({"outbox.claim", "events.subscribe", "notify.deliver"}),
 }
 
 # A principal that never logs in by SCRAM (a token) has this verifier: no proof matches it.

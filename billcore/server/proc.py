@@ -30,6 +30,7 @@ ROLES: dict[str, str] = {
     "console": "console.app:run",
     "httpapi": "httpapi.app:run",
     "paygate": "paygate.app:run",
+    "notify": "notify.process:run",
 }
 
 ENV_CONFIG = "BILLCORE_CONFIG"

@@ -85,6 +85,8 @@ def children_for(config: Config) -> list[ChildSpec]:
         children.append(ChildSpec("paygate"))
     if config.netflow.enabled:
         children.extend(ChildSpec("netflow", i) for i in range(config.netflow_workers))
+    if config.notify.enabled:
+        children.append(ChildSpec("notify"))
     return children
 
 
