@@ -218,6 +218,22 @@ CASES: dict[str, Case] = {
     "webhooks.edit": X(lambda c: {"webhook_id": NOBODY, "enabled": False}),
     "webhooks.delete": X(lambda c: {"webhook_id": NOBODY}),
     "webhooks.test": X(lambda c: {"webhook_id": NOBODY}),
+    # the outbox, fair usage and dunning (docs/automation.md)
+    "outbox.stats": S(),
+    "outbox.list": S(lambda c: {"state": "dead", "limit": 10}),
+    "outbox.retry": W(lambda c: {"ids": [NOBODY]}),
+    "fup.profiles_list": S(),
+    "fup.profiles_set": W(lambda c: {"name": f"parity-{c['tag']}-slow", "down_kbps": 512, "up_kbps": 256}),
+    "fup.profiles_delete": W(lambda c: {"id": NOBODY}),   # (false: no such profile)
+    "fup.quotas_list": S(),
+    "fup.quotas_set": X(lambda c: {"service_id": NOBODY, "quota_bytes": 10**9, "profile_id": NOBODY}),
+    "fup.quotas_delete": W(lambda c: {"id": NOBODY}),
+    "fup.nas_set": W(lambda c: {"id": c["w_nas"], "kind": "mikrotik", "coa_nak_action": "disconnect"}),
+    "fup.state": R(lambda c: {"account_id": c["account"]}),
+    "dunning.policies_get": R(lambda c: {"tariff_id": c["tariff"]}),
+    "dunning.policies_set": W(lambda c: {"tariff_id": c["w_tariff"], "grace_days": 3, "block_after_days": 5}),
+    "dunning.policies_delete": W(lambda c: {"tariff_id": c["w_tariff"]}),
+    "dunning.state": R(lambda c: {"account_id": c["account"]}),
 }
 
 

@@ -307,7 +307,7 @@ async def test_operator_lifecycle_is_audited_and_ends_sessions(live: Live) -> No
     root = await live.admin("root")
     roles = {role["name"]: role for role in await root.call("operators.roles")}
     assert roles["support"]["rights"] == sorted(
-        ["*.read", "blocks.write", "radius.disconnect", "users.password", "sys.health"])
+        ["*.read", "blocks.write", "outbox.write", "radius.disconnect", "users.password", "sys.health"])
     assert {"superusers", "cashiers", "support", "tariff_managers"} <= set(roles)
 
     anna = await root.call("operators.create", {"login": "anna", "password": "anna-password",
@@ -394,11 +394,12 @@ async def test_wrong_enrolment_codes_are_limited(live: Live) -> None:
 
 # What each role may call, spelled out right by right (not derived from its patterns).
 ROLE_RIGHTS = {
-    "cashiers": {"payments.add", "payments.cancel", "payments.read", "payments.promised", "users.read",
+    "cashiers": {"payments.add", "payments.cancel", "payments.read", "payments.promised", "payments.lookup", "users.read",
                  "accounts.read"},
     "support": {"users.read", "accounts.read", "blocks.read", "audit.read", "payments.read", "tariffs.read",
                 "reports.read", "radius.read", "netflow.read", "plugins.read", "operators.read", "tokens.read",
-                "sys.health", "blocks.write", "radius.disconnect", "users.password", "notify.read", "webhooks.read"},
+                "sys.health", "blocks.write", "radius.disconnect", "users.password", "notify.read", "webhooks.read",
+                "outbox.read", "outbox.write", "fup.read", "dunning.read"},
     "tariff_managers": {"tariffs.read", "tariffs.write", "reports.read", "users.read", "accounts.read"},
 }
 
