@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         section = dataclasses.replace(config.paygate, enabled=True, host=args.host, port=args.port,
                                       tls_cert=args.tls_cert, tls_key=args.tls_key,
                                       behind_proxy=args.behind_proxy or config.paygate.behind_proxy)
-        validate_paygate(section)
-        gateways = gateways_of(section)
+        validate_paygate(section, config.billing.currency)
+        gateways = gateways_of(section, config.billing)
     except (ConfigError, ValueError) as exc:
         print(f"python -m paygate: {exc}", file=sys.stderr)
         return 2

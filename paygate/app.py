@@ -47,7 +47,7 @@ from typing import Any
 
 from aiohttp import web
 
-from billcore.common.config import GatewaySection, PaygateSection
+from billcore.common.config import BillingSection, GatewaySection, PaygateSection
 from webedge import http
 from webedge.core_link import CoreDown, CoreLink, Refused, SessionGone
 from webedge.paysign import check_callback
@@ -73,16 +73,18 @@ class Gateway:
     secret: bytes
     currency: str
     amount_format: str
+    minor_units: int
 
 
-def gateways_of(section: PaygateSection) -> dict[str, Gateway]:
-    """The configured gateways with their secrets read (``ValueError`` naming a file that cannot be)."""
-    return {gw.name: _gateway(section, gw) for gw in section.gateways}
+def gateways_of(section: PaygateSection, billing: BillingSection) -> dict[str, Gateway]:
+    """The configured gateways with their secrets read (``ValueError`` naming a file that cannot be);
+    they speak the installation's currency (``[billing]``)."""
+    return {gw.name: _gateway(billing, gw) for gw in section.gateways}
 
 
-def _gateway(section: PaygateSection, gw: GatewaySection) -> Gateway:
-    return Gateway(gw.name, read_gateway_secret(Path(gw.secret_file)), gw.currency or section.currency,
-                   gw.amount_format)
+def _gateway(billing: BillingSection, gw: GatewaySection) -> Gateway:
+    return Gateway(gw.name, read_gateway_secret(Path(gw.secret_file)), gw.currency or billing.currency,
+                   gw.amount_format, billing.minor_units)
 
 
 class Unresolved(Exception):
@@ -158,7 +160,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return decide(401, refused, error=refused)
     try:
-        cb = parse_callback(body, gateway.amount_format, gateway.currency, section.minor_units)
+        cb = parse_callback(body, gateway.amount_format, gateway.currency, gateway.minor_units)
     except BadField as exc:
         decided["field"] = exc.field
         return decide(400, exc.error, error=exc.error, field=exc.field, detail=exc.why)
@@ -254,7 +256,7 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     """The ``paygate`` role (``dsn`` is unused: the edge has no database access)."""
     s: PaygateSection = config.paygate
     host, port, unix = core_address(config)
-    gateways = gateways_of(s)
+    gateways = gateways_of(s, config.billing)
     link = paygate_link(host=host, port=port, unix=unix, login="paygate",
                         password_file=service_password_file(Path(config.data_dir), "paygate"), timeout=s.core_timeout)
     runner = await serve(s, link, gateways)

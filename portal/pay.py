@@ -114,8 +114,9 @@ def pay_online_of(config: Any) -> PayOnline | None:
     gw = next(g for g in section.gateways if g.name == section.office_gateway)   # checked at load
     if not gw.pay_url:
         return None
-    return PayOnline(gw.name, read_gateway_secret(Path(gw.secret_file)), gw.pay_url, gw.currency or section.currency,
-                     section.minor_units, gw.amount_format, section.office_url.rstrip("/"))
+    billing = config.billing
+    return PayOnline(gw.name, read_gateway_secret(Path(gw.secret_file)), gw.pay_url, gw.currency or billing.currency,
+                     billing.minor_units, gw.amount_format, section.office_url.rstrip("/"))
 
 
 def _origin(url: str) -> str:

@@ -87,7 +87,7 @@ async def test_templates_edit_preview_reset(live: Live) -> None:
                                                                                    ("invoice.issued", "en")}
     assert next(t for t in listed if t["event"] == "account.blocked")["essential"] is True
     shown = await root.call("notify.templates_preview", {"event": "balance.low", "lang": "en"})
-    assert shown["subject"] == "Your balance is low: 4.50"
+    assert shown["subject"] == "Your balance is low: 4.50 RUB"   # [billing] currency
     done = await root.call("notify.templates_set", {"event": "balance.low", "lang": "en",
                                                      "subject": "Low: {{ data.balance|money }} of {{ login }}",
                                                      "body": "Top up, {{ full_name }}."})
@@ -96,7 +96,7 @@ async def test_templates_edit_preview_reset(live: Live) -> None:
     assert got["subject"].startswith("Low:") and got["default_subject"].startswith("Your balance")
     shown = await root.call("notify.templates_preview", {"event": "balance.low", "lang": "en",
                                                           "data": {"balance": 1}})
-    assert shown["subject"] == "Low: 0.000001 of subscriber"
+    assert shown["subject"] == "Low: 0.000001 RUB of subscriber"
     audit = await live.pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'notify.templates_set'")
     assert audit == 1
     assert await root.call("notify.templates_reset", {"event": "balance.low", "lang": "en"}) is True

@@ -65,7 +65,7 @@ async def stack(tmp_path: Path, db_dsn: str) -> AsyncIterator[Stack]:
     secret_file.write_text(SECRET.decode() + "\n")
     secret_file.chmod(0o600)
     port = free_port()
-    paygate = {"enabled": True, "port": port, "currency": "RUB",
+    paygate = {"enabled": True, "port": port,
                "gateways": [{"name": "sim", "secret_file": str(secret_file)},
                             {"name": "kop", "secret_file": str(secret_file), "amount_format": "minor"}]}
     async with serving_with_root("paygate-cb", "paygate", ROOT_PW, db_dsn, paygate=paygate) as (bc, admin):
@@ -167,7 +167,7 @@ async def test_core_unavailable_is_503(tmp_path: Path) -> None:
     section = PaygateSection(enabled=True, port=port, core_timeout=0.5)
     link = paygate_link(host="127.0.0.1", port=free_port(), unix=None, login="paygate", password_file=password,
                         timeout=0.5)
-    runner = await serve(section, link, {"sim": Gateway("sim", SECRET, "RUB", "major")})
+    runner = await serve(section, link, {"sim": Gateway("sim", SECRET, "RUB", "major", 2)})
     try:
         body = callback_body("TX-1", "1", "1.00")
         # the edge runs in this loop: the blocking request goes to a thread

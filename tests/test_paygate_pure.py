@@ -99,7 +99,7 @@ def test_config_rules() -> None:
     refused = [
         {"host": "0.0.0.0"},                                            # plain HTTP facing a network
         {"tls_cert": "/c"},                                             # a cert without its key
-        {"currency": "rub"}, {"minor_units": 7}, {"window": 0},
+        {"window": 0},
         {"gateways": [gateway, gateway]},                               # a name twice
         {"gateways": [{"name": "a b", "secret_file": "/s"}]},
         {"gateways": [{"name": "sim"}]},                                # no secret file
@@ -112,3 +112,9 @@ def test_config_rules() -> None:
         with pytest.raises(ConfigError):
             config_from_dict({"paygate": section})
     assert config_from_dict({"paygate": {"host": "0.0.0.0", "behind_proxy": True}}).paygate.behind_proxy
+    # one currency per installation, in [billing]: the gateways and the notifications follow it
+    for billing in ({"currency": "rub"}, {"currency": "RUBL"}, {"minor_units": 7}, {"minor_units": -1}):
+        with pytest.raises(ConfigError):
+            config_from_dict({"billing": billing})
+    usd = config_from_dict({"billing": {"currency": "USD"}, "paygate": {"gateways": [{**gateway, "currency": "USD"}]}})
+    assert usd.paygate.gateways[0].currency == usd.billing.currency == "USD"

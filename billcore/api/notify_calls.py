@@ -74,7 +74,7 @@ def configure(config: Config) -> None:
     section = config.notify
     notify_lowbalance.set_default(parse_money(section.low_balance) if section.low_balance else None)
     notify_route.configure(notify_route.RouteSettings(
-        style=MoneyStyle(section.minor_units, section.currency), language=section.language,
+        style=MoneyStyle(config.billing.minor_units, config.billing.currency), language=section.language,
         mail_domain=section.mail_from.rpartition("@")[2] or "localhost"))
 
 
@@ -182,7 +182,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         if data is not None and not isinstance(data, dict):
             raise InvalidValue("data must be a map")
         section = core.config.notify
-        done = render(template, _sample_vars(event, data), MoneyStyle(section.minor_units, section.currency))
+        done = render(template, _sample_vars(event, data), MoneyStyle(core.config.billing.minor_units, core.config.billing.currency))
         return {"subject": done.subject, "body": done.body}
 
     @handler

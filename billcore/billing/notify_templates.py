@@ -26,7 +26,7 @@ Variables (the same for every event; docs/automation/notify.md):
   ``data.amount``, …; money in integer micro-units);
 * ``currency`` — the installation's currency sign;
 * the filter ``money``: ``{{ data.balance|money }}`` shows micro-units as the
-  currency does (``[notify] minor_units`` decimals at least, more only when
+  currency does (``[billing] minor_units`` decimals at least, more only when
   the amount has them: never rounded, never a float) with the currency sign.
 """
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 __all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console", "validate_httpapi",
-           "validate_paygate"]
+           "validate_billing", "validate_paygate"]
 
 
 class ConfigError(Exception):
@@ -88,6 +88,8 @@ class SupervisorSection:
 class BillingSection:
     promised_amount: str = _f("100.00", "Credit a subscriber may take once a month as a promised payment (currency units).")
     promised_days: int = _f(5, "Days a promised payment lasts before it expires by itself.")
+    currency: str = _f("RUB", "The installation's one currency (ISO 4217 code): notifications show it, payment gateways must report it.")
+    minor_units: int = _f(2, "Decimals of that currency (ISO 4217: 2 for RUB, USD, EUR; 0 for JPY; 3 for KWD): amounts show them, and a paid amount with more is refused.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +212,7 @@ class OutboxSection:
 class GatewaySection:
     name: str = _f("", "The gateway's name: its callback is POST /callback/<name>; payments are method gateway:<name>.")
     secret_file: str = _f("", "File holding the HMAC secret shared with the gateway (at least 16 bytes; mode 0600).")
-    currency: str = _f("", "Currency the gateway reports (empty: [paygate] currency); another is refused.")
+    currency: str = _f("", "Currency the gateway reports (empty: [billing] currency); another is refused.")
     amount_format: str = _f("major", "How the gateway writes amounts: major (decimal string '100.50') or minor (integer '10050').")
     pay_url: str = _f("", "The gateway's payment page the office redirects to for 'pay online' (empty: no pay-online).")
 
@@ -223,8 +225,6 @@ class PaygateSection:
     tls_cert: str = _f("", "PEM certificate; with tls_key the edge speaks HTTPS.")
     tls_key: str = _f("", "PEM private key of the edge's certificate.")
     behind_proxy: bool = _f(False, "Plain HTTP on a non-loopback address is allowed: your own TLS proxy fronts the edge.")
-    currency: str = _f("RUB", "The installation's currency (ISO 4217 code) that callbacks and pay-online amounts are in.")
-    minor_units: int = _f(2, "Decimals of that currency (2 for RUB, USD, EUR; 0 for JPY): an amount with more is refused.")
     window: int = _f(300, "Seconds a callback's timestamp may be off the edge's clock; older or newer is refused (401).")
     max_body: int = _f(16384, "Largest callback body, in bytes; a larger one gets HTTP 413.")
     read_timeout: float = _f(10.0, "Seconds a callback's body may take to arrive; then HTTP 408.")
@@ -238,8 +238,6 @@ class PaygateSection:
 class NotifySection:
     enabled: bool = _f(False, "Run the notify process: emails and webhooks from the outbox (a URFA client of the core).")
     language: str = _f("en", "Language of notifications for subscribers who chose none: en or ru.")
-    currency: str = _f("", "Currency sign or code shown after amounts in notifications (e.g. 'RUB').")
-    minor_units: int = _f(2, "Decimals of the currency's minor unit; amounts show at least these, more only when they have them.")
     low_balance: str = _f("", "Balance under which balance.low fires, like '10.00' (empty: only accounts with their own threshold).")
     smtp_host: str = _f("127.0.0.1", "SMTP server (relay) that takes the notification emails.")
     smtp_port: int = _f(25, "SMTP port (587 with starttls, 465 with tls).")
@@ -412,18 +410,24 @@ CURRENCY_CODE_LENGTH = 3
 AMOUNT_FORMATS = ("major", "minor")
 
 
-def validate_paygate(pay: PaygateSection) -> None:
-    """The [paygate] section's own rules (also for ``python -m paygate``'s flags)."""
+def validate_billing(billing: BillingSection) -> None:
+    """The installation's currency: an ISO 4217 code and its decimals."""
+    if len(billing.currency) != CURRENCY_CODE_LENGTH or not billing.currency.isascii() \
+            or not billing.currency.isalpha() or not billing.currency.isupper():
+        raise ConfigError(f"billing.currency: a three-letter ISO 4217 code like 'RUB', got {billing.currency!r}")
+    if type(billing.minor_units) is not int or not 0 <= billing.minor_units <= 6:
+        raise ConfigError(f"billing.minor_units: 0 to 6 (micro-units hold six), got {billing.minor_units!r}")
+
+
+def validate_paygate(pay: PaygateSection, currency: str) -> None:
+    """The [paygate] section's own rules (also for ``python -m paygate``'s flags); ``currency`` is
+    the installation's ([billing] currency)."""
     if bool(pay.tls_cert) != bool(pay.tls_key):
         raise ConfigError("paygate.tls_cert and paygate.tls_key go together")
     # a callback carries no secret, but its answer and the edge's logs do say who paid what
     if not pay.tls_cert and not pay.behind_proxy and not _loopback(pay.host):
         raise ConfigError(f"paygate.host: {pay.host!r} is not a loopback address: set paygate.tls_cert and"
                           " paygate.tls_key, or paygate.behind_proxy = true behind your own TLS proxy")
-    if len(pay.currency) != CURRENCY_CODE_LENGTH or not pay.currency.isascii() or not pay.currency.isupper():
-        raise ConfigError(f"paygate.currency: a three-letter ISO 4217 code like 'RUB', got {pay.currency!r}")
-    if type(pay.minor_units) is not int or not 0 <= pay.minor_units <= 6:
-        raise ConfigError(f"paygate.minor_units: 0 to 6 (micro-units hold six), got {pay.minor_units!r}")
     for key, value in (("window", pay.window), ("max_body", pay.max_body), ("read_timeout", pay.read_timeout),
                        ("core_timeout", pay.core_timeout)):
         if value <= 0:
@@ -439,8 +443,8 @@ def validate_paygate(pay: PaygateSection) -> None:
         names.add(gw.name)
         if not gw.secret_file:
             raise ConfigError(f"{where}.secret_file: the file of the secret shared with {gw.name!r} is required")
-        if gw.currency and gw.currency != pay.currency:
-            raise ConfigError(f"{where}.currency: {gw.currency!r} is not the installation's {pay.currency!r}"
+        if gw.currency and gw.currency != currency:
+            raise ConfigError(f"{where}.currency: {gw.currency!r} is not the installation's {currency!r}"
                               " (one currency per installation)")
         if gw.amount_format not in AMOUNT_FORMATS:
             raise ConfigError(f"{where}.amount_format: major or minor, got {gw.amount_format!r}")
@@ -458,8 +462,6 @@ def validate_notify(notify: NotifySection) -> None:
 
     if notify.language not in ("en", "ru"):
         raise ConfigError(f"notify.language: en or ru, got {notify.language!r}")
-    if not 0 <= notify.minor_units <= 6:
-        raise ConfigError(f"notify.minor_units: 0..6, got {notify.minor_units!r}")
     if notify.low_balance:
         try:
             parse_money(notify.low_balance)
@@ -517,7 +519,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("portal.tls_cert and portal.tls_key go together")
     validate_console(config.console)
     validate_httpapi(config.httpapi)
-    validate_paygate(config.paygate)
+    validate_billing(config.billing)
+    validate_paygate(config.paygate, config.billing.currency)
     validate_notify(config.notify)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
