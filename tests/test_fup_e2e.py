@@ -8,72 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
 from billcore.billing.rating import TrafficUsage
 from billcore.billing.usage import commit_usage
-from radius.nas_sim import NasSimulator
-from radius.server import load_dictionary
-from tests.conftest import TEMPLATE, _create_db, _drop_db, free_port, need_peer, with_database
-from tests.running import BillcoreProcess
 from tests.test_fup_coa import rate_limits
-from tests.test_radius_e2e import ADMIN_PASSWORD, RADCLIENT, admin_session, radclient, subscriber, wait_until
-from urfa.client import Client
+from tests.test_radius_e2e import Stack, radclient, radius_stack, subscriber, wait_until
 
-SECRET = "nas-secret-1"
 MB = 1_000_000
-
-
-@dataclass
-class Stack:
-    bc: BillcoreProcess
-    admin: Client
-    auth_port: int
-    acct_port: int
-    nas: NasSimulator
-    dsn: str
 
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
                 template_dsn: str) -> AsyncIterator[Stack]:
-    need_peer(RADCLIENT is not None, "radclient (Debian freeradius-utils) is not installed")
-    db = await _create_db(pg_server_dsn, TEMPLATE)
-    workdir = tmp_path_factory.mktemp("fup-e2e")
-    auth_port, acct_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
-    bc = BillcoreProcess(workdir, dsn=with_database(pg_server_dsn, db), radius={
-        "enabled": True, "host": "127.0.0.1", "auth_port": auth_port, "acct_port": acct_port,
-        "decision_timeout": 2.0, "coa_timeout": 0.5, "stale_check": 3600.0})
-    sim = NasSimulator(SECRET.encode(), load_dictionary())
-    nas_port = await sim.start("127.0.0.1", 0)
-    bc.start()
-    try:
-        bc.wait_for(r'role=radius .*msg="core connected"', timeout=60)
-        made = subprocess.run(
-            [sys.executable, "-m", "billcore.cli", "-c", str(bc.config_path), "admin", "create", "root",
-             "--password-env", "E2E_ADMIN_PW"],
-            env=dict(os.environ, E2E_ADMIN_PW=ADMIN_PASSWORD), cwd=workdir, capture_output=True, text=True,
-            timeout=60)
-        assert made.returncode == 0, made.stderr
-        admin = await admin_session(bc)
-        nas_id = (await admin.call("radius.nas_add", {"name": "sim", "address": "127.0.0.1", "secret": SECRET,
-                                                      "coa_port": nas_port,
-                                                      "require_message_authenticator": False}))["id"]
-        assert await admin.call("fup.nas_set", {"id": nas_id, "kind": "mikrotik"})
-        yield Stack(bc, admin, auth_port, acct_port, sim, with_database(pg_server_dsn, db))
-        await admin.close()
-    finally:
-        sim.close()
-        bc.__exit__(None, None, None)
-        await _drop_db(pg_server_dsn, db)
+    async with radius_stack(tmp_path_factory, pg_server_dsn, "fup-e2e") as s:
+        assert await s.admin.call("fup.nas_set", {"id": s.nas_id, "kind": "mikrotik"})
+        yield s
 
 
 async def test_a_quota_crossing_reaches_the_nas_as_one_coa_and_access_accept_is_throttled(stack: Stack) -> None:

@@ -12,6 +12,7 @@ file order; the core-restart test comes last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -72,12 +73,14 @@ async def subscriber(admin: Client, login: str, paid: int) -> int:
     return account_id
 
 
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
-                template_dsn: str) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def radius_stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
+                       name: str) -> AsyncIterator[Stack]:
+    """A real ``billcore serve`` with its radius process on free ports, an administrator logged in
+    over URFA and the NAS simulator added as NAS ``sim`` (its CoA port the simulator's)."""
     need_peer(RADCLIENT is not None, "radclient (Debian freeradius-utils) is not installed")
     db = await _create_db(pg_server_dsn, TEMPLATE)
-    workdir = tmp_path_factory.mktemp("radius-e2e")
+    workdir = tmp_path_factory.mktemp(name)
     auth_port, acct_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     bc = BillcoreProcess(workdir, dsn=with_database(pg_server_dsn, db), radius={
         "enabled": True, "host": "127.0.0.1", "auth_port": auth_port, "acct_port": acct_port,
@@ -97,7 +100,19 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         nas_id = (await admin.call("radius.nas_add", {"name": "sim", "address": "127.0.0.1", "secret": SECRET,
                                                       "coa_port": nas_port,
                                                       "require_message_authenticator": False}))["id"]
-        s = Stack(bc, admin, auth_port, acct_port, sim, nas_id, with_database(pg_server_dsn, db))
+        yield Stack(bc, admin, auth_port, acct_port, sim, nas_id, with_database(pg_server_dsn, db))
+        await admin.close()
+    finally:
+        sim.close()
+        bc.__exit__(None, None, None)
+        await _drop_db(pg_server_dsn, db)
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
+                template_dsn: str) -> AsyncIterator[Stack]:
+    async with radius_stack(tmp_path_factory, pg_server_dsn, "radius-e2e") as s:
+        admin = s.admin
         await admin.call("radius.pool_add", {"name": "dyn", "first": "10.77.0.10", "last": "10.77.0.20"})
         s.accounts["alice"] = await subscriber(admin, "alice", PAID)
         s.links["alice"] = await admin.call("radius.link_add", {
@@ -112,11 +127,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
         await wait_until(lambda: radclient_ok(s, "auth", 'User-Name = "alice", User-Password = "wonderland"'),
                          timeout=30)
         yield s
-        await admin.close()
-    finally:
-        sim.close()
-        bc.__exit__(None, None, None)
-        await _drop_db(pg_server_dsn, db)
 
 
 async def time_tariff(admin: Client, account_id: int) -> None:
