@@ -199,3 +199,29 @@ async def test_bad_policies_are_refused_with_clear_errors(pool: asyncpg.Pool, st
             await dunning.policy_set(conn, dunning.Policy(s["tariff"], reminder_days=-1), T0)
         with pytest.raises(UnknownObject):
             await dunning.policy_set(conn, dunning.Policy(s["tariff"], throttle_profile=10**9), T0)
+
+
+async def test_the_minutely_pass_reads_only_debtors_and_open_cycles(pool: asyncpg.Pool, store: SecretStore) -> None:
+    """A tariff of many quiet subscribers costs the every-minute pass nothing per subscriber: without
+    reminders it reads the debtors and open cycles alone; the daily reminder pass reads them all but
+    opens a transaction only where a reminder is due."""
+    async with pool.acquire() as conn:
+        s = await setup(conn, store, balance=100 * UNIT)          # rich: 33 days of fees left
+        uids = await conn.fetch(
+            "INSERT INTO users(login, scram_salt, scram_iterations, scram_stored_key, scram_server_key)"
+            " SELECT 'q' || g, '\\x00', 4096, '\\x00', '\\x00' FROM generate_series(1, 300) g RETURNING id")
+        quiet = [int(await conn.fetchval("INSERT INTO accounts(user_id, balance) VALUES ($1, 0) RETURNING id",
+                                         row["id"])) for row in uids]
+        for account in quiet:
+            await T.link_tariff(conn, account, s["tariff"], now=T0, tz=UTC, actor="test")
+        await conn.execute("UPDATE accounts SET balance = 0 WHERE id = ANY($1::bigint[])", quiet)
+        async with conn.transaction():
+            await post_charges(conn, [Entry(quiet[0], -UNIT, "charge", "debt-1")], actor="test", now=T0)
+        minutely = await dunning.dunning_step(conn, T0, UTC, reminders=False)
+        assert minutely.accounts == 1 and minutely.steps == [(quiet[0], 1, "grace")]
+        # the daily look: every account under the policy read, a reminder for each one about to run
+        # out (balance 0 with 3.00 a day: today), none for the rich one, nothing twice
+        daily = await dunning.dunning_step(conn, T0, UTC)
+        assert daily.accounts == 301
+        assert sorted(a for a, _, step in daily.steps if step == "reminder") == sorted(quiet[1:])
+        assert (await dunning.dunning_step(conn, T0, UTC)).steps == []

@@ -158,39 +158,69 @@ async def dunning_state(conn: DbConnection, account_id: int) -> dict[str, Any]:
 
 # -- the pass ----------------------------------------------------------------------------------------------
 
+# The accounts a pass must look at: under a policy, active, and -- unless
+# this pass also checks reminders ($4) -- past their credit (a superset of
+# in_debt: promised credit only lowers a debt) or in an open cycle.  Without
+# reminders that is the debtors alone, so the pass that runs every minute
+# does not open a transaction per account of a million-subscriber tariff.
 _CANDIDATES: Final = (
     "SELECT a.id, p.tariff_id, p.reminder_days, p.grace_days, p.throttle_profile, p.block_after_days,"
-    " p.close_after_days, s.cycle, s.step, a.balance, a.credit"
+    " p.close_after_days, s.cycle, s.step, a.balance, a.credit, a.unlimited"
     " FROM account_tariffs t JOIN dunning_policies p ON p.tariff_id = t.tariff_id"
     " JOIN accounts a ON a.id = t.account_id LEFT JOIN dunning_state s ON s.account_id = a.id"
     " WHERE t.valid_from <= $1 AND (t.valid_to IS NULL OR t.valid_to > $1) AND a.status = 'active'"
-    " AND a.id > $2 ORDER BY a.id LIMIT $3")
+    " AND a.id > $2 AND ($4 OR a.balance + a.credit < 0 OR s.step IN ('grace', 'throttled', 'blocked'))"
+    " ORDER BY a.id LIMIT $3")
 
 
-async def dunning_step(conn: DbConnection, now: dt.datetime, tz: dt.tzinfo) -> DunningResult:
-    """One pass over every account under a dunning policy (see the module comment); what it did.
+async def dunning_step(conn: DbConnection, now: dt.datetime, tz: dt.tzinfo, *,
+                       reminders: bool = True) -> DunningResult:
+    """One pass over the accounts under a dunning policy (see the module comment); what it did.
 
-    Each account's steps commit in their own transaction: the caller passes a
-    connection outside any transaction."""
+    ``reminders``: also forecast the quiet accounts' run-out (every account
+    under a policy is read; the core does it once a local day).  Without it
+    only debtors and open cycles are read.  Each account's steps commit in
+    their own transaction (only for an account with a step that may be due):
+    the caller passes a connection outside any transaction."""
     result = DunningResult()
     after = 0
     today = now.astimezone(tz).date()
     while True:
-        rows = await conn.fetch(_CANDIDATES, now, after, PASS_BATCH)
+        rows = await conn.fetch(_CANDIDATES, now, after, PASS_BATCH, reminders)
         if not rows:
             break
         after = rows[-1]["id"]
         result.accounts += len(rows)
         # forecasts only for accounts a reminder could be for: not in an open cycle
         quiet = [row["id"] for row in rows if row["step"] in (None, "cleared")]
-        burns = await burn_rates(conn, quiet, now, today) if quiet else {}
+        burns = await burn_rates(conn, quiet, now, today) if quiet and reminders else {}
         for row in rows:
             policy = Policy(*(row[k] for k in ("tariff_id", "reminder_days", "grace_days", "throttle_profile",
                                                "block_after_days", "close_after_days")))
-            await _account(conn, int(row["id"]), policy, burns.get(row["id"]), now, today, result)
+            burn = burns.get(row["id"])
+            if not _may_act(row, policy, burn, today):
+                continue     # nothing can be due: no transaction, no lock
+            await _account(conn, int(row["id"]), policy, burn, now, today, result)
         if len(rows) < PASS_BATCH:
             break
     return result
+
+
+def _may_act(row: asyncpg.Record, policy: Policy, burn: tuple[int, int] | None, today: dt.date) -> bool:
+    """Whether a step may be due for this candidate, from its unlocked row: in
+    an open cycle, past its credit, or a reminder the forecast calls for.
+    ``_account`` decides again under the account's lock."""
+    if row["step"] in ("grace", "throttled", "blocked"):
+        return True
+    if row["unlimited"]:
+        return False
+    balance, credit = int(row["balance"]), int(row["credit"])
+    if balance + credit < 0:
+        return True
+    if burn is None:
+        return False
+    seen = forecast(int(row["id"]), balance, credit, burn[0], burn[1], today)
+    return seen.days_left is not None and seen.days_left <= policy.reminder_days
 
 
 async def _lock(conn: DbConnection, account_id: int, now: dt.datetime) -> asyncpg.Record:

@@ -22,10 +22,19 @@ __all__ = ["automation_pass"]
 
 
 async def automation_pass(core: CoreContext) -> tuple[int, DunningResult]:
-    """Restore the throttles whose period ended, then advance dunning; (restored, dunning result)."""
+    """Restore the throttles whose period ended, then advance dunning; (restored, dunning result).
+
+    Debtors and open cycles are looked at every pass; the run-out forecast
+    that reminders need reads every account under a policy, so it runs on
+    the first pass of each local day (and the first after a start: a
+    reminder is once per cycle, a second look sends nothing twice)."""
     now = core.now()
+    today = now.astimezone(core.config.zone).date()
+    reminders = core.extras.get("dunning_reminders_on") != today
     async with core.pool.acquire() as conn:
         restored = await restore_due(conn, now)
-        result = await dunning_step(conn, now, core.config.zone)
+        result = await dunning_step(conn, now, core.config.zone, reminders=reminders)
+    if reminders:
+        core.extras["dunning_reminders_on"] = today
     await announce(core, result.block_changes)
     return restored, result
