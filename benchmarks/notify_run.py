@@ -14,12 +14,18 @@ signature and de-duplicates by event id, both on loopback):
    ``done`` acknowledges it, both channels at once;
 4. **ceiling** — a bare sender (aiosmtplib and aiohttp, the same connections
    and concurrency, messages prepared in advance, no database) sends N
-   emails and N webhooks straight to the same receivers.
+   emails and N webhooks straight to the same receivers;
+5. **deployed** — as an ISP runs it: ``billcore serve`` (supervisor, core,
+   the ``notify`` edge as its own process) on the same database; N more
+   accounts are charged below their threshold and the clock runs until the
+   receivers hold N emails and N webhooks.  Here the core's dispatcher
+   (woken by NOTIFY) fans out and the edge claims and acknowledges over
+   URFA, as in production.
 
-Figures: notifications per second end to end (dispatch + deliver; each
-notification is one email and one webhook), per phase, and the ratio of the
-delivery phase to the bare sender's ceiling.  The claim/done calls the edge
-makes over URFA are the same functions, called in-process here.  Usage::
+Figures: notifications per second (each notification is one email and one
+webhook) in-process (dispatch + deliver) and deployed (from the first
+charge to the last message received), per phase, and the ratio of each to
+the bare sender's ceiling.  Usage::
 
     python benchmarks/notify_run.py [--n 100000] [--concurrency 32] [--tiny]
 """
@@ -140,15 +146,67 @@ async def build(conn: Any, n: int, hook_url: str, store: Any) -> int:
     return int(await conn.fetchval("SELECT min(id) FROM accounts"))
 
 
-async def ledger_phase(pool: Any, first: int, n: int) -> float:
+async def ledger_phase(pool: Any, first: int, n: int, tag: str = "bench") -> float:
     from billcore.billing.ledger import Entry, post_charges
 
     started = time.perf_counter()
     for lo in range(0, n, 1000):
-        entries = [Entry(first + i, -15 * UNIT, "charge", f"bench-{i}") for i in range(lo, min(n, lo + 1000))]
+        entries = [Entry(first + i, -15 * UNIT, "charge", f"{tag}-{i}") for i in range(lo, min(n, lo + 1000))]
         async with pool.acquire() as conn, conn.transaction():
             await post_charges(conn, entries, actor="bench", now=NOW)
     return time.perf_counter() - started
+
+
+async def deployed_phase(uri: str, tmp: Path, n: int, ports: dict[str, int], secret: bytes, concurrency: int,
+                         batch: int, session: Any, http_url: str) -> tuple[float, float]:
+    """``billcore serve`` with the notify edge; N more crossings; (seconds to all received, ledger seconds)."""
+    import asyncpg
+
+    from billcore.common.config import load_config
+    from billcore.radius.secrets import SecretStore
+    from tests.running import BillcoreProcess
+
+    work = tmp / "serve"
+    work.mkdir()
+    bc = BillcoreProcess(work, dsn=uri, periodic={"enabled": False}, outbox={"poll_interval": 1.0}, notify={
+        "enabled": True, "smtp_host": "127.0.0.1", "smtp_port": ports["smtp"], "mail_from": "billing@isp.test",
+        "concurrency": concurrency, "batch": min(batch, 1000), "poll_interval": 1.0})
+    # the core seals webhook secrets with its own key: make it now and seal the endpoint's secret with it
+    key_path = load_config(bc.config_path).secret_key_path
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    store = SecretStore(SecretStore.load_or_create_key(key_path))
+    pool = await asyncpg.create_pool(uri, min_size=1, max_size=4)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE webhooks SET secret_enc = $1", store.seal(secret))
+            await conn.execute(
+                "INSERT INTO users(login, email, language, scram_salt, scram_iterations, scram_stored_key,"
+                " scram_server_key) SELECT 'v' || g, 'v' || g || '@example.test',"
+                " CASE WHEN g % 2 = 0 THEN 'ru' ELSE 'en' END, '\\x00', 4096, '\\x00', '\\x00'"
+                " FROM generate_series(1, $1) g", n)
+            await conn.execute("INSERT INTO accounts(user_id, is_basic, balance, credit, low_balance)"
+                               " SELECT id, true, 20000000, 1000000000000, 10000000 FROM users"
+                               " WHERE login LIKE 'v%' ORDER BY id")
+            first = int(await conn.fetchval("SELECT min(a.id) FROM accounts a JOIN users u ON u.id = a.user_id"
+                                            " WHERE u.login LIKE 'v%'"))
+            await conn.execute("VACUUM ANALYZE")
+        bc.start()
+        try:
+            bc.wait_for(r'role=core .*msg="core serving"', timeout=120)
+            bc.wait_for(r'role=notify .*msg="core connected"', timeout=120)
+            async with session.post(http_url + "/reset") as r:
+                await r.read()
+            started = time.perf_counter()
+            ledger_s = await ledger_phase(pool, first, n, "deployed")
+            got = await wait_counts(session, http_url, n, 1800)
+            took = time.perf_counter() - started
+            if got["rejected"] or got["duplicates"]:
+                raise SystemExit(f"receivers (deployed): {got}")
+            return took, ledger_s
+        finally:
+            bc.stop()
+    finally:
+        await pool.close()
 
 
 async def dispatch_phase(pool: Any) -> tuple[float, int]:
@@ -309,7 +367,11 @@ async def main() -> None:
             bare_s = await bare_phase(n, ports["smtp"], http_url + "/hook", secret_holder[0], args.concurrency)
             await wait_counts(http, http_url, n, 60)
             print(f"bare sender: {n:,} emails + {n:,} webhooks in {bare_s:.2f} s", flush=True)
-        await pool.close()
+            await pool.close()
+            deployed_s, deployed_ledger_s = await deployed_phase(
+                uri, tmp, n, ports, secret_holder[0], args.concurrency, args.batch, http, http_url)
+            print(f"deployed (billcore serve + notify edge): {n:,} notifications received {deployed_s:.2f} s"
+                  f" after the first charge (charging took {deployed_ledger_s:.2f} s)", flush=True)
     finally:
         if peer is not None:
             if peer.stdin is not None:
@@ -328,16 +390,24 @@ async def main() -> None:
         "deliver_seconds": round(deliver_s, 3), "bare_seconds": round(bare_s, 3),
         "notifications_per_s": round(n / end_to_end), "deliver_per_s": round(n / deliver_s),
         "ceiling_per_s": round(n / bare_s), "ratio_to_ceiling": round(bare_s / deliver_s, 3),
+        "deployed_seconds": round(deployed_s, 3), "deployed_ledger_seconds": round(deployed_ledger_s, 3),
+        "deployed_per_s": round(n / deployed_s), "deployed_ratio_to_ceiling": round(bare_s / deployed_s, 3),
         "commit": tree_commit(), "machine": machine(), "load_average_before": load_before,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
     text = (
         "# notify_run: low-balance notifications through the outbox (one email + one webhook each)\n\n"
         "| notifications | ledger s | dispatch s | deliver s | notifications/s (dispatch + deliver) |"
-        " deliver/s | bare sender/s (ceiling) | deliver ÷ ceiling |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        " deliver/s | bare sender/s (ceiling) | deliver ÷ ceiling | deployed: notifications/s (first charge →"
+        " last received) | deployed ÷ ceiling |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {n:,} | {ledger_s:.2f} | {dispatch_s:.2f} | {deliver_s:.2f} | {n / end_to_end:,.0f} |"
-        f" {n / deliver_s:,.0f} | {n / bare_s:,.0f} | {bare_s / deliver_s:.2f} |\n\n"
+        f" {n / deliver_s:,.0f} | {n / bare_s:,.0f} | {bare_s / deliver_s:.2f} | {n / deployed_s:,.0f} |"
+        f" {bare_s / deployed_s:.2f} |\n\n"
+        f"Deployed: `billcore serve` with the core and the notify edge as separate processes on the same"
+        f" database (the edge claims and acknowledges over URFA; [notify] concurrency {args.concurrency},"
+        f" batch {min(args.batch, 1000)}); its figure includes charging the N accounts"
+        f" ({deployed_ledger_s:.2f} s), as the crossings happen while it runs.  "
         f"Receivers: aiosmtpd and an aiohttp receiver checking every HMAC signature, in their own process on"
         f" loopback; concurrency {args.concurrency}, claims of {args.batch}.  Machine: {report['machine']['cpu']},"
         f" nproc {report['machine']['nproc']}, load {load_before} → {report['load_average_after']};"
