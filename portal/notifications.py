@@ -29,6 +29,7 @@ WORDS: dict[str, dict[str, str]] = {
         "event": "Event", "send": "Send by email", "essential": "always sent",
         "save": "Save", "saved": "Your notification settings are saved.",
         "unavailable": "Notification settings are not available.",
+        "texts": "Short messages (SMS) to my phone, besides the ones always sent",
         "balance.low": "Balance below the threshold", "balance.runout_soon": "Balance runs out soon",
         "payment.added": "Payment received", "account.blocked": "Service suspended",
         "account.unblocked": "Service resumed", "fup.quota_reached": "Traffic allowance used up",
@@ -43,6 +44,7 @@ WORDS: dict[str, dict[str, str]] = {
         "event": "Событие", "send": "Отправлять письмом", "essential": "отправляется всегда",
         "save": "Сохранить", "saved": "Настройки уведомлений сохранены.",
         "unavailable": "Настройки уведомлений недоступны.",
+        "texts": "Короткие сообщения (SMS) на мой телефон, кроме тех, что отправляются всегда",
         "balance.low": "Баланс ниже порога", "balance.runout_soon": "Баланс скоро закончится",
         "payment.added": "Платёж получен", "account.blocked": "Услуги приостановлены",
         "account.unblocked": "Услуги возобновлены", "fup.quota_reached": "Лимит трафика исчерпан",
@@ -66,7 +68,8 @@ def _view(prefs: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def notifications_get(request: web.Request) -> web.StreamResponse:
     prefs = await office.ask_optional(request, "me.notify_get")
-    return office.page(request, "notifications.html", w=_words(request), prefs=prefs,
+    texts = not any(o.get("channel") == "text" and o.get("event") == "*" for o in (prefs or {}).get("optouts", []))
+    return office.page(request, "notifications.html", w=_words(request), prefs=prefs, texts=texts,
                        rows=_view(prefs) if prefs else [], saved=request.query.get("m") == "saved")
 
 
@@ -78,6 +81,8 @@ async def notifications_post(request: web.Request) -> web.StreamResponse:
         raise office.PageError(400, "error.403")
     optouts = [{"event": e["event"], "channel": "email"} for e in prefs["events"]
                if not e["essential"] and form.get("send." + e["event"]) != "on"]
+    if form.get("texts") != "on":
+        optouts.append({"event": "*", "channel": "text"})
     await office.ask(request, "me.notify_set", language=language, optouts=optouts)
     return office.redirect("/notifications", m="saved")
 

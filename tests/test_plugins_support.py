@@ -63,12 +63,13 @@ class DevKey:
 
 def write_plugin(root: Path, name: str, *, version: str = "1.0.0", api: int = 1,
                  permanent: bool = False, calls: Iterable[str] = (), hooks: Iterable[str] = (),
-                 init: str = "def setup(api):\n    pass\n",
+                 channels: Iterable[str] = (), init: str = "def setup(api):\n    pass\n",
                  files: dict[str, str] | None = None) -> Path:
     d = root / f"{name}-{version}"
     d.mkdir(parents=True)
     calls_toml = ", ".join(f'"{c}"' for c in calls)
     hooks_toml = ", ".join(f'"{h}"' for h in hooks)
+    channels_toml = ", ".join(f'"{c}"' for c in channels)
     (d / "plugin.toml").write_text(textwrap.dedent(f"""\
         name = "{name}"
         version = "{version}"
@@ -77,6 +78,7 @@ def write_plugin(root: Path, name: str, *, version: str = "1.0.0", api: int = 1,
         description = "test plugin"
         calls = [{calls_toml}]
         hooks = [{hooks_toml}]
+        channels = [{channels_toml}]
         """))
     (d / "__init__.py").write_text(textwrap.dedent(init))
     for rel, text in (files or {}).items():

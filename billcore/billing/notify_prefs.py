@@ -35,7 +35,7 @@ __all__ = ["ESSENTIAL", "OPT_CHANNELS", "Prefs", "get_prefs", "set_prefs", "chec
 
 ESSENTIAL = frozenset({"account.blocked", "account.unblocked", "dunning.throttled", "dunning.blocked",
                        "dunning.closed"})
-OPT_CHANNELS = ("email",)          # channels a subscriber can opt out of
+OPT_CHANNELS = ("email", "text")   # channels a subscriber can opt out of (text: every plugin's short messages)
 MAX_OPTOUTS = 200
 
 

@@ -78,8 +78,10 @@ def variables(event: StoredEvent, login: str, full_name: str, currency: str) -> 
 
 
 async def route_notifications(conn: DbConnection, events: Sequence[StoredEvent], now: dt.datetime,
-                              settings: RouteSettings | None = None) -> list[NewDelivery]:
-    """The dispatcher's router: email and webhook deliveries of ``events`` (``settings``: the configured ones)."""
+                              settings: RouteSettings | None = None,
+                              channels: Sequence[str] = ()) -> list[NewDelivery]:
+    """The dispatcher's router: email and webhook deliveries of ``events`` (``settings``: the configured
+    ones), and a ``plugin`` delivery per plugin notification channel in ``channels`` (those loaded now)."""
     settings = settings or _settings[0]
     out: list[NewDelivery] = []
     if not events:
@@ -88,6 +90,8 @@ async def route_notifications(conn: DbConnection, events: Sequence[StoredEvent],
     mailed = [e for e in events if e.account_id is not None and e.event in EVENTS]
     if mailed:
         out.extend(await _emails(conn, mailed, settings))
+        if channels:
+            out.extend(await _texts(conn, mailed, settings, channels))
     # webhooks.test's event goes to its one endpoint (enabled or not), never to subscribers of '*'
     tests = {e.id: int(e.payload["webhook_id"]) for e in events
              if e.event == TEST_EVENT and type(e.payload.get("webhook_id")) is int}
@@ -137,6 +141,45 @@ async def _emails(conn: DbConnection, events: Sequence[StoredEvent], settings: R
         out.append(NewDelivery(event.id, "email", person["email"], {
             "to": person["email"], "subject": rendered[0], "body": rendered[1], "lang": lang,
             "message_id": f"<billcore.{event.id}@{settings.mail_domain}>"}))
+    return out
+
+
+async def _texts(conn: DbConnection, events: Sequence[StoredEvent], settings: RouteSettings,
+                 channels: Sequence[str]) -> list[NewDelivery]:
+    """Short messages for the plugins' channels: to the subscriber's phone, unless they opted out of
+    channel ``text`` (essential events excepted).  The text is the operator's ``text`` template's body
+    for the event and language, else the email's subject (written to be read alone)."""
+    account_ids = sorted({int(e.account_id) for e in events if e.account_id is not None})
+    people = {row["account_id"]: row for row in await conn.fetch(
+        "SELECT a.id AS account_id, u.id AS user_id, u.login, u.full_name, u.phone, u.language"
+        " FROM accounts a JOIN users u ON u.id = a.user_id"
+        " WHERE a.id = ANY($1::bigint[]) AND u.deleted_at IS NULL AND u.phone <> ''", account_ids)}
+    if not people:
+        return []
+    optouts = {(row["user_id"], row["event"]) for row in await conn.fetch(
+        "SELECT user_id, event FROM notify_optouts WHERE user_id = ANY($1::bigint[]) AND channel = 'text'",
+        sorted({row["user_id"] for row in people.values()}))}
+    overrides = {(row["event"], row["lang"]): Template("", row["body"]) for row in await conn.fetch(
+        "SELECT event, lang, body FROM notify_templates WHERE channel = 'text' AND event = ANY($1::text[])",
+        sorted({e.event for e in events}))}
+    out: list[NewDelivery] = []
+    for event in events:
+        person = people.get(event.account_id)
+        if person is None or (event.event not in ESSENTIAL and ((person["user_id"], event.event) in optouts
+                                                                or (person["user_id"], "*") in optouts)):
+            continue
+        lang = person["language"] or settings.language
+        override = overrides.get((event.event, lang))
+        if override is not None:
+            rendered = _render(event, lang, {(event.event, lang): override}, person, settings)
+            text = rendered[1] if rendered is not None else None
+        else:
+            rendered = _render(event, lang, {}, person, settings)
+            text = rendered[0] if rendered is not None else None
+        if not text:
+            continue
+        for name in channels:
+            out.append(NewDelivery(event.id, "plugin", name, {"to": person["phone"], "text": text, "lang": lang}))
     return out
 
 

@@ -38,6 +38,7 @@ from billcore.plugins.hooks import (
     PERIOD_CLOSED,
     SESSION_STARTED,
     SESSION_STOPPED,
+    ChannelSender,
     HookHandler,
 )
 from billcore.plugins.manifest import Manifest
@@ -86,7 +87,7 @@ class PluginAPI:
     """Handed to ``setup(api)``; see docs/plugins.md for the author's view."""
 
     __slots__ = ("name", "version", "config", "db", "billing", "log", "now",
-                 "_manifest", "_bundle", "_calls", "_hooks", "_tasks", "_sealed")
+                 "_manifest", "_bundle", "_calls", "_hooks", "_tasks", "_channels", "_sealed")
 
     def __init__(self, manifest: Manifest, bundle: PluginBundle, config: Mapping[str, Any],
                  db: PluginDB | None, billing: BillingFacade | None, log: logging.Logger,
@@ -105,6 +106,7 @@ class PluginAPI:
         self._calls: list[CallSpec] = []
         self._hooks: list[tuple[str, HookHandler]] = []
         self._tasks: list[ScheduledTask] = []
+        self._channels: list[tuple[str, ChannelSender]] = []
         self._sealed = False
 
     def _check_open(self) -> None:
@@ -157,6 +159,23 @@ class PluginAPI:
         if not inspect.iscoroutinefunction(handler):
             raise PluginError(f"{self.name}: hook for {event} must be an async function")
         self._hooks.append((event, handler))
+
+    def notification_channel(self, name: str, send: ChannelSender) -> None:
+        """Serve the notification channel ``name`` (declared in the manifest's ``channels``).
+
+        For each notification event of a subscriber with a phone number who has
+        not opted out of short messages, the core calls ``await send(to, text,
+        lang=…, event_id=…)`` after the commit, at least once (de-duplicate on
+        ``event_id``); raising says the message was not sent, and the outbox
+        tries again with its backoff (docs/automation/notify.md)."""
+        self._check_open()
+        if name not in self._manifest.channels:
+            raise PluginError(f"{self.name}: channel {name!r} is not declared in plugin.toml")
+        if any(held == name for held, _ in self._channels):
+            raise PluginError(f"{self.name}: channel {name!r} registered twice")
+        if not inspect.iscoroutinefunction(send):
+            raise PluginError(f"{self.name}: the sender of channel {name} must be an async function")
+        self._channels.append((name, send))
 
     def schedule(self, interval_seconds: float, coro_fn: Callable[[], Awaitable[None]], *,
                  name: str | None = None) -> None:

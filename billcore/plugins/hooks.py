@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -51,6 +52,8 @@ __all__ = [
     "HookBus",
     "HookHandler",
     "FireResult",
+    "ChannelSender",
+    "CHANNEL_NAME",
 ]
 
 PAYMENT_ADDED = "payment.added"
@@ -78,6 +81,10 @@ EVENTS: frozenset[str] = frozenset({
 })
 
 HookHandler = Callable[[Mapping[str, Any]], Awaitable[None]]
+ChannelSender = Callable[..., Awaitable[None]]
+"""``await send(to, text, lang=…, event_id=…)``: a plugin's notification channel (an SMS gateway, a
+messenger) sends one short message; raising says it was not sent (the outbox tries again later)."""
+CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,27 @@ class HookBus:
     timeout: float = 5.0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("billcore.plugins.hooks"))
     _subs: dict[str, list[_Subscription]] = field(default_factory=dict)
+    _channels: dict[str, tuple[str, ChannelSender]] = field(default_factory=dict)   # name -> (owner, send)
+
+    def add_channel(self, name: str, send: ChannelSender, owner: str) -> None:
+        """A notification channel served by ``owner`` (one plugin per channel name)."""
+        if not CHANNEL_NAME.match(name):
+            raise PluginError(f"channel name {name!r}: [a-z][a-z0-9_]{{0,31}}")
+        held = self._channels.get(name)
+        if held is not None and held[0] != owner:
+            raise PluginError(f"notification channel {name!r} is served by plugin {held[0]!r} already")
+        self._channels[name] = (owner, send)
+
+    def channel(self, name: str) -> ChannelSender | None:
+        held = self._channels.get(name)
+        return None if held is None else held[1]
+
+    def channel_owner(self, name: str) -> str | None:
+        held = self._channels.get(name)
+        return None if held is None else held[0]
+
+    def channel_names(self) -> list[str]:
+        return sorted(self._channels)
 
     def subscribe(self, event: str, handler: HookHandler, owner: str) -> None:
         if event not in EVENTS:
@@ -114,6 +142,9 @@ class HookBus:
     def unsubscribe_owner(self, owner: str) -> int:
         """Remove every handler of ``owner``; return how many were removed."""
         removed = 0
+        for name in [n for n, (held_by, _) in self._channels.items() if held_by == owner]:
+            del self._channels[name]
+            removed += 1
         for event, subs in list(self._subs.items()):
             kept = [sub for sub in subs if sub.owner != owner]
             removed += len(subs) - len(kept)

@@ -211,6 +211,10 @@ class PluginManager:
             missing = set(manifest.calls) - {call.name for call in api._calls}
             if missing:
                 raise PluginSetupError(f"{name}: declared calls not registered: {sorted(missing)}")
+            for channel, _ in api._channels:
+                owner = self.bus.channel_owner(channel)
+                if owner is not None and owner != name:
+                    raise PluginSetupError(f"{name}: notification channel {channel!r} is served by {owner!r}")
             self._check_free(manifest)  # again: other loads may have run while we awaited
         except BaseException:
             importer.uninstall()
@@ -221,6 +225,8 @@ class PluginManager:
         self.registry.register_all(api._calls)
         for event, handler in api._hooks:
             self.bus.subscribe(event, handler, owner=name)
+        for channel, send in api._channels:
+            self.bus.add_channel(channel, send, owner=name)
         tasks = [asyncio.create_task(run_every(task, log), name=f"plugin:{name}:{task.name}") for task in api._tasks]
         self._plugins[name] = _Plugin(manifest, licence, bundle.source, importer, module, db,
                                       tuple(call.name for call in api._calls), tasks)

@@ -13,6 +13,7 @@ manifest an operator reviews is the truth.
     description = "…"
     calls = ["vouchers.redeem"]   # each prefixed with "<name>."
     hooks = ["payment.added"]     # event names from billcore.plugins.hooks
+    channels = ["sms"]            # notification channels it serves (api.notification_channel)
     [config]                      # defaults for api.config (operator overrides)
 """
 
@@ -26,7 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from billcore.plugins.errors import ManifestError
-from billcore.plugins.hooks import EVENTS
+from billcore.plugins.hooks import CHANNEL_NAME, EVENTS
 
 __all__ = ["Manifest", "parse_manifest", "parse_version", "check_name", "RESERVED_NAMES"]
 
@@ -52,7 +53,7 @@ RESERVED_NAMES = frozenset({
     "paygate",
 })
 
-_KEYS = {"name", "version", "api", "permanent", "description", "calls", "hooks", "config"}
+_KEYS = {"name", "version", "api", "permanent", "description", "calls", "hooks", "channels", "config"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class Manifest:
     calls: tuple[str, ...]
     hooks: tuple[str, ...]
     config: Mapping[str, Any]
+    channels: tuple[str, ...] = ()
 
     @property
     def version_key(self) -> tuple[int, ...]:
@@ -133,7 +135,12 @@ def parse_manifest(data: bytes) -> Manifest:
     for hook in hooks:
         if hook not in EVENTS:
             raise ManifestError(f"hook {hook!r} is not an event; known: {', '.join(sorted(EVENTS))}")
+    channels = _str_list(doc, "channels")
+    for channel in channels:
+        if not CHANNEL_NAME.match(channel) or channel in ("email", "webhook", "hook", "radius", "text"):
+            raise ManifestError(f"channel {channel!r}: [a-z][a-z0-9_]{{0,31}}, not one of billcore's own")
     config = doc.get("config", {})
     if not isinstance(config, dict):
         raise ManifestError("config: expected a table")
-    return Manifest(name, version, api, permanent, description, calls, hooks, MappingProxyType(config))
+    return Manifest(name, version, api, permanent, description, calls, hooks, MappingProxyType(config),
+                    channels)

@@ -267,13 +267,19 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
 
 def _outbox(core: CoreContext) -> Any:
     """The outbox's dispatcher and hook worker, with the routers this core has."""
-    from billcore.server.outbox_service import OutboxService, hook_router, radius_router
+    from billcore.server.outbox_service import OutboxService, hook_router, plugin_channel_deliverer, radius_router
 
     bus = core.extras.get("hooks")
     from billcore.billing.notify_route import route_notifications
 
-    routers = [radius_router, route_notifications] + ([hook_router(bus)] if bus is not None else [])
+    async def notifications(conn: Any, events: Any, now: datetime.datetime) -> Any:
+        # the plugins' notification channels loaded at dispatch time get their short messages
+        return await route_notifications(conn, events, now, channels=bus.channel_names() if bus is not None else ())
+
+    routers = [radius_router, notifications] + ([hook_router(bus)] if bus is not None else [])
     service = OutboxService(core.pool, core.config.outbox, routers, bus, core.publish, core.now)
+    if bus is not None:
+        service.in_core["plugin"] = plugin_channel_deliverer(bus)
     core.extras["outbox"] = service
     return service
 

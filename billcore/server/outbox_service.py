@@ -59,7 +59,7 @@ from billcore.plugins.hooks import HookBus
 
 __all__ = [
     "OUTBOX_TOPIC", "HOOK_CHANNEL", "RADIUS_CHANNEL", "OutboxService", "hook_router", "radius_router",
-    "rate_events", "policy_of", "DELIVERED", "FAILED", "DEAD", "InCoreDeliverer",
+    "rate_events", "policy_of", "DELIVERED", "FAILED", "DEAD", "InCoreDeliverer", "plugin_channel_deliverer",
 ]
 
 log = logging.getLogger("billcore.server.outbox")
@@ -128,6 +128,27 @@ async def radius_router(conn: DbConnection, events: Sequence[StoredEvent], now: 
 
 
 InCoreDeliverer = Callable[[od.Claimed], Awaitable[str | None]]
+
+
+def plugin_channel_deliverer(bus: HookBus) -> InCoreDeliverer:
+    """Channel ``plugin``: the short message goes to the plugin serving the delivery's target channel
+    (``api.notification_channel``), under the bus's timeout; its exception is the failure's text."""
+    async def deliver(claimed: od.Claimed) -> str | None:
+        send = bus.channel(claimed.target)
+        if send is None:
+            return f"no loaded plugin serves notification channel {claimed.target!r}"
+        message = claimed.message
+        try:
+            async with asyncio.timeout(bus.timeout):
+                await send(str(message.get("to", "")), str(message.get("text", "")),
+                           lang=str(message.get("lang", "en")), event_id=claimed.event_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's failure is the delivery's, retried
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return None
+
+    return deliver
 
 
 @dataclass(slots=True)
