@@ -1,4 +1,4 @@
-"""The notification router: outbox events → email and webhook deliveries.
+"""The notification router: outbox events → email, webhook and plugin-channel deliveries.
 
 Theory of operation
 -------------------
@@ -21,8 +21,13 @@ they answer (``NewDelivery``).  ``route_notifications`` answers, per event:
   the exact JSON text the edge signs and POSTs: ``{id, event, created_at,
   account_id, data}``.
 
+* ``plugin`` — when plugins serve notification channels (an SMS gateway):
+  target = the channel's name, message ``{to, text, lang}`` to the
+  subscriber's phone, unless they opted out of channel ``text``.
+
 Set-based: a batch of any size costs at most four reads (subscribers, their
-opt-outs, template overrides, endpoints), each one statement over arrays.
+opt-outs, template overrides — each read once for every channel — and
+endpoints), each one statement over arrays.
 
 The installation's settings (money style, default language, the Message-ID
 domain) are process state set once at start (``configure``), as the ledger's
@@ -89,9 +94,10 @@ async def route_notifications(conn: DbConnection, events: Sequence[StoredEvent],
     names = sorted({e.event for e in events})
     mailed = [e for e in events if e.account_id is not None and e.event in EVENTS]
     if mailed:
-        out.extend(await _emails(conn, mailed, settings))
+        audience = await _audience(conn, mailed, ("email", "text") if channels else ("email",))
+        out.extend(_emails(mailed, settings, audience))
         if channels:
-            out.extend(await _texts(conn, mailed, settings, channels))
+            out.extend(_texts(mailed, settings, audience, channels))
     # webhooks.test's event goes to its one endpoint (enabled or not), never to subscribers of '*'
     tests = {e.id: int(e.payload["webhook_id"]) for e in events
              if e.event == TEST_EVENT and type(e.payload.get("webhook_id")) is int}
@@ -111,28 +117,47 @@ async def route_notifications(conn: DbConnection, events: Sequence[StoredEvent],
     return out
 
 
-async def _emails(conn: DbConnection, events: Sequence[StoredEvent], settings: RouteSettings) -> list[NewDelivery]:
+@dataclass(frozen=True, slots=True)
+class _Audience:
+    """Who the events' accounts belong to, what they opted out of, and the operator's templates, read
+    once for every channel of a dispatch batch (three queries, whatever the batch's size)."""
+
+    people: Mapping[int | None, Any]                 # account id -> user row (email, phone, language, …)
+    optouts: frozenset[tuple[int, str, str]]         # (user id, event or '*', channel)
+    overrides: Mapping[tuple[str, str, str], Template]   # (channel, event, lang) -> template
+
+    def wants(self, person: Any, event: str, channel: str) -> bool:
+        user = person["user_id"]
+        return event in ESSENTIAL or not ((user, event, channel) in self.optouts
+                                          or (user, "*", channel) in self.optouts)
+
+
+async def _audience(conn: DbConnection, events: Sequence[StoredEvent], channels: Sequence[str]) -> _Audience:
     account_ids = sorted({int(e.account_id) for e in events if e.account_id is not None})
     people = {row["account_id"]: row for row in await conn.fetch(
-        "SELECT a.id AS account_id, u.id AS user_id, u.login, u.full_name, u.email, u.language"
+        "SELECT a.id AS account_id, u.id AS user_id, u.login, u.full_name, u.email, u.phone, u.language"
         " FROM accounts a JOIN users u ON u.id = a.user_id"
-        " WHERE a.id = ANY($1::bigint[]) AND u.deleted_at IS NULL AND u.email <> ''", account_ids)}
+        " WHERE a.id = ANY($1::bigint[]) AND u.deleted_at IS NULL AND (u.email <> '' OR u.phone <> '')",
+        account_ids)}
     if not people:
-        return []
-    user_ids = sorted({row["user_id"] for row in people.values()})
-    optouts = {(row["user_id"], row["event"]) for row in await conn.fetch(
-        "SELECT user_id, event FROM notify_optouts WHERE user_id = ANY($1::bigint[]) AND channel = 'email'",
-        user_ids)}
-    overrides = {(row["event"], row["lang"]): Template(row["subject"], row["body"]) for row in await conn.fetch(
-        "SELECT event, lang, subject, body FROM notify_templates WHERE channel = 'email' AND event = ANY($1::text[])",
-        sorted({e.event for e in events}))}
+        return _Audience({}, frozenset(), {})
+    optouts = frozenset((row["user_id"], row["event"], row["channel"]) for row in await conn.fetch(
+        "SELECT user_id, event, channel FROM notify_optouts WHERE user_id = ANY($1::bigint[])"
+        " AND channel = ANY($2::text[])", sorted({row["user_id"] for row in people.values()}), list(channels)))
+    overrides = {(row["channel"], row["event"], row["lang"]): Template(row["subject"], row["body"])
+                 for row in await conn.fetch(
+                     "SELECT channel, event, lang, subject, body FROM notify_templates"
+                     " WHERE channel = ANY($1::text[]) AND event = ANY($2::text[])",
+                     list(channels), sorted({e.event for e in events}))}
+    return _Audience(people, optouts, overrides)
+
+
+def _emails(events: Sequence[StoredEvent], settings: RouteSettings, audience: _Audience) -> list[NewDelivery]:
+    overrides = {(event, lang): t for (channel, event, lang), t in audience.overrides.items() if channel == "email"}
     out: list[NewDelivery] = []
     for event in events:
-        person = people.get(event.account_id)
-        if person is None:
-            continue
-        if event.event not in ESSENTIAL and ((person["user_id"], event.event) in optouts
-                                             or (person["user_id"], "*") in optouts):
+        person = audience.people.get(event.account_id)
+        if person is None or not person["email"] or not audience.wants(person, event.event, "email"):
             continue
         lang = person["language"] or settings.language
         rendered = _render(event, lang, overrides, person, settings)
@@ -144,32 +169,18 @@ async def _emails(conn: DbConnection, events: Sequence[StoredEvent], settings: R
     return out
 
 
-async def _texts(conn: DbConnection, events: Sequence[StoredEvent], settings: RouteSettings,
-                 channels: Sequence[str]) -> list[NewDelivery]:
+def _texts(events: Sequence[StoredEvent], settings: RouteSettings, audience: _Audience,
+           channels: Sequence[str]) -> list[NewDelivery]:
     """Short messages for the plugins' channels: to the subscriber's phone, unless they opted out of
     channel ``text`` (essential events excepted).  The text is the operator's ``text`` template's body
     for the event and language, else the email's subject (written to be read alone)."""
-    account_ids = sorted({int(e.account_id) for e in events if e.account_id is not None})
-    people = {row["account_id"]: row for row in await conn.fetch(
-        "SELECT a.id AS account_id, u.id AS user_id, u.login, u.full_name, u.phone, u.language"
-        " FROM accounts a JOIN users u ON u.id = a.user_id"
-        " WHERE a.id = ANY($1::bigint[]) AND u.deleted_at IS NULL AND u.phone <> ''", account_ids)}
-    if not people:
-        return []
-    optouts = {(row["user_id"], row["event"]) for row in await conn.fetch(
-        "SELECT user_id, event FROM notify_optouts WHERE user_id = ANY($1::bigint[]) AND channel = 'text'",
-        sorted({row["user_id"] for row in people.values()}))}
-    overrides = {(row["event"], row["lang"]): Template("", row["body"]) for row in await conn.fetch(
-        "SELECT event, lang, body FROM notify_templates WHERE channel = 'text' AND event = ANY($1::text[])",
-        sorted({e.event for e in events}))}
     out: list[NewDelivery] = []
     for event in events:
-        person = people.get(event.account_id)
-        if person is None or (event.event not in ESSENTIAL and ((person["user_id"], event.event) in optouts
-                                                                or (person["user_id"], "*") in optouts)):
+        person = audience.people.get(event.account_id)
+        if person is None or not person["phone"] or not audience.wants(person, event.event, "text"):
             continue
         lang = person["language"] or settings.language
-        override = overrides.get((event.event, lang))
+        override = audience.overrides.get(("text", event.event, lang))
         if override is not None:
             rendered = _render(event, lang, {(event.event, lang): override}, person, settings)
             text = rendered[1] if rendered is not None else None
