@@ -34,13 +34,8 @@ class Harness:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.events: list[tuple[str, dict[str, Any]]] = []
-        self.hooks: list[tuple[str, dict[str, Any]]] = []
-
-        async def fire(event: str, payload: dict[str, Any]) -> None:
-            self.hooks.append((event, payload))
-
         self.core = CoreContext(pool, Config(), publish=lambda t, p: self.events.append((t, p)),
-                                fire=fire, now=lambda: T0)
+                                now=lambda: T0)
         self.registry = CallRegistry()
         self.registry.register_all(money_calls(self.core))
         self.auth = DatabaseAuth(pool)

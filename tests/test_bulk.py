@@ -36,7 +36,6 @@ class World:
     fn: dict[str, Any]
     clock: list[dt.datetime]
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    hooks: list[str] = field(default_factory=list)
     tariffs: dict[str, int] = field(default_factory=dict)
 
     async def call(self, name: str, ctx: Ctx | None = None, **args: Any) -> Any:
@@ -74,11 +73,6 @@ async def world(pool: asyncpg.Pool) -> World:
     world = World(pool, {}, clock, tariffs={"home": home, "fast": fast})
     core = CoreContext(pool, Config(), publish=lambda topic, payload: world.events.append((topic, payload)),
                        now=lambda: clock[0])
-
-    async def fire(event: str, payload: dict[str, Any]) -> None:
-        world.hooks.append(event)
-
-    core.fire = fire
     world.fn = {spec.name: spec.handler for spec in bulk_calls.calls(core)}
     return world
 

@@ -246,13 +246,8 @@ async def test_a_block_set_by_a_time_charge_reaches_the_topic_and_the_plugins(po
     ``blocks`` topic hears of it, and the outbox holds ``account.blocked`` for
     the plugins and RADIUS, as for every other charge (the hook was once left out)."""
     published: list[tuple[str, dict[str, Any]]] = []
-    fired: list[tuple[str, dict[str, Any]]] = []
-
-    async def fire(event: str, payload: dict[str, Any]) -> None:
-        fired.append((event, payload))
-
     core = CoreContext(pool, Config(), publish=lambda topic, payload: published.append((topic, payload)),
-                       fire=fire, now=lambda: T0 + dt.timedelta(seconds=20))
+                       now=lambda: T0 + dt.timedelta(seconds=20))
     core.extras["secret_store"] = store
     handlers = {spec.name: spec.handler for spec in calls(core)}
     async with pool.acquire() as conn:

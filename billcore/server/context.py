@@ -2,15 +2,17 @@
 
 Every built-in call module exposes ``calls(core: CoreContext) ->
 list[CallSpec]``; the core builds one ``CoreContext`` at start and registers
-each module's calls.  Handlers reach the database, publish events and fire
-plugin hooks only through it, so a test can build one around a real test
-database without starting the whole core.
+each module's calls.  Handlers reach the database and publish events only
+through it, so a test can build one around a real test database without
+starting the whole core.  (Plugin hooks are not fired from here: the billing
+functions write their events into the outbox in the causing transaction,
+``billcore.billing.outbox``.)
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +27,6 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-async def _no_hook(event: str, payload: dict[str, Any]) -> None:
-    return None
-
-
 @dataclass(slots=True)
 class CoreContext:
     pool: asyncpg.Pool
@@ -37,8 +35,6 @@ class CoreContext:
     # service's publish answers how many sessions it queued the event for;
     # handlers do not use that, so any return type will do (a test's list.append)
     publish: Callable[[str, dict[str, Any]], object] = lambda topic, payload: 0
-    # fire(event, payload): run plugin hooks; a failing hook never raises here
-    fire: Callable[[str, dict[str, Any]], Awaitable[None]] = _no_hook
     # the clock; tests move it
     now: Callable[[], dt.datetime] = utcnow
     # anything a later subsystem hangs on the core (radius NAS cache, …)

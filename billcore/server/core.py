@@ -327,12 +327,6 @@ async def _start_plugins(core: CoreContext, registry: CallRegistry) -> Any:
         config.plugins.installation_id or None, core.pool, billing=Billing(), config_dir=config_dir,
     )
 
-    async def fire(event: str, payload: dict[str, Any]) -> None:
-        # Hooks of billing events come through the outbox (billcore.server.outbox_service);
-        # this direct path stays for events that are not side effects of a commit.
-        await bus.fire(event, payload)
-
-    core.fire = fire
     core.extras["plugins"] = manager
     core.extras["hooks"] = bus
     async def audit_plugin(ctx: CallContext, action: str, obj: str, after: dict[str, Any]) -> None:
