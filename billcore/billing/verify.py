@@ -14,6 +14,15 @@ Checks:
 * ``payment``        each payment has its ledger row with the same account
                      and amount; a cancelled one has a reversal of -amount
 * ``reversal``       every reversal row is exactly minus the row it reverses
+* ``invoice``        each invoice's total is minus the sum of the ledger's
+                     charge rows of its account and range (schema 0020)
+* ``invoice_lines``  a document's net, VAT and total are its lines' sums,
+                     and each line's VAT follows the rounding rule
+* ``credit_note``    each credit note's ledger row is its account's
+                     charge_reversal of exactly -total, key credit_note:<id>
+* ``credit_excess``  the credit notes of an invoice line never credit more
+                     than the line (nor a line the invoice does not have)
+* ``numbering``      per (series, year): count = max(number) = last_no
 
 At a million accounts and a hundred million ledger rows every check must
 stay set-based: ``balance`` and ``chain`` share one sorted pass over the
@@ -112,6 +121,57 @@ FROM ledger r JOIN ledger o ON o.id = r.reverses
 WHERE r.reverses IS NOT NULL AND (r.amount <> -o.amount OR r.account_id <> o.account_id)
 ORDER BY r.id LIMIT $1"""
 
+# Invoices against the ledger: each invoice's range walks the account's rows
+# through ledger_account_time (an index range per invoice, no ledger scan).
+_INVOICE = """
+SELECT i.id, i.account_id, i.total, coalesce(-s.amount, 0) AS ledger
+FROM invoices i
+LEFT JOIN LATERAL (SELECT sum(l.amount) AS amount FROM ledger l
+                   WHERE l.account_id = i.account_id AND l.created_at >= i.period_start
+                     AND l.created_at < i.period_end
+                     AND l.kind IN ('periodic', 'traffic', 'charge', 'charge_reversal')
+                     AND l.idem_key NOT LIKE 'credit_note:%') s ON true
+WHERE i.kind = 'invoice' AND i.total <> coalesce(-s.amount, 0)
+ORDER BY i.id LIMIT $1"""
+
+# One grouped pass over the lines joined to their documents.
+_INVOICE_LINES = """
+SELECT i.id, i.account_id, i.net, i.vat, i.total, x.net AS l_net, x.vat AS l_vat, x.total AS l_total, x.bad_vat
+FROM invoices i
+LEFT JOIN (SELECT l.invoice_id, sum(l.net) AS net, sum(l.vat) AS vat, sum(l.total) AS total,
+                  count(*) FILTER (WHERE l.vat <> round(l.total::numeric * d.vat_bp / (10000 + d.vat_bp))) AS bad_vat
+           FROM invoice_lines l JOIN invoices d ON d.id = l.invoice_id GROUP BY l.invoice_id) x
+       ON x.invoice_id = i.id
+WHERE x.invoice_id IS NULL OR x.net <> i.net OR x.vat <> i.vat OR x.total <> i.total OR x.bad_vat > 0
+ORDER BY i.id LIMIT $1"""
+
+_CREDIT_NOTE = """
+SELECT c.id, c.account_id, c.total, l.account_id AS l_account, l.amount AS l_amount, l.kind AS l_kind,
+       l.idem_key AS l_key
+FROM invoices c LEFT JOIN ledger l ON l.id = c.ledger_id
+WHERE c.kind = 'credit_note' AND (l.id IS NULL OR l.account_id <> c.account_id OR l.amount <> -c.total
+      OR l.kind <> 'charge_reversal' OR l.idem_key <> 'credit_note:' || c.id)
+ORDER BY c.id LIMIT $1"""
+
+_CREDIT_EXCESS = """
+SELECT c.credits AS invoice_id, cl.line_no, max(c.account_id) AS account_id, -sum(cl.total) AS credited,
+       max(il.total) AS line_total, bool_or(il.invoice_id IS NULL) AS no_line
+FROM invoices c JOIN invoice_lines cl ON cl.invoice_id = c.id
+LEFT JOIN invoice_lines il ON il.invoice_id = c.credits AND il.line_no = cl.line_no
+WHERE c.kind = 'credit_note'
+GROUP BY c.credits, cl.line_no
+HAVING bool_or(il.invoice_id IS NULL)
+    OR -sum(cl.total) NOT BETWEEN least(0, max(il.total)) AND greatest(0, max(il.total))
+ORDER BY 1, 2 LIMIT $1"""
+
+_NUMBERING = """
+SELECT s.series, s.year, s.last_no, coalesce(n.count, 0) AS count, coalesce(n.max, 0) AS max
+FROM invoice_series s
+FULL JOIN (SELECT series, year, count(*) AS count, max(number) AS max FROM invoices GROUP BY 1, 2) n
+       ON n.series = s.series AND n.year = s.year
+WHERE s.series IS NULL OR coalesce(n.count, 0) <> coalesce(n.max, 0) OR coalesce(n.max, 0) <> s.last_no
+ORDER BY 1, 2 LIMIT $1"""
+
 # Each check reports at most this many offences: a broken invariant is found
 # by the first; a million lines help no operator.
 MAX_REPORTED = 1000
@@ -158,7 +218,41 @@ async def _run(conn: DbConnection, now: dt.datetime, progress: Progress | None) 
             problems.append(Problem("reversal", row["account_id"],
                                     f"ledger row {row['id']} ({row['amount']}) does not reverse"
                                     f" {row['o_amount']} exactly"))
+    await _documents(conn, problems, timer)
     return problems
+
+
+async def _documents(conn: DbConnection, problems: list[Problem], timer: "CheckTimer") -> None:
+    """The checks of invoices and credit notes (schema 0020)."""
+    async with timer("invoice"):
+        for row in await conn.fetch(_INVOICE, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("invoice", row["account_id"],
+                                    f"invoice {row['id']} totals {row['total']} but the ledger charged"
+                                    f" {row['ledger']} in its range"))
+    async with timer("invoice_lines"):
+        for row in await conn.fetch(_INVOICE_LINES, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            detail = (f"document {row['id']} has no lines" if row["l_total"] is None else
+                      f"document {row['id']}: net/vat/total {row['net']}/{row['vat']}/{row['total']},"
+                      f" lines {row['l_net']}/{row['l_vat']}/{row['l_total']},"
+                      f" {row['bad_vat']} line(s) off the VAT rule")
+            problems.append(Problem("invoice_lines", row["account_id"], detail))
+    async with timer("credit_note"):
+        for row in await conn.fetch(_CREDIT_NOTE, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("credit_note", row["account_id"],
+                                    f"credit note {row['id']} ({row['total']}) does not match its ledger row"
+                                    f" ({row['l_account']}/{row['l_amount']}/{row['l_kind']}/{row['l_key']})"))
+    async with timer("credit_excess"):
+        for row in await conn.fetch(_CREDIT_EXCESS, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            detail = (f"invoice {row['invoice_id']} has no line {row['line_no']} that a credit note credits"
+                      if row["no_line"] else
+                      f"invoice {row['invoice_id']} line {row['line_no']}: {row['credited']} credited of"
+                      f" {row['line_total']}")
+            problems.append(Problem("credit_excess", row["account_id"], detail))
+    async with timer("numbering"):
+        for row in await conn.fetch(_NUMBERING, MAX_REPORTED, timeout=CHECK_TIMEOUT):
+            problems.append(Problem("numbering", None,
+                                    f"series {row['series']}/{row['year']}: {row['count']} documents, highest"
+                                    f" number {row['max']}, last_no {row['last_no']} (a gap or a duplicate)"))
 
 
 async def verify(conn: DbConnection, now: dt.datetime | None = None, *,
