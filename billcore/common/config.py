@@ -100,6 +100,15 @@ class PeriodicSection:
 
 
 @dataclass(frozen=True, slots=True)
+class InvoicesSection:
+    series: str = _f("INV", "Number series of invoices (1-12 of A-Z, 0-9): numbers read SERIES-YEAR-000001, gapless per year.")
+    credit_series: str = _f("CN", "Number series of credit notes.")
+    grace: int = _f(3600, "Seconds after an accounting period ends before the run invoices it (ledger rows are stamped before they commit).")
+    auto: bool = _f(True, "Issue the monthly invoices by themselves in the core's periodic pass once periods end.")
+    batch_size: int = _f(5000, "Accounts invoiced per transaction in a run.")
+
+
+@dataclass(frozen=True, slots=True)
 class PluginsSection:
     key_dir: str = _f("", "Directory of trusted Ed25519 public keys, one NAME.pub file per key (empty: <data_dir>/plugin-keys).")
     dir: str = _f("", "Directory that plugins.load names refer to (empty: <data_dir>/plugins).")
@@ -267,6 +276,7 @@ class Config:
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
     billing: BillingSection = field(default_factory=BillingSection)
     periodic: PeriodicSection = field(default_factory=PeriodicSection)
+    invoices: InvoicesSection = field(default_factory=InvoicesSection)
     plugins: PluginsSection = field(default_factory=PluginsSection)
     radius: RadiusSection = field(default_factory=RadiusSection)
     netflow: NetflowSection = field(default_factory=NetflowSection)
@@ -482,6 +492,17 @@ def _validate(config: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
+
+    for key, series in (("invoices.series", config.invoices.series),
+                        ("invoices.credit_series", config.invoices.credit_series)):
+        if not 1 <= len(series) <= 12 or not all(c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" for c in series):
+            raise ConfigError(f"{key}: 1-12 of A-Z and 0-9, got {series!r}")
+    if config.invoices.series == config.invoices.credit_series:
+        raise ConfigError("invoices.credit_series: must differ from invoices.series")
+    if not 0 <= config.invoices.grace <= 7 * 86400:
+        raise ConfigError(f"invoices.grace: 0..604800 seconds, got {config.invoices.grace!r}")
+    if not 1 <= config.invoices.batch_size <= 50000:
+        raise ConfigError(f"invoices.batch_size: 1..50000, got {config.invoices.batch_size!r}")
 
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
                       ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),

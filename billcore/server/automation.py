@@ -1,4 +1,4 @@
-"""The automation steps of the core's periodic pass: FUP restores and the dunning pass.
+"""The automation steps of the core's periodic pass: FUP restores, the dunning pass, the invoice run.
 
 Theory of operation
 -------------------
@@ -9,16 +9,25 @@ step once (``billcore.billing.fup.restore_due``,
 ``billcore.billing.dunning.dunning_step``); their outbox events reach RADIUS,
 notifications and hooks through the outbox, and block changes are announced
 after their commits like every other block change.
+
+The monthly invoice run (``[invoices] auto``) reads every account, so it
+runs once per local day of ``now - grace``: accounting periods end at
+local midnights, so that date moves exactly when new period ends come
+past their grace.  The run is idempotent (``billcore.billing.invoices``);
+a pass that failed runs it again on the next pass.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from billcore.api import announce
+from billcore.billing import invoices
 from billcore.billing.dunning import DunningResult, dunning_step
 from billcore.billing.fup import restore_due
 from billcore.server.context import CoreContext
 
-__all__ = ["automation_pass"]
+__all__ = ["automation_pass", "invoice_pass"]
 
 
 async def automation_pass(core: CoreContext) -> tuple[int, DunningResult]:
@@ -37,4 +46,21 @@ async def automation_pass(core: CoreContext) -> tuple[int, DunningResult]:
     if reminders:
         core.extras["dunning_reminders_on"] = today
     await announce(core, result.block_changes)
+    await invoice_pass(core)
     return restored, result
+
+
+async def invoice_pass(core: CoreContext) -> invoices.RunResult | None:
+    """The monthly invoice run, once per local day of ``now - grace`` (None: not this pass)."""
+    cfg = core.config.invoices
+    if not cfg.auto:
+        return None
+    now = core.now()
+    grace = timedelta(seconds=cfg.grace)
+    day = (now - grace).astimezone(core.config.zone).date()
+    if core.extras.get("invoices_run_on") == day:
+        return None
+    result = await invoices.run(core.pool, now, grace, series=cfg.series, tz=core.config.zone,
+                                batch_size=cfg.batch_size)
+    core.extras["invoices_run_on"] = day
+    return result
