@@ -131,3 +131,185 @@ async def test_key_formats_pinned(db_dsn: str) -> None:
         assert await conn.fetchval("SELECT ledger_charge_service('traffic', $1)", long_key) is None
     finally:
         await conn.close()
+
+
+# ---------------------------------------------------------------- the run against the ledger
+
+CHARGE_KINDS = ("periodic", "traffic", "time", "once", "manual")
+when = st.integers(min_value=-2 * 86400, max_value=33 * 86400)        # seconds after MARCH
+history = st.lists(st.one_of(
+    st.tuples(st.sampled_from(CHARGE_KINDS), st.integers(0, 2), st.integers(1, 900_000_000), when),
+    st.tuples(st.just("refund"), st.integers(0, 2), st.integers(1, 50_000_000), when),
+    st.tuples(st.just("pay"), st.integers(0, 2), st.integers(1, 900_000_000), when),
+    st.tuples(st.just("issue"), st.integers(0, 2), st.just(0), when),
+), min_size=1, max_size=30)
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@given(ops=history, vat=st.sampled_from([0, 1000, 1800, 2000]))
+@SETTINGS
+async def test_invoice_totals_equal_the_ledger_over_random_histories(pool: asyncpg.Pool, ops: list[tuple],
+                                                                       vat: int) -> None:
+    async with pool.acquire() as conn:
+        svc = await services(conn)
+        accs = [await new_account(conn, vat) for _ in range(3)]
+        issued_on_demand: list[int] = []
+        for op, i, amount, at_s in sorted(ops, key=lambda o: o[3]):
+            acc, at = accs[i], MARCH + dt.timedelta(seconds=at_s)
+            if op == "pay":
+                await payments.add_payment(conn, account_id=acc, amount=amount, method="cash", actor="t", now=at)
+            elif op == "refund":       # a periodic fee lowered: a credit on the periodic line
+                async with conn.transaction():
+                    await post_charges(conn, [Entry(acc, amount, *keyed("periodic", acc, svc, next(_seq)))],
+                                       actor="t", now=at)
+            elif op == "issue":         # an operator invoices on demand in the middle of the month
+                try:
+                    issued_on_demand.append(await invoices.issue(conn, acc, None, at, actor="t", now=at,
+                                                                 series="INV", tz=TZ))
+                except (NothingToInvoice, invoices.RangeRefused):
+                    pass
+            else:
+                await charge(conn, acc, op, amount, at, svc)
+        now = APRIL + dt.timedelta(hours=3)
+        await invoices.run_batch(conn, accs, now, GRACE, series="INV", tz=TZ)
+        again = await invoices.run_batch(conn, accs, now, GRACE, series="INV", tz=TZ)
+        assert again.issued == 0 and again.accounts == 0           # idempotent
+        for acc in accs:
+            docs = await conn.fetch("SELECT id, period_start, period_end, total FROM invoices WHERE account_id = $1"
+                                    " ORDER BY period_start", acc)
+            # the chain: no overlap, each starts where the last ended, the last ends at the period end
+            for a, b in zip(docs, docs[1:]):
+                assert a["period_end"] <= b["period_start"]
+            charged = await ledger_charges(conn, acc, docs[0]["period_start"] if docs else MARCH, APRIL)
+            assert sum(d["total"] for d in docs) == -charged
+            if docs:
+                assert await conn.fetchval("SELECT invoiced_until FROM invoicing WHERE account_id = $1", acc) == APRIL
+        assert await verify(conn, now) == []
+
+
+async def test_a_late_ledger_row_in_an_invoiced_range_is_found_by_verify(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        svc = await services(conn)
+        acc = await new_account(conn)
+        await charge(conn, acc, "periodic", 300_000_000, MARCH + dt.timedelta(days=1), svc)
+        now = APRIL + dt.timedelta(hours=2)
+        # inside the grace nothing is invoiced yet; after it, the month is
+        early = await invoices.run_batch(conn, [acc], APRIL + dt.timedelta(minutes=30), GRACE, series="INV", tz=TZ)
+        assert early.issued == 0
+        assert (await invoices.run_batch(conn, [acc], now, GRACE, series="INV", tz=TZ)).issued == 1
+        assert await verify(conn, now) == []
+        await charge(conn, acc, "once", 1_000_000, APRIL - dt.timedelta(seconds=1), svc)   # stamped in the range
+        problems = await verify(conn, now)
+        assert [p.check for p in problems] == ["invoice"] and problems[0].account_id == acc
+    finally:
+        await conn.close()
+
+
+async def test_an_account_without_charges_gets_no_invoice_but_its_chain_moves(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        svc = await services(conn)
+        quiet, busy = await new_account(conn), await new_account(conn)
+        await payments.add_payment(conn, account_id=quiet, amount=5_000_000, method="cash", actor="t",
+                                   now=MARCH + dt.timedelta(days=2))
+        await charge(conn, busy, "traffic", 42_000_000, MARCH + dt.timedelta(days=2), svc)
+        result = await invoices.run_batch(conn, [quiet, busy], APRIL + dt.timedelta(hours=2), GRACE,
+                                          series="INV", tz=TZ)
+        assert (result.accounts, result.issued, result.total) == (2, 1, 42_000_000)
+        assert await conn.fetchval("SELECT count(*) FROM invoices WHERE account_id = $1", quiet) == 0
+        assert await conn.fetchval("SELECT invoiced_until FROM invoicing WHERE account_id = $1", quiet) == APRIL
+        with pytest.raises(NothingToInvoice):
+            await invoices.issue(conn, quiet, None, APRIL + dt.timedelta(days=3), actor="t",
+                                 now=APRIL + dt.timedelta(days=3), series="INV", tz=TZ)
+        doc = await invoices.document(conn, await conn.fetchval("SELECT id FROM invoices"))
+        assert doc["number"] == "INV-2026-000001" and doc["customer"]["full_name"] == "Иван Иванов"
+        assert [(line["description"], line["total"], line["vat"]) for line in doc["lines"]] == [
+            ("Internet — World", 42_000_000, 7_000_000)]
+        # the outbox has the event, in the issuing transaction
+        event = await conn.fetchrow("SELECT event, payload FROM outbox_events WHERE event = 'invoice.issued'")
+        assert event is not None and '"INV-2026-000001"' in event["payload"]
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------- credit notes
+
+async def test_a_full_credit_note_reverses_exactly_and_a_partial_one_cannot_over_credit(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        svc = await services(conn)
+        a, b = await new_account(conn), await new_account(conn)
+        for acc in (a, b):
+            for kind, amount in (("periodic", 500_000_003), ("traffic", 12_345_678), ("time", 3), ("once", 7)):
+                await charge(conn, acc, kind, amount, MARCH + dt.timedelta(days=5), svc)
+        now = APRIL + dt.timedelta(hours=2)
+        await invoices.run_batch(conn, [a, b], now, GRACE, series="INV", tz=TZ)
+        inv_a, inv_b = [r["id"] for r in await conn.fetch("SELECT id FROM invoices ORDER BY account_id")]
+        balance = await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", a)
+
+        full = await invoices.document(conn, await invoices.credit(conn, inv_a, "wrong tariff", None, actor="t",
+                                                                  now=now, series="CN", tz=TZ))
+        original = await invoices.document(conn, inv_a)
+        assert full["number"] == "CN-2026-000001" and full["credits"]["id"] == inv_a
+        for key in ("net", "vat", "total"):
+            assert full[key] == -original[key]
+            assert [line[key] for line in full["lines"]] == [-line[key] for line in original["lines"]]
+        assert [line["line_no"] for line in full["lines"]] == [line["line_no"] for line in original["lines"]]
+        assert await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", a) == balance - full["total"]
+        with pytest.raises(CreditRefused):                       # nothing is left
+            await invoices.credit(conn, inv_a, "again", None, actor="t", now=now, series="CN", tz=TZ)
+
+        # partial: line 3 (traffic) in two parts, the second one cent too many is refused whole
+        await invoices.credit(conn, inv_b, "outage", [{"line_no": 3, "total": 10_000_000}], actor="t", now=now,
+                              series="CN", tz=TZ)
+        with pytest.raises(CreditRefused):
+            await invoices.credit(conn, inv_b, "outage", [{"line_no": 3, "total": 2_345_679}], actor="t", now=now,
+                                  series="CN", tz=TZ)
+        with pytest.raises(CreditRefused):
+            await invoices.credit(conn, inv_b, "no such line", [{"line_no": 9, "total": 1}], actor="t", now=now,
+                                  series="CN", tz=TZ)
+        last = await invoices.document(conn, await invoices.credit(
+            conn, inv_b, "outage", [{"line_no": 3, "total": 2_345_678}], actor="t", now=now, series="CN", tz=TZ))
+        assert last["number"] == "CN-2026-000003" and last["total"] == -2_345_678
+        assert len((await invoices.document(conn, inv_b))["credited_by"]) == 2
+        with pytest.raises(invoices.InvoiceError):
+            await invoices.credit(conn, last["id"], "a credit of a credit", None, actor="t", now=now,
+                                  series="CN", tz=TZ)
+        # documents are immutable
+        with pytest.raises(asyncpg.RestrictViolationError):
+            await conn.execute("UPDATE invoices SET total = 0 WHERE id = $1", inv_b)
+        assert await verify(conn, now) == []
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------- statements
+
+async def test_a_statement_opens_and_closes_with_the_ledger(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        svc = await services(conn)
+        acc = await new_account(conn)
+        await payments.add_payment(conn, account_id=acc, amount=1_000_000_000, method="cash", actor="t",
+                                   now=MARCH - dt.timedelta(days=3))
+        for day in range(1, 26):
+            await charge(conn, acc, "traffic", 1_000_000 * day, MARCH + dt.timedelta(days=day), svc)
+        await payments.add_payment(conn, account_id=acc, amount=7_000_000, method="cash", actor="t",
+                                   now=MARCH + dt.timedelta(days=10, hours=5))
+        async with conn.transaction(isolation="repeatable_read"):
+            st = await statement_rows(conn, acc, MARCH + dt.timedelta(days=5), APRIL)
+            st.chunk = 7
+            chunks = [chunk async for chunk in st.rows()]
+            await st.check()
+        rows = [row for chunk in chunks for row in chunk]
+        assert [len(c) for c in chunks] == [7, 7, 7, 1]
+        assert st.opening == 1_000_000_000 - sum(1_000_000 * d for d in range(1, 5))
+        # the payment was posted after the charges but stamped among them: the closing balance is the
+        # ledger's at until, not the balance_after of the last row in time order
+        assert st.closing == st.opening + sum(row[3] for row in rows)
+        assert st.closing == await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", acc)
+        assert [row[1] for row in rows] == sorted(row[1] for row in rows)
+    finally:
+        await conn.close()
