@@ -132,8 +132,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def invoices_issue(ctx: CallContext, account_id: int, until: datetime | None = None) -> dict[str, Any]:
-        """Invoice one account now: from its last invoice's end (or its current period's start) up to until
-        (default now). Refused invoices.nothing_to_invoice when there is no charge in the range."""
+        """Invoice one account now: from its last invoice's end (never invoiced: from its previous accounting
+        period's start) up to until (default now). Refused invoices.nothing_to_invoice when there is no charge in the range."""
         now = core.now()
         end = now if until is None else _aware(until, "until")
         async with core.pool.acquire() as conn, conn.transaction():

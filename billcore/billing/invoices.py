@@ -292,7 +292,8 @@ async def _issue_ranges(conn: DbConnection, ranges: Sequence[Range], *, series: 
 async def issue(conn: DbConnection, account_id: int, since: datetime | None, until: datetime, *, actor: str,
                 now: datetime, series: str, tz: tzinfo) -> int:
     """Issue one invoice of ``account_id`` for ``[since, until)`` (``since`` None: from its chain end,
-    else the start of its accounting period holding ``until``); its id.  Refused
+    else — never invoiced — from the start of the accounting period before the one ``until`` ends in);
+    its id.  Refused
     ``nothing_to_invoice`` when the range holds no charge row (nothing is written)."""
     _check_series(series)
     if until > now:
@@ -307,7 +308,11 @@ async def issue(conn: DbConnection, account_id: int, since: datetime | None, unt
             raise UnknownAccount(f"account {account_id} does not exist")
         chain_end = row["invoiced_until"]
         if since is None:
-            since = chain_end or period_containing(_spec(row), until, tz).start
+            # never invoiced: from the previous period's start, which the run has not invoiced either
+            # (starting at the current one would leave the previous period's charges out for good)
+            spec = _spec(row)
+            current = period_containing(spec, until - timedelta(microseconds=1), tz)
+            since = chain_end or period_containing(spec, current.start - timedelta(microseconds=1), tz).start
         if chain_end is not None and since < chain_end:
             raise RangeRefused(f"account {account_id} is invoiced up to {chain_end.isoformat()}")
         if not since < until:
