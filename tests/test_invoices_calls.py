@@ -55,12 +55,13 @@ async def test_rights_and_shapes(live: Live, pool: asyncpg.Pool) -> None:
             await charge(conn, acc, "traffic", 3_000_000, MARCH + dt.timedelta(days=9), svc)
     cashier = await live.login("admin", "cashier")
     accountant = await live.login("admin", "accountant")
-    await refused("not_in_table", cashier.call("invoices.run", {}))
+    await refused("not_in_table", cashier.call("invoices.issue", {"account_id": 1}))
     await refused("not_in_table", cashier.call("invoices.issue", {"account_id": anna}))
     await refused("not_in_table", cashier.call("invoices.credit", {"invoice_id": 1, "reason": "x"}))
 
-    ran = await accountant.call("invoices.run", {})
+    progress, ran = await collect(accountant.stream("invoices.run", {}))
     assert ran["issued"] == 2 and ran["total"] == 246_000_000
+    assert progress[-1][1:] == [ran["accounts"], 2, 246_000_000]
     listed = await accountant.call("invoices.list", {"kind": "invoice"})
     assert listed["total"] == 2 and {s["account_id"] for s in listed["invoices"]} == {anna, boris}
     annas = next(s for s in listed["invoices"] if s["account_id"] == anna)
@@ -123,3 +124,55 @@ async def test_the_automation_pass_invoices_once_per_day_after_the_grace(pool: a
     assert await invoice_pass(core) is None
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM invoices WHERE account_id = $1", acc) == 1
+
+
+async def test_billctl_runs_lists_shows_credits_and_prints_statements(live: Live, pool: asyncpg.Pool) -> None:
+    import asyncio
+    import json
+    import os
+    import subprocess
+    import sys
+
+    async with pool.acquire() as conn:
+        svc = await services(conn)
+        acc = await subscriber(conn, "gleb")
+        await payments.add_payment(conn, account_id=acc, amount=50_000_000, method="cash", actor="t",
+                                   now=MARCH + dt.timedelta(days=1))
+        await charge(conn, acc, "periodic", 12_000_000, MARCH + dt.timedelta(days=2), svc)
+        await charge(conn, acc, "traffic", 1_500_000, MARCH + dt.timedelta(days=3), svc)
+    env = dict(os.environ, BILLCTL_PASSWORD=PW)
+    env.pop("BILLCTL_OTP", None)
+    base = [sys.executable, "-m", "billcore.clients.billctl", "--port", str(live.port), "--login", "accountant"]
+
+    async def billctl(*args: str) -> subprocess.CompletedProcess[str]:
+        done = await asyncio.to_thread(subprocess.run, [*base, *args], env=env, capture_output=True, text=True,
+                                       timeout=60)
+        return done
+
+    ran = await billctl("invoices", "run")
+    assert ran.returncode == 0, ran.stderr
+    assert "invoices: up to account" in ran.stderr and "13.50" in ran.stdout
+    listed = await billctl("--json", "invoices", "list", "--account", str(acc))
+    assert listed.returncode == 0, listed.stderr
+    (summary,) = json.loads(listed.stdout)
+    assert summary["total"] == 13_500_000 and summary["number"] == "INV-2026-000001"
+    shown = await billctl("invoices", "show", str(summary["id"]))
+    assert shown.returncode == 0 and "Internet — World" in shown.stdout and "1.50" in shown.stdout
+    assert "INV-2026-000001" in shown.stderr and "total 13.50" in shown.stderr
+    credited = await billctl("--json", "invoices", "credit", str(summary["id"]), "--reason", "outage",
+                             "--line", "2=0.50")
+    assert credited.returncode == 0, credited.stderr
+    assert [line["total"] for line in json.loads(credited.stdout)["lines"]] == [-500_000]
+    over = await billctl("invoices", "credit", str(summary["id"]), "--reason", "again", "--line", "2=1.01")
+    assert over.returncode != 0 and "invoices.credit_refused" in over.stderr
+    bad = await billctl("invoices", "credit", str(summary["id"]), "--reason", "x", "--line", "2")
+    assert bad.returncode == 2 and "LINE_NO=AMOUNT" in bad.stderr
+    statement = await billctl("--csv", "statement", str(acc), "--since", "2026-02-01", "--until", "2026-05-01")
+    assert statement.returncode == 0, statement.stderr
+    lines = statement.stdout.splitlines()
+    assert lines[0] == "ledger_id,created_at,kind,amount,balance_after,reference" and len(lines) == 5
+    assert "opening 0.00" in statement.stderr and "closing 37.00" in statement.stderr
+    cashier = [*base[:-1], "cashier"]
+    refused_run = await asyncio.to_thread(subprocess.run, [*cashier, "invoices", "run"], env=env,
+                                          capture_output=True, text=True, timeout=60)
+    assert refused_run.returncode != 0 and "not_in_table" in refused_run.stderr

@@ -103,7 +103,7 @@ from billcore.billing import invoices
 async def main(dsn):
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     now = dt.datetime(2026, 4, 3, tzinfo=dt.timezone.utc)
-    def progress(result, last):
+    async def progress(result, last):
         print(last, flush=True)
     await invoices.run(pool, now, dt.timedelta(hours=1), series="INV", tz=ZoneInfo("Europe/Moscow"),
                        batch_size=2, progress=progress)

@@ -146,11 +146,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
     @handler
     async def invoices_run(ctx: CallContext, period_end: datetime | None = None) -> dict[str, Any]:
         """The monthly run now: every account whose accounting period ended at least the grace ago (or by
-        period_end, when earlier) and is not invoiced yet. Idempotent."""
+        period_end, when earlier) and is not invoiced yet. Idempotent. Streams one progress row per
+        committed batch: [last account id, accounts, issued, total] so far."""
         now = core.now()
         until = None if period_end is None else _aware(period_end, "period_end")
+        done = [0, 0, 0]
+
+        async def progress(batch: invoices.RunResult, last: int) -> None:
+            done[0], done[1], done[2] = done[0] + batch.accounts, done[1] + batch.issued, done[2] + batch.total
+            await ctx.stream([[last, *done]])
+
         result = await invoices.run(core.pool, now, timedelta(seconds=cfg.grace), series=cfg.series, tz=tz,
-                                    batch_size=cfg.batch_size, until=until)
+                                    batch_size=cfg.batch_size, until=until, progress=progress)
         async with core.pool.acquire() as conn:
             await audit.record(conn, who(ctx), "invoices.run", "invoices",
                                after={"issued": result.issued, "accounts": result.accounts}, now=now)
@@ -213,8 +220,8 @@ def calls(core: CoreContext) -> list[CallSpec]:
                  args={"account_id": "int", "until": "time?"}, result="map", doc=invoices_issue.__doc__ or "",
                  fields=DOCUMENT_FIELDS, bound="fixed"),
         CallSpec("invoices.run", invoices_run, right="invoices.write", kinds=ADMIN, args={"period_end": "time?"},
-                 result="map", doc=invoices_run.__doc__ or "", fields={"issued": "int", "accounts": "int",
-                                                                       "total": "money"}, bound="fixed"),
+                 streaming=True, result="map", doc=invoices_run.__doc__ or "", bound="stream",
+                 fields={"last_account_id": "int", "accounts": "int", "issued": "int", "total": "money"}),
         CallSpec("invoices.credit", invoices_credit, right="invoices.write", kinds=ADMIN,
                  args={"invoice_id": "int", "reason": "str", "lines": "list?"}, result="map",
                  doc=invoices_credit.__doc__ or "", fields=DOCUMENT_FIELDS, bound="fixed"),

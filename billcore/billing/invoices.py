@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, ClassVar, Final
@@ -371,7 +371,8 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
 
 
 async def run(pool: Any, now: datetime, grace: timedelta, *, series: str, tz: tzinfo, batch_size: int = 5000,
-              until: datetime | None = None, progress: Callable[[RunResult, int], None] | None = None) -> RunResult:
+              until: datetime | None = None,
+              progress: Callable[[RunResult, int], Awaitable[None]] | None = None) -> RunResult:
     """The monthly run over every account, ``batch_size`` accounts per transaction (``run_batch``);
     ``progress(batch result, last account id)`` after each commit.  Idempotent: a second run, or one
     after a kill, invoices only what the first did not commit."""
@@ -389,7 +390,7 @@ async def run(pool: Any, now: datetime, grace: timedelta, *, series: str, tz: tz
         after = ids[-1]
         accounts, issued, total = accounts + result.accounts, issued + result.issued, total + result.total
         if progress is not None:
-            progress(result, after)
+            await progress(result, after)
     return RunResult(accounts, issued, total)
 
 
