@@ -23,11 +23,12 @@ Databases::
         (a monthly fee, traffic every few days with its usage_daily rows, a
         once-off fee for one in ten, a payment)
     python benchmarks/invoice_run.py --dsn postgresql://… [--month 2026-03] [--in-place]
-        an existing database with accounts and ledger rows; by default the run
+        an existing database with accounts and ledger rows; by default each pair
         works on a copy (CREATE DATABASE … TEMPLATE, so no other session may be
         connected to it) that is dropped afterwards, --in-place runs on the
         database itself (the invoices stay: documents are immutable).  The month
         defaults to the one of the latest ledger row.
+    --repeat R: R pairs on fresh copies, medians reported (a shared box is noisy).
 
 Results: printed, and (not ``--tiny``) benchmarks/results/invoice_run-N.json and .md.
 """
@@ -39,6 +40,7 @@ import asyncio
 import datetime as dt
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -71,6 +73,27 @@ SELECT account_id, ledger_charge_kind(kind, idem_key), ledger_charge_service(kin
    AND kind IN ('periodic', 'traffic', 'charge', 'charge_reversal') AND idem_key NOT LIKE 'credit_note:%'
  GROUP BY 1, 2, 3, 4
 """
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a local process (a backend of a local server; 0 when not visible)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def backends_cpu(conn: asyncpg.Connection) -> dict[int, float]:
+    """CPU so far of every client backend of this database: on a shared box wall time moves with the
+    neighbours' load, CPU seconds much less."""
+    pids = await conn.fetchval("SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                               " AND backend_type = 'client backend'")
+    return {pid: process_cpu(pid) for pid in pids or []}
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(after.values()) - sum(v for pid, v in before.items() if pid in after)
 
 
 def with_db(dsn: str, name: str) -> str:
@@ -145,29 +168,36 @@ async def pick_month(conn: asyncpg.Connection, month: str | None) -> tuple[dt.da
     return start, end
 
 
-async def run_floor(conn: asyncpg.Connection, start: dt.datetime, end: dt.datetime) -> tuple[float, int, int]:
+async def run_floor(conn: asyncpg.Connection, start: dt.datetime,
+                    end: dt.datetime) -> tuple[float, float, int, int]:
+    """(wall s, server CPU s, line rows, their sum)."""
     await conn.execute("DROP TABLE IF EXISTS bench_floor_lines")
     await conn.execute("CREATE TABLE bench_floor_lines(account_id bigint, line_kind text, service_id bigint,"
                        " class_id bigint, total bigint)")
     await conn.execute("CHECKPOINT")
+    cpu0 = await backends_cpu(conn)
     t0 = time.perf_counter()
     await conn.execute(FLOOR_SQL, start, end, timeout=None)
     elapsed = time.perf_counter() - t0
+    cpu = cpu_used(cpu0, await backends_cpu(conn))
     rows, total = await conn.fetchrow("SELECT count(*), coalesce(sum(total), 0)::bigint FROM bench_floor_lines")
     await conn.execute("DROP TABLE bench_floor_lines")
-    return elapsed, int(rows), int(total)
+    return elapsed, cpu, int(rows), int(total)
 
 
-async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime, batch: int) -> tuple[float, Any, int, int]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, command_timeout=None)
+async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime,
+                       batch: int) -> tuple[float, float, float, Any, int, int]:
+    """(wall s, server CPU s, client CPU s, the run's result, line rows, their sum)."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, command_timeout=None)
     try:
         async with pool.acquire() as conn:
             # accounts without a period of their own are monthly from the 1st (UTC here): the range is the month
             odd = await conn.fetchval("SELECT count(*) FROM account_periods")
             if odd:
                 print(f"  note: {odd:,} account(s) have periods of their own; their ranges follow them", flush=True)
-            first = await conn.fetchval("SELECT count(*) FROM invoices")
             await conn.execute("CHECKPOINT")
+            cpu0 = await backends_cpu(conn)
+        client0 = time.process_time()
         last = [time.perf_counter()]
 
         async def progress(result: invoices.RunResult, account: int) -> None:
@@ -180,18 +210,20 @@ async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime, batch: in
         result = await invoices.run(pool, end + GRACE + dt.timedelta(minutes=1), GRACE, series="BENCH", tz=UTC,
                                     batch_size=batch, until=end, progress=progress)
         elapsed = time.perf_counter() - t0
+        client = time.process_time() - client0
         async with pool.acquire() as conn:
+            cpu = cpu_used(cpu0, await backends_cpu(conn))
             rows, total = await conn.fetchrow(
                 "SELECT count(*), coalesce(sum(l.total), 0)::bigint FROM invoice_lines l"
                 " JOIN invoices i ON i.id = l.invoice_id WHERE i.series = 'BENCH' AND i.kind = 'invoice'"
                 " AND i.period_end = $1", end)
-            assert first is not None
-        return elapsed, result, int(rows), int(total)
+        return elapsed, cpu, client, result, int(rows), int(total)
     finally:
         await pool.close()
 
 
 async def measure(dsn: str, month: str | None, batch: int) -> dict[str, Any]:
+    """One pair on ``dsn``: the floor, then billcore's run (which writes the invoices)."""
     conn = await asyncpg.connect(dsn)
     try:
         start, end = await pick_month(conn, month)
@@ -199,19 +231,61 @@ async def measure(dsn: str, month: str | None, batch: int) -> dict[str, Any]:
         ledger_rows = int(await conn.fetchval("SELECT count(*) FROM ledger WHERE created_at >= $1 AND created_at < $2",
                                               start, end))
         print(f"month {start:%Y-%m}: {accounts:,} accounts, {ledger_rows:,} ledger rows", flush=True)
-        floor_s, floor_rows, floor_total = await run_floor(conn, start, end)
-        print(f"  floor: {floor_s:.2f} s, {floor_rows:,} line rows", flush=True)
+        floor_s, floor_cpu, floor_rows, floor_total = await run_floor(conn, start, end)
+        print(f"  floor: {floor_s:.2f} s (server CPU {floor_cpu:.2f} s), {floor_rows:,} line rows", flush=True)
     finally:
         await conn.close()
-    core_s, result, core_rows, core_total = await run_billcore(dsn, start, end, batch)
-    print(f"  billcore: {core_s:.2f} s, {result.issued:,} invoices, {core_rows:,} line rows", flush=True)
+    core_s, core_cpu, client_cpu, result, core_rows, core_total = await run_billcore(dsn, start, end, batch)
+    print(f"  billcore: {core_s:.2f} s (server CPU {core_cpu:.2f} s, client CPU {client_cpu:.2f} s),"
+          f" {result.issued:,} invoices, {core_rows:,} line rows: ratio {core_s / floor_s:.2f}", flush=True)
     if (core_rows, core_total) != (floor_rows, floor_total):
         raise SystemExit(f"the line rows differ: billcore {core_rows} rows / {core_total},"
                          f" floor {floor_rows} / {floor_total} (an account already invoiced for this month?)")
     return {"month": f"{start:%Y-%m}", "accounts": accounts, "ledger_rows": ledger_rows, "invoices": result.issued,
-            "line_rows": core_rows, "lines_total": core_total, "floor_seconds": round(floor_s, 3),
-            "billcore_seconds": round(core_s, 3), "ratio": round(core_s / floor_s, 2),
-            "invoices_per_s": round(result.issued / core_s), "batch": batch}
+            "line_rows": core_rows, "lines_total": core_total, "floor_seconds": floor_s, "billcore_seconds": core_s,
+            "floor_server_cpu_s": floor_cpu, "billcore_server_cpu_s": core_cpu, "billcore_client_cpu_s": client_cpu,
+            "batch": batch}
+
+
+async def copy_of(admin_dsn: str, source: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"', timeout=None)
+    finally:
+        await admin.close()
+
+
+async def drop(admin_dsn: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def pairs(admin_dsn: str, source: str, month: str | None, batch: int, repeat: int) -> dict[str, Any]:
+    """``repeat`` pairs, each on a fresh copy of ``source``; the medians, and every pair's figures."""
+    runs = []
+    copy = f"{source}_invoice_bench"
+    for i in range(repeat):
+        await copy_of(admin_dsn, source, copy)
+        try:
+            runs.append(await measure(with_db(admin_dsn, copy), month, batch))
+        finally:
+            await drop(admin_dsn, copy)
+    med = {k: statistics.median(r[k] for r in runs) for k in
+           ("floor_seconds", "billcore_seconds", "floor_server_cpu_s", "billcore_server_cpu_s",
+            "billcore_client_cpu_s")}
+    row = {**runs[0], **{k: round(v, 3) for k, v in med.items()}}
+    row["ratio"] = round(med["billcore_seconds"] / med["floor_seconds"], 2)
+    row["cpu_ratio"] = (round((med["billcore_server_cpu_s"] + med["billcore_client_cpu_s"]) / med["floor_server_cpu_s"], 2)
+                        if med["floor_server_cpu_s"] else None)
+    row["invoices_per_s"] = round(row["invoices"] / med["billcore_seconds"])
+    row["repeat"] = repeat
+    row["pairs"] = [{"billcore_s": round(r["billcore_seconds"], 3), "floor_s": round(r["floor_seconds"], 3)}
+                    for r in runs]
+    return row
 
 
 async def main() -> None:
@@ -222,32 +296,27 @@ async def main() -> None:
     ap.add_argument("--dsn", help="an existing database with accounts and ledger rows")
     ap.add_argument("--month", help="YYYY-MM to invoice (with --dsn; default: the latest ledger row's)")
     ap.add_argument("--in-place", action="store_true", help="with --dsn: run on the database itself, not a copy")
+    ap.add_argument("--repeat", type=int, default=1, help="pairs, each on a fresh copy; medians are reported")
     ap.add_argument("--note", default="", help="what this run measured (kept in the results)")
     ap.add_argument("--tiny", action="store_true", help="~500 accounts (CI)")
     args = ap.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
     tmp: Path | None = None
     server: Any = None
-    copy: str | None = None
-    admin_dsn = ""
     try:
         if args.dsn:
-            dsn = args.dsn
-            if not args.in_place:
-                source = urlsplit(dsn).path.lstrip("/")
-                copy = f"{source}_invoice_bench"
-                admin_dsn = with_db(dsn, "postgres")
-                admin = await asyncpg.connect(admin_dsn)
-                await admin.execute(f'DROP DATABASE IF EXISTS "{copy}"')
-                print(f"copying {source} to {copy} ...", flush=True)
-                await admin.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{source}"', timeout=None)
-                await admin.close()
-                dsn = with_db(dsn, copy)
-            conn = await asyncpg.connect(dsn)
+            conn = await asyncpg.connect(args.dsn)
             await migrate(conn)   # the schema of this tree (0020 and its functions)
             await conn.close()
-            row = await measure(dsn, args.month, args.batch)
-            row["database"] = "given (--dsn)" + (" in place" if args.in_place else ", a copy")
+            if args.in_place:
+                row = await measure(args.dsn, args.month, args.batch)
+                row.update(ratio=round(row["billcore_seconds"] / row["floor_seconds"], 2), repeat=1,
+                           invoices_per_s=round(row["invoices"] / row["billcore_seconds"]),
+                           cpu_ratio=None, database="given (--dsn), in place")
+            else:
+                source = urlsplit(args.dsn).path.lstrip("/")
+                row = await pairs(with_db(args.dsn, "postgres"), source, args.month, args.batch, args.repeat)
+                row["database"] = "given (--dsn), a copy per pair"
         else:
             n = 500 if args.tiny else args.accounts
             tmp = Path(tempfile.mkdtemp(prefix="billcore-invbench-"))
@@ -255,18 +324,17 @@ async def main() -> None:
                 warnings.simplefilter("ignore")
                 import pgserver
                 server = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
-            dsn = with_db(server.get_uri(), "postgres")
+            admin = with_db(server.get_uri(), "postgres")
+            conn = await asyncpg.connect(admin)
+            await conn.execute("CREATE DATABASE invoice_bench_base")
+            await conn.close()
             print(f"seeding {n:,} accounts with a month of charges ...", flush=True)
             t0 = time.perf_counter()
-            await seed(dsn, n, args.traffic_rows)
+            await seed(with_db(admin, "invoice_bench_base"), n, args.traffic_rows)
             print(f"  seeded in {time.perf_counter() - t0:.1f} s", flush=True)
-            row = await measure(dsn, f"{MONTH:%Y-%m}", args.batch)
+            row = await pairs(admin, "invoice_bench_base", f"{MONTH:%Y-%m}", args.batch, args.repeat)
             row["database"] = "embedded (pgserver), seeded"
     finally:
-        if copy is not None:
-            admin = await asyncpg.connect(admin_dsn)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{copy}" WITH (FORCE)')
-            await admin.close()
         if server is not None:
             server.cleanup()
         if tmp is not None:
@@ -277,10 +345,15 @@ async def main() -> None:
     text = (
         "# invoice_run: the monthly invoice run vs one set-based statement producing the same lines\n\n"
         "| month | accounts | ledger rows | invoices | line rows | billcore s | floor s | ratio (target ≤ 2)"
-        " | invoices/s | batch |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        " | CPU ratio | invoices/s | batch | pairs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {row['month']} | {row['accounts']:,} | {row['ledger_rows']:,} | {row['invoices']:,} |"
         f" {row['line_rows']:,} | {row['billcore_seconds']:.2f} | {row['floor_seconds']:.2f} | {row['ratio']:.2f} |"
-        f" {row['invoices_per_s']:,} | {row['batch']:,} |\n\n"
+        f" {row['cpu_ratio'] if row['cpu_ratio'] is not None else 'n/a'} | {row['invoices_per_s']:,} |"
+        f" {row['batch']:,} | {row['repeat']} |\n\n"
+        "The floor is one INSERT … SELECT … GROUP BY of the month's charge rows into a scratch table; billcore's"
+        " run writes the invoices, their lines, the chains and the outbox events, numbered under the series"
+        " lock, in batches. CPU ratio: billcore's server + client CPU seconds over the floor's server CPU"
+        " seconds (steadier than wall time on a shared box). With more than one pair the seconds are medians.\n\n"
         f"Database: {row['database']}. Machine: {report['machine']['cpu']}, nproc {report['machine']['nproc']},"
         f" load average {load_before[0]:.2f} → {report['load_average_after'][0]:.2f} (1 min; a shared box),"
         f" {report['machine']['date']}, commit {report['commit']}. {args.note}\n")

@@ -32,7 +32,7 @@ __all__ = ["calls"]
 
 MAX_STATEMENT_DAYS: Final = 3660
 _SUMMARY_SQL: Final = (
-    "SELECT i.id, i.kind, i.series || '-' || i.year || '-' || lpad(i.number::text, 6, '0') AS number,"
+    f"SELECT i.id, i.kind, i.series || '-' || i.year || '-' || {invoices._SEQ_SQL.format(n='i.number')} AS number,"
     " i.account_id, i.period_start, i.period_end, i.issued_at, i.total, i.credits, count(*) OVER () AS total_rows"
     " FROM invoices i WHERE ($1::bigint[] IS NULL OR i.account_id = ANY($1::bigint[]))"
     " AND ($2::timestamptz IS NULL OR i.issued_at >= $2) AND ($3::timestamptz IS NULL OR i.issued_at < $3)"

@@ -22,7 +22,7 @@ Issuing is set-based: ``_issue_ranges`` takes any number of (account,
 start, end) ranges and issues their invoices in ONE statement — lines from
 a grouped scan of the ledger through ``ledger_account_time``, the
 documents, their lines and the chain ends (``invoicing``) written by
-data-modifying CTEs — plus one statement for the outbox events.  Accounts
+data-modifying CTEs, the ``invoice.issued`` outbox events among them.  Accounts
 without charge rows in their range get no invoice, but their chain end
 moves, so the next invoice does not reach back.
 
@@ -166,23 +166,32 @@ def _check_series(series: str) -> str:
     return series
 
 
+# number_text's sequence in SQL: six digits at least, more when it has more.
+_SEQ_SQL: Final = "CASE WHEN {n} < 1000000 THEN lpad({n}::text, 6, '0') ELSE {n}::text END"
+
 # One statement issues every range of a batch.  $1..$3 the ranges, $4 and $5
 # the local first and end day of a range of whole local days (NULL: not
 # whole days: no quantities), $6 series, $7 year, $8 the last number before
-# (the series row is locked), $9 issued_at, $10 issued_by.
+# (the series row is locked), $9 issued_at, $10 issued_by, $11 and $12 each
+# account's VAT rate and user (read with the batch), $13 and $14 the lowest
+# and highest account id, $15..$18 the users' login, full name, address and
+# email (the customer snapshot, read with the batch); the BETWEEN lets the planner walk the ledger's
+# index by range where = ANY over a large batch could make it scan it whole.
+# The outbox events (invoice.issued) are written by the same statement.
 _ISSUE_SQL: Final = f"""
-WITH r AS (
-    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::date[], $5::date[])
-        AS r(account_id, since, until, first_day, end_day)),
+WITH r AS MATERIALIZED (
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::date[], $5::date[], $11::int[],
+                         $12::bigint[], $15::text[], $16::text[], $17::text[], $18::text[])
+        AS r(account_id, since, until, first_day, end_day, vat_bp, user_id, login, full_name, address, email)),
 g AS (
     SELECT r.account_id, ledger_charge_kind(l.kind, l.idem_key) AS line_kind,
            ledger_charge_service(l.kind, l.idem_key) AS service_id,
            ledger_charge_class(l.kind, l.idem_key) AS class_id, -sum(l.amount)::bigint AS total
       FROM r JOIN ledger l ON l.account_id = r.account_id AND l.created_at >= r.since AND l.created_at < r.until
-     WHERE l.kind IN ('periodic', 'traffic', 'charge', 'charge_reversal') AND l.idem_key NOT LIKE '{CREDIT_KEY}%'
+     WHERE l.account_id BETWEEN $13 AND $14 AND l.kind IN ('periodic', 'traffic', 'charge', 'charge_reversal') AND l.idem_key NOT LIKE '{CREDIT_KEY}%'
      GROUP BY 1, 2, 3, 4),
 lines AS MATERIALIZED (
-    SELECT g.*, a.vat_bp, {_VAT_SQL.format(t="g.total", bp="a.vat_bp")} AS vat,
+    SELECT g.*, r.vat_bp, {_VAT_SQL.format(t="g.total", bp="r.vat_bp")} AS vat,
            row_number() OVER (PARTITION BY g.account_id ORDER BY
                CASE g.line_kind WHEN 'periodic' THEN 1 WHEN 'once' THEN 2 WHEN 'traffic' THEN 3
                                 WHEN 'time' THEN 4 ELSE 5 END, g.service_id NULLS LAST, g.class_id NULLS LAST)
@@ -195,7 +204,7 @@ lines AS MATERIALIZED (
                (SELECT coalesce(sum(d.quantity), 0)::bigint FROM usage_daily d
                  WHERE d.account_id = g.account_id AND d.class_id = coalesce(g.class_id, -1)
                    AND d.day >= r.first_day AND d.day < r.end_day) END AS quantity
-      FROM g JOIN r ON r.account_id = g.account_id JOIN accounts a ON a.id = g.account_id
+      FROM g JOIN r ON r.account_id = g.account_id
       LEFT JOIN services s ON s.id = g.service_id LEFT JOIN traffic_classes c ON c.id = g.class_id),
 docs AS MATERIALIZED (
     SELECT x.*, $8::bigint + row_number() OVER (ORDER BY x.account_id) AS number
@@ -205,10 +214,9 @@ inv AS (
     INSERT INTO invoices(kind, series, year, number, account_id, period_start, period_end, issued_at, issued_by,
                          vat_bp, net, vat, total, customer)
     SELECT 'invoice', $6, $7, d.number, d.account_id, r.since, r.until, $9, $10, d.vat_bp, d.net, d.vat, d.total,
-           jsonb_build_object('user_id', u.id, 'login', u.login, 'full_name', u.full_name,
-                              'address', u.address, 'email', u.email)
-      FROM docs d JOIN r ON r.account_id = d.account_id JOIN accounts a ON a.id = d.account_id
-      JOIN users u ON u.id = a.user_id
+           jsonb_build_object('user_id', r.user_id, 'login', r.login, 'full_name', r.full_name,
+                              'address', r.address, 'email', r.email)
+      FROM docs d JOIN r ON r.account_id = d.account_id
      ORDER BY d.number
     RETURNING id, account_id, number, total),
 ins_lines AS (
@@ -222,6 +230,12 @@ chain AS (
     INSERT INTO invoicing AS i (account_id, invoiced_until) SELECT account_id, until FROM r
     ON CONFLICT (account_id) DO UPDATE SET invoiced_until = EXCLUDED.invoiced_until
     RETURNING account_id),
+events AS (
+    INSERT INTO outbox_events(event, account_id, payload, created_at)
+    SELECT 'invoice.issued', account_id, jsonb_build_object('invoice_id', id, 'account_id', account_id, 'total', total,
+           'number', $6 || '-' || $7 || '-' || {_SEQ_SQL.format(n="number")}), $9
+      FROM inv ORDER BY number
+    RETURNING id),
 series AS (
     UPDATE invoice_series SET last_no = last_no + (SELECT count(*) FROM docs)
      WHERE series = $6 AND year = $7 RETURNING last_no)
@@ -231,6 +245,7 @@ SELECT (SELECT array_agg(id ORDER BY number) FROM inv) AS ids,
        (SELECT array_agg(total ORDER BY number) FROM inv) AS totals,
        (SELECT coalesce(sum(total), 0)::bigint FROM ins_lines) AS lines_total,
        (SELECT count(*) FROM chain) AS chained,
+       (SELECT count(*) FROM events) AS events,
        (SELECT last_no FROM series) AS last_no
 """
 
@@ -248,6 +263,11 @@ class Range:
     account_id: int
     since: datetime
     until: datetime
+    account: Any      # the batch read's row: vat_bp, user_id, login, full_name, address, email
+
+
+_ACCOUNT_COLS: Final = ("a.id, a.vat_bp, a.user_id, u.login, u.full_name, u.address, u.email, p.period_kind,"
+                        " p.period_days, p.period_anchor, i.invoiced_until")
 
 
 def _whole_days(since: datetime, until: datetime, tz: tzinfo) -> tuple[date | None, date | None]:
@@ -270,9 +290,12 @@ async def _issue_ranges(conn: DbConnection, ranges: Sequence[Range], *, series: 
         raise InvariantViolation("invoices are issued inside the caller's transaction")
     year = issue_year(now, tz)
     days = [_whole_days(r.since, r.until, tz) for r in ranges]
+    ids_in = [r.account_id for r in ranges]
     row = await conn.fetchrow(
-        _ISSUE_SQL, [r.account_id for r in ranges], [r.since for r in ranges], [r.until for r in ranges],
-        [d[0] for d in days], [d[1] for d in days], series, year, last_no, now, actor)
+        _ISSUE_SQL, ids_in, [r.since for r in ranges], [r.until for r in ranges],
+        [d[0] for d in days], [d[1] for d in days], series, year, last_no, now, actor,
+        *([r.account[k] for r in ranges] for k in ("vat_bp", "user_id")), min(ids_in), max(ids_in),
+        *([r.account[k] for r in ranges] for k in ("login", "full_name", "address", "email")))
     assert row is not None
     ids, accounts, numbers, totals = (list(row[k] or ()) for k in ("ids", "accounts", "numbers", "totals"))
     # the numbers taken are the next ones, consecutive, and the series moved by exactly them
@@ -282,11 +305,9 @@ async def _issue_ranges(conn: DbConnection, ranges: Sequence[Range], *, series: 
         raise InvariantViolation("invoice totals do not sum to their lines")
     if row["chained"] != len(ranges):
         raise InvariantViolation("not every invoiced account's chain moved")
-    issued = [Issued(i, a, number_text(series, year, n), t) for i, a, n, t in zip(ids, accounts, numbers, totals)]
-    await enqueue(conn, [OutboxEvent("invoice.issued", {"invoice_id": d.invoice_id, "number": d.number,
-                                                         "total": d.total, "account_id": d.account_id},
-                                     d.account_id, f"invoice.issued:{d.invoice_id}") for d in issued], now)
-    return issued
+    if row["events"] != len(ids):
+        raise InvariantViolation("not every invoice has its invoice.issued event")
+    return [Issued(i, a, number_text(series, year, n), t) for i, a, n, t in zip(ids, accounts, numbers, totals)]
 
 
 async def issue(conn: DbConnection, account_id: int, since: datetime | None, until: datetime, *, actor: str,
@@ -301,7 +322,7 @@ async def issue(conn: DbConnection, account_id: int, since: datetime | None, unt
     async with conn.transaction():
         last_no = await _lock_series(conn, series, issue_year(now, tz))
         row = await conn.fetchrow(
-            "SELECT a.id, p.period_kind, p.period_days, p.period_anchor, i.invoiced_until FROM accounts a"
+            f"SELECT {_ACCOUNT_COLS} FROM accounts a JOIN users u ON u.id = a.user_id"
             " LEFT JOIN account_periods p ON p.account_id = a.id LEFT JOIN invoicing i ON i.account_id = a.id"
             " WHERE a.id = $1 FOR UPDATE OF a", account_id)
         if row is None:
@@ -317,7 +338,8 @@ async def issue(conn: DbConnection, account_id: int, since: datetime | None, unt
             raise RangeRefused(f"account {account_id} is invoiced up to {chain_end.isoformat()}")
         if not since < until:
             raise RangeRefused(f"nothing to invoice between {since.isoformat()} and {until.isoformat()}")
-        issued = await _issue_ranges(conn, [Range(account_id, since, until)], series=series, last_no=last_no,
+        issued = await _issue_ranges(conn, [Range(account_id, since, until, row)],
+                                     series=series, last_no=last_no,
                                      actor=actor, now=now, tz=tz)
         if not issued:
             raise NothingToInvoice(f"account {account_id} has no charge between {since.isoformat()}"
@@ -325,7 +347,7 @@ async def issue(conn: DbConnection, account_id: int, since: datetime | None, unt
         return issued[0].invoice_id
 
 
-def _spec(row: Mapping[str, Any]) -> PeriodSpec:
+def _spec(row: Any) -> PeriodSpec:
     if row["period_kind"] is None:
         return DEFAULT_ACCOUNT_PERIOD
     return period_spec(row["period_kind"], row["period_days"], row["period_anchor"])
@@ -349,10 +371,13 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
     target = now - grace if until is None else min(until, now - grace)
     async with conn.transaction():
         last_no = await _lock_series(conn, series, issue_year(now, tz))
+        ids = sorted(set(account_ids))
         rows = await conn.fetch(
-            "SELECT a.id, p.period_kind, p.period_days, p.period_anchor, i.invoiced_until FROM accounts a"
-            " LEFT JOIN account_periods p ON p.account_id = a.id LEFT JOIN invoicing i ON i.account_id = a.id"
-            " WHERE a.id = ANY($1::bigint[]) ORDER BY a.id", list(account_ids))
+            f"SELECT {_ACCOUNT_COLS} FROM accounts a JOIN users u ON u.id = a.user_id"
+            " LEFT JOIN account_periods p ON p.account_id = a.id"
+            " LEFT JOIN invoicing i ON i.account_id = a.id"
+            " WHERE a.id = ANY($1::bigint[]) AND a.id BETWEEN $2 AND $3 ORDER BY a.id",
+            ids, ids[0] if ids else 0, ids[-1] if ids else 0)
         bounds: dict[tuple[Any, ...], tuple[datetime, datetime]] = {}   # per period signature
         ranges: list[Range] = []
         for row in rows:
@@ -365,7 +390,7 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
             start, end = bound
             since = row["invoiced_until"] or start
             if since < end:
-                ranges.append(Range(row["id"], since, end))
+                ranges.append(Range(row["id"], since, end, row))
         issued = await _issue_ranges(conn, ranges, series=series, last_no=last_no, actor=actor, now=now, tz=tz)
     return RunResult(len(ranges), len(issued), sum(d.total for d in issued))
 
