@@ -185,10 +185,10 @@ async def run_floor(conn: asyncpg.Connection, start: dt.datetime,
     return elapsed, cpu, int(rows), int(total)
 
 
-async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime,
-                       batch: int) -> tuple[float, float, float, Any, int, int]:
+async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime, batch: int,
+                       workers: int) -> tuple[float, float, float, Any, int, int]:
     """(wall s, server CPU s, client CPU s, the run's result, line rows, their sum)."""
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, command_timeout=None)
+    pool = await asyncpg.create_pool(dsn, min_size=workers + 1, max_size=workers + 1, command_timeout=None)
     try:
         async with pool.acquire() as conn:
             # accounts without a period of their own are monthly from the 1st (UTC here): the range is the month
@@ -208,7 +208,7 @@ async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime,
 
         t0 = time.perf_counter()
         result = await invoices.run(pool, end + GRACE + dt.timedelta(minutes=1), GRACE, series="BENCH", tz=UTC,
-                                    batch_size=batch, until=end, progress=progress)
+                                    batch_size=batch, workers=workers, until=end, progress=progress)
         elapsed = time.perf_counter() - t0
         client = time.process_time() - client0
         async with pool.acquire() as conn:
@@ -222,7 +222,7 @@ async def run_billcore(dsn: str, start: dt.datetime, end: dt.datetime,
         await pool.close()
 
 
-async def measure(dsn: str, month: str | None, batch: int) -> dict[str, Any]:
+async def measure(dsn: str, month: str | None, batch: int, workers: int) -> dict[str, Any]:
     """One pair on ``dsn``: the floor, then billcore's run (which writes the invoices)."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -235,7 +235,7 @@ async def measure(dsn: str, month: str | None, batch: int) -> dict[str, Any]:
         print(f"  floor: {floor_s:.2f} s (server CPU {floor_cpu:.2f} s), {floor_rows:,} line rows", flush=True)
     finally:
         await conn.close()
-    core_s, core_cpu, client_cpu, result, core_rows, core_total = await run_billcore(dsn, start, end, batch)
+    core_s, core_cpu, client_cpu, result, core_rows, core_total = await run_billcore(dsn, start, end, batch, workers)
     print(f"  billcore: {core_s:.2f} s (server CPU {core_cpu:.2f} s, client CPU {client_cpu:.2f} s),"
           f" {result.issued:,} invoices, {core_rows:,} line rows: ratio {core_s / floor_s:.2f}", flush=True)
     if (core_rows, core_total) != (floor_rows, floor_total):
@@ -244,7 +244,7 @@ async def measure(dsn: str, month: str | None, batch: int) -> dict[str, Any]:
     return {"month": f"{start:%Y-%m}", "accounts": accounts, "ledger_rows": ledger_rows, "invoices": result.issued,
             "line_rows": core_rows, "lines_total": core_total, "floor_seconds": floor_s, "billcore_seconds": core_s,
             "floor_server_cpu_s": floor_cpu, "billcore_server_cpu_s": core_cpu, "billcore_client_cpu_s": client_cpu,
-            "batch": batch}
+            "batch": batch, "workers": workers}
 
 
 async def copy_of(admin_dsn: str, source: str, name: str) -> None:
@@ -264,14 +264,15 @@ async def drop(admin_dsn: str, name: str) -> None:
         await admin.close()
 
 
-async def pairs(admin_dsn: str, source: str, month: str | None, batch: int, repeat: int) -> dict[str, Any]:
+async def pairs(admin_dsn: str, source: str, month: str | None, batch: int, workers: int,
+                repeat: int) -> dict[str, Any]:
     """``repeat`` pairs, each on a fresh copy of ``source``; the medians, and every pair's figures."""
     runs = []
     copy = f"{source}_invoice_bench"
     for i in range(repeat):
         await copy_of(admin_dsn, source, copy)
         try:
-            runs.append(await measure(with_db(admin_dsn, copy), month, batch))
+            runs.append(await measure(with_db(admin_dsn, copy), month, batch, workers))
         finally:
             await drop(admin_dsn, copy)
     med = {k: statistics.median(r[k] for r in runs) for k in
@@ -293,6 +294,7 @@ async def main() -> None:
     ap.add_argument("--accounts", type=int, default=100_000, help="accounts to seed (embedded database)")
     ap.add_argument("--traffic-rows", type=int, default=10, help="traffic ledger rows per account in the month")
     ap.add_argument("--batch", type=int, default=5000, help="accounts per transaction ([invoices] batch_size)")
+    ap.add_argument("--workers", type=int, default=2, help="batches in flight at once ([invoices] workers)")
     ap.add_argument("--dsn", help="an existing database with accounts and ledger rows")
     ap.add_argument("--month", help="YYYY-MM to invoice (with --dsn; default: the latest ledger row's)")
     ap.add_argument("--in-place", action="store_true", help="with --dsn: run on the database itself, not a copy")
@@ -309,13 +311,14 @@ async def main() -> None:
             await migrate(conn)   # the schema of this tree (0020 and its functions)
             await conn.close()
             if args.in_place:
-                row = await measure(args.dsn, args.month, args.batch)
+                row = await measure(args.dsn, args.month, args.batch, args.workers)
                 row.update(ratio=round(row["billcore_seconds"] / row["floor_seconds"], 2), repeat=1,
                            invoices_per_s=round(row["invoices"] / row["billcore_seconds"]),
                            cpu_ratio=None, database="given (--dsn), in place")
             else:
                 source = urlsplit(args.dsn).path.lstrip("/")
-                row = await pairs(with_db(args.dsn, "postgres"), source, args.month, args.batch, args.repeat)
+                row = await pairs(with_db(args.dsn, "postgres"), source, args.month, args.batch, args.workers,
+                                  args.repeat)
                 row["database"] = "given (--dsn), a copy per pair"
         else:
             n = 500 if args.tiny else args.accounts
@@ -332,7 +335,7 @@ async def main() -> None:
             t0 = time.perf_counter()
             await seed(with_db(admin, "invoice_bench_base"), n, args.traffic_rows)
             print(f"  seeded in {time.perf_counter() - t0:.1f} s", flush=True)
-            row = await pairs(admin, "invoice_bench_base", f"{MONTH:%Y-%m}", args.batch, args.repeat)
+            row = await pairs(admin, "invoice_bench_base", f"{MONTH:%Y-%m}", args.batch, args.workers, args.repeat)
             row["database"] = "embedded (pgserver), seeded"
     finally:
         if server is not None:
@@ -345,14 +348,14 @@ async def main() -> None:
     text = (
         "# invoice_run: the monthly invoice run vs one set-based statement producing the same lines\n\n"
         "| month | accounts | ledger rows | invoices | line rows | billcore s | floor s | ratio (target ≤ 2)"
-        " | CPU ratio | invoices/s | batch | pairs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        " | CPU ratio | invoices/s | batch × workers | pairs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {row['month']} | {row['accounts']:,} | {row['ledger_rows']:,} | {row['invoices']:,} |"
         f" {row['line_rows']:,} | {row['billcore_seconds']:.2f} | {row['floor_seconds']:.2f} | {row['ratio']:.2f} |"
         f" {row['cpu_ratio'] if row['cpu_ratio'] is not None else 'n/a'} | {row['invoices_per_s']:,} |"
-        f" {row['batch']:,} | {row['repeat']} |\n\n"
+        f" {row['batch']:,} × {row['workers']} | {row['repeat']} |\n\n"
         "The floor is one INSERT … SELECT … GROUP BY of the month's charge rows into a scratch table; billcore's"
         " run writes the invoices, their lines, the chains and the outbox events, numbered under the series"
-        " lock, in batches. CPU ratio: billcore's server + client CPU seconds over the floor's server CPU"
+        " lock, in batches (workers batches at once: they read their lines in parallel and take turns to write). CPU ratio: billcore's server + client CPU seconds over the floor's server CPU"
         " seconds (steadier than wall time on a shared box). With more than one pair the seconds are medians.\n\n"
         f"Database: {row['database']}. Machine: {report['machine']['cpu']}, nproc {report['machine']['nproc']},"
         f" load average {load_before[0]:.2f} → {report['load_average_after'][0]:.2f} (1 min; a shared box),"

@@ -157,7 +157,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             await ctx.stream([[last, *done]])
 
         result = await invoices.run(core.pool, now, timedelta(seconds=cfg.grace), series=cfg.series, tz=tz,
-                                    batch_size=cfg.batch_size, until=until, progress=progress)
+                                    batch_size=cfg.batch_size, workers=cfg.workers, until=until, progress=progress)
         async with core.pool.acquire() as conn:
             await audit.record(conn, who(ctx), "invoices.run", "invoices",
                                after={"issued": result.issued, "accounts": result.accounts}, now=now)

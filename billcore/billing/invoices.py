@@ -18,25 +18,28 @@ figures are its lines' sums.  The SQL of the run computes the same with
 ``numeric`` ``round`` (half away from zero, exact for these operands); a
 test pins the two together.
 
-Issuing is set-based: ``_issue_ranges`` takes any number of (account,
-start, end) ranges and issues their invoices in ONE statement — lines from
-a grouped scan of the ledger through ``ledger_account_time``, the
-documents, their lines and the chain ends (``invoicing``) written by
-data-modifying CTEs, the ``invoice.issued`` outbox events among them.  Accounts
+Issuing is set-based: any number of (account, start, end) ranges are
+issued in two statements — ``_lines`` reads their lines with one grouped
+scan of the ledger through ``ledger_account_time``; ``_write`` numbers and
+writes the documents, their lines, the chain ends (``invoicing``) and the
+``invoice.issued`` outbox events with data-modifying CTEs.  Accounts
 without charge rows in their range get no invoice, but their chain end
 moves, so the next invoice does not reach back.
 
-Numbers: every issuer first locks its (series, year) row of
-``invoice_series`` (``_lock_series``), then reads the chains, then moves
-``last_no`` by the number of documents it inserts, in the same
-transaction.  The row lock orders concurrent issuers (the second reads the
-chains after the first committed, so it never issues the same range
-twice), and a rollback — an error, a core killed mid-run — takes the
-numbers back with the documents: no gap, no duplicate.  The exclusion
-constraint of ``invoices`` is the backstop.
+Numbers: every issuer locks its (series, year) row of ``invoice_series``
+(``_lock_series``), reads the chains under that lock (or checks that the
+ones it read before are unchanged), and moves ``last_no`` by the number of
+documents it inserts, in the same transaction.  The row lock orders
+concurrent issuers (the second sees the chains the first committed, so it
+never issues the same range twice), and a rollback — an error, a core
+killed mid-run — takes the numbers back with the documents: no gap, no
+duplicate.  The exclusion constraint of ``invoices`` is the backstop.
 
 The monthly run (``run``) walks every account in id order, ``batch_size``
-per transaction (``run_batch``).  An account's range ends at the start of
+per transaction (``run_batch``), ``workers`` batches at once: a batch reads
+its lines before it takes the series lock (so batches read in parallel)
+and, under the lock, checks that no other issuer moved its chains
+meanwhile (if one did, it reads them again there).  An account's range ends at the start of
 its accounting period that holds ``now - grace`` and starts at its chain
 end, or, never invoiced, at the start of the period before; the periods
 are computed once per period signature.  The grace is there because a
@@ -52,9 +55,10 @@ most what is left of each line, and credit the account with one
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, ClassVar, Final
@@ -169,28 +173,31 @@ def _check_series(series: str) -> str:
 # number_text's sequence in SQL: six digits at least, more when it has more.
 _SEQ_SQL: Final = "CASE WHEN {n} < 1000000 THEN lpad({n}::text, 6, '0') ELSE {n}::text END"
 
-# One statement issues every range of a batch.  $1..$3 the ranges, $4 and $5
-# the local first and end day of a range of whole local days (NULL: not
-# whole days: no quantities), $6 series, $7 year, $8 the last number before
-# (the series row is locked), $9 issued_at, $10 issued_by, $11 and $12 each
-# account's VAT rate and user (read with the batch), $13 and $14 the lowest
-# and highest account id, $15..$18 the users' login, full name, address and
-# email (the customer snapshot, read with the batch); the BETWEEN lets the planner walk the ledger's
-# index by range where = ANY over a large batch could make it scan it whole.
-# The outbox events (invoice.issued) are written by the same statement.
-_ISSUE_SQL: Final = f"""
+# A batch is issued in two statements.  _LINES_SQL reads the lines of every
+# range from the ledger (the expensive part: it needs no lock, so batches of
+# a run compute their lines in parallel); _WRITE_SQL, under the series lock,
+# numbers the documents and writes the invoices, their lines, the chains,
+# the invoice.issued events and the series counter.
+#
+# _LINES_SQL: $1..$3 the ranges, $4 and $5 the local first and end day of a
+# range of whole local days (NULL: not whole days: no quantities), $6 each
+# account's VAT rate, $7 and $8 the lowest and highest account id: the
+# BETWEEN lets the planner walk the ledger's index by range where = ANY over
+# a large batch could make it scan it whole.  One row of arrays, in
+# (account, line_no) order.
+_LINES_SQL: Final = f"""
 WITH r AS MATERIALIZED (
-    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::date[], $5::date[], $11::int[],
-                         $12::bigint[], $15::text[], $16::text[], $17::text[], $18::text[])
-        AS r(account_id, since, until, first_day, end_day, vat_bp, user_id, login, full_name, address, email)),
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::date[], $5::date[], $6::int[])
+        AS r(account_id, since, until, first_day, end_day, vat_bp)),
 g AS (
     SELECT r.account_id, ledger_charge_kind(l.kind, l.idem_key) AS line_kind,
            ledger_charge_service(l.kind, l.idem_key) AS service_id,
            ledger_charge_class(l.kind, l.idem_key) AS class_id, -sum(l.amount)::bigint AS total
       FROM r JOIN ledger l ON l.account_id = r.account_id AND l.created_at >= r.since AND l.created_at < r.until
-     WHERE l.account_id BETWEEN $13 AND $14 AND l.kind IN ('periodic', 'traffic', 'charge', 'charge_reversal') AND l.idem_key NOT LIKE '{CREDIT_KEY}%'
+     WHERE l.account_id BETWEEN $7 AND $8 AND l.kind IN ('periodic', 'traffic', 'charge', 'charge_reversal')
+       AND l.idem_key NOT LIKE '{CREDIT_KEY}%'
      GROUP BY 1, 2, 3, 4),
-lines AS MATERIALIZED (
+lines AS (
     SELECT g.*, r.vat_bp, {_VAT_SQL.format(t="g.total", bp="r.vat_bp")} AS vat,
            row_number() OVER (PARTITION BY g.account_id ORDER BY
                CASE g.line_kind WHEN 'periodic' THEN 1 WHEN 'once' THEN 2 WHEN 'traffic' THEN 3
@@ -205,15 +212,44 @@ lines AS MATERIALIZED (
                  WHERE d.account_id = g.account_id AND d.class_id = coalesce(g.class_id, -1)
                    AND d.day >= r.first_day AND d.day < r.end_day) END AS quantity
       FROM g JOIN r ON r.account_id = g.account_id
-      LEFT JOIN services s ON s.id = g.service_id LEFT JOIN traffic_classes c ON c.id = g.class_id),
+      LEFT JOIN services s ON s.id = g.service_id LEFT JOIN traffic_classes c ON c.id = g.class_id)
+SELECT array_agg(account_id ORDER BY account_id, line_no) AS account_id,
+       array_agg(line_no ORDER BY account_id, line_no) AS line_no,
+       array_agg(line_kind ORDER BY account_id, line_no) AS line_kind,
+       array_agg(service_id ORDER BY account_id, line_no) AS service_id,
+       array_agg(class_id ORDER BY account_id, line_no) AS class_id,
+       array_agg(description ORDER BY account_id, line_no) AS description,
+       array_agg(quantity ORDER BY account_id, line_no) AS quantity,
+       array_agg(total ORDER BY account_id, line_no) AS total,
+       array_agg(vat ORDER BY account_id, line_no) AS vat,
+       array_agg(vat_bp ORDER BY account_id, line_no) AS vat_bp
+  FROM lines
+"""
+_LINE_COLS: Final = ("account_id", "line_no", "line_kind", "service_id", "class_id", "description", "quantity",
+                     "total", "vat", "vat_bp")
+
+# _WRITE_SQL: $1..$3 the ranges (every one closes: its chain moves), $4 the
+# series, $5 the year, $6 the last number before (the series row is locked),
+# $7 issued_at, $8 issued_by, $9..$13 each range's user, login, full name,
+# address and email (the customer snapshot, read with the batch), $14..$23
+# the lines (_LINE_COLS, from _LINES_SQL).
+_WRITE_SQL: Final = f"""
+WITH r AS MATERIALIZED (
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $9::bigint[], $10::text[],
+                         $11::text[], $12::text[], $13::text[])
+        AS r(account_id, since, until, user_id, login, full_name, address, email)),
+lines AS MATERIALIZED (
+    SELECT * FROM unnest($14::bigint[], $15::int[], $16::text[], $17::bigint[], $18::bigint[], $19::text[],
+                         $20::bigint[], $21::bigint[], $22::bigint[], $23::int[])
+        AS l(account_id, line_no, line_kind, service_id, class_id, description, quantity, total, vat, vat_bp)),
 docs AS MATERIALIZED (
-    SELECT x.*, $8::bigint + row_number() OVER (ORDER BY x.account_id) AS number
+    SELECT x.*, $6::bigint + row_number() OVER (ORDER BY x.account_id) AS number
       FROM (SELECT account_id, min(vat_bp) AS vat_bp, sum(total - vat)::bigint AS net, sum(vat)::bigint AS vat,
                    sum(total)::bigint AS total FROM lines GROUP BY account_id) x),
 inv AS (
     INSERT INTO invoices(kind, series, year, number, account_id, period_start, period_end, issued_at, issued_by,
                          vat_bp, net, vat, total, customer)
-    SELECT 'invoice', $6, $7, d.number, d.account_id, r.since, r.until, $9, $10, d.vat_bp, d.net, d.vat, d.total,
+    SELECT 'invoice', $4, $5, d.number, d.account_id, r.since, r.until, $7, $8, d.vat_bp, d.net, d.vat, d.total,
            jsonb_build_object('user_id', r.user_id, 'login', r.login, 'full_name', r.full_name,
                               'address', r.address, 'email', r.email)
       FROM docs d JOIN r ON r.account_id = d.account_id
@@ -233,17 +269,18 @@ chain AS (
 events AS (
     INSERT INTO outbox_events(event, account_id, payload, created_at)
     SELECT 'invoice.issued', account_id, jsonb_build_object('invoice_id', id, 'account_id', account_id, 'total', total,
-           'number', $6 || '-' || $7 || '-' || {_SEQ_SQL.format(n="number")}), $9
+           'number', $4 || '-' || $5 || '-' || {_SEQ_SQL.format(n="number")}), $7
       FROM inv ORDER BY number
     RETURNING id),
 series AS (
     UPDATE invoice_series SET last_no = last_no + (SELECT count(*) FROM docs)
-     WHERE series = $6 AND year = $7 RETURNING last_no)
+     WHERE series = $4 AND year = $5 RETURNING last_no)
 SELECT (SELECT array_agg(id ORDER BY number) FROM inv) AS ids,
        (SELECT array_agg(account_id ORDER BY number) FROM inv) AS accounts,
        (SELECT array_agg(number ORDER BY number) FROM inv) AS numbers,
        (SELECT array_agg(total ORDER BY number) FROM inv) AS totals,
        (SELECT coalesce(sum(total), 0)::bigint FROM ins_lines) AS lines_total,
+       (SELECT count(*) FROM ins_lines) AS lines,
        (SELECT count(*) FROM chain) AS chained,
        (SELECT count(*) FROM events) AS events,
        (SELECT last_no FROM series) AS last_no
@@ -281,27 +318,47 @@ def issue_year(now: datetime, tz: tzinfo) -> int:
     return now.astimezone(tz).year
 
 
-async def _issue_ranges(conn: DbConnection, ranges: Sequence[Range], *, series: str, last_no: int,
-                        actor: str, now: datetime, tz: tzinfo) -> list[Issued]:
-    """Issue the invoices of ``ranges`` (the series row locked by the caller, at ``last_no``)."""
+Lines = dict[str, list[Any]]
+
+
+async def _lines(conn: DbConnection, ranges: Sequence[Range], tz: tzinfo) -> Lines:
+    """The invoice lines of ``ranges`` as columns (``_LINE_COLS``); reads only."""
+    if not ranges:
+        return {k: [] for k in _LINE_COLS}
+    # A plan for this batch's bounds, never the generic one a prepared statement switches to after five
+    # runs: with the bounds unknown it scans the whole ledger per batch (seen: 3 s a batch instead of 0.5).
+    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    days = [_whole_days(r.since, r.until, tz) for r in ranges]
+    ids = [r.account_id for r in ranges]
+    row = await conn.fetchrow(_LINES_SQL, ids, [r.since for r in ranges], [r.until for r in ranges],
+                              [d[0] for d in days], [d[1] for d in days], [r.account["vat_bp"] for r in ranges],
+                              min(ids), max(ids))
+    assert row is not None
+    return {k: list(row[k] or ()) for k in _LINE_COLS}
+
+
+async def _write(conn: DbConnection, ranges: Sequence[Range], lines: Lines, *, series: str, last_no: int,
+                 actor: str, now: datetime, tz: tzinfo) -> list[Issued]:
+    """Issue the invoices of ``ranges`` with their ``lines`` (the series row locked by the caller, at
+    ``last_no``); every range's chain moves to its end, invoiced or not."""
     if not ranges:
         return []
     if not conn.is_in_transaction():
         raise InvariantViolation("invoices are issued inside the caller's transaction")
     year = issue_year(now, tz)
-    days = [_whole_days(r.since, r.until, tz) for r in ranges]
-    ids_in = [r.account_id for r in ranges]
     row = await conn.fetchrow(
-        _ISSUE_SQL, ids_in, [r.since for r in ranges], [r.until for r in ranges],
-        [d[0] for d in days], [d[1] for d in days], series, year, last_no, now, actor,
-        *([r.account[k] for r in ranges] for k in ("vat_bp", "user_id")), min(ids_in), max(ids_in),
-        *([r.account[k] for r in ranges] for k in ("login", "full_name", "address", "email")))
+        _WRITE_SQL, [r.account_id for r in ranges], [r.since for r in ranges], [r.until for r in ranges],
+        series, year, last_no, now, actor,
+        *([r.account[k] for r in ranges] for k in ("user_id", "login", "full_name", "address", "email")),
+        *(lines[k] for k in _LINE_COLS))
     assert row is not None
     ids, accounts, numbers, totals = (list(row[k] or ()) for k in ("ids", "accounts", "numbers", "totals"))
     # the numbers taken are the next ones, consecutive, and the series moved by exactly them
     if numbers != list(range(last_no + 1, last_no + 1 + len(numbers))) or row["last_no"] != last_no + len(numbers):
         raise InvariantViolation(f"invoice numbers {numbers[:3]}… do not follow {series}/{year} at {last_no}")
-    if sum(totals) != row["lines_total"]:
+    # before the write the lines summed to what the ledger charged; after it, the documents to their lines
+    if sum(totals) != row["lines_total"] or row["lines_total"] != sum(lines["total"]) \
+            or row["lines"] != len(lines["total"]):
         raise InvariantViolation("invoice totals do not sum to their lines")
     if row["chained"] != len(ranges):
         raise InvariantViolation("not every invoiced account's chain moved")
@@ -338,9 +395,9 @@ async def issue(conn: DbConnection, account_id: int, since: datetime | None, unt
             raise RangeRefused(f"account {account_id} is invoiced up to {chain_end.isoformat()}")
         if not since < until:
             raise RangeRefused(f"nothing to invoice between {since.isoformat()} and {until.isoformat()}")
-        issued = await _issue_ranges(conn, [Range(account_id, since, until, row)],
-                                     series=series, last_no=last_no,
-                                     actor=actor, now=now, tz=tz)
+        ranges = [Range(account_id, since, until, row)]
+        issued = await _write(conn, ranges, await _lines(conn, ranges, tz), series=series, last_no=last_no,
+                              actor=actor, now=now, tz=tz)
         if not issued:
             raise NothingToInvoice(f"account {account_id} has no charge between {since.isoformat()}"
                                    f" and {until.isoformat()}")
@@ -360,63 +417,112 @@ class RunResult:
     total: int           # their totals' sum
 
 
+_BATCH_SQL: Final = (f"SELECT {_ACCOUNT_COLS} FROM accounts a JOIN users u ON u.id = a.user_id"
+                     " LEFT JOIN account_periods p ON p.account_id = a.id"
+                     " LEFT JOIN invoicing i ON i.account_id = a.id"
+                     " WHERE a.id = ANY($1::bigint[]) AND a.id BETWEEN $2 AND $3 ORDER BY a.id")
+
+
+def _ranges(rows: Sequence[Any], target: datetime, tz: tzinfo) -> list[Range]:
+    """Each account's range up to the start of its accounting period holding ``target`` (periods computed
+    once per period signature); accounts already invoiced that far have none."""
+    bounds: dict[tuple[Any, ...], tuple[datetime, datetime]] = {}
+    ranges: list[Range] = []
+    for row in rows:
+        signature = (row["period_kind"], row["period_days"], row["period_anchor"])
+        bound = bounds.get(signature)
+        if bound is None:
+            spec = _spec(row)
+            end = period_containing(spec, target, tz).start
+            bound = bounds[signature] = (period_containing(spec, end - timedelta(microseconds=1), tz).start, end)
+        start, end = bound
+        since = row["invoiced_until"] or start
+        if since < end:
+            ranges.append(Range(row["id"], since, end, row))
+    return ranges
+
+
 async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetime, grace: timedelta, *,
                     series: str, tz: tzinfo, actor: str = "invoicing",
                     until: datetime | None = None) -> RunResult:
     """The monthly run for ``account_ids`` in one transaction: each account's range up to the start of
-    its accounting period holding ``now - grace`` (or ``until``, when earlier) is invoiced."""
+    its accounting period holding ``now - grace`` (or ``until``, when earlier) is invoiced.
+
+    The lines are read before the series lock (batches of a run read theirs in parallel); under the
+    lock the chains are read again, and a batch whose chains another issuer moved meanwhile reads its
+    lines again there."""
     _check_series(series)
     if len(account_ids) > MAX_BATCH:
         raise InvalidValue(f"at most {MAX_BATCH} accounts per batch")
     target = now - grace if until is None else min(until, now - grace)
+    ids = sorted(set(account_ids))
+    if not ids:
+        return RunResult(0, 0, 0)
     async with conn.transaction():
+        rows = await conn.fetch(_BATCH_SQL, ids, ids[0], ids[-1])
+        ranges = _ranges(rows, target, tz)
+        lines = await _lines(conn, ranges, tz)
         last_no = await _lock_series(conn, series, issue_year(now, tz))
-        ids = sorted(set(account_ids))
-        rows = await conn.fetch(
-            f"SELECT {_ACCOUNT_COLS} FROM accounts a JOIN users u ON u.id = a.user_id"
-            " LEFT JOIN account_periods p ON p.account_id = a.id"
-            " LEFT JOIN invoicing i ON i.account_id = a.id"
-            " WHERE a.id = ANY($1::bigint[]) AND a.id BETWEEN $2 AND $3 ORDER BY a.id",
-            ids, ids[0] if ids else 0, ids[-1] if ids else 0)
-        bounds: dict[tuple[Any, ...], tuple[datetime, datetime]] = {}   # per period signature
-        ranges: list[Range] = []
-        for row in rows:
-            signature = (row["period_kind"], row["period_days"], row["period_anchor"])
-            bound = bounds.get(signature)
-            if bound is None:
-                spec = _spec(row)
-                end = period_containing(spec, target, tz).start
-                bound = bounds[signature] = (period_containing(spec, end - timedelta(microseconds=1), tz).start, end)
-            start, end = bound
-            since = row["invoiced_until"] or start
-            if since < end:
-                ranges.append(Range(row["id"], since, end, row))
-        issued = await _issue_ranges(conn, ranges, series=series, last_no=last_no, actor=actor, now=now, tz=tz)
+        chains = {r["account_id"]: r["invoiced_until"] for r in await conn.fetch(
+            "SELECT account_id, invoiced_until FROM invoicing WHERE account_id = ANY($1::bigint[])"
+            " AND account_id BETWEEN $2 AND $3", ids, ids[0], ids[-1])}
+        if any(chains.get(row["id"]) != row["invoiced_until"] for row in rows):
+            rows = await conn.fetch(_BATCH_SQL, ids, ids[0], ids[-1])     # another issuer came first
+            ranges = _ranges(rows, target, tz)
+            lines = await _lines(conn, ranges, tz)
+        issued = await _write(conn, ranges, lines, series=series, last_no=last_no, actor=actor, now=now, tz=tz)
     return RunResult(len(ranges), len(issued), sum(d.total for d in issued))
 
 
 async def run(pool: Any, now: datetime, grace: timedelta, *, series: str, tz: tzinfo, batch_size: int = 5000,
-              until: datetime | None = None,
+              workers: int = 1, until: datetime | None = None,
               progress: Callable[[RunResult, int], Awaitable[None]] | None = None) -> RunResult:
-    """The monthly run over every account, ``batch_size`` accounts per transaction (``run_batch``);
-    ``progress(batch result, last account id)`` after each commit.  Idempotent: a second run, or one
-    after a kill, invoices only what the first did not commit."""
+    """The monthly run over every account, ``batch_size`` accounts per transaction (``run_batch``), up to
+    ``workers`` batches at once (each on its own connection: their lines are read in parallel, their
+    writes take turns on the series lock); ``progress(batch result, its last account id)`` after each
+    commit.  Idempotent: a second run, or one after a kill, invoices only what the first did not commit."""
     if not 1 <= batch_size <= MAX_BATCH:
         raise InvalidValue(f"batch_size must be 1..{MAX_BATCH}")
-    after = 0
-    accounts = issued = total = 0
-    while True:
+    if not 1 <= workers <= 16:
+        raise InvalidValue("workers must be 1..16")
+    totals = [0, 0, 0]
+
+    async def one(ids: list[int]) -> tuple[RunResult, int]:
         async with pool.acquire() as conn:
-            ids = [r["id"] for r in await conn.fetch(
-                "SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2", after, batch_size)]
+            return await run_batch(conn, ids, now, grace, series=series, tz=tz, until=until), ids[-1]
+
+    async def finish(done: set[asyncio.Task[tuple[RunResult, int]]]) -> None:
+        for task in done:
+            result, last = task.result()
+            totals[0] += result.accounts
+            totals[1] += result.issued
+            totals[2] += result.total
+            if progress is not None:
+                await progress(result, last)
+
+    pending: set[asyncio.Task[tuple[RunResult, int]]] = set()
+    after = 0
+    try:
+        while True:
+            async with pool.acquire() as conn:
+                ids = [r["id"] for r in await conn.fetch(
+                    "SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2", after, batch_size)]
             if not ids:
                 break
-            result = await run_batch(conn, ids, now, grace, series=series, tz=tz, until=until)
-        after = ids[-1]
-        accounts, issued, total = accounts + result.accounts, issued + result.issued, total + result.total
-        if progress is not None:
-            await progress(result, after)
-    return RunResult(accounts, issued, total)
+            after = ids[-1]
+            pending.add(asyncio.ensure_future(one(ids)))
+            if len(pending) >= workers:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                await finish(done)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            await finish(done)
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    return RunResult(*totals)
 
 
 # ---------------------------------------------------------------- credit notes

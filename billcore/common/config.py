@@ -106,6 +106,7 @@ class InvoicesSection:
     grace: int = _f(3600, "Seconds after an accounting period ends before the run invoices it (ledger rows are stamped before they commit).")
     auto: bool = _f(True, "Issue the monthly invoices by themselves in the core's periodic pass once periods end.")
     batch_size: int = _f(5000, "Accounts invoiced per transaction in a run.")
+    workers: int = _f(2, "Batches of a run in flight at once (each holds a database connection while it runs).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +504,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"invoices.grace: 0..604800 seconds, got {config.invoices.grace!r}")
     if not 1 <= config.invoices.batch_size <= 50000:
         raise ConfigError(f"invoices.batch_size: 1..50000, got {config.invoices.batch_size!r}")
+    if not 1 <= config.invoices.workers <= 16:
+        raise ConfigError(f"invoices.workers: 1..16, got {config.invoices.workers!r}")
 
     for key, port in (("urfa.port", config.urfa.port), ("metrics.port", config.metrics.port),
                       ("radius.auth_port", config.radius.auth_port), ("radius.acct_port", config.radius.acct_port),

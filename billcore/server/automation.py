@@ -61,6 +61,6 @@ async def invoice_pass(core: CoreContext) -> invoices.RunResult | None:
     if core.extras.get("invoices_run_on") == day:
         return None
     result = await invoices.run(core.pool, now, grace, series=cfg.series, tz=core.config.zone,
-                                batch_size=cfg.batch_size)
+                                batch_size=cfg.batch_size, workers=cfg.workers)
     core.extras["invoices_run_on"] = day
     return result
