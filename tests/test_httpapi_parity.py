@@ -203,7 +203,7 @@ CASES: dict[str, Case] = {
     "invoices.issue": X(lambda c: {"account_id": NOBODY}),
     "invoices.credit": X(lambda c: {"invoice_id": NOBODY, "reason": "parity"}),
     "invoices.get": X(lambda c: {"invoice_id": NOBODY}),
-    "invoices.run": X(lambda c: {"period_end": "not-a-time"}),
+    "invoices.run": X(lambda c: {"period_end": dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc)}),
     "bulk.preview": X(lambda c: {"filter": {}, "action": "no-such-action"}),
     "classes.delete_rule": X(lambda c: {"rule_id": NOBODY}),
     "plugins.load": X(lambda c: {"path": "/nonexistent/parity-plugin"}),

@@ -313,3 +313,36 @@ async def test_a_statement_opens_and_closes_with_the_ledger(db_dsn: str) -> None
         assert [row[1] for row in rows] == sorted(row[1] for row in rows)
     finally:
         await conn.close()
+
+
+async def test_accounts_with_periods_of_their_own_are_invoiced_by_their_periods(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        svc = await services(conn)
+        calendar, mid, weekly = await new_account(conn), await new_account(conn), await new_account(conn)
+        await conn.execute("INSERT INTO account_periods(account_id, period_kind, period_anchor) VALUES"
+                           " ($1, 'monthly', '2026-01-15'), ($2, 'weekly', '2026-03-02')", mid, weekly)
+        for acc in (calendar, mid, weekly):
+            for day in (1, 10, 16, 20, 29):
+                await charge(conn, acc, "traffic", 1_000_000 * day, MARCH + dt.timedelta(days=day - 1, hours=12), svc)
+        now = dt.datetime(2026, 4, 1, 3, tzinfo=TZ)
+        result = await invoices.run_batch(conn, [calendar, mid, weekly], now, GRACE, series="INV", tz=TZ)
+        assert result.issued == 3
+        got = {r["account_id"]: (r["period_start"], r["period_end"], r["total"]) for r in await conn.fetch(
+            "SELECT account_id, period_start, period_end, total FROM invoices")}
+        local = lambda *a: dt.datetime(*a, tzinfo=TZ).astimezone(UTC)  # noqa: E731
+        assert got[calendar] == (MARCH, APRIL, 1_000_000 * (1 + 10 + 16 + 20 + 29))
+        assert got[mid] == (local(2026, 2, 15), local(2026, 3, 15), 1_000_000 * (1 + 10))
+        assert got[weekly] == (local(2026, 3, 23), local(2026, 3, 30), 1_000_000 * 29)
+        # the next run takes each chain on from where it ended
+        later = dt.datetime(2026, 4, 20, 3, tzinfo=TZ)
+        await invoices.run_batch(conn, [calendar, mid, weekly], later, GRACE, series="INV", tz=TZ)
+        assert await conn.fetchval("SELECT count(*) FROM invoices WHERE account_id = $1", calendar) == 1
+        assert [r["period_start"] for r in await conn.fetch(
+            "SELECT period_start FROM invoices WHERE account_id = $1 ORDER BY period_start", mid)] == [
+            local(2026, 2, 15), local(2026, 3, 15)]
+        assert await conn.fetchval("SELECT invoiced_until FROM invoicing WHERE account_id = $1", weekly) == \
+            local(2026, 4, 20)
+        assert await verify(conn, later) == []
+    finally:
+        await conn.close()
