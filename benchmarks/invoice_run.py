@@ -317,8 +317,8 @@ async def main() -> None:
                            cpu_ratio=None, database="given (--dsn), in place")
             else:
                 source = urlsplit(args.dsn).path.lstrip("/")
-                row = await pairs(with_db(args.dsn, "postgres"), source, args.month, args.batch, args.workers,
-                                  args.repeat)
+                admin = with_db(args.dsn, "template1" if source == "postgres" else "postgres")
+                row = await pairs(admin, source, args.month, args.batch, args.workers, args.repeat)
                 row["database"] = "given (--dsn), a copy per pair"
         else:
             n = 500 if args.tiny else args.accounts

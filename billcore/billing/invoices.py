@@ -320,14 +320,16 @@ def issue_year(now: datetime, tz: tzinfo) -> int:
 
 Lines = dict[str, list[Any]]
 
+# A plan for each batch's bounds, never the generic one a prepared statement switches to after five runs:
+# with the bounds unknown it scans the whole ledger per batch (seen: 3 s a batch instead of 0.5).
+_CUSTOM_PLANS: Final = "SET LOCAL plan_cache_mode = force_custom_plan"
+
 
 async def _lines(conn: DbConnection, ranges: Sequence[Range], tz: tzinfo) -> Lines:
     """The invoice lines of ``ranges`` as columns (``_LINE_COLS``); reads only."""
     if not ranges:
         return {k: [] for k in _LINE_COLS}
-    # A plan for this batch's bounds, never the generic one a prepared statement switches to after five
-    # runs: with the bounds unknown it scans the whole ledger per batch (seen: 3 s a batch instead of 0.5).
-    await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    await conn.execute(_CUSTOM_PLANS)
     days = [_whole_days(r.since, r.until, tz) for r in ranges]
     ids = [r.account_id for r in ranges]
     row = await conn.fetchrow(_LINES_SQL, ids, [r.since for r in ranges], [r.until for r in ranges],
@@ -459,6 +461,7 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
     if not ids:
         return RunResult(0, 0, 0)
     async with conn.transaction():
+        await conn.execute(_CUSTOM_PLANS)
         rows = await conn.fetch(_BATCH_SQL, ids, ids[0], ids[-1])
         ranges = _ranges(rows, target, tz)
         lines = await _lines(conn, ranges, tz)
