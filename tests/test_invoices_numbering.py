@@ -67,9 +67,14 @@ async def test_concurrent_issuers_leave_no_gap_and_no_duplicate(pool: asyncpg.Po
                 except (invoices.NothingToInvoice, invoices.RangeRefused):
                     pass
 
-    # the run in four overlapping slices, and operators invoicing the same accounts on demand at once
+    async def whole_run(workers: int) -> None:
+        await invoices.run(pool, now, GRACE, series="INV", tz=TZ, batch_size=4, workers=workers)
+
+    # the run in four overlapping slices, two whole runs with batches in flight, and operators invoicing
+    # the same accounts on demand, all at once
     await asyncio.gather(run_part(accs[0:20]), run_part(accs[10:30]), run_part(accs[20:40]),
-                         on_demand(accs[::-1]), on_demand(accs[5:35]), run_part(accs))
+                         on_demand(accs[::-1]), on_demand(accs[5:35]), run_part(accs), whole_run(3),
+                         whole_run(2))
     async with pool.acquire() as conn:
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM invoices WHERE kind = 'invoice' ORDER BY id")]
 
