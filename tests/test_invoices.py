@@ -346,3 +346,29 @@ async def test_accounts_with_periods_of_their_own_are_invoiced_by_their_periods(
         assert await verify(conn, later) == []
     finally:
         await conn.close()
+
+
+async def test_the_schedulers_own_periodic_and_once_rows_make_their_lines(pool: asyncpg.Pool) -> None:
+    """Keys as the scheduler really writes them (not hand-made): a monthly fee charged at the period's
+    start by run_due, and a once-off fee, land on their services' lines."""
+    from datetime import date
+
+    from billcore.billing import tariffs as T
+    from billcore.billing.scheduler import run_due
+
+    async with pool.acquire() as conn:
+        fee = await T.create_service(conn, "Home 100", "periodic", fee=30_000_000,
+                                     period={"kind": "monthly", "anchor": date(2026, 1, 1)}, charge_mode="start")
+        setup = await T.create_service(conn, "Setup", "once", fee=5_000_000)
+        tariff = await T.create_tariff(conn, "Home", [fee, setup])
+        acc = await new_account(conn)
+        await T.link_tariff(conn, acc, tariff, now=MARCH, tz=TZ, actor="t")
+    await run_due(pool, MARCH + dt.timedelta(minutes=5), tz=TZ)
+    async with pool.acquire() as conn:
+        keys = [r["idem_key"] for r in await conn.fetch("SELECT idem_key FROM ledger WHERE account_id = $1", acc)]
+        assert any(k.startswith("periodic:") for k in keys) and any(k.startswith("once:") for k in keys), keys
+        await invoices.run_batch(conn, [acc], APRIL + dt.timedelta(hours=2), GRACE, series="INV", tz=TZ)
+        doc = await invoices.document(conn, await conn.fetchval("SELECT id FROM invoices WHERE account_id = $1", acc))
+        assert [(line["line_kind"], line["service_id"], line["description"], line["total"]) for line in doc["lines"]] \
+            == [("periodic", fee, "Home 100", 30_000_000), ("once", setup, "Setup", 5_000_000)]
+        assert doc["total"] == -await ledger_charges(conn, acc, MARCH, APRIL)
