@@ -183,8 +183,9 @@ _SEQ_SQL: Final = "CASE WHEN {n} < 1000000 THEN lpad({n}::text, 6, '0') ELSE {n}
 # range of whole local days (NULL: not whole days: no quantities), $6 each
 # account's VAT rate, $7 and $8 the lowest and highest account id: the
 # BETWEEN lets the planner walk the ledger's index by range where = ANY over
-# a large batch could make it scan it whole.  One row of arrays, in
-# (account, line_no) order.
+# a large batch could make it scan it whole.  One row of arrays, aligned
+# (one aggregate pass), in no particular order: each line carries its
+# account and line_no.
 _LINES_SQL: Final = f"""
 WITH r AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::date[], $5::date[], $6::int[])
@@ -213,16 +214,9 @@ lines AS (
                    AND d.day >= r.first_day AND d.day < r.end_day) END AS quantity
       FROM g JOIN r ON r.account_id = g.account_id
       LEFT JOIN services s ON s.id = g.service_id LEFT JOIN traffic_classes c ON c.id = g.class_id)
-SELECT array_agg(account_id ORDER BY account_id, line_no) AS account_id,
-       array_agg(line_no ORDER BY account_id, line_no) AS line_no,
-       array_agg(line_kind ORDER BY account_id, line_no) AS line_kind,
-       array_agg(service_id ORDER BY account_id, line_no) AS service_id,
-       array_agg(class_id ORDER BY account_id, line_no) AS class_id,
-       array_agg(description ORDER BY account_id, line_no) AS description,
-       array_agg(quantity ORDER BY account_id, line_no) AS quantity,
-       array_agg(total ORDER BY account_id, line_no) AS total,
-       array_agg(vat ORDER BY account_id, line_no) AS vat,
-       array_agg(vat_bp ORDER BY account_id, line_no) AS vat_bp
+SELECT array_agg(account_id) AS account_id, array_agg(line_no) AS line_no, array_agg(line_kind) AS line_kind,
+       array_agg(service_id) AS service_id, array_agg(class_id) AS class_id, array_agg(description) AS description,
+       array_agg(quantity) AS quantity, array_agg(total) AS total, array_agg(vat) AS vat, array_agg(vat_bp) AS vat_bp
   FROM lines
 """
 _LINE_COLS: Final = ("account_id", "line_no", "line_kind", "service_id", "class_id", "description", "quantity",
