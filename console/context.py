@@ -17,6 +17,7 @@ from billcore.common.config import ConsoleSection
 from webedge.core_link import CoreLink
 from webedge.guard import LoginLimiter
 from webedge.i18n import Translator
+from webedge.render import Currency
 
 from .live import LiveHub
 from .operators_book import Operator, OperatorBook
@@ -49,6 +50,8 @@ class Console:
     book: OperatorBook = field(default_factory=OperatorBook)
     logins: PendingLogins = field(default_factory=PendingLogins)
     nav: list[NavEntry] = field(default_factory=list)
+    currency: Currency = field(default_factory=Currency)   # [billing]: every amount's decimals and code
+    issuer: Any = None          # documents.view.Issuer ([documents]): the ISP on invoices and statements
 
 
 CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)

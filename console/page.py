@@ -167,7 +167,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     html = console.env.get_template(template).render(
         t=words, lang=words.lang, languages=LANGUAGES, path=request.path, path_qs=request.path_qs, status=status,
         operator=operator.login if operator is not None else "", can=lambda name: name in calls,
-        nav=nav, **values)
+        nav=nav, currency=console.currency, **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
 

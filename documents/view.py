@@ -35,7 +35,7 @@ from billcore.common.money import format_money
 from .labels import human_quantity, human_rate, labels
 
 __all__ = ["DocumentError", "Issuer", "InvoiceView", "LineView", "StatementView", "RowView",
-           "invoice_view", "statement_view", "money_text"]
+           "invoice_view", "statement_view", "money_text", "period_text"]
 
 MAX_TEXT = 2000   # a longer field of a document (a description, an address) is cut: the layout stays bounded
 
@@ -62,6 +62,9 @@ class Issuer:
 
     @classmethod
     def of(cls, config: Config) -> Issuer:
+        """From billcore's config (an edge's stand-in config without these sections: the defaults)."""
+        if not all(hasattr(config, name) for name in ("documents", "billing", "core")):
+            return cls()
         d = config.documents
         return cls(name=d.name, address=d.address, tax_id=d.tax_id, bank_details=d.bank_details, logo=d.logo,
                    font=d.font, font_bold=d.font_bold, language=d.language, currency=config.billing.currency,
@@ -201,6 +204,12 @@ def _last_day(text: Any, zone: zoneinfo.ZoneInfo, key: str) -> str:
     return _day(_moment(text, zone, key) - dt.timedelta(microseconds=1))
 
 
+def period_text(start: Any, end: Any, timezone: str) -> str:
+    """A half-open period as people read it, its last day included: '2026-11-01 – 2026-11-30'."""
+    zone = _zone(Issuer(timezone=timezone))
+    return f"{_day(_moment(start, zone, 'period_start'))} – {_last_day(end, zone, 'period_end')}"
+
+
 def _issuer_lines(issuer: Issuer, words: Mapping[str, str]) -> list[str]:
     lines = [_cut(issuer.name)] if issuer.name else []
     lines += [_cut(part) for part in issuer.address.splitlines() if part.strip()]
@@ -259,8 +268,7 @@ def invoice_view(doc: Mapping[str, Any], issuer: Issuer, lang: str) -> InvoiceVi
     return InvoiceView(
         lang=lang, words=words, title=words[kind], number=number,
         issued=_moment(_get(doc, "issued_at"), zone, "issued_at").strftime("%Y-%m-%d %H:%M"),
-        period=f"{_day(_moment(_get(doc, 'period_start'), zone, 'period_start'))} – "
-               f"{_last_day(_get(doc, 'period_end'), zone, 'period_end')}",
+        period=period_text(_get(doc, "period_start"), _get(doc, "period_end"), issuer.timezone),
         account=_cut(_get(doc, "account_id")), issuer=issuer, issuer_lines=_issuer_lines(issuer, words),
         customer_lines=_customer_lines(doc.get("customer"), doc.get("account_id"), words), lines=lines,
         net=money_text(_amount(doc, "net"), units), vat=money_text(_amount(doc, "vat"), units),
