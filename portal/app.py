@@ -133,7 +133,7 @@ async def ask(request: web.Request, fn: str, **args: Any) -> Any:
     try:
         return await request.app[LINK].call(sid, client_ip(request), fn, args)
     except Refused as exc:
-        if exc.code in ("accounts.unknown", "users.unknown"):
+        if exc.code in ("accounts.unknown", "users.unknown", "invoices.unknown"):
             raise PageError(404, "error.404") from None
         if exc.code in ("not_in_table", "deleted", "forbidden"):
             raise PageError(403, "error.403", code=exc.code) from None

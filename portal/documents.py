@@ -112,7 +112,7 @@ async def statement_file(request: web.Request) -> web.StreamResponse:
             sid, office.client_ip(request), "me.statement", {"account_id": account_id, "since": since, "until": until},
             max_rows=MAX_STATEMENT_ROWS)
     except Refused as exc:
-        if exc.code in ("accounts.unknown", "users.unknown"):
+        if exc.code in ("accounts.unknown", "users.unknown", "invoices.unknown"):
             raise office.PageError(404, "error.404") from None
         if exc.code in ("not_in_table", "deleted", "forbidden"):
             raise office.PageError(403, "error.403", code=exc.code) from None

@@ -128,9 +128,20 @@ async def account_invoices(request: web.Request) -> web.StreamResponse:
     return await _account_page(request, _path_id(request, "account_id"))
 
 
+async def _document(request: web.Request, invoice_id: int) -> dict[str, Any]:
+    """``invoices.get``; an invoice the core does not know is the 404 page."""
+    try:
+        doc: dict[str, Any] = await call(request, "invoices.get", invoice_id=invoice_id)
+    except Refused as exc:
+        if exc.code == "invoices.unknown":
+            raise web.HTTPNotFound() from None
+        raise
+    return doc
+
+
 async def _invoice_page(request: web.Request, invoice_id: int, status: int = 200, error: str = "",
                         typed: dict[str, str] | None = None) -> web.Response:
-    doc = await call(request, "invoices.get", invoice_id=invoice_id)
+    doc = await _document(request, invoice_id)
     issuer = _issuer(request)
     return render(request, "documents/invoice.html", status, doc=doc, period=_period(doc, issuer), error=error,
                   typed=typed or {}, vat_rate=human_rate(int(doc.get("vat_bp") or 0)))
@@ -143,7 +154,7 @@ async def invoice(request: web.Request) -> web.StreamResponse:
 
 @ROUTES.get(r"/invoices/{invoice_id:\d+}.{fmt:pdf|html}", needs=("invoices.get",))
 async def invoice_file(request: web.Request) -> web.StreamResponse:
-    doc = await call(request, "invoices.get", invoice_id=_path_id(request, "invoice_id"))
+    doc = await _document(request, _path_id(request, "invoice_id"))
     lang = _lang()
     if request.match_info["fmt"] == "pdf":
         return _download(invoice_pdf(doc, _issuer(request), lang), doc.get("number"), "pdf", "application/pdf")
