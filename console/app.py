@@ -47,7 +47,7 @@ from webedge.settings import EdgeSettings, read_or_make_secret
 
 from . import login, messages
 from .context import (CONSOLE, DEADLINE, FORM, LANG_COOKIE, OPERATOR, PRE_COOKIE, SID, SID_COOKIE, TR, Console,
-                      NavEntry, current_words)
+                      NavEntry, current_currency, current_words)
 from .live import LiveHub
 from .operators_book import Operator
 from .page import Forbidden, Handler, Route, browser_ip, render
@@ -82,9 +82,11 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     console = request.app[CONSOLE]
     request[SID] = unb64(request.cookies.get(SID_COOKIE), 16)
     token = current_words.set(_words(request))
+    money_token = current_currency.set(console.currency)
     try:
         response = await _answer(request, handler)
     finally:
+        current_currency.reset(money_token)
         current_words.reset(token)
     if not response.prepared:
         http.security_headers(response, https=console.section.cookie_secure or bool(console.section.tls_cert),

@@ -24,7 +24,7 @@ from .operators_book import Operator, OperatorBook
 from .pending_logins import PendingLogins
 
 __all__ = ["Console", "CONSOLE", "SID", "OPERATOR", "FORM", "TR", "DEADLINE", "NavEntry", "current_words",
-           "SID_COOKIE", "PRE_COOKIE", "LANG_COOKIE"]
+           "SID_COOKIE", "PRE_COOKIE", "LANG_COOKIE", "current_currency"]
 
 SID_COOKIE = "console_sid"
 PRE_COOKIE = "console_pre"
@@ -63,3 +63,5 @@ DEADLINE: web.RequestKey[Any] = web.RequestKey("deadline", object)  # the reques
 
 # the words of the request being answered, for ``console.page.t``
 current_words: contextvars.ContextVar[Translator] = contextvars.ContextVar("console_words")
+# the installation's currency ([billing]), for amounts the pages format in Python (``console.page.money_text``)
+current_currency: contextvars.ContextVar[Currency] = contextvars.ContextVar("console_currency", default=Currency())
