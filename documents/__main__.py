@@ -27,12 +27,12 @@ __all__ = ["main", "sample_invoice"]
 
 def sample_invoice(currency: str = "RUB", minor_units: int = 2) -> dict[str, Any]:
     """A typical monthly invoice, in the shape ``invoices.get`` returns."""
-    lines = [("periodic", "Абонентская плата «Домашний 100» / Monthly fee", None, 50_000_000, 10_000_000),
+    lines: list[tuple[str, str, int | None, int, int]] = [("periodic", "Абонентская плата «Домашний 100» / Monthly fee", None, 50_000_000, 10_000_000),
              ("traffic", "Трафик: интернет / Internet traffic", 52_345_678_901, 8_333_333, 1_666_667),
              ("traffic", "Трафик: ночной / Night traffic", 12_000_000_000, 0, 0),
              ("time", "Время: коммутируемый доступ / Dial-up time", 5_430, 2_500_000, 500_000),
              ("once", "Аренда роутера / Router rental", None, 12_500_000, 2_500_000)]
-    rows = [{"line_no": n, "line_kind": kind, "service_id": n, "class_id": None, "description": text,
+    rows: list[dict[str, Any]] = [{"line_no": n, "line_kind": kind, "service_id": n, "class_id": None, "description": text,
              "quantity": qty, "net": net, "vat": vat, "total": net + vat}
             for n, (kind, text, qty, net, vat) in enumerate(lines, start=1)]
     net, vat = sum(r["net"] for r in rows), sum(r["vat"] for r in rows)
