@@ -16,7 +16,6 @@ HTML (``invoice_html``) is measured beside it.  CPU seconds, best of R runs;
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import sys
 import tempfile

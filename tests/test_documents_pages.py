@@ -30,7 +30,7 @@ from billcore.common.money import MICRO
 from console.context import CONSOLE
 from documents.view import Issuer
 from portal.app import serve as serve_office
-from tests.conftest import need_peer
+from tests.conftest import free_port, need_peer
 from tests.console_harness import ConsoleWorld, chromium, console_world, submit_login  # noqa: F401 - the fixture
 from tests.test_portal_e2e import http_login
 from tests.test_portal_harness import ADMIN_PASSWORD, LiveCore, live_core  # noqa: F401 - the fixture
@@ -124,7 +124,7 @@ async def test_a_subscriber_downloads_invoices_and_a_statement_in_the_office(liv
                                                                              tmp_path: Path) -> None:
     account_id, _, doc = await invoiced(live_core, "olga", "olga-password-1", 99_990_000)
     await invoiced(live_core, "mallory", "mallory-password-1", 1_000_000)
-    port = (await _free_port())
+    port = free_port()
     section = dataclasses.replace(PortalSection(), enabled=True, port=port, cookie_secure=False)
     runner = await serve_office(section, live_core.link(), read_or_make_secret(tmp_path / "portal.secret"),
                                 currency=Currency("RUB", 2), issuer=ISSUER)
@@ -173,12 +173,6 @@ async def test_a_subscriber_downloads_invoices_and_a_statement_in_the_office(liv
                 assert r.status == 400
     finally:
         await runner.cleanup()
-
-
-async def _free_port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()
 
 
 # -- the console ------------------------------------------------------------------------------

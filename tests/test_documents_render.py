@@ -8,7 +8,6 @@ shape ``invoices.get`` and ``statements.get`` return (docs/documents.md).
 from __future__ import annotations
 
 import copy
-import io
 import shutil
 import subprocess
 from pathlib import Path
