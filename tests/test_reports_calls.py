@@ -158,9 +158,9 @@ async def test_debtors_age_from_when_the_balance_last_went_negative(pool: asyncp
     assert got == {d1: (-10 * M, "2024-06-20", 11, "0-30"), d2: (-25 * M, "2024-05-15", 47, "31-60"),
                    d3: (-70 * M, "2024-01-01", 182, "90+"), d4: (-1 * M, "2024-04-15", 77, "61-90")}
     assert [r[0] for r in rows] == sorted(got)
-    assert {b["bucket"]: (b["accounts"], b["amount"]) for b in summary["buckets"]} == {
+    assert {b["bucket"]: (b["accounts"], b["balance"]) for b in summary["buckets"]} == {
         "0-30": (1, -10 * M), "31-60": (1, -25 * M), "61-90": (1, -1 * M), "90+": (1, -70 * M)}
-    assert (summary["accounts"], summary["amount"]) == (4, -106 * M)
+    assert (summary["accounts"], summary["balance"]) == (4, -106 * M)
     # earlier: d2 was in credit on May 10, d1 and d4 had no debt yet
     rows, _ = await run(fn, as_of="2024-05-10")
     assert {r[0]: r[7] for r in rows} == {d3: 131, d4: 26}

@@ -87,7 +87,7 @@ async def test_fifty_thousand_debtors_stream_in_chunks(live: Live) -> None:
         tracemalloc.stop()
     result = stream.result
     assert rows == result["rows"] == result["accounts"] == N and chunks >= N // 1000
-    assert result["amount"] == want
+    assert result["balance"] == want
     assert sum(b["accounts"] for b in result["buckets"]) == N and all(b["accounts"] > 0 for b in result["buckets"])
     # the whole answer as Python rows would take far more than this: the core held a chunk at a time
     # (about 2 MB measured; the rows alone, held as Python lists, would be some 30 MB)

@@ -204,10 +204,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
 
     @handler
     async def reports_debtors(ctx: CallContext, as_of: str | None = None) -> dict[str, Any]:
-        """Accounts whose balance is negative at as_of (an ISO date: the end of that local day, or an ISO time; default now), with the age of their debt; streamed. Rows: account_id, user_id, login, full_name, balance, credit, since, days, bucket. The debt's age counts whole days since the balance last went from zero or more to below zero in the ledger's balance chain; buckets 0-30, 31-60, 61-90 and 90+ days. The result totals each bucket."""
+        """Accounts whose balance is negative at as_of (an ISO date: the end of that local day, or an ISO time; default now), with the age of their debt; streamed. Rows: account_id, user_id, login, full_name, balance, credit, since, days, bucket. The debt's age counts whole days since the balance last went from zero or more to below zero in the ledger's balance chain; buckets 0-30, 31-60, 61-90 and 90+ days. The result totals each bucket (accounts and the sum of their balances) and all debtors."""
         at = core.now() if as_of is None else _instant(as_of, "as_of", core, end_of_day=True)
-        buckets = {name: {"accounts": 0, "amount": 0} for name, _f, _l in AGING}
-        total = {"accounts": 0, "amount": 0}
+        buckets = {name: {"accounts": 0, "balance": 0} for name, _f, _l in AGING}
+        total = {"accounts": 0, "balance": 0}
 
         def convert(r: Any) -> Row:
             days = int(r["days"])
@@ -216,7 +216,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
             assert balance < 0, r["account_id"]
             for target in (buckets[bucket], total):
                 target["accounts"] += 1
-                target["amount"] += balance
+                target["balance"] += balance
             return [r["account_id"], r["user_id"], r["login"], r["full_name"], balance, int(r["credit"]),
                     r["since"], days, bucket]
 
@@ -317,7 +317,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
               "net": money}),
         spec("reports.debtors", reports_debtors, {"as_of": "str?"},
              {"account_id": "int", "user_id": "int", "login": "str", "full_name": "str", "balance": money,
-              "credit": money, "since": "time", "days": "int", "bucket": "str"}),
+              "credit": money, "since": "time", "days": "int", "bucket": "str", "buckets.balance": money}),
         spec("reports.arpu", reports_arpu, {"month": "str"},
              {"tariff_id": "int", "name": "str", "subscribers": "int", "charged": "int", "amount": money,
               "final_amount": money, "arpu": money}),

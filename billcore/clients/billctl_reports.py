@@ -85,8 +85,7 @@ async def run_report(client: Client, args: argparse.Namespace) -> Any:
         shown = printer.rows
     printer.finish()
     # the summary's sums carry the rows' names (amount, paid, net…): the same money declaration
-    money = described.money | {"arpu"} | {f"buckets.{k}" for k in described.money}
-    summary = show_money(stream.result, frozenset(money))
+    summary = show_money(stream.result, described.money)
     print(render(summary) if isinstance(summary, dict) else _cell(summary), file=sys.stderr)
     args.printed = True
     return stream.result
