@@ -145,26 +145,25 @@ SELECT {key} AS key, sum(e.n) AS payments, sum(e.amount) AS paid, sum(e.cn) AS c
 
 # ---------------------------------------------------------------------------------------------------------------
 # Debtors at $1: each account's balance is its last ledger row's balance_after before $1 (the chain, in id
-# order); a debtor's debt began at the first row after its last row with balance_after >= 0 (or its first row
-# ever): the latest time its balance went from >= 0 to < 0. Age: whole days from then to $1.
+# order: one backward probe of ledger_account per account, not a scan of the whole ledger); a debtor's debt began
+# at the first row after its last row with balance_after >= 0 (or its first row ever): the latest time its balance
+# went from >= 0 to < 0. Age: whole days from then to $1.
 DEBTORS_SQL: Final = """
-WITH bal AS (
-    SELECT DISTINCT ON (account_id) account_id, balance_after AS balance
-      FROM ledger WHERE created_at < $1 ORDER BY account_id, id DESC
-)
-SELECT b.account_id, a.user_id, u.login, u.full_name, b.balance, a.credit, w.since,
+SELECT a.id AS account_id, a.user_id, u.login, u.full_name, b.balance, a.credit, w.since,
        floor(extract(epoch FROM $1 - w.since) / 86400)::bigint AS days
-  FROM bal b
-  JOIN accounts a ON a.id = b.account_id
+  FROM accounts a
+  CROSS JOIN LATERAL (
+       SELECT l.balance_after AS balance FROM ledger l
+        WHERE l.account_id = a.id AND l.created_at < $1 ORDER BY l.id DESC LIMIT 1) b
   JOIN users u ON u.id = a.user_id
   CROSS JOIN LATERAL (
        SELECT l.created_at AS since FROM ledger l
-        WHERE l.account_id = b.account_id AND l.created_at < $1
-          AND l.id > coalesce((SELECT max(p.id) FROM ledger p WHERE p.account_id = b.account_id
+        WHERE l.account_id = a.id AND l.created_at < $1
+          AND l.id > coalesce((SELECT max(p.id) FROM ledger p WHERE p.account_id = a.id
                                   AND p.created_at < $1 AND p.balance_after >= 0), 0)
         ORDER BY l.id LIMIT 1) w
  WHERE b.balance < 0
- ORDER BY b.account_id
+ ORDER BY a.id
 """
 
 
@@ -197,22 +196,43 @@ SELECT coalesce(r.tariff_id, s.tariff_id) AS tariff_id, coalesce(t.name, '(no ta
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Churn per month ($1: month starts, $2: month ends). An account leaves when dunning closes it (the only way an
-# account is closed; dunning_steps 'closed' dates it). It stayed blocked when an operator's or the system's block
-# was active the whole month (set at or before its start, not lifted before its end) and it did not leave by the
-# end. A subscriber's own block (a holiday) is not churn.
+# Churn per month ($1: month starts, consecutive; $2: month ends). An account leaves when dunning closes it (the
+# only way an account is closed; dunning_steps 'closed' dates it). It stayed blocked when an operator's or the
+# system's block was active the whole month (set at or before its start, not lifted before its end) and it did not
+# leave by the end. A subscriber's own block (a holiday) is not churn.
+#
+# One pass over the accounts, whatever the number of months: width_bucket(t, $1) is how many month starts are at
+# or before t, so the accounts opened (closed) before month i began are those whose bucket is below i, a running
+# sum over at most 121 groups. Only blocks of 27 days or more can span a month; the rest never meet the months.
 CHURN_SQL: Final = """
-WITH m AS (SELECT * FROM unnest($1::timestamptz[], $2::timestamptz[]) AS m(start, stop)),
-closed AS (SELECT account_id, min(at) AS at FROM dunning_steps WHERE step = 'closed' GROUP BY account_id)
+WITH m AS (SELECT * FROM unnest($1::timestamptz[], $2::timestamptz[]) WITH ORDINALITY AS m(start, stop, i)),
+closed AS (SELECT account_id, min(at) AS at FROM dunning_steps WHERE step = 'closed' GROUP BY account_id),
+acc AS (
+    SELECT a.created_at, x.at AS closed_at FROM accounts a LEFT JOIN closed x ON x.account_id = a.id
+     WHERE a.status = 'active' OR x.at IS NOT NULL
+),
+opened AS (SELECT width_bucket(created_at, $1::timestamptz[]) AS b, count(*) AS n FROM acc GROUP BY 1),
+shut AS (SELECT width_bucket(closed_at, $1::timestamptz[]) AS b, count(*) AS n FROM acc
+          WHERE closed_at IS NOT NULL GROUP BY 1),
+long AS (
+    SELECT b.account_id, b.set_at, b.lifted_at FROM blocks b
+     WHERE b.kind IN ('admin', 'system') AND b.set_at <= $1[cardinality($1)]
+       AND (b.lifted_at IS NULL OR b.lifted_at >= $1[1] AND b.lifted_at - b.set_at >= interval '27 days')
+),
+blocked AS (
+    SELECT m.i, count(DISTINCT l.account_id) AS n
+      FROM m JOIN long l ON l.set_at <= m.start AND (l.lifted_at IS NULL OR l.lifted_at >= m.stop)
+      LEFT JOIN closed x ON x.account_id = l.account_id
+     WHERE x.at IS NULL OR x.at >= m.stop
+     GROUP BY m.i
+)
 SELECT m.start,
-       (SELECT count(*) FROM accounts a LEFT JOIN closed x ON x.account_id = a.id
-         WHERE a.created_at < m.start AND (x.at IS NULL OR x.at >= m.start)
-           AND (a.status = 'active' OR x.at IS NOT NULL)) AS active,
+       coalesce((SELECT sum(n) FROM opened WHERE b < m.i), 0)
+         - coalesce((SELECT sum(n) FROM shut WHERE b < m.i), 0) AS active,
        (SELECT count(*) FROM closed x WHERE x.at >= m.start AND x.at < m.stop) AS left_,
-       (SELECT count(DISTINCT b.account_id) FROM blocks b LEFT JOIN closed x ON x.account_id = b.account_id
-         WHERE b.kind IN ('admin', 'system') AND b.set_at <= m.start
-           AND (b.lifted_at IS NULL OR b.lifted_at >= m.stop) AND (x.at IS NULL OR x.at >= m.stop)) AS blocked
-  FROM m ORDER BY m.start
+       coalesce(k.n, 0) AS blocked
+  FROM m LEFT JOIN blocked k ON k.i = m.i
+ ORDER BY m.start
 """
 
 
