@@ -25,6 +25,7 @@ a limit outside its range is refused with ``billing.invalid``.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -119,7 +120,10 @@ def top_flows(root: Path, account_id: int, since_ms: int, until_ms: int, by: str
         files = flow_files(root, since_ms, until_ms)
         if not files:
             return []
-        con = duckdb.connect(config={"threads": 1, "memory_limit": "256MB"})
+        # bounded: one thread, 256 MB, and what does not fit spills under the system's temporary directory
+        # (an in-memory DuckDB would spill into the core's working directory)
+        con = duckdb.connect(config={"threads": 1, "memory_limit": "256MB",
+                                     "temp_directory": str(Path(tempfile.gettempdir()) / "billcore-duckdb")})
         try:
             rows = con.execute(sql, {"files": files, "account": account_id, "since": since_ms, "until": until_ms,
                                      "limit": limit}).fetchall()
