@@ -81,6 +81,8 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
         *api_tokens.calls(core), *outbox_calls.calls(core), *fup_calls.calls(core), *notify_calls.calls(core),
     ]
+    from billcore.api import report_calls
+    specs += report_calls.calls(core)
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
 
