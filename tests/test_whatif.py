@@ -209,3 +209,42 @@ async def test_bad_requests_get_a_clear_code(pool: asyncpg.Pool) -> None:
             await run(**args)
         assert failed.value.code == "whatif.bad_request", (args, failed.value)
         assert words in str(failed.value), (args, str(failed.value))
+
+
+async def test_all_accounts_at_scale_in_bounded_batches(pool: asyncpg.Pool) -> None:
+    """100 000 accounts on one tariff, their charge tables as rating and the scheduler leave them: the
+    what-if of their own tariff over all of them differs by nothing, batch by batch."""
+    import time
+
+    n = 100_000
+    async with pool.acquire() as conn:
+        inet = await classification.create_class(conn, "inet")
+        traffic = await T.create_service(conn, "traffic", "traffic")
+        await T.set_rate(conn, traffic, class_id=inet, range_id=None, prepaid=0, unit_size=MB, tiers=[(0, 1000)])
+        fee = await T.create_service(conn, "fee", "periodic", fee=1_000_000,
+                                     period={"kind": "monthly", "anchor": OCT.date()}, charge_mode="start")
+        home = await T.create_tariff(conn, "home", [traffic, fee])
+        await conn.execute(
+            "INSERT INTO users(id, login, scram_salt, scram_iterations, scram_stored_key, scram_server_key)"
+            " SELECT i, 'u' || i, '\\x00', 4096, '\\x00', '\\x00' FROM generate_series(1, $1) i", n)
+        await conn.execute("INSERT INTO accounts(id, user_id) SELECT i, i FROM generate_series(1, $1) i", n)
+        await conn.execute(
+            "INSERT INTO account_tariffs(account_id, tariff_id, valid_from, created_at, created_by)"
+            " SELECT i, $2, $3, $3, 't' FROM generate_series(1, $1) i", n, home, OCT)
+        # i kB at 0.001/MB charge i micro-units; the fee is booked whole
+        await conn.execute(
+            "INSERT INTO usage_counters(account_id, service_id, class_id, range_id, period_start, quantity,"
+            " charged, updated_at) SELECT i, $2, $3, 0, $4, i * 1000, i, $5 FROM generate_series(1, $1) i",
+            n, traffic, inet, NOV, DEC)
+        await conn.execute(
+            "INSERT INTO periodic_charges(account_id, service_id, period_start, period_end, charged, revision,"
+            " updated_at) SELECT i, $2, $3, $4, 1000000, 1, $3 FROM generate_series(1, $1) i", n, fee, NOV, DEC)
+        await conn.execute("ANALYZE")
+    started = time.perf_counter()
+    rows, totals = await call(pool)(tariff_id=home, month="2026-11", all=True)
+    seconds = time.perf_counter() - started
+    assert len(rows) == totals["accounts"] == totals["rerated"] == n
+    assert rows[n] == (1_000_000 + n, 1_000_000 + n, 0, "")
+    assert totals["charged"] == totals["would_pay"] == n * 1_000_000 + n * (n + 1) // 2 and totals["difference"] == 0
+    print(f"reports.whatif over {n} accounts: {seconds:.1f} s")
+    assert seconds < 120

@@ -86,7 +86,7 @@ class Window:
     def periods(self, spec: PeriodSpec, tz: tzinfo) -> list[Period]:
         if self.at:
             return [period_containing(spec, self.since, tz)]
-        out = []
+        out: list[Period] = []
         period = period_containing(spec, self.since, tz)
         for _ in range(MAX_PERIODS + 1):
             if period.start >= self.until:
