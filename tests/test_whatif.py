@@ -247,4 +247,4 @@ async def test_all_accounts_at_scale_in_bounded_batches(pool: asyncpg.Pool) -> N
     assert rows[n] == (1_000_000 + n, 1_000_000 + n, 0, "")
     assert totals["charged"] == totals["would_pay"] == n * 1_000_000 + n * (n + 1) // 2 and totals["difference"] == 0
     print(f"reports.whatif over {n} accounts: {seconds:.1f} s")
-    assert seconds < 120
+    assert seconds < 60     # 3.3 s on a quiet machine; a scan per batch took 40 s

@@ -67,6 +67,9 @@ MAX_WINDOW: Final = timedelta(days=366)
 MAX_PERIODS: Final = 400
 """Accounting periods of one account in one what-if at most (a daily period over a year)."""
 _EPSILON: Final = timedelta(microseconds=1)
+# = ANY with the batch's BETWEEN bounds: an index range scan on the account, never a scan of the
+# whole period (usage_counters_period) probing a 2 000-element array per row (10x slower at 100k)
+_IDS: Final = "account_id BETWEEN $4 AND $5"
 
 
 class WhatIfError(BillingError, ValueError):
@@ -278,26 +281,27 @@ async def _batch(conn: DbConnection, ids: Sequence[int], candidate: _Candidate, 
                                for s in candidate.periodic.values())])
     horizon = min(horizon, now)
     keyed = sorted(accounts)
+    bounds = (keyed[0], keyed[-1])
 
     # -- charged: what the ledger holds for each period ----------------------
     for row in await conn.fetch(
             "SELECT account_id, period_start, charged FROM periodic_charges WHERE account_id = ANY($1::bigint[])"
-            " AND period_start >= $2 AND period_start < $3", keyed, span_start, span_end):
+            f" AND {_IDS} AND period_start >= $2 AND period_start < $3", keyed, span_start, span_end, *bounds):
         acc = accounts[row["account_id"]]
         if acc.period_of(row["period_start"]) is not None:
             acc.charged += row["charged"]
     counters = await conn.fetch(
         "SELECT account_id, service_id, class_id, range_id, period_start, quantity, charged FROM usage_counters"
-        " WHERE account_id = ANY($1::bigint[]) AND period_start >= $2 AND period_start < $3"
-        " ORDER BY account_id, service_id, class_id, range_id, period_start", keyed, span_start, span_end)
+        f" WHERE account_id = ANY($1::bigint[]) AND {_IDS} AND period_start >= $2 AND period_start < $3"
+        " ORDER BY account_id, service_id, class_id, range_id, period_start", keyed, span_start, span_end, *bounds)
     for row in counters:
         acc = accounts[row["account_id"]]
         if any(p.start == row["period_start"] for p in acc.periods):
             acc.charged += row["charged"]
     for row in await conn.fetch(
             "SELECT o.account_id, o.amount, t.valid_from FROM once_charges o JOIN account_tariffs t ON t.id = o.link_id"
-            " WHERE o.account_id = ANY($1::bigint[]) AND t.valid_from >= $2 AND t.valid_from < $3",
-            keyed, span_start, span_end):
+            " WHERE o.account_id = ANY($1::bigint[]) AND o.account_id BETWEEN $4 AND $5"
+            " AND t.valid_from >= $2 AND t.valid_from < $3", keyed, span_start, span_end, *bounds):
         acc = accounts[row["account_id"]]
         if acc.period_of(row["valid_from"]) is not None:
             acc.charged += row["amount"]
@@ -305,8 +309,8 @@ async def _batch(conn: DbConnection, ids: Sequence[int], candidate: _Candidate, 
     # -- would pay: the live charging code over links pointing at the candidate
     links = await conn.fetch(
         "SELECT account_id, valid_from, valid_to FROM account_tariffs WHERE account_id = ANY($1::bigint[])"
-        " AND valid_from < $3 AND (valid_to IS NULL OR valid_to > $2) ORDER BY account_id, valid_from",
-        keyed, span_start, horizon)
+        f" AND {_IDS} AND valid_from < $3 AND (valid_to IS NULL OR valid_to > $2) ORDER BY account_id, valid_from",
+        keyed, span_start, horizon, *bounds)
     service_links: list[ServiceLink] = []
     for row in links:
         acc = accounts[row["account_id"]]
