@@ -35,6 +35,7 @@ import asyncio
 import csv
 import datetime as dt
 import getpass
+import importlib
 import json
 import os
 import ssl
@@ -53,6 +54,12 @@ from billcore.clients.exits import USAGE, report
 __all__ = ["main", "convert_args", "render", "show_money"]
 
 _TABLE_SAMPLE = 200       # streamed rows looked at to size the table's columns
+
+# Modules adding commands: each has ``register(sub)`` adding its parsers, and each parser sets
+# ``run`` (an async (client, args) → result, printed like any call's).  A new module is one more line.
+COMMAND_MODULES: tuple[str, ...] = (
+    "billcore.clients.billctl_whatif",
+)
 
 
 class UsageError(Exception):
@@ -371,6 +378,8 @@ async def _run(args: argparse.Namespace) -> tuple[Any, Described]:
     """The command's result and the description of the function that made it."""
     async with _link(args) as link:
         client = await link.ready()
+        if getattr(args, "run", None) is not None:
+            return await args.run(client, args), Described(None)
         if args.command == "calls":
             return [
                 {"name": call["name"], "args": ", ".join(f"{k}:{v}" for k, v in call["args"].items()),
@@ -546,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--offset", type=int, default=0)
     t = outbox.add_parser("retry", help="try dead deliveries again")
     t.add_argument("ids", nargs="+")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
@@ -558,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE
     except (URFAError, OSError) as exc:
         return report("billctl", exc)
+    if getattr(args, "printed", False):   # a command module streamed its rows and its summary itself
+        return 0
     if described.streaming and args.command != "periodic-run":
         # the rows are out already; the summary (rows N) is for the person, not the pipe
         summary = show_money(result, described.money)
