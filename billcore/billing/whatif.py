@@ -58,8 +58,8 @@ from billcore.billing.scheduler import _due_by_signature
 from billcore.billing.tariffs import DEFAULT_ACCOUNT_PERIOD, load_metered, load_periodic, period_spec
 from billcore.db.rows import DbConnection
 
-__all__ = ["DEFAULT_BATCH", "MAX_WINDOW", "Selection", "Totals", "WhatIfError", "WhatIfRow", "Window",
-           "month_window", "rerate"]
+__all__ = ["DEFAULT_BATCH", "MAX_WINDOW", "Selection", "Totals", "WhatIfError", "WhatIfRow", "WhatIfUnknown",
+           "Window", "month_window", "rerate"]
 
 DEFAULT_BATCH: Final = 2_000
 MAX_BATCH: Final = 20_000
@@ -73,9 +73,15 @@ _IDS: Final = "account_id BETWEEN $4 AND $5"
 
 
 class WhatIfError(BillingError, ValueError):
-    """A what-if that cannot be asked: unknown tariff or account, a period not over yet, a bad window."""
+    """A what-if that cannot be asked: a period not over yet, a bad window or selection."""
 
-    code: ClassVar[str] = "whatif.bad_request"
+    code: ClassVar[str] = "whatif.invalid"
+
+
+class WhatIfUnknown(WhatIfError, LookupError):
+    """The candidate tariff, the tariff of ``of_tariff`` or the account does not exist."""
+
+    code: ClassVar[str] = "whatif.unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +197,7 @@ class _Candidate:
 
 async def _candidate(conn: DbConnection, tariff_id: int) -> _Candidate:
     if await conn.fetchval("SELECT 1 FROM tariffs WHERE id = $1", tariff_id) is None:
-        raise WhatIfError(f"tariff {tariff_id} does not exist")
+        raise WhatIfUnknown(f"tariff {tariff_id} does not exist")
     rows = await conn.fetch(
         "SELECT s.id, s.kind, s.fee FROM tariff_services ts JOIN services s ON s.id = ts.service_id"
         " WHERE ts.tariff_id = $1 ORDER BY s.id", tariff_id)
@@ -373,12 +379,12 @@ async def rerate(conn: DbConnection, tariff_id: int, window: Window, selection: 
     candidate = await _candidate(conn, tariff_id)
     if selection.account_id is not None:
         if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", selection.account_id) is None:
-            raise WhatIfError(f"account {selection.account_id} does not exist")
+            raise WhatIfUnknown(f"account {selection.account_id} does not exist")
         yield await _batch(conn, [selection.account_id], candidate, window, now, tz)
         return
     if selection.of_tariff is not None and await conn.fetchval(
             "SELECT 1 FROM tariffs WHERE id = $1", selection.of_tariff) is None:
-        raise WhatIfError(f"tariff {selection.of_tariff} does not exist")
+        raise WhatIfUnknown(f"tariff {selection.of_tariff} does not exist")
     # accounts with a tariff link (to the tariff asked) in the window; for the period holding an
     # instant: a link in the day from that instant on
     lo = window.since

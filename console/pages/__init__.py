@@ -9,8 +9,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import automation, bulk, card, classes, dashboard, me, network, notify, operators, subscribers, system, tariffs, tokens
+from . import whatif
 
 __all__ = ["PAGES"]
 
 PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, tariffs, classes, network, operators, system, tokens,
-                           notify, me, automation]
+                           notify, me, automation, whatif]
