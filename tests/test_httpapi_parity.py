@@ -127,6 +127,7 @@ CASES: dict[str, Case] = {
     "reports.revenue": R(lambda c: {"since": SINCE, "until": UNTIL}),
     "reports.traffic": R(lambda c: {"since": "2026-01-01", "until": "2030-01-01"}),
     "reports.whatif": R(lambda c: {"tariff_id": c["tariff"], "month": "2026-01", "all": True}),
+    "invoices.export": R(lambda c: {"since": SINCE, "until": UNTIL}),
     "services.list": R(),
     "subscribers.export": R(lambda c: {"text": "parity"}),
     "subscribers.search": R(lambda c: {"text": "parity", "limit": 50}),
