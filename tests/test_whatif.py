@@ -249,3 +249,27 @@ async def test_all_accounts_at_scale_in_bounded_batches(pool: asyncpg.Pool) -> N
     assert totals["charged"] == totals["would_pay"] == n * 1_000_000 + n * (n + 1) // 2 and totals["difference"] == 0
     print(f"reports.whatif over {n} accounts: {seconds:.1f} s")
     assert seconds < 60     # 3.3 s on a quiet machine; a scan per batch took 40 s
+
+
+async def test_counters_by_time_range_map_onto_the_candidate(pool: asyncpg.Pool) -> None:
+    """An account on 'nightly' (inet at night 0.0001/MB, else 0.001/MB): its night and other-hours counters
+    re-rate exactly under its own tariff, and add up into one counter under a tariff without ranges."""
+    h = await history(pool)
+    async with pool.acquire() as conn:
+        (a4,) = await make_accounts(conn, 1)
+        inet = await conn.fetchval("SELECT id FROM traffic_classes WHERE name = 'inet'")
+        await T.link_tariff(conn, a4, h["nightly"], now=OCT, tz=UTC, actor="t")
+        night, noon = NOV + timedelta(days=2, hours=2), NOV + timedelta(days=2, hours=12)
+        await commit_usage(conn, "w2", 1, [TrafficUsage(a4, inet, night, 4 * MB)], night + timedelta(hours=1))
+        await commit_usage(conn, "w2", 2, [TrafficUsage(a4, inet, noon, 6 * MB)], noon + timedelta(hours=1))
+        ranges = await conn.fetch("SELECT range_id, quantity, charged FROM usage_counters WHERE account_id = $1"
+                                  " ORDER BY range_id", a4)
+        posted = await booked_in_november(conn, a4)
+    assert [(r["range_id"] != 0, r["quantity"], r["charged"]) for r in ranges] == [(False, 6 * MB, 6000),
+                                                                                    (True, 4 * MB, 400)]
+    assert posted == 6400
+    run = call(pool)
+    for tariff, would in ((h["nightly"], 6400), (h["home"], 10_000_000 + (10 - 2) * 1000),
+                          (h["cheap"], 5_000_000 + 10 * 500)):
+        rows, _ = await run(tariff_id=tariff, month="2026-11", account_id=a4)
+        assert rows == {a4: (posted, would, would - posted, "")}, tariff
