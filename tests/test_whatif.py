@@ -157,6 +157,14 @@ async def test_current_tariff_equals_the_posted_charges_and_candidates_are_exact
     assert rows == {acc: (posted[acc], dear[acc], dear[acc] - posted[acc], "") for acc in (a1, a2, a3)}
     assert totals["would_pay"] == sum(dear.values()) and totals["charged"] == sum(posted.values())
 
+    # a range of months: October (a1 from the 15th: 17 of 31 days of the fee) and November
+    async with pool.acquire() as conn:
+        two_months = -int(await conn.fetchval("SELECT sum(amount) FROM ledger WHERE account_id = $1 AND amount < 0"
+                                              " AND created_at >= $2 AND created_at < $3", a1, OCT, DEC))
+    assert two_months == posted[a1] + 10_000_000 - 10_000_000 * 14 // 31   # cum(end) − cum(Oct 15)
+    rows, totals = await run(tariff_id=h["home"], month="2026-10", until_month="2026-11", account_id=a1)
+    assert rows == {a1: (two_months, two_months, 0, "")}
+
     # one account, by an instant in its period
     rows, totals = await run(tariff_id=h["home"], period_start=NOV + timedelta(days=20), account_id=a2)
     assert rows == {a2: (posted[a2], posted[a2], 0, "")} and totals["accounts"] == 1
@@ -202,6 +210,8 @@ async def test_bad_requests_get_a_clear_code(pool: asyncpg.Pool) -> None:
         ({"tariff_id": h["home"], "month": "2026-11"}, "exactly one of"),
         ({"tariff_id": h["home"], "month": "2026-11", "account_id": h["a1"], "all": True}, "exactly one of"),
         ({"tariff_id": h["home"], "all": True}, "month"),
+        ({"tariff_id": h["home"], "month": "2025-11", "until_month": "2026-11", "all": True}, "at most 12 months"),
+        ({"tariff_id": h["home"], "month": "2026-11", "until_month": "2026-10", "all": True}, "before the first"),
         ({"tariff_id": h["home"], "month": "2026-11", "account_id": 999_999}, "account 999999 does not exist"),
         ({"tariff_id": h["home"], "month": "2026-11", "of_tariff": 999_999}, "tariff 999999 does not exist"),
     ]:

@@ -58,12 +58,12 @@ from billcore.billing.scheduler import _due_by_signature
 from billcore.billing.tariffs import DEFAULT_ACCOUNT_PERIOD, load_metered, load_periodic, period_spec
 from billcore.db.rows import DbConnection
 
-__all__ = ["DEFAULT_BATCH", "MAX_WINDOW", "Selection", "Totals", "WhatIfError", "WhatIfRow", "WhatIfUnknown",
+__all__ = ["DEFAULT_BATCH", "MAX_MONTHS", "Selection", "Totals", "WhatIfError", "WhatIfRow", "WhatIfUnknown",
            "Window", "month_window", "rerate"]
 
 DEFAULT_BATCH: Final = 2_000
 MAX_BATCH: Final = 20_000
-MAX_WINDOW: Final = timedelta(days=366)
+MAX_MONTHS: Final = 12
 MAX_PERIODS: Final = 400
 """Accounting periods of one account in one what-if at most (a daily period over a year)."""
 _EPSILON: Final = timedelta(microseconds=1)
@@ -123,8 +123,8 @@ def month_window(first: str, last: str | None, tz: tzinfo) -> Window:
     after = date(end.year + end.month // 12, end.month % 12 + 1, 1)
     since = datetime.combine(start, time(0), tzinfo=tz).astimezone(timezone.utc)
     until = datetime.combine(after, time(0), tzinfo=tz).astimezone(timezone.utc)
-    if until - since > MAX_WINDOW + timedelta(days=31):
-        raise WhatIfError("a what-if covers at most 12 months")
+    if (end.year - start.year) * 12 + end.month - start.month >= MAX_MONTHS:
+        raise WhatIfError(f"a what-if covers at most {MAX_MONTHS} months")
     return Window(since, until)
 
 
