@@ -133,6 +133,8 @@ CASES: dict[str, Case] = {
     "reports.churn": R(lambda c: {"since": "2026-01", "until": "2027-01"}),
     "reports.traffic_top": R(lambda c: {"since": "2026-01-01", "until": "2030-01-01"}),
     "reports.flows": R(lambda c: {"account_id": c["account"], "since": "2026-01-01", "until": "2026-01-02"}),
+    "reports.whatif": R(lambda c: {"tariff_id": c["tariff"], "month": "2026-01", "all": True}),
+    "invoices.export": R(lambda c: {"since": SINCE, "until": UNTIL}),
     "services.list": R(),
     "subscribers.export": R(lambda c: {"text": "parity"}),
     "subscribers.search": R(lambda c: {"text": "parity", "limit": 50}),

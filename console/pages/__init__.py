@@ -9,9 +9,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import automation, bulk, card, classes, dashboard, me, network, notify, operators, reports, subscribers, system, tariffs, tokens
+from . import whatif
 
 __all__ = ["PAGES"]
 
 PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, tariffs, classes, network, operators, system, tokens,
-                           notify, me, automation]
+                           notify, me, automation, whatif]
 PAGES.insert(PAGES.index(tariffs) + 1, reports)   # the reports, after the tariffs they count by
