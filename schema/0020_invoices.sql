@@ -107,32 +107,34 @@ CREATE TRIGGER invoice_lines_immutable BEFORE UPDATE OR DELETE ON invoice_lines
 --   usage:<source>:<mark>:<account>:<service>:<class>:<range>:<epoch>
 --   periodic:<account>:<service>:<epoch>:r<revision>
 --   once:<account>:<service>:<link>
--- NULL (an "other charges" line) for any other key, a hashed usage key
--- among them.  Time usage has class -1: no class.
+-- A key of no such shape (a hashed usage key, an imported row) charges for
+-- "other": no service, no class.  Time usage has class -1: no class.
 CREATE FUNCTION ledger_charge_kind(kind text, idem_key text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN kind = 'periodic' THEN 'periodic'
         WHEN kind = 'traffic' THEN 'traffic'
-        WHEN kind = 'charge' AND idem_key LIKE 'once:%' THEN 'once'
-        WHEN kind = 'charge' AND idem_key LIKE 'usage:%' AND idem_key NOT LIKE 'usage:sha256:%' THEN 'time'
+        WHEN kind = 'charge' AND idem_key ~ '^once:[0-9]+:[0-9]+:[0-9]+$' THEN 'once'
+        WHEN kind = 'charge' AND idem_key ~ '^usage:.+:-?[0-9]+:[0-9]+:[0-9]+:-1:[0-9]+:-?[0-9]+$' THEN 'time'
         ELSE 'other' END
 $$;
 
 CREATE FUNCTION ledger_charge_service(kind text, idem_key text) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
-        WHEN idem_key LIKE 'usage:sha256:%' THEN NULL
-        WHEN kind IN ('traffic', 'charge') AND idem_key LIKE 'usage:%' THEN split_part(idem_key, ':', -4)::bigint
-        WHEN kind = 'periodic' AND idem_key LIKE 'periodic:%' THEN split_part(idem_key, ':', 3)::bigint
-        WHEN kind = 'charge' AND idem_key LIKE 'once:%' THEN split_part(idem_key, ':', 3)::bigint
+        WHEN kind IN ('traffic', 'charge') AND idem_key ~ '^usage:.+:-?[0-9]+:[0-9]+:[0-9]{1,18}:-?[0-9]+:[0-9]+:-?[0-9]+$'
+            THEN split_part(idem_key, ':', -4)::bigint
+        WHEN kind = 'periodic' AND idem_key ~ '^periodic:[0-9]+:[0-9]{1,18}:-?[0-9]+:r[0-9]+$'
+            THEN split_part(idem_key, ':', 3)::bigint
+        WHEN kind = 'charge' AND idem_key ~ '^once:[0-9]+:[0-9]{1,18}:[0-9]+$'
+            THEN split_part(idem_key, ':', 3)::bigint
         ELSE NULL END
 $$;
 
 CREATE FUNCTION ledger_charge_class(kind text, idem_key text) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
-        WHEN kind = 'traffic' AND idem_key LIKE 'usage:%' AND idem_key NOT LIKE 'usage:sha256:%'
+        WHEN kind = 'traffic' AND idem_key ~ '^usage:.+:-?[0-9]+:[0-9]+:[0-9]+:[0-9]{1,18}:[0-9]+:-?[0-9]+$'
             THEN split_part(idem_key, ':', -3)::bigint
         ELSE NULL END
 $$;

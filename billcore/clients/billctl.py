@@ -58,6 +58,9 @@ _TABLE_SAMPLE = 200       # streamed rows looked at to size the table's columns
 # Modules adding commands: each has ``register(sub)`` adding its parsers, and each parser sets
 # ``run`` (an async (client, args) → result, printed like any call's).  A new module is one more line.
 COMMAND_MODULES: tuple[str, ...] = (
+    "billcore.clients.billctl_reports",
+    "billcore.clients.billctl_whatif",
+    "billcore.clients.billctl_export",
     "billcore.clients.billctl_documents",
 )
 
@@ -569,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE
     except (URFAError, OSError) as exc:
         return report("billctl", exc)
+    if getattr(args, "printed", False):   # a command module streamed its rows and its summary itself
+        return 0
     if described.streaming and args.command != "periodic-run":
         # the rows are out already; the summary (rows N) is for the person, not the pipe
         summary = show_money(result, described.money)

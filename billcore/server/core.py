@@ -74,13 +74,17 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     from billcore.api import money_calls, netflow_calls, operators, periodic, portal_calls, reports, tariffs
     from billcore.api import api_tokens, fup_calls, health, notify_calls, outbox_calls, radius_history
     from billcore.api.radius import calls as radius_calls
+    from billcore.api import invoice_export, whatif_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
         *portal_calls.calls(core), *radius_calls(core), *netflow_calls.calls(core), *periodic.calls(core),
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
         *api_tokens.calls(core), *outbox_calls.calls(core), *fup_calls.calls(core), *notify_calls.calls(core),
+        *whatif_calls.calls(core), *invoice_export.calls(core),
     ]
+    from billcore.api import report_calls
+    specs += report_calls.calls(core)
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
 
