@@ -16,8 +16,10 @@ import dataclasses
 import logging
 import sys
 
-from billcore.common.config import ConfigError, ConsoleSection, validate_console
+from billcore.common.config import ConfigError, ConsoleSection, load_config, validate_console
+from documents.view import Issuer
 from webedge import http
+from webedge.render import Currency
 from webedge.cli import cookie_flags, edge_parser
 from webedge.settings import EdgeSettings, read_or_make_secret
 
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                          right="session.proxy_admin", port=8445)
     cookie_flags(parser)
     args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"python -m console: {exc}", file=sys.stderr)
+        return 2
     section = dataclasses.replace(ConsoleSection(), enabled=True, host=args.host, port=args.port,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key,
                                   cookie_secure=not args.insecure_cookie, language=args.language)
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         stop = http.stop_on_signals()
         live = LiveHub()
         link = console_link(settings, live)
-        runner = await serve(section, link, read_or_make_secret(args.secret_file), live)
+        runner = await serve(section, link, read_or_make_secret(args.secret_file), live,
+                             currency=Currency.of(config), issuer=Issuer.of(config))
         logging.getLogger("console").info("console serving on %s:%s", args.host, args.port)
         await http.serve_until(stop, runner, link)
 

@@ -42,12 +42,12 @@ from webedge.core_link import CoreDown, CoreLink, Refused, SessionGone
 from webedge.guard import LoginLimiter, csrf_ok
 from webedge.http import local_path, see_other, unb64
 from webedge.i18n import Translator, catalogs_of, pick_language
-from webedge.render import FILTERS
+from webedge.render import FILTERS, Currency
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 from . import login, messages
 from .context import (CONSOLE, DEADLINE, FORM, LANG_COOKIE, OPERATOR, PRE_COOKIE, SID, SID_COOKIE, TR, Console,
-                      NavEntry, current_words)
+                      NavEntry, current_currency, current_words)
 from .live import LiveHub
 from .operators_book import Operator
 from .page import Forbidden, Handler, Route, browser_ip, render
@@ -82,9 +82,11 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     console = request.app[CONSOLE]
     request[SID] = unb64(request.cookies.get(SID_COOKIE), 16)
     token = current_words.set(_words(request))
+    money_token = current_currency.set(console.currency)
     try:
         response = await _answer(request, handler)
     finally:
+        current_currency.reset(money_token)
         current_words.reset(token)
     if not response.prepared:
         http.security_headers(response, https=console.section.cookie_secure or bool(console.section.tls_cert),
@@ -198,14 +200,20 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub | None = None,
-              pages: Sequence[ModuleType] = PAGES) -> web.Application:
+              pages: Sequence[ModuleType] = PAGES, currency: Currency | None = None,
+              issuer: Any = None) -> web.Application:
+    """The console; ``currency`` ([billing]) shows every amount, ``issuer`` (``documents.view.Issuer`` of
+    [documents]) is the ISP on the invoices and statements it renders."""
+    from documents.view import Issuer
+
     catalogs = catalogs_of([("console.messages", messages.MESSAGES),
                             *((page.__name__, page.MESSAGES) for page in pages)])
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(FILTERS)
     console = Console(section=section, link=link, key=key, env=env, catalogs=catalogs,
-                      live=live or LiveHub(), limiter=LoginLimiter(section.login_failures_per_minute))
+                      live=live or LiveHub(), limiter=LoginLimiter(section.login_failures_per_minute),
+                      currency=currency or Currency(), issuer=issuer or Issuer())
     app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
     app[CONSOLE] = console
     login.add_routes(app)
@@ -230,9 +238,10 @@ def console_link(settings: EdgeSettings[ConsoleSection], live: LiveHub) -> CoreL
 
 
 async def serve(section: ConsoleSection, link: CoreLink, key: bytes, live: LiveHub | None = None,
-                keepalive_timeout: float = 15.0) -> web.AppRunner:
+                keepalive_timeout: float = 15.0, currency: Currency | None = None,
+                issuer: Any = None) -> web.AppRunner:
     """Start the console on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
-    return await http.serve(build_app(section, link, key, live), host=section.host, port=section.port,
+    return await http.serve(build_app(section, link, key, live, currency=currency, issuer=issuer), host=section.host, port=section.port,
                             tls_cert=section.tls_cert, tls_key=section.tls_key, logger_name="console.http",
                             keepalive_timeout=keepalive_timeout)
 
@@ -242,7 +251,10 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     settings = EdgeSettings.of(config, "console", config.console)
     live = LiveHub()
     link = console_link(settings, live)
-    runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file), live)
+    from documents.view import Issuer
+
+    runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file), live,
+                         currency=Currency.of(config), issuer=Issuer.of(config))
     section = settings.section
     log.info("console serving", extra={"http": f"{section.host}:{section.port}", "tls": bool(section.tls_cert)})
     await http.serve_until(stop, runner, link)

@@ -17,13 +17,14 @@ from billcore.common.config import ConsoleSection
 from webedge.core_link import CoreLink
 from webedge.guard import LoginLimiter
 from webedge.i18n import Translator
+from webedge.render import Currency
 
 from .live import LiveHub
 from .operators_book import Operator, OperatorBook
 from .pending_logins import PendingLogins
 
 __all__ = ["Console", "CONSOLE", "SID", "OPERATOR", "FORM", "TR", "DEADLINE", "NavEntry", "current_words",
-           "SID_COOKIE", "PRE_COOKIE", "LANG_COOKIE"]
+           "SID_COOKIE", "PRE_COOKIE", "LANG_COOKIE", "current_currency"]
 
 SID_COOKIE = "console_sid"
 PRE_COOKIE = "console_pre"
@@ -49,6 +50,8 @@ class Console:
     book: OperatorBook = field(default_factory=OperatorBook)
     logins: PendingLogins = field(default_factory=PendingLogins)
     nav: list[NavEntry] = field(default_factory=list)
+    currency: Currency = field(default_factory=Currency)   # [billing]: every amount's decimals and code
+    issuer: Any = None          # documents.view.Issuer ([documents]): the ISP on invoices and statements
 
 
 CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
@@ -60,3 +63,5 @@ DEADLINE: web.RequestKey[Any] = web.RequestKey("deadline", object)  # the reques
 
 # the words of the request being answered, for ``console.page.t``
 current_words: contextvars.ContextVar[Translator] = contextvars.ContextVar("console_words")
+# the installation's currency ([billing]), for amounts the pages format in Python (``console.page.money_text``)
+current_currency: contextvars.ContextVar[Currency] = contextvars.ContextVar("console_currency", default=Currency())

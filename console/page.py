@@ -38,11 +38,13 @@ from webedge.guard import csrf_token
 from webedge.http import client_ip, local_path, security_headers, see_other
 from webedge.i18n import LANGUAGES
 
-from .context import CONSOLE, DEADLINE, FORM, OPERATOR, SID, current_words
+from billcore.common.money import format_money
+
+from .context import CONSOLE, DEADLINE, FORM, OPERATOR, SID, current_currency, current_words
 from .operators_book import Operator
 
 __all__ = ["Page", "Routes", "Route", "call", "stream", "render", "form", "redirect", "Refused", "t", "live",
-           "Forbidden", "operator_of", "browser_ip"]
+           "Forbidden", "operator_of", "browser_ip", "money_text"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # a page handler as written (it may take more, defaulted, arguments for its own re-use)
@@ -137,6 +139,12 @@ async def stream(request: web.Request, fn: str, /, **args: Any) -> AsyncIterator
         raise
 
 
+def money_text(micro: int) -> str:
+    """An amount as a form field or a CSV cell carries it: the currency's decimals ([billing] minor_units,
+    more only where the amount has them), not grouped (pages show amounts with the ``money`` filter)."""
+    return format_money(int(micro), min_decimals=current_currency.get().minor_units)
+
+
 def t(key: str, **values: Any) -> str:
     """``key`` in the language of the request being answered."""
     return current_words.get()(key, **values)
@@ -167,7 +175,7 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     html = console.env.get_template(template).render(
         t=words, lang=words.lang, languages=LANGUAGES, path=request.path, path_qs=request.path_qs, status=status,
         operator=operator.login if operator is not None else "", can=lambda name: name in calls,
-        nav=nav, **values)
+        nav=nav, currency=console.currency, **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
 

@@ -14,10 +14,12 @@ import dataclasses
 import logging
 import sys
 
-from billcore.common.config import PortalSection
+from billcore.common.config import ConfigError, PortalSection, load_config
+from documents.view import Issuer
 from webedge import http
 from webedge.cli import cookie_flags, edge_parser
 from webedge.core_link import CoreLink
+from webedge.render import Currency
 from webedge.settings import read_or_make_secret
 
 from .app import serve
@@ -28,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
                     right="session.proxy", port=8080)
     cookie_flags(p)
     args = p.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"python -m portal: {exc}", file=sys.stderr)
+        return 2
     section = dataclasses.replace(PortalSection(), enabled=True, host=args.host, port=args.port,
                                   tls_cert=args.tls_cert, tls_key=args.tls_key,
                                   cookie_secure=not args.insecure_cookie, language=args.language)
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         link = CoreLink.for_endpoint(host=args.core_host, port=args.core_port, unix=args.core_unix,
                                      login=args.login, password=lambda: args.password_file.read_text().strip(),
                                      timeout=section.core_timeout)
-        runner = await serve(section, link, read_or_make_secret(args.secret_file))
+        runner = await serve(section, link, read_or_make_secret(args.secret_file), currency=Currency.of(config),
+                             issuer=Issuer.of(config))
         logging.getLogger("portal").info("portal serving on %s:%s", args.host, args.port)
         await http.serve_until(stop, runner, link)
 

@@ -44,7 +44,7 @@ from webedge.core_link import BadLogin, CoreDown, CoreLink, Refused, SessionGone
 from webedge.guard import LoginLimiter, csrf_ok, csrf_token
 from webedge.http import ascii_int, b64, unb64
 from webedge.i18n import LANGUAGES, Translator, pick_language
-from webedge.render import FILTERS
+from webedge.render import FILTERS, Currency
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 from .i18n import translator as office_words
@@ -64,6 +64,7 @@ LOGIN_MESSAGES = frozenset({"expired", "out"})
 LINK: web.AppKey[CoreLink] = web.AppKey("link", CoreLink)
 SECTION: web.AppKey[PortalSection] = web.AppKey("section", PortalSection)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
+CURRENCY: web.AppKey[Currency] = web.AppKey("currency", Currency)
 SID: web.RequestKey[bytes | None] = web.RequestKey("sid", object)  # type: ignore[arg-type]
 FORM: web.RequestKey[dict[str, str]] = web.RequestKey("form", dict)
 TR: web.RequestKey[Translator] = web.RequestKey("t", Translator)
@@ -110,7 +111,7 @@ def page(request: web.Request, template: str, status: int = 200, **values: Any) 
     values.setdefault("csrf", csrf_token(request.app[STATE]["key"], sid) if sid else "")
     html = _env.get_template(template).render(
         t=t, lang=t.lang, languages=LANGUAGES, path=request.path, logged_in=sid is not None,
-        pay_online=PAY in request.app, **values)
+        pay_online=PAY in request.app, currency=request.app[CURRENCY], **values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
 
@@ -132,7 +133,7 @@ async def ask(request: web.Request, fn: str, **args: Any) -> Any:
     try:
         return await request.app[LINK].call(sid, client_ip(request), fn, args)
     except Refused as exc:
-        if exc.code in ("accounts.unknown", "users.unknown"):
+        if exc.code in ("accounts.unknown", "users.unknown", "invoices.unknown"):
             raise PageError(404, "error.404") from None
         if exc.code in ("not_in_table", "deleted", "forbidden"):
             raise PageError(403, "error.403", code=exc.code) from None
@@ -416,9 +417,13 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return web.Response(text="ok\n")
 
 
-def build_app(section: PortalSection, link: CoreLink, key: bytes, pay: PayOnline | None = None) -> web.Application:
+def build_app(section: PortalSection, link: CoreLink, key: bytes, pay: PayOnline | None = None,
+              currency: Currency | None = None, issuer: Any = None) -> web.Application:
+    """The office; ``currency`` ([billing]) shows every amount, ``issuer`` (``documents.view.Issuer`` of
+    [documents]) signs the invoices and statements the Documents page renders."""
     app = web.Application(middlewares=[_guard], client_max_size=section.max_body)
     app[SECTION] = section
+    app[CURRENCY] = currency or Currency()
     app[LINK] = link
     app[STATE] = {"key": key, "limiter": LoginLimiter(section.login_failures_per_minute)}
     app.router.add_get("/login", login_get)
@@ -436,18 +441,20 @@ def build_app(section: PortalSection, link: CoreLink, key: bytes, pay: PayOnline
     app.router.add_get("/healthz", healthz)
     if pay is not None:
         add_pay_routes(app, pay)
-    from . import notifications   # (it imports this module's helpers)
+    from . import documents, notifications   # (they import this module's helpers)
 
     notifications.add_routes(app)
+    documents.add_routes(app, issuer)
     app.router.add_static("/static", HERE / "static", append_version=True)
     http.add_shared_static(app)
     return app
 
 
 async def serve(section: PortalSection, link: CoreLink, key: bytes,
-                keepalive_timeout: float = 15.0, pay: PayOnline | None = None) -> web.AppRunner:
+                keepalive_timeout: float = 15.0, pay: PayOnline | None = None, currency: Currency | None = None,
+                issuer: Any = None) -> web.AppRunner:
     """Start the office on ``section.host:port``; returns the runner (``cleanup()`` stops it)."""
-    return await http.serve(build_app(section, link, key, pay), host=section.host, port=section.port,
+    return await http.serve(build_app(section, link, key, pay, currency, issuer), host=section.host, port=section.port,
                             tls_cert=section.tls_cert, tls_key=section.tls_key, logger_name="portal.http",
                             keepalive_timeout=keepalive_timeout)
 
@@ -458,8 +465,10 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     link = CoreLink.for_endpoint(
         host=settings.core_host, port=settings.core_port, unix=settings.core_unix, login=settings.login,
         password=lambda: settings.password_file.read_text().strip(), timeout=settings.section.core_timeout)
+    from documents.view import Issuer
+
     runner = await serve(settings.section, link, read_or_make_secret(settings.secret_file),
-                         pay=pay_online_of(config))
+                         pay=pay_online_of(config), currency=Currency.of(config), issuer=Issuer.of(config))
     s = settings.section
     log.info("portal serving", extra={"http": f"{s.host}:{s.port}", "tls": bool(s.tls_cert)})
     await http.serve_until(stop, runner, link)

@@ -136,7 +136,7 @@ def add_routes(app: web.Application, pay: PayOnline) -> None:
         accounts = await office.ask(request, "me.accounts")
         t = office.translator(request)
         response = office.page(request, "pay.html", status, accounts=accounts, error=error, amount=amount,
-                               gateway=pay.gateway, currency=pay.currency,
+                               gateway=pay.gateway,
                                hint=t("pay.hint", gateway=pay.gateway))
         # the one office page whose form leads (by the POST's redirect) to another origin: the gateway's
         response.headers["Content-Security-Policy"] = (

@@ -47,6 +47,7 @@ EDGES: dict[str, str] = {
     "webedge": "webedge",
     "billcore/clients": "billcore.clients",
     "notify": "notify",
+    "documents": "documents",
 }
 KERNEL = "billcore.common"      # what edges may import of billcore
 PLUGIN_API = "billcore.plugins.api"

@@ -37,3 +37,5 @@ def cookie_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-cookie", action="store_true",
                         help="allow the session cookie over plain HTTP (loopback only)")
     parser.add_argument("--language", default="en", choices=("en", "ru"))
+    parser.add_argument("--config", help="billcore config to take [billing] (the currency every amount is shown"
+                                         " in) and [documents] (the issuer on invoices) from (default: the defaults)")

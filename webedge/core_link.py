@@ -124,6 +124,23 @@ class CoreLink:
         except (URFAError, OSError, asyncio.TimeoutError) as exc:
             raise _down(exc) from None
 
+    async def stream_all(self, sid: bytes, ip: str, fn: str, args: dict[str, Any] | None = None, *,
+                         max_rows: int) -> tuple[list[Any], Any]:
+        """Every row of the streamed call ``fn`` (chunks are lists of rows) and its result, as ``sid``;
+        more than ``max_rows`` rows is ``Refused("too_many_rows")`` (what needs them all is bounded)."""
+        rows: list[Any] = []
+        try:
+            chunks = await self.link.stream(fn, args or {}, as_sid=sid, as_ip=ip)
+            async for chunk in chunks:
+                rows.extend(chunk if isinstance(chunk, list) else [chunk])
+                if len(rows) > max_rows:
+                    raise Refused("too_many_rows", f"more than {max_rows} rows: ask for a shorter range")
+            return rows, chunks.result
+        except CallFailed as exc:
+            raise self._failure(exc) from None
+        except (URFAError, OSError, asyncio.TimeoutError) as exc:
+            raise _down(exc) from None
+
     @staticmethod
     def _failure(exc: CallFailed) -> Exception:
         if exc.code in _GONE:

@@ -1,25 +1,59 @@
 """How numbers look on a web edge's pages (the office's and the console's): jinja2 filters.
 
 Money arrives as integer micro-units and is shown by billcore's one money
-formatter (``billcore.common.money.format_money``, pure, no I/O): two
-decimals, more only when the amount has them, thousands grouped by a narrow
-space.  Bytes are shown in binary units with one decimal, computed in
-integers; times in UTC.
+formatter (``billcore.common.money.format_money``, pure, no I/O) with the
+installation's currency (``[billing] currency`` and ``minor_units``, a
+``Currency`` the app loads from the config and hands every template as
+``currency``): at least the currency's decimals (0 for JPY, 2 for RUB, 3
+for KWD), more only when the amount has them, thousands grouped by a
+narrow space.  ``{{ amount | money }}`` is the number, ``{{ total |
+money(code=True) }}`` adds the currency's code where a page shows a total.
+Bytes are shown in binary units with one decimal, computed in integers;
+times in UTC.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
-from billcore.common.money import format_money
+import jinja2
 
-__all__ = ["money", "human_bytes", "when", "duration", "FILTERS"]
+from billcore.common.money import DISPLAY_DECIMALS, format_money
+
+__all__ = ["Currency", "money", "human_bytes", "when", "duration", "FILTERS"]
 
 
-def money(micro: int) -> str:
+@dataclass(frozen=True, slots=True)
+class Currency:
+    """The installation's one currency: its ISO 4217 code and decimals (``[billing]``)."""
+
+    code: str = "RUB"
+    minor_units: int = DISPLAY_DECIMALS
+
+    @classmethod
+    def of(cls, config: Any) -> Currency:
+        """``[billing]`` of billcore's config (a config without one: the defaults)."""
+        billing = getattr(config, "billing", None)
+        return cls(billing.currency, billing.minor_units) if billing is not None else cls()
+
+    def show(self, micro: int, *, code: bool = False) -> str:
+        text = money(micro, self.minor_units)
+        return f"{text}\u00a0{self.code}" if code else text
+
+
+def money(micro: int, minor_units: int = DISPLAY_DECIMALS) -> str:
     """12_500_000 → '12.50'; 12_345_678 → '12.345678' (the page shows what the ledger holds)."""
-    return format_money(int(micro), group="\u202f")
+    return format_money(int(micro), min_decimals=minor_units, group="\u202f")
+
+
+@jinja2.pass_context
+def _money_filter(context: Any, micro: int, code: bool = False) -> str:
+    currency = context.get("currency")
+    if not isinstance(currency, Currency):
+        currency = Currency()
+    return currency.show(micro, code=code)
 
 
 def human_bytes(n: int) -> str:
@@ -44,4 +78,4 @@ def duration(seconds: int) -> str:
 
 
 # the names templates use
-FILTERS = {"money": money, "bytes": human_bytes, "when": when, "duration": duration}
+FILTERS = {"money": _money_filter, "bytes": human_bytes, "when": when, "duration": duration}

@@ -32,66 +32,21 @@ from billcore.common.errors import TariffError
 from billcore.billing.tariffs import account_links, account_period, load_book, load_links, load_periodic
 from billcore.billing.ledger_errors import UnknownAccount
 from billcore.billing.periods import period_containing
+from billcore.billing.reports_sql import REVENUE_SQL
 from billcore.billing.rating import CounterKey, preview
 from billcore.db.rows import DbConnection
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
 
-__all__ = ["account_preview", "calls"]
+__all__ = ["REVENUE_SQL", "account_preview", "calls"]
 
 CHUNK: Final = 1_000
 MAX_ROWS: Final = 10_000_000
 _WIDE: Final = timedelta(days=400)
 
 
-# Revenue in one statement, set-wise over every charge of the range.
-#
-# A charge is one row of periodic_charges (a service period), usage_counters
-# (an account's accounting period, cumulative) or once_charges.  It belongs to
-# the tariff of the account's link that includes its service and was in force
-# during its period -- the latest such link, so that a tariff change in the
-# middle of a period does not count a charge twice, and a link made in the
-# middle of the period (a new subscriber, the open month) counts at all.
-#
-# Final: the figure can no longer change.  A periodic charge is final once its
-# period has ended and a scheduler run has gone past that end; usage once the
-# account's accounting period is closed (its period_summaries row exists);
-# a once-off fee is booked once and is final at once.  Everything else is
-# provisional: the open period's charges so far.
-#
-# GROUPING SETS give the per-tariff account counts (distinct over kinds) and
-# the grand totals from the same scan.
-REVENUE_SQL: Final = """
-WITH run AS (SELECT coalesce(max(last_now), '-infinity'::timestamptz) AS at FROM periodic_runs),
-c AS (
-    SELECT p.account_id, p.service_id, p.period_start AS since, p.period_end AS until, NULL::bigint AS link_id,
-           'periodic' AS kind, p.charged AS amount, p.period_end <= run.at AS final
-      FROM periodic_charges p, run WHERE p.period_start >= $1 AND p.period_start < $2 AND p.charged <> 0
-    UNION ALL
-    SELECT u.account_id, u.service_id, u.period_start, coalesce(s.period_end, $3), NULL,
-           'usage', u.charged, s.account_id IS NOT NULL
-      FROM usage_counters u LEFT JOIN period_summaries s ON s.account_id = u.account_id
-           AND s.period_start = u.period_start
-     WHERE u.period_start >= $1 AND u.period_start < $2 AND u.charged <> 0
-    UNION ALL
-    SELECT o.account_id, o.service_id, o.charged_at, o.charged_at, o.link_id, 'once', o.amount, true
-      FROM once_charges o WHERE o.charged_at >= $1 AND o.charged_at < $2 AND o.amount <> 0
-)
-SELECT f.id AS tariff_id, f.name, c.kind, c.final, coalesce(sum(c.amount), 0) AS amount,
-       count(DISTINCT c.account_id) AS accounts,
-       GROUPING(c.kind, c.final) = 3 AS tariff_total, GROUPING(f.id, f.name) = 3 AS grand_total
-  FROM c
-  LEFT JOIN LATERAL (
-       SELECT t.tariff_id FROM account_tariffs t
-         JOIN tariff_services ts ON ts.tariff_id = t.tariff_id AND ts.service_id = c.service_id
-        WHERE t.account_id = c.account_id
-          AND (t.id = c.link_id OR c.link_id IS NULL AND t.valid_from <= greatest(c.since, c.until - interval '1 microsecond')
-               AND (t.valid_to IS NULL OR t.valid_to > c.since))
-        ORDER BY t.valid_from DESC LIMIT 1) l ON true
-  LEFT JOIN tariffs f ON f.id = l.tariff_id
- GROUP BY GROUPING SETS ((f.id, f.name, c.kind, c.final), (f.id, f.name), ())
-"""
+# Revenue in one statement, set-wise over every charge of the range: billcore.billing.reports_sql.
 
 _KINDS: Final = ("periodic", "usage", "once")
 TOTAL: Final = "(total)"

@@ -61,6 +61,10 @@ _TABLE_SAMPLE = 200       # streamed rows looked at to size the table's columns
 # ``run`` (an async (client, args) → result, printed like any call's).  A new module is one more line.
 COMMAND_MODULES: tuple[str, ...] = (
     "billcore.clients.billctl_invoices",
+    "billcore.clients.billctl_reports",
+    "billcore.clients.billctl_whatif",
+    "billcore.clients.billctl_export",
+    "billcore.clients.billctl_documents",
 )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 __all__ = ["Config", "ConfigError", "load_config", "example_config", "validate_console", "validate_httpapi",
-           "validate_billing", "validate_paygate"]
+           "validate_billing", "validate_paygate", "validate_documents"]
 
 
 class ConfigError(Exception):
@@ -269,6 +269,18 @@ class NotifySection:
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentsSection:
+    name: str = _f("", "The ISP's name as invoices and statements show it (the issuer).")
+    address: str = _f("", "The ISP's postal address on documents (several lines: separate them with \\n).")
+    tax_id: str = _f("", "The ISP's tax number on documents (INN/KPP, VAT id ...).")
+    bank_details: str = _f("", "Bank details printed under the issuer (several lines: separate them with \\n).")
+    logo: str = _f("", "PNG file of the ISP's logo drawn on PDF and HTML documents (empty: no logo).")
+    font: str = _f("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "TrueType font of PDF documents; it must have the glyphs of the text (Cyrillic: DejaVu Sans, Debian's fonts-dejavu-core).")
+    font_bold: str = _f("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "Bold TrueType font of PDF documents' headings and totals.")
+    language: str = _f("en", "Language of documents when none is asked for: en or ru.")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     core: CoreSection = field(default_factory=CoreSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
@@ -287,6 +299,7 @@ class Config:
     outbox: OutboxSection = field(default_factory=OutboxSection)
     paygate: PaygateSection = field(default_factory=PaygateSection)
     notify: NotifySection = field(default_factory=NotifySection)
+    documents: DocumentsSection = field(default_factory=DocumentsSection)
     source: str = ""  # the file it was read from ("" = defaults)
 
     # -- derived paths ----------------------------------------------------
@@ -489,6 +502,16 @@ def validate_notify(notify: NotifySection) -> None:
         raise ConfigError(f"notify.batch: at most 1000, got {notify.batch}")
 
 
+def validate_documents(documents: DocumentsSection) -> None:
+    """The [documents] section's own rules (files are read when a document is rendered)."""
+    if documents.language not in ("en", "ru"):
+        raise ConfigError(f"documents.language: en or ru, got {documents.language!r}")
+    if not documents.font or not documents.font_bold:
+        raise ConfigError("documents.font and documents.font_bold: TrueType font files are required")
+    if documents.logo and not documents.logo.lower().endswith(".png"):
+        raise ConfigError(f"documents.logo: a PNG file, got {documents.logo!r}")
+
+
 def _validate(config: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
@@ -546,6 +569,7 @@ def _validate(config: Config) -> None:
     validate_billing(config.billing)
     validate_paygate(config.paygate, config.billing.currency)
     validate_notify(config.notify)
+    validate_documents(config.documents)
     if config.netflow.workers < 0:
         raise ConfigError(f"netflow.workers: 0 or more, got {config.netflow.workers}")
     for text in config.netflow.exporters:

@@ -75,6 +75,7 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
     from billcore.api import api_tokens, fup_calls, health, notify_calls, outbox_calls, radius_history
     from billcore.api.radius import calls as radius_calls
     from billcore.api import invoice_calls
+    from billcore.api import invoice_export, whatif_calls
 
     specs = [
         *money_calls(core), *tariffs.calls(core), *reports.calls(core),
@@ -82,7 +83,10 @@ def build_calls(core: CoreContext, on_gone: Callable[[str], None] | None = None)
         *operators.calls(core), *radius_history.calls(core), *health.calls(core),
         *api_tokens.calls(core), *outbox_calls.calls(core), *fup_calls.calls(core), *notify_calls.calls(core),
         *invoice_calls.calls(core),
+        *whatif_calls.calls(core), *invoice_export.calls(core),
     ]
+    from billcore.api import report_calls
+    specs += report_calls.calls(core)
     return [dataclasses.replace(spec, handler=guard_database(spec.handler, on_gone)) for spec in specs]
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import automation, bulk, card, classes, dashboard, me, network, notify, operators, subscribers, system, tariffs, tokens
+from . import automation, bulk, card, classes, dashboard, documents, me, network, notify, operators, reports, subscribers, system, tariffs, tokens
+from . import whatif
 
 __all__ = ["PAGES"]
 
 PAGES: list[ModuleType] = [dashboard, subscribers, card, bulk, tariffs, classes, network, operators, system, tokens,
-                           notify, me, automation]
+                           notify, me, automation, whatif, documents]
+PAGES.insert(PAGES.index(tariffs) + 1, reports)   # the reports, after the tariffs they count by

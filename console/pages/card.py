@@ -32,8 +32,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from billcore.common.errors import BillingError
-from billcore.common.money import format_money, parse_money
-from console.page import Page, Refused, call, form, redirect, render, stream, t
+from billcore.common.money import parse_money
+from console.page import Page, Refused, call, form, money_text, redirect, render, stream, t
 from console.pages.automation import card_section
 from console.pages.subscriber_filter import read_id, read_page
 from console.pages.subscribers import can, tariff_choices
@@ -268,7 +268,7 @@ def _short(name: str, value: Any) -> str:
     if value is None:
         return "—"
     if name in _MONEY_FIELDS and type(value) is int:
-        return format_money(value)
+        return money_text(value)
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = str(value)
@@ -363,7 +363,7 @@ async def _card(request: web.Request, user_id: int, account_id: int | None = Non
     if audit is not None:
         audit = [{**row, "change": audit_change(row.get("before"), row.get("after"))} for row in audit]
     parts = {
-        "credit_text": format_money(account["credit"]) if account else "", "account": account,
+        "credit_text": money_text(account["credit"]) if account else "", "account": account,
         "blocks": blocks, "payments": payments, "ledger": ledger, "tariff": tariff, "tariffs": tariffs,
         "services": services_of(current_id, tariffs, services), "bindings": bindings, "radius_logins": radius_logins,
         "online": online, "past": past, "audit": audit, "traffic": traffic, "automation": automation,

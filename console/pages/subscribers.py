@@ -26,9 +26,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from billcore.common.money import format_money
 from console.context import CONSOLE, DEADLINE
-from console.page import Page, Refused, call, form, operator_of, redirect, render, stream
+from console.page import Page, Refused, call, form, money_text, operator_of, redirect, render, stream
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, SubscriberFilter, read_filter, read_id, read_page
 from webedge.http import security_headers
 
@@ -158,7 +157,7 @@ def _cell(column: str, value: Any) -> str:
     if value is None:
         return ""
     if column in _MONEY_COLUMNS:
-        return format_money(int(value))
+        return money_text(int(value))
     if isinstance(value, bool):
         return "1" if value else "0"
     text = str(value)

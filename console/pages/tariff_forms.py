@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from billcore.common.money import GB, GIB, HOUR, MAX_QUANTITY, MB, MIB, format_money, parse_money
+from billcore.common.money import GB, GIB, HOUR, MAX_QUANTITY, MB, MIB, parse_money
+from console.page import money_text
 
 __all__ = [
     "FieldError", "FormInvalid", "TRAFFIC_UNITS", "TIME_UNITS", "MAX_TIERS_TYPED", "field_of", "given",
@@ -135,7 +136,7 @@ def show_quantity(amount: int, size: int) -> str:
 def show_price(micro: int, size: int, kind: str) -> str:
     """A tier's price as typed: ``"0.50 / GB"``."""
     name = unit_name(size) or f"{size} {'s' if kind == 'time' else 'B'}"
-    return f"{format_money(micro)} / {name}"
+    return f"{money_text(micro)} / {name}"
 
 
 def show_ports(ports: Sequence[int] | None) -> str:
