@@ -176,3 +176,14 @@ async def test_billctl_runs_lists_shows_credits_and_prints_statements(live: Live
     refused_run = await asyncio.to_thread(subprocess.run, [*cashier, "invoices", "run"], env=env,
                                           capture_output=True, text=True, timeout=60)
     assert refused_run.returncode != 0 and "not_in_table" in refused_run.stderr
+
+
+async def test_a_refused_invoice_run_is_logged_and_leaves_the_pass_going(pool: asyncpg.Pool,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from billcore.common.config import Config, InvoicesSection
+    from billcore.server.automation import invoice_pass
+    from billcore.server.context import CoreContext
+
+    core = CoreContext(pool, Config(invoices=InvoicesSection(series="not a series")), now=lambda: NOW)
+    assert await invoice_pass(core) is None
+    assert "invoice run failed" in caplog.text and "invoices_run_on" not in core.extras   # tried again next pass

@@ -478,6 +478,7 @@ async def run(pool: Any, now: datetime, grace: timedelta, *, series: str, tz: tz
     ``workers`` batches at once (each on its own connection: their lines are read in parallel, their
     writes take turns on the series lock); ``progress(batch result, its last account id)`` after each
     commit.  Idempotent: a second run, or one after a kill, invoices only what the first did not commit."""
+    _check_series(series)
     if not 1 <= batch_size <= MAX_BATCH:
         raise InvalidValue(f"batch_size must be 1..{MAX_BATCH}")
     if not 1 <= workers <= 16:

@@ -14,20 +14,25 @@ The monthly invoice run (``[invoices] auto``) reads every account, so it
 runs once per local day of ``now - grace``: accounting periods end at
 local midnights, so that date moves exactly when new period ends come
 past their grace.  The run is idempotent (``billcore.billing.invoices``);
-a pass that failed runs it again on the next pass.
+a run that failed is logged and tried again on the next pass, and the
+pass's periodic charges go on.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from billcore.api import announce
 from billcore.billing import invoices
 from billcore.billing.dunning import DunningResult, dunning_step
 from billcore.billing.fup import restore_due
+from billcore.common.errors import BillingError
 from billcore.server.context import CoreContext
 
 __all__ = ["automation_pass", "invoice_pass"]
+
+log = logging.getLogger("billcore.server.automation")
 
 
 async def automation_pass(core: CoreContext) -> tuple[int, DunningResult]:
@@ -60,7 +65,15 @@ async def invoice_pass(core: CoreContext) -> invoices.RunResult | None:
     day = (now - grace).astimezone(core.config.zone).date()
     if core.extras.get("invoices_run_on") == day:
         return None
-    result = await invoices.run(core.pool, now, grace, series=cfg.series, tz=core.config.zone,
-                                batch_size=cfg.batch_size, workers=cfg.workers)
+    try:
+        result = await invoices.run(core.pool, now, grace, series=cfg.series, tz=core.config.zone,
+                                    batch_size=cfg.batch_size, workers=cfg.workers)
+    except BillingError as exc:
+        # a refused batch rolled back alone (the committed ones stand); the charges of this pass must
+        # still run, and the next pass tries the run again
+        log.error("invoice run failed, will retry", extra={"code": exc.code, "reason": str(exc)})
+        return None
     core.extras["invoices_run_on"] = day
+    if result.issued:
+        log.info("invoice run", extra={"issued": result.issued, "accounts": result.accounts, "total": result.total})
     return result
