@@ -8,7 +8,6 @@ nothing.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import itertools
 from zoneinfo import ZoneInfo
