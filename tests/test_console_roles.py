@@ -39,7 +39,7 @@ PASSWORDS = {"cashier": "kassa-Pw-31337-q", "support": "help-Desk-Pw-2718-z", "t
 GROUPS = {"cashier": "cashiers", "support": "support", "tariffer": "tariff_managers"}
 # areas a cashier must not reach: their URL prefixes
 CLOSED_TO_CASHIERS = ("/tariffs", "/services", "/classes", "/timeranges", "/system/plugins", "/operators", "/bulk")
-PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
+PARAM = re.compile(r"\{(\w+)(?::([^}]*))?\}")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,12 @@ def console_routes() -> list[Route]:
 
 def concrete(path: str, ids: dict[str, Any]) -> str:
     """The path with real ids where the test made the thing; any id elsewhere (the rights come first)."""
-    return PARAM.sub(lambda m: str(ids.get(m.group(1), 1)), path)
+    def value(m: re.Match[str]) -> str:
+        if m.group(1) in ids:
+            return str(ids[m.group(1)])
+        pattern = m.group(2) or ""
+        return pattern.split("|")[0] if re.fullmatch(r"[a-z]+(\|[a-z]+)*", pattern) else "1"   # {fmt:pdf|html}
+    return PARAM.sub(value, path)
 
 
 async def call_table(stack: ConsoleStack, login: str) -> frozenset[str]:

@@ -89,7 +89,7 @@ class Live:
         self.port = self.service.sockets[0].getsockname()[1]
         async with self.pool.acquire() as conn:
             await create_admin(conn, "root", PW, ["superusers"])
-            for role in ("cashiers", "support", "tariff_managers"):
+            for role in ("cashiers", "support", "tariff_managers", "accountants"):
                 await create_admin(conn, role, PW, [role])
             await create_system_login(conn, "console", CONSOLE_PW, SERVICE_RIGHTS["console"])
             await create_system_login(conn, "portal", PORTAL_PW, SERVICE_RIGHTS["portal"])
@@ -308,7 +308,7 @@ async def test_operator_lifecycle_is_audited_and_ends_sessions(live: Live) -> No
     roles = {role["name"]: role for role in await root.call("operators.roles")}
     assert roles["support"]["rights"] == sorted(
         ["*.read", "blocks.write", "outbox.write", "radius.disconnect", "users.password", "sys.health"])
-    assert {"superusers", "cashiers", "support", "tariff_managers"} <= set(roles)
+    assert {"superusers", "cashiers", "support", "tariff_managers", "accountants"} <= set(roles)
 
     anna = await root.call("operators.create", {"login": "anna", "password": "anna-password",
                                                 "groups": ["cashiers"], "full_name": "Anna K"})
@@ -319,7 +319,7 @@ async def test_operator_lifecycle_is_audited_and_ends_sessions(live: Live) -> No
     await refused("operators.unknown_group", root.call("operators.create", {
         "login": "bob", "password": "bob-password", "groups": ["nope"]}))
     listed = await root.call("operators.list", {"limit": 2})
-    assert [row["login"] for row in listed] == ["anna", "cashiers"]
+    assert [row["login"] for row in listed] == ["accountants", "anna"]
 
     # a group change ends the session: its call table is the old role's
     direct = await live.admin("anna", password="anna-password")
@@ -399,8 +399,10 @@ ROLE_RIGHTS = {
     "support": {"users.read", "accounts.read", "blocks.read", "audit.read", "payments.read", "tariffs.read",
                 "reports.read", "radius.read", "netflow.read", "plugins.read", "operators.read", "tokens.read",
                 "sys.health", "blocks.write", "radius.disconnect", "users.password", "notify.read", "webhooks.read",
-                "outbox.read", "outbox.write", "fup.read", "dunning.read"},
+                "outbox.read", "outbox.write", "fup.read", "dunning.read", "invoices.read"},
     "tariff_managers": {"tariffs.read", "tariffs.write", "reports.read", "users.read", "accounts.read"},
+    "accountants": {"invoices.read", "invoices.write", "reports.read", "payments.read", "users.read", "accounts.read",
+                    "tariffs.read"},
 }
 
 
@@ -459,7 +461,7 @@ def test_roles_hold_in_the_real_core_for_billctl(tmp_path: Path, db_dsn: str) ->
         bc.child_pid("core")
         env = dict(os.environ, BILLCTL_PASSWORD=PW, PW=PW)
         env.pop("BILLCORE_CONFIG", None)
-        for role in ("cashiers", "support", "tariff_managers"):
+        for role in ("cashiers", "support", "tariff_managers", "accountants"):
             subprocess.run([sys.executable, "-m", "billcore.cli", "-c", str(bc.config_path), "admin", "create", role,
                             "--group", role, "--password-env", "PW"], env=env, check=True, capture_output=True)
 

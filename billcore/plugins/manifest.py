@@ -47,6 +47,7 @@ RESERVED_NAMES = frozenset({
     "operators", "self", "subscribers", "bulk", "tokens",
     "outbox", "notify", "webhooks",
     "fup", "dunning",
+    "invoices", "statements",
     # modules, roles and words a reader would take for the core's
     "builtin", "plugin", "core", "sessions", "admins", "urfa", "ledger", "billing",
     "periodic", "portal", "console", "httpapi", "supervisor", "metrics",
