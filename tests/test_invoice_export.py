@@ -5,7 +5,7 @@ with its charge_reversal ledger row posted by the ledger; payments and their can
 ``billcore.billing.payments``.  What an accountant would notice: every document of the period once, in a
 fixed order, a cancelled payment as the payment and a cancellation row; amounts as decimals (more when the
 micro-units need them) beside the raw micro-units; exporting again gives the same bytes, also after a
-later cancellation; every column is in docs/export.md; a wrong range is refused in words.
+later cancellation; every column is in docs/documents.md; a wrong range is refused in words.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from urfa.errors import CallFailed
 
 UTC = timezone.utc
 NOV, DEC = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
-DOC = Path(__file__).resolve().parent.parent / "docs" / "export.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "documents.md"
 NAME = 'Иванов, Иван "Ваня"'          # Cyrillic, a comma and quotes: CSV must quote it
 
 
@@ -204,6 +204,7 @@ def test_billctl_export_refusals(running: tuple[BillcoreProcess, dict[str, Any]]
 
 
 def test_every_column_is_documented() -> None:
-    """docs/export.md has a table row for each CSV column, in the file's order."""
-    documented = re.findall(r"^\| `([a-z_]+)` \|", DOC.read_text(encoding="utf-8"), re.M)
+    """docs/documents.md (Accounting export) has a table row for each CSV column, in the file's order."""
+    section = DOC.read_text(encoding="utf-8").split("\n## Accounting export\n", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
     assert documented == list(CSV_COLUMNS)

@@ -21,7 +21,7 @@ Admin call, right ``invoices.read``, streaming: chunks of rows in
 ``COLUMNS`` order (money in micro-units, times as instants), read through a
 server-side cursor in one READ ONLY repeatable-read transaction; the result
 counts and sums each record kind.  ``billctl invoices export`` writes CSV or
-JSON from it (``billcore.clients.billctl_export``, docs/export.md).
+JSON from it (``billcore.clients.billctl_export``, docs/documents.md ("Accounting export")).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ MAX_RANGE_DAYS: Final = 3_700
 COLUMNS: Final = ("record", "id", "number", "at", "account_id", "customer_login", "customer_name",
                   "period_start", "period_end", "refers_to", "method", "vat_bp", "net", "vat", "total",
                   "text", "operator")
-"""The wire columns of each row, in order (docs/export.md describes each)."""
+"""The wire columns of each row, in order (docs/documents.md ("Accounting export") describes each)."""
 
 _RECORDS: Final = ("invoice", "credit_note", "payment", "payment_cancellation")
 
@@ -109,7 +109,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         """The accounting export of [since, until): invoices and credit notes by the time they were issued,
         payments by the time they were taken, payment cancellations by the time they were cancelled (a
         row of their own with a negative total); streamed rows in a fixed order, so exporting a period
-        again gives the same rows (docs/export.md describes the columns)."""
+        again gives the same rows (docs/documents.md ("Accounting export") describes the columns)."""
         for name, value in (("since", since), ("until", until)):
             if not isinstance(value, datetime) or value.utcoffset() is None:
                 raise ExportError(f"{name} must be a time with its zone")

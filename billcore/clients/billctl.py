@@ -51,7 +51,7 @@ from urfa.link import Address, Link
 
 from billcore.common.money import format_money, parse_money
 from billcore.common.errors import BillingError
-from billcore.clients.exits import USAGE, report
+from billcore.clients.exits import USAGE, UsageError, report
 
 __all__ = ["main", "convert_args", "render", "show_money"]
 
@@ -66,10 +66,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "billcore.clients.billctl_export",
     "billcore.clients.billctl_documents",
 )
-
-
-class UsageError(Exception):
-    """The command line is wrong; the message says how."""
 
 
 def _convert(name: str, kind: str, text: str) -> Any:

@@ -31,16 +31,11 @@ from urfa.client import Client
 
 from billcore.common.config import ConfigError, load_config
 from documents.render import DocumentError, Issuer, invoice_html, invoice_pdf, statement_pdf
+from billcore.clients.exits import UsageError
 
 __all__ = ["register", "MAX_STATEMENT_ROWS"]
 
 MAX_STATEMENT_ROWS = 500_000
-
-
-def _usage(text: str) -> Exception:
-    from billcore.clients.billctl import UsageError   # (billctl imports this module when it builds its parser)
-
-    return UsageError(text)
 
 
 def _issuer(args: argparse.Namespace) -> Issuer:
@@ -48,7 +43,7 @@ def _issuer(args: argparse.Namespace) -> Issuer:
     try:
         return Issuer.of(load_config(path))
     except ConfigError as exc:
-        raise _usage(f"config: {exc}") from None
+        raise UsageError(f"config: {exc}") from None
 
 
 def _lang(args: argparse.Namespace, issuer: Issuer) -> str:
@@ -63,7 +58,7 @@ def _write(out: str, data: bytes) -> dict[str, Any]:
             f.write(data)
         os.replace(temp, target)
     except OSError as exc:
-        raise _usage(f"{out}: {exc.strerror}") from None
+        raise UsageError(f"{out}: {exc.strerror}") from None
     return {"out": str(target), "bytes": len(data)}
 
 
@@ -71,7 +66,7 @@ def _moment(name: str, text: str, zone: str) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise _usage(f"{name}: a date or time, ISO 8601 (2026-11-01 or 2026-11-01T00:00+03:00), got {text!r}") from None
+        raise UsageError(f"{name}: a date or time, ISO 8601 (2026-11-01 or 2026-11-01T00:00+03:00), got {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=zoneinfo.ZoneInfo(zone))
 
 
@@ -79,7 +74,7 @@ def _invoice_id(text: str) -> int:
     try:
         return int(text, 10)
     except ValueError:
-        raise _usage(f"invoice id: an integer, got {text!r}") from None
+        raise UsageError(f"invoice id: an integer, got {text!r}") from None
 
 
 async def invoice_document(client: Client, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +87,7 @@ async def invoice_document(client: Client, args: argparse.Namespace) -> dict[str
         else:
             data = invoice_html(doc, issuer, _lang(args, issuer)).encode("utf-8")
     except (DocumentError, ValueError) as exc:
-        raise _usage(f"documents: {exc}") from None
+        raise UsageError(f"documents: {exc}") from None
     return {"number": doc.get("number"), **_write(args.out, data)}
 
 
@@ -102,7 +97,7 @@ async def statement_document(client: Client, args: argparse.Namespace) -> dict[s
     try:
         account_id = int(args.account, 10)
     except ValueError:
-        raise _usage(f"account: an integer, got {args.account!r}") from None
+        raise UsageError(f"account: an integer, got {args.account!r}") from None
     call = {"account_id": account_id, "since": _moment("since", args.since, issuer.timezone),
             "until": _moment("until", args.until, issuer.timezone)}
     rows: list[Any] = []
@@ -110,11 +105,11 @@ async def statement_document(client: Client, args: argparse.Namespace) -> dict[s
     async for chunk in stream:
         rows.extend(chunk if isinstance(chunk, list) else [chunk])
         if len(rows) > MAX_STATEMENT_ROWS:
-            raise _usage(f"more than {MAX_STATEMENT_ROWS:,} entries: ask for a shorter range")
+            raise UsageError(f"more than {MAX_STATEMENT_ROWS:,} entries: ask for a shorter range")
     try:
         data = statement_pdf(stream.result, rows, issuer, _lang(args, issuer))
     except (DocumentError, ValueError) as exc:
-        raise _usage(f"documents: {exc}") from None
+        raise UsageError(f"documents: {exc}") from None
     return {"account_id": account_id, "entries": len(rows), **_write(args.out, data)}
 
 

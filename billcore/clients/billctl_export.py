@@ -20,7 +20,7 @@ plus the raw micro-units; CSV per RFC 4180 (CRLF line ends, quotes only
 where needed) in UTF-8 without a byte-order mark; JSON one document with
 sorted keys.  So exporting the same period again gives the same bytes.  A
 date without a time (``--since 2026-11-01``) is midnight in ``--zone``
-(default UTC).  docs/export.md describes every column.
+(default UTC).  docs/documents.md ("Accounting export") describes every column.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import IO, Any, Final
 from urfa.client import Client
 
 from billcore.common.money import format_money
+from billcore.clients.exits import UsageError
 
 __all__ = ["CSV_COLUMNS", "MONEY", "register", "csv_line", "json_row"]
 
@@ -55,12 +56,6 @@ CSV_COLUMNS: Final = ("record", "id", "number", "at", "account_id", "customer_lo
                       "total", "net_micro", "vat_micro", "total_micro", "text", "operator")
 
 
-def _usage(text: str) -> Exception:
-    from billcore.clients.billctl import UsageError   # (billctl imports this module when it builds its parser)
-
-    return UsageError(text)
-
-
 def _instant(value: Any) -> Any:
     """A wire time as UTC ISO 8601 text (the one spelling every export uses)."""
     if isinstance(value, dt.datetime):
@@ -70,7 +65,7 @@ def _instant(value: Any) -> Any:
 
 def _named(row: Sequence[Any]) -> dict[str, Any]:
     if len(row) != len(WIRE):
-        raise _usage(f"{CALL} sent a row of {len(row)} columns, this billctl knows {len(WIRE)}: update billctl")
+        raise UsageError(f"{CALL} sent a row of {len(row)} columns, this billctl knows {len(WIRE)}: update billctl")
     return {key: _instant(value) for key, value in zip(WIRE, row)}
 
 
@@ -98,11 +93,11 @@ def _moment(name: str, text: str, zone: str) -> dt.datetime:
     try:
         tz = zoneinfo.ZoneInfo(zone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise _usage(f"--zone: unknown time zone {zone!r}") from None
+        raise UsageError(f"--zone: unknown time zone {zone!r}") from None
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise _usage(f"--{name}: a date or time, ISO 8601 (2026-11-01 or 2026-11-01T00:00+03:00), got {text!r}") from None
+        raise UsageError(f"--{name}: a date or time, ISO 8601 (2026-11-01 or 2026-11-01T00:00+03:00), got {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=tz)
 
 
@@ -152,7 +147,7 @@ def _replace(target: Path, write: Any) -> int:
             raise
         return target.stat().st_size
     except OSError as exc:
-        raise _usage(f"{target}: {exc.strerror}") from None
+        raise UsageError(f"{target}: {exc.strerror}") from None
 
 
 async def run_export(client: Client, args: argparse.Namespace) -> Any:

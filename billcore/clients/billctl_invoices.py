@@ -31,6 +31,7 @@ from typing import Any
 from urfa.client import Client
 
 from billcore.common.money import format_money
+from billcore.clients.exits import UsageError
 
 __all__ = ["register"]
 
@@ -38,23 +39,13 @@ SUMMARY_MONEY = frozenset({"total"})
 DOCUMENT_MONEY = frozenset({"net", "vat", "total"})
 
 
-def _usage(text: str) -> Exception:
-    """billctl's ``UsageError`` — the one its ``main`` catches: under ``python -m billcore.clients.billctl``
-    that is ``__main__``'s class, not the one an import of ``billcore.clients.billctl`` makes."""
-    from billcore.clients import billctl   # billctl imports this module when it builds its parser
-
-    running = sys.modules.get("__main__")
-    cls = getattr(running, "UsageError", None) if getattr(running, "COMMAND_MODULES", None) else None
-    return (cls or billctl.UsageError)(text)
-
-
 def _int(name: str, text: str) -> int:
     try:
         value = int(text, 10)
     except ValueError:
-        raise _usage(f"{name} must be an integer, got {text!r}") from None
+        raise UsageError(f"{name} must be an integer, got {text!r}") from None
     if value <= 0:
-        raise _usage(f"{name} must be positive")
+        raise UsageError(f"{name} must be positive")
     return value
 
 
@@ -62,7 +53,7 @@ def _moment(name: str, text: str) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise _usage(f"{name}: an ISO 8601 date or time, got {text!r}") from None
+        raise UsageError(f"{name}: an ISO 8601 date or time, got {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
@@ -73,7 +64,7 @@ def _money(text: str) -> int:
     try:
         return parse_money(text)
     except BillingError as exc:
-        raise _usage(f"amount: {exc}") from None
+        raise UsageError(f"amount: {exc}") from None
 
 
 def _shown(args: argparse.Namespace, value: dict[str, Any], money: frozenset[str]) -> dict[str, Any]:
@@ -140,7 +131,7 @@ async def credit_cmd(client: Client, args: argparse.Namespace) -> Any:
         for item in args.line:
             no, sep, amount = item.partition("=")
             if not sep:
-                raise _usage(f"--line takes LINE_NO=AMOUNT (e.g. 2=150.00), got {item!r}")
+                raise UsageError(f"--line takes LINE_NO=AMOUNT (e.g. 2=150.00), got {item!r}")
             lines.append({"line_no": _int("line", no), "total": _money(amount)})
         call["lines"] = lines
     return _document(args, await client.call("invoices.credit", call))

@@ -65,7 +65,8 @@ def report_args(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_report(client: Client, args: argparse.Namespace) -> Any:
-    from billcore.clients.billctl import RowPrinter, UsageError, _cell, _describe, render, show_money
+    from billcore.clients.billctl import RowPrinter, _cell, _describe, render, show_money
+    from billcore.clients.exits import UsageError
 
     fn, _takes = REPORTS[args.report]
     try:

@@ -21,38 +21,33 @@ import sys
 from typing import Any
 
 from urfa.client import Client
+from billcore.clients.exits import UsageError
 
 __all__ = ["register", "whatif_args"]
 
 CALL = "reports.whatif"
 
 
-def _usage(text: str) -> Exception:
-    from billcore.clients.billctl import UsageError   # (billctl imports this module when it builds its parser)
-
-    return UsageError(text)
-
-
 def whatif_args(args: argparse.Namespace) -> dict[str, Any]:
     """The call's arguments from the command line."""
     out: dict[str, Any] = {"tariff_id": args.tariff}
     if (args.month is None) == (args.period_start is None):
-        raise _usage("whatif needs --month YYYY-MM or --period-start ISO, one of them")
+        raise UsageError("whatif needs --month YYYY-MM or --period-start ISO, one of them")
     if args.month is not None:
         out["month"] = args.month
         if args.until_month is not None:
             out["until_month"] = args.until_month
     else:
         if args.until_month is not None:
-            raise _usage("--until-month goes with --month")
+            raise UsageError("--until-month goes with --month")
         try:
             at = dt.datetime.fromisoformat(args.period_start)
         except ValueError:
-            raise _usage(f"--period-start: an ISO date or time, got {args.period_start!r}") from None
+            raise UsageError(f"--period-start: an ISO date or time, got {args.period_start!r}") from None
         out["period_start"] = at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
     chosen = [k for k in ("account", "of_tariff") if getattr(args, k) is not None] + (["all"] if args.all else [])
     if len(chosen) != 1:
-        raise _usage("whatif needs one of --account N, --of-tariff M or --all")
+        raise UsageError("whatif needs one of --account N, --of-tariff M or --all")
     if args.account is not None:
         out["account_id"] = args.account
     elif args.of_tariff is not None:

@@ -10,9 +10,17 @@ import sys
 
 from urfa.errors import CallFailed, LoginFailed
 
-__all__ = ["OK", "REFUSED", "USAGE", "LOGIN_REFUSED", "UNREACHABLE", "report"]
+__all__ = ["OK", "REFUSED", "USAGE", "LOGIN_REFUSED", "UNREACHABLE", "UsageError", "report"]
 
 OK, REFUSED, USAGE, LOGIN_REFUSED, UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class UsageError(Exception):
+    """The command line is wrong; the message says how (exit ``USAGE``).
+
+    It lives here, not in billctl, so that billctl's command modules raise the
+    class billctl's ``main`` catches also under ``python -m
+    billcore.clients.billctl`` (where billctl itself is ``__main__``)."""
 
 
 def report(prog: str, failure: Exception) -> int:
