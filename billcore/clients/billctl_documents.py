@@ -32,6 +32,7 @@ from urfa.client import Client
 from billcore.common.config import ConfigError, load_config
 from documents.render import DocumentError, Issuer, invoice_html, invoice_pdf, statement_pdf
 from billcore.clients.exits import UsageError
+from billcore.clients.subcommands import actions_of
 
 __all__ = ["register", "MAX_STATEMENT_ROWS"]
 
@@ -119,22 +120,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="billcore config with the [documents] issuer (default: $BILLCORE_CONFIG)")
 
 
-def _actions(sub: Any, name: str, help_text: str) -> Any:
-    """The sub-commands of ``billctl NAME``: another module's ``invoices`` (the list, show … actions) if it
-    registered first, else a new one."""
-    parser = sub.choices.get(name)
-    if parser is None:
-        parser = sub.add_parser(name, help=help_text)
-        return parser.add_subparsers(dest="action", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest="action", required=True)
-
-
 def register(sub: Any) -> None:
     """Add the commands to billctl's sub-parsers; each sets ``run`` (client, args) → result."""
-    invoices = _actions(sub, "invoices", "invoices and credit notes")
+    invoices = actions_of(sub, "invoices", "invoices and credit notes")
     for fmt in ("pdf", "html"):
         c = invoices.add_parser(fmt, help=f"write an invoice or credit note as {fmt.upper()}")
         c.add_argument("id", help="the invoice's id")

@@ -43,6 +43,7 @@ from urfa.client import Client
 
 from billcore.common.money import format_money
 from billcore.clients.exits import UsageError
+from billcore.clients.subcommands import actions_of
 
 __all__ = ["CSV_COLUMNS", "MONEY", "register", "csv_line", "json_row"]
 
@@ -176,22 +177,9 @@ async def run_export(client: Client, args: argparse.Namespace) -> Any:
             "cancellations": result["cancellations"]}
 
 
-def _actions(sub: Any, name: str, help_text: str) -> Any:
-    """The sub-commands of ``billctl NAME``: another module's (the invoices list, show… or pdf) if it
-    registered first, else a new one (as billctl_documents does)."""
-    parser = sub.choices.get(name)
-    if parser is None:
-        parser = sub.add_parser(name, help=help_text)
-        return parser.add_subparsers(dest="action", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest="action", required=True)
-
-
 def register(sub: Any) -> None:
     """``billctl invoices export --since … --until … [--format csv|json] --out F``."""
-    invoices = _actions(sub, "invoices", "invoices and credit notes")
+    invoices = actions_of(sub, "invoices", "invoices and credit notes")
     c = invoices.add_parser("export", help="the accounting export of a period (invoices, credit notes, payments,"
                                            " cancellations) as CSV or JSON, the same bytes every time")
     c.add_argument("--since", required=True, help="first moment, ISO 8601 (a date: midnight in --zone)")

@@ -32,6 +32,7 @@ from urfa.client import Client
 
 from billcore.common.money import format_money
 from billcore.clients.exits import UsageError
+from billcore.clients.subcommands import actions_of
 
 __all__ = ["register"]
 
@@ -159,21 +160,9 @@ async def statement_cmd(client: Client, args: argparse.Namespace) -> Any:
     return result
 
 
-def _actions(sub: Any, name: str, help_text: str) -> Any:
-    """The sub-commands of ``billctl NAME`` (another module may add more to them)."""
-    parser = sub.choices.get(name)
-    if parser is None:
-        parser = sub.add_parser(name, help=help_text)
-        return parser.add_subparsers(dest="action", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest="action", required=True)
-
-
 def register(sub: Any) -> None:
     """Add ``invoices run|issue|list|show|credit`` and ``statement`` to billctl's sub-parsers."""
-    invoices = _actions(sub, "invoices", "invoices and credit notes")
+    invoices = actions_of(sub, "invoices", "invoices and credit notes")
     c = invoices.add_parser("run", help="the monthly invoice run now (idempotent; progress on stderr)")
     c.add_argument("--period-end", help="invoice periods ending by then at the latest (ISO 8601)")
     c.set_defaults(run=run_cmd)
