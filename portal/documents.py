@@ -16,6 +16,7 @@ not give this subscriber is the 404 page, like any other.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import zoneinfo
 from typing import Any
@@ -83,7 +84,7 @@ async def invoice_file(request: web.Request) -> web.StreamResponse:
     doc = await office.ask(request, "me.invoice", invoice_id=invoice_id)
     issuer, lang = request.app[ISSUER], office.translator(request).lang
     if fmt == "pdf":
-        return _download(invoice_pdf(doc, issuer, lang), _file_name(doc.get("number"), "pdf"), "application/pdf")
+        return _download(await asyncio.to_thread(invoice_pdf, doc, issuer, lang), _file_name(doc.get("number"), "pdf"), "application/pdf")
     return _download(invoice_html(doc, issuer, lang).encode("utf-8"), _file_name(doc.get("number"), "html"),
                      "text/html")
 
@@ -117,7 +118,7 @@ async def statement_file(request: web.Request) -> web.StreamResponse:
         if exc.code in ("not_in_table", "deleted", "forbidden"):
             raise office.PageError(403, "error.403", code=exc.code) from None
         return await documents_page(request, 400, exc.message or exc.code)
-    data = statement_pdf(result, rows, issuer, t.lang)
+    data = await asyncio.to_thread(statement_pdf, result, rows, issuer, t.lang)   # seconds for a long one: off the loop
     return _download(data, f"statement-{account_id}-{first.isoformat()}-{last.isoformat()}.pdf", "application/pdf")
 
 

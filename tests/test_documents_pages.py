@@ -4,7 +4,7 @@ and the console in headless Chromium and with billctl, and read back with pdftot
 The core is the real call layer on a real PostgreSQL (``LiveCore``, in this process); charges are posted
 through the ledger's own ``post_charges`` (the kind of row an invoice is made from), a payment through
 ``payments.add``, and the invoice by ``invoices.issue`` — the calls of the invoices helper's
-billcore/api/invoice_calls.py, which this module needs (it skips, naming it, on a tree without them).
+billcore/api/invoice_calls.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import importlib.util
 import itertools
 import os
 import re
@@ -38,8 +37,6 @@ from urfa import client as uc
 from webedge.render import Currency
 from webedge.settings import read_or_make_secret
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("billcore.api.invoice_calls") is None,
-                                reason="needs the invoice calls (billcore/api/invoice_calls.py, the invoices helper)")
 
 ISSUER = Issuer(name="ООО «Сеть Плюс»", address="Москва, ул. Тверская, 1", tax_id="7701234567", timezone="UTC")
 _seq = itertools.count(1)

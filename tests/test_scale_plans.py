@@ -171,7 +171,8 @@ async def test_verify_reports_progress_and_finds_a_changed_row(subscribers: asyn
     conn = subscribers
     seen: list[str] = []
     assert await verify(conn, T0, progress=lambda check, s: seen.append(check)) == []
-    assert seen == ["balance and chain", "trigger", "system_block", "payment", "reversal"]
+    assert seen == ["balance and chain", "trigger", "system_block", "payment", "reversal", "invoice", "invoice_lines",
+                    "credit_note", "credit_excess", "numbering"]
     extra: list[str] = []
     assert await checks.extra_checks(conn, now=T0, progress=lambda check, s: extra.append(check)) == []
     assert extra == ["ip_overlap", "counters", "watermark"]

@@ -20,6 +20,7 @@ offering what the core would refuse.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import zoneinfo
 from typing import Any
@@ -157,7 +158,7 @@ async def invoice_file(request: web.Request) -> web.StreamResponse:
     doc = await _document(request, _path_id(request, "invoice_id"))
     lang = _lang()
     if request.match_info["fmt"] == "pdf":
-        return _download(invoice_pdf(doc, _issuer(request), lang), doc.get("number"), "pdf", "application/pdf")
+        return _download(await asyncio.to_thread(invoice_pdf, doc, _issuer(request), lang), doc.get("number"), "pdf", "application/pdf")
     return _download(invoice_html(doc, _issuer(request), lang).encode("utf-8"), doc.get("number"), "html",
                      "text/html")
 
@@ -219,7 +220,7 @@ async def statement(request: web.Request) -> web.StreamResponse:
         if exc.code in ("not_in_table", "forbidden", "deleted"):
             raise Forbidden(exc.code) from None
         return await _account_page(request, account_id, 409, t("documents.refused", message=exc.message or exc.code))
-    data = statement_pdf(result, rows, issuer, _lang())
+    data = await asyncio.to_thread(statement_pdf, result, rows, issuer, _lang())   # seconds for a long one: off the loop
     return _download(data, f"statement-{account_id}-{first.isoformat()}-{last.isoformat()}", "pdf", "application/pdf")
 
 
