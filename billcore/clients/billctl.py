@@ -49,6 +49,7 @@ from urfa.client import Client
 from urfa.errors import URFAError
 from urfa.link import Address, Link
 
+from billcore.common.csvcell import safe_text
 from billcore.common.money import format_money, parse_money
 from billcore.common.errors import BillingError
 from billcore.clients.exits import USAGE, UsageError, report
@@ -202,7 +203,7 @@ class RowPrinter:
             if self._csv is None:
                 self._csv = csv.writer(self.out, lineterminator="\n")
                 self._csv.writerow(self.columns)
-            self._csv.writerow([_cell(shown.get(k)) for k in self.columns])
+            self._csv.writerow([safe_text(_cell(shown.get(k))) for k in self.columns])
             return
         if self._widths is None:
             self._pending.append(shown)

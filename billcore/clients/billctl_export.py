@@ -43,6 +43,7 @@ from urfa.client import Client
 
 from billcore.common.money import format_money
 from billcore.clients.exits import UsageError
+from billcore.common.csvcell import safe_text
 from billcore.clients.subcommands import actions_of
 
 __all__ = ["CSV_COLUMNS", "MONEY", "register", "csv_line", "json_row"]
@@ -87,7 +88,7 @@ def json_row(row: Mapping[str, Any], currency: str, minor_units: int) -> dict[st
 def csv_line(row: Mapping[str, Any], currency: str, minor_units: int) -> list[str]:
     """A row as CSV cells in ``CSV_COLUMNS`` order (absent values empty)."""
     full = json_row(row, currency, minor_units)
-    return ["" if full[key] is None else str(full[key]) for key in CSV_COLUMNS]
+    return ["" if full[key] is None else safe_text(str(full[key])) for key in CSV_COLUMNS]
 
 
 def _moment(name: str, text: str, zone: str) -> dt.datetime:

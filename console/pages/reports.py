@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from billcore.common.csvcell import safe_text
 from billcore.common.money import format_money
 from console.context import CONSOLE
 from console.page import Page, Refused, operator_of, render, stream
@@ -216,7 +217,7 @@ def _csv_cell(view: View, field: str, value: Any) -> str:
         return format_money(value)
     if isinstance(value, datetime):
         return value.isoformat()
-    return str(value)
+    return safe_text(str(value))
 
 
 def csv_text(view: View, rows: Iterable[Sequence[Any]], header: bool = False) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from billcore.common.csvcell import safe_text
 from console.context import CONSOLE, DEADLINE
 from console.page import Page, Refused, call, form, money_text, operator_of, redirect, render, stream
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, SubscriberFilter, read_filter, read_id, read_page
@@ -39,9 +40,6 @@ CSV_COLUMNS: Final = ("user_id", "login", "full_name", "phone", "email", "contra
                       "balance", "credit", "tariff_id", "tariff_name", "blocked", "online")
 _MONEY_COLUMNS: Final = frozenset({"balance", "credit"})
 _TEXT_COLUMNS: Final = frozenset({"login", "full_name", "phone", "email", "contract", "tariff_name"})
-# A spreadsheet runs a cell that starts with one of these as a formula
-# (CSV injection): a subscriber's name "=HYPERLINK(…)" must stay text.
-_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 _NEW_FIELDS: Final = ("login", "full_name", "phone", "email", "address", "contract", "ip", "tariff_id")
 
 MESSAGES = {
@@ -161,9 +159,7 @@ def _cell(column: str, value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     text = str(value)
-    if column in _TEXT_COLUMNS and text.startswith(_FORMULA_START):
-        return "'" + text
-    return text
+    return safe_text(text) if column in _TEXT_COLUMNS else text    # a name "=HYPERLINK(…)" stays text
 
 
 def csv_lines(rows: Iterable[Mapping[str, Any]], header: bool = False) -> str:
