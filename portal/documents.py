@@ -7,7 +7,7 @@ which are the subscriber's) with a PDF and an HTML download each, and a
 form for a statement of one of the subscriber's accounts over chosen days.
 ``GET /documents/{id}.pdf`` / ``.html`` fetch ``me.invoice`` and render it
 with ``documents.render`` in the office's language, with the ISP's details
-(``[documents]``); ``GET /documents/statement.pdf?account_id&since&until``
+(``[documents]``); ``GET /documents/statement.pdf|html?account_id&since&until``
 streams ``me.statement`` for the days ``since`` to ``until`` (both
 included: midnight to midnight in the operator's zone) and renders it.
 Nothing is stored: a download is rendered when asked.  An id the core does
@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from documents.render import invoice_html, invoice_pdf, statement_pdf
+from documents.render import invoice_html, invoice_pdf, statement_html, statement_pdf
 from documents.view import DocumentError, Issuer, period_text
 from webedge.core_link import Refused, SessionGone
 from webedge.http import ascii_int
@@ -118,8 +118,11 @@ async def statement_file(request: web.Request) -> web.StreamResponse:
         if exc.code in ("not_in_table", "deleted", "forbidden"):
             raise office.PageError(403, "error.403", code=exc.code) from None
         return await documents_page(request, 400, exc.message or exc.code)
+    name = f"statement-{account_id}-{first.isoformat()}-{last.isoformat()}"
+    if request.path.endswith(".html"):
+        return _download(statement_html(result, rows, issuer, t.lang).encode("utf-8"), name + ".html", "text/html")
     data = await asyncio.to_thread(statement_pdf, result, rows, issuer, t.lang)   # seconds for a long one: off the loop
-    return _download(data, f"statement-{account_id}-{first.isoformat()}-{last.isoformat()}.pdf", "application/pdf")
+    return _download(data, name + ".pdf", "application/pdf")
 
 
 async def documents_get(request: web.Request) -> web.StreamResponse:
@@ -130,4 +133,5 @@ def add_routes(app: web.Application, issuer: Issuer | None) -> None:
     app[ISSUER] = issuer or Issuer()
     app.router.add_get("/documents", documents_get)
     app.router.add_get("/documents/statement.pdf", statement_file)
+    app.router.add_get("/documents/statement.html", statement_file)
     app.router.add_get(r"/documents/{invoice_id:\d+}.{fmt:pdf|html}", invoice_file)

@@ -110,6 +110,11 @@ async def test_billctl_writes_an_invoice_and_a_statement(live_core: LiveCore, tm
     text = pdftotext(statement)
     assert "Opening balance: 0.00 RUB" in text and "Closing balance: 376.55 RUB" in text
     assert "500.00" in text and "-123.45" in text
+    done = await billctl(live_core, "statement-html", str(account_id), "--since", (today - dt.timedelta(days=1)).isoformat(),
+                         "--until", (today + dt.timedelta(days=1)).isoformat(), "--out", str(html), "--lang", "en",
+                         "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert '<span id="closing">376.55</span> RUB' in html.read_text()
     # an unknown invoice is the core's refusal, no file written
     done = await billctl(live_core, "invoices", "pdf", "999999", "--out", str(tmp_path / "none.pdf"))
     assert done.returncode == 1 and not (tmp_path / "none.pdf").exists()
@@ -157,14 +162,19 @@ async def test_a_subscriber_downloads_invoices_and_a_statement_in_the_office(liv
             await (await info.value).save_as(statement)
             text = pdftotext(statement)
             assert "Выписка по счёту" in text and "Исходящий остаток: 400.01 RUB" in text
+            async with page.expect_download() as info:
+                await page.click("#get-statement-html")
+            await (await info.value).save_as(tmp_path / "statement.html")
+            assert '<span id="closing">400.01</span> RUB' in (tmp_path / "statement.html").read_text()
         # another subscriber's invoice is the 404 page, not a document
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             (await http_login(http, url, "mallory", "mallory-password-1")).release()
             async with http.get(f"{url}/documents/{doc['id']}.pdf") as r:
                 assert r.status == 404 and r.content_type == "text/html"
-            async with http.get(f"{url}/documents/statement.pdf?account_id={account_id}&since=2026-01-01"
-                                "&until=2026-01-31") as r:
-                assert r.status == 404
+            for fmt in ("pdf", "html"):
+                async with http.get(f"{url}/documents/statement.{fmt}?account_id={account_id}&since=2026-01-01"
+                                    "&until=2026-01-31") as r:
+                    assert r.status == 404
             async with http.get(f"{url}/documents/statement.pdf?account_id={account_id}&since=2026-02-01"
                                 "&until=2026-01-31") as r:
                 assert r.status == 400
@@ -232,6 +242,10 @@ async def test_an_operator_views_downloads_and_credits_an_invoice(console_world:
         await (await info.value).save_as(statement)
         text = pdftotext(statement)
         assert "Statement of account" in text and "Closing balance: 400.00 RUB" in text
+        async with page.expect_download() as info:
+            await page.click("#get-statement-html")
+        await (await info.value).save_as(tmp_path / "statement.html")
+        assert '<span id="closing">400.00</span> RUB' in (tmp_path / "statement.html").read_text()
 
 
 async def test_an_operator_without_invoice_rights_sees_no_link(console_world: ConsoleWorld) -> None:

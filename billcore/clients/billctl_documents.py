@@ -30,7 +30,7 @@ from typing import Any
 from urfa.client import Client
 
 from billcore.common.config import ConfigError, load_config
-from documents.render import DocumentError, Issuer, invoice_html, invoice_pdf, statement_pdf
+from documents.render import DocumentError, Issuer, invoice_html, invoice_pdf, statement_html, statement_pdf
 from billcore.clients.exits import UsageError
 from billcore.clients.subcommands import actions_of
 
@@ -93,7 +93,7 @@ async def invoice_document(client: Client, args: argparse.Namespace) -> dict[str
 
 
 async def statement_document(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    """``billctl statement-pdf ACCOUNT --since D --until D --out F``."""
+    """``billctl statement-pdf|statement-html ACCOUNT --since D --until D --out F``."""
     issuer = _issuer(args)
     try:
         account_id = int(args.account, 10)
@@ -108,7 +108,10 @@ async def statement_document(client: Client, args: argparse.Namespace) -> dict[s
         if len(rows) > MAX_STATEMENT_ROWS:
             raise UsageError(f"more than {MAX_STATEMENT_ROWS:,} entries: ask for a shorter range")
     try:
-        data = statement_pdf(stream.result, rows, issuer, _lang(args, issuer))
+        if args.command == "statement-pdf":
+            data = statement_pdf(stream.result, rows, issuer, _lang(args, issuer))
+        else:
+            data = statement_html(stream.result, rows, issuer, _lang(args, issuer)).encode("utf-8")
     except (DocumentError, ValueError) as exc:
         raise UsageError(f"documents: {exc}") from None
     return {"account_id": account_id, "entries": len(rows), **_write(args.out, data)}
@@ -128,9 +131,10 @@ def register(sub: Any) -> None:
         c.add_argument("id", help="the invoice's id")
         _common(c)
         c.set_defaults(run=invoice_document)
-    c = sub.add_parser("statement-pdf", help="write an account's statement for a range as PDF")
-    c.add_argument("account")
-    c.add_argument("--since", required=True, help="first moment, ISO 8601 (a date: midnight in the operator's zone)")
-    c.add_argument("--until", required=True, help="end of the range, excluded")
-    _common(c)
-    c.set_defaults(run=statement_document)
+    for fmt in ("pdf", "html"):
+        c = sub.add_parser(f"statement-{fmt}", help=f"write an account's statement for a range as {fmt.upper()}")
+        c.add_argument("account")
+        c.add_argument("--since", required=True, help="first moment, ISO 8601 (a date: midnight in the operator's zone)")
+        c.add_argument("--until", required=True, help="end of the range, excluded")
+        _common(c)
+        c.set_defaults(run=statement_document)

@@ -10,7 +10,7 @@ rendered by ``documents.render`` in the operator's language with the ISP's
 ``[documents]`` details), and, for an operator holding
 ``invoices.credit``, the credit-note form: a reason and, per line, the
 amount to credit (all blank: the whole invoice; the core refuses more than
-what is left).  ``/accounts/{id}/statement.pdf?since&until`` streams
+what is left).  ``/accounts/{id}/statement.pdf|html?since&until`` streams
 ``statements.get`` for the days ``since`` to ``until`` (both included,
 midnight to midnight in the operator's zone).  Every call is the
 operator's own, so the core's rights (``invoices.read``,
@@ -34,7 +34,7 @@ from console.page import Forbidden, Page, Refused, call, form, operator_of, redi
 from console.page import browser_ip
 from console.pages.subscriber_filter import read_id
 from documents.labels import human_rate
-from documents.render import invoice_html, invoice_pdf, statement_pdf
+from documents.render import invoice_html, invoice_pdf, statement_html, statement_pdf
 from documents.view import DocumentError, Issuer, period_text
 
 ROUTES = Page.routes()
@@ -74,6 +74,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "documents.since": ("From", "С"),
     "documents.until": ("To (included)", "По (включительно)"),
     "documents.get_statement": ("Statement (PDF)", "Выписка (PDF)"),
+    "documents.get_statement_html": ("Statement (HTML)", "Выписка (HTML)"),
     "documents.bad_range": ("Choose a first and last day, the first not after the last.",
                             "Выберите первый и последний день; первый не позже последнего."),
     "documents.back": ("Back to the subscriber", "К абоненту"),
@@ -199,7 +200,7 @@ async def credit(request: web.Request) -> web.StreamResponse:
     return redirect(request, f"/invoices/{int(note['id'])}", message="documents.credited")
 
 
-@ROUTES.get(r"/accounts/{account_id:\d+}/statement.pdf", needs=("statements.get",))
+@ROUTES.get(r"/accounts/{account_id:\d+}/statement.{fmt:pdf|html}", needs=("statements.get",))
 async def statement(request: web.Request) -> web.StreamResponse:
     account_id = _path_id(request, "account_id")
     first, last = _day(request.query.get("since", "")), _day(request.query.get("until", ""))
@@ -220,8 +221,11 @@ async def statement(request: web.Request) -> web.StreamResponse:
         if exc.code in ("not_in_table", "forbidden", "deleted"):
             raise Forbidden(exc.code) from None
         return await _account_page(request, account_id, 409, t("documents.refused", message=exc.message or exc.code))
+    name = f"statement-{account_id}-{first.isoformat()}-{last.isoformat()}"
+    if request.match_info["fmt"] == "html":
+        return _download(statement_html(result, rows, issuer, _lang()).encode("utf-8"), name, "html", "text/html")
     data = await asyncio.to_thread(statement_pdf, result, rows, issuer, _lang())   # seconds for a long one: off the loop
-    return _download(data, f"statement-{account_id}-{first.isoformat()}-{last.isoformat()}", "pdf", "application/pdf")
+    return _download(data, name, "pdf", "application/pdf")
 
 
 def _day(text: str) -> dt.date | None:
