@@ -233,6 +233,39 @@ async def test_an_account_without_charges_gets_no_invoice_but_its_chain_moves(db
         await conn.close()
 
 
+async def test_a_run_after_missed_month_ends_issues_one_invoice_per_missed_period(db_dsn: str) -> None:
+    """The core was down at three month-ends: the next run issues April's, May's and June's invoices, each
+    with its own month's charges, numbered in that order — as if every run had happened."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        svc = await services(conn)
+        acc, steady = await new_account(conn), await new_account(conn)
+        await charge(conn, acc, "periodic", 10_000_000, MARCH + dt.timedelta(days=1), svc)
+        await invoices.run_batch(conn, [acc], APRIL + dt.timedelta(hours=2), GRACE, series="INV", tz=TZ)
+        months = [dt.datetime(2026, m, 1, tzinfo=TZ).astimezone(UTC) for m in (4, 5, 6, 7)]
+        for k, start in enumerate(months[:3]):
+            await charge(conn, acc, "periodic", (k + 1) * 1_000_000, start + dt.timedelta(days=3), svc)
+            await charge(conn, acc, "traffic", 500_000, start + dt.timedelta(days=9), svc)
+        await charge(conn, steady, "traffic", 7_000_000, months[2] + dt.timedelta(days=2), svc)
+        result = await invoices.run_batch(conn, [acc, steady], months[3] + dt.timedelta(hours=2), GRACE,
+                                          series="INV", tz=TZ)
+        assert (result.accounts, result.issued) == (2, 4)
+        rows = await conn.fetch("SELECT number, period_start, period_end, total FROM invoices"
+                                " WHERE account_id = $1 ORDER BY number", acc)
+        assert [(r["period_start"], r["period_end"]) for r in rows] == [
+            (MARCH, APRIL), (months[0], months[1]), (months[1], months[2]), (months[2], months[3])]
+        assert [r["number"] for r in rows][1:] == sorted(r["number"] for r in rows)[1:]
+        assert [r["total"] for r in rows] == [10_000_000, 1_500_000, 2_500_000, 3_500_000]
+        for r in rows:
+            assert r["total"] == -await ledger_charges(conn, acc, r["period_start"], r["period_end"])
+        # the account that was not behind has its one invoice, since the previous period's start
+        assert await conn.fetchval("SELECT total FROM invoices WHERE account_id = $1", steady) == 7_000_000
+        assert await conn.fetchval("SELECT last_no FROM invoice_series") == 5
+        assert await verify(conn, months[3] + dt.timedelta(hours=3)) == []
+    finally:
+        await conn.close()
+
+
 # ---------------------------------------------------------------- credit notes
 
 async def test_a_full_credit_note_reverses_exactly_and_a_partial_one_cannot_over_credit(db_dsn: str) -> None:

@@ -419,23 +419,31 @@ _BATCH_SQL: Final = (f"SELECT {_ACCOUNT_COLS} FROM accounts a JOIN users u ON u.
                      " WHERE a.id = ANY($1::bigint[]) AND a.id BETWEEN $2 AND $3 ORDER BY a.id")
 
 
-def _ranges(rows: Sequence[Any], target: datetime, tz: tzinfo) -> list[Range]:
-    """Each account's range up to the start of its accounting period holding ``target`` (periods computed
-    once per period signature); accounts already invoiced that far have none."""
-    bounds: dict[tuple[Any, ...], tuple[datetime, datetime]] = {}
+def _ranges(rows: Sequence[Any], target: datetime, tz: tzinfo) -> tuple[list[Range], bool]:
+    """Each account's next range towards the start of its accounting period holding ``target`` (periods
+    computed once per period signature); accounts already invoiced that far have none.  An account more
+    than one period behind (the core was down at month-ends) gets its oldest missing period only — one
+    invoice per period, as if each run had happened — and the flag says a further pass is due."""
+    bounds: dict[tuple[Any, ...], tuple[PeriodSpec, datetime, datetime]] = {}
     ranges: list[Range] = []
+    behind = False
     for row in rows:
         signature = (row["period_kind"], row["period_days"], row["period_anchor"])
         bound = bounds.get(signature)
         if bound is None:
             spec = _spec(row)
             end = period_containing(spec, target, tz).start
-            bound = bounds[signature] = (period_containing(spec, end - timedelta(microseconds=1), tz).start, end)
-        start, end = bound
+            bound = bounds[signature] = (spec, period_containing(spec, end - timedelta(microseconds=1), tz).start,
+                                         end)
+        spec, start, end = bound
         since = row["invoiced_until"] or start
         if since < end:
-            ranges.append(Range(row["id"], since, end, row))
-    return ranges
+            until = end
+            if since < start:
+                until = min(end, period_containing(spec, since, tz).end)
+                behind = behind or until < end
+            ranges.append(Range(row["id"], since, until, row))
+    return ranges, behind
 
 
 async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetime, grace: timedelta, *,
@@ -446,7 +454,8 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
 
     The lines are read before the series lock (batches of a run read theirs in parallel); under the
     lock the chains are read again, and a batch whose chains another issuer moved meanwhile reads its
-    lines again there."""
+    lines again there.  Accounts that missed month-ends get one invoice per missed period, oldest
+    first, numbered in that order, in further passes of the same transaction."""
     _check_series(series)
     if len(account_ids) > MAX_BATCH:
         raise InvalidValue(f"at most {MAX_BATCH} accounts per batch")
@@ -454,10 +463,12 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
     ids = sorted(set(account_ids))
     if not ids:
         return RunResult(0, 0, 0)
+    accounts: set[int] = set()
+    issued: list[Issued] = []
     async with conn.transaction():
         await conn.execute(_CUSTOM_PLANS)
         rows = await conn.fetch(_BATCH_SQL, ids, ids[0], ids[-1])
-        ranges = _ranges(rows, target, tz)
+        ranges, behind = _ranges(rows, target, tz)
         lines = await _lines(conn, ranges, tz)
         last_no = await _lock_series(conn, series, issue_year(now, tz))
         chains = {r["account_id"]: r["invoiced_until"] for r in await conn.fetch(
@@ -465,10 +476,20 @@ async def run_batch(conn: DbConnection, account_ids: Sequence[int], now: datetim
             " AND account_id BETWEEN $2 AND $3", ids, ids[0], ids[-1])}
         if any(chains.get(row["id"]) != row["invoiced_until"] for row in rows):
             rows = await conn.fetch(_BATCH_SQL, ids, ids[0], ids[-1])     # another issuer came first
-            ranges = _ranges(rows, target, tz)
+            ranges, behind = _ranges(rows, target, tz)
             lines = await _lines(conn, ranges, tz)
-        issued = await _write(conn, ranges, lines, series=series, last_no=last_no, actor=actor, now=now, tz=tz)
-    return RunResult(len(ranges), len(issued), sum(d.total for d in issued))
+        while True:
+            done = await _write(conn, ranges, lines, series=series, last_no=last_no, actor=actor, now=now, tz=tz)
+            accounts.update(r.account_id for r in ranges)
+            issued.extend(done)
+            last_no += len(done)
+            if not behind:
+                break
+            # accounts that missed periods: their next period, in this transaction (the chains moved)
+            rows = await conn.fetch(_BATCH_SQL, ids, ids[0], ids[-1])
+            ranges, behind = _ranges(rows, target, tz)
+            lines = await _lines(conn, ranges, tz)
+    return RunResult(len(accounts), len(issued), sum(d.total for d in issued))
 
 
 async def run(pool: Any, now: datetime, grace: timedelta, *, series: str, tz: tzinfo, batch_size: int = 5000,
