@@ -56,3 +56,26 @@ def publish(report: dict[str, Any], text: str, out: Path, tiny: bool) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         out.with_suffix(".md").write_text(text)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a local process (a backend of a local server; 0 when not visible)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def backends_cpu(conn: Any) -> dict[int, float]:
+    """CPU so far of every client backend of ``conn``'s database (an asyncpg connection).  Wall time on a
+    shared box moves with the neighbours' load; CPU seconds move much less."""
+    pids = await conn.fetchval(
+        "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND backend_type = 'client backend'")
+    return {pid: process_cpu(pid) for pid in pids or []}
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two ``backends_cpu`` readings (backends gone since are not counted)."""
+    return sum(after.values()) - sum(v for pid, v in before.items() if pid in after)

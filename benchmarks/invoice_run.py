@@ -54,7 +54,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _machine import machine, publish, tree_commit  # noqa: E402
+from _machine import backends_cpu, cpu_used, machine, publish, tree_commit  # noqa: E402
 
 from billcore.billing import invoices  # noqa: E402
 from billcore.db.migrate import migrate  # noqa: E402
@@ -73,27 +73,6 @@ SELECT account_id, ledger_charge_kind(kind, idem_key), ledger_charge_service(kin
    AND kind IN ('periodic', 'traffic', 'charge', 'charge_reversal') AND idem_key NOT LIKE 'credit_note:%'
  GROUP BY 1, 2, 3, 4
 """
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a local process (a backend of a local server; 0 when not visible)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def backends_cpu(conn: asyncpg.Connection) -> dict[int, float]:
-    """CPU so far of every client backend of this database: on a shared box wall time moves with the
-    neighbours' load, CPU seconds much less."""
-    pids = await conn.fetchval("SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database()"
-                               " AND backend_type = 'client backend'")
-    return {pid: process_cpu(pid) for pid in pids or []}
-
-
-def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(after.values()) - sum(v for pid, v in before.items() if pid in after)
 
 
 def with_db(dsn: str, name: str) -> str:

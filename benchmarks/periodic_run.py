@@ -38,7 +38,7 @@ import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _machine import cpu_model  # noqa: E402
+from _machine import backends_cpu, cpu_model, cpu_used  # noqa: E402
 
 from billcore.billing.scheduler import RunProgress, run_due  # noqa: E402
 from billcore.db.migrate import migrate  # noqa: E402
@@ -105,28 +105,6 @@ WITH due AS (
 )
 UPDATE accounts a SET balance = a.balance + i.amount FROM ins i WHERE a.id = i.account_id
 """
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a local process (the embedded server's backends)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def backends_cpu(conn: asyncpg.Connection) -> dict[int, float]:
-    """CPU so far of every client backend of this database.  Wall time on a
-    shared box moves with the neighbours' load; CPU seconds move much less."""
-    pids = await conn.fetchval(
-        "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND backend_type = 'client backend'")
-    return {pid: process_cpu(pid) for pid in pids or []}
-
-
-def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(after.values()) - sum(v for pid, v in before.items() if pid in after)
 
 
 async def run_floor(dsn: str) -> tuple[float, int, float, float]:
