@@ -36,6 +36,7 @@ WORDS: dict[str, dict[str, str]] = {
         "fup.restored": "Full speed back", "dunning.grace": "Payment overdue (grace period)",
         "dunning.throttled": "Speed limited for non-payment", "dunning.blocked": "Suspended for non-payment",
         "dunning.closed": "Contract closed for non-payment", "invoice.issued": "Invoice issued",
+        "credit_note.issued": "Credit note issued",
     },
     "ru": {
         "title": "Уведомления", "intro": "Выберите, какие письма мы вам отправляем и на каком языке.",
@@ -51,6 +52,7 @@ WORDS: dict[str, dict[str, str]] = {
         "fup.restored": "Скорость восстановлена", "dunning.grace": "Просрочка оплаты (льготный период)",
         "dunning.throttled": "Скорость ограничена из-за неоплаты", "dunning.blocked": "Приостановлено из-за неоплаты",
         "dunning.closed": "Договор расторгнут из-за неоплаты", "invoice.issued": "Выставлен счёт",
+        "credit_note.issued": "Выставлен корректировочный документ",
     },
 }
 

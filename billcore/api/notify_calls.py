@@ -65,7 +65,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "dunning.throttled": {"balance": -150_000_000, "step": "throttle", "cycle": 1},
     "dunning.blocked": {"balance": -150_000_000, "step": "block", "cycle": 1},
     "dunning.closed": {"balance": -150_000_000, "step": "close", "cycle": 1},
-    "invoice.issued": {"invoice_id": 1, "number": "2026-000123", "total": 1_200_000_000},
+    "invoice.issued": {"invoice_id": 1, "number": "INV-2026-000123", "total": 1_200_000_000},
+    "credit_note.issued": {"invoice_id": 2, "number": "CN-2026-000007", "total": -300_000_000, "credits": 1},
 }
 
 

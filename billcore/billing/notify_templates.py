@@ -271,6 +271,15 @@ DEFAULTS: dict[tuple[str, str], Template] = {
         "Счёт {{ data.number }}: {{ data.total|money }}",
         "Здравствуйте, {{ full_name or login }}!\n\nВыставлен счёт {{ data.number }} по лицевому счёту"
         " {{ account_id }} на сумму {{ data.total|money }}." + _SIGN_RU),
+    ("credit_note.issued", "en"): _t(
+        "Credit note {{ data.number }}: {{ (-data.total)|money }} credited",
+        "Hello {{ full_name or login }},\n\ncredit note {{ data.number }} credits {{ (-data.total)|money }} to"
+        " account {{ account_id }}; the office's Documents page has it." + _SIGN_EN),
+    ("credit_note.issued", "ru"): _t(
+        "Корректировочный документ {{ data.number }}: возврат {{ (-data.total)|money }}",
+        "Здравствуйте, {{ full_name or login }}!\n\nПо лицевому счёту {{ account_id }} выставлен"
+        " корректировочный документ {{ data.number }}: на счёт зачислено {{ (-data.total)|money }}."
+        " Документ — на странице «Документы» личного кабинета." + _SIGN_RU),
 }
 
 # the events a subscriber can be told of, in the order pages list them
