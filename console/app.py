@@ -46,8 +46,8 @@ from webedge.render import FILTERS, Currency
 from webedge.settings import EdgeSettings, read_or_make_secret
 
 from . import login, messages
-from .context import (CONSOLE, DEADLINE, FORM, LANG_COOKIE, OPERATOR, PRE_COOKIE, SID, SID_COOKIE, TR, Console,
-                      NavEntry, current_currency, current_words)
+from .context import (CONSOLE, DEADLINE, FORM, LANG_COOKIE, OPERATOR, PRE_COOKIE, SID, SID_COOKIE, STREAMED, TR,
+                      Console, NavEntry, current_currency, current_words)
 from .live import LiveHub
 from .operators_book import Operator
 from .page import Forbidden, Handler, Route, browser_ip, render
@@ -120,6 +120,11 @@ async def _answer(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
     except TimeoutError:
         log.warning("request timed out: %s %s", request.method, request.path)
+        started: web.StreamResponse | None = request.get(STREAMED)
+        if started is not None:         # the headers are out: cut the download, do not end it as if whole
+            if request.transport is not None:
+                request.transport.close()
+            return started
         return _error_page(request, 503, "error.503")
     except Refused as exc:          # a refusal the page did not show itself
         return _error_page(request, 409, "error.refused", code=exc.code, message=exc.message)

@@ -23,7 +23,7 @@ from .live import LiveHub
 from .operators_book import Operator, OperatorBook
 from .pending_logins import PendingLogins
 
-__all__ = ["Console", "CONSOLE", "SID", "OPERATOR", "FORM", "TR", "DEADLINE", "NavEntry", "current_words",
+__all__ = ["Console", "CONSOLE", "SID", "OPERATOR", "FORM", "TR", "DEADLINE", "STREAMED", "NavEntry", "current_words",
            "SID_COOKIE", "PRE_COOKIE", "LANG_COOKIE", "current_currency"]
 
 SID_COOKIE = "console_sid"
@@ -60,6 +60,8 @@ OPERATOR: web.RequestKey[Operator] = web.RequestKey("operator", Operator)
 FORM: web.RequestKey[dict[str, str]] = web.RequestKey("form", dict)
 TR: web.RequestKey[Translator] = web.RequestKey("t", Translator)
 DEADLINE: web.RequestKey[Any] = web.RequestKey("deadline", object)  # the request's asyncio.Timeout
+# a download whose headers are out (``console.page.start_download``): past its deadline it is cut, not answered
+STREAMED: web.RequestKey[web.StreamResponse] = web.RequestKey("streamed", web.StreamResponse)
 
 # the words of the request being answered, for ``console.page.t``
 current_words: contextvars.ContextVar[Translator] = contextvars.ContextVar("console_words")

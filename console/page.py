@@ -26,6 +26,7 @@ the request's language, ``live(request, topics)`` an SSE stream of
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,11 +41,11 @@ from webedge.i18n import LANGUAGES
 
 from billcore.common.money import format_money
 
-from .context import CONSOLE, DEADLINE, FORM, OPERATOR, SID, current_currency, current_words
+from .context import CONSOLE, DEADLINE, FORM, OPERATOR, SID, STREAMED, current_currency, current_words
 from .operators_book import Operator
 
 __all__ = ["Page", "Routes", "Route", "call", "stream", "render", "form", "redirect", "Refused", "t", "live",
-           "Forbidden", "operator_of", "browser_ip", "money_text"]
+           "Forbidden", "operator_of", "browser_ip", "money_text", "start_download", "keep_going"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # a page handler as written (it may take more, defaulted, arguments for its own re-use)
@@ -225,3 +226,19 @@ async def live(request: web.Request, topics: Iterable[str]) -> web.StreamRespons
     finally:
         console.live.leave(listener)
     return response
+
+
+async def start_download(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a streamed download's headers.  From here on ``keep_going`` pushes the request's deadline on
+    with each chunk; a deadline that passes all the same (the core stalled) cuts the connection, so the
+    browser sees a broken download — never a short file that looks whole, nor one that never ends."""
+    request[STREAMED] = response
+    await response.prepare(request)
+
+
+def keep_going(request: web.Request) -> None:
+    """Push the request's deadline one request-time past now: a download may run as long as the core
+    keeps sending, but one that stalls for a whole request-time still ends."""
+    deadline = request.get(DEADLINE)
+    if deadline is not None:
+        deadline.reschedule(asyncio.get_running_loop().time() + request.app[CONSOLE].section.request_timeout)

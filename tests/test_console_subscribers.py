@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import asyncpg
+import aiohttp
 import pytest
 
 from billcore.billing import subscribers
@@ -248,7 +249,7 @@ async def test_csv_export_streams_a_large_list_whole(console_world: ConsoleWorld
 async def test_an_export_longer_than_a_request_time_is_whole_while_the_core_keeps_sending(
         db_dsn: str, tmp_path: Path) -> None:
     """The request deadline bounds a stall, not a long export: each chunk pushes it on."""
-    async with console_world_of(db_dsn, tmp_path, request_timeout=1.0) as world:
+    async with console_world_of(db_dsn, tmp_path, request_timeout=2.0) as world:
         await seed_many(world.core.pool, 4000, "slow")
         browser = await world.operator("olga")
         link = world.console.link
@@ -256,7 +257,7 @@ async def test_an_export_longer_than_a_request_time_is_whole_while_the_core_keep
 
         async def slow_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
             async for chunk in real_stream(*args, **kwargs):
-                await asyncio.sleep(0.4)          # each chunk well within the deadline, all of them past it
+                await asyncio.sleep(0.8)          # each chunk well within the deadline, all of them past it
                 yield chunk
 
         link.stream = slow_stream  # type: ignore[method-assign]
@@ -266,6 +267,33 @@ async def test_an_export_longer_than_a_request_time_is_whole_while_the_core_keep
             body = await response.read()
         rows = list(csv.reader(io.StringIO(body.decode("utf-8-sig"), newline="")))
         assert len(rows) == 4001
+
+
+async def test_a_download_whose_core_stalls_after_its_headers_is_cut_not_left_hanging(
+        db_dsn: str, tmp_path: Path) -> None:
+    """Headers out, then the core stalls past a request-time: the connection is cut, so the browser sees a
+    broken download at once — not a short CSV that looks whole, nor one that never ends."""
+    async with console_world_of(db_dsn, tmp_path, request_timeout=1.0) as world:
+        await seed_many(world.core.pool, 3000, "stall")
+        browser = await world.operator("olga")
+        link = world.console.link
+        real_stream = link.stream
+
+        async def stalling_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            n = 0
+            async for chunk in real_stream(*args, **kwargs):
+                n += 1
+                if n == 2:
+                    await asyncio.sleep(30)       # far past the request time
+                yield chunk
+
+        link.stream = stalling_stream  # type: ignore[method-assign]
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with browser.http.get(browser.url + "/subscribers/export.csv?q=stall") as response:
+                assert response.status == 200
+                await response.read()
+        assert asyncio.get_running_loop().time() - started < 15
 
 
 # -- a new subscriber --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from aiohttp import web
 from billcore.common.csvcell import safe_text
 from billcore.common.money import format_money
 from console.context import CONSOLE
-from console.page import Page, Refused, operator_of, render, stream
+from console.page import Page, Refused, keep_going, operator_of, render, start_download, stream
 from console.pages.report_chart import bar_chart
 from webedge.http import ascii_int, security_headers
 from webedge.render import human_bytes, money
@@ -317,9 +317,10 @@ async def report_csv(request: web.Request) -> web.StreamResponse:
     })
     section = request.app[CONSOLE].section
     security_headers(response, https=section.cookie_secure or bool(section.tls_cert))
-    await response.prepare(request)
+    await start_download(request, response)
     await response.write(codecs.BOM_UTF8 + csv_text(view, first, header=True).encode())
     async for chunk in chunks:
+        keep_going(request)
         await response.write(csv_text(view, chunk).encode())
     await response.write_eof()
     return response

@@ -27,8 +27,9 @@ from typing import Any, Final
 from aiohttp import web
 
 from billcore.common.csvcell import safe_text
-from console.context import CONSOLE, DEADLINE
-from console.page import Page, Refused, call, form, money_text, operator_of, redirect, render, stream
+from console.context import CONSOLE
+from console.page import (Page, Refused, call, form, keep_going, money_text, operator_of, redirect, render,
+                          start_download, stream)
 from console.pages.subscriber_filter import MAX_OFFSET, PAGE_SIZE, SubscriberFilter, read_filter, read_id, read_page
 from webedge.http import security_headers
 
@@ -173,14 +174,6 @@ def csv_lines(rows: Iterable[Mapping[str, Any]], header: bool = False) -> str:
     return out.getvalue()
 
 
-def _keep_going(request: web.Request) -> None:
-    """Push the request's deadline one request-time past now: an export may run as long as the
-    core keeps sending, but one that stalls for a whole request-time still ends."""
-    deadline = request.get(DEADLINE)
-    if deadline is not None:
-        deadline.reschedule(asyncio.get_running_loop().time() + request.app[CONSOLE].section.request_timeout)
-
-
 @ROUTES.get("/subscribers/export.csv", needs=("subscribers.export",))
 async def export_csv(request: web.Request) -> web.StreamResponse:
     chosen = read_filter(request.query)
@@ -196,11 +189,11 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     section = request.app[CONSOLE].section
     # the headers go out now, before the middleware sees the answer: set them here
     security_headers(response, https=section.cookie_secure or bool(section.tls_cert))
-    await response.prepare(request)
+    await start_download(request, response)
     # UTF-8 with a byte order mark: Excel opens Cyrillic names right only so
     await response.write(codecs.BOM_UTF8 + csv_lines(first, header=True).encode())
     async for chunk in chunks:
-        _keep_going(request)
+        keep_going(request)
         await response.write(csv_lines(chunk).encode())
     await response.write_eof()
     return response
