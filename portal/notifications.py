@@ -52,7 +52,7 @@ WORDS: dict[str, dict[str, str]] = {
         "fup.restored": "Скорость восстановлена", "dunning.grace": "Просрочка оплаты (льготный период)",
         "dunning.throttled": "Скорость ограничена из-за неоплаты", "dunning.blocked": "Приостановлено из-за неоплаты",
         "dunning.closed": "Договор расторгнут из-за неоплаты", "invoice.issued": "Выставлен счёт",
-        "credit_note.issued": "Выставлен корректировочный документ",
+        "credit_note.issued": "Выставлен корректировочный счёт",
     },
 }
 

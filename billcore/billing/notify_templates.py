@@ -276,9 +276,9 @@ DEFAULTS: dict[tuple[str, str], Template] = {
         "Hello {{ full_name or login }},\n\ncredit note {{ data.number }} credits {{ (-data.total)|money }} to"
         " account {{ account_id }}; the office's Documents page has it." + _SIGN_EN),
     ("credit_note.issued", "ru"): _t(
-        "Корректировочный документ {{ data.number }}: возврат {{ (-data.total)|money }}",
+        "Корректировочный счёт {{ data.number }}: возврат {{ (-data.total)|money }}",
         "Здравствуйте, {{ full_name or login }}!\n\nПо лицевому счёту {{ account_id }} выставлен"
-        " корректировочный документ {{ data.number }}: на счёт зачислено {{ (-data.total)|money }}."
+        " корректировочный счёт {{ data.number }}: зачислено {{ (-data.total)|money }}."
         " Документ — на странице «Документы» личного кабинета." + _SIGN_RU),
 }
 
