@@ -48,6 +48,7 @@ __all__ = [
 MAX_PACKET = 4096
 MIN_PACKET = 20
 MESSAGE_AUTHENTICATOR = 80
+PROXY_STATE = 33
 
 ACCESS_REQUEST = 1
 ACCOUNTING_REQUEST = 4
@@ -68,6 +69,8 @@ class Header:
     authenticator: bytes
     # offset of the Message-Authenticator's value in the packet, or -1
     ma_offset: int
+    # a Proxy-State (33) is present: the reply must echo it (RFC 2865 s.5.33)
+    proxy_state: bool = False
 
 
 def parse_header(data: bytes) -> tuple[Header, bytes]:
@@ -85,6 +88,7 @@ def parse_header(data: bytes) -> tuple[Header, bytes]:
         raise MalformedPacket(f"Length field {length} exceeds the {n} octets received")
     packet = data[:length]
     ma_offset = -1
+    proxy_state = False
     pos = MIN_PACKET
     while pos < length:
         if pos + 2 > length:
@@ -96,8 +100,10 @@ def parse_header(data: bytes) -> tuple[Header, bytes]:
             if attr_len != 18 or ma_offset >= 0:
                 raise MalformedPacket("bad or repeated Message-Authenticator")
             ma_offset = pos + 2
+        elif attr_type == PROXY_STATE:
+            proxy_state = True
         pos += attr_len
-    return Header(code, ident, length, packet[4:20], ma_offset), packet
+    return Header(code, ident, length, packet[4:20], ma_offset, proxy_state), packet
 
 
 def _ma_digest(packet: bytes, ma_offset: int, secret: bytes, authenticator: bytes) -> bytes:

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -275,6 +277,21 @@ async def outbox_action(link: Link, delivery: dict[str, Any], table: NasTable, s
     return Outcome(False, f"unknown action {action!r}", permanent=True)
 
 
+def tune_gc() -> None:
+    """Fewer garbage collections on the datagram path.
+
+    Every request allocates a few dicts, tuples and a future, and the
+    duplicate cache keeps tens of thousands of entries alive: with CPython's
+    default thresholds (700, 10, 10) the collector ran every few hundred
+    requests and re-scanned the cache's survivors — about a tenth of the
+    process's CPU under load (py-spy).  What exists after start-up is frozen
+    (never scanned again); the young generation is collected every 50 000
+    allocations.  Cycles are still collected, later."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def run_process(config: Any, stop: asyncio.Event) -> None:
     settings = RadiusSettings.from_config(config)
     dictionary = load_dictionary()
@@ -319,6 +336,7 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
         log.error("%s", exc)
         raise
     log.info("radius serving", extra={"auth": settings.auth_port, "acct": settings.acct_port})
+    tune_gc()
 
     async def sweep() -> None:
         while True:

@@ -304,6 +304,7 @@ class RadiusServer:
     _endpoints: list[_Endpoint] = field(default_factory=list)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
     _sampler: asyncio.Task[None] | None = None
+    _loop: asyncio.AbstractEventLoop | None = None   # cached: get_running_loop() costs a getpid() per call
     # requests (by request code) and replies (by reply code) counted here and
     # added to the Prometheus counters by ``flush_metrics`` each second: a
     # multiprocess counter costs an mmap write per increment
@@ -318,15 +319,20 @@ class RadiusServer:
     # -- transport ----------------------------------------------------------
     async def listen(self, host: str, auth_port: int, acct_port: int) -> tuple[int, int]:
         """Bind both ports (0 = any free port); return the bound ports."""
-        loop = asyncio.get_running_loop()
         socks = [bind_udp(host, auth_port)]
         try:
             socks.append(bind_udp(host, acct_port))
         except Exception:
             socks[0].close()
             raise
+        return await self.listen_sockets(socks[0], socks[1])
+
+    async def listen_sockets(self, auth: socket.socket, acct: socket.socket) -> tuple[int, int]:
+        """Serve on two bound UDP sockets (one of a reuseport group, or ``bind_udp``'s); return their ports."""
+        loop = self._loop = asyncio.get_running_loop()
         ports = []
-        for sock, kind in zip(socks, ("auth", "acct")):
+        for sock, kind in zip((auth, acct), ("auth", "acct")):
+            sock.setblocking(False)
             endpoint = _Endpoint(self, kind)
             await loop.create_datagram_endpoint(functools.partial(_same, endpoint), sock=sock)
             self._endpoints.append(endpoint)
@@ -430,8 +436,8 @@ class RadiusServer:
         except (MalformedPacket, DecisionUnavailable) as exc:
             self._count_failure(exc)
             return
-        loop = asyncio.get_running_loop()
-        fut = asyncio.ensure_future(awaitable)
+        loop = self._loop or asyncio.get_running_loop()
+        fut = asyncio.ensure_future(awaitable, loop=loop)
         started = self.clock()
         self.dedup.begin(key, started)
         self.inflight += 1
@@ -455,7 +461,7 @@ class RadiusServer:
                 outcome = "accept" if reply[0] == AccessAccept else "reject"
             else:
                 reply = finish_reply(AccountingResponse, header.id, header.authenticator, nas.secret,
-                                     self._proxy_states(packet), message_authenticator=False)
+                                     self._proxy_states(header, packet), message_authenticator=False)
                 outcome = "recorded"
         except Exception as exc:
             self.dedup.abandon(key)
@@ -508,18 +514,18 @@ class RadiusServer:
         for name, exc in skipped:
             log.warning("reply attribute %s skipped: %s", name, exc)
         return finish_reply(AccessAccept if decision.accept else AccessReject, header.id, header.authenticator,
-                            nas.secret, attrs + self._proxy_states(packet))
+                            nas.secret, attrs + self._proxy_states(header, packet) if header.proxy_state else attrs)
 
     def _status_reply(self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
         code = AccessAccept if endpoint.kind == "auth" else AccountingResponse
         # RFC 5997 s.3: signed with a Message-Authenticator over the request's authenticator
-        reply = finish_reply(code, header.id, header.authenticator, nas.secret, self._proxy_states(packet))
+        reply = finish_reply(code, header.id, header.authenticator, nas.secret, self._proxy_states(header, packet))
         endpoint.send(reply, addr, code)
 
     @staticmethod
-    def _proxy_states(packet: bytes) -> bytes:
+    def _proxy_states(header: Header, packet: bytes) -> bytes:
         """Proxy-State attributes of the request, unmodified and in order (RFC 2865 s.5.33)."""
-        if b"\x21" not in packet[20:]:
+        if not header.proxy_state:   # ``parse_header`` saw none: no second walk
             return b""
         return b"".join(bytes((33, len(v) + 2)) + v for v in raw_attributes(packet).get(33, ()))
 
