@@ -32,6 +32,12 @@ restarting still disconnects the account when it is back.  Topics:
 ``outbox`` wakes the deliverer; ``radius.nas`` → reload the NAS table;
 ``radius.disconnect`` (an operator's request) → send it at once.  Every
 ``stale_check`` seconds, ``radius.close_stale``.
+
+Several processes (``[radius] processes``): the supervisor binds the ports
+as SO_REUSEPORT groups and hands each process its sockets (``ENV_FDS``);
+every process answers NAS requests, but only radius[0] delivers the outbox,
+sends operators' disconnects and sweeps stale sessions (the others subscribe
+to ``radius.nas`` only), so no NAS gets a Disconnect twice.
 """
 
 from __future__ import annotations
@@ -41,12 +47,14 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from billcore.common.udpgroup import ENV_FDS
 from urfa.client import Client
 from urfa.errors import CallFailed, URFAError
 from urfa.link import Address, Link
@@ -86,6 +94,7 @@ class RadiusSettings:
     stale_check: float = 60.0
     coa_timeout: float = 2.0
     coa_retries: int = 2
+    processes: int = 1   # above 1: the supervisor binds the ports as a group and hands each its sockets
 
     @classmethod
     def from_config(cls, config: Any) -> RadiusSettings:
@@ -192,7 +201,8 @@ class UrfaDecider:
 
 
 def core_link(config: Any, on_connected: Callable[[Client, str], Awaitable[None]],
-              on_event: Callable[[Event], None], backoff: tuple[float, float] = (0.1, 2.0)) -> Link:
+              on_event: Callable[[Event], None], backoff: tuple[float, float] = (0.1, 2.0),
+              topics: tuple[str, ...] = TOPICS) -> Link:
     """The link to the core as the ``radius`` system principal (Unix socket, else TCP)."""
     from billcore.common.sysfiles import service_password_file
 
@@ -206,7 +216,7 @@ def core_link(config: Any, on_connected: Callable[[Client, str], Awaitable[None]
 
     return Link([address], "system", "radius",
                 lambda: service_password_file(config.data_dir, "radius").read_text().strip(),
-                topics=TOPICS, on_connected=connected, on_event=on_event, on_lost=lambda reason: CONNECTED.set(0),
+                topics=topics, on_connected=connected, on_event=on_event, on_lost=lambda reason: CONNECTED.set(0),
                 timeout=5.0, backoff=backoff, logger=log)
 
 
@@ -292,8 +302,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def run_process(config: Any, stop: asyncio.Event) -> None:
+async def run_process(config: Any, stop: asyncio.Event, index: int = 0) -> None:
     settings = RadiusSettings.from_config(config)
+    lead = index == 0   # radius[0] alone delivers the outbox, disconnects and sweeps
     dictionary = load_dictionary()
     table = NasTable()
     background: set[asyncio.Task[Any]] = set()
@@ -306,7 +317,8 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
 
     async def on_connected(client: Client, how: str) -> None:
         await _load_nas(client, table)
-        consumer.wake.set()   # whatever became due while we were away
+        if lead:
+            consumer.wake.set()   # whatever became due while we were away
 
     async def reload_nas() -> None:
         await _load_nas(await link.ready(), table)
@@ -322,7 +334,7 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
         elif event.topic == "outbox":
             consumer.on_event(event)
 
-    link = core_link(config, on_connected, on_event)
+    link = core_link(config, on_connected, on_event, topics=TOPICS if lead else ("radius.nas",))
     outbox = getattr(config, "outbox", None)
     consumer = OutboxConsumer(link, deliver, lease=int(getattr(outbox, "lease", 60)),
                               poll=float(getattr(outbox, "poll_interval", 5.0)))
@@ -330,12 +342,17 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
                           dictionary=dictionary, max_inflight=settings.max_inflight,
                           decision_timeout=settings.decision_timeout,
                           dedup=DedupCache(settings.dedup_ttl, settings.dedup_max))
-    try:
-        await server.listen(settings.host, settings.auth_port, settings.acct_port)
-    except PortInUse as exc:
-        log.error("%s", exc)
-        raise
-    log.info("radius serving", extra={"auth": settings.auth_port, "acct": settings.acct_port})
+    given = os.environ.get(ENV_FDS)
+    if given:   # one of a group the supervisor bound: SO_REUSEPORT, strangers checked there
+        auth_fd, acct_fd = (int(fd) for fd in given.split(","))
+        ports = await server.listen_sockets(socket.socket(fileno=auth_fd), socket.socket(fileno=acct_fd))
+    else:
+        try:
+            ports = await server.listen(settings.host, settings.auth_port, settings.acct_port)
+        except PortInUse as exc:
+            log.error("%s", exc)
+            raise
+    log.info("radius serving", extra={"auth": ports[0], "acct": ports[1], "shared": bool(given)})
     tune_gc()
 
     async def sweep() -> None:
@@ -345,7 +362,7 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
                 await core_call(link, "radius.close_stale", {"timeout": settings.stale_timeout or 3 * 3600}, timeout=60.0)
 
     link.start()
-    tasks = [asyncio.create_task(sweep()), asyncio.create_task(consumer.run())]
+    tasks = [asyncio.create_task(sweep()), asyncio.create_task(consumer.run())] if lead else []
     try:
         await stop.wait()
     finally:

@@ -10,6 +10,10 @@ transport is ours, on purpose:
   the same port silently takes half the traffic.  ``bind_udp`` binds without
   SO_REUSEPORT/SO_REUSEADDR: a port already taken — by anyone, with or
   without reuse — fails start with ``PortInUse`` naming the port.
+  With ``[radius] processes`` above 1 the supervisor binds the ports as one
+  SO_REUSEPORT group instead (``billcore.common.udpgroup``: an exclusive
+  probe first, then a check of the kernel's socket table for strangers) and
+  hands each process its sockets (``listen_sockets``).
 * pyrad's handlers are plain methods.  ``datagram_received`` here is plain
   too, and does only cheap, bounded work: size and framing check, NAS
   lookup, authenticator check (before any decoding), duplicate check
@@ -51,6 +55,8 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Gauge, Histogram
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccessAccept, AccessReject, AccountingResponse
+
+from billcore.common.udpgroup import PortTaken
 
 from .auth import (
     ACCESS_REQUEST,
@@ -152,7 +158,7 @@ class RadiusError(Exception):
     """Root of the radius package's own errors."""
 
 
-class PortInUse(RadiusError):
+class PortInUse(RadiusError, PortTaken):
     """Another process (maybe another billcore radius) holds the port."""
 
 
@@ -546,4 +552,4 @@ async def run(config: Any, dsn: str, index: int, stop: asyncio.Event) -> None:
     """The ``radius`` role: serve NAS devices, asking the core over URFA."""
     from .process import run_process
 
-    await run_process(config, stop)
+    await run_process(config, stop, index)

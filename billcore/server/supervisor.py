@@ -21,6 +21,15 @@ reports it the same way.
 
 Children get ``PR_SET_PDEATHSIG`` so that a supervisor killed with SIGKILL
 does not leave orphans holding the ports.
+
+``[radius] processes`` above 1: the supervisor binds the RADIUS ports
+itself, once, as SO_REUSEPORT groups (``billcore.common.udpgroup``: a port
+anyone else holds stops it with the port named, and is retried with the
+children's backoff), hands radius[i] its socket of each group (``pass_fds``,
+``ENV_FDS``) at every (re)start, and every ``STRANGER_CHECK`` seconds looks
+for a socket that joined the port and is not ours (an error in the log, at
+most once a minute).  With one process the radius child binds exclusively
+itself, as before.
 """
 
 from __future__ import annotations
@@ -32,18 +41,22 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from billcore.common.config import Config
+from billcore.common.udpgroup import ENV_FDS, PortTaken, bind_group, inode, strangers
 from billcore.db.embedded import EmbeddedStartFailed, Postmaster
 from billcore.server.proc import ENV_CONFIG, ENV_DSN, ENV_INDEX
 
 __all__ = ["Supervisor", "ChildSpec", "prepare_metrics_dir", "children_for"]
 
 log = logging.getLogger(__name__)
+
+STRANGER_CHECK = 5.0   # seconds between looks for a stranger on a shared RADIUS port
 
 
 def prepare_metrics_dir(data_dir: Path) -> Path:
@@ -74,7 +87,7 @@ def children_for(config: Config) -> list[ChildSpec]:
     """The processes this config asks for; the core first."""
     children = [ChildSpec("core")]
     if config.radius.enabled:
-        children.append(ChildSpec("radius"))
+        children.extend(ChildSpec("radius", i) for i in range(config.radius.processes))
     if config.portal.enabled:
         children.append(ChildSpec("portal"))
     if config.console.enabled:
@@ -113,6 +126,9 @@ class Supervisor:
         self._children: list[_Child] = []
         self._embedded: Postmaster | None = None
         self.dsn = config.database.dsn
+        # [radius] processes > 1: the (auth, acct) sockets of radius[i], bound once
+        self._radius_socks: list[tuple[socket.socket, socket.socket]] = []
+        self._stranger_noted = 0.0
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -147,6 +163,8 @@ class Supervisor:
             watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
             if self._embedded is not None:
                 watchers.append(asyncio.create_task(self._watch_database(self._embedded)))
+            if self.config.radius.enabled and self.config.radius.processes > 1:
+                watchers.append(asyncio.create_task(self._watch_radius_port()))
             log.info("supervisor started", extra={"children": ",".join(child.spec.name for child in self._children)})
             await self._stopping.wait()
             log.info("stopping children")
@@ -155,6 +173,9 @@ class Supervisor:
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         finally:
+            for pair in self._radius_socks:
+                for sock in pair:
+                    sock.close()
             if self._embedded is not None:
                 await self._embedded.stop()
         log.info("supervisor stopped")
@@ -168,22 +189,69 @@ class Supervisor:
             env[ENV_DSN] = self.dsn
         else:
             env.pop(ENV_DSN, None)
+        env.pop(ENV_FDS, None)   # set by ``_spawn`` for a radius child of a group only
         env[ENV_INDEX] = str(spec.index)
         return env
 
+    def _radius_group(self) -> list[tuple[socket.socket, socket.socket]]:
+        """The RADIUS ports as SO_REUSEPORT groups, bound at the first radius child's start."""
+        if not self._radius_socks:
+            r = self.config.radius
+            auth = bind_group(r.host, r.auth_port, r.processes)
+            try:
+                acct = bind_group(r.host, r.acct_port, r.processes)
+            except BaseException:
+                for sock in auth:
+                    sock.close()
+                raise
+            self._radius_socks = list(zip(auth, acct))
+            log.info("radius ports bound as a group", extra={
+                "processes": r.processes, "auth": auth[0].getsockname()[1], "acct": acct[0].getsockname()[1]})
+        return self._radius_socks
+
+    async def _watch_radius_port(self) -> None:
+        """Say when a socket that is not ours has joined a RADIUS port group."""
+        while True:
+            await asyncio.sleep(STRANGER_CHECK)
+            if not self._radius_socks:
+                continue
+            ours = {inode(sock) for pair in self._radius_socks for sock in pair}
+            host = self.config.radius.host
+            found = [s for i in (0, 1) for s in strangers(host, self._radius_socks[0][i].getsockname()[1], ours)]
+            if found and time.monotonic() - self._stranger_noted >= 60.0:
+                self._stranger_noted = time.monotonic()
+                log.error("a socket that is not billcore's shares the RADIUS port: it takes a share of the NAS"
+                          " traffic; stop it (same user, SO_REUSEPORT)",
+                          extra={"port": found[0].port, "address": found[0].address, "inode": found[0].inode,
+                                 "uid": found[0].uid})
+
     async def _spawn(self, child: _Child) -> None:
+        env = self._env(child.spec)
+        fds: tuple[int, ...] = ()
+        if child.spec.role == "radius" and self.config.radius.processes > 1:
+            auth, acct = self._radius_group()[child.spec.index]
+            fds = (auth.fileno(), acct.fileno())
+            env[ENV_FDS] = f"{fds[0]},{fds[1]}"
         child.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "billcore.server.proc", child.spec.role,
-            env=self._env(child.spec),
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             preexec_fn=_set_pdeathsig,
+            pass_fds=fds,
         )
         child.started_at = time.monotonic()
         log.info("child started", extra={"child": child.spec.name, "child_pid": child.proc.pid})
 
     async def _watch(self, child: _Child) -> None:
         while not self._stopping.is_set():
-            await self._spawn(child)
+            try:
+                await self._spawn(child)
+            except PortTaken as exc:   # the RADIUS group's port: retried like a child that died
+                log.error("%s", exc, extra={"child": child.spec.name, "restart_in": child.backoff})
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=child.backoff)
+                child.backoff = min(child.backoff * 2, self.section.restart_backoff_max)
+                continue
             assert child.proc is not None
             code = await child.proc.wait()
             self._metrics.mark_dead(child.proc.pid)
