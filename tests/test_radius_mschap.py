@@ -6,9 +6,7 @@ salt-encrypted out, decrypted here with pyrad's own RFC 2868 code)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import hashlib
 import hmac
 import os
 import re
@@ -92,7 +90,7 @@ def test_check_nt_response_and_parse() -> None:
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 NAS = "10.0.0.1"
-ERROR = re.compile(rb"^(.)E=(\d+) R=0 C=([0-9A-F]{32}) V=3 M=(.+)$", re.S)
+ERROR = re.compile(rb"^(.)E=(\d+) R=0 C=([0-9A-F]{32}) V=3 M=(.+)$", re.DOTALL)
 
 
 @pytest.fixture
@@ -224,7 +222,7 @@ async def test_a_batch_of_mschapv2_requests_is_decided_in_order(pool: asyncpg.Po
     assert wired == [decision.wire() for decision in decisions]
     edge = Decision.from_wire(wired[0])
     assert edge.accept and ["MS-MPPE-Send-Key", SEND_START_KEY_128] in edge.reply
-    assert isinstance(dict((k, v) for k, v in wired[wrong]["reply"])["MS-CHAP-Error"], bytes)
+    assert isinstance({k: v for k, v in wired[wrong]["reply"]}["MS-CHAP-Error"], bytes)
 
 
 async def test_malformed_mschap_maps_are_refused_not_internal() -> None:
