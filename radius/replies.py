@@ -34,7 +34,6 @@ their type, raise ``BadAttribute``; the caller skips that attribute.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
 import secrets
 import struct
@@ -42,6 +41,8 @@ from typing import Any
 
 from pyrad import tools
 from pyrad.dictionary import Dictionary
+
+from .auth import hmac_md5
 
 __all__ = ["BadAttribute", "ReplyEncoder", "finish_reply", "mppe_encrypt_key", "mppe_decrypt_key", "MICROSOFT"]
 
@@ -104,7 +105,7 @@ def finish_reply(code: int, ident: int, request_auth: bytes, secret: bytes, attr
     if message_authenticator:
         length = 38 + len(attrs)
         head = struct.pack("!BBH", code, ident, length)
-        ma = hmac.digest(secret, head + request_auth + _MA_PLACEHOLDER + attrs, "md5")
+        ma = hmac_md5(secret, head + request_auth + _MA_PLACEHOLDER + attrs)
         body = b"\x50\x12" + ma + attrs
     else:
         length = 20 + len(attrs)
