@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import socket
@@ -54,6 +53,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from billcore.common.gctune import tune as tune_gc
 from billcore.common.udpgroup import ENV_FDS
 from urfa.client import Client
 from urfa.errors import CallFailed, URFAError
@@ -287,21 +287,6 @@ async def outbox_action(link: Link, delivery: dict[str, Any], table: NasTable, s
     return Outcome(False, f"unknown action {action!r}", permanent=True)
 
 
-def tune_gc() -> None:
-    """Fewer garbage collections on the datagram path.
-
-    Every request allocates a few dicts, tuples and a future, and the
-    duplicate cache keeps tens of thousands of entries alive: with CPython's
-    default thresholds (700, 10, 10) the collector ran every few hundred
-    requests and re-scanned the cache's survivors — about a tenth of the
-    process's CPU under load (py-spy).  What exists after start-up is frozen
-    (never scanned again); the young generation is collected every 50 000
-    allocations.  Cycles are still collected, later."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 async def run_process(config: Any, stop: asyncio.Event, index: int = 0) -> None:
     settings = RadiusSettings.from_config(config)
     lead = index == 0   # radius[0] alone delivers the outbox, disconnects and sweeps
@@ -353,7 +338,7 @@ async def run_process(config: Any, stop: asyncio.Event, index: int = 0) -> None:
             log.error("%s", exc)
             raise
     log.info("radius serving", extra={"auth": ports[0], "acct": ports[1], "shared": bool(given)})
-    tune_gc()
+    tune_gc()   # after start-up: what exists now lives as long as the process
 
     async def sweep() -> None:
         while True:

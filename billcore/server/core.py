@@ -30,6 +30,7 @@ from billcore.common.money import parse_money
 from billcore.billing.payments import PromisedRule
 from billcore.server.calls import CallRegistry, CallSpec
 from billcore.common.config import Config
+from billcore.common.gctune import tune as tune_gc
 from billcore.server.context import CoreContext, utcnow
 from billcore.db.migrate import migrate
 from billcore.db.pool import DB_GONE, DatabaseHealth, describe_dsn, guard_database, open_pool, watch_database
@@ -250,6 +251,7 @@ async def run(config: Config, dsn: str, index: int, stop: asyncio.Event) -> None
         tasks.append(asyncio.create_task(_run_outbox(core, dsn)))
         if config.periodic.enabled:
             tasks.append(asyncio.create_task(_periodic(core)))
+        tune_gc()   # after start-up: what exists now lives as long as the process
         log.info(
             "core serving",
             extra={"db": describe_dsn(dsn), "urfa": f"{config.urfa.host}:{config.urfa.port}",
