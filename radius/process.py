@@ -135,22 +135,41 @@ class UrfaDecider:
         self.timeout = timeout
         self.max_batch = max_batch
         self.max_batches = max_batches
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[Decision], float]] = []
+        # (request, done, queued at): ``done`` gets the decision or the error, once
+        self._queue: list[tuple[dict[str, Any], Callable[[Decision | BaseException], None], float]] = []
         self._flushing = False
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def authorize(self, nas: Nas, request: dict[str, Any]) -> asyncio.Future[Decision]:
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Decision] = loop.create_future()
+
+        def done(result: Decision | BaseException) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        self.authorize_then(nas, request, done)
+        return fut
+
+    def authorize_then(self, nas: Nas, request: dict[str, Any], done: Callable[[Decision | BaseException], None]) -> None:
+        """``authorize`` without a future: ``done`` is called once, later, with the
+        decision or the error (the server's hot path: a future and its callback
+        cost ~3 µs a request).  Raises ``DecisionUnavailable`` at once when the
+        link is down (``done`` is then never called)."""
         if not self.link.up.is_set():
             raise DecisionUnavailable("not connected to the core")
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop
-        fut: asyncio.Future[Decision] = loop.create_future()
-        self._queue.append((request, fut, loop.time()))
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._queue.append((request, done, loop.time()))
         if not self._flushing:
             self._flushing = True
             loop.call_soon(self._flush)
-        return fut
 
     def _flush(self) -> None:
         self._flushing = False
@@ -162,8 +181,7 @@ class UrfaDecider:
             fresh = []
             for entry in self._queue:
                 if entry[2] < loop.time() - self.timeout:
-                    if not entry[1].done():
-                        entry[1].set_exception(stale)
+                    _call(entry[1], stale)
                 else:
                     fresh.append(entry)
             self._queue = fresh
@@ -172,23 +190,28 @@ class UrfaDecider:
             self._inflight += 1
             loop.create_task(self._send(batch))
 
-    async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future[Decision], float]]) -> None:
+    async def _send(self, batch: list[tuple[dict[str, Any], Callable[[Decision | BaseException], None], float]]) -> None:
+        answers: Any = None
+        failure: BaseException | None = None
         try:
             answers = await core_call(self.link, "radius.authorize_many", {"requests": [e[0] for e in batch]},
                                       timeout=self.timeout)
             if not isinstance(answers, list) or len(answers) != len(batch):
                 raise RadiusError(f"radius.authorize_many answered {len(answers)} for {len(batch)}")
-            for (_, fut, _t), answer in zip(batch, answers):
-                if not fut.done():
-                    fut.set_result(Decision.from_wire(answer))
-        except BaseException as exc:
-            for _, fut, _t in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else DecisionUnavailable("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:
+            failure = exc
+        except BaseException:
+            failure = DecisionUnavailable("cancelled")
+            raise
         finally:
             self._inflight -= 1
+            if failure is not None:
+                for entry in batch:
+                    _call(entry[1], failure)
+            else:
+                from_wire = Decision.from_wire
+                for entry, answer in zip(batch, answers):
+                    _call(entry[1], from_wire(answer))
             if self._queue and not self._flushing:
                 self._flush()
 
@@ -198,6 +221,14 @@ class UrfaDecider:
         async with asyncio.timeout(self.timeout):
             async with self._accounting:
                 await core_call(self.link, "radius.accounting", {"record": record})
+
+
+def _call(done: Callable[[Decision | BaseException], None], result: Decision | BaseException) -> None:
+    """Hand one request its outcome; a failing callback costs only its own request."""
+    try:
+        done(result)
+    except Exception:
+        log.exception("radius decision callback failed")
 
 
 def core_link(config: Any, on_connected: Callable[[Client, str], Awaitable[None]],

@@ -237,7 +237,11 @@ _BAD_USER_NAME = Decision(False, (("Reply-Message", "wrong login or password"),)
 class Decider(Protocol):
     """Where decisions come from.  ``authorize`` may be a coroutine function
     or return a future (the batching URFA decider does); either may raise
-    ``DecisionUnavailable``."""
+    ``DecisionUnavailable``.  A decider may also have
+    ``authorize_then(nas, request, done)``, which the server then uses for
+    Access-Requests instead: it raises ``DecisionUnavailable`` at once or
+    calls ``done`` exactly once, later (never from within the call), with the
+    ``Decision`` or the exception — no future per request."""
 
     def authorize(self, nas: Nas, request: dict[str, Any]) -> Awaitable[Decision]: ...
 
@@ -311,6 +315,8 @@ class RadiusServer:
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
     _sampler: asyncio.Task[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None   # cached: get_running_loop() costs a getpid() per call
+    # the decider's ``authorize_then`` when it has one (``UrfaDecider``): decisions by callback, no future
+    _then: Callable[[Nas, dict[str, Any], Callable[[Decision | BaseException], None]], None] | None = None
     # requests (by request code) and replies (by reply code) counted here and
     # added to the Prometheus counters by ``flush_metrics`` each second: a
     # multiprocess counter costs an mmap write per increment
@@ -321,6 +327,7 @@ class RadiusServer:
     def __post_init__(self) -> None:
         if self.encoder is None:
             self.encoder = ReplyEncoder(self.dictionary)
+        self._then = getattr(self.decider, "authorize_then", None)
 
     # -- transport ----------------------------------------------------------
     async def listen(self, host: str, auth_port: int, acct_port: int) -> tuple[int, int]:
@@ -375,8 +382,11 @@ class RadiusServer:
             if endpoint.transport is not None:
                 endpoint.transport.close()
         self._endpoints.clear()
+        deadline = time.monotonic() + grace
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=grace)
+        while self.inflight and time.monotonic() < deadline:   # the decisions by callback
+            await asyncio.sleep(0.01)
         self.flush_metrics()
 
     # -- the datagram path (plain, bounded) ---------------------------------
@@ -425,8 +435,16 @@ class RadiusServer:
         try:
             if code == ACCESS_REQUEST:
                 self.tally[ACCESS_REQUEST] += 1
-                awaitable = self.decider.authorize(nas, auth_request(packet, header.authenticator, nas.secret,
-                                                                     nas.address))
+                request = auth_request(packet, header.authenticator, nas.secret, nas.address)
+                then = self._then
+                if then is not None:   # no future per request: the decider calls back (later, once)
+                    started = self.clock()
+                    then(nas, request, lambda result: self._answered(result, endpoint, nas, header, packet, key, addr,
+                                                                     started))
+                    self.dedup.begin(key, started)   # ``then`` raised nothing: it is the core's now
+                    self.inflight += 1
+                    return
+                awaitable = self.decider.authorize(nas, request)
             else:
                 self.tally[ACCOUNTING_REQUEST] += 1
                 awaitable = self.decider.account(nas, accounting_record(packet, nas.address, self.wall_clock()))
@@ -451,6 +469,24 @@ class RadiusServer:
         # a decider that bounds its own calls (``bounded``) needs no timer per request
         timer = None if getattr(self.decider, "bounded", False) else loop.call_later(self.decision_timeout, fut.cancel)
         fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr, started))
+
+    def _answered(self, result: Decision | BaseException, endpoint: _Endpoint, nas: Nas, header: Header,
+                  packet: bytes, key: DedupKey, addr: tuple[Any, ...], started: float) -> None:
+        """An Access-Request's decision (or error) from a decider's ``authorize_then``."""
+        self.inflight -= 1
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            reply = self._auth_reply(nas, header, packet, result)
+        except Exception as exc:
+            self.dedup.abandon(key)
+            self._count_failure(exc)
+            self.decisions[ACCESS_REQUEST].observe(self.clock() - started, _failure_outcome(exc))
+            return
+        now = self.clock()
+        self.dedup.finish(key, reply, now)
+        endpoint.send(reply, addr, reply[0])
+        self.decisions[ACCESS_REQUEST].observe(now - started, "accept" if reply[0] == AccessAccept else "reject")
 
     def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: _Endpoint, nas: Nas,
                  header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...], started: float) -> None:
