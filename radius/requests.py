@@ -4,7 +4,10 @@ Pure: raw packet bytes in, dicts of str/int/bytes out.  The core never sees
 RADIUS attributes, only these named fields, so the wire format stays at the
 edge.  PAP passwords are unhidden here (the core compares cleartexts); CHAP
 travels as (id, challenge, response) because only the core has the
-cleartext to compute MD5(id + password + challenge).
+cleartext to compute MD5(id + password + challenge); MS-CHAPv2 likewise
+travels as the two Microsoft attributes' values (MS-CHAP-Challenge,
+MS-CHAP2-Response, vendor 311, RFC 2548), unchecked here: the core answers a
+wrong length as "malformed MS-CHAP", so the NAS hears a reject, not silence.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ STATUS_TYPE, DELAY_TIME, IN_OCTETS, OUT_OCTETS, SESSION_ID = 40, 41, 42, 43, 44
 SESSION_TIME, IN_PACKETS, OUT_PACKETS, TERMINATE_CAUSE, MULTI_SESSION = 46, 47, 48, 49, 50
 IN_GIGAWORDS, OUT_GIGAWORDS, EVENT_TIMESTAMP = 52, 53, 55
 CHAP_CHALLENGE, NAS_PORT_ID = 60, 87
+VENDOR_SPECIFIC, MICROSOFT = 26, 311
+MS_CHAP_CHALLENGE, MS_CHAP2_RESPONSE = 11, 25   # RFC 2548 s.2.3.2, s.2.3.3
+_MICROSOFT_ID = MICROSOFT.to_bytes(4, "big")
 
 
 class BadUserName(MalformedPacket):
@@ -103,18 +109,33 @@ _AUTH_TEXT = {USER_NAME: "login", NAS_IDENTIFIER: "nas_identifier", NAS_PORT_ID:
 _AUTH_INT = {NAS_PORT: "nas_port", SERVICE_TYPE: "service_type", FRAMED_PROTOCOL: "framed_protocol"}
 
 
+def _microsoft(value: bytes, found: dict[int, bytes]) -> None:
+    """The MS-CHAP attributes of one Vendor-Specific value of vendor 311 (its
+    sub-attributes: type, length, data), first of each kept."""
+    pos, end = 4, len(value)
+    while pos < end:
+        if pos + 2 > end or value[pos + 1] < 2 or pos + value[pos + 1] > end:
+            raise MalformedPacket("Microsoft Vendor-Specific attribute runs past its length")
+        vtype, vlen = value[pos], value[pos + 1]
+        if vtype in (MS_CHAP_CHALLENGE, MS_CHAP2_RESPONSE):
+            found.setdefault(vtype, value[pos + 2 : pos + vlen])
+        pos += vlen
+
+
 def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address: str) -> dict[str, Any]:
     """The fields of an Access-Request for ``radius.authorize``.
 
-    Exactly one of ``password`` (PAP, cleartext) or ``chap`` is present;
-    a request with neither is passed on with ``method = "none"`` and the
-    core rejects it.  Absent attributes are left out.  A User-Name with a NUL
+    Exactly one of ``password`` (PAP, cleartext), ``chap`` or
+    ``mschap_response`` (with ``mschap_challenge`` when the NAS sent one:
+    MS-CHAPv2) is present, in that order of preference; a request with none
+    is passed on with ``method = "none"`` and the core rejects it.  Absent attributes are left out.  A User-Name with a NUL
     octet or not UTF-8 raises ``BadUserName``; a CHAP-Challenge shorter than
     5 octets (RFC 2865 s.5.40) raises ``MalformedPacket``.  One pass over the
     attributes (the hot path: every Access-Request comes here); the first
     value of an attribute counts."""
     rec: dict[str, Any] = {"nas": nas_address}
     password = chap = challenge = None
+    microsoft: dict[int, bytes] = {}
     pos, end = 20, len(packet)
     while pos < end:
         code, length = packet[pos], packet[pos + 1]
@@ -130,6 +151,9 @@ def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address
             chap = chap if chap is not None else value
         elif code == CHAP_CHALLENGE:
             challenge = challenge if challenge is not None else value
+        elif code == VENDOR_SPECIFIC:
+            if value[:4] == _MICROSOFT_ID:
+                _microsoft(value, microsoft)
         elif code == NAS_IP:
             if len(value) != 4:
                 raise MalformedPacket("NAS-IP-Address is not an IPv4 address")
@@ -151,6 +175,11 @@ def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address
         rec["method"] = "chap"
         rec["chap"] = {"id": chap[0], "challenge": challenge if challenge is not None else authenticator,
                        "response": chap[1:]}
+    elif MS_CHAP2_RESPONSE in microsoft:
+        rec["method"] = "mschapv2"
+        rec["mschap_response"] = microsoft[MS_CHAP2_RESPONSE]
+        if MS_CHAP_CHALLENGE in microsoft:
+            rec["mschap_challenge"] = microsoft[MS_CHAP_CHALLENGE]
     else:
         rec["method"] = "none"
     return rec

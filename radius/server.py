@@ -504,7 +504,8 @@ class RadiusServer:
     # -- replies -------------------------------------------------------------
     def _auth_reply(self, nas: Nas, header: Header, packet: bytes, decision: Decision) -> bytes:
         assert self.encoder is not None
-        attrs, skipped = self.encoder.attributes(decision.reply)
+        # the secret and the request's authenticator encrypt MPPE keys (RFC 2548 s.2.4.2)
+        attrs, skipped = self.encoder.attributes(decision.reply, nas.secret, header.authenticator)
         for name, exc in skipped:
             log.warning("reply attribute %s skipped: %s", name, exc)
         return finish_reply(AccessAccept if decision.accept else AccessReject, header.id, header.authenticator,

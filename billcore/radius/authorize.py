@@ -1,8 +1,8 @@
 """Authorization: deciding Access-Requests, a batch at a time.
 
 The account's service link is found by login; the password is opened
-(``SecretStore``) and compared (PAP) or used to compute MD5(id + password +
-challenge) (CHAP).  Rejected when the link is disabled, the account has any
+(``SecretStore``) and compared (PAP), used to compute MD5(id + password +
+challenge) (CHAP) or the NT-Response (MS-CHAPv2, ``billcore.radius.mschap``).  Rejected when the link is disabled, the account has any
 active block, the link is at its simultaneous-session limit or the account at
 its time service's ``max_sessions``, or the money left buys no second of time
 (``timewalk``).  Accepted with Framed-IP-Address (static, or a lease from the
@@ -10,15 +10,22 @@ link's pool: one row per address, so no two links collide), Session-Timeout,
 Acct-Interim-Interval and the rate limit (Mikrotik-Rate-Limit, Cisco-AVPair) — the
 link's own, or, for an account throttled now (fair usage or dunning, schema 0017),
 its rate profile's (``billcore.radius.ratelimit.accept_attributes``).
+
+An MS-CHAPv2 decision carries more (``_mschap_decision``): an accept proves the
+server back (MS-CHAP2-Success) and hands the NAS the MPPE keys in clear (the
+radius edge encrypts them with the NAS secret, which the core never sees); a
+reject says why in MS-CHAP-Error with a Windows error code (``MSCHAP_ERRORS``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 import json
+import secrets
 from collections.abc import Sequence
 from typing import Final
 
@@ -26,12 +33,13 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from billcore.db.rows import DbConnection
+from billcore.radius import mschap
 from billcore.radius.records import AccessRequest, AuthMethod, Decision, LinkState, Malformed, Refusal, ReplyValue
 from billcore.radius.ratelimit import RateProfile, accept_attributes
 from billcore.radius.secrets import SecretStore
 from billcore.radius.timewalk import TimeVerdict, time_verdicts
 
-__all__ = ["Authorizer", "authorize", "authorize_many", "LEASE_HOLD"]
+__all__ = ["Authorizer", "authorize", "authorize_many", "LEASE_HOLD", "MSCHAP_ERRORS"]
 
 LEASE_HOLD: Final = dt.timedelta(seconds=120)   # a pool address waits this long for its session's Start
 _MAX_SESSION_TIMEOUT: Final = 2**32 - 1         # Session-Timeout is a 32-bit integer
@@ -65,7 +73,52 @@ def _password_ok(request: AccessRequest, password: bytes) -> bool:
         # RFC 1994: MD5(Identifier + secret + Challenge)
         expected = hashlib.md5(bytes([chap.ident & 0xFF]) + password + chap.challenge).digest()
         return hmac.compare_digest(expected, chap.response)
+    if request.method is AuthMethod.MSCHAPV2:
+        return mschap.check_nt_response(request.mschap_challenge, mschap.parse_response(request.mschap_response),
+                                        request.login.encode(), password)
     return False
+
+
+# MS-CHAP-Error codes (RFC 2759 s.6; the Windows RAS error numbers a dialler shows):
+# 691 ERROR_AUTHENTICATION_FAILURE, 647 ERROR_ACCOUNT_DISABLED, 646 ERROR_RESTRICTED_LOGON_HOURS,
+# 649 ERROR_NO_DIALIN_PERMISSION.  A refusal not listed answers 691.
+MSCHAP_ERRORS: Final = {
+    Refusal.WRONG_PASSWORD: 691,
+    Refusal.DISABLED: 647,
+    Refusal.BLOCKED: 647,
+    Refusal.NO_TIME_PRICE: 646,
+    Refusal.TOO_MANY_SESSIONS: 649,
+    Refusal.NO_MONEY_FOR_TIME: 649,
+    Refusal.SEVERAL_TIME_SERVICES: 649,
+    Refusal.POOL_EXHAUSTED: 649,
+}
+
+
+def _mschap_decision(decision: Decision, request: AccessRequest, link: LinkState | None,
+                     store: SecretStore) -> Decision:
+    """An MS-CHAPv2 request's decision with its MS-CHAP replies (RFC 2548 s.2.3).
+
+    Reject: MS-CHAP-Error = Ident "E=<code> R=0 C=<fresh challenge> V=3 M=<refusal>".
+    R=0: a retry would answer the C= challenge, which the NAS never forwards —
+    the peer authenticates afresh instead.  Accept: MS-CHAP2-Success = Ident
+    "S=<authenticator response>" and the 128-bit MPPE keys (RFC 3079) in clear,
+    with MS-MPPE-Encryption-Policy 1 (allowed) and -Types 6 (40 or 128 bits)."""
+    ident = request.mschap_response[0]
+    if not decision.accept:
+        assert decision.reason is not None, "a rejection says why"
+        code = MSCHAP_ERRORS.get(decision.reason, 691)
+        text = f"E={code} R=0 C={secrets.token_hex(16).upper()} V=3 M={decision.reason.value}"
+        return dataclasses.replace(decision, reply=decision.reply + (("MS-CHAP-Error", bytes([ident]) + text.encode()),))
+    assert link is not None, "an accepted request has its link"
+    password = store.open(link.password_enc)
+    response = mschap.parse_response(request.mschap_response)
+    proof = mschap.generate_authenticator_response(password, response.nt_response, response.peer_challenge,
+                                                   request.mschap_challenge, request.login.encode())
+    send_key, recv_key = mschap.server_mppe_keys(password, response.nt_response)
+    extra: tuple[tuple[str, ReplyValue], ...] = (
+        ("MS-CHAP2-Success", bytes([ident]) + proof), ("MS-MPPE-Send-Key", send_key),
+        ("MS-MPPE-Recv-Key", recv_key), ("MS-MPPE-Encryption-Policy", 1), ("MS-MPPE-Encryption-Types", 6))
+    return dataclasses.replace(decision, reply=decision.reply + extra)
 
 
 async def _lease(conn: DbConnection, link: LinkState, now: dt.datetime, hold: dt.timedelta) -> str | None:
@@ -186,7 +239,9 @@ async def authorize_many(conn: DbConnection, store: SecretStore, requests: Seque
         address = await _address(conn, item, now, lease_hold) if refused is None else refused
         out.append(Decision.reject(address) if isinstance(address, Refusal)
                    else _accept(item, address, verdict, throttles.get(item.account_id)))
-    return out
+    return [_mschap_decision(decision, request, links.get(request.login), store)
+            if isinstance(request, AccessRequest) and request.method is AuthMethod.MSCHAPV2 else decision
+            for request, decision in zip(requests, out)]
 
 
 async def authorize(conn: DbConnection, store: SecretStore, request: AccessRequest | Malformed,

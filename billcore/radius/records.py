@@ -22,6 +22,7 @@ from billcore.billing.ledger_errors import InvalidValue
 
 __all__ = [
     "AccessRequest", "AccountingRecord", "AccountingResult", "AcctStatus", "ActiveSession", "AuthMethod", "Chap",
+    "MSCHAP_CHALLENGE_LENGTH", "MSCHAP_RESPONSE_LENGTH",
     "Decision", "DisconnectMode", "EndReason", "Link", "Malformed", "Nas", "Pool", "Refusal", "ReplyValue",
     "SessionHook", "read_access_request", "read_accounting_record", "MAX_LOGIN", "MAX_EVENT_TIME",
 ]
@@ -29,6 +30,8 @@ __all__ = [
 MAX_LOGIN: Final = 253  # the longest User-Name an attribute can carry
 MAX_TEXT: Final = 253   # the longest text attribute
 MAX_EVENT_TIME: Final = 2**40   # seconds since 1970: far beyond any clock, inside a datetime
+MSCHAP_CHALLENGE_LENGTH: Final = 16   # MS-CHAP-Challenge (RFC 2548 s.2.3.2)
+MSCHAP_RESPONSE_LENGTH: Final = 50    # MS-CHAP2-Response: Ident Flags Peer-Challenge(16) Reserved(8) NT-Response(24)
 
 
 class AuthMethod(enum.StrEnum):
@@ -36,6 +39,7 @@ class AuthMethod(enum.StrEnum):
 
     PAP = "pap"
     CHAP = "chap"
+    MSCHAPV2 = "mschapv2"   # MS-CHAP-Challenge + MS-CHAP2-Response (RFC 2759, RFC 2548)
     NONE = "none"   # neither attribute: always refused
 
 
@@ -46,6 +50,7 @@ class Refusal(enum.StrEnum):
     MALFORMED_LOGIN = "malformed login"
     MALFORMED_PASSWORD = "malformed password"
     MALFORMED_CHAP = "malformed CHAP"
+    MALFORMED_MSCHAP = "malformed MS-CHAP"
     WRONG_PASSWORD = "wrong login or password"
     DISABLED = "service disabled"
     BLOCKED = "account blocked"
@@ -110,6 +115,8 @@ class AccessRequest:
     method: AuthMethod
     password: bytes = b""      # PAP: the unhidden User-Password
     chap: Chap | None = None   # CHAP
+    mschap_challenge: bytes = b""   # MS-CHAPv2: the authenticator challenge, 16 octets
+    mschap_response: bytes = b""    # MS-CHAPv2: MS-CHAP2-Response as on the wire, 50 octets
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +148,17 @@ def read_access_request(raw: Mapping[str, Any]) -> AccessRequest | Malformed:
                 and isinstance(chap.get("response"), bytes) and len(chap["response"]) == 16):
             return Malformed(Refusal.MALFORMED_CHAP)
         return AccessRequest(login, AuthMethod.CHAP, chap=Chap(chap["id"], chap["challenge"], chap["response"]))
+    if method == AuthMethod.MSCHAPV2:
+        challenge, response = raw.get("mschap_challenge"), raw.get("mschap_response")
+        if not (isinstance(challenge, bytes) and len(challenge) == MSCHAP_CHALLENGE_LENGTH
+                and isinstance(response, bytes) and len(response) == MSCHAP_RESPONSE_LENGTH):
+            return Malformed(Refusal.MALFORMED_MSCHAP)
+        return AccessRequest(login, AuthMethod.MSCHAPV2, mschap_challenge=challenge, mschap_response=response)
     return AccessRequest(login, AuthMethod.NONE)   # no proof: refused as a wrong password
 
 
-ReplyValue = str | int
+# bytes: MS-CHAP2-Success, MS-CHAP-Error and the MPPE keys (in clear: the radius edge encrypts them)
+ReplyValue = str | int | bytes
 
 
 @dataclass(frozen=True, slots=True)
