@@ -158,7 +158,6 @@ def _server_log(e: Eap) -> str:
 
 TTLS_PAP = 'eap=TTLS\n\tidentity="alice"\n\tpassword="{}"\n\tphase2="auth=PAP"\n'
 TTLS_MSCHAPV2 = 'eap=TTLS\n\tidentity="alice"\n\tpassword="{}"\n\tphase2="auth=MSCHAPV2"\n'
-TTLS_EAP_MSCHAPV2 = 'eap=TTLS\n\tidentity="alice"\n\tpassword="{}"\n\tphase2="autheap=MSCHAPV2"\n'
 PEAP_MSCHAPV2 = 'eap=PEAP\n\tidentity="alice"\n\tpassword="{}"\n\tphase1="peapver=0"\n\tphase2="auth=MSCHAPV2"\n'
 
 
@@ -213,11 +212,6 @@ async def test_peap_mschapv2_wrong_password_rejected(eap: Eap) -> None:
 async def test_ttls_mschapv2_accepted_with_keys(eap: Eap) -> None:
     _need_mschap()
     await accepted(eap, "ttls-mschapv2", TTLS_MSCHAPV2.format(PASSWORD))
-
-
-async def test_ttls_eap_mschapv2_accepted_with_keys(eap: Eap) -> None:
-    _need_mschap()
-    await accepted(eap, "ttls-eap-mschapv2", TTLS_EAP_MSCHAPV2.format(PASSWORD))
 
 
 async def test_ttls_mschapv2_wrong_password_rejected(eap: Eap) -> None:
