@@ -84,6 +84,14 @@ class RadiusSettings:
     stale_check: float = 60.0
     coa_timeout: float = 2.0
     coa_retries: int = 2
+    radsec_port: int = 0  # 0: off
+    radsec_host: str = "0.0.0.0"
+    radsec_cert: str = ""
+    radsec_key: str = ""
+    radsec_ca: str = ""
+    radsec_handshake_timeout: float = 10.0
+    radsec_idle_timeout: float = 300.0
+    radsec_packet_timeout: float = 10.0
 
     @classmethod
     def from_config(cls, config: Any) -> RadiusSettings:
@@ -318,6 +326,16 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
     except PortInUse as exc:
         log.error("%s", exc)
         raise
+    radsec = None
+    if settings.radsec_port:
+        from .radsec import start_radsec
+
+        try:
+            radsec, _ = await start_radsec(server, settings)
+        except (RadiusError, OSError) as exc:
+            log.error("radsec: %s", exc)
+            await server.close()
+            raise
     log.info("radius serving", extra={"auth": settings.auth_port, "acct": settings.acct_port})
 
     async def sweep() -> None:
@@ -334,6 +352,8 @@ async def run_process(config: Any, stop: asyncio.Event) -> None:
         for t in [*tasks, *background]:
             t.cancel()
         await asyncio.gather(*tasks, *background, return_exceptions=True)
+        if radsec is not None:
+            await radsec.close()
         await server.close()
         await link.close()
 

@@ -74,6 +74,7 @@ __all__ = [
     "Decision",
     "Decider",
     "DecisionUnavailable",
+    "Endpoint",
     "PortInUse",
     "RadiusServer",
     "bind_udp",
@@ -266,6 +267,27 @@ def bind_udp(host: str, port: int, rcvbuf: int = 4 << 20) -> socket.socket:
     return sock
 
 
+class Endpoint(Protocol):
+    """Where a request came in and where its reply goes: a UDP port
+    (``_Endpoint``) or a RadSec TLS stream (``radius.radsec``).
+
+    ``kind`` says which request codes it takes: "auth" (Access-Request),
+    "acct" (Accounting-Request) or "radsec" (both, on one stream; RFC 6614);
+    Status-Server on any.  ``nas_for`` finds the NAS of a source address —
+    over RadSec the same row with the fixed secret "radsec" (RFC 6614 s.2.3)."""
+
+    kind: str
+
+    def send(self, data: bytes, addr: tuple[Any, ...], code: int) -> None: ...
+
+    def nas_for(self, table: NasTable, address: str) -> Nas | None: ...
+
+
+# request codes each kind of endpoint takes
+_ALLOWED = {"auth": (ACCESS_REQUEST, STATUS_SERVER), "acct": (ACCOUNTING_REQUEST, STATUS_SERVER),
+            "radsec": (ACCESS_REQUEST, ACCOUNTING_REQUEST, STATUS_SERVER)}
+
+
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self, server: RadiusServer, kind: str) -> None:
         self.server = server
@@ -286,6 +308,10 @@ class _Endpoint(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
             tally = self.server.tally
             tally[code] = tally.get(code, 0) + 1
+
+    @staticmethod
+    def nas_for(table: NasTable, address: str) -> Nas | None:
+        return table.get(address)
 
 
 @dataclass
@@ -368,11 +394,11 @@ class RadiusServer:
         self.flush_metrics()
 
     # -- the datagram path (plain, bounded) ---------------------------------
-    def receive(self, endpoint: _Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
+    def receive(self, endpoint: Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_PACKET:
             DROPPED.labels("malformed").inc()
             return
-        nas = self.nas_table.get(addr[0])
+        nas = endpoint.nas_for(self.nas_table, addr[0])
         if nas is None:
             DROPPED.labels("unknown_nas" if self.nas_table.loaded else "core_unavailable").inc()
             if self.nas_table.loaded:
@@ -384,8 +410,7 @@ class RadiusServer:
             DROPPED.labels("malformed").inc()
             return
         code = header.code
-        allowed = (ACCESS_REQUEST, STATUS_SERVER) if endpoint.kind == "auth" else (ACCOUNTING_REQUEST, STATUS_SERVER)
-        if code not in allowed:
+        if code not in _ALLOWED[endpoint.kind]:
             DROPPED.labels("wrong_code").inc()
             return
         reason = self._authenticity(nas, header, packet)
@@ -440,7 +465,7 @@ class RadiusServer:
         timer = None if getattr(self.decider, "bounded", False) else loop.call_later(self.decision_timeout, fut.cancel)
         fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr, started))
 
-    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: _Endpoint, nas: Nas,
+    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: Endpoint, nas: Nas,
                  header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...], started: float) -> None:
         if timer is not None:
             timer.cancel()
@@ -511,8 +536,8 @@ class RadiusServer:
         return finish_reply(AccessAccept if decision.accept else AccessReject, header.id, header.authenticator,
                             nas.secret, attrs + self._proxy_states(packet))
 
-    def _status_reply(self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
-        code = AccessAccept if endpoint.kind == "auth" else AccountingResponse
+    def _status_reply(self, endpoint: Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
+        code = AccountingResponse if endpoint.kind == "acct" else AccessAccept
         # RFC 5997 s.3: signed with a Message-Authenticator over the request's authenticator
         reply = finish_reply(code, header.id, header.authenticator, nas.secret, self._proxy_states(packet))
         endpoint.send(reply, addr, code)
