@@ -165,10 +165,12 @@ def client_context(s: Radsec, cert: str | None, ca_dir: Path | None = None) -> s
     return ctx
 
 
-async def tls_exchange(s: Radsec, ctx: ssl.SSLContext, data: bytes, read: int = 20) -> bytes:
+async def tls_exchange(s: Radsec, ctx: ssl.SSLContext, data: bytes, read: int = 20,
+                       source: str = "127.0.0.1") -> bytes:
     """Connect over TLS, send ``data``, read; b"" when the server closed (or refused) the connection."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", s.radsec_port, ssl=ctx), 10)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", s.radsec_port, ssl=ctx, local_addr=(source, 0)), 10)
     except (ssl.SSLError, ConnectionError):
         return b""
     try:
@@ -216,6 +218,7 @@ async def test_status_server_from_a_good_client(radsec: Radsec) -> None:
     ("length_5", "bad_length"),
     ("length_past_limit", "bad_length"),
     ("stall_mid_packet", "slow_sender"),
+    ("not_a_nas", "unknown_nas"),
 ])
 async def test_bad_peers_are_closed_and_counted(radsec: Radsec, case: str, reason: str) -> None:
     s = radsec
@@ -239,6 +242,9 @@ async def test_bad_peers_are_closed_and_counted(radsec: Radsec, case: str, reaso
         started = asyncio.get_running_loop().time()
         assert await tls_exchange(s, good, status_server()[:10]) == b""
         assert asyncio.get_running_loop().time() - started >= PACKET_TIMEOUT * 0.9
+    elif case == "not_a_nas":
+        # a good certificate from an address that is no NAS (127.0.0.2 is loopback too)
+        assert await tls_exchange(s, good, status_server(), source="127.0.0.2") == b""
     await eventually(lambda: closed(s, reason) >= before + 1, timeout=15)
     # the server still serves: a good client's Status-Server, a login through the proxy
     reply = await tls_exchange(s, good, status_server(11))
@@ -247,3 +253,15 @@ async def test_bad_peers_are_closed_and_counted(radsec: Radsec, case: str, reaso
     log = s.bc.log()
     assert "Traceback" not in log and "radsec connection from" not in log, log[-4000:]
     assert closed(s, "error") == 0
+
+
+def test_radsec_port_without_certificates_is_a_config_error(tmp_path: Path) -> None:
+    from billcore.common.config import ConfigError, load_config
+
+    path = tmp_path / "b.toml"
+    path.write_text("[radius]\nradsec_port = 2083\nradsec_cert = \"/x.pem\"\n")
+    with pytest.raises(ConfigError, match="radsec_key and radsec_ca are needed"):
+        load_config(path)
+    path.write_text("[radius]\nradsec_port = 70000\n")
+    with pytest.raises(ConfigError, match="radius.radsec_port"):
+        load_config(path)
