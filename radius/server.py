@@ -17,6 +17,10 @@ transport is ours, on purpose:
   ``max_inflight`` tasks run; a request over the cap is dropped and counted
   (the NAS retransmits).
 * Status-Server (RFC 5997) is answered at once on both ports, never cached.
+* A request comes in through an ``Endpoint`` and its reply goes back through
+  it: a UDP port (``_Endpoint``) or a RadSec TLS stream (``radius.radsec``,
+  kind "radsec", both request kinds on one stream, the NAS's secret replaced
+  by "radsec").  ``receive`` is the same for both.
 * Every decision is the ``Decider``'s (the core, over URFA).  When it is
   unreachable or slow, nothing is sent: the NAS retries or fails over, and
   the dedup entry is dropped so the retry is decided afresh (accounting is

@@ -238,3 +238,10 @@ def test_render_refuses_bad_values(tmp_path: Path) -> None:
         done = subprocess.run(base + extra, capture_output=True, text=True, timeout=30)
         assert done.returncode == 2 and option in done.stderr, (extra, done.stderr)
         assert not (tmp_path / "out").exists()
+    # a directory render.py did not write (a distribution's config) is refused
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "radiusd.conf").write_text("# the distribution's\n")
+    done = subprocess.run(base + ["--billcore-secret", "ok1", "--client", "ap=10.0.0.1:x1"], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "not a render.py output" in done.stderr, done.stderr
+    assert (tmp_path / "out" / "radiusd.conf").read_text() == "# the distribution's\n"

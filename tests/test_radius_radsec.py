@@ -219,6 +219,7 @@ async def test_status_server_from_a_good_client(radsec: Radsec) -> None:
     ("length_past_limit", "bad_length"),
     ("stall_mid_packet", "slow_sender"),
     ("not_a_nas", "unknown_nas"),
+    ("silent_tcp", "handshake_timeout"),
 ])
 async def test_bad_peers_are_closed_and_counted(radsec: Radsec, case: str, reason: str) -> None:
     s = radsec
@@ -242,6 +243,11 @@ async def test_bad_peers_are_closed_and_counted(radsec: Radsec, case: str, reaso
         started = asyncio.get_running_loop().time()
         assert await tls_exchange(s, good, status_server()[:10]) == b""
         assert asyncio.get_running_loop().time() - started >= PACKET_TIMEOUT * 0.9
+    elif case == "silent_tcp":
+        # connects and says nothing: cut after radsec_handshake_timeout (3 s here)
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.radsec_port)
+        assert await asyncio.wait_for(reader.read(20), 15) == b""
+        writer.close()
     elif case == "not_a_nas":
         # a good certificate from an address that is no NAS (127.0.0.2 is loopback too)
         assert await tls_exchange(s, good, status_server(), source="127.0.0.2") == b""

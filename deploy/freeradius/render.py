@@ -17,7 +17,7 @@ must exist.  A bad value is an error naming the option; no partial copy is
 left behind.  Only the standard library is used: it runs on a FreeRADIUS box
 without billcore installed.
 
-    render.py --out /etc/freeradius/3.0 --billcore-host 10.0.0.2 \\
+    render.py --out /etc/freeradius/billcore --billcore-host 10.0.0.2 \\
         --billcore-secret-file /root/billcore-radius.secret \\
         --client ap-floor1=10.20.0.0/24:ap-secret \\
         --cert /etc/ssl/radius/server.pem --key /etc/ssl/radius/server.key \\
@@ -128,8 +128,16 @@ def values(args: argparse.Namespace, out: Path) -> dict[str, str]:
     }
 
 
+MARKER = ".billcore-render"
+
+
 def render(args: argparse.Namespace) -> Path:
     out = Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        # over a distribution's config (/etc/freeradius/3.0) its other modules and
+        # sites would stay enabled, and its sites-enabled symlinks be written through
+        raise RenderError(f"--out: {out} is not empty and not a render.py output; render into a new directory"
+                          " (e.g. /etc/freeradius/billcore) and start FreeRADIUS with -d pointing at it")
     fill = values(args, out)
     staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -150,6 +158,7 @@ def render(args: argparse.Namespace) -> Path:
             os.chmod(dst, 0o640)
         for d in ("log", "run"):
             (staging / d).mkdir(exist_ok=True)
+        (staging / MARKER).write_text("rendered by deploy/freeradius/render.py; edit the template, render again\n")
         out.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             target = out / item.name
