@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import os
 import shutil
 import socket
@@ -204,6 +205,23 @@ async def test_accounting_start_stop_over_radsecproxy(radsec: Radsec) -> None:
         assert rc == 0 and "Accounting-Response" in out, out
         sessions = await s.admin.call("radius.sessions", {"account_id": s.account})
         assert [x["session_id"] for x in sessions] == (["tls-1"] if status == "Start" else []), sessions
+
+
+async def test_mschapv2_over_radsec_keys_reach_the_nas(radsec: Radsec) -> None:
+    """The MPPE keys billcore salt-encrypts with the RadSec secret "radsec" are the keys
+    the NAS behind radsecproxy decrypts with its own UDP secret."""
+    need_peer(importlib.util.find_spec("billcore.radius.mschap") is not None,
+              "billcore's MS-CHAPv2 (the mschap helper's billcore/radius/mschap.py) is not merged")
+    from billcore.radius import mschap
+    from tests.test_radius_mschap_e2e import mschap_attrs, printed
+
+    attrs, challenge, peer, nt = mschap_attrs("carol", "tls-pw-1")
+    rc, out = await radclient(radsec.proxy_auth, "auth", attrs, secret=PROXY_SECRET)
+    assert rc == 0 and "Access-Accept" in out, out
+    send, recv = mschap.server_mppe_keys(b"tls-pw-1", nt)
+    assert printed(out, "MS-MPPE-Send-Key") == send and printed(out, "MS-MPPE-Recv-Key") == recv, out
+    expected = b"\x42" + mschap.generate_authenticator_response(b"tls-pw-1", nt, peer, challenge, b"carol")
+    assert printed(out, "MS-CHAP2-Success") == expected
 
 
 async def test_status_server_from_a_good_client(radsec: Radsec) -> None:
