@@ -60,14 +60,14 @@ _MICROSOFT_REPLIES = {
 }
 
 
-def _md5_xor(plain: bytes, secret: bytes, first: bytes) -> bytes:
+def _salt_blocks(data: bytes, secret: bytes, first: bytes, encrypting: bool) -> bytes:
     """RFC 2548 s.2.4.2 blocks: c(1) = p(1) xor MD5(S + R + A), c(i) = p(i) xor MD5(S + c(i-1))."""
     out, prev = [], first
-    for i in range(0, len(plain), 16):
-        block = (int.from_bytes(plain[i:i + 16], "big")
-                 ^ int.from_bytes(_MD5(secret + prev).digest(), "big")).to_bytes(16, "big")
+    for i in range(0, len(data), 16):
+        chunk = data[i:i + 16]
+        block = (int.from_bytes(chunk, "big") ^ int.from_bytes(_MD5(secret + prev).digest(), "big")).to_bytes(16, "big")
         out.append(block)
-        prev = block
+        prev = block if encrypting else chunk   # chained on the cipher text either way
     return b"".join(out)
 
 
@@ -80,7 +80,7 @@ def mppe_encrypt_key(key: bytes, secret: bytes, request_auth: bytes, salt: bytes
         raise ValueError("an MPPE key is 1..239 octets")
     plain = bytes([len(key)]) + key
     plain += b"\x00" * (-len(plain) % 16)
-    return salt + _md5_xor(plain, secret, request_auth + salt)
+    return salt + _salt_blocks(plain, secret, request_auth + salt, encrypting=True)
 
 
 def mppe_decrypt_key(value: bytes, secret: bytes, request_auth: bytes) -> bytes:
@@ -88,13 +88,7 @@ def mppe_decrypt_key(value: bytes, secret: bytes, request_auth: bytes) -> bytes:
     salt, cipher = value[:2], value[2:]
     if len(salt) != 2 or not cipher or len(cipher) % 16:
         raise ValueError("an MPPE key value is a 2-octet salt and 16-octet blocks")
-    out, prev = [], request_auth + salt
-    for i in range(0, len(cipher), 16):
-        block = cipher[i:i + 16]
-        out.append((int.from_bytes(block, "big") ^ int.from_bytes(_MD5(secret + prev).digest(), "big"))
-                   .to_bytes(16, "big"))
-        prev = block
-    plain = b"".join(out)
+    plain = _salt_blocks(cipher, secret, request_auth + salt, encrypting=False)
     if plain[0] > len(plain) - 1:
         raise ValueError("an MPPE key length beyond its value")
     return plain[1:1 + plain[0]]

@@ -128,9 +128,11 @@ def auth_request(packet: bytes, authenticator: bytes, secret: bytes, nas_address
     Exactly one of ``password`` (PAP, cleartext), ``chap`` or
     ``mschap_response`` (with ``mschap_challenge`` when the NAS sent one:
     MS-CHAPv2) is present, in that order of preference; a request with none
-    is passed on with ``method = "none"`` and the core rejects it.  Absent attributes are left out.  A User-Name with a NUL
-    octet or not UTF-8 raises ``BadUserName``; a CHAP-Challenge shorter than
-    5 octets (RFC 2865 s.5.40) raises ``MalformedPacket``.  One pass over the
+    is passed on with ``method = "none"`` and the core rejects it.  Absent
+    attributes are left out.  A User-Name with a NUL octet or not UTF-8
+    raises ``BadUserName``; a CHAP-Challenge shorter than 5 octets (RFC 2865
+    s.5.40), or a Microsoft Vendor-Specific attribute whose sub-attributes
+    run past it, raises ``MalformedPacket``.  One pass over the
     attributes (the hot path: every Access-Request comes here); the first
     value of an attribute counts."""
     rec: dict[str, Any] = {"nas": nas_address}

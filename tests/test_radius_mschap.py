@@ -17,6 +17,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from pyrad.packet import AccessAccept, AuthPacket
 
@@ -27,7 +29,8 @@ from billcore.radius.nas import add_link, add_nas
 from billcore.radius.records import Decision as CoreDecision
 from billcore.radius.records import Refusal, read_access_request, read_accounting_record
 from billcore.radius.secrets import SecretStore
-from radius.auth import response_ok
+from radius.auth import MalformedPacket, parse_header, response_ok
+from radius.replies import ReplyEncoder, mppe_decrypt_key, mppe_encrypt_key
 from radius.requests import auth_request
 from radius.server import Decision, Nas, NasTable, RadiusServer, load_dictionary
 from tests.test_radius_server import exchange
@@ -361,3 +364,50 @@ async def test_edge_parses_mschap_and_encrypts_the_keys() -> None:
         assert malformed[0] == 3 and b"malformed MS-CHAP" in malformed
     finally:
         await server.close()
+
+
+@given(st.binary(max_size=60), st.binary(min_size=0, max_size=40))
+def test_microsoft_attributes_decode_or_are_malformed(inner: bytes, tail: bytes) -> None:
+    """Any bytes in a vendor-311 attribute: a record, or MalformedPacket — nothing else."""
+    value = struct.pack("!I", MICROSOFT) + inner
+    packet = struct.pack("!BBH", 1, 1, 0) + bytes(16) + bytes((26, len(value) + 2)) + value + tail
+    packet = packet[:2] + struct.pack("!H", len(packet)) + packet[4:]
+    try:
+        _, checked = parse_header(packet)
+        rec = auth_request(checked, checked[4:20], SECRET, "127.0.0.1")
+    except MalformedPacket:
+        return
+    assert rec["method"] in ("mschapv2", "none", "pap", "chap")
+    if rec["method"] == "mschapv2":
+        assert isinstance(rec["mschap_response"], bytes)
+
+
+def test_broken_microsoft_framing_is_malformed_and_a_foreign_vendor_is_ignored() -> None:
+    for inner in (b"\x19", b"\x19\x01", b"\x19\x40abc", bytes((11, 18)) + bytes(16) + b"\x19\x00"):
+        value = struct.pack("!I", MICROSOFT) + inner
+        packet = struct.pack("!BBH", 1, 1, 22 + len(value)) + bytes(16) + bytes((26, len(value) + 2)) + value
+        with pytest.raises(MalformedPacket):
+            auth_request(packet, bytes(16), SECRET, "127.0.0.1")
+    # MS-CHAP2-Response numbered under another vendor is not MS-CHAPv2
+    value = struct.pack("!I", 9) + bytes((25, 52)) + bytes(50)
+    packet = struct.pack("!BBH", 1, 1, 22 + len(value)) + bytes(16) + bytes((26, len(value) + 2)) + value
+    assert auth_request(packet, bytes(16), SECRET, "127.0.0.1")["method"] == "none"
+
+
+def test_mppe_keys_are_never_sent_in_clear_and_round_trip() -> None:
+    encoder = ReplyEncoder(load_dictionary())
+    pairs = [("MS-MPPE-Send-Key", SEND_START_KEY_128), ("Session-Timeout", 60)]
+    attrs, skipped = encoder.attributes(pairs)   # no secret: the key is left out
+    assert [name for name, _ in skipped] == ["MS-MPPE-Send-Key"] and SEND_START_KEY_128 not in attrs
+    request_auth = os.urandom(16)
+    one, _ = encoder.attributes(pairs, SECRET, request_auth)
+    two, _ = encoder.attributes(pairs, SECRET, request_auth)
+    assert one != two   # a fresh salt each reply: encrypted keys are not cached
+    for key in (b"k", bytes(15), bytes(16), bytes(31)):
+        value = mppe_encrypt_key(key, SECRET, request_auth, b"\x80\x01")
+        assert len(value) == 2 + 16 * -(-(len(key) + 1) // 16)
+        assert mppe_decrypt_key(value, SECRET, request_auth) == key == salt_decrypt(value, SECRET, request_auth)
+    with pytest.raises(ValueError):
+        mppe_encrypt_key(bytes(16), SECRET, request_auth, b"\x00\x01")   # the salt's high bit is required
+    _, skipped = encoder.attributes([("MS-CHAP2-Success", "text"), ("MS-MPPE-Encryption-Types", -1)])
+    assert len(skipped) == 2

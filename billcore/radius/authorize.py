@@ -2,9 +2,10 @@
 
 The account's service link is found by login; the password is opened
 (``SecretStore``) and compared (PAP), used to compute MD5(id + password +
-challenge) (CHAP) or the NT-Response (MS-CHAPv2, ``billcore.radius.mschap``).  Rejected when the link is disabled, the account has any
-active block, the link is at its simultaneous-session limit or the account at
-its time service's ``max_sessions``, or the money left buys no second of time
+challenge) (CHAP) or the NT-Response (MS-CHAPv2, ``billcore.radius.mschap``).
+Rejected when the link is disabled, the account has any active block, the
+link is at its simultaneous-session limit or the account at its time
+service's ``max_sessions``, or the money left buys no second of time
 (``timewalk``).  Accepted with Framed-IP-Address (static, or a lease from the
 link's pool: one row per address, so no two links collide), Session-Timeout,
 Acct-Interim-Interval and the rate limit (Mikrotik-Rate-Limit, Cisco-AVPair) — the
@@ -108,7 +109,8 @@ def _mschap_decision(decision: Decision, request: AccessRequest, link: LinkState
         assert decision.reason is not None, "a rejection says why"
         code = MSCHAP_ERRORS.get(decision.reason, 691)
         text = f"E={code} R=0 C={secrets.token_hex(16).upper()} V=3 M={decision.reason.value}"
-        return dataclasses.replace(decision, reply=decision.reply + (("MS-CHAP-Error", bytes([ident]) + text.encode()),))
+        error = bytes([ident]) + text.encode()
+        return dataclasses.replace(decision, reply=decision.reply + (("MS-CHAP-Error", error),))
     assert link is not None, "an accepted request has its link"
     password = store.open(link.password_enc)
     response = mschap.parse_response(request.mschap_response)
