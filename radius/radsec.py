@@ -32,7 +32,8 @@ sender that stalls mid-packet is cut).  A peer that does not read its replies
 (more than ``MAX_UNSENT`` bytes queued) is cut too.  At most
 ``max_connections`` streams are open; more are closed at once.
 
-Every close is counted in ``billcore_radius_radsec_closed{reason}``; nothing
+Every close is counted in ``billcore_radius_radsec_closed{reason}`` and said
+in the log (at most once a minute per address and reason); nothing
 a peer sends can raise out of here (an unexpected error is logged and
 counted as ``error``, the listener keeps serving).  CoA and Disconnect still
 go to the NAS over UDP (``coa_port``).
@@ -61,6 +62,7 @@ HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0
 PACKET_TIMEOUT = 10.0
 MAX_UNSENT = 1 << 20
+LOG_INTERVAL = 60.0
 
 ACCEPTED = Counter("billcore_radius_radsec_connections", "RadSec (RADIUS over TLS) connections established")
 CLOSED = Counter("billcore_radius_radsec_closed", "RadSec connections closed, by reason (eof, idle, slow_sender,"
@@ -221,6 +223,7 @@ class RadsecListener:
     _listener: asyncio.Server | None = None
     _tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
     _open: int = 0
+    _said: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
 
     async def start(self, host: str, port: int) -> int:
         """Listen (0 = a free port); the bound port."""
@@ -256,8 +259,19 @@ class RadsecListener:
             self._tasks.discard(task)
             CLOSED.labels(reason).inc()
             if reason not in ("eof", "stopping"):
-                log.info("radsec connection closed", extra={"address": peer[0], "reason": reason})
+                self._say_closed(str(peer[0]), reason)
             writer.transport.abort()
+
+    def _say_closed(self, address: str, reason: str) -> None:
+        """Log a close, at most once a minute per address and reason (a scanner must not flood the log)."""
+        now = asyncio.get_running_loop().time()
+        key = (address, reason)
+        if now - self._said.get(key, -LOG_INTERVAL) < LOG_INTERVAL:
+            return
+        if len(self._said) >= 4096:
+            self._said.clear()
+        self._said[key] = now
+        log.info("radsec connection closed", extra={"address": address, "reason": reason})
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: tuple[Any, ...]) -> str:
         if self._open > self.max_connections:
