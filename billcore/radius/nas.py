@@ -18,7 +18,7 @@ from billcore.common.errors import InUse, UnknownObject
 from billcore.db.rows import DbConnection
 from billcore.radius.records import DisconnectMode, EndReason, Link, Nas, Pool
 from billcore.radius.secrets import SecretStore
-from billcore.radius.sessions import PAGE, end_sessions, locked_active
+from billcore.radius.sessions import PAGE, WATERMARK_HORIZON, end_sessions, keep_watermarks, locked_active
 
 __all__ = ["add_nas", "nas_list", "edit_nas", "delete_nas", "add_pool", "edit_pool", "delete_pool", "pool_list",
            "add_link", "edit_link", "delete_link", "link_list"]
@@ -205,6 +205,8 @@ async def delete_link(conn: DbConnection, link_id: int, now: dt.datetime, force:
     if active and not force:
         raise InUse(f"link {link_id} has {len(active)} active session(s); pass force to end them")
     await end_sessions(conn, active, now, EndReason.LINK_DELETED)
+    await keep_watermarks(conn, "link_id = $1 AND coalesce(ended_at, updated_at) > $2", link_id,
+                          now - WATERMARK_HORIZON)   # the session rows go with the link
     return await _delete(conn, "radius_links", link_id)
 
 
