@@ -120,6 +120,8 @@ async def _charge_time(conn: DbConnection, session: StoredSession, session_time:
     holds the session's row lock."""
     source = usage_source(session.nas_id, session.session_id)
     done = max(session.charged_time, await watermark(conn, source), 0)
+    if done > session.charged_time:  # a kept row (a deleted link's session, replayed): the row learns it
+        await conn.execute("UPDATE radius_sessions SET charged_time = $2 WHERE id = $1", session.id, done)
     if session_time <= done:
         return ()  # a retransmission, an older Interim arriving late, or charged by a close
     start = session.started_at.replace(microsecond=0) + dt.timedelta(seconds=done)
@@ -291,11 +293,12 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
     block_changes: tuple[BlockChange, ...] = ()
     if session.ended_at is not None:
         # a late or repeated Interim/Stop of an ended session: only seconds above what was charged
-        if status in (AcctStatus.INTERIM, AcctStatus.STOP) and record.session_time > session.charged_time:
+        if status in (AcctStatus.INTERIM, AcctStatus.STOP):
             await conn.execute(
                 "UPDATE radius_sessions SET session_time = greatest(session_time, $2),"
                 " input_octets = greatest(input_octets, $3), output_octets = greatest(output_octets, $4)"
                 " WHERE id = $1", session.id, record.session_time, record.input_octets, record.output_octets)
+        if status in (AcctStatus.INTERIM, AcctStatus.STOP) and record.session_time > session.charged_time:
             block_changes = await _charge_time(conn, session, record.session_time, now, tz)
             # the commit made a watermark row again: the session row is the watermark of an ended session
             await conn.execute("DELETE FROM ingest_watermarks WHERE source = $1",
