@@ -128,3 +128,168 @@ async def test_accounting_off_charges_thousands_of_sessions_up_to_the_off(
                                    " OR charged <> $1", 600 * PER_SECOND) == 0
         rows = await conn.fetch("SELECT account_id, sum(amount) AS total FROM ledger GROUP BY account_id")
         assert {r["account_id"]: r["total"] for r in rows} == {acc: -600 * PER_SECOND for acc in accounts}
+
+
+# -- the storm, through a real billcore over UDP ------------------------------------------
+
+STORM_NAS = 8                      # 127.0.0.2 .. 127.0.0.9
+STORM_SESSIONS = 420               # per NAS: 8 × 420 × (Start, Interim, Stop) = 10 080 requests
+STORM_ACCOUNTS = 40
+IN_FLIGHT = 64                     # outstanding requests per NAS (a NAS's identifier space is 256)
+RETRY_AFTER = 3.0                  # seconds a NAS waits for the Accounting-Response before re-sending
+RETRIES = 20
+STORM_SECRET = b"storm-secret"
+
+
+class StormNas(asyncio.DatagramProtocol):
+    """One NAS: a UDP socket on its own loopback address, identifiers handed
+    out and matched to their answers, retransmission of the same datagram."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ids: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(256):
+            self.ids.put_nowait(i)
+        self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.transport: Any = None
+        self.sent = self.answered = self.retransmitted = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        fut = self.waiting.get(data[1]) if len(data) >= 20 else None
+        if fut is not None and not fut.done():
+            fut.set_result(data)
+
+    async def request(self, attributes: list[tuple[str, Any]]) -> None:
+        from radius.auth import response_ok
+        ident = await self.ids.get()
+        try:
+            packet = AcctPacket(AccountingRequest, id=ident, secret=STORM_SECRET, dict=DICTIONARY)
+            for name, value in attributes:
+                packet.AddAttribute(name, value)
+            raw = packet.RequestPacket()
+            self.sent += 1
+            for attempt in range(RETRIES):
+                fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                self.waiting[ident] = fut
+                assert self.transport is not None
+                self.transport.sendto(raw)
+                try:
+                    reply = await asyncio.wait_for(fut, RETRY_AFTER)
+                except asyncio.TimeoutError:
+                    self.retransmitted += 1
+                    continue
+                assert reply[0] == 5 and response_ok(reply, raw[4:20], STORM_SECRET), reply[:4]
+                self.answered += 1
+                return
+            raise AssertionError(f"NAS {self.address}: no answer after {RETRIES} tries")
+        finally:
+            self.waiting.pop(ident, None)
+            self.ids.put_nowait(ident)
+
+
+DICTIONARY = load_dictionary()
+
+
+@pytest.fixture(scope="module")
+async def storm_stack(tmp_path_factory: pytest.TempPathFactory, pg_server_dsn: str,
+                      template_dsn: str) -> AsyncIterator[Stack]:
+    async with radius_stack(tmp_path_factory, pg_server_dsn, "radius-storm") as s:
+        admin = s.admin
+        service = (await admin.call("services.add", {"name": "storm-time", "kind": "time"}))["id"]
+        await admin.call("services.set_rate", {"service_id": service, "unit_size": 3600,
+                                               "tiers": [[0, 3600 * PER_SECOND]]})
+        tariff = (await admin.call("tariffs.add", {"name": "storm", "service_ids": [service]}))["id"]
+        for i in range(STORM_ACCOUNTS):
+            account = await subscriber(admin, f"st{i}", 100_000_000)
+            await admin.call("tariffs.link", {"account_id": account, "tariff_id": tariff})
+            await admin.call("radius.link_add", {"account_id": account, "login": f"st{i}", "password": "pw",
+                                                 "max_sessions": 1000})
+            s.accounts[f"st{i}"] = account
+        # the storm replays the last hours: the tariff links begin a day ago (a set-up step on the database)
+        conn = await asyncpg.connect(s.dsn)
+        try:
+            await conn.execute("UPDATE account_tariffs SET valid_from = valid_from - interval '1 day'"
+                               " WHERE tariff_id = $1", tariff)
+        finally:
+            await conn.close()
+        for k in range(STORM_NAS):
+            await admin.call("radius.nas_add", {"name": f"storm{k}", "address": f"127.0.0.{k + 2}",
+                                                "secret": STORM_SECRET.decode(),
+                                                "require_message_authenticator": False})
+        yield s
+
+
+async def test_a_storm_from_many_nas_loses_nothing(storm_stack: Stack) -> None:
+    s = storm_stack
+    loop = asyncio.get_running_loop()
+    fleet = []
+    for k in range(STORM_NAS):
+        nas = StormNas(f"127.0.0.{k + 2}")
+        await loop.create_datagram_endpoint(lambda nas=nas: nas, local_addr=(nas.address, 0),  # type: ignore[misc]
+                                            remote_addr=("127.0.0.1", s.acct_port))
+        fleet.append(nas)
+    # the radius process learns the new NAS devices from the radius.nas event
+    probe = fleet[-1]
+
+    async def known() -> bool:
+        try:
+            await asyncio.wait_for(probe.request([("Acct-Status-Type", "Accounting-On")]), 10)
+            return True
+        except (AssertionError, asyncio.TimeoutError):
+            return False
+    await wait_until(known, timeout=60)
+    for nas in fleet:
+        await nas.request([("Acct-Status-Type", "Accounting-On")])   # a NAS announces itself first
+        nas.sent = nas.answered = nas.retransmitted = 0
+    rng = random.Random(19)
+    base = int(time.time()) - 3 * 3600          # sessions of the last hours: nothing stamped in the future
+    plan: dict[tuple[int, str], tuple[str, int, int, int]] = {}
+    for k in range(STORM_NAS):
+        for j in range(STORM_SESSIONS):
+            plan[(k, f"n{k}-s{j}")] = (f"st{rng.randrange(STORM_ACCOUNTS)}", base + rng.randrange(3600),
+                                       rng.randrange(30, 600), rng.randrange(0, 3000))
+    limit = [asyncio.Semaphore(IN_FLIGHT) for _ in fleet]
+
+    async def session(k: int, sid: str) -> None:
+        login, start, interim, rest = plan[(k, sid)]
+        common = [("User-Name", login), ("Acct-Session-Id", sid)]
+        for status, seconds in (("Start", 0), ("Interim-Update", interim), ("Stop", interim + rest)):
+            attrs = [("Acct-Status-Type", status), *common, ("Event-Timestamp", start + seconds)]
+            if status != "Start":
+                attrs.append(("Acct-Session-Time", seconds))
+            async with limit[k]:
+                await fleet[k].request(attrs)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(session(k, sid) for k, sid in plan))
+    took = time.perf_counter() - began
+    requests = sum(nas.sent for nas in fleet)
+    print(f"\nstorm: {requests} requests from {STORM_NAS} NAS in {took:.1f} s,"
+          f" {sum(nas.retransmitted for nas in fleet)} retransmissions")
+    assert requests == 3 * len(plan) >= 10_000
+    assert all(nas.answered == nas.sent for nas in fleet)       # every request answered
+    conn = await asyncpg.connect(s.dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT s.session_id, s.ended_at IS NOT NULL AS ended, s.end_reason, s.session_time, s.charged_time,"
+            " s.started_at, n.address FROM radius_sessions s JOIN radius_nas n ON n.id = s.nas_id"
+            " WHERE n.name LIKE 'storm%'")
+        assert len(rows) == len(plan)                           # every Start recorded
+        for row in rows:
+            login, start, interim, rest = plan[(int(row["session_id"].split("-")[0][1:]), row["session_id"])]
+            assert row["ended"] and row["end_reason"] == "stop:0", row
+            assert row["session_time"] == row["charged_time"] == interim + rest, row
+            assert row["started_at"] == dt.datetime.fromtimestamp(start, dt.timezone.utc), row
+        owed: dict[int, int] = {}
+        for login, _, interim, rest in plan.values():
+            owed[s.accounts[login]] = owed.get(s.accounts[login], 0) + (interim + rest) * PER_SECOND
+        charged = {r["account_id"]: -r["total"] for r in await conn.fetch(
+            "SELECT account_id, sum(amount) AS total FROM ledger WHERE reference LIKE 'usage radius:%'"
+            " GROUP BY account_id")}
+        assert charged == {acc: total for acc, total in owed.items() if total}   # to the micro-unit
+        assert await conn.fetchval("SELECT count(*) FROM ingest_watermarks WHERE source LIKE 'radius:%'") == 0
+    finally:
+        await conn.close()
