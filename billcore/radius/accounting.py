@@ -45,9 +45,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
+
+import asyncpg
 
 from billcore.billing.blocks import BlockChange
 from billcore.billing.rating import SessionUsage
@@ -86,27 +89,37 @@ STALE_RECORDS: list[int] = [0]
 """Records ignored as older than ``WATERMARK_HORIZON`` since the process started (a metric)."""
 
 
-async def _time_usage(conn: DbConnection, account_id: int, start: dt.datetime,
-                      end: dt.datetime) -> list[SessionUsage]:
-    """``[start, end)`` of a session cut by the account's tariff links: one
-    piece per link with a time service, on that service (a tariff with
-    several time services: no service, which rating refuses).  Time outside
-    every such link is not time-charged.  Link borders round down to whole
-    seconds (rating's resolution; the session start does too), the same way
-    for the link that ends and the one that starts there."""
-    rows = await conn.fetch(
-        "SELECT t.valid_from, t.valid_to, array_agg(sv.id ORDER BY sv.id) AS services FROM account_tariffs t"
-        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services sv ON sv.id = ts.service_id"
-        " WHERE t.account_id = $1 AND sv.kind = 'time' AND t.valid_from < $3"
-        " AND (t.valid_to IS NULL OR t.valid_to > $2) GROUP BY t.id ORDER BY t.valid_from", account_id, start, end)
+_TIME_LINKS: Final = (
+    "SELECT t.account_id, t.valid_from, t.valid_to, array_agg(sv.id ORDER BY sv.id) AS services"
+    " FROM account_tariffs t JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
+    " JOIN services sv ON sv.id = ts.service_id"
+    " WHERE t.account_id = ANY($1::bigint[]) AND sv.kind = 'time' AND t.valid_from < $3"
+    " AND (t.valid_to IS NULL OR t.valid_to > $2) GROUP BY t.id ORDER BY t.account_id, t.valid_from")
+
+
+def _pieces(links: Sequence[asyncpg.Record], account_id: int, start: dt.datetime,
+            end: dt.datetime) -> list[SessionUsage]:
+    """``[start, end)`` of a session cut by the account's tariff links
+    (``_TIME_LINKS`` rows, by valid_from): one piece per link with a time
+    service, on that service (a tariff with several time services: no
+    service, which rating refuses).  Time outside every such link is not
+    time-charged.  Link borders round down to whole seconds (rating's
+    resolution; the session start does too), the same way for the link that
+    ends and the one that starts there.  Pure."""
     usage = []
-    for row in rows:
+    for row in links:
         piece_start = max(start, row["valid_from"].replace(microsecond=0))
         piece_end = end if row["valid_to"] is None else min(end, row["valid_to"].replace(microsecond=0))
         if piece_end > piece_start:
             service = row["services"][0] if len(row["services"]) == 1 else None
             usage.append(SessionUsage(account_id, piece_start, (piece_end - piece_start) // _ONE_SECOND, service))
     return usage
+
+
+async def _time_usage(conn: DbConnection, account_id: int, start: dt.datetime,
+                      end: dt.datetime) -> list[SessionUsage]:
+    """``_pieces`` of one session, its links read."""
+    return _pieces(await conn.fetch(_TIME_LINKS, [account_id], start, end), account_id, start, end)
 
 
 class _Unrated(Exception):
@@ -150,17 +163,84 @@ def last_known(session: StoredSession, reason: str, at: dt.datetime) -> int:
     return session.session_time
 
 
+CLOSE_SOURCE: Final = "radius-close:{}"
+"""The ``commit_usage`` source of the charges a close books for many sessions
+at once (``{}``: the NAS id, or ``sweep``): one row per NAS, never pruned (its
+watermark only numbers the close's commits, so ledger keys never repeat)."""
+
+
+async def _charge_many(conn: DbConnection, owed: Sequence[tuple[StoredSession, int]], tag: str,
+                       now: dt.datetime, tz: dt.tzinfo) -> list[BlockChange]:
+    """Charge each session up to its target in a few set-based commits: one
+    ``commit_usage`` per round of sessions of distinct accounts (so each
+    account's charge in a round is its session's), source ``CLOSE_SOURCE``.
+    A round that rating cannot place whole is undone and its sessions are
+    charged one by one (``_charge_time``: what can be placed is, the rest
+    waits for a late record).  The caller holds the sessions' row locks."""
+    marks = {row["source"]: int(row["watermark"]) for row in await conn.fetch(
+        "SELECT source, watermark FROM ingest_watermarks WHERE source = ANY($1::text[])",
+        [usage_source(session.nas_id, session.session_id) for session, _ in owed])}
+    todo: list[tuple[StoredSession, int, int]] = []   # (session, done, target)
+    for session, target in owed:
+        done = max(session.charged_time, marks.get(usage_source(session.nas_id, session.session_id), 0))
+        if target > done:
+            todo.append((session, done, target))
+    if not todo:
+        return []
+    starts = [session.started_at.replace(microsecond=0) for session, _, _ in todo]
+    links: dict[int, list[asyncpg.Record]] = defaultdict(list)
+    for row in await conn.fetch(_TIME_LINKS, sorted({session.account_id for session, _, _ in todo}),
+                                min(starts), max(start + dt.timedelta(seconds=target)
+                                                 for start, (_, _, target) in zip(starts, todo))):
+        links[row["account_id"]].append(row)
+    rounds: list[list[tuple[StoredSession, int, list[SessionUsage]]]] = []
+    seen: dict[int, int] = defaultdict(int)          # account -> rounds it is in so far
+    for start, (session, done, target) in zip(starts, todo):
+        begin = start + dt.timedelta(seconds=done)
+        usage = _pieces(links[session.account_id], session.account_id, begin,
+                        begin + dt.timedelta(seconds=target - done))
+        if not usage:
+            continue  # no time service during these seconds: not time-charged
+        n = seen[session.account_id]
+        seen[session.account_id] += 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append((session, target, usage))
+    source = CLOSE_SOURCE.format(tag)
+    changes: list[BlockChange] = []
+    for batch in rounds:
+        try:
+            async with conn.transaction():  # a savepoint: a round rating cannot place whole is undone
+                mark = max(await watermark(conn, source), 0) + 1
+                result = await commit_usage(conn, source, mark, [u for _, _, usage in batch for u in usage], now,
+                                            tz=tz, actor=ACTOR)
+                if result.rejected:
+                    raise _Unrated(", ".join(sorted({rejected.reason for rejected in result.rejected})))
+        except _Unrated as exc:
+            log.warning("close: %d sessions' time not placeable together (%s); charging them one by one",
+                        len(batch), exc)
+            for session, target, _ in batch:
+                changes.extend(await _charge_time(conn, session, target, now, tz))
+            continue
+        amounts = {account: amount for account, amount, _ in result.charges}
+        await conn.execute(
+            "UPDATE radius_sessions s SET charged = s.charged + k.amount, charged_time = greatest(s.charged_time, k.t)"
+            " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k(id, amount, t) WHERE s.id = k.id",
+            [session.id for session, _, _ in batch], [amounts.get(session.account_id, 0) for session, _, _ in batch],
+            [target for _, target, _ in batch])
+        changes.extend(change for change in result.block_changes if isinstance(change, BlockChange))
+    return changes
+
+
 async def charge_and_end(conn: DbConnection, sessions: Sequence[StoredSession], at: dt.datetime, reason: str,
-                         now: dt.datetime, tz: dt.tzinfo,
+                         now: dt.datetime, tz: dt.tzinfo, tag: str,
                          ends: Sequence[dt.datetime] | None = None) -> tuple[BlockChange, ...]:
     """Charge each (row-locked, open) session up to its last known time, then
-    end them all at ``at`` (or at ``ends[i]``).  Only sessions with seconds
-    above ``charged_time`` cost a commit each; the rest is set-based."""
-    changes: list[BlockChange] = []
-    for session in sessions:
-        target = last_known(session, reason, at)
-        if target > session.charged_time:
-            changes.extend(await _charge_time(conn, session, target, now, tz))
+    end them all at ``at`` (or at ``ends[i]``), set-based: a few statements
+    for any number of sessions, plus one commit per round (``_charge_many``)."""
+    owed = [(session, target) for session in sessions
+            if (target := last_known(session, reason, at)) > session.charged_time]
+    changes = await _charge_many(conn, owed, tag, now, tz) if owed else []
     if ends is None:
         await end_sessions(conn, sessions, at, reason)
     else:
@@ -186,7 +266,7 @@ async def sweep(conn: DbConnection, now: dt.datetime, timeout: dt.timedelta, *,
     stale = await locked_active(conn, "updated_at < $1 ORDER BY id", now - timeout)
     changes: tuple[BlockChange, ...] = ()
     if stale:
-        changes = await charge_and_end(conn, stale, now, EndReason.STALE, now, tz,
+        changes = await charge_and_end(conn, stale, now, EndReason.STALE, now, tz, "sweep",
                                        ends=[session.updated_at for session in stale])
     await conn.execute("DELETE FROM radius_leases WHERE expires_at IS NOT NULL AND expires_at <= $1", now)
     pruned = await prune_watermarks(conn, now)
@@ -268,7 +348,7 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
     if status in (AcctStatus.ON, AcctStatus.OFF):
         sessions = await locked_active(conn, "nas_id = $1 ORDER BY id", nas_id)
         reason = EndReason.ACCOUNTING_ON if status is AcctStatus.ON else EndReason.ACCOUNTING_OFF
-        changes = await charge_and_end(conn, sessions, at, reason, now, tz)
+        changes = await charge_and_end(conn, sessions, at, reason, now, tz, str(nas_id))
         return AccountingResult(closed=len(sessions), block_changes=changes)
     if status not in SESSION_STATUSES or record.session_id is None:
         return AccountingResult(ignored=str(status))
