@@ -243,3 +243,40 @@ async def test_a_deleted_links_sessions_are_not_charged_again_and_the_horizon_pr
         assert out.ignored == "older than the horizon" and accounting.STALE_RECORDS[0] == before + 1
         assert await ledger(conn, acc) == -960_000
         assert await conn.fetchval("SELECT count(*) FROM radius_sessions") == 0
+
+
+async def test_a_close_of_many_sessions_charges_each_its_own_and_what_cannot_be_placed_waits(
+        pool: asyncpg.Pool, store: SecretStore) -> None:
+    """Accounting-Off over two sessions of one account (two rounds of the
+    set-based close) and one of another whose day time has no price:
+    its round is undone and charged session by session — the priced sessions
+    in full, the unpriced one not at all until a later record brings it."""
+    async with pool.acquire() as conn:
+        await add_nas(conn, store, name="mt1", address=NAS, secret="x")
+        night = await night_range(conn)
+        nights_only = await time_service(conn, "nights-only", day=None, night=1_800_000, night_id=night)
+        priced = await time_service(conn, "priced", day=3_600_000, night=1_800_000, night_id=night)
+        alice = await subscriber(conn, store, "alice", 10**9, max_sessions=2)
+        bob = await subscriber(conn, store, "bob", 10**9)
+        await on_tariff(conn, alice, [priced], local(1, 0), name="priced")
+        await on_tariff(conn, bob, [nights_only], local(1, 0), name="nights")
+        await acct(conn, "start", "A1", local(3, 21, 0))
+        await acct(conn, "start", "A2", local(3, 21, 30))
+        await acct(conn, "start", "B1", local(3, 21, 40), login="bob")
+        await acct(conn, "interim", "B1", local(3, 21, 50), 600, login="bob")          # day: no price yet
+        assert await ledger(conn, bob) == 0
+        assert (await nas_event(conn, "off", local(3, 22, 10))).closed == 3
+        # A1: 3600 s day + 600 s night; A2: 1800 s day + 600 s night; one day counter, one night counter
+        assert await ledger(conn, alice) == -((3600 + 1800) * 1000 + 1200 * 500)
+        charged = {r["session_id"]: (r["charged"], r["charged_time"]) for r in await conn.fetch(
+            "SELECT session_id, charged, charged_time FROM radius_sessions")}
+        assert charged["A1"][1] == 4200 and charged["A2"][1] == 2400
+        assert charged["A1"][0] + charged["A2"][0] == 5400 * 1000 + 1200 * 500
+        assert charged["B1"] == (0, 0)                            # its 20 day minutes have no price: nothing
+        assert await ledger(conn, bob) == 0
+        # the operator prices the day; the NAS's buffered Stop then charges the whole session once
+        await set_rate(conn, nights_only, class_id=None, range_id=None, prepaid=0, unit_size=3600,
+                       tiers=[(0, 3_600_000)])
+        await acct(conn, "stop", "B1", local(3, 22, 10), 1800, login="bob", now=local(3, 22, 30))
+        assert await ledger(conn, bob) == -(1200 * 1000 + 600 * 500)
+        assert await marks(conn) == 0
