@@ -238,9 +238,9 @@ async def test_a_deleted_links_sessions_are_not_charged_again_and_the_horizon_pr
             swept = await sweep(conn, later, dt.timedelta(hours=1), tz=TZ)
         assert swept.pruned == 2 and await marks(conn) == 0
         await add_link(conn, store, account_id=acc, login="alice", password="pw", max_sessions=2)
-        before = accounting.STALE_RECORDS[0]
+        before = accounting.STALE_RECORDS._value.get()
         out = await acct(conn, "stop", "S1", local(3, 10, 10), 600, now=later)
-        assert out.ignored == "older than the horizon" and accounting.STALE_RECORDS[0] == before + 1
+        assert out.ignored == "older than the horizon" and accounting.STALE_RECORDS._value.get() == before + 1
         assert await ledger(conn, acc) == -960_000
         assert await conn.fetchval("SELECT count(*) FROM radius_sessions") == 0
 

@@ -37,8 +37,14 @@ reboot) updates the session's counters and charges the seconds above
 ``charged_time``, the higher of it and any watermark row.  The session stays
 ended where it ended (its IP bindings too: the address may be someone else's
 since).  A record of a session billcore does not have, stamped before now
-minus ``WATERMARK_HORIZON``, is ignored and counted (``stale_records``): its
-session's watermark may have been pruned.
+minus ``WATERMARK_HORIZON``, is ignored and counted
+(``billcore_radius_stale_records``): its session's watermark may be pruned.
+
+A close of many sessions (an Accounting-On after a NAS reboot) is
+set-based: ``end_sessions`` ends any number in four statements, and
+``_charge_many`` books their seconds in one ``commit_usage`` per round of
+sessions of distinct accounts (source ``CLOSE_SOURCE``), so each account's
+charge in a round is its session's.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import asyncpg
+from prometheus_client import Counter
 
 from billcore.billing.blocks import BlockChange
 from billcore.billing.rating import SessionUsage
@@ -85,8 +92,9 @@ ACTOR: Final = "radius"   # who the ledger says booked a time charge
 _ONE_SECOND: Final = dt.timedelta(seconds=1)
 
 
-STALE_RECORDS: list[int] = [0]
-"""Records ignored as older than ``WATERMARK_HORIZON`` since the process started (a metric)."""
+STALE_RECORDS: Final = Counter(
+    "billcore_radius_stale_records", "Accounting records of unknown sessions older than the watermark horizon,"
+    " ignored")
 
 
 _TIME_LINKS: Final = (
@@ -360,7 +368,7 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
         session = StoredSession.of(row)
     else:
         if at < now - WATERMARK_HORIZON:
-            STALE_RECORDS[0] += 1
+            STALE_RECORDS.inc()
             log.warning("%s of unknown session %s from NAS %s stamped %s, before the %s horizon: ignored",
                         status, session_id, record.nas, at.isoformat(), WATERMARK_HORIZON)
             return AccountingResult(ignored="older than the horizon")
