@@ -23,11 +23,14 @@ from billcore.radius.records import AccountingResult, read_accounting_record
 from billcore.radius.secrets import SecretStore
 from billcore.radius.sessions import WATERMARK_HORIZON
 from billcore.billing.tariffs import set_rate
+from billcore.db.migrate import discover, migrate
+from tests.test_radius_core import make_account
 from tests.test_radius_time import (  # noqa: F401  (store is a fixture)
     DAY, NAS, NIGHT, TZ, acct, balance, counters, local, night_range, on_tariff, store, subscriber, time_service,
 )
 
 MARCH = local(1, 0).astimezone(dt.timezone.utc)
+T_START, T_END = local(3, 10), local(3, 10, 15)
 FEB = local(1, 0, month=2).astimezone(dt.timezone.utc)
 
 
@@ -280,3 +283,32 @@ async def test_a_close_of_many_sessions_charges_each_its_own_and_what_cannot_be_
         await acct(conn, "stop", "B1", local(3, 22, 10), 1800, login="bob", now=local(3, 22, 30))
         assert await ledger(conn, bob) == -(1200 * 1000 + 600 * 500)
         assert await marks(conn) == 0
+
+
+async def test_migration_0022_moves_watermarks_onto_sessions(empty_db_dsn: str) -> None:
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        await migrate(conn, [m for m in discover() if m.version < 22])
+        acc = await make_account(conn, "u1")
+        nas = await conn.fetchval("INSERT INTO radius_nas(name, address, secret_enc) VALUES ('n', '10.0.0.1', '\\x00')"
+                                  " RETURNING id")
+        link = await conn.fetchval("INSERT INTO radius_links(account_id, login, password_enc)"
+                                   " VALUES ($1, 'alice', '\\x00') RETURNING id", acc)
+        long_id = "x" * 200
+        for sid, ended in (("open", None), ("done", T_END), (long_id, T_END), ("free", T_END)):
+            await conn.execute(
+                "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, started_at, updated_at,"
+                " ended_at, session_time) VALUES ($1, $2, $3, $4, 'alice', $5, $5, $6, 900)",
+                nas, sid, acc, link, T_START, ended)
+        for sid, mark in (("open", 600), ("done", 900), (long_id, 700)):
+            await conn.execute("INSERT INTO ingest_watermarks VALUES ($1, $2, $3)", usage_source(nas, sid), mark, T_START)
+        await conn.execute("INSERT INTO ingest_watermarks VALUES ('radius:99:gone', 5, $1), ('netflow:w1', 7, $1)",
+                           T_START)
+        assert 22 in [m.version for m in await migrate(conn)]
+        rows = await conn.fetch("SELECT session_id, charged_time FROM radius_sessions")
+        assert {r["session_id"]: r["charged_time"] for r in rows} == {"open": 600, "done": 900, long_id: 700, "free": 0}
+        # the rows of ended sessions are gone; the open one's, a deleted session's and NetFlow's stay
+        assert sorted(r[0] for r in await conn.fetch("SELECT source FROM ingest_watermarks")) == sorted(
+            [usage_source(nas, "open"), "radius:99:gone", "netflow:w1"])
+    finally:
+        await conn.close()

@@ -99,7 +99,8 @@ async def delete_nas(conn: DbConnection, nas_id: int, now: dt.datetime, force: b
         raise InUse(f"NAS {nas_id} has {len(active)} active session(s); pass force to end them")
     await end_sessions(conn, active, now, EndReason.NAS_DELETED)
     # NAS ids are never reused: the time watermarks of its sessions are dead
-    await conn.execute("DELETE FROM ingest_watermarks WHERE starts_with(source, $1)", f"radius:{nas_id}:")
+    await conn.execute("DELETE FROM ingest_watermarks WHERE starts_with(source, $1) OR source = $2",
+                       f"radius:{nas_id}:", f"radius-close:{nas_id}")
     return await _delete(conn, "radius_nas", nas_id)
 
 
