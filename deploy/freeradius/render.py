@@ -156,7 +156,8 @@ def render(args: argparse.Namespace) -> Path:
             dst.write_text(PLACEHOLDER.sub(one, src.read_text()))
             # secrets and the key password are in these files
             os.chmod(dst, 0o640)
-        for d in ("log", "run"):
+        # policy.d is empty (radiusd.conf includes it) and git keeps no empty directory
+        for d in ("log", "run", "policy.d"):
             (staging / d).mkdir(exist_ok=True)
         (staging / MARKER).write_text("rendered by deploy/freeradius/render.py; edit the template, render again\n")
         out.mkdir(parents=True, exist_ok=True)
