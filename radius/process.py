@@ -95,6 +95,14 @@ class RadiusSettings:
     coa_timeout: float = 2.0
     coa_retries: int = 2
     processes: int = 1   # above 1: the supervisor binds the ports as a group and hands each its sockets
+    radsec_port: int = 0  # 0: off
+    radsec_host: str = "0.0.0.0"
+    radsec_cert: str = ""
+    radsec_key: str = ""
+    radsec_ca: str = ""
+    radsec_handshake_timeout: float = 10.0
+    radsec_idle_timeout: float = 300.0
+    radsec_packet_timeout: float = 10.0
 
     @classmethod
     def from_config(cls, config: Any) -> RadiusSettings:
@@ -368,6 +376,16 @@ async def run_process(config: Any, stop: asyncio.Event, index: int = 0) -> None:
         except PortInUse as exc:
             log.error("%s", exc)
             raise
+    radsec = None
+    if settings.radsec_port and lead:   # one TCP listener: radius[0]'s (RadSec takes no reuseport group)
+        from .radsec import start_radsec
+
+        try:
+            radsec, _ = await start_radsec(server, settings)
+        except (RadiusError, OSError) as exc:
+            log.error("radsec: %s", exc)
+            await server.close()
+            raise
     log.info("radius serving", extra={"auth": ports[0], "acct": ports[1], "shared": bool(given)})
     tune_gc()   # after start-up: what exists now lives as long as the process
 
@@ -385,6 +403,8 @@ async def run_process(config: Any, stop: asyncio.Event, index: int = 0) -> None:
         for t in [*tasks, *background]:
             t.cancel()
         await asyncio.gather(*tasks, *background, return_exceptions=True)
+        if radsec is not None:
+            await radsec.close()
         await server.close()
         await link.close()
 

@@ -33,6 +33,7 @@ CHAP_CHALLENGE, NAS_PORT_ID = 60, 87
 VENDOR_SPECIFIC, MICROSOFT = 26, 311
 MS_CHAP_CHALLENGE, MS_CHAP2_RESPONSE = 11, 25   # RFC 2548 s.2.3.2, s.2.3.3
 _MICROSOFT_ID = MICROSOFT.to_bytes(4, "big")
+FRAMED_IPV6_PREFIX, DELEGATED_IPV6_PREFIX = 97, 123   # RFC 3162 s.2.3, RFC 4818
 
 
 class BadUserName(MalformedPacket):
@@ -89,6 +90,22 @@ def _ip(attrs: dict[int, list[bytes]], code: int) -> str | None:
     if len(values[0]) != 4:
         raise MalformedPacket(f"attribute {code} is not an IPv4 address")
     return str(ipaddress.IPv4Address(values[0]))
+
+
+def _ipv6_prefixes(attrs: dict[int, list[bytes]]) -> list[str]:
+    """Framed-IPv6-Prefix and Delegated-IPv6-Prefix values as CIDR text (RFC
+    3162 s.2.3: Reserved(1) Prefix-Length(1) Prefix(0..16), bits past the
+    length zero-filled here), in that order, each once."""
+    out: list[str] = []
+    for code in (FRAMED_IPV6_PREFIX, DELEGATED_IPV6_PREFIX):
+        for value in attrs.get(code, ()):
+            if not 2 <= len(value) <= 18 or value[1] > 128 or len(value) - 2 < (value[1] + 7) // 8:
+                raise MalformedPacket(f"attribute {code} is not an IPv6 prefix")
+            address = int.from_bytes(value[2:].ljust(16, b"\0")[:16], "big")
+            network = ipaddress.IPv6Network((address, value[1]), strict=False)
+            if network.with_prefixlen not in out:
+                out.append(network.with_prefixlen)
+    return out
 
 
 def _common(attrs: dict[int, list[bytes]], nas_address: str) -> dict[str, Any]:
@@ -219,6 +236,9 @@ def accounting_record(packet: bytes, nas_address: str, now: float) -> dict[str, 
         terminate_cause=_int(attrs, TERMINATE_CAUSE),
         event_time=event_time,
     )
+    prefixes = _ipv6_prefixes(attrs)
+    if prefixes:
+        rec["ipv6_prefixes"] = prefixes
     if rec["status"] in ("start", "stop", "interim") and not rec["session_id"]:
         raise MalformedPacket("Accounting-Request without Acct-Session-Id")
     return rec

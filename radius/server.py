@@ -21,6 +21,10 @@ transport is ours, on purpose:
   ``max_inflight`` tasks run; a request over the cap is dropped and counted
   (the NAS retransmits).
 * Status-Server (RFC 5997) is answered at once on both ports, never cached.
+* A request comes in through an ``Endpoint`` and its reply goes back through
+  it: a UDP port (``_Endpoint``) or a RadSec TLS stream (``radius.radsec``,
+  kind "radsec", both request kinds on one stream, the NAS's secret replaced
+  by "radsec").  ``receive`` is the same for both.
 * Every decision is the ``Decider``'s (the core, over URFA).  When it is
   unreachable or slow, nothing is sent: the NAS retries or fails over, and
   the dedup entry is dropped so the retry is decided afresh (accounting is
@@ -80,6 +84,7 @@ __all__ = [
     "Decision",
     "Decider",
     "DecisionUnavailable",
+    "Endpoint",
     "PortInUse",
     "RadiusServer",
     "bind_udp",
@@ -276,6 +281,27 @@ def bind_udp(host: str, port: int, rcvbuf: int = 4 << 20) -> socket.socket:
     return sock
 
 
+class Endpoint(Protocol):
+    """Where a request came in and where its reply goes: a UDP port
+    (``_Endpoint``) or a RadSec TLS stream (``radius.radsec``).
+
+    ``kind`` says which request codes it takes: "auth" (Access-Request),
+    "acct" (Accounting-Request) or "radsec" (both, on one stream; RFC 6614);
+    Status-Server on any.  ``nas_for`` finds the NAS of a source address —
+    over RadSec the same row with the fixed secret "radsec" (RFC 6614 s.2.3)."""
+
+    kind: str
+
+    def send(self, data: bytes, addr: tuple[Any, ...], code: int) -> None: ...
+
+    def nas_for(self, table: NasTable, address: str) -> Nas | None: ...
+
+
+# request codes each kind of endpoint takes
+_ALLOWED = {"auth": (ACCESS_REQUEST, STATUS_SERVER), "acct": (ACCOUNTING_REQUEST, STATUS_SERVER),
+            "radsec": (ACCESS_REQUEST, ACCOUNTING_REQUEST, STATUS_SERVER)}
+
+
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self, server: RadiusServer, kind: str) -> None:
         self.server = server
@@ -296,6 +322,10 @@ class _Endpoint(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
             tally = self.server.tally
             tally[code] = tally.get(code, 0) + 1
+
+    @staticmethod
+    def nas_for(table: NasTable, address: str) -> Nas | None:
+        return table.get(address)
 
 
 @dataclass
@@ -390,11 +420,11 @@ class RadiusServer:
         self.flush_metrics()
 
     # -- the datagram path (plain, bounded) ---------------------------------
-    def receive(self, endpoint: _Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
+    def receive(self, endpoint: Endpoint, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_PACKET:
             DROPPED.labels("malformed").inc()
             return
-        nas = self.nas_table.get(addr[0])
+        nas = endpoint.nas_for(self.nas_table, addr[0])
         if nas is None:
             DROPPED.labels("unknown_nas" if self.nas_table.loaded else "core_unavailable").inc()
             if self.nas_table.loaded:
@@ -406,8 +436,7 @@ class RadiusServer:
             DROPPED.labels("malformed").inc()
             return
         code = header.code
-        allowed = (ACCESS_REQUEST, STATUS_SERVER) if endpoint.kind == "auth" else (ACCOUNTING_REQUEST, STATUS_SERVER)
-        if code not in allowed:
+        if code not in _ALLOWED[endpoint.kind]:
             DROPPED.labels("wrong_code").inc()
             return
         reason = self._authenticity(nas, header, packet)
@@ -470,7 +499,7 @@ class RadiusServer:
         timer = None if getattr(self.decider, "bounded", False) else loop.call_later(self.decision_timeout, fut.cancel)
         fut.add_done_callback(lambda f: self._decided(f, timer, endpoint, nas, header, packet, key, addr, started))
 
-    def _answered(self, result: Decision | BaseException, endpoint: _Endpoint, nas: Nas, header: Header,
+    def _answered(self, result: Decision | BaseException, endpoint: Endpoint, nas: Nas, header: Header,
                   packet: bytes, key: DedupKey, addr: tuple[Any, ...], started: float) -> None:
         """An Access-Request's decision (or error) from a decider's ``authorize_then``."""
         self.inflight -= 1
@@ -488,7 +517,7 @@ class RadiusServer:
         endpoint.send(reply, addr, reply[0])
         self.decisions[ACCESS_REQUEST].observe(now - started, "accept" if reply[0] == AccessAccept else "reject")
 
-    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: _Endpoint, nas: Nas,
+    def _decided(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle | None, endpoint: Endpoint, nas: Nas,
                  header: Header, packet: bytes, key: DedupKey, addr: tuple[Any, ...], started: float) -> None:
         if timer is not None:
             timer.cancel()
@@ -559,8 +588,8 @@ class RadiusServer:
         return finish_reply(AccessAccept if decision.accept else AccessReject, header.id, header.authenticator,
                             nas.secret, attrs + self._proxy_states(header, packet) if header.proxy_state else attrs)
 
-    def _status_reply(self, endpoint: _Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
-        code = AccessAccept if endpoint.kind == "auth" else AccountingResponse
+    def _status_reply(self, endpoint: Endpoint, nas: Nas, header: Header, packet: bytes, addr: tuple[Any, ...]) -> None:
+        code = AccountingResponse if endpoint.kind == "acct" else AccessAccept
         # RFC 5997 s.3: signed with a Message-Authenticator over the request's authenticator
         reply = finish_reply(code, header.id, header.authenticator, nas.secret, self._proxy_states(header, packet))
         endpoint.send(reply, addr, code)

@@ -17,12 +17,12 @@ import pytest
 from billcore.api.radius import calls
 from billcore.billing.tariffs import create_service, create_tariff, link_tariff, set_rate
 from billcore.common.config import Config
-from billcore.radius.accounting import apply_accounting
+from billcore.radius.accounting import apply_accounting, close_stale
 from billcore.radius.authorize import authorize, authorize_many
 from billcore.radius.nas import add_link, add_nas, add_pool, nas_list
 from billcore.radius.records import AccountingResult, Decision, SessionHook, read_access_request, read_accounting_record
 from billcore.radius.secrets import SecretStore
-from billcore.radius.sessions import active_sessions, close_stale
+from billcore.radius.sessions import active_sessions
 from billcore.server.context import CoreContext
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)

@@ -133,8 +133,10 @@ async def test_a_session_across_the_day_night_border_is_charged_exactly_once(
         march = local(1, 0).astimezone(dt.timezone.utc)
         assert await counters(conn, acc) == [(0, march, 600, 166_667), (night, march, 3400, 472_223)]
         assert await conn.fetchval("SELECT charged FROM radius_sessions WHERE session_id = 'S1'") == total
-        assert await conn.fetchval("SELECT watermark FROM ingest_watermarks WHERE source = $1",
-                                   usage_source(nas_id, "S1")) == 4000
+        # the ended session keeps its watermark on its row; its ingest_watermarks row is gone
+        assert await conn.fetchval("SELECT charged_time FROM radius_sessions WHERE session_id = 'S1'") == 4000
+        assert await conn.fetchval("SELECT count(*) FROM ingest_watermarks WHERE source = $1",
+                                   usage_source(nas_id, "S1")) == 0
         # the session's own events are kept
         assert stop.hooks[0].event == "session.stopped"
         days = await conn.fetch("SELECT quantity FROM usage_daily WHERE account_id = $1 AND class_id = -1", acc)

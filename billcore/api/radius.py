@@ -33,7 +33,7 @@ from billcore.billing.ledger_errors import InvalidValue
 from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.errors import UnknownObject
 from billcore.db.rows import DbConnection
-from billcore.radius.accounting import apply_accounting
+from billcore.radius.accounting import apply_accounting, sweep
 from billcore.radius.authorize import Authorizer, authorize
 from billcore.radius.nas import (
     add_link,
@@ -51,7 +51,7 @@ from billcore.radius.nas import (
 )
 from billcore.radius.records import read_access_request, read_accounting_record
 from billcore.radius.secrets import SecretStore
-from billcore.radius.sessions import PAGE, active_sessions, close_stale
+from billcore.radius.sessions import PAGE, active_sessions
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
@@ -212,7 +212,9 @@ def calls(core: CoreContext) -> list[CallSpec]:
     async def sweep_stale(ctx: CallContext, timeout: int) -> int:
         need_int("timeout", timeout, 1, 10 * 366 * 86400)   # seconds; a timedelta of 2^63 s overflows
         async with pool.acquire() as conn, conn.transaction():
-            closed = await close_stale(conn, core.now(), dt.timedelta(seconds=timeout))
+            swept = await sweep(conn, core.now(), dt.timedelta(seconds=timeout), tz=tz)
+        await announce(core, swept.block_changes)   # a close charges the seconds Interims had not
+        closed = swept.closed
         if closed:
             core.publish("radius.sessions", {"event": "closed", "closed": closed})
         return closed

@@ -133,6 +133,14 @@ class RadiusSection:
     coa_timeout: float = _f(2.0, "Seconds to wait for each Disconnect/CoA answer from a NAS.")
     coa_retries: int = _f(2, "Retransmissions of a Disconnect/CoA request.")
     processes: int = _f(1, "RADIUS server processes. Above 1 they share the ports with SO_REUSEPORT (bound by the supervisor, strangers on the port detected); a NAS's retransmissions stay on one process. Recommended: 1 on 2 cores, about half the cores beyond.")
+    radsec_port: int = _f(0, "RadSec (RADIUS over TLS, RFC 6614) TCP port, 2083 by convention (0: off).")
+    radsec_host: str = _f("0.0.0.0", "Address the RadSec listener binds.")
+    radsec_cert: str = _f("", "RadSec server certificate (PEM, chain after it).")
+    radsec_key: str = _f("", "Private key of radsec_cert (PEM).")
+    radsec_ca: str = _f("", "CA certificate(s) (PEM) a RadSec client's certificate must chain to; required.")
+    radsec_handshake_timeout: float = _f(10.0, "Seconds a RadSec client has to finish the TLS handshake.")
+    radsec_idle_timeout: float = _f(300.0, "Seconds a RadSec connection may stay silent before it is closed.")
+    radsec_packet_timeout: float = _f(10.0, "Seconds a RadSec client has to send the rest of a packet it began.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +548,15 @@ def _validate(config: Config) -> None:
                       ("paygate.port", config.paygate.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{key}: not a TCP port: {port}")
+    if not 0 <= config.radius.radsec_port < 65536:
+        raise ConfigError(f"radius.radsec_port: 0 (off) or a TCP port, got {config.radius.radsec_port!r}")
+    if config.radius.radsec_port and not (config.radius.radsec_cert and config.radius.radsec_key
+                                          and config.radius.radsec_ca):
+        raise ConfigError("radius.radsec_port is set: radius.radsec_cert, radsec_key and radsec_ca are needed"
+                          " (RadSec clients must present a certificate of radsec_ca)")
+    for key in ("radsec_handshake_timeout", "radsec_idle_timeout", "radsec_packet_timeout"):
+        if not 0 < getattr(config.radius, key) <= 3600:
+            raise ConfigError(f"radius.{key}: seconds in (0, 3600], got {getattr(config.radius, key)!r}")
     if config.core.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"core.log_level: one of debug, info, warning, error; got {config.core.log_level!r}")
     if bool(config.urfa.tls_cert) != bool(config.urfa.tls_key):

@@ -1,6 +1,7 @@
 """Accounting: applying Accounting-Requests, and charging session time.
 
-Start creates the active session and binds its framed IP to the account in
+Start creates the active session and binds its framed IP and its IPv6
+prefixes (Framed-IPv6-Prefix, Delegated-IPv6-Prefix) to the account in
 ``ip_bindings`` (NetFlow reads them); Interim/Stop update the counters
 (64-bit) and commit the session's new seconds with ``commit_usage``: source
 ``usage_source(nas, Acct-Session-Id)``, watermark = Acct-Session-Time, usage =
@@ -9,20 +10,58 @@ one, cut by tariff links (each piece on its time service) and then by rating
 at time-range and period borders.  A retransmitted or older Interim is at or
 below the watermark: nothing is charged.  Usage rating cannot place (no rate
 for a range, a NAS clock ahead of ours) is not committed at all — the
-watermark stays, so the next Interim/Stop charges those seconds once the
-cause is fixed.  Stop and Accounting-On/Off end sessions (``sessions``).
+watermark stays, so the next record, or the close, charges those seconds once
+the cause is fixed.
+
+Every second charged, once.  Each path that ends a session first charges it
+up to its *last known* session time, then ends it (``end_sessions``):
+
+* Stop: its Acct-Session-Time.
+* Accounting-Off (the NAS stops accounting in order, its sessions end with
+  it): the Off's time (Event-Timestamp, else arrival minus Acct-Delay-Time)
+  minus the session's start, in whole seconds — or the last Interim's
+  Acct-Session-Time if that is more.
+* Accounting-On (the NAS restarted: its sessions died with it, at an unknown
+  moment after their last record): the last Interim's Acct-Session-Time.
+  The time the NAS was down is not the subscriber's.
+* The stale sweep (``sweep``; nothing heard for the timeout): the last
+  Interim's Acct-Session-Time, the last time the NAS vouched for.
+
+"Charge up to T" commits the seconds between ``charged_time`` and T (none if
+T is not above it), so what the close adds is exactly the seconds Interims
+had not committed yet.  The session row keeps ``charged_time`` (schema 0022);
+its ``ingest_watermarks`` row goes when it ends.  A Stop or Interim that
+arrives after the close (a NAS that was only cut off, a buffered Stop after a
+reboot) updates the session's counters and charges the seconds above
+``charged_time`` — never twice, as the watermark for an ended session is
+``charged_time``, the higher of it and any watermark row.  The session stays
+ended where it ended (its IP bindings too: the address may be someone else's
+since).  A record of a session billcore does not have, stamped before now
+minus ``WATERMARK_HORIZON``, is ignored and counted
+(``billcore_radius_stale_records``): its session's watermark may be pruned.
+
+A close of many sessions (an Accounting-On after a NAS reboot) is
+set-based: ``end_sessions`` ends any number in four statements, and
+``_charge_many`` books their seconds in one ``commit_usage`` per round of
+sessions of distinct accounts (source ``CLOSE_SOURCE``), so each account's
+charge in a round is its session's.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
+
+import asyncpg
+from prometheus_client import Counter
 
 from billcore.billing.blocks import BlockChange
 from billcore.billing.rating import SessionUsage
-from billcore.billing.usage import MAX_SOURCE, commit_usage, watermark
+from billcore.billing.usage import commit_usage, watermark
 from billcore.common.errors import UnknownObject
 from billcore.db.rows import DbConnection, expect_row
 from billcore.radius.records import (
@@ -33,9 +72,19 @@ from billcore.radius.records import (
     EndReason,
     SessionHook,
 )
-from billcore.radius.sessions import SESSION_COLUMNS, StoredSession, end_sessions, locked_active, session_ref
+from billcore.radius.sessions import (
+    SESSION_COLUMNS,
+    WATERMARK_HORIZON,
+    StoredSession,
+    end_sessions,
+    locked_active,
+    prune_watermarks,
+    session_ref,
+    usage_source,
+)
 
-__all__ = ["apply_accounting", "usage_source", "ACTOR"]
+__all__ = ["apply_accounting", "usage_source", "ACTOR", "close_stale", "sweep", "Sweep", "charge_and_end",
+           "STALE_RECORDS"]
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +92,42 @@ ACTOR: Final = "radius"   # who the ledger says booked a time charge
 _ONE_SECOND: Final = dt.timedelta(seconds=1)
 
 
-def usage_source(nas_id: int, session_id: str) -> str:
-    """The ``commit_usage`` source of a session: ``radius:<nas id>:<Acct-Session-Id>``
-    (a session id too long for a source is replaced by its SHA-256)."""
-    source = f"radius:{nas_id}:{session_id}"
-    if len(source) <= MAX_SOURCE:
-        return source
-    return f"radius:{nas_id}:sha256:{hashlib.sha256(session_id.encode()).hexdigest()}"
+STALE_RECORDS: Final = Counter(
+    "billcore_radius_stale_records", "Accounting records of unknown sessions older than the watermark horizon,"
+    " ignored")
 
 
-async def _time_usage(conn: DbConnection, account_id: int, start: dt.datetime,
-                      end: dt.datetime) -> list[SessionUsage]:
-    """``[start, end)`` of a session cut by the account's tariff links: one
-    piece per link with a time service, on that service (a tariff with
-    several time services: no service, which rating refuses).  Time outside
-    every such link is not time-charged.  Link borders round down to whole
-    seconds (rating's resolution; the session start does too), the same way
-    for the link that ends and the one that starts there."""
-    rows = await conn.fetch(
-        "SELECT t.valid_from, t.valid_to, array_agg(sv.id ORDER BY sv.id) AS services FROM account_tariffs t"
-        " JOIN tariff_services ts ON ts.tariff_id = t.tariff_id JOIN services sv ON sv.id = ts.service_id"
-        " WHERE t.account_id = $1 AND sv.kind = 'time' AND t.valid_from < $3"
-        " AND (t.valid_to IS NULL OR t.valid_to > $2) GROUP BY t.id ORDER BY t.valid_from", account_id, start, end)
+_TIME_LINKS: Final = (
+    "SELECT t.account_id, t.valid_from, t.valid_to, array_agg(sv.id ORDER BY sv.id) AS services"
+    " FROM account_tariffs t JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
+    " JOIN services sv ON sv.id = ts.service_id"
+    " WHERE t.account_id = ANY($1::bigint[]) AND sv.kind = 'time' AND t.valid_from < $3"
+    " AND (t.valid_to IS NULL OR t.valid_to > $2) GROUP BY t.id ORDER BY t.account_id, t.valid_from")
+
+
+def _pieces(links: Sequence[asyncpg.Record], account_id: int, start: dt.datetime,
+            end: dt.datetime) -> list[SessionUsage]:
+    """``[start, end)`` of a session cut by the account's tariff links
+    (``_TIME_LINKS`` rows, by valid_from): one piece per link with a time
+    service, on that service (a tariff with several time services: no
+    service, which rating refuses).  Time outside every such link is not
+    time-charged.  Link borders round down to whole seconds (rating's
+    resolution; the session start does too), the same way for the link that
+    ends and the one that starts there.  Pure."""
     usage = []
-    for row in rows:
+    for row in links:
         piece_start = max(start, row["valid_from"].replace(microsecond=0))
         piece_end = end if row["valid_to"] is None else min(end, row["valid_to"].replace(microsecond=0))
         if piece_end > piece_start:
             service = row["services"][0] if len(row["services"]) == 1 else None
             usage.append(SessionUsage(account_id, piece_start, (piece_end - piece_start) // _ONE_SECOND, service))
     return usage
+
+
+async def _time_usage(conn: DbConnection, account_id: int, start: dt.datetime,
+                      end: dt.datetime) -> list[SessionUsage]:
+    """``_pieces`` of one session, its links read."""
+    return _pieces(await conn.fetch(_TIME_LINKS, [account_id], start, end), account_id, start, end)
 
 
 class _Unrated(Exception):
@@ -82,11 +137,14 @@ class _Unrated(Exception):
 async def _charge_time(conn: DbConnection, session: StoredSession, session_time: int, now: dt.datetime,
                        tz: dt.tzinfo) -> tuple[BlockChange, ...]:
     """Commit the session's time up to ``session_time`` through the tariff
-    engine, exactly once per counter value; return the block changes."""
+    engine, exactly once per second; return the block changes.  The caller
+    holds the session's row lock."""
     source = usage_source(session.nas_id, session.session_id)
-    done = max(await watermark(conn, source), 0)
+    done = max(session.charged_time, await watermark(conn, source), 0)
+    if done > session.charged_time:  # a kept row (a deleted link's session, replayed): the row learns it
+        await conn.execute("UPDATE radius_sessions SET charged_time = $2 WHERE id = $1", session.id, done)
     if session_time <= done:
-        return ()  # a retransmission, or an older Interim arriving late
+        return ()  # a retransmission, an older Interim arriving late, or charged by a close
     start = session.started_at.replace(microsecond=0) + dt.timedelta(seconds=done)
     usage = await _time_usage(conn, session.account_id, start, start + dt.timedelta(seconds=session_time - done))
     if not usage:
@@ -100,35 +158,163 @@ async def _charge_time(conn: DbConnection, session: StoredSession, session_time:
         log.error("session %s of account %s: %d s not charged yet (%s); retried with the next record",
                   session.session_id, session.account_id, session_time - done, exc)
         return ()
-    if result.charged:
-        await conn.execute("UPDATE radius_sessions SET charged = charged + $2 WHERE id = $1",
-                           session.id, result.charged)
+    await conn.execute("UPDATE radius_sessions SET charged = charged + $2, charged_time = greatest(charged_time, $3)"
+                       " WHERE id = $1", session.id, result.charged, result.watermark)
     return tuple(change for change in result.block_changes if isinstance(change, BlockChange))
 
 
-async def _bind_ip(conn: DbConnection, session: StoredSession, at: dt.datetime) -> None:
-    """Bind the session's framed IP to its account from ``at`` on.  A Start
-    that arrives late (Acct-Delay-Time) may find the address bound after
-    ``at`` by sessions that have ended since: the binding then starts where
-    the last of them ended, as bindings never overlap.  An address bound
-    without end is left alone (the same account: already bound; another:
-    logged, not rebound)."""
-    ip = session.framed_ip
-    await conn.execute("UPDATE radius_leases SET expires_at = NULL WHERE address = $1::inet AND link_id = $2",
-                       ip, session.link_id)
+def last_known(session: StoredSession, reason: str, at: dt.datetime) -> int:
+    """The session time a close charges up to (see the module docstring)."""
+    if reason == EndReason.ACCOUNTING_OFF:
+        ran = (at - session.started_at) // _ONE_SECOND
+        return max(session.session_time, ran)
+    return session.session_time
+
+
+CLOSE_SOURCE: Final = "radius-close:{}"
+"""The ``commit_usage`` source of the charges a close books for many sessions
+at once (``{}``: the NAS id, or ``sweep``): one row per NAS, never pruned (its
+watermark only numbers the close's commits, so ledger keys never repeat)."""
+
+
+async def _charge_many(conn: DbConnection, owed: Sequence[tuple[StoredSession, int]], tag: str,
+                       now: dt.datetime, tz: dt.tzinfo) -> list[BlockChange]:
+    """Charge each session up to its target in a few set-based commits: one
+    ``commit_usage`` per round of sessions of distinct accounts (so each
+    account's charge in a round is its session's), source ``CLOSE_SOURCE``.
+    A round that rating cannot place whole is undone and its sessions are
+    charged one by one (``_charge_time``: what can be placed is, the rest
+    waits for a late record).  The caller holds the sessions' row locks."""
+    marks = {row["source"]: int(row["watermark"]) for row in await conn.fetch(
+        "SELECT source, watermark FROM ingest_watermarks WHERE source = ANY($1::text[])",
+        [usage_source(session.nas_id, session.session_id) for session, _ in owed])}
+    todo: list[tuple[StoredSession, int, int]] = []   # (session, done, target)
+    for session, target in owed:
+        done = max(session.charged_time, marks.get(usage_source(session.nas_id, session.session_id), 0))
+        if target > done:
+            todo.append((session, done, target))
+    if not todo:
+        return []
+    starts = [session.started_at.replace(microsecond=0) for session, _, _ in todo]
+    links: dict[int, list[asyncpg.Record]] = defaultdict(list)
+    for row in await conn.fetch(_TIME_LINKS, sorted({session.account_id for session, _, _ in todo}),
+                                min(starts), max(start + dt.timedelta(seconds=target)
+                                                 for start, (_, _, target) in zip(starts, todo))):
+        links[row["account_id"]].append(row)
+    rounds: list[list[tuple[StoredSession, int, list[SessionUsage]]]] = []
+    seen: dict[int, int] = defaultdict(int)          # account -> rounds it is in so far
+    for start, (session, done, target) in zip(starts, todo):
+        begin = start + dt.timedelta(seconds=done)
+        usage = _pieces(links[session.account_id], session.account_id, begin,
+                        begin + dt.timedelta(seconds=target - done))
+        if not usage:
+            continue  # no time service during these seconds: not time-charged
+        n = seen[session.account_id]
+        seen[session.account_id] += 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append((session, target, usage))
+    source = CLOSE_SOURCE.format(tag)
+    changes: list[BlockChange] = []
+    for batch in rounds:
+        try:
+            async with conn.transaction():  # a savepoint: a round rating cannot place whole is undone
+                mark = max(await watermark(conn, source), 0) + 1
+                result = await commit_usage(conn, source, mark, [u for _, _, usage in batch for u in usage], now,
+                                            tz=tz, actor=ACTOR)
+                if result.rejected:
+                    raise _Unrated(", ".join(sorted({rejected.reason for rejected in result.rejected})))
+        except _Unrated as exc:
+            log.warning("close: %d sessions' time not placeable together (%s); charging them one by one",
+                        len(batch), exc)
+            for session, target, _ in batch:
+                changes.extend(await _charge_time(conn, session, target, now, tz))
+            continue
+        amounts = {account: amount for account, amount, _ in result.charges}
+        await conn.execute(
+            "UPDATE radius_sessions s SET charged = s.charged + k.amount, charged_time = greatest(s.charged_time, k.t)"
+            " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS k(id, amount, t) WHERE s.id = k.id",
+            [session.id for session, _, _ in batch], [amounts.get(session.account_id, 0) for session, _, _ in batch],
+            [target for _, target, _ in batch])
+        changes.extend(change for change in result.block_changes if isinstance(change, BlockChange))
+    return changes
+
+
+async def charge_and_end(conn: DbConnection, sessions: Sequence[StoredSession], at: dt.datetime, reason: str,
+                         now: dt.datetime, tz: dt.tzinfo, tag: str,
+                         ends: Sequence[dt.datetime] | None = None) -> tuple[BlockChange, ...]:
+    """Charge each (row-locked, open) session up to its last known time, then
+    end them all at ``at`` (or at ``ends[i]``), set-based: a few statements
+    for any number of sessions, plus one commit per round (``_charge_many``)."""
+    owed = [(session, target) for session in sessions
+            if (target := last_known(session, reason, at)) > session.charged_time]
+    changes = await _charge_many(conn, owed, tag, now, tz) if owed else []
+    if ends is None:
+        await end_sessions(conn, sessions, at, reason)
+    else:
+        for end in sorted(set(ends)):
+            await end_sessions(conn, [s for s, e in zip(sessions, ends) if e == end], end, reason)
+    return tuple(changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What a stale sweep did."""
+
+    closed: int                              # sessions ended
+    pruned: int                              # leftover watermark rows deleted
+    block_changes: tuple[BlockChange, ...]   # for the caller to announce after the commit
+
+
+async def sweep(conn: DbConnection, now: dt.datetime, timeout: dt.timedelta, *,
+                tz: dt.tzinfo = dt.timezone.utc) -> Sweep:
+    """End sessions whose NAS sent nothing for ``timeout``, each charged up to
+    its last Interim's Acct-Session-Time and ended at its last update; free
+    expired leases; prune watermark rows older than the horizon."""
+    stale = await locked_active(conn, "updated_at < $1 ORDER BY id", now - timeout)
+    changes: tuple[BlockChange, ...] = ()
+    if stale:
+        changes = await charge_and_end(conn, stale, now, EndReason.STALE, now, tz, "sweep",
+                                       ends=[session.updated_at for session in stale])
+    await conn.execute("DELETE FROM radius_leases WHERE expires_at IS NOT NULL AND expires_at <= $1", now)
+    pruned = await prune_watermarks(conn, now)
+    return Sweep(len(stale), pruned, changes)
+
+
+async def close_stale(conn: DbConnection, now: dt.datetime, timeout: dt.timedelta, *,
+                      tz: dt.tzinfo = dt.timezone.utc) -> int:
+    """``sweep``, answering how many sessions it ended."""
+    return (await sweep(conn, now, timeout, tz=tz)).closed
+
+
+async def _bind(conn: DbConnection, session: StoredSession, prefix: str, at: dt.datetime) -> None:
+    """Bind ``prefix`` (the framed IP as a /32, or an IPv6 prefix) to the
+    session's account from ``at`` on.  A Start that arrives late
+    (Acct-Delay-Time) may find the prefix bound after ``at`` by sessions that
+    have ended since: the binding then starts where the last of them ended, as
+    bindings never overlap.  A prefix overlapping one bound without end is
+    left alone (the same account: already bound; another: logged, not rebound)."""
     later = await conn.fetch(
-        "SELECT account_id, valid_to FROM ip_bindings WHERE prefix >>= $1::inet"
-        " AND (valid_to IS NULL OR valid_to > $2) ORDER BY valid_to DESC NULLS FIRST", ip, at)
+        "SELECT account_id, valid_to FROM ip_bindings WHERE prefix && $1::cidr"
+        " AND (valid_to IS NULL OR valid_to > $2) ORDER BY valid_to DESC NULLS FIRST", prefix, at)
     if later and later[0]["valid_to"] is None:
         if later[0]["account_id"] != session.account_id:
-            log.error("framed IP %s of session %s is bound to account %s, not %s: not rebinding",
-                      ip, session.session_id, later[0]["account_id"], session.account_id)
+            log.error("%s of session %s is bound to account %s, not %s: not rebinding",
+                      prefix, session.session_id, later[0]["account_id"], session.account_id)
         return
     await conn.execute(
         "INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
-        " VALUES ($1, set_masklen($2::inet, 32)::cidr, 'dynamic', 'radius', $3, $4)",
-        session.account_id, ip, session_ref(session.nas_id, session.session_id),
+        " VALUES ($1, $2::cidr, 'dynamic', 'radius', $3, $4)",
+        session.account_id, prefix, session_ref(session.nas_id, session.session_id),
         later[0]["valid_to"] if later else at)
+
+
+async def _bind_ip(conn: DbConnection, session: StoredSession, at: dt.datetime) -> None:
+    """The framed IP: its lease stops expiring, and its /32 is bound (``_bind``)."""
+    ip = session.framed_ip
+    await conn.execute("UPDATE radius_leases SET expires_at = NULL WHERE address = $1::inet AND link_id = $2",
+                       ip, session.link_id)
+    await _bind(conn, session, f"{ip}/32" if ":" not in str(ip) else f"{ip}/128", at)
 
 
 async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, session_id: str, at: dt.datetime,
@@ -150,6 +336,8 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
     session = StoredSession.of(expect_row(row, "the new session"))
     if record.framed_ip:
         await _bind_ip(conn, session, started)
+    for prefix in record.ipv6_prefixes:
+        await _bind(conn, session, prefix, started)
     return session
 
 
@@ -166,10 +354,10 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
     status = record.status
     at = dt.datetime.fromtimestamp(record.event_time or now.timestamp(), dt.timezone.utc)
     if status in (AcctStatus.ON, AcctStatus.OFF):
-        sessions = await locked_active(conn, "nas_id = $1", nas_id)
+        sessions = await locked_active(conn, "nas_id = $1 ORDER BY id", nas_id)
         reason = EndReason.ACCOUNTING_ON if status is AcctStatus.ON else EndReason.ACCOUNTING_OFF
-        await end_sessions(conn, sessions, at, reason)
-        return AccountingResult(closed=len(sessions))
+        changes = await charge_and_end(conn, sessions, at, reason, now, tz, str(nas_id))
+        return AccountingResult(closed=len(sessions), block_changes=changes)
     if status not in SESSION_STATUSES or record.session_id is None:
         return AccountingResult(ignored=str(status))
     session_id = record.session_id
@@ -179,15 +367,31 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
     if row is not None:
         session = StoredSession.of(row)
     else:
+        if at < now - WATERMARK_HORIZON:
+            STALE_RECORDS.inc()
+            log.warning("%s of unknown session %s from NAS %s stamped %s, before the %s horizon: ignored",
+                        status, session_id, record.nas, at.isoformat(), WATERMARK_HORIZON)
+            return AccountingResult(ignored="older than the horizon")
         started = await _start(conn, nas_id, record, session_id, at, now)
         if started is None:
             return AccountingResult(ignored="unknown login")
         session = started
         hooks.append(SessionHook("session.started", {"account_id": session.account_id, "session_id": session_id,
                                                      "ip": record.framed_ip}))
-    if session.ended_at is not None:
-        return AccountingResult(session=session.id, ended=True)  # a late or repeated Stop
     block_changes: tuple[BlockChange, ...] = ()
+    if session.ended_at is not None:
+        # a late or repeated Interim/Stop of an ended session: only seconds above what was charged
+        if status in (AcctStatus.INTERIM, AcctStatus.STOP):
+            await conn.execute(
+                "UPDATE radius_sessions SET session_time = greatest(session_time, $2),"
+                " input_octets = greatest(input_octets, $3), output_octets = greatest(output_octets, $4)"
+                " WHERE id = $1", session.id, record.session_time, record.input_octets, record.output_octets)
+        if status in (AcctStatus.INTERIM, AcctStatus.STOP) and record.session_time > session.charged_time:
+            block_changes = await _charge_time(conn, session, record.session_time, now, tz)
+            # the commit made a watermark row again: the session row is the watermark of an ended session
+            await conn.execute("DELETE FROM ingest_watermarks WHERE source = $1",
+                               usage_source(session.nas_id, session.session_id))
+        return AccountingResult(session=session.id, ended=True, block_changes=block_changes)
     if status in (AcctStatus.INTERIM, AcctStatus.STOP) and record.session_time >= session.session_time:
         await conn.execute(
             "UPDATE radius_sessions SET session_time = $2, input_octets = greatest(input_octets, $3),"

@@ -18,7 +18,7 @@ from billcore.common.errors import InUse, UnknownObject
 from billcore.db.rows import DbConnection
 from billcore.radius.records import DisconnectMode, EndReason, Link, Nas, Pool
 from billcore.radius.secrets import SecretStore
-from billcore.radius.sessions import PAGE, end_sessions, locked_active
+from billcore.radius.sessions import PAGE, WATERMARK_HORIZON, end_sessions, keep_watermarks, locked_active
 
 __all__ = ["add_nas", "nas_list", "edit_nas", "delete_nas", "add_pool", "edit_pool", "delete_pool", "pool_list",
            "add_link", "edit_link", "delete_link", "link_list"]
@@ -99,7 +99,8 @@ async def delete_nas(conn: DbConnection, nas_id: int, now: dt.datetime, force: b
         raise InUse(f"NAS {nas_id} has {len(active)} active session(s); pass force to end them")
     await end_sessions(conn, active, now, EndReason.NAS_DELETED)
     # NAS ids are never reused: the time watermarks of its sessions are dead
-    await conn.execute("DELETE FROM ingest_watermarks WHERE starts_with(source, $1)", f"radius:{nas_id}:")
+    await conn.execute("DELETE FROM ingest_watermarks WHERE starts_with(source, $1) OR source = $2",
+                       f"radius:{nas_id}:", f"radius-close:{nas_id}")
     return await _delete(conn, "radius_nas", nas_id)
 
 
@@ -205,6 +206,8 @@ async def delete_link(conn: DbConnection, link_id: int, now: dt.datetime, force:
     if active and not force:
         raise InUse(f"link {link_id} has {len(active)} active session(s); pass force to end them")
     await end_sessions(conn, active, now, EndReason.LINK_DELETED)
+    await keep_watermarks(conn, "link_id = $1 AND coalesce(ended_at, updated_at) > $2", link_id,
+                          now - WATERMARK_HORIZON)   # the session rows go with the link
     return await _delete(conn, "radius_links", link_id)
 
 

@@ -209,11 +209,27 @@ class AccountingRecord:
     output_packets: int = 0
     terminate_cause: int = 0
     event_time: float | None = None    # seconds since 1970; None: when it arrived
+    ipv6_prefixes: tuple[str, ...] = ()  # Framed-IPv6-Prefix, Delegated-IPv6-Prefix as CIDR text
 
 
 _RECORD_TEXT = ("login", "nas_port_id", "calling_station_id", "multi_session_id")
 _RECORD_COUNTS = ("session_time", "input_octets", "output_octets", "input_packets", "output_packets",
                   "terminate_cause")
+
+
+MAX_PREFIXES: Final = 8
+"""IPv6 prefixes one accounting record may bind (a NAS sends one or two)."""
+
+
+def _ipv6_prefix(value: object) -> str:
+    """An IPv6 prefix as CIDR text with its host bits zero ("2001:db8:1::/64")."""
+    try:
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError(value)
+        network = ipaddress.IPv6Network(value, strict=False)
+    except ValueError:
+        raise InvalidValue("record.ipv6_prefixes must be IPv6 prefixes as CIDR text") from None
+    return network.with_prefixlen
 
 
 def _is_ip(value: object) -> bool:
@@ -254,11 +270,15 @@ def read_accounting_record(raw: Mapping[str, Any]) -> AccountingRecord:
     framed_ip = raw.get("framed_ip")
     if framed_ip is not None and not _is_ip(framed_ip):
         raise InvalidValue("record.framed_ip must be an IP address")
+    prefixes = raw.get("ipv6_prefixes") or []
+    if not isinstance(prefixes, list | tuple) or len(prefixes) > MAX_PREFIXES:
+        raise InvalidValue(f"record.ipv6_prefixes must be a list of at most {MAX_PREFIXES} IPv6 prefixes")
+    ipv6 = tuple(dict.fromkeys(_ipv6_prefix(prefix) for prefix in prefixes))
     return AccountingRecord(
         nas=raw["nas"], status=AcctStatus(status) if known else status, session_id=session_id or None,
         login=raw.get("login"), nas_port_id=raw.get("nas_port_id"),
         calling_station_id=raw.get("calling_station_id"), multi_session_id=raw.get("multi_session_id"),
-        framed_ip=framed_ip or None, event_time=float(event_time) if event_time else None,
+        framed_ip=framed_ip or None, event_time=float(event_time) if event_time else None, ipv6_prefixes=ipv6,
         **{name: raw.get(name) or 0 for name in _RECORD_COUNTS})
 
 
