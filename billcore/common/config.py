@@ -132,7 +132,7 @@ class RadiusSection:
     stale_check: float = _f(60.0, "Seconds between sweeps for stale sessions.")
     coa_timeout: float = _f(2.0, "Seconds to wait for each Disconnect/CoA answer from a NAS.")
     coa_retries: int = _f(2, "Retransmissions of a Disconnect/CoA request.")
-    processes: int = _f(1, "RADIUS server processes. Above 1 they share the ports with SO_REUSEPORT (bound by the supervisor, strangers on the port detected); a NAS's retransmissions stay on one process. Recommended: 1 on 2 cores, about half the cores beyond.")
+    processes: int = _f(1, "RADIUS server processes. Above 1 they share the ports with SO_REUSEPORT (bound by the supervisor, strangers on the port detected); a NAS's retransmissions stay on one process. Recommended: 1 on 2 cores; beyond, about one per 4 cores while the radius process is the one at 100% of a core (docs/radius.md).")
     radsec_port: int = _f(0, "RadSec (RADIUS over TLS, RFC 6614) TCP port, 2083 by convention (0: off).")
     radsec_host: str = _f("0.0.0.0", "Address the RadSec listener binds.")
     radsec_cert: str = _f("", "RadSec server certificate (PEM, chain after it).")
