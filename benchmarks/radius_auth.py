@@ -603,7 +603,7 @@ def main() -> int:
     ap.add_argument("--targets", default="", help="only the targets whose names contain one of these (comma)")
     args = ap.parse_args()
     if args.tiny:
-        args.seconds, args.rounds, args.users, args.inflight, args.senders, args.ports, args.nas = 1.0, 1, 200, 64, 1, 8, 2
+        args.seconds, args.rounds, args.users, args.inflight, args.senders, args.ports, args.nas = 0.5, 1, 200, 64, 1, 8, 2
     cases = [c for c in args.cases.split(",") if c]
     if unknown := set(cases) - set(CASES):
         ap.error(f"unknown cases: {', '.join(sorted(unknown))}")

@@ -606,11 +606,15 @@ async def account_card(port: int, n: int) -> dict[str, Any]:
 
 
 def radius_rate(port: int, n: int, seconds: float) -> dict[str, Any]:
+    """PAP Access-Accepts/s with radius_auth.py's loader (one NAS address: the one registered above)."""
     import radius_auth
 
-    radius_auth.measure(port, 128, 0.5, n, 1, 20_000)  # warm-up
-    r = radius_auth.measure(port, 256, seconds, n, 2, 30_000)
-    return {"access_accept_per_s": round(r["access_accept_per_s"]), "accepts": r["accepts"],
+    load = argparse.Namespace(senders=2, inflight=256, users=n, ports=32, nas=1)
+    none: Callable[[], dict[str, float]] = dict
+    radius_auth.measure("pap", port, argparse.Namespace(**{**vars(load), "senders": 1, "inflight": 128}),
+                        0.5, 20_000, none)  # warm-up
+    r = radius_auth.measure("pap", port, load, seconds, 30_000, none)
+    return {"access_accept_per_s": round(r["per_s"]), "accepts": r["answers"],
             "not_accepted": r["not_accept"], "lost": r["lost"]}
 
 
