@@ -13,6 +13,23 @@ System calls (kinds ``{"system"}``, right ``radius.serve``):
   ``{"closed"}`` for Accounting-On/Off or ``{"ignored"}``.  The ``session.*``
   plugin hooks are enqueued in the outbox inside the accounting transaction;
   block changes are published on topic ``blocks`` after the commit.
+* ``radius.accounting_many(records)`` — up to ``MAX_BATCH`` records (the
+  radius process's Accounting-Requests of one loop turn); one answer per
+  record in the same order: the map ``radius.accounting`` answers, or
+  ``{"error": code, "message"}`` for that record alone.  Theory: the batch
+  is applied in order in ONE transaction (``prefetch`` reads the NAS ids,
+  locks the sessions in id order and reads links and time-charged accounts
+  in four statements; each record then costs only its writes), its hooks
+  enqueued in one statement, its block changes and topics published after
+  the one commit.  A malformed record (``InvalidValue``) or one of an
+  unknown NAS gets its error and is not applied.  Any other failure inside
+  the batch (a deadlock with a concurrent batch, a record the database
+  refuses, a bug) rolls the whole batch back and applies each record
+  again in its own transaction, exactly as ``radius.accounting`` does, so one
+  bad record costs only itself and every record is applied once or not at
+  all (a retry after the rollback is the first application).  A database
+  that goes away fails the whole call (``db_unavailable``): the NAS
+  retransmits, and a record that was committed is idempotent.
 
 Maps become records (``billcore.radius.records``) here and records maps;
 every rule is in ``billcore.radius``.
@@ -23,17 +40,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import zoneinfo
 from collections.abc import AsyncIterator
 from typing import Any, Final
+
+import asyncpg
 
 from billcore.api import announce, handler, listened, need_int, page, who
 from billcore.billing import audit
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.errors import UnknownObject
+from billcore.db.pool import DATABASE_GONE
 from billcore.db.rows import DbConnection
-from billcore.radius.accounting import apply_accounting, sweep
+from billcore.radius.accounting import Prefetch, apply_accounting, nas_id_of, prefetch, sweep
 from billcore.radius.authorize import Authorizer, authorize
 from billcore.radius.nas import (
     add_link,
@@ -49,14 +70,18 @@ from billcore.radius.nas import (
     nas_list,
     pool_list,
 )
-from billcore.radius.records import read_access_request, read_accounting_record
+from billcore.radius.records import AccountingRecord, AccountingResult, read_access_request, read_accounting_record
 from billcore.radius.secrets import SecretStore
 from billcore.radius.sessions import PAGE, active_sessions
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
+from billcore.server.wire_errors import to_call_failed
+from urfa.errors import BUSY, INTERNAL
 
 __all__ = ["calls", "MAX_BATCH"]
+
+log = logging.getLogger(__name__)
 
 SYSTEM: Final = frozenset({"system"})
 ADMIN: Final = frozenset({"admin", "system"})
@@ -114,15 +139,16 @@ def calls(core: CoreContext) -> list[CallSpec]:
         decisions = await authorizer.decide([read_access_request(request) for request in requests], core.now())
         return [decision.wire() for decision in decisions]
 
-    async def accounting(ctx: CallContext, record: dict[str, Any]) -> dict[str, Any]:
-        accounting_record = read_accounting_record(record)
-        now = core.now()
-        async with pool.acquire() as conn, conn.transaction():
-            result = await apply_accounting(conn, accounting_record, now, tz=tz)
-            # the session hooks go out through the outbox, with the session's own commit
-            # (enqueued only while a plugin listens: every Start and Stop would be one)
-            await enqueue(conn, [OutboxEvent(hook.event, hook.payload, hook.payload.get("account_id"))
-                                 for hook in result.hooks if listened(core, hook.event)], now)
+    async def enqueue_hooks(conn: DbConnection, results: list[AccountingResult], now: dt.datetime) -> None:
+        # the session hooks go out through the outbox, with the sessions' own commit
+        # (enqueued only while a plugin listens: every Start and Stop would be one)
+        events = [OutboxEvent(hook.event, hook.payload, hook.payload.get("account_id"))
+                  for result in results for hook in result.hooks if listened(core, hook.event)]
+        if events:
+            await enqueue(conn, events, now)
+
+    async def published(result: AccountingResult) -> dict[str, Any]:
+        """After the commit: block changes on ``blocks``, the session's events."""
         await announce(core, result.block_changes)
         for hook in result.hooks:
             core.publish("radius.sessions", {"event": hook.event.removeprefix("session."), "session": result.session,
@@ -130,6 +156,69 @@ def calls(core: CoreContext) -> list[CallSpec]:
         if result.closed:
             core.publish("radius.sessions", {"event": "closed", "closed": result.closed})
         return result.wire()
+
+    async def apply_one(record: AccountingRecord, now: dt.datetime) -> AccountingResult:
+        async with pool.acquire() as conn, conn.transaction():
+            result = await apply_accounting(conn, record, now, tz=tz)
+            await enqueue_hooks(conn, [result], now)
+        return result
+
+    async def accounting(ctx: CallContext, record: dict[str, Any]) -> dict[str, Any]:
+        return await published(await apply_one(read_accounting_record(record), core.now()))
+
+    def record_error(exc: Exception) -> dict[str, Any]:
+        """One record's failure as its answer (the codes the single call answers)."""
+        if isinstance(exc, asyncpg.TransactionRollbackError):   # deadlock, serialization: the NAS retries
+            return {"error": BUSY, "message": "the record met a concurrent one; retry"}
+        failed = to_call_failed(exc)
+        if failed is None:
+            log.error("an accounting record failed", exc_info=exc)
+            return {"error": INTERNAL, "message": "internal error"}
+        return {"error": failed.code, "message": failed.message}
+
+    async def accounting_batch(ctx: CallContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not 1 <= len(records) <= MAX_BATCH or not all(isinstance(record, dict) for record in records):
+            raise InvalidValue(f"records: a list of 1..{MAX_BATCH} maps")
+        answers: list[dict[str, Any] | None] = [None] * len(records)
+        todo: list[tuple[int, AccountingRecord]] = []
+        for i, raw in enumerate(records):
+            try:
+                todo.append((i, read_accounting_record(raw)))
+            except InvalidValue as exc:
+                answers[i] = record_error(exc)
+        now = core.now()
+        results: list[tuple[int, AccountingResult]] = []
+        if todo:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    pre: Prefetch = await prefetch(conn, [record for _, record in todo])
+                    for i, record in todo:
+                        try:
+                            await nas_id_of(conn, record.nas, pre)   # nothing written yet for it
+                        except UnknownObject as exc:
+                            answers[i] = record_error(exc)
+                            continue
+                        results.append((i, await apply_accounting(conn, record, now, tz=tz, pre=pre)))
+                    await enqueue_hooks(conn, [result for _, result in results], now)
+            except (*DATABASE_GONE, OSError):
+                raise
+            except Exception as exc:   # rolled back: each record again, alone
+                log.warning("an accounting batch of %d records failed (%r); applying them one by one",
+                            len(todo), exc)
+                results = []
+                for i, record in todo:
+                    if answers[i] is not None:
+                        continue
+                    try:
+                        results.append((i, await apply_one(record, now)))
+                    except (*DATABASE_GONE, OSError):
+                        raise
+                    except Exception as exc:
+                        answers[i] = record_error(exc)
+        for i, result in results:
+            answers[i] = await published(result)
+        return [answer if answer is not None else {"error": INTERNAL, "message": "internal error"}
+                for answer in answers]
 
     @handler  # a bad page answers billing.invalid, not internal
     async def nas_for_radius(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
@@ -235,6 +324,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
                  doc=f"Decide up to {MAX_BATCH} Access-Requests at once; the decisions in the same order."),
         CallSpec("radius.accounting", accounting, right="radius.serve", kinds=SYSTEM, args={"record": "map"},
                  result="map", doc="Apply an Accounting-Request (idempotent)."),
+        CallSpec("radius.accounting_many", accounting_batch, right="radius.serve", kinds=SYSTEM,
+                 args={"records": "list"}, result="list",
+                 doc=f"Apply up to {MAX_BATCH} Accounting-Requests in order (one transaction when all succeed);"
+                 " one answer per record, as radius.accounting's, or {error, message} for that record."),
         CallSpec("radius.nas_list", nas_for_radius, right="radius.serve", kinds=SYSTEM, result="list",
                  doc="NAS devices with their shared secrets (for the radius process)."),
         CallSpec("radius.close_stale", sweep_stale, right="radius.serve", kinds=SYSTEM, args={"timeout": "int"},

@@ -49,7 +49,9 @@ charge in a round is its session's.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import ipaddress
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -84,7 +86,7 @@ from billcore.radius.sessions import (
 )
 
 __all__ = ["apply_accounting", "usage_source", "ACTOR", "close_stale", "sweep", "Sweep", "charge_and_end",
-           "STALE_RECORDS"]
+           "STALE_RECORDS", "Prefetch", "prefetch", "nas_id_of"]
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +320,15 @@ async def _bind_ip(conn: DbConnection, session: StoredSession, at: dt.datetime) 
 
 
 async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, session_id: str, at: dt.datetime,
-                 now: dt.datetime) -> StoredSession | None:
+                 now: dt.datetime, pre: Prefetch | None = None) -> StoredSession | None:
     """Create the session a record names (whatever its status: a lost Start
     is made up by the first Interim); None: its login is unknown."""
-    link = await conn.fetchrow("SELECT id, account_id, login FROM radius_links WHERE login = $1", record.login or "")
+    login = record.login or ""
+    link: asyncpg.Record | None
+    if pre is not None and login in pre.links:
+        link = pre.links[login]
+    else:
+        link = await conn.fetchrow("SELECT id, account_id, login FROM radius_links WHERE login = $1", login)
     if link is None:
         log.warning("accounting for unknown login %r from NAS %s ignored", record.login, record.nas)
         return None
@@ -341,20 +348,97 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
     return session
 
 
+@dataclass(slots=True)
+class Prefetch:
+    """What a batch of records needs, read in a few statements before the
+    first record is applied (``prefetch``).  Each entry is a hint: a miss
+    means the per-record query, never a different outcome.
+
+    ``sessions`` are row-locked (in id order, so concurrent batches take the
+    locks of the sessions they share in one order) and hold the row as it was
+    before the batch: a record that changes a session drops it (``taken``), so
+    the next record of that session in the batch reads the row afresh.
+    ``timed``: the batch's accounts with a time service in some tariff link
+    (``None``: not known, charge as for one).  An account outside it has no
+    second to charge (``_time_usage`` would find no piece), so its Interims and
+    Stops skip the watermark and link queries."""
+
+    nas: dict[str, int]                                  # NAS address (canonical text) -> id
+    sessions: dict[tuple[int, str], StoredSession]       # (nas id, Acct-Session-Id) -> locked row
+    links: dict[str, asyncpg.Record]                     # login -> (id, account_id, login)
+    timed: frozenset[int] | None
+
+    def taken(self, nas_id: int, session_id: str) -> StoredSession | None:
+        return self.sessions.pop((nas_id, session_id), None)
+
+    def forget_nas(self, nas_id: int) -> None:
+        """An Accounting-On/Off ended the NAS's sessions: their rows changed."""
+        for key in [key for key in self.sessions if key[0] == nas_id]:
+            del self.sessions[key]
+
+    def charges(self, account_id: int) -> bool:
+        return self.timed is None or account_id in self.timed
+
+
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+async def prefetch(conn: DbConnection, records: Sequence[AccountingRecord]) -> Prefetch:
+    """Read (and lock) in four statements what applying ``records`` in one
+    transaction needs: their NAS ids, their sessions, the links of their
+    logins and which of their accounts are time-charged."""
+    rows = await conn.fetch("SELECT id, host(address) AS address FROM radius_nas WHERE address = ANY($1::inet[])",
+                            sorted({record.nas for record in records}))
+    nas = {_canonical(row["address"]): int(row["id"]) for row in rows}
+    keys = sorted({(nas[_canonical(r.nas)], r.session_id) for r in records
+                   if r.session_id is not None and _canonical(r.nas) in nas})
+    sessions: dict[tuple[int, str], StoredSession] = {}
+    if keys:
+        for row in await conn.fetch(
+                f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE (nas_id, session_id) IN"
+                " (SELECT * FROM unnest($1::bigint[], $2::text[])) ORDER BY id FOR UPDATE",
+                [k[0] for k in keys], [k[1] for k in keys]):
+            session = StoredSession.of(row)
+            sessions[(session.nas_id, session.session_id)] = session
+    logins = sorted({r.login for r in records if r.login is not None})
+    links = {row["login"]: row for row in await conn.fetch(
+        "SELECT id, account_id, login FROM radius_links WHERE login = ANY($1::text[])", logins)} if logins else {}
+    accounts = sorted({s.account_id for s in sessions.values()} | {int(row["account_id"]) for row in links.values()})
+    timed = frozenset(int(row["account_id"]) for row in await conn.fetch(
+        "SELECT DISTINCT t.account_id FROM account_tariffs t JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
+        " JOIN services sv ON sv.id = ts.service_id WHERE t.account_id = ANY($1::bigint[]) AND sv.kind = 'time'",
+        accounts)) if accounts else frozenset[int]()
+    return Prefetch(nas, sessions, links, timed)
+
+
+async def nas_id_of(conn: DbConnection, address: str, pre: Prefetch | None = None) -> int:
+    """The id of the NAS at ``address``; ``UnknownObject`` if there is none."""
+    if pre is not None:
+        known = pre.nas.get(_canonical(address))
+        if known is not None:
+            return known
+    nas = await conn.fetchrow("SELECT id FROM radius_nas WHERE address = $1::inet", address)
+    if nas is None:
+        raise UnknownObject(f"unknown NAS {address}")
+    return int(nas["id"])
+
+
 async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt.datetime, *,
-                           tz: dt.tzinfo = dt.timezone.utc) -> AccountingResult:
+                           tz: dt.tzinfo = dt.timezone.utc, pre: Prefetch | None = None) -> AccountingResult:
     """Apply one Accounting-Request.  Idempotent: the same request twice
     changes nothing the second time.  Runs in a transaction; ``tz`` is the
     operator's zone (time ranges, periods).  The result's block changes and
-    plugin hooks are for the caller to announce after the commit."""
-    nas = await conn.fetchrow("SELECT id FROM radius_nas WHERE address = $1::inet", record.nas)
-    if nas is None:
-        raise UnknownObject(f"unknown NAS {record.nas}")
-    nas_id = int(nas["id"])
+    plugin hooks are for the caller to announce after the commit.  ``pre``:
+    what a batch read beforehand (``prefetch``), when the record is one of a
+    batch applied in this transaction in order."""
+    nas_id = await nas_id_of(conn, record.nas, pre)
     status = record.status
     at = dt.datetime.fromtimestamp(record.event_time or now.timestamp(), dt.timezone.utc)
     if status in (AcctStatus.ON, AcctStatus.OFF):
         sessions = await locked_active(conn, "nas_id = $1 ORDER BY id", nas_id)
+        if pre is not None:
+            pre.forget_nas(nas_id)
         reason = EndReason.ACCOUNTING_ON if status is AcctStatus.ON else EndReason.ACCOUNTING_OFF
         changes = await charge_and_end(conn, sessions, at, reason, now, tz, str(nas_id))
         return AccountingResult(closed=len(sessions), block_changes=changes)
@@ -362,9 +446,14 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
         return AccountingResult(ignored=str(status))
     session_id = record.session_id
     hooks: list[SessionHook] = []
-    row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE nas_id = $1 AND session_id = $2"
-                              " FOR UPDATE", nas_id, session_id)
-    if row is not None:
+    known = pre.taken(nas_id, session_id) if pre is not None else None
+    row = None
+    if known is None:
+        row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE nas_id = $1"
+                                  " AND session_id = $2 FOR UPDATE", nas_id, session_id)
+    if known is not None:
+        session = known
+    elif row is not None:
         session = StoredSession.of(row)
     else:
         if at < now - WATERMARK_HORIZON:
@@ -372,7 +461,7 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
             log.warning("%s of unknown session %s from NAS %s stamped %s, before the %s horizon: ignored",
                         status, session_id, record.nas, at.isoformat(), WATERMARK_HORIZON)
             return AccountingResult(ignored="older than the horizon")
-        started = await _start(conn, nas_id, record, session_id, at, now)
+        started = await _start(conn, nas_id, record, session_id, at, now, pre)
         if started is None:
             return AccountingResult(ignored="unknown login")
         session = started
@@ -386,7 +475,8 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
                 "UPDATE radius_sessions SET session_time = greatest(session_time, $2),"
                 " input_octets = greatest(input_octets, $3), output_octets = greatest(output_octets, $4)"
                 " WHERE id = $1", session.id, record.session_time, record.input_octets, record.output_octets)
-        if status in (AcctStatus.INTERIM, AcctStatus.STOP) and record.session_time > session.charged_time:
+        if (status in (AcctStatus.INTERIM, AcctStatus.STOP) and record.session_time > session.charged_time
+                and (pre is None or pre.charges(session.account_id))):
             block_changes = await _charge_time(conn, session, record.session_time, now, tz)
             # the commit made a watermark row again: the session row is the watermark of an ended session
             await conn.execute("DELETE FROM ingest_watermarks WHERE source = $1",
@@ -397,10 +487,17 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
             "UPDATE radius_sessions SET session_time = $2, input_octets = greatest(input_octets, $3),"
             " output_octets = greatest(output_octets, $4), updated_at = $5 WHERE id = $1",
             session.id, record.session_time, record.input_octets, record.output_octets, now)
-        block_changes = await _charge_time(conn, session, record.session_time, now, tz)
+        if pre is None or pre.charges(session.account_id):
+            block_changes = await _charge_time(conn, session, record.session_time, now, tz)
     if status is AcctStatus.STOP:
-        row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE id = $1", session.id)
-        session = StoredSession.of(expect_row(row, "the session locked a moment ago"))
+        if pre is None or pre.charges(session.account_id):
+            row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE id = $1", session.id)
+            session = StoredSession.of(expect_row(row, "the session locked a moment ago"))
+        elif record.session_time >= session.session_time:   # the row as the UPDATE above left it
+            session = dataclasses.replace(
+                session, session_time=record.session_time, updated_at=now,
+                input_octets=max(session.input_octets, record.input_octets),
+                output_octets=max(session.output_octets, record.output_octets))
         await end_sessions(conn, [session], at, EndReason.stop(record.terminate_cause))
         hooks.append(SessionHook("session.stopped", {
             "account_id": session.account_id, "session_id": session_id, "ip": session.framed_ip,
