@@ -16,8 +16,9 @@ System calls (kinds ``{"system"}``, right ``radius.serve``):
 * ``radius.accounting_many(records)`` — up to ``MAX_BATCH`` records (the
   radius process's Accounting-Requests of one loop turn); one answer per
   record in the same order: the map ``radius.accounting`` answers, or
-  ``{"error": code, "message"}`` for that record alone.  Theory: the batch
-  is applied in order in ONE transaction (``prefetch`` reads the NAS ids,
+  ``{"error": code, "message"}`` for that record alone.  Theory: the core
+  applies one batch at a time (a lock: concurrent batches would wait on each
+  other's session rows and IP bindings), in order, in ONE transaction (``prefetch`` reads the NAS ids,
   locks the sessions in id order and reads links and time-charged accounts
   in four statements; each record then costs only its writes), its hooks
   enqueued in one statement, its block changes and topics published after
@@ -37,6 +38,7 @@ every rule is in ``billcore.radius``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -176,6 +178,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return {"error": INTERNAL, "message": "internal error"}
         return {"error": failed.code, "message": failed.message}
 
+    # batches are applied one at a time: two at once would wait on each other's session rows and
+    # IP bindings (a deadlock, an exclusion conflict on a shared static IP) and fall back record by record
+    accounting_turn = asyncio.Lock()
+
     async def accounting_batch(ctx: CallContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not 1 <= len(records) <= MAX_BATCH or not all(isinstance(record, dict) for record in records):
             raise InvalidValue(f"records: a list of 1..{MAX_BATCH} maps")
@@ -187,6 +193,18 @@ def calls(core: CoreContext) -> list[CallSpec]:
             except InvalidValue as exc:
                 answers[i] = record_error(exc)
         now = core.now()
+        results: list[tuple[int, AccountingResult]] = []
+        if todo:
+            async with accounting_turn:
+                results = await apply_batch(todo, answers, now)
+        for i, result in results:
+            answers[i] = await published(result)
+        return [answer if answer is not None else {"error": INTERNAL, "message": "internal error"}
+                for answer in answers]
+
+    async def apply_batch(todo: list[tuple[int, AccountingRecord]], answers: list[dict[str, Any] | None],
+                          now: dt.datetime) -> list[tuple[int, AccountingResult]]:
+        """The batch in one transaction, else record by record (see the module docstring)."""
         results: list[tuple[int, AccountingResult]] = []
         if todo:
             try:
@@ -215,10 +233,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                         raise
                     except Exception as exc:
                         answers[i] = record_error(exc)
-        for i, result in results:
-            answers[i] = await published(result)
-        return [answer if answer is not None else {"error": INTERNAL, "message": "internal error"}
-                for answer in answers]
+        return results
 
     @handler  # a bad page answers billing.invalid, not internal
     async def nas_for_radius(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
