@@ -56,7 +56,7 @@ from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.errors import UnknownObject
 from billcore.db.pool import DATABASE_GONE
 from billcore.db.rows import DbConnection
-from billcore.radius.accounting import Prefetch, apply_accounting, nas_id_of, prefetch, sweep
+from billcore.radius.accounting import Prefetch, apply_accounting, flush_pending, nas_id_of, prefetch, sweep
 from billcore.radius.authorize import Authorizer, authorize
 from billcore.radius.nas import (
     add_link,
@@ -217,6 +217,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
                             answers[i] = record_error(exc)
                             continue
                         results.append((i, await apply_accounting(conn, record, now, tz=tz, pre=pre)))
+                    await flush_pending(conn, pre)
                     await enqueue_hooks(conn, [result for _, result in results], now)
             except (*DATABASE_GONE, OSError):
                 raise

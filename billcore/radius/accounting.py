@@ -86,7 +86,7 @@ from billcore.radius.sessions import (
 )
 
 __all__ = ["apply_accounting", "usage_source", "ACTOR", "close_stale", "sweep", "Sweep", "charge_and_end",
-           "STALE_RECORDS", "Prefetch", "prefetch", "nas_id_of"]
+           "STALE_RECORDS", "Prefetch", "prefetch", "nas_id_of", "flush_pending"]
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +311,21 @@ async def _bind(conn: DbConnection, session: StoredSession, prefix: str, at: dt.
         later[0]["valid_to"] if later else at)
 
 
-async def _bind_ip(conn: DbConnection, session: StoredSession, at: dt.datetime) -> None:
-    """The framed IP: its lease stops expiring, and its /32 is bound (``_bind``)."""
-    ip = session.framed_ip
-    await conn.execute("UPDATE radius_leases SET expires_at = NULL WHERE address = $1::inet AND link_id = $2",
-                       ip, session.link_id)
-    await _bind(conn, session, f"{ip}/32" if ":" not in str(ip) else f"{ip}/128", at)
+_START_WITH_IP: Final = (
+    "WITH s AS (INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
+    f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
+    f" RETURNING {SESSION_COLUMNS}),"
+    " lease AS (UPDATE radius_leases SET expires_at = NULL WHERE address = $6::inet AND link_id = $4 RETURNING 1),"
+    " later AS (SELECT account_id, valid_to FROM ip_bindings WHERE prefix && $11::cidr"
+    "  AND (valid_to IS NULL OR valid_to > $9) ORDER BY valid_to DESC NULLS FIRST LIMIT 1),"
+    " bound AS (INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
+    "  SELECT $3, $11::cidr, 'dynamic', 'radius', $12, coalesce((SELECT valid_to FROM later), $9)"
+    "  WHERE NOT EXISTS (SELECT 1 FROM later WHERE valid_to IS NULL) RETURNING 1)"
+    " SELECT s.*, (SELECT account_id FROM later WHERE valid_to IS NULL) AS held_by FROM s")
+"""A Start with a framed IP in one statement: the session row; its pool lease
+stops expiring and its /32 (or /128) is bound from the start on, or from
+where the last later binding of the address ended (``_bind``'s rule; an
+address bound without end is left alone)."""
 
 
 async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, session_id: str, at: dt.datetime,
@@ -334,15 +343,26 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
         return None
     # whole seconds: the session's time is rated from its start second by second
     started = (at - dt.timedelta(seconds=record.session_time)).replace(microsecond=0)
-    row = await conn.fetchrow(
-        "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
-        f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
-        f" RETURNING {SESSION_COLUMNS}",
-        nas_id, session_id, link["account_id"], link["id"], link["login"], record.framed_ip,
-        record.nas_port_id, record.calling_station_id, started, now)
-    session = StoredSession.of(expect_row(row, "the new session"))
-    if record.framed_ip:
-        await _bind_ip(conn, session, started)
+    if record.framed_ip is None:
+        row = await conn.fetchrow(
+            "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
+            f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, NULL, $6, $7, $8, $9)"
+            f" RETURNING {SESSION_COLUMNS}",
+            nas_id, session_id, link["account_id"], link["id"], link["login"],
+            record.nas_port_id, record.calling_station_id, started, now)
+        session = StoredSession.of(expect_row(row, "the new session"))
+    else:
+        # one statement (a Start is the costliest record): the session, its lease kept, its /32 bound as _bind does
+        ip = record.framed_ip
+        row = await conn.fetchrow(_START_WITH_IP, nas_id, session_id, link["account_id"], link["id"], link["login"], ip,
+                                  record.nas_port_id, record.calling_station_id, started, now,
+                                  f"{ip}/32" if ":" not in ip else f"{ip}/128", session_ref(nas_id, session_id))
+        fields = dict(expect_row(row, "the new session"))
+        held_by = fields.pop("held_by")
+        session = StoredSession(**fields)
+        if held_by is not None and held_by != session.account_id:
+            log.error("%s of session %s is bound to account %s, not %s: not rebinding",
+                      ip, session.session_id, held_by, session.account_id)
     for prefix in record.ipv6_prefixes:
         await _bind(conn, session, prefix, started)
     return session
@@ -367,9 +387,22 @@ class Prefetch:
     sessions: dict[tuple[int, str], StoredSession]       # (nas id, Acct-Session-Id) -> locked row
     links: dict[str, asyncpg.Record]                     # login -> (id, account_id, login)
     timed: frozenset[int] | None
+    absent: set[tuple[int, str]] = dataclasses.field(default_factory=set)   # no such session (yet)
+    # writes put off to ``flush_pending`` (sessions of accounts not time-charged): the
+    # counters of Interims/Stops (the row as it will be, by session id) and the Stops' ends
+    counters: dict[int, StoredSession] = dataclasses.field(default_factory=dict)
+    ends: list[tuple[StoredSession, dt.datetime, str]] = dataclasses.field(default_factory=list)
+    ending_ips: set[str] = dataclasses.field(default_factory=set)
 
     def taken(self, nas_id: int, session_id: str) -> StoredSession | None:
         return self.sessions.pop((nas_id, session_id), None)
+
+    def kept(self, session: StoredSession) -> None:
+        """``session`` is the row as it is (or will be, once flushed): the
+        next record of it in the batch needs no query."""
+        key = (session.nas_id, session.session_id)
+        self.sessions[key] = session
+        self.absent.discard(key)
 
     def forget_nas(self, nas_id: int) -> None:
         """An Accounting-On/Off ended the NAS's sessions: their rows changed."""
@@ -409,7 +442,57 @@ async def prefetch(conn: DbConnection, records: Sequence[AccountingRecord]) -> P
         "SELECT DISTINCT t.account_id FROM account_tariffs t JOIN tariff_services ts ON ts.tariff_id = t.tariff_id"
         " JOIN services sv ON sv.id = ts.service_id WHERE t.account_id = ANY($1::bigint[]) AND sv.kind = 'time'",
         accounts)) if accounts else frozenset[int]()
-    return Prefetch(nas, sessions, links, timed)
+    return Prefetch(nas, sessions, links, timed, absent={key for key in keys if key not in sessions})
+
+
+async def flush_pending(conn: DbConnection, pre: Prefetch) -> None:
+    """Write what records of the batch put off: every Interim's and Stop's
+    counters in one statement (``greatest``: the order of the writes to a
+    row does not matter), then the Stops' ends (``end_sessions``, one call
+    per end time and reason).  Called before anything reads what they
+    change (a session row not kept, an Accounting-On/Off, a Start binding an
+    address an ending session holds) and before the commit."""
+    if pre.counters:
+        rows = list(pre.counters.values())
+        pre.counters.clear()
+        await conn.execute(
+            "UPDATE radius_sessions s SET session_time = greatest(s.session_time, k.t),"
+            " input_octets = greatest(s.input_octets, k.i), output_octets = greatest(s.output_octets, k.o),"
+            " updated_at = k.u FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],"
+            " $5::timestamptz[]) AS k(id, t, i, o, u) WHERE s.id = k.id",
+            [r.id for r in rows], [r.session_time for r in rows], [r.input_octets for r in rows],
+            [r.output_octets for r in rows], [r.updated_at for r in rows])
+    if pre.ends:
+        groups: dict[tuple[dt.datetime, str], list[StoredSession]] = defaultdict(list)
+        for session, at, reason in pre.ends:
+            groups[(at, reason)].append(session)
+        pre.ends.clear()
+        pre.ending_ips.clear()
+        for (at, reason), sessions in groups.items():
+            await end_sessions(conn, sessions, at, reason)
+
+
+def _put_off(pre: Prefetch, session: StoredSession, record: AccountingRecord, at: dt.datetime,
+             now: dt.datetime, hooks: list[SessionHook]) -> AccountingResult:
+    """An Interim/Stop of an open session with no second to charge: its
+    writes join the batch's (``flush_pending``); the row as they leave it is
+    kept for the next record of the session."""
+    if record.session_time >= session.session_time:
+        session = dataclasses.replace(
+            session, session_time=record.session_time, updated_at=now,
+            input_octets=max(session.input_octets, record.input_octets),
+            output_octets=max(session.output_octets, record.output_octets))
+        pre.counters[session.id] = session
+    if record.status is AcctStatus.STOP:
+        pre.ends.append((session, at, EndReason.stop(record.terminate_cause)))
+        if session.framed_ip is not None:
+            pre.ending_ips.add(str(session.framed_ip))
+        hooks.append(SessionHook("session.stopped", {
+            "account_id": session.account_id, "session_id": session.session_id, "ip": session.framed_ip,
+            "bytes_in": session.input_octets, "bytes_out": session.output_octets}))
+        session = dataclasses.replace(session, ended_at=max(at, session.started_at + dt.timedelta(microseconds=1)))
+    pre.kept(session)
+    return AccountingResult(session=session.id, hooks=tuple(hooks))
 
 
 async def nas_id_of(conn: DbConnection, address: str, pre: Prefetch | None = None) -> int:
@@ -436,6 +519,8 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
     status = record.status
     at = dt.datetime.fromtimestamp(record.event_time or now.timestamp(), dt.timezone.utc)
     if status in (AcctStatus.ON, AcctStatus.OFF):
+        if pre is not None:
+            await flush_pending(conn, pre)
         sessions = await locked_active(conn, "nas_id = $1 ORDER BY id", nas_id)
         if pre is not None:
             pre.forget_nas(nas_id)
@@ -448,7 +533,9 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
     hooks: list[SessionHook] = []
     known = pre.taken(nas_id, session_id) if pre is not None else None
     row = None
-    if known is None:
+    if known is None and not (pre is not None and (nas_id, session_id) in pre.absent):
+        if pre is not None:
+            await flush_pending(conn, pre)   # the row read must be the row as the batch left it
         row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE nas_id = $1"
                                   " AND session_id = $2 FOR UPDATE", nas_id, session_id)
     if known is not None:
@@ -461,13 +548,21 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
             log.warning("%s of unknown session %s from NAS %s stamped %s, before the %s horizon: ignored",
                         status, session_id, record.nas, at.isoformat(), WATERMARK_HORIZON)
             return AccountingResult(ignored="older than the horizon")
+        if pre is not None and pre.ends and (str(record.framed_ip) in pre.ending_ips or record.ipv6_prefixes
+                                             or ":" in str(record.framed_ip)):
+            await flush_pending(conn, pre)   # an address a Stop of the batch frees: free it first
         started = await _start(conn, nas_id, record, session_id, at, now, pre)
         if started is None:
             return AccountingResult(ignored="unknown login")
         session = started
+        if pre is not None and status is AcctStatus.START:
+            pre.kept(session)
         hooks.append(SessionHook("session.started", {"account_id": session.account_id, "session_id": session_id,
                                                      "ip": record.framed_ip}))
     block_changes: tuple[BlockChange, ...] = ()
+    if (pre is not None and session.ended_at is None and status in (AcctStatus.INTERIM, AcctStatus.STOP)
+            and not pre.charges(session.account_id)):
+        return _put_off(pre, session, record, at, now, hooks)
     if session.ended_at is not None:
         # a late or repeated Interim/Stop of an ended session: only seconds above what was charged
         if status in (AcctStatus.INTERIM, AcctStatus.STOP):
@@ -487,17 +582,10 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
             "UPDATE radius_sessions SET session_time = $2, input_octets = greatest(input_octets, $3),"
             " output_octets = greatest(output_octets, $4), updated_at = $5 WHERE id = $1",
             session.id, record.session_time, record.input_octets, record.output_octets, now)
-        if pre is None or pre.charges(session.account_id):
-            block_changes = await _charge_time(conn, session, record.session_time, now, tz)
+        block_changes = await _charge_time(conn, session, record.session_time, now, tz)
     if status is AcctStatus.STOP:
-        if pre is None or pre.charges(session.account_id):
-            row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE id = $1", session.id)
-            session = StoredSession.of(expect_row(row, "the session locked a moment ago"))
-        elif record.session_time >= session.session_time:   # the row as the UPDATE above left it
-            session = dataclasses.replace(
-                session, session_time=record.session_time, updated_at=now,
-                input_octets=max(session.input_octets, record.input_octets),
-                output_octets=max(session.output_octets, record.output_octets))
+        row = await conn.fetchrow(f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE id = $1", session.id)
+        session = StoredSession.of(expect_row(row, "the session locked a moment ago"))
         await end_sessions(conn, [session], at, EndReason.stop(record.terminate_cause))
         hooks.append(SessionHook("session.stopped", {
             "account_id": session.account_id, "session_id": session_id, "ip": session.framed_ip,
