@@ -45,6 +45,17 @@ set-based: ``end_sessions`` ends any number in four statements, and
 ``_charge_many`` books their seconds in one ``commit_usage`` per round of
 sessions of distinct accounts (source ``CLOSE_SOURCE``), so each account's
 charge in a round is its session's.
+
+Batches (``radius.accounting_many``).  Records applied in order in one
+transaction share a ``Prefetch``: four statements read the NAS ids, lock the
+batch's session rows in id order, read the links of its logins and which of
+its accounts have a time service at all.  A session row then stays in memory
+as the batch's records leave it (the lock is held).  An Interim/Stop of an
+account with no time service has nothing to charge: its writes are put off
+(``_put_off``) and written set-based by ``flush_pending`` — before anything
+reads what they change (a row not in memory, an Accounting-On/Off, a Start
+on an address an ending session holds) and before the commit.  Time-charged
+sessions take the single record's path, second by second.
 """
 
 from __future__ import annotations
