@@ -141,7 +141,7 @@ class UrfaDecider:
     bounded = True
 
     def __init__(self, link: Link, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16,
-                 max_accounting: int = 2) -> None:
+                 max_accounting: int = 4) -> None:
         self.link = link
         # the core answers "busy" past its per-connection cap (urfa.max_inflight, 64 by default):
         # batches, accounting batches and the event handlers' calls stay under it together

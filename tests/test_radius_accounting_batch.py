@@ -229,3 +229,33 @@ async def test_a_batch_must_be_a_list_of_maps(pool: asyncpg.Pool, store: SecretS
     for records in ([], [1], [rec("start", "S1")] * 1025):
         with pytest.raises(InvalidValue):
             await call["radius.accounting_many"](None, records=records)
+
+
+async def test_batches_that_meet_take_turns_in_arrival_order_others_run_side_by_side() -> None:
+    from billcore.api.radius import Turns
+    from billcore.radius.records import read_accounting_record
+
+    def records(*raws: dict[str, Any]) -> list[Any]:
+        return [read_accounting_record(raw) for raw in raws]
+
+    turns = Turns(width=3)
+    log: list[str] = []
+    release = asyncio.Event()
+
+    async def batch(name: str, recs: list[Any]) -> None:
+        async with turns.turn(recs):
+            log.append(f"{name}+")
+            await release.wait()
+            log.append(f"{name}-")
+
+    a = asyncio.create_task(batch("a", records(rec("interim", "S1", t=1))))
+    await asyncio.sleep(0.01)
+    b = asyncio.create_task(batch("b", records(rec("interim", "S2", "l2", t=1))))    # meets nothing: runs
+    c = asyncio.create_task(batch("c", records(rec("stop", "S1", t=2))))            # same session as a: waits
+    d = asyncio.create_task(batch("d", records({"nas": NAS, "status": "on"})))       # resets a's NAS: waits
+    e = asyncio.create_task(batch("e", records(rec("start", "X1", "l3", nas=NAS2)))) # another NAS: runs
+    await asyncio.sleep(0.05)
+    assert sorted(log) == ["a+", "b+", "e+"]
+    release.set()
+    await asyncio.gather(a, b, c, d, e)
+    assert log.index("c+") > log.index("a-") and log.index("d+") > log.index("c-")   # arrival order kept

@@ -16,10 +16,11 @@ System calls (kinds ``{"system"}``, right ``radius.serve``):
 * ``radius.accounting_many(records)`` — up to ``MAX_BATCH`` records (the
   radius process's Accounting-Requests of one loop turn); one answer per
   record in the same order: the map ``radius.accounting`` answers, or
-  ``{"error": code, "message"}`` for that record alone.  Theory: the core
-  applies one batch at a time (a lock: concurrent batches would wait on each
-  other's session rows and IP bindings), in order, in ONE transaction (``prefetch`` reads the NAS ids,
-  locks the sessions in id order and reads links and time-charged accounts
+  ``{"error": code, "message"}`` for that record alone.  Theory: batches
+  that share a login, a session or a NAS being reset take turns in arrival
+  order (``Turns``: at once they would wait on each other's rows and IP
+  bindings); a batch is applied in order in ONE transaction (``prefetch`` reads the NAS ids,
+  locks the sessions in key order and reads links and time-charged accounts
   in four statements; each record then costs only its writes), its hooks
   enqueued in one statement, its block changes and topics published after
   the one commit.  A malformed record (``InvalidValue``) or one of an
@@ -72,7 +73,13 @@ from billcore.radius.nas import (
     nas_list,
     pool_list,
 )
-from billcore.radius.records import AccountingRecord, AccountingResult, read_access_request, read_accounting_record
+from billcore.radius.records import (
+    AccountingRecord,
+    AccountingResult,
+    AcctStatus,
+    read_access_request,
+    read_accounting_record,
+)
 from billcore.radius.secrets import SecretStore
 from billcore.radius.sessions import PAGE, active_sessions
 from billcore.server.call_context import CallContext
@@ -101,6 +108,69 @@ _LINK_FIELDS: Final = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?
 # (radius.authorize_many answers as many decisions as it was given, at most MAX_BATCH)
 _PAGED: Final = frozenset({"radius.nas_list", "radius.nas_show", "radius.pool_list", "radius.link_list",
                            "radius.sessions"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class _Claim:
+    """What a batch of accounting records touches: its logins and sessions
+    (``names``), the NAS of its records, and the NAS it resets (On/Off)."""
+
+    names: frozenset[str]
+    nas: frozenset[str]
+    resets: frozenset[str]
+
+    @classmethod
+    def of(cls, records: list[AccountingRecord]) -> _Claim:
+        names = {f"s:{r.nas}:{r.session_id}" for r in records if r.session_id is not None}
+        names |= {f"l:{r.login}" for r in records if r.login is not None}
+        resets = {r.nas for r in records if r.status in (AcctStatus.ON, AcctStatus.OFF)}
+        return cls(frozenset(names), frozenset(r.nas for r in records), frozenset(resets))
+
+    def meets(self, other: _Claim) -> bool:
+        return (not self.names.isdisjoint(other.names) or not self.resets.isdisjoint(other.nas)
+                or not other.resets.isdisjoint(self.nas))
+
+
+class Turns:
+    """Accounting batches run side by side (at most ``width``) unless they
+    meet (``_Claim.meets``): then the later one waits for the earlier, so the
+    records of one session or NAS are applied in arrival order."""
+
+    def __init__(self, width: int = 3) -> None:
+        self.width = width
+        self._queue: list[_Claim] = []       # running and waiting, in arrival order
+        self._running: set[_Claim] = set()
+        self._changed = asyncio.Condition()
+
+    def _may_run(self, claim: _Claim) -> bool:
+        if len(self._running) >= self.width:
+            return False
+        for earlier in self._queue:
+            if earlier is claim:
+                return True
+            if earlier.meets(claim):
+                return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def turn(self, records: list[AccountingRecord]) -> AsyncIterator[None]:
+        claim = _Claim.of(records)
+        async with self._changed:
+            self._queue.append(claim)
+            try:
+                await self._changed.wait_for(lambda: self._may_run(claim))
+            except BaseException:
+                self._queue.remove(claim)
+                self._changed.notify_all()
+                raise
+            self._running.add(claim)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._running.discard(claim)
+                self._queue.remove(claim)
+                self._changed.notify_all()
 
 
 def _redacted(args: dict[str, Any]) -> dict[str, Any]:
@@ -178,9 +248,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
             return {"error": INTERNAL, "message": "internal error"}
         return {"error": failed.code, "message": failed.message}
 
-    # batches are applied one at a time: two at once would wait on each other's session rows and
-    # IP bindings (a deadlock, an exclusion conflict on a shared static IP) and fall back record by record
-    accounting_turn = asyncio.Lock()
+    # batches that share a login, a session or a NAS being reset take turns in arrival order: at
+    # once they would wait on each other's rows and IP bindings (a deadlock, an exclusion conflict
+    # on a shared static IP) and fall back record by record; the others run side by side
+    accounting_turns = Turns()
 
     async def accounting_batch(ctx: CallContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not 1 <= len(records) <= MAX_BATCH or not all(isinstance(record, dict) for record in records):
@@ -195,7 +266,7 @@ def calls(core: CoreContext) -> list[CallSpec]:
         now = core.now()
         results: list[tuple[int, AccountingResult]] = []
         if todo:
-            async with accounting_turn:
+            async with accounting_turns.turn([record for _, record in todo]):
                 results = await apply_batch(todo, answers, now)
         for i, result in results:
             answers[i] = await published(result)

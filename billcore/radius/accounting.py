@@ -48,7 +48,7 @@ charge in a round is its session's.
 
 Batches (``radius.accounting_many``).  Records applied in order in one
 transaction share a ``Prefetch``: four statements read the NAS ids, lock the
-batch's session rows in id order, read the links of its logins and which of
+batch's session rows in key order, read the links of its logins and which of
 its accounts have a time service at all.  A session row then stays in memory
 as the batch's records leave it (the lock is held).  An Interim/Stop of an
 account with no time service has nothing to charge: its writes are put off
@@ -385,8 +385,8 @@ class Prefetch:
     first record is applied (``prefetch``).  Each entry is a hint: a miss
     means the per-record query, never a different outcome.
 
-    ``sessions`` are row-locked (in id order, so concurrent batches take the
-    locks of the sessions they share in one order) and hold the row as it was
+    ``sessions`` are row-locked (in (NAS, session id) order, so concurrent
+    batches take the locks of the sessions they share in one order) and hold the row as it was
     before the batch: a record that changes a session drops it (``taken``), so
     the next record of that session in the batch reads the row afresh.
     ``timed``: the batch's accounts with a time service in some tariff link
@@ -428,6 +428,12 @@ def _canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
 
 
+_LOCK_SESSIONS: Final = (
+    "SELECT s.* FROM unnest($1::bigint[], $2::text[]) WITH ORDINALITY AS k(nas, sid, n),"
+    f" LATERAL (SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE nas_id = k.nas AND session_id = k.sid"
+    " OFFSET 0 FOR UPDATE) AS s ORDER BY k.n")
+
+
 async def prefetch(conn: DbConnection, records: Sequence[AccountingRecord]) -> Prefetch:
     """Read (and lock) in four statements what applying ``records`` in one
     transaction needs: their NAS ids, their sessions, the links of their
@@ -439,10 +445,9 @@ async def prefetch(conn: DbConnection, records: Sequence[AccountingRecord]) -> P
                    if r.session_id is not None and _canonical(r.nas) in nas})
     sessions: dict[tuple[int, str], StoredSession] = {}
     if keys:
-        for row in await conn.fetch(
-                f"SELECT {SESSION_COLUMNS} FROM radius_sessions WHERE (nas_id, session_id) IN"
-                " (SELECT * FROM unnest($1::bigint[], $2::text[])) ORDER BY id FOR UPDATE",
-                [k[0] for k in keys], [k[1] for k in keys]):
+        # one index probe per key (OFFSET 0 keeps the planner from a hash join over the whole
+        # history), locked in key order: every batch locks the sessions it shares in one order
+        for row in await conn.fetch(_LOCK_SESSIONS, [k[0] for k in keys], [k[1] for k in keys]):
             session = StoredSession.of(row)
             sessions[(session.nas_id, session.session_id)] = session
     logins = sorted({r.login for r in records if r.login is not None})
