@@ -259,3 +259,28 @@ async def test_batches_that_meet_take_turns_in_arrival_order_others_run_side_by_
     release.set()
     await asyncio.gather(a, b, c, d, e)
     assert log.index("c+") > log.index("a-") and log.index("d+") > log.index("c-")   # arrival order kept
+
+
+async def test_an_address_freed_and_bound_again_within_one_batch(pool: asyncpg.Pool, store: SecretStore) -> None:
+    """Bindings of a batch's Starts are written together: an address a Stop
+    of the batch frees is bound to the next session from that Stop on, and an
+    IPv6 prefix two Starts of one account name is bound once."""
+    call = core_calls(pool, store, [])
+    [acc] = await setup(pool, store)
+    stop_at = 40
+    batch = [rec("start", "S1", framed_ip="10.9.0.7", ipv6_prefixes=["2001:db8:7::/64"]),
+             rec("stop", "S1", t=stop_at),
+             rec("start", "S2", t=0, framed_ip="10.9.0.7", event_time=(T0 + dt.timedelta(seconds=10)).timestamp()),
+             rec("start", "S3", framed_ip="10.9.0.8", ipv6_prefixes=["2001:db8:8::/64"]),
+             rec("start", "S4", framed_ip="10.9.0.9", ipv6_prefixes=["2001:db8:8::/64"])]
+    answers = await call["radius.accounting_many"](None, records=batch)
+    assert all("error" not in a for a in answers)
+    rows = await pool.fetch("SELECT host(prefix) AS ip, masklen(prefix) AS len, session_ref, valid_from, valid_to"
+                            " FROM ip_bindings ORDER BY valid_from, id")
+    seven = [r for r in rows if r["ip"] == "10.9.0.7"]
+    assert [r["session_ref"].rsplit(":", 1)[1] for r in seven] == ["S1", "S2"]
+    assert seven[0]["valid_to"] == T0 + dt.timedelta(seconds=stop_at)
+    assert seven[1]["valid_from"] == seven[0]["valid_to"] and seven[1]["valid_to"] is None  # from where S1 ended
+    assert [r["valid_to"] for r in rows if r["ip"] == "2001:db8:7::"] == [T0 + dt.timedelta(seconds=stop_at)]
+    assert len([r for r in rows if r["ip"] == "2001:db8:8::"]) == 1
+    assert await pool.fetchval("SELECT count(*) FROM ip_bindings WHERE valid_to IS NULL AND account_id = $1", acc) == 4

@@ -322,6 +322,13 @@ async def _bind(conn: DbConnection, session: StoredSession, prefix: str, at: dt.
         later[0]["valid_to"] if later else at)
 
 
+_START_WITH_LEASE: Final = (
+    "WITH s AS (INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
+    f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
+    f" RETURNING {SESSION_COLUMNS}),"
+    " lease AS (UPDATE radius_leases SET expires_at = NULL WHERE address = $6::inet AND link_id = $4 RETURNING 1)"
+    " SELECT * FROM s")
+
 _START_WITH_IP: Final = (
     "WITH s AS (INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
     f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
@@ -362,6 +369,11 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
             nas_id, session_id, link["account_id"], link["id"], link["login"],
             record.nas_port_id, record.calling_station_id, started, now)
         session = StoredSession.of(expect_row(row, "the new session"))
+    elif pre is not None:
+        # in a batch: the session and its lease in one statement, its bindings with the batch's
+        row = await conn.fetchrow(_START_WITH_LEASE, nas_id, session_id, link["account_id"], link["id"], link["login"],
+                                  record.framed_ip, record.nas_port_id, record.calling_station_id, started, now)
+        session = StoredSession.of(expect_row(row, "the new session"))
     else:
         # one statement (a Start is the costliest record): the session, its lease kept, its /32 bound as _bind does
         ip = record.framed_ip
@@ -374,6 +386,14 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
         if held_by is not None and held_by != session.account_id:
             log.error("%s of session %s is bound to account %s, not %s: not rebinding",
                       ip, session.session_id, held_by, session.account_id)
+    if pre is not None:
+        ref = session_ref(nas_id, session_id)
+        framed = record.framed_ip
+        if framed is not None:
+            pre.binds.append((session.account_id, f"{framed}/32" if ":" not in framed else f"{framed}/128", ref,
+                              started))
+        pre.binds.extend((session.account_id, prefix, ref, started) for prefix in record.ipv6_prefixes)
+        return session
     for prefix in record.ipv6_prefixes:
         await _bind(conn, session, prefix, started)
     return session
@@ -404,6 +424,23 @@ class Prefetch:
     counters: dict[int, StoredSession] = dataclasses.field(default_factory=dict)
     ends: list[tuple[StoredSession, dt.datetime, str]] = dataclasses.field(default_factory=list)
     ending_ips: set[str] = dataclasses.field(default_factory=set)
+    # Starts' bindings: (account, prefix, session_ref, from); written in one statement, so the
+    # ``ip_bindings`` trigger (classifier_version, a row every writer of bindings locks) fires
+    # once per batch, not once per Start
+    binds: list[tuple[int, str, str, dt.datetime]] = dataclasses.field(default_factory=list)
+
+    def binding(self, prefixes: Sequence[str]) -> bool:
+        """Whether a pending bind or end concerns one of ``prefixes``: flush first."""
+        if not self.binds and not self.ends:
+            return False
+        wanted = [ipaddress.ip_network(prefix, strict=False) for prefix in prefixes]
+        if any(str(net.network_address) in self.ending_ips for net in wanted):
+            return True
+        if self.ends and any(net.version == 6 for net in wanted):
+            return True   # an ending session's IPv6 prefixes are not in memory
+        pending = [ipaddress.ip_network(bind[1]) for bind in self.binds]
+        return any(net.version == other.version and net.overlaps(other)
+                   for net in wanted for other in pending)
 
     def taken(self, nas_id: int, session_id: str) -> StoredSession | None:
         return self.sessions.pop((nas_id, session_id), None)
@@ -461,6 +498,21 @@ async def prefetch(conn: DbConnection, records: Sequence[AccountingRecord]) -> P
     return Prefetch(nas, sessions, links, timed, absent={key for key in keys if key not in sessions})
 
 
+_BIND_MANY: Final = (
+    "WITH k AS (SELECT k.a, k.p, k.r, k.at, l.account_id AS held_by, l.valid_to AS after"
+    " FROM unnest($1::bigint[], $2::cidr[], $3::text[], $4::timestamptz[]) AS k(a, p, r, at)"
+    " LEFT JOIN LATERAL (SELECT account_id, valid_to FROM ip_bindings WHERE prefix && k.p"
+    "  AND (valid_to IS NULL OR valid_to > k.at) ORDER BY valid_to DESC NULLS FIRST LIMIT 1) AS l ON true),"
+    " bound AS (INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
+    "  SELECT a, p, 'dynamic', 'radius', r, coalesce(after, at) FROM k WHERE held_by IS NULL OR after IS NOT NULL"
+    "  RETURNING 1)"
+    " SELECT a AS account_id, host(p) AS prefix, r AS session_ref, held_by FROM k"
+    " WHERE held_by IS NOT NULL AND after IS NULL AND held_by <> a")
+"""``_bind`` for many prefixes at once (none overlapping another of the
+statement: the caller flushes first); answers the ones bound without end to
+another account, left alone."""
+
+
 async def flush_pending(conn: DbConnection, pre: Prefetch) -> None:
     """Write what records of the batch put off: every Interim's and Stop's
     counters in one statement (``greatest``: the order of the writes to a
@@ -478,6 +530,13 @@ async def flush_pending(conn: DbConnection, pre: Prefetch) -> None:
             " $5::timestamptz[]) AS k(id, t, i, o, u) WHERE s.id = k.id",
             [r.id for r in rows], [r.session_time for r in rows], [r.input_octets for r in rows],
             [r.output_octets for r in rows], [r.updated_at for r in rows])
+    if pre.binds:
+        binds = list(pre.binds)
+        pre.binds.clear()
+        for row in await conn.fetch(_BIND_MANY, [b[0] for b in binds], [b[1] for b in binds],
+                                    [b[2] for b in binds], [b[3] for b in binds]):
+            log.error("%s of session %s is bound to account %s, not %s: not rebinding",
+                      row["prefix"], row["session_ref"], row["held_by"], row["account_id"])
     if pre.ends:
         groups: dict[tuple[dt.datetime, str], list[StoredSession]] = defaultdict(list)
         for session, at, reason in pre.ends:
@@ -564,9 +623,9 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
             log.warning("%s of unknown session %s from NAS %s stamped %s, before the %s horizon: ignored",
                         status, session_id, record.nas, at.isoformat(), WATERMARK_HORIZON)
             return AccountingResult(ignored="older than the horizon")
-        if pre is not None and pre.ends and (str(record.framed_ip) in pre.ending_ips or record.ipv6_prefixes
-                                             or ":" in str(record.framed_ip)):
-            await flush_pending(conn, pre)   # an address a Stop of the batch frees: free it first
+        prefixes = [*([record.framed_ip] if record.framed_ip is not None else []), *record.ipv6_prefixes]
+        if pre is not None and prefixes and pre.binding(prefixes):
+            await flush_pending(conn, pre)   # an address a record of the batch binds or frees: that first
         started = await _start(conn, nas_id, record, session_id, at, now, pre)
         if started is None:
             return AccountingResult(ignored="unknown login")
