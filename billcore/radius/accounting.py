@@ -54,8 +54,12 @@ as the batch's records leave it (the lock is held).  An Interim/Stop of an
 account with no time service has nothing to charge: its writes are put off
 (``_put_off``) and written set-based by ``flush_pending`` — before anything
 reads what they change (a row not in memory, an Accounting-On/Off, a Start
-on an address an ending session holds) and before the commit.  Time-charged
-sessions take the single record's path, second by second.
+on an address a pending write concerns) and before the commit.  A Start's
+bindings are put off too and written with the batch's in one statement
+(``_BIND_MANY``): each statement on ``ip_bindings`` bumps the one
+``classifier_version`` row (a lock held to the commit, a NOTIFY), so a batch
+bumps it about twice, not once per Start and Stop.  Time-charged sessions
+take the single record's path, second by second.
 """
 
 from __future__ import annotations
