@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import ipaddress
 import logging
 from collections import defaultdict
@@ -394,9 +395,10 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
         ref = session_ref(nas_id, session_id)
         framed = record.framed_ip
         if framed is not None:
-            pre.binds.append((session.account_id, f"{framed}/32" if ":" not in framed else f"{framed}/128", ref,
-                              started))
-        pre.binds.extend((session.account_id, prefix, ref, started) for prefix in record.ipv6_prefixes)
+            pre.bind(session.account_id, f"{framed}/32" if ":" not in framed else f"{framed}/128", ref, started,
+                     framed)
+        for prefix in record.ipv6_prefixes:
+            pre.bind(session.account_id, prefix, ref, started)
         return session
     for prefix in record.ipv6_prefixes:
         await _bind(conn, session, prefix, started)
@@ -433,18 +435,25 @@ class Prefetch:
     # once per batch, not once per Start
     binds: list[tuple[int, str, str, dt.datetime]] = dataclasses.field(default_factory=list)
 
-    def binding(self, prefixes: Sequence[str]) -> bool:
-        """Whether a pending bind or end concerns one of ``prefixes``: flush first."""
-        if not self.binds and not self.ends:
-            return False
-        wanted = [ipaddress.ip_network(prefix, strict=False) for prefix in prefixes]
-        if any(str(net.network_address) in self.ending_ips for net in wanted):
+    bound_hosts: set[str] = dataclasses.field(default_factory=set)     # IPv4 framed IPs of ``binds``
+    bound_v6: bool = False                                              # ``binds`` has an IPv6 prefix
+
+    def bind(self, account_id: int, prefix: str, ref: str, at: dt.datetime, host: str | None = None) -> None:
+        self.binds.append((account_id, prefix, ref, at))
+        if host is not None and ":" not in host:
+            self.bound_hosts.add(host)
+        else:
+            self.bound_v6 = True
+
+    def binding(self, framed_ip: str | None, prefixes: Sequence[str]) -> bool:
+        """Whether a pending bind or end may concern the Start's addresses: flush first.
+        IPv4: the framed IP (a /32) itself; IPv6 (rare): any pending IPv6 bind or any end."""
+        if framed_ip is not None and ":" not in framed_ip:
+            if framed_ip in self.ending_ips or framed_ip in self.bound_hosts:
+                return True
+        elif framed_ip is not None and (self.bound_v6 or self.ends):
             return True
-        if self.ends and any(net.version == 6 for net in wanted):
-            return True   # an ending session's IPv6 prefixes are not in memory
-        pending = [ipaddress.ip_network(bind[1]) for bind in self.binds]
-        return any(net.version == other.version and net.overlaps(other)
-                   for net in wanted for other in pending)
+        return bool(prefixes) and (self.bound_v6 or bool(self.ends))
 
     def taken(self, nas_id: int, session_id: str) -> StoredSession | None:
         return self.sessions.pop((nas_id, session_id), None)
@@ -465,6 +474,7 @@ class Prefetch:
         return self.timed is None or account_id in self.timed
 
 
+@functools.lru_cache(maxsize=4096)   # a fleet's NAS addresses, asked for at every record
 def _canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
 
@@ -537,6 +547,8 @@ async def flush_pending(conn: DbConnection, pre: Prefetch) -> None:
     if pre.binds:
         binds = list(pre.binds)
         pre.binds.clear()
+        pre.bound_hosts.clear()
+        pre.bound_v6 = False
         for row in await conn.fetch(_BIND_MANY, [b[0] for b in binds], [b[1] for b in binds],
                                     [b[2] for b in binds], [b[3] for b in binds]):
             log.error("%s of session %s is bound to account %s, not %s: not rebinding",
@@ -627,8 +639,7 @@ async def apply_accounting(conn: DbConnection, record: AccountingRecord, now: dt
             log.warning("%s of unknown session %s from NAS %s stamped %s, before the %s horizon: ignored",
                         status, session_id, record.nas, at.isoformat(), WATERMARK_HORIZON)
             return AccountingResult(ignored="older than the horizon")
-        prefixes = [*([record.framed_ip] if record.framed_ip is not None else []), *record.ipv6_prefixes]
-        if pre is not None and prefixes and pre.binding(prefixes):
+        if pre is not None and pre.binding(record.framed_ip, record.ipv6_prefixes):
             await flush_pending(conn, pre)   # an address a record of the batch binds or frees: that first
         started = await _start(conn, nas_id, record, session_id, at, now, pre)
         if started is None:
