@@ -448,6 +448,8 @@ def billcore_server(args: argparse.Namespace, server_dsn: str, tmp: Path, name: 
 
         yield Target(name, port, acct_port, cpu)
     finally:
+        if os.environ.get("BENCH_LOG"):
+            print(bc.log()[-int(os.environ["BENCH_LOG"]):])
         bc.stop()
 
 

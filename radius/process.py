@@ -19,10 +19,15 @@ loaded every datagram is dropped the same way.
 Decisions: ``UrfaDecider`` gathers the Access-Requests of one loop turn
 into one ``radius.authorize_many`` call (at most ``max_batch`` each, at most
 ``max_batches`` calls in flight — the core caps calls per connection; while
-all are in flight the next batch grows).  Accounting stays one call per
-request — it is rarer and each one is its own transaction in the core — with
-at most ``max_accounting`` in flight (a storm of Starts after a NAS reboot
-waits its turn, within the decision timeout, instead of meeting "busy").
+all are in flight the next batch grows).  Accounting-Requests are batched
+the same way into ``radius.accounting_many`` (at most ``max_batch`` records a
+call, at most ``max_accounting`` calls in flight — a storm of Starts after a
+NAS reboot waits its turn, within the decision timeout, instead of meeting
+"busy"); the core applies a batch in one transaction, in arrival order, and
+answers each record alone: a record's error (``{"error": code}``) fails only
+its own request — dropped unanswered when a retry can help (the NAS
+retransmits), counted as refused otherwise.  The Accounting-Response is sent
+only after the core answered, i.e. after the batch's commit.
 
 A block's Disconnect (and a rate change) is an outbox delivery of channel
 ``radius`` (``radius.outbox_consumer``): claimed, sent — ``radius.sessions``
@@ -127,7 +132,8 @@ async def core_call(link: Link, fn: str, args: dict[str, Any], timeout: float | 
 
 
 class UrfaDecider:
-    """Access-Requests in batches (``radius.authorize_many``), accounting one by one.
+    """Access-Requests in batches (``radius.authorize_many``), Accounting-Requests
+    in batches too (``radius.accounting_many``).
 
     ``bounded``: every call carries the decision timeout, so the server sets
     no timer of its own per request."""
@@ -135,11 +141,14 @@ class UrfaDecider:
     bounded = True
 
     def __init__(self, link: Link, timeout: float = 3.0, max_batch: int = 256, max_batches: int = 16,
-                 max_accounting: int = 32) -> None:
+                 max_accounting: int = 4) -> None:
         self.link = link
         # the core answers "busy" past its per-connection cap (urfa.max_inflight, 64 by default):
-        # batches, accounting calls and the event handlers' calls stay under it together
-        self._accounting = asyncio.Semaphore(max_accounting)
+        # batches, accounting batches and the event handlers' calls stay under it together
+        self.max_accounting = max_accounting
+        self._acct_queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._acct_flushing = False
+        self._acct_inflight = 0
         self.timeout = timeout
         self.max_batch = max_batch
         self.max_batches = max_batches
@@ -224,11 +233,61 @@ class UrfaDecider:
                 self._flush()
 
     async def account(self, nas: Nas, record: dict[str, Any]) -> None:
+        """Queue the record for this loop turn's ``radius.accounting_many``;
+        return once the core has applied it (committed), else raise."""
         if not self.link.up.is_set():
             raise DecisionUnavailable("not connected to the core")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._acct_queue.append((record, fut))
+        if not self._acct_flushing:
+            self._acct_flushing = True
+            loop.call_soon(self._flush_accounting)
         async with asyncio.timeout(self.timeout):
-            async with self._accounting:
-                await core_call(self.link, "radius.accounting", {"record": record})
+            await fut
+
+    def _flush_accounting(self) -> None:
+        self._acct_flushing = False
+        loop = self._loop
+        assert loop is not None
+        self._acct_queue = [entry for entry in self._acct_queue if not entry[1].done()]   # timed out waiting
+        while self._acct_queue and self._acct_inflight < self.max_accounting:
+            batch, self._acct_queue = self._acct_queue[: self.max_batch], self._acct_queue[self.max_batch :]
+            self._acct_inflight += 1
+            loop.create_task(self._send_accounting(batch))
+
+    async def _send_accounting(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        try:
+            answers = await core_call(self.link, "radius.accounting_many", {"records": [e[0] for e in batch]},
+                                      timeout=self.timeout)
+            if not isinstance(answers, list) or len(answers) != len(batch):
+                raise RadiusError(f"radius.accounting_many answered {answers!r:.40} for {len(batch)}")
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else DecisionUnavailable("cancelled")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._acct_inflight -= 1
+            if self._acct_queue and not self._acct_flushing:
+                self._acct_flushing = True
+                asyncio.get_running_loop().call_soon(self._flush_accounting)
+        for (_, fut), answer in zip(batch, answers):
+            if fut.done():
+                continue
+            code = answer.get("error") if isinstance(answer, dict) else "malformed"
+            if code is None:
+                fut.set_result(None)
+            elif isinstance(code, str) and verdict(code) is not Verdict.NEVER:
+                fut.set_exception(DecisionUnavailable(f"accounting record: {code}: {answer.get('message')}"))
+            else:
+                fut.set_exception(RadiusError(f"accounting record refused by the core: {code}: "
+                                              f"{answer.get('message') if isinstance(answer, dict) else answer!r}"))
 
 
 def _call(done: Callable[[Decision | BaseException], None], result: Decision | BaseException) -> None:

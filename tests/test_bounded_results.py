@@ -51,6 +51,7 @@ ROWS = 1500  # more than any page's N (1 000 at most)
 # fixed calls that answer a list, and why it cannot grow with the data
 FIXED_LISTS = {
     "radius.authorize_many": "one decision per request given, at most MAX_BATCH (1 024)",
+    "radius.accounting_many": "one answer per record given, at most MAX_BATCH (1 024)",
     "events.subscribe": "the topics of one session, at most MAX_TOPICS (64)",
     "events.unsubscribe": "the topics of one session, at most MAX_TOPICS (64)",
     "me.classes": "the names of traffic classes (a catalogue), at most 1 000",

@@ -15,7 +15,7 @@ from billcore.server.calls import CallRegistry, CallSpec
 from billcore.server.service import URFAConfig, URFAService
 from billcore.server.sessions import Principal
 from radius.process import CONNECTS, UrfaDecider, core_link
-from radius.server import DecisionUnavailable, Nas
+from radius.server import DecisionUnavailable, Nas, RadiusError
 from tests.conftest import free_port
 from tests.waiting import eventually
 from urfa import scram
@@ -140,32 +140,42 @@ async def test_link_waits_for_the_core_batches_resumes_and_logs_in_again(tmp_pat
 
 
 async def test_accounting_calls_stay_under_the_cores_cap(tmp_path: Path) -> None:
-    """A burst of accounting requests never has more than ``max_accounting``
-    calls in flight on the connection; the rest wait their turn."""
+    """A burst of accounting requests goes in batches (``radius.accounting_many``),
+    never more than ``max_accounting`` calls in flight on the connection; the
+    rest wait their turn, and each request hears its own record's answer."""
     port = free_port()
     h = Harness(port, tmp_path)
     running = 0
     peak = 0
+    seen: list[str] = []
 
-    async def accounting(ctx: Any, record: dict[str, Any]) -> dict[str, Any]:
+    async def accounting_many(ctx: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         await asyncio.sleep(0.02)
         running -= 1
-        return {"session": record["session_id"]}
+        seen.extend(record["session_id"] for record in records)
+        return [{"error": "billing.invalid", "message": "bad"} if record["session_id"] == "7"
+                else {"error": "busy", "message": "again"} if record["session_id"] == "8"
+                else {"session": record["session_id"]} for record in records]
 
     core = Core(port)
     await core.start()
     assert core.service is not None
-    core.service.registry.register_all([CallSpec("radius.accounting", accounting, right="radius.serve",
-                                                 args={"record": "map"})])
+    core.service.registry.register_all([CallSpec("radius.accounting_many", accounting_many, right="radius.serve",
+                                                 args={"records": "list"})])
     h.link.start()
     try:
         await eventually(h.link.up.is_set)
-        decider = UrfaDecider(h.link, timeout=5.0, max_accounting=4)
-        await asyncio.gather(*(decider.account(NAS, {"session_id": str(i)}) for i in range(40)))
+        decider = UrfaDecider(h.link, timeout=5.0, max_batch=3, max_accounting=4)
+        outcomes = await asyncio.gather(*(decider.account(NAS, {"session_id": str(i)}) for i in range(40)),
+                                        return_exceptions=True)
         assert peak == 4
+        assert sorted(seen, key=int) == [str(i) for i in range(40)]   # each record sent once
+        assert isinstance(outcomes[7], RadiusError)              # refused: counted, never retried by us
+        assert isinstance(outcomes[8], DecisionUnavailable)      # retry later: the NAS retransmits
+        assert [o for i, o in enumerate(outcomes) if i not in (7, 8)] == [None] * 38
     finally:
         await h.link.close()
         await core.stop()

@@ -13,6 +13,25 @@ System calls (kinds ``{"system"}``, right ``radius.serve``):
   ``{"closed"}`` for Accounting-On/Off or ``{"ignored"}``.  The ``session.*``
   plugin hooks are enqueued in the outbox inside the accounting transaction;
   block changes are published on topic ``blocks`` after the commit.
+* ``radius.accounting_many(records)`` — up to ``MAX_BATCH`` records (the
+  radius process's Accounting-Requests of one loop turn); one answer per
+  record in the same order: the map ``radius.accounting`` answers, or
+  ``{"error": code, "message"}`` for that record alone.  Theory: batches
+  that share a login, a session or a NAS being reset take turns in arrival
+  order (``Turns``: at once they would wait on each other's rows and IP
+  bindings); a batch is applied in order in ONE transaction (``prefetch`` reads the NAS ids,
+  locks the sessions in key order and reads links and time-charged accounts
+  in four statements; each record then costs only its writes), its hooks
+  enqueued in one statement, its block changes and topics published after
+  the one commit.  A malformed record (``InvalidValue``) or one of an
+  unknown NAS gets its error and is not applied.  Any other failure inside
+  the batch (a deadlock with a concurrent batch, a record the database
+  refuses, a bug) rolls the whole batch back and applies each record
+  again in its own transaction, exactly as ``radius.accounting`` does, so one
+  bad record costs only itself and every record is applied once or not at
+  all (a retry after the rollback is the first application).  A database
+  that goes away fails the whole call (``db_unavailable``): the NAS
+  retransmits, and a record that was committed is idempotent.
 
 Maps become records (``billcore.radius.records``) here and records maps;
 every rule is in ``billcore.radius``.
@@ -20,20 +39,25 @@ every rule is in ``billcore.radius``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import zoneinfo
 from collections.abc import AsyncIterator
 from typing import Any, Final
+
+import asyncpg
 
 from billcore.api import announce, handler, listened, need_int, page, who
 from billcore.billing import audit
 from billcore.billing.ledger_errors import InvalidValue
 from billcore.billing.outbox import OutboxEvent, enqueue
 from billcore.common.errors import UnknownObject
+from billcore.db.pool import DATABASE_GONE
 from billcore.db.rows import DbConnection
-from billcore.radius.accounting import apply_accounting, sweep
+from billcore.radius.accounting import Prefetch, apply_accounting, flush_pending, nas_id_of, prefetch, sweep
 from billcore.radius.authorize import Authorizer, authorize
 from billcore.radius.nas import (
     add_link,
@@ -49,14 +73,24 @@ from billcore.radius.nas import (
     nas_list,
     pool_list,
 )
-from billcore.radius.records import read_access_request, read_accounting_record
+from billcore.radius.records import (
+    AccountingRecord,
+    AccountingResult,
+    AcctStatus,
+    read_access_request,
+    read_accounting_record,
+)
 from billcore.radius.secrets import SecretStore
 from billcore.radius.sessions import PAGE, active_sessions
 from billcore.server.call_context import CallContext
 from billcore.server.calls import CallSpec
 from billcore.server.context import CoreContext
+from billcore.server.wire_errors import to_call_failed
+from urfa.errors import BUSY, INTERNAL
 
 __all__ = ["calls", "MAX_BATCH"]
+
+log = logging.getLogger(__name__)
 
 SYSTEM: Final = frozenset({"system"})
 ADMIN: Final = frozenset({"admin", "system"})
@@ -74,6 +108,69 @@ _LINK_FIELDS: Final = {"static_ip": "ip?", "pool": "str?", "max_sessions": "int?
 # (radius.authorize_many answers as many decisions as it was given, at most MAX_BATCH)
 _PAGED: Final = frozenset({"radius.nas_list", "radius.nas_show", "radius.pool_list", "radius.link_list",
                            "radius.sessions"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class _Claim:
+    """What a batch of accounting records touches: its logins and sessions
+    (``names``), the NAS of its records, and the NAS it resets (On/Off)."""
+
+    names: frozenset[str]
+    nas: frozenset[str]
+    resets: frozenset[str]
+
+    @classmethod
+    def of(cls, records: list[AccountingRecord]) -> _Claim:
+        names = {f"s:{r.nas}:{r.session_id}" for r in records if r.session_id is not None}
+        names |= {f"l:{r.login}" for r in records if r.login is not None}
+        resets = {r.nas for r in records if r.status in (AcctStatus.ON, AcctStatus.OFF)}
+        return cls(frozenset(names), frozenset(r.nas for r in records), frozenset(resets))
+
+    def meets(self, other: _Claim) -> bool:
+        return (not self.names.isdisjoint(other.names) or not self.resets.isdisjoint(other.nas)
+                or not other.resets.isdisjoint(self.nas))
+
+
+class Turns:
+    """Accounting batches run side by side (at most ``width``) unless they
+    meet (``_Claim.meets``): then the later one waits for the earlier, so the
+    records of one session or NAS are applied in arrival order."""
+
+    def __init__(self, width: int = 3) -> None:
+        self.width = width
+        self._queue: list[_Claim] = []       # running and waiting, in arrival order
+        self._running: set[_Claim] = set()
+        self._changed = asyncio.Condition()
+
+    def _may_run(self, claim: _Claim) -> bool:
+        if len(self._running) >= self.width:
+            return False
+        for earlier in self._queue:
+            if earlier is claim:
+                return True
+            if earlier.meets(claim):
+                return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def turn(self, records: list[AccountingRecord]) -> AsyncIterator[None]:
+        claim = _Claim.of(records)
+        async with self._changed:
+            self._queue.append(claim)
+            try:
+                await self._changed.wait_for(lambda: self._may_run(claim))
+            except BaseException:
+                self._queue.remove(claim)
+                self._changed.notify_all()
+                raise
+            self._running.add(claim)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._running.discard(claim)
+                self._queue.remove(claim)
+                self._changed.notify_all()
 
 
 def _redacted(args: dict[str, Any]) -> dict[str, Any]:
@@ -114,15 +211,16 @@ def calls(core: CoreContext) -> list[CallSpec]:
         decisions = await authorizer.decide([read_access_request(request) for request in requests], core.now())
         return [decision.wire() for decision in decisions]
 
-    async def accounting(ctx: CallContext, record: dict[str, Any]) -> dict[str, Any]:
-        accounting_record = read_accounting_record(record)
-        now = core.now()
-        async with pool.acquire() as conn, conn.transaction():
-            result = await apply_accounting(conn, accounting_record, now, tz=tz)
-            # the session hooks go out through the outbox, with the session's own commit
-            # (enqueued only while a plugin listens: every Start and Stop would be one)
-            await enqueue(conn, [OutboxEvent(hook.event, hook.payload, hook.payload.get("account_id"))
-                                 for hook in result.hooks if listened(core, hook.event)], now)
+    async def enqueue_hooks(conn: DbConnection, results: list[AccountingResult], now: dt.datetime) -> None:
+        # the session hooks go out through the outbox, with the sessions' own commit
+        # (enqueued only while a plugin listens: every Start and Stop would be one)
+        events = [OutboxEvent(hook.event, hook.payload, hook.payload.get("account_id"))
+                  for result in results for hook in result.hooks if listened(core, hook.event)]
+        if events:
+            await enqueue(conn, events, now)
+
+    async def published(result: AccountingResult) -> dict[str, Any]:
+        """After the commit: block changes on ``blocks``, the session's events."""
         await announce(core, result.block_changes)
         for hook in result.hooks:
             core.publish("radius.sessions", {"event": hook.event.removeprefix("session."), "session": result.session,
@@ -130,6 +228,84 @@ def calls(core: CoreContext) -> list[CallSpec]:
         if result.closed:
             core.publish("radius.sessions", {"event": "closed", "closed": result.closed})
         return result.wire()
+
+    async def apply_one(record: AccountingRecord, now: dt.datetime) -> AccountingResult:
+        async with pool.acquire() as conn, conn.transaction():
+            result = await apply_accounting(conn, record, now, tz=tz)
+            await enqueue_hooks(conn, [result], now)
+        return result
+
+    async def accounting(ctx: CallContext, record: dict[str, Any]) -> dict[str, Any]:
+        return await published(await apply_one(read_accounting_record(record), core.now()))
+
+    def record_error(exc: Exception) -> dict[str, Any]:
+        """One record's failure as its answer (the codes the single call answers)."""
+        if isinstance(exc, asyncpg.TransactionRollbackError):   # deadlock, serialization: the NAS retries
+            return {"error": BUSY, "message": "the record met a concurrent one; retry"}
+        failed = to_call_failed(exc)
+        if failed is None:
+            log.error("an accounting record failed", exc_info=exc)
+            return {"error": INTERNAL, "message": "internal error"}
+        return {"error": failed.code, "message": failed.message}
+
+    # batches that share a login, a session or a NAS being reset take turns in arrival order: at
+    # once they would wait on each other's rows and IP bindings (a deadlock, an exclusion conflict
+    # on a shared static IP) and fall back record by record; the others run side by side
+    accounting_turns = Turns()
+
+    async def accounting_batch(ctx: CallContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not 1 <= len(records) <= MAX_BATCH or not all(isinstance(record, dict) for record in records):
+            raise InvalidValue(f"records: a list of 1..{MAX_BATCH} maps")
+        answers: list[dict[str, Any] | None] = [None] * len(records)
+        todo: list[tuple[int, AccountingRecord]] = []
+        for i, raw in enumerate(records):
+            try:
+                todo.append((i, read_accounting_record(raw)))
+            except InvalidValue as exc:
+                answers[i] = record_error(exc)
+        now = core.now()
+        results: list[tuple[int, AccountingResult]] = []
+        if todo:
+            async with accounting_turns.turn([record for _, record in todo]):
+                results = await apply_batch(todo, answers, now)
+        for i, result in results:
+            answers[i] = await published(result)
+        return [answer if answer is not None else {"error": INTERNAL, "message": "internal error"}
+                for answer in answers]
+
+    async def apply_batch(todo: list[tuple[int, AccountingRecord]], answers: list[dict[str, Any] | None],
+                          now: dt.datetime) -> list[tuple[int, AccountingResult]]:
+        """The batch in one transaction, else record by record (see the module docstring)."""
+        results: list[tuple[int, AccountingResult]] = []
+        if todo:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    pre: Prefetch = await prefetch(conn, [record for _, record in todo])
+                    for i, record in todo:
+                        try:
+                            await nas_id_of(conn, record.nas, pre)   # nothing written yet for it
+                        except UnknownObject as exc:
+                            answers[i] = record_error(exc)
+                            continue
+                        results.append((i, await apply_accounting(conn, record, now, tz=tz, pre=pre)))
+                    await flush_pending(conn, pre)
+                    await enqueue_hooks(conn, [result for _, result in results], now)
+            except (*DATABASE_GONE, OSError):
+                raise
+            except Exception as exc:   # rolled back: each record again, alone
+                log.warning("an accounting batch of %d records failed (%r); applying them one by one",
+                            len(todo), exc)
+                results = []
+                for i, record in todo:
+                    if answers[i] is not None:
+                        continue
+                    try:
+                        results.append((i, await apply_one(record, now)))
+                    except (*DATABASE_GONE, OSError):
+                        raise
+                    except Exception as exc:
+                        answers[i] = record_error(exc)
+        return results
 
     @handler  # a bad page answers billing.invalid, not internal
     async def nas_for_radius(ctx: CallContext, limit: int = PAGE, offset: int = 0) -> list[dict[str, Any]]:
@@ -235,6 +411,10 @@ def calls(core: CoreContext) -> list[CallSpec]:
                  doc=f"Decide up to {MAX_BATCH} Access-Requests at once; the decisions in the same order."),
         CallSpec("radius.accounting", accounting, right="radius.serve", kinds=SYSTEM, args={"record": "map"},
                  result="map", doc="Apply an Accounting-Request (idempotent)."),
+        CallSpec("radius.accounting_many", accounting_batch, right="radius.serve", kinds=SYSTEM,
+                 args={"records": "list"}, result="list",
+                 doc=f"Apply up to {MAX_BATCH} Accounting-Requests in order (one transaction when all succeed);"
+                 " one answer per record, as radius.accounting's, or {error, message} for that record."),
         CallSpec("radius.nas_list", nas_for_radius, right="radius.serve", kinds=SYSTEM, result="list",
                  doc="NAS devices with their shared secrets (for the radius process)."),
         CallSpec("radius.close_stale", sweep_stale, right="radius.serve", kinds=SYSTEM, args={"timeout": "int"},
