@@ -306,7 +306,13 @@ def measure(case: str, port: int, args: argparse.Namespace, seconds: float, gues
     accepts = sum(r[0] for r in results)
     rate = sum(r[0] / r[3] for r in results if r[3] > 0)
     per_k = 1000.0 / accepts if accepts else 0.0
-    cpu_per_1000 = {k: round((after.get(k, 0.0) - before.get(k, 0.0)) * per_k, 4) for k in after}
+    # per backend: one that started in the window counts from 0, one that ended in it is not seen (its last
+    # moments are lost); a sum over whichever backends are alive could go negative when the pool recycles one
+    used: dict[str, float] = {}
+    for k, t in after.items():
+        name = k.partition(":")[0]
+        used[name] = used.get(name, 0.0) + t - before.get(k, 0.0)
+    cpu_per_1000 = {k: round(v * per_k, 4) for k, v in used.items()}
     cpu_per_1000["loader"] = round(sum(r[5] for r in results) * per_k, 4)
     return {"per_s": rate, "answers": accepts, "not_accept": sum(r[1] for r in results),
             "lost": sum(r[2] for r in results), "seconds": max(r[3] for r in results),
@@ -444,7 +450,7 @@ def billcore_server(args: argparse.Namespace, server_dsn: str, tmp: Path, name: 
 
         def cpu() -> dict[str, float]:
             return {"core": process_cpu(core), "radius": sum(process_cpu(p) for p in radius),
-                    "postgres": sum(pg().values())}
+                    **{f"postgres:{pid}": t for pid, t in pg().items()}}
 
         yield Target(name, port, acct_port, cpu)
     finally:
@@ -560,7 +566,7 @@ def freeradius_server(args: argparse.Namespace, tmp: Path, label: str, sql: tupl
             def cpu() -> dict[str, float]:
                 out = {"freeradius": process_cpu(proc.pid)}
                 if pg is not None:
-                    out["postgres"] = sum(pg().values())
+                    out.update({f"postgres:{pid}": t for pid, t in pg().items()})
                 return out
 
             yield Target(label, ports[0], ports[1], cpu, guess=60_000)
