@@ -289,3 +289,55 @@ def test_radsec_port_without_certificates_is_a_config_error(tmp_path: Path) -> N
     path.write_text("[radius]\nradsec_port = 70000\n")
     with pytest.raises(ConfigError, match="radius.radsec_port"):
         load_config(path)
+
+
+async def test_connections_past_the_cap_are_closed_at_once_and_counted(tmp_path: Path) -> None:
+    """``max_connections`` bounds the open streams: one more is closed before any TLS work (a flood of TCP
+    connections costs no handshakes), counted as ``too_many``; once one closes, a new one is served again."""
+    need_peer(shutil.which("openssl") is not None, "openssl is not installed")
+    from prometheus_client import REGISTRY
+
+    from radius.radsec import RadsecListener, server_context
+    from radius.server import NasTable, RadiusServer
+    from tests.test_radius_server import TableDecider
+
+    _certs(tmp_path, "nas1")
+    server = RadiusServer(decider=TableDecider({}), nas_table=NasTable([]))
+    listener = RadsecListener(server, server_context(str(tmp_path / "server.pem"), str(tmp_path / "server.key"),
+                                                     str(tmp_path / "ca.pem")), max_connections=4,
+                              handshake_timeout=30.0)
+    port = await listener.start("127.0.0.1", 0)
+
+    def too_many() -> float:
+        return REGISTRY.get_sample_value("billcore_radius_radsec_closed_total", {"reason": "too_many"}) or 0.0
+
+    async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(1), seconds) == b""
+        except asyncio.TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(4):   # silent TCP peers, each waiting in its handshake
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+        before = too_many()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_within(reader, 5.0), "the fifth connection is closed at once"
+        writer.close()
+        assert too_many() == before + 1
+        for _, w in held:   # a held one is still open
+            assert not w.is_closing()
+        assert not await closed_within(held[0][0], 0.3)
+        held[0][1].close()
+        await eventually(lambda: listener._open == 3, timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        held.append((reader, writer))
+        assert not await closed_within(reader, 0.5), "below the cap a connection is served again"
+        assert too_many() == before + 1
+    finally:
+        for _, w in held:
+            w.close()
+        await listener.close()
