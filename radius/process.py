@@ -214,7 +214,7 @@ class UrfaDecider:
             answers = await core_call(self.link, "radius.authorize_many", {"requests": [e[0] for e in batch]},
                                       timeout=self.timeout)
             if not isinstance(answers, list) or len(answers) != len(batch):
-                raise RadiusError(f"radius.authorize_many answered {len(answers)} for {len(batch)}")
+                raise RadiusError(f"radius.authorize_many answered {answers!r:.40} for {len(batch)}")
         except Exception as exc:
             failure = exc
         except BaseException:

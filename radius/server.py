@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import functools
 import ipaddress
 import logging
@@ -60,7 +59,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccessAccept, AccessReject, AccountingResponse
 
-from billcore.common.udpgroup import PortTaken
+from billcore.common.udpgroup import PortTaken, bind_exclusive
 
 from .auth import (
     ACCESS_REQUEST,
@@ -259,26 +258,10 @@ def load_dictionary() -> Dictionary:
 
 def bind_udp(host: str, port: int, rcvbuf: int = 4 << 20) -> socket.socket:
     """A UDP socket bound *exclusively*: no SO_REUSEPORT, no SO_REUSEADDR."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        except OSError:
-            pass
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(
-                f"UDP {host}:{port} is already in use (another RADIUS server, or a second billcore radius?);"
-                " refusing to share it"
-            ) from exc
-        raise
-    sock.setblocking(False)
-    return sock
+        return bind_exclusive(host, port, rcvbuf)
+    except PortTaken as exc:
+        raise PortInUse(str(exc)) from exc.__cause__
 
 
 class Endpoint(Protocol):

@@ -38,7 +38,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENV_FDS", "PortTaken", "Stranger", "bind_group", "strangers", "inode"]
+__all__ = ["ENV_FDS", "PortTaken", "Stranger", "bind_exclusive", "bind_group", "strangers", "inode"]
 
 # a child given sockets of a group finds their descriptors here: "auth_fd,acct_fd"
 ENV_FDS = "BILLCORE_UDP_FDS"
@@ -90,20 +90,27 @@ def _taken(host: str, port: int, exc: OSError | None = None, who: str = "") -> P
     return err
 
 
+def bind_exclusive(host: str, port: int, rcvbuf: int = 4 << 20) -> socket.socket:
+    """One non-blocking UDP socket on ``host:port`` bound *exclusively* (no SO_REUSEPORT, no
+    SO_REUSEADDR): if anyone holds the port, with or without reuse, ``PortTaken`` names it."""
+    sock = _socket(host, rcvbuf, reuseport=False)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _taken(host, port, exc) from exc
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 def bind_group(host: str, port: int, count: int, rcvbuf: int = 4 << 20) -> list[socket.socket]:
     """``count`` SO_REUSEPORT sockets on ``host:port`` (0: a free port), held by nobody else."""
     if count < 1:
         raise ValueError("a group has at least one socket")
     if port:
-        probe = _socket(host, rcvbuf, reuseport=False)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise _taken(host, port, exc) from exc
-            raise
-        finally:
-            probe.close()
+        bind_exclusive(host, port, rcvbuf).close()   # the probe
     socks: list[socket.socket] = []
     try:
         for _ in range(count):

@@ -305,6 +305,16 @@ async def close_stale(conn: DbConnection, now: dt.datetime, timeout: dt.timedelt
     return (await sweep(conn, now, timeout, tz=tz)).closed
 
 
+def _host_prefix(address: str) -> str:
+    """The framed address as the prefix bound to the account: a /32, or a /128."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
+def _not_rebinding(prefix: str, session: str, held_by: int, account_id: int) -> None:
+    """A Start's prefix is bound without end to another account: logged, not rebound."""
+    log.error("%s of session %s is bound to account %s, not %s: not rebinding", prefix, session, held_by, account_id)
+
+
 async def _bind(conn: DbConnection, session: StoredSession, prefix: str, at: dt.datetime) -> None:
     """Bind ``prefix`` (the framed IP as a /32, or an IPv6 prefix) to the
     session's account from ``at`` on.  A Start that arrives late
@@ -317,8 +327,7 @@ async def _bind(conn: DbConnection, session: StoredSession, prefix: str, at: dt.
         " AND (valid_to IS NULL OR valid_to > $2) ORDER BY valid_to DESC NULLS FIRST", prefix, at)
     if later and later[0]["valid_to"] is None:
         if later[0]["account_id"] != session.account_id:
-            log.error("%s of session %s is bound to account %s, not %s: not rebinding",
-                      prefix, session.session_id, later[0]["account_id"], session.account_id)
+            _not_rebinding(prefix, session.session_id, later[0]["account_id"], session.account_id)
         return
     await conn.execute(
         "INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
@@ -327,18 +336,16 @@ async def _bind(conn: DbConnection, session: StoredSession, prefix: str, at: dt.
         later[0]["valid_to"] if later else at)
 
 
-_START_WITH_LEASE: Final = (
-    "WITH s AS (INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
+_INSERT_SESSION: Final = (
+    "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
     f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
-    f" RETURNING {SESSION_COLUMNS}),"
-    " lease AS (UPDATE radius_leases SET expires_at = NULL WHERE address = $6::inet AND link_id = $4 RETURNING 1)"
-    " SELECT * FROM s")
+    f" RETURNING {SESSION_COLUMNS}")
+_KEEP_LEASE: Final = "lease AS (UPDATE radius_leases SET expires_at = NULL WHERE address = $6::inet AND link_id = $4 RETURNING 1)"
+
+_START_WITH_LEASE: Final = f"WITH s AS ({_INSERT_SESSION}), {_KEEP_LEASE} SELECT * FROM s"
 
 _START_WITH_IP: Final = (
-    "WITH s AS (INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
-    f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6::inet, $7, $8, $9, $10)"
-    f" RETURNING {SESSION_COLUMNS}),"
-    " lease AS (UPDATE radius_leases SET expires_at = NULL WHERE address = $6::inet AND link_id = $4 RETURNING 1),"
+    f"WITH s AS ({_INSERT_SESSION}), {_KEEP_LEASE},"
     " later AS (SELECT account_id, valid_to FROM ip_bindings WHERE prefix && $11::cidr"
     "  AND (valid_to IS NULL OR valid_to > $9) ORDER BY valid_to DESC NULLS FIRST LIMIT 1),"
     " bound AS (INSERT INTO ip_bindings(account_id, prefix, kind, source, session_ref, valid_from)"
@@ -367,12 +374,8 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
     # whole seconds: the session's time is rated from its start second by second
     started = (at - dt.timedelta(seconds=record.session_time)).replace(microsecond=0)
     if record.framed_ip is None:
-        row = await conn.fetchrow(
-            "INSERT INTO radius_sessions(nas_id, session_id, account_id, link_id, login, framed_ip, nas_port_id,"
-            f" calling_station, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, NULL, $6, $7, $8, $9)"
-            f" RETURNING {SESSION_COLUMNS}",
-            nas_id, session_id, link["account_id"], link["id"], link["login"],
-            record.nas_port_id, record.calling_station_id, started, now)
+        row = await conn.fetchrow(_INSERT_SESSION, nas_id, session_id, link["account_id"], link["id"], link["login"],
+                                  None, record.nas_port_id, record.calling_station_id, started, now)
         session = StoredSession.of(expect_row(row, "the new session"))
     elif pre is not None:
         # in a batch: the session and its lease in one statement, its bindings with the batch's
@@ -384,19 +387,17 @@ async def _start(conn: DbConnection, nas_id: int, record: AccountingRecord, sess
         ip = record.framed_ip
         row = await conn.fetchrow(_START_WITH_IP, nas_id, session_id, link["account_id"], link["id"], link["login"], ip,
                                   record.nas_port_id, record.calling_station_id, started, now,
-                                  f"{ip}/32" if ":" not in ip else f"{ip}/128", session_ref(nas_id, session_id))
+                                  _host_prefix(ip), session_ref(nas_id, session_id))
         fields = dict(expect_row(row, "the new session"))
         held_by = fields.pop("held_by")
         session = StoredSession(**fields)
         if held_by is not None and held_by != session.account_id:
-            log.error("%s of session %s is bound to account %s, not %s: not rebinding",
-                      ip, session.session_id, held_by, session.account_id)
+            _not_rebinding(ip, session.session_id, held_by, session.account_id)
     if pre is not None:
         ref = session_ref(nas_id, session_id)
         framed = record.framed_ip
         if framed is not None:
-            pre.bind(session.account_id, f"{framed}/32" if ":" not in framed else f"{framed}/128", ref, started,
-                     framed)
+            pre.bind(session.account_id, _host_prefix(framed), ref, started, framed)
         for prefix in record.ipv6_prefixes:
             pre.bind(session.account_id, prefix, ref, started)
         return session
@@ -551,8 +552,7 @@ async def flush_pending(conn: DbConnection, pre: Prefetch) -> None:
         pre.bound_v6 = False
         for row in await conn.fetch(_BIND_MANY, [b[0] for b in binds], [b[1] for b in binds],
                                     [b[2] for b in binds], [b[3] for b in binds]):
-            log.error("%s of session %s is bound to account %s, not %s: not rebinding",
-                      row["prefix"], row["session_ref"], row["held_by"], row["account_id"])
+            _not_rebinding(row["prefix"], row["session_ref"], row["held_by"], row["account_id"])
     if pre.ends:
         groups: dict[tuple[dt.datetime, str], list[StoredSession]] = defaultdict(list)
         for session, at, reason in pre.ends:
